@@ -1,0 +1,1 @@
+"""Audio capture, resampling and voice-activity segmentation."""

@@ -1,0 +1,272 @@
+"""Typed configuration: the packaged ``config.toml`` holds every default.
+
+Loading order: packaged defaults, then an optional user file (``--config`` or
+``$EVOXTRAL_CONFIG``, which may set only some keys), then overrides given as
+dotted keys (``vad.aggressiveness=3``). Every value is checked against the
+constraint declared on its field; a violation raises :class:`ConfigError`
+whose message names the key, the value and what is allowed.
+
+The dataclasses below declare types and constraints only. Their values come
+from the TOML file, so there is no second copy of the defaults to drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = [
+    "CONFIG_ENV",
+    "AudioConfig",
+    "Config",
+    "ConfigError",
+    "ModelConfig",
+    "ServerConfig",
+    "StreamConfig",
+    "VadConfig",
+    "VoxtralConfig",
+    "WhisperConfig",
+    "WorkerConfig",
+    "load_config",
+    "parse_override",
+]
+
+CONFIG_ENV = "EVOXTRAL_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A configuration value or file is invalid; the message is for people."""
+
+
+def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
+    return {"range": (lo, hi)}
+
+
+def _choices(*values: object) -> dict[str, Any]:
+    return {"choices": values}
+
+
+@dataclass(frozen=True)
+class AudioConfig:
+    device: str
+    block_ms: int = field(metadata=_range(5, 200))
+    max_pending_blocks: int = field(metadata=_range(1, 10_000))
+    file_chunk_ms: int = field(metadata=_range(10, 10_000))
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    aggressiveness: int = field(metadata=_range(0, 3))
+    frame_ms: int = field(metadata=_choices(10, 20, 30))
+    start_window_ms: int = field(metadata=_range(10, 2000))
+    start_ratio: float = field(metadata=_range(0.0, 1.0))
+    end_silence_ms: int = field(metadata=_range(30, 10_000))
+    pre_roll_ms: int = field(metadata=_range(0, 2000))
+    min_speech_ms: int = field(metadata=_range(0, 10_000))
+    max_segment_s: float = field(metadata=_range(2.0, 29.0))
+    split_search_s: float = field(metadata=_range(0.1, 10.0))
+
+    def __post_init__(self) -> None:
+        if self.split_search_s >= self.max_segment_s:
+            raise ConfigError(
+                f"vad.split_search_s must be below vad.max_segment_s ({self.max_segment_s}), "
+                f"got {self.split_search_s}"
+            )
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    partial_interval_ms: int = field(metadata=_range(0, 60_000))
+    min_partial_ms: int = field(metadata=_range(0, 30_000))
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    max_queue: int = field(metadata=_range(1, 100_000))
+    max_batch: int = field(metadata=_range(1, 1024))
+    max_wait_ms: int = field(metadata=_range(0, 1000))
+
+
+@dataclass(frozen=True)
+class WhisperConfig:
+    model_path: str
+    compute_type: str = field(metadata=_choices("int8", "int8_float32", "float32"))
+    cpu_threads: int = field(metadata=_range(0, 256))
+    beam_size: int = field(metadata=_range(1, 16))
+
+
+@dataclass(frozen=True)
+class VoxtralConfig:
+    base: str
+    adapter: str
+    merge_lora: bool
+    device: str
+    dtype: str = field(metadata=_choices("auto", "bfloat16", "float16", "float32"))
+    tokens_per_second: float = field(metadata=_range(0.5, 100.0))
+    min_new_tokens: int = field(metadata=_range(1, 4096))
+    attn_implementation: str = field(metadata=_choices("sdpa", "eager", "flash_attention_2"))
+
+    def __post_init__(self) -> None:
+        d = self.device
+        ok = d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())
+        if not ok:
+            raise ConfigError(
+                f"model.voxtral.device must be auto, cpu, cuda or cuda:N, got {d!r}"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backend: str = field(metadata=_choices("auto", "voxtral", "whisper"))
+    language: str
+    whisper: WhisperConfig
+    voxtral: VoxtralConfig
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str
+    port: int = field(metadata=_range(0, 65535))
+    subscriber_queue: int = field(metadata=_range(1, 1_000_000))
+    max_message_bytes: int = field(metadata=_range(1024, 1 << 30))
+
+
+@dataclass(frozen=True)
+class Config:
+    audio: AudioConfig
+    vad: VadConfig
+    stream: StreamConfig
+    worker: WorkerConfig
+    model: ModelConfig
+    server: ServerConfig
+
+
+T = TypeVar("T")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def _defaults() -> dict[str, Any]:
+    text = resources.files("evoxtral_stream").joinpath("config.toml").read_text("utf-8")
+    return tomllib.loads(text)
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any], prefix: str = "") -> None:
+    """Merge ``over`` into ``base`` in place, refusing keys ``base`` lacks."""
+    for key, value in over.items():
+        dotted = f"{prefix}{key}"
+        if key not in base:
+            allowed = ", ".join(sorted(base))
+            raise ConfigError(f"unknown config key {dotted!r} (known here: {allowed})")
+        if isinstance(base[key], dict):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{dotted} must be a table, got {value!r}")
+            _merge(base[key], value, dotted + ".")
+        else:
+            base[key] = value
+
+
+def _type_name(tp: object) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_value(dotted: str, value: object, tp: object, meta: Mapping[str, Any]) -> object:
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, tp) if isinstance(tp, type) else True
+    if isinstance(value, bool) and tp in (int, float):
+        ok = False
+    if not ok:
+        raise ConfigError(f"{dotted} must be {_type_name(tp)}, got {value!r}")
+    if "range" in meta:
+        lo, hi = meta["range"]
+        assert isinstance(value, (int, float))
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ConfigError(f"{dotted} must be {lo}..{hi}, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        allowed = ", ".join(repr(c) for c in meta["choices"])
+        raise ConfigError(f"{dotted} must be one of {allowed}, got {value!r}")
+    return value
+
+
+def _build(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):  # type: ignore[arg-type,unused-ignore]
+        dotted = f"{prefix}{f.name}"
+        if f.name not in data:
+            raise ConfigError(f"config key {dotted!r} is missing from the defaults")
+        tp = hints[f.name]
+        value = data[f.name]
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{dotted} must be a table, got {value!r}")
+            kwargs[f.name] = _build(tp, value, dotted + ".")
+        else:
+            if isinstance(tp, types.UnionType):
+                raise TypeError(f"unsupported config type for {dotted}")
+            kwargs[f.name] = _check_value(dotted, value, tp, f.metadata)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """Parse ``section.key=value``; the value is a TOML literal or a bare string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: object) -> None:
+    parts = dotted.split(".")
+    over: dict[str, Any] = {}
+    node = over
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    _merge(data, over)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Return the validated configuration.
+
+    ``path`` wins over ``$EVOXTRAL_CONFIG`` (read from ``env``, default
+    ``os.environ``); ``overrides`` maps dotted keys to values and wins over both.
+    """
+    data = _defaults()
+    environ = os.environ if env is None else env
+    chosen = path if path is not None else environ.get(CONFIG_ENV) or None
+    if chosen is not None:
+        _merge(data, _read_toml(Path(chosen)))
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    return _build(Config, data, "")

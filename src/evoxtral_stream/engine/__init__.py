@@ -1,0 +1,1 @@
+"""Stream sessions, the model worker thread and the model backends."""

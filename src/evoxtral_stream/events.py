@@ -1,0 +1,178 @@
+"""Typed events that flow between the pipeline stages.
+
+Audio is mono 16 kHz throughout; positions are stream-relative sample
+indices (``SAMPLE_RATE`` per second). Times that come from a clock
+(``*_at``) are ``time.monotonic()`` seconds, stamped only at the threaded and
+async edges; the pure cores pass them through untouched.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = [
+    "SAMPLE_RATE",
+    "CaptionEvent",
+    "DecodeFailure",
+    "DecodeRequest",
+    "Hypothesis",
+    "RequestKind",
+    "SegmentEvent",
+    "SpeechAudio",
+    "SpeechEnded",
+    "SpeechStarted",
+    "TagMark",
+]
+
+SAMPLE_RATE = 16_000
+
+Int16Array = npt.NDArray[np.int16]
+Float32Array = npt.NDArray[np.float32]
+
+
+# --- segmenter output -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    """A segment opens at ``sample`` (pre-roll included)."""
+
+    sample: int
+
+
+@dataclass(frozen=True)
+class SpeechAudio:
+    """Audio of the open segment, starting at ``start_sample``.
+
+    Consecutive ``SpeechAudio`` events of one segment are contiguous.
+    """
+
+    start_sample: int
+    samples: Int16Array
+
+    @property
+    def end_sample(self) -> int:
+        return self.start_sample + len(self.samples)
+
+
+@dataclass(frozen=True)
+class SpeechEnded:
+    """The open segment ends at ``sample`` (exclusive).
+
+    ``forced`` is true when the segment was cut because it reached the maximum
+    length; then audio already delivered past ``sample`` belongs to the next
+    segment, which starts at ``sample`` and re-delivers it.
+    """
+
+    sample: int
+    forced: bool
+
+
+SegmentEvent = SpeechStarted | SpeechAudio | SpeechEnded
+
+
+# --- model worker -----------------------------------------------------------
+
+
+class RequestKind(enum.Enum):
+    PARTIAL = "partial"
+    FINAL = "final"
+
+
+@dataclass(frozen=True, eq=False)
+class DecodeRequest:
+    """Decode ``audio`` (float32 in [-1, 1], 16 kHz) of one segment.
+
+    ``revision`` increases with every request of a segment, so a newer request
+    supersedes an older partial. ``ready_at`` is when the engine had the
+    audio (the end-of-speech decision for a final); latency counts from it.
+    """
+
+    stream: str
+    segment: int
+    revision: int
+    kind: RequestKind
+    audio: Float32Array
+    start_sample: int
+    end_sample: int
+    ready_at: float
+    forced_end: bool = False
+    adapter: str | None = None
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """The model's text for one request."""
+
+    stream: str
+    segment: int
+    revision: int
+    kind: RequestKind
+    text: str
+    start_sample: int
+    end_sample: int
+    ready_at: float
+    done_at: float
+    forced_end: bool = False
+
+    @property
+    def final(self) -> bool:
+        return self.kind is RequestKind.FINAL
+
+    @property
+    def latency(self) -> float:
+        return self.done_at - self.ready_at
+
+
+@dataclass(frozen=True)
+class DecodeFailure:
+    """The backend failed on a request; ``message`` is for people."""
+
+    stream: str
+    segment: int
+    revision: int
+    kind: RequestKind
+    message: str
+
+
+# --- captions ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TagMark:
+    """An inline tag: canonical name, kind, the index of the plain-text word it
+    precedes, and an estimate of its time in stream seconds."""
+
+    tag: str
+    kind: str
+    index: int
+    t: float
+    known: bool = True
+
+
+@dataclass(frozen=True)
+class CaptionEvent:
+    """One caption update for a segment.
+
+    ``text`` is the whole segment's tagged text, ``stable + unstable``:
+    the stable part never changes in later events of the segment; the
+    unstable tail may. A final event's text is the segment's last word.
+    ``seq`` increases strictly per stream.
+    """
+
+    stream: str
+    segment: int
+    seq: int
+    final: bool
+    text: str
+    plain_text: str
+    stable: str
+    unstable: str
+    tags: tuple[TagMark, ...]
+    start: float
+    end: float
+    latency: float | None

@@ -1,0 +1,1 @@
+"""Network edges: WebSocket server, protocol codecs and broadcast."""

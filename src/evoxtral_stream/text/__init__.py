@@ -1,0 +1,1 @@
+"""Tagged text: tag vocabulary, merger, caption formats and metrics."""
