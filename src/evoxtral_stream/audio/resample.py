@@ -1,0 +1,139 @@
+"""Sample-format conversion, downmixing and polyphase resampling (soxr).
+
+Everything downstream of the audio sources works on mono int16 at
+:data:`~evoxtral_stream.events.SAMPLE_RATE`; these helpers get audio there.
+Resampling always filters (soxr's HQ polyphase filter): dropping or repeating
+samples would alias and shift the pitch the model hears.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+import soxr
+
+from evoxtral_stream.events import SAMPLE_RATE, Float32Array, Int16Array
+
+__all__ = [
+    "StreamResampler",
+    "float_to_int16",
+    "int16_to_float32",
+    "resample",
+    "to_mono",
+]
+
+_S = TypeVar("_S", bound=np.generic)
+
+_INT16_SCALE = 32768.0
+
+
+def to_mono(x: npt.NDArray[_S]) -> npt.NDArray[_S]:
+    """Downmix ``(frames, channels)`` to ``(frames,)`` by averaging channels.
+
+    A 1-D array is returned unchanged. The dtype is kept; integer input is
+    averaged in float and rounded, so int16 cannot overflow.
+    """
+    if x.ndim == 1:
+        return x
+    if x.ndim != 2:
+        raise ValueError(f"expected (frames,) or (frames, channels) audio, got shape {x.shape}")
+    if x.shape[1] == 1:
+        return x[:, 0]
+    if np.issubdtype(x.dtype, np.integer):
+        mean: npt.NDArray[np.float64] = np.rint(x.mean(axis=1, dtype=np.float64))
+        return mean.astype(x.dtype)
+    out: npt.NDArray[_S] = x.mean(axis=1, dtype=x.dtype)
+    return out
+
+
+def float_to_int16(x: npt.NDArray[np.floating[Any]]) -> Int16Array:
+    """Convert float audio in [-1, 1] to int16 (scale 32768, rounded).
+
+    Out-of-range values saturate at -32768 / 32767 instead of wrapping around,
+    and NaN becomes 0.
+    """
+    scaled = np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0) * _INT16_SCALE
+    return np.clip(np.rint(scaled), -32768, 32767).astype(np.int16)
+
+
+def int16_to_float32(x: Int16Array) -> Float32Array:
+    """Convert int16 audio to float32 in [-1, 1) (scale 1/32768)."""
+    return np.asarray(x, dtype=np.float32) * np.float32(1.0 / _INT16_SCALE)
+
+
+def _as_float32(x: npt.NDArray[Any]) -> Float32Array:
+    if x.dtype == np.int16:
+        return int16_to_float32(x)
+    if np.issubdtype(x.dtype, np.floating):
+        return x.astype(np.float32, copy=False)
+    raise TypeError(f"expected int16 or float audio, got dtype {x.dtype}")
+
+
+def resample(x: npt.NDArray[_S], in_rate: int, out_rate: int) -> npt.NDArray[_S]:
+    """Resample a whole array (1-D, or ``(frames, channels)``) with soxr HQ.
+
+    The dtype is kept (soxr supports int16, int32, float32 and float64);
+    equal rates return ``x`` itself.
+    """
+    if in_rate <= 0 or out_rate <= 0:
+        raise ValueError(f"sample rates must be positive, got {in_rate} -> {out_rate}")
+    if in_rate == out_rate or len(x) == 0:
+        return x
+    out: npt.NDArray[_S] = soxr.resample(x, in_rate, out_rate)
+    return out
+
+
+class StreamResampler:
+    """Stateful resampler for a stream of blocks: any rate and channel count in,
+    mono int16 at ``out_rate`` out.
+
+    Blocks are downmixed first (one channel to filter instead of several), then
+    fed through one ``soxr.ResampleStream`` so the filter state carries across
+    block boundaries: the concatenated output equals resampling the whole
+    signal at once. soxr holds back a few milliseconds of filter delay;
+    :meth:`flush` returns it at the end of the stream. When ``in_rate ==
+    out_rate`` blocks pass straight through (downmix and conversion only).
+    """
+
+    def __init__(self, in_rate: int, out_rate: int = SAMPLE_RATE, channels: int = 1) -> None:
+        if in_rate <= 0 or out_rate <= 0:
+            raise ValueError(f"sample rates must be positive, got {in_rate} -> {out_rate}")
+        if channels < 1:
+            raise ValueError(f"channels must be at least 1, got {channels}")
+        self.in_rate = in_rate
+        self.out_rate = out_rate
+        self.channels = channels
+        self._stream: Any = None
+        if in_rate != out_rate:
+            self._stream = soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32")
+
+    @property
+    def passthrough(self) -> bool:
+        """True when no resampling happens (input rate equals output rate)."""
+        return self._stream is None
+
+    def process(self, block: npt.NDArray[Any]) -> Int16Array:
+        """Resample one block: int16 or float (frames,) / (frames, channels).
+
+        Returns however many output samples are ready (possibly none).
+        """
+        if block.ndim == 2 and block.shape[1] != self.channels:
+            raise ValueError(f"expected {self.channels} channels, got {block.shape[1]}")
+        mono = to_mono(block)
+        if self._stream is None:
+            if mono.dtype == np.int16:
+                return mono.astype(np.int16, copy=True)
+            return float_to_int16(_as_float32(mono))
+        out = self._stream.resample_chunk(np.ascontiguousarray(_as_float32(mono)), last=False)
+        return float_to_int16(out)
+
+    def flush(self) -> Int16Array:
+        """End of stream: return the samples still held in the filter and reset
+        the stream so it can be reused from a clean state."""
+        if self._stream is None:
+            return np.zeros(0, dtype=np.int16)
+        out = self._stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        self._stream.clear()
+        return float_to_int16(out)

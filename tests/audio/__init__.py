@@ -1,0 +1,3 @@
+"""Tests of the audio layer: resampling, sources and the segmenter."""
+
+__all__: list[str] = []

@@ -1,0 +1,416 @@
+"""Segmenter: exact state-machine behaviour with a deterministic energy
+classifier, then webrtcvad on synthetic and espeak-ng speech, then
+chunking-invariance properties."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from evoxtral_stream.audio.vad import END_TAIL_MS, Segmenter, SegmenterState
+from evoxtral_stream.config import VadConfig
+from evoxtral_stream.events import (
+    SAMPLE_RATE,
+    Int16Array,
+    SegmentEvent,
+    SpeechAudio,
+    SpeechEnded,
+    SpeechStarted,
+)
+from tests.audio.conftest import Speech, needs_espeak
+from tests.helpers.audio import (
+    buzz,
+    collect_segments,
+    frame_energies,
+    noise,
+    sine,
+    spans,
+    to_int16,
+)
+
+F = 480  # 30 ms frames at 16 kHz (the default vad.frame_ms)
+MS = SAMPLE_RATE // 1000
+
+
+def loud(frame: Int16Array) -> bool:
+    """Deterministic stand-in for webrtcvad: voiced iff RMS above ~100."""
+    f = frame.astype(np.float64)
+    return float(np.mean(f * f)) > 1e4
+
+
+def frames_signal(n_frames: int, voiced: Sequence[tuple[int, int]], amp: float = 0.3
+                  ) -> Int16Array:
+    """Digital silence with a 440 Hz tone over each frame range [a, b)."""
+    x = np.zeros(n_frames * F)
+    for a, b in voiced:
+        x[a * F : b * F] = sine(440, (b - a) * F / SAMPLE_RATE, amp=amp)
+    return to_int16(x)
+
+
+def run(seg: Segmenter, audio: Int16Array, chunks: Sequence[int] | None = None
+        ) -> list[SegmentEvent]:
+    """Feed ``audio`` whole or cut by cycling ``chunks``, then flush."""
+    events: list[SegmentEvent] = []
+    if not chunks:
+        events += seg.feed(audio)
+    else:
+        pos, i = 0, 0
+        while pos < len(audio):
+            n = chunks[i % len(chunks)]
+            events += seg.feed(audio[pos : pos + n])
+            pos += n
+            i += 1
+    events += seg.flush()
+    return events
+
+
+def norm(events: Sequence[SegmentEvent]) -> list[tuple[object, ...]]:
+    out: list[tuple[object, ...]] = []
+    for e in events:
+        if isinstance(e, SpeechAudio):
+            out.append(("audio", e.start_sample, e.samples.tobytes()))
+        elif isinstance(e, SpeechStarted):
+            out.append(("start", e.sample))
+        else:
+            out.append(("end", e.sample, e.forced))
+    return out
+
+
+# --- exact behaviour (energy classifier, default config) ----------------------------
+
+
+def test_default_config_frames_match_these_tests(vad_cfg: VadConfig) -> None:
+    # The exact expectations below are worked out for these defaults.
+    assert (vad_cfg.frame_ms, vad_cfg.start_window_ms, vad_cfg.start_ratio) == (30, 300, 0.6)
+    assert (vad_cfg.end_silence_ms, vad_cfg.pre_roll_ms, vad_cfg.min_speech_ms) == (500, 300, 250)
+    assert END_TAIL_MS == 200
+
+
+def test_one_burst_has_exact_boundaries(vad_cfg: VadConfig) -> None:
+    audio = frames_signal(200, [(50, 100)])
+    segs = collect_segments(run(Segmenter(vad_cfg, classifier=loud), audio), audio)
+    # start = onset - 300 ms pre-roll; end = last voiced frame + 200 ms tail.
+    assert spans(segs) == [(50 * F - 300 * MS, 100 * F + 200 * MS)]
+    assert not segs[0].forced
+
+
+def test_speech_started_waits_for_min_speech(vad_cfg: VadConfig) -> None:
+    audio = frames_signal(200, [(50, 100)])
+    seg = Segmenter(vad_cfg, classifier=loud)
+    first_start = None
+    for i in range(200):
+        evs = seg.feed(audio[i * F : (i + 1) * F])
+        if any(isinstance(e, SpeechStarted) for e in evs):
+            first_start = i
+            # Everything from the pre-roll on arrives with the start.
+            audio_evs = [e for e in evs if isinstance(e, SpeechAudio)]
+            assert audio_evs[0].start_sample == 50 * F - 300 * MS
+            assert audio_evs[-1].end_sample == (i + 1) * F
+            break
+        assert seg.state is not SegmenterState.ACTIVE
+    # 250 ms of voiced 30 ms frames = 9 frames: the 9th voiced frame is frame 58.
+    assert first_start == 58
+
+
+@pytest.mark.parametrize(("voiced_frames", "expect"), [(8, 0), (9, 1)])
+def test_blips_shorter_than_min_speech_emit_nothing(
+    vad_cfg: VadConfig, voiced_frames: int, expect: int
+) -> None:
+    audio = frames_signal(120, [(40, 40 + voiced_frames)])
+    events = run(Segmenter(vad_cfg, classifier=loud), audio)
+    assert len(collect_segments(events, audio)) == expect
+    if expect == 0:
+        assert events == []
+
+
+def test_short_pause_keeps_one_segment_and_holds_back_silence(vad_cfg: VadConfig) -> None:
+    audio = frames_signal(260, [(50, 100), (110, 160)])  # 300 ms pause < 500 ms hangover
+    seg = Segmenter(vad_cfg, classifier=loud)
+    events: list[SegmentEvent] = []
+    for i in range(260):
+        new = seg.feed(audio[i * F : (i + 1) * F])
+        events += new
+        delivered = max((e.end_sample for e in events if isinstance(e, SpeechAudio)), default=0)
+        if 100 <= i < 110:
+            # During the pause, nothing past last voiced frame + tail is delivered.
+            assert delivered <= 100 * F + 200 * MS
+        if i == 110:
+            assert delivered == 111 * F  # held audio delivered once speech resumed
+    events += seg.flush()
+    assert spans(collect_segments(events, audio)) == [(50 * F - 300 * MS, 160 * F + 200 * MS)]
+
+
+def test_long_pause_gives_two_segments(vad_cfg: VadConfig) -> None:
+    audio = frames_signal(260, [(50, 100), (130, 180)])
+    segs = collect_segments(run(Segmenter(vad_cfg, classifier=loud), audio), audio)
+    assert spans(segs) == [
+        (50 * F - 300 * MS, 100 * F + 200 * MS),
+        (130 * F - 300 * MS, 180 * F + 200 * MS),
+    ]
+
+
+def test_segment_ends_after_end_silence(vad_cfg: VadConfig) -> None:
+    audio = frames_signal(200, [(50, 100)])
+    seg = Segmenter(vad_cfg, classifier=loud)
+    seg.feed(audio[: 116 * F])
+    assert seg.in_segment  # 16 unvoiced frames = 480 ms < 500 ms
+    evs = seg.feed(audio[116 * F : 117 * F])
+    assert evs[-1] == SpeechEnded(100 * F + 200 * MS, forced=False)
+    assert not seg.in_segment
+
+
+def test_pre_roll_clamped_at_stream_start(vad_cfg: VadConfig) -> None:
+    audio = frames_signal(100, [(3, 40)])
+    segs = collect_segments(run(Segmenter(vad_cfg, classifier=loud), audio), audio)
+    assert spans(segs) == [(0, 40 * F + 200 * MS)]
+
+
+def test_pre_roll_clamped_at_previous_segment_end(vad_cfg: VadConfig) -> None:
+    cfg = dataclasses.replace(vad_cfg, pre_roll_ms=600)
+    # The first segment ends on frame 116; the second burst starts 2 frames later.
+    audio = frames_signal(220, [(50, 100), (118, 160)])
+    segs = collect_segments(run(Segmenter(cfg, classifier=loud), audio), audio)
+    first_end = 100 * F + 200 * MS
+    assert spans(segs) == [(50 * F - 600 * MS, first_end), (first_end, 160 * F + 200 * MS)]
+
+
+def test_start_ratio_smoothing(vad_cfg: VadConfig) -> None:
+    # Alternating voiced/unvoiced frames: 5 of every 10 voiced < 60 %: no speech.
+    alternating = [(i, i + 1) for i in range(20, 120, 2)]
+    audio = frames_signal(150, alternating)
+    assert run(Segmenter(vad_cfg, classifier=loud), audio) == []
+    # Two of every three voiced (>= 60 %): speech, starting at the first voiced frame.
+    dense = [(i, i + 2) for i in range(20, 120, 3)]
+    audio = frames_signal(150, dense)
+    segs = collect_segments(run(Segmenter(vad_cfg, classifier=loud), audio), audio)
+    assert [s.start for s in segs] == [20 * F - 300 * MS]
+
+
+def test_flush_closes_open_segment_and_drops_pending(vad_cfg: VadConfig) -> None:
+    audio = frames_signal(100, [(50, 100)])
+    audio = np.concatenate((audio, audio[-100:]))  # a partial frame at the end
+    seg = Segmenter(vad_cfg, classifier=loud)
+    events = seg.feed(audio)
+    assert seg.in_segment
+    tail = seg.flush()
+    # The tail cannot reach past the last whole frame analysed.
+    assert tail[-1] == SpeechEnded(100 * F, forced=False)
+    assert spans(collect_segments(events + tail, audio)) == [(50 * F - 300 * MS, 100 * F)]
+    assert seg.position == len(audio)
+    assert seg.state is SegmenterState.IDLE
+
+    pending = frames_signal(100, [(93, 100)])  # 7 voiced frames: triggered, unconfirmed
+    seg = Segmenter(vad_cfg, classifier=loud)
+    assert seg.feed(pending) == []
+    assert seg.state is SegmenterState.PENDING
+    assert seg.flush() == []
+
+
+def test_input_after_flush_continues_the_sample_count(vad_cfg: VadConfig) -> None:
+    audio = frames_signal(100, [(20, 60)])
+    seg = Segmenter(vad_cfg, classifier=loud)
+    first = collect_segments(run(seg, audio[:-7]))  # ends on a partial frame
+    second = collect_segments(run(seg, audio))
+    assert first[0].start == 20 * F - 300 * MS
+    # Pre-roll cannot reach before the flush; positions continue.
+    assert second[0].start == len(audio) - 7 + 20 * F - 300 * MS
+    assert seg.position == 2 * len(audio) - 7
+
+
+def test_reset_starts_over(vad_cfg: VadConfig) -> None:
+    audio = to_int16(np.concatenate((noise(1.0), buzz(1.5), noise(1.0, seed=1))))
+    seg = Segmenter(vad_cfg)
+    a = norm(run(seg, audio))
+    seg.reset()
+    assert seg.position == 0
+    assert norm(run(seg, audio)) == a
+
+
+def test_rejects_bad_input(vad_cfg: VadConfig) -> None:
+    seg = Segmenter(vad_cfg)
+    with pytest.raises(ValueError, match="int16"):
+        seg.feed(np.zeros(480, dtype=np.float32))
+    with pytest.raises(ValueError, match="int16"):
+        seg.feed(np.zeros((480, 2), dtype=np.int16))
+    with pytest.raises(ValueError, match="sample rate"):
+        Segmenter(vad_cfg, sample_rate=44100)
+    assert seg.feed(np.zeros(0, dtype=np.int16)) == []
+
+
+# --- maximum length -------------------------------------------------------------------
+
+
+def split_signal(n_frames: int, dips: dict[int, float]) -> Int16Array:
+    """Continuous 'speech' (per-frame random loudness) with quiet frames at ``dips``."""
+    rng = np.random.default_rng(5)
+    amps = rng.uniform(0.2, 0.5, n_frames)
+    amps[:10] = 0.0
+    amps[-30:] = 0.0
+    for i, a in dips.items():
+        amps[i] = a
+    carrier = sine(440, n_frames * F / SAMPLE_RATE, amp=1.0)
+    return to_int16(carrier * np.repeat(amps, F))
+
+
+def test_forced_split_cuts_at_quietest_frame_in_search_window(vad_cfg: VadConfig) -> None:
+    cfg = dataclasses.replace(vad_cfg, max_segment_s=4.0, split_search_s=1.0)
+    # 0.02 at frame 60 is quieter but outside the first search window
+    # (frames 100..131), so frame 120 wins there.
+    audio = split_signal(430, {60: 0.02, 120: 0.05, 240: 0.05, 345: 0.05})
+    events = run(Segmenter(cfg, classifier=loud), audio)
+    segs = collect_segments(events, audio)
+    cuts = [120 * F + F // 2, 240 * F + F // 2, 345 * F + F // 2]
+    assert spans(segs) == [
+        (0, cuts[0]), (cuts[0], cuts[1]), (cuts[1], cuts[2]), (cuts[2], 400 * F + 200 * MS)
+    ]
+    assert [s.forced for s in segs] == [True, True, True, False]
+    assert all(s.end - s.start <= 4 * SAMPLE_RATE for s in segs)
+    # The cut is announced when the segment would pass 4 s, then the next segment
+    # re-delivers the audio already sent past the cut.
+    i = events.index(SpeechEnded(cuts[0], forced=True))
+    assert events[i + 1] == SpeechStarted(cuts[0])
+    redelivered = events[i + 2]
+    assert isinstance(redelivered, SpeechAudio)
+    assert (redelivered.start_sample, redelivered.end_sample) == (cuts[0], 133 * F)
+
+
+def test_split_falls_back_to_natural_end_in_a_long_pause(vad_cfg: VadConfig) -> None:
+    cfg = dataclasses.replace(
+        vad_cfg, max_segment_s=3.0, split_search_s=0.3, end_silence_ms=2000
+    )
+    audio = frames_signal(200, [(10, 44)])
+    segs = collect_segments(run(Segmenter(cfg, classifier=loud), audio), audio)
+    # The whole search window is silence: end where a natural end would be.
+    assert [(s.start, s.end, s.forced) for s in segs] == [(0, 44 * F + 200 * MS, False)]
+
+
+# --- webrtcvad on synthetic audio ---------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["digital", "noise"])
+def test_silence_gives_no_events(vad_cfg: VadConfig, kind: str) -> None:
+    audio = np.zeros(10 * SAMPLE_RATE, np.int16) if kind == "digital" else to_int16(noise(10.0))
+    assert run(Segmenter(vad_cfg), audio) == []
+
+
+def test_buzz_bursts_found_within_tolerance(vad_cfg: VadConfig) -> None:
+    x = noise(6.0, seed=3)
+    bursts = [(1.0, 2.5), (4.0, 4.6)]
+    for a, b in bursts:
+        x[int(a * SAMPLE_RATE) : int(b * SAMPLE_RATE)] += buzz(b - a)
+    audio = to_int16(x)
+    segs = collect_segments(run(Segmenter(vad_cfg), audio), audio)
+    assert len(segs) == 2
+    for s, (a, b) in zip(segs, bursts, strict=True):
+        # Start: pre-roll before the onset, to within one frame.
+        assert abs(s.start / SAMPLE_RATE - (a - 0.3)) <= 0.031
+        # End: tail after the offset, plus up to ~150 ms webrtcvad's own hangover.
+        assert 0.2 - 0.031 <= s.end / SAMPLE_RATE - b <= 0.2 + 0.15
+
+
+# --- espeak-ng speech -----------------------------------------------------------------
+
+
+@needs_espeak
+def test_two_sentences_give_two_segments(vad_cfg: VadConfig, two_sentences: Speech) -> None:
+    audio = two_sentences.audio
+    segs = collect_segments(run(Segmenter(vad_cfg), audio), audio)
+    assert len(segs) == 2, spans(segs)
+    for s, (on, off) in zip(segs, two_sentences.spans, strict=True):
+        # Nothing of the sentence is clipped, and at most pre-roll + 60 ms before
+        # and tail + 200 ms after it are included.
+        assert on - (300 + 60) * MS <= s.start <= on
+        assert off <= s.end <= off + (200 + 200) * MS
+        assert not s.forced
+
+
+@needs_espeak
+def test_long_utterance_is_split_at_quiet_frames(
+    vad_cfg: VadConfig, long_utterance: Speech
+) -> None:
+    audio = long_utterance.audio
+    (on, off), = long_utterance.spans
+    assert (off - on) / SAMPLE_RATE > 40
+    segs = collect_segments(run(Segmenter(vad_cfg), audio), audio)
+    max_len = int(vad_cfg.max_segment_s * SAMPLE_RATE)
+    search = int(vad_cfg.split_search_s * SAMPLE_RATE)
+    assert len(segs) >= 2
+    assert all(s.end - s.start <= max_len for s in segs)
+    # Contiguous coverage of the whole utterance: forced cuts abut.
+    assert segs[0].start <= on
+    assert segs[-1].end >= off
+    for a, b in itertools.pairwise(segs):
+        assert a.forced
+        assert a.end == b.start
+    assert not segs[-1].forced
+    energies = frame_energies(audio, F)
+    for s in segs[:-1]:
+        cut = s.end
+        assert cut % F == F // 2  # the middle of a frame
+        # The split happened on the frame that would have taken it past the max.
+        split_at = ((s.start + max_len - F) // F + 1) * F
+        lo = math.ceil((split_at - search) / F) + 1
+        hi = split_at // F - 4  # the last voiced frame is among the last few
+        window = energies[lo:hi]
+        assert len(window) > 100
+        assert energies[cut // F] <= window.min()
+        assert energies[cut // F] < 0.1 * np.median(window)
+
+
+# --- properties -------------------------------------------------------------------------
+
+chunkings = st.lists(st.integers(min_value=1, max_value=5000), min_size=1, max_size=8)
+
+
+@st.composite
+def timelines(draw: st.DrawFn) -> Int16Array:
+    """Alternating silence/tone runs of random (unaligned) lengths and loudness."""
+    runs = draw(st.lists(st.tuples(st.integers(1, 30_000), st.integers(1, 60_000),
+                                   st.floats(0.01, 0.8)), min_size=1, max_size=6))
+    parts = []
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    for gap, length, amp in runs:
+        parts.append(np.zeros(gap))
+        # Loudness varies per ~frame so the forced cut has a unique quietest frame.
+        env = np.repeat(rng.uniform(0.3, 1.0, length // 400 + 1), 400)[:length]
+        parts.append(amp * env * sine(300, length / SAMPLE_RATE, amp=1.0))
+    return to_int16(np.concatenate(parts))
+
+
+@settings(max_examples=60, deadline=None)
+@given(audio=timelines(), chunks=chunkings)
+def test_property_chunking_invariance_and_invariants(
+    audio: Int16Array, chunks: list[int]
+) -> None:
+    cfg = VadConfig(
+        aggressiveness=2, frame_ms=30, start_window_ms=300, start_ratio=0.6,
+        end_silence_ms=500, pre_roll_ms=300, min_speech_ms=250,
+        max_segment_s=2.0, split_search_s=0.5,
+    )
+    whole = run(Segmenter(cfg, classifier=loud), audio)
+    assert norm(run(Segmenter(cfg, classifier=loud), audio, chunks)) == norm(whole)
+    segs = collect_segments(whole, audio)  # grammar, contiguity, no overlap, content
+    assert all(s.end - s.start <= 2 * SAMPLE_RATE for s in segs)
+
+
+@needs_espeak
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chunks=chunkings)
+def test_property_chunking_invariance_on_speech(
+    vad_cfg: VadConfig, two_sentences: Speech, chunks: list[int]
+) -> None:
+    audio = two_sentences.audio
+    cfg = dataclasses.replace(vad_cfg, max_segment_s=2.0, split_search_s=0.5)
+    whole = run(Segmenter(cfg), audio)
+    assert norm(run(Segmenter(cfg), audio, chunks)) == norm(whole)
+    segs = collect_segments(whole, audio)
+    assert len(segs) >= 4  # two ~2.5 s sentences, each split at least once
+    assert all(s.end - s.start <= 2 * SAMPLE_RATE for s in segs)
