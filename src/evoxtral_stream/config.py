@@ -29,6 +29,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "ModelConfig",
+    "MqttConfig",
     "ServerConfig",
     "StreamConfig",
     "VadConfig",
@@ -101,6 +102,8 @@ class WhisperConfig:
     compute_type: str = field(metadata=_choices("int8", "int8_float32", "float32"))
     cpu_threads: int = field(metadata=_range(0, 256))
     beam_size: int = field(metadata=_range(1, 16))
+    min_window_s: float = field(metadata=_range(1.0, 30.0))
+    keep_non_speech: bool
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,9 @@ class ServerConfig:
     port: int = field(metadata=_range(0, 65535))
     subscriber_queue: int = field(metadata=_range(1, 1_000_000))
     max_message_bytes: int = field(metadata=_range(1024, 1 << 30))
+    history: int = field(metadata=_range(0, 1_000_000))
+    history_streams: int = field(metadata=_range(1, 100_000))
+    handshake_timeout_s: float = field(metadata=_range(0.1, 3600.0))
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,7 @@ class Config:
     worker: WorkerConfig
     model: ModelConfig
     server: ServerConfig
+    mqtt: MqttConfig
 
 
 T = TypeVar("T")
@@ -270,3 +277,46 @@ def load_config(
     for dotted, value in (overrides or {}).items():
         _set_dotted(data, dotted, value)
     return _build(Config, data, "")
+
+
+# --- [mqtt] -------------------------------------------------------------------
+# Defined after Config: its annotations are strings, resolved only when built.
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """The MQTT publisher (``server/mqtt.py``); see ``[mqtt]`` in config.toml."""
+
+    enabled: bool
+    host: str
+    port: int = field(metadata=_range(1, 65535))
+    prefix: str
+    client_id: str
+    username: str
+    password: str
+    protocol: str = field(metadata=_choices("auto", "5", "3.1.1"))
+    keepalive_s: int = field(metadata=_range(5, 65535))
+    timeout_s: float = field(metadata=_range(0.1, 300.0))
+    queue_size: int = field(metadata=_range(1, 1_000_000))
+    reconnect_min_s: float = field(metadata=_range(0.01, 3600.0))
+    reconnect_max_s: float = field(metadata=_range(0.01, 3600.0))
+    retain_final: bool
+    drain_s: float = field(metadata=_range(0.0, 300.0))
+
+    def __post_init__(self) -> None:
+        p = self.prefix
+        if (not p or p.startswith(("/", "$")) or p.endswith("/") or "//" in p
+                or any(c in p for c in "+#\0")):
+            raise ConfigError(
+                "mqtt.prefix must be a non-empty topic without wildcards (+, #), NUL, "
+                f"empty levels or a leading $ or /, got {p!r}"
+            )
+        if not self.host:
+            raise ConfigError(f"mqtt.host must be a host name or address, got {self.host!r}")
+        if self.reconnect_min_s > self.reconnect_max_s:
+            raise ConfigError(
+                f"mqtt.reconnect_min_s must be at most mqtt.reconnect_max_s "
+                f"({self.reconnect_max_s}), got {self.reconnect_min_s}"
+            )
+        if self.password and not self.username:
+            raise ConfigError("mqtt.password needs mqtt.username, got an empty username")

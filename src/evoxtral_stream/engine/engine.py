@@ -1,0 +1,278 @@
+"""The engine: streams, the model worker and the mergers, on one event loop.
+
+Everything here runs on the asyncio loop except the model worker's thread.
+Audio enters through :meth:`Stream.push` (from a microphone drain, a file
+reader or a network handler), decode results come back through
+``loop.call_soon_threadsafe``, and every :class:`EngineEvent` is handed to the
+registered listeners synchronously, in order. Listeners must not block; the
+broadcaster gives each network subscriber its own bounded queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..config import Config
+from ..events import (
+    SAMPLE_RATE,
+    CaptionEvent,
+    DecodeFailure,
+    DecodeRequest,
+    EngineEvent,
+    Int16Array,
+    RequestKind,
+    StreamEnded,
+    StreamError,
+    StreamStarted,
+)
+from ..text.merger import Merger
+from .backends.base import Backend
+from .session import StreamSession
+from .worker import ModelWorker, WorkerResult, WorkerStats
+
+__all__ = ["Engine", "EngineStats", "Listener", "Stream", "StreamSummary"]
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[EngineEvent], None]
+
+# How often a final the worker refused (inbox full) is offered again.
+_FINAL_RETRY_S = 0.01
+
+
+@dataclass(frozen=True)
+class StreamSummary:
+    stream: str
+    duration_s: float
+    segments: int
+    finals: int
+    partials: int
+    errors: int
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    worker: WorkerStats
+    streams: int
+    finals_backlog: int
+    partials_refused: int
+
+
+class Stream:
+    """Handle of one live stream. Use it on the engine's event loop only."""
+
+    def __init__(self, engine: Engine, stream_id: str, source: str) -> None:
+        self.id = stream_id
+        self.source = source
+        self._engine = engine
+        self.session = StreamSession(stream_id, engine.config.vad, engine.config.stream)
+        self.merger = Merger(stream_id)
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._done = asyncio.Event()
+        self._finished = False
+        self.finals = 0
+        self.partials = 0
+        self.errors = 0
+
+    def push(self, samples: Int16Array) -> None:
+        """Feed 16 kHz mono int16 audio. Never blocks."""
+        if self._finished:
+            raise RuntimeError(f"stream {self.id} is closed")
+        for req in self.session.push(samples, self._engine.now()):
+            self._engine._submit(self, req)
+        self._update_idle()
+
+    async def wait_idle(self) -> None:
+        """Return once no partial of this stream is in flight.
+
+        A file reader that wants every partial, as fast as the model allows,
+        awaits this between chunks; live sources never wait.
+        """
+        await self._idle.wait()
+
+    async def close(self) -> StreamSummary:
+        """End of input: flush the open segment and wait for every final."""
+        if not self._finished:
+            self._finished = True
+            for req in self.session.finish(self._engine.now()):
+                self._engine._submit(self, req)
+            self._check_done()
+        await self._done.wait()
+        return self.summary()
+
+    def summary(self) -> StreamSummary:
+        st = self.session.stats()
+        return StreamSummary(
+            stream=self.id, duration_s=st.samples_in / SAMPLE_RATE,
+            segments=st.finals_requested, finals=self.finals,
+            partials=self.partials, errors=self.errors,
+        )
+
+    def _update_idle(self) -> None:
+        if self.session.partial_in_flight:
+            self._idle.clear()
+        else:
+            self._idle.set()
+
+    def _check_done(self) -> None:
+        if (self._finished and not self._done.is_set()
+                and self.session.finals_outstanding == 0
+                and not self._engine._has_backlog(self.id)):
+            self._done.set()
+            self._engine._stream_done(self)
+
+
+class Engine:
+    """Owns the model worker and all live streams.
+
+    Use as ``async with Engine(cfg, backend) as engine:``; leaving the block
+    closes every stream (their open segments become finals) and stops the
+    worker after it has decoded everything queued.
+    """
+
+    def __init__(
+        self, config: Config, backend: Backend, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.config = config
+        self.backend = backend
+        self.now = clock
+        self._listeners: list[Listener] = []
+        self._streams: dict[str, Stream] = {}
+        self._backlog: deque[tuple[Stream, DecodeRequest]] = deque()
+        self._retry_handle: asyncio.TimerHandle | None = None
+        self._partials_refused = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._worker: ModelWorker | None = None
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+
+        def deliver(result: WorkerResult) -> None:
+            loop.call_soon_threadsafe(self._on_result, result)
+
+        self._worker = ModelWorker(self.backend, self.config.worker, deliver, clock=self.now)
+        self._worker.start()
+        log.info("engine started with backend %s", self.backend.name)
+
+    async def aclose(self) -> None:
+        for stream in list(self._streams.values()):
+            await stream.close()
+        if self._worker is not None:
+            worker, self._worker = self._worker, None
+            await asyncio.to_thread(worker.stop)
+
+    # --- streams and listeners ---------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        self._listeners.remove(listener)
+
+    def open_stream(self, stream_id: str, source: str = "api") -> Stream:
+        if self._worker is None:
+            raise RuntimeError("engine is not started")
+        if stream_id in self._streams:
+            raise ValueError(f"stream {stream_id!r} is already open")
+        stream = Stream(self, stream_id, source)
+        self._streams[stream_id] = stream
+        self._emit(StreamStarted(stream_id, source))
+        return stream
+
+    @property
+    def streams(self) -> dict[str, Stream]:
+        return dict(self._streams)
+
+    def stats(self) -> EngineStats:
+        assert self._worker is not None
+        return EngineStats(
+            worker=self._worker.stats(), streams=len(self._streams),
+            finals_backlog=len(self._backlog), partials_refused=self._partials_refused,
+        )
+
+    # --- internals ----------------------------------------------------------
+
+    def _emit(self, event: EngineEvent) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:
+                log.exception("caption listener failed; removing it")
+                self._listeners.remove(listener)
+
+    def _submit(self, stream: Stream, req: DecodeRequest) -> None:
+        assert self._worker is not None
+        if self._worker.submit(req):
+            return
+        if req.kind is RequestKind.PARTIAL:
+            self._partials_refused += 1
+            stream.session.requeue_failed_submit(req)
+            return
+        # Finals are never dropped: keep them in order and offer them again.
+        self._backlog.append((stream, req))
+        log.warning("model worker inbox full; %d final(s) waiting", len(self._backlog))
+        self._schedule_retry()
+
+    def _schedule_retry(self) -> None:
+        if self._retry_handle is None and self._backlog and self._loop is not None:
+            self._retry_handle = self._loop.call_later(_FINAL_RETRY_S, self._retry_backlog)
+
+    def _retry_backlog(self) -> None:
+        self._retry_handle = None
+        assert self._worker is not None
+        while self._backlog:
+            stream, req = self._backlog[0]
+            if not self._worker.submit(req):
+                break
+            self._backlog.popleft()
+            stream._check_done()
+        self._schedule_retry()
+
+    def _has_backlog(self, stream_id: str) -> bool:
+        return any(s.id == stream_id for s, _ in self._backlog)
+
+    def _on_result(self, result: WorkerResult) -> None:
+        stream = self._streams.get(result.stream)
+        if stream is None:
+            log.debug("result for closed stream %s dropped", result.stream)
+            return
+        stream.session.on_result(result)
+        if isinstance(result, DecodeFailure):
+            stream.errors += 1
+            self._emit(StreamError(result.stream, "decode_failed", result.message,
+                                   result.segment))
+            if result.kind is RequestKind.FINAL:
+                # Its final will never come: close the segment with what was
+                # shown so later segments of the stream are not held back.
+                self._emit_captions(stream, stream.merger.abandon(result.segment))
+        else:
+            self._emit_captions(stream, stream.merger.feed(result))
+        stream._update_idle()
+        stream._check_done()
+
+    def _emit_captions(self, stream: Stream, events: list[CaptionEvent]) -> None:
+        for event in events:
+            if event.final:
+                stream.finals += 1
+            else:
+                stream.partials += 1
+            self._emit(event)
+
+    def _stream_done(self, stream: Stream) -> None:
+        self._streams.pop(stream.id, None)
+        st = stream.summary()
+        self._emit(StreamEnded(stream.id, st.duration_s, st.segments, st.finals))

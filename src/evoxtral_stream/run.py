@@ -1,0 +1,106 @@
+"""The jobs behind the CLI: stream files or a microphone through the engine.
+
+These are the asyncio edges that tie sources, the engine, the server and the
+outputs together; the cores they call are pure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .audio.sources import iter_chunks
+from .config import Config
+from .engine.engine import Engine, Stream, StreamSummary
+from .events import SAMPLE_RATE, CaptionEvent, EngineEvent, Int16Array
+
+__all__ = ["FileJob", "LatencyLog", "feed_samples", "final_text", "silence", "transcribe_samples"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FileJob:
+    """One input to stream: its stream id and its 16 kHz mono audio."""
+
+    stream: str
+    samples: Int16Array
+
+
+async def feed_samples(
+    stream: Stream,
+    samples: Int16Array,
+    chunk_samples: int,
+    *,
+    realtime: bool,
+    progress: Callable[[int], None] | None = None,
+) -> StreamSummary:
+    """Push ``samples`` into ``stream`` chunk by chunk, then close it.
+
+    ``realtime`` paces the chunks to the wall clock, as a live source would.
+    Otherwise the feeder goes as fast as the model allows while still getting
+    every partial: it waits only for the stream's partial in flight.
+    """
+    t0 = time.monotonic()
+    pushed = 0
+    for chunk in iter_chunks(samples, chunk_samples):
+        stream.push(chunk)
+        pushed += len(chunk)
+        if progress is not None:
+            progress(len(chunk))
+        if realtime:
+            delay = t0 + pushed / SAMPLE_RATE - time.monotonic()
+            await asyncio.sleep(max(0.0, delay))
+        else:
+            await stream.wait_idle()
+            await asyncio.sleep(0)
+    return await stream.close()
+
+
+class LatencyLog:
+    """Engine listener that keeps every caption, for summaries and tests."""
+
+    def __init__(self) -> None:
+        self.events: list[EngineEvent] = []
+
+    def __call__(self, event: EngineEvent) -> None:
+        self.events.append(event)
+
+    def captions(self, stream: str | None = None) -> list[CaptionEvent]:
+        return [e for e in self.events if isinstance(e, CaptionEvent)
+                and (stream is None or e.stream == stream)]
+
+    def final_latencies(self) -> list[float]:
+        return [e.latency for e in self.captions() if e.final and e.latency is not None]
+
+
+async def transcribe_samples(
+    cfg: Config,
+    engine: Engine,
+    jobs: Sequence[FileJob],
+    *,
+    realtime: bool,
+    progress: Callable[[int], None] | None = None,
+) -> list[StreamSummary]:
+    """Stream every job concurrently through ``engine``; return their summaries."""
+    chunk = max(1, cfg.audio.file_chunk_ms * SAMPLE_RATE // 1000)
+    streams = [engine.open_stream(job.stream, source="file") for job in jobs]
+    return list(await asyncio.gather(*(
+        feed_samples(s, job.samples, chunk, realtime=realtime, progress=progress)
+        for s, job in zip(streams, jobs, strict=True)
+    )))
+
+
+def final_text(captions: Sequence[CaptionEvent]) -> str:
+    """The finals of one stream joined in segment order (non-empty ones)."""
+    finals = sorted((c for c in captions if c.final), key=lambda c: c.segment)
+    return " ".join(c.text for c in finals if c.text)
+
+
+def silence(seconds: float) -> Int16Array:
+    return np.zeros(int(seconds * SAMPLE_RATE), dtype=np.int16)

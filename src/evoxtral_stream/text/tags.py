@@ -1,0 +1,421 @@
+"""The tag vocabulary and a tokenizer for tagged text.
+
+Tagged text is what the Evoxtral adapter writes, e.g.
+``[nervous] So... [stammers] I was thinking... [clears throat] try that new
+restaurant? [laughs] I mean, if you're FREE this weekend?``: words (CAPS marks
+emphasis), punctuation, and inline ElevenLabs v3 audio tags. Tags are atomic
+tokens, multi-word ones (``[clears throat]``) included.
+
+The vocabulary is data (:data:`TAG_TABLE`): every tag has a canonical name, a
+:class:`TagKind` and the variants that map onto it. Normalisation: case,
+spacing, ``_``/``-`` and trailing punctuation inside the tag are ignored, and
+the variants ``(laughs)``, ``*sighs*``, ``[LAUGHTER]``, ``[Laughs]``,
+``[laughing]`` all become ``[laughs]``. A square-bracketed tag that is not in
+the table is kept verbatim and flagged ``known=False``; parentheses and
+asterisks make a tag only around a known name, because they are ordinary
+punctuation too (``(see below)``, ``*really*``).
+
+Tokens remember whether whitespace preceded them, so
+``render(tokenize(s)) == s`` for any text with canonical tags and single
+spaces (whitespace runs collapse to one space; leading and trailing
+whitespace is dropped).
+
+Carry-over (:class:`Carry`): emotion and delivery tags describe the speech
+that follows them, so they stay *in effect* until a tag of the same kind
+replaces them or the sentence ends (``.``, ``!`` or ``?``; an ellipsis does
+not end a sentence). Non-verbal sounds and pauses are events and never carry.
+The merger uses this to avoid repeating ``[whispers]`` when a forced split
+cuts whispered speech in two.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "TAG_TABLE",
+    "Carry",
+    "TagKind",
+    "TagSpec",
+    "Token",
+    "TokenKind",
+    "lookup_tag",
+    "normalize",
+    "normalize_tag_name",
+    "plain_text",
+    "render",
+    "tokenize",
+    "word_count",
+]
+
+
+class TagKind(enum.Enum):
+    """What a tag describes. The value is the wire name (``TagMark.kind``)."""
+
+    EMOTION = "emotion"
+    NONVERBAL = "non-verbal"
+    DELIVERY = "delivery"
+    PAUSE = "pause"
+    UNKNOWN = "unknown"
+
+    @property
+    def carries(self) -> bool:
+        """True for kinds that stay in effect over the following speech."""
+        return self in (TagKind.EMOTION, TagKind.DELIVERY)
+
+
+@dataclass(frozen=True)
+class TagSpec:
+    """One tag: canonical name (lower case, single spaces), kind, whether the
+    Evoxtral adapter was trained on it, and variants (already normalised by
+    :func:`normalize_tag_name`) that map onto it."""
+
+    name: str
+    kind: TagKind
+    trained: bool = False
+    aliases: tuple[str, ...] = ()
+
+
+_E, _N, _D, _P = TagKind.EMOTION, TagKind.NONVERBAL, TagKind.DELIVERY, TagKind.PAUSE
+
+TAG_TABLE: tuple[TagSpec, ...] = (
+    # The 15 tags the adapter was trained on.
+    TagSpec("pause", _P, True, ("pauses", "pausing", "paused")),
+    TagSpec("sighs", _N, True, ("sigh", "sighing", "sighed")),
+    TagSpec("whispers", _D, True, ("whisper", "whispering", "whispered")),
+    TagSpec("nervous", _E, True, ("nervously",)),
+    TagSpec("clears throat", _N, True, (
+        "clear throat", "clearing throat", "throat clearing", "clears his throat",
+        "clears her throat", "clearing his throat", "clearing her throat", "throat clear",
+    )),
+    TagSpec("laughs", _N, True, ("laugh", "laughing", "laughter", "laughed")),
+    TagSpec("excited", _E, True, ("excitedly", "excitement")),
+    TagSpec("gasps", _N, True, ("gasp", "gasping", "gasped")),
+    TagSpec("stammers", _D, True, (
+        "stammer", "stammering", "stutters", "stutter", "stuttering",
+    )),
+    TagSpec("frustrated", _E, True, ("frustration",)),
+    TagSpec("calm", _E, True, ("calmly",)),
+    TagSpec("angry", _E, True, ("angrily", "anger")),
+    TagSpec("shouts", _D, True, (
+        "shout", "shouting", "shouted", "yells", "yell", "yelling",
+    )),
+    TagSpec("sad", _E, True, ("sadly", "sadness")),
+    TagSpec("crying", _D, True, ("cries", "cry")),
+    # The wider ElevenLabs v3 set the adapter may emit (rare in its data or
+    # inherited from the base model). Names seen in the Evoxtral scripts are
+    # canonical as written there, so references round-trip unchanged.
+    TagSpec("scared", _E, False, ("fearful", "afraid", "frightened")),
+    TagSpec("emotional", _E),
+    TagSpec("confused", _E, False, ("confusion",)),
+    TagSpec("worried", _E, False, ("worriedly",)),
+    TagSpec("curious", _E, False, ("curiously",)),
+    TagSpec("curious tone", _E),
+    TagSpec("serious", _E, False, ("seriously",)),
+    TagSpec("happy", _E, False, ("happily",)),
+    TagSpec("cheerful", _E, False, ("cheerfully",)),
+    TagSpec("annoyed", _E),
+    TagSpec("appalled", _E),
+    TagSpec("thoughtful", _E, False, ("thoughtfully",)),
+    TagSpec("surprised", _E),
+    TagSpec("sarcastic", _E, False, ("sarcastically",)),
+    TagSpec("mischievously", _E, False, ("mischievous",)),
+    TagSpec("regretful", _E),
+    TagSpec("resigned", _E),
+    TagSpec("hesitant", _E),
+    TagSpec("tired", _E),
+    TagSpec("relieved", _E),
+    TagSpec("hopeful", _E),
+    TagSpec("anxious", _E, False, ("anxiously",)),
+    TagSpec("disappointed", _E),
+    TagSpec("embarrassed", _E),
+    TagSpec("proud", _E),
+    TagSpec("shocked", _E),
+    TagSpec("disgusted", _E),
+    TagSpec("determined", _E),
+    TagSpec("bored", _E),
+    TagSpec("sympathetic", _E),
+    TagSpec("impatient", _E),
+    TagSpec("panicked", _E, False, ("panicking", "panic")),
+    TagSpec("sings", _D, False, ("singing", "sing", "sung")),
+    TagSpec("mumbles", _D, False, ("mumbling", "mumble")),
+    TagSpec("quietly", _D, False, ("softly",)),
+    TagSpec("loudly", _D),
+    TagSpec("rushed", _D, False, ("quickly", "fast")),
+    TagSpec("slows down", _D, False, ("slowly",)),
+    TagSpec("drawn out", _D),
+    TagSpec("dramatically", _D, False, ("dramatic",)),
+    TagSpec("deadpan", _D),
+    TagSpec("flatly", _D),
+    TagSpec("playfully", _D, False, ("playful",)),
+    TagSpec("yawns", _N, False, ("yawn", "yawning")),
+    TagSpec("sniffles", _N, False, ("sniffle", "sniffling", "sniffs", "sniff")),
+    TagSpec("giggles", _N, False, ("giggle", "giggling")),
+    TagSpec("chuckles", _N, False, ("chuckle", "chuckling")),
+    TagSpec("laughs harder", _N),
+    TagSpec("starts laughing", _N),
+    TagSpec("laughs nervously", _N, False, ("nervous laughter", "nervous laugh")),
+    TagSpec("wheezing", _N, False, ("wheezes",)),
+    TagSpec("snorts", _N, False, ("snort", "snorting")),
+    TagSpec("coughs", _N, False, ("cough", "coughing")),
+    TagSpec("sneezes", _N, False, ("sneeze", "sneezing")),
+    TagSpec("exhales", _N, False, ("exhale", "exhaling")),
+    TagSpec("exhales sharply", _N),
+    TagSpec("inhales", _N, False, ("inhale", "inhaling")),
+    TagSpec("inhales deeply", _N),
+    TagSpec("swallows", _N, False, ("swallow", "swallowing")),
+    TagSpec("gulps", _N, False, ("gulp", "gulping")),
+    TagSpec("groans", _N, False, ("groan", "groaning")),
+    TagSpec("sobs", _N, False, ("sob", "sobbing")),
+    TagSpec("screams", _N, False, ("scream", "screaming")),
+    TagSpec("scoffs", _N, False, ("scoff", "scoffing")),
+    TagSpec("hums", _N, False, ("hum", "humming")),
+    TagSpec("whistles", _N, False, ("whistle", "whistling")),
+    TagSpec("slams door", _N, False, ("door slams", "door slam")),
+    TagSpec("applause", _N, False, ("applauding",)),
+    TagSpec("clapping", _N, False, ("claps", "clap")),
+    TagSpec("music", _N),
+    TagSpec("gunshot", _N),
+    TagSpec("explosion", _N),
+    TagSpec("short pause", _P),
+    TagSpec("long pause", _P),
+    TagSpec("continues after a beat", _P, False, ("beat",)),
+    TagSpec("hesitates", _P, False, ("hesitation", "hesitating")),
+)
+
+
+def _build_lookup(table: Sequence[TagSpec]) -> dict[str, TagSpec]:
+    out: dict[str, TagSpec] = {}
+    for spec in table:
+        for name in (spec.name, *spec.aliases):
+            if name in out:
+                raise ValueError(f"tag name {name!r} is defined twice in TAG_TABLE")
+            out[name] = spec
+    return out
+
+
+_LOOKUP = _build_lookup(TAG_TABLE)
+
+_TAG_PUNCT_EDGES = ".,;:!?*"
+
+
+def normalize_tag_name(raw: str) -> str:
+    """Normalise a tag's inner text: case-folded, ``_``/``-`` as spaces,
+    single spaces, no edge punctuation (``"Clears_Throat."`` ->
+    ``"clears throat"``)."""
+    s = raw.casefold().replace("_", " ").replace("-", " ")
+    return " ".join(s.split()).strip(_TAG_PUNCT_EDGES + " ")
+
+
+def lookup_tag(raw: str) -> TagSpec | None:
+    """The table entry for a tag's inner text or one of its variants, or None."""
+    return _LOOKUP.get(normalize_tag_name(raw))
+
+
+class TokenKind(enum.Enum):
+    WORD = "word"
+    PUNCT = "punct"
+    TAG = "tag"
+
+
+@dataclass(frozen=True)
+class Token:
+    """One token of tagged text.
+
+    ``text`` is what :func:`render` writes: words and punctuation as written,
+    tags as ``[canonical name]`` (unknown tags: their bracketed text verbatim,
+    spaces collapsed). ``tag`` is the canonical (for unknown tags:
+    normalised) name, None for words and punctuation. ``known`` is False only
+    for tags missing from :data:`TAG_TABLE`. ``space_before`` records whether
+    whitespace preceded the token in its source.
+    """
+
+    kind: TokenKind
+    text: str
+    tag: str | None = None
+    tag_kind: TagKind | None = None
+    known: bool = True
+    space_before: bool = False
+
+    @property
+    def is_word(self) -> bool:
+        return self.kind is TokenKind.WORD
+
+    @property
+    def is_tag(self) -> bool:
+        return self.kind is TokenKind.TAG
+
+    @property
+    def is_punct(self) -> bool:
+        return self.kind is TokenKind.PUNCT
+
+    @property
+    def emphasis(self) -> bool:
+        """A word written in CAPS (two or more capitals), as the seed counts it."""
+        return self.is_word and _CAPS.search(self.text) is not None
+
+    @property
+    def carries(self) -> bool:
+        """An emotion or delivery tag (stays in effect, see :class:`Carry`)."""
+        return self.tag_kind is not None and self.tag_kind.carries
+
+    @property
+    def ends_sentence(self) -> bool:
+        """Punctuation that ends a sentence: ``.``, ``!``, ``?`` but not an
+        ellipsis (closing quotes and brackets after them are ignored)."""
+        if not self.is_punct:
+            return False
+        s = self.text.rstrip("\"')]}»”’")
+        return s.endswith(("!", "?")) or (s.endswith(".") and not s.endswith(".."))
+
+    def with_space(self, space_before: bool) -> Token:
+        if space_before == self.space_before:
+            return self
+        return Token(self.kind, self.text, self.tag, self.tag_kind, self.known, space_before)
+
+
+_CAPS = re.compile(r"\b[A-Z]{2,}\b")
+
+# A word: letters/digits joined by apostrophes, hyphens or ampersands
+# (don't, I-I, R&D), digit groups joined by . , : (3.5, 1,000, 9:30), and a
+# currency sign in front ($500).
+_WORD = r"[$€£]?\w+(?:(?:['’&\-]|(?<=\d)[.,:](?=\d))\w+)*"
+_SCAN = re.compile(
+    r"(?P<space>\s+)"
+    r"|(?P<br>\[[^\[\]]*\])"
+    r"|(?P<pa>\([^()\n]{1,40}\))"
+    r"|(?P<ast>\*[^*\n]{1,40}\*)"
+    rf"|(?P<word>{_WORD})"
+    r"|(?P<punct>.)",
+    re.DOTALL,
+)
+
+
+def _tag_token(inner: str, verbatim: bool, space: bool) -> Token | None:
+    spec = lookup_tag(inner)
+    if spec is not None:
+        return Token(TokenKind.TAG, f"[{spec.name}]", spec.name, spec.kind, True, space)
+    if not verbatim:
+        return None
+    shown = " ".join(inner.split())
+    if not shown:
+        return None
+    return Token(TokenKind.TAG, f"[{shown}]", normalize_tag_name(inner) or shown.casefold(),
+                 TagKind.UNKNOWN, False, space)
+
+
+def tokenize(text: str) -> list[Token]:
+    """Split tagged text into words, punctuation and tags (see module doc).
+
+    Adjacent punctuation characters form one token (``?!``, ``...``); a tag
+    glued to a word (``hel[laughs]lo``) splits it without spaces, so the
+    text still renders back unchanged.
+    """
+    out: list[Token] = []
+    space = False
+    pos = 0
+    n = len(text)
+    while pos < n:
+        m = _SCAN.match(text, pos)
+        assert m is not None  # the last alternative matches any character
+        group = m.lastgroup
+        tok: Token | None = None
+        if group == "space":
+            space = True
+            pos = m.end()
+            continue
+        if group == "br":
+            tok = _tag_token(m.group()[1:-1], True, space)
+        elif group in ("pa", "ast"):
+            tok = _tag_token(m.group()[1:-1], False, space)
+        elif group == "word":
+            tok = Token(TokenKind.WORD, m.group(), space_before=space)
+        if tok is None:
+            # Stray or empty brackets, punctuation, or ( * not around a known tag.
+            ch = text[pos]
+            prev = out[-1] if out else None
+            if prev is not None and prev.is_punct and not space:
+                out[-1] = Token(TokenKind.PUNCT, prev.text + ch, space_before=prev.space_before)
+            else:
+                out.append(Token(TokenKind.PUNCT, ch, space_before=space))
+            pos += 1
+        else:
+            out.append(tok)
+            pos = m.end()
+        space = False
+    if out and out[0].space_before:
+        out[0] = out[0].with_space(False)
+    return out
+
+
+def render(tokens: Iterable[Token], *, tags: bool = True) -> str:
+    """Write tokens back as text; ``tags=False`` drops the tags.
+
+    Without tags, a dropped tag's space is kept before a following word
+    (``a [laughs]b`` -> ``a b``) but not before punctuation
+    (``a [laughs].`` -> ``a.``), and ``hel[laughs]lo`` -> ``hello``.
+    """
+    parts: list[str] = []
+    pending = False
+    for tok in tokens:
+        if not tags and tok.is_tag:
+            pending = pending or tok.space_before
+            continue
+        if parts and (tok.space_before or (pending and tok.is_word)):
+            parts.append(" ")
+        parts.append(tok.text)
+        pending = False
+    return "".join(parts)
+
+
+def normalize(text: str) -> str:
+    """Tagged text with canonical tags and single spaces."""
+    return render(tokenize(text))
+
+
+def plain_text(tagged: str) -> str:
+    """The text with its tags removed (CAPS and punctuation kept)."""
+    return render(tokenize(tagged), tags=False)
+
+
+def word_count(tokens: Iterable[Token]) -> int:
+    return sum(1 for t in tokens if t.is_word)
+
+
+@dataclass(frozen=True)
+class Carry:
+    """The emotion and delivery tags in effect at a point of the text.
+
+    A tag in effect needs no repeating: :meth:`holds` tells whether a tag
+    token would only restate it. :meth:`advance` moves past a token: a
+    carrying tag replaces the one of its kind; sentence-ending punctuation
+    clears both (the style of the Evoxtral scripts: a new sentence re-tags).
+    """
+
+    emotion: str | None = None
+    delivery: str | None = None
+
+    def holds(self, tok: Token) -> bool:
+        if tok.tag_kind is TagKind.EMOTION:
+            return tok.tag == self.emotion
+        if tok.tag_kind is TagKind.DELIVERY:
+            return tok.tag == self.delivery
+        return False
+
+    def advance(self, tok: Token) -> Carry:
+        if tok.tag_kind is TagKind.EMOTION and tok.tag != self.emotion:
+            return Carry(tok.tag, self.delivery)
+        if tok.tag_kind is TagKind.DELIVERY and tok.tag != self.delivery:
+            return Carry(self.emotion, tok.tag)
+        if tok.ends_sentence and (self.emotion or self.delivery):
+            return Carry()
+        return self
+
+    def advance_all(self, tokens: Iterable[Token]) -> Carry:
+        state = self
+        for tok in tokens:
+            state = state.advance(tok)
+        return state

@@ -1,0 +1,25 @@
+"""Shared test setup: no network, and fixtures for config and the embedded model."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from collections.abc import Iterator
+
+import pytest
+
+from evoxtral_stream.config import load_config
+from evoxtral_stream.engine.backends.base import Backend
+
+
+@pytest.fixture(scope="session")
+def whisper_backend() -> Iterator[Backend]:
+    """The embedded Whisper tiny.en, loaded once for the whole run."""
+    from evoxtral_stream.engine.backends.whisper import load_whisper_backend
+
+    cfg = load_config()
+    return load_whisper_backend(cfg.model.whisper, cfg.model.language)

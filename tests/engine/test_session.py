@@ -1,0 +1,98 @@
+"""StreamSession: partial cadence in audio time, finals, one partial in flight."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+
+from evoxtral_stream.config import load_config
+from evoxtral_stream.engine.session import StreamSession
+from evoxtral_stream.events import SAMPLE_RATE, DecodeRequest, Hypothesis, RequestKind
+from tests.speech import have_espeak, speech_with_pauses
+
+pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+
+SENTENCES = ["I was thinking maybe we could try that new restaurant downtown.",
+             "Thank you for listening, and have a wonderful night."]
+
+
+def answer(req: DecodeRequest) -> Hypothesis:
+    return Hypothesis(req.stream, req.segment, req.revision, req.kind, "x", req.start_sample,
+                      req.end_sample, req.ready_at, req.ready_at)
+
+
+def run(session: StreamSession, audio: np.ndarray, *, answer_partials: bool,
+        chunk: int = 1600) -> list[DecodeRequest]:
+    out: list[DecodeRequest] = []
+    for i in range(0, len(audio), chunk):
+        for r in session.push(audio[i:i + chunk], now=float(i)):
+            out.append(r)
+            if answer_partials and r.kind is RequestKind.PARTIAL:
+                session.on_result(answer(r))
+    out += session.finish(now=float(len(audio)))
+    return out
+
+
+def test_partials_every_interval_of_audio_then_one_final_per_sentence() -> None:
+    cfg = load_config()
+    audio, spans = speech_with_pauses(SENTENCES, pause_s=1.5)
+    reqs = run(StreamSession("s", cfg.vad, cfg.stream), audio, answer_partials=True)
+    finals = [r for r in reqs if r.kind is RequestKind.FINAL]
+    assert [f.segment for f in finals] == [0, 1]
+    tol = int(0.4 * SAMPLE_RATE)
+    for f, (a, b) in zip(finals, spans, strict=True):
+        assert abs(f.start_sample - a) < tol
+        assert abs(f.end_sample - b) < tol
+        assert len(f.audio) == f.end_sample - f.start_sample
+        assert f.audio.dtype == np.float32
+        assert np.abs(f.audio).max() <= 1.0
+    for seg, final in enumerate(finals):
+        partials = [r for r in reqs if r.kind is RequestKind.PARTIAL and r.segment == seg]
+        seconds = (final.end_sample - final.start_sample) / SAMPLE_RATE
+        # One partial per second of open speech (the last second may end first).
+        assert int(seconds) - 1 <= len(partials) <= int(seconds) + 1
+        revisions = [p.revision for p in partials] + [final.revision]
+        assert revisions == sorted(set(revisions))
+        # Each partial holds the whole segment so far: a growing prefix.
+        lengths = [len(p.audio) for p in partials]
+        assert lengths == sorted(lengths)
+        assert all(n >= SAMPLE_RATE for n in lengths)
+
+
+def test_unanswered_partial_holds_back_the_next_one() -> None:
+    cfg = load_config()
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+    session = StreamSession("s", cfg.vad, cfg.stream)
+    reqs = run(session, audio, answer_partials=False)
+    partials = [r for r in reqs if r.kind is RequestKind.PARTIAL]
+    assert len(partials) == 1  # the model never answered, so no second partial
+    assert session.finals_outstanding == 1
+    final = next(r for r in reqs if r.kind is RequestKind.FINAL)
+    session.on_result(answer(final))
+    assert session.finals_outstanding == 0
+    assert not session.partial_in_flight
+
+
+def test_partials_disabled() -> None:
+    cfg = load_config(overrides={"stream.partial_interval_ms": 0})
+    audio, _ = speech_with_pauses(SENTENCES, pause_s=1.5)
+    reqs = run(StreamSession("s", cfg.vad, cfg.stream), audio, answer_partials=True)
+    assert [r.kind for r in reqs] == [RequestKind.FINAL, RequestKind.FINAL]
+
+
+def test_forced_split_keeps_audio_contiguous() -> None:
+    cfg = load_config()
+    vad = dataclasses.replace(cfg.vad, max_segment_s=3.0, split_search_s=1.0)
+    audio, _ = speech_with_pauses([" ".join(SENTENCES * 2)], pause_s=1.0)
+    reqs = run(StreamSession("s", vad, cfg.stream), audio, answer_partials=True)
+    finals = [r for r in reqs if r.kind is RequestKind.FINAL]
+    assert len(finals) >= 3
+    assert all(f.forced_end for f in finals[:-1])
+    assert not finals[-1].forced_end
+    for a, b in itertools.pairwise(finals):
+        assert a.end_sample == b.start_sample
+    for f in finals:
+        assert len(f.audio) == f.end_sample - f.start_sample <= 3 * SAMPLE_RATE

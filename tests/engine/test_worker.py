@@ -1,0 +1,132 @@
+"""The model worker: scheduling, superseding, bounded inbox, failures."""
+
+from __future__ import annotations
+
+import queue
+
+import numpy as np
+import pytest
+
+from evoxtral_stream.config import WorkerConfig
+from evoxtral_stream.engine.worker import ModelWorker, WorkerResult
+from evoxtral_stream.events import DecodeFailure, DecodeRequest, Hypothesis, RequestKind
+from tests.fakes import GatedBackend, ScriptedBackend
+
+
+def req(stream: str, segment: int, revision: int, kind: RequestKind, n: int,
+        ready_at: float = 0.0) -> DecodeRequest:
+    return DecodeRequest(stream=stream, segment=segment, revision=revision, kind=kind,
+                         audio=np.zeros(n, np.float32), start_sample=0, end_sample=n,
+                         ready_at=ready_at)
+
+
+
+def results(q: queue.Queue[WorkerResult], n: int) -> list[WorkerResult]:
+    return [q.get(timeout=10) for _ in range(n)]
+
+
+CFG = WorkerConfig(max_queue=64, max_batch=4, max_wait_ms=0)
+
+
+def test_finals_run_before_partials_and_batches_are_bounded() -> None:
+    backend = GatedBackend()
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(backend, CFG, out.put)
+    w.start()
+    assert w.submit(req("blocker", 0, 1, RequestKind.PARTIAL, 1))
+    assert backend.entered.wait(5)
+    # While the backend is busy: 5 partials (older) and 2 finals (newer).
+    for i in range(5):
+        assert w.submit(req(f"p{i}", 0, 1, RequestKind.PARTIAL, 100 + i, ready_at=i))
+    for i in range(2):
+        assert w.submit(req(f"f{i}", 0, 1, RequestKind.FINAL, 200 + i, ready_at=10 + i))
+    backend.release()
+    got = results(out, 8)
+    w.stop(5)
+    assert [len(b) for b in backend.batches] == [1, 4, 3]
+    # Second batch: both finals first, then the two oldest partials.
+    assert backend.batches[1] == [200, 201, 100, 101]
+    assert backend.batches[2] == [102, 103, 104]
+    assert all(isinstance(r, Hypothesis) for r in got)
+
+
+def test_newer_request_supersedes_pending_partial_but_never_a_final() -> None:
+    backend = GatedBackend()
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(backend, CFG, out.put)
+    w.start()
+    w.submit(req("blocker", 0, 1, RequestKind.PARTIAL, 1))
+    assert backend.entered.wait(5)
+    w.submit(req("a", 3, 1, RequestKind.PARTIAL, 10))
+    w.submit(req("a", 3, 2, RequestKind.PARTIAL, 20))   # supersedes rev 1
+    w.submit(req("a", 3, 3, RequestKind.FINAL, 30))     # supersedes rev 2
+    w.submit(req("a", 3, 4, RequestKind.PARTIAL, 40))   # late partial: the final stays
+    backend.release()
+    got = results(out, 2)
+    w.stop(5)
+    assert backend.batches[1] == [30]
+    final = got[1]
+    assert isinstance(final, Hypothesis)
+    assert final.final
+    assert final.text == "30 samples"
+    assert w.stats().superseded == 3
+
+
+def test_full_inbox_refuses_without_blocking() -> None:
+    backend = GatedBackend()
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(backend, WorkerConfig(max_queue=2, max_batch=1, max_wait_ms=0), out.put)
+    w.start()
+    w.submit(req("blocker", 0, 1, RequestKind.PARTIAL, 1))
+    assert backend.entered.wait(5)
+    # The worker thread is inside the backend: nothing drains the inbox now.
+    assert w.submit(req("a", 0, 1, RequestKind.FINAL, 5))
+    assert w.submit(req("b", 0, 1, RequestKind.FINAL, 6))
+    assert not w.submit(req("c", 0, 1, RequestKind.FINAL, 7))
+    assert w.stats().refused == 1
+    backend.release()
+    results(out, 3)
+    w.stop(5)
+
+
+def test_failing_request_is_isolated_and_worker_continues() -> None:
+    bad_len = 13
+    backend = ScriptedBackend(fail_when=lambda a: len(a) == bad_len)
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(backend, WorkerConfig(max_queue=64, max_batch=8, max_wait_ms=50), out.put)
+    w.start()
+    lengths = [10, 11, 12, bad_len, 14]
+    for i, n in enumerate(lengths):
+        w.submit(req(f"s{i}", 0, 1, RequestKind.FINAL, n))
+    got = results(out, len(lengths))
+    w.submit(req("after", 0, 1, RequestKind.FINAL, 99))
+    (later,) = results(out, 1)
+    w.stop(5)
+    failures = [r for r in got if isinstance(r, DecodeFailure)]
+    ok = [r for r in got if isinstance(r, Hypothesis)]
+    assert [f.stream for f in failures] == ["s3"]
+    assert "scripted failure" in failures[0].message
+    assert sorted(h.stream for h in ok) == ["s0", "s1", "s2", "s4"]
+    assert isinstance(later, Hypothesis)
+    assert later.text == "99 samples"
+    assert w.stats().failed == 1
+
+
+def test_stop_finishes_queued_work() -> None:
+    backend = ScriptedBackend(delay_s=0.01)
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(backend, WorkerConfig(max_queue=64, max_batch=2, max_wait_ms=0), out.put)
+    w.start()
+    for i in range(6):
+        w.submit(req(f"s{i}", 0, 1, RequestKind.FINAL, 10 + i))
+    w.stop(10)
+    assert not w.alive
+    assert out.qsize() == 6
+
+
+def test_start_twice_is_an_error() -> None:
+    w = ModelWorker(ScriptedBackend(), CFG, lambda r: None)
+    w.start()
+    with pytest.raises(RuntimeError):
+        w.start()
+    w.stop(5)
