@@ -1,0 +1,316 @@
+"""The WebSocket server: subscribers, audio ingest and ``/healthz`` on one port.
+
+Routes (see docs/protocol.md):
+- ``GET /healthz``: plain HTTP 200 ``ok`` while the server runs.
+- ``/v1/captions[?stream=ID[,ID...]][&since=SEQ | &since=ID:SEQ,...]``:
+  a hello, the captions retained after ``since`` (or a ``gap``), then every
+  caption and lifecycle event of the chosen streams (all when none is named).
+- ``/v1/ingest?stream=ID``: a ``config`` message, then binary audio; the
+  stream's own events come back on the same connection; ``end`` (or a
+  disconnect) flushes the open segment as a final.
+
+A subscriber that falls ``server.subscriber_queue`` messages behind is
+closed with code 1013 so it never slows the others. Every protocol error is
+sent as an ``error`` event before any close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable, Coroutine
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from ..audio.resample import StreamResampler
+from ..config import ServerConfig
+from ..engine.engine import Engine
+from ..events import SAMPLE_RATE, Int16Array
+from .broadcast import Broadcaster, Subscription
+from .protocol import (
+    EndOfStream,
+    IngestFormat,
+    ProtocolError,
+    decode_audio_frame,
+    encode_error,
+    encode_event,
+    encode_hello,
+    encode_message,
+    parse_ingest_message,
+)
+
+__all__ = ["CLOSE_POLICY", "CLOSE_TOO_BIG", "CLOSE_TOO_SLOW", "CaptionServer"]
+
+log = logging.getLogger(__name__)
+
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_TOO_SLOW = 1013
+_CAPTIONS = "/v1/captions"
+_INGEST = "/v1/ingest"
+_CAPABILITIES = ["captions", "resume", "ingest"]
+
+# Errors after which an ingest connection cannot go on: the byte stream is
+# misaligned or the peer is not speaking the protocol.
+_FATAL_INGEST = {"odd_length", "not_configured", "too_large", "bad_audio"}
+
+
+def _plain(status: HTTPStatus, body: str) -> Response:
+    data = body.encode()
+    headers = Headers([("Content-Type", "text/plain; charset=utf-8"),
+                       ("Content-Length", str(len(data)))])
+    return Response(status.value, status.phrase, headers, data)
+
+
+def _parse_since(values: list[str], streams: list[str]) -> dict[str, int]:
+    """``since=17`` (for each named stream) or ``since=a:17,b:4``."""
+    since: dict[str, int] = {}
+    for item in (v for value in values for v in value.split(",") if v):
+        name, sep, seq = item.rpartition(":")
+        if not seq.isdigit():
+            raise ProtocolError("bad_query", f"since must be SEQ or STREAM:SEQ, got {item!r}")
+        if sep:
+            since[name] = int(seq)
+        elif len(streams) >= 1:
+            since.update(dict.fromkeys(streams, int(seq)))
+        else:
+            raise ProtocolError("bad_query", "since=SEQ needs ?stream=ID (or use STREAM:SEQ)")
+    return since
+
+
+class CaptionServer:
+    """Serves the engine's events and accepts audio over WebSocket."""
+
+    def __init__(self, engine: Engine, cfg: ServerConfig) -> None:
+        self._engine = engine
+        self._cfg = cfg
+        self.broadcaster = Broadcaster(cfg.subscriber_queue, encode_event,
+                                       history=cfg.history,
+                                       history_streams=cfg.history_streams)
+        self._server: Server | None = None
+        self._ingest_ids = itertools.count(1)
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("server not started")
+        sock = next(iter(self._server.sockets))
+        return int(sock.getsockname()[1])
+
+    async def start(self) -> None:
+        self._engine.add_listener(self.broadcaster.publish)
+        self._server = await serve(
+            self._handle, self._cfg.host, self._cfg.port,
+            process_request=self._process_request,
+            # Twice the limit, so a frame a little too large gets an error
+            # event from us; beyond that websockets closes with 1009 itself.
+            max_size=2 * self._cfg.max_message_bytes,
+            close_timeout=2,
+        )
+        log.info("serving on ws://%s:%d (%s, %s)", self._cfg.host, self.port, _CAPTIONS, _INGEST)
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._engine.remove_listener(self.broadcaster.publish)
+            self._server = None
+
+    async def __aenter__(self) -> CaptionServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path == "/healthz":
+            return _plain(HTTPStatus.OK, "ok\n")
+        if path not in (_CAPTIONS, _INGEST):
+            return _plain(HTTPStatus.NOT_FOUND, f"no such path: {path}\n")
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        url = urlsplit(ws.request.path if ws.request else "")
+        query = parse_qs(url.query)
+        try:
+            if url.path == _INGEST:
+                await self._ingest(ws, query)
+            else:
+                await self._subscribe(ws, query)
+        except ConnectionClosed:
+            pass
+
+    async def _refuse(self, ws: ServerConnection, code: str, message: str,
+                      close_code: int = CLOSE_POLICY, stream: str | None = None) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(encode_error(code, message, stream))
+            await ws.close(close_code, code)
+
+    # --- /v1/captions --------------------------------------------------------
+
+    async def _subscribe(self, ws: ServerConnection, query: dict[str, list[str]]) -> None:
+        names = [n for v in query.get("stream", []) for n in v.split(",") if n]
+        try:
+            since = _parse_since(query.get("since", []), names)
+        except ProtocolError as e:
+            await self._refuse(ws, e.code, str(e))
+            return
+        sub = self.broadcaster.subscribe(names or None, since)
+        try:
+            await ws.send(encode_hello(self._engine.backend.name,
+                                       sorted(self._engine.streams), _CAPABILITIES))
+            await self._relay(ws, sub, self._ignore_incoming(ws))
+        finally:
+            self.broadcaster.unsubscribe(sub)
+
+    async def _ignore_incoming(self, ws: ServerConnection) -> None:
+        # Subscribers have nothing to say; reading keeps pings and the close
+        # handshake flowing and tells us when the peer goes away.
+        async for message in ws:
+            await ws.send(encode_error("unexpected_message",
+                                       f"{_CAPTIONS} takes no messages, got {message!r:.60}"))
+
+    async def _pump(self, ws: ServerConnection, sub: Subscription) -> None:
+        for message in sub.backlog:
+            await ws.send(message)
+        sub.backlog = []
+        while True:
+            message = await sub.queue.get()
+            await ws.send(message)
+            sub.queue.task_done()
+
+    async def _relay(self, ws: ServerConnection, sub: Subscription,
+                     reader: Coroutine[Any, Any, None]) -> None:
+        """Send the subscription until the peer leaves, the reader ends, or overflow."""
+        tasks: set[asyncio.Future[Any]] = {
+            asyncio.ensure_future(self._pump(ws, sub)),
+            asyncio.ensure_future(sub.overflowed.wait()),
+            asyncio.ensure_future(reader),
+        }
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if sub.overflowed.is_set():
+            await self._close_slow(ws)
+            return
+        for t in done:
+            exc = None if t.cancelled() else t.exception()
+            if exc is not None and not isinstance(exc, ConnectionClosed):
+                log.error("subscriber relay failed: %r", exc)
+
+    async def _close_slow(self, ws: ServerConnection) -> None:
+        log.warning("closing slow subscriber %s", ws.remote_address)
+        try:
+            await asyncio.wait_for(ws.close(CLOSE_TOO_SLOW, "subscriber too slow"), 3)
+        except (TimeoutError, ConnectionClosed):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                ws.transport.abort()
+
+    # --- /v1/ingest ----------------------------------------------------------
+
+    async def _ingest(self, ws: ServerConnection, query: dict[str, list[str]]) -> None:
+        stream_id = (query.get("stream") or [f"ingest-{next(self._ingest_ids)}"])[0]
+        if stream_id in self._engine.streams:
+            await self._refuse(ws, "stream_busy", f"stream {stream_id!r} is already open",
+                               stream=stream_id)
+            return
+        try:
+            first = await asyncio.wait_for(ws.recv(), self._cfg.handshake_timeout_s)
+        except TimeoutError:
+            await self._refuse(ws, "handshake_timeout",
+                               f"no config message within {self._cfg.handshake_timeout_s} s")
+            return
+        if isinstance(first, bytes):
+            await self._refuse(ws, "not_configured",
+                               "send a config message before any binary audio")
+            return
+        try:
+            fmt = parse_ingest_message(first)
+        except ProtocolError as e:
+            await self._refuse(ws, e.code, str(e))
+            return
+        if isinstance(fmt, EndOfStream):
+            await self._refuse(ws, "not_configured", "end before any config message")
+            return
+        await self._run_ingest(ws, stream_id, fmt)
+
+    async def _run_ingest(self, ws: ServerConnection, stream_id: str, fmt: IngestFormat) -> None:
+        stream = self._engine.open_stream(stream_id, source="ingest")
+        sub = self.broadcaster.subscribe([stream_id])
+        resampler = StreamResampler(fmt.sample_rate, SAMPLE_RATE, fmt.channels)
+        pump = asyncio.ensure_future(self._pump(ws, sub))
+        overflow = asyncio.ensure_future(sub.overflowed.wait())
+        ended_cleanly = False
+        try:
+            await ws.send(encode_message("ingest.ready", stream=stream_id,
+                                         sample_rate=fmt.sample_rate, channels=fmt.channels,
+                                         format=fmt.sample_format.value))
+            ended_cleanly = await self._read_audio(ws, stream_id, fmt, resampler, stream.push)
+        except ConnectionClosed:
+            pass
+        finally:
+            # Whatever happened, the audio received so far becomes finals.
+            tail = resampler.flush()
+            if len(tail):
+                stream.push(tail)
+            summary = await stream.close()
+        try:
+            await asyncio.wait_for(sub.queue.join(), 10)
+            if ended_cleanly and not sub.overflowed.is_set():
+                await ws.send(encode_message(
+                    "ingest.summary", stream=stream_id, duration=round(summary.duration_s, 3),
+                    segments=summary.segments, finals=summary.finals,
+                    partials=summary.partials, errors=summary.errors))
+                await ws.close(1000, "end of stream")
+        except (ConnectionClosed, TimeoutError):
+            pass
+        finally:
+            pump.cancel()
+            overflow.cancel()
+            await asyncio.gather(pump, overflow, return_exceptions=True)
+            self.broadcaster.unsubscribe(sub)
+            if sub.overflowed.is_set():
+                await self._close_slow(ws)
+
+    async def _read_audio(self, ws: ServerConnection, stream_id: str, fmt: IngestFormat,
+                          resampler: StreamResampler,
+                          push: Callable[[Int16Array], None]) -> bool:
+        """Feed binary messages to the stream; True when the client sent ``end``."""
+        limit = self._cfg.max_message_bytes
+        async for message in ws:
+            try:
+                if isinstance(message, bytes):
+                    if len(message) > limit:
+                        raise ProtocolError("too_large",
+                                            f"binary message of {len(message)} bytes exceeds "
+                                            f"server.max_message_bytes ({limit})")
+                    samples = resampler.process(decode_audio_frame(message, fmt))
+                    if len(samples):
+                        push(samples)
+                    continue
+                parsed = parse_ingest_message(message)
+                if isinstance(parsed, EndOfStream):
+                    return True
+                raise ProtocolError("bad_message", "config may be sent only once")
+            except ProtocolError as e:
+                await ws.send(encode_error(e.code, str(e), stream_id))
+                if e.code in _FATAL_INGEST:
+                    close = CLOSE_TOO_BIG if e.code == "too_large" else CLOSE_POLICY
+                    await ws.close(close, e.code)
+                    return False
+        return False

@@ -1,0 +1,131 @@
+"""Fan-out of engine events to subscribers, each behind its own bounded queue.
+
+Overflow policy: :meth:`Broadcaster.publish` never waits. When a
+subscriber's queue is full the subscriber is marked overflowed and removed;
+its relay task then closes the connection (close code 1013, "subscriber too
+slow"). Other subscribers are unaffected. Each event is encoded once,
+whatever the number of subscribers.
+
+Resume: the last ``history`` caption events of each stream are kept (for at
+most ``history_streams`` streams, the least recently active forgotten first),
+so a subscriber that reconnects with ``since={stream: seq}`` first gets every
+retained caption after ``seq``. Captions no longer retained are announced by
+an explicit ``gap`` message, never skipped silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping
+
+from ..events import CaptionEvent, EngineEvent
+from .protocol import encode_message
+
+__all__ = ["Broadcaster", "Subscription"]
+
+log = logging.getLogger(__name__)
+
+
+class Subscription:
+    """One subscriber: a replay backlog, a queue of live messages, a filter.
+
+    The relay sends ``backlog`` first, then ``queue`` items, calling
+    ``queue.task_done()`` after each send so ``queue.join()`` means "all sent".
+    """
+
+    def __init__(self, streams: frozenset[str] | None, maxsize: int,
+                 backlog: list[str]) -> None:
+        self.streams = streams
+        self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize)
+        self.backlog = backlog
+        self.overflowed = asyncio.Event()
+
+    def wants(self, stream: str) -> bool:
+        return self.streams is None or stream in self.streams
+
+
+class Broadcaster:
+    """Delivers every event to the subscriptions that want its stream."""
+
+    def __init__(
+        self,
+        queue_size: int,
+        encode: Callable[[EngineEvent], str],
+        *,
+        history: int = 0,
+        history_streams: int = 64,
+    ) -> None:
+        self._queue_size = queue_size
+        self._encode = encode
+        self._history = history
+        self._history_streams = history_streams
+        self._retained: OrderedDict[str, deque[tuple[int, str]]] = OrderedDict()
+        self._subs: set[Subscription] = set()
+        self.dropped_subscribers = 0
+
+    def subscribe(
+        self,
+        streams: Iterable[str] | None = None,
+        since: Mapping[str, int] | None = None,
+    ) -> Subscription:
+        """Subscribe to ``streams`` (None: all); replay captions after ``since``."""
+        backlog: list[str] = []
+        for stream, seq in (since or {}).items():
+            backlog += self._replay(stream, seq)
+        sub = Subscription(None if streams is None else frozenset(streams), self._queue_size,
+                           backlog)
+        self._subs.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subs.discard(sub)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subs)
+
+    def _replay(self, stream: str, since: int) -> list[str]:
+        kept = self._retained.get(stream)
+        if not kept:
+            # Unknown stream: if the client saw captions of it, we cannot say
+            # how many followed (e.g. the history was evicted).
+            return [self._gap(stream, since + 1, None)] if since > 0 else []
+        first = kept[0][0]
+        out = [self._gap(stream, since + 1, first - 1)] if since + 1 < first else []
+        return out + [msg for seq, msg in kept if seq > since]
+
+    @staticmethod
+    def _gap(stream: str, first_missing: int, last_missing: int | None) -> str:
+        return encode_message("gap", stream=stream, **{"from": first_missing}, to=last_missing)
+
+    def _retain(self, event: CaptionEvent, message: str) -> None:
+        kept = self._retained.get(event.stream)
+        if kept is None:
+            kept = self._retained[event.stream] = deque(maxlen=self._history)
+            while len(self._retained) > self._history_streams:
+                self._retained.popitem(last=False)
+        else:
+            self._retained.move_to_end(event.stream)
+        kept.append((event.seq, message))
+
+    def publish(self, event: EngineEvent) -> None:
+        """Queue ``event`` for every interested subscriber; never blocks."""
+        message: str | None = None
+        if self._history and isinstance(event, CaptionEvent):
+            message = self._encode(event)
+            self._retain(event, message)
+        for sub in list(self._subs):
+            if not sub.wants(event.stream):
+                continue
+            if message is None:
+                message = self._encode(event)
+            try:
+                sub.queue.put_nowait(message)
+            except asyncio.QueueFull:
+                self._subs.discard(sub)
+                sub.overflowed.set()
+                self.dropped_subscribers += 1
+                log.warning("subscriber fell %d messages behind; disconnecting it",
+                            self._queue_size)

@@ -1,0 +1,576 @@
+"""Publish engine events to an MQTT broker: one more subscriber, never waited for.
+
+Topics, under ``cfg.prefix`` (``{stream}`` passed through :func:`topic_level`):
+
+=============================  ===============================  ===  ===========================
+topic                          events                           QoS  retained
+=============================  ===============================  ===  ===========================
+``{prefix}/{stream}/partial``  partial captions                 0    no
+``{prefix}/{stream}/final``    final captions                   1    the last one (retain_final)
+``{prefix}/{stream}/status``   ``stream.started``/``.ended``    1    yes: the stream's state
+``{prefix}/{stream}/error``    ``error``                        1    no
+``{prefix}/status``            ``online`` / ``offline``         1    yes; ``offline`` is the will
+=============================  ===============================  ===  ===========================
+
+Payloads are the protocol v1 JSON of the event (:func:`.protocol.encode_event`),
+the very text a WebSocket subscriber gets; the engine presence on
+``{prefix}/status`` is plain text. Errors have their own topic because a
+decode error does not end a stream, and a retained error would hide whether
+the stream is live.
+
+:class:`MqttPublisher` is an engine listener. Calling it only queues the
+event; a background task owns the aiomqtt client, publishes in order,
+reconnects with bounded exponential backoff and keeps counters
+(:class:`MqttStats`). Everything runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import secrets
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from ..config import MqttConfig
+from ..events import CaptionEvent, EngineEvent, StreamEnded, StreamError, StreamStarted
+from .protocol import encode_event
+
+if TYPE_CHECKING:
+    import aiomqtt
+    from paho.mqtt.properties import Properties
+
+__all__ = [
+    "ENGINE_OFFLINE",
+    "ENGINE_ONLINE",
+    "MqttPublisher",
+    "MqttStats",
+    "reconnect_delay",
+    "topic_level",
+]
+
+log = logging.getLogger(__name__)
+
+ENGINE_ONLINE = b"online"
+ENGINE_OFFLINE = b"offline"
+
+# A final or lifecycle event whose publish broke with the connection is sent
+# again after the reconnect, but not forever: a message the broker itself
+# rejects (too large, say) would otherwise loop through reconnects.
+_MAX_ATTEMPTS = 3
+# Drop warnings at most this often; the counters carry the exact numbers.
+_DROP_LOG_EVERY_S = 10.0
+# Reason codes of a CONNACK refusing the protocol version: 3.1.1's 0x01 and
+# MQTT 5's 0x84 (paho maps a 3.1.1-style 0x01 answer to a v5 connect to 0x84).
+_VERSION_REFUSED = frozenset({1, 0x84})
+
+_PartialKey = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class MqttStats:
+    """A snapshot of the publisher's counters (events, not MQTT packets).
+
+    ``published``: accepted by the broker (QoS 1: acknowledged). ``superseded``:
+    partials replaced while waiting by a newer partial or the final of their
+    segment (no information lost). ``dropped_partials``/``dropped_finals``:
+    removed by the overflow policy (``dropped_finals`` counts lifecycle events
+    too). ``failed``: given up after a failed publish, or still queued at close.
+    ``queued``: waiting now.
+    """
+
+    connected: bool
+    protocol: str | None
+    queued: int
+    published: int
+    superseded: int
+    dropped_partials: int
+    dropped_finals: int
+    failed: int
+    connects: int
+    connect_failures: int
+    last_error: str | None
+
+    @property
+    def reconnects(self) -> int:
+        """Successful connections after the first."""
+        return max(0, self.connects - 1)
+
+    @property
+    def unpublished(self) -> int:
+        """Events lost for good (dropped or failed); ``queued`` ones may still go out."""
+        return self.dropped_partials + self.dropped_finals + self.failed
+
+
+def topic_level(stream: str) -> str:
+    """``stream`` as one topic level: ``/``, ``+``, ``#`` and NUL become ``_``.
+
+    Two ids may then share a topic ("a/b", "a_b"); the payload keeps the real id.
+    """
+    out = stream
+    for c in "/+#\0":
+        out = out.replace(c, "_")
+    return out or "_"
+
+
+def reconnect_delay(cfg: MqttConfig, failures: int, rand: Callable[[], float]) -> float:
+    """Seconds to wait after ``failures`` (>= 1) failed attempts in a row.
+
+    ``reconnect_min_s`` doubled per further failure, capped at
+    ``reconnect_max_s``, then up to 25% less (``rand()`` in [0, 1)) so engines
+    restarted together do not hammer the broker in lockstep.
+    """
+    base = min(cfg.reconnect_max_s, cfg.reconnect_min_s * 2.0 ** min(failures - 1, 60))
+    return base * (1.0 - 0.25 * rand())
+
+
+@dataclass(frozen=True)
+class _Item:
+    order: int
+    event: EngineEvent
+    topic: str
+    qos: int
+    retain: bool
+    key: _PartialKey | None  # (stream, segment) of a caption
+    attempts: int = 0
+
+    @property
+    def partial(self) -> bool:
+        return isinstance(self.event, CaptionEvent) and not self.event.final
+
+
+class _Backlog:
+    """The bounded queue with the publisher's overflow policy (see MqttPublisher).
+
+    Partials wait apart, at most one per segment; finals and lifecycle events
+    wait in a FIFO. ``pop`` merges both by arrival order.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._reliable: deque[_Item] = deque()
+        self._partials: OrderedDict[_PartialKey, _Item] = OrderedDict()
+        self.superseded = 0
+        self.dropped_partials = 0
+        self.dropped_finals = 0
+
+    def __len__(self) -> int:
+        return len(self._reliable) + len(self._partials)
+
+    def push(self, item: _Item) -> None:
+        assert item.key is not None or not item.partial
+        if item.partial:
+            assert item.key is not None
+            if self._partials.pop(item.key, None) is not None:
+                self.superseded += 1
+            elif len(self) >= self.size and not self._drop_oldest_partial():
+                # Only finals and lifecycle events wait: they are worth more.
+                self.dropped_partials += 1
+                return
+            self._partials[item.key] = item
+            return
+        if item.key is not None and self._partials.pop(item.key, None) is not None:
+            self.superseded += 1
+        if len(self) >= self.size and not self._drop_oldest_partial():
+            self._reliable.popleft()
+            self.dropped_finals += 1
+        self._reliable.append(item)
+
+    def put_back(self, item: _Item) -> bool:
+        """Return an unsent final or lifecycle event to the head; False if it was dropped."""
+        if len(self) >= self.size and not self._drop_oldest_partial():
+            self.dropped_finals += 1
+            return False
+        self._reliable.appendleft(item)
+        return True
+
+    def pop(self) -> _Item | None:
+        r = self._reliable[0] if self._reliable else None
+        p = next(iter(self._partials.values())) if self._partials else None
+        if p is not None and (r is None or p.order < r.order):
+            self._partials.popitem(last=False)
+            return p
+        if r is not None:
+            self._reliable.popleft()
+        return r
+
+    def clear(self) -> int:
+        n = len(self)
+        self._reliable.clear()
+        self._partials.clear()
+        return n
+
+    def _drop_oldest_partial(self) -> bool:
+        if not self._partials:
+            return False
+        self._partials.popitem(last=False)
+        self.dropped_partials += 1
+        return True
+
+
+class _ConnectionLost(Exception):
+    pass
+
+
+class MqttPublisher:
+    """Engine listener that publishes every event to MQTT (see the module doc).
+
+    Use as ``async with MqttPublisher(cfg) as pub: engine.add_listener(pub)``,
+    or ``await start()`` / ``await aclose()``. The caller decides by
+    ``cfg.enabled`` whether to make one. Events passed before ``start`` wait
+    in the queue.
+
+    ``__call__`` never blocks and never raises for an event: it puts the event
+    in a queue of ``cfg.queue_size`` and returns. While a partial waits, a
+    newer partial or the final of the same segment replaces it (a caption
+    carries the whole segment's text, so nothing is lost; counted as
+    ``superseded``). When the queue is full: a new partial pushes out the
+    oldest waiting partial, or is itself dropped when only finals and
+    lifecycle events wait; a new final or lifecycle event pushes out the
+    oldest waiting partial, or else the oldest waiting final/lifecycle event
+    (the newest are worth most to live viewers, and the last final is the one
+    retained). Every drop is counted.
+
+    The background task connects (MQTT 5, or 3.1.1 after the broker refuses
+    version 5 when ``protocol = "auto"``; that choice then sticks), publishes
+    ``online`` (retained; the will is ``offline``), then the queue in order,
+    one message at a time. On a failure it reconnects after
+    :func:`reconnect_delay`; the queue keeps filling meanwhile. A final or
+    lifecycle event whose publish broke goes back to the head and is sent
+    again, up to three attempts (QoS 1 is at-least-once: duplicates are
+    possible); a broken partial is counted as failed. ``aclose`` publishes
+    what is queued for up to ``cfg.drain_s``, then ``offline``, then
+    disconnects; whatever is left counts as failed.
+    """
+
+    def __init__(self, cfg: MqttConfig, *, rand: Callable[[], float] | None = None) -> None:
+        self.cfg = cfg
+        self.client_id = cfg.client_id or f"evoxtral-{secrets.token_hex(6)}"
+        self._rand = rand or random.Random().random
+        self._backlog = _Backlog(cfg.queue_size)
+        self._order = itertools.count()
+        self._wake = asyncio.Event()
+        self._connected = asyncio.Event()
+        self._closing = asyncio.Event()
+        self._closed = False
+        self._drain_deadline = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._fallback = False
+        self._protocol: str | None = None
+        self._published = 0
+        self._failed = 0
+        self._connects = 0
+        self._connect_failures = 0
+        self._last_error: str | None = None
+        self._last_drop_log = -_DROP_LOG_EVERY_S
+        self._drops_logged = 0
+
+    # --- listener side ------------------------------------------------------
+
+    def __call__(self, event: EngineEvent) -> None:
+        """Queue ``event`` for publishing. Never blocks; O(1)."""
+        if self._closed:
+            self._failed += 1
+            return
+        item = self._item(event)
+        if item is None:
+            log.debug("no MQTT topic for %r; not published", event)
+            return
+        self._backlog.push(item)
+        self._wake.set()
+        dropped = self._backlog.dropped_partials + self._backlog.dropped_finals
+        if dropped != self._drops_logged:
+            now = time.monotonic()
+            if now - self._last_drop_log >= _DROP_LOG_EVERY_S:
+                self._last_drop_log = now
+                self._drops_logged = dropped
+                log.warning("MQTT queue full (%d): %d partial(s) and %d final/lifecycle "
+                            "event(s) dropped so far", self.cfg.queue_size,
+                            self._backlog.dropped_partials, self._backlog.dropped_finals)
+
+    def _item(self, event: EngineEvent) -> _Item | None:
+        base = f"{self.cfg.prefix}/{topic_level(event.stream)}"
+        order = next(self._order)
+        if isinstance(event, CaptionEvent):
+            key = (event.stream, event.segment)
+            if event.final:
+                return _Item(order, event, f"{base}/final", 1, self.cfg.retain_final, key)
+            return _Item(order, event, f"{base}/partial", 0, False, key)
+        if isinstance(event, StreamStarted | StreamEnded):
+            return _Item(order, event, f"{base}/status", 1, True, None)
+        if isinstance(event, StreamError):
+            return _Item(order, event, f"{base}/error", 1, False, None)
+        return None
+
+    # --- state ----------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def stats(self) -> MqttStats:
+        b = self._backlog
+        return MqttStats(
+            connected=self.connected, protocol=self._protocol, queued=len(b),
+            published=self._published, superseded=b.superseded,
+            dropped_partials=b.dropped_partials, dropped_finals=b.dropped_finals,
+            failed=self._failed, connects=self._connects,
+            connect_failures=self._connect_failures, last_error=self._last_error,
+        )
+
+    async def wait_connected(self) -> None:
+        """Return once the publisher is connected (at once if it is)."""
+        await self._connected.wait()
+
+    # --- lifecycle ------------------------------------------------------------
+
+    async def __aenter__(self) -> MqttPublisher:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Start the background task; returns at once, connected or not."""
+        if self._task is not None or self._closed:
+            raise RuntimeError("MQTT publisher already started")
+        _require_aiomqtt()
+        self._task = asyncio.create_task(self._run(), name="mqtt-publisher")
+
+    async def aclose(self) -> None:
+        """Drain for up to ``cfg.drain_s``, say ``offline``, disconnect. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        self._drain_deadline = loop.time() + self.cfg.drain_s
+        self._closing.set()
+        self._wake.set()
+        task, self._task = self._task, None
+        if task is not None:
+            # The task honours the deadline itself; this bound only covers a
+            # publish or a disconnect stuck past its own timeout.
+            limit = self.cfg.drain_s + 2 * self.cfg.timeout_s + 1.0
+            done, _ = await asyncio.wait({task}, timeout=limit)
+            if not done:
+                log.warning("MQTT publisher did not stop in %.1f s; cancelling it", limit)
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        left = self._backlog.clear()
+        if left:
+            self._failed += left
+            log.warning("MQTT publisher closed with %d event(s) unpublished", left)
+
+    # --- background task --------------------------------------------------------
+
+    def _past_deadline(self) -> bool:
+        return asyncio.get_running_loop().time() >= self._drain_deadline
+
+    def _done_closing(self) -> bool:
+        return self._closing.is_set() and (not self._backlog or self._past_deadline())
+
+    async def _run(self) -> None:
+        import aiomqtt
+
+        failures = 0
+        while not self._done_closing():
+            version = "3.1.1" if self.cfg.protocol == "3.1.1" or self._fallback else "5"
+            try:
+                client = self._client(version)
+                async with client:
+                    self._on_connected(version, failures)
+                    failures = 0
+                    await self._pump(client, version)
+                return
+            except (aiomqtt.MqttError, _ConnectionLost, OSError) as e:
+                was_connected = self.connected
+                self._connected.clear()
+                if (not was_connected and version == "5" and self.cfg.protocol == "auto"
+                        and _version_refused(e)):
+                    log.info("MQTT broker %s:%d refused MQTT 5; using 3.1.1",
+                             self.cfg.host, self.cfg.port)
+                    self._fallback = True
+                    continue
+                failures += 1
+                self._on_failure(e, was_connected, failures)
+            except Exception as e:
+                # Anything unforeseen must not end publishing for the process's
+                # lifetime: log it in full and go round the reconnect loop.
+                self._connected.clear()
+                failures += 1
+                log.exception("MQTT publisher failed unexpectedly")
+                self._on_failure(e, False, failures)
+            finally:
+                self._connected.clear()
+            await self._backoff(failures)
+
+    def _client(self, version: str) -> aiomqtt.Client:
+        import aiomqtt
+
+        v5 = version == "5"
+        will = aiomqtt.Will(f"{self.cfg.prefix}/status", ENGINE_OFFLINE, qos=1, retain=True,
+                            properties=_text_props(v5))
+        return aiomqtt.Client(
+            self.cfg.host, self.cfg.port,
+            username=self.cfg.username or None, password=self.cfg.password or None,
+            identifier=self.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            will=will,
+            # Nothing is subscribed and unacknowledged finals are re-queued by
+            # us, so a broker-side session would only hold stale state.
+            clean_session=None if v5 else True,
+            clean_start=True,
+            keepalive=self.cfg.keepalive_s,
+            timeout=self.cfg.timeout_s,
+            logger=logging.getLogger(f"{__name__}.paho"),
+        )
+
+    def _on_connected(self, version: str, failures: int) -> None:
+        self._connects += 1
+        self._protocol = version
+        self._last_error = None
+        self._connected.set()
+        if self._connects == 1:
+            log.info("MQTT connected to %s:%d (MQTT %s) as %s", self.cfg.host, self.cfg.port,
+                     version, self.client_id)
+        else:
+            log.info("MQTT reconnected to %s:%d (MQTT %s) after %d failed attempt(s); "
+                     "%d event(s) queued", self.cfg.host, self.cfg.port, version, failures,
+                     len(self._backlog))
+
+    def _on_failure(self, e: BaseException, was_connected: bool, failures: int) -> None:
+        self._last_error = str(e) or type(e).__name__
+        if was_connected:
+            log.warning("MQTT connection to %s:%d lost (%s); reconnecting",
+                        self.cfg.host, self.cfg.port, self._last_error)
+            return
+        self._connect_failures += 1
+        # One warning per outage; the counters tell how long it lasted.
+        level = logging.WARNING if failures == 1 else logging.DEBUG
+        log.log(level, "MQTT broker %s:%d unreachable (%s); retrying with backoff",
+                self.cfg.host, self.cfg.port, self._last_error)
+
+    async def _backoff(self, failures: int) -> None:
+        delay = reconnect_delay(self.cfg, max(failures, 1), self._rand)
+        if self._closing.is_set():
+            # Draining: try again only while the deadline allows.
+            remaining = self._drain_deadline - asyncio.get_running_loop().time()
+            await asyncio.sleep(max(0.0, min(delay, remaining)))
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), delay)
+
+    async def _pump(self, client: aiomqtt.Client, version: str) -> None:
+        """Publish the queue until closing; raise when the connection breaks."""
+        # aiomqtt offers no public signal for a connection that broke while
+        # idle; its private future is the one that paho's callbacks complete.
+        lost: asyncio.Future[None] = client._disconnected
+        v5 = version == "5"
+        json_props = _json_props(v5)
+        await self._send(client, lost, f"{self.cfg.prefix}/status", ENGINE_ONLINE, 1, True,
+                         _text_props(v5))
+        while not self._done_closing():
+            item = self._backlog.pop()
+            if item is None:
+                await self._idle(lost)
+                continue
+            try:
+                await self._send(client, lost, item.topic, encode_event(item.event).encode(),
+                                 item.qos, item.retain, json_props)
+            except BaseException:
+                # Cancellation included: the item must be counted, not vanish.
+                self._give_back(item)
+                raise
+            self._published += 1
+        # A clean DISCONNECT suppresses the will, so say goodbye explicitly.
+        with contextlib.suppress(Exception):
+            await self._send(client, lost, f"{self.cfg.prefix}/status", ENGINE_OFFLINE, 1,
+                             True, _text_props(v5))
+
+    async def _idle(self, lost: asyncio.Future[None]) -> None:
+        self._wake.clear()
+        if self._backlog or self._closing.is_set():
+            return
+        waiter = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({waiter, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if lost.done():
+            raise _lost_error(lost)
+
+    async def _send(self, client: aiomqtt.Client, lost: asyncio.Future[None], topic: str,
+                    payload: bytes, qos: int, retain: bool, props: Properties | None) -> None:
+        # A QoS 1 publish whose connection broke would wait the full timeout
+        # for its acknowledgement; racing it against the loss fails it at once.
+        pub = asyncio.ensure_future(client.publish(topic, payload, qos=qos, retain=retain,
+                                                   properties=props,
+                                                   timeout=self.cfg.timeout_s))
+        try:
+            await asyncio.wait({pub, lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not pub.done():
+                pub.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pub
+        if pub.done() and not pub.cancelled():
+            pub.result()
+            return
+        raise _lost_error(lost)
+
+    def _give_back(self, item: _Item) -> None:
+        if item.partial or item.attempts + 1 >= _MAX_ATTEMPTS:
+            self._failed += 1
+            return
+        self._backlog.put_back(replace(item, attempts=item.attempts + 1))
+
+
+def _require_aiomqtt() -> None:
+    try:
+        import aiomqtt  # noqa: F401
+    except ImportError:
+        raise RuntimeError(
+            "MQTT needs aiomqtt: pip install 'evoxtral-stream[mqtt]', or set mqtt.enabled=false"
+        ) from None
+
+
+def _version_refused(e: BaseException) -> bool:
+    from aiomqtt.exceptions import MqttConnectError
+
+    if not isinstance(e, MqttConnectError):
+        return False
+    rc = getattr(e.rc, "value", e.rc)
+    return rc in _VERSION_REFUSED
+
+
+def _lost_error(lost: asyncio.Future[None]) -> _ConnectionLost:
+    exc = None if lost.cancelled() else lost.exception()
+    return _ConnectionLost(f"connection lost: {exc}" if exc else "connection closed")
+
+
+def _props(v5: bool, content_type: str) -> Properties | None:
+    if not v5:
+        return None
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    props = Properties(PacketTypes.PUBLISH)
+    props.PayloadFormatIndicator = 1  # UTF-8 text
+    props.ContentType = content_type
+    return props
+
+
+def _json_props(v5: bool) -> Properties | None:
+    return _props(v5, "application/json")
+
+
+def _text_props(v5: bool) -> Properties | None:
+    return _props(v5, "text/plain")

@@ -1,0 +1,230 @@
+"""Wire protocol v1 codecs: engine events to JSON text and back.
+
+Pure functions, no sockets. The messages are documented in
+``docs/protocol.md`` (with a JSON Schema for each).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .. import __version__
+from ..events import CaptionEvent, EngineEvent, StreamEnded, StreamError, StreamStarted
+
+__all__ = [
+    "MAX_INGEST_RATE",
+    "MIN_INGEST_RATE",
+    "PROTOCOL_VERSION",
+    "EndOfStream",
+    "IngestFormat",
+    "ProtocolError",
+    "SampleFormat",
+    "caption_to_dict",
+    "decode_audio_frame",
+    "decode_caption",
+    "encode_error",
+    "encode_event",
+    "encode_hello",
+    "encode_message",
+    "event_to_dict",
+    "parse_ingest_message",
+]
+
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    """A message does not follow the protocol; ``code`` goes on the wire."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _dumps(obj: Mapping[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def caption_to_dict(ev: CaptionEvent) -> dict[str, Any]:
+    return {
+        "type": "caption",
+        "stream": ev.stream,
+        "segment": ev.segment,
+        "seq": ev.seq,
+        "final": ev.final,
+        "text": ev.text,
+        "plain_text": ev.plain_text,
+        "stable": ev.stable,
+        "unstable": ev.unstable,
+        "tags": [
+            {"tag": t.tag, "kind": t.kind, "index": t.index, "t": round(t.t, 3),
+             "known": t.known}
+            for t in ev.tags
+        ],
+        "start": round(ev.start, 3),
+        "end": round(ev.end, 3),
+        "latency": None if ev.latency is None else round(ev.latency, 4),
+    }
+
+
+def event_to_dict(ev: EngineEvent) -> dict[str, Any]:
+    if isinstance(ev, CaptionEvent):
+        return caption_to_dict(ev)
+    if isinstance(ev, StreamStarted):
+        return {"type": "stream.started", "stream": ev.stream, "source": ev.source}
+    if isinstance(ev, StreamEnded):
+        return {
+            "type": "stream.ended", "stream": ev.stream,
+            "duration": round(ev.duration_s, 3), "segments": ev.segments, "finals": ev.finals,
+        }
+    if isinstance(ev, StreamError):
+        return {
+            "type": "error", "stream": ev.stream, "code": ev.code,
+            "message": ev.message, "segment": ev.segment,
+        }
+    raise TypeError(f"not an engine event: {ev!r}")
+
+
+def encode_event(ev: EngineEvent) -> str:
+    return _dumps(event_to_dict(ev))
+
+
+def encode_hello(backend: str, streams: Sequence[str], capabilities: Sequence[str]) -> str:
+    return _dumps({
+        "type": "hello",
+        "v": PROTOCOL_VERSION,
+        "server": "evoxtral-stream",
+        "version": __version__,
+        "backend": backend,
+        "capabilities": list(capabilities),
+        "streams": list(streams),
+    })
+
+
+def encode_error(code: str, message: str, stream: str | None = None) -> str:
+    return _dumps({"type": "error", "code": code, "message": message, "stream": stream})
+
+
+def decode_caption(text: str | bytes) -> dict[str, Any]:
+    """Parse a caption message (for clients and tests); ProtocolError if it is not one."""
+    obj = _load_json(text)
+    if obj.get("type") != "caption":
+        raise ProtocolError("bad_message", "not a caption message")
+    for key, tp in (("stream", str), ("segment", int), ("seq", int), ("final", bool),
+                    ("text", str)):
+        if not isinstance(obj.get(key), tp):
+            raise ProtocolError("bad_message", f"caption field {key!r} missing or not {tp}")
+    return obj
+
+
+# --- audio ingest (client -> server) -----------------------------------------
+
+MIN_INGEST_RATE = 8_000
+MAX_INGEST_RATE = 192_000
+_MAX_CHANNELS = 8
+
+
+class SampleFormat(enum.Enum):
+    """Binary sample encodings accepted on ``/v1/ingest`` (little-endian)."""
+
+    PCM16 = "pcm16"
+    FLOAT32 = "float32"
+
+    @property
+    def width(self) -> int:
+        return 2 if self is SampleFormat.PCM16 else 4
+
+
+@dataclass(frozen=True)
+class IngestFormat:
+    """The ``config`` message: what the binary frames that follow contain."""
+
+    sample_rate: int
+    channels: int
+    sample_format: SampleFormat
+
+    @property
+    def frame_bytes(self) -> int:
+        """Bytes per sample frame (one sample of every channel)."""
+        return self.channels * self.sample_format.width
+
+
+@dataclass(frozen=True)
+class EndOfStream:
+    """The ``end`` message: no more audio; flush and summarise."""
+
+
+def _load_json(text: str | bytes) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except UnicodeDecodeError:
+        raise ProtocolError("bad_utf8", "text message is not valid UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise ProtocolError("bad_json", f"message is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_message", "message must be a JSON object")
+    return obj
+
+
+def _int_field(obj: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
+    value = obj.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ProtocolError("bad_config", f"{key} must be an integer {lo}..{hi}, got {value!r}")
+    return value
+
+
+def parse_ingest_message(text: str | bytes) -> IngestFormat | EndOfStream:
+    """Parse a text message sent on ``/v1/ingest``.
+
+    ``{"type": "config", "sample_rate": 48000, "channels": 2, "format": "pcm16"}``
+    or ``{"type": "end"}``; anything else raises :class:`ProtocolError`.
+    """
+    obj = _load_json(text)
+    kind = obj.get("type")
+    if kind == "end":
+        return EndOfStream()
+    if kind != "config":
+        raise ProtocolError("bad_message", f"unknown message type {kind!r} (config or end)")
+    rate = _int_field(obj, "sample_rate", MIN_INGEST_RATE, MAX_INGEST_RATE)
+    channels = _int_field(obj, "channels", 1, _MAX_CHANNELS) if "channels" in obj else 1
+    fmt = obj.get("format", "pcm16")
+    try:
+        sample_format = SampleFormat(fmt)
+    except ValueError:
+        raise ProtocolError(
+            "bad_config", f"format must be 'pcm16' or 'float32', got {fmt!r}") from None
+    return IngestFormat(rate, channels, sample_format)
+
+
+def decode_audio_frame(data: bytes, fmt: IngestFormat) -> npt.NDArray[Any]:
+    """Decode one binary message to ``(frames, channels)`` int16 or float32.
+
+    Raises :class:`ProtocolError` (``odd_length``) when the message does not
+    hold a whole number of sample frames, and (``bad_audio``) for float
+    samples that are not finite.
+    """
+    if len(data) % fmt.frame_bytes:
+        raise ProtocolError(
+            "odd_length",
+            f"binary message of {len(data)} bytes is not a whole number of "
+            f"{fmt.channels}-channel {fmt.sample_format.value} frames "
+            f"({fmt.frame_bytes} bytes each)")
+    dtype = "<i2" if fmt.sample_format is SampleFormat.PCM16 else "<f4"
+    samples = np.frombuffer(data, dtype=dtype).reshape(-1, fmt.channels)
+    if fmt.sample_format is SampleFormat.FLOAT32:
+        if not np.isfinite(samples).all():
+            raise ProtocolError("bad_audio", "float32 audio holds NaN or infinite samples")
+        return samples.astype(np.float32)
+    return samples.astype(np.int16)
+
+
+def encode_message(kind: str, **fields: Any) -> str:
+    """Any other server message: ``{"type": kind, **fields}``."""
+    return _dumps({"type": kind, **fields})

@@ -1,0 +1,33 @@
+"""The protocol's JSON Schema, read from docs/protocol.md so the doc stays true."""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+__all__ = ["ROOT", "protocol_schema", "validate_message"]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.cache
+def protocol_schema() -> dict[str, Any]:
+    text = (ROOT / "docs" / "protocol.md").read_text()
+    section = text.split("## JSON Schema", 1)[1]
+    block = re.search(r"```json\n(.*?)\n```", section, re.S)
+    assert block is not None, "docs/protocol.md has no JSON Schema block"
+    schema: dict[str, Any] = json.loads(block.group(1))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return schema
+
+
+def validate_message(message: str | dict[str, Any]) -> dict[str, Any]:
+    """Parse (if needed) and validate one server message; return it."""
+    obj: dict[str, Any] = json.loads(message) if isinstance(message, str) else message
+    jsonschema.validate(obj, protocol_schema(), cls=jsonschema.Draft202012Validator)
+    return obj

@@ -1,0 +1,181 @@
+"""The WebSocket server over real sockets: hello, captions, filters, slow subscribers."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+
+from evoxtral_stream.config import Config, load_config
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.events import CaptionEvent
+from evoxtral_stream.run import feed_samples
+from evoxtral_stream.server.app import CaptionServer
+from tests.fakes import ScriptedBackend
+from tests.speech import have_espeak, speech_with_pauses
+
+SENTENCES = ["Good evening and welcome to the live captioning demo.",
+             "Thank you for listening, and have a wonderful night."]
+
+
+def config(**overrides: object) -> Config:
+    return load_config(overrides={"server.port": 0, **overrides})
+
+
+def words_so_far(audio: np.ndarray) -> str:
+    # A stand-in model: one word per half second of audio, so partials grow.
+    return " ".join(f"w{i}" for i in range(len(audio) // 8000))
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[Engine, CaptionServer]]:
+    cfg = config()
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        yield engine, server
+
+
+async def _get(url: str) -> tuple[int, str]:
+    def fetch() -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return int(r.status), r.read().decode()
+        except urllib.error.HTTPError as e:
+            return int(e.code), e.read().decode()
+    return await asyncio.to_thread(fetch)
+
+
+async def test_healthz_and_unknown_path(served: tuple[Engine, CaptionServer]) -> None:
+    _, server = served
+    assert await _get(f"http://127.0.0.1:{server.port}/healthz") == (200, "ok\n")
+    status, body = await _get(f"http://127.0.0.1:{server.port}/nope")
+    assert status == 404
+    assert "/nope" in body
+
+
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+async def test_subscriber_gets_hello_partials_then_finals(
+    served: tuple[Engine, CaptionServer],
+) -> None:
+    engine, server = served
+    audio, _ = speech_with_pauses(SENTENCES, pause_s=1.5)
+    async with connect(f"ws://127.0.0.1:{server.port}/v1/captions") as ws:
+        hello = json.loads(await ws.recv())
+        assert hello["type"] == "hello"
+        assert hello["v"] == 1
+        assert hello["backend"] == "scripted"
+        stream = engine.open_stream("talk", source="test")
+        await feed_samples(stream, audio, 1600, realtime=False)
+        messages: list[dict[str, Any]] = []
+        while not messages or messages[-1]["type"] != "stream.ended":
+            messages.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+    types = [m["type"] for m in messages]
+    assert types[0] == "stream.started"
+    assert types[-1] == "stream.ended"
+    captions = [m for m in messages if m["type"] == "caption"]
+    assert all(c["stream"] == "talk" for c in captions)
+    seqs = [c["seq"] for c in captions]
+    assert seqs == sorted(set(seqs))
+    for segment in (0, 1):
+        mine = [c for c in captions if c["segment"] == segment]
+        assert [c["final"] for c in mine][-1] is True
+        assert any(not c["final"] for c in mine), "a partial comes before the final"
+        final = mine[-1]
+        assert final["text"].startswith("w0 w1 w2")
+        assert 0 <= final["start"] < final["end"]
+        assert final["latency"] >= 0
+    assert messages[-1]["finals"] == 2
+
+
+async def test_stream_filter(served: tuple[Engine, CaptionServer]) -> None:
+    engine, server = served
+    async with connect(f"ws://127.0.0.1:{server.port}/v1/captions?stream=b") as ws:
+        await ws.recv()  # hello
+        for name in ("a", "b"):
+            engine.open_stream(name, source="test")
+        msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert msg == {"type": "stream.started", "stream": "b", "source": "test"}
+        for s in engine.streams.values():
+            await s.close()
+
+
+def _raw_ws_handshake(port: int) -> socket.socket:
+    """A WebSocket client that completes the handshake and then never reads."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall((f"GET /v1/captions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+               "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    assert head.startswith(b"HTTP/1.1 101")
+    return s
+
+
+def _caption(seq: int, text: str) -> CaptionEvent:
+    return CaptionEvent(stream="load", segment=seq, seq=seq, final=True, text=text,
+                        plain_text=text, stable=text, unstable="", tags=(), start=0.0,
+                        end=1.0, latency=0.1)
+
+
+async def test_subscriber_that_never_reads_is_dropped_and_others_get_everything() -> None:
+    cfg = config(**{"server.subscriber_queue": 32})
+    n_events = 3000
+    text = "x" * 2000
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        stuck = await asyncio.to_thread(_raw_ws_handshake, server.port)
+        received = 0
+
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/captions") as good:
+            await good.recv()  # hello
+
+            async def read_all() -> None:
+                nonlocal received
+                while received < n_events:
+                    json.loads(await good.recv())
+                    received += 1
+
+            reader = asyncio.ensure_future(read_all())
+            while server.broadcaster.subscribers < 2:
+                await asyncio.sleep(0.01)
+            for seq in range(1, n_events + 1):
+                server.broadcaster.publish(_caption(seq, text))
+                # Pace the publisher to the good subscriber, never to the stuck one.
+                while seq - received > 16:
+                    await asyncio.sleep(0.001)
+            await asyncio.wait_for(reader, 30)
+        assert received == n_events
+        assert server.broadcaster.dropped_subscribers == 1
+        # The stuck client's connection was closed by the server.
+        stuck.setblocking(False)
+        await asyncio.sleep(0.5)
+        drained, closed = 0, False
+        for _ in range(2000):
+            try:
+                chunk = stuck.recv(65536)
+            except BlockingIOError:
+                await asyncio.sleep(0.01)
+                continue
+            except ConnectionResetError:
+                closed = True
+                break
+            if not chunk:
+                closed = True
+                break
+            drained += len(chunk)
+        stuck.close()
+        assert closed, f"server kept the slow subscriber open ({drained} bytes read)"

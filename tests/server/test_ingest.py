@@ -1,0 +1,236 @@
+"""Audio ingest and resume over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from evoxtral_stream.audio.resample import int16_to_float32, resample
+from evoxtral_stream.config import Config, load_config
+from evoxtral_stream.engine.backends.base import Backend
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.events import SAMPLE_RATE
+from evoxtral_stream.server.app import CaptionServer
+from tests.docs_schema import validate_message
+from tests.fakes import ScriptedBackend
+from tests.speech import have_espeak, speak, speech_with_pauses
+from tests.text_norm import loose_wer
+
+pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+
+SENTENCES = ["Good evening and welcome to the live captioning demo.",
+             "Thank you for listening, and have a wonderful night."]
+
+
+def config(**overrides: object) -> Config:
+    return load_config(overrides={"server.port": 0, **overrides})
+
+
+def words_so_far(audio: np.ndarray) -> str:
+    return " ".join(f"w{i}" for i in range(len(audio) // 8000))
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[tuple[Engine, CaptionServer]]:
+    cfg = config(**{"server.history": 1000})
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        yield engine, server
+
+
+async def recv_json(ws: ClientConnection, timeout: float = 20) -> dict[str, Any]:
+    return validate_message(json.loads(await asyncio.wait_for(ws.recv(), timeout)))
+
+
+async def next_error(ws: ClientConnection) -> dict[str, Any]:
+    """Skip the stream's own events until an error arrives."""
+    while (msg := await recv_json(ws))["type"] != "error":
+        pass
+    return msg
+
+
+async def send_audio(ws: ClientConnection, data: bytes, chunk: int = 8192,
+                     bytes_per_s: float | None = None) -> None:
+    """Send ``data`` in chunks, paced to ``bytes_per_s`` when given."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    for i in range(0, len(data), chunk):
+        await ws.send(data[i:i + chunk])
+        if bytes_per_s:
+            await asyncio.sleep(max(0.0, t0 + (i + chunk) / bytes_per_s - loop.time()))
+        else:
+            await asyncio.sleep(0)
+
+
+async def ingest(port: int, stream: str, fmt: dict[str, Any], data: bytes,
+                 speed: float | None = None) -> list[dict[str, Any]]:
+    """Run one ingest session to its summary; return everything received."""
+    async with connect(f"ws://127.0.0.1:{port}/v1/ingest?stream={stream}") as ws:
+        await ws.send(json.dumps({"type": "config", **fmt}))
+        ready = json.loads(await ws.recv())
+        assert ready["type"] == "ingest.ready" and ready["stream"] == stream
+        width = 4 if fmt.get("format") == "float32" else 2
+        rate = None if speed is None else (
+            speed * fmt["sample_rate"] * fmt.get("channels", 1) * width)
+        sender = asyncio.ensure_future(send_audio(ws, data, bytes_per_s=rate))
+        received: list[dict[str, Any]] = []
+        await sender
+        await ws.send(json.dumps({"type": "end"}))
+        while True:
+            try:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            except ConnectionClosed:
+                break
+            received.append(msg)
+        assert ws.close_code == 1000
+        return received
+
+
+def finals_text(messages: list[dict[str, Any]]) -> str:
+    finals = [m for m in messages if m["type"] == "caption" and m["final"]]
+    return " ".join(m["text"] for m in sorted(finals, key=lambda m: m["segment"]))
+
+
+async def test_ingest_two_formats_produce_the_words(whisper_backend: Backend) -> None:
+    cfg = config()
+    audio, _ = speech_with_pauses(SENTENCES, pause_s=1.2)
+    # 44.1 kHz stereo float32, and 24 kHz mono PCM16.
+    f44 = resample(int16_to_float32(audio), SAMPLE_RATE, 44100)
+    stereo = np.stack([f44, f44 * 0.5], axis=1).astype("<f4").tobytes()
+    pcm24 = resample(audio, SAMPLE_RATE, 24000).astype("<i2").tobytes()
+    async with Engine(cfg, whisper_backend) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        a, b = await asyncio.gather(
+            ingest(server.port, "float44", {"sample_rate": 44100, "channels": 2,
+                                            "format": "float32"}, stereo),
+            ingest(server.port, "pcm24", {"sample_rate": 24000, "format": "pcm16"}, pcm24),
+        )
+    for messages in (a, b):
+        summary = messages[-1]
+        assert summary["type"] == "ingest.summary" and summary["finals"] == 2
+        assert abs(summary["duration"] - len(audio) / SAMPLE_RATE) < 0.1
+        text = finals_text(messages)
+        assert loose_wer(" ".join(SENTENCES), text) <= 0.25, text
+        # Fed at 3x real time, the one model thread still fits in partials.
+        assert any(m["type"] == "caption" and not m["final"] for m in messages)
+
+
+@pytest.mark.parametrize(("first", "code"), [
+    (b"\x00\x01", "not_configured"),
+    ("{not json", "bad_json"),
+    (json.dumps({"type": "config", "sample_rate": 7}), "bad_config"),
+    (json.dumps({"type": "config", "sample_rate": 16000, "format": "mp3"}), "bad_config"),
+    (json.dumps({"type": "hello"}), "bad_message"),
+])
+async def test_bad_first_message_gets_error_then_close(
+    scripted: tuple[Engine, CaptionServer], first: str | bytes, code: str,
+) -> None:
+    _, server = scripted
+    async with connect(f"ws://127.0.0.1:{server.port}/v1/ingest?stream=x") as ws:
+        await ws.send(first)
+        err = await recv_json(ws)
+        assert err["type"] == "error" and err["code"] == code
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+        assert ws.close_code == 1008
+
+
+async def test_misbehaving_ingest_keeps_its_finals_and_spares_other_streams(
+    scripted: tuple[Engine, CaptionServer],
+) -> None:
+    engine, server = scripted
+    audio, _ = speech_with_pauses(SENTENCES, pause_s=1.2)
+    pcm = audio.astype("<i2").tobytes()
+    async with connect(f"ws://127.0.0.1:{server.port}/v1/captions?stream=bad") as watcher:
+        await watcher.recv()  # hello
+        good = asyncio.ensure_future(ingest(server.port, "good",
+                                            {"sample_rate": 16000}, pcm))
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/ingest?stream=bad") as ws:
+            await ws.send(json.dumps({"type": "config", "sample_rate": 16000}))
+            await ws.recv()  # ready
+            await send_audio(ws, pcm[: len(pcm) // 2 // 2 * 2])
+            await ws.send("{oops")                       # recoverable: error, go on
+            assert (await next_error(ws))["code"] == "bad_json"
+            await ws.send(b"\x00\x01\x02")               # odd length: fatal
+            codes = []
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    msg = await recv_json(ws)
+                    if msg["type"] == "error":
+                        codes.append(msg["code"])
+            assert codes == ["odd_length"] and ws.close_code == 1008
+        # The audio received before the fault still became a final.
+        seen: list[dict[str, Any]] = []
+        while not seen or seen[-1]["type"] != "stream.ended":
+            seen.append(await recv_json(watcher))
+        assert any(m["type"] == "caption" and m["final"] for m in seen)
+        good_messages = await good
+    assert good_messages[-1]["finals"] == 2
+    assert "bad" not in engine.streams
+
+
+async def test_oversized_frame_is_refused_with_1009() -> None:
+    cfg = config(**{"server.max_message_bytes": 4096})
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/ingest") as ws:
+            await ws.send(json.dumps({"type": "config", "sample_rate": 16000}))
+            ready = json.loads(await ws.recv())
+            assert ready["stream"].startswith("ingest-")
+            await ws.send(b"\x00" * 6000)
+            assert (await next_error(ws))["code"] == "too_large"
+            with pytest.raises(ConnectionClosed):
+                await ws.recv()
+            assert ws.close_code == 1009
+
+
+async def test_resume_after_disconnect_loses_no_final(
+    scripted: tuple[Engine, CaptionServer],
+) -> None:
+    _, server = scripted
+    audio, _ = speech_with_pauses(SENTENCES * 2, pause_s=1.2)
+    pcm = audio.astype("<i2").tobytes()
+    url = f"ws://127.0.0.1:{server.port}/v1/captions?stream=talk"
+    first: list[dict[str, Any]] = []
+    async with connect(url) as ws:
+        await ws.recv()
+        job = asyncio.ensure_future(ingest(server.port, "talk", {"sample_rate": 16000}, pcm))
+        while sum(1 for m in first if m.get("final")) < 1:
+            first.append(await recv_json(ws))
+    # Disconnected while the stream goes on; come back with the last seq seen.
+    last_seq = max(m["seq"] for m in first if m["type"] == "caption")
+    await job
+    async with connect(f"{url}&since={last_seq}") as ws:
+        await ws.recv()
+        rest: list[dict[str, Any]] = []
+        while len([m for m in first + rest if m["type"] == "caption" and m["final"]]) < 4:
+            rest.append(await recv_json(ws))
+    seqs = [m["seq"] for m in first + rest if m["type"] == "caption"]
+    assert seqs == list(range(1, len(seqs) + 1)), "every caption exactly once, in order"
+
+
+async def test_resume_beyond_history_announces_a_gap() -> None:
+    cfg = config(**{"server.history": 2})
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        audio, _ = speech_with_pauses(SENTENCES, pause_s=1.2)
+        await ingest(server.port, "talk", {"sample_rate": 16000},
+                     audio.astype("<i2").tobytes())
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/captions?since=talk:0") as ws:
+            await ws.recv()
+            gap = await recv_json(ws)
+            kept = [await recv_json(ws), await recv_json(ws)]
+        assert gap["type"] == "gap" and gap["from"] == 1 and gap["to"] == kept[0]["seq"] - 1
+        assert kept[1]["seq"] == kept[0]["seq"] + 1 and kept[1]["final"]
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/captions?since=nosuch:5") as ws:
+            await ws.recv()
+            unknown = await recv_json(ws)
+        assert unknown == {"type": "gap", "stream": "nosuch", "from": 6, "to": None}
+        assert engine.streams == {}

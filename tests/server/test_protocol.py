@@ -1,0 +1,61 @@
+"""Protocol codecs: every message the server sends matches docs/protocol.md."""
+
+from __future__ import annotations
+
+import pytest
+
+from evoxtral_stream.events import (
+    CaptionEvent,
+    EngineEvent,
+    StreamEnded,
+    StreamError,
+    StreamStarted,
+    TagMark,
+)
+from evoxtral_stream.server.protocol import (
+    ProtocolError,
+    decode_caption,
+    encode_error,
+    encode_event,
+    encode_hello,
+)
+from tests.docs_schema import validate_message
+
+CAPTION = CaptionEvent(
+    stream="mic", segment=3, seq=17, final=False,
+    text="[nervous] So... I was thinking", plain_text="So... I was thinking",
+    stable="[nervous] So... I was", unstable=" thinking",
+    tags=(TagMark("nervous", "emotion", 0, 12.48),),
+    start=12.48, end=14.9, latency=0.183,
+)
+
+EVENTS: list[EngineEvent] = [
+    CAPTION,
+    StreamStarted("mic", "mic"),
+    StreamEnded("talk", 25.2, 5, 5),
+    StreamError("mic", "decode_failed", "RuntimeError: boom", 4),
+]
+
+
+@pytest.mark.parametrize("event", EVENTS, ids=lambda e: type(e).__name__)
+def test_events_match_the_documented_schema(event: EngineEvent) -> None:
+    validate_message(encode_event(event))
+
+
+def test_hello_and_errors_match_the_schema() -> None:
+    hello = validate_message(encode_hello("whisper", ["mic"], ["captions"]))
+    assert hello["v"] == 1
+    validate_message(encode_error("unexpected_message", "no", None))
+
+
+def test_caption_round_trip_keeps_unicode() -> None:
+    ev = CaptionEvent(**{**CAPTION.__dict__, "text": "[whispers] café — ¿sí?"})
+    obj = decode_caption(encode_event(ev))
+    assert obj["text"] == "[whispers] café — ¿sí?"
+    assert obj["seq"] == 17
+
+
+@pytest.mark.parametrize("bad", ["{", "[]", '{"type":"caption"}', b"\xff\xfe"])
+def test_decode_caption_rejects_malformed(bad: str | bytes) -> None:
+    with pytest.raises(ProtocolError):
+        decode_caption(bad)

@@ -1,0 +1,39 @@
+"""The docs stay true: config keys documented, README commands present."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+
+from tests.docs_schema import ROOT
+
+
+def _keys(table: dict[str, object], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for k, v in table.items():
+        if isinstance(v, dict):
+            out += _keys(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def test_every_config_key_is_documented() -> None:
+    config = tomllib.loads((ROOT / "config.toml").read_text())
+    doc = (ROOT / "docs" / "config.md").read_text()
+    missing = [k for k in _keys(config) if f"`{k.rsplit('.', 1)[-1]}`" not in doc]
+    assert not missing, f"docs/config.md does not mention: {missing}"
+
+
+def test_readme_has_the_two_commands() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for marker in ("main-command", "test-command"):
+        block = re.search(rf"<!-- {marker} -->\n```sh\n(.+?)\n```\n<!-- /{marker} -->",
+                          readme, re.S)
+        assert block is not None, f"README.md lacks the {marker} block"
+    assert "pip install torch==2.13.0" in readme
+
+
+def test_root_config_is_the_packaged_one() -> None:
+    packaged = ROOT / "src" / "evoxtral_stream" / "config.toml"
+    assert (ROOT / "config.toml").read_bytes() == packaged.read_bytes()
