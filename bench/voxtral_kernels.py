@@ -1,0 +1,383 @@
+"""Voxtral backend kernels: encoder + prefill per window, decode per token.
+
+Random weights, nothing downloaded: the full-size ``VoxtralConfig()`` (3B,
+bfloat16 on CUDA) with a random rank-64 LoRA on the Evoxtral targets, written
+in the old transformers 4.5x key layout and loaded through the backend's
+exact adapter loader. For every batch size it times
+
+- prep: building prompt ids and log-mel features, ours (direct, on the
+  device) against the reference ``processor.apply_transcription_request``
+  (in-memory WAV round-trip, features on the CPU);
+- prefill: one forward pass over B prompts of one 30 s window each (audio
+  encoder, projector and the language model's prefill), per call and per
+  window;
+- decode: per generated token, from ``generate`` forced to N and to 1 new
+  tokens: (t_N - t_1) / (N - 1);
+- end to end: prep + generate(N) for our path (merged and unmerged) and the
+  reference path (processor + generate on the unmerged peft model).
+
+``--tiny`` runs the same code on the tiny test checkpoint on the CPU, so the
+script is tested without a GPU; its numbers mean nothing.
+
+Usage::
+
+    python bench/voxtral_kernels.py                    # CUDA, full size
+    python bench/voxtral_kernels.py --batches 1,8 --new-tokens 64 --json out.json
+    python bench/voxtral_kernels.py --tiny             # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+
+from evoxtral_stream.config import VoxtralConfig, load_config
+from evoxtral_stream.engine.backends.voxtral.adapter import attach_adapter
+from evoxtral_stream.engine.backends.voxtral.backend import (
+    DEFAULT_ADAPTER,
+    LoadedModel,
+    VoxtralBackend,
+    load_tokenizer,
+)
+from evoxtral_stream.engine.backends.voxtral.prompt import PromptSpec
+from evoxtral_stream.engine.backends.voxtral.resolve import Resolved
+from evoxtral_stream.engine.backends.voxtral.tiny import (
+    tiny_voxtral_config,
+    write_feature_extractor,
+    write_lora_adapter,
+    write_tekken,
+)
+
+__all__ = ["Row", "main", "run"]
+
+Audio = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Row:
+    """Timings for one (mode, batch size), in milliseconds."""
+
+    mode: str
+    batch: int
+    prep_ms: float
+    prefill_ms: float
+    prefill_per_window_ms: float
+    decode_per_token_ms: float
+    end_to_end_ms: float
+    new_tokens: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median wall time of ``fn`` in ms, after one warm-up call."""
+    fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def _audio(batch: int, seconds: float, seed: int = 0) -> list[Audio]:
+    rng = np.random.default_rng(seed)
+    n = int(seconds * 16000)
+    # 16-bit values, as the engine's PCM16 sources give.
+    return [
+        (np.round(rng.standard_normal(n) * 0.1 * 32768).clip(-32768, 32767) / 32768).astype(
+            np.float32
+        )
+        for _ in range(batch)
+    ]
+
+
+def _build(config: Any, device: torch.device, dtype: torch.dtype, seed: int) -> nn.Module:
+    from transformers import VoxtralForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cls: Any = VoxtralForConditionalGeneration
+    with torch.device(device):
+        model: Any = cls._from_config(config, dtype=dtype)
+    model.eval()
+    return model  # type: ignore[no-any-return]
+
+
+def _backend(
+    model: nn.Module,
+    peft: nn.Module | None,
+    spec: PromptSpec,
+    tokenizer: Any,
+    device: torch.device,
+    cfg: VoxtralConfig,
+) -> VoxtralBackend:
+    here = Resolved("bench", Path("."), "folder")
+    loaded = LoadedModel(
+        model=model,
+        peft=peft,
+        tokenizer=tokenizer,
+        spec=spec,
+        device=device,
+        dtype=next(model.parameters()).dtype,
+        adapters=(DEFAULT_ADAPTER,),
+        merged=peft is None,
+        base=here,
+        adapter=here,
+    )
+    return VoxtralBackend(loaded, cfg)
+
+
+def _measure(
+    label: str,
+    backend: VoxtralBackend,
+    batch: list[Audio],
+    new_tokens: int,
+    repeats: int,
+    prep: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    kernels: bool = True,
+) -> Row:
+    """Time one path; ``prep`` (the reference) replaces the direct inputs.
+
+    Without ``kernels`` only prep and end to end are timed (NaN elsewhere).
+    """
+    device = backend.loaded.device
+    model: Any = backend.model
+    spec = backend.spec
+
+    def direct() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows, masks = spec.left_padded([len(a) for a in batch])
+        ids = torch.tensor(rows, device=device)
+        mask = torch.tensor(masks, device=device)
+        return ids, mask, backend.features(batch).to(backend.loaded.dtype)
+
+    make = prep or direct
+    ids, mask, feats = make()
+    ids, mask, feats = ids.to(device), mask.to(device), feats.to(device, backend.loaded.dtype)
+    n_windows = feats.shape[0]
+
+    def prefill() -> None:
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=mask, input_features=feats, logits_to_keep=1)
+
+    def generate(n: int) -> Callable[[], object]:
+        def go() -> object:
+            with torch.inference_mode(), backend.use_adapter(None):
+                return model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    input_features=feats,
+                    do_sample=False,
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    pad_token_id=spec.pad,
+                    eos_token_id=spec.eos,
+                )
+
+        return go
+
+    def end_to_end() -> None:
+        i, m, f = make()
+        with torch.inference_mode(), backend.use_adapter(None):
+            model.generate(
+                input_ids=i.to(device),
+                attention_mask=m.to(device),
+                input_features=f.to(device, backend.loaded.dtype),
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=spec.pad,
+                eos_token_id=spec.eos,
+            )
+
+    nan = float("nan")
+    with backend.use_adapter(None):
+        prep_ms = _time(make, device, repeats)
+        prefill_ms = _time(prefill, device, repeats) if kernels else nan
+        t_n = _time(generate(new_tokens), device, repeats) if kernels else nan
+        t_1 = _time(generate(1), device, repeats) if kernels else nan
+        e2e = _time(end_to_end, device, repeats)
+    per_token = (t_n - t_1) / max(1, new_tokens - 1)
+    return Row(
+        mode=label,
+        batch=len(batch),
+        prep_ms=prep_ms,
+        prefill_ms=prefill_ms,
+        prefill_per_window_ms=prefill_ms / n_windows,
+        decode_per_token_ms=per_token,
+        end_to_end_ms=e2e,
+        new_tokens=new_tokens,
+    )
+
+
+def run(
+    *,
+    tiny: bool,
+    batches: Sequence[int],
+    new_tokens: int,
+    audio_s: float,
+    rank: int,
+    repeats: int,
+    reference: bool,
+    device_name: str | None = None,
+    log: Callable[[str], None] = print,
+) -> list[Row]:
+    """Run every measurement and return the rows (also logged as they come)."""
+    device = torch.device(device_name or ("cpu" if tiny else "cuda"))
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    cfg = load_config().model.voxtral
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="voxtral-bench-") as tmp:
+        folder = Path(tmp)
+        write_tekken(folder / "tekken.json")
+        write_feature_extractor(folder)
+        config = tiny_voxtral_config(full=not tiny)
+        # config.json lets AutoTokenizer pick mistral-common for the processor.
+        config.save_pretrained(str(folder))
+        tokenizer = load_tokenizer(folder)
+        spec = PromptSpec.from_tokenizer(tokenizer, "en")
+        processor: Any = None
+        if reference:
+            from transformers import VoxtralProcessor
+
+            proc_cls: Any = VoxtralProcessor
+            processor = proc_cls.from_pretrained(str(folder))
+
+        t0 = time.perf_counter()
+        model = _build(config, device, dtype, seed=0)
+        n_params = sum(p.numel() for p in model.parameters())
+        log(
+            f"model: {n_params / 1e9:.2f}B parameters, {device} {dtype}, "
+            f"built in {time.perf_counter() - t0:.1f} s"
+        )
+        # The adapter goes through the real loader: written in the old key
+        # layout, mapped, verified.
+        cpu_model: Any = model
+        pairs = write_lora_adapter(
+            cpu_model, folder / "lora", rank=rank, alpha=2 * rank, scale=0.01, old_layout=True
+        )
+        n_lora = sum(a.numel() + b.numel() for a, b in pairs.values())
+        peft_model: Any = attach_adapter(model, folder / "lora", DEFAULT_ADAPTER)
+        peft_model.to(device)
+        log(f"LoRA: rank {rank}, {len(pairs)} modules, {n_lora / 1e6:.1f}M parameters")
+        unmerged = _backend(peft_model.get_base_model(), peft_model, spec, tokenizer, device, cfg)
+
+        def reference_prep(batch: list[Audio]) -> Callable[[], Any]:
+            def go() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                out = processor.apply_transcription_request(
+                    audio=batch,
+                    model_id="mistralai/Voxtral-Mini-3B-2507",
+                    language="en",
+                    sampling_rate=16000,
+                    format=["wav"] * len(batch),
+                )
+                return (
+                    out["input_ids"].to(device),
+                    out["attention_mask"].to(device),
+                    out["input_features"].to(device, dtype),
+                )
+
+            return go
+
+        for b in batches:
+            audio = _audio(b, audio_s)
+            rows.append(_measure("unmerged", unmerged, audio, new_tokens, repeats))
+            log(_fmt(rows[-1]))
+            if reference:
+                rows.append(
+                    _measure(
+                        "reference",
+                        unmerged,
+                        audio,
+                        new_tokens,
+                        repeats,
+                        prep=reference_prep(audio),
+                        kernels=False,
+                    )
+                )
+                log(_fmt(rows[-1]))
+        merged_model: Any = peft_model.merge_and_unload(progressbar=False, safe_merge=False)
+        merged = _backend(merged_model, None, spec, tokenizer, device, cfg)
+        for b in batches:
+            rows.append(_measure("merged", merged, _audio(b, audio_s), new_tokens, repeats))
+            log(_fmt(rows[-1]))
+    return rows
+
+
+def _fmt(r: Row) -> str:
+    return (
+        f"{r.mode:>9} B={r.batch:<3} prep {r.prep_ms:8.2f} ms  prefill {r.prefill_ms:8.2f} ms "
+        f"({r.prefill_per_window_ms:7.2f}/window)  decode {r.decode_per_token_ms:7.2f} ms/token  "
+        f"end-to-end({r.new_tokens} tok) {r.end_to_end_ms:9.1f} ms"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--tiny", action="store_true", help="tiny checkpoint on the CPU (smoke test)")
+    ap.add_argument(
+        "--device", default=None, help="torch device (default cuda, or cpu with --tiny)"
+    )
+    ap.add_argument("--batches", default=None, help="comma-separated batch sizes (1,8,32,64)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="forced new tokens (default 64)")
+    ap.add_argument("--audio-s", type=float, default=10.0, help="seconds of audio per request")
+    ap.add_argument("--rank", type=int, default=64, help="LoRA rank")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats (median)")
+    ap.add_argument("--no-reference", action="store_true", help="skip the processor path")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = ap.parse_args(argv)
+    if (
+        not args.tiny
+        and (args.device or "cuda").startswith("cuda")
+        and not torch.cuda.is_available()
+    ):
+        print("no CUDA device: run with --tiny for the CPU smoke test")
+        return 2
+    default_batches = "1,2" if args.tiny else "1,8,32,64"
+    batches = [int(x) for x in (args.batches or default_batches).split(",")]
+    new_tokens = args.new_tokens or (4 if args.tiny else 64)
+    repeats = args.repeats or (1 if args.tiny else 3)
+    rows = run(
+        tiny=args.tiny,
+        batches=batches,
+        new_tokens=new_tokens,
+        audio_s=args.audio_s,
+        rank=4 if args.tiny and args.rank == 64 else args.rank,
+        repeats=repeats,
+        reference=not args.no_reference,
+        device_name=args.device,
+    )
+    if args.json is not None:
+        meta = {
+            "device": torch.cuda.get_device_name(0)
+            if torch.cuda.is_available() and not args.tiny
+            else platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "tiny": args.tiny,
+            "audio_s": args.audio_s,
+        }
+        args.json.write_text(
+            json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,175 @@
+"""Load LoRA adapters onto Voxtral exactly, whatever transformers saved them.
+
+The Evoxtral adapters were saved with transformers 4.5x, where the modules
+were ``language_model.model.*``, ``audio_tower.*`` and
+``multi_modal_projector.*``. From transformers 5.10 they live under
+``model.language_model.*``, ``model.audio_tower.*`` and
+``model.multi_modal_projector.*``; peft's own conversion then maps the
+language-model keys but drops the audio-tower and projector LoRA with only a
+"missing adapter keys" warning. Here every key is mapped explicitly, and after
+loading each tensor is looked up on the model and compared by value: an
+adapter that does not land completely is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+__all__ = [
+    "OLD_TO_NEW_PREFIXES",
+    "PEFT_PREFIX",
+    "AdapterError",
+    "attach_adapter",
+    "map_adapter_key",
+    "read_adapter",
+    "verify_adapter",
+]
+
+log = logging.getLogger(__name__)
+
+PEFT_PREFIX = "base_model.model."
+
+# transformers 4.5x module path -> transformers >= 5.10 module path.
+OLD_TO_NEW_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("language_model.lm_head.", "lm_head."),
+    ("language_model.model.", "model.language_model."),
+    ("audio_tower.", "model.audio_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
+
+
+class AdapterError(RuntimeError):
+    """An adapter cannot be loaded exactly; the message is one line for people."""
+
+
+def map_adapter_key(key: str) -> str:
+    """Map a saved adapter key onto the current module layout.
+
+    Keys are ``base_model.model.<module path>.<lora param>``; old-layout
+    module paths are rewritten, current ones are returned unchanged.
+    """
+    body = key.removeprefix(PEFT_PREFIX)
+    for old, new in OLD_TO_NEW_PREFIXES:
+        if body.startswith(old):
+            body = new + body[len(old) :]
+            break
+    return PEFT_PREFIX + body
+
+
+def read_adapter(folder: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The LoRA config and the key-mapped tensors (on CPU) of an adapter folder."""
+    from peft import LoraConfig, PeftType
+    from safetensors.torch import load_file
+
+    try:
+        raw = json.loads((folder / "adapter_config.json").read_text("utf-8"))
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"cannot read {folder / 'adapter_config.json'}: {e}") from None
+    if raw.get("peft_type") != PeftType.LORA.value:
+        raise AdapterError(
+            f"adapter {str(folder)!r} is a {raw.get('peft_type')!r} adapter; only LORA is supported"
+        )
+    config = LoraConfig.from_pretrained(str(folder))
+    config.inference_mode = True
+    tensors = load_file(str(folder / "adapter_model.safetensors"), device="cpu")
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        if not key.startswith(PEFT_PREFIX):
+            raise AdapterError(f"adapter {str(folder)!r} has an unexpected key {key!r}")
+        mapped[map_adapter_key(key)] = value
+    return config, mapped
+
+
+def _model_key(key: str, name: str, state: Mapping[str, torch.Tensor]) -> str | None:
+    """Where the saved ``key`` lives in a peft model's state dict, if anywhere."""
+    parts = key.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].startswith("lora_"):
+            head, tail = parts[: i + 1], parts[i + 1 :]
+            for cand in ([*head, name, *tail], [*head, name, "weight"]):
+                joined = ".".join(cand)
+                if joined in state:
+                    return joined
+            return None
+    return None
+
+
+def verify_adapter(
+    peft_model: nn.Module, tensors: Mapping[str, torch.Tensor], name: str
+) -> tuple[int, int]:
+    """Check that every tensor of ``tensors`` sits, equal in value, in the model.
+
+    Returns (tensors checked, adapter parameters of ``name`` that no tensor
+    set). Raises :class:`AdapterError` naming the first keys that did not land.
+    """
+    state = peft_model.state_dict()
+    unlanded: list[str] = []
+    seen: set[str] = set()
+    for key, value in tensors.items():
+        where = _model_key(key, name, state)
+        if where is None:
+            unlanded.append(key)
+            continue
+        target = state[where]
+        if target.shape != value.shape or not torch.equal(
+            target, value.to(target.device, target.dtype)
+        ):
+            unlanded.append(key)
+            continue
+        seen.add(where)
+    if unlanded:
+        shown = ", ".join(k.removeprefix(PEFT_PREFIX) for k in unlanded[:3])
+        raise AdapterError(
+            f"{len(unlanded)} of {len(tensors)} adapter tensors did not land on a module "
+            f"(e.g. {shown})"
+        )
+    tag = f".{name}."
+    own = [k for k in state if ".lora_" in k and (tag in k or k.endswith(f".{name}"))]
+    return len(tensors), len([k for k in own if k not in seen])
+
+
+def attach_adapter(model: nn.Module, folder: Path, name: str) -> nn.Module:
+    """Add the adapter in ``folder`` to ``model`` as ``name`` and verify it.
+
+    ``model`` is a transformers model (a peft model is then created) or a
+    peft model (the adapter is added to it). Returns the peft model.
+    """
+    from peft import PeftModel, set_peft_model_state_dict
+
+    config, tensors = read_adapter(folder)
+    with warnings.catch_warnings():
+        # peft asks transformers a deprecated question while wrapping; not ours to fix.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        if isinstance(model, PeftModel):
+            model.add_adapter(name, config)
+            peft_model: Any = model
+        else:
+            # A plain PeftModel (not the task-specific subclass): generation goes
+            # through the wrapped transformers model, so no task head is needed.
+            peft_model = PeftModel(model, config, adapter_name=name)
+    set_peft_model_state_dict(peft_model, tensors, adapter_name=name)
+    checked, unset = verify_adapter(peft_model, tensors, name)
+    n_params = sum(t.numel() for t in tensors.values())
+    if unset:
+        log.warning(
+            "adapter %s: %d LoRA parameters have no tensor in %s and stay at their initial value",
+            name,
+            unset,
+            folder,
+        )
+    log.info(
+        "adapter %s: all %d tensors (%d parameters) from %s landed on the model",
+        name,
+        checked,
+        n_params,
+        folder,
+    )
+    return cast(nn.Module, peft_model)

@@ -1,0 +1,467 @@
+"""The Voxtral (+ Evoxtral LoRA) backend: batched greedy transcription.
+
+One :meth:`VoxtralBackend.transcribe` call makes one ``generate`` call per
+adapter present in the batch (one in the usual, merged case): prompts are
+left-padded to a common length, every 30 s window of every array goes through
+the audio encoder together, and decoding is greedy with ``max_new_tokens``
+proportional to the longest audio. Prompt ids and log-mel features are built
+directly on the model's device (see :mod:`.prompt`, :mod:`.features`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from torch import nn
+from transformers import StoppingCriteria as _StoppingCriteria
+
+from evoxtral_stream.config import VoxtralConfig
+from evoxtral_stream.engine.backends.base import BackendError, BackendUnavailable
+
+from .adapter import AdapterError, attach_adapter
+from .features import LogMel
+from .prompt import PromptSpec, Tokenizer
+from .resolve import Kind, Resolved, resolve
+
+__all__ = [
+    "DEFAULT_ADAPTER",
+    "NO_ADAPTER",
+    "LoadedModel",
+    "VoxtralBackend",
+    "load_model",
+    "load_tokenizer",
+    "load_voxtral_backend",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ADAPTER = "default"
+"""Name of the adapter set by ``model.voxtral.adapter``."""
+NO_ADAPTER = "none"
+"""Per-request adapter name for plain Voxtral (unmerged mode only)."""
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_EXTRA_HINT = "pip install 'evoxtral-stream[voxtral]', or set model.backend = \"whisper\""
+
+Audio = npt.NDArray[np.float32]
+
+
+def resolve_device(setting: str) -> torch.device:
+    """``model.voxtral.device`` as a torch device; refuses CUDA that is absent."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendUnavailable(
+                f"model.voxtral.device is {setting!r} but no CUDA device is available; "
+                'set model.voxtral.device = "cpu" or "auto"'
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise BackendUnavailable(
+                f"model.voxtral.device is {setting!r} but only {torch.cuda.device_count()} "
+                "CUDA device(s) exist; set model.voxtral.device"
+            )
+    return device
+
+
+def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
+    """``model.voxtral.dtype``: "auto" is bfloat16 on CUDA, float32 on CPU."""
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[setting]
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A Voxtral model on its device with its tokenizer and prompt geometry.
+
+    ``peft`` is the peft wrapper when adapters stay unmerged, else None;
+    ``model`` is always the transformers model that ``generate`` runs on.
+    """
+
+    model: nn.Module
+    peft: nn.Module | None
+    tokenizer: Tokenizer
+    spec: PromptSpec
+    device: torch.device
+    dtype: torch.dtype
+    adapters: tuple[str, ...]
+    merged: bool
+    base: Resolved
+    adapter: Resolved | None
+
+
+def load_tokenizer(folder: Path) -> Tokenizer:
+    """The Tekken tokenizer in ``folder/tekken.json``; one-line error otherwise."""
+    from mistral_common.tokens.tokenizers.tekken import Tekkenizer
+
+    try:
+        return cast(Tokenizer, Tekkenizer.from_file(folder / "tekken.json"))
+    except Exception as e:  # any unreadable tokenizer file ends the same way
+        raise BackendUnavailable(
+            f"cannot read {folder / 'tekken.json'} ({_first_line(e)}); set model.voxtral.base "
+            "to a folder with the Voxtral tokenizer"
+        ) from None
+
+
+def _check_geometry(model: nn.Module, spec: PromptSpec, where: Path) -> None:
+    """Refuse a tokenizer whose audio framing does not fit the model's encoder."""
+    cfg: Any = getattr(model, "config", None)
+    audio = cfg.audio_config
+    # The encoder's two convolutions halve 2 * max_source_positions mel frames
+    # once; the projector then stacks intermediate/hidden frames per token.
+    frames = 2 * audio.max_source_positions
+    stack = audio.intermediate_size // audio.hidden_size
+    tokens = audio.max_source_positions // stack
+    problems = []
+    if cfg.audio_token_id != spec.audio:
+        problems.append(f"audio token {cfg.audio_token_id} vs tokenizer {spec.audio}")
+    if frames != spec.frames_per_window:
+        problems.append(f"{frames} mel frames per window vs tokenizer {spec.frames_per_window}")
+    if tokens != spec.tokens_per_window:
+        problems.append(f"{tokens} audio tokens per window vs tokenizer {spec.tokens_per_window}")
+    if audio.num_mel_bins != spec.num_mel_bins:
+        problems.append(f"{audio.num_mel_bins} mel bins vs tokenizer {spec.num_mel_bins}")
+    if problems:
+        raise BackendUnavailable(
+            f"Voxtral base model in {str(where)!r} does not match its tokenizer "
+            f"({'; '.join(problems)}); set model.voxtral.base to an unmodified checkpoint"
+        )
+
+
+def _from_pretrained(
+    folder: Path, device: torch.device, dtype: torch.dtype | str, attn: str
+) -> nn.Module:
+    from transformers import VoxtralForConditionalGeneration
+    from transformers.utils.import_utils import is_accelerate_available
+
+    # device_map loads straight onto the GPU but needs accelerate; without it
+    # the weights pass through host memory once.
+    placement: dict[str, Any] = {"device_map": str(device)} if is_accelerate_available() else {}
+    cls: Any = VoxtralForConditionalGeneration
+    try:
+        model = cls.from_pretrained(
+            str(folder),
+            dtype=dtype,
+            attn_implementation=attn,
+            local_files_only=True,
+            **placement,
+        )
+        if not placement:
+            model.to(device)
+    except torch.cuda.OutOfMemoryError:
+        raise BackendUnavailable(
+            f"not enough GPU memory on {device} to load the Voxtral base model "
+            "(about 9.5 GB in bfloat16); free the GPU or set model.voxtral.device"
+        ) from None
+    except ImportError as e:
+        raise BackendUnavailable(
+            f"cannot load Voxtral with attn_implementation {attn!r} ({_first_line(e)}); "
+            'set model.voxtral.attn_implementation = "sdpa"'
+        ) from None
+    except (OSError, ValueError, RuntimeError) as e:
+        raise BackendUnavailable(
+            f"cannot load the Voxtral base model from {str(folder)!r} ({_first_line(e)}); "
+            "set model.voxtral.base to a complete checkpoint"
+        ) from None
+    cast(Any, model).eval()
+    return cast(nn.Module, model)
+
+
+def load_model(
+    cfg: VoxtralConfig,
+    language: str,
+    *,
+    extra_adapters: Mapping[str, str] | None = None,
+    merge: bool | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> LoadedModel:
+    """Resolve, load and adapt the model that ``cfg`` describes.
+
+    ``merge`` overrides ``cfg.merge_lora`` and ``dtype`` overrides
+    ``cfg.dtype`` (``"auto"`` here means the checkpoint's own dtype).
+    Extra adapters (name -> hub id or folder) need unmerged mode. Every
+    failure is a one-line :class:`BackendUnavailable`.
+    """
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+        from mistral_common.tokens.tokenizers.tekken import Tekkenizer  # noqa: F401
+    except ImportError as e:
+        raise BackendUnavailable(f"the Voxtral backend needs {e.name}: {_EXTRA_HINT}") from None
+    merged = cfg.merge_lora if merge is None else merge
+    extras = dict(extra_adapters or {})
+    for name in extras:
+        if name in (DEFAULT_ADAPTER, NO_ADAPTER) or not name:
+            raise BackendUnavailable(
+                f"adapter name {name!r} is reserved; choose another name for that adapter"
+            )
+    if extras and merged:
+        raise BackendUnavailable(
+            "switching adapters per stream needs unmerged LoRA; "
+            "set model.voxtral.merge_lora = false"
+        )
+    device = resolve_device(cfg.device)
+    torch_dtype = resolve_dtype(cfg.dtype, device) if dtype is None else dtype
+    base = resolve(cfg.base, Kind.BASE)
+    adapter = resolve(cfg.adapter, Kind.ADAPTER) if cfg.adapter else None
+    extra_paths = {name: resolve(ref, Kind.ADAPTER) for name, ref in extras.items()}
+
+    tokenizer = load_tokenizer(base.path)
+    try:
+        spec = PromptSpec.from_tokenizer(tokenizer, language)
+    except (ValueError, KeyError) as e:
+        raise BackendUnavailable(
+            f"the tokenizer in {str(base.path)!r} cannot build transcription prompts "
+            f"({_first_line(e)}); set model.voxtral.base to a Voxtral checkpoint"
+        ) from None
+    t0 = time.monotonic()
+    model = _from_pretrained(base.path, device, torch_dtype, cfg.attn_implementation)
+    _check_geometry(model, spec, base.path)
+
+    peft_model: nn.Module | None = None
+    names: list[str] = []
+    for name, res in ([(DEFAULT_ADAPTER, adapter)] if adapter else []) + list(extra_paths.items()):
+        assert res is not None
+        try:
+            peft_model = attach_adapter(peft_model or model, res.path, name)
+        except AdapterError as e:
+            key = Kind.ADAPTER.value if name == DEFAULT_ADAPTER else f"adapter {name!r}"
+            raise BackendUnavailable(
+                f"LoRA adapter {res.ref!r} does not fit the base model: {e}; set {key} "
+                "to an adapter trained on this base"
+            ) from None
+        names.append(name)
+    if peft_model is not None:
+        peft_model.eval()
+    gen_model = model
+    if peft_model is not None and merged:
+        merged_model = cast(Any, peft_model).merge_and_unload(progressbar=False, safe_merge=True)
+        gen_model = cast(nn.Module, merged_model)
+        peft_model = None
+    if peft_model is not None:
+        gen_model = cast(nn.Module, cast(Any, peft_model).get_base_model())
+    log.info(
+        "Voxtral loaded in %.1f s: base %s (%s), adapters %s (%s), %s %s",
+        time.monotonic() - t0,
+        base.ref,
+        base.source,
+        ", ".join(names) or "none",
+        "merged" if merged else "unmerged",
+        device,
+        str(next(gen_model.parameters()).dtype).removeprefix("torch."),
+    )
+    return LoadedModel(
+        model=gen_model,
+        peft=peft_model,
+        tokenizer=tokenizer,
+        spec=spec,
+        device=device,
+        dtype=next(gen_model.parameters()).dtype,
+        adapters=tuple(names),
+        merged=merged and bool(names),
+        base=base,
+        adapter=adapter,
+    )
+
+
+class VoxtralBackend:
+    """Voxtral behind the engine's :class:`Backend` protocol; one thread only.
+
+    ``transcribe(batch)`` decodes every array with the default adapter;
+    ``transcribe(batch, adapters)`` picks one per array by name (None: the
+    default; :data:`NO_ADAPTER`: plain Voxtral), which needs unmerged mode for
+    anything but the default. Returned texts are what the model wrote, with
+    its inline ``[tags]``, special tokens removed and ends stripped.
+    """
+
+    name: str
+
+    def __init__(self, loaded: LoadedModel, cfg: VoxtralConfig) -> None:
+        self.loaded = loaded
+        self.spec = loaded.spec
+        self.features = LogMel(loaded.spec, loaded.device)
+        self._cfg = cfg
+        self._default = DEFAULT_ADAPTER if DEFAULT_ADAPTER in loaded.adapters else NO_ADAPTER
+        self.name = "voxtral" if self._default == NO_ADAPTER else "voxtral+lora"
+
+    @property
+    def model(self) -> nn.Module:
+        """The transformers model that generates (merged or with LoRA layers)."""
+        return self.loaded.model
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """Names a request may ask for."""
+        if self.loaded.peft is None:
+            return (self._default,)
+        return (*self.loaded.adapters, NO_ADAPTER)
+
+    def max_new_tokens(self, longest_samples: int) -> int:
+        """Token budget for a batch whose longest audio has ``longest_samples``."""
+        seconds = longest_samples / self.spec.sampling_rate
+        return max(self._cfg.min_new_tokens, math.ceil(self._cfg.tokens_per_second * seconds))
+
+    def _adapter(self, name: str | None) -> str:
+        chosen = self._default if name is None else name
+        if chosen not in self.adapter_names:
+            known = ", ".join(self.adapter_names)
+            extra = "" if self.loaded.peft is not None else " (LoRA is merged: one adapter only)"
+            raise BackendError(f"unknown adapter {chosen!r}; this backend has {known}{extra}")
+        return chosen
+
+    @contextlib.contextmanager
+    def use_adapter(self, name: str | None) -> Iterator[None]:
+        """Run :attr:`model` with adapter ``name`` (None: the default) inside."""
+        name = self._adapter(name)
+        peft_model: Any = self.loaded.peft
+        if peft_model is None:
+            yield
+        elif name == NO_ADAPTER:
+            with peft_model.disable_adapter():
+                yield
+        else:
+            peft_model.set_adapter(name)
+            yield
+
+    def generate_tokens(
+        self,
+        batch: Sequence[Audio],
+        *,
+        adapter: str | None = None,
+        max_new_tokens: int | None = None,
+        min_new_tokens: int = 0,
+    ) -> list[list[int]]:
+        """Greedy new tokens for every array of ``batch`` in one ``generate`` call.
+
+        Each row gets its own budget, :meth:`max_new_tokens` of its own length
+        (or ``max_new_tokens`` for all), so a row decodes the same alone as in
+        any batch; the call ends when every row met EOS or its budget. Rows
+        are returned without the EOS. ``min_new_tokens`` holds EOS back (for
+        benchmarks).
+        """
+        from transformers import GenerationConfig, StoppingCriteriaList
+
+        spec = self.spec
+        arrays = [_as_audio(a) for a in batch]
+        if max_new_tokens is None:
+            budgets = [self.max_new_tokens(len(a)) for a in arrays]
+        else:
+            budgets = [max_new_tokens] * len(arrays)
+        rows, masks = spec.left_padded([len(a) for a in arrays])
+        device = self.loaded.device
+        gen = cast(Any, GenerationConfig)(
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=max(budgets),
+            min_new_tokens=min(min_new_tokens, min(budgets)),
+            eos_token_id=spec.eos,
+            pad_token_id=spec.pad,
+            bos_token_id=spec.bos,
+        )
+        with torch.inference_mode(), self.use_adapter(adapter):
+            ids = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
+            mask = torch.tensor(masks, dtype=torch.long).to(device, non_blocking=True)
+            feats = self.features(arrays).to(self.loaded.dtype)
+            stop = _RowBudgets(ids.shape[1], torch.tensor(budgets, device=device))
+            try:
+                out = cast(Any, self.model).generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    input_features=feats,
+                    generation_config=gen,
+                    stopping_criteria=StoppingCriteriaList([stop]),
+                )
+            except torch.cuda.OutOfMemoryError:
+                longest = max(len(a) for a in arrays) / spec.sampling_rate
+                raise BackendError(
+                    f"out of GPU memory decoding {len(arrays)} requests "
+                    f"({longest:.1f} s longest); lower worker.max_batch"
+                ) from None
+        new = cast(list[list[int]], out[:, ids.shape[1] :].tolist())
+        result = []
+        for row, budget in zip(new, budgets, strict=True):
+            row = row[:budget]
+            cut = row.index(spec.eos) if spec.eos in row else len(row)
+            result.append(row[:cut])
+        return result
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        """Text of generated ``tokens`` without special tokens, ends stripped."""
+        from mistral_common.tokens.tokenizers.base import SpecialTokenPolicy
+
+        tok: Any = self.loaded.tokenizer
+        return cast(str, tok.decode(list(tokens), special_token_policy=SpecialTokenPolicy.IGNORE))
+
+    def transcribe(
+        self, batch: Sequence[Audio], adapters: Sequence[str | None] | None = None
+    ) -> list[str]:
+        """One text per array of ``batch`` (16 kHz float32 in [-1, 1]), in order.
+
+        ``adapters`` names the adapter per array (see the class docstring).
+        Empty arrays give "". Raises :class:`BackendError` for unknown
+        adapters and when the GPU runs out of memory.
+        """
+        if adapters is None:
+            adapters = [None] * len(batch)
+        if len(adapters) != len(batch):
+            raise BackendError(f"{len(adapters)} adapter names for {len(batch)} requests")
+        groups: dict[str, list[int]] = {}
+        for i, (audio, name) in enumerate(zip(batch, adapters, strict=True)):
+            chosen = self._adapter(name)
+            if len(audio):
+                groups.setdefault(chosen, []).append(i)
+        texts = [""] * len(batch)
+        for name, idx in groups.items():
+            rows = self.generate_tokens([batch[i] for i in idx], adapter=name)
+            for i, row in zip(idx, rows, strict=True):
+                texts[i] = self.decode(row).strip()
+        return texts
+
+
+class _RowBudgets(_StoppingCriteria):
+    """Marks a row done once it generated its own number of tokens."""
+
+    def __init__(self, prompt_len: int, budgets: torch.Tensor) -> None:
+        self.prompt_len = prompt_len
+        self.budgets = budgets
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        return (input_ids.shape[1] - self.prompt_len) >= self.budgets
+
+
+def _as_audio(a: npt.NDArray[Any]) -> Audio:
+    arr = np.asarray(a, dtype=np.float32)
+    if arr.ndim != 1:
+        raise BackendError(f"audio must be mono (1-D), got shape {arr.shape}")
+    return arr
+
+
+def load_voxtral_backend(
+    cfg: VoxtralConfig, language: str, *, extra_adapters: Mapping[str, str] | None = None
+) -> VoxtralBackend:
+    """Load the backend ``cfg`` describes, downloading weights on first use.
+
+    ``language`` is the ISO 639-1 code put in the prompt ("" or "auto":
+    detection). Raises :class:`BackendUnavailable` with one line naming what
+    is missing and the config key to set.
+    """
+    return VoxtralBackend(load_model(cfg, language, extra_adapters=extra_adapters), cfg)

@@ -1,0 +1,74 @@
+"""``evoxtral-stream export-merged OUTDIR``: the base with the LoRA merged in.
+
+Engines without LoRA support for the audio tower and projector (vLLM and
+others) can serve the result like any Voxtral checkpoint: transformers-format
+safetensors (written in the layout transformers reads back on every version),
+config, generation config, ``tekken.json`` and the feature-extractor config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from evoxtral_stream.config import VoxtralConfig
+
+from .backend import load_model
+from .errors import ExportError
+
+__all__ = ["ExportError", "export_merged"]
+
+log = logging.getLogger(__name__)
+
+# Files of the base checkpoint that the merged folder needs besides weights.
+_COPIED = ("tekken.json", "preprocessor_config.json", "processor_config.json")
+
+
+def export_merged(cfg: VoxtralConfig, outdir: Path, *, max_shard_size: str = "5GB") -> None:
+    """Merge ``cfg.adapter`` into ``cfg.base`` and save the result in ``outdir``.
+
+    ``outdir`` must not exist or be empty. The weights keep the dtype of the
+    base checkpoint unless ``model.voxtral.dtype`` names one. Raises
+    :class:`BackendUnavailable` for missing weights and :class:`ExportError`
+    for an unusable ``outdir``.
+    """
+    outdir = Path(outdir)
+    if outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):
+        raise ExportError(f"{outdir} exists and is not an empty folder; choose a new OUTDIR")
+    if not cfg.adapter:
+        log.warning("model.voxtral.adapter is empty: exporting plain Voxtral unchanged")
+    loaded = load_model(cfg, "", merge=True, dtype="auto" if cfg.dtype == "auto" else None)
+    model: Any = loaded.model
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(outdir), max_shard_size=max_shard_size)
+        for name in _COPIED:
+            src = loaded.base.path / name
+            if src.is_file():
+                shutil.copyfile(src, outdir / name)
+        note = {
+            "base": cfg.base,
+            "adapter": cfg.adapter,
+            "merged": bool(cfg.adapter),
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "versions": _versions(),
+        }
+        (outdir / "evoxtral_merge.json").write_text(json.dumps(note, indent=2) + "\n", "utf-8")
+    except OSError as e:
+        raise ExportError(f"cannot write {outdir}: {e.strerror or e}") from None
+    log.info("merged model written to %s", outdir)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str] = {}
+    for dist in ("torch", "transformers", "peft", "mistral-common", "evoxtral-stream"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return out

@@ -1,0 +1,142 @@
+"""The old-layout Evoxtral adapter lands completely and computes exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evoxtral_stream.config import VoxtralConfig
+from evoxtral_stream.engine.backends.base import BackendUnavailable
+from evoxtral_stream.engine.backends.voxtral import adapter as adapter_mod
+from evoxtral_stream.engine.backends.voxtral.adapter import (
+    AdapterError,
+    attach_adapter,
+    map_adapter_key,
+)
+from evoxtral_stream.engine.backends.voxtral.backend import (
+    NO_ADAPTER,
+    VoxtralBackend,
+    load_voxtral_backend,
+)
+
+from .conftest import Tiny
+from .helpers import audio_batch, logits, reference_model
+
+TOL = 1e-4
+
+
+def _fresh(tiny: Tiny) -> Any:
+    from transformers import VoxtralForConditionalGeneration
+
+    return VoxtralForConditionalGeneration.from_pretrained(str(tiny.base), dtype=torch.float32)
+
+
+def test_saved_keys_use_the_old_layout(tiny: Tiny) -> None:
+    keys = list(load_file(str(tiny.adapter / "adapter_model.safetensors")))
+    assert "base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.audio_tower.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.multi_modal_projector.linear_1.lora_A.weight" in keys
+    # 2 LM layers x 7 + 2 audio layers x 3 (q/k/v) + 2 projector = 22 modules.
+    assert len(keys) == 2 * 22
+
+
+def test_every_old_key_maps_onto_a_module(tiny: Tiny) -> None:
+    model = _fresh(tiny)
+    names = dict(model.named_modules())
+    for key in load_file(str(tiny.adapter / "adapter_model.safetensors")):
+        module = map_adapter_key(key).removeprefix("base_model.model.").rsplit(".", 2)[0]
+        assert module in names, key
+    assert map_adapter_key("base_model.model.model.audio_tower.x.lora_A.weight") == (
+        "base_model.model.model.audio_tower.x.lora_A.weight"
+    )
+
+
+def test_plain_peft_drops_the_audio_tower_and_projector_lora(tiny: Tiny) -> None:
+    """The upstream behaviour this backend works around (canary for peft upgrades)."""
+    from peft import PeftModel
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm: Any = PeftModel.from_pretrained(_fresh(tiny), str(tiny.adapter))
+    assert any("missing adapter keys" in str(w.message) for w in caught)
+    base = pm.get_base_model()
+    audio_b = base.get_submodule("model.audio_tower.layers.0.self_attn.q_proj").lora_B["default"]
+    proj_b = base.get_submodule("model.multi_modal_projector.linear_1").lora_B["default"]
+    lm_b = base.get_submodule("model.language_model.layers.0.self_attn.q_proj").lora_B["default"]
+    assert float(audio_b.weight.abs().sum()) == 0.0
+    assert float(proj_b.weight.abs().sum()) == 0.0
+    assert float(lm_b.weight.abs().sum()) > 0.0
+
+
+def test_old_layout_adapter_lands_completely(tiny: Tiny) -> None:
+    pm: Any = attach_adapter(_fresh(tiny), tiny.adapter, "default")
+    base = pm.get_base_model()
+    for name, delta in tiny.deltas.items():
+        layer = base.get_submodule(name)
+        got = layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+        torch.testing.assert_close(got * layer.scaling["default"], delta)
+    lora_layers = [n for n, m in base.named_modules() if hasattr(m, "lora_A")]
+    assert sorted(lora_layers) == sorted(tiny.deltas)
+
+
+def test_an_adapter_that_does_not_land_is_refused(
+    tiny: Tiny, tiny_cfg: VoxtralConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without the mapping the old keys hit no module, as with plain peft.
+    monkeypatch.setattr(adapter_mod, "map_adapter_key", lambda key: key)
+    with pytest.raises(AdapterError, match="did not land"):
+        attach_adapter(_fresh(tiny), tiny.adapter, "default")
+    with pytest.raises(BackendUnavailable) as info:
+        load_voxtral_backend(tiny_cfg, "en")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "model.voxtral.adapter" in msg
+    assert "did not land" in msg
+
+
+def test_merged_and_unmerged_equal_weights_applied_directly(
+    tiny: Tiny, merged: VoxtralBackend, unmerged: VoxtralBackend
+) -> None:
+    batch = audio_batch([2.0, 31.0, 4.5], seed=5)
+    ref = logits(reference_model(tiny.base, tiny.deltas), merged, batch)
+    plain = logits(reference_model(tiny.base, None), merged, batch)
+    got_merged = logits(merged.model, merged, batch)
+    with unmerged.use_adapter(None):
+        got_unmerged = logits(unmerged.model, unmerged, batch)
+    d_merged = float((got_merged - ref).abs().max())
+    d_unmerged = float((got_unmerged - ref).abs().max())
+    d_between = float((got_merged - got_unmerged).abs().max())
+    effect = float((ref - plain).abs().max())
+    print(
+        f"max |merged-ref| {d_merged:.2e}, |unmerged-ref| {d_unmerged:.2e}, "
+        f"|merged-unmerged| {d_between:.2e}, LoRA effect {effect:.2e}"
+    )
+    assert d_merged <= TOL
+    assert d_unmerged <= TOL
+    assert d_between <= TOL
+    assert effect > 1.0  # the adapter changes the output a lot, so equality means something
+
+
+def test_named_adapters_switch_at_run_time(tiny: Tiny, unmerged: VoxtralBackend) -> None:
+    batch = audio_batch([3.0, 7.0], seed=6)
+    assert set(unmerged.adapter_names) == {"default", "rl", NO_ADAPTER}
+    cases = {"rl": tiny.deltas_rl, NO_ADAPTER: None, "default": tiny.deltas}
+    for name, deltas in cases.items():
+        ref = logits(reference_model(tiny.base, deltas), unmerged, batch)
+        with unmerged.use_adapter(name):
+            got = logits(unmerged.model, unmerged, batch)
+        diff = float((got - ref).abs().max())
+        assert diff <= TOL, (name, diff)
+
+
+def test_new_layout_adapter_loads_merged(tiny: Tiny, tiny_cfg: VoxtralConfig) -> None:
+    cfg = dataclasses.replace(tiny_cfg, adapter=str(tiny.adapter_rl))
+    backend = load_voxtral_backend(cfg, "en")
+    batch = audio_batch([3.0], seed=7)
+    ref = logits(reference_model(tiny.base, tiny.deltas_rl), backend, batch)
+    assert float((logits(backend.model, backend, batch) - ref).abs().max()) <= TOL

@@ -1,0 +1,108 @@
+"""Batched greedy transcription: one generate call, same text as one by one."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from evoxtral_stream.engine.backends.base import Backend, BackendError
+from evoxtral_stream.engine.backends.voxtral.backend import NO_ADAPTER, VoxtralBackend
+
+from .helpers import audio_batch
+
+SECONDS = [3.0, 35.0, 1.0, 5.0, 12.0]
+
+
+def _count_generate(backend: VoxtralBackend, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Record the batch size of every generate call on ``backend``."""
+    calls: list[int] = []
+    real: Callable[..., Any] = backend.model.generate  # type: ignore[assignment]
+
+    def counting(**kwargs: Any) -> Any:
+        calls.append(int(kwargs["input_ids"].shape[0]))
+        return real(**kwargs)
+
+    monkeypatch.setattr(backend.model, "generate", counting)
+    return calls
+
+
+def test_is_a_backend(merged: VoxtralBackend) -> None:
+    assert isinstance(merged, Backend)
+    assert merged.name == "voxtral+lora"
+
+
+def test_batched_equals_one_by_one(merged: VoxtralBackend, monkeypatch: pytest.MonkeyPatch) -> None:
+    batch = audio_batch(SECONDS, seed=1)
+    calls = _count_generate(merged, monkeypatch)
+    together = merged.generate_tokens(batch)
+    assert calls == [len(batch)]  # one generate call for the whole batch
+    alone = [merged.generate_tokens([a])[0] for a in batch]
+    assert together == alone
+    assert len({tuple(t) for t in together}) >= 3, "the random model must tell inputs apart"
+    texts = merged.transcribe(batch)
+    assert texts == [merged.transcribe([a])[0] for a in batch]
+    assert all(texts)
+
+
+def test_budget_grows_with_the_audio(merged: VoxtralBackend) -> None:
+    # tiny_cfg: 2 tokens per second, at least 6.
+    assert merged.max_new_tokens(16000) == 6
+    assert merged.max_new_tokens(35 * 16000) == 70
+    assert merged.max_new_tokens(12 * 16000 + 1) == math.ceil(2 * (12 + 1 / 16000))
+    rows = merged.generate_tokens(audio_batch(SECONDS, seed=2))
+    for row, s in zip(rows, SECONDS, strict=True):
+        assert len(row) <= merged.max_new_tokens(int(s * 16000))
+    forced = merged.generate_tokens(audio_batch([1.0, 2.0]), max_new_tokens=9, min_new_tokens=9)
+    assert [len(r) for r in forced] == [9, 9]
+
+
+def test_text_is_what_the_model_wrote_without_special_tokens(merged: VoxtralBackend) -> None:
+    tok: Any = merged.loaded.tokenizer
+    text = "[laughs] Can you IMAGINE her face? [pause] ok"
+    ids = tok.encode(text, False, False)
+    assert merged.decode([1, 3, *ids[:3], 24, *ids[3:], 11, 2]) == text
+    assert merged.decode(ids) == text
+
+
+def test_empty_audio_gives_empty_text(merged: VoxtralBackend) -> None:
+    batch = [np.zeros(0, np.float32), *audio_batch([2.0])]
+    out = merged.transcribe(batch)
+    assert out[0] == ""
+    assert out[1] == merged.transcribe(batch[1:])[0]
+
+
+def test_rejects_stereo(merged: VoxtralBackend) -> None:
+    with pytest.raises(BackendError, match="mono"):
+        merged.transcribe([np.zeros((100, 2), np.float32)])
+
+
+def test_merged_backend_has_one_adapter(merged: VoxtralBackend) -> None:
+    assert merged.adapter_names == ("default",)
+    with pytest.raises(BackendError, match="unknown adapter 'rl'"):
+        merged.transcribe(audio_batch([1.0]), adapters=["rl"])
+    with pytest.raises(BackendError, match="adapter names"):
+        merged.transcribe(audio_batch([1.0]), adapters=[None, None])
+
+
+def test_adapters_per_request_group_into_one_call_each(
+    unmerged: VoxtralBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = audio_batch([3.0, 4.0, 5.0, 6.0, 2.0], seed=3)
+    names: list[str | None] = [None, "rl", NO_ADAPTER, "rl", "default"]
+    calls = _count_generate(unmerged, monkeypatch)
+    mixed = unmerged.transcribe(batch, adapters=names)
+    assert sorted(calls) == [1, 2, 2]  # default x2, rl x2, plain x1
+    for audio, name, text in zip(batch, names, mixed, strict=True):
+        assert unmerged.transcribe([audio], adapters=[name]) == [text]
+    # The adapters really differ on the same audio.
+    same = [batch[0]] * 3
+    assert len(set(unmerged.transcribe(same, adapters=["default", "rl", NO_ADAPTER]))) == 3
+
+
+def test_unmerged_default_equals_merged(merged: VoxtralBackend, unmerged: VoxtralBackend) -> None:
+    batch = audio_batch([2.5, 8.0], seed=4)
+    assert merged.generate_tokens(batch) == unmerged.generate_tokens(batch)

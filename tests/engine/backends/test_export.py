@@ -1,0 +1,69 @@
+"""export-merged writes a checkpoint that serves without LoRA support."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from evoxtral_stream.config import VoxtralConfig
+from evoxtral_stream.engine.backends.voxtral import export_merged
+from evoxtral_stream.engine.backends.voxtral.backend import VoxtralBackend, load_voxtral_backend
+from evoxtral_stream.engine.backends.voxtral.export import ExportError
+
+from .helpers import audio_batch, logits
+
+
+def test_export_round_trips(
+    tiny_cfg: VoxtralConfig, merged: VoxtralBackend, tmp_path: Path
+) -> None:
+    from transformers import VoxtralForConditionalGeneration
+
+    out = tmp_path / "merged"
+    export_merged(tiny_cfg, out)
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tekken.json",
+        "preprocessor_config.json",
+        "evoxtral_merge.json",
+    ):
+        assert (out / name).is_file(), name
+    note = json.loads((out / "evoxtral_merge.json").read_text())
+    assert note["merged"] is True
+    assert note["dtype"] == "float32"
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert not any("lora" in k for k in keys)
+    assert "audio_tower.layers.0.self_attn.q_proj.weight" in keys  # the layout every version reads
+
+    reloaded: Any = VoxtralForConditionalGeneration.from_pretrained(str(out))
+    batch = audio_batch([2.0, 6.0], seed=9)
+    want = logits(merged.model, merged, batch)
+    assert float((logits(reloaded, merged, batch) - want).abs().max()) == 0.0
+    # The exported folder is itself a base the backend loads (plain, no adapter).
+    plain = load_voxtral_backend(dataclasses.replace(tiny_cfg, base=str(out), adapter=""), "en")
+    assert plain.generate_tokens(batch) == merged.generate_tokens(batch)
+
+
+def test_export_keeps_the_checkpoint_dtype(tiny_cfg: VoxtralConfig, tmp_path: Path) -> None:
+    out = tmp_path / "auto"
+    export_merged(dataclasses.replace(tiny_cfg, dtype="auto"), out)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("multi_modal_projector.linear_1.weight").dtype == torch.float32
+    out16 = tmp_path / "bf16"
+    export_merged(dataclasses.replace(tiny_cfg, dtype="bfloat16"), out16)
+    with safe_open(str(out16 / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("multi_modal_projector.linear_1.weight").dtype == torch.bfloat16
+
+
+def test_export_refuses_a_non_empty_folder(tiny_cfg: VoxtralConfig, tmp_path: Path) -> None:
+    (tmp_path / "x.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="not an empty folder"):
+        export_merged(tiny_cfg, tmp_path)

@@ -1,0 +1,165 @@
+"""Missing weights, libraries or devices: one line naming the key to set."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from evoxtral_stream.config import VoxtralConfig
+from evoxtral_stream.engine.backends import voxtral
+from evoxtral_stream.engine.backends.base import BackendUnavailable
+from evoxtral_stream.engine.backends.voxtral import resolve as resolve_mod
+from evoxtral_stream.engine.backends.voxtral import voxtral_available
+from evoxtral_stream.engine.backends.voxtral.backend import load_voxtral_backend
+
+from .conftest import Tiny
+
+
+def _refused(cfg: VoxtralConfig) -> str:
+    with pytest.raises(BackendUnavailable) as info:
+        load_voxtral_backend(cfg, "en")
+    msg = str(info.value)
+    assert "\n" not in msg
+    # No chained traceback behind the line (raised outside except, or "from None").
+    assert info.value.__context__ is None or info.value.__suppress_context__
+    return msg
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return cache
+
+
+def test_missing_base_is_one_line(tiny_cfg: VoxtralConfig, empty_hub_cache: Path) -> None:
+    cfg = dataclasses.replace(tiny_cfg, base="mistralai/Voxtral-Mini-3B-2507")
+    msg = _refused(cfg)
+    assert msg == (
+        "Voxtral base model 'mistralai/Voxtral-Mini-3B-2507' is not available offline (no local "
+        "folder, not in the Hugging Face cache); download it (hf download "
+        "mistralai/Voxtral-Mini-3B-2507) or set model.voxtral.base to a local folder"
+    )
+
+
+def test_missing_adapter_is_one_line(tiny_cfg: VoxtralConfig, empty_hub_cache: Path) -> None:
+    cfg = dataclasses.replace(tiny_cfg, adapter="YongkangZOU/evoxtral-lora")
+    msg = _refused(cfg)
+    assert "LoRA adapter 'YongkangZOU/evoxtral-lora' is not available offline" in msg
+    assert 'set model.voxtral.adapter to a local folder, or to "" for plain Voxtral' in msg
+
+
+def test_missing_and_incomplete_folders(
+    tiny_cfg: VoxtralConfig, tiny: Tiny, tmp_path: Path
+) -> None:
+    msg = _refused(dataclasses.replace(tiny_cfg, base=str(tmp_path / "nowhere")))
+    assert "does not exist" in msg
+    assert "model.voxtral.base" in msg
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny.base, partial)
+    (partial / "tekken.json").unlink()
+    msg = _refused(dataclasses.replace(tiny_cfg, base=str(partial)))
+    assert "lacks tekken.json" in msg
+    msg = _refused(dataclasses.replace(tiny_cfg, adapter=str(tmp_path)))
+    assert "lacks adapter_config.json, adapter_model.safetensors" in msg
+    assert "model.voxtral.adapter" in msg
+
+
+def test_failed_download_is_one_line(
+    tiny_cfg: VoxtralConfig, empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    def no_network(*args: object, **kwargs: object) -> str:
+        raise OSError("Connection refused\nmore detail that must not show")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    msg = _refused(dataclasses.replace(tiny_cfg, base="mistralai/Voxtral-Mini-3B-2507"))
+    assert msg.startswith("could not download Voxtral base model 'mistralai/Voxtral-Mini-3B-2507'")
+    assert "OSError: Connection refused" in msg
+    assert "model.voxtral.base" in msg
+
+
+def test_hub_cache_copy_is_found(
+    tiny_cfg: VoxtralConfig, tiny: Tiny, empty_hub_cache: Path
+) -> None:
+    snap = empty_hub_cache / "models--someone--tiny-voxtral" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny.base, snap)
+    refs = snap.parent.parent / "refs"
+    refs.mkdir()
+    (refs / "main").write_text("0" * 40)
+    cfg = dataclasses.replace(tiny_cfg, base="someone/tiny-voxtral", adapter="")
+    found = resolve_mod.find_local("someone/tiny-voxtral", resolve_mod.Kind.BASE)
+    assert found is not None
+    assert found.source == "cache"
+    backend = load_voxtral_backend(cfg, "en")
+    assert backend.loaded.base.source == "cache"
+    assert backend.name == "voxtral"
+
+
+def test_cuda_device_without_cuda(tiny_cfg: VoxtralConfig) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    msg = _refused(dataclasses.replace(tiny_cfg, device="cuda"))
+    assert "no CUDA device is available" in msg
+    assert "model.voxtral.device" in msg
+
+
+def test_extra_adapters_need_unmerged_mode(tiny_cfg: VoxtralConfig, tiny: Tiny) -> None:
+    with pytest.raises(BackendUnavailable, match="merge_lora = false"):
+        load_voxtral_backend(tiny_cfg, "en", extra_adapters={"rl": str(tiny.adapter_rl)})
+
+
+def test_available_is_cheap_and_says_why(
+    tiny_cfg: VoxtralConfig, empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = dataclasses.replace(tiny_cfg, base="mistralai/Voxtral-Mini-3B-2507")
+    ok, why = voxtral_available(hub)
+    assert not ok
+    assert "not found" in why
+    assert "model.voxtral.base" in why
+    ok, why = voxtral_available(tiny_cfg)
+    assert not ok
+    assert "device is cpu" in why
+    auto = dataclasses.replace(tiny_cfg, device="auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert voxtral_available(auto) == (False, "no CUDA device")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "Fake GPU")
+    ok, why = voxtral_available(auto)
+    assert ok, why
+    assert "Fake GPU" in why
+
+
+def test_package_import_does_not_load_torch_modules() -> None:
+    # The engine imports the package to ask voxtral_available; it must not
+    # pull in the backend (and transformers) until a load is asked for.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; import evoxtral_stream.engine.backends.voxtral as v; "
+        "print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    ).stdout.split()
+    assert out == ["False", "False"]
+    assert callable(voxtral.load_voxtral_backend)
