@@ -36,7 +36,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..config import MqttConfig
 from ..events import CaptionEvent, EngineEvent, StreamEnded, StreamError, StreamStarted
@@ -164,7 +164,6 @@ class _Backlog:
         return len(self._reliable) + len(self._partials)
 
     def push(self, item: _Item) -> None:
-        assert item.key is not None or not item.partial
         if item.partial:
             assert item.key is not None
             if self._partials.pop(item.key, None) is not None:
@@ -295,18 +294,21 @@ class MqttPublisher:
                             self._backlog.dropped_partials, self._backlog.dropped_finals)
 
     def _item(self, event: EngineEvent) -> _Item | None:
-        base = f"{self.cfg.prefix}/{topic_level(event.stream)}"
-        order = next(self._order)
+        key: _PartialKey | None = None
         if isinstance(event, CaptionEvent):
             key = (event.stream, event.segment)
             if event.final:
-                return _Item(order, event, f"{base}/final", 1, self.cfg.retain_final, key)
-            return _Item(order, event, f"{base}/partial", 0, False, key)
-        if isinstance(event, StreamStarted | StreamEnded):
-            return _Item(order, event, f"{base}/status", 1, True, None)
-        if isinstance(event, StreamError):
-            return _Item(order, event, f"{base}/error", 1, False, None)
-        return None
+                leaf, qos, retain = "final", 1, self.cfg.retain_final
+            else:
+                leaf, qos, retain = "partial", 0, False
+        elif isinstance(event, StreamStarted | StreamEnded):
+            leaf, qos, retain = "status", 1, True
+        elif isinstance(event, StreamError):
+            leaf, qos, retain = "error", 1, False
+        else:
+            return None
+        topic = f"{self.cfg.prefix}/{topic_level(event.stream)}/{leaf}"
+        return _Item(next(self._order), event, topic, qos, retain, key)
 
     # --- state ----------------------------------------------------------------
 
@@ -406,7 +408,8 @@ class MqttPublisher:
                 # lifetime: log it in full and go round the reconnect loop.
                 self._connected.clear()
                 failures += 1
-                log.exception("MQTT publisher failed unexpectedly")
+                if failures == 1:
+                    log.exception("MQTT publisher failed unexpectedly; retrying with backoff")
                 self._on_failure(e, False, failures)
             finally:
                 self._connected.clear()
@@ -414,10 +417,11 @@ class MqttPublisher:
 
     def _client(self, version: str) -> aiomqtt.Client:
         import aiomqtt
+        from paho.mqtt.client import MQTT_CLEAN_START_FIRST_ONLY
 
         v5 = version == "5"
         will = aiomqtt.Will(f"{self.cfg.prefix}/status", ENGINE_OFFLINE, qos=1, retain=True,
-                            properties=_text_props(v5))
+                            properties=_props(v5, "text/plain", will=True))
         return aiomqtt.Client(
             self.cfg.host, self.cfg.port,
             username=self.cfg.username or None, password=self.cfg.password or None,
@@ -427,7 +431,8 @@ class MqttPublisher:
             # Nothing is subscribed and unacknowledged finals are re-queued by
             # us, so a broker-side session would only hold stale state.
             clean_session=None if v5 else True,
-            clean_start=True,
+            # paho refuses any clean_start but its default under 3.1.1.
+            clean_start=True if v5 else MQTT_CLEAN_START_FIRST_ONLY,
             keepalive=self.cfg.keepalive_s,
             timeout=self.cfg.timeout_s,
             logger=logging.getLogger(f"{__name__}.paho"),
@@ -483,8 +488,9 @@ class MqttPublisher:
                 await self._idle(lost)
                 continue
             try:
-                await self._send(client, lost, item.topic, encode_event(item.event).encode(),
-                                 item.qos, item.retain, json_props)
+                payload = encode_event(item.event).encode()
+                await self._send(client, lost, item.topic, payload, item.qos, item.retain,
+                                 json_props)
             except BaseException:
                 # Cancellation included: the item must be counted, not vanish.
                 self._give_back(item)
@@ -500,8 +506,9 @@ class MqttPublisher:
         if self._backlog or self._closing.is_set():
             return
         waiter = asyncio.ensure_future(self._wake.wait())
+        either: set[asyncio.Future[Any]] = {waiter, lost}
         try:
-            await asyncio.wait({waiter, lost}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
         if lost.done():
@@ -556,13 +563,14 @@ def _lost_error(lost: asyncio.Future[None]) -> _ConnectionLost:
     return _ConnectionLost(f"connection lost: {exc}" if exc else "connection closed")
 
 
-def _props(v5: bool, content_type: str) -> Properties | None:
+def _props(v5: bool, content_type: str, *, will: bool = False) -> Properties | None:
     if not v5:
         return None
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.properties import Properties
 
-    props = Properties(PacketTypes.PUBLISH)
+    props = Properties(  # type: ignore[no-untyped-call]
+        PacketTypes.WILLMESSAGE if will else PacketTypes.PUBLISH)
     props.PayloadFormatIndicator = 1  # UTF-8 text
     props.ContentType = content_type
     return props

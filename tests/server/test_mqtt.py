@@ -1,0 +1,501 @@
+"""The MQTT publisher against a real mosquitto: topics, QoS, retain, outages, overflow."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+try:
+    import aiomqtt
+except ImportError:  # the mqtt extra is optional
+    pytest.skip("aiomqtt not installed (pip install 'evoxtral-stream[mqtt]')",
+                allow_module_level=True)
+
+from evoxtral_stream.config import ConfigError, MqttConfig, load_config
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.events import (
+    CaptionEvent,
+    EngineEvent,
+    StreamEnded,
+    StreamError,
+    StreamStarted,
+)
+from evoxtral_stream.run import feed_samples
+from evoxtral_stream.server.mqtt import (
+    ENGINE_OFFLINE,
+    ENGINE_ONLINE,
+    MqttPublisher,
+    reconnect_delay,
+    topic_level,
+)
+from evoxtral_stream.server.protocol import encode_event
+from tests.fakes import ScriptedBackend
+from tests.helpers.audio import buzz, noise, to_int16
+from tests.server.conftest import MosquittoBroker, free_port
+
+pytestmark = pytest.mark.timeout(60)
+
+Message = aiomqtt.Message
+
+
+def mqtt_overrides(port: int, prefix: str, **over: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "mqtt.enabled": True, "mqtt.port": port, "mqtt.prefix": prefix,
+        "mqtt.reconnect_min_s": 0.05, "mqtt.reconnect_max_s": 0.2,
+        "mqtt.timeout_s": 2.0, "mqtt.drain_s": 1.0,
+    }
+    base.update({f"mqtt.{k}": v for k, v in over.items()})
+    return base
+
+
+def mqtt_config(port: int, prefix: str, **over: object) -> MqttConfig:
+    return load_config(overrides=mqtt_overrides(port, prefix, **over)).mqtt
+
+
+def caption(stream: str, segment: int, seq: int, final: bool, text: str = "hello"
+            ) -> CaptionEvent:
+    return CaptionEvent(stream=stream, segment=segment, seq=seq, final=final, text=text,
+                        plain_text=text, stable=text if final else "",
+                        unstable="" if final else text, tags=(), start=0.0, end=1.0,
+                        latency=0.1 if final else None)
+
+
+def topic(m: Message) -> str:
+    return m.topic.value
+
+
+def payload(m: Message) -> bytes:
+    assert isinstance(m.payload, bytes)
+    return m.payload
+
+
+def body(m: Message) -> dict[str, Any]:
+    obj = json.loads(payload(m))
+    assert isinstance(obj, dict)
+    return obj
+
+
+async def eventually(cond: Callable[[], bool], what: str, within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+class Subscriber:
+    """A real MQTT client that records everything it receives."""
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self.client = client
+        self.got: list[Message] = []
+        self._it = client.messages.__aiter__()
+
+    async def until(self, pred: Callable[[list[Message]], bool], what: str,
+                    within: float = 5.0) -> list[Message]:
+        try:
+            async with asyncio.timeout(within):
+                while not pred(self.got):
+                    self.got.append(await anext(self._it))
+        except TimeoutError:
+            seen = [(topic(m), payload(m)[:80]) for m in self.got]
+            raise AssertionError(f"timed out waiting for {what}; got {seen}") from None
+        return self.got
+
+    async def settle(self, quiet: float = 0.3) -> list[Message]:
+        """Everything that arrives until nothing has for ``quiet`` seconds."""
+        with contextlib.suppress(TimeoutError):
+            while True:
+                self.got.append(await asyncio.wait_for(anext(self._it), quiet))
+        return self.got
+
+    def on(self, suffix: str) -> list[Message]:
+        return [m for m in self.got if topic(m).endswith(suffix)]
+
+
+@contextlib.asynccontextmanager
+async def subscriber(port: int, *topics: str) -> AsyncIterator[Subscriber]:
+    async with aiomqtt.Client("127.0.0.1", port, identifier=f"sub-{secrets.token_hex(4)}",
+                              protocol=aiomqtt.ProtocolVersion.V5) as client:
+        for t in topics:
+            await client.subscribe(t, qos=1)
+        yield Subscriber(client)
+
+
+async def connected(pub: MqttPublisher, within: float = 5.0) -> None:
+    await asyncio.wait_for(pub.wait_connected(), within)
+
+
+# --- through a real engine ----------------------------------------------------------
+
+
+def words_so_far(audio: np.ndarray) -> str:
+    # A stand-in model: one word per half second of audio, so partials grow.
+    return " ".join(f"w{i}" for i in range(len(audio) // 8000))
+
+
+async def test_engine_events_reach_their_topics(mosquitto: MosquittoBroker) -> None:
+    cfg = load_config(overrides={"server.port": 0, **mqtt_overrides(mosquitto.port, "e")})
+    audio = to_int16(np.concatenate([noise(0.5), buzz(2.5), noise(1.2, seed=1), buzz(2.0),
+                                     noise(1.2, seed=2)]))
+    emitted: list[EngineEvent] = []
+    async with subscriber(mosquitto.port, "e/#") as sub:
+        async with MqttPublisher(cfg.mqtt) as pub:
+            await connected(pub)
+            async with Engine(cfg, ScriptedBackend(words_so_far)) as engine:
+                engine.add_listener(emitted.append)
+                engine.add_listener(pub)
+                # A slash in the id must not open a new topic level.
+                stream = engine.open_stream("talk/1", source="test")
+                await feed_samples(stream, audio, 1600, realtime=False)
+        stats = pub.stats()
+        await sub.until(lambda got: len([m for m in got if topic(m) == "e/status"]) == 2,
+                        "online and offline")
+        await sub.settle()
+
+    assert stats.protocol == "5"
+    assert (stats.dropped_partials, stats.dropped_finals, stats.failed, stats.queued) == (
+        0, 0, 0, 0)
+    finals = [e for e in emitted if isinstance(e, CaptionEvent) and e.final]
+    partials = [e for e in emitted if isinstance(e, CaptionEvent) and not e.final]
+    assert len(finals) == 2, "the audio holds two utterances"
+    assert partials, "the engine emitted partials"
+    assert stats.published == len(emitted) - stats.superseded
+
+    stream_msgs = [m for m in sub.got if topic(m).startswith("e/talk_1/")]
+    assert len(stream_msgs) == stats.published
+    assert [payload(m) for m in sub.on("/final")] == [encode_event(e).encode() for e in finals]
+    assert all(m.qos == 1 for m in sub.on("/final"))
+    got_partials = sub.on("/partial")
+    assert got_partials, "partials reached the broker"
+    assert all(m.qos == 0 for m in got_partials)
+    assert {payload(m) for m in got_partials} <= {encode_event(e).encode() for e in partials}
+    assert all(body(m)["final"] is False for m in got_partials)
+    status = [body(m) for m in sub.on("/talk_1/status")]
+    assert [s["type"] for s in status] == ["stream.started", "stream.ended"]
+    assert status[0]["stream"] == "talk/1"
+    # One publisher, one connection: everything arrives in the engine's order.
+    seqs = [body(m)["seq"] for m in stream_msgs if body(m)["type"] == "caption"]
+    assert seqs == sorted(seqs)
+    assert [payload(m) for m in sub.got if topic(m) == "e/status"] == [ENGINE_ONLINE,
+                                                                      ENGINE_OFFLINE]
+
+
+# --- topics, QoS, retain ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("protocol", "retain_final"),
+                         [("auto", True), ("3.1.1", True), ("auto", False)])
+async def test_late_subscriber_gets_the_retained_last_final(
+    mosquitto: MosquittoBroker, protocol: str, retain_final: bool,
+) -> None:
+    cfg = mqtt_config(mosquitto.port, "r", protocol=protocol, retain_final=retain_final)
+    async with MqttPublisher(cfg) as pub:
+        await connected(pub)
+        pub(StreamStarted("s", "test"))
+        pub(caption("s", 0, 1, True, "first"))
+        pub(caption("s", 1, 2, False, "sec"))
+        pub(caption("s", 1, 3, True, "second"))
+        pub(StreamError("s", "decode_failed", "boom", 2))
+        await eventually(lambda: pub.stats().queued == 0, "queue drained")
+        st = pub.stats()
+        assert st.protocol == ("3.1.1" if protocol == "3.1.1" else "5")
+        # The partial was replaced by its segment's final before it could go out.
+        assert (st.published, st.superseded) == (4, 1)
+
+        async with subscriber(mosquitto.port, "r/#") as late:
+            await late.until(lambda got: any(topic(m) == "r/s/status" for m in got),
+                             "retained status")
+            got = await late.settle()
+    finals = [m for m in got if topic(m) == "r/s/final"]
+    if retain_final:
+        assert len(finals) == 1
+        assert body(finals[0])["text"] == "second"
+        assert finals[0].retain
+        assert finals[0].qos == 1
+    else:
+        assert finals == []
+    assert [body(m)["type"] for m in got if topic(m) == "r/s/status"] == ["stream.started"]
+    assert [payload(m) for m in got if topic(m) == "r/status"] == [ENGINE_ONLINE]
+    assert not [m for m in got if topic(m) in ("r/s/partial", "r/s/error")], \
+        "partials and errors are not retained"
+
+
+# --- broker outage -------------------------------------------------------------------------
+
+
+async def test_broker_down_events_queue_and_flow_after_restart(
+    mosquitto: MosquittoBroker,
+) -> None:
+    cfg = mqtt_config(mosquitto.port, "o")
+    async with MqttPublisher(cfg) as pub:
+        await connected(pub)
+        mosquitto.stop()
+        await eventually(lambda: not pub.connected, "the loss noticed while idle")
+
+        worst = 0.0
+        events: list[EngineEvent] = [StreamStarted("s", "test")]
+        for seg in range(3):
+            events += [caption("s", seg, 10 * seg + r, False) for r in range(5)]
+            events.append(caption("s", seg, 10 * seg + 9, True, f"final {seg}"))
+        events.append(StreamError("s", "decode_failed", "boom", 2))
+        for ev in events:
+            t0 = time.perf_counter()
+            pub(ev)
+            worst = max(worst, time.perf_counter() - t0)
+        assert worst < 0.01, f"a listener call took {worst * 1000:.1f} ms with the broker down"
+
+        await eventually(lambda: pub.stats().connect_failures >= 2, "reconnect attempts")
+        st = pub.stats()
+        assert not st.connected
+        assert st.last_error
+        assert (st.queued, st.published, st.superseded) == (5, 0, 15)
+        assert st.unpublished == 0, "nothing is lost while the queue has room"
+
+        mosquitto.start()
+        async with subscriber(mosquitto.port, "o/#") as sub:
+            await eventually(lambda: pub.stats().queued == 0 and pub.connected,
+                             "reconnect and replay")
+            st = pub.stats()
+            assert (st.connects, st.reconnects, st.published, st.failed) == (2, 1, 5, 0)
+            # The replay may beat our subscription: the retained last final is there anyway.
+            await sub.until(lambda got: any(topic(m) == "o/s/final"
+                                            and body(m)["text"] == "final 2" for m in got),
+                            "the last final queued during the outage")
+            pub(caption("s", 3, 99, True, "after"))
+            got = await sub.until(lambda got: any(topic(m) == "o/s/final"
+                                                  and body(m)["seq"] == 99 for m in got),
+                                  "a final published after the reconnect")
+    after = [m for m in got if topic(m) == "o/s/final" and body(m)["seq"] == 99]
+    assert after[0].qos == 1
+    assert pub.stats().published == 6
+
+
+async def test_backoff_is_bounded_and_close_does_not_hang() -> None:
+    port = free_port()  # nothing listens here
+    cfg = mqtt_config(port, "b", reconnect_min_s=0.02, reconnect_max_s=0.1, drain_s=0.3)
+    pub = MqttPublisher(cfg, rand=lambda: 0.0)
+    await pub.start()
+    await asyncio.sleep(1.0)
+    failures = pub.stats().connect_failures
+    # 0.02, 0.04, 0.08, then every 0.1 s: about 11 attempts in 1 s. Unbounded
+    # doubling would make 6, no backoff at all hundreds.
+    assert 7 <= failures <= 15, failures
+    pub(caption("s", 0, 1, True))
+    t0 = time.monotonic()
+    await pub.aclose()
+    assert time.monotonic() - t0 < 0.3 + 1.0
+    st = pub.stats()
+    assert (st.connects, st.failed, st.queued, st.unpublished) == (0, 1, 0, 1)
+    pub(caption("s", 1, 2, True))  # after close: counted, not queued, no error
+    assert pub.stats().failed == 2
+
+
+def test_reconnect_delay_doubles_up_to_the_bound() -> None:
+    cfg = mqtt_config(1883, "x", reconnect_min_s=0.5, reconnect_max_s=4.0)
+    assert [reconnect_delay(cfg, n, lambda: 0.0) for n in range(1, 7)] == [
+        0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    assert reconnect_delay(cfg, 3, lambda: 0.999) == pytest.approx(2.0 * 0.75, rel=1e-2)
+    assert reconnect_delay(cfg, 100_000, lambda: 0.0) == 4.0
+
+
+# --- overflow policy ----------------------------------------------------------------------
+
+
+async def test_overflow_keeps_finals_and_drops_partials_first(
+    mosquitto: MosquittoBroker,
+) -> None:
+    # Events queue before start(), so what is kept is decided before anything is sent.
+    a = MqttPublisher(mqtt_config(mosquitto.port, "qa", queue_size=4))
+    a(StreamStarted("s", "test"))
+    a(caption("s", 0, 1, False))
+    a(caption("s", 0, 2, False))       # replaces seq 1 (same segment)
+    a(caption("s", 0, 3, True))        # replaces seq 2 (its final)
+    a(caption("s", 1, 4, False))
+    a(caption("t", 0, 1, False))       # queue full: started, f0, p(s,1), p(t,0)
+    a(caption("s", 1, 5, True))        # replaces p(s,1)
+    a(caption("t", 0, 2, True))        # replaces p(t,0): started, f(s,0), f(s,1), f(t,0)
+    a(caption("s", 2, 6, False))       # full of finals: the new partial is dropped
+    a(caption("s", 2, 7, True))        # full, no partial: the oldest (started) goes
+    st = a.stats()
+    assert (st.queued, st.superseded, st.dropped_partials, st.dropped_finals) == (4, 4, 1, 1)
+
+    b = MqttPublisher(mqtt_config(mosquitto.port, "qb", queue_size=2))
+    b(caption("x", 0, 1, False))
+    b(caption("y", 0, 1, False))
+    b(caption("z", 0, 1, False))       # full of partials: the oldest (x) goes
+    b(caption("w", 0, 1, True))        # a final pushes out the oldest partial (y)
+    st = b.stats()
+    assert (st.queued, st.superseded, st.dropped_partials, st.dropped_finals) == (2, 0, 2, 0)
+
+    async with subscriber(mosquitto.port, "qa/+/+", "qb/+/+") as sub, a, b:
+        got = await sub.until(lambda got: len(got) >= 6, "the six survivors")
+        await sub.settle()
+    assert [(topic(m), body(m)["seq"]) for m in got if topic(m).startswith("qa/")] == [
+        ("qa/s/final", 3), ("qa/s/final", 5), ("qa/t/final", 2), ("qa/s/final", 7)]
+    assert [topic(m) for m in got if topic(m).startswith("qb/")] == [
+        "qb/z/partial", "qb/w/final"]
+    assert a.stats().published == 4
+    assert b.stats().published == 2
+
+
+# --- protocol version --------------------------------------------------------------------
+
+
+class Mqtt311Proxy:
+    """A broker front that refuses MQTT 5 as a 3.1.1-only broker does, else relays.
+
+    ``levels`` records the protocol level of every CONNECT; ``cut`` drops every
+    relayed connection without a DISCONNECT, as a network failure would.
+    """
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.levels: list[int] = []
+        self.port = 0
+        self._pipes: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Mqtt311Proxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        await self.cut()
+
+    async def cut(self) -> None:
+        pipes, self._pipes = self._pipes, set()
+        for t in pipes:
+            t.cancel()
+        await asyncio.gather(*pipes, return_exceptions=True)
+
+    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        except ConnectionError:
+            pass
+        finally:
+            w.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                      ) -> None:
+        try:
+            head = await reader.readexactly(1)
+            raw, length, mult = b"", 0, 1
+            while True:
+                byte = await reader.readexactly(1)
+                raw += byte
+                length += (byte[0] & 0x7F) * mult
+                mult *= 128
+                if not byte[0] & 0x80:
+                    break
+            packet = await reader.readexactly(length)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+            return
+        level = packet[2 + int.from_bytes(packet[:2], "big")]
+        self.levels.append(level)
+        if level == 5:
+            # MQTT 3.1.1, 3.1.2.2: CONNACK "unacceptable protocol version", then close.
+            writer.write(b"\x20\x02\x00\x01")
+            await writer.drain()
+            writer.close()
+            return
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream)
+        up_w.write(head + raw + packet)
+        self._pipes.update({asyncio.create_task(self._pipe(reader, up_w)),
+                            asyncio.create_task(self._pipe(up_r, writer))})
+
+
+async def test_auto_falls_back_to_311_and_the_will_says_offline(
+    mosquitto: MosquittoBroker,
+) -> None:
+    async with Mqtt311Proxy(mosquitto.port) as proxy, \
+            subscriber(mosquitto.port, "f/#") as sub:
+        async with MqttPublisher(mqtt_config(proxy.port, "f")) as pub:
+            await connected(pub)
+            st = pub.stats()
+            assert (st.protocol, st.connects, st.connect_failures) == ("3.1.1", 1, 0)
+            assert proxy.levels == [5, 4]
+            pub(caption("s", 0, 1, True, "via 3.1.1"))
+            await sub.until(lambda got: any(topic(m) == "f/s/final" for m in got),
+                            "a final through the 3.1.1 connection")
+
+            # The connection breaks without a DISCONNECT: the broker sends the will.
+            await proxy.cut()
+            await sub.until(lambda got: [payload(m) for m in got if topic(m) == "f/status"]
+                            == [ENGINE_ONLINE, ENGINE_OFFLINE], "the last will")
+            # The reconnect remembers that this broker speaks 3.1.1 only.
+            await sub.until(lambda got: [payload(m) for m in got if topic(m) == "f/status"]
+                            == [ENGINE_ONLINE, ENGINE_OFFLINE, ENGINE_ONLINE], "back online")
+            assert proxy.levels == [5, 4, 4]
+            assert pub.stats().reconnects == 1
+            pub(caption("s", 1, 2, True, "after the cut"))
+            got = await sub.until(lambda got: len([m for m in got if topic(m) == "f/s/final"])
+                                  == 2, "a final after the reconnect")
+        assert [body(m)["text"] for m in got if topic(m) == "f/s/final"] == [
+            "via 3.1.1", "after the cut"]
+
+        # Forcing MQTT 5 against the same broker never falls back.
+        del proxy.levels[:]
+        forced = MqttPublisher(mqtt_config(proxy.port, "g", protocol="5"))
+        async with forced:
+            await eventually(lambda: forced.stats().connect_failures >= 2, "refusals")
+            assert not forced.connected
+            assert forced.stats().protocol is None
+        assert set(proxy.levels) == {5}
+
+
+# --- small pieces ------------------------------------------------------------------------
+
+
+def test_stream_ids_become_single_topic_levels() -> None:
+    assert topic_level("talk") == "talk"
+    assert topic_level("a/b+c#d\0") == "a_b_c_d_"
+    assert topic_level("") == "_"
+
+
+def test_unknown_events_are_ignored_not_raised() -> None:
+    pub = MqttPublisher(mqtt_config(1883, "u"))
+    pub(StreamEnded("s", 1.0, 1, 1))
+    pub(object())  # type: ignore[arg-type]
+    assert pub.stats().queued == 1
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ({"mqtt.protocol": "4"}, "mqtt.protocol must be one of 'auto', '5', '3.1.1', got '4'"),
+    ({"mqtt.protocol": 4}, "mqtt.protocol must be str, got 4"),
+    ({"mqtt.port": 0}, "mqtt.port must be 1..65535, got 0"),
+    ({"mqtt.queue_size": 0}, "mqtt.queue_size must be 1..1000000, got 0"),
+    ({"mqtt.prefix": "a/#"}, "mqtt.prefix must be a non-empty topic"),
+    ({"mqtt.prefix": ""}, "got ''"),
+    ({"mqtt.prefix": "a/"}, "got 'a/'"),
+    ({"mqtt.reconnect_min_s": 5.0, "mqtt.reconnect_max_s": 1.0},
+     "mqtt.reconnect_min_s must be at most mqtt.reconnect_max_s (1.0), got 5.0"),
+    ({"mqtt.password": "pw"}, "mqtt.password needs mqtt.username"),
+    ({"mqtt.tls": True}, "unknown config key 'mqtt.tls'"),
+])
+def test_bad_mqtt_config_names_key_value_and_allowed(override: dict[str, object],
+                                                      message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=override)
+    assert message in str(err.value)
+
+
+def test_mqtt_is_off_by_default() -> None:
+    cfg = load_config().mqtt
+    assert cfg.enabled is False
+    assert (cfg.protocol, cfg.prefix, cfg.port) == ("auto", "evoxtral", 1883)
