@@ -8,7 +8,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from collections.abc import Iterator
 
 import pytest
 
@@ -17,7 +16,7 @@ from evoxtral_stream.engine.backends.base import Backend
 
 
 @pytest.fixture(scope="session")
-def whisper_backend() -> Iterator[Backend]:
+def whisper_backend() -> Backend:
     """The embedded Whisper tiny.en, loaded once for the whole run."""
     from evoxtral_stream.engine.backends.whisper import load_whisper_backend
 

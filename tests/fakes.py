@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["GatedBackend", "ScriptedBackend"]
+__all__ = ["AdapterScriptedBackend", "GatedBackend", "ScriptedBackend"]
 
 
 class ScriptedBackend:
@@ -67,3 +67,20 @@ class GatedBackend(ScriptedBackend):
         self.entered.set()
         self._gate.wait(10)
         return super().transcribe(batch)
+
+
+class AdapterScriptedBackend(ScriptedBackend):
+    """A scripted backend that can switch adapters: text is ``NAME: script``."""
+
+    adapter_names = ("default", "rl", "none")
+
+    def __init__(self, script: Callable[[npt.NDArray[np.float32]], str] | None = None) -> None:
+        super().__init__(script)
+        self.adapter_calls: list[list[str | None]] = []
+
+    def transcribe(self, batch: Sequence[npt.NDArray[np.float32]],
+                   adapters: Sequence[str | None] | None = None) -> list[str]:
+        names: list[str | None] = list(adapters) if adapters is not None else [None] * len(batch)
+        self.adapter_calls.append(names)
+        texts = super().transcribe(batch)
+        return [f"{n or 'default'}: {t}" for n, t in zip(names, texts, strict=True)]

@@ -116,8 +116,12 @@ class VoxtralConfig:
     tokens_per_second: float = field(metadata=_range(0.5, 100.0))
     min_new_tokens: int = field(metadata=_range(1, 4096))
     attn_implementation: str = field(metadata=_choices("sdpa", "eager", "flash_attention_2"))
+    adapters: dict[str, str]
 
     def __post_init__(self) -> None:
+        if self.adapters and self.merge_lora:
+            raise ConfigError("model.voxtral.adapters needs model.voxtral.merge_lora = false "
+                              "(adapters cannot be switched once merged)")
         d = self.device
         ok = d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())
         if not ok:
@@ -176,10 +180,19 @@ def _defaults() -> dict[str, Any]:
     return tomllib.loads(text)
 
 
+# Tables whose keys are the user's own names (not a fixed schema).
+_OPEN_TABLES = frozenset({"model.voxtral.adapters"})
+
+
 def _merge(base: dict[str, Any], over: Mapping[str, Any], prefix: str = "") -> None:
     """Merge ``over`` into ``base`` in place, refusing keys ``base`` lacks."""
     for key, value in over.items():
         dotted = f"{prefix}{key}"
+        if dotted in _OPEN_TABLES:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{dotted} must be a table, got {value!r}")
+            base[key] = {**base.get(key, {}), **value}
+            continue
         if key not in base:
             allowed = ", ".join(sorted(base))
             raise ConfigError(f"unknown config key {dotted!r} (known here: {allowed})")
@@ -198,6 +211,10 @@ def _type_name(tp: object) -> str:
 def _check_value(dotted: str, value: object, tp: object, meta: Mapping[str, Any]) -> object:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if (tp is str and isinstance(value, int | float) and not isinstance(value, bool)
+            and str(value) in meta.get("choices", ())):
+        # `--set mqtt.protocol=5` reads 5 as a TOML integer; the choice is "5".
+        value = str(value)
     ok = isinstance(value, tp) if isinstance(tp, type) else True
     if isinstance(value, bool) and tp in (int, float):
         ok = False
@@ -223,7 +240,12 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
             raise ConfigError(f"config key {dotted!r} is missing from the defaults")
         tp = hints[f.name]
         value = data[f.name]
-        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if typing.get_origin(tp) is dict:
+            if not isinstance(value, Mapping) or not all(
+                    isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()):
+                raise ConfigError(f"{dotted} must be a table of name = \"text\", got {value!r}")
+            kwargs[f.name] = dict(value)
+        elif dataclasses.is_dataclass(tp) and isinstance(tp, type):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{dotted} must be a table, got {value!r}")
             kwargs[f.name] = _build(tp, value, dotted + ".")

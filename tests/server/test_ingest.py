@@ -19,8 +19,8 @@ from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.events import SAMPLE_RATE
 from evoxtral_stream.server.app import CaptionServer
 from tests.docs_schema import validate_message
-from tests.fakes import ScriptedBackend
-from tests.speech import have_espeak, speak, speech_with_pauses
+from tests.fakes import AdapterScriptedBackend, ScriptedBackend
+from tests.speech import have_espeak, speech_with_pauses
 from tests.text_norm import loose_wer
 
 pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
@@ -47,6 +47,16 @@ async def scripted() -> AsyncIterator[tuple[Engine, CaptionServer]]:
 
 async def recv_json(ws: ClientConnection, timeout: float = 20) -> dict[str, Any]:
     return validate_message(json.loads(await asyncio.wait_for(ws.recv(), timeout)))
+
+
+async def until_closed(ws: ClientConnection) -> list[dict[str, Any]]:
+    """Every message until the server closes the connection."""
+    out: list[dict[str, Any]] = []
+    try:
+        while True:
+            out.append(await recv_json(ws))
+    except ConnectionClosed:
+        return out
 
 
 async def next_error(ws: ClientConnection) -> dict[str, Any]:
@@ -109,8 +119,9 @@ async def test_ingest_two_formats_produce_the_words(whisper_backend: Backend) ->
             CaptionServer(engine, cfg.server) as server:
         a, b = await asyncio.gather(
             ingest(server.port, "float44", {"sample_rate": 44100, "channels": 2,
-                                            "format": "float32"}, stereo),
-            ingest(server.port, "pcm24", {"sample_rate": 24000, "format": "pcm16"}, pcm24),
+                                            "format": "float32"}, stereo, speed=1.5),
+            ingest(server.port, "pcm24", {"sample_rate": 24000, "format": "pcm16"}, pcm24,
+                   speed=1.5),
         )
     for messages in (a, b):
         summary = messages[-1]
@@ -118,7 +129,7 @@ async def test_ingest_two_formats_produce_the_words(whisper_backend: Backend) ->
         assert abs(summary["duration"] - len(audio) / SAMPLE_RATE) < 0.1
         text = finals_text(messages)
         assert loose_wer(" ".join(SENTENCES), text) <= 0.25, text
-        # Fed at 3x real time, the one model thread still fits in partials.
+        # Fed at 1.5x real time, the one model thread still fits in partials.
         assert any(m["type"] == "caption" and not m["final"] for m in messages)
 
 
@@ -159,12 +170,7 @@ async def test_misbehaving_ingest_keeps_its_finals_and_spares_other_streams(
             await ws.send("{oops")                       # recoverable: error, go on
             assert (await next_error(ws))["code"] == "bad_json"
             await ws.send(b"\x00\x01\x02")               # odd length: fatal
-            codes = []
-            with pytest.raises(ConnectionClosed):
-                while True:
-                    msg = await recv_json(ws)
-                    if msg["type"] == "error":
-                        codes.append(msg["code"])
+            codes = [m["code"] for m in await until_closed(ws) if m["type"] == "error"]
             assert codes == ["odd_length"] and ws.close_code == 1008
         # The audio received before the fault still became a final.
         seen: list[dict[str, Any]] = []
@@ -179,16 +185,16 @@ async def test_misbehaving_ingest_keeps_its_finals_and_spares_other_streams(
 async def test_oversized_frame_is_refused_with_1009() -> None:
     cfg = config(**{"server.max_message_bytes": 4096})
     async with Engine(cfg, ScriptedBackend()) as engine, \
-            CaptionServer(engine, cfg.server) as server:
-        async with connect(f"ws://127.0.0.1:{server.port}/v1/ingest") as ws:
-            await ws.send(json.dumps({"type": "config", "sample_rate": 16000}))
-            ready = json.loads(await ws.recv())
-            assert ready["stream"].startswith("ingest-")
-            await ws.send(b"\x00" * 6000)
-            assert (await next_error(ws))["code"] == "too_large"
-            with pytest.raises(ConnectionClosed):
-                await ws.recv()
-            assert ws.close_code == 1009
+            CaptionServer(engine, cfg.server) as server, \
+            connect(f"ws://127.0.0.1:{server.port}/v1/ingest") as ws:
+        await ws.send(json.dumps({"type": "config", "sample_rate": 16000}))
+        ready = json.loads(await ws.recv())
+        assert ready["stream"].startswith("ingest-")
+        await ws.send(b"\x00" * 6000)
+        assert (await next_error(ws))["code"] == "too_large"
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+        assert ws.close_code == 1009
 
 
 async def test_resume_after_disconnect_loses_no_final(
@@ -234,3 +240,23 @@ async def test_resume_beyond_history_announces_a_gap() -> None:
             unknown = await recv_json(ws)
         assert unknown == {"type": "gap", "stream": "nosuch", "from": 6, "to": None}
         assert engine.streams == {}
+
+
+async def test_ingest_chooses_an_adapter_per_stream() -> None:
+    cfg = config()
+    backend = AdapterScriptedBackend(words_so_far)
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+    pcm = audio.astype("<i2").tobytes()
+    async with Engine(cfg, backend) as engine, CaptionServer(engine, cfg.server) as server:
+        rl, plain = await asyncio.gather(
+            ingest(server.port, "rl", {"sample_rate": 16000, "adapter": "rl"}, pcm),
+            ingest(server.port, "plain", {"sample_rate": 16000}, pcm),
+        )
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/ingest?stream=x") as ws:
+            await ws.send(json.dumps({"type": "config", "sample_rate": 16000,
+                                      "adapter": "nosuch"}))
+            err = await recv_json(ws)
+            assert err["code"] == "bad_config" and "nosuch" in err["message"]
+    assert finals_text(rl).startswith("rl: w0")
+    assert finals_text(plain).startswith("default: w0")
+    assert any(c == ["rl"] or "rl" in c for c in backend.adapter_calls)

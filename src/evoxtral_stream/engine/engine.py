@@ -31,7 +31,7 @@ from ..events import (
     StreamStarted,
 )
 from ..text.merger import Merger
-from .backends.base import Backend
+from .backends.base import AdapterBackend, Backend
 from .session import StreamSession
 from .worker import ModelWorker, WorkerResult, WorkerStats
 
@@ -66,11 +66,13 @@ class EngineStats:
 class Stream:
     """Handle of one live stream. Use it on the engine's event loop only."""
 
-    def __init__(self, engine: Engine, stream_id: str, source: str) -> None:
+    def __init__(self, engine: Engine, stream_id: str, source: str,
+                 adapter: str | None = None) -> None:
         self.id = stream_id
         self.source = source
         self._engine = engine
-        self.session = StreamSession(stream_id, engine.config.vad, engine.config.stream)
+        self.session = StreamSession(stream_id, engine.config.vad, engine.config.stream,
+                                     adapter)
         self.merger = Merger(stream_id)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -168,9 +170,12 @@ class Engine:
         self._worker.start()
         log.info("engine started with backend %s", self.backend.name)
 
+    async def close_streams(self) -> list[StreamSummary]:
+        """End every open stream: open segments become finals, all delivered."""
+        return list(await asyncio.gather(*(s.close() for s in list(self._streams.values()))))
+
     async def aclose(self) -> None:
-        for stream in list(self._streams.values()):
-            await stream.close()
+        await self.close_streams()
         if self._worker is not None:
             worker, self._worker = self._worker, None
             await asyncio.to_thread(worker.stop)
@@ -183,12 +188,24 @@ class Engine:
     def remove_listener(self, listener: Listener) -> None:
         self._listeners.remove(listener)
 
-    def open_stream(self, stream_id: str, source: str = "api") -> Stream:
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """Adapters a stream may ask for (empty: the backend cannot switch)."""
+        if isinstance(self.backend, AdapterBackend):
+            return tuple(self.backend.adapter_names)
+        return ()
+
+    def open_stream(self, stream_id: str, source: str = "api",
+                    adapter: str | None = None) -> Stream:
+        """Open a stream; ``adapter`` picks one of :attr:`adapter_names`."""
         if self._worker is None:
             raise RuntimeError("engine is not started")
         if stream_id in self._streams:
             raise ValueError(f"stream {stream_id!r} is already open")
-        stream = Stream(self, stream_id, source)
+        if adapter is not None and adapter not in self.adapter_names:
+            known = ", ".join(self.adapter_names) or "none: the backend cannot switch adapters"
+            raise ValueError(f"unknown adapter {adapter!r} (known: {known})")
+        stream = Stream(self, stream_id, source, adapter)
         self._streams[stream_id] = stream
         self._emit(StreamStarted(stream_id, source))
         return stream

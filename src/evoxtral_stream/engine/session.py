@@ -76,8 +76,11 @@ class _OpenSegment:
 class StreamSession:
     """Turns one stream's audio into partial and final decode requests."""
 
-    def __init__(self, stream: str, vad: VadConfig, cfg: StreamConfig) -> None:
+    def __init__(self, stream: str, vad: VadConfig, cfg: StreamConfig,
+                 adapter: str | None = None) -> None:
+        """``adapter`` names the LoRA adapter this stream's requests ask for."""
         self.stream = stream
+        self.adapter = adapter
         self._cfg = cfg
         self._segmenter = Segmenter(vad, SAMPLE_RATE)
         self._open: _OpenSegment | None = None
@@ -171,7 +174,7 @@ class StreamSession:
             stream=self.stream, segment=seg.index, revision=seg.revision,
             kind=RequestKind.FINAL, audio=seg.audio(ev.sample),
             start_sample=seg.start, end_sample=ev.sample, ready_at=now,
-            forced_end=ev.forced,
+            forced_end=ev.forced, adapter=self.adapter,
         )
 
     def _maybe_partial(self, now: float) -> DecodeRequest | None:
@@ -188,4 +191,5 @@ class StreamSession:
             stream=self.stream, segment=seg.index, revision=seg.revision,
             kind=RequestKind.PARTIAL, audio=seg.audio(),
             start_sample=seg.start, end_sample=seg.start + seg.length, ready_at=now,
+            adapter=self.adapter,
         )

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from ..config import WorkerConfig
 from ..events import DecodeFailure, DecodeRequest, Hypothesis, RequestKind
-from .backends.base import Backend
+from .backends.base import AdapterBackend, Backend
 
 __all__ = ["ModelWorker", "WorkerResult", "WorkerStats"]
 
@@ -189,10 +189,18 @@ class ModelWorker:
                 self._decode(batch)
         log.info("model worker stopped")
 
+    def _transcribe(self, batch: list[DecodeRequest]) -> list[str]:
+        audio = [r.audio for r in batch]
+        if all(r.adapter is None for r in batch):
+            return self._backend.transcribe(audio)
+        if not isinstance(self._backend, AdapterBackend):
+            raise RuntimeError(f"backend {self._backend.name} cannot switch adapters")
+        return self._backend.transcribe(audio, [r.adapter for r in batch])
+
     def _decode(self, batch: list[DecodeRequest]) -> None:
         start = self._clock()
         try:
-            texts = self._backend.transcribe([r.audio for r in batch])
+            texts = self._transcribe(batch)
             if len(texts) != len(batch):
                 raise RuntimeError(f"backend returned {len(texts)} texts for {len(batch)} inputs")
         except Exception as e:

@@ -22,6 +22,7 @@ import itertools
 import logging
 from collections.abc import Callable, Coroutine
 from http import HTTPStatus
+from importlib import resources
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -32,7 +33,7 @@ from websockets.http11 import Request, Response
 
 from ..audio.resample import StreamResampler
 from ..config import ServerConfig
-from ..engine.engine import Engine
+from ..engine.engine import Engine, Stream
 from ..events import SAMPLE_RATE, Int16Array
 from .broadcast import Broadcaster, Subscription
 from .protocol import (
@@ -56,18 +57,46 @@ CLOSE_TOO_BIG = 1009
 CLOSE_TOO_SLOW = 1013
 _CAPTIONS = "/v1/captions"
 _INGEST = "/v1/ingest"
-_CAPABILITIES = ["captions", "resume", "ingest"]
+_REALTIME = "/v1/realtime"
+_CAPABILITIES = ["captions", "resume", "ingest", "realtime"]
 
 # Errors after which an ingest connection cannot go on: the byte stream is
 # misaligned or the peer is not speaking the protocol.
 _FATAL_INGEST = {"odd_length", "not_configured", "too_large", "bad_audio"}
 
 
+_WEB = resources.files("evoxtral_stream").joinpath("server/web")
+_CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
+}
+
+
 def _plain(status: HTTPStatus, body: str) -> Response:
-    data = body.encode()
-    headers = Headers([("Content-Type", "text/plain; charset=utf-8"),
-                       ("Content-Length", str(len(data)))])
+    return _respond(status, body.encode(), "text/plain; charset=utf-8")
+
+
+def _respond(status: HTTPStatus, data: bytes, content_type: str) -> Response:
+    headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(data))),
+                       ("Cache-Control", "no-cache")])
     return Response(status.value, status.phrase, headers, data)
+
+
+def _static(path: str) -> Response | None:
+    """The browser page: ``/`` and ``/static/NAME`` from the packaged web folder.
+
+    Only names listed in that folder are served, so no path can escape it.
+    """
+    name = "index.html" if path == "/" else path.removeprefix("/static/")
+    if path != "/" and not path.startswith("/static/"):
+        return None
+    files = {f.name: f for f in _WEB.iterdir() if f.is_file()} if _WEB.is_dir() else {}
+    entry = files.get(name)
+    if entry is None:
+        return _plain(HTTPStatus.NOT_FOUND, f"no such file: {path}\n")
+    suffix = "." + name.rsplit(".", 1)[-1] if "." in name else ""
+    return _respond(HTTPStatus.OK, entry.read_bytes(),
+                    _CONTENT_TYPES.get(suffix, "application/octet-stream"))
 
 
 def _parse_since(values: list[str], streams: list[str]) -> dict[str, int]:
@@ -135,9 +164,11 @@ class CaptionServer:
         path = urlsplit(request.path).path
         if path == "/healthz":
             return _plain(HTTPStatus.OK, "ok\n")
-        if path not in (_CAPTIONS, _INGEST):
-            return _plain(HTTPStatus.NOT_FOUND, f"no such path: {path}\n")
-        return None
+        if path in (_CAPTIONS, _INGEST, _REALTIME):
+            return None
+        page = _static(path)
+        return page if page is not None else _plain(HTTPStatus.NOT_FOUND,
+                                                    f"no such path: {path}\n")
 
     async def _handle(self, ws: ServerConnection) -> None:
         url = urlsplit(ws.request.path if ws.request else "")
@@ -145,6 +176,10 @@ class CaptionServer:
         try:
             if url.path == _INGEST:
                 await self._ingest(ws, query)
+            elif url.path == _REALTIME:
+                from .realtime import serve_realtime
+
+                await serve_realtime(ws, query, self._engine, self.broadcaster, self._cfg)
             else:
                 await self._subscribe(ws, query)
         except ConnectionClosed:
@@ -247,10 +282,15 @@ class CaptionServer:
         if isinstance(fmt, EndOfStream):
             await self._refuse(ws, "not_configured", "end before any config message")
             return
-        await self._run_ingest(ws, stream_id, fmt)
+        try:
+            stream = self._engine.open_stream(stream_id, source="ingest", adapter=fmt.adapter)
+        except ValueError as e:
+            await self._refuse(ws, "bad_config", str(e), stream=stream_id)
+            return
+        await self._run_ingest(ws, stream, fmt)
 
-    async def _run_ingest(self, ws: ServerConnection, stream_id: str, fmt: IngestFormat) -> None:
-        stream = self._engine.open_stream(stream_id, source="ingest")
+    async def _run_ingest(self, ws: ServerConnection, stream: Stream, fmt: IngestFormat) -> None:
+        stream_id = stream.id
         sub = self.broadcaster.subscribe([stream_id])
         resampler = StreamResampler(fmt.sample_rate, SAMPLE_RATE, fmt.channels)
         pump = asyncio.ensure_future(self._pump(ws, sub))

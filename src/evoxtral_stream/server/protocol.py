@@ -149,6 +149,7 @@ class IngestFormat:
     sample_rate: int
     channels: int
     sample_format: SampleFormat
+    adapter: str | None = None
 
     @property
     def frame_bytes(self) -> int:
@@ -184,7 +185,8 @@ def parse_ingest_message(text: str | bytes) -> IngestFormat | EndOfStream:
     """Parse a text message sent on ``/v1/ingest``.
 
     ``{"type": "config", "sample_rate": 48000, "channels": 2, "format": "pcm16"}``
-    or ``{"type": "end"}``; anything else raises :class:`ProtocolError`.
+    (optionally ``"adapter": NAME``) or ``{"type": "end"}``; anything else
+    raises :class:`ProtocolError`.
     """
     obj = _load_json(text)
     kind = obj.get("type")
@@ -200,7 +202,11 @@ def parse_ingest_message(text: str | bytes) -> IngestFormat | EndOfStream:
     except ValueError:
         raise ProtocolError(
             "bad_config", f"format must be 'pcm16' or 'float32', got {fmt!r}") from None
-    return IngestFormat(rate, channels, sample_format)
+    adapter = obj.get("adapter")
+    if adapter is not None and (not isinstance(adapter, str) or not adapter):
+        raise ProtocolError("bad_config",
+                            f"adapter must be a non-empty string, got {adapter!r}")
+    return IngestFormat(rate, channels, sample_format, adapter)
 
 
 def decode_audio_frame(data: bytes, fmt: IngestFormat) -> npt.NDArray[Any]:

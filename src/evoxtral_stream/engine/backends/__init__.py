@@ -37,7 +37,8 @@ def load_backend(cfg: ModelConfig) -> Backend:
                 f"the voxtral backend needs torch, transformers and peft ({e.name} missing): "
                 "pip install torch==2.13.0 'evoxtral-stream[voxtral]'"
             ) from None
-        backend: Backend = load_voxtral_backend(cfg.voxtral, cfg.language)
+        backend: Backend = load_voxtral_backend(cfg.voxtral, cfg.language,
+                                                extra_adapters=cfg.voxtral.adapters)
     else:
         from .whisper import load_whisper_backend
 

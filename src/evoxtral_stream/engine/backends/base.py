@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Backend", "BackendError", "BackendUnavailable"]
+__all__ = ["AdapterBackend", "Backend", "BackendError", "BackendUnavailable"]
 
 
 class BackendError(RuntimeError):
@@ -35,3 +35,21 @@ class Backend(Protocol):
     name: str
 
     def transcribe(self, batch: Sequence[npt.NDArray[np.float32]]) -> list[str]: ...
+
+
+@runtime_checkable
+class AdapterBackend(Backend, Protocol):
+    """A backend that can switch LoRA adapters per request.
+
+    ``adapters`` names one adapter per array (``None``: the default one);
+    ``adapter_names`` lists the names it accepts.
+    """
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]: ...
+
+    def transcribe(
+        self,
+        batch: Sequence[npt.NDArray[np.float32]],
+        adapters: Sequence[str | None] | None = None,
+    ) -> list[str]: ...

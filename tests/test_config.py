@@ -1,0 +1,79 @@
+"""Configuration: layering, validation messages, open tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from evoxtral_stream.config import CONFIG_ENV, ConfigError, load_config, parse_override
+
+
+def test_defaults_load_and_a_user_file_overrides_only_its_keys(tmp_path: Path) -> None:
+    base = load_config(env={})
+    mine = tmp_path / "mine.toml"
+    mine.write_text("[vad]\naggressiveness = 3\n[server]\nport = 9000\n")
+    cfg = load_config(mine, env={})
+    assert (cfg.vad.aggressiveness, cfg.server.port) == (3, 9000)
+    assert cfg.vad.frame_ms == base.vad.frame_ms
+    assert load_config(env={CONFIG_ENV: str(mine)}).server.port == 9000
+    # An explicit path wins over the environment; overrides win over both.
+    other = tmp_path / "other.toml"
+    other.write_text("[server]\nport = 9001\n")
+    assert load_config(other, env={CONFIG_ENV: str(mine)}).server.port == 9001
+    assert load_config(mine, {"server.port": 9002}, env={}).server.port == 9002
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"vad.aggressiveness": 7}, "vad.aggressiveness must be 0..3, got 7"),
+    ({"vad.frame_ms": 25}, "vad.frame_ms must be one of 10, 20, 30, got 25"),
+    ({"vad.start_ratio": "high"}, "vad.start_ratio must be float, got 'high'"),
+    ({"worker.max_batch": True}, "worker.max_batch must be int, got True"),
+    ({"model.backend": "gpt"}, "model.backend must be one of 'auto', 'voxtral', 'whisper'"),
+    ({"vad.split_search_s": 30.0}, "vad.split_search_s must be"),
+    ({"model.voxtral.device": "tpu"}, "model.voxtral.device must be auto, cpu, cuda or cuda:N"),
+    ({"vad.nope": 1}, "unknown config key 'vad.nope'"),
+    ({"model.voxtral.adapters": {"rl": "x"}}, "needs model.voxtral.merge_lora = false"),
+    ({"model.voxtral.adapters": {"rl": 3}, "model.voxtral.merge_lora": False},
+     "model.voxtral.adapters must be a table of name"),
+])
+def test_bad_values_name_key_value_and_what_is_allowed(overrides: dict[str, object],
+                                                       message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(overrides=overrides, env={})
+    assert message in str(err.value)
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml", env={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[vad\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad, env={})
+    table = tmp_path / "table.toml"
+    table.write_text("vad = 3\n")
+    with pytest.raises(ConfigError, match="vad must be a table"):
+        load_config(table, env={})
+
+
+def test_overrides_parse_toml_literals_or_bare_strings() -> None:
+    assert parse_override("vad.aggressiveness=3") == ("vad.aggressiveness", 3)
+    assert parse_override("server.host = 0.0.0.0") == ("server.host", "0.0.0.0")
+    assert parse_override('model.language="fr"') == ("model.language", "fr")
+    assert parse_override("model.voxtral.merge_lora=false") == ("model.voxtral.merge_lora", False)
+    with pytest.raises(ConfigError, match="section.key=value"):
+        parse_override("no-equals-sign")
+
+
+def test_number_for_a_string_choice_is_accepted() -> None:
+    # `--set mqtt.protocol=5` reads 5 as an integer; "5" is the choice.
+    assert load_config(overrides={"mqtt.protocol": 5}, env={}).mqtt.protocol == "5"
+
+
+def test_named_adapters_are_an_open_table(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[model.voxtral]\nmerge_lora = false\n'
+                    '[model.voxtral.adapters]\nrl = "YongkangZOU/evoxtral-rl"\n')
+    cfg = load_config(mine, env={})
+    assert cfg.model.voxtral.adapters == {"rl": "YongkangZOU/evoxtral-rl"}
