@@ -144,7 +144,8 @@ class CaptionServer:
             max_size=2 * self._cfg.max_message_bytes,
             close_timeout=2,
         )
-        log.info("serving on ws://%s:%d (%s, %s)", self._cfg.host, self.port, _CAPTIONS, _INGEST)
+        log.info("serving on ws://%s:%d (%s, %s, %s) and http://%s:%d/", self._cfg.host,
+                 self.port, _CAPTIONS, _INGEST, _REALTIME, self._cfg.host, self.port)
 
     async def aclose(self) -> None:
         if self._server is not None:

@@ -1,0 +1,531 @@
+"""The OpenAI-Realtime-compatible transcription endpoint, ``/v1/realtime``.
+
+The pure core is driven with real speech (its mirrored segmenter needs it)
+and scripted captions; the endpoint is driven by the official ``openai`` SDK
+against a real engine with the embedded Whisper model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+from openai import AsyncOpenAI
+from openai.resources.realtime.realtime import AsyncRealtimeConnection
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from evoxtral_stream.audio.resample import resample
+from evoxtral_stream.audio.vad import Segmenter
+from evoxtral_stream.config import Config, load_config
+from evoxtral_stream.engine.backends.base import Backend
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.events import SAMPLE_RATE, CaptionEvent, Int16Array, SpeechStarted
+from evoxtral_stream.server.app import CaptionServer
+from evoxtral_stream.server.realtime import (
+    INPUT_RATE,
+    Output,
+    PushAudio,
+    RealtimeTranscription,
+    server_event_to_dict,
+)
+from tests.fakes import ScriptedBackend
+from tests.speech import have_espeak, speak, speech_with_pauses
+from tests.text_norm import loose_wer
+
+pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+
+SENTENCES = ["Good evening and welcome to the live captioning demo.",
+             "Thank you for listening, and have a wonderful night."]
+MANUAL = "Our next speaker will talk about renewable energy."
+JUNK = "Please ignore this sentence entirely."
+
+ERROR_KEYS = {"type", "code", "message", "param", "event_id"}
+
+
+def config(**overrides: object) -> Config:
+    return load_config(overrides={"server.port": 0, **overrides})
+
+
+def pcm24(audio: Int16Array) -> bytes:
+    """16 kHz test speech as the API's input: PCM16 little-endian, 24 kHz."""
+    return resample(audio, SAMPLE_RATE, INPUT_RATE).astype("<i2").tobytes()
+
+
+def append_msg(data: bytes, event_id: str | None = None) -> str:
+    msg: dict[str, Any] = {"type": "input_audio_buffer.append",
+                           "audio": base64.b64encode(data).decode()}
+    if event_id is not None:
+        msg["event_id"] = event_id
+    return json.dumps(msg)
+
+
+def update_msg(turn_detection: dict[str, Any] | None) -> str:
+    return json.dumps({"type": "session.update", "session": {
+        "type": "transcription",
+        "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000},
+                            "turn_detection": turn_detection}}}})
+
+
+def feed(core: RealtimeTranscription, data: bytes, chunk_ms: int = 100) -> list[Output]:
+    step = INPUT_RATE * 2 * chunk_ms // 1000
+    out: list[Output] = []
+    for i in range(0, len(data), step):
+        out += core.receive(append_msg(data[i:i + step]))
+    return out
+
+
+def events(outputs: Sequence[Output]) -> list[dict[str, Any]]:
+    return [server_event_to_dict(o) for o in outputs if not isinstance(o, PushAudio)]
+
+
+def pushed(outputs: Sequence[Output]) -> Int16Array:
+    parts = [o.samples for o in outputs if isinstance(o, PushAudio)]
+    return np.concatenate(parts) if parts else np.zeros(0, np.int16)
+
+
+def types(evs: Sequence[dict[str, Any]]) -> list[str]:
+    return [e["type"] for e in evs]
+
+
+def caption(segment: int, text: str, stable: str, *, final: bool = False) -> CaptionEvent:
+    return CaptionEvent(stream="rt", segment=segment, seq=1, final=final, text=text,
+                        plain_text=text, stable=text if final else stable,
+                        unstable="" if final else text[len(stable):], tags=(),
+                        start=0.0, end=1.0, latency=0.1)
+
+
+def new_core() -> RealtimeTranscription:
+    return RealtimeTranscription(load_config().vad, model="test-model", language="en",
+                                 prefix="t_")
+
+
+# --- the pure core ---------------------------------------------------------------
+
+
+def test_session_created_then_updates_report_the_effective_config() -> None:
+    core = new_core()
+    vad = load_config().vad
+    (created,) = events(core.start())
+    assert created["type"] == "session.created"
+    session = created["session"]
+    assert session["type"] == "transcription"
+    assert session["audio"]["input"]["format"] == {"type": "audio/pcm", "rate": 24000}
+    assert session["audio"]["input"]["turn_detection"] == {
+        "type": "server_vad", "prefix_padding_ms": vad.pre_roll_ms,
+        "silence_duration_ms": vad.end_silence_ms}
+
+    (updated,) = events(core.receive(update_msg(None)))
+    assert updated["type"] == "session.updated"
+    assert updated["session"]["audio"]["input"]["turn_detection"] is None
+    assert not core.server_vad
+    # An update that does not mention turn detection leaves it alone.
+    (same,) = events(core.receive(json.dumps(
+        {"type": "session.update", "session": {"type": "transcription"}})))
+    assert same["session"]["audio"]["input"]["turn_detection"] is None
+
+    # The beta event is answered in the beta shape.
+    (beta,) = events(core.receive(json.dumps({
+        "type": "transcription_session.update",
+        "session": {"input_audio_format": "pcm16", "turn_detection": {"type": "server_vad"}}})))
+    assert beta["type"] == "transcription_session.updated"
+    assert beta["session"]["turn_detection"]["type"] == "server_vad"
+    assert core.server_vad
+    ids = [created["event_id"], updated["event_id"], same["event_id"], beta["event_id"]]
+    assert len(set(ids)) == 4
+
+
+BAD_MESSAGES: list[tuple[str | bytes, str, str | None]] = [
+    ("{not json", "invalid_json", None),
+    ("[1, 2]", "invalid_type", None),
+    (b"\x00\x01", "invalid_type", None),
+    (json.dumps({"event_id": "c1"}), "missing_required_parameter", "type"),
+    (json.dumps({"type": "nope", "event_id": "c1"}), "invalid_value", "type"),
+    (json.dumps({"type": "response.create", "event_id": "c1"}), "invalid_value", "type"),
+    (json.dumps({"type": "input_audio_buffer.append", "event_id": "c1"}),
+     "missing_required_parameter", "audio"),
+    (json.dumps({"type": "input_audio_buffer.append", "audio": "%%%", "event_id": "c1"}),
+     "invalid_value", "audio"),
+    (json.dumps({"type": "input_audio_buffer.append", "audio": 5, "event_id": "c1"}),
+     "invalid_type", "audio"),
+    (json.dumps({"type": "session.update", "event_id": "c1",
+                 "session": {"type": "realtime"}}), "invalid_value", "session.type"),
+    (json.dumps({"type": "session.update", "event_id": "c1", "session": {
+        "type": "transcription", "audio": {"input": {"format": {"type": "audio/pcmu"}}}}}),
+     "invalid_value", "session.audio.input.format.type"),
+    (json.dumps({"type": "session.update", "event_id": "c1", "session": {
+        "type": "transcription",
+        "audio": {"input": {"format": {"type": "audio/pcm", "rate": 16000}}}}}),
+     "invalid_value", "session.audio.input.format.rate"),
+    (json.dumps({"type": "session.update", "event_id": "c1", "session": {
+        "type": "transcription",
+        "audio": {"input": {"turn_detection": None, "format": {"type": "audio/pcmu"}}}}}),
+     "invalid_value", "session.audio.input.format.type"),
+    (json.dumps({"type": "session.update", "event_id": "c1", "session": {
+        "type": "transcription",
+        "audio": {"input": {"turn_detection": {"type": "semantic_vad"}}}}}),
+     "invalid_value", "session.audio.input.turn_detection.type"),
+    (json.dumps({"type": "transcription_session.update", "event_id": "c1",
+                 "session": {"input_audio_format": "g711_ulaw"}}),
+     "invalid_value", "session.input_audio_format"),
+]
+
+
+@pytest.mark.parametrize(("message", "code", "param"), BAD_MESSAGES)
+def test_bad_messages_get_an_error_and_change_nothing(
+    message: str | bytes, code: str, param: str | None,
+) -> None:
+    core = new_core()
+    core.start()
+    (err,) = events(core.receive(message))
+    assert err["type"] == "error"
+    assert err["event_id"].startswith("event_")
+    assert set(err["error"]) == ERROR_KEYS
+    assert err["error"]["type"] == "invalid_request_error"
+    assert err["error"]["code"] == code
+    assert err["error"]["param"] == param
+    client_id = "c1" if isinstance(message, str) and '"c1"' in message else None
+    assert err["error"]["event_id"] == client_id
+    # The session is unchanged (turn detection on, no audio) and goes on serving.
+    assert core.server_vad
+    assert core.segments_opened == 0
+    assert len(pushed(core.receive(append_msg(b"\x00\x00" * 2400)))) > 0
+
+
+def test_server_vad_turns_follow_the_engine_segmenter() -> None:
+    vad = load_config().vad
+    audio, spans = speech_with_pauses(SENTENCES, pause_s=1.2)
+    core = new_core()
+    core.start()
+    outs = feed(core, pcm24(audio))
+    evs = events(outs)
+    assert types(evs) == ["input_audio_buffer.speech_started",
+                          "input_audio_buffer.speech_stopped",
+                          "input_audio_buffer.committed"] * 2
+    first, second = evs[:3], evs[3:]
+    for (start, stop, committed), (a, b) in zip((first, second), spans, strict=True):
+        item = start["item_id"]
+        assert stop["item_id"] == item
+        assert committed["item_id"] == item
+        # Pre-roll included, as OpenAI's prefix_padding_ms.
+        assert a * 1000 // SAMPLE_RATE - vad.pre_roll_ms - 120 <= start["audio_start_ms"]
+        assert start["audio_start_ms"] <= a * 1000 // SAMPLE_RATE + 120
+        assert abs(stop["audio_end_ms"] - b * 1000 // SAMPLE_RATE) <= 400
+    assert first[2]["previous_item_id"] is None
+    assert second[2]["previous_item_id"] == first[0]["item_id"]
+    # The stream got the client's audio; the engine's own segmenter, fed the
+    # same samples, opens the same segments the core announced.
+    stream_audio = pushed(outs)
+    assert 0 <= len(audio) - len(stream_audio) < 0.05 * SAMPLE_RATE  # soxr holds a tail
+    reference = Segmenter(vad).feed(stream_audio)
+    assert sum(isinstance(e, SpeechStarted) for e in reference) == core.segments_opened == 2
+
+    # Captions of segment 0: only newly stable text goes out as deltas.
+    item = first[0]["item_id"]
+    text_events = events(
+        core.on_engine_event(caption(0, "Good evening and", "Good evening"))
+        + core.on_engine_event(caption(0, "Good evening and welcome", "Good evening"))
+        + core.on_engine_event(caption(0, "Good evening and welcome to", "Good evening and"))
+        + core.on_engine_event(caption(0, "[laughs] no", "", final=True))
+    )
+    deltas = [e["delta"] for e in text_events if e["type"].endswith(".delta")]
+    assert deltas == ["Good evening", " and"]
+    (done,) = [e for e in text_events if e["type"].endswith(".completed")]
+    # A final that contradicts sent text is authoritative in `completed`.
+    assert done["item_id"] == item
+    assert done["transcript"] == "[laughs] no"
+    assert done["usage"]["type"] == "duration"
+    assert done["usage"]["seconds"] > 1.0
+    # The second item: a final that revised its head sends no further delta.
+    text_events = events(
+        core.on_engine_event(caption(1, "Thank you for", "Thank you"))
+        + core.on_engine_event(caption(1, "[laughs] Thank you for listening.",
+                                       "[laughs] Thank you for listening.", final=True)))
+    assert types(text_events)[-1] == "conversation.item.input_audio_transcription.completed"
+    deltas = [e["delta"] for e in text_events if e["type"].endswith(".delta")]
+    assert text_events[-1]["transcript"] == "[laughs] Thank you for listening."
+    assert deltas == ["Thank you"]  # the final revised the head: nothing more appended
+    # Events of unknown segments (cleared, or not ours) are ignored.
+    assert core.on_engine_event(caption(7, "x", "x", final=True)) == []
+
+
+def test_deltas_add_up_to_the_completed_transcript() -> None:
+    core = new_core()
+    core.start()
+    feed(core, pcm24(speech_with_pauses(SENTENCES[:1], pause_s=1.0)[0]))
+    views = [("Good", ""), ("Good evening", "Good"), ("Good evening and we", "Good evening"),
+             ("Good evening and welcome", "Good evening and")]
+    out: list[Output] = []
+    for text, stable in views:
+        out += core.on_engine_event(caption(0, text, stable))
+    out += core.on_engine_event(caption(0, "Good evening and welcome, everyone.", "",
+                                        final=True))
+    evs = events(out)
+    deltas = "".join(e["delta"] for e in evs if e["type"].endswith(".delta"))
+    assert evs[-1]["transcript"] == deltas == "Good evening and welcome, everyone."
+
+
+def test_commit_and_clear_in_server_vad_mode() -> None:
+    speech = pcm24(speak(SENTENCES[0]))
+    core = new_core()
+    core.start()
+    # Half a sentence: speech is open; commit ends it now, without speech_stopped.
+    evs = events(feed(core, speech[: len(speech) // 2]))
+    assert types(evs) == ["input_audio_buffer.speech_started"]
+    outs = core.receive(json.dumps({"type": "input_audio_buffer.commit"}))
+    assert types(events(outs)) == ["input_audio_buffer.committed"]
+    assert events(outs)[0]["item_id"] == evs[0]["item_id"]
+    assert len(pushed(outs)) > 0  # silence that closes the engine's segment too
+    # Nothing open: a commit is an error.
+    (err,) = events(core.receive(json.dumps({"type": "input_audio_buffer.commit",
+                                             "event_id": "c9"})))
+    assert err["error"]["code"] == "input_audio_buffer_commit_empty"
+    assert err["error"]["event_id"] == "c9"
+    # Clear drops the open item: no committed, and its captions are ignored.
+    evs = events(feed(core, speech[: len(speech) // 2]))
+    assert types(evs) == ["input_audio_buffer.speech_started"]
+    assert types(events(core.receive('{"type": "input_audio_buffer.clear"}'))) == [
+        "input_audio_buffer.cleared"]
+    assert core.segments_opened == 2
+    evs = events(core.on_engine_event(caption(0, "Good evening", "", final=True)))
+    assert types(evs)[-1] == "conversation.item.input_audio_transcription.completed"
+    assert core.on_engine_event(caption(1, "and welcome", "", final=True)) == []
+
+
+def test_manual_commit_makes_one_item_of_the_buffer() -> None:
+    core = new_core()
+    core.start()
+    core.receive(update_msg(None))
+    # Nothing reaches the engine before the commit.
+    assert feed(core, pcm24(speak(JUNK))) == []
+    assert core.buffered_ms > 1000
+    assert types(events(core.receive('{"type": "input_audio_buffer.clear"}'))) == [
+        "input_audio_buffer.cleared"]
+    assert core.buffered_ms == 0
+    (err,) = events(core.receive('{"type": "input_audio_buffer.commit"}'))
+    assert err["error"]["code"] == "input_audio_buffer_commit_empty"
+
+    audio, _ = speech_with_pauses(SENTENCES, pause_s=1.2)
+    assert feed(core, pcm24(audio)) == []
+    outs = core.receive('{"type": "input_audio_buffer.commit"}')
+    evs = events(outs)
+    assert types(evs) == ["input_audio_buffer.committed"]  # no VAD events in manual mode
+    item = evs[0]["item_id"]
+    assert len(pushed(outs)) > len(audio)  # the buffer, then closing silence
+    assert core.segments_opened == 2  # two segments of the stream, one item
+    evs = events(core.on_engine_event(caption(0, SENTENCES[0], "", final=True)))
+    assert types(evs) == ["conversation.item.input_audio_transcription.delta"]
+    evs = events(core.on_engine_event(caption(1, SENTENCES[1], "", final=True)))
+    assert types(evs)[-1] == "conversation.item.input_audio_transcription.completed"
+    assert evs[-1]["item_id"] == item
+    assert evs[-1]["transcript"] == " ".join(SENTENCES)
+    assert abs(evs[-1]["usage"]["seconds"] - len(audio) / SAMPLE_RATE) < 0.05
+
+    # A buffer of silence is an item with an empty transcript, at once.
+    feed(core, b"\x00\x00" * INPUT_RATE)
+    evs = events(core.receive('{"type": "input_audio_buffer.commit"}'))
+    assert types(evs) == ["input_audio_buffer.committed",
+                          "conversation.item.input_audio_transcription.completed"]
+    assert evs[0]["previous_item_id"] == item
+    assert evs[1]["transcript"] == ""
+
+
+def test_switching_turn_detection_off_commits_the_open_turn() -> None:
+    speech = pcm24(speak(SENTENCES[0]))
+    core = new_core()
+    core.start()
+    assert types(events(feed(core, speech[: len(speech) // 2]))) == [
+        "input_audio_buffer.speech_started"]
+    assert types(events(core.receive(update_msg(None)))) == [
+        "input_audio_buffer.committed", "session.updated"]
+    # Back on: audio held meanwhile is pushed as live audio.
+    assert feed(core, speech) == []
+    outs = core.receive(update_msg({"type": "server_vad"}))
+    assert len(pushed(outs)) > 0
+    assert types(events(outs)) == ["input_audio_buffer.speech_started", "session.updated"]
+
+
+# --- over sockets, with the openai SDK ------------------------------------------------
+
+
+def sdk_client(port: int) -> AsyncOpenAI:
+    return AsyncOpenAI(api_key="test", base_url=f"http://127.0.0.1:{port}/v1",
+                       websocket_base_url=f"ws://127.0.0.1:{port}/v1")
+
+
+async def until(conn: AsyncRealtimeConnection, last: str, count: int = 1,
+                seen: list[Any] | None = None) -> list[Any]:
+    """Events up to and including the ``count``-th of type ``last``."""
+    got: list[Any] = [] if seen is None else seen
+    n = 0
+    async with asyncio.timeout(60):
+        async for event in conn:
+            got.append(event)
+            if event.type == last:
+                n += 1
+                if n == count:
+                    break
+    return got
+
+
+async def send_paced(conn: AsyncRealtimeConnection, data: bytes, speed: float = 4.0) -> None:
+    step = INPUT_RATE * 2 // 10  # 100 ms
+    for i in range(0, len(data), step):
+        await conn.input_audio_buffer.append(audio=base64.b64encode(data[i:i + step]).decode())
+        await asyncio.sleep(0.1 / speed)
+
+
+async def vad_session(port: int) -> list[Any]:
+    audio, _ = speech_with_pauses(SENTENCES, pause_s=1.2)
+    async with sdk_client(port).realtime.connect(
+            model="evoxtral", extra_query={"intent": "transcription"}) as conn:
+        await conn.session.update(session={
+            "type": "transcription",
+            "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000},
+                                "turn_detection": {"type": "server_vad"}}}})
+        # Twice real time: fast, and still room for partials on a busy machine.
+        sender = asyncio.ensure_future(send_paced(conn, pcm24(audio), speed=2.0))
+        events = await until(conn, "conversation.item.input_audio_transcription.completed", 2)
+        await sender
+    return events
+
+
+async def manual_session(port: int) -> list[Any]:
+    async with sdk_client(port).realtime.connect(
+            model="evoxtral", extra_query={"intent": "transcription"}) as conn:
+        await conn.session.update(session={
+            "type": "transcription", "audio": {"input": {"turn_detection": None}}})
+        # Four bad messages; the session survives them all.
+        await conn.send_raw("{not json")
+        await conn.send_raw(json.dumps({"type": "bogus", "event_id": "evt_bad"}))
+        await conn.input_audio_buffer.append(audio="not base64 at all!")
+        await conn.session.update(session={
+            "type": "transcription", "audio": {"input": {"format": {"type": "audio/pcmu"}}}})
+        await conn.input_audio_buffer.commit(event_id="evt_empty")
+        # Speech that is cleared never shows up.
+        await send_paced(conn, pcm24(speak(JUNK)), speed=20)
+        await conn.input_audio_buffer.clear()
+        await send_paced(conn, pcm24(speak(MANUAL)), speed=20)
+        await conn.input_audio_buffer.commit()
+        return await until(conn, "conversation.item.input_audio_transcription.completed")
+
+
+async def test_openai_sdk_transcribes_with_server_vad_and_manual_commit(
+    whisper_backend: Backend,
+) -> None:
+    cfg = config()
+    async with Engine(cfg, whisper_backend) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        vad, manual = await asyncio.gather(vad_session(server.port),
+                                           manual_session(server.port))
+        # Leaving, each session closes its engine stream.
+        async with asyncio.timeout(10):
+            while engine.streams:
+                await asyncio.sleep(0.05)
+
+    # -- server_vad ---------------------------------------------------------------
+    kinds = [e.type for e in vad]
+    assert kinds[:2] == ["session.created", "session.updated"]
+    assert vad[0].session.type == "transcription"
+    assert vad[1].session.audio.input.turn_detection.type == "server_vad"
+    assert "error" not in kinds
+    assert len({e.event_id for e in vad}) == len(vad)
+
+    def of(kind: str, events: list[Any]) -> list[Any]:
+        return [e for e in events if e.type == f"input_audio_buffer.{kind}"
+                or e.type == f"conversation.item.input_audio_transcription.{kind}"]
+
+    started, stopped, committed = of("speech_started", vad), of("speech_stopped", vad), \
+        of("committed", vad)
+    completed = of("completed", vad)
+    assert len(started) == len(stopped) == len(committed) == len(completed) == 2
+    assert committed[0].previous_item_id is None
+    assert committed[1].previous_item_id == committed[0].item_id
+    for i, sentence in enumerate(SENTENCES):
+        item = started[i].item_id
+        assert stopped[i].item_id == committed[i].item_id == completed[i].item_id == item
+        assert started[i].audio_start_ms < stopped[i].audio_end_ms
+        assert vad.index(started[i]) < vad.index(stopped[i]) < vad.index(committed[i]) \
+            < vad.index(completed[i])
+        deltas = [e.delta for e in of("delta", vad) if e.item_id == item]
+        assert deltas, "no delta for an item"
+        # Deltas are the stable text as it grew, and add up to the transcript.
+        assert "".join(deltas) == completed[i].transcript
+        assert loose_wer(sentence, completed[i].transcript) <= 0.25, completed[i].transcript
+    assert started[1].audio_start_ms > stopped[0].audio_end_ms
+    # Deltas come while the person speaks, before the turn has ended.
+    assert any(vad.index(e) < vad.index(stop) for stop in stopped for e in of("delta", vad)
+               if e.item_id == stop.item_id)
+
+    # -- manual commit, with bad messages on the way ----------------------------------
+    kinds = [e.type for e in manual]
+    assert kinds[:2] == ["session.created", "session.updated"]
+    assert manual[1].session.audio.input.turn_detection is None
+    errors = [e.error for e in manual if e.type == "error"]
+    assert [(e.code, e.param, e.event_id) for e in errors] == [
+        ("invalid_json", None, None),
+        ("invalid_value", "type", "evt_bad"),
+        ("invalid_value", "audio", None),
+        ("invalid_value", "session.audio.input.format.type", None),
+        ("input_audio_buffer_commit_empty", None, "evt_empty"),
+    ]
+    assert all(e.type == "invalid_request_error" for e in errors)
+    assert "input_audio_buffer.speech_started" not in kinds
+    assert kinds.count("input_audio_buffer.cleared") == 1
+    (commit,) = of("committed", manual)
+    (done,) = of("completed", manual)
+    assert done.item_id == commit.item_id
+    assert loose_wer(MANUAL, done.transcript) <= 0.25, done.transcript
+    assert "ignore" not in done.transcript.lower()
+    assert len({e.event_id for e in manual}) == len(manual)
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[CaptionServer]:
+    cfg = config()
+    async with Engine(cfg, ScriptedBackend(lambda a: "scripted words")) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        yield server
+
+
+@pytest.mark.parametrize("query", ["", "?intent=conversation", "?model=gpt-realtime"])
+async def test_only_transcription_sessions_are_served(
+    scripted: CaptionServer, query: str,
+) -> None:
+    async with connect(f"ws://127.0.0.1:{scripted.port}/v1/realtime{query}") as ws:
+        err = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert err["type"] == "error"
+        assert err["error"]["code"] == "unsupported_intent"
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 10)
+        assert ws.close_code == 1008
+
+
+async def test_beta_update_and_a_named_stream(scripted: CaptionServer) -> None:
+    url = f"ws://127.0.0.1:{scripted.port}/v1/realtime?intent=transcription&stream=desk"
+    async with connect(url) as ws:
+        created = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert created["type"] == "session.created"
+        await ws.send(json.dumps({"type": "transcription_session.update",
+                                  "session": {"input_audio_format": "pcm16",
+                                              "turn_detection": None}}))
+        updated = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert updated["type"] == "transcription_session.updated"
+        assert updated["session"]["turn_detection"] is None
+        # A second session cannot take the same stream.
+        async with connect(url) as other:
+            err = json.loads(await asyncio.wait_for(other.recv(), 10))
+            assert err["error"]["code"] == "stream_busy"
+        await ws.send(append_msg(pcm24(speak(MANUAL))))
+        await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        got: list[dict[str, Any]] = []
+        while not got or got[-1]["type"] != \
+                "conversation.item.input_audio_transcription.completed":
+            got.append(json.loads(await asyncio.wait_for(ws.recv(), 20)))
+        assert got[0]["type"] == "input_audio_buffer.committed"
+        assert got[-1]["transcript"] == "scripted words"
