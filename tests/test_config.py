@@ -62,7 +62,7 @@ def test_overrides_parse_toml_literals_or_bare_strings() -> None:
     assert parse_override("server.host = 0.0.0.0") == ("server.host", "0.0.0.0")
     assert parse_override('model.language="fr"') == ("model.language", "fr")
     assert parse_override("model.voxtral.merge_lora=false") == ("model.voxtral.merge_lora", False)
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         parse_override("no-equals-sign")
 
 

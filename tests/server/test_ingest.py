@@ -260,3 +260,20 @@ async def test_ingest_chooses_an_adapter_per_stream() -> None:
     assert finals_text(rl).startswith("rl: w0")
     assert finals_text(plain).startswith("default: w0")
     assert any(c == ["rl"] or "rl" in c for c in backend.adapter_calls)
+
+
+async def test_ingest_connection_sees_its_stream_start_and_resume_sees_the_end(
+    scripted: tuple[Engine, CaptionServer],
+) -> None:
+    _, server = scripted
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+    messages = await ingest(server.port, "once", {"sample_rate": 16000},
+                            audio.astype("<i2").tobytes())
+    types = [m["type"] for m in messages]
+    assert types[0] == "stream.started"
+    assert types[-2:] == ["stream.ended", "ingest.summary"]
+    last_final = max(m["seq"] for m in messages if m["type"] == "caption")
+    async with connect(f"ws://127.0.0.1:{server.port}/v1/captions?since=once:{last_final}") as ws:
+        await ws.recv()  # hello
+        ended = await recv_json(ws)
+    assert ended["type"] == "stream.ended" and ended["stream"] == "once"

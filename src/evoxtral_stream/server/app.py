@@ -283,24 +283,29 @@ class CaptionServer:
         if isinstance(fmt, EndOfStream):
             await self._refuse(ws, "not_configured", "end before any config message")
             return
+        # Subscribe first, so this connection also gets its own stream.started.
+        sub = self.broadcaster.subscribe([stream_id])
         try:
             stream = self._engine.open_stream(stream_id, source="ingest", adapter=fmt.adapter)
         except ValueError as e:
+            self.broadcaster.unsubscribe(sub)
             await self._refuse(ws, "bad_config", str(e), stream=stream_id)
             return
-        await self._run_ingest(ws, stream, fmt)
+        await self._run_ingest(ws, stream, sub, fmt)
 
-    async def _run_ingest(self, ws: ServerConnection, stream: Stream, fmt: IngestFormat) -> None:
+    async def _run_ingest(self, ws: ServerConnection, stream: Stream, sub: Subscription,
+                          fmt: IngestFormat) -> None:
         stream_id = stream.id
-        sub = self.broadcaster.subscribe([stream_id])
         resampler = StreamResampler(fmt.sample_rate, SAMPLE_RATE, fmt.channels)
-        pump = asyncio.ensure_future(self._pump(ws, sub))
-        overflow = asyncio.ensure_future(sub.overflowed.wait())
         ended_cleanly = False
-        try:
+        with contextlib.suppress(ConnectionClosed):
+            # ingest.ready goes out before the pump starts, so it comes first.
             await ws.send(encode_message("ingest.ready", stream=stream_id,
                                          sample_rate=fmt.sample_rate, channels=fmt.channels,
                                          format=fmt.sample_format.value))
+        pump = asyncio.ensure_future(self._pump(ws, sub))
+        overflow = asyncio.ensure_future(sub.overflowed.wait())
+        try:
             ended_cleanly = await self._read_audio(ws, stream_id, fmt, resampler, stream.push)
         except ConnectionClosed:
             pass

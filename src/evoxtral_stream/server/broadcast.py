@@ -9,7 +9,8 @@ whatever the number of subscribers.
 Resume: the last ``history`` caption events of each stream are kept (for at
 most ``history_streams`` streams, the least recently active forgotten first),
 so a subscriber that reconnects with ``since={stream: seq}`` first gets every
-retained caption after ``seq``. Captions no longer retained are announced by
+retained caption after ``seq`` (and the stream's ``stream.ended`` if it has
+ended). Captions no longer retained are announced by
 an explicit ``gap`` message, never skipped silently.
 """
 
@@ -20,7 +21,7 @@ import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 
-from ..events import CaptionEvent, EngineEvent
+from ..events import CaptionEvent, EngineEvent, StreamEnded
 from .protocol import encode_message
 
 __all__ = ["Broadcaster", "Subscription"]
@@ -62,6 +63,7 @@ class Broadcaster:
         self._history = history
         self._history_streams = history_streams
         self._retained: OrderedDict[str, deque[tuple[int, str]]] = OrderedDict()
+        self._ended: dict[str, str] = {}
         self._subs: set[Subscription] = set()
         self.dropped_subscribers = 0
 
@@ -94,7 +96,9 @@ class Broadcaster:
             return [self._gap(stream, since + 1, None)] if since > 0 else []
         first = kept[0][0]
         out = [self._gap(stream, since + 1, first - 1)] if since + 1 < first else []
-        return out + [msg for seq, msg in kept if seq > since]
+        out += [msg for seq, msg in kept if seq > since]
+        ended = self._ended.get(stream)
+        return [*out, ended] if ended is not None else out
 
     @staticmethod
     def _gap(stream: str, first_missing: int, last_missing: int | None) -> str:
@@ -105,7 +109,8 @@ class Broadcaster:
         if kept is None:
             kept = self._retained[event.stream] = deque(maxlen=self._history)
             while len(self._retained) > self._history_streams:
-                self._retained.popitem(last=False)
+                gone, _ = self._retained.popitem(last=False)
+                self._ended.pop(gone, None)
         else:
             self._retained.move_to_end(event.stream)
         kept.append((event.seq, message))
@@ -116,6 +121,10 @@ class Broadcaster:
         if self._history and isinstance(event, CaptionEvent):
             message = self._encode(event)
             self._retain(event, message)
+        elif self._history and isinstance(event, StreamEnded) and event.stream in self._retained:
+            # A client resuming after the end learns that the stream ended.
+            message = self._encode(event)
+            self._ended[event.stream] = message
         for sub in list(self._subs):
             if not sub.wants(event.stream):
                 continue

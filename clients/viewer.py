@@ -1,0 +1,423 @@
+"""Terminal caption viewer for an evoxtral-stream server.
+
+    python clients/viewer.py --url ws://127.0.0.1:8765 [--stream ID] [--since SEQ]
+
+Subscribes to ``/v1/captions`` (docs/protocol.md) and prints the captions:
+each final as a line on stdout, the live partial redrawn in place on a
+terminal (stable text plain, unstable text dim, tags coloured by kind).
+Status lines (hello, stream started/ended, gaps, errors) go to stderr. When
+the connection drops, the viewer reconnects with ``since=STREAM:SEQ`` for
+every stream it has seen, so no final is lost (or a ``gap`` says which were).
+
+The rendering is pure: :func:`render_event` turns one protocol message into
+the text to show; :class:`LiveWriter` decides where and how it is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, TextIO
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
+
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from evoxtral_stream.console import format_time
+from evoxtral_stream.text.tags import lookup_tag, normalize_tag_name
+
+__all__ = [
+    "KIND_COLORS",
+    "LiveWriter",
+    "build_parser",
+    "captions_url",
+    "endpoint",
+    "main",
+    "parse_since",
+    "render_event",
+    "use_color",
+    "watch",
+]
+
+PROTOCOL_VERSION = 1
+#: SGR colour per tag kind (docs/protocol.md): stable tags bold, unstable dim.
+KIND_COLORS = {"emotion": "33", "non-verbal": "36", "delivery": "35", "pause": "34",
+               "unknown": "31"}
+_DIM = "2"
+_RESET = "\x1b[0m"
+_CLEAR_LINE = "\r\x1b[2K"
+_TAG = re.compile(r"\[([^\[\]]*)\]")
+_CLOSE_POLICY = 1008
+
+# A piece of output: its text and its SGR parameters ("" for plain).
+_Piece = tuple[str, str]
+
+
+# --- rendering (pure) ---------------------------------------------------------
+
+
+def _tag_kinds(event: Mapping[str, Any]) -> dict[str, str]:
+    tags = event.get("tags")
+    return {normalize_tag_name(str(t.get("tag", ""))): str(t.get("kind", "unknown"))
+            for t in (tags if isinstance(tags, list) else []) if isinstance(t, dict)}
+
+
+def _kind(inner: str, kinds: Mapping[str, str]) -> str:
+    """The server's kind for a tag, else the known tag set's, else ``unknown``."""
+    found = kinds.get(normalize_tag_name(inner))
+    if found is not None:
+        return found
+    spec = lookup_tag(inner)
+    return spec.kind.value if spec is not None else "unknown"
+
+
+def _pieces(text: str, kinds: Mapping[str, str], unstable: bool) -> list[_Piece]:
+    plain = _DIM if unstable else ""
+    out: list[_Piece] = []
+    pos = 0
+    for m in _TAG.finditer(text):
+        if not m.group(1).strip():
+            continue
+        if m.start() > pos:
+            out.append((text[pos:m.start()], plain))
+        colour = KIND_COLORS.get(_kind(m.group(1), kinds), KIND_COLORS["unknown"])
+        out.append((m.group(), f"{_DIM if unstable else '1'};{colour}"))
+        pos = m.end()
+    if pos < len(text):
+        out.append((text[pos:], plain))
+    return out
+
+
+def _clip(pieces: list[_Piece], room: int) -> list[_Piece]:
+    """Drop text from the start so at most ``room`` characters remain (``…`` first)."""
+    excess = sum(len(t) for t, _ in pieces) - room
+    if excess <= 0:
+        return pieces
+    drop = excess + 1
+    out: list[_Piece] = [("…", "")]
+    for text, style in pieces:
+        if drop >= len(text):
+            drop -= len(text)
+            continue
+        out.append((text[drop:], style))
+        drop = 0
+    return out
+
+
+def _paint(pieces: Sequence[_Piece], color: bool) -> str:
+    return "".join(f"\x1b[{style}m{text}{_RESET}" if color and style else text
+                   for text, style in pieces)
+
+
+def _caption(event: Mapping[str, Any], color: bool, show_stream: bool,
+             width: int | None) -> str | None:
+    final = bool(event.get("final"))
+    text = str(event.get("text", ""))
+    if not text:
+        return None
+    kinds = _tag_kinds(event)
+    stable, unstable = event.get("stable"), event.get("unstable")
+    if final or not isinstance(stable, str) or not isinstance(unstable, str) \
+            or stable + unstable != text:
+        body = _pieces(text, kinds, unstable=not final)
+    else:
+        body = _pieces(stable, kinds, False) + _pieces(unstable, kinds, True)
+    span = (f"[{format_time(float(event.get('start', 0)))} → "
+            f"{format_time(float(event.get('end', 0)))}]")
+    prefix = f"{event.get('stream')} {span}" if show_stream else span
+    if width is not None:
+        body = _clip(body, max(10, width - len(prefix) - 1))
+    return _paint([(prefix, _DIM), (" ", ""), *body], color)
+
+
+def render_event(event: Mapping[str, Any], *, color: bool = True, show_stream: bool = True,
+                 width: int | None = None) -> str | None:
+    """The text to show for one protocol message, without a trailing newline.
+
+    - ``caption``: ``[stream ][m:ss.s → m:ss.s] text``. Tags are highlighted
+      with :data:`KIND_COLORS` by the kind the server gave them (else the
+      known tag set's, else ``unknown``); a final is all stable text; a
+      partial shows ``stable`` plain and ``unstable`` dim. ``width`` (visible
+      characters) keeps the end of the text and elides the start, so a partial
+      fits one terminal row. None for a caption with no text.
+    - ``hello``, ``stream.started``/``ended``, ``gap``, ``error``,
+      ``ingest.ready``/``summary``: a one-line status.
+    - anything else: None.
+
+    ``color=False`` gives plain text with no escape sequences at all.
+    """
+    kind = event.get("type")
+    if kind == "caption":
+        return _caption(event, color, show_stream, width)
+    line: str | None
+    style = _DIM
+    if kind == "hello":
+        streams = ", ".join(map(str, event.get("streams") or [])) or "none"
+        line = (f"connected to {event.get('server')} {event.get('version')} "
+                f"(backend {event.get('backend')}); open streams: {streams}")
+    elif kind == "stream.started":
+        line = f"▶ {event.get('stream')} started ({event.get('source')})"
+    elif kind == "stream.ended":
+        line = (f"■ {event.get('stream')} ended: {event.get('finals')} finals, "
+                f"{float(event.get('duration', 0)):.1f} s")
+    elif kind == "gap":
+        last = event.get("to")
+        line = (f"! {event.get('stream')}: captions {event.get('from')}–"
+                f"{'…' if last is None else last} are no longer retained")
+        style = KIND_COLORS["unknown"]
+    elif kind == "error":
+        where = f" ({event['stream']})" if event.get("stream") else ""
+        line = f"! {event.get('code')}: {event.get('message')}{where}"
+        style = KIND_COLORS["unknown"]
+    elif kind == "ingest.ready":
+        line = (f"streaming to {event.get('stream')} "
+                f"({event.get('sample_rate')} Hz, {event.get('format')})")
+    elif kind == "ingest.summary":
+        line = (f"{event.get('stream')}: {float(event.get('duration', 0)):.1f} s of audio, "
+                f"{event.get('segments')} segments, {event.get('finals')} finals, "
+                f"{event.get('partials')} partials, {event.get('errors')} errors")
+    else:
+        line = None
+    return None if line is None else _paint([(line, style)], color)
+
+
+# --- output -------------------------------------------------------------------
+
+
+class LiveWriter:
+    """Writes protocol messages as :func:`render_event` renders them.
+
+    Captions go to ``out``: finals as lines; with ``live`` each partial is
+    redrawn in place on one row (clear the row, write, no newline) until the
+    next partial or a final replaces it; without ``live`` partials are not
+    written. Every other message, and :meth:`status` lines, go to ``err``
+    after clearing a partial shown on the same terminal.
+    """
+
+    def __init__(self, out: TextIO, err: TextIO, *, color: bool, live: bool,
+                 show_stream: bool) -> None:
+        self.out = out
+        self.err = err
+        self.color = color
+        self.live = live
+        self.show_stream = show_stream
+        self._partial_shown = False
+
+    def show(self, event: Mapping[str, Any]) -> None:
+        if event.get("type") != "caption":
+            line = render_event(event, color=self.color)
+            if line is not None:
+                self.status(line, styled=True)
+            return
+        if event.get("final"):
+            self.clear()
+            line = render_event(event, color=self.color, show_stream=self.show_stream)
+            if line is not None:
+                self.out.write(line + "\n")
+                self.out.flush()
+        elif self.live:
+            width = shutil.get_terminal_size((100, 24)).columns - 1
+            line = render_event(event, color=self.color, show_stream=self.show_stream,
+                                width=width)
+            if line is not None:
+                self.out.write(_CLEAR_LINE + line)
+                self.out.flush()
+                self._partial_shown = True
+
+    def status(self, text: str, *, styled: bool = False) -> None:
+        """A line on ``err`` (dim on a colour terminal unless already ``styled``)."""
+        self.clear()
+        self.err.write((text if styled or not self.color else _paint([(text, _DIM)], True))
+                       + "\n")
+        self.err.flush()
+
+    def clear(self) -> None:
+        """Remove the partial shown in place, if any."""
+        if self._partial_shown:
+            self.out.write(_CLEAR_LINE)
+            self.out.flush()
+            self._partial_shown = False
+
+
+# --- the subscription ------------------------------------------------------------
+
+
+def endpoint(url: str, path: str) -> str:
+    """``ws[s]://host:port`` + ``path``; ``http[s]://`` and bare ``host:port`` work too.
+
+    Raises ValueError for another scheme or no host.
+    """
+    parts = urlsplit(url if "://" in url else f"ws://{url}")
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss") or not parts.netloc:
+        raise ValueError(f"not a ws://HOST:PORT URL: {url!r}")
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+def parse_since(value: str | None, streams: Sequence[str]) -> dict[str, int]:
+    """``--since``: ``SEQ`` (for every ``--stream``) or ``STREAM:SEQ[,STREAM:SEQ...]``.
+
+    Raises ValueError with a message for people.
+    """
+    since: dict[str, int] = {}
+    for item in (value or "").split(","):
+        if not item:
+            continue
+        name, sep, seq = item.rpartition(":")
+        if not seq.isdigit() or (sep and not name):
+            raise ValueError(f"--since takes SEQ or STREAM:SEQ, got {item!r}")
+        if sep:
+            since[name] = int(seq)
+        elif streams:
+            since.update(dict.fromkeys(streams, int(seq)))
+        else:
+            raise ValueError("--since SEQ needs --stream ID (or use --since STREAM:SEQ)")
+    return since
+
+
+def captions_url(base: str, streams: Sequence[str], since: Mapping[str, int]) -> str:
+    """The ``/v1/captions`` URL for ``streams`` (all when empty), resuming after ``since``."""
+    query: list[tuple[str, str]] = []
+    if streams:
+        query.append(("stream", ",".join(streams)))
+    if since:
+        query.append(("since", ",".join(f"{name}:{seq}" for name, seq in since.items())))
+    url = endpoint(base, "/v1/captions")
+    return f"{url}?{urlencode(query, safe=':,', quote_via=quote)}" if query else url
+
+
+async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
+                writer: LiveWriter, *, exit_on_end: bool = False,
+                max_retry_s: float = 5.0) -> int:
+    """Show captions until cancelled; reconnect (with resume) when the link drops.
+
+    Returns 0 after the ``stream.ended`` of every ``streams`` (any stream when
+    empty) if ``exit_on_end``; 1 when the first connection fails, the server
+    refuses the request (close 1008) or speaks another protocol version.
+
+    Resume replays captions but not ``stream.ended``: a stream seen before a
+    drop that the reconnect ``hello`` no longer lists ended meanwhile. It is
+    reported as such once the replay is over (no message for a second).
+    """
+    seen = dict(since)        # stream -> last seq, for since=
+    known: set[str] = set()   # streams seen started or captioned
+    ended: set[str] = set()
+    connects = 0
+    delay = 0.25
+
+    def finished() -> bool:
+        return exit_on_end and bool(ended) and (not streams or ended >= set(streams))
+
+    while True:
+        url = captions_url(base, streams, seen)
+        try:
+            async with connect(url, open_timeout=10, max_size=2**24) as ws:
+                connects, delay = connects + 1, 0.25
+                away: set[str] = set()
+                while True:
+                    try:
+                        raw = await asyncio.wait_for(ws.recv(), 1.0 if away else None)
+                    except TimeoutError:
+                        for name in sorted(away):
+                            writer.status(f"■ {name} ended while disconnected")
+                        ended.update(away)
+                        away = set()
+                        if finished():
+                            return 0
+                        continue
+                    try:
+                        event = json.loads(raw)
+                    except ValueError:
+                        writer.status(f"! not JSON: {raw!r:.80}")
+                        continue
+                    if not isinstance(event, dict):
+                        continue
+                    kind = event.get("type")
+                    name = str(event.get("stream"))
+                    if kind == "hello":
+                        if event.get("v") != PROTOCOL_VERSION:
+                            writer.status(f"the server speaks protocol v{event.get('v')}; "
+                                          f"this viewer knows v{PROTOCOL_VERSION}")
+                            return 1
+                        if connects > 1:
+                            away = known - ended - set(map(str, event.get("streams") or []))
+                    elif kind == "caption" and isinstance(event.get("seq"), int):
+                        seen[name] = max(seen.get(name, 0), event["seq"])
+                        known.add(name)
+                    elif kind == "stream.started":
+                        known.add(name)
+                    writer.show(event)
+                    if kind == "stream.ended":
+                        ended.add(name)
+                        if finished():
+                            return 0
+        except ConnectionClosed as e:
+            code = e.rcvd.code if e.rcvd is not None else None
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
+            if not connects:
+                writer.status(f"cannot connect to {url}: {e} (is the server running?)")
+                return 1
+            code = None
+        if code == _CLOSE_POLICY:
+            return 1  # the server said why in an error event
+        writer.status(f"connection lost (close code {code}); reconnecting in {delay:.2g} s")
+        await asyncio.sleep(delay)
+        delay = min(max_retry_s, delay * 2)
+
+
+def use_color(flag: bool | None, out: TextIO) -> bool:
+    """``--color``/``--no-color`` when given, else: ``out`` is a terminal, NO_COLOR unset."""
+    if flag is not None:
+        return flag
+    return out.isatty() and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="viewer.py", description="Show live captions from an evoxtral-stream server.")
+    p.add_argument("--url", default="ws://127.0.0.1:8765",
+                   help="server address (default: %(default)s)")
+    p.add_argument("--stream", action="append", default=[], metavar="ID",
+                   help="show only this stream (repeat, or a,b); default: every stream")
+    p.add_argument("--since", metavar="SEQ",
+                   help="resume: first the retained captions after SEQ (with --stream) or "
+                        "STREAM:SEQ[,STREAM:SEQ...]")
+    p.add_argument("--color", action=argparse.BooleanOptionalAction, default=None,
+                   help="ANSI colours (default: on a terminal unless NO_COLOR is set)")
+    p.add_argument("--exit-on-end", action="store_true",
+                   help="exit when the chosen streams (any stream without --stream) end")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the viewer; the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    streams = [n for v in args.stream for n in v.split(",") if n]
+    try:
+        since = parse_since(args.since, streams)
+        endpoint(args.url, "/")
+    except ValueError as e:
+        parser.error(str(e))
+    color = use_color(args.color, sys.stdout)
+    writer = LiveWriter(sys.stdout, sys.stderr, color=color, live=sys.stdout.isatty(),
+                        show_stream=len(streams) != 1)
+    try:
+        return asyncio.run(watch(args.url, streams, since, writer,
+                                 exit_on_end=args.exit_on_end))
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        with contextlib.suppress(Exception):
+            writer.clear()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,331 @@
+// evoxtral-stream live captions page (protocol v1, see docs/protocol.md).
+//
+// One subscription to /v1/captions (all streams) feeds the page; the picker
+// filters what is shown, so it always lists every stream. Each segment has
+// one line: partials rewrite it in #partials, the final moves it into
+// #finals (the aria-live log). On a disconnect the page reconnects with
+// since=STREAM:SEQ for every stream it has seen, so no final is lost, and
+// drops events it already has (seq <= last seen). The microphone button
+// streams PCM16 from an AudioWorklet to /v1/ingest?stream=browser-XXXX.
+
+const MAX_LINES = 300;
+const $ = (id) => document.getElementById(id);
+const ui = {
+  status: $("status"), picker: $("picker"), mic: $("mic"), finals: $("finals"),
+  partials: $("partials"), notice: $("notice"), backend: $("backend"),
+  main: document.querySelector("main"),
+};
+
+// Exposed for the browser console and the end-to-end tests.
+const state = window.evoxtral = {
+  lastSeq: new Map(),   // stream -> highest seq shown
+  streams: new Map(),   // stream -> {ended, option}: the picker's entries
+  lines: new Map(),     // "stream\u0000segment" -> <p class="line">
+  selected: new URLSearchParams(location.search).get("stream") || "",
+  socket: null, url: null, connects: 0, retry: 0, fatal: false, mic: null,
+};
+
+// A server path relative to the page, as a ws:// (or wss://) URL.
+function wsUrl(path) {
+  const url = new URL(path, location.href);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  return url.href;
+}
+
+// --- rendering --------------------------------------------------------------
+
+function el(tag, cls, text) {
+  const e = document.createElement(tag);
+  if (cls) e.className = cls;
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+
+function normTag(name) {
+  // Mirrors evoxtral_stream.text.tags.normalize_tag_name.
+  return name.toLowerCase().replace(/[_-]/g, " ").split(/\s+/).filter(Boolean).join(" ")
+    .replace(/^[.,;:!?* ]+|[.,;:!?* ]+$/g, "");
+}
+
+function formatTime(s) {
+  const t = Math.round(s * 10), m = Math.floor(t / 600);
+  return `${m}:${((t % 600) / 10).toFixed(1).padStart(4, "0")}`;
+}
+
+// Tagged text as nodes: tags become chips coloured by kind; brackets stay in
+// the text for copy-paste and screen readers, hidden from sight.
+function renderTagged(text, kinds, unstable) {
+  const out = [];
+  let pos = 0;
+  for (const m of text.matchAll(/\[([^\[\]]*)\]/g)) {
+    if (!m[1].trim()) continue;
+    if (m.index > pos) out.push(el("span", unstable ? "unstable" : "", text.slice(pos, m.index)));
+    const chip = el("span", unstable ? "tag unstable" : "tag");
+    const kind = kinds.get(normTag(m[1])) || "unknown";
+    chip.dataset.kind = kind;
+    chip.title = kind;
+    chip.append(el("span", "sr", "["), m[1].trim(), el("span", "sr", "]"));
+    out.push(chip);
+    pos = m.index + m[0].length;
+  }
+  if (pos < text.length) out.push(el("span", unstable ? "unstable" : "", text.slice(pos)));
+  return out;
+}
+
+function fillLine(line, ev) {
+  const kinds = new Map(ev.tags.map((t) => [normTag(t.tag), t.kind]));
+  const text = line.querySelector(".text");
+  if (ev.final || ev.stable + ev.unstable !== ev.text) {
+    text.replaceChildren(...renderTagged(ev.text, kinds, !ev.final));
+  } else {
+    text.replaceChildren(...renderTagged(ev.stable, kinds, false),
+                         ...renderTagged(ev.unstable, kinds, true));
+  }
+  line.querySelector("time").textContent = formatTime(ev.start);
+  line.classList.toggle("final", ev.final);
+  line.classList.toggle("partial", !ev.final);
+}
+
+function newLine(stream, cls) {
+  const line = el("p", `line ${cls}`);
+  line.dataset.stream = stream;
+  line.hidden = Boolean(state.selected) && state.selected !== stream;
+  return line;
+}
+
+function appendFinal(node) {
+  const stick = ui.main.scrollTop + ui.main.clientHeight >= ui.main.scrollHeight - 40;
+  ui.finals.append(node);
+  while (ui.finals.childElementCount > MAX_LINES) {
+    dropLine(ui.finals.firstElementChild);
+  }
+  if (stick) ui.main.scrollTop = ui.main.scrollHeight;
+}
+
+function note(stream, text) {
+  const line = newLine(stream, "note");
+  line.textContent = text;
+  appendFinal(line);
+}
+
+function dropLine(line) {
+  state.lines.delete(line.dataset.key);
+  line.remove();
+}
+
+function showNotice(text) {
+  ui.notice.textContent = text;
+  ui.notice.hidden = !text;
+}
+
+// --- streams and the picker ---------------------------------------------------
+
+function addStream(name, ended = false) {
+  let info = state.streams.get(name);
+  if (!info) {
+    info = { ended, option: new Option(name, name) };
+    state.streams.set(name, info);
+    ui.picker.append(info.option);
+    if (name === state.selected) ui.picker.value = name;
+  }
+  info.ended = ended;
+  info.option.textContent = ended ? `${name} (ended)` : name;
+}
+
+function select(name) {
+  state.selected = name;
+  ui.picker.value = name;
+  document.body.classList.toggle("all", !name);
+  for (const line of document.querySelectorAll(".line")) {
+    line.hidden = Boolean(name) && line.dataset.stream !== name;
+  }
+  const url = new URL(location.href);
+  if (name) url.searchParams.set("stream", name); else url.searchParams.delete("stream");
+  history.replaceState(null, "", url);
+}
+
+// --- events -------------------------------------------------------------------
+
+function onCaption(ev) {
+  if (ev.seq <= (state.lastSeq.get(ev.stream) || 0)) return;  // replayed or duplicate
+  state.lastSeq.set(ev.stream, ev.seq);
+  if (!state.streams.has(ev.stream)) addStream(ev.stream);
+  const key = `${ev.stream}\u0000${ev.segment}`;
+  let line = state.lines.get(key);
+  if (!line) {
+    line = newLine(ev.stream, "partial");
+    line.dataset.key = key;
+    line.dataset.segment = ev.segment;
+    const meta = el("span", "meta");
+    meta.append(el("span", "who", ev.stream), el("time"));
+    line.append(meta, el("span", "text"));
+    state.lines.set(key, line);
+  }
+  fillLine(line, ev);
+  if (ev.final) {
+    if (!ev.text) { dropLine(line); return; }
+    appendFinal(line);  // moves it out of #partials: the final replaces its partials
+  } else if (line.parentNode !== ui.partials) {
+    ui.partials.append(line);
+  }
+}
+
+function handle(msg) {
+  switch (msg.type) {
+    case "hello":
+      if (msg.v !== 1) {
+        state.fatal = true;
+        showNotice(`This page speaks protocol v1; the server speaks v${msg.v}. Reload the page.`);
+        state.socket.close();
+        return;
+      }
+      ui.backend.textContent = `${msg.server} ${msg.version} · ${msg.backend}`;
+      for (const name of msg.streams) addStream(name);
+      // Resume replays captions, not stream.ended: a stream we followed that
+      // is no longer open ended while we were away.
+      if (state.connects > 1) {
+        for (const [name, info] of state.streams) {
+          if (!info.ended && state.lastSeq.has(name) && !msg.streams.includes(name)) {
+            addStream(name, true);
+          }
+        }
+      }
+      return;
+    case "stream.started": addStream(msg.stream); return;
+    case "stream.ended":
+      addStream(msg.stream, true);
+      for (const line of [...ui.partials.children]) {  // segments that never got a final
+        if (line.dataset.stream === msg.stream) dropLine(line);
+      }
+      note(msg.stream, `${msg.stream} ended · ${msg.finals} captions, ${msg.duration.toFixed(1)} s`);
+      return;
+    case "caption": onCaption(msg); return;
+    case "gap":
+      note(msg.stream, `${msg.stream}: captions ${msg.from}–${msg.to ?? "…"} are no longer available`);
+      return;
+    case "error":
+      if (msg.stream != null && msg.segment != null) {  // stands in for the segment's final
+        const line = state.lines.get(`${msg.stream}\u0000${msg.segment}`);
+        if (line) dropLine(line);
+      }
+      if (msg.stream) note(msg.stream, `${msg.stream}: ${msg.code}: ${msg.message}`);
+      else showNotice(`${msg.code}: ${msg.message}`);
+      return;
+    default:
+  }
+}
+
+function parse(data) {
+  try { return JSON.parse(data); } catch { return null; }
+}
+
+// --- the caption subscription, with resume ------------------------------------------
+
+function connect() {
+  const since = [...state.lastSeq].map(([s, q]) => `${encodeURIComponent(s)}:${q}`).join(",");
+  state.url = wsUrl(`v1/captions${since ? `?since=${since}` : ""}`);
+  const ws = new WebSocket(state.url);
+  state.socket = ws;
+  state.connects += 1;
+  ws.onopen = () => {
+    state.retry = 0;
+    ui.status.textContent = "live";
+    ui.status.className = "live";
+  };
+  ws.onmessage = (e) => { const msg = parse(e.data); if (msg) handle(msg); };
+  ws.onclose = () => {
+    if (state.socket !== ws || state.fatal) return;
+    const delay = Math.min(5000, 250 * 2 ** state.retry++);
+    ui.status.textContent = "reconnecting…";
+    ui.status.className = "";
+    setTimeout(connect, delay);
+  };
+}
+
+// --- the microphone ---------------------------------------------------------------
+
+async function startMic() {
+  if (!navigator.mediaDevices?.getUserMedia || !window.AudioWorkletNode) {
+    showNotice("The microphone needs a secure page: open it over https or on localhost.");
+    return;
+  }
+  ui.mic.disabled = true;
+  showNotice("");
+  let media, ctx;
+  try {
+    media = await navigator.mediaDevices.getUserMedia({
+      audio: { channelCount: 1, echoCancellation: false, noiseSuppression: false },
+    });
+    ctx = new AudioContext();
+    await ctx.audioWorklet.addModule("static/worklet.js");
+  } catch (e) {
+    media?.getTracks().forEach((t) => t.stop());
+    ctx?.close();
+    ui.mic.disabled = false;
+    showNotice(`Cannot use the microphone: ${e.message || e}`);
+    return;
+  }
+  const id = [...crypto.getRandomValues(new Uint8Array(2))]
+    .map((b) => b.toString(16).padStart(2, "0")).join("");
+  const stream = `browser-${id}`;
+  // Downmixed to one channel by the graph; 50 ms messages.
+  const node = new AudioWorkletNode(ctx, "pcm16-capture", {
+    numberOfInputs: 1, numberOfOutputs: 1, channelCount: 1,
+    channelCountMode: "explicit", channelInterpretation: "speakers",
+    processorOptions: { chunkFrames: Math.round(ctx.sampleRate / 20) },
+  });
+  const ws = new WebSocket(wsUrl(`v1/ingest?stream=${stream}`));
+  ws.binaryType = "arraybuffer";
+  const mic = state.mic = { stream, media, ctx, node, ws, sampleRate: ctx.sampleRate, sent: 0 };
+  ws.onopen = () => {
+    ws.send(JSON.stringify({ type: "config", sample_rate: ctx.sampleRate, channels: 1, format: "pcm16" }));
+    ui.mic.disabled = false;
+  };
+  ws.onmessage = (e) => {
+    const msg = parse(e.data);
+    if (!msg) return;
+    if (msg.type === "ingest.summary") mic.summary = msg;
+    else if (msg.type === "error" && msg.stream === stream) showNotice(`${msg.code}: ${msg.message}`);
+    else handle(msg);  // its own captions, in case the subscription is reconnecting
+  };
+  ws.onclose = () => { stopCapture(mic); setMicButton(false); };
+  node.port.onmessage = (e) => {
+    if (ws.readyState === WebSocket.OPEN) { ws.send(e.data); mic.sent += e.data.byteLength; }
+  };
+  ctx.createMediaStreamSource(media).connect(node);
+  node.connect(ctx.destination);  // silent output keeps the node pulled
+  addStream(stream);
+  select(stream);
+  setMicButton(true);
+}
+
+function stopCapture(mic) {
+  if (mic.stopped) return;
+  mic.stopped = true;
+  mic.media.getTracks().forEach((t) => t.stop());
+  mic.node.disconnect();
+  mic.ctx.close();
+}
+
+function stopMic() {
+  const mic = state.mic;
+  stopCapture(mic);
+  // The server flushes the open segment, sends the final and closes the socket.
+  if (mic.ws.readyState === WebSocket.OPEN) mic.ws.send(JSON.stringify({ type: "end" }));
+  else mic.ws.close();
+  ui.mic.disabled = true;
+  ui.mic.textContent = "Finishing…";
+}
+
+function setMicButton(on) {
+  ui.mic.disabled = false;
+  ui.mic.classList.toggle("on", on);
+  ui.mic.textContent = on ? "Stop microphone" : "Start microphone";
+}
+
+ui.mic.addEventListener("click", () => {
+  if (ui.mic.classList.contains("on")) stopMic(); else startMic();
+});
+ui.picker.addEventListener("change", () => select(ui.picker.value));
+if (state.selected) { addStream(state.selected); select(state.selected); }
+connect();

@@ -1,0 +1,255 @@
+"""Client test fixtures: the clients importable as modules, headless Chromium over CDP.
+
+The browser is driven through the Chrome DevTools Protocol with the
+``websockets`` client the project already depends on: no Playwright, no
+browser download. :class:`Browser` is one Chromium process for the session;
+:class:`Page` is one tab and the few CDP calls the tests need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import soundfile as sf
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from tests.speech import have_espeak, speak
+
+__all__ = ["CLIENTS", "FAKE_MIC_TEXT", "Browser", "Page", "browser", "chromium_binary"]
+
+CLIENTS = Path(__file__).resolve().parents[2] / "clients"
+# The clients are scripts, not a package: import them as top-level modules.
+if str(CLIENTS) not in sys.path:
+    sys.path.insert(0, str(CLIENTS))
+
+#: What the fake microphone says (espeak-ng), when espeak-ng is installed.
+FAKE_MIC_TEXT = "Good evening and welcome to the live captioning demo."
+
+_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--disable-dev-shm-usage", "--window-size=1100,720",
+    "--autoplay-policy=no-user-gesture-required",
+    "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+]
+
+
+def chromium_binary() -> str | None:
+    """``$EVOXTRAL_TEST_CHROMIUM``, else chromium (or Chrome) on PATH, else None."""
+    found = os.environ.get("EVOXTRAL_TEST_CHROMIUM") or next(
+        (p for name in ("chromium", "chromium-browser", "google-chrome")
+         if (p := shutil.which(name))), None)
+    return found
+
+
+class Browser:
+    """A headless Chromium with a DevTools port; ``start``/``stop`` own the process."""
+
+    def __init__(self, binary: str, workdir: Path, extra_args: list[str]) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.args = [*_FLAGS, *extra_args]
+        self.log = workdir / "chromium.log"
+        self.port = 0
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30.0) -> None:
+        profile = self.workdir / "profile"
+        profile.mkdir(parents=True, exist_ok=True)
+        active = profile / "DevToolsActivePort"
+        active.unlink(missing_ok=True)
+        with self.log.open("ab") as log:
+            self._proc = subprocess.Popen(
+                [self.binary, *self.args, f"--user-data-dir={profile}",
+                 "--remote-debugging-port=0", "about:blank"],
+                stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + timeout
+        while not (active.exists() and active.read_text().strip()):
+            if self._proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"chromium did not open its DevTools port: "
+                                   f"{self.log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.05)
+        self.port = int(active.read_text().split()[0])
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+    def _json(self, path: str, method: str = "GET") -> Any:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", method=method)
+        with urllib.request.urlopen(req, timeout=10) as r:
+            body = r.read().decode()
+        return json.loads(body) if body.startswith(("{", "[")) else body
+
+    async def new_tab(self) -> tuple[str, str]:
+        """Open a blank tab; its target id and DevTools WebSocket URL."""
+        info = await asyncio.to_thread(self._json, "/json/new?about:blank", "PUT")
+        return str(info["id"]), str(info["webSocketDebuggerUrl"])
+
+    async def close_tab(self, target: str) -> None:
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(self._json, f"/json/close/{target}")
+
+
+class Page:
+    """One tab over CDP. ``errors`` collects uncaught exceptions and console errors."""
+
+    def __init__(self, browser: Browser, target: str, ws: ClientConnection) -> None:
+        self._browser = browser
+        self._target = target
+        self._ws = ws
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._reader = asyncio.ensure_future(self._read())
+        self.errors: list[str] = []
+        self.console: list[str] = []
+
+    @classmethod
+    async def open(cls, browser: Browser, url: str) -> Page:
+        """A new tab that has loaded ``url`` (errors are recorded from the start)."""
+        target, ws_url = await browser.new_tab()
+        ws = await connect(ws_url, max_size=64 * 2**20)
+        page = cls(browser, target, ws)
+        await page.send("Runtime.enable")
+        await page.send("Page.enable")
+        await page.send("Emulation.setDeviceMetricsOverride", width=1100, height=720,
+                        deviceScaleFactor=1, mobile=False)
+        await page.send("Page.navigate", url=url)
+        await page.wait_for("document.readyState === 'complete' && location.href !== 'about:blank'")
+        return page
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+        await self._ws.close()
+        await self._browser.close_tab(self._target)
+
+    async def _read(self) -> None:
+        try:
+            async for raw in self._ws:
+                msg = json.loads(raw)
+                if "id" in msg:
+                    fut = self._pending.pop(msg["id"], None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(msg)
+                elif msg.get("method") == "Runtime.exceptionThrown":
+                    d = msg["params"]["exceptionDetails"]
+                    self.errors.append(d.get("exception", {}).get("description") or d["text"])
+                elif msg.get("method") == "Runtime.consoleAPICalled":
+                    p = msg["params"]
+                    text = " ".join(str(a.get("value", a.get("description", "")))
+                                    for a in p["args"])
+                    self.console.append(f"{p['type']}: {text}")
+                    if p["type"] == "error":
+                        self.errors.append(text)
+        except ConnectionClosed:
+            pass
+        finally:
+            for fut in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(ConnectionError("DevTools connection closed"))
+
+    async def send(self, method: str, **params: Any) -> dict[str, Any]:
+        """One CDP command; its ``result``, or RuntimeError with the CDP error."""
+        msg_id = next(self._ids)
+        fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[msg_id] = fut
+        await self._ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
+        reply = await asyncio.wait_for(fut, 30)
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        result: dict[str, Any] = reply["result"]
+        return result
+
+    async def evaluate(self, expression: str) -> Any:
+        """The JSON value of a JS expression (promises are awaited)."""
+        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True,
+                                 awaitPromise=True, userGesture=True)
+        if "exceptionDetails" in result:
+            d = result["exceptionDetails"]
+            raise RuntimeError(f"{expression!r:.80} threw: "
+                               f"{d.get('exception', {}).get('description') or d['text']}")
+        return result["result"].get("value")
+
+    async def wait_for(self, expression: str, within: float = 15.0) -> Any:
+        """Poll ``expression`` until it is truthy; its value. AssertionError after
+        ``within`` seconds."""
+        deadline = asyncio.get_running_loop().time() + within
+        while True:
+            value = await self.evaluate(expression)
+            if value:
+                return value
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"timed out after {within} s waiting for {expression!r}; "
+                                     f"page errors: {self.errors}; console: {self.console[-10:]}")
+            await asyncio.sleep(0.05)
+
+    async def click(self, selector: str) -> None:
+        """A real mouse click (a user gesture) at the centre of ``selector``."""
+        box = await self.evaluate(
+            f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
+            ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+        x, y = box
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left",
+                            clickCount=1)
+
+    async def screenshot(self, path: Path) -> bytes:
+        """A PNG of the viewport, also written to ``path``."""
+        data = base64.b64decode((await self.send("Page.captureScreenshot", format="png"))["data"])
+        await asyncio.to_thread(path.write_bytes, data)
+        return data
+
+
+def _fake_mic_wav(path: Path) -> Path:
+    """FAKE_MIC_TEXT between 1 s and 3 s of silence, 48 kHz mono WAV."""
+    from evoxtral_stream.audio.resample import resample
+
+    speech = resample(speak(FAKE_MIC_TEXT), 16000, 48000)
+    audio = np.concatenate([np.zeros(48000, np.int16), speech, np.zeros(3 * 48000, np.int16)])
+    sf.write(path, audio, 48000, subtype="PCM_16")
+    return path
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Browser]:
+    """A headless Chromium for the session, with a fake microphone that speaks
+    :data:`FAKE_MIC_TEXT` (a beep without espeak-ng). Skips without Chromium."""
+    binary = chromium_binary()
+    if binary is None:
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    workdir = tmp_path_factory.mktemp("chromium")
+    extra = []
+    if have_espeak():
+        wav = _fake_mic_wav(workdir / "mic.wav")
+        extra.append(f"--use-file-for-fake-audio-capture={wav}%noloop")
+    b = Browser(binary, workdir, extra)
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()

@@ -1,0 +1,253 @@
+"""clients/mic_client.py against a real server: --file as a subprocess, the
+microphone path in process with a fake PortAudio stream, Ctrl-C and errors."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import soundfile as sf
+from mic_client import MicFeed, run
+from viewer import LiveWriter
+from websockets.asyncio.server import ServerConnection, serve
+
+from evoxtral_stream.audio.resample import int16_to_float32, resample
+from evoxtral_stream.audio.sources import InputDevice
+from evoxtral_stream.config import load_config
+from evoxtral_stream.engine.backends.base import Backend
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.events import SAMPLE_RATE, Int16Array
+from evoxtral_stream.server.app import CaptionServer
+from tests.clients.conftest import CLIENTS
+from tests.fakes import ScriptedBackend
+from tests.speech import have_espeak, speech_with_pauses
+from tests.text_norm import loose_wer
+
+pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+
+SENTENCES = ["Good evening and welcome.", "Thank you for listening."]
+SUMMARY = re.compile(r"^(\S+): ([\d.]+) s of audio, (\d+) segments, (\d+) finals, "
+                     r"(\d+) partials, (\d+) errors$", re.M)
+
+
+def words(audio: npt.NDArray[np.float32]) -> str:
+    return " ".join(f"w{i}" for i in range(len(audio) // 8000))
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[tuple[Engine, CaptionServer]]:
+    cfg = load_config(overrides={"server.port": 0})
+    async with Engine(cfg, ScriptedBackend(words)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        yield engine, server
+
+
+def write_wav(path: Path, audio: Int16Array) -> Path:
+    """``audio`` as a 44.1 kHz stereo WAV, so the client has to convert it."""
+    f44 = resample(int16_to_float32(audio), SAMPLE_RATE, 44100)
+    sf.write(path, np.stack([f44, f44], axis=1), 44100, subtype="PCM_16")
+    return path
+
+
+async def start_client(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, str(CLIENTS / "mic_client.py"), *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+async def finish(proc: asyncio.subprocess.Process, within: float = 30) -> tuple[str, str]:
+    out, err = await asyncio.wait_for(proc.communicate(), within)
+    return out.decode(), err.decode()
+
+
+async def test_file_streams_at_real_time_and_prints_its_captions(
+    whisper_backend: Backend, tmp_path: Path,
+) -> None:
+    audio, _ = speech_with_pauses(SENTENCES, pause_s=1.2)
+    wav = write_wav(tmp_path / "talk.wav", audio)
+    cfg = load_config(overrides={"server.port": 0})
+    async with Engine(cfg, whisper_backend) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        t0 = time.monotonic()
+        proc = await start_client("--url", f"ws://127.0.0.1:{server.port}", "--file", str(wav),
+                                  "--stream", "demo")
+        out, err = await finish(proc)
+        elapsed = time.monotonic() - t0
+        assert "demo" not in engine.streams
+    assert proc.returncode == 0, err
+    seconds = len(audio) / SAMPLE_RATE
+    assert elapsed >= seconds - 0.3, "not paced to real time"
+    lines = out.splitlines()
+    assert len(lines) == 2, out
+    for line, sentence in zip(lines, SENTENCES, strict=True):
+        m = re.fullmatch(r"\[\d:\d\d\.\d → \d:\d\d\.\d\] (.*)", line)
+        assert m is not None, line
+        assert loose_wer(sentence, m.group(1)) <= 0.25, line
+    assert "\x1b" not in out  # not a terminal
+    summary = SUMMARY.search(err)
+    assert summary is not None, err
+    stream, duration, segments, finals, _, errors = summary.groups()
+    assert (stream, segments, finals, errors) == ("demo", "2", "2", "0")
+    assert abs(float(duration) - seconds) < 0.1
+
+
+async def test_ctrl_c_sends_end_and_keeps_the_captions_so_far(
+    scripted: tuple[Engine, CaptionServer], tmp_path: Path,
+) -> None:
+    _, server = scripted
+    audio, spans = speech_with_pauses(SENTENCES * 3, pause_s=1.0)
+    wav = write_wav(tmp_path / "long.wav", audio)
+    proc = await start_client("--url", f"ws://127.0.0.1:{server.port}", "--file", str(wav))
+    assert proc.stderr is not None
+    while "streaming to" not in (line := (await proc.stderr.readline()).decode()):
+        assert line, "the client exited before streaming"
+    # Interrupt in the second sentence: the first is final, the second is cut short.
+    await asyncio.sleep((spans[1][0] + spans[1][1]) / 2 / SAMPLE_RATE)
+    proc.send_signal(signal.SIGINT)
+    out, err = await finish(proc)
+    assert proc.returncode == 0, err
+    assert "finishing" in err
+    summary = SUMMARY.search(err)
+    assert summary is not None, err
+    assert summary.group(1).startswith("ingest-")
+    assert float(summary.group(2)) < len(audio) / SAMPLE_RATE / 2
+    assert summary.group(4) == "2"  # the open segment was flushed as a final
+    assert len(out.splitlines()) == 2
+
+
+async def test_second_ctrl_c_quits_at_once(tmp_path: Path) -> None:
+    wav = write_wav(tmp_path / "talk.wav", speech_with_pauses(SENTENCES, pause_s=1.0)[0])
+    ends: list[str] = []
+
+    async def never_finishes(ws: ServerConnection) -> None:
+        """An ingest server that takes ``end`` and then never sends its summary."""
+        await ws.recv()  # config
+        await ws.send(json.dumps({"type": "ingest.ready", "stream": "s", "sample_rate": 16000,
+                                  "channels": 1, "format": "pcm16"}))
+        async for message in ws:
+            if isinstance(message, str):
+                ends.append(message)
+
+    async with serve(never_finishes, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        proc = await start_client("--url", f"ws://127.0.0.1:{port}", "--file", str(wav))
+        assert proc.stderr is not None
+        while "streaming to" not in (line := (await proc.stderr.readline()).decode()):
+            assert line, "the client exited before streaming"
+        proc.send_signal(signal.SIGINT)
+        while "finishing" not in (line := (await proc.stderr.readline()).decode()):
+            assert line, "the client exited before finishing"
+        while not ends:
+            await asyncio.sleep(0.01)
+        assert json.loads(ends[0]) == {"type": "end"}
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = await finish(proc, 10)
+    assert proc.returncode == 130, err
+    assert time.monotonic() - t0 < 2.0
+    assert "Traceback" not in err
+
+
+class FakeInput:
+    """A PortAudio input stream that plays ``audio`` (then silence) to the
+    callback from its own thread, ``speed`` times faster than real time."""
+
+    def __init__(self, audio: npt.NDArray[np.float32], rate: int, blocksize: int,
+                 callback: Callable[..., None], speed: float) -> None:
+        self.audio, self.rate, self.blocksize = audio, rate, blocksize
+        self.callback, self.speed = callback, speed
+        self.halt = threading.Event()
+        self.thread = threading.Thread(target=self._play, daemon=True)
+        self.closed = False
+
+    def _play(self) -> None:
+        pos = 0
+        silence = np.zeros((self.blocksize, self.audio.shape[1]), np.float32)
+        while not self.halt.wait(self.blocksize / self.rate / self.speed):
+            block = self.audio[pos:pos + self.blocksize]
+            self.callback(block if len(block) == self.blocksize else silence,
+                          self.blocksize, None, None)
+            pos += self.blocksize
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.thread.join(5)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+async def test_microphone_path_with_a_fake_portaudio_stream(
+    scripted: tuple[Engine, CaptionServer],
+) -> None:
+    _, server = scripted
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.5)
+    f48 = resample(int16_to_float32(audio), SAMPLE_RATE, 48000)
+    stereo = np.ascontiguousarray(np.stack([f48, f48 * 0.5], axis=1), dtype=np.float32)
+    streams: list[FakeInput] = []
+
+    def factory(device: InputDevice, rate: int, channels: int, blocksize: int,
+                callback: Callable[..., None]) -> FakeInput:
+        assert (device.name, rate, channels) == ("fake mic", 48000, 2)
+        streams.append(FakeInput(stereo, rate, blocksize, callback, speed=4))
+        return streams[-1]
+
+    out, err = io.StringIO(), io.StringIO()
+    writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
+    feed = MicFeed(InputDevice(7, "fake mic", 2, 48000.0, True), stream_factory=factory)
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(run(f"ws://127.0.0.1:{server.port}", "desk", feed, writer,
+                                     stop=stop))
+    deadline = time.monotonic() + 20
+    while not out.getvalue():  # the final, once the fake mic falls silent
+        assert not task.done(), err.getvalue()
+        assert time.monotonic() < deadline, err.getvalue()
+        await asyncio.sleep(0.05)
+    stop.set()
+    assert await asyncio.wait_for(task, 20) == 0, err.getvalue()
+    assert re.fullmatch(r"\[0:00\.\d → 0:0\d\.\d\] w0 w1 w2( w\d+)*\n", out.getvalue())
+    assert "listening on 'fake mic' (48000 Hz)" in err.getvalue()
+    summary = SUMMARY.search(err.getvalue())
+    assert summary is not None, err.getvalue()
+    assert (summary.group(1), summary.group(4)) == ("desk", "1")
+    # Every block the capture delivered reached the server (the summary shows 0.1 s).
+    assert abs(float(summary.group(2)) - feed.capture.samples_delivered / SAMPLE_RATE) <= 0.05
+    assert streams[0].halt.is_set()
+    assert streams[0].closed
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["--url", "ws://127.0.0.1:9", "--file", "{wav}"], 1, "cannot stream to ws://127.0.0.1:9"),
+    (["--file", "/nonexistent.wav"], 2, "audio file /nonexistent.wav does not exist"),
+    (["--url", "ws://{server}", "--file", "{wav}", "--stream", "busy"], 1, "stream_busy"),
+    (["--url", "ftp://x"], 2, "not a ws://HOST:PORT URL"),
+])
+async def test_errors_are_one_line(
+    scripted: tuple[Engine, CaptionServer], tmp_path: Path,
+    args: list[str], code: int, message: str,
+) -> None:
+    engine, server = scripted
+    wav = write_wav(tmp_path / "talk.wav", speech_with_pauses(SENTENCES[:1], 0.5)[0])
+    busy = engine.open_stream("busy", source="test")
+    proc = await start_client(*(a.format(wav=wav, server=f"127.0.0.1:{server.port}")
+                                for a in args))
+    out, err = await finish(proc, 20)
+    await busy.close()
+    assert proc.returncode == code, err
+    assert message in err
+    assert "Traceback" not in err
+    assert out == ""

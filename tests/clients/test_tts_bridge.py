@@ -1,0 +1,650 @@
+"""The TTS bridge: the pure tags -> prosody plan, espeak-ng output, the
+ElevenLabs client against a local stand-in, and the bridge subscribed to a
+real caption server (finals only, resume after a drop, the command line)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import xml.etree.ElementTree as ET
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+import soundfile as sf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tts_bridge import (
+    DELIVERY_PROSODY,
+    EMOTION_PROSODY,
+    NONVERBAL_PAUSE_MS,
+    PAUSE_MS,
+    BridgeConfig,
+    BridgeError,
+    ElevenLabsOptions,
+    ElevenLabsSynth,
+    EspeakSynth,
+    Final,
+    Pause,
+    Prosody,
+    Speak,
+    SynthesisError,
+    TtsBridge,
+    VoiceSettings,
+    caption_url,
+    edge_pauses,
+    extension_for,
+    main,
+    output_name,
+    parse_since,
+    plan_speech,
+    to_ssml,
+)
+from websockets.asyncio.server import ServerConnection, serve
+
+from evoxtral_stream.config import Config, load_config
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.events import CaptionEvent
+from evoxtral_stream.run import feed_samples
+from evoxtral_stream.server.app import CaptionServer
+from evoxtral_stream.text.tags import TagKind, lookup_tag, tokenize
+from tests.fakes import ScriptedBackend
+from tests.speech import have_espeak, speech_with_pauses
+
+CLIENT = Path(__file__).resolve().parents[2] / "clients" / "tts_bridge.py"
+NEEDS_ESPEAK = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+PLAIN = Prosody()
+WHISPER = Prosody(whisper=True)
+
+
+# --- the pure plan -----------------------------------------------------------------
+
+
+def test_plan_of_the_protocol_example() -> None:
+    assert plan_speech("[nervous] So... [stammers] I was thinking [clears throat] maybe...") == (
+        Speak("So... I was thinking"),  # nervous, stammers: no prosody of their own
+        Pause(NONVERBAL_PAUSE_MS, "clears throat"),
+        Speak("maybe..."),
+    )
+
+
+def test_style_carries_to_the_sentence_end_and_pauses_do_not_break_it() -> None:
+    assert plan_speech("[whispers] Don't tell... anyone, [pause] ok? It's fine.") == (
+        Speak("Don't tell... anyone,", WHISPER),  # an ellipsis does not end the sentence
+        Pause(PAUSE_MS["pause"], "pause"),
+        Speak("ok?", WHISPER),
+        Speak("It's fine."),  # "?" ended it
+    )
+
+
+def test_emotion_and_delivery_combine_and_replace_their_own_kind() -> None:
+    excited = EMOTION_PROSODY["excited"]
+    assert plan_speech("[excited] Yes [whispers] really [sad] oh no [shouts] STOP") == (
+        Speak("Yes", excited),
+        Speak("really", Prosody(excited.rate, excited.pitch, 0, whisper=True)),
+        Speak("oh no", Prosody(80, -20, 0, whisper=True)),
+        Speak("STOP", Prosody(80, -20, 80)),
+    )
+    assert plan_speech("[angry] No! [calm] Fine.") == (
+        Speak("No!", Prosody(volume=60)), Speak("Fine.", Prosody(rate=85)))
+
+
+def test_variants_unknown_tags_glued_tags_and_edges() -> None:
+    text = "(laughs) hel[sighs]lo *gasps* [WHISPERING] a [Long_Pause] [foo bar] b. [laughs]"
+    assert plan_speech(text) == (
+        Pause(NONVERBAL_PAUSE_MS, "laughs"),
+        Speak("hel"),
+        Pause(NONVERBAL_PAUSE_MS, "sighs"),
+        Speak("lo"),
+        Pause(NONVERBAL_PAUSE_MS, "gasps"),
+        Speak("a", WHISPER),
+        Pause(1000, "long pause"),
+        Speak("b.", WHISPER),  # the unknown [foo bar] is dropped, whisper goes on
+        Pause(NONVERBAL_PAUSE_MS, "laughs"),
+    )
+    lead, middle, trail = edge_pauses(plan_speech(text))
+    assert (lead, trail) == (NONVERBAL_PAUSE_MS, NONVERBAL_PAUSE_MS)
+    assert isinstance(middle[0], Speak)
+    assert isinstance(middle[-1], Speak)
+
+
+@pytest.mark.parametrize(("text", "plan"), [
+    ("", ()),
+    ("   ", ()),
+    ("[excited] ...", ()),  # punctuation alone is not spoken
+    ("[laughs] [short pause]", (Pause(200, "laughs"), Pause(250, "short pause"))),
+    ("[whispers]", ()),
+])
+def test_plans_with_nothing_to_say(text: str, plan: tuple[object, ...]) -> None:
+    assert plan_speech(text) == plan
+    assert not any(isinstance(i, Speak) for i in plan_speech(text))
+
+
+def test_mapping_tables_name_canonical_tags_of_the_right_kind() -> None:
+    for table, kind in ((EMOTION_PROSODY, TagKind.EMOTION), (DELIVERY_PROSODY, TagKind.DELIVERY),
+                        (PAUSE_MS, TagKind.PAUSE)):
+        for name in table:
+            spec = lookup_tag(name)
+            assert spec is not None, name
+            assert (spec.name, spec.kind) == (name, kind)
+
+
+def test_ssml_escapes_text_sums_pauses_and_whispers_with_the_base_voice() -> None:
+    items = plan_speech("[excited] Fish & chips <3 [pause] [short pause] "
+                        "[whispers] \"secret\" [sad] bye")
+    ssml = to_ssml(items, voice="en-us+f3")
+    assert ssml == (
+        '<speak><prosody rate="125%" pitch="+25%">Fish &amp; chips &lt;3</prosody> '
+        '<break time="750ms"/> '
+        '<voice name="en-us+whisper"><prosody rate="125%" pitch="+25%">"secret"</prosody></voice> '
+        '<voice name="en-us+whisper"><prosody rate="80%" pitch="-20%">bye</prosody></voice>'
+        "</speak>")
+    ET.fromstring(ssml)
+    assert to_ssml(plan_speech("[shouts] hey [laughs]")) == (
+        '<speak><prosody volume="+80%">hey</prosody> <break time="200ms"/></speak>')
+
+
+_PIECES = st.sampled_from([
+    "word", "CAPS", "don't", "3.5", "&", "<", ">", '"', "'", "...", ".", "?", ",", "!",
+    "[whispers]", "[excited]", "[sad]", "[angry]", "[calm]", "[shouts]", "[pause]",
+    "[long pause]", "[laughs]", "(sighs)", "*gasps*", "[clears throat]", "[nervous]",
+    "[made up tag]", "[", "]", "(", "*", "<speak>", "</voice>",
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_PIECES, st.sampled_from(["", " "])), max_size=25))
+def test_ssml_is_well_formed_and_keeps_every_word(parts: list[tuple[str, str]]) -> None:
+    text = "".join(p + sep for p, sep in parts)
+    items = plan_speech(text)
+    ET.fromstring(to_ssml(items))
+    spoken = "".join(t.text for i in items if isinstance(i, Speak)
+                     for t in tokenize(i.text) if t.is_word)
+    assert spoken == "".join(t.text for t in tokenize(text) if t.is_word)
+    assert all(i.text == i.text.strip() and i.text for i in items if isinstance(i, Speak))
+
+
+# --- small pure helpers ------------------------------------------------------------------
+
+
+def test_names_urls_and_since() -> None:
+    assert output_name("talk", 7, "wav") == "talk-00007.wav"
+    assert output_name("../etc/pass wd", 12345, "mp3") == "_etc_pass_wd-12345.mp3"
+    assert extension_for("mp3_44100_128") == "mp3"
+    assert extension_for("pcm_16000") == "pcm"
+    assert extension_for("opus_48000_64") == "opus"
+    with pytest.raises(ValueError, match="output format"):
+        extension_for("../x")
+    assert parse_since("41", ["a", "b"]) == {"a": 41, "b": 41}
+    assert parse_since("a:4,b:7", []) == {"a": 4, "b": 7}
+    with pytest.raises(ValueError, match="--stream"):
+        parse_since("41", [])
+    with pytest.raises(ValueError, match="SEQ"):
+        parse_since("a:x", [])
+    assert caption_url("ws://h:1", ["a", "b"], {"b": 7, "a": 41}) == (
+        "ws://h:1/v1/captions?stream=a,b&since=a:41,b:7")
+    assert caption_url("ws://h:1/v1/captions?stream=old&x=1&since=3", [], {}) == (
+        "ws://h:1/v1/captions?x=1")
+
+
+def test_final_from_message() -> None:
+    msg: dict[str, object] = {"type": "caption", "stream": "s", "segment": 2, "seq": 9,
+                              "final": True, "text": "[sighs] ok"}
+    assert Final.from_message(msg) == Final("s", 2, 9, "[sighs] ok")
+    assert Final.from_message({**msg, "final": False}) is None
+    assert Final.from_message({**msg, "type": "gap"}) is None
+    assert Final.from_message({**msg, "segment": "2"}) is None
+
+
+# --- espeak-ng output -------------------------------------------------------------------
+
+
+def _names(folder: Path, pattern: str = "*") -> list[str]:
+    return sorted(p.name for p in folder.glob(pattern))
+
+
+def _wav(path: Path) -> tuple[float, float]:
+    """Duration (s) and RMS of a WAV file."""
+    data, rate = sf.read(path, dtype="float32")
+    return len(data) / rate, float(np.sqrt(np.mean(np.square(data)))) if len(data) else 0.0
+
+
+@NEEDS_ESPEAK
+async def test_espeak_prosody_is_measurable(tmp_path: Path) -> None:
+    synth = EspeakSynth()
+    sentence = "Hello there, how are you doing today?"
+    measured: dict[str, tuple[float, float]] = {}
+    for tag in ("", "[whispers] ", "[excited] ", "[sad] ", "[angry] ", "[laughs] "):
+        dest = tmp_path / f"{tag.strip() or 'plain'}.wav"
+        await synth.synthesize(tag + sentence, dest)
+        measured[tag.strip() or "plain"] = _wav(dest)
+    dur, rms = measured["plain"]
+    assert dur > 1.0
+    assert measured["[whispers]"][1] < 0.8 * rms
+    assert measured["[excited]"][0] < 0.95 * dur
+    assert measured["[sad]"][0] > 1.2 * dur
+    assert measured["[angry]"][1] > 1.2 * rms
+    # A leading non-verbal tag is a pause espeak-ng would trim: padded instead.
+    assert measured["[laughs]"][0] == pytest.approx(dur + NONVERBAL_PAUSE_MS / 1000, abs=0.01)
+    await synth.synthesize("[laughs] [pause]", tmp_path / "only.wav")
+    only_dur, only_rms = _wav(tmp_path / "only.wav")
+    assert (round(only_dur, 2), only_rms) == (0.7, 0.0)
+
+
+async def test_espeak_failure_is_a_synthesis_error(tmp_path: Path) -> None:
+    from tts_bridge import EspeakOptions
+
+    synth = EspeakSynth(EspeakOptions(binary=str(tmp_path / "no-such-espeak")))
+    with pytest.raises(SynthesisError, match="cannot run"):
+        await synth.synthesize("hello", tmp_path / "x.wav")
+    assert not (tmp_path / "x.wav").exists()
+
+
+# --- the ElevenLabs stand-in -----------------------------------------------------------------
+
+API_KEY = "sk_test_0123456789abcdef"
+VOICE = "JBFqnCBsd6RMkjVDRZzb"
+
+
+@dataclass(frozen=True)
+class Recorded:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> object:
+        return json.loads(self.body)
+
+
+def _error(status: str, message: str) -> bytes:
+    return json.dumps({"detail": {"status": status, "message": message}}).encode()
+
+
+class FakeElevenLabs:
+    """A local stand-in for api.elevenlabs.io: checks each request as the API
+    would (404 path, 405 method, 401 key, 422 body) and answers fake audio,
+    or the scripted ``responses`` first."""
+
+    def __init__(self) -> None:
+        self.requests: list[Recorded] = []
+        self.responses: deque[tuple[int, dict[str, str], bytes]] = deque()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._answer(405, {}, _error("method_not_allowed", "use POST"))
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                url = urlsplit(self.path)
+                rec = Recorded("POST", url.path, parse_qs(url.query),
+                               {k.lower(): v for k, v in self.headers.items()}, body)
+                fake.requests.append(rec)
+                self._answer(*fake.answer(rec))
+
+            def _answer(self, status: int, headers: dict[str, str], body: bytes) -> None:
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,),
+                                       daemon=True)
+        self.thread.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def answer(self, rec: Recorded) -> tuple[int, dict[str, str], bytes]:
+        if not rec.path.startswith("/v1/text-to-speech/"):
+            return 404, {}, _error("not_found", "no such path")
+        if rec.headers.get("xi-api-key") != API_KEY:
+            return 401, {"Content-Type": "application/json"}, _error(
+                "invalid_api_key", "Invalid API key")
+        body = rec.json()
+        if not (isinstance(body, dict) and isinstance(body.get("text"), str)
+                and body.get("model_id")):
+            return 422, {}, json.dumps({"detail": [{"msg": "field required"}]}).encode()
+        if self.responses:
+            return self.responses.popleft()
+        return 200, {"Content-Type": "audio/mpeg"}, self.audio(len(self.requests))
+
+    @staticmethod
+    def audio(n: int) -> bytes:
+        return b"ID3\x04fake-mp3-" + str(n).encode() + bytes(range(256))
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def fake_api() -> Iterator[FakeElevenLabs]:
+    api = FakeElevenLabs()
+    try:
+        yield api
+    finally:
+        api.close()
+
+
+def _eleven(api: FakeElevenLabs, **kw: Any) -> ElevenLabsSynth:
+    base = ElevenLabsOptions(VOICE, API_KEY, base_url=api.base_url, backoff_s=0.01)
+    return ElevenLabsSynth(replace(base, **kw))
+
+
+def _config(**overrides: object) -> Config:
+    return load_config(overrides={"server.port": 0, **overrides})
+
+
+def _caption(stream: str, segment: int, seq: int, text: str, final: bool = True) -> CaptionEvent:
+    return CaptionEvent(stream=stream, segment=segment, seq=seq, final=final, text=text,
+                        plain_text=text, stable=text, unstable="", tags=(), start=0.0,
+                        end=1.0, latency=0.1)
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[CaptionServer]:
+    """A real caption server (engine with a scripted model) on a free port."""
+    cfg = _config()
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        yield server
+
+
+async def _subscribed(server: CaptionServer, n: int = 1) -> None:
+    for _ in range(500):
+        if server.broadcaster.subscribers >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the bridge never subscribed")
+
+
+TAGGED_0 = "[nervous] So... [stammers] I was thinking [clears throat] maybe..."
+TAGGED_1 = "(laughs) I mean, if you're FREE [WHISPERING] this weekend?"
+
+
+async def test_elevenlabs_bridge_posts_each_final_once(
+    tmp_path: Path, fake_api: FakeElevenLabs, served: CaptionServer,
+) -> None:
+    synth = _eleven(fake_api, voice_settings=VoiceSettings(stability=0.5, speed=1.1))
+    bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{served.port}",
+                                    streams=("talk",), max_captions=2), synth)
+    task = asyncio.ensure_future(bridge.run())
+    await _subscribed(served)
+    pub = served.broadcaster.publish
+    pub(_caption("talk", 0, 1, "[nervous] So", final=False))
+    pub(_caption("other", 0, 1, "not followed"))
+    pub(_caption("talk", 0, 2, TAGGED_0))
+    pub(_caption("talk", 1, 3, "(laughs) I mean", final=False))
+    pub(_caption("talk", 1, 4, TAGGED_1))
+    stats = await asyncio.wait_for(task, 15)
+    assert (stats.written, stats.failed) == (2, 0)
+    assert len(fake_api.requests) == 2
+    for rec, text in zip(fake_api.requests, (TAGGED_0, TAGGED_1), strict=True):
+        assert rec.method == "POST"
+        assert rec.path == f"/v1/text-to-speech/{VOICE}"
+        assert rec.query == {"output_format": ["mp3_44100_128"]}
+        assert rec.headers["xi-api-key"] == API_KEY
+        assert rec.headers["content-type"] == "application/json"
+        assert rec.json() == {"text": text, "model_id": "eleven_v3",
+                              "voice_settings": {"stability": 0.5, "speed": 1.1}}
+    assert _names(tmp_path) == ["talk-00000.mp3", "talk-00001.mp3"]
+    assert (tmp_path / "talk-00000.mp3").read_bytes() == FakeElevenLabs.audio(1)
+    assert (tmp_path / "talk-00001.mp3").read_bytes() == FakeElevenLabs.audio(2)
+
+
+async def test_elevenlabs_retries_429_then_writes(
+    tmp_path: Path, fake_api: FakeElevenLabs, caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake_api.responses.append((429, {"Retry-After": "0.3"}, _error(
+        "too_many_concurrent_requests", "Too many concurrent requests")))
+    dest = tmp_path / "a.mp3"
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        await _eleven(fake_api).synthesize("[sighs] fine.", dest)
+    assert time.monotonic() - t0 >= 0.3  # Retry-After honoured
+    assert len(fake_api.requests) == 2
+    assert dest.read_bytes() == FakeElevenLabs.audio(2)
+    assert "HTTP 429" in caplog.text
+    assert "Too many concurrent requests" in caplog.text
+    assert not _names(tmp_path, ".*")  # no temporary file left
+
+
+async def test_elevenlabs_5xx_retries_are_bounded(
+    tmp_path: Path, fake_api: FakeElevenLabs,
+) -> None:
+    fake_api.responses.extend([(503, {}, b"upstream down")] * 5)
+    with pytest.raises(SynthesisError, match=r"HTTP 503: upstream down"):
+        await _eleven(fake_api, max_retries=2).synthesize("hello", tmp_path / "a.mp3")
+    assert len(fake_api.requests) == 3
+    assert not (tmp_path / "a.mp3").exists()
+
+
+async def test_elevenlabs_401_is_not_retried(tmp_path: Path, fake_api: FakeElevenLabs) -> None:
+    synth = _eleven(fake_api, api_key="sk_wrong")
+    with pytest.raises(SynthesisError, match=r"HTTP 401: invalid_api_key: Invalid API key"):
+        await synth.synthesize("hello", tmp_path / "a.mp3")
+    assert len(fake_api.requests) == 1
+
+
+async def test_elevenlabs_unreachable_is_a_synthesis_error(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    synth = ElevenLabsSynth(ElevenLabsOptions(VOICE, API_KEY, base_url=f"http://127.0.0.1:{port}",
+                                              max_retries=1, backoff_s=0.01))
+    with pytest.raises(SynthesisError, match="unreachable"):
+        await synth.synthesize("hello", tmp_path / "a.mp3")
+
+
+async def test_bridge_logs_a_401_and_goes_on_with_the_next_caption(
+    tmp_path: Path, fake_api: FakeElevenLabs, served: CaptionServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake_api.responses.append((401, {}, _error("invalid_api_key", "Invalid API key")))
+    bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{served.port}",
+                                    max_captions=2), _eleven(fake_api))
+    task = asyncio.ensure_future(bridge.run())
+    await _subscribed(served)
+    served.broadcaster.publish(_caption("talk", 0, 1, "first"))
+    served.broadcaster.publish(_caption("talk", 1, 2, "second"))
+    with caplog.at_level(logging.INFO):
+        stats = await asyncio.wait_for(task, 15)
+    assert (stats.written, stats.failed) == (1, 1)
+    assert _names(tmp_path) == ["talk-00001.mp3"]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "talk segment 0" in errors[0]
+    assert "HTTP 401: invalid_api_key: Invalid API key" in errors[0]
+    assert API_KEY not in caplog.text
+
+
+# --- the bridge on a real engine and server --------------------------------------------------
+
+FIRST_SPEECH = "Hello there."
+SECOND_SPEECH = "Good evening and welcome to the live captioning demo."
+PLAIN_TEXT = "Hello there, how are you doing today?"
+TAGGED_TEXT = "[whispers] Hello there, [pause] how are you doing today?"
+QUIET = 0.1  # the second utterance is played this much softer (peak about 0.08)
+
+
+def _by_level(audio: npt.NDArray[np.float32]) -> str:
+    # The stand-in model: the loud utterance reads as PLAIN_TEXT, the quiet
+    # one as TAGGED_TEXT, for its partials and its final alike (the merger
+    # never retracts stable words, so partials must agree with the final).
+    return PLAIN_TEXT if float(np.max(np.abs(audio))) > 0.2 else TAGGED_TEXT
+
+
+@NEEDS_ESPEAK
+async def test_espeak_bridge_writes_one_wav_per_final_from_a_real_engine(tmp_path: Path) -> None:
+    cfg = _config()
+    audio, spans = speech_with_pauses([FIRST_SPEECH, SECOND_SPEECH], pause_s=1.5)
+    assert np.max(np.abs(audio)) > 0.5 * 32768
+    start, end = spans[1]
+    audio[start:end] = (audio[start:end] * QUIET).astype(np.int16)
+    out = tmp_path / "out"
+    async with Engine(cfg, ScriptedBackend(_by_level)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        bridge = TtsBridge(BridgeConfig(out=out, url=f"ws://127.0.0.1:{server.port}/v1/captions",
+                                        streams=("talk",), exit_on_end=True), EspeakSynth())
+        task = asyncio.ensure_future(bridge.run())
+        await _subscribed(server)
+        summary = await feed_samples(engine.open_stream("talk", source="test"), audio, 1600,
+                                     realtime=False)
+        stats = await asyncio.wait_for(task, 20)
+    assert summary.finals == 2
+    assert summary.partials >= 2  # partials were sent, and the bridge ignored them
+    assert (stats.written, stats.failed, stats.skipped) == (2, 0, 0)
+    assert _names(out) == ["talk-00000.wav", "talk-00001.wav"]
+    plain_dur, plain_rms = _wav(out / "talk-00000.wav")
+    tagged_dur, tagged_rms = _wav(out / "talk-00001.wav")
+    assert tagged_dur > plain_dur + 0.25, "the [pause] adds time"
+    assert tagged_rms < 0.8 * plain_rms, "[whispers] is quieter"
+    # Each file is exactly the final's text synthesised (tags passed on unchanged).
+    for name, text in (("talk-00000.wav", PLAIN_TEXT), ("talk-00001.wav", TAGGED_TEXT)):
+        await EspeakSynth().synthesize(text, tmp_path / "ref.wav")
+        assert (out / name).read_bytes() == (tmp_path / "ref.wav").read_bytes()
+
+
+class GatedSynth:
+    """Records the files it is asked for; waits for ``gate`` before the first."""
+
+    ext = "txt"
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.names: list[str] = []
+
+    def speakable(self, text: str) -> bool:
+        return True
+
+    async def synthesize(self, text: str, dest: Path) -> None:
+        await self.gate.wait()
+        self.names.append(dest.name)
+
+
+async def test_slow_synthesis_is_dropped_by_the_server_then_resumes_without_loss(
+    tmp_path: Path,
+) -> None:
+    cfg = _config(**{"server.subscriber_queue": 8, "server.history": 100_000})
+    synth = GatedSynth()
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{server.port}",
+                                        streams=("load",), queue_size=2,
+                                        reconnect_min_s=0.05), synth)
+        task = asyncio.ensure_future(bridge.run())
+        await _subscribed(server)
+        # Incompressible text, so the socket buffers fill and the server's
+        # queue for the bridge overflows while the synthesiser is stuck.
+        seq = 0
+        while server.broadcaster.dropped_subscribers == 0:
+            seq += 1
+            assert seq < 5000, "the server never dropped the stuck bridge"
+            text = base64.b64encode(os.urandom(48_000)).decode()
+            server.broadcaster.publish(_caption("load", seq, seq, text))
+            await asyncio.sleep(0)
+        for _ in range(5):
+            seq += 1
+            server.broadcaster.publish(_caption("load", seq, seq, "after the drop"))
+        synth.gate.set()
+        for _ in range(3000):
+            if len(synth.names) >= seq or task.done():
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # time for a duplicate to show up, if any
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    stats = bridge.stats
+    assert stats.reconnects >= 1
+    assert stats.gaps == 0
+    assert synth.names == [f"load-{i:05d}.txt" for i in range(1, seq + 1)]
+
+
+# --- the command line -------------------------------------------------------------------
+
+
+@NEEDS_ESPEAK
+async def test_command_line_resumes_from_history(tmp_path: Path, served: CaptionServer) -> None:
+    pub = served.broadcaster.publish
+    pub(_caption("load", 1, 1, "[sighs] one", final=False))
+    pub(_caption("load", 1, 2, "[sighs] one."))
+    pub(_caption("load", 2, 3, "two [pause] three."))
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(CLIENT), "--mode", "espeak", "--out", str(tmp_path / "out"),
+        "--url", f"ws://127.0.0.1:{served.port}/v1/captions", "--stream", "load",
+        "--since", "0", "--max-captions", "2",
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, output.decode()
+    assert _names(tmp_path / "out") == [
+        "load-00001.wav", "load-00002.wav"]
+    assert b"2 written, 0 failed" in output
+
+
+def test_command_line_errors_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.delenv("ELEVENLABS_API_KEY", raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = str(tmp_path)
+    cases = [
+        (["--mode", "elevenlabs", "--out", out], "needs --voice"),
+        (["--mode", "elevenlabs", "--out", out, "--voice", VOICE, "--api-key", "k",
+          "--base-url", "api.elevenlabs.io"], "--base-url must start with https://"),
+        (["--mode", "elevenlabs", "--out", out, "--voice", VOICE], "ELEVENLABS_API_KEY"),
+        (["--out", out, "--since", "7"], "needs --stream"),
+        (["--out", out, "--url", f"ws://127.0.0.1:{port}/v1/captions"], "cannot subscribe"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert expected in err
+        assert err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(("first", "expected"), [
+    ({"type": "error", "code": "bad_query", "message": "since must be SEQ"}, "bad_query"),
+    ({"type": "hello", "v": 2, "streams": []}, "protocol v2"),
+])
+async def test_a_refused_subscription_or_unknown_protocol_is_a_bridge_error(
+    tmp_path: Path, first: dict[str, object], expected: str,
+) -> None:
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(json.dumps(first))
+        await ws.close(1008, "refused")
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{port}"),
+                           GatedSynth())
+        with pytest.raises(BridgeError, match=expected):
+            await asyncio.wait_for(bridge.run(), 10)

@@ -1,0 +1,321 @@
+"""clients/viewer.py: the pure rendering, and the script against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import os
+import pty
+import re
+import sys
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from viewer import KIND_COLORS, LiveWriter, captions_url, endpoint, parse_since, render_event
+from websockets.asyncio.client import connect
+
+from evoxtral_stream.config import load_config
+from evoxtral_stream.console import format_time
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.run import feed_samples
+from evoxtral_stream.server.app import CaptionServer
+from tests.clients.conftest import CLIENTS
+from tests.fakes import ScriptedBackend
+from tests.speech import have_espeak, speech_with_pauses
+
+ESC = "\x1b"
+CLEAR = "\r\x1b[2K"
+PARTIAL: dict[str, Any] = {
+    "type": "caption", "stream": "mic", "segment": 3, "seq": 17, "final": False,
+    "text": "[nervous] So... I was thinking [laughs]",
+    "plain_text": "So... I was thinking",
+    "stable": "[nervous] So... I was", "unstable": " thinking [laughs]",
+    "tags": [{"tag": "nervous", "kind": "emotion", "index": 0, "t": 12.48, "known": True},
+             {"tag": "laughs", "kind": "non-verbal", "index": 4, "t": 14.0, "known": True}],
+    "start": 12.48, "end": 14.9, "latency": 0.183,
+}
+FINAL = {**PARTIAL, "seq": 18, "final": True,
+         "text": "[nervous] So... I was thinking [laughs] [whispers] yes [beeps]",
+         "stable": "[nervous] So... I was thinking [laughs] [whispers] yes [beeps]",
+         "unstable": ""}
+
+
+# --- render_event -----------------------------------------------------------------
+
+
+def test_partial_stable_plain_unstable_dim_tags_by_kind() -> None:
+    assert render_event(PARTIAL) == (
+        "\x1b[2mmic [0:12.5 → 0:14.9]\x1b[0m "
+        "\x1b[1;33m[nervous]\x1b[0m So... I was"      # stable: plain, emotion tag bold yellow
+        "\x1b[2m thinking \x1b[0m\x1b[2;36m[laughs]\x1b[0m"  # unstable: dim, tag dim cyan
+    )
+
+
+def test_final_is_all_stable_and_kinds_fall_back_to_the_tag_set() -> None:
+    line = render_event(FINAL, show_stream=False)
+    assert line is not None
+    assert line.startswith("\x1b[2m[0:12.5 → 0:14.9]\x1b[0m \x1b[1;33m[nervous]")
+    assert f"\x1b[1;{KIND_COLORS['non-verbal']}m[laughs]" in line
+    # Not in the event's tags: [whispers] is a known delivery tag, [beeps] unknown.
+    assert f"\x1b[1;{KIND_COLORS['delivery']}m[whispers]" in line
+    assert f"\x1b[1;{KIND_COLORS['unknown']}m[beeps]" in line
+    assert "\x1b[2m" not in line.split("]\x1b[0m ", 1)[1]  # nothing dim after the time
+
+
+def test_no_color_is_plain_text() -> None:
+    assert render_event(PARTIAL, color=False) == (
+        "mic [0:12.5 → 0:14.9] [nervous] So... I was thinking [laughs]")
+    assert render_event(FINAL, color=False, show_stream=False) == (
+        "[0:12.5 → 0:14.9] " + FINAL["text"])
+
+
+def test_width_keeps_the_end_of_a_long_partial() -> None:
+    long = {**PARTIAL, "stable": "word " * 40 + PARTIAL["stable"],
+            "text": "word " * 40 + PARTIAL["text"]}
+    line = render_event(long, color=False, width=60)
+    assert line is not None
+    assert len(line) == 60
+    assert line.startswith("mic [0:12.5 → 0:14.9] …")
+    assert line.endswith("I was thinking [laughs]")
+    coloured = render_event(long, width=60)
+    assert coloured is not None
+    assert len(re.sub(r"\x1b\[[0-9;]*m", "", coloured)) == 60
+
+
+@pytest.mark.parametrize(("event", "text"), [
+    ({"type": "hello", "v": 1, "server": "evoxtral-stream", "version": "0.1.0",
+      "backend": "whisper", "capabilities": [], "streams": ["a", "b"]},
+     "connected to evoxtral-stream 0.1.0 (backend whisper); open streams: a, b"),
+    ({"type": "stream.started", "stream": "mic", "source": "mic"}, "▶ mic started (mic)"),
+    ({"type": "stream.ended", "stream": "talk", "duration": 25.24, "segments": 5, "finals": 5},
+     "■ talk ended: 5 finals, 25.2 s"),
+    ({"type": "gap", "stream": "talk", "from": 42, "to": 57},
+     "! talk: captions 42–57 are no longer retained"),
+    ({"type": "gap", "stream": "talk", "from": 42, "to": None},
+     "! talk: captions 42–… are no longer retained"),
+    ({"type": "error", "code": "decode_failed", "message": "boom", "stream": "mic"},
+     "! decode_failed: boom (mic)"),
+    ({"type": "ingest.summary", "stream": "x", "duration": 1.25, "segments": 1, "finals": 1,
+      "partials": 2, "errors": 0},
+     "x: 1.2 s of audio, 1 segments, 1 finals, 2 partials, 0 errors"),
+    ({"type": "caption", **{k: v for k, v in PARTIAL.items() if k != "type"}, "text": ""},
+     None),
+    ({"type": "something.new"}, None),
+])
+def test_other_messages(event: dict[str, Any], text: str | None) -> None:
+    assert render_event(event, color=False) == text
+    if text is not None:
+        assert render_event(event) == f"{ESC}[{'31' if text[0] == '!' else '2'}m{text}{ESC}[0m"
+
+
+# --- LiveWriter ---------------------------------------------------------------------
+
+
+def test_live_writer_redraws_the_partial_in_place_then_the_final_replaces_it() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    w = LiveWriter(out, err, color=False, live=True, show_stream=False)
+    w.show(PARTIAL)
+    w.show({**PARTIAL, "seq": 18})
+    w.show({"type": "stream.started", "stream": "other", "source": "x"})
+    w.show(FINAL)
+    p = render_event(PARTIAL, color=False, show_stream=False)
+    f = render_event(FINAL, color=False, show_stream=False)
+    assert out.getvalue() == f"{CLEAR}{p}{CLEAR}{p}{CLEAR}{f}\n"
+    assert err.getvalue() == "▶ other started (x)\n"
+
+
+def test_writer_off_a_terminal_prints_only_finals() -> None:
+    out, err = io.StringIO(), io.StringIO()
+    w = LiveWriter(out, err, color=False, live=False, show_stream=True)
+    for event in (PARTIAL, FINAL, {**FINAL, "text": "", "seq": 19}):
+        w.show(event)
+    assert out.getvalue() == f"{render_event(FINAL, color=False)}\n"
+
+
+# --- URLs ----------------------------------------------------------------------------
+
+
+def test_urls_and_since() -> None:
+    assert endpoint("ws://h:1/anything?x=1", "/v1/captions") == "ws://h:1/v1/captions"
+    assert endpoint("https://h", "/v1/ingest") == "wss://h/v1/ingest"
+    assert endpoint("127.0.0.1:8765", "/") == "ws://127.0.0.1:8765/"
+    with pytest.raises(ValueError, match="ws://"):
+        endpoint("ftp://h", "/")
+    assert parse_since("41", ["a", "b"]) == {"a": 41, "b": 41}
+    assert parse_since("a:4,b:7", []) == {"a": 4, "b": 7}
+    for bad in ("x", "a:", ":3"):
+        with pytest.raises(ValueError, match="SEQ"):
+            parse_since(bad, ["a"])
+    with pytest.raises(ValueError, match="--stream"):
+        parse_since("41", [])
+    assert captions_url("ws://h:1", [], {}) == "ws://h:1/v1/captions"
+    assert captions_url("ws://h:1", ["a b", "c"], {"a b": 3}) == \
+        "ws://h:1/v1/captions?stream=a%20b,c&since=a%20b:3"
+
+
+# --- the script against a real server -------------------------------------------------
+
+SENTENCES = ["Good evening and welcome to the live captioning demo.",
+             "Thank you for listening, and have a wonderful night."]
+
+
+def tagged(audio: npt.NDArray[np.float32]) -> str:
+    """A stand-in model: a word per half second, with two tags."""
+    words = [f"w{i}" for i in range(len(audio) // 8000)]
+    return " ".join(["[nervous]", *words[:2], "[laughs]", *words[2:]])
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[Engine, CaptionServer]]:
+    cfg = load_config(overrides={"server.port": 0})
+    async with Engine(cfg, ScriptedBackend(tagged)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        yield engine, server
+
+
+class DropProxy:
+    """A TCP relay to ``port`` whose connections :meth:`drop` cuts, as a network would."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.port = 0
+        self.writers: list[asyncio.StreamWriter] = []
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> DropProxy:
+        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.drop()
+        assert self._server is not None
+        self._server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer),
+                             return_exceptions=True)
+
+    def drop(self) -> None:
+        for w in self.writers:
+            w.transport.abort()
+        self.writers = []
+
+
+async def expected_lines(port: int, run: Any) -> list[str]:
+    """Run ``run()``; the finals of stream talk as the viewer prints them (no colour)."""
+    finals = []
+    async with connect(f"ws://127.0.0.1:{port}/v1/captions?stream=talk") as ws:
+        await ws.recv()  # hello
+        task = asyncio.ensure_future(run())
+        while (msg := json.loads(await asyncio.wait_for(ws.recv(), 30)))["type"] != \
+                "stream.ended":
+            if msg["type"] == "caption" and msg["final"]:
+                finals.append(f"[{format_time(msg['start'])} → {format_time(msg['end'])}] "
+                              f"{msg['text']}")
+        await task
+    return finals
+
+
+async def start_viewer(*args: str, stdout: int) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(CLIENTS / "viewer.py"), *args,
+        stdout=stdout, stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+    hello = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+    assert "connected to evoxtral-stream" in hello, hello
+    return proc
+
+
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+async def test_viewer_prints_finals_and_resumes_after_a_drop(
+    served: tuple[Engine, CaptionServer],
+) -> None:
+    engine, server = served
+    audio, spans = speech_with_pauses(SENTENCES, pause_s=1.2)
+    async with DropProxy(server.port) as proxy:
+        proc = await start_viewer("--url", f"ws://127.0.0.1:{proxy.port}", "--stream", "talk",
+                                  "--exit-on-end", stdout=asyncio.subprocess.PIPE)
+        stdout = proc.stdout
+        assert stdout is not None
+
+        async def speak_with_a_drop() -> None:
+            stream = engine.open_stream("talk", source="test")
+            for i in range(0, spans[1][0], 1600):  # the first sentence, its final
+                stream.push(audio[i:i + 1600])
+                await stream.wait_idle()
+            first = await asyncio.wait_for(stdout.readline(), 20)
+            lines.append(first.decode().rstrip("\n"))
+            proxy.drop()  # the viewer loses the link while the second sentence comes
+            await feed_samples(stream, audio[spans[1][0]:], 1600, realtime=False)
+
+        lines: list[str] = []
+        expected = await expected_lines(server.port, speak_with_a_drop)
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+    lines += out.decode().splitlines()
+    assert proc.returncode == 0, err.decode()
+    assert lines == expected
+    assert len(expected) == 2
+    assert ESC not in "".join(lines)  # not a terminal: no colour
+    status = err.decode()
+    assert "connection lost" in status
+    assert "no longer retained" not in status
+    # stream.ended is not replayed on resume; the viewer infers it from hello.
+    assert "■ talk ended while disconnected" in status
+
+
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+async def test_viewer_on_a_terminal_redraws_partials_with_colour(
+    served: tuple[Engine, CaptionServer],
+) -> None:
+    engine, server = served
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.2)
+    primary, secondary = pty.openpty()
+    chunks: list[bytes] = []
+
+    def read_terminal() -> None:
+        while True:
+            try:
+                data = os.read(primary, 65536)
+            except OSError:  # EIO: the viewer closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=read_terminal, daemon=True)
+    reader.start()
+    try:
+        proc = await start_viewer("--url", f"ws://127.0.0.1:{server.port}", "--stream", "talk",
+                                  "--exit-on-end", "--color", stdout=secondary)
+        os.close(secondary)
+        expected = await expected_lines(server.port, lambda: feed_samples(
+            engine.open_stream("talk", source="test"), audio, 1600, realtime=False))
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        await asyncio.to_thread(reader.join, 5)
+    finally:
+        os.close(primary)
+    screen = b"".join(chunks).decode()
+    *partials, final = re.findall(r"\r\x1b\[2K([^\r\n]*)", screen)
+    assert len(partials) >= 2, screen
+    # Stable text plain (its tag bold yellow), unstable text dim.
+    assert any("\x1b[1;33m[nervous]\x1b[0m w0" in p and "\x1b[2m w" in p for p in partials)
+    assert screen.endswith(final + "\r\n")
+    assert re.sub(r"\x1b\[[0-9;]*m", "", final) == expected[0]
+    assert f"\x1b[1;{KIND_COLORS['non-verbal']}m[laughs]\x1b[0m" in final
+    assert "\x1b[2m" not in final.split("]\x1b[0m ", 1)[1]

@@ -1,0 +1,266 @@
+"""The browser page end to end: a real engine and server, headless Chromium over CDP.
+
+The page is loaded from the server at ``/``; the tests feed audio through the
+engine (or the page's own microphone button) and assert on the DOM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import struct
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from evoxtral_stream.config import Config, load_config
+from evoxtral_stream.engine.backends.base import Backend
+from evoxtral_stream.engine.engine import Engine, Stream
+from evoxtral_stream.events import Int16Array
+from evoxtral_stream.run import feed_samples
+from evoxtral_stream.server.app import CaptionServer
+from tests.clients.conftest import FAKE_MIC_TEXT, Browser, Page
+from tests.fakes import ScriptedBackend
+from tests.speech import have_espeak, speech_with_pauses
+from tests.text_norm import loose_wer
+
+pytestmark = [pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed"),
+              pytest.mark.timeout(120)]
+
+SENTENCES = ["Good evening and welcome to the live captioning demo.",
+             "Thank you for listening, and have a wonderful night."]
+# Where the scripted model puts each tag: before word i.
+TAGS_BEFORE = {0: "[nervous]", 2: "[laughs]", 4: "[whispers]", 5: "[pause]", 6: "[beeps]"}
+KINDS = {"nervous": "emotion", "laughs": "non-verbal", "whispers": "delivery",
+         "pause": "pause", "beeps": "unknown"}
+
+
+def tagged_words(audio: npt.NDArray[np.float32]) -> str:
+    """A stand-in model: a word per half second, tags of every kind in between."""
+    words: list[str] = []
+    for i in range(len(audio) // 8000):
+        if i in TAGS_BEFORE:
+            words.append(TAGS_BEFORE[i])
+        words.append(f"w{i}")
+    return " ".join(words)
+
+
+def config() -> Config:
+    return load_config(overrides={"server.port": 0})
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[tuple[Engine, CaptionServer]]:
+    cfg = config()
+    async with Engine(cfg, ScriptedBackend(tagged_words)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        yield engine, server
+
+
+async def open_page(browser: Browser, server: CaptionServer) -> Page:
+    page = await Page.open(browser, f"http://127.0.0.1:{server.port}/")
+    await page.wait_for("document.getElementById('status').textContent === 'live'")
+    return page
+
+
+async def collect_until_ended(ws: ClientConnection) -> list[dict[str, Any]]:
+    """A native subscriber's view: every message up to ``stream.ended``."""
+    out: list[dict[str, Any]] = []
+    while not out or out[-1]["type"] != "stream.ended":
+        out.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
+    return out
+
+
+async def push(stream: Stream, audio: Int16Array) -> None:
+    """Push without closing, getting every partial (as feed_samples does)."""
+    for i in range(0, len(audio), 1600):
+        stream.push(audio[i:i + 1600])
+        await stream.wait_idle()
+        await asyncio.sleep(0)
+
+
+def png_info(data: bytes) -> tuple[int, int, int]:
+    """Width, height and the number of distinct byte values of the pixel data."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat, size = 8, b"", (0, 0)
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        body = data[pos + 8:pos + 8 + length]
+        if kind == b"IHDR":
+            size = struct.unpack(">II", body[:8])
+        elif kind == b"IDAT":
+            idat += body
+        pos += 12 + length
+    return size[0], size[1], len(set(zlib.decompress(idat)))
+
+
+LINE = "document.querySelectorAll('.line[data-stream=\"{s}\"][data-segment=\"{n}\"]')"
+
+
+async def test_page_renders_partials_finals_tags_and_picker(
+    browser: Browser, scripted: tuple[Engine, CaptionServer], tmp_path: Path,
+) -> None:
+    engine, server = scripted
+    audio, spans = speech_with_pauses(SENTENCES, pause_s=1.2)
+    page = await open_page(browser, server)
+    try:
+        assert "scripted" in await page.evaluate("document.getElementById('backend').textContent")
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/captions?stream=talk") as ws:
+            await ws.recv()  # hello
+            stream = engine.open_stream("talk", source="test")
+            # Half of the first sentence: the segment is open, only partials so far.
+            cut = spans[0][0] + (spans[0][1] - spans[0][0]) * 3 // 4
+            await push(stream, audio[:cut])
+            partial = await page.wait_for(
+                f"(() => {{ const l = {LINE.format(s='talk', n=0)}[0];"
+                "  const u = l && l.querySelector('.unstable:not(.tag)');"
+                "  return u && l.parentNode.id === 'partials' && l.classList.contains('partial')"
+                "    && {text: l.querySelector('.text').textContent,"
+                "        style: getComputedStyle(u).fontStyle,"
+                "        opacity: +getComputedStyle(u).opacity,"
+                "        chips: [...l.querySelectorAll('.tag')].map(c => c.dataset.kind)}; })()")
+            assert partial["style"] == "italic"
+            assert partial["opacity"] < 1
+            assert "emotion" in partial["chips"]
+            assert png_info(await page.screenshot(tmp_path / "partial.png"))[:2] == (1100, 720)
+            assert await page.evaluate(
+                "[...document.getElementById('picker').options].map(o => o.value)"
+            ) == ["", "talk"]
+            summary = asyncio.ensure_future(feed_samples(stream, audio[cut:], 1600,
+                                                         realtime=False))
+            messages = await collect_until_ended(ws)
+            await summary
+        finals = [m for m in messages if m["type"] == "caption" and m["final"]]
+        assert [f["segment"] for f in finals] == [0, 1]
+        await page.wait_for("document.querySelector('#picker option[value=\"talk\"]')"
+                            ".textContent === 'talk (ended)'")
+        for f in finals:
+            # One line per segment: the final replaced its partials, in the live log.
+            line = LINE.format(s="talk", n=f["segment"])
+            assert await page.evaluate(
+                f"[...{line}].map(l => [l.parentNode.id, l.className,"
+                " l.querySelector('.text').textContent])"
+            ) == [["finals", "line final", f["text"]]]
+        assert await page.evaluate("document.getElementById('partials').children.length") == 0
+        assert await page.evaluate(
+            "document.getElementById('finals').getAttribute('aria-live')") == "polite"
+        chips = await page.evaluate(
+            "[...document.querySelectorAll('#finals .tag')].map(c => [c.textContent,"
+            " c.dataset.kind, getComputedStyle(c).backgroundColor,"
+            " getComputedStyle(c).fontStyle])")
+        seen = {text.strip("[]"): kind for text, kind, _, _ in chips}
+        assert seen == KINDS, chips
+        colours = {kind: bg for _, kind, bg, _ in chips}
+        assert len(set(colours.values())) == len(colours), colours  # one colour per kind
+        assert {style for *_, style in chips} == {"normal"}  # finals are stable
+        assert not await page.evaluate("document.querySelector('#finals .unstable')")
+        # A second stream; the picker filters the lines to the chosen one.
+        await feed_samples(engine.open_stream("aside", source="test"),
+                           audio[:spans[1][0]], 1600, realtime=False)
+        await page.wait_for(f"{LINE.format(s='aside', n=0)}[0]?.classList.contains('final')")
+        visible = ("[...document.querySelectorAll('.line')].filter(l => !l.hidden)"
+                   ".map(l => l.dataset.stream)")
+        assert set(await page.evaluate(visible)) == {"talk", "aside"}
+        await page.evaluate("(() => { const p = document.getElementById('picker');"
+                            " p.value = 'talk'; p.dispatchEvent(new Event('change')); })()")
+        assert await page.evaluate("location.search") == "?stream=talk"
+        assert set(await page.evaluate(visible)) == {"talk"}
+        await page.evaluate("(() => { const p = document.getElementById('picker');"
+                            " p.value = ''; p.dispatchEvent(new Event('change')); })()")
+        assert set(await page.evaluate(visible)) == {"talk", "aside"}
+        png = await page.screenshot(tmp_path / "captions.png")
+        width, height, distinct = png_info(png)
+        assert (width, height) == (1100, 720)
+        assert distinct > 50
+        assert len(png) > 10_000
+        assert page.errors == []
+    finally:
+        await page.close()
+
+
+async def test_page_resumes_with_since_after_a_drop(
+    browser: Browser, scripted: tuple[Engine, CaptionServer],
+) -> None:
+    engine, server = scripted
+    audio, spans = speech_with_pauses(SENTENCES, pause_s=1.2)
+    page = await open_page(browser, server)
+    try:
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/captions?stream=talk") as ws:
+            await ws.recv()  # hello
+            stream = engine.open_stream("talk", source="test")
+            await push(stream, audio[:spans[1][0]])  # the first sentence and its final
+            await page.wait_for(f"{LINE.format(s='talk', n=0)}[0]?.classList.contains('final')")
+            seen = await page.evaluate("evoxtral.lastSeq.get('talk')")
+            # Drop the subscription, with a 4 s reconnect backoff: everything the
+            # engine says meanwhile must come back by resume.
+            await page.evaluate("evoxtral.retry = 4; evoxtral.socket.close()")
+            await page.wait_for("document.getElementById('status').textContent !== 'live'")
+            summary = asyncio.ensure_future(feed_samples(stream, audio[spans[1][0]:], 1600,
+                                                         realtime=False))
+            messages = await collect_until_ended(ws)
+            await summary
+            assert await page.evaluate("evoxtral.connects") == 1, "resumed too early"
+        missed = [m for m in messages if m["type"] == "caption" and m["seq"] > seen]
+        assert any(m["final"] for m in missed)
+        await page.wait_for("evoxtral.connects === 2 && "
+                            f"{LINE.format(s='talk', n=1)}[0]?.classList.contains('final')")
+        url = await page.evaluate("evoxtral.url")
+        assert url.endswith(f"/v1/captions?since=talk:{seen}")
+        finals = [m for m in messages if m["type"] == "caption" and m["final"]]
+        assert await page.evaluate(
+            "[...document.querySelectorAll('#finals .line.final')]"
+            ".map(l => [+l.dataset.segment, l.querySelector('.text').textContent])"
+        ) == [[f["segment"], f["text"]] for f in finals]
+        assert await page.evaluate("evoxtral.lastSeq.get('talk')") == messages[-2]["seq"]
+        # stream.ended is not replayed; the page infers it from the new hello.
+        assert await page.evaluate("document.querySelector('#picker option[value=\"talk\"]')"
+                                   ".textContent") == "talk (ended)"
+        assert not await page.evaluate("document.querySelector('#finals .note')"
+                                       "?.textContent.includes('no longer available')")
+        assert page.errors == []
+    finally:
+        await page.close()
+
+
+async def test_microphone_button_streams_speech_to_ingest(
+    browser: Browser, whisper_backend: Backend, tmp_path: Path,
+) -> None:
+    cfg = config()
+    async with Engine(cfg, whisper_backend) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        page = await open_page(browser, server)
+        try:
+            await page.click("#mic")
+            await page.wait_for("document.getElementById('mic').textContent"
+                                " === 'Stop microphone' && evoxtral.mic.sent > 0")
+            name = await page.evaluate("evoxtral.mic.stream")
+            assert re.fullmatch(r"browser-[0-9a-f]{4}", name), name
+            assert name in engine.streams
+            assert await page.evaluate("document.getElementById('picker').value") == name
+            # The fake microphone says FAKE_MIC_TEXT, then is silent: a final lands.
+            text = await page.wait_for(
+                f"{LINE.format(s=name, n=0)}[0]?.classList.contains('final') &&"
+                f" {LINE.format(s=name, n=0)}[0].querySelector('.text').textContent", 30)
+            assert loose_wer(FAKE_MIC_TEXT, text) <= 0.25, text
+            assert png_info(await page.screenshot(tmp_path / "mic.png"))[:2] == (1100, 720)
+            await page.click("#mic")
+            summary = await page.wait_for("evoxtral.mic.summary", 15)
+            assert summary["stream"] == name
+            assert summary["finals"] >= 1
+            rate = await page.evaluate("evoxtral.mic.sampleRate")
+            sent = await page.evaluate("evoxtral.mic.sent")
+            # What the page sent (PCM16 at the context's rate) is what the server counted.
+            assert abs(sent / 2 / rate - summary["duration"]) < 0.1
+            await page.wait_for("document.getElementById('mic').textContent"
+                                " === 'Start microphone'")
+            assert name not in engine.streams
+            assert page.errors == []
+        finally:
+            await page.close()
