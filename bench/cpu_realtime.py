@@ -1,0 +1,142 @@
+"""Real-time factor and end-of-speech → final latency on the CPU.
+
+Streams speech at real-time pace through the real engine (segmenter,
+sessions, model worker, merger, and a WebSocket subscriber) and reports:
+
+- RTF: seconds the model thread was busy per second of audio, with partials
+  every ``stream.partial_interval_ms`` (and with partials off, for contrast);
+- final latency: from the end-of-speech decision to the final caption event,
+  p50/p95/max, as received by a real WebSocket subscriber.
+
+Usage: ``python bench/cpu_realtime.py [--plays N] [--streams K] [--audio FILE]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from websockets.asyncio.client import connect
+
+from evoxtral_stream.audio.sources import read_audio_file
+from evoxtral_stream.config import Config, load_config
+from evoxtral_stream.data import sample_path
+from evoxtral_stream.engine.backends import load_backend
+from evoxtral_stream.engine.backends.base import Backend
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.events import SAMPLE_RATE
+from evoxtral_stream.run import FileJob, transcribe_samples
+from evoxtral_stream.server.app import CaptionServer
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    streams: int
+    audio_s: float
+    wall_s: float
+    busy_s: float
+    finals: int
+    partials: int
+    lat_p50: float
+    lat_p95: float
+    lat_max: float
+
+    @property
+    def rtf(self) -> float:
+        return self.busy_s / (self.audio_s * self.streams)
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    return float(np.percentile(np.asarray(values), q))
+
+
+async def run_once(cfg: Config, backend: Backend, audio: np.ndarray, streams: int,
+                   label: str) -> Row:
+    latencies: list[float] = []
+    finals = partials = 0
+    async with Engine(cfg, backend) as engine, CaptionServer(engine, cfg.server) as server:
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/captions") as ws:
+            await ws.recv()
+            done = asyncio.Event()
+            ended = 0
+
+            async def read() -> None:
+                nonlocal finals, partials, ended
+                async for raw in ws:
+                    msg = json.loads(raw)
+                    if msg["type"] == "caption":
+                        if msg["final"]:
+                            finals += 1
+                            latencies.append(msg["latency"])
+                        else:
+                            partials += 1
+                    elif msg["type"] == "stream.ended":
+                        ended += 1
+                        if ended == streams:
+                            done.set()
+                            return
+
+            reader = asyncio.ensure_future(read())
+            t0 = time.monotonic()
+            jobs = [FileJob(f"s{i}", audio) for i in range(streams)]
+            await transcribe_samples(cfg, engine, jobs, realtime=True)
+            await asyncio.wait_for(done.wait(), 60)
+            wall = time.monotonic() - t0
+            reader.cancel()
+        busy = engine.stats().worker.busy_s
+    return Row(label, streams, len(audio) / SAMPLE_RATE, wall, busy, finals, partials,
+               pct(latencies, 50), pct(latencies, 95), max(latencies, default=float("nan")))
+
+
+def table(rows: list[Row]) -> str:
+    head = ("| run | streams | audio s/stream | RTF | finals | partials | "
+            "final latency p50 | p95 | max |\n|---|---|---|---|---|---|---|---|---|")
+    lines = [f"| {r.label} | {r.streams} | {r.audio_s:.1f} | {r.rtf:.3f} | {r.finals} | "
+             f"{r.partials} | {r.lat_p50:.3f} s | {r.lat_p95:.3f} s | {r.lat_max:.3f} s |"
+             for r in rows]
+    return "\n".join([head, *lines])
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--plays", type=int, default=4, help="repeat the audio this many times")
+    ap.add_argument("--streams", type=int, default=1)
+    ap.add_argument("--audio", default=None, help="audio file (default: the bundled sample)")
+    args = ap.parse_args()
+    audio = read_audio_file(args.audio or sample_path())
+    audio = np.concatenate([audio] * args.plays)
+    base = load_config(overrides={"server.port": 0})
+    backend = load_backend(base.model)
+    backend.transcribe([np.zeros(SAMPLE_RATE, np.float32)])  # warm-up
+    # The reference: the same model padded to Whisper's classic 30 s window,
+    # as faster-whisper's WhisperModel.transcribe always does.
+    classic = load_config(overrides={"server.port": 0, "model.whisper.min_window_s": 30.0})
+    classic_backend = load_backend(classic.model)
+    classic_backend.transcribe([np.zeros(SAMPLE_RATE, np.float32)])
+    rows = [
+        await run_once(base, backend, audio, args.streams,
+                       f"partials every 1 s, window ≥ {base.model.whisper.min_window_s:g} s"),
+        await run_once(classic, classic_backend, audio, args.streams,
+                       "partials every 1 s, 30 s window (reference)"),
+        await run_once(load_config(overrides={"server.port": 0,
+                                               "stream.partial_interval_ms": 0}),
+                       backend, audio, args.streams, "finals only"),
+    ]
+    print(f"backend: {backend.name}; machine: {platform.machine()}, "
+          f"{platform.processor() or 'cpu'}; python {platform.python_version()}")
+    print(table(rows))
+    p95 = rows[0].lat_p95
+    print(f"\nRTF with 1 s partials: {rows[0].rtf:.3f} (target ≤ 0.3); "
+          f"final latency p95: {p95:.3f} s (target ≤ 1.0 s)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,361 @@
+"""``evoxtral-stream`` command line: serve, transcribe, devices.
+
+Errors meant for people (bad config, unreadable audio, missing model or
+audio device) are printed as one line and exit with status 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from . import __version__
+from .audio.sources import AudioInputError, list_input_devices, read_audio_file
+from .config import Config, ConfigError, load_config, parse_override
+from .console import CaptionPrinter
+from .data import sample_path
+from .engine.backends import BackendUnavailable, load_backend
+from .engine.engine import Engine, StreamSummary
+from .events import SAMPLE_RATE, CaptionEvent, EngineEvent
+from .run import FileJob, LatencyLog, transcribe_samples
+from .server.app import CaptionServer
+from .server.protocol import event_to_dict
+from .text.formats import to_srt, to_vtt
+
+__all__ = ["main"]
+
+log = logging.getLogger("evoxtral_stream")
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """An error with a message for people; exits with status 2."""
+
+
+# --- argument parsing --------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH",
+                        help="config file (default: $EVOXTRAL_CONFIG, else built-in defaults)")
+    common.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a config key, e.g. vad.aggressiveness=3")
+    common.add_argument("--backend", choices=["auto", "voxtral", "whisper"],
+                        help="shortcut for --set model.backend=...")
+    common.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
+    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+    p = argparse.ArgumentParser(
+        prog="evoxtral-stream",
+        description="Live captions with expressive tags (Voxtral + Evoxtral LoRA).",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", parents=[common], help="caption a live source and serve it",
+                           description="Capture audio, caption it live, serve the captions "
+                                       "over WebSocket and print them.")
+    serve.add_argument("--source", default="mic", metavar="SRC",
+                       help="'mic' (default), 'none' (serve only), 'sample', or an audio file "
+                            "played at real-time pace")
+    serve.add_argument("--stream", default=None, metavar="ID", help="stream id (default: source)")
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--exit-at-end", action="store_true",
+                       help="with a file source, stop when the file ends")
+    serve.add_argument("--no-print", action="store_true", help="do not print captions")
+
+    tr = sub.add_parser("transcribe", parents=[common],
+                        help="stream audio files through the engine",
+                        description="Stream audio files through the live pipeline and print "
+                                    "their captions; several files run as concurrent streams.")
+    tr.add_argument("files", nargs="*", type=Path, metavar="FILE")
+    tr.add_argument("--sample", action="store_true", help="add the bundled speech sample")
+    tr.add_argument("--realtime", action="store_true",
+                    help="feed audio at real-time pace (default: as fast as possible)")
+    tr.add_argument("--no-partials", action="store_true", help="finals only (fastest)")
+    tr.add_argument("--partials", action="store_true",
+                    help="print partials too when not on a terminal")
+    tr.add_argument("--srt", type=Path, metavar="PATH",
+                    help="write SRT (a folder for several files)")
+    tr.add_argument("--vtt", type=Path, metavar="PATH", help="write WebVTT (likewise)")
+    tr.add_argument("--jsonl", type=Path, metavar="PATH",
+                    help="write every event as JSON lines (protocol v1 messages)")
+    tr.add_argument("--serve", action="store_true",
+                    help="also serve the captions over WebSocket while transcribing")
+    tr.add_argument("--port", type=int, help="override server.port (with --serve)")
+
+    sub.add_parser("devices", parents=[common], help="list audio input devices")
+
+    ex = sub.add_parser("export-merged", parents=[common],
+                        help="write Voxtral with the LoRA merged in (safetensors)",
+                        description="Merge model.voxtral.adapter into model.voxtral.base and "
+                                    "write the result (weights, config, tokenizer files) to "
+                                    "OUTDIR, for engines without LoRA support for the audio "
+                                    "tower and projector.")
+    ex.add_argument("outdir", type=Path, metavar="OUTDIR")
+    return p
+
+
+def _load_config(args: argparse.Namespace) -> Config:
+    overrides: dict[str, object] = {}
+    for text in args.overrides:
+        key, value = parse_override(text)
+        overrides[key] = value
+    if args.backend:
+        overrides["model.backend"] = args.backend
+    for flag, key in (("host", "server.host"), ("port", "server.port")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides[key] = value
+    if getattr(args, "no_partials", False):
+        overrides["stream.partial_interval_ms"] = 0
+    return load_config(args.config, overrides)
+
+
+def _setup_logging(args: argparse.Namespace) -> None:
+    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    if not args.debug:
+        for noisy in ("websockets", "faster_whisper", "httpx", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# --- commands ----------------------------------------------------------------
+
+
+def _stream_ids(paths: Sequence[Path]) -> list[str]:
+    ids: list[str] = []
+    for p in paths:
+        base = p.stem or "stream"
+        name, n = base, 1
+        while name in ids:
+            n += 1
+            name = f"{base}-{n}"
+        ids.append(name)
+    return ids
+
+
+def _output_path(target: Path, stream: str, suffix: str, many: bool) -> Path:
+    if many or target.is_dir():
+        target.mkdir(parents=True, exist_ok=True)
+        return target / f"{stream}{suffix}"
+    return target
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+
+
+def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
+    paths: list[Path] = list(args.files)
+    if args.sample:
+        paths.append(sample_path())
+    if not paths:
+        raise UserError("no input: name audio files or use --sample")
+    jobs = [FileJob(sid, read_audio_file(p)) for sid, p in zip(_stream_ids(paths), paths,
+                                                                 strict=True)]
+    backend = load_backend(cfg.model)
+    printer = CaptionPrinter(show_stream=len(jobs) > 1,
+                             partials=True if args.partials else None)
+    record = LatencyLog()
+    total = sum(len(j.samples) for j in jobs)
+
+    async def job() -> list[StreamSummary]:
+        async with Engine(cfg, backend) as engine:
+            engine.add_listener(record)
+            engine.add_listener(printer)
+            server = CaptionServer(engine, cfg.server) if args.serve else None
+            async with contextlib.AsyncExitStack() as stack:
+                if server is not None:
+                    await stack.enter_async_context(server)
+                    await _start_mqtt(stack, cfg, engine)
+                    print(f"serving captions on ws://{cfg.server.host}:{server.port}/v1/captions",
+                          file=sys.stderr)
+                bar = _progress(total)
+                try:
+                    progress = None if bar is None else (
+                        lambda n: bar.update(n / SAMPLE_RATE))
+                    return await transcribe_samples(cfg, engine, jobs, realtime=args.realtime,
+                                                    progress=progress)
+                finally:
+                    if bar is not None:
+                        bar.close()
+
+    loop_start = _now()
+    summaries = asyncio.run(job())
+    elapsed = _now() - loop_start
+    _write_outputs(args, jobs, record.events)
+    audio_s = total / SAMPLE_RATE
+    lat = sorted(record.final_latencies())
+    if not args.quiet:
+        p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else float("nan")
+        print(f"{len(summaries)} stream(s), {audio_s:.1f} s of audio in {elapsed:.1f} s "
+              f"(speed ×{audio_s / max(elapsed, 1e-9):.1f}); "
+              f"{sum(s.finals for s in summaries)} finals, "
+              f"{sum(s.partials for s in summaries)} partials; "
+              f"final latency p95 {p95:.2f} s", file=sys.stderr)
+    return 0 if all(s.errors == 0 for s in summaries) else 1
+
+
+def _now() -> float:
+    import time
+
+    return time.monotonic()
+
+
+def _progress(total_samples: int) -> Any:
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=round(total_samples / SAMPLE_RATE, 1), unit="s", unit_scale=False,
+                file=sys.stderr, leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s")
+
+
+def _write_outputs(args: argparse.Namespace, jobs: Sequence[FileJob],
+                   events: Sequence[EngineEvent]) -> None:
+    many = len(jobs) > 1
+    for job in jobs:
+        finals = [e for e in events if isinstance(e, CaptionEvent)
+                  and e.stream == job.stream and e.final]
+        finals.sort(key=lambda e: e.segment)
+        if args.srt:
+            _write(_output_path(args.srt, job.stream, ".srt", many), to_srt(finals))
+        if args.vtt:
+            _write(_output_path(args.vtt, job.stream, ".vtt", many), to_vtt(finals))
+    if args.jsonl:
+        lines = [json.dumps(event_to_dict(e), ensure_ascii=False) for e in events]
+        _write(args.jsonl, "".join(line + "\n" for line in lines))
+
+
+def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
+    source: str = args.source
+    file_audio = None
+    if source not in ("mic", "none"):
+        path = sample_path() if source == "sample" else Path(source)
+        file_audio = read_audio_file(path)
+        source = path.stem
+    backend = load_backend(cfg.model)
+    return asyncio.run(_serve(args, cfg, backend, source, file_audio))
+
+
+async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: str,
+                 file_audio: Any) -> int:
+    from .audio.sources import MicrophoneCapture
+    from .run import feed_samples
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with Engine(cfg, backend) as engine, CaptionServer(engine, cfg.server) as server, \
+            contextlib.AsyncExitStack() as stack:
+        await _start_mqtt(stack, cfg, engine)
+        if not args.no_print:
+            engine.add_listener(CaptionPrinter())
+        print(f"serving captions on ws://{cfg.server.host}:{server.port}/v1/captions "
+              "(Ctrl-C to stop)", file=sys.stderr)
+        stream_id = args.stream or source
+        feeder: asyncio.Task[Any] | None = None
+        mic: MicrophoneCapture | None = None
+        if source == "mic":
+            stream = engine.open_stream(stream_id, source="mic")
+            mic = MicrophoneCapture.from_config(cfg.audio, stream.push)
+            mic.start(loop)
+        elif file_audio is not None:
+            stream = engine.open_stream(stream_id, source="file")
+            chunk = cfg.audio.file_chunk_ms * SAMPLE_RATE // 1000
+            feeder = asyncio.ensure_future(feed_samples(stream, file_audio, chunk, realtime=True))
+            if args.exit_at_end:
+                feeder.add_done_callback(lambda _: stop.set())
+        await stop.wait()
+        if mic is not None:
+            mic.stop()
+        if feeder is not None and not feeder.done():
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeder
+        # Flush open segments as finals while subscribers are still connected;
+        # only then does the server close them (1001, going away).
+        await engine.close_streams()
+    return 0
+
+
+async def _start_mqtt(stack: contextlib.AsyncExitStack, cfg: Config, engine: Engine) -> None:
+    """Publish captions to MQTT too when ``mqtt.enabled``; never blocks the engine."""
+    if not cfg.mqtt.enabled:
+        return
+    from .server.mqtt import MqttPublisher
+
+    publisher = await stack.enter_async_context(MqttPublisher(cfg.mqtt))
+    engine.add_listener(publisher)
+    stack.callback(engine.remove_listener, publisher)
+    print(f"publishing captions to mqtt://{cfg.mqtt.host}:{cfg.mqtt.port}/{cfg.mqtt.prefix}/",
+          file=sys.stderr)
+
+
+def _cmd_devices(args: argparse.Namespace, cfg: Config) -> int:
+    devices = list_input_devices()
+    if not devices:
+        raise UserError("no audio input device found")
+    for d in devices:
+        mark = "*" if d.is_default else " "
+        print(f"{mark} {d.index:3d}  {d.name}  ({d.channels} ch, {d.default_samplerate:.0f} Hz)")
+    return 0
+
+
+def _cmd_export_merged(args: argparse.Namespace, cfg: Config) -> int:
+    try:
+        from .engine.backends.voxtral import ExportError, export_merged
+    except ImportError as e:
+        raise UserError(f"export-merged needs the voxtral extra ({e.name} missing): "
+                        "pip install torch==2.13.0 'evoxtral-stream[voxtral]'") from None
+    try:
+        export_merged(cfg.model.voxtral, args.outdir)
+    except ExportError as e:
+        raise UserError(str(e)) from None
+    print(f"merged model written to {args.outdir}", file=sys.stderr)
+    return 0
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"evoxtral-stream: error: {message}", file=sys.stderr)
+    raise SystemExit(EXIT_USAGE)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args)
+    commands = {"serve": _cmd_serve, "transcribe": _cmd_transcribe, "devices": _cmd_devices,
+                "export-merged": _cmd_export_merged}
+    try:
+        cfg = _load_config(args)
+        return commands[args.command](args, cfg)
+    except (ConfigError, AudioInputError, BackendUnavailable, UserError) as e:
+        if args.debug:
+            raise
+        _fail(str(e))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Caption output on a terminal: finals as lines, the live partial in place.
+
+On a TTY the current partial is redrawn in place (dim) and replaced by the
+final when it lands; elsewhere only finals are printed, one per line, unless
+``partials`` is set. With several streams each line names its stream.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from .events import CaptionEvent, EngineEvent, StreamError
+
+__all__ = ["CaptionPrinter", "format_time"]
+
+_DIM = "\x1b[2m"
+_RESET = "\x1b[0m"
+_CLEAR_LINE = "\r\x1b[2K"
+
+
+def format_time(seconds: float) -> str:
+    """``m:ss.s`` (or ``h:mm:ss.s``) for a stream position."""
+    tenths = round(seconds * 10)
+    h, rem = divmod(tenths, 36000)
+    m, rem = divmod(rem, 600)
+    s = rem / 10
+    return f"{h}:{m:02d}:{s:04.1f}" if h else f"{m}:{s:04.1f}"
+
+
+class CaptionPrinter:
+    """Engine listener that writes captions to a text stream."""
+
+    def __init__(
+        self,
+        out: TextIO | None = None,
+        *,
+        show_stream: bool = False,
+        partials: bool | None = None,
+        live: bool | None = None,
+    ) -> None:
+        self._out = out if out is not None else sys.stdout
+        is_tty = self._out.isatty()
+        self._live = is_tty if live is None else live
+        self._partials = self._live if partials is None else partials
+        self._show_stream = show_stream
+        self._partial_shown = False
+
+    def _prefix(self, ev: CaptionEvent) -> str:
+        span = f"[{format_time(ev.start)} → {format_time(ev.end)}]"
+        return f"{ev.stream} {span}" if self._show_stream else span
+
+    def __call__(self, event: EngineEvent) -> None:
+        if isinstance(event, StreamError):
+            self._clear()
+            print(f"! {event.stream}: {event.code}: {event.message}", file=self._out, flush=True)
+            return
+        if not isinstance(event, CaptionEvent):
+            return
+        if event.final:
+            self._clear()
+            if event.text:
+                print(f"{self._prefix(event)} {event.text}", file=self._out, flush=True)
+        elif self._partials and event.text:
+            if self._live:
+                # Keep the line on one screen row: drop the oldest stable words.
+                room = max(20, 150 - len(self._prefix(event)) - len(event.unstable))
+                stable = event.stable if len(event.stable) <= room else "…" + event.stable[-room:]
+                line = f"{self._prefix(event)} {stable}{_DIM}{event.unstable}{_RESET}"
+                self._out.write(_CLEAR_LINE + line)
+                self._out.flush()
+                self._partial_shown = True
+            else:
+                print(f"{self._prefix(event)} … {event.text}", file=self._out, flush=True)
+
+    def _clear(self) -> None:
+        if self._partial_shown:
+            self._out.write(_CLEAR_LINE)
+            self._partial_shown = False

@@ -1,0 +1,315 @@
+"""Caption files from caption events: SRT, WebVTT, JSONL and plain text.
+
+Pure: every function returns a string; writing it is the caller's job.
+
+SRT and WebVTT use the *final* events only, in the order given (callers sort
+them by segment). Each final is laid out in cues by :class:`CueLayout`, the
+usual subtitle practice: at most 42 characters a line and 2 lines a cue, a
+cue at most 7 s and at least 5/6 s on screen (extended into the silence
+after it, never over the next cue). Lines break between words, never inside
+a tag, and a tag stays with the word it precedes. A cue's times come from
+its words' positions in the segment, interpolated linearly over the
+segment's span (as ``TagMark.t``). A sentence end closes a cue once the cue
+holds a full line.
+
+Tags (:class:`TagStyle`): kept inline as written (``[laughs]``, what a TTS
+voice wants), stripped (plain captions), or, in WebVTT only, wrapped in
+class spans ``<c.tag.non-verbal.laughs>[laughs]</c>`` so a player's style
+sheet can colour or hide them (``::cue(.tag) { visibility: hidden }``).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from ..events import CaptionEvent
+from .tags import Token, render, tokenize, word_count
+
+__all__ = [
+    "Cue",
+    "CueLayout",
+    "TagStyle",
+    "build_cues",
+    "caption_to_dict",
+    "format_timestamp",
+    "to_jsonl",
+    "to_srt",
+    "to_text",
+    "to_vtt",
+]
+
+
+class TagStyle(enum.Enum):
+    INLINE = "inline"
+    STRIP = "strip"
+    CLASS = "class"
+
+
+@dataclass(frozen=True)
+class CueLayout:
+    """Line and duration limits of caption cues."""
+
+    max_line_chars: int = 42
+    max_lines: int = 2
+    max_cue_s: float = 7.0
+    min_cue_s: float = 5 / 6
+
+    def __post_init__(self) -> None:
+        if self.max_line_chars < 1 or self.max_lines < 1:
+            raise ValueError("max_line_chars and max_lines must be at least 1")
+        if self.max_cue_s <= 0 or self.min_cue_s < 0:
+            raise ValueError("max_cue_s must be positive and min_cue_s not negative")
+
+
+@dataclass(frozen=True)
+class Cue:
+    """One cue: seconds on the stream clock and its lines (with markup in
+    ``TagStyle.CLASS``)."""
+
+    start: float
+    end: float
+    lines: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """Text that never breaks: a word with its punctuation and the tags
+    before it."""
+
+    markup: str
+    width: int
+    w0: int
+    w1: int
+    ends_sentence: bool
+
+
+def _escape_vtt(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "-", name.casefold()).strip("-")
+
+
+def _chunk_markup(chunk: Sequence[Token], style: TagStyle, vtt: bool) -> tuple[str, str]:
+    """(markup, visible text) of tokens written without spaces between."""
+    if style is TagStyle.STRIP:
+        text = render(chunk, tags=False)
+        return (_escape_vtt(text) if vtt else text), text
+    visible = render(chunk)
+    if style is TagStyle.INLINE:
+        return (_escape_vtt(visible) if vtt else visible), visible
+    parts: list[str] = []
+    for tok in chunk:
+        if tok.is_tag and tok.tag_kind is not None:
+            classes = ".".join(c for c in ("tag", tok.tag_kind.value, _slug(tok.tag or "")) if c)
+            parts.append(f"<c.{classes}>{_escape_vtt(tok.text)}</c>")
+        else:
+            parts.append(_escape_vtt(tok.text))
+    return "".join(parts), visible
+
+
+def _units(tokens: Sequence[Token], style: TagStyle, vtt: bool) -> list[_Unit]:
+    chunks: list[list[Token]] = []
+    for tok in tokens:
+        if tok.space_before or not chunks:
+            chunks.append([tok])
+        else:
+            chunks[-1].append(tok)
+    if style is TagStyle.STRIP:
+        chunks = [c for c in chunks if not all(t.is_tag for t in c)]
+    else:
+        # A run of tags stays with the word after it (or, at the end, the
+        # word before it).
+        merged: list[list[Token]] = []
+        pending: list[Token] = []
+        for c in chunks:
+            if all(t.is_tag for t in c):
+                pending.extend(c)
+                continue
+            merged.append([*pending, *c])
+            pending = []
+        if pending:
+            if merged:
+                merged[-1].extend(pending)
+            else:
+                merged.append(pending)
+        chunks = merged
+    units: list[_Unit] = []
+    w = 0
+    for c in chunks:
+        # Inside a merged unit, tags and words keep their own spacing.
+        pieces: list[tuple[str, str]] = []
+        group: list[Token] = []
+        for tok in c:
+            if tok.space_before and group:
+                pieces.append(_chunk_markup(group, style, vtt))
+                group = []
+            group.append(tok)
+        if group:
+            pieces.append(_chunk_markup(group, style, vtt))
+        markup = " ".join(m for m, _ in pieces if m)
+        visible = " ".join(v for _, v in pieces if v)
+        if not visible:
+            continue
+        n = word_count(c)
+        last = [t for t in c if not t.is_tag]
+        units.append(_Unit(markup, len(visible), w, w + n,
+                           bool(last) and last[-1].ends_sentence))
+        w += n
+    return units
+
+
+def _event_cues(event: CaptionEvent, style: TagStyle, layout: CueLayout,
+                vtt: bool) -> list[Cue]:
+    tokens = tokenize(event.text)
+    units = _units(tokens, style, vtt)
+    if not units:
+        return []
+    n = units[-1].w1
+    span = max(0.0, event.end - event.start)
+
+    def at(word: int) -> float:
+        return event.start + span * word / n if n else event.start
+
+    cues: list[Cue] = []
+    lines: list[list[_Unit]] = [[]]
+    first: _Unit | None = None
+
+    def width(line: list[_Unit]) -> int:
+        return sum(u.width for u in line) + max(0, len(line) - 1)
+
+    def close(last: _Unit) -> None:
+        nonlocal lines, first
+        if first is None:
+            return
+        start, end = at(first.w0), at(last.w1)
+        if n == 0:
+            end = event.end
+        text = tuple(" ".join(u.markup for u in line) for line in lines if line)
+        cues.append(Cue(start, end, text))
+        lines = [[]]
+        first = None
+
+    prev: _Unit | None = None
+    for u in units:
+        if first is not None and prev is not None:
+            line = lines[-1]
+            fits_line = width(line) + 1 + u.width <= layout.max_line_chars
+            too_long = at(u.w1) - at(first.w0) > layout.max_cue_s
+            if too_long or (not fits_line and len(lines) >= layout.max_lines):
+                close(prev)
+            elif not fits_line:
+                lines.append([])
+        if first is None:
+            first = u
+        lines[-1].append(u)
+        prev = u
+        full = sum(width(line) for line in lines) >= layout.max_line_chars
+        if u.ends_sentence and full:
+            close(u)
+    if prev is not None:
+        close(prev)
+    return cues
+
+
+def build_cues(events: Iterable[CaptionEvent], *, tags: TagStyle = TagStyle.INLINE,
+               layout: CueLayout | None = None, vtt: bool = False) -> list[Cue]:
+    """The cues of the final events (see module doc); ``vtt`` escapes the
+    text for WebVTT."""
+    lay = layout or CueLayout()
+    cues: list[Cue] = []
+    for event in events:
+        if event.final and event.text:
+            cues.extend(_event_cues(event, tags, lay, vtt))
+    out: list[Cue] = []
+    for i, cue in enumerate(cues):
+        nxt = cues[i + 1].start if i + 1 < len(cues) else None
+        end = max(cue.end, cue.start + lay.min_cue_s)
+        if nxt is not None and nxt > cue.start:
+            end = min(end, nxt)
+        out.append(Cue(cue.start, max(end, cue.start), cue.lines))
+    return out
+
+
+def format_timestamp(seconds: float, sep: str = ",") -> str:
+    """``HH:MM:SS,mmm`` (SRT) or, with ``sep="."``, ``HH:MM:SS.mmm`` (WebVTT)."""
+    ms = max(0, round(seconds * 1000))
+    h, rem = divmod(ms, 3_600_000)
+    m, rem = divmod(rem, 60_000)
+    s, ms = divmod(rem, 1000)
+    return f"{h:02d}:{m:02d}:{s:02d}{sep}{ms:03d}"
+
+
+def to_srt(events: Iterable[CaptionEvent], *, tags: TagStyle = TagStyle.INLINE,
+           layout: CueLayout | None = None) -> str:
+    """SubRip text of the final events; ``TagStyle.CLASS`` is WebVTT only."""
+    if tags is TagStyle.CLASS:
+        raise ValueError("SRT has no class spans: use TagStyle.INLINE or TagStyle.STRIP")
+    blocks = []
+    for i, cue in enumerate(build_cues(events, tags=tags, layout=layout), start=1):
+        times = f"{format_timestamp(cue.start)} --> {format_timestamp(cue.end)}"
+        blocks.append(f"{i}\n{times}\n" + "\n".join(cue.lines) + "\n")
+    return "\n".join(blocks)
+
+
+def to_vtt(events: Iterable[CaptionEvent], *, tags: TagStyle = TagStyle.INLINE,
+           layout: CueLayout | None = None) -> str:
+    """WebVTT text of the final events."""
+    out = ["WEBVTT\n"]
+    for cue in build_cues(events, tags=tags, layout=layout, vtt=True):
+        times = f"{format_timestamp(cue.start, '.')} --> {format_timestamp(cue.end, '.')}"
+        out.append(f"{times}\n" + "\n".join(cue.lines) + "\n")
+    return "\n".join(out)
+
+
+def caption_to_dict(event: CaptionEvent) -> dict[str, object]:
+    """A JSON-ready dict of a caption event (``type: "caption"``)."""
+    return {
+        "type": "caption",
+        "stream": event.stream,
+        "segment": event.segment,
+        "seq": event.seq,
+        "final": event.final,
+        "text": event.text,
+        "plain_text": event.plain_text,
+        "stable": event.stable,
+        "unstable": event.unstable,
+        "tags": [
+            {"tag": m.tag, "kind": m.kind, "index": m.index, "t": m.t, "known": m.known}
+            for m in event.tags
+        ],
+        "start": event.start,
+        "end": event.end,
+        "latency": event.latency,
+    }
+
+
+def to_jsonl(events: Iterable[CaptionEvent]) -> str:
+    """One JSON object per event (partials included), one per line."""
+    return "".join(json.dumps(caption_to_dict(e), ensure_ascii=False) + "\n" for e in events)
+
+
+def to_text(events: Iterable[CaptionEvent], *, tags: TagStyle = TagStyle.INLINE,
+            paragraph_gap_s: float = 2.0) -> str:
+    """The final captions as running text: finals joined by spaces, a new
+    line where the silence between two is at least ``paragraph_gap_s``."""
+    if tags is TagStyle.CLASS:
+        raise ValueError("plain text has no class spans: use TagStyle.INLINE or STRIP")
+    out: list[str] = []
+    prev_end: float | None = None
+    for e in events:
+        if not e.final:
+            continue
+        text = e.plain_text if tags is TagStyle.STRIP else e.text
+        if not text:
+            continue
+        if prev_end is not None:
+            out.append("\n" if e.start - prev_end >= paragraph_gap_s else " ")
+        out.append(text)
+        prev_end = e.end
+    return "".join(out) + ("\n" if out else "")

@@ -1,0 +1,168 @@
+"""The command line, run as a user would: real process, real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from evoxtral_stream.data import sample_path, sample_text
+from tests.text_norm import loose_wer
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 240
+        ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "evoxtral_stream", *args],
+        capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
+    )
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str], *needles: str) -> str:
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("evoxtral-stream: error:")]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def test_transcribe_sample_prints_the_words_and_writes_outputs(tmp_path: Path) -> None:
+    srt, vtt, jsonl = tmp_path / "s.srt", tmp_path / "s.vtt", tmp_path / "s.jsonl"
+    proc = cli("transcribe", "--sample", "--srt", str(srt), "--vtt", str(vtt),
+               "--jsonl", str(jsonl))
+    assert proc.returncode == 0, proc.stderr
+    reference = sample_text()
+    printed = " ".join(line.split("] ", 1)[1] for line in proc.stdout.splitlines() if "] " in line)
+    assert loose_wer(reference, printed) <= 0.15, proc.stdout
+    assert srt.read_text().startswith("1\n00:00:")
+    assert vtt.read_text().startswith("WEBVTT")
+    events = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    finals = [e.get("final") for e in events if e["type"] == "caption"]
+    assert False in finals
+    assert finals.count(True) == 5
+    assert "5 finals" in proc.stderr
+
+
+def test_bad_config_value_names_key_and_value() -> None:
+    one_error_line(cli("transcribe", "--sample", "--set", "vad.aggressiveness=7"),
+                   "vad.aggressiveness must be 0..3, got 7")
+
+
+def test_unknown_config_key_and_bad_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[vad]\nagressiveness = 1\n")
+    one_error_line(cli("transcribe", "--sample", "--config", str(bad)), "vad.agressiveness")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[vad\n")
+    one_error_line(cli("transcribe", "--sample", "--config", str(broken)), "not valid TOML")
+    one_error_line(cli("transcribe", "--sample", env={"EVOXTRAL_CONFIG": str(bad)}),
+                   "vad.agressiveness")
+
+
+def test_unreadable_empty_and_missing_audio(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"this is not audio at all" * 10)
+    one_error_line(cli("transcribe", str(garbage)), "garbage.wav")
+    empty = tmp_path / "empty.wav"
+    sf.write(empty, np.zeros(0, np.int16), 16000)
+    one_error_line(cli("transcribe", str(empty)), "empty.wav")
+    one_error_line(cli("transcribe", str(tmp_path / "missing.flac")), "missing.flac")
+
+
+def test_no_input_is_a_usage_error() -> None:
+    one_error_line(cli("transcribe"), "no input")
+
+
+def test_missing_whisper_model_is_one_line(tmp_path: Path) -> None:
+    one_error_line(cli("transcribe", "--sample", "--backend", "whisper",
+                       "--set", f"model.whisper.model_path={str(tmp_path)!r}"),
+                   "model.whisper.model_path")
+
+
+@pytest.mark.parametrize("args", [["--debug"], []])
+def test_debug_shows_the_traceback(args: list[str]) -> None:
+    proc = cli("transcribe", "--sample", "--set", "vad.frame_ms=25", *args)
+    assert proc.returncode != 0
+    assert ("Traceback" in proc.stderr) == bool(args)
+
+
+def _start_serve(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """Start ``serve`` on a free port; return the process and its captions URL."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evoxtral_stream", "serve", "--port", "0", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "serving captions on " in line:
+            return proc, line.split("serving captions on ", 1)[1].split()[0]
+    proc.kill()
+    raise AssertionError(f"serve did not start: {proc.communicate()}")
+
+
+async def _collect(url: str, until: str, timeout: float = 120) -> list[dict[str, object]]:
+    import asyncio
+    import json
+
+    from websockets.asyncio.client import connect
+
+    out: list[dict[str, object]] = []
+    async with connect(url) as ws:
+        while not out or out[-1]["type"] != until:
+            out.append(json.loads(await asyncio.wait_for(ws.recv(), timeout)))
+    return out
+
+
+async def test_serve_a_file_to_a_websocket_subscriber() -> None:
+    proc, url = _start_serve("--source", str(sample_path()), "--exit-at-end", "-q")
+    try:
+        messages = await _collect(url, "stream.ended")
+        assert proc.wait(60) == 0
+    finally:
+        proc.kill()
+    assert messages[0]["type"] == "hello"
+    captions = [m for m in messages if m["type"] == "caption"]
+    finals = [m for m in captions if m["final"]]
+    assert len(finals) == 5
+    assert any(not m["final"] for m in captions)
+    text = " ".join(str(m["text"]) for m in finals)
+    assert loose_wer(sample_text(), text) <= 0.15, text
+
+
+async def test_sigterm_flushes_the_open_segment_and_exits_zero() -> None:
+    import asyncio
+    import json
+    import signal
+
+    from websockets.asyncio.client import connect
+
+    proc, url = _start_serve("--source", str(sample_path()), "-q")
+    try:
+        seen: list[dict[str, object]] = []
+        async with connect(url) as ws:
+            # Wait until the second sentence is being spoken (a partial of segment 1).
+            while True:
+                msg = json.loads(await asyncio.wait_for(ws.recv(), 60))
+                seen.append(msg)
+                if msg["type"] == "caption" and msg["segment"] == 1 and not msg["final"]:
+                    break
+            proc.send_signal(signal.SIGTERM)
+            async for raw in ws:
+                seen.append(json.loads(raw))
+            assert ws.close_code in (1000, 1001)
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+    finals = [m for m in seen if m["type"] == "caption" and m["final"]]
+    assert [m["segment"] for m in finals] == [0, 1], "the open segment became a final"
+    assert seen[-1]["type"] == "stream.ended"
