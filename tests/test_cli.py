@@ -166,3 +166,10 @@ async def test_sigterm_flushes_the_open_segment_and_exits_zero() -> None:
     finals = [m for m in seen if m["type"] == "caption" and m["final"]]
     assert [m["segment"] for m in finals] == [0, 1], "the open segment became a final"
     assert seen[-1]["type"] == "stream.ended"
+
+
+def test_devices_without_a_sound_card_is_one_line() -> None:
+    proc = cli("devices")
+    if proc.returncode == 0:
+        pytest.skip("this machine has an audio input device")
+    one_error_line(proc, "no audio input device")

@@ -179,3 +179,22 @@ async def test_subscriber_that_never_reads_is_dropped_and_others_get_everything(
             drained += len(chunk)
         stuck.close()
         assert closed, f"server kept the slow subscriber open ({drained} bytes read)"
+
+
+async def test_a_subscriber_that_talks_gets_an_error_and_stays(
+    served: tuple[Engine, CaptionServer],
+) -> None:
+    engine, server = served
+    async with connect(f"ws://127.0.0.1:{server.port}/v1/captions") as ws:
+        await ws.recv()
+        await ws.send("{not json")
+        err = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert err["type"] == "error" and err["code"] == "unexpected_message"
+        engine.open_stream("later", source="test")
+        started = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert started["type"] == "stream.started"
+        for s in engine.streams.values():
+            await s.close()
+    async with connect(f"ws://127.0.0.1:{server.port}/v1/captions?since=x") as ws:
+        err = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert err["code"] == "bad_query"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from evoxtral_stream.engine.backends.voxtral import export_merged
 from evoxtral_stream.engine.backends.voxtral.backend import VoxtralBackend, load_voxtral_backend
 from evoxtral_stream.engine.backends.voxtral.export import ExportError
 
+from .conftest import Tiny
 from .helpers import audio_batch, logits
 
 
@@ -67,3 +70,19 @@ def test_export_refuses_a_non_empty_folder(tiny_cfg: VoxtralConfig, tmp_path: Pa
     (tmp_path / "x.txt").write_text("keep me")
     with pytest.raises(ExportError, match="not an empty folder"):
         export_merged(tiny_cfg, tmp_path)
+
+
+def test_export_merged_command(tiny: Tiny, tmp_path: Path) -> None:
+    """`evoxtral-stream export-merged OUTDIR` as a user runs it."""
+    out = tmp_path / "merged"
+    args = ["--set", f"model.voxtral.base={str(tiny.base)!r}",
+            "--set", f"model.voxtral.adapter={str(tiny.adapter)!r}", "-q"]
+    proc = subprocess.run([sys.executable, "-m", "evoxtral_stream", "export-merged", str(out),
+                           *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "config.json").is_file() and (out / "tekken.json").is_file()
+    assert list(out.glob("*.safetensors"))
+    again = subprocess.run([sys.executable, "-m", "evoxtral_stream", "export-merged", str(out),
+                            *args], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2
+    assert "evoxtral-stream: error:" in again.stderr and "Traceback" not in again.stderr
