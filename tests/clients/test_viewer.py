@@ -274,8 +274,8 @@ async def test_viewer_prints_finals_and_resumes_after_a_drop(
     status = err.decode()
     assert "connection lost" in status
     assert "no longer retained" not in status
-    # stream.ended is not replayed on resume; the viewer infers it from hello.
-    assert "■ talk ended while disconnected" in status
+    # The stream ended while the viewer was away: resume replays stream.ended.
+    assert "■ talk ended: 2 finals" in status
 
 
 @pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
