@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,3 +174,36 @@ def test_devices_without_a_sound_card_is_one_line() -> None:
     if proc.returncode == 0:
         pytest.skip("this machine has an audio input device")
     one_error_line(proc, "no audio input device")
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+def test_eval_compares_streaming_with_offline(tmp_path: Path) -> None:
+    from tests.speech import speak
+
+    refs = ["[excited] Good evening, and welcome to the live captioning demo.",
+            "Thank you for listening, and have a WONDERFUL night. [laughs]"]
+    lines = []
+    for i, ref in enumerate(refs):
+        plain = ref.replace("[excited] ", "").replace(" [laughs]", "")
+        sf.write(tmp_path / f"{i}.wav", speak(plain), 16000)
+        lines.append(json.dumps({"audio": f"{i}.wav", "text": ref}))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "report.json"
+    proc = cli("eval", str(manifest), "--compare-offline", "--json", str(out), "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert "streaming - offline" in proc.stdout
+    report = json.loads(out.read_text())
+    streaming, offline = report["streaming"]["metrics"], report["offline"]["metrics"]
+    # Case and punctuation count in the seed's WER, so allow the model's slips.
+    assert streaming["wer"] <= 0.35 and offline["wer"] <= 0.35
+    assert abs(report["delta"]["wer"] - (streaming["wer"] - offline["wer"])) < 1e-9
+    assert streaming["tag_recall"] == 0.0  # Whisper writes no Evoxtral tags
+    assert report["streaming"]["n"] == 2
+
+
+def test_eval_bad_manifest_is_one_line(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"audio": 3}\n')
+    one_error_line(cli("eval", str(manifest)), "m.jsonl line 1")
+    one_error_line(cli("eval", str(tmp_path / "none.jsonl")), "none.jsonl")

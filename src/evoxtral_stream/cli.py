@@ -99,6 +99,18 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("devices", parents=[common], help="list audio input devices")
 
+    ev = sub.add_parser("eval", parents=[common],
+                        help="score the engine on a manifest (WER, tag F1, emphasis F1)",
+                        description="Stream every file of MANIFEST (JSON lines "
+                                    '{"audio": PATH, "text": TAGGED REFERENCE}) through the '
+                                    "pipeline and score the finals with the Evoxtral "
+                                    "authors' metrics.")
+    ev.add_argument("manifest", type=Path, metavar="MANIFEST")
+    ev.add_argument("--compare-offline", action="store_true",
+                    help="also decode each whole file in one call and report both, "
+                         "side by side with the difference")
+    ev.add_argument("--json", type=Path, metavar="PATH", help="write the report as JSON")
+
     ex = sub.add_parser("export-merged", parents=[common],
                         help="write Voxtral with the LoRA merged in (safetensors)",
                         description="Merge model.voxtral.adapter into model.voxtral.base and "
@@ -322,6 +334,33 @@ def _cmd_devices(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
+    from .evaluation import run_eval
+    from .text.manifest import ManifestError, read_manifest
+    from .text.metrics import compare, format_comparison, format_table
+
+    try:
+        entries = read_manifest(args.manifest)
+    except ManifestError as e:
+        raise UserError(str(e)) from None
+    backend = load_backend(cfg.model)
+    result = run_eval(cfg, backend, entries, compare_offline=args.compare_offline)
+    report: dict[str, Any] = {"manifest": str(args.manifest), "backend": backend.name,
+                              "streaming": result.streaming.to_dict()}
+    if result.offline is not None:
+        comparison = compare(result.offline, result.streaming)
+        print(format_comparison(comparison))
+        print(f"files whose streaming text equals the offline text: "
+              f"{result.identical}/{len(entries)}")
+        report.update(offline=result.offline.to_dict(), delta=comparison.delta(),
+                      identical=result.identical)
+    else:
+        print(format_table(result.streaming, title="streaming"))
+    if args.json:
+        _write(args.json, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return 0
+
+
 def _cmd_export_merged(args: argparse.Namespace, cfg: Config) -> int:
     try:
         from .engine.backends.voxtral import ExportError, export_merged
@@ -345,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args)
     commands = {"serve": _cmd_serve, "transcribe": _cmd_transcribe, "devices": _cmd_devices,
-                "export-merged": _cmd_export_merged}
+                "eval": _cmd_eval, "export-merged": _cmd_export_merged}
     try:
         cfg = _load_config(args)
         return commands[args.command](args, cfg)
