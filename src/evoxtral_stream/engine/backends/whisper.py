@@ -51,7 +51,7 @@ class WhisperBackend:
     def __init__(self, model: Any, cfg: WhisperConfig, language: str, path: Path) -> None:
         from faster_whisper.tokenizer import Tokenizer
 
-        self.name = f"whisper ({path.name})"
+        self.name = f"whisper ({path})" if cfg.model_path else "whisper tiny.en (embedded)"
         self._model = model
         self._cfg = cfg
         self._fe = model.feature_extractor
