@@ -120,9 +120,7 @@ def _units(tokens: Sequence[Token], style: TagStyle, vtt: bool) -> list[_Unit]:
             chunks.append([tok])
         else:
             chunks[-1].append(tok)
-    if style is TagStyle.STRIP:
-        chunks = [c for c in chunks if not all(t.is_tag for t in c)]
-    else:
+    if style is not TagStyle.STRIP:
         # A run of tags stays with the word after it (or, at the end, the
         # word before it).
         merged: list[list[Token]] = []
@@ -167,6 +165,9 @@ def _units(tokens: Sequence[Token], style: TagStyle, vtt: bool) -> list[_Unit]:
 def _event_cues(event: CaptionEvent, style: TagStyle, layout: CueLayout,
                 vtt: bool) -> list[Cue]:
     tokens = tokenize(event.text)
+    if style is TagStyle.STRIP:
+        # Lay out the plain text itself, so "a [laughs]." reads "a.".
+        tokens = tokenize(render(tokens, tags=False))
     units = _units(tokens, style, vtt)
     if not units:
         return []

@@ -16,37 +16,42 @@ Contracts (what the engine may rely on):
   of the last n views of the segment is committed. Committed (``stable``)
   text is never retracted or changed, by later partials or by the final: a
   hypothesis that revises committed words is aligned after them and only its
-  tail is used. ``text == stable + unstable``, and the stable text of a
-  segment only grows. The final's text is the committed text followed by the
-  rest of the final hypothesis.
+  tail is used. A view that may be cut wrongly (an alignment guessed over
+  revised words, a seam not found yet, a held segment, see below) commits
+  nothing and restarts the agreement. ``text == stable + unstable``, and the
+  stable text of a segment only grows. The final's text is the committed
+  text followed by the rest of the final hypothesis.
 - Forced splits: when a segment's final has ``forced_end=True`` the next
   segment continues the sentence and is *stitched*:
 
   1. Overlap. Only when its audio starts before the previous segment's end
      (``start_sample < previous end_sample``): the longest run of words at
      the start of the hypothesis that equals the last words of the text
-     already emitted (case and punctuation ignored; at most 5 words per
-     second of overlap audio, + 1, capped at ``max_overlap_s``) is dropped,
-     with everything before it (a tag re-emitted ahead of the overlap, say).
-     Where several lengths match, the one closest to what the overlap's
-     duration predicts at the previous segment's speaking rate wins (ties:
-     the longer). Right after the seam, punctuation is dropped when the
-     previous text already had some there, and a tag is dropped when the
-     previous text already ended with it (a tag right at the boundary).
-     A partial that lies wholly inside the overlap shows nothing.
+     already emitted is dropped, with everything before it (a tag re-emitted
+     ahead of the overlap, say). Case and punctuation are ignored; the run
+     has at most 5 words per second of overlap audio, rounded (none under
+     0.1 s), the overlap being capped at ``max_overlap_s``.
+     A match is refused when a sound tag (non-verbal, pause) ahead of it in
+     the hypothesis is not right before the same words in the previous text:
+     that is a genuine repetition. Right after the seam, the punctuation and
+     tags that re-decode what followed the previous text's last word are
+     dropped too (a tag right at the boundary is kept once); without a word
+     overlap only such tags are. A hypothesis whose audio ends inside the
+     overlap shows nothing.
   2. Carry-over. Leading tags of the remaining text that restate an emotion
      or delivery tag still in effect at the end of the previous text (see
      :class:`~evoxtral_stream.text.tags.Carry`: until replaced by one of its
-     kind or until the sentence ends) are dropped. Non-verbal and pause tags
-     never carry.
+     kind or until the sentence ends) are dropped, and so are leading ones
+     that repeat, in order, the last emotion/delivery tags the previous text
+     ended with after its last word. Non-verbal and pause tags never carry.
 
   Segments after a natural end (``forced_end=False``) are not stitched.
   A caption's ``start`` is then ``max(start_sample, previous end_sample)``:
   the overlap audio belongs to the previous caption.
 - Segment ids are consecutive per stream (the session numbers them so), and
-  every segment gets one final. Segment ``s`` is *held* while ``s - 1`` is
-  not closed (unless no segment below ``s`` was ever seen: the stream's
-  first) or any earlier segment seen is still open: a held segment commits
+  every segment gets one final; the first is ``first_segment`` (0). Segment
+  ``s`` is *held* while ``s - 1`` is not closed (the first segment never is)
+  or any earlier segment seen is still open: a held segment commits
   nothing (its partials are all unstable) and its final waits; it is
   emitted, stitched, as soon as the earlier segments close. Call
   :meth:`Merger.abandon` when a segment's final will never come (a failed
@@ -59,15 +64,17 @@ Contracts (what the engine may rely on):
 
 Exactness: if no two consecutive hypotheses of a segment agree on a wrong
 token, the committed text is a prefix of the final hypothesis and the final
-caption text equals it (stitched). A known ambiguity: a genuine repetition of
-an in-effect emotion/delivery tag exactly at a forced seam is taken for a
-re-emission and dropped.
+caption equals it (stitched). Known ambiguities, where the text alone cannot
+tell and the merger may drop a genuine repetition: an emotion/delivery tag
+restating one in effect right at a forced seam (taken for a re-emission; the
+Evoxtral scripts never do this), and, at a seam with audio overlap, a word or
+a sound repeated at once ("Wait, wait, wait", "okay, [laughs] okay",
+"[gasps] [gasps]"), where more than one overlap length fits.
 """
 
 from __future__ import annotations
 
-import math
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from difflib import SequenceMatcher
@@ -85,12 +92,10 @@ __all__ = [
 ]
 
 # Fast speech is about 4 words a second; the bound keeps a short overlap from
-# swallowing a genuine repetition ("I... I don't").
+# swallowing a genuine repetition ("Wait, wait, wait").
 MAX_OVERLAP_WORDS_PER_S = 5.0
 # Tokens of emitted text kept for overlap matching and the carry state.
 _TAIL_TOKENS = 96
-# Closed segment ids remembered exactly; older ones are known by a watermark.
-_CLOSED_KEEP = 1024
 
 
 def match_key(tok: Token) -> str:
@@ -116,26 +121,36 @@ def _lstrip(tokens: Sequence[Token]) -> tuple[Token, ...]:
     return tuple(tokens)
 
 
-def tail_after(committed: Sequence[Token], tokens: Sequence[Token]) -> tuple[Token, ...]:
+def tail_after(committed: Sequence[Token],
+               tokens: Sequence[Token]) -> tuple[tuple[Token, ...], bool]:
     """The part of ``tokens`` (a whole-segment hypothesis) that comes after
-    the ``committed`` prefix. When the hypothesis revised committed tokens,
-    they are aligned (difflib on :func:`match_key`) and the position after
-    the last aligned committed token is used."""
+    the ``committed`` prefix, and whether that cut is reliable.
+
+    A hypothesis that revised a few committed tokens in place (a word
+    respelled, its case changed) is cut after as many tokens; the cut is
+    reliable unless the last committed token is among them. Otherwise the
+    committed tokens are aligned (difflib on :func:`match_key`) and the cut
+    goes after the last aligned one, unmatched committed tokens after it
+    counting one for one; reliable only when the last committed token itself
+    is aligned.
+    """
     n = len(committed)
     if tuple(tokens[:n]) == tuple(committed):
-        return tuple(tokens[n:])
+        return tuple(tokens[n:]), True
     a = [match_key(t) for t in committed]
     b = [match_key(t) for t in tokens]
+    if len(b) >= n:
+        changed = [i for i in range(n) if a[i] != b[i]]
+        if len(changed) <= max(1, n // 8):
+            return tuple(tokens[n:]), (n - 1) not in changed
     blocks = [blk for blk in SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks()
               if blk.size]
     if not blocks:
-        j = n
-    else:
-        last = blocks[-1]
-        # Unmatched committed tokens after the last match are taken as
-        # substituted one for one.
-        j = last.b + last.size + (n - (last.a + last.size))
-    return tuple(tokens[min(j, len(tokens)):])
+        return tuple(tokens[min(n, len(tokens)):]), False
+    last = blocks[-1]
+    unmatched = n - (last.a + last.size)
+    j = last.b + last.size + unmatched
+    return tuple(tokens[min(j, len(tokens)):]), unmatched == 0
 
 
 def stitch(
@@ -144,16 +159,16 @@ def stitch(
     tokens: Sequence[Token],
     *,
     overlap_s: float,
-    words_per_s: float | None,
-    partial: bool = False,
+    inside: bool = False,
 ) -> tuple[tuple[Token, ...], bool]:
     """Drop from ``tokens`` (the hypothesis of a segment continuing a forced
     split) what the previous text ``prev`` already said: see the module doc.
 
     ``prev_end`` is the carry state at the end of ``prev``; ``overlap_s`` is
     how much of the new audio the previous segment already covered (bounded
-    by the caller); ``words_per_s`` the previous segment's speaking rate, or
-    None when unknown (then the longest match wins).
+    by the caller); ``inside`` says the hypothesis' audio ends inside the
+    overlap, so its text may stop short of the previous text's end (its last
+    word cut short).
 
     Returns the tokens left and whether the seam was found: False when the
     audio overlaps but no overlap text matched (the hypothesis may still
@@ -166,52 +181,55 @@ def stitch(
         nw = [i for i, t in enumerate(tokens) if t.is_word]
         pkeys = [match_key(prev[i]) for i in pw]
         nkeys = [match_key(tokens[i]) for i in nw]
-        max_o = min(len(pkeys), math.ceil(overlap_s * MAX_OVERLAP_WORDS_PER_S) + 1)
-        expected = overlap_s * words_per_s if words_per_s else None
+        max_o = min(len(pkeys), round(overlap_s * MAX_OVERLAP_WORDS_PER_S))
         best: int | None = None
-        best_score: tuple[float, int] | None = None
-        for o in range(1, max_o + 1):
+        for o in range(max_o, 0, -1):
             m = min(o, len(nkeys))
             if m == 0:
                 break
             suffix = pkeys[len(pkeys) - o:]
-            head = nkeys[:m]
             if m == o:
-                ok = head == suffix
+                ok = nkeys[:o] == suffix
+            elif inside:
+                # All of this hypothesis is old audio: it re-decodes the start
+                # of the overlap, its last word possibly cut short.
+                last_ok = nkeys[m - 1] == suffix[m - 1] or suffix[m - 1].startswith(
+                    nkeys[m - 1])
+                ok = nkeys[:m - 1] == suffix[:m - 1] and last_ok
             else:
-                # The hypothesis ends inside the overlap; its last word may be
-                # cut short on a partial.
-                last_ok = head[-1] == suffix[m - 1] or (
-                    partial and suffix[m - 1].startswith(head[-1]))
-                ok = head[:-1] == suffix[:m - 1] and last_ok
-            if not ok:
-                continue
-            score = (abs(o - expected) if expected is not None else 0.0, -o)
-            if best_score is None or score < best_score:
-                best, best_score = o, score
-        prev_trailer = prev[pw[-1] + 1:] if pw else prev
+                ok = False
+            if ok and _sounds_agree(prev, pw, o, tokens[: nw[0]]):
+                best = o
+                break
         found = best is not None
+        prev_trailer = prev[pw[-1] + 1:] if pw else prev
         if best is not None:
             if len(nkeys) < best:
                 return (), True
             rest = tokens[nw[best - 1] + 1:]
-        seen = Counter(t.tag for t in prev_trailer if t.is_tag)
-        prev_punct = any(t.is_punct for t in prev_trailer)
-        kept: list[Token] = []
-        k = 0
-        while k < len(rest) and not rest[k].is_word:
-            t = rest[k]
-            if t.is_tag and seen[t.tag] > 0:
-                seen[t.tag] -= 1
-            elif not (t.is_punct and prev_punct and best is not None):
-                kept.append(t)
-            k += 1
-        rest = [*kept, *rest[k:]]
+        rest = _dedupe_trailer(prev_trailer, rest, after_word=best is not None)
+    # Emotion and delivery tags after the previous text's last word describe
+    # speech that only starts here: a hypothesis that opens with the last of
+    # them, in the same order, restates them.
+    # (Tags still in effect are dropped anyway and left out of the match.)
+    last_word = max((i for i, t in enumerate(prev) if t.is_word), default=-1)
+    ending = [t.tag for t in prev[last_word + 1:] if t.carries and not prev_end.holds(t)]
+    opening: list[str | None] = []
+    for t in rest:
+        if not t.is_tag:
+            break
+        if t.carries and not prev_end.holds(t):
+            opening.append(t.tag)
+    restated = next((k for k in range(min(len(ending), len(opening)), 0, -1)
+                     if opening[:k] == ending[len(ending) - k:]), 0)
     out: list[Token] = []
     state = prev_end
     leading = True
     for t in rest:
         if leading and t.is_tag:
+            if t.carries and restated > 0 and not prev_end.holds(t):
+                restated -= 1
+                continue
             if state.holds(t):
                 continue
             state = state.advance(t)
@@ -219,6 +237,67 @@ def stitch(
             leading = False
         out.append(t)
     return _lstrip(out), found
+
+
+def _dedupe_trailer(prev_trailer: Sequence[Token], rest: Sequence[Token], *,
+                    after_word: bool) -> list[Token]:
+    """Drop the punctuation and tags at the head of ``rest`` that re-decode
+    what followed the previous text's last word (``prev_trailer``).
+
+    After an overlapped word the head re-decodes the trailer from its start:
+    they are matched in order. Without one the overlap audio is the end of
+    the trailer: the head's sound tags that repeat the trailer's last sounds
+    are dropped, and punctuation is kept (a leading ``—`` is the new text's
+    own, as in ``—you``). Emotion and delivery tags not matched are kept and
+    passed over (restatements, left to the carry-over rule).
+    """
+    if not after_word:
+        sounds = [t.tag for t in prev_trailer if t.is_tag and not t.carries]
+        head: list[int] = []
+        for i, t in enumerate(rest):
+            if not t.is_tag:
+                break
+            if not t.carries:
+                head.append(i)
+        said = [rest[i].tag for i in head]
+        k = next((k for k in range(min(len(sounds), len(said)), 0, -1)
+                  if said[:k] == sounds[len(sounds) - k:]), 0)
+        drop = set(head[:k])
+        return [t for i, t in enumerate(rest) if i not in drop]
+    kept: list[Token] = []
+    i = 0
+    k = 0
+    while k < len(rest) and not rest[k].is_word:
+        t = rest[k]
+        j = i
+        while j < len(prev_trailer) and not (
+            (t.is_tag and prev_trailer[j].is_tag and prev_trailer[j].tag == t.tag)
+            or (t.is_punct and prev_trailer[j].is_punct)
+        ):
+            j += 1
+        if j < len(prev_trailer):
+            i = j + 1
+        elif t.carries:
+            kept.append(t)
+        else:
+            break
+        k += 1
+    return [*kept, *rest[k:]]
+
+
+def _sounds_agree(prev: Sequence[Token], pw: Sequence[int], o: int,
+                  head: Sequence[Token]) -> bool:
+    """Whether the sounds (non-carrying tags) ahead of the overlap words in
+    the new hypothesis (``head``) are the ones right before the same words in
+    ``prev``. An overlap re-decodes the same audio, so they must be; when
+    they are not, the match is a genuine repetition ("Thank you... [sighs]
+    thank you")."""
+    sounds = [t.tag for t in head if t.is_tag and not t.carries]
+    if not sounds:
+        return True
+    lo = pw[len(pw) - o - 1] + 1 if o < len(pw) else 0
+    before = [t.tag for t in prev[lo:pw[len(pw) - o]] if t.is_tag and not t.carries]
+    return len(sounds) <= len(before) and before[len(before) - len(sounds):] == sounds
 
 
 def tag_marks(tokens: Sequence[Token], start: float, end: float) -> tuple[TagMark, ...]:
@@ -244,7 +323,6 @@ class _Chain:
     tail: tuple[Token, ...]
     tail_carry: Carry
     end_sample: int
-    words_per_s: float | None
 
     @property
     def end_carry(self) -> Carry:
@@ -273,11 +351,11 @@ class Merger:
     tokens are committed (2 is LocalAgreement-2); ``max_overlap_s`` bounds the
     audio overlap searched when stitching forced splits; ``max_pending`` is
     how many finals may wait for an earlier segment before that segment is
-    abandoned.
+    abandoned; ``first_segment`` is the id of the stream's first segment.
     """
 
     def __init__(self, stream: str, *, agreement: int = 2, max_overlap_s: float = 3.0,
-                 max_pending: int = 3) -> None:
+                 max_pending: int = 3, first_segment: int = 0) -> None:
         if agreement < 2:
             raise ValueError(f"agreement must be at least 2, got {agreement}")
         if max_overlap_s < 0:
@@ -286,12 +364,12 @@ class Merger:
         self._agreement = agreement
         self._max_overlap_s = max_overlap_s
         self._max_pending = max(0, max_pending)
-        self._min_seen: int | None = None
         self._seq = 0
         self._open: dict[int, _Segment] = {}
         self._pending: dict[int, Hypothesis] = {}
         self._closed: set[int] = set()
-        self._closed_below = -(2**62)
+        # Segments before the stream's first count as closed.
+        self._closed_below = first_segment
         self._chain: _Chain | None = None
 
     @property
@@ -319,8 +397,6 @@ class Merger:
         seg = self._open.get(sid)
         if seg is None:
             seg = self._open[sid] = _Segment(sid, self._agreement)
-            if self._min_seen is None or sid < self._min_seen:
-                self._min_seen = sid
         if h.final:
             seg.revision = max(seg.revision, h.revision)
             if not self._blocked(sid):
@@ -328,7 +404,10 @@ class Merger:
             self._pending[sid] = h
             events: list[CaptionEvent] = []
             while len(self._pending) > self._max_pending:
-                events.extend(self.abandon(self._blocker(min(self._pending))))
+                blocker = self._blocker(min(self._pending))
+                if blocker not in self._open and self._is_closed(blocker):
+                    break  # defensive: a waiting final always has an open blocker
+                events.extend(self.abandon(blocker))
             return events
         if h.revision <= seg.revision:
             return []
@@ -338,13 +417,14 @@ class Merger:
 
     def abandon(self, segment: int) -> list[CaptionEvent]:
         """Close ``segment`` whose final will never come: its final event
-        carries the latest text shown (or a final already received), and the
-        next segment is not stitched to it. Returns that event (none for a
-        segment never seen or already closed) and any finals it released."""
-        if self._is_closed(segment):
-            return []
+        carries the latest text shown (without a final, the next segment is
+        not stitched to it), or the final already received if one is waiting.
+        Returns that event (none for a segment never seen or already closed)
+        and any finals it released."""
         seg = self._open.get(segment)
         if seg is None:
+            if self._is_closed(segment):
+                return []
             self._mark_closed(segment)
             return self._drain()
         h = self._pending.pop(segment, None)
@@ -370,19 +450,15 @@ class Merger:
         return sid < self._closed_below or sid in self._closed
 
     def _mark_closed(self, sid: int) -> None:
+        # Closed ids from the watermark up fold into it, so with consecutive
+        # ids the set stays small; the watermark stops at any id not closed.
         self._closed.add(sid)
-        if len(self._closed) > _CLOSED_KEEP:
-            # Segment ids grow, so the oldest ones are the least likely to
-            # see a late partial; below the watermark everything is closed.
-            for old in sorted(self._closed)[: len(self._closed) - _CLOSED_KEEP // 2]:
-                self._closed.discard(old)
-                self._closed_below = max(self._closed_below, old + 1)
+        while self._closed_below in self._closed:
+            self._closed.discard(self._closed_below)
+            self._closed_below += 1
 
     def _blocked(self, sid: int) -> bool:
-        if any(other < sid for other in self._open):
-            return True
-        first = self._min_seen is None or self._min_seen >= sid
-        return not first and not self._is_closed(sid - 1)
+        return any(other < sid for other in self._open) or not self._is_closed(sid - 1)
 
     def _blocker(self, sid: int) -> int:
         """The earliest segment that holds ``sid``."""
@@ -415,17 +491,18 @@ class Merger:
         overlap_s = min(max(0, chain.end_sample - h.start_sample) / SAMPLE_RATE,
                         self._max_overlap_s)
         stitched, found = stitch(chain.tail, chain.end_carry, tokens, overlap_s=overlap_s,
-                                 words_per_s=chain.words_per_s, partial=not h.final)
+                                 inside=h.end_sample < chain.end_sample)
         return stitched, max(h.start_sample, chain.end_sample), found
 
     def _partial(self, seg: _Segment, h: Hypothesis) -> CaptionEvent | None:
         blocked = self._blocked(seg.id)
         tokens, start, found = self._tokens(h, None if blocked else self._chain_for(seg.id))
-        view = seg.committed + tail_after(seg.committed, tokens)
-        if blocked or not found:
-            # Stitching may still cut this text's head (once the earlier
-            # segment closes, or once the overlap is recognised), so nothing
-            # of it may become stable yet.
+        tail, aligned = tail_after(seg.committed, tokens)
+        view = seg.committed + tail
+        if blocked or not found or not aligned:
+            # This view may be cut wrongly (stitching once the earlier
+            # segment closes or the overlap is recognised; an alignment
+            # guessed over revised words), so nothing of it becomes stable.
             seg.history.clear()
         else:
             if len(seg.history) == seg.history.maxlen:
@@ -448,7 +525,7 @@ class Merger:
             tokens, start = _lstrip(tokenize(h.text)), h.start_sample
         else:
             tokens, start, _ = self._tokens(h, chain)
-        view = seg.committed + tail_after(seg.committed, tokens)
+        view = seg.committed + tail_after(seg.committed, tokens)[0]
         seg.committed = seg.view = view
         del self._open[seg.id]
         self._mark_closed(seg.id)
@@ -458,14 +535,11 @@ class Merger:
             else:
                 full, carry0 = view, Carry()
             cut = max(0, len(full) - _TAIL_TOKENS)
-            dur = (h.end_sample - start) / SAMPLE_RATE
-            words = word_count(view)
             self._chain = _Chain(
                 after=seg.id,
                 tail=full[cut:],
                 tail_carry=carry0.advance_all(full[:cut]),
                 end_sample=h.end_sample,
-                words_per_s=words / dur if words and dur > 0 else None,
             )
         else:
             self._chain = None

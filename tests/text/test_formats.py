@@ -1,0 +1,179 @@
+"""Caption files: SRT, WebVTT, JSONL and plain text."""
+
+from __future__ import annotations
+
+import json
+import re
+from itertools import pairwise
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evoxtral_stream.events import CaptionEvent, TagMark
+from evoxtral_stream.text.formats import (
+    CueLayout,
+    TagStyle,
+    build_cues,
+    caption_to_dict,
+    format_timestamp,
+    to_jsonl,
+    to_srt,
+    to_text,
+    to_vtt,
+)
+from evoxtral_stream.text.tags import plain_text, render, tokenize
+
+from .samples import SCRIPTS
+
+LONG = ("[nervous] So... [stammers] I was thinking maybe we could... [clears throat] try "
+        "that new restaurant downtown? [laughs] I mean, if you're FREE this weekend? [sighs]")
+
+
+def final(text: str, start: float = 0.0, end: float = 10.0, seg: int = 0,
+          is_final: bool = True) -> CaptionEvent:
+    return CaptionEvent("s", seg, seg + 1, is_final, text, plain_text(text), text, "",
+                        (TagMark("laughs", "non-verbal", 0, start),), start, end, 0.5)
+
+
+def word_chunks(line: str) -> int:
+    """Space-separated pieces of a line that hold a word."""
+    count, has_word = 0, False
+    for tok in tokenize(line):
+        if tok.space_before:
+            count += has_word
+            has_word = False
+        has_word = has_word or tok.is_word
+    return count + has_word
+
+
+def visible(line: str) -> str:
+    return re.sub(r"</?c[^>]*>", "", line).replace("&lt;", "<").replace(
+        "&gt;", ">").replace("&amp;", "&")
+
+
+def test_timestamps() -> None:
+    assert format_timestamp(0) == "00:00:00,000"
+    assert format_timestamp(3661.5) == "01:01:01,500"
+    assert format_timestamp(59.9996, ".") == "00:01:00.000"
+    assert format_timestamp(-1) == "00:00:00,000"
+
+
+def test_srt_layout_follows_subtitle_practice() -> None:
+    srt = to_srt([final(LONG, 1.0, 9.0)])
+    blocks = srt.strip("\n").split("\n\n")
+    assert blocks[0].startswith("1\n00:00:01,000 --> ")
+    for i, block in enumerate(blocks, start=1):
+        lines = block.split("\n")
+        assert lines[0] == str(i)
+        assert re.fullmatch(r"\d\d:\d\d:\d\d,\d{3} --> \d\d:\d\d:\d\d,\d{3}", lines[1])
+        assert 1 <= len(lines[2:]) <= 2
+        assert all(len(line) <= 42 for line in lines[2:])
+    text = " ".join(" ".join(b.split("\n")[2:]) for b in blocks)
+    assert text == LONG
+    # A tag is never cut from the word after it.
+    assert not any(line.endswith(("[stammers]", "[clears throat]", "[nervous]"))
+                   for b in blocks for line in b.split("\n")[2:])
+
+
+def test_cues_are_timed_by_word_position_and_limited_in_duration() -> None:
+    words = " ".join(f"w{i}" for i in range(40))
+    cues = build_cues([final(words, 0.0, 20.0)])
+    assert cues[0].start == 0.0
+    assert cues[-1].end == pytest.approx(20.0)
+    assert all(c.end - c.start <= 7.0 + 1e-9 for c in cues)
+    assert all(a.end <= b.start + 1e-9 for a, b in pairwise(cues))
+    n = 0
+    for c in cues:
+        assert c.start == pytest.approx(20.0 * n / 40)
+        n += sum(len(line.split()) for line in c.lines)
+
+
+def test_short_cues_are_extended_but_never_overlap_the_next() -> None:
+    cues = build_cues([final("Hi.", 1.0, 1.2, 0), final("There.", 1.5, 2.0, 1),
+                       final("End.", 5.0, 5.1, 2)])
+    assert [(c.start, round(c.end, 3)) for c in cues] == [(1.0, 1.5), (1.5, 2.333), (5.0, 5.833)]
+
+
+def test_tags_stripped() -> None:
+    srt = to_srt([final(LONG)], tags=TagStyle.STRIP)
+    assert "[" not in srt
+    body = " ".join(line for line in srt.split("\n")
+                    if line and not line.isdigit() and "-->" not in line)
+    assert body == plain_text(LONG)
+    assert to_srt([final("a [laughs].")], tags=TagStyle.STRIP).split("\n")[2] == "a."
+
+
+def test_vtt_header_escaping_and_class_spans() -> None:
+    vtt = to_vtt([final("[laughs] Fish & <chips> [clears throat] now")], tags=TagStyle.CLASS)
+    assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> ")
+    assert "<c.tag.non-verbal.laughs>[laughs]</c> Fish &amp; &lt;chips&gt;" in vtt
+    assert "<c.tag.non-verbal.clears-throat>[clears throat]</c>" in vtt
+    inline = to_vtt([final("[Weird Tag] hi")])
+    assert "[Weird Tag] hi" in inline
+    assert "<c.tag.unknown.weird-tag>[Weird Tag]</c>" in to_vtt(
+        [final("[Weird Tag] hi")], tags=TagStyle.CLASS)
+
+
+def test_srt_has_no_class_spans() -> None:
+    with pytest.raises(ValueError, match="SRT"):
+        to_srt([final("hi")], tags=TagStyle.CLASS)
+
+
+def test_only_non_empty_finals_make_cues() -> None:
+    events = [final("partial text", is_final=False), final(""), final("[laughs]", 2.0, 3.0)]
+    cues = build_cues(events)
+    assert [(c.lines, c.start, c.end) for c in cues] == [(("[laughs]",), 2.0, 3.0)]
+    assert build_cues(events, tags=TagStyle.STRIP) == []
+    assert to_srt([]) == ""
+    assert to_vtt([]) == "WEBVTT\n"
+
+
+def test_layout_is_configurable() -> None:
+    cues = build_cues([final(LONG)], layout=CueLayout(max_line_chars=20, max_lines=1))
+    assert all(len(c.lines) == 1 and len(c.lines[0]) <= 20 for c in cues
+               if len(c.lines[0].split()) > 1)
+    with pytest.raises(ValueError, match="at least 1"):
+        CueLayout(max_line_chars=0)
+
+
+def test_jsonl_and_dicts() -> None:
+    events = [final("[laughs] hi", 1.0, 2.0, 0), final("there", 2.0, 3.0, 1)]
+    lines = to_jsonl(events).splitlines()
+    assert len(lines) == 2
+    first = json.loads(lines[0])
+    assert first == caption_to_dict(events[0])
+    assert first["type"] == "caption"
+    assert first["tags"] == [{"tag": "laughs", "kind": "non-verbal", "index": 0, "t": 1.0,
+                              "known": True}]
+    assert (first["text"], first["plain_text"], first["final"]) == ("[laughs] hi", "hi", True)
+
+
+def test_plain_text_output() -> None:
+    events = [final("[sighs] One", 0.0, 1.0, 0), final("two.", 1.0, 2.0, 1),
+              final("Later [laughs] on.", 5.0, 6.0, 2), final("ignored", is_final=False)]
+    assert to_text(events) == "[sighs] One two.\nLater [laughs] on.\n"
+    assert to_text(events, tags=TagStyle.STRIP) == "One two.\nLater on.\n"
+    assert to_text([]) == ""
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(SCRIPTS), st.sampled_from([TagStyle.INLINE, TagStyle.STRIP,
+                                                  TagStyle.CLASS]),
+       st.integers(10, 60), st.integers(1, 3), st.floats(1.0, 60.0))
+def test_cues_keep_every_word_and_tag(text: str, style: TagStyle, width: int, lines: int,
+                                      duration: float) -> None:
+    layout = CueLayout(max_line_chars=width, max_lines=lines)
+    cues = build_cues([final(text, 3.0, 3.0 + duration)], tags=style, layout=layout, vtt=True)
+    shown = " ".join(visible(line) for c in cues for line in c.lines)
+    want = plain_text(text) if style is TagStyle.STRIP else render(tokenize(text))
+    assert shown == want
+    for c in cues:
+        assert len(c.lines) <= lines
+        for line in c.lines:
+            # Only a single unbreakable unit (a word and the tags around it)
+            # may overflow a line.
+            if len(visible(line)) > width:
+                assert word_chunks(visible(line)) <= 1, line
+    assert all(a.end <= b.start + 1e-9 for a, b in pairwise(cues))
+    assert all(c.end >= c.start for c in cues)

@@ -1,0 +1,347 @@
+"""The merger, hypothesis by hypothesis: agreement, finals, stitching, ordering."""
+
+from __future__ import annotations
+
+import pytest
+
+from evoxtral_stream.events import SAMPLE_RATE, CaptionEvent, Hypothesis, RequestKind
+from evoxtral_stream.text.merger import Merger, stitch, tail_after
+from evoxtral_stream.text.tags import Carry, tokenize
+
+
+class Feed:
+    """A merger with per-segment revision counters, for terse tests."""
+
+    def __init__(self, **kwargs: int) -> None:
+        self.m = Merger("s", **kwargs)
+        self.rev: dict[int, int] = {}
+        self.events: list[CaptionEvent] = []
+
+    def __call__(self, text: str, seg: int = 0, *, final: bool = False, start: float = 0.0,
+                 end: float = 1.0, forced: bool = False,
+                 rev: int | None = None) -> list[CaptionEvent]:
+        if rev is None:
+            rev = self.rev.get(seg, -1) + 1
+        self.rev[seg] = max(rev, self.rev.get(seg, -1))
+        h = Hypothesis("s", seg, rev, RequestKind.FINAL if final else RequestKind.PARTIAL,
+                       text, round(start * SAMPLE_RATE), round(end * SAMPLE_RATE),
+                       ready_at=end, done_at=end + 0.25, forced_end=forced)
+        out = self.m.feed(h)
+        self.events.extend(out)
+        return out
+
+    def finals(self) -> str:
+        return " ".join(e.text for e in sorted(self.events, key=lambda e: e.segment)
+                        if e.final and e.text)
+
+
+def one(events: list[CaptionEvent]) -> CaptionEvent:
+    assert len(events) == 1, events
+    return events[0]
+
+
+def test_partials_commit_the_agreed_prefix() -> None:
+    f = Feed()
+    e1 = one(f("So I was"))
+    assert (e1.stable, e1.unstable, e1.seq) == ("", "So I was", 1)
+    e2 = one(f("So I was thinking"))
+    assert (e2.stable, e2.unstable) == ("So I was", " thinking")
+    e3 = one(f("So I was thinking maybe"))
+    assert (e3.stable, e3.unstable) == ("So I was thinking", " maybe")
+    assert all(e.text == e.stable + e.unstable for e in f.events)
+    assert [e.seq for e in f.events] == [1, 2, 3]
+
+
+def test_an_unstable_last_word_is_not_committed() -> None:
+    f = Feed()
+    f("I want the restau")
+    e = one(f("I want the restaurant"))
+    assert e.stable == "I want the"
+    e = one(f("I want the restaurant downtown"))
+    assert e.stable == "I want the restaurant"
+
+
+def test_tags_are_atomic_in_agreement() -> None:
+    f = Feed()
+    f("[nervous] So")
+    e = one(f("[nervous] So... [stammers] I"))
+    assert e.stable == "[nervous] So"
+    e = one(f("[nervous] So... [stammers] I was"))
+    assert e.stable == "[nervous] So... [stammers] I"
+    assert [(m.tag, m.kind, m.index) for m in e.tags] == [
+        ("nervous", "emotion", 0), ("stammers", "delivery", 1)]
+
+
+def test_committed_words_are_never_retracted() -> None:
+    f = Feed()
+    f("I was thinking")
+    f("I was thinking maybe")
+    e = one(f("I was sinking maybe we"))
+    assert e.stable.startswith("I was thinking")
+    fin = one(f("I was sinking maybe we could", final=True))
+    assert fin.final
+    assert fin.text == "I was thinking maybe we could"
+    assert (fin.stable, fin.unstable) == (fin.text, "")
+
+
+def test_a_tag_that_appears_late_is_placed() -> None:
+    f = Feed()
+    f("downtown? I")
+    f("downtown? [laughs] I mean")
+    e = one(f("downtown? [laughs] I mean, if"))
+    assert e.stable == "downtown? [laughs] I mean"
+    assert one(f("downtown? [laughs] I mean, if you're free?", final=True)).text == (
+        "downtown? [laughs] I mean, if you're free?")
+
+
+def test_final_replaces_partials_and_closes_the_segment() -> None:
+    f = Feed()
+    f("hello wor")
+    fin = one(f("Hello world.", final=True))
+    assert fin.text == "Hello world."
+    assert fin.final
+    assert f("Hello world. More", rev=9) == []  # late partial
+    assert f("Other", final=True) == []  # second final
+
+
+def test_empty_final_still_closes_the_segment() -> None:
+    f = Feed()
+    fin = one(f("", final=True))
+    assert fin.final
+    assert (fin.text, fin.plain_text, fin.stable, fin.unstable, fin.tags) == ("", "", "", "", ())
+
+
+def test_stale_and_repeated_revisions_are_ignored() -> None:
+    f = Feed()
+    f("one two", rev=3)
+    assert f("one", rev=2) == []
+    assert f("one two three", rev=3) == []
+    assert one(f("one two three", rev=4)).text == "one two three"
+
+
+def test_a_partial_that_changes_nothing_emits_nothing() -> None:
+    f = Feed()
+    f("one two")
+    assert one(f("one two")).stable == "one two"  # agreement: committed
+    assert f("one two") == []
+    assert one(f("one two three")).stable == "one two"
+
+
+def test_times_tags_and_latency() -> None:
+    f = Feed()
+    e = one(f("[sighs] one two [laughs] three four [pause]", final=True, start=10.0, end=14.0))
+    assert (e.start, e.end) == (10.0, 14.0)
+    assert e.latency == pytest.approx(0.25)
+    assert e.plain_text == "one two three four"
+    assert [(m.tag, m.index, m.t) for m in e.tags] == [
+        ("sighs", 0, 10.0), ("laughs", 2, 12.0), ("pause", 4, 14.0)]
+    assert all(m.known for m in e.tags)
+    unknown = one(f("a [Foo] b", seg=1, final=True, start=14.0, end=15.0)).tags
+    assert [(m.tag, m.kind, m.known) for m in unknown] == [("foo", "unknown", False)]
+
+
+def test_other_streams_are_refused() -> None:
+    m = Merger("a")
+    with pytest.raises(ValueError, match="stream"):
+        m.feed(Hypothesis("b", 0, 0, RequestKind.FINAL, "x", 0, 1, 0.0, 0.0))
+
+
+# --- forced splits -----------------------------------------------------------
+
+
+def test_forced_split_without_overlap_drops_a_restated_delivery_tag() -> None:
+    f = Feed()
+    f("[whispers] Don't turn", final=True, end=2.0, forced=True)
+    e = one(f("[whispers] around now.", seg=1, final=True, start=2.0, end=3.0))
+    assert e.text == "around now."
+    assert f.finals() == "[whispers] Don't turn around now."
+
+
+def test_sounds_never_carry() -> None:
+    f = Feed()
+    f("[laughs] That was", final=True, end=2.0, forced=True)
+    assert one(f("[laughs] funny", seg=1, final=True, start=2.0, end=3.0)).text == (
+        "[laughs] funny")
+
+
+def test_carry_ends_with_the_sentence() -> None:
+    f = Feed()
+    f("[whispers] Don't turn around.", final=True, end=2.0, forced=True)
+    assert one(f("[whispers] Keep walking.", seg=1, final=True, start=2.0, end=3.0)).text == (
+        "[whispers] Keep walking.")
+
+
+def test_tags_ending_the_previous_text_are_not_restated() -> None:
+    f = Feed()
+    f("Stop it! [angry] [frustrated]", final=True, end=2.0, forced=True)
+    assert one(f("[angry] [frustrated] That is not", seg=1, final=True, start=2.0,
+                 end=3.0)).text == "That is not"
+
+
+def test_natural_ends_are_not_stitched() -> None:
+    f = Feed()
+    f("[whispers] Don't turn", final=True, end=2.0)
+    assert one(f("[whispers] turn around.", seg=1, final=True, start=2.0, end=3.0)).text == (
+        "[whispers] turn around.")
+
+
+def test_overlap_words_are_dropped_once() -> None:
+    f = Feed()
+    f("I was thinking maybe we could", final=True, end=3.0, forced=True)
+    e = one(f("maybe we could try that new place.", seg=1, final=True, start=2.4, end=5.0))
+    assert e.text == "try that new place."
+    assert e.start == 3.0  # the overlap audio belongs to the previous caption
+    assert f.finals() == "I was thinking maybe we could try that new place."
+
+
+def test_overlap_comparison_ignores_case_and_punctuation() -> None:
+    f = Feed()
+    f("Can you BELIEVE it?", final=True, end=3.0, forced=True)
+    assert one(f("believe it... [gasps] This is", seg=1, final=True, start=2.5,
+                 end=5.0)).text == "[gasps] This is"
+
+
+def test_a_tag_right_at_the_boundary_is_kept_once() -> None:
+    f = Feed()
+    f("try that restaurant downtown? [laughs]", final=True, end=3.0, forced=True)
+    e = one(f("downtown? [laughs] I mean", seg=1, final=True, start=2.2, end=4.0))
+    assert e.text == "I mean"
+    f2 = Feed()
+    f2("try that restaurant downtown?", final=True, end=3.0, forced=True)
+    e2 = one(f2("downtown? [laughs] I mean", seg=1, final=True, start=2.5, end=4.0))
+    assert e2.text == "[laughs] I mean"
+    f3 = Feed()
+    f3("try that restaurant downtown? [laughs]", final=True, end=3.0, forced=True)
+    e3 = one(f3("[laughs] I mean", seg=1, final=True, start=2.6, end=4.0))
+    assert e3.text == "I mean"
+
+
+def test_a_restated_tag_ahead_of_the_overlap_goes_with_it() -> None:
+    f = Feed()
+    f("[whispers] Don't turn around", final=True, end=3.0, forced=True)
+    e = one(f("[whispers] turn around, they're here.", seg=1, final=True, start=2.3, end=5.0))
+    assert e.text == ", they're here."
+
+
+def test_a_genuine_repetition_is_not_taken_for_overlap() -> None:
+    # The sigh comes before "thank you" in the new audio but after it in the
+    # previous text: the words are said twice.
+    f = Feed()
+    f("Thank you... [sighs]", final=True, end=2.0, forced=True)
+    e = one(f("[sighs] [calm] thank you so much.", seg=1, final=True, start=1.5, end=4.0))
+    assert e.text == "[calm] thank you so much."
+    # No audio overlap: no words are dropped at all.
+    f2 = Feed()
+    f2("I... I", final=True, end=2.0, forced=True)
+    assert one(f2("I don't know.", seg=1, final=True, start=2.0, end=3.0)).text == (
+        "I don't know.")
+
+
+def test_the_overlap_is_bounded_by_its_duration() -> None:
+    f = Feed()
+    f("Wait, wait,", final=True, end=2.0, forced=True)
+    # 0.25 s of overlap holds one word, not two.
+    e = one(f("wait, wait! [laughs] Are you", seg=1, final=True, start=1.75, end=4.0))
+    assert f.finals() == "Wait, wait, wait! [laughs] Are you"
+    assert e.text == "wait! [laughs] Are you"
+
+
+def test_partials_inside_the_overlap_show_nothing_and_commit_nothing() -> None:
+    f = Feed()
+    f("I was thinking maybe we could", final=True, end=3.0, forced=True)
+    assert f("maybe w", seg=1, start=2.2, end=2.8) == []
+    # A garbled overlap: shown, but not committed until the seam is found.
+    e = one(f("mabe we could try", seg=1, start=2.2, end=3.5))
+    assert (e.stable, e.unstable) == ("", "mabe we could try")
+    e = one(f("mabe we could try that", seg=1, start=2.2, end=3.8))
+    assert e.stable == ""
+    e = one(f("maybe we could try that", seg=1, start=2.2, end=3.8))
+    assert (e.stable, e.unstable) == ("", "try that")
+    e = one(f("maybe we could try that new", seg=1, start=2.2, end=4.0))
+    assert e.stable == "try that"
+    assert one(f("maybe we could try that new place.", seg=1, final=True, start=2.2,
+                 end=4.5)).text == "try that new place."
+
+
+# --- ordering across segments ------------------------------------------------
+
+
+def test_a_later_segment_commits_nothing_while_an_earlier_one_is_open() -> None:
+    f = Feed()
+    f("we could", end=1.0)
+    f("I was thinking maybe", seg=1, start=2.0, end=2.5)
+    e = one(f("I was thinking maybe we", seg=1, start=2.0, end=2.8))
+    assert e.stable == ""
+    f("we could", final=True, end=2.0, forced=True)
+    e = one(f("we could try that", seg=1, start=1.5, end=3.0))
+    assert e.unstable == "try that"
+
+
+def test_a_final_waits_for_the_segment_before_it() -> None:
+    f = Feed()
+    f("Hello", end=1.0)
+    assert f("world again.", seg=1, final=True, start=1.0, end=2.0) == []
+    assert f.m.open_segments == (0, 1)
+    out = f("Hello", final=True, end=1.0, forced=True)
+    assert [(e.segment, e.final, e.text) for e in out] == [
+        (0, True, "Hello"), (1, True, "world again.")]
+    assert [e.seq for e in f.events] == list(range(1, len(f.events) + 1))
+
+
+def test_a_segment_never_seen_holds_the_next_one() -> None:
+    f = Feed()
+    f("First.", final=True, end=1.0)
+    assert f("Third.", seg=2, final=True, start=3.0, end=4.0) == []
+    out = f("Second.", seg=1, final=True, start=2.0, end=3.0)
+    assert [e.segment for e in out] == [1, 2]
+
+
+def test_abandon_releases_held_segments() -> None:
+    f = Feed()
+    f("I was", end=1.0)
+    assert f("Next one.", seg=1, final=True, start=1.5, end=2.0) == []
+    out = f.m.abandon(0)
+    assert [(e.segment, e.final, e.text) for e in out] == [
+        (0, True, "I was"), (1, True, "Next one.")]
+    assert f("I was here", rev=5) == []
+    assert f.m.abandon(0) == []
+
+
+def test_too_many_waiting_finals_abandon_the_blocker() -> None:
+    f = Feed(max_pending=1)
+    f("First.", final=True, end=1.0)
+    assert f("Third.", seg=2, final=True, start=3.0, end=4.0) == []
+    out = f("Fourth.", seg=3, final=True, start=4.0, end=5.0)
+    assert [e.segment for e in out] == [2, 3]
+    assert f("Second.", seg=1, final=True, start=2.0, end=3.0) == []
+
+
+def test_first_segment_is_configurable() -> None:
+    m = Merger("s", first_segment=5)
+    out = m.feed(Hypothesis("s", 5, 0, RequestKind.FINAL, "Hi.", 0, 100, 0.0, 0.0))
+    assert [e.segment for e in out] == [5]
+
+
+# --- the pure helpers --------------------------------------------------------
+
+
+def test_tail_after() -> None:
+    c = tokenize("I was thinking")
+    assert tail_after(c, tokenize("I was thinking maybe")) == (tuple(tokenize("x maybe"))[1:],
+                                                                True)
+    tail, ok = tail_after(c, tokenize("I WAS thinking maybe"))
+    assert ([t.text for t in tail], ok) == (["maybe"], True)
+    tail, ok = tail_after(c, tokenize("I was sinking maybe"))
+    assert ([t.text for t in tail], ok) == (["maybe"], False)
+    tail, ok = tail_after(c, tokenize("I"))
+    assert (tail, ok) == ((), False)
+
+
+def test_stitch_reports_a_missing_seam() -> None:
+    prev = tokenize("maybe we could")
+    out, found = stitch(prev, Carry(), tokenize("we could go"), overlap_s=0.6)
+    assert ([t.text for t in out], found) == (["go"], True)
+    out, found = stitch(prev, Carry(), tokenize("wee could go"), overlap_s=0.6)
+    assert ([t.text for t in out], found) == (["wee", "could", "go"], False)
+    out, found = stitch(prev, Carry(), tokenize("could go"), overlap_s=0.0)
+    assert ([t.text for t in out], found) == (["could", "go"], True)

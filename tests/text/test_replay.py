@@ -1,0 +1,160 @@
+"""Property tests: scripted live replays through the merger.
+
+A replay delivers a tagged reference as a live engine would (growing noisy
+partials, forced splits with overlap and restated tags, stale and late
+hypotheses, segments out of order). Whatever the schedule, the final
+captions must equal the reference, stable text only grows, no tag is lost
+or duplicated and ``seq`` strictly increases.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evoxtral_stream.events import SAMPLE_RATE, CaptionEvent, Hypothesis, RequestKind
+from evoxtral_stream.text.merger import Merger, match_key
+from evoxtral_stream.text.replay import (
+    ReplayCheck,
+    ReplayConfig,
+    check_replay,
+    make_replay,
+    run_replay,
+)
+from evoxtral_stream.text.tags import Carry, render, tokenize
+
+from .samples import SCRIPTS, TRIPLE_REPEATS
+
+HARSH = ReplayConfig(
+    max_segments=8, max_overlap_tokens=6, p_overlap=0.9, p_reemit=0.9, max_step=3,
+    p_unstable=0.7, p_revision=0.4, p_late_tag=0.5, p_stale=0.3, p_late_partial=0.3,
+    p_interleave=0.4, p_final_early=0.2,
+)
+
+
+def replay_check(text: str, rng: random.Random, cfg: ReplayConfig) -> ReplayCheck:
+    replay = make_replay(text, rng, cfg)
+    return check_replay(replay, run_replay(replay))
+
+
+def assert_exact(check: ReplayCheck, reference: str) -> None:
+    assert check.final_text == reference
+    assert check.retracted == 0
+    assert (check.tags_lost, check.tags_duplicated) == (0, 0)
+    assert check.seq_ok
+    assert check.finals_ok
+    assert check.split_ok
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(SCRIPTS), st.integers(0, 2**32).map(random.Random))
+def test_scripts_replay_exactly(text: str, rng: random.Random) -> None:
+    assert_exact(replay_check(text, rng, ReplayConfig()), text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(SCRIPTS), st.integers(0, 2**32).map(random.Random))
+def test_scripts_replay_exactly_under_harsh_schedules(text: str, rng: random.Random) -> None:
+    assert_exact(replay_check(text, rng, HARSH), text)
+
+
+_WORDS = [
+    "so", "I", "was", "thinking", "maybe", "we", "could", "try", "that", "new", "place",
+    "downtown", "mean", "if", "you're", "free", "this", "weekend", "NEVER", "REALLY", "can't",
+    "I-I", "well", "okay", "wait", "the", "a", "it", "is", "TOO", "late", "café", "$500",
+]
+_PUNCT = ["", "", "", ",", ".", "...", "?", "!", "?!", "—"]
+_TAGS = ["[pause]", "[laughs]", "[sighs]", "[clears throat]", "[whispers]", "[shouts]",
+         "[nervous]", "[excited]", "[calm]", "[crying]", "[stammers]", "[gasps]",
+         "[Strange Noise]"]
+
+
+def _acceptable(text: str) -> bool:
+    """The documented preconditions of exactness: no tag restating one in
+    effect, no tag twice in one run of tags, no word repeated at once."""
+    toks = tokenize(text)
+    if not any(t.is_word for t in toks):
+        return False
+    state = Carry()
+    run: list[str | None] = []
+    for t in toks:
+        if state.holds(t):
+            return False
+        state = state.advance(t)
+        run = [*run, t.tag] if t.is_tag else []
+        if len(run) != len(set(run)):
+            return False
+    # A word back within three words and tags: an overlap there has two
+    # readings ("okay, [laughs] okay").
+    keys = [match_key(t) for t in toks if not t.is_punct]
+    return not any(k in keys[i + 1:i + 4] for i, k in enumerate(keys) if not k.startswith("["))
+
+
+_items = st.one_of(
+    st.tuples(st.sampled_from(_WORDS), st.sampled_from(_PUNCT)).map(lambda p: p[0] + p[1]),
+    st.sampled_from(_TAGS),
+)
+references = st.lists(_items, min_size=1, max_size=40).map(" ".join).filter(_acceptable)
+
+
+@settings(max_examples=400, deadline=None)
+@given(references, st.integers(0, 2**32).map(random.Random))
+def test_generated_references_replay_exactly(text: str, rng: random.Random) -> None:
+    text = render(tokenize(text))
+    assert_exact(replay_check(text, rng, ReplayConfig()), text)
+
+
+def test_triple_repeats_are_exact_without_audio_overlap() -> None:
+    cfg = ReplayConfig(p_overlap=0.0)
+    for text in TRIPLE_REPEATS:
+        for seed in range(40):
+            assert_exact(replay_check(text, random.Random(seed), cfg), text)
+
+
+# --- invariants under arbitrary input -----------------------------------------
+
+_hyp_texts = st.lists(st.sampled_from(_WORDS + _TAGS + [".", ","]), max_size=12).map(" ".join)
+
+
+@st.composite
+def hypothesis_streams(draw: st.DrawFn) -> list[Hypothesis]:
+    out: list[Hypothesis] = []
+    for _ in range(draw(st.integers(0, 30))):
+        seg = draw(st.integers(0, 4))
+        final = draw(st.booleans())
+        start = draw(st.integers(0, 10)) * SAMPLE_RATE // 2
+        end = start + draw(st.integers(0, 8)) * SAMPLE_RATE // 4
+        out.append(Hypothesis(
+            "s", seg, draw(st.integers(0, 6)),
+            RequestKind.FINAL if final else RequestKind.PARTIAL, draw(_hyp_texts),
+            start, end, 0.0, 0.1, draw(st.booleans())))
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(hypothesis_streams())
+def test_invariants_hold_for_any_input(stream: list[Hypothesis]) -> None:
+    m = Merger("s", max_pending=2)
+    events: list[CaptionEvent] = []
+    for h in stream:
+        events.extend(m.feed(h))
+    for seg in m.open_segments:
+        events.extend(m.abandon(seg))
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    stable: dict[int, str] = defaultdict(str)
+    closed: set[int] = set()
+    for e in events:
+        assert e.segment not in closed
+        assert e.text == e.stable + e.unstable
+        assert e.stable.startswith(stable[e.segment])
+        stable[e.segment] = e.stable
+        if e.final:
+            assert e.unstable == ""
+            closed.add(e.segment)
+    # Every segment shown was closed by exactly one final, nothing is left open.
+    assert {e.segment for e in events} == closed
+    assert closed <= {h.segment for h in stream}
+    assert m.open_segments == ()

@@ -1,0 +1,195 @@
+"""The tag table, the tokenizer and the normaliser on tricky text."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evoxtral_stream.text.tags import (
+    TAG_TABLE,
+    Carry,
+    TagKind,
+    Token,
+    TokenKind,
+    lookup_tag,
+    normalize,
+    normalize_tag_name,
+    plain_text,
+    render,
+    tokenize,
+)
+
+from .samples import SCRIPTS
+
+TRAINED = {
+    "pause": TagKind.PAUSE, "sighs": TagKind.NONVERBAL, "whispers": TagKind.DELIVERY,
+    "nervous": TagKind.EMOTION, "clears throat": TagKind.NONVERBAL,
+    "laughs": TagKind.NONVERBAL, "excited": TagKind.EMOTION, "gasps": TagKind.NONVERBAL,
+    "stammers": TagKind.DELIVERY, "frustrated": TagKind.EMOTION, "calm": TagKind.EMOTION,
+    "angry": TagKind.EMOTION, "shouts": TagKind.DELIVERY, "sad": TagKind.EMOTION,
+    "crying": TagKind.DELIVERY,
+}
+
+
+def kinds(text: str) -> list[tuple[str, str]]:
+    return [(t.kind.value, t.text) for t in tokenize(text)]
+
+
+def test_table_has_the_trained_tags_with_their_kinds() -> None:
+    trained = {s.name: s.kind for s in TAG_TABLE if s.trained}
+    assert trained == TRAINED
+
+
+def test_table_names_are_unique_and_normalised() -> None:
+    names = [n for s in TAG_TABLE for n in (s.name, *s.aliases)]
+    assert len(names) == len(set(names))
+    assert all(normalize_tag_name(n) == n for n in names)
+    for rare in ("scared", "emotional", "slams door", "confused", "yawns", "curious tone",
+                 "sniffles", "laughs nervously", "worried", "curious", "serious",
+                 "giggles"):
+        assert lookup_tag(rare) is not None, rare
+
+
+def test_only_emotion_and_delivery_carry() -> None:
+    assert [k for k in TagKind if k.carries] == [TagKind.EMOTION, TagKind.DELIVERY]
+
+
+def test_multi_word_tag_is_one_token() -> None:
+    toks = tokenize("[clears throat] Hello")
+    assert [t.kind for t in toks] == [TokenKind.TAG, TokenKind.WORD]
+    assert toks[0].tag == "clears throat"
+    assert toks[0].tag_kind is TagKind.NONVERBAL
+
+
+def test_adjacent_tags_and_tags_at_both_ends() -> None:
+    assert kinds("[laughs] [excited] Hi! [sighs]") == [
+        ("tag", "[laughs]"), ("tag", "[excited]"), ("word", "Hi"), ("punct", "!"),
+        ("tag", "[sighs]"),
+    ]
+    assert kinds("[laughs][excited]") == [("tag", "[laughs]"), ("tag", "[excited]")]
+    assert render(tokenize("[laughs][excited]")) == "[laughs][excited]"
+
+
+@pytest.mark.parametrize(("raw", "canonical"), [
+    ("(laughs)", "[laughs]"),
+    ("*sighs*", "[sighs]"),
+    ("[LAUGHTER]", "[laughs]"),
+    ("[Laughs]", "[laughs]"),
+    ("[ laughs  ]", "[laughs]"),
+    ("[clears_throat]", "[clears throat]"),
+    ("[Clears   Throat.]", "[clears throat]"),
+    ("[whispering]", "[whispers]"),
+    ("(Sighing)", "[sighs]"),
+])
+def test_variants_map_to_the_canonical_tag(raw: str, canonical: str) -> None:
+    (tok,) = tokenize(raw)
+    assert tok.kind is TokenKind.TAG
+    assert tok.known
+    assert tok.text == canonical
+
+
+def test_unknown_bracketed_tag_is_kept_verbatim_and_flagged() -> None:
+    (tok,) = tokenize("[Dramatic  Music]")
+    assert tok.kind is TokenKind.TAG
+    assert not tok.known
+    assert tok.text == "[Dramatic Music]"
+    assert tok.tag == "dramatic music"
+    assert tok.tag_kind is TagKind.UNKNOWN
+
+
+def test_parentheses_and_asterisks_only_make_known_tags() -> None:
+    assert kinds("(see below) *really*") == [
+        ("punct", "("), ("word", "see"), ("word", "below"), ("punct", ")"),
+        ("punct", "*"), ("word", "really"), ("punct", "*"),
+    ]
+    assert normalize("(see below) *really*") == "(see below) *really*"
+
+
+def test_brackets_inside_words() -> None:
+    toks = tokenize("hel[laughs]lo wor[ld")
+    assert [t.text for t in toks] == ["hel", "[laughs]", "lo", "wor", "[", "ld"]
+    assert render(toks) == "hel[laughs]lo wor[ld"
+    assert plain_text("hel[laughs]lo") == "hello"
+
+
+def test_empty_and_blank_text() -> None:
+    assert tokenize("") == []
+    assert tokenize("  \n\t ") == []
+    assert plain_text("") == ""
+    assert kinds("[] [ ]") == [("punct", "[]"), ("punct", "["), ("punct", "]")]
+
+
+def test_unicode_words_and_symbols() -> None:
+    toks = tokenize("Café 你好 naïve — ok 😀!")
+    assert [t.text for t in toks if t.is_word] == ["Café", "你好", "naïve", "ok"]
+    assert render(toks) == "Café 你好 naïve — ok 😀!"
+
+
+def test_words_keep_their_joins_and_caps() -> None:
+    toks = tokenize("I-I can't pay $500 for R&D, 3.5 times... REALLY?!")
+    assert [t.text for t in toks] == [
+        "I-I", "can't", "pay", "$500", "for", "R&D", ",", "3.5", "times", "...", "REALLY", "?!",
+    ]
+    assert [t.text for t in toks if t.emphasis] == ["REALLY"]
+
+
+def test_plain_text_drops_tags_and_keeps_spacing() -> None:
+    assert plain_text("[nervous] So... [stammers] I was [laughs] here.") == "So... I was here."
+    assert plain_text("Hello [laughs].") == "Hello."
+    assert plain_text("a [laughs]b") == "a b"
+    assert plain_text("[laughs]") == ""
+
+
+def test_scripts_round_trip_and_strip_like_the_seed() -> None:
+    for text in SCRIPTS:
+        assert render(tokenize(text)) == text
+        seed_plain = re.sub(r"\[[^\]]+\]\s*", "", text).strip()
+        assert plain_text(text) == seed_plain
+        assert all(t.known for t in tokenize(text) if t.is_tag)
+
+
+def test_carry_state() -> None:
+    c = Carry().advance_all(tokenize("[whispers] [nervous] Don't"))
+    assert c == Carry("nervous", "whispers")
+    assert c.holds(tokenize("[whispers]")[0])
+    assert not c.holds(tokenize("[shouts]")[0])
+    assert not c.holds(tokenize("[laughs]")[0])
+    assert c.advance_all(tokenize("[calm]")) == Carry("calm", "whispers")
+    # An ellipsis does not end the sentence; a full stop does.
+    assert c.advance_all(tokenize("wait... go")) == c
+    assert c.advance_all(tokenize("turn around.")) == Carry()
+    assert c.advance_all(tokenize('HERE."')) == Carry()
+    assert c.advance_all(tokenize("really?!")) == Carry()
+
+
+_pieces = st.sampled_from([
+    "word", "CAPS", "I-I", "can't", ",", "...", "?!", ".", "—", "[laughs]", "[clears throat]",
+    "(sighs)", "*gasps*", "[LAUGHTER]", "[Unknown Thing]", "café", "[", "]", "(", ")", "*",
+    "$5", "😀",
+])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_pieces, st.sampled_from(["", " ", "  ", "\n"])), max_size=30))
+def test_normalising_is_idempotent(parts: list[tuple[str, str]]) -> None:
+    text = "".join(p + sep for p, sep in parts)
+    once = normalize(text)
+    assert normalize(once) == once
+    assert tokenize(once) == tokenize(text)
+    assert "  " not in once
+    assert once == once.strip()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=80))
+def test_any_text_tokenizes_and_renders(text: str) -> None:
+    toks = tokenize(text)
+    assert all(isinstance(t, Token) for t in toks)
+    out = render(toks)
+    assert tokenize(out) == toks
+    if not any(ch in text for ch in "[]()*"):
+        # Without tag syntax, nothing but whitespace may change.
+        assert out.split() == text.split()
