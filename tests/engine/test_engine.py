@@ -1,0 +1,74 @@
+"""The engine glue: failures stay with their segment, backlogged finals are not lost."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from evoxtral_stream.config import load_config
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.engine.session import StreamSession
+from evoxtral_stream.events import CaptionEvent, RequestKind, StreamEnded, StreamError
+from evoxtral_stream.run import LatencyLog, feed_samples
+from tests.fakes import ScriptedBackend
+from tests.speech import have_espeak, speech_with_pauses
+
+pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+
+SENTENCES = ["Good evening and welcome to the live captioning demo.",
+             "I was thinking maybe we could try that new restaurant downtown.",
+             "Thank you for listening, and have a wonderful night."]
+
+
+def words_so_far(audio: np.ndarray) -> str:
+    return " ".join(f"w{i}" for i in range(len(audio) // 8000))
+
+
+def final_lengths(audio: np.ndarray) -> list[int]:
+    """The audio length of each final, as the engine's session will cut them."""
+    cfg = load_config()
+    session = StreamSession("probe", cfg.vad, cfg.stream)
+    reqs = session.push(audio, 0.0) + session.finish(0.0)
+    return [len(r.audio) for r in reqs if r.kind is RequestKind.FINAL]
+
+
+@pytest.mark.parametrize("partials", [True, False])
+async def test_a_failed_final_does_not_hold_back_later_segments(partials: bool) -> None:
+    audio, _ = speech_with_pauses(SENTENCES, pause_s=1.2)
+    bad = final_lengths(audio)[0]
+    backend = ScriptedBackend(words_so_far, fail_when=lambda a: len(a) == bad)
+    cfg = load_config(overrides={} if partials else {"stream.partial_interval_ms": 0})
+    record = LatencyLog()
+    async with Engine(cfg, backend) as engine:
+        engine.add_listener(record)
+        summary = await feed_samples(engine.open_stream("s"), audio, 1600, realtime=False)
+    errors = [e for e in record.events if isinstance(e, StreamError)]
+    assert [(e.code, e.segment) for e in errors] == [("decode_failed", 0)]
+    finals = [e for e in record.events if isinstance(e, CaptionEvent) and e.final]
+    assert [f.segment for f in finals if f.segment > 0] == [1, 2]
+    assert all(f.text.startswith("w0 w1") for f in finals if f.segment > 0)
+    if partials:
+        # What was shown of the failed segment is closed as its final.
+        assert [f.segment for f in finals][0] == 0
+    assert isinstance(record.events[-1], StreamEnded)
+    assert summary.errors == 1
+
+
+async def test_finals_refused_by_a_full_worker_are_retried_not_lost() -> None:
+    audio, _ = speech_with_pauses(SENTENCES, pause_s=1.2)
+    cfg = load_config(overrides={"worker.max_queue": 1, "worker.max_batch": 1,
+                                 "stream.partial_interval_ms": 0})
+    backend = ScriptedBackend(words_so_far, delay_s=0.05)
+    record = LatencyLog()
+    async with Engine(cfg, backend) as engine:
+        engine.add_listener(record)
+        streams = [engine.open_stream(f"s{i}") for i in range(4)]
+        # Push everything at once: far more finals than the inbox holds.
+        for s in streams:
+            s.push(audio)
+        refused_early = engine.stats().finals_backlog
+        summaries = [await s.close() for s in streams]
+    assert refused_early > 0, "the test must overflow the worker inbox"
+    assert [s.finals for s in summaries] == [3, 3, 3, 3]
+    finals = [e for e in record.events if isinstance(e, CaptionEvent) and e.final]
+    assert len(finals) == 12
