@@ -49,7 +49,7 @@ async def test_a_failed_final_does_not_hold_back_later_segments(partials: bool) 
     assert all(f.text.startswith("w0 w1") for f in finals if f.segment > 0)
     if partials:
         # What was shown of the failed segment is closed as its final.
-        assert [f.segment for f in finals][0] == 0
+        assert finals[0].segment == 0
     assert isinstance(record.events[-1], StreamEnded)
     assert summary.errors == 1
 
