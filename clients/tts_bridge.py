@@ -206,6 +206,9 @@ def _style(carry: Carry) -> Prosody:
     return style
 
 
+_STRAY_MARKS = frozenset("[]()*")
+
+
 def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
     """What espeak-ng should say for ``tagged`` text: spans and pauses. Pure.
 
@@ -238,6 +241,10 @@ def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
                 flush()
                 items.append(Pause(NONVERBAL_PAUSE_MS, tok.tag))
             carry = carry.advance(tok)
+            continue
+        if tok.text in _STRAY_MARKS:
+            # A bracket left over from a malformed tag is not spoken, and
+            # re-read later it could open a tag that swallows a word.
             continue
         style = _style(carry)
         if style != run_style:

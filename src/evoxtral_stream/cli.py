@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import signal
@@ -118,6 +119,11 @@ def _parser() -> argparse.ArgumentParser:
                                     "OUTDIR, for engines without LoRA support for the audio "
                                     "tower and projector.")
     ex.add_argument("outdir", type=Path, metavar="OUTDIR")
+
+    sub.add_parser("hash-token", parents=[common],
+                   help="print the sha256: hash of a token read from stdin, for [[auth.tokens]]",
+                   description="Read one token from standard input (a trailing newline is "
+                               "ignored) and print the hash to put in [[auth.tokens]] hash.")
     return p
 
 
@@ -198,8 +204,9 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
                 if server is not None:
                     await stack.enter_async_context(server)
                     await _start_mqtt(stack, cfg, engine)
-                    print(f"serving captions on ws://{cfg.server.host}:{server.port}/v1/captions",
-                          file=sys.stderr)
+                    scheme = "wss" if cfg.server.tls_cert else "ws"
+                    print(f"serving captions on {scheme}://{cfg.server.host}:{server.port}"
+                          "/v1/captions", file=sys.stderr)
                 bar = _progress(total)
                 try:
                     progress = None if bar is None else (
@@ -257,7 +264,21 @@ def _write_outputs(args: argparse.Namespace, jobs: Sequence[FileJob],
         _write(args.jsonl, "".join(line + "\n" for line in lines))
 
 
+def _cmd_hash_token(args: argparse.Namespace, cfg: Config) -> int:
+    from .server.auth import hash_token
+
+    token = sys.stdin.readline().rstrip("\r\n")
+    if not token:
+        raise UserError("hash-token reads a token from stdin, got an empty line")
+    print(hash_token(token))
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
+    from .server.auth import check_bind
+
+    # Before loading the model, so an unsafe bind fails in a moment.
+    check_bind(cfg.server.host, cfg.auth.tokens, cfg.server.allow_anonymous)
     source: str = args.source
     file_audio = None
     if source not in ("mic", "none"):
@@ -278,12 +299,16 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    async with Engine(cfg, backend) as engine, CaptionServer(engine, cfg.server) as server, \
+    # If the model thread dies, the worker reloads the model with this.
+    reload = functools.partial(load_backend, cfg.model)
+    async with Engine(cfg, backend, backend_factory=reload) as engine, \
+            CaptionServer(engine, cfg.server) as server, \
             contextlib.AsyncExitStack() as stack:
         await _start_mqtt(stack, cfg, engine)
         if not args.no_print:
             engine.add_listener(CaptionPrinter())
-        print(f"serving captions on ws://{cfg.server.host}:{server.port}/v1/captions "
+        scheme = "wss" if cfg.server.tls_cert else "ws"
+        print(f"serving captions on {scheme}://{cfg.server.host}:{server.port}/v1/captions "
               "(Ctrl-C to stop)", file=sys.stderr)
         stream_id = args.stream or source
         feeder: asyncio.Task[Any] | None = None
@@ -384,7 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(args)
     commands = {"serve": _cmd_serve, "transcribe": _cmd_transcribe, "devices": _cmd_devices,
-                "eval": _cmd_eval, "export-merged": _cmd_export_merged}
+                "eval": _cmd_eval, "export-merged": _cmd_export_merged,
+                "hash-token": _cmd_hash_token}
     try:
         cfg = _load_config(args)
         return commands[args.command](args, cfg)

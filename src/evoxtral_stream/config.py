@@ -26,8 +26,11 @@ from typing import Any, TypeVar
 __all__ = [
     "CONFIG_ENV",
     "AudioConfig",
+    "AuthConfig",
+    "AuthTokenConfig",
     "Config",
     "ConfigError",
+    "JournalConfig",
     "ModelConfig",
     "MqttConfig",
     "ServerConfig",
@@ -87,6 +90,7 @@ class VadConfig:
 class StreamConfig:
     partial_interval_ms: int = field(metadata=_range(0, 60_000))
     min_partial_ms: int = field(metadata=_range(0, 30_000))
+    final_replaces_stable: bool
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,8 @@ class WorkerConfig:
     max_queue: int = field(metadata=_range(1, 100_000))
     max_batch: int = field(metadata=_range(1, 1024))
     max_wait_ms: int = field(metadata=_range(0, 1000))
+    restart_limit: int = field(metadata=_range(0, 1000))
+    restart_backoff_s: float = field(metadata=_range(0.0, 600.0))
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,16 @@ class ServerConfig:
     history: int = field(metadata=_range(0, 1_000_000))
     history_streams: int = field(metadata=_range(1, 100_000))
     handshake_timeout_s: float = field(metadata=_range(0.1, 3600.0))
+    allow_anonymous: bool
+    allowed_origins: tuple[str, ...]
+    tls_cert: str
+    tls_key: str
+    max_streams: int = field(metadata=_range(1, 1_000_000))
+    max_ingest_speed: float = field(metadata=_range(0.0, 1000.0))
+    ingest_burst_s: float = field(metadata=_range(0.0, 86400.0))
+    idle_timeout_s: float = field(metadata=_range(0.0, 86400.0))
+    ping_interval_s: float = field(metadata=_range(0.0, 3600.0))
+    ping_timeout_s: float = field(metadata=_range(0.0, 3600.0))
 
 
 @dataclass(frozen=True)
@@ -158,6 +174,8 @@ class Config:
     model: ModelConfig
     server: ServerConfig
     mqtt: MqttConfig
+    auth: AuthConfig
+    journal: JournalConfig
 
 
 T = TypeVar("T")
@@ -231,16 +249,45 @@ def _check_value(dotted: str, value: object, tp: object, meta: Mapping[str, Any]
     return value
 
 
+def _build_array(dotted: str, value: object, tp: object) -> tuple[Any, ...]:
+    """An array key: ``tuple[str, ...]`` or an array of tables (``[[a.b]]``)."""
+    (item_tp, _) = typing.get_args(tp)
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{dotted} must be an array, got {value!r}")
+    if not (dataclasses.is_dataclass(item_tp) and isinstance(item_tp, type)):
+        return tuple(_check_value(f"{dotted}[{i}]", v, item_tp, {}) for i, v in enumerate(value))
+    out = []
+    known = {f.name for f in fields(item_tp)}
+    for i, item in enumerate(value):
+        where = f"{dotted}[{i}]"
+        if not isinstance(item, Mapping):
+            raise ConfigError(f"{where} must be a table, got {item!r}")
+        # Arrays of tables are not merged with defaults, so check names here.
+        unknown = sorted(set(item) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key {where}.{unknown[0]!r} "
+                              f"(known here: {', '.join(sorted(known))})")
+        out.append(_build(item_tp, item, where + "."))
+    return tuple(out)
+
+
 def _build(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
     hints = typing.get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for f in fields(cls):  # type: ignore[arg-type,unused-ignore]
         dotted = f"{prefix}{f.name}"
         if f.name not in data:
-            raise ConfigError(f"config key {dotted!r} is missing from the defaults")
+            # Entries of an array of tables may leave out keys that have a
+            # documented default; the fixed sections take theirs from the TOML.
+            if f.default is not dataclasses.MISSING:
+                continue
+            where = "" if prefix.endswith("].") else " from the defaults"
+            raise ConfigError(f"config key {dotted!r} is missing{where}")
         tp = hints[f.name]
         value = data[f.name]
-        if typing.get_origin(tp) is dict:
+        if typing.get_origin(tp) is tuple:
+            kwargs[f.name] = _build_array(dotted, value, tp)
+        elif typing.get_origin(tp) is dict:
             if not isinstance(value, Mapping) or not all(
                     isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()):
                 raise ConfigError(f"{dotted} must be a table of name = \"text\", got {value!r}")
@@ -342,3 +389,71 @@ class MqttConfig:
             )
         if self.password and not self.username:
             raise ConfigError("mqtt.password needs mqtt.username, got an empty username")
+
+
+# --- [journal] ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JournalConfig:
+    """The durable log of finals (``engine/journal.py``); see ``[journal]`` in config.toml."""
+
+    enabled: bool
+    dir: str
+    fsync: str = field(metadata=_choices("always", "interval", "never"))
+    fsync_interval_s: float = field(metadata=_range(0.01, 3600.0))
+    max_bytes: int = field(metadata=_range(1024, 1 << 40))
+    max_age_s: float = field(metadata=_range(0.0, 365 * 86400.0))
+    keep: int = field(metadata=_range(0, 10_000))
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.dir:
+            raise ConfigError("journal.dir must name a folder when journal.enabled = true")
+
+
+# --- [auth] -------------------------------------------------------------------
+
+_HASH_PREFIX = "sha256:"
+
+
+@dataclass(frozen=True)
+class AuthTokenConfig:
+    """One ``[[auth.tokens]]`` entry: a hashed token, its roles and limits.
+
+    Entries are an array of tables, so the keys a user leaves out take the
+    defaults declared here (documented in config.toml and docs/config.md).
+    """
+
+    hash: str
+    roles: tuple[str, ...]
+    name: str = ""
+    streams: tuple[str, ...] = ("*",)
+    max_streams: int = field(default=0, metadata=_range(0, 1_000_000))
+    max_subscribers: int = field(default=0, metadata=_range(0, 1_000_000))
+
+    def __post_init__(self) -> None:
+        digest = self.hash.removeprefix(_HASH_PREFIX)
+        if (not self.hash.startswith(_HASH_PREFIX) or len(digest) != 64
+                or any(c not in "0123456789abcdef" for c in digest)):
+            raise ConfigError(
+                f"auth.tokens hash must be sha256:<64 lowercase hex digits> (print one with "
+                f"`evoxtral-stream hash-token`), got {self.hash[:16]!r}...")
+        bad = [r for r in self.roles if r not in ("ingest", "subscribe", "admin")]
+        if bad or not self.roles:
+            raise ConfigError(f"auth.tokens roles must be some of 'ingest', 'subscribe', "
+                              f"'admin', got {list(self.roles)!r}")
+        if not self.streams or not all(self.streams):
+            raise ConfigError(f"auth.tokens streams must be non-empty glob patterns, "
+                              f"got {list(self.streams)!r}")
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Access tokens (``server/auth.py``); none configured means open access."""
+
+    tokens: tuple[AuthTokenConfig, ...]
+
+    def __post_init__(self) -> None:
+        hashes = [t.hash for t in self.tokens]
+        if len(set(hashes)) != len(hashes):
+            raise ConfigError("auth.tokens lists the same token hash twice")

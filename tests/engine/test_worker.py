@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 
 import numpy as np
 import pytest
 
-from evoxtral_stream.config import WorkerConfig
+from evoxtral_stream.config import WorkerConfig, load_config
 from evoxtral_stream.engine.worker import ModelWorker, WorkerResult
 from evoxtral_stream.events import DecodeFailure, DecodeRequest, Hypothesis, RequestKind
 from tests.fakes import GatedBackend, ScriptedBackend
@@ -25,7 +26,12 @@ def results(q: queue.Queue[WorkerResult], n: int) -> list[WorkerResult]:
     return [q.get(timeout=10) for _ in range(n)]
 
 
-CFG = WorkerConfig(max_queue=64, max_batch=4, max_wait_ms=0)
+def wcfg(**kw: int) -> WorkerConfig:
+    """The packaged [worker] defaults with ``kw`` changed."""
+    return dataclasses.replace(load_config(env={}).worker, **kw)
+
+
+CFG = wcfg(max_queue=64, max_batch=4, max_wait_ms=0)
 
 
 def test_finals_run_before_partials_and_batches_are_bounded() -> None:
@@ -75,7 +81,7 @@ def test_newer_request_supersedes_pending_partial_but_never_a_final() -> None:
 def test_full_inbox_refuses_without_blocking() -> None:
     backend = GatedBackend()
     out: queue.Queue[WorkerResult] = queue.Queue()
-    w = ModelWorker(backend, WorkerConfig(max_queue=2, max_batch=1, max_wait_ms=0), out.put)
+    w = ModelWorker(backend, wcfg(max_queue=2, max_batch=1, max_wait_ms=0), out.put)
     w.start()
     w.submit(req("blocker", 0, 1, RequestKind.PARTIAL, 1))
     assert backend.entered.wait(5)
@@ -93,7 +99,7 @@ def test_failing_request_is_isolated_and_worker_continues() -> None:
     bad_len = 13
     backend = ScriptedBackend(fail_when=lambda a: len(a) == bad_len)
     out: queue.Queue[WorkerResult] = queue.Queue()
-    w = ModelWorker(backend, WorkerConfig(max_queue=64, max_batch=8, max_wait_ms=50), out.put)
+    w = ModelWorker(backend, wcfg(max_queue=64, max_batch=8, max_wait_ms=50), out.put)
     w.start()
     lengths = [10, 11, 12, bad_len, 14]
     for i, n in enumerate(lengths):
@@ -115,7 +121,7 @@ def test_failing_request_is_isolated_and_worker_continues() -> None:
 def test_stop_finishes_queued_work() -> None:
     backend = ScriptedBackend(delay_s=0.01)
     out: queue.Queue[WorkerResult] = queue.Queue()
-    w = ModelWorker(backend, WorkerConfig(max_queue=64, max_batch=2, max_wait_ms=0), out.put)
+    w = ModelWorker(backend, wcfg(max_queue=64, max_batch=2, max_wait_ms=0), out.put)
     w.start()
     for i in range(6):
         w.submit(req(f"s{i}", 0, 1, RequestKind.FINAL, 10 + i))

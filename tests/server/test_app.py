@@ -198,3 +198,17 @@ async def test_a_subscriber_that_talks_gets_an_error_and_stays(
     async with connect(f"ws://127.0.0.1:{server.port}/v1/captions?since=x") as ws:
         err = json.loads(await asyncio.wait_for(ws.recv(), 5))
         assert err["code"] == "bad_query"
+
+
+async def test_readyz_and_metrics(served: tuple[Engine, CaptionServer]) -> None:
+    engine, server = served
+    assert await _get(f"http://127.0.0.1:{server.port}/readyz") == (200, "ready\n")
+    stream = engine.open_stream("m", source="test")
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+    await feed_samples(stream, audio, 1600, realtime=False)
+    status, body = await _get(f"http://127.0.0.1:{server.port}/metrics")
+    assert status == 200
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {f.name for f in text_string_to_metric_families(body)}
+    assert any("latency" in n for n in names), names

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 
 from evoxtral_stream.events import SAMPLE_RATE, CaptionEvent, Hypothesis, RequestKind
-from evoxtral_stream.text.merger import Merger, stitch, tail_after
-from evoxtral_stream.text.tags import Carry, tokenize
+from evoxtral_stream.text.merger import Merger, place_tags, stitch, tail_after
+from evoxtral_stream.text.tags import Carry, render, tokenize
 
 
 class Feed:
     """A merger with per-segment revision counters, for terse tests."""
 
-    def __init__(self, **kwargs: int) -> None:
-        self.m = Merger("s", **kwargs)
+    def __init__(self, *, final_replaces_stable: bool = False, **kwargs: int) -> None:
+        self.m = Merger("s", final_replaces_stable=final_replaces_stable, **kwargs)
         self.rev: dict[int, int] = {}
         self.events: list[CaptionEvent] = []
 
@@ -345,3 +345,116 @@ def test_stitch_reports_a_missing_seam() -> None:
     assert ([t.text for t in out], found) == (["wee", "could", "go"], False)
     out, found = stitch(prev, Carry(), tokenize("could go"), overlap_s=0.0)
     assert ([t.text for t in out], found) == (["could", "go"], True)
+
+
+# --- tags the final places inside the committed text ---------------------------
+
+
+def _committed_then_final(partials: list[str], final: str) -> tuple[CaptionEvent, CaptionEvent]:
+    f = Feed()
+    for text in partials:
+        f(text)
+    last = f.events[-1]
+    return last, one(f(final, final=True))
+
+
+def test_final_tags_inside_the_committed_text_are_inserted() -> None:
+    last, fin = _committed_then_final(
+        ["Hello there, how", "Hello there, how are"],
+        "[whispers] Hello there, [pause] how are you?")
+    assert last.stable == "Hello there, how"
+    assert fin.text == "[whispers] Hello there, [pause] how are you?"
+    assert (fin.stable, fin.unstable) == (fin.text, "")
+    assert fin.plain_text == "Hello there, how are you?"
+    assert [(m.tag, m.index) for m in fin.tags] == [("whispers", 0), ("pause", 2)]
+
+
+def test_a_final_tag_at_the_very_start_is_inserted() -> None:
+    last, fin = _committed_then_final(["So I was", "So I was thinking"],
+                                      "[nervous] So I was thinking maybe.")
+    assert last.stable == "So I was"
+    assert fin.text == "[nervous] So I was thinking maybe."
+
+
+def test_a_final_tag_between_two_committed_words_is_inserted() -> None:
+    last, fin = _committed_then_final(["So I was", "So I was thinking"],
+                                      "So [sighs] I was thinking maybe.")
+    assert last.stable == "So I was"
+    assert fin.text == "So [sighs] I was thinking maybe."
+
+
+def test_a_tag_the_committed_text_has_is_not_repeated() -> None:
+    last, fin = _committed_then_final(
+        ["[laughs] Hi there", "[laughs] Hi there you"],
+        "[laughs] Hi [pause] there you all.")
+    assert last.stable == "[laughs] Hi there"
+    assert fin.text == "[laughs] Hi [pause] there you all."
+
+
+def test_a_revised_committed_word_stays_and_the_tag_beside_it_is_inserted() -> None:
+    last, fin = _committed_then_final(
+        ["I was thinking maybe", "I was thinking maybe we"],
+        "I was [sighs] sinking maybe we could")
+    assert last.stable == "I was thinking maybe"
+    assert fin.text == "I was [sighs] thinking maybe we could"
+    last, fin = _committed_then_final(
+        ["I was thinking maybe", "I was thinking maybe we"],
+        "I was sinking [sighs] maybe we could")
+    assert fin.text == "I was thinking [sighs] maybe we could"
+
+
+def test_a_final_tag_next_to_the_last_committed_word_duplicates_nothing() -> None:
+    words = "a b c d e f g h i j k l m n o p"
+    last, fin = _committed_then_final([words, words + " q"],
+                                      "a b c d e f g h i j k l m n o [laughs] p q r")
+    assert last.stable == words
+    assert fin.text == "a b c d e f g h i j k l m n o [laughs] p q r"
+
+
+def test_final_tags_after_the_committed_text_are_as_before() -> None:
+    last, fin = _committed_then_final(["Hi there", "Hi there you"],
+                                      "Hi there [laughs] you all [pause] okay.")
+    assert last.stable == "Hi there"
+    assert fin.text == "Hi there [laughs] you all [pause] okay."
+    last, fin = _committed_then_final(["Hi there.", "Hi there. Bye"],
+                                      "Hi there [laughs]. Bye now")
+    assert fin.text == "Hi there [laughs]. Bye now"
+
+
+def test_place_tags() -> None:
+    def place(committed: str, region: str) -> str:
+        return render(place_tags(tokenize(committed), tokenize(region)))
+
+    assert place("Hello there, how", "[whispers] Hello there, [pause] how") == (
+        "[whispers] Hello there, [pause] how")
+    assert place("one two", "one two") == "one two"
+    assert place("[laughs] one two", "[laughs] one [laughs] two") == "[laughs] one [laughs] two"
+    assert place("one [sighs] two", "one [gasps] two") == "one [gasps] [sighs] two"
+    assert place("one two", "One, TWO [laughs]") == "one two [laughs]"
+
+
+def test_tail_after_keeps_a_tag_inserted_among_revised_words_out_of_the_tail() -> None:
+    c = tokenize("I was thinking")
+    tail, ok = tail_after(c, tokenize("I was [sighs] sinking maybe"))
+    assert ([t.text for t in tail], ok) == (["maybe"], False)
+    c = tokenize("a b c d e f g h i j k l m n o p")
+    tail, ok = tail_after(c, tokenize("a b c d e f g h i j k l m n o [laughs] p q"))
+    assert ([t.text for t in tail], ok) == (["q"], True)
+
+
+@pytest.mark.parametrize("replaces", [True, False])
+def test_final_replaces_stable_words_only_when_asked(replaces: bool) -> None:
+    f = Feed(final_replaces_stable=replaces)
+    f("my daughter asked")
+    f("my daughter asked me")          # commits "my daughter asked"
+    final = one(f("My daughter asked me, [sighs] why?", final=True))
+    if replaces:
+        # The final decode heard the whole segment: it is the caption.
+        assert final.text == "My daughter asked me, [sighs] why?"
+    else:
+        # Stable words stay; the rest of the final, tags included, follows.
+        assert final.text.startswith("my daughter asked")
+        assert "[sighs]" in final.text
+    assert final.stable == final.text and final.unstable == ""
+    partials = [e for e in f.events if not e.final]
+    assert partials[-1].stable == "my daughter asked"

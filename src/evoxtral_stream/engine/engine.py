@@ -6,11 +6,23 @@ reader or a network handler), decode results come back through
 ``loop.call_soon_threadsafe``, and every :class:`EngineEvent` is handed to the
 registered listeners synchronously, in order. Listeners must not block; the
 broadcaster gives each network subscriber its own bounded queue.
+
+Durable finals: with ``journal.enabled`` the engine appends every final
+caption to the :class:`~.journal.Journal` *before* calling any listener (the
+journal is not a listener, so no listener order can break this). On start it
+reads each journaled stream's last ``seq``; a stream id opened again continues
+from there (the merger numbers from 1 and the engine adds the offset), so
+``seq`` stays strictly increasing per stream across restarts. Without the
+journal a re-opened stream starts again at 1, as before.
+
+Fault recovery: the worker restarts itself when its thread dies (see
+:mod:`.worker`); ``backend_factory`` lets it reload the model then.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -32,6 +44,7 @@ from ..events import (
 )
 from ..text.merger import Merger
 from .backends.base import AdapterBackend, Backend
+from .journal import Journal
 from .session import StreamSession
 from .worker import ModelWorker, WorkerResult, WorkerStats
 
@@ -57,10 +70,16 @@ class StreamSummary:
 
 @dataclass(frozen=True)
 class EngineStats:
+    """``audio_s``: seconds of audio received by all streams since start;
+    ``journal_*``: finals journaled and appends that failed (disk errors)."""
+
     worker: WorkerStats
     streams: int
     finals_backlog: int
     partials_refused: int
+    audio_s: float = 0.0
+    journal_appends: int = 0
+    journal_failures: int = 0
 
 
 class Stream:
@@ -73,7 +92,11 @@ class Stream:
         self._engine = engine
         self.session = StreamSession(stream_id, engine.config.vad, engine.config.stream,
                                      adapter)
-        self.merger = Merger(stream_id)
+        self.merger = Merger(
+            stream_id, final_replaces_stable=engine.config.stream.final_replaces_stable)
+        # The merger numbers from 1; a stream id journaled before continues
+        # after its last seq (see the module doc).
+        self.seq_base = engine._journal.last_seq(stream_id) if engine._journal else 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._done = asyncio.Event()
@@ -86,6 +109,7 @@ class Stream:
         """Feed 16 kHz mono int16 audio. Never blocks."""
         if self._finished:
             raise RuntimeError(f"stream {self.id} is closed")
+        self._engine._samples_in += len(samples)
         for req in self.session.push(samples, self._engine.now()):
             self._engine._submit(self, req)
         self._update_idle()
@@ -126,6 +150,11 @@ class Stream:
         if (self._finished and not self._done.is_set()
                 and self.session.finals_outstanding == 0
                 and not self._engine._has_backlog(self.id)):
+            # Every final has come back; a segment the merger still holds open
+            # (its final failed) is closed with what was shown, so nothing
+            # stays unsaid.
+            for segment in self.merger.open_segments:
+                self._engine._emit_captions(self, self.merger.abandon(segment))
             self._done.set()
             self._engine._stream_done(self)
 
@@ -139,11 +168,17 @@ class Engine:
     """
 
     def __init__(
-        self, config: Config, backend: Backend, *, clock: Callable[[], float] = time.monotonic
+        self, config: Config, backend: Backend, *, clock: Callable[[], float] = time.monotonic,
+        backend_factory: Callable[[], Backend] | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
         self.now = clock
+        self._backend_factory = backend_factory
+        self._journal: Journal | None = None
+        self._journal_failures = 0
+        self._sync_handle: asyncio.TimerHandle | None = None
+        self._samples_in = 0
         self._listeners: list[Listener] = []
         self._streams: dict[str, Stream] = {}
         self._backlog: deque[tuple[Stream, DecodeRequest]] = deque()
@@ -166,7 +201,14 @@ class Engine:
         def deliver(result: WorkerResult) -> None:
             loop.call_soon_threadsafe(self._on_result, result)
 
-        self._worker = ModelWorker(self.backend, self.config.worker, deliver, clock=self.now)
+        if self.config.journal.enabled:
+            journal = Journal(self.config.journal, clock=self.now)
+            restored = await asyncio.to_thread(journal.restore)
+            self._journal = journal
+            log.info("journal %s: %d stream(s) restored", self.config.journal.dir,
+                     len(restored))
+        self._worker = ModelWorker(self.backend, self.config.worker, deliver, clock=self.now,
+                                   factory=self._backend_factory)
         self._worker.start()
         log.info("engine started with backend %s", self.backend.name)
 
@@ -179,6 +221,27 @@ class Engine:
         if self._worker is not None:
             worker, self._worker = self._worker, None
             await asyncio.to_thread(worker.stop)
+        if self._sync_handle is not None:
+            self._sync_handle.cancel()
+            self._sync_handle = None
+        if self._journal is not None:
+            self._journal.close()
+
+    @property
+    def journal(self) -> Journal | None:
+        """The journal of finals (None unless ``journal.enabled``); a
+        :class:`~evoxtral_stream.server.broadcast.Broadcaster` may replay from it."""
+        return self._journal
+
+    @property
+    def started(self) -> bool:
+        """Between :meth:`start` and :meth:`aclose`."""
+        return self._worker is not None
+
+    @property
+    def ready(self) -> bool:
+        """Started, the model loaded and its worker thread serving."""
+        return self._worker is not None and self._worker.ready
 
     # --- streams and listeners ---------------------------------------------
 
@@ -219,6 +282,9 @@ class Engine:
         return EngineStats(
             worker=self._worker.stats(), streams=len(self._streams),
             finals_backlog=len(self._backlog), partials_refused=self._partials_refused,
+            audio_s=self._samples_in / SAMPLE_RATE,
+            journal_appends=self._journal.appended if self._journal else 0,
+            journal_failures=self._journal_failures,
         )
 
     # --- internals ----------------------------------------------------------
@@ -283,11 +349,45 @@ class Engine:
 
     def _emit_captions(self, stream: Stream, events: list[CaptionEvent]) -> None:
         for event in events:
+            if stream.seq_base:
+                event = dataclasses.replace(event, seq=event.seq + stream.seq_base)
             if event.final:
                 stream.finals += 1
+                self._journal_final(event)
             else:
                 stream.partials += 1
             self._emit(event)
+
+    def _journal_final(self, event: CaptionEvent) -> None:
+        """Write the final before any listener sees it (module doc)."""
+        if self._journal is None:
+            return
+        try:
+            self._journal.append(event)
+        except OSError as e:
+            # The caption still goes out live; only its durability is lost.
+            self._journal_failures += 1
+            log.error("journal: cannot write a final of %s: %s", event.stream, e)
+            self._emit(StreamError(event.stream, "journal_failed",
+                                   f"final not journaled: {e}", event.segment))
+            return
+        self._schedule_sync()
+
+    def _schedule_sync(self) -> None:
+        # fsync = "interval": the last finals before a quiet spell must reach
+        # the disk too, so a timer comes back when the next fsync is due.
+        if self._journal is None or self._sync_handle is not None or self._loop is None:
+            return
+        wait = self._journal.sync_due()
+        if wait is not None:
+            self._sync_handle = self._loop.call_later(wait, self._sync_now)
+
+    def _sync_now(self) -> None:
+        self._sync_handle = None
+        try:
+            self._schedule_sync()
+        except OSError as e:
+            log.error("journal: fsync failed: %s", e)
 
     def _stream_done(self, stream: Stream) -> None:
         self._streams.pop(stream.id, None)

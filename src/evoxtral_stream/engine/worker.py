@@ -17,15 +17,31 @@ never blocks; it returns False when the inbox is full. Callers drop a refused
 partial (the next cadence tick asks again) and retry a refused final until it
 fits, so finals are never lost.
 
-Failures: if the backend raises on a batch, the batch is retried in halves
-down to single requests; a request that fails alone yields a
-:class:`DecodeFailure` and the worker carries on with the next batch.
+Failures: if the backend raises on a batch (an ``Exception``, CUDA out of
+memory included), the batch is retried in halves down to single requests; a
+request that fails alone yields a :class:`DecodeFailure` and the worker
+carries on with the next batch.
+
+Death and restart: anything else escaping the loop (a ``BaseException`` from
+the backend, a bug, a failing ``deliver``) kills the thread. Its last act is
+to queue again the requests it had taken but not answered (a request that was
+in flight at an earlier death too is answered with a :class:`DecodeFailure`
+instead, so a request that kills the model cannot kill it forever) and to
+start a replacement thread, which waits ``restart_backoff_s`` (doubling for
+each restart in a row), reloads the model with ``factory`` when one was given
+(else keeps the backend) and carries on. After ``restart_limit`` restarts in
+a row without a batch decoded, or when reloading fails that often, the worker
+is *down*: it stays alive only to answer every request with a
+:class:`DecodeFailure`, so no final waits forever; :attr:`ModelWorker.ready`
+is then false. Restarting from the dying thread keeps the design's "one model
+thread": no watchdog thread is needed.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -56,10 +72,17 @@ class WorkerStats:
     failed: int
     busy_s: float
     pending: int
+    restarts: int = 0
+    ready: bool = True
 
 
 class ModelWorker:
-    """Runs ``backend.transcribe`` on batches of requests, on its own thread."""
+    """Runs ``backend.transcribe`` on batches of requests, on its own thread.
+
+    ``factory``, when given, builds a fresh backend after the thread died (the
+    model is reloaded); without it the same backend object is used again.
+    ``sleep`` is injectable so tests need not wait for the restart backoff.
+    """
 
     def __init__(
         self,
@@ -68,8 +91,12 @@ class ModelWorker:
         deliver: Callable[[WorkerResult], None],
         *,
         clock: Callable[[], float] = time.monotonic,
+        factory: Callable[[], Backend] | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._backend = backend
+        self._factory = factory
+        self._sleep = sleep
         self._cfg = cfg
         self._deliver = deliver
         self._clock = clock
@@ -84,13 +111,26 @@ class ModelWorker:
         self._decoded = 0
         self._failed = 0
         self._busy_s = 0.0
+        self._restarts = 0
+        # Worker-thread state that must survive a restart.
+        self._stopping = False          # the stop marker was taken from the inbox
+        self._in_flight: list[DecodeRequest] = []  # taken, not yet answered
+        self._died_on: set[DecodeRequest] = set()  # in flight at a death (eq=False: by identity)
+        self._loading = False            # a successor is reloading the model
+        self._deaths_in_a_row = 0
+        self._down: str | None = None   # why the worker gave up, if it did
+        self._finished = threading.Event()
 
     # --- any thread ---------------------------------------------------------
 
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("worker already started")
-        self._thread = threading.Thread(target=self._run, name="model-worker", daemon=True)
+        self._spawn(reload=False)
+
+    def _spawn(self, *, reload: bool) -> None:
+        self._thread = threading.Thread(target=self._main, args=(reload,),
+                                        name="model-worker", daemon=True)
         self._thread.start()
 
     def submit(self, request: DecodeRequest) -> bool:
@@ -110,12 +150,23 @@ class ModelWorker:
         if self._thread is None:
             return
         self._inbox.put(_STOP)  # blocking: the stop must not be lost to a full inbox
-        self._thread.join(timeout)
+        # The thread may be replaced after a death: wait for the loop's end.
+        self._finished.wait(timeout)
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
         self._thread = None
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """A model thread runs (a restart in progress counts as alive)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
+
+    @property
+    def ready(self) -> bool:
+        """Alive and with a model: false while down (after too many restarts)."""
+        return self.alive and self._down is None and not self._loading
 
     def stats(self) -> WorkerStats:
         with self._lock:
@@ -124,6 +175,7 @@ class ModelWorker:
                 superseded=self._superseded, batches=self._batches,
                 decoded=self._decoded, failed=self._failed, busy_s=self._busy_s,
                 pending=self._inbox.qsize() + len(self._pending),
+                restarts=self._restarts, ready=self.ready,
             )
 
     # --- worker thread ------------------------------------------------------
@@ -131,6 +183,7 @@ class ModelWorker:
     def _absorb(self, item: DecodeRequest | object) -> bool:
         """Move one inbox item into the pending set; False on the stop marker."""
         if item is _STOP:
+            self._stopping = True
             return False
         assert isinstance(item, DecodeRequest)
         key = (item.stream, item.segment)
@@ -178,15 +231,90 @@ class ModelWorker:
             running = self._absorb(item)
         return running
 
+    def _main(self, reload: bool) -> None:
+        try:
+            if reload:
+                self._reload()
+                self._loading = False
+            self._run()
+        except BaseException as e:  # the thread's last line of defence: restart
+            self._died(e)
+            return
+        self._finished.set()
+
+    def _reload(self) -> None:
+        """Wait the backoff, then rebuild the backend; past the limit, go down."""
+        while self._down is None:
+            delay = self._cfg.restart_backoff_s * 2 ** max(0, self._deaths_in_a_row - 1)
+            if delay:
+                self._sleep(delay)
+            if self._factory is None:
+                return
+            try:
+                self._backend = self._factory()
+                log.info("model reloaded (backend: %s)", self._backend.name)
+                return
+            except Exception as e:
+                self._deaths_in_a_row += 1
+                log.error("reloading the model failed: %s: %s", type(e).__name__, e)
+                if self._deaths_in_a_row > self._cfg.restart_limit:
+                    self._go_down(f"the model could not be reloaded: {type(e).__name__}: {e}")
+
+    def _died(self, e: BaseException) -> None:
+        """On the dying thread: requeue or fail what it held, start a successor."""
+        log.critical("model worker died: %s: %s", type(e).__name__, e, exc_info=e)
+        held, self._in_flight = self._in_flight, []
+        for req in held:
+            if req in self._died_on:
+                # In flight at an earlier death too: it may be what kills the
+                # model, so answer it with an error instead of trying again.
+                self._died_on.discard(req)
+                with self._lock:
+                    self._failed += 1
+                self._safe_deliver(self._failure(req, f"model worker died twice on it "
+                                                      f"({type(e).__name__}: {e})"))
+            else:
+                self._died_on.add(req)
+                self._absorb(req)
+        self._deaths_in_a_row += 1
+        if self._deaths_in_a_row > self._cfg.restart_limit:
+            self._go_down(f"the model worker died {self._deaths_in_a_row} times in a row "
+                          f"(last: {type(e).__name__}: {e})")
+        with self._lock:
+            self._restarts += 1
+        self._loading = self._down is None
+        self._spawn(reload=self._loading)
+
+    def _go_down(self, why: str) -> None:
+        log.critical("%s; answering every request with an error from now on", why)
+        self._down = why
+
+    def _safe_deliver(self, result: WorkerResult) -> None:
+        try:
+            self._deliver(result)
+        except Exception:
+            log.exception("delivering a worker result failed")
+
+    @staticmethod
+    def _failure(req: DecodeRequest, message: str) -> DecodeFailure:
+        return DecodeFailure(req.stream, req.segment, req.revision, req.kind, message)
+
     def _run(self) -> None:
         log.info("model worker started (backend: %s)", self._backend.name)
-        running = True
-        while running or self._pending:
-            if running:
-                running = self._fill()
+        while not self._stopping or self._pending:
+            if not self._stopping:
+                self._fill()
             batch = self._next_batch()
-            if batch:
-                self._decode(batch)
+            if not batch:
+                continue
+            if self._down is not None:
+                for req in batch:
+                    with self._lock:
+                        self._failed += 1
+                    self._safe_deliver(self._failure(req, f"model unavailable: {self._down}"))
+                continue
+            self._in_flight = list(batch)
+            self._decode(batch)
         log.info("model worker stopped")
 
     def _transcribe(self, batch: list[DecodeRequest]) -> list[str]:
@@ -206,6 +334,8 @@ class ModelWorker:
         except Exception as e:
             with self._lock:
                 self._busy_s += self._clock() - start
+            if "out of memory" in str(e).lower():
+                _release_cuda_cache()
             if len(batch) > 1:
                 log.warning("backend failed on a batch of %d (%s); retrying in halves",
                             len(batch), e)
@@ -217,6 +347,7 @@ class ModelWorker:
             log.error("backend failed on %s segment %d: %s", req.stream, req.segment, e)
             with self._lock:
                 self._failed += 1
+            self._answered(req)
             self._deliver(DecodeFailure(req.stream, req.segment, req.revision, req.kind,
                                         f"{type(e).__name__}: {e}"))
             return
@@ -225,10 +356,26 @@ class ModelWorker:
             self._busy_s += done - start
             self._batches += 1
             self._decoded += len(batch)
+        self._deaths_in_a_row = 0
         for req, text in zip(batch, texts, strict=True):
+            self._answered(req)
             self._deliver(Hypothesis(
                 stream=req.stream, segment=req.segment, revision=req.revision,
                 kind=req.kind, text=text, start_sample=req.start_sample,
                 end_sample=req.end_sample, ready_at=req.ready_at, done_at=done,
                 forced_end=req.forced_end,
             ))
+
+    def _answered(self, req: DecodeRequest) -> None:
+        # Out of the in-flight set before delivery: a death after this point
+        # must not answer the request a second time.
+        if req in self._in_flight:
+            self._in_flight.remove(req)
+        self._died_on.discard(req)
+
+
+def _release_cuda_cache() -> None:
+    """After CUDA out of memory, hand cached blocks back before the retry in halves."""
+    torch = sys.modules.get("torch")  # never import torch just for this
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()

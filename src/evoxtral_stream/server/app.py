@@ -12,6 +12,12 @@ Routes (see docs/protocol.md):
 A subscriber that falls ``server.subscriber_queue`` messages behind is
 closed with code 1013 so it never slows the others. Every protocol error is
 sent as an ``error`` event before any close.
+
+Access control and limits (docs/protocol.md, "Access control"): the
+handshake hook refuses a WebSocket request with HTTP 401/403 when tokens are
+configured and it lacks a fitting one, or when its Origin is not allowed;
+the page and ``/healthz`` stay open. The decisions and the accounting live
+in ``auth.py``; this module only applies them.
 """
 
 from __future__ import annotations
@@ -20,22 +26,39 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Coroutine
+import weakref
+from collections.abc import Callable, Coroutine, Sequence
 from http import HTTPStatus
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
 
 from ..audio.resample import StreamResampler
-from ..config import ServerConfig
+from ..config import AuthConfig, ServerConfig
 from ..engine.engine import Engine, Stream
 from ..events import SAMPLE_RATE, Int16Array
+from .auth import (
+    SUBPROTOCOL_PREFIX,
+    AccessPolicy,
+    Grant,
+    IngestRate,
+    Refusal,
+    Role,
+    StreamSlots,
+    TokenUsage,
+    check_bind,
+    find_credentials,
+    tls_context,
+)
 from .broadcast import Broadcaster, Subscription
+from .metrics import Metrics
 from .protocol import (
     EndOfStream,
     IngestFormat,
@@ -59,10 +82,14 @@ _CAPTIONS = "/v1/captions"
 _INGEST = "/v1/ingest"
 _REALTIME = "/v1/realtime"
 _CAPABILITIES = ["captions", "resume", "ingest", "realtime"]
+# How an ingest connection's audio loop ended.
+_Outcome = Literal["end", "closed", "idle"]
 
 # Errors after which an ingest connection cannot go on: the byte stream is
 # misaligned or the peer is not speaking the protocol.
-_FATAL_INGEST = {"odd_length", "not_configured", "too_large", "bad_audio"}
+_FATAL_INGEST = {"odd_length", "not_configured", "too_large", "bad_audio", "too_fast"}
+_ROLES: dict[str, Role] = {_CAPTIONS: "subscribe", _INGEST: "ingest", _REALTIME: "ingest",
+                           "/metrics": "admin"}
 
 
 _WEB = resources.files("evoxtral_stream").joinpath("server/web")
@@ -74,6 +101,20 @@ _CONTENT_TYPES = {
 
 def _plain(status: HTTPStatus, body: str) -> Response:
     return _respond(status, body.encode(), "text/plain; charset=utf-8")
+
+
+def _refusal(refusal: Refusal) -> Response:
+    response = _plain(HTTPStatus(refusal.status), refusal.message + "\n")
+    if refusal.status == HTTPStatus.UNAUTHORIZED:
+        response.headers["WWW-Authenticate"] = 'Bearer realm="evoxtral-stream"'
+    return response
+
+
+def _requested_streams(path: str, query: dict[str, list[str]]) -> list[str]:
+    """The stream ids a request names: every listed one to subscribe, the first to ingest."""
+    if path == _CAPTIONS:
+        return [n for v in query.get("stream", []) for n in v.split(",") if n]
+    return (query.get("stream") or [])[:1]
 
 
 def _respond(status: HTTPStatus, data: bytes, content_type: str) -> Response:
@@ -118,12 +159,22 @@ def _parse_since(values: list[str], streams: list[str]) -> dict[str, int]:
 class CaptionServer:
     """Serves the engine's events and accepts audio over WebSocket."""
 
-    def __init__(self, engine: Engine, cfg: ServerConfig) -> None:
+    def __init__(self, engine: Engine, cfg: ServerConfig, auth: AuthConfig | None = None) -> None:
+        """``auth`` defaults to the engine's own ``[auth]`` section."""
         self._engine = engine
         self._cfg = cfg
+        self._tokens = (auth if auth is not None else engine.config.auth).tokens
+        self._policy = AccessPolicy(self._tokens, cfg.allowed_origins)
+        self._slots = StreamSlots(cfg.max_streams)
+        self._usage = TokenUsage()
+        # What the handshake hook granted, for the handler of the same
+        # connection; weak, so a handshake that fails later leaks nothing.
+        self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = \
+            weakref.WeakKeyDictionary()
         self.broadcaster = Broadcaster(cfg.subscriber_queue, encode_event,
                                        history=cfg.history,
                                        history_streams=cfg.history_streams)
+        self.metrics = Metrics(engine, self.broadcaster)
         self._server: Server | None = None
         self._ingest_ids = itertools.count(1)
 
@@ -135,23 +186,41 @@ class CaptionServer:
         return int(sock.getsockname()[1])
 
     async def start(self) -> None:
+        """Listen; raises :class:`ConfigError` for an unsafe bind or unusable TLS files."""
+        check_bind(self._cfg.host, self._tokens, self._cfg.allow_anonymous)
+        ssl_ctx = tls_context(self._cfg.tls_cert, self._cfg.tls_key)
+        # Resume reaches back into the journal of finals when one is kept.
+        self.broadcaster.source = self._engine.journal
         self._engine.add_listener(self.broadcaster.publish)
-        self._server = await serve(
-            self._handle, self._cfg.host, self._cfg.port,
-            process_request=self._process_request,
-            # Twice the limit, so a frame a little too large gets an error
-            # event from us; beyond that websockets closes with 1009 itself.
-            max_size=2 * self._cfg.max_message_bytes,
-            close_timeout=2,
-        )
-        log.info("serving on ws://%s:%d (%s, %s, %s) and http://%s:%d/", self._cfg.host,
-                 self.port, _CAPTIONS, _INGEST, _REALTIME, self._cfg.host, self.port)
+        self._engine.add_listener(self.metrics.on_event)
+        try:
+            self._server = await serve(
+                self._handle, self._cfg.host, self._cfg.port,
+                process_request=self._process_request,
+                select_subprotocol=self._select_subprotocol,
+                ssl=ssl_ctx,
+                # Twice the limit, so a frame a little too large gets an error
+                # event from us; beyond that websockets closes with 1009 itself.
+                max_size=2 * self._cfg.max_message_bytes,
+                ping_interval=self._cfg.ping_interval_s or None,
+                ping_timeout=self._cfg.ping_timeout_s or None,
+                close_timeout=2,
+            )
+        except BaseException:
+            self._engine.remove_listener(self.broadcaster.publish)
+            self._engine.remove_listener(self.metrics.on_event)
+            raise
+        ws, http = ("wss", "https") if ssl_ctx else ("ws", "http")
+        log.info("serving on %s://%s:%d (%s, %s, %s) and %s://%s:%d/%s", ws, self._cfg.host,
+                 self.port, _CAPTIONS, _INGEST, _REALTIME, http, self._cfg.host, self.port,
+                 " (tokens required)" if self._policy.enabled else "")
 
     async def aclose(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._engine.remove_listener(self.broadcaster.publish)
+            self._engine.remove_listener(self.metrics.on_event)
             self._server = None
 
     async def __aenter__(self) -> CaptionServer:
@@ -165,26 +234,86 @@ class CaptionServer:
         path = urlsplit(request.path).path
         if path == "/healthz":
             return _plain(HTTPStatus.OK, "ok\n")
-        if path in (_CAPTIONS, _INGEST, _REALTIME):
-            return None
+        if path == "/readyz":
+            if self.metrics.ready():
+                return _plain(HTTPStatus.OK, "ready\n")
+            return _plain(HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
+        if path == "/metrics":
+            # With tokens configured, metrics are for admins only.
+            if self._policy.enabled:
+                denied = self._authorize(conn, request, path)
+                if denied is not None:
+                    return denied
+            return _respond(HTTPStatus.OK, self.metrics.render(), CONTENT_TYPE_LATEST)
+        if path in _ROLES:
+            return self._authorize(conn, request, path)
         page = _static(path)
         return page if page is not None else _plain(HTTPStatus.NOT_FOUND,
                                                     f"no such path: {path}\n")
 
+    def _authorize(self, conn: ServerConnection, request: Request, path: str
+                   ) -> Response | None:
+        query = parse_qs(urlsplit(request.path).query)
+        offered = [p.strip() for v in request.headers.get_all("Sec-WebSocket-Protocol")
+                   for p in v.split(",")]
+        credentials = find_credentials(request.headers.get("Authorization"), offered,
+                                       query.get("token", []))
+        decision = self._policy.authorize(
+            _ROLES[path], _requested_streams(path, query), credentials,
+            origin=request.headers.get("Origin"), host=request.headers.get("Host"))
+        if isinstance(decision, Refusal):
+            log.info("refused %s from %s: %d %s", path, conn.remote_address,
+                     decision.status, decision.message)
+            return _refusal(decision)
+        self._grants[conn] = decision
+        return None
+
+    def _select_subprotocol(self, conn: ServerConnection,
+                            offered: Sequence[Subprotocol]) -> Subprotocol | None:
+        # A browser that offered its token as a subprotocol fails the
+        # connection unless the response selects one of those it offered.
+        return next((p for p in offered if p.startswith(SUBPROTOCOL_PREFIX)), None)
+
     async def _handle(self, ws: ServerConnection) -> None:
         url = urlsplit(ws.request.path if ws.request else "")
         query = parse_qs(url.query)
+        grant = self._grants.pop(ws, Grant(None))
         try:
             if url.path == _INGEST:
-                await self._ingest(ws, query)
+                await self._ingest(ws, query, grant)
             elif url.path == _REALTIME:
-                from .realtime import serve_realtime
-
-                await serve_realtime(ws, query, self._engine, self.broadcaster, self._cfg)
+                await self._realtime(ws, query, grant)
             else:
-                await self._subscribe(ws, query)
+                await self._subscribe(ws, query, grant)
         except ConnectionClosed:
             pass
+
+    async def _realtime(self, ws: ServerConnection, query: dict[str, list[str]],
+                        grant: Grant) -> None:
+        from .realtime import refuse_realtime, serve_realtime
+
+        # serve_realtime opens its stream without awaiting anything before it,
+        # so a check (no reservation) is enough against the server's cap.
+        if self._slots.check(self._engine.streams) is not None:
+            await refuse_realtime(ws, "too_many_streams", self._too_many_streams(None))
+            return
+        named = _requested_streams(_REALTIME, query)
+        if named and self._slots.reserved(named[0]):
+            await refuse_realtime(ws, "stream_busy", f"stream {named[0]!r} is already open")
+            return
+        if not self._usage.acquire(grant.token, "streams"):
+            await refuse_realtime(ws, "too_many_streams", self._too_many_streams(grant))
+            return
+        try:
+            await serve_realtime(ws, query, self._engine, self.broadcaster, self._cfg)
+        finally:
+            self._usage.release(grant.token, "streams")
+
+    def _too_many_streams(self, grant: Grant | None) -> str:
+        if grant is not None and grant.token is not None:
+            return (f"token {grant.token.name or '(unnamed)'} already has "
+                    f"{grant.token.max_streams} streams open (its max_streams)")
+        return f"the server already has {self._cfg.max_streams} streams open (server.max_streams)"
 
     async def _refuse(self, ws: ServerConnection, code: str, message: str,
                       close_code: int = CLOSE_POLICY, stream: str | None = None) -> None:
@@ -194,12 +323,19 @@ class CaptionServer:
 
     # --- /v1/captions --------------------------------------------------------
 
-    async def _subscribe(self, ws: ServerConnection, query: dict[str, list[str]]) -> None:
-        names = [n for v in query.get("stream", []) for n in v.split(",") if n]
+    async def _subscribe(self, ws: ServerConnection, query: dict[str, list[str]],
+                         grant: Grant) -> None:
+        names = _requested_streams(_CAPTIONS, query)
         try:
             since = _parse_since(query.get("since", []), names)
         except ProtocolError as e:
             await self._refuse(ws, e.code, str(e))
+            return
+        if not self._usage.acquire(grant.token, "subscribers"):
+            assert grant.token is not None
+            await self._refuse(ws, "too_many_subscribers",
+                               f"token {grant.token.name or '(unnamed)'} already has "
+                               f"{grant.token.max_subscribers} subscribers (its max_subscribers)")
             return
         sub = self.broadcaster.subscribe(names or None, since)
         try:
@@ -208,6 +344,7 @@ class CaptionServer:
             await self._relay(ws, sub, self._ignore_incoming(ws))
         finally:
             self.broadcaster.unsubscribe(sub)
+            self._usage.release(grant.token, "subscribers")
 
     async def _ignore_incoming(self, ws: ServerConnection) -> None:
         # Subscribers have nothing to say; reading keeps pings and the close
@@ -259,12 +396,31 @@ class CaptionServer:
 
     # --- /v1/ingest ----------------------------------------------------------
 
-    async def _ingest(self, ws: ServerConnection, query: dict[str, list[str]]) -> None:
+    async def _ingest(self, ws: ServerConnection, query: dict[str, list[str]],
+                      grant: Grant) -> None:
         stream_id = (query.get("stream") or [f"ingest-{next(self._ingest_ids)}"])[0]
-        if stream_id in self._engine.streams:
+        # The slot is taken before the config message is awaited, so neither a
+        # second connection for the same id nor one past the cap slips in.
+        code = self._slots.reserve(stream_id, self._engine.streams)
+        if code == "stream_busy":
             await self._refuse(ws, "stream_busy", f"stream {stream_id!r} is already open",
                                stream=stream_id)
             return
+        if code is not None:
+            await self._refuse(ws, code, self._too_many_streams(None), stream=stream_id)
+            return
+        if not self._usage.acquire(grant.token, "streams"):
+            self._slots.release(stream_id)
+            await self._refuse(ws, "too_many_streams", self._too_many_streams(grant),
+                               stream=stream_id)
+            return
+        try:
+            await self._open_ingest(ws, stream_id)
+        finally:
+            self._usage.release(grant.token, "streams")
+            self._slots.release(stream_id)
+
+    async def _open_ingest(self, ws: ServerConnection, stream_id: str) -> None:
         try:
             first = await asyncio.wait_for(ws.recv(), self._cfg.handshake_timeout_s)
         except TimeoutError:
@@ -297,7 +453,7 @@ class CaptionServer:
                           fmt: IngestFormat) -> None:
         stream_id = stream.id
         resampler = StreamResampler(fmt.sample_rate, SAMPLE_RATE, fmt.channels)
-        ended_cleanly = False
+        outcome: _Outcome = "closed"
         with contextlib.suppress(ConnectionClosed):
             # ingest.ready goes out before the pump starts, so it comes first.
             await ws.send(encode_message("ingest.ready", stream=stream_id,
@@ -306,7 +462,7 @@ class CaptionServer:
         pump = asyncio.ensure_future(self._pump(ws, sub))
         overflow = asyncio.ensure_future(sub.overflowed.wait())
         try:
-            ended_cleanly = await self._read_audio(ws, stream_id, fmt, resampler, stream.push)
+            outcome = await self._read_audio(ws, stream_id, fmt, resampler, stream.push)
         except ConnectionClosed:
             pass
         finally:
@@ -316,13 +472,25 @@ class CaptionServer:
                 stream.push(tail)
             summary = await stream.close()
         try:
-            await asyncio.wait_for(sub.queue.join(), 10)
-            if ended_cleanly and not sub.overflowed.is_set():
+            # Wait for the pump to deliver the flushed finals, but not once it
+            # has died (the peer is gone, so the queue would never drain).
+            joined = asyncio.ensure_future(sub.queue.join())
+            await asyncio.wait({joined, pump}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            drained = joined.done()
+            joined.cancel()
+            if not drained:
+                return
+            if outcome == "end" and not sub.overflowed.is_set():
                 await ws.send(encode_message(
                     "ingest.summary", stream=stream_id, duration=round(summary.duration_s, 3),
                     segments=summary.segments, finals=summary.finals,
                     partials=summary.partials, errors=summary.errors))
                 await ws.close(1000, "end of stream")
+            elif outcome == "idle" and not sub.overflowed.is_set():
+                # After the flush, so the client got the finals of what it sent.
+                await self._refuse(ws, "idle_timeout",
+                                   f"no audio for {self._cfg.idle_timeout_s} s "
+                                   "(server.idle_timeout_s)", stream=stream_id)
         except (ConnectionClosed, TimeoutError):
             pass
         finally:
@@ -335,28 +503,48 @@ class CaptionServer:
 
     async def _read_audio(self, ws: ServerConnection, stream_id: str, fmt: IngestFormat,
                           resampler: StreamResampler,
-                          push: Callable[[Int16Array], None]) -> bool:
-        """Feed binary messages to the stream; True when the client sent ``end``."""
+                          push: Callable[[Int16Array], None]) -> _Outcome:
+        """Feed binary messages to the stream until ``end`` (``"end"``), a close
+        or fatal error (``"closed"``), or ``server.idle_timeout_s`` without
+        audio (``"idle"``)."""
         limit = self._cfg.max_message_bytes
-        async for message in ws:
+        loop = asyncio.get_running_loop()
+        idle = self._cfg.idle_timeout_s
+        speed = self._cfg.max_ingest_speed
+        rate = IngestRate(speed, self._cfg.ingest_burst_s, loop.time())
+        bytes_per_s = fmt.sample_rate * fmt.frame_bytes
+        last_audio = loop.time()
+        while True:
+            wait = max(0.0, last_audio + idle - loop.time()) if idle else None
+            try:
+                # recv() is cancellation-safe: a timeout loses no message.
+                message = await asyncio.wait_for(ws.recv(), wait)
+            except TimeoutError:
+                return "idle"
+            except ConnectionClosedOK:
+                return "closed"
             try:
                 if isinstance(message, bytes):
                     if len(message) > limit:
                         raise ProtocolError("too_large",
                                             f"binary message of {len(message)} bytes exceeds "
                                             f"server.max_message_bytes ({limit})")
+                    last_audio = loop.time()
+                    if not rate.take(len(message) / bytes_per_s, last_audio):
+                        raise ProtocolError("too_fast",
+                                            f"audio arrives faster than {speed:g}x real time "
+                                            "(server.max_ingest_speed)")
                     samples = resampler.process(decode_audio_frame(message, fmt))
                     if len(samples):
                         push(samples)
                     continue
                 parsed = parse_ingest_message(message)
                 if isinstance(parsed, EndOfStream):
-                    return True
+                    return "end"
                 raise ProtocolError("bad_message", "config may be sent only once")
             except ProtocolError as e:
                 await ws.send(encode_error(e.code, str(e), stream_id))
                 if e.code in _FATAL_INGEST:
                     close = CLOSE_TOO_BIG if e.code == "too_large" else CLOSE_POLICY
                     await ws.close(close, e.code)
-                    return False
-        return False
+                    return "closed"

@@ -12,6 +12,12 @@ so a subscriber that reconnects with ``since={stream: seq}`` first gets every
 retained caption after ``seq`` (and the stream's ``stream.ended`` if it has
 ended). Captions no longer retained are announced by
 an explicit ``gap`` message, never skipped silently.
+
+Journal-backed resume: given a ``source`` (the engine's journal), a resume
+whose ``since`` reaches before the retained history (after an engine restart
+nothing is retained) first replays the source's finals after ``since`` and
+before the oldest retained caption; a ``gap`` then covers only what neither
+holds. The source is read on the event loop, once per resumed stream.
 """
 
 from __future__ import annotations
@@ -20,13 +26,40 @@ import asyncio
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
 
 from ..events import CaptionEvent, EngineEvent, StreamEnded
 from .protocol import encode_message
 
-__all__ = ["Broadcaster", "Subscription"]
+__all__ = ["Broadcaster", "HistorySource", "SourceRecord", "SourceReplay", "Subscription"]
 
 log = logging.getLogger(__name__)
+
+
+class SourceRecord(Protocol):
+    """One replayable caption: its seq and its encoded message."""
+
+    @property
+    def seq(self) -> int: ...
+    @property
+    def message(self) -> str: ...
+
+
+class SourceReplay(Protocol):
+    """Finals after some seq (in order) and the lowest seq from which the
+    source holds every final (older ones may be missing: a gap)."""
+
+    @property
+    def records(self) -> tuple[SourceRecord, ...]: ...
+    @property
+    def covered_from(self) -> int: ...
+
+
+class HistorySource(Protocol):
+    """Older captions than the broadcaster retains (the engine's journal)."""
+
+    def replay(self, stream: str, since: int, before: int | None = None
+               ) -> SourceReplay | None: ...
 
 
 class Subscription:
@@ -57,6 +90,7 @@ class Broadcaster:
         *,
         history: int = 0,
         history_streams: int = 64,
+        source: HistorySource | None = None,
     ) -> None:
         self._queue_size = queue_size
         self._encode = encode
@@ -65,6 +99,7 @@ class Broadcaster:
         self._retained: OrderedDict[str, deque[tuple[int, str]]] = OrderedDict()
         self._ended: dict[str, str] = {}
         self._subs: set[Subscription] = set()
+        self.source = source
         self.dropped_subscribers = 0
 
     def subscribe(
@@ -90,6 +125,11 @@ class Broadcaster:
 
     def _replay(self, stream: str, since: int) -> list[str]:
         kept = self._retained.get(stream)
+        first_kept = kept[0][0] if kept else None
+        if self.source is not None and (first_kept is None or since + 1 < first_kept):
+            older = self.source.replay(stream, since, first_kept)
+            if older is not None:
+                return self._replay_with(stream, since, older, kept)
         if not kept:
             # Unknown stream: if the client saw captions of it, we cannot say
             # how many followed (e.g. the history was evicted).
@@ -97,6 +137,15 @@ class Broadcaster:
         first = kept[0][0]
         out = [self._gap(stream, since + 1, first - 1)] if since + 1 < first else []
         out += [msg for seq, msg in kept if seq > since]
+        ended = self._ended.get(stream)
+        return [*out, ended] if ended is not None else out
+
+    def _replay_with(self, stream: str, since: int, older: SourceReplay,
+                     kept: deque[tuple[int, str]] | None) -> list[str]:
+        out = ([self._gap(stream, since + 1, older.covered_from - 1)]
+               if since + 1 < older.covered_from else [])
+        out += [r.message for r in older.records]
+        out += [msg for seq, msg in (kept or ()) if seq > since]
         ended = self._ended.get(stream)
         return [*out, ended] if ended is not None else out
 

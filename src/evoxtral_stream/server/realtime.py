@@ -102,6 +102,7 @@ __all__ = [
     "TranscriptionDelta",
     "encode_server_event",
     "parse_client_event",
+    "refuse_realtime",
     "serve_realtime",
     "server_event_to_dict",
 ]
@@ -941,6 +942,14 @@ async def serve_realtime(ws: ServerConnection, query: dict[str, list[str]], engi
     stream = engine.open_stream(stream_id, source="realtime")
     log.info("realtime transcription session %s on stream %s", core.session_id, stream_id)
     await _Connection(ws, engine, core, stream, cfg.subscriber_queue).run()
+
+
+async def refuse_realtime(ws: ServerConnection, code: str, message: str) -> None:
+    """Refuse a connection the server's limits turn away, in this path's error format.
+
+    Sends one Realtime ``error`` event and closes with 1008; no session is made.
+    """
+    await _refuse(ws, RealtimeError(f"event_{secrets.token_hex(4)}_0", code, message))
 
 
 async def _refuse(ws: ServerConnection, error: RealtimeError) -> None:

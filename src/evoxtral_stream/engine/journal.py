@@ -1,0 +1,343 @@
+"""The journal: every final caption, durably, one JSONL file set per stream.
+
+Layout: ``{dir}/{stream}.{index}.jsonl``, the stream id percent-encoded and
+``index`` counting from 1; the highest index is the file being written, the
+others are rotated ones (at most ``keep`` of them are kept). Each line is the
+protocol v1 caption message (:func:`~evoxtral_stream.server.protocol.encode_event`)
+of one *final*, so a line can be sent to a resuming subscriber as it is.
+Partials are not journaled: a final supersedes them.
+
+Ordering contract: the engine appends a final here before any listener sees
+it (:meth:`Journal.append` returns once the line is written and flushed to the
+OS, and fsynced when ``fsync = "always"``), so a subscriber can never hold a
+final the journal lacks.
+
+Writes happen inline on the caller's thread (the event loop): an append plus
+a flush is a few microseconds; ``fsync = "always"`` adds one disk flush per
+final (0.1 to 10 ms, depending on the disk). There is no writer thread and
+hence no queue that could overflow and lose finals.
+
+Crash safety: a line cut short by a crash is skipped with a warning when
+read, and before appending to such a file a newline is written so the next
+record starts on its own line.
+
+The pure parts (file names, record decoding, rotation decisions) are
+functions at the top; :class:`Journal` does the I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+from urllib.parse import quote, unquote
+
+from ..config import JournalConfig
+from ..events import CaptionEvent
+from ..server.protocol import encode_event
+
+__all__ = [
+    "Journal",
+    "JournalRecord",
+    "Replay",
+    "decode_record",
+    "encode_record",
+    "file_name",
+    "parse_file_name",
+    "should_rotate",
+]
+
+log = logging.getLogger(__name__)
+
+_SUFFIX = ".jsonl"
+
+
+# --- pure -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JournalRecord:
+    """One journaled final: its stream, its seq and the wire message."""
+
+    stream: str
+    seq: int
+    message: str
+
+
+@dataclass(frozen=True)
+class Replay:
+    """What the journal can replay of a stream after some seq.
+
+    ``records`` are the finals with ``since < seq < before``, in order.
+    ``covered_from`` is the lowest seq from which every final is present: 1
+    when no file of the stream was deleted by rotation, else the seq of the
+    oldest record kept. Before it, finals may be missing (a ``gap``).
+    """
+
+    records: tuple[JournalRecord, ...]
+    covered_from: int
+
+
+def encode_record(event: CaptionEvent) -> str:
+    """The journal line of a final caption (without the newline)."""
+    if not event.final:
+        raise ValueError("only final captions are journaled")
+    return encode_event(event)
+
+
+def decode_record(line: str) -> JournalRecord | None:
+    """Parse one journal line; None when it is not a whole caption record."""
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or obj.get("type") != "caption":
+        return None
+    stream, seq = obj.get("stream"), obj.get("seq")
+    if not isinstance(stream, str) or not isinstance(seq, int) or isinstance(seq, bool):
+        return None
+    return JournalRecord(stream, seq, line)
+
+
+def file_name(stream: str, index: int) -> str:
+    """``{quoted stream}.{index:08d}.jsonl``: any stream id gives a safe name."""
+    return f"{quote(stream, safe='')}.{index:08d}{_SUFFIX}"
+
+
+def parse_file_name(name: str) -> tuple[str, int] | None:
+    """Inverse of :func:`file_name`; None for files that are not the journal's."""
+    if not name.endswith(_SUFFIX):
+        return None
+    stem, _, index = name[: -len(_SUFFIX)].rpartition(".")
+    if not stem or not index.isdigit():
+        return None
+    return unquote(stem), int(index)
+
+
+def should_rotate(size: int, incoming: int, age_s: float, max_bytes: int,
+                  max_age_s: float) -> bool:
+    """Whether to start a new file before writing ``incoming`` bytes.
+
+    A file is never rotated while empty, so one record larger than
+    ``max_bytes`` still gets written (alone in its file).
+    """
+    if size == 0:
+        return False
+    return size + incoming > max_bytes or (max_age_s > 0 and age_s >= max_age_s)
+
+
+# --- I/O --------------------------------------------------------------------
+
+
+class _Open:
+    """The file being written for one stream."""
+
+    def __init__(self, index: int, file: IO[bytes], size: int, opened_at: float) -> None:
+        self.index = index
+        self.file = file
+        self.size = size
+        self.opened_at = opened_at
+
+
+class Journal:
+    """Writes and reads the per-stream journal files in ``cfg.dir``.
+
+    Use it from one thread (the event loop). ``clock`` is monotonic seconds,
+    used for age rotation and the fsync interval only.
+    """
+
+    def __init__(self, cfg: JournalConfig, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._cfg = cfg
+        self._dir = Path(cfg.dir)
+        self._clock = clock
+        self._open: dict[str, _Open] = {}
+        self._dirty: set[str] = set()
+        self._last_fsync = clock()
+        self._last_seq: dict[str, int] = {}
+        self.appended = 0
+
+    # --- start and stop --------------------------------------------------------
+
+    def restore(self) -> dict[str, int]:
+        """Create the folder if needed; return each journaled stream's last seq."""
+        self._dir.mkdir(parents=True, exist_ok=True)
+        for stream in self._files():
+            last = 0
+            # The newest file that holds a valid record has the last seq.
+            for path in reversed(self._files()[stream]):
+                seqs = [r.seq for r in self._read(path)]
+                if seqs:
+                    last = max(seqs)
+                    break
+            self._last_seq[stream] = last
+        return dict(self._last_seq)
+
+    def last_seq(self, stream: str) -> int:
+        """The last journaled seq of ``stream`` (0 if none)."""
+        return self._last_seq.get(stream, 0)
+
+    def close(self) -> None:
+        """fsync (unless ``fsync = "never"``) and close every open file."""
+        for stream in list(self._open):
+            self._close(stream)
+
+    # --- writing ----------------------------------------------------------------
+
+    def append(self, event: CaptionEvent) -> None:
+        """Write one final; returns once it is flushed (and fsynced per policy).
+
+        Raises OSError when the disk refuses; the caller decides what then.
+        """
+        data = (encode_record(event) + "\n").encode()
+        now = self._clock()
+        cur = self._open.get(event.stream)
+        if cur is None:
+            cur = self._open_for_append(event.stream, now)
+        elif should_rotate(cur.size, len(data), now - cur.opened_at, self._cfg.max_bytes,
+                           self._cfg.max_age_s):
+            cur = self._rotate(event.stream, cur, now)
+        cur.file.write(data)
+        cur.file.flush()
+        cur.size += len(data)
+        self._last_seq[event.stream] = max(event.seq, self._last_seq.get(event.stream, 0))
+        self.appended += 1
+        if self._cfg.fsync == "always":
+            os.fsync(cur.file.fileno())
+        elif self._cfg.fsync == "interval":
+            self._dirty.add(event.stream)
+            self.sync_due()
+
+    def sync_due(self) -> float | None:
+        """For ``fsync = "interval"``: fsync what is due; return seconds until the
+        next fsync is due (None: nothing waits). The engine calls it again then,
+        so the last finals before a quiet spell reach the disk too."""
+        if not self._dirty:
+            return None
+        wait = self._last_fsync + self._cfg.fsync_interval_s - self._clock()
+        if wait > 0:
+            return wait
+        for stream in list(self._dirty):
+            cur = self._open.get(stream)
+            if cur is not None:
+                os.fsync(cur.file.fileno())
+        self._dirty.clear()
+        self._last_fsync = self._clock()
+        return None
+
+    def _open_for_append(self, stream: str, now: float) -> _Open:
+        self._dir.mkdir(parents=True, exist_ok=True)
+        parsed = [parse_file_name(p.name) for p in self._files().get(stream, [])]
+        index = max((p[1] for p in parsed if p is not None), default=1)
+        path = self._dir / file_name(stream, index)
+        created = not path.exists()
+        f = path.open("ab")
+        size = f.tell()
+        if size and not _ends_with_newline(path):
+            # A crash cut the last line short: end it so the next record
+            # starts on a line of its own (the fragment is skipped when read).
+            f.write(b"\n")
+            f.flush()
+            size += 1
+        if created:
+            self._sync_dir()
+        opened = self._open[stream] = _Open(index, f, size, now)
+        return opened
+
+    def _rotate(self, stream: str, cur: _Open, now: float) -> _Open:
+        self._close(stream)
+        path = self._dir / file_name(stream, cur.index + 1)
+        opened = self._open[stream] = _Open(cur.index + 1, path.open("ab"), 0, now)
+        self._sync_dir()
+        # Keep `keep` rotated files besides the new one.
+        old = self._files().get(stream, [])[:-1]
+        for gone in old[: max(0, len(old) - self._cfg.keep)]:
+            log.info("journal: deleting rotated file %s", gone.name)
+            gone.unlink(missing_ok=True)
+        return opened
+
+    def _close(self, stream: str) -> None:
+        cur = self._open.pop(stream)
+        if self._cfg.fsync != "never":
+            os.fsync(cur.file.fileno())
+        self._dirty.discard(stream)
+        cur.file.close()
+
+    def _sync_dir(self) -> None:
+        # A new file's directory entry must be durable too, or a crash can
+        # lose the whole file; only worth it when fsync is asked for at all.
+        if self._cfg.fsync == "never":
+            return
+        fd = os.open(self._dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    # --- reading ----------------------------------------------------------------
+
+    def replay(self, stream: str, since: int, before: int | None = None) -> Replay | None:
+        """The journaled finals of ``stream`` with ``since < seq < before``.
+
+        None when the journal holds nothing of the stream. Reads the stream's
+        files on the calling thread: at most ``(keep + 1) * max_bytes`` bytes.
+        """
+        paths = self._files().get(stream)
+        if not paths:
+            return None
+        # Rotation deletes the lowest indices: if file 1 is gone, finals
+        # before the oldest kept record may be missing.
+        complete = parse_file_name(paths[0].name) == (stream, 1)
+        records: list[JournalRecord] = []
+        covered_from = 1
+        first = True
+        for path in paths:
+            for rec in self._read(path):
+                if first:
+                    covered_from = 1 if complete else rec.seq
+                    first = False
+                if rec.seq > since and (before is None or rec.seq < before):
+                    records.append(rec)
+        if first:
+            return None
+        return Replay(tuple(records), covered_from)
+
+    def _files(self) -> dict[str, list[Path]]:
+        """Every stream's journal files, oldest first."""
+        found: dict[str, list[tuple[int, Path]]] = {}
+        if not self._dir.is_dir():
+            return {}
+        for path in self._dir.iterdir():
+            parsed = parse_file_name(path.name)
+            if parsed is not None:
+                found.setdefault(parsed[0], []).append((parsed[1], path))
+        return {s: [p for _, p in sorted(items)] for s, items in found.items()}
+
+    def _read(self, path: Path) -> Iterator[JournalRecord]:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:  # rotated away meanwhile
+            return
+        for number, raw in enumerate(data.split(b"\n"), 1):
+            if not raw.strip():
+                continue
+            try:
+                rec = decode_record(raw.decode())
+            except UnicodeDecodeError:
+                rec = None
+            if rec is None:
+                log.warning("journal: skipping a damaged line (%s line %d): %r",
+                            path.name, number, raw[:60])
+                continue
+            yield rec
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"

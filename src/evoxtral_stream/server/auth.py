@@ -1,0 +1,306 @@
+"""Access control and connection limits: pure, synchronous, no sockets.
+
+The server (``app.py``) calls into this module from its handshake hook and
+its connection handlers; everything here can be tested without a network:
+
+- :func:`hash_token` and :class:`AccessPolicy`: tokens are configured as
+  ``sha256:<hex>`` digests (``[[auth.tokens]]``), each with roles and stream
+  glob patterns. A request is granted, or refused with an HTTP status (401:
+  no or unknown token; 403: wrong role, stream, or origin).
+- :func:`find_credentials`: the three carriers of a token (``Authorization:
+  Bearer``, ``?token=``, and the browser's ``evoxtral.token.<TOKEN>``
+  WebSocket subprotocol).
+- :class:`StreamSlots`, :class:`TokenUsage`, :class:`IngestRate`: the
+  accounting behind ``server.max_streams``, the per-token limits and
+  ``server.max_ingest_speed``.
+- :func:`check_bind` and :func:`tls_context`: start-up checks that raise
+  :class:`ConfigError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import os
+import ssl
+from collections import Counter
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Literal
+from urllib.parse import urlsplit
+
+from ..config import AuthTokenConfig, ConfigError
+
+__all__ = [
+    "ROLES",
+    "SUBPROTOCOL_PREFIX",
+    "AccessPolicy",
+    "Credentials",
+    "Grant",
+    "IngestRate",
+    "Refusal",
+    "Role",
+    "StreamSlots",
+    "TokenUsage",
+    "check_bind",
+    "find_credentials",
+    "hash_token",
+    "is_loopback",
+    "tls_context",
+]
+
+Role = Literal["ingest", "subscribe", "admin"]
+ROLES: tuple[Role, ...] = ("ingest", "subscribe", "admin")
+SUBPROTOCOL_PREFIX = "evoxtral.token."
+
+
+def hash_token(token: str) -> str:
+    """The form a token is stored in: ``sha256:`` and the hex digest of its UTF-8."""
+    return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """A token as presented, and the subprotocol to echo when it came as one."""
+
+    token: str | None
+    subprotocol: str | None = None
+
+
+def find_credentials(authorization: str | None, subprotocols: Iterable[str],
+                     query_tokens: Sequence[str]) -> Credentials:
+    """The token a request carries, whichever way it came.
+
+    ``authorization`` is the ``Authorization`` header, ``subprotocols`` the
+    names offered in ``Sec-WebSocket-Protocol`` (already split on commas) and
+    ``query_tokens`` the ``token`` query values. The header wins, then the
+    query, then the subprotocol; the subprotocol is reported in every case
+    where one was offered, because a browser fails a connection whose
+    offered protocol the server does not select.
+    """
+    offered = next((p for p in subprotocols if p.startswith(SUBPROTOCOL_PREFIX)), None)
+    from_protocol = offered.removeprefix(SUBPROTOCOL_PREFIX) if offered else None
+    token: str | None = None
+    if authorization:
+        scheme, _, value = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            token = value.strip()
+    if token is None and query_tokens:
+        token = query_tokens[0] or None
+    if token is None:
+        token = from_protocol or None
+    return Credentials(token, offered)
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Access granted; ``token`` is None when no tokens are configured (open)."""
+
+    token: AuthTokenConfig | None
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Access refused: the HTTP status (401 or 403) and a one-line reason."""
+
+    status: int
+    message: str
+
+
+def _origin_of(host: str | None, origin: str) -> bool:
+    """True when ``origin`` names the server itself (the page it served)."""
+    return host is not None and urlsplit(origin).netloc.lower() == host.strip().lower()
+
+
+class AccessPolicy:
+    """Decides, per request, whether a path may be used and with which token.
+
+    With no tokens configured every request is granted (the historical,
+    local-only behaviour); the origin allow-list applies in either case.
+    """
+
+    def __init__(self, tokens: Sequence[AuthTokenConfig], allowed_origins: Sequence[str]) -> None:
+        self._tokens = tuple(tokens)
+        self._origins = frozenset(o.rstrip("/").lower() for o in allowed_origins)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any token is configured (and so required)."""
+        return bool(self._tokens)
+
+    def lookup(self, token: str) -> AuthTokenConfig | None:
+        """The configured token whose digest matches ``token``, if any."""
+        digest = hash_token(token)
+        found = None
+        # Compare against every entry in constant time, so the position of a
+        # match does not show in the timing.
+        for entry in self._tokens:
+            if hmac.compare_digest(entry.hash, digest):
+                found = entry
+        return found
+
+    def authorize(self, role: Role, streams: Sequence[str], credentials: Credentials, *,
+                  origin: str | None = None, host: str | None = None) -> Grant | Refusal:
+        """Grant or refuse a connection asking for ``role`` on ``streams``.
+
+        ``streams`` are the stream ids named in the request; none means "all"
+        for a subscriber and "a name the server picks" for ingest, which a
+        token limited by stream patterns may not ask for. ``origin`` is the
+        ``Origin`` header (sent by browsers only), ``host`` the ``Host`` header:
+        the server's own page is always an allowed origin.
+        """
+        if origin is not None and self._origins and not _origin_of(host, origin) \
+                and origin.rstrip("/").lower() not in self._origins:
+            return Refusal(403, f"origin {origin} is not in server.allowed_origins")
+        if not self._tokens:
+            return Grant(None)
+        if credentials.token is None:
+            return Refusal(401, "a token is required: send Authorization: Bearer TOKEN, "
+                                "?token=TOKEN or the subprotocol evoxtral.token.TOKEN")
+        entry = self.lookup(credentials.token)
+        if entry is None:
+            return Refusal(401, "unknown token")
+        if role not in entry.roles and "admin" not in entry.roles:
+            return Refusal(403, f"token {entry.name or '(unnamed)'} lacks the {role} role")
+        if "*" not in entry.streams:
+            if not streams:
+                return Refusal(403, f"token {entry.name or '(unnamed)'} is limited to streams "
+                                    f"{', '.join(entry.streams)}: name them with ?stream=ID")
+            for stream in streams:
+                if not any(fnmatchcase(stream, p) for p in entry.streams):
+                    return Refusal(403, f"token {entry.name or '(unnamed)'} may not use "
+                                        f"stream {stream}")
+        return Grant(entry)
+
+
+class StreamSlots:
+    """The server-wide cap on open streams, counting ingest connections that
+    are still handshaking, so two of them cannot both take the last slot or
+    the same stream id."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._reserved: set[str] = set()
+
+    def check(self, open_ids: Collection[str]) -> str | None:
+        """``too_many_streams`` when no slot is free, else None."""
+        if len(self._reserved | set(open_ids)) >= self._limit:
+            return "too_many_streams"
+        return None
+
+    def reserve(self, stream_id: str, open_ids: Collection[str]) -> str | None:
+        """Take a slot for ``stream_id``: None, or the error code that refuses it."""
+        if stream_id in self._reserved or stream_id in open_ids:
+            return "stream_busy"
+        code = self.check(open_ids)
+        if code is None:
+            self._reserved.add(stream_id)
+        return code
+
+    def reserved(self, stream_id: str) -> bool:
+        """Whether a handshaking connection holds ``stream_id``."""
+        return stream_id in self._reserved
+
+    def release(self, stream_id: str) -> None:
+        """Give the slot back; the open stream (if any) still counts until closed."""
+        self._reserved.discard(stream_id)
+
+
+class TokenUsage:
+    """Streams and subscribers in use per token, against the token's limits
+    (``max_streams``, ``max_subscribers``; 0 = no limit of its own)."""
+
+    def __init__(self) -> None:
+        self._used: Counter[tuple[str, str]] = Counter()
+
+    def acquire(self, token: AuthTokenConfig | None, kind: Literal["streams", "subscribers"]
+                ) -> bool:
+        """Count one more use; False (and nothing counted) when over the limit."""
+        if token is None:
+            return True
+        limit = token.max_streams if kind == "streams" else token.max_subscribers
+        key = (token.hash, kind)
+        if limit and self._used[key] >= limit:
+            return False
+        self._used[key] += 1
+        return True
+
+    def release(self, token: AuthTokenConfig | None,
+                kind: Literal["streams", "subscribers"]) -> None:
+        """Undo one :meth:`acquire` that returned True."""
+        if token is not None:
+            key = (token.hash, kind)
+            self._used[key] -= 1
+            if self._used[key] <= 0:
+                del self._used[key]
+
+    def in_use(self, token: AuthTokenConfig, kind: Literal["streams", "subscribers"]) -> int:
+        return self._used[(token.hash, kind)]
+
+
+class IngestRate:
+    """Refuses audio pushed faster than ``max_speed`` times real time.
+
+    A token bucket measured in audio seconds: it holds up to ``burst_s``
+    (the grace a client gets, e.g. to send a buffered start at once) and
+    refills at ``max_speed`` audio seconds per wall second. A client that
+    sends faster than that for long enough to empty the bucket is too fast;
+    one that keeps at or below ``max_speed`` never is. ``max_speed`` 0
+    disables the check. Times are wall-clock seconds from the caller's clock.
+    """
+
+    def __init__(self, max_speed: float, burst_s: float, now: float) -> None:
+        self._speed = max_speed
+        self._burst = burst_s
+        self._level = burst_s
+        self._last = now
+
+    def take(self, audio_s: float, now: float) -> bool:
+        """Account ``audio_s`` seconds of audio received at ``now``; False if too fast."""
+        if self._speed <= 0:
+            return True
+        self._level = min(self._burst, self._level + (now - self._last) * self._speed)
+        self._last = now
+        self._level -= audio_s
+        return self._level >= 0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the server reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        # Any other host name may resolve to a public address.
+        return False
+
+
+def check_bind(host: str, tokens: Sequence[AuthTokenConfig], allow_anonymous: bool) -> None:
+    """Refuse to serve a non-loopback address with no token configured."""
+    if not tokens and not allow_anonymous and not is_loopback(host):
+        raise ConfigError(
+            f"server.host {host!r} is reachable from other machines but no [[auth.tokens]] "
+            "is configured: add a token, bind 127.0.0.1, or set server.allow_anonymous = true")
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext | None:
+    """The server's TLS context from PEM files, or None when neither is set."""
+    if not cert and not key:
+        return None
+    if not cert or not key:
+        raise ConfigError("server.tls_cert and server.tls_key must be set together, "
+                          f"got tls_cert={cert!r}, tls_key={key!r}")
+    for name, path in (("tls_cert", cert), ("tls_key", key)):
+        # ssl's own errors do not say which file is at fault.
+        if not os.path.isfile(path):
+            raise ConfigError(f"server.{name} {path!r} is not a file")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(f"server.tls_cert {cert!r} and server.tls_key {key!r} are not a PEM "
+                          f"certificate and its private key ({e.strerror or e})") from None
+    return ctx

@@ -1,0 +1,156 @@
+"""Prometheus metrics of the engine and the broadcaster, and readiness.
+
+:class:`Metrics` owns its own ``CollectorRegistry`` (never the global one, so
+two engines in one process, or tests, do not collide). It is fed two ways:
+
+- :meth:`Metrics.on_event` is an engine listener (``engine.add_listener``):
+  it observes caption latencies and counts captions, errors and streams.
+  It only updates in-memory counters, so it never blocks the loop.
+- at scrape time, a collector reads ``engine.stats()`` and the broadcaster's
+  counts: queue depth, refusals, superseded requests, decode failures,
+  restarts, the real-time factor, subscribers, open streams, and the GPU
+  memory in use when torch is already imported and CUDA is available
+  (otherwise that metric is absent; torch is never imported for it).
+
+:meth:`Metrics.render` gives the Prometheus text format (serve it with
+``prometheus_client.CONTENT_TYPE_LATEST``); :meth:`Metrics.ready` is the
+``/readyz`` answer: the model loaded and its worker thread serving.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from ..engine.engine import Engine
+from ..events import CaptionEvent, EngineEvent, StreamError, StreamStarted
+from .broadcast import Broadcaster
+
+__all__ = ["LATENCY_BUCKETS", "Metrics"]
+
+# Seconds; captioning cares about 0.1 s steps below 2 s, and a tail to 30 s.
+LATENCY_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """Metrics of one engine (and optionally its broadcaster)."""
+
+    def __init__(self, engine: Engine, broadcaster: Broadcaster | None = None) -> None:
+        self._engine = engine
+        self._broadcaster = broadcaster
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.final_latency = Histogram(
+            "evoxtral_final_latency_seconds",
+            "End of speech to final caption (queueing and decoding).",
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.partial_latency = Histogram(
+            "evoxtral_partial_latency_seconds",
+            "Age of a partial caption's audio when shown (request ready to result).",
+            buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.captions = Counter(
+            "evoxtral_captions", "Caption events emitted.", ["kind"], registry=self.registry)
+        self.stream_errors = Counter(
+            "evoxtral_stream_errors", "Stream error events, by code.", ["code"],
+            registry=self.registry)
+        self.streams_started = Counter(
+            "evoxtral_streams_started", "Streams opened.", registry=self.registry)
+        self.registry.register(_StatsCollector(engine, broadcaster))
+
+    def on_event(self, event: EngineEvent) -> None:
+        """Engine listener; add with ``engine.add_listener(metrics.on_event)``."""
+        if isinstance(event, CaptionEvent):
+            kind = "final" if event.final else "partial"
+            self.captions.labels(kind).inc()
+            if event.latency is not None:
+                hist = self.final_latency if event.final else self.partial_latency
+                hist.observe(max(0.0, event.latency))
+        elif isinstance(event, StreamError):
+            self.stream_errors.labels(event.code).inc()
+        elif isinstance(event, StreamStarted):
+            self.streams_started.inc()
+
+    def render(self) -> bytes:
+        """Every metric, in the Prometheus text exposition format."""
+        return generate_latest(self.registry)
+
+    def ready(self) -> bool:
+        """True when the model is loaded and its worker serves requests."""
+        return self._engine.ready
+
+
+class _StatsCollector(Collector):
+    """Reads the engine's and broadcaster's counters at scrape time."""
+
+    def __init__(self, engine: Engine, broadcaster: Broadcaster | None) -> None:
+        self._engine = engine
+        self._broadcaster = broadcaster
+
+    def describe(self) -> list[Metric]:
+        # Nothing to describe ahead: these metrics exist only once started.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        e = self._engine
+        yield GaugeMetricFamily("evoxtral_ready", "1 when the model is loaded and serving.",
+                                value=1.0 if e.ready else 0.0)
+        # Before start (or after close) there are no engine numbers to give.
+        st = e.stats() if e.started else None
+        if st is not None:
+            w = st.worker
+            gauges = {
+                "evoxtral_worker_pending": ("Requests waiting for the model thread.",
+                                            w.pending),
+                "evoxtral_finals_backlog": ("Finals refused by a full inbox, waiting.",
+                                            st.finals_backlog),
+                "evoxtral_streams_open": ("Streams open now.", st.streams),
+                "evoxtral_real_time_factor": (
+                    "Model busy seconds per second of audio received (below 1: keeps up).",
+                    w.busy_s / st.audio_s if st.audio_s else 0.0),
+            }
+            for name, (doc, value) in gauges.items():
+                yield GaugeMetricFamily(name, doc, value=float(value))
+            counters = {
+                "evoxtral_worker_submitted": ("Requests accepted by the worker.", w.submitted),
+                "evoxtral_worker_refused": ("Requests refused by a full inbox.", w.refused),
+                "evoxtral_partials_refused": ("Partials dropped because the inbox was full.",
+                                              st.partials_refused),
+                "evoxtral_worker_superseded": ("Pending requests superseded by newer ones.",
+                                               w.superseded),
+                "evoxtral_worker_decoded": ("Requests decoded.", w.decoded),
+                "evoxtral_worker_batches": ("Backend calls that succeeded.", w.batches),
+                "evoxtral_decode_failures": ("Requests answered with a decode failure.",
+                                             w.failed),
+                "evoxtral_worker_restarts": ("Model thread restarts after a death.",
+                                             w.restarts),
+                "evoxtral_worker_busy_seconds": ("Seconds spent in the backend.", w.busy_s),
+                "evoxtral_audio_seconds": ("Seconds of audio received.", st.audio_s),
+                "evoxtral_journal_appends": ("Finals written to the journal.",
+                                             st.journal_appends),
+                "evoxtral_journal_failures": ("Finals the journal failed to write.",
+                                              st.journal_failures),
+            }
+            for name, (doc, value) in counters.items():
+                yield CounterMetricFamily(name, doc, value=float(value))
+        b = self._broadcaster
+        if b is not None:
+            yield GaugeMetricFamily("evoxtral_subscribers", "Connected caption subscribers.",
+                                    value=float(b.subscribers))
+            yield CounterMetricFamily("evoxtral_subscribers_dropped",
+                                      "Subscribers disconnected for being too slow.",
+                                      value=float(b.dropped_subscribers))
+        gpu = _gpu_memory_bytes()
+        if gpu is not None:
+            yield GaugeMetricFamily("evoxtral_gpu_memory_allocated_bytes",
+                                    "CUDA memory held by tensors (torch).", value=float(gpu))
+
+
+def _gpu_memory_bytes() -> int | None:
+    torch = sys.modules.get("torch")  # only if the backend already imported it
+    if torch is None or not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.memory_allocated())

@@ -1,0 +1,194 @@
+"""Fault injection in the model worker: deaths, reloads, out of memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+from evoxtral_stream.config import WorkerConfig, load_config
+from evoxtral_stream.engine.backends.base import Backend
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.engine.worker import ModelWorker, WorkerResult
+from evoxtral_stream.events import (
+    CaptionEvent,
+    DecodeFailure,
+    DecodeRequest,
+    EngineEvent,
+    Hypothesis,
+    RequestKind,
+)
+from tests.engine.test_journal import talk
+from tests.fakes import ScriptedBackend
+
+
+class Fatal(BaseException):
+    """Not an Exception: the worker's batch retry does not catch it, the thread dies."""
+
+
+class DyingBackend(ScriptedBackend):
+    """Kills the calling thread on inputs of a length in ``kill``, ``times`` times."""
+
+    def __init__(self, kill: set[int], times: int = 1) -> None:
+        super().__init__()
+        self.kill = kill
+        self.times = times
+        self.threads: set[str] = set()
+
+    def transcribe(self, batch: Sequence[npt.NDArray[np.float32]]) -> list[str]:
+        self.threads.add(str(threading.get_ident()))
+        if self.times and any(len(a) in self.kill for a in batch):
+            self.times -= 1
+            raise Fatal("segfault-like death")
+        return super().transcribe(batch)
+
+
+class OomBackend(ScriptedBackend):
+    """CUDA out of memory on batches of more than ``fits`` inputs or on ``poison``."""
+
+    def __init__(self, fits: int, poison: int = -1) -> None:
+        super().__init__()
+        self.fits = fits
+        self.poison = poison
+
+    def transcribe(self, batch: Sequence[npt.NDArray[np.float32]]) -> list[str]:
+        with self.lock:
+            self.batches.append([len(a) for a in batch])
+        if len(batch) > self.fits or any(len(a) == self.poison for a in batch):
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [f"{len(a)} samples" for a in batch]
+
+
+def wcfg(**kw: float) -> WorkerConfig:
+    return dataclasses.replace(load_config(env={}).worker, **kw)  # type: ignore[arg-type]
+
+
+def req(stream: str, n: int, kind: RequestKind = RequestKind.FINAL) -> DecodeRequest:
+    return DecodeRequest(stream=stream, segment=0, revision=1, kind=kind,
+                         audio=np.zeros(n, np.float32), start_sample=0, end_sample=n,
+                         ready_at=0.0)
+
+
+def collect(out: queue.Queue[WorkerResult], n: int) -> dict[str, WorkerResult]:
+    got = [out.get(timeout=10) for _ in range(n)]
+    assert out.empty() or out.get(timeout=0.2) is None, "nothing answered twice"
+    return {r.stream: r for r in got}
+
+
+def test_a_dead_thread_is_restarted_the_model_reloaded_and_nothing_lost() -> None:
+    backend = DyingBackend(kill={12})
+    loads: list[Backend] = []
+
+    def factory() -> Backend:
+        loads.append(backend)
+        return backend
+
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(backend, wcfg(max_batch=2, max_wait_ms=20), out.put, factory=factory,
+                    sleep=lambda s: None)
+    w.start()
+    for i, n in enumerate([10, 11, 12, 13, 14]):
+        assert w.submit(req(f"s{i}", n))
+    got = collect(out, 5)
+    assert all(isinstance(r, Hypothesis) for r in got.values())
+    assert sorted(h.text for h in got.values() if isinstance(h, Hypothesis)) == [
+        f"{n} samples" for n in (10, 11, 12, 13, 14)]
+    assert len(loads) == 1
+    st = w.stats()
+    assert (st.restarts, st.failed, st.ready) == (1, 0, True)
+    assert len(backend.threads) == 2                # a new thread took over
+    assert w.submit(req("later", 20))               # service goes on
+    assert isinstance(out.get(timeout=10), Hypothesis)
+    w.stop(5)
+    assert not w.alive
+
+
+def test_a_request_that_kills_the_model_twice_fails_alone() -> None:
+    backend = DyingBackend(kill={66}, times=10)
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(backend, wcfg(max_batch=1, max_wait_ms=0), out.put, sleep=lambda s: None)
+    w.start()
+    for i, n in enumerate([10, 66, 12]):
+        w.submit(req(f"s{i}", n))
+    got = collect(out, 3)
+    bad = got["s1"]
+    assert isinstance(bad, DecodeFailure)
+    assert "died twice" in bad.message
+    assert isinstance(got["s0"], Hypothesis)
+    assert isinstance(got["s2"], Hypothesis)
+    assert w.stats().restarts == 2
+    w.stop(5)
+
+
+def test_past_the_restart_limit_the_worker_answers_errors_and_is_not_ready() -> None:
+    backend = DyingBackend(kill={10}, times=1)
+
+    def broken_factory() -> Backend:
+        raise OSError("weights missing")
+
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(backend, wcfg(max_batch=1, max_wait_ms=0, restart_limit=2), out.put,
+                    factory=broken_factory, sleep=lambda s: None)
+    w.start()
+    w.submit(req("a", 10))
+    w.submit(req("b", 11))
+    got = collect(out, 2)
+    assert all(isinstance(r, DecodeFailure) for r in got.values())
+    assert "model unavailable" in got["b"].message  # type: ignore[union-attr]
+    assert w.alive and not w.ready
+    assert not w.stats().ready
+    w.stop(5)
+
+
+def test_cuda_out_of_memory_splits_the_batch_then_fails_only_the_culprit() -> None:
+    backend = OomBackend(fits=2, poison=13)
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(backend, wcfg(max_batch=8, max_wait_ms=100), out.put)
+    w.start()
+    lengths = [10, 11, 12, 13, 14, 15, 16, 17]
+    for i, n in enumerate(lengths):
+        w.submit(req(f"s{i}", n))
+    got = collect(out, len(lengths))
+    failed = {s for s, r in got.items() if isinstance(r, DecodeFailure)}
+    assert failed == {"s3"}
+    assert "out of memory" in got["s3"].message  # type: ignore[union-attr]
+    assert max(len(b) for b in backend.batches) > 2      # a big batch was tried first
+    assert w.stats().restarts == 0 and w.alive        # OOM is not a death
+    w.stop(5)
+
+
+async def test_engine_keeps_every_final_through_a_worker_death() -> None:
+    cfg = load_config(env={}, overrides={"stream.partial_interval_ms": 0,
+                                         "worker.restart_backoff_s": 0.0})
+    # The three finals arrive together: the first backend call (all of them) dies.
+    backend = DyingBackend(kill=set(), times=1)
+    calls = {"n": 0}
+    original = backend.transcribe
+
+    def transcribe(batch: Sequence[npt.NDArray[np.float32]]) -> list[str]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise Fatal("the model thread dies")
+        return original(batch)
+
+    backend.transcribe = transcribe  # type: ignore[method-assign]
+    finals: list[CaptionEvent] = []
+
+    def listen(e: EngineEvent) -> None:
+        if isinstance(e, CaptionEvent) and e.final:
+            finals.append(e)
+
+    async with Engine(cfg, backend, backend_factory=lambda: backend) as engine:
+        engine.add_listener(listen)
+        stream = engine.open_stream("mic")
+        stream.push(talk(3))
+        summary = await stream.close()
+        st = engine.stats()
+        assert engine.ready
+    assert summary.errors == 0
+    assert [f.seq for f in finals] == [1, 2, 3]
+    assert st.worker.restarts == 1

@@ -1,0 +1,272 @@
+"""Access control: the pure policy, then every refusal over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.datastructures import HeadersLike
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Origin, Subprotocol
+
+from evoxtral_stream.cli import main
+from evoxtral_stream.config import AuthTokenConfig, ConfigError, load_config
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.server.app import CaptionServer
+from evoxtral_stream.server.auth import (
+    AccessPolicy,
+    Credentials,
+    Grant,
+    Refusal,
+    TokenUsage,
+    check_bind,
+    find_credentials,
+    hash_token,
+)
+from tests.fakes import ScriptedBackend
+
+SUB, ING, ADMIN, STUDIO = "sub-token", "ingest-token", "admin-token", "studio-token"
+TOKENS: list[dict[str, Any]] = [
+    {"name": "viewer", "hash": hash_token(SUB), "roles": ["subscribe"]},
+    {"name": "mic", "hash": hash_token(ING), "roles": ["ingest"]},
+    {"name": "root", "hash": hash_token(ADMIN), "roles": ["admin"]},
+    {"name": "studio", "hash": hash_token(STUDIO), "roles": ["ingest", "subscribe"],
+     "streams": ["studio-*"], "max_streams": 1, "max_subscribers": 1},
+]
+
+
+def token(**kw: Any) -> AuthTokenConfig:
+    return AuthTokenConfig(**{"hash": hash_token("t"), "roles": ("subscribe",), **kw})
+
+
+# --- pure logic ---------------------------------------------------------------
+
+
+def test_hash_is_sha256_of_the_token() -> None:
+    assert hash_token("secret") == ("sha256:2bb80d537b1da3e38bd30361aa855686bde0eacd7162"
+                                    "fef6a25fe97bf527a25b")
+
+
+def test_credentials_come_from_header_query_or_subprotocol() -> None:
+    proto = "evoxtral.token.abc"
+    assert find_credentials("Bearer xyz", [], []) == Credentials("xyz")
+    assert find_credentials("bearer  xyz ", [], ["q"]) == Credentials("xyz")
+    assert find_credentials(None, [], ["q"]) == Credentials("q")
+    assert find_credentials(None, ["other", proto], []) == Credentials("abc", proto)
+    assert find_credentials("Basic Zm9v", [], []) == Credentials(None)
+    # The header wins, but the offered subprotocol is still reported (to select).
+    assert find_credentials("Bearer xyz", [proto], []) == Credentials("xyz", proto)
+
+
+def test_policy_decisions() -> None:
+    viewer = token(name="v")
+    studio = token(hash=hash_token("s"), roles=("ingest",), streams=("studio-*", "live"))
+    admin = token(hash=hash_token("a"), roles=("admin",))
+    policy = AccessPolicy([viewer, studio, admin], [])
+    assert policy.authorize("subscribe", [], Credentials("t")) == Grant(viewer)
+    assert isinstance(r := policy.authorize("subscribe", [], Credentials(None)), Refusal)
+    assert r.status == 401 and "token is required" in r.message
+    assert policy.authorize("subscribe", [], Credentials("nope")) == Refusal(401, "unknown token")
+    assert isinstance(r := policy.authorize("ingest", ["x"], Credentials("t")), Refusal)
+    assert r.status == 403 and "ingest role" in r.message
+    assert policy.authorize("ingest", ["studio-1"], Credentials("s")) == Grant(studio)
+    assert policy.authorize("ingest", ["live"], Credentials("s")) == Grant(studio)
+    for streams in (["studio"], [], ["studio-1", "other"]):
+        assert isinstance(r := policy.authorize("ingest", streams, Credentials("s")), Refusal)
+        assert r.status == 403
+    assert policy.authorize("ingest", [], Credentials("a")) == Grant(admin)
+    assert policy.authorize("subscribe", ["any"], Credentials("a")) == Grant(admin)
+
+
+def test_open_policy_and_origins() -> None:
+    open_ = AccessPolicy([], [])
+    assert not open_.enabled
+    assert open_.authorize("ingest", [], Credentials(None), origin="https://x") == Grant(None)
+    listed = AccessPolicy([], ["https://ok.example/"])
+    assert listed.authorize("subscribe", [], Credentials(None),
+                            origin="https://ok.example") == Grant(None)
+    assert isinstance(r := listed.authorize("subscribe", [], Credentials(None),
+                                            origin="https://evil.example"), Refusal)
+    assert r.status == 403
+    # Non-browser clients send no Origin; the server's own page is allowed.
+    assert listed.authorize("subscribe", [], Credentials(None)) == Grant(None)
+    assert listed.authorize("subscribe", [], Credentials(None), origin="http://h:1",
+                            host="h:1") == Grant(None)
+
+
+def test_token_usage_counts_per_token() -> None:
+    usage = TokenUsage()
+    one = token(max_streams=1, max_subscribers=2)
+    assert usage.acquire(one, "streams") and not usage.acquire(one, "streams")
+    assert usage.acquire(one, "subscribers") and usage.acquire(one, "subscribers")
+    assert not usage.acquire(one, "subscribers")
+    usage.release(one, "streams")
+    assert usage.acquire(one, "streams")
+    unlimited = token(hash=hash_token("u"))
+    assert all(usage.acquire(unlimited, "streams") for _ in range(100))
+    assert usage.acquire(None, "streams")
+
+
+def test_bind_check() -> None:
+    for host in ("127.0.0.1", "::1", "localhost", "127.1.2.3"):
+        check_bind(host, [], False)
+    for host in ("0.0.0.0", "::", "192.168.1.4", "example.org"):
+        with pytest.raises(ConfigError, match="allow_anonymous"):
+            check_bind(host, [], False)
+        check_bind(host, [], True)
+        check_bind(host, [token()], False)
+
+
+@pytest.mark.parametrize(("entry", "match"), [
+    ({"hash": "secret", "roles": ["admin"]}, "sha256"),
+    ({"hash": hash_token("x"), "roles": ["root"]}, "roles"),
+    ({"hash": hash_token("x"), "roles": []}, "roles"),
+    ({"hash": hash_token("x"), "roles": ["admin"], "stream": ["a"]}, "unknown config key"),
+    ({"hash": hash_token("x"), "roles": ["admin"], "max_streams": -1}, "max_streams"),
+    ({"roles": ["admin"]}, "hash"),
+])
+def test_bad_token_entries_are_refused(entry: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(overrides={"auth.tokens": [entry]}, env={})
+
+
+def test_token_entries_load_with_defaults() -> None:
+    cfg = load_config(overrides={"auth.tokens": TOKENS}, env={})
+    assert cfg.auth.tokens[0] == AuthTokenConfig(hash_token(SUB), ("subscribe",), "viewer")
+    assert cfg.auth.tokens[3].streams == ("studio-*",)
+    with pytest.raises(ConfigError, match="twice"):
+        load_config(overrides={"auth.tokens": TOKENS[:1] * 2}, env={})
+
+
+# --- over sockets ---------------------------------------------------------------
+
+
+@asynccontextmanager
+async def running(**overrides: object) -> AsyncIterator[tuple[Engine, CaptionServer]]:
+    cfg = load_config(overrides={"server.port": 0, "auth.tokens": TOKENS, **overrides},
+                      env={})
+    async with Engine(cfg, ScriptedBackend(lambda a: "hi")) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        yield engine, server
+
+
+async def refused(url: str, headers: HeadersLike | None = None,
+                  origin: str | None = None) -> tuple[int, str]:
+    with pytest.raises(InvalidStatus) as info:
+        async with connect(url, additional_headers=headers,
+                           origin=Origin(origin) if origin else None):
+            pass
+    response = info.value.response
+    return response.status_code, response.body.decode() if response.body else ""
+
+
+async def hello(ws: ClientConnection) -> dict[str, Any]:
+    msg: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert msg["type"] == "hello"
+    return msg
+
+
+async def test_refusals_at_the_handshake() -> None:
+    async with running() as (_, server):
+        base = f"ws://127.0.0.1:{server.port}"
+        status, body = await refused(f"{base}/v1/captions")
+        assert status == 401 and "token is required" in body and body.count("\n") == 1
+        assert (await refused(f"{base}/v1/captions?token=wrong"))[0] == 401
+        assert (await refused(f"{base}/v1/captions",
+                              {"Authorization": "Bearer wrong"}))[0] == 401
+        # Wrong role: a subscriber token may not ingest, nor an ingest token subscribe.
+        status, body = await refused(f"{base}/v1/ingest?stream=a&token={SUB}")
+        assert status == 403 and "ingest role" in body
+        assert (await refused(f"{base}/v1/captions?token={ING}"))[0] == 403
+        assert (await refused(f"{base}/v1/realtime?intent=transcription&token={SUB}"))[0] == 403
+        # Stream patterns: studio-* only, and it must name the stream.
+        status, body = await refused(f"{base}/v1/ingest?stream=news&token={STUDIO}")
+        assert status == 403 and "news" in body
+        assert (await refused(f"{base}/v1/ingest?token={STUDIO}"))[0] == 403
+        assert (await refused(f"{base}/v1/captions?stream=studio-1,news"
+                              f"&token={STUDIO}"))[0] == 403
+
+
+async def test_each_carrier_gets_in() -> None:
+    async with running() as (_, server):
+        url = f"ws://127.0.0.1:{server.port}/v1/captions"
+        async with connect(url, additional_headers={"Authorization": f"Bearer {SUB}"}) as ws:
+            await hello(ws)
+        async with connect(f"{url}?token={SUB}") as ws:
+            await hello(ws)
+        proto = Subprotocol(f"evoxtral.token.{SUB}")
+        async with connect(url, subprotocols=[Subprotocol("other"), proto]) as ws:
+            # A browser fails the connection unless its protocol is selected.
+            assert ws.subprotocol == proto
+            await hello(ws)
+        async with connect(f"{url}?stream=studio-1&token={STUDIO}") as ws:
+            await hello(ws)
+        async with connect(f"{url}?token={ADMIN}") as ws:
+            await hello(ws)
+
+
+async def test_page_and_healthz_stay_open() -> None:
+    async with running() as (_, server):
+        def get(path: str) -> int:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}",
+                                        timeout=5) as r:
+                return int(r.status)
+        assert await asyncio.to_thread(get, "/healthz") == 200
+        assert await asyncio.to_thread(get, "/") == 200
+
+
+async def test_origin_allow_list() -> None:
+    async with running(**{"server.allowed_origins": ["https://ok.example"],
+                          "auth.tokens": []}) as (_, server):
+        base = f"ws://127.0.0.1:{server.port}"
+        status, body = await refused(f"{base}/v1/captions", origin="https://evil.example")
+        assert status == 403 and "allowed_origins" in body
+        async with connect(f"{base}/v1/captions", origin=Origin("https://ok.example")) as ws:
+            await hello(ws)
+        # The server's own page, and clients that send no Origin.
+        async with connect(f"{base}/v1/captions",
+                           origin=Origin(f"http://127.0.0.1:{server.port}")) as ws:
+            await hello(ws)
+        async with connect(f"{base}/v1/captions") as ws:
+            await hello(ws)
+
+
+async def test_per_token_limits() -> None:
+    async with running() as (_, server):
+        base = f"ws://127.0.0.1:{server.port}"
+        async with connect(f"{base}/v1/captions?stream=studio-1&token={STUDIO}") as first:
+            await hello(first)
+            async with connect(f"{base}/v1/captions?stream=studio-2&token={STUDIO}") as second:
+                err = json.loads(await asyncio.wait_for(second.recv(), 10))
+                assert err["type"] == "error" and err["code"] == "too_many_subscribers"
+        async with connect(f"{base}/v1/ingest?stream=studio-1&token={STUDIO}") as one:
+            await one.send(json.dumps({"type": "config", "sample_rate": 16000}))
+            assert json.loads(await one.recv())["type"] == "ingest.ready"
+            async with connect(f"{base}/v1/ingest?stream=studio-2&token={STUDIO}") as two:
+                err = json.loads(await asyncio.wait_for(two.recv(), 10))
+                assert err["code"] == "too_many_streams" and "max_streams" in err["message"]
+                await asyncio.wait_for(two.wait_closed(), 10)
+                assert two.close_code == 1008
+        # Released once the first one has gone.
+        async with connect(f"{base}/v1/captions?stream=studio-1&token={STUDIO}") as again:
+            await hello(again)
+
+
+async def test_non_loopback_bind_without_tokens_refuses_to_start(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = load_config(overrides={"server.port": 0, "server.host": "0.0.0.0"}, env={})
+    async with Engine(cfg, ScriptedBackend(lambda a: "")) as engine:
+        with pytest.raises(ConfigError, match="allow_anonymous"):
+            await CaptionServer(engine, cfg.server).start()
+    with pytest.raises(SystemExit) as info:
+        await asyncio.to_thread(main, ["serve", "--source", "none", "--host", "0.0.0.0",
+                                       "--port", "0"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "allow_anonymous" in err

@@ -1,0 +1,146 @@
+"""Server limits over real sockets: speed, idleness, stream count, bad UTF-8."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from evoxtral_stream.config import load_config
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.server.app import CaptionServer
+from evoxtral_stream.server.auth import IngestRate, StreamSlots
+from tests.fakes import ScriptedBackend
+
+SECOND = b"\0\0" * 16000  # one second of 16 kHz PCM16 silence
+
+
+def test_ingest_rate_is_a_bucket_of_audio_seconds() -> None:
+    rate = IngestRate(max_speed=4.0, burst_s=2.0, now=0.0)
+    assert rate.take(2.0, 0.0)          # the burst, at once
+    assert not rate.take(0.5, 0.0)      # nothing left
+    rate = IngestRate(4.0, 2.0, 0.0)
+    # Exactly 4x real time for a minute never trips it.
+    assert all(rate.take(0.4, t / 10) for t in range(600))
+    assert not rate.take(3.0, 60.0)
+    # A long quiet spell refills only up to the burst.
+    rate = IngestRate(4.0, 1.0, 0.0)
+    assert rate.take(1.0, 1000.0) and not rate.take(0.1, 1000.0)
+    assert IngestRate(0.0, 0.0, 0.0).take(1e9, 0.0)  # 0 disables it
+
+
+def test_stream_slots_count_reserved_and_open() -> None:
+    slots = StreamSlots(2)
+    assert slots.reserve("a", {"mic"}) is None
+    assert slots.reserve("a", set()) == "stream_busy"
+    assert slots.reserve("mic", {"mic"}) == "stream_busy"
+    assert slots.reserve("b", {"mic"}) == "too_many_streams"
+    assert slots.check({"a"}) is None          # "a" reserved and open counts once
+    assert slots.reserved("a") and not slots.reserved("mic")
+    slots.release("a")
+    assert slots.reserve("b", {"mic"}) is None
+
+
+@asynccontextmanager
+async def running(**overrides: object) -> AsyncIterator[CaptionServer]:
+    cfg = load_config(overrides={"server.port": 0, **overrides}, env={})
+    async with Engine(cfg, ScriptedBackend(lambda a: "hi")) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        yield server
+
+
+@asynccontextmanager
+async def ingesting(server: CaptionServer, stream: str) -> AsyncIterator[ClientConnection]:
+    async with connect(f"ws://127.0.0.1:{server.port}/v1/ingest?stream={stream}") as ws:
+        await ws.send(json.dumps({"type": "config", "sample_rate": 16000}))
+        assert json.loads(await ws.recv())["type"] == "ingest.ready"
+        yield ws
+
+
+async def until_closed(ws: ClientConnection, timeout: float = 15) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    try:
+        while True:
+            out.append(json.loads(await asyncio.wait_for(ws.recv(), timeout)))
+    except ConnectionClosed:
+        return out
+
+
+async def test_too_fast_ingest_is_closed() -> None:
+    async with running(**{"server.max_ingest_speed": 2.0, "server.ingest_burst_s": 1.0}) \
+            as server, ingesting(server, "fast") as ws:
+        try:
+            for _ in range(3):
+                await ws.send(SECOND)
+        except ConnectionClosed:
+            pass
+        messages = await until_closed(ws)
+        errors = [m for m in messages if m["type"] == "error"]
+        assert [e["code"] for e in errors] == ["too_fast"]
+        assert "server.max_ingest_speed" in errors[0]["message"]
+        assert ws.close_code == 1008
+
+
+async def test_ingest_within_the_speed_limit_is_fine() -> None:
+    async with running(**{"server.max_ingest_speed": 4.0, "server.ingest_burst_s": 0.5}) \
+            as server, ingesting(server, "paced") as ws:
+        for _ in range(8):                          # 2 s of audio in about 1 s
+            await ws.send(SECOND[: len(SECOND) // 4])
+            await asyncio.sleep(0.125)
+        await ws.send(json.dumps({"type": "end"}))
+        messages = await until_closed(ws)
+        assert messages[-1]["type"] == "ingest.summary"
+        assert not [m for m in messages if m["type"] == "error"]
+        assert ws.close_code == 1000
+
+
+async def test_idle_ingest_is_flushed_and_closed() -> None:
+    async with running(**{"server.idle_timeout_s": 0.5}) as server, \
+            ingesting(server, "quiet") as ws:
+        loop = asyncio.get_running_loop()
+        await ws.send(SECOND)
+        t0 = loop.time()
+        messages = await until_closed(ws)
+        assert 0.3 < loop.time() - t0 < 8
+        assert [m["type"] for m in messages][-2:] == ["stream.ended", "error"]
+        assert messages[-1]["code"] == "idle_timeout" and messages[-1]["stream"] == "quiet"
+        assert ws.close_code == 1008
+
+
+async def test_max_streams_is_enforced() -> None:
+    async with running(**{"server.max_streams": 1}) as server:
+        base = f"ws://127.0.0.1:{server.port}"
+        async with ingesting(server, "one") as first:
+            async with connect(f"{base}/v1/ingest?stream=two") as second:
+                err = json.loads(await asyncio.wait_for(second.recv(), 10))
+                assert err["type"] == "error" and err["code"] == "too_many_streams"
+                assert "server.max_streams" in err["message"]
+                await asyncio.wait_for(second.wait_closed(), 10)
+                assert second.close_code == 1008
+            async with connect(f"{base}/v1/realtime?intent=transcription") as rt:
+                err = json.loads(await asyncio.wait_for(rt.recv(), 10))
+                assert err["type"] == "error" and err["error"]["code"] == "too_many_streams"
+            await first.send(json.dumps({"type": "end"}))
+            await until_closed(first)
+        async with ingesting(server, "two") as again:   # the slot came back
+            await again.send(json.dumps({"type": "end"}))
+            assert (await until_closed(again))[-1]["type"] == "ingest.summary"
+
+
+async def test_invalid_utf8_closes_only_that_connection() -> None:
+    async with running() as server, ingesting(server, "bad") as bad, \
+            ingesting(server, "good") as good:
+        # websockets itself fails a text frame that is not UTF-8 (close 1007),
+        # before the server sees a message; documented in docs/protocol.md.
+        await bad.send(b"\xff\xfe{}", text=True)
+        await until_closed(bad)
+        assert bad.close_code == 1007
+        await good.send(SECOND)
+        await good.send(json.dumps({"type": "end"}))
+        messages = await until_closed(good)
+        assert messages[-1]["type"] == "ingest.summary" and good.close_code == 1000

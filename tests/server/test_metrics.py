@@ -1,0 +1,85 @@
+"""Prometheus metrics from a real engine run with a scripted model."""
+
+from __future__ import annotations
+
+import sys
+
+from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
+
+from evoxtral_stream.config import load_config
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.server.broadcast import Broadcaster
+from evoxtral_stream.server.metrics import Metrics
+from evoxtral_stream.server.protocol import encode_event
+from tests.engine.test_journal import talk
+from tests.fakes import ScriptedBackend
+
+
+def samples(metrics: Metrics) -> dict[str, float]:
+    """Every sample of the rendered text, keyed by name and sorted labels."""
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+async def test_metrics_move_with_a_real_engine_run() -> None:
+    cfg = load_config(env={}, overrides={"stream.partial_interval_ms": 500,
+                                         "stream.min_partial_ms": 200})
+    engine = Engine(cfg, ScriptedBackend(delay_s=0.002))
+    b = Broadcaster(64, encode_event, history=10)
+    metrics = Metrics(engine, b)
+    assert not metrics.ready()
+    before = samples(metrics)
+    assert before["evoxtral_ready"] == 0.0
+    assert "evoxtral_worker_pending" not in before          # no engine numbers yet
+    async with engine:
+        engine.add_listener(metrics.on_event)
+        engine.add_listener(b.publish)
+        sub = b.subscribe()
+        assert metrics.ready()
+        stream = engine.open_stream("mic")
+        for chunk in range(0, len(audio := talk(3)), 1600):
+            stream.push(audio[chunk:chunk + 1600])
+            await stream.wait_idle()
+        during = samples(metrics)
+        await stream.close()
+        after = samples(metrics)
+        b.unsubscribe(sub)
+    assert during["evoxtral_streams_open"] == 1.0
+    assert during["evoxtral_subscribers"] == 1.0
+    assert after["evoxtral_ready"] == 1.0
+    assert after["evoxtral_streams_open"] == 0.0
+    assert after["evoxtral_streams_started_total"] == 1.0
+    assert after["evoxtral_captions_total{kind=final}"] == 3.0
+    assert after["evoxtral_captions_total{kind=partial}"] >= 1.0
+    assert after["evoxtral_final_latency_seconds_count"] == 3.0
+    assert after["evoxtral_partial_latency_seconds_count"] >= 1.0
+    assert after["evoxtral_final_latency_seconds_sum"] > 0.0
+    assert after["evoxtral_worker_decoded_total"] >= 4.0
+    assert after["evoxtral_audio_seconds_total"] == 6.0
+    assert 0.0 < after["evoxtral_real_time_factor"] < 1.0
+    assert after["evoxtral_decode_failures_total"] == 0.0
+    assert after["evoxtral_worker_pending"] == 0.0
+    if "torch" not in sys.modules:   # torch is never imported just for the metric
+        assert "evoxtral_gpu_memory_allocated_bytes" not in after
+    # Its own registry: nothing leaks into the process-wide one.
+    assert REGISTRY.get_sample_value("evoxtral_captions_total", {"kind": "final"}) is None
+
+
+async def test_decode_failures_and_error_events_are_counted() -> None:
+    cfg = load_config(env={}, overrides={"stream.partial_interval_ms": 0})
+    engine = Engine(cfg, ScriptedBackend(fail_when=lambda a: True))
+    metrics = Metrics(engine)
+    async with engine:
+        engine.add_listener(metrics.on_event)
+        stream = engine.open_stream("mic")
+        stream.push(talk(2))
+        await stream.close()
+        got = samples(metrics)
+    assert got["evoxtral_decode_failures_total"] == 2.0
+    assert got["evoxtral_stream_errors_total{code=decode_failed}"] == 2.0
+    assert "evoxtral_subscribers" not in got                  # no broadcaster given

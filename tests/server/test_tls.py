@@ -1,0 +1,77 @@
+"""TLS: wss and https on the server's one port, with a certificate made here."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import ssl
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidHandshake, InvalidMessage
+
+from evoxtral_stream.config import ConfigError, load_config
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.server.app import CaptionServer
+from tests.fakes import ScriptedBackend
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1: (cert, key) PEM paths."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+async def test_wss_and_https_work_and_plain_ws_fails(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    cfg = load_config(overrides={"server.port": 0, "server.tls_cert": str(cert),
+                                 "server.tls_key": str(key)}, env={})
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    async with Engine(cfg, ScriptedBackend(lambda a: "")) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        async with connect(f"wss://127.0.0.1:{server.port}/v1/captions", ssl=client_ctx) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "hello"
+
+        def healthz() -> bytes:
+            with urllib.request.urlopen(f"https://127.0.0.1:{server.port}/healthz",
+                                        context=client_ctx, timeout=5) as r:
+                return bytes(r.read())
+        assert await asyncio.to_thread(healthz) == b"ok\n"
+        with pytest.raises((InvalidHandshake, InvalidMessage, OSError, EOFError)):
+            async with connect(f"ws://127.0.0.1:{server.port}/v1/captions",
+                               open_timeout=5):
+                pass
+        # Without the test CA the certificate is not trusted.
+        with pytest.raises(ssl.SSLCertVerificationError):
+            async with connect(f"wss://127.0.0.1:{server.port}/v1/captions",
+                               ssl=ssl.create_default_context(), open_timeout=5):
+                pass
+
+
+@pytest.mark.parametrize("which", ["missing", "swapped", "only_cert"])
+async def test_bad_tls_files_stop_the_start(certificate: tuple[Path, Path], tmp_path: Path,
+                                            which: str) -> None:
+    cert, key = certificate
+    paths = {"missing": (str(tmp_path / "none.pem"), str(key)),
+             "swapped": (str(key), str(cert)),
+             "only_cert": (str(cert), "")}[which]
+    cfg = load_config(overrides={"server.port": 0, "server.tls_cert": paths[0],
+                                 "server.tls_key": paths[1]}, env={})
+    async with Engine(cfg, ScriptedBackend(lambda a: "")) as engine:
+        server = CaptionServer(engine, cfg.server)
+        with pytest.raises(ConfigError, match="tls") as info:
+            await server.start()
+        assert "\n" not in str(info.value)
