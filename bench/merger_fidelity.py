@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from evoxtral_stream.text.merger import Merger
 from evoxtral_stream.text.replay import (
     ReplayConfig,
     check_replay,
@@ -90,14 +91,16 @@ class Tally:
 
 
 def run(scripts: Sequence[str], name: str, config: ReplayConfig, schedules: int,
-        seed: int) -> Tally:
+        seed: int, final_replaces_stable: bool = False) -> Tally:
     tally = Tally(name)
     t0 = time.perf_counter()
     for i, text in enumerate(scripts):
         for j in range(schedules):
             rng = random.Random(f"{seed}:{i}:{j}")
             replay = make_replay(text, rng, config, stream=f"s{i}")
-            events = run_replay(replay)
+            first = replay.segments[0] if replay.segments else 0
+            events = run_replay(replay, Merger(
+                f"s{i}", first_segment=first, final_replaces_stable=final_replaces_stable))
             check = check_replay(replay, events)
             tally.replays += 1
             tally.identical += check.identical
@@ -159,6 +162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stress", action="store_true", help="also run the harsher schedules")
     ap.add_argument("--json", type=Path, help="write the numbers (and failures) here")
+    ap.add_argument("--final-replaces-stable", action="store_true",
+                    help="the engine's default (stream.final_replaces_stable): the final is "
+                         "the final hypothesis, not the stable text plus the rest")
     args = ap.parse_args(argv)
     try:
         data = json.loads(args.scripts.read_text(encoding="utf-8"))
@@ -166,9 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, KeyError, TypeError) as e:
         print(f"error: cannot read scripts from {args.scripts}: {e}", file=sys.stderr)
         return 2
-    tallies = [run(scripts, "default", ReplayConfig(), args.schedules, args.seed)]
+    replaces = args.final_replaces_stable
+    tallies = [run(scripts, "default", ReplayConfig(), args.schedules, args.seed, replaces)]
     if args.stress:
-        tallies.append(run(scripts, "stress", STRESS, args.schedules, args.seed))
+        tallies.append(run(scripts, "stress", STRESS, args.schedules, args.seed, replaces))
     print(f"Merger fidelity: {len(scripts)} scripts x {args.schedules} schedules "
           f"(seed {args.seed})")
     print(_table(tallies))
