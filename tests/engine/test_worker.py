@@ -136,3 +136,16 @@ def test_start_twice_is_an_error() -> None:
     with pytest.raises(RuntimeError):
         w.start()
     w.stop(5)
+
+
+def test_lag_is_logged_with_the_accumulated_delay(caplog: pytest.LogCaptureFixture) -> None:
+    backend = ScriptedBackend()
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    now = [100.0]
+    w = ModelWorker(backend, CFG, out.put, clock=lambda: now[0])
+    w.start()
+    with caplog.at_level("WARNING", logger="evoxtral_stream.engine.worker"):
+        w.submit(req("late", 0, 1, RequestKind.FINAL, 10, ready_at=97.5))
+        results(out, 1)
+    w.stop(5)
+    assert any("2.5 s behind" in r.getMessage() for r in caplog.records), caplog.text

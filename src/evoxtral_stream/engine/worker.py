@@ -59,6 +59,10 @@ WorkerResult = Hypothesis | DecodeFailure
 
 _STOP = object()
 
+# A request older than this when its batch starts means the model is behind.
+_LAG_WARN_S = 1.0
+_LAG_LOG_EVERY_S = 5.0
+
 
 @dataclass(frozen=True)
 class WorkerStats:
@@ -100,6 +104,7 @@ class ModelWorker:
         self._cfg = cfg
         self._deliver = deliver
         self._clock = clock
+        self._lag_logged_at = float("-inf")
         self._inbox: queue.Queue[DecodeRequest | object] = queue.Queue(cfg.max_queue)
         self._pending: dict[tuple[str, int], DecodeRequest] = {}
         self._thread: threading.Thread | None = None
@@ -209,7 +214,18 @@ class ModelWorker:
         batch = (finals + partials)[: self._cfg.max_batch]
         for r in batch:
             del self._pending[(r.stream, r.segment)]
+        if batch:
+            self._report_lag(self._clock() - min(r.ready_at for r in batch))
         return batch
+
+    def _report_lag(self, lag: float) -> None:
+        """Log, at most every few seconds, how far behind the model thread is."""
+        now = self._clock()
+        if lag >= _LAG_WARN_S and now - self._lag_logged_at >= _LAG_LOG_EVERY_S:
+            self._lag_logged_at = now
+            log.warning("model worker is %.1f s behind: the oldest request in this batch "
+                        "waited that long (%d more pending); partials are thinned first",
+                        lag, len(self._pending) + self._inbox.qsize())
 
     def _fill(self) -> bool:
         """Wait for work, then gather more for up to max_wait; False to stop."""
