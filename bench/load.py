@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from evoxtral_stream.audio.sources import read_audio_file
 from evoxtral_stream.config import load_config
@@ -82,7 +83,8 @@ async def _ingest(port: int, name: str, pcm: bytes, speed: float) -> dict[str, A
 async def _subscribe(port: int, ready: asyncio.Event, stop: asyncio.Event,
                      finals: list[int], latencies: list[float], partials: list[int],
                      index: int) -> None:
-    async with connect(f"ws://127.0.0.1:{port}/v1/captions", max_size=None) as ws:
+    async with connect(f"ws://127.0.0.1:{port}/v1/captions", max_size=None,
+                       open_timeout=60) as ws:
         await ws.recv()
         ready.set()
         while not stop.is_set():
@@ -90,6 +92,8 @@ async def _subscribe(port: int, ready: asyncio.Event, stop: asyncio.Event,
                 raw = await asyncio.wait_for(ws.recv(), 0.5)
             except TimeoutError:
                 continue
+            except ConnectionClosed:
+                return  # counted: its finals fall short of the others'
             msg = json.loads(raw)
             if msg["type"] == "caption":
                 if msg["final"]:

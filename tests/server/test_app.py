@@ -212,3 +212,31 @@ async def test_readyz_and_metrics(served: tuple[Engine, CaptionServer]) -> None:
 
     names = {f.name for f in text_string_to_metric_families(body)}
     assert any("latency" in n for n in names), names
+
+
+async def test_a_subscriber_vanishing_mid_send_affects_no_one_else() -> None:
+    cfg = config(**{"server.subscriber_queue": 4096})
+    n_events = 400
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        vanisher = await asyncio.to_thread(_raw_ws_handshake, server.port)
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/captions") as good:
+            await good.recv()
+            while server.broadcaster.subscribers < 2:
+                await asyncio.sleep(0.01)
+            for seq in range(1, n_events + 1):
+                server.broadcaster.publish(_caption(seq, "y" * 500))
+                if seq == n_events // 2:
+                    # Gone without a close frame, in the middle of the stream.
+                    vanisher.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                        b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    vanisher.close()
+                await asyncio.sleep(0)
+            got = [json.loads(await asyncio.wait_for(good.recv(), 10))["seq"]
+                   for _ in range(n_events)]
+        assert got == list(range(1, n_events + 1))
+        for _ in range(100):
+            if server.broadcaster.subscribers == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert server.broadcaster.subscribers == 0, "the vanished subscriber was cleaned up"
