@@ -70,6 +70,7 @@ from xml.sax.saxutils import escape, quoteattr
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from evoxtral_stream.server.protocol import parse_since as parse_since_values
 from evoxtral_stream.text.tags import Carry, TagKind, Token, render, tokenize
 
 __all__ = [
@@ -355,21 +356,11 @@ def extension_for(output_format: str) -> str:
 
 
 def parse_since(value: str, streams: Sequence[str]) -> dict[str, int]:
-    """``SEQ`` (for each of ``streams``) or ``STREAM:SEQ[,STREAM:SEQ...]``."""
-    since: dict[str, int] = {}
-    for item in (v.strip() for v in value.split(",")):
-        if not item:
-            continue
-        name, sep, seq = item.rpartition(":")
-        if not seq.isdigit():
-            raise ValueError(f"--since takes SEQ or STREAM:SEQ, got {item!r}")
-        if sep:
-            since[name] = int(seq)
-        elif streams:
-            since.update(dict.fromkeys(streams, int(seq)))
-        else:
-            raise ValueError("--since SEQ needs --stream (or use --since STREAM:SEQ)")
-    return since
+    """``--since``: ``SEQ`` (for every ``--stream``) or ``STREAM:SEQ[,STREAM:SEQ...]``.
+
+    Raises ValueError with a message for people (the server's own parser).
+    """
+    return parse_since_values([value or ""], streams)
 
 
 def caption_url(url: str, streams: Sequence[str], since: Mapping[str, int]) -> str:

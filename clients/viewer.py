@@ -31,6 +31,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from evoxtral_stream.console import format_time
+from evoxtral_stream.server.protocol import parse_since as parse_since_values
 from evoxtral_stream.text.tags import lookup_tag, normalize_tag_name
 
 __all__ = [
@@ -264,22 +265,9 @@ def endpoint(url: str, path: str) -> str:
 def parse_since(value: str | None, streams: Sequence[str]) -> dict[str, int]:
     """``--since``: ``SEQ`` (for every ``--stream``) or ``STREAM:SEQ[,STREAM:SEQ...]``.
 
-    Raises ValueError with a message for people.
+    Raises ValueError with a message for people (the server's own parser).
     """
-    since: dict[str, int] = {}
-    for item in (value or "").split(","):
-        if not item:
-            continue
-        name, sep, seq = item.rpartition(":")
-        if not seq.isdigit() or (sep and not name):
-            raise ValueError(f"--since takes SEQ or STREAM:SEQ, got {item!r}")
-        if sep:
-            since[name] = int(seq)
-        elif streams:
-            since.update(dict.fromkeys(streams, int(seq)))
-        else:
-            raise ValueError("--since SEQ needs --stream ID (or use --since STREAM:SEQ)")
-    return since
+    return parse_since_values([value or ""], streams)
 
 
 def captions_url(base: str, streams: Sequence[str], since: Mapping[str, int]) -> str:

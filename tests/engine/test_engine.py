@@ -10,7 +10,7 @@ from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.engine.session import StreamSession
 from evoxtral_stream.events import CaptionEvent, RequestKind, StreamEnded, StreamError
 from evoxtral_stream.run import LatencyLog, feed_samples
-from tests.fakes import ScriptedBackend
+from tests.fakes import ScriptedBackend, words_so_far
 from tests.speech import have_espeak, speech_with_pauses
 
 pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
@@ -19,9 +19,6 @@ SENTENCES = ["Good evening and welcome to the live captioning demo.",
              "I was thinking maybe we could try that new restaurant downtown.",
              "Thank you for listening, and have a wonderful night."]
 
-
-def words_so_far(audio: np.ndarray) -> str:
-    return " ".join(f"w{i}" for i in range(len(audio) // 8000))
 
 
 def final_lengths(audio: np.ndarray) -> list[int]:

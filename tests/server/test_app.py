@@ -12,7 +12,6 @@ import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
-import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
@@ -21,7 +20,7 @@ from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.events import CaptionEvent
 from evoxtral_stream.run import feed_samples
 from evoxtral_stream.server.app import CaptionServer
-from tests.fakes import ScriptedBackend
+from tests.fakes import ScriptedBackend, words_so_far
 from tests.speech import have_espeak, speech_with_pauses
 
 SENTENCES = ["Good evening and welcome to the live captioning demo.",
@@ -31,10 +30,6 @@ SENTENCES = ["Good evening and welcome to the live captioning demo.",
 def config(**overrides: object) -> Config:
     return load_config(overrides={"server.port": 0, **overrides})
 
-
-def words_so_far(audio: np.ndarray) -> str:
-    # A stand-in model: one word per half second of audio, so partials grow.
-    return " ".join(f"w{i}" for i in range(len(audio) // 8000))
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.events import SAMPLE_RATE
 from evoxtral_stream.server.app import CaptionServer
 from tests.docs_schema import validate_message
-from tests.fakes import AdapterScriptedBackend, ScriptedBackend
+from tests.fakes import AdapterScriptedBackend, ScriptedBackend, words_so_far
 from tests.speech import have_espeak, speech_with_pauses
 from tests.text_norm import loose_wer
 
@@ -32,9 +32,6 @@ SENTENCES = ["Good evening and welcome to the live captioning demo.",
 def config(**overrides: object) -> Config:
     return load_config(overrides={"server.port": 0, **overrides})
 
-
-def words_so_far(audio: np.ndarray) -> str:
-    return " ".join(f"w{i}" for i in range(len(audio) // 8000))
 
 
 @pytest.fixture

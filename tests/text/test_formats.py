@@ -11,11 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from evoxtral_stream.events import CaptionEvent, TagMark
+from evoxtral_stream.server.protocol import caption_to_dict
 from evoxtral_stream.text.formats import (
     CueLayout,
     TagStyle,
     build_cues,
-    caption_to_dict,
     format_timestamp,
     to_jsonl,
     to_srt,

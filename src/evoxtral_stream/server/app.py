@@ -69,6 +69,7 @@ from .protocol import (
     encode_hello,
     encode_message,
     parse_ingest_message,
+    parse_since,
 )
 
 __all__ = ["CLOSE_POLICY", "CLOSE_TOO_BIG", "CLOSE_TOO_SLOW", "CaptionServer"]
@@ -138,22 +139,6 @@ def _static(path: str) -> Response | None:
     suffix = "." + name.rsplit(".", 1)[-1] if "." in name else ""
     return _respond(HTTPStatus.OK, entry.read_bytes(),
                     _CONTENT_TYPES.get(suffix, "application/octet-stream"))
-
-
-def _parse_since(values: list[str], streams: list[str]) -> dict[str, int]:
-    """``since=17`` (for each named stream) or ``since=a:17,b:4``."""
-    since: dict[str, int] = {}
-    for item in (v for value in values for v in value.split(",") if v):
-        name, sep, seq = item.rpartition(":")
-        if not seq.isdigit():
-            raise ProtocolError("bad_query", f"since must be SEQ or STREAM:SEQ, got {item!r}")
-        if sep:
-            since[name] = int(seq)
-        elif len(streams) >= 1:
-            since.update(dict.fromkeys(streams, int(seq)))
-        else:
-            raise ProtocolError("bad_query", "since=SEQ needs ?stream=ID (or use STREAM:SEQ)")
-    return since
 
 
 class CaptionServer:
@@ -327,7 +312,7 @@ class CaptionServer:
                          grant: Grant) -> None:
         names = _requested_streams(_CAPTIONS, query)
         try:
-            since = _parse_since(query.get("since", []), names)
+            since = parse_since(query.get("since", []), names)
         except ProtocolError as e:
             await self._refuse(ws, e.code, str(e))
             return

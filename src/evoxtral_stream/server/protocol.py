@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,7 @@ __all__ = [
     "encode_message",
     "event_to_dict",
     "parse_ingest_message",
+    "parse_since",
 ]
 
 PROTOCOL_VERSION = 1
@@ -234,3 +235,27 @@ def decode_audio_frame(data: bytes, fmt: IngestFormat) -> npt.NDArray[Any]:
 def encode_message(kind: str, **fields: Any) -> str:
     """Any other server message: ``{"type": kind, **fields}``."""
     return _dumps({"type": kind, **fields})
+
+
+def parse_since(values: Iterable[str], streams: Sequence[str]) -> dict[str, int]:
+    """Resume points: ``SEQ`` (for each of ``streams``) or ``STREAM:SEQ[,...]``.
+
+    ``values`` are the raw ``since`` strings (query parameters or a client's
+    ``--since``); raises :class:`ProtocolError` (``bad_query``) for anything
+    else. Shared by the server and the clients so both read it alike.
+    """
+    since: dict[str, int] = {}
+    for item in (v.strip() for value in values for v in value.split(",")):
+        if not item:
+            continue
+        name, sep, seq = item.rpartition(":")
+        if not seq.isdigit() or (sep and not name):
+            raise ProtocolError("bad_query", f"since takes SEQ or STREAM:SEQ, got {item!r}")
+        if sep:
+            since[name] = int(seq)
+        elif streams:
+            since.update(dict.fromkeys(streams, int(seq)))
+        else:
+            raise ProtocolError("bad_query",
+                                "since=SEQ needs --stream or ?stream=ID (or use STREAM:SEQ)")
+    return since

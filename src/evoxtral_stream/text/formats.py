@@ -27,6 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..events import CaptionEvent
+from ..server.protocol import caption_to_dict
 from .tags import Token, render, tokenize, word_count
 
 __all__ = [
@@ -34,7 +35,6 @@ __all__ = [
     "CueLayout",
     "TagStyle",
     "build_cues",
-    "caption_to_dict",
     "format_timestamp",
     "to_jsonl",
     "to_srt",
@@ -268,30 +268,9 @@ def to_vtt(events: Iterable[CaptionEvent], *, tags: TagStyle = TagStyle.INLINE,
     return "\n".join(out)
 
 
-def caption_to_dict(event: CaptionEvent) -> dict[str, object]:
-    """A JSON-ready dict of a caption event (``type: "caption"``)."""
-    return {
-        "type": "caption",
-        "stream": event.stream,
-        "segment": event.segment,
-        "seq": event.seq,
-        "final": event.final,
-        "text": event.text,
-        "plain_text": event.plain_text,
-        "stable": event.stable,
-        "unstable": event.unstable,
-        "tags": [
-            {"tag": m.tag, "kind": m.kind, "index": m.index, "t": m.t, "known": m.known}
-            for m in event.tags
-        ],
-        "start": event.start,
-        "end": event.end,
-        "latency": event.latency,
-    }
-
-
 def to_jsonl(events: Iterable[CaptionEvent]) -> str:
-    """One JSON object per event (partials included), one per line."""
+    """One JSON object per event (partials included), one per line: the
+    protocol v1 caption messages, so files and the wire read alike."""
     return "".join(json.dumps(caption_to_dict(e), ensure_ascii=False) + "\n" for e in events)
 
 
