@@ -73,6 +73,7 @@ class VadConfig:
     start_window_ms: int = field(metadata=_range(10, 2000))
     start_ratio: float = field(metadata=_range(0.0, 1.0))
     end_silence_ms: int = field(metadata=_range(30, 10_000))
+    end_tail_ms: int = field(metadata=_range(0, 2000))
     pre_roll_ms: int = field(metadata=_range(0, 2000))
     min_speech_ms: int = field(metadata=_range(0, 10_000))
     max_segment_s: float = field(metadata=_range(2.0, 29.0))

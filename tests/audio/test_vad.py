@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from evoxtral_stream.audio.vad import END_TAIL_MS, Segmenter, SegmenterState
+from evoxtral_stream.audio.vad import Segmenter, SegmenterState
 from evoxtral_stream.config import VadConfig
 from evoxtral_stream.events import (
     SAMPLE_RATE,
@@ -90,7 +90,7 @@ def test_default_config_frames_match_these_tests(vad_cfg: VadConfig) -> None:
     # The exact expectations below are worked out for these defaults.
     assert (vad_cfg.frame_ms, vad_cfg.start_window_ms, vad_cfg.start_ratio) == (30, 300, 0.6)
     assert (vad_cfg.end_silence_ms, vad_cfg.pre_roll_ms, vad_cfg.min_speech_ms) == (500, 300, 250)
-    assert END_TAIL_MS == 200
+    assert vad_cfg.end_tail_ms == 200
 
 
 def test_one_burst_has_exact_boundaries(vad_cfg: VadConfig) -> None:
@@ -391,7 +391,7 @@ def test_property_chunking_invariance_and_invariants(
 ) -> None:
     cfg = VadConfig(
         aggressiveness=2, frame_ms=30, start_window_ms=300, start_ratio=0.6,
-        end_silence_ms=500, pre_roll_ms=300, min_speech_ms=250,
+        end_silence_ms=500, end_tail_ms=200, pre_roll_ms=300, min_speech_ms=250,
         max_segment_s=2.0, split_search_s=0.5,
     )
     whole = run(Segmenter(cfg, classifier=loud), audio)

@@ -26,7 +26,7 @@ from evoxtral_stream.events import (
     SpeechStarted,
 )
 
-__all__ = ["END_TAIL_MS", "VAD_SAMPLE_RATES", "FrameClassifier", "Segmenter", "SegmenterState"]
+__all__ = ["VAD_SAMPLE_RATES", "FrameClassifier", "Segmenter", "SegmenterState"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +35,6 @@ FrameClassifier = Callable[[Int16Array], bool]
 
 #: Rates webrtcvad accepts.
 VAD_SAMPLE_RATES = (8000, 16000, 32000, 48000)
-
-#: Audio kept after the last voiced frame when a segment ends naturally
-#: (capped at ``end_silence_ms``): webrtcvad often calls the soft end of a
-#: word (a fading vowel, a final "s") unvoiced, so cutting at the last voiced
-#: frame would clip it.
-END_TAIL_MS = 200
 
 
 class SegmenterState(enum.Enum):
@@ -88,10 +82,10 @@ class Segmenter:
     * **Audio.** ``SpeechAudio`` events of a segment are contiguous from its
       start; while speech goes on, every frame is delivered as soon as it is
       analysed. During a pause, audio is held back beyond the last voiced
-      frame + ``END_TAIL_MS``; it is delivered if speech resumes.
+      frame + ``end_tail_ms``; it is delivered if speech resumes.
     * **End.** After ``end_silence_ms`` of consecutive unvoiced frames the
       segment ends with ``SpeechEnded(last_voiced_end + tail, forced=False)``,
-      tail = min(``END_TAIL_MS``, ``end_silence_ms``). The audio delivered
+      tail = min(``end_tail_ms``, ``end_silence_ms``). The audio delivered
       covers exactly ``[start, end)``.
     * **Maximum length.** No segment is longer than ``max_segment_s``. Before
       the next frame would exceed it, the segment is cut in the middle of the
@@ -137,7 +131,7 @@ class Segmenter:
         self._end_frames = max(1, math.ceil(cfg.end_silence_ms / frame_ms))
         self._min_frames = math.ceil(cfg.min_speech_ms / frame_ms)
         self._pre_roll = self._ms(cfg.pre_roll_ms)
-        self._tail = self._ms(min(END_TAIL_MS, cfg.end_silence_ms))
+        self._tail = self._ms(min(cfg.end_tail_ms, cfg.end_silence_ms))
         self._max_len = int(cfg.max_segment_s * sample_rate)
         self._search = int(cfg.split_search_s * sample_rate)
         if self._max_len < 2 * self.frame_samples:
