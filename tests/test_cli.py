@@ -207,3 +207,20 @@ def test_eval_bad_manifest_is_one_line(tmp_path: Path) -> None:
     manifest.write_text('{"audio": 3}\n')
     one_error_line(cli("eval", str(manifest)), "m.jsonl line 1")
     one_error_line(cli("eval", str(tmp_path / "none.jsonl")), "none.jsonl")
+
+
+def test_subtitle_tag_styles_and_layout_come_from_config(tmp_path: Path) -> None:
+    from tests.speech import speak
+
+    wav = tmp_path / "talk.wav"
+    sf.write(wav, speak("Thank you for listening, and have a wonderful night."), 16000)
+    vtt, srt = tmp_path / "t.vtt", tmp_path / "t.srt"
+    proc = cli("transcribe", str(wav), "--vtt", str(vtt), "--srt", str(srt), "-q",
+               "--set", "captions.max_line_chars=16", "--set", "captions.vtt_tags=class")
+    assert proc.returncode == 0, proc.stderr
+    cue_lines = [ln for ln in vtt.read_text().splitlines()[1:]
+                 if ln and "-->" not in ln]
+    assert cue_lines and all(len(ln) <= 16 for ln in cue_lines), cue_lines
+    assert srt.read_text().startswith("1\n")
+    one_error_line(cli("transcribe", str(wav), "--set", "captions.srt_tags=class"),
+                   "captions.srt_tags must be one of 'inline', 'strip'")

@@ -30,7 +30,7 @@ from .events import SAMPLE_RATE, CaptionEvent, EngineEvent
 from .run import FileJob, LatencyLog, transcribe_samples
 from .server.app import CaptionServer
 from .server.protocol import event_to_dict
-from .text.formats import to_srt, to_vtt
+from .text.formats import CueLayout, TagStyle, to_srt, to_vtt
 
 __all__ = ["main"]
 
@@ -220,7 +220,7 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
     loop_start = _now()
     summaries = asyncio.run(job())
     elapsed = _now() - loop_start
-    _write_outputs(args, jobs, record.events)
+    _write_outputs(args, cfg, jobs, record.events)
     audio_s = total / SAMPLE_RATE
     lat = sorted(record.final_latencies())
     if not args.quiet:
@@ -248,17 +248,22 @@ def _progress(total_samples: int) -> Any:
                 file=sys.stderr, leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s")
 
 
-def _write_outputs(args: argparse.Namespace, jobs: Sequence[FileJob],
+def _write_outputs(args: argparse.Namespace, cfg: Config, jobs: Sequence[FileJob],
                    events: Sequence[EngineEvent]) -> None:
     many = len(jobs) > 1
+    cap = cfg.captions
+    layout = CueLayout(max_line_chars=cap.max_line_chars, max_lines=cap.max_lines,
+                       max_cue_s=cap.max_cue_s, min_cue_s=cap.min_cue_s)
     for job in jobs:
         finals = [e for e in events if isinstance(e, CaptionEvent)
                   and e.stream == job.stream and e.final]
         finals.sort(key=lambda e: e.segment)
         if args.srt:
-            _write(_output_path(args.srt, job.stream, ".srt", many), to_srt(finals))
+            _write(_output_path(args.srt, job.stream, ".srt", many),
+                   to_srt(finals, tags=TagStyle(cap.srt_tags), layout=layout))
         if args.vtt:
-            _write(_output_path(args.vtt, job.stream, ".vtt", many), to_vtt(finals))
+            _write(_output_path(args.vtt, job.stream, ".vtt", many),
+                   to_vtt(finals, tags=TagStyle(cap.vtt_tags), layout=layout))
     if args.jsonl:
         lines = [json.dumps(event_to_dict(e), ensure_ascii=False) for e in events]
         _write(args.jsonl, "".join(line + "\n" for line in lines))

@@ -28,6 +28,7 @@ __all__ = [
     "AudioConfig",
     "AuthConfig",
     "AuthTokenConfig",
+    "CaptionsConfig",
     "Config",
     "ConfigError",
     "JournalConfig",
@@ -146,6 +147,18 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class CaptionsConfig:
+    """Subtitle files written by ``transcribe --srt/--vtt``."""
+
+    srt_tags: str = field(metadata=_choices("inline", "strip"))
+    vtt_tags: str = field(metadata=_choices("inline", "strip", "class"))
+    max_line_chars: int = field(metadata=_range(10, 200))
+    max_lines: int = field(metadata=_range(1, 5))
+    max_cue_s: float = field(metadata=_range(1.0, 30.0))
+    min_cue_s: float = field(metadata=_range(0.0, 10.0))
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     host: str
     port: int = field(metadata=_range(0, 65535))
@@ -174,6 +187,7 @@ class Config:
     worker: WorkerConfig
     model: ModelConfig
     server: ServerConfig
+    captions: CaptionsConfig
     mqtt: MqttConfig
     auth: AuthConfig
     journal: JournalConfig
