@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import shutil
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import soundfile as sf
 
 from evoxtral_stream.audio.resample import resample
 from evoxtral_stream.events import SAMPLE_RATE, Int16Array
+from tests.helpers.audio import HAVE_ESPEAK, espeak_wav
 
 __all__ = ["have_espeak", "speak", "speech_with_pauses"]
 
@@ -21,7 +20,7 @@ _CACHE = Path(tempfile.gettempdir()) / "evoxtral-test-speech"
 
 
 def have_espeak() -> bool:
-    return shutil.which("espeak-ng") is not None
+    return HAVE_ESPEAK
 
 
 @functools.lru_cache(maxsize=64)
@@ -31,9 +30,7 @@ def speak(text: str, wpm: int = 150) -> Int16Array:
     key = hashlib.sha1(f"{wpm}:{text}".encode()).hexdigest()[:16]
     path = _CACHE / f"{key}.wav"
     if not path.exists():
-        tmp = path.with_suffix(".tmp.wav")
-        subprocess.run(["espeak-ng", "-v", "en", "-s", str(wpm), "-w", str(tmp), text],
-                       check=True, capture_output=True)
+        tmp = espeak_wav(text, path.with_suffix(".tmp.wav"), wpm=wpm)
         tmp.replace(path)
     data, rate = sf.read(path, dtype="int16")
     out: Int16Array = resample(np.asarray(data, dtype=np.int16), int(rate), SAMPLE_RATE)

@@ -15,6 +15,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -217,9 +218,9 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
                     if bar is not None:
                         bar.close()
 
-    loop_start = _now()
+    loop_start = time.monotonic()
     summaries = asyncio.run(job())
-    elapsed = _now() - loop_start
+    elapsed = time.monotonic() - loop_start
     _write_outputs(args, cfg, jobs, record.events)
     audio_s = total / SAMPLE_RATE
     lat = sorted(record.final_latencies())
@@ -231,12 +232,6 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
               f"{sum(s.partials for s in summaries)} partials; "
               f"final latency p95 {p95:.2f} s", file=sys.stderr)
     return 0 if all(s.errors == 0 for s in summaries) else 1
-
-
-def _now() -> float:
-    import time
-
-    return time.monotonic()
 
 
 def _progress(total_samples: int) -> Any:

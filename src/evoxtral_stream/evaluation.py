@@ -14,8 +14,7 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
+from .audio.resample import int16_to_float32
 from .audio.sources import read_audio_file
 from .config import Config
 from .engine.backends.base import Backend
@@ -58,8 +57,7 @@ def offline_predictions(backend: Backend, audio: Sequence[Int16Array]) -> list[s
     out: list[str] = []
     for samples in audio:
         pieces = [samples[i:i + _WINDOW] for i in range(0, max(len(samples), 1), _WINDOW)]
-        texts = backend.transcribe([(p.astype(np.float32) / 32768.0).astype(np.float32)
-                                    for p in pieces])
+        texts = backend.transcribe([int16_to_float32(p) for p in pieces])
         out.append(" ".join(t for t in texts if t))
     return out
 

@@ -12,14 +12,12 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from .audio.sources import iter_chunks
 from .config import Config
 from .engine.engine import Engine, Stream, StreamSummary
 from .events import SAMPLE_RATE, CaptionEvent, EngineEvent, Int16Array
 
-__all__ = ["FileJob", "LatencyLog", "feed_samples", "final_text", "silence", "transcribe_samples"]
+__all__ = ["FileJob", "LatencyLog", "feed_samples", "final_text", "transcribe_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +98,3 @@ def final_text(captions: Sequence[CaptionEvent]) -> str:
     """The finals of one stream joined in segment order (non-empty ones)."""
     finals = sorted((c for c in captions if c.final), key=lambda c: c.segment)
     return " ".join(c.text for c in finals if c.text)
-
-
-def silence(seconds: float) -> Int16Array:
-    return np.zeros(int(seconds * SAMPLE_RATE), dtype=np.int16)

@@ -306,6 +306,9 @@ class Engine:
             stream.session.requeue_failed_submit(req)
             return
         # Finals are never dropped: keep them in order and offer them again.
+        # The backlog holds only finals the full inbox refused, at most one
+        # per segment that ended meanwhile; it drains as fast as the worker
+        # decodes, and its length is in EngineStats and /metrics.
         self._backlog.append((stream, req))
         log.warning("model worker inbox full; %d final(s) waiting", len(self._backlog))
         self._schedule_retry()

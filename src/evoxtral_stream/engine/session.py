@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..audio.resample import int16_to_float32
 from ..audio.vad import Segmenter
 from ..config import StreamConfig, VadConfig
 from ..events import (
@@ -70,7 +71,7 @@ class _OpenSegment:
         data = np.concatenate(self.chunks) if self.chunks else np.zeros(0, np.int16)
         if end is not None:
             data = data[: max(0, end - self.start)]
-        return (data.astype(np.float32) / 32768.0).astype(np.float32)
+        return int16_to_float32(data)
 
 
 class StreamSession:
