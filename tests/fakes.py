@@ -13,7 +13,15 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["AdapterScriptedBackend", "GatedBackend", "ScriptedBackend", "words_so_far"]
+from evoxtral_stream.engine.backends.base import Done, Job
+
+__all__ = [
+    "AdapterScriptedBackend",
+    "GatedBackend",
+    "ScriptedBackend",
+    "SteppingScriptedBackend",
+    "words_so_far",
+]
 
 
 def words_so_far(audio: npt.NDArray[np.float32]) -> str:
@@ -89,3 +97,111 @@ class AdapterScriptedBackend(ScriptedBackend):
         self.adapter_calls.append(names)
         texts = super().transcribe(batch)
         return [f"{n or 'default'}: {t}" for n, t in zip(names, texts, strict=True)]
+
+
+class SteppingScriptedBackend(ScriptedBackend):
+    """Continuous batching with scripted text: one word of ``script(audio)`` per step.
+
+    Implements the SteppingBackend contract (admit/step/cancel/abort, one
+    adapter per running batch) and JobBackend. Records, under ``lock``:
+    ``admitted`` (lengths per admit call), ``cancelled`` (lengths),
+    ``max_active`` and ``steps``. ``step_delay_s`` makes each step take
+    time; ``fail_when`` applies to the one-call path as in ScriptedBackend;
+    ``fail_steps`` lists step numbers (1-based, counted over the
+    backend's life) that raise ``RuntimeError``; ``kill_steps`` ones that
+    raise ``kill_with`` (a BaseException: the worker thread dies).
+    """
+
+    name = "stepping-scripted"
+    adapter_names = ("default", "rl", "none")
+
+    def __init__(
+        self,
+        script: Callable[[npt.NDArray[np.float32]], str] | None = None,
+        *,
+        step_delay_s: float = 0.0,
+        fail_steps: Sequence[int] = (),
+        kill_steps: Sequence[int] = (),
+        kill_with: type[BaseException] = SystemExit,
+        fail_when: Callable[[npt.NDArray[np.float32]], bool] | None = None,
+    ) -> None:
+        super().__init__(script or (lambda a: " ".join(["w"] * (len(a) // 1000))),
+                         fail_when=fail_when)
+        self._step_delay = step_delay_s
+        self._fail_steps = set(fail_steps)
+        self._kill_steps = set(kill_steps)
+        self._kill_with = kill_with
+        self._rows: dict[Job, tuple[list[str], int]] = {}  # words, words done
+        self._adapter: str | None = None
+        self.admitted: list[list[int]] = []
+        self.cancelled: list[int] = []
+        self.adapters_together: list[set[str]] = []
+        self.max_active = 0
+        self.steps = 0
+        self.stepped = threading.Event()
+
+    @staticmethod
+    def _name(adapter: str | None) -> str:
+        return adapter or "default"
+
+    @property
+    def active(self) -> int:
+        return len(self._rows)
+
+    def can_admit(self, job: Job) -> bool:
+        return not self._rows or self._name(job.adapter) == self._adapter
+
+    def transcribe_jobs(self, jobs: Sequence[Job]) -> list[Done]:
+        texts = self.transcribe([j.audio for j in jobs])
+        return [Done(j, t, len(t.split())) for j, t in zip(jobs, texts, strict=True)]
+
+    def admit(self, jobs: Sequence[Job]) -> list[Done]:
+        if not all(self.can_admit(j) for j in jobs) or len(
+                {self._name(j.adapter) for j in jobs}) > 1:
+            raise RuntimeError("adapters mixed in one running batch")
+        with self.lock:
+            self.admitted.append([len(j.audio) for j in jobs])
+        done = []
+        for job in jobs:
+            words = self._script(job.audio).split()
+            if not words:
+                done.append(Done(job, "", 0))
+                continue
+            self._adapter = self._name(job.adapter)
+            self._rows[job] = (words, 0)
+        with self.lock:
+            self.max_active = max(self.max_active, len(self._rows))
+            self.adapters_together.append({self._name(j.adapter) for j in self._rows})
+        return done
+
+    def step(self) -> list[Done]:
+        self.steps += 1
+        if self._step_delay:
+            time.sleep(self._step_delay)
+        if self.steps in self._kill_steps:
+            raise self._kill_with("scripted death")
+        if self.steps in self._fail_steps:
+            raise RuntimeError("scripted step failure")
+        done = []
+        for job, (words, n) in list(self._rows.items()):
+            n += 1
+            if n >= len(words):
+                del self._rows[job]
+                done.append(Done(job, " ".join(words), len(words)))
+            else:
+                self._rows[job] = (words, n)
+        self.stepped.set()
+        return done
+
+    def cancel(self, job: Job) -> bool:
+        if job not in self._rows:
+            return False
+        del self._rows[job]
+        with self.lock:
+            self.cancelled.append(len(job.audio))
+        return True
+
+    def abort(self) -> list[Job]:
+        jobs = list(self._rows)
+        self._rows.clear()
+        return jobs

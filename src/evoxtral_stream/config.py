@@ -93,11 +93,13 @@ class StreamConfig:
     partial_interval_ms: int = field(metadata=_range(0, 60_000))
     min_partial_ms: int = field(metadata=_range(0, 30_000))
     final_replaces_stable: bool
+    prefix_reuse: str = field(metadata=_choices("off", "partials", "all"))
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
     max_queue: int = field(metadata=_range(1, 100_000))
+    batching: str = field(metadata=_choices("continuous", "batch"))
     max_batch: int = field(metadata=_range(1, 1024))
     max_wait_ms: int = field(metadata=_range(0, 1000))
     restart_limit: int = field(metadata=_range(0, 1000))
@@ -124,6 +126,7 @@ class VoxtralConfig:
     tokens_per_second: float = field(metadata=_range(0.5, 100.0))
     min_new_tokens: int = field(metadata=_range(1, 4096))
     attn_implementation: str = field(metadata=_choices("sdpa", "eager", "flash_attention_2"))
+    static_cache: bool
     adapters: dict[str, str]
 
     def __post_init__(self) -> None:

@@ -96,6 +96,9 @@ class DecodeRequest:
     ``revision`` increases with every request of a segment, so a newer request
     supersedes an older partial. ``ready_at`` is when the engine had the
     audio (the end-of-speech decision for a final); latency counts from it.
+    ``prefix`` is text already committed for this segment (``stream.prefix_reuse``):
+    a backend that supports it may continue from it instead of decoding it
+    again, so the hypothesis then starts with it; others ignore it.
     """
 
     stream: str
@@ -108,6 +111,7 @@ class DecodeRequest:
     ready_at: float
     forced_end: bool = False
     adapter: str | None = None
+    prefix: str = ""
 
 
 @dataclass(frozen=True)

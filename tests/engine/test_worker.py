@@ -28,7 +28,7 @@ def results(q: queue.Queue[WorkerResult], n: int) -> list[WorkerResult]:
 
 def wcfg(**kw: int) -> WorkerConfig:
     """The packaged [worker] defaults with ``kw`` changed."""
-    return dataclasses.replace(load_config(env={}).worker, **kw)
+    return dataclasses.replace(load_config(env={}).worker, **kw)  # type: ignore[arg-type]
 
 
 CFG = wcfg(max_queue=64, max_batch=4, max_wait_ms=0)

@@ -17,6 +17,18 @@ never blocks; it returns False when the inbox is full. Callers drop a refused
 partial (the next cadence tick asks again) and retry a refused final until it
 fits, so finals are never lost.
 
+Continuous batching (``batching = "continuous"`` and a backend that is a
+:class:`~.backends.base.SteppingBackend`): instead of one call per batch the
+worker admits requests into the backend's running batch and advances it one
+decode step at a time. Between steps it takes new requests from the inbox
+(without waiting while anything runs) and admits as many as free places
+allow (``max_batch`` running at once; finals first, then partials, each
+oldest first; one adapter per running batch). A request that supersedes a
+*running* partial cancels it: the stale decode stops at the next step. If
+``admit`` or ``step`` raises, the running batch is aborted and its requests
+go through the batch path below, so the same failure rules apply. Other
+backends always run the batch path.
+
 Failures: if the backend raises on a batch (an ``Exception``, CUDA out of
 memory included), the batch is retried in halves down to single requests; a
 request that fails alone yields a :class:`DecodeFailure` and the worker
@@ -49,7 +61,7 @@ from dataclasses import dataclass
 
 from ..config import WorkerConfig
 from ..events import DecodeFailure, DecodeRequest, Hypothesis, RequestKind
-from .backends.base import AdapterBackend, Backend
+from .backends.base import AdapterBackend, Backend, Done, Job, JobBackend, SteppingBackend
 
 __all__ = ["ModelWorker", "WorkerResult", "WorkerStats"]
 
@@ -78,6 +90,14 @@ class WorkerStats:
     pending: int
     restarts: int = 0
     ready: bool = True
+    cancelled: int = 0
+    """Running partials stopped mid-decode because a newer request superseded them."""
+    running: int = 0
+    """Requests in the continuous batch right now."""
+    steps: int = 0
+    """Continuous-batching decode steps."""
+    tokens: int = 0
+    """Tokens generated, as far as the backend reports them (prefixes not counted)."""
 
 
 class ModelWorker:
@@ -117,6 +137,11 @@ class ModelWorker:
         self._failed = 0
         self._busy_s = 0.0
         self._restarts = 0
+        self._cancelled = 0
+        self._steps = 0
+        self._tokens = 0
+        # Continuous batching: the requests running in the backend, by segment.
+        self._running: dict[tuple[str, int], tuple[Job, DecodeRequest]] = {}
         # Worker-thread state that must survive a restart.
         self._stopping = False          # the stop marker was taken from the inbox
         self._in_flight: list[DecodeRequest] = []  # taken, not yet answered
@@ -181,7 +206,16 @@ class ModelWorker:
                 decoded=self._decoded, failed=self._failed, busy_s=self._busy_s,
                 pending=self._inbox.qsize() + len(self._pending),
                 restarts=self._restarts, ready=self.ready,
+                cancelled=self._cancelled, running=len(self._running),
+                steps=self._steps, tokens=self._tokens,
             )
+
+    @property
+    def mode(self) -> str:
+        """"continuous" when the worker steps the backend, else "batch"."""
+        stepping = (self._cfg.batching == "continuous"
+                    and isinstance(self._backend, SteppingBackend))
+        return "continuous" if stepping else "batch"
 
     # --- worker thread ------------------------------------------------------
 
@@ -192,6 +226,16 @@ class ModelWorker:
             return False
         assert isinstance(item, DecodeRequest)
         key = (item.stream, item.segment)
+        running = self._running.get(key)
+        if running is not None:
+            old_req = running[1]
+            if old_req.kind is RequestKind.FINAL or item.revision < old_req.revision:
+                if item.kind is RequestKind.FINAL:
+                    log.warning("second final for %s segment %d ignored", *key)
+                with self._lock:
+                    self._superseded += 1
+                return True
+            self._cancel_running(key)
         old = self._pending.get(key)
         if old is not None:
             if old.kind is RequestKind.FINAL or item.revision < old.revision:
@@ -247,11 +291,23 @@ class ModelWorker:
             running = self._absorb(item)
         return running
 
+    def _cancel_running(self, key: tuple[str, int]) -> None:
+        job, req = self._running.pop(key)
+        assert isinstance(self._backend, SteppingBackend)
+        self._backend.cancel(job)
+        self._answered(req)
+        with self._lock:
+            self._cancelled += 1
+
     def _main(self, reload: bool) -> None:
         try:
             if reload:
                 self._reload()
                 self._loading = False
+                if isinstance(self._backend, SteppingBackend):
+                    # The same backend object may come back (no factory):
+                    # rows of the dead thread's batch must not linger in it.
+                    self._backend.abort()
             self._run()
         except BaseException as e:  # the thread's last line of defence: restart
             self._died(e)
@@ -280,6 +336,7 @@ class ModelWorker:
         """On the dying thread: requeue or fail what it held, start a successor."""
         log.critical("model worker died: %s: %s", type(e).__name__, e, exc_info=e)
         held, self._in_flight = self._in_flight, []
+        self._running = {}  # the backend's running batch died with the thread
         for req in held:
             if req in self._died_on:
                 # In flight at an earlier death too: it may be what kills the
@@ -316,8 +373,12 @@ class ModelWorker:
         return DecodeFailure(req.stream, req.segment, req.revision, req.kind, message)
 
     def _run(self) -> None:
-        log.info("model worker started (backend: %s)", self._backend.name)
-        while not self._stopping or self._pending:
+        log.info("model worker started (backend: %s, %s batching)", self._backend.name,
+                 self.mode)
+        while not self._stopping or self._pending or self._running:
+            if self._down is None and self.mode == "continuous":
+                self._continuous_round()
+                continue
             if not self._stopping:
                 self._fill()
             batch = self._next_batch()
@@ -333,7 +394,130 @@ class ModelWorker:
             self._decode(batch)
         log.info("model worker stopped")
 
+    # --- continuous batching ----------------------------------------------
+
+    def _continuous_round(self) -> None:
+        """Take new work, admit what fits, run one decode step."""
+        backend = self._backend
+        assert isinstance(backend, SteppingBackend)
+        if not self._stopping:
+            if self._running:
+                self._drain_inbox()
+            else:
+                self._fill()
+        admitting = self._admissible(backend)
+        if admitting:
+            self._report_lag(self._clock() - min(r.ready_at for r in admitting))
+            self._admit(backend, admitting)
+        if self._running:
+            self._step(backend)
+
+    def _drain_inbox(self) -> None:
+        """Absorb what is in the inbox without waiting: a batch is running."""
+        while not self._stopping:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._absorb(item)
+
+    def _admissible(self, backend: SteppingBackend) -> list[DecodeRequest]:
+        """Pending requests to admit now, taken out of the pending set."""
+        free = self._cfg.max_batch - len(self._running)
+        if free <= 0 or not self._pending:
+            return []
+        order = sorted(self._pending.values(),
+                       key=lambda r: (r.kind is not RequestKind.FINAL, r.ready_at))
+        chosen: list[DecodeRequest] = []
+        for req in order:
+            if len(chosen) >= free:
+                break
+            if self._running:
+                try:
+                    ok = backend.can_admit(_job(req))
+                except Exception:  # an unknown adapter: admitted alone later, failing there
+                    ok = False
+            else:
+                # One adapter per running batch: the first request picks it.
+                ok = not chosen or req.adapter == chosen[0].adapter
+            if not ok:
+                # Head-of-line: admit nothing behind a request that must wait
+                # for another adapter, so the batch drains and switches to it.
+                break
+            chosen.append(req)
+        for req in chosen:
+            del self._pending[(req.stream, req.segment)]
+        return chosen
+
+    def _admit(self, backend: SteppingBackend, batch: list[DecodeRequest]) -> None:
+        jobs = [_job(r) for r in batch]
+        self._in_flight.extend(batch)
+        start = self._clock()
+        try:
+            done = backend.admit(jobs)
+        except Exception as e:
+            self._continuous_failed(backend, e, batch, start)
+            return
+        with self._lock:
+            self._busy_s += self._clock() - start
+            self._batches += 1
+        for job, req in zip(jobs, batch, strict=True):
+            self._running[(req.stream, req.segment)] = (job, req)
+        self._finish(done)
+
+    def _step(self, backend: SteppingBackend) -> None:
+        start = self._clock()
+        try:
+            done = backend.step()
+        except Exception as e:
+            self._continuous_failed(backend, e, [], start)
+            return
+        with self._lock:
+            self._busy_s += self._clock() - start
+            self._steps += 1
+        self._finish(done)
+
+    def _finish(self, done: list[Done]) -> None:
+        if not done:
+            return
+        now = self._clock()
+        with self._lock:
+            self._decoded += len(done)
+            self._tokens += sum(d.tokens for d in done)
+        self._deaths_in_a_row = 0
+        for d in done:
+            req = d.job.key
+            assert isinstance(req, DecodeRequest)
+            key = (req.stream, req.segment)
+            if key in self._running and self._running[key][0] is d.job:
+                del self._running[key]
+            self._answered(req)
+            self._deliver(_hypothesis(req, d.text, now))
+
+    def _continuous_failed(self, backend: SteppingBackend, e: Exception,
+                           admitting: list[DecodeRequest], start: float) -> None:
+        """Abort the running batch; its requests take the batch path's failure rules."""
+        with self._lock:
+            self._busy_s += self._clock() - start
+        if "out of memory" in str(e).lower():
+            _release_cuda_cache()
+        backend.abort()  # raising here kills the thread: the restart path takes over
+        held = [req for _, req in self._running.values()]
+        held += [r for r in admitting if all(r is not h for h in held)]
+        self._running = {}
+        log.warning("continuous batch failed (%s: %s); decoding its %d request(s) again "
+                    "as plain batches", type(e).__name__, e, len(held))
+        for i in range(0, len(held), self._cfg.max_batch):
+            self._decode(held[i:i + self._cfg.max_batch])
+
+    # --- batch path --------------------------------------------------------
+
     def _transcribe(self, batch: list[DecodeRequest]) -> list[str]:
+        if isinstance(self._backend, JobBackend):
+            done = self._backend.transcribe_jobs([_job(r) for r in batch])
+            with self._lock:
+                self._tokens += sum(d.tokens for d in done)
+            return [d.text for d in done]
         audio = [r.audio for r in batch]
         if all(r.adapter is None for r in batch):
             return self._backend.transcribe(audio)
@@ -375,12 +559,7 @@ class ModelWorker:
         self._deaths_in_a_row = 0
         for req, text in zip(batch, texts, strict=True):
             self._answered(req)
-            self._deliver(Hypothesis(
-                stream=req.stream, segment=req.segment, revision=req.revision,
-                kind=req.kind, text=text, start_sample=req.start_sample,
-                end_sample=req.end_sample, ready_at=req.ready_at, done_at=done,
-                forced_end=req.forced_end,
-            ))
+            self._deliver(_hypothesis(req, text, done))
 
     def _answered(self, req: DecodeRequest) -> None:
         # Out of the in-flight set before delivery: a death after this point
@@ -388,6 +567,18 @@ class ModelWorker:
         if req in self._in_flight:
             self._in_flight.remove(req)
         self._died_on.discard(req)
+
+
+def _job(req: DecodeRequest) -> Job:
+    return Job(key=req, audio=req.audio, adapter=req.adapter, prefix=req.prefix)
+
+
+def _hypothesis(req: DecodeRequest, text: str, done_at: float) -> Hypothesis:
+    return Hypothesis(
+        stream=req.stream, segment=req.segment, revision=req.revision, kind=req.kind,
+        text=text, start_sample=req.start_sample, end_sample=req.end_sample,
+        ready_at=req.ready_at, done_at=done_at, forced_end=req.forced_end,
+    )
 
 
 def _release_cuda_cache() -> None:

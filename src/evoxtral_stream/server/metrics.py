@@ -108,6 +108,8 @@ class _StatsCollector(Collector):
                 "evoxtral_finals_backlog": ("Finals refused by a full inbox, waiting.",
                                             st.finals_backlog),
                 "evoxtral_streams_open": ("Streams open now.", st.streams),
+                "evoxtral_worker_running": ("Requests in the continuous batch now.",
+                                            w.running),
                 "evoxtral_real_time_factor": (
                     "Model busy seconds per second of audio received (below 1: keeps up).",
                     w.busy_s / st.audio_s if st.audio_s else 0.0),
@@ -121,8 +123,14 @@ class _StatsCollector(Collector):
                                               st.partials_refused),
                 "evoxtral_worker_superseded": ("Pending requests superseded by newer ones.",
                                                w.superseded),
+                "evoxtral_worker_cancelled": (
+                    "Running partials stopped mid-decode by a newer request.", w.cancelled),
                 "evoxtral_worker_decoded": ("Requests decoded.", w.decoded),
-                "evoxtral_worker_batches": ("Backend calls that succeeded.", w.batches),
+                "evoxtral_worker_batches": (
+                    "Backend calls (batches, or admissions to the continuous batch) "
+                    "that succeeded.", w.batches),
+                "evoxtral_worker_steps": ("Continuous-batching decode steps.", w.steps),
+                "evoxtral_tokens_generated": ("Tokens the model generated.", w.tokens),
                 "evoxtral_decode_failures": ("Requests answered with a decode failure.",
                                              w.failed),
                 "evoxtral_worker_restarts": ("Model thread restarts after a death.",

@@ -106,3 +106,38 @@ def test_adapters_per_request_group_into_one_call_each(
 def test_unmerged_default_equals_merged(merged: VoxtralBackend, unmerged: VoxtralBackend) -> None:
     batch = audio_batch([2.5, 8.0], seed=4)
     assert merged.generate_tokens(batch) == unmerged.generate_tokens(batch)
+
+
+def test_prefix_is_continued_from_and_counts_against_the_budget(merged: VoxtralBackend) -> None:
+    batch = audio_batch([4.0, 9.0], seed=5)
+    plain = merged.generate_tokens(batch)
+    assert all(len(row) >= 4 for row in plain)
+    prefixes = [row[:3] for row in plain]
+    rest = merged.generate_tokens(batch, prefixes=prefixes)
+    # Greedy decoding fed its own first tokens writes the same continuation.
+    assert [p + r for p, r in zip(prefixes, rest, strict=True)] == plain
+    for r, a in zip(rest, batch, strict=True):
+        assert len(r) <= merged.row_budget(len(a), 3)
+    assert merged.row_budget(16000, 100) == 1    # a long prefix never silences the rest
+
+
+def test_force_tokens_generates_whole_budgets(merged: VoxtralBackend) -> None:
+    batch = audio_batch([1.0, 5.0, 9.0], seed=6)
+    merged.force_tokens = True
+    try:
+        before = merged.tokens_generated
+        rows = merged.generate_tokens(batch)
+    finally:
+        merged.force_tokens = False
+    budgets = [merged.max_new_tokens(len(a)) for a in batch]
+    assert [len(r) for r in rows] == budgets
+    assert merged.tokens_generated - before == sum(budgets)
+
+
+def test_static_cache_equals_dynamic(merged: VoxtralBackend) -> None:
+    import dataclasses
+
+    batch = audio_batch([3.0, 7.0, 1.0], seed=7)
+    dynamic = merged.generate_tokens(batch)
+    static = VoxtralBackend(merged.loaded, dataclasses.replace(merged._cfg, static_cache=True))
+    assert static.generate_tokens(batch) == dynamic

@@ -2,39 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
 from importlib import resources
 
-import numpy as np
-import numpy.typing as npt
 import pytest
 
 from evoxtral_stream.audio.sources import read_audio_file
 from evoxtral_stream.config import load_config
+from evoxtral_stream.engine.backends.base import Done, Job
 from evoxtral_stream.engine.backends.voxtral.backend import VoxtralBackend
 from evoxtral_stream.engine.engine import Engine
-from evoxtral_stream.events import StreamEnded
+from evoxtral_stream.events import CaptionEvent, StreamEnded
 from evoxtral_stream.run import FileJob, LatencyLog, transcribe_samples
 
 
-async def test_speech_file_through_the_engine(
-    merged: VoxtralBackend, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    cfg = load_config()
+async def _run(backend: VoxtralBackend, batching: str) -> tuple[list[CaptionEvent], LatencyLog]:
+    base = load_config()
+    cfg = dataclasses.replace(base, worker=dataclasses.replace(base.worker, batching=batching))
     samples = read_audio_file(str(resources.files("evoxtral_stream").joinpath("data/sample.ogg")))
-    written: list[str] = []
-    calls: list[int] = []
-    real = merged.transcribe
-
-    def recording(batch: Sequence[npt.NDArray[np.float32]]) -> list[str]:
-        calls.append(len(batch))
-        texts = real(batch)
-        written.extend(texts)
-        return texts
-
-    monkeypatch.setattr(merged, "transcribe", recording)
     record = LatencyLog()
-    async with Engine(cfg, merged) as engine:
+    async with Engine(cfg, backend) as engine:
         engine.add_listener(record)
         (summary,) = await transcribe_samples(
             cfg, engine, [FileJob("sample", samples)], realtime=False
@@ -44,10 +31,47 @@ async def test_speech_file_through_the_engine(
     assert summary.finals == len(finals) == 5  # five sentences in the sample
     assert any(not c.final for c in captions), "partials come before finals"
     assert isinstance(record.events[-1], StreamEnded)
-    assert calls, "the engine decoded through the Voxtral backend"
+    return finals, record
+
+
+async def test_speech_file_through_the_engine_in_both_batching_modes(
+    merged: VoxtralBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written: list[str] = []
+    admitted: list[int] = []
+    real_batch, real_step, real_admit = merged.transcribe_jobs, merged.step, merged.admit
+
+    def batch_path(jobs: list[Job]) -> list[Done]:
+        done = real_batch(jobs)
+        written.extend(d.text for d in done)
+        return done
+
+    def admit(jobs: list[Job]) -> list[Done]:
+        admitted.append(len(jobs))
+        done = real_admit(jobs)
+        written.extend(d.text for d in done)
+        return done
+
+    def step() -> list[Done]:
+        done = real_step()
+        written.extend(d.text for d in done)
+        return done
+
+    monkeypatch.setattr(merged, "transcribe_jobs", batch_path)
+    monkeypatch.setattr(merged, "admit", admit)
+    monkeypatch.setattr(merged, "step", step)
+
+    continuous, _ = await _run(merged, "continuous")
+    assert admitted, "the continuous mode stepped the Voxtral backend"
+    stepped = list(written)
+    written.clear()
+    batch, _ = await _run(merged, "batch")
+    assert written, "the batch mode called the backend once per batch"
+    # Greedy decoding gives the same finals whichever way requests are batched.
+    assert [c.text for c in continuous] == [c.text for c in batch]
     # The random model's words are arbitrary, but every word of every final
     # comes from the backend (the merger may keep a partial's stable words).
-    words = {w for t in written for w in t.split()}
-    for c in finals:
+    words = {w for t in stepped + written for w in t.split()}
+    for c in continuous:
         assert c.text
         assert set(c.text.split()) <= words, c.text

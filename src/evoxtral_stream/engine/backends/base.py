@@ -1,14 +1,34 @@
-"""The one interface between the engine and a speech model."""
+"""The one interface between the engine and a speech model.
+
+Three levels, each optional beyond the first:
+
+- :class:`Backend`: ``transcribe(batch)``, one text per array;
+- :class:`JobBackend`: ``transcribe_jobs(jobs)``, with an adapter and a
+  committed text prefix per request;
+- :class:`SteppingBackend`: continuous batching. Jobs join a running batch
+  (``admit``) and leave it when done, between single decode steps
+  (``step``), so a final never waits for a long batch to finish.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["AdapterBackend", "Backend", "BackendError", "BackendUnavailable"]
+__all__ = [
+    "AdapterBackend",
+    "Backend",
+    "BackendError",
+    "BackendUnavailable",
+    "Done",
+    "Job",
+    "JobBackend",
+    "SteppingBackend",
+]
 
 
 class BackendError(RuntimeError):
@@ -53,3 +73,67 @@ class AdapterBackend(Backend, Protocol):
         batch: Sequence[npt.NDArray[np.float32]],
         adapters: Sequence[str | None] | None = None,
     ) -> list[str]: ...
+
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    """One request as a backend sees it; compared by identity.
+
+    ``prefix`` is text the backend may continue from instead of decoding it
+    again (the text returned then starts with it); "" decodes from scratch.
+    ``key`` is the caller's handle, returned untouched.
+    """
+
+    key: object
+    audio: npt.NDArray[np.float32]
+    adapter: str | None = None
+    prefix: str = ""
+
+
+@dataclass(frozen=True)
+class Done:
+    """A job's result: its text, and how many tokens the model generated for it."""
+
+    job: Job
+    text: str
+    tokens: int = 0
+
+
+@runtime_checkable
+class JobBackend(Backend, Protocol):
+    """A backend that takes :class:`Job` objects: adapter and prefix per request."""
+
+    def transcribe_jobs(self, jobs: Sequence[Job]) -> list[Done]: ...
+
+
+@runtime_checkable
+class SteppingBackend(JobBackend, Protocol):
+    """Continuous batching: jobs join and leave a running batch between steps.
+
+    Contract, for the one thread that owns the model:
+
+    - ``admit(jobs)`` encodes and prefills ``jobs`` and adds them to the
+      running batch; it returns the ones already done (nothing to generate).
+      Only jobs for which ``can_admit`` is true may be given.
+    - ``step()`` generates one token for every running job and returns those
+      that finished (EOS or their token budget).
+    - ``cancel(job)`` drops a running job (its result is no longer wanted);
+      False if it is not running.
+    - ``abort()`` drops every running job and returns them, leaving the
+      backend empty and usable; the owner calls it after ``admit`` or
+      ``step`` raised, and decides what to do with those jobs.
+    - ``active`` is the number of running jobs.
+    """
+
+    @property
+    def active(self) -> int: ...
+
+    def can_admit(self, job: Job) -> bool: ...
+
+    def admit(self, jobs: Sequence[Job]) -> list[Done]: ...
+
+    def step(self) -> list[Done]: ...
+
+    def cancel(self, job: Job) -> bool: ...
+
+    def abort(self) -> list[Job]: ...

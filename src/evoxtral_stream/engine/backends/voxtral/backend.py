@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -26,12 +26,15 @@ from torch import nn
 from transformers import StoppingCriteria as _StoppingCriteria
 
 from evoxtral_stream.config import VoxtralConfig
-from evoxtral_stream.engine.backends.base import BackendError, BackendUnavailable
+from evoxtral_stream.engine.backends.base import BackendError, BackendUnavailable, Done, Job
 
 from .adapter import AdapterError, attach_adapter
 from .features import LogMel
 from .prompt import PromptSpec, Tokenizer
 from .resolve import Kind, Resolved, resolve
+
+if TYPE_CHECKING:
+    from .continuous import ContinuousDecoder
 
 __all__ = [
     "DEFAULT_ADAPTER",
@@ -302,6 +305,12 @@ class VoxtralBackend:
         self._cfg = cfg
         self._default = DEFAULT_ADAPTER if DEFAULT_ADAPTER in loaded.adapters else NO_ADAPTER
         self.name = "voxtral" if self._default == NO_ADAPTER else "voxtral+lora"
+        self.force_tokens = False
+        """Benchmarks only: hold EOS back so every row generates its whole
+        budget (random weights never stop by themselves)."""
+        self.tokens_generated = 0
+        """Tokens generated since load, prefixes not counted (for benchmarks)."""
+        self._decoder: ContinuousDecoder | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -342,6 +351,22 @@ class VoxtralBackend:
             peft_model.set_adapter(name)
             yield
 
+    def row_budget(self, samples: int, prefix_tokens: int) -> int:
+        """New tokens a row may generate after a prefix of ``prefix_tokens``.
+
+        The budget for the audio (:meth:`max_new_tokens`) less the prefix,
+        and at least one token, so a prefix never silences the rest.
+        """
+        return max(1, self.max_new_tokens(samples) - prefix_tokens)
+
+    def encode_prefix(self, text: str) -> list[int]:
+        """Tokens of committed text, as the model would have written them."""
+        text = text.strip()
+        if not text:
+            return []
+        tok: Any = self.loaded.tokenizer
+        return cast(list[int], tok.encode(text, False, False))
+
     def generate_tokens(
         self,
         batch: Sequence[Audio],
@@ -349,33 +374,42 @@ class VoxtralBackend:
         adapter: str | None = None,
         max_new_tokens: int | None = None,
         min_new_tokens: int = 0,
+        prefixes: Sequence[Sequence[int]] | None = None,
     ) -> list[list[int]]:
         """Greedy new tokens for every array of ``batch`` in one ``generate`` call.
 
-        Each row gets its own budget, :meth:`max_new_tokens` of its own length
+        Each row gets its own budget, :meth:`row_budget` of its own length
         (or ``max_new_tokens`` for all), so a row decodes the same alone as in
         any batch; the call ends when every row met EOS or its budget. Rows
         are returned without the EOS. ``min_new_tokens`` holds EOS back (for
-        benchmarks).
+        benchmarks; :attr:`force_tokens` holds it back for whole budgets).
+        ``prefixes`` (token ids per row) are fed after the prompt and
+        continued from; they are not part of the rows returned.
         """
         from transformers import GenerationConfig, StoppingCriteriaList
 
         spec = self.spec
         arrays = [_as_audio(a) for a in batch]
+        pre = [list(p) for p in prefixes] if prefixes is not None else [[] for _ in arrays]
+        if len(pre) != len(arrays):
+            raise BackendError(f"{len(pre)} prefixes for {len(arrays)} requests")
         if max_new_tokens is None:
-            budgets = [self.max_new_tokens(len(a)) for a in arrays]
+            budgets = [self.row_budget(len(a), len(p)) for a, p in zip(arrays, pre, strict=True)]
         else:
             budgets = [max_new_tokens] * len(arrays)
-        rows, masks = spec.left_padded([len(a) for a in arrays])
+        if self.force_tokens:
+            min_new_tokens = max(budgets)
+        rows, masks = spec.left_padded([len(a) for a in arrays], pre)
         device = self.loaded.device
         gen = cast(Any, GenerationConfig)(
             do_sample=False,
             num_beams=1,
             max_new_tokens=max(budgets),
-            min_new_tokens=min(min_new_tokens, min(budgets)),
+            min_new_tokens=min(min_new_tokens, max(budgets)),
             eos_token_id=spec.eos,
             pad_token_id=spec.pad,
             bos_token_id=spec.bos,
+            **({"cache_implementation": "static"} if self._cfg.static_cache else {}),
         )
         with torch.inference_mode(), self.use_adapter(adapter):
             ids = torch.tensor(rows, dtype=torch.long).to(device, non_blocking=True)
@@ -402,6 +436,7 @@ class VoxtralBackend:
             row = row[:budget]
             cut = row.index(spec.eos) if spec.eos in row else len(row)
             result.append(row[:cut])
+        self.tokens_generated += sum(len(r) for r in result)
         return result
 
     def decode(self, tokens: Sequence[int]) -> str:
@@ -424,17 +459,59 @@ class VoxtralBackend:
             adapters = [None] * len(batch)
         if len(adapters) != len(batch):
             raise BackendError(f"{len(adapters)} adapter names for {len(batch)} requests")
+        jobs = [Job(i, a, n) for i, (a, n) in enumerate(zip(batch, adapters, strict=True))]
+        return [d.text for d in self.transcribe_jobs(jobs)]
+
+    def transcribe_jobs(self, jobs: Sequence[Job]) -> list[Done]:
+        """One :class:`Done` per job, in order: one ``generate`` per adapter.
+
+        A job's ``prefix`` is tokenized and continued from, so its text
+        starts with the prefix. Raises like :meth:`transcribe`.
+        """
         groups: dict[str, list[int]] = {}
-        for i, (audio, name) in enumerate(zip(batch, adapters, strict=True)):
-            chosen = self._adapter(name)
-            if len(audio):
+        for i, job in enumerate(jobs):
+            chosen = self._adapter(job.adapter)
+            if len(job.audio):
                 groups.setdefault(chosen, []).append(i)
-        texts = [""] * len(batch)
+        done = [Done(job, "") for job in jobs]
         for name, idx in groups.items():
-            rows = self.generate_tokens([batch[i] for i in idx], adapter=name)
-            for i, row in zip(idx, rows, strict=True):
-                texts[i] = self.decode(row).strip()
-        return texts
+            prefixes = [self.encode_prefix(jobs[i].prefix) for i in idx]
+            rows = self.generate_tokens([jobs[i].audio for i in idx], adapter=name,
+                                        prefixes=prefixes)
+            for i, pre, row in zip(idx, prefixes, rows, strict=True):
+                done[i] = Done(jobs[i], self.decode(pre + row).strip(), len(row))
+        return done
+
+    # --- continuous batching (SteppingBackend); see .continuous -------------
+
+    @property
+    def decoder(self) -> ContinuousDecoder:
+        """The continuous-batching decoder, made on first use."""
+        if self._decoder is None:
+            from .continuous import ContinuousDecoder
+
+            self._decoder = ContinuousDecoder(self)
+        return self._decoder
+
+    @property
+    def active(self) -> int:
+        """Jobs running in the continuous batch."""
+        return 0 if self._decoder is None else self._decoder.active
+
+    def can_admit(self, job: Job) -> bool:
+        return self.decoder.can_admit(job)
+
+    def admit(self, jobs: Sequence[Job]) -> list[Done]:
+        return self.decoder.admit(jobs)
+
+    def step(self) -> list[Done]:
+        return self.decoder.step()
+
+    def cancel(self, job: Job) -> bool:
+        return self._decoder is not None and self._decoder.cancel(job)
+
+    def abort(self) -> list[Job]:
+        return [] if self._decoder is None else self._decoder.abort()
 
 
 class _RowBudgets(_StoppingCriteria):

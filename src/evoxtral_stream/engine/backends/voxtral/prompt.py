@@ -118,12 +118,17 @@ class PromptSpec:
             self.transcribe,
         ]
 
-    def left_padded(self, lengths: Sequence[int]) -> tuple[list[list[int]], list[list[int]]]:
+    def left_padded(
+        self, lengths: Sequence[int], suffixes: Sequence[Sequence[int]] | None = None
+    ) -> tuple[list[list[int]], list[list[int]]]:
         """Prompts for audio of ``lengths`` samples, left-padded to one length.
 
-        Returns (ids, attention masks), one row per length.
+        ``suffixes`` (one per row) are appended after each prompt: the tokens
+        of a committed prefix the model continues from. Returns (ids,
+        attention masks), one row per length.
         """
-        rows = [self.ids(n) for n in lengths]
+        tails = suffixes if suffixes is not None else [()] * len(lengths)
+        rows = [self.ids(n) + list(t) for n, t in zip(lengths, tails, strict=True)]
         width = max(len(r) for r in rows)
         ids = [[self.pad] * (width - len(r)) + r for r in rows]
         masks = [[0] * (width - len(r)) + [1] * len(r) for r in rows]

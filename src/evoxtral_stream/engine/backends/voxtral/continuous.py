@@ -1,0 +1,348 @@
+"""Continuous batching for the Voxtral backend: jobs join and leave between steps.
+
+:class:`ContinuousDecoder` runs its own greedy loop instead of ``generate``.
+New jobs are prefilled together (one audio-encoder pass for every window of
+every new job) into a fresh KV cache, which is then merged into the running
+batch; each :meth:`ContinuousDecoder.step` feeds every running row its last
+token. Rows of different lengths share one cache by left padding: a row's
+real tokens are the last columns of its cache row, the columns before them
+are zeros that the attention mask hides, and each row's positions count its
+real tokens from 0, exactly as ``generate`` numbers left-padded prompts. So
+a job decodes to the same tokens whatever else runs beside it.
+
+Finished rows leave the batch at once, and the leading columns no remaining
+row needs are cut off, so the cache is never wider than the longest running
+row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, cast
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from evoxtral_stream.engine.backends.base import BackendError, Done, Job
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    from .backend import VoxtralBackend
+
+__all__ = ["ContinuousDecoder"]
+
+Audio = npt.NDArray[np.float32]
+
+
+@dataclass(eq=False)
+class _Row:
+    """One running job: what it continues from, what it generated, how long it is."""
+
+    job: Job
+    prefix: list[int]
+    budget: int
+    length: int
+    """Real (unpadded) tokens of this row in the cache."""
+    tokens: list[int] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Batch:
+    """Rows sharing one left-padded KV cache, all waiting for their next token.
+
+    ``mask`` is (rows, width) with a row's ones in its last ``length``
+    columns; ``pos`` is each row's position for the token in ``next``, which
+    is not in the cache yet.
+    """
+
+    rows: list[_Row]
+    cache: DynamicCache
+    mask: torch.Tensor
+    pos: torch.Tensor
+    next: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        return int(self.mask.shape[1])
+
+    def select(self, keep: Sequence[int]) -> None:
+        """Keep only rows ``keep`` (ascending, non-empty) and cut the leading
+        columns that are padding in all of them."""
+        rows = [self.rows[i] for i in keep]
+        # Lengths live on the host, so trimming costs no device sync.
+        cut = self.width - max(r.length for r in rows)
+        if len(rows) == len(self.rows) and not cut:
+            return
+        idx = torch.tensor(keep, dtype=torch.long).to(self.mask.device, non_blocking=True)
+        # Indexing copies, so the old, wider tensors are freed at once. All
+        # copies are made before any is kept: out of memory changes nothing.
+        kv = [(k[idx, :, cut:], v[idx, :, cut:]) for k, v in map(_kv, _layers(self.cache))]
+        mask, pos, nxt = self.mask[idx, cut:], self.pos[idx], self.next[idx]
+        for layer, (k, v) in zip(_layers(self.cache), kv, strict=True):
+            layer.keys, layer.values = k, v
+        self.mask, self.pos, self.next, self.rows = mask, pos, nxt, rows
+
+    def merge(self, other: _Batch) -> None:
+        """Append ``other``'s rows, left-padding both caches to one width;
+        out of memory changes nothing."""
+        width = max(self.width, other.width)
+        kv = [
+            (_stack(k1, k2, width), _stack(v1, v2, width))
+            for (k1, v1), (k2, v2) in zip(
+                map(_kv, _layers(self.cache)), map(_kv, _layers(other.cache)), strict=True
+            )
+        ]
+        mask = _stack(self.mask, other.mask, width)
+        pos = torch.cat([self.pos, other.pos])
+        nxt = torch.cat([self.next, other.next])
+        for layer, (k, v) in zip(_layers(self.cache), kv, strict=True):
+            layer.keys, layer.values = k, v
+        self.mask, self.pos, self.next = mask, pos, nxt
+        self.rows = self.rows + other.rows
+
+
+def _layers(cache: DynamicCache) -> list[DynamicLayer]:
+    # ContinuousDecoder checks that every layer is a plain DynamicLayer.
+    return cast("list[DynamicLayer]", cache.layers)
+
+
+def _kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
+    """A filled layer's (batch, heads, columns, dim) keys and values."""
+    assert layer.keys is not None
+    assert layer.values is not None
+    return layer.keys, layer.values
+
+
+def _stack(a: torch.Tensor, b: torch.Tensor, width: int) -> torch.Tensor:
+    """``a`` over ``b`` along the batch, each right-aligned in ``width`` columns
+    of the sequence dimension (the third of four, or the second of two)."""
+    seq = 2 if a.dim() == 4 else 1
+    shape = list(a.shape)
+    shape[0] = a.shape[0] + b.shape[0]
+    shape[seq] = width
+    out = a.new_zeros(shape)
+    out[: a.shape[0]].narrow(seq, width - a.shape[seq], a.shape[seq]).copy_(a)
+    out[a.shape[0] :].narrow(seq, width - b.shape[seq], b.shape[seq]).copy_(b)
+    return out
+
+
+def _as_audio(a: npt.NDArray[Any]) -> Audio:
+    arr = np.asarray(a, dtype=np.float32)
+    if arr.ndim != 1:
+        raise BackendError(f"audio must be mono (1-D), got shape {arr.shape}")
+    return arr
+
+
+class ContinuousDecoder:
+    """Greedy continuous batching over a :class:`VoxtralBackend`'s model.
+
+    Implements the :class:`~evoxtral_stream.engine.backends.base.SteppingBackend`
+    contract; one thread only. Every running job uses one adapter. A job
+    decodes to the same text and token count as
+    ``backend.transcribe_jobs([job])`` alone, whenever it was admitted.
+    """
+
+    def __init__(self, backend: VoxtralBackend) -> None:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        self.backend = backend
+        self._model: Any = cast(Any, backend.model)
+        # Padding and trimming the cache in place assumes every layer keeps
+        # all its columns; sliding-window or other layers would not.
+        kinds = {type(layer) for layer in DynamicCache(config=self._model.config).layers}
+        if kinds - {DynamicLayer}:
+            names = ", ".join(sorted(k.__name__ for k in kinds))
+            raise BackendError(f"continuous batching needs full-attention layers, not {names}")
+        self._batch: _Batch | None = None
+        self._adapter: str | None = None
+
+    @property
+    def active(self) -> int:
+        """Jobs running."""
+        return 0 if self._batch is None else len(self._batch.rows)
+
+    @property
+    def width(self) -> int:
+        """Columns of the shared KV cache: the longest running row's tokens."""
+        return 0 if self._batch is None else self._batch.width
+
+    def can_admit(self, job: Job) -> bool:
+        """True when nothing runs or ``job``'s adapter is the running one.
+
+        Raises :class:`BackendError` for an adapter the backend does not have.
+        """
+        name = self.backend._adapter(job.adapter)
+        return self._batch is None or name == self._adapter
+
+    def admit(self, jobs: Sequence[Job]) -> list[Done]:
+        """Prefill ``jobs`` together and add them to the running batch.
+
+        Returns the jobs already done: empty audio (text "") and rows whose
+        first token ended them. All jobs must share one adapter, the running
+        one if anything runs; otherwise, or for an unknown adapter, a
+        non-mono array or a job already running, raises :class:`BackendError`
+        before anything changes. Out of GPU memory raises it too (the running
+        rows are left as they were); the owner then calls :meth:`abort`.
+        """
+        names = {self.backend._adapter(job.adapter) for job in jobs}
+        running = set() if self._batch is None else {id(r.job) for r in self._batch.rows}
+        if len(names) > 1:
+            raise BackendError(f"one admit takes one adapter, not {', '.join(sorted(names))}")
+        if self._batch is not None and names - {self._adapter}:
+            raise BackendError(f"adapter {names.pop()} cannot join while {self._adapter} runs")
+        if len({id(j) for j in jobs} | running) < len(jobs) + len(running):
+            raise BackendError("a job was admitted twice")
+        arrays = [_as_audio(job.audio) for job in jobs]
+        done = [Done(job, "") for job, a in zip(jobs, arrays, strict=True) if not len(a)]
+        todo = [(job, a) for job, a in zip(jobs, arrays, strict=True) if len(a)]
+        if not todo:
+            return done
+        name = names.pop()
+        try:
+            with torch.inference_mode():
+                batch = self._prefill(name, todo)
+                keep = self._advance(batch, batch.next.tolist(), done)
+                if keep:
+                    batch.select(keep)
+                    if self._batch is None:
+                        self._batch, self._adapter = batch, name
+                    else:
+                        self._batch.merge(batch)
+        except torch.cuda.OutOfMemoryError:
+            longest = max(len(a) for _, a in todo) / self.backend.spec.sampling_rate
+            raise BackendError(
+                f"out of GPU memory admitting {len(todo)} requests "
+                f"({longest:.1f} s longest) beside {self.active}; lower worker.max_batch"
+            ) from None
+        return done
+
+    def step(self) -> list[Done]:
+        """Generate one token for every running job; return those that finished.
+
+        Nothing running: returns []. Out of GPU memory raises
+        :class:`BackendError`; the owner then calls :meth:`abort`.
+        """
+        batch = self._batch
+        if batch is None:
+            return []
+        done: list[Done] = []
+        try:
+            with torch.inference_mode():
+                mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+                with self.backend.use_adapter(self._adapter):
+                    out = self._model(
+                        input_ids=batch.next[:, None],
+                        attention_mask=mask,
+                        position_ids=batch.pos[:, None],
+                        cache=batch.cache,
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
+                batch.mask = mask
+                batch.pos = batch.pos + 1
+                batch.next = self._pick(out.logits[:, -1])
+                for row in batch.rows:
+                    row.length += 1
+                # The one host-device sync of a step.
+                keep = self._advance(batch, batch.next.tolist(), done)
+                self._keep(keep)
+        except torch.cuda.OutOfMemoryError:
+            raise BackendError(
+                f"out of GPU memory decoding {len(batch.rows)} requests "
+                f"({batch.width} cached tokens); lower worker.max_batch"
+            ) from None
+        return done
+
+    def cancel(self, job: Job) -> bool:
+        """Drop ``job``'s row; False when it is not running."""
+        if self._batch is None:
+            return False
+        rows = self._batch.rows
+        keep = [i for i, r in enumerate(rows) if r.job is not job]
+        if len(keep) == len(rows):
+            return False
+        with torch.inference_mode():
+            self._keep(keep)
+        return True
+
+    def abort(self) -> list[Job]:
+        """Drop every running job and return them; the decoder stays usable."""
+        jobs = [] if self._batch is None else [r.job for r in self._batch.rows]
+        self._batch = None
+        self._adapter = None
+        return jobs
+
+    # --- internals -----------------------------------------------------------
+
+    def _prefill(self, name: str, todo: Sequence[tuple[Job, Audio]]) -> _Batch:
+        """One forward over the prompts (and prefixes) of ``todo``, left-padded
+        among themselves into a fresh cache; ``next`` holds each row's first token."""
+        from transformers import DynamicCache
+
+        backend = self.backend
+        device = backend.loaded.device
+        prefixes = [backend.encode_prefix(job.prefix) for job, _ in todo]
+        ids_rows, mask_rows = backend.spec.left_padded([len(a) for _, a in todo], prefixes)
+        ids = torch.tensor(ids_rows, dtype=torch.long).to(device, non_blocking=True)
+        mask = torch.tensor(mask_rows, dtype=torch.long).to(device, non_blocking=True)
+        # Real tokens numbered from 0, padding at 0: what generate does.
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        cache = DynamicCache(config=self._model.config)
+        feats = backend.features([a for _, a in todo]).to(backend.loaded.dtype)
+        with backend.use_adapter(name):
+            out = self._model(
+                input_ids=ids,
+                input_features=feats,
+                attention_mask=mask,
+                position_ids=pos,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        first = self._pick(out.logits[:, -1])
+        rows = [
+            _Row(job, pre, backend.row_budget(len(a), len(pre)), sum(m))
+            for (job, a), pre, m in zip(todo, prefixes, mask_rows, strict=True)
+        ]
+        return _Batch(rows, cache, mask, mask.sum(-1), first)
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy next tokens from (rows, vocab) logits, which it may change;
+        EOS is held back when forced.
+
+        Rows never go past their budget, so masking EOS on every step is the
+        same as masking it until the budget.
+        """
+        if self.backend.force_tokens:
+            logits[:, self.backend.spec.eos] = float("-inf")
+        return logits.argmax(dim=-1)
+
+    def _advance(self, batch: _Batch, tokens: Sequence[int], done: list[Done]) -> list[int]:
+        """Give each row its new token; append the finished ones to ``done``
+        and return the indices of the rows that go on."""
+        backend = self.backend
+        eos = backend.spec.eos
+        keep: list[int] = []
+        for i, (row, tok) in enumerate(zip(batch.rows, tokens, strict=True)):
+            if tok != eos:
+                row.tokens.append(tok)
+                backend.tokens_generated += 1
+            if tok == eos or len(row.tokens) >= row.budget:
+                text = backend.decode(row.prefix + row.tokens).strip()
+                done.append(Done(row.job, text, len(row.tokens)))
+            else:
+                keep.append(i)
+        return keep
+
+    def _keep(self, keep: Sequence[int]) -> None:
+        """Keep only the running rows ``keep``; an empty batch is dropped."""
+        assert self._batch is not None
+        if keep:
+            self._batch.select(keep)
+        else:
+            self.abort()
