@@ -2,32 +2,25 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+
+from tests.helpers.bench import load_bench
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "voxtral_kernels.py"
 
 
 def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("voxtral_kernels", SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("voxtral_kernels")
 
 
 def test_tiny_run_reports_every_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

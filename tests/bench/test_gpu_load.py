@@ -1,0 +1,129 @@
+"""bench/gpu_load.py end to end on the tiny checkpoint (CPU), and its pieces."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from tests.helpers.bench import load_bench
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("matplotlib")
+
+MODES = ("continuous", "batch", "reference")
+
+
+def _load() -> ModuleType:
+    return load_bench("gpu_load")
+
+
+@pytest.mark.slow
+def test_tiny_run_measures_every_mode(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                      ) -> None:
+    bench = _load()
+    out, md, png = tmp_path / "load.json", tmp_path / "load.md", tmp_path / "load.png"
+    argv = ["--tiny", "--streams", "2", "--seconds", "8", "--modes", ",".join(MODES),
+            "--json", str(out), "--markdown", str(md), "--plot", str(png)]
+    assert bench.main(argv) == 0
+
+    data = json.loads(out.read_text())
+    rows = data["rows"]
+    assert [(r["mode"], r["streams"]) for r in rows] == [(m, 2) for m in MODES]
+    for r in rows:
+        assert not r["status"].startswith(("error", "skipped")), r["status"]
+        assert r["finals_expected"] > 0
+        assert r["finals_received"] == r["finals_expected"]
+        assert r["finals_lost"] == 0
+        assert r["finals_failed"] == 0
+        assert r["tokens_per_s"] > 0
+        assert 0 < r["partials"] <= r["partials_requested"]
+        for key in ("final_p50", "final_p95", "partial_age_p50", "partial_age_p95"):
+            assert isinstance(r[key], float), (key, r[key])
+            assert math.isfinite(r[key]), (key, r[key])
+            assert 0 < r[key] < 30, (key, r[key])
+        assert r["final_p50"] <= r["final_p95"]
+        assert 0 < r["gpu_busy_pct"] <= 100
+        assert 0.3 < r["speech_fraction"] < 0.7
+    by_mode = {r["mode"]: r for r in rows}
+    # Every mode sees the same audio at one stream count.
+    assert len({r["finals_expected"] for r in rows}) == 1
+    # The reference really is one request per generate.
+    assert by_mode["reference"]["backend_calls"]["transcribe"] >= by_mode["reference"][
+        "finals_expected"]
+    assert by_mode["batch"]["backend_calls"].get("step", 0) == 0
+    if by_mode["continuous"]["backend_calls"].get("step", 0) == 0:
+        pytest.fail("worker.batching = continuous never stepped the backend")
+    for mode in ("continuous", "batch"):
+        assert math.isfinite(by_mode[mode]["final_p95_vs_ref"])
+        assert by_mode[mode]["tokens_per_s_vs_ref"] > 0
+
+    meta = data["meta"]
+    assert meta["tiny"] is True
+    for key in ("device", "torch", "transformers", "commit", "date", "command"):
+        assert meta[key], key
+    assert meta["command"].startswith("python bench/gpu_load.py --tiny")
+
+    text = md.read_text()
+    assert "| mode | streams |" in text
+    assert "**Command:**" in text
+    assert "not performance claims" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "| continuous | 2 |" in printed
+    assert "| reference | 2 |" in printed
+
+
+def test_sample_cut_into_sentences_and_half_speech() -> None:
+    bench = _load()
+    from evoxtral_stream.audio.sources import read_audio_file
+    from evoxtral_stream.data import sample_path
+
+    parts = bench.sentences(read_audio_file(sample_path()))
+    assert len(parts) == 5  # the bundled sample's five sentences
+    assert all(2.5 < len(p) / 16000 < 5.0 for p in parts)
+    rng = np.random.default_rng(0)
+    shares = []
+    for _ in range(20):
+        audio, share = bench.stream_audio(parts, 30.0, rng)
+        assert len(audio) == 30 * 16000
+        assert audio.dtype == np.int16
+        shares.append(share)
+    assert 0.4 < float(np.mean(shares)) < 0.6
+
+
+def test_levels_ratios_and_percentiles() -> None:
+    bench = _load()
+    assert bench.plan(["continuous", "reference"], [5, 1], [1]) == [
+        ("continuous", 1), ("reference", 1), ("continuous", 5)]
+    assert bench._pct([], 95) != bench._pct([], 95)  # NaN
+    assert bench._pct([1.0] * 19 + [math.inf], 50) == 1.0
+    assert math.isinf(bench._pct([1.0] * 10 + [math.inf] * 10, 95))
+    Row = bench.Row
+    rows = [Row("reference", 1, final_p95=4.0, tokens_per_s=10.0),
+            Row("continuous", 1, final_p95=0.2, tokens_per_s=10.0, finals_expected=3,
+                partials=2, partial_age_p95=0.5),
+            Row("continuous", 5, final_p95=0.3, tokens_per_s=50.0)]
+    bench.add_ratios(rows)
+    assert rows[1].final_p95_vs_ref == pytest.approx(0.05)
+    assert rows[1].tokens_per_s_vs_ref == pytest.approx(1.0)
+    assert math.isnan(rows[2].final_p95_vs_ref)  # no reference at 5 streams
+    failed_ref = [Row("reference", 5, final_p95=math.inf, tokens_per_s=20.0), rows[2]]
+    bench.add_ratios(failed_ref)
+    assert failed_ref[1].final_p95_vs_ref == 0.0
+    assert "0 (ref ∞)" in bench.table(failed_ref)
+    assert rows[1].meets_targets
+    assert not rows[0].meets_targets
+    starved = Row("batch", 9, final_p95=0.2, finals_expected=3, partials_requested=5)
+    assert not starved.meets_targets  # partials asked for, none shown
+    cap = bench.capacity(rows)
+    assert cap["continuous"] == {"streams_within_targets": 1, "peak_tokens_per_s": 50.0}
+    assert "| continuous | 1 |" in bench.table(rows)
