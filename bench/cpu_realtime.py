@@ -6,9 +6,13 @@ sessions, model worker, merger, and a WebSocket subscriber) and reports:
 - RTF: seconds the model thread was busy per second of audio, with partials
   every ``stream.partial_interval_ms`` (and with partials off, for contrast);
 - final latency: from the end-of-speech decision to the final caption event,
-  p50/p95/max, as received by a real WebSocket subscriber.
+  p50/p95/max, as received by a real WebSocket subscriber;
+- with ``--prefix-reuse`` (one or more of off, partials, all: run side by
+  side, ``--repeat`` times in turn), one row per mode, with the requests that
+  carried a prefix and the tokens the model generated (prefixes not counted).
 
-Usage: ``python bench/cpu_realtime.py [--plays N] [--streams K] [--audio FILE]``
+Usage: ``python bench/cpu_realtime.py [--plays N] [--streams K] [--audio FILE]
+[--prefix-reuse MODE ...] [--repeat R] [--no-reference]``
 """
 
 from __future__ import annotations
@@ -17,17 +21,20 @@ import argparse
 import asyncio
 import json
 import platform
+import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from websockets.asyncio.client import connect
 
 from evoxtral_stream.audio.sources import read_audio_file
 from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.data import sample_path
 from evoxtral_stream.engine.backends import load_backend
-from evoxtral_stream.engine.backends.base import Backend
+from evoxtral_stream.engine.backends.base import Backend, Done, Job, JobBackend
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.events import SAMPLE_RATE
 from evoxtral_stream.run import FileJob, transcribe_samples
@@ -46,10 +53,35 @@ class Row:
     lat_p50: float
     lat_p95: float
     lat_max: float
+    requests: int = 0
+    prefixed: int = 0
+    tokens: int = 0
 
     @property
     def rtf(self) -> float:
         return self.busy_s / (self.audio_s * self.streams)
+
+
+class Counting:
+    """Passes jobs to a :class:`JobBackend` and counts them: requests, those
+    with a prefix, and tokens generated. Called from the model thread only."""
+
+    def __init__(self, inner: JobBackend) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.requests = self.prefixed = self.tokens = 0
+        self._lock = threading.Lock()
+
+    def transcribe(self, batch: Sequence[npt.NDArray[np.float32]]) -> list[str]:
+        return [d.text for d in self.transcribe_jobs([Job(i, a) for i, a in enumerate(batch)])]
+
+    def transcribe_jobs(self, jobs: Sequence[Job]) -> list[Done]:
+        done = self.inner.transcribe_jobs(jobs)
+        with self._lock:
+            self.requests += len(jobs)
+            self.prefixed += sum(1 for j in jobs if j.prefix)
+            self.tokens += sum(d.tokens for d in done)
+        return done
 
 
 def pct(values: list[float], q: float) -> float:
@@ -92,17 +124,42 @@ async def run_once(cfg: Config, backend: Backend, audio: np.ndarray, streams: in
             wall = time.monotonic() - t0
             reader.cancel()
         busy = engine.stats().worker.busy_s
+    counts = (backend.requests, backend.prefixed, backend.tokens) if isinstance(
+        backend, Counting) else (0, 0, 0)
     return Row(label, streams, len(audio) / SAMPLE_RATE, wall, busy, finals, partials,
-               pct(latencies, 50), pct(latencies, 95), max(latencies, default=float("nan")))
+               pct(latencies, 50), pct(latencies, 95), max(latencies, default=float("nan")),
+               *counts)
 
 
 def table(rows: list[Row]) -> str:
+    counted = any(r.requests for r in rows)
+    extra = " requests | with prefix | tokens generated |" if counted else ""
     head = ("| run | streams | audio s/stream | RTF | finals | partials | "
-            "final latency p50 | p95 | max |\n|---|---|---|---|---|---|---|---|---|")
+            f"final latency p50 | p95 | max |{extra}\n"
+            f"|---|---|---|---|---|---|---|---|---|{'---|---|---|' if counted else ''}")
     lines = [f"| {r.label} | {r.streams} | {r.audio_s:.1f} | {r.rtf:.3f} | {r.finals} | "
              f"{r.partials} | {r.lat_p50:.3f} s | {r.lat_p95:.3f} s | {r.lat_max:.3f} s |"
+             + (f" {r.requests} | {r.prefixed} | {r.tokens} |" if counted else "")
              for r in rows]
     return "\n".join([head, *lines])
+
+
+async def compare_prefix_reuse(audio: np.ndarray, streams: int, modes: Sequence[str],
+                               repeat: int) -> tuple[str, list[Row]]:
+    """One row per mode and repeat, the modes taking turns (so a slow spell
+    of the machine falls on all of them), on one loaded model."""
+    base = load_config(overrides={"server.port": 0})
+    backend = load_backend(base.model)
+    backend.transcribe([np.zeros(SAMPLE_RATE, np.float32)])  # warm-up
+    if not isinstance(backend, JobBackend):
+        raise SystemExit(f"{backend.name} takes no prefixes (not a JobBackend)")
+    rows: list[Row] = []
+    for r in range(repeat):
+        for mode in modes:
+            cfg = load_config(overrides={"server.port": 0, "stream.prefix_reuse": mode})
+            label = f"prefix_reuse = {mode}" + (f" (run {r + 1})" if repeat > 1 else "")
+            rows.append(await run_once(cfg, Counting(backend), audio, streams, label))
+    return backend.name, rows
 
 
 async def main() -> None:
@@ -110,9 +167,26 @@ async def main() -> None:
     ap.add_argument("--plays", type=int, default=4, help="repeat the audio this many times")
     ap.add_argument("--streams", type=int, default=1)
     ap.add_argument("--audio", default=None, help="audio file (default: the bundled sample)")
+    ap.add_argument("--prefix-reuse", nargs="+", choices=("off", "partials", "all"),
+                    default=None, metavar="MODE",
+                    help="compare stream.prefix_reuse modes (off, partials, all) side by side")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="with --prefix-reuse: run the modes this many times, in turn")
+    ap.add_argument("--no-reference", action="store_true",
+                    help="with --prefix-reuse: skip the 30 s window and finals-only rows")
     args = ap.parse_args()
     audio = read_audio_file(args.audio or sample_path())
     audio = np.concatenate([audio] * args.plays)
+    machine = (f"machine: {platform.machine()}, {platform.processor() or 'cpu'}; "
+               f"python {platform.python_version()}")
+    if args.prefix_reuse:
+        name, compared = await compare_prefix_reuse(audio, args.streams, args.prefix_reuse,
+                                                    args.repeat)
+        print(f"backend: {name}; stream.prefix_reuse, partials every 1 s; {machine}")
+        print(table(compared))
+        if args.no_reference:
+            return
+        print()
     base = load_config(overrides={"server.port": 0})
     backend = load_backend(base.model)
     backend.transcribe([np.zeros(SAMPLE_RATE, np.float32)])  # warm-up
@@ -130,8 +204,7 @@ async def main() -> None:
                                                "stream.partial_interval_ms": 0}),
                        backend, audio, args.streams, "finals only"),
     ]
-    print(f"backend: {backend.name}; machine: {platform.machine()}, "
-          f"{platform.processor() or 'cpu'}; python {platform.python_version()}")
+    print(f"backend: {backend.name}; {machine}")
     print(table(rows))
     p95 = rows[0].lat_p95
     print(f"\nRTF with 1 s partials: {rows[0].rtf:.3f} (target ≤ 0.3); "

@@ -299,6 +299,7 @@ class Engine:
 
     def _submit(self, stream: Stream, req: DecodeRequest) -> None:
         assert self._worker is not None
+        req = self._with_prefix(stream, req)
         if self._worker.submit(req):
             return
         if req.kind is RequestKind.PARTIAL:
@@ -312,6 +313,15 @@ class Engine:
         self._backlog.append((stream, req))
         log.warning("model worker inbox full; %d final(s) waiting", len(self._backlog))
         self._schedule_retry()
+
+    def _with_prefix(self, stream: Stream, req: DecodeRequest) -> DecodeRequest:
+        """``req`` with the segment's committed text as its prefix, per
+        ``stream.prefix_reuse`` ("partials": partials only; "all": finals too)."""
+        mode = self.config.stream.prefix_reuse
+        if mode == "off" or (mode == "partials" and req.kind is RequestKind.FINAL):
+            return req
+        prefix = stream.merger.reusable_prefix(req.segment, req.end_sample)
+        return dataclasses.replace(req, prefix=prefix) if prefix else req
 
     def _schedule_retry(self) -> None:
         if self._retry_handle is None and self._backlog and self._loop is not None:

@@ -81,6 +81,11 @@ Contracts (what the engine may rely on):
   ``TagMark.index`` is the number of plain-text words before it in the
   segment's text; ``TagMark.t`` interpolates linearly: ``start + (end -
   start) * index / words`` (``start`` when there are no words).
+- Prefix reuse: :meth:`Merger.reusable_prefix` is a query only (it changes
+  nothing). It is the committed text of an open segment when that text is
+  exactly the start of what the model wrote for the segment's own audio (the
+  latest partial), so a backend may continue from it instead of decoding it
+  again; otherwise "".
 
 Exactness: if no two consecutive hypotheses of a segment agree on a wrong
 token, the committed text is a prefix of the final hypothesis and the final
@@ -473,6 +478,32 @@ class Merger:
     def open_segments(self) -> tuple[int, ...]:
         """Segments seen whose final event has not been emitted yet."""
         return tuple(sorted(self._open))
+
+    def reusable_prefix(self, segment: int, end_sample: int) -> str:
+        """The committed text of ``segment``, rendered as the model writes it
+        (tags inline), for a decode of its audio up to ``end_sample`` to
+        continue from; "" when that would not be simply a prefix of what the
+        segment's own audio produced.
+
+        Non-empty only for an open segment that is neither held nor stitched
+        (it does not continue a forced split), whose committed text starts the
+        text of its latest partial literally (so no committed word was revised
+        or aligned over, and tags are canonical), and whose latest partial's
+        audio ends at or before ``end_sample`` (a forced final is cut before
+        audio its partials heard). A pure query: nothing changes.
+        """
+        seg = self._open.get(segment)
+        last = seg.last if seg is not None else None
+        # A final waiting in _pending is held too, so _blocked covers it.
+        if (seg is None or last is None or not seg.committed or self._blocked(segment)
+                or self._chain_for(segment) is not None or last.end_sample > end_sample):
+            return ""
+        n = len(seg.committed)
+        text = render(seg.committed)
+        if (_lstrip(tokenize(last.text))[:n] != seg.committed
+                or not last.text.strip().startswith(text)):
+            return ""
+        return text
 
     def feed(self, h: Hypothesis) -> list[CaptionEvent]:
         """Take one hypothesis; return the events it causes, in ``seq`` order."""

@@ -6,6 +6,15 @@ feature extractor and CTranslate2's encoder/decoder directly instead of
 ``WhisperModel.transcribe``: that lets one call encode a whole batch, and lets
 the encoder window shrink to the audio (``min_window_s``) instead of always
 paying for 30 s.
+
+Prefixes (:meth:`WhisperBackend.transcribe_jobs`): a job's prefix is
+tokenized as faster-whisper does (``" " + text``) and put after
+``<|notimestamps|>`` in the prompt. CTranslate2 then forces those tokens
+before generating, and returns them at the start of the result. It forces
+them step by step, one decoder step per token, the same as for a generated
+token (its ``GreedySearch`` replaces the sampled token with the prefix's).
+Whisper therefore saves no decoder steps with a prefix; it only keeps the
+committed text from being decoded differently.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import numpy.typing as npt
 
 from ...config import WhisperConfig
 from ...events import SAMPLE_RATE
-from .base import BackendUnavailable
+from .base import BackendError, BackendUnavailable, Done, Job
 
 __all__ = ["WhisperBackend", "embedded_model_path", "load_whisper_backend"]
 
@@ -73,8 +82,38 @@ class WhisperBackend:
         seconds = max(self._cfg.min_window_s, math.ceil(longest_samples / SAMPLE_RATE) + 1.0)
         return int(min(seconds, _MAX_WINDOW_S) * _FRAMES_PER_S)
 
+    def encode_prefix(self, text: str) -> list[int]:
+        """Tokens of committed text, as the model writes them (a leading space)."""
+        text = text.strip()
+        return list(self._tok.encode(" " + text)) if text else []
+
     def transcribe(self, batch: Sequence[npt.NDArray[np.float32]]) -> list[str]:
         """Transcribe each array (mono 16 kHz float32); one encoder call per batch."""
+        rows = self._generate(batch, [[] for _ in batch])
+        return [self._tok.decode(r).strip() for r in rows]
+
+    def transcribe_jobs(self, jobs: Sequence[Job]) -> list[Done]:
+        """One :class:`Done` per job, in order, in one encoder and one generate call.
+
+        A job's ``prefix`` is forced after the prompt, so its text starts with
+        the prefix (tokenized and decoded again); ``Done.tokens`` counts the
+        tokens generated after it. A prefix longer than half of Whisper's 448
+        positions (far more than 30 s of speech) is not used. Whisper has no
+        adapters: a job naming one raises :class:`BackendError`.
+        """
+        for job in jobs:
+            if job.adapter is not None:
+                raise BackendError(f"the Whisper backend has no adapters (asked for "
+                                   f"{job.adapter!r})")
+        prefixes = [self.encode_prefix(job.prefix) for job in jobs]
+        prefixes = [p if len(p) < _MAX_LENGTH // 2 - 1 else [] for p in prefixes]
+        rows = self._generate([job.audio for job in jobs], prefixes)
+        return [Done(job, self._tok.decode(row).strip(), len(row) - len(pre))
+                for job, pre, row in zip(jobs, prefixes, rows, strict=True)]
+
+    def _generate(self, batch: Sequence[npt.NDArray[np.float32]],
+                  prefixes: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Text tokens for each array, starting with its forced prefix."""
         import ctranslate2
 
         if not batch:
@@ -92,15 +131,20 @@ class WhisperBackend:
         encoded = self._model.model.encode(ctranslate2.StorageView.from_array(feats))
         longest_s = max(len(a) for a in clipped) / SAMPLE_RATE
         max_length = min(_MAX_LENGTH, len(self._prompt) + 16 + math.ceil(12 * longest_s))
+        # CTranslate2 counts a forced prefix in the length and decodes at most
+        # max_length / 2 tokens: leave room for every prefix and one token more.
+        longest_prefix = max(len(p) for p in prefixes)
+        if longest_prefix:
+            max_length = min(_MAX_LENGTH, max(max_length, 2 * (longest_prefix + 1)))
         results = self._model.model.generate(
             encoded,
-            [self._prompt] * len(clipped),
+            [[*self._prompt, *p] for p in prefixes],
             beam_size=self._cfg.beam_size,
             max_length=max_length,
             suppress_blank=True,
             suppress_tokens=self._suppress,
         )
-        return [self._tok.decode(r.sequences_ids[0]).strip() for r in results]
+        return [list(r.sequences_ids[0]) for r in results]
 
 
 def load_whisper_backend(cfg: WhisperConfig, language: str) -> WhisperBackend:
