@@ -8,7 +8,7 @@ import queue
 import numpy as np
 
 from evoxtral_stream.config import WorkerConfig, load_config
-from evoxtral_stream.engine.backends.base import Backend
+from evoxtral_stream.engine.backends.base import Backend, Job
 from evoxtral_stream.engine.worker import ModelWorker, WorkerResult
 from evoxtral_stream.events import DecodeFailure, DecodeRequest, Hypothesis, RequestKind
 from tests.fakes import ScriptedBackend, SteppingScriptedBackend
@@ -68,6 +68,7 @@ def test_a_final_overtakes_a_long_running_partial() -> None:
     w.stop(5)
     # In a one-call batch the final would wait for all 200 steps.
     assert (first.stream, second.stream) == ("short", "long")
+    assert w.stats().max_lag_s > 0
     assert backend.admitted == [[200_000], [2000]]
 
 
@@ -203,3 +204,26 @@ def test_stop_finishes_the_running_batch() -> None:
     w.stop(10)
     assert out.qsize() == 5
     assert not w.alive
+
+
+def test_a_cancel_that_kills_the_thread_loses_no_request() -> None:
+    class CancelDies(SteppingScriptedBackend):
+        def cancel(self, job: Job) -> bool:
+            raise SystemExit("scripted death in cancel")
+
+    backend = CancelDies(step_delay_s=0.005)
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(backend, wcfg(max_batch=4, max_wait_ms=0), out.put,
+                    factory=lambda: backend, sleep=lambda s: None)
+    w.start()
+    assert w.submit(req("a", 200, PARTIAL, revision=1))
+    assert w.submit(req("b", 3, PARTIAL))
+    assert backend.stepped.wait(5)
+    assert w.submit(req("a", 4, FINAL, revision=2))     # cancelling "a" kills the thread
+    got = {(r.stream, r.kind): r for r in drain(out, 2)}
+    w.stop(5)
+    final = got[("a", FINAL)]
+    assert isinstance(final, Hypothesis)
+    assert final.text == "w w w w"
+    assert isinstance(got[("b", PARTIAL)], Hypothesis)
+    assert w.stats().restarts == 1

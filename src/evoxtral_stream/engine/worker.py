@@ -98,6 +98,8 @@ class WorkerStats:
     """Continuous-batching decode steps."""
     tokens: int = 0
     """Tokens generated, as far as the backend reports them (prefixes not counted)."""
+    max_lag_s: float = 0.0
+    """Longest wait of a request between ready and the start of its decode."""
 
 
 class ModelWorker:
@@ -138,6 +140,7 @@ class ModelWorker:
         self._busy_s = 0.0
         self._restarts = 0
         self._cancelled = 0
+        self._max_lag_s = 0.0
         self._steps = 0
         self._tokens = 0
         # Continuous batching: the requests running in the backend, by segment.
@@ -207,7 +210,7 @@ class ModelWorker:
                 pending=self._inbox.qsize() + len(self._pending),
                 restarts=self._restarts, ready=self.ready,
                 cancelled=self._cancelled, running=len(self._running),
-                steps=self._steps, tokens=self._tokens,
+                steps=self._steps, tokens=self._tokens, max_lag_s=self._max_lag_s,
             )
 
     @property
@@ -235,7 +238,6 @@ class ModelWorker:
                 with self._lock:
                     self._superseded += 1
                 return True
-            self._cancel_running(key)
         old = self._pending.get(key)
         if old is not None:
             if old.kind is RequestKind.FINAL or item.revision < old.revision:
@@ -248,6 +250,10 @@ class ModelWorker:
             with self._lock:
                 self._superseded += 1
         self._pending[key] = item
+        if running is not None:
+            # After the item is pending: if cancelling kills the thread, the
+            # successor still has it (pending survives a restart).
+            self._cancel_running(key)
         return True
 
     def _next_batch(self) -> list[DecodeRequest]:
@@ -265,6 +271,8 @@ class ModelWorker:
     def _report_lag(self, lag: float) -> None:
         """Log, at most every few seconds, how far behind the model thread is."""
         now = self._clock()
+        with self._lock:
+            self._max_lag_s = max(self._max_lag_s, lag)
         if lag >= _LAG_WARN_S and now - self._lag_logged_at >= _LAG_LOG_EVERY_S:
             self._lag_logged_at = now
             log.warning("model worker is %.1f s behind: the oldest request in this batch "
