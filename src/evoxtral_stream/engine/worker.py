@@ -58,6 +58,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from ..config import WorkerConfig
 from ..events import DecodeFailure, DecodeRequest, Hypothesis, RequestKind
@@ -230,22 +231,11 @@ class ModelWorker:
         assert isinstance(item, DecodeRequest)
         key = (item.stream, item.segment)
         running = self._running.get(key)
-        if running is not None:
-            old_req = running[1]
-            if old_req.kind is RequestKind.FINAL or item.revision < old_req.revision:
-                if item.kind is RequestKind.FINAL:
-                    log.warning("second final for %s segment %d ignored", *key)
-                with self._lock:
-                    self._superseded += 1
-                return True
+        if running is not None and self._loses_to(running[1], item):
+            return True
         old = self._pending.get(key)
         if old is not None:
-            if old.kind is RequestKind.FINAL or item.revision < old.revision:
-                # A final is never replaced, and a stale request never wins.
-                if item.kind is RequestKind.FINAL:
-                    log.warning("second final for %s segment %d ignored", *key)
-                with self._lock:
-                    self._superseded += 1
+            if self._loses_to(old, item):
                 return True
             with self._lock:
                 self._superseded += 1
@@ -254,6 +244,17 @@ class ModelWorker:
             # After the item is pending: if cancelling kills the thread, the
             # successor still has it (pending survives a restart).
             self._cancel_running(key)
+        return True
+
+    def _loses_to(self, old: DecodeRequest, item: DecodeRequest) -> bool:
+        """True (and counted) when ``item`` must not replace ``old`` of its segment:
+        a final is never replaced, and a stale request never wins."""
+        if old.kind is not RequestKind.FINAL and item.revision >= old.revision:
+            return False
+        if item.kind is RequestKind.FINAL:
+            log.warning("second final for %s segment %d ignored", item.stream, item.segment)
+        with self._lock:
+            self._superseded += 1
         return True
 
     def _next_batch(self) -> list[DecodeRequest]:
@@ -301,8 +302,8 @@ class ModelWorker:
 
     def _cancel_running(self, key: tuple[str, int]) -> None:
         job, req = self._running.pop(key)
-        assert isinstance(self._backend, SteppingBackend)
-        self._backend.cancel(job)
+        # Only the continuous path fills _running, so the backend steps.
+        cast(SteppingBackend, self._backend).cancel(job)
         self._answered(req)
         with self._lock:
             self._cancelled += 1
@@ -383,9 +384,12 @@ class ModelWorker:
     def _run(self) -> None:
         log.info("model worker started (backend: %s, %s batching)", self._backend.name,
                  self.mode)
+        # The backend changes only on a reload, before this loop: decide once,
+        # not per decode step (isinstance on a Protocol checks every member).
+        stepping = self.mode == "continuous"
         while not self._stopping or self._pending or self._running:
-            if self._down is None and self.mode == "continuous":
-                self._continuous_round()
+            if self._down is None and stepping:
+                self._continuous_round(cast(SteppingBackend, self._backend))
                 continue
             if not self._stopping:
                 self._fill()
@@ -404,10 +408,8 @@ class ModelWorker:
 
     # --- continuous batching ----------------------------------------------
 
-    def _continuous_round(self) -> None:
+    def _continuous_round(self, backend: SteppingBackend) -> None:
         """Take new work, admit what fits, run one decode step."""
-        backend = self._backend
-        assert isinstance(backend, SteppingBackend)
         if not self._stopping:
             if self._running:
                 self._drain_inbox()
@@ -510,8 +512,8 @@ class ModelWorker:
         if "out of memory" in str(e).lower():
             _release_cuda_cache()
         backend.abort()  # raising here kills the thread: the restart path takes over
-        held = [req for _, req in self._running.values()]
-        held += [r for r in admitting if all(r is not h for h in held)]
+        # A failed admit added nothing to _running, so the two lists are disjoint.
+        held = [req for _, req in self._running.values()] + admitting
         self._running = {}
         log.warning("continuous batch failed (%s: %s); decoding its %d request(s) again "
                     "as plain batches", type(e).__name__, e, len(held))

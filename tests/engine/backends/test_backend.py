@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -135,8 +136,6 @@ def test_force_tokens_generates_whole_budgets(merged: VoxtralBackend) -> None:
 
 
 def test_static_cache_equals_dynamic(merged: VoxtralBackend) -> None:
-    import dataclasses
-
     batch = audio_batch([3.0, 7.0, 1.0], seed=7)
     dynamic = merged.generate_tokens(batch)
     static = VoxtralBackend(merged.loaded, dataclasses.replace(merged._cfg, static_cache=True))
