@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import queue
 
 import numpy as np
+import pytest
 
 from evoxtral_stream.config import WorkerConfig, load_config
 from evoxtral_stream.engine.backends.base import Backend, Job
@@ -227,3 +229,51 @@ def test_a_cancel_that_kills_the_thread_loses_no_request() -> None:
     assert final.text == "w w w w"
     assert isinstance(got[("b", PARTIAL)], Hypothesis)
     assert w.stats().restarts == 1
+
+
+class _WarmingBackend(SteppingScriptedBackend):
+    """Records warm-up calls and the steps taken before them; may fail it."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.warmed: list[tuple[int, int]] = []  # (max_batch, steps so far)
+        self._fail = fail
+
+    def warm_up(self, max_batch: int) -> str:
+        self.warmed.append((max_batch, self.steps))
+        if self._fail:
+            raise RuntimeError("compile failed\nlong traceback")
+        return "compiled"
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_warm_up_runs_once_before_serving_and_a_failure_only_logs(
+    fail: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    backend = _WarmingBackend(fail)
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(backend, wcfg(max_batch=6, max_wait_ms=20), out.put)
+    with caplog.at_level(logging.INFO, logger="evoxtral_stream.engine.worker"):
+        w.start()
+        assert w.submit(req("s0", 3))
+        (got,) = drain(out, 1)
+        w.stop(5)
+    assert isinstance(got, Hypothesis)
+    assert got.text == "w w w"
+    assert backend.warmed == [(6, 0)]
+    if fail:
+        assert "warm-up failed (RuntimeError: compile failed); serving without it" in caplog.text
+    else:
+        assert "backend warmed up in" in caplog.text
+        assert "compiled" in caplog.text
+
+
+def test_batch_mode_does_not_warm_up() -> None:
+    backend = _WarmingBackend()
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(backend, wcfg(max_batch=4, max_wait_ms=20, batching="batch"), out.put)
+    w.start()
+    assert w.submit(req("s0", 2))
+    drain(out, 1)
+    w.stop(5)
+    assert backend.warmed == []

@@ -62,7 +62,15 @@ from typing import cast
 
 from ..config import WorkerConfig
 from ..events import DecodeFailure, DecodeRequest, Hypothesis, RequestKind
-from .backends.base import AdapterBackend, Backend, Done, Job, JobBackend, SteppingBackend
+from .backends.base import (
+    AdapterBackend,
+    Backend,
+    Done,
+    Job,
+    JobBackend,
+    SteppingBackend,
+    WarmsUp,
+)
 
 __all__ = ["ModelWorker", "WorkerResult", "WorkerStats"]
 
@@ -381,12 +389,28 @@ class ModelWorker:
     def _failure(req: DecodeRequest, message: str) -> DecodeFailure:
         return DecodeFailure(req.stream, req.segment, req.revision, req.kind, message)
 
+    def _warm_up(self, backend: WarmsUp) -> None:
+        """Let the backend prepare (compile) before the first request; requests
+        queue meanwhile. A failure only costs the preparation: it is logged and
+        serving starts as it would have without it."""
+        t0 = time.monotonic()
+        try:
+            what = backend.warm_up(self._cfg.max_batch)
+        except Exception as e:  # any failure here must not stop serving
+            first = (str(e).strip().splitlines() or [""])[0]
+            log.warning("backend warm-up failed (%s: %s); serving without it",
+                        type(e).__name__, first)
+            return
+        log.info("backend warmed up in %.1f s: %s", time.monotonic() - t0, what)
+
     def _run(self) -> None:
         log.info("model worker started (backend: %s, %s batching)", self._backend.name,
                  self.mode)
         # The backend changes only on a reload, before this loop: decide once,
         # not per decode step (isinstance on a Protocol checks every member).
         stepping = self.mode == "continuous"
+        if stepping and isinstance(self._backend, WarmsUp):
+            self._warm_up(self._backend)
         while not self._stopping or self._pending or self._running:
             if self._down is None and stepping:
                 self._continuous_round(cast(SteppingBackend, self._backend))

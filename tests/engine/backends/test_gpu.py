@@ -11,6 +11,7 @@ from evoxtral_stream.config import VoxtralConfig
 from evoxtral_stream.engine.backends.base import Done, Job
 from evoxtral_stream.engine.backends.voxtral import voxtral_available
 from evoxtral_stream.engine.backends.voxtral.backend import VoxtralBackend, load_voxtral_backend
+from evoxtral_stream.engine.backends.voxtral.continuous import ContinuousDecoder
 
 from .helpers import audio_batch, logits
 
@@ -46,13 +47,13 @@ def test_cuda_float32_batched_equals_one_by_one(tiny_cfg: VoxtralConfig) -> None
     assert together == [gpu.generate_tokens([a])[0] for a in batch]
 
 
-def test_cuda_float32_continuous_equals_transcribe_jobs(tiny_cfg: VoxtralConfig) -> None:
-    gpu = load_voxtral_backend(dataclasses.replace(tiny_cfg, device="cuda"), "en")
-    batch = audio_batch([3.0, 35.0, 1.0, 5.0, 12.0], seed=13)
+def _staggered_equals_alone(gpu: VoxtralBackend, seed: int) -> None:
+    """Continuous batching on ``gpu`` gives every job what it gets alone;
+    the later jobs join a batch that already decoded a few steps."""
+    batch = audio_batch([3.0, 35.0, 1.0, 5.0, 12.0], seed=seed)
     jobs = [Job(i, a) for i, a in enumerate(batch)]
     want = {job: gpu.transcribe_jobs([job])[0] for job in jobs}
     out: dict[Job, Done] = {}
-    # Staggered: the later jobs join a batch that already decoded a few steps.
     for group, steps in ((jobs[:2], 3), (jobs[2:], None)):
         out.update((d.job, d) for d in gpu.admit(group))
         n = 0
@@ -60,4 +61,23 @@ def test_cuda_float32_continuous_equals_transcribe_jobs(tiny_cfg: VoxtralConfig)
             out.update((d.job, d) for d in gpu.step())
             n += 1
     assert out == want
-    assert gpu.decoder.width == 0
+
+
+def test_cuda_float32_continuous_equals_transcribe_jobs(tiny_cfg: VoxtralConfig) -> None:
+    gpu = load_voxtral_backend(dataclasses.replace(tiny_cfg, device="cuda"), "en")
+    _staggered_equals_alone(gpu, seed=13)
+    decoder = gpu.decoder
+    assert isinstance(decoder, ContinuousDecoder)
+    assert decoder.width == 0
+
+
+def test_cuda_graph_slot_steps_equal_transcribe_jobs(tiny_cfg: VoxtralConfig) -> None:
+    from evoxtral_stream.engine.backends.voxtral.slots import SlotDecoder
+
+    cfg = dataclasses.replace(tiny_cfg, device="cuda", static_cache=True)
+    gpu = load_voxtral_backend(cfg, "en")
+    decoder = gpu.decoder
+    assert isinstance(decoder, SlotDecoder)
+    assert decoder._step != decoder._forward  # compiled: CUDA graphs
+    assert "batches 1, 2, 4, 8" in gpu.warm_up(8)
+    _staggered_equals_alone(gpu, seed=14)

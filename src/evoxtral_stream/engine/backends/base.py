@@ -8,6 +8,9 @@ Three levels, each optional beyond the first:
 - :class:`SteppingBackend`: continuous batching. Jobs join a running batch
   (``admit``) and leave it when done, between single decode steps
   (``step``), so a final never waits for a long batch to finish.
+
+:class:`WarmsUp` is a capability beside them: work a backend does once
+before serving (compiling its decode steps), so a live request never pays it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ __all__ = [
     "Job",
     "JobBackend",
     "SteppingBackend",
+    "WarmsUp",
 ]
 
 
@@ -137,3 +141,15 @@ class SteppingBackend(JobBackend, Protocol):
     def cancel(self, job: Job) -> bool: ...
 
     def abort(self) -> list[Job]: ...
+
+
+@runtime_checkable
+class WarmsUp(Protocol):
+    """A backend with one-off work to do before serving.
+
+    ``warm_up(max_batch)`` runs on the model thread before the first request,
+    for batches of up to ``max_batch``; it may take long (compiling) and
+    returns a short description of what it did for the log.
+    """
+
+    def warm_up(self, max_batch: int) -> str: ...

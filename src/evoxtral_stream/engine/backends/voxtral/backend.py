@@ -34,7 +34,7 @@ from .prompt import PromptSpec, Tokenizer
 from .resolve import Kind, Resolved, resolve
 
 if TYPE_CHECKING:
-    from .continuous import ContinuousDecoder
+    from .continuous import RowDecoder
 
 __all__ = [
     "DEFAULT_ADAPTER",
@@ -310,7 +310,9 @@ class VoxtralBackend:
         budget (random weights never stop by themselves)."""
         self.tokens_generated = 0
         """Tokens generated since load, prefixes not counted (for benchmarks)."""
-        self._decoder: ContinuousDecoder | None = None
+        self._decoder: RowDecoder | None = None
+        if cfg.static_cache:
+            _group_text_attention(self.model)
 
     @property
     def model(self) -> nn.Module:
@@ -485,13 +487,39 @@ class VoxtralBackend:
     # --- continuous batching (SteppingBackend); see .continuous -------------
 
     @property
-    def decoder(self) -> ContinuousDecoder:
-        """The continuous-batching decoder, made on first use."""
-        if self._decoder is None:
-            from .continuous import ContinuousDecoder
+    def decoder(self) -> RowDecoder:
+        """The continuous-batching decoder, made on first use.
 
-            self._decoder = ContinuousDecoder(self)
+        With ``static_cache`` a :class:`~.slots.SlotDecoder`, whose steps are
+        compiled into CUDA graphs on a GPU; else a
+        :class:`~.continuous.ContinuousDecoder`.
+        """
+        if self._decoder is None:
+            if self._cfg.static_cache:
+                from .slots import SlotDecoder
+
+                on_gpu = self.loaded.device.type == "cuda"
+                self._decoder = SlotDecoder(self, compile=_GRAPHS if on_gpu else None)
+            else:
+                from .continuous import ContinuousDecoder
+
+                self._decoder = ContinuousDecoder(self)
         return self._decoder
+
+    def warm_up(self, max_batch: int) -> str:
+        """Compile the slot decoder's steps for up to ``max_batch`` rows (see
+        :meth:`.slots.SlotDecoder.warm_up`); nothing to do otherwise."""
+        from .slots import SlotDecoder
+
+        dec = self.decoder
+        if not isinstance(dec, SlotDecoder) or dec.active:
+            return "nothing to warm up"
+        t0 = time.monotonic()
+        sizes = dec.warm_up(max_batch)
+        return (
+            f"slot cache {dec.slots} x {dec.columns}, decode steps for batches "
+            f"{', '.join(map(str, sizes))} ready in {time.monotonic() - t0:.1f} s"
+        )
 
     @property
     def active(self) -> int:
@@ -512,6 +540,21 @@ class VoxtralBackend:
 
     def abort(self) -> list[Job]:
         return [] if self._decoder is None else self._decoder.abort()
+
+
+_GRAPHS: dict[str, Any] = {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}
+"""torch.compile settings of a slot decoder's step on CUDA: CUDA graphs, one per shape."""
+
+
+def _group_text_attention(model: nn.Module) -> None:
+    """Switch the language model from ``sdpa`` to :data:`.attention.GROUPED_SDPA`,
+    which equals it eagerly and keeps one-token steps grouped when compiled."""
+    from .attention import GROUPED_SDPA, register
+
+    m: Any = model
+    if m.config.get_text_config()._attn_implementation == "sdpa":
+        register()
+        m.set_attn_implementation({"text_config": GROUPED_SDPA})
 
 
 class _RowBudgets(_StoppingCriteria):

@@ -13,10 +13,15 @@ a job decodes to the same tokens whatever else runs beside it.
 Finished rows leave the batch at once, and the leading columns no remaining
 row needs are cut off, so the cache is never wider than the longest running
 row.
+
+:class:`RowDecoder` is what both decoders share (admission rules, the batched
+prefill, greedy picks, finishing rows); :class:`.slots.SlotDecoder` keeps its
+rows in a fixed-shape cache instead.
 """
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -33,7 +38,7 @@ if TYPE_CHECKING:
 
     from .backend import VoxtralBackend
 
-__all__ = ["ContinuousDecoder"]
+__all__ = ["ContinuousDecoder", "RowDecoder"]
 
 Audio = npt.NDArray[np.float32]
 
@@ -137,39 +142,29 @@ def _as_audio(a: npt.NDArray[Any]) -> Audio:
     return arr
 
 
-class ContinuousDecoder:
-    """Greedy continuous batching over a :class:`VoxtralBackend`'s model.
+class RowDecoder(abc.ABC):
+    """What every continuous-batching decoder shares: admission rules, the
+    batched prefill, greedy picking and finishing rows.
 
-    Implements the :class:`~evoxtral_stream.engine.backends.base.SteppingBackend`
-    contract; one thread only. Every running job uses one adapter. A job
-    decodes to the same text and token count as
-    ``backend.transcribe_jobs([job])`` alone, whenever it was admitted.
+    Subclasses keep the running rows' KV cache: :meth:`_join` takes freshly
+    prefilled rows in, :meth:`_decode` feeds every running row its next token,
+    :meth:`_keep` drops rows. One thread only.
     """
 
     def __init__(self, backend: VoxtralBackend) -> None:
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
         self.backend = backend
         self._model: Any = cast(Any, backend.model)
-        # Padding and trimming the cache in place assumes every layer keeps
-        # all its columns; sliding-window or other layers would not.
-        kinds = {type(layer) for layer in DynamicCache(config=self._model.config).layers}
-        if kinds - {DynamicLayer}:
-            names = ", ".join(sorted(k.__name__ for k in kinds))
-            raise BackendError(f"continuous batching needs full-attention layers, not {names}")
-        self._batch: _Batch | None = None
         self._adapter: str | None = None
+
+    @property
+    @abc.abstractmethod
+    def rows(self) -> Sequence[_Row]:
+        """The running rows, in batch order."""
 
     @property
     def active(self) -> int:
         """Jobs running."""
-        return 0 if self._batch is None else len(self._batch.rows)
-
-    @property
-    def width(self) -> int:
-        """Columns of the shared KV cache: the longest running row's tokens."""
-        return 0 if self._batch is None else self._batch.width
+        return len(self.rows)
 
     def can_admit(self, job: Job) -> bool:
         """True when nothing runs or ``job``'s adapter is the running one.
@@ -177,7 +172,7 @@ class ContinuousDecoder:
         Raises :class:`BackendError` for an adapter the backend does not have.
         """
         name = self.backend._adapter(job.adapter)
-        return self._batch is None or name == self._adapter
+        return not self.rows or name == self._adapter
 
     def admit(self, jobs: Sequence[Job]) -> list[Done]:
         """Prefill ``jobs`` together and add them to the running batch.
@@ -190,10 +185,10 @@ class ContinuousDecoder:
         rows are left as they were); the owner then calls :meth:`abort`.
         """
         names = {self.backend._adapter(job.adapter) for job in jobs}
-        running = set() if self._batch is None else {id(r.job) for r in self._batch.rows}
+        running = {id(r.job) for r in self.rows}
         if len(names) > 1:
             raise BackendError(f"one admit takes one adapter, not {', '.join(sorted(names))}")
-        if self._batch is not None and names - {self._adapter}:
+        if running and names - {self._adapter}:
             raise BackendError(f"adapter {names.pop()} cannot join while {self._adapter} runs")
         if len({id(j) for j in jobs} | running) < len(jobs) + len(running):
             raise BackendError("a job was admitted twice")
@@ -206,13 +201,11 @@ class ContinuousDecoder:
         try:
             with torch.inference_mode():
                 batch = self._prefill(name, todo)
-                keep = self._advance(batch, batch.next.tolist(), done)
+                keep = self._advance(batch.rows, batch.next.tolist(), done)
                 if keep:
                     batch.select(keep)
-                    if self._batch is None:
-                        self._batch, self._adapter = batch, name
-                    else:
-                        self._batch.merge(batch)
+                    self._join(name, batch)
+                    self._adapter = name
         except torch.cuda.OutOfMemoryError:
             longest = max(len(a) for _, a in todo) / self.backend.spec.sampling_rate
             raise BackendError(
@@ -227,57 +220,72 @@ class ContinuousDecoder:
         Nothing running: returns []. Out of GPU memory raises
         :class:`BackendError`; the owner then calls :meth:`abort`.
         """
-        batch = self._batch
-        if batch is None:
+        rows = self.rows
+        if not rows:
             return []
         done: list[Done] = []
         try:
             with torch.inference_mode():
-                mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
                 with self.backend.use_adapter(self._adapter):
-                    out = self._model(
-                        input_ids=batch.next[:, None],
-                        attention_mask=mask,
-                        position_ids=batch.pos[:, None],
-                        cache=batch.cache,
-                        use_cache=True,
-                        logits_to_keep=1,
-                    )
-                batch.mask = mask
-                batch.pos = batch.pos + 1
-                batch.next = self._pick(out.logits[:, -1])
-                for row in batch.rows:
+                    nxt = self._decode()
+                for row in rows:
                     row.length += 1
                 # The one host-device sync of a step.
-                keep = self._advance(batch, batch.next.tolist(), done)
-                self._keep(keep)
+                keep = self._advance(rows, nxt.tolist(), done)
+                self._drop(keep)
         except torch.cuda.OutOfMemoryError:
             raise BackendError(
-                f"out of GPU memory decoding {len(batch.rows)} requests "
-                f"({batch.width} cached tokens); lower worker.max_batch"
+                f"out of GPU memory decoding {len(rows)} requests "
+                f"({max(r.length for r in rows)} cached tokens longest); lower worker.max_batch"
             ) from None
         return done
 
     def cancel(self, job: Job) -> bool:
         """Drop ``job``'s row; False when it is not running."""
-        if self._batch is None:
-            return False
-        rows = self._batch.rows
+        rows = self.rows
         keep = [i for i, r in enumerate(rows) if r.job is not job]
         if len(keep) == len(rows):
             return False
         with torch.inference_mode():
-            self._keep(keep)
+            self._drop(keep)
         return True
 
     def abort(self) -> list[Job]:
         """Drop every running job and return them; the decoder stays usable."""
-        jobs = [] if self._batch is None else [r.job for r in self._batch.rows]
-        self._batch = None
+        jobs = [r.job for r in self.rows]
+        self._clear()
         self._adapter = None
         return jobs
 
-    # --- internals -----------------------------------------------------------
+    # --- for subclasses -------------------------------------------------------
+
+    @abc.abstractmethod
+    def _join(self, name: str, batch: _Batch) -> None:
+        """Take the prefilled rows of ``batch`` (all going on) into the running batch."""
+
+    @abc.abstractmethod
+    def _decode(self) -> torch.Tensor:
+        """One forward of every running row's next token; the tokens after it.
+
+        Runs under the running adapter; must leave the state unchanged when it
+        raises out of memory.
+        """
+
+    @abc.abstractmethod
+    def _keep(self, keep: Sequence[int]) -> None:
+        """Keep only the running rows ``keep`` (ascending, non-empty)."""
+
+    @abc.abstractmethod
+    def _clear(self) -> None:
+        """Drop every running row."""
+
+    def _drop(self, keep: Sequence[int]) -> None:
+        if len(keep) == len(self.rows):
+            return
+        if keep:
+            self._keep(keep)
+        else:
+            self.abort()
 
     def _prefill(self, name: str, todo: Sequence[tuple[Job, Audio]]) -> _Batch:
         """One forward over the prompts (and prefixes) of ``todo``, left-padded
@@ -322,13 +330,13 @@ class ContinuousDecoder:
             logits[:, self.backend.spec.eos] = float("-inf")
         return logits.argmax(dim=-1)
 
-    def _advance(self, batch: _Batch, tokens: Sequence[int], done: list[Done]) -> list[int]:
+    def _advance(self, rows: Sequence[_Row], tokens: Sequence[int], done: list[Done]) -> list[int]:
         """Give each row its new token; append the finished ones to ``done``
         and return the indices of the rows that go on."""
         backend = self.backend
         eos = backend.spec.eos
         keep: list[int] = []
-        for i, (row, tok) in enumerate(zip(batch.rows, tokens, strict=True)):
+        for i, (row, tok) in enumerate(zip(rows, tokens, strict=True)):
             if tok != eos:
                 row.tokens.append(tok)
                 backend.tokens_generated += 1
@@ -339,10 +347,63 @@ class ContinuousDecoder:
                 keep.append(i)
         return keep
 
-    def _keep(self, keep: Sequence[int]) -> None:
-        """Keep only the running rows ``keep``; an empty batch is dropped."""
-        assert self._batch is not None
-        if keep:
-            self._batch.select(keep)
+
+class ContinuousDecoder(RowDecoder):
+    """Greedy continuous batching over one left-padded, growing KV cache.
+
+    Implements the :class:`~evoxtral_stream.engine.backends.base.SteppingBackend`
+    contract; one thread only. Every running job uses one adapter. A job
+    decodes to the same text and token count as
+    ``backend.transcribe_jobs([job])`` alone, whenever it was admitted.
+    """
+
+    def __init__(self, backend: VoxtralBackend) -> None:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        super().__init__(backend)
+        # Padding and trimming the cache in place assumes every layer keeps
+        # all its columns; sliding-window or other layers would not.
+        kinds = {type(layer) for layer in DynamicCache(config=self._model.config).layers}
+        if kinds - {DynamicLayer}:
+            names = ", ".join(sorted(k.__name__ for k in kinds))
+            raise BackendError(f"continuous batching needs full-attention layers, not {names}")
+        self._batch: _Batch | None = None
+
+    @property
+    def rows(self) -> Sequence[_Row]:
+        return () if self._batch is None else self._batch.rows
+
+    @property
+    def width(self) -> int:
+        """Columns of the shared KV cache: the longest running row's tokens."""
+        return 0 if self._batch is None else self._batch.width
+
+    def _join(self, name: str, batch: _Batch) -> None:
+        if self._batch is None:
+            self._batch = batch
         else:
-            self.abort()
+            self._batch.merge(batch)
+
+    def _decode(self) -> torch.Tensor:
+        batch = self._batch
+        assert batch is not None
+        mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        out = self._model(
+            input_ids=batch.next[:, None],
+            attention_mask=mask,
+            position_ids=batch.pos[:, None],
+            cache=batch.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        nxt = self._pick(out.logits[:, -1])
+        batch.mask, batch.pos, batch.next = mask, batch.pos + 1, nxt
+        return nxt
+
+    def _keep(self, keep: Sequence[int]) -> None:
+        assert self._batch is not None
+        self._batch.select(keep)
+
+    def _clear(self) -> None:
+        self._batch = None

@@ -1,0 +1,351 @@
+"""Continuous batching over a preallocated KV cache, so a decode step can be a CUDA graph.
+
+:class:`SlotDecoder` keeps the keys and values of every layer in two tensors
+allocated once, (layers x slots, kv heads, columns, head dim). Running rows
+are packed into slots 0..n-1. All rows share one write column that moves on
+by one per step around a ring of ``columns``: a row's tokens are the
+``length`` columns that end just before the write column (modulo
+``columns``). Attention does not care where a key sits (its position is in
+the rotary embedding applied before caching), so the ring is never shifted
+or compacted; it only has to hold the longest row, prompt plus budget.
+
+A step runs the smallest power-of-two bucket of slots that holds the running
+rows, so its shapes come from a handful; with ``compile`` those steps are
+compiled (on CUDA: ``mode="reduce-overhead"``, which replays them as CUDA
+graphs). Prefill stays eager: new jobs go through the shared batched prefill
+(:class:`.continuous.RowDecoder`) and their keys and values are copied into
+free slots. A row that leaves is replaced by the last running row, so only
+that row's cache moves.
+
+Growing (more slots, or a longer ring for a longer row) reallocates and
+copies, and with ``compile`` costs a new graph; it happens rarely, and the
+log says when.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+
+from evoxtral_stream.engine.backends.base import BackendError, Job
+
+from .continuous import RowDecoder, _Batch, _kv, _layers, _Row
+
+if TYPE_CHECKING:
+    from .backend import VoxtralBackend
+
+__all__ = ["SlotCache", "SlotDecoder", "bucket"]
+
+log = logging.getLogger(__name__)
+
+_FIRST_SLOTS = 8
+_COLUMN_QUANTUM = 128
+# dynamo specialises the compiled step on its shapes: one graph per bucket
+# (and per adapter when unmerged), more than the default limit of 8.
+_RECOMPILE_LIMIT = 64
+
+
+def bucket(n: int, slots: int) -> int:
+    """Rows a step runs for ``n`` running rows: the next power of two, at most ``slots``."""
+    return min(slots, 1 << max(0, n - 1).bit_length())
+
+
+class SlotCache:
+    """The fixed-shape KV cache a decode step writes into; duck-types the part
+    of transformers' ``Cache`` that the attention layers call.
+
+    ``keys``/``values`` are (layers * slots, kv heads, columns, head dim):
+    layer ``l``'s slot ``s`` is row ``l * slots + s``. ``col`` (a one-element
+    device tensor) is the write column of the step about to run.
+    """
+
+    is_compileable = True
+
+    def __init__(
+        self,
+        layers: int,
+        slots: int,
+        heads: int,
+        columns: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.layers, self.slots, self.columns = layers, slots, columns
+        shape = (layers * slots, heads, columns, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.col = torch.zeros(1, dtype=torch.long, device=device)
+        self._heads = torch.arange(heads, device=device)
+        # Fixed addresses: a captured graph keeps writing into these.
+        for t in (self.keys, self.values, self.col):
+            torch._dynamo.mark_static_address(t)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write one new token per row at ``col``; return the layer's first rows.
+
+        ``key_states`` is (rows, kv heads, 1, head dim), rows being a bucket.
+        """
+        b = key_states.shape[0]
+        base = layer_idx * self.slots
+        rows = torch.arange(base, base + b, device=key_states.device)[:, None]
+        col = self.col.expand(b)[:, None]
+        index = (rows, self._heads[None, :], col)
+        # index_put_ on the whole tensor (not a slice of it) stays in place
+        # when compiled.
+        self.keys.index_put_(index, key_states[:, :, 0])
+        self.values.index_put_(index, value_states[:, :, 0])
+        return self.keys[base : base + b], self.values[base : base + b]
+
+    def mask(self, lengths: torch.Tensor) -> torch.Tensor:
+        """(rows, 1, 1, columns) boolean mask: each row's ``length`` cached
+        columns before ``col``, and ``col`` itself."""
+        j = torch.arange(self.columns, device=lengths.device)
+        dist = torch.remainder(self.col - j, self.columns)
+        return (dist[None, :] <= lengths[:, None])[:, None, None, :]
+
+    def ring(self, width: int, col: int) -> torch.Tensor:
+        """Columns of the ``width`` tokens that end just before column ``col``, in order."""
+        start = col - width
+        return torch.remainder(torch.arange(start, col, device=self.col.device), self.columns)
+
+    def put(self, slots: Sequence[int], batch: _Batch, col: int) -> None:
+        """Copy every row of a prefilled ``batch`` into ``slots``, ending before ``col``.
+
+        Each row's padding columns land in its own slot, outside its length.
+        """
+        width = batch.width
+        dst_cols = self.ring(width, col)
+        slot_t = torch.tensor(list(slots), dtype=torch.long).to(self.col.device, non_blocking=True)
+        for layer, (k, v) in enumerate(map(_kv, _layers(batch.cache))):
+            index = (
+                (slot_t + layer * self.slots)[:, None, None],
+                self._heads[None, :, None],
+                dst_cols[None, None, :],
+            )
+            self.keys.index_put_(index, k.to(self.keys.dtype))
+            self.values.index_put_(index, v.to(self.values.dtype))
+
+    def move(self, src: Sequence[int], dst: Sequence[int]) -> None:
+        """Copy slots ``src`` into slots ``dst`` (disjoint), in every layer."""
+        offsets = torch.arange(self.layers, device=self.col.device)[:, None] * self.slots
+        s = torch.tensor(list(src), dtype=torch.long).to(self.col.device, non_blocking=True)
+        d = torch.tensor(list(dst), dtype=torch.long).to(self.col.device, non_blocking=True)
+        s_all, d_all = (offsets + s[None, :]).flatten(), (offsets + d[None, :]).flatten()
+        self.keys.index_copy_(0, d_all, self.keys.index_select(0, s_all))
+        self.values.index_copy_(0, d_all, self.values.index_select(0, s_all))
+
+    def grown(self, slots: int, columns: int, used: int, width: int, col: int) -> SlotCache:
+        """A larger cache holding slots ``0..used-1``' last ``width`` columns
+        before ``col``; they end before column ``width`` there."""
+        heads, head_dim = self.keys.shape[1], self.keys.shape[3]
+        new = SlotCache(
+            self.layers, slots, heads, columns, head_dim, self.keys.dtype, self.keys.device
+        )
+        if used and width:
+            cols = self.ring(width, col)
+            for old_t, new_t in ((self.keys, new.keys), (self.values, new.values)):
+                old = old_t.view(self.layers, self.slots, heads, self.columns, head_dim)
+                dst = new_t.view(self.layers, slots, heads, columns, head_dim)
+                dst[:, :used, :, :width] = old[:, :used].index_select(3, cols)
+        return new
+
+
+class SlotDecoder(RowDecoder):
+    """Greedy continuous batching over a :class:`SlotCache`.
+
+    Same contract and same results as
+    :class:`~.continuous.ContinuousDecoder`: a job decodes to what
+    ``backend.transcribe_jobs([job])`` gives it alone. ``compile`` is None
+    (eager steps) or keyword arguments for ``torch.compile`` of the step.
+    """
+
+    def __init__(
+        self,
+        backend: VoxtralBackend,
+        *,
+        compile: dict[str, Any] | None = None,
+        columns: int = 0,
+    ) -> None:
+        super().__init__(backend)
+        check_slot_model(self._model)
+        cfg = self._model.config.get_text_config()
+        self._shape = (
+            int(cfg.num_hidden_layers),
+            int(cfg.num_key_value_heads),
+            int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads),
+        )
+        spec = backend.spec
+        # Room for a 30 s window's prompt, a prefix of a few seconds' text and
+        # a full 30 s budget; longer rows grow the ring.
+        one_window = len(spec.ids(spec.samples_per_window)) + backend.max_new_tokens(
+            2 * spec.samples_per_window
+        )
+        self._min_columns = max(columns, one_window)
+        self._cache: SlotCache | None = None
+        self._rows: list[_Row] = []
+        self._next: list[int] = []
+        self._col = 0
+        self._step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+        self._step = self._forward
+        if compile is not None:
+            dynamo: Any = torch._dynamo.config
+            dynamo.recompile_limit = max(dynamo.recompile_limit, _RECOMPILE_LIMIT)
+            self._step = cast(Any, torch.compile(self._forward, **compile))
+
+    @property
+    def rows(self) -> Sequence[_Row]:
+        return self._rows
+
+    @property
+    def slots(self) -> int:
+        """Slots allocated (0 before the first admission)."""
+        return 0 if self._cache is None else self._cache.slots
+
+    @property
+    def columns(self) -> int:
+        """Ring columns allocated (0 before the first admission)."""
+        return 0 if self._cache is None else self._cache.columns
+
+    def span(self, job: Job) -> int:
+        """Columns ``job`` needs: its prompt, prefix and budget."""
+        backend = self.backend
+        prefix = len(backend.encode_prefix(job.prefix))
+        prompt = len(backend.spec.ids(len(job.audio))) + prefix
+        return prompt + backend.row_budget(len(job.audio), prefix)
+
+    def warm_up(self, rows: int) -> list[int]:
+        """Allocate room for ``rows`` rows and run one step of every bucket up
+        to it, so compiling (and capturing CUDA graphs) happens now rather than
+        on a live request. Returns the buckets run.
+
+        Only while nothing runs (raises :class:`BackendError` otherwise): the
+        steps write into free slots.
+        """
+        if self._rows:
+            raise BackendError("warm_up needs an idle decoder")
+        cache = self._fit(max(1, rows), 0)
+        sizes = sorted({bucket(n, cache.slots) for n in range(1, max(1, rows) + 1)})
+        device = cache.col.device
+        with torch.inference_mode(), self.backend.use_adapter(None):
+            for b in sizes:
+                cache.col.fill_(self._col)
+                zeros = torch.zeros(b, dtype=torch.long, device=device)
+                self._step(torch.full_like(zeros, self.backend.spec.pad), zeros)
+        return sizes
+
+    # --- RowDecoder ---------------------------------------------------------
+
+    def _join(self, name: str, batch: _Batch) -> None:
+        need = max(self._need(r) for r in batch.rows)
+        n, k = len(self._rows), len(batch.rows)
+        cache = self._fit(n + k, need)
+        cache.put(range(n, n + k), batch, self._col)
+        self._rows.extend(batch.rows)
+        self._next.extend(cast(list[int], batch.next.tolist()))
+
+    def _decode(self) -> torch.Tensor:
+        cache = self._cache
+        assert cache is not None
+        n = len(self._rows)
+        b = bucket(n, cache.slots)
+        pad = b - n
+        spec = self.backend.spec
+        host = [*self._next, *[spec.pad] * pad, *[r.length for r in self._rows], *[0] * pad]
+        packed = torch.tensor(host, dtype=torch.long).to(cache.col.device, non_blocking=True)
+        ids, lengths = packed[:b], packed[b:]
+        cache.col.fill_(self._col)
+        nxt = self._step(ids, lengths)[:n]
+        self._col = (self._col + 1) % cache.columns
+        self._next = cast(list[int], nxt.tolist())
+        return nxt
+
+    def _keep(self, keep: Sequence[int]) -> None:
+        assert self._cache is not None
+        m = len(keep)
+        kept = set(keep)
+        holes = [i for i in range(m) if i not in kept]
+        movers = [i for i in keep if i >= m]
+        if holes:
+            self._cache.move(movers, holes)
+        rows, nxt = self._rows[:m], self._next[:m]
+        for hole, mover in zip(holes, movers, strict=True):
+            rows[hole], nxt[hole] = self._rows[mover], self._next[mover]
+        self._rows, self._next = rows, nxt
+
+    def _clear(self) -> None:
+        # The cache stays allocated for the next admission; stale columns are
+        # outside every new row's length.
+        self._rows, self._next = [], []
+
+    # --- internals ----------------------------------------------------------
+
+    def _forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The step itself (what gets compiled): greedy next tokens of a bucket.
+
+        Positions count a row's real tokens from 0, so a token's position is
+        its row's length; the pad rows of a bucket (length 0) see only their
+        own column.
+        """
+        cache = self._cache
+        assert cache is not None
+        out = self._model(
+            input_ids=ids[:, None],
+            attention_mask=cache.mask(lengths),
+            position_ids=lengths[:, None],
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        return self._pick(out.logits[:, -1])
+
+    def _need(self, row: _Row) -> int:
+        """Columns ``row`` occupies by the time it ends."""
+        return row.length + row.budget - len(row.tokens)
+
+    def _fit(self, rows: int, need: int) -> SlotCache:
+        """The cache, grown if needed to hold ``rows`` rows and a row of ``need`` columns."""
+        cache = self._cache
+        slots = cache.slots if cache is not None else _FIRST_SLOTS
+        while slots < rows:
+            slots *= 2
+        need = max(need, *(self._need(r) for r in self._rows)) if self._rows else need
+        columns = cache.columns if cache is not None else 0
+        if cache is None or columns < need:
+            columns = max(need, self._min_columns)
+            columns = _COLUMN_QUANTUM * math.ceil(columns / _COLUMN_QUANTUM)
+        if cache is not None and (slots, columns) == (cache.slots, cache.columns):
+            return cache
+        layers, heads, head_dim = self._shape
+        width = max((r.length for r in self._rows), default=0)
+        loaded = self.backend.loaded
+        if cache is None:
+            new = SlotCache(layers, slots, heads, columns, head_dim, loaded.dtype, loaded.device)
+        else:
+            log.info(
+                "slot cache grows to %d slots x %d columns (%d rows running)",
+                slots, columns, len(self._rows),
+            )
+            new = cache.grown(slots, columns, len(self._rows), width, self._col)
+            self._col = width
+        self._cache = new
+        if cache is None and not self._rows:
+            self._col = 0
+        return new
+
+
+def check_slot_model(model: Any) -> None:
+    """Refuse models whose layers the slot cache cannot hold (sliding windows)."""
+    cfg = model.config.get_text_config()
+    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+    if kinds - {"full_attention"}:
+        raise BackendError(
+            f"the slot cache needs full-attention layers, not {', '.join(sorted(kinds))}"
+        )

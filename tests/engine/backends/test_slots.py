@@ -1,0 +1,249 @@
+"""The slot cache: a ring of columns that wraps, grows and compiles, and still
+gives every job what it gets alone. (The shared contract runs in
+test_continuous.py against both decoders.)"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from evoxtral_stream.engine.backends.base import BackendError, Done, Job
+from evoxtral_stream.engine.backends.voxtral.attention import GROUPED_SDPA, grouped_sdpa, register
+from evoxtral_stream.engine.backends.voxtral.backend import VoxtralBackend
+from evoxtral_stream.engine.backends.voxtral.continuous import ContinuousDecoder
+from evoxtral_stream.engine.backends.voxtral.slots import SlotDecoder, bucket
+
+from .test_continuous import _admit, _alone, _audio, _drain, _jobs
+
+SR = 16_000
+
+
+@pytest.fixture(scope="module")
+def jobs() -> list[Job]:
+    return _jobs(seed=40)
+
+
+@pytest.fixture(scope="module")
+def plain(merged: VoxtralBackend, jobs: list[Job]) -> dict[Job, Done]:
+    return _alone(merged, jobs)
+
+
+def _same_audio(job: Job, key: object) -> Job:
+    return Job(key, job.audio, job.adapter, job.prefix)
+
+
+def test_buckets_are_powers_of_two_up_to_the_slots() -> None:
+    assert [bucket(n, 8) for n in range(1, 10)] == [1, 2, 4, 4, 8, 8, 8, 8, 8]
+    assert bucket(9, 16) == 16
+    assert bucket(64, 64) == 64
+
+
+def test_static_cache_config_picks_the_slot_decoder(merged: VoxtralBackend) -> None:
+    assert isinstance(merged.decoder, ContinuousDecoder)
+    slots = VoxtralBackend(merged.loaded, dataclasses.replace(merged._cfg, static_cache=True))
+    assert isinstance(slots.decoder, SlotDecoder)
+    # On the CPU the step is not compiled.
+    assert slots.decoder._step == slots.decoder._forward
+
+
+def test_the_ring_wraps_many_times(
+    merged: VoxtralBackend, jobs: list[Job], plain: dict[Job, Done]
+) -> None:
+    """Jobs keep joining a batch that never empties, for two laps of the ring."""
+    dec = SlotDecoder(merged)
+    out: dict[Job, Done] = {}
+    want: dict[Job, Done] = {}
+    steps = 0
+    serial = itertools.count()
+    merged.force_tokens = True  # fixed lengths: rows run to their budgets
+    try:
+        forced = _alone(merged, jobs)
+        while steps < 2 * max(dec.columns, 1) or dec.active:
+            if steps < 2 * max(dec.columns, 1) and dec.active < 4:
+                src = jobs[next(serial) % len(jobs)]
+                job = _same_audio(src, ("lap", steps))
+                want[job] = Done(job, forced[src].text, forced[src].tokens)
+                _admit(dec, [job], out)
+            _drain(dec, out, 1)
+            steps += 1
+    finally:
+        merged.force_tokens = False
+    assert dec.columns > 0
+    assert steps > 2 * dec.columns
+    assert out == want
+
+
+def test_more_slots_and_longer_rows_grow_the_cache(
+    merged: VoxtralBackend, jobs: list[Job], plain: dict[Job, Done],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dec = SlotDecoder(merged)
+    out: dict[Job, Done] = {}
+    _admit(dec, jobs[:3], out)
+    first = (dec.slots, dec.columns)
+    assert first[0] == 8
+    _drain(dec, out, 2)
+    # Ten more rows than slots, and a 70 s row (three windows) longer than the ring.
+    more = [_same_audio(jobs[i % 5], ("more", i)) for i in range(10)]
+    long = Job("long", _audio(70.0, 99))
+    want_long = _alone(merged, [long])[long]
+    with caplog.at_level(logging.INFO):
+        _admit(dec, [*more, long], out)
+    assert dec.slots == 16
+    assert dec.columns > first[1]
+    assert dec.columns >= dec.span(long)
+    assert "slot cache grows" in caplog.text
+    _drain(dec, out)
+    assert out.pop(long) == want_long
+    assert out == {**{j: plain[j] for j in jobs[:3]},
+                   **{j: Done(j, plain[jobs[i % 5]].text, plain[jobs[i % 5]].tokens)
+                      for i, j in enumerate(more)}}
+
+
+def test_leaving_rows_are_replaced_by_the_last(
+    merged: VoxtralBackend, jobs: list[Job], plain: dict[Job, Done]
+) -> None:
+    dec = SlotDecoder(merged)
+    out: dict[Job, Done] = {}
+    _admit(dec, jobs, out)
+    running = [r.job for r in dec.rows]
+    assert dec.cancel(running[1])
+    # The last row moved into the hole; the others kept their slots.
+    assert [r.job for r in dec.rows] == [running[0], running[-1], *running[2:-1]]
+    _drain(dec, out)
+    assert out == {j: plain[j] for j in jobs if j is not running[1]}
+
+
+@pytest.fixture
+def compiled(merged: VoxtralBackend) -> Iterator[SlotDecoder]:
+    torch._dynamo.reset()
+    # aot_eager: dynamo tracing and functionalisation of the in-place cache
+    # writes, without a C compiler; fullgraph: no graph breaks allowed.
+    yield SlotDecoder(merged, compile={"backend": "aot_eager", "fullgraph": True,
+                                       "dynamic": False})
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_compiled_steps_equal_alone(
+    compiled: SlotDecoder, jobs: list[Job], plain: dict[Job, Done]
+) -> None:
+    assert compiled._step != compiled._forward
+    out: dict[Job, Done] = {}
+    _admit(compiled, jobs[:2], out)
+    _drain(compiled, out, 3)
+    _admit(compiled, jobs[2:], out)
+    _drain(compiled, out)
+    assert out == plain
+
+
+# --- grouped-query attention --------------------------------------------------
+
+
+class _Attn(torch.nn.Module):
+    num_key_value_groups = 4
+    is_causal = True
+
+
+def _qkv(b: int, q_len: int, kv: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, 8, q_len, 16, generator=g)
+    k = torch.randn(b, 2, kv, 16, generator=g)
+    v = torch.randn(b, 2, kv, 16, generator=g)
+    return q, k, v
+
+
+def test_grouped_sdpa_equals_sdpa() -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = _Attn()
+    q, k, v = _qkv(3, 1, 40)
+    mask = torch.rand(3, 1, 1, 40, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask[:, :, :, -1] = True
+    got, _ = grouped_sdpa(module, q, k, v, mask, scaling=0.25)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    assert got.shape == (3, 1, 8, 16)
+    torch.testing.assert_close(got, want)
+    # Longer queries (prefill) go to sdpa itself.
+    q5, k5, v5 = _qkv(2, 5, 5)
+    got5, _ = grouped_sdpa(module, q5, k5, v5, None, scaling=0.25)
+    want5, _ = sdpa_attention_forward(module, q5, k5, v5, None, scaling=0.25)
+    torch.testing.assert_close(got5, want5)
+
+
+def _largest_intermediate(fn: Any, *args: Any) -> int:
+    """Elements of the largest tensor the compiled ``fn`` computes."""
+    sizes: list[int] = []
+
+    def collect(gm: torch.fx.GraphModule, example_inputs: Any) -> Any:
+        for node in gm.graph.nodes:
+            val = node.meta.get("example_value")
+            if isinstance(val, torch.Tensor) and node.op in ("call_function", "call_method"):
+                sizes.append(val.numel())
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled: Any = torch.compile(fn, backend=collect, fullgraph=True)
+    compiled(*args)
+    torch._dynamo.reset()
+    return max(sizes)
+
+
+def test_compiled_grouped_sdpa_never_repeats_the_cache() -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = _Attn()
+    q, k, v = _qkv(4, 1, 512)
+    mask = torch.ones(4, 1, 1, 512, dtype=torch.bool)
+    cache = k.numel()
+    # transformers' sdpa repeats keys and values per query head when compiled...
+    repeated = _largest_intermediate(
+        lambda q, k, v, m: sdpa_attention_forward(module, q, k, v, m)[0], q, k, v, mask
+    )
+    assert repeated >= 4 * cache
+    # ... the grouped one computes nothing as large as the cache.
+    grouped = _largest_intermediate(
+        lambda q, k, v, m: grouped_sdpa(module, q, k, v, m)[0], q, k, v, mask
+    )
+    assert grouped < cache
+
+
+def test_grouped_attention_is_registered_for_static_cache(merged: VoxtralBackend) -> None:
+    register()
+    register()  # idempotent
+    model: Any = merged.model
+    model.set_attn_implementation({"text_config": "sdpa"})
+    audio = [np.asarray(_audio(3.0, 7)), np.asarray(_audio(31.0, 8))]
+    want = merged.generate_tokens(audio)
+    backend = VoxtralBackend(merged.loaded, dataclasses.replace(merged._cfg, static_cache=True))
+    assert backend.loaded is merged.loaded  # the same model
+    assert model.config.get_text_config()._attn_implementation == GROUPED_SDPA
+    assert model.config.audio_config._attn_implementation == "sdpa"
+    # Eagerly it is sdpa: batch decoding gives what it gave before.
+    assert backend.generate_tokens(audio) == want
+
+
+def test_warm_up_prepares_every_bucket_and_changes_no_result(
+    merged: VoxtralBackend, jobs: list[Job], plain: dict[Job, Done]
+) -> None:
+    slots = VoxtralBackend(merged.loaded, dataclasses.replace(merged._cfg, static_cache=True))
+    assert "batches 1, 2, 4, 8, 16" in slots.warm_up(10)
+    dec = slots.decoder
+    assert isinstance(dec, SlotDecoder)
+    assert (dec.slots, dec.active) == (16, 0)
+    out: dict[Job, Done] = {}
+    _admit(dec, jobs, out)
+    assert slots.warm_up(4) == "nothing to warm up"  # rows are running
+    with pytest.raises(BackendError, match="idle"):
+        dec.warm_up(4)
+    _drain(dec, out)
+    assert out == plain
+    # The dynamic decoder has nothing to prepare.
+    assert merged.warm_up(8) == "nothing to warm up"
