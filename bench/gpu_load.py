@@ -20,12 +20,15 @@ themselves, so every request generates exactly its token budget
 (``VoxtralBackend.force_tokens``): ``max(min_new_tokens,
 ceil(tokens_per_second x seconds))``, 8 tokens per second of audio by default.
 The models are built once per process: the merged one serves every level of
-both our modes, an unmerged copy (built only when asked for) the reference.
+our modes, an unmerged copy (built only when asked for) the reference.
 
 Modes:
 
 - ``continuous`` / ``batch``: our path (merged LoRA, direct prompt and
   features) with ``worker.batching`` set to that mode;
+- ``slots``: continuous batching over the fixed-shape slot cache
+  (``model.voxtral.static_cache = true``; on CUDA its decode steps are CUDA
+  graphs, compiled by the worker's warm-up, which the warm-up level pays);
 - ``reference``: the seed's own usage code behind the engine's ``Backend``
   protocol: the unmerged ``PeftModel``, ``processor.apply_transcription_request``
   and one ``generate`` per request (``worker.batching = "batch"``,
@@ -139,8 +142,8 @@ import voxtral_kernels as kernels  # noqa: E402
 
 __all__ = ["MODES", "ReferenceBackend", "Row", "main", "run"]
 
-MODES = ("continuous", "batch", "reference")
-OUR_MODES = ("continuous", "batch")
+MODES = ("continuous", "slots", "batch", "reference")
+OUR_MODES = ("continuous", "slots", "batch")
 MODEL_ID = "mistralai/Voxtral-Mini-3B-2507"
 TARGET_FINAL_P95_S = 0.5
 TARGET_PARTIAL_AGE_P95_S = 1.5
@@ -344,6 +347,8 @@ class Models:
     ours: VoxtralBackend | None
     reference: ReferenceBackend | None
     description: str
+    slots: VoxtralBackend | None = None
+    """The merged model again, with the slot cache (mode ``slots``)."""
 
 
 def _budget_rule(backend: VoxtralBackend) -> Callable[[int], int]:
@@ -426,15 +431,21 @@ def build_models(args: argparse.Namespace, modes: Sequence[str], folder: Path,
                                          force=not args.no_force)
         what = (f"random weights, {'tiny' if args.tiny else 'full-size'} VoxtralConfig "
                 f"({n_params / 1e9:.2f}B parameters), random rank-{rank} LoRA")
+    slots: VoxtralBackend | None = None
     if ours is not None:
         ours.force_tokens = not args.no_force
+        if "slots" in modes:
+            # Same weights; static_cache also switches the language model to
+            # grouped SDPA, which equals sdpa eagerly (the other modes).
+            slots = VoxtralBackend(ours.loaded, dataclasses.replace(ours._cfg, static_cache=True))
+            slots.force_tokens = ours.force_tokens
     desc = f"{what}; {device} {str(dtype).removeprefix('torch.')}"
     say(f"models ready in {time.perf_counter() - t0:.1f} s: {desc}")
-    return Models(device, dtype, ours, reference, desc)
+    return Models(device, dtype, ours, reference, desc, slots)
 
 
 def _backend_for(models: Models, mode: str) -> Backend:
-    backend = models.reference if mode == "reference" else models.ours
+    backend = {"reference": models.reference, "slots": models.slots}.get(mode, models.ours)
     assert backend is not None
     return backend
 
@@ -590,7 +601,7 @@ def _level_config(args: argparse.Namespace, mode: str, n_streams: int) -> Config
         overrides |= {"worker.batching": "batch", "worker.max_batch": 1,
                       "stream.prefix_reuse": "off"}
     else:
-        overrides["worker.batching"] = mode
+        overrides["worker.batching"] = "continuous" if mode == "slots" else mode
         if args.max_batch:
             overrides["worker.max_batch"] = args.max_batch
         if args.prefix_reuse:
@@ -724,7 +735,7 @@ async def run_level(models: Models, mode: str, n_streams: int, args: argparse.Na
     notes = []
     if abort_t < math.inf:
         notes.append(f"overloaded: drain passed {args.drain_s:g} s")
-    if mode == "continuous" and row.backend_calls.get("step", 0) == 0:
+    if mode in ("continuous", "slots") and row.backend_calls.get("step", 0) == 0:
         notes.append("continuous batching not engaged (the worker never called step)")
     if profiler is not None:
         notes.append("profiled (figures distorted)")
@@ -1198,8 +1209,8 @@ def parser() -> argparse.ArgumentParser:
                          "the --streams list with --tiny)")
     ap.add_argument("--seconds", type=float, default=None,
                     help="audio per stream and level (default 30; 8 with --tiny)")
-    ap.add_argument("--modes", default="continuous,batch,reference",
-                    help="comma-separated: continuous, batch, reference")
+    ap.add_argument("--modes", default="continuous,slots,batch,reference",
+                    help="comma-separated: continuous, slots, batch, reference")
     ap.add_argument("--prefix-reuse", choices=("off", "partials", "all"), default=None,
                     help="stream.prefix_reuse for our modes (default: the config's)")
     ap.add_argument("--max-batch", type=int, default=None,

@@ -48,8 +48,8 @@ load)
     commit=${2:?usage: gpu_session.sh load COMMIT [gpu_load.py args]}
     shift 2
     setup_device
-    python3 bench/gpu_load.py --streams 1,25,50,100,150 --reference-streams 1,5 --seconds 30 \
-        --modes continuous,batch,reference --max-batch 64 --commit "$commit" \
+    python3 bench/gpu_load.py --streams 1,25,50,100,150 --reference-streams 1,5 --seconds 20 \
+        --modes continuous,slots,batch,reference --max-batch 64 --commit "$commit" \
         --json "${OUT:-.}/gpu_load.json" --markdown "${OUT:-.}/gpu_load.md" \
         --plot "${OUT:-.}/gpu_load.png" "$@" 2>&1 | tee "${OUT:-.}/gpu_load.log"
     ;;

@@ -14,7 +14,11 @@ exact adapter loader. For every batch size it times
 - decode: per generated token, from ``generate`` forced to N and to 1 new
   tokens: (t_N - t_1) / (N - 1);
 - end to end: prep + generate(N) for our path (merged and unmerged) and the
-  reference path (processor + generate on the unmerged peft model).
+  reference path (processor + generate on the unmerged peft model);
+- slots: the merged model through the slot decoder
+  (``model.voxtral.static_cache``; CUDA graphs on CUDA): prefill is one
+  admit (features, encoder, prefill, first token), decode per token is
+  (t_N - t_1) / (N - 1) over N - 1 steps, end to end is t_N.
 
 ``--tiny`` runs the same code on the tiny test checkpoint on the CPU, so the
 script is tested without a GPU; its numbers mean nothing.
@@ -29,6 +33,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -45,6 +50,7 @@ import torch
 from torch import nn
 
 from evoxtral_stream.config import VoxtralConfig, load_config
+from evoxtral_stream.engine.backends.base import Job
 from evoxtral_stream.engine.backends.voxtral.adapter import attach_adapter
 from evoxtral_stream.engine.backends.voxtral.backend import (
     DEFAULT_ADAPTER,
@@ -227,6 +233,41 @@ def _measure(
     )
 
 
+def _measure_slots(backend: VoxtralBackend, batch: list[Audio], new_tokens: int,
+                   repeats: int) -> Row:
+    """Time the slot decoder (continuous batching over the fixed-shape cache;
+    on CUDA its steps are CUDA graphs): admit is features + encoder + prefill,
+    a step one token for every row. ``backend`` must budget more than
+    ``new_tokens`` per row and hold EOS back."""
+    device = backend.loaded.device
+    backend.warm_up(len(batch))  # compiling and capturing is not timed
+
+    def jobs() -> list[Job]:
+        return [Job(i, a) for i, a in enumerate(batch)]
+
+    def tokens(n: int) -> Callable[[], object]:
+        def go() -> object:
+            backend.admit(jobs())  # the first token comes from the prefill
+            for _ in range(n - 1):
+                backend.step()
+            return backend.abort()
+
+        return go
+
+    prefill_ms = _time(tokens(1), device, repeats)
+    t_n = _time(tokens(new_tokens), device, repeats)
+    return Row(
+        mode="slots",
+        batch=len(batch),
+        prep_ms=float("nan"),
+        prefill_ms=prefill_ms,
+        prefill_per_window_ms=prefill_ms / sum(backend.spec.windows(len(a)) for a in batch),
+        decode_per_token_ms=(t_n - prefill_ms) / max(1, new_tokens - 1),
+        end_to_end_ms=t_n,
+        new_tokens=new_tokens,
+    )
+
+
 def run(
     *,
     tiny: bool,
@@ -317,6 +358,13 @@ def run(
         merged = _backend(merged_model, None, spec, tokenizer, device, cfg)
         for b in batches:
             rows.append(_measure("merged", merged, _audio(b, audio_s), new_tokens, repeats))
+            log(_fmt(rows[-1]))
+        # Last: static_cache switches the model's text attention to grouped SDPA.
+        slot_cfg = dataclasses.replace(cfg, static_cache=True, min_new_tokens=new_tokens + 8)
+        slots = VoxtralBackend(merged.loaded, slot_cfg)
+        slots.force_tokens = True
+        for b in batches:
+            rows.append(_measure_slots(slots, _audio(b, audio_s), new_tokens, repeats))
             log(_fmt(rows[-1]))
     return rows
 

@@ -37,9 +37,11 @@ def test_tiny_run_reports_every_path(tmp_path: Path, capsys: pytest.CaptureFixtu
         ("reference", 2),
         ("merged", 1),
         ("merged", 2),
+        ("slots", 1),
+        ("slots", 2),
     ]
     for r in rows:
-        assert r["prep_ms"] > 0
+        assert r["prep_ms"] > 0 or r["mode"] == "slots"  # slots: prep is inside admit
         assert r["end_to_end_ms"] > 0
         assert r["new_tokens"] == 3
         if r["mode"] != "reference":
@@ -47,4 +49,5 @@ def test_tiny_run_reports_every_path(tmp_path: Path, capsys: pytest.CaptureFixtu
             assert r["prefill_per_window_ms"] == pytest.approx(r["prefill_ms"] / r["batch"])
             assert math.isfinite(r["decode_per_token_ms"])
     assert data["meta"]["tiny"] is True
+    assert r["decode_per_token_ms"] > 0  # the last row: slots
     assert "merged B=2" in capsys.readouterr().out
