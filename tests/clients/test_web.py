@@ -111,7 +111,8 @@ async def test_page_renders_partials_finals_tags_and_picker(
     audio, spans = speech_with_pauses(SENTENCES, pause_s=1.2)
     page = await open_page(browser, server)
     try:
-        assert "scripted" in await page.evaluate("document.getElementById('backend').textContent")
+        # "live" is set when the socket opens; the backend comes with the hello after it.
+        await page.wait_for("document.getElementById('backend').textContent.includes('scripted')")
         async with connect(f"ws://127.0.0.1:{server.port}/v1/captions?stream=talk") as ws:
             await ws.recv()  # hello
             stream = engine.open_stream("talk", source="test")
