@@ -53,9 +53,7 @@ def test_static_cache_config_picks_the_slot_decoder(merged: VoxtralBackend) -> N
     assert slots.decoder._step == slots.decoder._forward
 
 
-def test_the_ring_wraps_many_times(
-    merged: VoxtralBackend, jobs: list[Job], plain: dict[Job, Done]
-) -> None:
+def test_the_ring_wraps_twice(merged: VoxtralBackend, jobs: list[Job]) -> None:
     """Jobs keep joining a batch that never empties, for two laps of the ring."""
     dec = SlotDecoder(merged)
     out: dict[Job, Done] = {}

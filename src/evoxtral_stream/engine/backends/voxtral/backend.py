@@ -514,11 +514,10 @@ class VoxtralBackend:
         dec = self.decoder
         if not isinstance(dec, SlotDecoder) or dec.active:
             return "nothing to warm up"
-        t0 = time.monotonic()
         sizes = dec.warm_up(max_batch)
         return (
             f"slot cache {dec.slots} x {dec.columns}, decode steps for batches "
-            f"{', '.join(map(str, sizes))} ready in {time.monotonic() - t0:.1f} s"
+            f"{', '.join(map(str, sizes))}"
         )
 
     @property

@@ -152,9 +152,18 @@ class RowDecoder(abc.ABC):
     """
 
     def __init__(self, backend: VoxtralBackend) -> None:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
         self.backend = backend
         self._model: Any = cast(Any, backend.model)
         self._adapter: str | None = None
+        # Both caches keep every column of a row; sliding-window or other
+        # layers would need their own handling.
+        kinds = {type(layer) for layer in DynamicCache(config=self._model.config).layers}
+        if kinds - {DynamicLayer}:
+            names = ", ".join(sorted(k.__name__ for k in kinds))
+            raise BackendError(f"continuous batching needs full-attention layers, not {names}")
 
     @property
     @abc.abstractmethod
@@ -227,11 +236,10 @@ class RowDecoder(abc.ABC):
         try:
             with torch.inference_mode():
                 with self.backend.use_adapter(self._adapter):
-                    nxt = self._decode()
+                    tokens = self._decode()
                 for row in rows:
                     row.length += 1
-                # The one host-device sync of a step.
-                keep = self._advance(rows, nxt.tolist(), done)
+                keep = self._advance(rows, tokens, done)
                 self._drop(keep)
         except torch.cuda.OutOfMemoryError:
             raise BackendError(
@@ -264,8 +272,9 @@ class RowDecoder(abc.ABC):
         """Take the prefilled rows of ``batch`` (all going on) into the running batch."""
 
     @abc.abstractmethod
-    def _decode(self) -> torch.Tensor:
-        """One forward of every running row's next token; the tokens after it.
+    def _decode(self) -> list[int]:
+        """One forward of every running row's next token; the tokens after it,
+        on the host (the one host-device sync of a step).
 
         Runs under the running adapter; must leave the state unchanged when it
         raises out of memory.
@@ -358,16 +367,7 @@ class ContinuousDecoder(RowDecoder):
     """
 
     def __init__(self, backend: VoxtralBackend) -> None:
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
         super().__init__(backend)
-        # Padding and trimming the cache in place assumes every layer keeps
-        # all its columns; sliding-window or other layers would not.
-        kinds = {type(layer) for layer in DynamicCache(config=self._model.config).layers}
-        if kinds - {DynamicLayer}:
-            names = ", ".join(sorted(k.__name__ for k in kinds))
-            raise BackendError(f"continuous batching needs full-attention layers, not {names}")
         self._batch: _Batch | None = None
 
     @property
@@ -385,7 +385,7 @@ class ContinuousDecoder(RowDecoder):
         else:
             self._batch.merge(batch)
 
-    def _decode(self) -> torch.Tensor:
+    def _decode(self) -> list[int]:
         batch = self._batch
         assert batch is not None
         mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
@@ -399,7 +399,7 @@ class ContinuousDecoder(RowDecoder):
         )
         nxt = self._pick(out.logits[:, -1])
         batch.mask, batch.pos, batch.next = mask, batch.pos + 1, nxt
-        return nxt
+        return cast(list[int], nxt.tolist())
 
     def _keep(self, keep: Sequence[int]) -> None:
         assert self._batch is not None

@@ -63,8 +63,6 @@ class SlotCache:
     device tensor) is the write column of the step about to run.
     """
 
-    is_compileable = True
-
     def __init__(
         self,
         layers: int,
@@ -175,7 +173,6 @@ class SlotDecoder(RowDecoder):
         columns: int = 0,
     ) -> None:
         super().__init__(backend)
-        check_slot_model(self._model)
         cfg = self._model.config.get_text_config()
         self._shape = (
             int(cfg.num_hidden_layers),
@@ -251,7 +248,7 @@ class SlotDecoder(RowDecoder):
         self._rows.extend(batch.rows)
         self._next.extend(cast(list[int], batch.next.tolist()))
 
-    def _decode(self) -> torch.Tensor:
+    def _decode(self) -> list[int]:
         cache = self._cache
         assert cache is not None
         n = len(self._rows)
@@ -262,10 +259,10 @@ class SlotDecoder(RowDecoder):
         packed = torch.tensor(host, dtype=torch.long).to(cache.col.device, non_blocking=True)
         ids, lengths = packed[:b], packed[b:]
         cache.col.fill_(self._col)
-        nxt = self._step(ids, lengths)[:n]
+        # Read before the next step: a replayed CUDA graph reuses its output.
+        self._next = cast(list[int], self._step(ids, lengths)[:n].tolist())
         self._col = (self._col + 1) % cache.columns
-        self._next = cast(list[int], nxt.tolist())
-        return nxt
+        return self._next
 
     def _keep(self, keep: Sequence[int]) -> None:
         assert self._cache is not None
@@ -316,36 +313,25 @@ class SlotDecoder(RowDecoder):
         slots = cache.slots if cache is not None else _FIRST_SLOTS
         while slots < rows:
             slots *= 2
-        need = max(need, *(self._need(r) for r in self._rows)) if self._rows else need
+        need = max([need, *map(self._need, self._rows)])
         columns = cache.columns if cache is not None else 0
         if cache is None or columns < need:
             columns = max(need, self._min_columns)
             columns = _COLUMN_QUANTUM * math.ceil(columns / _COLUMN_QUANTUM)
         if cache is not None and (slots, columns) == (cache.slots, cache.columns):
             return cache
-        layers, heads, head_dim = self._shape
-        width = max((r.length for r in self._rows), default=0)
-        loaded = self.backend.loaded
         if cache is None:
+            layers, heads, head_dim = self._shape
+            loaded = self.backend.loaded
             new = SlotCache(layers, slots, heads, columns, head_dim, loaded.dtype, loaded.device)
         else:
             log.info(
                 "slot cache grows to %d slots x %d columns (%d rows running)",
                 slots, columns, len(self._rows),
             )
+            width = max((r.length for r in self._rows), default=0)
             new = cache.grown(slots, columns, len(self._rows), width, self._col)
             self._col = width
         self._cache = new
-        if cache is None and not self._rows:
-            self._col = 0
         return new
 
-
-def check_slot_model(model: Any) -> None:
-    """Refuse models whose layers the slot cache cannot hold (sliding windows)."""
-    cfg = model.config.get_text_config()
-    kinds = set(getattr(cfg, "layer_types", None) or ["full_attention"])
-    if kinds - {"full_attention"}:
-        raise BackendError(
-            f"the slot cache needs full-attention layers, not {', '.join(sorted(kinds))}"
-        )
