@@ -9,11 +9,12 @@ does: finals as lines on stdout, the live partial redrawn in place
 (unstable text dim) on a terminal, status lines on stderr. Ctrl-C (or the
 end of the file) sends ``end``: the server flushes the open segment as a
 final, sends its summary (printed on stderr) and closes. A second Ctrl-C
-quits at once.
+quits at once. A server with access tokens gets ``--token`` (default
+``$EVOXTRAL_TOKEN``) as ``Authorization: Bearer``.
 
 Exit status: 0 after the server's summary; 1 when the server cannot be
-reached, refuses the stream or closes it early; 2 for a bad argument, file
-or audio device; 130 after a second Ctrl-C.
+reached, refuses the token or the stream, or closes it early; 2 for a bad
+argument, file or audio device; 130 after a second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
+from _auth import add_token_option, auth_headers, refusal
 from viewer import LiveWriter, endpoint, use_color
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -197,9 +199,10 @@ async def _session(ws: ClientConnection, feed: AudioFeed, stop: asyncio.Event,
 
 
 async def run(url: str, stream: str | None, feed: AudioFeed, writer: LiveWriter, *,
-              stop: asyncio.Event | None = None) -> int:
+              stop: asyncio.Event | None = None, token: str | None = None) -> int:
     """Stream ``feed`` to the server at ``url`` as ``stream`` (None: the server
     names it) and show what comes back; the exit status (see the module doc).
+    ``token`` is sent as ``Authorization: Bearer`` (None: no token).
 
     Setting ``stop`` (or Ctrl-C, once) ends the audio: the server then sends
     the last finals and its summary. Raises AudioInputError when the feed
@@ -222,10 +225,12 @@ async def run(url: str, stream: str | None, feed: AudioFeed, writer: LiveWriter,
         loop.add_signal_handler(signal.SIGINT, interrupt)
     try:
         feed.start(writer.status)
-        async with connect(target, open_timeout=10, max_size=2**24) as ws:
+        async with connect(target, open_timeout=10, max_size=2**24,
+                           additional_headers=auth_headers(token)) as ws:
             return await _session(ws, feed, stop, writer)
     except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
-        writer.status(f"cannot stream to {target}: {e} (is the server running?)")
+        writer.status(refusal(e, token)
+                      or f"cannot stream to {target}: {e} (is the server running?)")
         return 1
     except ConnectionClosed as e:
         writer.status(f"the server closed the stream (close code "
@@ -258,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--list-devices", action="store_true", help="list input devices and exit")
     p.add_argument("--color", action=argparse.BooleanOptionalAction, default=None,
                    help="ANSI colours (default: on a terminal unless NO_COLOR is set)")
+    add_token_option(p)
     return p
 
 
@@ -283,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         feed: AudioFeed = (FileFeed(read_audio_file(args.file)) if args.file
                            else MicFeed(args.device))
-        return asyncio.run(run(args.url, args.stream, feed, writer))
+        return asyncio.run(run(args.url, args.stream, feed, writer, token=args.token))
     except AudioInputError as e:
         writer.status(f"error: {e}")
         return 2

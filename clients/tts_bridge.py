@@ -40,6 +40,9 @@ behind; then the server's ``gap`` message is logged as a warning (the missing
 finals cannot be recovered). Captions at or below a seq already read are
 ignored, so a replay never synthesises twice.
 
+A server with access tokens gets ``--token`` (default ``$EVOXTRAL_TOKEN``)
+as ``Authorization: Bearer``; a refused token stops the bridge with one line.
+
 Run ``python clients/tts_bridge.py --help``.
 """
 
@@ -61,12 +64,13 @@ import urllib.error
 import urllib.request
 import wave
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 from xml.sax.saxutils import escape, quoteattr
 
+from _auth import add_token_option, auth_headers, refusal
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
@@ -637,6 +641,8 @@ class BridgeConfig:
     stop after ``stream.ended`` of every ``streams`` entry (without
     ``streams``: of every stream seen) and the queue is drained.
     ``reconnect``: reconnect after a lost connection, with ``since=``.
+    ``token``: the access token, sent as ``Authorization: Bearer`` (None:
+    none); left out of the repr so that it stays out of logs.
     """
 
     out: Path
@@ -649,6 +655,7 @@ class BridgeConfig:
     reconnect: bool = True
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 10.0
+    token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -731,7 +738,8 @@ class TtsBridge:
             url = caption_url(self.cfg.url, self.cfg.streams, self._last_seq)
             conn: ClientConnection | None = None
             try:
-                async with connect(url, open_timeout=10, close_timeout=2) as ws:
+                async with connect(url, open_timeout=10, close_timeout=2,
+                                   additional_headers=auth_headers(self.cfg.token)) as ws:
                     conn = ws
                     await self._expect_hello(ws)
                     connected = True
@@ -743,6 +751,10 @@ class TtsBridge:
             except ConnectionClosed:
                 pass
             except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
+                refused = refusal(e, self.cfg.token)
+                if refused is not None:
+                    # On a reconnect too: the same token would be refused again.
+                    raise BridgeError(refused) from e
                 if not connected:
                     raise BridgeError(f"cannot subscribe to {url}: {e} "
                                       "(is `evoxtral-stream serve` running there?)") from e
@@ -866,6 +878,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit when the followed streams have ended")
     p.add_argument("--no-reconnect", action="store_true",
                    help="exit when the connection is lost instead of resuming")
+    add_token_option(p)
     p.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
     el = p.add_argument_group("elevenlabs")
     el.add_argument("--api-key", help="API key (default $ELEVENLABS_API_KEY; an option "
@@ -919,7 +932,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = BridgeConfig(out=args.out, url=args.url, streams=streams,
                            since=tuple(since.items()), queue_size=max(1, args.queue),
                            max_captions=args.max_captions, exit_on_end=args.exit_on_end,
-                           reconnect=not args.no_reconnect)
+                           reconnect=not args.no_reconnect, token=args.token)
         stats = asyncio.run(TtsBridge(cfg, synth).run())
     except KeyboardInterrupt:
         return 130

@@ -8,6 +8,8 @@ terminal (stable text plain, unstable text dim, tags coloured by kind).
 Status lines (hello, stream started/ended, gaps, errors) go to stderr. When
 the connection drops, the viewer reconnects with ``since=STREAM:SEQ`` for
 every stream it has seen, so no final is lost (or a ``gap`` says which were).
+A server with access tokens gets ``--token`` (default ``$EVOXTRAL_TOKEN``) as
+``Authorization: Bearer``; a refused token ends the viewer with one line.
 
 The rendering is pure: :func:`render_event` turns one protocol message into
 the text to show; :class:`LiveWriter` decides where and how it is written.
@@ -27,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
+from _auth import add_token_option, auth_headers, refusal
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
@@ -283,12 +286,14 @@ def captions_url(base: str, streams: Sequence[str], since: Mapping[str, int]) ->
 
 async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
                 writer: LiveWriter, *, exit_on_end: bool = False,
-                max_retry_s: float = 5.0) -> int:
+                max_retry_s: float = 5.0, token: str | None = None) -> int:
     """Show captions until cancelled; reconnect (with resume) when the link drops.
 
+    ``token`` is sent as ``Authorization: Bearer`` (None: no token).
     Returns 0 after the ``stream.ended`` of every ``streams`` (any stream when
     empty) if ``exit_on_end``; 1 when the first connection fails, the server
-    refuses the request (close 1008) or speaks another protocol version.
+    refuses the token (HTTP 401/403, on any connection) or the request
+    (close 1008), or speaks another protocol version.
 
     Resume replays captions but not ``stream.ended``: a stream seen before a
     drop that the reconnect ``hello`` no longer lists ended meanwhile. It is
@@ -306,7 +311,8 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
     while True:
         url = captions_url(base, streams, seen)
         try:
-            async with connect(url, open_timeout=10, max_size=2**24) as ws:
+            async with connect(url, open_timeout=10, max_size=2**24,
+                               additional_headers=auth_headers(token)) as ws:
                 connects, delay = connects + 1, 0.25
                 away: set[str] = set()
                 while True:
@@ -349,6 +355,11 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
         except ConnectionClosed as e:
             code = e.rcvd.code if e.rcvd is not None else None
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
+            refused = refusal(e, token)
+            if refused is not None:
+                # Retrying cannot help: the same token would be refused again.
+                writer.status(refused)
+                return 1
             if not connects:
                 writer.status(f"cannot connect to {url}: {e} (is the server running?)")
                 return 1
@@ -381,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ANSI colours (default: on a terminal unless NO_COLOR is set)")
     p.add_argument("--exit-on-end", action="store_true",
                    help="exit when the chosen streams (any stream without --stream) end")
+    add_token_option(p)
     return p
 
 
@@ -399,7 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         show_stream=len(streams) != 1)
     try:
         return asyncio.run(watch(args.url, streams, since, writer,
-                                 exit_on_end=args.exit_on_end))
+                                 exit_on_end=args.exit_on_end, token=args.token))
     except KeyboardInterrupt:
         return 0
     finally:

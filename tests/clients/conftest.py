@@ -1,4 +1,5 @@
-"""Client test fixtures: the clients importable as modules, headless Chromium over CDP.
+"""Client test fixtures: the clients importable as modules, a server that
+requires access tokens, headless Chromium over CDP.
 
 The browser is driven through the Chrome DevTools Protocol with the
 ``websockets`` client the project already depends on: no Playwright, no
@@ -19,19 +20,30 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 import soundfile as sf
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from evoxtral_stream.config import load_config
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.events import CaptionEvent, StreamEnded
+from evoxtral_stream.server.app import CaptionServer
+from evoxtral_stream.server.auth import hash_token
+from tests.fakes import ScriptedBackend
 from tests.speech import have_espeak, speak
 
-__all__ = ["CLIENTS", "FAKE_MIC_TEXT", "Browser", "Page", "browser", "chromium_binary"]
+__all__ = [
+    "BOTH_TOKEN", "CLIENTS", "FAKE_MIC_TEXT", "GUARD_TOKENS", "INGEST_TOKEN", "SUBSCRIBE_TOKEN",
+    "Browser", "Page", "accepted_token_cases", "browser", "chromium_binary", "client_env",
+    "guarded", "publish_finals", "refused_token_cases",
+]
 
 CLIENTS = Path(__file__).resolve().parents[2] / "clients"
 # The clients are scripts, not a package: import them as top-level modules.
@@ -40,6 +52,81 @@ if str(CLIENTS) not in sys.path:
 
 #: What the fake microphone says (espeak-ng), when espeak-ng is installed.
 FAKE_MIC_TEXT = "Good evening and welcome to the live captioning demo."
+
+# --- a server that requires access tokens ------------------------------------------
+
+#: The tokens :func:`guarded` accepts, by role. They use every character a
+#: browser may send in a subprotocol name (letters, digits, - _ . ~).
+SUBSCRIBE_TOKEN = "sub-Viewer_1.x~"
+INGEST_TOKEN = "ingest-Mic_2"
+BOTH_TOKEN = "both-Page_3.y"
+GUARD_TOKENS = [
+    {"name": "viewer", "hash": hash_token(SUBSCRIBE_TOKEN), "roles": ["subscribe"]},
+    {"name": "mic", "hash": hash_token(INGEST_TOKEN), "roles": ["ingest"]},
+    {"name": "page", "hash": hash_token(BOTH_TOKEN), "roles": ["subscribe", "ingest"]},
+]
+
+
+def _words(audio: npt.NDArray[np.float32]) -> str:
+    return " ".join(f"w{i}" for i in range(len(audio) // 8000))
+
+
+@pytest.fixture
+async def guarded() -> AsyncIterator[tuple[Engine, CaptionServer]]:
+    """A real engine and server on a free port that require a token of
+    :data:`GUARD_TOKENS`; the model is scripted (``w0 w1 ...``, a word per 0.5 s)."""
+    cfg = load_config(overrides={"server.port": 0, "auth.tokens": GUARD_TOKENS}, env={})
+    async with Engine(cfg, ScriptedBackend(_words)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        yield engine, server
+
+
+def client_env(token: str | None = None) -> dict[str, str]:
+    """The environment for a client process: ours, with ``$EVOXTRAL_TOKEN`` set
+    to ``token``, or unset whatever the environment running the tests says."""
+    env = {k: v for k, v in os.environ.items() if k != "EVOXTRAL_TOKEN"}
+    if token is not None:
+        env["EVOXTRAL_TOKEN"] = token
+    return env
+
+
+def accepted_token_cases(role: str) -> list[tuple[list[str], str | None]]:
+    """(arguments, ``$EVOXTRAL_TOKEN``) that a Python client needing ``role``
+    ("subscribe" or "ingest") of :func:`guarded` must get in with: the token by
+    option, by environment, and by option over a wrong one in the environment."""
+    right = SUBSCRIBE_TOKEN if role == "subscribe" else INGEST_TOKEN
+    return [(["--token", right], None), ([], right), (["--token", BOTH_TOKEN], "not-a-token")]
+
+
+def refused_token_cases(role: str) -> list[tuple[list[str], str | None, str]]:
+    """(arguments, ``$EVOXTRAL_TOKEN``, the line the client must print) that a
+    Python client needing ``role`` of :func:`guarded` must be refused with: no
+    token, an unknown one by option and by environment, and (by option, over a
+    right one in the environment) a token without the role."""
+    right, wrong, name = ((SUBSCRIBE_TOKEN, INGEST_TOKEN, "mic") if role == "subscribe"
+                          else (INGEST_TOKEN, SUBSCRIBE_TOKEN, "viewer"))
+    unknown = "the server refused the token (HTTP 401): unknown token"
+    return [
+        ([], None,
+         "the server requires a token (HTTP 401): pass --token TOKEN or set EVOXTRAL_TOKEN"),
+        (["--token", "not-a-token"], None, unknown),
+        ([], "not-a-token", unknown),
+        (["--token", wrong], right,
+         f"the server refused the token (HTTP 403): token {name} lacks the {role} role"),
+    ]
+
+
+def publish_finals(server: CaptionServer, stream: str, texts: list[str], *,
+                   ended: bool = True) -> None:
+    """One final caption per text on ``stream`` (seq 1, 2, ...), then (``ended``)
+    its end: retained, so a client that subscribes with ``since=0`` gets them all."""
+    for i, text in enumerate(texts):
+        server.broadcaster.publish(CaptionEvent(
+            stream=stream, segment=i, seq=i + 1, final=True, text=text, plain_text=text,
+            stable=text, unstable="", tags=(), start=float(i), end=i + 0.5, latency=0.1))
+    if ended:
+        server.broadcaster.publish(StreamEnded(stream, float(len(texts)), len(texts),
+                                               len(texts)))
 
 _FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

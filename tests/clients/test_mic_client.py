@@ -29,7 +29,12 @@ from evoxtral_stream.engine.backends.base import Backend
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.events import SAMPLE_RATE, Int16Array
 from evoxtral_stream.server.app import CaptionServer
-from tests.clients.conftest import CLIENTS
+from tests.clients.conftest import (
+    CLIENTS,
+    accepted_token_cases,
+    client_env,
+    refused_token_cases,
+)
 from tests.fakes import ScriptedBackend
 from tests.speech import have_espeak, speech_with_pauses
 from tests.text_norm import loose_wer
@@ -60,10 +65,11 @@ def write_wav(path: Path, audio: Int16Array) -> Path:
     return path
 
 
-async def start_client(*args: str) -> asyncio.subprocess.Process:
+async def start_client(*args: str, env: dict[str, str] | None = None
+                       ) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable, str(CLIENTS / "mic_client.py"), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env)
 
 
 async def finish(proc: asyncio.subprocess.Process, within: float = 30) -> tuple[str, str]:
@@ -251,3 +257,41 @@ async def test_errors_are_one_line(
     assert message in err
     assert "Traceback" not in err
     assert out == ""
+
+
+# --- access tokens ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("args", "env_token"), accepted_token_cases("ingest"))
+async def test_file_streams_with_a_token(
+    guarded: tuple[Engine, CaptionServer], tmp_path: Path, args: list[str],
+    env_token: str | None,
+) -> None:
+    _, server = guarded
+    wav = write_wav(tmp_path / "talk.wav", speech_with_pauses(SENTENCES[:1], 0.8)[0])
+    proc = await start_client("--url", f"ws://127.0.0.1:{server.port}", "--file", str(wav),
+                              "--stream", "desk", *args, env=client_env(env_token))
+    out, err = await finish(proc)
+    assert proc.returncode == 0, err
+    assert re.fullmatch(r"\[0:00\.\d → 0:0\d\.\d\] w0 w1( w\d+)*\n", out), out
+    summary = SUMMARY.search(err)
+    assert summary is not None, err
+    assert (summary.group(1), summary.group(4)) == ("desk", "1")
+
+
+@pytest.mark.parametrize(("args", "env_token", "line"),
+                         refused_token_cases("ingest"))
+async def test_a_refused_token_is_one_line_and_status_1(
+    guarded: tuple[Engine, CaptionServer], tmp_path: Path, args: list[str],
+    env_token: str | None, line: str,
+) -> None:
+    engine, server = guarded
+    wav = write_wav(tmp_path / "talk.wav", speech_with_pauses(SENTENCES[:1], 0.5)[0])
+    proc = await start_client("--url", f"ws://127.0.0.1:{server.port}", "--file", str(wav),
+                              "--stream", "desk", *args, env=client_env(env_token))
+    out, err = await finish(proc, 20)
+    assert proc.returncode == 1, err
+    # The feed announces itself before connecting; then the refusal, alone.
+    assert err.splitlines()[1:] == [line], err
+    assert out == ""
+    assert "desk" not in engine.streams

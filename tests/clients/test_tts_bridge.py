@@ -62,7 +62,16 @@ from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.events import CaptionEvent
 from evoxtral_stream.run import feed_samples
 from evoxtral_stream.server.app import CaptionServer
+from evoxtral_stream.server.auth import hash_token
 from evoxtral_stream.text.tags import TagKind, lookup_tag, tokenize
+from tests.clients.conftest import (
+    BOTH_TOKEN,
+    SUBSCRIBE_TOKEN,
+    accepted_token_cases,
+    client_env,
+    publish_finals,
+    refused_token_cases,
+)
 from tests.fakes import ScriptedBackend
 from tests.speech import have_espeak, speech_with_pauses
 
@@ -648,3 +657,71 @@ async def test_a_refused_subscription_or_unknown_protocol_is_a_bridge_error(
                            GatedSynth())
         with pytest.raises(BridgeError, match=expected):
             await asyncio.wait_for(bridge.run(), 10)
+
+
+# --- access tokens ---------------------------------------------------------------------
+
+
+async def run_bridge(port: int, out: Path, *args: str,
+                     env_token: str | None) -> tuple[int, str]:
+    """tts_bridge.py (espeak) on stream talk from seq 0 until the stream's end,
+    with ``$EVOXTRAL_TOKEN`` = ``env_token`` (None: unset); exit status, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(CLIENT), "--mode", "espeak", "--out", str(out),
+        "--url", f"ws://127.0.0.1:{port}", "--stream", "talk", "--since", "0",
+        "--exit-on-end", *args,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=client_env(env_token))
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, err.decode()
+
+
+@NEEDS_ESPEAK
+@pytest.mark.parametrize(("args", "env_token"), accepted_token_cases("subscribe"))
+async def test_bridge_sends_its_token(
+    tmp_path: Path, guarded: tuple[Engine, CaptionServer], args: list[str],
+    env_token: str | None,
+) -> None:
+    _, server = guarded
+    publish_finals(server, "talk", ["[sighs] one.", "two [pause] three."])
+    code, err = await run_bridge(server.port, tmp_path / "out", *args, env_token=env_token)
+    assert code == 0, err
+    assert _names(tmp_path / "out") == ["talk-00000.wav", "talk-00001.wav"]
+    assert "2 written, 0 failed" in err
+    assert SUBSCRIBE_TOKEN not in err and BOTH_TOKEN not in err  # never logged
+
+
+@pytest.mark.parametrize(("args", "env_token", "line"),
+                         refused_token_cases("subscribe"))
+async def test_a_refused_token_stops_the_bridge_with_one_line(
+    tmp_path: Path, guarded: tuple[Engine, CaptionServer], args: list[str],
+    env_token: str | None, line: str,
+) -> None:
+    _, server = guarded
+    publish_finals(server, "talk", ["not spoken"])
+    code, err = await run_bridge(server.port, tmp_path / "out", *args, env_token=env_token)
+    assert code == 1
+    assert err == f"tts_bridge: {line}\n"
+    assert _names(tmp_path / "out") == []
+
+
+async def test_a_token_refused_on_a_reconnect_stops_the_bridge(tmp_path: Path) -> None:
+    """A server that drops the bridge and then refuses its token (say, the token
+    was revoked): the bridge stops with the refusal instead of retrying forever."""
+    cfg = _config(**{"auth.tokens": [{"hash": hash_token(SUBSCRIBE_TOKEN),
+                                      "roles": ["subscribe"]}]})
+    synth = GatedSynth()
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{server.port}",
+                                        reconnect_min_s=0.05, token=SUBSCRIBE_TOKEN), synth)
+        assert SUBSCRIBE_TOKEN not in repr(bridge.cfg)
+        task = asyncio.ensure_future(bridge.run())
+        await _subscribed(server)
+        port = server.port
+    cfg = _config(**{"server.port": port, "auth.tokens": [{"hash": hash_token("other"),
+                                                             "roles": ["subscribe"]}]})
+    async with Engine(cfg, ScriptedBackend()) as engine, CaptionServer(engine, cfg.server):
+        with pytest.raises(BridgeError, match=r"refused the token \(HTTP 401\): unknown token"):
+            await asyncio.wait_for(task, 20)
+    assert bridge.stats.reconnects >= 1

@@ -24,7 +24,13 @@ from evoxtral_stream.console import format_time
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.run import feed_samples
 from evoxtral_stream.server.app import CaptionServer
-from tests.clients.conftest import CLIENTS
+from tests.clients.conftest import (
+    CLIENTS,
+    accepted_token_cases,
+    client_env,
+    publish_finals,
+    refused_token_cases,
+)
 from tests.fakes import ScriptedBackend
 from tests.speech import have_espeak, speech_with_pauses
 
@@ -319,3 +325,46 @@ async def test_viewer_on_a_terminal_redraws_partials_with_colour(
     assert re.sub(r"\x1b\[[0-9;]*m", "", final) == expected[0]
     assert f"\x1b[1;{KIND_COLORS['non-verbal']}m[laughs]\x1b[0m" in final
     assert "\x1b[2m" not in final.split("]\x1b[0m ", 1)[1]
+
+
+# --- access tokens ---------------------------------------------------------------------
+
+
+async def run_viewer(port: int, *args: str, env_token: str | None) -> tuple[int, str, str]:
+    """viewer.py on stream talk from seq 0 until the stream's end, with
+    ``$EVOXTRAL_TOKEN`` = ``env_token`` (None: unset); exit status, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(CLIENTS / "viewer.py"), "--url", f"ws://127.0.0.1:{port}",
+        "--stream", "talk", "--since", "0", "--exit-on-end", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=client_env(env_token))
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.mark.parametrize(("args", "env_token"), accepted_token_cases("subscribe"))
+async def test_viewer_sends_its_token(
+    guarded: tuple[Engine, CaptionServer], args: list[str], env_token: str | None,
+) -> None:
+    _, server = guarded
+    publish_finals(server, "talk", ["[laughs] hello there", "goodbye"])
+    code, out, err = await run_viewer(server.port, *args, env_token=env_token)
+    assert code == 0, err
+    assert out.splitlines() == ["[0:00.0 → 0:00.5] [laughs] hello there",
+                                "[0:01.0 → 0:01.5] goodbye"]
+    assert "connected to evoxtral-stream" in err
+
+
+@pytest.mark.parametrize(("args", "env_token", "line"),
+                         refused_token_cases("subscribe"))
+async def test_a_refused_token_is_one_line_and_status_1(
+    guarded: tuple[Engine, CaptionServer], args: list[str], env_token: str | None,
+    line: str,
+) -> None:
+    _, server = guarded
+    publish_finals(server, "talk", ["not shown"])
+    code, out, err = await run_viewer(server.port, *args, env_token=env_token)
+    assert code == 1
+    assert err == line + "\n"
+    assert out == ""

@@ -26,7 +26,14 @@ from evoxtral_stream.engine.engine import Engine, Stream
 from evoxtral_stream.events import Int16Array
 from evoxtral_stream.run import feed_samples
 from evoxtral_stream.server.app import CaptionServer
-from tests.clients.conftest import FAKE_MIC_TEXT, Browser, Page
+from tests.clients.conftest import (
+    BOTH_TOKEN,
+    FAKE_MIC_TEXT,
+    SUBSCRIBE_TOKEN,
+    Browser,
+    Page,
+    publish_finals,
+)
 from tests.fakes import ScriptedBackend
 from tests.speech import have_espeak, speech_with_pauses
 from tests.text_norm import loose_wer
@@ -265,3 +272,101 @@ async def test_microphone_button_streams_speech_to_ingest(
             assert page.errors == []
         finally:
             await page.close()
+
+
+# --- access tokens ---------------------------------------------------------------------
+
+STATUS = "document.getElementById('status').textContent"
+REFUSED = "access refused: token missing or not accepted"
+AUTH_WHY = ("!document.getElementById('auth').hidden"
+            " && document.getElementById('auth-why').textContent")
+
+
+async def test_page_takes_its_token_from_the_fragment_for_both_sockets(
+    browser: Browser, guarded: tuple[Engine, CaptionServer], tmp_path: Path,
+) -> None:
+    engine, server = guarded
+    base = f"http://127.0.0.1:{server.port}/"
+    page = await Page.open(browser, f"{base}#token={BOTH_TOKEN}&view=big")
+    try:
+        await page.wait_for(f"{STATUS} === 'live'"
+                            " && document.getElementById('backend').textContent !== ''")
+        # Out of the visible URL (other fragment parts stay), kept for this tab.
+        assert await page.evaluate("location.href") == f"{base}#view=big"
+        assert await page.evaluate("sessionStorage.getItem('evoxtral.token')") == BOTH_TOKEN
+        assert await page.evaluate("document.getElementById('auth').hidden")
+        publish_finals(server, "talk", ["[laughs] hello there"], ended=False)
+        line = LINE.format(s="talk", n=0)
+        assert await page.wait_for(
+            f"{line}[0]?.classList.contains('final') && {line}[0]"
+            ".querySelector('.text').textContent") == "[laughs] hello there"
+        # The microphone's ingest socket carries the token too.
+        await page.click("#mic")
+        await page.wait_for("document.getElementById('mic').textContent"
+                            " === 'Stop microphone' && evoxtral.mic.sent > 0")
+        name = await page.evaluate("evoxtral.mic.stream")
+        assert name in engine.streams
+        await page.click("#mic")
+        summary = await page.wait_for("evoxtral.mic.summary", 15)
+        assert summary["stream"] == name
+        # Loaded again without the fragment, the tab still has its token.
+        await page.evaluate("window.previous = true")
+        await page.send("Page.navigate", url=base)
+        await page.wait_for(f"!window.previous && document.readyState === 'complete'"
+                            f" && {STATUS} === 'live'")
+        assert await page.evaluate("location.href") == base
+        assert page.errors == []
+    finally:
+        await page.close()
+
+
+async def test_page_without_a_token_is_refused_until_one_is_pasted(
+    browser: Browser, guarded: tuple[Engine, CaptionServer], tmp_path: Path,
+) -> None:
+    engine, server = guarded
+    page = await Page.open(browser, f"http://127.0.0.1:{server.port}/")
+
+    async def paste(token: str) -> None:
+        await page.evaluate(f"(() => {{ document.getElementById('token').value = "
+                            f"{json.dumps(token)}; document.getElementById('auth')"
+                            ".requestSubmit(); })()")
+
+    try:
+        await page.wait_for(f"{STATUS} === {json.dumps(REFUSED)}")
+        assert "needs an access token" in await page.wait_for(AUTH_WHY)
+        await page.screenshot(tmp_path / "refused.png")
+        # Refused is final: the page waits for a token instead of retrying.
+        await asyncio.sleep(1.5)
+        assert await page.evaluate("evoxtral.connects") == 1
+        await paste("not-a-token")
+        await page.wait_for(f"evoxtral.connects === 2 && ({AUTH_WHY} || '')"
+                            ".includes('unknown token')")
+        assert await page.evaluate(STATUS) == REFUSED
+        # A token a subprotocol cannot carry is refused by the page itself.
+        await paste("not a token!")
+        assert "cannot be sent by a browser" in await page.wait_for(AUTH_WHY)
+        assert await page.evaluate("evoxtral.connects") == 2
+        await paste(SUBSCRIBE_TOKEN)
+        await page.wait_for(f"{STATUS} === 'live'"
+                            " && document.getElementById('backend').textContent !== ''")
+        assert await page.evaluate("document.getElementById('auth').hidden")
+        assert await page.evaluate("sessionStorage.getItem('evoxtral.token')") == \
+            SUBSCRIBE_TOKEN
+        publish_finals(server, "talk", ["hello again"], ended=False)
+        await page.wait_for(f"{LINE.format(s='talk', n=0)}[0]?.classList.contains('final')")
+        # This token may subscribe but not ingest: the microphone says so.
+        await page.click("#mic")
+        notice = await page.wait_for("!document.getElementById('notice').hidden"
+                                     " && document.getElementById('notice').textContent")
+        assert REFUSED in notice and "lacks the ingest role" in notice
+        assert await page.evaluate("document.getElementById('mic').textContent") == \
+            "Start microphone"
+        # The stream that never started is gone from the picker and the page.
+        assert await page.evaluate(
+            "[...document.getElementById('picker').options].map(o => o.value)"
+        ) == ["", "talk"]
+        assert await page.evaluate("document.getElementById('picker').value") == ""
+        assert not [s for s in engine.streams if s.startswith("browser-")]
+        assert page.errors == []
+    finally:
+        await page.close()

@@ -7,13 +7,26 @@
 // since=STREAM:SEQ for every stream it has seen, so no final is lost, and
 // drops events it already has (seq <= last seen). The microphone button
 // streams PCM16 from an AudioWorklet to /v1/ingest?stream=browser-XXXX.
+//
+// Access tokens: a browser WebSocket cannot set headers, so both sockets
+// carry the token as the subprotocol evoxtral.token.<TOKEN>. The token comes
+// from the URL fragment (#token=...: fragments are never sent to the server,
+// so it stays out of its logs), or from the form shown when the server
+// refuses the page; it is kept in sessionStorage (this tab only) and removed
+// from the visible URL.
 
 const MAX_LINES = 300;
+const TOKEN_KEY = "evoxtral.token";
+const TOKEN_PROTOCOL = "evoxtral.token.";
+// What a subprotocol name may hold, as docs/protocol.md promises it for tokens
+// (and secrets.token_urlsafe() makes them); WebSocket() rejects other names.
+const TOKEN_CHARS = /^[A-Za-z0-9._~-]+$/;
 const $ = (id) => document.getElementById(id);
 const ui = {
   status: $("status"), picker: $("picker"), mic: $("mic"), finals: $("finals"),
   partials: $("partials"), notice: $("notice"), backend: $("backend"),
-  main: document.querySelector("main"),
+  main: document.querySelector("main"), auth: $("auth"), token: $("token"),
+  authWhy: $("auth-why"),
 };
 
 // Exposed for the browser console and the end-to-end tests.
@@ -23,6 +36,10 @@ const state = window.evoxtral = {
   lines: new Map(),     // "stream\u0000segment" -> <p class="line">
   selected: new URLSearchParams(location.search).get("stream") || "",
   socket: null, url: null, connects: 0, retry: 0, fatal: false, mic: null,
+  timer: null,          // the pending reconnect, if any
+  token: "",            // the access token ("" for none)
+  tokenError: "",       // why the last token given could not be used
+  refused: null,        // {status, reason} while the server refuses the page's token
 };
 
 // A server path relative to the page, as a ws:// (or wss://) URL.
@@ -30,6 +47,78 @@ function wsUrl(path) {
   const url = new URL(path, location.href);
   url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
   return url.href;
+}
+
+// --- the access token ------------------------------------------------------------
+
+function storedToken() {
+  try { return sessionStorage.getItem(TOKEN_KEY) || ""; } catch { return ""; }  // storage off
+}
+
+// Use `token` from now on ("" for none). False, with the reason in
+// state.tokenError, when a browser cannot send it (the token is unchanged).
+function setToken(token) {
+  token = token.trim();
+  if (token && !TOKEN_CHARS.test(token)) {
+    state.tokenError = "This token cannot be sent by a browser: a token for this page may " +
+                       "hold only letters, digits and - _ . ~";
+    return false;
+  }
+  state.token = token;
+  state.tokenError = "";
+  try {
+    if (token) sessionStorage.setItem(TOKEN_KEY, token); else sessionStorage.removeItem(TOKEN_KEY);
+  } catch { /* storage off: the token lasts until the page is left */ }
+  return true;
+}
+
+// #token=TOKEN in the URL: take it, and take it out of the URL (and so out
+// of the history, bookmarks and screen). null when there is none, else
+// whether it can be used.
+function tokenFromFragment() {
+  const params = new URLSearchParams(location.hash.slice(1));
+  const token = params.get("token");
+  if (token === null) return null;
+  params.delete("token");
+  const url = new URL(location.href);
+  url.hash = params.toString();
+  history.replaceState(null, "", url);
+  if (setToken(token)) return true;
+  showAuth(state.tokenError);
+  return false;
+}
+
+// The subprotocols that carry the token (none without one).
+function protocols() {
+  return state.token ? [TOKEN_PROTOCOL + state.token] : [];
+}
+
+// Why a WebSocket handshake failed. The browser tells a script nothing
+// about it (close code 1006), so ask for the same path over plain HTTP,
+// with the same token as a header: the server answers that request's
+// access check exactly as the handshake's. {status, reason} for a 401 or
+// 403, else null (the server is unreachable, or the failure was another).
+async function refusal(path) {
+  try {
+    const headers = state.token ? { Authorization: `Bearer ${state.token}` } : {};
+    const r = await fetch(new URL(path, location.href), { headers, cache: "no-store" });
+    if (r.status === 401 || r.status === 403) {
+      return { status: r.status, reason: (await r.text()).trim().split("\n")[0] };
+    }
+  } catch { /* unreachable: not a refusal */ }
+  return null;
+}
+
+function showAuth(why) {
+  ui.authWhy.textContent = why;
+  ui.auth.hidden = false;
+  ui.token.value = "";
+  ui.token.focus();
+}
+
+function hideAuth() {
+  ui.auth.hidden = true;
+  ui.authWhy.textContent = "";
 }
 
 // --- rendering --------------------------------------------------------------
@@ -222,24 +311,55 @@ function parse(data) {
 // --- the caption subscription, with resume ------------------------------------------
 
 function connect() {
+  state.timer = null;
   const since = [...state.lastSeq].map(([s, q]) => `${encodeURIComponent(s)}:${q}`).join(",");
-  state.url = wsUrl(`v1/captions${since ? `?since=${since}` : ""}`);
-  const ws = new WebSocket(state.url);
+  const path = `v1/captions${since ? `?since=${since}` : ""}`;
+  state.url = wsUrl(path);
+  const ws = new WebSocket(state.url, protocols());
+  let opened = false;
   state.socket = ws;
   state.connects += 1;
   ws.onopen = () => {
+    opened = true;
     state.retry = 0;
+    state.refused = null;
+    hideAuth();
     ui.status.textContent = "live";
     ui.status.className = "live";
   };
   ws.onmessage = (e) => { const msg = parse(e.data); if (msg) handle(msg); };
-  ws.onclose = () => {
+  ws.onclose = async () => {
     if (state.socket !== ws || state.fatal) return;
+    const refused = opened ? null : await refusal(path);
+    if (state.socket !== ws) return;  // a new token came meanwhile
+    if (refused) {
+      // Retrying would be refused again: wait for another token instead.
+      state.refused = refused;
+      ui.status.textContent = "access refused: token missing or not accepted";
+      ui.status.className = "refused";
+      showAuth(state.tokenError || (refused.status === 401 && !state.token
+        ? "The server needs an access token: paste it here, or open this page with " +
+          "#token=TOKEN at the end of its address."
+        : `The server said: ${refused.reason}`));
+      return;
+    }
     const delay = Math.min(5000, 250 * 2 ** state.retry++);
     ui.status.textContent = "reconnecting…";
     ui.status.className = "";
-    setTimeout(connect, delay);
+    state.timer = setTimeout(connect, delay);
   };
+}
+
+// Connect again now, with the current token (a new one from the form or the URL).
+function restart() {
+  clearTimeout(state.timer);
+  const old = state.socket;
+  state.socket = null;  // its onclose must not reconnect too
+  old?.close();
+  state.retry = 0;
+  ui.status.textContent = "connecting…";
+  ui.status.className = "";
+  connect();
 }
 
 // --- the microphone ---------------------------------------------------------------
@@ -274,10 +394,14 @@ async function startMic() {
     channelCountMode: "explicit", channelInterpretation: "speakers",
     processorOptions: { chunkFrames: Math.round(ctx.sampleRate / 20) },
   });
-  const ws = new WebSocket(wsUrl(`v1/ingest?stream=${stream}`));
+  const path = `v1/ingest?stream=${stream}`;
+  const ws = new WebSocket(wsUrl(path), protocols());
   ws.binaryType = "arraybuffer";
   const mic = state.mic = { stream, media, ctx, node, ws, sampleRate: ctx.sampleRate, sent: 0 };
+  const before = state.selected;
+  let opened = false;
   ws.onopen = () => {
+    opened = true;
     ws.send(JSON.stringify({ type: "config", sample_rate: ctx.sampleRate, channels: 1, format: "pcm16" }));
     ui.mic.disabled = false;
   };
@@ -288,7 +412,20 @@ async function startMic() {
     else if (msg.type === "error" && msg.stream === stream) showNotice(`${msg.code}: ${msg.message}`);
     else handle(msg);  // its own captions, in case the subscription is reconnecting
   };
-  ws.onclose = () => { stopCapture(mic); setMicButton(false); };
+  ws.onclose = async () => {
+    stopCapture(mic);
+    setMicButton(false);
+    if (opened) return;
+    // The stream never started: forget it, and say why unless the user stopped it.
+    state.streams.get(stream)?.option.remove();
+    state.streams.delete(stream);
+    if (state.selected === stream) select(before);
+    if (mic.ending) return;
+    const refused = await refusal(path);
+    showNotice(refused
+      ? `Microphone: access refused: token missing or not accepted (${refused.reason})`
+      : "Microphone: cannot connect to the server");
+  };
   node.port.onmessage = (e) => {
     if (ws.readyState === WebSocket.OPEN) { ws.send(e.data); mic.sent += e.data.byteLength; }
   };
@@ -309,6 +446,7 @@ function stopCapture(mic) {
 
 function stopMic() {
   const mic = state.mic;
+  mic.ending = true;
   stopCapture(mic);
   // The server flushes the open segment, sends the final and closes the socket.
   if (mic.ws.readyState === WebSocket.OPEN) mic.ws.send(JSON.stringify({ type: "end" }));
@@ -327,5 +465,12 @@ ui.mic.addEventListener("click", () => {
   if (ui.mic.classList.contains("on")) stopMic(); else startMic();
 });
 ui.picker.addEventListener("change", () => select(ui.picker.value));
+ui.auth.addEventListener("submit", (e) => {
+  e.preventDefault();
+  if (setToken(ui.token.value)) { hideAuth(); restart(); } else showAuth(state.tokenError);
+});
+// A #token= pasted into the address bar of the open page does not reload it.
+window.addEventListener("hashchange", () => { if (tokenFromFragment()) restart(); });
+if (tokenFromFragment() === null) setToken(storedToken());
 if (state.selected) { addStream(state.selected); select(state.selected); }
 connect();
