@@ -345,8 +345,9 @@ async def _start_mqtt(stack: contextlib.AsyncExitStack, cfg: Config, engine: Eng
     publisher = await stack.enter_async_context(MqttPublisher(cfg.mqtt))
     engine.add_listener(publisher)
     stack.callback(engine.remove_listener, publisher)
-    print(f"publishing captions to mqtt://{cfg.mqtt.host}:{cfg.mqtt.port}/{cfg.mqtt.prefix}/",
-          file=sys.stderr)
+    scheme = "mqtts" if cfg.mqtt.tls else "mqtt"
+    print(f"publishing captions to {scheme}://{cfg.mqtt.host}:{cfg.mqtt.port}/"
+          f"{cfg.mqtt.prefix}/", file=sys.stderr)
 
 
 def _cmd_devices(args: argparse.Namespace, cfg: Config) -> int:

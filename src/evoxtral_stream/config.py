@@ -104,6 +104,7 @@ class WorkerConfig:
     max_wait_ms: int = field(metadata=_range(0, 1000))
     restart_limit: int = field(metadata=_range(0, 1000))
     restart_backoff_s: float = field(metadata=_range(0.0, 600.0))
+    stall_timeout_s: float = field(metadata=_range(0.0, 86400.0))
 
 
 @dataclass(frozen=True)
@@ -381,6 +382,10 @@ class MqttConfig:
     client_id: str
     username: str
     password: str
+    tls: bool
+    ca_file: str
+    cert_file: str
+    key_file: str
     protocol: str = field(metadata=_choices("auto", "5", "3.1.1"))
     keepalive_s: int = field(metadata=_range(5, 65535))
     timeout_s: float = field(metadata=_range(0.1, 300.0))
@@ -407,6 +412,21 @@ class MqttConfig:
             )
         if self.password and not self.username:
             raise ConfigError("mqtt.password needs mqtt.username, got an empty username")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError("mqtt.cert_file and mqtt.key_file must be set together, "
+                              f"got cert_file={self.cert_file!r}, key_file={self.key_file!r}")
+        if not self.tls and (self.ca_file or self.cert_file):
+            # Without this the files would be ignored and the connection,
+            # credentials included, would silently stay in clear text.
+            raise ConfigError("mqtt.ca_file, mqtt.cert_file and mqtt.key_file need "
+                              "mqtt.tls = true")
+        if self.enabled and self.tls:
+            # Read the files now, so a bad one stops the engine with one line
+            # before anything serves. Imported here: the builder belongs with
+            # the publisher, which imports this module.
+            from .server.mqtt import tls_context
+
+            tls_context(self)
 
 
 # --- [journal] ----------------------------------------------------------------
@@ -423,6 +443,7 @@ class JournalConfig:
     max_bytes: int = field(metadata=_range(1024, 1 << 40))
     max_age_s: float = field(metadata=_range(0.0, 365 * 86400.0))
     keep: int = field(metadata=_range(0, 10_000))
+    retention_s: float = field(metadata=_range(0.0, 100 * 365 * 86400.0))
 
     def __post_init__(self) -> None:
         if self.enabled and not self.dir:

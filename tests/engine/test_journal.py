@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ from evoxtral_stream.engine.journal import (
     Journal,
     decode_record,
     encode_record,
+    expired,
     file_name,
     parse_file_name,
     should_rotate,
@@ -84,6 +88,12 @@ def test_rotation_decision() -> None:
     assert not should_rotate(90, 10, 0.0, 100, 0.0)
     assert should_rotate(1, 1, 5.0, 100, 5.0)                 # old enough
     assert not should_rotate(1, 1, 1e9, 100, 0.0)             # 0: no age limit
+
+
+def test_retention_decision() -> None:
+    assert expired(100.0, 200.0, 100.0)
+    assert not expired(100.0, 199.0, 100.0)
+    assert not expired(0.0, 1e12, 0.0)                        # 0: kept forever
 
 
 # --- the engine with its journal -------------------------------------------------
@@ -190,3 +200,99 @@ def test_interval_fsync_tells_when_the_next_is_due(tmp_path: Path) -> None:
     now[0] += 1.5
     assert journal.sync_due() is None             # fsynced; nothing waits now
     journal.close()
+
+
+# --- lifetime: open files and retention -------------------------------------------
+
+
+async def test_a_stream_that_ends_closes_its_file(tmp_path: Path) -> None:
+    """Open journal files follow live streams, not every stream ever seen."""
+    cfg = config(tmp_path)
+    async with Engine(cfg, ScriptedBackend()) as engine:
+        for i in range(20):
+            await run_stream(engine, f"call-{i}", 1)
+        assert engine.stats().journal_open_files == 0
+        live = engine.open_stream("live")
+        live.push(talk(1))
+        while engine.stats().journal_appends < 21:
+            await asyncio.sleep(0.01)
+        assert engine.stats().journal_open_files == 1
+        await live.close()
+        assert engine.stats().journal_open_files == 0
+        # Released files are still read for resume, and appended to on re-open.
+        assert engine.journal is not None
+        replay = engine.journal.replay("call-3", 0)
+        assert replay is not None and [r.seq for r in replay.records] == [1]
+        await run_stream(engine, "call-3", 1)
+        replay = engine.journal.replay("call-3", 0)
+        assert replay is not None and [r.seq for r in replay.records] == [1, 2]
+
+
+def _age(folder: Path, stream: str, seconds: float) -> None:
+    """Make every journal file of ``stream`` look last written ``seconds`` ago."""
+    t = time.time() - seconds
+    for path in folder.glob(f"{stream}.*.jsonl"):
+        os.utime(path, (t, t))
+
+
+def test_streams_past_retention_are_pruned_at_start_and_forgotten(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config(tmp_path, **{"journal.retention_s": 3600.0,
+                              "journal.max_bytes": 1024, "journal.keep": 3}).journal
+    journal = Journal(cfg)
+    journal.restore()
+    for seq in range(1, 30):                       # several rotated files
+        journal.append(caption("old", seq, text="word " * 20))
+    journal.append(caption("recent", 1))
+    journal.close()
+    folder = tmp_path / "j"
+    assert len(list(folder.glob("old.*"))) > 1
+    _age(folder, "old", 7200)
+    _age(folder, "recent", 1800)
+    with caplog.at_level(logging.INFO):
+        restarted = Journal(cfg)
+        assert restarted.restore() == {"recent": 1}
+    assert "not written for 3600 s" in caplog.text and "old" in caplog.text
+    assert not list(folder.glob("old.*"))
+    assert restarted.pruned == 1
+    assert restarted.last_seq("old") == 0 and restarted.replay("old", 0) is None
+    # Retention 0 keeps everything, however old.
+    _age(folder, "recent", 10 * 365 * 86400)
+    keep_all = config(tmp_path, **{"journal.retention_s": 0.0}).journal
+    assert Journal(keep_all).restore() == {"recent": 1}
+
+
+def test_live_streams_and_open_files_are_never_pruned(tmp_path: Path) -> None:
+    cfg = config(tmp_path, **{"journal.retention_s": 60.0}).journal
+    journal = Journal(cfg)
+    journal.restore()
+    for stream in ("open", "live", "ended"):
+        journal.append(caption(stream, 1))
+    journal.release("live")
+    journal.release("ended")
+    for stream in ("open", "live", "ended"):
+        _age(tmp_path / "j", stream, 120)
+    assert journal.prune(live={"live"}) == ["ended"]
+    assert journal.last_seq("open") == journal.last_seq("live") == 1
+    journal.close()
+
+
+async def test_the_engine_prunes_periodically_and_spares_live_streams(
+        tmp_path: Path) -> None:
+    cfg = config(tmp_path, **{"journal.retention_s": 0.4})
+    async with Engine(cfg, ScriptedBackend()) as engine:
+        await run_stream(engine, "gone", 1)
+        live = engine.open_stream("live")
+        live.push(talk(1))
+        while engine.stats().journal_appends < 2:
+            await asyncio.sleep(0.01)
+        folder = tmp_path / "j"
+        _age(folder, "live", 3600)                  # old files, but the stream is live
+        deadline = time.monotonic() + 30
+        while list(folder.glob("gone.*")) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not list(folder.glob("gone.*"))
+        await asyncio.sleep(0.5)                    # more prune rounds pass
+        assert list(folder.glob("live.*"))
+        assert engine.stats().journal_pruned == 1
+        await live.close()

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["MosquittoBroker", "free_port", "mosquitto"]
+__all__ = ["MosquittoBroker", "free_port", "mosquitto", "mosquitto_binary"]
 
 
-def _mosquitto_binary() -> str | None:
+def mosquitto_binary() -> str | None:
     # Debian installs the broker in /usr/sbin, which a non-root PATH may lack.
     return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
 
@@ -78,7 +78,7 @@ class MosquittoBroker:
 @pytest.fixture
 def mosquitto(tmp_path: Path) -> Iterator[MosquittoBroker]:
     """A running mosquitto, killed at teardown; skips when it is not installed."""
-    binary = _mosquitto_binary()
+    binary = mosquitto_binary()
     if binary is None:
         pytest.skip("mosquitto not installed (apt-get install mosquitto)")
     broker = MosquittoBroker(binary, tmp_path)

@@ -7,8 +7,6 @@ import base64
 import json
 import os
 import socket
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +19,7 @@ from evoxtral_stream.events import CaptionEvent
 from evoxtral_stream.run import feed_samples
 from evoxtral_stream.server.app import CaptionServer
 from tests.fakes import ScriptedBackend, words_so_far
+from tests.helpers.http import http_get
 from tests.speech import have_espeak, speech_with_pauses
 
 SENTENCES = ["Good evening and welcome to the live captioning demo.",
@@ -40,20 +39,10 @@ async def served() -> AsyncIterator[tuple[Engine, CaptionServer]]:
         yield engine, server
 
 
-async def _get(url: str) -> tuple[int, str]:
-    def fetch() -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                return int(r.status), r.read().decode()
-        except urllib.error.HTTPError as e:
-            return int(e.code), e.read().decode()
-    return await asyncio.to_thread(fetch)
-
-
 async def test_healthz_and_unknown_path(served: tuple[Engine, CaptionServer]) -> None:
     _, server = served
-    assert await _get(f"http://127.0.0.1:{server.port}/healthz") == (200, "ok\n")
-    status, body = await _get(f"http://127.0.0.1:{server.port}/nope")
+    assert await http_get(f"http://127.0.0.1:{server.port}/healthz") == (200, "ok\n")
+    status, body = await http_get(f"http://127.0.0.1:{server.port}/nope")
     assert status == 404
     assert "/nope" in body
 
@@ -197,11 +186,11 @@ async def test_a_subscriber_that_talks_gets_an_error_and_stays(
 
 async def test_readyz_and_metrics(served: tuple[Engine, CaptionServer]) -> None:
     engine, server = served
-    assert await _get(f"http://127.0.0.1:{server.port}/readyz") == (200, "ready\n")
+    assert await http_get(f"http://127.0.0.1:{server.port}/readyz") == (200, "ready\n")
     stream = engine.open_stream("m", source="test")
     audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
     await feed_samples(stream, audio, 1600, realtime=False)
-    status, body = await _get(f"http://127.0.0.1:{server.port}/metrics")
+    status, body = await http_get(f"http://127.0.0.1:{server.port}/metrics")
     assert status == 200
     from prometheus_client.parser import text_string_to_metric_families
 

@@ -30,6 +30,7 @@ from evoxtral_stream.server.auth import (
     hash_token,
 )
 from tests.fakes import ScriptedBackend
+from tests.helpers.http import http_get
 
 SUB, ING, ADMIN, STUDIO = "sub-token", "ingest-token", "admin-token", "studio-token"
 TOKENS: list[dict[str, Any]] = [
@@ -219,6 +220,20 @@ async def test_page_and_healthz_stay_open() -> None:
                 return int(r.status)
         assert await asyncio.to_thread(get, "/healthz") == 200
         assert await asyncio.to_thread(get, "/") == 200
+
+
+async def test_a_plain_get_of_a_websocket_path_gets_the_handshake_check() -> None:
+    """The browser page relies on it: a failed WebSocket handshake shows the page
+    only close code 1006, so it asks again over plain HTTP to learn why."""
+    async with running() as (_, server):
+        url = f"http://127.0.0.1:{server.port}/v1/captions"
+        assert (await http_get(url))[0] == 401
+        assert (await http_get(url, {"Authorization": "Bearer nope"}))[0] == 401
+        status, body = await http_get(url.replace("captions", "ingest?stream=x"),
+                                      {"Authorization": f"Bearer {SUB}"})
+        assert status == 403 and "ingest" in body
+        # Granted: the server's only complaint is the missing upgrade.
+        assert (await http_get(url, {"Authorization": f"Bearer {SUB}"}))[0] == 426
 
 
 async def test_origin_allow_list() -> None:

@@ -16,7 +16,11 @@ from there (the merger numbers from 1 and the engine adds the offset), so
 journal a re-opened stream starts again at 1, as before.
 
 Fault recovery: the worker restarts itself when its thread dies (see
-:mod:`.worker`); ``backend_factory`` lets it reload the model then.
+:mod:`.worker`); ``backend_factory`` lets it reload the model then. A model
+thread stuck in a backend call past ``worker.stall_timeout_s`` cannot be
+restarted from inside; the engine checks for it on a timer, and on the
+transition sends every open stream a ``model_stalled`` :class:`StreamError`
+and reports itself unhealthy (:attr:`Engine.healthy`) until the call returns.
 """
 
 from __future__ import annotations
@@ -56,6 +60,10 @@ Listener = Callable[[EngineEvent], None]
 
 # How often a final the worker refused (inbox full) is offered again.
 _FINAL_RETRY_S = 0.01
+_PRUNE_EVERY_MAX_S = 3600.0
+# How often the engine looks for a stalled model thread (at most; more often
+# for a short stall_timeout_s).
+_WATCH_EVERY_MAX_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,8 @@ class StreamSummary:
 @dataclass(frozen=True)
 class EngineStats:
     """``audio_s``: seconds of audio received by all streams since start;
-    ``journal_*``: finals journaled and appends that failed (disk errors)."""
+    ``journal_*``: finals journaled, appends that failed (disk errors), and
+    streams pruned after retention."""
 
     worker: WorkerStats
     streams: int
@@ -80,6 +89,12 @@ class EngineStats:
     audio_s: float = 0.0
     journal_appends: int = 0
     journal_failures: int = 0
+    journal_pruned: int = 0
+    """Streams whose journal files were deleted after ``journal.retention_s``."""
+    journal_open_files: int = 0
+    """Journal files held open: at most one per live stream."""
+    stalls: int = 0
+    """Times the model thread was seen stuck past ``worker.stall_timeout_s``."""
 
 
 class Stream:
@@ -178,6 +193,10 @@ class Engine:
         self._journal: Journal | None = None
         self._journal_failures = 0
         self._sync_handle: asyncio.TimerHandle | None = None
+        self._prune_handle: asyncio.TimerHandle | None = None
+        self._watch_handle: asyncio.TimerHandle | None = None
+        self._stalled = False
+        self._stalls = 0
         self._samples_in = 0
         self._listeners: list[Listener] = []
         self._streams: dict[str, Stream] = {}
@@ -207,9 +226,11 @@ class Engine:
             self._journal = journal
             log.info("journal %s: %d stream(s) restored", self.config.journal.dir,
                      len(restored))
+            self._schedule_prune()
         self._worker = ModelWorker(self.backend, self.config.worker, deliver, clock=self.now,
                                    factory=self._backend_factory)
         self._worker.start()
+        self._schedule_watch()
         log.info("engine started with backend %s", self.backend.name)
 
     async def close_streams(self) -> list[StreamSummary]:
@@ -221,9 +242,10 @@ class Engine:
         if self._worker is not None:
             worker, self._worker = self._worker, None
             await asyncio.to_thread(worker.stop)
-        if self._sync_handle is not None:
-            self._sync_handle.cancel()
-            self._sync_handle = None
+        for handle in (self._sync_handle, self._prune_handle, self._watch_handle):
+            if handle is not None:
+                handle.cancel()
+        self._sync_handle = self._prune_handle = self._watch_handle = None
         if self._journal is not None:
             self._journal.close()
 
@@ -242,6 +264,12 @@ class Engine:
     def ready(self) -> bool:
         """Started, the model loaded and its worker thread serving."""
         return self._worker is not None and self._worker.ready
+
+    @property
+    def healthy(self) -> bool:
+        """False while the model thread is stuck in a backend call past
+        ``worker.stall_timeout_s``: a process a supervisor should restart."""
+        return self._worker is None or not self._worker.stalled
 
     # --- streams and listeners ---------------------------------------------
 
@@ -285,6 +313,9 @@ class Engine:
             audio_s=self._samples_in / SAMPLE_RATE,
             journal_appends=self._journal.appended if self._journal else 0,
             journal_failures=self._journal_failures,
+            journal_pruned=self._journal.pruned if self._journal else 0,
+            journal_open_files=self._journal.open_files if self._journal else 0,
+            stalls=self._stalls,
         )
 
     # --- internals ----------------------------------------------------------
@@ -402,7 +433,57 @@ class Engine:
         except OSError as e:
             log.error("journal: fsync failed: %s", e)
 
+    def _schedule_prune(self) -> None:
+        retention = self.config.journal.retention_s
+        if retention > 0 and self._loop is not None:
+            # Often enough that nothing outlives its retention by more than
+            # half of it (or an hour), rarely enough to cost nothing.
+            every = min(_PRUNE_EVERY_MAX_S, retention / 2)
+            self._prune_handle = self._loop.call_later(every, self._prune_now)
+
+    def _prune_now(self) -> None:
+        if self._journal is None:
+            return
+        try:
+            self._journal.prune(live=self._streams.keys())
+        except OSError as e:
+            log.error("journal: pruning failed: %s", e)
+        self._schedule_prune()
+
+    def _schedule_watch(self) -> None:
+        limit = self.config.worker.stall_timeout_s
+        if limit > 0 and self._loop is not None:
+            every = min(_WATCH_EVERY_MAX_S, limit / 4)
+            self._watch_handle = self._loop.call_later(every, self._watch)
+
+    def _watch(self) -> None:
+        """Act on the transitions of the worker's stall flag (module doc)."""
+        worker = self._worker
+        if worker is None:
+            return
+        stalled = worker.stalled
+        if stalled and not self._stalled:
+            self._stalls += 1
+            age = worker.call_age()
+            log.critical("the model thread has been stuck in one backend call for %.0f s "
+                         "(worker.stall_timeout_s = %g); /healthz reports it; captions "
+                         "wait until the call returns", age,
+                         self.config.worker.stall_timeout_s)
+            for stream_id in list(self._streams):
+                self._emit(StreamError(stream_id, "model_stalled",
+                                       f"the model has not answered for {age:.0f} s; "
+                                       "captions are delayed"))
+        elif self._stalled and not stalled:
+            log.warning("the model thread answered again after a stall")
+        self._stalled = stalled
+        self._schedule_watch()
+
     def _stream_done(self, stream: Stream) -> None:
         self._streams.pop(stream.id, None)
+        if self._journal is not None:
+            try:
+                self._journal.release(stream.id)
+            except OSError as e:
+                log.error("journal: closing the file of %s failed: %s", stream.id, e)
         st = stream.summary()
         self._emit(StreamEnded(stream.id, st.duration_s, st.segments, st.finals))

@@ -21,6 +21,13 @@ Crash safety: a line cut short by a crash is skipped with a warning when
 read, and before appending to such a file a newline is written so the next
 record starts on its own line.
 
+Lifetime: a stream's file stays open only while the stream is live
+(:meth:`Journal.release` closes it when the stream ends), so open files are
+bounded by live streams, not by every stream ever seen. The files of a stream
+that is not live and has not been written for ``retention_s`` are deleted by
+:meth:`Journal.prune` (at start, then periodically by the engine); the
+stream is then forgotten: re-opened, it counts from seq 1 again.
+
 The pure parts (file names, record decoding, rotation decisions) are
 functions at the top; :class:`Journal` does the I/O.
 """
@@ -31,7 +38,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -47,6 +54,7 @@ __all__ = [
     "Replay",
     "decode_record",
     "encode_record",
+    "expired",
     "file_name",
     "parse_file_name",
     "should_rotate",
@@ -131,6 +139,12 @@ def should_rotate(size: int, incoming: int, age_s: float, max_bytes: int,
     return size + incoming > max_bytes or (max_age_s > 0 and age_s >= max_age_s)
 
 
+def expired(last_write: float, now: float, retention_s: float) -> bool:
+    """Whether a stream last written at ``last_write`` (wall-clock seconds) is
+    past its retention at ``now``; ``retention_s = 0`` keeps it forever."""
+    return retention_s > 0 and now - last_write >= retention_s
+
+
 # --- I/O --------------------------------------------------------------------
 
 
@@ -148,25 +162,32 @@ class Journal:
     """Writes and reads the per-stream journal files in ``cfg.dir``.
 
     Use it from one thread (the event loop). ``clock`` is monotonic seconds,
-    used for age rotation and the fsync interval only.
+    used for age rotation and the fsync interval only; ``wall`` is the
+    wall clock that file modification times are compared with (retention).
     """
 
     def __init__(self, cfg: JournalConfig, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], float] = time.time) -> None:
         self._cfg = cfg
         self._dir = Path(cfg.dir)
         self._clock = clock
+        self._wall = wall
         self._open: dict[str, _Open] = {}
         self._dirty: set[str] = set()
         self._last_fsync = clock()
         self._last_seq: dict[str, int] = {}
         self.appended = 0
+        self.pruned = 0
+        """Streams whose files were deleted after ``retention_s``."""
 
     # --- start and stop --------------------------------------------------------
 
     def restore(self) -> dict[str, int]:
-        """Create the folder if needed; return each journaled stream's last seq."""
+        """Create the folder if needed, prune what is past retention, and
+        return each remaining journaled stream's last seq."""
         self._dir.mkdir(parents=True, exist_ok=True)
+        self.prune()
         for stream in self._files():
             last = 0
             # The newest file that holds a valid record has the last seq.
@@ -186,6 +207,50 @@ class Journal:
         """fsync (unless ``fsync = "never"``) and close every open file."""
         for stream in list(self._open):
             self._close(stream)
+
+    def release(self, stream: str) -> None:
+        """The stream ended: fsync (per policy) and close its file, if open.
+        Its records stay readable; a later append opens the file again."""
+        if stream in self._open:
+            self._close(stream)
+
+    @property
+    def open_files(self) -> int:
+        """Files held open: one per live stream that has journaled a final."""
+        return len(self._open)
+
+    def prune(self, live: Collection[str] = ()) -> list[str]:
+        """Delete the files of every stream past ``retention_s`` and forget it.
+
+        A stream is past retention when its newest file was last modified
+        ``retention_s`` or more ago; streams in ``live`` or with an open file
+        are never pruned. Returns the streams pruned. Runs on the calling
+        thread: one directory listing plus one ``stat`` per stream.
+        """
+        if self._cfg.retention_s <= 0:
+            return []
+        now = self._wall()
+        pruned: list[str] = []
+        for stream, paths in self._files().items():
+            if stream in live or stream in self._open:
+                continue
+            try:
+                last_write = paths[-1].stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if not expired(last_write, now, self._cfg.retention_s):
+                continue
+            for path in paths:
+                path.unlink(missing_ok=True)
+            self._last_seq.pop(stream, None)
+            pruned.append(stream)
+        if pruned:
+            self.pruned += len(pruned)
+            self._sync_dir()
+            log.info("journal: deleted the files of %d stream(s) not written for %g s "
+                     "(journal.retention_s): %s", len(pruned), self._cfg.retention_s,
+                     ", ".join(sorted(pruned)[:10]) + (" ..." if len(pruned) > 10 else ""))
+        return pruned
 
     # --- writing ----------------------------------------------------------------
 

@@ -47,6 +47,13 @@ is *down*: it stays alive only to answer every request with a
 :class:`DecodeFailure`, so no final waits forever; :attr:`ModelWorker.ready`
 is then false. Restarting from the dying thread keeps the design's "one model
 thread": no watchdog thread is needed.
+
+Stalls: a thread stuck inside the backend (a hung GPU, a deadlock) neither
+dies nor answers, and Python cannot interrupt it. The worker notes when each
+backend call starts; :meth:`ModelWorker.call_age` says how long the current
+one has run, and past ``stall_timeout_s`` :attr:`ModelWorker.stalled` is true
+and :attr:`ModelWorker.ready` false. Acting on it (error events, health
+checks) is the engine's job, on its event loop.
 """
 
 from __future__ import annotations
@@ -109,6 +116,10 @@ class WorkerStats:
     """Tokens generated, as far as the backend reports them (prefixes not counted)."""
     max_lag_s: float = 0.0
     """Longest wait of a request between ready and the start of its decode."""
+    call_s: float = 0.0
+    """How long the backend call in progress has run (0: none runs)."""
+    stalled: bool = False
+    """The call in progress has run past ``stall_timeout_s``."""
 
 
 class ModelWorker:
@@ -161,6 +172,10 @@ class ModelWorker:
         self._loading = False            # a successor is reloading the model
         self._deaths_in_a_row = 0
         self._down: str | None = None   # why the worker gave up, if it did
+        self._warming = False            # the backend prepares before serving
+        # Start of the backend call in progress (None: none). Written by the
+        # model thread only; a float store is atomic, so readers need no lock.
+        self._call_since: float | None = None
         self._finished = threading.Event()
 
     # --- any thread ---------------------------------------------------------
@@ -207,10 +222,24 @@ class ModelWorker:
 
     @property
     def ready(self) -> bool:
-        """Alive and with a model: false while down (after too many restarts)."""
-        return self.alive and self._down is None and not self._loading
+        """Alive, with a model, warmed up and not stalled: false while down
+        (after too many restarts), reloading, warming up or stalled."""
+        return (self.alive and self._down is None and not self._loading
+                and not self._warming and not self.stalled)
+
+    def call_age(self) -> float:
+        """Seconds the backend call in progress has run; 0 when none runs."""
+        since = self._call_since
+        return 0.0 if since is None else max(0.0, self._clock() - since)
+
+    @property
+    def stalled(self) -> bool:
+        """A backend call has run ``stall_timeout_s`` or longer (0: never)."""
+        limit = self._cfg.stall_timeout_s
+        return limit > 0 and self.call_age() >= limit
 
     def stats(self) -> WorkerStats:
+        call_s = self.call_age()
         with self._lock:
             return WorkerStats(
                 submitted=self._submitted, refused=self._refused,
@@ -220,6 +249,7 @@ class ModelWorker:
                 restarts=self._restarts, ready=self.ready,
                 cancelled=self._cancelled, running=len(self._running),
                 steps=self._steps, tokens=self._tokens, max_lag_s=self._max_lag_s,
+                call_s=call_s, stalled=self.stalled,
             )
 
     @property
@@ -352,6 +382,7 @@ class ModelWorker:
     def _died(self, e: BaseException) -> None:
         """On the dying thread: requeue or fail what it held, start a successor."""
         log.critical("model worker died: %s: %s", type(e).__name__, e, exc_info=e)
+        self._call_since = None  # a dead thread is not a stalled one
         held, self._in_flight = self._in_flight, []
         self._running = {}  # the backend's running batch died with the thread
         for req in held:
@@ -394,6 +425,7 @@ class ModelWorker:
         queue meanwhile. A failure only costs the preparation: it is logged and
         serving starts as it would have without it."""
         t0 = time.monotonic()
+        self._warming = True
         try:
             what = backend.warm_up(self._cfg.max_batch)
         except Exception as e:  # any failure here must not stop serving
@@ -401,6 +433,8 @@ class ModelWorker:
             log.warning("backend warm-up failed (%s: %s); serving without it",
                         type(e).__name__, first)
             return
+        finally:
+            self._warming = False
         log.info("backend warmed up in %.1f s: %s", time.monotonic() - t0, what)
 
     def _run(self) -> None:
@@ -486,12 +520,14 @@ class ModelWorker:
     def _admit(self, backend: SteppingBackend, batch: list[DecodeRequest]) -> None:
         jobs = [_job(r) for r in batch]
         self._in_flight.extend(batch)
-        start = self._clock()
+        start = self._call_since = self._clock()
         try:
             done = backend.admit(jobs)
         except Exception as e:
             self._continuous_failed(backend, e, batch, start)
             return
+        finally:
+            self._call_since = None
         with self._lock:
             self._busy_s += self._clock() - start
             self._batches += 1
@@ -500,12 +536,14 @@ class ModelWorker:
         self._finish(done)
 
     def _step(self, backend: SteppingBackend) -> None:
-        start = self._clock()
+        start = self._call_since = self._clock()
         try:
             done = backend.step()
         except Exception as e:
             self._continuous_failed(backend, e, [], start)
             return
+        finally:
+            self._call_since = None
         with self._lock:
             self._busy_s += self._clock() - start
             self._steps += 1
@@ -560,12 +598,13 @@ class ModelWorker:
         return self._backend.transcribe(audio, [r.adapter for r in batch])
 
     def _decode(self, batch: list[DecodeRequest]) -> None:
-        start = self._clock()
+        start = self._call_since = self._clock()
         try:
             texts = self._transcribe(batch)
             if len(texts) != len(batch):
                 raise RuntimeError(f"backend returned {len(texts)} texts for {len(batch)} inputs")
         except Exception as e:
+            self._call_since = None
             with self._lock:
                 self._busy_s += self._clock() - start
             if "out of memory" in str(e).lower():
@@ -585,6 +624,7 @@ class ModelWorker:
             self._deliver(DecodeFailure(req.stream, req.segment, req.revision, req.kind,
                                         f"{type(e).__name__}: {e}"))
             return
+        self._call_since = None
         done = self._clock()
         with self._lock:
             self._busy_s += done - start

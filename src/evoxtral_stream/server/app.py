@@ -1,7 +1,8 @@
 """The WebSocket server: subscribers, audio ingest and ``/healthz`` on one port.
 
 Routes (see docs/protocol.md):
-- ``GET /healthz``: plain HTTP 200 ``ok`` while the server runs.
+- ``GET /healthz``: plain HTTP 200 ``ok`` while the server runs, 503
+  ``model stalled`` while the model thread is stuck (``worker.stall_timeout_s``).
 - ``/v1/captions[?stream=ID[,ID...]][&since=SEQ | &since=ID:SEQ,...]``:
   a hello, the captions retained after ``since`` (or a ``gap``), then every
   caption and lifecycle event of the chosen streams (all when none is named).
@@ -218,7 +219,9 @@ class CaptionServer:
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         if path == "/healthz":
-            return _plain(HTTPStatus.OK, "ok\n")
+            if self.metrics.healthy():
+                return _plain(HTTPStatus.OK, "ok\n")
+            return _plain(HTTPStatus.SERVICE_UNAVAILABLE, "model stalled\n")
         if path == "/readyz":
             if self.metrics.ready():
                 return _plain(HTTPStatus.OK, "ready\n")

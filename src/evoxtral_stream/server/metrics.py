@@ -82,6 +82,10 @@ class Metrics:
         """True when the model is loaded and its worker serves requests."""
         return self._engine.ready
 
+    def healthy(self) -> bool:
+        """False while the model thread is stalled (see ``worker.stall_timeout_s``)."""
+        return self._engine.healthy
+
 
 class _StatsCollector(Collector):
     """Reads the engine's and broadcaster's counters at scrape time."""
@@ -110,6 +114,11 @@ class _StatsCollector(Collector):
                 "evoxtral_streams_open": ("Streams open now.", st.streams),
                 "evoxtral_worker_running": ("Requests in the continuous batch now.",
                                             w.running),
+                "evoxtral_worker_call_seconds": (
+                    "Seconds the backend call in progress has run (0: idle).", w.call_s),
+                "evoxtral_journal_open_files": (
+                    "Journal files held open (at most one per live stream).",
+                    st.journal_open_files),
                 "evoxtral_real_time_factor": (
                     "Model busy seconds per second of audio received (below 1: keeps up).",
                     w.busy_s / st.audio_s if st.audio_s else 0.0),
@@ -141,6 +150,11 @@ class _StatsCollector(Collector):
                                              st.journal_appends),
                 "evoxtral_journal_failures": ("Finals the journal failed to write.",
                                               st.journal_failures),
+                "evoxtral_worker_stalls": (
+                    "Times a backend call ran past worker.stall_timeout_s.", st.stalls),
+                "evoxtral_journal_streams_pruned": (
+                    "Streams whose journal files were deleted after journal.retention_s.",
+                    st.journal_pruned),
             }
             for name, (doc, value) in counters.items():
                 yield CounterMetricFamily(name, doc, value=float(value))

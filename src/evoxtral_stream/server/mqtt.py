@@ -22,6 +22,11 @@ the stream is live.
 event; a background task owns the aiomqtt client, publishes in order,
 reconnects with bounded exponential backoff and keeps counters
 (:class:`MqttStats`). Everything runs on the event loop.
+
+With ``cfg.tls`` the connection is TLS (:func:`tls_context`): the broker's
+certificate is checked against ``ca_file`` or the system store, and its name
+against ``cfg.host``. A failed handshake is logged as an error and retried
+with the same backoff as any other connection failure.
 """
 
 from __future__ import annotations
@@ -30,15 +35,17 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import random
 import secrets
+import ssl
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from ..config import MqttConfig
+from ..config import ConfigError, MqttConfig
 from ..events import CaptionEvent, EngineEvent, StreamEnded, StreamError, StreamStarted
 from .protocol import encode_event
 
@@ -52,6 +59,7 @@ __all__ = [
     "MqttPublisher",
     "MqttStats",
     "reconnect_delay",
+    "tls_context",
     "topic_level",
 ]
 
@@ -128,6 +136,48 @@ def reconnect_delay(cfg: MqttConfig, failures: int, rand: Callable[[], float]) -
     """
     base = min(cfg.reconnect_max_s, cfg.reconnect_min_s * 2.0 ** min(failures - 1, 60))
     return base * (1.0 - 0.25 * rand())
+
+
+def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
+    """The client TLS context for ``cfg``, or None when ``cfg.tls`` is off.
+
+    It trusts the CA certificates in ``ca_file`` only (the system store when
+    empty), checks the broker's name against ``cfg.host`` (TLS 1.2 or later),
+    and presents ``cert_file``/``key_file`` when set. An unusable file raises
+    :class:`ConfigError` with a one-line message naming the key.
+    """
+    if not cfg.tls:
+        return None
+    for key, path in (("ca_file", cfg.ca_file), ("cert_file", cfg.cert_file),
+                      ("key_file", cfg.key_file)):
+        # ssl's own errors do not say which file is at fault.
+        if not path:
+            continue
+        if not os.path.isfile(path):
+            raise ConfigError(f"mqtt.{key} {path!r} is not a file")
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            raise ConfigError(f"mqtt.{key} {path!r} cannot be read: {e.strerror or e}") from None
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.ca_file or None)
+    except ssl.SSLError as e:
+        raise ConfigError(f"mqtt.ca_file {cfg.ca_file!r} holds no PEM CA certificate "
+                          f"({e.reason or e})") from None
+    if cfg.cert_file:
+        def encrypted() -> bytes:
+            # Without a callback OpenSSL would prompt on the terminal, which
+            # hangs a service.
+            raise ConfigError(f"mqtt.key_file {cfg.key_file!r} is encrypted; "
+                              "give an unencrypted key")
+        try:
+            ctx.load_cert_chain(cfg.cert_file, cfg.key_file, password=encrypted)
+        except ssl.SSLError as e:
+            raise ConfigError(f"mqtt.cert_file {cfg.cert_file!r} and mqtt.key_file "
+                              f"{cfg.key_file!r} are not a PEM certificate and its private "
+                              f"key ({e.reason or e})") from None
+    return ctx
 
 
 @dataclass(frozen=True)
@@ -223,7 +273,8 @@ class MqttPublisher:
     Use as ``async with MqttPublisher(cfg) as pub: engine.add_listener(pub)``,
     or ``await start()`` / ``await aclose()``. The caller decides by
     ``cfg.enabled`` whether to make one. Events passed before ``start`` wait
-    in the queue.
+    in the queue. The constructor reads the TLS files and raises
+    :class:`ConfigError` for an unusable one.
 
     ``__call__`` never blocks and never raises for an event: it puts the event
     in a queue of ``cfg.queue_size`` and returns. While a partial waits, a
@@ -251,6 +302,7 @@ class MqttPublisher:
     def __init__(self, cfg: MqttConfig, *, rand: Callable[[], float] | None = None) -> None:
         self.cfg = cfg
         self.client_id = cfg.client_id or f"evoxtral-{secrets.token_hex(6)}"
+        self._tls = tls_context(cfg)
         self._rand = rand or random.Random().random
         self._backlog = _Backlog(cfg.queue_size)
         self._order = itertools.count()
@@ -435,6 +487,7 @@ class MqttPublisher:
             clean_start=True if v5 else MQTT_CLEAN_START_FIRST_ONLY,
             keepalive=self.cfg.keepalive_s,
             timeout=self.cfg.timeout_s,
+            tls_context=self._tls,
             logger=logging.getLogger(f"{__name__}.paho"),
         )
 
@@ -443,25 +496,39 @@ class MqttPublisher:
         self._protocol = version
         self._last_error = None
         self._connected.set()
+        how = f"MQTT {version}, TLS" if self._tls is not None else f"MQTT {version}"
         if self._connects == 1:
-            log.info("MQTT connected to %s:%d (MQTT %s) as %s", self.cfg.host, self.cfg.port,
-                     version, self.client_id)
+            log.info("MQTT connected to %s:%d (%s) as %s", self.cfg.host, self.cfg.port,
+                     how, self.client_id)
         else:
-            log.info("MQTT reconnected to %s:%d (MQTT %s) after %d failed attempt(s); "
-                     "%d event(s) queued", self.cfg.host, self.cfg.port, version, failures,
+            log.info("MQTT reconnected to %s:%d (%s) after %d failed attempt(s); "
+                     "%d event(s) queued", self.cfg.host, self.cfg.port, how, failures,
                      len(self._backlog))
 
     def _on_failure(self, e: BaseException, was_connected: bool, failures: int) -> None:
-        self._last_error = str(e) or type(e).__name__
+        previous, self._last_error = self._last_error, str(e) or type(e).__name__
         if was_connected:
             log.warning("MQTT connection to %s:%d lost (%s); reconnecting",
                         self.cfg.host, self.cfg.port, self._last_error)
             return
         self._connect_failures += 1
-        # One warning per outage; the counters tell how long it lasted.
-        level = logging.WARNING if failures == 1 else logging.DEBUG
-        log.log(level, "MQTT broker %s:%d unreachable (%s); retrying with backoff",
-                self.cfg.host, self.cfg.port, self._last_error)
+        # One message per outage, and one more when the reason changes (a
+        # broker back up with the wrong certificate, say); the counters tell
+        # how long it lasted.
+        loud = failures == 1 or self._last_error != previous
+        tls = _tls_error(e)
+        if tls is not None:
+            # Certificates and names do not fix themselves: this is an error.
+            log.log(logging.ERROR if loud else logging.DEBUG,
+                    "MQTT TLS handshake with %s:%d failed (%s)%s; retrying with backoff",
+                    self.cfg.host, self.cfg.port, self._last_error, _tls_hint(self.cfg, tls))
+            return
+        hint = ""
+        if self._tls is None and self.cfg.port == 8883:
+            hint = "; port 8883 is usually MQTT over TLS (mqtt.tls = true)"
+        log.log(logging.WARNING if loud else logging.DEBUG,
+                "MQTT broker %s:%d unreachable (%s)%s; retrying with backoff",
+                self.cfg.host, self.cfg.port, self._last_error, hint)
 
     async def _backoff(self, failures: int) -> None:
         delay = reconnect_delay(self.cfg, max(failures, 1), self._rand)
@@ -556,6 +623,32 @@ def _version_refused(e: BaseException) -> bool:
         return False
     rc = getattr(e.rc, "value", e.rc)
     return rc in _VERSION_REFUSED
+
+
+def _tls_error(e: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind ``e``, if any.
+
+    aiomqtt re-raises a failed connect as ``MqttError(str(exc)) from None``:
+    the original survives only as the implicit context.
+    """
+    seen: BaseException | None = e
+    for _ in range(4):
+        if seen is None:
+            break
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _tls_hint(cfg: MqttConfig, err: ssl.SSLError) -> str:
+    if isinstance(err, ssl.SSLCertVerificationError):
+        trusted = f"mqtt.ca_file {cfg.ca_file!r}" if cfg.ca_file else "the system CA store"
+        return (f"; the broker's certificate must be signed by a CA in {trusted} "
+                f"and name {cfg.host}")
+    if cfg.port == 1883:
+        return "; port 1883 is usually plain MQTT, TLS is usually on 8883"
+    return ""
 
 
 def _lost_error(lost: asyncio.Future[None]) -> _ConnectionLost:
