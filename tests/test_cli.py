@@ -124,6 +124,30 @@ async def _collect(url: str, until: str, timeout: float = 120) -> list[dict[str,
     return out
 
 
+async def _sigterm_mid_sentence(proc: subprocess.Popen[str],
+                                url: str) -> list[dict[str, object]]:
+    """Subscribe, SIGTERM ``proc`` while the second sentence is being spoken (a
+    partial of segment 1), and return every message until the server closes."""
+    import asyncio
+    import json
+    import signal
+
+    from websockets.asyncio.client import connect
+
+    seen: list[dict[str, object]] = []
+    async with connect(url) as ws:
+        while True:
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            seen.append(msg)
+            if msg["type"] == "caption" and msg["segment"] == 1 and not msg["final"]:
+                break
+        proc.send_signal(signal.SIGTERM)
+        async for raw in ws:
+            seen.append(json.loads(raw))
+        assert ws.close_code in (1000, 1001)
+    return seen
+
+
 async def test_serve_a_file_to_a_websocket_subscriber() -> None:
     proc, url = _start_serve("--source", str(sample_path()), "--exit-at-end", "-q")
     try:
@@ -141,31 +165,33 @@ async def test_serve_a_file_to_a_websocket_subscriber() -> None:
 
 
 async def test_sigterm_flushes_the_open_segment_and_exits_zero() -> None:
-    import asyncio
-    import json
-    import signal
-
-    from websockets.asyncio.client import connect
-
     proc, url = _start_serve("--source", str(sample_path()), "-q")
     try:
-        seen: list[dict[str, object]] = []
-        async with connect(url) as ws:
-            # Wait until the second sentence is being spoken (a partial of segment 1).
-            while True:
-                msg = json.loads(await asyncio.wait_for(ws.recv(), 60))
-                seen.append(msg)
-                if msg["type"] == "caption" and msg["segment"] == 1 and not msg["final"]:
-                    break
-            proc.send_signal(signal.SIGTERM)
-            async for raw in ws:
-                seen.append(json.loads(raw))
-            assert ws.close_code in (1000, 1001)
+        seen = await _sigterm_mid_sentence(proc, url)
         assert proc.wait(30) == 0
     finally:
         proc.kill()
     finals = [m for m in seen if m["type"] == "caption" and m["final"]]
     assert [m["segment"] for m in finals] == [0, 1], "the open segment became a final"
+    assert seen[-1]["type"] == "stream.ended"
+
+
+async def test_a_drain_cut_short_closes_the_open_segment_with_its_partial() -> None:
+    """worker.drain_timeout_s far below a decode: the open segment's final is
+    the last partial shown, and the exit status says the drain was cut short."""
+    proc, url = _start_serve("--source", str(sample_path()), "-q",
+                             "--set", "worker.drain_timeout_s=0.001")
+    try:
+        seen = await _sigterm_mid_sentence(proc, url)
+        assert proc.wait(30) == 1
+        _, err = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    assert "drain_timeout_s" in err
+    captions = [m for m in seen if m["type"] == "caption" and m["segment"] == 1]
+    final = captions[-1]
+    assert final["final"] and final["text"]
+    assert final["text"] == captions[-2]["text"], "the final repeats the last partial"
     assert seen[-1]["type"] == "stream.ended"
 
 

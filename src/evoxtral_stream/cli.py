@@ -330,10 +330,19 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await feeder
+        # A second Ctrl-C (or SIGTERM) stops at once: finals still owed are
+        # closed with their last partials instead of waited for.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, engine.give_up)
+        if engine.streams:
+            print("stopping: finishing open captions (press Ctrl-C again to stop at once)",
+                  file=sys.stderr)
         # Flush open segments as finals while subscribers are still connected;
         # only then does the server close them (1001, going away).
-        await engine.close_streams()
-    return 0
+        drained = await engine.drain()
+    # Exit status 1: some final had to be closed early or was lost (logged).
+    return 0 if drained else 1
 
 
 async def _start_mqtt(stack: contextlib.AsyncExitStack, cfg: Config, engine: Engine) -> None:

@@ -105,6 +105,7 @@ class WorkerConfig:
     restart_limit: int = field(metadata=_range(0, 1000))
     restart_backoff_s: float = field(metadata=_range(0.0, 600.0))
     stall_timeout_s: float = field(metadata=_range(0.0, 86400.0))
+    drain_timeout_s: float = field(metadata=_range(0.0, 86400.0))
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,14 @@ thread stuck in a backend call past ``worker.stall_timeout_s`` cannot be
 restarted from inside; the engine checks for it on a timer, and on the
 transition sends every open stream a ``model_stalled`` :class:`StreamError`
 and reports itself unhealthy (:attr:`Engine.healthy`) until the call returns.
+
+Shutdown is bounded: :meth:`Engine.drain` (called by :meth:`Engine.aclose`)
+ends every stream and waits for the finals still owed for at most
+``worker.drain_timeout_s``, or until :meth:`Engine.give_up`. Past that,
+every segment still owed a final is closed with the last partial it showed
+(journaled and broadcast like any final), a segment that showed nothing is
+reported lost (a ``final_lost`` :class:`StreamError`, and the log), and the
+model thread is left behind rather than waited for.
 """
 
 from __future__ import annotations
@@ -61,6 +69,8 @@ Listener = Callable[[EngineEvent], None]
 # How often a final the worker refused (inbox full) is offered again.
 _FINAL_RETRY_S = 0.01
 _PRUNE_EVERY_MAX_S = 3600.0
+# After a drain that gave up, how long the model thread gets to take the stop.
+_STOP_GRACE_S = 1.0
 # How often the engine looks for a stalled model thread (at most; more often
 # for a short stall_timeout_s).
 _WATCH_EVERY_MAX_S = 1.0
@@ -197,6 +207,8 @@ class Engine:
         self._watch_handle: asyncio.TimerHandle | None = None
         self._stalled = False
         self._stalls = 0
+        self._give_up = asyncio.Event()
+        self._gave_up = False
         self._samples_in = 0
         self._listeners: list[Listener] = []
         self._streams: dict[str, Stream] = {}
@@ -237,11 +249,48 @@ class Engine:
         """End every open stream: open segments become finals, all delivered."""
         return list(await asyncio.gather(*(s.close() for s in list(self._streams.values()))))
 
+    async def drain(self, limit_s: float | None = None) -> bool:
+        """End every open stream and wait for the finals they are owed, for at
+        most ``limit_s`` seconds (default ``worker.drain_timeout_s``; 0: no
+        limit) or until :meth:`give_up`. True when every final came; False
+        when the wait was cut short and the rest were closed as the module
+        doc says."""
+        if not self._streams:
+            return True
+        limit = self.config.worker.drain_timeout_s if limit_s is None else limit_s
+        closing = asyncio.ensure_future(self.close_streams())
+        giving_up = asyncio.ensure_future(self._give_up.wait())
+        try:
+            await asyncio.wait({closing, giving_up}, timeout=limit or None,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            giving_up.cancel()
+        if closing.done():
+            closing.result()
+            return True
+        owed = sum(s.session.finals_outstanding for s in self._streams.values())
+        why = "asked to stop at once" if self._give_up.is_set() else (
+            f"worker.drain_timeout_s = {limit:g} s passed")
+        log.error("shutdown: %s with %d final(s) of %d stream(s) not decoded; closing "
+                  "them with their last partials", why, owed, len(self._streams))
+        self._gave_up = True
+        for stream in list(self._streams.values()):
+            self._abandon_stream(stream)
+        await closing
+        return False
+
+    def give_up(self) -> None:
+        """Cut a :meth:`drain` in progress (or the next one) short: the second
+        Ctrl-C. Safe to call from a signal handler on the loop."""
+        self._give_up.set()
+
     async def aclose(self) -> None:
-        await self.close_streams()
+        await self.drain()
         if self._worker is not None:
             worker, self._worker = self._worker, None
-            await asyncio.to_thread(worker.stop)
+            # After giving up, the model thread may be stuck for good: it is
+            # a daemon thread, so leaving it does not keep the process alive.
+            await asyncio.to_thread(worker.stop, _STOP_GRACE_S if self._gave_up else None)
         for handle in (self._sync_handle, self._prune_handle, self._watch_handle):
             if handle is not None:
                 handle.cancel()
@@ -477,6 +526,27 @@ class Engine:
             log.warning("the model thread answered again after a stall")
         self._stalled = stalled
         self._schedule_watch()
+
+    def _abandon_stream(self, stream: Stream) -> None:
+        """Close ``stream`` now, without the finals still owed (see drain)."""
+        stream._finished = True
+        self._backlog = deque(item for item in self._backlog if item[0] is not stream)
+        owed = set(stream.session.outstanding_segments)
+        closed: set[int] = set()
+        for segment in sorted(owed | set(stream.merger.open_segments)):
+            events = stream.merger.abandon(segment)
+            closed.update(e.segment for e in events if e.final)
+            self._emit_captions(stream, events)
+        lost = sorted(owed - closed)
+        if lost:
+            stream.errors += 1
+            log.error("shutdown: %d final(s) of %s lost (segments %s): nothing had been "
+                      "shown for them", len(lost), stream.id, lost)
+            self._emit(StreamError(stream.id, "final_lost",
+                                   f"shut down before the model decoded {len(lost)} "
+                                   f"final(s) that showed nothing (segments {lost})"))
+        stream._done.set()
+        self._stream_done(stream)
 
     def _stream_done(self, stream: Stream) -> None:
         self._streams.pop(stream.id, None)

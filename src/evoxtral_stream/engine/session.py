@@ -134,6 +134,11 @@ class StreamSession:
         return len(self._finals_outstanding)
 
     @property
+    def outstanding_segments(self) -> tuple[int, ...]:
+        """Segments whose final was requested and has not come back, in order."""
+        return tuple(sorted(self._finals_outstanding))
+
+    @property
     def position(self) -> int:
         """Samples received so far."""
         return self._samples_in

@@ -203,10 +203,19 @@ class ModelWorker:
         return True
 
     def stop(self, timeout: float | None = None) -> None:
-        """Finish every request already queued, then end the thread."""
+        """Finish every request already queued, then end the thread; with a
+        ``timeout``, return after about that long (each wait) even if not."""
         if self._thread is None:
             return
-        self._inbox.put(_STOP)  # blocking: the stop must not be lost to a full inbox
+        try:
+            # Blocking: the stop must not be lost to a full inbox (within the
+            # timeout: a stuck thread never makes room).
+            self._inbox.put(_STOP, timeout=timeout)
+        except queue.Full:
+            log.error("the model thread did not take the stop within %g s; leaving it",
+                      timeout)
+            self._thread = None
+            return
         # The thread may be replaced after a death: wait for the loop's end.
         self._finished.wait(timeout)
         thread = self._thread

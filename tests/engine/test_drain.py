@@ -1,0 +1,145 @@
+"""Bounded shutdown: a model that stops answering cannot hold the engine forever.
+
+A backend that blocks on an event stands in for a hung GPU (the real part
+cannot hang on demand); the worker thread, engine, merger and journal are real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from evoxtral_stream.config import load_config
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.events import (
+    CaptionEvent,
+    EngineEvent,
+    StreamEnded,
+    StreamError,
+)
+from tests.engine.test_journal import talk
+from tests.fakes import ScriptedBackend, words_so_far
+
+
+class HangingBackend(ScriptedBackend):
+    """Answers like :class:`ScriptedBackend` until :meth:`hang`; from then on
+    every call blocks until :meth:`release` (or 30 s)."""
+
+    def __init__(self) -> None:
+        super().__init__(words_so_far)
+        self._hanging = False
+        self._gate = threading.Event()
+        self.stuck = threading.Event()
+
+    def hang(self) -> None:
+        self._hanging = True
+
+    def release(self) -> None:
+        self._gate.set()
+
+    def transcribe(self, batch: Sequence[npt.NDArray[np.float32]]) -> list[str]:
+        if self._hanging:
+            self.stuck.set()
+            self._gate.wait(30)
+        return super().transcribe(batch)
+
+
+def _speech_then_silence(seconds: float) -> npt.NDArray[np.int16]:
+    return talk(1)[: int(seconds * 16_000)]
+
+
+async def _until(cond: object, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_a_hung_model_cannot_hold_shutdown_and_no_shown_text_is_lost(
+        tmp_path: Path) -> None:
+    cfg = load_config(env={}, overrides={
+        "stream.partial_interval_ms": 200, "worker.drain_timeout_s": 0.5,
+        "journal.enabled": True, "journal.dir": str(tmp_path / "j")})
+    backend = HangingBackend()
+    events: list[EngineEvent] = []
+    t0 = 0.0
+    try:
+        async with Engine(cfg, backend) as engine:
+            engine.add_listener(events.append)
+            shown = engine.open_stream("shown")
+            # Speech only: the segment stays open while partials come back.
+            shown.push(talk(1)[:16_000])
+            await _until(lambda: any(isinstance(e, CaptionEvent) and e.stream == "shown"
+                                     and e.text for e in events), "a partial")
+            backend.hang()
+            silent = engine.open_stream("silent")
+            silent.push(talk(1))                 # speech and its end: a final is owed
+            shown.push(np.zeros(16_000, np.int16))   # the end of "shown"'s speech
+            await _until(backend.stuck.is_set, "the model to hang")
+            t0 = time.monotonic()
+            assert await engine.drain() is False
+            assert not engine.streams
+        elapsed = time.monotonic() - t0          # the drain and the whole aclose
+    finally:
+        backend.release()
+    assert elapsed < 10, f"shutdown took {elapsed:.1f} s with drain_timeout_s = 0.5"
+
+    def of(stream: str) -> list[EngineEvent]:
+        return [e for e in events if getattr(e, "stream", None) == stream]
+
+    partials = [e for e in of("shown") if isinstance(e, CaptionEvent) and not e.final]
+    finals = [e for e in of("shown") if isinstance(e, CaptionEvent) and e.final]
+    # The final is the last text shown, not nothing; and it reached the journal.
+    assert len(finals) == 1 and finals[0].text == partials[-1].text != ""
+    lines = [json.loads(x) for f in (tmp_path / "j").glob("shown.*")
+             for x in f.read_text().splitlines()]
+    assert [(m["seq"], m["final"], m["text"]) for m in lines] == [
+        (finals[0].seq, True, finals[0].text)]
+    assert isinstance(of("shown")[-1], StreamEnded)
+    assert not [e for e in of("shown") if isinstance(e, StreamError)]
+    # "silent" showed nothing before the hang: its final is reported lost.
+    lost = [e for e in of("silent") if isinstance(e, StreamError)]
+    assert [e.code for e in lost] == ["final_lost"] and "segments [0]" in lost[0].message
+    assert isinstance(of("silent")[-1], StreamEnded)
+
+
+async def test_give_up_cuts_an_unbounded_drain_short() -> None:
+    cfg = load_config(env={}, overrides={"stream.partial_interval_ms": 0,
+                                         "worker.drain_timeout_s": 0})
+    backend = HangingBackend()
+    backend.hang()
+    try:
+        async with Engine(cfg, backend) as engine:
+            stream = engine.open_stream("s")
+            stream.push(talk(1))
+            await _until(backend.stuck.is_set, "the model to hang")
+            drain = asyncio.ensure_future(engine.drain())
+            await asyncio.sleep(0.5)
+            assert not drain.done()             # 0: it would wait forever
+            engine.give_up()                    # the second Ctrl-C
+            assert await asyncio.wait_for(drain, 10) is False
+            summary = await asyncio.wait_for(stream.close(), 5)
+            assert summary.finals == 0 and summary.errors == 1
+    finally:
+        backend.release()
+
+
+async def test_a_healthy_model_drains_fully_within_the_limit() -> None:
+    cfg = load_config(env={}, overrides={"worker.drain_timeout_s": 30})
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine:
+        events: list[EngineEvent] = []
+        engine.add_listener(events.append)
+        stream = engine.open_stream("s")
+        stream.push(_speech_then_silence(0.8))    # a segment still open at the stop
+        assert await engine.drain() is True
+    finals = [e for e in events if isinstance(e, CaptionEvent) and e.final]
+    assert len(finals) == 1 and finals[0].text
+    assert not [e for e in events if isinstance(e, StreamError)]
