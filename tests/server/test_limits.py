@@ -1,4 +1,4 @@
-"""Server limits over real sockets: speed, idleness, stream count, bad UTF-8."""
+"""Server limits over real sockets: speed, idleness, dead peers, stream count, bad UTF-8."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.uri import parse_uri
 
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.server.app import CaptionServer
 from evoxtral_stream.server.auth import IngestRate, StreamSlots
 from tests.fakes import ScriptedBackend
+from tests.helpers.audio import buzz
 
 SECOND = b"\0\0" * 16000  # one second of 16 kHz PCM16 silence
 
@@ -144,3 +147,41 @@ async def test_invalid_utf8_closes_only_that_connection() -> None:
         await good.send(json.dumps({"type": "end"}))
         messages = await until_closed(good)
         assert messages[-1]["type"] == "ingest.summary" and good.close_code == 1000
+
+
+async def _vanishing_ingest(port: int, stream: str, audio: bytes) -> asyncio.StreamWriter:
+    """An ingest client that sends ``audio`` and then goes silent without
+    closing: it never reads again, so it answers no ping (a peer whose network
+    vanished). Returns the writer so the test decides when the socket goes."""
+    proto = ClientProtocol(parse_uri(f"ws://127.0.0.1:{port}/v1/ingest?stream={stream}"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    proto.send_request(proto.connect())
+    writer.write(b"".join(proto.data_to_send()))
+    while proto.handshake_exc is None and proto.state.name == "CONNECTING":
+        proto.receive_data(await asyncio.wait_for(reader.read(4096), 10))
+    assert proto.handshake_exc is None, proto.handshake_exc
+    proto.send_text(json.dumps({"type": "config", "sample_rate": 16000}).encode())
+    proto.send_binary(audio)
+    writer.write(b"".join(proto.data_to_send()))
+    await writer.drain()
+    return writer
+
+
+async def test_a_peer_that_vanishes_is_pinged_out_and_its_open_segment_flushed() -> None:
+    async with running(**{"server.ping_interval_s": 0.3, "server.ping_timeout_s": 0.3,
+                          "server.idle_timeout_s": 0}) as server, \
+            connect(f"ws://127.0.0.1:{server.port}/v1/captions") as sub:
+        assert json.loads(await sub.recv())["type"] == "hello"
+        speech = (buzz(1.0) * 32767).astype("<i2").tobytes()   # speech, still open
+        writer = await _vanishing_ingest(server.port, "gone", speech)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        seen: list[dict[str, Any]] = []
+        while not seen or seen[-1]["type"] != "stream.ended":
+            seen.append(json.loads(await asyncio.wait_for(sub.recv(), 15)))
+        # Found out by the missing pong, not by a TCP close: the socket is still open.
+        assert not writer.is_closing()
+        assert loop.time() - t0 < 10
+        finals = [m for m in seen if m["type"] == "caption" and m["final"]]
+        assert [(m["stream"], m["text"]) for m in finals] == [("gone", "hi")]
+        writer.close()
