@@ -10,14 +10,16 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 
 from evoxtral_stream.config import load_config
-from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.engine.engine import Engine, EngineStopping, Stream
 from evoxtral_stream.events import (
     CaptionEvent,
     EngineEvent,
@@ -25,7 +27,7 @@ from evoxtral_stream.events import (
     StreamError,
 )
 from tests.engine.test_journal import talk
-from tests.fakes import ScriptedBackend, words_so_far
+from tests.fakes import ScriptedBackend, SteppingScriptedBackend, words_so_far
 
 
 class HangingBackend(ScriptedBackend):
@@ -111,9 +113,10 @@ async def test_a_hung_model_cannot_hold_shutdown_and_no_shown_text_is_lost(
     assert isinstance(of("silent")[-1], StreamEnded)
 
 
-async def test_give_up_cuts_an_unbounded_drain_short() -> None:
-    cfg = load_config(env={}, overrides={"stream.partial_interval_ms": 0,
-                                         "worker.drain_timeout_s": 0})
+@asynccontextmanager
+async def hung(**overrides: object) -> AsyncIterator[tuple[Engine, Stream]]:
+    """An engine whose model hangs on the final of stream "s" (partials off)."""
+    cfg = load_config(env={}, overrides={"stream.partial_interval_ms": 0, **overrides})
     backend = HangingBackend()
     backend.hang()
     try:
@@ -121,15 +124,20 @@ async def test_give_up_cuts_an_unbounded_drain_short() -> None:
             stream = engine.open_stream("s")
             stream.push(talk(1))
             await _until(backend.stuck.is_set, "the model to hang")
-            drain = asyncio.ensure_future(engine.drain())
-            await asyncio.sleep(0.5)
-            assert not drain.done()             # 0: it would wait forever
-            engine.give_up()                    # the second Ctrl-C
-            assert await asyncio.wait_for(drain, 10) is False
-            summary = await asyncio.wait_for(stream.close(), 5)
-            assert summary.finals == 0 and summary.errors == 1
+            yield engine, stream
     finally:
         backend.release()
+
+
+async def test_give_up_cuts_an_unbounded_drain_short() -> None:
+    async with hung(**{"worker.drain_timeout_s": 0}) as (engine, stream):
+        drain = asyncio.ensure_future(engine.drain())
+        await asyncio.sleep(0.5)
+        assert not drain.done()             # 0: it would wait forever
+        engine.give_up()                    # the second Ctrl-C
+        assert await asyncio.wait_for(drain, 10) is False
+        summary = await asyncio.wait_for(stream.close(), 5)
+        assert summary.finals == 0 and summary.errors == 1
 
 
 async def test_a_healthy_model_drains_fully_within_the_limit() -> None:
@@ -143,3 +151,76 @@ async def test_a_healthy_model_drains_fully_within_the_limit() -> None:
     finals = [e for e in events if isinstance(e, CaptionEvent) and e.final]
     assert len(finals) == 1 and finals[0].text
     assert not [e for e in events if isinstance(e, StreamError)]
+
+
+async def test_a_stalled_model_ends_the_drain_at_once_whatever_the_limit() -> None:
+    """A supervisor's grace period is short: a drain that knows the model is
+    stuck does not wait out drain_timeout_s."""
+    async with hung(**{"worker.stall_timeout_s": 0.3,
+                       "worker.drain_timeout_s": 3600}) as (engine, _):
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert await asyncio.wait_for(engine.drain(), 30) is False
+        assert loop.time() - t0 < 15
+
+
+class StuckWarmUp(SteppingScriptedBackend):
+    """A stepping backend whose warm-up never ends (until released)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.warming = threading.Event()
+
+    def warm_up(self, max_batch: int) -> str:
+        self.warming.set()
+        self.gate.wait(30)
+        return "done"
+
+
+async def test_a_model_thread_stuck_with_nothing_owed_cannot_hold_the_exit() -> None:
+    """No stream is open, so the drain has nothing to wait for; the stop of a
+    thread stuck in its warm-up is left behind once it counts as stalled (10x
+    stall_timeout_s for a warm-up), not waited for."""
+    cfg = load_config(env={}, overrides={"worker.batching": "continuous",
+                                         "worker.stall_timeout_s": 0.1})
+    backend = StuckWarmUp()
+    loop = asyncio.get_running_loop()
+    try:
+        async with Engine(cfg, backend) as engine:
+            assert await asyncio.to_thread(backend.warming.wait, 5)
+            assert not engine.ready
+            await _until(lambda: not engine.healthy, "the warm-up to count as stalled")
+            t0 = loop.time()
+        assert loop.time() - t0 < 10
+    finally:
+        backend.gate.set()
+
+
+async def test_give_up_leaves_a_stuck_thread_behind_without_waiting_for_a_stall() -> None:
+    cfg = load_config(env={}, overrides={"worker.batching": "continuous",
+                                         "worker.stall_timeout_s": 0})
+    backend = StuckWarmUp()
+    loop = asyncio.get_running_loop()
+    try:
+        engine = Engine(cfg, backend)
+        await engine.start()
+        assert await asyncio.to_thread(backend.warming.wait, 5)
+        closing = asyncio.ensure_future(engine.aclose())
+        await asyncio.sleep(0.5)
+        assert not closing.done()               # no stall check: it would wait
+        t0 = loop.time()
+        engine.give_up()                        # the second Ctrl-C
+        await asyncio.wait_for(closing, 10)
+        assert loop.time() - t0 < 5
+    finally:
+        backend.gate.set()
+
+
+async def test_no_stream_opens_once_the_engine_drains() -> None:
+    cfg = load_config(env={}, overrides={})
+    async with Engine(cfg, ScriptedBackend()) as engine:
+        engine.open_stream("before")
+        assert await engine.drain() is True
+        with pytest.raises(EngineStopping, match="shutting down"):
+            engine.open_stream("after")

@@ -296,3 +296,24 @@ async def test_the_engine_prunes_periodically_and_spares_live_streams(
         assert list(folder.glob("live.*"))
         assert engine.stats().journal_pruned == 1
         await live.close()
+
+
+def test_a_stream_pruned_while_running_continues_its_seq_and_reports_the_gap(
+        tmp_path: Path) -> None:
+    cfg = config(tmp_path, **{"journal.retention_s": 60.0}).journal
+    journal = Journal(cfg)
+    journal.restore()
+    journal.append(caption("weekly", 1))
+    journal.append(caption("weekly", 2))
+    journal.release("weekly")
+    _age(tmp_path / "j", "weekly", 120)
+    assert journal.prune() == ["weekly"]
+    # Still known to this process: a re-opened stream goes on from 2.
+    assert journal.last_seq("weekly") == 2
+    journal.append(caption("weekly", 3))
+    replay = journal.replay("weekly", 0)
+    assert replay is not None
+    assert [r.seq for r in replay.records] == [3] and replay.covered_from == 3
+    journal.close()
+    # A restart forgets what was pruned, and only that.
+    assert Journal(cfg).restore() == {"weekly": 3}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,7 +24,7 @@ from evoxtral_stream.events import (
     RequestKind,
 )
 from tests.engine.test_journal import talk
-from tests.fakes import ScriptedBackend
+from tests.fakes import GatedBackend, ScriptedBackend
 
 
 class Fatal(BaseException):
@@ -192,3 +193,21 @@ async def test_engine_keeps_every_final_through_a_worker_death() -> None:
     assert summary.errors == 0
     assert [f.seq for f in finals] == [1, 2, 3]
     assert st.worker.restarts == 1
+
+
+def test_stop_with_a_timeout_returns_even_when_the_thread_is_stuck_and_its_inbox_full(
+) -> None:
+    backend = GatedBackend()
+    cfg = dataclasses.replace(load_config().worker, max_queue=2, max_wait_ms=0)
+    worker = ModelWorker(backend, cfg, lambda r: None)
+    worker.start()
+    try:
+        assert worker.submit(req("s0", 1600))
+        assert backend.entered.wait(5)          # the thread is stuck in its call
+        assert worker.submit(req("s1", 1600)) and worker.submit(req("s2", 1600))
+        assert not worker.submit(req("s3", 1600))     # the inbox is full
+        t0 = time.monotonic()
+        worker.stop(timeout=0.3)
+        assert time.monotonic() - t0 < 5
+    finally:
+        backend.release()

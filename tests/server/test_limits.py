@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
@@ -168,7 +170,7 @@ async def _vanishing_ingest(port: int, stream: str, audio: bytes) -> asyncio.Str
 
 
 async def test_a_peer_that_vanishes_is_pinged_out_and_its_open_segment_flushed() -> None:
-    async with running(**{"server.ping_interval_s": 0.3, "server.ping_timeout_s": 0.3,
+    async with running(**{"server.ping_interval_s": 1.0, "server.ping_timeout_s": 1.0,
                           "server.idle_timeout_s": 0}) as server, \
             connect(f"ws://127.0.0.1:{server.port}/v1/captions") as sub:
         assert json.loads(await sub.recv())["type"] == "hello"
@@ -185,3 +187,33 @@ async def test_a_peer_that_vanishes_is_pinged_out_and_its_open_segment_flushed()
         finals = [m for m in seen if m["type"] == "caption" and m["final"]]
         assert [(m["stream"], m["text"]) for m in finals] == [("gone", "hi")]
         writer.close()
+
+
+async def test_audio_still_arriving_while_the_engine_drains_is_dropped_quietly(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Shutdown closes the streams while peers may still be sending: their
+    frames go nowhere, their finals still come, no handler fails, and a new
+    ingest is turned away with shutting_down."""
+    cfg = load_config(overrides={"server.port": 0}, env={})
+    speech = (buzz(0.1, rate=48_000) * 32767).astype("<i2").tobytes()
+    async with Engine(cfg, ScriptedBackend(lambda a: "hi")) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        base = f"ws://127.0.0.1:{server.port}/v1/ingest"
+        ws = await connect(f"{base}?stream=live")
+        await ws.send(json.dumps({"type": "config", "sample_rate": 48000}))
+        for _ in range(10):
+            await ws.send(speech)
+        await asyncio.sleep(0.3)
+        assert await engine.drain() is True
+        for _ in range(10):                       # the peer has not noticed yet
+            await ws.send(speech)
+        async with connect(f"{base}?stream=late") as late:
+            await late.send(json.dumps({"type": "config", "sample_rate": 16000}))
+            refused = await until_closed(late)
+            assert [m["code"] for m in refused if m["type"] == "error"] == ["shutting_down"]
+            assert late.close_code == 1001
+    messages = await until_closed(ws)
+    assert ws.close_code == 1001                  # the server went away
+    finals = [m for m in messages if m["type"] == "caption" and m["final"]]
+    assert [m["text"] for m in finals] == ["hi"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

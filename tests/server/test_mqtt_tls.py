@@ -320,7 +320,7 @@ async def test_untrusted_broker_is_logged_retried_and_the_finals_go_out_once_fix
                 await feed_samples(stream, audio, 1600, realtime=False)
             finals = [e for e in emitted if isinstance(e, CaptionEvent) and e.final]
             assert len(finals) == 2, "the engine went on while the handshake failed"
-            assert worst < 0.05, f"a listener call took {worst * 1000:.1f} ms"
+            assert worst < 0.2, f"a listener call took {worst * 1000:.1f} ms"
 
             await eventually(lambda: pub.stats().connect_failures >= 3, "retries", within=15)
             st = pub.stats()

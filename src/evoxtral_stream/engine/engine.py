@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -60,7 +61,7 @@ from .journal import Journal
 from .session import StreamSession
 from .worker import ModelWorker, WorkerResult, WorkerStats
 
-__all__ = ["Engine", "EngineStats", "Listener", "Stream", "StreamSummary"]
+__all__ = ["Engine", "EngineStats", "EngineStopping", "Listener", "Stream", "StreamSummary"]
 
 log = logging.getLogger(__name__)
 
@@ -69,11 +70,20 @@ Listener = Callable[[EngineEvent], None]
 # How often a final the worker refused (inbox full) is offered again.
 _FINAL_RETRY_S = 0.01
 _PRUNE_EVERY_MAX_S = 3600.0
-# After a drain that gave up, how long the model thread gets to take the stop.
+# After a drain that gave up (or with a stalled model), how long the model
+# thread gets to take the stop before it is left behind.
 _STOP_GRACE_S = 1.0
+# How often a drain or a stop checks for giving up.
+_DRAIN_POLL_S = 0.05
 # How often the engine looks for a stalled model thread (at most; more often
 # for a short stall_timeout_s).
 _WATCH_EVERY_MAX_S = 1.0
+# No timer of the engine's runs more often than this, however small a limit.
+_TIMER_MIN_S = 0.05
+
+
+class EngineStopping(RuntimeError):
+    """:meth:`Engine.open_stream` once the engine has begun to shut down."""
 
 
 @dataclass(frozen=True)
@@ -130,8 +140,16 @@ class Stream:
         self.partials = 0
         self.errors = 0
 
+    @property
+    def closed(self) -> bool:
+        """Input has ended (:meth:`close`, or the engine's shutdown): :meth:`push`
+        would raise."""
+        return self._finished
+
     def push(self, samples: Int16Array) -> None:
-        """Feed 16 kHz mono int16 audio. Never blocks."""
+        """Feed 16 kHz mono int16 audio. Never blocks; raises RuntimeError once
+        :attr:`closed` (a network handler checks it: audio may still arrive
+        while the engine shuts down)."""
         if self._finished:
             raise RuntimeError(f"stream {self.id} is closed")
         self._engine._samples_in += len(samples)
@@ -209,6 +227,7 @@ class Engine:
         self._stalls = 0
         self._give_up = asyncio.Event()
         self._gave_up = False
+        self._draining = False
         self._samples_in = 0
         self._listeners: list[Listener] = []
         self._streams: dict[str, Stream] = {}
@@ -230,6 +249,8 @@ class Engine:
         self._loop = loop
 
         def deliver(result: WorkerResult) -> None:
+            if loop.is_closed():
+                return  # a model thread left behind at shutdown answered late
             loop.call_soon_threadsafe(self._on_result, result)
 
         if self.config.journal.enabled:
@@ -252,25 +273,32 @@ class Engine:
     async def drain(self, limit_s: float | None = None) -> bool:
         """End every open stream and wait for the finals they are owed, for at
         most ``limit_s`` seconds (default ``worker.drain_timeout_s``; 0: no
-        limit) or until :meth:`give_up`. True when every final came; False
-        when the wait was cut short and the rest were closed as the module
-        doc says."""
+        limit), until :meth:`give_up`, or until the model is seen stalled.
+        True when every final came; False when the wait was cut short and the
+        rest were closed as the module doc says. No stream opens afterwards
+        (:class:`EngineStopping`)."""
+        self._draining = True
         if not self._streams:
             return True
         limit = self.config.worker.drain_timeout_s if limit_s is None else limit_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit if limit else None
         closing = asyncio.ensure_future(self.close_streams())
-        giving_up = asyncio.ensure_future(self._give_up.wait())
-        try:
-            await asyncio.wait({closing, giving_up}, timeout=limit or None,
-                               return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            giving_up.cancel()
-        if closing.done():
-            closing.result()
-            return True
-        owed = sum(s.session.finals_outstanding for s in self._streams.values())
-        why = "asked to stop at once" if self._give_up.is_set() else (
-            f"worker.drain_timeout_s = {limit:g} s passed")
+        why = ""
+        while not why:
+            done, _ = await asyncio.wait({closing}, timeout=_DRAIN_POLL_S)
+            if done:
+                closing.result()
+                return True
+            if self._gave_up or self._give_up.is_set():
+                why = "asked to stop at once"
+            elif self._worker is not None and self._worker.stalled:
+                # A stuck model will not answer within any limit, and a
+                # supervisor's grace period is short: give up now.
+                why = "the model thread is stalled"
+            elif deadline is not None and loop.time() >= deadline:
+                why = f"worker.drain_timeout_s = {limit:g} s passed"
+        owed = sum(st.session.finals_outstanding for st in self._streams.values())
         log.error("shutdown: %s with %d final(s) of %d stream(s) not decoded; closing "
                   "them with their last partials", why, owed, len(self._streams))
         self._gave_up = True
@@ -288,9 +316,7 @@ class Engine:
         await self.drain()
         if self._worker is not None:
             worker, self._worker = self._worker, None
-            # After giving up, the model thread may be stuck for good: it is
-            # a daemon thread, so leaving it does not keep the process alive.
-            await asyncio.to_thread(worker.stop, _STOP_GRACE_S if self._gave_up else None)
+            await self._stop_worker(worker)
         for handle in (self._sync_handle, self._prune_handle, self._watch_handle):
             if handle is not None:
                 handle.cancel()
@@ -340,6 +366,8 @@ class Engine:
         """Open a stream; ``adapter`` picks one of :attr:`adapter_names`."""
         if self._worker is None:
             raise RuntimeError("engine is not started")
+        if self._draining:
+            raise EngineStopping("the engine is shutting down: no new streams")
         if stream_id in self._streams:
             raise ValueError(f"stream {stream_id!r} is already open")
         if adapter is not None and adapter not in self.adapter_names:
@@ -487,7 +515,7 @@ class Engine:
         if retention > 0 and self._loop is not None:
             # Often enough that nothing outlives its retention by more than
             # half of it (or an hour), rarely enough to cost nothing.
-            every = min(_PRUNE_EVERY_MAX_S, retention / 2)
+            every = max(_TIMER_MIN_S, min(_PRUNE_EVERY_MAX_S, retention / 2))
             self._prune_handle = self._loop.call_later(every, self._prune_now)
 
     def _prune_now(self) -> None:
@@ -502,7 +530,7 @@ class Engine:
     def _schedule_watch(self) -> None:
         limit = self.config.worker.stall_timeout_s
         if limit > 0 and self._loop is not None:
-            every = min(_WATCH_EVERY_MAX_S, limit / 4)
+            every = max(_TIMER_MIN_S, min(_WATCH_EVERY_MAX_S, limit / 4))
             self._watch_handle = self._loop.call_later(every, self._watch)
 
     def _watch(self) -> None:
@@ -526,6 +554,26 @@ class Engine:
             log.warning("the model thread answered again after a stall")
         self._stalled = stalled
         self._schedule_watch()
+
+    async def _stop_worker(self, worker: ModelWorker) -> None:
+        """Stop the worker once it has decoded what is queued; but leave it
+        behind after a short grace once giving up or stalled. A model thread
+        stuck for good is a daemon thread, as is the one waiting for it here
+        (not the loop's executor, which ``asyncio.run`` would wait for), so
+        neither keeps the process alive."""
+        loop = asyncio.get_running_loop()
+        stopper = threading.Thread(target=worker.stop, name="model-worker-stop", daemon=True)
+        stopper.start()
+        leave_at: float | None = None
+        while stopper.is_alive():
+            if leave_at is None and (self._gave_up or self._give_up.is_set()
+                                     or worker.stalled):
+                leave_at = loop.time() + _STOP_GRACE_S
+            if leave_at is not None and loop.time() >= leave_at:
+                log.error("shutdown: the model thread did not stop within %g s; leaving it "
+                          "behind", _STOP_GRACE_S)
+                return
+            await asyncio.sleep(_DRAIN_POLL_S)
 
     def _abandon_stream(self, stream: Stream) -> None:
         """Close ``stream`` now, without the finals still owed (see drain)."""

@@ -25,8 +25,10 @@ Lifetime: a stream's file stays open only while the stream is live
 (:meth:`Journal.release` closes it when the stream ends), so open files are
 bounded by live streams, not by every stream ever seen. The files of a stream
 that is not live and has not been written for ``retention_s`` are deleted by
-:meth:`Journal.prune` (at start, then periodically by the engine); the
-stream is then forgotten: re-opened, it counts from seq 1 again.
+:meth:`Journal.prune` (at start, then periodically by the engine). A running
+journal still remembers a pruned stream's last seq, so re-opened in the same
+process it continues after it (and a resume into the deleted part gets a
+gap); after a restart the stream is forgotten and counts from seq 1 again.
 
 The pure parts (file names, record decoding, rotation decisions) are
 functions at the top; :class:`Journal` does the I/O.
@@ -177,6 +179,9 @@ class Journal:
         self._dirty: set[str] = set()
         self._last_fsync = clock()
         self._last_seq: dict[str, int] = {}
+        # Streams pruned by this process: their seq goes on after the last
+        # one (kept in _last_seq), and their first kept file is no longer 1.
+        self._pruned: set[str] = set()
         self.appended = 0
         self.pruned = 0
         """Streams whose files were deleted after ``retention_s``."""
@@ -220,7 +225,7 @@ class Journal:
         return len(self._open)
 
     def prune(self, live: Collection[str] = ()) -> list[str]:
-        """Delete the files of every stream past ``retention_s`` and forget it.
+        """Delete the files of every stream past ``retention_s``.
 
         A stream is past retention when its newest file was last modified
         ``retention_s`` or more ago; streams in ``live`` or with an open file
@@ -242,7 +247,8 @@ class Journal:
                 continue
             for path in paths:
                 path.unlink(missing_ok=True)
-            self._last_seq.pop(stream, None)
+            if stream in self._last_seq:
+                self._pruned.add(stream)
             pruned.append(stream)
         if pruned:
             self.pruned += len(pruned)
@@ -357,7 +363,8 @@ class Journal:
             return None
         # Rotation deletes the lowest indices: if file 1 is gone, finals
         # before the oldest kept record may be missing.
-        complete = parse_file_name(paths[0].name) == (stream, 1)
+        complete = (parse_file_name(paths[0].name) == (stream, 1)
+                    and stream not in self._pruned)
         records: list[JournalRecord] = []
         covered_from = 1
         first = True

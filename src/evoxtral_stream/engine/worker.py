@@ -52,8 +52,11 @@ Stalls: a thread stuck inside the backend (a hung GPU, a deadlock) neither
 dies nor answers, and Python cannot interrupt it. The worker notes when each
 backend call starts; :meth:`ModelWorker.call_age` says how long the current
 one has run, and past ``stall_timeout_s`` :attr:`ModelWorker.stalled` is true
-and :attr:`ModelWorker.ready` false. Acting on it (error events, health
-checks) is the engine's job, on its event loop.
+and :attr:`ModelWorker.ready` false. Loading the model again after a death
+and the warm-up before serving are timed too, against a limit
+``_SLOW_PHASE_FACTOR`` times longer (they legitimately take minutes, but a
+reload hung on a faulted GPU must not look healthy forever). Acting on it
+(error events, health checks) is the engine's job, on its event loop.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import TypeVar, cast
 
 from ..config import WorkerConfig
 from ..events import DecodeFailure, DecodeRequest, Hypothesis, RequestKind
@@ -85,11 +88,15 @@ log = logging.getLogger(__name__)
 
 WorkerResult = Hypothesis | DecodeFailure
 
+_T = TypeVar("_T")
+
 _STOP = object()
 
 # A request older than this when its batch starts means the model is behind.
 _LAG_WARN_S = 1.0
 _LAG_LOG_EVERY_S = 5.0
+# A reload or warm-up counts as stalled after this many stall_timeout_s.
+_SLOW_PHASE_FACTOR = 10
 
 
 @dataclass(frozen=True)
@@ -176,6 +183,7 @@ class ModelWorker:
         # Start of the backend call in progress (None: none). Written by the
         # model thread only; a float store is atomic, so readers need no lock.
         self._call_since: float | None = None
+        self._slow_phase = False         # the call timed is a reload or warm-up
         self._finished = threading.Event()
 
     # --- any thread ---------------------------------------------------------
@@ -243,9 +251,20 @@ class ModelWorker:
 
     @property
     def stalled(self) -> bool:
-        """A backend call has run ``stall_timeout_s`` or longer (0: never)."""
-        limit = self._cfg.stall_timeout_s
+        """A backend call has run ``stall_timeout_s`` or longer, or a reload or
+        warm-up ``_SLOW_PHASE_FACTOR`` times that (0: never)."""
+        limit = self._cfg.stall_timeout_s * (_SLOW_PHASE_FACTOR if self._slow_phase else 1)
         return limit > 0 and self.call_age() >= limit
+
+    def _timed_slow(self, what: Callable[[], _T]) -> _T:
+        """Run a reload or warm-up step, timed for the stall check."""
+        self._slow_phase = True
+        self._call_since = self._clock()
+        try:
+            return what()
+        finally:
+            self._call_since = None
+            self._slow_phase = False
 
     def stats(self) -> WorkerStats:
         call_s = self.call_age()
@@ -379,7 +398,7 @@ class ModelWorker:
             if self._factory is None:
                 return
             try:
-                self._backend = self._factory()
+                self._backend = self._timed_slow(self._factory)
                 log.info("model reloaded (backend: %s)", self._backend.name)
                 return
             except Exception as e:
@@ -392,6 +411,7 @@ class ModelWorker:
         """On the dying thread: requeue or fail what it held, start a successor."""
         log.critical("model worker died: %s: %s", type(e).__name__, e, exc_info=e)
         self._call_since = None  # a dead thread is not a stalled one
+        self._slow_phase = False
         held, self._in_flight = self._in_flight, []
         self._running = {}  # the backend's running batch died with the thread
         for req in held:
@@ -436,7 +456,7 @@ class ModelWorker:
         t0 = time.monotonic()
         self._warming = True
         try:
-            what = backend.warm_up(self._cfg.max_batch)
+            what = self._timed_slow(lambda: backend.warm_up(self._cfg.max_batch))
         except Exception as e:  # any failure here must not stop serving
             first = (str(e).strip().splitlines() or [""])[0]
             log.warning("backend warm-up failed (%s: %s); serving without it",

@@ -43,7 +43,7 @@ from websockets.typing import Subprotocol
 
 from ..audio.resample import StreamResampler
 from ..config import AuthConfig, ServerConfig
-from ..engine.engine import Engine, Stream
+from ..engine.engine import Engine, EngineStopping, Stream
 from ..events import SAMPLE_RATE, Int16Array
 from .auth import (
     SUBPROTOCOL_PREFIX,
@@ -431,6 +431,11 @@ class CaptionServer:
         sub = self.broadcaster.subscribe([stream_id])
         try:
             stream = self._engine.open_stream(stream_id, source="ingest", adapter=fmt.adapter)
+        except EngineStopping as e:
+            self.broadcaster.unsubscribe(sub)
+            await self._refuse(ws, "shutting_down", str(e), close_code=1001,
+                               stream=stream_id)
+            return
         except ValueError as e:
             self.broadcaster.unsubscribe(sub)
             await self._refuse(ws, "bad_config", str(e), stream=stream_id)
@@ -449,15 +454,22 @@ class CaptionServer:
                                          format=fmt.sample_format.value))
         pump = asyncio.ensure_future(self._pump(ws, sub))
         overflow = asyncio.ensure_future(sub.overflowed.wait())
+
+        def push(samples: Int16Array) -> None:
+            # The engine's shutdown closes the stream while the peer may still
+            # be sending: audio after that has nowhere to go.
+            if not stream.closed:
+                stream.push(samples)
+
         try:
-            outcome = await self._read_audio(ws, stream_id, fmt, resampler, stream.push)
+            outcome = await self._read_audio(ws, stream_id, fmt, resampler, push)
         except ConnectionClosed:
             pass
         finally:
             # Whatever happened, the audio received so far becomes finals.
             tail = resampler.flush()
             if len(tail):
-                stream.push(tail)
+                push(tail)
             summary = await stream.close()
         try:
             # Wait for the pump to deliver the flushed finals, but not once it

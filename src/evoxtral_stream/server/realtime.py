@@ -64,7 +64,7 @@ from websockets.exceptions import ConnectionClosed
 from ..audio.resample import StreamResampler
 from ..audio.vad import Segmenter, SegmenterState
 from ..config import ServerConfig, VadConfig
-from ..engine.engine import Engine, Stream
+from ..engine.engine import Engine, EngineStopping, Stream
 from ..events import (
     SAMPLE_RATE,
     CaptionEvent,
@@ -939,7 +939,11 @@ async def serve_realtime(ws: ServerConnection, query: dict[str, list[str]], engi
         await _refuse(ws, core.error("stream_busy", f"stream {stream_id!r} is already open",
                                      "stream"))
         return
-    stream = engine.open_stream(stream_id, source="realtime")
+    try:
+        stream = engine.open_stream(stream_id, source="realtime")
+    except EngineStopping as e:
+        await _refuse(ws, core.error("shutting_down", str(e), error_type="server_error"))
+        return
     log.info("realtime transcription session %s on stream %s", core.session_id, stream_id)
     await _Connection(ws, engine, core, stream, cfg.subscriber_queue).run()
 
