@@ -334,10 +334,12 @@ class Journal:
 
     def _close(self, stream: str) -> None:
         cur = self._open.pop(stream)
-        if self._cfg.fsync != "never":
-            os.fsync(cur.file.fileno())
         self._dirty.discard(stream)
-        cur.file.close()
+        try:
+            if self._cfg.fsync != "never":
+                os.fsync(cur.file.fileno())
+        finally:
+            cur.file.close()  # also when fsync fails: the handle must not leak
 
     def _sync_dir(self) -> None:
         # A new file's directory entry must be durable too, or a crash can
