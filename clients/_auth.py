@@ -7,6 +7,10 @@ environment variable is the better way to pass it, because other users can
 read a process's options in ``ps`` but not its environment. A server that
 does not accept the token answers the handshake with HTTP 401 or 403;
 :func:`refusal` turns that answer into one line for people.
+
+A client that configures logging calls :func:`install_token_redaction`
+after ``logging.basicConfig``: with ``--debug``, ``websockets`` logs every
+handshake header, ``Authorization`` included.
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ import os
 
 from websockets.exceptions import InvalidStatus
 
-__all__ = ["TOKEN_ENV", "add_token_option", "auth_headers", "refusal"]
+# The server's own filter: the clients depend on the package already.
+from evoxtral_stream.server.auth import install_token_redaction
+
+__all__ = ["TOKEN_ENV", "add_token_option", "auth_headers", "install_token_redaction",
+           "refusal"]
 
 TOKEN_ENV = "EVOXTRAL_TOKEN"
 #: The longest part of the server's refusal body that is shown.

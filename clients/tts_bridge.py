@@ -70,7 +70,7 @@ from typing import Protocol
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 from xml.sax.saxutils import escape, quoteattr
 
-from _auth import add_token_option, auth_headers, refusal
+from _auth import add_token_option, auth_headers, install_token_redaction, refusal
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
@@ -925,6 +925,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # Tokens out of the log: --debug shows websockets' handshake lines (the
+    # Authorization header among them), and a --url may carry ?token=.
+    install_token_redaction()
     streams = tuple(s for v in args.stream for s in v.split(",") if s)
     try:
         since = parse_since(args.since, streams) if args.since else {}

@@ -250,3 +250,70 @@ def test_subtitle_tag_styles_and_layout_come_from_config(tmp_path: Path) -> None
     assert srt.read_text().startswith("1\n")
     one_error_line(cli("transcribe", str(wav), "--set", "captions.srt_tags=class"),
                    "captions.srt_tags must be one of 'inline', 'strip'")
+
+
+async def test_serve_debug_logs_every_handshake_line_but_no_token(tmp_path: Path) -> None:
+    """``serve --debug`` logs each handshake header (websockets), yet no token:
+    neither the one a client sends by header, query or subprotocol, nor the
+    subprotocol the server echoes, nor a token it refuses."""
+    import asyncio
+    import signal
+
+    from websockets.asyncio.client import ClientConnection, connect
+    from websockets.exceptions import InvalidStatus
+    from websockets.typing import Subprotocol
+
+    from evoxtral_stream.server.auth import hash_token
+
+    by_header, by_query, by_protocol = "hdr-S3cret_1", "qry-S3cret_2", "sub-S3cret_3.x~"
+    unknown = "unknown-S3cret_4"
+    tokens = ", ".join(f'{{hash = "{hash_token(t)}", roles = ["subscribe"]}}'
+                       for t in (by_header, by_query, by_protocol))
+    log = tmp_path / "stderr.log"
+    # stderr to a file, not a pipe: nothing reads a pipe while the test runs,
+    # and --debug writes enough to fill one.
+    with log.open("w") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "evoxtral_stream", "serve", "--port", "0", "--source",
+            "none", "--no-print", "--debug", "--set", f"auth.tokens=[{tokens}]",
+            stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        async def started() -> str:
+            while "serving captions on " not in (text := log.read_text()):
+                assert proc.returncode is None, text
+                await asyncio.sleep(0.1)
+            return text.split("serving captions on ", 1)[1].split()[0]
+
+        url = await asyncio.wait_for(started(), 120)
+
+        async def hello(ws: ClientConnection) -> None:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "hello"
+
+        async with connect(url, additional_headers={"authorization": f"Bearer {by_header}"}) \
+                as ws:
+            await hello(ws)
+        async with connect(f"{url}?stream=talk&token={by_query}") as ws:
+            await hello(ws)
+        async with connect(url, subprotocols=[Subprotocol("other"),
+                                              Subprotocol(f"evoxtral.token.{by_protocol}")]) \
+                as ws:
+            await hello(ws)
+        with pytest.raises(InvalidStatus):
+            async with connect(url, additional_headers={"Authorization": f"Bearer {unknown}"}):
+                pass
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text = log.read_text()
+    for secret in (by_header, by_query, by_protocol, unknown):
+        assert secret not in text, text
+    # The lines are there, redacted: both ways for the subprotocol.
+    assert "< authorization: Bearer ***\n" in text, text
+    assert "< GET /v1/captions?stream=talk&token=*** HTTP/1.1\n" in text, text
+    assert "< Sec-WebSocket-Protocol: other, evoxtral.token.***\n" in text, text
+    assert "> Sec-WebSocket-Protocol: evoxtral.token.***\n" in text, text
+    assert "< Authorization: Bearer ***\n" in text, text
+    assert "refused /v1/captions" in text, text

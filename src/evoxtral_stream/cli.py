@@ -30,6 +30,7 @@ from .engine.engine import Engine, StreamSummary
 from .events import SAMPLE_RATE, CaptionEvent, EngineEvent
 from .run import FileJob, LatencyLog, transcribe_samples
 from .server.app import CaptionServer
+from .server.auth import install_token_redaction
 from .server.protocol import event_to_dict
 from .text.formats import CueLayout, TagStyle, to_srt, to_vtt
 
@@ -148,6 +149,10 @@ def _setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr)
+    # Tokens out of the logs, in every mode: under --debug websockets logs
+    # each handshake header, and in any mode a message or traceback may hold
+    # a URL. On the root's handlers, which see the records of every logger.
+    install_token_redaction()
     if not args.debug:
         for noisy in ("websockets", "faster_whisper", "httpx", "urllib3"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -677,18 +677,39 @@ async def run_bridge(port: int, out: Path, *args: str,
 
 
 @NEEDS_ESPEAK
+@pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug"])
 @pytest.mark.parametrize(("args", "env_token"), accepted_token_cases("subscribe"))
 async def test_bridge_sends_its_token(
     tmp_path: Path, guarded: tuple[Engine, CaptionServer], args: list[str],
-    env_token: str | None,
+    env_token: str | None, debug: bool,
 ) -> None:
     _, server = guarded
     publish_finals(server, "talk", ["[sighs] one.", "two [pause] three."])
-    code, err = await run_bridge(server.port, tmp_path / "out", *args, env_token=env_token)
+    code, err = await run_bridge(server.port, tmp_path / "out", *args,
+                                 *(["--debug"] if debug else []), env_token=env_token)
     assert code == 0, err
     assert _names(tmp_path / "out") == ["talk-00000.wav", "talk-00001.wav"]
     assert "2 written, 0 failed" in err
     assert SUBSCRIBE_TOKEN not in err and BOTH_TOKEN not in err  # never logged
+    if debug:
+        # websockets logs the handshake's headers at DEBUG: this one redacted.
+        assert "> Authorization: Bearer ***\n" in err, err
+
+
+@NEEDS_ESPEAK
+async def test_a_token_in_the_url_is_not_logged(
+    tmp_path: Path, guarded: tuple[Engine, CaptionServer],
+) -> None:
+    """--url may carry ?token= (the server takes it): the bridge logs the URL it
+    subscribed to at INFO, so without --debug too, with the token redacted."""
+    _, server = guarded
+    publish_finals(server, "talk", ["one."])
+    code, err = await run_bridge(
+        server.port, tmp_path / "out", "--url",
+        f"ws://127.0.0.1:{server.port}/v1/captions?token={SUBSCRIBE_TOKEN}", env_token=None)
+    assert code == 0, err
+    assert SUBSCRIBE_TOKEN not in err, err
+    assert "token=***" in err, err
 
 
 @pytest.mark.parametrize(("args", "env_token", "line"),

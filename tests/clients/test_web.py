@@ -320,6 +320,86 @@ async def test_page_takes_its_token_from_the_fragment_for_both_sockets(
         await page.close()
 
 
+async def test_an_unusable_fragment_token_keeps_the_stored_one_and_its_error_goes_stale(
+    browser: Browser, guarded: tuple[Engine, CaptionServer],
+) -> None:
+    _, server = guarded
+    base = f"http://127.0.0.1:{server.port}/"
+    page = await Page.open(browser, f"{base}#token={SUBSCRIBE_TOKEN}")
+    try:
+        await page.wait_for(f"{STATUS} === 'live'", 30)
+        # Loaded again with a token a subprotocol cannot carry: the tab's
+        # stored token gets in, and the page says why the new one was not used.
+        await page.evaluate("window.previous = true")
+        await page.send("Page.navigate", url=f"{base}?again#token=bad!token")
+        await page.wait_for("!window.previous && document.readyState === 'complete'"
+                            f" && {STATUS} === 'live'", 30)
+        notice = await page.wait_for("!document.getElementById('notice').hidden"
+                                     " && document.getElementById('notice').textContent")
+        assert "was not used" in notice and "cannot be sent by a browser" in notice
+        assert await page.evaluate("document.getElementById('auth').hidden")
+        assert await page.evaluate("location.href") == f"{base}?again"
+        assert await page.evaluate("sessionStorage.getItem('evoxtral.token')") == \
+            SUBSCRIBE_TOKEN
+        # The token is revoked (as far as this page knows) and the connection
+        # drops: the refusal shows the server's reason, not that stale error.
+        await page.evaluate("evoxtral.token = 'revoked-token'; evoxtral.socket.close()")
+        why = await page.wait_for(AUTH_WHY, 30)
+        assert why == "The server said: unknown token", why
+        assert await page.evaluate(STATUS) == REFUSED
+        assert page.errors == []
+    finally:
+        await page.close()
+
+
+WEB = Path(__file__).resolve().parents[2] / "src" / "evoxtral_stream" / "server" / "web"
+
+
+async def test_a_check_the_server_never_answers_does_not_hold_off_the_reconnect(
+    browser: Browser,
+) -> None:
+    """A half-open server: it serves the page and fails each WebSocket
+    handshake, but never answers the plain GET with which the page asks why.
+    That check gives up after 5 s, and the page reconnects."""
+    stop = asyncio.Event()
+    checks = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal checks
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+            path = head.split()[1]
+            if "upgrade: websocket" not in head.lower() and path.startswith("/v1/"):
+                checks += 1
+                await stop.wait()  # never answered
+            elif path == "/" or path.startswith("/static/"):
+                name = "index.html" if path == "/" else path.removeprefix("/static/")
+                body = (WEB / name).read_bytes()
+                kind = {"html": "text/html", "js": "text/javascript", "css": "text/css"}.get(
+                    name.rsplit(".", 1)[-1], "application/octet-stream")
+                writer.write(f"HTTP/1.1 200 OK\r\nContent-Type: {kind}\r\nContent-Length: "
+                             f"{len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+                await writer.drain()
+            # Anything else, a WebSocket handshake included: closed unanswered.
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    page = await Page.open(browser, f"http://127.0.0.1:{port}/")
+    try:
+        await page.wait_for("evoxtral.connects === 1")
+        started = asyncio.get_running_loop().time()
+        await page.wait_for("evoxtral.connects >= 2", 30)
+        assert asyncio.get_running_loop().time() - started > 3, "it did wait for the check"
+        assert checks >= 1
+    finally:
+        await page.close()
+        stop.set()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_page_without_a_token_is_refused_until_one_is_pasted(
     browser: Browser, guarded: tuple[Engine, CaptionServer], tmp_path: Path,
 ) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,14 +22,18 @@ from evoxtral_stream.config import AuthTokenConfig, ConfigError, load_config
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.server.app import CaptionServer
 from evoxtral_stream.server.auth import (
+    REDACTED,
     AccessPolicy,
     Credentials,
     Grant,
+    RedactTokens,
     Refusal,
     TokenUsage,
     check_bind,
     find_credentials,
     hash_token,
+    install_token_redaction,
+    redact_tokens,
 )
 from tests.fakes import ScriptedBackend
 from tests.helpers.http import http_get
@@ -143,6 +149,94 @@ def test_token_entries_load_with_defaults() -> None:
     assert cfg.auth.tokens[3].streams == ("studio-*",)
     with pytest.raises(ConfigError, match="twice"):
         load_config(overrides={"auth.tokens": TOKENS[:1] * 2}, env={})
+
+
+# --- tokens out of logs --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    # Authorization, as websockets logs it at DEBUG: any scheme, any case.
+    ("> Authorization: Bearer s3cr3t-Tok_1.x~", "> Authorization: Bearer ***"),
+    ("< authorization: basic Zm9vOmJhcg==", "< authorization: basic ***"),
+    ("> AUTHORIZATION: s3cr3t", "> AUTHORIZATION: ***"),
+    ("> Proxy-Authorization: Bearer s3cr3t", "> Proxy-Authorization: Bearer ***"),
+    # A token with blanks (hash-token takes any line) on a header line.
+    ("> Authorization: Bearer s3cr3t with blanks", "> Authorization: Bearer ***"),
+    ("GET / HTTP/1.1\r\nAuthorization: Bearer s3cr3t\r\nHost: h\r\n",
+     "GET / HTTP/1.1\r\nAuthorization: Bearer ***\r\nHost: h\r\n"),
+    ("headers {'Authorization': 'Bearer s3cr3t', 'Host': 'h'}",
+     "headers {'Authorization': 'Bearer ***', 'Host': 'h'}"),
+    # The query carrier, in the request line the server logs and the client's.
+    ("< GET /v1/captions?stream=a&token=s3cr3t&since=0 HTTP/1.1",
+     "< GET /v1/captions?stream=a&token=***&since=0 HTTP/1.1"),
+    ("> GET /v1/ingest?token=s3cr3t HTTP/1.1", "> GET /v1/ingest?token=*** HTTP/1.1"),
+    ("cannot reach ws://h:1/v1/captions?TOKEN=s3cr3t#x",
+     "cannot reach ws://h:1/v1/captions?TOKEN=***#x"),
+    # The subprotocol carrier, offered among others, and echoed by the server.
+    ("< Sec-WebSocket-Protocol: other, evoxtral.token.s3cr3t, more",
+     "< Sec-WebSocket-Protocol: other, evoxtral.token.***, more"),
+    ("> sec-websocket-protocol: evoxtral.token.s3cr3t",
+     "> sec-websocket-protocol: evoxtral.token.***"),
+    # Nothing to redact: unchanged.
+    ("< Host: 127.0.0.1:8765", "< Host: 127.0.0.1:8765"),
+    ("< GET /v1/captions?stream=token HTTP/1.1", "< GET /v1/captions?stream=token HTTP/1.1"),
+    ("authorization granted to stream a", "authorization granted to stream a"),
+])
+def test_redact_tokens(line: str, expected: str) -> None:
+    assert redact_tokens(line) == expected
+    assert "s3cr3t" not in redact_tokens(line)
+
+
+def test_the_refusal_that_names_the_carriers_stays_readable_when_redacted() -> None:
+    """The server logs it at INFO: the placeholders go, the rest of it stays."""
+    refusal = AccessPolicy([token()], []).authorize("subscribe", [], Credentials(None))
+    assert isinstance(refusal, Refusal)
+    assert redact_tokens(refusal.message) == (
+        "a token is required: send Authorization: Bearer ***, ?token=*** or the "
+        "subprotocol evoxtral.token.***")
+
+
+def _capture(name: str) -> tuple[logging.Logger, io.StringIO]:
+    """A logger ``name`` with a handler of its own (redacting) writing to the buffer."""
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(logging.Formatter("%(name)s %(message)s"))
+    install_token_redaction([handler])
+    install_token_redaction([handler])
+    assert sum(isinstance(f, RedactTokens) for f in handler.filters) == 1, "installed once"
+    logger = logging.getLogger(name)
+    logger.handlers, logger.propagate = [handler], False
+    logger.setLevel(logging.DEBUG)
+    return logger, buf
+
+
+def test_the_filter_redacts_records_of_child_loggers_with_args() -> None:
+    parent, buf = _capture("test_redact")
+    child = logging.getLogger("test_redact.websockets.client")  # propagates to the handler
+    child.debug("> %s: %s", "Authorization", "Bearer s3cr3t")
+    child.debug("> GET %s HTTP/1.1", "/v1/captions?token=s3cr3t")
+    child.debug("< %s: %s", "Sec-WebSocket-Protocol", "evoxtral.token.s3cr3t")
+    parent.info("plain %d", 1)
+    try:
+        raise OSError("cannot open ws://h/v1/captions?token=s3cr3t")
+    except OSError:
+        parent.exception("failed")
+    text = buf.getvalue()
+    assert "s3cr3t" not in text, text
+    assert "> Authorization: Bearer ***\n" in text
+    assert "> GET /v1/captions?token=*** HTTP/1.1\n" in text
+    assert "< Sec-WebSocket-Protocol: evoxtral.token.***\n" in text
+    assert "test_redact plain 1\n" in text
+    assert "Traceback" in text and f"?token={REDACTED}" in text
+
+
+def test_a_record_whose_args_do_not_fit_is_kept_but_redacted() -> None:
+    """The handler would print such arguments as they are (handleError)."""
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "%d %s",
+                               ("?token=s3cr3t",), None)
+    assert RedactTokens().filter(record) is True
+    # A query value runs to the next parameter or blank: the quote goes too.
+    assert record.getMessage() == "%d %s (arguments that do not fit: ('?token=***"
 
 
 # --- over sockets ---------------------------------------------------------------

@@ -15,6 +15,8 @@ its connection handlers; everything here can be tested without a network:
   ``server.max_ingest_speed``.
 - :func:`check_bind` and :func:`tls_context`: start-up checks that raise
   :class:`ConfigError` with a one-line message.
+- :func:`redact_tokens`, :class:`RedactTokens` and :func:`install_token_redaction`:
+  keep tokens out of logs (``websockets`` logs every handshake header at DEBUG).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import logging
 import os
+import re
 import ssl
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
@@ -34,12 +38,14 @@ from urllib.parse import urlsplit
 from ..config import AuthTokenConfig, ConfigError
 
 __all__ = [
+    "REDACTED",
     "ROLES",
     "SUBPROTOCOL_PREFIX",
     "AccessPolicy",
     "Credentials",
     "Grant",
     "IngestRate",
+    "RedactTokens",
     "Refusal",
     "Role",
     "StreamSlots",
@@ -47,7 +53,9 @@ __all__ = [
     "check_bind",
     "find_credentials",
     "hash_token",
+    "install_token_redaction",
     "is_loopback",
+    "redact_tokens",
     "tls_context",
 ]
 
@@ -304,3 +312,85 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext | None:
         raise ConfigError(f"server.tls_cert {cert!r} and server.tls_key {key!r} are not a PEM "
                           f"certificate and its private key ({e.strerror or e})") from None
     return ctx
+
+
+# --- tokens out of logs ---------------------------------------------------------------
+
+#: What a token is replaced with in logs.
+REDACTED = "***"
+
+# An auth scheme ("Bearer", "Basic", ...), kept in the log: it says which
+# carrier was used without saying what it carried.
+_SCHEME = r"(?:[A-Za-z][A-Za-z0-9.+-]*[ \t]+)?"
+# A header on a line of its own, as websockets logs it ("> Authorization:
+# Bearer X") and HTTP sends it: everything after the scheme is secret,
+# blanks included (a token read from stdin by hash-token may hold some).
+_AUTH_LINE = re.compile(
+    r"^(?P<head>[<>]?[ \t]*(?:proxy-)?authorization[ \t]*:[ \t]*" + _SCHEME + r")"
+    r"(?P<secret>\S[^\r\n]*?)(?=[ \t]*\r?$)", re.IGNORECASE | re.MULTILINE)
+# The header anywhere else (in prose, a dict's repr): up to a blank, quote,
+# comma or semicolon, so the rest of the message stays readable.
+_AUTH_INLINE = re.compile(
+    r"(?P<head>\b(?:proxy-)?authorization['\"]?[ \t]*[:=][ \t]*['\"]?" + _SCHEME + r")"
+    r"(?P<secret>[^\s'\",;]+)", re.IGNORECASE)
+# The subprotocol carrier, wherever it appears (the offered list, the one the
+# server selects and echoes): a subprotocol name holds no blank or comma.
+_SUBPROTOCOL = re.compile(r"(?P<head>" + re.escape(SUBPROTOCOL_PREFIX) + r")"
+                          r"(?P<secret>[^\s,\"]+)", re.IGNORECASE)
+# The query carrier, in a request line or a URL: up to the next parameter.
+_QUERY = re.compile(r"(?P<head>[?&]token=)(?P<secret>[^&#\s]+)", re.IGNORECASE)
+
+
+def redact_tokens(text: str) -> str:
+    """``text`` with every token it carries replaced by :data:`REDACTED`.
+
+    Covers the three carriers: ``Authorization`` values of any scheme (the
+    scheme is kept; ``Proxy-Authorization`` too; any case), the part after
+    ``evoxtral.token.`` of a subprotocol, and ``token=`` query values. Errs
+    on the side of redacting: prose such as ``Authorization: Bearer TOKEN``
+    is redacted as well.
+    """
+    for pattern in (_AUTH_LINE, _AUTH_INLINE, _SUBPROTOCOL, _QUERY):
+        text = pattern.sub(lambda m: m["head"] + REDACTED, text)
+    return text
+
+
+class RedactTokens(logging.Filter):
+    """A logging filter that redacts tokens (:func:`redact_tokens`) from each
+    record's formatted message, traceback and stack; it drops no record.
+
+    Install it on handlers, not loggers: a logger's filters do not see the
+    records of its child loggers (``websockets.server`` under
+    ``websockets``), while a handler's filters see every record it emits.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            message = record.getMessage()
+            fits = True
+        except Exception:
+            # Arguments that do not fit the format: the handler would report
+            # the mistake with the arguments as they are, so they are shown
+            # here instead, redacted.
+            message = f"{record.msg!s} (arguments that do not fit: {record.args!r})"
+            fits = False
+        redacted = redact_tokens(message)
+        if redacted != message or not fits:
+            record.msg, record.args = redacted, None
+        if record.exc_info and not record.exc_text:
+            # Formatted here, as the handler's formatter would, because an
+            # exception's message may hold a URL with ?token=.
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_tokens(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact_tokens(record.stack_info)
+        return True
+
+
+def install_token_redaction(handlers: Iterable[logging.Handler] | None = None) -> None:
+    """Add a :class:`RedactTokens` to each of ``handlers`` (default: the root
+    logger's, where every propagating record ends up) that lacks one."""
+    for handler in logging.getLogger().handlers if handlers is None else handlers:
+        if not any(isinstance(f, RedactTokens) for f in handler.filters):
+            handler.addFilter(RedactTokens())

@@ -98,10 +98,13 @@ function protocols() {
 // with the same token as a header: the server answers that request's
 // access check exactly as the handshake's. {status, reason} for a 401 or
 // 403, else null (the server is unreachable, or the failure was another).
+// Bounded, so a server that accepts connections but never answers cannot
+// hold off the reconnect that waits for this.
 async function refusal(path) {
   try {
     const headers = state.token ? { Authorization: `Bearer ${state.token}` } : {};
-    const r = await fetch(new URL(path, location.href), { headers, cache: "no-store" });
+    const r = await fetch(new URL(path, location.href),
+                          { headers, cache: "no-store", signal: AbortSignal.timeout(5000) });
     if (r.status === 401 || r.status === 403) {
       return { status: r.status, reason: (await r.text()).trim().split("\n")[0] };
     }
@@ -324,6 +327,11 @@ function connect() {
     state.retry = 0;
     state.refused = null;
     hideAuth();
+    // A token the page could not use is still said (in the notice: the form
+    // is gone), but it is stale from now on: a later refusal must show the
+    // server's reason, not this.
+    if (state.tokenError) showNotice(`The token given was not used. ${state.tokenError}`);
+    state.tokenError = "";
     ui.status.textContent = "live";
     ui.status.className = "live";
   };
@@ -471,6 +479,9 @@ ui.auth.addEventListener("submit", (e) => {
 });
 // A #token= pasted into the address bar of the open page does not reload it.
 window.addEventListener("hashchange", () => { if (tokenFromFragment()) restart(); });
-if (tokenFromFragment() === null) setToken(storedToken());
+// The tab's stored token, unless the URL brings another: one the page cannot
+// use is reported, and the stored token stays in use.
+setToken(storedToken());
+tokenFromFragment();
 if (state.selected) { addStream(state.selected); select(state.selected); }
 connect();
