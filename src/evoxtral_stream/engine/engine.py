@@ -225,8 +225,9 @@ class Engine:
         self._watch_handle: asyncio.TimerHandle | None = None
         self._stalled = False
         self._stalls = 0
-        self._give_up = asyncio.Event()
-        self._gave_up = False
+        # Set by give_up (a second Ctrl-C) or by a drain that was cut short:
+        # from then on nothing at shutdown waits for the model.
+        self._giving_up = False
         self._draining = False
         self._samples_in = 0
         self._listeners: list[Listener] = []
@@ -290,7 +291,7 @@ class Engine:
             if done:
                 closing.result()
                 return True
-            if self._gave_up or self._give_up.is_set():
+            if self._giving_up:
                 why = "asked to stop at once"
             elif self._worker is not None and self._worker.stalled:
                 # A stuck model will not answer within any limit, and a
@@ -301,7 +302,7 @@ class Engine:
         owed = sum(st.session.finals_outstanding for st in self._streams.values())
         log.error("shutdown: %s with %d final(s) of %d stream(s) not decoded; closing "
                   "them with their last partials", why, owed, len(self._streams))
-        self._gave_up = True
+        self._giving_up = True
         for stream in list(self._streams.values()):
             self._abandon_stream(stream)
         await closing
@@ -310,7 +311,7 @@ class Engine:
     def give_up(self) -> None:
         """Cut a :meth:`drain` in progress (or the next one) short: the second
         Ctrl-C. Safe to call from a signal handler on the loop."""
-        self._give_up.set()
+        self._giving_up = True
 
     async def aclose(self) -> None:
         await self.drain()
@@ -566,8 +567,7 @@ class Engine:
         stopper.start()
         leave_at: float | None = None
         while stopper.is_alive():
-            if leave_at is None and (self._gave_up or self._give_up.is_set()
-                                     or worker.stalled):
+            if leave_at is None and (self._giving_up or worker.stalled):
                 leave_at = loop.time() + _STOP_GRACE_S
             if leave_at is not None and loop.time() >= leave_at:
                 log.error("shutdown: the model thread did not stop within %g s; leaving it "

@@ -181,7 +181,7 @@ class Journal:
         self._last_seq: dict[str, int] = {}
         # Streams pruned by this process: their seq goes on after the last
         # one (kept in _last_seq), and their first kept file is no longer 1.
-        self._pruned: set[str] = set()
+        self._pruned_here: set[str] = set()
         self.appended = 0
         self.pruned = 0
         """Streams whose files were deleted after ``retention_s``."""
@@ -248,7 +248,7 @@ class Journal:
             for path in paths:
                 path.unlink(missing_ok=True)
             if stream in self._last_seq:
-                self._pruned.add(stream)
+                self._pruned_here.add(stream)
             pruned.append(stream)
         if pruned:
             self.pruned += len(pruned)
@@ -366,7 +366,7 @@ class Journal:
         # Rotation deletes the lowest indices: if file 1 is gone, finals
         # before the oldest kept record may be missing.
         complete = (parse_file_name(paths[0].name) == (stream, 1)
-                    and stream not in self._pruned)
+                    and stream not in self._pruned_here)
         records: list[JournalRecord] = []
         covered_from = 1
         first = True

@@ -256,9 +256,10 @@ class ModelWorker:
         limit = self._cfg.stall_timeout_s * (_SLOW_PHASE_FACTOR if self._slow_phase else 1)
         return limit > 0 and self.call_age() >= limit
 
-    def _timed_slow(self, what: Callable[[], _T]) -> _T:
-        """Run a reload or warm-up step, timed for the stall check."""
-        self._slow_phase = True
+    def _timed(self, what: Callable[[], _T], *, slow: bool = False) -> _T:
+        """Run one backend call, timed for the stall check; ``slow`` for a
+        reload or warm-up (``_SLOW_PHASE_FACTOR`` times the limit)."""
+        self._slow_phase = slow
         self._call_since = self._clock()
         try:
             return what()
@@ -398,7 +399,7 @@ class ModelWorker:
             if self._factory is None:
                 return
             try:
-                self._backend = self._timed_slow(self._factory)
+                self._backend = self._timed(self._factory, slow=True)
                 log.info("model reloaded (backend: %s)", self._backend.name)
                 return
             except Exception as e:
@@ -410,8 +411,6 @@ class ModelWorker:
     def _died(self, e: BaseException) -> None:
         """On the dying thread: requeue or fail what it held, start a successor."""
         log.critical("model worker died: %s: %s", type(e).__name__, e, exc_info=e)
-        self._call_since = None  # a dead thread is not a stalled one
-        self._slow_phase = False
         held, self._in_flight = self._in_flight, []
         self._running = {}  # the backend's running batch died with the thread
         for req in held:
@@ -456,7 +455,7 @@ class ModelWorker:
         t0 = time.monotonic()
         self._warming = True
         try:
-            what = self._timed_slow(lambda: backend.warm_up(self._cfg.max_batch))
+            what = self._timed(lambda: backend.warm_up(self._cfg.max_batch), slow=True)
         except Exception as e:  # any failure here must not stop serving
             first = (str(e).strip().splitlines() or [""])[0]
             log.warning("backend warm-up failed (%s: %s); serving without it",
@@ -549,14 +548,12 @@ class ModelWorker:
     def _admit(self, backend: SteppingBackend, batch: list[DecodeRequest]) -> None:
         jobs = [_job(r) for r in batch]
         self._in_flight.extend(batch)
-        start = self._call_since = self._clock()
+        start = self._clock()
         try:
-            done = backend.admit(jobs)
+            done = self._timed(lambda: backend.admit(jobs))
         except Exception as e:
             self._continuous_failed(backend, e, batch, start)
             return
-        finally:
-            self._call_since = None
         with self._lock:
             self._busy_s += self._clock() - start
             self._batches += 1
@@ -565,14 +562,12 @@ class ModelWorker:
         self._finish(done)
 
     def _step(self, backend: SteppingBackend) -> None:
-        start = self._call_since = self._clock()
+        start = self._clock()
         try:
-            done = backend.step()
+            done = self._timed(backend.step)
         except Exception as e:
             self._continuous_failed(backend, e, [], start)
             return
-        finally:
-            self._call_since = None
         with self._lock:
             self._busy_s += self._clock() - start
             self._steps += 1
@@ -602,7 +597,7 @@ class ModelWorker:
             self._busy_s += self._clock() - start
         if "out of memory" in str(e).lower():
             _release_cuda_cache()
-        backend.abort()  # raising here kills the thread: the restart path takes over
+        self._timed(backend.abort)  # raising kills the thread: the restart path takes over
         # A failed admit added nothing to _running, so the two lists are disjoint.
         held = [req for _, req in self._running.values()] + admitting
         self._running = {}
@@ -627,13 +622,12 @@ class ModelWorker:
         return self._backend.transcribe(audio, [r.adapter for r in batch])
 
     def _decode(self, batch: list[DecodeRequest]) -> None:
-        start = self._call_since = self._clock()
+        start = self._clock()
         try:
-            texts = self._transcribe(batch)
+            texts = self._timed(lambda: self._transcribe(batch))
             if len(texts) != len(batch):
                 raise RuntimeError(f"backend returned {len(texts)} texts for {len(batch)} inputs")
         except Exception as e:
-            self._call_since = None
             with self._lock:
                 self._busy_s += self._clock() - start
             if "out of memory" in str(e).lower():
@@ -653,7 +647,6 @@ class ModelWorker:
             self._deliver(DecodeFailure(req.stream, req.segment, req.revision, req.kind,
                                         f"{type(e).__name__}: {e}"))
             return
-        self._call_since = None
         done = self._clock()
         with self._lock:
             self._busy_s += done - start
