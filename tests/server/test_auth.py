@@ -172,6 +172,10 @@ def test_token_entries_load_with_defaults() -> None:
     ("> GET /v1/ingest?token=s3cr3t HTTP/1.1", "> GET /v1/ingest?token=*** HTTP/1.1"),
     ("cannot reach ws://h:1/v1/captions?TOKEN=s3cr3t#x",
      "cannot reach ws://h:1/v1/captions?TOKEN=***#x"),
+    # The server percent-decodes query keys, so an encoded key carries too.
+    ("< GET /v1/captions?%74oken=s3cr3t HTTP/1.1", "< GET /v1/captions?%74oken=*** HTTP/1.1"),
+    ("< GET /?a=1&%54%4F%6b%65%6E=s3cr3t&b=2 HTTP/1.1",
+     "< GET /?a=1&%54%4F%6b%65%6E=***&b=2 HTTP/1.1"),
     # The subprotocol carrier, offered among others, and echoed by the server.
     ("< Sec-WebSocket-Protocol: other, evoxtral.token.s3cr3t, more",
      "< Sec-WebSocket-Protocol: other, evoxtral.token.***, more"),
@@ -180,6 +184,8 @@ def test_token_entries_load_with_defaults() -> None:
     # Nothing to redact: unchanged.
     ("< Host: 127.0.0.1:8765", "< Host: 127.0.0.1:8765"),
     ("< GET /v1/captions?stream=token HTTP/1.1", "< GET /v1/captions?stream=token HTTP/1.1"),
+    ("< GET /v1/captions?tokens=x&xtoken=y HTTP/1.1",
+     "< GET /v1/captions?tokens=x&xtoken=y HTTP/1.1"),
     ("authorization granted to stream a", "authorization granted to stream a"),
 ])
 def test_redact_tokens(line: str, expected: str) -> None:
@@ -295,6 +301,10 @@ async def test_each_carrier_gets_in() -> None:
             await hello(ws)
         async with connect(f"{url}?token={SUB}") as ws:
             await hello(ws)
+        # Query keys are percent-decoded: a carrier the log redaction covers.
+        async with connect(f"{url}?%74oken={SUB}") as ws:
+            await hello(ws)
+        assert redact_tokens(f"{url}?%74oken={SUB}") == f"{url}?%74oken={REDACTED}"
         proto = Subprotocol(f"evoxtral.token.{SUB}")
         async with connect(url, subprotocols=[Subprotocol("other"), proto]) as ws:
             # A browser fails the connection unless its protocol is selected.

@@ -338,7 +338,10 @@ _AUTH_INLINE = re.compile(
 _SUBPROTOCOL = re.compile(r"(?P<head>" + re.escape(SUBPROTOCOL_PREFIX) + r")"
                           r"(?P<secret>[^\s,\"]+)", re.IGNORECASE)
 # The query carrier, in a request line or a URL: up to the next parameter.
-_QUERY = re.compile(r"(?P<head>[?&]token=)(?P<secret>[^&#\s]+)", re.IGNORECASE)
+# The server percent-decodes query keys (``?%74oken=`` is ``?token=``), so
+# every spelling of the key that decodes to ``token`` is matched.
+_QUERY_KEY = "".join(f"(?:{c}|%{ord(c):02x}|%{ord(c.upper()):02x})" for c in "token")
+_QUERY = re.compile(r"(?P<head>[?&]" + _QUERY_KEY + r"=)(?P<secret>[^&#\s]+)", re.IGNORECASE)
 
 
 def redact_tokens(text: str) -> str:
