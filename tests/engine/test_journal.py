@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -15,17 +16,21 @@ import pytest
 from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.engine.journal import (
+    CLOCK_SLACK_S,
     Journal,
+    JournalFile,
     decode_record,
     encode_record,
     expired,
+    file_age,
     file_name,
     parse_file_name,
+    recorded_start,
     should_rotate,
 )
 from evoxtral_stream.events import CaptionEvent, EngineEvent, Int16Array
 from evoxtral_stream.server.broadcast import Broadcaster
-from evoxtral_stream.server.protocol import encode_event
+from evoxtral_stream.server.protocol import decode_caption, encode_event
 from tests.fakes import ScriptedBackend
 from tests.helpers.audio import buzz
 
@@ -61,13 +66,43 @@ async def run_stream(engine: Engine, stream_id: str, segments: int) -> None:
 # --- pure parts ----------------------------------------------------------------
 
 
-def test_file_names_round_trip_any_stream_id() -> None:
-    for stream in ["mic", "a.b.c", "../etc/passwd", "ünï code/x y", "."]:
-        name = file_name(stream, 7)
+T0 = 1_750_000_000.0
+"""A wall-clock time for tests that inject one (2025-06-15T15:06:40Z)."""
+
+
+def test_file_names_round_trip_any_stream_id_with_the_start() -> None:
+    started = T0 + 0.25
+    for stream in ["mic", "a.b.c", "../etc/passwd", "ünï code/x y", ".", "x.00000001",
+                   "x.20250301T120000.000Z", "7"]:
+        name = file_name(stream, 7, started)
         assert "/" not in name
-        assert parse_file_name(name) == (stream, 7)
+        assert parse_file_name(name) == JournalFile(stream, 7, started)
+    assert file_name("mic", 3, T0 + 0.25) == "mic.00000003.20250615T150640.250Z.jsonl"
     assert parse_file_name("notes.txt") is None
     assert parse_file_name("x.abc.jsonl") is None
+    assert parse_file_name("x.00000001.2025T1.jsonl") is None
+
+
+def test_names_of_older_versions_parse_with_an_unknown_start() -> None:
+    assert parse_file_name("mic.00000003.jsonl") == JournalFile("mic", 3, None)
+    # An older version's stream named like a new name's head stays that stream.
+    assert parse_file_name("x.00000001.00000004.jsonl") == JournalFile("x.00000001", 4, None)
+    # A start of the right shape that is no date: unknown, not a lost file.
+    assert parse_file_name("mic.00000002.20251340T000000.000Z.jsonl") == JournalFile(
+        "mic", 2, None)
+
+
+def test_recorded_starts_are_ms_and_map_to_themselves() -> None:
+    for t in (T0, T0 + 0.0004, T0 + 0.9999, 1.0 / 3, 4e9 + 0.123):
+        r = recorded_start(t)
+        assert recorded_start(r) == r and abs(t - r) < 0.001
+        assert file_name("s", 1, t) == file_name("s", 1, r)
+        parsed = parse_file_name(file_name("s", 1, t))
+        assert parsed is not None and parsed.started == r
+    # Out of what a name can hold: clamped, still a name that parses back.
+    assert recorded_start(-5.0) == 0.0
+    for t in (-5.0, 1e15):
+        assert parse_file_name(file_name("s", 1, t)) is not None
 
 
 def test_records_encode_finals_only_and_damaged_lines_decode_to_none() -> None:
@@ -88,6 +123,16 @@ def test_rotation_decision() -> None:
     assert not should_rotate(90, 10, 0.0, 100, 0.0)
     assert should_rotate(1, 1, 5.0, 100, 5.0)                 # old enough
     assert not should_rotate(1, 1, 1e9, 100, 0.0)             # 0: no age limit
+    assert should_rotate(1, 1, math.inf, 100, 5.0)            # start not trusted
+    assert not should_rotate(0, 1, math.inf, 100, 5.0)
+
+
+def test_file_age_by_the_wall_clock_and_its_steps() -> None:
+    assert file_age(T0, T0 + 90.0) == 90.0
+    assert file_age(T0, T0 + 10 * 365 * 86400) == 10 * 365 * 86400   # set forward: old
+    # Set back a little: age 0, not negative; a lot: the start is not trusted.
+    assert file_age(T0, T0 - CLOCK_SLACK_S) == 0.0
+    assert file_age(T0, T0 - CLOCK_SLACK_S - 1) == math.inf
 
 
 def test_retention_decision() -> None:
@@ -150,7 +195,8 @@ def test_rotation_by_size_keeps_keep_files_and_reports_the_gap(tmp_path: Path) -
     files = sorted((tmp_path / "j").iterdir())
     assert len(files) == 3                     # the current one and `keep` rotated ones
     assert all(f.stat().st_size <= 1024 for f in files)
-    assert parse_file_name(files[0].name) != ("s", 1)   # the oldest were deleted
+    oldest = parse_file_name(files[0].name)
+    assert oldest is not None and oldest.index > 1      # the oldest were deleted
     replay = journal.replay("s", 0)
     assert replay is not None
     seqs = [r.seq for r in replay.records]
@@ -174,7 +220,7 @@ def test_a_line_cut_short_by_a_crash_is_skipped_with_a_warning(
     journal.append(caption("s", 1))
     journal.append(caption("s", 2))
     journal.close()
-    path = tmp_path / "j" / file_name("s", 1)
+    [path] = (tmp_path / "j").glob("s.00000001.*.jsonl")
     whole = encode_record(caption("s", 3))
     with path.open("a") as f:
         f.write(whole[:25])                       # the crash: half a line, no newline
@@ -317,3 +363,224 @@ def test_a_stream_pruned_while_running_continues_its_seq_and_reports_the_gap(
     journal.close()
     # A restart forgets what was pruned, and only that.
     assert Journal(cfg).restore() == {"weekly": 3}
+
+
+# --- age rotation: by the wall clock, from the file's start -----------------------
+
+
+DAY = 86400.0
+
+
+def journal_at(tmp: Path, now: list[float], **over: object) -> Journal:
+    """A restored journal whose wall clock reads ``now[0]``. Retention off:
+    the injected clock must not be compared with the files' real mtimes."""
+    cfg = config(tmp, **{"journal.max_age_s": DAY, "journal.retention_s": 0.0,
+                         **over}).journal
+    journal = Journal(cfg, wall=lambda: now[0])
+    journal.restore()
+    return journal
+
+
+def files_of(tmp: Path, stream: str) -> list[tuple[JournalFile, list[int]]]:
+    """Each journal file of ``stream``, lowest index first, with its seqs."""
+    out = []
+    for path in (tmp / "j").glob(f"{stream}.*.jsonl"):
+        info = parse_file_name(path.name)
+        assert info is not None
+        out.append((info, [json.loads(x)["seq"] for x in path.read_text().splitlines()]))
+    return sorted(out, key=lambda f: f[0].index)
+
+
+def test_a_stream_that_reconnects_hourly_still_rotates_daily(tmp_path: Path) -> None:
+    """The age counts from the file's start, not from when it was re-opened."""
+    now = [T0]
+    journal = journal_at(tmp_path, now)
+    for hour in range(30):                          # one final per connection
+        now[0] = T0 + hour * 3600
+        journal.append(caption("s", hour + 1))
+        journal.release("s")
+    assert files_of(tmp_path, "s") == [
+        (JournalFile("s", 1, T0), list(range(1, 25))),
+        (JournalFile("s", 2, T0 + DAY), list(range(25, 31)))]
+
+
+def test_a_server_restarted_hourly_still_rotates_daily(tmp_path: Path) -> None:
+    now = [T0]
+    for hour in range(30):                          # a fresh journal every hour
+        now[0] = T0 + hour * 3600
+        journal = journal_at(tmp_path, now)
+        assert journal.last_seq("s") == hour
+        journal.append(caption("s", hour + 1))
+        journal.close()
+    assert [(f.index, f.started, seqs[0], seqs[-1]) for f, seqs in files_of(tmp_path, "s")] == [
+        (1, T0, 1, 24), (2, T0 + DAY, 25, 30)]
+
+
+def test_a_reopened_file_is_checked_for_size_too(tmp_path: Path) -> None:
+    now = [T0]
+    journal = journal_at(tmp_path, now, **{"journal.max_bytes": 1024})
+    first = tmp_path / "j" / file_name("s", 1, T0)
+    seq = 0
+    while seq == 0 or first.stat().st_size < 900:
+        seq += 1
+        journal.append(caption("s", seq, text="word " * 10))
+    journal.release("s")
+    journal.append(caption("s", seq + 1, text="word " * 30))   # would pass max_bytes
+    journal.close()
+    files = sorted((tmp_path / "j").iterdir())
+    assert len(files) == 2 and all(f.stat().st_size <= 1024 for f in files)
+
+
+def test_a_file_of_an_older_version_gets_its_start_at_the_first_append(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "j"
+    folder.mkdir()
+    legacy1, legacy2 = folder / "s.00000001.jsonl", folder / "s.00000002.jsonl"
+    legacy1.write_text("".join(encode_record(caption("s", i)) + "\n" for i in (1, 2)))
+    legacy2.write_text(encode_record(caption("s", 3)) + "\n")
+    os.utime(legacy2, (T0 - 30 * DAY, T0 - 30 * DAY))
+    now = [T0]
+    with caplog.at_level(logging.INFO):
+        journal = journal_at(tmp_path, now, **{"journal.retention_s": 0.0})
+        assert journal.last_seq("s") == 3
+        # Reading renames nothing: prune still sees the old file's mtime.
+        assert legacy2.exists() and legacy2.stat().st_mtime == T0 - 30 * DAY
+        replay = journal.replay("s", 0)
+        assert replay is not None
+        assert [r.seq for r in replay.records] == [1, 2, 3] and replay.covered_from == 1
+        # Its start is unknown: the first append records "now" in its name,
+        # and appends to it (no rotation just for being old).
+        now[0] = T0 + 3600
+        journal.append(caption("s", 4))
+    assert "recorded no start" in caplog.text
+    assert not legacy2.exists()
+    assert [(f, seqs) for f, seqs in files_of(tmp_path, "s")] == [
+        (JournalFile("s", 1, None), [1, 2]), (JournalFile("s", 2, T0 + 3600), [3, 4])]
+    # From then on the start holds across release and restart.
+    journal.release("s")
+    now[0] = T0 + 3600 + DAY - 1
+    journal.append(caption("s", 5))
+    journal.close()
+    now[0] = T0 + 3600 + DAY
+    restarted = journal_at(tmp_path, now)
+    restarted.append(caption("s", 6))
+    restarted.close()
+    assert [(f.index, f.started, seqs) for f, seqs in files_of(tmp_path, "s")] == [
+        (1, None, [1, 2]), (2, T0 + 3600, [3, 4, 5]), (3, T0 + 3600 + DAY, [6])]
+    replay = restarted.replay("s", 2)
+    assert replay is not None and [r.seq for r in replay.records] == [3, 4, 5, 6]
+
+
+def test_when_the_start_cannot_be_recorded_the_file_is_still_written(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "j"
+    folder.mkdir()
+    (folder / "s.00000001.jsonl").write_text(encode_record(caption("s", 1)) + "\n")
+    now = [T0]
+    (folder / file_name("s", 1, T0)).write_text("")     # the name it would take
+    journal = journal_at(tmp_path, now)
+    with caplog.at_level(logging.WARNING):
+        journal.append(caption("s", 2))
+    assert "cannot rename" in caplog.text
+    journal.close()
+    replay = journal.replay("s", 0)
+    assert replay is not None and [r.seq for r in replay.records] == [1, 2]
+
+
+def test_a_file_left_empty_by_a_crash_is_appended_to(tmp_path: Path) -> None:
+    folder = tmp_path / "j"
+    folder.mkdir()
+    (folder / file_name("s", 1, T0)).touch()        # created, then the crash
+    now = [T0 + 60]
+    journal = journal_at(tmp_path, now)
+    assert journal.replay("s", 0) is None
+    journal.append(caption("s", 1))
+    now[0] = T0 + DAY                               # its start is the name's
+    journal.append(caption("s", 2))
+    journal.close()
+    assert [(f.index, seqs) for f, seqs in files_of(tmp_path, "s")] == [(1, [1]), (2, [2])]
+
+
+def test_journal_lines_are_caption_messages_only_and_read_without_warnings(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    now = [T0]
+    with caplog.at_level(logging.WARNING):
+        journal = journal_at(tmp_path, now, **{"journal.max_bytes": 1024,
+                                                "journal.keep": 100})
+        for seq in range(1, 21):
+            now[0] = T0 + seq * DAY / 4
+            journal.append(caption("s", seq, text="word " * 10))
+            if seq % 3 == 0:
+                journal.release("s")
+        journal.close()
+        restarted = journal_at(tmp_path, now, **{"journal.keep": 100})
+        assert restarted.last_seq("s") == 20
+        replay = restarted.replay("s", 0)
+    assert replay is not None and [r.seq for r in replay.records] == list(range(1, 21))
+    assert not caplog.records
+    assert len(list((tmp_path / "j").iterdir())) > 3      # rotated by age and by size
+    for path in (tmp_path / "j").iterdir():
+        for line in path.read_text().splitlines():
+            assert decode_caption(line)["final"] is True
+            assert line == encode_record(caption("s", json.loads(line)["seq"],
+                                                 text="word " * 10))
+
+
+def test_a_clock_set_back_rotates_once_and_never_stalls_rotation(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    now = [T0]
+    journal = journal_at(tmp_path, now)
+    journal.append(caption("s", 1))
+    now[0] = T0 - CLOCK_SLACK_S / 2                 # a small step back: age 0
+    journal.append(caption("s", 2))
+    assert len(files_of(tmp_path, "s")) == 1
+    back = T0 - 365 * DAY                           # a year back
+    now[0] = back
+    with caplog.at_level(logging.WARNING):
+        journal.append(caption("s", 3))             # not a year's wait: rotated now
+    assert "ahead of the clock" in caplog.text
+    for seq in (4, 5):                              # and not again and again
+        journal.append(caption("s", seq))
+    journal.release("s")
+    now[0] = back + DAY                             # the new file ages normally
+    journal.append(caption("s", 6))
+    journal.close()
+    assert [(f.index, f.started, seqs) for f, seqs in files_of(tmp_path, "s")] == [
+        (1, T0, [1, 2]), (2, back, [3, 4, 5]), (3, back + DAY, [6])]
+
+
+def test_a_restart_with_the_clock_set_back_rotates_once(tmp_path: Path) -> None:
+    now = [T0]
+    journal = journal_at(tmp_path, now)
+    journal.append(caption("s", 1))
+    journal.close()
+    now[0] = T0 - 30 * DAY
+    for seq in (2, 3):
+        restarted = journal_at(tmp_path, now)
+        restarted.append(caption("s", seq))
+        restarted.close()
+    assert [(f.started, seqs) for f, seqs in files_of(tmp_path, "s")] == [
+        (T0, [1]), (T0 - 30 * DAY, [2, 3])]
+
+
+def test_a_clock_set_forward_rotates_once(tmp_path: Path) -> None:
+    now = [T0]
+    journal = journal_at(tmp_path, now)
+    journal.append(caption("s", 1))
+    ahead = T0 + 10 * 365 * DAY
+    now[0] = ahead
+    for seq in (2, 3):
+        journal.append(caption("s", seq))
+    journal.close()
+    assert [(f.started, seqs) for f, seqs in files_of(tmp_path, "s")] == [
+        (T0, [1]), (ahead, [2, 3])]
+
+
+def test_no_age_limit_never_rotates_by_age(tmp_path: Path) -> None:
+    now = [T0]
+    journal = journal_at(tmp_path, now, **{"journal.max_age_s": 0.0})
+    for seq, t in enumerate((T0, T0 + 400 * DAY, T0 - 400 * DAY), 1):
+        now[0] = t
+        journal.append(caption("s", seq))
+    journal.close()
+    assert [seqs for _, seqs in files_of(tmp_path, "s")] == [[1, 2, 3]]

@@ -1,11 +1,36 @@
 """The journal: every final caption, durably, one JSONL file set per stream.
 
-Layout: ``{dir}/{stream}.{index}.jsonl``, the stream id percent-encoded and
-``index`` counting from 1; the highest index is the file being written, the
-others are rotated ones (at most ``keep`` of them are kept). Each line is the
-protocol v1 caption message (:func:`~evoxtral_stream.server.protocol.encode_event`)
-of one *final*, so a line can be sent to a resuming subscriber as it is.
+Layout: ``{dir}/{stream}.{index}.{start}.jsonl``, e.g.
+``mic.00000003.20250301T120000.250Z.jsonl``: the stream id percent-encoded,
+``index`` counting from 1 (the highest is the file being written, the others
+are rotated ones, at most ``keep`` of them kept) and ``start`` the UTC time
+(``YYYYMMDDTHHMMSS.mmmZ``, wall clock) at which the file was started. Each
+line is the protocol v1 caption message
+(:func:`~evoxtral_stream.server.protocol.encode_event`) of one *final* and
+nothing else, so a line can be sent to a resuming subscriber as it is.
 Partials are not journaled: a final supersedes them.
+
+Age rotation: a file is rotated ``max_age_s`` after its ``start``, counted by
+the wall clock, so the age holds across a stream's release and re-open and
+across restarts (a stream that reconnects hourly still gets its daily file).
+The start lives in the name, not in the file: a file is created under its
+final name, so no crash can leave one without its start, and the lines stay
+pure caption messages for every reader. Clock steps: a start up to
+:data:`CLOCK_SLACK_S` ahead of the clock counts as age 0; a start further
+ahead (the clock was set back, or ran ahead when the file was started) is not
+trusted and the file is rotated at the next final, its successor starting by
+the clock as it is now. So a step back delays a rotation by at most the step
+(never "until the clock catches up"), and a step forward brings rotations
+forward, each file being rotated at most once early; a new file always starts
+at the clock's present reading, so no step can make rotation loop. The age
+resolution is 1 ms.
+
+Files of older versions, ``{stream}.{index}.jsonl``, recorded no start: they
+are read as before, and the current one is renamed, with the time of that
+re-open as its start, the first time a final is appended to it (the rename is
+atomic and keeps the file's mtime, so retention is not reset). Its age thus
+counts from the upgrade, once, and then survives re-opens and restarts like
+any other file's. (Versions before this layout ignore the new names.)
 
 Ordering contract: the engine appends a final here before any listener sees
 it (:meth:`Journal.append` returns once the line is written and flushed to the
@@ -19,16 +44,18 @@ hence no queue that could overflow and lose finals.
 
 Crash safety: a line cut short by a crash is skipped with a warning when
 read, and before appending to such a file a newline is written so the next
-record starts on its own line.
+record starts on its own line. A file left empty by a crash is appended to
+as any other (its start is in its name).
 
 Lifetime: a stream's file stays open only while the stream is live
 (:meth:`Journal.release` closes it when the stream ends), so open files are
 bounded by live streams, not by every stream ever seen. The files of a stream
-that is not live and has not been written for ``retention_s`` are deleted by
-:meth:`Journal.prune` (at start, then periodically by the engine). A running
-journal still remembers a pruned stream's last seq, so re-opened in the same
-process it continues after it (and a resume into the deleted part gets a
-gap); after a restart the stream is forgotten and counts from seq 1 again.
+that is not live and has not been written for ``retention_s`` (file mtimes)
+are deleted by :meth:`Journal.prune` (at start, then periodically by the
+engine). A running journal still remembers a pruned stream's last seq, so
+re-opened in the same process it continues after it (and a resume into the
+deleted part gets a gap); after a restart the stream is forgotten and counts
+from seq 1 again.
 
 The pure parts (file names, record decoding, rotation decisions) are
 functions at the top; :class:`Journal` does the I/O.
@@ -38,10 +65,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO
 from urllib.parse import quote, unquote
@@ -51,20 +81,38 @@ from ..events import CaptionEvent
 from ..server.protocol import encode_event
 
 __all__ = [
+    "CLOCK_SLACK_S",
     "Journal",
+    "JournalFile",
     "JournalRecord",
     "Replay",
     "decode_record",
     "encode_record",
     "expired",
+    "file_age",
     "file_name",
     "parse_file_name",
+    "recorded_start",
     "should_rotate",
 ]
 
 log = logging.getLogger(__name__)
 
 _SUFFIX = ".jsonl"
+
+CLOCK_SLACK_S = 60.0
+"""How far ahead of the wall clock a file's start may be and still count as
+age 0 (a small step back of the clock); further ahead it is not trusted."""
+
+# {quoted stream}.{index}[.{start}].jsonl; files of older versions lack the
+# start. A quoted stream id is ASCII; the last part decides, so any stream id
+# (even "x.00000001" or one ending like a start) parses back unambiguously.
+_NAME = re.compile(r"(?P<stream>.+)\.(?P<index>[0-9]+)"
+                   r"(?:\.(?P<start>[0-9]{8}T[0-9]{6}\.[0-9]{3}Z))?\.jsonl", re.ASCII)
+_STAMP = re.compile(r"([0-9]{4})([0-9]{2})([0-9]{2})T([0-9]{2})([0-9]{2})([0-9]{2})"
+                    r"\.([0-9]{3})Z", re.ASCII)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the name keeps 4 year digits
 
 
 # --- pure -------------------------------------------------------------------
@@ -114,27 +162,86 @@ def decode_record(line: str) -> JournalRecord | None:
     return JournalRecord(stream, seq, line)
 
 
-def file_name(stream: str, index: int) -> str:
-    """``{quoted stream}.{index:08d}.jsonl``: any stream id gives a safe name."""
-    return f"{quote(stream, safe='')}.{index:08d}{_SUFFIX}"
+@dataclass(frozen=True)
+class JournalFile:
+    """What a journal file's name tells: its stream, index and start.
+
+    ``started`` is wall-clock seconds (ms resolution); None for a file of an
+    older version, whose name records no start (or a start that is no date).
+    """
+
+    stream: str
+    index: int
+    started: float | None
 
 
-def parse_file_name(name: str) -> tuple[str, int] | None:
-    """Inverse of :func:`file_name`; None for files that are not the journal's."""
-    if not name.endswith(_SUFFIX):
+def _ms(t: float) -> int:
+    """``t`` (wall-clock seconds) as the whole milliseconds a name can hold."""
+    if not math.isfinite(t):
+        return 0 if t < 0 else _MAX_MS
+    # Rounded to 1 µs first, so a start read back from a name maps to itself.
+    return min(max(math.floor(round(t * 1000, 3)), 0), _MAX_MS)
+
+
+def recorded_start(started: float) -> float:
+    """The start that :func:`file_name` records for ``started`` and
+    :func:`parse_file_name` reads back: floored to the ms (after rounding to
+    the µs, so that a recorded start maps to itself), kept in 1970..9999."""
+    return _ms(started) / 1000
+
+
+def file_name(stream: str, index: int, started: float) -> str:
+    """``{quoted stream}.{index:08d}.{start}.jsonl``: any stream id gives a safe
+    name; ``start`` is ``started`` (wall-clock seconds) as ``YYYYMMDDTHHMMSS.mmmZ``."""
+    ms = _ms(started)
+    d = _EPOCH + timedelta(milliseconds=ms)
+    stamp = (f"{d.year:04d}{d.month:02d}{d.day:02d}T{d.hour:02d}{d.minute:02d}"
+             f"{d.second:02d}.{ms % 1000:03d}Z")
+    return f"{quote(stream, safe='')}.{index:08d}.{stamp}{_SUFFIX}"
+
+
+def parse_file_name(name: str) -> JournalFile | None:
+    """Inverse of :func:`file_name`, which also reads the names of older
+    versions (``{quoted stream}.{index}.jsonl``, ``started`` None); None for
+    files that are not the journal's."""
+    m = _NAME.fullmatch(name)
+    if m is None:
         return None
-    stem, _, index = name[: -len(_SUFFIX)].rpartition(".")
-    if not stem or not index.isdigit():
-        return None
-    return unquote(stem), int(index)
+    started: float | None = None
+    stamp = _STAMP.fullmatch(m["start"] or "")
+    if stamp is not None:
+        y, mo, d, h, mi, s, ms = (int(x) for x in stamp.groups())
+        try:
+            when = datetime(y, mo, d, h, mi, s, tzinfo=UTC)
+        except ValueError:  # no such date: start unknown, as for an old file
+            pass
+        else:
+            started = ((when - _EPOCH) // timedelta(milliseconds=1) + ms) / 1000
+    return JournalFile(unquote(m["stream"]), int(m["index"]), started)
+
+
+def file_age(started: float, now: float) -> float:
+    """Seconds since a file was started, both by the wall clock.
+
+    A start up to :data:`CLOCK_SLACK_S` ahead of ``now`` (the clock stepped
+    back a little) gives 0. A start further ahead is not trusted (the clock
+    was set back, or ran ahead when the file was started): infinity, so the
+    file is rotated at the next record rather than waiting for the clock to
+    catch up, and its successor starts at ``now``, which ends it.
+    """
+    age = now - started
+    if age < -CLOCK_SLACK_S:
+        return math.inf
+    return max(age, 0.0)
 
 
 def should_rotate(size: int, incoming: int, age_s: float, max_bytes: int,
                   max_age_s: float) -> bool:
     """Whether to start a new file before writing ``incoming`` bytes.
 
-    A file is never rotated while empty, so one record larger than
-    ``max_bytes`` still gets written (alone in its file).
+    ``age_s`` is the file's :func:`file_age`. A file is never rotated while
+    empty, so one record larger than ``max_bytes`` still gets written (alone
+    in its file), and a clock far off cannot rotate file after file.
     """
     if size == 0:
         return False
@@ -151,21 +258,25 @@ def expired(last_write: float, now: float, retention_s: float) -> bool:
 
 
 class _Open:
-    """The file being written for one stream."""
+    """The file being written for one stream; ``started`` is wall-clock
+    seconds, as its name records it."""
 
-    def __init__(self, index: int, file: IO[bytes], size: int, opened_at: float) -> None:
+    def __init__(self, index: int, path: Path, file: IO[bytes], size: int,
+                 started: float) -> None:
         self.index = index
+        self.path = path
         self.file = file
         self.size = size
-        self.opened_at = opened_at
+        self.started = started
 
 
 class Journal:
     """Writes and reads the per-stream journal files in ``cfg.dir``.
 
     Use it from one thread (the event loop). ``clock`` is monotonic seconds,
-    used for age rotation and the fsync interval only; ``wall`` is the
-    wall clock that file modification times are compared with (retention).
+    used for the fsync interval only; ``wall`` is the wall clock (Unix
+    seconds) that files' starts (age rotation) and modification times
+    (retention) are compared with, since both must hold across restarts.
     """
 
     def __init__(self, cfg: JournalConfig, *,
@@ -266,12 +377,18 @@ class Journal:
         Raises OSError when the disk refuses; the caller decides what then.
         """
         data = (encode_record(event) + "\n").encode()
-        now = self._clock()
+        now = self._wall()
         cur = self._open.get(event.stream)
         if cur is None:
+            # Re-opened files are checked too: one written before a release
+            # or a restart may be due by age or size already.
             cur = self._open_for_append(event.stream, now)
-        elif should_rotate(cur.size, len(data), now - cur.opened_at, self._cfg.max_bytes,
-                           self._cfg.max_age_s):
+        age = file_age(cur.started, now)
+        if should_rotate(cur.size, len(data), age, self._cfg.max_bytes, self._cfg.max_age_s):
+            if age == math.inf and self._cfg.max_age_s > 0:
+                log.warning("journal: %s was started %.0f s ahead of the clock (was the "
+                            "clock set back?); starting a new file", cur.path.name,
+                            cur.started - now)
             cur = self._rotate(event.stream, cur, now)
         cur.file.write(data)
         cur.file.flush()
@@ -302,10 +419,19 @@ class Journal:
         return None
 
     def _open_for_append(self, stream: str, now: float) -> _Open:
+        """Open the stream's newest file (or its first) to append to it."""
         self._dir.mkdir(parents=True, exist_ok=True)
-        parsed = [parse_file_name(p.name) for p in self._files().get(stream, [])]
-        index = max((p[1] for p in parsed if p is not None), default=1)
-        path = self._dir / file_name(stream, index)
+        paths = self._files().get(stream, [])
+        info = parse_file_name(paths[-1].name) if paths else None
+        if info is None:
+            index, started = 1, recorded_start(now)
+            path = self._dir / file_name(stream, index, started)
+        else:
+            index, path = info.index, paths[-1]
+            if info.started is None:
+                path, started = self._record_start(stream, index, path, now)
+            else:
+                started = info.started
         created = not path.exists()
         f = path.open("ab")
         size = f.tell()
@@ -317,13 +443,35 @@ class Journal:
             size += 1
         if created:
             self._sync_dir()
-        opened = self._open[stream] = _Open(index, f, size, now)
+        opened = self._open[stream] = _Open(index, path, f, size, started)
         return opened
+
+    def _record_start(self, stream: str, index: int, path: Path,
+                      now: float) -> tuple[Path, float]:
+        """Give a file of an older version, whose name records no start, the
+        start ``now``: rename it (atomic; its mtime, hence retention, is kept).
+        Returns its path and start; when the rename fails, the old path and
+        ``now``, which then holds for this opening only (as older versions did)."""
+        started = recorded_start(now)
+        target = self._dir / file_name(stream, index, started)
+        try:
+            if target.exists():
+                raise FileExistsError(f"{target.name} exists")
+            path.rename(target)
+        except OSError as e:
+            log.warning("journal: cannot rename %s to record its start (%s); its age "
+                        "counts from now while it stays open", path.name, e)
+            return path, started
+        self._sync_dir()
+        log.info("journal: %s recorded no start (an older version wrote it); renamed "
+                 "%s, its age for max_age_s counts from now", path.name, target.name)
+        return target, started
 
     def _rotate(self, stream: str, cur: _Open, now: float) -> _Open:
         self._close(stream)
-        path = self._dir / file_name(stream, cur.index + 1)
-        opened = self._open[stream] = _Open(cur.index + 1, path.open("ab"), 0, now)
+        index, started = cur.index + 1, recorded_start(now)
+        path = self._dir / file_name(stream, index, started)
+        opened = self._open[stream] = _Open(index, path, path.open("ab"), 0, started)
         self._sync_dir()
         # Keep `keep` rotated files besides the new one.
         old = self._files().get(stream, [])[:-1]
@@ -365,7 +513,8 @@ class Journal:
             return None
         # Rotation deletes the lowest indices: if file 1 is gone, finals
         # before the oldest kept record may be missing.
-        complete = (parse_file_name(paths[0].name) == (stream, 1)
+        first_file = parse_file_name(paths[0].name)
+        complete = (first_file is not None and first_file.index == 1
                     and stream not in self._pruned_here)
         records: list[JournalRecord] = []
         covered_from = 1
@@ -382,14 +531,14 @@ class Journal:
         return Replay(tuple(records), covered_from)
 
     def _files(self) -> dict[str, list[Path]]:
-        """Every stream's journal files, oldest first."""
+        """Every stream's journal files, oldest (lowest index) first."""
         found: dict[str, list[tuple[int, Path]]] = {}
         if not self._dir.is_dir():
             return {}
         for path in self._dir.iterdir():
             parsed = parse_file_name(path.name)
             if parsed is not None:
-                found.setdefault(parsed[0], []).append((parsed[1], path))
+                found.setdefault(parsed.stream, []).append((parsed.index, path))
         return {s: [p for _, p in sorted(items)] for s, items in found.items()}
 
     def _read(self, path: Path) -> Iterator[JournalRecord]:
