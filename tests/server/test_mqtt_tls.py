@@ -1,4 +1,5 @@
-"""The MQTT publisher over TLS, against a real mosquitto with certificates made here."""
+"""The MQTT publisher over TLS, against a real mosquitto with certificates made here:
+trust, client certificates, renewed files picked up at a reconnect, config errors."""
 
 from __future__ import annotations
 
@@ -57,6 +58,7 @@ class Pki:
 
     folder: Path
     ca: Path
+    other_ca: Path    # a CA nothing here is signed by but ``impostor``
     server: Pair      # signed by ca, names 127.0.0.1
     impostor: Pair    # names 127.0.0.1, signed by another CA
     wrong_name: Pair  # signed by ca, names elsewhere.invalid only
@@ -103,7 +105,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     encrypted = folder / "encrypted.key"
     run("pkey", "-in", str(client[1]), "-aes256", "-passout", "pass:secret",
         "-out", str(encrypted))
-    return Pki(folder=folder, ca=ca[0],
+    return Pki(folder=folder, ca=ca[0], other_ca=other[0],
                server=make_leaf("server", ca, "IP:127.0.0.1"),
                impostor=make_leaf("impostor", other, "IP:127.0.0.1"),
                wrong_name=make_leaf("wrong-name", ca, "DNS:elsewhere.invalid"),
@@ -173,7 +175,7 @@ async def tls_subscriber(port: int, pki: Pki, *topics: str) -> AsyncIterator[Sub
 
 
 def tls_overrides(port: int, prefix: str, pki: Pki, **over: object) -> dict[str, object]:
-    return mqtt_overrides(port, prefix, tls=True, ca_file=str(pki.ca), **over)
+    return mqtt_overrides(port, prefix, **{"tls": True, "ca_file": str(pki.ca), **over})
 
 
 def tls_publisher(port: int, prefix: str, pki: Pki, **over: object) -> MqttPublisher:
@@ -348,6 +350,118 @@ async def test_untrusted_broker_is_logged_retried_and_the_finals_go_out_once_fix
         encode_event(e).encode() for e in finals]
     assert any("MQTT connected" in r.getMessage() and "TLS" in r.getMessage()
                for r in caplog.records)
+
+
+# --- renewed TLS files, used at the next reconnect ----------------------------------------
+
+
+def renew(dst: Path, src: Path) -> None:
+    """Replace ``dst`` with a copy of ``src`` the way renewal tools do (a rename)."""
+    tmp = dst.with_name(dst.name + ".new")
+    tmp.write_bytes(src.read_bytes())
+    os.replace(tmp, dst)
+
+
+def mqtt_log(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == "evoxtral_stream.server.mqtt" and r.levelno == level]
+
+
+async def test_a_renewed_client_certificate_is_used_at_the_next_reconnect(
+    broker: TlsBroker, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="evoxtral_stream.server.mqtt")
+    # The broker wants a client certificate from pki.ca; this one is from another CA.
+    cert, key = tmp_path / "client.pem", tmp_path / "client.key"
+    renew(cert, pki.impostor[0])
+    renew(key, pki.impostor[1])
+    audio = to_int16(np.concatenate([noise(0.5), buzz(2.0), noise(1.2, seed=1), buzz(1.5),
+                                     noise(1.2, seed=2)]))
+    emitted: list[EngineEvent] = []
+    cfg = load_config(overrides={"server.port": 0, **tls_overrides(
+        broker.ports["mtls"], "r", pki, timeout_s=1.0, cert_file=str(cert),
+        key_file=str(key))}, env={})
+    async with tls_subscriber(broker.port, pki, "r/#") as sub, MqttPublisher(cfg.mqtt) as pub:
+        async with Engine(cfg, ScriptedBackend(words_so_far)) as engine:
+            engine.add_listener(emitted.append)
+            engine.add_listener(pub)
+            stream = engine.open_stream("talk", source="test")
+            await feed_samples(stream, audio, 1600, realtime=False)
+        finals = [e for e in emitted if isinstance(e, CaptionEvent) and e.final]
+        assert len(finals) == 2
+        await eventually(lambda: pub.stats().connect_failures >= 2, "refusals", within=15)
+        assert pub.stats().connects == 0
+
+        # Half renewed: the certificate from pki.ca has landed, its key not yet.
+        # The pair does not load: one error, and the old context is used.
+        renew(cert, pki.client[0])
+        failures = pub.stats().connect_failures
+        await eventually(lambda: any("cannot be used" in m
+                                     for m in mqtt_log(caplog, logging.ERROR)),
+                         "the bad renewal reported", within=15)
+        await eventually(lambda: pub.stats().connect_failures >= failures + 3,
+                         "more attempts with the old certificate", within=15)
+        bad = [m for m in mqtt_log(caplog, logging.ERROR) if "cannot be used" in m]
+        assert len(bad) == 1, bad
+        assert "KEY_VALUES_MISMATCH" in bad[0] and str(cert) in bad[0] and str(key) in bad[0]
+        assert pub.stats().connects == 0
+
+        renew(key, pki.client[1])
+        got = await sub.until(lambda got: any(topic(m) == "r/talk/status"
+                                              and body(m)["type"] == "stream.ended"
+                                              for m in got),
+                              "the events queued while refused", within=15)
+        # The subscriber may see the last one before its acknowledgement is counted.
+        await eventually(lambda: pub.stats().published == 4, "the last PUBACK", within=5)
+        st = pub.stats()
+        assert (st.connects, st.published, st.queued, st.unpublished) == (1, 4, 0, 0)
+    assert [payload(m) for m in got if topic(m) == "r/talk/final"] == [
+        encode_event(e).encode() for e in finals]
+    assert mqtt_log(caplog, logging.INFO).count(
+        f"MQTT TLS files reloaded ({pki.ca}, {cert}, {key}); used from this connection on") == 1
+
+
+async def test_a_rotated_ca_file_is_used_at_the_next_reconnect(
+    broker: TlsBroker, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="evoxtral_stream.server.mqtt")
+    ca = tmp_path / "ca.pem"
+    renew(ca, pki.other_ca)  # the broker's certificate is not signed by this one
+    pub = tls_publisher(broker.port, "a", pki, ca_file=str(ca))
+    async with tls_subscriber(broker.port, pki, "a/#") as sub, pub:
+        pub(caption("s", 0, 1, True, "after the CA rotated"))
+        await eventually(lambda: pub.stats().connect_failures >= 2, "untrusted", within=15)
+        renew(ca, pki.ca)
+        await sub.until(lambda got: any(topic(m) == "a/s/final" for m in got),
+                        "the final, trusted now", within=15)
+        assert pub.stats().connects == 1
+    infos = mqtt_log(caplog, logging.INFO)
+    assert f"MQTT TLS files reloaded ({ca}); used from this connection on" in infos
+
+
+async def test_unchanged_or_unusable_tls_files_keep_the_context(pki: Pki, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture
+                                                               ) -> None:
+    caplog.set_level(logging.INFO, logger="evoxtral_stream.server.mqtt")
+    ca = tmp_path / "ca.pem"
+    renew(ca, pki.ca)
+    pub = tls_publisher(free_port(), "k", pki, ca_file=str(ca))
+    first = pub._tls
+    pub._refresh_tls()
+    assert pub._tls is first, "nothing changed: nothing rebuilt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\ncut short")
+    for _ in range(3):
+        pub._refresh_tls()
+        assert pub._tls is first
+    errors = mqtt_log(caplog, logging.ERROR)
+    assert len(errors) == 1 and f"mqtt.ca_file {str(ca)!r}" in errors[0], errors
+    ca.unlink()
+    pub._refresh_tls()
+    assert pub._tls is first and len(mqtt_log(caplog, logging.ERROR)) == 2, "a new bad state"
+    renew(ca, pki.ca)
+    pub._refresh_tls()
+    assert pub._tls is not first and pub._tls is not None
+    assert len(mqtt_log(caplog, logging.INFO)) == 1
 
 
 # --- configuration errors ---------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""TLS: wss and https on the server's one port, with a certificate made here."""
+"""TLS: wss and https on the server's one port, with a certificate made here, and
+the one-line errors for unusable files at start (renewals: test_cert_reload.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from tests.fakes import ScriptedBackend
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1: (cert, key) PEM paths."""
+    """A self-signed certificate for 127.0.0.1: (cert, key) PEM paths; beside them,
+    ``encrypted.key`` is the key under a passphrase."""
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("openssl not installed")
@@ -31,6 +33,9 @@ def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
                     "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
                     "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    subprocess.run([openssl, "pkey", "-in", str(key), "-aes256", "-passout", "pass:secret",
+                    "-out", str(folder / "encrypted.key")],
                    check=True, capture_output=True, timeout=60)
     return cert, key
 
@@ -61,13 +66,25 @@ async def test_wss_and_https_work_and_plain_ws_fails(certificate: tuple[Path, Pa
                 pass
 
 
-@pytest.mark.parametrize("which", ["missing", "swapped", "only_cert"])
+@pytest.mark.parametrize(("which", "message"), [
+    ("missing", "server.tls_cert '{none}' is not a file"),
+    ("swapped", "(server.tls_cert holds no complete PEM certificate)"),
+    ("only_cert", "server.tls_cert and server.tls_key must be set together"),
+    # A renewal caught half written: the message says which file.
+    ("truncated", "(server.tls_cert holds no complete PEM certificate)"),
+    # Not a prompt on the terminal, which would hang a service.
+    ("encrypted", "server.tls_key '{encrypted}' is encrypted; give an unencrypted key"),
+])
 async def test_bad_tls_files_stop_the_start(certificate: tuple[Path, Path], tmp_path: Path,
-                                            which: str) -> None:
+                                            which: str, message: str) -> None:
     cert, key = certificate
+    truncated, encrypted = tmp_path / "truncated.pem", key.parent / "encrypted.key"
+    truncated.write_bytes(cert.read_bytes()[:300])
     paths = {"missing": (str(tmp_path / "none.pem"), str(key)),
              "swapped": (str(key), str(cert)),
-             "only_cert": (str(cert), "")}[which]
+             "only_cert": (str(cert), ""),
+             "truncated": (str(truncated), str(key)),
+             "encrypted": (str(cert), str(encrypted))}[which]
     cfg = load_config(overrides={"server.port": 0, "server.tls_cert": paths[0],
                                  "server.tls_key": paths[1]}, env={})
     async with Engine(cfg, ScriptedBackend(lambda a: "")) as engine:
@@ -75,3 +92,4 @@ async def test_bad_tls_files_stop_the_start(certificate: tuple[Path, Path], tmp_
         with pytest.raises(ConfigError, match="tls") as info:
             await server.start()
         assert "\n" not in str(info.value)
+        assert message.format(none=tmp_path / "none.pem", encrypted=encrypted) in str(info.value)

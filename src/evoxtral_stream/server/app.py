@@ -19,6 +19,12 @@ handshake hook refuses a WebSocket request with HTTP 401/403 when tokens are
 configured and it lacks a fitting one, or when its Origin is not allowed;
 the page and ``/healthz`` stay open. The decisions and the accounting live
 in ``auth.py``; this module only applies them.
+
+TLS (``server.tls_cert``/``tls_key``): the files are checked every
+``tls_poll_s`` seconds and a renewed certificate is loaded into the context
+the server started with (``certs.py``), so new handshakes get it while open
+connections go on; renewed files that do not load leave the old certificate
+in service.
 """
 
 from __future__ import annotations
@@ -56,9 +62,9 @@ from .auth import (
     TokenUsage,
     check_bind,
     find_credentials,
-    tls_context,
 )
 from .broadcast import Broadcaster, Subscription
+from .certs import ServerCertificate
 from .metrics import Metrics
 from .protocol import (
     EndOfStream,
@@ -73,13 +79,16 @@ from .protocol import (
     parse_since,
 )
 
-__all__ = ["CLOSE_POLICY", "CLOSE_TOO_BIG", "CLOSE_TOO_SLOW", "CaptionServer"]
+__all__ = ["CLOSE_POLICY", "CLOSE_TOO_BIG", "CLOSE_TOO_SLOW", "TLS_POLL_S", "CaptionServer"]
 
 log = logging.getLogger(__name__)
 
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_TOO_SLOW = 1013
+#: How often (seconds) the TLS files are checked for a renewed certificate.
+#: Renewals come weeks before expiry, so a short delay costs nothing.
+TLS_POLL_S = 30.0
 _CAPTIONS = "/v1/captions"
 _INGEST = "/v1/ingest"
 _REALTIME = "/v1/realtime"
@@ -145,10 +154,15 @@ def _static(path: str) -> Response | None:
 class CaptionServer:
     """Serves the engine's events and accepts audio over WebSocket."""
 
-    def __init__(self, engine: Engine, cfg: ServerConfig, auth: AuthConfig | None = None) -> None:
-        """``auth`` defaults to the engine's own ``[auth]`` section."""
+    def __init__(self, engine: Engine, cfg: ServerConfig, auth: AuthConfig | None = None, *,
+                 tls_poll_s: float = TLS_POLL_S) -> None:
+        """``auth`` defaults to the engine's own ``[auth]`` section. ``tls_poll_s``:
+        seconds between checks of the TLS files for a renewal (0: never)."""
         self._engine = engine
         self._cfg = cfg
+        self._tls_poll_s = tls_poll_s
+        self._certificate: ServerCertificate | None = None
+        self._tls_watch: asyncio.Task[None] | None = None
         self._tokens = (auth if auth is not None else engine.config.auth).tokens
         self._policy = AccessPolicy(self._tokens, cfg.allowed_origins)
         self._slots = StreamSlots(cfg.max_streams)
@@ -174,7 +188,8 @@ class CaptionServer:
     async def start(self) -> None:
         """Listen; raises :class:`ConfigError` for an unsafe bind or unusable TLS files."""
         check_bind(self._cfg.host, self._tokens, self._cfg.allow_anonymous)
-        ssl_ctx = tls_context(self._cfg.tls_cert, self._cfg.tls_key)
+        self._certificate = ServerCertificate.open(self._cfg.tls_cert, self._cfg.tls_key)
+        ssl_ctx = self._certificate.context if self._certificate is not None else None
         # Resume reaches back into the journal of finals when one is kept.
         self.broadcaster.source = self._engine.journal
         self._engine.add_listener(self.broadcaster.publish)
@@ -196,18 +211,37 @@ class CaptionServer:
             self._engine.remove_listener(self.broadcaster.publish)
             self._engine.remove_listener(self.metrics.on_event)
             raise
+        if self._certificate is not None and self._tls_poll_s > 0:
+            self._tls_watch = asyncio.create_task(self._watch_certificate(self._certificate),
+                                                  name="tls-reload")
         ws, http = ("wss", "https") if ssl_ctx else ("ws", "http")
         log.info("serving on %s://%s:%d (%s, %s, %s) and %s://%s:%d/%s", ws, self._cfg.host,
                  self.port, _CAPTIONS, _INGEST, _REALTIME, http, self._cfg.host, self.port,
                  " (tokens required)" if self._policy.enabled else "")
 
     async def aclose(self) -> None:
+        watch, self._tls_watch = self._tls_watch, None
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._engine.remove_listener(self.broadcaster.publish)
             self._engine.remove_listener(self.metrics.on_event)
             self._server = None
+
+    async def _watch_certificate(self, certificate: ServerCertificate) -> None:
+        """Poll the TLS files until cancelled (see :meth:`ServerCertificate.poll`)."""
+        while True:
+            await asyncio.sleep(self._tls_poll_s)
+            try:
+                # On the loop's thread, on purpose: handshakes use the context
+                # on this thread, so it never changes in the middle of one.
+                certificate.poll()
+            except Exception:
+                # A bug here must not end reloading for the server's lifetime.
+                log.exception("checking the server TLS files for a renewal failed")
 
     async def __aenter__(self) -> CaptionServer:
         await self.start()

@@ -14,7 +14,8 @@ its connection handlers; everything here can be tested without a network:
   accounting behind ``server.max_streams``, the per-token limits and
   ``server.max_ingest_speed``.
 - :func:`check_bind` and :func:`tls_context`: start-up checks that raise
-  :class:`ConfigError` with a one-line message.
+  :class:`ConfigError` with a one-line message; :func:`load_server_certificate`
+  loads the TLS files, at start and when ``certs.py`` reloads renewed ones.
 - :func:`redact_tokens`, :class:`RedactTokens` and :func:`install_token_redaction`:
   keep tokens out of logs (``websockets`` logs every handshake header at DEBUG).
 """
@@ -53,8 +54,10 @@ __all__ = [
     "check_bind",
     "find_credentials",
     "hash_token",
+    "incomplete_pem",
     "install_token_redaction",
     "is_loopback",
+    "load_server_certificate",
     "redact_tokens",
     "tls_context",
 ]
@@ -295,23 +298,78 @@ def check_bind(host: str, tokens: Sequence[AuthTokenConfig], allow_anonymous: bo
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext | None:
-    """The server's TLS context from PEM files, or None when neither is set."""
+    """The server's TLS context from PEM files, or None when neither is set.
+
+    Raises :class:`ConfigError` with one line naming the files when they are
+    not set together or do not load (:func:`load_server_certificate`). A
+    running server reloads renewed files into this same context
+    (``certs.ServerCertificate``), which first checks them on a context of
+    their own made here.
+    """
     if not cert and not key:
         return None
     if not cert or not key:
         raise ConfigError("server.tls_cert and server.tls_key must be set together, "
                           f"got tls_cert={cert!r}, tls_key={key!r}")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    load_server_certificate(ctx, cert, key)
+    return ctx
+
+
+def load_server_certificate(ctx: ssl.SSLContext, cert: str, key: str) -> None:
+    """Load the PEM certificate chain ``cert`` and its key ``key`` into ``ctx``.
+
+    Raises :class:`ConfigError` with one line naming the files and the reason.
+    On an error ``ctx`` may be left with no usable key (OpenSSL drops the old
+    one when a certificate that does not match it is set): check files on a
+    fresh context (:func:`tls_context`) before loading them into one in use.
+    """
     for name, path in (("tls_cert", cert), ("tls_key", key)):
         # ssl's own errors do not say which file is at fault.
         if not os.path.isfile(path):
             raise ConfigError(f"server.{name} {path!r} is not a file")
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+
+    def encrypted() -> bytes:
+        # Without a callback OpenSSL would prompt on the terminal, which hangs
+        # a service (and, at a reload, its event loop).
+        raise ConfigError(f"server.tls_key {key!r} is encrypted; give an unencrypted key")
+
     try:
-        ctx.load_cert_chain(cert, key)
-    except (ssl.SSLError, OSError) as e:
+        ctx.load_cert_chain(cert, key, password=encrypted)
+    except OSError as e:  # ssl.SSLError included
+        detail = (getattr(e, "reason", None)
+                  or incomplete_pem((("server.tls_cert", cert, "certificate"),
+                                     ("server.tls_key", key, "private key")))
+                  or e.strerror or str(e))
         raise ConfigError(f"server.tls_cert {cert!r} and server.tls_key {key!r} are not a PEM "
-                          f"certificate and its private key ({e.strerror or e})") from None
-    return ctx
+                          f"certificate and its private key ({detail})") from None
+
+
+PemKind = Literal["certificate", "private key"]
+_PEM_BLOCKS: dict[PemKind, re.Pattern[str]] = {
+    "certificate": re.compile(r"-----BEGIN [A-Z0-9 ]*CERTIFICATE-----.+?"
+                              r"-----END [A-Z0-9 ]*CERTIFICATE-----", re.DOTALL),
+    "private key": re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.+?"
+                              r"-----END [A-Z0-9 ]*PRIVATE KEY-----", re.DOTALL),
+}
+
+
+def incomplete_pem(files: Iterable[tuple[str, str, PemKind]]) -> str | None:
+    """Which of ``files`` (setting name, path, kind) lacks a whole PEM block.
+
+    For the errors where OpenSSL only says "PEM lib": a renewal caught half
+    written is the usual cause, so naming the file is worth the read. None
+    when each file has its block (or cannot be read: the caller says so).
+    """
+    for name, path, kind in files:
+        try:
+            with open(path, "rb") as f:
+                text = f.read(1 << 20).decode("ascii", errors="replace")
+        except OSError:
+            continue
+        if not _PEM_BLOCKS[kind].search(text):
+            return f"{name} holds no complete PEM {kind}"
+    return None
 
 
 # --- tokens out of logs ---------------------------------------------------------------

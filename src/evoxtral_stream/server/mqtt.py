@@ -27,6 +27,12 @@ With ``cfg.tls`` the connection is TLS (:func:`tls_context`): the broker's
 certificate is checked against ``ca_file`` or the system store, and its name
 against ``cfg.host``. A failed handshake is logged as an error and retried
 with the same backoff as any other connection failure.
+
+The TLS files are read when the publisher is made, and again before any
+(re)connect at which their ``os.stat`` fingerprints changed
+(:class:`.certs.CertWatcher`): a renewed client certificate or a rotated CA
+is used from the next connection on, without a restart. Renewed files that
+do not load are logged as one error and the previous context is kept.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError, MqttConfig
 from ..events import CaptionEvent, EngineEvent, StreamEnded, StreamError, StreamStarted
+from .auth import incomplete_pem
+from .certs import CertWatcher, fingerprint
 from .protocol import encode_event
 
 if TYPE_CHECKING:
@@ -174,9 +182,11 @@ def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
         try:
             ctx.load_cert_chain(cfg.cert_file, cfg.key_file, password=encrypted)
         except ssl.SSLError as e:
+            detail = e.reason or incomplete_pem((("mqtt.cert_file", cfg.cert_file, "certificate"),
+                                                 ("mqtt.key_file", cfg.key_file, "private key")))
             raise ConfigError(f"mqtt.cert_file {cfg.cert_file!r} and mqtt.key_file "
                               f"{cfg.key_file!r} are not a PEM certificate and its private "
-                              f"key ({e.reason or e})") from None
+                              f"key ({detail or e})") from None
     return ctx
 
 
@@ -274,7 +284,8 @@ class MqttPublisher:
     or ``await start()`` / ``await aclose()``. The caller decides by
     ``cfg.enabled`` whether to make one. Events passed before ``start`` wait
     in the queue. The constructor reads the TLS files and raises
-    :class:`ConfigError` for an unusable one.
+    :class:`ConfigError` for an unusable one; before each later connection
+    attempt they are read again if they changed (see the module doc).
 
     ``__call__`` never blocks and never raises for an event: it puts the event
     in a queue of ``cfg.queue_size`` and returns. While a partial waits, a
@@ -302,6 +313,9 @@ class MqttPublisher:
     def __init__(self, cfg: MqttConfig, *, rand: Callable[[], float] | None = None) -> None:
         self.cfg = cfg
         self.client_id = cfg.client_id or f"evoxtral-{secrets.token_hex(6)}"
+        self._tls_files = tuple(f for f in (cfg.ca_file, cfg.cert_file, cfg.key_file) if f)
+        # Stat'ed before the read: a renewal during the read shows at the next connect.
+        self._tls_watch = CertWatcher(fingerprint(self._tls_files))
         self._tls = tls_context(cfg)
         self._rand = rand or random.Random().random
         self._backlog = _Backlog(cfg.queue_size)
@@ -438,6 +452,7 @@ class MqttPublisher:
         while not self._done_closing():
             version = "3.1.1" if self.cfg.protocol == "3.1.1" or self._fallback else "5"
             try:
+                self._refresh_tls()
                 client = self._client(version)
                 async with client:
                     self._on_connected(version, failures)
@@ -466,6 +481,31 @@ class MqttPublisher:
             finally:
                 self._connected.clear()
             await self._backoff(failures)
+
+    def _refresh_tls(self) -> None:
+        """Rebuild the TLS context if its files changed since it was built.
+
+        Files that do not load (half renewed, a key that does not match) are
+        logged once per distinct bad state and the previous context is used;
+        they are tried again before the next connection attempt.
+        """
+        if self._tls is None or not self._tls_files:
+            return
+        seen = fingerprint(self._tls_files)
+        if not self._tls_watch.due(seen):
+            return
+        try:
+            ctx = tls_context(self.cfg)
+        except (ConfigError, OSError) as e:
+            # OSError: a file replaced between tls_context's checks and its read.
+            if self._tls_watch.failed(seen, str(e)):
+                log.error("MQTT TLS files changed but cannot be used (%s); connecting with "
+                          "the previous ones until they are fixed", e)
+            return
+        self._tls = ctx
+        self._tls_watch.loaded(seen)
+        log.info("MQTT TLS files reloaded (%s); used from this connection on",
+                 ", ".join(self._tls_files))
 
     def _client(self, version: str) -> aiomqtt.Client:
         import aiomqtt
