@@ -150,9 +150,10 @@ class MicFeed:
 
 
 async def _session(ws: ClientConnection, feed: AudioFeed, stop: asyncio.Event,
-                   writer: LiveWriter) -> int:
+                   writer: LiveWriter, language: str | None) -> int:
+    config = CONFIG if language is None else {**CONFIG, "language": language}
     with contextlib.suppress(ConnectionClosed):  # refused at once: read why below
-        await ws.send(json.dumps(CONFIG))
+        await ws.send(json.dumps(config))
     ready = json.loads(await asyncio.wait_for(ws.recv(), 15))
     writer.show(ready)
     if ready.get("type") != "ingest.ready":
@@ -199,7 +200,8 @@ async def _session(ws: ClientConnection, feed: AudioFeed, stop: asyncio.Event,
 
 
 async def run(url: str, stream: str | None, feed: AudioFeed, writer: LiveWriter, *,
-              stop: asyncio.Event | None = None, token: str | None = None) -> int:
+              stop: asyncio.Event | None = None, token: str | None = None,
+              language: str | None = None) -> int:
     """Stream ``feed`` to the server at ``url`` as ``stream`` (None: the server
     names it) and show what comes back; the exit status (see the module doc).
     ``token`` is sent as ``Authorization: Bearer`` (None: no token).
@@ -227,7 +229,7 @@ async def run(url: str, stream: str | None, feed: AudioFeed, writer: LiveWriter,
         feed.start(writer.status)
         async with connect(target, open_timeout=10, max_size=2**24,
                            additional_headers=auth_headers(token)) as ws:
-            return await _session(ws, feed, stop, writer)
+            return await _session(ws, feed, stop, writer, language)
     except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
         writer.status(refusal(e, token)
                       or f"cannot stream to {target}: {e} (is the server running?)")
@@ -254,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="server address (default: %(default)s)")
     p.add_argument("--stream", metavar="ID",
                    help="stream id (default: the server names it ingest-N)")
+    p.add_argument("--language", metavar="CODE",
+                   help="the language spoken, e.g. fr (default: the server's model.language)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--device", metavar="X",
                      help="input device: index or part of its name (default: audio.device "
@@ -289,7 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         feed: AudioFeed = (FileFeed(read_audio_file(args.file)) if args.file
                            else MicFeed(args.device))
-        return asyncio.run(run(args.url, args.stream, feed, writer, token=args.token))
+        return asyncio.run(run(args.url, args.stream, feed, writer, token=args.token,
+                               language=args.language))
     except AudioInputError as e:
         writer.status(f"error: {e}")
         return 2

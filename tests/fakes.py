@@ -18,6 +18,7 @@ from evoxtral_stream.engine.backends.base import Done, Job
 __all__ = [
     "AdapterScriptedBackend",
     "GatedBackend",
+    "LanguageScriptedBackend",
     "ScriptedBackend",
     "SteppingScriptedBackend",
     "words_so_far",
@@ -97,6 +98,27 @@ class AdapterScriptedBackend(ScriptedBackend):
         self.adapter_calls.append(names)
         texts = super().transcribe(batch)
         return [f"{n or 'default'}: {t}" for n, t in zip(names, texts, strict=True)]
+
+
+class LanguageScriptedBackend(ScriptedBackend):
+    """A multilingual job backend: text is ``LANG: script`` (``default`` for a
+    job with no language); records every job it decodes, under ``lock``."""
+
+    languages = ("de", "en", "fr")
+
+    def __init__(self, script: Callable[[npt.NDArray[np.float32]], str] | None = None) -> None:
+        super().__init__(script)
+        self.jobs: list[Job] = []
+
+    def transcribe_jobs(self, jobs: Sequence[Job]) -> list[Done]:
+        for job in jobs:
+            if job.language is not None and job.language not in self.languages:
+                raise ValueError(f"unknown language {job.language!r}")
+        with self.lock:
+            self.jobs.extend(jobs)
+        texts = self.transcribe([j.audio for j in jobs])
+        return [Done(j, f"{j.language or 'default'}: {t}") for j, t in
+                zip(jobs, texts, strict=True)]
 
 
 class SteppingScriptedBackend(ScriptedBackend):

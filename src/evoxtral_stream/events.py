@@ -99,6 +99,7 @@ class DecodeRequest:
     ``prefix`` is text already committed for this segment (``stream.prefix_reuse``):
     a backend that supports it may continue from it instead of decoding it
     again, so the hypothesis then starts with it; others ignore it.
+    ``language`` is the stream's language (None: ``model.language``).
     """
 
     stream: str
@@ -112,6 +113,7 @@ class DecodeRequest:
     forced_end: bool = False
     adapter: str | None = None
     prefix: str = ""
+    language: str | None = None
 
 
 @dataclass(frozen=True)

@@ -240,6 +240,8 @@ async def test_microphone_path_with_a_fake_portaudio_stream(
     (["--url", "ws://127.0.0.1:9", "--file", "{wav}"], 1, "cannot stream to ws://127.0.0.1:9"),
     (["--file", "/nonexistent.wav"], 2, "audio file /nonexistent.wav does not exist"),
     (["--url", "ws://{server}", "--file", "{wav}", "--stream", "busy"], 1, "stream_busy"),
+    (["--url", "ws://{server}", "--file", "{wav}", "--language", "fr"], 1,
+     "bad_config: unknown language 'fr' (known: en only: the backend cannot switch languages)"),
     (["--url", "ftp://x"], 2, "not a ws://HOST:PORT URL"),
 ])
 async def test_errors_are_one_line(

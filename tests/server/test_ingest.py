@@ -16,10 +16,15 @@ from evoxtral_stream.audio.resample import int16_to_float32, resample
 from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.engine.backends.base import Backend
 from evoxtral_stream.engine.engine import Engine
-from evoxtral_stream.events import SAMPLE_RATE
+from evoxtral_stream.events import SAMPLE_RATE, DecodeRequest
 from evoxtral_stream.server.app import CaptionServer
 from tests.docs_schema import validate_message
-from tests.fakes import AdapterScriptedBackend, ScriptedBackend, words_so_far
+from tests.fakes import (
+    AdapterScriptedBackend,
+    LanguageScriptedBackend,
+    ScriptedBackend,
+    words_so_far,
+)
 from tests.speech import have_espeak, speech_with_pauses
 from tests.text_norm import loose_wer
 
@@ -257,6 +262,39 @@ async def test_ingest_chooses_an_adapter_per_stream() -> None:
     assert finals_text(rl).startswith("rl: w0")
     assert finals_text(plain).startswith("default: w0")
     assert any(c == ["rl"] or "rl" in c for c in backend.adapter_calls)
+
+
+async def test_ingest_chooses_a_language_per_stream() -> None:
+    cfg = config()
+    backend = LanguageScriptedBackend(words_so_far)
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+    pcm = audio.astype("<i2").tobytes()
+    async with Engine(cfg, backend) as engine, CaptionServer(engine, cfg.server) as server:
+        url = f"ws://127.0.0.1:{server.port}/v1/ingest"
+        for fmt, language in (({"language": "fr"}, "fr"), ({}, "en"), ({"language": "en"}, "en")):
+            async with connect(f"{url}?stream=probe") as ws:
+                await ws.send(json.dumps({"type": "config", "sample_rate": 16000, **fmt}))
+                ready = await recv_json(ws)
+                assert ready["type"] == "ingest.ready" and ready["language"] == language
+            async with asyncio.timeout(10):
+                while "probe" in engine.streams:
+                    await asyncio.sleep(0.01)
+        fr, plain = await asyncio.gather(
+            ingest(server.port, "fr", {"sample_rate": 16000, "language": "fr"}, pcm),
+            ingest(server.port, "plain", {"sample_rate": 16000}, pcm),
+        )
+        for bad, why in (("xx", "unknown language 'xx' (known: de, en, fr)"),
+                         (7, "language must be a non-empty string, got 7")):
+            async with connect(f"{url}?stream=x") as ws:
+                await ws.send(json.dumps({"type": "config", "sample_rate": 16000,
+                                          "language": bad}))
+                err = await recv_json(ws)
+                assert err["code"] == "bad_config" and err["message"] == why
+    assert finals_text(fr).startswith("fr: w0")
+    assert finals_text(plain).startswith("default: w0")
+    keys = [j.key for j in backend.jobs if isinstance(j.key, DecodeRequest)]
+    assert {k.language for k in keys if k.stream == "fr"} == {"fr"}
+    assert {k.language for k in keys if k.stream == "plain"} == {None}
 
 
 async def test_ingest_connection_sees_its_stream_start_and_resume_sees_the_end(

@@ -32,9 +32,10 @@ from evoxtral_stream.server.realtime import (
     Output,
     PushAudio,
     RealtimeTranscription,
+    SetLanguage,
     server_event_to_dict,
 )
-from tests.fakes import ScriptedBackend
+from tests.fakes import LanguageScriptedBackend, ScriptedBackend
 from tests.speech import have_espeak, speak, speech_with_pauses
 from tests.text_norm import loose_wer
 
@@ -81,7 +82,8 @@ def feed(core: RealtimeTranscription, data: bytes, chunk_ms: int = 100) -> list[
 
 
 def events(outputs: Sequence[Output]) -> list[dict[str, Any]]:
-    return [server_event_to_dict(o) for o in outputs if not isinstance(o, PushAudio)]
+    return [server_event_to_dict(o) for o in outputs
+            if not isinstance(o, PushAudio | SetLanguage)]
 
 
 def pushed(outputs: Sequence[Output]) -> Int16Array:
@@ -140,6 +142,54 @@ def test_session_created_then_updates_report_the_effective_config() -> None:
     assert len(set(ids)) == 4
 
 
+def language_update(language: object, *, beta: bool = False) -> str:
+    if beta:
+        return json.dumps({"type": "transcription_session.update", "event_id": "c2",
+                           "session": {"input_audio_transcription": {"language": language}}})
+    return json.dumps({"type": "session.update", "event_id": "c2", "session": {
+        "type": "transcription", "audio": {"input": {"transcription": {"language": language}}}}})
+
+
+def test_a_session_update_sets_the_language_the_engine_offers() -> None:
+    core = RealtimeTranscription(load_config().vad, model="m", language="en",
+                                 languages=("en", "fr", "de"))
+    core.start()
+
+    def reported(out: Sequence[Output]) -> object:
+        (ev,) = events(out)
+        session = ev["session"]
+        if ev["type"] == "transcription_session.updated":
+            return session["input_audio_transcription"]["language"]
+        return session["audio"]["input"]["transcription"]["language"]
+
+    out = core.receive(language_update("fr"))
+    assert [o.language for o in out if isinstance(o, SetLanguage)] == ["fr"]
+    assert reported(out) == "fr"
+    # The same again changes nothing in the engine; null goes back to the default.
+    out = core.receive(language_update("fr"))
+    assert not [o for o in out if isinstance(o, SetLanguage)] and reported(out) == "fr"
+    out = core.receive(language_update(None, beta=True))
+    assert [o.language for o in out if isinstance(o, SetLanguage)] == [None]
+    assert reported(out) == "en"
+    # An update without a language leaves it alone.
+    out = core.receive(language_update("de"))
+    out = core.receive(update_msg(None))
+    assert not [o for o in out if isinstance(o, SetLanguage)] and reported(out) == "de"
+
+    # A language the engine lacks is refused, and nothing in the update applies.
+    refused = json.dumps({"type": "session.update", "event_id": "c3", "session": {
+        "type": "transcription", "audio": {"input": {
+            "transcription": {"language": "ja"}, "turn_detection": {"type": "server_vad"}}}}})
+    (err,) = events(core.receive(refused))
+    assert err["error"]["code"] == "invalid_value"
+    assert err["error"]["param"] == "session.audio.input.transcription.language"
+    assert err["error"]["event_id"] == "c3"
+    assert err["error"]["message"] == (
+        "unsupported language 'ja': this server transcribes de, en, fr")
+    assert not core.server_vad
+    assert reported(core.receive(update_msg(None))) == "de"
+
+
 BAD_MESSAGES: list[tuple[str | bytes, str, str | None]] = [
     ("{not json", "invalid_json", None),
     ("[1, 2]", "invalid_type", None),
@@ -173,6 +223,15 @@ BAD_MESSAGES: list[tuple[str | bytes, str, str | None]] = [
     (json.dumps({"type": "transcription_session.update", "event_id": "c1",
                  "session": {"input_audio_format": "g711_ulaw"}}),
      "invalid_value", "session.input_audio_format"),
+    (language_update("fr").replace("c2", "c1"), "invalid_value",
+     "session.audio.input.transcription.language"),
+    (language_update(5).replace("c2", "c1"), "invalid_type",
+     "session.audio.input.transcription.language"),
+    (language_update("fr", beta=True).replace("c2", "c1"), "invalid_value",
+     "session.input_audio_transcription.language"),
+    (json.dumps({"type": "session.update", "event_id": "c1", "session": {
+        "type": "transcription", "audio": {"input": {"transcription": "fr"}}}}),
+     "invalid_type", "session.audio.input.transcription"),
 ]
 
 
@@ -483,6 +542,30 @@ async def test_openai_sdk_transcribes_with_server_vad_and_manual_commit(
     assert loose_wer(MANUAL, done.transcript) <= 0.25, done.transcript
     assert "ignore" not in done.transcript.lower()
     assert len({e.event_id for e in manual}) == len(manual)
+
+
+async def test_the_sdk_picks_the_language_of_its_session() -> None:
+    cfg = config()
+    backend = LanguageScriptedBackend(lambda a: "words")
+    async with Engine(cfg, backend) as engine, CaptionServer(engine, cfg.server) as server, \
+            sdk_client(server.port).realtime.connect(
+                model="evoxtral", extra_query={"intent": "transcription"}) as conn:
+        await conn.session.update(session={
+            "type": "transcription",
+            "audio": {"input": {"transcription": {"model": "evoxtral", "language": "fr"},
+                                "turn_detection": None}}})
+        await send_paced(conn, pcm24(speak(MANUAL)), speed=20)
+        await conn.input_audio_buffer.commit()
+        got = await until(conn, "conversation.item.input_audio_transcription.completed")
+        updated = next(e for e in got if e.type == "session.updated")
+        assert updated.session.audio.input.transcription.language == "fr"
+        assert got[-1].transcript == "fr: words"
+        await conn.session.update(session={
+            "type": "transcription",
+            "audio": {"input": {"transcription": {"language": "ja"}}}})
+        err = await until(conn, "error")
+        assert err[-1].error.param == "session.audio.input.transcription.language"
+    assert {j.language for j in backend.jobs} == {"fr"}
 
 
 @pytest.fixture

@@ -56,7 +56,7 @@ from ..events import (
     StreamStarted,
 )
 from ..text.merger import Merger
-from .backends.base import AdapterBackend, Backend
+from .backends.base import AdapterBackend, Backend, Multilingual
 from .journal import Journal
 from .session import StreamSession
 from .worker import ModelWorker, WorkerResult, WorkerStats
@@ -121,12 +121,12 @@ class Stream:
     """Handle of one live stream. Use it on the engine's event loop only."""
 
     def __init__(self, engine: Engine, stream_id: str, source: str,
-                 adapter: str | None = None) -> None:
+                 adapter: str | None = None, language: str | None = None) -> None:
         self.id = stream_id
         self.source = source
         self._engine = engine
         self.session = StreamSession(stream_id, engine.config.vad, engine.config.stream,
-                                     adapter)
+                                     adapter, language)
         self.merger = Merger(
             stream_id, final_replaces_stable=engine.config.stream.final_replaces_stable)
         # The merger numbers from 1; a stream id journaled before continues
@@ -139,6 +139,17 @@ class Stream:
         self.finals = 0
         self.partials = 0
         self.errors = 0
+
+    @property
+    def language(self) -> str | None:
+        """The language of this stream's requests (None: ``model.language``)."""
+        return self.session.language
+
+    def set_language(self, language: str | None) -> None:
+        """Decode this stream's next requests in ``language`` (a request
+        already made keeps its own). Raises ValueError as
+        :meth:`Engine.check_language` does, changing nothing then."""
+        self.session.language = self._engine.check_language(language)
 
     @property
     def closed(self) -> bool:
@@ -362,9 +373,30 @@ class Engine:
             return tuple(self.backend.adapter_names)
         return ()
 
+    @property
+    def languages(self) -> tuple[str, ...]:
+        """Languages a stream may ask for besides ``model.language`` (empty:
+        the backend decodes ``model.language`` only)."""
+        if isinstance(self.backend, Multilingual):
+            return tuple(self.backend.languages)
+        return ()
+
+    def check_language(self, language: str | None) -> str | None:
+        """The language a stream asking for ``language`` gets: None (meaning
+        ``model.language``) for None or that same code, else the code.
+        Raises ValueError for one the backend does not decode."""
+        if language is None or language == self.config.model.language:
+            return None
+        if language not in self.languages:
+            known = ", ".join(self.languages) or (
+                f"{self.config.model.language} only: the backend cannot switch languages")
+            raise ValueError(f"unknown language {language!r} (known: {known})")
+        return language
+
     def open_stream(self, stream_id: str, source: str = "api",
-                    adapter: str | None = None) -> Stream:
-        """Open a stream; ``adapter`` picks one of :attr:`adapter_names`."""
+                    adapter: str | None = None, language: str | None = None) -> Stream:
+        """Open a stream; ``adapter`` picks one of :attr:`adapter_names`,
+        ``language`` one of :attr:`languages` (see :meth:`check_language`)."""
         if self._worker is None:
             raise RuntimeError("engine is not started")
         if self._draining:
@@ -374,7 +406,7 @@ class Engine:
         if adapter is not None and adapter not in self.adapter_names:
             known = ", ".join(self.adapter_names) or "none: the backend cannot switch adapters"
             raise ValueError(f"unknown adapter {adapter!r} (known: {known})")
-        stream = Stream(self, stream_id, source, adapter)
+        stream = Stream(self, stream_id, source, adapter, self.check_language(language))
         self._streams[stream_id] = stream
         self._emit(StreamStarted(stream_id, source))
         return stream

@@ -78,10 +78,13 @@ class StreamSession:
     """Turns one stream's audio into partial and final decode requests."""
 
     def __init__(self, stream: str, vad: VadConfig, cfg: StreamConfig,
-                 adapter: str | None = None) -> None:
-        """``adapter`` names the LoRA adapter this stream's requests ask for."""
+                 adapter: str | None = None, language: str | None = None) -> None:
+        """``adapter`` names the LoRA adapter this stream's requests ask for,
+        ``language`` their language (None: ``model.language``). Changing
+        :attr:`language` applies to the requests made after the change."""
         self.stream = stream
         self.adapter = adapter
+        self.language = language
         self._cfg = cfg
         self._segmenter = Segmenter(vad, SAMPLE_RATE)
         self._open: _OpenSegment | None = None
@@ -180,7 +183,7 @@ class StreamSession:
             stream=self.stream, segment=seg.index, revision=seg.revision,
             kind=RequestKind.FINAL, audio=seg.audio(ev.sample),
             start_sample=seg.start, end_sample=ev.sample, ready_at=now,
-            forced_end=ev.forced, adapter=self.adapter,
+            forced_end=ev.forced, adapter=self.adapter, language=self.language,
         )
 
     def _maybe_partial(self, now: float) -> DecodeRequest | None:
@@ -197,5 +200,5 @@ class StreamSession:
             stream=self.stream, segment=seg.index, revision=seg.revision,
             kind=RequestKind.PARTIAL, audio=seg.audio(),
             start_sample=seg.start, end_sample=seg.start + seg.length, ready_at=now,
-            adapter=self.adapter,
+            adapter=self.adapter, language=self.language,
         )

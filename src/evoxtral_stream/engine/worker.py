@@ -666,7 +666,8 @@ class ModelWorker:
 
 
 def _job(req: DecodeRequest) -> Job:
-    return Job(key=req, audio=req.audio, adapter=req.adapter, prefix=req.prefix)
+    return Job(key=req, audio=req.audio, adapter=req.adapter, prefix=req.prefix,
+               language=req.language)
 
 
 def _hypothesis(req: DecodeRequest, text: str, done_at: float) -> Hypothesis:

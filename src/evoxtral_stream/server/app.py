@@ -464,7 +464,8 @@ class CaptionServer:
         # Subscribe first, so this connection also gets its own stream.started.
         sub = self.broadcaster.subscribe([stream_id])
         try:
-            stream = self._engine.open_stream(stream_id, source="ingest", adapter=fmt.adapter)
+            stream = self._engine.open_stream(stream_id, source="ingest", adapter=fmt.adapter,
+                                              language=fmt.language)
         except EngineStopping as e:
             self.broadcaster.unsubscribe(sub)
             await self._refuse(ws, "shutting_down", str(e), close_code=1001,
@@ -483,9 +484,10 @@ class CaptionServer:
         outcome: _Outcome = "closed"
         with contextlib.suppress(ConnectionClosed):
             # ingest.ready goes out before the pump starts, so it comes first.
-            await ws.send(encode_message("ingest.ready", stream=stream_id,
-                                         sample_rate=fmt.sample_rate, channels=fmt.channels,
-                                         format=fmt.sample_format.value))
+            await ws.send(encode_message(
+                "ingest.ready", stream=stream_id, sample_rate=fmt.sample_rate,
+                channels=fmt.channels, format=fmt.sample_format.value,
+                language=stream.language or self._engine.config.model.language))
         pump = asyncio.ensure_future(self._pump(ws, sub))
         overflow = asyncio.ensure_future(sub.overflowed.wait())
 

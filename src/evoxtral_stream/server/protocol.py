@@ -151,6 +151,7 @@ class IngestFormat:
     channels: int
     sample_format: SampleFormat
     adapter: str | None = None
+    language: str | None = None
 
     @property
     def frame_bytes(self) -> int:
@@ -186,8 +187,9 @@ def parse_ingest_message(text: str | bytes) -> IngestFormat | EndOfStream:
     """Parse a text message sent on ``/v1/ingest``.
 
     ``{"type": "config", "sample_rate": 48000, "channels": 2, "format": "pcm16"}``
-    (optionally ``"adapter": NAME``) or ``{"type": "end"}``; anything else
-    raises :class:`ProtocolError`.
+    (optionally ``"adapter": NAME`` and ``"language": CODE``) or
+    ``{"type": "end"}``; anything else raises :class:`ProtocolError`. Whether
+    the engine knows the adapter or language is checked by the caller.
     """
     obj = _load_json(text)
     kind = obj.get("type")
@@ -203,11 +205,11 @@ def parse_ingest_message(text: str | bytes) -> IngestFormat | EndOfStream:
     except ValueError:
         raise ProtocolError(
             "bad_config", f"format must be 'pcm16' or 'float32', got {fmt!r}") from None
-    adapter = obj.get("adapter")
-    if adapter is not None and (not isinstance(adapter, str) or not adapter):
-        raise ProtocolError("bad_config",
-                            f"adapter must be a non-empty string, got {adapter!r}")
-    return IngestFormat(rate, channels, sample_format, adapter)
+    adapter, language = obj.get("adapter"), obj.get("language")
+    for key, value in (("adapter", adapter), ("language", language)):
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ProtocolError("bad_config", f"{key} must be a non-empty string, got {value!r}")
+    return IngestFormat(rate, channels, sample_format, adapter, language)
 
 
 def decode_audio_frame(data: bytes, fmt: IngestFormat) -> npt.NDArray[Any]:

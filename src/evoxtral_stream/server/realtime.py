@@ -53,7 +53,7 @@ import logging
 import math
 import secrets
 from bisect import bisect_right
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -98,6 +98,7 @@ __all__ = [
     "SessionCreated",
     "SessionUpdate",
     "SessionUpdated",
+    "SetLanguage",
     "TranscriptionCompleted",
     "TranscriptionDelta",
     "encode_server_event",
@@ -156,11 +157,15 @@ class SessionUpdate:
 
     ``turn_detection`` is ``"server_vad"`` for ``{"type": "server_vad"}``,
     ``"none"`` for ``null``, and None when the update leaves it unchanged.
+    ``language`` is the transcription language asked for when
+    ``language_given`` (None: the server's default, as ``null`` or ``""``).
     """
 
     event_id: str | None
     turn_detection: TurnDetection | None
     beta: bool = False
+    language: str | None = None
+    language_given: bool = False
 
 
 @dataclass(frozen=True)
@@ -204,6 +209,18 @@ def _turn_detection(value: object, param: str, event_id: str | None) -> TurnDete
         f"{param}.type", event_id)
 
 
+def _language(transcription: Mapping[str, Any], param: str,
+              event_id: str | None) -> tuple[str | None, bool]:
+    """(language, given) from an ``input_audio_transcription``-shaped object."""
+    if "language" not in transcription:
+        return None, False
+    value = transcription["language"]
+    if value is not None and not isinstance(value, str):
+        raise RealtimeProtocolError("invalid_type", f"'{param}.language' must be a string",
+                                    f"{param}.language", event_id)
+    return (value.strip() or None) if value else None, True
+
+
 def _parse_session_update(obj: Mapping[str, Any], event_id: str | None) -> SessionUpdate:
     session = _obj(obj.get("session"), "session", event_id)
     kind = session.get("type", "transcription")
@@ -213,10 +230,15 @@ def _parse_session_update(obj: Mapping[str, Any], event_id: str | None) -> Sessi
             f"only transcription sessions are served here: 'session.type' must be "
             f"'transcription', got {kind!r}", "session.type", event_id)
     turn: TurnDetection | None = None
+    language: tuple[str | None, bool] = (None, False)
     if "audio" in session:
         audio = _obj(session["audio"], "session.audio", event_id)
         if "input" in audio:
             inp = _obj(audio["input"], "session.audio.input", event_id)
+            if inp.get("transcription") is not None:
+                param = "session.audio.input.transcription"
+                language = _language(_obj(inp["transcription"], param, event_id), param,
+                                     event_id)
             if inp.get("format") is not None:
                 fmt = _obj(inp["format"], "session.audio.input.format", event_id)
                 if fmt.get("type", "audio/pcm") != "audio/pcm":
@@ -233,7 +255,7 @@ def _parse_session_update(obj: Mapping[str, Any], event_id: str | None) -> Sessi
             if "turn_detection" in inp:
                 turn = _turn_detection(inp["turn_detection"],
                                        "session.audio.input.turn_detection", event_id)
-    return SessionUpdate(event_id, turn)
+    return SessionUpdate(event_id, turn, language=language[0], language_given=language[1])
 
 
 def _parse_beta_update(obj: Mapping[str, Any], event_id: str | None) -> SessionUpdate:
@@ -246,7 +268,13 @@ def _parse_beta_update(obj: Mapping[str, Any], event_id: str | None) -> SessionU
     turn: TurnDetection | None = None
     if "turn_detection" in session:
         turn = _turn_detection(session["turn_detection"], "session.turn_detection", event_id)
-    return SessionUpdate(event_id, turn, beta=True)
+    language: tuple[str | None, bool] = (None, False)
+    if session.get("input_audio_transcription") is not None:
+        param = "session.input_audio_transcription"
+        language = _language(_obj(session["input_audio_transcription"], param, event_id),
+                             param, event_id)
+    return SessionUpdate(event_id, turn, beta=True, language=language[0],
+                         language_given=language[1])
 
 
 def parse_client_event(message: str | bytes) -> ClientEvent:
@@ -383,7 +411,15 @@ class PushAudio:
     samples: Int16Array
 
 
-Output = ServerEvent | PushAudio
+@dataclass(frozen=True)
+class SetLanguage:
+    """Action: decode the engine stream's next requests in ``language``
+    (None: the server's default); the core has checked it is allowed."""
+
+    language: str | None
+
+
+Output = ServerEvent | PushAudio | SetLanguage
 
 
 def server_event_to_dict(ev: ServerEvent) -> dict[str, Any]:
@@ -465,18 +501,24 @@ class RealtimeTranscription:
     every client message to :meth:`receive` and every engine event *of this
     session's stream* to :meth:`on_engine_event`. Execute the returned outputs
     in order: :class:`PushAudio` goes to the engine stream (which must get
-    nothing else), server events go to the client.
+    nothing else), :class:`SetLanguage` to the stream's language, server
+    events go to the client.
 
-    ``vad`` must be the engine's segmenter configuration; ``model`` and
-    ``language`` are only reported. ``prefix`` makes the ids of this session
-    unique across sessions.
+    ``vad`` must be the engine's segmenter configuration; ``model`` is only
+    reported. ``language`` is the server's default language and
+    ``languages`` the others a client may ask for (``session.update``'s
+    transcription language); asking for any other is an ``invalid_value``
+    error. ``prefix`` makes the ids of this session unique across sessions.
     """
 
     def __init__(self, vad: VadConfig, *, model: str, language: str | None = None,
-                 prefix: str = "", max_message_bytes: int | None = None) -> None:
+                 languages: Collection[str] = (), prefix: str = "",
+                 max_message_bytes: int | None = None) -> None:
         self._vad = vad
         self._model = model
+        self._default_language = language
         self._language = language
+        self._languages = frozenset(languages)
         self._prefix = prefix
         self._max_message = max_message_bytes
         self._event_ids: Iterator[int] = itertools.count(1)
@@ -601,6 +643,18 @@ class RealtimeTranscription:
 
     def _update(self, ev: SessionUpdate) -> list[Output]:
         out: list[Output] = []
+        if ev.language_given:
+            # Checked before anything changes: a refused update changes nothing.
+            wanted = ev.language or self._default_language
+            if wanted != self._default_language and wanted not in self._languages:
+                param = ("session.input_audio_transcription.language" if ev.beta
+                         else "session.audio.input.transcription.language")
+                known = ", ".join(sorted({*self._languages, self._default_language or ""} - {""}))
+                return [self.error("invalid_value", f"unsupported language {wanted!r}: this "
+                                   f"server transcribes {known}", param, ev.event_id)]
+            if wanted != self._language:
+                self._language = wanted
+                out.append(SetLanguage(None if wanted == self._default_language else wanted))
         want_vad = None if ev.turn_detection is None else ev.turn_detection == "server_vad"
         if want_vad is not None and want_vad != self._server_vad:
             if want_vad:
@@ -900,6 +954,10 @@ class _Connection:
                     raise _StreamGone(str(e)) from e
                 pushed = True
                 continue
+            if isinstance(out, SetLanguage):
+                # The core allows only what the engine listed: this cannot fail.
+                self._stream.set_language(out.language)
+                continue
             try:
                 self._queue.put_nowait(encode_server_event(out))
             except asyncio.QueueFull:
@@ -926,6 +984,7 @@ async def serve_realtime(ws: ServerConnection, query: dict[str, list[str]], engi
     del broadcaster
     core = RealtimeTranscription(engine.config.vad, model=engine.backend.name,
                                  language=engine.config.model.language,
+                                 languages=engine.languages,
                                  prefix=secrets.token_hex(4) + "_",
                                  max_message_bytes=cfg.max_message_bytes)
     intent = query.get("intent", [])

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from evoxtral_stream.engine.backends.base import Backend, BackendError
+from evoxtral_stream.engine.backends.base import Backend, BackendError, Job
 from evoxtral_stream.engine.backends.voxtral.backend import NO_ADAPTER, VoxtralBackend
 
 from .helpers import audio_batch
@@ -102,6 +102,22 @@ def test_adapters_per_request_group_into_one_call_each(
     # The adapters really differ on the same audio.
     same = [batch[0]] * 3
     assert len(set(unmerged.transcribe(same, adapters=["default", "rl", NO_ADAPTER]))) == 3
+
+
+def test_languages_per_job_batch_like_alone(merged: VoxtralBackend) -> None:
+    batch = audio_batch([3.0, 4.0, 5.0, 6.0, 2.0], seed=6)
+    codes: list[str | None] = ["fr", None, "de", "auto", "en"]
+    jobs = [Job(i, a, language=c) for i, (a, c) in enumerate(zip(batch, codes, strict=True))]
+    together = merged.transcribe_jobs(jobs)
+    assert together == [merged.transcribe_jobs([j])[0] for j in jobs]
+    assert merged.languages == ("auto", "de", "en", "es", "fr", "hi", "it", "nl", "pt")
+    # None is model.language ("en" here); other languages change the prompt,
+    # and with it what the random model writes.
+    english = [Job(j.key, j.audio) for j in jobs]
+    assert merged.transcribe_jobs(english)[4].text == together[4].text
+    assert merged.transcribe_jobs(english)[0].text != together[0].text
+    with pytest.raises(BackendError, match="does not transcribe language 'xx'"):
+        merged.transcribe_jobs([Job(0, batch[0], language="xx")])
 
 
 def test_unmerged_default_equals_merged(merged: VoxtralBackend, unmerged: VoxtralBackend) -> None:

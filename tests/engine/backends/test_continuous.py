@@ -127,6 +127,19 @@ def test_staggered_equals_alone(
     assert out == plain
 
 
+def test_rows_in_other_languages_decode_as_alone(merged: VoxtralBackend, dec: RowDecoder) -> None:
+    codes = ["fr", None, "de", "auto", "en"]
+    jobs = [Job(i, _audio(s, 40 + i), language=c)
+            for i, (s, c) in enumerate(zip(SECONDS, codes, strict=True))]
+    alone = _alone(merged, jobs)
+    out: dict[Job, Done] = {}
+    _admit(dec, jobs[:2], out)
+    _drain(dec, out, 2)
+    _admit(dec, jobs[2:], out)
+    _drain(dec, out)
+    assert out == alone
+
+
 def test_prefix_is_continued(
     merged: VoxtralBackend, dec: RowDecoder, jobs: list[Job], plain: dict[Job, Done]
 ) -> None:

@@ -23,7 +23,7 @@ def _processor(tiny: Tiny) -> Any:
     return auto.from_pretrained(str(tiny.base))
 
 
-@pytest.mark.parametrize("language", ["en", None])
+@pytest.mark.parametrize("language", ["en", "fr", None])
 def test_prompt_ids_equal_the_processor(tiny: Tiny, language: str | None) -> None:
     from evoxtral_stream.engine.backends.voxtral.backend import load_tokenizer
     from evoxtral_stream.engine.backends.voxtral.prompt import PromptSpec
@@ -43,6 +43,40 @@ def test_prompt_ids_equal_the_processor(tiny: Tiny, language: str | None) -> Non
     # 35 s spans two windows: 750 audio tokens after one [BEGIN_AUDIO].
     assert ids[4].count(24) == 750
     assert ids[4][-1] == 34
+
+
+def test_rows_in_mixed_languages_equal_the_processor_per_language(tiny: Tiny) -> None:
+    from evoxtral_stream.engine.backends.voxtral.backend import load_tokenizer
+    from evoxtral_stream.engine.backends.voxtral.prompt import PromptSpec, language_ids
+
+    tok = load_tokenizer(tiny.base)
+    spec = PromptSpec.from_tokenizer(tok, "en")
+    batch = [int16_exact(a) for a in audio_batch([3.0, 35.0, 1.0, 12.0])]
+    languages = ["fr", "de", None, "en"]
+    ids, masks = spec.left_padded(
+        [len(a) for a in batch], None,
+        [language_ids(tok, code or "") for code in languages])
+    processor = _processor(tiny)
+    for audio, code, row, mask in zip(batch, languages, ids, masks, strict=True):
+        ref = processor.apply_transcription_request(
+            audio=[audio], model_id="mistralai/Voxtral-Mini-3B-2507", language=code,
+            sampling_rate=16000, format=["wav"])
+        assert [t for t, m in zip(row, mask, strict=True) if m] == ref["input_ids"][0].tolist()
+    # None in a row means the spec's own language; () means none (detect).
+    assert spec.ids(16000, None) == spec.ids(16000, language_ids(tok, "en"))
+    assert spec.ids(16000, ()) == PromptSpec.from_tokenizer(tok, "auto").ids(16000)
+
+
+def test_only_voxtral_languages_are_taken(tiny: Tiny) -> None:
+    from evoxtral_stream.engine.backends.voxtral.backend import load_tokenizer
+    from evoxtral_stream.engine.backends.voxtral.prompt import LANGUAGES, language_ids
+
+    tok = load_tokenizer(tiny.base)
+    assert language_ids(tok, "auto") == language_ids(tok, "") == ()
+    assert language_ids(tok, "FR") == language_ids(tok, "fr") != language_ids(tok, "de")
+    assert set(LANGUAGES) == {"auto", "de", "en", "es", "fr", "hi", "it", "nl", "pt"}
+    with pytest.raises(ValueError, match="Voxtral does not transcribe language 'ru'"):
+        language_ids(tok, "ru")
 
 
 def test_prompt_uses_the_documented_ids(merged: VoxtralBackend) -> None:

@@ -51,6 +51,14 @@ def test_missing_base_is_one_line(tiny_cfg: VoxtralConfig, empty_hub_cache: Path
     )
 
 
+def test_unknown_language_is_one_line(tiny_cfg: VoxtralConfig) -> None:
+    with pytest.raises(BackendUnavailable) as info:
+        load_voxtral_backend(tiny_cfg, "english")
+    assert str(info.value) == (
+        "model.language 'english' is not a language Voxtral transcribes; use one of "
+        "auto, de, en, es, fr, hi, it, nl, pt")
+
+
 def test_missing_adapter_is_one_line(tiny_cfg: VoxtralConfig, empty_hub_cache: Path) -> None:
     cfg = dataclasses.replace(tiny_cfg, adapter="YongkangZOU/evoxtral-lora")
     msg = _refused(cfg)

@@ -3,14 +3,15 @@
 Three levels, each optional beyond the first:
 
 - :class:`Backend`: ``transcribe(batch)``, one text per array;
-- :class:`JobBackend`: ``transcribe_jobs(jobs)``, with an adapter and a
-  committed text prefix per request;
+- :class:`JobBackend`: ``transcribe_jobs(jobs)``, with an adapter, a
+  language and a committed text prefix per request;
 - :class:`SteppingBackend`: continuous batching. Jobs join a running batch
   (``admit``) and leave it when done, between single decode steps
   (``step``), so a final never waits for a long batch to finish.
 
 :class:`WarmsUp` is a capability beside them: work a backend does once
 before serving (compiling its decode steps), so a live request never pays it.
+:class:`Multilingual` is another: a job backend that takes a language per job.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = [
     "Done",
     "Job",
     "JobBackend",
+    "Multilingual",
     "SteppingBackend",
     "WarmsUp",
 ]
@@ -85,13 +87,16 @@ class Job:
 
     ``prefix`` is text the backend may continue from instead of decoding it
     again (the text returned then starts with it); "" decodes from scratch.
-    ``key`` is the caller's handle, returned untouched.
+    ``language`` is one of a :class:`Multilingual` backend's ``languages``
+    (None: the backend's configured language). ``key`` is the caller's
+    handle, returned untouched.
     """
 
     key: object
     audio: npt.NDArray[np.float32]
     adapter: str | None = None
     prefix: str = ""
+    language: str | None = None
 
 
 @dataclass(frozen=True)
@@ -153,3 +158,17 @@ class WarmsUp(Protocol):
     """
 
     def warm_up(self, max_batch: int) -> str: ...
+
+
+@runtime_checkable
+class Multilingual(JobBackend, Protocol):
+    """A job backend that decodes each job in the language it names.
+
+    ``languages`` lists the codes a :class:`Job` may name (ISO 639-1, and
+    ``"auto"`` where the model can detect the language itself); jobs of
+    different languages may share a batch. A job naming another code fails
+    with :class:`BackendError`.
+    """
+
+    @property
+    def languages(self) -> tuple[str, ...]: ...

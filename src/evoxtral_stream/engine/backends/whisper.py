@@ -15,6 +15,10 @@ them step by step, one decoder step per token, the same as for a generated
 token (its ``GreedySearch`` replaces the sampled token with the prefix's).
 Whisper therefore saves no decoder steps with a prefix; it only keeps the
 committed text from being decoded differently.
+
+Languages: a multilingual model takes a language per job (its own
+``<|xx|>`` token in that job's prompt, so one batch mixes languages); an
+English-only model (tiny.en) offers ``en`` only.
 """
 
 from __future__ import annotations
@@ -64,12 +68,13 @@ class WhisperBackend:
         self._model = model
         self._cfg = cfg
         self._fe = model.feature_extractor
-        multilingual = bool(model.model.is_multilingual)
+        self._multilingual = bool(model.model.is_multilingual)
         self._tok = Tokenizer(
-            model.hf_tokenizer, multilingual, task="transcribe",
-            language=language if multilingual else None,
+            model.hf_tokenizer, self._multilingual, task="transcribe",
+            language=language if self._multilingual else None,
         )
         self._prompt = [*self._tok.sot_sequence, self._tok.no_timestamps]
+        self._prompts: dict[str, list[int]] = {}
         suppress: list[int] = [] if cfg.keep_non_speech else list(self._tok.non_speech_tokens)
         # The special tokens are always suppressed, as faster-whisper does.
         suppress += [
@@ -77,6 +82,31 @@ class WhisperBackend:
             self._tok.sot_prev, self._tok.sot_lm, self._tok.no_speech,
         ]
         self._suppress = sorted(set(suppress))
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        """Codes a job may name: Whisper's 100 for a multilingual model,
+        only "en" for an English-only one (tiny.en)."""
+        if not self._multilingual:
+            return ("en",)
+        from faster_whisper.tokenizer import _LANGUAGE_CODES
+
+        return tuple(_LANGUAGE_CODES)
+
+    def _prompt_for(self, language: str | None) -> list[int]:
+        """The prompt of a job in ``language`` (None: the configured one)."""
+        if language is None or (not self._multilingual and language == "en"):
+            return self._prompt
+        if language not in self.languages:
+            raise BackendError(f"this Whisper model does not transcribe language {language!r} "
+                               f"(it knows {', '.join(self.languages)})")
+        prompt = self._prompts.get(language)
+        if prompt is None:
+            from faster_whisper.tokenizer import Tokenizer
+
+            tok = Tokenizer(self._tok.tokenizer, True, task="transcribe", language=language)
+            prompt = self._prompts[language] = [*tok.sot_sequence, self._tok.no_timestamps]
+        return prompt
 
     def _window_frames(self, longest_samples: int) -> int:
         seconds = max(self._cfg.min_window_s, math.ceil(longest_samples / SAMPLE_RATE) + 1.0)
@@ -89,7 +119,7 @@ class WhisperBackend:
 
     def transcribe(self, batch: Sequence[npt.NDArray[np.float32]]) -> list[str]:
         """Transcribe each array (mono 16 kHz float32); one encoder call per batch."""
-        rows = self._generate(batch, [[] for _ in batch])
+        rows = self._generate(batch, [[] for _ in batch], [self._prompt] * len(batch))
         return [self._tok.decode(r).strip() for r in rows]
 
     def transcribe_jobs(self, jobs: Sequence[Job]) -> list[Done]:
@@ -98,22 +128,26 @@ class WhisperBackend:
         A job's ``prefix`` is forced after the prompt, so its text starts with
         the prefix (tokenized and decoded again); ``Done.tokens`` counts the
         tokens generated after it. A prefix longer than half of Whisper's 448
-        positions (far more than 30 s of speech) is not used. Whisper has no
+        positions (far more than 30 s of speech) is not used. A job's
+        ``language`` must be one of :attr:`languages`. Whisper has no
         adapters: a job naming one raises :class:`BackendError`.
         """
         for job in jobs:
             if job.adapter is not None:
                 raise BackendError(f"the Whisper backend has no adapters (asked for "
                                    f"{job.adapter!r})")
+        prompts = [self._prompt_for(job.language) for job in jobs]
         prefixes = [self.encode_prefix(job.prefix) for job in jobs]
         prefixes = [p if len(p) < _MAX_LENGTH // 2 - 1 else [] for p in prefixes]
-        rows = self._generate([job.audio for job in jobs], prefixes)
+        rows = self._generate([job.audio for job in jobs], prefixes, prompts)
         return [Done(job, self._tok.decode(row).strip(), len(row) - len(pre))
                 for job, pre, row in zip(jobs, prefixes, rows, strict=True)]
 
     def _generate(self, batch: Sequence[npt.NDArray[np.float32]],
-                  prefixes: Sequence[Sequence[int]]) -> list[list[int]]:
-        """Text tokens for each array, starting with its forced prefix."""
+                  prefixes: Sequence[Sequence[int]],
+                  prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+        """Text tokens for each array after its prompt, starting with its
+        forced prefix."""
         import ctranslate2
 
         if not batch:
@@ -130,7 +164,8 @@ class WhisperBackend:
         feats = np.ascontiguousarray(np.stack(mels), dtype=np.float32)
         encoded = self._model.model.encode(ctranslate2.StorageView.from_array(feats))
         longest_s = max(len(a) for a in clipped) / SAMPLE_RATE
-        max_length = min(_MAX_LENGTH, len(self._prompt) + 16 + math.ceil(12 * longest_s))
+        longest_prompt = max(len(p) for p in prompts)
+        max_length = min(_MAX_LENGTH, longest_prompt + 16 + math.ceil(12 * longest_s))
         # CTranslate2 counts a forced prefix in the length and decodes at most
         # max_length / 2 tokens: leave room for every prefix and one token more.
         longest_prefix = max(len(p) for p in prefixes)
@@ -138,7 +173,7 @@ class WhisperBackend:
             max_length = min(_MAX_LENGTH, max(max_length, 2 * (longest_prefix + 1)))
         results = self._model.model.generate(
             encoded,
-            [[*self._prompt, *p] for p in prefixes],
+            [[*prompt, *p] for prompt, p in zip(prompts, prefixes, strict=True)],
             beam_size=self._cfg.beam_size,
             max_length=max_length,
             suppress_blank=True,

@@ -5,7 +5,9 @@ adapter present in the batch (one in the usual, merged case): prompts are
 left-padded to a common length, every 30 s window of every array goes through
 the audio encoder together, and decoding is greedy with ``max_new_tokens``
 proportional to the longest audio. Prompt ids and log-mel features are built
-directly on the model's device (see :mod:`.prompt`, :mod:`.features`).
+directly on the model's device (see :mod:`.prompt`, :mod:`.features`). Each
+job's prompt carries its own ``lang:xx`` (:attr:`VoxtralBackend.languages`),
+so one batch mixes languages.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from evoxtral_stream.engine.backends.base import BackendError, BackendUnavailabl
 
 from .adapter import AdapterError, attach_adapter
 from .features import LogMel
-from .prompt import PromptSpec, Tokenizer
+from .prompt import LANGUAGES, PromptSpec, Tokenizer, language_ids
 from .resolve import Kind, Resolved, resolve
 
 if TYPE_CHECKING:
@@ -210,6 +212,9 @@ def load_model(
         from mistral_common.tokens.tokenizers.tekken import Tekkenizer  # noqa: F401
     except ImportError as e:
         raise BackendUnavailable(f"the Voxtral backend needs {e.name}: {_EXTRA_HINT}") from None
+    if language.strip().lower() not in ("", *LANGUAGES):
+        raise BackendUnavailable(f"model.language {language!r} is not a language Voxtral "
+                                 f"transcribes; use one of {', '.join(LANGUAGES)}")
     merged = cfg.merge_lora if merge is None else merge
     extras = dict(extra_adapters or {})
     for name in extras:
@@ -311,6 +316,7 @@ class VoxtralBackend:
         self.tokens_generated = 0
         """Tokens generated since load, prefixes not counted (for benchmarks)."""
         self._decoder: RowDecoder | None = None
+        self._language_ids: dict[str, tuple[int, ...]] = {}
         if cfg.static_cache:
             _group_text_attention(self.model)
 
@@ -325,6 +331,25 @@ class VoxtralBackend:
         if self.loaded.peft is None:
             return (self._default,)
         return (*self.loaded.adapters, NO_ADAPTER)
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        """Codes a job may name as its language (:data:`.prompt.LANGUAGES`)."""
+        return LANGUAGES
+
+    def language_ids(self, language: str | None) -> tuple[int, ...]:
+        """Prompt ids of ``language`` (None: ``model.language``); raises
+        :class:`BackendError` for a code not in :attr:`languages`."""
+        if language is None:
+            return self.spec.language
+        ids = self._language_ids.get(language)
+        if ids is None:
+            try:
+                ids = language_ids(self.loaded.tokenizer, language)
+            except ValueError as e:
+                raise BackendError(str(e)) from None
+            self._language_ids[language] = ids
+        return ids
 
     def max_new_tokens(self, longest_samples: int) -> int:
         """Token budget for a batch whose longest audio has ``longest_samples``."""
@@ -377,6 +402,7 @@ class VoxtralBackend:
         max_new_tokens: int | None = None,
         min_new_tokens: int = 0,
         prefixes: Sequence[Sequence[int]] | None = None,
+        languages: Sequence[str | None] | None = None,
     ) -> list[list[int]]:
         """Greedy new tokens for every array of ``batch`` in one ``generate`` call.
 
@@ -387,6 +413,7 @@ class VoxtralBackend:
         benchmarks; :attr:`force_tokens` holds it back for whole budgets).
         ``prefixes`` (token ids per row) are fed after the prompt and
         continued from; they are not part of the rows returned.
+        ``languages`` names each row's language (see :meth:`language_ids`).
         """
         from transformers import GenerationConfig, StoppingCriteriaList
 
@@ -401,7 +428,10 @@ class VoxtralBackend:
             budgets = [max_new_tokens] * len(arrays)
         if self.force_tokens:
             min_new_tokens = max(budgets)
-        rows, masks = spec.left_padded([len(a) for a in arrays], pre)
+        langs = [self.language_ids(code) for code in languages or [None] * len(arrays)]
+        if len(langs) != len(arrays):
+            raise BackendError(f"{len(langs)} languages for {len(arrays)} requests")
+        rows, masks = spec.left_padded([len(a) for a in arrays], pre, langs)
         device = self.loaded.device
         gen = cast(Any, GenerationConfig)(
             do_sample=False,
@@ -468,10 +498,13 @@ class VoxtralBackend:
         """One :class:`Done` per job, in order: one ``generate`` per adapter.
 
         A job's ``prefix`` is tokenized and continued from, so its text
-        starts with the prefix. Raises like :meth:`transcribe`.
+        starts with the prefix; its ``language`` picks the prompt's
+        ``lang:xx``. Raises like :meth:`transcribe`, and for an unknown
+        language.
         """
         groups: dict[str, list[int]] = {}
         for i, job in enumerate(jobs):
+            self.language_ids(job.language)
             chosen = self._adapter(job.adapter)
             if len(job.audio):
                 groups.setdefault(chosen, []).append(i)
@@ -479,7 +512,8 @@ class VoxtralBackend:
         for name, idx in groups.items():
             prefixes = [self.encode_prefix(jobs[i].prefix) for i in idx]
             rows = self.generate_tokens([jobs[i].audio for i in idx], adapter=name,
-                                        prefixes=prefixes)
+                                        prefixes=prefixes,
+                                        languages=[jobs[i].language for i in idx])
             for i, pre, row in zip(idx, prefixes, rows, strict=True):
                 done[i] = Done(jobs[i], self.decode(pre + row).strip(), len(row))
         return done

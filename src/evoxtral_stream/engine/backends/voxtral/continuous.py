@@ -304,7 +304,9 @@ class RowDecoder(abc.ABC):
         backend = self.backend
         device = backend.loaded.device
         prefixes = [backend.encode_prefix(job.prefix) for job, _ in todo]
-        ids_rows, mask_rows = backend.spec.left_padded([len(a) for _, a in todo], prefixes)
+        languages = [backend.language_ids(job.language) for job, _ in todo]
+        ids_rows, mask_rows = backend.spec.left_padded([len(a) for _, a in todo], prefixes,
+                                                       languages)
         ids = torch.tensor(ids_rows, dtype=torch.long).to(device, non_blocking=True)
         mask = torch.tensor(mask_rows, dtype=torch.long).to(device, non_blocking=True)
         # Real tokens numbered from 0, padding at 0: what generate does.

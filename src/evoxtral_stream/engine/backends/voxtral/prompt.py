@@ -17,7 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-__all__ = ["SPECIAL_TOKENS", "PromptSpec", "Tokenizer"]
+__all__ = ["LANGUAGES", "SPECIAL_TOKENS", "PromptSpec", "Tokenizer", "language_ids"]
+
+#: The languages Voxtral-Mini-3B-2507 transcribes (its model card), and
+#: "auto": no ``lang:xx`` in the prompt, the model detects the language.
+LANGUAGES = ("auto", "de", "en", "es", "fr", "hi", "it", "nl", "pt")
 
 # The control tokens the prompt needs, with the ids the published Voxtral
 # tokenizer gives them; PromptSpec reads the ids from the tokenizer itself.
@@ -74,8 +78,9 @@ class PromptSpec:
     def from_tokenizer(cls, tok: Tokenizer, language: str) -> PromptSpec:
         """Read ids and audio geometry from a Tekken tokenizer with an audio block.
 
-        ``language`` is an ISO 639-1 code, or "" / "auto" for detection.
-        Raises ValueError when the tokenizer has no audio config.
+        ``language`` is one of :data:`LANGUAGES`, or "" for detection.
+        Raises ValueError when the tokenizer has no audio config or the
+        language is not one of :data:`LANGUAGES`.
         """
         audio = tok.audio
         if audio is None or audio.chunk_length_s is None:
@@ -87,10 +92,8 @@ class PromptSpec:
         # mistral-common's count for a padded window: frames / (samples per
         # token / hop), rounded up (AudioEncoder._encode_audio_tokens).
         per_tok = int(float(int(audio.sampling_rate // audio.frame_rate)) / enc.hop_length)
-        lang = language.strip()
-        lang_ids = () if lang in ("", "auto") else tuple(tok.encode(f"lang:{lang}", False, False))
         return cls(
-            language=lang_ids,
+            language=language_ids(tok, language),
             sampling_rate=int(audio.sampling_rate),
             samples_per_window=samples,
             frames_per_window=frames,
@@ -105,8 +108,9 @@ class PromptSpec:
         """Number of 30 s windows for ``n_samples`` samples (at least one)."""
         return max(1, math.ceil(n_samples / self.samples_per_window))
 
-    def ids(self, n_samples: int) -> list[int]:
-        """The prompt for ``n_samples`` samples of audio."""
+    def ids(self, n_samples: int, language: Sequence[int] | None = None) -> list[int]:
+        """The prompt for ``n_samples`` samples of audio, in ``language`` (the
+        ids of its ``lang:xx``; None: :attr:`language`, empty: detect)."""
         n_audio = self.windows(n_samples) * self.tokens_per_window
         return [
             self.bos,
@@ -114,22 +118,40 @@ class PromptSpec:
             self.begin_audio,
             *([self.audio] * n_audio),
             self.end_inst,
-            *self.language,
+            *(self.language if language is None else language),
             self.transcribe,
         ]
 
     def left_padded(
-        self, lengths: Sequence[int], suffixes: Sequence[Sequence[int]] | None = None
+        self,
+        lengths: Sequence[int],
+        suffixes: Sequence[Sequence[int]] | None = None,
+        languages: Sequence[Sequence[int] | None] | None = None,
     ) -> tuple[list[list[int]], list[list[int]]]:
         """Prompts for audio of ``lengths`` samples, left-padded to one length.
 
         ``suffixes`` (one per row) are appended after each prompt: the tokens
-        of a committed prefix the model continues from. Returns (ids,
-        attention masks), one row per length.
+        of a committed prefix the model continues from. ``languages`` (one
+        per row) are as in :meth:`ids`. Returns (ids, attention masks), one
+        row per length.
         """
         tails = suffixes if suffixes is not None else [()] * len(lengths)
-        rows = [self.ids(n) + list(t) for n, t in zip(lengths, tails, strict=True)]
+        langs = languages if languages is not None else [None] * len(lengths)
+        rows = [self.ids(n, lang) + list(t)
+                for n, t, lang in zip(lengths, tails, langs, strict=True)]
         width = max(len(r) for r in rows)
         ids = [[self.pad] * (width - len(r)) + r for r in rows]
         masks = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
         return ids, masks
+
+
+def language_ids(tok: Tokenizer, language: str) -> tuple[int, ...]:
+    """The ids of ``lang:xx`` for ``language`` (one of :data:`LANGUAGES`);
+    none for "auto" or "". Raises ValueError for any other code."""
+    lang = language.strip().lower()
+    if lang in ("", "auto"):
+        return ()
+    if lang not in LANGUAGES:
+        raise ValueError(f"Voxtral does not transcribe language {language!r} "
+                         f"(it knows {', '.join(LANGUAGES)})")
+    return tuple(tok.encode(f"lang:{lang}", False, False))

@@ -212,10 +212,11 @@ class SlotDecoder(RowDecoder):
         return 0 if self._cache is None else self._cache.columns
 
     def span(self, job: Job) -> int:
-        """Columns ``job`` needs: its prompt, prefix and budget."""
+        """Columns ``job`` needs: its prompt (in its language), prefix and budget."""
         backend = self.backend
         prefix = len(backend.encode_prefix(job.prefix))
-        prompt = len(backend.spec.ids(len(job.audio))) + prefix
+        language = backend.language_ids(job.language)
+        prompt = len(backend.spec.ids(len(job.audio), language)) + prefix
         return prompt + backend.row_budget(len(job.audio), prefix)
 
     def warm_up(self, rows: int) -> list[int]:

@@ -1,0 +1,89 @@
+"""A language per stream: checked when the stream opens, carried by every
+request to the model, changeable between requests."""
+
+from __future__ import annotations
+
+import pytest
+
+from evoxtral_stream.audio.resample import int16_to_float32
+from evoxtral_stream.config import load_config
+from evoxtral_stream.engine.backends.base import Backend, BackendError, Job, Multilingual
+from evoxtral_stream.engine.backends.whisper import WhisperBackend
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.events import DecodeRequest, RequestKind
+from evoxtral_stream.run import LatencyLog
+from tests.fakes import LanguageScriptedBackend, ScriptedBackend, words_so_far
+from tests.speech import have_espeak, speak, speech_with_pauses
+
+pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+
+SENTENCES = ["Good evening and welcome to the live captioning demo.",
+             "Thank you for listening, and have a wonderful night."]
+
+
+def test_embedded_whisper_is_english_only(whisper_backend: Backend) -> None:
+    assert isinstance(whisper_backend, WhisperBackend)
+    assert isinstance(whisper_backend, Multilingual)
+    assert whisper_backend.languages == ("en",)
+    audio = int16_to_float32(speak(SENTENCES[0]))
+    plain, english = whisper_backend.transcribe_jobs([Job(0, audio), Job(1, audio, language="en")])
+    assert plain.text == english.text and "welcome" in plain.text.lower()
+    with pytest.raises(BackendError, match="does not transcribe language 'fr'"):
+        whisper_backend.transcribe_jobs([Job(0, audio, language="fr")])
+
+
+async def test_open_stream_checks_the_language(whisper_backend: Backend) -> None:
+    async with Engine(load_config(), whisper_backend) as engine:
+        assert engine.languages == ("en",)
+        assert engine.open_stream("a", language="en").language is None  # model.language
+        with pytest.raises(ValueError, match=r"unknown language 'fr' \(known: en\)"):
+            engine.open_stream("b", language="fr")
+        assert "b" not in engine.streams
+        await engine.close_streams()
+    # A backend that cannot switch languages takes model.language only.
+    async with Engine(load_config(overrides={"model.language": "de"}),
+                      ScriptedBackend()) as engine:
+        assert engine.languages == ()
+        engine.open_stream("a", language="de")
+        with pytest.raises(ValueError, match="de only: the backend cannot switch languages"):
+            engine.open_stream("b", language="en")
+        await engine.close_streams()
+
+
+async def test_every_request_carries_its_stream_language() -> None:
+    audio, spans = speech_with_pauses(SENTENCES, pause_s=1.2)
+    # The switch comes once the first sentence's pause has ended it.
+    half = spans[1][0]
+    backend = LanguageScriptedBackend(words_so_far)
+    log = LatencyLog()
+    async with Engine(load_config(), backend) as engine:
+        engine.add_listener(log)
+        fr = engine.open_stream("fr", language="fr")
+        plain = engine.open_stream("plain")
+        for stream in (fr, plain):
+            stream.push(audio[:half])
+        # From now on stream "fr" is German; a code the backend lacks changes nothing.
+        with pytest.raises(ValueError, match="unknown language 'xx'"):
+            fr.set_language("xx")
+        assert fr.language == "fr"
+        await fr.wait_idle()
+        fr.set_language("de")
+        for stream in (fr, plain):
+            stream.push(audio[half:])
+            await stream.close()
+    requests = [j.key for j in backend.jobs if isinstance(j.key, DecodeRequest)]
+    assert len(requests) == len(backend.jobs)
+    fr_langs = [r.language for r in requests if r.stream == "fr"]
+    assert {r.language for r in requests if r.stream == "plain"} == {None}
+    # Switched once, between requests, never back.
+    assert fr_langs[0] == "fr" and fr_langs[-1] == "de"
+    switch = fr_langs.index("de")
+    assert set(fr_langs[:switch]) == {"fr"} and set(fr_langs[switch:]) == {"de"}
+    assert any(r.kind is RequestKind.FINAL for r in requests if r.language == "fr")
+    # The captions are what the backend said in each language.
+    finals = {s: [c.text for c in log.captions(s) if c.final] for s in ("fr", "plain")}
+    assert len(finals["fr"]) == len(finals["plain"]) == 2
+    assert finals["fr"][0].startswith("fr:") and finals["fr"][1].startswith("de:")
+    assert all(t.startswith("default:") for t in finals["plain"])
+    assert [t.split(":", 1)[1] for t in finals["fr"]] == [
+        p.split(":", 1)[1] for p in finals["plain"]]
