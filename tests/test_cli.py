@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import soundfile as sf
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Subprotocol
 
 from evoxtral_stream.data import sample_path, sample_text
 from tests.text_norm import loose_wer
@@ -252,63 +259,90 @@ def test_subtitle_tag_styles_and_layout_come_from_config(tmp_path: Path) -> None
                    "captions.srt_tags must be one of 'inline', 'strip'")
 
 
-async def test_serve_debug_logs_every_handshake_line_but_no_token(tmp_path: Path) -> None:
-    """``serve --debug`` logs each handshake header (websockets), yet no token:
-    neither the one a client sends by header, query or subprotocol, nor the
-    subprotocol the server echoes, nor a token it refuses."""
-    import asyncio
-    import signal
+BY_HEADER, BY_QUERY, BY_PROTOCOL = "hdr-S3cret_1", "qry-S3cret_2", "sub-S3cret_3.x~"
+UNKNOWN_TOKEN = "unknown-S3cret_4"
+SECRETS = (BY_HEADER, BY_QUERY, BY_PROTOCOL, UNKNOWN_TOKEN)
 
-    from websockets.asyncio.client import ClientConnection, connect
-    from websockets.exceptions import InvalidStatus
-    from websockets.typing import Subprotocol
 
+def _tokens_override() -> str:
+    """``--set`` value giving the three known tokens the subscribe role."""
     from evoxtral_stream.server.auth import hash_token
 
-    by_header, by_query, by_protocol = "hdr-S3cret_1", "qry-S3cret_2", "sub-S3cret_3.x~"
-    unknown = "unknown-S3cret_4"
     tokens = ", ".join(f'{{hash = "{hash_token(t)}", roles = ["subscribe"]}}'
-                       for t in (by_header, by_query, by_protocol))
-    log = tmp_path / "stderr.log"
-    # stderr to a file, not a pipe: nothing reads a pipe while the test runs,
-    # and --debug writes enough to fill one.
+                       for t in (BY_HEADER, BY_QUERY, BY_PROTOCOL))
+    return f"auth.tokens=[{tokens}]"
+
+
+async def _serve_logging_to(log: Path, *args: str) -> tuple[asyncio.subprocess.Process, str]:
+    """Start ``serve --port 0 ARGS`` with stderr to the file ``log``; return the
+    process and its captions URL once it serves. A file, not a pipe: nothing
+    reads a pipe while a test runs, and --debug writes enough to fill one."""
     with log.open("w") as err:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "evoxtral_stream", "serve", "--port", "0", "--source",
-            "none", "--no-print", "--debug", "--set", f"auth.tokens=[{tokens}]",
-            stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            sys.executable, "-m", "evoxtral_stream", "serve", "--port", "0", *args,
+            stdout=subprocess.PIPE, stderr=err, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    async def started() -> str:
+        # The text line, or the msg of the JSON one: the URL is followed by a blank.
+        while "serving captions on " not in (text := await asyncio.to_thread(log.read_text)):
+            assert proc.returncode is None, text
+            await asyncio.sleep(0.1)
+        return text.split("serving captions on ", 1)[1].split()[0]
+
     try:
-        async def started() -> str:
-            while "serving captions on " not in (text := log.read_text()):
-                assert proc.returncode is None, text
-                await asyncio.sleep(0.1)
-            return text.split("serving captions on ", 1)[1].split()[0]
+        return proc, await asyncio.wait_for(started(), 120)
+    except BaseException:
+        proc.kill()
+        await proc.wait()
+        raise
 
-        url = await asyncio.wait_for(started(), 120)
 
-        async def hello(ws: ClientConnection) -> None:
-            assert json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "hello"
+async def _hello(ws: ClientConnection) -> dict[str, Any]:
+    msg: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 30))
+    assert msg["type"] == "hello"
+    return msg
 
-        async with connect(url, additional_headers={"authorization": f"Bearer {by_header}"}) \
-                as ws:
-            await hello(ws)
-        async with connect(f"{url}?stream=talk&token={by_query}") as ws:
-            await hello(ws)
-        async with connect(url, subprotocols=[Subprotocol("other"),
-                                              Subprotocol(f"evoxtral.token.{by_protocol}")]) \
-                as ws:
-            await hello(ws)
-        with pytest.raises(InvalidStatus):
-            async with connect(url, additional_headers={"Authorization": f"Bearer {unknown}"}):
-                pass
+
+async def _present_every_token(url: str) -> None:
+    """Subscribe with each carrier of a known token, and once with an unknown one."""
+    async with connect(url, additional_headers={"authorization": f"Bearer {BY_HEADER}"}) \
+            as ws:
+        await _hello(ws)
+    async with connect(f"{url}?stream=talk&token={BY_QUERY}") as ws:
+        await _hello(ws)
+    async with connect(url, subprotocols=[Subprotocol("other"),
+                                          Subprotocol(f"evoxtral.token.{BY_PROTOCOL}")]) as ws:
+        await _hello(ws)
+    with pytest.raises(InvalidStatus):
+        async with connect(url, additional_headers={"Authorization": f"Bearer {UNKNOWN_TOKEN}"}):
+            pass
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> bytes:
+    """SIGTERM ``proc``, wait for it; return its stdout."""
+    try:
         proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.wait(), 60)
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        return out
     finally:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_serve_debug_logs_every_handshake_line_but_no_token(tmp_path: Path) -> None:
+    """``serve --debug`` logs each handshake header (websockets), yet no token:
+    neither the one a client sends by header, query or subprotocol, nor the
+    subprotocol the server echoes, nor a token it refuses."""
+    log = tmp_path / "stderr.log"
+    proc, url = await _serve_logging_to(log, "--source", "none", "--no-print", "--debug",
+                                        "--set", _tokens_override())
+    try:
+        await _present_every_token(url)
+    finally:
+        await _stop(proc)
     text = log.read_text()
-    for secret in (by_header, by_query, by_protocol, unknown):
+    for secret in SECRETS:
         assert secret not in text, text
     # The lines are there, redacted: both ways for the subprotocol.
     assert "< authorization: Bearer ***\n" in text, text
@@ -317,3 +351,91 @@ async def test_serve_debug_logs_every_handshake_line_but_no_token(tmp_path: Path
     assert "> Sec-WebSocket-Protocol: evoxtral.token.***\n" in text, text
     assert "< Authorization: Bearer ***\n" in text, text
     assert "refused /v1/captions" in text, text
+
+
+JSON_KEYS = {"ts", "level", "logger", "msg"}
+
+
+def _json_lines(text: str) -> list[dict[str, Any]]:
+    """Every line of ``text`` as a JSON object with the core keys, or fail naming the line."""
+    records = []
+    for line in text.splitlines():
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            raise AssertionError(f"not a JSON line: {line!r}") from None
+        assert isinstance(obj, dict) and obj.keys() >= JSON_KEYS, line
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", obj["ts"]), line
+        records.append(obj)
+    return records
+
+
+async def test_serve_json_logs_are_one_object_per_line_without_tokens(tmp_path: Path) -> None:
+    """``serve --log-format json --debug`` on the bundled sample (embedded
+    Whisper): every stderr line is a JSON object, status lines included; the
+    handshake lines are there as messages, their tokens redacted; captions
+    still go to stdout as text."""
+    log = tmp_path / "stderr.log"
+    proc, url = await _serve_logging_to(
+        log, "--source", "sample", "--backend", "whisper", "--log-format", "json", "--debug",
+        "--set", _tokens_override())
+    try:
+        await _present_every_token(url)
+        async with connect(f"{url}?token={BY_QUERY}") as ws:  # until a final caption
+            while not ((msg := json.loads(await asyncio.wait_for(ws.recv(), 60)))["type"]
+                       == "caption" and msg["final"]):
+                pass
+    finally:
+        out = (await _stop(proc)).decode()
+    assert proc.returncode == 0
+    text = log.read_text()
+    for secret in SECRETS:
+        assert secret not in text, text
+    records = _json_lines(text)
+    msgs = [r["msg"] for r in records]
+    assert any(m.startswith("backend: whisper") for m in msgs), msgs
+    assert any(m.startswith("serving captions on ws://") for m in msgs), msgs
+    assert any(m.startswith("stopping: finishing open captions") for m in msgs), msgs
+    assert {r["level"] for r in records} >= {"DEBUG", "INFO"}
+    # The handshake lines are there, redacted (websockets logs one record each).
+    for line in ("< GET /v1/captions?token=*** HTTP/1.1", "< authorization: Bearer ***",
+                 "< Sec-WebSocket-Protocol: other, evoxtral.token.***",
+                 "> Sec-WebSocket-Protocol: evoxtral.token.***",
+                 "< Authorization: Bearer ***"):
+        assert line in msgs, msgs
+    assert any("refused /v1/captions" in m for m in msgs), msgs
+    # Captions are not logs: text on stdout, as in text mode.
+    captions = [line for line in out.splitlines() if line.startswith("[")]
+    assert captions and "Good evening" in out, out
+
+
+def test_transcribe_json_logs_and_json_errors(tmp_path: Path) -> None:
+    """--log-format json: stderr is JSON lines, the summary an INFO record; a
+    bad [logging] value is one ERROR record and status 2, in text mode the
+    usual one line."""
+    proc = cli("transcribe", "--sample", "--no-partials", "--log-format", "json")
+    assert proc.returncode == 0, proc.stderr
+    records = _json_lines(proc.stderr)
+    assert any(" finals" in r["msg"] and r["level"] == "INFO" for r in records), records
+    assert "] " in proc.stdout  # the captions
+    # format from the config file; -q still wins over its level.
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[logging]\nformat = "json"\nlevel = "debug"\n')
+    proc = cli("transcribe", "--sample", "--no-partials", "--config", str(mine), "-q")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    proc = cli("transcribe", "--sample", "--log-format", "json",
+               "--set", "logging.level=verbose")
+    assert proc.returncode == 2
+    [record] = _json_lines(proc.stderr)
+    assert record["level"] == "ERROR"
+    assert record["msg"] == ("logging.level must be one of 'debug', 'info', 'warning', "
+                             "'error', got 'verbose'")
+    one_error_line(cli("transcribe", "--sample", "--set", "logging.format=xml"),
+                   "logging.format must be one of 'text', 'json', got 'xml'")
+    # With --debug the traceback is the exc of one CRITICAL record.
+    proc = cli("transcribe", "--sample", "--log-format", "json", "--debug",
+               "--set", "vad.frame_ms=25")
+    assert proc.returncode == 1
+    [record] = _json_lines(proc.stderr)
+    assert record["level"] == "CRITICAL"
+    assert record["exc"].startswith("Traceback") and "vad.frame_ms" in record["exc"]

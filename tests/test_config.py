@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from evoxtral_stream.config import CONFIG_ENV, ConfigError, load_config, parse_override
+from evoxtral_stream.config import (
+    CONFIG_ENV,
+    ConfigError,
+    LoggingConfig,
+    load_config,
+    parse_override,
+)
 
 
 def test_defaults_load_and_a_user_file_overrides_only_its_keys(tmp_path: Path) -> None:
@@ -36,6 +42,12 @@ def test_defaults_load_and_a_user_file_overrides_only_its_keys(tmp_path: Path) -
     ({"model.voxtral.adapters": {"rl": "x"}}, "needs model.voxtral.merge_lora = false"),
     ({"model.voxtral.adapters": {"rl": 3}, "model.voxtral.merge_lora": False},
      "model.voxtral.adapters must be a table of name"),
+    ({"logging.format": "xml"}, "logging.format must be one of 'text', 'json', got 'xml'"),
+    ({"logging.format": "JSON"}, "logging.format must be one of 'text', 'json', got 'JSON'"),
+    ({"logging.level": "trace"},
+     "logging.level must be one of 'debug', 'info', 'warning', 'error', got 'trace'"),
+    ({"logging.level": 10}, "logging.level must be str, got 10"),
+    ({"logging.colour": True}, "unknown config key 'logging.colour'"),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(overrides: dict[str, object],
                                                        message: str) -> None:
@@ -77,3 +89,13 @@ def test_named_adapters_are_an_open_table(tmp_path: Path) -> None:
                     '[model.voxtral.adapters]\nrl = "YongkangZOU/evoxtral-rl"\n')
     cfg = load_config(mine, env={})
     assert cfg.model.voxtral.adapters == {"rl": "YongkangZOU/evoxtral-rl"}
+
+
+def test_logging_defaults_to_todays_text_at_info_and_a_file_may_choose_json(
+        tmp_path: Path) -> None:
+    assert load_config(env={}).logging == LoggingConfig(format="text", level="info")
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[logging]\nformat = "json"\n')
+    cfg = load_config(mine, env={})
+    assert (cfg.logging.format, cfg.logging.level) == ("json", "info")
+    assert load_config(mine, {"logging.level": "debug"}, env={}).logging.level == "debug"

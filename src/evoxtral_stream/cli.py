@@ -3,6 +3,11 @@
 Errors meant for people (bad config, unreadable audio, missing model or
 audio device) are printed as one line and exit with status 2; ``--debug``
 shows the traceback instead.
+
+Logs go to stderr, as ``[logging] format`` (or ``--log-format``) says. In
+``json`` mode everything the command writes to stderr is a JSON line: the
+status lines and that one error line become log records too. Captions and
+results on stdout are not logs and never change.
 """
 
 from __future__ import annotations
@@ -22,15 +27,16 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .audio.sources import AudioInputError, list_input_devices, read_audio_file
-from .config import Config, ConfigError, load_config, parse_override
+from .config import Config, ConfigError, LoggingConfig, load_config, parse_override
 from .console import CaptionPrinter
 from .data import sample_path
 from .engine.backends import BackendUnavailable, load_backend
 from .engine.engine import Engine, StreamSummary
 from .events import SAMPLE_RATE, CaptionEvent, EngineEvent
+from .logs import FORMATS, LEVELS, configure_logging, install_json_hooks
 from .run import FileJob, LatencyLog, transcribe_samples
 from .server.app import CaptionServer
-from .server.auth import install_token_redaction
+from .server.auth import install_token_redaction, redact_tokens
 from .server.protocol import event_to_dict
 from .text.formats import CueLayout, TagStyle, to_srt, to_vtt
 
@@ -59,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="shortcut for --set model.backend=...")
     common.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    common.add_argument("--log-format", choices=FORMATS,
+                        help="log lines on stderr: text, or json (one object per line) for "
+                             "log shippers (default: [logging] format, else text)")
 
     p = argparse.ArgumentParser(
         prog="evoxtral-stream",
@@ -142,20 +151,52 @@ def _load_config(args: argparse.Namespace) -> Config:
             overrides[key] = value
     if getattr(args, "no_partials", False):
         overrides["stream.partial_interval_ms"] = 0
+    if args.log_format:
+        overrides["logging.format"] = args.log_format
+    if args.debug or args.quiet:
+        overrides["logging.level"] = "debug" if args.debug else "warning"
     return load_config(args.config, overrides)
 
 
-def _setup_logging(args: argparse.Namespace) -> None:
-    level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+def _flag_logging(args: argparse.Namespace) -> LoggingConfig:
+    """What the flags alone ask of logging: used until the config is loaded."""
+    level = "debug" if args.debug else "warning" if args.quiet else "info"
+    return LoggingConfig(format=args.log_format or "text", level=level)
+
+
+_NOISY_LOGGERS = ("websockets", "faster_whisper", "httpx", "urllib3")
+
+
+def _setup_logging(logs: LoggingConfig) -> None:
+    """Send log records to stderr in ``logs.format`` from ``logs.level`` up.
+
+    Called with the flags' settings first, then again with the loaded config
+    (where the flags already won); the second call reformats the same handler.
+    """
+    level = LEVELS[logs.level]
+    json_mode = logs.format == "json"
+    handler = configure_logging(logs.format, level, stream=sys.stderr,
+                                redact=redact_tokens)
     # Tokens out of the logs, in every mode: under --debug websockets logs
     # each handshake header, and in any mode a message or traceback may hold
     # a URL. On the root's handlers, which see the records of every logger.
+    # In json mode the formatter redacts extra= fields too, which the filter
+    # does not see.
     install_token_redaction()
-    if not args.debug:
-        for noisy in ("websockets", "faster_whisper", "httpx", "urllib3"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+    for noisy in _NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.NOTSET if level <= logging.DEBUG
+                                          else logging.WARNING)
+    if json_mode and handler is not None:
+        install_json_hooks()
+
+
+def _notice(cfg: Config, message: str) -> None:
+    """A status line for the operator on stderr: printed as it always was in
+    text mode, an INFO record in json mode (so stderr stays JSON lines)."""
+    if cfg.logging.format == "json":
+        log.info("%s", message)
+    else:
+        print(message, file=sys.stderr)
 
 
 # --- commands ----------------------------------------------------------------
@@ -211,9 +252,10 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
                     await stack.enter_async_context(server)
                     await _start_mqtt(stack, cfg, engine)
                     scheme = "wss" if cfg.server.tls_cert else "ws"
-                    print(f"serving captions on {scheme}://{cfg.server.host}:{server.port}"
-                          "/v1/captions", file=sys.stderr)
-                bar = _progress(total)
+                    _notice(cfg, f"serving captions on {scheme}://{cfg.server.host}:"
+                                 f"{server.port}/v1/captions")
+                # No progress bar in json mode: stderr holds JSON lines only.
+                bar = None if cfg.logging.format == "json" else _progress(total)
                 try:
                     progress = None if bar is None else (
                         lambda n: bar.update(n / SAMPLE_RATE))
@@ -231,11 +273,11 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
     lat = sorted(record.final_latencies())
     if not args.quiet:
         p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else float("nan")
-        print(f"{len(summaries)} stream(s), {audio_s:.1f} s of audio in {elapsed:.1f} s "
-              f"(speed ×{audio_s / max(elapsed, 1e-9):.1f}); "
-              f"{sum(s.finals for s in summaries)} finals, "
-              f"{sum(s.partials for s in summaries)} partials; "
-              f"final latency p95 {p95:.2f} s", file=sys.stderr)
+        _notice(cfg, f"{len(summaries)} stream(s), {audio_s:.1f} s of audio in "
+                     f"{elapsed:.1f} s (speed ×{audio_s / max(elapsed, 1e-9):.1f}); "
+                     f"{sum(s.finals for s in summaries)} finals, "
+                     f"{sum(s.partials for s in summaries)} partials; "
+                     f"final latency p95 {p95:.2f} s")
     return 0 if all(s.errors == 0 for s in summaries) else 1
 
 
@@ -313,8 +355,8 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
         if not args.no_print:
             engine.add_listener(CaptionPrinter())
         scheme = "wss" if cfg.server.tls_cert else "ws"
-        print(f"serving captions on {scheme}://{cfg.server.host}:{server.port}/v1/captions "
-              "(Ctrl-C to stop)", file=sys.stderr)
+        _notice(cfg, f"serving captions on {scheme}://{cfg.server.host}:{server.port}"
+                     "/v1/captions (Ctrl-C to stop)")
         stream_id = args.stream or source
         feeder: asyncio.Task[Any] | None = None
         mic: MicrophoneCapture | None = None
@@ -341,8 +383,8 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, engine.give_up)
         if engine.streams:
-            print("stopping: finishing open captions (press Ctrl-C again to stop at once)",
-                  file=sys.stderr)
+            _notice(cfg, "stopping: finishing open captions "
+                         "(press Ctrl-C again to stop at once)")
         # Flush open segments as finals while subscribers are still connected;
         # only then does the server close them (1001, going away).
         drained = await engine.drain()
@@ -360,8 +402,8 @@ async def _start_mqtt(stack: contextlib.AsyncExitStack, cfg: Config, engine: Eng
     engine.add_listener(publisher)
     stack.callback(engine.remove_listener, publisher)
     scheme = "mqtts" if cfg.mqtt.tls else "mqtt"
-    print(f"publishing captions to {scheme}://{cfg.mqtt.host}:{cfg.mqtt.port}/"
-          f"{cfg.mqtt.prefix}/", file=sys.stderr)
+    _notice(cfg, f"publishing captions to {scheme}://{cfg.mqtt.host}:{cfg.mqtt.port}/"
+                 f"{cfg.mqtt.prefix}/")
 
 
 def _cmd_devices(args: argparse.Namespace, cfg: Config) -> int:
@@ -411,28 +453,38 @@ def _cmd_export_merged(args: argparse.Namespace, cfg: Config) -> int:
         export_merged(cfg.model.voxtral, args.outdir)
     except ExportError as e:
         raise UserError(str(e)) from None
-    print(f"merged model written to {args.outdir}", file=sys.stderr)
+    _notice(cfg, f"merged model written to {args.outdir}")
     return 0
 
 
-def _fail(message: str) -> NoReturn:
-    print(f"evoxtral-stream: error: {message}", file=sys.stderr)
+def _fail(message: str, logs: LoggingConfig) -> NoReturn:
+    """Report an error meant for people in one line (an ERROR record in json mode)."""
+    if logs.format == "json":
+        log.error("%s", message)
+    else:
+        print(f"evoxtral-stream: error: {message}", file=sys.stderr)
     raise SystemExit(EXIT_USAGE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    _setup_logging(args)
+    # The flags' logging now, so that an error in the config itself is
+    # reported in the format --log-format asked for; the config's next.
+    logs = _flag_logging(args)
+    _setup_logging(logs)
     commands = {"serve": _cmd_serve, "transcribe": _cmd_transcribe, "devices": _cmd_devices,
                 "eval": _cmd_eval, "export-merged": _cmd_export_merged,
                 "hash-token": _cmd_hash_token}
     try:
         cfg = _load_config(args)
+        if cfg.logging != logs:
+            logs = cfg.logging
+            _setup_logging(logs)
         return commands[args.command](args, cfg)
     except (ConfigError, AudioInputError, BackendUnavailable, UserError) as e:
         if args.debug:
             raise
-        _fail(str(e))
+        _fail(str(e), logs)
     except KeyboardInterrupt:
         return 130
 

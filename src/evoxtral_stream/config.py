@@ -32,6 +32,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "JournalConfig",
+    "LoggingConfig",
     "ModelConfig",
     "MqttConfig",
     "ServerConfig",
@@ -196,6 +197,7 @@ class Config:
     mqtt: MqttConfig
     auth: AuthConfig
     journal: JournalConfig
+    logging: LoggingConfig
 
 
 T = TypeVar("T")
@@ -449,6 +451,21 @@ class JournalConfig:
     def __post_init__(self) -> None:
         if self.enabled and not self.dir:
             raise ConfigError("journal.dir must name a folder when journal.enabled = true")
+
+
+# --- [logging] ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Log records on stderr (``logs.py``); see ``[logging]`` in config.toml.
+
+    The command line's ``--log-format`` wins over ``format``, and ``--debug``
+    or ``-q`` over ``level``.
+    """
+
+    format: str = field(metadata=_choices("text", "json"))
+    level: str = field(metadata=_choices("debug", "info", "warning", "error"))
 
 
 # --- [auth] -------------------------------------------------------------------

@@ -1,0 +1,231 @@
+"""Log output: the text lines people read, or one JSON object per line.
+
+``[logging] format`` picks the formatter. ``"text"`` is the historical
+``LEVEL logger: message``. ``"json"`` (:class:`JsonFormatter`) is for log
+shippers (Loki, ELK, journald → Vector): every record is one line holding
+one JSON object, a multi-line message or traceback included.
+
+:func:`configure_logging` owns one handler on the root logger, like
+:func:`logging.basicConfig`, and can be called again to change its format
+and level once the config file is read. Stdlib only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import threading
+import types
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+__all__ = [
+    "FORMATS",
+    "HANDLER_NAME",
+    "LEVELS",
+    "TEXT_FORMAT",
+    "JsonFormatter",
+    "configure_logging",
+    "install_json_hooks",
+    "make_formatter",
+]
+
+#: The ``[logging] format`` values.
+FORMATS = ("text", "json")
+#: ``[logging] level`` values and the :mod:`logging` levels they stand for.
+LEVELS: Mapping[str, int] = types.MappingProxyType({
+    "debug": logging.DEBUG, "info": logging.INFO,
+    "warning": logging.WARNING, "error": logging.ERROR,
+})
+#: The ``text`` format (what the engine has always written).
+TEXT_FORMAT = "%(levelname)s %(name)s: %(message)s"
+#: The name of the root handler :func:`configure_logging` adds and later finds.
+HANDLER_NAME = "evoxtral-stream"
+
+# Attributes every LogRecord has (plus the two the stdlib formatter adds):
+# anything else on a record came from ``extra=``.
+_RESERVED = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+# Keys of the JSON object itself; an ``extra=`` field of the same name is
+# written as ``extra_<name>`` instead of replacing it.
+_CORE = frozenset({"ts", "level", "logger", "msg", "exc", "stack"})
+# Nested ``extra=`` values deeper than this are stringified (cycles end here).
+_MAX_DEPTH = 16
+
+
+def _text(obj: object) -> str:
+    """``str(obj)``, else its ``repr``, else a placeholder: never raises."""
+    for convert in (str, repr):
+        try:
+            return convert(obj)
+        except Exception:
+            pass
+    return f"<unprintable {type(obj).__name__}>"
+
+
+class JsonFormatter(logging.Formatter):
+    """Formats a record as one line of JSON; never raises.
+
+    Keys: ``ts`` (RFC 3339, UTC, milliseconds: ``2025-01-31T12:00:00.123Z``),
+    ``level`` (``INFO``...), ``logger``, ``msg`` (the message with its
+    arguments applied), ``exc`` (the traceback, when the record has
+    exception info), ``stack`` (with ``stack_info=True``), then every
+    ``extra=`` field: JSON values as they are (finite numbers, strings,
+    booleans, null, lists and string-keyed tables of those), anything else
+    as its ``str()``. The output is ASCII (``\\uXXXX`` escapes), so it is
+    valid JSON on a stream of any encoding, and has no line break.
+
+    ``redact``, when given, rewrites every string written (message,
+    traceback, stack and extra fields, keys included): a redacting log
+    filter only sees the message and traceback, not the extra fields.
+    If a record cannot be formatted at all, a line saying so is written.
+    """
+
+    def __init__(self, redact: Callable[[str], str] | None = None) -> None:
+        super().__init__()
+        self._redact = redact
+
+    def format(self, record: logging.LogRecord) -> str:
+        try:
+            return self._format(record)
+        except Exception as e:  # the contract: a log call always yields a line
+            return json.dumps({
+                "ts": self._ts(record), "level": _text(getattr(record, "levelname", "?")),
+                "logger": _text(getattr(record, "name", "?")),
+                "msg": f"log record could not be formatted ({type(e).__name__})",
+            })
+
+    @staticmethod
+    def _ts(record: logging.LogRecord) -> str:
+        try:
+            when = datetime.fromtimestamp(record.created, UTC)
+        except Exception:
+            when = datetime.now(UTC)
+        return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+    def _str(self, text: str) -> str:
+        return self._redact(text) if self._redact is not None else text
+
+    def _message(self, record: logging.LogRecord) -> str:
+        try:
+            return record.getMessage()
+        except Exception:
+            # As the redacting filter does: show what there is.
+            return (f"{_text(record.msg)} (arguments that do not fit: "
+                    f"{_text(record.args)})")
+
+    def _exception(self, record: logging.LogRecord) -> str | None:
+        # exc_text first: a filter (RedactTokens) may have rewritten it.
+        if not record.exc_text and record.exc_info and record.exc_info[0] is not None:
+            try:
+                record.exc_text = self.formatException(record.exc_info)
+            except Exception as e:
+                return f"{_text(record.exc_info[1])} (traceback unavailable: {type(e).__name__})"
+        return record.exc_text or None
+
+    def _value(self, value: object, depth: int = 0) -> Any:
+        if value is None or isinstance(value, bool | int):
+            return value
+        if isinstance(value, float):
+            return value if math.isfinite(value) else str(value)
+        if isinstance(value, str):
+            return self._str(value)
+        if depth < _MAX_DEPTH:
+            if isinstance(value, list | tuple):
+                return [self._value(v, depth + 1) for v in value]
+            if isinstance(value, dict):
+                return dict(self._entry(_text(k), v, depth + 1) for k, v in value.items())
+        return self._str(_text(value))
+
+    def _entry(self, key: str, value: object, depth: int) -> tuple[str, Any]:
+        """A table entry, redacted as the line ``key: value`` would be, so that
+        ``{"Authorization": "Bearer TOKEN"}`` loses its token too."""
+        name = self._str(key)
+        if isinstance(value, str) and self._redact is not None:
+            head = f"{name}: "
+            line = self._redact(head + value)
+            if line.startswith(head):
+                return name, self._redact(line[len(head):])
+        return name, self._value(value, depth)
+
+    def _format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": self._ts(record), "level": record.levelname, "logger": record.name,
+            "msg": self._str(self._message(record)),
+        }
+        exc = self._exception(record)
+        if exc:
+            out["exc"] = self._str(exc)
+        if record.stack_info:
+            out["stack"] = self._str(_text(record.stack_info))
+        for key, value in list(vars(record).items()):
+            if key in _RESERVED or key.startswith("_"):
+                continue
+            name, field = self._entry(key, value, 0)
+            out[f"extra_{name}" if name in _CORE else name] = field
+        return json.dumps(out, ensure_ascii=True, allow_nan=False)
+
+
+def make_formatter(fmt: str, redact: Callable[[str], str] | None = None) -> logging.Formatter:
+    """The formatter for ``fmt`` (one of :data:`FORMATS`); ``redact`` only applies to JSON."""
+    if fmt == "json":
+        return JsonFormatter(redact)
+    if fmt == "text":
+        return logging.Formatter(TEXT_FORMAT)
+    raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def configure_logging(fmt: str, level: int, *, stream: TextIO | None = None,
+                      redact: Callable[[str], str] | None = None) -> logging.Handler | None:
+    """Write log records to ``stream`` (default: ``sys.stderr``) in ``fmt`` from ``level`` up.
+
+    As :func:`logging.basicConfig` does, it adds a handler (named
+    :data:`HANDLER_NAME`) only when the root logger has none, and sets the
+    root level. Called again, it changes that handler's format and the level.
+    When the root's handlers belong to someone else (pytest, a program
+    embedding the engine), nothing is changed and ``None`` is returned;
+    otherwise the handler.
+    """
+    formatter = make_formatter(fmt, redact)
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if h.get_name() == HANDLER_NAME), None)
+    if handler is None:
+        if root.handlers:
+            return None
+        handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+        handler.set_name(HANDLER_NAME)
+        root.addHandler(handler)
+    handler.setFormatter(formatter)
+    root.setLevel(level)
+    return handler
+
+
+def install_json_hooks() -> None:
+    """Route what Python itself writes to stderr through logging, so that
+    stderr stays one JSON object per line: warnings (``py.warnings``), and
+    uncaught exceptions of the main thread and of other threads (CRITICAL
+    and ERROR records of the ``evoxtral_stream`` logger, traceback in
+    ``exc``). Process-wide; meant for the command line in JSON mode."""
+    log = logging.getLogger("evoxtral_stream")
+    logging.captureWarnings(True)
+
+    def excepthook(exc_type: type[BaseException], exc: BaseException,
+                   tb: types.TracebackType | None) -> None:
+        if issubclass(exc_type, KeyboardInterrupt):
+            sys.__excepthook__(exc_type, exc, tb)
+            return
+        log.critical("uncaught exception: %s", _text(exc), exc_info=(exc_type, exc, tb))
+
+    def thread_excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:  # what the default hook ignores too
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        exc_info = (None if args.exc_value is None
+                    else (args.exc_type, args.exc_value, args.exc_traceback))
+        log.error("uncaught exception in thread %s: %s", name, _text(args.exc_value),
+                  exc_info=exc_info)
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook

@@ -1,0 +1,220 @@
+"""Log formatting (logs.py): the JSON lines contract, pure; then the root handler."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from evoxtral_stream.logs import (
+    HANDLER_NAME,
+    TEXT_FORMAT,
+    JsonFormatter,
+    configure_logging,
+    make_formatter,
+)
+from evoxtral_stream.server.auth import REDACTED, RedactTokens, redact_tokens
+
+RFC3339_MS_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+def record(msg: object, *args: object, level: int = logging.INFO, **attrs: Any
+           ) -> logging.LogRecord:
+    rec = logging.LogRecord("evoxtral_stream.test", level, __file__, 1, msg, args or None, None)
+    for k, v in attrs.items():
+        setattr(rec, k, v)
+    return rec
+
+
+def one_object(line: str) -> dict[str, Any]:
+    assert "\n" not in line and "\r" not in line, line
+    assert line.isascii(), line
+    obj: dict[str, Any] = json.loads(line)
+    return obj
+
+
+def test_core_keys_and_the_formatted_message() -> None:
+    rec = record("caption %s of %d", "seg", 3, level=logging.WARNING)
+    rec.created = 1735646400.1239  # 2024-12-31T12:00:00.123Z
+    obj = one_object(JsonFormatter().format(rec))
+    assert obj == {"ts": "2024-12-31T12:00:00.123Z", "level": "WARNING",
+                   "logger": "evoxtral_stream.test", "msg": "caption seg of 3"}
+
+
+def test_timestamp_is_rfc3339_utc_with_milliseconds() -> None:
+    assert RFC3339_MS_UTC.match(one_object(JsonFormatter().format(record("x")))["ts"])
+
+
+def test_newlines_stay_inside_the_string() -> None:
+    obj = one_object(JsonFormatter().format(record("line one\nline two\r\n\u2028end")))
+    assert obj["msg"] == "line one\nline two\r\n\u2028end"
+
+
+def test_exception_info_gives_exc_with_the_traceback() -> None:
+    try:
+        raise ValueError("bad thing\nsecond line")
+    except ValueError:
+        rec = record("failed", exc_info=sys.exc_info())
+    obj = one_object(JsonFormatter().format(rec))
+    assert obj["msg"] == "failed"
+    assert obj["exc"].startswith("Traceback (most recent call last):")
+    assert obj["exc"].endswith("ValueError: bad thing\nsecond line")
+    assert "exc" not in one_object(JsonFormatter().format(record("no exception")))
+
+
+def test_stack_info_gives_stack() -> None:
+    obj = one_object(JsonFormatter().format(record("here", stack_info="Stack (most recent):\n x")))
+    assert obj["stack"] == "Stack (most recent):\n x"
+
+
+class Opaque:
+    def __str__(self) -> str:
+        return "opaque!"
+
+
+class Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def test_extra_fields_json_values_kept_others_stringified() -> None:
+    rec = record("m", stream="talk", seq=7, ratio=0.5, ok=True, none=None,
+                 ids=(1, "a"), nested={"k": [1, {"deep": Opaque()}], 3: "int key"},
+                 obj=Opaque(), nan=float("nan"), bad=Unprintable())
+    obj = one_object(JsonFormatter().format(rec))
+    assert obj["stream"] == "talk" and obj["seq"] == 7 and obj["ratio"] == 0.5
+    assert obj["ok"] is True and obj["none"] is None and obj["ids"] == [1, "a"]
+    assert obj["nested"] == {"k": [1, {"deep": "opaque!"}], "3": "int key"}
+    assert obj["obj"] == "opaque!" and obj["nan"] == "nan"
+    assert obj["bad"] == "<unprintable Unprintable>"
+
+
+def test_an_extra_field_never_replaces_a_core_key() -> None:
+    obj = one_object(JsonFormatter().format(record("real", level=logging.ERROR,
+                                                   ts="fake", level_="x", exc="e")))
+    assert obj["level"] == "ERROR" and obj["msg"] == "real"
+    assert obj["extra_ts"] == "fake" and obj["extra_exc"] == "e" and obj["level_"] == "x"
+    assert RFC3339_MS_UTC.match(obj["ts"])
+
+
+def test_a_cycle_in_an_extra_field_is_cut() -> None:
+    loop: list[object] = [1]
+    loop.append(loop)
+    obj = one_object(JsonFormatter().format(record("m", loop=loop)))
+    assert obj["loop"][0] == 1
+
+
+@pytest.mark.parametrize("rec", [
+    record("%d items", "not a number"),
+    record("%s and %s", "only one"),
+    record(Unprintable()),
+    record("%s", Unprintable()),
+])
+def test_bad_arguments_still_yield_a_line(rec: logging.LogRecord) -> None:
+    obj = one_object(JsonFormatter().format(rec))
+    assert obj["level"] == "INFO" and isinstance(obj["msg"], str)
+
+
+def test_a_record_that_cannot_be_formatted_still_yields_a_line() -> None:
+    rec = record("m")
+    rec.levelname = Unprintable()  # type: ignore[assignment]
+    rec.created = "not a time"  # type: ignore[assignment]
+    obj = one_object(JsonFormatter().format(rec))
+    assert obj["level"] == "<unprintable Unprintable>"
+    assert "could not be formatted" in obj["msg"]
+
+
+def test_through_a_handler_with_the_redacting_filter() -> None:
+    """As the command line sets it up: RedactTokens on the handler, JSON
+    formatter with redaction for the extra fields the filter does not see."""
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setFormatter(JsonFormatter(redact=redact_tokens))
+    handler.addFilter(RedactTokens())
+    logger = logging.getLogger("test_logs.redact")
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        logger.debug("> GET /v1/captions?token=%s HTTP/1.1\n> Authorization: Bearer %s",
+                     "s3cr3t-q", "s3cr3t-h")
+        try:
+            raise OSError("cannot open ws://h/v1/captions?token=s3cr3t-exc")
+        except OSError:
+            logger.exception("connect failed for %s", "evoxtral.token.s3cr3t-sub")
+        logger.info("with extra", extra={"url": "ws://h/?token=s3cr3t-x",
+                                         "Authorization": "Bearer s3cr3t-top",
+                                         "headers": {"authorization": "Bearer s3cr3t-d",
+                                                     "x": ["Bearer not-a-header"]}})
+        logger.info("%d bad args", "?token=s3cr3t-args")
+    finally:
+        logger.removeHandler(handler)
+    text = buf.getvalue()
+    assert "s3cr3t" not in text, text
+    lines = [one_object(line) for line in text.splitlines()]
+    assert len(lines) == 4
+    assert lines[0]["msg"] == (f"> GET /v1/captions?token={REDACTED} HTTP/1.1\n"
+                               f"> Authorization: Bearer {REDACTED}")
+    assert lines[1]["msg"] == f"connect failed for evoxtral.token.{REDACTED}"
+    assert lines[1]["exc"].endswith(f"OSError: cannot open ws://h/v1/captions?token={REDACTED}")
+    assert lines[2]["url"] == f"ws://h/?token={REDACTED}"
+    assert lines[2]["Authorization"] == f"Bearer {REDACTED}"
+    assert lines[2]["headers"] == {"authorization": f"Bearer {REDACTED}",
+                                   "x": ["Bearer not-a-header"]}
+
+
+def test_make_formatter_text_is_the_historical_format() -> None:
+    fmt = make_formatter("text")
+    assert fmt.format(record("hello %s", "you")) == "INFO evoxtral_stream.test: hello you"
+    assert TEXT_FORMAT == "%(levelname)s %(name)s: %(message)s"
+    assert isinstance(make_formatter("json"), JsonFormatter)
+    with pytest.raises(ValueError, match="text, json"):
+        make_formatter("xml")
+
+
+@contextmanager
+def bare_root() -> Iterator[logging.Logger]:
+    """The root logger without pytest's handlers, restored afterwards."""
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    root.handlers.clear()
+    try:
+        yield root
+    finally:
+        root.handlers[:] = saved
+        root.setLevel(level)
+
+
+def test_configure_owns_one_handler_and_reformats_it() -> None:
+    buf = io.StringIO()
+    with bare_root() as root:
+        handler = configure_logging("text", logging.INFO, stream=buf)
+        assert handler is not None and handler.get_name() == HANDLER_NAME
+        logging.getLogger("evoxtral_stream.t").info("as text")
+        logging.getLogger("evoxtral_stream.t").debug("not shown")
+        assert configure_logging("json", logging.DEBUG, stream=io.StringIO()) is handler
+        assert root.handlers == [handler] and root.level == logging.DEBUG
+        logging.getLogger("evoxtral_stream.t").debug("as json")
+    first, second = buf.getvalue().splitlines()
+    assert first == "INFO evoxtral_stream.t: as text"
+    assert one_object(second)["msg"] == "as json"
+
+
+def test_configure_leaves_foreign_handlers_alone() -> None:
+    foreign = logging.StreamHandler(io.StringIO())
+    with bare_root() as root:
+        root.addHandler(foreign)
+        root.setLevel(logging.ERROR)
+        assert configure_logging("json", logging.DEBUG) is None
+        assert root.handlers == [foreign] and root.level == logging.ERROR
+    assert foreign.formatter is None
