@@ -42,6 +42,9 @@ ignored, so a replay never synthesises twice.
 
 A server with access tokens gets ``--token`` (default ``$EVOXTRAL_TOKEN``)
 as ``Authorization: Bearer``; a refused token stops the bridge with one line.
+Logs go to stderr, tokens redacted; ``--log-format json`` writes the
+engine's JSON lines (one object per line, the refusal included) for a log
+shipper.
 
 Run ``python clients/tts_bridge.py --help``.
 """
@@ -74,6 +77,8 @@ from _auth import add_token_option, auth_headers, install_token_redaction, refus
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from evoxtral_stream.logs import configure_logging
+from evoxtral_stream.server.auth import redact_tokens
 from evoxtral_stream.server.protocol import parse_since as parse_since_values
 from evoxtral_stream.text.tags import Carry, TagKind, Token, render, tokenize
 
@@ -880,6 +885,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit when the connection is lost instead of resuming")
     add_token_option(p)
     p.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="log lines on stderr: text, or json (one object per line) for log "
+                        "shippers (default: %(default)s)")
     el = p.add_argument_group("elevenlabs")
     el.add_argument("--api-key", help="API key (default $ELEVENLABS_API_KEY; an option "
                                       "is visible to other users in the process list)")
@@ -923,8 +931,14 @@ def _synth_from_args(args: argparse.Namespace) -> Synthesizer:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (0 ok, 1 error, 130 Ctrl-C)."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    level = logging.DEBUG if args.debug else logging.INFO
+    if args.log_format == "json":
+        # The engine's JSON lines (ts, level, logger, msg, exc); its formatter
+        # also redacts extra= fields, which the filter below does not see.
+        configure_logging("json", level, redact=redact_tokens)
+    else:
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
+                            datefmt="%H:%M:%S")
     # Tokens out of the log: --debug shows websockets' handshake lines (the
     # Authorization header among them), and a --url may carry ?token=.
     install_token_redaction()
@@ -942,7 +956,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BridgeError, ValueError) as e:
         if args.debug:
             raise
-        print(f"tts_bridge: {e}", file=sys.stderr)
+        if args.log_format == "json":
+            log.error("%s", e)
+        else:
+            print(f"tts_bridge: {e}", file=sys.stderr)
         return 1
     log.info("done: %d written, %d failed, %d skipped, %d gaps, %d reconnects",
              stats.written, stats.failed, stats.skipped, stats.gaps, stats.reconnects)

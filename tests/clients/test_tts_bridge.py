@@ -712,6 +712,29 @@ async def test_a_token_in_the_url_is_not_logged(
     assert "token=***" in err, err
 
 
+@NEEDS_ESPEAK
+async def test_json_logs_are_one_object_per_line_without_the_token(
+    tmp_path: Path, guarded: tuple[Engine, CaptionServer],
+) -> None:
+    _, server = guarded
+    publish_finals(server, "talk", ["[sighs] one."])
+    code, err = await run_bridge(server.port, tmp_path / "out", "--log-format", "json",
+                                 "--debug", "--token", SUBSCRIBE_TOKEN, env_token=None)
+    assert code == 0, err
+    lines = [json.loads(line) for line in err.splitlines()]
+    assert lines and all({"ts", "level", "logger", "msg"} <= set(r) for r in lines)
+    assert any("1 written, 0 failed" in r["msg"] for r in lines)
+    assert any(r["msg"] == "> Authorization: Bearer ***" for r in lines), err
+    assert SUBSCRIBE_TOKEN not in err
+    # A refusal is one ERROR record, still without the token.
+    code, err = await run_bridge(server.port, tmp_path / "out2", "--log-format", "json",
+                                 "--token", "wrong-" + SUBSCRIBE_TOKEN, env_token=None)
+    assert code == 1
+    (refused,) = [json.loads(line) for line in err.splitlines()]
+    assert refused["level"] == "ERROR" and "refused the token (HTTP 401)" in refused["msg"]
+    assert SUBSCRIBE_TOKEN not in err
+
+
 @pytest.mark.parametrize(("args", "env_token", "line"),
                          refused_token_cases("subscribe"))
 async def test_a_refused_token_stops_the_bridge_with_one_line(
