@@ -58,6 +58,7 @@ async def test_subscriber_gets_hello_partials_then_finals(
         assert hello["type"] == "hello"
         assert hello["v"] == 1
         assert hello["backend"] == "scripted"
+        assert (hello["languages"], hello["adapters"]) == (["en"], [])
         stream = engine.open_stream("talk", source="test")
         await feed_samples(stream, audio, 1600, realtime=False)
         messages: list[dict[str, Any]] = []

@@ -270,6 +270,9 @@ async def test_ingest_chooses_a_language_per_stream() -> None:
     audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
     pcm = audio.astype("<i2").tobytes()
     async with Engine(cfg, backend) as engine, CaptionServer(engine, cfg.server) as server:
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/captions") as ws:
+            hello = await recv_json(ws)
+            assert hello["languages"] == ["en", "de", "fr"]  # the default first
         url = f"ws://127.0.0.1:{server.port}/v1/ingest"
         for fmt, language in (({"language": "fr"}, "fr"), ({}, "en"), ({"language": "en"}, "en")):
             async with connect(f"{url}?stream=probe") as ws:

@@ -43,8 +43,11 @@ def test_events_match_the_documented_schema(event: EngineEvent) -> None:
 
 
 def test_hello_and_errors_match_the_schema() -> None:
-    hello = validate_message(encode_hello("whisper", ["mic"], ["captions"]))
+    hello = validate_message(encode_hello("whisper", ["mic"], ["captions"], ["en"]))
     assert hello["v"] == 1
+    assert (hello["languages"], hello["adapters"]) == (["en"], [])
+    hello = validate_message(encode_hello("voxtral", [], [], ["en", "auto", "fr"], ["default"]))
+    assert (hello["languages"], hello["adapters"]) == (["en", "auto", "fr"], ["default"])
     validate_message(encode_error("unexpected_message", "no", None))
 
 

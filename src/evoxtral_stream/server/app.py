@@ -361,8 +361,12 @@ class CaptionServer:
             return
         sub = self.broadcaster.subscribe(names or None, since)
         try:
-            await ws.send(encode_hello(self._engine.backend.name,
-                                       sorted(self._engine.streams), _CAPABILITIES))
+            engine = self._engine
+            default = engine.config.model.language
+            await ws.send(encode_hello(
+                engine.backend.name, sorted(engine.streams), _CAPABILITIES,
+                [default, *(code for code in engine.languages if code != default)],
+                engine.adapter_names))
             await self._relay(ws, sub, self._ignore_incoming(ws))
         finally:
             self.broadcaster.unsubscribe(sub)

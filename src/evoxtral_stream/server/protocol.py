@@ -97,7 +97,11 @@ def encode_event(ev: EngineEvent) -> str:
     return _dumps(event_to_dict(ev))
 
 
-def encode_hello(backend: str, streams: Sequence[str], capabilities: Sequence[str]) -> str:
+def encode_hello(backend: str, streams: Sequence[str], capabilities: Sequence[str],
+                 languages: Sequence[str] = (), adapters: Sequence[str] = ()) -> str:
+    """The ``hello`` message. ``languages`` lists what an ingest stream may
+    ask for, the default (``model.language``) first; ``adapters`` likewise
+    (empty: the backend cannot switch)."""
     return _dumps({
         "type": "hello",
         "v": PROTOCOL_VERSION,
@@ -106,6 +110,8 @@ def encode_hello(backend: str, streams: Sequence[str], capabilities: Sequence[st
         "backend": backend,
         "capabilities": list(capabilities),
         "streams": list(streams),
+        "languages": list(languages),
+        "adapters": list(adapters),
     })
 
 
