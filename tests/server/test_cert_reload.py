@@ -22,7 +22,9 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.server import certs as certs_module
 from evoxtral_stream.server.app import CaptionServer
+from evoxtral_stream.server.auth import load_server_certificate
 from evoxtral_stream.server.certs import (
     CertWatcher,
     FileStamp,
@@ -249,6 +251,34 @@ def test_a_renewal_is_loaded_into_the_same_context(pki: Pki, tmp_path: Path, how
     assert records(caplog, logging.INFO) == [
         f"server TLS certificate reloaded from {cert} and {key}"]
     assert records(caplog, logging.ERROR) == []
+
+
+def test_files_changing_during_a_reload_never_leave_the_context_without_its_key(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The check and the live load read one copy of the files: a second
+    renewal landing between them (here: right after the check) cannot make
+    the live load fail half way, which would leave no usable key."""
+    cert, key = live_files(tmp_path, pki.alpha)
+    served = ServerCertificate.open(str(cert), str(key))
+    assert served is not None
+    replace(key, pki.bravo[1].read_bytes())
+    replace(cert, pki.bravo[0].read_bytes())
+    loads: list[str] = []
+
+    def then_alpha_key_lands(ctx: ssl.SSLContext, c: str, k: str, **kw: Any) -> None:
+        load_server_certificate(ctx, c, k, **kw)
+        if not loads:  # after the check: the live files stop matching
+            replace(key, pki.alpha[1].read_bytes())
+        loads.append(c)
+
+    monkeypatch.setattr(certs_module, "load_server_certificate", then_alpha_key_lands)
+    assert served.poll() == "reloaded"
+    assert len(loads) == 2 and str(cert) not in loads  # both from the copy
+    assert handshake_cn(served.context, pki.ca) == "bravo"
+    # The mismatched files on disk now fail to load, and bravo stays served.
+    assert served.poll() == "failed"
+    assert handshake_cn(served.context, pki.ca) == "bravo"
 
 
 @pytest.mark.parametrize(("bad", "reason"), [

@@ -22,14 +22,19 @@ do about it:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import ssl
+import tempfile
 from collections.abc import Iterable
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from ..config import ConfigError
 from .auth import load_server_certificate, tls_context
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 __all__ = ["CertWatcher", "FileStamp", "Fingerprint", "ServerCertificate", "fingerprint"]
 
@@ -144,27 +149,44 @@ class ServerCertificate:
         seen = fingerprint((self.cert, self.key))
         if not self._watcher.due(seen):
             return "unchanged"
+        shown = (self.cert, self.key)
         try:
-            # A scratch context first: OpenSSL drops the live context's key as
-            # soon as a certificate that does not match it is set, so loading a
-            # half-renewed pair straight into it would break every handshake.
-            tls_context(self.cert, self.key)
+            # Both loads read one private copy of the files: were they read
+            # twice, a renewal landing in between could pass the check and
+            # then fail in the live context. And a scratch context first:
+            # OpenSSL drops the live context's key as soon as a certificate
+            # that does not match it is set, so loading a half-renewed pair
+            # straight into it would break every handshake.
+            with _snapshot(self.cert, self.key) as (cert, key):
+                scratch = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                load_server_certificate(scratch, cert, key, shown=shown)
+                load_server_certificate(self.context, cert, key, shown=shown)
         except (ConfigError, OSError) as e:
             if self._watcher.failed(seen, str(e)):
                 log.error("server TLS files %s and %s changed but cannot be loaded: %s; "
                           "still serving the previous certificate, and trying again at each "
                           "check", self.cert, self.key, e)
             return "failed"
-        try:
-            load_server_certificate(self.context, self.cert, self.key)
-        except (ConfigError, OSError) as e:
-            # Only when the files changed again between the two loads (micro-
-            # seconds): the live context may now lack a usable key, until the
-            # next poll loads the files once they are whole.
-            self._watcher.failed(seen, str(e))
-            log.error("server TLS files %s and %s changed while being loaded: %s; new "
-                      "connections may fail until the next check", self.cert, self.key, e)
-            return "failed"
         self._watcher.loaded(seen)
         log.info("server TLS certificate reloaded from %s and %s", self.cert, self.key)
         return "reloaded"
+
+
+@contextlib.contextmanager
+def _snapshot(cert: str, key: str) -> Iterator[tuple[str, str]]:
+    """Private copies of ``cert`` and ``key``, each read once, for the life of
+    the block (a folder only this user can read, removed after)."""
+    contents: list[bytes] = []
+    for name, path in (("tls_cert", cert), ("tls_key", key)):
+        try:
+            with open(path, "rb") as f:
+                contents.append(f.read())
+        except (FileNotFoundError, IsADirectoryError):
+            raise ConfigError(f"server.{name} {path!r} is not a file") from None
+    with tempfile.TemporaryDirectory(prefix="evoxtral-tls-") as folder:
+        paths = (os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem"))
+        for path, data in zip(paths, contents, strict=True):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        yield paths
