@@ -77,7 +77,7 @@ from _auth import add_token_option, auth_headers, install_token_redaction, refus
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from evoxtral_stream.logs import configure_logging
+from evoxtral_stream.logs import configure_logging, install_json_hooks
 from evoxtral_stream.server.auth import redact_tokens
 from evoxtral_stream.server.protocol import parse_since as parse_since_values
 from evoxtral_stream.text.tags import Carry, TagKind, Token, render, tokenize
@@ -712,8 +712,13 @@ class TtsBridge:
     async def run(self) -> BridgeStats:
         """Run until ``max_captions``, ``exit_on_end``, or (without
         ``reconnect``) the connection's end; raise :class:`BridgeError` when
-        the server cannot be reached at first or refuses the subscription."""
-        self.cfg.out.mkdir(parents=True, exist_ok=True)
+        the server cannot be reached at first, refuses the subscription, or
+        ``out`` cannot be made a folder."""
+        try:
+            self.cfg.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BridgeError(f"cannot use {str(self.cfg.out)!r} as the output folder: "
+                              f"{e.strerror or e}") from None
         reader = asyncio.ensure_future(self._read())
         writer = asyncio.ensure_future(self._synthesize_all())
         try:
@@ -936,6 +941,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The engine's JSON lines (ts, level, logger, msg, exc); its formatter
         # also redacts extra= fields, which the filter below does not see.
         configure_logging("json", level, redact=redact_tokens)
+        install_json_hooks()  # uncaught errors and warnings as JSON lines too
     else:
         logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s",
                             datefmt="%H:%M:%S")

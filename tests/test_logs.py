@@ -5,8 +5,11 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
+import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -218,3 +221,36 @@ def test_configure_leaves_foreign_handlers_alone() -> None:
         assert configure_logging("json", logging.DEBUG) is None
         assert root.handlers == [foreign] and root.level == logging.ERROR
     assert foreign.formatter is None
+
+
+def test_json_mode_keeps_stderr_json_for_libraries_and_unraisable_errors() -> None:
+    """In a fresh interpreter (the hooks are process-wide): transformers and
+    huggingface_hub warnings, a warning, an exception in ``__del__`` and an
+    uncaught one all come out as JSON lines, each once."""
+    program = textwrap.dedent("""
+        import logging, warnings
+        from evoxtral_stream.logs import configure_logging, install_json_hooks
+        configure_logging("json", logging.INFO)
+        install_json_hooks()
+        import transformers.utils.logging as tl
+        tl.get_logger("transformers.generation").warning("pad token set")
+        import huggingface_hub.utils.logging as hl
+        hl.get_logger("huggingface_hub.file_download").warning("hub says")
+        warnings.warn("careful")
+        class Dying:
+            def __del__(self):
+                raise ValueError("boom in del")
+        d = Dying(); del d
+        raise RuntimeError("the end")
+    """)
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1
+    records = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert [(r["level"], r["logger"]) for r in records] == [
+        ("WARNING", "transformers.generation"), ("WARNING", "huggingface_hub.file_download"),
+        ("WARNING", "py.warnings"), ("ERROR", "evoxtral_stream"),
+        ("CRITICAL", "evoxtral_stream")]
+    assert records[0]["msg"] == "pad token set" and records[1]["msg"] == "hub says"
+    assert "boom in del" in records[3]["msg"] and "ValueError" in records[3]["exc"]
+    assert "RuntimeError: the end" in records[4]["exc"]

@@ -28,6 +28,7 @@ __all__ = [
     "LEVELS",
     "TEXT_FORMAT",
     "JsonFormatter",
+    "adopt_library_loggers",
     "configure_logging",
     "install_json_hooks",
     "make_formatter",
@@ -204,12 +205,23 @@ def configure_logging(fmt: str, level: int, *, stream: TextIO | None = None,
 
 def install_json_hooks() -> None:
     """Route what Python itself writes to stderr through logging, so that
-    stderr stays one JSON object per line: warnings (``py.warnings``), and
+    stderr stays one JSON object per line: warnings (``py.warnings``),
     uncaught exceptions of the main thread and of other threads (CRITICAL
     and ERROR records of the ``evoxtral_stream`` logger, traceback in
-    ``exc``). Process-wide; meant for the command line in JSON mode."""
+    ``exc``), exceptions Python can only report ("Exception ignored in",
+    from ``__del__`` and the like), and the libraries that print on their
+    own handlers (:func:`adopt_library_loggers`). Process-wide; meant for the
+    command line in JSON mode."""
     log = logging.getLogger("evoxtral_stream")
     logging.captureWarnings(True)
+    adopt_library_loggers()
+
+    def unraisablehook(args: sys.UnraisableHookArgs) -> None:
+        exc_info = (None if args.exc_value is None
+                    else (args.exc_type, args.exc_value, args.exc_traceback))
+        where = f" in {_text(args.object)}" if args.object is not None else ""
+        log.error("%s%s: %s", args.err_msg or "Exception ignored", where,
+                  _text(args.exc_value), exc_info=exc_info)
 
     def excepthook(exc_type: type[BaseException], exc: BaseException,
                    tb: types.TracebackType | None) -> None:
@@ -229,3 +241,33 @@ def install_json_hooks() -> None:
 
     sys.excepthook = excepthook
     threading.excepthook = thread_excepthook
+    sys.unraisablehook = unraisablehook
+
+
+def adopt_library_loggers() -> None:
+    """Have transformers and huggingface_hub log through the root logger's
+    handlers instead of their own stderr handlers (which would write plain
+    text, or each line twice), and turn off huggingface_hub's progress bars.
+    Libraries that are not installed are skipped; importing their logging
+    modules here makes them set up their handlers now, so that removing them
+    is final."""
+    try:
+        import transformers.utils.logging as transformers_logging
+    except ImportError:
+        pass
+    else:
+        transformers_logging.disable_default_handler()
+        transformers_logging.enable_propagation()
+    try:
+        # Importing its logging module adds the handler removed below.
+        import huggingface_hub.utils.logging  # noqa: F401
+        from huggingface_hub.utils import disable_progress_bars  # type: ignore[attr-defined]
+    except ImportError:
+        pass
+    else:
+        hub = logging.getLogger("huggingface_hub")
+        for handler in list(hub.handlers):
+            if type(handler) is logging.StreamHandler:
+                hub.removeHandler(handler)
+        hub.propagate = True
+        disable_progress_bars()

@@ -733,6 +733,18 @@ async def test_json_logs_are_one_object_per_line_without_the_token(
     (refused,) = [json.loads(line) for line in err.splitlines()]
     assert refused["level"] == "ERROR" and "refused the token (HTTP 401)" in refused["msg"]
     assert SUBSCRIBE_TOKEN not in err
+    # So is an output folder that cannot be made; in text mode, one line too.
+    (tmp_path / "a-file").write_text("")
+    for fmt in ("json", "text"):
+        code, err = await run_bridge(server.port, tmp_path / "a-file" / "out", "--log-format",
+                                     fmt, env_token=None)
+        assert code == 1
+        why = f"cannot use '{tmp_path / 'a-file' / 'out'}' as the output folder: Not a directory"
+        if fmt == "json":
+            (line,) = [json.loads(line) for line in err.splitlines()]
+            assert (line["level"], line["msg"]) == ("ERROR", why)
+        else:
+            assert err == f"tts_bridge: {why}\n"
 
 
 @pytest.mark.parametrize(("args", "env_token", "line"),
