@@ -87,3 +87,26 @@ async def test_every_request_carries_its_stream_language() -> None:
     assert all(t.startswith("default:") for t in finals["plain"])
     assert [t.split(":", 1)[1] for t in finals["fr"]] == [
         p.split(":", 1)[1] for p in finals["plain"]]
+
+
+def test_multilingual_whisper_prompts_carry_the_language_token(
+    whisper_backend: Backend, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The prompt a multilingual model gets per language, built with the real
+    Whisper tokenizer (tiny.en's vocabulary has the language tokens, so the
+    embedded model stands in for a multilingual one here)."""
+    assert isinstance(whisper_backend, WhisperBackend)
+    monkeypatch.setattr(whisper_backend, "_multilingual", True)
+    monkeypatch.setattr(whisper_backend, "_languages", None)
+    monkeypatch.setattr(whisper_backend, "_prompts", {})
+    vocab = whisper_backend._tok.tokenizer
+    languages = whisper_backend.languages
+    assert {"en", "fr", "de", "ja"} <= set(languages)
+    # No token, no code: a prompt without it would decode in no set language.
+    assert "yue" not in languages and vocab.token_to_id("<|yue|>") is None
+    sot, transcribe, no_ts = (vocab.token_to_id(t) for t in
+                              ("<|startoftranscript|>", "<|transcribe|>", "<|notimestamps|>"))
+    assert whisper_backend._prompt_for("fr") == [sot, vocab.token_to_id("<|fr|>"), transcribe,
+                                                  no_ts]
+    with pytest.raises(BackendError, match="does not transcribe language 'yue'"):
+        whisper_backend._prompt_for("yue")

@@ -75,6 +75,7 @@ class WhisperBackend:
         )
         self._prompt = [*self._tok.sot_sequence, self._tok.no_timestamps]
         self._prompts: dict[str, list[int]] = {}
+        self._languages: tuple[str, ...] | None = None
         suppress: list[int] = [] if cfg.keep_non_speech else list(self._tok.non_speech_tokens)
         # The special tokens are always suppressed, as faster-whisper does.
         suppress += [
@@ -85,13 +86,20 @@ class WhisperBackend:
 
     @property
     def languages(self) -> tuple[str, ...]:
-        """Codes a job may name: Whisper's 100 for a multilingual model,
-        only "en" for an English-only one (tiny.en)."""
+        """Codes a job may name: Whisper's codes that the model's vocabulary
+        has a token for (a multilingual model), or only "en" (tiny.en)."""
         if not self._multilingual:
             return ("en",)
-        from faster_whisper.tokenizer import _LANGUAGE_CODES
+        if self._languages is None:
+            from faster_whisper.tokenizer import _LANGUAGE_CODES
 
-        return tuple(_LANGUAGE_CODES)
+            # Only codes this model's vocabulary has a token for: before
+            # large-v3 there is no <|yue|>, and a prompt without its language
+            # token would decode in no particular language, silently.
+            vocab = self._tok.tokenizer
+            self._languages = tuple(code for code in _LANGUAGE_CODES
+                                    if vocab.token_to_id(f"<|{code}|>") is not None)
+        return self._languages
 
     def _prompt_for(self, language: str | None) -> list[int]:
         """The prompt of a job in ``language`` (None: the configured one)."""
