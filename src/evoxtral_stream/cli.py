@@ -32,7 +32,7 @@ from .console import CaptionPrinter
 from .data import sample_path
 from .engine.backends import BackendUnavailable, load_backend
 from .engine.engine import Engine, StreamSummary
-from .events import SAMPLE_RATE, CaptionEvent, EngineEvent
+from .events import MAX_STREAM_ID, SAMPLE_RATE, CaptionEvent, EngineEvent, stream_id_problem
 from .logs import FORMATS, LEVELS, configure_logging, install_json_hooks
 from .run import FileJob, LatencyLog, transcribe_samples
 from .server.app import CaptionServer
@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--source", default="mic", metavar="SRC",
                        help="'mic' (default), 'none' (serve only), 'sample', or an audio file "
                             "played at real-time pace")
-    serve.add_argument("--stream", default=None, metavar="ID", help="stream id (default: source)")
+    serve.add_argument("--stream", default=None, metavar="ID", type=_stream_id_arg,
+                       help="stream id (default: source)")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
     serve.add_argument("--exit-at-end", action="store_true",
@@ -202,10 +203,27 @@ def _notice(cfg: Config, message: str) -> None:
 # --- commands ----------------------------------------------------------------
 
 
+def _file_stream_id(path: Path) -> str:
+    """A stream id from a file name: its stem, control characters as ``_``,
+    short enough to take a ``-N`` suffix (:func:`stream_id_problem`)."""
+    stem = "".join("_" if stream_id_problem(c) else c for c in path.stem)[:MAX_STREAM_ID - 8]
+    while stem and stream_id_problem(stem + "-9999999") is not None:
+        stem = stem[:-1]  # non-ASCII characters take more room percent-encoded
+    return stem or "stream"
+
+
+def _stream_id_arg(value: str) -> str:
+    """argparse type of ``--stream``: a usable stream id."""
+    problem = stream_id_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
 def _stream_ids(paths: Sequence[Path]) -> list[str]:
     ids: list[str] = []
     for p in paths:
-        base = p.stem or "stream"
+        base = _file_stream_id(p)
         name, n = base, 1
         while name in ids:
             n += 1
@@ -331,7 +349,7 @@ def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
     if source not in ("mic", "none"):
         path = sample_path() if source == "sample" else Path(source)
         file_audio = read_audio_file(path)
-        source = path.stem
+        source = _file_stream_id(path)
     backend = load_backend(cfg.model)
     return asyncio.run(_serve(args, cfg, backend, source, file_audio))
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "MAX_STREAM_ID",
+    "MAX_STREAM_ID_ENCODED",
     "SAMPLE_RATE",
     "CaptionEvent",
     "DecodeFailure",
@@ -32,9 +35,34 @@ __all__ = [
     "StreamError",
     "StreamStarted",
     "TagMark",
+    "stream_id_problem",
 ]
 
 SAMPLE_RATE = 16_000
+
+#: The longest stream id, in characters.
+MAX_STREAM_ID = 128
+#: The longest stream id once percent-encoded as UTF-8 (what a journal file
+#: name holds: with its index and start it stays under 255 bytes).
+MAX_STREAM_ID_ENCODED = 200
+
+
+def stream_id_problem(stream_id: str) -> str | None:
+    """Why ``stream_id`` cannot name a stream (one line), or None when it can:
+    1 to :data:`MAX_STREAM_ID` characters and at most
+    :data:`MAX_STREAM_ID_ENCODED` bytes percent-encoded, no control character."""
+    shown = f"{stream_id[:40]!r}{'...' if len(stream_id) > 40 else ''}"
+    if not stream_id or len(stream_id) > MAX_STREAM_ID:
+        return (f"a stream id has 1 to {MAX_STREAM_ID} characters, got "
+                f"{len(stream_id)}: {shown}")
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in stream_id):
+        return f"a stream id holds no control characters, got {stream_id!r}"
+    encoded = len(quote(stream_id, safe=""))
+    if encoded > MAX_STREAM_ID_ENCODED:
+        return (f"a stream id is at most {MAX_STREAM_ID_ENCODED} bytes percent-encoded "
+                f"(fewer characters when they are not ASCII letters or digits), got "
+                f"{encoded}: {shown}")
+    return None
 
 Int16Array = npt.NDArray[np.int16]
 Float32Array = npt.NDArray[np.float32]

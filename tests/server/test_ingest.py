@@ -155,6 +155,28 @@ async def test_bad_first_message_gets_error_then_close(
         assert ws.close_code == 1008
 
 
+@pytest.mark.parametrize(("query", "why"), [
+    ("a" * 129, "a stream id has 1 to 128 characters, got 129"),
+    ("line%0Abreak", "a stream id holds no control characters, got 'line\\nbreak'"),
+])
+async def test_an_unusable_stream_id_is_refused(
+    scripted: tuple[Engine, CaptionServer], query: str, why: str,
+) -> None:
+    engine, server = scripted
+    async with connect(f"ws://127.0.0.1:{server.port}/v1/ingest?stream={query}") as ws:
+        err = await recv_json(ws)
+        assert (err["code"], err["message"].split(":")[0]) == ("bad_query", why.split(":")[0])
+        assert err["message"].startswith(why)
+        with pytest.raises(ConnectionClosed):
+            await ws.recv()
+        assert ws.close_code == 1008
+    assert engine.streams == {}
+    # The longest usable id works.
+    messages = await ingest(server.port, "b" * 128, {"sample_rate": 16000},
+                            speech_with_pauses(SENTENCES[:1], 0.8)[0].astype("<i2").tobytes())
+    assert any(m["type"] == "caption" and m["final"] for m in messages)
+
+
 async def test_misbehaving_ingest_keeps_its_finals_and_spares_other_streams(
     scripted: tuple[Engine, CaptionServer],
 ) -> None:

@@ -612,3 +612,14 @@ async def test_beta_update_and_a_named_stream(scripted: CaptionServer) -> None:
             got.append(json.loads(await asyncio.wait_for(ws.recv(), 20)))
         assert got[0]["type"] == "input_audio_buffer.committed"
         assert got[-1]["transcript"] == "scripted words"
+
+
+async def test_an_unusable_stream_id_is_refused(scripted: CaptionServer) -> None:
+    url = f"ws://127.0.0.1:{scripted.port}/v1/realtime?intent=transcription&stream={'a' * 129}"
+    async with connect(url) as ws:
+        err = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert (err["error"]["code"], err["error"]["param"]) == ("invalid_value", "stream")
+        assert err["error"]["message"].startswith("a stream id has 1 to 128 characters")
+        with pytest.raises(ConnectionClosed):
+            await asyncio.wait_for(ws.recv(), 10)
+        assert ws.close_code == 1008

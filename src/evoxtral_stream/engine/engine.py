@@ -54,6 +54,7 @@ from ..events import (
     StreamEnded,
     StreamError,
     StreamStarted,
+    stream_id_problem,
 )
 from ..text.merger import Merger
 from .backends.base import AdapterBackend, Backend, Multilingual
@@ -401,6 +402,9 @@ class Engine:
             raise RuntimeError("engine is not started")
         if self._draining:
             raise EngineStopping("the engine is shutting down: no new streams")
+        problem = stream_id_problem(stream_id)
+        if problem is not None:
+            raise ValueError(problem)
         if stream_id in self._streams:
             raise ValueError(f"stream {stream_id!r} is already open")
         if adapter is not None and adapter not in self.adapter_names:

@@ -50,7 +50,7 @@ from websockets.typing import Subprotocol
 from ..audio.resample import StreamResampler
 from ..config import AuthConfig, ServerConfig
 from ..engine.engine import Engine, EngineStopping, Stream
-from ..events import SAMPLE_RATE, Int16Array
+from ..events import SAMPLE_RATE, Int16Array, stream_id_problem
 from .auth import (
     SUBPROTOCOL_PREFIX,
     AccessPolicy,
@@ -425,6 +425,10 @@ class CaptionServer:
     async def _ingest(self, ws: ServerConnection, query: dict[str, list[str]],
                       grant: Grant) -> None:
         stream_id = (query.get("stream") or [f"ingest-{next(self._ingest_ids)}"])[0]
+        problem = stream_id_problem(stream_id)
+        if problem is not None:
+            await self._refuse(ws, "bad_query", problem)
+            return
         # The slot is taken before the config message is awaited, so neither a
         # second connection for the same id nor one past the cap slips in.
         code = self._slots.reserve(stream_id, self._engine.streams)

@@ -74,6 +74,7 @@ from ..events import (
     SpeechEnded,
     SpeechStarted,
     StreamError,
+    stream_id_problem,
 )
 from .broadcast import Broadcaster
 
@@ -994,6 +995,10 @@ async def serve_realtime(ws: ServerConnection, query: dict[str, list[str]], engi
             "with ?intent=transcription", "intent"))
         return
     stream_id = (query.get("stream") or [f"realtime-{next(_stream_ids)}"])[0]
+    problem = stream_id_problem(stream_id)
+    if problem is not None:
+        await _refuse(ws, core.error("invalid_value", problem, "stream"))
+        return
     if stream_id in engine.streams:
         await _refuse(ws, core.error("stream_busy", f"stream {stream_id!r} is already open",
                                      "stream"))

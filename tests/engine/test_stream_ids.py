@@ -1,0 +1,53 @@
+"""Stream ids: what may name a stream, wherever it comes from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from evoxtral_stream.cli import _file_stream_id
+from evoxtral_stream.config import load_config
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.engine.journal import file_name
+from evoxtral_stream.events import MAX_STREAM_ID, stream_id_problem
+from tests.fakes import ScriptedBackend
+
+
+@pytest.mark.parametrize("good", ["mic", "studio-1", "salle 2", "x.00000001", "a/b#+",
+                                  "é" * 33, "a" * MAX_STREAM_ID])
+def test_usable_ids(good: str) -> None:
+    assert stream_id_problem(good) is None
+    # The longest journal file name such an id gets stays within 255 bytes.
+    assert len(file_name(good, 99_999_999, 253_402_300_799.999).encode()) <= 255
+
+
+@pytest.mark.parametrize(("bad", "why"), [
+    ("", "a stream id has 1 to 128 characters, got 0"),
+    ("a" * 129, "a stream id has 1 to 128 characters, got 129"),
+    ("tab\there", "a stream id holds no control characters"),
+    ("del\x7f", "a stream id holds no control characters"),
+    ("c1\x85", "a stream id holds no control characters"),
+    ("é" * 34, "a stream id is at most 200 bytes percent-encoded"),
+    ("/" * 67, "a stream id is at most 200 bytes percent-encoded"),
+])
+def test_unusable_ids_say_why_in_one_line(bad: str, why: str) -> None:
+    problem = stream_id_problem(bad)
+    assert problem is not None and problem.startswith(why) and "\n" not in problem
+
+
+async def test_open_stream_refuses_an_unusable_id() -> None:
+    async with Engine(load_config(), ScriptedBackend()) as engine:
+        with pytest.raises(ValueError, match="no control characters"):
+            engine.open_stream("a\nb")
+        assert engine.streams == {}
+
+
+def test_file_names_give_usable_ids() -> None:
+    for name in ("talk.wav", "x" * 300 + ".wav", "tab\tname.flac", "é" * 200 + ".wav", ".wav"):
+        sid = _file_stream_id(Path("/audio") / name)
+        assert stream_id_problem(sid) is None, sid
+        assert stream_id_problem(sid + "-99") is None, sid  # room for a -N suffix
+    assert _file_stream_id(Path("talk.wav")) == "talk"
+    assert len(quote(_file_stream_id(Path("é" * 200 + ".wav")), safe="")) <= 200
