@@ -304,10 +304,10 @@ class Journal:
         return each remaining journaled stream's last seq."""
         self._dir.mkdir(parents=True, exist_ok=True)
         self.prune()
-        for stream in self._files():
+        for stream, paths in self._files().items():
             last = 0
             # The newest file that holds a valid record has the last seq.
-            for path in reversed(self._files()[stream]):
+            for path in reversed(paths):
                 seqs = [r.seq for r in self._read(path)]
                 if seqs:
                     last = max(seqs)
