@@ -23,9 +23,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.engine.backends.base import Backend
 from evoxtral_stream.engine.engine import Engine, Stream
-from evoxtral_stream.events import Int16Array
+from evoxtral_stream.events import DecodeRequest, Int16Array
 from evoxtral_stream.run import feed_samples
 from evoxtral_stream.server.app import CaptionServer
+from evoxtral_stream.server.auth import hash_token
 from tests.clients.conftest import (
     BOTH_TOKEN,
     FAKE_MIC_TEXT,
@@ -34,7 +35,7 @@ from tests.clients.conftest import (
     Page,
     publish_finals,
 )
-from tests.fakes import ScriptedBackend
+from tests.fakes import LanguageScriptedBackend, ScriptedBackend, words_so_far
 from tests.speech import have_espeak, speech_with_pauses
 from tests.text_norm import loose_wer
 
@@ -274,6 +275,48 @@ async def test_microphone_button_streams_speech_to_ingest(
             await page.close()
 
 
+async def test_microphone_language_and_stream_name(browser: Browser) -> None:
+    """The picker offers the hello's languages; the microphone streams in the
+    one picked, as the stream ``?mic=`` names (a token limited to some
+    streams needs that)."""
+    cfg = config()
+    backend = LanguageScriptedBackend(words_so_far)
+    async with Engine(cfg, backend) as engine, CaptionServer(engine, cfg.server) as server:
+        page = await Page.open(browser, f"http://127.0.0.1:{server.port}/?mic=desk-1")
+        try:
+            await page.wait_for(f"{STATUS} === 'live'")
+            assert await page.evaluate(
+                "[...document.getElementById('language').options].map(o => o.value)"
+            ) == ["en", "de", "fr"]
+            assert not await page.evaluate("document.getElementById('language-label').hidden")
+            await page.evaluate("document.getElementById('language').value = 'fr'")
+            await page.click("#mic")
+            await page.wait_for("evoxtral.mic?.sent > 0")
+            assert await page.evaluate("evoxtral.mic.stream") == "desk-1"
+            text = await page.wait_for(
+                f"{LINE.format(s='desk-1', n=0)}[0]?.classList.contains('final') &&"
+                f" {LINE.format(s='desk-1', n=0)}[0].querySelector('.text').textContent", 30)
+            assert text.startswith("fr: w0"), text
+            await page.click("#mic")
+            await page.wait_for("evoxtral.mic.summary", 15)
+            assert page.errors == []
+        finally:
+            await page.close()
+    languages = {j.key.language for j in backend.jobs if isinstance(j.key, DecodeRequest)}
+    assert languages == {"fr"}
+
+
+async def test_no_language_picker_when_the_server_offers_one(
+    browser: Browser, scripted: tuple[Engine, CaptionServer],
+) -> None:
+    _, server = scripted
+    page = await open_page(browser, server)
+    try:
+        assert await page.evaluate("document.getElementById('language-label').hidden")
+    finally:
+        await page.close()
+
+
 # --- access tokens ---------------------------------------------------------------------
 
 STATUS = "document.getElementById('status').textContent"
@@ -398,6 +441,40 @@ async def test_a_check_the_server_never_answers_does_not_hold_off_the_reconnect(
         stop.set()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_token_limited_to_some_streams_works_with_streams_and_mic(
+    browser: Browser,
+) -> None:
+    """A token for studio-* only: the page names its streams (?streams=) and
+    its microphone's (?mic=), and sees those alone."""
+    token = "studio-Only_4"
+    cfg = load_config(overrides={"server.port": 0, "auth.tokens": [
+        {"name": "studio", "hash": hash_token(token), "roles": ["subscribe", "ingest"],
+         "streams": ["studio-*"]}]})
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        other = engine.open_stream("lobby")
+        page = await Page.open(browser, f"http://127.0.0.1:{server.port}/"
+                                        f"?streams=studio-1,studio-2&mic=studio-2#token={token}")
+        try:
+            await page.wait_for(f"{STATUS} === 'live'")
+            publish_finals(server, "studio-1", ["first words."], ended=False)
+            await page.wait_for(f"{LINE.format(s='studio-1', n=0)}.length === 1")
+            await page.click("#mic")
+            text = await page.wait_for(
+                f"{LINE.format(s='studio-2', n=0)}[0]?.classList.contains('final') &&"
+                f" {LINE.format(s='studio-2', n=0)}[0].querySelector('.text').textContent", 30)
+            assert text.startswith("w0"), text
+            await page.click("#mic")
+            await page.wait_for("evoxtral.mic.summary", 15)
+            # The other stream never shows, not even as a name in the picker.
+            assert await page.evaluate("[...evoxtral.streams.keys()].sort()") == [
+                "studio-1", "studio-2"]
+            assert page.errors == []
+        finally:
+            await page.close()
+            await other.close()
 
 
 async def test_page_without_a_token_is_refused_until_one_is_pasted(

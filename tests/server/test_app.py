@@ -90,8 +90,12 @@ async def test_stream_filter(served: tuple[Engine, CaptionServer]) -> None:
             engine.open_stream(name, source="test")
         msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
         assert msg == {"type": "stream.started", "stream": "b", "source": "test"}
-        for s in engine.streams.values():
-            await s.close()
+    # The hello names only the open streams asked for.
+    for query, listed in (("?stream=b,c", ["b"]), ("", ["a", "b"])):
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/captions{query}") as ws:
+            assert json.loads(await ws.recv())["streams"] == listed
+    for s in engine.streams.values():
+        await s.close()
 
 
 def _raw_ws_handshake(port: int) -> socket.socket:

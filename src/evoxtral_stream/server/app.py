@@ -363,8 +363,11 @@ class CaptionServer:
         try:
             engine = self._engine
             default = engine.config.model.language
+            # Only the streams asked for: a token limited to some streams
+            # does not learn the names of the others.
+            open_now = sorted(s for s in engine.streams if not names or s in names)
             await ws.send(encode_hello(
-                engine.backend.name, sorted(engine.streams), _CAPABILITIES,
+                engine.backend.name, open_now, _CAPABILITIES,
                 [default, *(code for code in engine.languages if code != default)],
                 engine.adapter_names))
             await self._relay(ws, sub, self._ignore_incoming(ws))

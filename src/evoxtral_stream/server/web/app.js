@@ -1,12 +1,15 @@
 // evoxtral-stream live captions page (protocol v1, see docs/protocol.md).
 //
-// One subscription to /v1/captions (all streams) feeds the page; the picker
-// filters what is shown, so it always lists every stream. Each segment has
+// One subscription to /v1/captions (all streams, or those ?streams=a,b
+// names: what a token limited to some streams needs) feeds the page; the
+// picker filters what is shown, so it lists every stream subscribed to. Each segment has
 // one line: partials rewrite it in #partials, the final moves it into
 // #finals (the aria-live log). On a disconnect the page reconnects with
 // since=STREAM:SEQ for every stream it has seen, so no final is lost, and
 // drops events it already has (seq <= last seen). The microphone button
-// streams PCM16 from an AudioWorklet to /v1/ingest?stream=browser-XXXX.
+// streams PCM16 from an AudioWorklet to /v1/ingest?stream=browser-XXXX (or
+// the page's ?mic=ID, for a token limited to some streams), in the language
+// picked beside it (offered when the server's hello lists more than one).
 //
 // Access tokens: a browser WebSocket cannot set headers, so both sockets
 // carry the token as the subprotocol evoxtral.token.<TOKEN>. The token comes
@@ -26,15 +29,20 @@ const ui = {
   status: $("status"), picker: $("picker"), mic: $("mic"), finals: $("finals"),
   partials: $("partials"), notice: $("notice"), backend: $("backend"),
   main: document.querySelector("main"), auth: $("auth"), token: $("token"),
-  authWhy: $("auth-why"),
+  authWhy: $("auth-why"), language: $("language"), languageLabel: $("language-label"),
 };
+const params = new URLSearchParams(location.search);
 
 // Exposed for the browser console and the end-to-end tests.
 const state = window.evoxtral = {
   lastSeq: new Map(),   // stream -> highest seq shown
   streams: new Map(),   // stream -> {ended, option}: the picker's entries
   lines: new Map(),     // "stream\u0000segment" -> <p class="line">
-  selected: new URLSearchParams(location.search).get("stream") || "",
+  selected: params.get("stream") || "",
+  micName: params.get("mic") || "",  // the microphone's stream id ("": browser-XXXX)
+  // The streams subscribed to (empty: all of them).
+  only: (params.get("streams") || "").split(",").filter((s) => s),
+  languages: [],        // what the server's hello offers, its default first
   socket: null, url: null, connects: 0, retry: 0, fatal: false, mic: null,
   timer: null,          // the pending reconnect, if any
   token: "",            // the access token ("" for none)
@@ -272,7 +280,10 @@ function handle(msg) {
         return;
       }
       ui.backend.textContent = `${msg.server} ${msg.version} · ${msg.backend}`;
-      for (const name of msg.streams) addStream(name);
+      showLanguages(msg.languages || []);
+      for (const name of msg.streams) {
+        if (!state.only.length || state.only.includes(name)) addStream(name);
+      }
       // Resume replays captions, not stream.ended: a stream we followed that
       // is no longer open ended while we were away.
       if (state.connects > 1) {
@@ -316,7 +327,10 @@ function parse(data) {
 function connect() {
   state.timer = null;
   const since = [...state.lastSeq].map(([s, q]) => `${encodeURIComponent(s)}:${q}`).join(",");
-  const path = `v1/captions${since ? `?since=${since}` : ""}`;
+  const query = [];
+  if (state.only.length) query.push(`stream=${state.only.map(encodeURIComponent).join(",")}`);
+  if (since) query.push(`since=${since}`);
+  const path = `v1/captions${query.length ? `?${query.join("&")}` : ""}`;
   state.url = wsUrl(path);
   const ws = new WebSocket(state.url, protocols());
   let opened = false;
@@ -395,14 +409,15 @@ async function startMic() {
   }
   const id = [...crypto.getRandomValues(new Uint8Array(2))]
     .map((b) => b.toString(16).padStart(2, "0")).join("");
-  const stream = `browser-${id}`;
+  const stream = state.micName || `browser-${id}`;
   // Downmixed to one channel by the graph; 50 ms messages.
   const node = new AudioWorkletNode(ctx, "pcm16-capture", {
     numberOfInputs: 1, numberOfOutputs: 1, channelCount: 1,
     channelCountMode: "explicit", channelInterpretation: "speakers",
     processorOptions: { chunkFrames: Math.round(ctx.sampleRate / 20) },
   });
-  const path = `v1/ingest?stream=${stream}`;
+  const path = `v1/ingest?stream=${encodeURIComponent(stream)}`;
+  const language = ui.language.value;
   const ws = new WebSocket(wsUrl(path), protocols());
   ws.binaryType = "arraybuffer";
   const mic = state.mic = { stream, media, ctx, node, ws, sampleRate: ctx.sampleRate, sent: 0 };
@@ -410,7 +425,10 @@ async function startMic() {
   let opened = false;
   ws.onopen = () => {
     opened = true;
-    ws.send(JSON.stringify({ type: "config", sample_rate: ctx.sampleRate, channels: 1, format: "pcm16" }));
+    const config = { type: "config", sample_rate: ctx.sampleRate, channels: 1, format: "pcm16" };
+    // The default is left out: an older server, or one that lists no languages.
+    if (language && language !== state.languages[0]) config.language = language;
+    ws.send(JSON.stringify(config));
     ui.mic.disabled = false;
   };
   ws.onmessage = (e) => {
@@ -442,6 +460,19 @@ async function startMic() {
   addStream(stream);
   select(stream);
   setMicButton(true);
+}
+
+// The microphone's language picker: shown when the server offers a choice,
+// its default first; a choice made survives a reconnect's new hello.
+function showLanguages(languages) {
+  state.languages = languages;
+  const chosen = ui.language.value;
+  ui.language.replaceChildren(...languages.map((code, i) => {
+    const option = new Option(i === 0 ? `${code} (default)` : code, code);
+    option.selected = code === chosen;
+    return option;
+  }));
+  ui.languageLabel.hidden = languages.length < 2;
 }
 
 function stopCapture(mic) {
