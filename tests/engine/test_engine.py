@@ -69,3 +69,25 @@ async def test_finals_refused_by_a_full_worker_are_retried_not_lost() -> None:
     assert [s.finals for s in summaries] == [3, 3, 3, 3]
     finals = [e for e in record.events if isinstance(e, CaptionEvent) and e.final]
     assert len(finals) == 12
+
+
+async def test_cut_ends_the_open_segment_and_the_stream_goes_on() -> None:
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=0.0)
+    half = len(audio) // 2
+    record = LatencyLog()
+    async with Engine(load_config(), ScriptedBackend(words_so_far)) as engine:
+        engine.add_listener(record)
+        stream = engine.open_stream("s")
+        stream.push(audio[:half])
+        stream.cut()
+        stream.cut()  # nothing open: nothing happens
+        stream.push(audio[half:])
+        summary = await stream.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            stream.cut()
+    finals = [e for e in record.events if isinstance(e, CaptionEvent) and e.final]
+    assert [f.segment for f in finals] == [0, 1]
+    # Neither segment reaches across the cut.
+    assert finals[0].end <= half / 16000 + 1e-6 <= finals[1].start + 2e-6
+    assert summary.segments == summary.finals == 2
+    assert summary.duration_s == pytest.approx(len(audio) / 16000)

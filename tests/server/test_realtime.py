@@ -29,6 +29,7 @@ from evoxtral_stream.events import SAMPLE_RATE, CaptionEvent, Int16Array, Speech
 from evoxtral_stream.server.app import CaptionServer
 from evoxtral_stream.server.realtime import (
     INPUT_RATE,
+    CutSegment,
     Output,
     PushAudio,
     RealtimeTranscription,
@@ -83,12 +84,19 @@ def feed(core: RealtimeTranscription, data: bytes, chunk_ms: int = 100) -> list[
 
 def events(outputs: Sequence[Output]) -> list[dict[str, Any]]:
     return [server_event_to_dict(o) for o in outputs
-            if not isinstance(o, PushAudio | SetLanguage)]
+            if not isinstance(o, PushAudio | CutSegment | SetLanguage)]
 
 
 def pushed(outputs: Sequence[Output]) -> Int16Array:
     parts = [o.samples for o in outputs if isinstance(o, PushAudio)]
     return np.concatenate(parts) if parts else np.zeros(0, np.int16)
+
+
+def assert_one_cut_after_audio(outputs: Sequence[Output]) -> None:
+    """One :class:`CutSegment`, and no audio pushed after it."""
+    cuts = [i for i, o in enumerate(outputs) if isinstance(o, CutSegment)]
+    assert len(cuts) == 1, outputs
+    assert not any(isinstance(o, PushAudio) for o in outputs[cuts[0]:])
 
 
 def types(evs: Sequence[dict[str, Any]]) -> list[str]:
@@ -334,12 +342,17 @@ def test_commit_and_clear_in_server_vad_mode() -> None:
     core = new_core()
     core.start()
     # Half a sentence: speech is open; commit ends it now, without speech_stopped.
-    evs = events(feed(core, speech[: len(speech) // 2]))
+    fed = feed(core, speech[: len(speech) // 2])
+    evs = events(fed)
     assert types(evs) == ["input_audio_buffer.speech_started"]
     outs = core.receive(json.dumps({"type": "input_audio_buffer.commit"}))
     assert types(events(outs)) == ["input_audio_buffer.committed"]
     assert events(outs)[0]["item_id"] == evs[0]["item_id"]
-    assert len(pushed(outs)) > 0  # silence that closes the engine's segment too
+    # The engine's segment is cut too, after the resampler's held-back tail;
+    # the stream gets the client's audio and nothing else.
+    assert_one_cut_after_audio(outs)
+    client_16k = len(speech) // 2 // 2 * SAMPLE_RATE // INPUT_RATE
+    assert abs(len(pushed(fed)) + len(pushed(outs)) - client_16k) <= 1
     # Nothing open: a commit is an error.
     (err,) = events(core.receive(json.dumps({"type": "input_audio_buffer.commit",
                                              "event_id": "c9"})))
@@ -375,7 +388,9 @@ def test_manual_commit_makes_one_item_of_the_buffer() -> None:
     evs = events(outs)
     assert types(evs) == ["input_audio_buffer.committed"]  # no VAD events in manual mode
     item = evs[0]["item_id"]
-    assert len(pushed(outs)) > len(audio)  # the buffer, then closing silence
+    # The buffer (no added silence), then the cut that closes its last segment.
+    assert abs(len(pushed(outs)) - len(audio)) <= 1
+    assert_one_cut_after_audio(outs)
     assert core.segments_opened == 2  # two segments of the stream, one item
     evs = events(core.on_engine_event(caption(0, SENTENCES[0], "", final=True)))
     assert types(evs) == ["conversation.item.input_audio_transcription.delta"]
@@ -623,3 +638,36 @@ async def test_an_unusable_stream_id_is_refused(scripted: CaptionServer) -> None
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 10)
         assert ws.close_code == 1008
+
+
+async def test_commits_add_nothing_to_the_streams_timeline(scripted: CaptionServer) -> None:
+    """Two commits mid-speech: subscribers of the stream see two finals within
+    the client's own audio, and the stream lasts exactly that long."""
+    speech = pcm24(speak(SENTENCES[0]))
+    half = len(speech) // 4 * 2
+    client_s = len(speech) / 2 / INPUT_RATE
+    port = scripted.port
+    async with connect(f"ws://127.0.0.1:{port}/v1/captions?stream=cuts") as sub:
+        hello = json.loads(await asyncio.wait_for(sub.recv(), 10))
+        assert hello["type"] == "hello"
+        url = f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription&stream=cuts"
+        async with connect(url) as ws:
+            for part in (speech[:half], speech[half:]):
+                await ws.send(append_msg(part))
+                await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+                while json.loads(await asyncio.wait_for(ws.recv(), 20))["type"] != \
+                        "conversation.item.input_audio_transcription.completed":
+                    pass
+        finals: list[dict[str, Any]] = []
+        while True:
+            msg = json.loads(await asyncio.wait_for(sub.recv(), 20))
+            if msg["type"] == "caption" and msg["final"]:
+                finals.append(msg)
+            if msg["type"] == "stream.ended":
+                break
+    assert len(finals) == 2
+    assert finals[0]["end"] <= finals[1]["start"] + 1e-6
+    # A padded commit would have put about a second of silence after each cut.
+    assert finals[1]["start"] - finals[0]["end"] < 0.35  # at most the pre-roll
+    assert finals[1]["end"] <= client_s + 0.05
+    assert abs(msg["duration"] - client_s) < 0.05

@@ -62,8 +62,9 @@ class Segmenter:
     """Split a stream of mono int16 samples into speech segments.
 
     Call :meth:`feed` with samples of any length, :meth:`flush` at the end of
-    input. Audio is cut into ``frame_ms`` frames from the first sample (a
-    partial frame waits for the next call), each frame is classified by
+    input or to cut the open segment where the input stands (a "commit").
+    Audio is cut into ``frame_ms`` frames from the first sample (a partial
+    frame waits for the next call), each frame is classified by
     webrtcvad, and the events below come out. The events depend only on the
     samples, never on how they were chunked into :meth:`feed` calls.
 

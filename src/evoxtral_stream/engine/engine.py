@@ -169,6 +169,17 @@ class Stream:
             self._engine._submit(self, req)
         self._update_idle()
 
+    def cut(self) -> None:
+        """End the open segment now, as if its speech had ended: its final is
+        requested and the next audio starts a new segment (a client's
+        "commit"). Nothing is added to the stream's timeline. Raises
+        RuntimeError once :attr:`closed`, as :meth:`push` does."""
+        if self._finished:
+            raise RuntimeError(f"stream {self.id} is closed")
+        for req in self.session.cut(self._engine.now()):
+            self._engine._submit(self, req)
+        self._update_idle()
+
     async def wait_idle(self) -> None:
         """Return once no partial of this stream is in flight.
 

@@ -108,9 +108,15 @@ class StreamSession:
             requests.append(partial)
         return requests
 
+    def cut(self, now: float) -> list[DecodeRequest]:
+        """End the open segment here (if any): it becomes a final, as at a
+        natural end. Input may go on; the next segment starts after the cut
+        (the segmenter's ``flush`` contract)."""
+        return self._apply(self._segmenter.flush(), now)
+
     def finish(self, now: float) -> list[DecodeRequest]:
         """End of input: the open segment, if any, becomes a final."""
-        return self._apply(self._segmenter.flush(), now)
+        return self.cut(now)
 
     def on_result(self, result: Hypothesis | DecodeFailure) -> None:
         """Account for a result of this stream coming back from the worker."""

@@ -9,7 +9,7 @@ Two layers, like the rest of the server:
 
 - :class:`RealtimeTranscription` is pure and synchronous: client messages
   (JSON text) and engine events in, typed server events and
-  :class:`PushAudio` actions out. No sockets, no clock, no engine reference.
+  :class:`PushAudio` / :class:`CutSegment` actions out. No sockets, no clock, no engine reference.
 - :func:`serve_realtime` is the thin asyncio adapter: it opens one engine
   stream per connection, pushes what the core asks for, feeds the stream's
   engine events back to the core and sends the core's events, each
@@ -24,12 +24,15 @@ deterministic and independent of chunking, so both see the same segments
 adapter checks the count after every push and logs if they ever disagree.
 
 Committing on demand. A segment is ended early (``input_audio_buffer.commit``,
-``.clear``, switching turn detection off) by pushing digital silence until
-the segmenter closes it, plus enough more (start window and pre-roll) that
-the next segment cannot reach back before it. The silence is not audio the
-client sent: times reported to the client (``audio_start_ms``,
-``audio_end_ms``) are mapped back to the client's own audio, but the engine
-stream's timeline (what ``/v1/captions`` subscribers see) includes it.
+``.clear``, switching turn detection off) by cutting it: the mirror's
+segmenter and the engine stream's (:meth:`Stream.cut
+<evoxtral_stream.engine.engine.Stream.cut>`) both flush at the same sample,
+so the segment ends as at a natural end and the next one cannot reach back
+before the cut. Nothing is added to the stream: its timeline (what
+``/v1/captions`` subscribers see) is the client's audio as pushed. Times
+reported to the client (``audio_start_ms``, ``audio_end_ms``) are mapped
+back to the client's own audio, which differs from the stream's only by
+audio held and then cleared in manual mode.
 
 Items. With ``server_vad`` each engine segment is one conversation item:
 ``speech_started`` when the segment opens (``item_id`` announced there),
@@ -50,7 +53,6 @@ import contextlib
 import itertools
 import json
 import logging
-import math
 import secrets
 from bisect import bisect_right
 from collections.abc import Collection, Iterator, Mapping
@@ -90,6 +92,7 @@ __all__ = [
     "BufferSpeechStarted",
     "BufferSpeechStopped",
     "ClientEvent",
+    "CutSegment",
     "Output",
     "PushAudio",
     "RealtimeError",
@@ -420,7 +423,13 @@ class SetLanguage:
     language: str | None
 
 
-Output = ServerEvent | PushAudio | SetLanguage
+@dataclass(frozen=True)
+class CutSegment:
+    """Action: end the engine stream's open segment now (``Stream.cut``),
+    after the audio pushed before this action."""
+
+
+Output = ServerEvent | PushAudio | CutSegment | SetLanguage
 
 
 def server_event_to_dict(ev: ServerEvent) -> dict[str, Any]:
@@ -501,9 +510,9 @@ class RealtimeTranscription:
     Calling contract: call :meth:`start` once and send what it returns; pass
     every client message to :meth:`receive` and every engine event *of this
     session's stream* to :meth:`on_engine_event`. Execute the returned outputs
-    in order: :class:`PushAudio` goes to the engine stream (which must get
-    nothing else), :class:`SetLanguage` to the stream's language, server
-    events go to the client.
+    in order: :class:`PushAudio` and :class:`CutSegment` go to the engine
+    stream (which must get nothing else), :class:`SetLanguage` to the
+    stream's language, server events go to the client.
 
     ``vad`` must be the engine's segmenter configuration; ``model`` is only
     reported. ``language`` is the server's default language and
@@ -665,7 +674,7 @@ class RealtimeTranscription:
             else:
                 if self._dirty:
                     self._end_reason = "commit"
-                    out += self._pad()
+                    out += self._cut()
                 self._server_vad = False
         out.append(SessionUpdated(self._event_id(), self.session_config(beta=ev.beta),
                                   beta=ev.beta))
@@ -708,7 +717,7 @@ class RealtimeTranscription:
                     "no speech to commit: with server_vad, turns are committed when "
                     "speech ends", None, ev.event_id)]
             self._end_reason = "commit"
-            return out + self._pad()
+            return out + self._cut()
         if self._pending_len < MIN_COMMIT_MS * SAMPLE_RATE // 1000:
             have = self._pending_len * 1000 / SAMPLE_RATE
             return [*out, self.error(
@@ -717,7 +726,7 @@ class RealtimeTranscription:
                 f"the buffer has {have:.2f} ms", None, ev.event_id)]
         item = _Item(self._item_id(), audio_samples=self._pending_len)
         out += self._push_pending(collect=item)
-        out += self._pad()
+        out += self._cut()
         self._collect = None
         item.committed = True
         out.append(BufferCommitted(self._event_id(), item.id, self._previous_item))
@@ -734,7 +743,7 @@ class RealtimeTranscription:
         if self._server_vad:
             if self._dirty:
                 self._end_reason = "clear"
-                out += self._pad()
+                out += self._cut()
         else:
             self._pending, self._pending_len = [], 0
         out.append(BufferCleared(self._event_id()))
@@ -765,26 +774,11 @@ class RealtimeTranscription:
         self._end_reason = "vad"
         return [PushAudio(samples), *self._segments(self._segmenter.feed(samples))]
 
-    def _pad(self) -> list[Output]:
-        """Silence until the open segment (if any) has ended, and then enough
-        more that the next segment's pre-roll and start window see only it."""
-        seg = self._segmenter
-        frame = np.zeros(seg.frame_samples, np.int16)
-        events: list[SegmentEvent] = []
-        n = 0
-        limit = math.ceil(self._vad.end_silence_ms / self._vad.frame_ms) + 4
-        while seg.state is not SegmenterState.IDLE and n < limit:
-            events += seg.feed(frame)
-            n += 1
-        if seg.state is not SegmenterState.IDLE:  # pragma: no cover - segmenter contract
-            log.error("silence did not end the segment after %d frames", n)
-        window = math.ceil(self._vad.start_window_ms / self._vad.frame_ms) + 1
-        extra = window * seg.frame_samples + self._vad.pre_roll_ms * SAMPLE_RATE // 1000
-        events += seg.feed(np.zeros(extra, np.int16))
-        total = n * seg.frame_samples + extra
-        self._stream_pos += total
+    def _cut(self) -> list[Output]:
+        """End the open segment (if any) here, in the mirror and the stream alike."""
+        events = self._segmenter.flush()
         self._dirty = False
-        out: list[Output] = [PushAudio(np.zeros(total, np.int16)), *self._segments(events)]
+        out: list[Output] = [CutSegment(), *self._segments(events)]
         self._end_reason = "vad"
         return out
 
@@ -951,6 +945,13 @@ class _Connection:
             if isinstance(out, PushAudio):
                 try:
                     self._stream.push(out.samples)
+                except RuntimeError as e:
+                    raise _StreamGone(str(e)) from e
+                pushed = True
+                continue
+            if isinstance(out, CutSegment):
+                try:
+                    self._stream.cut()
                 except RuntimeError as e:
                     raise _StreamGone(str(e)) from e
                 pushed = True
