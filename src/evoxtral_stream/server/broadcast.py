@@ -123,6 +123,12 @@ class Broadcaster:
     def subscribers(self) -> int:
         return len(self._subs)
 
+    @property
+    def retained_captions(self) -> int:
+        """Captions held for resume, all streams together (at most
+        ``history`` x ``history_streams``)."""
+        return sum(len(kept) for kept in self._retained.values())
+
     def _replay(self, stream: str, since: int) -> list[str]:
         kept = self._retained.get(stream)
         first_kept = kept[0][0] if kept else None
