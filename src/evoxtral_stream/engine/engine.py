@@ -162,21 +162,24 @@ class Stream:
         """Feed 16 kHz mono int16 audio. Never blocks; raises RuntimeError once
         :attr:`closed` (a network handler checks it: audio may still arrive
         while the engine shuts down)."""
-        if self._finished:
-            raise RuntimeError(f"stream {self.id} is closed")
+        self._check_open()
         self._engine._samples_in += len(samples)
-        for req in self.session.push(samples, self._engine.now()):
-            self._engine._submit(self, req)
-        self._update_idle()
+        self._submit_all(self.session.push(samples, self._engine.now()))
 
     def cut(self) -> None:
         """End the open segment now, as if its speech had ended: its final is
         requested and the next audio starts a new segment (a client's
         "commit"). Nothing is added to the stream's timeline. Raises
         RuntimeError once :attr:`closed`, as :meth:`push` does."""
+        self._check_open()
+        self._submit_all(self.session.cut(self._engine.now()))
+
+    def _check_open(self) -> None:
         if self._finished:
             raise RuntimeError(f"stream {self.id} is closed")
-        for req in self.session.cut(self._engine.now()):
+
+    def _submit_all(self, requests: list[DecodeRequest]) -> None:
+        for req in requests:
             self._engine._submit(self, req)
         self._update_idle()
 

@@ -9,7 +9,8 @@ Two layers, like the rest of the server:
 
 - :class:`RealtimeTranscription` is pure and synchronous: client messages
   (JSON text) and engine events in, typed server events and
-  :class:`PushAudio` / :class:`CutSegment` actions out. No sockets, no clock, no engine reference.
+  :class:`PushAudio` / :class:`CutSegment` actions out. No sockets, no clock,
+  no engine reference.
 - :func:`serve_realtime` is the thin asyncio adapter: it opens one engine
   stream per connection, pushes what the core asks for, feeds the stream's
   engine events back to the core and sends the core's events, each
@@ -942,16 +943,12 @@ class _Connection:
     def _deliver(self, outputs: list[Output]) -> None:
         pushed = False
         for out in outputs:
-            if isinstance(out, PushAudio):
+            if isinstance(out, PushAudio | CutSegment):
                 try:
-                    self._stream.push(out.samples)
-                except RuntimeError as e:
-                    raise _StreamGone(str(e)) from e
-                pushed = True
-                continue
-            if isinstance(out, CutSegment):
-                try:
-                    self._stream.cut()
+                    if isinstance(out, PushAudio):
+                        self._stream.push(out.samples)
+                    else:
+                        self._stream.cut()
                 except RuntimeError as e:
                     raise _StreamGone(str(e)) from e
                 pushed = True
