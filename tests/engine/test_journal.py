@@ -365,6 +365,39 @@ def test_a_stream_pruned_while_running_continues_its_seq_and_reports_the_gap(
     assert Journal(cfg).restore() == {"weekly": 3}
 
 
+def test_only_the_most_recently_pruned_streams_seqs_are_remembered(
+        tmp_path: Path) -> None:
+    # A server whose clients take a new stream id per connection must not
+    # grow by one entry per id forever: past the bound, the stream pruned
+    # longest ago is forgotten, as a restart would forget it.
+    cfg = config(tmp_path, **{"journal.retention_s": 60.0}).journal
+    journal = Journal(cfg, pruned_remembered=2)
+    journal.restore()
+    folder = tmp_path / "j"
+    for n, stream in enumerate(("a", "b", "c"), 1):
+        journal.append(caption(stream, 10 * n))
+        journal.release(stream)
+        _age(folder, stream, 120)
+        assert journal.prune() == [stream]
+    assert [journal.last_seq(s) for s in ("a", "b", "c")] == [0, 20, 30]
+    # "a" starts over and its replay is complete from 1; "b" goes on and its
+    # replay says where its kept records begin.
+    journal.append(caption("a", 1))
+    journal.append(caption("b", 21))
+    replay_a, replay_b = journal.replay("a", 0), journal.replay("b", 0)
+    assert replay_a is not None and replay_a.covered_from == 1
+    assert replay_b is not None and replay_b.covered_from == 21
+    # Pruned once more, "a" and "b" are the newest pruned, and "c", pruned
+    # longest ago, is forgotten.
+    journal.release("a")
+    journal.release("b")
+    _age(folder, "a", 120)
+    _age(folder, "b", 120)
+    assert sorted(journal.prune()) == ["a", "b"]
+    assert [journal.last_seq(s) for s in ("a", "b", "c")] == [1, 21, 0]
+    journal.close()
+
+
 # --- age rotation: by the wall clock, from the file's start -----------------------
 
 

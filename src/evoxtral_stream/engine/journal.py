@@ -55,7 +55,11 @@ are deleted by :meth:`Journal.prune` (at start, then periodically by the
 engine). A running journal still remembers a pruned stream's last seq, so
 re-opened in the same process it continues after it (and a resume into the
 deleted part gets a gap); after a restart the stream is forgotten and counts
-from seq 1 again.
+from seq 1 again. That memory is bounded: the last seqs of the
+:data:`PRUNED_REMEMBERED` streams pruned most recently are kept (about 180
+bytes each for a 20-character id, 3 MB in all); one pruned longer ago is
+forgotten as a restart would forget it, so a server whose clients take a new
+stream id on every connection does not grow without end.
 
 The pure parts (file names, record decoding, rotation decisions) are
 functions at the top; :class:`Journal` does the I/O.
@@ -69,6 +73,7 @@ import math
 import os
 import re
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -82,6 +87,7 @@ from ..server.protocol import encode_event
 
 __all__ = [
     "CLOCK_SLACK_S",
+    "PRUNED_REMEMBERED",
     "Journal",
     "JournalFile",
     "JournalRecord",
@@ -103,6 +109,10 @@ _SUFFIX = ".jsonl"
 CLOCK_SLACK_S = 60.0
 """How far ahead of the wall clock a file's start may be and still count as
 age 0 (a small step back of the clock); further ahead it is not trusted."""
+
+PRUNED_REMEMBERED = 16_384
+"""How many pruned streams' last seqs a running journal keeps (the most
+recently pruned); a stream beyond that re-opens at seq 1, as after a restart."""
 
 # {quoted stream}.{index}[.{start}].jsonl; files of older versions lack the
 # start. A quoted stream id is ASCII; the last part decides, so any stream id
@@ -281,7 +291,8 @@ class Journal:
 
     def __init__(self, cfg: JournalConfig, *,
                  clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time) -> None:
+                 wall: Callable[[], float] = time.time,
+                 pruned_remembered: int = PRUNED_REMEMBERED) -> None:
         self._cfg = cfg
         self._dir = Path(cfg.dir)
         self._clock = clock
@@ -289,10 +300,15 @@ class Journal:
         self._open: dict[str, _Open] = {}
         self._dirty: set[str] = set()
         self._last_fsync = clock()
+        # Streams with files: bounded by what retention keeps on disk.
         self._last_seq: dict[str, int] = {}
-        # Streams pruned by this process: their seq goes on after the last
-        # one (kept in _last_seq), and their first kept file is no longer 1.
-        self._pruned_here: set[str] = set()
+        # Streams pruned by this process, oldest prune first: a re-opened one
+        # goes on after its last seq. Bounded, since ids may never come back.
+        self._pruned_seq: OrderedDict[str, int] = OrderedDict()
+        self._pruned_remembered = pruned_remembered
+        # Streams re-opened after a prune here: their file 1 does not start
+        # the numbering, so a replay from it is not complete.
+        self._renumbered: set[str] = set()
         self.appended = 0
         self.pruned = 0
         """Streams whose files were deleted after ``retention_s``."""
@@ -316,8 +332,10 @@ class Journal:
         return dict(self._last_seq)
 
     def last_seq(self, stream: str) -> int:
-        """The last journaled seq of ``stream`` (0 if none)."""
-        return self._last_seq.get(stream, 0)
+        """The last journaled seq of ``stream`` (0 if none, or pruned and
+        forgotten)."""
+        seq = self._last_seq.get(stream)
+        return seq if seq is not None else self._pruned_seq.get(stream, 0)
 
     def close(self) -> None:
         """fsync (unless ``fsync = "never"``) and close every open file."""
@@ -358,8 +376,7 @@ class Journal:
                 continue
             for path in paths:
                 path.unlink(missing_ok=True)
-            if stream in self._last_seq:
-                self._pruned_here.add(stream)
+            self._forget_files_of(stream)
             pruned.append(stream)
         if pruned:
             self.pruned += len(pruned)
@@ -368,6 +385,16 @@ class Journal:
                      "(journal.retention_s): %s", len(pruned), self._cfg.retention_s,
                      ", ".join(sorted(pruned)[:10]) + (" ..." if len(pruned) > 10 else ""))
         return pruned
+
+    def _forget_files_of(self, stream: str) -> None:
+        """The stream's files are gone: remember its last seq among the pruned."""
+        self._renumbered.discard(stream)
+        last = self._last_seq.pop(stream, 0)
+        if last:
+            self._pruned_seq[stream] = last
+            self._pruned_seq.move_to_end(stream)
+            while len(self._pruned_seq) > self._pruned_remembered:
+                self._pruned_seq.popitem(last=False)
 
     # --- writing ----------------------------------------------------------------
 
@@ -393,6 +420,9 @@ class Journal:
         cur.file.write(data)
         cur.file.flush()
         cur.size += len(data)
+        if event.stream in self._pruned_seq:
+            self._last_seq[event.stream] = self._pruned_seq.pop(event.stream)
+            self._renumbered.add(event.stream)
         self._last_seq[event.stream] = max(event.seq, self._last_seq.get(event.stream, 0))
         self.appended += 1
         if self._cfg.fsync == "always":
@@ -515,7 +545,7 @@ class Journal:
         # before the oldest kept record may be missing.
         first_file = parse_file_name(paths[0].name)
         complete = (first_file is not None and first_file.index == 1
-                    and stream not in self._pruned_here)
+                    and stream not in self._renumbered)
         records: list[JournalRecord] = []
         covered_from = 1
         first = True
