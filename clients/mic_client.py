@@ -36,15 +36,13 @@ from viewer import LiveWriter, endpoint, use_color
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from evoxtral_stream.audio.sources import (
-    AudioInputError,
+from evoxtral_stream.audio.microphone import (
     InputDevice,
     MicrophoneCapture,
     StreamFactory,
-    iter_chunks,
     list_input_devices,
-    read_audio_file,
 )
+from evoxtral_stream.audio.sources import AudioInputError, iter_chunks, read_audio_file
 from evoxtral_stream.config import load_config
 from evoxtral_stream.events import SAMPLE_RATE, Int16Array
 

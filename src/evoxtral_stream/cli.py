@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
-from .audio.sources import AudioInputError, list_input_devices, read_audio_file
+from .audio.microphone import list_input_devices
+from .audio.sources import AudioInputError, read_audio_file
 from .config import Config, ConfigError, LoggingConfig, load_config, parse_override
 from .console import CaptionPrinter
 from .data import sample_path
@@ -356,7 +357,7 @@ def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
 
 async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: str,
                  file_audio: Any) -> int:
-    from .audio.sources import MicrophoneCapture
+    from .audio.microphone import MicrophoneCapture
     from .run import feed_samples
 
     stop = asyncio.Event()

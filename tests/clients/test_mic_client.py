@@ -22,8 +22,8 @@ from mic_client import MicFeed, run
 from viewer import LiveWriter
 from websockets.asyncio.server import ServerConnection, serve
 
+from evoxtral_stream.audio.microphone import InputDevice
 from evoxtral_stream.audio.resample import int16_to_float32, resample
-from evoxtral_stream.audio.sources import InputDevice
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.backends.base import Backend
 from evoxtral_stream.engine.engine import Engine

@@ -1,0 +1,355 @@
+"""The microphone: PortAudio input devices (sounddevice) captured into 16 kHz
+mono int16 blocks on the event loop.
+
+``sounddevice`` is imported only inside the functions that use it, so file
+transcription works on machines without PortAudio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType, TracebackType
+from typing import Any, Protocol
+
+from evoxtral_stream.audio.resample import StreamResampler
+from evoxtral_stream.audio.sources import AudioInputError
+from evoxtral_stream.config import AudioConfig
+from evoxtral_stream.events import SAMPLE_RATE, Float32Array, Int16Array
+
+__all__ = [
+    "AudioCallback",
+    "AudioStream",
+    "InputDevice",
+    "MicrophoneCapture",
+    "StreamFactory",
+    "list_input_devices",
+    "resolve_input_device",
+]
+
+logger = logging.getLogger(__name__)
+
+PORTAUDIO_MISSING = "PortAudio library not found: install it with `apt-get install libportaudio2`"
+
+
+# --- devices ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class InputDevice:
+    """A PortAudio input device."""
+
+    index: int
+    name: str
+    channels: int
+    default_samplerate: float
+    is_default: bool
+
+
+def _import_sounddevice() -> ModuleType:
+    try:
+        return importlib.import_module("sounddevice")
+    except OSError:
+        # sounddevice raises OSError at import when libportaudio is absent.
+        raise AudioInputError(PORTAUDIO_MISSING) from None
+    except ImportError:
+        raise AudioInputError(
+            "the sounddevice package is not installed: `pip install sounddevice`"
+        ) from None
+
+
+def _default_input_index(sd: ModuleType) -> int:
+    try:
+        idx = sd.default.device[0]
+    except Exception:  # a broken host API setup must not stop device listing
+        return -1
+    return int(idx) if idx is not None else -1
+
+
+def list_input_devices() -> list[InputDevice]:
+    """The input devices PortAudio knows (for ``evoxtral-stream devices``)."""
+    sd = _import_sounddevice()
+    try:
+        raw = list(sd.query_devices())
+    except Exception as e:
+        raise AudioInputError(f"cannot list audio devices: {e}") from None
+    default = _default_input_index(sd)
+    devices = []
+    for i, d in enumerate(raw):
+        channels = int(d.get("max_input_channels", 0))
+        if channels <= 0:
+            continue
+        index = int(d.get("index", i))
+        devices.append(
+            InputDevice(
+                index=index,
+                name=str(d.get("name", f"device {index}")),
+                channels=channels,
+                default_samplerate=float(d.get("default_samplerate", SAMPLE_RATE)),
+                is_default=index == default,
+            )
+        )
+    return devices
+
+
+def resolve_input_device(spec: str | int | None) -> InputDevice:
+    """Find the input device for ``audio.device``: ``""``/``None`` is the system
+    default, an int (or digits) an index, anything else a case-insensitive
+    substring of the name (an exact name wins)."""
+    devices = list_input_devices()
+    if not devices:
+        raise AudioInputError(
+            "no audio input device found: connect a microphone or check the system's "
+            "audio settings"
+        )
+    listing = "run `evoxtral-stream devices` to list them"
+    if spec is None or spec == "":
+        for d in devices:
+            if d.is_default:
+                return d
+        return devices[0]
+    if isinstance(spec, int) or spec.strip().isdigit():
+        index = int(spec)
+        for d in devices:
+            if d.index == index:
+                return d
+        raise AudioInputError(f"audio input device {index} does not exist; {listing}")
+    wanted = spec.strip().lower()
+    exact = [d for d in devices if d.name.lower() == wanted]
+    partial = [d for d in devices if wanted in d.name.lower()]
+    if exact or partial:
+        return (exact or partial)[0]
+    raise AudioInputError(f"no audio input device matches {spec!r}; {listing}")
+
+
+# --- microphone -------------------------------------------------------------
+
+#: Receives each resampled block: mono int16 at 16 kHz. Runs on the event loop.
+AudioCallback = Callable[[Int16Array], None]
+
+
+class AudioStream(Protocol):
+    """The part of ``sounddevice.InputStream`` this module uses."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def close(self) -> None: ...
+
+
+#: ``factory(device, samplerate, channels, blocksize, callback) -> AudioStream``;
+#: the default opens a ``sounddevice.InputStream`` (float32).
+StreamFactory = Callable[[InputDevice, int, int, int, Callable[..., None]], AudioStream]
+
+
+def _sounddevice_stream(
+    device: InputDevice,
+    samplerate: int,
+    channels: int,
+    blocksize: int,
+    callback: Callable[..., None],
+) -> AudioStream:
+    sd = _import_sounddevice()
+    try:
+        stream: AudioStream = sd.InputStream(
+            device=device.index,
+            samplerate=samplerate,
+            channels=channels,
+            dtype="float32",
+            blocksize=blocksize,
+            callback=callback,
+        )
+    except Exception as e:
+        raise AudioInputError(f"cannot open audio input device {device.name!r}: {e}") from None
+    return stream
+
+
+class MicrophoneCapture:
+    """Capture a PortAudio input device and hand 16 kHz mono int16 blocks to
+    ``on_audio`` on the asyncio event loop.
+
+    The device is opened at its native rate (``default_samplerate``) with
+    ``min(2, max_input_channels)`` channels; downmixing and soxr resampling
+    happen on the loop, not in the PortAudio callback. The callback only copies
+    the block into a bounded handoff: when ``max_pending_blocks`` are already
+    waiting, the new block is dropped and counted in :attr:`dropped_blocks`
+    (the callback never blocks). Drops and PortAudio input overflows are
+    logged from the loop side.
+
+    ``device`` is an ``audio.device`` spec (see :func:`resolve_input_device`)
+    or an already resolved :class:`InputDevice`. The stream is created in
+    :meth:`start` only, by ``stream_factory`` (default: sounddevice), so the
+    class works without a sound card when both are injected.
+    :meth:`start` and :meth:`stop` must be called on the loop's thread.
+    """
+
+    def __init__(
+        self,
+        on_audio: AudioCallback,
+        *,
+        device: str | int | InputDevice | None,
+        block_ms: int,
+        max_pending_blocks: int,
+        stream_factory: StreamFactory | None = None,
+    ) -> None:
+        if max_pending_blocks < 1:
+            raise ValueError(f"max_pending_blocks must be at least 1, got {max_pending_blocks}")
+        if block_ms < 1:
+            raise ValueError(f"block_ms must be at least 1, got {block_ms}")
+        self._on_audio = on_audio
+        self._device_spec = device
+        self.block_ms = block_ms
+        self.max_pending_blocks = max_pending_blocks
+        self._stream_factory: StreamFactory = stream_factory or _sounddevice_stream
+        self._pending: deque[Float32Array] = deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stream: AudioStream | None = None
+        self._resampler: StreamResampler | None = None
+        self._wake_scheduled = False
+        self._accepting = False
+        self.device: InputDevice | None = None
+        self.samplerate = 0
+        self.channels = 0
+        # Written by the callback thread, read by the loop: plain ints, each
+        # written by one side only, so no lock is needed.
+        self.dropped_blocks = 0
+        self.status_overflows = 0
+        self.samples_delivered = 0
+        self._reported_drops = 0
+        self._reported_overflows = 0
+
+    @classmethod
+    def from_config(
+        cls,
+        cfg: AudioConfig,
+        on_audio: AudioCallback,
+        *,
+        stream_factory: StreamFactory | None = None,
+    ) -> MicrophoneCapture:
+        return cls(
+            on_audio,
+            device=cfg.device,
+            block_ms=cfg.block_ms,
+            max_pending_blocks=cfg.max_pending_blocks,
+            stream_factory=stream_factory,
+        )
+
+    @property
+    def running(self) -> bool:
+        return self._stream is not None
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Open and start the input stream (default loop: the running one)."""
+        if self._stream is not None:
+            raise RuntimeError("microphone capture is already running")
+        self._loop = loop or asyncio.get_running_loop()
+        spec = self._device_spec
+        device = spec if isinstance(spec, InputDevice) else resolve_input_device(spec)
+        if device.channels < 1:
+            raise AudioInputError(f"audio device {device.name!r} has no input channels")
+        self.device = device
+        self.samplerate = round(device.default_samplerate)
+        self.channels = min(2, device.channels)
+        self._resampler = StreamResampler(self.samplerate, SAMPLE_RATE, self.channels)
+        blocksize = max(1, self.samplerate * self.block_ms // 1000)
+        self._pending.clear()
+        self._wake_scheduled = False
+        stream = self._stream_factory(
+            device, self.samplerate, self.channels, blocksize, self._callback
+        )
+        self._accepting = True
+        try:
+            stream.start()
+        except Exception as e:
+            self._accepting = False
+            stream.close()
+            raise AudioInputError(f"cannot start audio input device {device.name!r}: {e}") from None
+        self._stream = stream
+        logger.info(
+            "capturing %r at %d Hz, %d channel(s), %d ms blocks",
+            device.name, self.samplerate, self.channels, self.block_ms,
+        )
+
+    def stop(self) -> None:
+        """Stop the stream, deliver what is pending (and the resampler's tail)."""
+        stream, self._stream = self._stream, None
+        if stream is None:
+            return
+        try:
+            stream.stop()
+        finally:
+            stream.close()
+            self._accepting = False
+        self._drain()
+        if self._resampler is not None:
+            self._emit(self._resampler.flush())
+
+    def __enter__(self) -> MicrophoneCapture:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    # --- PortAudio thread -----------------------------------------------------
+
+    def _callback(self, indata: Float32Array, frames: int, time_info: Any, status: Any) -> None:
+        """PortAudio callback: copy, count, wake the loop. Never blocks."""
+        if status and getattr(status, "input_overflow", False):
+            self.status_overflows += 1
+        if not self._accepting:
+            return
+        # deque.append/len are atomic under the GIL; the loop only pops.
+        if len(self._pending) >= self.max_pending_blocks:
+            self.dropped_blocks += 1
+            return
+        self._pending.append(indata.copy())
+        # One wake-up per batch: _drain clears the flag before draining, so a
+        # block appended after that schedules a new drain instead of being lost.
+        if not self._wake_scheduled:
+            self._wake_scheduled = True
+            loop = self._loop
+            if loop is not None:
+                with contextlib.suppress(RuntimeError):  # loop closed while stopping
+                    loop.call_soon_threadsafe(self._drain)
+
+    # --- event loop -------------------------------------------------------------
+
+    def _drain(self) -> None:
+        self._wake_scheduled = False
+        resampler = self._resampler
+        while self._pending:
+            block = self._pending.popleft()
+            if resampler is not None:
+                self._emit(resampler.process(block))
+        self._report()
+
+    def _emit(self, samples: Int16Array) -> None:
+        if len(samples):
+            self.samples_delivered += len(samples)
+            self._on_audio(samples)
+
+    def _report(self) -> None:
+        drops, overflows = self.dropped_blocks, self.status_overflows
+        if drops > self._reported_drops:
+            logger.warning(
+                "dropped %d audio block(s) (%d in total): the event loop is not keeping up",
+                drops - self._reported_drops, drops,
+            )
+            self._reported_drops = drops
+        if overflows > self._reported_overflows:
+            logger.warning(
+                "audio input overflowed %d time(s) (%d in total): samples were lost "
+                "before they reached the callback",
+                overflows - self._reported_overflows, overflows,
+            )
+            self._reported_overflows = overflows

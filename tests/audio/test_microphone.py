@@ -1,0 +1,354 @@
+"""Microphone capture driven through its PortAudio callback without a sound
+card, and input device listing through a stand-in sounddevice module."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.abc
+import importlib.machinery
+import logging
+import subprocess
+import sys
+import threading
+import types
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from evoxtral_stream.audio.microphone import (
+    InputDevice,
+    MicrophoneCapture,
+    list_input_devices,
+    resolve_input_device,
+)
+from evoxtral_stream.audio.sources import AudioInputError
+from evoxtral_stream.events import SAMPLE_RATE, Int16Array
+from tests.helpers.audio import dominant_frequency, rms, sine
+
+# --- sounddevice stand-ins -------------------------------------------------------------
+
+
+class FakeStream:
+    """Records what MicrophoneCapture asks of a PortAudio stream."""
+
+    def __init__(self, fail_start: bool = False) -> None:
+        self.calls: list[str] = []
+        self.fail_start = fail_start
+
+    def start(self) -> None:
+        self.calls.append("start")
+        if self.fail_start:
+            raise RuntimeError("device busy")
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+class FakeFactory:
+    def __init__(self, fail_start: bool = False) -> None:
+        self.opened: list[tuple[InputDevice, int, int, int]] = []
+        self.stream = FakeStream(fail_start)
+
+    def __call__(
+        self, device: InputDevice, samplerate: int, channels: int, blocksize: int,
+        callback: Callable[..., None],
+    ) -> FakeStream:
+        self.opened.append((device, samplerate, channels, blocksize))
+        return self.stream
+
+
+class Flags:
+    def __init__(self, input_overflow: bool = False) -> None:
+        self.input_overflow = input_overflow
+
+    def __bool__(self) -> bool:
+        return self.input_overflow
+
+
+def fake_device(rate: float = 48000.0, channels: int = 2) -> InputDevice:
+    return InputDevice(index=3, name="Fake Mic", channels=channels,
+                       default_samplerate=rate, is_default=True)
+
+
+class Received:
+    """``on_audio`` target: collects blocks and the thread they arrived on."""
+
+    def __init__(self) -> None:
+        self.blocks: list[Int16Array] = []
+        self.threads: set[int] = set()
+
+    def __call__(self, samples: Int16Array) -> None:
+        self.blocks.append(samples)
+        self.threads.add(threading.get_ident())
+
+    @property
+    def audio(self) -> Int16Array:
+        return np.concatenate(self.blocks) if self.blocks else np.zeros(0, np.int16)
+
+
+async def settle(cap: MicrophoneCapture) -> None:
+    """Let the loop run scheduled drains."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+# --- microphone capture -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate", [44100, 48000])
+async def test_capture_resamples_stereo_blocks_from_the_portaudio_thread(rate: int) -> None:
+    got = Received()
+    factory = FakeFactory()
+    cap = MicrophoneCapture(got, device=fake_device(rate), block_ms=20,
+                            max_pending_blocks=1000, stream_factory=factory)
+    cap.start()
+    assert factory.opened == [(fake_device(rate), rate, 2, rate // 50)]
+    assert factory.stream.calls == ["start"]
+    # Recorded frames: 1 s of a 440 Hz tone, louder on the left.
+    seconds = 1.0
+    stereo = np.stack((sine(440, seconds, rate, amp=0.6), sine(440, seconds, rate, amp=0.2)),
+                      axis=1).astype(np.float32)
+    block = rate // 50
+    indata = np.empty((block, 2), np.float32)  # PortAudio reuses its buffer
+
+    def portaudio() -> None:
+        for i in range(0, len(stereo), block):
+            n = len(stereo[i : i + block])
+            indata[:n] = stereo[i : i + block]
+            cap._callback(indata[:n], n, None, Flags())
+            indata[:] = 0.0  # the buffer is overwritten after the callback returns
+
+    t = threading.Thread(target=portaudio)
+    t.start()
+    while t.is_alive():
+        await asyncio.sleep(0.001)
+    t.join()
+    await settle(cap)
+    cap.stop()
+    assert factory.stream.calls == ["start", "stop", "close"]
+    out = got.audio
+    assert got.threads == {threading.get_ident()}  # delivered on the loop's thread
+    assert out.dtype == np.int16
+    assert abs(len(out) - seconds * SAMPLE_RATE) <= 2
+    assert cap.samples_delivered == len(out)
+    mid = out[2000:-2000]
+    assert dominant_frequency(mid, SAMPLE_RATE) == pytest.approx(440, abs=1.0)
+    assert rms(mid) / 32768 == pytest.approx(0.4 / np.sqrt(2), rel=0.02)
+    assert cap.dropped_blocks == 0
+
+
+async def test_overflow_drops_and_counts_blocks(caplog: pytest.LogCaptureFixture) -> None:
+    got = Received()
+    cap = MicrophoneCapture(got, device=fake_device(SAMPLE_RATE, 1), block_ms=20,
+                            max_pending_blocks=3, stream_factory=FakeFactory())
+    cap.start()
+    blocks = [np.full((320, 1), (i + 1) / 100, np.float32) for i in range(10)]
+    # The loop is busy (this coroutine does not yield): the handoff fills up.
+    for b in blocks:
+        cap._callback(b, len(b), None, Flags())
+    assert cap.dropped_blocks == 7
+    assert got.blocks == []  # nothing is processed on the PortAudio thread
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream.audio.sources"):
+        await settle(cap)
+    # The first three blocks made it, in order.
+    assert [int(b[0]) for b in got.blocks] == [328, 655, 983]
+    assert any("dropped 7 audio block" in r.getMessage() for r in caplog.records)
+    # Once drained, there is room again.
+    cap._callback(blocks[0], 320, None, Flags())
+    await settle(cap)
+    assert len(got.blocks) == 4
+    assert cap.dropped_blocks == 7
+    cap.stop()
+
+
+async def test_status_overflow_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    cap = MicrophoneCapture(Received(), device=fake_device(), block_ms=20,
+                            max_pending_blocks=10, stream_factory=FakeFactory())
+    cap.start()
+    block = np.zeros((960, 2), np.float32)
+    cap._callback(block, 960, None, Flags(input_overflow=True))
+    cap._callback(block, 960, None, Flags())
+    assert cap.status_overflows == 1
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream.audio.sources"):
+        await settle(cap)
+    assert any("overflowed 1 time" in r.getMessage() for r in caplog.records)
+    cap.stop()
+
+
+async def test_one_wakeup_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = asyncio.get_running_loop()
+    wakes: list[object] = []
+    real = loop.call_soon_threadsafe
+
+    def counting(cb: Callable[..., object], *args: Any, **kw: Any) -> asyncio.Handle:
+        wakes.append(cb)
+        return real(cb, *args, **kw)
+
+    monkeypatch.setattr(loop, "call_soon_threadsafe", counting)
+    got = Received()
+    cap = MicrophoneCapture(got, device=fake_device(SAMPLE_RATE, 1), block_ms=20,
+                            max_pending_blocks=100, stream_factory=FakeFactory())
+    cap.start(loop)
+    block = np.full((320, 1), 0.25, np.float32)
+    for _ in range(5):
+        cap._callback(block, 320, None, Flags())
+    assert len(wakes) == 1
+    await settle(cap)
+    assert len(got.blocks) == 5
+    cap._callback(block, 320, None, Flags())
+    assert len(wakes) == 2  # a new batch wakes the loop again
+    await settle(cap)
+    cap.stop()
+    assert len(got.blocks) == 6
+
+
+async def test_channels_capped_at_two_and_mono_devices(tmp_path: Path) -> None:
+    for channels, expect in ((8, 2), (1, 1)):
+        factory = FakeFactory()
+        cap = MicrophoneCapture(Received(), device=fake_device(44100, channels), block_ms=10,
+                                max_pending_blocks=10, stream_factory=factory)
+        cap.start()
+        cap.stop()
+        assert factory.opened[0][1:] == (44100, expect, 441)
+
+
+async def test_context_manager_and_callbacks_after_stop() -> None:
+    factory = FakeFactory()
+    got = Received()
+    with MicrophoneCapture(got, device=fake_device(SAMPLE_RATE, 1), block_ms=20,
+                           max_pending_blocks=10, stream_factory=factory) as cap:
+        assert cap.running
+        cap._callback(np.full((320, 1), 0.5, np.float32), 320, None, Flags())
+    # stop() delivered the pending block without waiting for the loop.
+    assert factory.stream.calls == ["start", "stop", "close"]
+    assert len(got.blocks) == 1
+    assert not cap.running
+    cap._callback(np.full((320, 1), 0.5, np.float32), 320, None, Flags())  # late: ignored
+    await settle(cap)
+    assert len(got.blocks) == 1
+
+
+async def test_stream_start_failure_is_an_audio_input_error() -> None:
+    factory = FakeFactory(fail_start=True)
+    cap = MicrophoneCapture(Received(), device=fake_device(), block_ms=20,
+                            max_pending_blocks=10, stream_factory=factory)
+    with pytest.raises(AudioInputError, match=r"Fake Mic.*device busy"):
+        cap.start()
+    assert factory.stream.calls == ["start", "close"]
+    assert not cap.running
+
+
+# --- devices (a stand-in sounddevice module) ---------------------------------------
+
+
+def fake_sounddevice(devices: Sequence[dict[str, Any]], default_input: int
+                     ) -> types.ModuleType:
+    mod = types.ModuleType("sounddevice")
+    mod.query_devices = lambda: list(devices)  # type: ignore[attr-defined]
+    mod.default = types.SimpleNamespace(device=[default_input, -1])  # type: ignore[attr-defined]
+    return mod
+
+
+DEVICES = [
+    {"index": 0, "name": "HDA Intel PCH: ALC3246 Analog", "max_input_channels": 2,
+     "default_samplerate": 44100.0},
+    {"index": 1, "name": "HDMI output", "max_input_channels": 0,
+     "default_samplerate": 48000.0},
+    {"index": 2, "name": "USB Headset Mic", "max_input_channels": 1,
+     "default_samplerate": 48000.0},
+]
+
+
+def test_list_and_resolve_input_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "sounddevice", fake_sounddevice(DEVICES, 2))
+    devices = list_input_devices()
+    assert devices == [
+        InputDevice(0, "HDA Intel PCH: ALC3246 Analog", 2, 44100.0, False),
+        InputDevice(2, "USB Headset Mic", 1, 48000.0, True),
+    ]
+    assert resolve_input_device("").index == 2
+    assert resolve_input_device(None).index == 2
+    assert resolve_input_device("0").index == 0
+    assert resolve_input_device(0).index == 0
+    assert resolve_input_device("headset").index == 2
+    with pytest.raises(AudioInputError, match="no audio input device matches 'webcam'"):
+        resolve_input_device("webcam")
+    with pytest.raises(AudioInputError, match="device 1 does not exist"):
+        resolve_input_device("1")  # an output-only device
+
+
+async def test_capture_opens_the_resolved_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "sounddevice", fake_sounddevice(DEVICES, -1))
+    factory = FakeFactory()
+    cap = MicrophoneCapture(Received(), device="", block_ms=20, max_pending_blocks=10,
+                            stream_factory=factory)
+    cap.start()
+    cap.stop()
+    # No system default: the first input device, at its native rate.
+    assert factory.opened[0][0].index == 0
+    assert factory.opened[0][1:] == (44100, 2, 882)
+
+
+async def test_no_input_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "sounddevice", fake_sounddevice(DEVICES[1:2], -1))
+    assert list_input_devices() == []
+    cap = MicrophoneCapture(Received(), device="", block_ms=20, max_pending_blocks=10)
+    with pytest.raises(AudioInputError, match="no audio input device found"):
+        cap.start()
+
+
+class _NoPortAudio(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes ``import sounddevice`` fail as it does without libportaudio."""
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None
+                  ) -> importlib.machinery.ModuleSpec | None:
+        if name == "sounddevice":
+            return importlib.machinery.ModuleSpec(name, self)
+        return None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        raise OSError("PortAudio library not found")
+
+
+async def test_missing_portaudio_is_explained(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "sounddevice", raising=False)
+    monkeypatch.setattr(sys, "meta_path", [_NoPortAudio(), *sys.meta_path])
+    expected = r"PortAudio library not found: install it with `apt-get install libportaudio2`"
+    with pytest.raises(AudioInputError, match=expected):
+        list_input_devices()
+    cap = MicrophoneCapture(Received(), device="", block_ms=20, max_pending_blocks=10)
+    with pytest.raises(AudioInputError, match=expected):
+        cap.start()
+
+
+def test_importing_audio_modules_does_not_import_sounddevice() -> None:
+    code = (
+        "import sys, evoxtral_stream.audio.sources, evoxtral_stream.audio.microphone, "
+        "evoxtral_stream.audio.vad; "
+        "sys.exit('sounddevice' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+async def test_default_stream_factory_reports_open_failures() -> None:
+    from evoxtral_stream.audio import microphone
+
+    try:
+        microphone._import_sounddevice()
+    except AudioInputError as e:
+        pytest.skip(str(e))
+    # No device has index 9999: PortAudio refuses it, we explain it.
+    bogus = InputDevice(9999, "Nowhere", 1, 16000.0, False)
+    cap = MicrophoneCapture(Received(), device=bogus, block_ms=20, max_pending_blocks=4)
+    with pytest.raises(AudioInputError, match="cannot open audio input device 'Nowhere'"):
+        cap.start()
+    assert not cap.running
