@@ -109,7 +109,10 @@ class MicFeed:
         self.capture = MicrophoneCapture(
             self._on_audio, device=cfg.device if device is None else device,
             block_ms=cfg.block_ms, max_pending_blocks=cfg.max_pending_blocks,
-            stream_factory=stream_factory)
+            stream_factory=stream_factory, stall_timeout_s=cfg.stall_timeout_s,
+            reopen_interval_s=cfg.reopen_interval_s,
+            on_stall=lambda message: self._status(message),
+            on_resume=lambda message: self._status(message))
         self._status: Status = lambda _: None
 
     def _on_audio(self, block: Int16Array) -> None:

@@ -381,8 +381,17 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
         mic: MicrophoneCapture | None = None
         if source == "mic":
             stream = engine.open_stream(stream_id, source="mic")
-            mic = MicrophoneCapture.from_config(cfg.audio, stream.push)
+
+            def mic_lost(message: str) -> None:
+                # End the open segment now: its final must not wait for the
+                # device to come back.
+                if not stream.closed:
+                    stream.cut()
+                    stream.report_error("audio_input_lost", message)
+
+            mic = MicrophoneCapture.from_config(cfg.audio, stream.push, on_stall=mic_lost)
             mic.start(loop)
+            stack.callback(mic.stop)  # however this block is left, before the engine closes
         elif file_audio is not None:
             stream = engine.open_stream(stream_id, source="file")
             chunk = cfg.audio.file_chunk_ms * SAMPLE_RATE // 1000

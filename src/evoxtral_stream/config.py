@@ -66,6 +66,13 @@ class AudioConfig:
     block_ms: int = field(metadata=_range(5, 200))
     max_pending_blocks: int = field(metadata=_range(1, 10_000))
     file_chunk_ms: int = field(metadata=_range(10, 10_000))
+    stall_timeout_s: float = field(metadata=_range(0.0, 3600.0))
+    reopen_interval_s: float = field(metadata=_range(0.1, 3600.0))
+
+    def __post_init__(self) -> None:
+        if 0 < self.stall_timeout_s < 0.1:
+            raise ConfigError("audio.stall_timeout_s must be 0 (off) or at least 0.1, "
+                              f"got {self.stall_timeout_s}")
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from evoxtral_stream.audio.microphone import (
 from evoxtral_stream.audio.sources import AudioInputError
 from evoxtral_stream.events import SAMPLE_RATE, Int16Array
 from tests.helpers.audio import dominant_frequency, rms, sine
+from tests.helpers.portaudio import LiveStream, tone
 
 # --- sounddevice stand-ins -------------------------------------------------------------
 
@@ -352,3 +354,120 @@ async def test_default_stream_factory_reports_open_failures() -> None:
     with pytest.raises(AudioInputError, match="cannot open audio input device 'Nowhere'"):
         cap.start()
     assert not cap.running
+
+
+# --- a device that is lost and comes back -------------------------------------------
+
+
+class LiveFactory:
+    """Opens :class:`LiveStream` s; the next ``fail_starts`` ones fail to start."""
+
+    def __init__(self) -> None:
+        self.streams: list[LiveStream] = []
+        self.opened: list[tuple[InputDevice, int, int, int]] = []
+        self.fail_starts = 0
+
+    def __call__(self, device: InputDevice, samplerate: int, channels: int, blocksize: int,
+                 callback: Callable[..., None]) -> LiveStream:
+        self.opened.append((device, samplerate, channels, blocksize))
+        fail, self.fail_starts = self.fail_starts > 0, max(0, self.fail_starts - 1)
+        stream = LiveStream(tone(rate=samplerate), samplerate, channels, blocksize, callback,
+                            fail_start=fail)
+        self.streams.append(stream)
+        return stream
+
+
+async def until(cond: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def test_a_lost_device_is_reported_closed_and_reopened_when_plugged_back(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    usb = {"index": 2, "name": "USB Headset Mic", "max_input_channels": 1,
+           "default_samplerate": 48000.0}
+    listed: list[dict[str, Any]] = [DEVICES[0], usb]
+    sd = fake_sounddevice(listed, 0)
+    sd.query_devices = lambda: list(listed)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "sounddevice", sd)
+    refreshes: list[float] = []
+    stalls: list[str] = []
+    resumes: list[str] = []
+    got = Received()
+    factory = LiveFactory()
+    cap = MicrophoneCapture(
+        got, device="headset", block_ms=20, max_pending_blocks=100, stream_factory=factory,
+        stall_timeout_s=0.3, reopen_interval_s=0.1, on_stall=stalls.append,
+        on_resume=resumes.append, refresh_devices=lambda: refreshes.append(time.monotonic()))
+    caplog.set_level(logging.INFO, logger="evoxtral_stream.audio.microphone")
+    cap.start()
+    first = factory.streams[0]
+    await until(lambda: cap.samples_delivered >= SAMPLE_RATE // 2, "audio")
+    assert stalls == [] and not cap.lost
+
+    # Unplugged: the device stops calling back and leaves the device list.
+    listed.remove(usb)
+    first.unplug()
+    await until(lambda: stalls != [], "the stall report")
+    assert "'USB Headset Mic' delivered no audio for" in stalls[0]
+    assert cap.lost and cap.running and cap.stalls == 1
+    await until(lambda: "close" in first.calls, "the lost stream closed")
+    # Every frame the device delivered reached on_audio, the resampler's tail too.
+    assert abs(cap.samples_delivered - first.frames * SAMPLE_RATE // 48000) <= 2
+    # While it is away, each try refreshes the device list and finds nothing.
+    await until(lambda: len(refreshes) >= 3, "reopen attempts")
+    assert resumes == [] and len(factory.streams) == 1
+    gaps = np.diff(refreshes)
+    assert all(g >= 0.09 for g in gaps)
+    assert caplog.text.count("audio input not back yet") == 1  # warned once, not per try
+
+    # Plugged back in under a new index and rate; its first start fails.
+    factory.fail_starts = 1
+    listed.append({**usb, "index": 7, "default_samplerate": 44100.0})
+    await until(lambda: resumes != [], "the resume report")
+    assert "'USB Headset Mic' is back after" in resumes[0]
+    assert len(factory.streams) == 3 and factory.streams[1].calls == ["start", "close"]
+    assert factory.opened[-1][0].index == 7 and factory.opened[-1][1] == 44100
+    assert not cap.lost and cap.reopens == 1 and cap.samplerate == 44100
+    before = cap.samples_delivered
+    await until(lambda: cap.samples_delivered >= before + SAMPLE_RATE // 2, "audio again")
+    mid = got.audio[-SAMPLE_RATE // 4:]
+    assert dominant_frequency(mid, SAMPLE_RATE) == pytest.approx(440, abs=2.0)
+
+    cap.stop()
+    assert not cap.running
+    assert factory.streams[2].calls == ["start", "stop", "close"]
+    await asyncio.sleep(0.5)  # the watchdog is gone: nothing is reported any more
+    assert len(stalls) == 1 and len(factory.streams) == 3
+
+
+async def test_a_held_up_loop_is_not_taken_for_a_lost_device() -> None:
+    # The callback thread counts blocks even while the loop cannot run.
+    stalls: list[str] = []
+    factory = LiveFactory()
+    cap = MicrophoneCapture(Received(), device=fake_device(), block_ms=20,
+                            max_pending_blocks=1000, stream_factory=factory,
+                            stall_timeout_s=0.3, reopen_interval_s=0.1,
+                            on_stall=stalls.append)
+    cap.start()
+    await asyncio.sleep(0.1)
+    time.sleep(0.8)  # noqa: ASYNC251  the loop is held up for longer than the stall timeout
+    await asyncio.sleep(0.5)
+    assert stalls == [] and cap.stalls == 0 and len(factory.streams) == 1
+    cap.stop()
+
+
+async def test_the_stall_check_can_be_turned_off() -> None:
+    stalls: list[str] = []
+    factory = LiveFactory()
+    cap = MicrophoneCapture(Received(), device=fake_device(), block_ms=20,
+                            max_pending_blocks=100, stream_factory=factory,
+                            stall_timeout_s=0.0, on_stall=stalls.append)
+    cap.start()
+    factory.streams[0].unplug()
+    await asyncio.sleep(0.8)
+    assert stalls == [] and not cap.lost and len(factory.streams) == 1
+    cap.stop()

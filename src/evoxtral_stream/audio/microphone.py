@@ -168,6 +168,30 @@ def _sounddevice_stream(
     return stream
 
 
+def refresh_input_devices() -> None:
+    """Make PortAudio list the devices present now (it lists them once, at
+    initialisation, so a microphone plugged in later is otherwise unseen).
+    Closes every PortAudio stream of the process; call it with none open."""
+    sd = _import_sounddevice()
+    terminate, initialize = getattr(sd, "_terminate", None), getattr(sd, "_initialize", None)
+    if terminate is None or initialize is None:
+        return
+    try:
+        terminate()
+        initialize()
+    except Exception as e:
+        raise AudioInputError(f"cannot re-initialise PortAudio: {e}") from None
+
+
+def _close_quietly(stream: AudioStream) -> None:
+    # Pa_CloseStream aborts an active stream; a vanished device may make it
+    # fail, and there is nothing left to do with the stream then.
+    try:
+        stream.close()
+    except Exception as e:
+        logger.debug("closing the lost audio input stream failed: %s", e)
+
+
 class MicrophoneCapture:
     """Capture a PortAudio input device and hand 16 kHz mono int16 blocks to
     ``on_audio`` on the asyncio event loop.
@@ -185,6 +209,18 @@ class MicrophoneCapture:
     :meth:`start` only, by ``stream_factory`` (default: sounddevice), so the
     class works without a sound card when both are injected.
     :meth:`start` and :meth:`stop` must be called on the loop's thread.
+
+    Lost input: a working input device calls back every block, silence
+    included, so no callback for ``stall_timeout_s`` (0: never checked) means
+    the device is gone (unplugged, or its driver stopped). The capture then
+    delivers what it holds, calls ``on_stall(message)``, closes the stream
+    (off the loop: a vanished device can make that slow) and tries every
+    ``reopen_interval_s`` to open the device again: ``refresh_devices``
+    (default: :func:`refresh_input_devices` with the sounddevice factory,
+    nothing with an injected one), then the ``device`` spec resolved afresh,
+    so a microphone plugged back in under a new index is found by name or as
+    the default. Once it is open, ``on_resume(message)`` is called. Both
+    callbacks run on the loop. :attr:`stalls` and :attr:`reopens` count.
     """
 
     def __init__(
@@ -195,7 +231,15 @@ class MicrophoneCapture:
         block_ms: int,
         max_pending_blocks: int,
         stream_factory: StreamFactory | None = None,
+        stall_timeout_s: float = 0.0,
+        reopen_interval_s: float = 2.0,
+        on_stall: Callable[[str], None] | None = None,
+        on_resume: Callable[[str], None] | None = None,
+        refresh_devices: Callable[[], None] | None = None,
     ) -> None:
+        if stall_timeout_s < 0 or reopen_interval_s <= 0:
+            raise ValueError("stall_timeout_s must be >= 0 and reopen_interval_s > 0, got "
+                             f"{stall_timeout_s} and {reopen_interval_s}")
         if max_pending_blocks < 1:
             raise ValueError(f"max_pending_blocks must be at least 1, got {max_pending_blocks}")
         if block_ms < 1:
@@ -205,6 +249,16 @@ class MicrophoneCapture:
         self.block_ms = block_ms
         self.max_pending_blocks = max_pending_blocks
         self._stream_factory: StreamFactory = stream_factory or _sounddevice_stream
+        self._refresh_devices: Callable[[], None] = refresh_devices or (
+            refresh_input_devices if stream_factory is None else lambda: None)
+        self.stall_timeout_s = stall_timeout_s
+        self.reopen_interval_s = reopen_interval_s
+        self._on_stall = on_stall
+        self._on_resume = on_resume
+        self._started = False
+        self._watchdog: asyncio.Task[None] | None = None
+        self.stalls = 0
+        self.reopens = 0
         self._pending: deque[Float32Array] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stream: AudioStream | None = None
@@ -218,6 +272,7 @@ class MicrophoneCapture:
         # written by one side only, so no lock is needed.
         self.dropped_blocks = 0
         self.status_overflows = 0
+        self.blocks_seen = 0
         self.samples_delivered = 0
         self._reported_drops = 0
         self._reported_overflows = 0
@@ -229,6 +284,8 @@ class MicrophoneCapture:
         on_audio: AudioCallback,
         *,
         stream_factory: StreamFactory | None = None,
+        on_stall: Callable[[str], None] | None = None,
+        on_resume: Callable[[str], None] | None = None,
     ) -> MicrophoneCapture:
         return cls(
             on_audio,
@@ -236,21 +293,65 @@ class MicrophoneCapture:
             block_ms=cfg.block_ms,
             max_pending_blocks=cfg.max_pending_blocks,
             stream_factory=stream_factory,
+            stall_timeout_s=cfg.stall_timeout_s,
+            reopen_interval_s=cfg.reopen_interval_s,
+            on_stall=on_stall,
+            on_resume=on_resume,
         )
 
     @property
     def running(self) -> bool:
-        return self._stream is not None
+        """Started and not stopped (also while a lost device is being reopened)."""
+        return self._started
+
+    @property
+    def lost(self) -> bool:
+        """The device stopped delivering and has not been reopened yet."""
+        return self._started and self._stream is None
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Open and start the input stream (default loop: the running one)."""
-        if self._stream is not None:
+        if self._started:
             raise RuntimeError("microphone capture is already running")
         self._loop = loop or asyncio.get_running_loop()
+        self._open(self._resolve())
+        self._started = True
+        if self.stall_timeout_s > 0:
+            self._watchdog = self._loop.create_task(self._watch())
+        logger.info(
+            "capturing %r at %d Hz, %d channel(s), %d ms blocks",
+            self.device.name if self.device else "?", self.samplerate, self.channels,
+            self.block_ms,
+        )
+
+    def stop(self) -> None:
+        """Stop the stream, deliver what is pending (and the resampler's tail)."""
+        if not self._started:
+            return
+        self._started = False
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            try:
+                stream.stop()
+            finally:
+                stream.close()
+        self._accepting = False
+        self._drain()
+        if self._resampler is not None:
+            self._emit(self._resampler.flush())
+
+    def _resolve(self) -> InputDevice:
         spec = self._device_spec
         device = spec if isinstance(spec, InputDevice) else resolve_input_device(spec)
         if device.channels < 1:
             raise AudioInputError(f"audio device {device.name!r} has no input channels")
+        return device
+
+    def _open(self, device: InputDevice) -> None:
+        """Open and start ``device``'s stream at its native rate (loop thread)."""
         self.device = device
         self.samplerate = round(device.default_samplerate)
         self.channels = min(2, device.channels)
@@ -269,24 +370,67 @@ class MicrophoneCapture:
             stream.close()
             raise AudioInputError(f"cannot start audio input device {device.name!r}: {e}") from None
         self._stream = stream
-        logger.info(
-            "capturing %r at %d Hz, %d channel(s), %d ms blocks",
-            device.name, self.samplerate, self.channels, self.block_ms,
-        )
 
-    def stop(self) -> None:
-        """Stop the stream, deliver what is pending (and the resampler's tail)."""
+    # --- lost input ---------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        """Reopen the device whenever it delivers nothing for ``stall_timeout_s``.
+
+        Progress is the callback's count, not the loop's drains, so a loop
+        that was itself held up does not pass for a lost device."""
+        loop = asyncio.get_running_loop()
+        timeout = self.stall_timeout_s
+        tick = max(0.02, timeout / 4)
+        seen, since = self.blocks_seen, loop.time()
+        while True:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            if self.blocks_seen != seen:
+                seen, since = self.blocks_seen, now
+            elif now - since >= timeout:
+                await self._recover(now - since)
+                seen, since = self.blocks_seen, loop.time()
+
+    async def _recover(self, silent_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        lost_at = loop.time()
         stream, self._stream = self._stream, None
-        if stream is None:
-            return
-        try:
-            stream.stop()
-        finally:
-            stream.close()
-            self._accepting = False
+        self._accepting = False
+        self.stalls += 1
+        name = self.device.name if self.device else "?"
+        message = (f"audio input {name!r} delivered no audio for {silent_s:.1f} s "
+                   f"(audio.stall_timeout_s); reopening it every {self.reopen_interval_s:g} s")
+        logger.warning("%s", message)
         self._drain()
         if self._resampler is not None:
             self._emit(self._resampler.flush())
+        if self._on_stall is not None:
+            self._on_stall(message)
+        if stream is not None:
+            await asyncio.to_thread(_close_quietly, stream)
+        failures = 0
+        while True:
+            try:
+                device = await asyncio.to_thread(self._refresh_and_resolve)
+                self._open(device)
+                break
+            except Exception as e:  # the watchdog must outlive any failure
+                failures += 1
+                log = logger.warning if failures == 1 else logger.debug
+                log("audio input not back yet (attempt %d): %s", failures, e)
+            await asyncio.sleep(self.reopen_interval_s)
+        self.reopens += 1
+        message = (f"audio input {device.name!r} is back after "
+                   f"{loop.time() - lost_at:.1f} s ({self.samplerate} Hz, "
+                   f"{failures + 1} attempt(s))")
+        logger.info("%s", message)
+        if self._on_resume is not None:
+            self._on_resume(message)
+
+    def _refresh_and_resolve(self) -> InputDevice:
+        """Off the loop: device enumeration may take a while."""
+        self._refresh_devices()
+        return self._resolve()
 
     def __enter__(self) -> MicrophoneCapture:
         self.start()
@@ -308,6 +452,7 @@ class MicrophoneCapture:
             self.status_overflows += 1
         if not self._accepting:
             return
+        self.blocks_seen += 1
         # deque.append/len are atomic under the GIL; the loop only pops.
         if len(self._pending) >= self.max_pending_blocks:
             self.dropped_blocks += 1

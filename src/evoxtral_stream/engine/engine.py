@@ -174,6 +174,12 @@ class Stream:
         self._check_open()
         self._submit_all(self.session.cut(self._engine.now()))
 
+    def report_error(self, code: str, message: str) -> None:
+        """Send this stream's listeners an error event about its source (the
+        microphone was lost, say); the stream stays open."""
+        self.errors += 1
+        self._engine._emit(StreamError(self.id, code, message))
+
     def _check_open(self) -> None:
         if self._finished:
             raise RuntimeError(f"stream {self.id} is closed")

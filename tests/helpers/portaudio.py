@@ -1,0 +1,82 @@
+"""A stand-in PortAudio input stream: no sound card is needed.
+
+Its thread calls the capture's callback in real time, one block at a time,
+as PortAudio does, until it is closed or "unplugged" (then it just stops
+calling back, as a pulled USB microphone does, with no error).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from evoxtral_stream.events import Float32Array
+
+#: ``source(first_frame, frames, channels)`` -> float32 ``(frames, channels)``.
+Source = Callable[[int, int, int], Float32Array]
+
+
+def tone(freq: float = 440.0, rate: int = 48000, amp: float = 0.3) -> Source:
+    def source(first: int, frames: int, channels: int) -> Float32Array:
+        t = (first + np.arange(frames)) / rate
+        wave = (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+        return np.repeat(wave[:, None], channels, axis=1)
+    return source
+
+
+def playback(audio: Float32Array) -> Source:
+    """Mono ``audio`` (float32 in [-1, 1]), then silence."""
+    def source(first: int, frames: int, channels: int) -> Float32Array:
+        block = np.zeros((frames, channels), np.float32)
+        part = audio[first:first + frames]
+        block[:len(part)] = part[:, None]
+        return block
+    return source
+
+
+class LiveStream:
+    """Implements the ``AudioStream`` protocol of ``audio.microphone``."""
+
+    def __init__(self, source: Source, rate: int, channels: int, blocksize: int,
+                 callback: Callable[..., None], *, fail_start: bool = False,
+                 unplug_at: int | None = None) -> None:
+        self.source, self.rate, self.channels = source, rate, channels
+        self.blocksize = blocksize
+        self.unplug_at = unplug_at
+        self._callback = callback
+        self._fail_start = fail_start
+        self.calls: list[str] = []
+        self.frames = 0
+        self._halt = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self.calls.append("start")
+        if self._fail_start:
+            raise RuntimeError("device busy")
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+        self._halt.set()
+
+    def close(self) -> None:
+        self.calls.append("close")
+        self._halt.set()
+
+    def unplug(self) -> None:
+        """The device vanishes: no more callbacks, no error."""
+        self._halt.set()
+
+    def _run(self) -> None:
+        t0 = time.monotonic()
+        while not self._halt.is_set():
+            if self.unplug_at is not None and self.frames >= self.unplug_at:
+                return
+            block = self.source(self.frames, self.blocksize, self.channels)
+            self._callback(block, self.blocksize, None, None)
+            self.frames += self.blocksize
+            self._halt.wait(max(0.0, t0 + self.frames / self.rate - time.monotonic()))
