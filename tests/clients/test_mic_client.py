@@ -36,6 +36,7 @@ from tests.clients.conftest import (
     refused_token_cases,
 )
 from tests.fakes import ScriptedBackend
+from tests.helpers.portaudio import LiveStream, tone
 from tests.speech import have_espeak, speech_with_pauses
 from tests.text_norm import loose_wer
 
@@ -297,3 +298,26 @@ async def test_a_refused_token_is_one_line_and_status_1(
     assert err.splitlines()[1:] == [line], err
     assert out == ""
     assert "desk" not in engine.streams
+
+
+async def test_a_lost_microphone_is_reported_and_reopened() -> None:
+    streams: list[LiveStream] = []
+
+    def factory(device: InputDevice, rate: int, channels: int, blocksize: int,
+                callback: Callable[..., None]) -> LiveStream:
+        # The first stream falls silent after 0.3 s, as an unplugged one does.
+        cut = rate * 3 // 10 if not streams else None
+        streams.append(LiveStream(tone(rate=rate), rate, channels, blocksize, callback,
+                                  unplug_at=cut))
+        return streams[-1]
+
+    feed = MicFeed(InputDevice(7, "fake mic", 1, 48000.0, True), stream_factory=factory)
+    said: list[str] = []
+    feed.start(said.append)
+    deadline = time.monotonic() + 20   # audio.stall_timeout_s is 2 s by default
+    while not any("is back" in s for s in said):
+        assert time.monotonic() < deadline, said
+        await asyncio.sleep(0.05)
+    feed.close()
+    lost = [s for s in said if "delivered no audio" in s]
+    assert len(lost) == 1 and "'fake mic'" in lost[0] and len(streams) == 2
