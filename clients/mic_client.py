@@ -12,9 +12,22 @@ final, sends its summary (printed on stderr) and closes. A second Ctrl-C
 quits at once. A server with access tokens gets ``--token`` (default
 ``$EVOXTRAL_TOKEN``) as ``Authorization: Bearer``.
 
+Reconnects: once the server has accepted the stream, a connection that is
+lost (the network failed, the server restarted or went away, or refused a
+reconnect because the stream was still held, the server full or shutting
+down) is opened again with bounded exponential backoff under the same stream
+id, and the audio goes on where it stopped. The microphone keeps capturing
+meanwhile: up to :data:`MAX_QUEUED_BLOCKS` blocks (10 s) wait for the new
+connection, later ones are dropped and counted; a file resumes at the
+position it had reached. Captions the server made of the earlier
+connection's last audio go to its subscribers, not to this client.
+``--no-reconnect`` turns this off. A refusal of the first connection (a bad
+token or stream id, ``stream_busy``) still ends the client at once.
+
 Exit status: 0 after the server's summary; 1 when the server cannot be
-reached, refuses the token or the stream, or closes it early; 2 for a bad
-argument, file or audio device; 130 after a second Ctrl-C.
+reached, refuses the token or the stream, or closes it early (and will not
+be reconnected to); 2 for a bad argument, file or audio device; 130 after a
+second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -27,6 +40,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -46,7 +60,8 @@ from evoxtral_stream.audio.sources import AudioInputError, iter_chunks, read_aud
 from evoxtral_stream.config import load_config
 from evoxtral_stream.events import SAMPLE_RATE, Int16Array
 
-__all__ = ["AudioFeed", "FileFeed", "MicFeed", "build_parser", "main", "run"]
+__all__ = ["AudioFeed", "FileFeed", "MicFeed", "SessionEnd", "build_parser", "main", "run",
+           "should_reconnect"]
 
 CHUNK_MS = 100
 #: Microphone blocks waiting for the socket before new ones are dropped (10 s at 20 ms).
@@ -55,7 +70,39 @@ MAX_QUEUED_BLOCKS = 500
 #: read_audio_file deliver.
 CONFIG = {"type": "config", "sample_rate": SAMPLE_RATE, "channels": 1, "format": "pcm16"}
 
+#: Close codes after which the stream is reconnected: the server went away
+#: or restarted, the connection failed, or the server asked to try later.
+RETRY_CLOSE_CODES = frozenset({1001, 1006, 1011, 1012, 1013, 1014})
+#: Errors (before a close 1008) after which it is reconnected: the stream is
+#: still held by the lost connection, the server is full or shutting down,
+#: or no audio came for ``server.idle_timeout_s`` (the microphone was away).
+RETRY_ERRORS = frozenset({"stream_busy", "too_many_streams", "shutting_down", "idle_timeout"})
+#: Reconnect backoff: the first wait and the longest, in seconds.
+BACKOFF_S = (0.5, 10.0)
+
 Status = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class SessionEnd:
+    """How one connection ended."""
+
+    stream: str | None
+    """The stream id the server confirmed (``ingest.ready``); None if refused."""
+    close_code: int | None
+    error: str | None
+    """The code of the last ``error`` event, if any."""
+    summary: bool
+    """The server sent its summary and closed normally: the stream is done."""
+
+
+def should_reconnect(end: SessionEnd) -> bool:
+    """Whether a connection that ended so is worth opening again (pure)."""
+    if end.summary:
+        return False
+    if end.close_code in (1008, 1009):  # refused: only a passing reason is retried
+        return end.error in RETRY_ERRORS
+    return end.close_code is None or end.close_code in RETRY_CLOSE_CODES
 
 
 class AudioFeed(Protocol):
@@ -64,7 +111,9 @@ class AudioFeed(Protocol):
     ``close`` in any case."""
 
     def start(self, status: Status) -> None: ...
-    async def send(self, ws: ClientConnection, stop: asyncio.Event) -> None: ...
+    async def send(self, ws: ClientConnection, stop: asyncio.Event) -> None:
+        """Send audio until it ends or ``stop`` is set. Called again on a new
+        connection after a lost one, it goes on where the last one stopped."""
     def close(self) -> None: ...
 
 
@@ -73,21 +122,22 @@ class FileFeed:
 
     def __init__(self, samples: Int16Array) -> None:
         self.samples = samples
+        self.sent = 0
+        """Samples sent so far, over every connection."""
 
     def start(self, status: Status) -> None:
         status(f"streaming {len(self.samples) / SAMPLE_RATE:.1f} s of audio at real-time pace")
 
     async def send(self, ws: ClientConnection, stop: asyncio.Event) -> None:
-        t0 = time.monotonic()
-        sent = 0
-        for chunk in iter_chunks(self.samples, SAMPLE_RATE * CHUNK_MS // 1000):
+        t0, first = time.monotonic(), self.sent
+        for chunk in iter_chunks(self.samples[first:], SAMPLE_RATE * CHUNK_MS // 1000):
             if stop.is_set():
                 return
             await ws.send(chunk.astype("<i2").tobytes())
-            sent += len(chunk)
+            self.sent += len(chunk)
+            due = t0 + (self.sent - first) / SAMPLE_RATE
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(),
-                                       max(0.0, t0 + sent / SAMPLE_RATE - time.monotonic()))
+                await asyncio.wait_for(stop.wait(), max(0.0, due - time.monotonic()))
 
     def close(self) -> None:
         pass
@@ -97,14 +147,17 @@ class MicFeed:
     """The microphone through :class:`MicrophoneCapture` (16 kHz mono int16).
 
     Blocks arrive on the event loop and wait in a queue of
-    :data:`MAX_QUEUED_BLOCKS` for the socket; when it is full, new blocks
-    are dropped and counted. ``stream_factory`` replaces PortAudio (tests).
+    :data:`MAX_QUEUED_BLOCKS` for the socket (or for the next connection
+    after a lost one); when it is full, new blocks are dropped and counted.
+    A block whose send failed is sent first on the next connection.
+    ``stream_factory`` replaces PortAudio (tests).
     """
 
     def __init__(self, device: str | int | InputDevice | None = None, *,
                  stream_factory: StreamFactory | None = None) -> None:
         cfg = load_config().audio
         self.queue: asyncio.Queue[Int16Array] = asyncio.Queue(MAX_QUEUED_BLOCKS)
+        self._unsent: Int16Array | None = None
         self.dropped = 0
         self.capture = MicrophoneCapture(
             self._on_audio, device=cfg.device if device is None else device,
@@ -128,46 +181,64 @@ class MicFeed:
         status(f"listening on {name!r} ({self.capture.samplerate} Hz); Ctrl-C to finish")
 
     async def send(self, ws: ClientConnection, stop: asyncio.Event) -> None:
+        self._report_drops()
         stopping = asyncio.ensure_future(stop.wait())
         try:
             while True:
-                block = asyncio.ensure_future(self.queue.get())
-                await asyncio.wait({block, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                if not block.done():
-                    block.cancel()
-                    break
-                await ws.send(block.result().astype("<i2").tobytes())
+                if self._unsent is None:
+                    block = asyncio.ensure_future(self.queue.get())
+                    await asyncio.wait({block, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    if not block.done():
+                        block.cancel()
+                        break
+                    self._unsent = block.result()
+                await self._send_unsent(ws)
         finally:
             stopping.cancel()
-            self.close()
-        while not self.queue.empty():  # what the capture delivered while stopping
-            await ws.send(self.queue.get_nowait().astype("<i2").tobytes())
+        self.close()  # the capture delivers what it holds: send that too
+        while self._unsent is not None or not self.queue.empty():
+            if self._unsent is None:
+                self._unsent = self.queue.get_nowait()
+            await self._send_unsent(ws)
+
+    async def _send_unsent(self, ws: ClientConnection) -> None:
+        assert self._unsent is not None
+        await ws.send(self._unsent.astype("<i2").tobytes())
+        self._unsent = None  # only once sent: a failed send keeps it for the next connection
 
     def close(self) -> None:
         self.capture.stop()
+        self._report_drops()
+
+    def _report_drops(self) -> None:
         if self.dropped:
-            self._status(f"dropped {self.dropped} audio blocks: the connection was too slow")
+            self._status(f"dropped {self.dropped} audio blocks: the connection was too slow "
+                         "or away")
             self.dropped = 0
 
 
 async def _session(ws: ClientConnection, feed: AudioFeed, stop: asyncio.Event,
-                   writer: LiveWriter, language: str | None) -> int:
+                   writer: LiveWriter, language: str | None,
+                   on_ready: Callable[[str], None]) -> SessionEnd:
+    """One connection: config, audio and captions until the server closes it."""
     config = CONFIG if language is None else {**CONFIG, "language": language}
-    with contextlib.suppress(ConnectionClosed):  # refused at once: read why below
-        await ws.send(json.dumps(config))
-    ready = json.loads(await asyncio.wait_for(ws.recv(), 15))
-    writer.show(ready)
-    if ready.get("type") != "ingest.ready":
-        return 1
+    stream: str | None = None
+    error: str | None = None
+    summary: dict[str, Any] | None = None
+
+    def show(event: dict[str, Any]) -> None:
+        nonlocal error, summary
+        if event.get("type") == "error":
+            error = str(event.get("code"))
+        elif event.get("type") == "ingest.summary":
+            summary = event
+        writer.show(event)
 
     async def feed_then_end() -> None:
         await feed.send(ws, stop)
         await ws.send(json.dumps({"type": "end"}))
 
-    summary: dict[str, Any] | None = None
-
     async def receive() -> None:
-        nonlocal summary
         async for raw in ws:
             try:
                 event = json.loads(raw)
@@ -175,44 +246,58 @@ async def _session(ws: ClientConnection, feed: AudioFeed, stop: asyncio.Event,
                 writer.status(f"! not JSON: {raw!r:.80}")
                 continue
             if isinstance(event, dict):
-                summary = event if event.get("type") == "ingest.summary" else summary
-                writer.show(event)
+                show(event)
 
-    feeder = asyncio.ensure_future(feed_then_end())
-    receiver = asyncio.ensure_future(receive())
-    try:
-        pending: set[asyncio.Future[None]] = {feeder, receiver}
-        while not receiver.done():
-            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            if feeder.done() and not feeder.cancelled():
-                exc = feeder.exception()
-                if exc is not None and not isinstance(exc, ConnectionClosed):
-                    raise exc
-        receiver.result()
-    finally:
-        for task in (feeder, receiver):
-            task.cancel()
-        await asyncio.gather(feeder, receiver, return_exceptions=True)
+    with contextlib.suppress(ConnectionClosed):  # the close code tells what happened
+        with contextlib.suppress(ConnectionClosed):  # refused at once: read why below
+            await ws.send(json.dumps(config))
+        ready = json.loads(await asyncio.wait_for(ws.recv(), 15))
+        show(ready)
+        if ready.get("type") != "ingest.ready":
+            # Refused: the close that follows the error tells whether to retry.
+            await asyncio.wait_for(ws.wait_closed(), 10)
+        else:
+            stream = str(ready.get("stream"))
+            on_ready(stream)
+            feeder = asyncio.ensure_future(feed_then_end())
+            receiver = asyncio.ensure_future(receive())
+            try:
+                pending: set[asyncio.Future[None]] = {feeder, receiver}
+                while not receiver.done():
+                    _, pending = await asyncio.wait(pending,
+                                                    return_when=asyncio.FIRST_COMPLETED)
+                    if feeder.done() and not feeder.cancelled():
+                        exc = feeder.exception()
+                        if exc is not None and not isinstance(exc, ConnectionClosed):
+                            raise exc
+                receiver.result()
+            finally:
+                for task in (feeder, receiver):
+                    task.cancel()
+                await asyncio.gather(feeder, receiver, return_exceptions=True)
     writer.clear()
-    if summary is None or ws.close_code != 1000:
-        writer.status(f"the server closed the stream early (close code {ws.close_code})")
-        return 1
-    return 0
+    return SessionEnd(stream, ws.close_code, error,
+                      summary is not None and ws.close_code == 1000)
+
+
+def _ingest_url(url: str, stream: str | None) -> str:
+    return endpoint(url, "/v1/ingest") + (f"?stream={quote(stream, safe='')}" if stream else "")
 
 
 async def run(url: str, stream: str | None, feed: AudioFeed, writer: LiveWriter, *,
               stop: asyncio.Event | None = None, token: str | None = None,
-              language: str | None = None) -> int:
+              language: str | None = None, reconnect: bool = True,
+              backoff_s: tuple[float, float] = BACKOFF_S) -> int:
     """Stream ``feed`` to the server at ``url`` as ``stream`` (None: the server
     names it) and show what comes back; the exit status (see the module doc).
     ``token`` is sent as ``Authorization: Bearer`` (None: no token).
 
     Setting ``stop`` (or Ctrl-C, once) ends the audio: the server then sends
-    the last finals and its summary. Raises AudioInputError when the feed
+    the last finals and its summary. With ``reconnect``, a lost connection is
+    opened again (``backoff_s``: the first and the longest wait) once the
+    server has accepted the stream. Raises AudioInputError when the feed
     cannot start.
     """
-    target = endpoint(url, "/v1/ingest") + (f"?stream={quote(stream, safe='')}"
-                                             if stream else "")
     loop = asyncio.get_running_loop()
     stop = stop if stop is not None else asyncio.Event()
     task = asyncio.current_task()
@@ -224,21 +309,53 @@ async def run(url: str, stream: str | None, feed: AudioFeed, writer: LiveWriter,
             writer.status("finishing: waiting for the last captions (Ctrl-C again to quit)")
             stop.set()
 
+    confirmed: str | None = None  # the stream id, once the server has accepted it
+    lost_at: float | None = None
+    wait = backoff_s[0]
+
+    def on_ready(stream_id: str) -> None:
+        nonlocal confirmed, lost_at, wait
+        if lost_at is not None:
+            writer.status(f"reconnected as {stream_id} after "
+                          f"{time.monotonic() - lost_at:.1f} s")
+        confirmed, lost_at, wait = stream_id, None, backoff_s[0]
+
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGINT, interrupt)
     try:
         feed.start(writer.status)
-        async with connect(target, open_timeout=10, max_size=2**24,
-                           additional_headers=auth_headers(token)) as ws:
-            return await _session(ws, feed, stop, writer, language)
-    except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
-        writer.status(refusal(e, token)
-                      or f"cannot stream to {target}: {e} (is the server running?)")
-        return 1
-    except ConnectionClosed as e:
-        writer.status(f"the server closed the stream (close code "
-                      f"{e.rcvd.code if e.rcvd else None})")
-        return 1
+        while True:
+            target = _ingest_url(url, confirmed or stream)
+            try:
+                async with connect(target, open_timeout=10, max_size=2**24,
+                                   additional_headers=auth_headers(token)) as ws:
+                    end = await _session(ws, feed, stop, writer, language, on_ready)
+            except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
+                refused = refusal(e, token)
+                if confirmed is None or not reconnect or refused or isinstance(e, InvalidURI):
+                    writer.status(refused
+                                  or f"cannot stream to {target}: {e} (is the server running?)")
+                    return 1
+                why = f"cannot reconnect: {e}"
+            else:
+                if end.summary:
+                    return 0
+                if confirmed is None or not reconnect or not should_reconnect(end):
+                    if end.stream is not None or end.error is None:  # else the error said why
+                        writer.status(f"the server closed the stream early (close code "
+                                      f"{end.close_code})")
+                    return 1
+                why = f"connection lost (close code {end.close_code})"
+            if stop.is_set():
+                writer.status(f"{why}; stopped while disconnected: the audio since then "
+                              "was not sent")
+                return 1
+            if lost_at is None:
+                lost_at = time.monotonic()
+            writer.status(f"{why}; reconnecting in {wait:g} s")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait)
+            wait = min(wait * 2, backoff_s[1])
     except asyncio.CancelledError:
         writer.clear()
         return 130
@@ -268,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--list-devices", action="store_true", help="list input devices and exit")
     p.add_argument("--color", action=argparse.BooleanOptionalAction, default=None,
                    help="ANSI colours (default: on a terminal unless NO_COLOR is set)")
+    p.add_argument("--no-reconnect", dest="reconnect", action="store_false",
+                   help="end when the connection is lost instead of reconnecting")
     add_token_option(p)
     return p
 
@@ -295,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         feed: AudioFeed = (FileFeed(read_audio_file(args.file)) if args.file
                            else MicFeed(args.device))
         return asyncio.run(run(args.url, args.stream, feed, writer, token=args.token,
-                               language=args.language))
+                               language=args.language, reconnect=args.reconnect))
     except AudioInputError as e:
         writer.status(f"error: {e}")
         return 2

@@ -8,6 +8,7 @@ import io
 import json
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -18,7 +19,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import soundfile as sf
-from mic_client import MicFeed, run
+from mic_client import FileFeed, MicFeed, SessionEnd, run, should_reconnect
 from viewer import LiveWriter
 from websockets.asyncio.server import ServerConnection, serve
 
@@ -27,7 +28,7 @@ from evoxtral_stream.audio.resample import int16_to_float32, resample
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.backends.base import Backend
 from evoxtral_stream.engine.engine import Engine
-from evoxtral_stream.events import SAMPLE_RATE, Int16Array
+from evoxtral_stream.events import SAMPLE_RATE, EngineEvent, Int16Array, StreamEnded
 from evoxtral_stream.server.app import CaptionServer
 from tests.clients.conftest import (
     CLIENTS,
@@ -36,7 +37,7 @@ from tests.clients.conftest import (
     refused_token_cases,
 )
 from tests.fakes import ScriptedBackend
-from tests.helpers.portaudio import LiveStream, tone
+from tests.helpers.portaudio import LiveStream, playback, tone
 from tests.speech import have_espeak, speech_with_pauses
 from tests.text_norm import loose_wer
 
@@ -321,3 +322,105 @@ async def test_a_lost_microphone_is_reported_and_reopened() -> None:
     feed.close()
     lost = [s for s in said if "delivered no audio" in s]
     assert len(lost) == 1 and "'fake mic'" in lost[0] and len(streams) == 2
+
+
+# --- reconnecting --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("end", "again"), [
+    (SessionEnd("desk", 1000, None, True), False),        # done: the summary came
+    (SessionEnd("desk", 1001, "shutting_down", False), True),  # server going away
+    (SessionEnd("desk", 1006, None, False), True),        # the network failed
+    (SessionEnd("desk", 1011, None, False), True),        # keepalive ping timed out
+    (SessionEnd("desk", 1012, None, False), True),        # service restart
+    (SessionEnd(None, 1008, "stream_busy", False), True),  # still held by the lost one
+    (SessionEnd(None, 1008, "too_many_streams", False), True),
+    (SessionEnd("desk", 1008, "idle_timeout", False), True),  # the mic was away
+    (SessionEnd(None, 1008, "bad_config", False), False),  # would be refused again
+    (SessionEnd("desk", 1008, "too_fast", False), False),
+    (SessionEnd("desk", 1009, "too_large", False), False),
+    (SessionEnd("desk", 1000, None, False), False),        # closed normally, no summary
+    (SessionEnd("desk", 1007, None, False), False),        # invalid UTF-8: a client bug
+])
+def test_which_endings_are_reconnected(end: SessionEnd, again: bool) -> None:
+    assert should_reconnect(end) is again
+
+
+async def test_the_microphone_stream_survives_a_server_restart() -> None:
+    """The server goes away mid-stream and comes back on the same port: the
+    client reconnects as the same stream and the audio captured meanwhile is
+    sent, so the two connections' audio adds up to all that was captured."""
+    audio, _ = speech_with_pauses(SENTENCES * 2, pause_s=1.2)
+    streams: list[LiveStream] = []
+
+    def factory(device: InputDevice, rate: int, channels: int, blocksize: int,
+                callback: Callable[..., None]) -> LiveStream:
+        streams.append(LiveStream(playback(int16_to_float32(audio)), rate, channels,
+                                  blocksize, callback))
+        return streams[-1]
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = load_config(overrides={"server.port": port}, env={})
+    ended: list[StreamEnded] = []
+
+    def on_event(event: EngineEvent) -> None:
+        if isinstance(event, StreamEnded):
+            ended.append(event)
+
+    out, err = io.StringIO(), io.StringIO()
+    writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
+    feed = MicFeed(InputDevice(7, "fake mic", 1, float(SAMPLE_RATE), True),
+                   stream_factory=factory)
+    stop = asyncio.Event()
+    client: asyncio.Future[int] | None = None
+
+    async def until(cond: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not cond():
+            assert client is None or not client.done(), err.getvalue()
+            assert time.monotonic() < deadline, f"no {what}: {err.getvalue()}"
+            await asyncio.sleep(0.02)
+
+    async with Engine(cfg, ScriptedBackend(words)) as engine, \
+            CaptionServer(engine, cfg.server):
+        engine.add_listener(on_event)
+        client = asyncio.ensure_future(run(f"ws://127.0.0.1:{port}", "desk", feed, writer,
+                                           stop=stop, backoff_s=(0.1, 0.4)))
+        await until(lambda: out.getvalue().count("\n") >= 1, "final before the restart")
+    # Server down: the client retries while the microphone keeps capturing.
+    await until(lambda: "reconnecting in" in err.getvalue(), "reconnect attempt")
+    await asyncio.sleep(1.0)
+    async with Engine(cfg, ScriptedBackend(words)) as engine, \
+            CaptionServer(engine, cfg.server):
+        engine.add_listener(on_event)
+        await until(lambda: "reconnected as desk after" in err.getvalue(), "reconnection")
+        await until(lambda: out.getvalue().count("\n") >= 3, "finals after the restart")
+        stop.set()
+        assert await asyncio.wait_for(client, 30) == 0, err.getvalue()
+    assert [e.stream for e in ended] == ["desk", "desk"]
+    sent_s = sum(e.duration_s for e in ended)
+    assert sent_s == pytest.approx(feed.capture.samples_delivered / SAMPLE_RATE, abs=0.05)
+    assert ended[1].duration_s > 1.0     # the outage's audio was kept and sent
+    summary = SUMMARY.search(err.getvalue())
+    assert summary is not None and summary.group(1) == "desk", err.getvalue()
+    assert len(streams) == 1             # one capture all along
+
+
+async def test_no_reconnect_ends_at_the_first_lost_connection(tmp_path: Path) -> None:
+    audio, _ = speech_with_pauses(SENTENCES, pause_s=1.0)
+    cfg = load_config(overrides={"server.port": 0}, env={})
+    out, err = io.StringIO(), io.StringIO()
+    writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
+    async with Engine(cfg, ScriptedBackend(words)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        client = asyncio.ensure_future(run(f"ws://127.0.0.1:{server.port}", "desk",
+                                           FileFeed(audio), writer, reconnect=False))
+        deadline = time.monotonic() + 30
+        while not engine.streams:
+            assert time.monotonic() < deadline and not client.done(), err.getvalue()
+            await asyncio.sleep(0.02)
+    assert await asyncio.wait_for(client, 30) == 1
+    assert "the server closed the stream early (close code 1001)" in err.getvalue()
+    assert "reconnecting" not in err.getvalue()
