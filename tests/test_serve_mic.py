@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 import time
 import types
@@ -29,17 +28,11 @@ from evoxtral_stream.cli import _serve
 from evoxtral_stream.config import load_config
 from evoxtral_stream.events import SAMPLE_RATE
 from tests.fakes import ScriptedBackend, words_so_far
+from tests.helpers.http import free_port
 from tests.helpers.portaudio import LiveStream, playback
 from tests.speech import have_espeak, speak
 
 pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_a_lost_microphone_ends_the_open_segment_and_tells_subscribers(

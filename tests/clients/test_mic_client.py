@@ -8,7 +8,6 @@ import io
 import json
 import re
 import signal
-import socket
 import sys
 import threading
 import time
@@ -28,7 +27,7 @@ from evoxtral_stream.audio.resample import int16_to_float32, resample
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.backends.base import Backend
 from evoxtral_stream.engine.engine import Engine
-from evoxtral_stream.events import SAMPLE_RATE, EngineEvent, Int16Array, StreamEnded
+from evoxtral_stream.events import SAMPLE_RATE, Int16Array
 from evoxtral_stream.server.app import CaptionServer
 from tests.clients.conftest import (
     CLIENTS,
@@ -37,6 +36,8 @@ from tests.clients.conftest import (
     refused_token_cases,
 )
 from tests.fakes import ScriptedBackend
+from tests.helpers.events import EndedStreams
+from tests.helpers.http import free_port
 from tests.helpers.portaudio import LiveStream, playback, tone
 from tests.speech import have_espeak, speech_with_pauses
 from tests.text_norm import loose_wer
@@ -359,15 +360,9 @@ async def test_the_microphone_stream_survives_a_server_restart() -> None:
                                   blocksize, callback))
         return streams[-1]
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     cfg = load_config(overrides={"server.port": port}, env={})
-    ended: list[StreamEnded] = []
-
-    def on_event(event: EngineEvent) -> None:
-        if isinstance(event, StreamEnded):
-            ended.append(event)
+    ended = EndedStreams()
 
     out, err = io.StringIO(), io.StringIO()
     writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
@@ -385,7 +380,7 @@ async def test_the_microphone_stream_survives_a_server_restart() -> None:
 
     async with Engine(cfg, ScriptedBackend(words)) as engine, \
             CaptionServer(engine, cfg.server):
-        engine.add_listener(on_event)
+        engine.add_listener(ended)
         client = asyncio.ensure_future(run(f"ws://127.0.0.1:{port}", "desk", feed, writer,
                                            stop=stop, backoff_s=(0.1, 0.4)))
         await until(lambda: out.getvalue().count("\n") >= 1, "final before the restart")
@@ -394,7 +389,7 @@ async def test_the_microphone_stream_survives_a_server_restart() -> None:
     await asyncio.sleep(1.0)
     async with Engine(cfg, ScriptedBackend(words)) as engine, \
             CaptionServer(engine, cfg.server):
-        engine.add_listener(on_event)
+        engine.add_listener(ended)
         await until(lambda: "reconnected as desk after" in err.getvalue(), "reconnection")
         await until(lambda: out.getvalue().count("\n") >= 3, "finals after the restart")
         stop.set()

@@ -36,6 +36,8 @@ from tests.clients.conftest import (
     publish_finals,
 )
 from tests.fakes import LanguageScriptedBackend, ScriptedBackend, words_so_far
+from tests.helpers.events import EndedStreams
+from tests.helpers.http import free_port
 from tests.speech import have_espeak, speech_with_pauses
 from tests.text_norm import loose_wer
 
@@ -527,3 +529,78 @@ async def test_page_without_a_token_is_refused_until_one_is_pasted(
         assert page.errors == []
     finally:
         await page.close()
+
+
+async def test_the_microphone_stream_survives_a_server_restart(browser: Browser) -> None:
+    """The server goes away while the page streams its microphone and comes
+    back on the same port: the page reconnects as the same stream, and the
+    audio captured meanwhile is sent first, so the two connections' audio
+    adds up to all that the page sent."""
+    port = free_port()
+    cfg = load_config(overrides={"server.port": port}, env={})
+    ended = EndedStreams()
+
+    page: Page | None = None
+    try:
+        async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+                CaptionServer(engine, cfg.server):
+            engine.add_listener(ended)
+            page = await Page.open(browser, f"http://127.0.0.1:{port}/?mic=desk")
+            await page.wait_for("document.getElementById('status').textContent === 'live'")
+            await page.click("#mic")
+            await page.wait_for("evoxtral.mic?.sent > 0")
+            await asyncio.sleep(1.0)
+        # Server down: the page keeps capturing and retries.
+        await page.wait_for("evoxtral.mic.connects >= 2 && !evoxtral.mic.ready")
+        assert "connection lost" in await page.evaluate(
+            "document.getElementById('notice').textContent")
+        assert await page.evaluate("document.getElementById('mic').textContent") \
+            == "Stop microphone"
+        await asyncio.sleep(1.5)
+        async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+                CaptionServer(engine, cfg.server):
+            engine.add_listener(ended)
+            await page.wait_for("evoxtral.mic.ready", 20)
+            assert "desk" in engine.streams
+            await asyncio.sleep(0.5)
+            await page.click("#mic")
+            summary = await page.wait_for("evoxtral.mic.summary", 15)
+            assert summary["stream"] == "desk"
+        rate = await page.evaluate("evoxtral.mic.sampleRate")
+        sent = await page.evaluate("evoxtral.mic.sent")
+        assert [e.stream for e in ended] == ["desk", "desk"]
+        assert abs(sent / 2 / rate - sum(e.duration_s for e in ended)) < 0.1
+        assert ended[1].duration_s > 1.5   # the outage's audio was kept and sent
+        assert await page.evaluate("evoxtral.mic.dropped") == 0
+        assert await page.evaluate("document.getElementById('notice').textContent") == ""
+        assert page.errors == []
+    finally:
+        if page is not None:
+            await page.close()
+
+
+async def test_stopping_the_microphone_while_reconnecting_says_what_was_not_sent(
+        browser: Browser) -> None:
+    cfg = load_config(overrides={"server.port": 0}, env={})
+    page: Page | None = None
+    try:
+        async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+                CaptionServer(engine, cfg.server) as server:
+            page = await Page.open(browser, f"http://127.0.0.1:{server.port}/?mic=desk")
+            await page.wait_for("document.getElementById('status').textContent === 'live'")
+            await page.click("#mic")
+            await page.wait_for("evoxtral.mic?.sent > 0")
+        await page.wait_for("evoxtral.mic.connects >= 2 && evoxtral.mic.backlogBytes > 0")
+        await page.click("#mic")
+        assert await page.evaluate("document.getElementById('mic').textContent") \
+            == "Start microphone"
+        assert re.fullmatch(
+            r"Microphone stopped while reconnecting: \d+\.\d s of audio were not sent",
+            await page.evaluate("document.getElementById('notice').textContent"))
+        connects = await page.evaluate("evoxtral.mic.connects")
+        await asyncio.sleep(6)  # longer than the longest backoff: no reconnect comes
+        assert await page.evaluate("evoxtral.mic.connects") == connects
+        assert page.errors == []
+    finally:
+        if page is not None:
+            await page.close()

@@ -11,19 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.http import free_port
+
 __all__ = ["MosquittoBroker", "free_port", "mosquitto", "mosquitto_binary"]
 
 
 def mosquitto_binary() -> str | None:
     # Debian installs the broker in /usr/sbin, which a non-root PATH may lack.
     return shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class MosquittoBroker:

@@ -19,6 +19,9 @@
 // from the visible URL.
 
 const MAX_LINES = 300;
+// Seconds of microphone audio kept for the next connection while the
+// ingest connection is lost.
+const MIC_BACKLOG_S = 10;
 const TOKEN_KEY = "evoxtral.token";
 const TOKEN_PROTOCOL = "evoxtral.token.";
 // What a subprotocol name may hold, as docs/protocol.md promises it for tokens
@@ -416,50 +419,103 @@ async function startMic() {
     channelCountMode: "explicit", channelInterpretation: "speakers",
     processorOptions: { chunkFrames: Math.round(ctx.sampleRate / 20) },
   });
-  const path = `v1/ingest?stream=${encodeURIComponent(stream)}`;
-  const language = ui.language.value;
-  const ws = new WebSocket(wsUrl(path), protocols());
+  const mic = state.mic = {
+    stream, media, ctx, node, ws: null, sampleRate: ctx.sampleRate, sent: 0,
+    language: ui.language.value, before: state.selected, opened: false, connects: 0,
+    retry: 0, timer: null, backlog: [], backlogBytes: 0, dropped: 0, lastError: null,
+  };
+  node.port.onmessage = (e) => {
+    if (mic.ws?.readyState === WebSocket.OPEN && mic.ready) {
+      mic.ws.send(e.data);
+      mic.sent += e.data.byteLength;
+    } else if (mic.backlogBytes + e.data.byteLength <= MIC_BACKLOG_S * mic.sampleRate * 2) {
+      mic.backlog.push(e.data);  // kept for the next connection
+      mic.backlogBytes += e.data.byteLength;
+    } else {
+      mic.dropped += 1;
+    }
+  };
+  ctx.createMediaStreamSource(media).connect(node);
+  node.connect(ctx.destination);  // silent output keeps the node pulled
+  openIngest(mic);
+  addStream(stream);
+  select(stream);
+  setMicButton(true);
+}
+
+// One ingest connection of the microphone's stream. Once the server has
+// accepted the stream, a lost connection is opened again under the same id
+// (backoff as for the captions) while the capture goes on: up to
+// MIC_BACKLOG_S of audio waits for it and is sent first, later chunks are
+// dropped and counted. A refusal for a passing reason is retried too.
+function openIngest(mic) {
+  const path = `v1/ingest?stream=${encodeURIComponent(mic.stream)}`;
+  const ws = mic.ws = new WebSocket(wsUrl(path), protocols());
   ws.binaryType = "arraybuffer";
-  const mic = state.mic = { stream, media, ctx, node, ws, sampleRate: ctx.sampleRate, sent: 0 };
-  const before = state.selected;
-  let opened = false;
+  mic.ready = false;
+  mic.connects += 1;
   ws.onopen = () => {
-    opened = true;
-    const config = { type: "config", sample_rate: ctx.sampleRate, channels: 1, format: "pcm16" };
+    const config = { type: "config", sample_rate: mic.sampleRate, channels: 1, format: "pcm16" };
     // The default is left out: an older server, or one that lists no languages.
-    if (language && language !== state.languages[0]) config.language = language;
+    if (mic.language && mic.language !== state.languages[0]) config.language = mic.language;
     ws.send(JSON.stringify(config));
     ui.mic.disabled = false;
   };
   ws.onmessage = (e) => {
     const msg = parse(e.data);
     if (!msg) return;
-    if (msg.type === "ingest.summary") mic.summary = msg;
-    else if (msg.type === "error" && msg.stream === stream) showNotice(`${msg.code}: ${msg.message}`);
-    else handle(msg);  // its own captions, in case the subscription is reconnecting
+    if (msg.type === "ingest.ready") {
+      const back = mic.opened;
+      mic.opened = mic.ready = true;
+      mic.retry = 0;
+      for (const chunk of mic.backlog) { ws.send(chunk); mic.sent += chunk.byteLength; }
+      mic.backlog = [];
+      mic.backlogBytes = 0;
+      if (back) {
+        const lost = mic.dropped ? ` (${mic.dropped} audio chunks dropped meanwhile)` : "";
+        showNotice(mic.dropped ? `Microphone: reconnected${lost}` : "");
+        mic.dropped = 0;
+      }
+    } else if (msg.type === "ingest.summary") mic.summary = msg;
+    else if (msg.type === "error" && msg.stream === mic.stream) {
+      mic.lastError = msg.code;
+      showNotice(`${msg.code}: ${msg.message}`);
+    } else handle(msg);  // its own captions, in case the subscription is reconnecting
   };
-  ws.onclose = async () => {
+  ws.onclose = async (e) => {
+    if (mic.ws !== ws) return;
+    if (mic.opened && !mic.ending && ingestRetryable(e.code, mic.lastError)) {
+      mic.lastError = null;
+      mic.ready = false;
+      const delay = Math.min(5000, 250 * 2 ** mic.retry++);
+      showNotice(`Microphone: connection lost (code ${e.code}); reconnecting…`);
+      mic.timer = setTimeout(() => openIngest(mic), delay);
+      return;
+    }
     stopCapture(mic);
     setMicButton(false);
-    if (opened) return;
+    if (mic.opened) return;
     // The stream never started: forget it, and say why unless the user stopped it.
-    state.streams.get(stream)?.option.remove();
-    state.streams.delete(stream);
-    if (state.selected === stream) select(before);
+    state.streams.get(mic.stream)?.option.remove();
+    state.streams.delete(mic.stream);
+    if (state.selected === mic.stream) select(mic.before);
     if (mic.ending) return;
     const refused = await refusal(path);
     showNotice(refused
       ? `Microphone: access refused: token missing or not accepted (${refused.reason})`
       : "Microphone: cannot connect to the server");
   };
-  node.port.onmessage = (e) => {
-    if (ws.readyState === WebSocket.OPEN) { ws.send(e.data); mic.sent += e.data.byteLength; }
-  };
-  ctx.createMediaStreamSource(media).connect(node);
-  node.connect(ctx.destination);  // silent output keeps the node pulled
-  addStream(stream);
-  select(stream);
-  setMicButton(true);
+}
+
+// Close codes after which the microphone's stream is reconnected: the server
+// went away or restarted, the connection failed, or the server asked to try
+// later; after a refusal (1008), only a passing reason.
+const INGEST_RETRY_CODES = new Set([1001, 1006, 1011, 1012, 1013, 1014]);
+const INGEST_RETRY_ERRORS = new Set(
+  ["stream_busy", "too_many_streams", "shutting_down", "idle_timeout"]);
+function ingestRetryable(code, error) {
+  if (code === 1008) return INGEST_RETRY_ERRORS.has(error);
+  return INGEST_RETRY_CODES.has(code);
 }
 
 // The microphone's language picker: shown when the server offers a choice,
@@ -487,13 +543,22 @@ function stopMic() {
   const mic = state.mic;
   mic.ending = true;
   stopCapture(mic);
-  // The server flushes the open segment, sends the final and closes the socket.
-  if (mic.ws.readyState === WebSocket.OPEN) mic.ws.send(JSON.stringify({ type: "end" }));
-  else mic.ws.close();
-  ui.mic.disabled = true;
-  ui.mic.textContent = "Finishing…";
+  clearTimeout(mic.timer);
+  if (mic.ws.readyState === WebSocket.OPEN && mic.ready) {
+    // The server flushes the open segment, sends the final and closes the socket.
+    mic.ws.send(JSON.stringify({ type: "end" }));
+    ui.mic.disabled = true;
+    ui.mic.textContent = "Finishing…";
+    return;
+  }
+  // No connection the server has accepted: nothing more reaches it.
+  if (mic.opened && mic.backlogBytes) {
+    const seconds = (mic.backlogBytes / 2 / mic.sampleRate).toFixed(1);
+    showNotice(`Microphone stopped while reconnecting: ${seconds} s of audio were not sent`);
+  }
+  mic.ws.close();  // its onclose, if still to come, forgets a stream never started
+  setMicButton(false);
 }
-
 function setMicButton(on) {
   ui.mic.disabled = false;
   ui.mic.classList.toggle("on", on);
