@@ -200,11 +200,21 @@ def test_flush_closes_open_segment_and_drops_pending(vad_cfg: VadConfig) -> None
     events = seg.feed(audio)
     assert seg.in_segment
     tail = seg.flush()
-    # The tail cannot reach past the last whole frame analysed.
-    assert tail[-1] == SpeechEnded(100 * F, forced=False)
-    assert spans(collect_segments(events + tail, audio)) == [(50 * F - 300 * MS, 100 * F)]
+    # Flushed mid-speech, the segment ends where the input stands: the partial
+    # frame (too short to classify) is inside the end tail.
+    assert tail[-1] == SpeechEnded(len(audio), forced=False)
+    assert spans(collect_segments(events + tail, audio)) == [(50 * F - 300 * MS, len(audio))]
     assert seg.position == len(audio)
     assert seg.state is SegmenterState.IDLE
+
+    # Past the end tail, the partial frame is not the segment's.
+    quiet = np.concatenate((frames_signal(110, [(50, 100)]), np.zeros(100, np.int16)))
+    seg = Segmenter(vad_cfg, classifier=loud)
+    events = seg.feed(quiet)
+    assert seg.in_segment  # 10 unvoiced frames: below end_silence_ms, past the tail
+    end = 100 * F + min(vad_cfg.end_tail_ms, vad_cfg.end_silence_ms) * MS
+    assert seg.flush()[-1] == SpeechEnded(end, forced=False)
+    assert seg.position == len(quiet)
 
     pending = frames_signal(100, [(93, 100)])  # 7 voiced frames: triggered, unconfirmed
     seg = Segmenter(vad_cfg, classifier=loud)

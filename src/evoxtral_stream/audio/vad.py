@@ -99,9 +99,11 @@ class Segmenter:
       If no such frame exists (the whole search window is a pause), the
       segment ends as at a natural end, ``forced=False``.
     * **Flush.** :meth:`flush` ends an open segment as at a natural end
-      (``forced=False``), discards an unconfirmed one, and drops the trailing
-      partial frame; later input continues the same sample count but a fresh
-      history (pre-roll cannot reach before the flush).
+      (``forced=False``), the trailing partial frame counting as unvoiced
+      audio (so a segment still in speech, or within its end tail, ends at
+      the flush point exactly), and discards an unconfirmed one; later input
+      continues the same sample count but a fresh history (pre-roll cannot
+      reach before the flush).
     """
 
     def __init__(
@@ -201,9 +203,17 @@ class Segmenter:
 
     def flush(self) -> list[SegmentEvent]:
         """End of input: close an open segment (``forced=False``), discard an
-        unconfirmed one and the partial frame. See the class contract."""
+        unconfirmed one. See the class contract."""
         events: list[SegmentEvent] = []
         if self._state is SegmenterState.ACTIVE:
+            if len(self._remainder):
+                # Too short to classify, but it is the audio up to the flush
+                # point: within the end tail it belongs to the segment (a
+                # commit mid-word keeps the word's last milliseconds).
+                self._frames.append(_Frame(self._framed_end, self._remainder.copy(), 0.0,
+                                           False))
+                self._framed_end += len(self._remainder)
+                self._remainder = np.zeros(0, dtype=np.int16)
             self._close(events)
         self._state = SegmenterState.IDLE
         self._framed_end += len(self._remainder)
