@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -439,3 +440,24 @@ def test_transcribe_json_logs_and_json_errors(tmp_path: Path) -> None:
     [record] = _json_lines(proc.stderr)
     assert record["level"] == "CRITICAL"
     assert record["exc"].startswith("Traceback") and "vad.frame_ms" in record["exc"]
+
+
+def test_config_prints_the_effective_config_and_checks_it(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.toml"
+    mine.write_text("[server]\nport = 9100\n[mqtt]\nusername = \"cam\"\npassword = \"s3cret\"\n")
+    proc = cli("config", "--config", str(mine), "--set", "vad.aggressiveness=3", "--debug")
+    assert proc.returncode == 0, proc.stderr
+    effective = tomllib.loads(proc.stdout)
+    assert effective["server"]["port"] == 9100            # the file
+    assert effective["vad"]["aggressiveness"] == 3        # --set
+    assert effective["logging"]["level"] == "debug"       # a flag
+    assert effective["vad"]["frame_ms"] == 30             # a default
+    assert "s3cret" not in proc.stdout
+    # What it prints is a config file that gives the same config.
+    saved = tmp_path / "effective.toml"
+    saved.write_text(proc.stdout)
+    again = cli("config", "--config", str(saved))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == proc.stdout
+    one_error_line(cli("config", "--set", "vad.aggressiveness=9"),
+                   "vad.aggressiveness must be 0..3, got 9")

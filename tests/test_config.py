@@ -12,6 +12,7 @@ from evoxtral_stream.config import (
     LoggingConfig,
     load_config,
     parse_override,
+    to_toml,
 )
 
 
@@ -99,3 +100,35 @@ def test_logging_defaults_to_todays_text_at_info_and_a_file_may_choose_json(
     cfg = load_config(mine, env={})
     assert (cfg.logging.format, cfg.logging.level) == ("json", "info")
     assert load_config(mine, {"logging.level": "debug"}, env={}).logging.level == "debug"
+
+
+# --- writing the effective config back out ---------------------------------------------
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"vad.aggressiveness": 3, "server.allowed_origins": ["https://a.example", "http://b:8"],
+     "model.voxtral.merge_lora": False,
+     "model.voxtral.adapters": {"studio voice": "/w/a", "plain": "org/x"},
+     "audio.device": 'USB "Pro" \\ Mic\tß 🎙\n', "journal.enabled": True,
+     "journal.dir": "/var/lib/évox", "stream.partial_interval_ms": 0,
+     "worker.stall_timeout_s": 1e-1, "mqtt.username": "u",
+     "auth.tokens": [{"name": "a", "hash": "sha256:" + "a" * 64, "roles": ["ingest"]},
+                     {"hash": "sha256:" + "b" * 64, "roles": ["subscribe", "admin"],
+                      "streams": ["studio-*"], "max_subscribers": 3}]},
+])
+def test_to_toml_reads_back_to_the_same_config(tmp_path: Path,
+                                               overrides: dict[str, object]) -> None:
+    cfg = load_config(env={}, overrides=overrides)
+    path = tmp_path / "effective.toml"
+    path.write_text(to_toml(cfg), "utf-8")
+    assert load_config(path, env={}) == cfg
+    assert to_toml(load_config(path, env={})) == to_toml(cfg)
+
+
+def test_to_toml_redacts_the_mqtt_password(tmp_path: Path) -> None:
+    cfg = load_config(env={}, overrides={"mqtt.username": "u", "mqtt.password": "hunter2"})
+    text = to_toml(cfg)
+    assert "hunter2" not in text
+    assert 'password = "<redacted>"' in text
+    assert 'password = ""' in to_toml(load_config(env={}))  # nothing to hide

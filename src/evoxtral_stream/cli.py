@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 from . import __version__
 from .audio.microphone import list_input_devices
 from .audio.sources import AudioInputError, read_audio_file
-from .config import Config, ConfigError, LoggingConfig, load_config, parse_override
+from .config import Config, ConfigError, LoggingConfig, load_config, parse_override, to_toml
 from .console import CaptionPrinter
 from .data import sample_path
 from .engine.backends import BackendUnavailable, load_backend
@@ -133,6 +133,12 @@ def _parser() -> argparse.ArgumentParser:
                                     "tower and projector.")
     ex.add_argument("outdir", type=Path, metavar="OUTDIR")
 
+    sub.add_parser("config", parents=[common],
+                   help="print the effective configuration as TOML (checks it, too)",
+                   description="Print the configuration the other commands would run with "
+                               "(the defaults, then the config file, then --set), as a "
+                               "complete config file; secrets read \"<redacted>\". A bad "
+                               "value is one error line and exit status 2.")
     sub.add_parser("hash-token", parents=[common],
                    help="print the sha256: hash of a token read from stdin, for [[auth.tokens]]",
                    description="Read one token from standard input (a trailing newline is "
@@ -330,6 +336,11 @@ def _write_outputs(args: argparse.Namespace, cfg: Config, jobs: Sequence[FileJob
         _write(args.jsonl, "".join(line + "\n" for line in lines))
 
 
+def _cmd_config(args: argparse.Namespace, cfg: Config) -> int:
+    sys.stdout.write(to_toml(cfg))
+    return 0
+
+
 def _cmd_hash_token(args: argparse.Namespace, cfg: Config) -> int:
     from .server.auth import hash_token
 
@@ -502,7 +513,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(logs)
     commands = {"serve": _cmd_serve, "transcribe": _cmd_transcribe, "devices": _cmd_devices,
                 "eval": _cmd_eval, "export-merged": _cmd_export_merged,
-                "hash-token": _cmd_hash_token}
+                "hash-token": _cmd_hash_token, "config": _cmd_config}
     try:
         cfg = _load_config(args)
         if cfg.logging != logs:

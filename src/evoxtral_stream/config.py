@@ -13,7 +13,9 @@ from the TOML file, so there is no second copy of the defaults to drift.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import tomllib
 import types
 import typing
@@ -43,6 +45,7 @@ __all__ = [
     "WorkerConfig",
     "load_config",
     "parse_override",
+    "to_toml",
 ]
 
 CONFIG_ENV = "EVOXTRAL_CONFIG"
@@ -330,6 +333,65 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
                 raise TypeError(f"unsupported config type for {dotted}")
             kwargs[f.name] = _check_value(dotted, value, tp, f.metadata)
     return cls(**kwargs)
+
+
+# --- writing ----------------------------------------------------------------------
+
+REDACTED = "<redacted>"
+# Values that are secrets in their own right (token hashes are not).
+_SECRET_KEYS = frozenset({"mqtt.password"})
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(name: str) -> str:
+    return name if _BARE_KEY.fullmatch(name) else json.dumps(name, ensure_ascii=False)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        # A JSON string is a TOML basic string: the same escapes.
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def _toml_table(obj: object, name: str, out: list[str], header: str) -> None:
+    scalars: list[str] = []
+    later: list[tuple[str, object]] = []
+    for f in fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        dotted = f"{name}.{f.name}" if name else f.name
+        if dataclasses.is_dataclass(value) or isinstance(value, dict) or (
+                isinstance(value, tuple) and value and dataclasses.is_dataclass(value[0])):
+            later.append((dotted, value))
+        else:
+            shown = REDACTED if dotted in _SECRET_KEYS and value else value
+            scalars.append(f"{_toml_key(f.name)} = {_toml_value(shown)}")
+    if header and (scalars or not later):
+        out += ["", header, *scalars]
+    for dotted, value in later:
+        if isinstance(value, dict):
+            out += ["", f"[{dotted}]"]
+            out += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()]
+        elif isinstance(value, tuple):
+            for item in value:
+                _toml_table(item, dotted, out, f"[[{dotted}]]")
+        else:
+            _toml_table(value, dotted, out, f"[{dotted}]")
+
+
+def to_toml(cfg: Config) -> str:
+    """``cfg`` as a complete config file (every key, in config.toml's order of
+    sections) that :func:`load_config` reads back to an equal ``Config``,
+    except that secrets (``mqtt.password``) read ``"<redacted>"``."""
+    out: list[str] = ["# evoxtral-stream: the effective configuration"]
+    _toml_table(cfg, "", out, "")
+    return "\n".join(out) + "\n"
 
 
 def parse_override(text: str) -> tuple[str, object]:
