@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -461,3 +462,59 @@ def test_config_prints_the_effective_config_and_checks_it(tmp_path: Path) -> Non
     assert again.stdout == proc.stdout
     one_error_line(cli("config", "--set", "vad.aggressiveness=9"),
                    "vad.aggressiveness must be 0..3, got 9")
+
+
+async def test_serve_applies_new_tokens_at_sighup(tmp_path: Path) -> None:
+    """SIGHUP re-reads the config file: a removed token's connection is closed
+    (token_revoked), a new token gets in, other changes wait for a restart,
+    and a broken file changes nothing."""
+    from evoxtral_stream.server.auth import hash_token
+
+    def tokens(*names: str) -> str:
+        return "".join(f'[[auth.tokens]]\nname = "{n}"\nhash = "{hash_token(n + "-secret")}"\n'
+                       f'roles = ["subscribe"]\n' for n in names)
+
+    async def logged(needle: str) -> str:
+        deadline = time.monotonic() + 30
+        while needle not in (text := log.read_text()):
+            assert time.monotonic() < deadline, text
+            await asyncio.sleep(0.1)
+        return text
+
+    conf = tmp_path / "serve.toml"
+    conf.write_text(tokens("old", "kept"))
+    log = tmp_path / "serve.log"
+    proc, url = await _serve_logging_to(log, "--config", str(conf), "--source", "none",
+                                        "--no-print")
+    try:
+        async with connect(f"{url}?token=old-secret") as old, \
+                connect(f"{url}?token=kept-secret") as kept:
+            await _hello(old)
+            await _hello(kept)
+            conf.write_text(tokens("kept", "new") + "[vad]\naggressiveness = 3\n")
+            proc.send_signal(signal.SIGHUP)
+            err = json.loads(await asyncio.wait_for(old.recv(), 30))
+            assert err["type"] == "error" and err["code"] == "token_revoked"
+            assert "token old was revoked" in err["message"]
+            await asyncio.wait_for(old.wait_closed(), 30)
+            assert old.close_code == 1008
+            async with connect(f"{url}?token=new-secret") as new:
+                await _hello(new)
+            with pytest.raises(InvalidStatus):
+                async with connect(f"{url}?token=old-secret"):
+                    pass
+            await logged("reload: [auth] applied: 2 token(s); 1 connection(s)")
+            await logged("reload: [vad] changed; only [auth] is applied at a reload")
+            # A file that does not load: nothing changes, the server goes on.
+            conf.write_text("[auth\n")
+            proc.send_signal(signal.SIGHUP)
+            assert "is not valid TOML" in await logged("the running configuration is kept")
+            async with connect(f"{url}?token=new-secret") as new:
+                await _hello(new)
+            await kept.ping()
+        await _stop(proc)
+        assert proc.returncode == 0, log.read_text()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -382,6 +383,17 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
             CaptionServer(engine, cfg.server) as server, \
             contextlib.AsyncExitStack() as stack:
         await _start_mqtt(stack, cfg, engine)
+        running = [cfg]
+        reloads: set[asyncio.Task[None]] = set()
+
+        def on_sighup() -> None:
+            task = asyncio.ensure_future(_reload(args, running, server))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        with contextlib.suppress(NotImplementedError, AttributeError):
+            loop.add_signal_handler(signal.SIGHUP, on_sighup)
+            stack.callback(loop.remove_signal_handler, signal.SIGHUP)
         if not args.no_print:
             engine.add_listener(CaptionPrinter())
         scheme = "wss" if cfg.server.tls_cert else "ws"
@@ -429,6 +441,31 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
         drained = await engine.drain()
     # Exit status 1: some final had to be closed early or was lost (logged).
     return 0 if drained else 1
+
+
+async def _reload(args: argparse.Namespace, running: list[Config],
+                  server: CaptionServer) -> None:
+    """SIGHUP: read the configuration again (the same file and flags) and apply
+    its [auth] section; other changes wait for a restart (logged). A bad
+    configuration changes nothing."""
+    current = running[0]
+    try:
+        new = _load_config(args)
+        if new.auth != current.auth:
+            closed = await server.reload_auth(new.auth)
+            log.info("reload: [auth] applied: %d token(s); %d connection(s) whose token is no "
+                     "longer accepted were closed", len(new.auth.tokens), closed)
+        else:
+            log.info("reload: [auth] unchanged")
+    except ConfigError as e:
+        log.error("reload: %s; the running configuration is kept", e)
+        return
+    running[0] = dataclasses.replace(current, auth=new.auth)
+    later = [f.name for f in dataclasses.fields(Config)
+             if f.name != "auth" and getattr(new, f.name) != getattr(current, f.name)]
+    if later:
+        log.warning("reload: [%s] changed; only [auth] is applied at a reload, the rest "
+                    "at a restart", "], [".join(later))
 
 
 async def _start_mqtt(stack: contextlib.AsyncExitStack, cfg: Config, engine: Engine) -> None:

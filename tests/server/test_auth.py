@@ -91,6 +91,31 @@ def test_policy_decisions() -> None:
     assert policy.authorize("subscribe", ["any"], Credentials("a")) == Grant(admin)
 
 
+def test_recheck_after_a_reload() -> None:
+    viewer = token(name="v")
+    studio = token(hash=hash_token("s"), roles=("ingest",), streams=("studio-*",))
+    policy = AccessPolicy([viewer, studio], [])
+    # Kept: the new entry (same hash) is granted, with its own limits.
+    tighter = token(name="v", max_subscribers=1)
+    assert AccessPolicy([tighter], []).recheck(viewer, "subscribe", []) == Grant(tighter)
+    assert policy.recheck(studio, "ingest", ["studio-2"]) == Grant(studio)
+    # Removed, or no longer with the role or the stream in use.
+    assert AccessPolicy([studio], []).recheck(viewer, "subscribe", []) \
+        == Refusal(401, "token v was revoked")
+    demoted = token(hash=hash_token("s"), roles=("subscribe",), streams=("studio-*",))
+    assert isinstance(r := AccessPolicy([demoted], []).recheck(studio, "ingest", ["studio-2"]),
+                      Refusal)
+    assert r.status == 403 and "ingest role" in r.message
+    moved = token(hash=hash_token("s"), roles=("ingest",), streams=("news-*",))
+    assert isinstance(r := AccessPolicy([moved], []).recheck(studio, "ingest", ["studio-2"]),
+                      Refusal)
+    assert "may not use stream studio-2" in r.message
+    # Tokens added to an open server: its tokenless connections are refused;
+    # all tokens removed: every connection may go on.
+    assert policy.recheck(None, "subscribe", []) == Refusal(401, "a token is now required")
+    assert AccessPolicy([], []).recheck(viewer, "subscribe", []) == Grant(None)
+
+
 def test_open_policy_and_origins() -> None:
     open_ = AccessPolicy([], [])
     assert not open_.enabled
@@ -389,3 +414,68 @@ async def test_non_loopback_bind_without_tokens_refuses_to_start(
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "allow_anonymous" in err
+
+
+async def test_reloading_the_tokens_closes_only_the_connections_they_no_longer_accept() -> None:
+    async with running() as (_, server):
+        base = f"ws://127.0.0.1:{server.port}"
+        kept_sub = await connect(f"{base}/v1/captions?token={ADMIN}")
+        revoked_sub = await connect(f"{base}/v1/captions?token={SUB}")
+        moved_sub = await connect(f"{base}/v1/captions?stream=studio-1&token={STUDIO}")
+        ingest = await connect(f"{base}/v1/ingest?stream=studio-2&token={STUDIO}")
+        realtime = await connect(f"{base}/v1/realtime?intent=transcription&token={ING}")
+        assert json.loads(await realtime.recv())["type"] == "session.created"
+        for ws in (kept_sub, revoked_sub, moved_sub):
+            await hello(ws)
+        await ingest.send(json.dumps({"type": "config", "sample_rate": 16000}))
+        assert json.loads(await ingest.recv())["type"] == "ingest.ready"
+        # The viewer and mic tokens are gone; the studio token may now only ingest.
+        new_tokens = [t for t in TOKENS if t["name"] not in ("viewer", "mic")]
+        new_tokens = [{**t, "roles": ["ingest"]} if t["name"] == "studio" else t
+                      for t in new_tokens]
+        auth = load_config(overrides={"auth.tokens": new_tokens}, env={}).auth
+        assert await server.reload_auth(auth) == 3
+        while (event := json.loads(await asyncio.wait_for(realtime.recv(), 10)))["type"] \
+                != "error":
+            pass
+        assert event["error"]["code"] == "token_revoked"
+        assert "token mic was revoked" in event["error"]["message"]
+        await asyncio.wait_for(realtime.wait_closed(), 10)
+        assert realtime.close_code == 1008
+        for ws, why in ((revoked_sub, "token viewer was revoked"),
+                        (moved_sub, "token studio lacks the subscribe role")):
+            while (err := json.loads(await asyncio.wait_for(ws.recv(), 10)))["type"] != "error":
+                assert err["type"] == "stream.started"  # of the ingest stream, sent before
+            assert err["code"] == "token_revoked" and why in err["message"]
+            await asyncio.wait_for(ws.wait_closed(), 10)
+            assert ws.close_code == 1008
+        # The others go on: the ingest stream still takes audio, the admin
+        # subscriber still gets its captions.
+        await ingest.send(b"\x00\x00" * 1600)
+        await ingest.send(json.dumps({"type": "end"}))
+        while (msg := json.loads(await asyncio.wait_for(ingest.recv(), 10)))["type"] \
+                != "ingest.summary":
+            pass
+        assert msg["stream"] == "studio-2" and msg["duration"] == 0.1
+        ended: list[str] = []
+        while not {"realtime-1", "studio-2"} <= set(ended):
+            msg = json.loads(await asyncio.wait_for(kept_sub.recv(), 10))
+            if msg["type"] == "stream.ended":
+                ended.append(msg["stream"])
+        assert sorted(ended) == ["realtime-1", "studio-2"]  # the revoked session's too
+        # New connections follow the new tokens.
+        assert (await refused(f"{base}/v1/captions?token={SUB}"))[0] == 401
+        assert (await refused(f"{base}/v1/captions?stream=studio-1&token={STUDIO}"))[0] == 403
+        for ws in (kept_sub, ingest):
+            await ws.close()
+
+
+async def test_a_reload_that_would_open_a_public_bind_changes_nothing() -> None:
+    async with running(**{"server.host": "0.0.0.0"}) as (_, server):
+        base = f"ws://127.0.0.1:{server.port}"
+        async with connect(f"{base}/v1/captions?token={SUB}") as ws:
+            await hello(ws)
+            with pytest.raises(ConfigError, match="allow_anonymous"):
+                await server.reload_auth(load_config(env={}).auth)
+            assert (await refused(f"{base}/v1/captions"))[0] == 401
+            await ws.ping()  # still open

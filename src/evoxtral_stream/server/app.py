@@ -35,6 +35,7 @@ import itertools
 import logging
 import weakref
 from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
 from importlib import resources
 from typing import Any, Literal
@@ -48,7 +49,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from ..audio.resample import StreamResampler
-from ..config import AuthConfig, ServerConfig
+from ..config import AuthConfig, AuthTokenConfig, ServerConfig
 from ..engine.engine import Engine, EngineStopping, Stream
 from ..events import SAMPLE_RATE, Int16Array, stream_id_problem
 from .auth import (
@@ -101,6 +102,16 @@ _Outcome = Literal["end", "closed", "idle"]
 _FATAL_INGEST = {"odd_length", "not_configured", "too_large", "bad_audio", "too_fast"}
 _ROLES: dict[str, Role] = {_CAPTIONS: "subscribe", _INGEST: "ingest", _REALTIME: "ingest",
                            "/metrics": "admin"}
+
+
+@dataclass
+class _Access:
+    """What a live connection was granted, to check again when [auth] is reloaded."""
+
+    path: str
+    role: Role
+    streams: tuple[str, ...]
+    token: AuthTokenConfig | None
 
 
 _WEB = resources.files("evoxtral_stream").joinpath("server/web")
@@ -171,6 +182,7 @@ class CaptionServer:
         # connection; weak, so a handshake that fails later leaks nothing.
         self._grants: weakref.WeakKeyDictionary[ServerConnection, Grant] = \
             weakref.WeakKeyDictionary()
+        self._live: dict[ServerConnection, _Access] = {}
         self.broadcaster = Broadcaster(cfg.subscriber_queue, encode_event,
                                        history=cfg.history,
                                        history_streams=cfg.history_streams)
@@ -230,6 +242,40 @@ class CaptionServer:
             self._engine.remove_listener(self.broadcaster.publish)
             self._engine.remove_listener(self.metrics.on_event)
             self._server = None
+
+    async def reload_auth(self, auth: AuthConfig) -> int:
+        """Use ``auth``'s tokens from now on, for new connections and live ones.
+
+        A live connection whose token the new tokens no longer accept (removed,
+        or without the role or stream it uses; with tokens added to an open
+        server, any) gets error ``token_revoked`` and close 1008: an ingest
+        stream is flushed as on any close, so its finals are kept. A token
+        kept (same hash) keeps its connections; its new limits apply to new
+        ones. Returns how many connections were closed. Raises
+        :class:`ConfigError` (changing nothing) when the tokens would leave a
+        non-loopback bind open (see :func:`check_bind`).
+        """
+        check_bind(self._cfg.host, auth.tokens, self._cfg.allow_anonymous)
+        self._tokens = auth.tokens
+        self._policy = policy = AccessPolicy(auth.tokens, self._cfg.allowed_origins)
+        refusals: list[Coroutine[Any, Any, None]] = []
+        for ws, access in list(self._live.items()):
+            decision = policy.recheck(access.token, access.role, access.streams)
+            if isinstance(decision, Grant):
+                access.token = decision.token
+                continue
+            message = f"no longer accepted: {decision.message}"
+            log.info("closing %s from %s at the [auth] reload: %s", access.path,
+                     ws.remote_address, message)
+            if access.path == _REALTIME:
+                from .realtime import refuse_realtime
+                refusals.append(refuse_realtime(ws, "token_revoked", message))
+            else:
+                refusals.append(self._refuse(ws, "token_revoked", message,
+                                             stream=access.streams[0] if access.path == _INGEST
+                                             and access.streams else None))
+        await asyncio.gather(*refusals)
+        return len(refusals)
 
     async def _watch_certificate(self, certificate: ServerCertificate) -> None:
         """Poll the TLS files until cancelled (see :meth:`ServerCertificate.poll`)."""
@@ -300,6 +346,8 @@ class CaptionServer:
         url = urlsplit(ws.request.path if ws.request else "")
         query = parse_qs(url.query)
         grant = self._grants.pop(ws, Grant(None))
+        self._live[ws] = _Access(url.path, _ROLES.get(url.path, "subscribe"),
+                                 tuple(_requested_streams(url.path, query)), grant.token)
         try:
             if url.path == _INGEST:
                 await self._ingest(ws, query, grant)
@@ -309,6 +357,8 @@ class CaptionServer:
                 await self._subscribe(ws, query, grant)
         except ConnectionClosed:
             pass
+        finally:
+            del self._live[ws]
 
     async def _realtime(self, ws: ServerConnection, query: dict[str, list[str]],
                         grant: Grant) -> None:

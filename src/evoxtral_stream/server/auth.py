@@ -173,6 +173,27 @@ class AccessPolicy:
         entry = self.lookup(credentials.token)
         if entry is None:
             return Refusal(401, "unknown token")
+        return self._check(entry, role, streams)
+
+    def recheck(self, token: AuthTokenConfig | None, role: Role, streams: Sequence[str]
+                ) -> Grant | Refusal:
+        """Whether a connection granted ``token`` earlier (by another policy:
+        the configuration before a reload) may go on under this one, with the
+        same ``role`` and ``streams``. A token is the same when its hash is;
+        the grant then carries this policy's entry (its roles and limits)."""
+        if not self._tokens:
+            return Grant(None)
+        if token is None:
+            return Refusal(401, "a token is now required")
+        entry = next((e for e in self._tokens if hmac.compare_digest(e.hash, token.hash)),
+                     None)
+        if entry is None:
+            return Refusal(401, f"token {token.name or '(unnamed)'} was revoked")
+        return self._check(entry, role, streams)
+
+    def _check(self, entry: AuthTokenConfig, role: Role, streams: Sequence[str]
+               ) -> Grant | Refusal:
+        """``entry``'s roles and stream patterns against the request."""
         if role not in entry.roles and "admin" not in entry.roles:
             return Refusal(403, f"token {entry.name or '(unnamed)'} lacks the {role} role")
         if "*" not in entry.streams:
