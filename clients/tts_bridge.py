@@ -3,7 +3,11 @@
 The bridge subscribes to ``/v1/captions`` (see ``docs/protocol.md``), keeps
 only ``final`` captions, and writes one audio file per final to
 ``OUTDIR/{stream}-{segment:05d}.{ext}`` (characters of the stream id outside
-``[A-Za-z0-9._-]`` become ``_``; an existing file is replaced).
+``[A-Za-z0-9._-]`` become ``_``; an existing file is replaced). A stream id
+used again (a client that reconnected under it) counts its segments from 0
+again: the bridge sees a final whose segment is not past the last one, and
+names that session's files ``{stream}+{n}-{segment:05d}.{ext}``, n = 2, 3, ...
+counted in this run, so no session's files replace another's.
 
 Two synthesisers:
 
@@ -67,7 +71,7 @@ import urllib.error
 import urllib.request
 import wave
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -332,6 +336,8 @@ class Final:
     segment: int
     seq: int
     text: str
+    session: int = 1
+    """Which session of the stream id, counted by the bridge (module doc)."""
 
     @classmethod
     def from_message(cls, msg: Mapping[str, object]) -> Final | None:
@@ -349,10 +355,13 @@ class Final:
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
-def output_name(stream: str, segment: int, ext: str) -> str:
-    """``{stream}-{segment:05d}.{ext}``, the stream id made safe as a file name."""
+def output_name(stream: str, segment: int, ext: str, session: int = 1) -> str:
+    """``{stream}-{segment:05d}.{ext}``, the stream id made safe as a file name;
+    ``{stream}+{session}-...`` from a stream id's second session on (``+`` never
+    comes from an id, so no id can make the same name)."""
     safe = _UNSAFE.sub("_", stream).lstrip(".") or "_"
-    return f"{safe}-{segment:05d}.{ext}"
+    tag = f"+{session}" if session > 1 else ""
+    return f"{safe}{tag}-{segment:05d}.{ext}"
 
 
 def extension_for(output_format: str) -> str:
@@ -691,6 +700,9 @@ class TtsBridge:
         self.written: list[Path] = []
         self._queue: asyncio.Queue[Final | None] = asyncio.Queue(cfg.queue_size)
         self._last_seq: dict[str, int] = dict(cfg.since)
+        # Per stream: the segment of its last final and its session (module doc).
+        self._last_segment: dict[str, int] = {}
+        self._session: dict[str, int] = {}
         self._seen: set[str] = set(cfg.streams)
         self._ended: set[str] = set()
         self._handled = 0
@@ -818,6 +830,11 @@ class TtsBridge:
             self._seen.add(stream)
             final = Final.from_message(msg)
             if final is not None:
+                last = self._last_segment.get(stream)
+                if last is not None and final.segment <= last:
+                    self._session[stream] = self._session.get(stream, 1) + 1
+                self._last_segment[stream] = final.segment
+                final = replace(final, session=self._session.get(stream, 1))
                 await self._queue.put(final)  # backpressure, never a drop
         elif kind == "stream.started" and isinstance(msg.get("stream"), str):
             self._seen.add(msg["stream"])
@@ -831,6 +848,10 @@ class TtsBridge:
             log.warning("server no longer has captions %s..%s of stream %s: "
                         "those finals are lost", msg.get("from"), msg.get("to") or "?",
                         msg.get("stream"))
+            if msg.get("to") is None and isinstance(msg.get("stream"), str):
+                # The server cannot place our seq (a restart without its
+                # journal): what follows may be numbered anew.
+                self._last_seq.pop(msg["stream"], None)
         elif kind == "error":
             log.warning("server error %s: %s", msg.get("code"), msg.get("message"))
         return False
@@ -848,7 +869,8 @@ class TtsBridge:
                 return
 
     async def _synthesize(self, final: Final) -> None:
-        dest = self.cfg.out / output_name(final.stream, final.segment, self.synth.ext)
+        dest = self.cfg.out / output_name(final.stream, final.segment, self.synth.ext,
+                                          final.session)
         if not self.synth.speakable(final.text):
             self._skipped += 1
             log.info("%s segment %d: nothing to say, skipped", final.stream, final.segment)

@@ -345,6 +345,10 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
                     elif kind == "caption" and isinstance(event.get("seq"), int):
                         seen[name] = max(seen.get(name, 0), event["seq"])
                         known.add(name)
+                    elif kind == "gap" and event.get("to") is None:
+                        # The server cannot place our seq (a restart without
+                        # its journal): what follows may be numbered anew.
+                        seen.pop(name, None)
                     elif kind == "stream.started":
                         known.add(name)
                     writer.show(event)

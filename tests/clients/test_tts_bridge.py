@@ -63,6 +63,7 @@ from evoxtral_stream.events import CaptionEvent
 from evoxtral_stream.run import feed_samples
 from evoxtral_stream.server.app import CaptionServer
 from evoxtral_stream.server.auth import hash_token
+from evoxtral_stream.server.protocol import encode_event
 from evoxtral_stream.text.tags import TagKind, lookup_tag, tokenize
 from tests.clients.conftest import (
     BOTH_TOKEN,
@@ -657,6 +658,56 @@ async def test_a_refused_subscription_or_unknown_protocol_is_a_bridge_error(
                            GatedSynth())
         with pytest.raises(BridgeError, match=expected):
             await asyncio.wait_for(bridge.run(), 10)
+
+
+def _msg(kind: str, **fields: object) -> str:
+    return json.dumps({"type": kind, **fields})
+
+
+def _final(stream: str, segment: int, seq: int, text: str) -> str:
+    return encode_event(_caption(stream, segment, seq, text))
+
+
+async def test_a_stream_id_used_again_and_a_restarted_server_lose_no_final(
+        tmp_path: Path) -> None:
+    """A stream id's second session counts its segments from 0 again: its files
+    get their own names. A server restarted without its journal numbers the
+    stream from 1 again: after its gap with no end, the bridge takes those
+    finals instead of dropping them as already read."""
+    paths: list[str] = []
+    sessions = [
+        # The first server: two sessions of "talk" (a client reconnected).
+        [_msg("hello", v=1, streams=["talk"]), _final("talk", 0, 1, "one"),
+         _final("talk", 1, 2, "two"), _msg("stream.ended", stream="talk"),
+         _msg("stream.started", stream="talk", source="ingest"), _final("talk", 0, 3, "three")],
+        # The server restarted without its journal: talk is numbered from 1.
+        [_msg("hello", v=1, streams=["talk"]),
+         _msg("gap", stream="talk", **{"from": 4}, to=None), _final("talk", 0, 1, "four")],
+    ]
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        paths.append(ws.request.path)
+        if len(paths) > len(sessions):  # the bridge may reconnect before it stops
+            await ws.wait_closed()
+            return
+        for message in sessions[len(paths) - 1]:
+            await ws.send(message)
+        await ws.close(1001, "going away")
+
+    synth = GatedSynth()
+    synth.gate.set()
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{port}",
+                                        streams=("talk",), max_captions=4,
+                                        reconnect_min_s=0.05), synth)
+        stats = await asyncio.wait_for(bridge.run(), 20)
+    assert stats.written == 4 and stats.gaps == 1
+    assert synth.names == ["talk-00000.txt", "talk-00001.txt", "talk+2-00000.txt",
+                           "talk+3-00000.txt"]
+    assert paths[1].endswith("since=talk:3")
+    assert bridge.resume_points == {"talk": 1}
 
 
 # --- access tokens ---------------------------------------------------------------------

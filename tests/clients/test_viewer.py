@@ -16,8 +16,17 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from viewer import KIND_COLORS, LiveWriter, captions_url, endpoint, parse_since, render_event
+from viewer import (
+    KIND_COLORS,
+    LiveWriter,
+    captions_url,
+    endpoint,
+    parse_since,
+    render_event,
+    watch,
+)
 from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection, serve
 
 from evoxtral_stream.config import load_config
 from evoxtral_stream.console import format_time
@@ -368,3 +377,41 @@ async def test_a_refused_token_is_one_line_and_status_1(
     assert code == 1
     assert err == line + "\n"
     assert out == ""
+
+
+async def test_after_a_gap_with_no_end_the_viewer_resumes_from_the_new_numbering() -> None:
+    """A server restarted without its journal numbers the stream from 1 again
+    and says so with a gap whose ``to`` is null: the next resume must ask
+    from the new numbering, or the server would replay it all again."""
+    def final(seq: int, text: str) -> str:
+        return json.dumps({"type": "caption", "stream": "talk", "segment": 0, "seq": seq,
+                           "final": True, "text": text, "plain_text": text, "stable": text,
+                           "unstable": "", "tags": [], "start": 0.0, "end": 1.0,
+                           "latency": 0.1})
+
+    hello = json.dumps({"type": "hello", "v": 1, "server": "evoxtral-stream",
+                        "version": "test", "backend": "scripted", "streams": ["talk"]})
+    sessions = [[hello, final(5, "before")],
+                [hello, json.dumps({"type": "gap", "stream": "talk", "from": 6, "to": None}),
+                 final(1, "after")],
+                [hello, json.dumps({"type": "stream.ended", "stream": "talk", "duration": 1.0,
+                                    "segments": 1, "finals": 1})]]
+    paths: list[str] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        paths.append(ws.request.path)
+        for message in sessions[min(len(paths), len(sessions)) - 1]:
+            await ws.send(message)
+        await ws.close(1001, "going away")
+
+    out, err = io.StringIO(), io.StringIO()
+    writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        assert await asyncio.wait_for(watch(f"ws://127.0.0.1:{port}", ["talk"], {}, writer,
+                                            exit_on_end=True), 20) == 0
+    assert paths == ["/v1/captions?stream=talk", "/v1/captions?stream=talk&since=talk:5",
+                     "/v1/captions?stream=talk&since=talk:1"]
+    assert [line.split("] ", 1)[1] for line in out.getvalue().splitlines()] == ["before",
+                                                                                 "after"]

@@ -23,7 +23,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.engine.backends.base import Backend
 from evoxtral_stream.engine.engine import Engine, Stream
-from evoxtral_stream.events import DecodeRequest, Int16Array
+from evoxtral_stream.events import CaptionEvent, DecodeRequest, EngineEvent, Int16Array
 from evoxtral_stream.run import feed_samples
 from evoxtral_stream.server.app import CaptionServer
 from evoxtral_stream.server.auth import hash_token
@@ -535,21 +535,33 @@ async def test_the_microphone_stream_survives_a_server_restart(browser: Browser)
     """The server goes away while the page streams its microphone and comes
     back on the same port: the page reconnects as the same stream, and the
     audio captured meanwhile is sent first, so the two connections' audio
-    adds up to all that the page sent."""
+    adds up to all that the page sent. The page's captions follow: the new
+    server numbers the stream from 1 (no journal), below the seq the page
+    had seen, and the page, told so by a gap with no end, shows them."""
     port = free_port()
-    cfg = load_config(overrides={"server.port": port}, env={})
+    # The first server sends a partial every 100 ms, so the page has seen a
+    # high seq; the second sends finals only, numbered from 1.
+    first = load_config(overrides={"server.port": port, "stream.partial_interval_ms": 100,
+                                   "stream.min_partial_ms": 100}, env={})
+    second = load_config(overrides={"server.port": port, "stream.partial_interval_ms": 0},
+                         env={})
     ended = EndedStreams()
+    finals: list[str] = []
+
+    def on_final(event: EngineEvent) -> None:
+        if isinstance(event, CaptionEvent) and event.final and event.text:
+            finals.append(event.text)
 
     page: Page | None = None
     try:
-        async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
-                CaptionServer(engine, cfg.server):
+        async with Engine(first, ScriptedBackend(words_so_far)) as engine, \
+                CaptionServer(engine, first.server):
             engine.add_listener(ended)
             page = await Page.open(browser, f"http://127.0.0.1:{port}/?mic=desk")
             await page.wait_for("document.getElementById('status').textContent === 'live'")
             await page.click("#mic")
-            await page.wait_for("evoxtral.mic?.sent > 0")
-            await asyncio.sleep(1.0)
+            await page.wait_for("(evoxtral.lastSeq.get('desk') || 0) >= 6", 20)
+        seen = await page.evaluate("evoxtral.lastSeq.get('desk')")
         # Server down: the page keeps capturing and retries.
         await page.wait_for("evoxtral.mic.connects >= 2 && !evoxtral.mic.ready")
         assert "connection lost" in await page.evaluate(
@@ -557,15 +569,21 @@ async def test_the_microphone_stream_survives_a_server_restart(browser: Browser)
         assert await page.evaluate("document.getElementById('mic').textContent") \
             == "Stop microphone"
         await asyncio.sleep(1.5)
-        async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
-                CaptionServer(engine, cfg.server):
+        async with Engine(second, ScriptedBackend(words_so_far)) as engine, \
+                CaptionServer(engine, second.server):
             engine.add_listener(ended)
+            engine.add_listener(on_final)
             await page.wait_for("evoxtral.mic.ready", 20)
             assert "desk" in engine.streams
             await asyncio.sleep(0.5)
             await page.click("#mic")
             summary = await page.wait_for("evoxtral.mic.summary", 15)
             assert summary["stream"] == "desk"
+            assert finals and len(finals) < seen   # numbered below what the page saw
+            shown = ("[...document.querySelectorAll('#finals .line.final[data-stream=\"desk\"]"
+                     f" .text')].map(t => t.textContent).slice(-{len(finals)})")
+            await page.wait_for(f"JSON.stringify({shown}) === {json.dumps(json.dumps(finals))}",
+                                20)
         rate = await page.evaluate("evoxtral.mic.sampleRate")
         sent = await page.evaluate("evoxtral.mic.sent")
         assert [e.stream for e in ended] == ["desk", "desk"]

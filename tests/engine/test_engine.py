@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from evoxtral_stream.config import load_config
+from evoxtral_stream.engine import engine as engine_module
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.engine.session import StreamSession
 from evoxtral_stream.events import CaptionEvent, RequestKind, StreamEnded, StreamError
@@ -91,3 +92,30 @@ async def test_cut_ends_the_open_segment_and_the_stream_goes_on() -> None:
     assert finals[0].end <= half / 16000 + 1e-6 <= finals[1].start + 2e-6
     assert summary.segments == summary.finals == 2
     assert summary.duration_s == pytest.approx(len(audio) / 16000)
+
+
+async def test_a_stream_id_used_again_goes_on_numbering(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the journal too: subscribers that drop what they have seen
+    (seq <= last) must not drop a reconnected client's captions."""
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+    record = LatencyLog()
+
+    async def session(engine: Engine, stream_id: str) -> list[CaptionEvent]:
+        start = len(record.events)
+        stream = engine.open_stream(stream_id)
+        await feed_samples(stream, audio, 1600, realtime=False)
+        return [e for e in record.events[start:] if isinstance(e, CaptionEvent)]
+
+    monkeypatch.setattr(engine_module, "SEQ_REMEMBERED", 2)
+    async with Engine(load_config(env={}), ScriptedBackend(words_so_far)) as engine:
+        engine.add_listener(record)
+        first = await session(engine, "desk")
+        again = await session(engine, "desk")
+        assert [e.seq for e in first + again] == list(range(1, len(first + again) + 1))
+        assert again[0].segment == 0  # segments count from 0 in each session
+        # Only the most recently ended streams are remembered.
+        for other in ("a", "b"):
+            await session(engine, other)
+        assert (await session(engine, "desk"))[0].seq == 1
+        assert (await session(engine, "b"))[0].seq > 1

@@ -266,6 +266,28 @@ async def test_resume_beyond_history_announces_a_gap() -> None:
         assert engine.streams == {}
 
 
+async def test_a_since_from_before_a_restart_gets_a_null_gap_then_all_there_is() -> None:
+    """A server restarted without its journal numbers streams from 1 again: a
+    resume with a seq it never gave says so (gap to null), then replays every
+    retained caption, so a client that forgets its seq there misses nothing."""
+    cfg = config()
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+        await ingest(server.port, "talk", {"sample_rate": 16000},
+                     audio.astype("<i2").tobytes())
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/captions?since=talk:500") as ws:
+            await ws.recv()
+            replay = [await recv_json(ws)]
+            while replay[-1]["type"] != "stream.ended":
+                replay.append(await recv_json(ws))
+        assert replay[0] == {"type": "gap", "stream": "talk", "from": 501, "to": None}
+        seqs = [m["seq"] for m in replay if m["type"] == "caption"]
+        assert seqs == list(range(1, len(seqs) + 1)) and seqs
+        for message in replay:
+            validate_message(message)
+
+
 async def test_ingest_chooses_an_adapter_per_stream() -> None:
     cfg = config()
     backend = AdapterScriptedBackend(words_so_far)

@@ -12,8 +12,12 @@ caption to the :class:`~.journal.Journal` *before* calling any listener (the
 journal is not a listener, so no listener order can break this). On start it
 reads each journaled stream's last ``seq``; a stream id opened again continues
 from there (the merger numbers from 1 and the engine adds the offset), so
-``seq`` stays strictly increasing per stream across restarts. Without the
-journal a re-opened stream starts again at 1, as before.
+``seq`` stays strictly increasing per stream across restarts. Within one
+run the engine also remembers the last ``seq`` of the :data:`SEQ_REMEMBERED`
+streams that ended most recently, journal or not: a stream id used again (a
+client reconnecting under its id) goes on numbering, so subscribers that
+drop what they have seen drop nothing new. Without the journal a restart
+starts every stream at 1 again.
 
 Fault recovery: the worker restarts itself when its thread dies (see
 :mod:`.worker`); ``backend_factory`` lets it reload the model then. A model
@@ -38,7 +42,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,9 +66,13 @@ from .journal import Journal
 from .session import StreamSession
 from .worker import ModelWorker, WorkerResult, WorkerStats
 
-__all__ = ["Engine", "EngineStats", "EngineStopping", "Listener", "Stream", "StreamSummary"]
+__all__ = ["SEQ_REMEMBERED", "Engine", "EngineStats", "EngineStopping", "Listener", "Stream",
+           "StreamSummary"]
 
 log = logging.getLogger(__name__)
+
+SEQ_REMEMBERED = 16_384
+"""How many ended streams' last seqs the engine keeps (about 180 bytes each)."""
 
 Listener = Callable[[EngineEvent], None]
 
@@ -132,7 +140,10 @@ class Stream:
             stream_id, final_replaces_stable=engine.config.stream.final_replaces_stable)
         # The merger numbers from 1; a stream id journaled before continues
         # after its last seq (see the module doc).
-        self.seq_base = engine._journal.last_seq(stream_id) if engine._journal else 0
+        self.seq_base = max(engine._journal.last_seq(stream_id) if engine._journal else 0,
+                            engine._ended_seq.get(stream_id, 0))
+        self.last_seq = self.seq_base
+        """The seq of the stream's latest caption event (its base before any)."""
         self._idle = asyncio.Event()
         self._idle.set()
         self._done = asyncio.Event()
@@ -257,6 +268,8 @@ class Engine:
         self._watch_handle: asyncio.TimerHandle | None = None
         self._stalled = False
         self._stalls = 0
+        # The last seq of streams that ended, most recent last (module doc).
+        self._ended_seq: OrderedDict[str, int] = OrderedDict()
         # Set by give_up (a second Ctrl-C) or by a drain that was cut short:
         # from then on nothing at shutdown waits for the model.
         self._giving_up = False
@@ -529,6 +542,7 @@ class Engine:
         for event in events:
             if stream.seq_base:
                 event = dataclasses.replace(event, seq=event.seq + stream.seq_base)
+            stream.last_seq = event.seq
             if event.final:
                 stream.finals += 1
                 self._journal_final(event)
@@ -654,6 +668,11 @@ class Engine:
 
     def _stream_done(self, stream: Stream) -> None:
         self._streams.pop(stream.id, None)
+        if stream.last_seq:
+            self._ended_seq[stream.id] = stream.last_seq
+            self._ended_seq.move_to_end(stream.id)
+            while len(self._ended_seq) > SEQ_REMEMBERED:
+                self._ended_seq.popitem(last=False)
         if self._journal is not None:
             try:
                 self._journal.release(stream.id)

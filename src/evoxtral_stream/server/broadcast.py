@@ -11,7 +11,11 @@ most ``history_streams`` streams, the least recently active forgotten first),
 so a subscriber that reconnects with ``since={stream: seq}`` first gets every
 retained caption after ``seq`` (and the stream's ``stream.ended`` if it has
 ended). Captions no longer retained are announced by
-an explicit ``gap`` message, never skipped silently.
+an explicit ``gap`` message, never skipped silently. A ``gap`` whose ``to``
+is None says the server cannot relate the client's seq to its own (it has
+no history of the stream, or the seq is past any it gave the stream: it
+restarted without the journal); the client should forget the seq it had,
+since what follows may be numbered anew.
 
 Journal-backed resume: given a ``source`` (the engine's journal), a resume
 whose ``since`` reaches before the retained history (after an engine restart
@@ -141,9 +145,15 @@ class Broadcaster:
             # how many followed (e.g. the history was evicted).
             return [self._gap(stream, since + 1, None)] if since > 0 else []
         first = kept[0][0]
+        ended = self._ended.get(stream)
+        if since > kept[-1][0]:
+            # The client's seq is past any this server gave the stream: it
+            # comes from an earlier numbering (a restart without the journal).
+            # Say so, then replay all there is, numbered anew.
+            out = [self._gap(stream, since + 1, None), *(msg for _, msg in kept)]
+            return [*out, ended] if ended is not None else out
         out = [self._gap(stream, since + 1, first - 1)] if since + 1 < first else []
         out += [msg for seq, msg in kept if seq > since]
-        ended = self._ended.get(stream)
         return [*out, ended] if ended is not None else out
 
     def _replay_with(self, stream: str, since: int, older: SourceReplay,

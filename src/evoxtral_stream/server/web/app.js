@@ -211,6 +211,16 @@ function note(stream, text) {
   appendFinal(line);
 }
 
+// Later captions of `stream` start new lines: the lines shown stay, but no
+// caption of a new numbering may rewrite them.
+function forgetSegments(stream) {
+  for (const [key, line] of state.lines) {
+    if (line.dataset.stream !== stream) continue;
+    if (line.parentNode === ui.partials) line.remove();  // its segment will never end
+    state.lines.delete(key);
+  }
+}
+
 function dropLine(line) {
   state.lines.delete(line.dataset.key);
   line.remove();
@@ -297,7 +307,10 @@ function handle(msg) {
         }
       }
       return;
-    case "stream.started": addStream(msg.stream); return;
+    case "stream.started":
+      forgetSegments(msg.stream);  // a stream id used again counts its segments from 0
+      addStream(msg.stream);
+      return;
     case "stream.ended":
       addStream(msg.stream, true);
       for (const line of [...ui.partials.children]) {  // segments that never got a final
@@ -308,6 +321,12 @@ function handle(msg) {
     case "caption": onCaption(msg); return;
     case "gap":
       note(msg.stream, `${msg.stream}: captions ${msg.from}–${msg.to ?? "…"} are no longer available`);
+      if (msg.to === null) {
+        // The server cannot place our seq (it restarted without its journal):
+        // what follows may be numbered anew.
+        state.lastSeq.delete(msg.stream);
+        forgetSegments(msg.stream);
+      }
       return;
     case "error":
       if (msg.stream != null && msg.segment != null) {  // stands in for the segment's final
