@@ -622,3 +622,32 @@ async def test_stopping_the_microphone_while_reconnecting_says_what_was_not_sent
     finally:
         if page is not None:
             await page.close()
+
+
+async def test_a_new_session_of_a_stream_id_missed_while_away_gets_new_lines(
+    browser: Browser, scripted: tuple[Engine, CaptionServer],
+) -> None:
+    """Its segments count from 0 again; the page, which missed its
+    stream.started, must not rewrite the first session's lines with them."""
+    engine, server = scripted
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+    page = await open_page(browser, server)
+    try:
+        await feed_samples(engine.open_stream("desk", source="test"), audio, 1600,
+                           realtime=False)
+        finals = ("[...document.querySelectorAll('#finals .line.final[data-stream=\"desk\"]')]"
+                  ".map(l => [+l.dataset.segment, l.querySelector('.text').textContent])")
+        await page.wait_for(f"{finals}.length === 1")
+        first = await page.evaluate(finals)
+        await page.evaluate("evoxtral.retry = 4; evoxtral.socket.close()")
+        await page.wait_for("document.getElementById('status').textContent !== 'live'")
+        await feed_samples(engine.open_stream("desk", source="test"),
+                           audio[: len(audio) * 2 // 3], 1600, realtime=False)
+        assert await page.evaluate("evoxtral.connects") == 1, "resumed too early"
+        await page.wait_for(f"evoxtral.connects === 2 && {finals}.length === 2", 20)
+        both = await page.evaluate(finals)
+        assert both[0] == first[0] and both[1][0] == 0 and both[1][1] != first[0][1]
+        assert await page.evaluate("document.querySelectorAll('#partials .line').length") == 0
+        assert page.errors == []
+    finally:
+        await page.close()

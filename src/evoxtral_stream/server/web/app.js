@@ -265,6 +265,12 @@ function onCaption(ev) {
   if (!state.streams.has(ev.stream)) addStream(ev.stream);
   const key = `${ev.stream}\u0000${ev.segment}`;
   let line = state.lines.get(key);
+  if (line?.classList.contains("final")) {
+    // A segment's final is its last event: this is a new session of the
+    // stream id whose stream.started we missed (it came while we were away).
+    forgetSegments(ev.stream);
+    line = undefined;
+  }
   if (!line) {
     line = newLine(ev.stream, "partial");
     line.dataset.key = key;
