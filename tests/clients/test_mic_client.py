@@ -37,7 +37,7 @@ from tests.clients.conftest import (
 )
 from tests.fakes import ScriptedBackend
 from tests.helpers.events import EndedStreams
-from tests.helpers.http import free_port
+from tests.helpers.http import DropProxy, free_port
 from tests.helpers.portaudio import LiveStream, playback, tone
 from tests.speech import have_espeak, speech_with_pauses
 from tests.text_norm import loose_wer
@@ -419,3 +419,48 @@ async def test_no_reconnect_ends_at_the_first_lost_connection(tmp_path: Path) ->
     assert await asyncio.wait_for(client, 30) == 1
     assert "the server closed the stream early (close code 1001)" in err.getvalue()
     assert "reconnecting" not in err.getvalue()
+
+
+async def test_a_cut_connection_is_reconnected_while_the_server_still_holds_the_stream(
+) -> None:
+    """The network cuts the link mid-sentence and the server stays up: it
+    flushes the lost connection's stream (a slow model: that takes a while),
+    refusing the reconnect with stream_busy meanwhile, which the client
+    retries; no audio the capture delivered is lost."""
+    audio, spans = speech_with_pauses(SENTENCES * 2, pause_s=1.2)
+    ended = EndedStreams()
+    cfg = load_config(overrides={"server.port": 0}, env={})
+
+    def factory(device: InputDevice, rate: int, channels: int, blocksize: int,
+                callback: Callable[..., None]) -> LiveStream:
+        return LiveStream(playback(int16_to_float32(audio)), rate, channels, blocksize,
+                          callback)
+
+    out, err = io.StringIO(), io.StringIO()
+    writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
+    feed = MicFeed(InputDevice(7, "fake mic", 1, float(SAMPLE_RATE), True),
+                   stream_factory=factory)
+    stop = asyncio.Event()
+    async with Engine(cfg, ScriptedBackend(words, delay_s=0.5)) as engine, \
+            CaptionServer(engine, cfg.server) as server, DropProxy(server.port) as proxy:
+        engine.add_listener(ended)
+        client = asyncio.ensure_future(run(f"ws://127.0.0.1:{proxy.port}", "desk", feed,
+                                           writer, stop=stop, backoff_s=(0.05, 0.2)))
+        deadline = time.monotonic() + 30
+        # Mid-way through the second sentence (the capture plays in real time).
+        middle = (spans[1][0] + spans[1][1]) // 2
+        while feed.capture.samples_delivered < middle:
+            assert time.monotonic() < deadline and not client.done(), err.getvalue()
+            await asyncio.sleep(0.02)
+        proxy.drop()
+        while "reconnected as desk" not in err.getvalue():
+            assert time.monotonic() < deadline and not client.done(), err.getvalue()
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(1.0)
+        stop.set()
+        assert await asyncio.wait_for(client, 30) == 0, err.getvalue()
+    assert "connection lost (close code 1006)" in err.getvalue()
+    assert "stream_busy" in err.getvalue()
+    assert [e.stream for e in ended] == ["desk", "desk"]
+    sent_s = sum(e.duration_s for e in ended)
+    assert sent_s == pytest.approx(feed.capture.samples_delivered / SAMPLE_RATE, abs=0.05)

@@ -41,6 +41,7 @@ from tests.clients.conftest import (
     refused_token_cases,
 )
 from tests.fakes import ScriptedBackend
+from tests.helpers.http import DropProxy
 from tests.speech import have_espeak, speech_with_pauses
 
 ESC = "\x1b"
@@ -191,44 +192,6 @@ async def served() -> AsyncIterator[tuple[Engine, CaptionServer]]:
     async with Engine(cfg, ScriptedBackend(tagged)) as engine, \
             CaptionServer(engine, cfg.server) as server:
         yield engine, server
-
-
-class DropProxy:
-    """A TCP relay to ``port`` whose connections :meth:`drop` cuts, as a network would."""
-
-    def __init__(self, port: int) -> None:
-        self.target = port
-        self.port = 0
-        self.writers: list[asyncio.StreamWriter] = []
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> DropProxy:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.drop()
-        assert self._server is not None
-        self._server.close()
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        self.writers += [writer, up_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer),
-                             return_exceptions=True)
-
-    def drop(self) -> None:
-        for w in self.writers:
-            w.transport.abort()
-        self.writers = []
 
 
 async def expected_lines(port: int, run: Any) -> list[str]:
