@@ -651,3 +651,27 @@ async def test_a_new_session_of_a_stream_id_missed_while_away_gets_new_lines(
         assert page.errors == []
     finally:
         await page.close()
+
+
+async def test_a_microphone_stream_the_server_refuses_says_why(
+    browser: Browser, scripted: tuple[Engine, CaptionServer],
+) -> None:
+    """Refused after the handshake (the stream id is busy): the server's own
+    error stays on screen, the button comes back, and no retry is made."""
+    engine, server = scripted
+    busy = engine.open_stream("desk", source="test")
+    page = await Page.open(browser, f"http://127.0.0.1:{server.port}/?mic=desk")
+    try:
+        await page.wait_for("document.getElementById('status').textContent === 'live'")
+        await page.click("#mic")
+        notice = await page.wait_for("document.getElementById('mic').textContent === "
+                                     "'Start microphone' && evoxtral.mic?.lastError && "
+                                     "document.getElementById('notice').textContent")
+        assert notice.startswith("stream_busy: stream 'desk' is already open"), notice
+        await asyncio.sleep(1.0)
+        assert await page.evaluate("evoxtral.mic.connects") == 1
+        assert await page.evaluate("document.getElementById('notice').textContent") == notice
+        assert page.errors == []
+    finally:
+        await page.close()
+        await busy.close()

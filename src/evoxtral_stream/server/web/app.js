@@ -479,7 +479,9 @@ function openIngest(mic) {
   ws.binaryType = "arraybuffer";
   mic.ready = false;
   mic.connects += 1;
+  let connected = false;
   ws.onopen = () => {
+    connected = true;
     const config = { type: "config", sample_rate: mic.sampleRate, channels: 1, format: "pcm16" };
     // The default is left out: an older server, or one that lists no languages.
     if (mic.language && mic.language !== state.languages[0]) config.language = mic.language;
@@ -524,7 +526,7 @@ function openIngest(mic) {
     state.streams.get(mic.stream)?.option.remove();
     state.streams.delete(mic.stream);
     if (state.selected === mic.stream) select(mic.before);
-    if (mic.ending) return;
+    if (mic.ending || connected) return;  // connected: the server's error event said why
     const refused = await refusal(path);
     showNotice(refused
       ? `Microphone: access refused: token missing or not accepted (${refused.reason})`
