@@ -471,3 +471,22 @@ async def test_the_stall_check_can_be_turned_off() -> None:
     await asyncio.sleep(0.8)
     assert stalls == [] and not cap.lost and len(factory.streams) == 1
     cap.stop()
+
+
+async def test_a_failing_status_callback_does_not_stop_the_reopening(
+        caplog: pytest.LogCaptureFixture) -> None:
+    def broken(message: str) -> None:
+        raise RuntimeError("listener bug")
+
+    resumes: list[str] = []
+    factory = LiveFactory()
+    cap = MicrophoneCapture(Received(), device=fake_device(), block_ms=20,
+                            max_pending_blocks=100, stream_factory=factory,
+                            stall_timeout_s=0.3, reopen_interval_s=0.1, on_stall=broken,
+                            on_resume=resumes.append)
+    cap.start()
+    factory.streams[0].unplug()
+    await until(lambda: resumes != [], "the resume report")
+    assert "an audio input status callback failed" in caplog.text
+    assert cap.stalls == cap.reopens == 1
+    cap.stop()

@@ -183,6 +183,15 @@ def refresh_input_devices() -> None:
         raise AudioInputError(f"cannot re-initialise PortAudio: {e}") from None
 
 
+def _notify(callback: Callable[[str], None] | None, message: str) -> None:
+    if callback is None:
+        return
+    try:
+        callback(message)
+    except Exception:
+        logger.exception("an audio input status callback failed")
+
+
 def _close_quietly(stream: AudioStream) -> None:
     # Pa_CloseStream aborts an active stream; a vanished device may make it
     # fail, and there is nothing left to do with the stream then.
@@ -401,11 +410,14 @@ class MicrophoneCapture:
         message = (f"audio input {name!r} delivered no audio for {silent_s:.1f} s "
                    f"(audio.stall_timeout_s); reopening it every {self.reopen_interval_s:g} s")
         logger.warning("%s", message)
-        self._drain()
-        if self._resampler is not None:
-            self._emit(self._resampler.flush())
-        if self._on_stall is not None:
-            self._on_stall(message)
+        # The watchdog must outlive whatever the callbacks do.
+        try:
+            self._drain()
+            if self._resampler is not None:
+                self._emit(self._resampler.flush())
+        except Exception:
+            logger.exception("delivering the lost input's last audio failed")
+        _notify(self._on_stall, message)
         if stream is not None:
             await asyncio.to_thread(_close_quietly, stream)
         failures = 0
@@ -414,7 +426,7 @@ class MicrophoneCapture:
                 device = await asyncio.to_thread(self._refresh_and_resolve)
                 self._open(device)
                 break
-            except Exception as e:  # the watchdog must outlive any failure
+            except Exception as e:
                 failures += 1
                 log = logger.warning if failures == 1 else logger.debug
                 log("audio input not back yet (attempt %d): %s", failures, e)
@@ -424,8 +436,7 @@ class MicrophoneCapture:
                    f"{loop.time() - lost_at:.1f} s ({self.samplerate} Hz, "
                    f"{failures + 1} attempt(s))")
         logger.info("%s", message)
-        if self._on_resume is not None:
-            self._on_resume(message)
+        _notify(self._on_resume, message)
 
     def _refresh_and_resolve(self) -> InputDevice:
         """Off the loop: device enumeration may take a while."""
