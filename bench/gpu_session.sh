@@ -1,32 +1,52 @@
 #!/usr/bin/env bash
-# The GPU benchmark session in three steps (issue: GPU throughput and latency).
+# The GPU benchmark session (issue: GPU throughput and latency).
 #
 # The lent GPU machine has PyTorch, numpy, peft's and transformers' usual
 # neighbours, but an older transformers and none of mistral-common,
-# websockets, soundfile, soxr or webrtcvad, and it cannot reach PyPI. So:
+# websockets, soundfile, soxr or webrtcvad, and it cannot reach PyPI. A task
+# gets 15 minutes of device time in all, the machine's start included, and
+# one command may run 10 minutes. So, in one device call:
 #
-#   here, with PyPI:      bench/gpu_session.sh fetch     # wheels into .whl/ (~33 MB, git-ignored)
-#   there (device run, carry [".whl"], one call each, each under 10 min):
-#                         bench/gpu_session.sh kernels   # encoder+prefill and decode per token
-#                         bench/gpu_session.sh load COMMIT [more gpu_load.py args]
+#   here, with PyPI:      bench/gpu_session.sh fetch        # wheels into .whl/ (~33 MB, git-ignored)
+#   there (device run, carry [".whl"], timeout_s 600):
+#                         bench/gpu_session.sh all COMMIT   # kernels, then load; about 9 minutes
 #
-# Both device steps write into $OUT (the device tool's output folder) and
-# print their tables; copy them into bench/RESULTS.md with the device, commit,
-# date and command.
+# `all` runs voxtral_kernels.py (batches 1, 8 and 32, at most 150 s), then
+# gpu_load.py (1, 100 and 150 streams in continuous and slots modes, the
+# reference at 1 and 5 streams) in the time left. Each step writes its
+# JSON after every row, so a cut-short run still brings back what it
+# measured. `kernels` and `load COMMIT` run one step each with its full
+# default plan (each about 10 minutes), for a later session with time for two calls.
+#
+# Every step writes into $OUT (the device tool's output folder) and prints
+# its tables; copy them into bench/RESULTS.md with the device, commit, date
+# and command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# `all` plans its steps to end this many seconds after it starts.
+ALL_DEADLINE_S=${ALL_DEADLINE_S:-540}
 
 WHEELS=(transformers==5.24.0 peft==0.21.2 mistral-common==1.13.1 pydantic==2.14.4
         pydantic-core==2.50.5 annotated-types typing-inspection pydantic-extra-types pycountry
         jsonschema referencing rpds-py jsonschema-specifications websockets==17.4 soundfile
         cffi pycparser soxr webrtcvad-wheels)
 
+# PYTHON, KERNELS_ARGS and NO_WHEELS=1 let the test suite run `all` on the
+# CPU with --tiny; a device session needs none of them.
+PY=${PYTHON:-python3}
+
 setup_device() {
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-    python3 -c "import torch, transformers; print('torch', torch.__version__, \
+    if [ "${NO_WHEELS:-0}" != 1 ]; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl
+        export PYTHONPATH=/tmp/site:src
+    fi
+    export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    fi
+    "$PY" -c "import torch, transformers; print('torch', torch.__version__, \
 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 }
 
@@ -39,22 +59,42 @@ fetch)
         --platform manylinux1_x86_64 -d .whl "${WHEELS[@]}"
     du -sh .whl
     ;;
+all)
+    commit=${2:?usage: gpu_session.sh all COMMIT [gpu_load.py args]}
+    shift 2
+    setup_device
+    out=${OUT:-.}
+    # The outer timeouts only guard against a hang: both scripts stop
+    # starting measurements at their own budgets well before these.
+    # shellcheck disable=SC2086  # KERNELS_ARGS is a list of words
+    timeout -k 10 200 "$PY" bench/voxtral_kernels.py --batches 1,8,32 --budget-s 150 \
+        --json "$out/voxtral_kernels.json" ${KERNELS_ARGS:-} 2>&1 \
+        | tee "$out/voxtral_kernels.log" || true
+    left=$((ALL_DEADLINE_S - SECONDS))
+    if [ "$left" -lt 60 ]; then left=60; fi
+    echo "gpu_session: ${SECONDS} s used, ${left} s left for the load levels"
+    timeout -k 10 "$((left + 30))" "$PY" bench/gpu_load.py --streams 1,100,150 \
+        --reference-streams 1,5 --seconds 20 --modes continuous,slots,reference --max-batch 64 \
+        --budget-s "$left" --commit "$commit" --json "$out/gpu_load.json" \
+        --markdown "$out/gpu_load.md" --plot "$out/gpu_load.png" "$@" 2>&1 \
+        | tee "$out/gpu_load.log"
+    ;;
 kernels)
     setup_device
-    python3 bench/voxtral_kernels.py --json "${OUT:-.}/voxtral_kernels.json" 2>&1 \
+    "$PY" bench/voxtral_kernels.py --json "${OUT:-.}/voxtral_kernels.json" 2>&1 \
         | tee "${OUT:-.}/voxtral_kernels.log"
     ;;
 load)
     commit=${2:?usage: gpu_session.sh load COMMIT [gpu_load.py args]}
     shift 2
     setup_device
-    python3 bench/gpu_load.py --streams 1,25,50,100,150 --reference-streams 1,5 --seconds 20 \
+    "$PY" bench/gpu_load.py --streams 1,25,50,100,150 --reference-streams 1,5 --seconds 20 \
         --modes continuous,slots,batch,reference --max-batch 64 --commit "$commit" \
         --json "${OUT:-.}/gpu_load.json" --markdown "${OUT:-.}/gpu_load.md" \
         --plot "${OUT:-.}/gpu_load.png" "$@" 2>&1 | tee "${OUT:-.}/gpu_load.log"
     ;;
 *)
-    sed -n '2,15p' "$0"
+    sed -n '2,23p' "$0"
     exit 2
     ;;
 esac

@@ -37,6 +37,7 @@ import dataclasses
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -279,8 +280,17 @@ def run(
     reference: bool,
     device_name: str | None = None,
     log: Callable[[str], None] = print,
+    budget_s: float | None = None,
+    on_row: Callable[[list[Row]], None] | None = None,
 ) -> list[Row]:
-    """Run every measurement and return the rows (also logged as they come)."""
+    """Run every measurement and return the rows (also logged as they come).
+
+    ``on_row`` gets the rows so far after each one. With ``budget_s``, a
+    measurement that would start past that many seconds after the call is
+    skipped (logged, no row): the smallest batches of every path come first,
+    so a budget cut drops the largest batches.
+    """
+    t_begin = time.perf_counter()
     device = torch.device(device_name or ("cpu" if tiny else "cuda"))
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     cfg = load_config().model.voxtral
@@ -337,35 +347,41 @@ def run(
 
             return go
 
+        def over(what: str, share: float) -> bool:
+            spent = time.perf_counter() - t_begin
+            if budget_s is None or spent < share * budget_s:
+                return False
+            log(f"{what}: skipped (time budget {share * budget_s:g} s of {budget_s:g} s "
+                f"for this path, {spent:.0f} s used)")
+            return True
+
+        def add(row: Row) -> None:
+            rows.append(row)
+            log(_fmt(row))
+            if on_row is not None:
+                on_row(rows)
+
+        # Each path has its share of the budget, so that a slow one (the
+        # unmerged paths at large batches) cannot starve the ones after it.
         for b in batches:
             audio = _audio(b, audio_s)
-            rows.append(_measure("unmerged", unmerged, audio, new_tokens, repeats))
-            log(_fmt(rows[-1]))
-            if reference:
-                rows.append(
-                    _measure(
-                        "reference",
-                        unmerged,
-                        audio,
-                        new_tokens,
-                        repeats,
-                        prep=reference_prep(audio),
-                        kernels=False,
-                    )
-                )
-                log(_fmt(rows[-1]))
+            if not over(f"unmerged B={b}", 0.45):
+                add(_measure("unmerged", unmerged, audio, new_tokens, repeats))
+            if reference and not over(f"reference B={b}", 0.45):
+                add(_measure("reference", unmerged, audio, new_tokens, repeats,
+                             prep=reference_prep(audio), kernels=False))
         merged_model: Any = peft_model.merge_and_unload(progressbar=False, safe_merge=False)
         merged = _backend(merged_model, None, spec, tokenizer, device, cfg)
         for b in batches:
-            rows.append(_measure("merged", merged, _audio(b, audio_s), new_tokens, repeats))
-            log(_fmt(rows[-1]))
+            if not over(f"merged B={b}", 0.7):
+                add(_measure("merged", merged, _audio(b, audio_s), new_tokens, repeats))
         # Last: static_cache switches the model's text attention to grouped SDPA.
         slot_cfg = dataclasses.replace(cfg, static_cache=True, min_new_tokens=new_tokens + 8)
         slots = VoxtralBackend(merged.loaded, slot_cfg)
         slots.force_tokens = True
         for b in batches:
-            rows.append(_measure_slots(slots, _audio(b, audio_s), new_tokens, repeats))
-            log(_fmt(rows[-1]))
+            if not over(f"slots B={b}", 1.0):
+                add(_measure_slots(slots, _audio(b, audio_s), new_tokens, repeats))
     return rows
 
 
@@ -389,7 +405,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=64, help="LoRA rank")
     ap.add_argument("--repeats", type=int, default=None, help="timed repeats (median)")
     ap.add_argument("--no-reference", action="store_true", help="skip the processor path")
-    ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument("--json", type=Path, default=None,
+                    help="also write the rows here (after each one)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="start no measurement past this many seconds (each path has its "
+                         "share: unmerged and reference 45%%, merged 70%%, slots all)")
     args = ap.parse_args(argv)
     if (
         not args.tiny
@@ -402,6 +422,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     batches = [int(x) for x in (args.batches or default_batches).split(",")]
     new_tokens = args.new_tokens or (4 if args.tiny else 64)
     repeats = args.repeats or (1 if args.tiny else 3)
+    meta = {
+        "device": torch.cuda.get_device_name(0)
+        if torch.cuda.is_available() and not args.tiny
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "tiny": args.tiny,
+        "audio_s": args.audio_s,
+        "argv": list(argv) if argv is not None else sys.argv[1:],
+    }
+
+    def write(rows: list[Row]) -> None:
+        if args.json is not None:
+            args.json.write_text(
+                json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2)
+            )
+
     rows = run(
         tiny=args.tiny,
         batches=batches,
@@ -411,19 +447,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeats=repeats,
         reference=not args.no_reference,
         device_name=args.device,
+        budget_s=args.budget_s,
+        on_row=write,
     )
-    if args.json is not None:
-        meta = {
-            "device": torch.cuda.get_device_name(0)
-            if torch.cuda.is_available() and not args.tiny
-            else platform.processor() or platform.machine(),
-            "torch": torch.__version__,
-            "tiny": args.tiny,
-            "audio_s": args.audio_s,
-        }
-        args.json.write_text(
-            json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2)
-        )
+    write(rows)
     return 0
 
 

@@ -51,3 +51,25 @@ def test_tiny_run_reports_every_path(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert data["meta"]["tiny"] is True
     assert r["decode_per_token_ms"] > 0  # the last row: slots
     assert "merged B=2" in capsys.readouterr().out
+
+
+def test_budget_skips_what_would_start_late(tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _load()
+    out = tmp_path / "rows.json"
+    argv = ["--tiny", "--batches", "1", "--new-tokens", "2", "--audio-s", "1",
+            "--budget-s", "0", "--json", str(out)]
+    assert bench.main(argv) == 0
+    assert json.loads(out.read_text())["rows"] == []
+    said = capsys.readouterr().out
+    for what in ("unmerged B=1", "reference B=1", "merged B=1", "slots B=1"):
+        assert f"{what}: skipped (time budget" in said
+
+
+def test_rows_are_written_as_they_come(tmp_path: Path) -> None:
+    bench = _load()
+    seen: list[int] = []
+    rows = bench.run(tiny=True, batches=[1], new_tokens=2, audio_s=1.0, rank=4, repeats=1,
+                     reference=False, log=lambda _: None,
+                     on_row=lambda rs: seen.append(len(rs)))
+    assert seen == [1, 2, 3] == list(range(1, len(rows) + 1))

@@ -1,0 +1,55 @@
+"""bench/gpu_session.sh `all`: the one device call of a GPU session, run on
+the CPU with the tiny checkpoint so that its plumbing is right before a
+lent GPU's minutes are spent on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("matplotlib")
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
+def test_all_runs_kernels_then_load_into_out(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path),
+        "PYTHON": sys.executable,
+        "NO_WHEELS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "ALL_DEADLINE_S": "300",
+        "KERNELS_ARGS": "--tiny --batches 1 --new-tokens 2 --audio-s 1",
+    }
+    proc = subprocess.run(
+        ["bash", "bench/gpu_session.sh", "all", "abc1234", "--tiny", "--seconds", "3",
+         "--streams", "1", "--reference-streams", "1", "--drain-s", "20"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "s left for the load levels" in proc.stdout
+
+    kernels = json.loads((tmp_path / "voxtral_kernels.json").read_text())
+    assert [r["mode"] for r in kernels["rows"]] == ["unmerged", "reference", "merged", "slots"]
+    assert kernels["meta"]["argv"][-1] == "1"  # KERNELS_ARGS came last: --audio-s 1
+    load = json.loads((tmp_path / "gpu_load.json").read_text())
+    assert load["meta"]["commit"] == "abc1234"
+    rows = {(r["mode"], r["streams"]): r for r in load["rows"]}
+    assert set(rows) == {("continuous", 1), ("slots", 1), ("reference", 1)}
+    for r in rows.values():
+        assert r["status"] not in ("skipped",) and not r["status"].startswith("error"), r
+        assert r["finals_lost"] == 0
+    for name in ("voxtral_kernels.log", "gpu_load.log", "gpu_load.md", "gpu_load.png"):
+        assert (tmp_path / name).stat().st_size > 0, name
