@@ -29,6 +29,8 @@ Modes:
 - ``slots``: continuous batching over the fixed-shape slot cache
   (``model.voxtral.static_cache = true``; on CUDA its decode steps are CUDA
   graphs, compiled by the worker's warm-up, which the warm-up level pays);
+- ``lookahead``: ``slots`` with ``model.voxtral.lookahead = true`` (each
+  decode step launched before the host reads the one before);
 - ``reference``: the seed's own usage code behind the engine's ``Backend``
   protocol: the unmerged ``PeftModel``, ``processor.apply_transcription_request``
   and one ``generate`` per request (``worker.batching = "batch"``,
@@ -142,8 +144,9 @@ import voxtral_kernels as kernels  # noqa: E402
 
 __all__ = ["MODES", "ReferenceBackend", "Row", "main", "run"]
 
-MODES = ("continuous", "slots", "batch", "reference")
-OUR_MODES = ("continuous", "slots", "batch")
+MODES = ("continuous", "slots", "lookahead", "batch", "reference")
+OUR_MODES = ("continuous", "slots", "lookahead", "batch")
+SLOT_MODES = ("slots", "lookahead")
 MODEL_ID = "mistralai/Voxtral-Mini-3B-2507"
 TARGET_FINAL_P95_S = 0.5
 TARGET_PARTIAL_AGE_P95_S = 1.5
@@ -349,6 +352,8 @@ class Models:
     description: str
     slots: VoxtralBackend | None = None
     """The merged model again, with the slot cache (mode ``slots``)."""
+    lookahead: VoxtralBackend | None = None
+    """The same with lookahead on (mode ``lookahead``)."""
 
 
 def _budget_rule(backend: VoxtralBackend) -> Callable[[int], int]:
@@ -431,21 +436,26 @@ def build_models(args: argparse.Namespace, modes: Sequence[str], folder: Path,
                                          force=not args.no_force)
         what = (f"random weights, {'tiny' if args.tiny else 'full-size'} VoxtralConfig "
                 f"({n_params / 1e9:.2f}B parameters), random rank-{rank} LoRA")
-    slots: VoxtralBackend | None = None
+    slot_backends: dict[str, VoxtralBackend] = {}
     if ours is not None:
         ours.force_tokens = not args.no_force
-        if "slots" in modes:
-            # Same weights; static_cache also switches the language model to
-            # grouped SDPA, which equals sdpa eagerly (the other modes).
-            slots = VoxtralBackend(ours.loaded, dataclasses.replace(ours._cfg, static_cache=True))
-            slots.force_tokens = ours.force_tokens
+        for mode in SLOT_MODES:
+            if mode in modes:
+                # Same weights; static_cache also switches the language model
+                # to grouped SDPA, which equals sdpa eagerly (the other modes).
+                cfg = dataclasses.replace(ours._cfg, static_cache=True,
+                                          lookahead=mode == "lookahead")
+                slot_backends[mode] = VoxtralBackend(ours.loaded, cfg)
+                slot_backends[mode].force_tokens = ours.force_tokens
     desc = f"{what}; {device} {str(dtype).removeprefix('torch.')}"
     say(f"models ready in {time.perf_counter() - t0:.1f} s: {desc}")
-    return Models(device, dtype, ours, reference, desc, slots)
+    return Models(device, dtype, ours, reference, desc, slot_backends.get("slots"),
+                  slot_backends.get("lookahead"))
 
 
 def _backend_for(models: Models, mode: str) -> Backend:
-    backend = {"reference": models.reference, "slots": models.slots}.get(mode, models.ours)
+    backend = {"reference": models.reference, "slots": models.slots,
+               "lookahead": models.lookahead}.get(mode, models.ours)
     assert backend is not None
     return backend
 
@@ -601,7 +611,7 @@ def _level_config(args: argparse.Namespace, mode: str, n_streams: int) -> Config
         overrides |= {"worker.batching": "batch", "worker.max_batch": 1,
                       "stream.prefix_reuse": "off"}
     else:
-        overrides["worker.batching"] = "continuous" if mode == "slots" else mode
+        overrides["worker.batching"] = "continuous" if mode in SLOT_MODES else mode
         if args.max_batch:
             overrides["worker.max_batch"] = args.max_batch
         if args.prefix_reuse:
@@ -735,7 +745,7 @@ async def run_level(models: Models, mode: str, n_streams: int, args: argparse.Na
     notes = []
     if abort_t < math.inf:
         notes.append(f"overloaded: drain passed {args.drain_s:g} s")
-    if mode in ("continuous", "slots") and row.backend_calls.get("step", 0) == 0:
+    if mode in ("continuous", *SLOT_MODES) and row.backend_calls.get("step", 0) == 0:
         notes.append("continuous batching not engaged (the worker never called step)")
     if profiler is not None:
         notes.append("profiled (figures distorted)")
@@ -1209,8 +1219,8 @@ def parser() -> argparse.ArgumentParser:
                          "the --streams list with --tiny)")
     ap.add_argument("--seconds", type=float, default=None,
                     help="audio per stream and level (default 30; 8 with --tiny)")
-    ap.add_argument("--modes", default="continuous,slots,batch,reference",
-                    help="comma-separated: continuous, slots, batch, reference")
+    ap.add_argument("--modes", default="continuous,slots,lookahead,batch,reference",
+                    help="comma-separated: continuous, slots, lookahead, batch, reference")
     ap.add_argument("--prefix-reuse", choices=("off", "partials", "all"), default=None,
                     help="stream.prefix_reuse for our modes (default: the config's)")
     ap.add_argument("--max-batch", type=int, default=None,

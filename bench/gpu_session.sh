@@ -89,7 +89,7 @@ load)
     shift 2
     setup_device
     "$PY" bench/gpu_load.py --streams 1,25,50,100,150 --reference-streams 1,5 --seconds 20 \
-        --modes continuous,slots,batch,reference --max-batch 64 --commit "$commit" \
+        --modes continuous,slots,lookahead,batch,reference --max-batch 64 --commit "$commit" \
         --json "${OUT:-.}/gpu_load.json" --markdown "${OUT:-.}/gpu_load.md" \
         --plot "${OUT:-.}/gpu_load.png" "$@" 2>&1 | tee "${OUT:-.}/gpu_load.log"
     ;;

@@ -140,9 +140,13 @@ class VoxtralConfig:
     min_new_tokens: int = field(metadata=_range(1, 4096))
     attn_implementation: str = field(metadata=_choices("sdpa", "eager", "flash_attention_2"))
     static_cache: bool
+    lookahead: bool
     adapters: dict[str, str]
 
     def __post_init__(self) -> None:
+        if self.lookahead and not self.static_cache:
+            raise ConfigError("model.voxtral.lookahead needs model.voxtral.static_cache = true "
+                              "(it launches the slot cache's decode steps ahead)")
         if self.adapters and self.merge_lora:
             raise ConfigError("model.voxtral.adapters needs model.voxtral.merge_lora = false "
                               "(adapters cannot be switched once merged)")

@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 pytest.importorskip("matplotlib")
 
-MODES = ("continuous", "slots", "batch", "reference")
+MODES = ("continuous", "slots", "lookahead", "batch", "reference")
 
 
 def _load() -> ModuleType:
@@ -60,10 +60,10 @@ def test_tiny_run_measures_every_mode(tmp_path: Path, capsys: pytest.CaptureFixt
     assert by_mode["reference"]["backend_calls"]["transcribe"] >= by_mode["reference"][
         "finals_expected"]
     assert by_mode["batch"]["backend_calls"].get("step", 0) == 0
-    for mode in ("continuous", "slots"):
+    for mode in ("continuous", "slots", "lookahead"):
         if by_mode[mode]["backend_calls"].get("step", 0) == 0:
             pytest.fail(f"{mode}: worker.batching = continuous never stepped the backend")
-    for mode in ("continuous", "slots", "batch"):
+    for mode in ("continuous", "slots", "lookahead", "batch"):
         assert math.isfinite(by_mode[mode]["final_p95_vs_ref"])
         assert by_mode[mode]["tokens_per_s_vs_ref"] > 0
 

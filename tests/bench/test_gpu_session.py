@@ -42,7 +42,8 @@ def test_all_runs_kernels_then_load_into_out(tmp_path: Path) -> None:
     assert "s left for the load levels" in proc.stdout
 
     kernels = json.loads((tmp_path / "voxtral_kernels.json").read_text())
-    assert [r["mode"] for r in kernels["rows"]] == ["unmerged", "reference", "merged", "slots"]
+    assert [r["mode"] for r in kernels["rows"]] == ["unmerged", "reference", "merged", "slots",
+                                                "lookahead"]
     assert kernels["meta"]["argv"][-1] == "1"  # KERNELS_ARGS came last: --audio-s 1
     load = json.loads((tmp_path / "gpu_load.json").read_text())
     assert load["meta"]["commit"] == "abc1234"

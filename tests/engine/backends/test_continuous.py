@@ -53,11 +53,16 @@ def _admit(dec: RowDecoder, jobs: Sequence[Job], out: dict[Job, Done]) -> None:
         out[d.job] = d
 
 
+KINDS = ["dynamic", "slots", "lookahead"]
+
+
 def make_decoder(backend: VoxtralBackend, kind: str) -> RowDecoder:
-    return ContinuousDecoder(backend) if kind == "dynamic" else SlotDecoder(backend)
+    if kind == "dynamic":
+        return ContinuousDecoder(backend)
+    return SlotDecoder(backend, lookahead=kind == "lookahead")
 
 
-@pytest.fixture(params=["dynamic", "slots"])
+@pytest.fixture(params=KINDS)
 def dec(merged: VoxtralBackend, request: pytest.FixtureRequest) -> Iterator[RowDecoder]:
     """A fresh decoder of each kind, installed as the merged backend's own for
     the test (so the backend's delegating methods reach it)."""
@@ -315,7 +320,7 @@ def test_refusals_change_nothing(dec: RowDecoder, jobs: list[Job]) -> None:
     assert dec.can_admit(Job("default", jobs[2].audio, "default"))
 
 
-@pytest.mark.parametrize("kind", ["dynamic", "slots"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_unmerged_adapters_run_one_at_a_time(unmerged: VoxtralBackend, kind: str) -> None:
     dec = make_decoder(unmerged, kind)
     rl, none, default = _jobs("rl", seed=10), _jobs(NO_ADAPTER, seed=10), _jobs(seed=10)

@@ -77,12 +77,16 @@ async def test_speech_file_through_the_engine_in_both_batching_modes(
         assert set(c.text.split()) <= words, c.text
 
 
-async def test_slot_cache_gives_the_engine_the_same_finals(merged: VoxtralBackend) -> None:
+@pytest.mark.parametrize("lookahead", [False, True], ids=["slots", "lookahead"])
+async def test_slot_cache_gives_the_engine_the_same_finals(merged: VoxtralBackend,
+                                                           lookahead: bool) -> None:
     from evoxtral_stream.engine.backends.voxtral.slots import SlotDecoder
 
-    slots = VoxtralBackend(merged.loaded, dataclasses.replace(merged._cfg, static_cache=True))
+    cfg = dataclasses.replace(merged._cfg, static_cache=True, lookahead=lookahead)
+    slots = VoxtralBackend(merged.loaded, cfg)
     with_slots, _ = await _run(slots, "continuous")
     assert isinstance(slots._decoder, SlotDecoder)
+    assert slots._decoder._lookahead is lookahead
     assert slots._decoder.columns > 0, "the engine stepped the slot decoder"
     dynamic, _ = await _run(merged, "continuous")
     assert [c.text for c in with_slots] == [c.text for c in dynamic]

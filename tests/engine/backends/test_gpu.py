@@ -81,3 +81,16 @@ def test_cuda_graph_slot_steps_equal_transcribe_jobs(tiny_cfg: VoxtralConfig) ->
     assert decoder._step != decoder._forward  # compiled: CUDA graphs
     assert "batches 1, 2, 4, 8" in gpu.warm_up(8)
     _staggered_equals_alone(gpu, seed=14)
+
+
+def test_cuda_graph_lookahead_steps_equal_transcribe_jobs(tiny_cfg: VoxtralConfig) -> None:
+    """Steps launched ahead, fed on the device, read through pinned memory."""
+    from evoxtral_stream.engine.backends.voxtral.slots import SlotDecoder
+
+    cfg = dataclasses.replace(tiny_cfg, device="cuda", static_cache=True, lookahead=True)
+    gpu = load_voxtral_backend(cfg, "en")
+    decoder = gpu.decoder
+    assert isinstance(decoder, SlotDecoder)
+    assert decoder._lookahead and decoder._pinned
+    gpu.warm_up(8)
+    _staggered_equals_alone(gpu, seed=15)

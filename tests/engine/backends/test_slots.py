@@ -245,3 +245,45 @@ def test_warm_up_prepares_every_bucket_and_changes_no_result(
     assert out == plain
     # The dynamic decoder has nothing to prepare.
     assert merged.warm_up(8) == "nothing to warm up"
+
+
+def test_lookahead_launches_the_next_step_and_an_admission_settles_it(
+    merged: VoxtralBackend, jobs: list[Job], plain: dict[Job, Done]
+) -> None:
+    dec = SlotDecoder(merged, lookahead=True)
+    launched = 0
+    step = dec._step
+
+    def counting(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        nonlocal launched
+        launched += 1
+        return step(ids, lengths)
+
+    dec._step = counting
+    out: dict[Job, Done] = {}
+    _admit(dec, jobs[:2], out)
+    assert launched == 0  # the prefill is not a step
+    _drain(dec, out, 1)
+    assert (launched, dec._flight is not None) == (2, True)  # this step and the next
+    _drain(dec, out, 1)
+    assert launched == 3  # the next was launched already: one more
+    tokens = {r.job: len(r.tokens) for r in dec.rows}
+    _admit(dec, jobs[2:], out)
+    # The step in flight was finished (one token more each), launching nothing.
+    assert dec._flight is None
+    assert launched == 3
+    assert all(len(r.tokens) == tokens[r.job] + 1 for r in dec.rows if r.job in tokens)
+    _drain(dec, out)
+    assert out == plain
+
+
+def test_lookahead_needs_the_static_cache(merged: VoxtralBackend) -> None:
+    from evoxtral_stream.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"lookahead needs model\.voxtral\.static_cache"):
+        dataclasses.replace(merged._cfg, lookahead=True)
+    cfg = dataclasses.replace(merged._cfg, static_cache=True, lookahead=True)
+    dec = VoxtralBackend(merged.loaded, cfg).decoder
+    assert isinstance(dec, SlotDecoder)
+    assert dec._lookahead
+    assert not dec._pinned  # the CPU has no pinned memory to use

@@ -533,7 +533,8 @@ class VoxtralBackend:
                 from .slots import SlotDecoder
 
                 on_gpu = self.loaded.device.type == "cuda"
-                self._decoder = SlotDecoder(self, compile=_GRAPHS if on_gpu else None)
+                self._decoder = SlotDecoder(self, compile=_GRAPHS if on_gpu else None,
+                                            lookahead=self._cfg.lookahead)
             else:
                 from .continuous import ContinuousDecoder
 

@@ -186,8 +186,10 @@ class RowDecoder(abc.ABC):
     def admit(self, jobs: Sequence[Job]) -> list[Done]:
         """Prefill ``jobs`` together and add them to the running batch.
 
-        Returns the jobs already done: empty audio (text "") and rows whose
-        first token ended them. All jobs must share one adapter, the running
+        Returns the jobs already done: empty audio (text ""), rows whose
+        first token ended them, and running jobs that a step launched ahead
+        (:class:`.slots.SlotDecoder` with lookahead) finished, that step being
+        completed first. All jobs must share one adapter, the running
         one if anything runs; otherwise, or for an unknown adapter, a
         non-mono array or a job already running, raises :class:`BackendError`
         before anything changes. Out of GPU memory raises it too (the running
@@ -210,6 +212,10 @@ class RowDecoder(abc.ABC):
         try:
             with torch.inference_mode():
                 batch = self._prefill(name, todo)
+                # Rows join between two steps. A step still in flight (see
+                # _settle) ends here, after the prefill was queued behind it:
+                # the host's work on the prompts and audio overlapped it.
+                done = self._settle() + done
                 keep = self._advance(batch.rows, batch.next.tolist(), done)
                 if keep:
                     batch.select(keep)
@@ -266,6 +272,11 @@ class RowDecoder(abc.ABC):
         return jobs
 
     # --- for subclasses -------------------------------------------------------
+
+    def _settle(self) -> list[Done]:
+        """Finish a decode step that is still running, if the subclass
+        launches steps ahead; the jobs it finished."""
+        return []
 
     @abc.abstractmethod
     def _join(self, name: str, batch: _Batch) -> None:

@@ -70,10 +70,17 @@ class LogMel:
         parts: list[torch.Tensor | None] = [None] * len(batch)
         for w in sorted(set(n_win)):
             idx = [i for i, n in enumerate(n_win) if n == w]
-            host = np.zeros((len(idx), w * spec.samples_per_window), dtype=np.float32)
+            shape = (len(idx), w * spec.samples_per_window)
+            if self.device.type == "cuda":
+                # Pinned: the copy is queued behind the GPU's work instead of
+                # waiting for it (the allocator keeps the block until it is done).
+                staged = torch.zeros(shape, dtype=torch.float32, pin_memory=True)
+            else:
+                staged = torch.zeros(shape, dtype=torch.float32)
+            host = staged.numpy()
             for row, i in enumerate(idx):
                 host[row, : len(batch[i])] = batch[i]
-            feats = self._group(torch.from_numpy(host).to(self.device))
+            feats = self._group(staged.to(self.device, non_blocking=True))
             for row, i in enumerate(idx):
                 parts[i] = feats[row * w : (row + 1) * w]
         return torch.cat([p for p in parts if p is not None])

@@ -20,6 +20,16 @@ that row's cache moves.
 Growing (more slots, or a longer ring for a longer row) reallocates and
 copies, and with ``compile`` costs a new graph; it happens rarely, and the
 log says when.
+
+With ``lookahead``, a step launches the next one, fed its tokens where they
+already are (on the device), before the host reads them. The host's work
+between steps (reading the tokens, finishing rows, the worker taking new
+requests) then overlaps the GPU running the next step instead of leaving it
+idle. A row that ended is still in that next step; its token there is
+dropped. Host buffers on either side of a step are pinned, so no copy waits
+for the GPU to go idle. An admission first finishes the step in flight (its
+finished rows come back with the admission), so rows always join between
+two steps.
 """
 
 from __future__ import annotations
@@ -27,11 +37,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from evoxtral_stream.engine.backends.base import BackendError, Job
+from evoxtral_stream.engine.backends.base import BackendError, Done, Job
 
 from .continuous import RowDecoder, _Batch, _kv, _layers, _Row
 
@@ -156,13 +167,38 @@ class SlotCache:
         return new
 
 
+@dataclass(eq=False)
+class _Flight:
+    """A launched decode step whose tokens the host has not read yet.
+
+    ``out`` is the step's (bucket,) next tokens on the device, a copy the next
+    replay cannot overwrite; ``host`` its copy on the host, valid once
+    ``ready`` (None off CUDA) has fired; running row ``i``'s token is
+    ``out[index[i]]`` (rows that left since the launch are not in ``index``).
+    """
+
+    out: torch.Tensor
+    host: torch.Tensor
+    ready: torch.cuda.Event | None
+    index: list[int]
+
+    def tokens(self) -> list[int]:
+        """The running rows' tokens; waits for this step only."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        flat = cast(list[int], self.host.tolist())
+        return [flat[i] for i in self.index]
+
+
 class SlotDecoder(RowDecoder):
     """Greedy continuous batching over a :class:`SlotCache`.
 
     Same contract and same results as
     :class:`~.continuous.ContinuousDecoder`: a job decodes to what
     ``backend.transcribe_jobs([job])`` gives it alone. ``compile`` is None
-    (eager steps) or keyword arguments for ``torch.compile`` of the step.
+    (eager steps) or keyword arguments for ``torch.compile`` of the step;
+    ``lookahead`` launches each step before the host reads the one before
+    (see the module doc).
     """
 
     def __init__(
@@ -171,6 +207,7 @@ class SlotDecoder(RowDecoder):
         *,
         compile: dict[str, Any] | None = None,
         columns: int = 0,
+        lookahead: bool = False,
     ) -> None:
         super().__init__(backend)
         cfg = self._model.config.get_text_config()
@@ -190,6 +227,13 @@ class SlotDecoder(RowDecoder):
         self._rows: list[_Row] = []
         self._next: list[int] = []
         self._col = 0
+        self._lookahead = lookahead
+        self._flight: _Flight | None = None
+        self._settling = False
+        device = backend.loaded.device
+        self._pinned = device.type == "cuda"
+        # The pad rows' token, gathered with the running rows' on the device.
+        self._pad_token = torch.full((1,), backend.spec.pad, dtype=torch.long, device=device)
         self._step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         self._step = self._forward
         if compile is not None:
@@ -242,6 +286,7 @@ class SlotDecoder(RowDecoder):
     # --- RowDecoder ---------------------------------------------------------
 
     def _join(self, name: str, batch: _Batch) -> None:
+        assert self._flight is None, "admit settles the step in flight first"
         need = max(self._need(r) for r in batch.rows)
         n, k = len(self._rows), len(batch.rows)
         cache = self._fit(n + k, need)
@@ -255,15 +300,32 @@ class SlotDecoder(RowDecoder):
         n = len(self._rows)
         b = bucket(n, cache.slots)
         pad = b - n
-        spec = self.backend.spec
-        host = [*self._next, *[spec.pad] * pad, *[r.length for r in self._rows], *[0] * pad]
-        packed = torch.tensor(host, dtype=torch.long).to(cache.col.device, non_blocking=True)
-        ids, lengths = packed[:b], packed[b:]
-        cache.col.fill_(self._col)
-        # Read before the next step: a replayed CUDA graph reuses its output.
-        self._next = cast(list[int], self._step(ids, lengths)[:n].tolist())
-        self._col = (self._col + 1) % cache.columns
+        lengths = [r.length for r in self._rows]
+        flight = self._flight
+        if flight is None:
+            packed = self._upload([*self._next, *[self.backend.spec.pad] * pad, *lengths,
+                                   *[0] * pad])
+            flight = self._launch(packed[:b], packed[b:], n)
+        self._flight = None
+        if self._lookahead and not self._settling:
+            # The next step, fed this one's tokens on the device. Positions
+            # are one on: this step's token is cached by then.
+            source = torch.cat([flight.out, self._pad_token])
+            packed = self._upload([*flight.index, *[len(flight.out)] * pad,
+                                   *[x + 1 for x in lengths], *[0] * pad])
+            self._flight = self._launch(source.index_select(0, packed[:b]), packed[b:], n)
+        self._next = flight.tokens()
         return self._next
+
+    def _settle(self) -> list[Done]:
+        """Finish the step in flight (lookahead) without launching another."""
+        if self._flight is None:
+            return []
+        self._settling = True
+        try:
+            return self.step()
+        finally:
+            self._settling = False
 
     def _keep(self, keep: Sequence[int]) -> None:
         assert self._cache is not None
@@ -272,16 +334,23 @@ class SlotDecoder(RowDecoder):
         holes = [i for i in range(m) if i not in kept]
         movers = [i for i in keep if i >= m]
         if holes:
+            # After the step in flight (stream order), so what it writes moves too.
             self._cache.move(movers, holes)
         rows, nxt = self._rows[:m], self._next[:m]
+        index = self._flight.index[:m] if self._flight is not None else []
         for hole, mover in zip(holes, movers, strict=True):
             rows[hole], nxt[hole] = self._rows[mover], self._next[mover]
+            if self._flight is not None:
+                index[hole] = self._flight.index[mover]
         self._rows, self._next = rows, nxt
+        if self._flight is not None:
+            self._flight.index = index
 
     def _clear(self) -> None:
         # The cache stays allocated for the next admission; stale columns are
-        # outside every new row's length.
-        self._rows, self._next = [], []
+        # outside every new row's length. A step in flight is left to finish
+        # on the device; nothing reads it.
+        self._rows, self._next, self._flight = [], [], None
 
     # --- internals ----------------------------------------------------------
 
@@ -303,6 +372,33 @@ class SlotDecoder(RowDecoder):
             logits_to_keep=1,
         )
         return self._pick(out.logits[:, -1])
+
+    def _upload(self, values: list[int]) -> torch.Tensor:
+        """``values`` as a long tensor on the device, copied without waiting
+        for the GPU (from pinned memory on CUDA)."""
+        host = torch.tensor(values, dtype=torch.long)
+        if self._pinned:
+            host = host.pin_memory()
+        return host.to(self._pad_token.device, non_blocking=True)
+
+    def _launch(self, ids: torch.Tensor, lengths: torch.Tensor, n: int) -> _Flight:
+        """Queue one step of a bucket (``ids``, ``lengths``) for ``n`` running
+        rows at the write column, and the copy of its tokens to the host."""
+        cache = self._cache
+        assert cache is not None
+        cache.col.fill_(self._col)
+        # A replayed CUDA graph reuses its output: keep a copy of this one.
+        out = self._step(ids, lengths).clone()
+        ready: torch.cuda.Event | None = None
+        if self._pinned:
+            host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+            host.copy_(out, non_blocking=True)
+            ready = cast(Any, torch.cuda.Event)()  # untyped in torch's stubs
+            ready.record()
+        else:
+            host = out
+        self._col = (self._col + 1) % cache.columns
+        return _Flight(out, host, ready, list(range(n)))
 
     def _need(self, row: _Row) -> int:
         """Columns ``row`` occupies by the time it ends."""
