@@ -127,6 +127,7 @@ from evoxtral_stream.engine.backends.voxtral.backend import (
     load_tokenizer,
 )
 from evoxtral_stream.engine.backends.voxtral.prompt import PromptSpec
+from evoxtral_stream.engine.backends.voxtral.slots import SlotDecoder
 from evoxtral_stream.engine.backends.voxtral.tiny import (
     tiny_voxtral_config,
     write_feature_extractor,
@@ -351,9 +352,8 @@ class Models:
     reference: ReferenceBackend | None
     description: str
     slots: VoxtralBackend | None = None
-    """The merged model again, with the slot cache (mode ``slots``)."""
-    lookahead: VoxtralBackend | None = None
-    """The same with lookahead on (mode ``lookahead``)."""
+    """The merged model again, with the slot cache (modes ``slots`` and
+    ``lookahead``)."""
 
 
 def _budget_rule(backend: VoxtralBackend) -> Callable[[int], int]:
@@ -436,26 +436,29 @@ def build_models(args: argparse.Namespace, modes: Sequence[str], folder: Path,
                                          force=not args.no_force)
         what = (f"random weights, {'tiny' if args.tiny else 'full-size'} VoxtralConfig "
                 f"({n_params / 1e9:.2f}B parameters), random rank-{rank} LoRA")
-    slot_backends: dict[str, VoxtralBackend] = {}
+    slots: VoxtralBackend | None = None
     if ours is not None:
         ours.force_tokens = not args.no_force
-        for mode in SLOT_MODES:
-            if mode in modes:
-                # Same weights; static_cache also switches the language model
-                # to grouped SDPA, which equals sdpa eagerly (the other modes).
-                cfg = dataclasses.replace(ours._cfg, static_cache=True,
-                                          lookahead=mode == "lookahead")
-                slot_backends[mode] = VoxtralBackend(ours.loaded, cfg)
-                slot_backends[mode].force_tokens = ours.force_tokens
+        if any(m in SLOT_MODES for m in modes):
+            # Same weights; static_cache also switches the language model to
+            # grouped SDPA, which equals sdpa eagerly (the other modes). The
+            # slots and lookahead modes share it, and so its compiled steps;
+            # run_level switches lookahead.
+            slots = VoxtralBackend(ours.loaded, dataclasses.replace(ours._cfg, static_cache=True))
+            slots.force_tokens = ours.force_tokens
     desc = f"{what}; {device} {str(dtype).removeprefix('torch.')}"
     say(f"models ready in {time.perf_counter() - t0:.1f} s: {desc}")
-    return Models(device, dtype, ours, reference, desc, slot_backends.get("slots"),
-                  slot_backends.get("lookahead"))
+    return Models(device, dtype, ours, reference, desc, slots)
 
 
 def _backend_for(models: Models, mode: str) -> Backend:
     backend = {"reference": models.reference, "slots": models.slots,
-               "lookahead": models.lookahead}.get(mode, models.ours)
+               "lookahead": models.slots}.get(mode, models.ours)
+    if mode in SLOT_MODES:
+        assert isinstance(backend, VoxtralBackend)
+        decoder = backend.decoder
+        assert isinstance(decoder, SlotDecoder)
+        decoder.lookahead = mode == "lookahead"
     assert backend is not None
     return backend
 

@@ -11,12 +11,14 @@
 #   there (device run, carry [".whl"], timeout_s 600):
 #                         bench/gpu_session.sh all COMMIT   # kernels, then load; about 9 minutes
 #
-# `all` runs voxtral_kernels.py (batches 1, 8 and 32, at most 150 s), then
-# gpu_load.py (1, 100 and 150 streams in continuous and slots modes, the
-# reference at 1 and 5 streams) in the time left. Each step writes its
-# JSON after every row, so a cut-short run still brings back what it
-# measured. `kernels` and `load COMMIT` run one step each with its full
-# default plan (each about 10 minutes), for a later session with time for two calls.
+# `all` runs voxtral_kernels.py (batches 1 and 8, at most 150 s), then
+# gpu_load.py in the continuous and reference modes (1, 100 and 150 streams;
+# the reference at 1 and 5), then, in the time left, the slots and lookahead
+# modes at 100 streams (their warm-up compiles CUDA graphs). Each script
+# writes its JSON after every row, so a cut-short run still brings back what
+# it measured; $OUT gets 8 files. `kernels` and `load COMMIT` run one script
+# each with its full default plan (each about 10 minutes), for a later
+# session with time for two calls.
 #
 # Every step writes into $OUT (the device tool's output folder) and prints
 # its tables; copy them into bench/RESULTS.md with the device, commit, date
@@ -64,20 +66,34 @@ all)
     shift 2
     setup_device
     out=${OUT:-.}
-    # The outer timeouts only guard against a hang: both scripts stop
-    # starting measurements at their own budgets well before these.
+    # The outer timeouts only guard against a hang: the scripts stop starting
+    # measurements at their own budgets well before these.
     # shellcheck disable=SC2086  # KERNELS_ARGS is a list of words
-    timeout -k 10 200 "$PY" bench/voxtral_kernels.py --batches 1,8,32 --budget-s 150 \
+    timeout -k 10 200 "$PY" bench/voxtral_kernels.py --batches 1,8 --budget-s 150 \
         --json "$out/voxtral_kernels.json" ${KERNELS_ARGS:-} 2>&1 \
         | tee "$out/voxtral_kernels.log" || true
+    # The load levels the targets name (no compiling: the first to finish),
+    # then the slot cache at 100 streams in whatever time is left (its
+    # warm-up compiles CUDA graphs for every batch bucket up to 64).
     left=$((ALL_DEADLINE_S - SECONDS))
-    if [ "$left" -lt 60 ]; then left=60; fi
-    echo "gpu_session: ${SECONDS} s used, ${left} s left for the load levels"
-    timeout -k 10 "$((left + 30))" "$PY" bench/gpu_load.py --streams 1,100,150 \
-        --reference-streams 1,5 --seconds 20 --modes continuous,slots,reference --max-batch 64 \
-        --budget-s "$left" --commit "$commit" --json "$out/gpu_load.json" \
+    main=$left
+    if [ "$left" -gt 330 ]; then main=$((left - 120)); fi
+    if [ "$main" -lt 60 ]; then main=60; fi
+    echo "gpu_session: ${SECONDS} s used, ${main} s for the load levels"
+    timeout -k 10 "$((main + 30))" "$PY" bench/gpu_load.py --streams 1,100,150 \
+        --reference-streams 1,5 --seconds 20 --modes continuous,reference --max-batch 64 \
+        --budget-s "$main" --commit "$commit" --json "$out/gpu_load.json" \
         --markdown "$out/gpu_load.md" --plot "$out/gpu_load.png" "$@" 2>&1 \
         | tee "$out/gpu_load.log"
+    left=$((ALL_DEADLINE_S - SECONDS))
+    if [ "$left" -lt 90 ]; then
+        echo "gpu_session: ${left} s left: no slot-cache levels"
+        exit 0
+    fi
+    echo "gpu_session: ${SECONDS} s used, ${left} s for the slot-cache levels"
+    timeout -k 10 "$((left + 30))" "$PY" bench/gpu_load.py --streams 100 --seconds 20 \
+        --modes slots,lookahead --max-batch 64 --budget-s "$left" --commit "$commit" \
+        --json "$out/gpu_load_slots.json" "$@" 2>&1 | tee "$out/gpu_load_slots.log" || true
     ;;
 kernels)
     setup_device

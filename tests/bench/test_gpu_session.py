@@ -39,7 +39,8 @@ def test_all_runs_kernels_then_load_into_out(tmp_path: Path) -> None:
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "s left for the load levels" in proc.stdout
+    assert "s for the load levels" in proc.stdout
+    assert "s for the slot-cache levels" in proc.stdout
 
     kernels = json.loads((tmp_path / "voxtral_kernels.json").read_text())
     assert [r["mode"] for r in kernels["rows"]] == ["unmerged", "reference", "merged", "slots",
@@ -47,10 +48,17 @@ def test_all_runs_kernels_then_load_into_out(tmp_path: Path) -> None:
     assert kernels["meta"]["argv"][-1] == "1"  # KERNELS_ARGS came last: --audio-s 1
     load = json.loads((tmp_path / "gpu_load.json").read_text())
     assert load["meta"]["commit"] == "abc1234"
-    rows = {(r["mode"], r["streams"]): r for r in load["rows"]}
-    assert set(rows) == {("continuous", 1), ("slots", 1), ("reference", 1)}
+    slots = json.loads((tmp_path / "gpu_load_slots.json").read_text())
+    rows = {(r["mode"], r["streams"]): r
+            for r in [*load["rows"], *slots["rows"]]}
+    # The extra args came last: --streams 1 replaced 1,100,150 and 100.
+    assert set(rows) == {("continuous", 1), ("reference", 1), ("slots", 1), ("lookahead", 1)}
     for r in rows.values():
         assert r["status"] not in ("skipped",) and not r["status"].startswith("error"), r
         assert r["finals_lost"] == 0
-    for name in ("voxtral_kernels.log", "gpu_load.log", "gpu_load.md", "gpu_load.png"):
-        assert (tmp_path / name).stat().st_size > 0, name
+    # What comes back from the device: at most 8 files.
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
+        "voxtral_kernels.json", "voxtral_kernels.log", "gpu_load.json", "gpu_load.md",
+        "gpu_load.png", "gpu_load.log", "gpu_load_slots.json", "gpu_load_slots.log"])
+    for p in tmp_path.iterdir():
+        assert p.stat().st_size > 0, p.name

@@ -86,7 +86,7 @@ async def test_slot_cache_gives_the_engine_the_same_finals(merged: VoxtralBacken
     slots = VoxtralBackend(merged.loaded, cfg)
     with_slots, _ = await _run(slots, "continuous")
     assert isinstance(slots._decoder, SlotDecoder)
-    assert slots._decoder._lookahead is lookahead
+    assert slots._decoder.lookahead is lookahead
     assert slots._decoder.columns > 0, "the engine stepped the slot decoder"
     dynamic, _ = await _run(merged, "continuous")
     assert [c.text for c in with_slots] == [c.text for c in dynamic]

@@ -91,6 +91,6 @@ def test_cuda_graph_lookahead_steps_equal_transcribe_jobs(tiny_cfg: VoxtralConfi
     gpu = load_voxtral_backend(cfg, "en")
     decoder = gpu.decoder
     assert isinstance(decoder, SlotDecoder)
-    assert decoder._lookahead and decoder._pinned
+    assert decoder.lookahead and decoder._pinned
     gpu.warm_up(8)
     _staggered_equals_alone(gpu, seed=15)

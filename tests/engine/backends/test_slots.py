@@ -285,5 +285,5 @@ def test_lookahead_needs_the_static_cache(merged: VoxtralBackend) -> None:
     cfg = dataclasses.replace(merged._cfg, static_cache=True, lookahead=True)
     dec = VoxtralBackend(merged.loaded, cfg).decoder
     assert isinstance(dec, SlotDecoder)
-    assert dec._lookahead
+    assert dec.lookahead
     assert not dec._pinned  # the CPU has no pinned memory to use

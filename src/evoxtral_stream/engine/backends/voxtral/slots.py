@@ -198,7 +198,8 @@ class SlotDecoder(RowDecoder):
     ``backend.transcribe_jobs([job])`` gives it alone. ``compile`` is None
     (eager steps) or keyword arguments for ``torch.compile`` of the step;
     ``lookahead`` launches each step before the host reads the one before
-    (see the module doc).
+    (see the module doc); it may be switched between calls (benchmarks
+    compare both on the same compiled steps).
     """
 
     def __init__(
@@ -227,7 +228,7 @@ class SlotDecoder(RowDecoder):
         self._rows: list[_Row] = []
         self._next: list[int] = []
         self._col = 0
-        self._lookahead = lookahead
+        self.lookahead = lookahead
         self._flight: _Flight | None = None
         self._settling = False
         device = backend.loaded.device
@@ -307,7 +308,7 @@ class SlotDecoder(RowDecoder):
                                    *[0] * pad])
             flight = self._launch(packed[:b], packed[b:], n)
         self._flight = None
-        if self._lookahead and not self._settling:
+        if self.lookahead and not self._settling:
             # The next step, fed this one's tokens on the device. Positions
             # are one on: this step's token is cached by then.
             source = torch.cat([flight.out, self._pad_token])
