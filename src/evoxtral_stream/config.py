@@ -105,6 +105,7 @@ class StreamConfig:
     min_partial_ms: int = field(metadata=_range(0, 30_000))
     final_replaces_stable: bool
     prefix_reuse: str = field(metadata=_choices("off", "partials", "all"))
+    draft: bool
 
 
 @dataclass(frozen=True)

@@ -127,6 +127,9 @@ class DecodeRequest:
     ``prefix`` is text already committed for this segment (``stream.prefix_reuse``):
     a backend that supports it may continue from it instead of decoding it
     again, so the hypothesis then starts with it; others ignore it.
+    ``draft`` is the token ids of the segment's last hypothesis
+    (``stream.draft``): a backend may verify them instead of generating them
+    one by one; the text it returns is the same either way.
     ``language`` is the stream's language (None: ``model.language``).
     """
 
@@ -142,11 +145,13 @@ class DecodeRequest:
     adapter: str | None = None
     prefix: str = ""
     language: str | None = None
+    draft: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class Hypothesis:
-    """The model's text for one request."""
+    """The model's text for one request; ``token_ids`` are the model's tokens
+    of it where the backend reports them (a later request's ``draft``)."""
 
     stream: str
     segment: int
@@ -158,6 +163,7 @@ class Hypothesis:
     ready_at: float
     done_at: float
     forced_end: bool = False
+    token_ids: tuple[int, ...] = ()
 
     @property
     def final(self) -> bool:

@@ -119,3 +119,36 @@ async def test_a_stream_id_used_again_goes_on_numbering(
             await session(engine, other)
         assert (await session(engine, "desk"))[0].seq == 1
         assert (await session(engine, "b"))[0].seq > 1
+
+
+async def test_drafts_are_the_latest_partial_per_open_segment_and_bounded() -> None:
+    import dataclasses
+
+    from evoxtral_stream.events import DecodeFailure, DecodeRequest, Hypothesis
+
+    base = load_config()
+    cfg = dataclasses.replace(base, stream=dataclasses.replace(base.stream, draft=True))
+
+    def hyp(segment: int, kind: RequestKind, ids: tuple[int, ...]) -> Hypothesis:
+        return Hypothesis("s", segment, 1, kind, "x", 0, 1600, 0.0, 0.0, token_ids=ids)
+
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine:
+        stream = engine.open_stream("s")
+        stream.note_draft(hyp(0, RequestKind.PARTIAL, (1, 2)))
+        stream.note_draft(hyp(0, RequestKind.PARTIAL, (1, 2, 3)))
+        stream.note_draft(hyp(1, RequestKind.PARTIAL, ()))  # a backend without ids
+        assert stream.drafts == {0: (1, 2, 3)}
+        req = DecodeRequest("s", 0, 2, RequestKind.FINAL, np.zeros(1600, np.float32),
+                            0, 1600, 0.0)
+        assert engine._with_draft(stream, req).draft == (1, 2, 3)
+        # Never beside a prefix; no draft for a segment without a partial.
+        assert engine._with_draft(stream, dataclasses.replace(req, prefix="a")).draft == ()
+        assert engine._with_draft(stream, dataclasses.replace(req, segment=5)).draft == ()
+        stream.note_draft(hyp(0, RequestKind.FINAL, (1, 2, 3, 4)))
+        assert stream.drafts == {}
+        for seg in range(10):
+            stream.note_draft(hyp(seg, RequestKind.PARTIAL, (seg,)))
+        assert sorted(stream.drafts) == [6, 7, 8, 9]
+        stream.note_draft(DecodeFailure("s", 8, 2, RequestKind.FINAL, "boom"))
+        assert sorted(stream.drafts) == [6, 7, 9]
+        await stream.close()

@@ -53,6 +53,7 @@ from ..events import (
     DecodeFailure,
     DecodeRequest,
     EngineEvent,
+    Hypothesis,
     Int16Array,
     RequestKind,
     StreamEnded,
@@ -89,6 +90,9 @@ _DRAIN_POLL_S = 0.05
 _WATCH_EVERY_MAX_S = 1.0
 # No timer of the engine's runs more often than this, however small a limit.
 _TIMER_MIN_S = 0.05
+# Drafts kept per stream (stream.draft): one per open segment is all that is
+# used; a forced split can leave two open.
+_DRAFTS_KEPT = 4
 
 
 class EngineStopping(RuntimeError):
@@ -151,6 +155,8 @@ class Stream:
         self.finals = 0
         self.partials = 0
         self.errors = 0
+        self.drafts: dict[int, tuple[int, ...]] = {}
+        """Token ids of each open segment's latest partial (``stream.draft``)."""
 
     @property
     def language(self) -> str | None:
@@ -225,6 +231,19 @@ class Stream:
             segments=st.finals_requested, finals=self.finals,
             partials=self.partials, errors=self.errors,
         )
+
+    def note_draft(self, result: WorkerResult) -> None:
+        """Keep a partial's token ids as its segment's next draft; a final
+        (or a failed one) closes the segment's entry. Bounded: the entries
+        of the few most recent segments only (a stale partial of an ended
+        segment cannot pile up)."""
+        if result.kind is RequestKind.FINAL:
+            self.drafts.pop(result.segment, None)
+            return
+        if isinstance(result, Hypothesis) and result.token_ids:
+            self.drafts[result.segment] = result.token_ids
+            while len(self.drafts) > _DRAFTS_KEPT:
+                del self.drafts[min(self.drafts)]
 
     def _update_idle(self) -> None:
         if self.session.partial_in_flight:
@@ -477,7 +496,7 @@ class Engine:
 
     def _submit(self, stream: Stream, req: DecodeRequest) -> None:
         assert self._worker is not None
-        req = self._with_prefix(stream, req)
+        req = self._with_draft(stream, self._with_prefix(stream, req))
         if self._worker.submit(req):
             return
         if req.kind is RequestKind.PARTIAL:
@@ -500,6 +519,14 @@ class Engine:
             return req
         prefix = stream.merger.reusable_prefix(req.segment, req.end_sample)
         return dataclasses.replace(req, prefix=prefix) if prefix else req
+
+    def _with_draft(self, stream: Stream, req: DecodeRequest) -> DecodeRequest:
+        """``req`` with the token ids of its segment's last hypothesis as a
+        draft, per ``stream.draft`` (never beside a prefix)."""
+        if not self.config.stream.draft or req.prefix:
+            return req
+        draft = stream.drafts.get(req.segment)
+        return dataclasses.replace(req, draft=draft) if draft else req
 
     def _schedule_retry(self) -> None:
         if self._retry_handle is None and self._backlog and self._loop is not None:
@@ -525,6 +552,7 @@ class Engine:
             log.debug("result for closed stream %s dropped", result.stream)
             return
         stream.session.on_result(result)
+        stream.note_draft(result)
         if isinstance(result, DecodeFailure):
             stream.errors += 1
             self._emit(StreamError(result.stream, "decode_failed", result.message,

@@ -588,7 +588,7 @@ class ModelWorker:
             if key in self._running and self._running[key][0] is d.job:
                 del self._running[key]
             self._answered(req)
-            self._deliver(_hypothesis(req, d.text, now))
+            self._deliver(_hypothesis(req, d.text, now, d.token_ids))
 
     def _continuous_failed(self, backend: SteppingBackend, e: Exception,
                            admitting: list[DecodeRequest], start: float) -> None:
@@ -667,14 +667,16 @@ class ModelWorker:
 
 def _job(req: DecodeRequest) -> Job:
     return Job(key=req, audio=req.audio, adapter=req.adapter, prefix=req.prefix,
-               language=req.language)
+               language=req.language, draft=req.draft)
 
 
-def _hypothesis(req: DecodeRequest, text: str, done_at: float) -> Hypothesis:
+def _hypothesis(req: DecodeRequest, text: str, done_at: float,
+                token_ids: tuple[int, ...] = ()) -> Hypothesis:
     return Hypothesis(
         stream=req.stream, segment=req.segment, revision=req.revision, kind=req.kind,
         text=text, start_sample=req.start_sample, end_sample=req.end_sample,
         ready_at=req.ready_at, done_at=done_at, forced_end=req.forced_end,
+        token_ids=token_ids,
     )
 
 

@@ -355,7 +355,8 @@ def test_unmerged_adapters_run_one_at_a_time(unmerged: VoxtralBackend, kind: str
         _drain(dec, out)
     finally:
         dec.abort()
-    assert out.pop(named) == Done(named, want[default[1]].text, want[default[1]].tokens)
+    assert out.pop(named) == Done(named, want[default[1]].text, want[default[1]].tokens,
+                                  want[default[1]].token_ids)
     assert out == {j: want[j] for j in want if j is not default[1]}
 
 
@@ -393,3 +394,130 @@ def test_out_of_memory_is_a_one_line_backend_error(
     _admit(dec, jobs, again)
     _drain(dec, again)
     assert again == plain
+
+
+def _drafted(merged: VoxtralBackend, jobs: Sequence[Job]) -> tuple[list[Job], dict[Job, int]]:
+    """Each job with a draft: its own greedy tokens whole (jobs 0 and 3), cut
+    short (job 1), wrong from the fourth on (job 2), or unrelated (job 4);
+    and how many draft tokens a decoder keeps for it."""
+    drafted: list[Job] = []
+    keeps: dict[Job, int] = {}
+    for i, job in enumerate(jobs):
+        tokens = merged.generate_tokens([job.audio])[0]
+        assert len(tokens) > 4
+        if i == 1:
+            draft = tokens[:2]
+        elif i == 2:
+            draft = [*tokens[:3], tokens[3] + 1, *tokens[4:]]
+        elif i == 4:
+            draft = [t + 7 for t in tokens[::-1]]
+        else:
+            draft = tokens
+        dj = Job(job.key, job.audio, draft=tuple(draft))
+        drafted.append(dj)
+        budget = merged.row_budget(len(job.audio), 0)
+        sent = draft[: budget - 1]
+        keep = 0
+        while keep < len(sent) and sent[keep] == tokens[keep]:
+            keep += 1
+        keeps[dj] = keep
+    return drafted, keeps
+
+
+def test_drafts_are_kept_as_far_as_greedy_agrees_and_change_nothing(
+    merged: VoxtralBackend, dec: RowDecoder, jobs: list[Job], plain: dict[Job, Done]
+) -> None:
+    drafted, keeps = _drafted(merged, jobs)
+    for i in (0, 3):  # whole outputs: all kept but the last, which the prefill gives
+        assert keeps[drafted[i]] == len(drafted[i].draft) - 1 >= 3
+    assert (keeps[drafted[1]], keeps[drafted[2]], keeps[drafted[4]]) == (2, 3, 0)
+    proposed, kept = merged.draft_tokens, merged.draft_kept
+    out: dict[Job, Done] = {}
+    # Drafted rows beside a plain one, admitted into a running batch.
+    _admit(dec, [drafted[3], jobs[1]], out)
+    _drain(dec, out, 2)
+    _admit(dec, [*drafted[:3], drafted[4]], out)
+    _drain(dec, out)
+    for job, dj in zip(jobs, drafted, strict=True):
+        assert (out[dj].text, out[dj].tokens, out[dj].token_ids) == (
+            plain[job].text, plain[job].tokens, plain[job].token_ids)
+    assert out[jobs[1]] == plain[jobs[1]]
+    assert merged.draft_kept - kept == sum(keeps.values())
+    assert merged.draft_tokens - proposed == sum(
+        min(len(d.draft), merged.row_budget(len(d.audio), 0) - 1) for d in drafted)
+
+
+def test_done_reports_the_token_ids_a_draft_is_made_of(
+    merged: VoxtralBackend, dec: RowDecoder, jobs: list[Job], plain: dict[Job, Done]
+) -> None:
+    out: dict[Job, Done] = {}
+    _admit(dec, jobs[:2], out)
+    _drain(dec, out)
+    for job in jobs[:2]:
+        assert list(out[job].token_ids) == merged.generate_tokens([job.audio])[0]
+        assert merged.decode(out[job].token_ids).strip() == plain[job].text
+
+
+def test_a_short_draft_then_decodes_on(merged: VoxtralBackend, dec: RowDecoder,
+                                       jobs: list[Job], plain: dict[Job, Done]) -> None:
+    drafted, keeps = _drafted(merged, jobs)
+    out: dict[Job, Done] = {}
+    _admit(dec, [drafted[1]], out)
+    row = dec.rows[0]
+    assert len(row.tokens) == keeps[drafted[1]] + 1  # the kept draft and the next token
+    _drain(dec, out)
+    assert (out[drafted[1]].text, out[drafted[1]].tokens) == (plain[jobs[1]].text,
+                                                              plain[jobs[1]].tokens)
+
+
+@pytest.mark.usefixtures("eos_prone")
+def test_a_draft_past_the_end_of_speech_stops_at_eos(
+    merged: VoxtralBackend, dec: RowDecoder, jobs: list[Job]
+) -> None:
+    want = _alone(merged, jobs)
+    job = jobs[3]
+    assert 0 < want[job].tokens < merged.row_budget(len(job.audio), 0)
+    # A draft that goes on past where greedy writes EOS.
+    merged.force_tokens = True
+    try:
+        longer = merged.generate_tokens([job.audio])[0]
+    finally:
+        merged.force_tokens = False
+    assert len(longer) > want[job].tokens
+    dj = Job(job.key, job.audio, draft=tuple(longer))
+    out: dict[Job, Done] = {}
+    _admit(dec, [dj, jobs[0]], out)
+    _drain(dec, out)
+    assert (out[dj].text, out[dj].tokens) == (want[job].text, want[job].tokens)
+    assert out[jobs[0]] == want[jobs[0]]
+
+
+def test_forced_rows_keep_at_most_their_budget(
+    merged: VoxtralBackend, dec: RowDecoder, jobs: list[Job]
+) -> None:
+    merged.force_tokens = True
+    try:
+        want = _alone(merged, jobs)
+        # Each draft longer than its budget: the whole forced output twice.
+        drafted = [Job(j.key, j.audio, draft=tuple(merged.generate_tokens([j.audio])[0] * 2))
+                   for j in jobs]
+        out: dict[Job, Done] = {}
+        _admit(dec, drafted, out)
+        done_at_admission = set(out)
+        _drain(dec, out)
+    finally:
+        merged.force_tokens = False
+    for job, dj in zip(jobs, drafted, strict=True):
+        assert (out[dj].text, out[dj].tokens) == (want[job].text, want[job].tokens)
+        assert out[dj].tokens == merged.row_budget(len(job.audio), 0)
+    # Every row kept its whole budget but one from the draft, and the prefill
+    # gave the last token: all done at admission, no step needed.
+    assert done_at_admission == set(drafted)
+
+
+def test_batch_path_ignores_drafts(merged: VoxtralBackend, jobs: list[Job],
+                                   plain: dict[Job, Done]) -> None:
+    drafted, _ = _drafted(merged, jobs)
+    done = merged.transcribe_jobs(drafted)
+    for job, d in zip(jobs, done, strict=True):
+        assert (d.text, d.tokens) == (plain[job].text, plain[job].tokens)

@@ -16,9 +16,11 @@ from evoxtral_stream.events import CaptionEvent, StreamEnded
 from evoxtral_stream.run import FileJob, LatencyLog, transcribe_samples
 
 
-async def _run(backend: VoxtralBackend, batching: str) -> tuple[list[CaptionEvent], LatencyLog]:
+async def _run(backend: VoxtralBackend, batching: str, *, draft: bool = False
+               ) -> tuple[list[CaptionEvent], LatencyLog]:
     base = load_config()
-    cfg = dataclasses.replace(base, worker=dataclasses.replace(base.worker, batching=batching))
+    cfg = dataclasses.replace(base, worker=dataclasses.replace(base.worker, batching=batching),
+                              stream=dataclasses.replace(base.stream, draft=draft))
     samples = read_audio_file(str(resources.files("evoxtral_stream").joinpath("data/sample.ogg")))
     record = LatencyLog()
     async with Engine(cfg, backend) as engine:
@@ -90,3 +92,26 @@ async def test_slot_cache_gives_the_engine_the_same_finals(merged: VoxtralBacken
     assert slots._decoder.columns > 0, "the engine stepped the slot decoder"
     dynamic, _ = await _run(merged, "continuous")
     assert [c.text for c in with_slots] == [c.text for c in dynamic]
+
+
+async def test_drafts_from_partials_reach_the_backend_and_change_no_caption(
+    merged: VoxtralBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drafts: list[tuple[int, ...]] = []
+    real_admit = merged.admit
+
+    def admit(jobs: list[Job]) -> list[Done]:
+        drafts.extend(j.draft for j in jobs)
+        return real_admit(jobs)
+
+    monkeypatch.setattr(merged, "admit", admit)
+    plain, _ = await _run(merged, "continuous")
+    assert not any(drafts)
+    proposed = merged.draft_tokens
+    drafted, _ = await _run(merged, "continuous", draft=True)
+    # Every request after a segment's first partial carries that segment's
+    # latest tokens; the random model's partials rarely agree with the next
+    # decode, so few are kept, but none changes a caption.
+    assert sum(1 for d in drafts if d) >= 5
+    assert merged.draft_tokens > proposed
+    assert [c.text for c in drafted] == [c.text for c in plain]

@@ -67,7 +67,8 @@ def test_the_ring_wraps_twice(merged: VoxtralBackend, jobs: list[Job]) -> None:
             if steps < 2 * max(dec.columns, 1) and dec.active < 4:
                 src = jobs[next(serial) % len(jobs)]
                 job = _same_audio(src, ("lap", steps))
-                want[job] = Done(job, forced[src].text, forced[src].tokens)
+                want[job] = Done(job, forced[src].text, forced[src].tokens,
+                                 forced[src].token_ids)
                 _admit(dec, [job], out)
             _drain(dec, out, 1)
             steps += 1
@@ -101,7 +102,8 @@ def test_more_slots_and_longer_rows_grow_the_cache(
     _drain(dec, out)
     assert out.pop(long) == want_long
     assert out == {**{j: plain[j] for j in jobs[:3]},
-                   **{j: Done(j, plain[jobs[i % 5]].text, plain[jobs[i % 5]].tokens)
+                   **{j: Done(j, plain[jobs[i % 5]].text, plain[jobs[i % 5]].tokens,
+                              plain[jobs[i % 5]].token_ids)
                       for i, j in enumerate(more)}}
 
 

@@ -87,9 +87,12 @@ class Job:
 
     ``prefix`` is text the backend may continue from instead of decoding it
     again (the text returned then starts with it); "" decodes from scratch.
-    ``language`` is one of a :class:`Multilingual` backend's ``languages``
-    (None: the backend's configured language). ``key`` is the caller's
-    handle, returned untouched.
+    ``draft`` is a guess at the model's first tokens (those of the segment's
+    last partial, from :attr:`Done.token_ids`): a backend may check it in one
+    pass and keep what it would have decoded anyway, or ignore it; it never
+    changes the result. ``language`` is one of
+    a :class:`Multilingual` backend's ``languages`` (None: the backend's
+    configured language). ``key`` is the caller's handle, returned untouched.
     """
 
     key: object
@@ -97,15 +100,19 @@ class Job:
     adapter: str | None = None
     prefix: str = ""
     language: str | None = None
+    draft: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class Done:
-    """A job's result: its text, and how many tokens the model generated for it."""
+    """A job's result: its text, how many tokens the model generated for it,
+    and the model's token ids of the text (prefix included; () when the
+    backend does not report them)."""
 
     job: Job
     text: str
     tokens: int = 0
+    token_ids: tuple[int, ...] = ()
 
 
 @runtime_checkable

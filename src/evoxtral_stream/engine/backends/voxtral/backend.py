@@ -314,6 +314,9 @@ class VoxtralBackend:
         """Benchmarks only: hold EOS back so every row generates its whole
         budget (random weights never stop by themselves)."""
         self.tokens_generated = 0
+        # Draft tokens checked at admission, and those kept (continuous batching).
+        self.draft_tokens = 0
+        self.draft_kept = 0
         """Tokens generated since load, prefixes not counted (for benchmarks)."""
         self._decoder: RowDecoder | None = None
         self._language_ids: dict[str, tuple[int, ...]] = {}
@@ -499,7 +502,8 @@ class VoxtralBackend:
 
         A job's ``prefix`` is tokenized and continued from, so its text
         starts with the prefix; its ``language`` picks the prompt's
-        ``lang:xx``. Raises like :meth:`transcribe`, and for an unknown
+        ``lang:xx``; its ``draft`` is not used (``generate`` has no place for
+        it; the result is the same). Raises like :meth:`transcribe`, and for an unknown
         language.
         """
         groups: dict[str, list[int]] = {}
@@ -515,7 +519,8 @@ class VoxtralBackend:
                                         prefixes=prefixes,
                                         languages=[jobs[i].language for i in idx])
             for i, pre, row in zip(idx, prefixes, rows, strict=True):
-                done[i] = Done(jobs[i], self.decode(pre + row).strip(), len(row))
+                done[i] = Done(jobs[i], self.decode(pre + row).strip(), len(row),
+                               tuple(pre + row))
         return done
 
     # --- continuous batching (SteppingBackend); see .continuous -------------

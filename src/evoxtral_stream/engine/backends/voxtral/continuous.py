@@ -135,6 +135,25 @@ def _stack(a: torch.Tensor, b: torch.Tensor, width: int) -> torch.Tensor:
     return out
 
 
+def _cut_tails(cache: DynamicCache, mask: torch.Tensor, cut: Sequence[int]) -> torch.Tensor:
+    """Drop the last ``cut[r]`` columns of row ``r`` from a left-padded cache.
+
+    Each row moves right by its cut, so its kept tokens stay the last
+    columns; the columns it leaves at the front become padding. Returns the
+    new mask (the layers are changed in place).
+    """
+    width = mask.shape[1]
+    shift = torch.tensor(list(cut), dtype=torch.long).to(mask.device, non_blocking=True)
+    src = torch.arange(width, device=mask.device)[None, :] - shift[:, None]
+    inside = src >= 0
+    src = src.clamp(min=0)
+    for layer in _layers(cache):
+        k, v = _kv(layer)
+        index = src[:, None, :, None].expand(k.shape[0], k.shape[1], width, k.shape[3])
+        layer.keys, layer.values = k.gather(2, index), v.gather(2, index)
+    return mask.gather(1, src) * inside
+
+
 def _as_audio(a: npt.NDArray[Any]) -> Audio:
     arr = np.asarray(a, dtype=np.float32)
     if arr.ndim != 1:
@@ -309,21 +328,37 @@ class RowDecoder(abc.ABC):
 
     def _prefill(self, name: str, todo: Sequence[tuple[Job, Audio]]) -> _Batch:
         """One forward over the prompts (and prefixes) of ``todo``, left-padded
-        among themselves into a fresh cache; ``next`` holds each row's first token."""
+        among themselves into a fresh cache; ``next`` holds each row's first token.
+
+        A job's draft rides in the same forward after its prompt: the draft
+        tokens that greedy decoding would have produced (each the argmax
+        after the ones before it) are kept as the row's first tokens, the
+        first that is not is replaced by that argmax (``next``), and the rest
+        are cut from the cache. So a row starts where plain decoding would
+        be after those steps. Drafts are dropped with a prefix (the prefix
+        is forced text; a draft is only a guess).
+        """
         from transformers import DynamicCache
 
         backend = self.backend
         device = backend.loaded.device
         prefixes = [backend.encode_prefix(job.prefix) for job, _ in todo]
         languages = [backend.language_ids(job.language) for job, _ in todo]
-        ids_rows, mask_rows = backend.spec.left_padded([len(a) for _, a in todo], prefixes,
-                                                       languages)
+        budgets = [backend.row_budget(len(a), len(pre)) for (_, a), pre in zip(todo, prefixes,
+                                                                             strict=True)]
+        # At most budget - 1 draft tokens: the row's next token comes after them.
+        drafts = [list(job.draft[: max(0, budget - 1)]) if job.draft and not pre else []
+                  for (job, _), pre, budget in zip(todo, prefixes, budgets, strict=True)]
+        ids_rows, mask_rows = backend.spec.left_padded(
+            [len(a) for _, a in todo],
+            [pre + d for pre, d in zip(prefixes, drafts, strict=True)], languages)
         ids = torch.tensor(ids_rows, dtype=torch.long).to(device, non_blocking=True)
         mask = torch.tensor(mask_rows, dtype=torch.long).to(device, non_blocking=True)
         # Real tokens numbered from 0, padding at 0: what generate does.
         pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
         cache = DynamicCache(config=self._model.config)
         feats = backend.features([a for _, a in todo]).to(backend.loaded.dtype)
+        longest = max(len(d) for d in drafts)
         with backend.use_adapter(name):
             out = self._model(
                 input_ids=ids,
@@ -332,24 +367,45 @@ class RowDecoder(abc.ABC):
                 position_ids=pos,
                 cache=cache,
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=longest + 1,
             )
-        first = self._pick(out.logits[:, -1])
         rows = [
-            _Row(job, pre, backend.row_budget(len(a), len(pre)), sum(m))
-            for (job, a), pre, m in zip(todo, prefixes, mask_rows, strict=True)
+            _Row(job, pre, budget, sum(m))
+            for (job, _), pre, budget, m in zip(todo, prefixes, budgets, mask_rows, strict=True)
         ]
-        return _Batch(rows, cache, mask, mask.sum(-1), first)
+        if not longest:
+            return _Batch(rows, cache, mask, mask.sum(-1), self._pick(out.logits[:, -1]))
+        # picks[r][i]: the greedy token after row r's last longest - i tokens.
+        picks = cast(list[list[int]], self._pick(out.logits).tolist())
+        eos = backend.spec.eos
+        first: list[int] = []
+        cut: list[int] = []
+        for row, draft, row_picks in zip(rows, drafts, picks, strict=True):
+            mine = row_picks[len(row_picks) - len(draft) - 1:]
+            kept = 0
+            while kept < len(draft) and mine[kept] == draft[kept] != eos:
+                kept += 1
+            row.tokens = list(draft[:kept])
+            row.length -= len(draft) - kept
+            first.append(mine[kept])
+            cut.append(len(draft) - kept)
+            backend.tokens_generated += kept
+            backend.draft_tokens += len(draft)
+            backend.draft_kept += kept
+        if any(cut):
+            mask = _cut_tails(cache, mask, cut)
+        nxt = torch.tensor(first, dtype=torch.long).to(device, non_blocking=True)
+        return _Batch(rows, cache, mask, mask.sum(-1), nxt)
 
     def _pick(self, logits: torch.Tensor) -> torch.Tensor:
-        """Greedy next tokens from (rows, vocab) logits, which it may change;
+        """Greedy next tokens from (..., vocab) logits, which it may change;
         EOS is held back when forced.
 
         Rows never go past their budget, so masking EOS on every step is the
         same as masking it until the budget.
         """
         if self.backend.force_tokens:
-            logits[:, self.backend.spec.eos] = float("-inf")
+            logits[..., self.backend.spec.eos] = float("-inf")
         return logits.argmax(dim=-1)
 
     def _advance(self, rows: Sequence[_Row], tokens: Sequence[int], done: list[Done]) -> list[int]:
@@ -364,7 +420,8 @@ class RowDecoder(abc.ABC):
                 backend.tokens_generated += 1
             if tok == eos or len(row.tokens) >= row.budget:
                 text = backend.decode(row.prefix + row.tokens).strip()
-                done.append(Done(row.job, text, len(row.tokens)))
+                done.append(Done(row.job, text, len(row.tokens),
+                                 tuple(row.prefix + row.tokens)))
             else:
                 keep.append(i)
         return keep
