@@ -1,11 +1,13 @@
 """Continuous batching: every job decodes as it would alone, whatever runs beside it.
 
-Each test runs against both decoders: the growing left-padded cache
-(``ContinuousDecoder``) and the fixed-shape slot cache (``SlotDecoder``).
+Each test runs against every decoder: the growing left-padded cache
+(``ContinuousDecoder``) and the fixed-shape slot cache (``SlotDecoder``),
+with and without lookahead.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -46,6 +48,16 @@ def _drain(dec: RowDecoder, out: dict[Job, Done], steps: int | None = None) -> N
             assert d.job not in out
             out[d.job] = d
         n += 1
+
+
+@contextlib.contextmanager
+def _forced(backend: VoxtralBackend) -> Iterator[None]:
+    """EOS held back: every row runs to its budget (random weights never stop)."""
+    backend.force_tokens = True
+    try:
+        yield
+    finally:
+        backend.force_tokens = False
 
 
 def _admit(dec: RowDecoder, jobs: Sequence[Job], out: dict[Job, Done]) -> None:
@@ -209,16 +221,13 @@ def test_rows_end_at_eos(merged: VoxtralBackend, dec: RowDecoder, jobs: list[Job
 def test_force_tokens_fills_every_budget(
     merged: VoxtralBackend, dec: RowDecoder, jobs: list[Job]
 ) -> None:
-    merged.force_tokens = True
-    try:
+    with _forced(merged):
         want = _alone(merged, jobs)
         out: dict[Job, Done] = {}
         _admit(dec, jobs[:2], out)
         _drain(dec, out, 1)
         _admit(dec, jobs[2:], out)
         _drain(dec, out)
-    finally:
-        merged.force_tokens = False
     assert out == want
     for job in jobs:
         assert out[job].tokens == merged.row_budget(len(job.audio), 0)
@@ -478,11 +487,8 @@ def test_a_draft_past_the_end_of_speech_stops_at_eos(
     job = jobs[3]
     assert 0 < want[job].tokens < merged.row_budget(len(job.audio), 0)
     # A draft that goes on past where greedy writes EOS.
-    merged.force_tokens = True
-    try:
+    with _forced(merged):
         longer = merged.generate_tokens([job.audio])[0]
-    finally:
-        merged.force_tokens = False
     assert len(longer) > want[job].tokens
     dj = Job(job.key, job.audio, draft=tuple(longer))
     out: dict[Job, Done] = {}
@@ -495,8 +501,7 @@ def test_a_draft_past_the_end_of_speech_stops_at_eos(
 def test_forced_rows_keep_at_most_their_budget(
     merged: VoxtralBackend, dec: RowDecoder, jobs: list[Job]
 ) -> None:
-    merged.force_tokens = True
-    try:
+    with _forced(merged):
         want = _alone(merged, jobs)
         # Each draft longer than its budget: the whole forced output twice.
         drafted = [Job(j.key, j.audio, draft=tuple(merged.generate_tokens([j.audio])[0] * 2))
@@ -505,8 +510,6 @@ def test_forced_rows_keep_at_most_their_budget(
         _admit(dec, drafted, out)
         done_at_admission = set(out)
         _drain(dec, out)
-    finally:
-        merged.force_tokens = False
     for job, dj in zip(jobs, drafted, strict=True):
         assert (out[dj].text, out[dj].tokens) == (want[job].text, want[job].tokens)
         assert out[dj].tokens == merged.row_budget(len(job.audio), 0)
