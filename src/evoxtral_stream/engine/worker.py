@@ -608,18 +608,19 @@ class ModelWorker:
 
     # --- batch path --------------------------------------------------------
 
-    def _transcribe(self, batch: list[DecodeRequest]) -> list[str]:
+    def _transcribe(self, batch: list[DecodeRequest]) -> list[tuple[str, tuple[int, ...]]]:
+        """Text and token ids (() where the backend has none) per request."""
         if isinstance(self._backend, JobBackend):
             done = self._backend.transcribe_jobs([_job(r) for r in batch])
             with self._lock:
                 self._tokens += sum(d.tokens for d in done)
-            return [d.text for d in done]
+            return [(d.text, d.token_ids) for d in done]
         audio = [r.audio for r in batch]
         if all(r.adapter is None for r in batch):
-            return self._backend.transcribe(audio)
+            return [(t, ()) for t in self._backend.transcribe(audio)]
         if not isinstance(self._backend, AdapterBackend):
             raise RuntimeError(f"backend {self._backend.name} cannot switch adapters")
-        return self._backend.transcribe(audio, [r.adapter for r in batch])
+        return [(t, ()) for t in self._backend.transcribe(audio, [r.adapter for r in batch])]
 
     def _decode(self, batch: list[DecodeRequest]) -> None:
         start = self._clock()
@@ -653,9 +654,9 @@ class ModelWorker:
             self._batches += 1
             self._decoded += len(batch)
         self._deaths_in_a_row = 0
-        for req, text in zip(batch, texts, strict=True):
+        for req, (text, ids) in zip(batch, texts, strict=True):
             self._answered(req)
-            self._deliver(_hypothesis(req, text, done))
+            self._deliver(_hypothesis(req, text, done, ids))
 
     def _answered(self, req: DecodeRequest) -> None:
         # Out of the in-flight set before delivery: a death after this point

@@ -135,8 +135,10 @@ class WhisperBackend:
 
         A job's ``prefix`` is forced after the prompt, so its text starts with
         the prefix (tokenized and decoded again); ``Done.tokens`` counts the
-        tokens generated after it. A prefix longer than half of Whisper's 448
-        positions (far more than 30 s of speech) is not used. A job's
+        tokens generated after it, ``Done.token_ids`` are the prefix's and
+        those. A ``draft`` is not used (CTranslate2 cannot check one). A
+        prefix longer than half of Whisper's 448 positions (far more than
+        30 s of speech) is not used. A job's
         ``language`` must be one of :attr:`languages`. Whisper has no
         adapters: a job naming one raises :class:`BackendError`.
         """
@@ -148,7 +150,7 @@ class WhisperBackend:
         prefixes = [self.encode_prefix(job.prefix) for job in jobs]
         prefixes = [p if len(p) < _MAX_LENGTH // 2 - 1 else [] for p in prefixes]
         rows = self._generate([job.audio for job in jobs], prefixes, prompts)
-        return [Done(job, self._tok.decode(row).strip(), len(row) - len(pre))
+        return [Done(job, self._tok.decode(row).strip(), len(row) - len(pre), tuple(row))
                 for job, pre, row in zip(jobs, prefixes, rows, strict=True)]
 
     def _generate(self, batch: Sequence[npt.NDArray[np.float32]],
