@@ -22,7 +22,11 @@ exact adapter loader. For every batch size it times
 - lookahead: the same decoder (the same compiled steps) with
   ``model.voxtral.lookahead`` (each step launched before the host reads the
   one before); t_N includes the one step launched past the last, so its
-  decode per token is high by about 1 / (N - 1).
+  decode per token is high by about 1 / (N - 1);
+- draft80: the slot decoder with ``stream.draft``, each job's draft being
+  80 % of its own first N greedy tokens (a final whose last partial
+  predicted that much): prefill is the admit that keeps them, end to end the
+  same N tokens; decode per token is over the steps left.
 
 ``--tiny`` runs the same code on the tiny test checkpoint on the CPU, so the
 script is tested without a GPU; its numbers mean nothing.
@@ -240,27 +244,44 @@ def _measure(
 
 
 def _measure_slots(backend: VoxtralBackend, batch: list[Audio], new_tokens: int,
-                   repeats: int, label: str = "slots") -> Row:
+                   repeats: int, label: str = "slots", draft_share: float = 0.0) -> Row:
     """Time the slot decoder (continuous batching over the fixed-shape cache;
     on CUDA its steps are CUDA graphs): admit is features + encoder + prefill,
     a step one token for every row. ``backend`` must budget more than
-    ``new_tokens`` per row and hold EOS back."""
+    ``new_tokens`` per row and hold EOS back.
+
+    With ``draft_share``, each job's draft is that share of its own first
+    ``new_tokens`` greedy tokens: the prefill keeps them all, so the same
+    ``new_tokens`` take that many steps fewer (``stream.draft`` when the last
+    partial predicted that share of the final).
+    """
     device = backend.loaded.device
     backend.warm_up(len(batch))  # compiling and capturing is not timed
+    kept = int(draft_share * new_tokens)
+    drafts: list[tuple[int, ...]] = [()] * len(batch)
+    if kept:
+        # The rows' own first tokens, from the same decoder (generate with a
+        # static cache would compile a model of its own).
+        backend.admit([Job(i, a) for i, a in enumerate(batch)])
+        for _ in range(kept - 1):
+            backend.step()
+        own = {r.job.key: tuple(r.tokens) for r in backend.decoder.rows}
+        backend.abort()
+        drafts = [own[i] for i in range(len(batch))]
 
     def jobs() -> list[Job]:
-        return [Job(i, a) for i, a in enumerate(batch)]
+        return [Job(i, a, draft=d) for i, (a, d) in enumerate(zip(batch, drafts, strict=True))]
 
     def tokens(n: int) -> Callable[[], object]:
         def go() -> object:
-            backend.admit(jobs())  # the first token comes from the prefill
-            for _ in range(n - 1):
+            backend.admit(jobs())  # the first token (and the draft's) come from the prefill
+            for _ in range(n - 1 - kept):
                 backend.step()
             return backend.abort()
 
         return go
 
-    prefill_ms = _time(tokens(1), device, repeats)
+    prefill_ms = _time(tokens(kept + 1), device, repeats)
     t_n = _time(tokens(new_tokens), device, repeats)
     return Row(
         mode=label,
@@ -268,7 +289,7 @@ def _measure_slots(backend: VoxtralBackend, batch: list[Audio], new_tokens: int,
         prep_ms=float("nan"),
         prefill_ms=prefill_ms,
         prefill_per_window_ms=prefill_ms / sum(backend.spec.windows(len(a)) for a in batch),
-        decode_per_token_ms=(t_n - prefill_ms) / max(1, new_tokens - 1),
+        decode_per_token_ms=(t_n - prefill_ms) / max(1, new_tokens - 1 - kept),
         end_to_end_ms=t_n,
         new_tokens=new_tokens,
     )
@@ -387,11 +408,18 @@ def run(
         decoder = slots.decoder
         assert isinstance(decoder, SlotDecoder)
         # One decoder, so both run the same compiled steps (compiled once).
-        for label, share in (("slots", 0.8), ("lookahead", 1.0)):
+        for label, share in (("slots", 0.75), ("lookahead", 0.9)):
             decoder.lookahead = label == "lookahead"
             for b in batches:
                 if not over(f"{label} B={b}", share):
                     add(_measure_slots(slots, _audio(b, audio_s), new_tokens, repeats, label))
+        # A final whose last partial predicted 80 % of it (Whisper tiny.en's
+        # finals: 81 %, bench/RESULTS.md).
+        decoder.lookahead = False
+        for b in batches:
+            if not over(f"draft80 B={b}", 1.0):
+                add(_measure_slots(slots, _audio(b, audio_s), new_tokens, repeats, "draft80",
+                                   draft_share=0.8))
     return rows
 
 
@@ -419,8 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="also write the rows here (after each one)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start no measurement past this many seconds (each path has its "
-                         "share: unmerged and reference 40%%, merged 60%%, slots 80%%, "
-                         "lookahead all)")
+                         "share: unmerged and reference 40%%, merged 60%%, slots 75%%, "
+                         "lookahead 90%%, draft80 all)")
     args = ap.parse_args(argv)
     if (
         not args.tiny

@@ -44,7 +44,7 @@ def test_all_runs_kernels_then_load_into_out(tmp_path: Path) -> None:
 
     kernels = json.loads((tmp_path / "voxtral_kernels.json").read_text())
     assert [r["mode"] for r in kernels["rows"]] == ["unmerged", "reference", "merged", "slots",
-                                                "lookahead"]
+                                                "lookahead", "draft80"]
     assert kernels["meta"]["argv"][-1] == "1"  # KERNELS_ARGS came last: --audio-s 1
     load = json.loads((tmp_path / "gpu_load.json").read_text())
     assert load["meta"]["commit"] == "abc1234"

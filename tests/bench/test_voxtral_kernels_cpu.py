@@ -41,9 +41,11 @@ def test_tiny_run_reports_every_path(tmp_path: Path, capsys: pytest.CaptureFixtu
         ("slots", 2),
         ("lookahead", 1),
         ("lookahead", 2),
+        ("draft80", 1),
+        ("draft80", 2),
     ]
     for r in rows:
-        assert r["prep_ms"] > 0 or r["mode"] in ("slots", "lookahead")  # prep is in admit
+        assert r["prep_ms"] > 0 or r["mode"] in ("slots", "lookahead", "draft80")  # in admit
         assert r["end_to_end_ms"] > 0
         assert r["new_tokens"] == 3
         if r["mode"] != "reference":
@@ -51,7 +53,8 @@ def test_tiny_run_reports_every_path(tmp_path: Path, capsys: pytest.CaptureFixtu
             assert r["prefill_per_window_ms"] == pytest.approx(r["prefill_ms"] / r["batch"])
             assert math.isfinite(r["decode_per_token_ms"])
     assert data["meta"]["tiny"] is True
-    assert r["decode_per_token_ms"] > 0  # the last row: lookahead
+    slots = [r for r in rows if r["mode"] == "slots"]
+    assert slots[-1]["decode_per_token_ms"] > 0  # as it was when slots came last
     assert "merged B=2" in capsys.readouterr().out
 
 
@@ -64,7 +67,8 @@ def test_budget_skips_what_would_start_late(tmp_path: Path,
     assert bench.main(argv) == 0
     assert json.loads(out.read_text())["rows"] == []
     said = capsys.readouterr().out
-    for what in ("unmerged B=1", "reference B=1", "merged B=1", "slots B=1", "lookahead B=1"):
+    for what in ("unmerged B=1", "reference B=1", "merged B=1", "slots B=1", "lookahead B=1",
+                 "draft80 B=1"):
         assert f"{what}: skipped (time budget" in said
 
 
@@ -74,4 +78,4 @@ def test_rows_are_written_as_they_come(tmp_path: Path) -> None:
     rows = bench.run(tiny=True, batches=[1], new_tokens=2, audio_s=1.0, rank=4, repeats=1,
                      reference=False, log=lambda _: None,
                      on_row=lambda rs: seen.append(len(rs)))
-    assert seen == [1, 2, 3, 4] == list(range(1, len(rows) + 1))
+    assert seen == [1, 2, 3, 4, 5] == list(range(1, len(rows) + 1))
