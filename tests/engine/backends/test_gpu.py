@@ -94,3 +94,29 @@ def test_cuda_graph_lookahead_steps_equal_transcribe_jobs(tiny_cfg: VoxtralConfi
     assert decoder.lookahead and decoder._pinned
     gpu.warm_up(8)
     _staggered_equals_alone(gpu, seed=15)
+
+
+def test_cuda_drafts_on_graph_steps_change_nothing(tiny_cfg: VoxtralConfig) -> None:
+    """Drafts checked in the prefill, then CUDA-graph steps launched ahead."""
+    cfg = dataclasses.replace(tiny_cfg, device="cuda", static_cache=True, lookahead=True)
+    gpu = load_voxtral_backend(cfg, "en")
+    gpu.warm_up(8)
+    batch = audio_batch([3.0, 35.0, 1.0, 5.0, 12.0], seed=16)
+    plain = [gpu.transcribe_jobs([Job(i, a)])[0] for i, a in enumerate(batch)]
+    # Whole, cut short, wrong from the third token, and no draft.
+    drafts = [d.token_ids for d in plain]
+    drafts[1] = drafts[1][:2]
+    drafts[2] = (*drafts[2][:2], drafts[2][2] + 1, *drafts[2][3:])
+    drafts[4] = ()
+    jobs = [Job(i, a, draft=d) for i, (a, d) in enumerate(zip(batch, drafts, strict=True))]
+    out: dict[Job, Done] = {}
+    for group in (jobs[:2], jobs[2:]):
+        out.update((d.job, d) for d in gpu.admit(group))
+        for _ in range(3):
+            out.update((d.job, d) for d in gpu.step())
+    while gpu.active:
+        out.update((d.job, d) for d in gpu.step())
+    for job, want in zip(jobs, plain, strict=True):
+        assert (out[job].text, out[job].tokens, out[job].token_ids) == (
+            want.text, want.tokens, want.token_ids)
+    assert gpu.draft_kept > 0
