@@ -63,6 +63,8 @@ async def test_metrics_move_with_a_real_engine_run() -> None:
     assert after["evoxtral_audio_seconds_total"] == 6.0
     assert 0.0 < after["evoxtral_real_time_factor"] < 1.0
     assert after["evoxtral_decode_failures_total"] == 0.0
+    # stream.draft is off (and the scripted model checks no drafts).
+    assert after["evoxtral_draft_tokens_total"] == after["evoxtral_draft_tokens_kept_total"] == 0
     assert after["evoxtral_worker_pending"] == 0.0
     if "torch" not in sys.modules:   # torch is never imported just for the metric
         assert "evoxtral_gpu_memory_allocated_bytes" not in after

@@ -121,6 +121,10 @@ class WorkerStats:
     """Continuous-batching decode steps."""
     tokens: int = 0
     """Tokens generated, as far as the backend reports them (prefixes not counted)."""
+    draft_tokens: int = 0
+    """Draft tokens the backend checked (``stream.draft``)."""
+    draft_kept: int = 0
+    """Of those, the ones it kept: decode steps saved."""
     max_lag_s: float = 0.0
     """Longest wait of a request between ready and the start of its decode."""
     call_s: float = 0.0
@@ -170,6 +174,8 @@ class ModelWorker:
         self._max_lag_s = 0.0
         self._steps = 0
         self._tokens = 0
+        self._draft_tokens = 0
+        self._draft_kept = 0
         # Continuous batching: the requests running in the backend, by segment.
         self._running: dict[tuple[str, int], tuple[Job, DecodeRequest]] = {}
         # Worker-thread state that must survive a restart.
@@ -278,7 +284,8 @@ class ModelWorker:
                 restarts=self._restarts, ready=self.ready,
                 cancelled=self._cancelled, running=len(self._running),
                 steps=self._steps, tokens=self._tokens, max_lag_s=self._max_lag_s,
-                call_s=call_s, stalled=self.stalled,
+                call_s=call_s, stalled=self.stalled, draft_tokens=self._draft_tokens,
+                draft_kept=self._draft_kept,
             )
 
     @property
@@ -580,6 +587,8 @@ class ModelWorker:
         with self._lock:
             self._decoded += len(done)
             self._tokens += sum(d.tokens for d in done)
+            self._draft_tokens += sum(d.drafted for d in done)
+            self._draft_kept += sum(d.kept for d in done)
         self._deaths_in_a_row = 0
         for d in done:
             req = d.job.key

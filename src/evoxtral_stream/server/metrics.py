@@ -140,6 +140,12 @@ class _StatsCollector(Collector):
                     "that succeeded.", w.batches),
                 "evoxtral_worker_steps": ("Continuous-batching decode steps.", w.steps),
                 "evoxtral_tokens_generated": ("Tokens the model generated.", w.tokens),
+                "evoxtral_draft_tokens": (
+                    "Draft tokens (a segment's last partial, stream.draft) the model checked.",
+                    w.draft_tokens),
+                "evoxtral_draft_tokens_kept": (
+                    "Draft tokens the model kept instead of decoding them step by step.",
+                    w.draft_kept),
                 "evoxtral_decode_failures": ("Requests answered with a decode failure.",
                                              w.failed),
                 "evoxtral_worker_restarts": ("Model thread restarts after a death.",

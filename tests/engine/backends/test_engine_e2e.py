@@ -12,11 +12,13 @@ from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.backends.base import Done, Job
 from evoxtral_stream.engine.backends.voxtral.backend import VoxtralBackend
 from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.engine.worker import WorkerStats
 from evoxtral_stream.events import CaptionEvent, StreamEnded
 from evoxtral_stream.run import FileJob, LatencyLog, transcribe_samples
 
 
-async def _run(backend: VoxtralBackend, batching: str, *, draft: bool = False
+async def _run(backend: VoxtralBackend, batching: str, *, draft: bool = False,
+               stats: list[WorkerStats] | None = None
                ) -> tuple[list[CaptionEvent], LatencyLog]:
     base = load_config()
     cfg = dataclasses.replace(base, worker=dataclasses.replace(base.worker, batching=batching),
@@ -28,6 +30,8 @@ async def _run(backend: VoxtralBackend, batching: str, *, draft: bool = False
         (summary,) = await transcribe_samples(
             cfg, engine, [FileJob("sample", samples)], realtime=False
         )
+        if stats is not None:
+            stats.append(engine.stats().worker)
     captions = record.captions("sample")
     finals = [c for c in captions if c.final]
     assert summary.finals == len(finals) == 5  # five sentences in the sample
@@ -108,10 +112,15 @@ async def test_drafts_from_partials_reach_the_backend_and_change_no_caption(
     plain, _ = await _run(merged, "continuous")
     assert not any(drafts)
     proposed = merged.draft_tokens
-    drafted, _ = await _run(merged, "continuous", draft=True)
+    seen: list[WorkerStats] = []
+    drafted, _ = await _run(merged, "continuous", draft=True, stats=seen)
+    (stats,) = seen
     # Every request after a segment's first partial carries that segment's
     # latest tokens; the random model's partials rarely agree with the next
     # decode, so few are kept, but none changes a caption.
     assert sum(1 for d in drafts if d) >= 5
     assert merged.draft_tokens > proposed
     assert [c.text for c in drafted] == [c.text for c in plain]
+    # The worker's counters (and so /metrics) saw the same drafts.
+    assert stats.draft_tokens == merged.draft_tokens - proposed
+    assert stats.draft_kept <= stats.draft_tokens

@@ -107,12 +107,15 @@ class Job:
 class Done:
     """A job's result: its text, how many tokens the model generated for it,
     and the model's token ids of the text (prefix included; () when the
-    backend does not report them)."""
+    backend does not report them). ``drafted`` is how many tokens of the
+    job's draft the backend checked, ``kept`` how many of them it kept."""
 
     job: Job
     text: str
     tokens: int = 0
     token_ids: tuple[int, ...] = ()
+    drafted: int = 0
+    kept: int = 0
 
 
 @runtime_checkable

@@ -53,6 +53,9 @@ class _Row:
     length: int
     """Real (unpadded) tokens of this row in the cache."""
     tokens: list[int] = field(default_factory=list)
+    drafted: int = 0
+    """Draft tokens checked at admission (the first ``kept`` of ``tokens`` came from them)."""
+    kept: int = 0
 
 
 @dataclass(eq=False)
@@ -386,6 +389,7 @@ class RowDecoder(abc.ABC):
             while kept < len(draft) and mine[kept] == draft[kept] != eos:
                 kept += 1
             row.tokens = list(draft[:kept])
+            row.drafted, row.kept = len(draft), kept
             row.length -= len(draft) - kept
             first.append(mine[kept])
             cut.append(len(draft) - kept)
@@ -421,7 +425,7 @@ class RowDecoder(abc.ABC):
             if tok == eos or len(row.tokens) >= row.budget:
                 text = backend.decode(row.prefix + row.tokens).strip()
                 done.append(Done(row.job, text, len(row.tokens),
-                                 tuple(row.prefix + row.tokens)))
+                                 tuple(row.prefix + row.tokens), row.drafted, row.kept))
             else:
                 keep.append(i)
         return keep
