@@ -9,7 +9,10 @@ sessions, model worker, merger, and a WebSocket subscriber) and reports:
   p50/p95/max, as received by a real WebSocket subscriber;
 - with ``--prefix-reuse`` (one or more of off, partials, all: run side by
   side, ``--repeat`` times in turn), one row per mode, with the requests that
-  carried a prefix and the tokens the model generated (prefixes not counted).
+  carried a prefix and the tokens the model generated (prefixes not counted);
+- with ``--pause-partial``, ``stream.pause_partial`` on and off side by side
+  (``--repeat`` times in turn), with the finals the model decoded (the
+  others took the text of the partial made at their pause).
 
 Usage: ``python bench/cpu_realtime.py [--plays N] [--streams K] [--audio FILE]
 [--prefix-reuse MODE ...] [--repeat R] [--no-reference]``
@@ -36,7 +39,7 @@ from evoxtral_stream.data import sample_path
 from evoxtral_stream.engine.backends import load_backend
 from evoxtral_stream.engine.backends.base import Backend, Done, Job, JobBackend
 from evoxtral_stream.engine.engine import Engine
-from evoxtral_stream.events import SAMPLE_RATE
+from evoxtral_stream.events import SAMPLE_RATE, DecodeRequest, RequestKind
 from evoxtral_stream.run import FileJob, transcribe_samples
 from evoxtral_stream.server.app import CaptionServer
 
@@ -56,6 +59,7 @@ class Row:
     requests: int = 0
     prefixed: int = 0
     tokens: int = 0
+    final_decodes: int = 0
 
     @property
     def rtf(self) -> float:
@@ -69,7 +73,7 @@ class Counting:
     def __init__(self, inner: JobBackend) -> None:
         self.inner = inner
         self.name = inner.name
-        self.requests = self.prefixed = self.tokens = 0
+        self.requests = self.prefixed = self.tokens = self.final_decodes = 0
         self._lock = threading.Lock()
 
     def transcribe(self, batch: Sequence[npt.NDArray[np.float32]]) -> list[str]:
@@ -81,6 +85,8 @@ class Counting:
             self.requests += len(jobs)
             self.prefixed += sum(1 for j in jobs if j.prefix)
             self.tokens += sum(d.tokens for d in done)
+            self.final_decodes += sum(1 for j in jobs if isinstance(j.key, DecodeRequest)
+                                      and j.key.kind is RequestKind.FINAL)
         return done
 
 
@@ -124,8 +130,8 @@ async def run_once(cfg: Config, backend: Backend, audio: np.ndarray, streams: in
             wall = time.monotonic() - t0
             reader.cancel()
         busy = engine.stats().worker.busy_s
-    counts = (backend.requests, backend.prefixed, backend.tokens) if isinstance(
-        backend, Counting) else (0, 0, 0)
+    counts = (backend.requests, backend.prefixed, backend.tokens,
+              backend.final_decodes) if isinstance(backend, Counting) else (0, 0, 0, 0)
     return Row(label, streams, len(audio) / SAMPLE_RATE, wall, busy, finals, partials,
                pct(latencies, 50), pct(latencies, 95), max(latencies, default=float("nan")),
                *counts)
@@ -133,31 +139,34 @@ async def run_once(cfg: Config, backend: Backend, audio: np.ndarray, streams: in
 
 def table(rows: list[Row]) -> str:
     counted = any(r.requests for r in rows)
-    extra = " requests | with prefix | tokens generated |" if counted else ""
+    extra = (" requests | with prefix | tokens generated | finals decoded |"
+             if counted else "")
     head = ("| run | streams | audio s/stream | RTF | finals | partials | "
             f"final latency p50 | p95 | max |{extra}\n"
-            f"|---|---|---|---|---|---|---|---|---|{'---|---|---|' if counted else ''}")
+            f"|---|---|---|---|---|---|---|---|---|{'---|---|---|---|' if counted else ''}")
     lines = [f"| {r.label} | {r.streams} | {r.audio_s:.1f} | {r.rtf:.3f} | {r.finals} | "
              f"{r.partials} | {r.lat_p50:.3f} s | {r.lat_p95:.3f} s | {r.lat_max:.3f} s |"
-             + (f" {r.requests} | {r.prefixed} | {r.tokens} |" if counted else "")
+             + (f" {r.requests} | {r.prefixed} | {r.tokens} | {r.final_decodes} |"
+                if counted else "")
              for r in rows]
     return "\n".join([head, *lines])
 
 
-async def compare_prefix_reuse(audio: np.ndarray, streams: int, modes: Sequence[str],
-                               repeat: int) -> tuple[str, list[Row]]:
-    """One row per mode and repeat, the modes taking turns (so a slow spell
-    of the machine falls on all of them), on one loaded model."""
+async def compare_settings(audio: np.ndarray, streams: int, key: str,
+                           values: Sequence[object], repeat: int) -> tuple[str, list[Row]]:
+    """One row per value of config ``key`` and repeat, the values taking turns
+    (so a slow spell of the machine falls on all of them), on one loaded model."""
     base = load_config(overrides={"server.port": 0})
     backend = load_backend(base.model)
     backend.transcribe([np.zeros(SAMPLE_RATE, np.float32)])  # warm-up
     if not isinstance(backend, JobBackend):
-        raise SystemExit(f"{backend.name} takes no prefixes (not a JobBackend)")
+        raise SystemExit(f"{backend.name} takes no jobs (not a JobBackend)")
     rows: list[Row] = []
     for r in range(repeat):
-        for mode in modes:
-            cfg = load_config(overrides={"server.port": 0, "stream.prefix_reuse": mode})
-            label = f"prefix_reuse = {mode}" + (f" (run {r + 1})" if repeat > 1 else "")
+        for value in values:
+            cfg = load_config(overrides={"server.port": 0, key: value})
+            shown = ("on" if value else "off") if isinstance(value, bool) else value
+            label = f"{key.split('.')[-1]} = {shown}" + (f" (run {r + 1})" if repeat > 1 else "")
             rows.append(await run_once(cfg, Counting(backend), audio, streams, label))
     return backend.name, rows
 
@@ -172,6 +181,8 @@ async def main() -> None:
                     help="compare stream.prefix_reuse modes (off, partials, all) side by side")
     ap.add_argument("--repeat", type=int, default=1,
                     help="with --prefix-reuse: run the modes this many times, in turn")
+    ap.add_argument("--pause-partial", action="store_true",
+                    help="compare stream.pause_partial on and off side by side")
     ap.add_argument("--no-reference", action="store_true",
                     help="with --prefix-reuse: skip the 30 s window and finals-only rows")
     args = ap.parse_args()
@@ -179,9 +190,15 @@ async def main() -> None:
     audio = np.concatenate([audio] * args.plays)
     machine = (f"machine: {platform.machine()}, {platform.processor() or 'cpu'}; "
                f"python {platform.python_version()}")
+    if args.pause_partial:
+        name, compared = await compare_settings(audio, args.streams, "stream.pause_partial",
+                                                (True, False), args.repeat)
+        print(f"backend: {name}; stream.pause_partial, partials every 1 s; {machine}")
+        print(table(compared))
+        return
     if args.prefix_reuse:
-        name, compared = await compare_prefix_reuse(audio, args.streams, args.prefix_reuse,
-                                                    args.repeat)
+        name, compared = await compare_settings(audio, args.streams, "stream.prefix_reuse",
+                                                args.prefix_reuse, args.repeat)
         print(f"backend: {name}; stream.prefix_reuse, partials every 1 s; {machine}")
         print(table(compared))
         if args.no_reference:

@@ -144,6 +144,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--pause-partial", action="store_true",
+                    help="stream.pause_partial on (finals at a pause's end are then not decoded)")
     args = ap.parse_args(argv)
     data = json.loads(args.scripts.read_text())
     # The seed's scripts (objects with plain_text), or the tests' sample of
@@ -152,7 +154,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sample = random.Random(args.seed).sample(scripts, min(args.n, len(scripts)))
     texts = [s if isinstance(s, str) else s["plain_text"] for s in sample]
     texts = [plain_text(t) for t in texts]
-    cfg = load_config(overrides={"stream.draft": True, "stream.prefix_reuse": "off"})
+    # Without partials at pauses: with them, a final whose audio a partial
+    # already decoded takes that partial's text and is not decoded at all.
+    cfg = load_config(overrides={"stream.draft": True, "stream.prefix_reuse": "off",
+                                 "stream.pause_partial": args.pause_partial})
     backend = load_backend(cfg.model)
     if not isinstance(backend, JobBackend):
         print(f"{backend.name} reports no tokens (not a JobBackend)", file=sys.stderr)
@@ -165,7 +170,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     seconds = time.monotonic() - t0
     audio_s = sum(len(a) for a in audio) / 16000
     print(f"backend: {backend.name}; {len(sample)} scripts (seed {args.seed}), "
-          f"{audio_s:.0f} s of speech, streamed in {seconds:.0f} s")
+          f"{audio_s:.0f} s of speech, streamed in {seconds:.0f} s; "
+          f"stream.pause_partial = {str(args.pause_partial).lower()}")
     print(table(recorder.by_kind))
     if args.json is not None:
         args.json.write_text(json.dumps(

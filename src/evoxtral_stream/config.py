@@ -106,6 +106,7 @@ class StreamConfig:
     final_replaces_stable: bool
     prefix_reuse: str = field(metadata=_choices("off", "partials", "all"))
     draft: bool
+    pause_partial: bool
 
 
 @dataclass(frozen=True)

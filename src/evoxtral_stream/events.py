@@ -130,6 +130,11 @@ class DecodeRequest:
     ``draft`` is the token ids of the segment's last hypothesis
     (``stream.draft``): a backend may verify them instead of generating them
     one by one; the text it returns is the same either way.
+    ``at_pause`` marks a partial made when a pause passed the end tail
+    (``stream.pause_partial``): its audio is all the segment has if the
+    pause becomes its end. ``reuse`` is set on a final whose audio is exactly
+    that of the partial of that revision: the engine answers it with that
+    partial's text instead of decoding the same audio again.
     ``language`` is the stream's language (None: ``model.language``).
     """
 
@@ -146,6 +151,8 @@ class DecodeRequest:
     prefix: str = ""
     language: str | None = None
     draft: tuple[int, ...] = ()
+    at_pause: bool = False
+    reuse: int | None = None
 
 
 @dataclass(frozen=True)

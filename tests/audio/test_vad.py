@@ -424,3 +424,37 @@ def test_property_chunking_invariance_on_speech(
     segs = collect_segments(whole, audio)
     assert len(segs) >= 4  # two ~2.5 s sentences, each split at least once
     assert all(s.end - s.start <= 2 * SAMPLE_RATE for s in segs)
+
+
+def test_held_end_is_where_a_pause_would_end_the_segment() -> None:
+    from evoxtral_stream.config import load_config
+    from evoxtral_stream.events import SpeechAudio, SpeechEnded
+
+    cfg = load_config().vad
+    frame = cfg.frame_ms * 16
+    voiced = np.full(frame, 3000, np.int16)
+    silent = np.zeros(frame, np.int16)
+    seg = Segmenter(cfg, 16000, classifier=lambda f: bool(np.abs(f).max() > 0))
+    speech = np.concatenate([voiced] * 40)
+    events = seg.feed(speech)
+    assert seg.in_segment and seg.held_end is None
+    tail = round(cfg.end_tail_ms * 16)
+    held: list[int | None] = []
+    for _ in range(-(-tail // frame) + 2):
+        events += seg.feed(silent)
+        held.append(seg.held_end)
+    assert held[0] is None  # within the end tail
+    assert held[-1] == len(speech) + tail
+    # Everything up to there was delivered, nothing after it.
+    delivered = sum(len(e.samples) for e in events if isinstance(e, SpeechAudio))
+    assert delivered == len(speech) + tail
+    # Speech again: no longer held; then a real end lands where held_end said.
+    events = seg.feed(voiced)
+    assert seg.held_end is None
+    last_held = None
+    while not any(isinstance(e, SpeechEnded) for e in events):
+        last_held = seg.held_end or last_held
+        events = seg.feed(silent)
+    (end,) = [e for e in events if isinstance(e, SpeechEnded)]
+    assert end.sample == last_held
+    assert seg.held_end is None  # no segment open

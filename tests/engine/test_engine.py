@@ -35,7 +35,10 @@ async def test_a_failed_final_does_not_hold_back_later_segments(partials: bool) 
     audio, _ = speech_with_pauses(SENTENCES, pause_s=1.2)
     bad = final_lengths(audio)[0]
     backend = ScriptedBackend(words_so_far, fail_when=lambda a: len(a) == bad)
-    cfg = load_config(overrides={} if partials else {"stream.partial_interval_ms": 0})
+    # The failure is keyed on the final's audio length, which a partial made
+    # at the pause would share: decode the finals themselves here.
+    cfg = load_config(overrides={"stream.pause_partial": False} if partials
+                      else {"stream.partial_interval_ms": 0})
     record = LatencyLog()
     async with Engine(cfg, backend) as engine:
         engine.add_listener(record)
@@ -152,3 +155,46 @@ async def test_drafts_are_the_latest_partial_per_open_segment_and_bounded() -> N
         stream.note_draft(DecodeFailure("s", 8, 2, RequestKind.FINAL, "boom"))
         assert sorted(stream.drafts) == [6, 7, 9]
         await stream.close()
+
+
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+@pytest.mark.parametrize("pause_partial", [True, False])
+async def test_finals_at_a_pause_take_the_text_of_the_partial_of_the_same_audio(
+        pause_partial: bool) -> None:
+    from collections.abc import Sequence
+
+    from evoxtral_stream.engine.backends.base import Done, Job
+    from evoxtral_stream.events import DecodeRequest
+
+    class Kinds(ScriptedBackend):
+        """Records the kind of every request it decodes."""
+
+        def __init__(self) -> None:
+            super().__init__(words_so_far)
+            self.kinds: list[RequestKind] = []
+
+        def transcribe_jobs(self, jobs: Sequence[Job]) -> list[Done]:
+            self.kinds += [j.key.kind for j in jobs if isinstance(j.key, DecodeRequest)]
+            return [Done(j, t) for j, t in
+                    zip(jobs, self.transcribe([j.audio for j in jobs]), strict=True)]
+
+    audio, _ = speech_with_pauses(SENTENCES, pause_s=1.5)
+    cfg = load_config(overrides={"stream.pause_partial": pause_partial})
+    probe = StreamSession("probe", cfg.vad, cfg.stream)
+    lengths = [len(r.audio) for r in probe.push(audio, 0.0) + probe.finish(0.0)
+               if r.kind is RequestKind.FINAL]
+    backend = Kinds()
+    record = LatencyLog()
+    async with Engine(cfg, backend) as engine:
+        engine.add_listener(record)
+        summary = await feed_samples(engine.open_stream("s"), audio, 1600, realtime=False)
+    finals = [c for c in record.captions() if c.final]
+    # The same finals either way: the text of exactly the segment's audio.
+    assert [f.text for f in finals] == [words_so_far(np.zeros(n, np.float32)) for n in lengths]
+    assert summary.finals == 3
+    if pause_partial:
+        assert RequestKind.FINAL not in backend.kinds  # every final came from its pause
+        assert all(f.latency is not None and f.latency >= 0 for f in finals)
+    else:
+        assert backend.kinds.count(RequestKind.FINAL) == 3
+    assert isinstance(record.events[-1], StreamEnded)

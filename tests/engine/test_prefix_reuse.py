@@ -96,7 +96,8 @@ async def test_modes_decide_which_requests_carry_the_stable_text() -> None:
     results: dict[str, tuple[list[DecodeRequest], list[CaptionEvent]]] = {}
     for mode in ("off", "partials", "all"):
         backend = RecordingJobBackend()
-        captions = await run_engine(backend, audio, mode)
+        # Finals decoded, not taken from the partial made at their pause.
+        captions = await run_engine(backend, audio, mode, **{"stream.pause_partial": False})
         assert backend.jobs, "the worker decodes through transcribe_jobs"
         assert len(backend.requests()) == len(backend.jobs)
         results[mode] = (backend.requests(), captions)
@@ -235,3 +236,13 @@ async def test_partials_mode_leaves_whisper_finals_as_they_were(
 
 def test_the_recording_backend_is_a_job_backend() -> None:
     assert isinstance(RecordingJobBackend(), JobBackend)
+
+
+async def test_a_partial_at_a_pause_is_decoded_from_scratch_as_a_final_is() -> None:
+    audio, _ = speech_with_pauses(SENTENCES, pause_s=1.2)
+    backend = RecordingJobBackend()
+    await run_engine(backend, audio, "partials")
+    at_pause = [r for r in backend.requests() if r.at_pause]
+    assert at_pause and not any(r.prefix for r in at_pause)
+    assert any(r.prefix for r in backend.requests() if not r.at_pause)
+    assert not any(r.kind is RequestKind.FINAL for r in backend.requests())

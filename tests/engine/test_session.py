@@ -96,3 +96,59 @@ def test_forced_split_keeps_audio_contiguous() -> None:
         assert a.end_sample == b.start_sample
     for f in finals:
         assert len(f.audio) == f.end_sample - f.start_sample <= 3 * SAMPLE_RATE
+
+
+def test_a_pause_gets_a_partial_of_exactly_the_final_audio_which_the_final_reuses() -> None:
+    cfg = load_config()
+    audio, _ = speech_with_pauses(SENTENCES, pause_s=1.5)
+    reqs = run(StreamSession("s", cfg.vad, cfg.stream), audio, answer_partials=True)
+    finals = [r for r in reqs if r.kind is RequestKind.FINAL]
+    assert len(finals) == 2
+    for final in finals:
+        at_pause = [r for r in reqs if r.kind is RequestKind.PARTIAL and r.at_pause
+                    and r.segment == final.segment]
+        # Mid-sentence pauses may get one too; the last is the end's.
+        assert at_pause, "no partial at the final pause"
+        last = at_pause[-1]
+        assert last.end_sample == final.end_sample
+        assert np.array_equal(last.audio, final.audio)
+        assert final.reuse == last.revision
+        # It came before the end of speech was decided: the tail, not the silence.
+        assert last.ready_at < final.ready_at
+
+
+def test_without_pause_partials_finals_decode_their_audio() -> None:
+    cfg = load_config(overrides={"stream.pause_partial": False})
+    audio, _ = speech_with_pauses(SENTENCES, pause_s=1.5)
+    reqs = run(StreamSession("s", cfg.vad, cfg.stream), audio, answer_partials=True)
+    assert not any(r.at_pause for r in reqs)
+    assert all(r.reuse is None for r in reqs)
+
+
+def test_a_pause_partial_that_failed_or_was_refused_is_not_reused() -> None:
+    from evoxtral_stream.events import DecodeFailure
+
+    cfg = load_config()
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.5)
+    for outcome in ("failed", "refused"):
+        session = StreamSession("s", cfg.vad, cfg.stream)
+        reqs: list[DecodeRequest] = []
+        for i in range(0, len(audio), 1600):
+            for r in session.push(audio[i:i + 1600], now=float(i)):
+                reqs.append(r)
+                if r.kind is RequestKind.PARTIAL and not r.at_pause:
+                    session.on_result(answer(r))
+                elif r.at_pause and outcome == "failed":
+                    assert session.in_flight(r.segment, r.revision)
+                    session.on_result(DecodeFailure("s", r.segment, r.revision, r.kind, "x"))
+                elif r.at_pause:
+                    session.requeue_failed_submit(r)
+        reqs += session.finish(now=float(len(audio)))
+        final = next(r for r in reqs if r.kind is RequestKind.FINAL)
+        assert any(r.at_pause for r in reqs)
+        if outcome == "failed":
+            assert final.reuse is None
+        else:
+            # Refused: the next push asked again at the same pause, and that one is reused.
+            pause = [r for r in reqs if r.at_pause]
+            assert final.reuse in (None, pause[-1].revision)

@@ -160,6 +160,19 @@ class Segmenter:
         """True between an emitted ``SpeechStarted`` and its ``SpeechEnded``."""
         return self._state is SegmenterState.ACTIVE
 
+    @property
+    def held_end(self) -> int | None:
+        """Where the open segment ends if the pause under way turns out to be
+        its end, once the analysed audio has passed that point: the end of
+        its last voiced frame plus the end tail. All its audio up to there has
+        been delivered and nothing after it will be unless speech resumes
+        (the **Audio** and **End** contracts). None while speech goes on, in
+        the end tail, or with no segment open."""
+        if self._state is not SegmenterState.ACTIVE or not self._unvoiced_run:
+            return None
+        end = self._last_voiced_end + self._tail
+        return end if self._framed_end >= end else None
+
     def reset(self) -> None:
         """Forget everything, as if newly constructed (position back to 0)."""
         if self._custom_classifier is not None:

@@ -157,6 +157,10 @@ class Stream:
         self.errors = 0
         self.drafts: dict[int, tuple[int, ...]] = {}
         """Token ids of each open segment's latest partial (``stream.draft``)."""
+        self.latest: dict[int, Hypothesis] = {}
+        """Each open segment's latest partial (``stream.pause_partial``)."""
+        self.awaiting: dict[int, DecodeRequest] = {}
+        """Finals waiting for the partial whose text they take (``reuse``)."""
 
     @property
     def language(self) -> str | None:
@@ -233,17 +237,22 @@ class Stream:
         )
 
     def note_draft(self, result: WorkerResult) -> None:
-        """Keep a partial's token ids as its segment's next draft; a final
-        (or a failed one) closes the segment's entry. Bounded: the entries
-        of the few most recent segments only (a stale partial of an ended
-        segment cannot pile up)."""
+        """Keep a partial (and its token ids, as its segment's next draft); a
+        final (or a failed one) closes the segment's entries. Bounded: the
+        entries of the few most recent segments only (a stale partial of an
+        ended segment cannot pile up)."""
         if result.kind is RequestKind.FINAL:
             self.drafts.pop(result.segment, None)
+            self.latest.pop(result.segment, None)
             return
-        if isinstance(result, Hypothesis) and result.token_ids:
+        if not isinstance(result, Hypothesis):
+            return
+        self.latest[result.segment] = result
+        if result.token_ids:
             self.drafts[result.segment] = result.token_ids
-            while len(self.drafts) > _DRAFTS_KEPT:
-                del self.drafts[min(self.drafts)]
+        for kept in (self.drafts, self.latest):
+            while len(kept) > _DRAFTS_KEPT:
+                del kept[min(kept)]
 
     def _update_idle(self) -> None:
         if self.session.partial_in_flight:
@@ -496,6 +505,20 @@ class Engine:
 
     def _submit(self, stream: Stream, req: DecodeRequest) -> None:
         assert self._worker is not None
+        if req.reuse is not None:
+            latest = stream.latest.get(req.segment)
+            if latest is not None and latest.revision == req.reuse:
+                # Soon, not now: captions never come from inside push() (a
+                # caller finishes what that push produced first, as it does
+                # for decoded finals, which come from the worker thread).
+                assert self._loop is not None
+                self._loop.call_soon(self._final_from, stream, req, latest)
+                return
+            if stream.session.in_flight(req.segment, req.reuse):
+                stream.awaiting[req.segment] = req
+                return
+            # That partial failed or was dropped: decode the final after all.
+            req = dataclasses.replace(req, reuse=None)
         req = self._with_draft(stream, self._with_prefix(stream, req))
         if self._worker.submit(req):
             return
@@ -511,11 +534,31 @@ class Engine:
         log.warning("model worker inbox full; %d final(s) waiting", len(self._backlog))
         self._schedule_retry()
 
+    def _final_from(self, stream: Stream, req: DecodeRequest, partial: Hypothesis) -> None:
+        """Answer final ``req`` with ``partial``, which decoded the same audio."""
+        final = dataclasses.replace(
+            partial, kind=RequestKind.FINAL, revision=req.revision, ready_at=req.ready_at,
+            done_at=max(partial.done_at, self.now()), forced_end=req.forced_end)
+        self._on_result(final)
+
+    def _partial_for_final(self, stream: Stream, result: WorkerResult) -> None:
+        """A final waits for this partial: answer it, or decode it after all."""
+        req = stream.awaiting.get(result.segment)
+        if req is None or result.kind is not RequestKind.PARTIAL or result.revision != req.reuse:
+            return
+        del stream.awaiting[result.segment]
+        if isinstance(result, Hypothesis):
+            self._final_from(stream, req, result)
+        else:
+            self._submit(stream, dataclasses.replace(req, reuse=None))
+
     def _with_prefix(self, stream: Stream, req: DecodeRequest) -> DecodeRequest:
         """``req`` with the segment's committed text as its prefix, per
-        ``stream.prefix_reuse`` ("partials": partials only; "all": finals too)."""
+        ``stream.prefix_reuse`` ("partials": partials only; "all": finals too).
+        A partial made at a pause is decoded as a final is: it may become one."""
         mode = self.config.stream.prefix_reuse
-        if mode == "off" or (mode == "partials" and req.kind is RequestKind.FINAL):
+        if mode == "off" or (mode == "partials" and (req.kind is RequestKind.FINAL
+                                                     or req.at_pause)):
             return req
         prefix = stream.merger.reusable_prefix(req.segment, req.end_sample)
         return dataclasses.replace(req, prefix=prefix) if prefix else req
@@ -563,6 +606,7 @@ class Engine:
                 self._emit_captions(stream, stream.merger.abandon(result.segment))
         else:
             self._emit_captions(stream, stream.merger.feed(result))
+        self._partial_for_final(stream, result)
         stream._update_idle()
         stream._check_done()
 

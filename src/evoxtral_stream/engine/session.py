@@ -57,6 +57,8 @@ class _OpenSegment:
         self.length = 0
         self.revision = 0
         self.last_partial_len = 0
+        self.exact: tuple[int, int] | None = None
+        """(revision, end sample) of the latest partial made at a pause."""
 
     def append(self, audio: SpeechAudio) -> None:
         expected = self.start + self.length
@@ -122,8 +124,13 @@ class StreamSession:
         """Account for a result of this stream coming back from the worker."""
         if result.kind is RequestKind.FINAL:
             self._finals_outstanding.discard(result.segment)
-        elif self._partial_in_flight == (result.segment, result.revision):
+            return
+        if self._partial_in_flight == (result.segment, result.revision):
             self._partial_in_flight = None
+        seg = self._open
+        if (isinstance(result, DecodeFailure) and seg is not None and seg.exact is not None
+                and (seg.index, seg.exact[0]) == (result.segment, result.revision)):
+            seg.exact = None  # nothing to take the final's text from
 
     def requeue_failed_submit(self, request: DecodeRequest) -> None:
         """A partial the worker refused: forget it, the next tick asks again."""
@@ -131,12 +138,19 @@ class StreamSession:
             request.segment, request.revision
         ):
             self._partial_in_flight = None
+            seg = self._open
+            if seg is not None and seg.exact is not None and seg.exact[0] == request.revision:
+                seg.exact = None
 
     # --- state --------------------------------------------------------------
 
     @property
     def partial_in_flight(self) -> bool:
         return self._partial_in_flight is not None
+
+    def in_flight(self, segment: int, revision: int) -> bool:
+        """True while the partial (``segment``, ``revision``) has not come back."""
+        return self._partial_in_flight == (segment, revision)
 
     @property
     def finals_outstanding(self) -> int:
@@ -182,7 +196,11 @@ class StreamSession:
         seg.revision += 1
         self._finals += 1
         self._finals_outstanding.add(seg.index)
-        if self._partial_in_flight is not None and self._partial_in_flight[0] == seg.index:
+        # The partial made at this pause decoded exactly the final's audio:
+        # its text is the final's (the engine waits for it if need be).
+        reuse = seg.exact[0] if seg.exact is not None and seg.exact[1] == ev.sample else None
+        if (reuse is None and self._partial_in_flight is not None
+                and self._partial_in_flight[0] == seg.index):
             # The final supersedes it: the worker drops it or the merger ignores it.
             self._partial_in_flight = None
         return DecodeRequest(
@@ -190,21 +208,29 @@ class StreamSession:
             kind=RequestKind.FINAL, audio=seg.audio(ev.sample),
             start_sample=seg.start, end_sample=ev.sample, ready_at=now,
             forced_end=ev.forced, adapter=self.adapter, language=self.language,
+            reuse=reuse,
         )
 
     def _maybe_partial(self, now: float) -> DecodeRequest | None:
         seg = self._open
         if seg is None or self._interval <= 0 or self._partial_in_flight is not None:
             return None
-        if seg.length < self._min_partial or seg.length - seg.last_partial_len < self._interval:
+        if seg.length < self._min_partial or seg.length == seg.last_partial_len:
+            return None
+        end = seg.start + seg.length
+        # A pause past the end tail: the audio so far is the final's if the
+        # pause ends the segment, so decode it now rather than at the next tick.
+        at_pause = self._cfg.pause_partial and self._segmenter.held_end == end
+        if not at_pause and seg.length - seg.last_partial_len < self._interval:
             return None
         seg.revision += 1
         seg.last_partial_len = seg.length
+        seg.exact = (seg.revision, end) if at_pause else None
         self._partials += 1
         self._partial_in_flight = (seg.index, seg.revision)
         return DecodeRequest(
             stream=self.stream, segment=seg.index, revision=seg.revision,
             kind=RequestKind.PARTIAL, audio=seg.audio(),
-            start_sample=seg.start, end_sample=seg.start + seg.length, ready_at=now,
-            adapter=self.adapter, language=self.language,
+            start_sample=seg.start, end_sample=end, ready_at=now,
+            adapter=self.adapter, language=self.language, at_pause=at_pause,
         )
