@@ -34,7 +34,10 @@ Modes:
 - ``reference``: the seed's own usage code behind the engine's ``Backend``
   protocol: the unmerged ``PeftModel``, ``processor.apply_transcription_request``
   and one ``generate`` per request (``worker.batching = "batch"``,
-  ``worker.max_batch = 1``), forced to the same token budget.
+  ``worker.max_batch = 1``), forced to the same token budget, in an engine
+  without our latency features (``stream.prefix_reuse = "off"``,
+  ``stream.pause_partial = false``, no drafts): each final is decoded when
+  the end of speech is decided, as the seed would.
 
 Columns (one row per mode x streams):
 
@@ -612,7 +615,8 @@ def _level_config(args: argparse.Namespace, mode: str, n_streams: int) -> Config
     }
     if mode == "reference":
         overrides |= {"worker.batching": "batch", "worker.max_batch": 1,
-                      "stream.prefix_reuse": "off"}
+                      "stream.prefix_reuse": "off", "stream.pause_partial": False,
+                      "stream.draft": False}
     else:
         overrides["worker.batching"] = "continuous" if mode in SLOT_MODES else mode
         if args.max_batch:
@@ -622,7 +626,8 @@ def _level_config(args: argparse.Namespace, mode: str, n_streams: int) -> Config
     for item in args.set or []:
         key, value = parse_override(item)
         if mode == "reference" and key in ("worker.batching", "worker.max_batch",
-                                           "stream.prefix_reuse"):
+                                           "stream.prefix_reuse", "stream.pause_partial",
+                                           "stream.draft"):
             continue
         overrides[key] = value
     return load_config(overrides=overrides)

@@ -128,3 +128,16 @@ def test_levels_ratios_and_percentiles() -> None:
     cap = bench.capacity(rows)
     assert cap["continuous"] == {"streams_within_targets": 1, "peak_tokens_per_s": 50.0}
     assert "| continuous | 1 |" in bench.table(rows)
+
+
+def test_the_reference_runs_in_a_plain_engine() -> None:
+    bench = _load()
+    args = bench.parser().parse_args(["--tiny", "--set", "stream.pause_partial=true",
+                                      "--set", "stream.draft=true"])
+    ref = bench._level_config(args, "reference", 5)
+    assert (ref.worker.batching, ref.worker.max_batch) == ("batch", 1)
+    assert (ref.stream.prefix_reuse, ref.stream.pause_partial, ref.stream.draft) == (
+        "off", False, False)
+    ours = bench._level_config(args, "continuous", 5)
+    assert ours.worker.batching == "continuous"
+    assert ours.stream.pause_partial and ours.stream.draft
