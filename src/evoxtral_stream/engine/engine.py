@@ -90,9 +90,9 @@ _DRAIN_POLL_S = 0.05
 _WATCH_EVERY_MAX_S = 1.0
 # No timer of the engine's runs more often than this, however small a limit.
 _TIMER_MIN_S = 0.05
-# Drafts kept per stream (stream.draft): one per open segment is all that is
-# used; a forced split can leave two open.
-_DRAFTS_KEPT = 4
+# Latest partials kept per stream (drafts, pause partials): one per open
+# segment is all that is used; a forced split can leave two open.
+_PARTIALS_KEPT = 4
 
 
 class EngineStopping(RuntimeError):
@@ -155,10 +155,9 @@ class Stream:
         self.finals = 0
         self.partials = 0
         self.errors = 0
-        self.drafts: dict[int, tuple[int, ...]] = {}
-        """Token ids of each open segment's latest partial (``stream.draft``)."""
         self.latest: dict[int, Hypothesis] = {}
-        """Each open segment's latest partial (``stream.pause_partial``)."""
+        """Each open segment's latest partial (``stream.draft``,
+        ``stream.pause_partial``)."""
         self.awaiting: dict[int, DecodeRequest] = {}
         """Finals waiting for the partial whose text they take (``reuse``)."""
 
@@ -236,23 +235,25 @@ class Stream:
             partials=self.partials, errors=self.errors,
         )
 
+    @property
+    def drafts(self) -> dict[int, tuple[int, ...]]:
+        """Token ids of each open segment's latest partial, where the backend
+        reported them: its next request's draft (``stream.draft``)."""
+        return {seg: h.token_ids for seg, h in self.latest.items() if h.token_ids}
+
     def note_draft(self, result: WorkerResult) -> None:
-        """Keep a partial (and its token ids, as its segment's next draft); a
-        final (or a failed one) closes the segment's entries. Bounded: the
-        entries of the few most recent segments only (a stale partial of an
-        ended segment cannot pile up)."""
+        """Keep a partial as its segment's latest (its token ids are the next
+        draft); a final (or a failed one) closes the segment's entry. Bounded:
+        the entries of the few most recent segments only (a stale partial of
+        an ended segment cannot pile up)."""
         if result.kind is RequestKind.FINAL:
-            self.drafts.pop(result.segment, None)
             self.latest.pop(result.segment, None)
             return
         if not isinstance(result, Hypothesis):
             return
         self.latest[result.segment] = result
-        if result.token_ids:
-            self.drafts[result.segment] = result.token_ids
-        for kept in (self.drafts, self.latest):
-            while len(kept) > _DRAFTS_KEPT:
-                del kept[min(kept)]
+        while len(self.latest) > _PARTIALS_KEPT:
+            del self.latest[min(self.latest)]
 
     def _update_idle(self) -> None:
         if self.session.partial_in_flight:
@@ -568,8 +569,10 @@ class Engine:
         draft, per ``stream.draft`` (never beside a prefix)."""
         if not self.config.stream.draft or req.prefix:
             return req
-        draft = stream.drafts.get(req.segment)
-        return dataclasses.replace(req, draft=draft) if draft else req
+        latest = stream.latest.get(req.segment)
+        if latest is None or not latest.token_ids:
+            return req
+        return dataclasses.replace(req, draft=latest.token_ids)
 
     def _schedule_retry(self) -> None:
         if self._retry_handle is None and self._backlog and self._loop is not None:

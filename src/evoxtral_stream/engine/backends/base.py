@@ -90,9 +90,9 @@ class Job:
     ``draft`` is a guess at the model's first tokens (those of the segment's
     last partial, from :attr:`Done.token_ids`): a backend may check it in one
     pass and keep what it would have decoded anyway, or ignore it; it never
-    changes the result. ``language`` is one of
-    a :class:`Multilingual` backend's ``languages`` (None: the backend's
-    configured language). ``key`` is the caller's handle, returned untouched.
+    changes the result. ``language`` is one of a :class:`Multilingual`
+    backend's ``languages`` (None: the backend's configured language).
+    ``key`` is the caller's handle, returned untouched.
     """
 
     key: object

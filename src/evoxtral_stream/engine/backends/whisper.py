@@ -138,9 +138,9 @@ class WhisperBackend:
         tokens generated after it, ``Done.token_ids`` are the prefix's and
         those. A ``draft`` is not used (CTranslate2 cannot check one). A
         prefix longer than half of Whisper's 448 positions (far more than
-        30 s of speech) is not used. A job's
-        ``language`` must be one of :attr:`languages`. Whisper has no
-        adapters: a job naming one raises :class:`BackendError`.
+        30 s of speech) is not used. A job's ``language`` must be one of
+        :attr:`languages`. Whisper has no adapters: a job naming one raises
+        :class:`BackendError`.
         """
         for job in jobs:
             if job.adapter is not None:

@@ -314,10 +314,11 @@ class VoxtralBackend:
         """Benchmarks only: hold EOS back so every row generates its whole
         budget (random weights never stop by themselves)."""
         self.tokens_generated = 0
-        # Draft tokens checked at admission, and those kept (continuous batching).
-        self.draft_tokens = 0
-        self.draft_kept = 0
         """Tokens generated since load, prefixes not counted (for benchmarks)."""
+        self.draft_tokens = 0
+        """Draft tokens checked at admission since load (for benchmarks)."""
+        self.draft_kept = 0
+        """Of those, the ones kept (for benchmarks)."""
         self._decoder: RowDecoder | None = None
         self._language_ids: dict[str, tuple[int, ...]] = {}
         if cfg.static_cache:
@@ -503,8 +504,8 @@ class VoxtralBackend:
         A job's ``prefix`` is tokenized and continued from, so its text
         starts with the prefix; its ``language`` picks the prompt's
         ``lang:xx``; its ``draft`` is not used (``generate`` has no place for
-        it; the result is the same). Raises like :meth:`transcribe`, and for an unknown
-        language.
+        it; the result is the same). Raises like :meth:`transcribe`, and for
+        an unknown language.
         """
         groups: dict[str, list[int]] = {}
         for i, job in enumerate(jobs):
