@@ -164,9 +164,12 @@ def test_urls_and_since() -> None:
         endpoint("ftp://h", "/")
     assert parse_since("41", ["a", "b"]) == {"a": 41, "b": 41}
     assert parse_since("a:4,b:7", []) == {"a": 4, "b": 7}
-    for bad in ("x", "a:", ":3"):
+    for bad in ("x", "a:", ":3", "a:\u00b2", "a:" + "9" * 19):
         with pytest.raises(ValueError, match="SEQ"):
             parse_since(bad, ["a"])
+    # Only the streams subscribed to can be resumed.
+    with pytest.raises(ValueError, match="not among the streams subscribed to"):
+        parse_since("b:3", ["a"])
     with pytest.raises(ValueError, match="--stream"):
         parse_since("41", [])
     assert captions_url("ws://h:1", [], {}) == "ws://h:1/v1/captions"

@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.datastructures import HeadersLike
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin, Subprotocol
 
 from evoxtral_stream.cli import main
 from evoxtral_stream.config import AuthTokenConfig, ConfigError, load_config
 from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.events import CaptionEvent
 from evoxtral_stream.server.app import CaptionServer
 from evoxtral_stream.server.auth import (
     REDACTED,
@@ -479,3 +480,24 @@ async def test_a_reload_that_would_open_a_public_bind_changes_nothing() -> None:
                 await server.reload_auth(load_config(env={}).auth)
             assert (await refused(f"{base}/v1/captions"))[0] == 401
             await ws.ping()  # still open
+
+
+async def test_a_resume_cannot_reach_past_the_streams_subscribed_to() -> None:
+    async with running() as (_, server):
+        text = "the board's minutes"
+        server.broadcaster.publish(CaptionEvent(
+            stream="private", segment=0, seq=1, final=True, text=text, plain_text=text,
+            stable=text, unstable="", tags=(), start=0.0, end=1.0, latency=0.1))
+        base = f"ws://127.0.0.1:{server.port}/v1/captions"
+        # A studio-* token names studio-1, then asks to resume another stream.
+        async with connect(f"{base}?stream=studio-1&since=private:0&token={STUDIO}") as ws:
+            error = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+        assert (error["type"], error["code"]) == ("error", "bad_query")
+        assert ws.close_code == 1008
+        # An all-streams token resumes any stream it names.
+        async with connect(f"{base}?since=private:0&token={SUB}") as ws:
+            await hello(ws)
+            replayed = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        assert (replayed["stream"], replayed["text"]) == ("private", "the board's minutes")

@@ -138,6 +138,8 @@ async def test_ingest_two_formats_produce_the_words(whisper_backend: Backend) ->
 @pytest.mark.parametrize(("first", "code"), [
     (b"\x00\x01", "not_configured"),
     ("{not json", "bad_json"),
+    ("[" * 100_000, "bad_json"),                                   # nested past recursion
+    ('{"type": "config", "sample_rate": ' + "1" * 5000 + "}", "bad_json"),  # int digit limit
     (json.dumps({"type": "config", "sample_rate": 7}), "bad_config"),
     (json.dumps({"type": "config", "sample_rate": 16000, "format": "mp3"}), "bad_config"),
     (json.dumps({"type": "hello"}), "bad_message"),
@@ -192,6 +194,8 @@ async def test_misbehaving_ingest_keeps_its_finals_and_spares_other_streams(
             await ws.recv()  # ready
             await send_audio(ws, pcm[: len(pcm) // 2 // 2 * 2])
             await ws.send("{oops")                       # recoverable: error, go on
+            assert (await next_error(ws))["code"] == "bad_json"
+            await ws.send("[" * 100_000)                 # so is JSON nested too deep
             assert (await next_error(ws))["code"] == "bad_json"
             await ws.send(b"\x00\x01\x02")               # odd length: fatal
             codes = [m["code"] for m in await until_closed(ws) if m["type"] == "error"]
@@ -359,3 +363,14 @@ async def test_ingest_connection_sees_its_stream_start_and_resume_sees_the_end(
         await ws.recv()  # hello
         ended = await recv_json(ws)
     assert ended["type"] == "stream.ended" and ended["stream"] == "once"
+    # The id is reused: once it is live again, a resume no longer ends with
+    # the old run's stream.ended.
+    async with connect(f"ws://127.0.0.1:{server.port}/v1/ingest?stream=once") as ws:
+        await ws.send(json.dumps({"type": "config", "sample_rate": 16000}))
+        await ws.recv()  # ready
+        async with connect(
+                f"ws://127.0.0.1:{server.port}/v1/captions?since=once:{last_final}") as sub:
+            await sub.recv()  # hello
+            await send_audio(ws, audio.astype("<i2").tobytes())
+            first = await recv_json(sub)
+            assert (first["type"], first["seq"] > last_final) == ("caption", True), first

@@ -32,7 +32,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
-from ..events import CaptionEvent, EngineEvent, StreamEnded
+from ..events import CaptionEvent, EngineEvent, StreamEnded, StreamStarted
 from .protocol import encode_message
 
 __all__ = ["Broadcaster", "HistorySource", "SourceRecord", "SourceReplay", "Subscription"]
@@ -190,6 +190,10 @@ class Broadcaster:
             # A client resuming after the end learns that the stream ended.
             message = self._encode(event)
             self._ended[event.stream] = message
+        elif isinstance(event, StreamStarted):
+            # The id is live again (reused after its end): a resume must not
+            # close with the old run's end.
+            self._ended.pop(event.stream, None)
         for sub in list(self._subs):
             if not sub.wants(event.stream):
                 continue

@@ -175,7 +175,9 @@ def _load_json(text: str | bytes) -> dict[str, Any]:
         obj = json.loads(text)
     except UnicodeDecodeError:
         raise ProtocolError("bad_utf8", "text message is not valid UTF-8") from None
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:
+        # Beside malformed text: nesting past the recursion limit, and
+        # integers past Python's digit limit for int().
         raise ProtocolError("bad_json", f"message is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_message", "message must be a JSON object")
@@ -245,20 +247,31 @@ def encode_message(kind: str, **fields: Any) -> str:
     return _dumps({"type": kind, **fields})
 
 
+_SEQ_DIGITS = 18  # any seq fits; more digits are not a seq
+
+
 def parse_since(values: Iterable[str], streams: Sequence[str]) -> dict[str, int]:
     """Resume points: ``SEQ`` (for each of ``streams``) or ``STREAM:SEQ[,...]``.
 
     ``values`` are the raw ``since`` strings (query parameters or a client's
-    ``--since``); raises :class:`ProtocolError` (``bad_query``) for anything
-    else. Shared by the server and the clients so both read it alike.
+    ``--since``); ``streams`` the streams subscribed to (empty: all). Raises
+    :class:`ProtocolError` (``bad_query``) for anything else, including a
+    ``STREAM:SEQ`` whose stream is not among ``streams``: a resume replays
+    only what the subscription would have delivered. Shared by the server and
+    the clients so both read it alike.
     """
     since: dict[str, int] = {}
     for item in (v.strip() for value in values for v in value.split(",")):
         if not item:
             continue
         name, sep, seq = item.rpartition(":")
-        if not seq.isdigit() or (sep and not name):
-            raise ProtocolError("bad_query", f"since takes SEQ or STREAM:SEQ, got {item!r}")
+        # isdigit() alone takes "²" and other digits int() refuses.
+        if not (seq.isascii() and seq.isdigit() and len(seq) <= _SEQ_DIGITS) \
+                or (sep and not name):
+            raise ProtocolError("bad_query", f"since takes SEQ or STREAM:SEQ, got {item[:80]!r}")
+        if sep and streams and name not in streams:
+            raise ProtocolError("bad_query", f"since names stream {name[:80]!r}, which is not "
+                                             "among the streams subscribed to (?stream=)")
         if sep:
             since[name] = int(seq)
         elif streams:
