@@ -88,6 +88,21 @@ def test_unreadable_empty_and_missing_audio(tmp_path: Path) -> None:
     one_error_line(cli("transcribe", str(tmp_path / "missing.flac")), "missing.flac")
 
 
+def test_outputs_that_cannot_be_written_are_refused_before_decoding(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.wav", tmp_path / "b.wav"
+    for path in (a, b):
+        sf.write(path, np.zeros(8000, np.int16), 16000)
+    taken = tmp_path / "out.srt"
+    taken.write_text("x")
+    # Several files need a folder, and a file is in the way.
+    one_error_line(cli("transcribe", str(a), str(b), "--srt", str(taken)),
+                   f"--srt {taken}: cannot make that folder")
+    one_error_line(cli("transcribe", str(a), "--vtt", str(tmp_path / "no" / "a.vtt")),
+                   "--vtt", "does not exist")
+    one_error_line(cli("transcribe", str(a), "--set", "vad.start_ratio=nan"),
+                   "vad.start_ratio must be a finite number, got nan")
+
+
 def test_no_input_is_a_usage_error() -> None:
     one_error_line(cli("transcribe"), "no input")
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from evoxtral_stream.config import (
     CONFIG_ENV,
+    Config,
     ConfigError,
     LoggingConfig,
     load_config,
@@ -47,7 +49,12 @@ def test_defaults_load_and_a_user_file_overrides_only_its_keys(tmp_path: Path) -
     ({"logging.format": "JSON"}, "logging.format must be one of 'text', 'json', got 'JSON'"),
     ({"logging.level": "trace"},
      "logging.level must be one of 'debug', 'info', 'warning', 'error', got 'trace'"),
-    ({"logging.level": 10}, "logging.level must be str, got 10"),
+    ({"logging.level": 10}, "logging.level must be one of 'debug', 'info', 'warning', 'error', "
+                            "got '10'"),
+    ({"logging.level": 1.5}, "logging.level must be str, got 1.5"),
+    ({"vad.start_ratio": float("nan")}, "vad.start_ratio must be a finite number, got nan"),
+    ({"worker.stall_timeout_s": float("nan")}, "worker.stall_timeout_s must be a finite number"),
+    ({"vad.max_segment_s": float("-inf")}, "vad.max_segment_s must be a finite number"),
     ({"logging.colour": True}, "unknown config key 'logging.colour'"),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(overrides: dict[str, object],
@@ -64,6 +71,14 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     bad.write_text("[vad\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(bad, env={})
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes(b"[vad]\naggressiveness = 3  # caf\xe9\n")
+    with pytest.raises(ConfigError, match=f"config file {latin1} is not UTF-8 text"):
+        load_config(latin1, env={})
+    nan = tmp_path / "nan.toml"
+    nan.write_text("[vad]\nstart_ratio = nan\n")
+    with pytest.raises(ConfigError, match=r"vad\.start_ratio must be a finite number"):
+        load_config(nan, env={})
     table = tmp_path / "table.toml"
     table.write_text("vad = 3\n")
     with pytest.raises(ConfigError, match="vad must be a table"):
@@ -71,12 +86,38 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
 
 
 def test_overrides_parse_toml_literals_or_bare_strings() -> None:
-    assert parse_override("vad.aggressiveness=3") == ("vad.aggressiveness", 3)
     assert parse_override("server.host = 0.0.0.0") == ("server.host", "0.0.0.0")
     assert parse_override('model.language="fr"') == ("model.language", "fr")
-    assert parse_override("model.voxtral.merge_lora=false") == ("model.voxtral.merge_lora", False)
+    assert parse_override("server.allowed_origins=['a', 'b']") == \
+        ("server.allowed_origins", ["a", "b"])
+    cfg = load_config(overrides=dict(parse_override(t) for t in (
+        "vad.aggressiveness=3", "model.voxtral.merge_lora=false")), env={})
+    assert (cfg.vad.aggressiveness, cfg.model.voxtral.merge_lora) == (3, False)
     with pytest.raises(ConfigError, match=r"section\.key=value"):
         parse_override("no-equals-sign")
+
+
+def test_a_string_key_set_to_something_toml_reads_otherwise_keeps_the_text(
+        tmp_path: Path) -> None:
+    def set_(*texts: str) -> Config:
+        return load_config(overrides=dict(parse_override(t) for t in texts), env={})
+
+    # The microphone by index, as config.toml says it may be chosen.
+    assert set_("audio.device=2").audio.device == "2"
+    assert set_("mqtt.password=0123", "mqtt.client_id=2024-01-01",
+                "mqtt.username=1.50").mqtt == dataclasses.replace(
+        load_config(env={}).mqtt, password="0123", client_id="2024-01-01", username="1.50")
+    # Other keys still get the TOML value.
+    cfg = set_("vad.start_ratio=0.5", "vad.aggressiveness=2", "server.allow_anonymous=true")
+    assert (cfg.vad.start_ratio, cfg.vad.aggressiveness, cfg.server.allow_anonymous) == \
+        (0.5, 2, True)
+    with pytest.raises(ConfigError, match=r"vad\.aggressiveness must be int, got 1\.5"):
+        set_("vad.aggressiveness=1.5")
+    with pytest.raises(ConfigError, match=r"vad\.start_ratio must be a finite number, got nan"):
+        set_("vad.start_ratio=nan")
+    mine = tmp_path / "mine.toml"
+    mine.write_text("[audio]\ndevice = 2\n")
+    assert load_config(mine, env={}).audio.device == "2"
 
 
 def test_number_for_a_string_choice_is_accepted() -> None:

@@ -241,10 +241,22 @@ def _stream_ids(paths: Sequence[Path]) -> list[str]:
 
 
 def _output_path(target: Path, stream: str, suffix: str, many: bool) -> Path:
-    if many or target.is_dir():
-        target.mkdir(parents=True, exist_ok=True)
-        return target / f"{stream}{suffix}"
-    return target
+    return target / f"{stream}{suffix}" if many or target.is_dir() else target
+
+
+def _prepare_outputs(args: argparse.Namespace, many: bool) -> None:
+    """Make the output folders, or refuse the outputs, before any audio is decoded."""
+    for flag, target in (("--srt", args.srt), ("--vtt", args.vtt), ("--jsonl", args.jsonl)):
+        if target is None:
+            continue
+        if flag != "--jsonl" and (many or target.is_dir()):
+            try:
+                target.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"{flag} {target}: cannot make that folder ({e.strerror}); "
+                                "several files need a folder") from None
+        elif not target.parent.is_dir():
+            raise UserError(f"{flag} {target}: the folder {target.parent} does not exist")
 
 
 def _write(path: Path, text: str) -> None:
@@ -262,6 +274,7 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
         raise UserError("no input: name audio files or use --sample")
     jobs = [FileJob(sid, read_audio_file(p)) for sid, p in zip(_stream_ids(paths), paths,
                                                                  strict=True)]
+    _prepare_outputs(args, len(jobs) > 1)
     backend = load_backend(cfg.model)
     printer = CaptionPrinter(show_stream=len(jobs) > 1,
                              partials=True if args.partials else None)

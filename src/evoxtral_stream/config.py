@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import tomllib
@@ -229,6 +230,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte "
+                          f"{e.start})") from None
 
 
 def _defaults() -> dict[str, Any]:
@@ -265,8 +269,17 @@ def _type_name(tp: object) -> str:
 
 
 def _check_value(dotted: str, value: object, tp: object, meta: Mapping[str, Any]) -> object:
+    if isinstance(value, _SetText):
+        value = str(value) if tp is str else value.parsed
+    if tp is str and isinstance(value, int) and not isinstance(value, bool):
+        # `device = 2` in a file: an index where the key takes a name or an index.
+        value = str(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        # TOML reads nan (and inf); every comparison with nan is false, so a
+        # range check alone would let it through.
+        raise ConfigError(f"{dotted} must be a finite number, got {value!r}")
     if (tp is str and isinstance(value, int | float) and not isinstance(value, bool)
             and str(value) in meta.get("choices", ())):
         # `--set mqtt.protocol=5` reads 5 as a TOML integer; the choice is "5".
@@ -400,6 +413,14 @@ def to_toml(cfg: Config) -> str:
     return "\n".join(out) + "\n"
 
 
+class _SetText(str):
+    """A ``--set`` value that TOML reads as a number, boolean or date: a
+    string key takes the text as written (``audio.device=2``,
+    ``mqtt.password=0123``), any other key the TOML value, ``parsed``."""
+
+    parsed: object
+
+
 def parse_override(text: str) -> tuple[str, object]:
     """Parse ``section.key=value``; the value is a TOML literal or a bare string."""
     key, sep, raw = text.partition("=")
@@ -410,8 +431,12 @@ def parse_override(text: str) -> tuple[str, object]:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        value = raw
-    return key, value
+        return key, raw
+    if isinstance(value, str | list | dict):
+        return key, value
+    literal = _SetText(raw)
+    literal.parsed = value
+    return key, literal
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: object) -> None:
