@@ -264,6 +264,22 @@ def test_bad_messages_get_an_error_and_change_nothing(
     assert len(pushed(core.receive(append_msg(b"\x00\x00" * 2400)))) > 0
 
 
+def test_a_message_over_the_size_limit_is_refused_by_its_bytes() -> None:
+    core = RealtimeTranscription(load_config().vad, model="test-model", language="en",
+                                 max_message_bytes=4000)
+    core.start()
+    fits = append_msg(b"\x00\x00" * 1200)          # 3,200 base64 characters
+    assert len(pushed(core.receive(fits))) > 0
+    # 3,000 characters, 6,000 bytes of UTF-8: over the limit.
+    wide = json.dumps({"type": "session.update", "pad": "é" * 2950}, ensure_ascii=False)
+    assert len(wide) < 4000 < len(wide.encode())
+    (err,) = events(core.receive(wide))
+    assert (err["type"], err["error"]["code"]) == ("error", "message_too_large")
+    assert f"message of {len(wide.encode())} bytes" in err["error"]["message"]
+    (err,) = events(core.receive(append_msg(b"\x00\x00" * 1600)))
+    assert err["error"]["code"] == "message_too_large"
+
+
 def test_server_vad_turns_follow_the_engine_segmenter() -> None:
     vad = load_config().vad
     audio, spans = speech_with_pauses(SENTENCES, pause_s=1.2)

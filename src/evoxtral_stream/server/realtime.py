@@ -282,6 +282,13 @@ def _parse_beta_update(obj: Mapping[str, Any], event_id: str | None) -> SessionU
                          language_given=language[1])
 
 
+def _byte_size(message: str | bytes) -> int:
+    """The size of ``message`` on the wire (a text frame is UTF-8)."""
+    if isinstance(message, bytes) or message.isascii():
+        return len(message)
+    return len(message.encode("utf-8", "surrogatepass"))
+
+
 def parse_client_event(message: str | bytes) -> ClientEvent:
     """Parse one client message; :class:`RealtimeProtocolError` when it is bad."""
     if isinstance(message, bytes):
@@ -608,9 +615,9 @@ class RealtimeTranscription:
 
     def receive(self, message: str | bytes) -> list[Output]:
         """One client message in; the outputs it causes (errors included)."""
-        if self._max_message is not None and len(message) > self._max_message:
+        if self._max_message is not None and _byte_size(message) > self._max_message:
             return [self.error("message_too_large",
-                               f"message of {len(message)} bytes exceeds the server limit "
+                               f"message of {_byte_size(message)} bytes exceeds the server limit "
                                f"of {self._max_message} (server.max_message_bytes): send "
                                f"audio in smaller appends")]
         try:
