@@ -220,6 +220,16 @@ async def test_channels_capped_at_two_and_mono_devices(tmp_path: Path) -> None:
         assert factory.opened[0][1:] == (44100, expect, 441)
 
 
+async def test_a_device_without_a_usable_rate_is_one_clear_error() -> None:
+    for rate in (0.0, float("nan")):
+        factory = FakeFactory()
+        cap = MicrophoneCapture(Received(), device=fake_device(rate), block_ms=10,
+                                max_pending_blocks=10, stream_factory=factory)
+        with pytest.raises(AudioInputError, match="'Fake Mic' reports no usable sample rate"):
+            cap.start()
+        assert not cap.running and factory.opened == []
+
+
 async def test_context_manager_and_callbacks_after_stop() -> None:
     factory = FakeFactory()
     got = Received()

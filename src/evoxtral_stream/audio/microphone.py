@@ -357,6 +357,11 @@ class MicrophoneCapture:
         device = spec if isinstance(spec, InputDevice) else resolve_input_device(spec)
         if device.channels < 1:
             raise AudioInputError(f"audio device {device.name!r} has no input channels")
+        if not 1000 <= device.default_samplerate <= 768_000:
+            # Some drivers report 0 (or garbage) until configured; the
+            # device is opened at its native rate, so there is nothing to open.
+            raise AudioInputError(f"audio device {device.name!r} reports no usable sample "
+                                  f"rate ({device.default_samplerate:g} Hz)")
         return device
 
     def _open(self, device: InputDevice) -> None:
