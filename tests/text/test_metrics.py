@@ -128,6 +128,8 @@ def test_manifest_parsing(tmp_path: Path) -> None:
     path = tmp_path / "m.jsonl"
     path.write_text(text, encoding="utf-8")
     assert read_manifest(path)[0].audio == tmp_path / "a.wav"
+    path.write_text(text, encoding="utf-8-sig")  # with a BOM, as Windows editors save it
+    assert [e.text for e in read_manifest(path)] == ["[laughs] hi", "there"]
 
 
 @pytest.mark.parametrize(("text", "message"), [

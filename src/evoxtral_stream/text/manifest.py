@@ -65,7 +65,8 @@ def parse_manifest(text: str, *, base_dir: Path | None = None,
 def read_manifest(path: Path) -> list[ManifestEntry]:
     """Read and parse a manifest file."""
     try:
-        text = path.read_text(encoding="utf-8")
+        # utf-8-sig: editors on Windows start UTF-8 files with a BOM.
+        text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
         raise ManifestError(f"manifest {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
