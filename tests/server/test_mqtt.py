@@ -480,7 +480,7 @@ def test_unknown_events_are_ignored_not_raised() -> None:
 
 @pytest.mark.parametrize(("override", "message"), [
     ({"mqtt.protocol": "4"}, "mqtt.protocol must be one of 'auto', '5', '3.1.1', got '4'"),
-    ({"mqtt.protocol": 4}, "mqtt.protocol must be str, got 4"),
+    ({"mqtt.protocol": 4}, "mqtt.protocol must be one of 'auto', '5', '3.1.1', got '4'"),
     ({"mqtt.port": 0}, "mqtt.port must be 1..65535, got 0"),
     ({"mqtt.queue_size": 0}, "mqtt.queue_size must be 1..1000000, got 0"),
     ({"mqtt.prefix": "a/#"}, "mqtt.prefix must be a non-empty topic"),
