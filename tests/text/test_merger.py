@@ -433,6 +433,42 @@ def test_place_tags() -> None:
     assert place("one two", "One, TWO [laughs]") == "one two [laughs]"
 
 
+def test_tail_after_aligns_a_token_inserted_before_the_last_committed_one() -> None:
+    # Few tokens shifted by an insertion look like a respelling in place; the
+    # last committed token moved, so the cut comes from the alignment.
+    c = tokenize("a b c d e f g h i j k l m n about it")
+    tail, ok = tail_after(c, tokenize("a b c d e f g h i j k l m n, about it tomorrow"))
+    assert ([t.text for t in tail], ok) == (["tomorrow"], True)
+    tail, ok = tail_after(tokenize("I think"), tokenize("I really think so"))
+    assert ([t.text for t in tail], ok) == (["so"], True)
+
+
+@pytest.mark.parametrize(("committed", "partial", "final", "text"), [
+    ("Yeah so", "Yeah, so I think", "Yeah, so I think.", "Yeah so I think."),
+    ("I think", "I really think so", "I really think so.", "I think so."),
+])
+def test_a_word_or_comma_inserted_before_the_last_committed_word_duplicates_nothing(
+        committed: str, partial: str, final: str, text: str) -> None:
+    f = Feed()
+    f(committed)
+    f(committed, end=1.2)
+    e = one(f(partial, end=2.0))
+    assert e.stable == committed
+    assert e.text == text.rstrip(".")
+    assert one(f(final, final=True, end=2.2)).text == text
+
+
+def test_agreement_continues_after_a_comma_inserted_before_the_last_committed_word() -> None:
+    f = Feed()
+    f("Yeah so")
+    f("Yeah so", end=1.2)
+    f("Yeah, so I think", end=2.0)
+    e = one(f("Yeah, so I think we could", end=3.0))
+    assert (e.stable, e.text) == ("Yeah so I think", "Yeah so I think we could")
+    e = one(f("Yeah, so I think we could go", end=4.0))
+    assert e.stable == "Yeah so I think we could"
+
+
 def test_tail_after_keeps_a_tag_inserted_among_revised_words_out_of_the_tail() -> None:
     c = tokenize("I was thinking")
     tail, ok = tail_after(c, tokenize("I was [sighs] sinking maybe"))

@@ -155,26 +155,34 @@ def tail_after(committed: Sequence[Token],
     A hypothesis that revised a few committed tokens in place (a word
     respelled, its case changed: at most ``max(1, n // 8)`` tokens differ,
     none of them a tag facing a word or punctuation, which would be an
-    insertion or deletion) is cut after as many tokens; the cut is
-    reliable unless the last committed token is among them. Otherwise the
-    committed tokens are aligned (difflib on :func:`match_key`) and the cut
-    goes after the last aligned one, the unmatched committed words and
-    punctuation after it counting one for one for the hypothesis' (tags are
-    skipped on both sides); reliable only when the last committed token itself
-    is aligned.
+    insertion or deletion) and kept the last committed token is cut after
+    as many tokens, reliably. Otherwise the committed tokens are aligned
+    (difflib on :func:`match_key`) and the cut goes after the last aligned
+    one, the unmatched committed words and punctuation after it counting one
+    for one for the hypothesis' (tags are skipped on both sides); reliable
+    only when the last committed token itself is aligned. A hypothesis that
+    passes as revised in place but changed the last committed token is
+    aligned too, since a word or comma inserted before that token shifts
+    it just as a respelling changes it; when the alignment leaves it
+    unaligned (respelled), the cut goes after ``n`` tokens, unreliable.
     """
     n = len(committed)
     if tuple(tokens[:n]) == tuple(committed):
         return tuple(tokens[n:]), True
     a = [match_key(t) for t in committed]
     b = [match_key(t) for t in tokens]
+    in_place = False
     if len(b) >= n:
         changed = [i for i in range(n) if a[i] != b[i]]
         # In place means respelled: a tag facing a word or punctuation is an
         # insertion or a deletion, which shifts what follows (aligned below).
-        if len(changed) <= max(1, n // 8) and all(
-                committed[i].is_tag == tokens[i].is_tag for i in changed):
-            return tuple(tokens[n:]), (n - 1) not in changed
+        in_place = len(changed) <= max(1, n // 8) and all(
+            committed[i].is_tag == tokens[i].is_tag for i in changed)
+        if in_place and (n - 1) not in changed:
+            return tuple(tokens[n:]), True
+        # Otherwise the last committed token changed: respelled, or shifted
+        # by a word or comma inserted before it ("Yeah so" -> "Yeah, so I"),
+        # where a cut after n tokens would repeat it ("Yeah so so I").
     blocks = [blk for blk in SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks()
               if blk.size]
     if not blocks:
@@ -190,6 +198,10 @@ def tail_after(committed: Sequence[Token],
         if not tokens[j].is_tag:
             left -= 1
         j += 1
+    if unmatched and in_place:
+        # The last committed token was respelled, not shifted: its position
+        # is the better guess, but still a guess.
+        return tuple(tokens[n:]), False
     return tuple(tokens[j:]), unmatched == 0
 
 
