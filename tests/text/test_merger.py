@@ -307,6 +307,17 @@ def test_abandon_releases_held_segments() -> None:
     assert f.m.abandon(0) == []
 
 
+def test_an_abandoned_stitched_segment_starts_where_its_partials_did() -> None:
+    f = Feed()
+    f("I was thinking about", final=True, start=0.0, end=2.0, forced=True)
+    p = one(f("thinking about the [laughs] weekend", seg=1, start=1.5, end=3.0))
+    assert (p.text, p.start) == ("the [laughs] weekend", 2.0)
+    # The overlap audio belongs to the previous caption, the final's too.
+    fin = one(f.m.abandon(1))
+    assert (fin.final, fin.text, fin.start, fin.end) == (True, "the [laughs] weekend", 2.0, 3.0)
+    assert [(m.tag, m.t) for m in fin.tags] == [("laughs", 2.5)]
+
+
 def test_too_many_waiting_finals_abandon_the_blocker() -> None:
     f = Feed(max_pending=1)
     f("First.", final=True, end=1.0)

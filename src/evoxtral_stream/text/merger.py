@@ -435,7 +435,7 @@ class _Chain:
 class _Segment:
     """Mutable per-segment state (internal; events are the frozen output)."""
 
-    __slots__ = ("committed", "history", "id", "last", "revision", "shown", "view")
+    __slots__ = ("committed", "history", "id", "last", "revision", "shown", "start", "view")
 
     def __init__(self, segment: int, agreement: int) -> None:
         self.id = segment
@@ -445,6 +445,8 @@ class _Segment:
         self.history: deque[tuple[Token, ...]] = deque(maxlen=agreement - 1)
         self.shown: tuple[str, str] = ("", "")
         self.last: Hypothesis | None = None
+        # The sample the caption of ``last`` starts at (after any overlap).
+        self.start = 0
 
 
 class Merger:
@@ -548,8 +550,9 @@ class Merger:
 
     def abandon(self, segment: int) -> list[CaptionEvent]:
         """Close ``segment`` whose final will never come: its final event
-        carries the latest text shown (without a final, the next segment is
-        not stitched to it), or the final already received if one is waiting.
+        carries the latest text shown, with the start it was shown with
+        (without a final, the next segment is not stitched to it), or the
+        final already received if one is waiting.
         Returns that event (none for a segment never seen or already closed)
         and any finals it released."""
         seg = self._open.get(segment)
@@ -643,6 +646,7 @@ class Merger:
             seg.history.append(view)
         seg.view = view
         seg.last = h
+        seg.start = start
         shown = (render(view), render(seg.committed))
         if shown == seg.shown:
             return None
@@ -653,7 +657,9 @@ class Merger:
                 as_final: bool = False) -> CaptionEvent:
         chain = self._chain_for(seg.id) if stitched else None
         if as_final:
-            tokens, start = _lstrip(tokenize(h.text)), h.start_sample
+            # The text shown, already stitched: it starts where it was shown
+            # to (after the overlap that belongs to the previous caption).
+            tokens, start = _lstrip(tokenize(h.text)), seg.start
         else:
             tokens, start, _ = self._tokens(h, chain)
         if self._final_replaces and not as_final:
