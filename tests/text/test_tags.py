@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from evoxtral_stream.text.tags import (
@@ -83,6 +83,9 @@ def test_adjacent_tags_and_tags_at_both_ends() -> None:
     ("[Clears   Throat.]", "[clears throat]"),
     ("[whispering]", "[whispers]"),
     ("(Sighing)", "[sighs]"),
+    ("(\nsighs)", "[sighs]"),
+    ("*\tlaughs\r\n*", "[laughs]"),
+    ("(clears" + " " * 40 + "throat)", "[clears throat]"),
 ])
 def test_variants_map_to_the_canonical_tag(raw: str, canonical: str) -> None:
     (tok,) = tokenize(raw)
@@ -106,6 +109,9 @@ def test_parentheses_and_asterisks_only_make_known_tags() -> None:
         ("punct", "*"), ("word", "really"), ("punct", "*"),
     ]
     assert normalize("(see below) *really*") == "(see below) *really*"
+    # At most 40 characters inside, whitespace runs counted as one.
+    assert kinds("(" + "laughs" + "!" * 34 + ")")[0] == ("tag", "[laughs]")
+    assert kinds("(" + "laughs" + "!" * 35 + ")")[0] == ("punct", "(")
 
 
 def test_brackets_inside_words() -> None:
@@ -185,6 +191,11 @@ def test_normalising_is_idempotent(parts: list[tuple[str, str]]) -> None:
 
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=80))
+@example("*\nlaughs*")
+@example("(\nsighs)")
+@example("(sighs\n) and *gasps\r\n*")
+@example("(clears" + " " * 40 + "throat)")
+@example("*" + "\n" * 41 + "laughs*")
 def test_any_text_tokenizes_and_renders(text: str) -> None:
     toks = tokenize(text)
     assert all(isinstance(t, Token) for t in toks)

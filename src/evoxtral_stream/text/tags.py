@@ -283,11 +283,17 @@ _CAPS = re.compile(r"\b[A-Z]{2,}\b")
 # (don't, I-I, R&D), digit groups joined by . , : (3.5, 1,000, 9:30), and a
 # currency sign in front ($500).
 _WORD = r"[$€£]?\w+(?:(?:['’&\-]|(?<=\d)[.,:](?=\d))\w+)*"
+# ( ) and * make a tag only around at most this many characters, whitespace
+# runs counted as one and none at the ends: the inner text as render() writes
+# it back, so a round trip recognises the same tags. Line breaks are
+# whitespace like any other there for the same reason (render turns them
+# into spaces).
+_PUNCT_TAG_MAX = 40
 _SCAN = re.compile(
     r"(?P<space>\s+)"
     r"|(?P<br>\[[^\[\]]*\])"
-    r"|(?P<pa>\([^()\n]{1,40}\))"
-    r"|(?P<ast>\*[^*\n]{1,40}\*)"
+    r"|(?P<pa>\([^()]+\))"
+    r"|(?P<ast>\*[^*]+\*)"
     rf"|(?P<word>{_WORD})"
     r"|(?P<punct>.)",
     re.DOTALL,
@@ -330,7 +336,9 @@ def tokenize(text: str) -> list[Token]:
         if group == "br":
             tok = _tag_token(m.group()[1:-1], True, space)
         elif group in ("pa", "ast"):
-            tok = _tag_token(m.group()[1:-1], False, space)
+            inner = m.group()[1:-1]
+            if len(" ".join(inner.split())) <= _PUNCT_TAG_MAX:
+                tok = _tag_token(inner, False, space)
         elif group == "word":
             tok = Token(TokenKind.WORD, m.group(), space_before=space)
         if tok is None:
