@@ -211,3 +211,42 @@ def test_stop_with_a_timeout_returns_even_when_the_thread_is_stuck_and_its_inbox
         assert time.monotonic() - t0 < 5
     finally:
         backend.release()
+
+
+class DieOnceGated(GatedBackend):
+    """Its first call waits for ``release()``, then kills the thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.died = False
+
+    def transcribe(self, batch: Sequence[npt.NDArray[np.float32]]) -> list[str]:
+        if not self.died:
+            self.entered.set()
+            self._gate.wait(10)
+            self.died = True
+            raise Fatal("the model thread dies")
+        return ScriptedBackend.transcribe(self, batch)
+
+
+def test_a_request_requeued_after_a_death_then_superseded_is_not_kept() -> None:
+    """A request held at a death is kept (to fail it if it kills the model
+    again) until answered; one superseded meanwhile is never answered, so it
+    must be let go then, audio and all."""
+    backend = DieOnceGated()
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(backend, wcfg(max_batch=4, max_wait_ms=0, restart_backoff_s=0.0),
+                    out.put, sleep=lambda s: None)
+    w.start()
+    partial = req("s", 16_000, RequestKind.PARTIAL)
+    final = dataclasses.replace(partial, revision=2, kind=RequestKind.FINAL)
+    assert w.submit(partial)
+    assert backend.entered.wait(5)
+    assert w.submit(final)                    # waits while the partial runs
+    backend.release()                         # the thread dies holding the partial
+    got = out.get(timeout=10)
+    assert isinstance(got, Hypothesis) and got.kind is RequestKind.FINAL
+    w.stop(5)
+    assert out.empty()                        # the superseded partial is not answered
+    assert w.stats().restarts == 1
+    assert not w._died_on, "a superseded request is still held"

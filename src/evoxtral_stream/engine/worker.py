@@ -181,7 +181,8 @@ class ModelWorker:
         # Worker-thread state that must survive a restart.
         self._stopping = False          # the stop marker was taken from the inbox
         self._in_flight: list[DecodeRequest] = []  # taken, not yet answered
-        self._died_on: set[DecodeRequest] = set()  # in flight at a death (eq=False: by identity)
+        # In flight at a death, until answered or superseded (eq=False: by identity).
+        self._died_on: set[DecodeRequest] = set()
         self._loading = False            # a successor is reloading the model
         self._deaths_in_a_row = 0
         self._down: str | None = None   # why the worker gave up, if it did
@@ -306,11 +307,14 @@ class ModelWorker:
         key = (item.stream, item.segment)
         running = self._running.get(key)
         if running is not None and self._loses_to(running[1], item):
+            self._died_on.discard(item)  # dropped unanswered: nothing to hold it for
             return True
         old = self._pending.get(key)
         if old is not None:
             if self._loses_to(old, item):
+                self._died_on.discard(item)
                 return True
+            self._died_on.discard(old)
             with self._lock:
                 self._superseded += 1
         self._pending[key] = item
