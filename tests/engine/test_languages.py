@@ -3,13 +3,16 @@ request to the model, changeable between requests."""
 
 from __future__ import annotations
 
+import asyncio
+
+import numpy as np
 import pytest
 
 from evoxtral_stream.audio.resample import int16_to_float32
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.backends.base import Backend, BackendError, Job, Multilingual
 from evoxtral_stream.engine.backends.whisper import WhisperBackend
-from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.engine.engine import Engine, Stream
 from evoxtral_stream.events import DecodeRequest, RequestKind
 from evoxtral_stream.run import LatencyLog
 from tests.fakes import LanguageScriptedBackend, ScriptedBackend, words_so_far
@@ -87,6 +90,75 @@ async def test_every_request_carries_its_stream_language() -> None:
     assert all(t.startswith("default:") for t in finals["plain"])
     assert [t.split(":", 1)[1] for t in finals["fr"]] == [
         p.split(":", 1)[1] for p in finals["plain"]]
+
+
+def voiced(ms: int) -> np.ndarray:
+    return np.full(16 * ms, 1000, np.int16)
+
+
+def silence(ms: int) -> np.ndarray:
+    return np.zeros(16 * ms, np.int16)
+
+
+async def settle(stream: Stream) -> None:
+    for _ in range(4):
+        await stream.wait_idle()
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("answered", [True, False])
+async def test_a_final_after_a_language_change_is_in_the_new_language(answered: bool) -> None:
+    """The partial made at a pause decoded the old language: the final, made
+    after the change, does not take its text (with stream.pause_partial on or
+    off, the final is the same). ``answered``: the pause partial came back
+    before the change, else it is still in flight then."""
+    finals: dict[bool, list[str]] = {}
+    for pause_partial in (False, True):
+        backend = LanguageScriptedBackend(words_so_far)
+        log = LatencyLog()
+        cfg = load_config(overrides={"stream.pause_partial": pause_partial})
+        async with Engine(cfg, backend) as engine:
+            engine.add_listener(log)
+            s = engine.open_stream("s", language="fr")
+            s.session._segmenter._classify = lambda frame: bool(frame.any())  # scripted VAD
+            for _ in range(15):                   # 1.5 s of speech
+                s.push(voiced(100))
+            await settle(s)
+            for _ in range(3):                    # a pause past vad.end_tail_ms
+                s.push(silence(100))
+                if answered:
+                    await settle(s)
+            assert s.session._open is not None    # the segment is still open
+            assert (s.session._open.exact is not None) == pause_partial
+            s.set_language("de")
+            for _ in range(6):                    # the pause ends the segment
+                s.push(silence(100))
+            await s.close()
+        finals[pause_partial] = [c.text for c in log.captions() if c.final]
+        final_jobs = [j.key for j in backend.jobs if isinstance(j.key, DecodeRequest)
+                      and j.key.kind is RequestKind.FINAL]
+        assert [r.language for r in final_jobs] == ["de"]   # decoded, in German
+    assert len(finals[False]) == 1 and finals[False][0].startswith("de: w0 w1")
+    assert finals[True] == finals[False]
+
+
+async def test_setting_the_same_language_keeps_the_pause_partial() -> None:
+    backend = LanguageScriptedBackend(words_so_far)
+    async with Engine(load_config(), backend) as engine:
+        s = engine.open_stream("s", language="fr")
+        s.session._segmenter._classify = lambda frame: bool(frame.any())
+        for _ in range(15):
+            s.push(voiced(100))
+        await settle(s)
+        for _ in range(3):
+            s.push(silence(100))
+            await settle(s)
+        s.set_language("fr")                      # no change
+        for _ in range(6):
+            s.push(silence(100))
+        await s.close()
+    kinds = [j.key.kind for j in backend.jobs if isinstance(j.key, DecodeRequest)]
+    assert RequestKind.FINAL not in kinds         # the final took the pause partial's text
 
 
 def test_multilingual_whisper_prompts_carry_the_language_token(

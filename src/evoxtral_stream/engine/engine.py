@@ -168,8 +168,10 @@ class Stream:
 
     def set_language(self, language: str | None) -> None:
         """Decode this stream's next requests in ``language`` (a request
-        already made keeps its own). Raises ValueError as
-        :meth:`Engine.check_language` does, changing nothing then."""
+        already made keeps its own; the open segment's final is decoded in
+        the new language, not taken from a partial made at a pause before
+        the change). Raises ValueError as :meth:`Engine.check_language`
+        does, changing nothing then."""
         self.session.language = self._engine.check_language(language)
 
     @property

@@ -86,7 +86,7 @@ class StreamSession:
         :attr:`language` applies to the requests made after the change."""
         self.stream = stream
         self.adapter = adapter
-        self.language = language
+        self._language = language
         self._cfg = cfg
         self._segmenter = Segmenter(vad, SAMPLE_RATE)
         self._open: _OpenSegment | None = None
@@ -143,6 +143,21 @@ class StreamSession:
                 seg.exact = None
 
     # --- state --------------------------------------------------------------
+
+    @property
+    def language(self) -> str | None:
+        """The language of the requests made from now on (None: ``model.language``)."""
+        return self._language
+
+    @language.setter
+    def language(self, language: str | None) -> None:
+        if language == self._language:
+            return
+        self._language = language
+        if self._open is not None:
+            # A partial made at a pause before the change decoded the old
+            # language: the segment's final is decoded in the new one instead.
+            self._open.exact = None
 
     @property
     def partial_in_flight(self) -> bool:
