@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.engine.journal import (
     CLOCK_SLACK_S,
+    SEQ_RESERVE_BLOCK,
     Journal,
     JournalFile,
     decode_record,
@@ -28,7 +30,7 @@ from evoxtral_stream.engine.journal import (
     recorded_start,
     should_rotate,
 )
-from evoxtral_stream.events import CaptionEvent, EngineEvent, Int16Array
+from evoxtral_stream.events import CaptionEvent, EngineEvent, Int16Array, StreamError
 from evoxtral_stream.server.broadcast import Broadcaster
 from evoxtral_stream.server.protocol import decode_caption, encode_event
 from tests.fakes import ScriptedBackend
@@ -174,13 +176,17 @@ async def test_after_a_restart_resume_comes_from_the_journal_and_seq_continues(
         sub = b.subscribe(["mic"], since={"mic": 1})
         assert [json.loads(m)["seq"] for m in sub.backlog] == [2, 3]
         assert all(json.loads(m)["final"] for m in sub.backlog)
-        # The same stream id again: numbering goes on after the journaled 3.
+        # The same stream id again: numbering goes on after the seqs reserved
+        # when 1 was sent (a restart skips up to a block).
         await run_stream(engine, "mic", 2)
         live = [json.loads(sub.queue.get_nowait()) for _ in range(sub.queue.qsize())]
-        assert [m["seq"] for m in live if m["type"] == "caption"] == [4, 5]
-        # Now memory holds 4..5 and the journal 1..5: a resume from 2 uses both.
+        base = 1 + SEQ_RESERVE_BLOCK
+        assert [m["seq"] for m in live if m["type"] == "caption"] == [base + 1, base + 2]
+        # Now memory holds those and the journal all five: a resume from 2
+        # uses both, with no gap (seq has holes; nothing is missing).
         again = b.subscribe(["mic"], since={"mic": 2})
-        assert [json.loads(m).get("seq") for m in again.backlog][:3] == [3, 4, 5]
+        assert [json.loads(m).get("seq") for m in again.backlog][:3] == [3, base + 1, base + 2]
+        assert all(json.loads(m)["type"] != "gap" for m in again.backlog)
         # A stream nobody journaled is unknown, as before.
         assert [json.loads(m)["type"] for m in b.subscribe(since={"x": 4}).backlog] == ["gap"]
 
@@ -233,6 +239,130 @@ def test_a_line_cut_short_by_a_crash_is_skipped_with_a_warning(
     replay = restarted.replay("s", 0)
     assert replay is not None
     assert [r.seq for r in replay.records] == [1, 2, 3]
+
+
+def test_seq_reservations_count_on_restore_and_are_never_replayed(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config(tmp_path).journal
+    journal = Journal(cfg)
+    journal.restore()
+    # Seqs 1..70 are sent (partials and the finals 2 and 40): a reservation
+    # is written at 1 and at 66, past the first block.
+    written = []
+    for seq in range(1, 71):
+        if journal.reserve("s", seq):
+            written.append(seq)
+        if seq in (2, 40):
+            journal.append(caption("s", seq))
+    assert written == [1, 2 + SEQ_RESERVE_BLOCK]
+    assert journal.last_seq("s") == 70          # this process knows what it sent
+    journal.reserve("only-partials", 5)         # a stream that sent no final
+    journal.close()
+    lines = [json.loads(x) for f in sorted((tmp_path / "j").glob("s.*"))
+             for x in f.read_text().splitlines()]
+    assert [(m["type"], m["seq"]) for m in lines] == [
+        ("seq.reserved", 1 + SEQ_RESERVE_BLOCK), ("caption", 2), ("caption", 40),
+        ("seq.reserved", 66 + SEQ_RESERVE_BLOCK)]
+    with caplog.at_level(logging.WARNING):
+        restarted = Journal(cfg)
+        # After a restart: the highest final or reservation, past every seq sent.
+        assert restarted.restore() == {"s": 66 + SEQ_RESERVE_BLOCK,
+                                       "only-partials": 5 + SEQ_RESERVE_BLOCK}
+        replay = restarted.replay("s", 0)
+        assert replay is not None and replay.covered_from == 1
+        assert [r.seq for r in replay.records] == [2, 40]       # captions only
+        assert all(decode_caption(r.message)["final"] for r in replay.records)
+        assert restarted.replay("s", 2, 40) == type(replay)((), 1)
+        # Known, with nothing to replay: a resume gets no gap for it.
+        assert restarted.replay("only-partials", 0) == type(replay)((), 1)
+    assert not caplog.records                   # reservation lines are not damage
+    # Below the mark nothing more is written; past it, a new reservation.
+    assert not restarted.reserve("s", 66 + SEQ_RESERVE_BLOCK)
+    assert restarted.reserve("s", 67 + SEQ_RESERVE_BLOCK)
+    restarted.close()
+    assert Journal(cfg).restore()["s"] == 67 + 2 * SEQ_RESERVE_BLOCK
+
+
+def test_rotation_carries_the_reservation_so_deleted_files_do_not_lose_it(
+        tmp_path: Path) -> None:
+    cfg = config(tmp_path, **{"journal.max_bytes": 1024, "journal.keep": 0}).journal
+    journal = Journal(cfg)
+    journal.restore()
+    journal.reserve("s", 1)                      # reserves up to 1 + block
+    for seq in range(1, 31):                     # finals under that mark, rotating
+        journal.reserve("s", seq)
+        journal.append(caption("s", seq, text="word " * 20))
+    journal.close()
+    files = files_of(tmp_path, "s")
+    assert len(files) == 1 and files[0][0].index > 1     # the first files are gone
+    first_line = json.loads((next((tmp_path / "j").glob("s.*"))).read_text().splitlines()[0])
+    assert first_line == {"type": "seq.reserved", "stream": "s", "seq": 1 + SEQ_RESERVE_BLOCK}
+    assert all(f.stat().st_size <= 1024 for f in (tmp_path / "j").iterdir())
+    restarted = Journal(cfg)
+    assert restarted.restore() == {"s": 1 + SEQ_RESERVE_BLOCK}
+    replay = restarted.replay("s", 0)
+    assert replay is not None
+    seqs = [r.seq for r in replay.records]
+    assert seqs == list(range(seqs[0], 31)) and replay.covered_from == seqs[0] > 1
+
+
+async def test_seq_goes_on_past_every_seq_sent_after_a_crash_mid_segment(
+        tmp_path: Path) -> None:
+    """The last seq sent before a crash is usually a partial's, which is not
+    journaled; the reservation is, so the restarted stream sends no seq a
+    subscriber already holds."""
+    cfg = config(tmp_path, **{"stream.partial_interval_ms": 200})
+    crashed = tmp_path / "crashed"
+    given: list[CaptionEvent] = []
+    async with Engine(cfg, ScriptedBackend(lambda a: f"{len(a)} samples")) as engine:
+        engine.add_listener(lambda e: given.append(e) if isinstance(e, CaptionEvent) else None)
+        stream = engine.open_stream("mic")
+        stream.push(talk(2)[:48_000])             # a final, then speech without an end
+        for _ in range(200):
+            if sum(not e.final for e in given if e.segment == 1) >= 3:
+                break
+            await stream.wait_idle()
+            await asyncio.sleep(0.01)
+        assert any(e.final for e in given) and not given[-1].final
+        # The crash: the disk as it is now; the engine never drains.
+        shutil.copytree(tmp_path / "j", crashed)
+    cfg = config(tmp_path, **{"stream.partial_interval_ms": 200,
+                              "journal.dir": str(crashed)})
+    async with Engine(cfg, ScriptedBackend()) as engine:
+        assert engine.journal is not None
+        b = Broadcaster(16, encode_event, history=100, source=engine.journal)
+        engine.add_listener(b.publish)
+        # A subscriber resumes from the last seq it got before the crash.
+        last = max(e.seq for e in given)
+        sub = b.subscribe(["mic"], since={"mic": last})
+        await run_stream(engine, "mic", 2)
+        live = [json.loads(sub.queue.get_nowait()) for _ in range(sub.queue.qsize())]
+    assert sub.backlog == []                     # nothing journaled after it, and no gap
+    new = [m["seq"] for m in live if m["type"] == "caption"]
+    assert new and min(new) > last
+    assert sum(m["final"] for m in live if m["type"] == "caption") == 2
+
+
+async def test_a_refused_reservation_is_reported_once_and_captions_still_go_out(
+        tmp_path: Path) -> None:
+    events: list[EngineEvent] = []
+    async with Engine(config(tmp_path, **{"stream.partial_interval_ms": 200}),
+                      ScriptedBackend()) as engine:
+        assert engine.journal is not None
+
+        def refuse(stream: str, seq: int) -> bool:
+            raise OSError(28, "No space left on device")
+
+        engine.journal.reserve = refuse  # type: ignore[method-assign]
+        engine.add_listener(events.append)
+        await run_stream(engine, "mic", 2)
+        failures = engine.stats().journal_failures
+    captions = [e for e in events if isinstance(e, CaptionEvent)]
+    errors = [e for e in events if isinstance(e, StreamError)]
+    assert sum(c.final for c in captions) == 2
+    assert [e.code for e in errors] == ["journal_failed"]
+    assert "seq reservation" in errors[0].message
+    assert failures == len(captions)
 
 
 def test_interval_fsync_tells_when_the_next_is_due(tmp_path: Path) -> None:

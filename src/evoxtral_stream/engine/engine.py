@@ -9,10 +9,16 @@ broadcaster gives each network subscriber its own bounded queue.
 
 Durable finals: with ``journal.enabled`` the engine appends every final
 caption to the :class:`~.journal.Journal` *before* calling any listener (the
-journal is not a listener, so no listener order can break this). On start it
-reads each journaled stream's last ``seq``; a stream id opened again continues
-from there (the merger numbers from 1 and the engine adds the offset), so
-``seq`` stays strictly increasing per stream across restarts. Within one
+journal is not a listener, so no listener order can break this). Before any
+caption (partial or final) whose ``seq`` is past the stream's reserved mark
+is sent, the journal records a reservation a block of seqs beyond it
+(:meth:`~.journal.Journal.reserve`), since partials are not journaled and
+the last seq sent is usually a partial's. On start the engine reads each
+journaled stream's last ``seq`` (its highest final or reservation); a stream
+id opened again continues from there (the merger numbers from 1 and the
+engine adds the offset), so ``seq`` stays strictly increasing per stream
+across restarts, a crash included (after a restart it may skip up to
+:data:`~.journal.SEQ_RESERVE_BLOCK`). Within one
 run the engine also remembers the last ``seq`` of the :data:`SEQ_REMEMBERED`
 streams that ended most recently, journal or not: a stream id used again (a
 client reconnecting under its id) goes on numbering, so subscribers that
@@ -112,8 +118,8 @@ class StreamSummary:
 @dataclass(frozen=True)
 class EngineStats:
     """``audio_s``: seconds of audio received by all streams since start;
-    ``journal_*``: finals journaled, appends that failed (disk errors), and
-    streams pruned after retention."""
+    ``journal_*``: finals journaled, writes that failed (finals or seq
+    reservations: disk errors), and streams pruned after retention."""
 
     worker: WorkerStats
     streams: int
@@ -155,6 +161,8 @@ class Stream:
         self.finals = 0
         self.partials = 0
         self.errors = 0
+        self.reserve_failing = False
+        """The journal refused this stream's last seq reservation (reported once)."""
         self.latest: dict[int, Hypothesis] = {}
         """Each open segment's latest partial (``stream.draft``,
         ``stream.pause_partial``)."""
@@ -620,12 +628,35 @@ class Engine:
             if stream.seq_base:
                 event = dataclasses.replace(event, seq=event.seq + stream.seq_base)
             stream.last_seq = event.seq
+            self._reserve_seq(stream, event.seq)
             if event.final:
                 stream.finals += 1
                 self._journal_final(event)
             else:
                 stream.partials += 1
             self._emit(event)
+
+    def _reserve_seq(self, stream: Stream, seq: int) -> None:
+        """Before a caption leaves: a restart must number the stream past its
+        seq (module doc)."""
+        if self._journal is None:
+            return
+        try:
+            wrote = self._journal.reserve(stream.id, seq)
+        except OSError as e:
+            # The caption still goes out live; after a restart its seq may be
+            # given again. Reported once until a reservation succeeds.
+            self._journal_failures += 1
+            if not stream.reserve_failing:
+                stream.reserve_failing = True
+                log.error("journal: cannot reserve seqs of %s: %s", stream.id, e)
+                self._emit(StreamError(stream.id, "journal_failed",
+                                       f"seq reservation not journaled: {e}; after a "
+                                       "restart this stream's seq may repeat"))
+            return
+        stream.reserve_failing = False
+        if wrote:
+            self._schedule_sync()
 
     def _journal_final(self, event: CaptionEvent) -> None:
         """Write the final before any listener sees it (module doc)."""

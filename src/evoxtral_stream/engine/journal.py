@@ -1,21 +1,37 @@
-"""The journal: every final caption, durably, one JSONL file set per stream.
+"""The journal: every final caption, durably, one JSONL file set per stream,
+and how far each stream's ``seq`` may have gone.
 
 Layout: ``{dir}/{stream}.{index}.{start}.jsonl``, e.g.
 ``mic.00000003.20250301T120000.250Z.jsonl``: the stream id percent-encoded,
 ``index`` counting from 1 (the highest is the file being written, the others
 are rotated ones, at most ``keep`` of them kept) and ``start`` the UTC time
-(``YYYYMMDDTHHMMSS.mmmZ``, wall clock) at which the file was started. Each
-line is the protocol v1 caption message
-(:func:`~evoxtral_stream.server.protocol.encode_event`) of one *final* and
-nothing else, so a line can be sent to a resuming subscriber as it is.
-Partials are not journaled: a final supersedes them.
+(``YYYYMMDDTHHMMSS.mmmZ``, wall clock) at which the file was started. A
+line is either the protocol v1 caption message
+(:func:`~evoxtral_stream.server.protocol.encode_event`) of one *final*, which
+can be sent to a resuming subscriber as it is, or a seq reservation,
+``{"type":"seq.reserved","stream":S,"seq":R}`` (see below), which is never
+sent: replay returns captions only. Partials are not journaled: a final
+supersedes them.
+
+Seq reservations: partials are sent but not journaled, so the last seq a
+stream was given is usually a partial's, which the finals alone do not tell.
+Before a caption whose seq is past the stream's reserved mark is sent, the
+caller (the engine) asks :meth:`Journal.reserve`, which appends a
+reservation of ``seq + SEQ_RESERVE_BLOCK`` (one line per
+:data:`SEQ_RESERVE_BLOCK` captions) and makes it durable as a final is. On
+:meth:`Journal.restore` a stream's last seq is the highest of its journaled
+finals and reservations, so a restarted stream numbers after every seq it
+was given before, crash or not; it may skip up to a block (gaps in seq are
+normal: partials leave them too). A rotation starts the new file with the
+stream's latest reservation, so the newest file always holds the mark even
+once the older ones are deleted.
 
 Age rotation: a file is rotated ``max_age_s`` after its ``start``, counted by
 the wall clock, so the age holds across a stream's release and re-open and
 across restarts (a stream that reconnects hourly still gets its daily file).
 The start lives in the name, not in the file: a file is created under its
 final name, so no crash can leave one without its start, and the lines stay
-pure caption messages for every reader. Clock steps: a start up to
+records (finals, reservations) for every reader. Clock steps: a start up to
 :data:`CLOCK_SLACK_S` ahead of the clock counts as age 0; a start further
 ahead (the clock was set back, or ran ahead when the file was started) is not
 trusted and the file is rotated at the next final, its successor starting by
@@ -32,14 +48,15 @@ atomic and keeps the file's mtime, so retention is not reset). Its age thus
 counts from the upgrade, once, and then survives re-opens and restarts like
 any other file's. (Versions before this layout ignore the new names.)
 
-Ordering contract: the engine appends a final here before any listener sees
-it (:meth:`Journal.append` returns once the line is written and flushed to the
-OS, and fsynced when ``fsync = "always"``), so a subscriber can never hold a
-final the journal lacks.
+Ordering contract: the engine appends a final here, and reserves any seq
+past the mark, before any listener sees the caption (:meth:`Journal.append`
+and :meth:`Journal.reserve` return once the line is written and flushed to
+the OS, and fsynced when ``fsync = "always"``), so a subscriber can never
+hold a final the journal lacks, nor a seq a restart would give again.
 
 Writes happen inline on the caller's thread (the event loop): an append plus
 a flush is a few microseconds; ``fsync = "always"`` adds one disk flush per
-final (0.1 to 10 ms, depending on the disk). There is no writer thread and
+final and per reservation (0.1 to 10 ms, depending on the disk). There is no writer thread and
 hence no queue that could overflow and lose finals.
 
 Crash safety: a line cut short by a crash is skipped with a warning when
@@ -88,12 +105,16 @@ from ..server.protocol import encode_event
 __all__ = [
     "CLOCK_SLACK_S",
     "PRUNED_REMEMBERED",
+    "SEQ_RESERVE_BLOCK",
     "Journal",
     "JournalFile",
     "JournalRecord",
     "Replay",
+    "SeqReservation",
     "decode_record",
+    "decode_reservation",
     "encode_record",
+    "encode_reservation",
     "expired",
     "file_age",
     "file_name",
@@ -113,6 +134,12 @@ age 0 (a small step back of the clock); further ahead it is not trusted."""
 PRUNED_REMEMBERED = 16_384
 """How many pruned streams' last seqs a running journal keeps (the most
 recently pruned); a stream beyond that re-opens at seq 1, as after a restart."""
+
+SEQ_RESERVE_BLOCK = 64
+"""How many seqs past the one about to be sent a reservation covers: one
+reservation line per this many captions; a restart may skip up to this many."""
+
+_RESERVED = "seq.reserved"
 
 # {quoted stream}.{index}[.{start}].jsonl; files of older versions lack the
 # start. A quoted stream id is ASCII; the last part decides, so any stream id
@@ -138,13 +165,23 @@ class JournalRecord:
 
 
 @dataclass(frozen=True)
+class SeqReservation:
+    """A reservation line: ``stream`` may have been given seqs up to ``seq``."""
+
+    stream: str
+    seq: int
+
+
+@dataclass(frozen=True)
 class Replay:
     """What the journal can replay of a stream after some seq.
 
     ``records`` are the finals with ``since < seq < before``, in order.
     ``covered_from`` is the lowest seq from which every final is present: 1
     when no file of the stream was deleted by rotation, else the seq of the
-    oldest record kept. Before it, finals may be missing (a ``gap``).
+    oldest final kept (with no final kept, one past the oldest reservation
+    kept: finals before it went with the deleted files). Before it, finals
+    may be missing (a ``gap``).
     """
 
     records: tuple[JournalRecord, ...]
@@ -170,6 +207,26 @@ def decode_record(line: str) -> JournalRecord | None:
     if not isinstance(stream, str) or not isinstance(seq, int) or isinstance(seq, bool):
         return None
     return JournalRecord(stream, seq, line)
+
+
+def encode_reservation(stream: str, seq: int) -> str:
+    """The journal line reserving seqs up to ``seq`` (without the newline)."""
+    return json.dumps({"type": _RESERVED, "stream": stream, "seq": seq},
+                      ensure_ascii=False, separators=(",", ":"))
+
+
+def decode_reservation(line: str) -> SeqReservation | None:
+    """Parse one journal line; None when it is not a whole reservation."""
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or obj.get("type") != _RESERVED:
+        return None
+    stream, seq = obj.get("stream"), obj.get("seq")
+    if not isinstance(stream, str) or not isinstance(seq, int) or isinstance(seq, bool):
+        return None
+    return SeqReservation(stream, seq)
 
 
 @dataclass(frozen=True)
@@ -300,8 +357,11 @@ class Journal:
         self._open: dict[str, _Open] = {}
         self._dirty: set[str] = set()
         self._last_fsync = clock()
-        # Streams with files: bounded by what retention keeps on disk.
+        # Streams with files: bounded by what retention keeps on disk. The
+        # highest seq given (this process) or recorded (files) per stream,
         self._last_seq: dict[str, int] = {}
+        # and the highest reservation its files hold (none: absent).
+        self._reserved: dict[str, int] = {}
         # Streams pruned by this process, oldest prune first: a re-opened one
         # goes on after its last seq. Bounded, since ids may never come back.
         self._pruned_seq: OrderedDict[str, int] = OrderedDict()
@@ -317,22 +377,30 @@ class Journal:
 
     def restore(self) -> dict[str, int]:
         """Create the folder if needed, prune what is past retention, and
-        return each remaining journaled stream's last seq."""
+        return each remaining journaled stream's last seq: the highest of its
+        journaled finals and seq reservations."""
         self._dir.mkdir(parents=True, exist_ok=True)
         self.prune()
         for stream, paths in self._files().items():
-            last = 0
-            # The newest file that holds a valid record has the last seq.
+            last = reserved = 0
+            # The newest file that holds a valid line has the last seq (a
+            # rotation carries the latest reservation into the new file).
             for path in reversed(paths):
-                seqs = [r.seq for r in self._read(path)]
-                if seqs:
-                    last = max(seqs)
+                lines = list(self._lines(path))
+                if lines:
+                    last = max(x.seq for x in lines)
+                    reserved = max((x.seq for x in lines if isinstance(x, SeqReservation)),
+                                   default=0)
                     break
             self._last_seq[stream] = last
+            if reserved:
+                self._reserved[stream] = reserved
         return dict(self._last_seq)
 
     def last_seq(self, stream: str) -> int:
-        """The last journaled seq of ``stream`` (0 if none, or pruned and
+        """The last seq of ``stream``: the highest given in this process (as
+        :meth:`reserve` and :meth:`append` were told), else the highest its
+        files record, finals and reservations (0 if none, or pruned and
         forgotten)."""
         seq = self._last_seq.get(stream)
         return seq if seq is not None else self._pruned_seq.get(stream, 0)
@@ -350,7 +418,8 @@ class Journal:
 
     @property
     def open_files(self) -> int:
-        """Files held open: one per live stream that has journaled a final."""
+        """Files held open: one per live stream that has journaled a final or
+        a seq reservation."""
         return len(self._open)
 
     def prune(self, live: Collection[str] = ()) -> list[str]:
@@ -389,6 +458,7 @@ class Journal:
     def _forget_files_of(self, stream: str) -> None:
         """The stream's files are gone: remember its last seq among the pruned."""
         self._renumbered.discard(stream)
+        self._reserved.pop(stream, None)
         last = self._last_seq.pop(stream, 0)
         if last:
             self._pruned_seq[stream] = last
@@ -403,32 +473,61 @@ class Journal:
 
         Raises OSError when the disk refuses; the caller decides what then.
         """
-        data = (encode_record(event) + "\n").encode()
+        cur = self._write(event.stream, (encode_record(event) + "\n").encode())
+        self._last_seq[event.stream] = max(event.seq, self._last_seq.get(event.stream, 0))
+        self.appended += 1
+        self._make_durable(event.stream, cur)
+
+    def reserve(self, stream: str, seq: int) -> bool:
+        """A caption of ``stream`` numbered ``seq`` (partial or final) is about
+        to be sent: make sure a restart numbers the stream after it.
+
+        Past the stream's reserved mark, a reservation of
+        ``seq + SEQ_RESERVE_BLOCK`` is appended and the call returns once it
+        is flushed (and fsynced per policy, as a final is): True. Otherwise
+        only ``seq`` is noted (:meth:`last_seq`): False. Raises OSError when
+        the disk refuses (the mark stays where it was).
+        """
+        if seq <= self._reserved.get(stream, 0):
+            self._last_seq[stream] = max(seq, self._last_seq.get(stream, 0))
+            return False
+        mark = seq + SEQ_RESERVE_BLOCK
+        cur = self._write(stream, (encode_reservation(stream, mark) + "\n").encode())
+        self._reserved[stream] = mark
+        self._last_seq[stream] = max(seq, self._last_seq.get(stream, 0))
+        self._make_durable(stream, cur)
+        return True
+
+    def _write(self, stream: str, data: bytes) -> _Open:
+        """Append one line to the stream's file (rotating first if due) and
+        flush it to the OS; returns the file written."""
         now = self._wall()
-        cur = self._open.get(event.stream)
+        cur = self._open.get(stream)
         if cur is None:
             # Re-opened files are checked too: one written before a release
             # or a restart may be due by age or size already.
-            cur = self._open_for_append(event.stream, now)
+            cur = self._open_for_append(stream, now)
         age = file_age(cur.started, now)
         if should_rotate(cur.size, len(data), age, self._cfg.max_bytes, self._cfg.max_age_s):
             if age == math.inf and self._cfg.max_age_s > 0:
                 log.warning("journal: %s was started %.0f s ahead of the clock (was the "
                             "clock set back?); starting a new file", cur.path.name,
                             cur.started - now)
-            cur = self._rotate(event.stream, cur, now)
+            cur = self._rotate(stream, cur, now)
         cur.file.write(data)
         cur.file.flush()
         cur.size += len(data)
-        if event.stream in self._pruned_seq:
-            self._last_seq[event.stream] = self._pruned_seq.pop(event.stream)
-            self._renumbered.add(event.stream)
-        self._last_seq[event.stream] = max(event.seq, self._last_seq.get(event.stream, 0))
-        self.appended += 1
+        if stream in self._pruned_seq:
+            self._last_seq[stream] = self._pruned_seq.pop(stream)
+            self._renumbered.add(stream)
+        return cur
+
+    def _make_durable(self, stream: str, cur: _Open) -> None:
+        """fsync what was just written, per ``fsync``."""
         if self._cfg.fsync == "always":
             os.fsync(cur.file.fileno())
         elif self._cfg.fsync == "interval":
-            self._dirty.add(event.stream)
+            self._dirty.add(stream)
             self.sync_due()
 
     def sync_due(self) -> float | None:
@@ -502,6 +601,16 @@ class Journal:
         index, started = cur.index + 1, recorded_start(now)
         path = self._dir / file_name(stream, index, started)
         opened = self._open[stream] = _Open(index, path, path.open("ab"), 0, started)
+        mark = self._reserved.get(stream)
+        if mark:
+            # The new file starts with the latest reservation, durably before
+            # the old files may go: the newest file holds the mark (restore).
+            data = (encode_reservation(stream, mark) + "\n").encode()
+            opened.file.write(data)
+            opened.file.flush()
+            opened.size += len(data)
+            if self._cfg.fsync != "never":
+                os.fsync(opened.file.fileno())
         self._sync_dir()
         # Keep `keep` rotated files besides the new one.
         old = self._files().get(stream, [])[:-1]
@@ -533,7 +642,8 @@ class Journal:
     # --- reading ----------------------------------------------------------------
 
     def replay(self, stream: str, since: int, before: int | None = None) -> Replay | None:
-        """The journaled finals of ``stream`` with ``since < seq < before``.
+        """The journaled finals of ``stream`` with ``since < seq < before``
+        (captions only: reservation lines are never replayed).
 
         None when the journal holds nothing of the stream. Reads the stream's
         files on the calling thread: at most ``(keep + 1) * max_bytes`` bytes.
@@ -547,17 +657,24 @@ class Journal:
         complete = (first_file is not None and first_file.index == 1
                     and stream not in self._renumbered)
         records: list[JournalRecord] = []
-        covered_from = 1
-        first = True
+        covered_from: int | None = None
+        first_reserved: int | None = None
         for path in paths:
-            for rec in self._read(path):
-                if first:
-                    covered_from = 1 if complete else rec.seq
-                    first = False
-                if rec.seq > since and (before is None or rec.seq < before):
-                    records.append(rec)
-        if first:
-            return None
+            for line in self._lines(path):
+                if isinstance(line, SeqReservation):
+                    if first_reserved is None:
+                        first_reserved = line.seq
+                    continue
+                if covered_from is None:
+                    covered_from = 1 if complete else line.seq
+                if line.seq > since and (before is None or line.seq < before):
+                    records.append(line)
+        if covered_from is None:
+            if first_reserved is None:
+                return None
+            # Reservations but no final: every final there was is in deleted
+            # files, and those were numbered up to the oldest reservation kept.
+            covered_from = 1 if complete else first_reserved + 1
         return Replay(tuple(records), covered_from)
 
     def _files(self) -> dict[str, list[Path]]:
@@ -571,7 +688,8 @@ class Journal:
                 found.setdefault(parsed.stream, []).append((parsed.index, path))
         return {s: [p for _, p in sorted(items)] for s, items in found.items()}
 
-    def _read(self, path: Path) -> Iterator[JournalRecord]:
+    def _lines(self, path: Path) -> Iterator[JournalRecord | SeqReservation]:
+        """The file's finals and reservations, in order; damaged lines skipped."""
         try:
             data = path.read_bytes()
         except FileNotFoundError:  # rotated away meanwhile
@@ -579,15 +697,18 @@ class Journal:
         for number, raw in enumerate(data.split(b"\n"), 1):
             if not raw.strip():
                 continue
+            line: JournalRecord | SeqReservation | None
             try:
-                rec = decode_record(raw.decode())
+                text = raw.decode()
             except UnicodeDecodeError:
-                rec = None
-            if rec is None:
+                line = None
+            else:
+                line = decode_record(text) or decode_reservation(text)
+            if line is None:
                 log.warning("journal: skipping a damaged line (%s line %d): %r",
                             path.name, number, raw[:60])
                 continue
-            yield rec
+            yield line
 
 
 def _ends_with_newline(path: Path) -> bool:

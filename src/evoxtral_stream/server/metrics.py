@@ -154,8 +154,9 @@ class _StatsCollector(Collector):
                 "evoxtral_audio_seconds": ("Seconds of audio received.", st.audio_s),
                 "evoxtral_journal_appends": ("Finals written to the journal.",
                                              st.journal_appends),
-                "evoxtral_journal_failures": ("Finals the journal failed to write.",
-                                              st.journal_failures),
+                "evoxtral_journal_failures": (
+                    "Journal writes that failed (finals, seq reservations).",
+                    st.journal_failures),
                 "evoxtral_worker_stalls": (
                     "Times a backend call ran past worker.stall_timeout_s.", st.stalls),
                 "evoxtral_journal_streams_pruned": (
