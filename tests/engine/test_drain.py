@@ -226,3 +226,22 @@ async def test_no_stream_opens_once_the_engine_drains() -> None:
         assert await engine.drain() is True
         with pytest.raises(EngineStopping, match="shutting down"):
             engine.open_stream("after")
+
+
+async def test_a_backlog_retry_pending_at_a_cut_drain_does_not_run_after_the_stop() -> None:
+    """Finals the full inbox refused wait in the backlog, offered again on a
+    timer; a drain cut short drops them, and the timer must not fire once
+    the worker is gone (it did, and failed in the loop's exception handler)."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    try:
+        async with hung(**{"worker.max_queue": 1, "worker.max_batch": 1,
+                           "worker.drain_timeout_s": 0.2}) as (engine, stream):
+            stream.push(talk(2))                 # two more finals: one waits, one is refused
+            assert engine.stats().finals_backlog == 1
+            assert await engine.drain() is False
+        await asyncio.sleep(0.1)                 # past any retry still scheduled
+    finally:
+        loop.set_exception_handler(None)
+    assert errors == []

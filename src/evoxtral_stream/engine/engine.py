@@ -399,6 +399,11 @@ class Engine:
 
     async def aclose(self) -> None:
         await self.drain()
+        # The drain left no backlog (delivered, or dropped with its stream):
+        # a retry still scheduled must not run once the worker is gone.
+        if self._retry_handle is not None:
+            self._retry_handle.cancel()
+            self._retry_handle = None
         if self._worker is not None:
             worker, self._worker = self._worker, None
             await self._stop_worker(worker)
