@@ -160,6 +160,7 @@ async def test_bad_first_message_gets_error_then_close(
 @pytest.mark.parametrize(("query", "why"), [
     ("a" * 129, "a stream id has 1 to 128 characters, got 129"),
     ("line%0Abreak", "a stream id holds no control characters, got 'line\\nbreak'"),
+    ("a%2Cb", "a stream id holds no comma (stream lists are comma-separated), got 'a,b'"),
 ])
 async def test_an_unusable_stream_id_is_refused(
     scripted: tuple[Engine, CaptionServer], query: str, why: str,
