@@ -49,7 +49,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ..config import ConfigError, MqttConfig
 from ..events import CaptionEvent, EngineEvent, StreamEnded, StreamError, StreamStarted
@@ -59,7 +59,10 @@ from .protocol import encode_event
 
 if TYPE_CHECKING:
     import aiomqtt
+    from paho.mqtt.client import CallbackOnPublish_v2
+    from paho.mqtt.client import Client as PahoClient
     from paho.mqtt.properties import Properties
+    from paho.mqtt.reasoncodes import ReasonCode
 
 __all__ = [
     "ENGINE_OFFLINE",
@@ -97,7 +100,9 @@ class MqttStats:
     partials replaced while waiting by a newer partial or the final of their
     segment (no information lost). ``dropped_partials``/``dropped_finals``:
     removed by the overflow policy (``dropped_finals`` counts lifecycle events
-    too). ``failed``: given up after a failed publish, or still queued at close.
+    too). ``failed``: given up after a failed publish, refused by the broker
+    (an MQTT 5 acknowledgement with an error reason code), or still queued at
+    close.
     ``queued``: waiting now.
     """
 
@@ -277,6 +282,10 @@ class _ConnectionLost(Exception):
     pass
 
 
+class _Refused(Exception):
+    """The broker acknowledged a publish with an error reason code (MQTT 5 only)."""
+
+
 class MqttPublisher:
     """Engine listener that publishes every event to MQTT (see the module doc).
 
@@ -305,7 +314,10 @@ class MqttPublisher:
     :func:`reconnect_delay`; the queue keeps filling meanwhile. A final or
     lifecycle event whose publish broke goes back to the head and is sent
     again, up to three attempts (QoS 1 is at-least-once: duplicates are
-    possible); a broken partial is counted as failed. ``aclose`` publishes
+    possible); a broken partial is counted as failed. A publish the broker
+    refuses (MQTT 5 PUBACK with an error reason, e.g. an ACL's "not
+    authorized") is counted as failed and logged, not retried: the connection
+    is fine and the same message would be refused again. ``aclose`` publishes
     what is queued for up to ``cfg.drain_s``, then ``offline``, then
     disconnects; whatever is left counts as failed.
     """
@@ -335,6 +347,11 @@ class MqttPublisher:
         self._last_error: str | None = None
         self._last_drop_log = -_DROP_LOG_EVERY_S
         self._drops_logged = 0
+        # Set by the PUBACK of the publish in flight (one at a time) when the
+        # broker refused it; see _client.
+        self._refusal: ReasonCode | None = None
+        self._refused = 0
+        self._last_refused_log = -_DROP_LOG_EVERY_S
 
     # --- listener side ------------------------------------------------------
 
@@ -514,7 +531,7 @@ class MqttPublisher:
         v5 = version == "5"
         will = aiomqtt.Will(f"{self.cfg.prefix}/status", ENGINE_OFFLINE, qos=1, retain=True,
                             properties=_props(v5, "text/plain", will=True))
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.cfg.host, self.cfg.port,
             username=self.cfg.username or None, password=self.cfg.password or None,
             identifier=self.client_id,
@@ -530,6 +547,21 @@ class MqttPublisher:
             tls_context=self._tls,
             logger=logging.getLogger(f"{__name__}.paho"),
         )
+        # aiomqtt completes a publish on any acknowledgement and drops its
+        # reason code, so an MQTT 5 PUBACK refusing the message (0x87 not
+        # authorized by an ACL, 0x97 quota exceeded, ...) would read as
+        # published. Note the refusal, then let aiomqtt complete the publish.
+        paho: PahoClient = client._client
+        acknowledged = cast("CallbackOnPublish_v2", paho.on_publish)
+
+        def on_publish(c: PahoClient, userdata: Any, mid: int, reason: ReasonCode,
+                       props: Properties) -> None:
+            if reason.is_failure:
+                self._refusal = reason
+            acknowledged(c, userdata, mid, reason, props)
+
+        paho.on_publish = on_publish
+        return client
 
     def _on_connected(self, version: str, failures: int) -> None:
         self._connects += 1
@@ -587,8 +619,14 @@ class MqttPublisher:
         lost: asyncio.Future[None] = client._disconnected
         v5 = version == "5"
         json_props = _json_props(v5)
-        await self._send(client, lost, f"{self.cfg.prefix}/status", ENGINE_ONLINE, 1, True,
-                         _text_props(v5))
+        try:
+            await self._send(client, lost, f"{self.cfg.prefix}/status", ENGINE_ONLINE, 1,
+                             True, _text_props(v5))
+        except _Refused as e:
+            # Not a connection problem: reconnecting would only be refused
+            # again. Events may still be allowed, so publish them.
+            log.warning("MQTT broker refused %r on %s/status (%s); the engine's presence "
+                        "is not published", ENGINE_ONLINE.decode(), self.cfg.prefix, e)
         while not self._done_closing():
             item = self._backlog.pop()
             if item is None:
@@ -598,15 +636,26 @@ class MqttPublisher:
                 payload = encode_event(item.event).encode()
                 await self._send(client, lost, item.topic, payload, item.qos, item.retain,
                                  json_props)
+            except _Refused as e:
+                # The broker answered: the connection is fine, and sending the
+                # same message again would be refused again.
+                self._failed += 1
+                self._log_refused(item.topic, e)
+                continue
             except BaseException:
                 # Cancellation included: the item must be counted, not vanish.
                 self._give_back(item)
                 raise
             self._published += 1
         # A clean DISCONNECT suppresses the will, so say goodbye explicitly.
-        with contextlib.suppress(Exception):
+        try:
             await self._send(client, lost, f"{self.cfg.prefix}/status", ENGINE_OFFLINE, 1,
                              True, _text_props(v5))
+        except _Refused as e:
+            log.warning("MQTT broker refused %r on %s/status (%s)", ENGINE_OFFLINE.decode(),
+                        self.cfg.prefix, e)
+        except Exception:
+            pass
 
     async def _idle(self, lost: asyncio.Future[None]) -> None:
         self._wake.clear()
@@ -625,6 +674,7 @@ class MqttPublisher:
                     payload: bytes, qos: int, retain: bool, props: Properties | None) -> None:
         # A QoS 1 publish whose connection broke would wait the full timeout
         # for its acknowledgement; racing it against the loss fails it at once.
+        self._refusal = None
         pub = asyncio.ensure_future(client.publish(topic, payload, qos=qos, retain=retain,
                                                    properties=props,
                                                    timeout=self.cfg.timeout_s))
@@ -637,8 +687,21 @@ class MqttPublisher:
                     await pub
         if pub.done() and not pub.cancelled():
             pub.result()
+            if self._refusal is not None:
+                raise _Refused(str(self._refusal))
             return
         raise _lost_error(lost)
+
+    def _log_refused(self, topic: str, e: _Refused) -> None:
+        self._refused += 1
+        now = time.monotonic()
+        # A misconfigured ACL refuses every final: one line per interval, the
+        # counters carry the rest.
+        if now - self._last_refused_log >= _DROP_LOG_EVERY_S:
+            self._last_refused_log = now
+            log.warning("MQTT broker refused the publish to %s (%s); not retried, counted "
+                        "as failed (%d refused so far; check the broker's ACL and limits)",
+                        topic, e, self._refused)
 
     def _give_back(self, item: _Item) -> None:
         if item.partial or item.attempts + 1 >= _MAX_ATTEMPTS:
