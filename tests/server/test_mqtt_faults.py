@@ -8,7 +8,7 @@ import contextlib
 import logging
 import os
 import pwd
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ except ImportError:  # the mqtt extra is optional
     pytest.skip("aiomqtt not installed (pip install 'evoxtral-stream[mqtt]')",
                 allow_module_level=True)
 
-from evoxtral_stream.server.mqtt import MqttPublisher
+from evoxtral_stream.server.mqtt import ENGINE_OFFLINE, ENGINE_ONLINE, MqttPublisher
 from tests.server.conftest import MosquittoBroker, mosquitto_binary
 from tests.server.test_mqtt import (
     body,
@@ -27,6 +27,7 @@ from tests.server.test_mqtt import (
     connected,
     eventually,
     mqtt_config,
+    payload,
     subscriber,
     topic,
 )
@@ -103,3 +104,125 @@ async def test_a_refused_online_is_logged_and_publishing_goes_on(
     # A refused presence must not send the publisher round the reconnect loop.
     assert (st.connects, st.connect_failures, st.published) == (1, 0, 1), st
     assert warnings_about(caplog, "acl/status", "Not authorized"), caplog.text
+
+
+# --- publishes never acknowledged -----------------------------------------------------------
+
+
+class SwallowingProxy:
+    """A TCP front for the broker that forwards every MQTT packet except a
+    client's PUBLISH whose topic ``swallow`` picks: a broker that never
+    acknowledges those (stalled, overloaded, over its inflight quota), while
+    the connection and everything else on it stay healthy. ``swallow`` may be
+    changed at any time; ``swallowed`` counts the packets it dropped."""
+
+    def __init__(self, upstream: int, swallow: Callable[[str], bool]) -> None:
+        self.upstream = upstream
+        self.swallow = swallow
+        self.swallowed = 0
+        self.port = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> SwallowingProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                      ) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream)
+        self._tasks.update({asyncio.create_task(self._packets(reader, up_w)),
+                            asyncio.create_task(self._raw(up_r, writer))})
+
+    async def _raw(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while data := await r.read(65536):
+                w.write(data)
+                await w.drain()
+        except ConnectionError:
+            pass
+        finally:
+            w.close()
+
+    async def _packets(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        # Whole packets, so that one PUBLISH can be left out. Closing the
+        # upstream side when the client's side ends passes an abrupt close on
+        # as one: the broker then publishes the will.
+        try:
+            while True:
+                head = await r.readexactly(1)
+                raw, length, mult = b"", 0, 1
+                while True:
+                    byte = await r.readexactly(1)
+                    raw += byte
+                    length += (byte[0] & 0x7F) * mult
+                    mult *= 128
+                    if not byte[0] & 0x80:
+                        break
+                body = await r.readexactly(length)
+                if head[0] >> 4 == 3:  # PUBLISH
+                    n = int.from_bytes(body[:2], "big")
+                    if self.swallow(body[2:2 + n].decode()):
+                        self.swallowed += 1
+                        continue
+                w.write(head + raw + body)
+                await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+
+async def retained_status(port: int, prefix: str) -> bytes | None:
+    """The engine presence a subscriber arriving now is told."""
+    async with subscriber(port, f"{prefix}/status") as late:
+        got = await late.settle(0.5)
+    values = [payload(m) for m in got if topic(m) == f"{prefix}/status"]
+    return values[-1] if values else None
+
+
+async def test_presence_says_offline_after_a_publish_timeout_and_close(
+    mosquitto: MosquittoBroker,
+) -> None:
+    async with SwallowingProxy(mosquitto.port, lambda t: t.endswith("/final")) as proxy:
+        cfg = mqtt_config(proxy.port, "pz", protocol="5", timeout_s=0.5, drain_s=1.0,
+                          reconnect_min_s=5.0, reconnect_max_s=5.0)
+        pub = MqttPublisher(cfg)
+        await pub.start()
+        await connected(pub)
+        assert await retained_status(mosquitto.port, "pz") == ENGINE_ONLINE
+        pub(caption("s", 0, 1, True, "never acknowledged"))
+        # No PUBACK within timeout_s: the connection is reopened (docs/config.md),
+        # after a backoff that outlasts the close below.
+        await eventually(lambda: proxy.swallowed >= 1 and not pub.connected,
+                         "the publish timed out and the connection was dropped")
+        await pub.aclose()
+        # The engine is gone: its presence must not say online. A clean
+        # DISCONNECT after the timeout would have discarded the will.
+        await asyncio.sleep(0.3)
+        assert await retained_status(mosquitto.port, "pz") == ENGINE_OFFLINE
+
+
+async def test_presence_says_offline_when_the_goodbye_is_not_acknowledged(
+    mosquitto: MosquittoBroker,
+) -> None:
+    async with SwallowingProxy(mosquitto.port, lambda t: False) as proxy:
+        cfg = mqtt_config(proxy.port, "pg", protocol="5", timeout_s=0.5, drain_s=1.0)
+        pub = MqttPublisher(cfg)
+        await pub.start()
+        await connected(pub)
+        assert await retained_status(mosquitto.port, "pg") == ENGINE_ONLINE
+        # The broker stalls just as the engine says goodbye.
+        proxy.swallow = lambda t: t == "pg/status"
+        await pub.aclose()
+        assert proxy.swallowed == 1, "offline was sent and never acknowledged"
+        await asyncio.sleep(0.3)
+        assert await retained_status(mosquitto.port, "pg") == ENGINE_OFFLINE

@@ -44,6 +44,7 @@ import logging
 import os
 import random
 import secrets
+import socket
 import ssl
 import time
 from collections import OrderedDict, deque
@@ -319,7 +320,9 @@ class MqttPublisher:
     authorized") is counted as failed and logged, not retried: the connection
     is fine and the same message would be refused again. ``aclose`` publishes
     what is queued for up to ``cfg.drain_s``, then ``offline``, then
-    disconnects; whatever is left counts as failed.
+    disconnects; whatever is left counts as failed. A connection given up on
+    (by an error, or an ``offline`` that did not go out) is closed without a
+    DISCONNECT, so that the broker publishes the will.
     """
 
     def __init__(self, cfg: MqttConfig, *, rand: Callable[[], float] | None = None) -> None:
@@ -474,7 +477,14 @@ class MqttPublisher:
                 async with client:
                     self._on_connected(version, failures)
                     failures = 0
-                    await self._pump(client, version)
+                    try:
+                        await self._pump(client, version)
+                    except BaseException:
+                        # Leaving `async with` sends a clean DISCONNECT, and
+                        # the broker then discards the will: the retained
+                        # presence would say online while nobody publishes.
+                        _break_connection(client)
+                        raise
                 return
             except (aiomqtt.MqttError, _ConnectionLost, OSError) as e:
                 was_connected = self.connected
@@ -647,15 +657,17 @@ class MqttPublisher:
                 self._give_back(item)
                 raise
             self._published += 1
-        # A clean DISCONNECT suppresses the will, so say goodbye explicitly.
+        # A clean DISCONNECT suppresses the will, so say goodbye explicitly;
+        # when that fails, leave without one so the broker sends the will.
         try:
             await self._send(client, lost, f"{self.cfg.prefix}/status", ENGINE_OFFLINE, 1,
                              True, _text_props(v5))
         except _Refused as e:
             log.warning("MQTT broker refused %r on %s/status (%s)", ENGINE_OFFLINE.decode(),
                         self.cfg.prefix, e)
+            _break_connection(client)
         except Exception:
-            pass
+            _break_connection(client)
 
     async def _idle(self, lost: asyncio.Future[None]) -> None:
         self._wake.clear()
@@ -752,6 +764,21 @@ def _tls_hint(cfg: MqttConfig, err: ssl.SSLError) -> str:
     if cfg.port == 1883:
         return "; port 1883 is usually plain MQTT, TLS is usually on 8883"
     return ""
+
+
+def _break_connection(client: aiomqtt.Client) -> None:
+    """End the connection without a DISCONNECT, so the broker publishes the will.
+
+    Shutting the socket down is an abnormal close under both MQTT versions
+    (MQTT 5's DISCONNECT with reason 0x04 would be one for version 5 only).
+    paho then finds the socket closed, and aiomqtt's ``__aexit__`` finishes
+    without sending anything.
+    """
+    sock = client._client.socket()
+    if not isinstance(sock, socket.socket):  # None: already closed (TLS sockets are ones)
+        return
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 
 
 def _lost_error(lost: asyncio.Future[None]) -> _ConnectionLost:
