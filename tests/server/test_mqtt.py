@@ -471,6 +471,22 @@ def test_stream_ids_become_single_topic_levels() -> None:
     assert topic_level("") == "_"
 
 
+@pytest.mark.parametrize("code", [
+    0x01, 0x1F, 0x7F, 0x85, 0x9F,        # control characters
+    0xD800, 0xDFFF,                      # lone surrogates (not UTF-8 at all)
+    0xFDD0, 0xFDEF, 0xFFFE, 0xFFFF,      # noncharacters...
+    0x1FFFE, 0x10FFFF,                   # ...in every plane
+], ids=hex)
+def test_topic_levels_hold_no_character_a_broker_rejects(code: int) -> None:
+    # mosquitto drops the connection for a topic holding one (MQTT 5, 1.5.4).
+    assert topic_level(f"a{chr(code)}b") == "a_b"
+
+
+def test_topic_levels_keep_other_unicode() -> None:
+    for ok in ("caf\u00e9", "\u00a0", "\ufdcf\ufdf0\ufffd", "\U0001f600", "\U0010fffd"):
+        assert topic_level(ok) == ok
+
+
 def test_unknown_events_are_ignored_not_raised() -> None:
     pub = MqttPublisher(mqtt_config(1883, "u"))
     pub(StreamEnded("s", 1.0, 1, 1))

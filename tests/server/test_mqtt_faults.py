@@ -19,6 +19,7 @@ except ImportError:  # the mqtt extra is optional
     pytest.skip("aiomqtt not installed (pip install 'evoxtral-stream[mqtt]')",
                 allow_module_level=True)
 
+from evoxtral_stream.events import StreamStarted, stream_id_problem
 from evoxtral_stream.server.mqtt import ENGINE_OFFLINE, ENGINE_ONLINE, MqttPublisher
 from tests.server.conftest import MosquittoBroker, mosquitto_binary
 from tests.server.test_mqtt import (
@@ -226,3 +227,36 @@ async def test_presence_says_offline_when_the_goodbye_is_not_acknowledged(
         assert proxy.swallowed == 1, "offline was sent and never acknowledged"
         await asyncio.sleep(0.3)
         assert await retained_status(mosquitto.port, "pg") == ENGINE_OFFLINE
+
+
+# --- topics the broker rejects ------------------------------------------------------------
+
+
+async def test_a_stream_id_with_a_unicode_noncharacter_does_not_break_the_connection(
+    mosquitto: MosquittoBroker,
+) -> None:
+    odd = "talk\ufdd0"  # a Unicode noncharacter: a valid stream id...
+    assert stream_id_problem(odd) is None
+    cfg = mqtt_config(mosquitto.port, "nc", protocol="5")
+    async with subscriber(mosquitto.port, "nc/#") as sub:
+        async with MqttPublisher(cfg) as pub:
+            await connected(pub)
+            pub(StreamStarted(odd, "test"))
+            pub(caption(odd, 0, 1, False, "part"))
+            pub(caption("other", 0, 1, True, "an innocent stream's final"))
+            pub(caption(odd, 1, 2, True, "final"))
+            await eventually(lambda: pub.stats().queued == 0
+                             and pub.stats().published + pub.stats().failed >= 4,
+                             "all four handled", within=20)
+            st = pub.stats()
+        got = await sub.settle()
+    # ...but mosquitto drops the connection (malformed packet) for a topic
+    # holding one: every event of that stream would break the connection
+    # (the will fires, every stream's queue stalls) and be lost.
+    assert (st.connects, st.failed, st.published) == (1, 0, 4), st
+    assert [body(m)["text"] for m in got if topic(m) == "nc/other/final"] == [
+        "an innocent stream's final"]
+    assert [body(m)["stream"] for m in got if topic(m) == "nc/talk_/final"] == [odd]
+    # One connection: online once, offline at close (no will, no flapping).
+    assert [payload(m) for m in got if topic(m) == "nc/status"] == [ENGINE_ONLINE,
+                                                                     ENGINE_OFFLINE]

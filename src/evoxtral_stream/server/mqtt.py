@@ -43,6 +43,7 @@ import itertools
 import logging
 import os
 import random
+import re
 import secrets
 import socket
 import ssl
@@ -92,6 +93,16 @@ _VERSION_REFUSED = frozenset({1, 0x84})
 
 _PartialKey = tuple[str, int]
 
+# What a stream id must not put in its topic level: the separator and the
+# wildcards, and what MQTT 5 (1.5.4) says a topic should not hold: mosquitto
+# answers a topic with a noncharacter as a malformed packet and drops the
+# connection, which the next event of that stream would do again, stalling
+# every stream. Surrogates cannot be encoded as UTF-8 at all.
+_TOPIC_UNSAFE = re.compile(
+    "[/+#\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+    + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
+    + "]")
+
 
 @dataclass(frozen=True)
 class MqttStats:
@@ -131,14 +142,14 @@ class MqttStats:
 
 
 def topic_level(stream: str) -> str:
-    """``stream`` as one topic level: ``/``, ``+``, ``#`` and NUL become ``_``.
+    """``stream`` as one topic level a broker accepts.
 
-    Two ids may then share a topic ("a/b", "a_b"); the payload keeps the real id.
+    ``/``, ``+``, ``#``, control characters (U+0000-U+001F, U+007F-U+009F),
+    surrogates and Unicode noncharacters (U+FDD0-U+FDEF, U+xFFFE, U+xFFFF)
+    become ``_``. Two ids may then share a topic ("a/b", "a_b"); the payload
+    keeps the real id.
     """
-    out = stream
-    for c in "/+#\0":
-        out = out.replace(c, "_")
-    return out or "_"
+    return _TOPIC_UNSAFE.sub("_", stream) or "_"
 
 
 def reconnect_delay(cfg: MqttConfig, failures: int, rand: Callable[[], float]) -> float:
