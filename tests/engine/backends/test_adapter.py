@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 import warnings
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -140,3 +144,45 @@ def test_new_layout_adapter_loads_merged(tiny: Tiny, tiny_cfg: VoxtralConfig) ->
     batch = audio_batch([3.0], seed=7)
     ref = logits(reference_model(tiny.base, tiny.deltas_rl), backend, batch)
     assert float((logits(backend.model, backend, batch) - ref).abs().max()) <= TOL
+
+
+def _truncate_weights(folder: Path) -> None:
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+
+
+def _edit_config(**changes: object) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        cfg_file = folder / "adapter_config.json"
+        cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), **changes}))
+
+    return edit
+
+
+def _config_not_an_object(folder: Path) -> None:
+    (folder / "adapter_config.json").write_text("[]")
+
+
+@pytest.mark.parametrize(
+    ("spoil", "says"),
+    [
+        (_truncate_weights, "cannot read"),
+        (_config_not_an_object, "not a JSON object"),
+        (_edit_config(r=8), "size mismatch"),  # the tensors have rank 4
+        (_edit_config(target_modules=["c_attn"]), "c_attn"),  # a GPT-2 style adapter
+    ],
+    ids=["truncated-weights", "config-not-an-object", "other-rank", "other-modules"],
+)
+def test_a_broken_or_foreign_adapter_is_one_line(
+    tiny: Tiny, tiny_cfg: VoxtralConfig, tmp_path: Path, spoil: Callable[[Path], None], says: str
+) -> None:
+    folder = tmp_path / "adapter"
+    shutil.copytree(tiny.adapter, folder)
+    spoil(folder)
+    with pytest.raises(BackendUnavailable) as info:
+        load_voxtral_backend(dataclasses.replace(tiny_cfg, adapter=str(folder)), "en")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert info.value.__context__ is None or info.value.__suppress_context__
+    assert "model.voxtral.adapter" in msg
+    assert says in msg

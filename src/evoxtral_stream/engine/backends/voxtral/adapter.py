@@ -64,22 +64,44 @@ def map_adapter_key(key: str) -> str:
     return PEFT_PREFIX + body
 
 
+def _first_line(exc: BaseException) -> str:
+    """The exception in one line; a first line that only introduces a list
+    ("Error(s) in loading state_dict for PeftModel:") keeps its first item."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1]}"
+    return f"{type(exc).__name__}: {text}"
+
+
 def read_adapter(folder: Path) -> tuple[Any, dict[str, torch.Tensor]]:
     """The LoRA config and the key-mapped tensors (on CPU) of an adapter folder."""
     from peft import LoraConfig, PeftType
     from safetensors.torch import load_file
 
+    config_file = folder / "adapter_config.json"
     try:
-        raw = json.loads((folder / "adapter_config.json").read_text("utf-8"))
+        raw = json.loads(config_file.read_text("utf-8"))
     except (OSError, ValueError) as e:
-        raise AdapterError(f"cannot read {folder / 'adapter_config.json'}: {e}") from None
+        raise AdapterError(f"cannot read {config_file}: {_first_line(e)}") from None
+    if not isinstance(raw, dict):
+        raise AdapterError(f"cannot read {config_file}: it is not a JSON object")
     if raw.get("peft_type") != PeftType.LORA.value:
         raise AdapterError(
             f"adapter {str(folder)!r} is a {raw.get('peft_type')!r} adapter; only LORA is supported"
         )
-    config = LoraConfig.from_pretrained(str(folder))
+    try:
+        config = LoraConfig.from_pretrained(str(folder))
+    except Exception as e:  # peft raises whatever the config's fields make it raise
+        raise AdapterError(f"cannot read {config_file}: {_first_line(e)}") from None
     config.inference_mode = True
-    tensors = load_file(str(folder / "adapter_model.safetensors"), device="cpu")
+    weights = folder / "adapter_model.safetensors"
+    try:
+        tensors = load_file(str(weights), device="cpu")
+    except Exception as e:  # SafetensorError (a truncated file) is no OSError
+        raise AdapterError(f"cannot read {weights}: {_first_line(e)}") from None
     mapped: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         if not key.startswith(PEFT_PREFIX):
@@ -145,17 +167,22 @@ def attach_adapter(model: nn.Module, folder: Path, name: str) -> nn.Module:
     from peft import PeftModel, set_peft_model_state_dict
 
     config, tensors = read_adapter(folder)
-    with warnings.catch_warnings():
-        # peft asks transformers a deprecated question while wrapping; not ours to fix.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        if isinstance(model, PeftModel):
-            model.add_adapter(name, config)
-            peft_model: Any = model
-        else:
-            # A plain PeftModel (not the task-specific subclass): generation goes
-            # through the wrapped transformers model, so no task head is needed.
-            peft_model = PeftModel(model, config, adapter_name=name)
-    set_peft_model_state_dict(peft_model, tensors, adapter_name=name)
+    try:
+        with warnings.catch_warnings():
+            # peft asks transformers a deprecated question while wrapping; not ours to fix.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            if isinstance(model, PeftModel):
+                model.add_adapter(name, config)
+                peft_model: Any = model
+            else:
+                # A plain PeftModel (not the task-specific subclass): generation goes
+                # through the wrapped transformers model, so no task head is needed.
+                peft_model = PeftModel(model, config, adapter_name=name)
+        # Target modules the base lacks: NoMatchingPeftModuleError (a ValueError);
+        # tensors of another shape than the config's rank: a RuntimeError.
+        set_peft_model_state_dict(peft_model, tensors, adapter_name=name)
+    except (ValueError, RuntimeError) as e:
+        raise AdapterError(_first_line(e)) from None
     checked, unset = verify_adapter(peft_model, tensors, name)
     n_params = sum(t.numel() for t in tensors.values())
     if unset:

@@ -254,8 +254,8 @@ def load_model(
         except AdapterError as e:
             key = Kind.ADAPTER.value if name == DEFAULT_ADAPTER else f"adapter {name!r}"
             raise BackendUnavailable(
-                f"LoRA adapter {res.ref!r} does not fit the base model: {e}; set {key} "
-                "to an adapter trained on this base"
+                f"cannot use LoRA adapter {res.ref!r} on this base model ({e}); set {key} "
+                "to a complete adapter trained on this base"
             ) from None
         names.append(name)
     if peft_model is not None:
