@@ -171,3 +171,15 @@ def test_package_import_does_not_load_torch_modules() -> None:
     ).stdout.split()
     assert out == ["False", "False"]
     assert callable(voxtral.load_voxtral_backend)
+
+
+def test_truncated_base_weights_are_one_line(
+    tiny_cfg: VoxtralConfig, tiny: Tiny, tmp_path: Path
+) -> None:
+    folder = tmp_path / "base"
+    shutil.copytree(tiny.base, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    msg = _refused(dataclasses.replace(tiny_cfg, base=str(folder), adapter=""))
+    assert "cannot load the Voxtral base model" in msg
+    assert "model.voxtral.base" in msg

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import numpy.typing as npt
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import StoppingCriteria as _StoppingCriteria
 
@@ -182,7 +183,8 @@ def _from_pretrained(
             f"cannot load Voxtral with attn_implementation {attn!r} ({_first_line(e)}); "
             'set model.voxtral.attn_implementation = "sdpa"'
         ) from None
-    except (OSError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        # SafetensorError (a truncated model.safetensors) is none of the others.
         raise BackendUnavailable(
             f"cannot load the Voxtral base model from {str(folder)!r} ({_first_line(e)}); "
             "set model.voxtral.base to a complete checkpoint"
