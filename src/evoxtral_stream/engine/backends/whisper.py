@@ -126,9 +126,18 @@ class WhisperBackend:
         return list(self._tok.encode(" " + text)) if text else []
 
     def transcribe(self, batch: Sequence[npt.NDArray[np.float32]]) -> list[str]:
-        """Transcribe each array (mono 16 kHz float32); one encoder call per batch."""
-        rows = self._generate(batch, [[] for _ in batch], [self._prompt] * len(batch))
-        return [self._tok.decode(r).strip() for r in rows]
+        """Transcribe each array (mono 16 kHz float32); one encoder call per batch.
+
+        An empty array is "" without the model (as with Voxtral): padded to a
+        window and decoded, it would come back as a word ("you").
+        """
+        keep = [i for i, audio in enumerate(batch) if len(audio)]
+        rows = self._generate([batch[i] for i in keep], [[] for _ in keep],
+                              [self._prompt] * len(keep))
+        texts = [""] * len(batch)
+        for i, row in zip(keep, rows, strict=True):
+            texts[i] = self._tok.decode(row).strip()
+        return texts
 
     def transcribe_jobs(self, jobs: Sequence[Job]) -> list[Done]:
         """One :class:`Done` per job, in order, in one encoder and one generate call.
@@ -140,18 +149,24 @@ class WhisperBackend:
         prefix longer than half of Whisper's 448 positions (far more than
         30 s of speech) is not used. A job's ``language`` must be one of
         :attr:`languages`. Whisper has no adapters: a job naming one raises
-        :class:`BackendError`.
+        :class:`BackendError`. A job with empty audio is ``Done(job, "")``
+        without the model, whatever its prefix (as with Voxtral).
         """
         for job in jobs:
             if job.adapter is not None:
                 raise BackendError(f"the Whisper backend has no adapters (asked for "
                                    f"{job.adapter!r})")
         prompts = [self._prompt_for(job.language) for job in jobs]
-        prefixes = [self.encode_prefix(job.prefix) for job in jobs]
+        keep = [i for i, job in enumerate(jobs) if len(job.audio)]
+        prefixes = [self.encode_prefix(jobs[i].prefix) for i in keep]
         prefixes = [p if len(p) < _MAX_LENGTH // 2 - 1 else [] for p in prefixes]
-        rows = self._generate([job.audio for job in jobs], prefixes, prompts)
-        return [Done(job, self._tok.decode(row).strip(), len(row) - len(pre), tuple(row))
-                for job, pre, row in zip(jobs, prefixes, rows, strict=True)]
+        rows = self._generate([jobs[i].audio for i in keep], prefixes,
+                              [prompts[i] for i in keep])
+        done = [Done(job, "") for job in jobs]
+        for i, pre, row in zip(keep, prefixes, rows, strict=True):
+            done[i] = Done(jobs[i], self._tok.decode(row).strip(), len(row) - len(pre),
+                           tuple(row))
+        return done
 
     def _generate(self, batch: Sequence[npt.NDArray[np.float32]],
                   prefixes: Sequence[Sequence[int]],
