@@ -113,6 +113,17 @@ def test_missing_whisper_model_is_one_line(tmp_path: Path) -> None:
                    "model.whisper.model_path")
 
 
+def test_incomplete_whisper_model_is_one_line(tmp_path: Path) -> None:
+    from evoxtral_stream.engine.backends.whisper import embedded_model_path
+
+    folder = tmp_path / "whisper"
+    shutil.copytree(embedded_model_path(), folder)
+    (folder / "config.json").unlink()
+    one_error_line(cli("transcribe", "--sample", "--backend", "whisper",
+                       "--set", f"model.whisper.model_path={str(folder)!r}"),
+                   "config.json missing", "model.whisper.model_path")
+
+
 @pytest.mark.parametrize("args", [["--debug"], []])
 def test_debug_shows_the_traceback(args: list[str]) -> None:
     proc = cli("transcribe", "--sample", "--set", "vad.frame_ms=25", *args)

