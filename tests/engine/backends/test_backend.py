@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
+import shutil
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from evoxtral_stream.config import VoxtralConfig
 from evoxtral_stream.engine.backends.base import Backend, BackendError, Job
-from evoxtral_stream.engine.backends.voxtral.backend import NO_ADAPTER, VoxtralBackend
+from evoxtral_stream.engine.backends.voxtral.backend import (
+    NO_ADAPTER,
+    VoxtralBackend,
+    load_voxtral_backend,
+)
 
+from .conftest import Tiny
 from .helpers import audio_batch
 
 SECONDS = [3.0, 35.0, 1.0, 5.0, 12.0]
@@ -156,3 +166,26 @@ def test_static_cache_equals_dynamic(merged: VoxtralBackend) -> None:
     dynamic = merged.generate_tokens(batch)
     static = VoxtralBackend(merged.loaded, dataclasses.replace(merged._cfg, static_cache=True))
     assert static.generate_tokens(batch) == dynamic
+
+
+def test_a_generation_config_beyond_greedy_is_ignored_on_every_path(
+    tiny_cfg: VoxtralConfig, tiny: Tiny, merged: VoxtralBackend, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A checkpoint's generation_config.json with a repetition penalty would
+    change what plain generate writes but not what the decoders write."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny.base, base)
+    gen_file = base / "generation_config.json"
+    gen = json.loads(gen_file.read_text())
+    gen_file.write_text(json.dumps({**gen, "repetition_penalty": 50.0,
+                                    "no_repeat_ngram_size": 1}))
+    with caplog.at_level(logging.WARNING):
+        odd = load_voxtral_backend(dataclasses.replace(tiny_cfg, base=str(base)), "en")
+    (warning,) = [r.getMessage() for r in caplog.records if "generation config" in r.getMessage()]
+    assert "no_repeat_ngram_size=1, repetition_penalty=50.0" in warning
+    batch = audio_batch([3.0, 6.0, 1.0], seed=4)
+    expected = merged.generate_tokens(batch)
+    # The random model repeats tokens, so the penalty would have changed them.
+    assert any(len(set(row)) < len(row) for row in expected)
+    assert odd.generate_tokens(batch) == expected

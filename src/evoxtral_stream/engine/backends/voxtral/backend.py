@@ -190,7 +190,45 @@ def _from_pretrained(
             "set model.voxtral.base to a complete checkpoint"
         ) from None
     cast(Any, model).eval()
+    _greedy_generation_config(model, folder)
     return cast(nn.Module, model)
+
+
+# What transformers' generate would take from a checkpoint's
+# generation_config.json and apply on top of greedy argmax; the continuous and
+# slot decoders apply none of it.
+_GREEDY_NEUTRAL: dict[str, Any] = {
+    "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None,
+    "suppress_tokens": None, "begin_suppress_tokens": None, "sequence_bias": None,
+    "forced_bos_token_id": None, "forced_eos_token_id": None,
+    "exponential_decay_length_penalty": None, "min_length": 0, "min_new_tokens": None,
+    "length_penalty": 1.0, "renormalize_logits": False,
+}
+
+
+def _greedy_generation_config(model: Any, folder: Path) -> None:
+    """Keep only the special token ids of the checkpoint's generation config.
+
+    ``generate`` fills what a call leaves unset from ``model.generation_config``,
+    so a checkpoint asking for a repetition penalty (say) would change the
+    plain path's text but not the decoders' (plain argmax): every path must
+    decode alike, greedily. What is dropped is logged.
+    """
+    from transformers import GenerationConfig
+
+    old = getattr(model, "generation_config", None)
+    if old is None:
+        return
+    dropped = {k: v for k, v in old.to_dict().items()
+               if k in _GREEDY_NEUTRAL and v not in (None, _GREEDY_NEUTRAL[k])}
+    if dropped:
+        log.warning("the generation config in %s asks for %s; the engine decodes greedily "
+                    "on every path and ignores it", folder,
+                    ", ".join(f"{k}={v!r}" for k, v in sorted(dropped.items())))
+    model.generation_config = cast(Any, GenerationConfig)(
+        bos_token_id=old.bos_token_id, eos_token_id=old.eos_token_id,
+        pad_token_id=old.pad_token_id, decoder_start_token_id=old.decoder_start_token_id)
 
 
 def load_model(
