@@ -187,7 +187,17 @@ class MicFeed:
             while True:
                 if self._unsent is None:
                     block = asyncio.ensure_future(self.queue.get())
-                    await asyncio.wait({block, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                    try:
+                        await asyncio.wait({block, stopping},
+                                           return_when=asyncio.FIRST_COMPLETED)
+                    except asyncio.CancelledError:
+                        # The connection ended: a block already taken goes to
+                        # the next one, and no get() is left to take another.
+                        if block.done() and not block.cancelled():
+                            self._unsent = block.result()
+                        else:
+                            block.cancel()
+                        raise
                     if not block.done():
                         block.cancel()
                         break

@@ -347,6 +347,38 @@ def test_which_endings_are_reconnected(end: SessionEnd, again: bool) -> None:
     assert should_reconnect(end) is again
 
 
+class SentBlocks:
+    """Stands in for the connection: what MicFeed.send sends, as the first sample of each block."""
+
+    def __init__(self) -> None:
+        self.first_samples: list[int] = []
+
+    async def send(self, data: bytes) -> None:
+        self.first_samples.append(int(np.frombuffer(data, "<i2")[0]))
+
+
+async def test_a_connection_lost_while_the_feed_waits_for_audio_loses_no_block() -> None:
+    """The session cancels MicFeed.send when its connection ends, usually while
+    it waits for the next block (they come every 20 ms). Nothing it started
+    may stay behind and take a block: the next connection gets them all."""
+    def no_portaudio(*_: object) -> LiveStream:
+        raise AssertionError("the capture is not started in this test")
+
+    feed = MicFeed(InputDevice(7, "fake mic", 1, float(SAMPLE_RATE), True),
+                   stream_factory=no_portaudio)
+    stop = asyncio.Event()
+    lost = asyncio.ensure_future(feed.send(SentBlocks(), stop))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)   # waiting for a block
+    lost.cancel()
+    await asyncio.gather(lost, return_exceptions=True)
+    for value in (1, 2, 3):     # captured while reconnecting
+        feed._on_audio(np.full(320, value, np.int16))
+    again = SentBlocks()
+    stop.set()                  # send what is queued, then return
+    await asyncio.wait_for(feed.send(again, stop), 5)  # type: ignore[arg-type]
+    assert again.first_samples == [1, 2, 3]
+
+
 async def test_the_microphone_stream_survives_a_server_restart() -> None:
     """The server goes away mid-stream and comes back on the same port: the
     client reconnects as the same stream and the audio captured meanwhile is
