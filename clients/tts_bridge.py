@@ -725,7 +725,8 @@ class TtsBridge:
         """Run until ``max_captions``, ``exit_on_end``, or (without
         ``reconnect``) the connection's end; raise :class:`BridgeError` when
         the server cannot be reached at first, refuses the subscription, or
-        ``out`` cannot be made a folder."""
+        ``out`` cannot be made a folder. Finals already read are synthesised
+        before a refusal is raised."""
         try:
             self.cfg.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -735,8 +736,10 @@ class TtsBridge:
         writer = asyncio.ensure_future(self._synthesize_all())
         try:
             await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-            if reader.done() and not reader.cancelled() and reader.exception() is None:
-                await writer  # the reader queued its end marker: drain the queue
+            if reader.done() and not reader.cancelled():
+                # The reader queued its end marker, on an error too: the writer
+                # speaks the finals already read, then the error is raised.
+                await writer
         finally:
             for task in (reader, writer):
                 task.cancel()
@@ -750,7 +753,11 @@ class TtsBridge:
     # reader side
 
     async def _read(self) -> None:
-        await self._read_connections()
+        try:
+            await self._read_connections()
+        except Exception:
+            await self._queue.put(None)  # the finals read so far are still spoken
+            raise
         await self._queue.put(None)  # no more finals: the writer drains and stops
 
     async def _read_connections(self) -> None:
@@ -838,6 +845,7 @@ class TtsBridge:
                 await self._queue.put(final)  # backpressure, never a drop
         elif kind == "stream.started" and isinstance(msg.get("stream"), str):
             self._seen.add(msg["stream"])
+            self._ended.discard(msg["stream"])  # an id used again is live again
         elif kind == "stream.ended" and isinstance(msg.get("stream"), str):
             self._seen.add(msg["stream"])
             self._ended.add(msg["stream"])
@@ -850,8 +858,9 @@ class TtsBridge:
                         msg.get("stream"))
             if msg.get("to") is None and isinstance(msg.get("stream"), str):
                 # The server cannot place our seq (a restart without its
-                # journal): what follows may be numbered anew.
-                self._last_seq.pop(msg["stream"], None)
+                # journal): what follows may be numbered anew. Resume from 0,
+                # not without since=, in case the link drops before it comes.
+                self._last_seq[msg["stream"]] = 0
         elif kind == "error":
             log.warning("server error %s: %s", msg.get("code"), msg.get("message"))
         return False

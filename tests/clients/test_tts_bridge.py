@@ -542,12 +542,14 @@ async def test_espeak_bridge_writes_one_wav_per_final_from_a_real_engine(tmp_pat
 
 
 class GatedSynth:
-    """Records the files it is asked for; waits for ``gate`` before the first."""
+    """Records the files it is asked for; waits for ``gate`` before the first,
+    then takes ``delay_s`` for each."""
 
     ext = "txt"
 
-    def __init__(self) -> None:
+    def __init__(self, delay_s: float = 0.0) -> None:
         self.gate = asyncio.Event()
+        self.delay_s = delay_s
         self.names: list[str] = []
 
     def speakable(self, text: str) -> bool:
@@ -555,6 +557,7 @@ class GatedSynth:
 
     async def synthesize(self, text: str, dest: Path) -> None:
         await self.gate.wait()
+        await asyncio.sleep(self.delay_s)
         self.names.append(dest.name)
 
 
@@ -708,6 +711,100 @@ async def test_a_stream_id_used_again_and_a_restarted_server_lose_no_final(
                            "talk+3-00000.txt"]
     assert paths[1].endswith("since=talk:3")
     assert bridge.resume_points == {"talk": 1}
+
+
+async def test_a_link_lost_right_after_a_gap_with_no_end_resumes_from_0(
+        tmp_path: Path) -> None:
+    """A gap with no end is followed by every retained caption of the
+    stream, numbered anew. If the link drops before they come, the next
+    resume must still ask for them (since=talk:0); without a resume point
+    the server would send live events only, and they would be lost."""
+    retained = [_final("talk", 0, 1, "after")]
+    paths: list[str] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        paths.append(ws.request.path)
+        if len(paths) == 1:
+            await ws.send(_msg("hello", v=1, streams=["talk"]))
+            await ws.send(_final("talk", 0, 5, "before"))
+        elif len(paths) == 2:  # the server restarted without its journal
+            await ws.send(_msg("hello", v=1, streams=["talk"]))
+            await ws.send(_msg("gap", stream="talk", **{"from": 6}, to=None))
+        else:  # as the server answers: a resume replays, then the stream ends
+            await ws.send(_msg("hello", v=1, streams=["talk"]))
+            since = parse_qs(urlsplit(ws.request.path).query).get("since", [""])[0]
+            if since.startswith("talk:"):
+                for message in retained:
+                    if json.loads(message)["seq"] > int(since.removeprefix("talk:")):
+                        await ws.send(message)
+            await ws.send(_msg("stream.ended", stream="talk"))
+            await ws.wait_closed()
+            return
+        await ws.close(1001, "going away")
+
+    synth = GatedSynth()
+    synth.gate.set()
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{port}",
+                                        streams=("talk",), exit_on_end=True,
+                                        reconnect_min_s=0.05), synth)
+        stats = await asyncio.wait_for(bridge.run(), 20)
+    assert stats.written == 2 and stats.gaps == 1
+    assert synth.names == ["talk-00000.txt", "talk+2-00000.txt"]
+    assert paths[2].endswith("since=talk:0")
+
+
+async def test_exit_on_end_waits_for_a_stream_id_used_again_to_end_again(
+        tmp_path: Path) -> None:
+    """--stream a --stream b --exit-on-end: a ends, a client reconnects under
+    a's id (a new stream.started), then b ends. a is live again: the bridge
+    goes on, and speaks a's next final before it stops at a's second end."""
+    script = [_msg("hello", v=1, streams=["a", "b"]), _final("a", 0, 1, "a one"),
+              _msg("stream.ended", stream="a"),
+              _msg("stream.started", stream="a", source="ingest"),
+              _msg("stream.ended", stream="b"), _final("a", 0, 2, "a two"),
+              _msg("stream.ended", stream="a")]
+
+    async def handler(ws: ServerConnection) -> None:
+        for message in script:
+            await ws.send(message)
+        await ws.wait_closed()
+
+    synth = GatedSynth()
+    synth.gate.set()
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{port}",
+                                        streams=("a", "b"), exit_on_end=True), synth)
+        stats = await asyncio.wait_for(bridge.run(), 20)
+    assert stats.written == 2
+    assert synth.names == ["a-00000.txt", "a+2-00000.txt"]
+
+
+async def test_finals_read_before_the_server_ends_the_subscription_are_spoken(
+        tmp_path: Path) -> None:
+    """The server sends three finals, then ends the subscription for good
+    (its tokens were reloaded: token_revoked, close 1008). The bridge stops
+    with the refusal, but only after speaking the finals it had read: they
+    are not dropped from its queue."""
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(_msg("hello", v=1, streams=["talk"]))
+        for i in range(3):
+            await ws.send(_final("talk", i, i + 1, f"final {i}"))
+        await ws.send(_msg("error", code="token_revoked", message="the tokens were reloaded"))
+        await ws.close(1008, "token_revoked")
+
+    synth = GatedSynth(delay_s=0.2)  # still speaking the first when the close comes
+    synth.gate.set()
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{port}",
+                                        streams=("talk",)), synth)
+        with pytest.raises(BridgeError, match=r"refused the subscription .* \(close 1008\)"):
+            await asyncio.wait_for(bridge.run(), 20)
+    assert synth.names == ["talk-00000.txt", "talk-00001.txt", "talk-00002.txt"]
 
 
 # --- access tokens ---------------------------------------------------------------------
