@@ -295,9 +295,10 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
     refuses the token (HTTP 401/403, on any connection) or the request
     (close 1008), or speaks another protocol version.
 
-    Resume replays captions but not ``stream.ended``: a stream seen before a
-    drop that the reconnect ``hello`` no longer lists ended meanwhile. It is
-    reported as such once the replay is over (no message for a second).
+    A stream seen before a drop that the reconnect ``hello`` no longer lists
+    ended meanwhile. The resume's replay ends with its ``stream.ended`` while
+    the server retains the stream; else it is reported as ended once the
+    replay is over (no message for a second).
     """
     seen = dict(since)        # stream -> last seq, for since=
     known: set[str] = set()   # streams seen started or captioned
@@ -348,12 +349,17 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
                     elif kind == "gap" and event.get("to") is None:
                         # The server cannot place our seq (a restart without
                         # its journal): what follows may be numbered anew.
-                        seen.pop(name, None)
+                        # Resume from 0, not without since=, in case the link
+                        # drops before it comes.
+                        seen[name] = 0
                     elif kind == "stream.started":
                         known.add(name)
+                        ended.discard(name)  # an id used again is live again
+                        away.discard(name)
                     writer.show(event)
                     if kind == "stream.ended":
                         ended.add(name)
+                        away.discard(name)  # the replay said so: not again
                         if finished():
                             return 0
         except ConnectionClosed as e:

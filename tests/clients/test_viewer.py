@@ -345,23 +345,39 @@ async def test_a_refused_token_is_one_line_and_status_1(
     assert out == ""
 
 
+# --- resume and stream ends, against a scripted server ----------------------------------
+
+
+def _hello(streams: list[str]) -> str:
+    return json.dumps({"type": "hello", "v": 1, "server": "evoxtral-stream",
+                       "version": "test", "backend": "scripted", "streams": streams})
+
+
+def _final(stream: str, seq: int, text: str) -> str:
+    return json.dumps({"type": "caption", "stream": stream, "segment": 0, "seq": seq,
+                       "final": True, "text": text, "plain_text": text, "stable": text,
+                       "unstable": "", "tags": [], "start": 0.0, "end": 1.0,
+                       "latency": 0.1})
+
+
+def _msg(kind: str, stream: str, **fields: object) -> str:
+    if kind == "stream.ended":
+        fields = {"duration": 1.0, "segments": 1, "finals": 1, **fields}
+    return json.dumps({"type": kind, "stream": stream, **fields})
+
+
+def _texts(out: io.StringIO) -> list[str]:
+    return [line.split("] ", 1)[1] for line in out.getvalue().splitlines()]
+
+
 async def test_after_a_gap_with_no_end_the_viewer_resumes_from_the_new_numbering() -> None:
     """A server restarted without its journal numbers the stream from 1 again
     and says so with a gap whose ``to`` is null: the next resume must ask
     from the new numbering, or the server would replay it all again."""
-    def final(seq: int, text: str) -> str:
-        return json.dumps({"type": "caption", "stream": "talk", "segment": 0, "seq": seq,
-                           "final": True, "text": text, "plain_text": text, "stable": text,
-                           "unstable": "", "tags": [], "start": 0.0, "end": 1.0,
-                           "latency": 0.1})
-
-    hello = json.dumps({"type": "hello", "v": 1, "server": "evoxtral-stream",
-                        "version": "test", "backend": "scripted", "streams": ["talk"]})
-    sessions = [[hello, final(5, "before")],
-                [hello, json.dumps({"type": "gap", "stream": "talk", "from": 6, "to": None}),
-                 final(1, "after")],
-                [hello, json.dumps({"type": "stream.ended", "stream": "talk", "duration": 1.0,
-                                    "segments": 1, "finals": 1})]]
+    sessions = [[_hello(["talk"]), _final("talk", 5, "before")],
+                [_hello(["talk"]), _msg("gap", "talk", **{"from": 6}, to=None),
+                 _final("talk", 1, "after")],
+                [_hello(["talk"]), _msg("stream.ended", "talk")]]
     paths: list[str] = []
 
     async def handler(ws: ServerConnection) -> None:
@@ -379,5 +395,101 @@ async def test_after_a_gap_with_no_end_the_viewer_resumes_from_the_new_numbering
                                             exit_on_end=True), 20) == 0
     assert paths == ["/v1/captions?stream=talk", "/v1/captions?stream=talk&since=talk:5",
                      "/v1/captions?stream=talk&since=talk:1"]
-    assert [line.split("] ", 1)[1] for line in out.getvalue().splitlines()] == ["before",
-                                                                                 "after"]
+    assert _texts(out) == ["before", "after"]
+
+
+async def test_a_link_lost_right_after_a_gap_with_no_end_resumes_from_0() -> None:
+    """The gap with no end comes first, then every retained caption of the
+    stream, numbered anew. If the link drops in between, the next resume
+    must still ask for them (since=talk:0); without a resume point the
+    server sends live events only, and they are lost."""
+    retained = [_final("talk", 1, "after")]
+    paths: list[str] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        paths.append(ws.request.path)
+        if len(paths) == 1:
+            await ws.send(_hello(["talk"]))
+            await ws.send(_final("talk", 5, "before"))
+        elif len(paths) == 2:  # the server restarted without its journal
+            await ws.send(_hello(["talk"]))
+            await ws.send(_msg("gap", "talk", **{"from": 6}, to=None))
+        else:  # as the server answers: a resume replays, then the stream ends
+            await ws.send(_hello(["talk"]))
+            if "since=talk:" in ws.request.path:
+                since = int(ws.request.path.rsplit(":", 1)[1])
+                for message in retained:
+                    if json.loads(message)["seq"] > since:
+                        await ws.send(message)
+            await ws.send(_msg("stream.ended", "talk"))
+            await ws.wait_closed()
+            return
+        await ws.close(1001, "going away")
+
+    out, err = io.StringIO(), io.StringIO()
+    writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        assert await asyncio.wait_for(watch(f"ws://127.0.0.1:{port}", ["talk"], {}, writer,
+                                            exit_on_end=True), 20) == 0
+    assert paths[2] == "/v1/captions?stream=talk&since=talk:0"
+    assert _texts(out) == ["before", "after"]
+
+
+async def test_exit_on_end_waits_for_a_stream_id_used_again_to_end_again() -> None:
+    """--stream a --stream b --exit-on-end: a ends, a client reconnects under
+    a's id (a new stream.started), then b ends. a is live again: the viewer
+    goes on until a's second end."""
+    script = [_hello(["a", "b"]), _final("a", 1, "a one"), _msg("stream.ended", "a"),
+              _msg("stream.started", "a", source="ingest"), _msg("stream.ended", "b"),
+              _final("a", 2, "a two"), _msg("stream.ended", "a")]
+
+    async def handler(ws: ServerConnection) -> None:
+        for message in script:
+            await ws.send(message)
+        await ws.wait_closed()
+
+    out, err = io.StringIO(), io.StringIO()
+    writer = LiveWriter(out, err, color=False, live=False, show_stream=True)
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        assert await asyncio.wait_for(watch(f"ws://127.0.0.1:{port}", ["a", "b"], {}, writer,
+                                            exit_on_end=True), 20) == 0
+    assert _texts(out) == ["a one", "a two"]
+
+
+async def test_a_stream_that_ended_while_away_is_reported_once() -> None:
+    """The resume replays the captions missed and the stream's stream.ended
+    (docs/protocol.md, Resume): the viewer shows that end, and must not
+    announce it again as 'ended while disconnected' once the replay is over."""
+    sessions = [[_hello(["talk"]), _final("talk", 1, "one")],
+                [_hello([]), _final("talk", 2, "two"), _msg("stream.ended", "talk")]]
+    paths: list[str] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        paths.append(ws.request.path)
+        for message in sessions[min(len(paths), len(sessions)) - 1]:
+            await ws.send(message)
+        if len(paths) == 1:
+            await ws.close(1001, "going away")
+        else:
+            await ws.wait_closed()
+
+    out, err = io.StringIO(), io.StringIO()
+    writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        task = asyncio.ensure_future(watch(f"ws://127.0.0.1:{port}", ["talk"], {}, writer,
+                                           max_retry_s=0.1))
+        while len(paths) < 2 or "talk ended" not in err.getvalue():
+            assert not task.done(), err.getvalue()
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(1.5)  # past the viewer's 1 s wait for the replay's end
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert paths == ["/v1/captions?stream=talk", "/v1/captions?stream=talk&since=talk:1"]
+    assert _texts(out) == ["one", "two"]
+    ends = [line for line in err.getvalue().splitlines() if "talk ended" in line]
+    assert len(ends) == 1, err.getvalue()
