@@ -19,6 +19,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
 
 from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.engine.backends.base import Backend
@@ -653,6 +656,33 @@ async def test_a_new_session_of_a_stream_id_missed_while_away_gets_new_lines(
         await page.close()
 
 
+async def test_the_end_of_the_pages_own_microphone_stream_is_noted_once(
+        browser: Browser) -> None:
+    """The microphone's stream reaches the page on both its sockets: the
+    caption subscription (every stream) and the ingest socket (the stream's
+    own events). Its end is handled once: one 'ended' note, not two."""
+    cfg = load_config(overrides={"server.port": 0}, env={})
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        page = await Page.open(browser, f"http://127.0.0.1:{server.port}/?mic=desk")
+        try:
+            await page.wait_for(f"{STATUS} === 'live'")
+            await page.click("#mic")
+            await page.wait_for("evoxtral.mic?.ready && evoxtral.mic.sent > 48000")
+            await page.click("#mic")
+            await page.wait_for("evoxtral.mic.summary", 15)
+            await page.wait_for("document.querySelector('#picker option[value=\"desk\"]')"
+                                ".textContent === 'desk (ended)'")
+            await asyncio.sleep(1.0)  # both sockets have had the stream.ended by now
+            notes = await page.evaluate(
+                "[...document.querySelectorAll('#finals .note[data-stream=\"desk\"]')]"
+                ".map(n => n.textContent)")
+            assert len([n for n in notes if "ended" in n]) == 1, notes
+            assert page.errors == []
+        finally:
+            await page.close()
+
+
 async def test_a_microphone_stream_the_server_refuses_says_why(
     browser: Browser, scripted: tuple[Engine, CaptionServer],
 ) -> None:
@@ -675,3 +705,145 @@ async def test_a_microphone_stream_the_server_refuses_says_why(
     finally:
         await page.close()
         await busy.close()
+
+
+# --- against a scripted server -----------------------------------------------------------
+
+
+def page_files(connection: ServerConnection, request: Request) -> Response | None:
+    """``process_request`` for a scripted WebSocket server: the page and its
+    files over plain HTTP; WebSocket upgrades go on to the handler."""
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        return None
+    path = request.path.split("?", 1)[0]
+    name = "index.html" if path == "/" else path.removeprefix("/static/")
+    file = WEB / name
+    if "/" in name or not file.is_file():
+        return connection.respond(404, "not found\n")
+    body = file.read_bytes()
+    kind = {"html": "text/html", "js": "text/javascript", "css": "text/css"}.get(
+        file.suffix[1:], "application/octet-stream")
+    headers = Headers([("Content-Type", kind), ("Content-Length", str(len(body))),
+                       ("Cache-Control", "no-store")])
+    return Response(200, "OK", headers, body)
+
+
+def hello(streams: list[str]) -> str:
+    return json.dumps({"type": "hello", "v": 1, "server": "evoxtral-stream", "version": "test",
+                       "backend": "scripted", "capabilities": [], "languages": ["en"],
+                       "adapters": [], "streams": streams})
+
+
+def final(stream: str, segment: int, seq: int, text: str) -> str:
+    return json.dumps({"type": "caption", "stream": stream, "segment": segment, "seq": seq,
+                       "final": True, "text": text, "plain_text": text, "stable": text,
+                       "unstable": "", "tags": [], "start": 0.0, "end": 1.0, "latency": 0.1})
+
+
+FINALS = ("[...document.querySelectorAll('#finals .line.final[data-stream=\"{s}\"]')]"
+          ".map(l => l.querySelector('.text').textContent)")
+
+
+async def test_a_final_the_microphone_socket_overtook_is_still_replayed(
+        browser: Browser) -> None:
+    """Both sockets drop (a network blip); the server flushes the lost
+    microphone connection's last final (seq 2) to subscribers only. The
+    microphone socket is back first and brings the new session's caption
+    (seq 3); the subscription then resumes. It must resume after the last
+    caption it had (seq 1), not the microphone's, and the page shows seq 2."""
+    retained = [final("desk", 0, 1, "one"), final("desk", 1, 2, "missed"),
+                final("desk", 0, 3, "new")]
+    drop = asyncio.Event()
+    mic_caption_sent = asyncio.Event()
+    paths: list[str] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        path = ws.request.path
+        if path.startswith("/v1/ingest"):
+            await ws.recv()  # config
+            await ws.send(json.dumps({"type": "ingest.ready", "stream": "desk",
+                                      "sample_rate": 48000, "channels": 1,
+                                      "format": "pcm16", "language": "en"}))
+            await ws.send(json.dumps({"type": "stream.started", "stream": "desk",
+                                      "source": "ingest"}))
+            await ws.send(retained[2])
+            mic_caption_sent.set()
+            await ws.wait_closed()
+            return
+        paths.append(path)
+        if len(paths) == 1:
+            await ws.send(hello(["desk"]))
+            await ws.send(retained[0])
+            await drop.wait()
+            await ws.close(1001, "going away")
+            return
+        await mic_caption_sent.wait()
+        since = int(path.rsplit("desk:", 1)[1]) if "desk:" in path else 0
+        await ws.send(hello(["desk"]))
+        for message in retained:
+            if json.loads(message)["seq"] > since:
+                await ws.send(message)
+        await ws.wait_closed()
+
+    finals = FINALS.format(s="desk")
+    async with serve(handler, "127.0.0.1", 0, process_request=page_files) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        page = await Page.open(browser, f"http://127.0.0.1:{port}/?mic=desk")
+        try:
+            await page.wait_for(f"{finals}.length === 1")
+            await page.evaluate("evoxtral.retry = 2")  # the next reconnect waits 1 s
+            drop.set()
+            await page.wait_for(f"{STATUS} !== 'live'")
+            await page.click("#mic")
+            await page.wait_for(f"evoxtral.connects === 2 && {finals}.includes('new')")
+            await page.wait_for(f"{STATUS} === 'live'")
+            assert paths[1] == "/v1/captions?since=desk:1"
+            await page.wait_for(f"{finals}.length === 3")
+            await asyncio.sleep(0.5)  # time for a duplicate to show up, if any
+            assert sorted(await page.evaluate(finals)) == ["missed", "new", "one"]
+            assert await page.evaluate("evoxtral.lastSeq.get('desk')") == 3
+            assert page.errors == []
+        finally:
+            await page.close()
+
+
+async def test_a_link_lost_right_after_a_gap_with_no_end_resumes_from_0(
+        browser: Browser) -> None:
+    """The gap with no end comes first, then every retained caption of the
+    stream, numbered anew. If the link drops in between, the next resume
+    must still ask for them (since=talk:0); without a resume point the
+    server sends live events only, and they are lost."""
+    retained = [final("talk", 0, 1, "after")]
+    paths: list[str] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        paths.append(ws.request.path)
+        await ws.send(hello(["talk"]))
+        if len(paths) == 1:
+            await ws.send(final("talk", 0, 5, "before"))
+        elif len(paths) == 2:  # the server restarted without its journal
+            await ws.send(json.dumps({"type": "gap", "stream": "talk", "from": 6, "to": None}))
+        else:  # as the server answers a resume
+            if "since=talk:" in ws.request.path:
+                since = int(ws.request.path.rsplit(":", 1)[1])
+                for message in retained:
+                    if json.loads(message)["seq"] > since:
+                        await ws.send(message)
+            await ws.wait_closed()
+            return
+        await ws.close(1001, "going away")
+
+    finals = FINALS.format(s="talk")
+    async with serve(handler, "127.0.0.1", 0, process_request=page_files) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        page = await Page.open(browser, f"http://127.0.0.1:{port}/")
+        try:
+            await page.wait_for(f"evoxtral.connects === 3 && {STATUS} === 'live'")
+            assert paths[2] == "/v1/captions?since=talk:0"
+            await page.wait_for(f"{finals}.length === 2")
+            assert await page.evaluate(finals) == ["before", "after"]
+            assert page.errors == []
+        finally:
+            await page.close()

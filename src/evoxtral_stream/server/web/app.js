@@ -38,7 +38,8 @@ const params = new URLSearchParams(location.search);
 
 // Exposed for the browser console and the end-to-end tests.
 const state = window.evoxtral = {
-  lastSeq: new Map(),   // stream -> highest seq shown
+  lastSeq: new Map(),   // stream -> highest seq the subscription delivered (resume point)
+  ahead: new Map(),     // stream -> Set of seqs above lastSeq shown from the microphone socket
   streams: new Map(),   // stream -> {ended, option}: the picker's entries
   lines: new Map(),     // "stream\u0000segment" -> <p class="line">
   selected: params.get("stream") || "",
@@ -259,9 +260,30 @@ function select(name) {
 
 // --- events -------------------------------------------------------------------
 
-function onCaption(ev) {
+// Whether the caption subscription receives `name`'s events.
+function subscribed(name) {
+  return !state.only.length || state.only.includes(name);
+}
+
+function onCaption(ev, viaMic = false) {
   if (ev.seq <= (state.lastSeq.get(ev.stream) || 0)) return;  // replayed or duplicate
-  state.lastSeq.set(ev.stream, ev.seq);
+  if (subscribed(ev.stream)) {
+    // Only the subscription moves the resume point: while it reconnects, the
+    // microphone socket's captions come first, and the server may still owe
+    // it captions below them. Those shown ahead are remembered, so neither
+    // socket shows a caption twice.
+    let ahead = state.ahead.get(ev.stream);
+    if (!ahead) state.ahead.set(ev.stream, ahead = new Set());
+    const shown = ahead.has(ev.seq);
+    if (viaMic) {
+      if (shown) return;
+      ahead.add(ev.seq);
+    } else {
+      state.lastSeq.set(ev.stream, ev.seq);
+      for (const seq of ahead) if (seq <= ev.seq) ahead.delete(seq);
+      if (shown) return;
+    }
+  }
   if (!state.streams.has(ev.stream)) addStream(ev.stream);
   const key = `${ev.stream}\u0000${ev.segment}`;
   let line = state.lines.get(key);
@@ -289,7 +311,7 @@ function onCaption(ev) {
   }
 }
 
-function handle(msg) {
+function handle(msg, viaMic = false) {
   switch (msg.type) {
     case "hello":
       if (msg.v !== 1) {
@@ -301,7 +323,7 @@ function handle(msg) {
       ui.backend.textContent = `${msg.server} ${msg.version} · ${msg.backend}`;
       showLanguages(msg.languages || []);
       for (const name of msg.streams) {
-        if (!state.only.length || state.only.includes(name)) addStream(name);
+        if (subscribed(name)) addStream(name);
       }
       // Resume replays captions, not stream.ended: a stream we followed that
       // is no longer open ended while we were away.
@@ -324,13 +346,15 @@ function handle(msg) {
       }
       note(msg.stream, `${msg.stream} ended · ${msg.finals} captions, ${msg.duration.toFixed(1)} s`);
       return;
-    case "caption": onCaption(msg); return;
+    case "caption": onCaption(msg, viaMic); return;
     case "gap":
       note(msg.stream, `${msg.stream}: captions ${msg.from}–${msg.to ?? "…"} are no longer available`);
       if (msg.to === null) {
         // The server cannot place our seq (it restarted without its journal):
-        // what follows may be numbered anew.
-        state.lastSeq.delete(msg.stream);
+        // what follows may be numbered anew. Resume from 0, not without since=,
+        // in case the link drops before it comes.
+        state.lastSeq.set(msg.stream, 0);
+        state.ahead.delete(msg.stream);
         forgetSegments(msg.stream);
       }
       return;
@@ -507,7 +531,13 @@ function openIngest(mic) {
     else if (msg.type === "error" && msg.stream === mic.stream) {
       mic.lastError = msg.code;
       showNotice(`${msg.code}: ${msg.message}`);
-    } else handle(msg);  // its own captions, in case the subscription is reconnecting
+    } else if (msg.type === "caption") {
+      handle(msg, true);  // in case the subscription is reconnecting
+    } else if (!msg.stream || !subscribed(mic.stream)) {
+      // A refusal; or the stream's own events, which the subscription
+      // otherwise brings (handled twice, an end would be noted twice).
+      handle(msg);
+    }
   };
   ws.onclose = async (e) => {
     if (mic.ws !== ws) return;
