@@ -37,7 +37,7 @@ from tests.clients.conftest import (
 )
 from tests.fakes import ScriptedBackend
 from tests.helpers.events import EndedStreams
-from tests.helpers.http import DropProxy, free_port
+from tests.helpers.http import Relay, free_port
 from tests.helpers.portaudio import LiveStream, playback, tone
 from tests.speech import have_espeak, speech_with_pauses
 from tests.text_norm import loose_wer
@@ -474,7 +474,7 @@ async def test_a_cut_connection_is_reconnected_while_the_server_still_holds_the_
                    stream_factory=factory)
     stop = asyncio.Event()
     async with Engine(cfg, ScriptedBackend(words, delay_s=0.5)) as engine, \
-            CaptionServer(engine, cfg.server) as server, DropProxy(server.port) as proxy:
+            CaptionServer(engine, cfg.server) as server, Relay(server.port) as proxy:
         engine.add_listener(ended)
         client = asyncio.ensure_future(run(f"ws://127.0.0.1:{proxy.port}", "desk", feed,
                                            writer, stop=stop, backoff_s=(0.05, 0.2)))

@@ -10,7 +10,7 @@ import pty
 import re
 import sys
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,7 @@ from tests.clients.conftest import (
     refused_token_cases,
 )
 from tests.fakes import ScriptedBackend
-from tests.helpers.http import DropProxy
+from tests.helpers.http import Relay
 from tests.speech import have_espeak, speech_with_pauses
 
 ESC = "\x1b"
@@ -228,7 +228,7 @@ async def test_viewer_prints_finals_and_resumes_after_a_drop(
 ) -> None:
     engine, server = served
     audio, spans = speech_with_pauses(SENTENCES, pause_s=1.2)
-    async with DropProxy(server.port) as proxy:
+    async with Relay(server.port) as proxy:
         proc = await start_viewer("--url", f"ws://127.0.0.1:{proxy.port}", "--stream", "talk",
                                   "--exit-on-end", stdout=asyncio.subprocess.PIPE)
         stdout = proc.stdout
@@ -370,6 +370,19 @@ def _texts(out: io.StringIO) -> list[str]:
     return [line.split("] ", 1)[1] for line in out.getvalue().splitlines()]
 
 
+async def _watch_to_the_end(handler: Callable[[ServerConnection], Awaitable[None]],
+                            streams: list[str], *, show_stream: bool = False) -> list[str]:
+    """watch() with --exit-on-end against the scripted server ``handler``:
+    it must exit 0; the caption texts it printed."""
+    out, err = io.StringIO(), io.StringIO()
+    writer = LiveWriter(out, err, color=False, live=False, show_stream=show_stream)
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        assert await asyncio.wait_for(watch(f"ws://127.0.0.1:{port}", streams, {}, writer,
+                                            exit_on_end=True), 20) == 0, err.getvalue()
+    return _texts(out)
+
+
 async def test_after_a_gap_with_no_end_the_viewer_resumes_from_the_new_numbering() -> None:
     """A server restarted without its journal numbers the stream from 1 again
     and says so with a gap whose ``to`` is null: the next resume must ask
@@ -387,15 +400,10 @@ async def test_after_a_gap_with_no_end_the_viewer_resumes_from_the_new_numbering
             await ws.send(message)
         await ws.close(1001, "going away")
 
-    out, err = io.StringIO(), io.StringIO()
-    writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
-    async with serve(handler, "127.0.0.1", 0) as server:
-        port = next(iter(server.sockets)).getsockname()[1]
-        assert await asyncio.wait_for(watch(f"ws://127.0.0.1:{port}", ["talk"], {}, writer,
-                                            exit_on_end=True), 20) == 0
+    texts = await _watch_to_the_end(handler, ["talk"])
     assert paths == ["/v1/captions?stream=talk", "/v1/captions?stream=talk&since=talk:5",
                      "/v1/captions?stream=talk&since=talk:1"]
-    assert _texts(out) == ["before", "after"]
+    assert texts == ["before", "after"]
 
 
 async def test_a_link_lost_right_after_a_gap_with_no_end_resumes_from_0() -> None:
@@ -427,14 +435,9 @@ async def test_a_link_lost_right_after_a_gap_with_no_end_resumes_from_0() -> Non
             return
         await ws.close(1001, "going away")
 
-    out, err = io.StringIO(), io.StringIO()
-    writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
-    async with serve(handler, "127.0.0.1", 0) as server:
-        port = next(iter(server.sockets)).getsockname()[1]
-        assert await asyncio.wait_for(watch(f"ws://127.0.0.1:{port}", ["talk"], {}, writer,
-                                            exit_on_end=True), 20) == 0
+    texts = await _watch_to_the_end(handler, ["talk"])
     assert paths[2] == "/v1/captions?stream=talk&since=talk:0"
-    assert _texts(out) == ["before", "after"]
+    assert texts == ["before", "after"]
 
 
 async def test_exit_on_end_waits_for_a_stream_id_used_again_to_end_again() -> None:
@@ -450,13 +453,8 @@ async def test_exit_on_end_waits_for_a_stream_id_used_again_to_end_again() -> No
             await ws.send(message)
         await ws.wait_closed()
 
-    out, err = io.StringIO(), io.StringIO()
-    writer = LiveWriter(out, err, color=False, live=False, show_stream=True)
-    async with serve(handler, "127.0.0.1", 0) as server:
-        port = next(iter(server.sockets)).getsockname()[1]
-        assert await asyncio.wait_for(watch(f"ws://127.0.0.1:{port}", ["a", "b"], {}, writer,
-                                            exit_on_end=True), 20) == 0
-    assert _texts(out) == ["a one", "a two"]
+    texts = await _watch_to_the_end(handler, ["a", "b"], show_stream=True)
+    assert texts == ["a one", "a two"]
 
 
 async def test_a_stream_that_ended_while_away_is_reported_once() -> None:

@@ -1,5 +1,5 @@
 """Network helpers for tests: plain HTTP GETs, free ports, a TCP relay that
-can cut its connections."""
+can cut its connections or filter what clients send."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import socket
 import urllib.error
 import urllib.request
+from typing import Self
 
 
 def free_port() -> int:
@@ -30,17 +31,24 @@ async def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int
     return await asyncio.to_thread(fetch)
 
 
-class DropProxy:
-    """A TCP relay to ``port`` whose connections :meth:`drop` cuts, as a network would."""
+class Relay:
+    """A TCP relay to 127.0.0.1:``target``, which may change between connections.
 
-    def __init__(self, port: int) -> None:
-        self.target = port
+    :meth:`drop` cuts every connection as a network would. What a client
+    sends goes through :meth:`forward`, which a subclass may override to
+    filter it; the other direction is passed on as it comes. TLS passes
+    through end to end.
+    """
+
+    def __init__(self, target: int) -> None:
+        self.target = target
         self.port = 0
-        self.writers: list[asyncio.StreamWriter] = []
         self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
 
-    async def __aenter__(self) -> DropProxy:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -48,21 +56,41 @@ class DropProxy:
         self.drop()
         assert self._server is not None
         self._server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        self.writers += [writer, up_writer]
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                      ) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers += [writer, up_w]
+        for coro in (self.forward(reader, up_w), pipe(up_r, writer)):
+            task = asyncio.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer),
-                             return_exceptions=True)
+    async def forward(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        """Pass what the client sends on to the target (closing ``w`` at its end)."""
+        await pipe(r, w)
 
     def drop(self) -> None:
-        for w in self.writers:
+        """Cut every connection now."""
+        for w in self._writers:
             w.transport.abort()
-        self.writers = []
+        self._writers = []
+
+
+async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    """Copy ``r`` to ``w`` until ``r`` ends or the connection breaks; then close ``w``."""
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    except ConnectionError:
+        pass
+    finally:
+        w.close()

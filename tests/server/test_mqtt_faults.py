@@ -21,6 +21,7 @@ except ImportError:  # the mqtt extra is optional
 
 from evoxtral_stream.events import StreamStarted, stream_id_problem
 from evoxtral_stream.server.mqtt import ENGINE_OFFLINE, ENGINE_ONLINE, MqttPublisher
+from tests.helpers.http import Relay
 from tests.server.conftest import MosquittoBroker, mosquitto_binary
 from tests.server.test_mqtt import (
     body,
@@ -110,7 +111,7 @@ async def test_a_refused_online_is_logged_and_publishing_goes_on(
 # --- publishes never acknowledged -----------------------------------------------------------
 
 
-class SwallowingProxy:
+class SwallowingProxy(Relay):
     """A TCP front for the broker that forwards every MQTT packet except a
     client's PUBLISH whose topic ``swallow`` picks: a broker that never
     acknowledges those (stalled, overloaded, over its inflight quota), while
@@ -118,42 +119,11 @@ class SwallowingProxy:
     changed at any time; ``swallowed`` counts the packets it dropped."""
 
     def __init__(self, upstream: int, swallow: Callable[[str], bool]) -> None:
-        self.upstream = upstream
+        super().__init__(upstream)
         self.swallow = swallow
         self.swallowed = 0
-        self.port = 0
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._server: asyncio.Server | None = None
 
-    async def __aenter__(self) -> SwallowingProxy:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-                      ) -> None:
-        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream)
-        self._tasks.update({asyncio.create_task(self._packets(reader, up_w)),
-                            asyncio.create_task(self._raw(up_r, writer))})
-
-    async def _raw(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-        except ConnectionError:
-            pass
-        finally:
-            w.close()
-
-    async def _packets(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+    async def forward(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
         # Whole packets, so that one PUBLISH can be left out. Closing the
         # upstream side when the client's side ends passes an abrupt close on
         # as one: the broker then publishes the will.

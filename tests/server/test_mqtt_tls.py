@@ -35,6 +35,7 @@ from evoxtral_stream.server.mqtt import MqttPublisher
 from evoxtral_stream.server.protocol import encode_event
 from tests.fakes import ScriptedBackend
 from tests.helpers.audio import buzz, noise, to_int16
+from tests.helpers.http import Relay
 from tests.server.conftest import MosquittoBroker, free_port, mosquitto_binary
 from tests.server.test_mqtt import (
     Subscriber,
@@ -239,55 +240,6 @@ async def test_client_certificate_when_the_broker_requires_one(
 
 
 # --- a broker whose certificate is not trusted --------------------------------------------
-
-
-class Relay:
-    """A TCP relay to 127.0.0.1:``target``, which may change between connections.
-
-    TLS passes through it end to end, so switching ``target`` swaps the broker
-    certificate a client sees on the same address.
-    """
-
-    def __init__(self, target: int) -> None:
-        self.target = target
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    async def __aenter__(self) -> Relay:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-                      ) -> None:
-        try:
-            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
-        except OSError:
-            writer.close()
-            return
-        for r, w in ((reader, up_w), (up_r, writer)):
-            task = asyncio.create_task(self._pipe(r, w))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    @staticmethod
-    async def _pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-        except ConnectionError:
-            pass
-        finally:
-            w.close()
 
 
 @pytest.mark.parametrize(("listener", "reason"), [
