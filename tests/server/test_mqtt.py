@@ -39,6 +39,7 @@ from evoxtral_stream.server.mqtt import (
 from evoxtral_stream.server.protocol import encode_event
 from tests.fakes import ScriptedBackend
 from tests.helpers.audio import buzz, noise, to_int16
+from tests.helpers.http import pipe
 from tests.server.conftest import MosquittoBroker, free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -353,6 +354,20 @@ async def test_overflow_keeps_finals_and_drops_partials_first(
 # --- protocol version --------------------------------------------------------------------
 
 
+async def read_packet(r: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """One whole MQTT control packet from ``r``: its fixed header (type,
+    flags and remaining length) and the rest."""
+    fixed = await r.readexactly(1)
+    length, mult = 0, 1
+    while True:
+        byte = await r.readexactly(1)
+        fixed += byte
+        length += (byte[0] & 0x7F) * mult
+        mult *= 128
+        if not byte[0] & 0x80:
+            return fixed, await r.readexactly(length)
+
+
 class Mqtt311Proxy:
     """A broker front that refuses MQTT 5 as a 3.1.1-only broker does, else relays.
 
@@ -383,29 +398,10 @@ class Mqtt311Proxy:
             t.cancel()
         await asyncio.gather(*pipes, return_exceptions=True)
 
-    async def _pipe(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while data := await r.read(65536):
-                w.write(data)
-                await w.drain()
-        except ConnectionError:
-            pass
-        finally:
-            w.close()
-
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                       ) -> None:
         try:
-            head = await reader.readexactly(1)
-            raw, length, mult = b"", 0, 1
-            while True:
-                byte = await reader.readexactly(1)
-                raw += byte
-                length += (byte[0] & 0x7F) * mult
-                mult *= 128
-                if not byte[0] & 0x80:
-                    break
-            packet = await reader.readexactly(length)
+            fixed, packet = await read_packet(reader)
         except (asyncio.IncompleteReadError, ConnectionError):
             writer.close()
             return
@@ -418,9 +414,9 @@ class Mqtt311Proxy:
             writer.close()
             return
         up_r, up_w = await asyncio.open_connection("127.0.0.1", self.upstream)
-        up_w.write(head + raw + packet)
-        self._pipes.update({asyncio.create_task(self._pipe(reader, up_w)),
-                            asyncio.create_task(self._pipe(up_r, writer))})
+        up_w.write(fixed + packet)
+        self._pipes.update({asyncio.create_task(pipe(reader, up_w)),
+                            asyncio.create_task(pipe(up_r, writer))})
 
 
 async def test_auto_falls_back_to_311_and_the_will_says_offline(

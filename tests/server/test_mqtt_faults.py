@@ -30,6 +30,7 @@ from tests.server.test_mqtt import (
     eventually,
     mqtt_config,
     payload,
+    read_packet,
     subscriber,
     topic,
 )
@@ -129,22 +130,13 @@ class SwallowingProxy(Relay):
         # as one: the broker then publishes the will.
         try:
             while True:
-                head = await r.readexactly(1)
-                raw, length, mult = b"", 0, 1
-                while True:
-                    byte = await r.readexactly(1)
-                    raw += byte
-                    length += (byte[0] & 0x7F) * mult
-                    mult *= 128
-                    if not byte[0] & 0x80:
-                        break
-                body = await r.readexactly(length)
-                if head[0] >> 4 == 3:  # PUBLISH
+                fixed, body = await read_packet(r)
+                if fixed[0] >> 4 == 3:  # PUBLISH
                     n = int.from_bytes(body[:2], "big")
                     if self.swallow(body[2:2 + n].decode()):
                         self.swallowed += 1
                         continue
-                w.write(head + raw + body)
+                w.write(fixed + body)
                 await w.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
