@@ -26,14 +26,17 @@ from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.engine.backends.base import Backend
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.events import SAMPLE_RATE, CaptionEvent, Int16Array, SpeechStarted
+from evoxtral_stream.server import realtime
 from evoxtral_stream.server.app import CaptionServer
 from evoxtral_stream.server.realtime import (
     INPUT_RATE,
     CutSegment,
     Output,
     PushAudio,
+    RealtimeError,
     RealtimeTranscription,
     SetLanguage,
+    encode_server_event,
     server_event_to_dict,
 )
 from tests.fakes import LanguageScriptedBackend, ScriptedBackend
@@ -440,6 +443,51 @@ def test_switching_turn_detection_off_commits_the_open_turn() -> None:
     assert types(events(outs)) == ["input_audio_buffer.speech_started", "session.updated"]
 
 
+
+def test_switching_turn_detection_off_cuts_where_the_clients_audio_stands() -> None:
+    """As a commit does: the resampler's held-back tail (~30 ms) belongs to
+    the turn being committed, not to the next manual item."""
+    speech = pcm24(speak(SENTENCES[0]))
+    half = speech[: len(speech) // 4 * 2]
+    client_16k = len(half) // 2 * SAMPLE_RATE // INPUT_RATE
+    for switch in ('{"type": "input_audio_buffer.commit"}', update_msg(None)):
+        core = new_core()
+        core.start()
+        outs = feed(core, half)
+        outs += core.receive(switch)
+        assert types(events(outs))[1] == "input_audio_buffer.committed"
+        assert abs(len(pushed(outs)) - client_16k) <= 1, switch
+
+
+def test_audio_refused_as_buffer_full_leaves_a_hole_in_client_time(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Later audio keeps its own client times: speech appended after 5.0 s
+    of client audio (3 s of it refused) starts near 5.0 s, not 2.0 s."""
+    monkeypatch.setattr(realtime, "MAX_BUFFER_S", 3.0)
+    core = new_core()
+    core.start()
+    core.receive(update_msg(None))
+    silence = b"\x00\x00" * INPUT_RATE  # 1 s
+    feed(core, silence)
+    (err,) = events(core.receive(append_msg(silence * 3)))
+    assert err["error"]["code"] == "input_audio_buffer_full"
+    feed(core, silence + pcm24(speak(SENTENCES[0])))
+    evs = events(core.receive(update_msg({"type": "server_vad"})))
+    (started,) = [e for e in evs if e["type"] == "input_audio_buffer.speech_started"]
+    # Speech starts a little after 5.0 s; pre-roll reaches back up to 300 ms.
+    assert started["audio_start_ms"] >= 5000 - 300 - 60, started
+
+
+def test_an_event_id_that_is_not_utf8_is_echoed_so_it_can_be_sent() -> None:
+    core = new_core()
+    core.start()
+    (err,) = core.receive(json.dumps({"type": "nope", "event_id": "a\ud800"}))
+    assert isinstance(err, RealtimeError)
+    text = encode_server_event(err)
+    text.encode("utf-8")  # what the WebSocket layer must do with it
+    assert json.loads(text)["error"]["event_id"] == "a?"
+
+
 # --- over sockets, with the openai SDK ------------------------------------------------
 
 
@@ -618,6 +666,17 @@ async def test_only_transcription_sessions_are_served(
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 10)
         assert ws.close_code == 1008
+
+
+async def test_a_bad_event_id_gets_its_error_and_the_session_goes_on(
+        scripted: CaptionServer) -> None:
+    url = f"ws://127.0.0.1:{scripted.port}/v1/realtime?intent=transcription"
+    async with connect(url) as ws:
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "session.created"
+        await ws.send(json.dumps({"type": "nope", "event_id": "\ud800"}))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "error"
+        await ws.send(update_msg(None))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "session.updated"
 
 
 async def test_beta_update_and_a_named_stream(scripted: CaptionServer) -> None:

@@ -304,6 +304,9 @@ def parse_client_event(message: str | bytes) -> ClientEvent:
         raise RealtimeProtocolError("invalid_type", "a client event must be a JSON object")
     raw_id = obj.get("event_id")
     event_id = raw_id if isinstance(raw_id, str) else None
+    if event_id is not None and not event_id.isascii():
+        # Echoed in errors: a lone surrogate ("\\ud800" in JSON) cannot go out as UTF-8.
+        event_id = event_id.encode("utf-8", "replace").decode("utf-8")
     kind = obj.get("type")
     if not isinstance(kind, str):
         raise RealtimeProtocolError("missing_required_parameter",
@@ -546,9 +549,8 @@ class RealtimeTranscription:
         self._resampler = StreamResampler(INPUT_RATE, SAMPLE_RATE)
         self._carry = b""
         # Manual mode: resampled audio waiting for a commit.
-        self._pending: list[Int16Array] = []
+        self._pending: list[tuple[int, Int16Array]] = []
         self._pending_len = 0
-        self._pending_start = 0
         # Positions: audio received from the client, audio pushed to the stream,
         # and runs of client audio in the stream (stream start, client start, length).
         self._client_pos = 0
@@ -680,6 +682,8 @@ class RealtimeTranscription:
                 self._server_vad = True
                 out += self._push_pending(collect=None)
             else:
+                # The resampler's held-back tail is this turn's audio, as at a commit.
+                out += self._take(self._resampler.flush(), ev.event_id)
                 if self._dirty:
                     self._end_reason = "commit"
                     out += self._cut()
@@ -710,9 +714,7 @@ class RealtimeTranscription:
                                f"the input audio buffer holds at most {MAX_BUFFER_S:g} s; "
                                f"commit or clear it (this audio was dropped)",
                                "audio", event_id)]
-        if not self._pending:
-            self._pending_start = start
-        self._pending.append(samples)
+        self._pending.append((start, samples))
         self._pending_len += len(samples)
         return []
 
@@ -762,10 +764,19 @@ class RealtimeTranscription:
     def _push_pending(self, collect: _Item | None) -> list[Output]:
         if not self._pending:
             return []
-        audio = np.concatenate(self._pending)
-        self._pending, self._pending_len = [], 0
+        chunks, self._pending, self._pending_len = self._pending, [], 0
         self._collect = collect
-        return self._push_client(audio, self._pending_start)
+        # One push per contiguous run of client audio (a refused append leaves a hole).
+        out: list[Output] = []
+        run_start = run_end = chunks[0][0]
+        run: list[Int16Array] = []
+        for start, samples in chunks:
+            if start != run_end:
+                out += self._push_client(np.concatenate(run), run_start)
+                run_start, run = start, []
+            run.append(samples)
+            run_end = start + len(samples)
+        return out + self._push_client(np.concatenate(run), run_start)
 
     def _push_client(self, samples: Int16Array, client_start: int) -> list[Output]:
         """Client audio into the stream (and the mirrored segmenter)."""
