@@ -584,10 +584,8 @@ class Engine:
         draft, per ``stream.draft`` (never beside a prefix)."""
         if not self.config.stream.draft or req.prefix:
             return req
-        latest = stream.latest.get(req.segment)
-        if latest is None or not latest.token_ids:
-            return req
-        return dataclasses.replace(req, draft=latest.token_ids)
+        draft = stream.drafts.get(req.segment)
+        return dataclasses.replace(req, draft=draft) if draft else req
 
     def _schedule_retry(self) -> None:
         if self._retry_handle is None and self._backlog and self._loop is not None:

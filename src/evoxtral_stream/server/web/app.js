@@ -325,8 +325,9 @@ function handle(msg, viaMic = false) {
       for (const name of msg.streams) {
         if (subscribed(name)) addStream(name);
       }
-      // Resume replays captions, not stream.ended: a stream we followed that
-      // is no longer open ended while we were away.
+      // A stream we followed that is no longer open ended while we were away
+      // (a resume replays its stream.ended too while the server retains it,
+      // which adds the note).
       if (state.connects > 1) {
         for (const [name, info] of state.streams) {
           if (!info.ended && state.lastSeq.has(name) && !msg.streams.includes(name)) {
