@@ -23,8 +23,10 @@ from evoxtral_stream.events import (
     Hypothesis,
     RequestKind,
 )
+from evoxtral_stream.server.app import CaptionServer
 from tests.engine.test_journal import talk
 from tests.fakes import GatedBackend, ScriptedBackend
+from tests.helpers.http import http_get
 
 
 class Fatal(BaseException):
@@ -250,3 +252,36 @@ def test_a_request_requeued_after_a_death_then_superseded_is_not_kept() -> None:
     assert out.empty()                        # the superseded partial is not answered
     assert w.stats().restarts == 1
     assert not w._died_on, "a superseded request is still held"
+
+
+async def test_a_worker_past_its_restart_limit_fails_liveness_for_good() -> None:
+    """It answers every request with an error from then on and never recovers,
+    so ``/healthz`` must tell a supervisor to restart the process."""
+    cfg = load_config(env={}, overrides={"server.port": 0, "stream.partial_interval_ms": 0,
+                                         "worker.restart_limit": 0})
+    backend = DyingBackend(kill=set(), times=0)
+    dying = threading.Event()
+    original = backend.transcribe
+
+    def transcribe(batch: Sequence[npt.NDArray[np.float32]]) -> list[str]:
+        if dying.is_set():
+            raise Fatal("the model thread dies")
+        return original(batch)
+
+    backend.transcribe = transcribe  # type: ignore[method-assign]
+    async with Engine(cfg, backend) as engine, CaptionServer(engine, cfg.server) as server:
+        base = f"http://127.0.0.1:{server.port}"
+        stream = engine.open_stream("mic")
+        stream.push(talk(1))
+        summary = await stream.close()
+        assert summary.finals == 1
+        assert await http_get(f"{base}/healthz") == (200, "ok\n")
+
+        dying.set()                             # the next call kills the thread
+        stream = engine.open_stream("mic2")
+        stream.push(talk(1))
+        summary = await stream.close()
+        assert summary.errors == 1
+        assert not engine.ready and not engine.healthy
+        assert await http_get(f"{base}/healthz") == (503, "model down\n")
+        assert await http_get(f"{base}/readyz") == (503, "not ready\n")

@@ -433,8 +433,19 @@ class Engine:
     @property
     def healthy(self) -> bool:
         """False while the model thread is stuck in a backend call past
-        ``worker.stall_timeout_s``: a process a supervisor should restart."""
-        return self._worker is None or not self._worker.stalled
+        ``worker.stall_timeout_s``, and for good once the worker gave up past
+        ``worker.restart_limit``: a process a supervisor should restart."""
+        return self.unhealthy_reason is None
+
+    @property
+    def unhealthy_reason(self) -> str | None:
+        """``"model stalled"``, ``"model down"`` or None (healthy)."""
+        w = self._worker
+        if w is None:
+            return None
+        if w.down is not None:
+            return "model down"
+        return "model stalled" if w.stalled else None
 
     # --- streams and listeners ---------------------------------------------
 

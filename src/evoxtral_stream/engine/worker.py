@@ -251,6 +251,11 @@ class ModelWorker:
         return (self.alive and self._down is None and not self._loading
                 and not self._warming and not self.stalled)
 
+    @property
+    def down(self) -> str | None:
+        """Why the worker gave up for good (past ``restart_limit``), or None."""
+        return self._down
+
     def call_age(self) -> float:
         """Seconds the backend call in progress has run; 0 when none runs."""
         since = self._call_since

@@ -2,7 +2,8 @@
 
 Routes (see docs/protocol.md):
 - ``GET /healthz``: plain HTTP 200 ``ok`` while the server runs, 503
-  ``model stalled`` while the model thread is stuck (``worker.stall_timeout_s``).
+  ``model stalled`` while the model thread is stuck (``worker.stall_timeout_s``)
+  and ``model down`` once the worker gave up (``worker.restart_limit``).
 - ``/v1/captions[?stream=ID[,ID...]][&since=SEQ | &since=ID:SEQ,...]``:
   a hello, the captions retained after ``since`` (or a ``gap``), then every
   caption and lifecycle event of the chosen streams (all when none is named).
@@ -299,9 +300,10 @@ class CaptionServer:
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         if path == "/healthz":
-            if self.metrics.healthy():
+            why = self.metrics.unhealthy_reason()
+            if why is None:
                 return _plain(HTTPStatus.OK, "ok\n")
-            return _plain(HTTPStatus.SERVICE_UNAVAILABLE, "model stalled\n")
+            return _plain(HTTPStatus.SERVICE_UNAVAILABLE, f"{why}\n")
         if path == "/readyz":
             if self.metrics.ready():
                 return _plain(HTTPStatus.OK, "ready\n")

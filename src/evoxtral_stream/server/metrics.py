@@ -83,8 +83,13 @@ class Metrics:
         return self._engine.ready
 
     def healthy(self) -> bool:
-        """False while the model thread is stalled (see ``worker.stall_timeout_s``)."""
+        """False while the model thread is stalled (see ``worker.stall_timeout_s``)
+        and once the worker gave up for good (see ``worker.restart_limit``)."""
         return self._engine.healthy
+
+    def unhealthy_reason(self) -> str | None:
+        """Why :meth:`healthy` is false (``"model stalled"``, ``"model down"``)."""
+        return self._engine.unhealthy_reason
 
 
 class _StatsCollector(Collector):
