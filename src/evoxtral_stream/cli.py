@@ -289,7 +289,7 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
             async with contextlib.AsyncExitStack() as stack:
                 if server is not None:
                     await stack.enter_async_context(server)
-                    await _start_mqtt(stack, cfg, engine)
+                    await _start_mqtt(stack, cfg, engine, server)
                     scheme = "wss" if cfg.server.tls_cert else "ws"
                     _notice(cfg, f"serving captions on {scheme}://{cfg.server.host}:"
                                  f"{server.port}/v1/captions")
@@ -395,7 +395,7 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
     async with Engine(cfg, backend, backend_factory=reload) as engine, \
             CaptionServer(engine, cfg.server) as server, \
             contextlib.AsyncExitStack() as stack:
-        await _start_mqtt(stack, cfg, engine)
+        await _start_mqtt(stack, cfg, engine, server)
         running = [cfg]
         reloads: set[asyncio.Task[None]] = set()
 
@@ -481,8 +481,10 @@ async def _reload(args: argparse.Namespace, running: list[Config],
                     "at a restart", "], [".join(later))
 
 
-async def _start_mqtt(stack: contextlib.AsyncExitStack, cfg: Config, engine: Engine) -> None:
-    """Publish captions to MQTT too when ``mqtt.enabled``; never blocks the engine."""
+async def _start_mqtt(stack: contextlib.AsyncExitStack, cfg: Config, engine: Engine,
+                      server: CaptionServer) -> None:
+    """Publish captions to MQTT too when ``mqtt.enabled``; never blocks the engine.
+    The publisher's counters join the server's ``/metrics``."""
     if not cfg.mqtt.enabled:
         return
     from .server.mqtt import MqttPublisher
@@ -490,6 +492,8 @@ async def _start_mqtt(stack: contextlib.AsyncExitStack, cfg: Config, engine: Eng
     publisher = await stack.enter_async_context(MqttPublisher(cfg.mqtt))
     engine.add_listener(publisher)
     stack.callback(engine.remove_listener, publisher)
+    server.metrics.watch_mqtt(publisher.stats)
+    stack.callback(server.metrics.watch_mqtt, None)
     scheme = "mqtts" if cfg.mqtt.tls else "mqtt"
     _notice(cfg, f"publishing captions to {scheme}://{cfg.mqtt.host}:{cfg.mqtt.port}/"
                  f"{cfg.mqtt.prefix}/")

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from websockets.asyncio.client import connect
 
 try:
     import aiomqtt
@@ -39,8 +40,9 @@ from evoxtral_stream.server.mqtt import (
 from evoxtral_stream.server.protocol import encode_event
 from tests.fakes import ScriptedBackend
 from tests.helpers.audio import buzz, noise, to_int16
-from tests.helpers.http import pipe
+from tests.helpers.http import http_get, pipe
 from tests.server.conftest import MosquittoBroker, free_port
+from tests.test_cli import _start_serve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -188,6 +190,52 @@ async def test_engine_events_reach_their_topics(mosquitto: MosquittoBroker) -> N
     assert seqs == sorted(seqs)
     assert [payload(m) for m in sub.got if topic(m) == "e/status"] == [ENGINE_ONLINE,
                                                                       ENGINE_OFFLINE]
+
+
+def _metric(text: str, name: str) -> float:
+    return next(float(line.split()[-1]) for line in text.splitlines()
+                if line.split(" ", 1)[0] == name)
+
+
+async def test_serve_exports_the_publisher_counters_in_metrics(
+        mosquitto: MosquittoBroker) -> None:
+    """What an operator alerts on: connected, published, dropped, failed."""
+    proc, url = _start_serve("--source", "none", "--set", "mqtt.enabled=true",
+                             "--set", f"mqtt.port={mosquitto.port}",
+                             "--set", "mqtt.reconnect_min_s=0.05",
+                             "--set", "mqtt.reconnect_max_s=0.2")
+    try:
+        base = url.replace("ws://", "http://").removesuffix("/v1/captions")
+        ingest = url.replace("/v1/captions", "/v1/ingest?stream=desk")
+        async with connect(ingest) as ws:
+            await ws.send(json.dumps({"type": "config", "sample_rate": 16000}))
+            assert json.loads(await ws.recv())["type"] == "ingest.ready"
+            await ws.send(json.dumps({"type": "end"}))
+            while json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] != "stream.ended":
+                pass
+
+        async def scrape() -> str:
+            status, text = await http_get(f"{base}/metrics")
+            assert status == 200
+            return text
+
+        deadline = time.monotonic() + 20
+        while _metric(text := await scrape(), "evoxtral_mqtt_published_total") < 2:
+            assert time.monotonic() < deadline, text
+            await asyncio.sleep(0.1)
+        assert _metric(text, "evoxtral_mqtt_connected") == 1.0
+        assert _metric(text, "evoxtral_mqtt_connects_total") == 1.0
+        assert _metric(text, "evoxtral_mqtt_failed_total") == 0.0
+        assert 'evoxtral_mqtt_dropped_total{kind="final"} 0.0' in text
+
+        mosquitto.stop()
+        while _metric(text := await scrape(), "evoxtral_mqtt_connected") != 0.0 \
+                or _metric(text, "evoxtral_mqtt_connect_failures_total") < 1:
+            assert time.monotonic() < deadline + 20, text
+            await asyncio.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
 
 
 # --- topics, QoS, retain ----------------------------------------------------------------

@@ -10,7 +10,9 @@ two engines in one process, or tests, do not collide). It is fed two ways:
   counts: queue depth, refusals, superseded requests, decode failures,
   restarts, the real-time factor, subscribers, open streams, and the GPU
   memory in use when torch is already imported and CUDA is available
-  (otherwise that metric is absent; torch is never imported for it).
+  (otherwise that metric is absent; torch is never imported for it), and,
+  once :meth:`Metrics.watch_mqtt` is given a publisher's ``stats``, the MQTT
+  publisher's connection and counters.
 
 :meth:`Metrics.render` gives the Prometheus text format (serve it with
 ``prometheus_client.CONTENT_TYPE_LATEST``); :meth:`Metrics.ready` is the
@@ -20,7 +22,8 @@ two engines in one process, or tests, do not collide). It is fed two ways:
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -30,6 +33,9 @@ from prometheus_client.registry import Collector
 from ..engine.engine import Engine
 from ..events import CaptionEvent, EngineEvent, StreamError, StreamStarted
 from .broadcast import Broadcaster
+
+if TYPE_CHECKING:
+    from .mqtt import MqttStats
 
 __all__ = ["LATENCY_BUCKETS", "Metrics"]
 
@@ -59,7 +65,12 @@ class Metrics:
             registry=self.registry)
         self.streams_started = Counter(
             "evoxtral_streams_started", "Streams opened.", registry=self.registry)
-        self.registry.register(_StatsCollector(engine, broadcaster))
+        self._collector = _StatsCollector(engine, broadcaster)
+        self.registry.register(self._collector)
+
+    def watch_mqtt(self, stats: Callable[[], MqttStats] | None) -> None:
+        """Export an MQTT publisher's counters (``publisher.stats``); None stops."""
+        self._collector.mqtt = stats
 
     def on_event(self, event: EngineEvent) -> None:
         """Engine listener; add with ``engine.add_listener(metrics.on_event)``."""
@@ -98,6 +109,7 @@ class _StatsCollector(Collector):
     def __init__(self, engine: Engine, broadcaster: Broadcaster | None) -> None:
         self._engine = engine
         self._broadcaster = broadcaster
+        self.mqtt: Callable[[], MqttStats] | None = None
 
     def describe(self) -> list[Metric]:
         # Nothing to describe ahead: these metrics exist only once started.
@@ -177,10 +189,40 @@ class _StatsCollector(Collector):
             yield CounterMetricFamily("evoxtral_subscribers_dropped",
                                       "Subscribers disconnected for being too slow.",
                                       value=float(b.dropped_subscribers))
+        if self.mqtt is not None:
+            yield from _mqtt_metrics(self.mqtt())
         gpu = _gpu_memory_bytes()
         if gpu is not None:
             yield GaugeMetricFamily("evoxtral_gpu_memory_allocated_bytes",
                                     "CUDA memory held by tensors (torch).", value=float(gpu))
+
+
+def _mqtt_metrics(m: MqttStats) -> Iterator[Metric]:
+    yield GaugeMetricFamily("evoxtral_mqtt_connected", "1 while connected to the MQTT broker.",
+                            value=1.0 if m.connected else 0.0)
+    yield GaugeMetricFamily("evoxtral_mqtt_queued", "Events waiting to be published.",
+                            value=float(m.queued))
+    counters = {
+        "evoxtral_mqtt_published": ("Events the broker accepted.", m.published),
+        "evoxtral_mqtt_superseded": (
+            "Partials replaced while waiting by a newer partial or their final.",
+            m.superseded),
+        "evoxtral_mqtt_failed": (
+            "Events given up on: a failed publish, refused by the broker, or left at close.",
+            m.failed),
+        "evoxtral_mqtt_connects": ("Connections made to the broker.", m.connects),
+        "evoxtral_mqtt_connect_failures": ("Connection attempts that failed.",
+                                           m.connect_failures),
+    }
+    for name, (doc, value) in counters.items():
+        yield CounterMetricFamily(name, doc, value=float(value))
+    dropped = CounterMetricFamily(
+        "evoxtral_mqtt_dropped",
+        "Events dropped by the backlog's overflow policy (final: finals and lifecycle events).",
+        labels=["kind"])
+    dropped.add_metric(["partial"], float(m.dropped_partials))
+    dropped.add_metric(["final"], float(m.dropped_finals))
+    yield dropped
 
 
 def _gpu_memory_bytes() -> int | None:
