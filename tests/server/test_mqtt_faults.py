@@ -222,3 +222,25 @@ async def test_a_stream_id_with_a_unicode_noncharacter_does_not_break_the_connec
     # One connection: online once, offline at close (no will, no flapping).
     assert [payload(m) for m in got if topic(m) == "nc/status"] == [ENGINE_ONLINE,
                                                                      ENGINE_OFFLINE]
+
+
+# --- connections the broker closes at once ------------------------------------------------
+
+
+async def test_two_engines_with_one_client_id_back_off_and_say_why(
+    mosquitto: MosquittoBroker, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each connection takes the other's session over. Were a connection that
+    was accepted a success, both would reconnect every ``reconnect_min_s``
+    forever (a warning and a reconnect per cycle per engine)."""
+    caplog.set_level(logging.WARNING, logger="evoxtral_stream")
+    cfg = mqtt_config(mosquitto.port, "twin", client_id="studio-engine",
+                      reconnect_min_s=0.05, reconnect_max_s=0.4)
+    async with MqttPublisher(cfg) as one, MqttPublisher(cfg) as two:
+        await asyncio.sleep(3.0)
+        connects = one.stats().connects + two.stats().connects
+    # At the minimum delay that is about 60 connections; backing off to
+    # 0.3-0.4 s, about 15.
+    assert connects < 30, connects
+    hints = warnings_about(caplog, "after accepting it", "client_id 'studio-engine'")
+    assert hints, [r.getMessage() for r in caplog.records]

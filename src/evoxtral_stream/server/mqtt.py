@@ -87,6 +87,13 @@ ENGINE_OFFLINE = b"offline"
 _MAX_ATTEMPTS = 3
 # Drop warnings at most this often; the counters carry the exact numbers.
 _DROP_LOG_EVERY_S = 10.0
+# A connection resets the reconnect backoff only once it has held this long
+# (or reconnect_max_s, if longer): one the broker closes right after accepting
+# it (another client with the same client_id, an ACL that kicks) must back off.
+_STABLE_S = 10.0
+# A connection closed sooner than this after it was accepted was closed by the
+# broker on purpose, most often for a client_id taken over by another client.
+_KICKED_S = 1.0
 # Reason codes of a CONNACK refusing the protocol version: 3.1.1's 0x01 and
 # MQTT 5's 0x84 (paho maps a 3.1.1-style 0x01 answer to a v5 connect to 0x84).
 _VERSION_REFUSED = frozenset({1, 0x84})
@@ -323,7 +330,9 @@ class MqttPublisher:
     version 5 when ``protocol = "auto"``; that choice then sticks), publishes
     ``online`` (retained; the will is ``offline``), then the queue in order,
     one message at a time. On a failure it reconnects after
-    :func:`reconnect_delay`; the queue keeps filling meanwhile. A final or
+    :func:`reconnect_delay`; the queue keeps filling meanwhile. The delay
+    keeps growing across connections that broke within ``_STABLE_S`` (or
+    ``reconnect_max_s``) of being made. A final or
     lifecycle event whose publish broke goes back to the head and is sent
     again, up to three attempts (QoS 1 is at-least-once: duplicates are
     possible); a broken partial is counted as failed. A publish the broker
@@ -479,15 +488,17 @@ class MqttPublisher:
     async def _run(self) -> None:
         import aiomqtt
 
+        loop = asyncio.get_running_loop()
         failures = 0
         while not self._done_closing():
             version = "3.1.1" if self.cfg.protocol == "3.1.1" or self._fallback else "5"
+            up_since: float | None = None
             try:
                 self._refresh_tls()
                 client = self._client(version)
                 async with client:
+                    up_since = loop.time()
                     self._on_connected(version, failures)
-                    failures = 0
                     try:
                         await self._pump(client, version)
                     except BaseException:
@@ -506,13 +517,15 @@ class MqttPublisher:
                              self.cfg.host, self.cfg.port)
                     self._fallback = True
                     continue
-                failures += 1
-                self._on_failure(e, was_connected, failures)
+                lasted = None if up_since is None else loop.time() - up_since
+                failures = self._failures_after(failures, lasted)
+                self._on_failure(e, was_connected, failures, lasted)
             except Exception as e:
                 # Anything unforeseen must not end publishing for the process's
                 # lifetime: log it in full and go round the reconnect loop.
                 self._connected.clear()
-                failures += 1
+                lasted = None if up_since is None else loop.time() - up_since
+                failures = self._failures_after(failures, lasted)
                 if failures == 1:
                     log.exception("MQTT publisher failed unexpectedly; retrying with backoff")
                 self._on_failure(e, False, failures)
@@ -598,11 +611,25 @@ class MqttPublisher:
                      "%d event(s) queued", self.cfg.host, self.cfg.port, how, failures,
                      len(self._backlog))
 
-    def _on_failure(self, e: BaseException, was_connected: bool, failures: int) -> None:
+    def _failures_after(self, failures: int, lasted: float | None) -> int:
+        """Failures in a row after one more; a connection that held counts as a success."""
+        if lasted is not None and lasted >= max(_STABLE_S, self.cfg.reconnect_max_s):
+            failures = 0
+        return failures + 1
+
+    def _on_failure(self, e: BaseException, was_connected: bool, failures: int,
+                    lasted: float | None = None) -> None:
         previous, self._last_error = self._last_error, str(e) or type(e).__name__
         if was_connected:
-            log.warning("MQTT connection to %s:%d lost (%s); reconnecting",
-                        self.cfg.host, self.cfg.port, self._last_error)
+            hint = ""
+            if lasted is not None and lasted < _KICKED_S:
+                hint = f"; the broker closed it {lasted:.2f} s after accepting it"
+                if self.cfg.client_id:  # a random id cannot be taken over
+                    hint += (f": is another client connected as client_id "
+                             f"{self.client_id!r}?")
+            log.warning("MQTT connection to %s:%d lost (%s)%s; reconnecting in up to %.3g s",
+                        self.cfg.host, self.cfg.port, self._last_error, hint,
+                        reconnect_delay(self.cfg, failures, lambda: 0.0))
             return
         self._connect_failures += 1
         # One message per outage, and one more when the reason changes (a
