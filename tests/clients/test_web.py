@@ -740,8 +740,17 @@ def final(stream: str, segment: int, seq: int, text: str) -> str:
                        "unstable": "", "tags": [], "start": 0.0, "end": 1.0, "latency": 0.1})
 
 
+def partial(stream: str, segment: int, seq: int, text: str) -> str:
+    return json.dumps({"type": "caption", "stream": stream, "segment": segment, "seq": seq,
+                       "final": False, "text": text, "plain_text": text, "stable": "",
+                       "unstable": text, "tags": [], "start": 0.0, "end": 1.0,
+                       "latency": 0.1})
+
+
 FINALS = ("[...document.querySelectorAll('#finals .line.final[data-stream=\"{s}\"]')]"
           ".map(l => l.querySelector('.text').textContent)")
+PARTIALS = ("[...document.querySelectorAll('#partials .line[data-stream=\"{s}\"]')]"
+            ".map(l => [+l.dataset.segment, l.querySelector('.text').textContent])")
 
 
 async def test_a_final_the_microphone_socket_overtook_is_still_replayed(
@@ -844,6 +853,63 @@ async def test_a_link_lost_right_after_a_gap_with_no_end_resumes_from_0(
             assert paths[2] == "/v1/captions?since=talk:0"
             await page.wait_for(f"{finals}.length === 2")
             assert await page.evaluate(finals) == ["before", "after"]
+            assert page.errors == []
+        finally:
+            await page.close()
+
+
+async def test_a_late_stream_started_keeps_the_microphones_partial_and_drops_the_old_run(
+        browser: Browser) -> None:
+    """The microphone's stream id is used again: its first run (a decode
+    error for segment 0, a final for segment 1) has ended. The new run's
+    partial of segment 0 comes on the microphone socket before the
+    subscription's stream.started for it. That stream.started lets the old
+    run's lines go (the new segment 1 gets its own line) but keeps the
+    partial already shown: it stays on screen, not gone until the next one."""
+    go = asyncio.Event()
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        if ws.request.path.startswith("/v1/ingest"):
+            await ws.recv()  # config
+            await ws.send(json.dumps({"type": "ingest.ready", "stream": "desk",
+                                      "sample_rate": 48000, "channels": 1,
+                                      "format": "pcm16", "language": "en"}))
+            await ws.send(json.dumps({"type": "stream.started", "stream": "desk",
+                                      "source": "ingest"}))
+            await ws.send(partial("desk", 0, 2, "new zero"))
+            await ws.wait_closed()
+            return
+        await ws.send(hello([]))
+        await ws.send(json.dumps({"type": "stream.started", "stream": "desk",
+                                  "source": "ingest"}))
+        await ws.send(json.dumps({"type": "error", "code": "decode_failed",
+                                  "message": "RuntimeError: boom", "stream": "desk",
+                                  "segment": 0}))
+        await ws.send(final("desk", 1, 1, "old one"))
+        await ws.send(json.dumps({"type": "stream.ended", "stream": "desk", "duration": 2.0,
+                                  "segments": 2, "finals": 1}))
+        await go.wait()
+        await ws.send(json.dumps({"type": "stream.started", "stream": "desk",
+                                  "source": "ingest"}))
+        await ws.send(partial("desk", 0, 2, "new zero"))
+        await ws.send(partial("desk", 1, 3, "new one"))
+        await ws.wait_closed()
+
+    finals, partials = FINALS.format(s="desk"), PARTIALS.format(s="desk")
+    async with serve(handler, "127.0.0.1", 0, process_request=page_files) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        page = await Page.open(browser, f"http://127.0.0.1:{port}/?mic=desk")
+        try:
+            await page.wait_for("document.querySelector('#picker option[value=\"desk\"]')"
+                                "?.textContent === 'desk (ended)'")
+            assert await page.evaluate(finals) == ["old one"]
+            await page.click("#mic")
+            await page.wait_for(f"{partials}.length === 1")
+            go.set()
+            await page.wait_for("evoxtral.lastSeq.get('desk') === 3")
+            assert await page.evaluate(partials) == [[0, "new zero"], [1, "new one"]]
+            assert await page.evaluate(finals) == ["old one"]
             assert page.errors == []
         finally:
             await page.close()

@@ -213,10 +213,11 @@ function note(stream, text) {
 }
 
 // Later captions of `stream` start new lines: the lines shown stay, but no
-// caption of a new numbering may rewrite them.
-function forgetSegments(stream) {
+// caption of a new numbering may rewrite them. Lines for which `keep` is
+// true are left as they are.
+function forgetSegments(stream, keep = () => false) {
   for (const [key, line] of state.lines) {
-    if (line.dataset.stream !== stream) continue;
+    if (line.dataset.stream !== stream || keep(line)) continue;
     if (line.parentNode === ui.partials) line.remove();  // its segment will never end
     state.lines.delete(key);
   }
@@ -303,6 +304,7 @@ function onCaption(ev, viaMic = false) {
     state.lines.set(key, line);
   }
   fillLine(line, ev);
+  line.dataset.seq = ev.seq;
   if (ev.final) {
     if (!ev.text) { dropLine(line); return; }
     appendFinal(line);  // moves it out of #partials: the final replaces its partials
@@ -336,10 +338,17 @@ function handle(msg, viaMic = false) {
         }
       }
       return;
-    case "stream.started":
-      forgetSegments(msg.stream);  // a stream id used again counts its segments from 0
+    case "stream.started": {
+      // A stream id used again counts its segments from 0: its earlier runs'
+      // lines take no more captions. The subscription brings a run's
+      // stream.started before its captions, but the microphone socket may
+      // have shown some of them first: those (seqs still ahead) are this
+      // run's, and stay.
+      const ahead = state.ahead.get(msg.stream);
+      forgetSegments(msg.stream, (line) => Boolean(ahead?.has(Number(line.dataset.seq))));
       addStream(msg.stream);
       return;
+    }
     case "stream.ended":
       addStream(msg.stream, true);
       for (const line of [...ui.partials.children]) {  // segments that never got a final
