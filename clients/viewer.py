@@ -202,7 +202,8 @@ class LiveWriter:
     redrawn in place on one row (clear the row, write, no newline) until the
     next partial or a final replaces it; without ``live`` partials are not
     written. Every other message, and :meth:`status` lines, go to ``err``
-    after clearing a partial shown on the same terminal.
+    after clearing a partial shown on the same terminal. A partial cleared
+    for a final or a message of another stream is drawn again after it.
     """
 
     def __init__(self, out: TextIO, err: TextIO, *, color: bool, live: bool,
@@ -212,13 +213,19 @@ class LiveWriter:
         self.color = color
         self.live = live
         self.show_stream = show_stream
-        self._partial_shown = False
+        self._partial: tuple[object, str] | None = None  # (its stream, the row) if shown
 
     def show(self, event: Mapping[str, Any]) -> None:
+        # Only its own stream's events (its final, an error, its end, a new
+        # run) replace or end a partial: another stream's (a stream.started
+        # above all) must not leave it off the screen until its next partial.
+        other = self._partial if self._partial is not None \
+            and self._partial[0] != event.get("stream") else None
         if event.get("type") != "caption":
             line = render_event(event, color=self.color)
             if line is not None:
                 self.status(line, styled=True)
+                self._redraw(other)
             return
         if event.get("final"):
             self.clear()
@@ -226,6 +233,7 @@ class LiveWriter:
             if line is not None:
                 self.out.write(line + "\n")
                 self.out.flush()
+            self._redraw(other)
         elif self.live:
             width = shutil.get_terminal_size((100, 24)).columns - 1
             line = render_event(event, color=self.color, show_stream=self.show_stream,
@@ -233,7 +241,7 @@ class LiveWriter:
             if line is not None:
                 self.out.write(_CLEAR_LINE + line)
                 self.out.flush()
-                self._partial_shown = True
+                self._partial = (event.get("stream"), line)
 
     def status(self, text: str, *, styled: bool = False) -> None:
         """A line on ``err`` (dim on a colour terminal unless already ``styled``)."""
@@ -244,10 +252,17 @@ class LiveWriter:
 
     def clear(self) -> None:
         """Remove the partial shown in place, if any."""
-        if self._partial_shown:
+        if self._partial is not None:
             self.out.write(_CLEAR_LINE)
             self.out.flush()
-            self._partial_shown = False
+            self._partial = None
+
+    def _redraw(self, partial: tuple[object, str] | None) -> None:
+        """Show ``partial`` (as :attr:`_partial` holds it) again, if any."""
+        if partial is not None:
+            self.out.write(_CLEAR_LINE + partial[1])
+            self.out.flush()
+            self._partial = partial
 
 
 # --- the subscription ------------------------------------------------------------

@@ -141,8 +141,36 @@ def test_live_writer_redraws_the_partial_in_place_then_the_final_replaces_it() -
     w.show(FINAL)
     p = render_event(PARTIAL, color=False, show_stream=False)
     f = render_event(FINAL, color=False, show_stream=False)
-    assert out.getvalue() == f"{CLEAR}{p}{CLEAR}{p}{CLEAR}{f}\n"
+    # Cleared for the status line, then drawn again: it is another stream's.
+    assert out.getvalue() == f"{CLEAR}{p}{CLEAR}{p}{CLEAR}{CLEAR}{p}{CLEAR}{f}\n"
     assert err.getvalue() == "▶ other started (x)\n"
+
+
+def test_only_its_own_streams_events_take_a_partial_off_the_screen() -> None:
+    """One partial row for every stream: another stream's start, final or
+    end clears the row for their line, and the partial is drawn again under
+    it; its own stream's end (no final came) or error leaves it cleared."""
+    out, err = io.StringIO(), io.StringIO()
+    w = LiveWriter(out, err, color=False, live=True, show_stream=True)
+    other = {**FINAL, "stream": "other", "text": "elsewhere", "stable": "elsewhere", "tags": []}
+    w.show(PARTIAL)
+    w.show({"type": "stream.started", "stream": "other", "source": "x"})
+    w.show(other)
+    w.show({"type": "stream.ended", "stream": "other", "duration": 1.0, "segments": 1,
+            "finals": 1})
+    p = render_event(PARTIAL, color=False, show_stream=True)
+    o = render_event(other, color=False, show_stream=True)
+    assert out.getvalue() == f"{CLEAR}{p}{CLEAR}{CLEAR}{p}{CLEAR}{o}\n{CLEAR}{p}{CLEAR}{CLEAR}{p}"
+    assert err.getvalue() == "▶ other started (x)\n■ other ended: 1 finals, 1.0 s\n"
+    for own in ({"type": "stream.ended", "stream": "mic", "duration": 15.0, "segments": 4,
+                 "finals": 3},
+                {"type": "error", "code": "decode_failed", "message": "boom", "stream": "mic",
+                 "segment": 3}):
+        out.seek(0)
+        out.truncate()
+        w.show(PARTIAL)
+        w.show(own)
+        assert out.getvalue() == f"{CLEAR}{p}{CLEAR}", own
 
 
 def test_writer_off_a_terminal_prints_only_finals() -> None:
