@@ -20,15 +20,22 @@ import numpy as np
 import pytest
 
 from evoxtral_stream.audio.microphone import (
+    SILENCE_CHUNK,
     InputDevice,
     MicrophoneCapture,
     list_input_devices,
     resolve_input_device,
 )
+from evoxtral_stream.audio.resample import int16_to_float32, resample
 from evoxtral_stream.audio.sources import AudioInputError
-from evoxtral_stream.events import SAMPLE_RATE, Int16Array
+from evoxtral_stream.config import load_config
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.events import SAMPLE_RATE, Float32Array, Int16Array
+from evoxtral_stream.run import LatencyLog
+from tests.fakes import ScriptedBackend, words_so_far
 from tests.helpers.audio import dominant_frequency, rms, sine
 from tests.helpers.portaudio import LiveStream, tone
+from tests.speech import have_espeak, speech_with_pauses
 
 # --- sounddevice stand-ins -------------------------------------------------------------
 
@@ -161,12 +168,169 @@ async def test_overflow_drops_and_counts_blocks(caplog: pytest.LogCaptureFixture
     # The first three blocks made it, in order.
     assert [int(b[0]) for b in got.blocks] == [328, 655, 983]
     assert any("dropped 7 audio block" in r.getMessage() for r in caplog.records)
-    # Once drained, there is room again.
+    # Once drained, there is room again; the next block comes after as much
+    # silence as was dropped (7 blocks of 320), so it keeps its place in time.
     cap._callback(blocks[0], 320, None, Flags())
     await settle(cap)
-    assert len(got.blocks) == 4
-    assert cap.dropped_blocks == 7
+    assert [len(b) for b in got.blocks[3:]] == [1600, 640, 320]
+    assert not got.audio[960:-320].any() and int(got.blocks[-1][0]) == 328
+    assert cap.dropped_blocks == 7 and cap.silence_samples == 7 * 320
     cap.stop()
+
+
+async def feed_with_a_jam(cap: MicrophoneCapture, audio: Float32Array, block: int,
+                          jam: range) -> list[int]:
+    """Call back ``audio`` block by block, the loop draining around each one,
+    except for the block indexes in ``jam`` (the loop is held up then).
+    Returns the indexes of the blocks the capture dropped."""
+    dropped: list[int] = []
+    for i, start in enumerate(range(0, len(audio), block)):
+        if i not in jam:
+            await settle(cap)
+        before = cap.dropped_blocks
+        chunk = audio[start : start + block]
+        cap._callback(chunk, len(chunk), None, Flags())
+        if cap.dropped_blocks != before:
+            dropped.append(i)
+        if i not in jam:
+            await settle(cap)
+    return dropped
+
+
+def stereo_tone_bursts(rate: int, seconds: float) -> Float32Array:
+    """A 440 Hz tone switched on and off every 0.3 s, left louder than right."""
+    wave = sine(440, seconds, rate, amp=0.5)
+    wave[(np.arange(len(wave)) * 10 // (3 * rate)) % 2 == 1] = 0.0
+    return np.stack((wave, wave * 0.5), axis=1).astype(np.float32)
+
+
+@pytest.mark.parametrize("rate", [SAMPLE_RATE, 44100, 48000])
+async def test_dropped_blocks_become_silence_so_later_audio_keeps_its_time(rate: int) -> None:
+    block = rate // 50
+    audio = stereo_tone_bursts(rate, 4.0)
+    got = Received()
+    cap = MicrophoneCapture(got, device=fake_device(rate), block_ms=20, max_pending_blocks=10,
+                            stream_factory=FakeFactory())
+    cap.start()
+    # The loop is held up for 1.2 s from 1 s in: 10 blocks wait, 50 are dropped.
+    dropped = await feed_with_a_jam(cap, audio, block, range(50, 110))
+    cap.stop()
+    assert dropped == list(range(60, 110))
+
+    # What a capture that kept up delivers for the same input with the
+    # dropped blocks silent: the same timeline, the same audio after the gap.
+    heard = audio.copy()
+    heard[60 * block : 110 * block] = 0.0
+    ref = Received()
+    kept_up = MicrophoneCapture(ref, device=fake_device(rate), block_ms=20,
+                                max_pending_blocks=10, stream_factory=FakeFactory())
+    kept_up.start()
+    assert await feed_with_a_jam(kept_up, heard, block, range(0)) == []
+    kept_up.stop()
+    out, want = got.audio.astype(np.int32), ref.audio.astype(np.int32)
+    assert abs(len(out) - len(want)) <= 1
+    assert abs(len(out) - len(audio) * SAMPLE_RATE / rate) <= 2
+    gap = slice(60 * SAMPLE_RATE // 50, 110 * SAMPLE_RATE // 50)
+    assert not out[gap.start + 40 : gap.stop - 40].any()
+    n = min(len(out), len(want))
+    # Every sound after the gap is where it was captured (to the sample; the
+    # restarted resampler filter differs from the continuous one by rounding).
+    assert np.abs(out[:n] - want[:n]).max() <= (0 if rate == SAMPLE_RATE else 1)
+    assert cap.silence_samples == 50 * SAMPLE_RATE // 50
+    assert max(len(b) for b in got.blocks) <= max(SILENCE_CHUNK, SAMPLE_RATE // 50)
+
+
+@pytest.mark.parametrize("rate", [SAMPLE_RATE, 48000])
+async def test_blocks_dropped_after_the_last_queued_one_are_filled_at_stop(rate: int) -> None:
+    got = Received()
+    cap = MicrophoneCapture(got, device=fake_device(rate, 1), block_ms=20, max_pending_blocks=4,
+                            stream_factory=FakeFactory())
+    cap.start()
+    block = np.full((rate // 50, 1), 0.25, np.float32)
+    for _ in range(30):  # the loop never gets to run: 26 blocks are dropped
+        cap._callback(block, len(block), None, Flags())
+    cap.stop()
+    assert cap.dropped_blocks == 26
+    assert abs(cap.samples_delivered - 30 * SAMPLE_RATE // 50) <= 1
+    assert not got.audio[4 * SAMPLE_RATE // 50 + 40 :].any()
+    assert abs(cap.silence_samples - 26 * SAMPLE_RATE // 50) <= 1
+
+
+async def test_blocks_dropped_before_the_device_is_lost_are_filled_then() -> None:
+    delivered_at_stall: list[int] = []
+    got = Received()
+    cap = MicrophoneCapture(got, device=fake_device(48000), block_ms=20, max_pending_blocks=4,
+                            stream_factory=FakeFactory(), stall_timeout_s=0.2,
+                            reopen_interval_s=0.1,
+                            on_stall=lambda _: delivered_at_stall.append(cap.samples_delivered))
+    cap.start()
+    block = np.full((960, 2), 0.25, np.float32)
+    for _ in range(30):  # 26 dropped, then the device goes quiet
+        cap._callback(block, 960, None, Flags())
+    await until(lambda: delivered_at_stall != [], "the stall report")
+    # The segment is ended (on_stall) after all the captured time is in the stream.
+    assert abs(delivered_at_stall[0] - 30 * 320) <= 1
+    assert cap.dropped_blocks == 26
+    cap.stop()
+
+
+async def test_a_long_drop_run_is_filled_in_bounded_pieces() -> None:
+    got = Received()
+    cap = MicrophoneCapture(got, device=fake_device(48000), block_ms=20, max_pending_blocks=1,
+                            stream_factory=FakeFactory())
+    cap.start()
+    block = np.zeros((960, 2), np.float32)
+    for _ in range(3001):  # 60 s dropped while the loop is held up
+        cap._callback(block, 960, None, Flags())
+    assert got.blocks == []
+    await settle(cap)
+    cap._callback(np.full((960, 2), 0.5, np.float32), 960, None, Flags())
+    await settle(cap)
+    cap.stop()
+    assert cap.dropped_blocks == 3000
+    assert abs(cap.samples_delivered - 3002 * 320) <= 1
+    # The loud block is where it was captured: after 60.02 s.
+    loud = np.flatnonzero(np.abs(got.audio) > 8000)
+    assert abs(int(loud[0]) - 3001 * 320) <= 10
+    assert max(len(b) for b in got.blocks) == SILENCE_CHUNK
+    assert cap.silence_samples == 60 * SAMPLE_RATE
+
+
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+@pytest.mark.parametrize("rate", [SAMPLE_RATE, 48000])
+async def test_captions_after_a_drop_run_keep_their_times(rate: int) -> None:
+    speech, spans = speech_with_pauses(["Good evening and welcome to the show.",
+                                        "Tonight we talk about the weather."], pause_s=3.0)
+    audio = resample(int16_to_float32(speech), SAMPLE_RATE, rate)[:, None]
+    block = rate // 50
+    # The loop is held up 0.5 s into the pause, for 1.4 s: 1.2 s are dropped.
+    jam_at = spans[0][1] * 50 // SAMPLE_RATE + 25
+    jam = range(jam_at, jam_at + 70)
+    cfg = load_config(overrides={"stream.partial_interval_ms": 0})
+
+    async def finals(jammed: range) -> tuple[list[tuple[int, float, float]], int]:
+        record = LatencyLog()
+        async with Engine(cfg, ScriptedBackend(words_so_far)) as engine:
+            engine.add_listener(record)
+            stream = engine.open_stream("mic", source="mic")
+            cap = MicrophoneCapture(stream.push, device=fake_device(rate, 1), block_ms=20,
+                                    max_pending_blocks=10, stream_factory=FakeFactory())
+            cap.start()
+            await feed_with_a_jam(cap, audio, block, jammed)
+            cap.stop()
+            await stream.close()
+        return ([(c.segment, c.start, c.end) for c in record.captions() if c.final],
+                cap.dropped_blocks)
+
+    kept_up, none = await finals(range(0))
+    jammed, dropped = await finals(jam)
+    assert none == 0 and dropped == 60
+    assert len(kept_up) == 2
+    assert kept_up[1][1] == pytest.approx(spans[1][0] / SAMPLE_RATE, abs=0.5)
+    assert [s for s, _, _ in jammed] == [s for s, _, _ in kept_up]
+    for (_, start, end), (_, want_start, want_end) in zip(jammed, kept_up, strict=True):
+        assert start == pytest.approx(want_start, abs=0.002)
+        assert end == pytest.approx(want_end, abs=0.002)
 
 
 async def test_status_overflow_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from types import ModuleType, TracebackType
 from typing import Any, Protocol
 
+import numpy as np
+
 from evoxtral_stream.audio.resample import StreamResampler
 from evoxtral_stream.audio.sources import AudioInputError
 from evoxtral_stream.config import AudioConfig
@@ -35,6 +37,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PORTAUDIO_MISSING = "PortAudio library not found: install it with `apt-get install libportaudio2`"
+
+#: The largest piece of silence handed to ``on_audio`` in one call when the
+#: gap left by dropped blocks is filled (100 ms, as file chunks): a long drop
+#: run is delivered in many small pieces, never allocated at once.
+SILENCE_CHUNK = SAMPLE_RATE // 10
 
 
 # --- devices ----------------------------------------------------------------
@@ -213,6 +220,19 @@ class MicrophoneCapture:
     (the callback never blocks). Drops and PortAudio input overflows are
     logged from the loop side.
 
+    Dropped audio keeps its place in time: the loop delivers as much silence
+    (zeros, at 16 kHz, in pieces of at most :data:`SILENCE_CHUNK`) where the
+    dropped blocks were, so the samples delivered always count the time
+    captured and every later caption time stays true. The resampler is flushed
+    at the gap and starts afresh after it, so its filter never joins the audio
+    on either side; the silence's length is computed from the frames captured
+    since the device was opened, so rounding does not add up over many gaps.
+    The dropped sound itself is lost: a long drop run is silence to the VAD
+    and may end the open segment there. Blocks dropped after the last one
+    queued are filled in when the capture stops or the device is lost.
+    :attr:`silence_samples` counts the silence delivered. (PortAudio's own
+    input overflows lose an unknown number of frames and are only counted.)
+
     ``device`` is an ``audio.device`` spec (see :func:`resolve_input_device`)
     or an already resolved :class:`InputDevice`. The stream is created in
     :meth:`start` only, by ``stream_factory`` (default: sounddevice), so the
@@ -268,7 +288,8 @@ class MicrophoneCapture:
         self._watchdog: asyncio.Task[None] | None = None
         self.stalls = 0
         self.reopens = 0
-        self._pending: deque[Float32Array] = deque()
+        # Each queued block with the frames dropped just before it.
+        self._pending: deque[tuple[int, Float32Array]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stream: AudioStream | None = None
         self._resampler: StreamResampler | None = None
@@ -282,7 +303,16 @@ class MicrophoneCapture:
         self.dropped_blocks = 0
         self.status_overflows = 0
         self.blocks_seen = 0
+        # Native-rate frames dropped since the last queued block: the callback
+        # hands them to the loop with the next block it queues; the loop
+        # takes the rest only once no callback can come (stop, lost device).
+        self._gap_frames = 0
+        # Loop side, since the device was opened: native frames captured
+        # (dropped ones included) and 16 kHz samples delivered for them.
+        self._frames_in = 0
+        self._samples_out = 0
         self.samples_delivered = 0
+        self.silence_samples = 0
         self._reported_drops = 0
         self._reported_overflows = 0
 
@@ -348,9 +378,7 @@ class MicrophoneCapture:
             finally:
                 stream.close()
         self._accepting = False
-        self._drain()
-        if self._resampler is not None:
-            self._emit(self._resampler.flush())
+        self._deliver_rest()
 
     def _resolve(self) -> InputDevice:
         spec = self._device_spec
@@ -372,6 +400,7 @@ class MicrophoneCapture:
         self._resampler = StreamResampler(self.samplerate, SAMPLE_RATE, self.channels)
         blocksize = max(1, self.samplerate * self.block_ms // 1000)
         self._pending.clear()
+        self._gap_frames = self._frames_in = self._samples_out = 0
         self._wake_scheduled = False
         stream = self._stream_factory(
             device, self.samplerate, self.channels, blocksize, self._callback
@@ -417,9 +446,7 @@ class MicrophoneCapture:
         logger.warning("%s", message)
         # The watchdog must outlive whatever the callbacks do.
         try:
-            self._drain()
-            if self._resampler is not None:
-                self._emit(self._resampler.flush())
+            self._deliver_rest()
         except Exception:
             logger.exception("delivering the lost input's last audio failed")
         _notify(self._on_stall, message)
@@ -472,8 +499,12 @@ class MicrophoneCapture:
         # deque.append/len are atomic under the GIL; the loop only pops.
         if len(self._pending) >= self.max_pending_blocks:
             self.dropped_blocks += 1
+            self._gap_frames += len(indata)
             return
-        self._pending.append(indata.copy())
+        # Only this thread writes _gap_frames while the stream runs: the gap
+        # reaches the loop inside the queue, in order, with no lock.
+        gap, self._gap_frames = self._gap_frames, 0
+        self._pending.append((gap, indata.copy()))
         # One wake-up per batch: _drain clears the flag before draining, so a
         # block appended after that schedules a new drain instead of being lost.
         if not self._wake_scheduled:
@@ -489,13 +520,48 @@ class MicrophoneCapture:
         self._wake_scheduled = False
         resampler = self._resampler
         while self._pending:
-            block = self._pending.popleft()
+            gap, block = self._pending.popleft()
+            if gap:
+                self._fill_gap(gap)
             if resampler is not None:
+                self._frames_in += len(block)
                 self._emit(resampler.process(block))
         self._report()
 
+    def _deliver_rest(self) -> None:
+        """No callback can come any more: deliver the queued blocks, the
+        silence for blocks dropped after them and the resampler's tail."""
+        self._drain()
+        gap, self._gap_frames = self._gap_frames, 0
+        if gap:
+            self._fill_gap(gap)  # flushes the resampler first
+        elif self._resampler is not None:
+            self._emit(self._resampler.flush())
+
+    def _fill_gap(self, frames: int) -> None:
+        """Deliver silence for ``frames`` dropped native-rate frames."""
+        resampler = self._resampler
+        if resampler is None:
+            return
+        # The audio before the gap ends here: its filter tail goes first, and
+        # the audio after it starts the filter afresh instead of being
+        # filtered together with sound from before the gap.
+        self._emit(resampler.flush())
+        self._frames_in += frames
+        # Rounded as soxr rounds a flushed run's length; from the totals since
+        # the device was opened, so the timeline never drifts by a sample per gap.
+        rate = self.samplerate
+        due = (self._frames_in * SAMPLE_RATE * 2 + rate) // (2 * rate)
+        missing = due - self._samples_out
+        while missing > 0:
+            n = min(missing, SILENCE_CHUNK)
+            missing -= n
+            self.silence_samples += n
+            self._emit(np.zeros(n, np.int16))
+
     def _emit(self, samples: Int16Array) -> None:
         if len(samples):
+            self._samples_out += len(samples)
             self.samples_delivered += len(samples)
             self._on_audio(samples)
 
@@ -503,7 +569,8 @@ class MicrophoneCapture:
         drops, overflows = self.dropped_blocks, self.status_overflows
         if drops > self._reported_drops:
             logger.warning(
-                "dropped %d audio block(s) (%d in total): the event loop is not keeping up",
+                "dropped %d audio block(s) (%d in total): the event loop is not keeping "
+                "up; their time is filled with silence",
                 drops - self._reported_drops, drops,
             )
             self._reported_drops = drops
