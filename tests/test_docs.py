@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 import tomllib
 
@@ -37,3 +38,24 @@ def test_readme_has_the_two_commands() -> None:
 def test_root_config_is_the_packaged_one() -> None:
     packaged = ROOT / "src" / "evoxtral_stream" / "config.toml"
     assert (ROOT / "config.toml").read_bytes() == packaged.read_bytes()
+
+
+def _docs_text() -> str:
+    """What a user reads: the README and docs/*.md."""
+    return "\n".join(p.read_text() for p in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
+
+
+def test_every_cli_command_and_option_is_documented() -> None:
+    from evoxtral_stream.cli import _parser
+
+    docs = _docs_text()
+    (sub,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    missing = [f"evoxtral-stream {name}" for name in sub.choices
+               if f"evoxtral-stream {name}" not in docs]
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            for opt in action.option_strings:
+                if opt.startswith("--") and opt != "--help" \
+                        and not re.search(rf"{re.escape(opt)}(?![\w-])", docs):
+                    missing.append(f"{name} {opt}")
+    assert not missing, f"README.md and docs/*.md do not mention: {missing}"
