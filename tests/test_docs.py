@@ -59,3 +59,34 @@ def test_every_cli_command_and_option_is_documented() -> None:
                         and not re.search(rf"{re.escape(opt)}(?![\w-])", docs):
                     missing.append(f"{name} {opt}")
     assert not missing, f"README.md and docs/*.md do not mention: {missing}"
+
+
+# Where the server and engine name an error code: the first string literal
+# of these calls (after one plain argument such as `ws` or a stream id).
+_ERROR_CALL = re.compile(
+    r"\b(?:report_error|StreamError|ProtocolError|RealtimeProtocolError|encode_error|_refuse|"
+    r"refuse_realtime|error)\(\s*(?:[\w.]+,\s*)?\"([a-z][a-z0-9_]*)\"")
+
+
+def _documented_codes(doc: str) -> set[str]:
+    """The codes in the first column of protocol.md's `| code |` tables."""
+    codes: set[str] = set()
+    for rows in re.findall(r"^\| code \|.*\n\|[- |]+\n((?:\|.*\n)+)", doc, re.M):
+        for row in rows.splitlines():
+            # "`decode_failed` (`type` `server_error`)": the codes come first.
+            codes |= set(re.findall(r"`([a-z][a-z0-9_]*)`", row.split("|")[1].split("(")[0]))
+    return codes
+
+
+def test_every_error_code_is_in_a_protocol_table() -> None:
+    emitted: set[str] = set()
+    for path in (ROOT / "src" / "evoxtral_stream").rglob("*.py"):
+        emitted |= set(_ERROR_CALL.findall(path.read_text()))
+    # The pattern still sees the call sites (a rename would empty it).
+    assert {"decode_failed", "bad_utf8", "too_large", "audio_input_lost",
+            "invalid_value", "unsupported_intent"} <= emitted
+    documented = _documented_codes((ROOT / "docs" / "protocol.md").read_text())
+    assert not emitted - documented, \
+        f"docs/protocol.md has no table row for: {sorted(emitted - documented)}"
+    assert not documented - emitted, \
+        f"docs/protocol.md lists codes nothing emits: {sorted(documented - emitted)}"

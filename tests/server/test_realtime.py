@@ -746,3 +746,23 @@ async def test_commits_add_nothing_to_the_streams_timeline(scripted: CaptionServ
     assert finals[1]["start"] - finals[0]["end"] < 0.35  # at most the pre-roll
     assert finals[1]["end"] <= client_s + 0.05
     assert abs(msg["duration"] - client_s) < 0.05
+
+
+async def test_a_session_whose_stream_is_closed_under_it_ends_with_server_error() -> None:
+    """docs/protocol.md: `server_error` and close 1011 once the session's engine
+    stream is gone (as at shutdown), at the client's next audio."""
+    cfg = config()
+    async with Engine(cfg, ScriptedBackend(lambda a: "scripted words")) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        url = f"ws://127.0.0.1:{server.port}/v1/realtime?intent=transcription&stream=desk"
+        async with connect(url) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == \
+                "session.created"
+            await engine.streams["desk"].close()
+            await ws.send(append_msg(bytes(4800)))  # 100 ms of silence
+            err = json.loads(await asyncio.wait_for(ws.recv(), 10))
+            assert (err["type"], err["error"]["type"], err["error"]["code"]) == \
+                ("error", "server_error", "server_error")
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+            assert ws.close_code == 1011
