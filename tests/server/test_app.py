@@ -187,6 +187,10 @@ async def test_a_subscriber_that_talks_gets_an_error_and_stays(
     async with connect(f"ws://127.0.0.1:{server.port}/v1/captions?since=x") as ws:
         err = json.loads(await asyncio.wait_for(ws.recv(), 5))
         assert err["code"] == "bad_query"
+    # A bare SEQ names no stream without ?stream= (docs/protocol.md, bad_query).
+    async with connect(f"ws://127.0.0.1:{server.port}/v1/captions?since=5") as ws:
+        err = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert err["code"] == "bad_query"
 
 
 async def test_readyz_and_metrics(served: tuple[Engine, CaptionServer]) -> None:

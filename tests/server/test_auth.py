@@ -342,13 +342,14 @@ async def test_each_carrier_gets_in() -> None:
             await hello(ws)
 
 
-async def test_page_and_healthz_stay_open() -> None:
+async def test_page_healthz_and_readyz_stay_open() -> None:
     async with running() as (_, server):
         def get(path: str) -> int:
             with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}",
                                         timeout=5) as r:
                 return int(r.status)
         assert await asyncio.to_thread(get, "/healthz") == 200
+        assert await asyncio.to_thread(get, "/readyz") == 200
         assert await asyncio.to_thread(get, "/") == 200
 
 
