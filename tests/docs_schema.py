@@ -27,7 +27,17 @@ def protocol_schema() -> dict[str, Any]:
 
 
 def validate_message(message: str | dict[str, Any]) -> dict[str, Any]:
-    """Parse (if needed) and validate one server message; return it."""
+    """Parse (if needed) and validate one server message; return it.
+
+    Beyond the schema (which lets clients ignore fields added later), every
+    field must be one the doc names, so a field the server adds is documented.
+    """
     obj: dict[str, Any] = json.loads(message) if isinstance(message, str) else message
-    jsonschema.validate(obj, protocol_schema(), cls=jsonschema.Draft202012Validator)
+    schema = protocol_schema()
+    jsonschema.validate(obj, schema, cls=jsonschema.Draft202012Validator)
+    defs = schema["$defs"]
+    undocumented = set(obj) - set(defs[obj["type"]]["properties"])
+    for tag in obj.get("tags", []) if obj["type"] == "caption" else []:
+        undocumented |= {f"tags[].{k}" for k in set(tag) - set(defs["tag"]["properties"])}
+    assert not undocumented, f"{obj['type']} fields not in docs/protocol.md: {undocumented}"
     return obj

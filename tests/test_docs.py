@@ -1,12 +1,15 @@
-"""The docs stay true: config keys documented, README commands present."""
+"""The docs stay true: config keys, CLI options, error codes and metrics documented,
+protocol examples valid, README commands present."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import textwrap
 import tomllib
 
-from tests.docs_schema import ROOT
+from tests.docs_schema import ROOT, protocol_schema, validate_message
 
 
 def _keys(table: dict[str, object], prefix: str = "") -> list[str]:
@@ -90,3 +93,36 @@ def test_every_error_code_is_in_a_protocol_table() -> None:
         f"docs/protocol.md has no table row for: {sorted(emitted - documented)}"
     assert not documented - emitted, \
         f"docs/protocol.md lists codes nothing emits: {sorted(documented - emitted)}"
+
+
+# evoxtral_* names in the docs that are not metrics.
+_NOT_METRICS = {"evoxtral_stream", "evoxtral_merge", "evoxtral_grouped_sdpa"}
+
+
+def test_metrics_named_in_the_docs_exist() -> None:
+    source = (ROOT / "src" / "evoxtral_stream" / "server" / "metrics.py").read_text()
+    text = _docs_text() + (ROOT / "config.toml").read_text()
+    named = set(re.findall(r"\bevoxtral_[a-z_]+", text)) - _NOT_METRICS
+    assert "evoxtral_worker_stalls" in named
+    # Counters are exported with a _total suffix; the source names the family.
+    missing = sorted(n for n in named if f'"{n.removesuffix("_total")}"' not in source)
+    assert not missing, f"docs name metrics that server/metrics.py does not export: {missing}"
+
+
+def test_protocol_examples_match_the_schema() -> None:
+    doc = (ROOT / "docs" / "protocol.md").read_text()
+    examples = doc.split("## JSON Schema", 1)[0]  # the v1 part; realtime has its own shapes
+    messages: list[dict[str, object]] = []
+    for block in re.findall(r"^( *)```json\n(.*?)\n\1```", examples, re.S | re.M):
+        text = textwrap.dedent(block[1])
+        try:
+            messages.append(json.loads(text))
+        except json.JSONDecodeError:  # one message per line
+            messages += [json.loads(line) for line in text.splitlines() if line.strip()]
+    messages += [json.loads(m) for m in re.findall(r"`(\{\"type\".*?\})`", examples)]
+    server_types = set(protocol_schema()["$defs"])
+    sent = [m for m in messages if m["type"] in server_types]
+    assert {m["type"] for m in sent} >= {"hello", "caption", "gap", "error", "ingest.ready",
+                                        "ingest.summary", "stream.started", "stream.ended"}
+    for message in sent:
+        validate_message(message)
