@@ -270,6 +270,21 @@ def test_eval_bad_manifest_is_one_line(tmp_path: Path) -> None:
     one_error_line(cli("eval", str(tmp_path / "none.jsonl")), "none.jsonl")
 
 
+def test_eval_without_jiwer_is_one_line_before_decoding(tmp_path: Path) -> None:
+    """The quick start installs no eval extra: eval says so at once, not with a
+    traceback after streaming the whole manifest."""
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "jiwer.py").write_text('raise ImportError("jiwer hidden by the test")\n')
+    sf.write(tmp_path / "a.wav", np.zeros(16000, dtype=np.int16), 16000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio": "a.wav", "text": "hello"}) + "\n")
+    path = os.pathsep.join(p for p in (str(hidden), os.environ.get("PYTHONPATH")) if p)
+    proc = cli("eval", str(manifest), env={"PYTHONPATH": path})
+    one_error_line(proc, "jiwer", "[eval]")
+    assert "backend:" not in proc.stderr  # refused before the model was loaded
+
+
 def test_subtitle_tag_styles_and_layout_come_from_config(tmp_path: Path) -> None:
     from tests.speech import speak
 

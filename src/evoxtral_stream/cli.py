@@ -518,6 +518,12 @@ def _cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
         entries = read_manifest(args.manifest)
     except ManifestError as e:
         raise UserError(str(e)) from None
+    try:
+        # WER comes last, after every file is streamed: check it can be had now.
+        import jiwer  # noqa: F401
+    except ImportError:
+        raise UserError("eval needs jiwer for WER: "
+                        "pip install 'evoxtral-stream[eval]'") from None
     backend = load_backend(cfg.model)
     result = run_eval(cfg, backend, entries, compare_offline=args.compare_offline)
     report: dict[str, Any] = {"manifest": str(args.manifest), "backend": backend.name,
