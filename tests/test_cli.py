@@ -285,6 +285,19 @@ def test_eval_without_jiwer_is_one_line_before_decoding(tmp_path: Path) -> None:
     assert "backend:" not in proc.stderr  # refused before the model was loaded
 
 
+def test_mqtt_without_aiomqtt_is_one_line_before_decoding(tmp_path: Path) -> None:
+    """README's MQTT line on the quick start's install (no mqtt extra)."""
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    (hidden / "aiomqtt.py").write_text('raise ImportError("aiomqtt hidden by the test")\n')
+    path = os.pathsep.join(p for p in (str(hidden), os.environ.get("PYTHONPATH")) if p)
+    for args in (["serve", "--source", "none", "--port", "0"],
+                 ["transcribe", "--sample", "--serve", "--port", "0"]):
+        proc = cli(*args, "--set", "mqtt.enabled=true", env={"PYTHONPATH": path})
+        one_error_line(proc, "aiomqtt", "[mqtt]", "mqtt.enabled")
+        assert "backend:" not in proc.stderr  # refused before the model was loaded
+
+
 def test_subtitle_tag_styles_and_layout_come_from_config(tmp_path: Path) -> None:
     from tests.speech import speak
 

@@ -275,6 +275,8 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
     jobs = [FileJob(sid, read_audio_file(p)) for sid, p in zip(_stream_ids(paths), paths,
                                                                  strict=True)]
     _prepare_outputs(args, len(jobs) > 1)
+    if args.serve:
+        _check_mqtt_extra(cfg)
     backend = load_backend(cfg.model)
     printer = CaptionPrinter(show_stream=len(jobs) > 1,
                              partials=True if args.partials else None)
@@ -370,6 +372,7 @@ def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
 
     # Before loading the model, so an unsafe bind fails in a moment.
     check_bind(cfg.server.host, cfg.auth.tokens, cfg.server.allow_anonymous)
+    _check_mqtt_extra(cfg)
     source: str = args.source
     file_audio = None
     if source not in ("mic", "none"):
@@ -479,6 +482,17 @@ async def _reload(args: argparse.Namespace, running: list[Config],
     if later:
         log.warning("reload: [%s] changed; only [auth] is applied at a reload, the rest "
                     "at a restart", "], [".join(later))
+
+
+def _check_mqtt_extra(cfg: Config) -> None:
+    """Refuse ``mqtt.enabled`` without aiomqtt before the model loads, in one line."""
+    if not cfg.mqtt.enabled:
+        return
+    try:
+        import aiomqtt  # noqa: F401
+    except ImportError:
+        raise UserError("MQTT needs aiomqtt: pip install 'evoxtral-stream[mqtt]', "
+                        "or set mqtt.enabled=false") from None
 
 
 async def _start_mqtt(stack: contextlib.AsyncExitStack, cfg: Config, engine: Engine,
