@@ -12,6 +12,7 @@ from evoxtral_stream.events import (
     StreamStarted,
     TagMark,
 )
+from evoxtral_stream.server.broadcast import Broadcaster
 from evoxtral_stream.server.protocol import (
     ProtocolError,
     decode_caption,
@@ -49,6 +50,16 @@ def test_hello_and_errors_match_the_schema() -> None:
     hello = validate_message(encode_hello("voxtral", [], [], ["en", "auto", "fr"], ["default"]))
     assert (hello["languages"], hello["adapters"]) == (["en", "auto", "fr"], ["default"])
     validate_message(encode_error("unexpected_message", "no", None))
+
+
+def test_gap_messages_match_the_schema() -> None:
+    b = Broadcaster(8, encode_event, history=2)
+    for seq in range(1, 5):
+        b.publish(CaptionEvent(**{**CAPTION.__dict__, "seq": seq, "final": True}))
+    missing, *_ = b.subscribe(["mic"], {"mic": 0}).backlog
+    assert validate_message(missing) == {"type": "gap", "stream": "mic", "from": 1, "to": 2}
+    renumbered, *_ = b.subscribe(["mic"], {"mic": 99}).backlog
+    assert validate_message(renumbered)["to"] is None
 
 
 def test_caption_round_trip_keeps_unicode() -> None:
