@@ -220,7 +220,9 @@ def test_flush_closes_open_segment_and_drops_pending(vad_cfg: VadConfig) -> None
     seg = Segmenter(vad_cfg, classifier=loud)
     assert seg.feed(pending) == []
     assert seg.state is SegmenterState.PENDING
+    assert seg.candidate_start == 93 * F - 300 * MS  # pre-roll included
     assert seg.flush() == []
+    assert seg.candidate_start is None
 
 
 def test_input_after_flush_continues_the_sample_count(vad_cfg: VadConfig) -> None:

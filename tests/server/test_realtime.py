@@ -21,7 +21,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from evoxtral_stream.audio.resample import resample
-from evoxtral_stream.audio.vad import Segmenter
+from evoxtral_stream.audio.vad import Segmenter, SegmenterState
 from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.engine.backends.base import Backend
 from evoxtral_stream.engine.engine import Engine
@@ -459,6 +459,65 @@ def test_switching_turn_detection_off_cuts_where_the_clients_audio_stands() -> N
         assert abs(len(pushed(outs)) - client_16k) <= 1, switch
 
 
+def unconfirmed_speech() -> tuple[bytes, bytes]:
+    """1 s of silence and the first 200 ms of a sentence (speech detected,
+    shorter than ``vad.min_speech_ms``: no ``speech_started`` yet), then the
+    rest of the sentence."""
+    speech = pcm24(speak(SENTENCES[0]))
+    head = INPUT_RATE * 2  # 1 s of silence
+    lead = b"\x00\x00" * INPUT_RATE + speech
+    split = head + INPUT_RATE * 2 // 5  # 200 ms of speech
+    return lead[:split], lead[split:]
+
+
+def test_switching_turn_detection_off_keeps_unconfirmed_speech_in_the_buffer() -> None:
+    """Speech not yet confirmed as a turn is no turn to commit, and not lost:
+    it opens the next manual item, or the next turn when turn detection
+    comes back on, with the client's times."""
+    vad = load_config().vad
+    head, rest = unconfirmed_speech()
+    core = new_core()
+    core.start()
+    outs = feed(core, head)
+    outs += core.receive(update_msg(None))
+    assert types(events(outs)) == ["session.updated"]
+    reference = Segmenter(vad)
+    reference.feed(pushed(outs))
+    assert reference.state is SegmenterState.PENDING  # a candidate, unconfirmed
+    assert core.buffered_ms >= 200
+    assert feed(core, rest) == []
+    evs = events(core.receive('{"type": "input_audio_buffer.commit"}'))
+    assert types(evs) == ["input_audio_buffer.committed"]
+    assert core.segments_opened == 1
+    # The item's one segment starts with the candidate: it holds the whole
+    # sentence (and the pre-roll), not its tail from the switch on.
+    (done,) = events(core.on_engine_event(caption(0, "words", "", final=True)))[-1:]
+    assert done["item_id"] == evs[0]["item_id"]
+    sentence_s = len(rest) / 2 / INPUT_RATE + 0.2
+    assert done["usage"]["seconds"] >= sentence_s, done
+
+    # Back on before a commit: the candidate goes on as a turn from its start.
+    core = new_core()
+    core.start()
+    feed(core, head)
+    core.receive(update_msg(None))
+    feed(core, rest)
+    evs = events(core.receive(update_msg({"type": "server_vad"})))
+    (started,) = [e for e in evs if e["type"] == "input_audio_buffer.speech_started"]
+    assert 1000 - vad.pre_roll_ms - 60 <= started["audio_start_ms"] <= 1000 + 60, started
+
+    # A clear drops it: nothing of it reaches the next item.
+    core = new_core()
+    core.start()
+    feed(core, head)
+    core.receive(update_msg(None))
+    assert types(events(core.receive('{"type": "input_audio_buffer.clear"}'))) == [
+        "input_audio_buffer.cleared"]
+    assert core.buffered_ms == 0
+    (err,) = events(core.receive('{"type": "input_audio_buffer.commit"}'))
+    assert err["error"]["code"] == "input_audio_buffer_commit_empty"
+
+
 def test_audio_refused_as_buffer_full_leaves_a_hole_in_client_time(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Later audio keeps its own client times: speech appended after 5.0 s
@@ -713,6 +772,48 @@ async def test_an_unusable_stream_id_is_refused(scripted: CaptionServer) -> None
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 10)
         assert ws.close_code == 1008
+
+
+async def test_unconfirmed_speech_at_switch_off_is_transcribed_in_the_next_item() -> None:
+    """Turn detection switched off 200 ms into speech (no ``speech_started``
+    yet): the committed item is transcribed from where that speech began,
+    as subscribers of the stream see too."""
+    cfg = config()
+    async with Engine(cfg, ScriptedBackend(lambda a: f"{len(a)} samples")) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        port = server.port
+        head, rest = unconfirmed_speech()
+        async with connect(f"ws://127.0.0.1:{port}/v1/captions?stream=late") as sub:
+            assert json.loads(await asyncio.wait_for(sub.recv(), 10))["type"] == "hello"
+            url = f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription&stream=late"
+            async with connect(url) as ws:
+                assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == \
+                    "session.created"
+                await ws.send(append_msg(head))
+                await ws.send(update_msg(None))
+                await ws.send(append_msg(rest))
+                await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+                got: list[dict[str, Any]] = []
+                while not got or got[-1]["type"] != \
+                        "conversation.item.input_audio_transcription.completed":
+                    got.append(json.loads(await asyncio.wait_for(ws.recv(), 20)))
+            finals: list[dict[str, Any]] = []
+            while True:
+                msg = json.loads(await asyncio.wait_for(sub.recv(), 20))
+                if msg["type"] == "caption" and msg["final"]:
+                    finals.append(msg)
+                if msg["type"] == "stream.ended":
+                    break
+    assert [e["type"] for e in got] == [
+        "session.updated", "input_audio_buffer.committed",
+        "conversation.item.input_audio_transcription.delta",
+        "conversation.item.input_audio_transcription.completed"]
+    # The whole sentence was transcribed: the speech from 1.0 s, pre-roll before it.
+    sentence = len(rest) // 2 * SAMPLE_RATE // INPUT_RATE + SAMPLE_RATE // 5
+    decoded = int(got[-1]["transcript"].split()[0])
+    assert decoded >= sentence, (decoded, sentence)
+    (final,) = finals
+    assert final["start"] <= 1.0 < final["end"], final
 
 
 async def test_commits_add_nothing_to_the_streams_timeline(scripted: CaptionServer) -> None:

@@ -161,6 +161,12 @@ class Segmenter:
         return self._state is SegmenterState.ACTIVE
 
     @property
+    def candidate_start(self) -> int | None:
+        """Where the unconfirmed candidate segment starts (pre-roll included)
+        while there is one (``PENDING``); None otherwise."""
+        return self._seg_start if self._state is SegmenterState.PENDING else None
+
+    @property
     def held_end(self) -> int | None:
         """Where the open segment ends if the pause under way turns out to be
         its end, once the analysed audio has passed that point: the end of

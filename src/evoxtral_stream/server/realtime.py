@@ -42,7 +42,9 @@ becomes *stable* (partial captions' stable prefix only grows; the unstable
 tail is never sent), ``completed`` with the final text. With turn detection
 off, audio is held here until ``commit``; then the whole buffer is pushed
 and closed as one item, which may span several engine segments (its
-transcript joins their finals with spaces).
+transcript joins their finals with spaces). Speech the segmenters have not
+yet confirmed when turn detection goes off is not cut (a cut would discard
+it): it stays pending in both, and the next item begins with it.
 """
 
 from __future__ import annotations
@@ -551,6 +553,9 @@ class RealtimeTranscription:
         # Manual mode: resampled audio waiting for a commit.
         self._pending: list[tuple[int, Int16Array]] = []
         self._pending_len = 0
+        # Manual mode: an unconfirmed speech candidate of server VAD, already in
+        # the stream (its segmenter still pending), that opens the next item.
+        self._candidate_len = 0
         # Positions: audio received from the client, audio pushed to the stream,
         # and runs of client audio in the stream (stream start, client start, length).
         self._client_pos = 0
@@ -582,8 +587,12 @@ class RealtimeTranscription:
 
     @property
     def buffered_ms(self) -> int:
-        """Audio held for a manual commit."""
-        return self._pending_len * 1000 // SAMPLE_RATE
+        """Audio held for a manual commit (a kept speech candidate included)."""
+        return self._held_len * 1000 // SAMPLE_RATE
+
+    @property
+    def _held_len(self) -> int:
+        return self._pending_len + self._candidate_len
 
     def start(self) -> list[Output]:
         return [SessionCreated(self._event_id(), self.session_config())]
@@ -678,13 +687,21 @@ class RealtimeTranscription:
         want_vad = None if ev.turn_detection is None else ev.turn_detection == "server_vad"
         if want_vad is not None and want_vad != self._server_vad:
             if want_vad:
-                # Held audio becomes live audio, as if appended now.
+                # Held audio becomes live audio, as if appended now; a kept
+                # candidate goes on where it stood.
                 self._server_vad = True
+                self._candidate_len = 0
                 out += self._push_pending(collect=None)
             else:
                 # The resampler's held-back tail is this turn's audio, as at a commit.
                 out += self._take(self._resampler.flush(), ev.event_id)
-                if self._dirty:
+                candidate = self._segmenter.candidate_start
+                if candidate is not None:
+                    # Speech not yet confirmed is no turn to commit, and cutting
+                    # would discard it: it stays in the buffer (and the stream's
+                    # segmenter), so the next manual item starts with it.
+                    self._candidate_len = self._stream_pos - candidate
+                elif self._dirty:
                     self._end_reason = "commit"
                     out += self._cut()
                 self._server_vad = False
@@ -709,7 +726,7 @@ class RealtimeTranscription:
         self._client_pos += len(samples)
         if self._server_vad:
             return self._push_client(samples, start)
-        if self._pending_len + len(samples) > MAX_BUFFER_S * SAMPLE_RATE:
+        if self._held_len + len(samples) > MAX_BUFFER_S * SAMPLE_RATE:
             return [self.error("input_audio_buffer_full",
                                f"the input audio buffer holds at most {MAX_BUFFER_S:g} s; "
                                f"commit or clear it (this audio was dropped)",
@@ -728,13 +745,14 @@ class RealtimeTranscription:
                     "speech ends", None, ev.event_id)]
             self._end_reason = "commit"
             return out + self._cut()
-        if self._pending_len < MIN_COMMIT_MS * SAMPLE_RATE // 1000:
-            have = self._pending_len * 1000 / SAMPLE_RATE
+        if self._held_len < MIN_COMMIT_MS * SAMPLE_RATE // 1000:
+            have = self._held_len * 1000 / SAMPLE_RATE
             return [*out, self.error(
                 "input_audio_buffer_commit_empty",
                 f"buffer too small: expected at least {MIN_COMMIT_MS} ms of audio, "
                 f"the buffer has {have:.2f} ms", None, ev.event_id)]
-        item = _Item(self._item_id(), audio_samples=self._pending_len)
+        item = _Item(self._item_id(), audio_samples=self._held_len)
+        self._candidate_len = 0
         out += self._push_pending(collect=item)
         out += self._cut()
         self._collect = None
@@ -756,6 +774,11 @@ class RealtimeTranscription:
                 out += self._cut()
         else:
             self._pending, self._pending_len = [], 0
+            if self._dirty:
+                # A kept speech candidate (see _update) is dropped too.
+                self._candidate_len = 0
+                self._end_reason = "clear"
+                out += self._cut()
         out.append(BufferCleared(self._event_id()))
         return out
 
