@@ -1,13 +1,18 @@
 """Network helpers for tests: plain HTTP GETs, free ports, a TCP relay that
-can cut its connections or filter what clients send."""
+can cut its connections or filter what clients send, a WebSocket client
+that never reads."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import socket
 import urllib.error
 import urllib.request
 from typing import Self
+
+import numpy as np
 
 
 def free_port() -> int:
@@ -29,6 +34,66 @@ async def http_get(url: str, headers: dict[str, str] | None = None) -> tuple[int
         except urllib.error.HTTPError as e:
             return int(e.code), e.read().decode()
     return await asyncio.to_thread(fetch)
+
+
+def raw_ws_handshake(port: int, path: str = "/v1/captions") -> socket.socket:
+    """A WebSocket client (a blocking socket with a small receive buffer)
+    that completes the handshake and then never reads."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    s.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+               "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    assert head.startswith(b"HTTP/1.1 101")
+    return s
+
+
+def client_text_frame(text: str) -> bytes:
+    """``text`` as one masked WebSocket text frame, as a client sends it."""
+    data = text.encode()
+    if len(data) < 126:
+        head = bytes([0x81, 0x80 | len(data)])
+    elif len(data) < 1 << 16:
+        head = bytes([0x81, 0x80 | 126]) + len(data).to_bytes(2, "big")
+    else:
+        head = bytes([0x81, 0x80 | 127]) + len(data).to_bytes(8, "big")
+    mask = os.urandom(4)
+    masked = (np.frombuffer(data, np.uint8) ^ np.resize(np.frombuffer(mask, np.uint8),
+                                                        len(data))).tobytes()
+    return head + mask + masked
+
+
+def close_code_of(data: bytes) -> int | None:
+    """The code of the close frame in ``data``, a server's unmasked frames."""
+    i = 0
+    while i + 2 <= len(data):
+        opcode, n, i = data[i] & 0x0F, data[i + 1] & 0x7F, i + 2
+        if n >= 126:
+            width = 2 if n == 126 else 8
+            n, i = int.from_bytes(data[i:i + width], "big"), i + width
+        if opcode == 0x8:
+            return int.from_bytes(data[i:i + 2], "big")
+        i += n
+    return None
+
+
+def drain(sock: socket.socket, timeout: float = 10) -> bytes:
+    """Everything ``sock`` receives until the peer closes it; closes it."""
+    sock.settimeout(timeout)
+    got = b""
+    try:
+        while chunk := sock.recv(65536):
+            got += chunk
+    except ConnectionResetError:
+        pass
+    finally:
+        sock.close()
+    return got
 
 
 class Relay:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
-import os
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,7 +17,7 @@ from evoxtral_stream.events import CaptionEvent
 from evoxtral_stream.run import feed_samples
 from evoxtral_stream.server.app import CaptionServer
 from tests.fakes import ScriptedBackend, words_so_far
-from tests.helpers.http import http_get
+from tests.helpers.http import http_get, raw_ws_handshake
 from tests.speech import have_espeak, speech_with_pauses
 
 SENTENCES = ["Good evening and welcome to the live captioning demo.",
@@ -98,22 +96,6 @@ async def test_stream_filter(served: tuple[Engine, CaptionServer]) -> None:
         await s.close()
 
 
-def _raw_ws_handshake(port: int) -> socket.socket:
-    """A WebSocket client that completes the handshake and then never reads."""
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.connect(("127.0.0.1", port))
-    key = base64.b64encode(os.urandom(16)).decode()
-    s.sendall((f"GET /v1/captions HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-               "Upgrade: websocket\r\nConnection: Upgrade\r\n"
-               f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += s.recv(1)
-    assert head.startswith(b"HTTP/1.1 101")
-    return s
-
-
 def _caption(seq: int, text: str) -> CaptionEvent:
     return CaptionEvent(stream="load", segment=seq, seq=seq, final=True, text=text,
                         plain_text=text, stable=text, unstable="", tags=(), start=0.0,
@@ -126,7 +108,7 @@ async def test_subscriber_that_never_reads_is_dropped_and_others_get_everything(
     text = "x" * 2000
     async with Engine(cfg, ScriptedBackend()) as engine, \
             CaptionServer(engine, cfg.server) as server:
-        stuck = await asyncio.to_thread(_raw_ws_handshake, server.port)
+        stuck = await asyncio.to_thread(raw_ws_handshake, server.port)
         received = 0
 
         async with connect(f"ws://127.0.0.1:{server.port}/v1/captions") as good:
@@ -212,7 +194,7 @@ async def test_a_subscriber_vanishing_mid_send_affects_no_one_else() -> None:
     n_events = 400
     async with Engine(cfg, ScriptedBackend()) as engine, \
             CaptionServer(engine, cfg.server) as server:
-        vanisher = await asyncio.to_thread(_raw_ws_handshake, server.port)
+        vanisher = await asyncio.to_thread(raw_ws_handshake, server.port)
         async with connect(f"ws://127.0.0.1:{server.port}/v1/captions") as good:
             await good.recv()
             while server.broadcaster.subscribers < 2:

@@ -16,7 +16,7 @@ from evoxtral_stream.audio.resample import int16_to_float32, resample
 from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.engine.backends.base import Backend
 from evoxtral_stream.engine.engine import Engine
-from evoxtral_stream.events import SAMPLE_RATE, DecodeRequest
+from evoxtral_stream.events import SAMPLE_RATE, CaptionEvent, DecodeRequest
 from evoxtral_stream.server.app import CaptionServer
 from tests.docs_schema import validate_message
 from tests.fakes import (
@@ -25,6 +25,7 @@ from tests.fakes import (
     ScriptedBackend,
     words_so_far,
 )
+from tests.helpers.http import client_text_frame, close_code_of, drain, raw_ws_handshake
 from tests.speech import have_espeak, speech_with_pauses
 from tests.text_norm import loose_wer
 
@@ -209,6 +210,35 @@ async def test_misbehaving_ingest_keeps_its_finals_and_spares_other_streams(
         good_messages = await good
     assert good_messages[-1]["finals"] == 2
     assert "bad" not in engine.streams
+
+
+async def test_an_ingest_client_behind_on_its_own_events_is_closed_at_once() -> None:
+    """As a slow subscriber is: once it falls ``server.subscriber_queue``
+    events behind, its stream ends and it is closed with 1013, not only
+    once it ends its audio."""
+    cfg = config(**{"server.subscriber_queue": 8})
+    text = "x" * 2000
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        deaf = await asyncio.to_thread(raw_ws_handshake, server.port, "/v1/ingest?stream=deaf")
+        try:
+            deaf.sendall(client_text_frame(json.dumps({"type": "config", "sample_rate": 16000})))
+            async with asyncio.timeout(30):
+                while "deaf" not in engine.streams:
+                    await asyncio.sleep(0.01)
+                # The client reads nothing: the stream's events pile up.
+                seq = 0
+                while "deaf" in engine.streams:
+                    seq += 1
+                    server.broadcaster.publish(CaptionEvent(
+                        stream="deaf", segment=seq, seq=seq, final=True, text=text,
+                        plain_text=text, stable=text, unstable="", tags=(), start=0.0,
+                        end=1.0, latency=0.1))
+                    await asyncio.sleep(0)
+            assert server.broadcaster.dropped_subscribers == 1
+            assert close_code_of(await asyncio.to_thread(drain, deaf)) == 1013
+        finally:
+            deaf.close()
 
 
 async def test_oversized_frame_is_refused_with_1009() -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -40,6 +42,7 @@ from evoxtral_stream.server.realtime import (
     server_event_to_dict,
 )
 from tests.fakes import LanguageScriptedBackend, ScriptedBackend
+from tests.helpers.http import client_text_frame, close_code_of, drain, raw_ws_handshake
 from tests.speech import have_espeak, speak, speech_with_pauses
 from tests.text_norm import loose_wer
 
@@ -736,6 +739,34 @@ async def test_a_bad_event_id_gets_its_error_and_the_session_goes_on(
         assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "error"
         await ws.send(update_msg(None))
         assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "session.updated"
+
+
+async def test_a_client_behind_on_its_events_is_closed_at_once() -> None:
+    """Its events wait in a queue of ``server.subscriber_queue``; a client that
+    falls that far behind is closed with 1013 and its stream ends, while it
+    is still sending."""
+    cfg = config(**{"server.subscriber_queue": 8})
+    # Each gets an error that echoes its 30 kB event_id.
+    bad = client_text_frame(json.dumps({"type": "nope", "event_id": "x" * 30_000}))
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        deaf = await asyncio.to_thread(
+            raw_ws_handshake, server.port, "/v1/realtime?intent=transcription&stream=deaf")
+
+        def send_until_closed(deadline: float) -> None:
+            with contextlib.suppress(OSError):  # the server may close mid-send
+                while "deaf" in engine.streams and time.monotonic() < deadline:
+                    deaf.sendall(bad)
+
+        try:
+            async with asyncio.timeout(10):
+                while "deaf" not in engine.streams:
+                    await asyncio.sleep(0.01)
+            await asyncio.to_thread(send_until_closed, time.monotonic() + 30)
+            assert "deaf" not in engine.streams, "the server kept the client open"
+            assert close_code_of(await asyncio.to_thread(drain, deaf)) == 1013
+        finally:
+            deaf.close()
 
 
 async def test_beta_update_and_a_named_stream(scripted: CaptionServer) -> None:

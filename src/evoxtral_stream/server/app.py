@@ -11,8 +11,9 @@ Routes (see docs/protocol.md):
   stream's own events come back on the same connection; ``end`` (or a
   disconnect) flushes the open segment as a final.
 
-A subscriber that falls ``server.subscriber_queue`` messages behind is
-closed with code 1013 so it never slows the others. Every protocol error is
+A subscriber (an ingest connection too, on its own events) that falls
+``server.subscriber_queue`` messages behind is closed with code 1013 so it
+never slows the others. Every protocol error is
 sent as an ``error`` event before any close.
 
 Access control and limits (docs/protocol.md, "Access control"): the
@@ -560,17 +561,26 @@ class CaptionServer:
             if not stream.closed:
                 stream.push(samples)
 
+        reading = asyncio.ensure_future(self._read_audio(ws, stream_id, fmt, resampler, push))
         try:
-            outcome = await self._read_audio(ws, stream_id, fmt, resampler, push)
+            # A connection too slow for its own events is closed as any slow
+            # subscriber is, at once; its audio so far still becomes finals.
+            await asyncio.wait({reading, overflow}, return_when=asyncio.FIRST_COMPLETED)
+            if reading.done():
+                outcome = reading.result()
         except ConnectionClosed:
             pass
         finally:
+            reading.cancel()
+            await asyncio.gather(reading, return_exceptions=True)
             # Whatever happened, the audio received so far becomes finals.
             tail = resampler.flush()
             if len(tail):
                 push(tail)
             summary = await stream.close()
         try:
+            if sub.overflowed.is_set():
+                return  # its queue will not drain: closed below
             # Wait for the pump to deliver the flushed finals, but not once it
             # has died (the peer is gone, so the queue would never drain).
             joined = asyncio.ensure_future(sub.queue.join())

@@ -14,7 +14,8 @@ Two layers, like the rest of the server:
 - :func:`serve_realtime` is the thin asyncio adapter: it opens one engine
   stream per connection, pushes what the core asks for, feeds the stream's
   engine events back to the core and sends the core's events, each
-  connection behind its own bounded queue.
+  connection behind its own bounded queue (``server.subscriber_queue``; a
+  client that falls that far behind is closed at once with 1013).
 
 Turns. The engine's own segmenter decides where speech starts and ends. The
 engine does not publish segment boundaries, so the core runs a second
