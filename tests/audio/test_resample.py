@@ -122,3 +122,29 @@ def test_resample_whole_arrays() -> None:
     assert resample(x, 8000, 8000) is x
     with pytest.raises(ValueError, match="positive"):
         resample(x, 0, SAMPLE_RATE)
+
+
+@pytest.mark.parametrize(("rate", "channels"), [(16000, 1), (44100, 2), (48000, 1),
+                                                (22050, 1), (192000, 2), (37123, 1)])
+def test_a_gap_keeps_the_output_counting_every_input_frame(rate: int, channels: int) -> None:
+    """Blocks and gaps of any length: after each gap, the output (audio,
+    filter tails and the silence owed) is exactly the input's time so far."""
+    rng = np.random.default_rng(rate)
+    r = StreamResampler(rate, channels=channels)
+    frames = out = 0
+    for _ in range(40):
+        n = int(rng.integers(0, rate // 5))
+        block = rng.normal(0, 0.1, (n, channels)).astype(np.float32)
+        out += len(r.process(block))
+        frames += n
+        lost = int(rng.integers(0, rate // 3))
+        tail, silence = r.gap(lost)
+        out += len(tail) + silence
+        frames += lost
+        if lost:
+            assert out == round(frames * SAMPLE_RATE / rate)
+    assert r.silence > 0
+    tail, silence = r.gap(0)
+    assert (len(tail), silence) == (0, 0)
+    with pytest.raises(ValueError, match="0 frames or more"):
+        r.gap(-1)

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -144,6 +145,7 @@ async def test_ingest_two_formats_produce_the_words(whisper_backend: Backend) ->
     (json.dumps({"type": "config", "sample_rate": 7}), "bad_config"),
     (json.dumps({"type": "config", "sample_rate": 16000, "format": "mp3"}), "bad_config"),
     (json.dumps({"type": "hello"}), "bad_message"),
+    (json.dumps({"type": "lost", "samples": 160}), "not_configured"),
 ])
 async def test_bad_first_message_gets_error_then_close(
     scripted: tuple[Engine, CaptionServer], first: str | bytes, code: str,
@@ -405,3 +407,106 @@ async def test_ingest_connection_sees_its_stream_start_and_resume_sees_the_end(
             await send_audio(ws, audio.astype("<i2").tobytes())
             first = await recv_json(sub)
             assert (first["type"], first["seq"] > last_final) == ("caption", True), first
+
+
+# --- lost audio ----------------------------------------------------------------
+
+
+async def ingest_parts(port: int, stream: str, rate: int, parts: list[bytes | dict[str, Any]]
+                       ) -> list[dict[str, Any]]:
+    """One mono PCM16 ingest session of ``parts`` (audio, or a text message
+    sent as JSON), in order, to its summary; everything received, validated."""
+    async with connect(f"ws://127.0.0.1:{port}/v1/ingest?stream={stream}") as ws:
+        await ws.send(json.dumps({"type": "config", "sample_rate": rate}))
+        assert (await recv_json(ws))["type"] == "ingest.ready"
+        for part in parts:
+            if isinstance(part, bytes):
+                await send_audio(ws, part)
+            else:
+                await ws.send(json.dumps(part))
+        await ws.send(json.dumps({"type": "end"}))
+        messages = await until_closed(ws)
+        assert ws.close_code == 1000, messages
+        return messages
+
+
+def final_spans(messages: list[dict[str, Any]]) -> list[tuple[float, float, str]]:
+    finals = sorted((m for m in messages if m["type"] == "caption" and m["final"]),
+                    key=lambda m: m["segment"])
+    return [(m["start"], m["end"], m["text"]) for m in finals]
+
+
+@pytest.mark.parametrize("rate", [16000, 48000])
+async def test_lost_audio_keeps_the_later_captions_at_their_time(
+    scripted: tuple[Engine, CaptionServer], rate: int,
+) -> None:
+    """A ``lost`` message between two sentences puts the second one exactly
+    where sending as many zeros would: its captions come the lost time later
+    than with nothing in between, at any input rate."""
+    _, server = scripted
+    before, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+    after, _ = speech_with_pauses(SENTENCES[1:], pause_s=1.0, lead_s=0.3)
+
+    def pcm(audio: npt.NDArray[np.int16]) -> bytes:
+        at_rate = audio if rate == SAMPLE_RATE else resample(audio, SAMPLE_RATE, rate)
+        return at_rate.astype("<i2").tobytes()
+
+    lost_s = 1.5
+    lost = int(lost_s * rate)
+    declared, zeros, neither = await asyncio.gather(
+        ingest_parts(server.port, "declared", rate,
+                     [pcm(before), {"type": "lost", "samples": lost}, pcm(after)]),
+        ingest_parts(server.port, "zeros", rate, [pcm(before), b"\0\0" * lost, pcm(after)]),
+        ingest_parts(server.port, "neither", rate, [pcm(before), pcm(after)]),
+    )
+    assert not [m for m in declared if m["type"] == "error"]
+    spans = final_spans(declared)
+    assert len(spans) == 2 and spans == final_spans(zeros)
+    first, second = final_spans(neither)
+    assert spans[0] == first
+    assert spans[1][2] == second[2]
+    assert spans[1][0] == pytest.approx(second[0] + lost_s, abs=0.001)
+    assert spans[1][1] == pytest.approx(second[1] + lost_s, abs=0.001)
+    summaries = [m[-1] for m in (declared, zeros, neither)]
+    assert [s["type"] for s in summaries] == ["ingest.summary"] * 3
+    assert [s["lost"] for s in summaries] == [lost_s, 0, 0]
+    assert summaries[0]["duration"] == summaries[1]["duration"]
+    assert summaries[0]["duration"] == pytest.approx(summaries[2]["duration"] + lost_s,
+                                                     abs=0.001)
+
+
+@pytest.mark.parametrize("bad", [
+    {"type": "lost"},
+    {"type": "lost", "samples": None},
+    {"type": "lost", "samples": 1.5},
+    {"type": "lost", "samples": 1600.0},
+    {"type": "lost", "samples": "1600"},
+    {"type": "lost", "samples": True},
+    {"type": "lost", "samples": -1},
+    {"type": "lost", "samples": 16000 * 600 + 1},   # past MAX_LOST_S at this rate
+    {"type": "lost", "samples": 10 ** 40},
+])
+async def test_a_bad_lost_message_is_an_error_and_adds_nothing(
+    scripted: tuple[Engine, CaptionServer], bad: dict[str, Any],
+) -> None:
+    _, server = scripted
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+    pcm = audio.astype("<i2").tobytes()
+    half = len(pcm) // 4 * 2
+    async with connect(f"ws://127.0.0.1:{server.port}/v1/ingest?stream=lossy") as ws:
+        await ws.send(json.dumps({"type": "config", "sample_rate": 16000}))
+        await recv_json(ws)  # ready
+        await send_audio(ws, pcm[:half])
+        await ws.send(json.dumps(bad))
+        err = await next_error(ws)
+        assert (err["code"], err["stream"]) == ("bad_message", "lossy")
+        assert err["message"].startswith("samples must be an integer 0..9600000, got ")
+        # Not fatal: the stream goes on, with nothing added to its timeline.
+        await send_audio(ws, pcm[half:])
+        await ws.send(json.dumps({"type": "end"}))
+        messages = await until_closed(ws)
+    assert ws.close_code == 1000
+    summary = messages[-1]
+    assert summary["type"] == "ingest.summary" and summary["lost"] == 0
+    assert summary["duration"] == pytest.approx(len(audio) / SAMPLE_RATE, abs=0.001)
+    assert not [m for m in messages if m["type"] == "error"]

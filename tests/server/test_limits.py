@@ -19,6 +19,7 @@ from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.server.app import CaptionServer
 from evoxtral_stream.server.auth import IngestRate, StreamSlots
+from evoxtral_stream.server.protocol import MAX_LOST_S
 from tests.fakes import ScriptedBackend
 from tests.helpers.audio import buzz
 
@@ -89,6 +90,30 @@ async def test_too_fast_ingest_is_closed() -> None:
         assert [e["code"] for e in errors] == ["too_fast"]
         assert "server.max_ingest_speed" in errors[0]["message"]
         assert ws.close_code == 1008
+
+
+async def test_lost_audio_past_its_allowance_is_too_fast() -> None:
+    """One outage of up to MAX_LOST_S may be declared at once (a client back
+    after a server restart); more lost audio right after it is refused, as
+    audio pushed too fast is."""
+    async with running(**{"server.max_ingest_speed": 2.0}) as server, \
+            connect(f"ws://127.0.0.1:{server.port}/v1/captions?stream=lossy") as watcher:
+        await watcher.recv()  # hello
+        async with ingesting(server, "lossy") as ws:
+            await ws.send(SECOND)
+            await ws.send(json.dumps({"type": "lost", "samples": 16000 * MAX_LOST_S}))
+            await ws.send(json.dumps({"type": "lost", "samples": 16000 * 30}))
+            messages = await until_closed(ws)
+        errors = [m for m in messages if m["type"] == "error"]
+        assert [e["code"] for e in errors] == ["too_fast"]
+        assert "lost audio" in errors[0]["message"]
+        assert "server.max_ingest_speed" in errors[0]["message"]
+        assert ws.close_code == 1008
+        # The first was filled in: the stream's timeline holds it.
+        while (ended := json.loads(await asyncio.wait_for(watcher.recv(), 15)))["type"] \
+                != "stream.ended":
+            pass
+        assert ended["duration"] == pytest.approx(1 + MAX_LOST_S, abs=0.01)
 
 
 async def test_ingest_within_the_speed_limit_is_fine() -> None:

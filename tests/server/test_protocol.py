@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jsonschema
 import pytest
 
 from evoxtral_stream.events import (
@@ -14,11 +15,16 @@ from evoxtral_stream.events import (
 )
 from evoxtral_stream.server.broadcast import Broadcaster
 from evoxtral_stream.server.protocol import (
+    MAX_LOST_S,
+    EndOfStream,
+    LostAudio,
     ProtocolError,
     decode_caption,
     encode_error,
     encode_event,
     encode_hello,
+    encode_message,
+    parse_ingest_message,
 )
 from tests.docs_schema import validate_message
 
@@ -73,3 +79,24 @@ def test_caption_round_trip_keeps_unicode() -> None:
 def test_decode_caption_rejects_malformed(bad: str | bytes) -> None:
     with pytest.raises(ProtocolError):
         decode_caption(bad)
+
+
+def test_lost_is_bounded_by_the_stream_rate() -> None:
+    most = 48000 * MAX_LOST_S
+    assert parse_ingest_message(f'{{"type": "lost", "samples": {most}}}', 48000) \
+        == LostAudio(most)
+    assert parse_ingest_message('{"type": "lost", "samples": 0}', 8000) == LostAudio(0)
+    assert parse_ingest_message('{"type": "end"}', 8000) == EndOfStream()
+    for bad in (most + 1, -1, 0.5, '"7"', "null", "true"):
+        with pytest.raises(ProtocolError) as err:
+            parse_ingest_message(f'{{"type": "lost", "samples": {bad}}}', 48000)
+        assert err.value.code == "bad_message"
+        assert str(err.value).startswith(f"samples must be an integer 0..{most}, got ")
+
+
+def test_ingest_summary_matches_the_schema() -> None:
+    validate_message(encode_message("ingest.summary", stream="mic", duration=12.3, segments=3,
+                                    finals=3, partials=9, errors=0, lost=0.5))
+    with pytest.raises(jsonschema.ValidationError):  # lost is required
+        validate_message(encode_message("ingest.summary", stream="mic", duration=12.3,
+                                        segments=3, finals=3, partials=9, errors=0))

@@ -95,6 +95,8 @@ class StreamResampler:
     signal at once. soxr holds back a few milliseconds of filter delay;
     :meth:`flush` returns it at the end of the stream. When ``in_rate ==
     out_rate`` blocks pass straight through (downmix and conversion only).
+    :meth:`gap` accounts for input that never came, so the output keeps
+    counting the input's time.
     """
 
     def __init__(self, in_rate: int, out_rate: int = SAMPLE_RATE, channels: int = 1) -> None:
@@ -106,6 +108,12 @@ class StreamResampler:
         self.out_rate = out_rate
         self.channels = channels
         self._stream: Any = None
+        # Since creation: input frames (lost ones included) and output samples
+        # (silence owed for lost frames included), for gap().
+        self._frames_in = 0
+        self._samples_out = 0
+        self.silence = 0
+        """Output samples of silence owed for lost input (see :meth:`gap`)."""
         if in_rate != out_rate:
             self._stream = soxr.ResampleStream(in_rate, out_rate, 1, dtype="float32")
 
@@ -122,12 +130,17 @@ class StreamResampler:
         if block.ndim == 2 and block.shape[1] != self.channels:
             raise ValueError(f"expected {self.channels} channels, got {block.shape[1]}")
         mono = to_mono(block)
+        self._frames_in += len(mono)
         if self._stream is None:
             if mono.dtype == np.int16:
-                return mono.astype(np.int16, copy=True)
-            return float_to_int16(_as_float32(mono))
-        out = self._stream.resample_chunk(np.ascontiguousarray(_as_float32(mono)), last=False)
-        return float_to_int16(out)
+                out = mono.astype(np.int16, copy=True)
+            else:
+                out = float_to_int16(_as_float32(mono))
+        else:
+            out = float_to_int16(self._stream.resample_chunk(
+                np.ascontiguousarray(_as_float32(mono)), last=False))
+        self._samples_out += len(out)
+        return out
 
     def flush(self) -> Int16Array:
         """End of stream: return the samples still held in the filter and reset
@@ -136,4 +149,31 @@ class StreamResampler:
             return np.zeros(0, dtype=np.int16)
         out = self._stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
         self._stream.clear()
+        self._samples_out += len(out)
         return float_to_int16(out)
+
+    def gap(self, frames: int) -> tuple[Int16Array, int]:
+        """``frames`` input frames that never came (lost on the way).
+
+        Returns the filter's tail of the audio before the gap (as
+        :meth:`flush`, so the filter never joins the audio on either side of
+        it) and how many output samples of silence the caller must deliver
+        next, in pieces of its choice, so that the output counts the time of
+        every input frame: they are counted as delivered (and in
+        :attr:`silence`). The count is the output due for all input since
+        creation, rounded as soxr rounds a flushed run, less the output so
+        far, so rounding never adds up over many gaps. A gap of 0 frames
+        changes nothing.
+        """
+        if frames < 0:
+            raise ValueError(f"a gap has 0 frames or more, got {frames}")
+        if frames == 0:
+            return np.zeros(0, dtype=np.int16), 0
+        tail = self.flush()
+        self._frames_in += frames
+        rate, out_rate = self.in_rate, self.out_rate
+        due = (self._frames_in * out_rate * 2 + rate) // (2 * rate)
+        missing = max(0, due - self._samples_out)
+        self._samples_out += missing
+        self.silence += missing
+        return tail, missing

@@ -7,9 +7,10 @@ Routes (see docs/protocol.md):
 - ``/v1/captions[?stream=ID[,ID...]][&since=SEQ | &since=ID:SEQ,...]``:
   a hello, the captions retained after ``since`` (or a ``gap``), then every
   caption and lifecycle event of the chosen streams (all when none is named).
-- ``/v1/ingest?stream=ID``: a ``config`` message, then binary audio; the
-  stream's own events come back on the same connection; ``end`` (or a
-  disconnect) flushes the open segment as a final.
+- ``/v1/ingest?stream=ID``: a ``config`` message, then binary audio (and
+  ``lost`` messages, filled with silence); the stream's own events come back
+  on the same connection; ``end`` (or a disconnect) flushes the open segment
+  as a final.
 
 A subscriber (an ingest connection too, on its own events) that falls
 ``server.subscriber_queue`` messages behind is closed with code 1013 so it
@@ -43,6 +44,7 @@ from importlib import resources
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
+import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -70,8 +72,10 @@ from .broadcast import Broadcaster, Subscription
 from .certs import ServerCertificate
 from .metrics import Metrics
 from .protocol import (
+    MAX_LOST_S,
     EndOfStream,
     IngestFormat,
+    LostAudio,
     ProtocolError,
     decode_audio_frame,
     encode_error,
@@ -102,6 +106,10 @@ _Outcome = Literal["end", "closed", "idle"]
 # Errors after which an ingest connection cannot go on: the byte stream is
 # misaligned or the peer is not speaking the protocol.
 _FATAL_INGEST = {"odd_length", "not_configured", "too_large", "bad_audio", "too_fast"}
+#: The largest piece of silence pushed at once for lost audio (100 ms, as the
+#: microphone's), and how many pieces go between two yields to the loop.
+_SILENCE_PIECE = SAMPLE_RATE // 10
+_PIECES_PER_YIELD = 10
 _ROLES: dict[str, Role] = {_CAPTIONS: "subscribe", _INGEST: "ingest", _REALTIME: "ingest",
                            "/metrics": "admin"}
 
@@ -522,8 +530,9 @@ class CaptionServer:
         except ProtocolError as e:
             await self._refuse(ws, e.code, str(e))
             return
-        if isinstance(fmt, EndOfStream):
-            await self._refuse(ws, "not_configured", "end before any config message")
+        if isinstance(fmt, EndOfStream | LostAudio):
+            kind = "end" if isinstance(fmt, EndOfStream) else "lost"
+            await self._refuse(ws, "not_configured", f"{kind} before any config message")
             return
         # Subscribe first, so this connection also gets its own stream.started.
         sub = self.broadcaster.subscribe([stream_id])
@@ -593,7 +602,8 @@ class CaptionServer:
                 await ws.send(encode_message(
                     "ingest.summary", stream=stream_id, duration=round(summary.duration_s, 3),
                     segments=summary.segments, finals=summary.finals,
-                    partials=summary.partials, errors=summary.errors))
+                    partials=summary.partials, errors=summary.errors,
+                    lost=round(resampler.silence / SAMPLE_RATE, 3)))
                 await ws.close(1000, "end of stream")
             elif outcome == "idle" and not sub.overflowed.is_set():
                 # After the flush, so the client got the finals of what it sent.
@@ -613,14 +623,18 @@ class CaptionServer:
     async def _read_audio(self, ws: ServerConnection, stream_id: str, fmt: IngestFormat,
                           resampler: StreamResampler,
                           push: Callable[[Int16Array], None]) -> _Outcome:
-        """Feed binary messages to the stream until ``end`` (``"end"``), a close
-        or fatal error (``"closed"``), or ``server.idle_timeout_s`` without
-        audio (``"idle"``)."""
+        """Feed binary messages (and silence for ``lost`` ones) to the stream
+        until ``end`` (``"end"``), a close or fatal error (``"closed"``), or
+        ``server.idle_timeout_s`` without audio (``"idle"``)."""
         limit = self._cfg.max_message_bytes
         loop = asyncio.get_running_loop()
         idle = self._cfg.idle_timeout_s
         speed = self._cfg.max_ingest_speed
         rate = IngestRate(speed, self._cfg.ingest_burst_s, loop.time())
+        # Silence costs the model nothing, but lost audio must not feed the
+        # segmenter without bound: a bucket of its own, so one outage of up to
+        # MAX_LOST_S (a client reconnected after a server restart) fits at once.
+        lost_rate = IngestRate(speed, MAX_LOST_S, loop.time())
         bytes_per_s = fmt.sample_rate * fmt.frame_bytes
         last_audio = loop.time()
         while True:
@@ -647,9 +661,17 @@ class CaptionServer:
                     if len(samples):
                         push(samples)
                     continue
-                parsed = parse_ingest_message(message)
+                parsed = parse_ingest_message(message, fmt.sample_rate)
                 if isinstance(parsed, EndOfStream):
                     return "end"
+                if isinstance(parsed, LostAudio):
+                    if not lost_rate.take(parsed.samples / fmt.sample_rate, loop.time()):
+                        raise ProtocolError(
+                            "too_fast", f"lost audio is declared faster than {speed:g}x real "
+                            f"time once the first {MAX_LOST_S} s are used up "
+                            "(server.max_ingest_speed)")
+                    await self._fill_lost(resampler, parsed.samples, push)
+                    continue
                 raise ProtocolError("bad_message", "config may be sent only once")
             except ProtocolError as e:
                 await ws.send(encode_error(e.code, str(e), stream_id))
@@ -657,3 +679,24 @@ class CaptionServer:
                     close = CLOSE_TOO_BIG if e.code == "too_large" else CLOSE_POLICY
                     await ws.close(close, e.code)
                     return "closed"
+
+    @staticmethod
+    async def _fill_lost(resampler: StreamResampler, frames: int,
+                         push: Callable[[Int16Array], None]) -> None:
+        """Put silence for ``frames`` lost input frames in the stream's timeline.
+
+        Through the resampler's count, so the silence is exactly what keeps the
+        later audio at its time at any input rate; in 100 ms pieces, never one
+        large array, yielding to the loop every second of it.
+        """
+        tail, silence = resampler.gap(frames)
+        if len(tail):
+            push(tail)
+        pieces = 0
+        while silence > 0:
+            n = min(silence, _SILENCE_PIECE)
+            silence -= n
+            push(np.zeros(n, np.int16))
+            pieces += 1
+            if pieces % _PIECES_PER_YIELD == 0:
+                await asyncio.sleep(0)

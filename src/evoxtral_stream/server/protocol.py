@@ -20,10 +20,12 @@ from ..events import CaptionEvent, EngineEvent, StreamEnded, StreamError, Stream
 
 __all__ = [
     "MAX_INGEST_RATE",
+    "MAX_LOST_S",
     "MIN_INGEST_RATE",
     "PROTOCOL_VERSION",
     "EndOfStream",
     "IngestFormat",
+    "LostAudio",
     "ProtocolError",
     "SampleFormat",
     "caption_to_dict",
@@ -136,6 +138,10 @@ def decode_caption(text: str | bytes) -> dict[str, Any]:
 MIN_INGEST_RATE = 8_000
 MAX_INGEST_RATE = 192_000
 _MAX_CHANNELS = 8
+#: The most lost audio (seconds) one ``lost`` message may declare; also what
+#: an ingest connection may declare at once before ``server.max_ingest_speed``
+#: applies to it (docs/protocol.md).
+MAX_LOST_S = 600
 
 
 class SampleFormat(enum.Enum):
@@ -170,6 +176,15 @@ class EndOfStream:
     """The ``end`` message: no more audio; flush and summarise."""
 
 
+@dataclass(frozen=True)
+class LostAudio:
+    """The ``lost`` message: the client lost ``samples`` sample frames (at its
+    configured rate) here and will not send them; the server puts as much
+    silence in their place."""
+
+    samples: int
+
+
 def _load_json(text: str | bytes) -> dict[str, Any]:
     try:
         obj = json.loads(text)
@@ -184,27 +199,37 @@ def _load_json(text: str | bytes) -> dict[str, Any]:
     return obj
 
 
-def _int_field(obj: Mapping[str, Any], key: str, lo: int, hi: int) -> int:
+def _int_field(obj: Mapping[str, Any], key: str, lo: int, hi: int,
+               code: str = "bad_config") -> int:
     value = obj.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ProtocolError("bad_config", f"{key} must be an integer {lo}..{hi}, got {value!r}")
+        raise ProtocolError(code, f"{key} must be an integer {lo}..{hi}, got {value!r}")
     return value
 
 
-def parse_ingest_message(text: str | bytes) -> IngestFormat | EndOfStream:
+def parse_ingest_message(text: str | bytes, sample_rate: int | None = None
+                         ) -> IngestFormat | EndOfStream | LostAudio:
     """Parse a text message sent on ``/v1/ingest``.
 
     ``{"type": "config", "sample_rate": 48000, "channels": 2, "format": "pcm16"}``
-    (optionally ``"adapter": NAME`` and ``"language": CODE``) or
-    ``{"type": "end"}``; anything else raises :class:`ProtocolError`. Whether
-    the engine knows the adapter or language is checked by the caller.
+    (optionally ``"adapter": NAME`` and ``"language": CODE``),
+    ``{"type": "lost", "samples": N}`` or ``{"type": "end"}``; anything else
+    raises :class:`ProtocolError`. ``sample_rate`` is the stream's configured
+    rate, which bounds a ``lost`` message's ``samples`` to :data:`MAX_LOST_S`
+    (None: before the config, :data:`MAX_INGEST_RATE`); a bad ``samples`` is
+    ``bad_message``. Whether the engine knows the adapter or language is
+    checked by the caller.
     """
     obj = _load_json(text)
     kind = obj.get("type")
     if kind == "end":
         return EndOfStream()
+    if kind == "lost":
+        most = (sample_rate or MAX_INGEST_RATE) * MAX_LOST_S
+        return LostAudio(_int_field(obj, "samples", 0, most, "bad_message"))
     if kind != "config":
-        raise ProtocolError("bad_message", f"unknown message type {kind!r} (config or end)")
+        raise ProtocolError("bad_message",
+                            f"unknown message type {kind!r} (config, lost or end)")
     rate = _int_field(obj, "sample_rate", MIN_INGEST_RATE, MAX_INGEST_RATE)
     channels = _int_field(obj, "channels", 1, _MAX_CHANNELS) if "channels" in obj else 1
     fmt = obj.get("format", "pcm16")
