@@ -19,10 +19,14 @@ down) is opened again with bounded exponential backoff under the same stream
 id, and the audio goes on where it stopped. The microphone keeps capturing
 meanwhile: up to :data:`MAX_QUEUED_BLOCKS` blocks (10 s) wait for the new
 connection, later ones are dropped and counted; a file resumes at the
-position it had reached. Captions the server made of the earlier
-connection's last audio go to its subscribers, not to this client.
-``--no-reconnect`` turns this off. A refusal of the first connection (a bad
-token or stream id, ``stream_busy``) still ends the client at once.
+position it had reached. Audio dropped so (or because the connection is
+slower than the microphone) is declared to the server as ``lost`` before
+the next audio sent, on whichever connection sends it, so the server puts
+silence in its place and the later captions keep their true times.
+Captions the server made of the earlier connection's last audio go to its
+subscribers, not to this client. ``--no-reconnect`` turns this off. A
+refusal of the first connection (a bad token or stream id,
+``stream_busy``) still ends the client at once.
 
 Exit status: 0 after the server's summary; 1 when the server cannot be
 reached, refuses the token or the stream, or closes it early (and will not
@@ -59,6 +63,7 @@ from evoxtral_stream.audio.microphone import (
 from evoxtral_stream.audio.sources import AudioInputError, iter_chunks, read_audio_file
 from evoxtral_stream.config import load_config
 from evoxtral_stream.events import SAMPLE_RATE, Int16Array
+from evoxtral_stream.server.protocol import MAX_LOST_S
 
 __all__ = ["AudioFeed", "FileFeed", "MicFeed", "SessionEnd", "build_parser", "main", "run",
            "should_reconnect"]
@@ -150,15 +155,42 @@ class MicFeed:
     :data:`MAX_QUEUED_BLOCKS` for the socket (or for the next connection
     after a lost one); when it is full, new blocks are dropped and counted.
     A block whose send failed is sent first on the next connection.
-    ``stream_factory`` replaces PortAudio (tests).
+
+    Dropped samples keep their place: each queued block carries the samples
+    dropped just before it, and :meth:`send` declares them (a ``lost``
+    message) right before the block, once; samples dropped after the last
+    block are declared before ``end``. Samples dropped before a connection's
+    first block are not: they lie between its stream and the one before
+    (each connection's stream has a timeline of its own, from its first
+    audio). A connection takes at most
+    :data:`~evoxtral_stream.server.protocol.MAX_LOST_S` of lost audio at
+    once and then no more than real time (the server refuses more, as too
+    fast): past that, lost samples are not declared but counted in
+    :attr:`undeclared` and reported. ``stream_factory`` replaces PortAudio
+    (tests).
     """
 
     def __init__(self, device: str | int | InputDevice | None = None, *,
                  stream_factory: StreamFactory | None = None) -> None:
         cfg = load_config().audio
-        self.queue: asyncio.Queue[Int16Array] = asyncio.Queue(MAX_QUEUED_BLOCKS)
-        self._unsent: Int16Array | None = None
+        # Each block with the samples dropped just before it.
+        self.queue: asyncio.Queue[tuple[int, Int16Array]] = asyncio.Queue(MAX_QUEUED_BLOCKS)
+        self._unsent: tuple[int, Int16Array] | None = None
+        self._lost = 0
+        """Samples dropped since the last block queued."""
         self.dropped = 0
+        self.declared = 0
+        """Samples declared lost to the server, over every connection."""
+        self.undeclared = 0
+        """Samples dropped past what a connection takes as lost (see the class doc)."""
+        # What the current connection still takes as lost (samples), and when
+        # that was worked out: it refills at real time up to MAX_LOST_S, as
+        # the server's allowance does (at max_ingest_speed, at least that).
+        self._allowance = 0.0
+        self._allowance_at = 0.0
+        self._undeclared_reported = 0
+        self._sent_audio = False
+        """The current connection has sent audio: its stream's timeline has begun."""
         self.capture = MicrophoneCapture(
             self._on_audio, device=cfg.device if device is None else device,
             block_ms=cfg.block_ms, max_pending_blocks=cfg.max_pending_blocks,
@@ -170,9 +202,12 @@ class MicFeed:
 
     def _on_audio(self, block: Int16Array) -> None:
         try:
-            self.queue.put_nowait(block)
+            self.queue.put_nowait((self._lost, block))
         except asyncio.QueueFull:
             self.dropped += 1
+            self._lost += len(block)
+        else:
+            self._lost = 0
 
     def start(self, status: Status) -> None:
         self._status = status
@@ -182,6 +217,8 @@ class MicFeed:
 
     async def send(self, ws: ClientConnection, stop: asyncio.Event) -> None:
         self._report_drops()
+        self._allowance, self._allowance_at = MAX_LOST_S * SAMPLE_RATE, time.monotonic()
+        self._sent_audio = False
         stopping = asyncio.ensure_future(stop.wait())
         try:
             while True:
@@ -210,11 +247,36 @@ class MicFeed:
             if self._unsent is None:
                 self._unsent = self.queue.get_nowait()
             await self._send_unsent(ws)
+        if self._lost and self._sent_audio:  # dropped after the last block
+            await self._declare(ws, self._lost)
+        self._lost = 0
+        self._report_drops()
 
     async def _send_unsent(self, ws: ClientConnection) -> None:
         assert self._unsent is not None
-        await ws.send(self._unsent.astype("<i2").tobytes())
+        lost, block = self._unsent
+        if lost:
+            if self._sent_audio:
+                await self._declare(ws, lost)
+            # Declared (or before this stream began): if the block's send fails,
+            # it starts the next connection's stream, with nothing before it.
+            self._unsent = (0, block)
+        await ws.send(block.astype("<i2").tobytes())
         self._unsent = None  # only once sent: a failed send keeps it for the next connection
+        self._sent_audio = True
+
+    async def _declare(self, ws: ClientConnection, samples: int) -> None:
+        """Tell the server ``samples`` were lost here, as far as it takes them."""
+        now = time.monotonic()
+        self._allowance = min(MAX_LOST_S * SAMPLE_RATE,
+                              self._allowance + (now - self._allowance_at) * SAMPLE_RATE)
+        self._allowance_at = now
+        n = min(samples, int(self._allowance))
+        if n:
+            await ws.send(json.dumps({"type": "lost", "samples": n}))
+            self._allowance -= n
+            self.declared += n
+        self.undeclared += samples - n
 
     def close(self) -> None:
         self.capture.stop()
@@ -223,8 +285,13 @@ class MicFeed:
     def _report_drops(self) -> None:
         if self.dropped:
             self._status(f"dropped {self.dropped} audio blocks: the connection was too slow "
-                         "or away")
+                         "or away (their time is sent as lost audio)")
             self.dropped = 0
+        if self.undeclared > self._undeclared_reported:
+            self._status(f"{(self.undeclared - self._undeclared_reported) / SAMPLE_RATE:.1f} s "
+                         f"of lost audio were more than the server takes at once "
+                         f"({MAX_LOST_S} s): the captions after them come that much early")
+            self._undeclared_reported = self.undeclared
 
 
 async def _session(ws: ClientConnection, feed: AudioFeed, stop: asyncio.Event,

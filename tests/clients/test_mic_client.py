@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import mic_client
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -21,13 +22,14 @@ import soundfile as sf
 from mic_client import FileFeed, MicFeed, SessionEnd, run, should_reconnect
 from viewer import LiveWriter
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 
 from evoxtral_stream.audio.microphone import InputDevice
 from evoxtral_stream.audio.resample import int16_to_float32, resample
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.backends.base import Backend
 from evoxtral_stream.engine.engine import Engine
-from evoxtral_stream.events import SAMPLE_RATE, Int16Array
+from evoxtral_stream.events import SAMPLE_RATE, CaptionEvent, EngineEvent, Int16Array
 from evoxtral_stream.server.app import CaptionServer
 from tests.clients.conftest import (
     CLIENTS,
@@ -496,3 +498,139 @@ async def test_a_cut_connection_is_reconnected_while_the_server_still_holds_the_
     assert [e.stream for e in ended] == ["desk", "desk"]
     sent_s = sum(e.duration_s for e in ended)
     assert sent_s == pytest.approx(feed.capture.samples_delivered / SAMPLE_RATE, abs=0.05)
+
+
+class SentItems:
+    """Stands in for the connection: each block sent as its first sample, each
+    ``lost`` message as ``("lost", samples)``; fails (as a lost connection
+    does) on sending the item ``fail_at``."""
+
+    def __init__(self, fail_at: int | str | None = None) -> None:
+        self.items: list[int | tuple[str, int]] = []
+        self.fail_at = fail_at
+
+    async def send(self, data: str | bytes) -> None:
+        if isinstance(data, str):
+            message = json.loads(data)
+            item: int | tuple[str, int] = (message["type"], message["samples"])
+        else:
+            item = int(np.frombuffer(data, "<i2")[0])
+        if item == self.fail_at or (isinstance(item, tuple) and item[0] == self.fail_at):
+            raise ConnectionClosed(None, None)
+        self.items.append(item)
+
+
+async def test_dropped_blocks_are_declared_lost_in_their_place(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The samples dropped at a full queue are declared right before the next
+    block sent, once; a connection declares none before its first block (its
+    stream starts there), and those dropped after the last block before the end."""
+    monkeypatch.setattr(mic_client, "MAX_QUEUED_BLOCKS", 2)
+
+    def no_portaudio(*_: object) -> LiveStream:
+        raise AssertionError("the capture is not started in this test")
+
+    feed = MicFeed(InputDevice(7, "fake mic", 1, float(SAMPLE_RATE), True),
+                   stream_factory=no_portaudio)
+
+    def capture(*values: int) -> None:
+        for value in values:
+            feed._on_audio(np.full(320, value, np.int16))
+
+    async def settle() -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    stop = asyncio.Event()
+    capture(1, 2, 3, 4)                 # 3 and 4 find the queue full
+    a = SentItems(fail_at=6)
+    sending = asyncio.ensure_future(feed.send(a, stop))  # type: ignore[arg-type]
+    await settle()
+    capture(5)
+    await settle()
+    capture(6, 7, 8, 9)                 # 8 and 9 dropped; sending 6 fails
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(sending, 5)
+    assert a.items == [1, 2, ("lost", 640), 5]
+    capture(10)                         # after 8 and 9
+    b = SentItems(fail_at="lost")
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(feed.send(b, stop), 5)  # type: ignore[arg-type]
+    assert b.items == [6, 7]
+    capture(11, 12, 13, 14)             # 13 and 14 dropped, after the last block
+    c = SentItems()
+    stop.set()
+    await asyncio.wait_for(feed.send(c, stop), 5)  # type: ignore[arg-type]
+    # 10 starts this connection's stream: 8 and 9 lie before it, in no stream.
+    assert c.items == [10, 11, 12, ("lost", 640)]
+    assert (feed.declared, feed.undeclared) == (1280, 0)
+
+
+async def test_audio_dropped_while_the_server_restarts_is_declared_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a queue of 0.2 s, most of what the microphone captures while the
+    server is away is dropped; the client declares it lost on the new
+    connection, so the two streams' timelines still add up to all that was
+    captured and the captions after the loss come at their true time."""
+    monkeypatch.setattr(mic_client, "MAX_QUEUED_BLOCKS", 10)
+    audio, spans = speech_with_pauses(SENTENCES * 2, pause_s=1.2)
+
+    def factory(device: InputDevice, rate: int, channels: int, blocksize: int,
+                callback: Callable[..., None]) -> LiveStream:
+        return LiveStream(playback(int16_to_float32(audio)), rate, channels, blocksize,
+                          callback)
+
+    port = free_port()
+    cfg = load_config(overrides={"server.port": port}, env={})
+    ended = EndedStreams()
+    finals: list[CaptionEvent] = []
+
+    def on_final(event: EngineEvent) -> None:
+        if isinstance(event, CaptionEvent) and event.final:
+            finals.append(event)
+
+    out, err = io.StringIO(), io.StringIO()
+    writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
+    feed = MicFeed(InputDevice(7, "fake mic", 1, float(SAMPLE_RATE), True),
+                   stream_factory=factory)
+    stop = asyncio.Event()
+    client: asyncio.Future[int] | None = None
+
+    async def until(cond: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not cond():
+            assert client is None or not client.done(), err.getvalue()
+            assert time.monotonic() < deadline, f"no {what}: {err.getvalue()}"
+            await asyncio.sleep(0.02)
+
+    async with Engine(cfg, ScriptedBackend(words)) as engine, \
+            CaptionServer(engine, cfg.server):
+        engine.add_listener(ended)
+        client = asyncio.ensure_future(run(f"ws://127.0.0.1:{port}", "desk", feed, writer,
+                                           stop=stop, backoff_s=(0.1, 0.4)))
+        await until(lambda: out.getvalue().count("\n") >= 1, "final before the restart")
+    await until(lambda: "reconnecting in" in err.getvalue(), "reconnect attempt")
+    await asyncio.sleep(1.5)
+    async with Engine(cfg, ScriptedBackend(words)) as engine, \
+            CaptionServer(engine, cfg.server):
+        engine.add_listener(ended)
+        engine.add_listener(on_final)
+        await until(lambda: "reconnected as desk after" in err.getvalue(), "reconnection")
+        await until(lambda: len(finals) >= 2, "finals after the restart")
+        stop.set()
+        assert await asyncio.wait_for(client, 30) == 0, err.getvalue()
+    assert [e.stream for e in ended] == ["desk", "desk"]
+    sent_s = sum(e.duration_s for e in ended)
+    assert sent_s == pytest.approx(feed.capture.samples_delivered / SAMPLE_RATE, abs=0.05)
+    assert "(their time is sent as lost audio)" in err.getvalue()
+    assert feed.declared > SAMPLE_RATE, "more than 1 s was dropped and declared"
+    assert feed.undeclared == 0
+    # The second stream starts where the first one's audio ended: each of its
+    # segments ends where its sentence ends in the capture (a segment may
+    # start later than its sentence, whose start was dropped).
+    first = round(ended[0].duration_s * SAMPLE_RATE)
+    ends = [(b - first) / SAMPLE_RATE for _, b in spans if b > first]
+    for final in finals:
+        assert min(abs(final.end - e) for e in ends) < 0.3, (final, ends, feed.declared)
