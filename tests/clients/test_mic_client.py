@@ -634,3 +634,36 @@ async def test_audio_dropped_while_the_server_restarts_is_declared_lost(
     ends = [(b - first) / SAMPLE_RATE for _, b in spans if b > first]
     for final in finals:
         assert min(abs(final.end - e) for e in ends) < 0.3, (final, ends, feed.declared)
+
+
+async def test_lost_audio_past_what_a_connection_takes_is_reported(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server takes MAX_LOST_S of lost audio at once (then real time):
+    the client declares no more, and says how much it could not."""
+    monkeypatch.setattr(mic_client, "MAX_QUEUED_BLOCKS", 2)
+    monkeypatch.setattr(mic_client, "MAX_LOST_S", 0.1)
+
+    def no_portaudio(*_: object) -> LiveStream:
+        raise AssertionError("the capture is not started in this test")
+
+    feed = MicFeed(InputDevice(7, "fake mic", 1, float(SAMPLE_RATE), True),
+                   stream_factory=no_portaudio)
+    said: list[str] = []
+    feed._status = said.append
+    for value in range(1, 103):         # 3..102 dropped: 2 s
+        feed._on_audio(np.full(320, value, np.int16))
+    sent = SentItems()
+    stop = asyncio.Event()
+    sending = asyncio.ensure_future(feed.send(sent, stop))  # type: ignore[arg-type]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    feed._on_audio(np.full(320, 103, np.int16))
+    stop.set()
+    await asyncio.wait_for(sending, 5)
+    assert sent.items[:2] == [1, 2] and sent.items[3:] == [103]
+    kind, declared = sent.items[2]      # type: ignore[misc]
+    assert kind == "lost" and 1600 <= declared < 32000
+    assert (feed.declared, feed.undeclared) == (declared, 32000 - declared)
+    assert any(f"{(32000 - declared) / SAMPLE_RATE:.1f} s of lost audio were more than the "
+               "server takes at once (0.1 s)" in s for s in said), said
