@@ -307,10 +307,6 @@ class MicrophoneCapture:
         # hands them to the loop with the next block it queues; the loop
         # takes the rest only once no callback can come (stop, lost device).
         self._gap_frames = 0
-        # Loop side, since the device was opened: native frames captured
-        # (dropped ones included) and 16 kHz samples delivered for them.
-        self._frames_in = 0
-        self._samples_out = 0
         self.samples_delivered = 0
         self.silence_samples = 0
         self._reported_drops = 0
@@ -400,7 +396,7 @@ class MicrophoneCapture:
         self._resampler = StreamResampler(self.samplerate, SAMPLE_RATE, self.channels)
         blocksize = max(1, self.samplerate * self.block_ms // 1000)
         self._pending.clear()
-        self._gap_frames = self._frames_in = self._samples_out = 0
+        self._gap_frames = 0
         self._wake_scheduled = False
         stream = self._stream_factory(
             device, self.samplerate, self.channels, blocksize, self._callback
@@ -524,7 +520,6 @@ class MicrophoneCapture:
             if gap:
                 self._fill_gap(gap)
             if resampler is not None:
-                self._frames_in += len(block)
                 self._emit(resampler.process(block))
         self._report()
 
@@ -543,16 +538,11 @@ class MicrophoneCapture:
         resampler = self._resampler
         if resampler is None:
             return
-        # The audio before the gap ends here: its filter tail goes first, and
-        # the audio after it starts the filter afresh instead of being
-        # filtered together with sound from before the gap.
-        self._emit(resampler.flush())
-        self._frames_in += frames
-        # Rounded as soxr rounds a flushed run's length; from the totals since
-        # the device was opened, so the timeline never drifts by a sample per gap.
-        rate = self.samplerate
-        due = (self._frames_in * SAMPLE_RATE * 2 + rate) // (2 * rate)
-        missing = due - self._samples_out
+        # The audio before the gap ends here (its filter tail goes first); the
+        # resampler counts the silence from its totals since the device was
+        # opened, so the timeline never drifts by a sample per gap.
+        tail, missing = resampler.gap(frames)
+        self._emit(tail)
         while missing > 0:
             n = min(missing, SILENCE_CHUNK)
             missing -= n
@@ -561,7 +551,6 @@ class MicrophoneCapture:
 
     def _emit(self, samples: Int16Array) -> None:
         if len(samples):
-            self._samples_out += len(samples)
             self.samples_delivered += len(samples)
             self._on_audio(samples)
 
