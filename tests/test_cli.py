@@ -572,3 +572,9 @@ async def test_serve_applies_new_tokens_at_sighup(tmp_path: Path) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+def test_a_language_whisper_cannot_transcribe_is_one_line_before_decoding() -> None:
+    one_error_line(cli("transcribe", "--sample", "--backend", "whisper",
+                       "--set", "model.language=fr"),
+                   "model.language 'fr' is not a language this Whisper model transcribes")

@@ -68,3 +68,15 @@ def test_a_folder_without_its_config_or_tokenizer_is_refused_at_load(
     (folder / missing).unlink()
     msg = _refused(cfg)
     assert msg.startswith(f"no CTranslate2 Whisper model in {folder} ({missing} missing)")
+
+
+@pytest.mark.parametrize("language", ["fr", "english"])
+def test_a_language_the_model_cannot_transcribe_is_refused_at_load(language: str) -> None:
+    """tiny.en given model.language "fr" captioned French speech in English
+    words under the label "fr", without a word of warning."""
+    with pytest.raises(BackendUnavailable) as info:
+        load_whisper_backend(load_config().model.whisper, language)
+    assert str(info.value) == (
+        f"model.language {language!r} is not a language this Whisper model transcribes "
+        "(whisper tiny.en (embedded)); use one of en, or a multilingual model in "
+        "model.whisper.model_path")

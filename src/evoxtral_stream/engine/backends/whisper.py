@@ -73,12 +73,22 @@ class WhisperBackend:
         self._fe = model.feature_extractor
         self._multilingual = bool(model.model.is_multilingual)
         self._tok = Tokenizer(
-            model.hf_tokenizer, self._multilingual, task="transcribe",
-            language=language if self._multilingual else None,
-        )
-        self._prompt = [*self._tok.sot_sequence, self._tok.no_timestamps]
+            model.hf_tokenizer, self._multilingual, task="transcribe", language=None)
         self._prompts: dict[str, list[int]] = {}
         self._languages: tuple[str, ...] | None = None
+        # Without this, an English-only model given model.language "fr" would
+        # caption French speech in English words, under the label "fr".
+        if language not in self.languages:
+            known = ", ".join(self.languages)
+            raise BackendUnavailable(
+                f"model.language {language!r} is not a language this Whisper model "
+                f"transcribes ({self.name}); use one of {known}"
+                + (", or a multilingual model in model.whisper.model_path"
+                   if not self._multilingual else ""))
+        if self._multilingual:
+            self._tok = Tokenizer(model.hf_tokenizer, True, task="transcribe",
+                                  language=language)
+        self._prompt = [*self._tok.sot_sequence, self._tok.no_timestamps]
         suppress: list[int] = [] if cfg.keep_non_speech else list(self._tok.non_speech_tokens)
         # The special tokens are always suppressed, as faster-whisper does.
         suppress += [
