@@ -913,3 +913,198 @@ async def test_a_late_stream_started_keeps_the_microphones_partial_and_drops_the
             assert page.errors == []
         finally:
             await page.close()
+
+
+
+class RecordingIngest:
+    """A scripted server's ``/v1/ingest``: what each connection of the
+    page's microphone sends, in order: ``("audio", STAMP, FRAMES)`` (STAMP:
+    the number :data:`STAMP_CHUNKS` filled the chunk with, -1 for a chunk
+    not stamped) and ``("lost", SAMPLES, 0)``, up to ``end`` (answered with a
+    summary). The first connection is closed (1012) at its first stamped
+    chunk; a connection in ``hold`` waits for that event before
+    ``ingest.ready``; one in ``close_at_ready`` is closed (1012) right after it."""
+
+    def __init__(self, hold: dict[int, asyncio.Event] | None = None,
+                 close_at_ready: frozenset[int] = frozenset()) -> None:
+        self.hold = hold or {}
+        self.close_at_ready = close_at_ready
+        self.connections: list[list[tuple[str, int, int]]] = []
+
+    async def handler(self, ws: ServerConnection) -> None:
+        assert ws.request is not None
+        if not ws.request.path.startswith("/v1/ingest"):
+            await ws.send(hello([]))
+            await ws.wait_closed()
+            return
+        config = json.loads(await ws.recv())
+        index = len(self.connections)
+        self.connections.append(received := [])
+        if index in self.hold:
+            await self.hold[index].wait()  # meanwhile the page keeps its backlog, then drops
+        await ws.send(json.dumps({"type": "ingest.ready", "stream": "desk",
+                                  "sample_rate": config["sample_rate"], "channels": 1,
+                                  "format": "pcm16", "language": "en"}))
+        if index in self.close_at_ready:
+            await ws.close(1012, "service restart")
+            return
+        async for message in ws:
+            if isinstance(message, bytes):
+                samples = np.frombuffer(message, "<i2")
+                stamp = int(samples[0]) if (samples == samples[0]).all() else -1
+                received.append(("audio", stamp, len(samples)))
+                if index == 0 and stamp > 0:
+                    await ws.close(1012, "service restart")
+                    return
+            elif (msg := json.loads(message))["type"] == "lost":
+                received.append(("lost", msg["samples"], 0))
+            else:
+                assert msg == {"type": "end"}
+                break
+        await ws.send(json.dumps({"type": "ingest.summary", "stream": "desk", "duration": 1.0,
+                                  "segments": 0, "finals": 0, "partials": 0, "errors": 0,
+                                  "lost": 0.0}))
+        await ws.close(1000, "end of stream")
+
+
+#: Numbers each chunk the page's worklet delivers from now on (fills it with 1,
+#: 2, ...); window.stamped is the last number given.
+STAMP_CHUNKS = ("(() => { const port = evoxtral.mic.node.port; const deliver = port.onmessage;"
+                " window.stamped = 0; port.onmessage = (e) => {"
+                " new Int16Array(e.data).fill(++window.stamped); deliver(e); }; })()")
+
+
+@pytest.mark.parametrize("max_lost_s", [None, 0.2])
+async def test_microphone_audio_dropped_while_reconnecting_is_declared_lost(
+        browser: Browser, max_lost_s: float | None) -> None:
+    """The ingest connection drops and the next one waits long for
+    ingest.ready: the page keeps MIC_BACKLOG_S (10 s) of audio for it and
+    drops later chunks. On the new connection the backlog comes first, then
+    a lost message for exactly the frames of the chunks dropped, then the
+    live chunks: the server's timeline keeps its true times. With
+    ``max_lost_s`` (what a connection takes at once) lowered, the page
+    declares no more and says how much it could not."""
+    release = asyncio.Event()
+    ingest = RecordingIngest(hold={1: release})
+    async with serve(ingest.handler, "127.0.0.1", 0, process_request=page_files) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        page = await Page.open(browser, f"http://127.0.0.1:{port}/?mic=desk")
+        try:
+            await page.wait_for(f"{STATUS} === 'live'")
+            if max_lost_s is not None:
+                await page.evaluate(f"evoxtral.maxLostS = {max_lost_s}")
+            await page.click("#mic")
+            await page.wait_for("Boolean(evoxtral.mic?.node)")
+            await page.evaluate(STAMP_CHUNKS)
+            await page.wait_for("evoxtral.mic.connects === 2 && evoxtral.mic.dropped >= 20", 30)
+            release.set()
+            await page.wait_for("evoxtral.mic.ready && !evoxtral.mic.backlog.length")
+            await asyncio.sleep(1.0)
+            await page.click("#mic")
+            await page.wait_for("evoxtral.mic.summary")
+            rate = await page.evaluate("evoxtral.mic.sampleRate")
+            declared, undeclared, notice = await page.evaluate(
+                "[evoxtral.mic.declared, evoxtral.mic.undeclared,"
+                " document.getElementById('notice').textContent]")
+            assert page.errors == []
+        finally:
+            await page.close()
+
+    second = ingest.connections[1]
+    lost = [i for i, item in enumerate(second) if item[0] == "lost"]
+    assert len(lost) == 1, second[:3]
+    backlog, after = second[:lost[0]], second[lost[0] + 1:]
+    frames = backlog[0][2]
+    stamps = [stamp for _, stamp, _ in backlog + after]
+    assert backlog[0][1] > 0 and len(after) >= 10
+    # No chunk missing but those declared; the backlog held 10 s of them.
+    assert stamps == [*range(stamps[0], stamps[0] + len(backlog)),
+                      *range(after[0][1], after[0][1] + len(after))]
+    assert len(backlog) * frames <= 10 * rate < (len(backlog) + 1) * frames
+    gap = (after[0][1] - backlog[-1][1] - 1) * frames
+    assert gap >= 20 * frames
+    sent = second[lost[0]][1]
+    assert (declared, undeclared) == (sent, gap - sent)
+    if max_lost_s is None:
+        assert sent == gap
+        assert notice == (f"Microphone: reconnected ({gap // frames} audio chunks dropped "
+                          "meanwhile; their time is sent as lost audio)")
+    else:
+        assert max_lost_s * rate <= sent < gap
+        assert notice == (f"Microphone: {(gap - sent) / rate:.1f} s of lost audio were more "
+                          f"than the server takes at once ({max_lost_s} s): the captions "
+                          "after them come that much early")
+
+
+async def test_microphone_audio_dropped_before_a_connections_first_chunk_is_not_declared(
+        browser: Browser) -> None:
+    """The second connection is closed right after ingest.ready, the capture
+    paused: the page sends it the backlog, but the chunks dropped after the
+    backlog have no chunk after them there. They lie between that
+    connection's stream and the next one's, which begins with the next chunk
+    captured: declared on the third connection, they would shift its whole
+    timeline late."""
+    release = asyncio.Event()
+    ingest = RecordingIngest(hold={1: release}, close_at_ready=frozenset({1}))
+    async with serve(ingest.handler, "127.0.0.1", 0, process_request=page_files) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        page = await Page.open(browser, f"http://127.0.0.1:{port}/?mic=desk")
+        try:
+            await page.wait_for(f"{STATUS} === 'live'")
+            await page.click("#mic")
+            await page.wait_for("Boolean(evoxtral.mic?.node)")
+            await page.evaluate(STAMP_CHUNKS)
+            await page.wait_for("evoxtral.mic.connects === 2 && evoxtral.mic.dropped >= 20", 30)
+            await page.evaluate("evoxtral.mic.ctx.suspend()")
+            await asyncio.sleep(0.3)  # chunks already posted arrive
+            last, backlog_last = await page.evaluate(
+                "[window.stamped, new Int16Array(evoxtral.mic.backlog.at(-1).chunk)[0]]")
+            release.set()
+            await page.wait_for("evoxtral.mic.connects === 3 && evoxtral.mic.ready", 20)
+            await page.evaluate("evoxtral.mic.ctx.resume()")
+            await asyncio.sleep(1.0)
+            await page.click("#mic")
+            await page.wait_for("evoxtral.mic.summary")
+            declared = await page.evaluate("evoxtral.mic.declared")
+            assert page.errors == []
+        finally:
+            await page.close()
+
+    assert last - backlog_last >= 20  # dropped after the backlog
+    third = ingest.connections[2]
+    assert third and all(kind == "audio" for kind, _, _ in third), third[:3]
+    assert [stamp for _, stamp, _ in third] == list(range(last + 1, last + 1 + len(third)))
+    assert declared == 0
+
+
+async def test_microphone_audio_dropped_after_the_last_chunk_is_declared_before_end(
+        browser: Browser) -> None:
+    """Stopped while the capture is paused right after a reconnect: the
+    chunks dropped after the backlog have no chunk after them, and are
+    declared before end (the stream's timeline still reaches its end)."""
+    release = asyncio.Event()
+    ingest = RecordingIngest(hold={1: release})
+    async with serve(ingest.handler, "127.0.0.1", 0, process_request=page_files) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        page = await Page.open(browser, f"http://127.0.0.1:{port}/?mic=desk")
+        try:
+            await page.wait_for(f"{STATUS} === 'live'")
+            await page.click("#mic")
+            await page.wait_for("Boolean(evoxtral.mic?.node)")
+            await page.evaluate(STAMP_CHUNKS)
+            await page.wait_for("evoxtral.mic.connects === 2 && evoxtral.mic.dropped >= 20", 30)
+            await page.evaluate("evoxtral.mic.ctx.suspend()")
+            await asyncio.sleep(0.3)  # chunks already posted arrive
+            last = await page.evaluate("window.stamped")
+            release.set()
+            await page.wait_for("evoxtral.mic.ready && !evoxtral.mic.backlog.length")
+            await page.click("#mic")
+            await page.wait_for("evoxtral.mic.summary")
+            declared = await page.evaluate("evoxtral.mic.declared")
+            assert page.errors == []
+        finally:
+            await page.close()
+
+    *backlog, (kind, samples, _) = ingest.connections[1]
+    assert kind == "lost" and all(item[0] == "audio" for item in backlog)
+    assert samples == declared == (last - backlog[-1][1]) * backlog[-1][2] > 0

@@ -52,6 +52,9 @@ const state = window.evoxtral = {
   token: "",            // the access token ("" for none)
   tokenError: "",       // why the last token given could not be used
   refused: null,        // {status, reason} while the server refuses the page's token
+  // Seconds of lost audio one ingest connection takes at once, then no more
+  // than real time (docs/protocol.md: the server refuses more as too fast).
+  maxLostS: 600,
 };
 
 // A server path relative to the page, as a ws:// (or wss://) URL.
@@ -482,16 +485,24 @@ async function startMic() {
     stream, media, ctx, node, ws: null, sampleRate: ctx.sampleRate, sent: 0,
     language: ui.language.value, before: state.selected, opened: false, connects: 0,
     retry: 0, timer: null, backlog: [], backlogBytes: 0, dropped: 0, lastError: null,
+    lost: 0,             // frames dropped since the last chunk kept (sent or in the backlog)
+    sentAudio: false,    // this connection has sent audio: its stream's timeline has begun
+    allowance: 0, allowanceAt: 0,  // frames this connection still takes as lost, and when
+    declared: 0, undeclared: 0,    // frames declared lost, and past what a connection takes
   };
+  // Each chunk is PCM16 mono: byteLength / 2 frames at the config's sample_rate.
   node.port.onmessage = (e) => {
     if (mic.ws?.readyState === WebSocket.OPEN && mic.ready) {
-      mic.ws.send(e.data);
-      mic.sent += e.data.byteLength;
+      sendAudio(mic, mic.lost, e.data);
+      mic.lost = 0;
     } else if (mic.backlogBytes + e.data.byteLength <= MIC_BACKLOG_S * mic.sampleRate * 2) {
-      mic.backlog.push(e.data);  // kept for the next connection
+      // Kept for the next connection, with the frames dropped just before it.
+      mic.backlog.push({ lost: mic.lost, chunk: e.data });
       mic.backlogBytes += e.data.byteLength;
+      mic.lost = 0;
     } else {
       mic.dropped += 1;
+      mic.lost += e.data.byteLength / 2;
     }
   };
   ctx.createMediaStreamSource(media).connect(node);
@@ -502,11 +513,46 @@ async function startMic() {
   setMicButton(true);
 }
 
+// One chunk on the microphone's accepted connection, after a lost message
+// for the `lost` frames dropped just before it. Frames dropped before a
+// connection's first chunk are not declared: they lie between its stream and
+// the one before (each connection's stream has a timeline of its own, from
+// its first audio).
+function sendAudio(mic, lost, chunk) {
+  if (lost && mic.sentAudio) declareLost(mic, lost);
+  mic.ws.send(chunk);
+  mic.sent += chunk.byteLength;
+  mic.sentAudio = true;
+}
+
+// Tell the server `frames` were lost here, as far as the connection takes
+// them (state.maxLostS at once, then real time); the rest is said in the notice.
+function declareLost(mic, frames) {
+  const now = performance.now() / 1000;
+  mic.allowance = Math.min(state.maxLostS * mic.sampleRate,
+                           mic.allowance + (now - mic.allowanceAt) * mic.sampleRate);
+  mic.allowanceAt = now;
+  const n = Math.min(frames, Math.floor(mic.allowance));
+  if (n) {
+    mic.ws.send(JSON.stringify({ type: "lost", samples: n }));
+    mic.allowance -= n;
+    mic.declared += n;
+  }
+  if (n < frames) {
+    mic.undeclared += frames - n;
+    showNotice(`Microphone: ${((frames - n) / mic.sampleRate).toFixed(1)} s of lost audio ` +
+               `were more than the server takes at once (${state.maxLostS} s): the captions ` +
+               "after them come that much early");
+  }
+}
+
 // One ingest connection of the microphone's stream. Once the server has
 // accepted the stream, a lost connection is opened again under the same id
 // (backoff as for the captions) while the capture goes on: up to
 // MIC_BACKLOG_S of audio waits for it and is sent first, later chunks are
-// dropped and counted. A refusal for a passing reason is retried too.
+// dropped and counted, and their time is declared lost before the next
+// chunk sent (sendAudio), so the server puts silence there and the later
+// captions keep their true times. A refusal for a passing reason is retried too.
 function openIngest(mic) {
   const path = `v1/ingest?stream=${encodeURIComponent(mic.stream)}`;
   const ws = mic.ws = new WebSocket(wsUrl(path), protocols());
@@ -529,14 +575,17 @@ function openIngest(mic) {
       const back = mic.opened;
       mic.opened = mic.ready = true;
       mic.retry = 0;
-      for (const chunk of mic.backlog) { ws.send(chunk); mic.sent += chunk.byteLength; }
-      mic.backlog = [];
-      mic.backlogBytes = 0;
+      mic.sentAudio = false;
+      mic.allowance = state.maxLostS * mic.sampleRate;
+      mic.allowanceAt = performance.now() / 1000;
       if (back) {
-        const lost = mic.dropped ? ` (${mic.dropped} audio chunks dropped meanwhile)` : "";
-        showNotice(mic.dropped ? `Microphone: reconnected${lost}` : "");
+        showNotice(mic.dropped ? `Microphone: reconnected (${mic.dropped} audio chunks ` +
+                                 "dropped meanwhile; their time is sent as lost audio)" : "");
         mic.dropped = 0;
       }
+      for (const { lost, chunk } of mic.backlog) sendAudio(mic, lost, chunk);
+      mic.backlog = [];
+      mic.backlogBytes = 0;
     } else if (msg.type === "ingest.summary") mic.summary = msg;
     else if (msg.type === "error" && msg.stream === mic.stream) {
       mic.lastError = msg.code;
@@ -612,6 +661,8 @@ function stopMic() {
   stopCapture(mic);
   clearTimeout(mic.timer);
   if (mic.ws.readyState === WebSocket.OPEN && mic.ready) {
+    if (mic.lost && mic.sentAudio) declareLost(mic, mic.lost);  // dropped after the last chunk
+    mic.lost = 0;
     // The server flushes the open segment, sends the final and closes the socket.
     mic.ws.send(JSON.stringify({ type: "end" }));
     ui.mic.disabled = true;
