@@ -1108,3 +1108,64 @@ async def test_microphone_audio_dropped_after_the_last_chunk_is_declared_before_
     *backlog, (kind, samples, _) = ingest.connections[1]
     assert kind == "lost" and all(item[0] == "audio" for item in backlog)
     assert samples == declared == (last - backlog[-1][1]) * backlog[-1][2] > 0
+
+
+async def test_a_late_stream_ended_of_the_old_run_keeps_the_microphones_new_partial(
+        browser: Browser) -> None:
+    """The microphone's stream id is used again: the server ends the old run
+    (stream.ended) before it starts the new one (the engine frees the id and
+    publishes stream.ended in one step), but the subscription is behind, and the
+    new run's partial comes first on the microphone socket. The old run's
+    late stream.ended drops that run's unfinished partial (segment 0 had a
+    decode error, so segment 1's line is not forgotten before), not the new
+    run's: it stays on screen, not gone until the next one."""
+    go = asyncio.Event()
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        if ws.request.path.startswith("/v1/ingest"):
+            await ws.recv()  # config
+            await ws.send(json.dumps({"type": "ingest.ready", "stream": "desk",
+                                      "sample_rate": 48000, "channels": 1,
+                                      "format": "pcm16", "language": "en"}))
+            await ws.send(json.dumps({"type": "stream.started", "stream": "desk",
+                                      "source": "ingest"}))
+            await ws.send(partial("desk", 0, 2, "new zero"))
+            await ws.wait_closed()
+            return
+        await ws.send(hello([]))
+        await ws.send(json.dumps({"type": "stream.started", "stream": "desk",
+                                  "source": "ingest"}))
+        await ws.send(json.dumps({"type": "error", "code": "decode_failed",
+                                  "message": "RuntimeError: boom", "stream": "desk",
+                                  "segment": 0}))
+        await ws.send(partial("desk", 1, 1, "old one"))
+        await go.wait()
+        await ws.send(json.dumps({"type": "stream.ended", "stream": "desk", "duration": 2.0,
+                                  "segments": 2, "finals": 0}))
+        await ws.send(json.dumps({"type": "stream.started", "stream": "desk",
+                                  "source": "ingest"}))
+        await ws.send(partial("desk", 0, 2, "new zero"))
+        await ws.wait_closed()
+
+    finals, partials = FINALS.format(s="desk"), PARTIALS.format(s="desk")
+    async with serve(handler, "127.0.0.1", 0, process_request=page_files) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        page = await Page.open(browser, f"http://127.0.0.1:{port}/?mic=desk")
+        try:
+            await page.wait_for(f"{partials}.length === 1")
+            await page.click("#mic")
+            await page.wait_for(f"{partials}.length === 2")
+            go.set()
+            await page.wait_for("evoxtral.lastSeq.get('desk') === 2")
+            assert await page.evaluate(partials) == [[0, "new zero"]]
+            assert await page.evaluate(finals) == []
+            notes = await page.evaluate(
+                "[...document.querySelectorAll('#finals .note')].map(n => n.textContent)")
+            assert [n for n in notes if "ended" in n] == ["desk ended · 0 captions, 2.0 s"]
+            assert await page.evaluate("document.querySelector('#picker option"
+                                       "[value=\"desk\"]').textContent") == "desk"
+            assert page.errors == []
+        finally:
+            go.set()  # the handler must not hold the server open
+            await page.close()

@@ -352,13 +352,20 @@ function handle(msg, viaMic = false) {
       addStream(msg.stream);
       return;
     }
-    case "stream.ended":
+    case "stream.ended": {
       addStream(msg.stream, true);
-      for (const line of [...ui.partials.children]) {  // segments that never got a final
-        if (line.dataset.stream === msg.stream) dropLine(line);
+      // The run's segments that never got a final. A partial the microphone
+      // socket showed ahead of the subscription (its seq still ahead) is the
+      // next run's, whose stream.started is still to come: it stays.
+      const ahead = state.ahead.get(msg.stream);
+      for (const line of [...ui.partials.children]) {
+        if (line.dataset.stream === msg.stream && !ahead?.has(Number(line.dataset.seq))) {
+          dropLine(line);
+        }
       }
       note(msg.stream, `${msg.stream} ended · ${msg.finals} captions, ${msg.duration.toFixed(1)} s`);
       return;
+    }
     case "caption": onCaption(msg, viaMic); return;
     case "gap":
       note(msg.stream, `${msg.stream}: captions ${msg.from}–${msg.to ?? "…"} are no longer available`);
