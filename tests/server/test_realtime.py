@@ -754,9 +754,21 @@ async def test_a_client_behind_on_its_events_is_closed_at_once() -> None:
             raw_ws_handshake, server.port, "/v1/realtime?intent=transcription&stream=deaf")
 
         def send_until_closed(deadline: float) -> None:
+            # Never blocked in a send: once the server stops reading (it is
+            # closing), a blocked sendall would outlast its 3 s wait for the
+            # close handshake, and the reset that ends it could discard the
+            # close frame before drain() reads it.
+            deaf.setblocking(False)
+            left = memoryview(b"")
             with contextlib.suppress(OSError):  # the server may close mid-send
                 while "deaf" in engine.streams and time.monotonic() < deadline:
-                    deaf.sendall(bad)
+                    if not left:
+                        left = memoryview(bad)
+                    try:
+                        left = left[deaf.send(left):]
+                    except BlockingIOError:
+                        time.sleep(0.01)
+            deaf.setblocking(True)
 
         try:
             async with asyncio.timeout(10):
