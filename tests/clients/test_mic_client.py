@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import mic_client
@@ -381,22 +382,32 @@ async def test_a_connection_lost_while_the_feed_waits_for_audio_loses_no_block()
     assert again.first_samples == [1, 2, 3]
 
 
-async def test_the_microphone_stream_survives_a_server_restart() -> None:
-    """The server goes away mid-stream and comes back on the same port: the
-    client reconnects as the same stream and the audio captured meanwhile is
-    sent, so the two connections' audio adds up to all that was captured."""
-    audio, _ = speech_with_pauses(SENTENCES * 2, pause_s=1.2)
-    streams: list[LiveStream] = []
+@dataclass(frozen=True)
+class RestartRun:
+    feed: MicFeed
+    err: io.StringIO
+    ended: EndedStreams
+    finals: list[CaptionEvent]
+    """The finals the second server made."""
 
-    def factory(device: InputDevice, rate: int, channels: int, blocksize: int,
-                callback: Callable[..., None]) -> LiveStream:
-        streams.append(LiveStream(playback(int16_to_float32(audio)), rate, channels,
-                                  blocksize, callback))
-        return streams[-1]
 
+async def through_a_server_restart(
+    factory: Callable[..., LiveStream], *, outage_s: float,
+    done: Callable[[str, list[CaptionEvent]], bool],
+) -> RestartRun:
+    """Run the client (stream ``desk``) on ``factory``'s microphone against a
+    server that goes away after the first final printed and comes back on
+    the same port ``outage_s`` after the client's first reconnect attempt;
+    stop the client once ``done(printed, finals of the second server)``,
+    and check that it exits 0."""
     port = free_port()
     cfg = load_config(overrides={"server.port": port}, env={})
     ended = EndedStreams()
+    finals: list[CaptionEvent] = []
+
+    def on_final(event: EngineEvent) -> None:
+        if isinstance(event, CaptionEvent) and event.final:
+            finals.append(event)
 
     out, err = io.StringIO(), io.StringIO()
     writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
@@ -420,14 +431,34 @@ async def test_the_microphone_stream_survives_a_server_restart() -> None:
         await until(lambda: out.getvalue().count("\n") >= 1, "final before the restart")
     # Server down: the client retries while the microphone keeps capturing.
     await until(lambda: "reconnecting in" in err.getvalue(), "reconnect attempt")
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(outage_s)
     async with Engine(cfg, ScriptedBackend(words)) as engine, \
             CaptionServer(engine, cfg.server):
         engine.add_listener(ended)
+        engine.add_listener(on_final)
         await until(lambda: "reconnected as desk after" in err.getvalue(), "reconnection")
-        await until(lambda: out.getvalue().count("\n") >= 3, "finals after the restart")
+        await until(lambda: done(out.getvalue(), finals), "finals after the restart")
         stop.set()
         assert await asyncio.wait_for(client, 30) == 0, err.getvalue()
+    return RestartRun(feed, err, ended, finals)
+
+
+async def test_the_microphone_stream_survives_a_server_restart() -> None:
+    """The server goes away mid-stream and comes back on the same port: the
+    client reconnects as the same stream and the audio captured meanwhile is
+    sent, so the two connections' audio adds up to all that was captured."""
+    audio, _ = speech_with_pauses(SENTENCES * 2, pause_s=1.2)
+    streams: list[LiveStream] = []
+
+    def factory(device: InputDevice, rate: int, channels: int, blocksize: int,
+                callback: Callable[..., None]) -> LiveStream:
+        streams.append(LiveStream(playback(int16_to_float32(audio)), rate, channels,
+                                  blocksize, callback))
+        return streams[-1]
+
+    r = await through_a_server_restart(factory, outage_s=1.0,
+                                       done=lambda out, _: out.count("\n") >= 3)
+    feed, err, ended = r.feed, r.err, r.ended
     assert [e.stream for e in ended] == ["desk", "desk"]
     sent_s = sum(e.duration_s for e in ended)
     assert sent_s == pytest.approx(feed.capture.samples_delivered / SAMPLE_RATE, abs=0.05)
@@ -582,45 +613,9 @@ async def test_audio_dropped_while_the_server_restarts_is_declared_lost(
         return LiveStream(playback(int16_to_float32(audio)), rate, channels, blocksize,
                           callback)
 
-    port = free_port()
-    cfg = load_config(overrides={"server.port": port}, env={})
-    ended = EndedStreams()
-    finals: list[CaptionEvent] = []
-
-    def on_final(event: EngineEvent) -> None:
-        if isinstance(event, CaptionEvent) and event.final:
-            finals.append(event)
-
-    out, err = io.StringIO(), io.StringIO()
-    writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
-    feed = MicFeed(InputDevice(7, "fake mic", 1, float(SAMPLE_RATE), True),
-                   stream_factory=factory)
-    stop = asyncio.Event()
-    client: asyncio.Future[int] | None = None
-
-    async def until(cond: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + 30
-        while not cond():
-            assert client is None or not client.done(), err.getvalue()
-            assert time.monotonic() < deadline, f"no {what}: {err.getvalue()}"
-            await asyncio.sleep(0.02)
-
-    async with Engine(cfg, ScriptedBackend(words)) as engine, \
-            CaptionServer(engine, cfg.server):
-        engine.add_listener(ended)
-        client = asyncio.ensure_future(run(f"ws://127.0.0.1:{port}", "desk", feed, writer,
-                                           stop=stop, backoff_s=(0.1, 0.4)))
-        await until(lambda: out.getvalue().count("\n") >= 1, "final before the restart")
-    await until(lambda: "reconnecting in" in err.getvalue(), "reconnect attempt")
-    await asyncio.sleep(1.5)
-    async with Engine(cfg, ScriptedBackend(words)) as engine, \
-            CaptionServer(engine, cfg.server):
-        engine.add_listener(ended)
-        engine.add_listener(on_final)
-        await until(lambda: "reconnected as desk after" in err.getvalue(), "reconnection")
-        await until(lambda: len(finals) >= 2, "finals after the restart")
-        stop.set()
-        assert await asyncio.wait_for(client, 30) == 0, err.getvalue()
+    r = await through_a_server_restart(factory, outage_s=1.5,
+                                       done=lambda _, finals: len(finals) >= 2)
+    feed, err, ended, finals = r.feed, r.err, r.ended, r.finals
     assert [e.stream for e in ended] == ["desk", "desk"]
     sent_s = sum(e.duration_s for e in ended)
     assert sent_s == pytest.approx(feed.capture.samples_delivered / SAMPLE_RATE, abs=0.05)

@@ -747,6 +747,23 @@ def partial(stream: str, segment: int, seq: int, text: str) -> str:
                        "latency": 0.1})
 
 
+STARTED_DESK = json.dumps({"type": "stream.started", "stream": "desk", "source": "ingest"})
+DECODE_FAILED_DESK_0 = json.dumps({"type": "error", "code": "decode_failed",
+                                   "message": "RuntimeError: boom", "stream": "desk",
+                                   "segment": 0})
+
+
+async def start_mic_run(ws: ServerConnection, caption: str) -> None:
+    """A scripted ``/v1/ingest`` for stream ``desk``: takes the page's config,
+    answers ingest.ready, then the run's stream.started and ``caption``."""
+    await ws.recv()  # config
+    await ws.send(json.dumps({"type": "ingest.ready", "stream": "desk",
+                              "sample_rate": 48000, "channels": 1,
+                              "format": "pcm16", "language": "en"}))
+    await ws.send(STARTED_DESK)
+    await ws.send(caption)
+
+
 FINALS = ("[...document.querySelectorAll('#finals .line.final[data-stream=\"{s}\"]')]"
           ".map(l => l.querySelector('.text').textContent)")
 PARTIALS = ("[...document.querySelectorAll('#partials .line[data-stream=\"{s}\"]')]"
@@ -770,13 +787,7 @@ async def test_a_final_the_microphone_socket_overtook_is_still_replayed(
         assert ws.request is not None
         path = ws.request.path
         if path.startswith("/v1/ingest"):
-            await ws.recv()  # config
-            await ws.send(json.dumps({"type": "ingest.ready", "stream": "desk",
-                                      "sample_rate": 48000, "channels": 1,
-                                      "format": "pcm16", "language": "en"}))
-            await ws.send(json.dumps({"type": "stream.started", "stream": "desk",
-                                      "source": "ingest"}))
-            await ws.send(retained[2])
+            await start_mic_run(ws, retained[2])
             mic_caption_sent.set()
             await ws.wait_closed()
             return
@@ -871,27 +882,17 @@ async def test_a_late_stream_started_keeps_the_microphones_partial_and_drops_the
     async def handler(ws: ServerConnection) -> None:
         assert ws.request is not None
         if ws.request.path.startswith("/v1/ingest"):
-            await ws.recv()  # config
-            await ws.send(json.dumps({"type": "ingest.ready", "stream": "desk",
-                                      "sample_rate": 48000, "channels": 1,
-                                      "format": "pcm16", "language": "en"}))
-            await ws.send(json.dumps({"type": "stream.started", "stream": "desk",
-                                      "source": "ingest"}))
-            await ws.send(partial("desk", 0, 2, "new zero"))
+            await start_mic_run(ws, partial("desk", 0, 2, "new zero"))
             await ws.wait_closed()
             return
         await ws.send(hello([]))
-        await ws.send(json.dumps({"type": "stream.started", "stream": "desk",
-                                  "source": "ingest"}))
-        await ws.send(json.dumps({"type": "error", "code": "decode_failed",
-                                  "message": "RuntimeError: boom", "stream": "desk",
-                                  "segment": 0}))
+        await ws.send(STARTED_DESK)
+        await ws.send(DECODE_FAILED_DESK_0)
         await ws.send(final("desk", 1, 1, "old one"))
         await ws.send(json.dumps({"type": "stream.ended", "stream": "desk", "duration": 2.0,
                                   "segments": 2, "finals": 1}))
         await go.wait()
-        await ws.send(json.dumps({"type": "stream.started", "stream": "desk",
-                                  "source": "ingest"}))
+        await ws.send(STARTED_DESK)
         await ws.send(partial("desk", 0, 2, "new zero"))
         await ws.send(partial("desk", 1, 3, "new one"))
         await ws.wait_closed()
@@ -1124,27 +1125,17 @@ async def test_a_late_stream_ended_of_the_old_run_keeps_the_microphones_new_part
     async def handler(ws: ServerConnection) -> None:
         assert ws.request is not None
         if ws.request.path.startswith("/v1/ingest"):
-            await ws.recv()  # config
-            await ws.send(json.dumps({"type": "ingest.ready", "stream": "desk",
-                                      "sample_rate": 48000, "channels": 1,
-                                      "format": "pcm16", "language": "en"}))
-            await ws.send(json.dumps({"type": "stream.started", "stream": "desk",
-                                      "source": "ingest"}))
-            await ws.send(partial("desk", 0, 2, "new zero"))
+            await start_mic_run(ws, partial("desk", 0, 2, "new zero"))
             await ws.wait_closed()
             return
         await ws.send(hello([]))
-        await ws.send(json.dumps({"type": "stream.started", "stream": "desk",
-                                  "source": "ingest"}))
-        await ws.send(json.dumps({"type": "error", "code": "decode_failed",
-                                  "message": "RuntimeError: boom", "stream": "desk",
-                                  "segment": 0}))
+        await ws.send(STARTED_DESK)
+        await ws.send(DECODE_FAILED_DESK_0)
         await ws.send(partial("desk", 1, 1, "old one"))
         await go.wait()
         await ws.send(json.dumps({"type": "stream.ended", "stream": "desk", "duration": 2.0,
                                   "segments": 2, "finals": 0}))
-        await ws.send(json.dumps({"type": "stream.started", "stream": "desk",
-                                  "source": "ingest"}))
+        await ws.send(STARTED_DESK)
         await ws.send(partial("desk", 0, 2, "new zero"))
         await ws.wait_closed()
 

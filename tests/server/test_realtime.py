@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from openai import AsyncOpenAI
 from openai.resources.realtime.realtime import AsyncRealtimeConnection
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from evoxtral_stream.audio.resample import resample
@@ -615,6 +615,18 @@ async def manual_session(port: int) -> list[Any]:
         return await until(conn, "conversation.item.input_audio_transcription.completed")
 
 
+async def finals_until_ended(
+        sub: ClientConnection) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The final captions a subscriber receives up to its stream's
+    stream.ended, and that stream.ended."""
+    finals: list[dict[str, Any]] = []
+    while (msg := json.loads(await asyncio.wait_for(sub.recv(), 20)))["type"] \
+            != "stream.ended":
+        if msg["type"] == "caption" and msg["final"]:
+            finals.append(msg)
+    return finals, msg
+
+
 async def test_openai_sdk_transcribes_with_server_vad_and_manual_commit(
     whisper_backend: Backend,
 ) -> None:
@@ -840,13 +852,7 @@ async def test_unconfirmed_speech_at_switch_off_is_transcribed_in_the_next_item(
                 while not got or got[-1]["type"] != \
                         "conversation.item.input_audio_transcription.completed":
                     got.append(json.loads(await asyncio.wait_for(ws.recv(), 20)))
-            finals: list[dict[str, Any]] = []
-            while True:
-                msg = json.loads(await asyncio.wait_for(sub.recv(), 20))
-                if msg["type"] == "caption" and msg["final"]:
-                    finals.append(msg)
-                if msg["type"] == "stream.ended":
-                    break
+            finals, _ = await finals_until_ended(sub)
     assert [e["type"] for e in got] == [
         "session.updated", "input_audio_buffer.committed",
         "conversation.item.input_audio_transcription.delta",
@@ -877,19 +883,13 @@ async def test_commits_add_nothing_to_the_streams_timeline(scripted: CaptionServ
                 while json.loads(await asyncio.wait_for(ws.recv(), 20))["type"] != \
                         "conversation.item.input_audio_transcription.completed":
                     pass
-        finals: list[dict[str, Any]] = []
-        while True:
-            msg = json.loads(await asyncio.wait_for(sub.recv(), 20))
-            if msg["type"] == "caption" and msg["final"]:
-                finals.append(msg)
-            if msg["type"] == "stream.ended":
-                break
+        finals, ended = await finals_until_ended(sub)
     assert len(finals) == 2
     assert finals[0]["end"] <= finals[1]["start"] + 1e-6
     # A padded commit would have put about a second of silence after each cut.
     assert finals[1]["start"] - finals[0]["end"] < 0.35  # at most the pre-roll
     assert finals[1]["end"] <= client_s + 0.05
-    assert abs(msg["duration"] - client_s) < 0.05
+    assert abs(ended["duration"] - client_s) < 0.05
 
 
 async def test_a_session_whose_stream_is_closed_under_it_ends_with_server_error() -> None:

@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from types import ModuleType, TracebackType
 from typing import Any, Protocol
 
-import numpy as np
-
-from evoxtral_stream.audio.resample import StreamResampler
+from evoxtral_stream.audio.resample import SILENCE_PIECE, StreamResampler, silence_pieces
 from evoxtral_stream.audio.sources import AudioInputError
 from evoxtral_stream.config import AudioConfig
 from evoxtral_stream.events import SAMPLE_RATE, Float32Array, Int16Array
@@ -39,9 +37,9 @@ logger = logging.getLogger(__name__)
 PORTAUDIO_MISSING = "PortAudio library not found: install it with `apt-get install libportaudio2`"
 
 #: The largest piece of silence handed to ``on_audio`` in one call when the
-#: gap left by dropped blocks is filled (100 ms, as file chunks): a long drop
-#: run is delivered in many small pieces, never allocated at once.
-SILENCE_CHUNK = SAMPLE_RATE // 10
+#: gap left by dropped blocks is filled: a long drop run is delivered in many
+#: small pieces, never allocated at once.
+SILENCE_CHUNK = SILENCE_PIECE
 
 
 # --- devices ----------------------------------------------------------------
@@ -543,11 +541,9 @@ class MicrophoneCapture:
         # opened, so the timeline never drifts by a sample per gap.
         tail, missing = resampler.gap(frames)
         self._emit(tail)
-        while missing > 0:
-            n = min(missing, SILENCE_CHUNK)
-            missing -= n
-            self.silence_samples += n
-            self._emit(np.zeros(n, np.int16))
+        for piece in silence_pieces(missing, SILENCE_CHUNK):
+            self.silence_samples += len(piece)
+            self._emit(piece)
 
     def _emit(self, samples: Int16Array) -> None:
         if len(samples):

@@ -8,6 +8,7 @@ samples would alias and shift the pitch the model hears.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import numpy as np
@@ -17,10 +18,12 @@ import soxr
 from evoxtral_stream.events import SAMPLE_RATE, Float32Array, Int16Array
 
 __all__ = [
+    "SILENCE_PIECE",
     "StreamResampler",
     "float_to_int16",
     "int16_to_float32",
     "resample",
+    "silence_pieces",
     "to_mono",
 ]
 
@@ -83,6 +86,19 @@ def resample(x: npt.NDArray[_S], in_rate: int, out_rate: int) -> npt.NDArray[_S]
         return x
     out: npt.NDArray[_S] = soxr.resample(x, in_rate, out_rate)
     return out
+
+
+#: The largest piece of silence :func:`silence_pieces` gives (100 ms, as a
+#: file chunk): a long gap is delivered in many small arrays, never one.
+SILENCE_PIECE = SAMPLE_RATE // 10
+
+
+def silence_pieces(samples: int, piece: int = SILENCE_PIECE) -> Iterator[Int16Array]:
+    """``samples`` int16 zeros, in fresh arrays of at most ``piece`` samples."""
+    while samples > 0:
+        n = min(samples, piece)
+        samples -= n
+        yield np.zeros(n, np.int16)
 
 
 class StreamResampler:

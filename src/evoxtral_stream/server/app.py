@@ -44,7 +44,6 @@ from importlib import resources
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
-import numpy as np
 from prometheus_client import CONTENT_TYPE_LATEST
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -52,7 +51,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from ..audio.resample import StreamResampler
+from ..audio.resample import StreamResampler, silence_pieces
 from ..config import AuthConfig, AuthTokenConfig, ServerConfig
 from ..engine.engine import Engine, EngineStopping, Stream
 from ..events import SAMPLE_RATE, Int16Array, stream_id_problem
@@ -106,9 +105,8 @@ _Outcome = Literal["end", "closed", "idle"]
 # Errors after which an ingest connection cannot go on: the byte stream is
 # misaligned or the peer is not speaking the protocol.
 _FATAL_INGEST = {"odd_length", "not_configured", "too_large", "bad_audio", "too_fast"}
-#: The largest piece of silence pushed at once for lost audio (100 ms, as the
-#: microphone's), and how many pieces go between two yields to the loop.
-_SILENCE_PIECE = SAMPLE_RATE // 10
+#: How many pieces of silence for lost audio (resample.SILENCE_PIECE, 100 ms
+#: each) go between two yields to the loop.
 _PIECES_PER_YIELD = 10
 _ROLES: dict[str, Role] = {_CAPTIONS: "subscribe", _INGEST: "ingest", _REALTIME: "ingest",
                            "/metrics": "admin"}
@@ -692,11 +690,7 @@ class CaptionServer:
         tail, silence = resampler.gap(frames)
         if len(tail):
             push(tail)
-        pieces = 0
-        while silence > 0:
-            n = min(silence, _SILENCE_PIECE)
-            silence -= n
-            push(np.zeros(n, np.int16))
-            pieces += 1
-            if pieces % _PIECES_PER_YIELD == 0:
+        for i, piece in enumerate(silence_pieces(silence), 1):
+            push(piece)
+            if i % _PIECES_PER_YIELD == 0:
                 await asyncio.sleep(0)
