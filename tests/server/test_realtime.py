@@ -525,7 +525,7 @@ def test_audio_refused_as_buffer_full_leaves_a_hole_in_client_time(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Later audio keeps its own client times: speech appended after 5.0 s
     of client audio (3 s of it refused) starts near 5.0 s, not 2.0 s."""
-    monkeypatch.setattr(realtime, "MAX_BUFFER_S", 3.0)
+    monkeypatch.setattr(realtime.core, "MAX_BUFFER_S", 3.0)
     core = new_core()
     core.start()
     core.receive(update_msg(None))

@@ -1,0 +1,210 @@
+"""The asyncio adapter of ``/v1/realtime``: one connection, one engine stream.
+
+:func:`serve_realtime` opens one engine stream per connection, pushes what
+the core (:class:`~.core.RealtimeTranscription`) asks for, feeds the
+stream's engine events back to the core and sends the core's events, each
+connection behind its own bounded queue (``server.subscriber_queue``; a
+client that falls that far behind is closed at once with 1013).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+from typing import Any
+
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+
+from ...config import ServerConfig
+from ...engine.engine import Engine, EngineStopping, Stream
+from ...events import EngineEvent, stream_id_problem
+from ..broadcast import Broadcaster
+from .core import RealtimeTranscription
+from .protocol import (
+    CutSegment,
+    Output,
+    PushAudio,
+    RealtimeError,
+    SetLanguage,
+    encode_server_event,
+)
+
+log = logging.getLogger(__name__)
+
+_CLOSE_POLICY = 1008
+_CLOSE_INTERNAL = 1011
+_CLOSE_TOO_SLOW = 1013
+
+
+_stream_ids = itertools.count(1)
+
+
+class _StreamGone(Exception):
+    """The engine stream was closed under us (engine shutting down)."""
+
+
+class _Connection:
+    def __init__(self, ws: ServerConnection, engine: Engine, core: RealtimeTranscription,
+                 stream: Stream, queue_size: int) -> None:
+        self._ws = ws
+        self._engine = engine
+        self._core = core
+        self._stream = stream
+        self._queue: asyncio.Queue[str] = asyncio.Queue(queue_size)
+        self._overflow = asyncio.Event()
+        self._failed = asyncio.Event()
+        self._failure = ""
+        self._diverged = False
+
+    async def run(self) -> None:
+        self._engine.add_listener(self._on_engine_event)
+        tasks: set[asyncio.Future[Any]] = set()
+        try:
+            self._deliver(self._core.start())
+            tasks = {asyncio.ensure_future(self._send_loop()),
+                     asyncio.ensure_future(self._read_loop()),
+                     asyncio.ensure_future(self._overflow.wait()),
+                     asyncio.ensure_future(self._failed.wait())}
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            with contextlib.suppress(ValueError):
+                self._engine.remove_listener(self._on_engine_event)
+            for t in tasks:
+                t.cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for r in results:
+                if isinstance(r, Exception) and not isinstance(r, ConnectionClosed):
+                    log.error("realtime connection %s failed: %r", self._stream.id, r)
+            # Uncommitted audio of an open segment still becomes a final for
+            # the stream's other subscribers.
+            await self._stream.close()
+        if self._overflow.is_set():
+            await self._close(_CLOSE_TOO_SLOW, "client too slow")
+        elif self._failed.is_set():
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.send(encode_server_event(self._core.error(
+                    "server_error", self._failure, error_type="server_error")))
+            await self._close(_CLOSE_INTERNAL, "server error")
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            await asyncio.wait_for(self._ws.close(code, reason), 3)
+        except (TimeoutError, ConnectionClosed):
+            pass
+        finally:
+            with contextlib.suppress(Exception):
+                self._ws.transport.abort()
+
+    async def _send_loop(self) -> None:
+        while True:
+            message = await self._queue.get()
+            await self._ws.send(message)
+
+    async def _read_loop(self) -> None:
+        async for message in self._ws:
+            try:
+                self._deliver(self._core.receive(message))
+            except _StreamGone:
+                self._fail("the engine stream of this session was closed (server shutting "
+                           "down?)")
+                return
+
+    def _fail(self, message: str) -> None:
+        self._failure = message
+        self._failed.set()
+
+    def _on_engine_event(self, ev: EngineEvent) -> None:
+        if ev.stream != self._stream.id:
+            return
+        try:
+            self._deliver(self._core.on_engine_event(ev))
+        except Exception:
+            log.exception("realtime session %s failed on %r", self._stream.id, ev)
+            self._fail("internal error while translating engine events; see the server log")
+
+    def _deliver(self, outputs: list[Output]) -> None:
+        pushed = False
+        for out in outputs:
+            if isinstance(out, PushAudio | CutSegment):
+                try:
+                    if isinstance(out, PushAudio):
+                        self._stream.push(out.samples)
+                    else:
+                        self._stream.cut()
+                except RuntimeError as e:
+                    raise _StreamGone(str(e)) from e
+                pushed = True
+                continue
+            if isinstance(out, SetLanguage):
+                # The core allows only what the engine listed: this cannot fail.
+                self._stream.set_language(out.language)
+                continue
+            try:
+                self._queue.put_nowait(encode_server_event(out))
+            except asyncio.QueueFull:
+                log.warning("realtime client %s too slow; closing", self._ws.remote_address)
+                self._overflow.set()
+                return
+        if pushed and not self._diverged:
+            opened = self._stream.session.stats().segments
+            if opened != self._core.segments_opened:
+                self._diverged = True
+                log.warning("stream %s: engine opened %d segments, realtime mirror %d; "
+                            "item boundaries may be off", self._stream.id, opened,
+                            self._core.segments_opened)
+
+
+async def serve_realtime(ws: ServerConnection, query: dict[str, list[str]], engine: Engine,
+                         broadcaster: Broadcaster, cfg: ServerConfig) -> None:
+    """Serve one ``/v1/realtime`` connection until the client leaves.
+
+    ``broadcaster`` is not used: this path needs typed engine events, which
+    it takes from its own engine listener. The stream is named by
+    ``?stream=ID`` or ``realtime-N`` and is visible to ``/v1/captions``.
+    """
+    del broadcaster
+    core = RealtimeTranscription(engine.config.vad, model=engine.backend.name,
+                                 language=engine.config.model.language,
+                                 languages=engine.languages,
+                                 prefix=secrets.token_hex(4) + "_",
+                                 max_message_bytes=cfg.max_message_bytes)
+    intent = query.get("intent", [])
+    if intent != ["transcription"]:
+        await _refuse(ws, core.error(
+            "unsupported_intent", "only transcription sessions are served here: connect "
+            "with ?intent=transcription", "intent"))
+        return
+    stream_id = (query.get("stream") or [f"realtime-{next(_stream_ids)}"])[0]
+    problem = stream_id_problem(stream_id)
+    if problem is not None:
+        await _refuse(ws, core.error("invalid_value", problem, "stream"))
+        return
+    if stream_id in engine.streams:
+        await _refuse(ws, core.error("stream_busy", f"stream {stream_id!r} is already open",
+                                     "stream"))
+        return
+    try:
+        stream = engine.open_stream(stream_id, source="realtime")
+    except EngineStopping as e:
+        await _refuse(ws, core.error("shutting_down", str(e), error_type="server_error"))
+        return
+    log.info("realtime transcription session %s on stream %s", core.session_id, stream_id)
+    await _Connection(ws, engine, core, stream, cfg.subscriber_queue).run()
+
+
+async def refuse_realtime(ws: ServerConnection, code: str, message: str) -> None:
+    """Refuse a connection the server's limits turn away, in this path's error format.
+
+    Sends one Realtime ``error`` event and closes with 1008; no session is made.
+    """
+    await _refuse(ws, RealtimeError(f"event_{secrets.token_hex(4)}_0", code, message))
+
+
+async def _refuse(ws: ServerConnection, error: RealtimeError) -> None:
+    with contextlib.suppress(ConnectionClosed):
+        await ws.send(encode_server_event(error))
+        await ws.close(_CLOSE_POLICY, error.code)

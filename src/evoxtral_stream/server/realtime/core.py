@@ -1,0 +1,496 @@
+"""The sans-I/O core of ``/v1/realtime``: one transcription session.
+
+Turns. The engine's own segmenter decides where speech starts and ends. The
+engine does not publish segment boundaries, so the core runs a second
+:class:`~evoxtral_stream.audio.vad.Segmenter` with the same configuration
+over exactly the audio it pushes to the stream. The segmenter is
+deterministic and independent of chunking, so both see the same segments
+(segment ``k`` of the mirror is segment ``k`` of the stream's captions); the
+adapter checks the count after every push and logs if they ever disagree.
+
+Committing on demand. A segment is ended early (``input_audio_buffer.commit``,
+``.clear``, switching turn detection off) by cutting it: the mirror's
+segmenter and the engine stream's (:meth:`Stream.cut
+<evoxtral_stream.engine.engine.Stream.cut>`) both flush at the same sample,
+so the segment ends as at a natural end and the next one cannot reach back
+before the cut. Nothing is added to the stream: its timeline (what
+``/v1/captions`` subscribers see) is the client's audio as pushed. Times
+reported to the client (``audio_start_ms``, ``audio_end_ms``) are mapped
+back to the client's own audio, which differs from the stream's only by
+audio held and then cleared in manual mode.
+
+Items. With ``server_vad`` each engine segment is one conversation item:
+``speech_started`` when the segment opens (``item_id`` announced there),
+``speech_stopped`` and ``committed`` when it ends, ``delta`` events as text
+becomes *stable* (partial captions' stable prefix only grows; the unstable
+tail is never sent), ``completed`` with the final text. With turn detection
+off, audio is held here until ``commit``; then the whole buffer is pushed
+and closed as one item, which may span several engine segments (its
+transcript joins their finals with spaces). Speech the segmenters have not
+yet confirmed when turn detection goes off is not cut (a cut would discard
+it): it stays pending in both, and the next item begins with it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from bisect import bisect_right
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from ...audio.resample import StreamResampler
+from ...audio.vad import Segmenter, SegmenterState
+from ...config import VadConfig
+from ...events import (
+    SAMPLE_RATE,
+    CaptionEvent,
+    EngineEvent,
+    Int16Array,
+    SegmentEvent,
+    SpeechEnded,
+    SpeechStarted,
+    StreamError,
+)
+from .protocol import (
+    INPUT_RATE,
+    MAX_BUFFER_S,
+    MIN_COMMIT_MS,
+    AudioAppend,
+    AudioClear,
+    AudioCommit,
+    BufferCleared,
+    BufferCommitted,
+    BufferSpeechStarted,
+    BufferSpeechStopped,
+    CutSegment,
+    Output,
+    PushAudio,
+    RealtimeError,
+    RealtimeProtocolError,
+    SessionCreated,
+    SessionUpdate,
+    SessionUpdated,
+    SetLanguage,
+    TranscriptionCompleted,
+    TranscriptionDelta,
+    parse_client_event,
+    wire_size,
+)
+
+log = logging.getLogger(__name__)
+
+
+
+
+@dataclass
+class _Item:
+    """One conversation item: the engine segments whose text it carries."""
+
+    id: str
+    segments: list[int] = field(default_factory=list)
+    stable: dict[int, str] = field(default_factory=dict)
+    finals: dict[int, str] = field(default_factory=dict)
+    committed: bool = False
+    sent: str = ""
+    audio_samples: int = 0
+
+    def view(self) -> str:
+        """Final texts of the leading closed segments, then the stable text of
+        the first open one: text that will not change."""
+        parts: list[str] = []
+        for seg in self.segments:
+            if seg in self.finals:
+                parts.append(self.finals[seg])
+            else:
+                parts.append(self.stable.get(seg, ""))
+                break
+        return " ".join(p for p in parts if p)
+
+    @property
+    def closed(self) -> bool:
+        return self.committed and all(seg in self.finals for seg in self.segments)
+
+
+_EndReason = Literal["vad", "commit", "clear"]
+
+
+class RealtimeTranscription:
+    """One transcription session: the sans-I/O core of ``/v1/realtime``.
+
+    Calling contract: call :meth:`start` once and send what it returns; pass
+    every client message to :meth:`receive` and every engine event *of this
+    session's stream* to :meth:`on_engine_event`. Execute the returned outputs
+    in order: :class:`PushAudio` and :class:`CutSegment` go to the engine
+    stream (which must get nothing else), :class:`SetLanguage` to the
+    stream's language, server events go to the client.
+
+    ``vad`` must be the engine's segmenter configuration; ``model`` is only
+    reported. ``language`` is the server's default language and
+    ``languages`` the others a client may ask for (``session.update``'s
+    transcription language); asking for any other is an ``invalid_value``
+    error. ``prefix`` makes the ids of this session unique across sessions.
+    """
+
+    def __init__(self, vad: VadConfig, *, model: str, language: str | None = None,
+                 languages: Collection[str] = (), prefix: str = "",
+                 max_message_bytes: int | None = None) -> None:
+        self._vad = vad
+        self._model = model
+        self._default_language = language
+        self._language = language
+        self._languages = frozenset(languages)
+        self._prefix = prefix
+        self._max_message = max_message_bytes
+        self._event_ids: Iterator[int] = itertools.count(1)
+        self._item_ids: Iterator[int] = itertools.count(1)
+        self._server_vad = True
+        self._segmenter = Segmenter(vad, SAMPLE_RATE)
+        self._resampler = StreamResampler(INPUT_RATE, SAMPLE_RATE)
+        self._carry = b""
+        # Manual mode: resampled audio waiting for a commit.
+        self._pending: list[tuple[int, Int16Array]] = []
+        self._pending_len = 0
+        # Manual mode: an unconfirmed speech candidate of server VAD, already in
+        # the stream (its segmenter still pending), that opens the next item.
+        self._candidate_len = 0
+        # Positions: audio received from the client, audio pushed to the stream,
+        # and runs of client audio in the stream (stream start, client start, length).
+        self._client_pos = 0
+        self._stream_pos = 0
+        self._run_stream: list[int] = []
+        self._run_client: list[int] = []
+        self._run_len: list[int] = []
+        self._dirty = False
+        # Segments and items.
+        self._next_segment = 0
+        self._open_start = 0
+        self._open_item: _Item | None = None
+        self._collect: _Item | None = None
+        self._end_reason: _EndReason = "vad"
+        self._items: dict[int, _Item] = {}
+        self._previous_item: str | None = None
+        self.session_id = f"sess_{prefix.rstrip('_') or 'local'}"
+
+    # --- public ------------------------------------------------------------------
+
+    @property
+    def server_vad(self) -> bool:
+        return self._server_vad
+
+    @property
+    def segments_opened(self) -> int:
+        """Segments the mirrored segmenter has opened (the stream's count too)."""
+        return self._next_segment
+
+    @property
+    def buffered_ms(self) -> int:
+        """Audio held for a manual commit (a kept speech candidate included)."""
+        return self._held_len * 1000 // SAMPLE_RATE
+
+    @property
+    def _held_len(self) -> int:
+        return self._pending_len + self._candidate_len
+
+    def start(self) -> list[Output]:
+        return [SessionCreated(self._event_id(), self.session_config())]
+
+    def error(self, code: str, message: str, param: str | None = None,
+              client_event_id: str | None = None,
+              error_type: str = "invalid_request_error") -> RealtimeError:
+        return RealtimeError(self._event_id(), code, message, param, client_event_id,
+                             error_type)
+
+    def session_config(self, *, beta: bool = False) -> dict[str, Any]:
+        """The effective configuration, in GA (or beta) shape."""
+        td: dict[str, Any] | None = None
+        if self._server_vad:
+            td = {"type": "server_vad", "prefix_padding_ms": self._vad.pre_roll_ms,
+                  "silence_duration_ms": self._vad.end_silence_ms}
+        transcription = {"model": self._model, "language": self._language}
+        if beta:
+            return {"id": self.session_id, "object": "realtime.transcription_session",
+                    "input_audio_format": "pcm16", "input_audio_transcription": transcription,
+                    "turn_detection": td, "input_audio_noise_reduction": None,
+                    "include": None}
+        return {
+            "type": "transcription", "id": self.session_id,
+            "object": "realtime.transcription_session",
+            "audio": {"input": {"format": {"type": "audio/pcm", "rate": INPUT_RATE},
+                                "transcription": transcription, "noise_reduction": None,
+                                "turn_detection": td}},
+            "include": None,
+        }
+
+    def receive(self, message: str | bytes) -> list[Output]:
+        """One client message in; the outputs it causes (errors included)."""
+        if self._max_message is not None and wire_size(message) > self._max_message:
+            return [self.error("message_too_large",
+                               f"message of {wire_size(message)} bytes exceeds the server limit "
+                               f"of {self._max_message} (server.max_message_bytes): send "
+                               f"audio in smaller appends")]
+        try:
+            event = parse_client_event(message)
+            if isinstance(event, AudioAppend):
+                return self._append(event)
+            if isinstance(event, AudioCommit):
+                return self._commit(event)
+            if isinstance(event, AudioClear):
+                return self._clear()
+            return self._update(event)
+        except RealtimeProtocolError as e:
+            return [self.error(e.code, str(e), e.param, e.event_id)]
+
+    def on_engine_event(self, ev: EngineEvent) -> list[Output]:
+        """An event of this session's engine stream in; the server events out."""
+        if isinstance(ev, StreamError):
+            return [self.error(ev.code, ev.message, client_event_id=None,
+                               error_type="server_error")]
+        if not isinstance(ev, CaptionEvent):
+            return []
+        out: list[Output] = []
+        if ev.final:
+            # Finals come in segment order: every earlier segment is closed,
+            # even one whose final never came (a failed decode).
+            for seg in sorted(s for s in self._items if s < ev.segment):
+                earlier = self._items.get(seg)
+                if earlier is not None and earlier.committed:
+                    earlier.finals.setdefault(seg, earlier.stable.get(seg, ""))
+                    out += self._progress(earlier)
+        item = self._items.get(ev.segment)
+        if item is None:
+            return out
+        if ev.final:
+            item.finals[ev.segment] = ev.text
+        else:
+            item.stable[ev.segment] = ev.stable
+        return out + self._progress(item)
+
+    # --- client events -------------------------------------------------------------
+
+    def _update(self, ev: SessionUpdate) -> list[Output]:
+        out: list[Output] = []
+        if ev.language_given:
+            # Checked before anything changes: a refused update changes nothing.
+            wanted = ev.language or self._default_language
+            if wanted != self._default_language and wanted not in self._languages:
+                param = ("session.input_audio_transcription.language" if ev.beta
+                         else "session.audio.input.transcription.language")
+                known = ", ".join(sorted({*self._languages, self._default_language or ""} - {""}))
+                return [self.error("invalid_value", f"unsupported language {wanted!r}: this "
+                                   f"server transcribes {known}", param, ev.event_id)]
+            if wanted != self._language:
+                self._language = wanted
+                out.append(SetLanguage(None if wanted == self._default_language else wanted))
+        want_vad = None if ev.turn_detection is None else ev.turn_detection == "server_vad"
+        if want_vad is not None and want_vad != self._server_vad:
+            if want_vad:
+                # Held audio becomes live audio, as if appended now; a kept
+                # candidate goes on where it stood.
+                self._server_vad = True
+                self._candidate_len = 0
+                out += self._push_pending(collect=None)
+            else:
+                # The resampler's held-back tail is this turn's audio, as at a commit.
+                out += self._take(self._resampler.flush(), ev.event_id)
+                candidate = self._segmenter.candidate_start
+                if candidate is not None:
+                    # Speech not yet confirmed is no turn to commit, and cutting
+                    # would discard it: it stays in the buffer (and the stream's
+                    # segmenter), so the next manual item starts with it.
+                    self._candidate_len = self._stream_pos - candidate
+                elif self._dirty:
+                    self._end_reason = "commit"
+                    out += self._cut()
+                self._server_vad = False
+        out.append(SessionUpdated(self._event_id(), self.session_config(beta=ev.beta),
+                                  beta=ev.beta))
+        return out
+
+    def _append(self, ev: AudioAppend) -> list[Output]:
+        data = self._carry + ev.data
+        whole = len(data) - len(data) % 2
+        self._carry = data[whole:]
+        if not whole:
+            return []
+        pcm = np.frombuffer(data[:whole], dtype="<i2").astype(np.int16)
+        return self._take(self._resampler.process(pcm), ev.event_id)
+
+    def _take(self, samples: Int16Array, event_id: str | None) -> list[Output]:
+        """Resampled client audio: live in server-VAD mode, held otherwise."""
+        if not len(samples):
+            return []
+        start = self._client_pos
+        self._client_pos += len(samples)
+        if self._server_vad:
+            return self._push_client(samples, start)
+        if self._held_len + len(samples) > MAX_BUFFER_S * SAMPLE_RATE:
+            return [self.error("input_audio_buffer_full",
+                               f"the input audio buffer holds at most {MAX_BUFFER_S:g} s; "
+                               f"commit or clear it (this audio was dropped)",
+                               "audio", event_id)]
+        self._pending.append((start, samples))
+        self._pending_len += len(samples)
+        return []
+
+    def _commit(self, ev: AudioCommit) -> list[Output]:
+        out = self._take(self._resampler.flush(), ev.event_id)
+        if self._server_vad:
+            if self._segmenter.state is not SegmenterState.ACTIVE:
+                return [*out, self.error(
+                    "input_audio_buffer_commit_empty",
+                    "no speech to commit: with server_vad, turns are committed when "
+                    "speech ends", None, ev.event_id)]
+            self._end_reason = "commit"
+            return out + self._cut()
+        if self._held_len < MIN_COMMIT_MS * SAMPLE_RATE // 1000:
+            have = self._held_len * 1000 / SAMPLE_RATE
+            return [*out, self.error(
+                "input_audio_buffer_commit_empty",
+                f"buffer too small: expected at least {MIN_COMMIT_MS} ms of audio, "
+                f"the buffer has {have:.2f} ms", None, ev.event_id)]
+        item = _Item(self._item_id(), audio_samples=self._held_len)
+        self._candidate_len = 0
+        out += self._push_pending(collect=item)
+        out += self._cut()
+        self._collect = None
+        item.committed = True
+        out.append(BufferCommitted(self._event_id(), item.id, self._previous_item))
+        self._previous_item = item.id
+        # No speech in the buffer: the empty transcript comes at once.
+        out += self._progress(item)
+        return out
+
+    def _clear(self) -> list[Output]:
+        self._carry = b""
+        # The resampler's held-back tail is uncommitted audio too.
+        self._client_pos += len(self._resampler.flush())
+        out: list[Output] = []
+        if self._server_vad:
+            if self._dirty:
+                self._end_reason = "clear"
+                out += self._cut()
+        else:
+            self._pending, self._pending_len = [], 0
+            if self._dirty:
+                # A kept speech candidate (see _update) is dropped too.
+                self._candidate_len = 0
+                self._end_reason = "clear"
+                out += self._cut()
+        out.append(BufferCleared(self._event_id()))
+        return out
+
+    # --- audio into the stream ---------------------------------------------------------
+
+    def _push_pending(self, collect: _Item | None) -> list[Output]:
+        if not self._pending:
+            return []
+        chunks, self._pending, self._pending_len = self._pending, [], 0
+        self._collect = collect
+        # One push per contiguous run of client audio (a refused append leaves a hole).
+        out: list[Output] = []
+        run_start = run_end = chunks[0][0]
+        run: list[Int16Array] = []
+        for start, samples in chunks:
+            if start != run_end:
+                out += self._push_client(np.concatenate(run), run_start)
+                run_start, run = start, []
+            run.append(samples)
+            run_end = start + len(samples)
+        return out + self._push_client(np.concatenate(run), run_start)
+
+    def _push_client(self, samples: Int16Array, client_start: int) -> list[Output]:
+        """Client audio into the stream (and the mirrored segmenter)."""
+        s = self._stream_pos
+        if (self._run_len and self._run_stream[-1] + self._run_len[-1] == s
+                and self._run_client[-1] + self._run_len[-1] == client_start):
+            self._run_len[-1] += len(samples)
+        else:
+            self._run_stream.append(s)
+            self._run_client.append(client_start)
+            self._run_len.append(len(samples))
+        self._stream_pos += len(samples)
+        self._dirty = True
+        self._end_reason = "vad"
+        return [PushAudio(samples), *self._segments(self._segmenter.feed(samples))]
+
+    def _cut(self) -> list[Output]:
+        """End the open segment (if any) here, in the mirror and the stream alike."""
+        events = self._segmenter.flush()
+        self._dirty = False
+        out: list[Output] = [CutSegment(), *self._segments(events)]
+        self._end_reason = "vad"
+        return out
+
+    def _client_ms(self, stream_sample: int) -> int:
+        i = bisect_right(self._run_stream, stream_sample) - 1
+        if i < 0:
+            return 0
+        offset = min(stream_sample - self._run_stream[i], self._run_len[i])
+        return (self._run_client[i] + offset) * 1000 // SAMPLE_RATE
+
+    def _segments(self, events: list[SegmentEvent]) -> list[Output]:
+        out: list[Output] = []
+        for ev in events:
+            if isinstance(ev, SpeechStarted):
+                seg = self._next_segment
+                self._next_segment += 1
+                self._open_start = ev.sample
+                if self._collect is not None:
+                    self._collect.segments.append(seg)
+                    self._items[seg] = self._collect
+                    continue
+                item = _Item(self._item_id(), [seg])
+                self._items[seg] = item
+                self._open_item = item
+                out.append(BufferSpeechStarted(self._event_id(), item.id,
+                                               self._client_ms(ev.sample)))
+            elif isinstance(ev, SpeechEnded):
+                item_or_none, self._open_item = self._open_item, None
+                if self._collect is not None or item_or_none is None:
+                    continue
+                item = item_or_none
+                if self._end_reason == "clear":
+                    for seg in item.segments:
+                        self._items.pop(seg, None)
+                    continue
+                item.audio_samples = ev.sample - self._open_start
+                if self._end_reason == "vad":
+                    out.append(BufferSpeechStopped(self._event_id(), item.id,
+                                                   self._client_ms(ev.sample)))
+                item.committed = True
+                out.append(BufferCommitted(self._event_id(), item.id, self._previous_item))
+                self._previous_item = item.id
+                out += self._progress(item)
+        return out
+
+    # --- text -------------------------------------------------------------------------
+
+    def _progress(self, item: _Item) -> list[Output]:
+        """The delta of newly stable text, and ``completed`` once the item closes."""
+        out: list[Output] = []
+        view = item.view()
+        if view.startswith(item.sent):
+            if len(view) > len(item.sent):
+                out.append(TranscriptionDelta(self._event_id(), item.id, view[len(item.sent):]))
+                item.sent = view
+        else:
+            log.debug("item %s: text %r does not extend what was sent (%r)",
+                      item.id, view, item.sent)
+        if item.closed:
+            out.append(TranscriptionCompleted(self._event_id(), item.id, view,
+                                              item.audio_samples / SAMPLE_RATE))
+            for seg in item.segments:
+                self._items.pop(seg, None)
+        return out
+
+    def _event_id(self) -> str:
+        return f"event_{self._prefix}{next(self._event_ids)}"
+
+    def _item_id(self) -> str:
+        return f"item_{self._prefix}{next(self._item_ids)}"
+
+
