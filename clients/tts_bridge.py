@@ -9,7 +9,8 @@ again: the bridge sees a final whose segment is not past the last one, and
 names that session's files ``{stream}+{n}-{segment:05d}.{ext}``, n = 2, 3, ...
 counted in this run, so no session's files replace another's.
 
-Two synthesisers:
+Two synthesisers (in ``tts_synth.py``; the tags -> prosody mapping, pure, in
+``tts_prosody.py``):
 
 - ``elevenlabs``: ``POST {base}/v1/text-to-speech/{voice}?output_format=FMT``
   with the tagged text, tags left inline, and ``model_id`` ``eleven_v3``,
@@ -18,16 +19,14 @@ Two synthesisers:
   429 or 5xx answer (or a network error) is retried with exponential backoff
   (``Retry-After`` honoured, capped); any other non-2xx answer is logged with
   the API's message and the bridge goes on with the next caption.
-- ``espeak``: offline, ``.wav``. The pure :func:`plan_speech` maps the tags
+- ``espeak``: offline, ``.wav``. The pure ``plan_speech`` maps the tags
   onto prosody: ``[whispers]`` -> the ``+whisper`` voice variant,
   ``[excited]`` -> faster and higher, ``[sad]`` -> slower and lower,
   ``[calm]`` -> slower, ``[angry]``/``[shouts]`` -> louder (emotion and
   delivery tags hold until the sentence ends or a tag of the same kind
   replaces them); ``[pause]`` and its kin -> a break, any non-verbal tag
   (``[laughs]``, ``[sighs]``, ``[clears throat]``, ...) -> a short break;
-  other tags are dropped (tables: :data:`EMOTION_PROSODY`,
-  :data:`DELIVERY_PROSODY`, :data:`PAUSE_MS`, :data:`NONVERBAL_PAUSE_MS`).
-  :func:`to_ssml` writes SSML for ``espeak-ng -m`` (``<prosody>``,
+  other tags are dropped. ``to_ssml`` writes SSML for ``espeak-ng -m`` (``<prosody>``,
   ``<break>``, ``<voice name="en+whisper">``), one espeak-ng run per caption;
   pauses at the very start or end, which espeak-ng trims, are added as
   silence around its WAV.
@@ -58,73 +57,53 @@ from __future__ import annotations
 import argparse
 import asyncio
 import enum
-import http.client
 import json
 import logging
 import os
 import re
 import sys
-import tempfile
 import time
-import types
-import urllib.error
-import urllib.request
-import wave
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
-from xml.sax.saxutils import escape, quoteattr
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from _auth import add_token_option, auth_headers, install_token_redaction, refusal
+from tts_synth import (
+    DEFAULT_BASE_URL,
+    ELEVENLABS_MODEL,
+    ElevenLabsOptions,
+    ElevenLabsSynth,
+    EspeakOptions,
+    EspeakSynth,
+    SynthesisError,
+    Synthesizer,
+    VoiceSettings,
+)
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from evoxtral_stream.logs import configure_logging, install_json_hooks
 from evoxtral_stream.server.auth import redact_tokens
 from evoxtral_stream.server.protocol import parse_since as parse_since_values
-from evoxtral_stream.text.tags import Carry, TagKind, Token, render, tokenize
 
 __all__ = [
-    "DELIVERY_PROSODY",
-    "EMOTION_PROSODY",
-    "NONVERBAL_PAUSE_MS",
-    "PAUSE_MS",
     "BridgeConfig",
     "BridgeError",
     "BridgeStats",
-    "ElevenLabsOptions",
-    "ElevenLabsSynth",
-    "EspeakOptions",
-    "EspeakSynth",
     "Final",
     "Mode",
-    "Pause",
-    "Prosody",
-    "Speak",
-    "SpeechItem",
-    "SynthesisError",
-    "Synthesizer",
     "TtsBridge",
-    "VoiceSettings",
     "build_parser",
     "caption_url",
-    "edge_pauses",
-    "extension_for",
     "main",
     "output_name",
     "parse_since",
-    "plan_speech",
-    "to_ssml",
-    "whisper_voice",
 ]
 
 log = logging.getLogger("evoxtral_stream.clients.tts_bridge")
 
 DEFAULT_URL = "ws://127.0.0.1:8765/v1/captions"
-DEFAULT_BASE_URL = "https://api.elevenlabs.io"
-ELEVENLABS_MODEL = "eleven_v3"
 PROTOCOL_VERSION = 1
 CLOSE_POLICY = 1008
 
@@ -138,191 +117,6 @@ class Mode(enum.Enum):
 
 class BridgeError(Exception):
     """A problem the bridge cannot go on from (one line, for people)."""
-
-
-class SynthesisError(Exception):
-    """One caption could not be synthesised; the bridge goes on with the next."""
-
-
-# --- tags -> prosody (pure) ---------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Prosody:
-    """How a span is spoken: ``rate`` in percent of the voice's rate,
-    ``pitch`` and ``volume`` as percent changes, and the whisper variant."""
-
-    rate: int = 100
-    pitch: int = 0
-    volume: int = 0
-    whisper: bool = False
-
-    @property
-    def neutral(self) -> bool:
-        return self == Prosody()
-
-    def combine(self, other: Prosody) -> Prosody:
-        """Both at once: rates multiply, pitch and volume changes add."""
-        return Prosody(rate=round(self.rate * other.rate / 100),
-                       pitch=self.pitch + other.pitch,
-                       volume=self.volume + other.volume,
-                       whisper=self.whisper or other.whisper)
-
-
-@dataclass(frozen=True)
-class Speak:
-    """Words (tags removed, punctuation kept) spoken with one prosody."""
-
-    text: str
-    prosody: Prosody = Prosody()
-
-
-@dataclass(frozen=True)
-class Pause:
-    """Silence of ``ms`` milliseconds, standing for tag ``tag``."""
-
-    ms: int
-    tag: str
-
-
-SpeechItem = Speak | Pause
-
-#: Emotion tags that change prosody; other emotions are ignored.
-EMOTION_PROSODY: Mapping[str, Prosody] = types.MappingProxyType({
-    "excited": Prosody(rate=125, pitch=25),
-    "sad": Prosody(rate=80, pitch=-20),
-    "angry": Prosody(volume=60),
-    "calm": Prosody(rate=85),
-})
-#: Delivery tags that change prosody; other deliveries are ignored.
-DELIVERY_PROSODY: Mapping[str, Prosody] = types.MappingProxyType({
-    "whispers": Prosody(whisper=True),
-    "shouts": Prosody(volume=80),
-})
-#: Pause tags and their silence in ms.
-PAUSE_MS: Mapping[str, int] = types.MappingProxyType({
-    "pause": 500,
-    "short pause": 250,
-    "long pause": 1000,
-    "continues after a beat": 400,
-    "hesitates": 300,
-})
-#: The short pause that stands for any non-verbal sound (laughs, sighs, ...).
-NONVERBAL_PAUSE_MS = 200
-
-
-def _style(carry: Carry) -> Prosody:
-    style = Prosody()
-    if carry.emotion is not None:
-        style = style.combine(EMOTION_PROSODY.get(carry.emotion, Prosody()))
-    if carry.delivery is not None:
-        style = style.combine(DELIVERY_PROSODY.get(carry.delivery, Prosody()))
-    return style
-
-
-_STRAY_MARKS = frozenset("[]()*")
-
-
-def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
-    """What espeak-ng should say for ``tagged`` text: spans and pauses. Pure.
-
-    Emotion and delivery tags set the prosody of the words after them until
-    a tag of the same kind replaces them or the sentence ends (the
-    :class:`~evoxtral_stream.text.tags.Carry` rule); both apply together.
-    Pause tags become :data:`PAUSE_MS` silences, non-verbal tags a
-    :data:`NONVERBAL_PAUSE_MS` one; unknown and unmapped tags are dropped.
-    Consecutive words of one prosody form one :class:`Speak`; a span of
-    punctuation alone is dropped. Variants (``(laughs)``, ``[WHISPERING]``)
-    count as their canonical tag.
-    """
-    items: list[SpeechItem] = []
-    run: list[Token] = []
-    run_style = Prosody()
-
-    def flush() -> None:
-        if any(t.is_word for t in run):
-            items.append(Speak(render(run), run_style))
-        run.clear()
-
-    carry = Carry()
-    for tok in tokenize(tagged):
-        if tok.is_tag:
-            assert tok.tag is not None
-            if tok.tag_kind is TagKind.PAUSE:
-                flush()
-                items.append(Pause(PAUSE_MS.get(tok.tag, PAUSE_MS["pause"]), tok.tag))
-            elif tok.tag_kind is TagKind.NONVERBAL:
-                flush()
-                items.append(Pause(NONVERBAL_PAUSE_MS, tok.tag))
-            carry = carry.advance(tok)
-            continue
-        if tok.text in _STRAY_MARKS:
-            # A bracket left over from a malformed tag is not spoken, and
-            # re-read later it could open a tag that swallows a word.
-            continue
-        style = _style(carry)
-        if style != run_style:
-            flush()
-            run_style = style
-        run.append(tok)
-        carry = carry.advance(tok)
-    flush()
-    return tuple(items)
-
-
-def whisper_voice(voice: str) -> str:
-    """The whisper variant of an espeak-ng voice (``en-us+f3`` -> ``en-us+whisper``)."""
-    return voice.split("+", 1)[0] + "+whisper"
-
-
-def _prosody_attrs(p: Prosody) -> str:
-    attrs: list[str] = []
-    if p.rate != 100:
-        attrs.append(f'rate="{p.rate}%"')
-    if p.pitch:
-        attrs.append(f'pitch="{p.pitch:+d}%"')
-    if p.volume:
-        attrs.append(f'volume="{p.volume:+d}%"')
-    return " ".join(attrs)
-
-
-def to_ssml(items: Sequence[SpeechItem], voice: str = "en") -> str:
-    """SSML for ``espeak-ng -m``: ``<prosody rate= pitch= volume=>`` around
-    styled spans, ``<voice name="{voice}+whisper">`` around whispered ones,
-    and one ``<break time="Nms"/>`` per run of pauses (summed). Text is
-    XML-escaped. Pure."""
-    parts: list[str] = []
-    pending_ms = 0
-    for item in items:
-        if isinstance(item, Pause):
-            pending_ms += item.ms
-            continue
-        if pending_ms:
-            parts.append(f'<break time="{pending_ms}ms"/>')
-            pending_ms = 0
-        body = escape(item.text)
-        attrs = _prosody_attrs(item.prosody)
-        if attrs:
-            body = f"<prosody {attrs}>{body}</prosody>"
-        if item.prosody.whisper:
-            body = f"<voice name={quoteattr(whisper_voice(voice))}>{body}</voice>"
-        parts.append(body)
-    if pending_ms:
-        parts.append(f'<break time="{pending_ms}ms"/>')
-    return "<speak>" + " ".join(parts) + "</speak>"
-
-
-def edge_pauses(items: Sequence[SpeechItem]) -> tuple[int, tuple[SpeechItem, ...], int]:
-    """``(lead_ms, middle, trail_ms)``: the pauses before the first and after
-    the last :class:`Speak`, summed, and the items between. Without any
-    :class:`Speak`, every pause counts as lead. Pure."""
-    speaks = [i for i, item in enumerate(items) if isinstance(item, Speak)]
-    if not speaks:
-        return sum(item.ms for item in items if isinstance(item, Pause)), (), 0
-    first, last = speaks[0], speaks[-1]
-    lead = sum(item.ms for item in items[:first] if isinstance(item, Pause))
-    trail = sum(item.ms for item in items[last + 1:] if isinstance(item, Pause))
-    return lead, tuple(items[first:last + 1]), trail
 
 
 # --- captions, names, URLs (pure) ---------------------------------------------
@@ -364,15 +158,6 @@ def output_name(stream: str, segment: int, ext: str, session: int = 1) -> str:
     return f"{safe}{tag}-{segment:05d}.{ext}"
 
 
-def extension_for(output_format: str) -> str:
-    """The file extension of an ElevenLabs ``output_format`` (its codec:
-    ``mp3_44100_128`` -> ``mp3``, ``pcm_16000`` -> ``pcm``)."""
-    codec = output_format.split("_", 1)[0].lower()
-    if not codec.isalnum():
-        raise ValueError(f"unexpected output format {output_format!r} (e.g. mp3_44100_128)")
-    return codec
-
-
 def parse_since(value: str, streams: Sequence[str]) -> dict[str, int]:
     """``--since``: ``SEQ`` (for every ``--stream``) or ``STREAM:SEQ[,STREAM:SEQ...]``.
 
@@ -392,253 +177,6 @@ def caption_url(url: str, streams: Sequence[str], since: Mapping[str, int]) -> s
     if since:
         query.append(("since", ",".join(f"{s}:{n}" for s, n in sorted(since.items()))))
     return urlunsplit((parts.scheme, parts.netloc, path, urlencode(query, safe=",:"), ""))
-
-
-# --- synthesisers ---------------------------------------------------------------
-
-
-class Synthesizer(Protocol):
-    """Turns one final's tagged text into an audio file."""
-
-    @property
-    def ext(self) -> str:
-        """Extension of the files written (no dot)."""
-        ...
-
-    def speakable(self, text: str) -> bool:
-        """False when there is nothing to synthesise (the final is skipped)."""
-        ...
-
-    async def synthesize(self, text: str, dest: Path) -> None:
-        """Write the audio for ``text`` to ``dest`` (whole file or nothing);
-        raise :class:`SynthesisError` for this caption's failure."""
-        ...
-
-
-def _write_atomic(dest: Path, data: bytes) -> None:
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(dest)
-
-
-@dataclass(frozen=True)
-class VoiceSettings:
-    """ElevenLabs ``voice_settings``; unset fields are left out of the body."""
-
-    stability: float | None = None
-    similarity_boost: float | None = None
-    style: float | None = None
-    speed: float | None = None
-    use_speaker_boost: bool | None = None
-
-    def as_json(self) -> dict[str, float | bool]:
-        return {k: v for k, v in (
-            ("stability", self.stability), ("similarity_boost", self.similarity_boost),
-            ("style", self.style), ("speed", self.speed),
-            ("use_speaker_boost", self.use_speaker_boost),
-        ) if v is not None}
-
-
-@dataclass(frozen=True)
-class ElevenLabsOptions:
-    """Where and how to call ElevenLabs. ``max_retries`` bounds the retries
-    of 429/5xx/network failures; the n-th waits ``backoff_s * 2**n`` seconds
-    (or ``Retry-After``), at most ``max_backoff_s``."""
-
-    voice_id: str
-    api_key: str
-    output_format: str = "mp3_44100_128"
-    base_url: str = DEFAULT_BASE_URL
-    model_id: str = ELEVENLABS_MODEL
-    voice_settings: VoiceSettings = VoiceSettings()
-    timeout_s: float = 60.0
-    max_retries: int = 3
-    backoff_s: float = 1.0
-    max_backoff_s: float = 30.0
-
-
-@dataclass(frozen=True)
-class _Answer:
-    status: int
-    body: bytes
-    retry_after: float | None
-
-
-def _api_message(body: bytes) -> str:
-    """The message of an ElevenLabs error body (``{"detail": {"message": ...}}``,
-    ``{"detail": "..."}``, a validation list), else the body's start."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return body[:200].decode("utf-8", "replace").strip() or "(empty body)"
-    detail = data.get("detail", data) if isinstance(data, dict) else data
-    if isinstance(detail, dict):
-        status, message = detail.get("status"), detail.get("message") or detail.get("msg")
-        if message is not None:
-            return f"{status}: {message}" if status else str(message)
-    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
-        return "; ".join(str(d.get("msg", d)) for d in detail)
-    return str(detail)[:200]
-
-
-class ElevenLabsSynth:
-    """ElevenLabs v3 text to speech over HTTPS (urllib, in a thread)."""
-
-    def __init__(self, opts: ElevenLabsOptions) -> None:
-        """Raises ValueError for a base URL that is not http(s) or an odd format."""
-        if urlsplit(opts.base_url).scheme not in ("http", "https"):
-            raise ValueError(f"--base-url must start with https:// (got {opts.base_url!r})")
-        self.opts = opts
-        self._ext = extension_for(opts.output_format)
-
-    @property
-    def ext(self) -> str:
-        return self._ext
-
-    def speakable(self, text: str) -> bool:
-        return bool(text.strip())
-
-    def request_body(self, text: str) -> dict[str, object]:
-        """The JSON body: the tagged text unchanged, ``model_id``, and
-        ``voice_settings`` when any is set."""
-        body: dict[str, object] = {"text": text, "model_id": self.opts.model_id}
-        settings = self.opts.voice_settings.as_json()
-        if settings:
-            body["voice_settings"] = settings
-        return body
-
-    def request(self, text: str) -> urllib.request.Request:
-        o = self.opts
-        url = (f"{o.base_url.rstrip('/')}/v1/text-to-speech/{quote(o.voice_id, safe='')}"
-               f"?{urlencode({'output_format': o.output_format})}")
-        return urllib.request.Request(
-            url, method="POST", data=json.dumps(self.request_body(text)).encode(),
-            headers={"xi-api-key": o.api_key, "Content-Type": "application/json",
-                     "Accept": "audio/*, application/json"})
-
-    def _post(self, req: urllib.request.Request) -> _Answer:
-        try:
-            with urllib.request.urlopen(req, timeout=self.opts.timeout_s) as r:
-                return _Answer(int(r.status), r.read(), None)
-        except urllib.error.HTTPError as e:
-            with e:
-                retry = e.headers.get("Retry-After") if e.headers else None
-                try:
-                    after = float(retry) if retry is not None else None
-                except ValueError:
-                    after = None
-                return _Answer(int(e.code), e.read(), after)
-
-    async def synthesize(self, text: str, dest: Path) -> None:
-        o = self.opts
-        for attempt in range(o.max_retries + 1):
-            last = attempt == o.max_retries
-            try:
-                answer = await asyncio.to_thread(self._post, self.request(text))
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-                reason = getattr(e, "reason", e)
-                if last:
-                    raise SynthesisError(f"ElevenLabs unreachable at {o.base_url}: {reason}") from e
-                delay = min(o.backoff_s * 2 ** attempt, o.max_backoff_s)
-                log.warning("ElevenLabs unreachable (%s); retry %d/%d in %.1f s",
-                            reason, attempt + 1, o.max_retries, delay)
-                await asyncio.sleep(delay)
-                continue
-            if 200 <= answer.status < 300:
-                await asyncio.to_thread(_write_atomic, dest, answer.body)
-                return
-            message = _api_message(answer.body)
-            retryable = answer.status == 429 or answer.status >= 500
-            if not retryable or last:
-                hint = " (check --api-key / $ELEVENLABS_API_KEY)" if answer.status == 401 else ""
-                raise SynthesisError(f"ElevenLabs answered HTTP {answer.status}: {message}{hint}")
-            delay = min(answer.retry_after if answer.retry_after is not None
-                        else o.backoff_s * 2 ** attempt, o.max_backoff_s)
-            log.warning("ElevenLabs answered HTTP %d (%s); retry %d/%d in %.1f s",
-                        answer.status, message, attempt + 1, o.max_retries, delay)
-            await asyncio.sleep(delay)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-
-@dataclass(frozen=True)
-class EspeakOptions:
-    """The espeak-ng voice (``-v``), its rate in words per minute (``-s``),
-    the binary, and a time limit per caption."""
-
-    voice: str = "en"
-    wpm: int = 175
-    binary: str = "espeak-ng"
-    timeout_s: float = 60.0
-
-
-_SILENCE_RATE = 22050  # espeak-ng's own output rate, for captions with no words
-
-
-def _pad_wav(src: Path | None, dest: Path, lead_ms: int, trail_ms: int) -> None:
-    """Copy WAV ``src`` to ``dest`` with silence around it (``src`` None:
-    silence only, mono 16-bit at espeak-ng's rate)."""
-    if src is None:
-        channels, width, rate, frames = 1, 2, _SILENCE_RATE, b""
-    else:
-        with wave.open(str(src), "rb") as w:
-            channels, width, rate = w.getnchannels(), w.getsampwidth(), w.getframerate()
-            frames = w.readframes(w.getnframes())
-
-    def silence(ms: int) -> bytes:
-        return b"\x00" * (rate * ms // 1000) * channels * width
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    with wave.open(str(tmp), "wb") as out:
-        out.setnchannels(channels)
-        out.setsampwidth(width)
-        out.setframerate(rate)
-        out.writeframes(silence(lead_ms) + frames + silence(trail_ms))
-    tmp.replace(dest)
-
-
-class EspeakSynth:
-    """Offline synthesis with espeak-ng: SSML from :func:`plan_speech`."""
-
-    ext = "wav"
-
-    def __init__(self, opts: EspeakOptions = EspeakOptions()) -> None:
-        self.opts = opts
-
-    def speakable(self, text: str) -> bool:
-        return bool(plan_speech(text))
-
-    async def synthesize(self, text: str, dest: Path) -> None:
-        lead, middle, trail = edge_pauses(plan_speech(text))
-        if not middle:
-            await asyncio.to_thread(_pad_wav, None, dest, lead, trail)
-            return
-        ssml = to_ssml(middle, self.opts.voice)
-        with tempfile.TemporaryDirectory(prefix="tts-bridge-") as tmpdir:
-            raw = Path(tmpdir) / "espeak.wav"
-            cmd = [self.opts.binary, "-m", "-v", self.opts.voice, "-s", str(self.opts.wpm),
-                   "-w", str(raw), "--stdin"]
-            try:
-                proc = await asyncio.create_subprocess_exec(
-                    *cmd, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
-                    stderr=asyncio.subprocess.PIPE)
-            except OSError as e:
-                raise SynthesisError(f"cannot run {self.opts.binary}: {e} "
-                                     "(install espeak-ng, or pass --espeak PATH)") from e
-            try:
-                _, err = await asyncio.wait_for(proc.communicate(ssml.encode()),
-                                                self.opts.timeout_s)
-            except TimeoutError:
-                raise SynthesisError(f"espeak-ng took over {self.opts.timeout_s} s") from None
-            finally:
-                if proc.returncode is None:  # timed out or cancelled: don't leave it running
-                    proc.kill()
-                    await asyncio.shield(proc.wait())
-            if proc.returncode != 0 or not raw.exists():
-                raise SynthesisError(f"espeak-ng failed ({proc.returncode}): "
-                                     f"{err.decode(errors='replace').strip()[:200]}")
-            try:
-                await asyncio.to_thread(_pad_wav, raw, dest, lead, trail)
-            except (wave.Error, EOFError) as e:
-                raise SynthesisError(f"espeak-ng wrote an unreadable WAV: {e}") from e
 
 
 # --- the bridge -------------------------------------------------------------------

@@ -30,30 +30,34 @@ import soundfile as sf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tts_bridge import (
+    BridgeConfig,
+    BridgeError,
+    Final,
+    TtsBridge,
+    caption_url,
+    main,
+    output_name,
+    parse_since,
+)
+from tts_prosody import (
     DELIVERY_PROSODY,
     EMOTION_PROSODY,
     NONVERBAL_PAUSE_MS,
     PAUSE_MS,
-    BridgeConfig,
-    BridgeError,
-    ElevenLabsOptions,
-    ElevenLabsSynth,
-    EspeakSynth,
-    Final,
     Pause,
     Prosody,
     Speak,
-    SynthesisError,
-    TtsBridge,
-    VoiceSettings,
-    caption_url,
     edge_pauses,
-    extension_for,
-    main,
-    output_name,
-    parse_since,
     plan_speech,
     to_ssml,
+)
+from tts_synth import (
+    ElevenLabsOptions,
+    ElevenLabsSynth,
+    EspeakSynth,
+    SynthesisError,
+    VoiceSettings,
+    extension_for,
 )
 from websockets.asyncio.server import ServerConnection, serve
 
@@ -257,7 +261,7 @@ async def test_espeak_prosody_is_measurable(tmp_path: Path) -> None:
 
 
 async def test_espeak_failure_is_a_synthesis_error(tmp_path: Path) -> None:
-    from tts_bridge import EspeakOptions
+    from tts_synth import EspeakOptions
 
     synth = EspeakSynth(EspeakOptions(binary=str(tmp_path / "no-such-espeak")))
     with pytest.raises(SynthesisError, match="cannot run"):

@@ -1,0 +1,217 @@
+"""Tags -> prosody for the offline espeak-ng synthesiser of ``tts_bridge.py``. Pure.
+
+:func:`plan_speech` maps a final's inline tags onto spoken spans and pauses:
+``[whispers]`` -> the ``+whisper`` voice variant, ``[excited]`` -> faster and
+higher, ``[sad]`` -> slower and lower, ``[calm]`` -> slower,
+``[angry]``/``[shouts]`` -> louder (emotion and delivery tags hold until the
+sentence ends or a tag of the same kind replaces them); ``[pause]`` and its
+kin -> a break, any non-verbal tag (``[laughs]``, ``[sighs]``, ...) -> a short
+break; other tags are dropped (tables: :data:`EMOTION_PROSODY`,
+:data:`DELIVERY_PROSODY`, :data:`PAUSE_MS`, :data:`NONVERBAL_PAUSE_MS`).
+:func:`to_ssml` writes SSML for ``espeak-ng -m``; :func:`edge_pauses` splits
+off the pauses at the very start and end, which espeak-ng trims.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from xml.sax.saxutils import escape, quoteattr
+
+from evoxtral_stream.text.tags import Carry, TagKind, Token, render, tokenize
+
+__all__ = [
+    "DELIVERY_PROSODY",
+    "EMOTION_PROSODY",
+    "NONVERBAL_PAUSE_MS",
+    "PAUSE_MS",
+    "Pause",
+    "Prosody",
+    "Speak",
+    "SpeechItem",
+    "edge_pauses",
+    "plan_speech",
+    "to_ssml",
+    "whisper_voice",
+]
+
+
+@dataclass(frozen=True)
+class Prosody:
+    """How a span is spoken: ``rate`` in percent of the voice's rate,
+    ``pitch`` and ``volume`` as percent changes, and the whisper variant."""
+
+    rate: int = 100
+    pitch: int = 0
+    volume: int = 0
+    whisper: bool = False
+
+    @property
+    def neutral(self) -> bool:
+        return self == Prosody()
+
+    def combine(self, other: Prosody) -> Prosody:
+        """Both at once: rates multiply, pitch and volume changes add."""
+        return Prosody(rate=round(self.rate * other.rate / 100),
+                       pitch=self.pitch + other.pitch,
+                       volume=self.volume + other.volume,
+                       whisper=self.whisper or other.whisper)
+
+
+@dataclass(frozen=True)
+class Speak:
+    """Words (tags removed, punctuation kept) spoken with one prosody."""
+
+    text: str
+    prosody: Prosody = Prosody()
+
+
+@dataclass(frozen=True)
+class Pause:
+    """Silence of ``ms`` milliseconds, standing for tag ``tag``."""
+
+    ms: int
+    tag: str
+
+
+SpeechItem = Speak | Pause
+
+#: Emotion tags that change prosody; other emotions are ignored.
+EMOTION_PROSODY: Mapping[str, Prosody] = types.MappingProxyType({
+    "excited": Prosody(rate=125, pitch=25),
+    "sad": Prosody(rate=80, pitch=-20),
+    "angry": Prosody(volume=60),
+    "calm": Prosody(rate=85),
+})
+#: Delivery tags that change prosody; other deliveries are ignored.
+DELIVERY_PROSODY: Mapping[str, Prosody] = types.MappingProxyType({
+    "whispers": Prosody(whisper=True),
+    "shouts": Prosody(volume=80),
+})
+#: Pause tags and their silence in ms.
+PAUSE_MS: Mapping[str, int] = types.MappingProxyType({
+    "pause": 500,
+    "short pause": 250,
+    "long pause": 1000,
+    "continues after a beat": 400,
+    "hesitates": 300,
+})
+#: The short pause that stands for any non-verbal sound (laughs, sighs, ...).
+NONVERBAL_PAUSE_MS = 200
+
+
+def _style(carry: Carry) -> Prosody:
+    style = Prosody()
+    if carry.emotion is not None:
+        style = style.combine(EMOTION_PROSODY.get(carry.emotion, Prosody()))
+    if carry.delivery is not None:
+        style = style.combine(DELIVERY_PROSODY.get(carry.delivery, Prosody()))
+    return style
+
+
+_STRAY_MARKS = frozenset("[]()*")
+
+
+def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
+    """What espeak-ng should say for ``tagged`` text: spans and pauses. Pure.
+
+    Emotion and delivery tags set the prosody of the words after them until
+    a tag of the same kind replaces them or the sentence ends (the
+    :class:`~evoxtral_stream.text.tags.Carry` rule); both apply together.
+    Pause tags become :data:`PAUSE_MS` silences, non-verbal tags a
+    :data:`NONVERBAL_PAUSE_MS` one; unknown and unmapped tags are dropped.
+    Consecutive words of one prosody form one :class:`Speak`; a span of
+    punctuation alone is dropped. Variants (``(laughs)``, ``[WHISPERING]``)
+    count as their canonical tag.
+    """
+    items: list[SpeechItem] = []
+    run: list[Token] = []
+    run_style = Prosody()
+
+    def flush() -> None:
+        if any(t.is_word for t in run):
+            items.append(Speak(render(run), run_style))
+        run.clear()
+
+    carry = Carry()
+    for tok in tokenize(tagged):
+        if tok.is_tag:
+            assert tok.tag is not None
+            if tok.tag_kind is TagKind.PAUSE:
+                flush()
+                items.append(Pause(PAUSE_MS.get(tok.tag, PAUSE_MS["pause"]), tok.tag))
+            elif tok.tag_kind is TagKind.NONVERBAL:
+                flush()
+                items.append(Pause(NONVERBAL_PAUSE_MS, tok.tag))
+            carry = carry.advance(tok)
+            continue
+        if tok.text in _STRAY_MARKS:
+            # A bracket left over from a malformed tag is not spoken, and
+            # re-read later it could open a tag that swallows a word.
+            continue
+        style = _style(carry)
+        if style != run_style:
+            flush()
+            run_style = style
+        run.append(tok)
+        carry = carry.advance(tok)
+    flush()
+    return tuple(items)
+
+
+def whisper_voice(voice: str) -> str:
+    """The whisper variant of an espeak-ng voice (``en-us+f3`` -> ``en-us+whisper``)."""
+    return voice.split("+", 1)[0] + "+whisper"
+
+
+def _prosody_attrs(p: Prosody) -> str:
+    attrs: list[str] = []
+    if p.rate != 100:
+        attrs.append(f'rate="{p.rate}%"')
+    if p.pitch:
+        attrs.append(f'pitch="{p.pitch:+d}%"')
+    if p.volume:
+        attrs.append(f'volume="{p.volume:+d}%"')
+    return " ".join(attrs)
+
+
+def to_ssml(items: Sequence[SpeechItem], voice: str = "en") -> str:
+    """SSML for ``espeak-ng -m``: ``<prosody rate= pitch= volume=>`` around
+    styled spans, ``<voice name="{voice}+whisper">`` around whispered ones,
+    and one ``<break time="Nms"/>`` per run of pauses (summed). Text is
+    XML-escaped. Pure."""
+    parts: list[str] = []
+    pending_ms = 0
+    for item in items:
+        if isinstance(item, Pause):
+            pending_ms += item.ms
+            continue
+        if pending_ms:
+            parts.append(f'<break time="{pending_ms}ms"/>')
+            pending_ms = 0
+        body = escape(item.text)
+        attrs = _prosody_attrs(item.prosody)
+        if attrs:
+            body = f"<prosody {attrs}>{body}</prosody>"
+        if item.prosody.whisper:
+            body = f"<voice name={quoteattr(whisper_voice(voice))}>{body}</voice>"
+        parts.append(body)
+    if pending_ms:
+        parts.append(f'<break time="{pending_ms}ms"/>')
+    return "<speak>" + " ".join(parts) + "</speak>"
+
+
+def edge_pauses(items: Sequence[SpeechItem]) -> tuple[int, tuple[SpeechItem, ...], int]:
+    """``(lead_ms, middle, trail_ms)``: the pauses before the first and after
+    the last :class:`Speak`, summed, and the items between. Without any
+    :class:`Speak`, every pause counts as lead. Pure."""
+    speaks = [i for i, item in enumerate(items) if isinstance(item, Speak)]
+    if not speaks:
+        return sum(item.ms for item in items if isinstance(item, Pause)), (), 0
+    first, last = speaks[0], speaks[-1]
+    lead = sum(item.ms for item in items[:first] if isinstance(item, Pause))
+    trail = sum(item.ms for item in items[last + 1:] if isinstance(item, Pause))
+    return lead, tuple(items[first:last + 1]), trail
+
+
