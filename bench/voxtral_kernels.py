@@ -29,13 +29,18 @@ exact adapter loader. For every batch size it times
   same N tokens; decode per token is over the steps left.
 
 ``--tiny`` runs the same code on the tiny test checkpoint on the CPU, so the
-script is tested without a GPU; its numbers mean nothing.
+script is tested without a GPU; its numbers mean nothing. ``--layers N``
+keeps every full-size width and cuts both towers to N layers: every path
+at the real shapes (grouped key/value heads, head size, projector,
+vocabulary) on a CPU (``--device cpu``), before a GPU session; its numbers
+mean nothing either.
 
 Usage::
 
     python bench/voxtral_kernels.py                    # CUDA, full size
     python bench/voxtral_kernels.py --batches 1,8 --new-tokens 64 --json out.json
     python bench/voxtral_kernels.py --tiny             # CPU smoke run
+    python bench/voxtral_kernels.py --device cpu --layers 1 --batches 1,2   # real shapes, CPU
 """
 
 from __future__ import annotations
@@ -306,6 +311,7 @@ def run(
     reference: bool,
     device_name: str | None = None,
     log: Callable[[str], None] = print,
+    layers: int | None = None,
     budget_s: float | None = None,
     on_row: Callable[[list[Row]], None] | None = None,
 ) -> list[Row]:
@@ -325,7 +331,7 @@ def run(
         folder = Path(tmp)
         write_tekken(folder / "tekken.json")
         write_feature_extractor(folder)
-        config = tiny_voxtral_config(full=not tiny)
+        config = tiny_voxtral_config(full=not tiny, layers=None if tiny else layers)
         # config.json lets AutoTokenizer pick mistral-common for the processor.
         config.save_pretrained(str(folder))
         tokenizer = load_tokenizer(folder)
@@ -434,6 +440,8 @@ def _fmt(r: Row) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--tiny", action="store_true", help="tiny checkpoint on the CPU (smoke test)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="full-size widths with this many layers per tower (shape check)")
     ap.add_argument(
         "--device", default=None, help="torch device (default cuda, or cpu with --tiny)"
     )
@@ -450,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "share: unmerged and reference 40%%, merged 60%%, slots 75%%, "
                          "lookahead 90%%, draft80 all)")
     args = ap.parse_args(argv)
+    if args.layers is not None and (args.tiny or args.layers < 1):
+        ap.error("--layers N (N >= 1) cuts the full-size model; it does not go with --tiny")
     if (
         not args.tiny
         and (args.device or "cuda").startswith("cuda")
@@ -467,6 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "tiny": args.tiny,
+        "layers": args.layers,
         "audio_s": args.audio_s,
         "argv": list(argv) if argv is not None else sys.argv[1:],
     }
@@ -488,6 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device_name=args.device,
         budget_s=args.budget_s,
         on_row=write,
+        layers=args.layers,
     )
     write(rows)
     return 0

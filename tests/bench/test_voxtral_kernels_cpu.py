@@ -79,3 +79,23 @@ def test_rows_are_written_as_they_come(tmp_path: Path) -> None:
                      reference=False, log=lambda _: None,
                      on_row=lambda rs: seen.append(len(rs)))
     assert seen == [1, 2, 3, 4, 5] == list(range(1, len(rows) + 1))
+
+
+def test_layers_keep_the_full_widths() -> None:
+    from evoxtral_stream.engine.backends.voxtral.tiny import tiny_voxtral_config
+
+    full, cut = tiny_voxtral_config(full=True), tiny_voxtral_config(full=True, layers=1)
+    assert (cut.text_config.num_hidden_layers, cut.audio_config.num_hidden_layers) == (1, 1)
+    assert full.text_config.num_hidden_layers > 1 and full.audio_config.num_hidden_layers > 1
+    for name in ("hidden_size", "intermediate_size", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "vocab_size"):
+        assert getattr(cut.text_config, name) == getattr(full.text_config, name), name
+    for name in ("hidden_size", "intermediate_size", "num_attention_heads", "num_mel_bins"):
+        assert getattr(cut.audio_config, name) == getattr(full.audio_config, name), name
+
+
+def test_layers_do_not_go_with_tiny(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _load().main(["--tiny", "--layers", "1"])
+    assert exit_info.value.code == 2
+    assert "--layers" in capsys.readouterr().err

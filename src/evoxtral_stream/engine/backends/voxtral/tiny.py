@@ -104,16 +104,26 @@ def write_feature_extractor(folder: Path) -> None:
     extractor(feature_size=128).save_pretrained(str(folder))
 
 
-def tiny_voxtral_config(*, init_range: float = 0.3, full: bool = False) -> Any:
+def tiny_voxtral_config(*, init_range: float = 0.3, full: bool = False,
+                        layers: int | None = None) -> Any:
     """A ``transformers.VoxtralConfig``: tiny, or the full 3B size with ``full``.
 
+    ``layers`` (with ``full``) keeps every full-size width (hidden sizes,
+    heads, grouped key/value heads, head size, vocabulary) and cuts both
+    towers to that many layers: the real shapes at a CPU's cost.
     The large ``init_range`` makes the random model's greedy output depend
     clearly on the audio, so batching bugs show up as different text.
     """
     from transformers import VoxtralConfig
 
     if full:
-        return VoxtralConfig(audio_token_id=24)
+        config: Any = VoxtralConfig(audio_token_id=24)
+        if layers is not None:
+            if layers < 1:
+                raise ValueError(f"layers must be at least 1, not {layers}")
+            config.text_config.num_hidden_layers = layers
+            config.audio_config.num_hidden_layers = layers
+        return config
     text = {
         "vocab_size": 131072,
         "hidden_size": 32,
