@@ -21,6 +21,7 @@ import pytest
 
 from evoxtral_stream.audio.microphone import (
     SILENCE_CHUNK,
+    SILENCE_PIECES_PER_TURN,
     InputDevice,
     MicrophoneCapture,
     list_input_devices,
@@ -295,6 +296,44 @@ async def test_a_long_drop_run_is_filled_in_bounded_pieces() -> None:
     assert max(len(b) for b in got.blocks) == SILENCE_CHUNK
     assert cap.silence_samples == 60 * SAMPLE_RATE
 
+
+async def test_a_long_gap_is_filled_over_many_turns_of_the_loop() -> None:
+    turn = 0
+
+    async def ticker() -> None:
+        nonlocal turn
+        while True:
+            turn += 1
+            await asyncio.sleep(0)
+
+    silence_turns: list[int] = []
+    got = Received()
+
+    def on_audio(samples: Int16Array) -> None:
+        got(samples)
+        if len(samples) == SILENCE_CHUNK and not samples.any():
+            silence_turns.append(turn)
+
+    cap = MicrophoneCapture(on_audio, device=fake_device(48000), block_ms=20,
+                            max_pending_blocks=1, stream_factory=FakeFactory())
+    cap.start()
+    for _ in range(3001):  # 60 s dropped while the loop is held up
+        cap._callback(np.zeros((960, 2), np.float32), 960, None, Flags())
+    ticking = asyncio.ensure_future(ticker())
+    await settle(cap)  # the first block goes
+    cap._callback(np.full((960, 2), 0.5, np.float32), 960, None, Flags())
+    await until(lambda: cap.silence_samples == 60 * SAMPLE_RATE, "the gap filled")
+    await settle(cap)
+    ticking.cancel()
+    cap.stop()
+    # The loop went on between every second of the silence.
+    assert len(silence_turns) == 600
+    per_turn = np.unique(silence_turns, return_counts=True)[1]
+    assert per_turn.max() <= SILENCE_PIECES_PER_TURN and len(per_turn) >= 60
+    # And the block after the gap still comes after all of it, at its time.
+    loud = np.flatnonzero(np.abs(got.audio) > 8000)
+    assert abs(int(loud[0]) - 3001 * 320) <= 10
+    assert abs(cap.samples_delivered - 3002 * 320) <= 1
 
 @pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
 @pytest.mark.parametrize("rate", [SAMPLE_RATE, 48000])

@@ -40,6 +40,9 @@ PORTAUDIO_MISSING = "PortAudio library not found: install it with `apt-get insta
 #: gap left by dropped blocks is filled: a long drop run is delivered in many
 #: small pieces, never allocated at once.
 SILENCE_CHUNK = SILENCE_PIECE
+#: Pieces of silence (1 s) delivered in one turn of the event loop: a long gap
+#: goes on in later turns, so the loop stays responsive while it is filled.
+SILENCE_PIECES_PER_TURN = 10
 
 
 # --- devices ----------------------------------------------------------------
@@ -219,9 +222,10 @@ class MicrophoneCapture:
     logged from the loop side.
 
     Dropped audio keeps its place in time: the loop delivers as much silence
-    (zeros, at 16 kHz, in pieces of at most :data:`SILENCE_CHUNK`) where the
-    dropped blocks were, so the samples delivered always count the time
-    captured and every later caption time stays true. The resampler is flushed
+    (zeros, at 16 kHz, in pieces of at most :data:`SILENCE_CHUNK`, at most
+    :data:`SILENCE_PIECES_PER_TURN` per turn of the loop) where the dropped
+    blocks were, so the samples delivered always count the time captured and
+    every later caption time stays true. The resampler is flushed
     at the gap and starts afresh after it, so its filter never joins the audio
     on either side; the silence's length is computed from the frames captured
     since the device was opened, so rounding does not add up over many gaps.
@@ -305,6 +309,9 @@ class MicrophoneCapture:
         # hands them to the loop with the next block it queues; the loop
         # takes the rest only once no callback can come (stop, lost device).
         self._gap_frames = 0
+        # 16 kHz samples of silence still to deliver for the last gap, before
+        # any later block (loop thread only).
+        self._silence_owed = 0
         self.samples_delivered = 0
         self.silence_samples = 0
         self._reported_drops = 0
@@ -510,13 +517,28 @@ class MicrophoneCapture:
 
     # --- event loop -------------------------------------------------------------
 
-    def _drain(self) -> None:
+    def _drain(self, turn: int | None = SILENCE_PIECES_PER_TURN) -> None:
+        """Deliver the queued blocks, each after the silence owed before it.
+        Past ``turn`` pieces of silence (None: no limit) the rest waits for
+        the loop's next turn."""
         self._wake_scheduled = False
         resampler = self._resampler
-        while self._pending:
+        while True:
+            turn = self._pay_silence(turn)
+            if self._silence_owed:
+                self._wake_scheduled = True
+                assert self._loop is not None
+                self._loop.call_soon(self._drain)
+                break
+            if not self._pending:
+                break
             gap, block = self._pending.popleft()
             if gap:
                 self._fill_gap(gap)
+                # The block comes after its silence, which may take more turns;
+                # appendleft is atomic, and the callback only appends.
+                self._pending.appendleft((0, block))
+                continue
             if resampler is not None:
                 self._emit(resampler.process(block))
         self._report()
@@ -524,15 +546,16 @@ class MicrophoneCapture:
     def _deliver_rest(self) -> None:
         """No callback can come any more: deliver the queued blocks, the
         silence for blocks dropped after them and the resampler's tail."""
-        self._drain()
+        self._drain(None)
         gap, self._gap_frames = self._gap_frames, 0
         if gap:
             self._fill_gap(gap)  # flushes the resampler first
+            self._pay_silence(None)
         elif self._resampler is not None:
             self._emit(self._resampler.flush())
 
     def _fill_gap(self, frames: int) -> None:
-        """Deliver silence for ``frames`` dropped native-rate frames."""
+        """Owe silence for ``frames`` dropped native-rate frames (see _pay_silence)."""
         resampler = self._resampler
         if resampler is None:
             return
@@ -541,9 +564,20 @@ class MicrophoneCapture:
         # opened, so the timeline never drifts by a sample per gap.
         tail, missing = resampler.gap(frames)
         self._emit(tail)
-        for piece in silence_pieces(missing, SILENCE_CHUNK):
+        self._silence_owed += missing
+
+    def _pay_silence(self, pieces: int | None) -> int | None:
+        """Deliver the silence owed, at most ``pieces`` pieces of it (None: all);
+        returns how many pieces may still go."""
+        owed = self._silence_owed
+        if pieces is not None:
+            owed = min(owed, pieces * SILENCE_CHUNK)
+            pieces -= -(-owed // SILENCE_CHUNK)
+        for piece in silence_pieces(owed, SILENCE_CHUNK):
+            self._silence_owed -= len(piece)
             self.silence_samples += len(piece)
             self._emit(piece)
+        return pieces
 
     def _emit(self, samples: Int16Array) -> None:
         if len(samples):
