@@ -16,10 +16,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import _sounddevice  # type: ignore[import-untyped]  # sounddevice's cffi definitions
 import numpy as np
 import pytest
 
 from evoxtral_stream.audio.microphone import (
+    MAX_OVERFLOW_GAP_S,
     SILENCE_CHUNK,
     SILENCE_PIECES_PER_TURN,
     InputDevice,
@@ -384,6 +386,205 @@ async def test_status_overflow_is_counted_and_logged(caplog: pytest.LogCaptureFi
         await settle(cap)
     assert any("overflowed 1 time" in r.getMessage() for r in caplog.records)
     cap.stop()
+
+
+# --- PortAudio input overflows ---------------------------------------------------------
+
+
+def adc_time(adc: float) -> Any:
+    """What sounddevice hands the callback as ``time``: PortAudio's
+    ``PaStreamCallbackTimeInfo *``, a cffi pointer to the real struct."""
+    return _sounddevice.ffi.new("PaStreamCallbackTimeInfo *", {
+        "inputBufferAdcTime": adc, "currentTime": adc + 0.005, "outputBufferDacTime": 0.0})
+
+
+async def feed_with_an_overflow(cap: MicrophoneCapture, audio: Float32Array, block: int,
+                                lost: range, times: Callable[[int], Any]) -> None:
+    """Call back ``audio`` block by block with ``times(i)`` as ``time_info``,
+    the loop draining around each one, except that the blocks in ``lost``
+    never come (PortAudio overflowed): the next one has ``input_overflow``."""
+    for i, start in enumerate(range(0, len(audio), block)):
+        if i in lost:
+            continue
+        chunk = audio[start : start + block]
+        overflow = bool(lost) and i == lost.stop
+        cap._callback(chunk, len(chunk), times(i), Flags(input_overflow=overflow))
+        await settle(cap)
+
+
+@pytest.mark.parametrize("rate", [SAMPLE_RATE, 44100, 48000])
+async def test_an_input_overflow_is_measured_from_adc_times_and_filled_with_silence(
+        rate: int, caplog: pytest.LogCaptureFixture) -> None:
+    block = rate // 50
+    audio = stereo_tone_bursts(rate, 4.0)
+    start = 5021.125  # PortAudio's times have no set origin
+    got = Received()
+    cap = MicrophoneCapture(got, device=fake_device(rate), block_ms=20, max_pending_blocks=10,
+                            stream_factory=FakeFactory())
+    cap.start()
+    # PortAudio loses 1 s from 1.1 s in: the block after comes with an
+    # overflow, 50 blocks later than the one before by its ADC time.
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream.audio.microphone"):
+        await feed_with_an_overflow(cap, audio, block, range(55, 105),
+                                    lambda i: adc_time(start + i * block / rate))
+    cap.stop()
+
+    # A capture that got every block, the lost ones silent: the same timeline.
+    heard = audio.copy()
+    heard[55 * block : 105 * block] = 0.0
+    ref = Received()
+    kept_up = MicrophoneCapture(ref, device=fake_device(rate), block_ms=20,
+                                max_pending_blocks=10, stream_factory=FakeFactory())
+    kept_up.start()
+    await feed_with_an_overflow(kept_up, heard, block, range(0),
+                                lambda i: adc_time(start + i * block / rate))
+    kept_up.stop()
+    out, want = got.audio.astype(np.int32), ref.audio.astype(np.int32)
+    assert abs(len(out) - len(audio) * SAMPLE_RATE / rate) <= 2
+    assert abs(len(out) - len(want)) <= 1
+    gap = slice(55 * SAMPLE_RATE // 50, 105 * SAMPLE_RATE // 50)
+    assert not out[gap.start + 40 : gap.stop - 40].any()
+    n = min(len(out), len(want))
+    # Every sound after the gap is where it was captured (to the sample; the
+    # restarted resampler filter differs from the continuous one by rounding).
+    assert np.abs(out[:n] - want[:n]).max() <= (0 if rate == SAMPLE_RATE else 1)
+    assert cap.silence_samples == 50 * SAMPLE_RATE // 50
+    assert cap.status_overflows == 1 and cap.overflows_unmeasured == 0
+    assert cap.overflow_lost_s == pytest.approx(1.0, abs=1 / rate)
+    assert cap.dropped_blocks == 0
+    assert "1.000 s of it measured from PortAudio's timestamps and filled with silence" \
+        in caplog.text
+
+
+async def test_an_overflow_while_the_handoff_is_full_is_filled_too() -> None:
+    # The overflow comes while the loop is held up: the block it precedes is
+    # dropped, and the lost frames go before the next queued block with its gap.
+    got = Received()
+    cap = MicrophoneCapture(got, device=fake_device(SAMPLE_RATE, 1), block_ms=20,
+                            max_pending_blocks=2, stream_factory=FakeFactory())
+    cap.start()
+    block = np.full((320, 1), 0.25, np.float32)
+    for i in (0, 1, 2, 10):  # 7 blocks lost to the overflow before block 10
+        cap._callback(block, 320, adc_time(7.0 + i * 0.02), Flags(input_overflow=i == 10))
+    await settle(cap)
+    cap._callback(np.full((320, 1), 0.5, np.float32), 320, adc_time(7.0 + 11 * 0.02), Flags())
+    await settle(cap)
+    cap.stop()
+    assert cap.samples_delivered == 12 * 320 and cap.silence_samples == 9 * 320
+    assert int(got.audio[-1]) == 16384  # the last block is where it was captured
+    assert cap.dropped_blocks == 2 and cap.overflow_lost_s == pytest.approx(0.14)
+
+
+async def test_overflows_the_adc_times_cannot_measure_are_only_counted(
+        caplog: pytest.LogCaptureFixture) -> None:
+    block = 960
+
+    def ramp(i: int) -> float:
+        return 100.0 + i * 0.02
+
+    cases: dict[str, Callable[[int], Any]] = {
+        "no time_info": lambda i: None,
+        "zero (host API without timestamps)": lambda i: adc_time(0.0),
+        "below zero (ALSA without timestamps: 0 less the delay)": lambda i: adc_time(-0.013),
+        "standing still": lambda i: adc_time(42.0),
+        "running back": lambda i: adc_time(ramp(i) - (3.0 if i >= 6 else 0.0)),
+        "a jump past MAX_OVERFLOW_GAP_S": (
+            lambda i: adc_time(ramp(i) + (MAX_OVERFLOW_GAP_S + 1 if i >= 6 else 0.0))),
+        "not a number": lambda i: adc_time(float("nan")),
+        "no previous block": lambda i: adc_time(ramp(i)),
+    }
+    for case, times in cases.items():
+        got = Received()
+        cap = MicrophoneCapture(got, device=fake_device(), block_ms=20,
+                                max_pending_blocks=100, stream_factory=FakeFactory())
+        cap.start()
+        caplog.clear()
+        # Block 5 never comes; 6 overflowed (or is the first one).
+        blocks = range(6, 10) if case == "no previous block" else [*range(5), *range(6, 10)]
+        with caplog.at_level(logging.WARNING, logger="evoxtral_stream.audio.microphone"):
+            for i in blocks:
+                cap._callback(np.zeros((block, 2), np.float32), block, times(i),
+                              Flags(input_overflow=i == 6))
+            await settle(cap)
+        cap.stop()
+        assert (cap.status_overflows, cap.overflows_unmeasured) == (1, 1), case
+        assert cap.overflow_lost_s == 0.0 and cap.silence_samples == 0, case
+        assert abs(cap.samples_delivered - len(blocks) * 320) <= 1, case
+        assert "1 overflow(s) not measurable (no usable timestamps)" in caplog.text, case
+        assert "filled with silence" not in caplog.text, case
+
+
+async def test_the_callback_reads_sounddevice_s_own_arguments() -> None:
+    # What sounddevice's InputStream passes: a NumPy view of PortAudio's buffer,
+    # the frame count, a PaStreamCallbackTimeInfo pointer and CallbackFlags.
+    # PortAudio reuses the buffer and the struct after the callback returns.
+    from evoxtral_stream.audio import microphone
+
+    try:
+        sd = microphone._import_sounddevice()
+    except AudioInputError as e:
+        pytest.skip(str(e))
+    ffi = _sounddevice.ffi
+    rate, block = 48000, 960
+    got = Received()
+    cap = MicrophoneCapture(got, device=fake_device(rate, 1), block_ms=20,
+                            max_pending_blocks=100, stream_factory=FakeFactory())
+    cap.start()
+    raw = ffi.new("float[]", block)
+    info = ffi.new("PaStreamCallbackTimeInfo *")
+    for i in [*range(10), *range(30, 40)]:  # 20 blocks (0.4 s) lost before block 30
+        indata = np.frombuffer(ffi.buffer(raw), np.float32).reshape(-1, 1)
+        indata[:] = 0.5 if i == 39 else 0.0
+        info.inputBufferAdcTime = 812.5 + i * block / rate
+        info.currentTime = info.inputBufferAdcTime + 0.01
+        status = sd.CallbackFlags()
+        status.input_overflow = i == 30
+        cap._callback(indata, block, info, status)
+        info.inputBufferAdcTime = 0.0  # PortAudio's next use of the struct
+        indata[:] = -1.0
+        await settle(cap)
+    cap.stop()
+    assert abs(cap.samples_delivered - 40 * 320) <= 1
+    loud = np.flatnonzero(got.audio > 8000)
+    assert abs(int(loud[0]) - 39 * 320) <= 10 and not (got.audio < -8000).any()
+    assert cap.status_overflows == 1 and cap.overflows_unmeasured == 0
+    assert cap.overflow_lost_s == pytest.approx(0.4)
+
+
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+@pytest.mark.parametrize("rate", [SAMPLE_RATE, 48000])
+async def test_captions_after_an_input_overflow_keep_their_times(rate: int) -> None:
+    speech, spans = speech_with_pauses(["Good evening and welcome to the show.",
+                                        "Tonight we talk about the weather."], pause_s=3.0)
+    audio = resample(int16_to_float32(speech), SAMPLE_RATE, rate)[:, None]
+    block = rate // 50
+    # PortAudio loses 1.2 s from 0.5 s into the pause.
+    lost_at = spans[0][1] * 50 // SAMPLE_RATE + 25
+    cfg = load_config(overrides={"stream.partial_interval_ms": 0})
+
+    async def finals(lost: range) -> list[tuple[int, float, float]]:
+        record = LatencyLog()
+        async with Engine(cfg, ScriptedBackend(words_so_far)) as engine:
+            engine.add_listener(record)
+            stream = engine.open_stream("mic", source="mic")
+            cap = MicrophoneCapture(stream.push, device=fake_device(rate, 1), block_ms=20,
+                                    max_pending_blocks=10, stream_factory=FakeFactory())
+            cap.start()
+            await feed_with_an_overflow(cap, audio, block, lost,
+                                        lambda i: adc_time(3.5 + i * 0.02))
+            cap.stop()
+            await stream.close()
+        assert cap.status_overflows == (1 if lost else 0)
+        return [(c.segment, c.start, c.end) for c in record.captions() if c.final]
+
+    kept_up = await finals(range(0))
+    overflowed = await finals(range(lost_at, lost_at + 60))
+    assert len(kept_up) == 2
+    assert kept_up[1][1] == pytest.approx(spans[1][0] / SAMPLE_RATE, abs=0.5)
+    assert [s for s, _, _ in overflowed] == [s for s, _, _ in kept_up]
+    for (_, start, end), (_, want_start, want_end) in zip(overflowed, kept_up, strict=True):
+        assert start == pytest.approx(want_start, abs=0.002)
+        assert end == pytest.approx(want_end, abs=0.002)
 
 
 async def test_one_wakeup_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:

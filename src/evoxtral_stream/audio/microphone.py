@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,12 +38,20 @@ logger = logging.getLogger(__name__)
 PORTAUDIO_MISSING = "PortAudio library not found: install it with `apt-get install libportaudio2`"
 
 #: The largest piece of silence handed to ``on_audio`` in one call when the
-#: gap left by dropped blocks is filled: a long drop run is delivered in many
-#: small pieces, never allocated at once.
+#: gap left by dropped blocks (or an input overflow) is filled: a long gap is
+#: delivered in many small pieces, never allocated at once.
 SILENCE_CHUNK = SILENCE_PIECE
 #: Pieces of silence (1 s) delivered in one turn of the event loop: a long gap
 #: goes on in later turns, so the loop stays responsive while it is filled.
 SILENCE_PIECES_PER_TURN = 10
+#: The longest input overflow measured from PortAudio's timestamps, in
+#: seconds. Host buffers hold tens to hundreds of milliseconds, and a device
+#: that calls back nothing for ``audio.stall_timeout_s`` (2 s by default) is
+#: reopened as lost instead; a longer "gap" on a running stream means the
+#: process itself was stopped (SIGSTOP, suspend) or the host's clock stepped,
+#: which the timestamps cannot tell apart: it is counted as unmeasured, not
+#: filled with a guess.
+MAX_OVERFLOW_GAP_S = 10.0
 
 
 # --- devices ----------------------------------------------------------------
@@ -232,8 +241,18 @@ class MicrophoneCapture:
     The dropped sound itself is lost: a long drop run is silence to the VAD
     and may end the open segment there. Blocks dropped after the last one
     queued are filled in when the capture stops or the device is lost.
-    :attr:`silence_samples` counts the silence delivered. (PortAudio's own
-    input overflows lose an unknown number of frames and are only counted.)
+    :attr:`silence_samples` counts the silence delivered.
+
+    PortAudio's own input overflows (frames lost before the callback ran) are
+    counted in :attr:`status_overflows` and measured from the callback's
+    ``time_info.inputBufferAdcTime`` (the ADC time of the block's first
+    frame): the frames between where the previous block ended and where this
+    one begins are filled with silence as dropped ones are, and added up in
+    :attr:`overflow_lost_s`. Host APIs that give no usable times (0, or times
+    that do not increase, as ALSA may), a gap the times do not show, or one
+    over :data:`MAX_OVERFLOW_GAP_S` cannot be measured: such an overflow is
+    only counted (:attr:`overflows_unmeasured`), and the captions after it
+    come early by what it lost.
 
     ``device`` is an ``audio.device`` spec (see :func:`resolve_input_device`)
     or an already resolved :class:`InputDevice`. The stream is created in
@@ -304,7 +323,13 @@ class MicrophoneCapture:
         # written by one side only, so no lock is needed.
         self.dropped_blocks = 0
         self.status_overflows = 0
+        self.overflows_unmeasured = 0
+        self.overflow_lost_s = 0.0
+        """Seconds lost in input overflows, measured and filled with silence."""
         self.blocks_seen = 0
+        # The ADC time the next block's first frame should have if no frame
+        # is lost (callback thread only); None when the last gave no usable time.
+        self._next_adc: float | None = None
         # Native-rate frames dropped since the last queued block: the callback
         # hands them to the loop with the next block it queues; the loop
         # takes the rest only once no callback can come (stop, lost device).
@@ -316,6 +341,8 @@ class MicrophoneCapture:
         self.silence_samples = 0
         self._reported_drops = 0
         self._reported_overflows = 0
+        self._reported_overflow_s = 0.0
+        self._reported_unmeasured = 0
 
     @classmethod
     def from_config(
@@ -402,6 +429,7 @@ class MicrophoneCapture:
         blocksize = max(1, self.samplerate * self.block_ms // 1000)
         self._pending.clear()
         self._gap_frames = 0
+        self._next_adc = None
         self._wake_scheduled = False
         stream = self._stream_factory(
             device, self.samplerate, self.channels, blocksize, self._callback
@@ -492,11 +520,16 @@ class MicrophoneCapture:
 
     def _callback(self, indata: Float32Array, frames: int, time_info: Any, status: Any) -> None:
         """PortAudio callback: copy, count, wake the loop. Never blocks."""
-        if status and getattr(status, "input_overflow", False):
+        overflow = bool(status) and bool(getattr(status, "input_overflow", False))
+        accepting = self._accepting
+        lost = self._overflow_frames(time_info, len(indata), overflow) if accepting else 0
+        if overflow:  # after its measurement: _report reads this count first
             self.status_overflows += 1
-        if not self._accepting:
+        if not accepting:
             return
         self.blocks_seen += 1
+        # Frames an overflow lost come before this block, dropped or queued.
+        self._gap_frames += lost
         # deque.append/len are atomic under the GIL; the loop only pops.
         if len(self._pending) >= self.max_pending_blocks:
             self.dropped_blocks += 1
@@ -514,6 +547,25 @@ class MicrophoneCapture:
             if loop is not None:
                 with contextlib.suppress(RuntimeError):  # loop closed while stopping
                     loop.call_soon_threadsafe(self._drain)
+
+    def _overflow_frames(self, time_info: Any, frames: int, overflow: bool) -> int:
+        """Callback thread: the native-rate frames an input overflow lost just
+        before this block of ``frames``, from the blocks' ADC times (0 when
+        there was no overflow or it cannot be measured)."""
+        adc = _adc_time(time_info)
+        expected = self._next_adc
+        self._next_adc = None if adc is None else adc + frames / self.samplerate
+        if not overflow:
+            return 0
+        lost = 0 if adc is None or expected is None else round(
+            (adc - expected) * self.samplerate)
+        # Not positive: times that stand still or run back (no usable clock),
+        # or the loss does not show in them; see MAX_OVERFLOW_GAP_S for the bound.
+        if not 0 < lost <= MAX_OVERFLOW_GAP_S * self.samplerate:
+            self.overflows_unmeasured += 1
+            return 0
+        self.overflow_lost_s += lost / self.samplerate
+        return lost
 
     # --- event loop -------------------------------------------------------------
 
@@ -555,7 +607,7 @@ class MicrophoneCapture:
             self._emit(self._resampler.flush())
 
     def _fill_gap(self, frames: int) -> None:
-        """Owe silence for ``frames`` dropped native-rate frames (see _pay_silence)."""
+        """Owe silence for ``frames`` lost native-rate frames (see _pay_silence)."""
         resampler = self._resampler
         if resampler is None:
             return
@@ -594,9 +646,34 @@ class MicrophoneCapture:
             )
             self._reported_drops = drops
         if overflows > self._reported_overflows:
+            lost_s = self.overflow_lost_s
+            filled = lost_s - self._reported_overflow_s
+            unmeasured = self.overflows_unmeasured - self._reported_unmeasured
+            what = []
+            if filled > 0:
+                what.append(f"{filled:.3f} s of it measured from PortAudio's timestamps and "
+                            "filled with silence")
+            if unmeasured:
+                what.append(f"{unmeasured} overflow(s) not measurable (no usable timestamps): "
+                            "the captions after them come early by what they lost")
             logger.warning(
-                "audio input overflowed %d time(s) (%d in total): samples were lost "
-                "before they reached the callback",
+                "audio input overflowed %d time(s) (%d in total): audio was lost before it "
+                "reached the callback%s",
                 overflows - self._reported_overflows, overflows,
+                "".join(f"; {w}" for w in what),
             )
             self._reported_overflows = overflows
+            self._reported_overflow_s = lost_s
+            self._reported_unmeasured += unmeasured
+
+
+def _adc_time(time_info: Any) -> float | None:
+    """The ADC time of a callback's first frame, or None if unusable.
+
+    sounddevice passes ``time_info`` as PortAudio's ``PaStreamCallbackTimeInfo *``
+    (a cffi pointer, valid only during the callback: read it at once). Host
+    APIs without timestamps give 0 (ALSA without timestamps: at or below 0)."""
+    adc = getattr(time_info, "inputBufferAdcTime", None)
+    if not isinstance(adc, float | int) or not math.isfinite(adc) or adc <= 0:
+        return None
+    return float(adc)
