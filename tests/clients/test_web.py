@@ -1111,6 +1111,72 @@ async def test_microphone_audio_dropped_after_the_last_chunk_is_declared_before_
     assert samples == declared == (last - backlog[-1][1]) * backlog[-1][2] > 0
 
 
+async def throttle_upload(page: Page, bytes_per_s: float) -> None:
+    """DevTools network emulation: the tab's uploads at ``bytes_per_s`` (-1: not
+    throttled). Chromium applies it to WebSockets opened while some throttling
+    is on, later changes included."""
+    await page.send("Network.emulateNetworkConditions", offline=False, latency=0,
+                    downloadThroughput=-1, uploadThroughput=bytes_per_s)
+
+
+#: Records in window.notices every text the page's notice is given.
+RECORD_NOTICES = ("(() => { window.notices = []; const notice = document.getElementById('notice');"
+                  " new MutationObserver((records) => { for (const r of records)"
+                  " for (const n of r.addedNodes) window.notices.push(n.textContent); })"
+                  ".observe(notice, {childList: true}); })()")
+
+
+async def test_a_connection_slower_than_the_microphone_drops_past_the_bound_and_declares_it(
+        browser: Browser) -> None:
+    """The open ingest connection stops keeping up (its upload throttled to
+    1 byte/s by Chromium's own network emulation): the chunks wait in the
+    socket's bufferedAmount. Once they hold MIC_BACKLOG_S (10 s) of audio,
+    the page drops new chunks instead of buffering without end, and says so
+    once. When the link is back and the buffer drains, it sends again, after
+    a lost message for exactly the frames dropped: the real server counts
+    them as lost audio, and its timeline is what was sent plus them."""
+    cfg = load_config(overrides={"server.port": 0, "server.ping_interval_s": 0}, env={})
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        page = await Page.open(browser, f"http://127.0.0.1:{server.port}/?mic=desk")
+        try:
+            await page.wait_for(f"{STATUS} === 'live'")
+            await page.send("Network.enable")
+            await throttle_upload(page, 1e7)  # before the ingest socket opens; not slow yet
+            await page.evaluate(RECORD_NOTICES)
+            await page.click("#mic")
+            await page.wait_for("evoxtral.mic?.ready && evoxtral.mic.sent > 0")
+            rate = await page.evaluate("evoxtral.mic.sampleRate")
+            await throttle_upload(page, 1)
+            # 20 chunks dropped; or (the page without a bound) 11 s buffered.
+            await page.wait_for("evoxtral.mic.slow >= 20 ||"
+                                f" evoxtral.mic.ws.bufferedAmount > {11 * rate * 2}", 40)
+            buffered = await page.evaluate("evoxtral.mic.ws.bufferedAmount")
+            assert 9.8 * rate * 2 < buffered <= 10 * rate * 2
+            await throttle_upload(page, -1)
+            await page.wait_for("evoxtral.mic.slow === 0", 20)
+            await asyncio.sleep(1.0)
+            notices = await page.evaluate("window.notices")
+            await page.click("#mic")
+            summary = await page.wait_for("evoxtral.mic.summary", 15)
+            sent, declared, undeclared = await page.evaluate(
+                "[evoxtral.mic.sent, evoxtral.mic.declared, evoxtral.mic.undeclared]")
+            assert page.errors == []
+        finally:
+            await page.close()
+
+    assert notices[0] == ("Microphone: the connection is too slow; audio is dropped until it "
+                          "catches up (its time is sent as lost audio)")
+    caught_up = re.fullmatch(r"Microphone: the connection caught up \((\d+) audio chunks "
+                             r"dropped meanwhile; their time is sent as lost audio\)", notices[1])
+    assert caught_up and len(notices) == 2, notices
+    chunks = int(caught_up[1])
+    assert chunks >= 20
+    assert (declared, undeclared) == (chunks * round(rate / 20), 0)
+    assert abs(summary["lost"] - declared / rate) < 0.01
+    assert abs(summary["duration"] - (sent / 2 + declared) / rate) < 0.1
+
+
 async def test_a_late_stream_ended_of_the_old_run_keeps_the_microphones_new_partial(
         browser: Browser) -> None:
     """The microphone's stream id is used again: the server ends the old run

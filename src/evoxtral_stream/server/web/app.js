@@ -10,6 +10,12 @@
 // streams PCM16 from an AudioWorklet to /v1/ingest?stream=browser-XXXX (or
 // the page's ?mic=ID, for a token limited to some streams), in the language
 // picked beside it (offered when the server's hello lists more than one).
+// At most MIC_BACKLOG_S of its audio waits in the page: in a backlog while
+// the ingest socket reconnects, or in the open socket's bufferedAmount on a
+// link slower than the microphone. Chunks past that are dropped, not queued,
+// and their time is declared to the server as a lost message before the
+// next chunk sent (see openIngest), so captions stay in time; the notice
+// says so once per slow episode, and again with the count once it is over.
 //
 // Access tokens: a browser WebSocket cannot set headers, so both sockets
 // carry the token as the subprotocol evoxtral.token.<TOKEN>. The token comes
@@ -19,8 +25,14 @@
 // from the visible URL.
 
 const MAX_LINES = 300;
-// Seconds of microphone audio kept for the next connection while the
-// ingest connection is lost.
+// Seconds of microphone audio the page holds for the ingest connection: kept
+// for the next connection while it is lost, or waiting in the open socket's
+// bufferedAmount while the link is slower than the microphone. Past it,
+// chunks are dropped and their time declared as lost audio, so what the page
+// holds delays the captions by at most this much, in about 1 MB at 48 kHz;
+// mic_client.py's queue holds as much. (Chromium's bufferedAmount leaves out
+// what its network process has taken, and that takes, without this bound,
+// what a stalled TCP connection cannot send: over 10 MB in a test.)
 const MIC_BACKLOG_S = 10;
 const TOKEN_KEY = "evoxtral.token";
 const TOKEN_PROTOCOL = "evoxtral.token.";
@@ -493,16 +505,33 @@ async function startMic() {
     language: ui.language.value, before: state.selected, opened: false, connects: 0,
     retry: 0, timer: null, backlog: [], backlogBytes: 0, dropped: 0, lastError: null,
     lost: 0,             // frames dropped since the last chunk kept (sent or in the backlog)
+    slow: 0,             // chunks dropped since the open socket's buffer went over the bound
     sentAudio: false,    // this connection has sent audio: its stream's timeline has begun
     allowance: 0, allowanceAt: 0,  // frames this connection still takes as lost, and when
     declared: 0, undeclared: 0,    // frames declared lost, and past what a connection takes
   };
   // Each chunk is PCM16 mono: byteLength / 2 frames at the config's sample_rate.
+  const bound = MIC_BACKLOG_S * mic.sampleRate * 2;  // bytes
   node.port.onmessage = (e) => {
     if (mic.ws?.readyState === WebSocket.OPEN && mic.ready) {
+      if (mic.ws.bufferedAmount + e.data.byteLength > bound) {
+        // The link is slower than the microphone: drop, as beyond the backlog.
+        if (!mic.slow++) {
+          showNotice("Microphone: the connection is too slow; audio is dropped until it " +
+                     "catches up (its time is sent as lost audio)");
+        }
+        mic.lost += e.data.byteLength / 2;
+        return;
+      }
+      if (mic.slow) {
+        // Before the chunk: a lost message past what the connection takes says so.
+        showNotice(`Microphone: the connection caught up (${mic.slow} audio chunks ` +
+                   "dropped meanwhile; their time is sent as lost audio)");
+        mic.slow = 0;
+      }
       sendAudio(mic, mic.lost, e.data);
       mic.lost = 0;
-    } else if (mic.backlogBytes + e.data.byteLength <= MIC_BACKLOG_S * mic.sampleRate * 2) {
+    } else if (mic.backlogBytes + e.data.byteLength <= bound) {
       // Kept for the next connection, with the frames dropped just before it.
       mic.backlog.push({ lost: mic.lost, chunk: e.data });
       mic.backlogBytes += e.data.byteLength;
@@ -559,7 +588,11 @@ function declareLost(mic, frames) {
 // MIC_BACKLOG_S of audio waits for it and is sent first, later chunks are
 // dropped and counted, and their time is declared lost before the next
 // chunk sent (sendAudio), so the server puts silence there and the later
-// captions keep their true times. A refusal for a passing reason is retried too.
+// captions keep their true times. While the connection is open, the same
+// bound holds its buffer: a chunk that would take bufferedAmount past
+// MIC_BACKLOG_S of audio is dropped and declared the same way, until the
+// link has sent enough of it (startMic). A refusal for a passing reason is
+// retried too.
 function openIngest(mic) {
   const path = `v1/ingest?stream=${encodeURIComponent(mic.stream)}`;
   const ws = mic.ws = new WebSocket(wsUrl(path), protocols());
@@ -582,6 +615,8 @@ function openIngest(mic) {
       const back = mic.opened;
       mic.opened = mic.ready = true;
       mic.retry = 0;
+      mic.dropped += mic.slow;  // a slow episode that ended with its connection
+      mic.slow = 0;
       mic.sentAudio = false;
       mic.allowance = state.maxLostS * mic.sampleRate;
       mic.allowanceAt = performance.now() / 1000;
