@@ -1111,6 +1111,40 @@ async def test_microphone_audio_dropped_after_the_last_chunk_is_declared_before_
     assert samples == declared == (last - backlog[-1][1]) * backlog[-1][2] > 0
 
 
+async def test_stopping_while_reconnecting_counts_the_audio_dropped_past_the_backlog(
+        browser: Browser) -> None:
+    """Stopped while the next connection waits long for ingest.ready: what
+    was not sent is the backlog's 10 s and the chunks dropped after it."""
+    release = asyncio.Event()
+    ingest = RecordingIngest(hold={1: release})
+    async with serve(ingest.handler, "127.0.0.1", 0, process_request=page_files) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        page = await Page.open(browser, f"http://127.0.0.1:{port}/?mic=desk")
+        try:
+            await page.wait_for(f"{STATUS} === 'live'")
+            await page.click("#mic")
+            await page.wait_for("Boolean(evoxtral.mic?.node)")
+            await page.evaluate(STAMP_CHUNKS)
+            await page.wait_for("evoxtral.mic.connects === 2 && evoxtral.mic.dropped >= 20", 30)
+            await page.evaluate("evoxtral.mic.ctx.suspend()")
+            await asyncio.sleep(0.3)  # chunks already posted arrive
+            # Every chunk from the backlog's first on was kept there or dropped.
+            last, first, frames, rate = await page.evaluate(
+                "[window.stamped, new Int16Array(evoxtral.mic.backlog[0].chunk)[0],"
+                " evoxtral.mic.backlog[0].chunk.byteLength / 2, evoxtral.mic.sampleRate]")
+            await page.click("#mic")
+            notice = await page.evaluate("document.getElementById('notice').textContent")
+            assert page.errors == []
+        finally:
+            release.set()
+            await page.close()
+
+    unsent = (last - first + 1) * frames / rate
+    assert unsent >= 10 + 20 * frames / rate - 0.01  # the backlog, and 20 chunks past it
+    assert notice == (f"Microphone stopped while reconnecting: {unsent:.1f} s of audio "
+                      "were not sent")
+
+
 async def throttle_upload(page: Page, bytes_per_s: float) -> None:
     """DevTools network emulation: the tab's uploads at ``bytes_per_s`` (-1: not
     throttled). Chromium applies it to WebSockets opened while some throttling

@@ -712,8 +712,11 @@ function stopMic() {
     return;
   }
   // No connection the server has accepted: nothing more reaches it.
-  if (mic.opened && mic.backlogBytes) {
-    const seconds = (mic.backlogBytes / 2 / mic.sampleRate).toFixed(1);
+  // The backlog and every chunk dropped before, after and between its chunks.
+  const unsent = mic.backlogBytes / 2 + mic.lost +
+                 mic.backlog.reduce((sum, { lost }) => sum + lost, 0);
+  if (mic.opened && unsent) {
+    const seconds = (unsent / mic.sampleRate).toFixed(1);
     showNotice(`Microphone stopped while reconnecting: ${seconds} s of audio were not sent`);
   }
   mic.ws.close();  // its onclose, if still to come, forgets a stream never started
