@@ -33,6 +33,11 @@ from .protocol import (
     encode_server_event,
 )
 
+__all__ = [
+    "refuse_realtime",
+    "serve_realtime",
+]
+
 log = logging.getLogger(__name__)
 
 _CLOSE_POLICY = 1008

@@ -81,9 +81,11 @@ from .protocol import (
     wire_size,
 )
 
+__all__ = [
+    "RealtimeTranscription",
+]
+
 log = logging.getLogger(__name__)
-
-
 
 
 @dataclass

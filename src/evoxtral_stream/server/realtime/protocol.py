@@ -17,6 +17,35 @@ from typing import Any, Literal
 
 from ...events import Int16Array
 
+__all__ = [
+    "INPUT_RATE",
+    "MAX_BUFFER_S",
+    "MIN_COMMIT_MS",
+    "AudioAppend",
+    "AudioClear",
+    "AudioCommit",
+    "BufferCleared",
+    "BufferCommitted",
+    "BufferSpeechStarted",
+    "BufferSpeechStopped",
+    "ClientEvent",
+    "CutSegment",
+    "Output",
+    "PushAudio",
+    "RealtimeError",
+    "RealtimeProtocolError",
+    "ServerEvent",
+    "SessionCreated",
+    "SessionUpdate",
+    "SessionUpdated",
+    "SetLanguage",
+    "TranscriptionCompleted",
+    "TranscriptionDelta",
+    "encode_server_event",
+    "parse_client_event",
+    "server_event_to_dict",
+]
+
 #: The only input format: PCM16 little-endian mono at 24 kHz (``audio/pcm``).
 INPUT_RATE = 24_000
 #: A manual commit needs at least this much audio (as OpenAI requires).
