@@ -123,6 +123,7 @@ def test_protocol_examples_match_the_schema() -> None:
     server_types = set(protocol_schema()["$defs"])
     sent = [m for m in messages if m["type"] in server_types]
     assert {m["type"] for m in sent} >= {"hello", "caption", "gap", "error", "ingest.ready",
-                                        "ingest.summary", "stream.started", "stream.ended"}
+                                        "ingest.progress", "ingest.summary", "stream.started",
+                                        "stream.ended"}
     for message in sent:
         validate_message(message)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -144,6 +145,8 @@ async def test_ingest_two_formats_produce_the_words(whisper_backend: Backend) ->
     ('{"type": "config", "sample_rate": ' + "1" * 5000 + "}", "bad_json"),  # int digit limit
     (json.dumps({"type": "config", "sample_rate": 7}), "bad_config"),
     (json.dumps({"type": "config", "sample_rate": 16000, "format": "mp3"}), "bad_config"),
+    (json.dumps({"type": "config", "sample_rate": 16000, "progress": "yes"}), "bad_config"),
+    (json.dumps({"type": "config", "sample_rate": 16000, "progress": 1}), "bad_config"),
     (json.dumps({"type": "hello"}), "bad_message"),
     (json.dumps({"type": "lost", "samples": 160}), "not_configured"),
 ])
@@ -510,3 +513,79 @@ async def test_a_bad_lost_message_is_an_error_and_adds_nothing(
     assert summary["type"] == "ingest.summary" and summary["lost"] == 0
     assert summary["duration"] == pytest.approx(len(audio) / SAMPLE_RATE, abs=0.001)
     assert not [m for m in messages if m["type"] == "error"]
+
+
+# --- progress acknowledgements --------------------------------------------------
+
+
+async def test_progress_acknowledges_the_audio_the_server_has_taken(
+    scripted: tuple[Engine, CaptionServer],
+) -> None:
+    """With ``progress: true``: while the client sends 48 kHz stereo audio in
+    chunks that do not divide half a second, ingest.progress counts its
+    frames, each at most what was sent when it arrived, growing by at least
+    half a second (24,000 frames) and less than that plus a chunk; lost
+    audio declared in between is not counted; at ``end`` a last one counts
+    every frame, before the summary."""
+    _, server = scripted
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+    at48 = resample(audio, SAMPLE_RATE, 48000).astype("<i2")
+    pcm = np.stack([at48, at48], axis=1).tobytes()
+    chunk, frame = 1234, 4                       # frames per message, bytes per frame
+    total = len(pcm) // frame
+    sent = 0
+    received: list[tuple[dict[str, Any], int]] = []
+
+    async def read(ws: ClientConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                received.append((await recv_json(ws), sent))
+
+    async with connect(f"ws://127.0.0.1:{server.port}/v1/ingest?stream=acked") as ws:
+        await ws.send(json.dumps({"type": "config", "sample_rate": 48000, "channels": 2,
+                                  "progress": True}))
+        ready = await recv_json(ws)
+        assert (ready["type"], ready["progress"]) == ("ingest.ready", True)
+        reader = asyncio.ensure_future(read(ws))
+        for i in range(0, total, chunk):
+            if i == total // 2 // chunk * chunk:
+                await ws.send(json.dumps({"type": "lost", "samples": 24000}))
+            sent = min(total, i + chunk)         # counted before: the reply may come first
+            await ws.send(pcm[i * frame:sent * frame])
+            await asyncio.sleep(0.002)
+        await ws.send(json.dumps({"type": "end"}))
+        await asyncio.wait_for(reader, 60)
+    assert ws.close_code == 1000
+
+    types = [m["type"] for m, _ in received]
+    progress = [(m["frames"], at) for m, at in received if m["type"] == "ingest.progress"]
+    assert types[-1] == "ingest.summary"
+    assert types.index("ingest.summary") > max(
+        i for i, kind in enumerate(types) if kind == "ingest.progress")
+    frames = [f for f, _ in progress]
+    assert all(f <= at for f, at in progress), progress
+    steps = np.diff([0, *frames[:-1]])
+    assert all(24000 <= step < 24000 + chunk for step in steps), steps
+    # The end's: the rest, under half a second; the lost frames not counted.
+    assert 0 < frames[-1] - frames[-2] < 24000 and frames[-1] == total
+    summary = received[-1][0]
+    assert summary["lost"] == 0.5
+    assert summary["duration"] == pytest.approx(total / 48000 + 0.5, abs=0.001)
+
+
+@pytest.mark.parametrize("option", [{}, {"progress": False}])
+async def test_no_progress_unless_asked(
+    scripted: tuple[Engine, CaptionServer], option: dict[str, Any],
+) -> None:
+    _, server = scripted
+    pcm = speech_with_pauses(SENTENCES[:1], pause_s=1.0)[0].astype("<i2").tobytes()
+    async with connect(f"ws://127.0.0.1:{server.port}/v1/ingest?stream=quiet") as ws:
+        await ws.send(json.dumps({"type": "config", "sample_rate": 16000, **option}))
+        ready = await recv_json(ws)
+        assert (ready["type"], ready["progress"]) == ("ingest.ready", False)
+        await send_audio(ws, pcm)
+        await ws.send(json.dumps({"type": "end"}))
+        messages = await until_closed(ws)
+    assert messages[-1]["type"] == "ingest.summary"
+    assert messages[-1]["duration"] > 3
+    assert not [m for m in messages if m["type"] == "ingest.progress"]

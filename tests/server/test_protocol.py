@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jsonschema
 import pytest
 
@@ -17,8 +19,11 @@ from evoxtral_stream.server.broadcast import Broadcaster
 from evoxtral_stream.server.protocol import (
     MAX_LOST_S,
     EndOfStream,
+    IngestFormat,
+    IngestProgress,
     LostAudio,
     ProtocolError,
+    SampleFormat,
     decode_caption,
     encode_error,
     encode_event,
@@ -100,3 +105,50 @@ def test_ingest_summary_matches_the_schema() -> None:
     with pytest.raises(jsonschema.ValidationError):  # lost is required
         validate_message(encode_message("ingest.summary", stream="mic", duration=12.3,
                                         segments=3, finals=3, partials=9, errors=0))
+
+
+def test_progress_is_an_optional_boolean_of_the_config() -> None:
+    base = {"type": "config", "sample_rate": 48000}
+    assert parse_ingest_message(json.dumps(base)) \
+        == IngestFormat(48000, 1, SampleFormat.PCM16, progress=False)
+    for value in (True, False):
+        parsed = parse_ingest_message(json.dumps({**base, "progress": value}))
+        assert isinstance(parsed, IngestFormat) and parsed.progress is value
+    bad_values: list[object] = ["yes", "true", 1, 0, None, [], {}]
+    for bad in bad_values:
+        with pytest.raises(ProtocolError) as err:
+            parse_ingest_message(json.dumps({**base, "progress": bad}))
+        assert err.value.code == "bad_config"
+        assert str(err.value) == f"progress must be true or false, got {bad!r}"
+
+
+def test_progress_is_reported_per_half_second_of_frames_and_flushed_at_end() -> None:
+    """Driven by the frames counted only: a report once at least half a second
+    of them (at the config's rate, rounded up) came since the last one; at
+    end the rest, once."""
+    progress = IngestProgress(48000)
+    assert progress.add(10_000) is None
+    assert progress.flush() == '{"type":"ingest.progress","frames":10000}'
+    assert progress.flush() is None
+    assert progress.add(23_999) is None
+    assert validate_message(progress.add(1) or "") == {"type": "ingest.progress",
+                                                      "frames": 34_000}
+    assert progress.add(50_000) == '{"type":"ingest.progress","frames":84000}'
+    assert progress.add(0) is None and progress.flush() is None
+    assert progress.frames == 84_000
+    odd = IngestProgress(8001)  # half a second is 4000.5 frames: 4001
+    assert odd.add(4000) is None
+    assert odd.add(1) == '{"type":"ingest.progress","frames":4001}'
+
+
+def test_ingest_ready_and_progress_match_the_schema() -> None:
+    ready = {"stream": "mic", "sample_rate": 48000, "channels": 1, "format": "pcm16",
+             "language": "en"}
+    for value in (True, False):
+        validate_message(encode_message("ingest.ready", **ready, progress=value))
+    with pytest.raises(jsonschema.ValidationError):  # progress is required
+        validate_message(encode_message("ingest.ready", **ready))
+    validate_message(encode_message("ingest.progress", frames=24000))
+    for bad in (0, 1.5, None):
+        with pytest.raises(jsonschema.ValidationError):
+            validate_message(encode_message("ingest.progress", frames=bad))

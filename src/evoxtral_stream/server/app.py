@@ -9,8 +9,9 @@ Routes (see docs/protocol.md):
   caption and lifecycle event of the chosen streams (all when none is named).
 - ``/v1/ingest?stream=ID``: a ``config`` message, then binary audio (and
   ``lost`` messages, filled with silence); the stream's own events come back
-  on the same connection; ``end`` (or a disconnect) flushes the open segment
-  as a final.
+  on the same connection, and ``ingest.progress`` acknowledgements of the
+  audio when the config asks for them; ``end`` (or a disconnect) flushes the
+  open segment as a final.
 
 A subscriber (an ingest connection too, on its own events) that falls
 ``server.subscriber_queue`` messages behind is closed with code 1013 so it
@@ -74,6 +75,7 @@ from .protocol import (
     MAX_LOST_S,
     EndOfStream,
     IngestFormat,
+    IngestProgress,
     LostAudio,
     ProtocolError,
     decode_audio_frame,
@@ -558,7 +560,8 @@ class CaptionServer:
             await ws.send(encode_message(
                 "ingest.ready", stream=stream_id, sample_rate=fmt.sample_rate,
                 channels=fmt.channels, format=fmt.sample_format.value,
-                language=stream.language or self._engine.config.model.language))
+                language=stream.language or self._engine.config.model.language,
+                progress=fmt.progress))
         pump = asyncio.ensure_future(self._pump(ws, sub))
         overflow = asyncio.ensure_future(sub.overflowed.wait())
 
@@ -623,7 +626,9 @@ class CaptionServer:
                           push: Callable[[Int16Array], None]) -> _Outcome:
         """Feed binary messages (and silence for ``lost`` ones) to the stream
         until ``end`` (``"end"``), a close or fatal error (``"closed"``), or
-        ``server.idle_timeout_s`` without audio (``"idle"``)."""
+        ``server.idle_timeout_s`` without audio (``"idle"``). With
+        ``fmt.progress``, acknowledge the audio handed to the stream
+        (``ingest.progress``)."""
         limit = self._cfg.max_message_bytes
         loop = asyncio.get_running_loop()
         idle = self._cfg.idle_timeout_s
@@ -634,6 +639,7 @@ class CaptionServer:
         # MAX_LOST_S (a client reconnected after a server restart) fits at once.
         lost_rate = IngestRate(speed, MAX_LOST_S, loop.time())
         bytes_per_s = fmt.sample_rate * fmt.frame_bytes
+        progress = IngestProgress(fmt.sample_rate) if fmt.progress else None
         last_audio = loop.time()
         while True:
             wait = max(0.0, last_audio + idle - loop.time()) if idle else None
@@ -655,12 +661,20 @@ class CaptionServer:
                         raise ProtocolError("too_fast",
                                             f"audio arrives faster than {speed:g}x real time "
                                             "(server.max_ingest_speed)")
-                    samples = resampler.process(decode_audio_frame(message, fmt))
+                    frames = decode_audio_frame(message, fmt)
+                    samples = resampler.process(frames)
                     if len(samples):
                         push(samples)
+                    # Counted once handed on, and sent before the next read:
+                    # when this loop falls behind, so do the acknowledgements,
+                    # and a client bounding its audio in flight on them waits.
+                    if progress is not None and (report := progress.add(len(frames))):
+                        await ws.send(report)
                     continue
                 parsed = parse_ingest_message(message, fmt.sample_rate)
                 if isinstance(parsed, EndOfStream):
+                    if progress is not None and (report := progress.flush()):
+                        await ws.send(report)
                     return "end"
                 if isinstance(parsed, LostAudio):
                     if not lost_rate.take(parsed.samples / fmt.sample_rate, loop.time()):

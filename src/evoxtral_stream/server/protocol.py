@@ -25,6 +25,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "EndOfStream",
     "IngestFormat",
+    "IngestProgress",
     "LostAudio",
     "ProtocolError",
     "SampleFormat",
@@ -164,6 +165,8 @@ class IngestFormat:
     sample_format: SampleFormat
     adapter: str | None = None
     language: str | None = None
+    progress: bool = False
+    """The client asked for ``ingest.progress`` messages (:class:`IngestProgress`)."""
 
     @property
     def frame_bytes(self) -> int:
@@ -212,7 +215,7 @@ def parse_ingest_message(text: str | bytes, sample_rate: int | None = None
     """Parse a text message sent on ``/v1/ingest``.
 
     ``{"type": "config", "sample_rate": 48000, "channels": 2, "format": "pcm16"}``
-    (optionally ``"adapter": NAME`` and ``"language": CODE``),
+    (optionally ``"adapter": NAME``, ``"language": CODE`` and ``"progress": true``),
     ``{"type": "lost", "samples": N}`` or ``{"type": "end"}``; anything else
     raises :class:`ProtocolError`. ``sample_rate`` is the stream's configured
     rate, which bounds a ``lost`` message's ``samples`` to :data:`MAX_LOST_S`
@@ -242,7 +245,37 @@ def parse_ingest_message(text: str | bytes, sample_rate: int | None = None
     for key, value in (("adapter", adapter), ("language", language)):
         if value is not None and (not isinstance(value, str) or not value):
             raise ProtocolError("bad_config", f"{key} must be a non-empty string, got {value!r}")
-    return IngestFormat(rate, channels, sample_format, adapter, language)
+    progress = obj.get("progress", False)
+    if not isinstance(progress, bool):
+        raise ProtocolError("bad_config", f"progress must be true or false, got {progress!r}")
+    return IngestFormat(rate, channels, sample_format, adapter, language, progress)
+
+
+class IngestProgress:
+    """The ``ingest.progress`` messages of one ingest connection (docs/protocol.md).
+
+    :meth:`add` counts the sample frames of each binary message once the
+    server has handed it to the stream, and returns the message to send when
+    at least half a second of frames (at the config's rate) came since the
+    last one; :meth:`flush` (at ``end``) returns it for the frames since the
+    last one, if any. Driven by the audio only: no clock.
+    """
+
+    def __init__(self, sample_rate: int) -> None:
+        self.frames = 0
+        """Frames of binary audio handed to the stream so far (not ``lost`` ones)."""
+        self._reported = 0
+        self._step = -(-sample_rate // 2)  # half a second, rounded up
+
+    def add(self, frames: int) -> str | None:
+        self.frames += frames
+        return self.flush() if self.frames - self._reported >= self._step else None
+
+    def flush(self) -> str | None:
+        if self.frames == self._reported:
+            return None
+        self._reported = self.frames
+        return encode_message("ingest.progress", frames=self.frames)
 
 
 def decode_audio_frame(data: bytes, fmt: IngestFormat) -> npt.NDArray[Any]:
