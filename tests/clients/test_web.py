@@ -40,7 +40,7 @@ from tests.clients.conftest import (
 )
 from tests.fakes import LanguageScriptedBackend, ScriptedBackend, words_so_far
 from tests.helpers.events import EndedStreams
-from tests.helpers.http import free_port
+from tests.helpers.http import Relay, free_port
 from tests.speech import have_espeak, speech_with_pauses
 from tests.text_norm import loose_wer
 
@@ -1164,7 +1164,9 @@ async def test_a_connection_slower_than_the_microphone_drops_past_the_bound_and_
         browser: Browser) -> None:
     """The open ingest connection stops keeping up (its upload throttled to
     1 byte/s by Chromium's own network emulation): the chunks wait in the
-    socket's bufferedAmount. Once they hold MIC_BACKLOG_S (10 s) of audio,
+    socket's bufferedAmount. As from a server that does not acknowledge the
+    audio (its ingest.ready without progress), the page bounds what
+    bufferedAmount shows: once it holds MIC_BACKLOG_S (10 s) of audio,
     the page drops new chunks instead of buffering without end, and says so
     once. When the link is back and the buffer drains, it sends again, after
     a lost message for exactly the frames dropped: the real server counts
@@ -1180,6 +1182,7 @@ async def test_a_connection_slower_than_the_microphone_drops_past_the_bound_and_
             await page.evaluate(RECORD_NOTICES)
             await page.click("#mic")
             await page.wait_for("evoxtral.mic?.ready && evoxtral.mic.sent > 0")
+            await page.evaluate("evoxtral.mic.framesAcked = null")  # acknowledgements unseen
             rate = await page.evaluate("evoxtral.mic.sampleRate")
             await throttle_upload(page, 1)
             # 20 chunks dropped; or (the page without a bound) 11 s buffered.
@@ -1209,6 +1212,164 @@ async def test_a_connection_slower_than_the_microphone_drops_past_the_bound_and_
     assert (declared, undeclared) == (chunks * round(rate / 20), 0)
     assert abs(summary["lost"] - declared / rate) < 0.01
     assert abs(summary["duration"] - (sent / 2 + declared) / rate) < 0.1
+
+
+class StallingRelay(Relay):
+    """A TCP relay whose uplink can stall: while ``flowing`` is clear, what
+    clients send is not read, so it waits in the sockets and in the browser,
+    as on a link that has stopped moving; what the server sends goes on.
+    ``forwarded`` counts the bytes passed on to the server."""
+
+    def __init__(self, target: int) -> None:
+        super().__init__(target)
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.forwarded = 0
+
+    async def forward(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await self.flowing.wait()
+                if not (data := await r.read(65536)):
+                    break
+                self.forwarded += len(data)
+                w.write(data)
+                await w.drain()
+        except ConnectionError:
+            pass
+        finally:
+            w.close()
+
+
+async def test_a_stalled_link_bounds_the_audio_on_its_way_by_the_servers_acknowledgements(
+        browser: Browser) -> None:
+    """The page reaches a real server through a relay whose uplink stalls: what
+    the page sends waits in the sockets and in Chromium's network process,
+    which its bufferedAmount does not show. The server's ingest.progress
+    acknowledgements stop with it, so once 10 s of audio are sent and not
+    acknowledged the page sends nothing more: it drops new chunks and says so
+    once. When the link moves again and the server has taken the audio held
+    up, the page sends again, after a lost message for exactly the frames
+    dropped: the server counts them as lost audio, and its timeline is what
+    was sent plus them."""
+    cfg = load_config(overrides={"server.port": 0, "server.ping_interval_s": 0}, env={})
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server, StallingRelay(server.port) as relay:
+        page = await Page.open(browser, f"http://127.0.0.1:{relay.port}/?mic=desk")
+        try:
+            await page.wait_for(f"{STATUS} === 'live'")
+            await page.evaluate(RECORD_NOTICES)
+            await page.click("#mic")
+            await page.wait_for("evoxtral.mic?.ready && evoxtral.mic.sent > 0")
+            rate = await page.evaluate("evoxtral.mic.sampleRate")
+            await asyncio.sleep(1.0)
+            relay.flowing.clear()
+            before = await page.evaluate("evoxtral.mic.sent")
+            # 20 chunks dropped; or (no bound on what the stall holds) 12 s more sent.
+            await page.wait_for(f"evoxtral.mic.slow >= 20 || evoxtral.mic.sent - {before}"
+                                f" > {12 * rate * 2}", 40)
+            stalled, forwarded = await page.evaluate("evoxtral.mic.sent"), relay.forwarded
+            await asyncio.sleep(1.0)
+            later, slow, unacked = await page.evaluate(
+                "[evoxtral.mic.sent, evoxtral.mic.slow,"
+                " evoxtral.mic.framesSent - evoxtral.mic.framesAcked]")
+            assert relay.forwarded == forwarded  # the link is stalled
+            relay.flowing.set()
+            await page.wait_for("evoxtral.mic.slow === 0", 30)
+            await asyncio.sleep(1.0)
+            notices = await page.evaluate("window.notices")
+            await page.click("#mic")
+            summary = await page.wait_for("evoxtral.mic.summary", 20)
+            sent, declared, undeclared = await page.evaluate(
+                "[evoxtral.mic.sent, evoxtral.mic.declared, evoxtral.mic.undeclared]")
+            assert page.errors == []
+        finally:
+            await page.close()
+
+    # Sent during the stall: up to the bound, past what had been acknowledged.
+    assert (stalled - before) / 2 <= 10.5 * rate, (stalled - before) / 2 / rate
+    assert later == stalled and slow >= 30
+    assert 9.9 * rate < unacked <= 10 * rate
+    assert notices[0] == ("Microphone: the connection is too slow; audio is dropped until it "
+                          "catches up (its time is sent as lost audio)")
+    caught_up = re.fullmatch(r"Microphone: the connection caught up \((\d+) audio chunks "
+                             r"dropped meanwhile; their time is sent as lost audio\)", notices[1])
+    assert caught_up and len(notices) == 2, notices
+    chunks = int(caught_up[1])
+    assert chunks >= slow
+    assert (declared, undeclared) == (chunks * round(rate / 20), 0)
+    assert abs(summary["lost"] - declared / rate) < 0.01
+    assert abs(summary["duration"] - (sent / 2 + declared) / rate) < 0.1
+
+
+async def test_each_ingest_connection_bounds_its_own_unacknowledged_audio(
+        browser: Browser) -> None:
+    """Each ingest connection counts its frames from 0, as its server does.
+    A scripted server acknowledges every half second of the first
+    connection's audio until over 10 s of it came, then closes it. It
+    acknowledges the next connection's first 2 s only: the page sends that
+    connection 10 s past its last acknowledgement (the backlog included),
+    then drops. The first connection's frames sent, carried over, would make
+    it drop at once."""
+    cut = asyncio.Event()
+    configs: list[dict[str, Any]] = []
+    received: list[int] = []  # audio frames each ingest connection got
+    acked: list[int] = []     # the last frames acknowledged on each
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        if not ws.request.path.startswith("/v1/ingest"):
+            await ws.send(hello([]))
+            await ws.wait_closed()
+            return
+        configs.append(config := json.loads(await ws.recv()))
+        rate, index = config["sample_rate"], len(received)
+        received.append(0)
+        acked.append(0)
+        await ws.send(json.dumps({"type": "ingest.ready", "stream": "desk", "sample_rate": rate,
+                                  "channels": 1, "format": "pcm16", "language": "en",
+                                  "progress": True}))
+        async for message in ws:
+            if not isinstance(message, bytes):
+                continue
+            if index == 0 and cut.is_set():
+                await ws.close(1012, "service restart")
+                return
+            received[index] += len(message) // 2
+            if (index == 0 or received[index] <= 2 * rate) \
+                    and received[index] - acked[index] >= rate // 2:
+                acked[index] = received[index]
+                await ws.send(json.dumps({"type": "ingest.progress", "frames": acked[index]}))
+
+    async with serve(handler, "127.0.0.1", 0, process_request=page_files) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        page = await Page.open(browser, f"http://127.0.0.1:{port}/?mic=desk")
+        try:
+            await page.wait_for(f"{STATUS} === 'live'")
+            await page.click("#mic")
+            await page.wait_for("evoxtral.mic?.ready")
+            rate = await page.evaluate("evoxtral.mic.sampleRate")
+            async with asyncio.timeout(30):
+                while received[0] <= 10.5 * rate:
+                    await asyncio.sleep(0.05)
+            assert await page.evaluate("evoxtral.mic.slow") == 0
+            cut.set()
+            await page.wait_for("evoxtral.mic.connects === 2 && evoxtral.mic.ready", 10)
+            # The next connection drops; or (counts carried over, or no bound)
+            # its audio goes on past 14 s.
+            async with asyncio.timeout(30):
+                while (slow := await page.evaluate("evoxtral.mic.slow")) < 10 \
+                        and received[1] <= 14 * rate:
+                    await asyncio.sleep(0.05)
+            assert page.errors == []
+        finally:
+            await page.close()
+
+    frames = round(rate / 20)
+    assert slow >= 10
+    assert acked[1] >= 1.5 * rate
+    assert 10 * rate - frames < received[1] - acked[1] <= 10 * rate
+    assert [c.get("progress") for c in configs] == [True, True]
 
 
 async def test_a_late_stream_ended_of_the_old_run_keeps_the_microphones_new_partial(

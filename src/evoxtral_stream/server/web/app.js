@@ -10,12 +10,13 @@
 // streams PCM16 from an AudioWorklet to /v1/ingest?stream=browser-XXXX (or
 // the page's ?mic=ID, for a token limited to some streams), in the language
 // picked beside it (offered when the server's hello lists more than one).
-// At most MIC_BACKLOG_S of its audio waits in the page: in a backlog while
-// the ingest socket reconnects, or in the open socket's bufferedAmount on a
-// link slower than the microphone. Chunks past that are dropped, not queued,
-// and their time is declared to the server as a lost message before the
-// next chunk sent (see openIngest), so captions stay in time; the notice
-// says so once per slow episode, and again with the count once it is over.
+// At most MIC_BACKLOG_S of its audio is on its way: in a backlog while the
+// ingest socket reconnects, or, on a link slower than the microphone, sent
+// on the open socket and not yet acknowledged by the server (ingest.progress).
+// Chunks past that are dropped, not queued, and their time is declared to
+// the server as a lost message before the next chunk sent (see openIngest),
+// so captions stay in time; the notice says so once per slow episode, and
+// again with the count once it is over.
 //
 // Access tokens: a browser WebSocket cannot set headers, so both sockets
 // carry the token as the subprotocol evoxtral.token.<TOKEN>. The token comes
@@ -25,14 +26,17 @@
 // from the visible URL.
 
 const MAX_LINES = 300;
-// Seconds of microphone audio the page holds for the ingest connection: kept
-// for the next connection while it is lost, or waiting in the open socket's
-// bufferedAmount while the link is slower than the microphone. Past it,
-// chunks are dropped and their time declared as lost audio, so what the page
-// holds delays the captions by at most this much, in about 1 MB at 48 kHz;
-// mic_client.py's queue holds as much. (Chromium's bufferedAmount leaves out
-// what its network process has taken, and that takes, without this bound,
-// what a stalled TCP connection cannot send: over 10 MB in a test.)
+// Seconds of microphone audio on its way to the ingest connection: kept for
+// the next connection while it is lost, or sent on the open one but not yet
+// acknowledged by the server while the link is slower than the microphone.
+// Past it, chunks are dropped and their time declared as lost audio, so the
+// captions lag the microphone by at most about this much; it is about 1 MB
+// at 48 kHz, and mic_client.py's queue holds as much. The server's
+// acknowledgements, not bufferedAmount, are what bound a stalled link:
+// Chromium's bufferedAmount leaves out what its network process has taken,
+// and that takes without limit what a stalled TCP connection cannot send
+// (over 10 MB in a test). bufferedAmount is still checked, for a server
+// that does not acknowledge.
 const MIC_BACKLOG_S = 10;
 const TOKEN_KEY = "evoxtral.token";
 const TOKEN_PROTOCOL = "evoxtral.token.";
@@ -505,7 +509,9 @@ async function startMic() {
     language: ui.language.value, before: state.selected, opened: false, connects: 0,
     retry: 0, timer: null, backlog: [], backlogBytes: 0, dropped: 0, lastError: null,
     lost: 0,             // frames dropped since the last chunk kept (sent or in the backlog)
-    slow: 0,             // chunks dropped since the open socket's buffer went over the bound
+    slow: 0,             // chunks dropped since the open socket's audio went over the bound
+    framesSent: 0,       // frames sent on this connection
+    framesAcked: null,   // of them, what its server acknowledged; null: it does not
     sentAudio: false,    // this connection has sent audio: its stream's timeline has begun
     allowance: 0, allowanceAt: 0,  // frames this connection still takes as lost, and when
     declared: 0, undeclared: 0,    // frames declared lost, and past what a connection takes
@@ -514,7 +520,10 @@ async function startMic() {
   const bound = MIC_BACKLOG_S * mic.sampleRate * 2;  // bytes
   node.port.onmessage = (e) => {
     if (mic.ws?.readyState === WebSocket.OPEN && mic.ready) {
-      if (mic.ws.bufferedAmount + e.data.byteLength > bound) {
+      // On its way: sent and not acknowledged (bufferedAmount is part of it),
+      // or, from a server that does not acknowledge, what bufferedAmount shows.
+      const unacked = mic.framesAcked === null ? 0 : (mic.framesSent - mic.framesAcked) * 2;
+      if (Math.max(unacked, mic.ws.bufferedAmount) + e.data.byteLength > bound) {
         // The link is slower than the microphone: drop, as beyond the backlog.
         if (!mic.slow++) {
           showNotice("Microphone: the connection is too slow; audio is dropped until it " +
@@ -558,6 +567,7 @@ function sendAudio(mic, lost, chunk) {
   if (lost && mic.sentAudio) declareLost(mic, lost);
   mic.ws.send(chunk);
   mic.sent += chunk.byteLength;
+  mic.framesSent += chunk.byteLength / 2;
   mic.sentAudio = true;
 }
 
@@ -589,10 +599,13 @@ function declareLost(mic, frames) {
 // dropped and counted, and their time is declared lost before the next
 // chunk sent (sendAudio), so the server puts silence there and the later
 // captions keep their true times. While the connection is open, the same
-// bound holds its buffer: a chunk that would take bufferedAmount past
-// MIC_BACKLOG_S of audio is dropped and declared the same way, until the
-// link has sent enough of it (startMic). A refusal for a passing reason is
-// retried too.
+// bound holds the audio on its way: the config asks the server to
+// acknowledge the frames it has taken (ingest.progress, every 0.5 s of
+// them), and a chunk that would take the frames sent but not acknowledged
+// (or, without acknowledgements, bufferedAmount) past MIC_BACKLOG_S of audio
+// is dropped and declared the same way, until the server has caught up
+// (startMic). Each connection counts its frames from 0, as the server does.
+// A refusal for a passing reason is retried too.
 function openIngest(mic) {
   const path = `v1/ingest?stream=${encodeURIComponent(mic.stream)}`;
   const ws = mic.ws = new WebSocket(wsUrl(path), protocols());
@@ -602,7 +615,8 @@ function openIngest(mic) {
   let connected = false;
   ws.onopen = () => {
     connected = true;
-    const config = { type: "config", sample_rate: mic.sampleRate, channels: 1, format: "pcm16" };
+    const config = { type: "config", sample_rate: mic.sampleRate, channels: 1, format: "pcm16",
+                     progress: true };
     // The default is left out: an older server, or one that lists no languages.
     if (mic.language && mic.language !== state.languages[0]) config.language = mic.language;
     ws.send(JSON.stringify(config));
@@ -618,6 +632,9 @@ function openIngest(mic) {
       mic.dropped += mic.slow;  // a slow episode that ended with its connection
       mic.slow = 0;
       mic.sentAudio = false;
+      mic.framesSent = 0;
+      // An older server leaves progress out (and sends no acknowledgements).
+      mic.framesAcked = msg.progress === true ? 0 : null;
       mic.allowance = state.maxLostS * mic.sampleRate;
       mic.allowanceAt = performance.now() / 1000;
       if (back) {
@@ -628,6 +645,8 @@ function openIngest(mic) {
       for (const { lost, chunk } of mic.backlog) sendAudio(mic, lost, chunk);
       mic.backlog = [];
       mic.backlogBytes = 0;
+    } else if (msg.type === "ingest.progress") {
+      if (mic.ws === ws && mic.framesAcked !== null) mic.framesAcked = msg.frames;
     } else if (msg.type === "ingest.summary") mic.summary = msg;
     else if (msg.type === "error" && msg.stream === mic.stream) {
       mic.lastError = msg.code;
