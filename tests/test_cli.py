@@ -230,6 +230,23 @@ async def test_a_drain_cut_short_closes_the_open_segment_with_its_partial() -> N
     assert seen[-1]["type"] == "stream.ended"
 
 
+def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
+    """A second server on a taken port (the usual mistake) is an error for
+    people: one line naming the address and the key, exit status 2."""
+    import socket
+
+    audio = tmp_path / "a.wav"
+    sf.write(audio, np.zeros(8000, np.int16), 16000)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        one_error_line(cli("serve", "--source", "none", "--port", port),
+                       f"127.0.0.1:{port}", "in use", "server.port")
+        one_error_line(cli("transcribe", str(audio), "--serve", "--port", port),
+                       f"127.0.0.1:{port}", "in use", "server.port")
+
+
 def test_devices_without_a_sound_card_is_one_line() -> None:
     proc = cli("devices")
     if proc.returncode == 0:

@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import weakref
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from ..audio.resample import StreamResampler, silence_pieces
-from ..config import AuthConfig, AuthTokenConfig, ServerConfig
+from ..config import AuthConfig, AuthTokenConfig, ConfigError, ServerConfig
 from ..engine.engine import Engine, EngineStopping, Stream
 from ..events import SAMPLE_RATE, Int16Array, stream_id_problem
 from .auth import (
@@ -208,7 +209,8 @@ class CaptionServer:
         return int(sock.getsockname()[1])
 
     async def start(self) -> None:
-        """Listen; raises :class:`ConfigError` for an unsafe bind or unusable TLS files."""
+        """Listen; raises :class:`ConfigError` for an unsafe bind, unusable TLS
+        files, or an address it cannot listen on (a port in use, say)."""
         check_bind(self._cfg.host, self._tokens, self._cfg.allow_anonymous)
         self._certificate = ServerCertificate.open(self._cfg.tls_cert, self._cfg.tls_key)
         ssl_ctx = self._certificate.context if self._certificate is not None else None
@@ -229,9 +231,17 @@ class CaptionServer:
                 ping_timeout=self._cfg.ping_timeout_s or None,
                 close_timeout=2,
             )
-        except BaseException:
+        except BaseException as e:
             self._engine.remove_listener(self.broadcaster.publish)
             self._engine.remove_listener(self.metrics.on_event)
+            if isinstance(e, OSError):
+                # A second server on the same port is the usual cause: a
+                # message for people, not a traceback.
+                reason = os.strerror(e.errno) if isinstance(e.errno, int) and e.errno > 0 \
+                    else e.strerror or str(e)
+                raise ConfigError(f"cannot listen on {self._cfg.host}:{self._cfg.port}: "
+                                  f"{reason.lower()}; change server.port (--port) or "
+                                  "server.host") from e
             raise
         if self._certificate is not None and self._tls_poll_s > 0:
             self._tls_watch = asyncio.create_task(self._watch_certificate(self._certificate),
