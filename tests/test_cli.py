@@ -99,6 +99,10 @@ def test_outputs_that_cannot_be_written_are_refused_before_decoding(tmp_path: Pa
                    f"--srt {taken}: cannot make that folder")
     one_error_line(cli("transcribe", str(a), "--vtt", str(tmp_path / "no" / "a.vtt")),
                    "--vtt", "does not exist")
+    # --jsonl is one file for every stream, never a folder.
+    proc = cli("transcribe", str(a), "--jsonl", str(tmp_path))
+    one_error_line(proc, f"--jsonl {tmp_path}", "is a folder")
+    assert "model worker started" not in proc.stderr, "refused only after decoding"
     one_error_line(cli("transcribe", str(a), "--set", "vad.start_ratio=nan"),
                    "vad.start_ratio must be a finite number, got nan")
 

@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="write SRT (a folder for several files)")
     tr.add_argument("--vtt", type=Path, metavar="PATH", help="write WebVTT (likewise)")
     tr.add_argument("--jsonl", type=Path, metavar="PATH",
-                    help="write every event as JSON lines (protocol v1 messages)")
+                    help="write every event of every stream to one file, as JSON lines "
+                         "(protocol v1 messages)")
     tr.add_argument("--serve", action="store_true",
                     help="also serve the captions over WebSocket while transcribing")
     tr.add_argument("--port", type=int, help="override server.port (with --serve)")
@@ -257,6 +258,10 @@ def _prepare_outputs(args: argparse.Namespace, many: bool) -> None:
                                 "several files need a folder") from None
         elif not target.parent.is_dir():
             raise UserError(f"{flag} {target}: the folder {target.parent} does not exist")
+        elif target.is_dir():
+            # Only --jsonl gets here: one file for every stream.
+            raise UserError(f"{flag} {target} is a folder; --jsonl writes one file "
+                            "for every stream: name that file")
 
 
 def _write(path: Path, text: str) -> None:
