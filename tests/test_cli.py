@@ -107,6 +107,21 @@ def test_outputs_that_cannot_be_written_are_refused_before_decoding(tmp_path: Pa
                    "vad.start_ratio must be a finite number, got nan")
 
 
+def test_a_path_ending_in_a_slash_is_a_folder_even_for_one_file(tmp_path: Path) -> None:
+    """``--srt out/ --vtt out/`` with one file writes out/a.srt and out/a.vtt, as
+    with several files; it once wrote both to one file named ``out``."""
+    a = tmp_path / "a.wav"
+    sf.write(a, np.zeros(8000, np.int16), 16000)
+    out = tmp_path / "out"
+    proc = cli("transcribe", str(a), "--srt", f"{out}/", "--vtt", f"{out}/")
+    assert proc.returncode == 0, proc.stderr
+    assert out.is_dir()
+    assert (out / "a.srt").exists()
+    assert (out / "a.vtt").read_text().startswith("WEBVTT")
+    one_error_line(cli("transcribe", str(a), "--jsonl", f"{tmp_path}/events/"),
+                   "--jsonl", "is a folder")
+
+
 def test_no_input_is_a_usage_error() -> None:
     one_error_line(cli("transcribe"), "no input")
 

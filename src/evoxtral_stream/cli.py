@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -103,10 +104,11 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-partials", action="store_true", help="finals only (fastest)")
     tr.add_argument("--partials", action="store_true",
                     help="print partials too when not on a terminal")
-    tr.add_argument("--srt", type=Path, metavar="PATH",
-                    help="write SRT (a folder for several files)")
-    tr.add_argument("--vtt", type=Path, metavar="PATH", help="write WebVTT (likewise)")
-    tr.add_argument("--jsonl", type=Path, metavar="PATH",
+    # Strings, not Paths: Path drops the trailing "/" that says "a folder".
+    tr.add_argument("--srt", metavar="PATH",
+                    help="write SRT (a folder for several files, or when PATH ends with /)")
+    tr.add_argument("--vtt", metavar="PATH", help="write WebVTT (likewise)")
+    tr.add_argument("--jsonl", metavar="PATH",
                     help="write every event of every stream to one file, as JSON lines "
                          "(protocol v1 messages)")
     tr.add_argument("--serve", action="store_true",
@@ -247,20 +249,23 @@ def _output_path(target: Path, stream: str, suffix: str, many: bool) -> Path:
 
 def _prepare_outputs(args: argparse.Namespace, many: bool) -> None:
     """Make the output folders, or refuse the outputs, before any audio is decoded."""
-    for flag, target in (("--srt", args.srt), ("--vtt", args.vtt), ("--jsonl", args.jsonl)):
-        if target is None:
+    for flag, raw in (("--srt", args.srt), ("--vtt", args.vtt), ("--jsonl", args.jsonl)):
+        if raw is None:
             continue
-        if flag != "--jsonl" and (many or target.is_dir()):
+        target = Path(raw)
+        folder = target.is_dir() or raw.endswith(("/", os.sep))
+        if flag != "--jsonl" and (many or folder):
             try:
                 target.mkdir(parents=True, exist_ok=True)
             except OSError as e:
+                why = "several files need a folder" if many else f"{raw} names a folder"
                 raise UserError(f"{flag} {target}: cannot make that folder ({e.strerror}); "
-                                "several files need a folder") from None
+                                f"{why}") from None
         elif not target.parent.is_dir():
             raise UserError(f"{flag} {target}: the folder {target.parent} does not exist")
-        elif target.is_dir():
+        elif folder:
             # Only --jsonl gets here: one file for every stream.
-            raise UserError(f"{flag} {target} is a folder; --jsonl writes one file "
+            raise UserError(f"{flag} {raw} is a folder; --jsonl writes one file "
                             "for every stream: name that file")
 
 
@@ -347,14 +352,14 @@ def _write_outputs(args: argparse.Namespace, cfg: Config, jobs: Sequence[FileJob
                   and e.stream == job.stream and e.final]
         finals.sort(key=lambda e: e.segment)
         if args.srt:
-            _write(_output_path(args.srt, job.stream, ".srt", many),
+            _write(_output_path(Path(args.srt), job.stream, ".srt", many),
                    to_srt(finals, tags=TagStyle(cap.srt_tags), layout=layout))
         if args.vtt:
-            _write(_output_path(args.vtt, job.stream, ".vtt", many),
+            _write(_output_path(Path(args.vtt), job.stream, ".vtt", many),
                    to_vtt(finals, tags=TagStyle(cap.vtt_tags), layout=layout))
     if args.jsonl:
         lines = [json.dumps(event_to_dict(e), ensure_ascii=False) for e in events]
-        _write(args.jsonl, "".join(line + "\n" for line in lines))
+        _write(Path(args.jsonl), "".join(line + "\n" for line in lines))
 
 
 def _cmd_config(args: argparse.Namespace, cfg: Config) -> int:
