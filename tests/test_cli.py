@@ -554,6 +554,18 @@ def test_config_prints_the_effective_config_and_checks_it(tmp_path: Path) -> Non
                    "vad.aggressiveness must be 0..3, got 9")
 
 
+def test_config_takes_the_shortcut_flags_of_serve_and_transcribe() -> None:
+    """docs/config.md: `config` takes the same flags as the command it checks,
+    so `serve --port 9200 --host localhost` and `transcribe --no-partials`
+    can be checked as they will run."""
+    proc = cli("config", "--port", "9200", "--host", "localhost", "--no-partials")
+    assert proc.returncode == 0, proc.stderr
+    effective = tomllib.loads(proc.stdout)
+    assert effective["server"]["port"] == 9200
+    assert effective["server"]["host"] == "localhost"
+    assert effective["stream"]["partial_interval_ms"] == 0
+
+
 async def test_serve_applies_new_tokens_at_sighup(tmp_path: Path) -> None:
     """SIGHUP re-reads the config file: a removed token's connection is closed
     (token_revoked), a new token gets in, other changes wait for a restart,

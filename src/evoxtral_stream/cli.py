@@ -137,12 +137,18 @@ def _parser() -> argparse.ArgumentParser:
                                     "tower and projector.")
     ex.add_argument("outdir", type=Path, metavar="OUTDIR")
 
-    sub.add_parser("config", parents=[common],
-                   help="print the effective configuration as TOML (checks it, too)",
-                   description="Print the configuration the other commands would run with "
-                               "(the defaults, then the config file, then --set), as a "
-                               "complete config file; secrets read \"<redacted>\". A bad "
-                               "value is one error line and exit status 2.")
+    cf = sub.add_parser("config", parents=[common],
+                        help="print the effective configuration as TOML (checks it, too)",
+                        description="Print the configuration the other commands would run "
+                                    "with (the defaults, then the config file, then --set "
+                                    "and the shortcut flags), as a complete config file; "
+                                    "secrets read \"<redacted>\". A bad value is one error "
+                                    "line and exit status 2.")
+    # The shortcuts of serve and transcribe, so their command lines can be checked.
+    cf.add_argument("--host", help="override server.host")
+    cf.add_argument("--port", type=int, help="override server.port")
+    cf.add_argument("--no-partials", action="store_true",
+                    help="shortcut for --set stream.partial_interval_ms=0")
     sub.add_parser("hash-token", parents=[common],
                    help="print the sha256: hash of a token read from stdin, for [[auth.tokens]]",
                    description="Read one token from standard input (a trailing newline is "
