@@ -321,6 +321,19 @@ def test_eval_without_jiwer_is_one_line_before_decoding(tmp_path: Path) -> None:
     assert "backend:" not in proc.stderr  # refused before the model was loaded
 
 
+def test_eval_report_that_cannot_be_written_is_refused_before_decoding(tmp_path: Path) -> None:
+    """A typo in --json must not cost a whole manifest's run: it was only
+    found when the report was written, after every file was decoded."""
+    sf.write(tmp_path / "a.wav", np.zeros(16000, dtype=np.int16), 16000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio": "a.wav", "text": "hello"}) + "\n")
+    for report, needle in ((tmp_path / "no" / "r.json", "does not exist"),
+                           (tmp_path, "is a folder")):
+        proc = cli("eval", str(manifest), "--json", str(report))
+        one_error_line(proc, "--json", needle)
+        assert "backend:" not in proc.stderr  # refused before the model was loaded
+
+
 def test_mqtt_without_aiomqtt_is_one_line_before_decoding(tmp_path: Path) -> None:
     """README's MQTT line on the quick start's install (no mqtt extra)."""
     hidden = tmp_path / "hidden"

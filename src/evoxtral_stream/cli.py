@@ -554,6 +554,12 @@ def _cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     except ImportError:
         raise UserError("eval needs jiwer for WER: "
                         "pip install 'evoxtral-stream[eval]'") from None
+    # The report is written last, after every file is decoded: check its place now.
+    if args.json is not None:
+        if args.json.is_dir():
+            raise UserError(f"--json {args.json} is a folder; name the report's file")
+        if not args.json.parent.is_dir():
+            raise UserError(f"--json {args.json}: the folder {args.json.parent} does not exist")
     backend = load_backend(cfg.model)
     result = run_eval(cfg, backend, entries, compare_offline=args.compare_offline)
     report: dict[str, Any] = {"manifest": str(args.manifest), "backend": backend.name,
