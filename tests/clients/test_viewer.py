@@ -11,6 +11,7 @@ import re
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from evoxtral_stream.config import load_config
 from evoxtral_stream.console import format_time
 from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.events import CaptionEvent, EngineEvent
 from evoxtral_stream.run import feed_samples
 from evoxtral_stream.server.app import CaptionServer
 from tests.clients.conftest import (
@@ -41,6 +43,7 @@ from tests.clients.conftest import (
     refused_token_cases,
 )
 from tests.fakes import ScriptedBackend
+from tests.helpers.audio import buzz, to_int16
 from tests.helpers.http import Relay
 from tests.speech import have_espeak, speech_with_pauses
 
@@ -328,6 +331,75 @@ async def test_viewer_on_a_terminal_redraws_partials_with_colour(
     assert re.sub(r"\x1b\[[0-9;]*m", "", final) == expected[0]
     assert f"\x1b[1;{KIND_COLORS['non-verbal']}m[laughs]\x1b[0m" in final
     assert "\x1b[2m" not in final.split("]\x1b[0m ", 1)[1]
+
+
+# --- after a restart: the journal -------------------------------------------------------
+
+
+def buzzes(segments: int) -> npt.NDArray[np.int16]:
+    """``segments`` seconds of voiced buzz, each followed by a second of silence."""
+    one = np.concatenate([to_int16(buzz(1.0)), np.zeros(16_000, np.int16)])
+    return np.concatenate([one] * segments)
+
+
+async def test_exit_on_end_after_a_restart_replays_the_journal_and_exits(
+        tmp_path: Path) -> None:
+    """The README's resume: viewer.py --since STREAM:SEQ --exit-on-end, after
+    the server restarted. The stream ended before the restart: the replay
+    from the journal ends with its stream.ended and the viewer exits. The id
+    opened again after the restart is live: its resume must not end with the
+    old end, and the viewer goes on until its new one."""
+    cfg = load_config(env={}, overrides={
+        "server.port": 0, "journal.enabled": True, "journal.dir": str(tmp_path / "j"),
+        "stream.partial_interval_ms": 0})
+    printed: list[str] = []
+
+    def record(event: EngineEvent) -> None:
+        if isinstance(event, CaptionEvent) and event.final:
+            printed.append(f"[{format_time(event.start)} → {format_time(event.end)}] "
+                           f"{event.text}")
+
+    async def viewer(port: int, since: str) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, str(CLIENTS / "viewer.py"), "--url", f"ws://127.0.0.1:{port}",
+            "--stream", "talk", "--since", since, "--exit-on-end",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=client_env())
+
+    async def finish(proc: asyncio.subprocess.Process) -> tuple[list[str], str]:
+        try:
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+        finally:
+            if proc.returncode is None:   # it never saw the end: the bug
+                proc.kill()
+                await proc.wait()
+        assert proc.returncode == 0, err.decode()
+        return out.decode().splitlines(), err.decode()
+
+    async with Engine(cfg, ScriptedBackend(tagged)) as engine, \
+            CaptionServer(engine, cfg.server):
+        engine.add_listener(record)
+        await feed_samples(engine.open_stream("talk", source="test"), buzzes(3), 1600,
+                           realtime=False)
+    assert len(printed) == 3
+    before = list(printed)
+    # The server restarts over the same journal.
+    async with Engine(cfg, ScriptedBackend(tagged)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        engine.add_listener(record)
+        lines, err = await finish(await viewer(server.port, "1"))
+        assert lines == before[1:]
+        assert [x for x in err.splitlines() if "ended" in x] == ["■ talk ended: 3 finals, 6.0 s"]
+        # The id opened again: live, no caption yet. The resume replays the
+        # old finals, then waits for this run's end.
+        stream = engine.open_stream("talk", source="test")
+        proc = await viewer(server.port, "talk:2")
+        assert proc.stdout is not None
+        replayed = await asyncio.wait_for(proc.stdout.readline(), 20)
+        assert replayed.decode().rstrip("\n") == before[2]
+        await feed_samples(stream, buzzes(2), 1600, realtime=False)
+        lines, err = await finish(proc)
+    assert lines == printed[3:] and len(lines) == 2
+    assert [x for x in err.splitlines() if "ended" in x] == ["■ talk ended: 2 finals, 4.0 s"]
 
 
 # --- access tokens ---------------------------------------------------------------------

@@ -30,8 +30,14 @@ from evoxtral_stream.engine.journal import (
     recorded_start,
     should_rotate,
 )
-from evoxtral_stream.events import CaptionEvent, EngineEvent, Int16Array, StreamError
-from evoxtral_stream.server.broadcast import Broadcaster
+from evoxtral_stream.events import (
+    CaptionEvent,
+    EngineEvent,
+    Int16Array,
+    StreamEnded,
+    StreamError,
+)
+from evoxtral_stream.server.broadcast import Broadcaster, Subscription
 from evoxtral_stream.server.protocol import decode_caption, encode_event
 from tests.fakes import ScriptedBackend
 from tests.helpers.audio import buzz
@@ -174,8 +180,11 @@ async def test_after_a_restart_resume_comes_from_the_journal_and_seq_continues(
         b = Broadcaster(16, encode_event, history=100, source=engine.journal)
         engine.add_listener(b.publish)
         sub = b.subscribe(["mic"], since={"mic": 1})
-        assert [json.loads(m)["seq"] for m in sub.backlog] == [2, 3]
-        assert all(json.loads(m)["final"] for m in sub.backlog)
+        *finals, end = [json.loads(m) for m in sub.backlog]
+        assert [m["seq"] for m in finals] == [2, 3]
+        assert all(m["final"] for m in finals)
+        # It ended before the restart: so ends the replay.
+        assert (end["type"], end["stream"], end["finals"]) == ("stream.ended", "mic", 3)
         # The same stream id again: numbering goes on after the seqs reserved
         # when 1 was sent (a restart skips up to a block).
         await run_stream(engine, "mic", 2)
@@ -376,6 +385,174 @@ def test_interval_fsync_tells_when_the_next_is_due(tmp_path: Path) -> None:
     now[0] += 1.5
     assert journal.sync_due() is None             # fsynced; nothing waits now
     journal.close()
+
+
+# --- the end of a stream -----------------------------------------------------------
+
+
+def lines_of(tmp: Path, stream: str) -> list[dict[str, object]]:
+    """Every journal line of ``stream``, oldest file first, decoded."""
+    def index(path: Path) -> int:
+        info = parse_file_name(path.name)
+        assert info is not None
+        return info.index
+
+    paths = sorted((tmp / "j").glob(f"{stream}.*.jsonl"), key=index)
+    return [json.loads(x) for path in paths for x in path.read_text().splitlines()]
+
+
+def ended(journal: Journal, stream: str) -> str | None:
+    """What ``journal`` replays of ``stream``'s end."""
+    replay = journal.replay(stream, 0)
+    assert replay is not None
+    return replay.ended
+
+
+def test_the_end_is_journaled_and_replayed_until_the_stream_is_opened_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config(tmp_path).journal
+    journal = Journal(cfg)
+    journal.restore()
+    for seq in (1, 2):
+        journal.reserve("s", seq)
+        journal.append(caption("s", seq))
+    end = StreamEnded("s", 2.5, 2, 2)
+    journal.end(end)
+    assert journal.open_files == 0                   # released too
+    # The very message subscribers get, after the last final.
+    assert lines_of(tmp_path, "s")[-1] == json.loads(encode_event(end))
+    replay = journal.replay("s", 0)
+    assert replay is not None and [r.seq for r in replay.records] == [1, 2]
+    assert replay.ended == encode_event(end)
+    assert journal.replay("s", 2) == type(replay)((), 1, encode_event(end))
+    with caplog.at_level(logging.WARNING):
+        restarted = Journal(cfg)
+        # The end carries no seq: the last seq is still the reservation's.
+        assert restarted.restore() == {"s": 1 + SEQ_RESERVE_BLOCK}
+        replay = restarted.replay("s", 1)
+    assert not caplog.records                        # an end record is no damage
+    assert replay is not None and replay.ended == encode_event(end)
+    # Opened again in the same process: its first caption, under the mark,
+    # still writes a reservation, so the journal no longer says it ended.
+    assert journal.reserve("s", 3)
+    replay = journal.replay("s", 0)
+    assert replay is not None and replay.ended is None
+    assert not journal.reserve("s", 4)               # once
+    again = StreamEnded("s", 1.0, 1, 1)
+    journal.append(caption("s", 4))
+    journal.end(again)
+    assert ended(journal, "s") == encode_event(again)
+    # After a restart: opened again (numbered past the mark), then a crash.
+    restarted = Journal(cfg)
+    last = restarted.restore()["s"]
+    assert restarted.reserve("s", last + 1)
+    restarted.append(caption("s", last + 1))
+    restarted.close()                                # the crash: no end
+    replay = Journal(cfg).replay("s", 0)
+    assert replay is not None and [r.seq for r in replay.records] == [1, 2, 4, last + 1]
+    assert replay.ended is None                      # its end is unknown
+    # A final alone clears the end too (files of an older version: no
+    # reservation comes first).
+    restarted.end(again)
+    restarted.append(caption("s", last + 2))
+    restarted.close()
+    assert ended(Journal(cfg), "s") is None
+    # A stream the journal holds nothing of gets no file for its end.
+    restarted.end(StreamEnded("silent", 0.0, 0, 0))
+    assert not list((tmp_path / "j").glob("silent.*"))
+    assert restarted.replay("silent", 0) is None
+
+
+def files_of_records(tmp: Path, stream: str) -> list[tuple[JournalFile, list[int | None]]]:
+    """Like :func:`files_of`, with None for a line without a seq (an end)."""
+    out = []
+    for path in (tmp / "j").glob(f"{stream}.*.jsonl"):
+        info = parse_file_name(path.name)
+        assert info is not None
+        out.append((info, [json.loads(x).get("seq") for x in path.read_text().splitlines()]))
+    return sorted(out, key=lambda f: f[0].index)
+
+
+def test_the_end_never_rotates_and_a_rotation_after_it_keeps_it_right(
+        tmp_path: Path) -> None:
+    now = [T0]
+    journal = journal_at(tmp_path, now, **{"journal.max_bytes": 1024, "journal.keep": 0})
+    journal.reserve("s", 1)
+    seq = 0
+    first = tmp_path / "j" / file_name("s", 1, T0)
+    line = len(encode_record(caption("s", 99, text="word " * 10))) + 1
+    while first.stat().st_size + line <= 1024:       # up to the last that fits
+        seq += 1
+        journal.append(caption("s", seq, text="word " * 10))
+    # Past max_bytes and max_age_s: a final would rotate (deleting the
+    # finals, keep = 0); the end goes into the current file.
+    now[0] = T0 + DAY
+    journal.end(StreamEnded("s", 9.0, seq, seq))
+    assert [(f.index, seqs[-1]) for f, seqs in files_of_records(tmp_path, "s")] == [
+        (1, None)]
+    replay = journal.replay("s", 0)
+    assert replay is not None and [r.seq for r in replay.records] == list(range(1, seq + 1))
+    assert replay.ended is not None and replay.covered_from == 1
+    assert journal_at(tmp_path, now).last_seq("s") == 1 + SEQ_RESERVE_BLOCK
+    # Opened again: the next final rotates; the new file starts with the
+    # reservation, after which the old end no longer holds.
+    journal.append(caption("s", seq + 1))
+    journal.close()
+    [(info, records)] = files_of_records(tmp_path, "s")
+    assert info.index == 2 and records == [1 + SEQ_RESERVE_BLOCK, seq + 1]
+    restarted = journal_at(tmp_path, now)
+    assert restarted.last_seq("s") == 1 + SEQ_RESERVE_BLOCK
+    replay = restarted.replay("s", 0)
+    assert replay is not None and [r.seq for r in replay.records] == [seq + 1]
+    assert replay.ended is None
+
+
+async def test_the_end_is_journaled_before_any_listener_sees_it(
+        tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    ends: list[tuple[StreamEnded, object]] = []
+
+    def listener(event: EngineEvent) -> None:
+        if isinstance(event, StreamEnded):
+            ends.append((event, lines_of(tmp_path, event.stream)[-1]))
+
+    async with Engine(cfg, ScriptedBackend()) as engine:
+        engine.add_listener(listener)
+        await run_stream(engine, "mic", 2)
+        assert engine.stats().journal_open_files == 0
+    [(end, last_line)] = ends
+    assert last_line == json.loads(encode_event(end))
+    assert end.finals == 2
+
+
+async def test_after_a_restart_a_stream_live_again_does_not_end_with_its_old_end(
+        tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+    async with Engine(cfg, ScriptedBackend()) as engine:
+        await run_stream(engine, "mic", 2)
+    async with Engine(cfg, ScriptedBackend()) as engine:
+        assert engine.journal is not None
+        b = Broadcaster(16, encode_event, history=100, source=engine.journal)
+        engine.add_listener(b.publish)
+
+        def types(sub: Subscription) -> list[str]:
+            return [json.loads(m)["type"] for m in sub.backlog]
+
+        assert types(b.subscribe(since={"mic": 0})) == ["caption", "caption", "stream.ended"]
+        # Opened again, no caption yet: the journal's last record is still
+        # the old end, but the stream is live.
+        stream = engine.open_stream("mic")
+        assert types(b.subscribe(since={"mic": 0})) == ["caption", "caption"]
+        await stream.close()                         # ends with nothing said
+        *_, end = [json.loads(m) for m in b.subscribe(since={"mic": 0}).backlog]
+        assert (end["type"], end["finals"]) == ("stream.ended", 0)   # this run's end
+        # History off: the journal's end alone, and only while not live.
+        plain = Broadcaster(16, encode_event, history=0, source=engine.journal)
+        engine.add_listener(plain.publish)
+        assert types(plain.subscribe(since={"mic": 0}))[-1] == "stream.ended"
+        stream = engine.open_stream("mic")
+        assert "stream.ended" not in types(plain.subscribe(since={"mic": 0}))
+        await stream.close()
 
 
 # --- lifetime: open files and retention -------------------------------------------

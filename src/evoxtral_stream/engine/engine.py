@@ -9,7 +9,9 @@ broadcaster gives each network subscriber its own bounded queue.
 
 Durable finals: with ``journal.enabled`` the engine appends every final
 caption to the :class:`~.journal.Journal` *before* calling any listener (the
-journal is not a listener, so no listener order can break this). Before any
+journal is not a listener, so no listener order can break this), and a
+stream's ``stream.ended`` likewise (:meth:`~.journal.Journal.end`), so a
+resume after a restart ends a stream that had ended. Before any
 caption (partial or final) whose ``seq`` is past the stream's reserved mark
 is sent, the journal records a reservation a block of seqs beyond it
 (:meth:`~.journal.Journal.reserve`), since partials are not journaled and
@@ -118,8 +120,9 @@ class StreamSummary:
 @dataclass(frozen=True)
 class EngineStats:
     """``audio_s``: seconds of audio received by all streams since start;
-    ``journal_*``: finals journaled, writes that failed (finals or seq
-    reservations: disk errors), and streams pruned after retention."""
+    ``journal_*``: finals journaled, writes that failed (finals, seq
+    reservations or stream ends: disk errors), and streams pruned after
+    retention."""
 
     worker: WorkerStats
     streams: int
@@ -795,10 +798,15 @@ class Engine:
             self._ended_seq.move_to_end(stream.id)
             while len(self._ended_seq) > SEQ_REMEMBERED:
                 self._ended_seq.popitem(last=False)
-        if self._journal is not None:
-            try:
-                self._journal.release(stream.id)
-            except OSError as e:
-                log.error("journal: closing the file of %s failed: %s", stream.id, e)
         st = stream.summary()
-        self._emit(StreamEnded(stream.id, st.duration_s, st.segments, st.finals))
+        ended = StreamEnded(stream.id, st.duration_s, st.segments, st.finals)
+        if self._journal is not None:
+            # Journaled before any listener sees it (module doc), so a resume
+            # after a restart ends with it.
+            try:
+                self._journal.end(ended)
+            except OSError as e:
+                self._journal_failures += 1
+                log.error("journal: cannot record the end of %s (or close its file): %s",
+                          stream.id, e)
+        self._emit(ended)

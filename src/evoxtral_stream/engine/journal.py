@@ -8,10 +8,27 @@ are rotated ones, at most ``keep`` of them kept) and ``start`` the UTC time
 (``YYYYMMDDTHHMMSS.mmmZ``, wall clock) at which the file was started. A
 line is either the protocol v1 caption message
 (:func:`~evoxtral_stream.server.protocol.encode_event`) of one *final*, which
-can be sent to a resuming subscriber as it is, or a seq reservation,
+can be sent to a resuming subscriber as it is, a seq reservation,
 ``{"type":"seq.reserved","stream":S,"seq":R}`` (see below), which is never
-sent: replay returns captions only. Partials are not journaled: a final
-supersedes them.
+sent, or the stream's end record (see below). Partials are not journaled: a
+final supersedes them.
+
+End records: when a stream ends, after its last final, :meth:`Journal.end`
+appends its protocol v1 ``stream.ended`` message as it is (the very message
+subscribers got), then closes the file, fsyncing it unless ``fsync =
+"never"``. :meth:`Journal.replay` reports it (:attr:`Replay.ended`) when it
+is the stream's last record. Any later record (a reservation or a final)
+means the stream was opened again: then it has no end, even when a crash cut
+it (its end is unknown). A stream opened again in the same process writes a
+reservation with its first caption even under the mark, so that caption
+always follows a record that says so; between its re-open and that caption
+the old end is still its last record (the broadcaster knows which streams
+are live). An end record carries no seq: :meth:`Journal.restore` ignores it.
+It never rotates a file (it goes into the current one, which may pass
+``max_bytes`` by that one line), so ending a stream never deletes its rotated
+files. A stream the journal holds nothing of (no final, no reservation) gets
+no end record, hence no file. Builds before end records skip such a line
+with a "damaged line" warning and read the rest.
 
 Seq reservations: partials are sent but not journaled, so the last seq a
 stream was given is usually a partial's, which the finals alone do not tell.
@@ -52,7 +69,9 @@ Ordering contract: the engine appends a final here, and reserves any seq
 past the mark, before any listener sees the caption (:meth:`Journal.append`
 and :meth:`Journal.reserve` return once the line is written and flushed to
 the OS, and fsynced when ``fsync = "always"``), so a subscriber can never
-hold a final the journal lacks, nor a seq a restart would give again.
+hold a final the journal lacks, nor a seq a restart would give again. Its
+end record likewise is written (and fsynced, unless ``fsync = "never"``)
+before any listener sees the ``stream.ended``.
 
 Writes happen inline on the caller's thread (the event loop): an append plus
 a flush is a few microseconds; ``fsync = "always"`` adds one disk flush per
@@ -65,7 +84,7 @@ record starts on its own line. A file left empty by a crash is appended to
 as any other (its start is in its name).
 
 Lifetime: a stream's file stays open only while the stream is live
-(:meth:`Journal.release` closes it when the stream ends), so open files are
+(:meth:`Journal.end` closes it when the stream ends), so open files are
 bounded by live streams, not by every stream ever seen. The files of a stream
 that is not live and has not been written for ``retention_s`` (file mtimes)
 are deleted by :meth:`Journal.prune` (at start, then periodically by the
@@ -99,20 +118,23 @@ from typing import IO
 from urllib.parse import quote, unquote
 
 from ..config import JournalConfig
-from ..events import CaptionEvent
+from ..events import CaptionEvent, StreamEnded
 from ..server.protocol import encode_event
 
 __all__ = [
     "CLOCK_SLACK_S",
     "PRUNED_REMEMBERED",
     "SEQ_RESERVE_BLOCK",
+    "EndRecord",
     "Journal",
     "JournalFile",
     "JournalRecord",
     "Replay",
     "SeqReservation",
+    "decode_end",
     "decode_record",
     "decode_reservation",
+    "encode_end",
     "encode_record",
     "encode_reservation",
     "expired",
@@ -140,6 +162,7 @@ SEQ_RESERVE_BLOCK = 64
 reservation line per this many captions; a restart may skip up to this many."""
 
 _RESERVED = "seq.reserved"
+_ENDED = "stream.ended"
 
 # {quoted stream}.{index}[.{start}].jsonl; files of older versions lack the
 # start. A quoted stream id is ASCII; the last part decides, so any stream id
@@ -173,6 +196,14 @@ class SeqReservation:
 
 
 @dataclass(frozen=True)
+class EndRecord:
+    """An end record: ``stream`` ended; ``message`` is its ``stream.ended``."""
+
+    stream: str
+    message: str
+
+
+@dataclass(frozen=True)
 class Replay:
     """What the journal can replay of a stream after some seq.
 
@@ -181,11 +212,14 @@ class Replay:
     when no file of the stream was deleted by rotation, else the seq of the
     oldest final kept (with no final kept, one past the oldest reservation
     kept: finals before it went with the deleted files). Before it, finals
-    may be missing (a ``gap``).
+    may be missing (a ``gap``). ``ended`` is the stream's ``stream.ended``
+    message when the stream's last record is its end record, else None (it
+    was opened again, or cut by a crash: its end is unknown).
     """
 
     records: tuple[JournalRecord, ...]
     covered_from: int
+    ended: str | None = None
 
 
 def encode_record(event: CaptionEvent) -> str:
@@ -227,6 +261,25 @@ def decode_reservation(line: str) -> SeqReservation | None:
     if not isinstance(stream, str) or not isinstance(seq, int) or isinstance(seq, bool):
         return None
     return SeqReservation(stream, seq)
+
+
+def encode_end(event: StreamEnded) -> str:
+    """The end record of a stream: its ``stream.ended`` message (no newline)."""
+    return encode_event(event)
+
+
+def decode_end(line: str) -> EndRecord | None:
+    """Parse one journal line; None when it is not a whole end record."""
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or obj.get("type") != _ENDED:
+        return None
+    stream = obj.get("stream")
+    if not isinstance(stream, str):
+        return None
+    return EndRecord(stream, line)
 
 
 @dataclass(frozen=True)
@@ -369,6 +422,9 @@ class Journal:
         # Streams re-opened after a prune here: their file 1 does not start
         # the numbering, so a replay from it is not complete.
         self._renumbered: set[str] = set()
+        # Streams whose last record this process wrote is their end (bounded
+        # like _last_seq): opened again, their first caption must say so.
+        self._ended_last: set[str] = set()
         self.appended = 0
         self.pruned = 0
         """Streams whose files were deleted after ``retention_s``."""
@@ -385,8 +441,9 @@ class Journal:
             last = reserved = 0
             # The newest file that holds a valid line has the last seq (a
             # rotation carries the latest reservation into the new file).
+            # End records carry no seq.
             for path in reversed(paths):
-                lines = list(self._lines(path))
+                lines = [x for x in self._lines(path) if not isinstance(x, EndRecord)]
                 if lines:
                     last = max(x.seq for x in lines)
                     reserved = max((x.seq for x in lines if isinstance(x, SeqReservation)),
@@ -415,6 +472,23 @@ class Journal:
         Its records stay readable; a later append opens the file again."""
         if stream in self._open:
             self._close(stream)
+
+    def end(self, event: StreamEnded) -> None:
+        """The stream ended after its last final: append its end record
+        (``event``'s ``stream.ended`` message; module doc), then
+        :meth:`release` it, which fsyncs per policy and closes the file.
+
+        A stream the journal holds nothing of gets no record (and no file).
+        The record never rotates the file. Raises OSError when the disk
+        refuses; the file is closed either way.
+        """
+        stream = event.stream
+        try:
+            if stream in self._last_seq:
+                self._write(stream, (encode_end(event) + "\n").encode(), rotate=False)
+                self._ended_last.add(stream)
+        finally:
+            self.release(stream)
 
     @property
     def open_files(self) -> int:
@@ -458,6 +532,7 @@ class Journal:
     def _forget_files_of(self, stream: str) -> None:
         """The stream's files are gone: remember its last seq among the pruned."""
         self._renumbered.discard(stream)
+        self._ended_last.discard(stream)
         self._reserved.pop(stream, None)
         last = self._last_seq.pop(stream, 0)
         if last:
@@ -482,25 +557,28 @@ class Journal:
         """A caption of ``stream`` numbered ``seq`` (partial or final) is about
         to be sent: make sure a restart numbers the stream after it.
 
-        Past the stream's reserved mark, a reservation of
-        ``seq + SEQ_RESERVE_BLOCK`` is appended and the call returns once it
-        is flushed (and fsynced per policy, as a final is): True. Otherwise
-        only ``seq`` is noted (:meth:`last_seq`): False. Raises OSError when
-        the disk refuses (the mark stays where it was).
+        Past the stream's reserved mark, or when the stream's last record
+        is its end (opened again in this process: the reservation says it is
+        live again), a reservation of ``seq + SEQ_RESERVE_BLOCK`` is appended
+        and the call returns once it is flushed (and fsynced per policy, as a
+        final is): True. Otherwise only ``seq`` is noted (:meth:`last_seq`):
+        False. Raises OSError when the disk refuses (the mark stays where it
+        was).
         """
-        if seq <= self._reserved.get(stream, 0):
+        reserved = self._reserved.get(stream, 0)
+        if seq <= reserved and stream not in self._ended_last:
             self._last_seq[stream] = max(seq, self._last_seq.get(stream, 0))
             return False
-        mark = seq + SEQ_RESERVE_BLOCK
+        mark = max(seq + SEQ_RESERVE_BLOCK, reserved)
         cur = self._write(stream, (encode_reservation(stream, mark) + "\n").encode())
         self._reserved[stream] = mark
         self._last_seq[stream] = max(seq, self._last_seq.get(stream, 0))
         self._make_durable(stream, cur)
         return True
 
-    def _write(self, stream: str, data: bytes) -> _Open:
-        """Append one line to the stream's file (rotating first if due) and
-        flush it to the OS; returns the file written."""
+    def _write(self, stream: str, data: bytes, *, rotate: bool = True) -> _Open:
+        """Append one line to the stream's file (rotating first if due, unless
+        not ``rotate``) and flush it to the OS; returns the file written."""
         now = self._wall()
         cur = self._open.get(stream)
         if cur is None:
@@ -508,7 +586,8 @@ class Journal:
             # or a restart may be due by age or size already.
             cur = self._open_for_append(stream, now)
         age = file_age(cur.started, now)
-        if should_rotate(cur.size, len(data), age, self._cfg.max_bytes, self._cfg.max_age_s):
+        if rotate and should_rotate(cur.size, len(data), age, self._cfg.max_bytes,
+                                    self._cfg.max_age_s):
             if age == math.inf and self._cfg.max_age_s > 0:
                 log.warning("journal: %s was started %.0f s ahead of the clock (was the "
                             "clock set back?); starting a new file", cur.path.name,
@@ -517,6 +596,7 @@ class Journal:
         cur.file.write(data)
         cur.file.flush()
         cur.size += len(data)
+        self._ended_last.discard(stream)
         if stream in self._pruned_seq:
             self._last_seq[stream] = self._pruned_seq.pop(stream)
             self._renumbered.add(stream)
@@ -643,7 +723,8 @@ class Journal:
 
     def replay(self, stream: str, since: int, before: int | None = None) -> Replay | None:
         """The journaled finals of ``stream`` with ``since < seq < before``
-        (captions only: reservation lines are never replayed).
+        (captions only: reservation lines are never replayed), and its end
+        when its last record is its end record (:attr:`Replay.ended`).
 
         None when the journal holds nothing of the stream. Reads the stream's
         files on the calling thread: at most ``(keep + 1) * max_bytes`` bytes.
@@ -659,8 +740,13 @@ class Journal:
         records: list[JournalRecord] = []
         covered_from: int | None = None
         first_reserved: int | None = None
+        ended: str | None = None
         for path in paths:
             for line in self._lines(path):
+                if isinstance(line, EndRecord):
+                    ended = line.message
+                    continue
+                ended = None   # a later record: the stream was opened again
                 if isinstance(line, SeqReservation):
                     if first_reserved is None:
                         first_reserved = line.seq
@@ -675,7 +761,7 @@ class Journal:
             # Reservations but no final: every final there was is in deleted
             # files, and those were numbered up to the oldest reservation kept.
             covered_from = 1 if complete else first_reserved + 1
-        return Replay(tuple(records), covered_from)
+        return Replay(tuple(records), covered_from, ended)
 
     def _files(self) -> dict[str, list[Path]]:
         """Every stream's journal files, oldest (lowest index) first."""
@@ -688,8 +774,9 @@ class Journal:
                 found.setdefault(parsed.stream, []).append((parsed.index, path))
         return {s: [p for _, p in sorted(items)] for s, items in found.items()}
 
-    def _lines(self, path: Path) -> Iterator[JournalRecord | SeqReservation]:
-        """The file's finals and reservations, in order; damaged lines skipped."""
+    def _lines(self, path: Path) -> Iterator[JournalRecord | SeqReservation | EndRecord]:
+        """The file's finals, reservations and end records, in order; damaged
+        (or unknown) lines skipped with a warning."""
         try:
             data = path.read_bytes()
         except FileNotFoundError:  # rotated away meanwhile
@@ -697,13 +784,13 @@ class Journal:
         for number, raw in enumerate(data.split(b"\n"), 1):
             if not raw.strip():
                 continue
-            line: JournalRecord | SeqReservation | None
+            line: JournalRecord | SeqReservation | EndRecord | None
             try:
                 text = raw.decode()
             except UnicodeDecodeError:
                 line = None
             else:
-                line = decode_record(text) or decode_reservation(text)
+                line = decode_record(text) or decode_reservation(text) or decode_end(text)
             if line is None:
                 log.warning("journal: skipping a damaged line (%s line %d): %r",
                             path.name, number, raw[:60])

@@ -21,7 +21,13 @@ Journal-backed resume: given a ``source`` (the engine's journal), a resume
 whose ``since`` reaches before the retained history (after an engine restart
 nothing is retained) first replays the source's finals after ``since`` and
 before the oldest retained caption; a ``gap`` then covers only what neither
-holds. The source is read on the event loop, once per resumed stream.
+holds. The source is read on the event loop, once per resumed stream. The
+replay ends with the source's ``stream.ended`` (a stream that ended before
+the restart) unless the stream is live now (its id opened again, maybe
+without captions yet) or has ended in this run (then its own end rules).
+The broadcaster knows which streams are live from their ``stream.started``
+and ``stream.ended`` (a set bounded by the live streams), so it must be a
+listener before any stream opens (the server adds it as it starts).
 """
 
 from __future__ import annotations
@@ -50,13 +56,17 @@ class SourceRecord(Protocol):
 
 
 class SourceReplay(Protocol):
-    """Finals after some seq (in order) and the lowest seq from which the
-    source holds every final (older ones may be missing: a gap)."""
+    """Finals after some seq (in order), the lowest seq from which the
+    source holds every final (older ones may be missing: a gap), and the
+    stream's ``stream.ended`` message when the source knows it ended (None:
+    live, or its end unknown)."""
 
     @property
     def records(self) -> tuple[SourceRecord, ...]: ...
     @property
     def covered_from(self) -> int: ...
+    @property
+    def ended(self) -> str | None: ...
 
 
 class HistorySource(Protocol):
@@ -102,6 +112,8 @@ class Broadcaster:
         self._history_streams = history_streams
         self._retained: OrderedDict[str, deque[tuple[int, str]]] = OrderedDict()
         self._ended: dict[str, str] = {}
+        # Streams started and not ended: a source's end is not theirs.
+        self._live: set[str] = set()
         self._subs: set[Subscription] = set()
         self.source = source
         self.dropped_subscribers = 0
@@ -163,6 +175,11 @@ class Broadcaster:
         out += [r.message for r in older.records]
         out += [msg for seq, msg in (kept or ()) if seq > since]
         ended = self._ended.get(stream)
+        if ended is None and stream not in self._live:
+            # Not live and no end retained: the source's end is the latest
+            # (from before a restart, or one of this run not retained), or
+            # None: its end is unknown (a crash).
+            ended = older.ended
         return [*out, ended] if ended is not None else out
 
     @staticmethod
@@ -186,13 +203,16 @@ class Broadcaster:
         if self._history and isinstance(event, CaptionEvent):
             message = self._encode(event)
             self._retain(event, message)
-        elif self._history and isinstance(event, StreamEnded) and event.stream in self._retained:
-            # A client resuming after the end learns that the stream ended.
-            message = self._encode(event)
-            self._ended[event.stream] = message
+        elif isinstance(event, StreamEnded):
+            self._live.discard(event.stream)
+            if self._history and event.stream in self._retained:
+                # A client resuming after the end learns that the stream ended.
+                message = self._encode(event)
+                self._ended[event.stream] = message
         elif isinstance(event, StreamStarted):
             # The id is live again (reused after its end): a resume must not
-            # close with the old run's end.
+            # close with the old run's end, nor with one from before a restart.
+            self._live.add(event.stream)
             self._ended.pop(event.stream, None)
         for sub in list(self._subs):
             if not sub.wants(event.stream):
