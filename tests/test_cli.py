@@ -273,6 +273,17 @@ def test_devices_without_a_sound_card_is_one_line() -> None:
     one_error_line(proc, "no audio input device")
 
 
+def test_serve_without_its_microphone_is_one_line_before_the_model_loads() -> None:
+    """`serve` (source mic) with no such input device once loaded the model (a
+    minute for Voxtral) and said it was serving before it failed. A name no
+    device has fails the same way on a machine with a sound card."""
+    proc = cli("serve", "--port", "0", "--set", "audio.device=no such microphone xyz")
+    line = one_error_line(proc)
+    assert "no audio input device" in line or "PortAudio" in line, line
+    assert "backend:" not in proc.stderr  # refused before the model was loaded
+    assert "serving" not in proc.stderr
+
+
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 def test_eval_compares_streaming_with_offline(tmp_path: Path) -> None:
     from tests.speech import speak

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
-from .audio.microphone import list_input_devices
+from .audio.microphone import list_input_devices, usable_input_device
 from .audio.sources import AudioInputError, read_audio_file
 from .config import Config, ConfigError, LoggingConfig, load_config, parse_override, to_toml
 from .console import CaptionPrinter
@@ -391,7 +391,12 @@ def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
     _check_mqtt_extra(cfg)
     source: str = args.source
     file_audio = None
-    if source not in ("mic", "none"):
+    if source == "mic":
+        # Also before the model: no microphone is one line at once, not after a
+        # minute of loading Voxtral. The capture resolves audio.device again as
+        # it starts (and at each reopen of a device lost later).
+        usable_input_device(cfg.audio.device)
+    elif source != "none":
         path = sample_path() if source == "sample" else Path(source)
         file_audio = read_audio_file(path)
         source = _file_stream_id(path)

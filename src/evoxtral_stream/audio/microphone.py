@@ -31,6 +31,7 @@ __all__ = [
     "StreamFactory",
     "list_input_devices",
     "resolve_input_device",
+    "usable_input_device",
 ]
 
 logger = logging.getLogger(__name__)
@@ -142,6 +143,22 @@ def resolve_input_device(spec: str | int | None) -> InputDevice:
     if exact or partial:
         return (exact or partial)[0]
     raise AudioInputError(f"no audio input device matches {spec!r}; {listing}")
+
+
+def usable_input_device(spec: str | int | InputDevice | None) -> InputDevice:
+    """The device ``spec`` names (:func:`resolve_input_device`; an
+    :class:`InputDevice` as it is), checked as :class:`MicrophoneCapture`
+    will open it: input channels and a usable native rate. Raises
+    :class:`AudioInputError`; ``serve`` calls it before loading the model."""
+    device = spec if isinstance(spec, InputDevice) else resolve_input_device(spec)
+    if device.channels < 1:
+        raise AudioInputError(f"audio device {device.name!r} has no input channels")
+    if not 1000 <= device.default_samplerate <= 768_000:
+        # Some drivers report 0 (or garbage) until configured; the
+        # device is opened at its native rate, so there is nothing to open.
+        raise AudioInputError(f"audio device {device.name!r} reports no usable sample "
+                              f"rate ({device.default_samplerate:g} Hz)")
+    return device
 
 
 # --- microphone -------------------------------------------------------------
@@ -409,16 +426,7 @@ class MicrophoneCapture:
         self._deliver_rest()
 
     def _resolve(self) -> InputDevice:
-        spec = self._device_spec
-        device = spec if isinstance(spec, InputDevice) else resolve_input_device(spec)
-        if device.channels < 1:
-            raise AudioInputError(f"audio device {device.name!r} has no input channels")
-        if not 1000 <= device.default_samplerate <= 768_000:
-            # Some drivers report 0 (or garbage) until configured; the
-            # device is opened at its native rate, so there is nothing to open.
-            raise AudioInputError(f"audio device {device.name!r} reports no usable sample "
-                                  f"rate ({device.default_samplerate:g} Hz)")
-        return device
+        return usable_input_device(self._device_spec)
 
     def _open(self, device: InputDevice) -> None:
         """Open and start ``device``'s stream at its native rate (loop thread)."""
