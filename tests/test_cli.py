@@ -317,6 +317,21 @@ def test_eval_bad_manifest_is_one_line(tmp_path: Path) -> None:
     one_error_line(cli("eval", str(tmp_path / "none.jsonl")), "none.jsonl")
 
 
+def test_eval_audio_that_cannot_be_read_is_one_line_before_the_model_loads(
+        tmp_path: Path) -> None:
+    """A manifest naming a missing or undecodable file was found out only after
+    the model had loaded (a minute for Voxtral); now at once, with its line."""
+    sf.write(tmp_path / "a.wav", np.zeros(16000, dtype=np.int16), 16000)
+    (tmp_path / "junk.wav").write_bytes(b"not audio at all" * 10)
+    manifest = tmp_path / "m.jsonl"
+    for name, needle in (("gone.wav", "does not exist"), ("junk.wav", "cannot decode")):
+        manifest.write_text(json.dumps({"audio": "a.wav", "text": "hello"}) + "\n"
+                            + json.dumps({"audio": name, "text": "hello"}) + "\n")
+        proc = cli("eval", str(manifest))
+        one_error_line(proc, f"{manifest} line 2: ", str(tmp_path / name), needle)
+        assert "backend:" not in proc.stderr  # refused before the model was loaded
+
+
 def test_eval_without_jiwer_is_one_line_before_decoding(tmp_path: Path) -> None:
     """The quick start installs no eval extra: eval says so at once, not with a
     traceback after streaming the whole manifest."""

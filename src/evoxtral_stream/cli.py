@@ -545,7 +545,7 @@ def _cmd_devices(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
-    from .evaluation import run_eval
+    from .evaluation import load_audio, run_eval
     from .text.manifest import ManifestError, read_manifest
     from .text.metrics import compare, format_comparison, format_table
 
@@ -565,8 +565,11 @@ def _cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
             raise UserError(f"--json {args.json} is a folder; name the report's file")
         if not args.json.parent.is_dir():
             raise UserError(f"--json {args.json}: the folder {args.json.parent} does not exist")
+    # Every file of the manifest decoded now (eval holds them all anyway): a
+    # missing or unreadable one is one line before the model loads.
+    audio = load_audio(entries, source=str(args.manifest))
     backend = load_backend(cfg.model)
-    result = run_eval(cfg, backend, entries, compare_offline=args.compare_offline)
+    result = run_eval(cfg, backend, entries, audio, compare_offline=args.compare_offline)
     report: dict[str, Any] = {"manifest": str(args.manifest), "backend": backend.name,
                               "streaming": result.streaming.to_dict()}
     if result.offline is not None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .audio.resample import int16_to_float32
-from .audio.sources import read_audio_file
+from .audio.sources import AudioInputError, read_audio_file
 from .config import Config
 from .engine.backends.base import Backend
 from .engine.engine import Engine
@@ -47,9 +47,17 @@ class EvalRun:
         return sum(a == b for a, b in zip(self.streaming_texts, self.offline_texts, strict=True))
 
 
-def load_audio(entries: Sequence[ManifestEntry]) -> list[Int16Array]:
-    """Read every file of the manifest (AudioInputError names a bad one)."""
-    return [read_audio_file(e.audio) for e in entries]
+def load_audio(entries: Sequence[ManifestEntry], *,
+               source: str = "manifest") -> list[Int16Array]:
+    """Read every file of the manifest; an :class:`AudioInputError` names the
+    manifest (``source``), the line and the file that cannot be read."""
+    audio: list[Int16Array] = []
+    for e in entries:
+        try:
+            audio.append(read_audio_file(e.audio))
+        except AudioInputError as err:
+            raise AudioInputError(f"{source} line {e.line}: {err}") from None
+    return audio
 
 
 def offline_predictions(backend: Backend, audio: Sequence[Int16Array]) -> list[str]:
@@ -78,9 +86,9 @@ async def streaming_predictions(cfg: Config, backend: Backend,
 
 
 def run_eval(cfg: Config, backend: Backend, entries: Sequence[ManifestEntry],
-             *, compare_offline: bool) -> EvalRun:
-    """Score streaming (and, when asked, offline) predictions on ``entries``."""
-    audio = load_audio(entries)
+             audio: Sequence[Int16Array], *, compare_offline: bool) -> EvalRun:
+    """Score streaming (and, when asked, offline) predictions on ``entries``,
+    whose files are ``audio`` (:func:`load_audio`, before the model loads)."""
     refs = tuple(e.text for e in entries)
     streamed = tuple(asyncio.run(streaming_predictions(cfg, backend, audio)))
     report = evaluate(list(zip(refs, streamed, strict=True)))
