@@ -23,6 +23,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.typing import Subprotocol
 
 from evoxtral_stream.data import sample_path, sample_text
+from tests.helpers.http import free_port
 from tests.text_norm import loose_wer
 
 
@@ -151,7 +152,8 @@ def test_debug_shows_the_traceback(args: list[str]) -> None:
 
 
 def _start_serve(*args: str) -> tuple[subprocess.Popen[str], str]:
-    """Start ``serve`` on a free port; return the process and its captions URL."""
+    """Start ``serve`` on a free port; return the process and its captions URL
+    (from its "serving captions on" line, which ``-q`` hides)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "evoxtral_stream", "serve", "--port", "0", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -203,7 +205,7 @@ async def _sigterm_mid_sentence(proc: subprocess.Popen[str],
 
 
 async def test_serve_a_file_to_a_websocket_subscriber() -> None:
-    proc, url = _start_serve("--source", str(sample_path()), "--exit-at-end", "-q")
+    proc, url = _start_serve("--source", str(sample_path()), "--exit-at-end")
     try:
         messages = await _collect(url, "stream.ended")
         assert proc.wait(60) == 0
@@ -219,7 +221,7 @@ async def test_serve_a_file_to_a_websocket_subscriber() -> None:
 
 
 async def test_sigterm_flushes_the_open_segment_and_exits_zero() -> None:
-    proc, url = _start_serve("--source", str(sample_path()), "-q")
+    proc, url = _start_serve("--source", str(sample_path()))
     try:
         seen = await _sigterm_mid_sentence(proc, url)
         assert proc.wait(30) == 0
@@ -233,7 +235,7 @@ async def test_sigterm_flushes_the_open_segment_and_exits_zero() -> None:
 async def test_a_drain_cut_short_closes_the_open_segment_with_its_partial() -> None:
     """worker.drain_timeout_s far below a decode: the open segment's final is
     the last partial shown, and the exit status says the drain was cut short."""
-    proc, url = _start_serve("--source", str(sample_path()), "-q",
+    proc, url = _start_serve("--source", str(sample_path()),
                              "--set", "worker.drain_timeout_s=0.001")
     try:
         seen = await _sigterm_mid_sentence(proc, url)
@@ -264,6 +266,42 @@ def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
                        f"127.0.0.1:{port}", "in use", "server.port")
         one_error_line(cli("transcribe", str(audio), "--serve", "--port", port),
                        f"127.0.0.1:{port}", "in use", "server.port")
+
+
+async def test_quiet_hides_every_status_line_as_in_json_mode(tmp_path: Path) -> None:
+    """`-q` is `logging.level = "warning"` (docs/config.md): `serve -q` once
+    still printed "serving captions on ..." (and "stopping: ...") while
+    `transcribe -q` hid its summary, and `level = "warning"` in a config
+    file hid neither; in json mode they were INFO records, hidden by both."""
+    port = free_port()
+    err_path = tmp_path / "serve.err"
+    with err_path.open("w") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "evoxtral_stream", "serve", "--source", "sample",
+            "--port", str(port), "-q", stdout=subprocess.PIPE, stderr=err,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                async with connect(f"ws://127.0.0.1:{port}/v1/captions") as ws:
+                    await _hello(ws)
+                break
+            except OSError:
+                assert proc.returncode is None and time.monotonic() < deadline, \
+                    err_path.read_text()
+                await asyncio.sleep(0.1)
+        await _stop(proc)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err_path.read_text()
+    assert err_path.read_text() == ""
+    for quiet in (["-q"], ["--set", "logging.level=warning"]):
+        done = cli("transcribe", "--sample", "--serve", "--port", "0", *quiet)
+        assert done.returncode == 0, done.stderr
+        assert done.stderr == "" and "] " in done.stdout
 
 
 def test_devices_without_a_sound_card_is_one_line() -> None:

@@ -209,11 +209,12 @@ def _setup_logging(logs: LoggingConfig) -> None:
 
 
 def _notice(cfg: Config, message: str) -> None:
-    """A status line for the operator on stderr: printed as it always was in
-    text mode, an INFO record in json mode (so stderr stays JSON lines)."""
+    """A status line for the operator on stderr, at INFO level: printed as it
+    always was in text mode, an INFO record in json mode (so stderr stays JSON
+    lines). In both, nothing when ``logging.level`` is above info (``-q``)."""
     if cfg.logging.format == "json":
         log.info("%s", message)
-    else:
+    elif LEVELS[cfg.logging.level] <= logging.INFO:
         print(message, file=sys.stderr)
 
 
@@ -328,13 +329,12 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
     _write_outputs(args, cfg, jobs, record.events)
     audio_s = total / SAMPLE_RATE
     lat = sorted(record.final_latencies())
-    if not args.quiet:
-        p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else float("nan")
-        _notice(cfg, f"{len(summaries)} stream(s), {audio_s:.1f} s of audio in "
-                     f"{elapsed:.1f} s (speed ×{audio_s / max(elapsed, 1e-9):.1f}); "
-                     f"{sum(s.finals for s in summaries)} finals, "
-                     f"{sum(s.partials for s in summaries)} partials; "
-                     f"final latency p95 {p95:.2f} s")
+    p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else float("nan")
+    _notice(cfg, f"{len(summaries)} stream(s), {audio_s:.1f} s of audio in "
+                 f"{elapsed:.1f} s (speed ×{audio_s / max(elapsed, 1e-9):.1f}); "
+                 f"{sum(s.finals for s in summaries)} finals, "
+                 f"{sum(s.partials for s in summaries)} partials; "
+                 f"final latency p95 {p95:.2f} s")
     return 0 if all(s.errors == 0 for s in summaries) else 1
 
 
