@@ -643,6 +643,20 @@ def test_config_takes_the_shortcut_flags_of_serve_and_transcribe() -> None:
     assert effective["stream"]["partial_interval_ms"] == 0
 
 
+@pytest.mark.parametrize("command", ["serve", "transcribe", "config"])
+def test_serve_transcribe_and_config_take_the_same_shortcuts(command: str) -> None:
+    """docs/config.md lists --host, --port and --no-partials as shortcuts, and
+    config takes all three; transcribe had no --host (for --serve) and serve
+    no --no-partials."""
+    from evoxtral_stream.cli import _load_config, _parser
+
+    args = _parser().parse_args([command, "--host", "localhost", "--port", "9200",
+                                 "--no-partials"])
+    cfg = _load_config(args)
+    assert (cfg.server.host, cfg.server.port) == ("localhost", 9200)
+    assert cfg.stream.partial_interval_ms == 0
+
+
 async def test_serve_applies_new_tokens_at_sighup(tmp_path: Path) -> None:
     """SIGHUP re-reads the config file: a removed token's connection is closed
     (token_revoked), a new token gets in, other changes wait for a restart,

@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="stream id (default: source)")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--no-partials", action="store_true",
+                       help="finals only: shortcut for --set stream.partial_interval_ms=0")
     serve.add_argument("--exit-at-end", action="store_true",
                        help="with a file source, stop when the file ends")
     serve.add_argument("--no-print", action="store_true", help="do not print captions")
@@ -113,6 +115,7 @@ def _parser() -> argparse.ArgumentParser:
                          "(protocol v1 messages)")
     tr.add_argument("--serve", action="store_true",
                     help="also serve the captions over WebSocket while transcribing")
+    tr.add_argument("--host", help="override server.host (with --serve)")
     tr.add_argument("--port", type=int, help="override server.port (with --serve)")
 
     sub.add_parser("devices", parents=[common], help="list audio input devices")
