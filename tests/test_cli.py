@@ -411,6 +411,15 @@ def test_mqtt_without_aiomqtt_is_one_line_before_decoding(tmp_path: Path) -> Non
         assert "backend:" not in proc.stderr  # refused before the model was loaded
 
 
+def test_an_unsafe_bind_is_one_line_before_the_model_loads() -> None:
+    """serve refused a non-loopback host without tokens before loading the
+    model; transcribe --serve (which has --host too) only after it."""
+    for args in (["serve", "--source", "none"], ["transcribe", "--sample", "--serve"]):
+        proc = cli(*args, "--host", "0.0.0.0", "--port", "0")
+        one_error_line(proc, "server.host '0.0.0.0'", "[[auth.tokens]]")
+        assert "backend:" not in proc.stderr  # refused before the model was loaded
+
+
 def test_subtitle_tag_styles_and_layout_come_from_config(tmp_path: Path) -> None:
     from tests.speech import speak
 

@@ -296,6 +296,10 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
                                                                  strict=True)]
     _prepare_outputs(args, len(jobs) > 1)
     if args.serve:
+        from .server.auth import check_bind
+
+        # As serve does: an unsafe bind fails before the model loads.
+        check_bind(cfg.server.host, cfg.auth.tokens, cfg.server.allow_anonymous)
         _check_mqtt_extra(cfg)
     backend = load_backend(cfg.model)
     printer = CaptionPrinter(show_stream=len(jobs) > 1,
