@@ -163,7 +163,7 @@ def parse_since(value: str, streams: Sequence[str]) -> dict[str, int]:
 
     Raises ValueError with a message for people (the server's own parser).
     """
-    return parse_since_values([value or ""], streams)
+    return parse_since_values([value or ""], streams, streams_by="--stream")
 
 
 def caption_url(url: str, streams: Sequence[str], since: Mapping[str, int]) -> str:

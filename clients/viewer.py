@@ -285,7 +285,7 @@ def parse_since(value: str | None, streams: Sequence[str]) -> dict[str, int]:
 
     Raises ValueError with a message for people (the server's own parser).
     """
-    return parse_since_values([value or ""], streams)
+    return parse_since_values([value or ""], streams, streams_by="--stream")
 
 
 def captions_url(base: str, streams: Sequence[str], since: Mapping[str, int]) -> str:

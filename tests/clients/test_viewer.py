@@ -199,7 +199,7 @@ def test_urls_and_since() -> None:
         with pytest.raises(ValueError, match="SEQ"):
             parse_since(bad, ["a"])
     # Only the streams subscribed to can be resumed.
-    with pytest.raises(ValueError, match="not among the streams subscribed to"):
+    with pytest.raises(ValueError, match=r"not among the streams subscribed to \(--stream\)"):
         parse_since("b:3", ["a"])
     with pytest.raises(ValueError, match="--stream"):
         parse_since("41", [])

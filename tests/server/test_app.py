@@ -169,10 +169,15 @@ async def test_a_subscriber_that_talks_gets_an_error_and_stays(
     async with connect(f"ws://127.0.0.1:{server.port}/v1/captions?since=x") as ws:
         err = json.loads(await asyncio.wait_for(ws.recv(), 5))
         assert err["code"] == "bad_query"
-    # A bare SEQ names no stream without ?stream= (docs/protocol.md, bad_query).
+    # A bare SEQ names no stream without ?stream= (docs/protocol.md, bad_query),
+    # and says so in the protocol's words: --stream is a client's flag.
     async with connect(f"ws://127.0.0.1:{server.port}/v1/captions?since=5") as ws:
         err = json.loads(await asyncio.wait_for(ws.recv(), 5))
         assert err["code"] == "bad_query"
+        assert err["message"] == "since=SEQ needs ?stream=ID (or use STREAM:SEQ)"
+    async with connect(f"ws://127.0.0.1:{server.port}/v1/captions?stream=a&since=b:5") as ws:
+        err = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert err["code"] == "bad_query" and "(?stream=ID)" in err["message"]
 
 
 async def test_readyz_and_metrics(served: tuple[Engine, CaptionServer]) -> None:

@@ -308,7 +308,8 @@ def encode_message(kind: str, **fields: Any) -> str:
 _SEQ_DIGITS = 18  # any seq fits; more digits are not a seq
 
 
-def parse_since(values: Iterable[str], streams: Sequence[str]) -> dict[str, int]:
+def parse_since(values: Iterable[str], streams: Sequence[str], *,
+                streams_by: str = "?stream=ID") -> dict[str, int]:
     """Resume points: ``SEQ`` (for each of ``streams``) or ``STREAM:SEQ[,...]``.
 
     ``values`` are the raw ``since`` strings (query parameters or a client's
@@ -316,7 +317,9 @@ def parse_since(values: Iterable[str], streams: Sequence[str]) -> dict[str, int]
     :class:`ProtocolError` (``bad_query``) for anything else, including a
     ``STREAM:SEQ`` whose stream is not among ``streams``: a resume replays
     only what the subscription would have delivered. Shared by the server and
-    the clients so both read it alike.
+    the clients so both read it alike; ``streams_by`` names where ``streams``
+    come from in the messages (the query's ``?stream=ID``; a client passes
+    its own flag).
     """
     since: dict[str, int] = {}
     for item in (v.strip() for value in values for v in value.split(",")):
@@ -329,12 +332,12 @@ def parse_since(values: Iterable[str], streams: Sequence[str]) -> dict[str, int]
             raise ProtocolError("bad_query", f"since takes SEQ or STREAM:SEQ, got {item[:80]!r}")
         if sep and streams and name not in streams:
             raise ProtocolError("bad_query", f"since names stream {name[:80]!r}, which is not "
-                                             "among the streams subscribed to (?stream=)")
+                                             f"among the streams subscribed to ({streams_by})")
         if sep:
             since[name] = int(seq)
         elif streams:
             since.update(dict.fromkeys(streams, int(seq)))
         else:
             raise ProtocolError("bad_query",
-                                "since=SEQ needs --stream or ?stream=ID (or use STREAM:SEQ)")
+                                f"since=SEQ needs {streams_by} (or use STREAM:SEQ)")
     return since
