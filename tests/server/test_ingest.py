@@ -18,7 +18,8 @@ from evoxtral_stream.audio.resample import int16_to_float32, resample
 from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.engine.backends.base import Backend
 from evoxtral_stream.engine.engine import Engine
-from evoxtral_stream.events import SAMPLE_RATE, CaptionEvent, DecodeRequest
+from evoxtral_stream.engine.session import StreamSession
+from evoxtral_stream.events import SAMPLE_RATE, CaptionEvent, DecodeRequest, RequestKind
 from evoxtral_stream.server.app import CaptionServer
 from tests.docs_schema import validate_message
 from tests.fakes import (
@@ -513,6 +514,39 @@ async def test_a_bad_lost_message_is_an_error_and_adds_nothing(
     assert summary["type"] == "ingest.summary" and summary["lost"] == 0
     assert summary["duration"] == pytest.approx(len(audio) / SAMPLE_RATE, abs=0.001)
     assert not [m for m in messages if m["type"] == "error"]
+
+
+async def test_the_summary_counts_the_streams_errors_not_the_connections() -> None:
+    """docs/protocol.md: ``errors`` counts the stream's failed captions
+    (``decode_failed``, ``final_lost``), not the errors about this
+    connection's own messages, which change nothing in the stream."""
+    audio, _ = speech_with_pauses(SENTENCES, pause_s=1.2)
+    cfg = config(**{"stream.partial_interval_ms": 0, "stream.pause_partial": False})
+    probe = StreamSession("probe", cfg.vad, cfg.stream)
+    finals = [len(r.audio) for r in probe.push(audio, 0.0) + probe.finish(0.0)
+              if r.kind is RequestKind.FINAL]
+    assert len(finals) == 2
+    backend = ScriptedBackend(words_so_far, fail_when=lambda a: len(a) == finals[0])
+    pcm = audio.astype("<i2").tobytes()
+    half = len(pcm) // 4 * 2
+    async with Engine(cfg, backend) as engine, \
+            CaptionServer(engine, cfg.server) as server, \
+            connect(f"ws://127.0.0.1:{server.port}/v1/ingest?stream=s") as ws:
+        await ws.send(json.dumps({"type": "config", "sample_rate": 16000}))
+        await recv_json(ws)  # ready
+        await send_audio(ws, pcm[:half])
+        await ws.send(json.dumps({"type": "config", "sample_rate": 16000}))
+        await ws.send(json.dumps({"type": "nonsense"}))
+        await ws.send("{oops")
+        await send_audio(ws, pcm[half:])
+        await ws.send(json.dumps({"type": "end"}))
+        messages = await until_closed(ws)
+    assert ws.close_code == 1000
+    codes = sorted(m["code"] for m in messages if m["type"] == "error")
+    assert codes == ["bad_json", "bad_message", "bad_message", "decode_failed"]
+    summary = messages[-1]
+    assert summary["type"] == "ingest.summary"
+    assert (summary["finals"], summary["errors"]) == (1, 1)
 
 
 # --- progress acknowledgements --------------------------------------------------
