@@ -40,7 +40,7 @@ from tests.clients.conftest import (
 )
 from tests.fakes import LanguageScriptedBackend, ScriptedBackend, words_so_far
 from tests.helpers.events import EndedStreams
-from tests.helpers.http import Relay, free_port
+from tests.helpers.http import StallingRelay, free_port
 from tests.speech import have_espeak, speech_with_pauses
 from tests.text_norm import loose_wer
 
@@ -1212,33 +1212,6 @@ async def test_a_connection_slower_than_the_microphone_drops_past_the_bound_and_
     assert (declared, undeclared) == (chunks * round(rate / 20), 0)
     assert abs(summary["lost"] - declared / rate) < 0.01
     assert abs(summary["duration"] - (sent / 2 + declared) / rate) < 0.1
-
-
-class StallingRelay(Relay):
-    """A TCP relay whose uplink can stall: while ``flowing`` is clear, what
-    clients send is not read, so it waits in the sockets and in the browser,
-    as on a link that has stopped moving; what the server sends goes on.
-    ``forwarded`` counts the bytes passed on to the server."""
-
-    def __init__(self, target: int) -> None:
-        super().__init__(target)
-        self.flowing = asyncio.Event()
-        self.flowing.set()
-        self.forwarded = 0
-
-    async def forward(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                await self.flowing.wait()
-                if not (data := await r.read(65536)):
-                    break
-                self.forwarded += len(data)
-                w.write(data)
-                await w.drain()
-        except ConnectionError:
-            pass
-        finally:
-            w.close()
 
 
 async def test_a_stalled_link_bounds_the_audio_on_its_way_by_the_servers_acknowledgements(

@@ -1,6 +1,6 @@
 """Network helpers for tests: plain HTTP GETs, free ports, a TCP relay that
-can cut its connections or filter what clients send, a WebSocket client
-that never reads."""
+can cut its connections or filter what clients send (or stall it), a
+WebSocket client that never reads."""
 
 from __future__ import annotations
 
@@ -147,6 +147,34 @@ class Relay:
         for w in self._writers:
             w.transport.abort()
         self._writers = []
+
+
+class StallingRelay(Relay):
+    """A TCP relay whose uplink can stall: while ``flowing`` is clear, what
+    clients send is not read, so it waits in the sockets and in the client
+    (a browser's network process too), as on a link that has stopped moving;
+    what the server sends goes on. ``forwarded`` counts the bytes passed on
+    to the server."""
+
+    def __init__(self, target: int) -> None:
+        super().__init__(target)
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.forwarded = 0
+
+    async def forward(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await self.flowing.wait()
+                if not (data := await r.read(65536)):
+                    break
+                self.forwarded += len(data)
+                w.write(data)
+                await w.drain()
+        except ConnectionError:
+            pass
+        finally:
+            w.close()
 
 
 async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
