@@ -19,10 +19,18 @@ down) is opened again with bounded exponential backoff under the same stream
 id, and the audio goes on where it stopped. The microphone keeps capturing
 meanwhile: up to :data:`MAX_QUEUED_BLOCKS` blocks (10 s) wait for the new
 connection, later ones are dropped and counted; a file resumes at the
-position it had reached. Audio dropped so (or because the connection is
-slower than the microphone) is declared to the server as ``lost`` before
-the next audio sent, on whichever connection sends it, so the server puts
-silence in its place and the later captions keep their true times.
+position it had reached. On an open connection the client asks the server
+to acknowledge the audio it has taken (``"progress": true``), and at most
+:data:`MAX_IN_FLIGHT_S` (10 s) of microphone audio is on its way, queued
+or sent and not yet acknowledged: past it, new blocks are dropped and
+counted the same way, so a link slower than the microphone, or stalled,
+delays the captions by no more than that, however much the operating
+system's socket buffers take (megabytes: minutes of audio). From a server
+that does not acknowledge, only the queue bounds it. Audio dropped so (or
+because the connection is slower than the microphone) is declared to the
+server as ``lost`` before the next audio sent, on whichever connection
+sends it, so the server puts silence in its place and the later captions
+keep their true times.
 Captions the server made of the earlier connection's last audio go to its
 subscribers, not to this client. ``--no-reconnect`` turns this off. A
 refusal of the first connection (a bad token or stream id,
@@ -65,15 +73,22 @@ from evoxtral_stream.config import load_config
 from evoxtral_stream.events import SAMPLE_RATE, Int16Array
 from evoxtral_stream.server.protocol import MAX_LOST_S
 
-__all__ = ["AudioFeed", "FileFeed", "MicFeed", "SessionEnd", "build_parser", "main", "run",
-           "should_reconnect"]
+__all__ = ["AudioFeed", "FileFeed", "MicFeed", "Progress", "SessionEnd", "build_parser", "main",
+           "run", "should_reconnect"]
 
 CHUNK_MS = 100
 #: Microphone blocks waiting for the socket before new ones are dropped (10 s at 20 ms).
 MAX_QUEUED_BLOCKS = 500
+#: Seconds of microphone audio on its way to a server that acknowledges it
+#: (``ingest.progress``): queued, or sent on the connection and not yet
+#: acknowledged. Past it new blocks are dropped as at a full queue (which
+#: holds as much), so the socket's buffers, which take minutes of audio on a
+#: stalled link, do not add to the captions' delay.
+MAX_IN_FLIGHT_S = 10.0
 #: What the client sends in its config message: what MicrophoneCapture and
-#: read_audio_file deliver.
-CONFIG = {"type": "config", "sample_rate": SAMPLE_RATE, "channels": 1, "format": "pcm16"}
+#: read_audio_file deliver, and the server's acknowledgements of the audio.
+CONFIG = {"type": "config", "sample_rate": SAMPLE_RATE, "channels": 1, "format": "pcm16",
+          "progress": True}
 
 #: Close codes after which the stream is reconnected: the server went away
 #: or restarted, the connection failed, or the server asked to try later.
@@ -101,6 +116,14 @@ class SessionEnd:
     """The server sent its summary and closed normally: the stream is done."""
 
 
+class Progress:
+    """What the server has acknowledged of one connection's audio: the frames
+    of the last ``ingest.progress``, set by the session as they come."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+
+
 def should_reconnect(end: SessionEnd) -> bool:
     """Whether a connection that ended so is worth opening again (pure)."""
     if end.summary:
@@ -116,9 +139,12 @@ class AudioFeed(Protocol):
     ``close`` in any case."""
 
     def start(self, status: Status) -> None: ...
-    async def send(self, ws: ClientConnection, stop: asyncio.Event) -> None:
+    async def send(self, ws: ClientConnection, stop: asyncio.Event,
+                   progress: Progress | None = None) -> None:
         """Send audio until it ends or ``stop`` is set. Called again on a new
-        connection after a lost one, it goes on where the last one stopped."""
+        connection after a lost one, it goes on where the last one stopped.
+        ``progress``: the server's acknowledgements on this connection (None:
+        it sends none)."""
     def close(self) -> None: ...
 
 
@@ -133,7 +159,8 @@ class FileFeed:
     def start(self, status: Status) -> None:
         status(f"streaming {len(self.samples) / SAMPLE_RATE:.1f} s of audio at real-time pace")
 
-    async def send(self, ws: ClientConnection, stop: asyncio.Event) -> None:
+    async def send(self, ws: ClientConnection, stop: asyncio.Event,
+                   progress: Progress | None = None) -> None:
         t0, first = time.monotonic(), self.sent
         for chunk in iter_chunks(self.samples[first:], SAMPLE_RATE * CHUNK_MS // 1000):
             if stop.is_set():
@@ -154,7 +181,10 @@ class MicFeed:
     Blocks arrive on the event loop and wait in a queue of
     :data:`MAX_QUEUED_BLOCKS` for the socket (or for the next connection
     after a lost one); when it is full, new blocks are dropped and counted.
-    A block whose send failed is sent first on the next connection.
+    A block whose send failed is sent first on the next connection. On a
+    connection whose server acknowledges the audio (``progress``), a block
+    that would take the audio on its way (queued, or sent on it and not
+    acknowledged) past :data:`MAX_IN_FLIGHT_S` is dropped and counted too.
 
     Dropped samples keep their place: each queued block carries the samples
     dropped just before it, and :meth:`send` declares them (a ``lost``
@@ -176,6 +206,12 @@ class MicFeed:
         # Each block with the samples dropped just before it.
         self.queue: asyncio.Queue[tuple[int, Int16Array]] = asyncio.Queue(MAX_QUEUED_BLOCKS)
         self._unsent: tuple[int, Int16Array] | None = None
+        self._waiting = 0
+        """Samples of the queued blocks and the unsent one."""
+        # The current connection's acknowledgements (None: none, or no
+        # connection) and the samples sent on it.
+        self._progress: Progress | None = None
+        self._sent_here = 0
         self._lost = 0
         """Samples dropped since the last block queued."""
         self.dropped = 0
@@ -201,13 +237,17 @@ class MicFeed:
         self._status: Status = lambda _: None
 
     def _on_audio(self, block: Int16Array) -> None:
-        try:
-            self.queue.put_nowait((self._lost, block))
-        except asyncio.QueueFull:
+        progress = self._progress
+        # On its way: queued, or sent on this connection and not acknowledged.
+        too_much = progress is not None and (self._waiting + self._sent_here - progress.frames
+                                             + len(block) > MAX_IN_FLIGHT_S * SAMPLE_RATE)
+        if too_much or self.queue.full():
             self.dropped += 1
             self._lost += len(block)
         else:
+            self.queue.put_nowait((self._lost, block))
             self._lost = 0
+            self._waiting += len(block)
 
     def start(self, status: Status) -> None:
         self._status = status
@@ -215,10 +255,12 @@ class MicFeed:
         name = self.capture.device.name if self.capture.device else "?"
         status(f"listening on {name!r} ({self.capture.samplerate} Hz); Ctrl-C to finish")
 
-    async def send(self, ws: ClientConnection, stop: asyncio.Event) -> None:
+    async def send(self, ws: ClientConnection, stop: asyncio.Event,
+                   progress: Progress | None = None) -> None:
         self._report_drops()
         self._allowance, self._allowance_at = MAX_LOST_S * SAMPLE_RATE, time.monotonic()
         self._sent_audio = False
+        self._progress, self._sent_here = progress, 0  # the server counts from 0 too
         stopping = asyncio.ensure_future(stop.wait())
         try:
             while True:
@@ -240,6 +282,9 @@ class MicFeed:
                         break
                     self._unsent = block.result()
                 await self._send_unsent(ws)
+        except BaseException:
+            self._progress = None  # the connection is lost, and its audio on the way
+            raise
         finally:
             stopping.cancel()
         self.close()  # the capture delivers what it holds: send that too
@@ -264,6 +309,8 @@ class MicFeed:
         await ws.send(block.astype("<i2").tobytes())
         self._unsent = None  # only once sent: a failed send keeps it for the next connection
         self._sent_audio = True
+        self._waiting -= len(block)
+        self._sent_here += len(block)
 
     async def _declare(self, ws: ClientConnection, samples: int) -> None:
         """Tell the server ``samples`` were lost here, as far as it takes them."""
@@ -302,6 +349,7 @@ async def _session(ws: ClientConnection, feed: AudioFeed, stop: asyncio.Event,
     stream: str | None = None
     error: str | None = None
     summary: dict[str, Any] | None = None
+    progress: Progress | None = None
 
     def show(event: dict[str, Any]) -> None:
         nonlocal error, summary
@@ -312,7 +360,7 @@ async def _session(ws: ClientConnection, feed: AudioFeed, stop: asyncio.Event,
         writer.show(event)
 
     async def feed_then_end() -> None:
-        await feed.send(ws, stop)
+        await feed.send(ws, stop, progress)
         await ws.send(json.dumps({"type": "end"}))
 
     async def receive() -> None:
@@ -323,6 +371,9 @@ async def _session(ws: ClientConnection, feed: AudioFeed, stop: asyncio.Event,
                 writer.status(f"! not JSON: {raw!r:.80}")
                 continue
             if isinstance(event, dict):
+                if event.get("type") == "ingest.progress" and progress is not None \
+                        and isinstance(frames := event.get("frames"), int):
+                    progress.frames = frames
                 show(event)
 
     with contextlib.suppress(ConnectionClosed):  # the close code tells what happened
@@ -335,6 +386,8 @@ async def _session(ws: ClientConnection, feed: AudioFeed, stop: asyncio.Event,
             await asyncio.wait_for(ws.wait_closed(), 10)
         else:
             stream = str(ready.get("stream"))
+            # An older server leaves "progress" out and sends no acknowledgements.
+            progress = Progress() if ready.get("progress") is True else None
             on_ready(stream)
             feeder = asyncio.ensure_future(feed_then_end())
             receiver = asyncio.ensure_future(receive())

@@ -11,9 +11,10 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mic_client
 import numpy as np
@@ -40,7 +41,7 @@ from tests.clients.conftest import (
 )
 from tests.fakes import ScriptedBackend
 from tests.helpers.events import EndedStreams
-from tests.helpers.http import Relay, free_port
+from tests.helpers.http import Relay, StallingRelay, free_port
 from tests.helpers.portaudio import LiveStream, playback, tone
 from tests.speech import have_espeak, speech_with_pauses
 from tests.text_norm import loose_wer
@@ -662,3 +663,203 @@ async def test_lost_audio_past_what_a_connection_takes_is_reported(
     assert (feed.declared, feed.undeclared) == (declared, 32000 - declared)
     assert any(f"{(32000 - declared) / SAMPLE_RATE:.1f} s of lost audio were more than the "
                "server takes at once (0.1 s)" in s for s in said), said
+
+
+# --- audio on its way ------------------------------------------------------------------
+
+
+class RecordingWriter(LiveWriter):
+    """A LiveWriter (no colour, not live) that keeps every message shown to it."""
+
+    def __init__(self) -> None:
+        self.said = io.StringIO()
+        """The status lines."""
+        super().__init__(io.StringIO(), self.said, color=False, live=False, show_stream=False)
+        self.events: list[dict[str, Any]] = []
+
+    def show(self, event: Mapping[str, Any]) -> None:
+        self.events.append(dict(event))
+        super().show(event)
+
+    def last(self, kind: str) -> dict[str, Any] | None:
+        return next((e for e in reversed(self.events) if e.get("type") == kind), None)
+
+
+async def test_a_stalled_link_bounds_the_audio_on_its_way_by_the_servers_acknowledgements(
+) -> None:
+    """The client reaches a real server through a relay whose uplink stalls:
+    what it sends waits in the sockets, which take minutes of audio here
+    (megabytes), so the queue alone would not start dropping for that long.
+    The server's ingest.progress acknowledgements stop with the link, so once
+    10 s of the microphone's audio is on its way (queued, or sent and not
+    acknowledged) the client drops new blocks. When the link moves again the server takes what was
+    held up, the client declares what it dropped as lost, and the server's
+    timeline is all that was captured."""
+    audio, _ = speech_with_pauses(SENTENCES * 4, pause_s=1.0)
+    f48 = resample(int16_to_float32(audio), SAMPLE_RATE, 48000)
+    # No server keepalive: its pongs would wait on the stalled link too.
+    cfg = load_config(overrides={"server.port": 0, "server.ping_interval_s": 0}, env={})
+
+    def factory(device: InputDevice, rate: int, channels: int, blocksize: int,
+                callback: Callable[..., None]) -> LiveStream:
+        return LiveStream(playback(f48), rate, channels, blocksize, callback)
+
+    writer = RecordingWriter()
+    feed = MicFeed(InputDevice(7, "fake mic", 1, 48000.0, True), stream_factory=factory)
+    stop = asyncio.Event()
+    async with Engine(cfg, ScriptedBackend(words)) as engine, \
+            CaptionServer(engine, cfg.server) as server, StallingRelay(server.port) as relay:
+
+        def on_its_way() -> int:
+            """Samples captured, not dropped and not yet taken by the server."""
+            taken = round(engine.stats().audio_s * SAMPLE_RATE)
+            return feed.capture.samples_delivered - feed._lost - taken
+
+        async def until(cond: Callable[[], bool], what: str, within: float = 30) -> None:
+            deadline = time.monotonic() + within
+            while not cond():
+                assert not client.done(), writer.said.getvalue()
+                assert time.monotonic() < deadline, f"no {what}: {writer.said.getvalue()}"
+                await asyncio.sleep(0.02)
+
+        client = asyncio.ensure_future(run(f"ws://127.0.0.1:{relay.port}", "desk", feed,
+                                           writer, stop=stop))
+        await until(lambda: engine.stats().audio_s >= 1.0, "audio at the server")
+        relay.flowing.clear()
+        stalled_at = feed.capture.samples_delivered
+        # 1 s of blocks dropped; or (no bound on what the sockets hold) 14 s more captured.
+        await until(lambda: feed._lost >= SAMPLE_RATE
+                    or feed.capture.samples_delivered - stalled_at > 14 * SAMPLE_RATE,
+                    "dropped blocks", 40)
+        forwarded, way = relay.forwarded, on_its_way()
+        await asyncio.sleep(0.5)
+        later = on_its_way()
+        assert relay.forwarded == forwarded  # the link is stalled
+        relay.flowing.set()
+        await until(lambda: feed._lost == 0, "block kept after the stall")
+        await asyncio.sleep(1.0)
+        stop.set()
+        assert await asyncio.wait_for(client, 30) == 0, writer.said.getvalue()
+
+    # Up to the bound, past what the server had taken; its acknowledgements
+    # trail that by less than 0.5 s, and the bound counts from them.
+    # (A block from a 48 kHz microphone holds about 490 samples: soxr's output comes unevenly.)
+    assert 9.45 * SAMPLE_RATE < way <= 10 * SAMPLE_RATE, way / SAMPLE_RATE
+    assert later == way  # every block captured meanwhile was dropped
+    assert "audio blocks: the connection was too slow or away (their time is sent as " \
+        "lost audio)" in writer.said.getvalue()
+    summary = writer.last("ingest.summary")
+    assert summary is not None, writer.said.getvalue()
+    assert feed.declared >= SAMPLE_RATE and feed.undeclared == 0
+    assert summary["lost"] == pytest.approx(feed.declared / SAMPLE_RATE, abs=0.01)
+    assert summary["duration"] == pytest.approx(
+        feed.capture.samples_delivered / SAMPLE_RATE, abs=0.05)
+
+
+@pytest.mark.parametrize("answer", [True, False, None])
+async def test_the_bound_holds_only_where_the_server_acknowledges(answer: bool | None) -> None:
+    """The client asks for acknowledgements. A server that says it sends them
+    (and then sends none) gets 10 s of audio; the rest is dropped and
+    declared lost. One that says it does not (false), or says nothing (one
+    older than the option), gets all of it, as before the option: only the
+    queue bounds the audio there."""
+    configs: list[dict[str, Any]] = []
+    received, lost = [0], [0]
+
+    async def handler(ws: ServerConnection) -> None:
+        configs.append(json.loads(await ws.recv()))
+        ready: dict[str, Any] = {"type": "ingest.ready", "stream": "desk",
+                                 "sample_rate": SAMPLE_RATE, "channels": 1, "format": "pcm16",
+                                 "language": "en"}
+        if answer is not None:
+            ready["progress"] = answer
+        await ws.send(json.dumps(ready))
+        async for message in ws:
+            if isinstance(message, bytes):
+                received[0] += len(message) // 2
+                continue
+            if (msg := json.loads(message))["type"] == "lost":
+                lost[0] += msg["samples"]
+            elif msg["type"] == "end":
+                await ws.send(json.dumps({
+                    "type": "ingest.summary", "stream": "desk",
+                    "duration": (received[0] + lost[0]) / SAMPLE_RATE, "segments": 0,
+                    "finals": 0, "partials": 0, "errors": 0, "lost": lost[0] / SAMPLE_RATE}))
+                await ws.close()
+                return
+
+    def factory(device: InputDevice, rate: int, channels: int, blocksize: int,
+                callback: Callable[..., None]) -> FakeInput:
+        return FakeInput(np.zeros((rate, channels), np.float32), rate, blocksize, callback,
+                         speed=4)
+
+    writer = RecordingWriter()
+    feed = MicFeed(InputDevice(7, "fake mic", 1, 48000.0, True), stream_factory=factory)
+    stop = asyncio.Event()
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        client = asyncio.ensure_future(run(f"ws://127.0.0.1:{port}", "desk", feed, writer,
+                                           stop=stop))
+        deadline = time.monotonic() + 30
+        while feed.capture.samples_delivered < 12 * SAMPLE_RATE:  # 3 s at 4x
+            assert time.monotonic() < deadline and not client.done(), writer.said.getvalue()
+            await asyncio.sleep(0.05)
+        stop.set()
+        assert await asyncio.wait_for(client, 30) == 0, writer.said.getvalue()
+
+    assert [c.get("progress") for c in configs] == [True]
+    captured = feed.capture.samples_delivered
+    assert received[0] + lost[0] == captured
+    assert (feed.declared, feed.undeclared) == (lost[0], 0)
+    if answer:
+        assert 9.95 * SAMPLE_RATE < received[0] <= 10 * SAMPLE_RATE  # within a block
+    else:
+        assert received[0] == captured
+
+
+async def test_each_connection_bounds_its_own_audio_on_its_way(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bound counts the audio queued, or sent on the current connection
+    and not acknowledged on it: each connection counts from 0, as its server
+    does, and none bounds what waits for the next connection."""
+    monkeypatch.setattr(mic_client, "MAX_IN_FLIGHT_S", 0.1)  # 5 blocks of 320
+
+    def no_portaudio(*_: object) -> LiveStream:
+        raise AssertionError("the capture is not started in this test")
+
+    feed = MicFeed(InputDevice(7, "fake mic", 1, float(SAMPLE_RATE), True),
+                   stream_factory=no_portaudio)
+
+    def capture(*values: int) -> None:
+        for value in values:
+            feed._on_audio(np.full(320, value, np.int16))
+
+    async def settle() -> None:
+        for _ in range(20):
+            await asyncio.sleep(0)
+
+    stop = asyncio.Event()
+    a, acks = SentItems(), mic_client.Progress()
+    sending = asyncio.ensure_future(feed.send(a, stop, acks))  # type: ignore[arg-type]
+    await settle()
+    capture(1, 2, 3, 4, 5, 6)           # 6 would be a sixth block on its way
+    await settle()
+    acks.frames = 640                   # the server has taken 1 and 2
+    capture(7, 8, 9)                    # room for two
+    await settle()
+    sending.cancel()                    # the connection is lost
+    await asyncio.gather(sending, return_exceptions=True)
+    assert a.items == [1, 2, 3, 4, 5, ("lost", 320), 7, 8]
+    capture(10, 11)                     # captured while reconnecting: queued
+    b = SentItems()
+    sending = asyncio.ensure_future(
+        feed.send(b, stop, mic_client.Progress()))  # type: ignore[arg-type]
+    await settle()
+    capture(12, 13, 14, 15)             # 10 and 11 went first: room for three
+    await settle()
+    stop.set()
+    await asyncio.wait_for(sending, 5)
+    # 9 lies before this connection's stream; 15 after its last block.
+    assert b.items == [10, 11, 12, 13, 14, ("lost", 320)]
+    assert (feed.declared, feed.undeclared) == (640, 0)
