@@ -351,6 +351,28 @@ def test_which_endings_are_reconnected(end: SessionEnd, again: bool) -> None:
     assert should_reconnect(end) is again
 
 
+def feed_without_portaudio() -> MicFeed:
+    """A MicFeed whose blocks the test hands in (``_on_audio``): its capture
+    is never started."""
+    def no_portaudio(*_: object) -> LiveStream:
+        raise AssertionError("the capture is not started in this test")
+
+    return MicFeed(InputDevice(7, "fake mic", 1, float(SAMPLE_RATE), True),
+                   stream_factory=no_portaudio)
+
+
+def capture_blocks(feed: MicFeed, *values: int) -> None:
+    """One 20 ms block per value, each filled with that value, as captured."""
+    for value in values:
+        feed._on_audio(np.full(320, value, np.int16))
+
+
+async def settle() -> None:
+    """Let the tasks started so far run until they wait."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
 class SentBlocks:
     """Stands in for the connection: what MicFeed.send sends, as the first sample of each block."""
 
@@ -365,11 +387,7 @@ async def test_a_connection_lost_while_the_feed_waits_for_audio_loses_no_block()
     """The session cancels MicFeed.send when its connection ends, usually while
     it waits for the next block (they come every 20 ms). Nothing it started
     may stay behind and take a block: the next connection gets them all."""
-    def no_portaudio(*_: object) -> LiveStream:
-        raise AssertionError("the capture is not started in this test")
-
-    feed = MicFeed(InputDevice(7, "fake mic", 1, float(SAMPLE_RATE), True),
-                   stream_factory=no_portaudio)
+    feed = feed_without_portaudio()
     stop = asyncio.Event()
     lost = asyncio.ensure_future(feed.send(SentBlocks(), stop))  # type: ignore[arg-type]
     await asyncio.sleep(0.05)   # waiting for a block
@@ -560,19 +578,10 @@ async def test_dropped_blocks_are_declared_lost_in_their_place(
     stream starts there), and those dropped after the last block before the end."""
     monkeypatch.setattr(mic_client, "MAX_QUEUED_BLOCKS", 2)
 
-    def no_portaudio(*_: object) -> LiveStream:
-        raise AssertionError("the capture is not started in this test")
-
-    feed = MicFeed(InputDevice(7, "fake mic", 1, float(SAMPLE_RATE), True),
-                   stream_factory=no_portaudio)
+    feed = feed_without_portaudio()
 
     def capture(*values: int) -> None:
-        for value in values:
-            feed._on_audio(np.full(320, value, np.int16))
-
-    async def settle() -> None:
-        for _ in range(20):
-            await asyncio.sleep(0)
+        capture_blocks(feed, *values)
 
     stop = asyncio.Event()
     capture(1, 2, 3, 4)                 # 3 and 4 find the queue full
@@ -640,21 +649,15 @@ async def test_lost_audio_past_what_a_connection_takes_is_reported(
     monkeypatch.setattr(mic_client, "MAX_QUEUED_BLOCKS", 2)
     monkeypatch.setattr(mic_client, "MAX_LOST_S", 0.1)
 
-    def no_portaudio(*_: object) -> LiveStream:
-        raise AssertionError("the capture is not started in this test")
-
-    feed = MicFeed(InputDevice(7, "fake mic", 1, float(SAMPLE_RATE), True),
-                   stream_factory=no_portaudio)
+    feed = feed_without_portaudio()
     said: list[str] = []
     feed._status = said.append
-    for value in range(1, 103):         # 3..102 dropped: 2 s
-        feed._on_audio(np.full(320, value, np.int16))
+    capture_blocks(feed, *range(1, 103))  # 3..102 dropped: 2 s
     sent = SentItems()
     stop = asyncio.Event()
     sending = asyncio.ensure_future(feed.send(sent, stop))  # type: ignore[arg-type]
-    for _ in range(20):
-        await asyncio.sleep(0)
-    feed._on_audio(np.full(320, 103, np.int16))
+    await settle()
+    capture_blocks(feed, 103)
     stop.set()
     await asyncio.wait_for(sending, 5)
     assert sent.items[:2] == [1, 2] and sent.items[3:] == [103]
@@ -825,19 +828,10 @@ async def test_each_connection_bounds_its_own_audio_on_its_way(
     does, and none bounds what waits for the next connection."""
     monkeypatch.setattr(mic_client, "MAX_IN_FLIGHT_S", 0.1)  # 5 blocks of 320
 
-    def no_portaudio(*_: object) -> LiveStream:
-        raise AssertionError("the capture is not started in this test")
-
-    feed = MicFeed(InputDevice(7, "fake mic", 1, float(SAMPLE_RATE), True),
-                   stream_factory=no_portaudio)
+    feed = feed_without_portaudio()
 
     def capture(*values: int) -> None:
-        for value in values:
-            feed._on_audio(np.full(320, value, np.int16))
-
-    async def settle() -> None:
-        for _ in range(20):
-            await asyncio.sleep(0)
+        capture_blocks(feed, *values)
 
     stop = asyncio.Event()
     a, acks = SentItems(), mic_client.Progress()

@@ -1037,6 +1037,20 @@ async def test_microphone_audio_dropped_while_reconnecting_is_declared_lost(
                           "after them come that much early")
 
 
+async def drop_past_the_backlog(page: Page) -> None:
+    """Start the microphone with stamped chunks (STAMP_CHUNKS) while the
+    server holds the second connection before its ingest.ready, wait until
+    20 chunks were dropped past the 10 s backlog, then pause the capture and
+    let the chunks already posted arrive."""
+    await page.wait_for(f"{STATUS} === 'live'")
+    await page.click("#mic")
+    await page.wait_for("Boolean(evoxtral.mic?.node)")
+    await page.evaluate(STAMP_CHUNKS)
+    await page.wait_for("evoxtral.mic.connects === 2 && evoxtral.mic.dropped >= 20", 30)
+    await page.evaluate("evoxtral.mic.ctx.suspend()")
+    await asyncio.sleep(0.3)
+
+
 async def test_microphone_audio_dropped_before_a_connections_first_chunk_is_not_declared(
         browser: Browser) -> None:
     """The second connection is closed right after ingest.ready, the capture
@@ -1051,13 +1065,7 @@ async def test_microphone_audio_dropped_before_a_connections_first_chunk_is_not_
         port = next(iter(server.sockets)).getsockname()[1]
         page = await Page.open(browser, f"http://127.0.0.1:{port}/?mic=desk")
         try:
-            await page.wait_for(f"{STATUS} === 'live'")
-            await page.click("#mic")
-            await page.wait_for("Boolean(evoxtral.mic?.node)")
-            await page.evaluate(STAMP_CHUNKS)
-            await page.wait_for("evoxtral.mic.connects === 2 && evoxtral.mic.dropped >= 20", 30)
-            await page.evaluate("evoxtral.mic.ctx.suspend()")
-            await asyncio.sleep(0.3)  # chunks already posted arrive
+            await drop_past_the_backlog(page)
             last, backlog_last = await page.evaluate(
                 "[window.stamped, new Int16Array(evoxtral.mic.backlog.at(-1).chunk)[0]]")
             release.set()
@@ -1089,13 +1097,7 @@ async def test_microphone_audio_dropped_after_the_last_chunk_is_declared_before_
         port = next(iter(server.sockets)).getsockname()[1]
         page = await Page.open(browser, f"http://127.0.0.1:{port}/?mic=desk")
         try:
-            await page.wait_for(f"{STATUS} === 'live'")
-            await page.click("#mic")
-            await page.wait_for("Boolean(evoxtral.mic?.node)")
-            await page.evaluate(STAMP_CHUNKS)
-            await page.wait_for("evoxtral.mic.connects === 2 && evoxtral.mic.dropped >= 20", 30)
-            await page.evaluate("evoxtral.mic.ctx.suspend()")
-            await asyncio.sleep(0.3)  # chunks already posted arrive
+            await drop_past_the_backlog(page)
             last = await page.evaluate("window.stamped")
             release.set()
             await page.wait_for("evoxtral.mic.ready && !evoxtral.mic.backlog.length")
@@ -1121,13 +1123,7 @@ async def test_stopping_while_reconnecting_counts_the_audio_dropped_past_the_bac
         port = next(iter(server.sockets)).getsockname()[1]
         page = await Page.open(browser, f"http://127.0.0.1:{port}/?mic=desk")
         try:
-            await page.wait_for(f"{STATUS} === 'live'")
-            await page.click("#mic")
-            await page.wait_for("Boolean(evoxtral.mic?.node)")
-            await page.evaluate(STAMP_CHUNKS)
-            await page.wait_for("evoxtral.mic.connects === 2 && evoxtral.mic.dropped >= 20", 30)
-            await page.evaluate("evoxtral.mic.ctx.suspend()")
-            await asyncio.sleep(0.3)  # chunks already posted arrive
+            await drop_past_the_backlog(page)
             # Every chunk from the backlog's first on was kept there or dropped.
             last, first, frames, rate = await page.evaluate(
                 "[window.stamped, new Int16Array(evoxtral.mic.backlog[0].chunk)[0],"
