@@ -132,6 +132,7 @@ __all__ = [
     "Replay",
     "SeqReservation",
     "decode_end",
+    "decode_line",
     "decode_record",
     "decode_reservation",
     "encode_end",
@@ -229,18 +230,27 @@ def encode_record(event: CaptionEvent) -> str:
     return encode_event(event)
 
 
-def decode_record(line: str) -> JournalRecord | None:
-    """Parse one journal line; None when it is not a whole caption record."""
+def decode_line(line: str) -> JournalRecord | SeqReservation | EndRecord | None:
+    """Parse one journal line (once): a final, a reservation or an end
+    record; None when it is none of them whole."""
     try:
         obj = json.loads(line)
     except ValueError:
         return None
-    if not isinstance(obj, dict) or obj.get("type") != "caption":
+    if not isinstance(obj, dict) or not isinstance(stream := obj.get("stream"), str):
         return None
-    stream, seq = obj.get("stream"), obj.get("seq")
-    if not isinstance(stream, str) or not isinstance(seq, int) or isinstance(seq, bool):
+    kind, seq = obj.get("type"), obj.get("seq")
+    if kind == _ENDED:
+        return EndRecord(stream, line)
+    if kind not in ("caption", _RESERVED) or not isinstance(seq, int) or isinstance(seq, bool):
         return None
-    return JournalRecord(stream, seq, line)
+    return JournalRecord(stream, seq, line) if kind == "caption" else SeqReservation(stream, seq)
+
+
+def decode_record(line: str) -> JournalRecord | None:
+    """Parse one journal line; None when it is not a whole caption record."""
+    record = decode_line(line)
+    return record if isinstance(record, JournalRecord) else None
 
 
 def encode_reservation(stream: str, seq: int) -> str:
@@ -251,16 +261,8 @@ def encode_reservation(stream: str, seq: int) -> str:
 
 def decode_reservation(line: str) -> SeqReservation | None:
     """Parse one journal line; None when it is not a whole reservation."""
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(obj, dict) or obj.get("type") != _RESERVED:
-        return None
-    stream, seq = obj.get("stream"), obj.get("seq")
-    if not isinstance(stream, str) or not isinstance(seq, int) or isinstance(seq, bool):
-        return None
-    return SeqReservation(stream, seq)
+    record = decode_line(line)
+    return record if isinstance(record, SeqReservation) else None
 
 
 def encode_end(event: StreamEnded) -> str:
@@ -270,16 +272,8 @@ def encode_end(event: StreamEnded) -> str:
 
 def decode_end(line: str) -> EndRecord | None:
     """Parse one journal line; None when it is not a whole end record."""
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(obj, dict) or obj.get("type") != _ENDED:
-        return None
-    stream = obj.get("stream")
-    if not isinstance(stream, str):
-        return None
-    return EndRecord(stream, line)
+    record = decode_line(line)
+    return record if isinstance(record, EndRecord) else None
 
 
 @dataclass(frozen=True)
@@ -790,7 +784,7 @@ class Journal:
             except UnicodeDecodeError:
                 line = None
             else:
-                line = decode_record(text) or decode_reservation(text) or decode_end(text)
+                line = decode_line(text)
             if line is None:
                 log.warning("journal: skipping a damaged line (%s line %d): %r",
                             path.name, number, raw[:60])
