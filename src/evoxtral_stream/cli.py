@@ -271,12 +271,20 @@ def _prepare_outputs(args: argparse.Namespace, many: bool) -> None:
                 why = "several files need a folder" if many else f"{raw} names a folder"
                 raise UserError(f"{flag} {target}: cannot make that folder ({e.strerror}); "
                                 f"{why}") from None
-        elif not target.parent.is_dir():
-            raise UserError(f"{flag} {target}: the folder {target.parent} does not exist")
-        elif folder:
-            # Only --jsonl gets here: one file for every stream.
-            raise UserError(f"{flag} {raw} is a folder; --jsonl writes one file "
-                            "for every stream: name that file")
+        else:
+            # --jsonl, or one file's SRT/VTT: a file in a folder that exists.
+            _check_output_file(flag, raw, "--jsonl writes one file for every stream: "
+                                          "name that file")
+
+
+def _check_output_file(flag: str, raw: str, hint: str) -> None:
+    """Refuse ``flag``'s output file ``raw`` before any work: its folder must
+    exist, and it must not name a folder (``hint`` says what to name)."""
+    target = Path(raw)
+    if not target.parent.is_dir():
+        raise UserError(f"{flag} {target}: the folder {target.parent} does not exist")
+    if target.is_dir() or raw.endswith(("/", os.sep)):
+        raise UserError(f"{flag} {raw} is a folder; {hint}")
 
 
 def _write(path: Path, text: str) -> None:
@@ -568,10 +576,7 @@ def _cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
                         "pip install 'evoxtral-stream[eval]'") from None
     # The report is written last, after every file is decoded: check its place now.
     if args.json is not None:
-        if args.json.is_dir():
-            raise UserError(f"--json {args.json} is a folder; name the report's file")
-        if not args.json.parent.is_dir():
-            raise UserError(f"--json {args.json}: the folder {args.json.parent} does not exist")
+        _check_output_file("--json", str(args.json), "name the report's file")
     # Every file of the manifest decoded now (eval holds them all anyway): a
     # missing or unreadable one is one line before the model loads.
     audio = load_audio(entries, source=str(args.manifest))
