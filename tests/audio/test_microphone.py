@@ -23,13 +23,12 @@ import pytest
 from evoxtral_stream.audio.microphone import (
     MAX_OVERFLOW_GAP_S,
     SILENCE_CHUNK,
-    SILENCE_PIECES_PER_TURN,
     InputDevice,
     MicrophoneCapture,
     list_input_devices,
     resolve_input_device,
 )
-from evoxtral_stream.audio.resample import int16_to_float32, resample
+from evoxtral_stream.audio.resample import SILENCE_PIECES_PER_TURN, int16_to_float32, resample
 from evoxtral_stream.audio.sources import AudioInputError
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.engine import Engine

@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from types import ModuleType, TracebackType
 from typing import Any, Protocol
 
-from evoxtral_stream.audio.resample import SILENCE_PIECE, StreamResampler, silence_pieces
+from evoxtral_stream.audio.resample import (
+    SILENCE_PIECE,
+    SILENCE_PIECES_PER_TURN,
+    StreamResampler,
+    silence_pieces,
+)
 from evoxtral_stream.audio.sources import AudioInputError
 from evoxtral_stream.config import AudioConfig
 from evoxtral_stream.events import SAMPLE_RATE, Float32Array, Int16Array
@@ -42,9 +47,6 @@ PORTAUDIO_MISSING = "PortAudio library not found: install it with `apt-get insta
 #: gap left by dropped blocks (or an input overflow) is filled: a long gap is
 #: delivered in many small pieces, never allocated at once.
 SILENCE_CHUNK = SILENCE_PIECE
-#: Pieces of silence (1 s) delivered in one turn of the event loop: a long gap
-#: goes on in later turns, so the loop stays responsive while it is filled.
-SILENCE_PIECES_PER_TURN = 10
 #: The longest input overflow measured from PortAudio's timestamps, in
 #: seconds. Host buffers hold tens to hundreds of milliseconds, and a device
 #: that calls back nothing for ``audio.stall_timeout_s`` (2 s by default) is

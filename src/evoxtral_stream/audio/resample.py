@@ -19,6 +19,7 @@ from evoxtral_stream.events import SAMPLE_RATE, Float32Array, Int16Array
 
 __all__ = [
     "SILENCE_PIECE",
+    "SILENCE_PIECES_PER_TURN",
     "StreamResampler",
     "float_to_int16",
     "int16_to_float32",
@@ -91,6 +92,10 @@ def resample(x: npt.NDArray[_S], in_rate: int, out_rate: int) -> npt.NDArray[_S]
 #: The largest piece of silence :func:`silence_pieces` gives (100 ms, as a
 #: file chunk): a long gap is delivered in many small arrays, never one.
 SILENCE_PIECE = SAMPLE_RATE // 10
+#: Pieces of silence (1 s) one loop turn delivers when a gap is filled (the
+#: microphone's dropped blocks, ingest's lost audio): a long gap goes on in
+#: later turns, so the event loop stays responsive while it is filled.
+SILENCE_PIECES_PER_TURN = 10
 
 
 def silence_pieces(samples: int, piece: int = SILENCE_PIECE) -> Iterator[Int16Array]:

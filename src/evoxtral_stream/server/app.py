@@ -53,7 +53,7 @@ from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from ..audio.resample import StreamResampler, silence_pieces
+from ..audio.resample import SILENCE_PIECES_PER_TURN, StreamResampler, silence_pieces
 from ..config import AuthConfig, AuthTokenConfig, ConfigError, ServerConfig
 from ..engine.engine import Engine, EngineStopping, Stream
 from ..events import SAMPLE_RATE, Int16Array, stream_id_problem
@@ -108,9 +108,6 @@ _Outcome = Literal["end", "closed", "idle"]
 # Errors after which an ingest connection cannot go on: the byte stream is
 # misaligned or the peer is not speaking the protocol.
 _FATAL_INGEST = {"odd_length", "not_configured", "too_large", "bad_audio", "too_fast"}
-#: How many pieces of silence for lost audio (resample.SILENCE_PIECE, 100 ms
-#: each) go between two yields to the loop.
-_PIECES_PER_YIELD = 10
 _ROLES: dict[str, Role] = {_CAPTIONS: "subscribe", _INGEST: "ingest", _REALTIME: "ingest",
                            "/metrics": "admin"}
 
@@ -716,5 +713,5 @@ class CaptionServer:
             push(tail)
         for i, piece in enumerate(silence_pieces(silence), 1):
             push(piece)
-            if i % _PIECES_PER_YIELD == 0:
+            if i % SILENCE_PIECES_PER_TURN == 0:
                 await asyncio.sleep(0)
