@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -336,41 +336,60 @@ async def test_a_long_gap_is_filled_over_many_turns_of_the_loop() -> None:
     assert abs(int(loud[0]) - 3001 * 320) <= 10
     assert abs(cap.samples_delivered - 3002 * 320) <= 1
 
-@pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
-@pytest.mark.parametrize("rate", [SAMPLE_RATE, 48000])
-async def test_captions_after_a_drop_run_keep_their_times(rate: int) -> None:
+Finals = list[tuple[int, float, float]]
+
+
+def two_sentences(rate: int) -> tuple[Float32Array, list[tuple[int, int]], int]:
+    """Two spoken sentences 3 s apart at ``rate`` (frames x 1 channel), their
+    16 kHz spans, and the 20 ms block 0.5 s into the pause."""
     speech, spans = speech_with_pauses(["Good evening and welcome to the show.",
                                         "Tonight we talk about the weather."], pause_s=3.0)
     audio = resample(int16_to_float32(speech), SAMPLE_RATE, rate)[:, None]
-    block = rate // 50
-    # The loop is held up 0.5 s into the pause, for 1.4 s: 1.2 s are dropped.
-    jam_at = spans[0][1] * 50 // SAMPLE_RATE + 25
-    jam = range(jam_at, jam_at + 70)
+    return audio, spans, spans[0][1] * 50 // SAMPLE_RATE + 25
+
+
+async def finals_through_engine(
+        rate: int, feed: Callable[[MicrophoneCapture], Awaitable[object]]
+) -> tuple[Finals, MicrophoneCapture]:
+    """(segment, start, end) of the finals a real engine makes of what ``feed``
+    gives a capture of a fake ``rate`` device, and that capture."""
     cfg = load_config(overrides={"stream.partial_interval_ms": 0})
+    record = LatencyLog()
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine:
+        engine.add_listener(record)
+        stream = engine.open_stream("mic", source="mic")
+        cap = MicrophoneCapture(stream.push, device=fake_device(rate, 1), block_ms=20,
+                                max_pending_blocks=10, stream_factory=FakeFactory())
+        cap.start()
+        await feed(cap)
+        cap.stop()
+        await stream.close()
+    return [(c.segment, c.start, c.end) for c in record.captions() if c.final], cap
 
-    async def finals(jammed: range) -> tuple[list[tuple[int, float, float]], int]:
-        record = LatencyLog()
-        async with Engine(cfg, ScriptedBackend(words_so_far)) as engine:
-            engine.add_listener(record)
-            stream = engine.open_stream("mic", source="mic")
-            cap = MicrophoneCapture(stream.push, device=fake_device(rate, 1), block_ms=20,
-                                    max_pending_blocks=10, stream_factory=FakeFactory())
-            cap.start()
-            await feed_with_a_jam(cap, audio, block, jammed)
-            cap.stop()
-            await stream.close()
-        return ([(c.segment, c.start, c.end) for c in record.captions() if c.final],
-                cap.dropped_blocks)
 
-    kept_up, none = await finals(range(0))
-    jammed, dropped = await finals(jam)
-    assert none == 0 and dropped == 60
+def assert_same_times(got: Finals, kept_up: Finals, spans: list[tuple[int, int]]) -> None:
+    """``got`` has the finals ``kept_up`` has, at the same times (within 2 ms)."""
     assert len(kept_up) == 2
     assert kept_up[1][1] == pytest.approx(spans[1][0] / SAMPLE_RATE, abs=0.5)
-    assert [s for s, _, _ in jammed] == [s for s, _, _ in kept_up]
-    for (_, start, end), (_, want_start, want_end) in zip(jammed, kept_up, strict=True):
+    assert [s for s, _, _ in got] == [s for s, _, _ in kept_up]
+    for (_, start, end), (_, want_start, want_end) in zip(got, kept_up, strict=True):
         assert start == pytest.approx(want_start, abs=0.002)
         assert end == pytest.approx(want_end, abs=0.002)
+
+
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+@pytest.mark.parametrize("rate", [SAMPLE_RATE, 48000])
+async def test_captions_after_a_drop_run_keep_their_times(rate: int) -> None:
+    audio, spans, jam_at = two_sentences(rate)
+    block = rate // 50
+    # The loop is held up 0.5 s into the pause, for 1.4 s: 1.2 s are dropped.
+    jam = range(jam_at, jam_at + 70)
+    kept_up, none = await finals_through_engine(
+        rate, lambda cap: feed_with_a_jam(cap, audio, block, range(0)))
+    jammed, dropped = await finals_through_engine(
+        rate, lambda cap: feed_with_a_jam(cap, audio, block, jam))
+    assert none.dropped_blocks == 0 and dropped.dropped_blocks == 60
+    assert_same_times(jammed, kept_up, spans)
 
 
 async def test_status_overflow_is_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
@@ -553,37 +572,19 @@ async def test_the_callback_reads_sounddevice_s_own_arguments() -> None:
 @pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
 @pytest.mark.parametrize("rate", [SAMPLE_RATE, 48000])
 async def test_captions_after_an_input_overflow_keep_their_times(rate: int) -> None:
-    speech, spans = speech_with_pauses(["Good evening and welcome to the show.",
-                                        "Tonight we talk about the weather."], pause_s=3.0)
-    audio = resample(int16_to_float32(speech), SAMPLE_RATE, rate)[:, None]
+    audio, spans, lost_at = two_sentences(rate)
     block = rate // 50
+
+    def feed(lost: range) -> Callable[[MicrophoneCapture], Awaitable[object]]:
+        return lambda cap: feed_with_an_overflow(cap, audio, block, lost,
+                                                 lambda i: adc_time(3.5 + i * 0.02))
+
+    kept_up, cap = await finals_through_engine(rate, feed(range(0)))
+    assert cap.status_overflows == 0
     # PortAudio loses 1.2 s from 0.5 s into the pause.
-    lost_at = spans[0][1] * 50 // SAMPLE_RATE + 25
-    cfg = load_config(overrides={"stream.partial_interval_ms": 0})
-
-    async def finals(lost: range) -> list[tuple[int, float, float]]:
-        record = LatencyLog()
-        async with Engine(cfg, ScriptedBackend(words_so_far)) as engine:
-            engine.add_listener(record)
-            stream = engine.open_stream("mic", source="mic")
-            cap = MicrophoneCapture(stream.push, device=fake_device(rate, 1), block_ms=20,
-                                    max_pending_blocks=10, stream_factory=FakeFactory())
-            cap.start()
-            await feed_with_an_overflow(cap, audio, block, lost,
-                                        lambda i: adc_time(3.5 + i * 0.02))
-            cap.stop()
-            await stream.close()
-        assert cap.status_overflows == (1 if lost else 0)
-        return [(c.segment, c.start, c.end) for c in record.captions() if c.final]
-
-    kept_up = await finals(range(0))
-    overflowed = await finals(range(lost_at, lost_at + 60))
-    assert len(kept_up) == 2
-    assert kept_up[1][1] == pytest.approx(spans[1][0] / SAMPLE_RATE, abs=0.5)
-    assert [s for s, _, _ in overflowed] == [s for s, _, _ in kept_up]
-    for (_, start, end), (_, want_start, want_end) in zip(overflowed, kept_up, strict=True):
-        assert start == pytest.approx(want_start, abs=0.002)
-        assert end == pytest.approx(want_end, abs=0.002)
+    overflowed, cap = await finals_through_engine(rate, feed(range(lost_at, lost_at + 60)))
+    assert cap.status_overflows == 1
+    assert_same_times(overflowed, kept_up, spans)
 
 
 async def test_one_wakeup_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
