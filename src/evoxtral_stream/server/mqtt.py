@@ -19,7 +19,8 @@ decode error does not end a stream, and a retained error would hide whether
 the stream is live.
 
 :class:`MqttPublisher` is an engine listener. Calling it only queues the
-event; a background task owns the aiomqtt client, publishes in order,
+event (in a :class:`.mqtt_backlog.Backlog`, which holds the overflow
+policy); a background task owns the aiomqtt client, publishes in order,
 reconnects with bounded exponential backoff and keeps counters
 (:class:`MqttStats`). Everything runs on the event loop.
 
@@ -48,7 +49,6 @@ import secrets
 import socket
 import ssl
 import time
-from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
@@ -57,6 +57,7 @@ from ..config import ConfigError, MqttConfig
 from ..events import CaptionEvent, EngineEvent, StreamEnded, StreamError, StreamStarted
 from .auth import incomplete_pem
 from .certs import CertWatcher, fingerprint
+from .mqtt_backlog import Backlog, PartialKey, QueuedEvent
 from .protocol import encode_event
 
 if TYPE_CHECKING:
@@ -97,8 +98,6 @@ _KICKED_S = 1.0
 # Reason codes of a CONNACK refusing the protocol version: 3.1.1's 0x01 and
 # MQTT 5's 0x84 (paho maps a 3.1.1-style 0x01 answer to a v5 connect to 0x84).
 _VERSION_REFUSED = frozenset({1, 0x84})
-
-_PartialKey = tuple[str, int]
 
 # What a stream id must not put in its topic level: the separator and the
 # wildcards, and what MQTT 5 (1.5.4) says a topic should not hold: mosquitto
@@ -214,89 +213,6 @@ def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
     return ctx
 
 
-@dataclass(frozen=True)
-class _Item:
-    order: int
-    event: EngineEvent
-    topic: str
-    qos: int
-    retain: bool
-    key: _PartialKey | None  # (stream, segment) of a caption
-    attempts: int = 0
-
-    @property
-    def partial(self) -> bool:
-        return isinstance(self.event, CaptionEvent) and not self.event.final
-
-
-class _Backlog:
-    """The bounded queue with the publisher's overflow policy (see MqttPublisher).
-
-    Partials wait apart, at most one per segment; finals and lifecycle events
-    wait in a FIFO. ``pop`` merges both by arrival order.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._reliable: deque[_Item] = deque()
-        self._partials: OrderedDict[_PartialKey, _Item] = OrderedDict()
-        self.superseded = 0
-        self.dropped_partials = 0
-        self.dropped_finals = 0
-
-    def __len__(self) -> int:
-        return len(self._reliable) + len(self._partials)
-
-    def push(self, item: _Item) -> None:
-        if item.partial:
-            assert item.key is not None
-            if self._partials.pop(item.key, None) is not None:
-                self.superseded += 1
-            elif len(self) >= self.size and not self._drop_oldest_partial():
-                # Only finals and lifecycle events wait: they are worth more.
-                self.dropped_partials += 1
-                return
-            self._partials[item.key] = item
-            return
-        if item.key is not None and self._partials.pop(item.key, None) is not None:
-            self.superseded += 1
-        if len(self) >= self.size and not self._drop_oldest_partial():
-            self._reliable.popleft()
-            self.dropped_finals += 1
-        self._reliable.append(item)
-
-    def put_back(self, item: _Item) -> bool:
-        """Return an unsent final or lifecycle event to the head; False if it was dropped."""
-        if len(self) >= self.size and not self._drop_oldest_partial():
-            self.dropped_finals += 1
-            return False
-        self._reliable.appendleft(item)
-        return True
-
-    def pop(self) -> _Item | None:
-        r = self._reliable[0] if self._reliable else None
-        p = next(iter(self._partials.values())) if self._partials else None
-        if p is not None and (r is None or p.order < r.order):
-            self._partials.popitem(last=False)
-            return p
-        if r is not None:
-            self._reliable.popleft()
-        return r
-
-    def clear(self) -> int:
-        n = len(self)
-        self._reliable.clear()
-        self._partials.clear()
-        return n
-
-    def _drop_oldest_partial(self) -> bool:
-        if not self._partials:
-            return False
-        self._partials.popitem(last=False)
-        self.dropped_partials += 1
-        return True
-
-
 class _ConnectionLost(Exception):
     pass
 
@@ -353,7 +269,7 @@ class MqttPublisher:
         self._tls_watch = CertWatcher(fingerprint(self._tls_files))
         self._tls = tls_context(cfg)
         self._rand = rand or random.Random().random
-        self._backlog = _Backlog(cfg.queue_size)
+        self._backlog = Backlog(cfg.queue_size)
         self._order = itertools.count()
         self._wake = asyncio.Event()
         self._connected = asyncio.Event()
@@ -399,8 +315,8 @@ class MqttPublisher:
                             "event(s) dropped so far", self.cfg.queue_size,
                             self._backlog.dropped_partials, self._backlog.dropped_finals)
 
-    def _item(self, event: EngineEvent) -> _Item | None:
-        key: _PartialKey | None = None
+    def _item(self, event: EngineEvent) -> QueuedEvent | None:
+        key: PartialKey | None = None
         if isinstance(event, CaptionEvent):
             key = (event.stream, event.segment)
             if event.final:
@@ -414,7 +330,7 @@ class MqttPublisher:
         else:
             return None
         topic = f"{self.cfg.prefix}/{topic_level(event.stream)}/{leaf}"
-        return _Item(next(self._order), event, topic, qos, retain, key)
+        return QueuedEvent(next(self._order), event, topic, qos, retain, key)
 
     # --- state ----------------------------------------------------------------
 
@@ -753,7 +669,7 @@ class MqttPublisher:
                         "as failed (%d refused so far; check the broker's ACL and limits)",
                         topic, e, self._refused)
 
-    def _give_back(self, item: _Item) -> None:
+    def _give_back(self, item: QueuedEvent) -> None:
         if item.partial or item.attempts + 1 >= _MAX_ATTEMPTS:
             self._failed += 1
             return
