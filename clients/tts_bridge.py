@@ -96,6 +96,7 @@ __all__ = [
     "TtsBridge",
     "build_parser",
     "caption_url",
+    "check_output_folder",
     "main",
     "output_name",
     "parse_since",
@@ -182,6 +183,23 @@ def caption_url(url: str, streams: Sequence[str], since: Mapping[str, int]) -> s
 # --- the bridge -------------------------------------------------------------------
 
 
+def check_output_folder(out: Path) -> None:
+    """Raise :class:`BridgeError` (one line) unless ``out`` can hold the audio
+    files: a folder this process may write in, or a path whose nearest
+    existing ancestor is one (so that it can be made). Creates nothing."""
+    probe = out
+    while not os.path.lexists(probe) and probe.parent != probe:
+        probe = probe.parent
+    where = "it" if probe == out else repr(str(probe))
+    problem = None
+    if not probe.is_dir():  # a file, or a symbolic link to nothing or to a file
+        problem = f"{where} is not a folder"
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        problem = f"{where} is not writable"
+    if problem is not None:
+        raise BridgeError(f"cannot use {str(out)!r} as the output folder: {problem}")
+
+
 @dataclass(frozen=True)
 class BridgeConfig:
     """What to subscribe to and where to write.
@@ -248,6 +266,7 @@ class TtsBridge:
         self._skipped = 0
         self._gaps = 0
         self._reconnects = 0
+        self._out_made = False
 
     @property
     def stats(self) -> BridgeStats:
@@ -263,13 +282,11 @@ class TtsBridge:
         """Run until ``max_captions``, ``exit_on_end``, or (without
         ``reconnect``) the connection's end; raise :class:`BridgeError` when
         the server cannot be reached at first, refuses the subscription, or
-        ``out`` cannot be made a folder. Finals already read are synthesised
-        before a refusal is raised."""
-        try:
-            self.cfg.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise BridgeError(f"cannot use {str(self.cfg.out)!r} as the output folder: "
-                              f"{e.strerror or e}") from None
+        ``out`` is not a usable folder (checked before connecting, see
+        :func:`check_output_folder`; the folder itself is made before the
+        first file is written). Finals already read are synthesised before a
+        refusal is raised."""
+        check_output_folder(self.cfg.out)
         reader = asyncio.ensure_future(self._read())
         writer = asyncio.ensure_future(self._synthesize_all())
         try:
@@ -422,6 +439,14 @@ class TtsBridge:
             self._skipped += 1
             log.info("%s segment %d: nothing to say, skipped", final.stream, final.segment)
             return
+        if not self._out_made:
+            # Only now: a run that never writes (refused, unreachable) leaves no folder.
+            try:
+                self.cfg.out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise BridgeError(f"cannot use {str(self.cfg.out)!r} as the output folder: "
+                                  f"{e.strerror or e}") from None
+            self._out_made = True
         t0 = time.monotonic()
         try:
             await self.synth.synthesize(final.text, dest)
@@ -503,7 +528,8 @@ def _synth_from_args(args: argparse.Namespace) -> Synthesizer:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status (0 ok, 1 error, 130 Ctrl-C)."""
+    """The command line; returns the exit status (0 ok, 1 error, 2 a bad argument or
+    an unusable ``--out``, 130 Ctrl-C)."""
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.debug else logging.INFO
     if args.log_format == "json":
@@ -519,6 +545,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_token_redaction()
     streams = tuple(s for v in args.stream for s in v.split(",") if s)
     try:
+        check_output_folder(args.out)
+    except BridgeError as e:
+        _report(e, args.log_format)
+        return 2
+    try:
         since = parse_since(args.since, streams) if args.since else {}
         synth = _synth_from_args(args)
         cfg = BridgeConfig(out=args.out, url=args.url, streams=streams,
@@ -531,14 +562,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BridgeError, ValueError) as e:
         if args.debug:
             raise
-        if args.log_format == "json":
-            log.error("%s", e)
-        else:
-            print(f"tts_bridge: {e}", file=sys.stderr)
+        _report(e, args.log_format)
         return 1
     log.info("done: %d written, %d failed, %d skipped, %d gaps, %d reconnects",
              stats.written, stats.failed, stats.skipped, stats.gaps, stats.reconnects)
     return 0 if stats.failed == 0 else 1
+
+
+def _report(e: Exception, log_format: str) -> None:
+    """One line on stderr: a log line in JSON mode, else prefixed with the program."""
+    if log_format == "json":
+        log.error("%s", e)
+    else:
+        print(f"tts_bridge: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

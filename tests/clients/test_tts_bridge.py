@@ -648,6 +648,54 @@ def test_command_line_errors_are_one_line(
         assert err.count("\n") == 1, err
 
 
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_failed_connection_leaves_no_output_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "new" / "out"
+    url = f"ws://127.0.0.1:{_unused_port()}/v1/captions"
+    assert main(["--out", str(out), "--url", url]) == 1
+    assert "cannot subscribe" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+async def test_an_out_that_is_not_a_folder_is_refused_before_connecting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    taken = tmp_path / "taken.wav"
+    taken.write_bytes(b"RIFF")
+    url = f"ws://127.0.0.1:{_unused_port()}/v1/captions"
+    for out, culprit in ((taken, "it"), (taken / "sub", repr(str(taken)))):
+        # Off the event loop: main runs its own.
+        assert await asyncio.to_thread(main, ["--out", str(out), "--url", url]) == 2, out
+        err = capsys.readouterr().err
+        assert err == (f"tts_bridge: cannot use {str(out)!r} as the output folder: "
+                       f"{culprit} is not a folder\n")
+        with pytest.raises(BridgeError, match="is not a folder"):
+            await TtsBridge(BridgeConfig(out=out, url=url), GatedSynth()).run()
+    assert taken.read_bytes() == b"RIFF"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
+def test_an_out_in_a_read_only_folder_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    url = f"ws://127.0.0.1:{_unused_port()}/v1/captions"
+    try:
+        for out in (locked, locked / "out"):
+            assert main(["--out", str(out), "--url", url]) == 2, out
+            assert "is not writable" in capsys.readouterr().err
+    finally:
+        locked.chmod(0o700)
+
+
 @pytest.mark.parametrize(("first", "expected"), [
     ({"type": "error", "code": "bad_query", "message": "since must be SEQ"}, "bad_query"),
     ({"type": "hello", "v": 2, "streams": []}, "protocol v2"),
@@ -661,10 +709,11 @@ async def test_a_refused_subscription_or_unknown_protocol_is_a_bridge_error(
 
     async with serve(handler, "127.0.0.1", 0) as server:
         port = next(iter(server.sockets)).getsockname()[1]
-        bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{port}"),
+        bridge = TtsBridge(BridgeConfig(out=tmp_path / "out", url=f"ws://127.0.0.1:{port}"),
                            GatedSynth())
         with pytest.raises(BridgeError, match=expected):
             await asyncio.wait_for(bridge.run(), 10)
+    assert not (tmp_path / "out").exists()  # made only for a first file
 
 
 def _msg(kind: str, **fields: object) -> str:
@@ -885,13 +934,16 @@ async def test_json_logs_are_one_object_per_line_without_the_token(
     (refused,) = [json.loads(line) for line in err.splitlines()]
     assert refused["level"] == "ERROR" and "refused the token (HTTP 401)" in refused["msg"]
     assert SUBSCRIBE_TOKEN not in err
-    # So is an output folder that cannot be made; in text mode, one line too.
+    assert not (tmp_path / "out2").exists()
+    # So is an output folder that cannot be made (a bad argument); in text
+    # mode, one line too.
     (tmp_path / "a-file").write_text("")
     for fmt in ("json", "text"):
         code, err = await run_bridge(server.port, tmp_path / "a-file" / "out", "--log-format",
                                      fmt, env_token=None)
-        assert code == 1
-        why = f"cannot use '{tmp_path / 'a-file' / 'out'}' as the output folder: Not a directory"
+        assert code == 2
+        why = (f"cannot use '{tmp_path / 'a-file' / 'out'}' as the output folder: "
+               f"'{tmp_path / 'a-file'}' is not a folder")
         if fmt == "json":
             (line,) = [json.loads(line) for line in err.splitlines()]
             assert (line["level"], line["msg"]) == ("ERROR", why)
