@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,27 @@ def test_a_string_key_set_to_something_toml_reads_otherwise_keeps_the_text(
     mine = tmp_path / "mine.toml"
     mine.write_text("[audio]\ndevice = 2\n")
     assert load_config(mine, env={}).audio.device == "2"
+
+
+@pytest.mark.parametrize("literal", ["0x1F", "1_000", "+7", "123456", "1.5"])
+def test_a_bare_number_for_a_text_key_in_a_file_is_refused_not_rewritten(
+        tmp_path: Path, literal: str) -> None:
+    # TOML keeps no literal's text: password = 0x1F would silently become "31".
+    mine = tmp_path / "mine.toml"
+    mine.write_text(f'[mqtt]\nusername = "u"\npassword = {literal}\n')
+    with pytest.raises(ConfigError) as e:
+        load_config(mine, env={})
+    message = str(e.value)
+    assert message.startswith("mqtt.password must be text")
+    assert 'quote it: password = "..."' in message
+    assert literal not in message and str(tomllib.loads(f"x = {literal}")["x"]) not in message
+    mine.write_text('[mqtt]\nusername = "u"\npassword = "0x1F"\nclient_id = "7"\n')
+    cfg = load_config(mine, env={})
+    assert (cfg.mqtt.password, cfg.mqtt.client_id) == ("0x1F", "7")
+    mine.write_text("[mqtt]\nclient_id = 2024\n")
+    with pytest.raises(ConfigError, match=r"^mqtt\.client_id must be text, got the number "
+                                          r"2024: quote it: client_id = \"\.\.\.\"$"):
+        load_config(mine, env={})
 
 
 def test_number_for_a_string_choice_is_accepted() -> None:

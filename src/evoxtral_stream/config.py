@@ -66,7 +66,7 @@ def _choices(*values: object) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class AudioConfig:
-    device: str
+    device: str = field(metadata={"index": True})  # a name or a PortAudio index
     block_ms: int = field(metadata=_range(5, 200))
     max_pending_blocks: int = field(metadata=_range(1, 10_000))
     file_chunk_ms: int = field(metadata=_range(10, 10_000))
@@ -271,19 +271,14 @@ def _type_name(tp: object) -> str:
 def _check_value(dotted: str, value: object, tp: object, meta: Mapping[str, Any]) -> object:
     if isinstance(value, _SetText):
         value = str(value) if tp is str else value.parsed
-    if tp is str and isinstance(value, int) and not isinstance(value, bool):
-        # `device = 2` in a file: an index where the key takes a name or an index.
-        value = str(value)
+    if tp is str and isinstance(value, int | float) and not isinstance(value, bool):
+        value = _number_as_text(dotted, value, meta)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if isinstance(value, float) and not math.isfinite(value):
         # TOML reads nan (and inf); every comparison with nan is false, so a
         # range check alone would let it through.
         raise ConfigError(f"{dotted} must be a finite number, got {value!r}")
-    if (tp is str and isinstance(value, int | float) and not isinstance(value, bool)
-            and str(value) in meta.get("choices", ())):
-        # `--set mqtt.protocol=5` reads 5 as a TOML integer; the choice is "5".
-        value = str(value)
     ok = isinstance(value, tp) if isinstance(tp, type) else True
     if isinstance(value, bool) and tp in (int, float):
         ok = False
@@ -402,6 +397,21 @@ def _toml_table(obj: object, name: str, out: list[str], header: str) -> None:
                 _toml_table(item, dotted, out, f"[[{dotted}]]")
         else:
             _toml_table(value, dotted, out, f"[{dotted}]")
+
+
+def _number_as_text(dotted: str, value: float, meta: Mapping[str, Any]) -> object:
+    """A number where text is wanted: for a key with choices (``protocol =
+    5``) or a device index (``device = 2``), its text (a float not among the
+    choices is left for the type check); for free text refused, as TOML
+    keeps no literal's text (``password = 0x1F`` would become ``"31"``)."""
+    if str(value) in meta.get("choices", ()) or (
+            isinstance(value, int) and ("choices" in meta or meta.get("index"))):
+        return str(value)
+    if "choices" in meta:
+        return value
+    got = "" if dotted in _SECRET_KEYS else f", got the number {value!r}"
+    key = dotted.rsplit(".", 1)[-1]
+    raise ConfigError(f'{dotted} must be text{got}: quote it: {key} = "..."')
 
 
 def to_toml(cfg: Config) -> str:
