@@ -528,8 +528,8 @@ def _synth_from_args(args: argparse.Namespace) -> Synthesizer:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line; returns the exit status (0 ok, 1 error, 2 a bad argument or
-    an unusable ``--out``, 130 Ctrl-C)."""
+    """The command line; returns the exit status (0 ok, 1 error, 2 a bad or missing
+    argument or an unusable ``--out``, 130 Ctrl-C)."""
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.debug else logging.INFO
     if args.log_format == "json":
@@ -546,12 +546,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     streams = tuple(s for v in args.stream for s in v.split(",") if s)
     try:
         check_output_folder(args.out)
-    except BridgeError as e:
+        since = parse_since(args.since, streams) if args.since else {}
+        synth = _synth_from_args(args)
+    except (BridgeError, ValueError) as e:
         _report(e, args.log_format)
         return 2
     try:
-        since = parse_since(args.since, streams) if args.since else {}
-        synth = _synth_from_args(args)
         cfg = BridgeConfig(out=args.out, url=args.url, streams=streams,
                            since=tuple(since.items()), queue_size=max(1, args.queue),
                            max_captions=args.max_captions, exit_on_end=args.exit_on_end,

@@ -633,16 +633,17 @@ def test_command_line_errors_are_one_line(
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = str(tmp_path)
-    cases = [
-        (["--mode", "elevenlabs", "--out", out], "needs --voice"),
+    cases = [  # bad or missing arguments: 2; a failure of the run: 1
+        (["--mode", "elevenlabs", "--out", out], "needs --voice", 2),
         (["--mode", "elevenlabs", "--out", out, "--voice", VOICE, "--api-key", "k",
-          "--base-url", "api.elevenlabs.io"], "--base-url must start with https://"),
-        (["--mode", "elevenlabs", "--out", out, "--voice", VOICE], "ELEVENLABS_API_KEY"),
-        (["--out", out, "--since", "7"], "needs --stream"),
-        (["--out", out, "--url", f"ws://127.0.0.1:{port}/v1/captions"], "cannot subscribe"),
+          "--base-url", "api.elevenlabs.io"], "--base-url must start with https://", 2),
+        (["--mode", "elevenlabs", "--out", out, "--voice", VOICE], "ELEVENLABS_API_KEY", 2),
+        (["--out", out, "--since", "7"], "needs --stream", 2),
+        (["--out", out, "--stream", "a", "--since", "x"], "got 'x'", 2),
+        (["--out", out, "--url", f"ws://127.0.0.1:{port}/v1/captions"], "cannot subscribe", 1),
     ]
-    for argv, expected in cases:
-        assert main(argv) == 1, argv
+    for argv, expected, status in cases:
+        assert main(argv) == status, argv
         err = capsys.readouterr().err
         assert expected in err
         assert err.count("\n") == 1, err
