@@ -36,6 +36,16 @@ subscribers, not to this client. ``--no-reconnect`` turns this off. A
 refusal of the first connection (a bad token or stream id,
 ``stream_busy``) still ends the client at once.
 
+A file is not live and drops nothing: past :data:`MAX_IN_FLIGHT_S` of audio
+sent and not acknowledged, it waits for the acknowledgements. Nor is it
+ever further than that behind its real-time pace, counting as behind the
+audio the server has not acknowledged (from a server that does not
+acknowledge, the audio not sent): when a stall leaves it further behind,
+the rest of the file goes that much later (:class:`FilePace`), so once the
+link moves again about that much audio reaches the server at once, well
+within the ``server.ingest_burst_s`` it takes at once (30 s by default),
+not the whole stall's, which it would refuse as ``too_fast``.
+
 Exit status: 0 after the server's summary; 1 when the server cannot be
 reached, refuses the token or the stream, or closes it early (and will not
 be reconnected to); 2 for a bad argument, file or audio device; 130 after a
@@ -51,7 +61,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -73,8 +83,8 @@ from evoxtral_stream.config import load_config
 from evoxtral_stream.events import SAMPLE_RATE, Int16Array
 from evoxtral_stream.server.protocol import MAX_LOST_S
 
-__all__ = ["AudioFeed", "FileFeed", "MicFeed", "Progress", "SessionEnd", "build_parser", "main",
-           "run", "should_reconnect"]
+__all__ = ["AudioFeed", "FileFeed", "FilePace", "MicFeed", "Progress", "SessionEnd",
+           "build_parser", "main", "past_bound", "run", "should_reconnect"]
 
 CHUNK_MS = 100
 #: Microphone blocks waiting for the socket before new ones are dropped (10 s at 20 ms).
@@ -83,8 +93,13 @@ MAX_QUEUED_BLOCKS = 500
 #: (``ingest.progress``): queued, or sent on the connection and not yet
 #: acknowledged. Past it new blocks are dropped as at a full queue (which
 #: holds as much), so the socket's buffers, which take minutes of audio on a
-#: stalled link, do not add to the captions' delay.
+#: stalled link, do not add to the captions' delay. A file waits instead, and
+#: is never further behind its real-time pace either (:class:`FilePace`).
 MAX_IN_FLIGHT_S = 10.0
+#: The server acknowledges each half second of audio it takes (docs/protocol.md):
+#: a bound on the audio not yet acknowledged must hold at least that much, or
+#: a sender waiting for the next acknowledgement would wait for ever.
+ACK_STEP_S = 0.5
 #: What the client sends in its config message: what MicrophoneCapture and
 #: read_audio_file deliver, and the server's acknowledgements of the audio.
 CONFIG = {"type": "config", "sample_rate": SAMPLE_RATE, "channels": 1, "format": "pcm16",
@@ -118,10 +133,30 @@ class SessionEnd:
 
 class Progress:
     """What the server has acknowledged of one connection's audio: the frames
-    of the last ``ingest.progress``, set by the session as they come."""
+    of the last ``ingest.progress``, set by the session as they come
+    (:meth:`acknowledge`)."""
 
     def __init__(self) -> None:
         self.frames = 0
+        self._moved = asyncio.Event()
+
+    def acknowledge(self, frames: int) -> None:
+        self.frames = frames
+        self._moved.set()
+
+    async def reach(self, frames: int) -> None:
+        """Return once at least ``frames`` are acknowledged."""
+        while self.frames < frames:
+            self._moved.clear()
+            await self._moved.wait()
+
+
+def past_bound(on_its_way: int, bound_s: float) -> int:
+    """Samples of ``on_its_way`` past ``bound_s`` seconds of audio (0: within
+    it; pure). With ``on_its_way`` a connection's audio not yet acknowledged
+    (queued for it, sent on it, or about to be): how much more the server
+    must acknowledge before it may all be on its way."""
+    return max(0, on_its_way - round(bound_s * SAMPLE_RATE))
 
 
 def should_reconnect(end: SessionEnd) -> bool:
@@ -148,31 +183,120 @@ class AudioFeed(Protocol):
     def close(self) -> None: ...
 
 
-class FileFeed:
-    """A decoded file (16 kHz mono int16) sent in 100 ms messages at real-time pace."""
+class FilePace:
+    """When a file's audio may be sent: real-time pace, never further behind
+    it than ``max_behind_s`` (pure: the caller reads the clock).
 
-    def __init__(self, samples: Int16Array) -> None:
+    Each connection's audio is due at real-time pace from where it starts
+    (:meth:`start`). When a stall (or a link slower than real time) leaves
+    the audio further behind that schedule than ``max_behind_s``, the
+    schedule moves later by the difference (added up in :attr:`delayed`):
+    the rest of the file goes that much later, and what reaches the server
+    at once afterwards is about ``max_behind_s`` of audio, not the whole
+    stall's, which the server would refuse as too fast. Behind counts from
+    the audio the server has acknowledged where it acknowledges, so the
+    audio held up in the sockets counts too (and the half second the
+    acknowledgements trail by: a bound near :data:`ACK_STEP_S` slows the
+    pace); else from the audio sent. There, too, at most ``max_behind_s`` of
+    audio is sent and not acknowledged (:meth:`acknowledged_before`).
+    ``max_behind_s`` is at least :data:`ACK_STEP_S`.
+    """
+
+    def __init__(self, max_behind_s: float = MAX_IN_FLIGHT_S) -> None:
+        if max_behind_s < ACK_STEP_S:
+            raise ValueError(f"max_behind_s must be at least {ACK_STEP_S} s (the server "
+                             f"acknowledges every {ACK_STEP_S} s of audio), got {max_behind_s}")
+        self.max_behind_s = max_behind_s
+        self.delayed = 0.0
+        """Seconds the schedule has moved later, over every connection."""
+        self._origin = 0.0
+        """When the file's first sample is due on the current schedule."""
+
+    def start(self, position: int, now: float) -> None:
+        """A new connection: the file's audio from sample ``position`` is due from ``now``."""
+        self._origin = now - position / SAMPLE_RATE
+
+    def wait_s(self, position: int, now: float, unacknowledged: int = 0) -> float:
+        """Seconds from ``now`` until the audio from sample ``position`` is due
+        (0: it is). ``unacknowledged``: the samples before ``position`` sent
+        and not acknowledged (0 from a server that does not acknowledge). A
+        schedule more than ``max_behind_s`` ahead of the audio so taken moves
+        later to be that much ahead."""
+        behind = now - self._origin - (position - unacknowledged) / SAMPLE_RATE
+        if behind > self.max_behind_s:
+            self._origin += behind - self.max_behind_s
+            self.delayed += behind - self.max_behind_s
+        return max(0.0, self._origin + position / SAMPLE_RATE - now)
+
+    def acknowledged_before(self, sent: int, samples: int) -> int:
+        """The frames the server must have acknowledged of a connection's
+        audio, ``sent`` samples so far, before ``samples`` more are sent on it."""
+        return past_bound(sent + samples, self.max_behind_s)
+
+
+class FileFeed:
+    """A decoded file (16 kHz mono int16) sent in 100 ms messages at real-time
+    pace, as :class:`FilePace` allows: after a stall it waits (for the
+    server's acknowledgements, or for the socket) and goes on later, never
+    dropping audio. ``max_behind_s``: see :class:`FilePace`."""
+
+    def __init__(self, samples: Int16Array, max_behind_s: float = MAX_IN_FLIGHT_S) -> None:
         self.samples = samples
+        self.pace = FilePace(max_behind_s)
         self.sent = 0
         """Samples sent so far, over every connection."""
+        self._status: Status = lambda _: None
+        self._delay_reported = 0.0
 
     def start(self, status: Status) -> None:
+        self._status = status
         status(f"streaming {len(self.samples) / SAMPLE_RATE:.1f} s of audio at real-time pace")
 
     async def send(self, ws: ClientConnection, stop: asyncio.Event,
                    progress: Progress | None = None) -> None:
-        t0, first = time.monotonic(), self.sent
-        for chunk in iter_chunks(self.samples[first:], SAMPLE_RATE * CHUNK_MS // 1000):
-            if stop.is_set():
-                return
-            await ws.send(chunk.astype("<i2").tobytes())
-            self.sent += len(chunk)
-            due = t0 + (self.sent - first) / SAMPLE_RATE
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), max(0.0, due - time.monotonic()))
+        self.pace.start(self.sent, time.monotonic())
+        sent_here = 0  # on this connection, as the server counts its acknowledgements
+        try:
+            for chunk in iter_chunks(self.samples[self.sent:], SAMPLE_RATE * CHUNK_MS // 1000):
+                unacknowledged = 0
+                if progress is not None:
+                    # Waits where the microphone drops: a file loses nothing by waiting.
+                    needed = self.pace.acknowledged_before(sent_here, len(chunk))
+                    if progress.frames < needed and not await _unless_stopped(
+                            progress.reach(needed), stop):
+                        return
+                    unacknowledged = sent_here - progress.frames
+                wait = self.pace.wait_s(self.sent, time.monotonic(), unacknowledged)
+                if stop.is_set() or (wait > 0 and not await _unless_stopped(
+                        asyncio.sleep(wait), stop)):
+                    return
+                await ws.send(chunk.astype("<i2").tobytes())
+                self.sent += len(chunk)
+                sent_here += len(chunk)
+        finally:
+            self._report_delay()
 
     def close(self) -> None:
         pass
+
+    def _report_delay(self) -> None:
+        if self.pace.delayed - self._delay_reported >= 0.1:
+            self._status(f"the connection stalled or was too slow: the rest of the file goes "
+                         f"{self.pace.delayed:.1f} s later than real-time pace")
+            self._delay_reported = self.pace.delayed
+
+
+async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Await ``work`` unless ``stop`` is set first (which cancels it); whether
+    it was not."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        task.cancel()
+        stopping.cancel()
+    return not stop.is_set()
 
 
 class MicFeed:
@@ -239,8 +363,8 @@ class MicFeed:
     def _on_audio(self, block: Int16Array) -> None:
         progress = self._progress
         # On its way: queued, or sent on this connection and not acknowledged.
-        too_much = progress is not None and (self._waiting + self._sent_here - progress.frames
-                                             + len(block) > MAX_IN_FLIGHT_S * SAMPLE_RATE)
+        too_much = progress is not None and past_bound(
+            self._waiting + self._sent_here - progress.frames + len(block), MAX_IN_FLIGHT_S) > 0
         if too_much or self.queue.full():
             self.dropped += 1
             self._lost += len(block)
@@ -373,7 +497,7 @@ async def _session(ws: ClientConnection, feed: AudioFeed, stop: asyncio.Event,
             if isinstance(event, dict):
                 if event.get("type") == "ingest.progress" and progress is not None \
                         and isinstance(frames := event.get("frames"), int):
-                    progress.frames = frames
+                    progress.acknowledge(frames)
                 show(event)
 
     with contextlib.suppress(ConnectionClosed):  # the close code tells what happened

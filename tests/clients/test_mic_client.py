@@ -857,3 +857,51 @@ async def test_each_connection_bounds_its_own_audio_on_its_way(
     # 9 lies before this connection's stream; 15 after its last block.
     assert b.items == [10, 11, 12, 13, 14, ("lost", 320)]
     assert (feed.declared, feed.undeclared) == (640, 0)
+
+
+async def test_a_file_waits_out_a_stalled_link_instead_of_bursting_its_backlog() -> None:
+    """--file's feed reaches a real server through a relay whose uplink stalls
+    for 6 s, twice the burst the server lets a client send at once (3 s, then
+    2x real time). The feed keeps at most its bound (1 s) of audio sent and
+    not acknowledged, waiting for the acknowledgements, and when the link
+    moves again it is never more than that bound behind its real-time
+    schedule: the rest of the file goes later instead of the whole stall's
+    backlog at once (which the server would refuse as too_fast). Nothing is
+    dropped: the server's timeline is the whole file."""
+    audio, _ = speech_with_pauses(SENTENCES, pause_s=1.0)
+    seconds = len(audio) / SAMPLE_RATE
+    # No server keepalive: its pongs would wait on the stalled link too.
+    cfg = load_config(overrides={"server.port": 0, "server.ping_interval_s": 0,
+                                 "server.ingest_burst_s": 3.0,
+                                 "server.max_ingest_speed": 2.0}, env={})
+    writer = RecordingWriter()
+    feed = FileFeed(audio, max_behind_s=1.0)
+    async with Engine(cfg, ScriptedBackend(words)) as engine, \
+            CaptionServer(engine, cfg.server) as server, StallingRelay(server.port) as relay:
+        t0 = time.monotonic()
+        client = asyncio.ensure_future(run(f"ws://127.0.0.1:{relay.port}", "desk", feed,
+                                           writer))
+        deadline = time.monotonic() + 30
+        while engine.stats().audio_s < 1.0:
+            assert time.monotonic() < deadline and not client.done(), writer.said.getvalue()
+            await asyncio.sleep(0.02)
+        relay.flowing.clear()
+        await asyncio.sleep(6.0)
+        forwarded = relay.forwarded
+        # Sent and not yet taken by the server, at the end of the stall.
+        way = feed.sent - round(engine.stats().audio_s * SAMPLE_RATE)
+        relay.flowing.set()
+        status = await asyncio.wait_for(client, 30)
+        elapsed = time.monotonic() - t0
+    assert status == 0, writer.said.getvalue()
+    assert relay.forwarded > forwarded  # the link was stalled, then moved
+    assert 0 < way <= SAMPLE_RATE, way / SAMPLE_RATE
+    summary = writer.last("ingest.summary")
+    assert summary is not None, writer.said.getvalue()
+    assert summary["duration"] == pytest.approx(seconds, abs=0.01)
+    assert summary["lost"] == 0
+    # The stall's 6 s, less the second in flight at most and the second
+    # behind, moved the rest of the file later.
+    assert 3.5 < feed.pace.delayed < 6.0, feed.pace.delayed
+    assert elapsed >= seconds + feed.pace.delayed - 0.3
+    assert "later than real-time pace" in writer.said.getvalue()

@@ -1,0 +1,176 @@
+"""--file's pacing: FilePace on its own (a clock of numbers), and FileFeed
+sending through stand-in connections that stall or withhold their
+acknowledgements. The real server behind a stalled link: test_mic_client.py."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+from mic_client import FileFeed, FilePace, Progress, past_bound
+
+from evoxtral_stream.events import SAMPLE_RATE, Int16Array
+
+CHUNK = SAMPLE_RATE // 10  # FileFeed's 100 ms messages
+S = SAMPLE_RATE            # one second of samples
+
+
+def sendable_now(pace: FilePace, position: int, now: float, end: int) -> int:
+    """Where a sender at ``position`` gets to at ``now`` without waiting
+    (chunk by chunk, no acknowledgements): the burst it may send. A chunk
+    due at ``now`` exactly goes too (whatever the floating point says)."""
+    while position < end and pace.wait_s(position, now) < 1e-9:
+        position += CHUNK
+    return position
+
+
+def test_on_schedule_each_chunk_waits_for_its_time() -> None:
+    pace = FilePace(2.0)
+    pace.start(0, 100.0)
+    assert pace.wait_s(0, 100.0) == 0
+    assert pace.wait_s(CHUNK, 100.0) == pytest.approx(0.1)
+    assert pace.wait_s(CHUNK, 100.04) == pytest.approx(0.06)
+    assert pace.wait_s(3 * S, 100.5) == pytest.approx(2.5)
+    assert pace.delayed == 0
+
+
+def test_up_to_the_bound_behind_it_catches_up_on_the_same_schedule() -> None:
+    pace = FilePace(2.0)
+    pace.start(0, 0.0)
+    # 1.95 s late: everything due by now goes at once, then real time again.
+    assert sendable_now(pace, S, 2.95, 60 * S) == 3 * S
+    assert pace.wait_s(3 * S, 2.95) == pytest.approx(0.05)
+    assert pace.delayed == 0
+
+
+def test_a_stall_moves_the_rest_of_the_file_later_instead_of_a_burst() -> None:
+    """1 s sent, then a 9 s stall: the old schedule had 9 s due at once; the
+    pace lets the bound's 2 s go (and the chunk due just then) and moves the
+    rest 7 s later."""
+    pace = FilePace(2.0)
+    pace.start(0, 0.0)
+    assert sendable_now(pace, S, 10.0, 60 * S) == 3 * S + CHUNK
+    assert pace.delayed == pytest.approx(7.0)
+    assert pace.wait_s(3 * S + CHUNK, 10.0) == pytest.approx(0.1)
+    assert pace.wait_s(4 * S, 10.5) == pytest.approx(0.5)  # real time again
+    # A second stall adds to it.
+    assert sendable_now(pace, 4 * S, 20.0, 60 * S) == 6 * S + CHUNK
+    assert pace.delayed == pytest.approx(7.0 + 7.0)
+
+
+def test_audio_sent_and_not_acknowledged_counts_as_behind() -> None:
+    """3 s sent, 1 s of it acknowledged, and the stall ends at 10 s: the
+    server's audio is 9 s behind. With 2 s held up in the sockets (and on
+    their way to the server at once), no more goes now."""
+    pace = FilePace(2.0)
+    pace.start(0, 0.0)
+    assert pace.wait_s(3 * S, 10.0, unacknowledged=2 * S) == pytest.approx(0, abs=1e-9)
+    assert pace.delayed == pytest.approx(7.0)
+    assert pace.wait_s(3 * S + CHUNK, 10.0, unacknowledged=2 * S + CHUNK) \
+        == pytest.approx(0.1)
+    # Counting from the audio sent, it would have let 2 s more go.
+    other = FilePace(2.0)
+    other.start(0, 0.0)
+    assert sendable_now(other, 3 * S, 10.0, 60 * S) == 5 * S + CHUNK
+
+
+def test_a_new_connection_starts_its_schedule_where_the_file_is() -> None:
+    pace = FilePace(2.0)
+    pace.start(0, 0.0)
+    pace.wait_s(S, 10.0)                 # a stall, then the connection is lost
+    delayed = pace.delayed
+    pace.start(5 * S, 50.0)              # reconnected at 50 s: no backlog from the wait
+    assert sendable_now(pace, 5 * S, 50.0, 60 * S) == 5 * S + CHUNK
+    assert pace.wait_s(6 * S, 50.0) == pytest.approx(1.0)
+    assert pace.delayed == delayed
+
+
+def test_the_audio_not_acknowledged_stays_within_the_bound() -> None:
+    pace = FilePace(1.0)
+    assert pace.acknowledged_before(0, CHUNK) == 0
+    assert pace.acknowledged_before(S - CHUNK, CHUNK) == 0
+    assert pace.acknowledged_before(S, CHUNK) == CHUNK
+    assert pace.acknowledged_before(5 * S, 700) == 4 * S + 700
+    assert past_bound(S + 1, 1.0) == 1 and past_bound(S, 1.0) == 0
+
+
+def test_the_bound_leaves_room_for_an_acknowledgement() -> None:
+    """The server acknowledges each half second: a smaller bound would wait
+    for ever for the acknowledgement of audio it may not send."""
+    FilePace(0.5)
+    with pytest.raises(ValueError, match=r"at least 0\.5 s"):
+        FilePace(0.4)
+
+
+# --- FileFeed through stand-in connections --------------------------------------------
+
+
+def numbered_chunks(n: int) -> Int16Array:
+    """``n`` 100 ms chunks, chunk i filled with i."""
+    return np.repeat(np.arange(n), CHUNK).astype(np.int16)
+
+
+class Link:
+    """Stands in for the connection: records each chunk's number and when it
+    went; while ``flowing`` is clear, ``send`` waits, as on a stalled link
+    whose socket buffers are full."""
+
+    def __init__(self) -> None:
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.sent: list[tuple[float, int]] = []
+
+    async def send(self, data: bytes) -> None:
+        await self.flowing.wait()
+        self.sent.append((time.monotonic(), int(np.frombuffer(data, "<i2")[0])))
+
+    def chunks(self) -> list[int]:
+        return [n for _, n in self.sent]
+
+
+async def test_after_a_stalled_socket_the_file_bursts_no_more_than_the_bound() -> None:
+    """No acknowledgements: the socket stalls for 2 s. When it moves, the
+    feed sends what was due by then only up to its bound (0.5 s), not the
+    2 s it fell behind, and nothing is skipped."""
+    feed = FileFeed(numbered_chunks(60), max_behind_s=0.5)
+    link, stop = Link(), asyncio.Event()
+    sending = asyncio.ensure_future(feed.send(link, stop))  # type: ignore[arg-type]
+    await asyncio.sleep(0.35)
+    link.flowing.clear()
+    await asyncio.sleep(2.0)
+    link.flowing.set()
+    resumed = time.monotonic()
+    await asyncio.sleep(0.35)
+    stop.set()
+    await asyncio.wait_for(sending, 5)
+    at_once = [n for t, n in link.sent if resumed <= t < resumed + 0.05]
+    # The chunk the stall held, and 0.5 s behind: up to 6 more.
+    assert 4 <= len(at_once) <= 7, at_once
+    assert link.chunks() == list(range(len(link.sent)))
+    assert 1.3 < feed.pace.delayed < 1.8, feed.pace.delayed
+
+
+async def test_the_file_waits_for_acknowledgements_and_drops_nothing() -> None:
+    """A server that acknowledges, and then does not for a while: the feed
+    sends its bound (0.5 s) and waits; each acknowledgement lets as much go
+    again. Stopping while it waits ends it; a lost connection while it waits
+    loses nothing, and the next one goes on from there."""
+    feed = FileFeed(numbered_chunks(15), max_behind_s=0.5)
+    link, stop, acks = Link(), asyncio.Event(), Progress()
+    sending = asyncio.ensure_future(feed.send(link, stop, acks))  # type: ignore[arg-type]
+    await asyncio.sleep(1.0)
+    assert link.chunks() == [0, 1, 2, 3, 4]      # 0.5 s not acknowledged
+    acks.acknowledge(3 * CHUNK)
+    await asyncio.sleep(0.1)
+    assert link.chunks() == [0, 1, 2, 3, 4, 5, 6, 7]
+    sending.cancel()                             # the connection is lost
+    await asyncio.gather(sending, return_exceptions=True)
+    again = Link()
+    sending = asyncio.ensure_future(feed.send(again, stop, Progress()))  # type: ignore[arg-type]
+    await asyncio.sleep(0.7)
+    assert again.chunks() == [8, 9, 10, 11, 12]  # its own 0.5 s
+    stop.set()
+    await asyncio.wait_for(sending, 1)
+    assert feed.sent == 13 * CHUNK
