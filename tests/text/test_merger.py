@@ -318,6 +318,78 @@ def test_an_abandoned_stitched_segment_starts_where_its_partials_did() -> None:
     assert [(m.tag, m.t) for m in fin.tags] == [("laughs", 2.5)]
 
 
+def test_an_abandoned_held_segment_waits_for_the_one_before() -> None:
+    f = Feed()
+    f("I was", end=1.0)
+    f("Next one", seg=1, start=1.5, end=2.0)
+    # Segment 1's final failed while segment 0 is still open: its caption
+    # must not overtake segment 0's final.
+    assert f.m.abandon(1) == []
+    assert f.m.open_segments == (0, 1)
+    assert f("Next one again", seg=1, start=1.5, end=2.5) == []
+    out = f("I was here.", final=True, end=1.0)
+    assert [(e.segment, e.final, e.text, e.seq) for e in out] == [
+        (0, True, "I was here.", 3), (1, True, "Next one", 4)]
+    assert not f.m.open_segments
+    assert f.m.abandon(1) == []
+
+
+def test_an_abandoned_held_segment_is_stitched_once_released() -> None:
+    f = Feed()
+    f("I was thinking", end=1.5)
+    # Held: shown unstitched, with the overlap words of segment 0 in it.
+    p = one(f("thinking about the [laughs] weekend", seg=1, start=1.5, end=3.0))
+    assert p.text == "thinking about the [laughs] weekend"
+    assert f.m.abandon(1) == []
+    out = f("I was thinking about", final=True, end=2.0, forced=True)
+    assert [(e.segment, e.text, e.start) for e in out] == [
+        (0, "I was thinking about", 0.0), (1, "the [laughs] weekend", 2.0)]
+    assert [(m.tag, m.t) for m in out[1].tags] == [("laughs", 2.5)]
+
+
+def test_a_waiting_final_abandoned_while_held_keeps_its_place() -> None:
+    f = Feed()
+    f("I was", end=1.0)
+    assert f("Second.", seg=1, final=True, start=1.5, end=2.0) == []
+    assert f.m.abandon(1) == []
+    out = f.m.abandon(0)
+    assert [(e.segment, e.text) for e in out] == [(0, "I was"), (1, "Second.")]
+
+
+def test_a_held_segment_never_shown_closes_silently_in_order() -> None:
+    f = Feed()
+    f("I was", end=1.0)
+    assert f.m.abandon(1) == []
+    out = f("Third.", seg=2, final=True, start=3.0, end=4.0)
+    assert out == []
+    out = f("I was here.", final=True, end=1.0)
+    assert [(e.segment, e.text) for e in out] == [(0, "I was here."), (2, "Third.")]
+
+
+def test_too_many_waiting_finals_abandon_the_earliest_blocker() -> None:
+    f = Feed(max_pending=0)
+    f("First.", final=True, end=1.0)
+    # Segment 1 never seen, segment 2 open: the final of 3 waits for both.
+    f("Third", seg=2, start=3.0, end=3.5)
+    out = f("Fourth.", seg=3, final=True, start=4.0, end=5.0)
+    assert [(e.segment, e.text) for e in out] == [(2, "Third"), (3, "Fourth.")]
+    assert f.m.open_segments == ()
+
+
+def test_close_abandons_everything_in_order_across_unseen_segments() -> None:
+    f = Feed()
+    f("First.", final=True, end=1.0)
+    f("Third", seg=2, start=3.0, end=3.5)
+    f("Fourth.", seg=3, final=True, start=4.0, end=5.0)
+    f("Fifth", seg=4, start=5.0, end=5.5)
+    assert f.m.abandon(4) == []  # held behind 2 and the never seen 1
+    out = f.m.close()
+    assert [(e.segment, e.final, e.text) for e in out] == [
+        (2, True, "Third"), (3, True, "Fourth."), (4, True, "Fifth")]
+    assert f.m.open_segments == ()
+    assert f.m.close() == []
+
+
 def test_too_many_waiting_finals_abandon_the_blocker() -> None:
     f = Feed(max_pending=1)
     f("First.", final=True, end=1.0)

@@ -281,8 +281,7 @@ class Stream:
             # Every final has come back; a segment the merger still holds open
             # (its final failed) is closed with what was shown, so nothing
             # stays unsaid.
-            for segment in self.merger.open_segments:
-                self._engine._emit_captions(self, self.merger.abandon(segment))
+            self._engine._emit_captions(self, self.merger.close())
             self._done.set()
             self._engine._stream_done(self)
 
@@ -776,10 +775,14 @@ class Engine:
         self._backlog = deque(item for item in self._backlog if item[0] is not stream)
         owed = set(stream.session.outstanding_segments)
         closed: set[int] = set()
-        for segment in sorted(owed | set(stream.merger.open_segments)):
+        # In order, so that no abandoned segment waits for an earlier one.
+        for segment in sorted(owed):
             events = stream.merger.abandon(segment)
             closed.update(e.segment for e in events if e.final)
             self._emit_captions(stream, events)
+        events = stream.merger.close()
+        closed.update(e.segment for e in events if e.final)
+        self._emit_captions(stream, events)
         lost = sorted(owed - closed)
         if lost:
             stream.errors += 1

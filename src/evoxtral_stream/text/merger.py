@@ -75,8 +75,11 @@ Contracts (what the engine may rely on):
   nothing (its partials are all unstable) and its final waits; it is
   emitted, stitched, as soon as the earlier segments close. Call
   :meth:`Merger.abandon` when a segment's final will never come (a failed
-  decode); failing that, when more than ``max_pending`` finals wait, the
-  segment holding them is abandoned automatically.
+  decode): it closes with what was shown, and a held one keeps its place
+  (finals are emitted in segment order, always). Failing that, when more
+  than ``max_pending`` finals wait, the segment holding them is abandoned
+  automatically. :meth:`Merger.close` abandons everything at the stream's
+  end.
 - Times: ``start``/``end`` are stream seconds (``SAMPLE_RATE``). A tag's
   ``TagMark.index`` is the number of plain-text words before it in the
   segment's text; ``TagMark.t`` interpolates linearly: ``start + (end -
@@ -104,7 +107,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from difflib import SequenceMatcher
 
-from ..events import SAMPLE_RATE, CaptionEvent, Hypothesis, TagMark
+from ..events import SAMPLE_RATE, CaptionEvent, Hypothesis, RequestKind, TagMark
 from .tags import Carry, Token, render, tokenize, word_count
 
 __all__ = [
@@ -535,13 +538,7 @@ class Merger:
             if not self._blocked(sid):
                 return [self._finish(seg, h, stitched=True), *self._drain()]
             self._pending[sid] = h
-            events: list[CaptionEvent] = []
-            while len(self._pending) > self._max_pending:
-                blocker = self._blocker(min(self._pending))
-                if blocker not in self._open and self._is_closed(blocker):
-                    break  # defensive: a waiting final always has an open blocker
-                events.extend(self.abandon(blocker))
-            return events
+            return self._limit_pending()
         if h.revision <= seg.revision:
             return []
         seg.revision = h.revision
@@ -553,30 +550,46 @@ class Merger:
         carries the latest text shown, with the start it was shown with
         (without a final, the next segment is not stitched to it), or the
         final already received if one is waiting.
-        Returns that event (none for a segment never seen or already closed)
-        and any finals it released."""
+
+        A held segment (an earlier one is still open) keeps its place: its
+        final waits like any held final and is emitted, in order, once the
+        earlier segments close; it is then the final received or else its
+        latest partial's hypothesis, stitched as a final would be. A held
+        segment that never showed anything closes silently.
+        Returns the events this causes (none for a segment never seen or
+        already closed), in ``seq`` order."""
         seg = self._open.get(segment)
         if seg is None:
             if self._is_closed(segment):
                 return []
             self._mark_closed(segment)
             return self._drain()
+        if self._blocked(segment):
+            return self._hold_abandoned(seg)
         h = self._pending.pop(segment, None)
-        blocked = self._blocked(segment)
-        if h is None:
-            last = seg.last
-            if last is None:
-                # Nothing was ever shown for it: close it silently.
-                del self._open[segment]
-                self._mark_closed(segment)
-                return self._drain()
-            h = Hypothesis(last.stream, last.segment, last.revision, last.kind,
-                           render(seg.view), last.start_sample, last.end_sample,
-                           last.ready_at, last.done_at, False)
-            event = self._finish(seg, h, stitched=False, as_final=True)
-        else:
-            event = self._finish(seg, h, stitched=not blocked)
+        if h is not None:
+            return [self._finish(seg, h, stitched=True), *self._drain()]
+        last = seg.last
+        if last is None:
+            # Nothing was ever shown for it: close it silently.
+            del self._open[segment]
+            self._mark_closed(segment)
+            return self._drain()
+        h = Hypothesis(last.stream, last.segment, last.revision, last.kind,
+                       render(seg.view), last.start_sample, last.end_sample,
+                       last.ready_at, last.done_at, False)
+        event = self._finish(seg, h, stitched=False, as_final=True)
         return [event, *self._drain()]
+
+    def close(self) -> list[CaptionEvent]:
+        """The stream is over: abandon every segment not closed, in order, up
+        to the last one seen (an id never seen closes silently), so that
+        :attr:`open_segments` is empty. Returns the events, in ``seq`` order."""
+        events: list[CaptionEvent] = []
+        while self._open:
+            sid = min(self._open)
+            events.extend(self.abandon(self._blocker(sid) if self._blocked(sid) else sid))
+        return events
 
     # --- internals ---------------------------------------------------------
 
@@ -595,9 +608,39 @@ class Merger:
         return any(other < sid for other in self._open) or not self._is_closed(sid - 1)
 
     def _blocker(self, sid: int) -> int:
-        """The earliest segment that holds ``sid``."""
+        """The earliest segment that holds ``sid``: not held itself."""
         earlier = [other for other in self._open if other < sid]
-        return min(earlier) if earlier else sid - 1
+        blocker = min(earlier) if earlier else sid - 1
+        if blocker in self._open and self._blocked(blocker):
+            # An earlier segment never seen holds it in turn.
+            return self._blocker(blocker)
+        return blocker
+
+    def _hold_abandoned(self, seg: _Segment) -> list[CaptionEvent]:
+        """Abandon held ``seg`` in its place (see :meth:`abandon`)."""
+        if seg.id not in self._pending:
+            last = seg.last
+            if last is None:
+                del self._open[seg.id]
+                self._mark_closed(seg.id)
+                return []
+            # Its final stands in the queue of held finals (feed ignores
+            # later hypotheses of it); stitched when released, as a final.
+            self._pending[seg.id] = Hypothesis(
+                last.stream, last.segment, last.revision, RequestKind.FINAL, last.text,
+                last.start_sample, last.end_sample, last.ready_at, last.done_at, False)
+        return self._limit_pending()
+
+    def _limit_pending(self) -> list[CaptionEvent]:
+        """Abandon the segment holding the earliest waiting final while more
+        than ``max_pending`` wait."""
+        events: list[CaptionEvent] = []
+        while len(self._pending) > self._max_pending:
+            blocker = self._blocker(min(self._pending))
+            if blocker not in self._open and self._is_closed(blocker):
+                break  # defensive: a waiting final always has an open blocker
+            events.extend(self.abandon(blocker))
+        return events
 
     def _drain(self) -> list[CaptionEvent]:
         out: list[CaptionEvent] = []
