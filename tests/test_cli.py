@@ -251,6 +251,59 @@ async def test_a_drain_cut_short_closes_the_open_segment_with_its_partial() -> N
     assert seen[-1]["type"] == "stream.ended"
 
 
+async def _ingest_all(url: str, stream: str, pcm: bytes) -> ClientConnection:
+    """Open ingest stream ``stream``, send ``pcm`` (16 kHz mono PCM16) at once and
+    return the connection once the server has taken all of it (``pcm`` is sent
+    in half seconds, each acknowledged, so its length must be a multiple)."""
+    ws = await connect(f"{url.rsplit('/v1/', 1)[0]}/v1/ingest?stream={stream}")
+    await ws.send(json.dumps({"type": "config", "sample_rate": 16000, "progress": True}))
+    assert json.loads(await ws.recv())["type"] == "ingest.ready"
+    for i in range(0, len(pcm), 16000):
+        await ws.send(pcm[i:i + 16000])
+    while True:
+        msg = json.loads(await asyncio.wait_for(ws.recv(), 60))
+        if msg["type"] == "ingest.progress" and msg["frames"] * 2 >= len(pcm):
+            return ws
+
+
+async def test_a_second_sigterm_while_the_model_is_busy_exits_one_without_crashing() -> None:
+    """SIGTERM twice while the model thread is deep in a long batch of finals:
+    the thread is left behind (it is inside CTranslate2 and cannot be
+    interrupted), and the process still exits with status 1, as promised. It
+    used to abort at interpreter exit instead ("terminate called without an
+    active exception", status 134, or a segfault, 139)."""
+    from tests.speech import have_espeak, speak
+
+    if not have_espeak():
+        pytest.skip("needs espeak-ng")
+    # No partials: the model sits idle until the shutdown asks for every
+    # stream's final at once; beam search on one thread makes that batch long.
+    proc, url = _start_serve("--source", "none", "--no-print",
+                             "--set", "stream.partial_interval_ms=0",
+                             "--set", "model.whisper.beam_size=5",
+                             "--set", "model.whisper.cpu_threads=1",
+                             "--set", "model.whisper.min_window_s=30",
+                             "--set", "vad.end_silence_ms=3000")
+    pcm = speak("the quick brown fox jumps over the lazy dog and then it runs far away "
+                "into the forest where it meets a bear and a wolf and a very old owl "
+                "who tells it a story about the weather and the river").tobytes()
+    pcm += bytes(-len(pcm) % 16000)
+    conns: list[ClientConnection] = []
+    try:
+        conns = list(await asyncio.gather(*(_ingest_all(url, f"s{i}", pcm) for i in range(6))))
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        _, err = await asyncio.to_thread(proc.communicate, timeout=60)
+    finally:
+        proc.kill()
+        for ws in conns:
+            await ws.close()
+    assert "leaving it behind" in err, err   # the case under test did happen
+    assert proc.returncode == 1, err
+    assert "terminate called" not in err
+
+
 def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
     """A second server on a taken port (the usual mistake) is an error for
     people: one line naming the address and the key, exit status 2."""

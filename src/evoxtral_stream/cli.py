@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -416,7 +417,27 @@ def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
         file_audio = read_audio_file(path)
         source = _file_stream_id(path)
     backend = load_backend(cfg.model)
-    return asyncio.run(_serve(args, cfg, backend, source, file_audio))
+    code = asyncio.run(_serve(args, cfg, backend, source, file_audio))
+    if any(t.daemon and t.is_alive() for t in threading.enumerate()):
+        _exit_leaving_threads(code)
+    return code
+
+
+def _exit_leaving_threads(code: int) -> NoReturn:
+    """End the process with ``code`` now, without Python's finalization.
+
+    A shutdown that gave up leaves the model thread behind, still inside the
+    backend's native code (CTranslate2, torch). Finalization would end that
+    thread with ``pthread_exit`` when the call returns, unwinding through C++
+    frames: the process aborts ("terminate called without an active
+    exception", status 134) or crashes, instead of exiting with ``code``.
+    Everything that matters is done by now (finals sent and journaled,
+    clients closed); the output is flushed first."""
+    logging.shutdown()
+    for out in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            out.flush()
+    os._exit(code)
 
 
 async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: str,
