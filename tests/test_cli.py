@@ -151,14 +151,19 @@ def test_debug_shows_the_traceback(args: list[str]) -> None:
     assert ("Traceback" in proc.stderr) == bool(args)
 
 
-def _start_serve(*args: str) -> tuple[subprocess.Popen[str], str]:
-    """Start ``serve`` on a free port; return the process and its captions URL
-    (from its "serving captions on" line, which ``-q`` hides)."""
-    proc = subprocess.Popen(
+def _popen_serve(*args: str) -> subprocess.Popen[str]:
+    """``serve`` on a free port, its stdout and stderr piped."""
+    return subprocess.Popen(
         [sys.executable, "-m", "evoxtral_stream", "serve", "--port", "0", *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
+
+
+def _start_serve(*args: str) -> tuple[subprocess.Popen[str], str]:
+    """Start ``serve`` on a free port; return the process and its captions URL
+    (from its "serving captions on" line, which ``-q`` hides)."""
+    proc = _popen_serve(*args)
     assert proc.stderr is not None
     for line in proc.stderr:
         if "serving captions on " in line:
@@ -266,12 +271,16 @@ async def _ingest_all(url: str, stream: str, pcm: bytes) -> ClientConnection:
             return ws
 
 
-async def test_a_second_sigterm_while_the_model_is_busy_exits_one_without_crashing() -> None:
+@pytest.mark.parametrize("hangup", [False, True])
+async def test_a_second_sigterm_while_the_model_is_busy_exits_one_without_crashing(
+        hangup: bool) -> None:
     """SIGTERM twice while the model thread is deep in a long batch of finals:
     the thread is left behind (it is inside CTranslate2 and cannot be
     interrupted), and the process still exits with status 1, as promised. It
     used to abort at interpreter exit instead ("terminate called without an
-    active exception", status 134, or a segfault, 139)."""
+    active exception", status 134, or a segfault, 139). A SIGHUP while the
+    model thread gets its last second (``hangup``) changes nothing; it used to
+    end the process (status 129)."""
     from tests.speech import have_espeak, speak
 
     if not have_espeak():
@@ -294,6 +303,9 @@ async def test_a_second_sigterm_while_the_model_is_busy_exits_one_without_crashi
         proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
+        if hangup:
+            await asyncio.sleep(0.5)
+            proc.send_signal(signal.SIGHUP)
         _, err = await asyncio.to_thread(proc.communicate, timeout=60)
     finally:
         proc.kill()
@@ -773,6 +785,46 @@ async def test_serve_applies_new_tokens_at_sighup(tmp_path: Path) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_sighup_while_the_model_loads_is_applied_once_serving(tmp_path: Path) -> None:
+    """A SIGHUP (``systemctl reload``) that comes while ``serve`` loads the
+    model is kept and applied once it serves. Its default action used to end
+    the process at once, silently (status 129)."""
+    from evoxtral_stream.server.auth import hash_token
+
+    def token(name: str) -> str:
+        return (f'[[auth.tokens]]\nname = "{name}"\nhash = "{hash_token(name + "-secret")}"\n'
+                'roles = ["subscribe"]\n')
+
+    conf = tmp_path / "serve.toml"
+    conf.write_text(token("old"))
+    proc = _popen_serve("--source", "none", "--no-print", "--config", str(conf))
+    assert proc.stderr is not None
+    try:
+        url = ""
+        for line in proc.stderr:
+            if "backend: " in line:   # chosen, and about to load
+                conf.write_text(token("new"))
+                proc.send_signal(signal.SIGHUP)
+            if "serving captions on " in line:
+                url = line.split("serving captions on ", 1)[1].split()[0]
+                break
+        assert url, f"serve ended at a SIGHUP while loading (status {proc.wait(10)})"
+        deadline = time.monotonic() + 30
+        while True:   # the reload runs once serving
+            try:
+                async with connect(f"{url}?token=new-secret") as ws:
+                    await _hello(ws)
+                break
+            except InvalidStatus:
+                assert time.monotonic() < deadline, "the SIGHUP while loading was not applied"
+                await asyncio.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 60) == 0
+    finally:
+        proc.kill()
+        proc.communicate()
 
 
 def test_a_language_whisper_cannot_transcribe_is_one_line_before_decoding() -> None:

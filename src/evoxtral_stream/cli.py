@@ -399,9 +399,28 @@ def _cmd_hash_token(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+class _HeldHangups:
+    """SIGHUP while ``serve`` cannot reload: loading the model (a minute for
+    Voxtral), or shutting down. Its default action ends the process, so a
+    ``systemctl reload`` then would kill the server; it is recorded instead,
+    and one that came while loading is applied once serving."""
+
+    def __init__(self) -> None:
+        self.pending = False
+
+    def install(self) -> None:
+        if hasattr(signal, "SIGHUP"):  # not on Windows
+            signal.signal(signal.SIGHUP, self._record)
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.pending = True
+
+
 def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
     from .server.auth import check_bind
 
+    hangups = _HeldHangups()
+    hangups.install()
     # Before loading the model, so an unsafe bind fails in a moment.
     check_bind(cfg.server.host, cfg.auth.tokens, cfg.server.allow_anonymous)
     _check_mqtt_extra(cfg)
@@ -417,7 +436,7 @@ def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
         file_audio = read_audio_file(path)
         source = _file_stream_id(path)
     backend = load_backend(cfg.model)
-    code = asyncio.run(_serve(args, cfg, backend, source, file_audio))
+    code = asyncio.run(_serve(args, cfg, backend, source, file_audio, hangups))
     if any(t.daemon and t.is_alive() for t in threading.enumerate()):
         _exit_leaving_threads(code)
     return code
@@ -441,7 +460,7 @@ def _exit_leaving_threads(code: int) -> NoReturn:
 
 
 async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: str,
-                 file_audio: Any) -> int:
+                 file_audio: Any, hangups: _HeldHangups | None = None) -> int:
     from .audio.microphone import MicrophoneCapture
     from .run import feed_samples
 
@@ -464,9 +483,16 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
+        def hold_sighup() -> None:
+            loop.remove_signal_handler(signal.SIGHUP)  # restores the default action
+            if hangups is not None:
+                hangups.install()
+
         with contextlib.suppress(NotImplementedError, AttributeError):
             loop.add_signal_handler(signal.SIGHUP, on_sighup)
-            stack.callback(loop.remove_signal_handler, signal.SIGHUP)
+            stack.callback(hold_sighup)
+            if hangups is not None and hangups.pending:
+                on_sighup()  # one that came while the model loaded
         if not args.no_print:
             engine.add_listener(CaptionPrinter())
         scheme = "wss" if cfg.server.tls_cert else "ws"
