@@ -552,7 +552,7 @@ def test_unknown_events_are_ignored_not_raised() -> None:
     # Every key's type is checked before the rules that relate keys.
     ({"mqtt.password": "pw", "mqtt.retain_final": "yes"},
      "mqtt.retain_final must be bool, got 'yes'"),
-    ({"mqtt.password": 1.5}, "mqtt.password must be str, got 1.5"),
+    ({"mqtt.password": 1.5}, 'mqtt.password must be text: quote it: password = "..."'),
     ({"mqtt.tlsv": True}, "unknown config key 'mqtt.tlsv'"),
 ])
 def test_bad_mqtt_config_names_key_value_and_allowed(override: dict[str, object],
