@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosedOK
 
 from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.engine.engine import Engine
@@ -43,6 +44,34 @@ async def test_healthz_and_unknown_path(served: tuple[Engine, CaptionServer]) ->
     status, body = await http_get(f"http://127.0.0.1:{server.port}/nope")
     assert status == 404
     assert "/nope" in body
+
+
+async def test_connections_that_never_finish_their_handshake_do_not_hold_up_the_close(
+) -> None:
+    # A load balancer's TCP check, a browser's preconnect, a half-sent
+    # request: websockets alone waits for its open_timeout (10 s) on each,
+    # past a container's stop grace.
+    cfg = config()
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine:
+        server = CaptionServer(engine, cfg.server)
+        await server.start()
+        idle = socket.create_connection(("127.0.0.1", server.port))
+        half = socket.create_connection(("127.0.0.1", server.port))
+        half.sendall(b"GET /v1/ingest?stream=a HTTP/1.1\r\nHost: x\r\n")
+        try:
+            async with connect(f"ws://127.0.0.1:{server.port}/v1/captions") as ws:
+                assert json.loads(await ws.recv())["type"] == "hello"
+                t0 = asyncio.get_running_loop().time()
+                await asyncio.wait_for(server.aclose(), 30)
+                took = asyncio.get_running_loop().time() - t0
+                # An open connection is still closed properly (1001).
+                with pytest.raises(ConnectionClosedOK):
+                    await asyncio.wait_for(ws.recv(), 5)
+                assert ws.close_code == 1001
+        finally:
+            idle.close()
+            half.close()
+    assert took < 4.0
 
 
 @pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")

@@ -51,6 +51,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from ..audio.resample import SILENCE_PIECES_PER_TURN, StreamResampler, silence_pieces
@@ -98,6 +99,12 @@ CLOSE_TOO_SLOW = 1013
 #: How often (seconds) the TLS files are checked for a renewed certificate.
 #: Renewals come weeks before expiry, so a short delay costs nothing.
 TLS_POLL_S = 30.0
+#: At close, how long a connection still in its opening handshake may take to
+#: finish it (and get websockets' 503) before it is aborted. Without it the
+#: close waits for websockets' open_timeout (10 s) on every such connection: a
+#: load balancer's TCP check, a browser's preconnect, a half-sent request,
+#: enough to push a shutdown past a container's stop grace.
+OPENING_GRACE_S = 1.0
 _CAPTIONS = "/v1/captions"
 _INGEST = "/v1/ingest"
 _REALTIME = "/v1/realtime"
@@ -197,6 +204,9 @@ class CaptionServer:
         self.metrics = Metrics(engine, self.broadcaster)
         self._server: Server | None = None
         self._ingest_ids = itertools.count(1)
+        # Every connection from its TCP accept on, so the close can abort the
+        # ones stuck in their opening handshake (see OPENING_GRACE_S).
+        self._accepted: weakref.WeakSet[ServerConnection] = weakref.WeakSet()
 
     @property
     def port(self) -> int:
@@ -215,9 +225,17 @@ class CaptionServer:
         self.broadcaster.source = self._engine.journal
         self._engine.add_listener(self.broadcaster.publish)
         self._engine.add_listener(self.metrics.on_event)
+        accepted = self._accepted
+
+        class Tracked(ServerConnection):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                super().connection_made(transport)
+                accepted.add(self)
+
         try:
             self._server = await serve(
                 self._handle, self._cfg.host, self._cfg.port,
+                create_connection=Tracked,
                 process_request=self._process_request,
                 select_subprotocol=self._select_subprotocol,
                 ssl=ssl_ctx,
@@ -255,10 +273,24 @@ class CaptionServer:
             await asyncio.gather(watch, return_exceptions=True)
         if self._server is not None:
             self._server.close()
-            await self._server.wait_closed()
+            aborter = asyncio.create_task(self._abort_opening(OPENING_GRACE_S))
+            try:
+                await self._server.wait_closed()
+            finally:
+                aborter.cancel()
             self._engine.remove_listener(self.broadcaster.publish)
             self._engine.remove_listener(self.metrics.on_event)
             self._server = None
+
+    async def _abort_opening(self, grace_s: float) -> None:
+        """After ``grace_s``, abort the connections still in their opening handshake."""
+        await asyncio.sleep(grace_s)
+        opening = [c for c in self._accepted if c.protocol.state is State.CONNECTING]
+        if opening:
+            log.info("closing: %d connection(s) that did not finish their handshake "
+                     "aborted", len(opening))
+        for conn in opening:
+            conn.transport.abort()
 
     async def reload_auth(self, auth: AuthConfig) -> int:
         """Use ``auth``'s tokens from now on, for new connections and live ones.
