@@ -379,6 +379,7 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
                             return 0
         except ConnectionClosed as e:
             code = e.rcvd.code if e.rcvd is not None else None
+            why = f"connection lost (close code {code}); reconnecting"
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
             refused = refusal(e, token)
             if refused is not None:
@@ -389,9 +390,10 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
                 writer.status(f"cannot connect to {url}: {e} (is the server running?)")
                 return 1
             code = None
+            why = f"cannot reconnect: {e}; retrying"
         if code == _CLOSE_POLICY:
             return 1  # the server said why in an error event
-        writer.status(f"connection lost (close code {code}); reconnecting in {delay:.2g} s")
+        writer.status(f"{why} in {delay:.2g} s")
         await asyncio.sleep(delay)
         delay = min(max_retry_s, delay * 2)
 

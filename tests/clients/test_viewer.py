@@ -290,6 +290,27 @@ async def test_viewer_prints_finals_and_resumes_after_a_drop(
     assert "■ talk ended: 2 finals" in status
 
 
+async def test_viewer_says_it_cannot_reconnect_while_the_server_is_down(
+    served: tuple[Engine, CaptionServer],
+) -> None:
+    _, server = served
+    proc = await start_viewer("--url", f"ws://127.0.0.1:{server.port}",
+                              stdout=asyncio.subprocess.DEVNULL)
+    assert proc.stderr is not None
+    try:
+        await server.aclose()
+        lines: list[str] = []
+        while len(lines) < 3:
+            lines.append((await asyncio.wait_for(proc.stderr.readline(), 20)).decode())
+    finally:
+        proc.kill()
+        await proc.wait()
+    # Once: the close the server sent; then why each attempt failed.
+    assert "connection lost (close code 1001); reconnecting in" in lines[0], lines
+    assert all("cannot reconnect: " in line and "; retrying in" in line
+               for line in lines[1:]), lines
+
+
 @pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
 async def test_viewer_on_a_terminal_redraws_partials_with_colour(
     served: tuple[Engine, CaptionServer],
