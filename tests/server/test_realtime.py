@@ -246,6 +246,22 @@ BAD_MESSAGES: list[tuple[str | bytes, str, str | None]] = [
     (json.dumps({"type": "session.update", "event_id": "c1", "session": {
         "type": "transcription", "audio": {"input": {"transcription": "fr"}}}}),
      "invalid_type", "session.audio.input.transcription"),
+    # A field of the wrong type is invalid_type, not an unsupported value.
+    *[(json.dumps({"type": "session.update", "event_id": "c1", "session": {
+        "type": "transcription", "audio": {"input": {"format": {"type": "audio/pcm",
+                                                                "rate": rate}}}}}),
+       "invalid_type", "session.audio.input.format.rate") for rate in (True, "24000")],
+    (json.dumps({"type": "session.update", "event_id": "c1", "session": {
+        "type": "transcription", "audio": {"input": {"format": {"type": 5}}}}}),
+     "invalid_type", "session.audio.input.format.type"),
+    (json.dumps({"type": "session.update", "event_id": "c1", "session": {"type": 5}}),
+     "invalid_type", "session.type"),
+    (json.dumps({"type": "session.update", "event_id": "c1", "session": {
+        "type": "transcription", "audio": {"input": {"turn_detection": {"type": 1}}}}}),
+     "invalid_type", "session.audio.input.turn_detection.type"),
+    (json.dumps({"type": "transcription_session.update", "event_id": "c1",
+                 "session": {"input_audio_format": 16}}),
+     "invalid_type", "session.input_audio_format"),
 ]
 
 

@@ -128,16 +128,28 @@ def _obj(value: object, param: str, event_id: str | None) -> Mapping[str, Any]:
     return value
 
 
+def _str(value: object, default: str, param: str, event_id: str | None) -> str:
+    """``value`` when it is a string, ``default`` when absent (None); a wrong
+    type is ``invalid_type`` (an unsupported string is the caller's
+    ``invalid_value``)."""
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise RealtimeProtocolError("invalid_type", f"'{param}' must be a string",
+                                    param, event_id)
+    return value
+
+
 def _turn_detection(value: object, param: str, event_id: str | None) -> TurnDetection:
     if value is None:
         return "none"
     td = _obj(value, param, event_id)
-    kind = td.get("type")
+    kind = _str(td.get("type"), "", f"{param}.type", event_id)
     if kind == "server_vad":
         return "server_vad"
     raise RealtimeProtocolError(
         "invalid_value",
-        f"unsupported turn detection {kind!r}: use {{\"type\": \"server_vad\"}} or null",
+        f"unsupported turn detection {td.get('type')!r}: use {{\"type\": \"server_vad\"}} or null",
         f"{param}.type", event_id)
 
 
@@ -155,7 +167,7 @@ def _language(transcription: Mapping[str, Any], param: str,
 
 def _parse_session_update(obj: Mapping[str, Any], event_id: str | None) -> SessionUpdate:
     session = _obj(obj.get("session"), "session", event_id)
-    kind = session.get("type", "transcription")
+    kind = _str(session.get("type"), "transcription", "session.type", event_id)
     if kind != "transcription":
         raise RealtimeProtocolError(
             "invalid_value",
@@ -173,13 +185,21 @@ def _parse_session_update(obj: Mapping[str, Any], event_id: str | None) -> Sessi
                                      event_id)
             if inp.get("format") is not None:
                 fmt = _obj(inp["format"], "session.audio.input.format", event_id)
-                if fmt.get("type", "audio/pcm") != "audio/pcm":
+                param = "session.audio.input.format"
+                if _str(fmt.get("type"), "audio/pcm", f"{param}.type", event_id) != "audio/pcm":
                     raise RealtimeProtocolError(
                         "invalid_value",
                         f"unsupported audio format {fmt.get('type')!r}: only 'audio/pcm' "
                         f"(PCM16 mono, 24 kHz) is accepted",
                         "session.audio.input.format.type", event_id)
-                if fmt.get("rate", INPUT_RATE) != INPUT_RATE:
+                rate = fmt.get("rate")
+                # bool is an int in Python, but true is no rate in JSON.
+                if rate is not None and (isinstance(rate, bool)
+                                         or not isinstance(rate, int | float)):
+                    raise RealtimeProtocolError(
+                        "invalid_type", f"'{param}.rate' must be a number",
+                        f"{param}.rate", event_id)
+                if rate is not None and rate != INPUT_RATE:
                     raise RealtimeProtocolError(
                         "invalid_value",
                         f"unsupported sample rate {fmt.get('rate')!r}: audio/pcm must be "
@@ -192,7 +212,8 @@ def _parse_session_update(obj: Mapping[str, Any], event_id: str | None) -> Sessi
 
 def _parse_beta_update(obj: Mapping[str, Any], event_id: str | None) -> SessionUpdate:
     session = _obj(obj.get("session"), "session", event_id)
-    fmt = session.get("input_audio_format", "pcm16")
+    fmt = _str(session.get("input_audio_format"), "pcm16", "session.input_audio_format",
+               event_id)
     if fmt != "pcm16":
         raise RealtimeProtocolError(
             "invalid_value", f"unsupported input_audio_format {fmt!r}: only 'pcm16' "
