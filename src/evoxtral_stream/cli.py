@@ -409,7 +409,9 @@ class _HeldHangups:
         self.pending = False
 
     def install(self) -> None:
-        if hasattr(signal, "SIGHUP"):  # not on Windows
+        # Not on Windows, nor where Python allows no handler (a thread other
+        # than the main one: main() called by an embedding program or a test).
+        if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGHUP, self._record)
 
     def _record(self, signum: int, frame: object) -> None:
