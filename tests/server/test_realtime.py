@@ -926,3 +926,56 @@ async def test_a_session_whose_stream_is_closed_under_it_ends_with_server_error(
             with pytest.raises(ConnectionClosed):
                 await asyncio.wait_for(ws.recv(), 10)
             assert ws.close_code == 1011
+
+
+@pytest.mark.parametrize("manual", [False, True])
+async def test_audio_appended_too_fast_is_refused_as_on_ingest(manual: bool) -> None:
+    """server.max_ingest_speed holds here too: one session pushing hours of
+    audio at full speed would hold every other stream's finals back behind
+    its own (and the server's memory) without end."""
+    cfg = config(**{"server.max_ingest_speed": 2.0, "server.ingest_burst_s": 3.0})
+    async with Engine(cfg, ScriptedBackend(lambda a: "scripted words")) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        port = server.port
+        speech, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+        async with connect(f"ws://127.0.0.1:{port}/v1/captions?stream=hog") as sub:
+            url = f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription&stream=hog"
+            async with connect(url) as ws:
+                assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == \
+                    "session.created"
+                if manual:
+                    await ws.send(update_msg(None))
+                # Speech first (a final for subscribers), then silence at full speed.
+                await ws.send(append_msg(pcm24(speech)))
+                second = bytes(INPUT_RATE * 2)
+                got: list[dict[str, Any]] = []
+                with contextlib.suppress(ConnectionClosed):
+                    for _ in range(10):  # 10 s at once: past 3 s + 2x real time
+                        await ws.send(append_msg(second))
+                    while True:
+                        got.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+                errors = [e["error"] for e in got if e["type"] == "error"]
+                assert [e["code"] for e in errors] == ["too_fast"], got
+                assert "server.max_ingest_speed" in errors[0]["message"]
+                assert ws.close_code == 1008
+            # The stream's audio so far still becomes its finals, then it ends.
+            msgs: list[dict[str, Any]] = []
+            while not msgs or msgs[-1]["type"] != "stream.ended":
+                msgs.append(json.loads(await asyncio.wait_for(sub.recv(), 20)))
+        finals = [m for m in msgs if m["type"] == "caption" and m["final"]]
+        assert not manual or not finals  # manual audio never committed is dropped
+        if not manual:
+            assert finals and finals[0]["text"] == "scripted words"
+
+
+async def test_audio_appended_at_real_time_pace_is_never_too_fast(
+        scripted: CaptionServer) -> None:
+    url = f"ws://127.0.0.1:{scripted.port}/v1/realtime?intent=transcription"
+    async with connect(url) as ws:
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "session.created"
+        tenth = bytes(INPUT_RATE * 2 // 10)
+        for _ in range(40):  # the default burst (30 s) is never touched at this pace
+            await ws.send(append_msg(tenth))
+            await asyncio.sleep(0.1)
+        await ws.send(update_msg(None))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "session.updated"

@@ -4,7 +4,10 @@
 the core (:class:`~.core.RealtimeTranscription`) asks for, feeds the
 stream's engine events back to the core and sends the core's events, each
 connection behind its own bounded queue (``server.subscriber_queue``; a
-client that falls that far behind is closed at once with 1013).
+client that falls that far behind is closed at once with 1013). Audio the
+client appends faster than ``server.max_ingest_speed`` allows (after
+``server.ingest_burst_s``) ends the session with ``too_fast`` and 1008, as
+on ``/v1/ingest``: the model's work and the audio it holds stay bounded.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from websockets.exceptions import ConnectionClosed
 
 from ...config import ServerConfig
 from ...engine.engine import Engine, EngineStopping, Stream
-from ...events import EngineEvent, stream_id_problem
+from ...events import SAMPLE_RATE, EngineEvent, stream_id_problem
+from ..auth import IngestRate
 from ..broadcast import Broadcaster
 from .core import RealtimeTranscription
 from .protocol import (
@@ -54,15 +58,18 @@ class _StreamGone(Exception):
 
 class _Connection:
     def __init__(self, ws: ServerConnection, engine: Engine, core: RealtimeTranscription,
-                 stream: Stream, queue_size: int) -> None:
+                 stream: Stream, cfg: ServerConfig) -> None:
         self._ws = ws
         self._engine = engine
         self._core = core
         self._stream = stream
-        self._queue: asyncio.Queue[str] = asyncio.Queue(queue_size)
+        self._queue: asyncio.Queue[str] = asyncio.Queue(cfg.subscriber_queue)
+        self._speed = cfg.max_ingest_speed
+        self._burst_s = cfg.ingest_burst_s
         self._overflow = asyncio.Event()
         self._failed = asyncio.Event()
         self._failure = ""
+        self._refusal: RealtimeError | None = None
         self._diverged = False
 
     async def run(self) -> None:
@@ -89,6 +96,10 @@ class _Connection:
             await self._stream.close()
         if self._overflow.is_set():
             await self._close(_CLOSE_TOO_SLOW, "client too slow")
+        elif self._refusal is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.send(encode_server_event(self._refusal))
+            await self._close(_CLOSE_POLICY, self._refusal.code)
         elif self._failed.is_set():
             with contextlib.suppress(ConnectionClosed):
                 await self._ws.send(encode_server_event(self._core.error(
@@ -110,12 +121,23 @@ class _Connection:
             await self._ws.send(message)
 
     async def _read_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        rate = IngestRate(self._speed, self._burst_s, loop.time())
         async for message in self._ws:
+            received = self._core.received_samples
             try:
                 self._deliver(self._core.receive(message))
             except _StreamGone:
                 self._fail("the engine stream of this session was closed (server shutting "
                            "down?)")
+                return
+            audio_s = (self._core.received_samples - received) / SAMPLE_RATE
+            if audio_s and not rate.take(audio_s, loop.time()):
+                log.warning("realtime stream %s: audio faster than %gx real time; closing",
+                            self._stream.id, self._speed)
+                self._refusal = self._core.error(
+                    "too_fast", f"audio arrives faster than {self._speed:g}x real time "
+                    "(server.max_ingest_speed)", "audio")
                 return
 
     def _fail(self, message: str) -> None:
@@ -198,7 +220,7 @@ async def serve_realtime(ws: ServerConnection, query: dict[str, list[str]], engi
         await _refuse(ws, core.error("shutting_down", str(e), error_type="server_error"))
         return
     log.info("realtime transcription session %s on stream %s", core.session_id, stream_id)
-    await _Connection(ws, engine, core, stream, cfg.subscriber_queue).run()
+    await _Connection(ws, engine, core, stream, cfg).run()
 
 
 async def refuse_realtime(ws: ServerConnection, code: str, message: str) -> None:

@@ -189,6 +189,12 @@ class RealtimeTranscription:
         return self._next_segment
 
     @property
+    def received_samples(self) -> int:
+        """Client audio received so far, at 16 kHz (held, pushed or dropped as
+        over the buffer: what the client sent)."""
+        return self._client_pos
+
+    @property
     def buffered_ms(self) -> int:
         """Audio held for a manual commit (a kept speech candidate included)."""
         return self._held_len * 1000 // SAMPLE_RATE
