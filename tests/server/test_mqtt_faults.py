@@ -244,3 +244,32 @@ async def test_two_engines_with_one_client_id_back_off_and_say_why(
     assert connects < 30, connects
     hints = warnings_about(caplog, "after accepting it", "client_id 'studio-engine'")
     assert hints, [r.getMessage() for r in caplog.records]
+
+
+# --- credentials the broker refuses ------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_refused_credentials_are_logged_as_such_not_as_unreachable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, protocol: str,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="evoxtral_stream")
+    binary = mosquitto_binary()
+    if binary is None:
+        pytest.skip("mosquitto not installed (apt-get install mosquitto)")
+    broker = MosquittoBroker(binary, tmp_path)
+    # No user is known: every connection is refused (CONNACK 0x05 / 0x87).
+    broker.conf.write_text(broker.conf.read_text().replace(
+        "allow_anonymous true", "allow_anonymous false"))
+    assert "allow_anonymous false" in broker.conf.read_text()
+    broker.start()
+    try:
+        cfg = mqtt_config(broker.port, "auth", protocol=protocol, username="u",
+                          password="wrong")
+        async with MqttPublisher(cfg) as pub:
+            await eventually(lambda: pub.stats().connect_failures >= 1, "a refused connect")
+    finally:
+        broker.stop()
+    refused = warnings_about(caplog, "refused the connection", "mqtt.username")
+    assert refused, caplog.text
+    assert not warnings_about(caplog, "unreachable"), caplog.text

@@ -98,6 +98,9 @@ _KICKED_S = 1.0
 # Reason codes of a CONNACK refusing the protocol version: 3.1.1's 0x01 and
 # MQTT 5's 0x84 (paho maps a 3.1.1-style 0x01 answer to a v5 connect to 0x84).
 _VERSION_REFUSED = frozenset({1, 0x84})
+# CONNACK refusals of the credentials or the client's rights: 3.1.1's 0x04 (bad
+# user name or password) and 0x05 (not authorised), MQTT 5's 0x86 and 0x87.
+_AUTH_REFUSED = frozenset({4, 5, 0x86, 0x87})
 
 # What a stream id must not put in its topic level: the separator and the
 # wildcards, and what MQTT 5 (1.5.4) says a topic should not hold: mosquitto
@@ -559,6 +562,13 @@ class MqttPublisher:
                     "MQTT TLS handshake with %s:%d failed (%s)%s; retrying with backoff",
                     self.cfg.host, self.cfg.port, self._last_error, _tls_hint(self.cfg, tls))
             return
+        if _refused(e, _AUTH_REFUSED):
+            # Reachable, but it turns these credentials away: say so, not "unreachable".
+            log.log(logging.WARNING if loud else logging.DEBUG,
+                    "MQTT broker %s:%d refused the connection (%s): check mqtt.username "
+                    "and mqtt.password, and what the broker allows that user; retrying "
+                    "with backoff", self.cfg.host, self.cfg.port, self._last_error)
+            return
         hint = ""
         if self._tls is None and self.cfg.port == 8883:
             hint = "; port 8883 is usually MQTT over TLS (mqtt.tls = true)"
@@ -686,12 +696,17 @@ def _require_aiomqtt() -> None:
 
 
 def _version_refused(e: BaseException) -> bool:
+    return _refused(e, _VERSION_REFUSED)
+
+
+def _refused(e: BaseException, codes: frozenset[int]) -> bool:
+    """Whether ``e`` is a CONNACK refusal with one of ``codes``."""
     from aiomqtt.exceptions import MqttConnectError
 
     if not isinstance(e, MqttConnectError):
         return False
     rc = getattr(e.rc, "value", e.rc)
-    return rc in _VERSION_REFUSED
+    return rc in codes
 
 
 def _tls_error(e: BaseException) -> ssl.SSLError | None:
