@@ -33,6 +33,7 @@ from evoxtral_stream.server.certs import (
     fingerprint,
 )
 from tests.fakes import ScriptedBackend
+from tests.helpers.pki import CA_KEY_USAGE
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -64,10 +65,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
     ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
     ca, ca_key = folder / "ca.pem", folder / "ca.key"
-    run("req", "-x509", *ec, "-days", "2", "-subj", "/CN=reload-ca", "-keyout", str(ca_key),
-        "-out", str(ca))
+    run("req", "-x509", *ec, "-days", "2", "-subj", "/CN=reload-ca", "-addext",
+        CA_KEY_USAGE, "-keyout", str(ca_key), "-out", str(ca))
     ext = folder / "leaf.ext"
     ext.write_text("basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1\n"
+                   "authorityKeyIdentifier=keyid\nsubjectKeyIdentifier=hash\n"
                    "extendedKeyUsage=serverAuth\n")
 
     def leaf(name: str, key: Path | None = None) -> Pair:

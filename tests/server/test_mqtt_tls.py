@@ -31,11 +31,13 @@ from evoxtral_stream.config import ConfigError, load_config
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.events import CaptionEvent, EngineEvent, StreamStarted
 from evoxtral_stream.run import feed_samples
+from evoxtral_stream.server import mqtt as mqtt_module
 from evoxtral_stream.server.mqtt import MqttPublisher
 from evoxtral_stream.server.protocol import encode_event
 from tests.fakes import ScriptedBackend
 from tests.helpers.audio import buzz, noise, to_int16
 from tests.helpers.http import Relay
+from tests.helpers.pki import CA_KEY_USAGE
 from tests.server.conftest import MosquittoBroker, free_port, mosquitto_binary
 from tests.server.test_mqtt import (
     Subscriber,
@@ -82,7 +84,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     def make_ca(name: str) -> Pair:
         cert, key = folder / f"{name}.pem", folder / f"{name}.key"
         run("req", "-x509", *ec, "-days", "2", "-subj", f"/CN={name}",
-            "-keyout", str(key), "-out", str(cert))
+            "-addext", CA_KEY_USAGE, "-keyout", str(key), "-out", str(cert))
         return cert, key
 
     def make_leaf(name: str, signer: Pair, san: str) -> Pair:
@@ -492,3 +494,16 @@ def test_serve_stops_before_serving_on_a_bad_tls_file(pki: Pki) -> None:
     assert "mqtt.ca_file" in lines[0] and "is not a file" in lines[0]
     assert "Traceback" not in proc.stderr
     assert "serving" not in proc.stderr.lower(), proc.stderr
+
+
+def test_a_strict_verification_failure_says_what_to_reissue() -> None:
+    # What Python 3.13's VERIFY_X509_STRICT reports for a CA made without key
+    # usage (as tests/helpers/pki.py explains); older Pythons never raise it.
+    err = ssl.SSLCertVerificationError(
+        1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: CA cert does not "
+           "include key usage extension (_ssl.c:1020)")
+    cfg = load_config(overrides=mqtt_overrides(8883, "t", tls=True), env={}).mqtt
+    assert "keyUsage keyCertSign" in mqtt_module._tls_hint(cfg, err)
+    plain = ssl.SSLCertVerificationError(1, "certificate verify failed: unable to get local "
+                                            "issuer certificate")
+    assert "must be signed by a CA in the system CA store" in mqtt_module._tls_hint(cfg, plain)

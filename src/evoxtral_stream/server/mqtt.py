@@ -727,6 +727,12 @@ def _tls_error(e: BaseException) -> ssl.SSLError | None:
 
 def _tls_hint(cfg: MqttConfig, err: ssl.SSLError) -> str:
     if isinstance(err, ssl.SSLCertVerificationError):
+        if "key usage" in str(err) or "Authority Key Identifier" in str(err):
+            # Python 3.13 verifies strictly; CAs made by hand for a broker
+            # (openssl req -x509 with Debian's defaults) often lack these.
+            return ("; Python 3.13+ checks certificates strictly: a private CA needs "
+                    "keyUsage keyCertSign (and a certificate it signs an authority key "
+                    "identifier); reissue it with them")
         trusted = f"mqtt.ca_file {cfg.ca_file!r}" if cfg.ca_file else "the system CA store"
         return (f"; the broker's certificate must be signed by a CA in {trusted} "
                 f"and name {cfg.host}")
