@@ -697,9 +697,7 @@ class CaptionServer:
                                             f"server.max_message_bytes ({limit})")
                     last_audio = loop.time()
                     if not rate.take(len(message) / bytes_per_s, last_audio):
-                        raise ProtocolError("too_fast",
-                                            f"audio arrives faster than {speed:g}x real time "
-                                            "(server.max_ingest_speed)")
+                        raise ProtocolError("too_fast", rate.refusal)
                     frames = decode_audio_frame(message, fmt)
                     samples = resampler.process(frames)
                     if len(samples):

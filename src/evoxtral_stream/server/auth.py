@@ -289,6 +289,11 @@ class IngestRate:
         self._level = burst_s
         self._last = now
 
+    @property
+    def refusal(self) -> str:
+        """What a client refused as too fast is told (``too_fast``)."""
+        return f"audio arrives faster than {self._speed:g}x real time (server.max_ingest_speed)"
+
     def take(self, audio_s: float, now: float) -> bool:
         """Account ``audio_s`` seconds of audio received at ``now``; False if too fast."""
         if self._speed <= 0:

@@ -104,7 +104,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from difflib import SequenceMatcher
 
 from ..events import SAMPLE_RATE, CaptionEvent, Hypothesis, RequestKind, TagMark
@@ -626,9 +626,7 @@ class Merger:
                 return []
             # Its final stands in the queue of held finals (feed ignores
             # later hypotheses of it); stitched when released, as a final.
-            self._pending[seg.id] = Hypothesis(
-                last.stream, last.segment, last.revision, RequestKind.FINAL, last.text,
-                last.start_sample, last.end_sample, last.ready_at, last.done_at, False)
+            self._pending[seg.id] = replace(last, kind=RequestKind.FINAL, forced_end=False)
         return self._limit_pending()
 
     def _limit_pending(self) -> list[CaptionEvent]:

@@ -135,9 +135,7 @@ class _Connection:
             if audio_s and not rate.take(audio_s, loop.time()):
                 log.warning("realtime stream %s: audio faster than %gx real time; closing",
                             self._stream.id, self._speed)
-                self._refusal = self._core.error(
-                    "too_fast", f"audio arrives faster than {self._speed:g}x real time "
-                    "(server.max_ingest_speed)", "audio")
+                self._refusal = self._core.error("too_fast", rate.refusal, "audio")
                 return
 
     def _fail(self, message: str) -> None:
