@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -42,6 +42,7 @@ from .run import FileJob, LatencyLog, transcribe_samples
 from .server.app import CaptionServer
 from .server.auth import install_token_redaction, redact_tokens
 from .server.protocol import event_to_dict
+from .systemd import Notifier, Snapshot, monotonic_usec, supervise
 from .text.formats import CueLayout, TagStyle, to_srt, to_vtt
 
 __all__ = ["main"]
@@ -437,8 +438,15 @@ def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
         path = sample_path() if source == "sample" else Path(source)
         file_audio = read_audio_file(path)
         source = _file_stream_id(path)
-    backend = load_backend(cfg.model)
-    code = asyncio.run(_serve(args, cfg, backend, source, file_audio, hangups))
+    notifier = Notifier.from_environ()
+    try:
+        if notifier is not None:
+            notifier.send(notifier.notices.status("loading the model"))
+        backend = load_backend(cfg.model)
+        code = asyncio.run(_serve(args, cfg, backend, source, file_audio, hangups, notifier))
+    finally:
+        if notifier is not None:
+            notifier.close()
     if any(t.daemon and t.is_alive() for t in threading.enumerate()):
         _exit_leaving_threads(code)
     return code
@@ -462,7 +470,8 @@ def _exit_leaving_threads(code: int) -> NoReturn:
 
 
 async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: str,
-                 file_audio: Any, hangups: _HeldHangups | None = None) -> int:
+                 file_audio: Any, hangups: _HeldHangups | None = None,
+                 notifier: Notifier | None = None) -> int:
     from .audio.microphone import MicrophoneCapture
     from .run import feed_samples
 
@@ -479,9 +488,18 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
         await _start_mqtt(stack, cfg, engine, server)
         running = [cfg]
         reloads: set[asyncio.Task[None]] = set()
+        scheme = "wss" if cfg.server.tls_cert else "ws"
+        url = f"{scheme}://{cfg.server.host}:{server.port}"
+
+        def snapshot() -> Snapshot:
+            return _service_snapshot(engine, url)
+
+        if notifier is not None:
+            supervisor = asyncio.ensure_future(supervise(notifier, snapshot))
+            stack.callback(supervisor.cancel)
 
         def on_sighup() -> None:
-            task = asyncio.ensure_future(_reload(args, running, server))
+            task = asyncio.ensure_future(_reload(args, running, server, notifier, snapshot))
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
@@ -497,9 +515,7 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
                 on_sighup()  # one that came while the model loaded
         if not args.no_print:
             engine.add_listener(CaptionPrinter())
-        scheme = "wss" if cfg.server.tls_cert else "ws"
-        _notice(cfg, f"serving captions on {scheme}://{cfg.server.host}:{server.port}"
-                     "/v1/captions (Ctrl-C to stop)")
+        _notice(cfg, f"serving captions on {url}/v1/captions (Ctrl-C to stop)")
         stream_id = args.stream or source
         feeder: asyncio.Task[Any] | None = None
         mic: MicrophoneCapture | None = None
@@ -523,6 +539,8 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
             if args.exit_at_end:
                 feeder.add_done_callback(lambda _: stop.set())
         await stop.wait()
+        if notifier is not None:
+            notifier.send(notifier.notices.stopping("stopping: finishing open captions"))
         if mic is not None:
             mic.stop()
         if feeder is not None and not feeder.done():
@@ -544,11 +562,24 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
     return 0 if drained else 1
 
 
-async def _reload(args: argparse.Namespace, running: list[Config],
-                  server: CaptionServer) -> None:
+async def _reload(args: argparse.Namespace, running: list[Config], server: CaptionServer,
+                  notifier: Notifier | None = None,
+                  snapshot: Callable[[], Snapshot] | None = None) -> None:
     """SIGHUP: read the configuration again (the same file and flags) and apply
     its [auth] section; other changes wait for a restart (logged). A bad
-    configuration changes nothing."""
+    configuration changes nothing. systemd hears of the reload's start and
+    end either way."""
+    if notifier is not None:
+        notifier.send(notifier.notices.reloading(monotonic_usec()))
+    try:
+        await _apply_reload(args, running, server)
+    finally:
+        if notifier is not None and snapshot is not None:
+            notifier.send(notifier.notices.reloaded(snapshot()))
+
+
+async def _apply_reload(args: argparse.Namespace, running: list[Config],
+                        server: CaptionServer) -> None:
     current = running[0]
     try:
         new = _load_config(args)
@@ -567,6 +598,19 @@ async def _reload(args: argparse.Namespace, running: list[Config],
     if later:
         log.warning("reload: [%s] changed; only [auth] is applied at a reload, the rest "
                     "at a restart", "], [".join(later))
+
+
+def _service_snapshot(engine: Engine, url: str) -> Snapshot:
+    """The engine as systemd's status line and watchdog see it."""
+    why = engine.unhealthy_reason
+    if why is not None:
+        status = f"{why} (see the log); serving on {url}"
+    elif engine.ready:
+        n = len(engine.streams)
+        status = f"serving on {url}: {n} stream{'s' if n != 1 else ''} open"
+    else:
+        status = f"preparing the model (warm-up or reload); listening on {url}"
+    return Snapshot(engine.ready, why, status)
 
 
 def _check_mqtt_extra(cfg: Config) -> None:

@@ -1,0 +1,227 @@
+"""Tell systemd how ``serve`` is doing: the ``sd_notify`` protocol, stdlib only.
+
+Under a unit with ``Type=notify`` systemd passes ``$NOTIFY_SOCKET`` (and, with
+``WatchdogSec=``, ``$WATCHDOG_USEC``); elsewhere this does nothing. What is
+said, and when (the contract ``docs/systemd.md`` documents):
+
+- ``STATUS=...`` whenever the one-line status changes (``systemctl status``
+  shows it): loading the model, warming up, serving with how many streams,
+  stalled, reloading, stopping.
+- ``READY=1`` once, when the model is loaded and warmed up and its thread
+  serves, the port listening: what ``/readyz`` calls ready. Until then
+  systemd holds the unit in ``activating``, so units ordered after it wait.
+- ``WATCHDOG=1`` every half ``WATCHDOG_USEC`` while ``/healthz`` would say
+  ``ok``. A model thread stuck in one call past ``worker.stall_timeout_s``
+  stops the pings, so systemd restarts the service once ``WatchdogSec``
+  passes without one; a model thread given up on for good (``model down``)
+  sends ``WATCHDOG=trigger`` at once.
+- ``RELOADING=1`` with ``MONOTONIC_USEC`` when a SIGHUP reload starts, and
+  ``READY=1`` when it is applied (so ``Type=notify-reload`` works too).
+- ``STOPPING=1`` when the shutdown starts.
+
+:class:`ServiceNotices` decides what to say from snapshots of the engine's
+state and the time it is given: pure, no clock, no socket. :class:`Notifier`
+is the socket; :func:`supervise` the loop task that joins them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+__all__ = ["Notifier", "ServiceNotices", "Snapshot", "monotonic_usec", "supervise"]
+
+log = logging.getLogger(__name__)
+
+#: How often :func:`supervise` looks at the engine, at most (seconds).
+POLL_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The engine as ``/readyz`` and ``/healthz`` see it at one moment.
+
+    ``unhealthy`` is ``"model stalled"``, ``"model down"`` or None;
+    ``status`` the line for ``systemctl status``."""
+
+    ready: bool
+    unhealthy: str | None
+    status: str
+
+
+class ServiceNotices:
+    """What to tell systemd, from snapshots of the engine (see the module doc).
+
+    Every method returns one notification: newline-separated ``KEY=VALUE``
+    assignments, "" when there is nothing to say. ``watchdog_s`` is
+    ``WATCHDOG_USEC`` in seconds (None: no watchdog); ``now`` any monotonic
+    clock in seconds.
+    """
+
+    def __init__(self, watchdog_s: float | None) -> None:
+        if watchdog_s is not None and watchdog_s <= 0:
+            raise ValueError(f"watchdog interval must be positive, got {watchdog_s}")
+        self.watchdog_s = watchdog_s
+        self._status = ""
+        self._ready = False
+        self._stopping = False
+        self._triggered = False
+        self._next_ping = float("-inf")
+
+    @property
+    def poll_s(self) -> float:
+        """How often to call :meth:`update`: often enough for the watchdog."""
+        return POLL_S if self.watchdog_s is None else min(POLL_S, self.watchdog_s / 4)
+
+    def update(self, now: float, snap: Snapshot) -> str:
+        """The notification for the engine as ``snap`` shows it at ``now``."""
+        if self._stopping:
+            return ""
+        lines = self._say(snap.status)
+        if snap.ready and not self._ready:
+            self._ready = True
+            lines.append("READY=1")
+        if self.watchdog_s is not None:
+            if snap.unhealthy == "model down":
+                if not self._triggered:
+                    # Nothing will come back by itself: restart now rather
+                    # than after WatchdogSec.
+                    self._triggered = True
+                    lines.append("WATCHDOG=trigger")
+            elif snap.unhealthy is None and now >= self._next_ping:
+                self._next_ping = now + self.watchdog_s / 2
+                lines.append("WATCHDOG=1")
+        return "\n".join(lines)
+
+    def status(self, text: str) -> str:
+        """A status line alone (e.g. before the engine exists)."""
+        return "\n".join(self._say(text))
+
+    def reloading(self, monotonic_usec: int) -> str:
+        """A reload starts; ``monotonic_usec`` is CLOCK_MONOTONIC in µs, which
+        ``Type=notify-reload`` requires beside ``RELOADING=1``."""
+        if self._stopping:
+            return ""
+        return "\n".join(["RELOADING=1", f"MONOTONIC_USEC={monotonic_usec}",
+                          *self._say("reloading the configuration")])
+
+    def reloaded(self, snap: Snapshot) -> str:
+        """The reload is applied (or refused: the old configuration serves on).
+        ``READY=1`` again only if it was said before: a reload during the
+        warm-up leaves the first one to :meth:`update`."""
+        if self._stopping:
+            return ""
+        self._status = ""  # the serving line again, even if unchanged
+        return "\n".join([*(["READY=1"] if self._ready else []), *self._say(snap.status)])
+
+    def stopping(self, text: str) -> str:
+        """The shutdown starts; nothing but this is said afterwards."""
+        if self._stopping:
+            return ""
+        self._stopping = True
+        return "\n".join(["STOPPING=1", *self._say(text)])
+
+    def _say(self, text: str) -> list[str]:
+        # A newline would start a new assignment: systemd would read the
+        # rest as another (unknown) key.
+        text = " ".join(text.split())
+        if text == self._status:
+            return []
+        self._status = text
+        return [f"STATUS={text}"]
+
+
+class Notifier:
+    """The notification socket systemd gave the process (``$NOTIFY_SOCKET``).
+
+    :meth:`send` never raises and never blocks: a notification that cannot
+    go is logged (once per kind of failure) and dropped, because serving
+    captions matters more than telling systemd about it.
+    """
+
+    def __init__(self, address: str | bytes, watchdog_s: float | None) -> None:
+        self.address = address
+        self.notices = ServiceNotices(watchdog_s)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._sock.setblocking(False)
+        self._failures: set[str] = set()
+
+    @classmethod
+    def from_environ(cls, env: Mapping[str, str] | None = None,
+                     pid: int | None = None) -> Notifier | None:
+        """The notifier ``env`` (default ``os.environ``) asks for, or None
+        without ``NOTIFY_SOCKET``. A socket address systemd can give but this
+        cannot use (``vsock:``), or a malformed ``WATCHDOG_USEC``, is logged
+        and ignored. ``WATCHDOG_PID`` naming another process than ``pid``
+        (default: this one) means the watchdog is not ours."""
+        env = os.environ if env is None else env
+        raw = env.get("NOTIFY_SOCKET", "")
+        if not raw:
+            return None
+        address: str | bytes
+        if raw.startswith("/"):
+            address = raw
+        elif raw.startswith("@"):
+            address = b"\0" + raw[1:].encode()  # Linux abstract namespace
+        else:
+            log.warning("NOTIFY_SOCKET=%r is not a socket path this process can use; "
+                        "systemd will not hear from it", raw)
+            return None
+        return cls(address, _watchdog_s(env, os.getpid() if pid is None else pid))
+
+    def send(self, message: str) -> None:
+        if not message:
+            return
+        try:
+            self._sock.sendto(message.encode(), self.address)
+        except OSError as e:
+            kind = type(e).__name__
+            if kind not in self._failures:
+                self._failures.add(kind)
+                log.warning("cannot notify systemd at %s (%s); notifications that fail "
+                            "so are dropped", _shown(self.address), e)
+        else:
+            log.debug("notified systemd: %s", message.replace("\n", "; "))
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+async def supervise(notifier: Notifier, snapshot: Callable[[], Snapshot]) -> None:
+    """Tell systemd about ``snapshot()`` every ``poll_s`` until cancelled."""
+    notices = notifier.notices
+    while True:
+        notifier.send(notices.update(time.monotonic(), snapshot()))
+        await asyncio.sleep(notices.poll_s)
+
+
+def monotonic_usec() -> int:
+    """CLOCK_MONOTONIC in microseconds, as ``MONOTONIC_USEC`` wants it."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+
+
+def _watchdog_s(env: Mapping[str, str], pid: int) -> float | None:
+    raw = env.get("WATCHDOG_USEC", "")
+    if not raw:
+        return None
+    owner = env.get("WATCHDOG_PID", "")
+    if owner and owner != str(pid):
+        return None
+    try:
+        usec = int(raw)
+    except ValueError:
+        usec = 0
+    if usec <= 0:
+        log.warning("WATCHDOG_USEC=%r is not a positive whole number of microseconds; "
+                    "no watchdog pings", raw)
+        return None
+    return usec / 1e6
+
+
+def _shown(address: str | bytes) -> str:
+    return address if isinstance(address, str) else "@" + address[1:].decode(errors="replace")
