@@ -19,8 +19,9 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from evoxtral_stream.audio import microphone
 from evoxtral_stream.audio.microphone import InputDevice
@@ -51,12 +52,7 @@ async def test_a_lost_microphone_ends_the_open_segment_and_tells_subscribers(
                                   channels, blocksize, callback, unplug_at=cut))
         return streams[-1]
 
-    sd = types.ModuleType("sounddevice")
-    sd.query_devices = lambda: [  # type: ignore[attr-defined]
-        {"index": 0, "name": "Desk Mic", "max_input_channels": 1,
-         "default_samplerate": float(SAMPLE_RATE)}]
-    sd.default = types.SimpleNamespace(device=[0, -1])  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "sounddevice", sd)
+    _fake_sounddevice(monkeypatch, "Desk Mic", 1)
     monkeypatch.setattr(microphone, "_sounddevice_stream", factory)
     port = free_port()
     cfg = load_config(env={}, overrides={
@@ -66,15 +62,7 @@ async def test_a_lost_microphone_ends_the_open_segment_and_tells_subscribers(
     serving = asyncio.ensure_future(
         _serve(args, cfg, ScriptedBackend(words_so_far), "mic", None))
     messages: list[dict[str, Any]] = []
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            ws = await connect(f"ws://127.0.0.1:{port}/v1/captions")
-            break
-        except OSError:
-            assert time.monotonic() < deadline and not serving.done()
-            await asyncio.sleep(0.05)
-    async with ws:
+    async with await _subscribe(port, serving) as ws:
         async def read() -> None:
             async for raw in ws:
                 messages.append(json.loads(raw))
@@ -112,3 +100,114 @@ async def test_a_lost_microphone_ends_the_open_segment_and_tells_subscribers(
         await asyncio.wait_for(reader, 10)
     assert len(errors()) == 1
     assert [m["type"] for m in messages][-1] == "stream.ended"
+
+
+async def _subscribe(port: int, serving: asyncio.Future[int]) -> ClientConnection:
+    """A subscriber of ``serve`` on ``port``, once it listens."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return await connect(f"ws://127.0.0.1:{port}/v1/captions")
+        except OSError:
+            assert time.monotonic() < deadline and not serving.done()
+            await asyncio.sleep(0.05)
+
+
+def _fake_sounddevice(monkeypatch: pytest.MonkeyPatch, name: str, channels: int) -> None:
+    sd = types.ModuleType("sounddevice")
+    sd.query_devices = lambda: [  # type: ignore[attr-defined]
+        {"index": 0, "name": name, "max_input_channels": channels,
+         "default_samplerate": float(SAMPLE_RATE)}]
+    sd.default = types.SimpleNamespace(device=[0, -1])  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "sounddevice", sd)
+
+
+async def test_split_channels_caption_each_microphone_as_its_own_stream(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 4-channel interface with a panel: speech on channels 2 and 4 (at
+    different times and lengths), silence on 1 and 3. With
+    ``audio.channels = [2, 4]`` split, each speaker is a stream of its own
+    whose captions keep their own times."""
+    lead = np.zeros(SAMPLE_RATE // 2, np.int16)
+    a = speak("Good evening and welcome to the panel.")
+    b = speak("Thank you.")
+    length = len(lead) * 2 + len(a) + len(b) + SAMPLE_RATE * 2
+    board = np.zeros((length, 4), np.float32)
+    board[len(lead):len(lead) + len(a), 1] = a / 32768          # channel 2 first
+    b_at = len(lead) * 2 + len(a)
+    board[b_at:b_at + len(b), 3] = b / 32768                    # then channel 4
+
+    def factory(device: InputDevice, samplerate: int, channels: int, blocksize: int,
+                callback: Callable[..., None]) -> LiveStream:
+        assert channels == 4
+        return LiveStream(lambda first, n, ch: _pad(board[first:first + n], n), samplerate,
+                          channels, blocksize, callback)
+
+    _fake_sounddevice(monkeypatch, "Panel Interface", 4)
+    monkeypatch.setattr(microphone, "_sounddevice_stream", factory)
+    port = free_port()
+    cfg = load_config(env={}, overrides={
+        "server.port": port, "audio.channels": [2, 4], "audio.split_channels": True,
+        "stream.partial_interval_ms": 0})
+    args = argparse.Namespace(stream="panel", no_print=True, exit_at_end=False)
+    serving = asyncio.ensure_future(
+        _serve(args, cfg, ScriptedBackend(words_so_far), "mic", None))
+    messages: list[dict[str, Any]] = []
+    async with await _subscribe(port, serving) as ws:
+        async def finals() -> dict[str, list[dict[str, Any]]]:
+            out: dict[str, list[dict[str, Any]]] = {}
+            for m in messages:
+                if m["type"] == "caption" and m["final"]:
+                    out.setdefault(m["stream"], []).append(m)
+            return out
+
+        async def read() -> None:
+            async for raw in ws:
+                messages.append(json.loads(raw))
+
+        reader = asyncio.ensure_future(read())
+        deadline = time.monotonic() + 30
+        while len(await finals()) < 2:
+            assert time.monotonic() < deadline, messages
+            await asyncio.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert await asyncio.wait_for(serving, 30) == 0
+        await asyncio.wait_for(reader, 10)
+    got = await finals()
+    assert sorted(got) == ["panel-2", "panel-4"]
+    (first,), (second,) = got["panel-2"], got["panel-4"]
+    # Each stream hears its own speaker, at that speaker's time.
+    assert first["start"] == pytest.approx(len(lead) / SAMPLE_RATE, abs=0.4)
+    assert first["end"] == pytest.approx((len(lead) + len(a)) / SAMPLE_RATE, abs=0.6)
+    assert second["start"] == pytest.approx(b_at / SAMPLE_RATE, abs=0.4)
+    assert second["end"] - second["start"] < first["end"] - first["start"]
+    # Both end at the shutdown (they started before this subscriber came).
+    ended = [m["stream"] for m in messages if m["type"] == "stream.ended"]
+    assert sorted(ended) == ["panel-2", "panel-4"]
+
+
+def _pad(block: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.float32]:
+    """``block`` with silence after it up to ``n`` frames (past the board's end)."""
+    if len(block) == n:
+        return block
+    out = np.zeros((n, block.shape[1]), np.float32)
+    out[:len(block)] = block
+    return out
+
+
+def test_serve_refuses_channels_the_device_lacks_before_loading_the_model(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from evoxtral_stream import cli
+
+    _fake_sounddevice(monkeypatch, "Desk Mic", 2)
+
+    def no_model(*_: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "load_backend", no_model)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", "--set", "audio.channels=[1, 3]"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["evoxtral-stream: error: audio.channels asks for channel 3, but audio "
+                   "device 'Desk Mic' has 2 input channel(s)"]

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import __version__
-from .audio.microphone import list_input_devices, usable_input_device
+from .audio.microphone import ChannelRoute, list_input_devices, usable_input_device
 from .audio.sources import AudioInputError, read_audio_file
 from .config import Config, ConfigError, LoggingConfig, load_config, parse_override, to_toml
 from .console import CaptionPrinter
@@ -433,7 +433,10 @@ def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
         # Also before the model: no microphone is one line at once, not after a
         # minute of loading Voxtral. The capture resolves audio.device again as
         # it starts (and at each reopen of a device lost later).
-        usable_input_device(cfg.audio.device)
+        usable_input_device(cfg.audio.device, cfg.audio.channels)
+        for name in _mic_stream_ids(cfg, args.stream or "mic").values():
+            if problem := stream_id_problem(name):
+                raise UserError(f"cannot caption channels as stream {name!r}: {problem}")
     elif source != "none":
         path = sample_path() if source == "sample" else Path(source)
         file_audio = read_audio_file(path)
@@ -520,16 +523,20 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
         feeder: asyncio.Task[Any] | None = None
         mic: MicrophoneCapture | None = None
         if source == "mic":
-            stream = engine.open_stream(stream_id, source="mic")
+            streams = {ch: engine.open_stream(name, source="mic")
+                       for ch, name in _mic_stream_ids(cfg, stream_id).items()}
 
             def mic_lost(message: str) -> None:
-                # End the open segment now: its final must not wait for the
-                # device to come back.
-                if not stream.closed:
-                    stream.cut()
-                    stream.report_error("audio_input_lost", message)
+                # End the open segments now: their finals must not wait for
+                # the device to come back.
+                for stream in streams.values():
+                    if not stream.closed:
+                        stream.cut()
+                        stream.report_error("audio_input_lost", message)
 
-            mic = MicrophoneCapture.from_config(cfg.audio, stream.push, on_stall=mic_lost)
+            routes = [ChannelRoute(s.push, (ch,) if ch else cfg.audio.channels)
+                      for ch, s in streams.items()]
+            mic = MicrophoneCapture.from_config(cfg.audio, routes, on_stall=mic_lost)
             mic.start(loop)
             stack.callback(mic.stop)  # however this block is left, before the engine closes
         elif file_audio is not None:
@@ -598,6 +605,15 @@ async def _apply_reload(args: argparse.Namespace, running: list[Config],
     if later:
         log.warning("reload: [%s] changed; only [auth] is applied at a reload, the rest "
                     "at a restart", "], [".join(later))
+
+
+def _mic_stream_ids(cfg: Config, stream_id: str) -> dict[int, str]:
+    """The microphone's streams by channel: one per channel of
+    ``audio.channels`` with ``audio.split_channels`` (``ID-N``), else
+    ``{0: ID}``, the channels mixed."""
+    if cfg.audio.split_channels:
+        return {ch: f"{stream_id}-{ch}" for ch in cfg.audio.channels}
+    return {0: stream_id}
 
 
 def _service_snapshot(engine: Engine, url: str) -> Snapshot:

@@ -50,6 +50,9 @@ __all__ = [
 ]
 
 CONFIG_ENV = "EVOXTRAL_CONFIG"
+#: The highest ``audio.channels`` number (interfaces with MADI or Dante
+#: inputs reach 64 to 128 channels).
+MAX_AUDIO_CHANNEL = 256
 
 
 class ConfigError(ValueError):
@@ -72,11 +75,21 @@ class AudioConfig:
     file_chunk_ms: int = field(metadata=_range(10, 10_000))
     stall_timeout_s: float = field(metadata=_range(0.0, 3600.0))
     reopen_interval_s: float = field(metadata=_range(0.1, 3600.0))
+    channels: tuple[int, ...]
+    split_channels: bool
 
     def __post_init__(self) -> None:
         if 0 < self.stall_timeout_s < 0.1:
             raise ConfigError("audio.stall_timeout_s must be 0 (off) or at least 0.1, "
                               f"got {self.stall_timeout_s}")
+        bad = [c for c in self.channels if not 1 <= c <= MAX_AUDIO_CHANNEL]
+        if bad or len(set(self.channels)) != len(self.channels):
+            raise ConfigError("audio.channels must be distinct channel numbers "
+                              f"1..{MAX_AUDIO_CHANNEL} (1 is the first), got "
+                              f"{list(self.channels)}")
+        if self.split_channels and not self.channels:
+            raise ConfigError("audio.split_channels needs audio.channels: the channels to "
+                              "caption, one stream each (e.g. [1, 2, 3])")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import pytest
 from evoxtral_stream.audio.microphone import (
     MAX_OVERFLOW_GAP_S,
     SILENCE_CHUNK,
+    ChannelRoute,
     InputDevice,
     MicrophoneCapture,
     list_input_devices,
@@ -622,6 +623,61 @@ async def test_channels_capped_at_two_and_mono_devices(tmp_path: Path) -> None:
         cap.start()
         cap.stop()
         assert factory.opened[0][1:] == (44100, expect, 441)
+
+
+async def test_each_route_gets_the_mix_of_its_own_channels_and_the_same_timeline() -> None:
+    """A 6-channel interface, a different tone on each channel: one output per
+    microphone (channels 2 and 5), one mixing channels 1 and 3, one mixing
+    the first two (the default); blocks dropped on the way are silence in
+    every output alike."""
+    rate, block = 48000, 960
+    freqs = [300.0, 500.0, 700.0, 900.0, 1100.0, 1300.0]
+    outs = {name: Received() for name in ("ch2", "ch5", "ch1+3", "default")}
+    routes = [ChannelRoute(outs["ch2"], (2,)), ChannelRoute(outs["ch5"], (5,)),
+              ChannelRoute(outs["ch1+3"], (1, 3)), ChannelRoute(outs["default"])]
+    factory = FakeFactory()
+    cap = MicrophoneCapture(routes, device=fake_device(rate, 6), block_ms=20,
+                            max_pending_blocks=5, stream_factory=factory)
+    cap.start()
+    assert factory.opened[0][2] == 5          # PortAudio opens the first five
+    seconds = 2.0
+    audio = np.stack([sine(f, seconds, rate, amp=0.5) for f in freqs[:5]],
+                     axis=1).astype(np.float32)
+    dropped = await feed_with_a_jam(cap, audio, block, range(40, 50))
+    cap.stop()
+    assert dropped, "the jam should have dropped blocks"
+    lengths = {name: len(o.audio) for name, o in outs.items()}
+    assert len(set(lengths.values())) == 1, lengths
+    assert abs(lengths["ch2"] - seconds * SAMPLE_RATE) <= 2
+    assert cap.samples_delivered == lengths["ch2"]
+    # Where the blocks were dropped, every output is silent; elsewhere each
+    # carries its own channels only.
+    assert dropped == list(range(dropped[0], dropped[-1] + 1))
+    gap = slice(int(0.02 * dropped[0] * SAMPLE_RATE) + 400,
+                int(0.02 * (dropped[-1] + 1) * SAMPLE_RATE) - 400)
+    head = slice(2000, 12000)
+    for name, o in outs.items():
+        assert not o.audio[gap].any(), name
+    assert dominant_frequency(outs["ch2"].audio[head], SAMPLE_RATE) == pytest.approx(500, abs=2)
+    assert dominant_frequency(outs["ch5"].audio[head], SAMPLE_RATE) == pytest.approx(1100, abs=2)
+    for name, (lo, hi) in {"ch1+3": (300, 700), "default": (300, 500)}.items():
+        spectrum = np.abs(np.fft.rfft(outs[name].audio[head].astype(np.float64)))
+        hz = np.fft.rfftfreq(len(outs[name].audio[head]), 1 / SAMPLE_RATE)
+        peaks = sorted(hz[np.argsort(spectrum)[-2:]].round())
+        assert peaks == pytest.approx([lo, hi], abs=2), name
+    assert rms(outs["ch5"].audio[head]) / 32768 == pytest.approx(0.5 / np.sqrt(2), rel=0.02)
+
+
+async def test_a_route_asking_for_a_channel_the_device_lacks_is_one_clear_error() -> None:
+    factory = FakeFactory()
+    cap = MicrophoneCapture([ChannelRoute(Received(), (1, 3))], device=fake_device(48000, 2),
+                            block_ms=10, max_pending_blocks=10, stream_factory=factory)
+    with pytest.raises(AudioInputError, match=r"audio.channels asks for channel 3, but audio "
+                                              r"device 'Fake Mic' has 2 input channel\(s\)"):
+        cap.start()
+    assert factory.opened == []
+    with pytest.raises(ValueError, match="distinct"):
+        ChannelRoute(Received(), (2, 2))
 
 
 async def test_a_device_without_a_usable_rate_is_one_clear_error() -> None:

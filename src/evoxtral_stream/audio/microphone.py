@@ -13,7 +13,7 @@ import importlib
 import logging
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType, TracebackType
 from typing import Any, Protocol
@@ -31,6 +31,7 @@ from evoxtral_stream.events import SAMPLE_RATE, Float32Array, Int16Array
 __all__ = [
     "AudioCallback",
     "AudioStream",
+    "ChannelRoute",
     "InputDevice",
     "MicrophoneCapture",
     "StreamFactory",
@@ -147,14 +148,20 @@ def resolve_input_device(spec: str | int | None) -> InputDevice:
     raise AudioInputError(f"no audio input device matches {spec!r}; {listing}")
 
 
-def usable_input_device(spec: str | int | InputDevice | None) -> InputDevice:
+def usable_input_device(spec: str | int | InputDevice | None,
+                        channels: Sequence[int] = ()) -> InputDevice:
     """The device ``spec`` names (:func:`resolve_input_device`; an
     :class:`InputDevice` as it is), checked as :class:`MicrophoneCapture`
-    will open it: input channels and a usable native rate. Raises
-    :class:`AudioInputError`; ``serve`` calls it before loading the model."""
+    will open it: input channels (among them every 1-based one in
+    ``channels``) and a usable native rate. Raises :class:`AudioInputError`;
+    ``serve`` calls it before loading the model."""
     device = spec if isinstance(spec, InputDevice) else resolve_input_device(spec)
     if device.channels < 1:
         raise AudioInputError(f"audio device {device.name!r} has no input channels")
+    if channels and max(channels) > device.channels:
+        raise AudioInputError(
+            f"audio.channels asks for channel {max(channels)}, but audio device "
+            f"{device.name!r} has {device.channels} input channel(s)")
     if not 1000 <= device.default_samplerate <= 768_000:
         # Some drivers report 0 (or garbage) until configured; the
         # device is opened at its native rate, so there is nothing to open.
@@ -167,6 +174,30 @@ def usable_input_device(spec: str | int | InputDevice | None) -> InputDevice:
 
 #: Receives each resampled block: mono int16 at 16 kHz. Runs on the event loop.
 AudioCallback = Callable[[Int16Array], None]
+
+
+@dataclass(frozen=True)
+class ChannelRoute:
+    """One output of a :class:`MicrophoneCapture`: the device's channels
+    (1-based, as on a mixer) mixed into it, and its receiver. ``()`` takes
+    the device's first two channels (its only one on a mono device)."""
+
+    on_audio: AudioCallback
+    channels: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if any(c < 1 for c in self.channels) or len(set(self.channels)) != len(self.channels):
+            raise ValueError(f"channels must be distinct numbers from 1, got {self.channels}")
+
+
+@dataclass
+class _Output:
+    """A route once the device is open: its columns of the device's blocks
+    (None: all of them) and its own resampler, so filters never mix outputs."""
+
+    on_audio: AudioCallback
+    columns: list[int] | None
+    resampler: StreamResampler
 
 
 class AudioStream(Protocol):
@@ -241,8 +272,15 @@ class MicrophoneCapture:
     """Capture a PortAudio input device and hand 16 kHz mono int16 blocks to
     ``on_audio`` on the asyncio event loop.
 
-    The device is opened at its native rate (``default_samplerate``) with
-    ``min(2, max_input_channels)`` channels; downmixing and soxr resampling
+    ``on_audio`` is one receiver of the device's first two channels mixed
+    (its only one on a mono device), or a sequence of :class:`ChannelRoute`:
+    each gets the mix of its channels, so a multichannel interface can feed
+    one stream per microphone. Every output gets the same number of samples
+    at the same times (drops and gaps included); the counters below count
+    one output's. The device is opened at its native rate
+    (``default_samplerate``) with as many channels as the routes need
+    (PortAudio opens the first N); a device with fewer is an
+    :class:`AudioInputError`. Downmixing and soxr resampling
     happen on the loop, not in the PortAudio callback. The callback only copies
     the block into a bounded handoff: when ``max_pending_blocks`` are already
     waiting, the new block is dropped and counted in :attr:`dropped_blocks`
@@ -294,7 +332,7 @@ class MicrophoneCapture:
 
     def __init__(
         self,
-        on_audio: AudioCallback,
+        on_audio: AudioCallback | Sequence[ChannelRoute],
         *,
         device: str | int | InputDevice | None,
         block_ms: int,
@@ -313,7 +351,10 @@ class MicrophoneCapture:
             raise ValueError(f"max_pending_blocks must be at least 1, got {max_pending_blocks}")
         if block_ms < 1:
             raise ValueError(f"block_ms must be at least 1, got {block_ms}")
-        self._on_audio = on_audio
+        routes = tuple(on_audio) if isinstance(on_audio, Sequence) else (ChannelRoute(on_audio),)
+        if not routes:
+            raise ValueError("a capture needs at least one route")
+        self._routes = routes
         self._device_spec = device
         self.block_ms = block_ms
         self.max_pending_blocks = max_pending_blocks
@@ -332,7 +373,7 @@ class MicrophoneCapture:
         self._pending: deque[tuple[int, Float32Array]] = deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stream: AudioStream | None = None
-        self._resampler: StreamResampler | None = None
+        self._outputs: list[_Output] = []
         self._wake_scheduled = False
         self._accepting = False
         self.device: InputDevice | None = None
@@ -367,7 +408,7 @@ class MicrophoneCapture:
     def from_config(
         cls,
         cfg: AudioConfig,
-        on_audio: AudioCallback,
+        on_audio: AudioCallback | Sequence[ChannelRoute],
         *,
         stream_factory: StreamFactory | None = None,
         on_stall: Callable[[str], None] | None = None,
@@ -428,14 +469,21 @@ class MicrophoneCapture:
         self._deliver_rest()
 
     def _resolve(self) -> InputDevice:
-        return usable_input_device(self._device_spec)
+        wanted = [c for r in self._routes for c in r.channels]
+        return usable_input_device(self._device_spec, wanted)
 
     def _open(self, device: InputDevice) -> None:
         """Open and start ``device``'s stream at its native rate (loop thread)."""
         self.device = device
         self.samplerate = round(device.default_samplerate)
-        self.channels = min(2, device.channels)
-        self._resampler = StreamResampler(self.samplerate, SAMPLE_RATE, self.channels)
+        mix = min(2, device.channels)
+        self.channels = max(max(r.channels, default=mix) for r in self._routes)
+        self._outputs = []
+        for route in self._routes:
+            columns = [c - 1 for c in route.channels] or list(range(mix))
+            self._outputs.append(_Output(
+                route.on_audio, None if columns == list(range(self.channels)) else columns,
+                StreamResampler(self.samplerate, SAMPLE_RATE, len(columns))))
         blocksize = max(1, self.samplerate * self.block_ms // 1000)
         self._pending.clear()
         self._gap_frames = 0
@@ -584,7 +632,6 @@ class MicrophoneCapture:
         Past ``turn`` pieces of silence (None: no limit) the rest waits for
         the loop's next turn."""
         self._wake_scheduled = False
-        resampler = self._resampler
         while True:
             turn = self._pay_silence(turn)
             if self._silence_owed:
@@ -601,8 +648,9 @@ class MicrophoneCapture:
                 # appendleft is atomic, and the callback only appends.
                 self._pending.appendleft((0, block))
                 continue
-            if resampler is not None:
-                self._emit(resampler.process(block))
+            for out in self._outputs:
+                part = block if out.columns is None else block[:, out.columns]
+                self._emit(out, out.resampler.process(part))
         self._report()
 
     def _deliver_rest(self) -> None:
@@ -611,22 +659,25 @@ class MicrophoneCapture:
         self._drain(None)
         gap, self._gap_frames = self._gap_frames, 0
         if gap:
-            self._fill_gap(gap)  # flushes the resampler first
+            self._fill_gap(gap)  # flushes the resamplers first
             self._pay_silence(None)
-        elif self._resampler is not None:
-            self._emit(self._resampler.flush())
+        else:
+            for out in self._outputs:
+                self._emit(out, out.resampler.flush())
 
     def _fill_gap(self, frames: int) -> None:
         """Owe silence for ``frames`` lost native-rate frames (see _pay_silence)."""
-        resampler = self._resampler
-        if resampler is None:
-            return
-        # The audio before the gap ends here (its filter tail goes first); the
-        # resampler counts the silence from its totals since the device was
-        # opened, so the timeline never drifts by a sample per gap.
-        tail, missing = resampler.gap(frames)
-        self._emit(tail)
-        self._silence_owed += missing
+        owed = set()
+        for out in self._outputs:
+            # The audio before the gap ends here (its filter tail goes first);
+            # the resampler counts the silence from its totals since the
+            # device was opened, so the timeline never drifts by a sample per gap.
+            tail, missing = out.resampler.gap(frames)
+            self._emit(out, tail)
+            owed.add(missing)
+        # Same rate, same frames in: every output owes the same silence.
+        assert len(owed) <= 1, f"outputs owe different silences: {owed}"
+        self._silence_owed += owed.pop() if owed else 0
 
     def _pay_silence(self, pieces: int | None) -> int | None:
         """Deliver the silence owed, at most ``pieces`` pieces of it (None: all);
@@ -638,13 +689,15 @@ class MicrophoneCapture:
         for piece in silence_pieces(owed, SILENCE_CHUNK):
             self._silence_owed -= len(piece)
             self.silence_samples += len(piece)
-            self._emit(piece)
+            for out in self._outputs:
+                self._emit(out, piece)
         return pieces
 
-    def _emit(self, samples: Int16Array) -> None:
+    def _emit(self, out: _Output, samples: Int16Array) -> None:
         if len(samples):
-            self.samples_delivered += len(samples)
-            self._on_audio(samples)
+            if out is self._outputs[0]:
+                self.samples_delivered += len(samples)
+            out.on_audio(samples)
 
     def _report(self) -> None:
         drops, overflows = self.dropped_blocks, self.status_overflows
