@@ -73,6 +73,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from evoxtral_stream.audio.microphone import (
+    ChannelRoute,
     InputDevice,
     MicrophoneCapture,
     StreamFactory,
@@ -325,7 +326,10 @@ class MicFeed:
     """
 
     def __init__(self, device: str | int | InputDevice | None = None, *,
+                 channels: tuple[int, ...] = (),
                  stream_factory: StreamFactory | None = None) -> None:
+        """``channels``: the device's channels to send, mixed (1-based; ():
+        the first two)."""
         cfg = load_config().audio
         # Each block with the samples dropped just before it.
         self.queue: asyncio.Queue[tuple[int, Int16Array]] = asyncio.Queue(MAX_QUEUED_BLOCKS)
@@ -352,7 +356,8 @@ class MicFeed:
         self._sent_audio = False
         """The current connection has sent audio: its stream's timeline has begun."""
         self.capture = MicrophoneCapture(
-            self._on_audio, device=cfg.device if device is None else device,
+            [ChannelRoute(self._on_audio, channels)],
+            device=cfg.device if device is None else device,
             block_ms=cfg.block_ms, max_pending_blocks=cfg.max_pending_blocks,
             stream_factory=stream_factory, stall_timeout_s=cfg.stall_timeout_s,
             reopen_interval_s=cfg.reopen_interval_s,
@@ -619,6 +624,18 @@ async def run(url: str, stream: str | None, feed: AudioFeed, writer: LiveWriter,
             loop.remove_signal_handler(signal.SIGINT)
 
 
+def channel_list(text: str) -> tuple[int, ...]:
+    """``--channels``: "3" or "1,2": distinct channel numbers from 1."""
+    try:
+        channels = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        channels = ()
+    if not channels or min(channels) < 1 or len(set(channels)) != len(channels):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a list of distinct channel numbers from 1, such as 3 or 1,2")
+    return channels
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mic_client.py",
@@ -637,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--file", type=Path, metavar="PATH",
                      help="stream this audio file at real-time pace instead of the microphone")
     src.add_argument("--list-devices", action="store_true", help="list input devices and exit")
+    p.add_argument("--channels", type=channel_list, default=(), metavar="N[,N...]",
+                   help="the device's channels to send, mixed, numbered from 1 (default: the "
+                        "first two); e.g. 3 for one microphone of an audio interface")
     p.add_argument("--color", action=argparse.BooleanOptionalAction, default=None,
                    help="ANSI colours (default: on a terminal unless NO_COLOR is set)")
     p.add_argument("--no-reconnect", dest="reconnect", action="store_false",
@@ -653,6 +673,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         endpoint(args.url, "/")
     except ValueError as e:
         parser.error(str(e))
+    if args.channels and (args.file or args.list_devices):
+        parser.error("--channels picks microphone channels: not with --file or --list-devices")
     writer = LiveWriter(sys.stdout, sys.stderr, color=use_color(args.color, sys.stdout),
                         live=sys.stdout.isatty(), show_stream=False)
     try:
@@ -666,7 +688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{d.default_samplerate:.0f} Hz)")
             return 0
         feed: AudioFeed = (FileFeed(read_audio_file(args.file)) if args.file
-                           else MicFeed(args.device))
+                           else MicFeed(args.device, channels=args.channels))
         return asyncio.run(run(args.url, args.stream, feed, writer, token=args.token,
                                language=args.language, reconnect=args.reconnect))
     except AudioInputError as e:

@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import soundfile as sf
-from mic_client import FileFeed, MicFeed, SessionEnd, run, should_reconnect
+from mic_client import FileFeed, MicFeed, SessionEnd, main, run, should_reconnect
 from viewer import LiveWriter
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -241,6 +241,51 @@ async def test_microphone_path_with_a_fake_portaudio_stream(
     assert abs(float(summary.group(2)) - feed.capture.samples_delivered / SAMPLE_RATE) <= 0.05
     assert streams[0].halt.is_set()
     assert streams[0].closed
+
+
+async def test_channels_pick_one_input_of_an_interface(
+    scripted: tuple[Engine, CaptionServer],
+) -> None:
+    """A 4-channel interface whose speech is on channel 3 only: ``--channels
+    3`` sends it (the default, the first two mixed, would send silence)."""
+    _, server = scripted
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.5)
+    f48 = resample(int16_to_float32(audio), SAMPLE_RATE, 48000)
+    board = np.zeros((len(f48), 4), np.float32)
+    board[:, 2] = f48
+    opened: list[int] = []
+
+    def factory(device: InputDevice, rate: int, channels: int, blocksize: int,
+                callback: Callable[..., None]) -> FakeInput:
+        opened.append(channels)
+        return FakeInput(board[:, :channels].copy(), rate, blocksize, callback, speed=4)
+
+    out, err = io.StringIO(), io.StringIO()
+    writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
+    feed = MicFeed(InputDevice(7, "interface", 4, 48000.0, True), channels=(3,),
+                   stream_factory=factory)
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(run(f"ws://127.0.0.1:{server.port}", "guest", feed, writer,
+                                     stop=stop))
+    deadline = time.monotonic() + 20
+    while not out.getvalue():
+        assert not task.done(), err.getvalue()
+        assert time.monotonic() < deadline, err.getvalue()
+        await asyncio.sleep(0.05)
+    stop.set()
+    assert await asyncio.wait_for(task, 20) == 0, err.getvalue()
+    assert opened == [3]
+    assert re.fullmatch(r"\[0:00\.\d → 0:0\d\.\d\] w0 w1 w2( w\d+)*\n", out.getvalue())
+
+
+@pytest.mark.parametrize("argv", [["--channels", "0"], ["--channels", "2,2"],
+                                  ["--channels", "x"], ["--channels", "1", "--file", "a.wav"]])
+def test_bad_channels_are_a_usage_error(argv: list[str],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert "--channels" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(("args", "code", "message"), [
