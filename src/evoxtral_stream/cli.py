@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
+from urllib.parse import quote
 
 from . import __version__
 from .audio.microphone import ChannelRoute, list_input_devices, usable_input_device
@@ -36,14 +37,16 @@ from .console import CaptionPrinter
 from .data import sample_path
 from .engine.backends import BackendUnavailable, load_backend
 from .engine.engine import Engine, StreamSummary
+from .engine.journal import parse_file_name
 from .events import MAX_STREAM_ID, SAMPLE_RATE, CaptionEvent, EngineEvent, stream_id_problem
 from .logs import FORMATS, LEVELS, configure_logging, install_json_hooks
 from .run import FileJob, LatencyLog, transcribe_samples
 from .server.app import CaptionServer
 from .server.auth import install_token_redaction, redact_tokens
-from .server.protocol import event_to_dict
+from .server.protocol import caption_from_dict, event_to_dict
 from .systemd import Notifier, Snapshot, monotonic_usec, supervise
-from .text.formats import CueLayout, TagStyle, to_srt, to_vtt
+from .text.formats import CueLayout, TagStyle, to_srt, to_text, to_vtt
+from .text.sessions import SessionSplitter
 
 __all__ = ["main"]
 
@@ -121,6 +124,22 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--port", type=int, help="override server.port (with --serve)")
 
     sub.add_parser("devices", parents=[common], help="list audio input devices")
+
+    st = sub.add_parser("subtitles", parents=[common],
+                        help="subtitles from recorded captions (the journal, --jsonl files)",
+                        description="Read recorded protocol v1 messages (journal files or "
+                                    "folders, transcribe --jsonl output, a subscriber's log) "
+                                    "and write each stream session's final captions as "
+                                    "subtitles or text; without --srt, --vtt or --text, print "
+                                    "the text.")
+    st.add_argument("recordings", nargs="+", metavar="RECORDING",
+                    help="a JSON-lines file, or a folder of them (the journal's)")
+    st.add_argument("--stream", dest="streams", action="append", metavar="ID",
+                    help="only this stream (repeatable; default: every stream)")
+    st.add_argument("--srt", metavar="PATH",
+                    help="write SRT (a folder for several sessions, or when PATH ends with /)")
+    st.add_argument("--vtt", metavar="PATH", help="write WebVTT (likewise)")
+    st.add_argument("--text", metavar="PATH", help="write running text (likewise)")
 
     ev = sub.add_parser("eval", parents=[common],
                         help="score the engine on a manifest (WER, tag F1, emphasis F1)",
@@ -259,9 +278,11 @@ def _output_path(target: Path, stream: str, suffix: str, many: bool) -> Path:
     return target / f"{stream}{suffix}" if many or target.is_dir() else target
 
 
-def _prepare_outputs(args: argparse.Namespace, many: bool) -> None:
-    """Make the output folders, or refuse the outputs, before any audio is decoded."""
-    for flag, raw in (("--srt", args.srt), ("--vtt", args.vtt), ("--jsonl", args.jsonl)):
+def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], many: bool) -> None:
+    """Make the output folders, or refuse the outputs, before any work: each
+    ``(flag, PATH)`` but ``--jsonl`` is one file, or a folder of one file per
+    stream when ``many`` or PATH is one."""
+    for flag, raw in outputs:
         if raw is None:
             continue
         target = Path(raw)
@@ -304,7 +325,8 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
         raise UserError("no input: name audio files or use --sample")
     jobs = [FileJob(sid, read_audio_file(p)) for sid, p in zip(_stream_ids(paths), paths,
                                                                  strict=True)]
-    _prepare_outputs(args, len(jobs) > 1)
+    _prepare_outputs((("--srt", args.srt), ("--vtt", args.vtt), ("--jsonl", args.jsonl)),
+                     len(jobs) > 1)
     if args.serve:
         from .server.auth import check_bind
 
@@ -366,23 +388,114 @@ def _progress(total_samples: int) -> Any:
 
 def _write_outputs(args: argparse.Namespace, cfg: Config, jobs: Sequence[FileJob],
                    events: Sequence[EngineEvent]) -> None:
-    many = len(jobs) > 1
-    cap = cfg.captions
-    layout = CueLayout(max_line_chars=cap.max_line_chars, max_lines=cap.max_lines,
-                       max_cue_s=cap.max_cue_s, min_cue_s=cap.min_cue_s)
     for job in jobs:
         finals = [e for e in events if isinstance(e, CaptionEvent)
                   and e.stream == job.stream and e.final]
         finals.sort(key=lambda e: e.segment)
-        if args.srt:
-            _write(_output_path(Path(args.srt), job.stream, ".srt", many),
-                   to_srt(finals, tags=TagStyle(cap.srt_tags), layout=layout))
-        if args.vtt:
-            _write(_output_path(Path(args.vtt), job.stream, ".vtt", many),
-                   to_vtt(finals, tags=TagStyle(cap.vtt_tags), layout=layout))
+        _write_captions(cfg, (("--srt", args.srt), ("--vtt", args.vtt)), job.stream, finals,
+                        len(jobs) > 1)
     if args.jsonl:
         lines = [json.dumps(event_to_dict(e), ensure_ascii=False) for e in events]
         _write(Path(args.jsonl), "".join(line + "\n" for line in lines))
+
+
+def _cmd_subtitles(args: argparse.Namespace, cfg: Config) -> int:
+    splitter = SessionSplitter()
+    paths = _recording_files(args.recordings)
+    for path in paths:
+        _read_recording(path, splitter)
+    sessions = [s for s in splitter.sessions()
+                if not args.streams or s.stream in args.streams]
+    if not sessions:
+        which = f" of stream {', '.join(map(repr, args.streams))}" if args.streams else ""
+        raise UserError(f"no final captions{which} in {len(paths)} recording file(s)")
+    outputs = (("--srt", args.srt), ("--vtt", args.vtt), ("--text", args.text))
+    many = len(sessions) > 1
+    _prepare_outputs(outputs, many)
+    several = {s.stream for s in sessions if s.number > 1}
+    for session in sessions:
+        name = (f"{session.stream}.{session.number}" if session.stream in several
+                else session.stream)
+        if any(raw for _, raw in outputs):
+            _write_captions(cfg, outputs, quote(name, safe=" -_.,+@"), session.finals, many)
+            continue
+        if many:
+            print(f"== {name} ==")
+        sys.stdout.write(to_text(session.finals, tags=TagStyle(cfg.captions.srt_tags)))
+    log.info("%d session(s) of %d stream(s) from %d file(s)%s", len(sessions),
+             len({s.stream for s in sessions}), len(paths),
+             f"; {splitter.repeats} repeated final(s) skipped" if splitter.repeats else "")
+    return 0
+
+
+def _recording_files(raw: Sequence[str]) -> list[Path]:
+    """The files to read, in order: a folder gives its ``*.jsonl`` files; the
+    journal's files go by stream and index (their names say), others as given."""
+    paths: list[Path] = []
+    for item in raw:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(path.glob("*.jsonl"))
+            if not found:
+                raise UserError(f"{path}: a folder without .jsonl files")
+            paths += found
+        elif path.exists():
+            paths.append(path)
+        else:
+            raise UserError(f"{path} does not exist")
+    names = [parse_file_name(p.name) for p in paths]
+    if all(n is not None for n in names):
+        order = {p: (n.stream, n.index) for p, n in zip(paths, names, strict=True)
+                 if n is not None}
+        paths.sort(key=order.__getitem__)
+    return paths
+
+
+def _read_recording(path: Path, splitter: SessionSplitter) -> None:
+    """Feed ``path``'s final captions and stream ends to ``splitter``; lines
+    that are not protocol messages (a line cut by a crash) are skipped and
+    counted in one warning."""
+    damaged: list[int] = []
+    try:
+        with path.open("rb") as f:
+            for number, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    obj = json.loads(raw)
+                    if not isinstance(obj, dict):
+                        raise ValueError("not an object")
+                    kind = obj.get("type")
+                    if kind == "caption" and obj.get("final") is True:
+                        splitter.add_final(caption_from_dict(obj))
+                    elif kind == "stream.ended" and isinstance(obj.get("stream"), str):
+                        splitter.add_end(obj["stream"])
+                except ValueError:  # bad JSON or UTF-8, or a ProtocolError
+                    damaged.append(number)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    if damaged:
+        log.warning("%s: %d line(s) that are not protocol messages skipped (line %s%s)",
+                    path, len(damaged), damaged[0], ", ..." if len(damaged) > 1 else "")
+
+
+def _write_captions(cfg: Config, outputs: Sequence[tuple[str, str | None]], name: str,
+                    finals: Sequence[CaptionEvent], many: bool) -> None:
+    """Write ``finals`` as each ``(--srt|--vtt|--text, PATH)`` asks, the
+    file named after ``name`` in a folder (see :func:`_output_path`)."""
+    cap = cfg.captions
+    layout = CueLayout(max_line_chars=cap.max_line_chars, max_lines=cap.max_lines,
+                       max_cue_s=cap.max_cue_s, min_cue_s=cap.min_cue_s)
+    for flag, raw in outputs:
+        if raw is None:
+            continue
+        if flag == "--srt":
+            suffix, text = ".srt", to_srt(finals, tags=TagStyle(cap.srt_tags), layout=layout)
+        elif flag == "--vtt":
+            suffix, text = ".vtt", to_vtt(finals, tags=TagStyle(cap.vtt_tags), layout=layout)
+        else:
+            suffix, text = ".txt", to_text(finals, tags=TagStyle(cap.srt_tags))
+        _write(_output_path(Path(raw), name, suffix, many), text)
 
 
 def _cmd_config(args: argparse.Namespace, cfg: Config) -> int:
@@ -737,6 +850,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs = _flag_logging(args)
     _setup_logging(logs)
     commands = {"serve": _cmd_serve, "transcribe": _cmd_transcribe, "devices": _cmd_devices,
+                "subtitles": _cmd_subtitles,
                 "eval": _cmd_eval, "export-merged": _cmd_export_merged,
                 "hash-token": _cmd_hash_token, "config": _cmd_config}
     try:

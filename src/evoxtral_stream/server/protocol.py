@@ -16,7 +16,15 @@ import numpy as np
 import numpy.typing as npt
 
 from .. import __version__
-from ..events import CaptionEvent, EngineEvent, StreamEnded, StreamError, StreamStarted
+from ..events import (
+    CaptionEvent,
+    EngineEvent,
+    StreamEnded,
+    StreamError,
+    StreamStarted,
+    TagMark,
+)
+from ..text.tags import plain_text
 
 __all__ = [
     "MAX_INGEST_RATE",
@@ -29,6 +37,7 @@ __all__ = [
     "LostAudio",
     "ProtocolError",
     "SampleFormat",
+    "caption_from_dict",
     "caption_to_dict",
     "decode_audio_frame",
     "decode_caption",
@@ -120,6 +129,44 @@ def encode_hello(backend: str, streams: Sequence[str], capabilities: Sequence[st
 
 def encode_error(code: str, message: str, stream: str | None = None) -> str:
     return _dumps({"type": "error", "code": code, "message": message, "stream": stream})
+
+
+def caption_from_dict(obj: Mapping[str, Any]) -> CaptionEvent:
+    """The :class:`CaptionEvent` a caption message carries (inverse of
+    :func:`caption_to_dict`); ProtocolError when a field is missing or of the
+    wrong type. Fields a reader can do without (``plain_text``, ``stable``,
+    ``unstable``, ``tags``, ``latency``) default when absent."""
+    if obj.get("type") != "caption":
+        raise ProtocolError("bad_message", "not a caption message")
+
+    def field(key: str, tp: type | tuple[type, ...], default: Any = ...) -> Any:
+        value = obj.get(key, default)
+        if value is ...:
+            raise ProtocolError("bad_message", f"caption field {key!r} is missing")
+        if not isinstance(value, tp) or (isinstance(value, bool) and bool not in (
+                tp if isinstance(tp, tuple) else (tp,))):
+            raise ProtocolError("bad_message", f"caption field {key!r} has the wrong type: "
+                                               f"{value!r}")
+        return value
+
+    text = field("text", str)
+    tags = []
+    for t in field("tags", list, []):
+        if not (isinstance(t, Mapping) and isinstance(t.get("tag"), str)
+                and isinstance(t.get("kind"), str) and isinstance(t.get("index"), int)
+                and isinstance(t.get("t"), int | float)):
+            raise ProtocolError("bad_message", f"caption tag {t!r} is not a tag object")
+        tags.append(TagMark(t["tag"], t["kind"], t["index"], float(t["t"]),
+                            bool(t.get("known", True))))
+    latency = field("latency", (int, float, type(None)), None)
+    return CaptionEvent(
+        stream=field("stream", str), segment=field("segment", int), seq=field("seq", int),
+        final=field("final", bool), text=text,
+        plain_text=field("plain_text", (str, type(None)), None) or plain_text(text),
+        stable=field("stable", str, text), unstable=field("unstable", str, ""),
+        tags=tuple(tags), start=float(field("start", (int, float))),
+        end=float(field("end", (int, float))),
+        latency=None if latency is None else float(latency))
 
 
 def decode_caption(text: str | bytes) -> dict[str, Any]:

@@ -1,0 +1,142 @@
+"""Recorded finals split back into stream sessions (pure), and the
+``subtitles`` command on a real journal written by the engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from evoxtral_stream.cli import main
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.events import CaptionEvent
+from evoxtral_stream.server.protocol import ProtocolError, caption_from_dict, caption_to_dict
+from evoxtral_stream.text.sessions import SessionSplitter
+from tests.engine.test_journal import config, run_stream
+from tests.fakes import ScriptedBackend, words_so_far
+
+
+def final(stream: str, segment: int, seq: int, text: str = "hi") -> CaptionEvent:
+    return CaptionEvent(stream=stream, segment=segment, seq=seq, final=True, text=text,
+                        plain_text=text, stable=text, unstable="", tags=(),
+                        start=float(segment), end=segment + 0.5, latency=0.1)
+
+
+def shape(splitter: SessionSplitter) -> list[tuple[str, int, list[int], bool]]:
+    return [(s.stream, s.number, [f.seq for f in s.finals], s.ended)
+            for s in splitter.sessions()]
+
+
+def test_streams_and_their_ends_make_sessions_in_order() -> None:
+    sp = SessionSplitter()
+    sp.add_final(final("a", 0, 1))
+    sp.add_final(final("b", 0, 1))
+    sp.add_final(final("a", 1, 2))
+    sp.add_end("a")
+    sp.add_final(final("a", 0, 70))      # opened again: the journal numbers on
+    assert shape(sp) == [("a", 1, [1, 2], True), ("b", 1, [1], False), ("a", 2, [70], False)]
+
+
+def test_a_session_cut_by_a_crash_ends_where_the_segments_start_again() -> None:
+    sp = SessionSplitter()
+    for seg, seq in ((0, 1), (1, 2), (0, 66), (1, 67)):   # no end line between them
+        sp.add_final(final("mic", seg, seq))
+    assert shape(sp) == [("mic", 1, [1, 2], False), ("mic", 2, [66, 67], False)]
+
+
+def test_repeats_are_dropped_and_another_numbering_is_another_session() -> None:
+    sp = SessionSplitter()
+    sp.add_final(final("mic", 0, 1))
+    sp.add_final(final("mic", 1, 2))
+    sp.add_end("mic")
+    sp.add_final(final("mic", 1, 2))     # a resume replays the last final, and the end
+    sp.add_end("mic")
+    sp.add_final(final("mic", 0, 1, "other run"))   # a second recording, numbered from 1
+    assert sp.repeats == 1
+    assert shape(sp) == [("mic", 1, [1, 2], True), ("mic", 2, [1], False)]
+    with pytest.raises(ValueError, match="final"):
+        sp.add_final(CaptionEvent(**{**final("mic", 3, 9).__dict__, "final": False}))
+
+
+def test_caption_messages_decode_back_to_the_event() -> None:
+    event = final("mic", 2, 5, "[laughs] so it goes")
+    assert caption_from_dict(caption_to_dict(event)) == event
+    bare = {"type": "caption", "stream": "s", "segment": 0, "seq": 1, "final": True,
+            "text": "[sighs] well.", "start": 0, "end": 1}
+    decoded = caption_from_dict(bare)
+    assert decoded.plain_text == "well." and decoded.tags == () and decoded.latency is None
+    for broken in ({**bare, "seq": "1"}, {**bare, "final": 1}, {**bare, "type": "gap"},
+                   {k: v for k, v in bare.items() if k != "end"},
+                   {**bare, "tags": [{"tag": "sighs"}]}):
+        with pytest.raises(ProtocolError):
+            caption_from_dict(broken)
+
+
+async def test_subtitles_from_the_journal_of_a_live_server(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Two sessions of "talk" and one of "desk", journaled by the engine as
+    it serves them, become three subtitle files with their own times."""
+    cfg = config(tmp_path)
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine:
+        await run_stream(engine, "talk", 2)
+        await run_stream(engine, "desk", 1)
+        await run_stream(engine, "talk", 3)
+    journal = tmp_path / "j"
+    # A line cut short by a crash at the end of a file is skipped, not fatal.
+    with next(journal.glob("desk.*")).open("a") as f:
+        f.write('{"type":"caption","stream":"desk"')
+    out = tmp_path / "subs"
+    assert main(["subtitles", str(journal), "--srt", f"{out}/", "--text", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "desk.srt", "desk.txt", "talk.1.srt", "talk.1.txt", "talk.2.srt", "talk.2.txt"]
+    first, second = (out / "talk.1.srt").read_text(), (out / "talk.2.srt").read_text()
+    assert first.count(" --> ") == 2 and second.count(" --> ") == 3
+    # Each session's times are its own: both begin near 0.
+    assert first.split("\n")[1].startswith("00:00:0") and second.split("\n")[1].startswith(
+        "00:00:0")
+    assert (out / "desk.txt").read_text() == "w0 w1\n"       # a second of speech
+    assert "1 line(s) that are not protocol messages skipped" in caplog.text
+    # One stream to stdout.
+    assert main(["subtitles", str(journal), "--stream", "desk"]) == 0
+    assert capsys.readouterr().out == "w0 w1\n"
+
+
+def test_subtitles_from_a_transcribe_jsonl_file_with_partials(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    events = [
+        {"type": "stream.started", "stream": "talk", "source": "file"},
+        {**caption_to_dict(final("talk", 0, 1, "[laughs] Hello")), "final": False},
+        caption_to_dict(final("talk", 0, 2, "[laughs] Hello there.")),
+        caption_to_dict(final("talk", 1, 3, "Bye.")),
+        {"type": "stream.ended", "stream": "talk", "duration": 3.0, "segments": 2,
+         "finals": 2},
+    ]
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    srt = tmp_path / "talk.srt"
+    assert main(["subtitles", str(path), "--srt", str(srt), "--set",
+                 'captions.srt_tags="strip"']) == 0
+    # The partial is not a cue; tags stripped as asked; captions.min_cue_s holds.
+    assert srt.read_text() == ("1\n00:00:00,000 --> 00:00:00,833\nHello there.\n\n"
+                               "2\n00:00:01,000 --> 00:00:01,833\nBye.\n")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["missing.jsonl"], "missing.jsonl does not exist"),
+    (["{empty}"], "a folder without .jsonl files"),
+    (["{events}", "--stream", "nobody"], "no final captions of stream 'nobody'"),
+    (["{events}", "--srt", "{events}/x/y.srt"], "the folder"),
+])
+def test_subtitles_errors_are_one_line(argv: list[str], message: str, tmp_path: Path,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    events = tmp_path / "events.jsonl"
+    events.write_text(json.dumps(caption_to_dict(final("talk", 0, 1))) + "\n")
+    argv = [a.format(empty=tmp_path / "empty", events=events) for a in argv]
+    with pytest.raises(SystemExit) as exit_:
+        main(["subtitles", *argv])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
