@@ -407,6 +407,23 @@ def test_commit_and_clear_in_server_vad_mode() -> None:
     assert core.on_engine_event(caption(1, "and welcome", "", final=True)) == []
 
 
+def test_clears_in_server_vad_mode_keep_the_streams_audio_whole() -> None:
+    """docs/protocol.md: with server_vad every appended sample reaches the
+    stream; a clear flushes the resampler's held-back tail into it, so 20
+    clears in silence do not make the stream's timeline fall behind the
+    client's (they cost 8-20 ms each when the tail was dropped)."""
+    silence = b"\x00\x00" * (INPUT_RATE // 10)  # 100 ms
+    core = new_core()
+    core.start()
+    outs: list[Output] = []
+    for _ in range(20):
+        outs += core.receive(append_msg(silence))
+        outs += core.receive('{"type": "input_audio_buffer.clear"}')
+    client_16k = 20 * SAMPLE_RATE // 10
+    assert abs(len(pushed(outs)) - client_16k) <= 20, len(pushed(outs))  # rounding per run
+    assert core.received_samples == len(pushed(outs))
+
+
 def test_manual_commit_makes_one_item_of_the_buffer() -> None:
     core = new_core()
     core.start()
@@ -906,6 +923,37 @@ async def test_commits_add_nothing_to_the_streams_timeline(scripted: CaptionServ
     assert finals[1]["start"] - finals[0]["end"] < 0.35  # at most the pre-roll
     assert finals[1]["end"] <= client_s + 0.05
     assert abs(ended["duration"] - client_s) < 0.05
+
+
+async def test_clears_move_no_caption_off_the_clients_time(scripted: CaptionServer) -> None:
+    """Silence appended with a clear after every 100 ms, then a sentence: its
+    final on /v1/captions starts where speech_started says it does in the
+    client's audio, and the stream lasts as long as the client's audio."""
+    clears = 30
+    silence = b"\x00\x00" * (INPUT_RATE // 10)
+    speech = pcm24(speak(SENTENCES[0])) + b"\x00\x00" * INPUT_RATE
+    client_s = clears / 10 + len(speech) / 2 / INPUT_RATE
+    port = scripted.port
+    async with connect(f"ws://127.0.0.1:{port}/v1/captions?stream=clears") as sub:
+        assert json.loads(await asyncio.wait_for(sub.recv(), 10))["type"] == "hello"
+        url = f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription&stream=clears"
+        async with connect(url) as ws:
+            for _ in range(clears):
+                await ws.send(append_msg(silence))
+                await ws.send('{"type": "input_audio_buffer.clear"}')
+            await ws.send(append_msg(speech))
+            await ws.send('{"type": "input_audio_buffer.commit"}')
+            started: dict[str, Any] | None = None
+            while (msg := json.loads(await asyncio.wait_for(ws.recv(), 20)))["type"] != \
+                    "conversation.item.input_audio_transcription.completed":
+                if msg["type"] == "input_audio_buffer.speech_started":
+                    started = msg
+        finals, ended = await finals_until_ended(sub)
+    assert started is not None
+    (final,) = finals
+    # The same sample, in ms (client) and s (stream): 30 dropped tails made it 0.25 s+.
+    assert abs(final["start"] - started["audio_start_ms"] / 1000) < 0.02, (final, started)
+    assert abs(ended["duration"] - client_s) < 0.05, (ended, client_s)
 
 
 async def test_a_session_whose_stream_is_closed_under_it_ends_with_server_error() -> None:

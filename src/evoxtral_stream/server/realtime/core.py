@@ -374,14 +374,19 @@ class RealtimeTranscription:
 
     def _clear(self) -> list[Output]:
         self._carry = b""
-        # The resampler's held-back tail is uncommitted audio too.
-        self._client_pos += len(self._resampler.flush())
+        tail = self._resampler.flush()
         out: list[Output] = []
         if self._server_vad:
+            # Live audio, as everything appended before it: into the stream,
+            # or its timeline would fall behind the client's by the tail (up
+            # to ~20 ms) at every clear.
+            out += self._take(tail, None)
             if self._dirty:
                 self._end_reason = "clear"
                 out += self._cut()
         else:
+            # Held, uncommitted audio, as the buffer: dropped, client time counted.
+            self._client_pos += len(tail)
             self._pending, self._pending_len = [], 0
             if self._dirty:
                 # A kept speech candidate (see _update) is dropped too.
