@@ -956,6 +956,29 @@ async def test_clears_move_no_caption_off_the_clients_time(scripted: CaptionServ
     assert abs(ended["duration"] - client_s) < 0.05, (ended, client_s)
 
 
+async def test_a_session_left_mid_speech_gives_the_stream_all_its_audio(
+        scripted: CaptionServer) -> None:
+    """docs/protocol.md: with server_vad, all of a session's audio becomes
+    finals when it ends, the resampler's held-back tail (10-35 ms) too: the
+    stream lasts exactly as long as the client's audio."""
+    speech = pcm24(speak(SENTENCES[0]))
+    client_s = len(speech) / 2 / INPUT_RATE
+    port = scripted.port
+    async with connect(f"ws://127.0.0.1:{port}/v1/captions?stream=left") as sub:
+        assert json.loads(await asyncio.wait_for(sub.recv(), 10))["type"] == "hello"
+        url = f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription&stream=left"
+        async with connect(url) as ws:
+            step = INPUT_RATE * 2 // 10
+            for i in range(0, len(speech), step):
+                await ws.send(append_msg(speech[i:i + step]))
+            while json.loads(await asyncio.wait_for(ws.recv(), 20))["type"] != \
+                    "input_audio_buffer.speech_started":
+                pass
+        finals, ended = await finals_until_ended(sub)
+    assert len(finals) == 1
+    assert abs(ended["duration"] - client_s) < 0.002, (ended, client_s)
+
+
 async def test_a_session_whose_stream_is_closed_under_it_ends_with_server_error() -> None:
     """docs/protocol.md: `server_error` and close 1011 once the session's engine
     stream is gone (as at shutdown), at the client's next audio."""

@@ -92,7 +92,10 @@ class _Connection:
                 if isinstance(r, Exception) and not isinstance(r, ConnectionClosed):
                     log.error("realtime connection %s failed: %r", self._stream.id, r)
             # Uncommitted audio of an open segment still becomes a final for
-            # the stream's other subscribers.
+            # the stream's other subscribers, the resampler's tail included.
+            for out in self._core.end():
+                if isinstance(out, PushAudio) and not self._stream.closed:
+                    self._stream.push(out.samples)
             await self._stream.close()
         if self._overflow.is_set():
             await self._close(_CLOSE_TOO_SLOW, "client too slow")

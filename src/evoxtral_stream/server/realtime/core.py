@@ -125,7 +125,8 @@ class RealtimeTranscription:
 
     Calling contract: call :meth:`start` once and send what it returns; pass
     every client message to :meth:`receive` and every engine event *of this
-    session's stream* to :meth:`on_engine_event`. Execute the returned outputs
+    session's stream* to :meth:`on_engine_event`, and :meth:`end` once when
+    the client leaves, before the stream closes. Execute the returned outputs
     in order: :class:`PushAudio` and :class:`CutSegment` go to the engine
     stream (which must get nothing else), :class:`SetLanguage` to the
     stream's language, server events go to the client.
@@ -251,6 +252,18 @@ class RealtimeTranscription:
             return self._update(event)
         except RealtimeProtocolError as e:
             return [self.error(e.code, str(e), e.param, e.event_id)]
+
+    def end(self) -> list[Output]:
+        """The client left: with server_vad, the resampler's held-back tail
+        (live audio, ~10-35 ms) goes into the stream, so all the client's
+        audio becomes finals and the stream lasts as long as it; with turn
+        detection off it is dropped with the held buffer. Call once, last;
+        only the :class:`PushAudio` outputs matter (nobody hears the events).
+        """
+        tail = self._resampler.flush()
+        if not self._server_vad:
+            return []
+        return self._take(tail, None)
 
     def on_engine_event(self, ev: EngineEvent) -> list[Output]:
         """An event of this session's engine stream in; the server events out."""
