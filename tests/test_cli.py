@@ -502,6 +502,24 @@ def test_subtitle_tag_styles_and_layout_come_from_config(tmp_path: Path) -> None
                    "captions.srt_tags must be one of 'inline', 'strip'")
 
 
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+def test_no_cue_outlasts_the_audio(tmp_path: Path) -> None:
+    """A short last word at the very end of a file: its cue is not stretched
+    to the minimum cue length past the end of the audio."""
+    from tests.speech import speak
+
+    wav = tmp_path / "yes.wav"
+    audio = speak("Yes.")
+    sf.write(wav, audio, 16000)
+    srt = tmp_path / "yes.srt"
+    proc = cli("transcribe", str(wav), "--srt", str(srt), "-q")
+    assert proc.returncode == 0, proc.stderr
+    last_end = srt.read_text().strip().splitlines()[1].split(" --> ")[1]
+    h, m, rest = last_end.split(":")
+    seconds = int(h) * 3600 + int(m) * 60 + float(rest.replace(",", "."))
+    assert seconds <= len(audio) / 16000 + 0.001, (seconds, len(audio) / 16000)
+
+
 BY_HEADER, BY_QUERY, BY_PROTOCOL = "hdr-S3cret_1", "qry-S3cret_2", "sub-S3cret_3.x~"
 UNKNOWN_TOKEN = "unknown-S3cret_4"
 SECRETS = (BY_HEADER, BY_QUERY, BY_PROTOCOL, UNKNOWN_TOKEN)

@@ -38,7 +38,14 @@ from .data import sample_path
 from .engine.backends import BackendUnavailable, load_backend
 from .engine.engine import Engine, StreamSummary
 from .engine.journal import parse_file_name
-from .events import MAX_STREAM_ID, SAMPLE_RATE, CaptionEvent, EngineEvent, stream_id_problem
+from .events import (
+    MAX_STREAM_ID,
+    SAMPLE_RATE,
+    CaptionEvent,
+    EngineEvent,
+    StreamEnded,
+    stream_id_problem,
+)
 from .logs import FORMATS, LEVELS, configure_logging, install_json_hooks
 from .run import FileJob, LatencyLog, transcribe_samples
 from .server.app import CaptionServer
@@ -392,8 +399,10 @@ def _write_outputs(args: argparse.Namespace, cfg: Config, jobs: Sequence[FileJob
         finals = [e for e in events if isinstance(e, CaptionEvent)
                   and e.stream == job.stream and e.final]
         finals.sort(key=lambda e: e.segment)
+        ends = [e.duration_s for e in events if isinstance(e, StreamEnded)
+                and e.stream == job.stream]
         _write_captions(cfg, (("--srt", args.srt), ("--vtt", args.vtt)), job.stream, finals,
-                        len(jobs) > 1)
+                        len(jobs) > 1, ends[-1] if ends else None)
     if args.jsonl:
         lines = [json.dumps(event_to_dict(e), ensure_ascii=False) for e in events]
         _write(Path(args.jsonl), "".join(line + "\n" for line in lines))
@@ -417,7 +426,8 @@ def _cmd_subtitles(args: argparse.Namespace, cfg: Config) -> int:
         name = (f"{session.stream}.{session.number}" if session.stream in several
                 else session.stream)
         if any(raw for _, raw in outputs):
-            _write_captions(cfg, outputs, quote(name, safe=" -_.,+@"), session.finals, many)
+            _write_captions(cfg, outputs, quote(name, safe=" -_.,+@"), session.finals, many,
+                            session.duration)
             continue
         if many:
             print(f"== {name} ==")
@@ -469,7 +479,9 @@ def _read_recording(path: Path, splitter: SessionSplitter) -> None:
                     if kind == "caption" and obj.get("final") is True:
                         splitter.add_final(caption_from_dict(obj))
                     elif kind == "stream.ended" and isinstance(obj.get("stream"), str):
-                        splitter.add_end(obj["stream"])
+                        duration = obj.get("duration")
+                        splitter.add_end(obj["stream"], float(duration) if isinstance(
+                            duration, int | float) and not isinstance(duration, bool) else None)
                 except ValueError:  # bad JSON or UTF-8, or a ProtocolError
                     damaged.append(number)
     except OSError as e:
@@ -480,9 +492,11 @@ def _read_recording(path: Path, splitter: SessionSplitter) -> None:
 
 
 def _write_captions(cfg: Config, outputs: Sequence[tuple[str, str | None]], name: str,
-                    finals: Sequence[CaptionEvent], many: bool) -> None:
+                    finals: Sequence[CaptionEvent], many: bool,
+                    until: float | None = None) -> None:
     """Write ``finals`` as each ``(--srt|--vtt|--text, PATH)`` asks, the
-    file named after ``name`` in a folder (see :func:`_output_path`)."""
+    file named after ``name`` in a folder (see :func:`_output_path`); no cue
+    outlasts ``until``, the end of the audio, when known."""
     cap = cfg.captions
     layout = CueLayout(max_line_chars=cap.max_line_chars, max_lines=cap.max_lines,
                        max_cue_s=cap.max_cue_s, min_cue_s=cap.min_cue_s)
@@ -490,9 +504,11 @@ def _write_captions(cfg: Config, outputs: Sequence[tuple[str, str | None]], name
         if raw is None:
             continue
         if flag == "--srt":
-            suffix, text = ".srt", to_srt(finals, tags=TagStyle(cap.srt_tags), layout=layout)
+            suffix, text = ".srt", to_srt(finals, tags=TagStyle(cap.srt_tags), layout=layout,
+                                          until=until)
         elif flag == "--vtt":
-            suffix, text = ".vtt", to_vtt(finals, tags=TagStyle(cap.vtt_tags), layout=layout)
+            suffix, text = ".vtt", to_vtt(finals, tags=TagStyle(cap.vtt_tags), layout=layout,
+                                          until=until)
         else:
             suffix, text = ".txt", to_text(finals, tags=TagStyle(cap.srt_tags))
         _write(_output_path(Path(raw), name, suffix, many), text)

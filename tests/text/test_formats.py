@@ -95,6 +95,16 @@ def test_short_cues_are_extended_but_never_overlap_the_next() -> None:
     assert [(c.start, round(c.end, 3)) for c in cues] == [(1.0, 1.5), (1.5, 2.333), (5.0, 5.833)]
 
 
+def test_no_cue_is_stretched_past_the_end_of_the_audio() -> None:
+    events = [final("There.", 1.5, 2.0, 0), final("Yes.", 4.0, 4.1, 1)]
+    cues = build_cues(events, until=4.178)
+    assert [(c.start, round(c.end, 3)) for c in cues] == [(1.5, 2.333), (4.0, 4.178)]
+    # A caption's own end stands, even past a shorter "until".
+    assert build_cues(events, until=4.05)[-1].end == pytest.approx(4.1)
+    assert "00:00:04,178" in to_srt(events, until=4.178)
+    assert "00:00:04.178" in to_vtt(events, until=4.178)
+
+
 def test_tags_stripped() -> None:
     srt = to_srt([final(LONG)], tags=TagStyle.STRIP)
     assert "[" not in srt

@@ -110,7 +110,7 @@ def test_subtitles_from_a_transcribe_jsonl_file_with_partials(
         {**caption_to_dict(final("talk", 0, 1, "[laughs] Hello")), "final": False},
         caption_to_dict(final("talk", 0, 2, "[laughs] Hello there.")),
         caption_to_dict(final("talk", 1, 3, "Bye.")),
-        {"type": "stream.ended", "stream": "talk", "duration": 3.0, "segments": 2,
+        {"type": "stream.ended", "stream": "talk", "duration": 1.7, "segments": 2,
          "finals": 2},
     ]
     path = tmp_path / "events.jsonl"
@@ -118,9 +118,10 @@ def test_subtitles_from_a_transcribe_jsonl_file_with_partials(
     srt = tmp_path / "talk.srt"
     assert main(["subtitles", str(path), "--srt", str(srt), "--set",
                  'captions.srt_tags="strip"']) == 0
-    # The partial is not a cue; tags stripped as asked; captions.min_cue_s holds.
+    # The partial is not a cue; tags stripped as asked; captions.min_cue_s
+    # holds, up to the end of the audio that stream.ended gives.
     assert srt.read_text() == ("1\n00:00:00,000 --> 00:00:00,833\nHello there.\n\n"
-                               "2\n00:00:01,000 --> 00:00:01,833\nBye.\n")
+                               "2\n00:00:01,000 --> 00:00:01,700\nBye.\n")
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -6,7 +6,8 @@ SRT and WebVTT use the *final* events only, in the order given (callers sort
 them by segment). Each final is laid out in cues by :class:`CueLayout`, the
 usual subtitle practice: at most 42 characters a line and 2 lines a cue, a
 cue at most 7 s and at least 5/6 s on screen (extended into the silence
-after it, never over the next cue). Lines break between words, never inside
+after it, never over the next cue, nor past ``until``, the end of the audio,
+when the caller knows it). Lines break between words, never inside
 a tag, and a tag stays with the word it precedes. A cue's times come from
 its words' positions in the segment, interpolated linearly over the
 segment's span (as ``TagMark.t``). A sentence end closes a cue once the cue
@@ -219,9 +220,11 @@ def _event_cues(event: CaptionEvent, style: TagStyle, layout: CueLayout,
 
 
 def build_cues(events: Iterable[CaptionEvent], *, tags: TagStyle = TagStyle.INLINE,
-               layout: CueLayout | None = None, vtt: bool = False) -> list[Cue]:
+               layout: CueLayout | None = None, vtt: bool = False,
+               until: float | None = None) -> list[Cue]:
     """The cues of the final events (see module doc); ``vtt`` escapes the
-    text for WebVTT."""
+    text for WebVTT. ``until`` is where the audio ends: no cue is stretched
+    past it to its minimum length (a caption's own end is kept)."""
     lay = layout or CueLayout()
     cues: list[Cue] = []
     for event in events:
@@ -231,6 +234,8 @@ def build_cues(events: Iterable[CaptionEvent], *, tags: TagStyle = TagStyle.INLI
     for i, cue in enumerate(cues):
         nxt = cues[i + 1].start if i + 1 < len(cues) else None
         end = max(cue.end, cue.start + lay.min_cue_s)
+        if until is not None:
+            end = min(end, max(cue.end, until))
         if nxt is not None and nxt > cue.start:
             end = min(end, nxt)
         out.append(Cue(cue.start, max(end, cue.start), cue.lines))
@@ -247,22 +252,24 @@ def format_timestamp(seconds: float, sep: str = ",") -> str:
 
 
 def to_srt(events: Iterable[CaptionEvent], *, tags: TagStyle = TagStyle.INLINE,
-           layout: CueLayout | None = None) -> str:
-    """SubRip text of the final events; ``TagStyle.CLASS`` is WebVTT only."""
+           layout: CueLayout | None = None, until: float | None = None) -> str:
+    """SubRip text of the final events; ``TagStyle.CLASS`` is WebVTT only.
+    ``until``: the end of the audio (see :func:`build_cues`)."""
     if tags is TagStyle.CLASS:
         raise ValueError("SRT has no class spans: use TagStyle.INLINE or TagStyle.STRIP")
     blocks = []
-    for i, cue in enumerate(build_cues(events, tags=tags, layout=layout), start=1):
+    for i, cue in enumerate(build_cues(events, tags=tags, layout=layout, until=until),
+                            start=1):
         times = f"{format_timestamp(cue.start)} --> {format_timestamp(cue.end)}"
         blocks.append(f"{i}\n{times}\n" + "\n".join(cue.lines) + "\n")
     return "\n".join(blocks)
 
 
 def to_vtt(events: Iterable[CaptionEvent], *, tags: TagStyle = TagStyle.INLINE,
-           layout: CueLayout | None = None) -> str:
-    """WebVTT text of the final events."""
+           layout: CueLayout | None = None, until: float | None = None) -> str:
+    """WebVTT text of the final events; ``until`` as for :func:`to_srt`."""
     out = ["WEBVTT\n"]
-    for cue in build_cues(events, tags=tags, layout=layout, vtt=True):
+    for cue in build_cues(events, tags=tags, layout=layout, vtt=True, until=until):
         times = f"{format_timestamp(cue.start, '.')} --> {format_timestamp(cue.end, '.')}"
         out.append(f"{times}\n" + "\n".join(cue.lines) + "\n")
     return "\n".join(out)

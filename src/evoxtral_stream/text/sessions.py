@@ -22,12 +22,14 @@ __all__ = ["Session", "SessionSplitter"]
 class Session:
     """One opening of a stream: ``number`` counts from 1 among the stream's
     sessions; ``ended`` says its ``stream.ended`` was recorded (a session
-    cut by a crash, or still running, has none)."""
+    cut by a crash, or still running, has none), ``duration`` the seconds of
+    audio that message gave (None without one)."""
 
     stream: str
     number: int
     finals: tuple[CaptionEvent, ...]
     ended: bool
+    duration: float | None = None
 
 
 @dataclass
@@ -37,6 +39,7 @@ class _Open:
     finals: list[CaptionEvent] = field(default_factory=list)
     by_seq: dict[int, CaptionEvent] = field(default_factory=dict)
     ended: bool = False
+    duration: float | None = None
 
 
 class SessionSplitter:
@@ -74,15 +77,17 @@ class SessionSplitter:
         session.finals.append(event)
         session.by_seq[event.seq] = event
 
-    def add_end(self, stream: str) -> None:
-        """``stream``'s ``stream.ended``: its open session is over."""
+    def add_end(self, stream: str, duration: float | None = None) -> None:
+        """``stream``'s ``stream.ended`` (with its ``duration``): its open
+        session is over."""
         session = self._open.get(stream)
-        if session is not None:
-            session.ended = True
+        if session is not None and not session.ended:
+            session.ended, session.duration = True, duration
 
     def sessions(self) -> list[Session]:
         """Every session, in the order each began."""
-        return [Session(s.stream, s.number, tuple(s.finals), s.ended) for s in self._all]
+        return [Session(s.stream, s.number, tuple(s.finals), s.ended, s.duration)
+                for s in self._all]
 
     def _start(self, stream: str) -> _Open:
         old = self._open.get(stream)
