@@ -924,3 +924,43 @@ def test_no_age_limit_never_rotates_by_age(tmp_path: Path) -> None:
         journal.append(caption("s", seq))
     journal.close()
     assert [seqs for _, seqs in files_of(tmp_path, "s")] == [[1, 2, 3]]
+
+
+def test_a_streams_first_record_and_its_replay_parse_only_its_own_file_names(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Both run on the event loop, once per new stream and per resume: a week
+    # of retention holds the files of thousands of streams (20,000 of them
+    # made a resume take 0.25 s, and one of 100 streams blocked the loop 50 s).
+    from evoxtral_stream.engine import journal as journal_module
+
+    cfg = config(tmp_path).journal
+    writer = Journal(cfg)
+    writer.restore()
+    for i in range(200):
+        writer.append(caption(f"other-{i}", 1))
+    writer.append(caption("a.b", 1, "not a's"))
+    for stream in (*(f"other-{i}" for i in range(200)), "a.b"):
+        writer.end(StreamEnded(stream, 1.0, 1, 1))
+    writer.close()
+
+    parsed: list[str] = []
+    real = journal_module.parse_file_name
+
+    def counting(name: str) -> JournalFile | None:
+        parsed.append(name)
+        return real(name)
+
+    journal = Journal(cfg)
+    journal.restore()
+    monkeypatch.setattr(journal_module, "parse_file_name", counting)
+    journal.append(caption("a", 1, "first"))
+    journal.append(caption("a", 2, "second"))
+    replay = journal.replay("a", 0)
+    assert replay is not None
+    assert [json.loads(r.message)["text"] for r in replay.records] == ["first", "second"]
+    other = journal.replay("a.b", 0)
+    assert other is not None and [json.loads(r.message)["text"] for r in other.records] == [
+        "not a's"]
+    # "a." starts "a.b"'s names too: those may be read, the 200 others never.
+    assert not [n for n in parsed if n.startswith("other-")], parsed[:5]
+    journal.close()

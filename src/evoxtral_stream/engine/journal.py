@@ -624,7 +624,7 @@ class Journal:
     def _open_for_append(self, stream: str, now: float) -> _Open:
         """Open the stream's newest file (or its first) to append to it."""
         self._dir.mkdir(parents=True, exist_ok=True)
-        paths = self._files().get(stream, [])
+        paths = self._files_of(stream)
         info = parse_file_name(paths[-1].name) if paths else None
         if info is None:
             index, started = 1, recorded_start(now)
@@ -687,7 +687,7 @@ class Journal:
                 os.fsync(opened.file.fileno())
         self._sync_dir()
         # Keep `keep` rotated files besides the new one.
-        old = self._files().get(stream, [])[:-1]
+        old = self._files_of(stream)[:-1]
         for gone in old[: max(0, len(old) - self._cfg.keep)]:
             log.info("journal: deleting rotated file %s", gone.name)
             gone.unlink(missing_ok=True)
@@ -723,7 +723,7 @@ class Journal:
         None when the journal holds nothing of the stream. Reads the stream's
         files on the calling thread: at most ``(keep + 1) * max_bytes`` bytes.
         """
-        paths = self._files().get(stream)
+        paths = self._files_of(stream)
         if not paths:
             return None
         # Rotation deletes the lowest indices: if file 1 is gone, finals
@@ -759,13 +759,26 @@ class Journal:
 
     def _files(self) -> dict[str, list[Path]]:
         """Every stream's journal files, oldest (lowest index) first."""
+        return self._scan(None)
+
+    def _files_of(self, stream: str) -> list[Path]:
+        """``stream``'s journal files, oldest (lowest index) first."""
+        return self._scan(stream).get(stream, [])
+
+    def _scan(self, stream: str | None) -> dict[str, list[Path]]:
+        # A week of retention may hold the files of thousands of streams, and
+        # a stream's first record and a resume run on the event loop: names
+        # that cannot be the stream's are skipped before they are parsed.
+        prefix = "" if stream is None else f"{quote(stream, safe='')}."
         found: dict[str, list[tuple[int, Path]]] = {}
         if not self._dir.is_dir():
             return {}
-        for path in self._dir.iterdir():
-            parsed = parse_file_name(path.name)
-            if parsed is not None:
-                found.setdefault(parsed.stream, []).append((parsed.index, path))
+        for name in os.listdir(self._dir):
+            if not name.startswith(prefix):
+                continue
+            parsed = parse_file_name(name)
+            if parsed is not None and (stream is None or parsed.stream == stream):
+                found.setdefault(parsed.stream, []).append((parsed.index, self._dir / name))
         return {s: [p for _, p in sorted(items)] for s, items in found.items()}
 
     def _lines(self, path: Path) -> Iterator[JournalRecord | SeqReservation | EndRecord]:
