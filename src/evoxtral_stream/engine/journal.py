@@ -721,22 +721,34 @@ class Journal:
         when its last record is its end record (:attr:`Replay.ended`).
 
         None when the journal holds nothing of the stream. Reads the stream's
-        files on the calling thread: at most ``(keep + 1) * max_bytes`` bytes.
+        files on the calling thread, newest first, and stops after one that
+        holds a final at or before ``since`` (seqs only grow from file to
+        file, so older files hold nothing to replay): a resume of recent
+        captions reads the newest file or two; one from the start at most
+        ``(keep + 1) * max_bytes`` bytes.
         """
         paths = self._files_of(stream)
         if not paths:
             return None
+        files: list[list[JournalRecord | SeqReservation | EndRecord]] = []
+        for path in reversed(paths):
+            lines = list(self._lines(path))
+            files.append(lines)
+            if any(isinstance(x, JournalRecord) and x.seq <= since for x in lines):
+                break
+        files.reverse()
         # Rotation deletes the lowest indices: if file 1 is gone, finals
-        # before the oldest kept record may be missing.
+        # before the oldest kept record may be missing. Files left unread
+        # hold only finals at or before since: covered from the first read.
         first_file = parse_file_name(paths[0].name)
-        complete = (first_file is not None and first_file.index == 1
-                    and stream not in self._renumbered)
+        complete = (len(files) == len(paths) and first_file is not None
+                    and first_file.index == 1 and stream not in self._renumbered)
         records: list[JournalRecord] = []
         covered_from: int | None = None
         first_reserved: int | None = None
         ended: str | None = None
-        for path in paths:
-            for line in self._lines(path):
+        for lines in files:
+            for line in lines:
                 if isinstance(line, EndRecord):
                     ended = line.message
                     continue
