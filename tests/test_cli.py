@@ -123,6 +123,80 @@ def test_a_path_ending_in_a_slash_is_a_folder_even_for_one_file(tmp_path: Path) 
                    "--jsonl", "is a folder")
 
 
+def _popen_transcribe(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "evoxtral_stream", "transcribe", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_transcribe_writes_the_captions_it_made(
+        tmp_path: Path, sig: signal.Signals) -> None:
+    """Ctrl-C (or SIGTERM) mid-file: feeding stops, the open segment becomes a
+    final, and the SRT and JSON lines hold every final printed, with exit
+    status 128 + the signal. Both outputs used to be lost (written only after
+    the last file ended): status 130 with nothing written, or, for SIGTERM,
+    the process killed outright."""
+    out, jsonl = tmp_path / "out", tmp_path / "all.jsonl"
+    proc = _popen_transcribe("--sample", "--realtime", "--srt", f"{out}/",
+                             "--jsonl", str(jsonl))
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()   # the first final (partials go unprinted)
+        assert first.startswith("[0:0"), first
+        time.sleep(2)                    # into the second sentence
+        proc.send_signal(sig)
+        rest, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + sig.value, err
+    assert "Traceback" not in err
+    printed = [line.split("] ", 1)[1] for line in [first.rstrip("\n"), *rest.splitlines()]]
+    assert 2 <= len(printed) < 5, "the open segment's final, not the whole sample"
+    finals = [e for e in map(json.loads, jsonl.read_text().splitlines())
+              if e["type"] == "caption" and e["final"]]
+    assert [e["text"] for e in finals] == printed
+    srt = " ".join((out / "sample.srt").read_text().split())
+    assert srt.startswith("1 00:00:00,"), srt
+    assert printed[-1].split()[-1] in srt, "the last final is in the subtitles"
+    assert f"interrupted ({sig.name})" in err
+
+
+def test_a_second_ctrl_c_leaves_the_model_behind_and_still_writes(tmp_path: Path) -> None:
+    """A second Ctrl-C while the model thread is deep in a long batch of finals:
+    the thread is left behind, the outputs are still written and the status
+    is 130. It used to crash at interpreter exit (status 139 or 134) with
+    nothing written."""
+    # No partials: every final is queued at once; beam search on one thread
+    # makes each batch long.
+    jsonl = tmp_path / "all.jsonl"
+    proc = _popen_transcribe(str(sample_path()), str(sample_path()), str(sample_path()),
+                             "--no-partials", "--jsonl", str(jsonl),
+                             "--set", "model.whisper.beam_size=5",
+                             "--set", "model.whisper.cpu_threads=1",
+                             "--set", "model.whisper.min_window_s=30")
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "engine started" in line:
+                break
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "leaving it behind" in err, err   # the case under test did happen
+    assert proc.returncode == 130, err
+    assert "terminate called" not in err and "Traceback" not in err
+    assert jsonl.exists()
+    types = {json.loads(line)["type"] for line in jsonl.read_text().splitlines()}
+    assert {"stream.started", "stream.ended"} <= types
+
+
 def test_no_input_is_a_usage_error() -> None:
     one_error_line(cli("transcribe"), "no input")
 

@@ -345,9 +345,11 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
                              partials=True if args.partials else None)
     record = LatencyLog()
     total = sum(len(j.samples) for j in jobs)
+    interrupted: list[signal.Signals] = []
 
     async def job() -> list[StreamSummary]:
         async with Engine(cfg, backend) as engine:
+            stop = _stop_on_signals(cfg, engine, interrupted)
             engine.add_listener(record)
             engine.add_listener(printer)
             server = CaptionServer(engine, cfg.server) if args.serve else None
@@ -364,7 +366,7 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
                     progress = None if bar is None else (
                         lambda n: bar.update(n / SAMPLE_RATE))
                     return await transcribe_samples(cfg, engine, jobs, realtime=args.realtime,
-                                                    progress=progress)
+                                                    progress=progress, stop=stop)
                 finally:
                     if bar is not None:
                         bar.close()
@@ -372,16 +374,45 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
     loop_start = time.monotonic()
     summaries = asyncio.run(job())
     elapsed = time.monotonic() - loop_start
+    # Interrupted or not, the outputs hold every caption made.
     _write_outputs(args, cfg, jobs, record.events)
-    audio_s = total / SAMPLE_RATE
+    audio_s = sum(s.duration_s for s in summaries)
     lat = sorted(record.final_latencies())
     p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else float("nan")
-    _notice(cfg, f"{len(summaries)} stream(s), {audio_s:.1f} s of audio in "
+    stopped = f"interrupted ({interrupted[0].name}): " if interrupted else ""
+    _notice(cfg, f"{stopped}{len(summaries)} stream(s), {audio_s:.1f} s of audio in "
                  f"{elapsed:.1f} s (speed ×{audio_s / max(elapsed, 1e-9):.1f}); "
                  f"{sum(s.finals for s in summaries)} finals, "
                  f"{sum(s.partials for s in summaries)} partials; "
                  f"final latency p95 {p95:.2f} s")
-    return 0 if all(s.errors == 0 for s in summaries) else 1
+    code = 0 if all(s.errors == 0 for s in summaries) else 1
+    if interrupted:
+        code = 128 + interrupted[0].value  # as a shell reports a process ended by it
+    if any(t.daemon and t.is_alive() for t in threading.enumerate()):
+        _exit_leaving_threads(code)  # a second Ctrl-C left the model thread behind
+    return code
+
+
+def _stop_on_signals(cfg: Config, engine: Engine,
+                     interrupted: list[signal.Signals]) -> asyncio.Event:
+    """An event set by the first Ctrl-C or SIGTERM (recorded in
+    ``interrupted``); a second one cuts the engine's drain short."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if interrupted:
+            engine.give_up()
+            return
+        interrupted.append(sig)
+        stop.set()
+        _notice(cfg, "stopping: finishing open captions, then writing the outputs "
+                     "(press Ctrl-C again to stop at once)")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, on_signal, sig)
+    return stop
 
 
 def _progress(total_samples: int) -> Any:

@@ -7,10 +7,12 @@ outputs together; the cores they call are pure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .audio.sources import iter_chunks
 from .config import Config
@@ -84,14 +86,33 @@ async def transcribe_samples(
     *,
     realtime: bool,
     progress: Callable[[int], None] | None = None,
+    stop: asyncio.Event | None = None,
 ) -> list[StreamSummary]:
-    """Stream every job concurrently through ``engine``; return their summaries."""
+    """Stream every job concurrently through ``engine``; return their summaries.
+
+    Once ``stop`` is set (Ctrl-C), no more audio is fed: every stream ends as
+    :meth:`Engine.drain` ends them (open segments become finals, the wait for
+    them bounded), and the summaries cover the audio fed until then.
+    """
     chunk = max(1, cfg.audio.file_chunk_ms * SAMPLE_RATE // 1000)
     streams = [engine.open_stream(job.stream, source="file") for job in jobs]
-    return list(await asyncio.gather(*(
+    feeding = asyncio.gather(*(
         feed_samples(s, job.samples, chunk, realtime=realtime, progress=progress)
         for s, job in zip(streams, jobs, strict=True)
-    )))
+    ))
+    if stop is None:
+        return list(await feeding)
+    stopped = asyncio.ensure_future(stop.wait())
+    either: set[asyncio.Future[Any]] = {feeding, stopped}
+    await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+    if feeding.done():
+        stopped.cancel()
+        return list(feeding.result())
+    feeding.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await feeding
+    await engine.drain()
+    return [s.summary() for s in streams]
 
 
 def final_text(captions: Sequence[CaptionEvent]) -> str:
