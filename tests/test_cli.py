@@ -197,6 +197,26 @@ def test_a_second_ctrl_c_leaves_the_model_behind_and_still_writes(tmp_path: Path
     assert {"stream.started", "stream.ended"} <= types
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_captions_stdout_cannot_take_are_one_line_and_status_two(tmp_path: Path) -> None:
+    """stdout on a full disk (or a pipe whose reader left, as ``| head``
+    does): one warning when printing stops, one error line at the end, exit
+    status 2, and the SRT still written. It used to log a traceback from the
+    engine's listener and exit 0, as if every caption had been printed."""
+    srt = tmp_path / "s.srt"
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run(
+            [sys.executable, "-m", "evoxtral_stream", "transcribe", "--sample",
+             "--no-partials", "--srt", str(srt)],
+            stdout=full, stderr=subprocess.PIPE, text=True, timeout=240,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+    one_error_line(proc, "cannot write captions to standard output",
+                   "No space left on device")
+    assert "captions are no longer printed" in proc.stderr
+    assert srt.read_text().count(" --> ") >= 5, "the subtitles hold every final"
+
+
 def test_no_input_is_a_usage_error() -> None:
     one_error_line(cli("transcribe"), "no input")
 

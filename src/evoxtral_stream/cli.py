@@ -386,6 +386,11 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
                  f"{sum(s.partials for s in summaries)} partials; "
                  f"final latency p95 {p95:.2f} s")
     code = 0 if all(s.errors == 0 for s in summaries) else 1
+    if printer.error is not None:
+        # Written above: the files hold the captions stdout did not take.
+        _error_line(f"cannot write captions to standard output: "
+                    f"{printer.error.strerror or printer.error}", cfg.logging)
+        code = EXIT_USAGE
     if interrupted:
         code = 128 + interrupted[0].value  # as a shell reports a process ended by it
     if any(t.daemon and t.is_alive() for t in threading.enumerate()):
@@ -881,12 +886,17 @@ def _cmd_export_merged(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
-def _fail(message: str, logs: LoggingConfig) -> NoReturn:
+def _error_line(message: str, logs: LoggingConfig) -> None:
     """Report an error meant for people in one line (an ERROR record in json mode)."""
     if logs.format == "json":
         log.error("%s", message)
     else:
         print(f"evoxtral-stream: error: {message}", file=sys.stderr)
+
+
+def _fail(message: str, logs: LoggingConfig) -> NoReturn:
+    """:func:`_error_line`, then exit with status 2."""
+    _error_line(message, logs)
     raise SystemExit(EXIT_USAGE)
 
 

@@ -3,16 +3,24 @@
 On a TTY the current partial is redrawn in place (dim) and replaced by the
 final when it lands; elsewhere only finals are printed, one per line, unless
 ``partials`` is set. With several streams each line names its stream.
+
+Output that cannot be written (a pipe whose reader left, as ``| head`` does;
+a full disk) stops the printing: logged once, kept in
+:attr:`CaptionPrinter.error` for the caller's exit status, never raised into
+the engine.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import TextIO
 
 from .events import CaptionEvent, EngineEvent, StreamError
 
 __all__ = ["CaptionPrinter", "format_time"]
+
+log = logging.getLogger(__name__)
 
 _DIM = "\x1b[2m"
 _RESET = "\x1b[0m"
@@ -45,12 +53,25 @@ class CaptionPrinter:
         self._partials = self._live if partials is None else partials
         self._show_stream = show_stream
         self._partial_shown = False
+        self.error: OSError | None = None
+        """Why printing stopped (the first failed write), or None."""
 
     def _prefix(self, ev: CaptionEvent) -> str:
         span = f"[{format_time(ev.start)} → {format_time(ev.end)}]"
         return f"{ev.stream} {span}" if self._show_stream else span
 
     def __call__(self, event: EngineEvent) -> None:
+        if self.error is not None:
+            return
+        try:
+            self._print(event)
+        except OSError as e:
+            self.error = e
+            where = "standard output" if self._out is sys.stdout else "the caption output"
+            log.warning("captions are no longer printed: cannot write to %s: %s",
+                        where, e.strerror or e)
+
+    def _print(self, event: EngineEvent) -> None:
         if isinstance(event, StreamError):
             self._clear()
             print(f"! {event.stream}: {event.code}: {event.message}", file=self._out, flush=True)
