@@ -217,6 +217,30 @@ def test_captions_stdout_cannot_take_are_one_line_and_status_two(tmp_path: Path)
     assert srt.read_text().count(" --> ") >= 5, "the subtitles hold every final"
 
 
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+def test_each_file_s_subtitles_are_named_after_it_when_names_repeat(tmp_path: Path) -> None:
+    """d1/talk.wav, d2/talk.wav and talk-2.wav into one folder: talk-2.srt is
+    talk-2.wav's, and the second talk.wav gets a name no input has. The
+    second talk.wav used to take talk-2.srt, and talk-2.wav became
+    talk-2-2.srt: each file's captions under the other's name."""
+    from tests.speech import speak
+
+    (tmp_path / "d1").mkdir()
+    (tmp_path / "d2").mkdir()
+    files = {tmp_path / "d1" / "talk.wav": "hello there, this is a test of the engine",
+             tmp_path / "d2" / "talk.wav": "several members raised concerns about it",
+             tmp_path / "talk-2.wav": "thank you for listening"}
+    for path, words in files.items():
+        sf.write(path, np.concatenate([speak(words), np.zeros(8000, np.int16)]), 16000)
+    out = tmp_path / "out"
+    proc = cli("transcribe", *map(str, files), "--no-partials", "--srt", f"{out}/")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["talk-2.srt", "talk-3.srt", "talk.srt"]
+    assert "listening" in (out / "talk-2.srt").read_text().lower()
+    assert "members" in (out / "talk-3.srt").read_text().lower()
+    assert "hello" in (out / "talk.srt").read_text().lower()
+
+
 def test_no_input_is_a_usage_error() -> None:
     one_error_line(cli("transcribe"), "no input")
 

@@ -270,11 +270,15 @@ def _stream_id_arg(value: str) -> str:
 
 
 def _stream_ids(paths: Sequence[Path]) -> list[str]:
+    """One id per file (:func:`_file_stream_id`); a repeated one gets ``-N``,
+    never the id of another file (whose SRT it would take: talk.wav twice
+    and talk-2.wav give talk, talk-3 and talk-2)."""
+    bases = [_file_stream_id(p) for p in paths]
+    own = set(bases)
     ids: list[str] = []
-    for p in paths:
-        base = _file_stream_id(p)
+    for base in bases:
         name, n = base, 1
-        while name in ids:
+        while name in ids or (name != base and name in own):
             n += 1
             name = f"{base}-{n}"
         ids.append(name)
