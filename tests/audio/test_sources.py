@@ -49,6 +49,31 @@ def test_files_decode_to_mono_16k(
     assert rms(mid) / 32768 == pytest.approx(0.4 / np.sqrt(2), rel=0.03)
 
 
+def test_a_long_file_is_converted_in_blocks_not_held_whole(tmp_path: Path) -> None:
+    """A minute of 48 kHz stereo float (23 MB decoded) peaks at a few times its
+    16 kHz mono result (1.9 MB), and gives the same samples as converting it
+    whole. It used to decode the whole file, then downmix, resample and scale
+    it in float64: a peak near 20 times the result (660 MB for 25 minutes)."""
+    import tracemalloc
+
+    from evoxtral_stream.audio.resample import float_to_int16, resample, to_mono
+
+    rate = 48000
+    x = np.random.default_rng(1).uniform(-0.5, 0.5, (60 * rate, 2)).astype(np.float32)
+    path = tmp_path / "long.wav"
+    sf.write(path, x, rate, subtype="FLOAT")
+    whole = float_to_int16(resample(np.ascontiguousarray(to_mono(x)), rate, SAMPLE_RATE))
+    del x
+    tracemalloc.start()
+    try:
+        out = read_audio_file(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(out, whole)
+    assert peak < 4 * out.nbytes, f"peak {peak / 1e6:.1f} MB for {out.nbytes / 1e6:.1f} MB"
+
+
 def test_mp3_decodes_where_libsndfile_supports_it(tmp_path: Path) -> None:
     path = tmp_path / "a.mp3"
     try:

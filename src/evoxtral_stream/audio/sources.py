@@ -12,10 +12,14 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf  # type: ignore[import-untyped,unused-ignore]
 
-from evoxtral_stream.audio.resample import float_to_int16, resample, to_mono
-from evoxtral_stream.events import SAMPLE_RATE, Float32Array, Int16Array
+from evoxtral_stream.audio.resample import StreamResampler
+from evoxtral_stream.events import SAMPLE_RATE, Int16Array
 
 __all__ = ["AudioInputError", "iter_chunks", "read_audio_file"]
+
+#: Frames decoded at a time: the file is converted block by block, so memory
+#: holds the 16 kHz result and one block, never the whole file as decoded.
+_READ_FRAMES = 1 << 16
 
 
 class AudioInputError(Exception):
@@ -28,14 +32,23 @@ class AudioInputError(Exception):
 def read_audio_file(path: str | os.PathLike[str]) -> Int16Array:
     """Decode a whole audio file (anything libsndfile reads: WAV, FLAC, OGG,
     MP3 with libsndfile >= 1.1; any rate and channel count) to mono int16 at
-    16 kHz. Raises :class:`AudioInputError` naming the file on any failure."""
+    16 kHz. Raises :class:`AudioInputError` naming the file on any failure.
+
+    Decoded, downmixed and resampled in blocks (the same samples as the whole
+    file at once: :class:`StreamResampler`), so an hour of 48 kHz stereo
+    takes the memory of its 16 kHz mono result, not ten times that."""
     p = Path(path)
     if not p.exists():
         raise AudioInputError(f"audio file {p} does not exist")
     if p.is_dir():
         raise AudioInputError(f"audio file {p} is a directory, not a file")
+    parts: list[Int16Array] = []
     try:
-        data, rate = sf.read(str(p), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(p)) as f:
+            convert = StreamResampler(int(f.samplerate), SAMPLE_RATE, int(f.channels))
+            while len(block := f.read(_READ_FRAMES, dtype="float32", always_2d=True)):
+                parts.append(convert.process(block))
+            parts.append(convert.flush())
     except sf.LibsndfileError as e:
         raise AudioInputError(
             f"cannot decode audio file {p}: {e.error_string} (not audio, or a format "
@@ -45,10 +58,10 @@ def read_audio_file(path: str | os.PathLike[str]) -> Int16Array:
         raise AudioInputError(f"cannot read audio file {p}: {e.strerror or e}") from None
     except Exception as e:  # soundfile raises assorted types (TypeError, RuntimeError...)
         raise AudioInputError(f"cannot decode audio file {p}: {e}") from None
-    if len(data) == 0:
+    out: Int16Array = np.concatenate(parts)
+    if len(out) == 0:
         raise AudioInputError(f"audio file {p} contains no audio (zero samples)")
-    mono: Float32Array = np.ascontiguousarray(to_mono(data))
-    return float_to_int16(resample(mono, int(rate), SAMPLE_RATE))
+    return out
 
 
 def iter_chunks(samples: Int16Array, chunk_samples: int) -> Iterator[Int16Array]:
