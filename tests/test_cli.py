@@ -531,6 +531,36 @@ def test_eval_compares_streaming_with_offline(tmp_path: Path) -> None:
     assert report["streaming"]["n"] == 2
 
 
+def test_a_second_ctrl_c_during_eval_exits_130_without_crashing(tmp_path: Path) -> None:
+    """eval has no partial report to write: Ctrl-C twice while the model
+    thread is deep in a long batch ends it with status 130. The thread left
+    inside CTranslate2 used to crash the interpreter at exit (status 139)."""
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"audio": str(sample_path()), "text": "x"}) + "\n"
+                                for _ in range(2)))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "evoxtral_stream", "eval", str(manifest),
+         "--set", "stream.partial_interval_ms=0", "--set", "model.whisper.beam_size=5",
+         "--set", "model.whisper.cpu_threads=1", "--set", "model.whisper.min_window_s=30"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "engine started" in line:
+                break
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "terminate called" not in err
+
+
 def test_eval_bad_manifest_is_one_line(tmp_path: Path) -> None:
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"audio": 3}\n')

@@ -925,6 +925,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _fail(str(e), logs)
     except KeyboardInterrupt:
+        if any(t.daemon and t.is_alive() for t in threading.enumerate()):
+            # A second Ctrl-C cut the engine's shutdown short (asyncio.run
+            # raises it at once): the model thread may still be inside
+            # native code, where interpreter exit would crash it.
+            _exit_leaving_threads(130)
         return 130
 
 
