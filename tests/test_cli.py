@@ -100,6 +100,9 @@ def test_outputs_that_cannot_be_written_are_refused_before_decoding(tmp_path: Pa
                    f"--srt {taken}: cannot make that folder")
     one_error_line(cli("transcribe", str(a), "--vtt", str(tmp_path / "no" / "a.vtt")),
                    "--vtt", "does not exist")
+    # A file where its folder should be: said so, not "does not exist".
+    one_error_line(cli("transcribe", str(a), "--vtt", str(a / "a.vtt")),
+                   f"--vtt {a / 'a.vtt'}: {a} is a file, not a folder")
     # --jsonl is one file for every stream, never a folder.
     proc = cli("transcribe", str(a), "--jsonl", str(tmp_path))
     one_error_line(proc, f"--jsonl {tmp_path}", "is a folder")

@@ -316,7 +316,9 @@ def _check_output_file(flag: str, raw: str, hint: str) -> None:
     exist, and it must not name a folder (``hint`` says what to name)."""
     target = Path(raw)
     if not target.parent.is_dir():
-        raise UserError(f"{flag} {target}: the folder {target.parent} does not exist")
+        where = (f"{target.parent} is a file, not a folder" if target.parent.exists()
+                 else f"the folder {target.parent} does not exist")
+        raise UserError(f"{flag} {target}: {where}")
     if target.is_dir() or raw.endswith(("/", os.sep)):
         raise UserError(f"{flag} {raw} is a folder; {hint}")
 
