@@ -100,6 +100,13 @@ def test_outputs_that_cannot_be_written_are_refused_before_decoding(tmp_path: Pa
                    f"--srt {taken}: cannot make that folder")
     one_error_line(cli("transcribe", str(a), "--vtt", str(tmp_path / "no" / "a.vtt")),
                    "--vtt", "does not exist")
+    # Two outputs onto one file: the VTT used to overwrite the SRT unsaid.
+    subs = tmp_path / "subs"
+    proc = cli("transcribe", str(a), "--srt", str(subs), "--vtt", str(subs))
+    one_error_line(proc, f"--srt and --vtt would both write {subs}")
+    assert not subs.exists() and "model worker started" not in proc.stderr
+    one_error_line(cli("transcribe", str(a), str(b), "--srt", f"{tmp_path}/o/",
+                       "--jsonl", f"{tmp_path}/o/b.srt"), "--srt and --jsonl would both write")
     # A file where its folder should be: said so, not "does not exist".
     one_error_line(cli("transcribe", str(a), "--vtt", str(a / "a.vtt")),
                    f"--vtt {a / 'a.vtt'}: {a} is a file, not a folder")

@@ -285,14 +285,21 @@ def _stream_ids(paths: Sequence[Path]) -> list[str]:
     return ids
 
 
+#: The file suffix of each subtitle output flag (``--jsonl`` is one file).
+_SUFFIXES = {"--srt": ".srt", "--vtt": ".vtt", "--text": ".txt"}
+
+
 def _output_path(target: Path, stream: str, suffix: str, many: bool) -> Path:
     return target / f"{stream}{suffix}" if many or target.is_dir() else target
 
 
-def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], many: bool) -> None:
+def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], streams: Sequence[str]
+                     ) -> None:
     """Make the output folders, or refuse the outputs, before any work: each
     ``(flag, PATH)`` but ``--jsonl`` is one file, or a folder of one file per
-    stream when ``many`` or PATH is one."""
+    stream when there are several streams or PATH is one; two flags that
+    would write one file are refused."""
+    many = len(streams) > 1
     for flag, raw in outputs:
         if raw is None:
             continue
@@ -309,6 +316,18 @@ def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], many: bool) -> N
             # --jsonl, or one file's SRT/VTT: a file in a folder that exists.
             _check_output_file(flag, raw, "--jsonl writes one file for every stream: "
                                           "name that file")
+    writers: dict[Path, str] = {}
+    for flag, raw in outputs:
+        if raw is None:
+            continue
+        suffix = _SUFFIXES.get(flag)
+        paths = ([Path(raw)] if suffix is None
+                 else [_output_path(Path(raw), s, suffix, many) for s in streams])
+        for path in paths:
+            other = writers.setdefault(path.resolve(), flag)
+            if other != flag:
+                raise UserError(f"{other} and {flag} would both write {path}: "
+                                "name a file for each, or one folder")
 
 
 def _check_output_file(flag: str, raw: str, hint: str) -> None:
@@ -336,10 +355,9 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
         paths.append(sample_path())
     if not paths:
         raise UserError("no input: name audio files or use --sample")
-    jobs = [FileJob(sid, read_audio_file(p)) for sid, p in zip(_stream_ids(paths), paths,
-                                                                 strict=True)]
-    _prepare_outputs((("--srt", args.srt), ("--vtt", args.vtt), ("--jsonl", args.jsonl)),
-                     len(jobs) > 1)
+    ids = _stream_ids(paths)
+    _prepare_outputs((("--srt", args.srt), ("--vtt", args.vtt), ("--jsonl", args.jsonl)), ids)
+    jobs = [FileJob(sid, read_audio_file(p)) for sid, p in zip(ids, paths, strict=True)]
     if args.serve:
         from .server.auth import check_bind
 
@@ -462,14 +480,13 @@ def _cmd_subtitles(args: argparse.Namespace, cfg: Config) -> int:
         raise UserError(f"no final captions{which} in {len(paths)} recording file(s)")
     outputs = (("--srt", args.srt), ("--vtt", args.vtt), ("--text", args.text))
     many = len(sessions) > 1
-    _prepare_outputs(outputs, many)
     several = {s.stream for s in sessions if s.number > 1}
-    for session in sessions:
-        name = (f"{session.stream}.{session.number}" if session.stream in several
-                else session.stream)
+    names = [quote(f"{s.stream}.{s.number}" if s.stream in several else s.stream,
+                   safe=" -_.,+@") for s in sessions]
+    _prepare_outputs(outputs, names)
+    for session, name in zip(sessions, names, strict=True):
         if any(raw for _, raw in outputs):
-            _write_captions(cfg, outputs, quote(name, safe=" -_.,+@"), session.finals, many,
-                            session.duration)
+            _write_captions(cfg, outputs, name, session.finals, many, session.duration)
             continue
         if many:
             print(f"== {name} ==")
