@@ -107,6 +107,10 @@ def test_outputs_that_cannot_be_written_are_refused_before_decoding(tmp_path: Pa
     assert not subs.exists() and "model worker started" not in proc.stderr
     one_error_line(cli("transcribe", str(a), str(b), "--srt", f"{tmp_path}/o/",
                        "--jsonl", f"{tmp_path}/o/b.srt"), "--srt and --jsonl would both write")
+    # An output onto an input: the audio used to be replaced by subtitles.
+    one_error_line(cli("transcribe", str(a), str(b), "--jsonl", str(b)),
+                   f"--jsonl {b} is one of the audio files", "would be overwritten")
+    assert sf.info(b).frames == 8000
     # A file where its folder should be: said so, not "does not exist".
     one_error_line(cli("transcribe", str(a), "--vtt", str(a / "a.vtt")),
                    f"--vtt {a / 'a.vtt'}: {a} is a file, not a folder")
@@ -615,10 +619,14 @@ def test_eval_report_that_cannot_be_written_is_refused_before_decoding(tmp_path:
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"audio": "a.wav", "text": "hello"}) + "\n")
     for report, needle in ((tmp_path / "no" / "r.json", "does not exist"),
-                           (tmp_path, "is a folder")):
+                           (tmp_path, "is a folder"),
+                           # It used to overwrite the manifest or the audio.
+                           (manifest, "would be overwritten"),
+                           (tmp_path / "a.wav", "would be overwritten")):
         proc = cli("eval", str(manifest), "--json", str(report))
         one_error_line(proc, "--json", needle)
         assert "backend:" not in proc.stderr  # refused before the model was loaded
+    assert json.loads(manifest.read_text())["text"] == "hello"
 
 
 def test_mqtt_without_aiomqtt_is_one_line_before_decoding(tmp_path: Path) -> None:

@@ -293,12 +293,12 @@ def _output_path(target: Path, stream: str, suffix: str, many: bool) -> Path:
     return target / f"{stream}{suffix}" if many or target.is_dir() else target
 
 
-def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], streams: Sequence[str]
-                     ) -> None:
+def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence[Path],
+                     streams: Sequence[str]) -> None:
     """Make the output folders, or refuse the outputs, before any work: each
     ``(flag, PATH)`` but ``--jsonl`` is one file, or a folder of one file per
-    stream when there are several streams or PATH is one; two flags that
-    would write one file are refused."""
+    stream when there are several streams or PATH is one. Refused: two flags
+    that would write one file, and an output that would overwrite an input."""
     many = len(streams) > 1
     for flag, raw in outputs:
         if raw is None:
@@ -316,7 +316,7 @@ def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], streams: Sequenc
             # --jsonl, or one file's SRT/VTT: a file in a folder that exists.
             _check_output_file(flag, raw, "--jsonl writes one file for every stream: "
                                           "name that file")
-    writers: dict[Path, str] = {}
+    writers = {p.resolve(): "the input" for p in inputs}
     for flag, raw in outputs:
         if raw is None:
             continue
@@ -325,6 +325,9 @@ def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], streams: Sequenc
                  else [_output_path(Path(raw), s, suffix, many) for s in streams])
         for path in paths:
             other = writers.setdefault(path.resolve(), flag)
+            if other == "the input":
+                raise UserError(f"{flag} {path} is one of the audio files: it would be "
+                                "overwritten; name another file")
             if other != flag:
                 raise UserError(f"{other} and {flag} would both write {path}: "
                                 "name a file for each, or one folder")
@@ -356,7 +359,8 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
     if not paths:
         raise UserError("no input: name audio files or use --sample")
     ids = _stream_ids(paths)
-    _prepare_outputs((("--srt", args.srt), ("--vtt", args.vtt), ("--jsonl", args.jsonl)), ids)
+    _prepare_outputs((("--srt", args.srt), ("--vtt", args.vtt), ("--jsonl", args.jsonl)),
+                     paths, ids)
     jobs = [FileJob(sid, read_audio_file(p)) for sid, p in zip(ids, paths, strict=True)]
     if args.serve:
         from .server.auth import check_bind
@@ -483,7 +487,7 @@ def _cmd_subtitles(args: argparse.Namespace, cfg: Config) -> int:
     several = {s.stream for s in sessions if s.number > 1}
     names = [quote(f"{s.stream}.{s.number}" if s.stream in several else s.stream,
                    safe=" -_.,+@") for s in sessions]
-    _prepare_outputs(outputs, names)
+    _prepare_outputs(outputs, paths, names)
     for session, name in zip(sessions, names, strict=True):
         if any(raw for _, raw in outputs):
             _write_captions(cfg, outputs, name, session.finals, many, session.duration)
@@ -874,6 +878,9 @@ def _cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     # The report is written last, after every file is decoded: check its place now.
     if args.json is not None:
         _check_output_file("--json", str(args.json), "name the report's file")
+        if args.json.resolve() in {args.manifest.resolve(), *(e.audio.resolve() for e in entries)}:
+            raise UserError(f"--json {args.json} is the manifest or one of its audio files: "
+                            "it would be overwritten; name another file")
     # Every file of the manifest decoded now (eval holds them all anyway): a
     # missing or unreadable one is one line before the model loads.
     audio = load_audio(entries, source=str(args.manifest))
