@@ -13,6 +13,7 @@ the engine.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import TextIO
 
@@ -84,17 +85,37 @@ class CaptionPrinter:
                 print(f"{self._prefix(event)} {event.text}", file=self._out, flush=True)
         elif self._partials and event.text:
             if self._live:
-                # Keep the line on one screen row: drop the oldest stable words.
-                room = max(20, 150 - len(self._prefix(event)) - len(event.unstable))
-                stable = event.stable if len(event.stable) <= room else "…" + event.stable[-room:]
-                line = f"{self._prefix(event)} {stable}{_DIM}{event.unstable}{_RESET}"
+                # Keep the line on one screen row, or the redraw clears only
+                # its last row and leaves the rest behind: drop the oldest text.
+                prefix = self._prefix(event)
+                stable, unstable = _tail(event.stable, event.unstable,
+                                         self._columns() - 1 - len(prefix) - 1)
+                line = f"{prefix} {stable}{_DIM}{unstable}{_RESET}"
                 self._out.write(_CLEAR_LINE + line)
                 self._out.flush()
                 self._partial_shown = True
             else:
                 print(f"{self._prefix(event)} … {event.text}", file=self._out, flush=True)
 
+    def _columns(self) -> int:
+        """The terminal's width now (it may be resized), 80 when unknown."""
+        try:
+            return os.get_terminal_size(self._out.fileno()).columns or 80
+        except (OSError, ValueError, AttributeError):
+            return 80
+
     def _clear(self) -> None:
         if self._partial_shown:
             self._out.write(_CLEAR_LINE)
             self._partial_shown = False
+
+
+def _tail(stable: str, unstable: str, room: int) -> tuple[str, str]:
+    """The end of ``stable + unstable`` in ``room`` characters, split where the
+    unstable part starts; an ellipsis marks text dropped from the front."""
+    if len(stable) + len(unstable) <= room:
+        return stable, unstable
+    keep = max(0, room - 1)
+    unstable = unstable[len(unstable) - min(len(unstable), keep):]
+    rest = keep - len(unstable)
+    return "…" + (stable[len(stable) - rest:] if rest else ""), unstable
