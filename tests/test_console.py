@@ -6,17 +6,110 @@ import fcntl
 import os
 import re
 import struct
+import sys
 import termios
+from collections.abc import Callable
 
+import pytest
+
+from evoxtral_stream.cli import _progress
 from evoxtral_stream.console import CaptionPrinter
-from evoxtral_stream.events import CaptionEvent
+from evoxtral_stream.events import SAMPLE_RATE, CaptionEvent
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
-def _partial(stable: str, unstable: str) -> CaptionEvent:
+def _partial(stable: str, unstable: str, final: bool = False) -> CaptionEvent:
     text = stable + unstable
-    return CaptionEvent("s", 0, 1, False, text, text, stable, unstable, (), 0.0, 9.5, None)
+    return CaptionEvent("s", 0, 1, final, text, text, stable, unstable, (), 0.0, 9.5, None)
+
+
+def _pty(columns: int) -> tuple[int, int, Callable[[], str]]:
+    """A pseudo-terminal ``columns`` wide: (master, slave, read all written so far)."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    os.set_blocking(master, False)
+    written = bytearray()
+
+    def drain() -> str:   # read as it goes: a full pty buffer would block the writes
+        while True:
+            try:
+                written.extend(os.read(master, 65536))
+            except BlockingIOError:
+                return written.decode()
+
+    return master, slave, drain
+
+
+def _screen(output: str, columns: int) -> list[str]:
+    """The rows a terminal shows for ``output``: printable text wrapping at
+    ``columns``, CR, LF, cursor up (CSI A), erase below (CSI J) and erase
+    line (CSI K); colours ignored."""
+    rows: list[list[str]] = [[]]
+    r = c = 0
+    i = 0
+    while i < len(output):
+        ch = output[i]
+        if ch == "\x1b":
+            m = re.match(r"\x1b\[([0-9;]*)([A-Za-z])", output[i:])
+            assert m is not None, repr(output[i:i + 10])
+            i += len(m.group(0))
+            arg, code = m.group(1), m.group(2)
+            if code == "A":
+                r = max(0, r - int(arg or 1))
+            elif code == "J":
+                del rows[r + 1:]
+                rows[r] = rows[r][:c]
+            elif code == "K":
+                rows[r] = [] if arg == "2" else rows[r][:c]
+            continue
+        i += 1
+        if ch == "\r":
+            c = 0
+        elif ch == "\n":
+            r += 1
+        else:
+            if c >= columns:
+                r, c = r + 1, 0
+            while len(rows) <= r:
+                rows.append([])
+            row = rows[r]
+            row.extend(" " * (c + 1 - len(row)))
+            row[c] = ch
+            c += 1
+        while len(rows) <= r:
+            rows.append([])
+    return ["".join(row).rstrip() for row in rows]
+
+
+def test_transcribe_s_progress_bar_and_the_live_partial_keep_their_own_rows(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With stdout and stderr on one terminal, the bar is drawn on the row
+    below the live partial, and a final that wraps clears it first. The bar
+    used to be drawn on the partial's own row, so the partial was overwritten
+    at once (never seen), and a wrapped final left half a bar behind it."""
+    columns = 100
+    master, slave, drain = _pty(columns)
+    with open(slave, "w", encoding="utf-8") as tty:
+        monkeypatch.setattr(sys, "stderr", tty)
+        bar = _progress(60 * SAMPLE_RATE)
+        assert bar is not None
+        printer = CaptionPrinter(tty)
+        for n in range(1, 6):
+            printer(_partial("the committee met ", f"on Tuesday {n}"))
+            bar.update(1)
+            bar.refresh()
+            screen = _screen(drain(), columns)
+            assert any(row.endswith(f"on Tuesday {n}") for row in screen), screen
+            assert any("%|" in row for row in screen), screen
+        printer(_partial("the committee met on Tuesday to discuss the budget " * 3, "",
+                         final=True))
+        bar.update(1)
+        bar.refresh()
+        screen = _screen(drain(), columns)
+        bar.close()
+    os.close(master)
+    assert [row for row in screen if "%|" in row and not re.match(r" *\d+%\|", row)] == []
 
 
 def test_a_live_partial_fits_the_terminal_row_so_its_redraw_leaves_nothing_behind() -> None:
@@ -24,19 +117,7 @@ def test_a_live_partial_fits_the_terminal_row_so_its_redraw_leaves_nothing_behin
     79 characters: the clear-line that redraws it clears one row only. The
     partial used to be cut at 150 characters, so on a usual terminal it
     wrapped and every redraw left its first rows on the screen."""
-    master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
-    os.set_blocking(master, False)
-    written = b""
-
-    def drain() -> None:   # read as it goes: a full pty buffer would block the writes
-        nonlocal written
-        while True:
-            try:
-                written += os.read(master, 65536)
-            except BlockingIOError:
-                return
-
+    master, slave, drain = _pty(80)
     with open(slave, "w", encoding="utf-8") as tty:
         printer = CaptionPrinter(tty)
         sentence = ("the committee met on Tuesday to discuss the budget and several members "
@@ -46,9 +127,9 @@ def test_a_live_partial_fits_the_terminal_row_so_its_redraw_leaves_nothing_behin
             printer(_partial(" ".join(words[:n - 1]) + " ", words[n - 1]))
             drain()
         printer(_partial("x" * 10, "y" * 200))   # an unstable tail longer than the row
-        drain()
+        written = drain()
     os.close(master)
-    redraws = [_ANSI.sub("", r) for r in written.decode().split("\r\x1b[2K") if r]
+    redraws = [_ANSI.sub("", r) for r in written.split("\r\x1b[J") if r]
     assert len(redraws) == len(words) + 1
     assert max(len(r) for r in redraws) <= 79, max(redraws, key=len)
     assert redraws[-2].endswith("about the timeline")   # the newest words are kept

@@ -453,8 +453,11 @@ def _progress(total_samples: int) -> Any:
         return None
     from tqdm import tqdm
 
+    # position=1: on the row below the live partial (CaptionPrinter redraws
+    # its row in place), which the bar would otherwise overwrite.
     return tqdm(total=round(total_samples / SAMPLE_RATE, 1), unit="s", unit_scale=False,
-                file=sys.stderr, leave=False, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s")
+                file=sys.stderr, leave=False, position=1,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s")
 
 
 def _write_outputs(args: argparse.Namespace, cfg: Config, jobs: Sequence[FileJob],

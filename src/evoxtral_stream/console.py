@@ -25,7 +25,10 @@ log = logging.getLogger(__name__)
 
 _DIM = "\x1b[2m"
 _RESET = "\x1b[0m"
-_CLEAR_LINE = "\r\x1b[2K"
+# To the row's start, then clear to the end of the screen: the row, and
+# below it transcribe's progress bar (redrawn at its next update), which a
+# final wrapping onto it would otherwise leave half covered.
+_CLEAR_LINE = "\r\x1b[J"
 
 
 def format_time(seconds: float) -> str:
@@ -105,7 +108,7 @@ class CaptionPrinter:
             return 80
 
     def _clear(self) -> None:
-        if self._partial_shown:
+        if self._partial_shown or self._live:
             self._out.write(_CLEAR_LINE)
             self._partial_shown = False
 
