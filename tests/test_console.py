@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from evoxtral_stream.cli import _progress
+from evoxtral_stream.cli import _close_progress, _progress
 from evoxtral_stream.console import CaptionPrinter
 from evoxtral_stream.events import SAMPLE_RATE, CaptionEvent
 
@@ -107,9 +107,13 @@ def test_transcribe_s_progress_bar_and_the_live_partial_keep_their_own_rows(
         bar.update(1)
         bar.refresh()
         screen = _screen(drain(), columns)
-        bar.close()
+        _close_progress(bar)
+        tty.write("done\n")
+        tty.flush()
+        after = _screen(drain(), columns)
     os.close(master)
     assert [row for row in screen if "%|" in row and not re.match(r" *\d+%\|", row)] == []
+    assert "done" in after and not any("%|" in row for row in after), after
 
 
 def test_a_live_partial_fits_the_terminal_row_so_its_redraw_leaves_nothing_behind() -> None:

@@ -397,7 +397,7 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
                                                     progress=progress, stop=stop)
                 finally:
                     if bar is not None:
-                        bar.close()
+                        _close_progress(bar)
 
     loop_start = time.monotonic()
     summaries = asyncio.run(job())
@@ -458,6 +458,14 @@ def _progress(total_samples: int) -> Any:
     return tqdm(total=round(total_samples / SAMPLE_RATE, 1), unit="s", unit_scale=False,
                 file=sys.stderr, leave=False, position=1,
                 bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s")
+
+
+def _close_progress(bar: Any) -> None:
+    """Close :func:`_progress`'s bar. Closed below the caption row, tqdm
+    leaves the cursor past the row's end: the next line starts at column 0."""
+    bar.close()
+    bar.fp.write("\r")
+    bar.fp.flush()
 
 
 def _write_outputs(args: argparse.Namespace, cfg: Config, jobs: Sequence[FileJob],
