@@ -57,6 +57,10 @@ def test_defaults_load_and_a_user_file_overrides_only_its_keys(tmp_path: Path) -
     ({"worker.stall_timeout_s": float("nan")}, "worker.stall_timeout_s must be a finite number"),
     ({"vad.max_segment_s": float("-inf")}, "vad.max_segment_s must be a finite number"),
     ({"logging.colour": True}, "unknown config key 'logging.colour'"),
+    # Cues at least 10 s and at most 1 s: every cue used to be stretched past
+    # max_cue_s without a word.
+    ({"captions.min_cue_s": 10.0, "captions.max_cue_s": 1.0},
+     "captions.min_cue_s must be at most captions.max_cue_s (1.0), got 10.0"),
 ])
 def test_bad_values_name_key_value_and_what_is_allowed(overrides: dict[str, object],
                                                        message: str) -> None:

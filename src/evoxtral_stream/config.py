@@ -193,6 +193,13 @@ class CaptionsConfig:
     max_cue_s: float = field(metadata=_range(1.0, 30.0))
     min_cue_s: float = field(metadata=_range(0.0, 10.0))
 
+    def __post_init__(self) -> None:
+        if self.min_cue_s > self.max_cue_s:
+            raise ConfigError(
+                f"captions.min_cue_s must be at most captions.max_cue_s "
+                f"({self.max_cue_s}), got {self.min_cue_s}"
+            )
+
 
 @dataclass(frozen=True)
 class ServerConfig:
