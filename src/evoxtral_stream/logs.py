@@ -247,7 +247,9 @@ def install_json_hooks() -> None:
 def adopt_library_loggers() -> None:
     """Have transformers and huggingface_hub log through the root logger's
     handlers instead of their own stderr handlers (which would write plain
-    text, or each line twice), and turn off huggingface_hub's progress bars.
+    text, or each line twice), and turn off the progress bars of both (tqdm
+    writes them to stderr: transformers' "Loading weights" and "Writing model
+    shards", huggingface_hub's downloads).
     Libraries that are not installed are skipped; importing their logging
     modules here makes them set up their handlers now, so that removing them
     is final."""
@@ -258,6 +260,8 @@ def adopt_library_loggers() -> None:
     else:
         transformers_logging.disable_default_handler()
         transformers_logging.enable_propagation()
+        off: Any = transformers_logging.disable_progress_bar  # untyped in transformers
+        off()
     try:
         # Importing its logging module adds the handler removed below.
         import huggingface_hub.utils.logging  # noqa: F401
