@@ -70,16 +70,21 @@ def test_missing_and_incomplete_folders(
     tiny_cfg: VoxtralConfig, tiny: Tiny, tmp_path: Path
 ) -> None:
     msg = _refused(dataclasses.replace(tiny_cfg, base=str(tmp_path / "nowhere")))
-    assert "does not exist" in msg
-    assert "model.voxtral.base" in msg
+    assert msg.endswith("does not exist; set model.voxtral.base to a local folder, "
+                        "or to a hub id")
     partial = tmp_path / "partial"
     shutil.copytree(tiny.base, partial)
     (partial / "tekken.json").unlink()
     msg = _refused(dataclasses.replace(tiny_cfg, base=str(partial)))
-    assert "lacks tekken.json" in msg
+    assert msg.endswith("lacks tekken.json; set model.voxtral.base to a local folder that "
+                        "holds them, or to a hub id")
     msg = _refused(dataclasses.replace(tiny_cfg, adapter=str(tmp_path)))
-    assert "lacks adapter_config.json, adapter_model.safetensors" in msg
-    assert "model.voxtral.adapter" in msg
+    assert msg.endswith("lacks adapter_config.json, adapter_model.safetensors; set "
+                        "model.voxtral.adapter to a local folder that holds them, or to a "
+                        'hub id, or to "" for plain Voxtral')
+    msg = _refused(dataclasses.replace(tiny_cfg, adapter=str(tmp_path / "nowhere")))
+    assert msg.endswith("does not exist; set model.voxtral.adapter to a local folder, or to "
+                        'a hub id, or to "" for plain Voxtral')
 
 
 def test_failed_download_is_one_line(

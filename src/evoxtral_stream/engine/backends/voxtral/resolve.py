@@ -150,10 +150,13 @@ def _label(kind: Kind) -> str:
     return "Voxtral base model" if kind is Kind.BASE else "LoRA adapter"
 
 
-def _hint(kind: Kind) -> str:
-    if kind is Kind.BASE:
-        return f"set {kind.value} to a local folder"
-    return f'set {kind.value} to a local folder, or to "" for plain Voxtral'
+def _hint(kind: Kind, folder: str = "", *, hub: bool = False) -> str:
+    """What to set: a local folder (``folder`` qualifies it), a hub id when
+    ``hub``, and for an adapter "" (plain Voxtral), always last."""
+    places = [f"a local folder{folder}", *(["a hub id"] if hub else [])]
+    if kind is Kind.ADAPTER:
+        places.append('"" for plain Voxtral')
+    return f"set {kind.value} to " + ", or to ".join(places)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -186,13 +189,13 @@ def resolve(ref: str, kind: Kind, *, download: bool = True) -> Resolved:
         folder = Path(ref).expanduser()
         if not folder.is_dir():
             raise BackendUnavailable(
-                f"{label} folder {ref!r} does not exist; {_hint(kind)} or to a hub id"
+                f"{label} folder {ref!r} does not exist; {_hint(kind, hub=True)}"
             )
         missing = missing_files(folder, kind)
         if missing:
             raise BackendUnavailable(
-                f"{label} folder {str(folder)!r} lacks {', '.join(missing)}; {_hint(kind)} "
-                "that holds them, or to a hub id"
+                f"{label} folder {str(folder)!r} lacks {', '.join(missing)}; "
+                f"{_hint(kind, ' that holds them', hub=True)}"
             )
         return Resolved(ref, folder.resolve(), "folder")
     local = find_local(ref, kind)
