@@ -135,6 +135,25 @@ def test_extra_adapters_need_unmerged_mode(tiny_cfg: VoxtralConfig, tiny: Tiny) 
         load_voxtral_backend(tiny_cfg, "en", extra_adapters={"rl": str(tiny.adapter_rl)})
 
 
+def test_a_broken_extra_adapter_names_its_own_key(
+    tiny_cfg: VoxtralConfig, tiny: Tiny, tmp_path: Path, empty_hub_cache: Path
+) -> None:
+    """[model.voxtral.adapters] rl = ...: the line says to fix model.voxtral.adapters.rl,
+    not model.voxtral.adapter (which is fine), and offers no "" (refused there)."""
+    cfg = dataclasses.replace(tiny_cfg, merge_lora=False)
+    key = "set model.voxtral.adapters.rl to a local folder"
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny.adapter_rl, truncated)
+    weights = truncated / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    for ref in (str(tmp_path / "nowhere"), str(tiny.base), "someone/not-cached", str(truncated)):
+        with pytest.raises(BackendUnavailable) as info:
+            load_voxtral_backend(cfg, "en", extra_adapters={"rl": ref})
+        msg = str(info.value)
+        assert key in msg or "set model.voxtral.adapters.rl to a complete adapter" in msg, msg
+        assert "model.voxtral.adapter " not in msg and "plain Voxtral" not in msg, msg
+
+
 def test_available_is_cheap_and_says_why(
     tiny_cfg: VoxtralConfig, empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -271,7 +271,8 @@ def load_model(
     torch_dtype = resolve_dtype(cfg.dtype, device) if dtype is None else dtype
     base = resolve(cfg.base, Kind.BASE)
     adapter = resolve(cfg.adapter, Kind.ADAPTER) if cfg.adapter else None
-    extra_paths = {name: resolve(ref, Kind.ADAPTER) for name, ref in extras.items()}
+    extra_paths = {name: resolve(ref, Kind.ADAPTER, key=_extra_key(name))
+                   for name, ref in extras.items()}
 
     tokenizer = load_tokenizer(base.path)
     try:
@@ -292,7 +293,7 @@ def load_model(
         try:
             peft_model = attach_adapter(peft_model or model, res.path, name)
         except AdapterError as e:
-            key = Kind.ADAPTER.value if name == DEFAULT_ADAPTER else f"adapter {name!r}"
+            key = Kind.ADAPTER.value if name == DEFAULT_ADAPTER else _extra_key(name)
             raise BackendUnavailable(
                 f"cannot use LoRA adapter {res.ref!r} on this base model ({e}); set {key} "
                 "to a complete adapter trained on this base"
@@ -329,6 +330,11 @@ def load_model(
         base=base,
         adapter=adapter,
     )
+
+
+def _extra_key(name: str) -> str:
+    """The config key of the extra adapter ``name`` ([model.voxtral.adapters])."""
+    return f"model.voxtral.adapters.{name}"
 
 
 class VoxtralBackend:

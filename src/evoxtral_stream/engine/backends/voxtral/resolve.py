@@ -150,13 +150,15 @@ def _label(kind: Kind) -> str:
     return "Voxtral base model" if kind is Kind.BASE else "LoRA adapter"
 
 
-def _hint(kind: Kind, folder: str = "", *, hub: bool = False) -> str:
+def _hint(kind: Kind, folder: str = "", *, hub: bool = False, key: str | None = None) -> str:
     """What to set: a local folder (``folder`` qualifies it), a hub id when
-    ``hub``, and for an adapter "" (plain Voxtral), always last."""
+    ``hub``, and for ``model.voxtral.adapter`` "" (plain Voxtral), always
+    last. ``key`` names another key that set the reference (an extra
+    adapter, which cannot be "")."""
     places = [f"a local folder{folder}", *(["a hub id"] if hub else [])]
-    if kind is Kind.ADAPTER:
+    if kind is Kind.ADAPTER and key is None:
         places.append('"" for plain Voxtral')
-    return f"set {kind.value} to " + ", or to ".join(places)
+    return f"set {key or kind.value} to " + ", or to ".join(places)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -164,7 +166,7 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
-def _download(ref: str, kind: Kind) -> Path:
+def _download(ref: str, kind: Kind, key: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = _BASE_PATTERNS if kind is Kind.BASE else _ADAPTER_PATTERNS
@@ -174,28 +176,29 @@ def _download(ref: str, kind: Kind) -> Path:
     except Exception as e:  # network, auth and hub errors all end the same way
         raise BackendUnavailable(
             f"could not download {_label(kind)} {ref!r} ({_first_line(e)}); check the network "
-            f"and `hf auth login`, or {_hint(kind)}"
+            f"and `hf auth login`, or {_hint(kind, key=key)}"
         ) from None
 
 
-def resolve(ref: str, kind: Kind, *, download: bool = True) -> Resolved:
+def resolve(ref: str, kind: Kind, *, download: bool = True, key: str | None = None) -> Resolved:
     """Return a complete local copy of ``ref``, downloading it when allowed.
 
     Downloads happen only for hub ids, when ``download`` is true and the hub
-    is not offline. Raises :class:`BackendUnavailable` (one line) otherwise.
+    is not offline. Raises :class:`BackendUnavailable` (one line) otherwise,
+    naming ``key`` as the setting to change (default: ``kind``'s own key).
     """
     label = _label(kind)
     if not is_hub_id(ref):
         folder = Path(ref).expanduser()
         if not folder.is_dir():
             raise BackendUnavailable(
-                f"{label} folder {ref!r} does not exist; {_hint(kind, hub=True)}"
+                f"{label} folder {ref!r} does not exist; {_hint(kind, hub=True, key=key)}"
             )
         missing = missing_files(folder, kind)
         if missing:
             raise BackendUnavailable(
                 f"{label} folder {str(folder)!r} lacks {', '.join(missing)}; "
-                f"{_hint(kind, ' that holds them', hub=True)}"
+                f"{_hint(kind, ' that holds them', hub=True, key=key)}"
             )
         return Resolved(ref, folder.resolve(), "folder")
     local = find_local(ref, kind)
@@ -204,13 +207,13 @@ def resolve(ref: str, kind: Kind, *, download: bool = True) -> Resolved:
     if not download or hub_offline():
         raise BackendUnavailable(
             f"{label} {ref!r} is not available offline (no local folder, not in the Hugging Face "
-            f"cache); download it (hf download {ref}) or {_hint(kind)}"
+            f"cache); download it (hf download {ref}) or {_hint(kind, key=key)}"
         )
-    path = _download(ref, kind)
+    path = _download(ref, kind, key)
     missing = missing_files(path, kind)
     if missing:
         raise BackendUnavailable(
-            f"{label} {ref!r} on the hub lacks {', '.join(missing)}; {_hint(kind)}"
+            f"{label} {ref!r} on the hub lacks {', '.join(missing)}; {_hint(kind, key=key)}"
         )
     return Resolved(ref, path, "download")
 
