@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -623,3 +624,33 @@ async def test_no_progress_unless_asked(
     assert messages[-1]["type"] == "ingest.summary"
     assert messages[-1]["duration"] > 3
     assert not [m for m in messages if m["type"] == "ingest.progress"]
+
+
+async def test_the_stream_id_is_free_once_the_summary_arrives(
+    scripted: tuple[Engine, CaptionServer],
+) -> None:
+    """A client that got ``ingest.summary`` (its stream has ended) may open the
+    same stream id again at once. It was refused with ``stream_busy`` until
+    the first connection's close handshake had ended, which a slow (here: a
+    silent) peer holds up for the server's close timeout."""
+    _, server = scripted
+
+    def first_until_summary() -> socket.socket:
+        sock = raw_ws_handshake(server.port, "/v1/ingest?stream=room")
+        sock.sendall(client_text_frame(json.dumps({"type": "config", "sample_rate": 16000})))
+        sock.sendall(client_text_frame(json.dumps({"type": "end"})))
+        sock.settimeout(20)
+        got = b""
+        while b"ingest.summary" not in got:
+            got += sock.recv(65536)
+        return sock  # never answers the server's close frame
+
+    first = await asyncio.to_thread(first_until_summary)
+    try:
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/ingest?stream=room") as ws:
+            await ws.send(json.dumps({"type": "config", "sample_rate": 16000}))
+            assert (await recv_json(ws, timeout=5))["type"] == "ingest.ready"
+            await ws.send(json.dumps({"type": "end"}))
+            assert (await until_closed(ws))[-1]["type"] == "ingest.summary"
+    finally:
+        first.close()

@@ -547,13 +547,22 @@ class CaptionServer:
             await self._refuse(ws, "too_many_streams", self._too_many_streams(grant),
                                stream=stream_id)
             return
-        try:
-            await self._open_ingest(ws, stream_id)
-        finally:
-            self._usage.release(grant.token, "streams")
-            self._slots.release(stream_id)
+        released = False
 
-    async def _open_ingest(self, ws: ServerConnection, stream_id: str) -> None:
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._usage.release(grant.token, "streams")
+                self._slots.release(stream_id)
+
+        try:
+            await self._open_ingest(ws, stream_id, release)
+        finally:
+            release()
+
+    async def _open_ingest(self, ws: ServerConnection, stream_id: str,
+                           release: Callable[[], None]) -> None:
         try:
             first = await asyncio.wait_for(ws.recv(), self._cfg.handshake_timeout_s)
         except TimeoutError:
@@ -587,10 +596,12 @@ class CaptionServer:
             self.broadcaster.unsubscribe(sub)
             await self._refuse(ws, "bad_config", str(e), stream=stream_id)
             return
-        await self._run_ingest(ws, stream, sub, fmt)
+        await self._run_ingest(ws, stream, sub, fmt, release)
 
     async def _run_ingest(self, ws: ServerConnection, stream: Stream, sub: Subscription,
-                          fmt: IngestFormat) -> None:
+                          fmt: IngestFormat, release: Callable[[], None]) -> None:
+        """Caption the connection's audio as ``stream``; ``release`` frees the
+        stream's slot once the stream is closed."""
         stream_id = stream.id
         resampler = StreamResampler(fmt.sample_rate, SAMPLE_RATE, fmt.channels)
         outcome: _Outcome = "closed"
@@ -627,6 +638,9 @@ class CaptionServer:
             if len(tail):
                 push(tail)
             summary = await stream.close()
+            # The id is free from here: a client may reconnect with it as
+            # soon as it has the summary, before this close handshake ends.
+            release()
         try:
             if sub.overflowed.is_set():
                 return  # its queue will not drain: closed below
