@@ -59,6 +59,14 @@ def test_unknown_language_is_one_line(tiny_cfg: VoxtralConfig) -> None:
         "auto, de, en, es, fr, hi, it, nl, pt")
 
 
+def test_a_language_is_one_of_the_codes_exactly(tiny_cfg: VoxtralConfig) -> None:
+    """model.language "EN" (or "", " en") was taken: the engine then offered
+    streams "EN" beside "en" in hello, and "EN" was refused per stream."""
+    for code in ("EN", "", " en", "Auto"):
+        with pytest.raises(BackendUnavailable, match=r"is not a language Voxtral transcribes"):
+            load_voxtral_backend(tiny_cfg, code)
+
+
 def test_missing_adapter_is_one_line(tiny_cfg: VoxtralConfig, empty_hub_cache: Path) -> None:
     cfg = dataclasses.replace(tiny_cfg, adapter="YongkangZOU/evoxtral-lora")
     msg = _refused(cfg)

@@ -252,7 +252,9 @@ def load_model(
         from mistral_common.tokens.tokenizers.tekken import Tekkenizer  # noqa: F401
     except ImportError as e:
         raise BackendUnavailable(f"the Voxtral backend needs {e.name}: {_EXTRA_HINT}") from None
-    if language.strip().lower() not in ("", *LANGUAGES):
+    # Exactly a code: the engine compares them as they are (hello's list,
+    # a stream's own language), so "EN" would be a second English.
+    if language not in LANGUAGES:
         raise BackendUnavailable(f"model.language {language!r} is not a language Voxtral "
                                  f"transcribes; use one of {', '.join(LANGUAGES)}")
     merged = cfg.merge_lora if merge is None else merge
@@ -666,8 +668,9 @@ def load_voxtral_backend(
 ) -> VoxtralBackend:
     """Load the backend ``cfg`` describes, downloading weights on first use.
 
-    ``language`` is the ISO 639-1 code put in the prompt ("" or "auto":
-    detection). Raises :class:`BackendUnavailable` with one line naming what
-    is missing and the config key to set.
+    ``language`` is the ISO 639-1 code put in the prompt, one of
+    :data:`.prompt.LANGUAGES` exactly ("auto": detection). Raises
+    :class:`BackendUnavailable` with one line naming what is missing and the
+    config key to set.
     """
     return VoxtralBackend(load_model(cfg, language, extra_adapters=extra_adapters), cfg)

@@ -40,7 +40,7 @@ def export_merged(cfg: VoxtralConfig, outdir: Path, *, max_shard_size: str = "5G
         raise ExportError(f"{outdir} exists and is not an empty folder; choose a new OUTDIR")
     if not cfg.adapter:
         log.warning("model.voxtral.adapter is empty: exporting plain Voxtral unchanged")
-    loaded = load_model(cfg, "", merge=True, dtype="auto" if cfg.dtype == "auto" else None)
+    loaded = load_model(cfg, "auto", merge=True, dtype="auto" if cfg.dtype == "auto" else None)
     model: Any = loaded.model
     try:
         outdir.mkdir(parents=True, exist_ok=True)
