@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from evoxtral_stream.config import VoxtralConfig
+from evoxtral_stream.engine.backends.base import BackendUnavailable
 from evoxtral_stream.engine.backends.voxtral import export_merged
 from evoxtral_stream.engine.backends.voxtral.backend import VoxtralBackend, load_voxtral_backend
 from evoxtral_stream.engine.backends.voxtral.export import ExportError
@@ -70,6 +71,21 @@ def test_export_refuses_a_non_empty_folder(tiny_cfg: VoxtralConfig, tmp_path: Pa
     (tmp_path / "x.txt").write_text("keep me")
     with pytest.raises(ExportError, match="not an empty folder"):
         export_merged(tiny_cfg, tmp_path)
+
+
+def test_an_unwritable_outdir_is_refused_before_the_model_loads(
+    tiny_cfg: VoxtralConfig, tmp_path: Path
+) -> None:
+    """A full-size base takes minutes to load and merge: an OUTDIR that cannot
+    be made is refused first (here under a file; the base is missing too, and
+    was what the line named), and a failed load leaves no folder behind."""
+    (tmp_path / "a-file").write_text("")
+    broken = dataclasses.replace(tiny_cfg, base=str(tmp_path / "no-base"))
+    with pytest.raises(ExportError, match=r"cannot write .*a-file/out"):
+        export_merged(broken, tmp_path / "a-file" / "out")
+    with pytest.raises(BackendUnavailable, match="does not exist"):
+        export_merged(broken, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
 
 
 def test_export_merged_command(tiny: Tiny, tmp_path: Path) -> None:

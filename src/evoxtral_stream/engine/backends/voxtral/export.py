@@ -8,6 +8,7 @@ config, generation config, ``tekken.json`` and the feature-extractor config.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -40,10 +41,23 @@ def export_merged(cfg: VoxtralConfig, outdir: Path, *, max_shard_size: str = "5G
         raise ExportError(f"{outdir} exists and is not an empty folder; choose a new OUTDIR")
     if not cfg.adapter:
         log.warning("model.voxtral.adapter is empty: exporting plain Voxtral unchanged")
-    loaded = load_model(cfg, "auto", merge=True, dtype="auto" if cfg.dtype == "auto" else None)
-    model: Any = loaded.model
+    # Made before the model loads (minutes for the full size), so a place
+    # that cannot be written is refused at once; removed if the load fails.
+    made = not outdir.exists()
     try:
         outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot write {outdir}: {e.strerror or e}") from None
+    try:
+        loaded = load_model(cfg, "auto", merge=True,
+                            dtype="auto" if cfg.dtype == "auto" else None)
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):
+                outdir.rmdir()
+        raise
+    model: Any = loaded.model
+    try:
         model.save_pretrained(str(outdir), max_shard_size=max_shard_size)
         for name in _COPIED:
             src = loaded.base.path / name
