@@ -126,6 +126,24 @@ def test_merged_and_unmerged_equal_weights_applied_directly(
     assert effect > 1.0  # the adapter changes the output a lot, so equality means something
 
 
+def test_a_bfloat16_merge_rounds_each_weight_once(tiny: Tiny, tiny_cfg: VoxtralConfig) -> None:
+    """docs/voxtral.md: merged "computed in float32, rounded once to bfloat16".
+    peft's merge rounds the delta to bfloat16 first and the sum again."""
+    from transformers import VoxtralForConditionalGeneration
+
+    cls: Any = VoxtralForConditionalGeneration
+    base = dict(cls.from_pretrained(str(tiny.base), dtype=torch.bfloat16).named_modules())
+    got = dict(load_voxtral_backend(dataclasses.replace(tiny_cfg, dtype="bfloat16"),
+                                    "en").model.named_modules())
+    differ = 0
+    for name, delta in tiny.deltas.items():
+        once = (base[name].weight.float() + delta).to(torch.bfloat16)
+        twice = base[name].weight + delta.to(torch.bfloat16)
+        differ += not torch.equal(once, twice)
+        assert torch.equal(got[name].weight, once), name
+    assert differ  # the two roundings differ here, so the test tells them apart
+
+
 def test_named_adapters_switch_at_run_time(tiny: Tiny, unmerged: VoxtralBackend) -> None:
     batch = audio_batch([3.0, 7.0], seed=6)
     assert set(unmerged.adapter_names) == {"default", "rl", NO_ADAPTER}

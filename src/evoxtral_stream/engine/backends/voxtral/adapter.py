@@ -29,6 +29,7 @@ __all__ = [
     "AdapterError",
     "attach_adapter",
     "map_adapter_key",
+    "merge_lora",
     "read_adapter",
     "verify_adapter",
 ]
@@ -200,3 +201,41 @@ def attach_adapter(model: nn.Module, folder: Path, name: str) -> nn.Module:
         folder,
     )
     return cast(nn.Module, peft_model)
+
+
+def merge_lora(peft_model: nn.Module) -> nn.Module:
+    """The base model of ``peft_model`` with its active LoRA merged in.
+
+    Each weight is ``W + B @ A * scaling`` computed in float32 and rounded
+    once to the weight's dtype: peft's own merge rounds the delta to that
+    dtype (bfloat16) before adding it, and the sum again. Layers that peft
+    merges otherwise (fan-in-fan-out, LoRA biases, DoRA and other variants)
+    are left to it. Raises :class:`AdapterError` for non-finite weights.
+    """
+    from peft.tuners.lora import Linear as LoraLinear
+
+    with torch.no_grad():
+        for where, module in peft_model.named_modules():
+            if not isinstance(module, LoraLinear):
+                continue
+            lora: Any = module  # peft's layers are loosely typed
+            names = [n for n in lora.active_adapters if n in lora.lora_A]
+            if not names or lora.merged or lora.fan_in_fan_out or any(
+                lora.lora_variant.get(n) is not None or lora.lora_bias.get(n, False)
+                for n in names
+            ):
+                continue
+            weight: torch.Tensor = lora.get_base_layer().weight
+            total = weight.float()
+            for n in names:
+                a, b = lora.lora_A[n].weight.float(), lora.lora_B[n].weight.float()
+                total += (b @ a) * lora.scaling[n]
+            if not torch.isfinite(total).all():
+                raise AdapterError(f"merging the adapter into {where} gives non-finite weights")
+            weight.data = total.to(weight.dtype)
+            lora.merged_adapters.extend(names)
+        with warnings.catch_warnings():
+            # peft's merge finds those layers merged already: nothing left to do there.
+            warnings.filterwarnings("ignore", message="All adapters are already merged")
+            merged = cast(Any, peft_model).merge_and_unload(progressbar=False, safe_merge=True)
+    return cast(nn.Module, merged)

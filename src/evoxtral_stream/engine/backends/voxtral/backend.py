@@ -31,7 +31,7 @@ from transformers import StoppingCriteria as _StoppingCriteria
 from evoxtral_stream.config import VoxtralConfig
 from evoxtral_stream.engine.backends.base import BackendError, BackendUnavailable, Done, Job
 
-from .adapter import AdapterError, attach_adapter
+from .adapter import AdapterError, attach_adapter, merge_lora
 from .features import LogMel
 from .prompt import LANGUAGES, PromptSpec, Tokenizer, language_ids
 from .resolve import Kind, Resolved, resolve
@@ -305,8 +305,13 @@ def load_model(
         peft_model.eval()
     gen_model = model
     if peft_model is not None and merged:
-        merged_model = cast(Any, peft_model).merge_and_unload(progressbar=False, safe_merge=True)
-        gen_model = cast(nn.Module, merged_model)
+        try:
+            gen_model = merge_lora(peft_model)
+        except AdapterError as e:
+            raise BackendUnavailable(
+                f"cannot merge the LoRA adapters into the base model ({e}); set "
+                "model.voxtral.merge_lora = false, or use adapters trained on this base"
+            ) from None
         peft_model = None
     if peft_model is not None:
         gen_model = cast(nn.Module, cast(Any, peft_model).get_base_model())
