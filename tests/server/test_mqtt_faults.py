@@ -1,5 +1,6 @@
 """The MQTT publisher against a broker that misbehaves in part: publishes refused
-by its ACL, finals never acknowledged, topics it rejects as malformed."""
+by its ACL, finals never acknowledged, topics it rejects as malformed, away
+long enough for the queue to overflow."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ except ImportError:  # the mqtt extra is optional
     pytest.skip("aiomqtt not installed (pip install 'evoxtral-stream[mqtt]')",
                 allow_module_level=True)
 
-from evoxtral_stream.events import StreamStarted, stream_id_problem
+from evoxtral_stream.events import StreamEnded, StreamStarted, stream_id_problem
 from evoxtral_stream.server.mqtt import ENGINE_OFFLINE, ENGINE_ONLINE, MqttPublisher
 from tests.helpers.http import Relay
 from tests.server.conftest import MosquittoBroker, mosquitto_binary
@@ -189,6 +190,44 @@ async def test_presence_says_offline_when_the_goodbye_is_not_acknowledged(
         assert proxy.swallowed == 1, "offline was sent and never acknowledged"
         await asyncio.sleep(0.3)
         assert await retained_status(mosquitto.port, "pg") == ENGINE_OFFLINE
+
+
+# --- a queue that overflowed while the broker was away ----------------------------------
+
+
+async def test_after_an_overflow_each_stream_s_retained_status_is_its_last_state(
+    mosquitto: MosquittoBroker,
+) -> None:
+    # Streams x, y, z and w are live, and the broker says so (retained).
+    async with MqttPublisher(mqtt_config(mosquitto.port, "ov")) as before:
+        await connected(before)
+        for s in "xyzw":
+            before(StreamStarted(s, "test"))
+        await eventually(lambda: before.stats().published >= 4, "the four starts")
+    # The engine restarts while the broker is unreachable: the queue fills
+    # with the ends of x, y, z, their last finals, and a stream v that
+    # starts and ends; w is still live. (A publisher not yet started stands
+    # for the unreachable broker: nothing leaves its queue.)
+    pub = MqttPublisher(mqtt_config(mosquitto.port, "ov", queue_size=4))
+    for seq, s in enumerate("xyz"):
+        pub(caption(s, 0, seq, True, "one"))
+        pub(caption(s, 1, seq, True, "two"))
+        pub(StreamEnded(s, 2.0, 2, 2))
+    pub(StreamStarted("v", "test"))
+    pub(caption("v", 0, 0, True, "brief"))
+    pub(StreamEnded("v", 1.0, 1, 1))
+    st = pub.stats()
+    assert (st.queued, st.dropped_finals) == (4, 8), st
+    async with pub:
+        await eventually(lambda: pub.stats().published >= 4, "the queue")
+    async with subscriber(mosquitto.port, "ov/+/status") as late:
+        got = await late.settle(0.5)
+    # Dropping the oldest of the queue would have dropped x's end: the
+    # broker would say x is live for good.
+    status = {topic(m): body(m)["type"] for m in got if m.retain}
+    assert status == {"ov/x/status": "stream.ended", "ov/y/status": "stream.ended",
+                      "ov/z/status": "stream.ended", "ov/v/status": "stream.ended",
+                      "ov/w/status": "stream.started"}, status
 
 
 # --- topics the broker rejects ------------------------------------------------------------

@@ -120,8 +120,8 @@ class MqttStats:
     ``published``: accepted by the broker (QoS 1: acknowledged). ``superseded``:
     partials replaced while waiting by a newer partial or the final of their
     segment (no information lost). ``dropped_partials``/``dropped_finals``:
-    removed by the overflow policy (``dropped_finals`` counts lifecycle events
-    too). ``failed``: given up after a failed publish, refused by the broker
+    removed by the overflow policy (``dropped_finals`` counts errors and
+    lifecycle events too). ``failed``: given up after a failed publish, refused by the broker
     (an MQTT 5 acknowledgement with an error reason code), or still queued at
     close.
     ``queued``: waiting now.
@@ -238,12 +238,15 @@ class MqttPublisher:
     in a queue of ``cfg.queue_size`` and returns. While a partial waits, a
     newer partial or the final of the same segment replaces it (a caption
     carries the whole segment's text, so nothing is lost; counted as
-    ``superseded``). When the queue is full: a new partial pushes out the
-    oldest waiting partial, or is itself dropped when only finals and
-    lifecycle events wait; a new final or lifecycle event pushes out the
-    oldest waiting partial, or else the oldest waiting final/lifecycle event
-    (the newest are worth most to live viewers, and the last final is the one
-    retained). Every drop is counted.
+    ``superseded``). When an event overfills the queue, one is dropped, the
+    first of: the oldest waiting partial (the new partial itself when no
+    other waits); the oldest final or error (the new one itself when no other
+    waits); the oldest lifecycle event whose status topic has a newer one
+    waiting (it is no longer the stream's state); the oldest lifecycle event.
+    So the retained status stays each stream's last state unless the queue
+    holds nothing but lifecycle events, each its topic's last (a dropped
+    ``stream.ended`` would leave a stream gone long ago retained as
+    started). Every drop is counted.
 
     The background task connects (MQTT 5, or 3.1.1 after the broker refuses
     version 5 when ``protocol = "auto"``; that choice then sticks), publishes

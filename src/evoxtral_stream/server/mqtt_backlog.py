@@ -2,30 +2,37 @@
 
 :class:`Backlog` holds the events waiting to be published, at most ``size``
 of them. Partial captions wait apart, at most one per segment; finals and
-lifecycle events wait in a FIFO; :meth:`Backlog.pop` merges both by arrival
-order (:attr:`QueuedEvent.order`).
+errors wait in one FIFO, lifecycle events (``stream.started``/``.ended``,
+published retained as the stream's state) in another; :meth:`Backlog.pop`
+merges them by arrival order (:attr:`QueuedEvent.order`).
 
 While a partial waits, a newer partial or the final of the same segment
 replaces it (a caption carries the whole segment's text, so nothing is lost;
 counted as ``superseded``).
 
-Overflow policy, when the queue is full: a new partial pushes out the oldest
-waiting partial, or is itself dropped when only finals and lifecycle events
-wait; a new final or lifecycle event pushes out the oldest waiting partial,
-or else the oldest waiting final/lifecycle event (the newest are worth most
-to live viewers, and the last final is the one retained). A final or
-lifecycle event put back after a failed publish goes to the head; when the
-queue is full it pushes out the oldest waiting partial, or else is itself
-dropped. Every drop is counted
-(``dropped_partials``; ``dropped_finals`` counts lifecycle events too).
+Overflow policy: the queue takes the new event, and when that makes it one
+too many gives one up, the first of: the oldest waiting partial (the new
+partial itself when no other waits); the oldest final or error (the new one
+itself when no other waits); the oldest lifecycle event whose status topic
+has a newer lifecycle event waiting (superseded as retained state, e.g. a
+``stream.started`` followed by its ``stream.ended``); the oldest lifecycle
+event. So the retained status of a stream is wrong only when the queue holds
+nothing but lifecycle events, each its topic's last; dropping the
+``stream.ended`` of a stream whose ``stream.started`` went out would leave
+the broker saying the stream is live for good. A final, error or lifecycle
+event put back after a failed publish goes to the head and the same policy
+applies (it may be the one given up). Every drop is counted
+(``dropped_partials``; ``dropped_finals`` counts errors and lifecycle events
+too). Each push, put-back and pop costs O(log size) at most.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+import heapq
+from collections import OrderedDict
 from dataclasses import dataclass
 
-from ..events import CaptionEvent, EngineEvent
+from ..events import CaptionEvent, EngineEvent, StreamEnded, StreamStarted
 
 __all__ = ["Backlog", "PartialKey", "QueuedEvent"]
 
@@ -54,6 +61,11 @@ class QueuedEvent:
     def partial(self) -> bool:
         return isinstance(self.event, CaptionEvent) and not self.event.final
 
+    @property
+    def lifecycle(self) -> bool:
+        """A ``stream.started``/``stream.ended``: the retained state of its topic."""
+        return isinstance(self.event, StreamStarted | StreamEnded)
+
 
 class Backlog:
     """The bounded queue with the publisher's overflow policy (see the module doc).
@@ -64,63 +76,101 @@ class Backlog:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._reliable: deque[QueuedEvent] = deque()
+        # All three keep arrival order: pushes append, a put-back (always the
+        # earliest arrival waiting) goes first.
         self._partials: OrderedDict[PartialKey, QueuedEvent] = OrderedDict()
+        self._finals: OrderedDict[int, QueuedEvent] = OrderedDict()
+        self._states: OrderedDict[int, QueuedEvent] = OrderedDict()
+        # Per status topic, the order of its newest waiting lifecycle event;
+        # the orders of the others waiting (superseded) are in a heap, so the
+        # oldest of them is found without a scan.
+        self._newest_state: dict[str, int] = {}
+        self._superseded: list[int] = []
         self.superseded = 0
         self.dropped_partials = 0
         self.dropped_finals = 0
 
     def __len__(self) -> int:
-        return len(self._reliable) + len(self._partials)
+        return len(self._partials) + len(self._finals) + len(self._states)
 
     def push(self, item: QueuedEvent) -> None:
         """Queue a new event, applying the overflow policy."""
-        if item.partial:
-            assert item.key is not None
-            if self._partials.pop(item.key, None) is not None:
-                self.superseded += 1
-            elif len(self) >= self.size and not self._drop_oldest_partial():
-                # Only finals and lifecycle events wait: they are worth more.
-                self.dropped_partials += 1
-                return
-            self._partials[item.key] = item
-            return
         if item.key is not None and self._partials.pop(item.key, None) is not None:
             self.superseded += 1
-        if len(self) >= self.size and not self._drop_oldest_partial():
-            self._reliable.popleft()
-            self.dropped_finals += 1
-        self._reliable.append(item)
+        if item.partial:
+            assert item.key is not None
+            self._partials[item.key] = item
+        elif item.lifecycle:
+            self._states[item.order] = item
+            newer_than = self._newest_state.get(item.topic)
+            if newer_than is not None:
+                heapq.heappush(self._superseded, newer_than)
+            self._newest_state[item.topic] = item.order
+        else:
+            self._finals[item.order] = item
+        self._overflow()
 
     def put_back(self, item: QueuedEvent) -> bool:
-        """Return an unsent final or lifecycle event to the head; False if it was dropped."""
-        if len(self) >= self.size and not self._drop_oldest_partial():
-            self.dropped_finals += 1
-            return False
-        self._reliable.appendleft(item)
-        return True
+        """Return an unsent final, error or lifecycle event to the head; False if it was dropped."""
+        if item.lifecycle:
+            self._states[item.order] = item
+            self._states.move_to_end(item.order, last=False)
+            if item.topic in self._newest_state:
+                # Anything waiting arrived after it: it is the oldest superseded.
+                heapq.heappush(self._superseded, item.order)
+            else:
+                self._newest_state[item.topic] = item.order
+        else:
+            self._finals[item.order] = item
+            self._finals.move_to_end(item.order, last=False)
+        return self._overflow() is not item
 
     def pop(self) -> QueuedEvent | None:
         """The earliest-arrived waiting event, removed; None when empty."""
-        r = self._reliable[0] if self._reliable else None
-        p = next(iter(self._partials.values())) if self._partials else None
-        if p is not None and (r is None or p.order < r.order):
+        heads = [next(iter(q.values())) for q in (self._partials, self._finals, self._states)
+                 if q]
+        if not heads:
+            return None
+        item = min(heads, key=lambda h: h.order)
+        if item.partial:
             self._partials.popitem(last=False)
-            return p
-        if r is not None:
-            self._reliable.popleft()
-        return r
+        elif item.lifecycle:
+            self._remove_state(self._states.popitem(last=False)[1])
+        else:
+            self._finals.popitem(last=False)
+        return item
 
     def clear(self) -> int:
         """Empty the queue; the number of events removed (not counted as drops)."""
         n = len(self)
-        self._reliable.clear()
         self._partials.clear()
+        self._finals.clear()
+        self._states.clear()
+        self._newest_state.clear()
+        self._superseded.clear()
         return n
 
-    def _drop_oldest_partial(self) -> bool:
-        if not self._partials:
-            return False
-        self._partials.popitem(last=False)
-        self.dropped_partials += 1
-        return True
+    def _overflow(self) -> QueuedEvent | None:
+        """Drop one event by the policy if the queue is over ``size``; the one dropped."""
+        if len(self) <= self.size:
+            return None
+        if self._partials:
+            self.dropped_partials += 1
+            return self._partials.popitem(last=False)[1]
+        self.dropped_finals += 1
+        if self._finals:
+            return self._finals.popitem(last=False)[1]
+        if self._superseded:
+            return self._states.pop(heapq.heappop(self._superseded))
+        victim = self._states.popitem(last=False)[1]
+        self._remove_state(victim)
+        return victim
+
+    def _remove_state(self, item: QueuedEvent) -> None:
+        """Forget a lifecycle event leaving the queue as its oldest one."""
+        if self._newest_state.get(item.topic) == item.order:
+            del self._newest_state[item.topic]
+        else:
+            # Superseded, and the oldest lifecycle event waiting: the heap's least.
+            oldest = heapq.heappop(self._superseded)
+            assert oldest == item.order
