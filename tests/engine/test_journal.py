@@ -1014,3 +1014,60 @@ def test_a_resume_of_recent_finals_reads_only_the_newest_files(
     backlog = [json.loads(m) for m in b.subscribe(since={"s": 196}).backlog]
     assert [(m["type"], m.get("seq")) for m in backlog] == [
         ("caption", 197), ("caption", 199), ("caption", 200), ("stream.ended", None)]
+
+
+def test_a_resume_from_the_start_replays_only_the_newest_history_finals_after_a_gap(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A resume with since=0 of a stream live for days would otherwise hold
+    # its whole journal (up to (keep + 1) * max_bytes) in one subscriber's
+    # backlog: measured +155 MB per such subscriber.
+    cfg = config(tmp_path, **{"journal.max_bytes": 1024, "journal.keep": 100}).journal
+    writer = Journal(cfg)
+    writer.restore()
+    for seq in range(1, 201):
+        if seq % 3:  # every third seq is a partial's (not journaled)
+            writer.append(caption("s", seq, text="word " * 20))
+    writer.end(StreamEnded("s", 200.0, 133, 133))
+    writer.close()
+    files = sorted((tmp_path / "j").iterdir())
+    assert len(files) > 20
+
+    journal = Journal(cfg)
+    journal.restore()
+    full = journal.replay("s", 0)
+    assert full is not None and len(full.records) == 134
+    newest = [r.seq for r in full.records][-10:]
+    read: list[Path] = []
+    real = journal._lines
+
+    def spy(path: Path) -> Iterator[object]:
+        read.append(path)
+        return real(path)
+
+    monkeypatch.setattr(journal, "_lines", spy)
+    limited = journal.replay("s", 0, limit=10)
+    assert limited is not None
+    assert limited.records == full.records[-10:]
+    assert (limited.covered_from, limited.ended) == (newest[0], full.ended)
+    # Only the newest files, those holding the ten (two or three finals a
+    # file), not all of them.
+    assert sorted(read) == files[-len(read):], [p.name for p in read]
+    assert 3 <= len(read) <= 6 < len(files), [p.name for p in read]
+
+    b = Broadcaster(16, encode_event, history=10, source=journal)
+    read.clear()
+    gap, *replayed, end = [json.loads(m) for m in b.subscribe(since={"s": 0}).backlog]
+    assert (gap["type"], gap["from"], gap["to"]) == ("gap", 1, newest[0] - 1)
+    assert [(m["type"], m["seq"]) for m in replayed] == [("caption", q) for q in newest]
+    assert end["type"] == "stream.ended"
+    assert len(read) <= 6, [p.name for p in read]
+    # A since within the limit replays as without one: no gap, every final after it.
+    unlimited = Broadcaster(16, encode_event, history=1000, source=journal)
+    since = newest[0] - 1
+    backlog = b.subscribe(since={"s": since}).backlog
+    assert backlog == unlimited.subscribe(since={"s": since}).backlog
+    assert [json.loads(m).get("seq") for m in backlog] == [*newest, None]
+    # History off: nothing from the journal but the gap and the end.
+    plain = Broadcaster(16, encode_event, history=0, source=journal)
+    gap, end = [json.loads(m) for m in plain.subscribe(since={"s": 0}).backlog]
+    assert (gap["type"], gap["from"], gap["to"], end["type"]) == ("gap", 1, 200, "stream.ended")

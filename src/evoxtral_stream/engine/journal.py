@@ -208,14 +208,17 @@ class EndRecord:
 class Replay:
     """What the journal can replay of a stream after some seq.
 
-    ``records`` are the finals with ``since < seq < before``, in order.
+    ``records`` are the finals with ``since < seq < before``, in order (the
+    newest ``limit`` of them when a limit left older ones out).
     ``covered_from`` is the lowest seq from which every final is present: 1
     when no file of the stream was deleted by rotation, else the seq of the
     oldest final kept (with no final kept, one past the oldest reservation
-    kept: finals before it went with the deleted files). Before it, finals
-    may be missing (a ``gap``). ``ended`` is the stream's ``stream.ended``
-    message when the stream's last record is its end record, else None (it
-    was opened again, or cut by a crash: its end is unknown).
+    kept: finals before it went with the deleted files); past a limit, the
+    seq of the oldest record replayed (with none, one past the newest left
+    out). Before it, finals may be missing (a ``gap``). ``ended`` is the
+    stream's ``stream.ended`` message when the stream's last record is its
+    end record, else None (it was opened again, or cut by a crash: its end
+    is unknown).
     """
 
     records: tuple[JournalRecord, ...]
@@ -715,31 +718,46 @@ class Journal:
 
     # --- reading ----------------------------------------------------------------
 
-    def replay(self, stream: str, since: int, before: int | None = None) -> Replay | None:
+    def replay(self, stream: str, since: int, before: int | None = None,
+               limit: int | None = None) -> Replay | None:
         """The journaled finals of ``stream`` with ``since < seq < before``
         (captions only: reservation lines are never replayed), and its end
         when its last record is its end record (:attr:`Replay.ended`).
 
-        None when the journal holds nothing of the stream. Reads the stream's
-        files on the calling thread, newest first, and stops after one that
-        holds a final at or before ``since`` (seqs only grow from file to
-        file, so older files hold nothing to replay): a resume of recent
-        captions reads the newest file or two; one from the start at most
+        With ``limit``, only the newest ``limit`` of those finals: the older
+        ones are left out as missing (:attr:`Replay.covered_from` is past
+        them, so the caller announces a gap). None when the journal holds
+        nothing of the stream. Reads the stream's files on the calling
+        thread, newest first, and stops after one that holds a final at or
+        before ``since`` (seqs only grow from file to file, so older files
+        hold nothing to replay) or once ``limit`` finals are read: a resume of
+        recent captions reads the newest file or two; one from the start the
+        files holding the newest ``limit`` finals, and without a limit at most
         ``(keep + 1) * max_bytes`` bytes.
         """
         paths = self._files_of(stream)
         if not paths:
             return None
+
+        def wanted(x: JournalRecord | SeqReservation | EndRecord) -> bool:
+            return (isinstance(x, JournalRecord) and x.seq > since
+                    and (before is None or x.seq < before))
+
         files: list[list[JournalRecord | SeqReservation | EndRecord]] = []
+        found = 0   # finals to replay in the files read
         for path in reversed(paths):
             lines = list(self._lines(path))
             files.append(lines)
             if any(isinstance(x, JournalRecord) and x.seq <= since for x in lines):
                 break
+            found += sum(1 for x in lines if wanted(x))
+            # With limit 0, read on to the newest final to skip: the gap ends there.
+            if limit is not None and found >= max(limit, 1):
+                break
         files.reverse()
         # Rotation deletes the lowest indices: if file 1 is gone, finals
         # before the oldest kept record may be missing. Files left unread
-        # hold only finals at or before since: covered from the first read.
+        # hold only finals at or before since, or finals past the limit.
         first_file = parse_file_name(paths[0].name)
         complete = (len(files) == len(paths) and first_file is not None
                     and first_file.index == 1 and stream not in self._renumbered)
@@ -759,8 +777,15 @@ class Journal:
                     continue
                 if covered_from is None:
                     covered_from = 1 if complete else line.seq
-                if line.seq > since and (before is None or line.seq < before):
+                if wanted(line):
                     records.append(line)
+        if limit is not None and len(records) > limit:
+            # Past the limit: replay the newest, and say the older are missing.
+            # (Finals in files left unread are missing already: the files
+            # read were not all, so covered_from is at the oldest one read.)
+            kept = records[len(records) - limit:] if limit else []
+            covered_from = kept[0].seq if kept else records[-1].seq + 1
+            records = kept
         if covered_from is None:
             if first_reserved is None:
                 return None

@@ -21,10 +21,13 @@ Journal-backed resume: given a ``source`` (the engine's journal), a resume
 whose ``since`` reaches before the retained history (after an engine restart
 nothing is retained) first replays the source's finals after ``since`` and
 before the oldest retained caption; a ``gap`` then covers only what neither
-holds. The source is read on the event loop, once per resumed stream. The
-replay ends with the source's ``stream.ended`` (a stream that ended before
-the restart) unless the stream is live now (its id opened again, maybe
-without captions yet) or has ended in this run (then its own end rules).
+holds. The source gives at most ``history`` finals, the newest after
+``since`` (a gap announces the older ones), so what one resume holds is
+bounded whatever the stream's journal holds. The source is read on the event
+loop, once per resumed stream. The replay ends with the source's
+``stream.ended`` (a stream that ended before the restart) unless the stream
+is live now (its id opened again, maybe without captions yet) or has ended
+in this run (then its own end rules).
 The broadcaster knows which streams are live from their ``stream.started``
 and ``stream.ended`` (a set bounded by the live streams), so it must be a
 listener before any stream opens (the server adds it as it starts).
@@ -70,10 +73,14 @@ class SourceReplay(Protocol):
 
 
 class HistorySource(Protocol):
-    """Older captions than the broadcaster retains (the engine's journal)."""
+    """Older captions than the broadcaster retains (the engine's journal).
 
-    def replay(self, stream: str, since: int, before: int | None = None
-               ) -> SourceReplay | None: ...
+    ``replay`` gives the finals with ``since < seq < before``, only the newest
+    ``limit`` of them when given (``covered_from`` then past those left out).
+    """
+
+    def replay(self, stream: str, since: int, before: int | None = None,
+               limit: int | None = None) -> SourceReplay | None: ...
 
 
 class Subscription:
@@ -149,7 +156,10 @@ class Broadcaster:
         kept = self._retained.get(stream)
         first_kept = kept[0][0] if kept else None
         if self.source is not None and (first_kept is None or since + 1 < first_kept):
-            older = self.source.replay(stream, since, first_kept)
+            # At most `history` finals, the newest: a resume from seq 0 of a
+            # stream live for days must not hold its whole journal (80 MB by
+            # default) in this subscriber's backlog; the rest is a gap.
+            older = self.source.replay(stream, since, first_kept, limit=self._history)
             if older is not None:
                 return self._replay_with(stream, since, older, kept)
         if not kept:
