@@ -178,6 +178,24 @@ def test_an_interrupted_transcribe_writes_the_captions_it_made(
     assert f"interrupted ({sig.name})" in err
 
 
+def _ctrl_c_twice_once_started(proc: subprocess.Popen[str]) -> str:
+    """Ctrl-C ``proc`` twice, 0.3 s apart, half a second after its engine
+    started; its stderr."""
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if "engine started" in line:
+                break
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return err
+
+
 def test_a_second_ctrl_c_leaves_the_model_behind_and_still_writes(tmp_path: Path) -> None:
     """A second Ctrl-C while the model thread is deep in a long batch of finals:
     the thread is left behind, the outputs are still written and the status
@@ -191,18 +209,7 @@ def test_a_second_ctrl_c_leaves_the_model_behind_and_still_writes(tmp_path: Path
                              "--set", "model.whisper.beam_size=5",
                              "--set", "model.whisper.cpu_threads=1",
                              "--set", "model.whisper.min_window_s=30")
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if "engine started" in line:
-                break
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    err = _ctrl_c_twice_once_started(proc)
     assert "leaving it behind" in err, err   # the case under test did happen
     assert proc.returncode == 130, err
     assert "terminate called" not in err and "Traceback" not in err
@@ -559,18 +566,7 @@ def test_a_second_ctrl_c_during_eval_exits_130_without_crashing(tmp_path: Path) 
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    try:
-        assert proc.stderr is not None
-        for line in proc.stderr:
-            if "engine started" in line:
-                break
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    err = _ctrl_c_twice_once_started(proc)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "terminate called" not in err
 

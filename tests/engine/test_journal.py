@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evoxtral_stream.config import Config, load_config
+from evoxtral_stream.config import Config, JournalConfig, load_config
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.engine.journal import (
     CLOCK_SLACK_S,
@@ -967,22 +967,28 @@ def test_a_streams_first_record_and_its_replay_parse_only_its_own_file_names(
     journal.close()
 
 
-def test_a_resume_of_recent_finals_reads_only_the_newest_files(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A stream live for days keeps (keep + 1) * max_bytes of journal (80 MB by
-    # default); a resume is read on the event loop, so one asking for the last
-    # few finals must not parse them all (1.8 s per viewer at 77 MB).
+def _long_stream_journal(tmp_path: Path) -> tuple[JournalConfig, list[Path]]:
+    """A journal of stream "s" across many small files: 133 finals of seqs
+    1..200 (every third seq is a partial's, not journaled), then its end."""
     cfg = config(tmp_path, **{"journal.max_bytes": 1024, "journal.keep": 100}).journal
     writer = Journal(cfg)
     writer.restore()
     for seq in range(1, 201):
-        # Every third seq is a partial's (not journaled).
         if seq % 3:
             writer.append(caption("s", seq, text="word " * 20))
     writer.end(StreamEnded("s", 200.0, 133, 133))
     writer.close()
     files = sorted((tmp_path / "j").iterdir())
     assert len(files) > 20
+    return cfg, files
+
+
+def test_a_resume_of_recent_finals_reads_only_the_newest_files(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A stream live for days keeps (keep + 1) * max_bytes of journal (80 MB by
+    # default); a resume is read on the event loop, so one asking for the last
+    # few finals must not parse them all (1.8 s per viewer at 77 MB).
+    cfg, files = _long_stream_journal(tmp_path)
 
     journal = Journal(cfg)
     journal.restore()
@@ -1021,16 +1027,7 @@ def test_a_resume_from_the_start_replays_only_the_newest_history_finals_after_a_
     # A resume with since=0 of a stream live for days would otherwise hold
     # its whole journal (up to (keep + 1) * max_bytes) in one subscriber's
     # backlog: measured +155 MB per such subscriber.
-    cfg = config(tmp_path, **{"journal.max_bytes": 1024, "journal.keep": 100}).journal
-    writer = Journal(cfg)
-    writer.restore()
-    for seq in range(1, 201):
-        if seq % 3:  # every third seq is a partial's (not journaled)
-            writer.append(caption("s", seq, text="word " * 20))
-    writer.end(StreamEnded("s", 200.0, 133, 133))
-    writer.close()
-    files = sorted((tmp_path / "j").iterdir())
-    assert len(files) > 20
+    cfg, files = _long_stream_journal(tmp_path)
 
     journal = Journal(cfg)
     journal.restore()
