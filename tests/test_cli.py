@@ -897,6 +897,30 @@ def test_config_takes_the_shortcut_flags_of_serve_and_transcribe() -> None:
     assert effective["stream"]["partial_interval_ms"] == 0
 
 
+def test_common_options_work_before_the_command_too(tmp_path: Path) -> None:
+    """`evoxtral-stream --config prod.toml -q serve` as in git: the options
+    every command takes may come before it. --set values add up, in command
+    line order; another option given on both sides takes the command's."""
+    mine = tmp_path / "mine.toml"
+    mine.write_text("[server]\nport = 9100\n")
+    proc = cli("--config", str(mine), "--set", "vad.aggressiveness=1",
+               "--set", "server.host=localhost", "-q", "--backend", "whisper",
+               "config", "--set", "vad.aggressiveness=3", "--backend", "auto")
+    assert proc.returncode == 0, proc.stderr
+    effective = tomllib.loads(proc.stdout)
+    assert effective["server"]["port"] == 9100                 # --config before
+    assert effective["server"]["host"] == "localhost"          # --set before
+    assert effective["vad"]["aggressiveness"] == 3             # the later --set
+    assert effective["logging"]["level"] == "warning"          # -q before
+    assert effective["model"]["backend"] == "auto"             # the command's own
+    # An error in an option before the command is still one line, status 2.
+    one_error_line(cli("--set", "vad.aggressiveness=9", "config"),
+                   "vad.aggressiveness must be 0..3, got 9")
+    json_error = cli("--log-format", "json", "config", "--set", "vad.frame_ms=25")
+    assert json_error.returncode == 2
+    assert json.loads(json_error.stderr.strip().splitlines()[-1])["level"] == "ERROR"
+
+
 @pytest.mark.parametrize("command", ["serve", "transcribe", "config"])
 def test_serve_transcribe_and_config_take_the_same_shortcuts(command: str) -> None:
     """docs/config.md lists --host, --port and --no-partials as shortcuts, and

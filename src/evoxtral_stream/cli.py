@@ -69,26 +69,67 @@ class UserError(Exception):
 # --- argument parsing --------------------------------------------------------
 
 
+# The options every command takes; ``dest`` names each one's attribute.
+_COMMON_DESTS = ("config", "overrides", "backend", "debug", "quiet", "log_format")
+
+
+def _add_common(parser: argparse.ArgumentParser, *, prefix: str = "") -> None:
+    """The options every command takes, stored as ``prefix + dest``.
+
+    Before the command (``evoxtral-stream -q serve``) they are parsed by the
+    main parser with ``prefix="pre_"`` and no defaults; :func:`_parse`
+    merges them under the command's own.
+    """
+    def kw(dest: str, **more: Any) -> dict[str, Any]:
+        if prefix:
+            more["default"] = argparse.SUPPRESS
+        return {"dest": prefix + dest, **more}
+
+    parser.add_argument("--config", metavar="PATH",
+                        help="config file (default: $EVOXTRAL_CONFIG, else built-in defaults)",
+                        **kw("config"))
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config key, e.g. vad.aggressiveness=3",
+                        **kw("overrides", default=[]))
+    parser.add_argument("--backend", choices=["auto", "voxtral", "whisper"],
+                        help="shortcut for --set model.backend=...", **kw("backend"))
+    parser.add_argument("--debug", action="store_true", help="debug logs and tracebacks",
+                        **kw("debug"))
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors",
+                        **kw("quiet"))
+    parser.add_argument("--log-format", choices=FORMATS,
+                        help="log lines on stderr: text, or json (one object per line) for "
+                             "log shippers (default: [logging] format, else text)",
+                        **kw("log_format"))
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments, with common options given before the command merged in:
+    ``--set`` values before the command come first; any other option given
+    on both sides takes the command's."""
+    args = _parser().parse_args(argv)
+    given = vars(args)
+    for dest in _COMMON_DESTS:
+        if "pre_" + dest not in given:
+            continue
+        early = given.pop("pre_" + dest)
+        if dest == "overrides":
+            args.overrides = [*early, *args.overrides]
+        elif getattr(args, dest) in (None, False):
+            setattr(args, dest, early)
+    return args
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--config", metavar="PATH",
-                        help="config file (default: $EVOXTRAL_CONFIG, else built-in defaults)")
-    common.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="KEY=VALUE",
-                        help="override a config key, e.g. vad.aggressiveness=3")
-    common.add_argument("--backend", choices=["auto", "voxtral", "whisper"],
-                        help="shortcut for --set model.backend=...")
-    common.add_argument("--debug", action="store_true", help="debug logs and tracebacks")
-    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    common.add_argument("--log-format", choices=FORMATS,
-                        help="log lines on stderr: text, or json (one object per line) for "
-                             "log shippers (default: [logging] format, else text)")
+    _add_common(common)
 
     p = argparse.ArgumentParser(
         prog="evoxtral-stream",
         description="Live captions with expressive tags (Voxtral + Evoxtral LoRA).",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_common(p, prefix="pre_")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", parents=[common], help="caption a live source and serve it",
@@ -942,7 +983,7 @@ def _fail(message: str, logs: LoggingConfig) -> NoReturn:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     # The flags' logging now, so that an error in the config itself is
     # reported in the format --log-format asked for; the config's next.
     logs = _flag_logging(args)
