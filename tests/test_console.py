@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import re
 import struct
 import sys
 import termios
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -15,6 +17,7 @@ import pytest
 from evoxtral_stream.cli import _close_progress, _progress
 from evoxtral_stream.console import CaptionPrinter
 from evoxtral_stream.events import SAMPLE_RATE, CaptionEvent
+from evoxtral_stream.logs import configure_logging
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -139,3 +142,49 @@ def test_a_live_partial_fits_the_terminal_row_so_its_redraw_leaves_nothing_behin
     assert redraws[-2].endswith("about the timeline")   # the newest words are kept
     assert redraws[-2].split("] ", 1)[1].startswith("…")
     assert redraws[-1].endswith("y" * 40)
+
+
+def test_a_log_line_goes_above_the_live_partial_and_the_bar_not_into_them(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With stdout and stderr on one terminal, a warning logged from another
+    thread while a partial is shown (and transcribe's bar below it) gets a
+    row of its own, and the partial is drawn again below it. The log line
+    used to be written after the partial on its row, which stayed on the
+    screen as a garbled row, and into the bar's row."""
+    columns = 100
+    master, slave, drain = _pty(columns)
+    root = logging.getLogger()
+    with open(slave, "w", encoding="utf-8") as tty:
+        monkeypatch.setattr(sys, "stderr", tty)
+        monkeypatch.setattr(root, "handlers", [])   # as at a command's start: no handler yet
+        handler = configure_logging("text", logging.INFO, stream=tty)
+        assert handler is not None
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        bar = _progress(60 * SAMPLE_RATE)
+        assert bar is not None
+        printer = CaptionPrinter(tty)
+        try:
+            printer(_partial("the committee met ", "on Tuesday"))
+            bar.update(1)
+            bar.refresh()
+            drain()
+            worker = threading.Thread(
+                target=lambda: logging.getLogger("evoxtral_stream.test").warning(
+                    "the model is 2.0 s behind"))
+            worker.start()
+            worker.join()
+            screen = _screen(drain(), columns)
+            assert "WARNING the model is 2.0 s behind" in screen, screen
+            assert screen[-1].endswith("the committee met on Tuesday"), screen
+            assert screen.index("WARNING the model is 2.0 s behind") < len(screen) - 1
+            printer(_partial("the committee met on Tuesday", "", final=True))
+            after = _screen(drain(), columns)
+        finally:
+            _close_progress(bar)
+            root.removeHandler(handler)
+    os.close(master)
+    assert "WARNING the model is 2.0 s behind" in after, after
+    captions = [row for row in after if "committee" in row]
+    assert len(captions) == 1 and captions[0].endswith("the committee met on Tuesday"), after
+    warning = "WARNING the model is 2.0 s behind"
+    assert [row for row in after if "behind" in row and row != warning] == []

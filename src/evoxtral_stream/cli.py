@@ -33,7 +33,7 @@ from . import __version__
 from .audio.microphone import ChannelRoute, list_input_devices, usable_input_device
 from .audio.sources import AudioInputError, read_audio_file
 from .config import Config, ConfigError, LoggingConfig, load_config, parse_override, to_toml
-from .console import CaptionPrinter
+from .console import CaptionPrinter, above_captions
 from .data import sample_path
 from .engine.backends import BackendUnavailable, load_backend
 from .engine.engine import Engine, StreamSummary
@@ -287,7 +287,8 @@ def _notice(cfg: Config, message: str) -> None:
     if cfg.logging.format == "json":
         log.info("%s", message)
     elif LEVELS[cfg.logging.level] <= logging.INFO:
-        print(message, file=sys.stderr)
+        with above_captions(sys.stderr):
+            print(message, file=sys.stderr)
 
 
 # --- commands ----------------------------------------------------------------

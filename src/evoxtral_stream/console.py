@@ -8,18 +8,28 @@ Output that cannot be written (a pipe whose reader left, as ``| head`` does;
 a full disk) stops the printing: logged once, kept in
 :attr:`CaptionPrinter.error` for the caller's exit status, never raised into
 the engine.
+
+Log lines and status lines written to a terminal go through
+:func:`above_captions` (:class:`TerminalLogHandler` does for log records):
+the live partial's row, and transcribe's progress bar below it, are cleared
+first and the partial redrawn after, so a line from another thread never
+lands inside a caption row.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import threading
+import weakref
+from collections.abc import Iterator
 from typing import TextIO
 
 from .events import CaptionEvent, EngineEvent, StreamError
 
-__all__ = ["CaptionPrinter", "format_time"]
+__all__ = ["CaptionPrinter", "TerminalLogHandler", "above_captions", "format_time"]
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +39,51 @@ _RESET = "\x1b[0m"
 # below it transcribe's progress bar (redrawn at its next update), which a
 # final wrapping onto it would otherwise leave half covered.
 _CLEAR_LINE = "\r\x1b[J"
+
+# One writer on the terminal at a time: printers are called on the engine's
+# thread, log records come from any thread.
+_TERMINAL = threading.RLock()
+# The printers redrawing a live row now (weak: a printer dropped leaves).
+_LIVE: weakref.WeakSet[CaptionPrinter] = weakref.WeakSet()
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (ValueError, AttributeError):   # closed, or not a file
+        return False
+
+
+@contextlib.contextmanager
+def above_captions(stream: TextIO) -> Iterator[None]:
+    """Write lines to ``stream`` inside this block above the live captions.
+
+    On a terminal, each live printer's partial row (and whatever is below it:
+    transcribe's progress bar, redrawn at its next update) is cleared before
+    the block and the partial redrawn after. Elsewhere it only serialises.
+    """
+    with _TERMINAL:
+        if not _isatty(stream):
+            yield
+            return
+        live = list(_LIVE)
+        for printer in live:
+            printer._hide()
+        with contextlib.suppress(OSError, ValueError):
+            stream.write(_CLEAR_LINE)   # a progress bar with no printer
+        try:
+            yield
+        finally:
+            for printer in live:
+                printer._show()
+
+
+class TerminalLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A :class:`logging.StreamHandler` whose records go :func:`above_captions`."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with above_captions(self.stream):
+            super().emit(record)
 
 
 def format_time(seconds: float) -> str:
@@ -57,23 +112,49 @@ class CaptionPrinter:
         self._partials = self._live if partials is None else partials
         self._show_stream = show_stream
         self._partial_shown = False
+        self._row: str | None = None   # the partial on screen, to redraw after a log line
         self.error: OSError | None = None
         """Why printing stopped (the first failed write), or None."""
+        if self._live:
+            _LIVE.add(self)
 
     def _prefix(self, ev: CaptionEvent) -> str:
         span = f"[{format_time(ev.start)} → {format_time(ev.end)}]"
         return f"{ev.stream} {span}" if self._show_stream else span
 
     def __call__(self, event: EngineEvent) -> None:
-        if self.error is not None:
-            return
-        try:
-            self._print(event)
-        except OSError as e:
-            self.error = e
-            where = "standard output" if self._out is sys.stdout else "the caption output"
-            log.warning("captions are no longer printed: cannot write to %s: %s",
-                        where, e.strerror or e)
+        with _TERMINAL:
+            if self.error is not None:
+                return
+            try:
+                self._print(event)
+            except OSError as e:
+                self._stop(e)
+
+    def _stop(self, e: OSError) -> None:
+        self.error = e
+        _LIVE.discard(self)
+        where = "standard output" if self._out is sys.stdout else "the caption output"
+        log.warning("captions are no longer printed: cannot write to %s: %s",
+                    where, e.strerror or e)
+
+    def _hide(self) -> None:
+        """Clear the live row for a line from elsewhere (:func:`above_captions`)."""
+        if self.error is None and self._partial_shown:
+            try:
+                self._out.write(_CLEAR_LINE)
+                self._out.flush()
+            except OSError as e:
+                self._stop(e)
+
+    def _show(self) -> None:
+        """Draw the live partial again after :meth:`_hide`."""
+        if self.error is None and self._partial_shown and self._row is not None:
+            try:
+                self._out.write(_CLEAR_LINE + self._row)
+                self._out.flush()
+            except OSError as e:
+                self._stop(e)
 
     def _print(self, event: EngineEvent) -> None:
         if isinstance(event, StreamError):
@@ -94,9 +175,10 @@ class CaptionPrinter:
                 stable, unstable = _tail(event.stable, event.unstable,
                                          self._columns() - 1 - len(prefix) - 1)
                 line = f"{prefix} {stable}{_DIM}{unstable}{_RESET}"
+                self._row = line
+                self._partial_shown = True
                 self._out.write(_CLEAR_LINE + line)
                 self._out.flush()
-                self._partial_shown = True
             else:
                 print(f"{self._prefix(event)} … {event.text}", file=self._out, flush=True)
 
@@ -109,8 +191,9 @@ class CaptionPrinter:
 
     def _clear(self) -> None:
         if self._partial_shown or self._live:
-            self._out.write(_CLEAR_LINE)
             self._partial_shown = False
+            self._row = None
+            self._out.write(_CLEAR_LINE)
 
 
 def _tail(stable: str, unstable: str, room: int) -> tuple[str, str]:

@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
+from .console import TerminalLogHandler
+
 __all__ = [
     "FORMATS",
     "HANDLER_NAME",
@@ -195,7 +197,8 @@ def configure_logging(fmt: str, level: int, *, stream: TextIO | None = None,
     if handler is None:
         if root.handlers:
             return None
-        handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+        # On a terminal, log lines go above the live caption rows.
+        handler = TerminalLogHandler(sys.stderr if stream is None else stream)
         handler.set_name(HANDLER_NAME)
         root.addHandler(handler)
     handler.setFormatter(formatter)
