@@ -997,9 +997,9 @@ def test_a_resume_of_recent_finals_reads_only_the_newest_files(
     read: list[Path] = []
     real = journal._lines
 
-    def spy(path: Path) -> Iterator[object]:
+    def spy(path: Path, **kw: bool) -> Iterator[object]:
         read.append(path)
-        return real(path)
+        return real(path, **kw)
 
     monkeypatch.setattr(journal, "_lines", spy)
     for since in (197, 196, 150, 0):
@@ -1037,9 +1037,9 @@ def test_a_resume_from_the_start_replays_only_the_newest_history_finals_after_a_
     read: list[Path] = []
     real = journal._lines
 
-    def spy(path: Path) -> Iterator[object]:
+    def spy(path: Path, **kw: bool) -> Iterator[object]:
         read.append(path)
-        return real(path)
+        return real(path, **kw)
 
     monkeypatch.setattr(journal, "_lines", spy)
     limited = journal.replay("s", 0, limit=10)
@@ -1068,3 +1068,53 @@ def test_a_resume_from_the_start_replays_only_the_newest_history_finals_after_a_
     plain = Broadcaster(16, encode_event, history=0, source=journal)
     gap, end = [json.loads(m) for m in plain.subscribe(since={"s": 0}).backlog]
     assert (gap["type"], gap["from"], gap["to"], end["type"]) == ("gap", 1, 200, "stream.ended")
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read(2) so far (Linux)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/self/io")
+def test_a_resume_of_recent_finals_reads_the_end_of_the_newest_file_only(
+        tmp_path: Path) -> None:
+    # After a restart every subscriber resumes from the journal, on the event
+    # loop: each used to parse the stream's newest file whole (0.19 s at the
+    # default 16 MB), stalling every stream's audio; now the lines it needs,
+    # read from the end. A damaged line at the file's start is never read.
+    cfg = config(tmp_path, **{"journal.max_bytes": 64 << 20, "journal.fsync": "never"}).journal
+    writer = Journal(cfg)
+    writer.restore()
+    texts = {seq: f"{seq} " + "ünïcode words spanning blocks " * (seq % 7 + 1)
+             for seq in range(1, 12001) if seq % 5}
+    for seq, text in texts.items():
+        writer.append(caption("s", seq, text=text))
+    writer.close()
+    [path] = (tmp_path / "j").iterdir()
+    with path.open("r+b") as f:   # the first line damaged
+        f.write(b"#")
+    assert path.stat().st_size > 4 << 20
+    # The end left by a crash: a line cut short, no newline.
+    with path.open("ab") as f:
+        f.write(b'{"type": "caption", "seq": 1200')
+
+    journal = Journal(cfg)
+    journal.restore()
+    for since, limit in ((11997, None), (11900, 100), (11000, 50), (0, 10), (0, 0)):
+        before = _bytes_read()
+        replay = journal.replay("s", since, limit=limit)
+        read = _bytes_read() - before
+        assert replay is not None
+        wanted = [seq for seq in texts if seq > since]
+        kept = wanted if limit is None else wanted[max(0, len(wanted) - limit):] if limit else []
+        assert [r.seq for r in replay.records] == kept, (since, limit)
+        assert [decode_caption(r.message)["text"] for r in replay.records] == [
+            texts[seq] for seq in kept]
+        if len(kept) < len(wanted):    # the older are a gap, up to the first replayed
+            assert replay.covered_from == (kept[0] if kept else wanted[-1] + 1)
+        else:
+            assert replay.covered_from <= since + 1
+        assert read < 512 << 10, (since, limit, read)

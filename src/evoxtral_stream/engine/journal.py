@@ -103,6 +103,7 @@ functions at the top; :class:`Journal` does the I/O.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -110,7 +111,7 @@ import os
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Generator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -727,12 +728,12 @@ class Journal:
         With ``limit``, only the newest ``limit`` of those finals: the older
         ones are left out as missing (:attr:`Replay.covered_from` is past
         them, so the caller announces a gap). None when the journal holds
-        nothing of the stream. Reads the stream's files on the calling
-        thread, newest first, and stops after one that holds a final at or
-        before ``since`` (seqs only grow from file to file, so older files
-        hold nothing to replay) or once ``limit`` finals are read: a resume of
-        recent captions reads the newest file or two; one from the start the
-        files holding the newest ``limit`` finals, and without a limit at most
+        nothing of the stream. Reads the stream's lines on the calling
+        thread from the end, newest first, and stops at a final at or before
+        ``since`` (seqs only grow, so older lines hold nothing to replay) or
+        once it has read a final past ``limit``: a resume of recent captions
+        reads the end of the newest file; one from the start the lines
+        holding the newest ``limit`` finals, and without a limit at most
         ``(keep + 1) * max_bytes`` bytes.
         """
         paths = self._files_of(stream)
@@ -743,46 +744,53 @@ class Journal:
             return (isinstance(x, JournalRecord) and x.seq > since
                     and (before is None or x.seq < before))
 
-        files: list[list[JournalRecord | SeqReservation | EndRecord]] = []
-        found = 0   # finals to replay in the files read
+        newest_first: list[JournalRecord | SeqReservation | EndRecord] = []
+        found = 0   # finals to replay among the lines read
+        stopped = False
         for path in reversed(paths):
-            lines = list(self._lines(path))
-            files.append(lines)
-            if any(isinstance(x, JournalRecord) and x.seq <= since for x in lines):
+            with contextlib.closing(self._lines(path, newest_first=True)) as backward:
+                for line in backward:
+                    newest_first.append(line)
+                    if not isinstance(line, JournalRecord):
+                        continue
+                    # A final at or before since: older lines hold nothing to
+                    # replay. One past the limit: the older are a gap, which
+                    # starts after this one.
+                    if wanted(line):
+                        found += 1
+                    if line.seq <= since or (limit is not None and found > limit):
+                        stopped = True
+                        break
+            if stopped:
                 break
-            found += sum(1 for x in lines if wanted(x))
-            # With limit 0, read on to the newest final to skip: the gap ends there.
-            if limit is not None and found >= max(limit, 1):
-                break
-        files.reverse()
         # Rotation deletes the lowest indices: if file 1 is gone, finals
-        # before the oldest kept record may be missing. Files left unread
-        # hold only finals at or before since, or finals past the limit.
+        # before the oldest kept record may be missing. Lines left unread
+        # hold only finals at or before since, or finals past the limit
+        # (then covered_from is set past them below).
         first_file = parse_file_name(paths[0].name)
-        complete = (len(files) == len(paths) and first_file is not None
-                    and first_file.index == 1 and stream not in self._renumbered)
+        complete = (first_file is not None and first_file.index == 1
+                    and stream not in self._renumbered)
         records: list[JournalRecord] = []
         covered_from: int | None = None
         first_reserved: int | None = None
         ended: str | None = None
-        for lines in files:
-            for line in lines:
-                if isinstance(line, EndRecord):
-                    ended = line.message
-                    continue
-                ended = None   # a later record: the stream was opened again
-                if isinstance(line, SeqReservation):
-                    if first_reserved is None:
-                        first_reserved = line.seq
-                    continue
-                if covered_from is None:
-                    covered_from = 1 if complete else line.seq
-                if wanted(line):
-                    records.append(line)
+        for line in reversed(newest_first):
+            if isinstance(line, EndRecord):
+                ended = line.message
+                continue
+            ended = None   # a later record: the stream was opened again
+            if isinstance(line, SeqReservation):
+                if first_reserved is None:
+                    first_reserved = line.seq
+                continue
+            if covered_from is None:
+                covered_from = 1 if complete else line.seq
+            if wanted(line):
+                records.append(line)
         if limit is not None and len(records) > limit:
             # Past the limit: replay the newest, and say the older are missing.
-            # (Finals in files left unread are missing already: the files
-            # read were not all, so covered_from is at the oldest one read.)
+            # (Finals in lines left unread are missing already: covered_from
+            # was at the oldest one read.)
             kept = records[len(records) - limit:] if limit else []
             covered_from = kept[0].seq if kept else records[-1].seq + 1
             records = kept
@@ -818,28 +826,64 @@ class Journal:
                 found.setdefault(parsed.stream, []).append((parsed.index, self._dir / name))
         return {s: [p for _, p in sorted(items)] for s, items in found.items()}
 
-    def _lines(self, path: Path) -> Iterator[JournalRecord | SeqReservation | EndRecord]:
-        """The file's finals, reservations and end records, in order; damaged
-        (or unknown) lines skipped with a warning."""
+    def _lines(self, path: Path, *, newest_first: bool = False
+               ) -> Generator[JournalRecord | SeqReservation | EndRecord, None, None]:
+        """The file's finals, reservations and end records, in order (or
+        ``newest_first``, read in blocks from the end); damaged (or unknown)
+        lines skipped with a warning."""
         try:
-            data = path.read_bytes()
+            f = path.open("rb")
         except FileNotFoundError:  # rotated away meanwhile
             return
-        for number, raw in enumerate(data.split(b"\n"), 1):
-            if not raw.strip():
-                continue
-            line: JournalRecord | SeqReservation | EndRecord | None
-            try:
-                text = raw.decode()
-            except UnicodeDecodeError:
-                line = None
-            else:
-                line = decode_line(text)
-            if line is None:
-                log.warning("journal: skipping a damaged line (%s line %d): %r",
-                            path.name, number, raw[:60])
-                continue
-            yield line
+        with f:
+            raws = _raw_lines_backward(f) if newest_first else _raw_lines(f)
+            for where, raw in raws:
+                if not raw.strip():
+                    continue
+                line: JournalRecord | SeqReservation | EndRecord | None
+                try:
+                    text = raw.decode()
+                except UnicodeDecodeError:
+                    line = None
+                else:
+                    line = decode_line(text)
+                if line is None:
+                    log.warning("journal: skipping a damaged line (%s at byte %d): %r",
+                                path.name, where, raw[:60])
+                    continue
+                yield line
+
+
+# Read from a journal file's end at a time: a resume of recent finals reads one.
+_BLOCK = 65536
+
+
+def _raw_lines(f: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, line without its newline) of each line of ``f``, in order."""
+    where = 0
+    for raw in f:
+        yield where, raw.rstrip(b"\n")
+        where += len(raw)
+
+
+def _raw_lines_backward(f: IO[bytes]) -> Iterator[tuple[int, bytes]]:
+    """As :func:`_raw_lines`, last line first, reading ``_BLOCK`` bytes at a
+    time from the end."""
+    pos = f.seek(0, os.SEEK_END)
+    head = b""   # the start of a line, which began in an earlier block
+    while pos > 0:
+        step = min(_BLOCK, pos)
+        pos -= step
+        f.seek(pos)
+        parts = (f.read(step) + head).split(b"\n")
+        head = parts[0]
+        where = pos + len(head) + 1
+        starts = []
+        for part in parts[1:]:
+            starts.append(where)
+            where += len(part) + 1
+        yield from zip(reversed(starts), reversed(parts[1:]), strict=True)
+    yield 0, head
 
 
 def _ends_with_newline(path: Path) -> bool:
