@@ -526,6 +526,7 @@ class MqttConfig:
     reconnect_min_s: float = field(metadata=_range(0.01, 3600.0))
     reconnect_max_s: float = field(metadata=_range(0.01, 3600.0))
     retain_final: bool
+    forget_ended_s: float = field(metadata=_range(0.0, 31_536_000.0))
     drain_s: float = field(metadata=_range(0.0, 300.0))
 
     def __post_init__(self) -> None:

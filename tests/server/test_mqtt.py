@@ -278,6 +278,60 @@ async def test_late_subscriber_gets_the_retained_last_final(
         "partials and errors are not retained"
 
 
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+async def test_an_ended_streams_retained_messages_are_removed_after_forget_ended_s(
+        mosquitto: MosquittoBroker, protocol: str) -> None:
+    """Every stream id used to stay retained on the broker for good, so each
+    new subscriber to {prefix}/+/status got every stream ever seen. Now an
+    ended stream's status and last final are removed forget_ended_s after
+    its end (live subscribers see an empty message); a stream opened again
+    in the meantime, or still live, keeps them."""
+    cfg = mqtt_config(mosquitto.port, "f", protocol=protocol, forget_ended_s=1.0)
+    async with subscriber(mosquitto.port, "f/+/status", "f/+/final") as live, \
+            MqttPublisher(cfg) as pub:
+        await connected(pub)
+        for stream in ("gone", "back", "live"):
+            pub(StreamStarted(stream, "test"))
+            pub(caption(stream, 0, 1, True, f"{stream} said"))
+        pub(StreamEnded("gone", 3.0, 1, 1))
+        pub(StreamEnded("back", 3.0, 1, 1))
+        await asyncio.sleep(0.5)
+        pub(StreamStarted("back", "test"))       # opened again before it is forgotten
+        pub(caption("back", 0, 2, True, "back again"))
+        await eventually(lambda: pub.stats().queued == 0, "queue drained")
+        cleared = await live.until(
+            lambda got: len([m for m in got if payload(m) == b""]) >= 2, "the removals",
+            within=10.0)
+        assert sorted(topic(m) for m in cleared if payload(m) == b"") == [
+            "f/gone/final", "f/gone/status"]
+        await asyncio.sleep(1.5)                 # "back"'s old end is past its time too
+        async with subscriber(mosquitto.port, "f/#") as late:
+            await late.until(lambda got: len(got) >= 5, "retained messages")
+            got = await late.settle(0.5)
+    retained = {(topic(m), body(m)["type"], body(m).get("text")) for m in got
+                if topic(m) != "f/status"}
+    assert retained == {("f/back/status", "stream.started", None),
+                        ("f/back/final", "caption", "back again"),
+                        ("f/live/status", "stream.started", None),
+                        ("f/live/final", "caption", "live said")}, got
+    assert [payload(m) for m in live.got if payload(m) == b""] == [b"", b""]
+
+
+async def test_forget_ended_s_zero_keeps_an_ended_stream_retained(
+        mosquitto: MosquittoBroker) -> None:
+    cfg = mqtt_config(mosquitto.port, "k", forget_ended_s=0)
+    async with MqttPublisher(cfg) as pub:
+        await connected(pub)
+        pub(StreamStarted("s", "test"))
+        pub(caption("s", 0, 1, True, "kept"))
+        pub(StreamEnded("s", 1.0, 1, 1))
+        await eventually(lambda: pub.stats().queued == 0, "queue drained")
+        await asyncio.sleep(1.2)
+        async with subscriber(mosquitto.port, "k/s/#") as late:
+            got = await late.until(lambda got: len(got) >= 2, "retained messages")
+    assert {body(m)["type"] for m in got} == {"stream.ended", "caption"}
+
+
 # --- broker outage -------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ import itertools
 import random
 
 from evoxtral_stream.events import CaptionEvent, StreamEnded, StreamStarted
-from evoxtral_stream.server.mqtt_backlog import Backlog, QueuedEvent
+from evoxtral_stream.server.mqtt_backlog import Backlog, QueuedEvent, RetainedClear
 
 _order = itertools.count()
 
@@ -202,3 +202,25 @@ def test_clear_empties_without_counting_drops() -> None:
     assert b.clear() == 3
     assert b.pop() is None
     assert (b.superseded, b.dropped_partials, b.dropped_finals) == (0, 0, 0)
+
+
+def test_a_retained_clear_is_its_topics_state_and_gives_way_when_superseded() -> None:
+    # The removal of an ended stream's retained status, queued before the
+    # stream is opened again: arrival order keeps the new state last, and on
+    # overflow the clear, no longer the topic's state, is dropped first.
+    def clear(stream: str) -> QueuedEvent:
+        return QueuedEvent(next(_order), RetainedClear(stream), f"{stream}/status", 1, True,
+                           None)
+
+    b = Backlog(10)
+    first = clear("s")
+    assert first.lifecycle and not first.partial
+    b.push(first)
+    b.push(started("s"))
+    assert [i.event for i in drain(b)] == [RetainedClear("s"), StreamStarted("s", "test")]
+    b = Backlog(2)
+    b.push(clear("s"))
+    b.push(started("s"))
+    b.push(ended("t"))
+    assert [i.event for i in drain(b)] == [StreamStarted("s", "test"), StreamEnded("t", 1.0, 1, 1)]
+    assert b.dropped_finals == 1

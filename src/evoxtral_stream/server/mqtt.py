@@ -12,6 +12,13 @@ topic                          events                           QoS  retained
 ``{prefix}/status``            ``online`` / ``offline``         1    yes; ``offline`` is the will
 =============================  ===============================  ===  ===========================
 
+A stream that ended ``cfg.forget_ended_s`` ago (and was not opened again)
+has its retained status and last final removed from the broker: an empty
+retained publish on each (MQTT 5 brokers also expire its ``stream.ended``
+status by themselves then, which covers an engine stopped before). Without
+that every stream id ever seen would stay retained, and each new subscriber
+to ``{prefix}/+/status`` would get them all.
+
 Payloads are the protocol v1 JSON of the event (:func:`.protocol.encode_event`),
 the very text a WebSocket subscriber gets; the engine presence on
 ``{prefix}/status`` is plain text. Errors have their own topic because a
@@ -42,6 +49,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import os
 import random
 import re
@@ -49,6 +57,7 @@ import secrets
 import socket
 import ssl
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
@@ -57,7 +66,7 @@ from ..config import ConfigError, MqttConfig
 from ..events import CaptionEvent, EngineEvent, StreamEnded, StreamError, StreamStarted
 from .auth import incomplete_pem
 from .certs import CertWatcher, fingerprint
-from .mqtt_backlog import Backlog, PartialKey, QueuedEvent
+from .mqtt_backlog import Backlog, PartialKey, QueuedEvent, RetainedClear
 from .protocol import encode_event
 
 if TYPE_CHECKING:
@@ -248,6 +257,11 @@ class MqttPublisher:
     ``stream.ended`` would leave a stream gone long ago retained as
     started). Every drop is counted.
 
+    A ``stream.ended`` also schedules the removal of the stream's retained
+    messages ``cfg.forget_ended_s`` later (a :class:`.mqtt_backlog.RetainedClear`
+    per topic, queued like a lifecycle event when due); a ``stream.started``
+    of the stream cancels it.
+
     The background task connects (MQTT 5, or 3.1.1 after the broker refuses
     version 5 when ``protocol = "auto"``; that choice then sticks), publishes
     ``online`` (retained; the will is ``offline``), then the queue in order,
@@ -297,6 +311,10 @@ class MqttPublisher:
         self._refusal: ReasonCode | None = None
         self._refused = 0
         self._last_refused_log = -_DROP_LOG_EVERY_S
+        # Ended streams whose retained messages are still to be removed, with
+        # when (monotonic), soonest first: one entry per stream that ended
+        # within forget_ended_s.
+        self._forget: OrderedDict[str, float] = OrderedDict()
 
     # --- listener side ------------------------------------------------------
 
@@ -310,6 +328,11 @@ class MqttPublisher:
             log.debug("no MQTT topic for %r; not published", event)
             return
         self._backlog.push(item)
+        if isinstance(event, StreamStarted):
+            self._forget.pop(event.stream, None)
+        elif isinstance(event, StreamEnded) and self.cfg.forget_ended_s > 0:
+            self._forget.pop(event.stream, None)
+            self._forget[event.stream] = time.monotonic() + self.cfg.forget_ended_s
         self._wake.set()
         dropped = self._backlog.dropped_partials + self._backlog.dropped_finals
         if dropped != self._drops_logged:
@@ -604,15 +627,21 @@ class MqttPublisher:
             # again. Events may still be allowed, so publish them.
             log.warning("MQTT broker refused %r on %s/status (%s); the engine's presence "
                         "is not published", ENGINE_ONLINE.decode(), self.cfg.prefix, e)
+        ended_props = _json_props(v5, expiry_s=self.cfg.forget_ended_s)
         while not self._done_closing():
+            self._queue_due_clears()
             item = self._backlog.pop()
             if item is None:
                 await self._idle(lost)
                 continue
             try:
-                payload = encode_event(item.event).encode()
+                if isinstance(item.event, RetainedClear):
+                    payload, props = b"", None
+                else:
+                    payload = encode_event(item.event).encode()
+                    props = ended_props if isinstance(item.event, StreamEnded) else json_props
                 await self._send(client, lost, item.topic, payload, item.qos, item.retain,
-                                 json_props)
+                                 props)
             except _Refused as e:
                 # The broker answered: the connection is fine, and sending the
                 # same message again would be refused again.
@@ -636,14 +665,32 @@ class MqttPublisher:
         except Exception:
             _break_connection(client)
 
+    def _queue_due_clears(self) -> None:
+        """Queue the removal of the retained messages of streams that ended
+        ``forget_ended_s`` ago: their status, and their last final if retained."""
+        now = time.monotonic()
+        leaves = ("status", "final") if self.cfg.retain_final else ("status",)
+        while self._forget:
+            stream, due = next(iter(self._forget.items()))
+            if due > now:
+                return
+            del self._forget[stream]
+            for leaf in leaves:
+                topic = f"{self.cfg.prefix}/{topic_level(stream)}/{leaf}"
+                self._backlog.push(QueuedEvent(next(self._order), RetainedClear(stream),
+                                               topic, 1, True, None))
+
     async def _idle(self, lost: asyncio.Future[None]) -> None:
         self._wake.clear()
         if self._backlog or self._closing.is_set():
             return
         waiter = asyncio.ensure_future(self._wake.wait())
         either: set[asyncio.Future[Any]] = {waiter, lost}
+        # Wake for the next removal of an ended stream's retained messages.
+        timeout = (max(0.0, next(iter(self._forget.values())) - time.monotonic())
+                   if self._forget else None)
         try:
-            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(either, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             waiter.cancel()
         if lost.done():
@@ -764,7 +811,8 @@ def _lost_error(lost: asyncio.Future[None]) -> _ConnectionLost:
     return _ConnectionLost(f"connection lost: {exc}" if exc else "connection closed")
 
 
-def _props(v5: bool, content_type: str, *, will: bool = False) -> Properties | None:
+def _props(v5: bool, content_type: str, *, will: bool = False,
+           expiry_s: float = 0.0) -> Properties | None:
     if not v5:
         return None
     from paho.mqtt.packettypes import PacketTypes
@@ -774,11 +822,13 @@ def _props(v5: bool, content_type: str, *, will: bool = False) -> Properties | N
         PacketTypes.WILLMESSAGE if will else PacketTypes.PUBLISH)
     props.PayloadFormatIndicator = 1  # UTF-8 text
     props.ContentType = content_type
+    if expiry_s > 0:
+        props.MessageExpiryInterval = math.ceil(expiry_s)
     return props
 
 
-def _json_props(v5: bool) -> Properties | None:
-    return _props(v5, "application/json")
+def _json_props(v5: bool, *, expiry_s: float = 0.0) -> Properties | None:
+    return _props(v5, "application/json", expiry_s=expiry_s)
 
 
 def _text_props(v5: bool) -> Properties | None:

@@ -3,7 +3,8 @@
 :class:`Backlog` holds the events waiting to be published, at most ``size``
 of them. Partial captions wait apart, at most one per segment; finals and
 errors wait in one FIFO, lifecycle events (``stream.started``/``.ended``,
-published retained as the stream's state) in another; :meth:`Backlog.pop`
+published retained as the stream's state, and :class:`RetainedClear`, which
+removes an ended stream's retained messages) in another; :meth:`Backlog.pop`
 merges them by arrival order (:attr:`QueuedEvent.order`).
 
 While a partial waits, a newer partial or the final of the same segment
@@ -34,10 +35,18 @@ from dataclasses import dataclass
 
 from ..events import CaptionEvent, EngineEvent, StreamEnded, StreamStarted
 
-__all__ = ["Backlog", "PartialKey", "QueuedEvent"]
+__all__ = ["Backlog", "PartialKey", "QueuedEvent", "RetainedClear"]
 
 PartialKey = tuple[str, int]
 """(stream, segment) of a caption."""
+
+
+@dataclass(frozen=True)
+class RetainedClear:
+    """Remove the retained message of a topic of ``stream`` (an empty retained
+    publish): its status or last final, once it has ended long enough ago."""
+
+    stream: str
 
 
 @dataclass(frozen=True)
@@ -50,7 +59,7 @@ class QueuedEvent:
     """
 
     order: int
-    event: EngineEvent
+    event: EngineEvent | RetainedClear
     topic: str
     qos: int
     retain: bool
@@ -63,8 +72,9 @@ class QueuedEvent:
 
     @property
     def lifecycle(self) -> bool:
-        """A ``stream.started``/``stream.ended``: the retained state of its topic."""
-        return isinstance(self.event, StreamStarted | StreamEnded)
+        """A ``stream.started``/``stream.ended`` or a :class:`RetainedClear`:
+        the retained state of its topic."""
+        return isinstance(self.event, StreamStarted | StreamEnded | RetainedClear)
 
 
 class Backlog:
