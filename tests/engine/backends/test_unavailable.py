@@ -163,7 +163,8 @@ def test_a_broken_extra_adapter_names_its_own_key(
 
 
 def test_available_is_cheap_and_says_why(
-    tiny_cfg: VoxtralConfig, empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_cfg: VoxtralConfig, tiny: Tiny, empty_hub_cache: Path,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     hub = dataclasses.replace(tiny_cfg, base="mistralai/Voxtral-Mini-3B-2507")
     ok, why = voxtral_available(hub)
@@ -182,6 +183,16 @@ def test_available_is_cheap_and_says_why(
     ok, why = voxtral_available(auto)
     assert ok, why
     assert "Fake GPU" in why
+    # An extra adapter that is not there: auto takes Whisper, saying which,
+    # instead of choosing Voxtral and then failing to load it.
+    extra = dataclasses.replace(auto, merge_lora=False,
+                                adapters={"rl": str(tiny.adapter), "calm": str(tmp_path / "no")})
+    ok, why = voxtral_available(extra)
+    assert not ok
+    assert why == (f"extra LoRA adapter {str(tmp_path / 'no')!r} not found "
+                   "(no complete local folder; model.voxtral.adapters.calm)"), why
+    ok, why = voxtral_available(dataclasses.replace(extra, adapters={"rl": str(tiny.adapter)}))
+    assert ok, why
 
 
 def test_package_import_does_not_load_torch_modules() -> None:

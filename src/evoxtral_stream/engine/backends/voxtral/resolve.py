@@ -221,15 +221,20 @@ def resolve(ref: str, kind: Kind, *, download: bool = True, key: str | None = No
 def voxtral_available(cfg: VoxtralConfig) -> tuple[bool, str]:
     """Whether ``backend = "auto"`` should pick Voxtral, and why (one line).
 
-    True only when the base (and the adapter, if one is set) are complete on
-    disk and a CUDA device is usable. Loads no model and uses no network.
+    True only when the base, the adapter (if one is set) and each extra
+    adapter of ``cfg.adapters`` are complete on disk and a CUDA device is
+    usable. Loads no model and uses no network.
     """
-    for ref, kind in ((cfg.base, Kind.BASE), (cfg.adapter, Kind.ADAPTER)):
-        if kind is Kind.ADAPTER and not ref:
+    refs = [(cfg.base, Kind.BASE, None), (cfg.adapter, Kind.ADAPTER, None),
+            *((ref, Kind.ADAPTER, f"model.voxtral.adapters.{name}")
+              for name, ref in cfg.adapters.items())]
+    for ref, kind, key in refs:
+        if kind is Kind.ADAPTER and not ref and key is None:
             continue
         if find_local(ref, kind) is None:
             where = "local folder" if not is_hub_id(ref) else "Hugging Face cache entry"
-            return False, f"{_label(kind)} {ref!r} not found (no complete {where}; {kind.value})"
+            what = _label(kind) if key is None else "extra LoRA adapter"
+            return False, f"{what} {ref!r} not found (no complete {where}; {key or kind.value})"
     if cfg.device == "cpu":
         return False, "model.voxtral.device is cpu; Voxtral is chosen automatically only on CUDA"
     try:
