@@ -115,6 +115,7 @@ class CaptionPrinter:
         self._row: str | None = None   # the partial on screen, to redraw after a log line
         self.error: OSError | None = None
         """Why printing stopped (the first failed write), or None."""
+        self._error_logged = False
         if self._live:
             _LIVE.add(self)
 
@@ -124,19 +125,23 @@ class CaptionPrinter:
 
     def __call__(self, event: EngineEvent) -> None:
         with _TERMINAL:
-            if self.error is not None:
-                return
-            try:
-                self._print(event)
-            except OSError as e:
-                self._stop(e)
+            if self.error is None:
+                try:
+                    self._print(event)
+                except OSError as e:
+                    self._stop(e)
+        # Logged outside the terminal lock: a log handler holds its own lock
+        # while it takes the terminal's, so logging under it could deadlock.
+        if self.error is not None and not self._error_logged:
+            self._error_logged = True
+            where = "standard output" if self._out is sys.stdout else "the caption output"
+            log.warning("captions are no longer printed: cannot write to %s: %s",
+                        where, self.error.strerror or self.error)
 
     def _stop(self, e: OSError) -> None:
+        """Stop printing; :meth:`__call__` logs why."""
         self.error = e
         _LIVE.discard(self)
-        where = "standard output" if self._out is sys.stdout else "the caption output"
-        log.warning("captions are no longer printed: cannot write to %s: %s",
-                    where, e.strerror or e)
 
     def _hide(self) -> None:
         """Clear the live row for a line from elsewhere (:func:`above_captions`)."""
