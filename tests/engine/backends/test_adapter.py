@@ -204,3 +204,35 @@ def test_a_broken_or_foreign_adapter_is_one_line(
     assert info.value.__context__ is None or info.value.__suppress_context__
     assert "model.voxtral.adapter" in msg
     assert says in msg
+
+
+@pytest.mark.parametrize("init", [True, False])
+def test_an_adapter_missing_a_layers_tensors_adds_nothing_there_or_is_refused(
+    tiny: Tiny, tmp_path: Path, caplog: pytest.LogCaptureFixture, init: bool
+) -> None:
+    """A file that lacks the tensors of a layer its config targets: with peft's
+    default start (lora_B zero) that layer adds nothing, and a warning says
+    so; with init_lora_weights = false its LoRA would start random, and the
+    model would differ from any trained one (it loaded with a warning)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(tiny.adapter, folder)
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    gone = next(k for k in tensors if "lora_A" in k).rsplit(".lora_A", 1)[0]
+    save_file({k: v for k, v in tensors.items() if not k.startswith(gone + ".")}, str(weights))
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["init_lora_weights"] = init
+    config_file.write_text(json.dumps(config))
+    if not init:
+        with pytest.raises(AdapterError, match="init_lora_weights = False") as info:
+            attach_adapter(_fresh(tiny), folder, "default")
+        assert "\n" not in str(info.value)
+        return
+    pm: Any = attach_adapter(_fresh(tiny), folder, "default")
+    assert "their layers stay without adaptation" in caplog.text
+    layer = pm.get_base_model().get_submodule(map_adapter_key(gone).removeprefix(
+        adapter_mod.PEFT_PREFIX))
+    assert not layer.lora_B["default"].weight.any()

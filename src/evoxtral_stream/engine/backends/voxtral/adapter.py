@@ -187,8 +187,18 @@ def attach_adapter(model: nn.Module, folder: Path, name: str) -> nn.Module:
     checked, unset = verify_adapter(peft_model, tensors, name)
     n_params = sum(t.numel() for t in tensors.values())
     if unset:
+        # peft starts lora_B at zero only with these: a layer left so adds
+        # nothing. Any other start (random B, or a base weight changed, as
+        # PiSSA does) would run a model nobody trained.
+        if config.init_lora_weights not in (True, "gaussian"):
+            raise AdapterError(
+                f"adapter {str(folder)!r}: {unset} LoRA parameters of its target modules have "
+                f"no tensor in the file, and init_lora_weights = "
+                f"{config.init_lora_weights!r} would leave them at a start that changes the "
+                "model; the file does not match its adapter_config.json")
         log.warning(
-            "adapter %s: %d LoRA parameters have no tensor in %s and stay at their initial value",
+            "adapter %s: %d LoRA parameters have no tensor in %s: their layers stay "
+            "without adaptation",
             name,
             unset,
             folder,
