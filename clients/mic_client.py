@@ -61,6 +61,7 @@ import json
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,10 @@ MAX_IN_FLIGHT_S = 10.0
 #: a bound on the audio not yet acknowledged must hold at least that much, or
 #: a sender waiting for the next acknowledgement would wait for ever.
 ACK_STEP_S = 0.5
+#: Of a lost connection's audio sent and not acknowledged, the server may
+#: have taken this much (it acknowledges a step once it has it all); the rest
+#: never reached it, and the next connection sends it again (:func:`resend_from`).
+ACK_STEP = -(-SAMPLE_RATE // 2)
 #: What the client sends in its config message: what MicrophoneCapture and
 #: read_audio_file deliver, and the server's acknowledgements of the audio.
 CONFIG = {"type": "config", "sample_rate": SAMPLE_RATE, "channels": 1, "format": "pcm16",
@@ -160,6 +165,15 @@ def past_bound(on_its_way: int, bound_s: float) -> int:
     return max(0, on_its_way - round(bound_s * SAMPLE_RATE))
 
 
+def resend_from(acknowledged: int) -> int:
+    """Where a lost connection's audio is sent again from (pure): past the
+    ``acknowledged`` frames, the server may have taken up to one
+    acknowledgement step more before the loss, which it would otherwise get
+    twice; what was sent past that never reached it (on a link that stalled
+    before it broke, up to :data:`MAX_IN_FLIGHT_S` of audio)."""
+    return acknowledged + ACK_STEP
+
+
 def should_reconnect(end: SessionEnd) -> bool:
     """Whether a connection that ended so is worth opening again (pure)."""
     if end.summary:
@@ -178,9 +192,13 @@ class AudioFeed(Protocol):
     async def send(self, ws: ClientConnection, stop: asyncio.Event,
                    progress: Progress | None = None) -> None:
         """Send audio until it ends or ``stop`` is set. Called again on a new
-        connection after a lost one, it goes on where the last one stopped.
-        ``progress``: the server's acknowledgements on this connection (None:
-        it sends none)."""
+        connection after a lost one, it goes on where the last one stopped
+        (see :meth:`rewind`). ``progress``: the server's acknowledgements on
+        this connection (None: it sends none)."""
+    def rewind(self, progress: Progress) -> None:
+        """The connection whose acknowledgements are ``progress`` ended before
+        its summary: the next :meth:`send` starts with its audio from
+        :func:`resend_from` on, which did not reach the server."""
     def close(self) -> None: ...
 
 
@@ -245,7 +263,10 @@ class FileFeed:
         self.samples = samples
         self.pace = FilePace(max_behind_s)
         self.sent = 0
-        """Samples sent so far, over every connection."""
+        """Samples sent so far, over every connection (less those sent again)."""
+        self.resent = 0
+        """Samples sent again after a lost connection (:meth:`rewind`)."""
+        self._base = 0   # self.sent when the current connection began
         self._status: Status = lambda _: None
         self._delay_reported = 0.0
 
@@ -256,6 +277,7 @@ class FileFeed:
     async def send(self, ws: ClientConnection, stop: asyncio.Event,
                    progress: Progress | None = None) -> None:
         self.pace.start(self.sent, time.monotonic())
+        self._base = self.sent
         sent_here = 0  # on this connection, as the server counts its acknowledgements
         try:
             for chunk in iter_chunks(self.samples[self.sent:], SAMPLE_RATE * CHUNK_MS // 1000):
@@ -276,6 +298,14 @@ class FileFeed:
                 sent_here += len(chunk)
         finally:
             self._report_delay()
+
+    def rewind(self, progress: Progress) -> None:
+        again = max(0, self.sent - (self._base + resend_from(progress.frames)))
+        if again:
+            self.sent -= again
+            self.resent += again
+            self._status(f"{again / SAMPLE_RATE:.1f} s of audio the server did not acknowledge "
+                         "before the connection was lost goes again")
 
     def close(self) -> None:
         pass
@@ -313,8 +343,12 @@ class MicFeed:
 
     Dropped samples keep their place: each queued block carries the samples
     dropped just before it, and :meth:`send` declares them (a ``lost``
-    message) right before the block, once; samples dropped after the last
-    block are declared before ``end``. Samples dropped before a connection's
+    message) right before the block, once. Blocks sent on a connection whose
+    server acknowledges the audio are kept until acknowledged: after a lost
+    connection, those past :func:`resend_from` go first on the next one
+    (:meth:`rewind`), ahead of what was captured meanwhile; all of it
+    together is at most :data:`MAX_IN_FLIGHT_S` of audio. Samples dropped
+    after the last block are declared before ``end``. Samples dropped before a connection's
     first block are not: they lie between its stream and the one before
     (each connection's stream has a timeline of its own, from its first
     audio). A connection takes at most
@@ -334,8 +368,16 @@ class MicFeed:
         # Each block with the samples dropped just before it.
         self.queue: asyncio.Queue[tuple[int, Int16Array]] = asyncio.Queue(MAX_QUEUED_BLOCKS)
         self._unsent: tuple[int, Int16Array] | None = None
+        # Blocks to send before the queue's: those of a lost connection that
+        # did not reach the server (rewind), oldest first.
+        self._resend: deque[tuple[int, Int16Array]] = deque()
+        # Blocks sent on this connection and not acknowledged, each with the
+        # samples sent on it up to its end.
+        self._in_flight: deque[tuple[int, Int16Array]] = deque()
         self._waiting = 0
-        """Samples of the queued blocks and the unsent one."""
+        """Samples of the queued blocks, the unsent one and those to resend."""
+        self.resent = 0
+        """Samples sent again after a lost connection (:meth:`rewind`)."""
         # The current connection's acknowledgements (None: none, or no
         # connection) and the samples sent on it.
         self._progress: Progress | None = None
@@ -367,9 +409,9 @@ class MicFeed:
 
     def _on_audio(self, block: Int16Array) -> None:
         progress = self._progress
-        # On its way: queued, or sent on this connection and not acknowledged.
-        too_much = progress is not None and past_bound(
-            self._waiting + self._sent_here - progress.frames + len(block), MAX_IN_FLIGHT_S) > 0
+        # On its way: waiting, or sent on this connection and not acknowledged.
+        unacknowledged = self._sent_here - progress.frames if progress is not None else 0
+        too_much = past_bound(self._waiting + unacknowledged + len(block), MAX_IN_FLIGHT_S) > 0
         if too_much or self.queue.full():
             self.dropped += 1
             self._lost += len(block)
@@ -390,9 +432,16 @@ class MicFeed:
         self._allowance, self._allowance_at = MAX_LOST_S * SAMPLE_RATE, time.monotonic()
         self._sent_audio = False
         self._progress, self._sent_here = progress, 0  # the server counts from 0 too
+        self._in_flight.clear()
+        if self._resend:
+            self._status(f"sending again {sum(len(b) for _, b in self._resend) / SAMPLE_RATE:.1f}"
+                         " s of audio that did not reach the server before the connection "
+                         "was lost")
         stopping = asyncio.ensure_future(stop.wait())
         try:
             while True:
+                if self._unsent is None and self._resend:
+                    self._unsent = self._resend.popleft()
                 if self._unsent is None:
                     block = asyncio.ensure_future(self.queue.get())
                     try:
@@ -417,9 +466,10 @@ class MicFeed:
         finally:
             stopping.cancel()
         self.close()  # the capture delivers what it holds: send that too
-        while self._unsent is not None or not self.queue.empty():
+        while self._unsent is not None or self._resend or not self.queue.empty():
             if self._unsent is None:
-                self._unsent = self.queue.get_nowait()
+                self._unsent = (self._resend.popleft() if self._resend
+                                else self.queue.get_nowait())
             await self._send_unsent(ws)
         if self._lost and self._sent_audio:  # dropped after the last block
             await self._declare(ws, self._lost)
@@ -440,6 +490,26 @@ class MicFeed:
         self._sent_audio = True
         self._waiting -= len(block)
         self._sent_here += len(block)
+        if self._progress is not None:
+            self._in_flight.append((self._sent_here, block))
+            while self._in_flight and self._in_flight[0][0] <= self._progress.frames:
+                self._in_flight.popleft()
+
+    def rewind(self, progress: Progress) -> None:
+        start = resend_from(progress.frames)
+        again: list[tuple[int, Int16Array]] = []
+        for end, block in self._in_flight:
+            if end > start:
+                again.append((0, block[max(0, start - (end - len(block))):]))
+        self._in_flight.clear()
+        samples = sum(len(b) for _, b in again)
+        self._waiting += samples
+        self.resent += samples
+        # Sent before the block whose send failed and before any left to resend.
+        if self._unsent is not None:
+            again.append(self._unsent)
+            self._unsent = None
+        self._resend.extendleft(reversed(again))
 
     async def _declare(self, ws: ClientConnection, samples: int) -> None:
         """Tell the server ``samples`` were lost here, as far as it takes them."""
@@ -534,9 +604,11 @@ async def _session(ws: ClientConnection, feed: AudioFeed, stop: asyncio.Event,
                 for task in (feeder, receiver):
                     task.cancel()
                 await asyncio.gather(feeder, receiver, return_exceptions=True)
+    done = summary is not None and ws.close_code == 1000
+    if progress is not None and not done:
+        feed.rewind(progress)
     writer.clear()
-    return SessionEnd(stream, ws.close_code, error,
-                      summary is not None and ws.close_code == 1000)
+    return SessionEnd(stream, ws.close_code, error, done)
 
 
 def _ingest_url(url: str, stream: str | None) -> str:

@@ -950,3 +950,88 @@ async def test_a_file_waits_out_a_stalled_link_instead_of_bursting_its_backlog()
     assert 3.5 < feed.pace.delayed < 6.0, feed.pace.delayed
     assert elapsed >= seconds + feed.pace.delayed - 0.3
     assert "later than real-time pace" in writer.said.getvalue()
+
+
+async def test_audio_a_broken_link_held_up_is_sent_again_on_the_next_connection() -> None:
+    """The uplink stalls for 3 s and then breaks (a keepalive gives up, the
+    network fails): the audio sent meanwhile waited in the sockets and never
+    reached the server. The client sends it again first on the next
+    connection, ahead of what it captured while reconnecting, so the two
+    streams hold all that was captured but for at most the half second the
+    server may have taken unacknowledged. It used to be lost without a
+    word, up to 10 s of it."""
+    audio, _ = speech_with_pauses(SENTENCES * 3, pause_s=1.0)
+    # No server keepalive: it would close the stalled connection itself.
+    cfg = load_config(overrides={"server.port": 0, "server.ping_interval_s": 0}, env={})
+
+    def factory(device: InputDevice, rate: int, channels: int, blocksize: int,
+                callback: Callable[..., None]) -> LiveStream:
+        return LiveStream(playback(int16_to_float32(audio)), rate, channels, blocksize,
+                          callback)
+
+    writer = RecordingWriter()
+    feed = MicFeed(InputDevice(7, "fake mic", 1, float(SAMPLE_RATE), True),
+                   stream_factory=factory)
+    ended = EndedStreams()
+    stop = asyncio.Event()
+    async with Engine(cfg, ScriptedBackend(words)) as engine, \
+            CaptionServer(engine, cfg.server) as server, StallingRelay(server.port) as relay:
+        engine.add_listener(ended)
+
+        async def until(cond: Callable[[], bool], what: str) -> None:
+            deadline = time.monotonic() + 30
+            while not cond():
+                assert not client.done(), writer.said.getvalue()
+                assert time.monotonic() < deadline, f"no {what}: {writer.said.getvalue()}"
+                await asyncio.sleep(0.02)
+
+        client = asyncio.ensure_future(run(f"ws://127.0.0.1:{relay.port}", "desk", feed,
+                                           writer, stop=stop, backoff_s=(0.05, 0.2)))
+        await until(lambda: engine.stats().audio_s >= 1.0, "audio at the server")
+        relay.flowing.clear()
+        await asyncio.sleep(3.0)
+        relay.drop()
+        relay.flowing.set()
+        await until(lambda: "reconnected as desk" in writer.said.getvalue(), "reconnection")
+        await asyncio.sleep(1.5)
+        stop.set()
+        assert await asyncio.wait_for(client, 30) == 0, writer.said.getvalue()
+    assert [e.stream for e in ended] == ["desk", "desk"]
+    captured = feed.capture.samples_delivered / SAMPLE_RATE
+    taken = sum(e.duration_s for e in ended)
+    assert captured - 0.55 <= taken <= captured + 0.05, (captured, taken)
+    assert feed.resent >= 2.5 * SAMPLE_RATE, feed.resent / SAMPLE_RATE
+    assert feed.dropped == 0 and feed.declared == 0
+    assert "that did not reach the server before the connection was lost" \
+        in writer.said.getvalue()
+
+
+async def test_a_file_sends_again_what_a_broken_link_held_up() -> None:
+    """--file on the same link (stalled 2 s, then broken): the next connection
+    goes on from what the server acknowledged (and the half second it may
+    have taken), not from what was sent, so no part of the file is lost."""
+    audio, _ = speech_with_pauses(SENTENCES * 2, pause_s=1.0)
+    cfg = load_config(overrides={"server.port": 0, "server.ping_interval_s": 0}, env={})
+    writer = RecordingWriter()
+    feed = FileFeed(audio)
+    ended = EndedStreams()
+    async with Engine(cfg, ScriptedBackend(words)) as engine, \
+            CaptionServer(engine, cfg.server) as server, StallingRelay(server.port) as relay:
+        engine.add_listener(ended)
+        client = asyncio.ensure_future(run(f"ws://127.0.0.1:{relay.port}", "desk", feed,
+                                           writer, backoff_s=(0.05, 0.2)))
+        deadline = time.monotonic() + 30
+        while engine.stats().audio_s < 1.0:
+            assert time.monotonic() < deadline and not client.done(), writer.said.getvalue()
+            await asyncio.sleep(0.02)
+        relay.flowing.clear()
+        await asyncio.sleep(2.0)
+        relay.drop()
+        relay.flowing.set()
+        assert await asyncio.wait_for(client, 60) == 0, writer.said.getvalue()
+    seconds = len(audio) / SAMPLE_RATE
+    taken = sum(e.duration_s for e in ended)
+    assert len(ended) == 2
+    assert seconds - 0.55 <= taken <= seconds + 0.01, (seconds, taken)
+    assert feed.resent >= 1.4 * SAMPLE_RATE, feed.resent / SAMPLE_RATE
+    assert "goes again" in writer.said.getvalue()
