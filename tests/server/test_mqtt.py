@@ -285,7 +285,8 @@ async def test_an_ended_streams_retained_messages_are_removed_after_forget_ended
     new subscriber to {prefix}/+/status got every stream ever seen. Now an
     ended stream's status and last final are removed forget_ended_s after
     its end (live subscribers see an empty message); a stream opened again
-    in the meantime, or still live, keeps them."""
+    in the meantime, or still live, keeps them, as does one whose id shares
+    the topic (x/y and x_y)."""
     cfg = mqtt_config(mosquitto.port, "f", protocol=protocol, forget_ended_s=1.0)
     async with subscriber(mosquitto.port, "f/+/status", "f/+/final") as live, \
             MqttPublisher(cfg) as pub:
@@ -293,11 +294,15 @@ async def test_an_ended_streams_retained_messages_are_removed_after_forget_ended
         for stream in ("gone", "back", "live"):
             pub(StreamStarted(stream, "test"))
             pub(caption(stream, 0, 1, True, f"{stream} said"))
+        pub(StreamStarted("x/y", "test"))
         pub(StreamEnded("gone", 3.0, 1, 1))
         pub(StreamEnded("back", 3.0, 1, 1))
+        pub(StreamEnded("x/y", 3.0, 0, 0))
         await asyncio.sleep(0.5)
         pub(StreamStarted("back", "test"))       # opened again before it is forgotten
         pub(caption("back", 0, 2, True, "back again"))
+        pub(StreamStarted("x_y", "test"))        # the same topics as x/y
+        pub(caption("x_y", 0, 1, True, "x_y said"))
         await eventually(lambda: pub.stats().queued == 0, "queue drained")
         cleared = await live.until(
             lambda got: len([m for m in got if payload(m) == b""]) >= 2, "the removals",
@@ -306,14 +311,16 @@ async def test_an_ended_streams_retained_messages_are_removed_after_forget_ended
             "f/gone/final", "f/gone/status"]
         await asyncio.sleep(1.5)                 # "back"'s old end is past its time too
         async with subscriber(mosquitto.port, "f/#") as late:
-            await late.until(lambda got: len(got) >= 5, "retained messages")
+            await late.until(lambda got: len(got) >= 7, "retained messages")
             got = await late.settle(0.5)
     retained = {(topic(m), body(m)["type"], body(m).get("text")) for m in got
                 if topic(m) != "f/status"}
     assert retained == {("f/back/status", "stream.started", None),
                         ("f/back/final", "caption", "back again"),
                         ("f/live/status", "stream.started", None),
-                        ("f/live/final", "caption", "live said")}, got
+                        ("f/live/final", "caption", "live said"),
+                        ("f/x_y/status", "stream.started", None),
+                        ("f/x_y/final", "caption", "x_y said")}, got
     assert [payload(m) for m in live.got if payload(m) == b""] == [b"", b""]
 
 

@@ -311,9 +311,10 @@ class MqttPublisher:
         self._refusal: ReasonCode | None = None
         self._refused = 0
         self._last_refused_log = -_DROP_LOG_EVERY_S
-        # Ended streams whose retained messages are still to be removed, with
-        # when (monotonic), soonest first: one entry per stream that ended
-        # within forget_ended_s.
+        # The topic levels of ended streams whose retained messages are still
+        # to be removed, with when (monotonic), soonest first: one entry per
+        # stream that ended within forget_ended_s. By level, not id: ids that
+        # share one (a/b and a_b) share the retained messages too.
         self._forget: OrderedDict[str, float] = OrderedDict()
 
     # --- listener side ------------------------------------------------------
@@ -329,10 +330,11 @@ class MqttPublisher:
             return
         self._backlog.push(item)
         if isinstance(event, StreamStarted):
-            self._forget.pop(event.stream, None)
+            self._forget.pop(topic_level(event.stream), None)
         elif isinstance(event, StreamEnded) and self.cfg.forget_ended_s > 0:
-            self._forget.pop(event.stream, None)
-            self._forget[event.stream] = time.monotonic() + self.cfg.forget_ended_s
+            level = topic_level(event.stream)
+            self._forget.pop(level, None)
+            self._forget[level] = time.monotonic() + self.cfg.forget_ended_s
         self._wake.set()
         dropped = self._backlog.dropped_partials + self._backlog.dropped_finals
         if dropped != self._drops_logged:
@@ -671,14 +673,14 @@ class MqttPublisher:
         now = time.monotonic()
         leaves = ("status", "final") if self.cfg.retain_final else ("status",)
         while self._forget:
-            stream, due = next(iter(self._forget.items()))
+            level, due = next(iter(self._forget.items()))
             if due > now:
                 return
-            del self._forget[stream]
+            del self._forget[level]
             for leaf in leaves:
-                topic = f"{self.cfg.prefix}/{topic_level(stream)}/{leaf}"
-                self._backlog.push(QueuedEvent(next(self._order), RetainedClear(stream),
-                                               topic, 1, True, None))
+                self._backlog.push(QueuedEvent(next(self._order), RetainedClear(level),
+                                               f"{self.cfg.prefix}/{level}/{leaf}", 1, True,
+                                               None))
 
     async def _idle(self, lost: asyncio.Future[None]) -> None:
         self._wake.clear()

@@ -43,10 +43,11 @@ PartialKey = tuple[str, int]
 
 @dataclass(frozen=True)
 class RetainedClear:
-    """Remove the retained message of a topic of ``stream`` (an empty retained
-    publish): its status or last final, once it has ended long enough ago."""
+    """Remove the retained message of a topic of the stream whose topic level
+    is ``level`` (an empty retained publish): its status or last final, once
+    it has ended long enough ago."""
 
-    stream: str
+    level: str
 
 
 @dataclass(frozen=True)
