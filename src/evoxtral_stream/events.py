@@ -140,6 +140,9 @@ class DecodeRequest:
     that of the partial of that revision: the engine answers it with that
     partial's text instead of decoding the same audio again.
     ``language`` is the stream's language (None: ``model.language``).
+    ``paced`` is false for audio fed faster than it plays (a file
+    transcribed as fast as the model allows): how long such a request waits
+    says nothing about the model keeping up, so it is not counted as lag.
     """
 
     stream: str
@@ -157,6 +160,7 @@ class DecodeRequest:
     draft: tuple[int, ...] = ()
     at_pause: bool = False
     reuse: int | None = None
+    paced: bool = True
 
 
 @dataclass(frozen=True)

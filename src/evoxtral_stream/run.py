@@ -95,7 +95,8 @@ async def transcribe_samples(
     them bounded), and the summaries cover the audio fed until then.
     """
     chunk = max(1, cfg.audio.file_chunk_ms * SAMPLE_RATE // 1000)
-    streams = [engine.open_stream(job.stream, source="file") for job in jobs]
+    # Not paced: a queue of finals is how a file goes as fast as it can.
+    streams = [engine.open_stream(job.stream, source="file", paced=realtime) for job in jobs]
     feeding = asyncio.gather(*(
         feed_samples(s, job.samples, chunk, realtime=realtime, progress=progress)
         for s, job in zip(streams, jobs, strict=True)

@@ -143,9 +143,12 @@ class Stream:
     """Handle of one live stream. Use it on the engine's event loop only."""
 
     def __init__(self, engine: Engine, stream_id: str, source: str,
-                 adapter: str | None = None, language: str | None = None) -> None:
+                 adapter: str | None = None, language: str | None = None,
+                 paced: bool = True) -> None:
         self.id = stream_id
         self.source = source
+        self.paced = paced
+        """Audio comes at the pace it plays (see :meth:`Engine.open_stream`)."""
         self._engine = engine
         self.session = StreamSession(stream_id, engine.config.vad, engine.config.stream,
                                      adapter, language)
@@ -485,9 +488,14 @@ class Engine:
         return language
 
     def open_stream(self, stream_id: str, source: str = "api",
-                    adapter: str | None = None, language: str | None = None) -> Stream:
+                    adapter: str | None = None, language: str | None = None,
+                    paced: bool = True) -> Stream:
         """Open a stream; ``adapter`` picks one of :attr:`adapter_names`,
-        ``language`` one of :attr:`languages` (see :meth:`check_language`)."""
+        ``language`` one of :attr:`languages` (see :meth:`check_language`).
+        ``paced=False``: its audio comes faster than it plays (a file read as
+        fast as the model allows), so its requests wait in the worker's
+        queue by design and are not counted as the model lagging
+        (``DecodeRequest.paced``)."""
         if self._worker is None:
             raise RuntimeError("engine is not started")
         if self._draining:
@@ -500,7 +508,7 @@ class Engine:
         if adapter is not None and adapter not in self.adapter_names:
             known = ", ".join(self.adapter_names) or "none: the backend cannot switch adapters"
             raise ValueError(f"unknown adapter {adapter!r} (known: {known})")
-        stream = Stream(self, stream_id, source, adapter, self.check_language(language))
+        stream = Stream(self, stream_id, source, adapter, self.check_language(language), paced)
         self._streams[stream_id] = stream
         self._emit(StreamStarted(stream_id, source))
         return stream
@@ -549,6 +557,8 @@ class Engine:
             # That partial failed or was dropped: decode the final after all.
             req = dataclasses.replace(req, reuse=None)
         req = self._with_draft(stream, self._with_prefix(stream, req))
+        if not stream.paced:
+            req = dataclasses.replace(req, paced=False)
         if self._worker.submit(req):
             return
         if req.kind is RequestKind.PARTIAL:

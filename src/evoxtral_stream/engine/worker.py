@@ -126,7 +126,8 @@ class WorkerStats:
     draft_kept: int = 0
     """Of those, the ones it kept: decode steps saved."""
     max_lag_s: float = 0.0
-    """Longest wait of a request between ready and the start of its decode."""
+    """Longest wait of a paced request (``DecodeRequest.paced``) between
+    ready and the start of its decode."""
     call_s: float = 0.0
     """How long the backend call in progress has run (0: none runs)."""
     stalled: bool = False
@@ -348,20 +349,30 @@ class ModelWorker:
         batch = (finals + partials)[: self._cfg.max_batch]
         for r in batch:
             del self._pending[(r.stream, r.segment)]
-        if batch:
-            self._report_lag(self._clock() - min(r.ready_at for r in batch))
+        self._report_lag(batch)
         return batch
 
-    def _report_lag(self, lag: float) -> None:
-        """Log, at most every few seconds, how far behind the model thread is."""
+    def _report_lag(self, batch: list[DecodeRequest]) -> None:
+        """Log, at most every few seconds, how far behind the model thread is:
+        how long the oldest *paced* request of ``batch`` waited. Requests of
+        audio fed faster than it plays (a file transcribed as fast as the
+        model allows) wait by design, in a queue that says nothing about
+        keeping up with a live source: they are not counted."""
+        paced = [r.ready_at for r in batch if r.paced]
+        if not paced:
+            return
         now = self._clock()
+        lag = now - min(paced)
         with self._lock:
             self._max_lag_s = max(self._max_lag_s, lag)
         if lag >= _LAG_WARN_S and now - self._lag_logged_at >= _LAG_LOG_EVERY_S:
             self._lag_logged_at = now
+            thinned = any(r.kind is RequestKind.PARTIAL
+                          for r in (*batch, *self._pending.values()))
             log.warning("model worker is %.1f s behind: the oldest request in this batch "
-                        "waited that long (%d more pending); partials are thinned first",
-                        lag, len(self._pending) + self._inbox.qsize())
+                        "waited that long (%d more pending)%s",
+                        lag, len(self._pending) + self._inbox.qsize(),
+                        "; partials are thinned first" if thinned else "")
 
     def _fill(self) -> bool:
         """Wait for work, then gather more for up to max_wait; False to stop."""
@@ -519,7 +530,7 @@ class ModelWorker:
                 self._fill()
         admitting = self._admissible(backend)
         if admitting:
-            self._report_lag(self._clock() - min(r.ready_at for r in admitting))
+            self._report_lag(admitting)
             self._admit(backend, admitting)
         if self._running:
             self._step(backend)
