@@ -14,6 +14,7 @@ from evoxtral_stream.events import CaptionEvent, TagMark
 from evoxtral_stream.server.protocol import caption_to_dict
 from evoxtral_stream.text.formats import (
     CueLayout,
+    SubtitleWriter,
     TagStyle,
     build_cues,
     format_timestamp,
@@ -187,3 +188,47 @@ def test_cues_keep_every_word_and_tag(text: str, style: TagStyle, width: int, li
                 assert word_chunks(visible(line)) <= 1, line
     assert all(a.end <= b.start + 1e-9 for a, b in pairwise(cues))
     assert all(c.end >= c.start for c in cues)
+
+
+_WORDS = ["so", "I", "was", "thinking,", "maybe", "we", "could", "try", "that", "new",
+          "restaurant", "downtown.", "[laughs]", "FREE", "weekend?", "[sighs]", "ok."]
+
+
+@st.composite
+def _finals_and_until(draw: st.DrawFn) -> tuple[list[CaptionEvent], float | None]:
+    events: list[CaptionEvent] = []
+    t = draw(st.floats(0, 3))
+    for seg in range(draw(st.integers(0, 8))):
+        # Overlaps (a forced split's seam), touching and zero-length finals too.
+        t = max(0.0, t + draw(st.sampled_from([-0.5, 0.0, 0.1, 0.4, 1.5, 3.0])))
+        span = draw(st.sampled_from([0.0, 0.2, 0.9, 3.0, 12.0]))
+        text = " ".join(draw(st.lists(st.sampled_from(_WORDS), max_size=30)))
+        events.append(final(text, t, t + span, seg))
+        t += span
+    # The audio ends at or after the last final's end (its audio was heard).
+    end = max((e.end for e in events), default=0.0)
+    until = draw(st.one_of(st.none(), st.floats(0, 2).map(lambda d: end + d)))
+    return events, until
+
+
+@given(_finals_and_until(), st.sampled_from([0.0, 5 / 6, 2.0]),
+       st.sampled_from([1.0, 7.0]), st.booleans())
+@settings(max_examples=300, deadline=None)
+def test_subtitles_written_as_finals_land_are_the_whole_file_s(
+        case: tuple[list[CaptionEvent], float | None], min_cue_s: float, max_cue_s: float,
+        vtt: bool) -> None:
+    """SubtitleWriter's pieces, appended as each final lands, make exactly
+    to_srt/to_vtt of all the finals (transcribe writes its subtitles so),
+    and every cue but the last is out before the end once a final ends
+    past its minimum length."""
+    events, until = case
+    layout = CueLayout(min_cue_s=min_cue_s, max_cue_s=max_cue_s)
+    writer = SubtitleWriter(vtt=vtt, layout=layout)
+    pieces = [writer.header(), *(writer.add(e) for e in events)]
+    before_end = "".join(pieces)
+    whole = before_end + writer.finish(until)
+    expected = (to_vtt if vtt else to_srt)(events, layout=layout, until=until)
+    assert whole == expected
+    cues = build_cues(events, layout=layout, until=until)
+    if cues and all(nxt.start > cue.start for cue, nxt in pairwise(cues)):
+        assert before_end.count(" --> ") == len(cues) - 1

@@ -1,6 +1,8 @@
 """Caption files from caption events: SRT, WebVTT, JSONL and plain text.
 
 Pure: every function returns a string; writing it is the caller's job.
+:class:`SubtitleWriter` gives an SRT or WebVTT file in pieces, as finals
+land, that add up to the same text.
 
 SRT and WebVTT use the *final* events only, in the order given (callers sort
 them by segment). Each final is laid out in cues by :class:`CueLayout`, the
@@ -34,6 +36,7 @@ from .tags import Token, render, tokenize, word_count
 __all__ = [
     "Cue",
     "CueLayout",
+    "SubtitleWriter",
     "TagStyle",
     "build_cues",
     "format_timestamp",
@@ -230,16 +233,88 @@ def build_cues(events: Iterable[CaptionEvent], *, tags: TagStyle = TagStyle.INLI
     for event in events:
         if event.final and event.text:
             cues.extend(_event_cues(event, tags, lay, vtt))
-    out: list[Cue] = []
-    for i, cue in enumerate(cues):
-        nxt = cues[i + 1].start if i + 1 < len(cues) else None
-        end = max(cue.end, cue.start + lay.min_cue_s)
-        if until is not None:
-            end = min(end, max(cue.end, until))
-        if nxt is not None and nxt > cue.start:
-            end = min(end, nxt)
-        out.append(Cue(cue.start, max(end, cue.start), cue.lines))
-    return out
+    return [Cue(cue.start, _cue_end(cue, cues[i + 1].start if i + 1 < len(cues) else None,
+                                    lay, until), cue.lines)
+            for i, cue in enumerate(cues)]
+
+
+class SubtitleWriter:
+    """SRT or WebVTT text of one stream's finals as they land, in pieces to
+    append to a file: :meth:`header`, then what each :meth:`add` returns,
+    then :meth:`finish`'s. Together they are exactly :func:`to_srt` (or
+    :func:`to_vtt`) of those finals, given in segment order (the merger's
+    order) with ``until``. A cue is given out only once nothing can change
+    it: its end waits for the next cue's start, and for the audio to have
+    passed where ``until`` could clamp it (``until`` is at least the end of
+    the latest final, whose audio has been heard). Normally only the last
+    cue is held; one that starts where the cue after it does waits for a
+    final that ends past its minimum length. Pure: the caller writes."""
+
+    def __init__(self, *, vtt: bool = False, tags: TagStyle = TagStyle.INLINE,
+                 layout: CueLayout | None = None) -> None:
+        if tags is TagStyle.CLASS and not vtt:
+            raise ValueError("SRT has no class spans: use TagStyle.INLINE or TagStyle.STRIP")
+        self._vtt = vtt
+        self._tags = tags
+        self._layout = layout or CueLayout()
+        self._held: list[Cue] = []
+        self._written = 0
+
+    def header(self) -> str:
+        return "WEBVTT\n" if self._vtt else ""
+
+    def add(self, event: CaptionEvent) -> str:
+        """The cues that ``event`` (a final; others are ignored) settled."""
+        if not (event.final and event.text):
+            return ""
+        self._held += _event_cues(event, self._tags, self._layout, self._vtt)
+        done: list[Cue] = []
+        while len(self._held) > 1:
+            cue = self._held[0]
+            end = _cue_end(cue, self._held[1].start, self._layout, None)
+            if end > max(cue.end, event.end):
+                break  # until, at least event.end, could still clamp it
+            done.append(Cue(cue.start, end, cue.lines))
+            del self._held[0]
+        return self._blocks(done)
+
+    def finish(self, until: float | None = None) -> str:
+        """The cues still held; ``until`` as for :func:`build_cues`."""
+        held, self._held = self._held, []
+        return self._blocks([
+            Cue(cue.start, _cue_end(cue, held[i + 1].start if i + 1 < len(held) else None,
+                                    self._layout, until), cue.lines)
+            for i, cue in enumerate(held)])
+
+    def _blocks(self, cues: Sequence[Cue]) -> str:
+        parts: list[str] = []
+        for cue in cues:
+            self._written += 1
+            if self._vtt:
+                parts.append("\n" + _vtt_block(cue))
+            else:
+                parts.append(("\n" if self._written > 1 else "") + _srt_block(self._written, cue))
+        return "".join(parts)
+
+
+def _cue_end(cue: Cue, nxt: float | None, layout: CueLayout, until: float | None) -> float:
+    """Where ``cue`` ends (:func:`build_cues`), the next cue starting at ``nxt``."""
+    end = max(cue.end, cue.start + layout.min_cue_s)
+    if until is not None:
+        end = min(end, max(cue.end, until))
+    if nxt is not None and nxt > cue.start:
+        end = min(end, nxt)
+    return max(end, cue.start)
+
+
+def _srt_block(number: int, cue: Cue) -> str:
+    times = f"{format_timestamp(cue.start)} --> {format_timestamp(cue.end)}"
+    return f"{number}\n{times}\n" + "\n".join(cue.lines) + "\n"
+
+
+def _vtt_block(cue: Cue) -> str:
+    times = f"{format_timestamp(cue.start, '.')} --> {format_timestamp(cue.end, '.')}"
+    return f"{times}\n" + "\n".join(cue.lines) + "\n"
 
 
 def format_timestamp(seconds: float, sep: str = ",") -> str:
@@ -257,22 +332,15 @@ def to_srt(events: Iterable[CaptionEvent], *, tags: TagStyle = TagStyle.INLINE,
     ``until``: the end of the audio (see :func:`build_cues`)."""
     if tags is TagStyle.CLASS:
         raise ValueError("SRT has no class spans: use TagStyle.INLINE or TagStyle.STRIP")
-    blocks = []
-    for i, cue in enumerate(build_cues(events, tags=tags, layout=layout, until=until),
-                            start=1):
-        times = f"{format_timestamp(cue.start)} --> {format_timestamp(cue.end)}"
-        blocks.append(f"{i}\n{times}\n" + "\n".join(cue.lines) + "\n")
-    return "\n".join(blocks)
+    return "\n".join(_srt_block(i, cue) for i, cue in enumerate(
+        build_cues(events, tags=tags, layout=layout, until=until), start=1))
 
 
 def to_vtt(events: Iterable[CaptionEvent], *, tags: TagStyle = TagStyle.INLINE,
            layout: CueLayout | None = None, until: float | None = None) -> str:
     """WebVTT text of the final events; ``until`` as for :func:`to_srt`."""
-    out = ["WEBVTT\n"]
-    for cue in build_cues(events, tags=tags, layout=layout, vtt=True, until=until):
-        times = f"{format_timestamp(cue.start, '.')} --> {format_timestamp(cue.end, '.')}"
-        out.append(f"{times}\n" + "\n".join(cue.lines) + "\n")
-    return "\n".join(out)
+    return "\n".join(["WEBVTT\n", *map(_vtt_block, build_cues(
+        events, tags=tags, layout=layout, vtt=True, until=until))])
 
 
 def to_jsonl(events: Iterable[CaptionEvent]) -> str:
