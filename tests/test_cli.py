@@ -178,6 +178,58 @@ def test_an_interrupted_transcribe_writes_the_captions_it_made(
     assert f"interrupted ({sig.name})" in err
 
 
+_SRT_BLOCK = re.compile(r"(\d+)\n(\d\d:\d\d:\d\d,\d{3}) --> (\d\d:\d\d:\d\d,\d{3})\n"
+                        r"((?:[^\n]+\n)+)")
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+def test_a_transcribe_killed_outright_leaves_what_it_had_made(tmp_path: Path) -> None:
+    """kill -9 mid-file (as the out-of-memory killer does): the JSON lines
+    file holds every event up to then, whole lines only, every final printed
+    among them; the subtitles are whole cues in talk.srt.part and
+    talk.vtt.part, the targets not made. Everything used to be held in
+    memory until the end: nothing at all was written."""
+    from tests.speech import speech_with_pauses
+
+    sentences = ["The committee met on Tuesday to discuss the budget for next year.",
+                 "Several members raised concerns about the cost of the new building.",
+                 "The chair promised a full report before the end of the month.",
+                 "Meanwhile the weather stayed cold and wet for most of the week.",
+                 "Thank you all for listening, and see you at the next meeting.",
+                 "Our guests tonight include two authors and a famous painter."]
+    wav, out, jsonl = tmp_path / "talk.wav", tmp_path / "out", tmp_path / "all.jsonl"
+    sf.write(wav, speech_with_pauses(sentences, 1.0)[0], 16000)   # about 30 s
+    proc = _popen_transcribe(str(wav), "--realtime", "--srt", f"{out}/", "--vtt", f"{out}/",
+                             "--jsonl", str(jsonl))
+    try:
+        assert proc.stdout is not None
+        printed = [proc.stdout.readline() for _ in range(3)]   # three finals
+        proc.kill()
+        proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert all(line.startswith("[0:") for line in printed), printed
+    texts = [line.rstrip("\n").split("] ", 1)[1] for line in printed]
+    raw = jsonl.read_text(encoding="utf-8")
+    assert raw.endswith("\n")
+    events = [json.loads(line) for line in raw.splitlines()]   # every line whole
+    assert events[0]["type"] == "stream.started"
+    finals = [e["text"] for e in events if e["type"] == "caption" and e["final"]]
+    assert finals[:3] == texts and len(finals) < len(sentences)
+    assert sorted(p.name for p in out.iterdir()) == ["talk.srt.part", "talk.vtt.part"]
+    srt = (out / "talk.srt.part").read_text(encoding="utf-8")
+    blocks = _SRT_BLOCK.findall(srt)
+    assert "\n".join("".join(b[:1]) + "\n" + f"{b[1]} --> {b[2]}\n" + b[3]
+                     for b in blocks) == srt, "whole cues only"
+    assert [int(b[0]) for b in blocks] == list(range(1, len(blocks) + 1))
+    shown = " ".join(b[3].replace("\n", " ") for b in blocks).split()
+    # The first two finals' cues are settled (the next final's start is known).
+    assert shown[:len(" ".join(texts[:2]).split())] == " ".join(texts[:2]).split()
+    vtt = (out / "talk.vtt.part").read_text(encoding="utf-8")
+    assert vtt.startswith("WEBVTT\n\n00:00:0") and vtt.count(" --> ") == len(blocks)
+
+
 def _ctrl_c_twice_once_started(proc: subprocess.Popen[str]) -> str:
     """Ctrl-C ``proc`` twice, 0.3 s apart, half a second after its engine
     started; its stderr."""

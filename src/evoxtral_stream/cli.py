@@ -43,16 +43,16 @@ from .events import (
     SAMPLE_RATE,
     CaptionEvent,
     EngineEvent,
-    StreamEnded,
     stream_id_problem,
 )
 from .logs import FORMATS, LEVELS, configure_logging, install_json_hooks
-from .run import FileJob, LatencyLog, transcribe_samples
+from .outputs import JsonlFile, SubtitleFiles, part_path
+from .run import FileJob, transcribe_samples
 from .server.app import CaptionServer
 from .server.auth import install_token_redaction, redact_tokens
-from .server.protocol import caption_from_dict, event_to_dict
+from .server.protocol import caption_from_dict
 from .systemd import Notifier, Snapshot, monotonic_usec, supervise
-from .text.formats import CueLayout, TagStyle, to_srt, to_text, to_vtt
+from .text.formats import CueLayout, SubtitleWriter, TagStyle, to_srt, to_text, to_vtt
 from .text.sessions import SessionSplitter
 
 __all__ = ["main"]
@@ -336,11 +336,13 @@ def _output_path(target: Path, stream: str, suffix: str, many: bool) -> Path:
 
 
 def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence[Path],
-                     streams: Sequence[str]) -> None:
+                     streams: Sequence[str], *, staged: bool = False) -> None:
     """Make the output folders, or refuse the outputs, before any work: each
     ``(flag, PATH)`` but ``--jsonl`` is one file, or a folder of one file per
     stream when there are several streams or PATH is one. Refused: two flags
-    that would write one file, and an output that would overwrite an input."""
+    that would write one file, and an output that would overwrite an input.
+    ``staged``: subtitles are written to ``.part`` files first
+    (:func:`.outputs.part_path`), which count as outputs of their flag too."""
     many = len(streams) > 1
     for flag, raw in outputs:
         if raw is None:
@@ -365,6 +367,8 @@ def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence
         suffix = _SUFFIXES.get(flag)
         paths = ([Path(raw)] if suffix is None
                  else [_output_path(Path(raw), s, suffix, many) for s in streams])
+        if staged and suffix is not None:
+            paths += [part_path(p) for p in paths]
         for path in paths:
             other = writers.setdefault(path.resolve(), flag)
             if other == "the input":
@@ -402,7 +406,7 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
         raise UserError("no input: name audio files or use --sample")
     ids = _stream_ids(paths)
     _prepare_outputs((("--srt", args.srt), ("--vtt", args.vtt), ("--jsonl", args.jsonl)),
-                     paths, ids)
+                     paths, ids, staged=True)
     jobs = [FileJob(sid, read_audio_file(p)) for sid, p in zip(ids, paths, strict=True)]
     if args.serve:
         from .server.auth import check_bind
@@ -413,14 +417,24 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
     backend = load_backend(cfg.model)
     printer = CaptionPrinter(show_stream=len(jobs) > 1,
                              partials=True if args.partials else None)
-    record = LatencyLog()
+    latencies: list[float] = []  # one float per final: the summary's p95
+
+    def tally(event: EngineEvent) -> None:
+        if isinstance(event, CaptionEvent) and event.final and event.latency is not None:
+            latencies.append(event.latency)
+
     total = sum(len(j.samples) for j in jobs)
     interrupted: list[signal.Signals] = []
+    jsonl, subtitles = _open_outputs(args, cfg, [j.stream for j in jobs])
 
     async def job() -> list[StreamSummary]:
         async with Engine(cfg, backend) as engine:
             stop = _stop_on_signals(cfg, engine, interrupted)
-            engine.add_listener(record)
+            # The files first: a caption printed is on disk already.
+            if jsonl is not None:
+                engine.add_listener(jsonl)
+            engine.add_listener(subtitles)
+            engine.add_listener(tally)
             engine.add_listener(printer)
             server = CaptionServer(engine, cfg.server) if args.serve else None
             async with contextlib.AsyncExitStack() as stack:
@@ -442,12 +456,25 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
                         _close_progress(bar)
 
     loop_start = time.monotonic()
-    summaries = asyncio.run(job())
+    complete = False
+    try:
+        summaries = asyncio.run(job())
+        complete = True
+    finally:
+        # Interrupted or not, the outputs hold every caption made; every
+        # stream has ended by now, so each subtitle file is complete. On an
+        # exception they stay .part files.
+        subtitles.close(complete=complete)
+        if jsonl is not None:
+            jsonl.close()
     elapsed = time.monotonic() - loop_start
-    # Interrupted or not, the outputs hold every caption made.
-    _write_outputs(args, cfg, jobs, record.events)
+    failed = (subtitles.error if subtitles.error is not None
+              else (jsonl.path, jsonl.error) if jsonl is not None and jsonl.error is not None
+              else None)
+    if failed is not None:
+        raise UserError(f"cannot write {failed[0]}: {failed[1].strerror or failed[1]}")
     audio_s = sum(s.duration_s for s in summaries)
-    lat = sorted(record.final_latencies())
+    lat = sorted(latencies)
     p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else float("nan")
     stopped = f"interrupted ({interrupted[0].name}): " if interrupted else ""
     _notice(cfg, f"{stopped}{len(summaries)} stream(s), {audio_s:.1f} s of audio in "
@@ -510,19 +537,35 @@ def _close_progress(bar: Any) -> None:
     bar.fp.flush()
 
 
-def _write_outputs(args: argparse.Namespace, cfg: Config, jobs: Sequence[FileJob],
-                   events: Sequence[EngineEvent]) -> None:
-    for job in jobs:
-        finals = [e for e in events if isinstance(e, CaptionEvent)
-                  and e.stream == job.stream and e.final]
-        finals.sort(key=lambda e: e.segment)
-        ends = [e.duration_s for e in events if isinstance(e, StreamEnded)
-                and e.stream == job.stream]
-        _write_captions(cfg, (("--srt", args.srt), ("--vtt", args.vtt)), job.stream, finals,
-                        len(jobs) > 1, ends[-1] if ends else None)
-    if args.jsonl:
-        lines = [json.dumps(event_to_dict(e), ensure_ascii=False) for e in events]
-        _write(Path(args.jsonl), "".join(line + "\n" for line in lines))
+def _open_outputs(args: argparse.Namespace, cfg: Config, streams: Sequence[str]
+                  ) -> tuple[JsonlFile | None, SubtitleFiles]:
+    """Create transcribe's output files, written as the engine runs
+    (:mod:`.outputs`): the ``--jsonl`` file, and each stream's ``--srt`` and
+    ``--vtt`` as ``.part`` files until the stream ends."""
+    layout = _cue_layout(cfg)
+    many = len(streams) > 1
+    files = [(stream, _output_path(Path(raw), stream, _SUFFIXES[flag], many),
+              SubtitleWriter(vtt=flag == "--vtt", layout=layout, tags=TagStyle(
+                  cfg.captions.vtt_tags if flag == "--vtt" else cfg.captions.srt_tags)))
+             for flag, raw in (("--srt", args.srt), ("--vtt", args.vtt)) if raw is not None
+             for stream in streams]
+    try:
+        subtitles = SubtitleFiles(files)
+    except OSError as e:
+        raise UserError(f"cannot write {e.filename}: {e.strerror or e}") from None
+    if not args.jsonl:
+        return None, subtitles
+    try:
+        return JsonlFile(Path(args.jsonl)), subtitles
+    except OSError as e:
+        subtitles.close(complete=False)
+        raise UserError(f"cannot write {args.jsonl}: {e.strerror or e}") from None
+
+
+def _cue_layout(cfg: Config) -> CueLayout:
+    cap = cfg.captions
+    return CueLayout(max_line_chars=cap.max_line_chars, max_lines=cap.max_lines,
+                     max_cue_s=cap.max_cue_s, min_cue_s=cap.min_cue_s)
 
 
 def _cmd_subtitles(args: argparse.Namespace, cfg: Config) -> int:
@@ -614,8 +657,7 @@ def _write_captions(cfg: Config, outputs: Sequence[tuple[str, str | None]], name
     file named after ``name`` in a folder (see :func:`_output_path`); no cue
     outlasts ``until``, the end of the audio, when known."""
     cap = cfg.captions
-    layout = CueLayout(max_line_chars=cap.max_line_chars, max_lines=cap.max_lines,
-                       max_cue_s=cap.max_cue_s, min_cue_s=cap.min_cue_s)
+    layout = _cue_layout(cfg)
     for flag, raw in outputs:
         if raw is None:
             continue

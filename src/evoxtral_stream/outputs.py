@@ -1,0 +1,171 @@
+"""Output files written while the engine runs: ``transcribe``'s ``--jsonl``,
+``--srt`` and ``--vtt``.
+
+Engine listeners (called on the event loop; they never raise): each writes
+what an event settles as the event is emitted, so a process killed outright
+(``kill -9``, the out-of-memory killer) leaves on disk everything emitted
+until then, and nothing of the run is held in memory.
+
+- :class:`JsonlFile`: every event, one JSON line each, each line handed to
+  the OS in one write as its event is emitted: a crash leaves whole lines.
+- :class:`SubtitleFiles`: each stream's SRT or WebVTT goes to ``PATH.part``
+  beside its target, a cue at a time once nothing can change it
+  (:class:`~.text.formats.SubtitleWriter`); when the stream ends the rest
+  is written and the file renamed to its target, which therefore only ever
+  holds a complete file: the same bytes :func:`~.text.formats.to_srt` and
+  :func:`~.text.formats.to_vtt` give for all the stream's finals.
+
+A failed write (a full disk) stops that file and is kept in ``error`` for
+the caller to report; the others go on. Nothing is synced to disk before a
+file is closed: after a power loss a file holds what the system had
+written out (a last JSON line may be cut short; ``subtitles`` skips it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from .events import CaptionEvent, EngineEvent, StreamEnded
+from .server.protocol import event_to_dict
+from .text.formats import SubtitleWriter
+
+__all__ = ["JsonlFile", "SubtitleFiles", "part_path"]
+
+log = logging.getLogger(__name__)
+
+
+def part_path(target: Path) -> Path:
+    """Where a subtitle file is written until its stream ends."""
+    return target.with_name(target.name + ".part")
+
+
+def _open(path: Path) -> BinaryIO:
+    # Unbuffered: each write is one write(2), whole once it returns.
+    return open(path, "wb", buffering=0)
+
+
+def _close(f: BinaryIO) -> None:
+    try:
+        os.fsync(f.fileno())
+    finally:
+        f.close()
+
+
+class JsonlFile:
+    """Every event as a protocol v1 JSON line in ``path`` (created now,
+    replacing a file there), written as it is emitted."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.error: OSError | None = None
+        self._f: BinaryIO | None = _open(path)
+
+    def __call__(self, event: EngineEvent) -> None:
+        if self._f is None:
+            return
+        line = json.dumps(event_to_dict(event), ensure_ascii=False) + "\n"
+        try:
+            self._f.write(line.encode("utf-8"))
+        except OSError as e:
+            self._fail(e)
+
+    def close(self) -> None:
+        if self._f is None:
+            return
+        f, self._f = self._f, None
+        try:
+            _close(f)
+        except OSError as e:
+            self.error = self.error or e
+
+    def _fail(self, e: OSError) -> None:
+        self.error = e
+        log.warning("%s is no longer written: %s", self.path, e.strerror or e)
+        f, self._f = self._f, None
+        if f is not None:
+            with contextlib.suppress(OSError):  # the write already failed; that is what is reported
+                f.close()
+
+
+@dataclass
+class _Subtitles:
+    stream: str
+    target: Path
+    writer: SubtitleWriter
+    file: BinaryIO | None
+
+
+class SubtitleFiles:
+    """The SRT and WebVTT files of streams: ``(stream, target, writer)``
+    each (see the module doc). Every ``.part`` file is created now."""
+
+    def __init__(self, files: list[tuple[str, Path, SubtitleWriter]]) -> None:
+        self.error: tuple[Path, OSError] | None = None
+        self._subs: list[_Subtitles] = []
+        try:
+            for stream, target, writer in files:
+                sub = _Subtitles(stream, target, writer, None)
+                self._subs.append(sub)
+                sub.file = _open(part_path(target))
+                self._write(sub, writer.header())
+        except OSError:
+            self.close(complete=False)
+            raise
+
+    def __call__(self, event: EngineEvent) -> None:
+        if isinstance(event, CaptionEvent) and event.final:
+            for sub in self._subs:
+                if sub.stream == event.stream and sub.file is not None:
+                    self._write(sub, sub.writer.add(event))
+        elif isinstance(event, StreamEnded):
+            for sub in self._subs:
+                if sub.stream == event.stream:
+                    self._complete(sub, event.duration_s)
+
+    def close(self, *, complete: bool) -> None:
+        """Close every file still open: ``complete`` finishes each (its
+        stream's end unknown) and renames it to its target, else it is
+        left as ``.part``."""
+        for sub in self._subs:
+            if complete:
+                self._complete(sub, None)
+            elif sub.file is not None:
+                f, sub.file = sub.file, None
+                with contextlib.suppress(OSError):  # left as .part anyway
+                    f.close()
+
+    def _write(self, sub: _Subtitles, text: str) -> None:
+        if not text or sub.file is None:
+            return
+        try:
+            sub.file.write(text.encode("utf-8"))
+        except OSError as e:
+            self._fail(sub, e)
+
+    def _complete(self, sub: _Subtitles, until: float | None) -> None:
+        if sub.file is None:
+            return
+        self._write(sub, sub.writer.finish(until))
+        if sub.file is None:
+            return
+        f, sub.file = sub.file, None
+        try:
+            _close(f)
+            os.replace(part_path(sub.target), sub.target)
+        except OSError as e:
+            self._fail(sub, e)
+
+    def _fail(self, sub: _Subtitles, e: OSError) -> None:
+        if self.error is None:
+            self.error = (sub.target, e)
+        log.warning("%s is no longer written: %s", sub.target, e.strerror or e)
+        f, sub.file = sub.file, None
+        if f is not None:
+            with contextlib.suppress(OSError):  # the write already failed; that is what is reported
+                f.close()

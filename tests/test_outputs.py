@@ -1,0 +1,94 @@
+"""transcribe's output files, written as the engine runs, against what the
+whole run's events give (how transcribe wrote them before: all at the end).
+
+Real speech (espeak-ng), the embedded Whisper model, the real engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from evoxtral_stream.config import load_config
+from evoxtral_stream.engine.backends.base import Backend
+from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.events import CaptionEvent, EngineEvent, StreamEnded
+from evoxtral_stream.outputs import JsonlFile, SubtitleFiles, part_path
+from evoxtral_stream.run import FileJob, transcribe_samples
+from evoxtral_stream.server.protocol import event_to_dict
+from evoxtral_stream.text.formats import CueLayout, SubtitleWriter, TagStyle, to_srt, to_vtt
+from tests.speech import have_espeak, speech_with_pauses
+
+pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+
+_TALKS = {
+    "a": ["The committee met on Tuesday to discuss the budget for next year.",
+          "Several members raised concerns about the cost of the new building.",
+          "The chair promised a full report before the end of the month."],
+    "b": ["Thank you all for listening, and see you at the next meeting.",
+          "Our guests tonight include two authors and a famous painter.",
+          "Please remember to switch off the lights when you leave the room."],
+}
+
+
+@pytest.mark.parametrize("interrupt", [False, True])
+async def test_files_written_as_events_come_are_those_of_the_whole_run(
+        tmp_path: Path, whisper_backend: Backend, interrupt: bool) -> None:
+    """The JSON lines, SRT and WebVTT written event by event are byte for
+    byte what the run's events give at the end (what transcribe wrote
+    before), for a whole run and for one stopped mid-speech (Ctrl-C: the
+    end of the audio fed then clamps the last cues); no .part file is left."""
+    cfg = load_config(env={})
+    layout = CueLayout(max_line_chars=cfg.captions.max_line_chars,
+                       max_lines=cfg.captions.max_lines, max_cue_s=cfg.captions.max_cue_s,
+                       min_cue_s=cfg.captions.min_cue_s)
+    srt_tags, vtt_tags = TagStyle(cfg.captions.srt_tags), TagStyle(cfg.captions.vtt_tags)
+    jobs = [FileJob(name, speech_with_pauses(text, 0.9)[0]) for name, text in _TALKS.items()]
+    files = [(job.stream, tmp_path / f"{job.stream}{suffix}",
+              SubtitleWriter(vtt=suffix == ".vtt", layout=layout,
+                             tags=vtt_tags if suffix == ".vtt" else srt_tags))
+             for job in jobs for suffix in (".srt", ".vtt")]
+    jsonl, subtitles = JsonlFile(tmp_path / "all.jsonl"), SubtitleFiles(files)
+    events: list[EngineEvent] = []
+    stop = asyncio.Event()
+
+    def record(event: EngineEvent) -> None:
+        events.append(event)
+        finals = [e for e in events if isinstance(e, CaptionEvent) and e.final]
+        if interrupt and len(finals) == 2:
+            stop.set()
+
+    async with Engine(cfg, whisper_backend) as engine:
+        engine.add_listener(jsonl)
+        engine.add_listener(subtitles)
+        engine.add_listener(record)
+        await transcribe_samples(cfg, engine, jobs, realtime=False, stop=stop)
+    subtitles.close(complete=True)
+    jsonl.close()
+    assert jsonl.error is None and subtitles.error is None
+
+    expected_jsonl = "".join(json.dumps(event_to_dict(e), ensure_ascii=False) + "\n"
+                             for e in events)
+    assert (tmp_path / "all.jsonl").read_text(encoding="utf-8") == expected_jsonl
+    finals_made = 0
+    for job in jobs:
+        finals = sorted((e for e in events if isinstance(e, CaptionEvent)
+                         and e.stream == job.stream and e.final), key=lambda e: e.segment)
+        finals_made += len(finals)
+        (until,) = [e.duration_s for e in events
+                    if isinstance(e, StreamEnded) and e.stream == job.stream]
+        srt = (tmp_path / f"{job.stream}.srt").read_bytes()
+        vtt = (tmp_path / f"{job.stream}.vtt").read_bytes()
+        assert srt == to_srt(finals, tags=srt_tags, layout=layout,
+                             until=until).encode("utf-8")
+        assert vtt == to_vtt(finals, tags=vtt_tags, layout=layout,
+                             until=until).encode("utf-8")
+        assert not part_path(tmp_path / f"{job.stream}.srt").exists()
+    if interrupt:
+        assert 2 <= finals_made < 6, "stopped mid-run"
+    else:
+        assert finals_made == 6
+        assert all((tmp_path / f"{n}.srt").read_text().count(" --> ") >= 3 for n in _TALKS)
