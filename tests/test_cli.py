@@ -111,6 +111,12 @@ def test_outputs_that_cannot_be_written_are_refused_before_decoding(tmp_path: Pa
     one_error_line(cli("transcribe", str(a), str(b), "--jsonl", str(b)),
                    f"--jsonl {b} is one of the audio files", "would be overwritten")
     assert sf.info(b).frames == 8000
+    # Nor onto one through the file a subtitle is written to until it ends.
+    staged = tmp_path / "talk.srt.part"
+    shutil.copy(a, staged)
+    one_error_line(cli("transcribe", str(staged), "--srt", str(tmp_path / "talk.srt")),
+                   f"--srt {staged} is one of the audio files")
+    assert sf.info(staged).frames == 8000
     # A file where its folder should be: said so, not "does not exist".
     one_error_line(cli("transcribe", str(a), "--vtt", str(a / "a.vtt")),
                    f"--vtt {a / 'a.vtt'}: {a} is a file, not a folder")
