@@ -320,6 +320,39 @@ def test_each_file_s_subtitles_are_named_after_it_when_names_repeat(tmp_path: Pa
     assert "hello" in (out / "talk.srt").read_text().lower()
 
 
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+def test_finals_only_of_files_read_at_full_speed_are_not_reported_behind(
+        tmp_path: Path) -> None:
+    """transcribe --no-partials of two files: every final of a file is asked
+    for at once and waits its turn; that is not the model falling behind a
+    live source. It used to warn, every 5 s, that the model was ever more
+    seconds "behind" (and that "partials are thinned first", with none),
+    and to give the queueing as the final latency, unqualified. (How many
+    warnings depends on the machine's speed; tests/engine/test_lag_warning.py
+    makes the wait certain.)"""
+    from tests.speech import speech_with_pauses
+
+    sentences = ["The committee met on Tuesday to discuss the budget for next year.",
+                 "Several members raised concerns about the cost of the new building.",
+                 "The chair promised a full report before the end of the month.",
+                 "Meanwhile the weather stayed cold and wet for most of the week.",
+                 "Thank you all for listening, and see you at the next meeting.",
+                 "Our guests tonight include two authors and a famous painter.",
+                 "The train was late again, so we walked the last two miles.",
+                 "Please remember to switch off the lights when you leave the room."]
+    files = [tmp_path / "a.wav", tmp_path / "b.wav", tmp_path / "c.wav"]
+    for i, path in enumerate(files):
+        sf.write(path, speech_with_pauses(sentences[i:] + sentences[:i], 0.8)[0], 16000)
+    # One final at a time, by beam search: the last of the 24 wait seconds
+    # for their turn.
+    proc = cli("transcribe", *map(str, files), "--no-partials", "--set", "worker.max_batch=1",
+               "--set", "model.whisper.beam_size=5")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\n") == 24, proc.stdout
+    assert "behind" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr
+    assert "mostly waiting in the queue" in proc.stderr
+
+
 def test_no_input_is_a_usage_error() -> None:
     one_error_line(cli("transcribe"), "no input")
 

@@ -477,11 +477,15 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
     lat = sorted(latencies)
     p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else float("nan")
     stopped = f"interrupted ({interrupted[0].name}): " if interrupted else ""
+    # Finals only, not paced: every final of a file is asked for at once,
+    # so their latency is mostly the wait for their turn.
+    queued = (" (files read faster than they play: mostly waiting in the queue)"
+              if not args.realtime and cfg.stream.partial_interval_ms == 0 else "")
     _notice(cfg, f"{stopped}{len(summaries)} stream(s), {audio_s:.1f} s of audio in "
                  f"{elapsed:.1f} s (speed ×{audio_s / max(elapsed, 1e-9):.1f}); "
                  f"{sum(s.finals for s in summaries)} finals, "
                  f"{sum(s.partials for s in summaries)} partials; "
-                 f"final latency p95 {p95:.2f} s")
+                 f"final latency p95 {p95:.2f} s{queued}")
     code = 0 if all(s.errors == 0 for s in summaries) else 1
     if printer.error is not None:
         # Written above: the files hold the captions stdout did not take.
