@@ -24,6 +24,7 @@ written out (a last JSON line may be cut short; ``subtitles`` skips it).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -50,6 +51,17 @@ def _open(path: Path) -> BinaryIO:
     return open(path, "wb", buffering=0)
 
 
+def _write_all(f: BinaryIO, data: bytes) -> None:
+    """Write all of ``data``: an unbuffered write may take only part (a
+    disk filling up); the next attempt then raises."""
+    view = memoryview(data)
+    while view:
+        n = f.write(view)
+        if not n:
+            raise OSError(errno.EIO, "the file took nothing")
+        view = view[n:]
+
+
 def _close(f: BinaryIO) -> None:
     try:
         os.fsync(f.fileno())
@@ -71,7 +83,7 @@ class JsonlFile:
             return
         line = json.dumps(event_to_dict(event), ensure_ascii=False) + "\n"
         try:
-            self._f.write(line.encode("utf-8"))
+            _write_all(self._f, line.encode("utf-8"))
         except OSError as e:
             self._fail(e)
 
@@ -144,7 +156,7 @@ class SubtitleFiles:
         if not text or sub.file is None:
             return
         try:
-            sub.file.write(text.encode("utf-8"))
+            _write_all(sub.file, text.encode("utf-8"))
         except OSError as e:
             self._fail(sub, e)
 
