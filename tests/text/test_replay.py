@@ -87,10 +87,13 @@ def _acceptable(text: str) -> bool:
         run = [*run, t.tag] if t.is_tag else []
         if len(run) != len(set(run)):
             return False
-    # A word back within three words and tags: an overlap there has two
-    # readings ("okay, [laughs] okay").
+    # A word back within three words and tags, or with only tags between:
+    # an overlap there has two readings ("okay, [laughs] okay", "so [laughs]
+    # [whispers] [shouts] so").
     keys = [match_key(t) for t in toks if not t.is_punct]
-    return not any(k in keys[i + 1:i + 4] for i, k in enumerate(keys) if not k.startswith("["))
+    words = [k for k in keys if not k.startswith("[")]
+    return not (any(k in keys[i + 1:i + 4] for i, k in enumerate(keys) if not k.startswith("["))
+                or any(a == b for a, b in zip(words, words[1:])))
 
 
 _items = st.one_of(

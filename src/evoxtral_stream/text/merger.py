@@ -96,8 +96,9 @@ caption equals it (stitched). Known ambiguities, where the text alone cannot
 tell and the merger may drop a genuine repetition: an emotion/delivery tag
 restating one in effect right at a forced seam (taken for a re-emission; the
 Evoxtral scripts never do this), and, at a seam with audio overlap, a word or
-a sound repeated at once ("Wait, wait, wait", "okay, [laughs] okay",
-"[gasps] [gasps]"), where more than one overlap length fits.
+a sound repeated at once, or with only tags between ("Wait, wait, wait",
+"okay, [laughs] okay", "so [laughs] [whispers] [shouts] so", "[gasps]
+[gasps]"), where more than one overlap length fits.
 """
 
 from __future__ import annotations
