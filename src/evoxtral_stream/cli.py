@@ -588,13 +588,19 @@ def _cmd_subtitles(args: argparse.Namespace, cfg: Config) -> int:
     names = [quote(f"{s.stream}.{s.number}" if s.stream in several else s.stream,
                    safe=" -_.,+@") for s in sessions]
     _prepare_outputs(outputs, paths, names)
-    for session, name in zip(sessions, names, strict=True):
-        if any(raw for _, raw in outputs):
+    if any(raw for _, raw in outputs):
+        for session, name in zip(sessions, names, strict=True):
             _write_captions(cfg, outputs, name, session.finals, many, session.duration)
-            continue
-        if many:
-            print(f"== {name} ==")
-        sys.stdout.write(to_text(session.finals, tags=TagStyle(cfg.captions.srt_tags)))
+    else:
+        try:
+            for session, name in zip(sessions, names, strict=True):
+                if many:
+                    sys.stdout.write(f"== {name} ==\n")
+                sys.stdout.write(to_text(session.finals, tags=TagStyle(cfg.captions.srt_tags)))
+            sys.stdout.flush()
+        except OSError as e:  # a full disk, or a pipe whose reader left (| head)
+            raise UserError(f"cannot write the text to standard output: "
+                            f"{e.strerror or e}") from None
     log.info("%d session(s) of %d stream(s) from %d file(s)%s", len(sessions),
              len({s.stream for s in sessions}), len(paths),
              f"; {splitter.repeats} repeated final(s) skipped" if splitter.repeats else "")

@@ -141,3 +141,27 @@ def test_subtitles_errors_are_one_line(argv: list[str], message: str, tmp_path: 
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_subtitles_printed_to_a_stdout_that_takes_nothing_are_one_line_and_status_two(
+        tmp_path: Path) -> None:
+    """The text printed to a full disk (or a pipe whose reader left, as
+    ``| head`` does): one error line and status 2, as transcribe does. It
+    used to end with a BrokenPipeError (or OSError) traceback and status 1."""
+    import os
+    import subprocess
+    import sys
+
+    events = tmp_path / "events.jsonl"
+    events.write_text("".join(json.dumps(caption_to_dict(final(f"s{n}", 0, 1))) + "\n"
+                              for n in range(3)))
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "evoxtral_stream", "subtitles",
+                               str(events)], stdout=full, stderr=subprocess.PIPE, text=True,
+                              timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("evoxtral-stream: error")]
+    assert errors == ["evoxtral-stream: error: cannot write the text to standard output: "
+                      "No space left on device"], proc.stderr
