@@ -53,7 +53,7 @@ from .server.auth import install_token_redaction, redact_tokens
 from .server.protocol import caption_from_dict
 from .systemd import Notifier, Snapshot, monotonic_usec, supervise
 from .text.formats import CueLayout, SubtitleWriter, TagStyle, to_srt, to_text, to_vtt
-from .text.sessions import SessionSplitter
+from .text.sessions import Session, SessionSplitter
 
 __all__ = ["main"]
 
@@ -584,9 +584,7 @@ def _cmd_subtitles(args: argparse.Namespace, cfg: Config) -> int:
         raise UserError(f"no final captions{which} in {len(paths)} recording file(s)")
     outputs = (("--srt", args.srt), ("--vtt", args.vtt), ("--text", args.text))
     many = len(sessions) > 1
-    several = {s.stream for s in sessions if s.number > 1}
-    names = [quote(f"{s.stream}.{s.number}" if s.stream in several else s.stream,
-                   safe=" -_.,+@") for s in sessions]
+    names = _session_names(sessions)
     _prepare_outputs(outputs, paths, names)
     if any(raw for _, raw in outputs):
         for session, name in zip(sessions, names, strict=True):
@@ -605,6 +603,32 @@ def _cmd_subtitles(args: argparse.Namespace, cfg: Config) -> int:
              len({s.stream for s in sessions}), len(paths),
              f"; {splitter.repeats} repeated final(s) skipped" if splitter.repeats else "")
     return 0
+
+
+def _session_names(sessions: Sequence[Session]) -> list[str]:
+    """The name of each session's output: its stream id (escaped for a file
+    name), ``ID.N`` for a stream opened several times. Such a name that is
+    also another stream's id, or repeats, gets ``-2``, ``-3``, ...: the
+    stream keeps its own name (``talk`` opened twice beside a stream
+    ``talk.1``: ``talk.1-2``, ``talk.2`` and ``talk.1``)."""
+    several = {s.stream for s in sessions if s.number > 1}
+    plain = {_escape(s.stream) for s in sessions if s.stream not in several}
+    names: list[str] = []
+    for session in sessions:
+        if session.stream not in several:
+            names.append(_escape(session.stream))  # distinct: one session per stream
+            continue
+        base = f"{_escape(session.stream)}.{session.number}"
+        name, n = base, 1
+        while name in plain or name in names:
+            n += 1
+            name = f"{base}-{n}"
+        names.append(name)
+    return names
+
+
+def _escape(stream: str) -> str:
+    return quote(stream, safe=" -_.,+@")
 
 
 def _recording_files(raw: Sequence[str]) -> list[Path]:

@@ -165,3 +165,23 @@ def test_subtitles_printed_to_a_stdout_that_takes_nothing_are_one_line_and_statu
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("evoxtral-stream: error")]
     assert errors == ["evoxtral-stream: error: cannot write the text to standard output: "
                       "No space left on device"], proc.stderr
+
+
+def test_each_session_gets_a_file_of_its_own_beside_a_stream_named_like_a_session(
+        tmp_path: Path) -> None:
+    """"talk" opened twice beside a stream called "talk.1": three files, each
+    with its own captions. The first session of "talk" and the stream
+    "talk.1" both used to be written to talk.1.txt, the later one over the
+    other: a session's captions lost without a word."""
+    ended = {"type": "stream.ended", "stream": "talk", "duration": 2.0}
+    events = [caption_to_dict(final("talk", 0, 1, "first opening of talk")), ended,
+              caption_to_dict(final("talk", 0, 2, "second opening of talk")),
+              caption_to_dict(final("talk.1", 0, 1, "the stream called talk.1"))]
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    out = tmp_path / "out"
+    assert main(["subtitles", str(path), "--text", f"{out}/"]) == 0
+    texts = {p.name: p.read_text() for p in out.iterdir()}
+    assert texts == {"talk.1-2.txt": "first opening of talk\n",
+                     "talk.2.txt": "second opening of talk\n",
+                     "talk.1.txt": "the stream called talk.1\n"}
