@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -185,3 +186,26 @@ def test_each_session_gets_a_file_of_its_own_beside_a_stream_named_like_a_sessio
     assert texts == {"talk.1-2.txt": "first opening of talk\n",
                      "talk.2.txt": "second opening of talk\n",
                      "talk.1.txt": "the stream called talk.1\n"}
+
+
+def test_a_resume_that_replays_an_earlier_session_adds_no_session() -> None:
+    """A subscriber that resumed with ``since`` before the stream was opened
+    again is replayed both sessions' finals: each is a repeat. The replay of
+    the first session used to make a third session, and that of the second
+    a fourth: every caption twice in the subtitles."""
+    sp = SessionSplitter()
+    first = [final("talk", 0, 1), final("talk", 1, 2)]
+    second = [final("talk", 0, 70, "again"), final("talk", 1, 71, "and again")]
+    for event in first:
+        sp.add_final(event)
+    sp.add_end("talk")
+    for event in second:
+        sp.add_final(event)
+    for event in (*first, *second):     # the replay of a resume with since=talk:0
+        sp.add_final(event)
+    sp.add_final(final("talk", 2, 72, "live again"))
+    assert sp.repeats == 4
+    assert shape(sp) == [("talk", 1, [1, 2], True), ("talk", 2, [70, 71, 72], False)]
+    # The same seq, segment and text at other times is another recording's.
+    sp.add_final(dataclasses.replace(final("talk", 0, 1), start=5.0, end=6.0))
+    assert shape(sp)[-1] == ("talk", 3, [1], False)

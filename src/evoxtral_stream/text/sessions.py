@@ -37,7 +37,6 @@ class _Open:
     stream: str
     number: int
     finals: list[CaptionEvent] = field(default_factory=list)
-    by_seq: dict[int, CaptionEvent] = field(default_factory=dict)
     ended: bool = False
     duration: float | None = None
 
@@ -50,32 +49,36 @@ class SessionSplitter:
     (a session has one final per segment, in order: the stream was opened
     again and numbered on, as the journal does), or when its seq is not past
     the last final's (another recording's numbering). A repeat, the same
-    seq, segment and text as a final of the stream's last session (a resume
-    replays finals), is dropped first.
+    seq, segment, text and times as a final of any of the stream's sessions
+    (a resume replays finals, those of earlier sessions too when its
+    ``since`` is older than the stream's last opening), is dropped first.
     """
 
     def __init__(self) -> None:
         self._all: list[_Open] = []
         self._open: dict[str, _Open] = {}
+        # Every final of each stream so far, by seq, whichever its session.
+        self._seen: dict[str, dict[int, CaptionEvent]] = {}
         self.repeats = 0
         """Finals dropped as repeats."""
 
     def add_final(self, event: CaptionEvent) -> None:
         if not event.final:
             raise ValueError("only final captions make up a session")
+        seen = self._seen.setdefault(event.stream, {})
+        before = seen.get(event.seq)
+        if before is not None and _same(before, event):
+            self.repeats += 1
+            return
         session = self._open.get(event.stream)
         if session is not None:
-            seen = session.by_seq.get(event.seq)
-            if seen is not None and (seen.segment, seen.text) == (event.segment, event.text):
-                self.repeats += 1
-                return
             last = session.finals[-1]
             if session.ended or event.seq <= last.seq or event.segment <= last.segment:
                 session = None
         if session is None:
             session = self._start(event.stream)
         session.finals.append(event)
-        session.by_seq[event.seq] = event
+        seen[event.seq] = event
 
     def add_end(self, stream: str, duration: float | None = None) -> None:
         """``stream``'s ``stream.ended`` (with its ``duration``): its open
@@ -95,3 +98,8 @@ class SessionSplitter:
         self._open[stream] = session
         self._all.append(session)
         return session
+
+
+def _same(a: CaptionEvent, b: CaptionEvent) -> bool:
+    """``b`` repeats ``a`` (whose seq it has): a replay sends the very message."""
+    return (a.segment, a.text, a.start, a.end) == (b.segment, b.text, b.start, b.end)
