@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -672,9 +673,7 @@ def _read_recording(path: Path, splitter: SessionSplitter) -> None:
                     if kind == "caption" and obj.get("final") is True:
                         splitter.add_final(caption_from_dict(obj))
                     elif kind == "stream.ended" and isinstance(obj.get("stream"), str):
-                        duration = obj.get("duration")
-                        splitter.add_end(obj["stream"], float(duration) if isinstance(
-                            duration, int | float) and not isinstance(duration, bool) else None)
+                        splitter.add_end(obj["stream"], _seconds(obj.get("duration")))
                 except ValueError:  # bad JSON or UTF-8, or a ProtocolError
                     damaged.append(number)
     except OSError as e:
@@ -682,6 +681,17 @@ def _read_recording(path: Path, splitter: SessionSplitter) -> None:
     if damaged:
         log.warning("%s: %d line(s) that are not protocol messages skipped (line %s%s)",
                     path, len(damaged), damaged[0], ", ..." if len(damaged) > 1 else "")
+
+
+def _seconds(value: object) -> float | None:
+    """``value`` as finite seconds, None when it is none (NaN, an int too
+    large for a float, not a number)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    with contextlib.suppress(OverflowError):
+        if math.isfinite(t := float(value)):
+            return t
+    return None
 
 
 def _write_captions(cfg: Config, outputs: Sequence[tuple[str, str | None]], name: str,

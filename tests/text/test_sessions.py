@@ -69,6 +69,9 @@ def test_caption_messages_decode_back_to_the_event() -> None:
     assert decoded.plain_text == "well." and decoded.tags == () and decoded.latency is None
     for broken in ({**bare, "seq": "1"}, {**bare, "final": 1}, {**bare, "type": "gap"},
                    {k: v for k, v in bare.items() if k != "end"},
+                   # Not a time: a subtitle writer failed on them with a traceback.
+                   {**bare, "end": float("inf")}, {**bare, "start": float("nan")},
+                   {**bare, "end": 10 ** 400},
                    {**bare, "tags": [{"tag": "sighs"}]}):
         with pytest.raises(ProtocolError):
             caption_from_dict(broken)
@@ -209,3 +212,21 @@ def test_a_resume_that_replays_an_earlier_session_adds_no_session() -> None:
     # The same seq, segment and text at other times is another recording's.
     sp.add_final(dataclasses.replace(final("talk", 0, 1), start=5.0, end=6.0))
     assert shape(sp)[-1] == ("talk", 3, [1], False)
+
+
+def test_recorded_lines_with_times_that_are_no_times_are_skipped(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """JSON takes NaN, Infinity and integers too large for a float: such a
+    caption is a damaged line, such a stream.ended duration unknown. Each
+    used to end subtitles with a traceback (ValueError, OverflowError)."""
+    good = caption_to_dict(final("talk", 0, 1, "kept"))
+    lines = [json.dumps({**good, "segment": 1, "seq": 2, "end": float("inf")}),
+             json.dumps({**good, "segment": 2, "seq": 3, "start": 10 ** 400}),
+             json.dumps(good),
+             json.dumps({"type": "stream.ended", "stream": "talk", "duration": 10 ** 400})]
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    srt = tmp_path / "talk.srt"
+    assert main(["subtitles", str(path), "--srt", str(srt)]) == 0
+    assert srt.read_text() == "1\n00:00:00,000 --> 00:00:00,833\nkept\n"
+    assert "2 line(s) that are not protocol messages skipped (line 1, ...)" in caplog.text

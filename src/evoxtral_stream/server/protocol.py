@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -135,7 +136,8 @@ def caption_from_dict(obj: Mapping[str, Any]) -> CaptionEvent:
     """The :class:`CaptionEvent` a caption message carries (inverse of
     :func:`caption_to_dict`); ProtocolError when a field is missing or of the
     wrong type. Fields a reader can do without (``plain_text``, ``stable``,
-    ``unstable``, ``tags``, ``latency``) default when absent."""
+    ``unstable``, ``tags``, ``latency``) default when absent; ``start`` and
+    ``end`` must be finite."""
     if obj.get("type") != "caption":
         raise ProtocolError("bad_message", "not a caption message")
 
@@ -158,14 +160,24 @@ def caption_from_dict(obj: Mapping[str, Any]) -> CaptionEvent:
             raise ProtocolError("bad_message", f"caption tag {t!r} is not a tag object")
         tags.append(TagMark(t["tag"], t["kind"], t["index"], float(t["t"]),
                             bool(t.get("known", True))))
+    def seconds(key: str) -> float:
+        value = field(key, (int, float))
+        try:
+            t = float(value)
+        except OverflowError:
+            t = math.inf
+        if not math.isfinite(t):  # NaN or Infinity, which json.loads takes
+            raise ProtocolError("bad_message", f"caption field {key!r} is not a time: "
+                                               f"{value!r}")
+        return t
+
     latency = field("latency", (int, float, type(None)), None)
     return CaptionEvent(
         stream=field("stream", str), segment=field("segment", int), seq=field("seq", int),
         final=field("final", bool), text=text,
         plain_text=field("plain_text", (str, type(None)), None) or plain_text(text),
         stable=field("stable", str, text), unstable=field("unstable", str, ""),
-        tags=tuple(tags), start=float(field("start", (int, float))),
-        end=float(field("end", (int, float))),
+        tags=tuple(tags), start=seconds("start"), end=seconds("end"),
         latency=None if latency is None else float(latency))
 
 
