@@ -337,13 +337,15 @@ def _output_path(target: Path, stream: str, suffix: str, many: bool) -> Path:
 
 
 def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence[Path],
-                     streams: Sequence[str], *, staged: bool = False) -> None:
+                     streams: Sequence[str], inputs_are: str = "audio files", *,
+                     staged: bool = False) -> None:
     """Make the output folders, or refuse the outputs, before any work: each
     ``(flag, PATH)`` but ``--jsonl`` is one file, or a folder of one file per
     stream when there are several streams or PATH is one. Refused: two flags
-    that would write one file, and an output that would overwrite an input.
-    ``staged``: subtitles are written to ``.part`` files first
-    (:func:`.outputs.part_path`), which count as outputs of their flag too."""
+    that would write one file, and an output that would overwrite an input
+    (one of the ``inputs_are``, the error says). ``staged``: subtitles are
+    written to ``.part`` files first (:func:`.outputs.part_path`), which
+    count as outputs of their flag too."""
     many = len(streams) > 1
     for flag, raw in outputs:
         if raw is None:
@@ -373,7 +375,7 @@ def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence
         for path in paths:
             other = writers.setdefault(path.resolve(), flag)
             if other == "the input":
-                raise UserError(f"{flag} {path} is one of the audio files: it would be "
+                raise UserError(f"{flag} {path} is one of the {inputs_are}: it would be "
                                 "overwritten; name another file")
             if other != flag:
                 raise UserError(f"{other} and {flag} would both write {path}: "
@@ -586,7 +588,7 @@ def _cmd_subtitles(args: argparse.Namespace, cfg: Config) -> int:
     outputs = (("--srt", args.srt), ("--vtt", args.vtt), ("--text", args.text))
     many = len(sessions) > 1
     names = _session_names(sessions)
-    _prepare_outputs(outputs, paths, names)
+    _prepare_outputs(outputs, paths, names, "recordings")
     if any(raw for _, raw in outputs):
         for session, name in zip(sessions, names, strict=True):
             _write_captions(cfg, outputs, name, session.finals, many, session.duration)

@@ -133,6 +133,8 @@ def test_subtitles_from_a_transcribe_jsonl_file_with_partials(
     (["{empty}"], "a folder without .jsonl files"),
     (["{events}", "--stream", "nobody"], "no final captions of stream 'nobody'"),
     (["{events}", "--srt", "{events}/x/y.srt"], "the folder"),
+    # It used to say "is one of the audio files" of the recording.
+    (["{events}", "--text", "{events}"], "is one of the recordings: it would be overwritten"),
 ])
 def test_subtitles_errors_are_one_line(argv: list[str], message: str, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
