@@ -631,7 +631,11 @@ def _session_names(sessions: Sequence[Session]) -> list[str]:
 
 
 def _escape(stream: str) -> str:
-    return quote(stream, safe=" -_.,+@")
+    """``stream`` as a file name: ASCII other than letters, digits and
+    `` -_.,+@`` percent-encoded ("/" and "%" among them: one name per
+    stream), other characters as they are (``café.srt``, as transcribe
+    names the SRT of café.wav)."""
+    return "".join(c if ord(c) > 127 else quote(c, safe=" -_.,+@") for c in stream)
 
 
 def _recording_files(raw: Sequence[str]) -> list[Path]:

@@ -232,3 +232,20 @@ def test_recorded_lines_with_times_that_are_no_times_are_skipped(
     assert main(["subtitles", str(path), "--srt", str(srt)]) == 0
     assert srt.read_text() == "1\n00:00:00,000 --> 00:00:00,833\nkept\n"
     assert "2 line(s) that are not protocol messages skipped (line 1, ...)" in caplog.text
+
+
+def test_subtitles_are_named_as_transcribe_names_them_for_non_ascii_streams(
+        tmp_path: Path) -> None:
+    """``transcribe café.wav --jsonl`` makes stream "café", whose SRT
+    transcribe writes as café.srt: subtitles of that --jsonl writes the same
+    name (it wrote caf%C3%A9.srt). What a file name cannot hold ("/") is
+    still escaped, and "%" with it, so no two streams share a name."""
+    events = [caption_to_dict(final(stream, 0, 1, stream))
+              for stream in ("café", "x/y.z", "x%2Fy.z", "日本")]
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in events))
+    out = tmp_path / "out"
+    assert main(["subtitles", str(path), "--text", f"{out}/"]) == 0
+    assert {p.name: p.read_text() for p in out.iterdir()} == {
+        "café.txt": "café\n", "x%2Fy.z.txt": "x/y.z\n", "x%252Fy.z.txt": "x%2Fy.z\n",
+        "日本.txt": "日本\n"}
