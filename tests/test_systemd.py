@@ -121,6 +121,10 @@ def test_the_environment_says_where_and_whether_to_ping(caplog: pytest.LogCaptur
     with caplog.at_level(logging.WARNING):
         bad = made({"NOTIFY_SOCKET": "/n", "WATCHDOG_USEC": "soon"})
         assert bad is not None and bad.notices.watchdog_s is None
+        # Past systemd's 64 bits: it used to stop serve with an OverflowError.
+        huge = made({"NOTIFY_SOCKET": "/n", "WATCHDOG_USEC": "1" + "0" * 400})
+        assert huge is not None and huge.notices.watchdog_s is None
+        assert "WATCHDOG_USEC='1000" in caplog.text
         assert made({"NOTIFY_SOCKET": "vsock:2:1234"}) is None
     assert "WATCHDOG_USEC='soon'" in caplog.text and "vsock:2:1234" in caplog.text
 

@@ -216,7 +216,7 @@ def _watchdog_s(env: Mapping[str, str], pid: int) -> float | None:
         usec = int(raw)
     except ValueError:
         usec = 0
-    if usec <= 0:
+    if not 0 < usec < 2 ** 64:  # systemd's is a uint64; a float would overflow past it
         log.warning("WATCHDOG_USEC=%r is not a positive whole number of microseconds; "
                     "no watchdog pings", raw)
         return None
