@@ -123,11 +123,12 @@ def _fake_sounddevice(monkeypatch: pytest.MonkeyPatch, name: str, channels: int)
 
 
 async def test_split_channels_caption_each_microphone_as_its_own_stream(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A 4-channel interface with a panel: speech on channels 2 and 4 (at
     different times and lengths), silence on 1 and 3. With
     ``audio.channels = [2, 4]`` split, each speaker is a stream of its own
-    whose captions keep their own times."""
+    whose captions keep their own times, and each printed line names its
+    stream (they used to be printed unnamed, the speakers indistinguishable)."""
     lead = np.zeros(SAMPLE_RATE // 2, np.int16)
     a = speak("Good evening and welcome to the panel.")
     b = speak("Thank you.")
@@ -149,7 +150,7 @@ async def test_split_channels_caption_each_microphone_as_its_own_stream(
     cfg = load_config(env={}, overrides={
         "server.port": port, "audio.channels": [2, 4], "audio.split_channels": True,
         "stream.partial_interval_ms": 0})
-    args = argparse.Namespace(stream="panel", no_print=True, exit_at_end=False)
+    args = argparse.Namespace(stream="panel", no_print=False, exit_at_end=False)
     serving = asyncio.ensure_future(
         _serve(args, cfg, ScriptedBackend(words_so_far), "mic", None))
     messages: list[dict[str, Any]] = []
@@ -184,6 +185,8 @@ async def test_split_channels_caption_each_microphone_as_its_own_stream(
     # Both end at the shutdown (they started before this subscriber came).
     ended = [m["stream"] for m in messages if m["type"] == "stream.ended"]
     assert sorted(ended) == ["panel-2", "panel-4"]
+    printed = capsys.readouterr().out.splitlines()
+    assert sorted(line.split(" [")[0] for line in printed) == ["panel-2", "panel-4"], printed
 
 
 def _pad(block: npt.NDArray[np.float32], n: int) -> npt.NDArray[np.float32]:

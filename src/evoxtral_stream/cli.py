@@ -853,10 +853,12 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
             stack.callback(hold_sighup)
             if hangups is not None and hangups.pending:
                 on_sighup()  # one that came while the model loaded
-        if not args.no_print:
-            engine.add_listener(CaptionPrinter())
-        _notice(cfg, f"serving captions on {url}/v1/captions (Ctrl-C to stop)")
         stream_id = args.stream or source
+        if not args.no_print:
+            # Channels split into streams: each line says whose it is.
+            several = source == "mic" and len(_mic_stream_ids(cfg, stream_id)) > 1
+            engine.add_listener(CaptionPrinter(show_stream=several))
+        _notice(cfg, f"serving captions on {url}/v1/captions (Ctrl-C to stop)")
         feeder: asyncio.Task[Any] | None = None
         mic: MicrophoneCapture | None = None
         if source == "mic":
