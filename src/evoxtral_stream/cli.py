@@ -585,6 +585,11 @@ def _cmd_subtitles(args: argparse.Namespace, cfg: Config) -> int:
     if not sessions:
         which = f" of stream {', '.join(map(repr, args.streams))}" if args.streams else ""
         raise UserError(f"no final captions{which} in {len(paths)} recording file(s)")
+    found = {s.stream for s in sessions}
+    if missing := [s for s in dict.fromkeys(args.streams or ()) if s not in found]:
+        # A mistyped id among good ones: said, while the others are written.
+        log.warning("no final captions of stream %s in %d recording file(s)",
+                    ", ".join(map(repr, missing)), len(paths))
     outputs = (("--srt", args.srt), ("--vtt", args.vtt), ("--text", args.text))
     many = len(sessions) > 1
     names = _session_names(sessions)

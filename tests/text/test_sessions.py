@@ -249,3 +249,16 @@ def test_subtitles_are_named_as_transcribe_names_them_for_non_ascii_streams(
     assert {p.name: p.read_text() for p in out.iterdir()} == {
         "café.txt": "café\n", "x%2Fy.z.txt": "x/y.z\n", "x%252Fy.z.txt": "x%2Fy.z\n",
         "日本.txt": "日本\n"}
+
+
+def test_a_stream_picked_that_the_recording_lacks_is_said(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """``--stream talk --stream tlak``: talk's text, and a warning that tlak
+    has no captions (it used to be left out without a word, as if it had
+    been there and said nothing)."""
+    path = tmp_path / "events.jsonl"
+    path.write_text(json.dumps(caption_to_dict(final("talk", 0, 1, "hello"))) + "\n")
+    assert main(["subtitles", str(path), "--stream", "talk", "--stream", "tlak"]) == 0
+    assert capsys.readouterr().out == "hello\n"
+    assert "no final captions of stream 'tlak' in 1 recording file(s)" in caplog.text
