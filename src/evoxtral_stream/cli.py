@@ -28,7 +28,6 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
-from urllib.parse import quote
 
 from . import __version__
 from .audio.microphone import ChannelRoute, list_input_devices, usable_input_device
@@ -635,12 +634,17 @@ def _session_names(sessions: Sequence[Session]) -> list[str]:
     return names
 
 
+#: What a file name cannot hold on some file system ("/" on every one, the
+#: rest on Windows or exFAT), and "%" that encodes them.
+_UNSAFE_IN_NAMES = frozenset('/\\<>:"|?*%')
+
+
 def _escape(stream: str) -> str:
-    """``stream`` as a file name: ASCII other than letters, digits and
-    `` -_.,+@`` percent-encoded ("/" and "%" among them: one name per
-    stream), other characters as they are (``café.srt``, as transcribe
-    names the SRT of café.wav)."""
-    return "".join(c if ord(c) > 127 else quote(c, safe=" -_.,+@") for c in stream)
+    """``stream`` as a file name: :data:`_UNSAFE_IN_NAMES` percent-encoded
+    (so each stream has its own name), other characters as they are
+    (``café.srt`` and ``talk (2).srt``, as transcribe names the SRTs of
+    café.wav and talk (2).wav)."""
+    return "".join(f"%{ord(c):02X}" if c in _UNSAFE_IN_NAMES else c for c in stream)
 
 
 def _recording_files(raw: Sequence[str]) -> list[Path]:

@@ -234,21 +234,22 @@ def test_recorded_lines_with_times_that_are_no_times_are_skipped(
     assert "2 line(s) that are not protocol messages skipped (line 1, ...)" in caplog.text
 
 
-def test_subtitles_are_named_as_transcribe_names_them_for_non_ascii_streams(
+def test_subtitles_are_named_as_transcribe_names_them(
         tmp_path: Path) -> None:
     """``transcribe café.wav --jsonl`` makes stream "café", whose SRT
     transcribe writes as café.srt: subtitles of that --jsonl writes the same
-    name (it wrote caf%C3%A9.srt). What a file name cannot hold ("/") is
-    still escaped, and "%" with it, so no two streams share a name."""
+    name (it wrote caf%C3%A9.srt; and talk%20%282%29.srt for "talk (2)").
+    What a file name cannot hold ("/", or ":" on Windows) is still escaped,
+    and "%" with it, so no two streams share a name."""
     events = [caption_to_dict(final(stream, 0, 1, stream))
-              for stream in ("café", "x/y.z", "x%2Fy.z", "日本")]
+              for stream in ("café", "x/y.z", "x%2Fy.z", "日本", "talk (2)", "a:b")]
     path = tmp_path / "events.jsonl"
     path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in events))
     out = tmp_path / "out"
     assert main(["subtitles", str(path), "--text", f"{out}/"]) == 0
     assert {p.name: p.read_text() for p in out.iterdir()} == {
         "café.txt": "café\n", "x%2Fy.z.txt": "x/y.z\n", "x%252Fy.z.txt": "x%2Fy.z\n",
-        "日本.txt": "日本\n"}
+        "日本.txt": "日本\n", "talk (2).txt": "talk (2)\n", "a%3Ab.txt": "a:b\n"}
 
 
 def test_a_stream_picked_that_the_recording_lacks_is_said(
