@@ -404,7 +404,7 @@ class MicFeed:
             stream_factory=stream_factory, stall_timeout_s=cfg.stall_timeout_s,
             reopen_interval_s=cfg.reopen_interval_s,
             on_stall=lambda message: self._status(message),
-            on_resume=lambda message: self._status(message))
+            on_resume=lambda message: self._status(message), channels_from="--channels")
         self._status: Status = lambda _: None
 
     def _on_audio(self, block: Int16Array) -> None:

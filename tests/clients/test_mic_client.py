@@ -278,6 +278,23 @@ async def test_channels_pick_one_input_of_an_interface(
     assert re.fullmatch(r"\[0:00\.\d → 0:0\d\.\d\] w0 w1 w2( w\d+)*\n", out.getvalue())
 
 
+async def test_channels_the_device_lacks_are_refused_naming_the_option() -> None:
+    """``--channels 3`` on a 2-channel microphone: the error names
+    ``--channels``, what was typed (it named ``audio.channels``, a setting
+    of the server's config the client was never given)."""
+    from evoxtral_stream.audio.sources import AudioInputError
+
+    def factory(*_: Any) -> FakeInput:
+        raise AssertionError("a device without channel 3 was opened")
+
+    feed = MicFeed(InputDevice(7, "Desk Mic", 2, 48000.0, True), channels=(3,),
+                   stream_factory=factory)
+    with pytest.raises(AudioInputError) as refused:
+        feed.start(lambda _: None)
+    assert str(refused.value) == ("--channels asks for channel 3, but audio device "
+                                  "'Desk Mic' has 2 input channel(s)")
+
+
 @pytest.mark.parametrize("argv", [["--channels", "0"], ["--channels", "2,2"],
                                   ["--channels", "x"], ["--channels", "1", "--file", "a.wav"]])
 def test_bad_channels_are_a_usage_error(argv: list[str],

@@ -149,18 +149,20 @@ def resolve_input_device(spec: str | int | None) -> InputDevice:
 
 
 def usable_input_device(spec: str | int | InputDevice | None,
-                        channels: Sequence[int] = ()) -> InputDevice:
+                        channels: Sequence[int] = (),
+                        channels_from: str = "audio.channels") -> InputDevice:
     """The device ``spec`` names (:func:`resolve_input_device`; an
     :class:`InputDevice` as it is), checked as :class:`MicrophoneCapture`
     will open it: input channels (among them every 1-based one in
-    ``channels``) and a usable native rate. Raises :class:`AudioInputError`;
-    ``serve`` calls it before loading the model."""
+    ``channels``, which the error says come from ``channels_from``) and a
+    usable native rate. Raises :class:`AudioInputError`; ``serve`` calls it
+    before loading the model."""
     device = spec if isinstance(spec, InputDevice) else resolve_input_device(spec)
     if device.channels < 1:
         raise AudioInputError(f"audio device {device.name!r} has no input channels")
     if channels and max(channels) > device.channels:
         raise AudioInputError(
-            f"audio.channels asks for channel {max(channels)}, but audio device "
+            f"{channels_from} asks for channel {max(channels)}, but audio device "
             f"{device.name!r} has {device.channels} input channel(s)")
     if not 1000 <= device.default_samplerate <= 768_000:
         # Some drivers report 0 (or garbage) until configured; the
@@ -312,7 +314,9 @@ class MicrophoneCapture:
     come early by what it lost.
 
     ``device`` is an ``audio.device`` spec (see :func:`resolve_input_device`)
-    or an already resolved :class:`InputDevice`. The stream is created in
+    or an already resolved :class:`InputDevice`; ``channels_from`` names the
+    option the routes' channels came from, for the error when the device
+    lacks one. The stream is created in
     :meth:`start` only, by ``stream_factory`` (default: sounddevice), so the
     class works without a sound card when both are injected.
     :meth:`start` and :meth:`stop` must be called on the loop's thread.
@@ -343,6 +347,7 @@ class MicrophoneCapture:
         on_stall: Callable[[str], None] | None = None,
         on_resume: Callable[[str], None] | None = None,
         refresh_devices: Callable[[], None] | None = None,
+        channels_from: str = "audio.channels",
     ) -> None:
         if stall_timeout_s < 0 or reopen_interval_s <= 0:
             raise ValueError("stall_timeout_s must be >= 0 and reopen_interval_s > 0, got "
@@ -355,6 +360,7 @@ class MicrophoneCapture:
         if not routes:
             raise ValueError("a capture needs at least one route")
         self._routes = routes
+        self._channels_from = channels_from
         self._device_spec = device
         self.block_ms = block_ms
         self.max_pending_blocks = max_pending_blocks
@@ -470,7 +476,7 @@ class MicrophoneCapture:
 
     def _resolve(self) -> InputDevice:
         wanted = [c for r in self._routes for c in r.channels]
-        return usable_input_device(self._device_spec, wanted)
+        return usable_input_device(self._device_spec, wanted, self._channels_from)
 
     def _open(self, device: InputDevice) -> None:
         """Open and start ``device``'s stream at its native rate (loop thread)."""
