@@ -216,6 +216,20 @@ def test_a_resume_that_replays_an_earlier_session_adds_no_session() -> None:
     assert shape(sp)[-1] == ("talk", 3, [1], False)
 
 
+def test_a_rerun_that_captions_alike_is_a_session_of_its_own() -> None:
+    """The same audio served twice by a server without its journal (seqs
+    from 1 again) gives the same captions at the same times, but each with
+    the latency of its run: a second session, not a replay of the first
+    (whose repeats carry the very message, latency included). It was
+    dropped as repeats, the second run's captions lost."""
+    sp = SessionSplitter()
+    sp.add_final(final("talk", 0, 1, "hello"))
+    sp.add_end("talk")
+    sp.add_final(dataclasses.replace(final("talk", 0, 1, "hello"), latency=0.3))
+    assert sp.repeats == 0
+    assert shape(sp) == [("talk", 1, [1], True), ("talk", 2, [1], False)]
+
+
 def test_recorded_lines_with_times_that_are_no_times_are_skipped(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """JSON takes NaN, Infinity and integers too large for a float: such a

@@ -49,9 +49,10 @@ class SessionSplitter:
     (a session has one final per segment, in order: the stream was opened
     again and numbered on, as the journal does), or when its seq is not past
     the last final's (another recording's numbering). A repeat, the same
-    seq, segment, text and times as a final of any of the stream's sessions
-    (a resume replays finals, those of earlier sessions too when its
-    ``since`` is older than the stream's last opening), is dropped first.
+    seq, segment, text, times and latency as a final of any of the stream's
+    sessions (a resume replays finals, those of earlier sessions too when
+    its ``since`` is older than the stream's last opening), is dropped
+    first.
     """
 
     def __init__(self) -> None:
@@ -101,5 +102,7 @@ class SessionSplitter:
 
 
 def _same(a: CaptionEvent, b: CaptionEvent) -> bool:
-    """``b`` repeats ``a`` (whose seq it has): a replay sends the very message."""
-    return (a.segment, a.text, a.start, a.end) == (b.segment, b.text, b.start, b.end)
+    """``b`` repeats ``a`` (whose seq it has): a replay sends the very message,
+    its latency too, which another run that captioned alike measures anew."""
+    return ((a.segment, a.text, a.start, a.end, a.latency)
+            == (b.segment, b.text, b.start, b.end, b.latency))
