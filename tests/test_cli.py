@@ -124,6 +124,14 @@ def test_outputs_that_cannot_be_written_are_refused_before_decoding(tmp_path: Pa
     proc = cli("transcribe", str(a), "--jsonl", str(tmp_path))
     one_error_line(proc, f"--jsonl {tmp_path}", "is a folder")
     assert "model worker started" not in proc.stderr, "refused only after decoding"
+    # A folder where one stream's file goes: it used to be found only once
+    # every file was decoded, and the outputs after it (b.srt, the --jsonl
+    # with every event) were never written.
+    (tmp_path / "o2" / "a.srt").mkdir(parents=True)
+    proc = cli("transcribe", str(a), str(b), "--srt", f"{tmp_path}/o2/",
+               "--jsonl", str(tmp_path / "all.jsonl"))
+    one_error_line(proc, f"--srt {tmp_path / 'o2' / 'a.srt'} is a folder")
+    assert "model worker started" not in proc.stderr, "refused only after decoding"
     one_error_line(cli("transcribe", str(a), "--set", "vad.start_ratio=nan"),
                    "vad.start_ratio must be a finite number, got nan")
 

@@ -341,10 +341,10 @@ def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence
     """Make the output folders, or refuse the outputs, before any work: each
     ``(flag, PATH)`` but ``--jsonl`` is one file, or a folder of one file per
     stream when there are several streams or PATH is one. Refused: two flags
-    that would write one file, and an output that would overwrite an input
-    (one of the ``inputs_are``, the error says). ``staged``: subtitles are
-    written to ``.part`` files first (:func:`.outputs.part_path`), which
-    count as outputs of their flag too."""
+    that would write one file, an output that would overwrite an input
+    (one of the ``inputs_are``, the error says), and a stream's file that is
+    a folder. ``staged``: subtitles are written to ``.part`` files first
+    (:func:`.outputs.part_path`), which count as outputs of their flag too."""
     many = len(streams) > 1
     for flag, raw in outputs:
         if raw is None:
@@ -372,6 +372,9 @@ def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence
         if staged and suffix is not None:
             paths += [part_path(p) for p in paths]
         for path in paths:
+            if path.is_dir():  # else found only once the stream's file is complete
+                raise UserError(f"{flag} {path} is a folder, where that file would go; "
+                                "move it, or name another place")
             other = writers.setdefault(path.resolve(), flag)
             if other == "the input":
                 raise UserError(f"{flag} {path} is one of the {inputs_are}: it would be "
