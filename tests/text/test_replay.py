@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from itertools import pairwise
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -93,7 +94,7 @@ def _acceptable(text: str) -> bool:
     keys = [match_key(t) for t in toks if not t.is_punct]
     words = [k for k in keys if not k.startswith("[")]
     return not (any(k in keys[i + 1:i + 4] for i, k in enumerate(keys) if not k.startswith("["))
-                or any(a == b for a, b in zip(words, words[1:])))
+                or any(a == b for a, b in pairwise(words)))
 
 
 _items = st.one_of(
