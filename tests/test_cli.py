@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -302,6 +303,66 @@ def test_captions_stdout_cannot_take_are_one_line_and_status_two(tmp_path: Path)
                    "No space left on device")
     assert "captions are no longer printed" in proc.stderr
     assert srt.read_text().count(" --> ") >= 5, "the subtitles hold every final"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+def test_an_output_that_cannot_be_written_leaves_the_others_written(tmp_path: Path) -> None:
+    """The SRT on a full disk: one error line and status 2, and the VTT and
+    the --jsonl (every event) are still written. The first failure used to
+    stop the writing: the outputs after it were lost with their captions."""
+    from tests.speech import speak
+
+    a = tmp_path / "a.wav"
+    sf.write(a, np.concatenate([speak("thank you for listening"), np.zeros(8000, np.int16)]),
+             16000)
+    vtt, jsonl = tmp_path / "a.vtt", tmp_path / "all.jsonl"
+    proc = cli("transcribe", str(a), "--srt", "/dev/full", "--vtt", str(vtt),
+               "--jsonl", str(jsonl))
+    one_error_line(proc, "cannot write /dev/full", "No space left on device")
+    assert "listening" in vtt.read_text().lower()
+    types = [json.loads(line)["type"] for line in jsonl.read_text().splitlines()]
+    assert types[0] == "stream.started" and types[-1] == "stream.ended"
+    # Written in place: a .part file renamed onto it would have replaced the
+    # device (as root, /dev/full itself) with a regular file.
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
+    assert not Path("/dev/full.part").exists()
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+def test_subtitles_go_into_a_fifo_in_place_and_through_a_link_to_its_file(
+        tmp_path: Path) -> None:
+    """--srt naming a FIFO (or /dev/stdout) is written into it, and one naming
+    a symbolic link replaces the file the link names, keeping the link: the
+    .part file beside the target, renamed onto it at the end, replaced the
+    FIFO with a regular file (the reader got nothing) and the link with a
+    file."""
+    import threading
+
+    from tests.speech import speak
+
+    a = tmp_path / "a.wav"
+    sf.write(a, np.concatenate([speak("thank you for listening"), np.zeros(8000, np.int16)]),
+             16000)
+    fifo = tmp_path / "captions.srt"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    real = tmp_path / "store" / "a.vtt"
+    real.parent.mkdir()
+    real.write_text("old")
+    link = tmp_path / "a.vtt"
+    link.symlink_to(real)
+    proc = cli("transcribe", str(a), "--srt", str(fifo), "--vtt", str(link))
+    reader.join(30)
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    assert got and b" --> " in got[0] and b"listening" in got[0].lower()
+    assert link.is_symlink() and link.resolve() == real
+    assert real.read_text().startswith("WEBVTT") and "listening" in real.read_text().lower()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.vtt", "a.wav", "captions.srt",
+                                                          "store"]
 
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")

@@ -86,7 +86,8 @@ async def test_files_written_as_events_come_are_those_of_the_whole_run(
                              until=until).encode("utf-8")
         assert vtt == to_vtt(finals, tags=vtt_tags, layout=layout,
                              until=until).encode("utf-8")
-        assert not part_path(tmp_path / f"{job.stream}.srt").exists()
+        assert not (tmp_path / f"{job.stream}.srt.part").exists()
+        assert part_path(tmp_path / f"{job.stream}.srt") == tmp_path / f"{job.stream}.srt.part"
     if interrupt:
         assert 2 <= finals_made < 6, "stopped mid-run"
     else:

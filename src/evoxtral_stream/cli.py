@@ -370,7 +370,7 @@ def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence
         paths = ([Path(raw)] if suffix is None
                  else [_output_path(Path(raw), s, suffix, many) for s in streams])
         if staged and suffix is not None:
-            paths += [part_path(p) for p in paths]
+            paths += [part for p in paths if (part := part_path(p)) is not None]
         for path in paths:
             if path.is_dir():  # else found only once the stream's file is complete
                 raise UserError(f"{flag} {path} is a folder, where that file would go; "
@@ -577,6 +577,20 @@ def _cue_layout(cfg: Config) -> CueLayout:
                      max_cue_s=cap.max_cue_s, min_cue_s=cap.min_cue_s)
 
 
+def _attempt(failed: list[UserError], write: Callable[..., None], *args: Any) -> None:
+    """``write(*args)``, a :class:`UserError` kept in ``failed`` instead of raised."""
+    try:
+        write(*args)
+    except UserError as e:
+        failed.append(e)
+
+
+def _raise_first(failed: Sequence[UserError]) -> None:
+    """The first of ``failed``, if any: one error line, as ever."""
+    if failed:
+        raise failed[0]
+
+
 def _cmd_subtitles(args: argparse.Namespace, cfg: Config) -> int:
     splitter = SessionSplitter()
     paths = _recording_files(args.recordings)
@@ -597,8 +611,11 @@ def _cmd_subtitles(args: argparse.Namespace, cfg: Config) -> int:
     names = _session_names(sessions)
     _prepare_outputs(outputs, paths, names, "recordings")
     if any(raw for _, raw in outputs):
+        failed: list[UserError] = []
         for session, name in zip(sessions, names, strict=True):
-            _write_captions(cfg, outputs, name, session.finals, many, session.duration)
+            _attempt(failed, _write_captions, cfg, outputs, name, session.finals, many,
+                     session.duration)
+        _raise_first(failed)
     else:
         try:
             for session, name in zip(sessions, names, strict=True):
@@ -717,7 +734,10 @@ def _write_captions(cfg: Config, outputs: Sequence[tuple[str, str | None]], name
                     until: float | None = None) -> None:
     """Write ``finals`` as each ``(--srt|--vtt|--text, PATH)`` asks, the
     file named after ``name`` in a folder (see :func:`_output_path`); no cue
-    outlasts ``until``, the end of the audio, when known."""
+    outlasts ``until``, the end of the audio, when known. Each is tried even
+    when one before it failed, so no caption is lost for another's sake;
+    then the first failure, if any, as :class:`UserError`."""
+    failed: list[UserError] = []
     cap = cfg.captions
     layout = _cue_layout(cfg)
     for flag, raw in outputs:
@@ -731,7 +751,8 @@ def _write_captions(cfg: Config, outputs: Sequence[tuple[str, str | None]], name
                                           until=until)
         else:
             suffix, text = ".txt", to_text(finals, tags=TagStyle(cap.srt_tags))
-        _write(_output_path(Path(raw), name, suffix, many), text)
+        _attempt(failed, _write, _output_path(Path(raw), name, suffix, many), text)
+    _raise_first(failed)
 
 
 def _cmd_config(args: argparse.Namespace, cfg: Config) -> int:

@@ -41,9 +41,16 @@ __all__ = ["JsonlFile", "SubtitleFiles", "part_path"]
 log = logging.getLogger(__name__)
 
 
-def part_path(target: Path) -> Path:
-    """Where a subtitle file is written until its stream ends."""
-    return target.with_name(target.name + ".part")
+def part_path(target: Path) -> Path | None:
+    """Where a subtitle file is written until its stream ends, to be renamed
+    to the file ``target`` names (a symbolic link is followed: the file it
+    names is replaced, the link kept). None: ``target`` is written in place,
+    being no regular file (a device such as ``/dev/stdout``, a FIFO), which
+    a rename would replace."""
+    real = target.resolve() if target.is_symlink() else target
+    if real.exists() and not real.is_file():
+        return None
+    return real.with_name(real.name + ".part")
 
 
 def _open(path: Path) -> BinaryIO:
@@ -65,8 +72,12 @@ def _write_all(f: BinaryIO, data: bytes) -> None:
 def _close(f: BinaryIO) -> None:
     try:
         os.fsync(f.fileno())
-    finally:
-        f.close()
+    except OSError as e:
+        # A terminal, pipe or device has nothing to sync.
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EROFS):
+            f.close()
+            raise
+    f.close()
 
 
 class JsonlFile:
@@ -111,6 +122,8 @@ class _Subtitles:
     target: Path
     writer: SubtitleWriter
     file: BinaryIO | None
+    part: Path | None = None
+    """Where it is written until its stream ends (None: in place)."""
 
 
 class SubtitleFiles:
@@ -122,9 +135,9 @@ class SubtitleFiles:
         self._subs: list[_Subtitles] = []
         try:
             for stream, target, writer in files:
-                sub = _Subtitles(stream, target, writer, None)
+                sub = _Subtitles(stream, target, writer, None, part_path(target))
                 self._subs.append(sub)
-                sub.file = _open(part_path(target))
+                sub.file = _open(sub.part or target)
                 self._write(sub, writer.header())
         except OSError:
             self.close(complete=False)
@@ -169,7 +182,8 @@ class SubtitleFiles:
         f, sub.file = sub.file, None
         try:
             _close(f)
-            os.replace(part_path(sub.target), sub.target)
+            if sub.part is not None:
+                os.replace(sub.part, sub.part.with_name(sub.part.name.removesuffix(".part")))
         except OSError as e:
             self._fail(sub, e)
 
