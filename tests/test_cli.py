@@ -570,6 +570,38 @@ async def _ingest_all(url: str, stream: str, pcm: bytes) -> ClientConnection:
             return ws
 
 
+async def test_serve_names_the_lines_of_streams_clients_send_beside_its_own(
+        tmp_path: Path) -> None:
+    """serve's own source prints unnamed lines, as ever; a stream a client
+    sends beside it has its lines named, which were unnamed too, so whose
+    words were whose could not be told on stdout."""
+    from tests.speech import have_espeak, speak
+
+    if not have_espeak():
+        pytest.skip("needs espeak-ng")
+    desk = tmp_path / "desk.wav"
+    sf.write(desk, np.concatenate([np.zeros(8000, np.int16), speak("the weather is lovely today"),
+                                   np.zeros(32000, np.int16)]), 16000)
+    proc, url = _start_serve("--source", str(desk), "--stream", "desk")
+    pcm = speak("thank you for listening").tobytes()
+    pcm += bytes(-len(pcm) % 16000) + bytes(32000)
+    try:
+        ws = await _ingest_all(url, "phone", pcm)
+        await ws.send(json.dumps({"type": "end"}))
+        while json.loads(await asyncio.wait_for(ws.recv(), 60))["type"] != "ingest.summary":
+            pass
+        await ws.close()
+        await asyncio.sleep(3.0)  # the desk file plays in real time
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.to_thread(proc.communicate, timeout=60)
+    finally:
+        proc.kill()
+    lines = out.splitlines()
+    assert any(line.startswith("phone [") and "listening" in line.lower() for line in lines), out
+    assert any(line.startswith("[") and "lovely" in line.lower() for line in lines), out
+    assert not any(line.startswith("desk ") for line in lines), out
+
+
 @pytest.mark.parametrize("hangup", [False, True])
 async def test_a_second_sigterm_while_the_model_is_busy_exits_one_without_crashing(
         hangup: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import io
 import logging
 import os
 import re
@@ -188,3 +189,16 @@ def test_a_log_line_goes_above_the_live_partial_and_the_bar_not_into_them(
     assert len(captions) == 1 and captions[0].endswith("the committee met on Tuesday"), after
     warning = "WARNING the model is 2.0 s behind"
     assert [row for row in after if "behind" in row and row != warning] == []
+
+
+def test_lines_of_streams_other_than_its_own_name_their_stream() -> None:
+    """serve prints its own source's lines as ever, and names the lines of
+    streams clients send beside it; they used to be printed unnamed, so two
+    speakers' captions could not be told apart."""
+    out = io.StringIO()
+    printer = CaptionPrinter(out, own="mic", partials=False, live=False)
+    for stream in ("mic", "phone"):
+        text = f"{stream} speaking"
+        printer(CaptionEvent(stream, 0, 1, True, text, text, text, "", (), 0.0, 1.5, None))
+    assert out.getvalue().splitlines() == ["[0:00.0 → 0:01.5] mic speaking",
+                                           "phone [0:00.0 → 0:01.5] phone speaking"]

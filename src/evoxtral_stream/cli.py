@@ -888,9 +888,13 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
                 on_sighup()  # one that came while the model loaded
         stream_id = args.stream or source
         if not args.no_print:
-            # Channels split into streams: each line says whose it is.
+            # Channels split into streams, or only clients' streams: each
+            # line says whose it is. Else the source's lines are unnamed and
+            # those of streams clients send name theirs.
             several = source == "mic" and len(_mic_stream_ids(cfg, stream_id)) > 1
-            engine.add_listener(CaptionPrinter(show_stream=several))
+            everyone = several or args.source == "none"
+            engine.add_listener(CaptionPrinter(show_stream=everyone,
+                                               own=None if everyone else stream_id))
         _notice(cfg, f"serving captions on {url}/v1/captions (Ctrl-C to stop)")
         feeder: asyncio.Task[Any] | None = None
         mic: MicrophoneCapture | None = None

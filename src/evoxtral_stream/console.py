@@ -96,13 +96,19 @@ def format_time(seconds: float) -> str:
 
 
 class CaptionPrinter:
-    """Engine listener that writes captions to a text stream."""
+    """Engine listener that writes captions to a text stream.
+
+    ``show_stream``: every line names its stream. Else, with ``own`` set,
+    the lines of that stream are unnamed and any other stream's name theirs
+    (serve's own source beside streams clients send).
+    """
 
     def __init__(
         self,
         out: TextIO | None = None,
         *,
         show_stream: bool = False,
+        own: str | None = None,
         partials: bool | None = None,
         live: bool | None = None,
     ) -> None:
@@ -111,6 +117,7 @@ class CaptionPrinter:
         self._live = is_tty if live is None else live
         self._partials = self._live if partials is None else partials
         self._show_stream = show_stream
+        self._own = own
         self._partial_shown = False
         self._row: str | None = None   # the partial on screen, to redraw after a log line
         self.error: OSError | None = None
@@ -121,7 +128,8 @@ class CaptionPrinter:
 
     def _prefix(self, ev: CaptionEvent) -> str:
         span = f"[{format_time(ev.start)} → {format_time(ev.end)}]"
-        return f"{ev.stream} {span}" if self._show_stream else span
+        named = self._show_stream or (self._own is not None and ev.stream != self._own)
+        return f"{ev.stream} {span}" if named else span
 
     def __call__(self, event: EngineEvent) -> None:
         with _TERMINAL:
