@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
-from evoxtral_stream.text.tags import Carry, TagKind, Token, render, tokenize
+from evoxtral_stream.text.tags import Carry, TagKind, Token, TokenKind, render, tokenize
 
 __all__ = [
     "DELIVERY_PROSODY",
@@ -135,6 +135,10 @@ def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
         run.clear()
 
     carry = Carry()
+    # A tag left out keeps its space before the next word, as
+    # render(tags=False) does ("so [nervous]I" -> "so I"); a bracket left out
+    # is a space (espeak-ng pauses there): "me (maybe)" must not become "memaybe".
+    space = False
     for tok in tokenize(tagged):
         if tok.is_tag:
             assert tok.tag is not None
@@ -145,11 +149,21 @@ def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
                 flush()
                 items.append(Pause(NONVERBAL_PAUSE_MS, tok.tag))
             carry = carry.advance(tok)
+            space = space or tok.space_before
             continue
-        if tok.text in _STRAY_MARKS:
-            # A bracket left over from a malformed tag is not spoken, and
-            # re-read later it could open a tag that swallows a word.
-            continue
+        if tok.is_punct:
+            # Brackets and asterisks left over from a malformed tag are not
+            # spoken (espeak-ng says "asterisk"), and re-read later they
+            # could open a tag that swallows a word.
+            marks = "".join(c for c in tok.text if c not in _STRAY_MARKS)
+            if not marks:
+                space = True
+                continue
+            if marks != tok.text:
+                tok = Token(TokenKind.PUNCT, marks, space_before=tok.space_before)
+        elif space and not tok.space_before:
+            tok = tok.with_space(True)
+        space = False
         style = _style(carry)
         if style != run_style:
             flush()

@@ -68,7 +68,7 @@ from evoxtral_stream.run import feed_samples
 from evoxtral_stream.server.app import CaptionServer
 from evoxtral_stream.server.auth import hash_token
 from evoxtral_stream.server.protocol import encode_event
-from evoxtral_stream.text.tags import TagKind, lookup_tag, tokenize
+from evoxtral_stream.text.tags import TagKind, lookup_tag, plain_text, tokenize
 from tests.clients.conftest import (
     BOTH_TOKEN,
     SUBSCRIBE_TOKEN,
@@ -191,6 +191,27 @@ def test_ssml_is_well_formed_and_keeps_every_word(parts: list[tuple[str, str]]) 
                      for t in tokenize(i.text) if t.is_word)
     assert spoken == "".join(t.text for t in tokenize(text) if t.is_word)
     assert all(i.text == i.text.strip() and i.text for i in items if isinstance(i, Speak))
+    # No two words glued where the text keeps them apart (a dropped bracket
+    # or tag keeps its space): as many spoken words as in the plain text.
+    spoken_words = sum(1 for i in items if isinstance(i, Speak)
+                       for t in tokenize(i.text) if t.is_word)
+    assert spoken_words >= sum(1 for t in tokenize(plain_text(text)) if t.is_word)
+
+
+@pytest.mark.parametrize(("text", "spoken"), [
+    ("call me (maybe) later", ["call me maybe later"]),  # "memaybe" before
+    ("hello (upbeat music) world", ["hello upbeat music world"]),
+    ("it was *really* good", ["it was really good"]),
+    ("so [nervous]I was", ["so I was"]),  # a glued tag without prosody
+    ("a [made up]b", ["a b"]),
+    ("***sighs*** ok", ["ok"]),  # not "asterisk asterisk ok"
+    ("it's [] here", ["it's here"]),
+    ("said (maybe?) yes", ["said maybe? yes"]),
+    ("hel[nervous]lo", ["hello"]),  # no space there: none added
+    ("word[word", ["word word"]),  # a bracket separates words
+])
+def test_dropped_marks_and_tags_keep_words_apart(text: str, spoken: list[str]) -> None:
+    assert [i.text for i in plan_speech(text) if isinstance(i, Speak)] == spoken
 
 
 # --- small pure helpers ------------------------------------------------------------------
