@@ -2,12 +2,14 @@
 
 The bridge subscribes to ``/v1/captions`` (see ``docs/protocol.md``), keeps
 only ``final`` captions, and writes one audio file per final to
-``OUTDIR/{stream}-{segment:05d}.{ext}`` (characters of the stream id outside
-``[A-Za-z0-9._-]`` become ``_``; an existing file is replaced). A stream id
-used again (a client that reconnected under it) counts its segments from 0
-again: the bridge sees a final whose segment is not past the last one, and
-names that session's files ``{stream}+{n}-{segment:05d}.{ext}``, n = 2, 3, ...
-counted in this run, so no session's files replace another's.
+``OUTDIR/{stream}-{segment:05d}.{ext}`` (the stream id percent-encoded, as
+in the journal's file names: characters outside ``[A-Za-z0-9._~-]`` and
+leading dots become ``%XX``, so ids that differ get names that differ; an
+existing file is replaced). A stream id used again (a client that
+reconnected under it) counts its segments from 0 again: the bridge sees a
+final whose segment is not past the last one, and names that session's
+files ``{stream}+{n}-{segment:05d}.{ext}``, n = 2, 3, ... counted in this
+run, so no session's files replace another's.
 
 Two synthesisers (in ``tts_synth.py``; the tags -> prosody mapping, pure, in
 ``tts_prosody.py``):
@@ -60,13 +62,12 @@ import enum
 import json
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from _auth import add_token_option, auth_headers, install_token_redaction, refusal
 from tts_synth import (
@@ -147,16 +148,16 @@ class Final:
         return cls(stream, segment, seq, text)
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-
-
 def output_name(stream: str, segment: int, ext: str, session: int = 1) -> str:
-    """``{stream}-{segment:05d}.{ext}``, the stream id made safe as a file name;
-    ``{stream}+{session}-...`` from a stream id's second session on (``+`` never
-    comes from an id, so no id can make the same name)."""
-    safe = _UNSAFE.sub("_", stream).lstrip(".") or "_"
+    """``{stream}-{segment:05d}.{ext}``, the stream id percent-encoded as a
+    file name (as the journal names its files, and leading dots too, so that
+    no file is hidden); ``{stream}+{session}-...`` from a stream id's second
+    session on. The encoding is one-to-one and ``+`` never comes from an id,
+    so two finals get the same name only when they are the same final."""
+    safe = quote(stream, safe="")
+    dots = len(safe) - len(safe.lstrip("."))
     tag = f"+{session}" if session > 1 else ""
-    return f"{safe}{tag}-{segment:05d}.{ext}"
+    return f"{'%2E' * dots}{safe[dots:]}{tag}-{segment:05d}.{ext}"
 
 
 def parse_since(value: str, streams: Sequence[str]) -> dict[str, int]:

@@ -219,7 +219,8 @@ def test_dropped_marks_and_tags_keep_words_apart(text: str, spoken: list[str]) -
 
 def test_names_urls_and_since() -> None:
     assert output_name("talk", 7, "wav") == "talk-00007.wav"
-    assert output_name("../etc/pass wd", 12345, "mp3") == "_etc_pass_wd-12345.mp3"
+    assert output_name("../etc/pass wd", 12345, "mp3") == "%2E%2E%2Fetc%2Fpass%20wd-12345.mp3"
+    assert output_name("a+b", 3, "wav", session=2) == "a%2Bb+2-00003.wav"
     assert extension_for("mp3_44100_128") == "mp3"
     assert extension_for("pcm_16000") == "pcm"
     assert extension_for("opus_48000_64") == "opus"
@@ -421,6 +422,28 @@ async def _subscribed(server: CaptionServer, n: int = 1) -> None:
 
 TAGGED_0 = "[nervous] So... [stammers] I was thinking [clears throat] maybe..."
 TAGGED_1 = "(laughs) I mean, if you're FREE [WHISPERING] this weekend?"
+
+
+@NEEDS_ESPEAK
+async def test_stream_ids_alike_once_made_safe_get_files_of_their_own(
+    tmp_path: Path, served: CaptionServer,
+) -> None:
+    """Stream ids that differ only in characters a file name cannot hold
+    ("a b" and "a_b" both were a_b-00000.wav: the second final replaced the
+    first, and the bridge counted two files written)."""
+    ids = ("a b", "a_b", "a/b", ".a_b", "a+2", "caf\u00e9", "..")
+    for i, stream in enumerate(ids):
+        publish_finals(served, stream, [f"final number {i}"])
+    out = tmp_path / "out"
+    bridge = TtsBridge(BridgeConfig(out=out, url=f"ws://127.0.0.1:{served.port}",
+                                    streams=ids, since=tuple((s, 0) for s in ids),
+                                    exit_on_end=True), EspeakSynth())
+    stats = await asyncio.wait_for(bridge.run(), 30)
+    assert stats.written == len(ids)
+    names = _names(out)
+    assert len(names) == len(ids), names
+    assert not any(n.startswith(".") for n in names)
+    assert sorted(p.name for p in bridge.written) == names
 
 
 async def test_elevenlabs_bridge_posts_each_final_once(
