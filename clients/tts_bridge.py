@@ -21,10 +21,11 @@ Two synthesisers (in ``tts_synth.py``; the tags -> prosody mapping, pure, in
   429 or 5xx answer (or a network error) is retried with exponential backoff
   (``Retry-After`` honoured, capped); any other non-2xx answer is logged with
   the API's message and the bridge goes on with the next caption.
-- ``espeak``: offline, ``.wav``. The pure ``plan_speech`` maps the tags
-  onto prosody: ``[whispers]`` -> the ``+whisper`` voice variant,
-  ``[excited]`` -> faster and higher, ``[sad]`` -> slower and lower,
-  ``[calm]`` -> slower, ``[angry]``/``[shouts]`` -> louder (emotion and
+- ``espeak``: offline, ``.wav``; the binary and its ``--voice`` are tried
+  once before connecting (a bad one is a bad argument). The pure
+  ``plan_speech`` maps the tags onto prosody: ``[whispers]`` -> the
+  ``+whisper`` voice variant, ``[excited]`` -> faster and higher, ``[sad]``
+  -> slower and lower, ``[calm]`` -> slower, ``[angry]``/``[shouts]`` -> louder (emotion and
   delivery tags hold until the sentence ends or a tag of the same kind
   replaces them); ``[pause]`` and its kin -> a break, any non-verbal tag
   (``[laughs]``, ``[sighs]``, ``[clears throat]``, ...) -> a short break;
@@ -80,6 +81,7 @@ from tts_synth import (
     SynthesisError,
     Synthesizer,
     VoiceSettings,
+    check_espeak,
 )
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -510,8 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _synth_from_args(args: argparse.Namespace) -> Synthesizer:
     if Mode(args.mode) is Mode.ESPEAK:
-        return EspeakSynth(EspeakOptions(voice=args.voice or "en", wpm=args.wpm,
-                                         binary=args.espeak))
+        opts = EspeakOptions(voice=args.voice or "en", wpm=args.wpm, binary=args.espeak)
+        try:
+            check_espeak(opts)
+        except ValueError as e:
+            raise BridgeError(str(e)) from None
+        return EspeakSynth(opts)
     if not args.voice:
         raise BridgeError("--mode elevenlabs needs --voice VOICE_ID")
     key = args.api_key or os.environ.get("ELEVENLABS_API_KEY", "")

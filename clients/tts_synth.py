@@ -15,6 +15,7 @@ import asyncio
 import http.client
 import json
 import logging
+import subprocess
 import tempfile
 import urllib.error
 import urllib.request
@@ -36,6 +37,7 @@ __all__ = [
     "SynthesisError",
     "Synthesizer",
     "VoiceSettings",
+    "check_espeak",
     "extension_for",
 ]
 
@@ -231,6 +233,25 @@ class EspeakOptions:
     wpm: int = 175
     binary: str = "espeak-ng"
     timeout_s: float = 60.0
+
+
+def check_espeak(opts: EspeakOptions) -> None:
+    """Raise ValueError (one line) unless ``opts.binary`` runs and knows
+    ``opts.voice``: a bad ``--espeak`` or ``--voice`` is found at the start,
+    not at the first final (each of which would fail)."""
+    cmd = [opts.binary, "-q", "-v", opts.voice, "x"]  # -q: no audio anywhere
+    try:
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=opts.timeout_s, check=False)
+    except OSError as e:
+        raise ValueError(f"cannot run {opts.binary}: {e.strerror or e} "
+                         "(install espeak-ng, or pass --espeak PATH)") from None
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"{opts.binary} did not answer within {opts.timeout_s} s") from None
+    if proc.returncode != 0:
+        why = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise ValueError(f"{opts.binary} refused --voice {opts.voice!r}: "
+                         f"{why[-1] if why else f'exit status {proc.returncode}'}")
 
 
 _SILENCE_RATE = 22050  # espeak-ng's own output rate, for captions with no words

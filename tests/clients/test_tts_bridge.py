@@ -684,8 +684,19 @@ def test_command_line_errors_are_one_line(
         (["--mode", "elevenlabs", "--out", out, "--voice", VOICE], "ELEVENLABS_API_KEY", 2),
         (["--out", out, "--since", "7"], "needs --stream", 2),
         (["--out", out, "--stream", "a", "--since", "x"], "got 'x'", 2),
-        (["--out", out, "--url", f"ws://127.0.0.1:{port}/v1/captions"], "cannot subscribe", 1),
+        # Found before connecting, not at the first final (each one failed).
+        (["--out", out, "--espeak", str(tmp_path / "no-espeak"),
+          "--url", f"ws://127.0.0.1:{port}/v1/captions"], "cannot run", 2),
+        (["--mode", "elevenlabs", "--voice", VOICE, "--api-key", "k", "--out", out,
+          "--url", f"ws://127.0.0.1:{port}/v1/captions"], "cannot subscribe", 1),
     ]
+    if have_espeak():
+        cases += [
+            (["--out", out, "--voice", "nosuchvoice",
+              "--url", f"ws://127.0.0.1:{port}/v1/captions"], "voice does not exist", 2),
+            (["--out", out, "--url", f"ws://127.0.0.1:{port}/v1/captions"],
+             "cannot subscribe", 1),
+        ]
     for argv, expected, status in cases:
         assert main(argv) == status, argv
         err = capsys.readouterr().err
@@ -704,7 +715,9 @@ def test_a_failed_connection_leaves_no_output_folder(
 ) -> None:
     out = tmp_path / "new" / "out"
     url = f"ws://127.0.0.1:{_unused_port()}/v1/captions"
-    assert main(["--out", str(out), "--url", url]) == 1
+    # ElevenLabs: runs without espeak-ng, and checks nothing before connecting.
+    assert main(["--mode", "elevenlabs", "--voice", VOICE, "--api-key", "k",
+                 "--out", str(out), "--url", url]) == 1
     assert "cannot subscribe" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
 
@@ -996,6 +1009,7 @@ async def test_json_logs_are_one_object_per_line_without_the_token(
             assert err == f"tts_bridge: {why}\n"
 
 
+@NEEDS_ESPEAK
 @pytest.mark.parametrize(("args", "env_token", "line"),
                          refused_token_cases("subscribe"))
 async def test_a_refused_token_stops_the_bridge_with_one_line(
