@@ -34,6 +34,13 @@ Two synthesisers (in ``tts_synth.py``; the tags -> prosody mapping, pure, in
   pauses at the very start or end, which espeak-ng trims, are added as
   silence around its WAV.
 
+Speech split for length. The server cuts speech longer than
+``vad.max_segment_s`` into finals that follow one another with no gap, and
+the merger leaves out of the later ones the emotion and delivery tags that
+only restate those in effect (its carry-over). A final that continues the
+one before it so (:meth:`Final.continues`) is synthesised with those tags
+in front (:func:`restated_tags`), in both modes: each file stands alone.
+
 Queue and overflow policy. Between the WebSocket reader and the
 synthesiser sits a bounded queue (``--queue``). Finals are never dropped
 here: when the queue is full the reader waits, stops reading the socket, and
@@ -89,6 +96,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from evoxtral_stream.logs import configure_logging, install_json_hooks
 from evoxtral_stream.server.auth import redact_tokens
 from evoxtral_stream.server.protocol import parse_since as parse_since_values
+from evoxtral_stream.text.tags import Carry, TagKind, tokenize
 
 __all__ = [
     "BridgeConfig",
@@ -103,6 +111,7 @@ __all__ = [
     "main",
     "output_name",
     "parse_since",
+    "restated_tags",
 ]
 
 log = logging.getLogger("evoxtral_stream.clients.tts_bridge")
@@ -136,6 +145,27 @@ class Final:
     text: str
     session: int = 1
     """Which session of the stream id, counted by the bridge (module doc)."""
+    start: float | None = None
+    end: float | None = None
+    """The segment's span in stream seconds (None: the message had none)."""
+    restated: str = ""
+    """Tags in effect at the end of the final this one continues, which the
+    server left out of ``text`` (:func:`restated_tags`), spoken first."""
+
+    @property
+    def spoken(self) -> str:
+        """What the synthesiser is given: ``restated`` and ``text``."""
+        return f"{self.restated} {self.text}" if self.restated else self.text
+
+    def continues(self, prev: Final) -> bool:
+        """Whether this final goes on where ``prev`` stopped: the next
+        segment of the same session, starting where ``prev`` ended (the
+        server splits speech longer than ``vad.max_segment_s`` so; after a
+        pause in the speech there is a gap between the two)."""
+        return (self.stream == prev.stream and self.session == prev.session
+                and self.segment == prev.segment + 1
+                and self.start is not None and prev.end is not None
+                and abs(self.start - prev.end) < 1e-6)
 
     @classmethod
     def from_message(cls, msg: Mapping[str, object]) -> Final | None:
@@ -147,7 +177,34 @@ class Final:
         if not (isinstance(stream, str) and isinstance(segment, int)
                 and isinstance(seq, int) and isinstance(text, str)):
             return None
-        return cls(stream, segment, seq, text)
+        start, end = (_seconds(msg.get(k)) for k in ("start", "end"))
+        return cls(stream, segment, seq, text, start=start, end=end)
+
+
+def _seconds(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)
+
+
+def restated_tags(carry: Carry, text: str) -> str:
+    """The emotion and delivery tags of ``carry`` (those in effect at the end
+    of the final that ``text`` continues) that ``text`` does not set itself
+    before its first word, as ``"[sad] [whispers]"``; ``""`` for none.
+
+    Where the server splits long speech, it leaves out of the second part
+    the tags that only restate those still in effect (the merger's
+    carry-over), so each part spoken alone would lose them."""
+    own = set()
+    for tok in tokenize(text):
+        if tok.is_word:
+            break
+        if tok.is_tag and tok.carries:
+            own.add(tok.tag_kind)
+    names = [name for name, kind in ((carry.emotion, TagKind.EMOTION),
+                                     (carry.delivery, TagKind.DELIVERY))
+             if name is not None and kind not in own]
+    return " ".join(f"[{name}]" for name in names)
 
 
 def output_name(stream: str, segment: int, ext: str, session: int = 1) -> str:
@@ -262,6 +319,8 @@ class TtsBridge:
         # Per stream: the segment of its last final and its session (module doc).
         self._last_segment: dict[str, int] = {}
         self._session: dict[str, int] = {}
+        # Per stream: its last final, and the tags in effect at its end.
+        self._tail: dict[str, tuple[Final, Carry]] = {}
         self._seen: set[str] = set(cfg.streams)
         self._ended: set[str] = set()
         self._handled = 0
@@ -400,6 +459,10 @@ class TtsBridge:
                     self._session[stream] = self._session.get(stream, 1) + 1
                 self._last_segment[stream] = final.segment
                 final = replace(final, session=self._session.get(stream, 1))
+                tail = self._tail.get(stream)
+                if tail is not None and final.continues(tail[0]):
+                    final = replace(final, restated=restated_tags(tail[1], final.text))
+                self._tail[stream] = (final, Carry().advance_all(tokenize(final.spoken)))
                 await self._queue.put(final)  # backpressure, never a drop
         elif kind == "stream.started" and isinstance(msg.get("stream"), str):
             self._seen.add(msg["stream"])
@@ -452,7 +515,7 @@ class TtsBridge:
             self._out_made = True
         t0 = time.monotonic()
         try:
-            await self.synth.synthesize(final.text, dest)
+            await self.synth.synthesize(final.spoken, dest)
         except SynthesisError as e:
             self._failed += 1
             log.error("%s segment %d (seq %d): %s", final.stream, final.segment, final.seq, e)
@@ -460,7 +523,7 @@ class TtsBridge:
         except OSError as e:
             raise BridgeError(f"cannot write {dest}: {e}") from e
         self.written.append(dest)
-        log.info("wrote %s (%.2f s): %s", dest, time.monotonic() - t0, final.text)
+        log.info("wrote %s (%.2f s): %s", dest, time.monotonic() - t0, final.spoken)
 
 
 # --- command line -------------------------------------------------------------------

@@ -38,6 +38,7 @@ from tts_bridge import (
     main,
     output_name,
     parse_since,
+    restated_tags,
 )
 from tts_prosody import (
     DELIVERY_PROSODY,
@@ -63,12 +64,13 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.engine.engine import Engine
-from evoxtral_stream.events import CaptionEvent
+from evoxtral_stream.events import CaptionEvent, Hypothesis, RequestKind
 from evoxtral_stream.run import feed_samples
 from evoxtral_stream.server.app import CaptionServer
 from evoxtral_stream.server.auth import hash_token
 from evoxtral_stream.server.protocol import encode_event
-from evoxtral_stream.text.tags import TagKind, lookup_tag, plain_text, tokenize
+from evoxtral_stream.text.merger import Merger
+from evoxtral_stream.text.tags import Carry, TagKind, lookup_tag, plain_text, tokenize
 from tests.clients.conftest import (
     BOTH_TOKEN,
     SUBSCRIBE_TOKEN,
@@ -587,6 +589,55 @@ async def test_espeak_bridge_writes_one_wav_per_final_from_a_real_engine(tmp_pat
     for name, text in (("talk-00000.wav", PLAIN_TEXT), ("talk-00001.wav", TAGGED_TEXT)):
         await EspeakSynth().synthesize(text, tmp_path / "ref.wav")
         assert (out / name).read_bytes() == (tmp_path / "ref.wav").read_bytes()
+
+
+def _merged(texts: list[tuple[str, int, int, bool]]) -> list[CaptionEvent]:
+    """The finals the engine's merger makes of (text, start, end sample,
+    forced end) hypotheses of stream talk, one segment each."""
+    merger = Merger("talk")
+    return [e for seg, (text, start, end, forced) in enumerate(texts)
+            for e in merger.feed(Hypothesis("talk", seg, 1, RequestKind.FINAL, text, start, end,
+                                            0.0, 0.0, forced_end=forced))]
+
+
+@NEEDS_ESPEAK
+async def test_speech_split_for_length_keeps_its_tags_in_the_second_part(
+    tmp_path: Path, served: CaptionServer,
+) -> None:
+    """Speech longer than vad.max_segment_s is cut in two, and the merger
+    leaves out of the second part the tags that only restate those still in
+    effect: each part spoken alone, "been through" was neither sad nor
+    whispered. After a pause in the speech (a gap between the finals), the
+    tags are the model's own: nothing is carried."""
+    events = _merged([
+        ("[sad] [whispers] After everything we have", 0, 48_000, True),
+        ("[sad] [whispers] been through, I cannot go on.", 48_000, 80_000, False),
+        ("[whispers] And then", 96_000, 112_000, False),
+        ("Hello there.", 128_000, 150_000, False),
+    ])
+    assert [e.text for e in events][1] == "been through, I cannot go on."  # left out
+    for event in events:
+        served.broadcaster.publish(event)
+    out = tmp_path / "out"
+    bridge = TtsBridge(BridgeConfig(out=out, url=f"ws://127.0.0.1:{served.port}",
+                                    streams=("talk",), since=(("talk", 0),), max_captions=4),
+                       EspeakSynth())
+    stats = await asyncio.wait_for(bridge.run(), 30)
+    assert stats.written == 4
+    spoken = ["[sad] [whispers] After everything we have",
+              "[sad] [whispers] been through, I cannot go on.",
+              "[whispers] And then", "Hello there."]
+    for i, text in enumerate(spoken):
+        await EspeakSynth().synthesize(text, tmp_path / "ref.wav")
+        assert (out / f"talk-{i:05d}.wav").read_bytes() == (tmp_path / "ref.wav").read_bytes(), i
+
+
+def test_restated_tags_leave_out_what_the_text_sets_itself() -> None:
+    carry = Carry("sad", "whispers")
+    assert restated_tags(carry, "been through") == "[sad] [whispers]"
+    assert restated_tags(carry, "[angry] no") == "[whispers]"
+    assert restated_tags(carry, "[laughs] [shouts] no [calm] ok") == "[sad]"
+    assert restated_tags(Carry(), "anything") == ""
 
 
 class GatedSynth:
