@@ -47,7 +47,8 @@ here: when the queue is full the reader waits, stops reading the socket, and
 the server's per-subscriber queue fills instead. If the bridge falls
 ``server.subscriber_queue`` messages behind, the server disconnects it
 (close 1013). The bridge then reconnects with ``since=STREAM:SEQ`` (the last
-seq it read of each stream) and the server replays what it retained, so
+seq it read of each stream, as many as fit in :data:`RESUME_QUERY_BYTES`:
+:func:`resume_since`) and the server replays what it retained, so
 nothing is lost unless the bridge fell more than ``server.history`` captions
 behind; then the server's ``gap`` message is logged as a warning (the missing
 finals cannot be recovered). Captions at or below a seq already read are
@@ -72,7 +73,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -112,6 +113,7 @@ __all__ = [
     "output_name",
     "parse_since",
     "restated_tags",
+    "resume_since",
 ]
 
 log = logging.getLogger("evoxtral_stream.clients.tts_bridge")
@@ -238,6 +240,34 @@ def caption_url(url: str, streams: Sequence[str], since: Mapping[str, int]) -> s
     if since:
         query.append(("since", ",".join(f"{s}:{n}" for s, n in sorted(since.items()))))
     return urlunsplit((parts.scheme, parts.netloc, path, urlencode(query, safe=",:"), ""))
+
+
+#: Most bytes of ``since=`` a reconnect sends (a server refuses a request line
+#: over about 8 KB with HTTP 414; the websockets library's limit is 8192).
+RESUME_QUERY_BYTES = 4096
+
+
+def resume_since(last_seq: Mapping[str, int], ended: Collection[str],
+                 max_bytes: int = RESUME_QUERY_BYTES) -> dict[str, int]:
+    """The resume points a reconnect sends: those of the streams still live,
+    then of the streams that ended, each group the most recently active
+    first (``last_seq`` is in order of activity, the latest last), as many
+    as fit in ``max_bytes`` of ``since=`` (percent-encoded). Pure.
+
+    A stream that ended has nothing more to replay unless its id is used
+    again while the bridge is away; the streams that ended longest ago are
+    the ones a server no longer remembers (``server.history_streams``)."""
+    latest_first = list(last_seq)[::-1]
+    order = [s for s in latest_first if s not in ended] + [s for s in latest_first if s in ended]
+    out: dict[str, int] = {}
+    size = 0
+    for stream in order:
+        item = len(quote(stream, safe="")) + len(f":{last_seq[stream]},")
+        if size + item > max_bytes:
+            break
+        size += item
+        out[stream] = last_seq[stream]
+    return out
 
 
 # --- the bridge -------------------------------------------------------------------
@@ -381,7 +411,13 @@ class TtsBridge:
         delay = self.cfg.reconnect_min_s
         connected = False
         while True:
-            url = caption_url(self.cfg.url, self.cfg.streams, self._last_seq)
+            since = resume_since(self._last_seq, self._ended)
+            left_out = [s for s in self._last_seq if s not in since and s not in self._ended]
+            if left_out:
+                log.warning("resuming %d streams; %d live ones (%s, ...) get live captions "
+                            "only: the URL would be too long", len(since), len(left_out),
+                            left_out[0])
+            url = caption_url(self.cfg.url, self.cfg.streams, since)
             conn: ClientConnection | None = None
             try:
                 async with connect(url, open_timeout=10, close_timeout=2,
@@ -450,6 +486,7 @@ class TtsBridge:
                 return False
             if seq <= self._last_seq.get(stream, 0):
                 return False  # replayed after a reconnect: already read
+            self._last_seq.pop(stream, None)  # kept in order of activity (resume_since)
             self._last_seq[stream] = seq
             self._seen.add(stream)
             final = Final.from_message(msg)

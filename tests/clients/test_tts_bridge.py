@@ -39,6 +39,7 @@ from tts_bridge import (
     output_name,
     parse_since,
     restated_tags,
+    resume_since,
 )
 from tts_prosody import (
     DELIVERY_PROSODY,
@@ -697,6 +698,56 @@ async def test_slow_synthesis_is_dropped_by_the_server_then_resumes_without_loss
     assert stats.reconnects >= 1
     assert stats.gaps == 0
     assert synth.names == [f"load-{i:05d}.txt" for i in range(1, seq + 1)]
+
+
+async def test_a_bridge_that_heard_many_streams_resumes_after_a_server_restart(
+    tmp_path: Path,
+) -> None:
+    """A bridge without --stream resumes with since= for the streams it has
+    heard. With every stream ever heard there (a browser's microphone is a new
+    stream id each time), a few hundred made the URL too long for the server
+    (HTTP 414) and the bridge retried it forever, losing every later final.
+    Streams that ended and are long forgotten by the server are left out."""
+    port = _unused_port()
+    cfg = _config(**{"server.port": port})
+    synth = GatedSynth()
+    synth.gate.set()
+    bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{port}",
+                                    reconnect_min_s=0.05, reconnect_max_s=0.2), synth)
+    ids = [f"browser-{i:03d}-" + "x" * 100 for i in range(120)]
+
+    async def spoken(n: int) -> None:
+        for _ in range(1000):
+            if len(synth.names) >= n:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{len(synth.names)} finals spoken, not {n}")
+
+    async with Engine(cfg, ScriptedBackend()) as engine:
+        async with CaptionServer(engine, cfg.server) as server:
+            task = asyncio.ensure_future(bridge.run())
+            await _subscribed(server)
+            server.broadcaster.publish(_caption("live", 0, 1, "still going"))
+            for stream in ids:
+                publish_finals(server, stream, ["hello"])
+            await spoken(len(ids) + 1)
+        async with CaptionServer(engine, cfg.server) as server:  # the restart
+            await _subscribed(server)
+            server.broadcaster.publish(_caption("live", 1, 2, "after the restart"))
+            await spoken(len(ids) + 2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert synth.names[-1] == "live-00001.txt"
+    assert bridge.stats.reconnects >= 1
+
+
+def test_resume_points_put_live_streams_first_and_fit_the_url() -> None:
+    last = {"old": 1, "a b": 2, "live": 3, "new": 4}  # in order of activity
+    assert list(resume_since(last, {"old", "new"})) == ["live", "a b", "new", "old"]
+    # "live:3," and "a%20b:2," are 15 bytes: the ended ones do not fit.
+    assert resume_since(last, {"old", "new"}, max_bytes=15) == {"live": 3, "a b": 2}
+    assert resume_since({}, set()) == {}
 
 
 # --- the command line -------------------------------------------------------------------
