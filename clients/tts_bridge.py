@@ -652,6 +652,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     install_token_redaction()
     streams = tuple(s for v in args.stream for s in v.split(",") if s)
     try:
+        for option, value in (("--max-captions", args.max_captions), ("--queue", args.queue)):
+            if value is not None and value < 1:
+                raise ValueError(f"{option} must be at least 1 (got {value})")
         check_output_folder(args.out)
         since = parse_since(args.since, streams) if args.since else {}
         synth = _synth_from_args(args)
@@ -660,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         cfg = BridgeConfig(out=args.out, url=args.url, streams=streams,
-                           since=tuple(since.items()), queue_size=max(1, args.queue),
+                           since=tuple(since.items()), queue_size=args.queue,
                            max_captions=args.max_captions, exit_on_end=args.exit_on_end,
                            reconnect=not args.no_reconnect, token=args.token)
         stats = asyncio.run(TtsBridge(cfg, synth).run())

@@ -786,6 +786,9 @@ def test_command_line_errors_are_one_line(
         (["--mode", "elevenlabs", "--out", out, "--voice", VOICE], "ELEVENLABS_API_KEY", 2),
         (["--out", out, "--since", "7"], "needs --stream", 2),
         (["--out", out, "--stream", "a", "--since", "x"], "got 'x'", 2),
+        # Were taken: 0 spoke one final, not none; a queue of 0 was one.
+        (["--out", out, "--max-captions", "0"], "--max-captions must be at least 1", 2),
+        (["--out", out, "--queue", "0"], "--queue must be at least 1", 2),
         # Found before connecting, not at the first final (each one failed).
         (["--out", out, "--espeak", str(tmp_path / "no-espeak"),
           "--url", f"ws://127.0.0.1:{port}/v1/captions"], "cannot run", 2),
