@@ -73,7 +73,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -97,6 +97,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from evoxtral_stream.logs import configure_logging, install_json_hooks
 from evoxtral_stream.server.auth import redact_tokens
 from evoxtral_stream.server.protocol import parse_since as parse_since_values
+from evoxtral_stream.server.protocol import resume_since
 from evoxtral_stream.text.tags import Carry, TagKind, tokenize
 
 __all__ = [
@@ -240,34 +241,6 @@ def caption_url(url: str, streams: Sequence[str], since: Mapping[str, int]) -> s
     if since:
         query.append(("since", ",".join(f"{s}:{n}" for s, n in sorted(since.items()))))
     return urlunsplit((parts.scheme, parts.netloc, path, urlencode(query, safe=",:"), ""))
-
-
-#: Most bytes of ``since=`` a reconnect sends (a server refuses a request line
-#: over about 8 KB with HTTP 414; the websockets library's limit is 8192).
-RESUME_QUERY_BYTES = 4096
-
-
-def resume_since(last_seq: Mapping[str, int], ended: Collection[str],
-                 max_bytes: int = RESUME_QUERY_BYTES) -> dict[str, int]:
-    """The resume points a reconnect sends: those of the streams still live,
-    then of the streams that ended, each group the most recently active
-    first (``last_seq`` is in order of activity, the latest last), as many
-    as fit in ``max_bytes`` of ``since=`` (percent-encoded). Pure.
-
-    A stream that ended has nothing more to replay unless its id is used
-    again while the bridge is away; the streams that ended longest ago are
-    the ones a server no longer remembers (``server.history_streams``)."""
-    latest_first = list(last_seq)[::-1]
-    order = [s for s in latest_first if s not in ended] + [s for s in latest_first if s in ended]
-    out: dict[str, int] = {}
-    size = 0
-    for stream in order:
-        item = len(quote(stream, safe="")) + len(f":{last_seq[stream]},")
-        if size + item > max_bytes:
-            break
-        size += item
-        out[stream] = last_seq[stream]
-    return out
 
 
 # --- the bridge -------------------------------------------------------------------

@@ -7,7 +7,9 @@ each final as a line on stdout, the live partial redrawn in place on a
 terminal (stable text plain, unstable text dim, tags coloured by kind).
 Status lines (hello, stream started/ended, gaps, errors) go to stderr. When
 the connection drops, the viewer reconnects with ``since=STREAM:SEQ`` for
-every stream it has seen, so no final is lost (or a ``gap`` says which were).
+every stream it has seen, so no final is lost (or a ``gap`` says which were):
+the live ones first, then those that ended, the latest first, as many as fit
+in a URL a server takes (:func:`~evoxtral_stream.server.protocol.resume_since`).
 A server with access tokens gets ``--token`` (default ``$EVOXTRAL_TOKEN``) as
 ``Authorization: Bearer``; a refused token ends the viewer with one line.
 
@@ -35,6 +37,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from evoxtral_stream.console import format_time
 from evoxtral_stream.server.protocol import parse_since as parse_since_values
+from evoxtral_stream.server.protocol import resume_since
 from evoxtral_stream.text.tags import lookup_tag, normalize_tag_name
 
 __all__ = [
@@ -315,7 +318,7 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
     the server retains the stream; else it is reported as ended once the
     replay is over (no message for a second).
     """
-    seen = dict(since)        # stream -> last seq, for since=
+    seen = dict(since)        # stream -> last seq, for since=, the latest active last
     known: set[str] = set()   # streams seen started or captioned
     ended: set[str] = set()
     connects = 0
@@ -325,7 +328,13 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
         return exit_on_end and bool(ended) and (not streams or ended >= set(streams))
 
     while True:
-        url = captions_url(base, streams, seen)
+        # Not every stream ever seen: a URL past about 8 KB is refused (HTTP 414).
+        resume = resume_since(seen, ended)
+        if connects and (left := [s for s in seen if s not in resume and s not in ended]):
+            writer.status(f"resuming {len(resume)} streams; {len(left)} live ones "
+                          f"({left[0]}, ...) get live captions only: the URL would be "
+                          "too long")
+        url = captions_url(base, streams, resume)
         try:
             async with connect(url, open_timeout=10, max_size=2**24,
                                additional_headers=auth_headers(token)) as ws:
@@ -359,7 +368,7 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
                         if connects > 1:
                             away = known - ended - set(map(str, event.get("streams") or []))
                     elif kind == "caption" and isinstance(event.get("seq"), int):
-                        seen[name] = max(seen.get(name, 0), event["seq"])
+                        seen[name] = max(seen.pop(name, 0), event["seq"])
                         known.add(name)
                     elif kind == "gap" and event.get("to") is None:
                         # The server cannot place our seq (a restart without

@@ -612,3 +612,45 @@ async def test_a_stream_that_ended_while_away_is_reported_once() -> None:
     assert _texts(out) == ["one", "two"]
     ends = [line for line in err.getvalue().splitlines() if "talk ended" in line]
     assert len(ends) == 1, err.getvalue()
+
+
+async def test_a_viewer_that_saw_many_streams_resumes_the_live_one_in_a_url_a_server_takes(
+) -> None:
+    """A viewer of every stream resumes with since= for the streams it saw.
+    With all of them there (a browser's microphone is a new id each time), a
+    few hundred made the URL too long for the server (HTTP 414 on every
+    reconnect, the viewer retrying for ever). The live stream goes first;
+    ended ones follow while they fit."""
+    ids = [f"browser-{i:03d}-" + "x" * 100 for i in range(120)]
+    paths: list[str] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        paths.append(ws.request.path)
+        if len(paths) == 1:
+            await ws.send(_hello(["live", *ids]))
+            await ws.send(_final("live", 1, "first"))
+            for stream in ids:
+                await ws.send(_final(stream, 1, "hello"))
+                await ws.send(_msg("stream.ended", stream))
+            await ws.close(1001, "going away")
+            return
+        await ws.send(_hello(["live"]))
+        await ws.send(_final("live", 2, "after the restart"))
+        await ws.wait_closed()
+
+    out, err = io.StringIO(), io.StringIO()
+    writer = LiveWriter(out, err, color=False, live=False, show_stream=True)
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        viewer = asyncio.ensure_future(watch(f"ws://127.0.0.1:{port}", [], {}, writer))
+        for _ in range(500):
+            if "after the restart" in out.getvalue():
+                break
+            assert not viewer.done(), err.getvalue()
+            await asyncio.sleep(0.02)
+        viewer.cancel()
+        await asyncio.gather(viewer, return_exceptions=True)
+    assert "after the restart" in out.getvalue(), err.getvalue()
+    assert len(paths) == 2 and len(paths[1]) <= 4200, len(paths[1])
+    assert paths[1].startswith("/v1/captions?since=live:1,")

@@ -9,9 +9,10 @@ from __future__ import annotations
 import enum
 import json
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +33,7 @@ __all__ = [
     "MAX_LOST_S",
     "MIN_INGEST_RATE",
     "PROTOCOL_VERSION",
+    "RESUME_QUERY_BYTES",
     "EndOfStream",
     "IngestFormat",
     "IngestProgress",
@@ -49,6 +51,7 @@ __all__ = [
     "event_to_dict",
     "parse_ingest_message",
     "parse_since",
+    "resume_since",
 ]
 
 PROTOCOL_VERSION = 1
@@ -400,3 +403,32 @@ def parse_since(values: Iterable[str], streams: Sequence[str], *,
             raise ProtocolError("bad_query",
                                 f"since=SEQ needs {streams_by} (or use STREAM:SEQ)")
     return since
+
+
+#: Most bytes of ``since=`` a reconnect sends (a server refuses a request line
+#: over about 8 KB with HTTP 414; the websockets library's limit is 8192).
+RESUME_QUERY_BYTES = 4096
+
+
+def resume_since(last_seq: Mapping[str, int], ended: Collection[str],
+                 max_bytes: int = RESUME_QUERY_BYTES) -> dict[str, int]:
+    """The resume points a reconnect sends: those of the streams still live,
+    then of the streams that ended, each group the most recently active
+    first (``last_seq`` is in order of activity, the latest last), as many
+    as fit in ``max_bytes`` of ``since=`` (percent-encoded). Pure; for
+    clients (the TTS bridge, the viewer).
+
+    A stream that ended has nothing more to replay unless its id is used
+    again while the client is away; the streams that ended longest ago are
+    the ones a server no longer remembers (``server.history_streams``)."""
+    latest_first = list(last_seq)[::-1]
+    order = [s for s in latest_first if s not in ended] + [s for s in latest_first if s in ended]
+    out: dict[str, int] = {}
+    size = 0
+    for stream in order:
+        item = len(quote(stream, safe="")) + len(f":{last_seq[stream]},")
+        if size + item > max_bytes:
+            break
+        size += item
+        out[stream] = last_seq[stream]
+    return out
