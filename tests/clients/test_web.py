@@ -1271,6 +1271,59 @@ async def test_a_stalled_link_bounds_the_audio_on_its_way_by_the_servers_acknowl
     assert abs(summary["duration"] - (sent / 2 + declared) / rate) < 0.1
 
 
+async def test_audio_a_broken_link_held_up_is_sent_again_on_the_next_connection(
+        browser: Browser) -> None:
+    """The page's microphone reaches a real server through a relay whose
+    uplink stalls for 3 s and then breaks (a network that fails): the audio
+    sent meanwhile waited in the sockets and in Chromium's network process,
+    and never reached the server. The page sends it again first on the next
+    connection, ahead of what it captured while reconnecting, so the two
+    streams hold all that the page captured but for at most the half second
+    the server may have taken unacknowledged (sent again, it would be taken
+    twice). It used to be lost without a word, up to 10 s of it."""
+    cfg = load_config(overrides={"server.port": 0, "server.ping_interval_s": 0}, env={})
+    ended = EndedStreams()
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server, StallingRelay(server.port) as relay:
+        engine.add_listener(ended)
+        page = await Page.open(browser, f"http://127.0.0.1:{relay.port}/?mic=desk")
+        try:
+            await page.wait_for(f"{STATUS} === 'live'")
+            await page.evaluate(RECORD_NOTICES)
+            await page.click("#mic")
+            await page.wait_for("evoxtral.mic?.ready && evoxtral.mic.sent > 0")
+            await asyncio.sleep(1.0)
+            relay.flowing.clear()
+            await asyncio.sleep(3.0)
+            relay.drop()
+            relay.flowing.set()
+            await page.wait_for("evoxtral.mic.connects >= 2 && evoxtral.mic.ready"
+                                " && !evoxtral.mic.backlog.length", 20)
+            await asyncio.sleep(1.5)
+            # Capture paused: what the page captured is all it will send.
+            await page.evaluate("evoxtral.mic.ctx.suspend()")
+            await asyncio.sleep(0.3)
+            await page.click("#mic")
+            await page.wait_for("evoxtral.mic.summary", 20)
+            rate, captured, resent, dropped, declared, notices = await page.evaluate(
+                "[evoxtral.mic.sampleRate, evoxtral.mic.captured, evoxtral.mic.resent,"
+                " evoxtral.mic.dropped, evoxtral.mic.declared, window.notices]")
+            assert page.errors == []
+        finally:
+            await page.close()
+
+    assert [e.stream for e in ended] == ["desk", "desk"]
+    taken = sum(e.duration_s for e in ended)
+    assert captured / rate - 0.55 <= taken <= captured / rate + 0.05, (captured / rate, taken)
+    assert resent >= 2.5 * rate, resent / rate
+    assert dropped == 0 and declared == 0
+    again = [n for n in notices if n.startswith("Microphone: reconnected")]
+    assert again and re.fullmatch(
+        r"Microphone: reconnected \((\d+\.\d) s of audio that did not reach the server "
+        r"before the connection was lost sent again\)", again[0]), notices
+    assert abs(float(again[0].split("(")[1].split(" ")[0]) - resent / rate) <= 0.05
+
+
 async def test_each_ingest_connection_bounds_its_own_unacknowledged_audio(
         browser: Browser) -> None:
     """Each ingest connection counts its frames from 0, as its server does.

@@ -16,7 +16,11 @@
 // Chunks past that are dropped, not queued, and their time is declared to
 // the server as a lost message before the next chunk sent (see openIngest),
 // so captions stay in time; the notice says so once per slow episode, and
-// again with the count once it is over.
+// again with the count once it is over. The chunks sent on the open socket
+// are kept until the server acknowledges them: when that connection is lost,
+// those it never took (from half a second past its last acknowledgement on:
+// on a link that stalled before it broke, audio that waited in the sockets)
+// go first on the next one, within the same MIC_BACKLOG_S (see resendUnacked).
 //
 // Access tokens: a browser WebSocket cannot set headers, so both sockets
 // carry the token as the subprotocol evoxtral.token.<TOKEN>. The token comes
@@ -38,6 +42,11 @@ const MAX_LINES = 300;
 // (over 10 MB in a test). bufferedAmount is still checked, for a server
 // that does not acknowledge.
 const MIC_BACKLOG_S = 10;
+// Seconds of audio the server acknowledges at a time (docs/protocol.md: it
+// sends ingest.progress once it has taken sample_rate / 2 frames more): of a
+// lost connection's audio, it may have taken up to this much past its last
+// acknowledgement, and none of what was sent after that.
+const ACK_STEP_S = 0.5;
 const TOKEN_KEY = "evoxtral.token";
 const TOKEN_PROTOCOL = "evoxtral.token.";
 // What a subprotocol name may hold, as docs/protocol.md promises it for tokens
@@ -512,6 +521,12 @@ async function startMic() {
     slow: 0,             // chunks dropped since the open socket's audio went over the bound
     framesSent: 0,       // frames sent on this connection
     framesAcked: null,   // of them, what its server acknowledged; null: it does not
+    // The chunks sent on this connection and not acknowledged, each with
+    // framesSent at its end (kept only while the server acknowledges).
+    inFlight: [],
+    resending: 0,        // frames at the backlog's head sent again (resendUnacked)
+    resent: 0,           // frames sent again over all connections
+    captured: 0,         // frames the microphone delivered
     sentAudio: false,    // this connection has sent audio: its stream's timeline has begun
     allowance: 0, allowanceAt: 0,  // frames this connection still takes as lost, and when
     declared: 0, undeclared: 0,    // frames declared lost, and past what a connection takes
@@ -519,6 +534,7 @@ async function startMic() {
   // Each chunk is PCM16 mono: byteLength / 2 frames at the config's sample_rate.
   const bound = MIC_BACKLOG_S * mic.sampleRate * 2;  // bytes
   node.port.onmessage = (e) => {
+    mic.captured += e.data.byteLength / 2;
     if (mic.ws?.readyState === WebSocket.OPEN && mic.ready) {
       // On its way: sent and not acknowledged (bufferedAmount is part of it),
       // or, from a server that does not acknowledge, what bufferedAmount shows.
@@ -569,6 +585,49 @@ function sendAudio(mic, lost, chunk) {
   mic.sent += chunk.byteLength;
   mic.framesSent += chunk.byteLength / 2;
   mic.sentAudio = true;
+  if (mic.framesAcked !== null) {
+    mic.inFlight.push({ end: mic.framesSent, chunk });
+    forgetAcked(mic);
+  }
+}
+
+// Drop the chunks the server has acknowledged from those kept for a resend.
+function forgetAcked(mic) {
+  while (mic.inFlight.length && mic.inFlight[0].end <= mic.framesAcked) mic.inFlight.shift();
+}
+
+// The connection was lost before its summary: the audio sent on it from
+// half a second past its last acknowledgement on never reached the server
+// (on a link that stalled before it broke, it waited in the sockets, up to
+// MIC_BACKLOG_S of it), and goes first on the next connection, ahead of
+// what was captured meanwhile. The server may have taken that half second
+// unacknowledged: sending it again would give it that audio twice. It
+// carries no lost frames (those dropped between its chunks were declared on
+// the lost connection). The backlog stays within MIC_BACKLOG_S: past it,
+// its latest chunks are dropped and declared as any dropped meanwhile.
+function resendUnacked(mic) {
+  const bound = MIC_BACKLOG_S * mic.sampleRate * 2;  // bytes, as in startMic
+  const start = mic.framesAcked + Math.ceil(mic.sampleRate * ACK_STEP_S);
+  const again = [];
+  let bytes = 0;
+  for (const { end, chunk } of mic.inFlight) {
+    if (end <= start) continue;
+    const frames = chunk.byteLength / 2;
+    const part = chunk.slice(Math.max(0, start - (end - frames)) * 2);
+    again.push({ lost: 0, chunk: part });
+    bytes += part.byteLength;
+  }
+  mic.inFlight = [];
+  mic.backlog.unshift(...again);
+  mic.backlogBytes += bytes;
+  mic.resending += bytes / 2;
+  mic.resent += bytes / 2;
+  while (mic.backlogBytes > bound) {
+    const { lost, chunk } = mic.backlog.pop();
+    mic.backlogBytes -= chunk.byteLength;
+    mic.lost += lost + chunk.byteLength / 2;
+    mic.dropped += 1;
+  }
 }
 
 // Tell the server `frames` were lost here, as far as the connection takes
@@ -605,6 +664,11 @@ function declareLost(mic, frames) {
 // (or, without acknowledgements, bufferedAmount) past MIC_BACKLOG_S of audio
 // is dropped and declared the same way, until the server has caught up
 // (startMic). Each connection counts its frames from 0, as the server does.
+// The chunks sent and not yet acknowledged are kept: when the connection is
+// lost before its summary, those the server never took go at the head of the
+// backlog (resendUnacked), so a link that stalled before it broke loses at
+// most the half second the server may have taken unacknowledged, not all the
+// audio that waited in the sockets; the notice says how much goes again.
 // A refusal for a passing reason is retried too.
 function openIngest(mic) {
   const path = `v1/ingest?stream=${encodeURIComponent(mic.stream)}`;
@@ -633,20 +697,33 @@ function openIngest(mic) {
       mic.slow = 0;
       mic.sentAudio = false;
       mic.framesSent = 0;
+      mic.inFlight = [];
       // An older server leaves progress out (and sends no acknowledgements).
       mic.framesAcked = msg.progress === true ? 0 : null;
       mic.allowance = state.maxLostS * mic.sampleRate;
       mic.allowanceAt = performance.now() / 1000;
       if (back) {
-        showNotice(mic.dropped ? `Microphone: reconnected (${mic.dropped} audio chunks ` +
-                                 "dropped meanwhile; their time is sent as lost audio)" : "");
+        const what = [];
+        if (mic.resending) {
+          what.push(`${(mic.resending / mic.sampleRate).toFixed(1)} s of audio that did not ` +
+                    "reach the server before the connection was lost sent again");
+        }
+        if (mic.dropped) {
+          what.push(`${mic.dropped} audio chunks dropped meanwhile; their time is sent as ` +
+                    "lost audio");
+        }
+        showNotice(what.length ? `Microphone: reconnected (${what.join("; ")})` : "");
         mic.dropped = 0;
+        mic.resending = 0;
       }
       for (const { lost, chunk } of mic.backlog) sendAudio(mic, lost, chunk);
       mic.backlog = [];
       mic.backlogBytes = 0;
     } else if (msg.type === "ingest.progress") {
-      if (mic.ws === ws && mic.framesAcked !== null) mic.framesAcked = msg.frames;
+      if (mic.ws === ws && mic.framesAcked !== null) {
+        mic.framesAcked = msg.frames;
+        forgetAcked(mic);
+      }
     } else if (msg.type === "ingest.summary") mic.summary = msg;
     else if (msg.type === "error" && msg.stream === mic.stream) {
       mic.lastError = msg.code;
@@ -664,6 +741,7 @@ function openIngest(mic) {
     if (mic.opened && !mic.ending && ingestRetryable(e.code, mic.lastError)) {
       mic.lastError = null;
       mic.ready = false;
+      if (mic.framesAcked !== null) resendUnacked(mic);
       const delay = Math.min(5000, 250 * 2 ** mic.retry++);
       showNotice(`Microphone: connection lost (code ${e.code}); reconnecting…`);
       mic.timer = setTimeout(() => openIngest(mic), delay);
