@@ -1324,6 +1324,88 @@ async def test_audio_a_broken_link_held_up_is_sent_again_on_the_next_connection(
     assert abs(float(again[0].split("(")[1].split(" ")[0]) - resent / rate) <= 0.05
 
 
+#: Fills every frame the page's worklet delivers from now on with a running
+#: count (mod 2**15): audio in which any frame missing or repeated shows.
+COUNT_FRAMES = ("(() => { const port = evoxtral.mic.node.port; const deliver = port.onmessage;"
+                " let n = 0; port.onmessage = (e) => { const a = new Int16Array(e.data);"
+                " for (let i = 0; i < a.length; i++) a[i] = n++ & 0x7fff; deliver(e); }; })()")
+
+
+async def test_a_lost_connection_is_resent_from_half_a_second_past_its_last_acknowledgement(
+        browser: Browser) -> None:
+    """A scripted server reads all of the first connection's audio but
+    acknowledges only its first second or so, then closes the connection
+    (1012) after 3 s. It acknowledges 7 frames short of what it read (the
+    page's chunks need not be what a server hands on at a time), so the
+    resend point falls inside a chunk. The next connection's audio begins
+    exactly ceil(sample_rate / 2) frames past the last acknowledgement (the
+    page sends the rest of that chunk), and from there every frame the page
+    captured comes once, in order: none twice, none missing."""
+    rate_seen: list[int] = []
+    received: list[bytearray] = []  # the audio of each ingest connection
+    acked: list[int] = []           # the last frames acknowledged on each
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        if not ws.request.path.startswith("/v1/ingest"):
+            await ws.send(hello([]))
+            await ws.wait_closed()
+            return
+        rate = json.loads(await ws.recv())["sample_rate"]
+        rate_seen.append(rate)
+        audio, index = bytearray(), len(received)
+        received.append(audio)
+        acked.append(0)
+        await ws.send(json.dumps({"type": "ingest.ready", "stream": "desk", "sample_rate": rate,
+                                  "channels": 1, "format": "pcm16", "language": "en",
+                                  "progress": True}))
+        async for message in ws:
+            if not isinstance(message, bytes):
+                continue
+            audio += message
+            frames = len(audio) // 2
+            if index == 0 and frames >= 3 * rate:
+                await ws.close(1012, "service restart")
+                return
+            if (index > 0 or frames <= 1.2 * rate) and frames - acked[index] >= -(-rate // 2):
+                acked[index] = frames - 7
+                await ws.send(json.dumps({"type": "ingest.progress", "frames": frames - 7}))
+
+    async with serve(handler, "127.0.0.1", 0, process_request=page_files) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        page = await Page.open(browser, f"http://127.0.0.1:{port}/?mic=desk")
+        try:
+            await page.wait_for(f"{STATUS} === 'live'")
+            await page.click("#mic")
+            await page.wait_for("Boolean(evoxtral.mic?.node)")
+            await page.evaluate(COUNT_FRAMES)
+            await page.wait_for("evoxtral.mic.connects === 2 && evoxtral.mic.ready", 20)
+            rate = await page.evaluate("evoxtral.mic.sampleRate")
+            async with asyncio.timeout(20):
+                while len(received[1]) < 4 * rate:
+                    await asyncio.sleep(0.05)
+            resent, notice = await page.evaluate(
+                "[evoxtral.mic.resent, document.getElementById('notice').textContent]")
+            assert page.errors == []
+        finally:
+            await page.close()
+
+    first = np.frombuffer(bytes(received[0]), "<i2").astype(np.int64)
+    second = np.frombuffer(bytes(received[1]), "<i2").astype(np.int64)
+    start = acked[0] + -(-rate // 2)
+    chunk = round(rate / 20)
+    assert start % chunk != 0  # the resend begins mid-chunk
+    assert len(first) > start + rate
+    # The first connection's audio is counted frames from before its last acknowledgement.
+    assert (np.diff(first[acked[0] - chunk:]) % 0x8000 == 1).all()
+    assert second[0] == first[start]
+    assert (np.diff(second) % 0x8000 == 1).all()  # nothing twice, nothing missing
+    assert resent >= len(first) - start
+    assert notice == (f"Microphone: reconnected ({resent / rate:.1f} s of audio that did not "
+                      "reach the server before the connection was lost sent again)")
+    assert rate_seen == [rate, rate]
+
+
 async def test_each_ingest_connection_bounds_its_own_unacknowledged_audio(
         browser: Browser) -> None:
     """Each ingest connection counts its frames from 0, as its server does.
