@@ -75,6 +75,28 @@ async def test_finals_refused_by_a_full_worker_are_retried_not_lost() -> None:
     assert len(finals) == 12
 
 
+async def test_a_backlog_of_finals_logs_a_few_lines_not_one_per_final(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Overload used to write one warning per refused final (30 lines in
+    0.3 s for 8 burst streams with a small inbox): a log flood exactly when
+    the operator needs the log."""
+    audio, _ = speech_with_pauses(SENTENCES, pause_s=1.2)
+    cfg = load_config(overrides={"worker.max_queue": 1, "worker.max_batch": 1,
+                                 "stream.partial_interval_ms": 0})
+    backend = ScriptedBackend(words_so_far, delay_s=0.05)
+    async with Engine(cfg, backend) as engine:
+        streams = [engine.open_stream(f"s{i}") for i in range(8)]
+        with caplog.at_level("WARNING", logger="evoxtral_stream.engine.engine"):
+            for s in streams:
+                s.push(audio)
+            backlog = engine.stats().finals_backlog
+            summaries = [await s.close() for s in streams]
+    assert backlog >= 10, "the test must back up many finals"
+    assert [s.finals for s in summaries] == [3] * 8
+    lines = [r.getMessage() for r in caplog.records if "inbox full" in r.getMessage()]
+    assert 1 <= len(lines) <= 2, lines
+
+
 async def test_cut_ends_the_open_segment_and_the_stream_goes_on() -> None:
     audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=0.0)
     half = len(audio) // 2

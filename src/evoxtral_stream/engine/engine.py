@@ -87,6 +87,9 @@ Listener = Callable[[EngineEvent], None]
 
 # How often a final the worker refused (inbox full) is offered again.
 _FINAL_RETRY_S = 0.01
+# At most one "inbox full" warning this often: under overload every final
+# may wait, and a line for each would flood the log.
+_BACKLOG_LOG_EVERY_S = 5.0
 _PRUNE_EVERY_MAX_S = 3600.0
 # After a drain that gave up (or with a stalled model), how long the model
 # thread gets to take the stop before it is left behind.
@@ -323,6 +326,7 @@ class Engine:
         self._streams: dict[str, Stream] = {}
         self._backlog: deque[tuple[Stream, DecodeRequest]] = deque()
         self._retry_handle: asyncio.TimerHandle | None = None
+        self._backlog_logged_at = float("-inf")
         self._partials_refused = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._worker: ModelWorker | None = None
@@ -570,7 +574,11 @@ class Engine:
         # per segment that ended meanwhile; it drains as fast as the worker
         # decodes, and its length is in EngineStats and /metrics.
         self._backlog.append((stream, req))
-        log.warning("model worker inbox full; %d final(s) waiting", len(self._backlog))
+        now = self.now()
+        if now - self._backlog_logged_at >= _BACKLOG_LOG_EVERY_S:
+            self._backlog_logged_at = now
+            log.warning("model worker inbox full; %d final(s) waiting (each is offered "
+                        "again until it fits)", len(self._backlog))
         self._schedule_retry()
 
     def _final_from(self, stream: Stream, req: DecodeRequest, partial: Hypothesis) -> None:
