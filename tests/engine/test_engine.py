@@ -97,6 +97,28 @@ async def test_a_backlog_of_finals_logs_a_few_lines_not_one_per_final(
     assert 1 <= len(lines) <= 2, lines
 
 
+async def test_a_final_retried_while_the_inbox_is_full_is_refused_once() -> None:
+    """``evoxtral_worker_refused_total`` is "requests refused by a full
+    inbox": the engine's retries (every 10 ms) of a final it already counted
+    used to count again, hundreds of times for a few finals."""
+    audio, _ = speech_with_pauses(SENTENCES, pause_s=1.2)
+    cfg = load_config(overrides={"worker.max_queue": 1, "worker.max_batch": 1,
+                                 "stream.partial_interval_ms": 0})
+    backend = ScriptedBackend(words_so_far, delay_s=0.05)
+    async with Engine(cfg, backend) as engine:
+        streams = [engine.open_stream(f"s{i}") for i in range(4)]
+        for s in streams:
+            s.push(audio)
+        backlog = engine.stats().finals_backlog
+        for s in streams:
+            await s.close()
+        stats = engine.stats()
+    assert backlog > 0, "the test must overflow the worker inbox"
+    # Each final was refused at most once (12 finals, no partials).
+    assert 0 < stats.worker.refused <= 12
+    assert stats.worker.submitted == 12
+
+
 async def test_cut_ends_the_open_segment_and_the_stream_goes_on() -> None:
     audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=0.0)
     half = len(audio) // 2

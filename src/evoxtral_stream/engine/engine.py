@@ -627,7 +627,7 @@ class Engine:
         assert self._worker is not None
         while self._backlog:
             stream, req = self._backlog[0]
-            if not self._worker.submit(req):
+            if not self._worker.submit(req, again=True):
                 break
             self._backlog.popleft()
             stream._check_done()

@@ -206,13 +206,18 @@ class ModelWorker:
                                         name="model-worker", daemon=True)
         self._thread.start()
 
-    def submit(self, request: DecodeRequest) -> bool:
-        """Queue ``request`` without blocking; False if the inbox is full."""
+    def submit(self, request: DecodeRequest, *, again: bool = False) -> bool:
+        """Queue ``request`` without blocking; False if the inbox is full.
+
+        ``again``: the request was refused before and is offered once more,
+        so a refusal now is not counted again (``refused`` counts requests).
+        """
         try:
             self._inbox.put_nowait(request)
         except queue.Full:
-            with self._lock:
-                self._refused += 1
+            if not again:
+                with self._lock:
+                    self._refused += 1
             return False
         with self._lock:
             self._submitted += 1
