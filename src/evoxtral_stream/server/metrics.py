@@ -137,7 +137,10 @@ class _StatsCollector(Collector):
                     "Journal files held open (at most one per live stream).",
                     st.journal_open_files),
                 "evoxtral_real_time_factor": (
-                    "Model busy seconds per second of audio received (below 1: keeps up).",
+                    "Model busy seconds per second of audio received, all streams together, "
+                    "since start (with N streams live at once, the model keeps up only "
+                    "below 1/N; rate(evoxtral_worker_busy_seconds_total) near 1 means "
+                    "saturated now).",
                     w.busy_s / st.audio_s if st.audio_s else 0.0),
             }
             for name, (doc, value) in gauges.items():
