@@ -111,7 +111,7 @@ async def test_a_hung_model_cannot_hold_shutdown_and_no_shown_text_is_lost(
     assert not [e for e in of("shown") if isinstance(e, StreamError)]
     # "silent" showed nothing before the hang: its final is reported lost.
     lost = [e for e in of("silent") if isinstance(e, StreamError)]
-    assert [e.code for e in lost] == ["final_lost"] and "segments [0]" in lost[0].message
+    assert [(e.code, e.segment) for e in lost] == [("final_lost", 0)]
     assert isinstance(of("silent")[-1], StreamEnded)
 
 
@@ -129,6 +129,22 @@ async def hung(**overrides: object) -> AsyncIterator[tuple[Engine, Stream]]:
             yield engine, stream
     finally:
         backend.release()
+
+
+async def test_each_segment_whose_final_is_lost_gets_its_own_final_lost_event() -> None:
+    """An overloaded engine stopped with several finals of one stream owed
+    used to send that stream one ``final_lost`` with no ``segment`` (and count
+    one error), where the docs promise each such segment an event."""
+    async with hung(**{"worker.drain_timeout_s": 0.3}) as (engine, stream):
+        events: list[EngineEvent] = []
+        engine.add_listener(events.append)
+        stream.push(talk(3)[16_000 * 2:])   # two more segments owed behind the hung one
+        assert await asyncio.wait_for(engine.drain(), 10) is False
+        summary = await asyncio.wait_for(stream.close(), 5)
+    lost = [e for e in events if isinstance(e, StreamError)]
+    assert [(e.code, e.segment) for e in lost] == [
+        ("final_lost", 0), ("final_lost", 1), ("final_lost", 2)]
+    assert summary.finals == 0 and summary.segments == 3 and summary.errors == 3
 
 
 async def test_give_up_cuts_an_unbounded_drain_short() -> None:

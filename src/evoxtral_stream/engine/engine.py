@@ -803,12 +803,16 @@ class Engine:
         self._emit_captions(stream, events)
         lost = sorted(owed - closed)
         if lost:
-            stream.errors += 1
             log.error("shutdown: %d final(s) of %s lost (segments %s): nothing had been "
                       "shown for them", len(lost), stream.id, lost)
+        # One event per segment, as for decode_failed: a client keyed by
+        # segment learns which lines will never get their final.
+        for segment in lost:
+            stream.errors += 1
             self._emit(StreamError(stream.id, "final_lost",
-                                   f"shut down before the model decoded {len(lost)} "
-                                   f"final(s) that showed nothing (segments {lost})"))
+                                   f"shut down before the model decoded the final of "
+                                   f"segment {segment}, which showed nothing",
+                                   segment=segment))
         stream._done.set()
         self._stream_done(stream)
 
