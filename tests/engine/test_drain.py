@@ -147,6 +147,25 @@ async def test_each_segment_whose_final_is_lost_gets_its_own_final_lost_event() 
     assert summary.finals == 0 and summary.segments == 3 and summary.errors == 3
 
 
+async def test_a_stall_below_a_second_is_reported_with_its_length(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """With ``stall_timeout_s`` = 0.3 the log and every stream's
+    ``model_stalled`` used to say the model had not answered "for 0 s"."""
+    import re
+
+    async with hung(**{"worker.stall_timeout_s": 0.3,
+                       "worker.drain_timeout_s": 0.3}) as (engine, _):
+        events: list[EngineEvent] = []
+        engine.add_listener(events.append)
+        await _until(lambda: any(isinstance(e, StreamError) for e in events), "model_stalled")
+        await asyncio.wait_for(engine.drain(), 10)
+    stalled = [e for e in events if isinstance(e, StreamError) and e.code == "model_stalled"]
+    line = [r.getMessage() for r in caplog.records if "stuck in one backend call" in r.getMessage()]
+    for text in [stalled[0].message, line[0]]:
+        seconds = float(re.findall(r"for ([0-9.]+) s", text)[0])
+        assert seconds >= 0.3, text
+
+
 async def test_give_up_cuts_an_unbounded_drain_short() -> None:
     async with hung(**{"worker.drain_timeout_s": 0}) as (engine, stream):
         drain = asyncio.ensure_future(engine.drain())

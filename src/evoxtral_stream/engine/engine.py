@@ -755,13 +755,13 @@ class Engine:
         if stalled and not self._stalled:
             self._stalls += 1
             age = worker.call_age()
-            log.critical("the model thread has been stuck in one backend call for %.0f s "
+            log.critical("the model thread has been stuck in one backend call for %.1f s "
                          "(worker.stall_timeout_s = %g); /healthz reports it; captions "
                          "wait until the call returns", age,
                          self.config.worker.stall_timeout_s)
             for stream_id in list(self._streams):
                 self._emit(StreamError(stream_id, "model_stalled",
-                                       f"the model has not answered for {age:.0f} s; "
+                                       f"the model has not answered for {age:.1f} s; "
                                        "captions are delayed"))
         elif self._stalled and not stalled:
             log.warning("the model thread answered again after a stall")
