@@ -26,7 +26,13 @@ from websockets.http11 import Request, Response
 from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.engine.backends.base import Backend
 from evoxtral_stream.engine.engine import Engine, Stream
-from evoxtral_stream.events import CaptionEvent, DecodeRequest, EngineEvent, Int16Array
+from evoxtral_stream.events import (
+    CaptionEvent,
+    DecodeRequest,
+    EngineEvent,
+    Int16Array,
+    StreamEnded,
+)
 from evoxtral_stream.run import feed_samples
 from evoxtral_stream.server.app import CaptionServer
 from evoxtral_stream.server.auth import hash_token
@@ -238,6 +244,42 @@ async def test_page_resumes_with_since_after_a_drop(
                                    ".textContent") == "talk (ended)"
         assert not await page.evaluate("document.querySelector('#finals .note')"
                                        "?.textContent.includes('no longer available')")
+        assert page.errors == []
+    finally:
+        await page.close()
+
+
+async def test_a_page_that_saw_many_streams_resumes_in_a_url_the_server_takes(
+    browser: Browser, scripted: tuple[Engine, CaptionServer],
+) -> None:
+    """A page left open while browser microphones come and go (a new stream
+    id each time) resumed with since= for every stream it had seen: past a
+    hundred or so the URL was too long for the server (HTTP 414), and the
+    page retried it for ever, showing nothing more. The live streams go
+    first, then the ended ones that fit."""
+    _, server = scripted
+    page = await open_page(browser, server)
+    ids = [f"browser-{i:03d}-" + "x" * 100 for i in range(120)]
+
+    def final(stream: str, seq: int, text: str) -> CaptionEvent:
+        return CaptionEvent(stream, 0, seq, True, text, text, text, "", (), 0.0, 1.0, 0.1)
+
+    try:
+        await page.wait_for("evoxtral.connects === 1 && "
+                            "document.getElementById('status').textContent === 'live'")
+        server.broadcaster.publish(final("live", 1, "first words"))
+        for stream in ids:
+            server.broadcaster.publish(final(stream, 1, "hello"))
+            server.broadcaster.publish(StreamEnded(stream, 1.0, 1, 1))
+        await page.wait_for(f"evoxtral.lastSeq.size === {len(ids) + 1}")
+        await page.evaluate("evoxtral.retry = 0; evoxtral.socket.close()")
+        await page.wait_for("evoxtral.connects === 2 && "
+                            "document.getElementById('status').textContent === 'live'")
+        url = await page.evaluate("evoxtral.url")
+        assert len(url) <= 4200 and "?since=live:1," in url, len(url)
+        server.broadcaster.publish(final("live", 2, "after the reconnect"))
+        await page.wait_for("[...document.querySelectorAll('#finals .line.final .text')]"
+                            ".some(t => t.textContent === 'after the reconnect')")
         assert page.errors == []
     finally:
         await page.close()

@@ -5,7 +5,8 @@
 // picker filters what is shown, so it lists every stream subscribed to. Each segment has
 // one line: partials rewrite it in #partials, the final moves it into
 // #finals (the aria-live log). On a disconnect the page reconnects with
-// since=STREAM:SEQ for every stream it has seen, so no final is lost, and
+// since=STREAM:SEQ for every stream it has seen (as many as a URL can hold:
+// resumeSince), so no final is lost, and
 // drops events it already has (seq <= last seen). The microphone button
 // streams PCM16 from an AudioWorklet to /v1/ingest?stream=browser-XXXX (or
 // the page's ?mic=ID, for a token limited to some streams), in the language
@@ -42,6 +43,8 @@ const MAX_LINES = 300;
 // (over 10 MB in a test). bufferedAmount is still checked, for a server
 // that does not acknowledge.
 const MIC_BACKLOG_S = 10;
+// Most bytes of since= a reconnect sends (resumeSince).
+const RESUME_QUERY_BYTES = 4096;
 // Seconds of audio the server acknowledges at a time (docs/protocol.md: it
 // sends ingest.progress once it has taken sample_rate / 2 frames more): of a
 // lost connection's audio, it may have taken up to this much past its last
@@ -308,6 +311,7 @@ function onCaption(ev, viaMic = false) {
       if (shown) return;
       ahead.add(ev.seq);
     } else {
+      state.lastSeq.delete(ev.stream);  // kept in order of activity (resumeSince)
       state.lastSeq.set(ev.stream, ev.seq);
       for (const seq of ahead) if (seq <= ev.seq) ahead.delete(seq);
       if (shown) return;
@@ -421,9 +425,29 @@ function parse(data) {
 
 // --- the caption subscription, with resume ------------------------------------------
 
+// The resume points a reconnect sends: not every stream ever seen, as a
+// server refuses a URL past about 8 KB (HTTP 414) and a browser microphone
+// is a new stream each time, but the live streams first, then those that
+// ended, each the most recently active first, as many as fit in
+// RESUME_QUERY_BYTES (as the viewer and the TTS bridge do).
+function resumeSince() {
+  const latestFirst = [...state.lastSeq].reverse();
+  const ended = ([name]) => Boolean(state.streams.get(name)?.ended);
+  const items = [];
+  let size = 0;
+  for (const [name, seq] of [...latestFirst.filter((e) => !ended(e)),
+                             ...latestFirst.filter(ended)]) {
+    const item = `${encodeURIComponent(name)}:${seq}`;
+    if (size + item.length + 1 > RESUME_QUERY_BYTES) break;
+    size += item.length + 1;
+    items.push(item);
+  }
+  return items.join(",");
+}
+
 function connect() {
   state.timer = null;
-  const since = [...state.lastSeq].map(([s, q]) => `${encodeURIComponent(s)}:${q}`).join(",");
+  const since = resumeSince();
   const query = [];
   if (state.only.length) query.push(`stream=${state.only.map(encodeURIComponent).join(",")}`);
   if (since) query.push(`since=${since}`);
