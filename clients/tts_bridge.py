@@ -47,12 +47,13 @@ here: when the queue is full the reader waits, stops reading the socket, and
 the server's per-subscriber queue fills instead. If the bridge falls
 ``server.subscriber_queue`` messages behind, the server disconnects it
 (close 1013). The bridge then reconnects with ``since=STREAM:SEQ`` (the last
-seq it read of each stream, as many as fit in :data:`RESUME_QUERY_BYTES`:
-:func:`resume_since`) and the server replays what it retained, so
-nothing is lost unless the bridge fell more than ``server.history`` captions
-behind; then the server's ``gap`` message is logged as a warning (the missing
-finals cannot be recovered). Captions at or below a seq already read are
-ignored, so a replay never synthesises twice.
+seq it read of each stream, as many as fit in 4 KB:
+:func:`~evoxtral_stream.server.protocol.resume_since`) and the server
+replays what it retained, so nothing is lost unless the bridge fell more
+than ``server.history`` captions behind; then the server's ``gap`` message
+is logged as a warning (the missing finals cannot be recovered). Captions
+at or below a seq already read are ignored, so a replay never synthesises
+twice.
 
 A server with access tokens gets ``--token`` (default ``$EVOXTRAL_TOKEN``)
 as ``Authorization: Bearer``; a refused token stops the bridge with one line.
