@@ -75,16 +75,20 @@ async def test_finals_refused_by_a_full_worker_are_retried_not_lost() -> None:
     assert len(finals) == 12
 
 
+def _one_slot_engine() -> Engine:
+    """A slow scripted model behind an inbox of one: finals back up."""
+    cfg = load_config(overrides={"worker.max_queue": 1, "worker.max_batch": 1,
+                                 "stream.partial_interval_ms": 0})
+    return Engine(cfg, ScriptedBackend(words_so_far, delay_s=0.05))
+
+
 async def test_a_backlog_of_finals_logs_a_few_lines_not_one_per_final(
         caplog: pytest.LogCaptureFixture) -> None:
     """Overload used to write one warning per refused final (30 lines in
     0.3 s for 8 burst streams with a small inbox): a log flood exactly when
     the operator needs the log."""
     audio, _ = speech_with_pauses(SENTENCES, pause_s=1.2)
-    cfg = load_config(overrides={"worker.max_queue": 1, "worker.max_batch": 1,
-                                 "stream.partial_interval_ms": 0})
-    backend = ScriptedBackend(words_so_far, delay_s=0.05)
-    async with Engine(cfg, backend) as engine:
+    async with _one_slot_engine() as engine:
         streams = [engine.open_stream(f"s{i}") for i in range(8)]
         with caplog.at_level("WARNING", logger="evoxtral_stream.engine.engine"):
             for s in streams:
@@ -102,10 +106,7 @@ async def test_a_final_retried_while_the_inbox_is_full_is_refused_once() -> None
     inbox": the engine's retries (every 10 ms) of a final it already counted
     used to count again, hundreds of times for a few finals."""
     audio, _ = speech_with_pauses(SENTENCES, pause_s=1.2)
-    cfg = load_config(overrides={"worker.max_queue": 1, "worker.max_batch": 1,
-                                 "stream.partial_interval_ms": 0})
-    backend = ScriptedBackend(words_so_far, delay_s=0.05)
-    async with Engine(cfg, backend) as engine:
+    async with _one_slot_engine() as engine:
         streams = [engine.open_stream(f"s{i}") for i in range(4)]
         for s in streams:
             s.push(audio)
