@@ -19,6 +19,7 @@ from evoxtral_stream.config import Config, JournalConfig, load_config
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.engine.journal import (
     CLOCK_SLACK_S,
+    EPOCH_FILE,
     SEQ_RESERVE_BLOCK,
     Journal,
     JournalFile,
@@ -201,6 +202,32 @@ async def test_after_a_restart_resume_comes_from_the_journal_and_seq_continues(
         assert [json.loads(m)["type"] for m in b.subscribe(since={"x": 4}).backlog] == ["gap"]
 
 
+async def test_the_epoch_lives_with_the_journal_and_only_there(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The journal's numbering goes on across restarts, so its epoch does; an
+    engine without one numbers anew each run, under a new epoch."""
+    cfg = config(tmp_path)
+    async with Engine(cfg, ScriptedBackend()) as engine:
+        first = engine.epoch
+        await run_stream(engine, "mic", 1)
+    assert (tmp_path / "j" / EPOCH_FILE).read_text() == first + "\n"
+    async with Engine(cfg, ScriptedBackend()) as engine:
+        assert engine.epoch == first
+        # The epoch file is never taken for a stream's.
+        assert set(engine.journal.restore() if engine.journal else {}) == {"mic"}
+    # A damaged file: a new epoch (resumes then replay from 0), said once.
+    (tmp_path / "j" / EPOCH_FILE).write_bytes(b"\xff not an epoch")
+    with caplog.at_level(logging.WARNING):
+        async with Engine(cfg, ScriptedBackend()) as engine:
+            damaged = engine.epoch
+    assert damaged != first and "is damaged" in caplog.text
+    assert (tmp_path / "j" / EPOCH_FILE).read_text() == damaged + "\n"
+    plain = load_config(env={})
+    async with Engine(plain, ScriptedBackend()) as a, Engine(plain, ScriptedBackend()) as b:
+        assert len({a.epoch, b.epoch, first, damaged}) == 4
+    assert not list((tmp_path / "j").glob("*.part"))
+
+
 def test_rotation_by_size_keeps_keep_files_and_reports_the_gap(tmp_path: Path) -> None:
     cfg = config(tmp_path, **{"journal.max_bytes": 1024, "journal.keep": 2}).journal
     journal = Journal(cfg)
@@ -208,7 +235,7 @@ def test_rotation_by_size_keeps_keep_files_and_reports_the_gap(tmp_path: Path) -
     for seq in range(1, 41):
         journal.append(caption("s", seq, text="word " * 20))
     journal.close()
-    files = sorted((tmp_path / "j").iterdir())
+    files = sorted((tmp_path / "j").glob("*.jsonl"))
     assert len(files) == 3                     # the current one and `keep` rotated ones
     assert all(f.stat().st_size <= 1024 for f in files)
     oldest = parse_file_name(files[0].name)
@@ -307,7 +334,7 @@ def test_rotation_carries_the_reservation_so_deleted_files_do_not_lose_it(
     assert len(files) == 1 and files[0][0].index > 1     # the first files are gone
     first_line = json.loads((next((tmp_path / "j").glob("s.*"))).read_text().splitlines()[0])
     assert first_line == {"type": "seq.reserved", "stream": "s", "seq": 1 + SEQ_RESERVE_BLOCK}
-    assert all(f.stat().st_size <= 1024 for f in (tmp_path / "j").iterdir())
+    assert all(f.stat().st_size <= 1024 for f in (tmp_path / "j").glob("*.jsonl"))
     restarted = Journal(cfg)
     assert restarted.restore() == {"s": 1 + SEQ_RESERVE_BLOCK}
     replay = restarted.replay("s", 0)
@@ -768,7 +795,7 @@ def test_a_reopened_file_is_checked_for_size_too(tmp_path: Path) -> None:
     journal.release("s")
     journal.append(caption("s", seq + 1, text="word " * 30))   # would pass max_bytes
     journal.close()
-    files = sorted((tmp_path / "j").iterdir())
+    files = sorted((tmp_path / "j").glob("*.jsonl"))
     assert len(files) == 2 and all(f.stat().st_size <= 1024 for f in files)
 
 
@@ -859,8 +886,8 @@ def test_journal_lines_are_caption_messages_only_and_read_without_warnings(
         replay = restarted.replay("s", 0)
     assert replay is not None and [r.seq for r in replay.records] == list(range(1, 21))
     assert not caplog.records
-    assert len(list((tmp_path / "j").iterdir())) > 3      # rotated by age and by size
-    for path in (tmp_path / "j").iterdir():
+    assert len(list((tmp_path / "j").glob("*.jsonl"))) > 3      # rotated by age and by size
+    for path in (tmp_path / "j").glob("*.jsonl"):
         for line in path.read_text().splitlines():
             assert decode_caption(line)["final"] is True
             assert line == encode_record(caption("s", json.loads(line)["seq"],
@@ -978,7 +1005,7 @@ def _long_stream_journal(tmp_path: Path) -> tuple[JournalConfig, list[Path]]:
             writer.append(caption("s", seq, text="word " * 20))
     writer.end(StreamEnded("s", 200.0, 133, 133))
     writer.close()
-    files = sorted((tmp_path / "j").iterdir())
+    files = sorted((tmp_path / "j").glob("*.jsonl"))
     assert len(files) > 20
     return cfg, files
 
@@ -1093,7 +1120,7 @@ def test_a_resume_of_recent_finals_reads_the_end_of_the_newest_file_only(
     for seq, text in texts.items():
         writer.append(caption("s", seq, text=text))
     writer.close()
-    [path] = (tmp_path / "j").iterdir()
+    [path] = (tmp_path / "j").glob("*.jsonl")
     with path.open("r+b") as f:   # the first line damaged
         f.write(b"#")
     assert path.stat().st_size > 4 << 20

@@ -334,6 +334,43 @@ async def test_a_since_from_before_a_restart_gets_a_null_gap_then_all_there_is()
             validate_message(message)
 
 
+async def test_a_since_of_another_epoch_is_not_taken_for_this_runs_seqs() -> None:
+    """After a restart without the journal, the new numbering soon passes the
+    seq a client holds: with the epoch it got that seq under, its resume gets
+    a gap to null and the new run from seq 1, where a bare seq would skip it."""
+    cfg = config()
+    url = "ws://127.0.0.1:{}/v1/captions?since=talk:{}{}"
+
+    async def replay(port: int, since: int, epoch: str = "") -> tuple[str, list[Any]]:
+        async with connect(url.format(port, since, epoch and f"&epoch={epoch}")) as ws:
+            hello = await recv_json(ws)
+            got = [await recv_json(ws)]
+            while got[-1]["type"] != "stream.ended":
+                got.append(await recv_json(ws))
+        return hello["epoch"], [m["seq"] if m["type"] == "caption" else m for m in got[:-1]]
+
+    one, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        await ingest(server.port, "talk", {"sample_rate": 16000}, one.astype("<i2").tobytes())
+        before, seqs = await replay(server.port, 0)
+    held = seqs[-1]
+    three, _ = speech_with_pauses([*SENTENCES, SENTENCES[0]], pause_s=1.0)
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        await ingest(server.port, "talk", {"sample_rate": 16000}, three.astype("<i2").tobytes())
+        now, new = await replay(server.port, 0)
+        assert now != before and new[-1] > held, "the new run passed the held seq"
+        assert (await replay(server.port, held, before))[1] == [
+            {"type": "gap", "stream": "talk", "from": held + 1, "to": None}, *new]
+        # Of this numbering: the resume it always was.
+        assert (await replay(server.port, held, now))[1] == [n for n in new if n > held]
+        async with connect(url.format(server.port, held, "&epoch=a&epoch=b")) as ws:
+            refused = await recv_json(ws)
+            await ws.wait_closed()
+        assert (refused["type"], refused["code"], ws.close_code) == ("error", "bad_query", 1008)
+
+
 async def test_ingest_chooses_an_adapter_per_stream() -> None:
     cfg = config()
     backend = AdapterScriptedBackend(words_so_far)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import jsonschema
 import pytest
@@ -29,6 +30,8 @@ from evoxtral_stream.server.protocol import (
     encode_event,
     encode_hello,
     encode_message,
+    new_epoch,
+    parse_epoch,
     parse_ingest_message,
 )
 from tests.docs_schema import validate_message
@@ -55,12 +58,45 @@ def test_events_match_the_documented_schema(event: EngineEvent) -> None:
 
 
 def test_hello_and_errors_match_the_schema() -> None:
-    hello = validate_message(encode_hello("whisper", ["mic"], ["captions"], ["en"]))
+    hello = validate_message(encode_hello("whisper", ["mic"], ["captions"], ["en"],
+                                          epoch=new_epoch()))
     assert hello["v"] == 1
     assert (hello["languages"], hello["adapters"]) == (["en"], [])
-    hello = validate_message(encode_hello("voxtral", [], [], ["en", "auto", "fr"], ["default"]))
+    hello = validate_message(encode_hello("voxtral", [], [], ["en", "auto", "fr"], ["default"],
+                                          epoch="e"))
     assert (hello["languages"], hello["adapters"]) == (["en", "auto", "fr"], ["default"])
     validate_message(encode_error("unexpected_message", "no", None))
+
+
+def test_epochs_are_fresh_and_a_query_names_at_most_one_well_formed() -> None:
+    assert len({new_epoch() for _ in range(100)}) == 100
+    assert parse_epoch([]) is None
+    assert parse_epoch(["3f9c0a51d2e87b46"]) == "3f9c0a51d2e87b46"
+    assert parse_epoch(["A_b-9"]) == "A_b-9"
+    for values, why in ((["a", "b"], "more than once"), ([""], "got ''"),
+                        (["x" * 65], "1 to 64"), (["ab:c"], "'ab:c'"), (["é"], "'é'")):
+        with pytest.raises(ProtocolError, match=why) as err:
+            parse_epoch(values)
+        assert err.value.code == "bad_query"
+
+
+def test_a_resume_of_another_numbering_replays_all_there_is_after_a_gap() -> None:
+    """Seqs of another epoch are not compared with this one's: a since the new
+    numbering has passed (7 < 9) would otherwise skip captions 1 to 7."""
+    b = Broadcaster(8, encode_event, history=20)
+    for seq in range(1, 10):
+        b.publish(CaptionEvent(**{**CAPTION.__dict__, "seq": seq, "final": True}))
+
+    def replay(since: dict[str, int], renumbered: bool) -> list[Any]:
+        backlog = b.subscribe(None, since, renumbered=renumbered).backlog
+        return [m["seq"] if m["type"] == "caption" else (m["stream"], m["from"], m["to"])
+                for m in map(validate_message, backlog)]
+
+    assert replay({"mic": 7}, renumbered=False) == [8, 9]
+    assert replay({"mic": 7}, renumbered=True) == [("mic", 8, None), *range(1, 10)]
+    # Seq 0 had seen nothing to forget; an unknown stream has nothing to replay.
+    assert replay({"mic": 0}, renumbered=True) == list(range(1, 10))
+    assert replay({"other": 3}, renumbered=True) == [("other", 4, None)]
 
 
 def test_gap_messages_match_the_schema() -> None:

@@ -25,7 +25,9 @@ run the engine also remembers the last ``seq`` of the :data:`SEQ_REMEMBERED`
 streams that ended most recently, journal or not: a stream id used again (a
 client reconnecting under its id) goes on numbering, so subscribers that
 drop what they have seen drop nothing new. Without the journal a restart
-starts every stream at 1 again.
+starts every stream at 1 again, under a new :attr:`Engine.epoch` (the
+numbering's id, which subscribers echo when they resume), so a seq of the
+earlier run is never taken for one of this run.
 
 Fault recovery: the worker restarts itself when its thread dies (see
 :mod:`.worker`); ``backend_factory`` lets it reload the model then. A model
@@ -69,6 +71,7 @@ from ..events import (
     StreamStarted,
     stream_id_problem,
 )
+from ..server.protocol import new_epoch
 from ..text.merger import Merger
 from .backends.base import AdapterBackend, Backend, Multilingual
 from .journal import Journal
@@ -309,6 +312,7 @@ class Engine:
         self.now = clock
         self._backend_factory = backend_factory
         self._journal: Journal | None = None
+        self._epoch = new_epoch()
         self._journal_failures = 0
         self._sync_handle: asyncio.TimerHandle | None = None
         self._prune_handle: asyncio.TimerHandle | None = None
@@ -351,6 +355,7 @@ class Engine:
             journal = Journal(self.config.journal, clock=self.now)
             restored = await asyncio.to_thread(journal.restore)
             self._journal = journal
+            self._epoch = journal.epoch
             log.info("journal %s: %d stream(s) restored", self.config.journal.dir,
                      len(restored))
             self._schedule_prune()
@@ -422,6 +427,13 @@ class Engine:
         self._sync_handle = self._prune_handle = self._watch_handle = None
         if self._journal is not None:
             self._journal.close()
+
+    @property
+    def epoch(self) -> str:
+        """The id of this engine's seq numbering: the journal's (kept across
+        restarts, as the numbering is) when there is one, else new with every
+        engine, whose streams number from 1 again. Final once started."""
+        return self._epoch
 
     @property
     def journal(self) -> Journal | None:

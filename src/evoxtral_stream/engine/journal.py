@@ -120,10 +120,11 @@ from urllib.parse import quote, unquote
 
 from ..config import JournalConfig
 from ..events import CaptionEvent, StreamEnded
-from ..server.protocol import encode_event
+from ..server.protocol import encode_event, new_epoch, parse_epoch
 
 __all__ = [
     "CLOCK_SLACK_S",
+    "EPOCH_FILE",
     "PRUNED_REMEMBERED",
     "SEQ_RESERVE_BLOCK",
     "EndRecord",
@@ -162,6 +163,10 @@ recently pruned); a stream beyond that re-opens at seq 1, as after a restart."""
 SEQ_RESERVE_BLOCK = 64
 """How many seqs past the one about to be sent a reservation covers: one
 reservation line per this many captions; a restart may skip up to this many."""
+
+EPOCH_FILE = "epoch"
+"""The file in the journal folder that holds the folder's epoch (the id of
+its seq numbering, sent in the hello); it never parses as a journal file."""
 
 _RESERVED = "seq.reserved"
 _ENDED = "stream.ended"
@@ -426,6 +431,10 @@ class Journal:
         self.appended = 0
         self.pruned = 0
         """Streams whose files were deleted after ``retention_s``."""
+        self.epoch = ""
+        """The folder's epoch, set by :meth:`restore`: made once, with the
+        folder, and kept in :data:`EPOCH_FILE`, since the numbering it names
+        goes on across restarts."""
 
     # --- start and stop --------------------------------------------------------
 
@@ -434,6 +443,7 @@ class Journal:
         return each remaining journaled stream's last seq: the highest of its
         journaled finals and seq reservations."""
         self._dir.mkdir(parents=True, exist_ok=True)
+        self.epoch = self._load_epoch()
         self.prune()
         for stream, paths in self._files().items():
             last = reserved = 0
@@ -451,6 +461,33 @@ class Journal:
             if reserved:
                 self._reserved[stream] = reserved
         return dict(self._last_seq)
+
+    def _load_epoch(self) -> str:
+        """The folder's epoch; a new one (written durably before any seq is
+        given under it) if the folder has none or its file is damaged."""
+        path = self._dir / EPOCH_FILE
+        try:
+            text = path.read_text(encoding="ascii", errors="replace").strip()
+        except FileNotFoundError:
+            text = None
+        if text is not None:
+            try:
+                epoch = parse_epoch([text])
+            except ValueError:
+                log.warning("journal: %s is damaged (%r); starting a new epoch: resuming "
+                            "subscribers get a gap and replay from seq 0", path, text[:80])
+            else:
+                assert epoch is not None
+                return epoch
+        epoch = new_epoch()
+        part = path.with_name(EPOCH_FILE + ".part")
+        with open(part, "w", encoding="ascii") as f:
+            f.write(epoch + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(part, path)
+        self._sync_dir()
+        return epoch
 
     def last_seq(self, stream: str) -> int:
         """The last seq of ``stream``: the highest given in this process (as

@@ -4,9 +4,11 @@ Routes (see docs/protocol.md):
 - ``GET /healthz``: plain HTTP 200 ``ok`` while the server runs, 503
   ``model stalled`` while the model thread is stuck (``worker.stall_timeout_s``)
   and ``model down`` once the worker gave up (``worker.restart_limit``).
-- ``/v1/captions[?stream=ID[,ID...]][&since=SEQ | &since=ID:SEQ,...]``:
-  a hello, the captions retained after ``since`` (or a ``gap``), then every
-  caption and lifecycle event of the chosen streams (all when none is named).
+- ``/v1/captions[?stream=ID[,ID...]][&since=SEQ | &since=ID:SEQ,...][&epoch=E]``:
+  a hello, the captions retained after ``since`` (or a ``gap``; all retained
+  ones after a gap when ``epoch``, the hello's epoch the seqs came under, is
+  not the server's), then every caption and lifecycle event of the chosen
+  streams (all when none is named).
 - ``/v1/ingest?stream=ID``: a ``config`` message, then binary audio (and
   ``lost`` messages, filled with silence); the stream's own events come back
   on the same connection, and ``ingest.progress`` acknowledgements of the
@@ -85,6 +87,7 @@ from .protocol import (
     encode_event,
     encode_hello,
     encode_message,
+    parse_epoch,
     parse_ingest_message,
     parse_since,
 )
@@ -450,6 +453,7 @@ class CaptionServer:
         names = _requested_streams(_CAPTIONS, query)
         try:
             since = parse_since(query.get("since", []), names)
+            epoch = parse_epoch(query.get("epoch", []))
         except ProtocolError as e:
             await self._refuse(ws, e.code, str(e))
             return
@@ -459,9 +463,10 @@ class CaptionServer:
                                f"token {grant.token.name or '(unnamed)'} already has "
                                f"{grant.token.max_subscribers} subscribers (its max_subscribers)")
             return
-        sub = self.broadcaster.subscribe(names or None, since)
+        engine = self._engine
+        sub = self.broadcaster.subscribe(
+            names or None, since, renumbered=epoch is not None and epoch != engine.epoch)
         try:
-            engine = self._engine
             default = engine.config.model.language
             # Only the streams asked for: a token limited to some streams
             # does not learn the names of the others.
@@ -469,7 +474,7 @@ class CaptionServer:
             await ws.send(encode_hello(
                 engine.backend.name, open_now, _CAPABILITIES,
                 [default, *(code for code in engine.languages if code != default)],
-                engine.adapter_names))
+                engine.adapter_names, epoch=engine.epoch))
             await self._relay(ws, sub, self._ignore_incoming(ws))
         finally:
             self.broadcaster.unsubscribe(sub)

@@ -15,7 +15,11 @@ an explicit ``gap`` message, never skipped silently. A ``gap`` whose ``to``
 is None says the server cannot relate the client's seq to its own (it has
 no history of the stream, or the seq is past any it gave the stream: it
 restarted without the journal); the client should forget the seq it had,
-since what follows may be numbered anew.
+since what follows may be numbered anew. A resume whose seqs come from
+another numbering (``renumbered``: the client's epoch is not the server's)
+gets that gap for every stream it names with a seq above 0, then each such
+stream's replay from seq 0: a seq of an earlier run is never compared with
+this run's seqs, where it could silently skip this run's first captions.
 
 Journal-backed resume: given a ``source`` (the engine's journal), a resume
 whose ``since`` reaches before the retained history (after an engine restart
@@ -129,11 +133,19 @@ class Broadcaster:
         self,
         streams: Iterable[str] | None = None,
         since: Mapping[str, int] | None = None,
+        *,
+        renumbered: bool = False,
     ) -> Subscription:
-        """Subscribe to ``streams`` (None: all); replay captions after ``since``."""
+        """Subscribe to ``streams`` (None: all); replay captions after
+        ``since``, or all retained ones after a ``gap`` when ``renumbered``
+        (``since`` holds seqs of another numbering)."""
         backlog: list[str] = []
         for stream, seq in (since or {}).items():
-            backlog += self._replay(stream, seq)
+            if renumbered:
+                backlog += [self._gap(stream, seq + 1, None)] if seq > 0 else []
+                backlog += self._replay(stream, 0)
+            else:
+                backlog += self._replay(stream, seq)
         sub = Subscription(None if streams is None else frozenset(streams), self._queue_size,
                            backlog)
         self._subs.add(sub)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import enum
 import json
 import math
+import re
+import secrets
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -49,6 +51,8 @@ __all__ = [
     "encode_hello",
     "encode_message",
     "event_to_dict",
+    "new_epoch",
+    "parse_epoch",
     "parse_ingest_message",
     "parse_since",
     "resume_since",
@@ -114,15 +118,18 @@ def encode_event(ev: EngineEvent) -> str:
 
 
 def encode_hello(backend: str, streams: Sequence[str], capabilities: Sequence[str],
-                 languages: Sequence[str] = (), adapters: Sequence[str] = ()) -> str:
+                 languages: Sequence[str] = (), adapters: Sequence[str] = (), *,
+                 epoch: str) -> str:
     """The ``hello`` message. ``languages`` lists what an ingest stream may
     ask for, the default (``model.language``) first; ``adapters`` likewise
-    (empty: the backend cannot switch)."""
+    (empty: the backend cannot switch); ``epoch`` names the server's seq
+    numbering (see :func:`parse_epoch`)."""
     return _dumps({
         "type": "hello",
         "v": PROTOCOL_VERSION,
         "server": "evoxtral-stream",
         "version": __version__,
+        "epoch": epoch,
         "backend": backend,
         "capabilities": list(capabilities),
         "streams": list(streams),
@@ -403,6 +410,36 @@ def parse_since(values: Iterable[str], streams: Sequence[str], *,
             raise ProtocolError("bad_query",
                                 f"since=SEQ needs {streams_by} (or use STREAM:SEQ)")
     return since
+
+
+#: What an epoch may look like: the server makes them of hex digits
+#: (:func:`new_epoch`); a client echoes the one its hello gave.
+_EPOCH = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def new_epoch() -> str:
+    """A fresh epoch: 16 random hex digits."""
+    return secrets.token_hex(8)
+
+
+def parse_epoch(values: Sequence[str]) -> str | None:
+    """The ``epoch`` query parameter: the epoch of the hello that came with
+    the client's ``since`` seqs (None: not given). Raises
+    :class:`ProtocolError` (``bad_query``) for more than one, or one that no
+    server makes (1 to 64 of ``A-Z a-z 0-9 _ -``).
+
+    Seqs mean something only within one numbering: a server that restarts
+    without its journal numbers every stream from 1 again and takes a new
+    epoch, so a ``since`` from another epoch is not compared with its seqs.
+    """
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ProtocolError("bad_query", "epoch given more than once")
+    if not _EPOCH.fullmatch(values[0]):
+        raise ProtocolError("bad_query", f"epoch takes 1 to 64 of A-Z a-z 0-9 _ -, "
+                                         f"got {values[0][:80]!r}")
+    return values[0]
 
 
 #: Most bytes of ``since=`` a reconnect sends (a server refuses a request line
