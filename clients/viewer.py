@@ -9,7 +9,9 @@ Status lines (hello, stream started/ended, gaps, errors) go to stderr. When
 the connection drops, the viewer reconnects with ``since=STREAM:SEQ`` for
 every stream it has seen, so no final is lost (or a ``gap`` says which were):
 the live ones first, then those that ended, the latest first, as many as fit
-in a URL a server takes (:func:`~evoxtral_stream.server.protocol.resume_since`).
+in a URL a server takes (:func:`~evoxtral_stream.server.protocol.resume_since`),
+and ``epoch=`` from the last hello, so a server restarted without its journal
+replays its new numbering from the start instead of after the old seq.
 A server with access tokens gets ``--token`` (default ``$EVOXTRAL_TOKEN``) as
 ``Authorization: Bearer``; a refused token ends the viewer with one line.
 
@@ -291,13 +293,17 @@ def parse_since(value: str | None, streams: Sequence[str]) -> dict[str, int]:
     return parse_since_values([value or ""], streams, streams_by="--stream")
 
 
-def captions_url(base: str, streams: Sequence[str], since: Mapping[str, int]) -> str:
-    """The ``/v1/captions`` URL for ``streams`` (all when empty), resuming after ``since``."""
+def captions_url(base: str, streams: Sequence[str], since: Mapping[str, int],
+                 epoch: str | None = None) -> str:
+    """The ``/v1/captions`` URL for ``streams`` (all when empty), resuming after
+    ``since``, seqs of the numbering ``epoch`` names (None: unknown)."""
     query: list[tuple[str, str]] = []
     if streams:
         query.append(("stream", ",".join(streams)))
     if since:
         query.append(("since", ",".join(f"{name}:{seq}" for name, seq in since.items())))
+        if epoch is not None:
+            query.append(("epoch", epoch))
     url = endpoint(base, "/v1/captions")
     return f"{url}?{urlencode(query, safe=':,', quote_via=quote)}" if query else url
 
@@ -316,9 +322,12 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
     A stream seen before a drop that the reconnect ``hello`` no longer lists
     ended meanwhile. The resume's replay ends with its ``stream.ended`` while
     the server retains the stream; else it is reported as ended once the
-    replay is over (no message for a second).
+    replay is over (no message for a second). A reconnect sends the last
+    hello's ``epoch`` with its seqs; a hello of another epoch (a restart
+    without the journal) sets every seq held to 0.
     """
     seen = dict(since)        # stream -> last seq, for since=, the latest active last
+    epoch: str | None = None  # the numbering those seqs are of (the last hello's)
     known: set[str] = set()   # streams seen started or captioned
     ended: set[str] = set()
     connects = 0
@@ -334,7 +343,7 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
             writer.status(f"resuming {len(resume)} streams; {len(left)} live ones "
                           f"({left[0]}, ...) get live captions only: the URL would be "
                           "too long")
-        url = captions_url(base, streams, resume)
+        url = captions_url(base, streams, resume, epoch)
         try:
             async with connect(url, open_timeout=10, max_size=2**24,
                                additional_headers=auth_headers(token)) as ws:
@@ -367,6 +376,13 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
                             return 1
                         if connects > 1:
                             away = known - ended - set(map(str, event.get("streams") or []))
+                        if isinstance(event.get("epoch"), str):
+                            if epoch is not None and event["epoch"] != epoch:
+                                # A new numbering (a restart without the
+                                # journal): no seq held means anything now,
+                                # those left out of the URL included.
+                                seen = dict.fromkeys(seen, 0)
+                            epoch = event["epoch"]
                     elif kind == "caption" and isinstance(event.get("seq"), int):
                         seen[name] = max(seen.pop(name, 0), event["seq"])
                         known.add(name)

@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import re
+import socket
 import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -206,6 +207,10 @@ def test_urls_and_since() -> None:
     assert captions_url("ws://h:1", [], {}) == "ws://h:1/v1/captions"
     assert captions_url("ws://h:1", ["a b", "c"], {"a b": 3}) == \
         "ws://h:1/v1/captions?stream=a%20b,c&since=a%20b:3"
+    # The epoch goes with the seqs, and only with them.
+    assert captions_url("ws://h:1", [], {"a": 3}, "e1") == \
+        "ws://h:1/v1/captions?since=a:3&epoch=e1"
+    assert captions_url("ws://h:1", ["a"], {}, "e1") == "ws://h:1/v1/captions?stream=a"
 
 
 # --- the script against a real server -------------------------------------------------
@@ -421,6 +426,47 @@ async def test_exit_on_end_after_a_restart_replays_the_journal_and_exits(
         lines, err = await finish(proc)
     assert lines == printed[3:] and len(lines) == 2
     assert [x for x in err.splitlines() if "ended" in x] == ["■ talk ended: 2 finals, 4.0 s"]
+
+
+async def test_a_restart_without_the_journal_that_passed_the_held_seq_loses_nothing(
+        ) -> None:
+    """The viewer held seq 1 of talk when the server restarted without its
+    journal; by the time it reconnects the new run has numbered 1 to 3 and
+    ended. Its resume carries the first run's epoch, so the server replays
+    the new run from seq 1; a bare since=talk:1 would skip the new seq 1."""
+    cfg = load_config(env={}, overrides={"server.port": 0, "stream.partial_interval_ms": 0})
+    out, err = io.StringIO(), io.StringIO()
+    writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
+    second: list[str] = []
+    with socket.socket() as s:  # a port nobody listens on, while neither run is up
+        s.bind(("127.0.0.1", 0))
+        nowhere = s.getsockname()[1]
+    async with Engine(cfg, ScriptedBackend(tagged)) as engine, \
+            CaptionServer(engine, cfg.server) as server, Relay(server.port) as relay:
+        viewing = asyncio.ensure_future(watch(
+            f"ws://127.0.0.1:{relay.port}", ["talk"], {}, writer, exit_on_end=True,
+            max_retry_s=0.2))
+        stream = engine.open_stream("talk", source="test")  # open until after the drop
+        audio = buzzes(1)
+        for i in range(0, len(audio), 1600):
+            stream.push(audio[i:i + 1600])
+            await stream.wait_idle()
+        async with asyncio.timeout(20):
+            while not out.getvalue():
+                await asyncio.sleep(0.02)
+        relay.target = nowhere
+        relay.drop()  # the viewer is away before this run closes its stream
+        async with Engine(cfg, ScriptedBackend(tagged)) as engine2, \
+                CaptionServer(engine2, cfg.server) as server2:
+            engine2.add_listener(lambda e: second.append(e.text) if isinstance(
+                e, CaptionEvent) and e.final else None)
+            await feed_samples(engine2.open_stream("talk", source="test"), buzzes(3), 1600,
+                               realtime=False)
+            relay.target = server2.port
+            assert await asyncio.wait_for(viewing, 20) == 0, err.getvalue()
+    assert len(second) == 3
+    assert _texts(out)[1:] == second, err.getvalue()
+    assert "captions 2–… are no longer retained" in err.getvalue()
 
 
 # --- access tokens ---------------------------------------------------------------------
