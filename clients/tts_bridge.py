@@ -48,10 +48,12 @@ the server's per-subscriber queue fills instead. If the bridge falls
 ``server.subscriber_queue`` messages behind, the server disconnects it
 (close 1013). The bridge then reconnects with ``since=STREAM:SEQ`` (the last
 seq it read of each stream, as many as fit in 4 KB:
-:func:`~evoxtral_stream.server.protocol.resume_since`) and the server
-replays what it retained, so nothing is lost unless the bridge fell more
-than ``server.history`` captions behind; then the server's ``gap`` message
-is logged as a warning (the missing finals cannot be recovered). Captions
+:func:`~evoxtral_stream.server.protocol.resume_since`, and ``epoch=`` from
+the last hello, so a server restarted without its journal replays its new
+numbering from seq 1) and the server replays what it retained, so nothing
+is lost unless the bridge fell more than ``server.history`` captions
+behind; then the server's ``gap`` message is logged as a warning (the
+missing finals cannot be recovered). Captions
 at or below a seq already read are ignored, so a replay never synthesises
 twice.
 
@@ -231,16 +233,22 @@ def parse_since(value: str, streams: Sequence[str]) -> dict[str, int]:
     return parse_since_values([value or ""], streams, streams_by="--stream")
 
 
-def caption_url(url: str, streams: Sequence[str], since: Mapping[str, int]) -> str:
-    """``url`` (path ``/v1/captions`` when it has none) with ``stream=`` and
-    ``since=`` set from the arguments; other query parameters are kept."""
+def caption_url(url: str, streams: Sequence[str], since: Mapping[str, int],
+                epoch: str | None = None) -> str:
+    """``url`` (path ``/v1/captions`` when it has none) with ``stream=``,
+    ``since=`` and, with a ``since``, ``epoch=`` (the numbering its seqs are
+    of; None: unknown) set from the arguments; other query parameters are
+    kept."""
     parts = urlsplit(url)
     path = parts.path if parts.path not in ("", "/") else "/v1/captions"
-    query = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("stream", "since")]
+    query = [(k, v) for k, v in parse_qsl(parts.query)
+             if k not in ("stream", "since", "epoch")]
     if streams:
         query.append(("stream", ",".join(streams)))
     if since:
         query.append(("since", ",".join(f"{s}:{n}" for s, n in sorted(since.items()))))
+        if epoch is not None:
+            query.append(("epoch", epoch))
     return urlunsplit((parts.scheme, parts.netloc, path, urlencode(query, safe=",:"), ""))
 
 
@@ -320,6 +328,7 @@ class TtsBridge:
         self.written: list[Path] = []
         self._queue: asyncio.Queue[Final | None] = asyncio.Queue(cfg.queue_size)
         self._last_seq: dict[str, int] = dict(cfg.since)
+        self._epoch: str | None = None  # the numbering of those seqs (the last hello's)
         # Per stream: the segment of its last final and its session (module doc).
         self._last_segment: dict[str, int] = {}
         self._session: dict[str, int] = {}
@@ -391,7 +400,7 @@ class TtsBridge:
                 log.warning("resuming %d streams; %d live ones (%s, ...) get live captions "
                             "only: the URL would be too long", len(since), len(left_out),
                             left_out[0])
-            url = caption_url(self.cfg.url, self.cfg.streams, since)
+            url = caption_url(self.cfg.url, self.cfg.streams, since, self._epoch)
             conn: ClientConnection | None = None
             try:
                 async with connect(url, open_timeout=10, close_timeout=2,
@@ -443,6 +452,15 @@ class TtsBridge:
                               f"this bridge v{PROTOCOL_VERSION}")
         if not self.cfg.streams:
             self._seen.update(s for s in hello.get("streams", ()) if isinstance(s, str))
+        epoch = hello.get("epoch")
+        if isinstance(epoch, str):
+            if self._epoch is not None and epoch != self._epoch:
+                # A new numbering (a restart without the journal): no seq
+                # read means anything now, those left out of the URL included.
+                log.warning("the server numbers captions anew (epoch %s, was %s): taking "
+                            "every stream's captions from seq 0", epoch, self._epoch)
+                self._last_seq = dict.fromkeys(self._last_seq, 0)
+            self._epoch = epoch
 
     async def _on_message(self, raw: str | bytes) -> bool:
         """Handle one server message; True when the bridge should stop reading."""

@@ -229,6 +229,9 @@ def test_names_urls_and_since() -> None:
     assert extension_for("opus_48000_64") == "opus"
     with pytest.raises(ValueError, match="output format"):
         extension_for("../x")
+    assert caption_url("ws://h/v1/captions?epoch=old&x=1", ["a"], {"a": 4}, "e2") == \
+        "ws://h/v1/captions?x=1&stream=a&since=a:4&epoch=e2"
+    assert caption_url("ws://h", ["a"], {}, "e2") == "ws://h/v1/captions?stream=a"
     assert parse_since("41", ["a", "b"]) == {"a": 41, "b": 41}
     assert parse_since("a:4,b:7", []) == {"a": 4, "b": 7}
     with pytest.raises(ValueError, match="--stream"):
@@ -927,6 +930,37 @@ async def test_a_stream_id_used_again_and_a_restarted_server_lose_no_final(
                            "talk+3-00000.txt"]
     assert paths[1].endswith("since=talk:3")
     assert bridge.resume_points == {"talk": 1}
+
+
+async def test_a_restart_without_the_journal_that_passed_the_held_seq_loses_no_final(
+        tmp_path: Path) -> None:
+    """The bridge read seq 1 of talk; the server restarted without its journal
+    and numbered 1 to 3 before the bridge got back. The resume carries the
+    first run's epoch, so all three are spoken; a bare since=talk:1 would
+    replay 2 and 3 only, and as the first run's session at that."""
+    port = _unused_port()
+    cfg = _config(**{"server.port": port})
+    synth = GatedSynth()
+    synth.gate.set()
+    bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{port}",
+                                    streams=("talk",), exit_on_end=True,
+                                    reconnect_min_s=0.05, reconnect_max_s=0.2), synth)
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        task = asyncio.ensure_future(bridge.run())
+        await _subscribed(server)
+        publish_finals(server, "talk", ["one"], ended=False)
+        async with asyncio.timeout(20):
+            while not synth.names:
+                await asyncio.sleep(0.01)
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        publish_finals(server, "talk", ["new one", "new two", "new three"])
+        stats = await asyncio.wait_for(task, 20)
+    assert synth.names == ["talk-00000.txt", "talk+2-00000.txt", "talk+2-00001.txt",
+                           "talk+2-00002.txt"]
+    assert stats.written == 4 and stats.gaps == 1
+    assert bridge.resume_points == {"talk": 3}
 
 
 async def test_a_link_lost_right_after_a_gap_with_no_end_resumes_from_0(
