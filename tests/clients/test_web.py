@@ -46,7 +46,7 @@ from tests.clients.conftest import (
 )
 from tests.fakes import LanguageScriptedBackend, ScriptedBackend, words_so_far
 from tests.helpers.events import EndedStreams
-from tests.helpers.http import StallingRelay, free_port
+from tests.helpers.http import Relay, StallingRelay, free_port
 from tests.speech import have_espeak, speech_with_pauses
 from tests.text_norm import loose_wer
 
@@ -232,7 +232,7 @@ async def test_page_resumes_with_since_after_a_drop(
         await page.wait_for("evoxtral.connects === 2 && "
                             f"{LINE.format(s='talk', n=1)}[0]?.classList.contains('final')")
         url = await page.evaluate("evoxtral.url")
-        assert url.endswith(f"/v1/captions?since=talk:{seen}")
+        assert url.endswith(f"/v1/captions?since=talk:{seen}&epoch={engine.epoch}")
         finals = [m for m in messages if m["type"] == "caption" and m["final"]]
         assert await page.evaluate(
             "[...document.querySelectorAll('#finals .line.final')]"
@@ -906,6 +906,42 @@ async def test_a_link_lost_right_after_a_gap_with_no_end_resumes_from_0(
             assert paths[2] == "/v1/captions?since=talk:0"
             await page.wait_for(f"{finals}.length === 2")
             assert await page.evaluate(finals) == ["before", "after"]
+            assert page.errors == []
+        finally:
+            await page.close()
+
+
+async def test_a_restart_without_the_journal_that_passed_the_held_seq_loses_no_final(
+        browser: Browser) -> None:
+    """The page held seq 1 of talk when the server restarted without its
+    journal; the new run numbered 1 to 3 before the page got back. Its resume
+    carries the first run's epoch, so the server replays the new run from
+    seq 1; with a bare since=talk:1 the page missed the new seq 1."""
+    cfg = config()
+    finals = FINALS.format(s="talk")
+    nowhere = free_port()
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server, Relay(server.port) as relay:
+        page = await Page.open(browser, f"http://127.0.0.1:{relay.port}/")
+        try:
+            await page.wait_for(f"{STATUS} === 'live'")
+            publish_finals(server, "talk", ["before"], ended=False)
+            await page.wait_for(f"{finals}.length === 1")
+            before = await page.evaluate("evoxtral.epoch")
+            relay.target = nowhere
+            relay.drop()
+            await page.wait_for(f"{STATUS} !== 'live'")
+            async with Engine(cfg, ScriptedBackend()) as engine2, \
+                    CaptionServer(engine2, cfg.server) as server2:
+                publish_finals(server2, "talk", ["new one", "new two", "new three"])
+                relay.target = server2.port
+                await page.wait_for(f"{finals}.length === 4")
+                assert await page.evaluate(finals) == ["before", "new one", "new two",
+                                                       "new three"]
+                url = await page.evaluate("evoxtral.url")
+                assert url.endswith(f"/v1/captions?since=talk:1&epoch={before}")
+                assert await page.evaluate("evoxtral.epoch") == engine2.epoch != before
+                assert await page.evaluate("evoxtral.lastSeq.get('talk')") == 3
             assert page.errors == []
         finally:
             await page.close()

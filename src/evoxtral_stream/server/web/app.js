@@ -6,8 +6,9 @@
 // one line: partials rewrite it in #partials, the final moves it into
 // #finals (the aria-live log). On a disconnect the page reconnects with
 // since=STREAM:SEQ for every stream it has seen (as many as a URL can hold:
-// resumeSince), so no final is lost, and
-// drops events it already has (seq <= last seen). The microphone button
+// resumeSince), with epoch= from the last hello (a server restarted without
+// its journal then replays its new numbering from seq 1), so no final is
+// lost, and drops events it already has (seq <= last seen). The microphone button
 // streams PCM16 from an AudioWorklet to /v1/ingest?stream=browser-XXXX (or
 // the page's ?mic=ID, for a token limited to some streams), in the language
 // picked beside it (offered when the server's hello lists more than one).
@@ -67,6 +68,7 @@ const params = new URLSearchParams(location.search);
 // Exposed for the browser console and the end-to-end tests.
 const state = window.evoxtral = {
   lastSeq: new Map(),   // stream -> highest seq the subscription delivered (resume point)
+  epoch: null,          // the numbering those seqs are of (the last hello's)
   ahead: new Map(),     // stream -> Set of seqs above lastSeq shown from the microphone socket
   streams: new Map(),   // stream -> {ended, option}: the picker's entries
   lines: new Map(),     // "stream\u0000segment" -> <p class="line">
@@ -355,6 +357,15 @@ function handle(msg, viaMic = false) {
         return;
       }
       ui.backend.textContent = `${msg.server} ${msg.version} · ${msg.backend}`;
+      if (typeof msg.epoch === "string") {
+        if (state.epoch !== null && msg.epoch !== state.epoch) {
+          // A new numbering (a restart without the journal): no seq we hold
+          // means anything now, those left out of the URL included. The
+          // streams in it also get a gap with no end (handled below).
+          for (const name of state.lastSeq.keys()) state.lastSeq.set(name, 0);
+        }
+        state.epoch = msg.epoch;
+      }
       showLanguages(msg.languages || []);
       for (const name of msg.streams) {
         if (subscribed(name)) addStream(name);
@@ -451,6 +462,7 @@ function connect() {
   const query = [];
   if (state.only.length) query.push(`stream=${state.only.map(encodeURIComponent).join(",")}`);
   if (since) query.push(`since=${since}`);
+  if (since && state.epoch !== null) query.push(`epoch=${encodeURIComponent(state.epoch)}`);
   const path = `v1/captions${query.length ? `?${query.join("&")}` : ""}`;
   state.url = wsUrl(path);
   const ws = new WebSocket(state.url, protocols());
