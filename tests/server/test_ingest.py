@@ -7,6 +7,7 @@ import contextlib
 import json
 import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -261,6 +262,40 @@ async def test_oversized_frame_is_refused_with_1009() -> None:
         with pytest.raises(ConnectionClosed):
             await ws.recv()
         assert ws.close_code == 1009
+
+
+async def test_an_unnamed_stream_never_takes_an_id_open_or_numbered_before(
+        tmp_path: Path) -> None:
+    """The server names an unnamed ingest stream ingest-N. Not one a client
+    holds open by name (it was refused as busy), nor one numbered before,
+    here or in the journal (its captions would continue that stream's: after
+    a restart the count starts at 1 again)."""
+    cfg = config(**{"journal.enabled": True, "journal.dir": str(tmp_path / "j")})
+    pcm = speech_with_pauses(SENTENCES[:1], pause_s=1.0)[0].astype("<i2").tobytes()
+    url = "ws://127.0.0.1:{}/v1/ingest{}"
+
+    async def unnamed(port: int, audio: bytes = b"") -> str:
+        async with connect(url.format(port, "")) as ws:
+            await ws.send(json.dumps({"type": "config", "sample_rate": 16000}))
+            ready = await recv_json(ws)
+            assert ready["type"] == "ingest.ready", ready
+            await send_audio(ws, audio)
+            await ws.send(json.dumps({"type": "end"}))
+            await until_closed(ws)
+        return str(ready["stream"])
+
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        assert await unnamed(server.port, pcm) == "ingest-1"
+        assert engine.last_seq("ingest-1") > 0
+        async with connect(url.format(server.port, "?stream=ingest-2")) as held:
+            await held.send(json.dumps({"type": "config", "sample_rate": 16000}))
+            assert (await recv_json(held))["stream"] == "ingest-2"
+            assert await unnamed(server.port) == "ingest-3"
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        # ingest-1 is journaled; ingest-2 and -3 never had a caption.
+        assert await unnamed(server.port) == "ingest-2"
 
 
 async def test_resume_after_disconnect_loses_no_final(

@@ -162,8 +162,7 @@ class Stream:
             stream_id, final_replaces_stable=engine.config.stream.final_replaces_stable)
         # The merger numbers from 1; a stream id journaled before continues
         # after its last seq (see the module doc).
-        self.seq_base = max(engine._journal.last_seq(stream_id) if engine._journal else 0,
-                            engine._ended_seq.get(stream_id, 0))
+        self.seq_base = engine.last_seq(stream_id)
         self.last_seq = self.seq_base
         """The seq of the stream's latest caption event (its base before any)."""
         self._idle = asyncio.Event()
@@ -532,6 +531,16 @@ class Engine:
     @property
     def streams(self) -> dict[str, Stream]:
         return dict(self._streams)
+
+    def last_seq(self, stream_id: str) -> int:
+        """The last seq given under ``stream_id``: by its open stream, else as
+        remembered of this run (:data:`SEQ_REMEMBERED` ended streams) or
+        journaled; 0 if none. A stream opened under the id numbers after it."""
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            return stream.last_seq
+        return max(self._journal.last_seq(stream_id) if self._journal else 0,
+                   self._ended_seq.get(stream_id, 0))
 
     def stats(self) -> EngineStats:
         assert self._worker is not None

@@ -530,9 +530,22 @@ class CaptionServer:
 
     # --- /v1/ingest ----------------------------------------------------------
 
+    def _unnamed_stream_id(self) -> str:
+        """``ingest-N`` for a client that names no stream: the next N whose id
+        is not open, not being opened and never numbered (in this run or in
+        the journal), so the client's captions never continue another
+        stream's (a client that named its stream ``ingest-1``, or the
+        unnamed streams of a run before a restart)."""
+        engine = self._engine
+        while True:
+            name = f"ingest-{next(self._ingest_ids)}"
+            if not (name in engine.streams or self._slots.reserved(name)
+                    or engine.last_seq(name)):
+                return name
+
     async def _ingest(self, ws: ServerConnection, query: dict[str, list[str]],
                       grant: Grant) -> None:
-        stream_id = (query.get("stream") or [f"ingest-{next(self._ingest_ids)}"])[0]
+        stream_id = (query.get("stream") or [self._unnamed_stream_id()])[0]
         problem = stream_id_problem(stream_id)
         if problem is not None:
             await self._refuse(ws, "bad_query", problem)
