@@ -336,7 +336,7 @@ def test_subtitles_go_into_a_fifo_in_place_and_through_a_link_to_its_file(
     a symbolic link replaces the file the link names, keeping the link: the
     .part file beside the target, renamed onto it at the end, replaced the
     FIFO with a regular file (the reader got nothing) and the link with a
-    file."""
+    file. The file replaced keeps its permissions."""
     import threading
 
     from tests.speech import speak
@@ -352,6 +352,7 @@ def test_subtitles_go_into_a_fifo_in_place_and_through_a_link_to_its_file(
     real = tmp_path / "store" / "a.vtt"
     real.parent.mkdir()
     real.write_text("old")
+    real.chmod(0o640)  # what the rename used to reset (to 0644 under the usual umask)
     link = tmp_path / "a.vtt"
     link.symlink_to(real)
     proc = cli("transcribe", str(a), "--srt", str(fifo), "--vtt", str(link))
@@ -361,6 +362,7 @@ def test_subtitles_go_into_a_fifo_in_place_and_through_a_link_to_its_file(
     assert got and b" --> " in got[0] and b"listening" in got[0].lower()
     assert link.is_symlink() and link.resolve() == real
     assert real.read_text().startswith("WEBVTT") and "listening" in real.read_text().lower()
+    assert stat.S_IMODE(real.stat().st_mode) == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.vtt", "a.wav", "captions.srt",
                                                           "store"]
 

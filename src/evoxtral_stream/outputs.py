@@ -11,8 +11,9 @@ until then, and nothing of the run is held in memory.
 - :class:`SubtitleFiles`: each stream's SRT or WebVTT goes to ``PATH.part``
   beside its target, a cue at a time once nothing can change it
   (:class:`~.text.formats.SubtitleWriter`); when the stream ends the rest
-  is written and the file renamed to its target, which therefore only ever
-  holds a complete file: the same bytes :func:`~.text.formats.to_srt` and
+  is written and the file renamed to its target (taking the permissions of
+  the file it replaces), which therefore only ever holds a complete file:
+  the same bytes :func:`~.text.formats.to_srt` and
   :func:`~.text.formats.to_vtt` give for all the stream's finals.
 
 A failed write (a full disk) stops that file and is kept in ``error`` for
@@ -28,6 +29,7 @@ import errno
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -67,6 +69,14 @@ def _write_all(f: BinaryIO, data: bytes) -> None:
         if not n:
             raise OSError(errno.EIO, "the file took nothing")
         view = view[n:]
+
+
+def _keep_mode(part: Path, target: Path) -> None:
+    """Give ``part`` the permissions of the file it is about to replace, as
+    an editor saving it would: a rename would otherwise replace a file made
+    readable to a group (say, a web server's) with one the umask made."""
+    with contextlib.suppress(FileNotFoundError):
+        os.chmod(part, stat.S_IMODE(target.stat().st_mode))
 
 
 def _close(f: BinaryIO) -> None:
@@ -183,7 +193,9 @@ class SubtitleFiles:
         try:
             _close(f)
             if sub.part is not None:
-                os.replace(sub.part, sub.part.with_name(sub.part.name.removesuffix(".part")))
+                done = sub.part.with_name(sub.part.name.removesuffix(".part"))
+                _keep_mode(sub.part, done)
+                os.replace(sub.part, done)
         except OSError as e:
             self._fail(sub, e)
 
