@@ -392,6 +392,39 @@ async def test_broker_down_events_queue_and_flow_after_restart(
     assert pub.stats().published == 6
 
 
+async def test_a_broker_restarted_without_persistence_learns_the_live_streams_again(
+    mosquitto: MosquittoBroker,
+) -> None:
+    """A broker without persistence forgets its retained messages when it
+    restarts. A dashboard subscribing to {prefix}/+/status after that must
+    still learn which streams are live (they said so once, before the
+    restart); a stream that ended is not said to be live again."""
+    cfg = mqtt_config(mosquitto.port, "r")
+    async with MqttPublisher(cfg) as pub:
+        await connected(pub)
+        for event in (StreamStarted("live", "test"), StreamStarted("gone", "test"),
+                      StreamEnded("gone", 1.0, 0, 0), StreamStarted("again", "test"),
+                      StreamEnded("again", 1.0, 0, 0), StreamStarted("again", "test")):
+            pub(event)
+        await eventually(lambda: pub.stats().published == 6, "the six")
+        mosquitto.stop()
+        await eventually(lambda: not pub.connected, "the loss noticed while idle")
+        mosquitto.start()
+        await connected(pub)
+        async with subscriber(mosquitto.port, "r/+/status") as late:
+            await late.until(lambda got: len(got) >= 2, "the live streams' status")
+            await late.settle()
+        # Now retained on the broker (the first may have had them live).
+        async with subscriber(mosquitto.port, "r/+/status") as later:
+            got = await later.until(lambda got: len(got) >= 2, "the retained status")
+            got = await later.settle()
+    assert sorted((topic(m), body(m)["type"]) for m in late.got) == [
+        ("r/again/status", "stream.started"), ("r/live/status", "stream.started")]
+    assert sorted((topic(m), body(m)["type"], m.retain) for m in got) == [
+        ("r/again/status", "stream.started", True), ("r/live/status", "stream.started", True)]
+    assert pub.stats().published == 8  # the six, then the two again (online is not counted)
+
+
 async def test_backoff_is_bounded_and_close_does_not_hang() -> None:
     port = free_port()  # nothing listens here
     cfg = mqtt_config(port, "b", reconnect_min_s=0.02, reconnect_max_s=0.1, drain_s=0.3)

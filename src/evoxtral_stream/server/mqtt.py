@@ -264,8 +264,10 @@ class MqttPublisher:
 
     The background task connects (MQTT 5, or 3.1.1 after the broker refuses
     version 5 when ``protocol = "auto"``; that choice then sticks), publishes
-    ``online`` (retained; the will is ``offline``), then the queue in order,
-    one message at a time. On a failure it reconnects after
+    ``online`` (retained; the will is ``offline``), the retained status of
+    every stream last published as live (after a reconnect: the broker may
+    have restarted without persistence and lost it), then the queue in
+    order, one message at a time. On a failure it reconnects after
     :func:`reconnect_delay`; the queue keeps filling meanwhile. The delay
     keeps growing across connections that broke within ``_STABLE_S`` (or
     ``reconnect_max_s``) of being made. A final or
@@ -316,6 +318,10 @@ class MqttPublisher:
         # stream that ended within forget_ended_s. By level, not id: ids that
         # share one (a/b and a_b) share the retained messages too.
         self._forget: OrderedDict[str, float] = OrderedDict()
+        # Per status topic, the stream.started last published there, while no
+        # stream.ended or removal has been published after it: sent again
+        # after every reconnect (see _restate). Bounded by the live streams.
+        self._live_status: dict[str, StreamStarted] = {}
 
     # --- listener side ------------------------------------------------------
 
@@ -629,6 +635,7 @@ class MqttPublisher:
             # again. Events may still be allowed, so publish them.
             log.warning("MQTT broker refused %r on %s/status (%s); the engine's presence "
                         "is not published", ENGINE_ONLINE.decode(), self.cfg.prefix, e)
+        await self._restate(client, lost, json_props)
         ended_props = _json_props(v5, expiry_s=self.cfg.forget_ended_s)
         while not self._done_closing():
             self._queue_due_clears()
@@ -655,6 +662,11 @@ class MqttPublisher:
                 self._give_back(item)
                 raise
             self._published += 1
+            if isinstance(item.event, StreamStarted):
+                self._live_status[item.topic] = item.event
+            elif item.retain and item.topic in self._live_status:
+                # Its stream.ended, or an empty message clearing the topic.
+                del self._live_status[item.topic]
         # A clean DISCONNECT suppresses the will, so say goodbye explicitly;
         # when that fails, leave without one so the broker sends the will.
         try:
@@ -666,6 +678,25 @@ class MqttPublisher:
             _break_connection(client)
         except Exception:
             _break_connection(client)
+
+    async def _restate(self, client: aiomqtt.Client, lost: asyncio.Future[None],
+                       props: Properties | None) -> None:
+        """Publish again the retained status of every stream published as
+        live: a broker restarted without persistence has lost its retained
+        messages, and a new subscriber of ``{prefix}/+/status`` would not
+        learn of streams that went live before. A broker that kept them gets
+        the same message again (its live subscribers get that
+        ``stream.started`` once more). Runs before the queue, which holds
+        only later events."""
+        for topic, started in list(self._live_status.items()):
+            try:
+                await self._send(client, lost, topic, encode_event(started).encode(), 1, True,
+                                 props)
+            except _Refused as e:
+                self._failed += 1
+                self._log_refused(topic, e)
+                continue
+            self._published += 1
 
     def _queue_due_clears(self) -> None:
         """Queue the removal of the retained messages of streams that ended
