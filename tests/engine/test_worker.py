@@ -149,3 +149,33 @@ def test_lag_is_logged_with_the_accumulated_delay(caplog: pytest.LogCaptureFixtu
         results(out, 1)
     w.stop(5)
     assert any("2.5 s behind" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_lag_reports_say_the_peak_between_them_and_when_it_caught_up(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Reports come at most every 5 s. A spike between two of them used to be
+    unreported (the next report said only that moment's lag, or nothing once
+    under a second), so a 9 s stall looked like a 2.5 s one."""
+    backend = ScriptedBackend()
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    now = [100.0]
+    w = ModelWorker(backend, CFG, out.put, clock=lambda: now[0])
+    w.start()
+    with caplog.at_level("INFO", logger="evoxtral_stream.engine.worker"):
+        for i, (t, waited) in enumerate([(100.0, 2.5), (101.0, 9.0), (106.0, 0.2),
+                                          (107.0, 0.1), (120.0, 3.0), (126.0, 1.5)]):
+            now[0] = t
+            w.submit(req(f"s{i}", 0, 1, RequestKind.FINAL, 10, ready_at=t - waited))
+            results(out, 1)
+    w.stop(5)
+    lines = [(r.levelname, r.getMessage().split(" (")[0].split(":")[0], r.getMessage())
+             for r in caplog.records if "behind" in r.getMessage()]
+    assert [line[:2] for line in lines] == [
+        ("WARNING", "model worker is 2.5 s behind"),
+        ("INFO", "model worker caught up"),
+        ("WARNING", "model worker is 3.0 s behind"),
+        ("WARNING", "model worker is 1.5 s behind")], caplog.text
+    assert lines[1][2] == ("model worker caught up: 0.2 s behind now; "
+                           "up to 9.0 s since the last report")
+    assert "since the last report" not in lines[2][2]  # 3.0 s was the most
+    assert w.stats().max_lag_s == 9.0

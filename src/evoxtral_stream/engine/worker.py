@@ -159,6 +159,10 @@ class ModelWorker:
         self._deliver = deliver
         self._clock = clock
         self._lag_logged_at = float("-inf")
+        # The most a paced request waited since the last lag report, and
+        # whether that report was a warning (a "caught up" line is due).
+        self._lag_peak_s = 0.0
+        self._lag_warned = False
         self._inbox: queue.Queue[DecodeRequest | object] = queue.Queue(cfg.max_queue)
         self._pending: dict[tuple[str, int], DecodeRequest] = {}
         self._thread: threading.Thread | None = None
@@ -359,10 +363,13 @@ class ModelWorker:
 
     def _report_lag(self, batch: list[DecodeRequest]) -> None:
         """Log, at most every few seconds, how far behind the model thread is:
-        how long the oldest *paced* request of ``batch`` waited. Requests of
-        audio fed faster than it plays (a file transcribed as fast as the
-        model allows) wait by design, in a queue that says nothing about
-        keeping up with a live source: they are not counted."""
+        how long the oldest *paced* request of ``batch`` waited, and the most
+        any waited since the last report when that was more (a spike between
+        two reports); once the lag is back under the threshold after a
+        warning, one info line says so, with that peak. Requests of audio fed
+        faster than it plays (a file transcribed as fast as the model allows)
+        wait by design, in a queue that says nothing about keeping up with a
+        live source: they are not counted."""
         paced = [r.ready_at for r in batch if r.paced]
         if not paced:
             return
@@ -370,14 +377,26 @@ class ModelWorker:
         lag = now - min(paced)
         with self._lock:
             self._max_lag_s = max(self._max_lag_s, lag)
-        if lag >= _LAG_WARN_S and now - self._lag_logged_at >= _LAG_LOG_EVERY_S:
-            self._lag_logged_at = now
+        self._lag_peak_s = max(self._lag_peak_s, lag)
+        if now - self._lag_logged_at < _LAG_LOG_EVERY_S:
+            return
+        peak = (f"; up to {self._lag_peak_s:.1f} s since the last report"
+                if self._lag_peak_s >= lag + 0.05 else "")
+        if lag >= _LAG_WARN_S:
             thinned = any(r.kind is RequestKind.PARTIAL
                           for r in (*batch, *self._pending.values()))
             log.warning("model worker is %.1f s behind: the oldest request in this batch "
-                        "waited that long (%d more pending)%s",
-                        lag, len(self._pending) + self._inbox.qsize(),
+                        "waited that long (%d more pending)%s%s",
+                        lag, len(self._pending) + self._inbox.qsize(), peak,
                         "; partials are thinned first" if thinned else "")
+            self._lag_warned = True
+        elif self._lag_warned:
+            log.info("model worker caught up: %.1f s behind now%s", lag, peak)
+            self._lag_warned = False
+        else:
+            return
+        self._lag_logged_at = now
+        self._lag_peak_s = 0.0
 
     def _fill(self) -> bool:
         """Wait for work, then gather more for up to max_wait; False to stop."""
