@@ -138,12 +138,17 @@ def test_start_twice_is_an_error() -> None:
     w.stop(5)
 
 
-def test_lag_is_logged_with_the_accumulated_delay(caplog: pytest.LogCaptureFixture) -> None:
-    backend = ScriptedBackend()
+def clocked_worker() -> tuple[ModelWorker, queue.Queue[WorkerResult], list[float]]:
+    """A started worker on a scripted model whose clock reads ``now[0]``."""
     out: queue.Queue[WorkerResult] = queue.Queue()
     now = [100.0]
-    w = ModelWorker(backend, CFG, out.put, clock=lambda: now[0])
+    w = ModelWorker(ScriptedBackend(), CFG, out.put, clock=lambda: now[0])
     w.start()
+    return w, out, now
+
+
+def test_lag_is_logged_with_the_accumulated_delay(caplog: pytest.LogCaptureFixture) -> None:
+    w, out, _ = clocked_worker()  # at 100.0
     with caplog.at_level("WARNING", logger="evoxtral_stream.engine.worker"):
         w.submit(req("late", 0, 1, RequestKind.FINAL, 10, ready_at=97.5))
         results(out, 1)
@@ -156,11 +161,7 @@ def test_lag_reports_say_the_peak_between_them_and_when_it_caught_up(
     """Reports come at most every 5 s. A spike between two of them used to be
     unreported (the next report said only that moment's lag, or nothing once
     under a second), so a 9 s stall looked like a 2.5 s one."""
-    backend = ScriptedBackend()
-    out: queue.Queue[WorkerResult] = queue.Queue()
-    now = [100.0]
-    w = ModelWorker(backend, CFG, out.put, clock=lambda: now[0])
-    w.start()
+    w, out, now = clocked_worker()
     with caplog.at_level("INFO", logger="evoxtral_stream.engine.worker"):
         for i, (t, waited) in enumerate([(100.0, 2.5), (101.0, 9.0), (106.0, 0.2),
                                           (107.0, 0.1), (120.0, 3.0), (126.0, 1.5)]):
