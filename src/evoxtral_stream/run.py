@@ -44,7 +44,8 @@ async def feed_samples(
 
     ``realtime`` paces the chunks to the wall clock, as a live source would.
     Otherwise the feeder goes as fast as the model allows while still getting
-    every partial: it waits only for the stream's partial in flight.
+    every partial: it waits for the stream's partial in flight, and while a
+    batch's worth of its finals are outstanding (:meth:`Stream.wait_idle`).
     """
     t0 = time.monotonic()
     pushed = 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 
@@ -118,6 +120,34 @@ async def test_a_final_retried_while_the_inbox_is_full_is_refused_once() -> None
     # Each final was refused at most once (12 finals, no partials).
     assert 0 < stats.worker.refused <= 12
     assert stats.worker.submitted == 12
+
+
+async def test_a_file_read_without_partials_stays_a_batch_of_finals_ahead() -> None:
+    """transcribe --no-partials at full speed: nothing held the reader back,
+    so every final of a file was handed over at once, each with its audio,
+    and those the inbox could not take waited in the engine's backlog (all
+    of a long file's). The reader now waits while max_batch finals of its
+    stream are outstanding, and every final still comes."""
+    audio, _ = speech_with_pauses(SENTENCES * 4, pause_s=1.0)
+    cfg = load_config(overrides={"worker.max_queue": 2, "worker.max_batch": 3,
+                                 "stream.partial_interval_ms": 0})
+    async with Engine(cfg, ScriptedBackend(words_so_far, delay_s=0.02)) as engine:
+        stream = engine.open_stream("file")
+        peak = [0, 0]
+
+        def sample(_: object) -> None:
+            peak[0] = max(peak[0], stream.session.finals_outstanding)
+            peak[1] = max(peak[1], engine.stats().finals_backlog)
+
+        engine.add_listener(sample)
+        task = asyncio.ensure_future(feed_samples(stream, audio, 1600, realtime=False))
+        while not task.done():
+            sample(None)
+            await asyncio.sleep(0.001)
+        summary = await task
+    assert summary.finals == summary.segments == 12
+    # One chunk can end one segment past the bound; none waits in the backlog.
+    assert peak[0] <= 4 and peak[1] == 0, peak
 
 
 async def test_cut_ends_the_open_segment_and_the_stream_goes_on() -> None:

@@ -231,10 +231,15 @@ class Stream:
         self._update_idle()
 
     async def wait_idle(self) -> None:
-        """Return once no partial of this stream is in flight.
+        """Return once no partial of this stream is in flight and fewer than
+        ``worker.max_batch`` (at least 2) of its finals are outstanding.
 
         A file reader that wants every partial, as fast as the model allows,
-        awaits this between chunks; live sources never wait.
+        awaits this between chunks; live sources never wait. The bound on
+        finals holds a reader back when nothing else does (no partials): it
+        would otherwise hand over every final of a long file at once, each
+        with its audio, to wait in the engine's backlog (a 3-hour file: about
+        700 MB), while it still feeds the model full batches.
         """
         await self._idle.wait()
 
@@ -277,7 +282,8 @@ class Stream:
             del self.latest[min(self.latest)]
 
     def _update_idle(self) -> None:
-        if self.session.partial_in_flight:
+        ahead = max(2, self._engine.config.worker.max_batch)
+        if self.session.partial_in_flight or self.session.finals_outstanding >= ahead:
             self._idle.clear()
         else:
             self._idle.set()
