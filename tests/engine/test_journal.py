@@ -40,7 +40,7 @@ from evoxtral_stream.events import (
     StreamError,
 )
 from evoxtral_stream.server.broadcast import Broadcaster, Subscription
-from evoxtral_stream.server.protocol import decode_caption, encode_event
+from evoxtral_stream.server.protocol import decode_caption, encode_event, parse_epoch
 from tests.fakes import ScriptedBackend
 from tests.helpers.audio import buzz
 
@@ -225,6 +225,36 @@ async def test_the_epoch_lives_with_the_journal_and_only_there(
     plain = load_config(env={})
     async with Engine(plain, ScriptedBackend()) as a, Engine(plain, ScriptedBackend()) as b:
         assert len({a.epoch, b.epoch, first, damaged}) == 4
+    assert not list((tmp_path / "j").glob("*.part"))
+
+
+async def test_an_epoch_that_cannot_be_kept_is_logged_and_the_engine_serves(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A folder where the epoch file cannot be written (read-only, a full
+    disk; here a folder in the way, which stops root too) or read: the engine
+    starts anyway with an epoch of this run only, logged in one line, and
+    journals its finals as before. It used to stop with a traceback."""
+    cfg = config(tmp_path)
+    (tmp_path / "j" / (EPOCH_FILE + ".part")).mkdir(parents=True)
+    with caplog.at_level(logging.WARNING):
+        async with Engine(cfg, ScriptedBackend()) as engine:
+            first = engine.epoch
+            await run_stream(engine, "mic", 1)
+        async with Engine(cfg, ScriptedBackend()) as engine:
+            second = engine.epoch
+            assert engine.journal is not None and engine.journal.last_seq("mic") >= 1
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 2 and "holds for this run only" in errors[0].getMessage()
+    assert first != second                        # not kept: each run its own
+    assert all(parse_epoch([e]) == e for e in (first, second))
+    assert not (tmp_path / "j" / EPOCH_FILE).exists()
+    (tmp_path / "j" / (EPOCH_FILE + ".part")).rmdir()
+    (tmp_path / "j" / EPOCH_FILE).mkdir()         # unreadable as a file
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        async with Engine(cfg, ScriptedBackend()) as engine:
+            assert parse_epoch([engine.epoch]) == engine.epoch
+    assert "cannot read" in caplog.text and "holds for this run only" in caplog.text
     assert not list((tmp_path / "j").glob("*.part"))
 
 

@@ -464,12 +464,21 @@ class Journal:
 
     def _load_epoch(self) -> str:
         """The folder's epoch; a new one (written durably before any seq is
-        given under it) if the folder has none or its file is damaged."""
+        given under it) if the folder has none or its file is damaged or
+        unreadable. A new one that cannot be written (a read-only folder, a
+        full disk) is logged and still used: it holds for this run only, so
+        after a restart resuming subscribers get a gap and replay from seq 0
+        (captions again, never fewer), and the captions go on as when a final
+        cannot be journaled."""
         path = self._dir / EPOCH_FILE
         try:
             text = path.read_text(encoding="ascii", errors="replace").strip()
         except FileNotFoundError:
             text = None
+        except OSError as e:
+            text = None
+            log.warning("journal: cannot read %s (%s); starting a new epoch: resuming "
+                        "subscribers get a gap and replay from seq 0", path, e.strerror or e)
         if text is not None:
             try:
                 epoch = parse_epoch([text])
@@ -481,12 +490,19 @@ class Journal:
                 return epoch
         epoch = new_epoch()
         part = path.with_name(EPOCH_FILE + ".part")
-        with open(part, "w", encoding="ascii") as f:
-            f.write(epoch + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(part, path)
-        self._sync_dir()
+        try:
+            with open(part, "w", encoding="ascii") as f:
+                f.write(epoch + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(part, path)
+            self._sync_dir()
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                part.unlink(missing_ok=True)
+            log.error("journal: cannot write %s (%s); epoch %s holds for this run only: "
+                      "after a restart, resuming subscribers get a gap and replay from seq 0",
+                      path, e.strerror or e, epoch)
         return epoch
 
     def last_seq(self, stream: str) -> int:
