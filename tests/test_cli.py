@@ -666,6 +666,18 @@ def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
                        f"127.0.0.1:{port}", "in use", "server.port")
 
 
+def test_a_journal_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:
+    """journal.dir under a file (or anywhere it cannot be made or read) stops
+    the start with one line naming the key and the folder, exit status 2; it
+    was a traceback."""
+    (tmp_path / "file").write_text("not a folder")
+    folder = tmp_path / "file" / "journal"
+    one_error_line(cli("--backend", "whisper", "--set", "journal.enabled=true",
+                       "--set", f"journal.dir={folder}", "serve", "--source", "none",
+                       "--port", str(free_port())),
+                   f"journal.dir {folder}", "cannot open the journal", "Not a directory")
+
+
 async def test_quiet_hides_every_status_line_as_in_json_mode(tmp_path: Path) -> None:
     """`-q` is `logging.level = "warning"` (docs/config.md): `serve -q` once
     still printed "serving captions on ..." (and "stopping: ...") while

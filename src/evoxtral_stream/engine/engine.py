@@ -56,7 +56,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..config import Config
+from ..config import Config, ConfigError
 from ..events import (
     SAMPLE_RATE,
     CaptionEvent,
@@ -348,6 +348,8 @@ class Engine:
         await self.aclose()
 
     async def start(self) -> None:
+        """Restore the journal (if on) and start the model worker. Raises
+        :class:`ConfigError` when the journal's folder cannot be made or read."""
         loop = asyncio.get_running_loop()
         self._loop = loop
 
@@ -358,7 +360,15 @@ class Engine:
 
         if self.config.journal.enabled:
             journal = Journal(self.config.journal, clock=self.now)
-            restored = await asyncio.to_thread(journal.restore)
+            try:
+                restored = await asyncio.to_thread(journal.restore)
+            except OSError as e:
+                # A folder that cannot be made or read (a typo'd path, a file
+                # in the way): for people, one line, as a bad config value.
+                where = self.config.journal.dir
+                raise ConfigError(f"journal.dir {where}: cannot open the journal: "
+                                  f"{e.strerror or e}" + (f" ({e.filename})" if e.filename
+                                  and str(e.filename) != str(where) else "")) from None
             self._journal = journal
             self._epoch = journal.epoch
             log.info("journal %s: %d stream(s) restored", self.config.journal.dir,
