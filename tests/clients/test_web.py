@@ -7,11 +7,12 @@ engine (or the page's own microphone button) and assert on the DOM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import struct
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -812,6 +813,26 @@ PARTIALS = ("[...document.querySelectorAll('#partials .line[data-stream=\"{s}\"]
             ".map(l => [+l.dataset.segment, l.querySelector('.text').textContent])")
 
 
+@contextlib.asynccontextmanager
+async def desk_microphone_page(browser: Browser, handler: Callable[[ServerConnection],
+                               Awaitable[None]], drop: asyncio.Event) -> AsyncIterator[Page]:
+    """The page with microphone ``desk``, served by ``handler``: once it shows
+    desk's first final, the subscription is dropped (``drop``; the page's
+    reconnect then waits 1 s) and the microphone starts."""
+    async with serve(handler, "127.0.0.1", 0, process_request=page_files) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        page = await Page.open(browser, f"http://127.0.0.1:{port}/?mic=desk")
+        try:
+            await page.wait_for(f"{FINALS.format(s='desk')}.length === 1")
+            await page.evaluate("evoxtral.retry = 2")
+            drop.set()
+            await page.wait_for(f"{STATUS} !== 'live'")
+            await page.click("#mic")
+            yield page
+        finally:
+            await page.close()
+
+
 async def test_a_final_the_microphone_socket_overtook_is_still_replayed(
         browser: Browser) -> None:
     """Both sockets drop (a network blip); the server flushes the lost
@@ -849,25 +870,74 @@ async def test_a_final_the_microphone_socket_overtook_is_still_replayed(
         await ws.wait_closed()
 
     finals = FINALS.format(s="desk")
-    async with serve(handler, "127.0.0.1", 0, process_request=page_files) as server:
-        port = next(iter(server.sockets)).getsockname()[1]
-        page = await Page.open(browser, f"http://127.0.0.1:{port}/?mic=desk")
-        try:
-            await page.wait_for(f"{finals}.length === 1")
-            await page.evaluate("evoxtral.retry = 2")  # the next reconnect waits 1 s
-            drop.set()
-            await page.wait_for(f"{STATUS} !== 'live'")
-            await page.click("#mic")
-            await page.wait_for(f"evoxtral.connects === 2 && {finals}.includes('new')")
-            await page.wait_for(f"{STATUS} === 'live'")
-            assert paths[1] == "/v1/captions?since=desk:1"
-            await page.wait_for(f"{finals}.length === 3")
-            await asyncio.sleep(0.5)  # time for a duplicate to show up, if any
-            assert sorted(await page.evaluate(finals)) == ["missed", "new", "one"]
-            assert await page.evaluate("evoxtral.lastSeq.get('desk')") == 3
-            assert page.errors == []
-        finally:
-            await page.close()
+    async with desk_microphone_page(browser, handler, drop) as page:
+        await page.wait_for(f"evoxtral.connects === 2 && {finals}.includes('new')")
+        await page.wait_for(f"{STATUS} === 'live'")
+        assert paths[1] == "/v1/captions?since=desk:1"
+        await page.wait_for(f"{finals}.length === 3")
+        await asyncio.sleep(0.5)  # time for a duplicate to show up, if any
+        assert sorted(await page.evaluate(finals)) == ["missed", "new", "one"]
+        assert await page.evaluate("evoxtral.lastSeq.get('desk')") == 3
+        assert page.errors == []
+
+
+async def test_captions_the_microphone_showed_from_a_restarted_server_are_not_shown_twice(
+        browser: Browser) -> None:
+    """The server restarted without its journal while the page held seq 1 of
+    its microphone's stream; the microphone socket is back first and shows
+    the new run's seqs 1 to 3 (of the new epoch, which its ingest.ready
+    names). The subscription then resumes with the old epoch and gets a gap
+    with no end and the new run from seq 1: the page shows each caption
+    once. It used to forget at the gap what the microphone had shown, and
+    showed seqs 2 and 3 twice (and hid the new seq 1 until the replay)."""
+    new_run = [final("desk", 0, 1, "new one"), final("desk", 1, 2, "new two"),
+               final("desk", 2, 3, "new three")]
+    drop = asyncio.Event()
+    mic_captions_sent = asyncio.Event()
+    paths: list[str] = []
+
+    def hello_of(epoch: str) -> str:
+        return json.dumps({**json.loads(hello(["desk"])), "epoch": epoch})
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        path = ws.request.path
+        if path.startswith("/v1/ingest"):   # the restarted server, epoch e2
+            await ws.recv()  # config
+            await ws.send(json.dumps({"type": "ingest.ready", "stream": "desk",
+                                      "sample_rate": 48000, "channels": 1, "format": "pcm16",
+                                      "language": "en", "progress": False, "epoch": "e2"}))
+            await ws.send(STARTED_DESK)
+            for message in new_run:
+                await ws.send(message)
+            mic_captions_sent.set()
+            await ws.wait_closed()
+            return
+        paths.append(path)
+        if len(paths) == 1:   # the first server, epoch e1
+            await ws.send(hello_of("e1"))
+            await ws.send(final("desk", 0, 1, "one"))
+            await drop.wait()
+            await ws.close(1001, "going away")
+            return
+        await mic_captions_sent.wait()
+        # As the restarted server answers since=desk:1&epoch=e1.
+        await ws.send(hello_of("e2"))
+        await ws.send(json.dumps({"type": "gap", "stream": "desk", "from": 2, "to": None}))
+        for message in new_run:
+            await ws.send(message)
+        await ws.wait_closed()
+
+    finals = FINALS.format(s="desk")
+    async with desk_microphone_page(browser, handler, drop) as page:
+        await page.wait_for(f"evoxtral.connects === 2 && {STATUS} === 'live'"
+                            " && evoxtral.epoch === 'e2'")
+        assert paths[1] == "/v1/captions?since=desk:1&epoch=e1"
+        await page.wait_for(f"{finals}.length >= 4")
+        await page.wait_for("evoxtral.lastSeq.get('desk') === 3")
+        await asyncio.sleep(0.5)  # time for a duplicate to show up, if any
+        assert await page.evaluate(finals) == ["one", "new one", "new two", "new three"]
+        assert page.errors == []
 
 
 async def test_a_link_lost_right_after_a_gap_with_no_end_resumes_from_0(

@@ -400,6 +400,12 @@ async def test_a_since_of_another_epoch_is_not_taken_for_this_runs_seqs() -> Non
             {"type": "gap", "stream": "talk", "from": held + 1, "to": None}, *new]
         # Of this numbering: the resume it always was.
         assert (await replay(server.port, held, now))[1] == [n for n in new if n > held]
+        # An ingest connection's captions are of it too (the page tells them
+        # from its subscription's by it).
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/ingest?stream=mic") as ws:
+            await ws.send(json.dumps({"type": "config", "sample_rate": 16000}))
+            ready = await recv_json(ws)
+        assert ready["type"] == "ingest.ready" and ready["epoch"] == now == engine.epoch
         async with connect(url.format(server.port, held, "&epoch=a&epoch=b")) as ws:
             refused = await recv_json(ws)
             await ws.wait_closed()

@@ -179,7 +179,7 @@ def test_progress_is_reported_per_half_second_of_frames_and_flushed_at_end() -> 
 
 def test_ingest_ready_and_progress_match_the_schema() -> None:
     ready = {"stream": "mic", "sample_rate": 48000, "channels": 1, "format": "pcm16",
-             "language": "en"}
+             "language": "en", "epoch": "3f9c0a51d2e87b46"}
     for value in (True, False):
         validate_message(encode_message("ingest.ready", **ready, progress=value))
     with pytest.raises(jsonschema.ValidationError):  # progress is required

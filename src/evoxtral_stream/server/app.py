@@ -629,7 +629,7 @@ class CaptionServer:
                 "ingest.ready", stream=stream_id, sample_rate=fmt.sample_rate,
                 channels=fmt.channels, format=fmt.sample_format.value,
                 language=stream.language or self._engine.config.model.language,
-                progress=fmt.progress))
+                progress=fmt.progress, epoch=self._engine.epoch))
         pump = asyncio.ensure_future(self._pump(ws, sub))
         overflow = asyncio.ensure_future(sub.overflowed.wait())
 

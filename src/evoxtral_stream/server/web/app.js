@@ -69,7 +69,9 @@ const params = new URLSearchParams(location.search);
 const state = window.evoxtral = {
   lastSeq: new Map(),   // stream -> highest seq the subscription delivered (resume point)
   epoch: null,          // the numbering those seqs are of (the last hello's)
-  ahead: new Map(),     // stream -> Set of seqs above lastSeq shown from the microphone socket
+  // stream -> {epoch, seqs}: seqs above lastSeq shown from the microphone
+  // socket, of the numbering its ingest.ready named (see aheadOf)
+  ahead: new Map(),
   streams: new Map(),   // stream -> {ended, option}: the picker's entries
   lines: new Map(),     // "stream\u0000segment" -> <p class="line">
   selected: params.get("stream") || "",
@@ -299,22 +301,36 @@ function subscribed(name) {
   return !state.only.length || state.only.includes(name);
 }
 
+// The seqs of `stream` that the microphone socket showed ahead of the
+// subscription, if they are of the subscription's numbering: those from
+// another run of the server say nothing about the seqs it delivers.
+function aheadOf(stream) {
+  const ahead = state.ahead.get(stream);
+  return ahead && ahead.epoch === state.epoch ? ahead.seqs : new Set();
+}
+
 function onCaption(ev, viaMic = false) {
-  if (ev.seq <= (state.lastSeq.get(ev.stream) || 0)) return;  // replayed or duplicate
+  // The microphone socket may be on a restarted server already, whose
+  // numbering the subscription has not seen yet (its hello is still to
+  // come): its seqs are not compared with the subscription's then.
+  const epoch = viaMic ? state.mic?.epoch ?? null : state.epoch;
+  const sameRun = epoch === state.epoch;
+  if (sameRun && ev.seq <= (state.lastSeq.get(ev.stream) || 0)) return;  // replayed or duplicate
   if (subscribed(ev.stream)) {
     // Only the subscription moves the resume point: while it reconnects, the
     // microphone socket's captions come first, and the server may still owe
     // it captions below them. Those shown ahead are remembered, so neither
     // socket shows a caption twice.
-    let ahead = state.ahead.get(ev.stream);
-    if (!ahead) state.ahead.set(ev.stream, ahead = new Set());
-    const shown = ahead.has(ev.seq);
     if (viaMic) {
-      if (shown) return;
-      ahead.add(ev.seq);
+      let ahead = state.ahead.get(ev.stream);
+      if (ahead?.epoch !== epoch) state.ahead.set(ev.stream, ahead = { epoch, seqs: new Set() });
+      if (ahead.seqs.has(ev.seq)) return;
+      ahead.seqs.add(ev.seq);
     } else {
       state.lastSeq.delete(ev.stream);  // kept in order of activity (resumeSince)
       state.lastSeq.set(ev.stream, ev.seq);
+      const ahead = aheadOf(ev.stream);
+      const shown = ahead.has(ev.seq);
       for (const seq of ahead) if (seq <= ev.seq) ahead.delete(seq);
       if (shown) return;
     }
@@ -387,8 +403,8 @@ function handle(msg, viaMic = false) {
       // stream.started before its captions, but the microphone socket may
       // have shown some of them first: those (seqs still ahead) are this
       // run's, and stay.
-      const ahead = state.ahead.get(msg.stream);
-      forgetSegments(msg.stream, (line) => Boolean(ahead?.has(Number(line.dataset.seq))));
+      const ahead = aheadOf(msg.stream);
+      forgetSegments(msg.stream, (line) => ahead.has(Number(line.dataset.seq)));
       addStream(msg.stream);
       return;
     }
@@ -397,9 +413,9 @@ function handle(msg, viaMic = false) {
       // The run's segments that never got a final. A partial the microphone
       // socket showed ahead of the subscription (its seq still ahead) is the
       // next run's, whose stream.started is still to come: it stays.
-      const ahead = state.ahead.get(msg.stream);
+      const ahead = aheadOf(msg.stream);
       for (const line of [...ui.partials.children]) {
-        if (line.dataset.stream === msg.stream && !ahead?.has(Number(line.dataset.seq))) {
+        if (line.dataset.stream === msg.stream && !ahead.has(Number(line.dataset.seq))) {
           dropLine(line);
         }
       }
@@ -412,10 +428,13 @@ function handle(msg, viaMic = false) {
       if (msg.to === null) {
         // The server cannot place our seq (it restarted without its journal):
         // what follows may be numbered anew. Resume from 0, not without since=,
-        // in case the link drops before it comes.
+        // in case the link drops before it comes. What the microphone socket
+        // showed of this server's numbering (its epoch, when both name one)
+        // stays shown: the replay brings it again, and it is skipped then.
         state.lastSeq.set(msg.stream, 0);
-        state.ahead.delete(msg.stream);
-        forgetSegments(msg.stream);
+        const ahead = state.epoch === null ? new Set() : aheadOf(msg.stream);
+        if (!ahead.size) state.ahead.delete(msg.stream);
+        forgetSegments(msg.stream, (line) => ahead.has(Number(line.dataset.seq)));
       }
       return;
     case "error":
@@ -552,6 +571,7 @@ async function startMic() {
   const mic = state.mic = {
     stream, media, ctx, node, ws: null, sampleRate: ctx.sampleRate, sent: 0,
     language: ui.language.value, before: state.selected, opened: false, connects: 0,
+    epoch: null,         // the numbering of the seqs its connection's captions carry
     retry: 0, timer: null, backlog: [], backlogBytes: 0, dropped: 0, lastError: null,
     lost: 0,             // frames dropped since the last chunk kept (sent or in the backlog)
     slow: 0,             // chunks dropped since the open socket's audio went over the bound
@@ -729,6 +749,8 @@ function openIngest(mic) {
       const back = mic.opened;
       mic.opened = mic.ready = true;
       mic.retry = 0;
+      // The numbering of this connection's seqs (null: a server older than epochs).
+      mic.epoch = typeof msg.epoch === "string" ? msg.epoch : null;
       mic.dropped += mic.slow;  // a slow episode that ended with its connection
       mic.slow = 0;
       mic.sentAudio = false;
