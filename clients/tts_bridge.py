@@ -503,9 +503,14 @@ class TtsBridge:
             return self.cfg.exit_on_end and self._seen <= self._ended
         elif kind == "gap":
             self._gaps += 1
-            log.warning("server no longer has captions %s..%s of stream %s: "
-                        "those finals are lost", msg.get("from"), msg.get("to") or "?",
-                        msg.get("stream"))
+            if msg.get("to") is None:
+                log.warning("server cannot place caption %s of stream %s (it restarted, "
+                            "or forgot the stream): taking all it has from the start; "
+                            "finals between may be lost", msg.get("from"), msg.get("stream"))
+            else:
+                log.warning("server no longer has captions %s..%s of stream %s: "
+                            "those finals are lost", msg.get("from"), msg.get("to"),
+                            msg.get("stream"))
             if msg.get("to") is None and isinstance(msg.get("stream"), str):
                 # The server cannot place our seq (a restart without its
                 # journal): what follows may be numbered anew. Resume from 0,

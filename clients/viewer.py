@@ -178,8 +178,15 @@ def render_event(event: Mapping[str, Any], *, color: bool = True, show_stream: b
                 f"{float(event.get('duration', 0)):.1f} s")
     elif kind == "gap":
         last = event.get("to")
-        line = (f"! {event.get('stream')}: captions {event.get('from')}–"
-                f"{'…' if last is None else last} are no longer retained")
+        if last is None:
+            # Not a loss for sure: most often the server restarted without
+            # its journal and numbers the stream anew; its captions follow.
+            line = (f"! {event.get('stream')}: the server cannot place caption "
+                    f"{event.get('from')} (it restarted, or forgot the stream); "
+                    "showing all it has")
+        else:
+            line = (f"! {event.get('stream')}: captions {event.get('from')}–{last} "
+                    "are no longer retained")
         style = KIND_COLORS["unknown"]
     elif kind == "error":
         where = f" ({event['stream']})" if event.get("stream") else ""

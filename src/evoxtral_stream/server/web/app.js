@@ -424,7 +424,9 @@ function handle(msg, viaMic = false) {
     }
     case "caption": onCaption(msg, viaMic); return;
     case "gap":
-      note(msg.stream, `${msg.stream}: captions ${msg.from}–${msg.to ?? "…"} are no longer available`);
+      note(msg.stream, msg.to === null
+        ? `${msg.stream}: the server cannot place caption ${msg.from} (it restarted, or forgot the stream); showing all it has`
+        : `${msg.stream}: captions ${msg.from}–${msg.to} are no longer available`);
       if (msg.to === null) {
         // The server cannot place our seq (it restarted without its journal):
         // what follows may be numbered anew. Resume from 0, not without since=,
