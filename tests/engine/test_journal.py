@@ -20,6 +20,7 @@ from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.engine.journal import (
     CLOCK_SLACK_S,
     EPOCH_FILE,
+    PRUNED_FILE,
     SEQ_RESERVE_BLOCK,
     Journal,
     JournalFile,
@@ -646,7 +647,7 @@ def _age(folder: Path, stream: str, seconds: float) -> None:
         os.utime(path, (t, t))
 
 
-def test_streams_past_retention_are_pruned_at_start_and_forgotten(
+def test_streams_past_retention_are_pruned_at_start_their_seq_kept(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = config(tmp_path, **{"journal.retention_s": 3600.0,
                               "journal.max_bytes": 1024, "journal.keep": 3}).journal
@@ -666,7 +667,8 @@ def test_streams_past_retention_are_pruned_at_start_and_forgotten(
     assert "not written for 3600 s" in caplog.text and "old" in caplog.text
     assert not list(folder.glob("old.*"))
     assert restarted.pruned == 1
-    assert restarted.last_seq("old") == 0 and restarted.replay("old", 0) is None
+    # Its files are gone; its numbering is not (opened again, it goes on).
+    assert restarted.last_seq("old") == 29 and restarted.replay("old", 0) is None
     # Retention 0 keeps everything, however old.
     _age(folder, "recent", 10 * 365 * 86400)
     keep_all = config(tmp_path, **{"journal.retention_s": 0.0}).journal
@@ -726,8 +728,63 @@ def test_a_stream_pruned_while_running_continues_its_seq_and_reports_the_gap(
     assert replay is not None
     assert [r.seq for r in replay.records] == [3] and replay.covered_from == 3
     journal.close()
-    # A restart forgets what was pruned, and only that.
-    assert Journal(cfg).restore() == {"weekly": 3}
+    # After a restart too: the files number past the pruned seq, so a replay
+    # from the start still says the first two are missing.
+    restarted = Journal(cfg)
+    assert restarted.restore() == {"weekly": 3}
+    replay = restarted.replay("weekly", 0)
+    assert replay is not None and replay.covered_from == 3
+
+
+def test_a_stream_pruned_before_a_restart_goes_on_after_its_last_seq(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A stream not written for retention_s had its files deleted and, after
+    a restart, counted from seq 1 again under the same epoch: a client
+    holding seq 41 of it then skipped the new run's first 41 captions
+    unseen. The pruned streams' last seqs are kept in the folder."""
+    cfg = config(tmp_path, **{"journal.retention_s": 60.0}).journal
+    journal = Journal(cfg)
+    journal.restore()
+    for seq in range(1, 42):
+        journal.append(caption("weekly", seq))
+    journal.release("weekly")
+    _age(tmp_path / "j", "weekly", 120)
+    assert journal.prune() == ["weekly"]
+    journal.close()
+    restarted = Journal(cfg)
+    assert restarted.restore() == {}
+    assert restarted.last_seq("weekly") == 41
+    restarted.append(caption("weekly", 42))
+    restarted.close()
+    # A damaged line (a crash mid-write) is skipped, the rest read.
+    with open(tmp_path / "j" / PRUNED_FILE, "ab") as f:
+        f.write(b'{"stream": "cut", "se')
+    with caplog.at_level(logging.WARNING):
+        again = Journal(cfg)
+        assert again.restore() == {"weekly": 42}
+    assert "1 damaged line(s)" in caplog.text
+    replay = again.replay("weekly", 0)
+    assert replay is not None and replay.covered_from == 42
+
+
+def test_the_file_of_pruned_seqs_is_rewritten_before_it_grows_past_twice_the_bound(
+        tmp_path: Path) -> None:
+    cfg = config(tmp_path, **{"journal.retention_s": 60.0}).journal
+    journal = Journal(cfg, pruned_remembered=2)
+    journal.restore()
+    for n in range(1, 8):
+        journal.append(caption(f"s{n}", n))
+        journal.release(f"s{n}")
+        _age(tmp_path / "j", f"s{n}", 120)
+        assert journal.prune() == [f"s{n}"]
+        lines = (tmp_path / "j" / PRUNED_FILE).read_text().splitlines()
+        assert len(lines) <= 4
+    journal.close()
+    assert [json.loads(x) for x in lines][-2:] == [{"stream": "s6", "seq": 6},
+                                                   {"stream": "s7", "seq": 7}]
+    restarted = Journal(cfg, pruned_remembered=2)
+    restarted.restore()
+    assert [restarted.last_seq(f"s{n}") for n in range(1, 8)] == [0] * 5 + [6, 7]
 
 
 def test_only_the_most_recently_pruned_streams_seqs_are_remembered(

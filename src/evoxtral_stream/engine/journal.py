@@ -88,14 +88,16 @@ Lifetime: a stream's file stays open only while the stream is live
 bounded by live streams, not by every stream ever seen. The files of a stream
 that is not live and has not been written for ``retention_s`` (file mtimes)
 are deleted by :meth:`Journal.prune` (at start, then periodically by the
-engine). A running journal still remembers a pruned stream's last seq, so
-re-opened in the same process it continues after it (and a resume into the
-deleted part gets a gap); after a restart the stream is forgotten and counts
-from seq 1 again. That memory is bounded: the last seqs of the
-:data:`PRUNED_REMEMBERED` streams pruned most recently are kept (about 180
-bytes each for a 20-character id, 3 MB in all); one pruned longer ago is
-forgotten as a restart would forget it, so a server whose clients take a new
-stream id on every connection does not grow without end.
+engine). A pruned stream's last seq is kept, in memory and in
+:data:`PRUNED_FILE` (appended, durably per ``fsync``, before the files are
+deleted), so re-opened, in the same process or after a restart, it
+continues after it (and a resume into the deleted part gets a gap). That is
+bounded: the last seqs of the :data:`PRUNED_REMEMBERED` streams pruned most
+recently are kept (about 180 bytes each for a 20-character id, 3 MB in
+all; the file is rewritten with those once it holds twice as many lines);
+one pruned longer ago is forgotten and counts from seq 1 again, so a server
+whose clients take a new stream id on every connection does not grow
+without end.
 
 The pure parts (file names, record decoding, rotation decisions) are
 functions at the top; :class:`Journal` does the I/O.
@@ -125,6 +127,7 @@ from ..server.protocol import encode_event, new_epoch, parse_epoch
 __all__ = [
     "CLOCK_SLACK_S",
     "EPOCH_FILE",
+    "PRUNED_FILE",
     "PRUNED_REMEMBERED",
     "SEQ_RESERVE_BLOCK",
     "EndRecord",
@@ -163,6 +166,12 @@ recently pruned); a stream beyond that re-opens at seq 1, as after a restart."""
 SEQ_RESERVE_BLOCK = 64
 """How many seqs past the one about to be sent a reservation covers: one
 reservation line per this many captions; a restart may skip up to this many."""
+
+PRUNED_FILE = "pruned"
+"""The file in the journal folder that holds the last seq of each stream
+pruned (one JSON line each, ``{"stream": S, "seq": N}``; the
+:data:`PRUNED_REMEMBERED` newest count), so that opened again after a
+restart it numbers after it; it never parses as a journal file."""
 
 EPOCH_FILE = "epoch"
 """The file in the journal folder that holds the folder's epoch (the id of
@@ -371,6 +380,24 @@ def should_rotate(size: int, incoming: int, age_s: float, max_bytes: int,
     return size + incoming > max_bytes or (max_age_s > 0 and age_s >= max_age_s)
 
 
+def _encode_pruned(stream: str, seq: int) -> bytes:
+    return (json.dumps({"stream": stream, "seq": seq}, ensure_ascii=False) + "\n").encode()
+
+
+def _decode_pruned(line: bytes) -> tuple[str, int] | None:
+    """A :data:`PRUNED_FILE` line's stream and seq; None if damaged."""
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    stream, seq = obj.get("stream"), obj.get("seq")
+    if not isinstance(stream, str) or type(seq) is not int or seq < 1:
+        return None
+    return stream, seq
+
+
 def expired(last_write: float, now: float, retention_s: float) -> bool:
     """Whether a stream last written at ``last_write`` (wall-clock seconds) is
     past its retention at ``now``; ``retention_s = 0`` keeps it forever."""
@@ -425,6 +452,8 @@ class Journal:
         # Streams re-opened after a prune here: their file 1 does not start
         # the numbering, so a replay from it is not complete.
         self._renumbered: set[str] = set()
+        # Lines in PRUNED_FILE (it is rewritten past twice the remembered).
+        self._pruned_lines = 0
         # Streams whose last record this process wrote is their end (bounded
         # like _last_seq): opened again, their first caption must say so.
         self._ended_last: set[str] = set()
@@ -439,28 +468,100 @@ class Journal:
     # --- start and stop --------------------------------------------------------
 
     def restore(self) -> dict[str, int]:
-        """Create the folder if needed, prune what is past retention, and
-        return each remaining journaled stream's last seq: the highest of its
-        journaled finals and seq reservations."""
+        """Create the folder if needed, read the pruned streams' last seqs
+        (:data:`PRUNED_FILE`), prune what is past retention, and return each
+        remaining journaled stream's last seq: the highest of its journaled
+        finals and seq reservations."""
         self._dir.mkdir(parents=True, exist_ok=True)
         self.epoch = self._load_epoch()
+        self._load_pruned()
         self.prune()
         for stream, paths in self._files().items():
-            last = reserved = 0
-            # The newest file that holds a valid line has the last seq (a
-            # rotation carries the latest reservation into the new file).
-            # End records carry no seq.
-            for path in reversed(paths):
-                lines = [x for x in self._lines(path) if not isinstance(x, EndRecord)]
-                if lines:
-                    last = max(x.seq for x in lines)
-                    reserved = max((x.seq for x in lines if isinstance(x, SeqReservation)),
-                                   default=0)
-                    break
+            last, reserved = self._recorded_last(paths)
             self._last_seq[stream] = last
             if reserved:
                 self._reserved[stream] = reserved
+            if self._pruned_seq.pop(stream, None) is not None:
+                # Opened again after a prune: its file 1 does not start the
+                # numbering, and its files number past the pruned seq.
+                self._renumbered.add(stream)
         return dict(self._last_seq)
+
+    def _recorded_last(self, paths: list[Path]) -> tuple[int, int]:
+        """The last seq the files ``paths`` (oldest first) record, and the
+        highest reservation among them (0: none)."""
+        # The newest file that holds a valid line has the last seq (a
+        # rotation carries the latest reservation into the new file). End
+        # records carry no seq.
+        for path in reversed(paths):
+            lines = [x for x in self._lines(path) if not isinstance(x, EndRecord)]
+            if lines:
+                return (max(x.seq for x in lines),
+                        max((x.seq for x in lines if isinstance(x, SeqReservation)), default=0))
+        return 0, 0
+
+    def _load_pruned(self) -> None:
+        """Remember the last seqs :data:`PRUNED_FILE` holds (the newest
+        :attr:`_pruned_remembered` of them). A damaged line is skipped; an
+        unreadable file is logged: those streams then count from 1 again."""
+        path = self._dir / PRUNED_FILE
+        try:
+            with open(path, "rb") as f:
+                raw = f.read().splitlines()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            log.warning("journal: cannot read %s (%s): streams pruned before count from "
+                        "seq 1 again if opened", path, e.strerror or e)
+            return
+        damaged = 0
+        for line in raw:
+            entry = _decode_pruned(line)
+            if entry is None:
+                damaged += line.strip() != b""
+                continue
+            stream, seq = entry
+            self._remember_pruned(stream, seq)
+        self._pruned_lines = len(raw)
+        if damaged:
+            log.warning("journal: %d damaged line(s) in %s skipped", damaged, path)
+
+    def _remember_pruned(self, stream: str, seq: int) -> None:
+        self._pruned_seq[stream] = seq
+        self._pruned_seq.move_to_end(stream)
+        while len(self._pruned_seq) > self._pruned_remembered:
+            self._pruned_seq.popitem(last=False)
+
+    def _record_pruned(self, entries: dict[str, int]) -> None:
+        """Append ``entries`` (stream: last seq) to :data:`PRUNED_FILE`,
+        durably unless ``fsync = "never"``, before their files are deleted;
+        rewrite it with what is remembered once it holds twice that many
+        lines. A failure is logged: those streams are remembered until a
+        restart only."""
+        path = self._dir / PRUNED_FILE
+        data = b"".join(_encode_pruned(s, n) for s, n in entries.items())
+        try:
+            with open(path, "ab") as f:
+                f.write(data)
+                f.flush()
+                if self._cfg.fsync != "never":
+                    os.fsync(f.fileno())
+            self._pruned_lines += len(entries)
+            if self._pruned_lines > 2 * self._pruned_remembered:
+                remembered = {**self._pruned_seq, **entries}
+                part = path.with_name(PRUNED_FILE + ".part")
+                with open(part, "wb") as f:
+                    f.write(b"".join(_encode_pruned(s, n) for s, n in remembered.items()))
+                    f.flush()
+                    if self._cfg.fsync != "never":
+                        os.fsync(f.fileno())
+                os.replace(part, path)
+                self._pruned_lines = len(remembered)
+            self._sync_dir()
+        except OSError as e:
+            log.error("journal: cannot write %s (%s): after a restart, the %d stream(s) "
+                      "pruned now count from seq 1 again if opened", path,
+                      e.strerror or e, len(entries))
 
     def _load_epoch(self) -> str:
         """The folder's epoch; a new one (written durably before any seq is
@@ -558,7 +659,7 @@ class Journal:
         if self._cfg.retention_s <= 0:
             return []
         now = self._wall()
-        pruned: list[str] = []
+        due: list[tuple[str, list[Path]]] = []
         for stream, paths in self._files().items():
             if stream in live or stream in self._open:
                 continue
@@ -566,31 +667,35 @@ class Journal:
                 last_write = paths[-1].stat().st_mtime
             except FileNotFoundError:
                 continue
-            if not expired(last_write, now, self._cfg.retention_s):
-                continue
+            if expired(last_write, now, self._cfg.retention_s):
+                due.append((stream, paths))
+        if not due:
+            return []
+        # Each stream's last seq is recorded before its files go, so that
+        # opened again, even after a restart, it numbers after it.
+        last = {stream: self._last_seq.get(stream) or self._recorded_last(paths)[0]
+                for stream, paths in due}
+        self._record_pruned({s: n for s, n in last.items() if n})
+        for stream, paths in due:
             for path in paths:
                 path.unlink(missing_ok=True)
-            self._forget_files_of(stream)
-            pruned.append(stream)
-        if pruned:
-            self.pruned += len(pruned)
-            self._sync_dir()
-            log.info("journal: deleted the files of %d stream(s) not written for %g s "
-                     "(journal.retention_s): %s", len(pruned), self._cfg.retention_s,
-                     ", ".join(sorted(pruned)[:10]) + (" ..." if len(pruned) > 10 else ""))
+            self._forget_files_of(stream, last[stream])
+        pruned = [stream for stream, _ in due]
+        self.pruned += len(pruned)
+        self._sync_dir()
+        log.info("journal: deleted the files of %d stream(s) not written for %g s "
+                 "(journal.retention_s): %s", len(pruned), self._cfg.retention_s,
+                 ", ".join(sorted(pruned)[:10]) + (" ..." if len(pruned) > 10 else ""))
         return pruned
 
-    def _forget_files_of(self, stream: str) -> None:
+    def _forget_files_of(self, stream: str, last: int) -> None:
         """The stream's files are gone: remember its last seq among the pruned."""
         self._renumbered.discard(stream)
         self._ended_last.discard(stream)
         self._reserved.pop(stream, None)
-        last = self._last_seq.pop(stream, 0)
+        self._last_seq.pop(stream, None)
         if last:
-            self._pruned_seq[stream] = last
-            self._pruned_seq.move_to_end(stream)
-            while len(self._pruned_seq) > self._pruned_remembered:
-                self._pruned_seq.popitem(last=False)
+            self._remember_pruned(stream, last)
 
     # --- writing ----------------------------------------------------------------
 
