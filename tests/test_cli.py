@@ -1241,3 +1241,43 @@ def test_a_language_whisper_cannot_transcribe_is_one_line_before_decoding() -> N
     one_error_line(cli("transcribe", "--sample", "--backend", "whisper",
                        "--set", "model.language=fr"),
                    "model.language 'fr' is not a language this Whisper model transcribes")
+
+
+def _run_to(stdout: str, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """The command with stdout on ``/dev/full``, or (``"closed pipe"``) on a
+    pipe whose reader has already left, as after ``| head``."""
+    if stdout == "closed pipe":
+        read, write = os.pipe()
+        os.close(read)
+        out: Any = write
+    else:
+        out = open(stdout, "w")  # noqa: SIM115 (closed below)
+    try:
+        return subprocess.run([sys.executable, "-m", "evoxtral_stream", *args],
+                              input=stdin, stdout=out, stderr=subprocess.PIPE, text=True,
+                              timeout=240, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    finally:
+        os.close(out) if isinstance(out, int) else out.close()
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("stdout", ["/dev/full", "closed pipe"])
+def test_config_hash_token_and_eval_on_a_stdout_that_takes_nothing(
+        tmp_path: Path, stdout: str) -> None:
+    """stdout on a full disk, or a pipe whose reader left (``| head``): one
+    error line and status 2, as transcribe and subtitles do, and eval's
+    --json report still written. Each used to end with an OSError (or
+    BrokenPipeError) traceback and status 1, eval's report lost with it
+    after the whole manifest was decoded."""
+    for args, stdin in ((["config"], ""), (["hash-token"], "s3cret\n")):
+        proc = _run_to(stdout, *args, stdin=stdin)
+        one_error_line(proc, "to standard output")
+        assert "Exception ignored" not in proc.stderr
+    sf.write(tmp_path / "a.wav", np.zeros(16000, dtype=np.int16), 16000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio": "a.wav", "text": "hello"}) + "\n")
+    report = tmp_path / "r.json"
+    proc = _run_to(stdout, "eval", str(manifest), "--json", str(report), "-q")
+    one_error_line(proc, "cannot write the report to standard output")
+    assert "Exception ignored" not in proc.stderr
+    assert json.loads(report.read_text())["streaming"]["n"] == 1

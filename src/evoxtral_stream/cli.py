@@ -403,6 +403,18 @@ def _write(path: Path, text: str) -> None:
         raise UserError(f"cannot write {path}: {e.strerror}") from None
 
 
+def _to_stdout(text: str, what: str) -> None:
+    """Write ``text`` to stdout, flushed: a stdout that takes nothing (a full
+    disk, a pipe whose reader left, as ``| head`` does) is a
+    :class:`UserError` naming ``what``, not a traceback."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as e:
+        raise UserError(f"cannot write {what} to standard output: "
+                        f"{e.strerror or e}") from None
+
+
 def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
     paths: list[Path] = list(args.files)
     if args.sample:
@@ -756,7 +768,7 @@ def _write_captions(cfg: Config, outputs: Sequence[tuple[str, str | None]], name
 
 
 def _cmd_config(args: argparse.Namespace, cfg: Config) -> int:
-    sys.stdout.write(to_toml(cfg))
+    _to_stdout(to_toml(cfg), "the configuration")
     return 0
 
 
@@ -766,7 +778,7 @@ def _cmd_hash_token(args: argparse.Namespace, cfg: Config) -> int:
     token = sys.stdin.readline().rstrip("\r\n")
     if not token:
         raise UserError("hash-token reads a token from stdin, got an empty line")
-    print(hash_token(token))
+    _to_stdout(hash_token(token) + "\n", "the hash")
     return 0
 
 
@@ -1074,15 +1086,20 @@ def _cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
                               "streaming": result.streaming.to_dict()}
     if result.offline is not None:
         comparison = compare(result.offline, result.streaming)
-        print(format_comparison(comparison))
-        print(f"files whose streaming text equals the offline text: "
-              f"{result.identical}/{len(entries)}")
+        table = (f"{format_comparison(comparison)}\n"
+                 f"files whose streaming text equals the offline text: "
+                 f"{result.identical}/{len(entries)}\n")
         report.update(offline=result.offline.to_dict(), delta=comparison.delta(),
                       identical=result.identical)
     else:
-        print(format_table(result.streaming, title="streaming"))
+        table = format_table(result.streaming, title="streaming") + "\n"
+    # The report file even when stdout takes nothing: it is the run's result.
+    failed: list[UserError] = []
+    _attempt(failed, _to_stdout, table, "the report")
     if args.json:
-        _write(args.json, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        _attempt(failed, _write, args.json,
+                 json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    _raise_first(failed)
     return 0
 
 
