@@ -1281,3 +1281,19 @@ def test_config_hash_token_and_eval_on_a_stdout_that_takes_nothing(
     one_error_line(proc, "cannot write the report to standard output")
     assert "Exception ignored" not in proc.stderr
     assert json.loads(report.read_text())["streaming"]["n"] == 1
+
+
+def test_hash_token_of_bytes_that_are_not_utf8_is_one_line() -> None:
+    """Tokens are hashed as UTF-8, so bytes that are not UTF-8 can match no
+    token a client sends: one error line. They used to end in a
+    UnicodeEncodeError traceback."""
+    proc = subprocess.run([sys.executable, "-m", "evoxtral_stream", "hash-token"],
+                          input=b"\xff\xfesecret\n", capture_output=True, timeout=60,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    one_error_line(subprocess.CompletedProcess(proc.args, proc.returncode, "",
+                                               proc.stderr.decode()), "not UTF-8")
+    ok = subprocess.run([sys.executable, "-m", "evoxtral_stream", "hash-token"],
+                        input="sécret\r\n".encode(), capture_output=True, timeout=60)
+    from evoxtral_stream.server.auth import hash_token
+
+    assert ok.stdout.decode() == hash_token("sécret") + "\n", ok.stderr

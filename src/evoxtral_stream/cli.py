@@ -775,7 +775,13 @@ def _cmd_config(args: argparse.Namespace, cfg: Config) -> int:
 def _cmd_hash_token(args: argparse.Namespace, cfg: Config) -> int:
     from .server.auth import hash_token
 
-    token = sys.stdin.readline().rstrip("\r\n")
+    # Bytes, decoded as UTF-8 whatever the locale: the server hashes the
+    # UTF-8 of the token a client sends, so no other bytes can ever match.
+    try:
+        token = sys.stdin.buffer.readline().decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise UserError("hash-token reads a token from stdin, got bytes that are not "
+                        "UTF-8 text") from None
     if not token:
         raise UserError("hash-token reads a token from stdin, got an empty line")
     _to_stdout(hash_token(token) + "\n", "the hash")
