@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from pathlib import Path
 
@@ -199,3 +200,22 @@ def test_to_toml_redacts_the_mqtt_password(tmp_path: Path) -> None:
     assert "hunter2" not in text
     assert 'password = "<redacted>"' in text
     assert 'password = ""' in to_toml(load_config(env={}))  # nothing to hide
+
+
+def test_values_nested_too_deeply_for_the_toml_reader_are_a_config_error(
+        tmp_path: Path) -> None:
+    """tomllib parses nested arrays and inline tables by recursion: a file
+    (or --set) nesting them thousands deep raised RecursionError, a
+    traceback instead of one line (and at a SIGHUP, a reload that died)."""
+    deep = tmp_path / "deep.toml"
+    deep.write_text("[vad]\naggressiveness = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=re.escape(f"config file {deep} is not valid TOML: "
+                                                    "values nested too deeply")):
+        load_config(deep, env={})
+    tables = tmp_path / "tables.toml"
+    tables.write_text("a = " + "{x = " * 3000 + "1" + "}" * 3000 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(tables, env={})
+    with pytest.raises(ConfigError, match=r"override vad\.aggressiveness: values nested "
+                                          "too deeply"):
+        parse_override("vad.aggressiveness=" + "[" * 5000 + "]" * 5000)

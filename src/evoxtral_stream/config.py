@@ -250,9 +250,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except RecursionError:
+        # tomllib reads nested arrays and inline tables by recursion.
+        raise ConfigError(f"config file {path} is not valid TOML: {_TOO_DEEP}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {path} is not UTF-8 text ({e.reason} at byte "
                           f"{e.start})") from None
+
+
+_TOO_DEEP = "values nested too deeply (arrays or inline tables thousands deep)"
 
 
 def _defaults() -> dict[str, Any]:
@@ -462,6 +468,8 @@ def parse_override(text: str) -> tuple[str, object]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         return key, raw
+    except RecursionError:
+        raise ConfigError(f"override {key}: {_TOO_DEEP}") from None
     if isinstance(value, str | list | dict):
         return key, value
     literal = _SetText(raw)
