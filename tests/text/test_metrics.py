@@ -138,6 +138,9 @@ def test_manifest_parsing(tmp_path: Path) -> None:
     ('{"text": "x"}\n', '"audio" must be'),
     ('{"audio": "a.wav"}\n', '"text" must be'),
     ("\n\n", "no entries"),
+    # JSON escapes a lone surrogate, which is no text: eval used to decode the
+    # whole manifest, then die writing the --json report (UnicodeEncodeError).
+    ('{"audio": "a.wav", "text": "hi \\ud800"}\n', 'line 1: "text" holds .*ud800'),
 ])
 def test_manifest_errors(text: str, message: str) -> None:
     with pytest.raises(ManifestError, match=message):

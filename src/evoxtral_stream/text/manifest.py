@@ -53,6 +53,12 @@ def parse_manifest(text: str, *, base_dir: Path | None = None,
             raise ManifestError(f'{where}: "audio" must be a non-empty path string')
         if not isinstance(ref, str):
             raise ManifestError(f'{where}: "text" must be the tagged reference string')
+        try:
+            ref.encode("utf-8")
+        except UnicodeEncodeError as e:
+            # JSON can escape one (\ud800); no text holds it, nor a report.
+            raise ManifestError(f'{where}: "text" holds {ref[e.start]!r}, half of a '
+                                "UTF-16 surrogate pair, which is not text") from None
         path = Path(audio)
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
