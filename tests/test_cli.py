@@ -1297,3 +1297,22 @@ def test_hash_token_of_bytes_that_are_not_utf8_is_one_line() -> None:
     from evoxtral_stream.server.auth import hash_token
 
     assert ok.stdout.decode() == hash_token("sécret") + "\n", ok.stderr
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_stderr_that_takes_nothing_leaves_the_exit_status_as_it_was(tmp_path: Path) -> None:
+    """stderr on a full disk: the status lines and the error line are lost,
+    but not the exit status. A transcribe that made every caption used to
+    exit 1 (README: a caption failed) from its summary line's OSError, and a
+    bad config value 1 instead of 2."""
+    sf.write(tmp_path / "a.wav", np.zeros(16000, dtype=np.int16), 16000)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with open("/dev/full", "w") as full:
+        ok = subprocess.run([sys.executable, "-m", "evoxtral_stream", "transcribe",
+                             str(tmp_path / "a.wav")], stdout=subprocess.PIPE, stderr=full,
+                            text=True, timeout=240, env=env)
+        bad = subprocess.run([sys.executable, "-m", "evoxtral_stream", "config", "--set",
+                              "vad.aggressiveness=9"], stdout=subprocess.PIPE, stderr=full,
+                             text=True, timeout=60, env=env)
+    assert ok.returncode == 0
+    assert bad.returncode == 2 and bad.stdout == ""

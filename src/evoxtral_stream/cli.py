@@ -287,8 +287,10 @@ def _notice(cfg: Config, message: str) -> None:
     if cfg.logging.format == "json":
         log.info("%s", message)
     elif LEVELS[cfg.logging.level] <= logging.INFO:
-        with above_captions(sys.stderr):
-            print(message, file=sys.stderr)
+        # A stderr that takes nothing (a full disk) loses the line, as the
+        # logging module loses a record, and must not change the exit status.
+        with above_captions(sys.stderr), contextlib.suppress(OSError):
+            print(message, file=sys.stderr, flush=True)
 
 
 # --- commands ----------------------------------------------------------------
@@ -1128,7 +1130,8 @@ def _error_line(message: str, logs: LoggingConfig) -> None:
     if logs.format == "json":
         log.error("%s", message)
     else:
-        print(f"evoxtral-stream: error: {message}", file=sys.stderr)
+        with contextlib.suppress(OSError):  # stderr full: the exit status still tells
+            print(f"evoxtral-stream: error: {message}", file=sys.stderr, flush=True)
 
 
 def _fail(message: str, logs: LoggingConfig) -> NoReturn:
