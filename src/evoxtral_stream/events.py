@@ -50,15 +50,20 @@ MAX_STREAM_ID_ENCODED = 200
 def stream_id_problem(stream_id: str) -> str | None:
     """Why ``stream_id`` cannot name a stream (one line), or None when it can:
     1 to :data:`MAX_STREAM_ID` characters and at most
-    :data:`MAX_STREAM_ID_ENCODED` bytes percent-encoded, no control character
-    and no comma (``?stream=`` and ``since=`` list streams comma-separated, so
-    such a stream could be neither subscribed to by name nor resumed)."""
+    :data:`MAX_STREAM_ID_ENCODED` bytes percent-encoded, no control character,
+    no lone surrogate and no comma (``?stream=`` and ``since=`` list streams
+    comma-separated, so such a stream could be neither subscribed to by name
+    nor resumed)."""
     shown = f"{stream_id[:40]!r}{'...' if len(stream_id) > 40 else ''}"
     if not stream_id or len(stream_id) > MAX_STREAM_ID:
         return (f"a stream id has 1 to {MAX_STREAM_ID} characters, got "
                 f"{len(stream_id)}: {shown}")
     if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in stream_id):
         return f"a stream id holds no control characters, got {stream_id!r}"
+    if any("\ud800" <= c <= "\udfff" for c in stream_id):
+        # Not text, cannot be sent: a file name's byte that is no UTF-8
+        # (Python's surrogateescape), or JSON's "\ud800".
+        return f"a stream id is text: it holds no lone surrogate, got {stream_id!r}"
     if "," in stream_id:
         return f"a stream id holds no comma (stream lists are comma-separated), got {shown}"
     encoded = len(quote(stream_id, safe=""))

@@ -32,6 +32,9 @@ def test_usable_ids(good: str) -> None:
     ("a,b", "a stream id holds no comma (stream lists are comma-separated), got 'a,b'"),
     ("é" * 34, "a stream id is at most 200 bytes percent-encoded"),
     ("/" * 67, "a stream id is at most 200 bytes percent-encoded"),
+    # Half a surrogate pair: a file name's byte that is no UTF-8, or JSON's
+    # "\ud800". It used to raise UnicodeEncodeError instead of saying so.
+    ("caf\udce9", "a stream id is text: it holds no lone surrogate"),
 ])
 def test_unusable_ids_say_why_in_one_line(bad: str, why: str) -> None:
     problem = stream_id_problem(bad)
@@ -47,7 +50,7 @@ async def test_open_stream_refuses_an_unusable_id() -> None:
 
 def test_file_names_give_usable_ids() -> None:
     for name in ("talk.wav", "x" * 300 + ".wav", "tab\tname.flac", "é" * 200 + ".wav", ".wav",
-                 "take 1, take 2.wav"):
+                 "take 1, take 2.wav", "caf\udce9.wav"):
         sid = _file_stream_id(Path("/audio") / name)
         assert stream_id_problem(sid) is None, sid
         assert stream_id_problem(sid + "-99") is None, sid  # room for a -N suffix
