@@ -1316,3 +1316,23 @@ def test_a_stderr_that_takes_nothing_leaves_the_exit_status_as_it_was(tmp_path: 
                              text=True, timeout=60, env=env)
     assert ok.returncode == 0
     assert bad.returncode == 2 and bad.stdout == ""
+
+
+def test_a_file_name_that_is_not_utf8_gives_a_stream_id_that_is(tmp_path: Path) -> None:
+    """A Latin-1 file name (café.wav from an old share) is no UTF-8: Python
+    holds its byte 0xE9 as a lone surrogate, which the stream id used to
+    keep, ending in a UnicodeEncodeError traceback. It becomes "_", as a
+    control character does."""
+    name = os.fsdecode(b"caf\xe9.wav")
+    sf.write(tmp_path / "a.wav", np.zeros(16000, dtype=np.int16), 16000)
+    (tmp_path / "a.wav").rename(tmp_path / name)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "evoxtral_stream", "transcribe",
+                           os.fsencode(tmp_path / name), "--srt", f"{out}/",
+                           "--jsonl", str(tmp_path / "all.jsonl")],
+                          capture_output=True, timeout=240,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert [p.name for p in out.iterdir()] == ["caf_.srt"]
+    started = json.loads((tmp_path / "all.jsonl").read_text().splitlines()[0])
+    assert started["stream"] == "caf_"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -137,6 +138,17 @@ def test_bad_files_raise_audio_input_error(
     assert words in message
     assert "\n" not in message
     assert info.value.__cause__ is None  # no chained traceback for people to read
+
+
+def test_a_file_name_that_is_not_utf8_is_read(tmp_path: Path) -> None:
+    """Python holds a file name's bytes that are no UTF-8 (café.wav named in
+    Latin-1) as lone surrogates, which soundfile encodes strictly: such a
+    file could not be opened at all ("cannot decode audio file")."""
+    x = np.random.default_rng(1).integers(-20000, 20000, 1600).astype(np.int16)
+    sf.write(tmp_path / "a.wav", x, SAMPLE_RATE, subtype="PCM_16")
+    latin1 = tmp_path / os.fsdecode(b"caf\xe9.wav")
+    (tmp_path / "a.wav").rename(latin1)
+    np.testing.assert_array_equal(read_audio_file(latin1), x)
 
 
 def test_iter_chunks() -> None:

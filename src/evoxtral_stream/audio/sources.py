@@ -44,7 +44,9 @@ def read_audio_file(path: str | os.PathLike[str]) -> Int16Array:
         raise AudioInputError(f"audio file {p} is a directory, not a file")
     parts: list[Int16Array] = []
     try:
-        with sf.SoundFile(str(p)) as f:
+        # As bytes on POSIX: soundfile encodes a str path strictly, so a
+        # name with bytes that are no UTF-8 (held as surrogates) would not open.
+        with sf.SoundFile(str(p) if os.name == "nt" else os.fsencode(p)) as f:
             convert = StreamResampler(int(f.samplerate), SAMPLE_RATE, int(f.channels))
             while len(block := f.read(_READ_FRAMES, dtype="float32", always_2d=True)):
                 parts.append(convert.process(block))
