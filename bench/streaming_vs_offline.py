@@ -138,8 +138,11 @@ def main() -> None:
             cfg = load_config(overrides={"stream.prefix_reuse": mode})
             timed = Timed(backend)
             t0 = time.monotonic()
-            texts = asyncio.run(streaming_predictions(cfg, timed, audio))
+            texts, failed = asyncio.run(streaming_predictions(cfg, timed, audio))
             seconds = time.monotonic() - t0
+            if failed:
+                raise SystemExit(f"{label}: a decode failed on script(s) {failed} (logged): "
+                                 "the numbers would not be the model's")
             streaming = evaluate(list(zip(refs, texts, strict=True)))
             identical = sum(a == b for a, b in zip(texts, offline_texts, strict=True))
             results.append(ModeResult(label, compare(offline, streaming), identical, seconds,

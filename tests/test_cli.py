@@ -1336,3 +1336,32 @@ def test_a_file_name_that_is_not_utf8_gives_a_stream_id_that_is(tmp_path: Path) 
     assert [p.name for p in out.iterdir()] == ["caf_.srt"]
     started = json.loads((tmp_path / "all.jsonl").read_text().splitlines()[0])
     assert started["stream"] == "caf_"
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
+def test_eval_with_a_failed_decode_says_which_lines_and_exits_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A final whose decode failed (a GPU out of memory on one long file) is
+    closed with its last partial's text: eval scored that as the model's
+    answer and exited 0, a score silently not the model's. Now the report
+    names the manifest lines (also in --json) and the status is 1, as
+    transcribe's is. The backend is scripted: a real one cannot be made to
+    fail on one file."""
+    from evoxtral_stream import cli as cli_module
+    from tests.fakes import ScriptedBackend
+    from tests.speech import speak
+
+    short, long = speak("hello there, this is the first file"), speak(
+        "and this is the second file, which is longer and fails")
+    for name, audio in (("a.wav", short), ("b.wav", long)):
+        sf.write(tmp_path / name, audio, 16000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"audio": n, "text": "words"}) + "\n"
+                                for n in ("a.wav", "b.wav")))
+    backend = ScriptedBackend(lambda a: "words", fail_when=lambda a: len(a) > len(short) + 2000)
+    monkeypatch.setattr(cli_module, "load_backend", lambda cfg: backend)
+    report = tmp_path / "r.json"
+    assert cli_module.main(["eval", str(manifest), "--json", str(report), "-q"]) == 1
+    assert f"{manifest} line 2: a decode failed" in caplog.text, caplog.text
+    assert json.loads(report.read_text())["decode_failed"] == [2]

@@ -38,6 +38,9 @@ class EvalRun:
     streaming: EvalReport
     offline_texts: tuple[str, ...] | None = None
     offline: EvalReport | None = None
+    failed: tuple[int, ...] = ()
+    """The indexes of the files a streaming decode failed on: their text is
+    what was decoded (a final closed with its last partial's text)."""
 
     @property
     def identical(self) -> int:
@@ -70,19 +73,24 @@ def offline_predictions(backend: Backend, audio: Sequence[Int16Array]) -> list[s
     return out
 
 
-async def streaming_predictions(cfg: Config, backend: Backend,
-                                audio: Sequence[Int16Array]) -> list[str]:
-    """Each file through the live pipeline, one stream at a time."""
+async def streaming_predictions(cfg: Config, backend: Backend, audio: Sequence[Int16Array]
+                                ) -> tuple[list[str], list[int]]:
+    """Each file through the live pipeline, one stream at a time: the texts,
+    and the indexes of the files a decode failed on (``decode_failed`` or
+    ``final_lost``: their text is not all the model's)."""
     out: list[str] = []
+    failed: list[int] = []
     async with Engine(cfg, backend) as engine:
         for i, samples in enumerate(audio):
             record = LatencyLog()
             engine.add_listener(record)
-            await transcribe_samples(cfg, engine, [FileJob(f"eval-{i}", samples)],
-                                     realtime=False)
+            [summary] = await transcribe_samples(cfg, engine, [FileJob(f"eval-{i}", samples)],
+                                                 realtime=False)
             engine.remove_listener(record)
             out.append(final_text(record.captions()))
-    return out
+            if summary.errors:
+                failed.append(i)
+    return out, failed
 
 
 def run_eval(cfg: Config, backend: Backend, entries: Sequence[ManifestEntry],
@@ -90,10 +98,11 @@ def run_eval(cfg: Config, backend: Backend, entries: Sequence[ManifestEntry],
     """Score streaming (and, when asked, offline) predictions on ``entries``,
     whose files are ``audio`` (:func:`load_audio`, before the model loads)."""
     refs = tuple(e.text for e in entries)
-    streamed = tuple(asyncio.run(streaming_predictions(cfg, backend, audio)))
+    texts, failed = asyncio.run(streaming_predictions(cfg, backend, audio))
+    streamed = tuple(texts)
     report = evaluate(list(zip(refs, streamed, strict=True)))
     if not compare_offline:
-        return EvalRun(refs, streamed, report)
+        return EvalRun(refs, streamed, report, failed=tuple(failed))
     offline = tuple(offline_predictions(backend, audio))
     return EvalRun(refs, streamed, report, offline,
-                   evaluate(list(zip(refs, offline, strict=True))))
+                   evaluate(list(zip(refs, offline, strict=True))), tuple(failed))
