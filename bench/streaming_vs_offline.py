@@ -127,7 +127,10 @@ def main() -> None:
         backend = load_backend(base.model)
         refs = [e.text for e in entries]
         t0 = time.monotonic()
-        offline_texts = offline_predictions(backend, audio)
+        offline_texts, failed = offline_predictions(backend, audio)
+        if failed:
+            raise SystemExit(f"offline: a decode failed on script(s) {failed} (logged): "
+                             "the numbers would not be the model's")
         offline = evaluate(list(zip(refs, offline_texts, strict=True)))
         offline_s = time.monotonic() - t0
         if not isinstance(backend, JobBackend):

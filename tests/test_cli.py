@@ -1365,3 +1365,33 @@ def test_eval_with_a_failed_decode_says_which_lines_and_exits_one(
     assert cli_module.main(["eval", str(manifest), "--json", str(report), "-q"]) == 1
     assert f"{manifest} line 2: a decode failed" in caplog.text, caplog.text
     assert json.loads(report.read_text())["decode_failed"] == [2]
+
+
+def test_eval_compare_offline_with_a_failed_offline_decode_exits_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The offline pass decodes a whole file in one call (a batch of 30 s
+    pieces), which the backend may fail (the GPU out of memory, where the
+    worker's smaller batches did not): that ended eval in a traceback after
+    the whole streaming pass. Now it is that file's failure, as in
+    streaming: named, in the report, status 1."""
+    from evoxtral_stream import cli as cli_module
+    from tests.fakes import ScriptedBackend
+
+    rng = np.random.default_rng(3)
+    sizes = {"a.wav": 16000, "b.wav": 24000}
+    silence = np.zeros(8000, np.int16)  # around the sound: a segment is not the file
+    for name, n in sizes.items():
+        sound = (rng.standard_normal(n) * 3000).astype(np.int16)
+        sf.write(tmp_path / name, np.concatenate([silence, sound, silence]), 16000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"audio": n, "text": "words"}) + "\n"
+                                for n in sizes))
+    # Only the whole of b.wav, which only the offline pass asks for.
+    backend = ScriptedBackend(lambda a: "words", fail_when=lambda a: len(a) == 40000)
+    monkeypatch.setattr(cli_module, "load_backend", lambda cfg: backend)
+    report = tmp_path / "r.json"
+    assert cli_module.main(["eval", str(manifest), "--compare-offline", "--json", str(report),
+                            "-q"]) == 1
+    assert f"{manifest} line 2: a decode failed" in caplog.text, caplog.text
+    assert json.loads(report.read_text())["decode_failed"] == [2]

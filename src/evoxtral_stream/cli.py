@@ -1113,8 +1113,8 @@ def _cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     if failed:
         # Scored all the same (the rest of the run is sound), but said: the
         # text of these files is not all the model's.
-        log.warning("%s line %s: a decode failed (logged above); the streaming scores "
-                    "count what was decoded", args.manifest, ", ".join(map(str, failed)))
+        log.warning("%s line %s: a decode failed (logged above); the scores count "
+                    "what was decoded", args.manifest, ", ".join(map(str, failed)))
         return 1
     return 0
 

@@ -11,6 +11,7 @@ costs.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ __all__ = ["EvalRun", "load_audio", "offline_predictions", "run_eval", "streamin
 
 _WINDOW = 30 * SAMPLE_RATE
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class EvalRun:
@@ -39,8 +42,9 @@ class EvalRun:
     offline_texts: tuple[str, ...] | None = None
     offline: EvalReport | None = None
     failed: tuple[int, ...] = ()
-    """The indexes of the files a streaming decode failed on: their text is
-    what was decoded (a final closed with its last partial's text)."""
+    """The indexes of the files a decode failed on, streaming or offline:
+    their text is what was decoded (a final closed with its last partial's
+    text; nothing offline)."""
 
     @property
     def identical(self) -> int:
@@ -63,14 +67,23 @@ def load_audio(entries: Sequence[ManifestEntry], *,
     return audio
 
 
-def offline_predictions(backend: Backend, audio: Sequence[Int16Array]) -> list[str]:
-    """One decode of each whole file (in 30 s pieces when longer)."""
+def offline_predictions(backend: Backend, audio: Sequence[Int16Array]
+                        ) -> tuple[list[str], list[int]]:
+    """One decode of each whole file (in 30 s pieces when longer): the texts,
+    and the indexes of the files the backend failed on (logged; text "")."""
     out: list[str] = []
-    for samples in audio:
+    failed: list[int] = []
+    for n, samples in enumerate(audio):
         pieces = [samples[i:i + _WINDOW] for i in range(0, max(len(samples), 1), _WINDOW)]
-        texts = backend.transcribe([int16_to_float32(p) for p in pieces])
+        try:
+            texts = backend.transcribe([int16_to_float32(p) for p in pieces])
+        except Exception as e:  # as the worker takes it: one file's failure (out of memory)
+            log.error("backend failed on file %d of the offline pass: %s: %s", n + 1,
+                      type(e).__name__, e)
+            failed.append(n)
+            texts = []
         out.append(" ".join(t for t in texts if t))
-    return out
+    return out, failed
 
 
 async def streaming_predictions(cfg: Config, backend: Backend, audio: Sequence[Int16Array]
@@ -103,6 +116,8 @@ def run_eval(cfg: Config, backend: Backend, entries: Sequence[ManifestEntry],
     report = evaluate(list(zip(refs, streamed, strict=True)))
     if not compare_offline:
         return EvalRun(refs, streamed, report, failed=tuple(failed))
-    offline = tuple(offline_predictions(backend, audio))
+    offline_texts, offline_failed = offline_predictions(backend, audio)
+    offline = tuple(offline_texts)
     return EvalRun(refs, streamed, report, offline,
-                   evaluate(list(zip(refs, offline, strict=True))), tuple(failed))
+                   evaluate(list(zip(refs, offline, strict=True))),
+                   tuple(sorted({*failed, *offline_failed})))
