@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import soxr
@@ -44,6 +46,16 @@ def test_float_int16_conversions_scale_and_clip() -> None:
     assert f.max() < 1.0
     assert f[32768 + 16384] == 0.5
     np.testing.assert_array_equal(float_to_int16(f), allints)  # lossless round trip
+
+
+def test_infinite_samples_saturate_without_a_warning() -> None:
+    """A float WAV holding inf (a broken mixer's export) saturates like 2.0.
+    Scaling inf (or 1e308) overflowed first: a RuntimeWarning with a code
+    line on stderr in the middle of transcribe's output."""
+    x = np.array([np.inf, -np.inf, 1e308, -1e308, np.nan, 0.5])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(float_to_int16(x), [32767, -32768, 32767, -32768, 0, 16384])
 
 
 @pytest.mark.parametrize("rate", [44100, 48000])

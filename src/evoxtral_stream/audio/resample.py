@@ -58,8 +58,10 @@ def float_to_int16(x: npt.NDArray[np.floating[Any]]) -> Int16Array:
     Out-of-range values saturate at -32768 / 32767 instead of wrapping around,
     and NaN becomes 0.
     """
-    scaled = np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0) * _INT16_SCALE
-    return np.clip(np.rint(scaled), -32768, 32767).astype(np.int16)
+    # Clipped before scaling: inf (or 1e308) times the scale would overflow,
+    # a RuntimeWarning on stderr, for the same saturated result.
+    unit = np.clip(np.nan_to_num(np.asarray(x, dtype=np.float64), nan=0.0), -1.0, 1.0)
+    return np.clip(np.rint(unit * _INT16_SCALE), -32768, 32767).astype(np.int16)
 
 
 def int16_to_float32(x: Int16Array) -> Float32Array:
