@@ -114,6 +114,13 @@ def _directory(p: Path) -> None:
     p.mkdir()
 
 
+def _one_hertz(p: Path) -> None:
+    # A damaged header: 20 000 samples at 1 Hz are 5.5 hours, 320 million
+    # samples at 16 kHz (a block of it 8 GB as float64): the read used to
+    # run out of memory, or hours of captions of noise followed.
+    sf.write(p, np.ones(20000, np.int16), 1)
+
+
 @pytest.mark.parametrize(
     ("make", "name", "words"),
     [
@@ -123,6 +130,7 @@ def _directory(p: Path) -> None:
         (_zero_bytes, "zero.flac", "cannot decode"),
         (_truncated_header, "cut.wav", "cannot decode"),
         (_directory, "folder.wav", "directory"),
+        (_one_hertz, "slow.wav", "says 1 Hz"),
     ],
 )
 def test_bad_files_raise_audio_input_error(

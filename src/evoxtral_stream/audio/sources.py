@@ -20,6 +20,10 @@ __all__ = ["AudioInputError", "iter_chunks", "read_audio_file"]
 #: Frames decoded at a time: the file is converted block by block, so memory
 #: holds the 16 kHz result and one block, never the whole file as decoded.
 _READ_FRAMES = 1 << 16
+#: The lowest sample rate a file may have: below it the header is damaged
+#: (no recording of speech is made so), and the upsampling to 16 kHz would
+#: turn a few kilobytes into hours of audio and a block into gigabytes.
+MIN_FILE_RATE = 1000
 
 
 class AudioInputError(Exception):
@@ -31,8 +35,9 @@ class AudioInputError(Exception):
 
 def read_audio_file(path: str | os.PathLike[str]) -> Int16Array:
     """Decode a whole audio file (anything libsndfile reads: WAV, FLAC, OGG,
-    MP3 with libsndfile >= 1.1; any rate and channel count) to mono int16 at
-    16 kHz. Raises :class:`AudioInputError` naming the file on any failure.
+    MP3 with libsndfile >= 1.1; any rate from :data:`MIN_FILE_RATE` and any
+    channel count) to mono int16 at 16 kHz. Raises :class:`AudioInputError`
+    naming the file on any failure.
 
     Decoded, downmixed and resampled in blocks (the same samples as the whole
     file at once: :class:`StreamResampler`), so an hour of 48 kHz stereo
@@ -47,6 +52,10 @@ def read_audio_file(path: str | os.PathLike[str]) -> Int16Array:
         # As bytes on POSIX: soundfile encodes a str path strictly, so a
         # name with bytes that are no UTF-8 (held as surrogates) would not open.
         with sf.SoundFile(str(p) if os.name == "nt" else os.fsencode(p)) as f:
+            if f.samplerate < MIN_FILE_RATE:
+                raise AudioInputError(
+                    f"audio file {p} says {f.samplerate} Hz, below the {MIN_FILE_RATE} Hz "
+                    "of any speech recording (a damaged header?)")
             convert = StreamResampler(int(f.samplerate), SAMPLE_RATE, int(f.channels))
             while len(block := f.read(_READ_FRAMES, dtype="float32", always_2d=True)):
                 parts.append(convert.process(block))
@@ -58,6 +67,8 @@ def read_audio_file(path: str | os.PathLike[str]) -> Int16Array:
         ) from None
     except OSError as e:
         raise AudioInputError(f"cannot read audio file {p}: {e.strerror or e}") from None
+    except AudioInputError:
+        raise
     except Exception as e:  # soundfile raises assorted types (TypeError, RuntimeError...)
         raise AudioInputError(f"cannot decode audio file {p}: {e}") from None
     out: Int16Array = np.concatenate(parts)
