@@ -383,8 +383,14 @@ _SECRET_KEYS = frozenset({"mqtt.password"})
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 
 
+def _toml_string(text: str) -> str:
+    """``text`` as a TOML basic string: JSON's, which has the same escapes,
+    but for DEL, which JSON leaves raw and TOML refuses raw."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
 def _toml_key(name: str) -> str:
-    return name if _BARE_KEY.fullmatch(name) else json.dumps(name, ensure_ascii=False)
+    return name if _BARE_KEY.fullmatch(name) else _toml_string(name)
 
 
 def _toml_value(value: object) -> str:
@@ -393,8 +399,7 @@ def _toml_value(value: object) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        # A JSON string is a TOML basic string: the same escapes.
-        return json.dumps(value, ensure_ascii=False)
+        return _toml_string(value)
     if isinstance(value, tuple | list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"no TOML form for {value!r}")
