@@ -206,6 +206,16 @@ def test_to_toml_redacts_the_mqtt_password(tmp_path: Path) -> None:
     assert 'password = ""' in to_toml(load_config(env={}))  # nothing to hide
 
 
+def test_a_file_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    """Windows editors (Notepad) start UTF-8 files with a BOM, as the eval
+    manifest reader allows: tomllib took it for a statement, refusing the
+    file with 'Invalid statement (at line 1, column 1)', nothing to see
+    there."""
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf[vad]\r\naggressiveness = 3\r\n")
+    assert load_config(bom, env={}).vad.aggressiveness == 3
+
+
 def test_values_nested_too_deeply_for_the_toml_reader_are_a_config_error(
         tmp_path: Path) -> None:
     """tomllib parses nested arrays and inline tables by recursion: a file

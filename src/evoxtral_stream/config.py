@@ -12,6 +12,7 @@ from the TOML file, so there is no second copy of the defaults to drift.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import math
@@ -243,7 +244,10 @@ T = TypeVar("T")
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as f:
-            return tomllib.load(f)
+            data = f.read()
+        # Windows editors start UTF-8 files with a BOM, which tomllib takes
+        # for a statement ("Invalid statement (at line 1, column 1)").
+        return tomllib.loads(data.removeprefix(codecs.BOM_UTF8).decode("utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except OSError as e:
