@@ -1395,3 +1395,23 @@ def test_eval_compare_offline_with_a_failed_offline_decode_exits_one(
                             "-q"]) == 1
     assert f"{manifest} line 2: a decode failed" in caplog.text, caplog.text
     assert json.loads(report.read_text())["decode_failed"] == [2]
+
+
+def test_closed_standard_streams_are_one_line_not_a_traceback(tmp_path: Path) -> None:
+    """A stream the caller closed (``>&-``, ``<&-``) is None in Python: config,
+    hash-token and transcribe ended in an AttributeError traceback. Closed
+    stdout is a stdout that takes nothing (status 2, the files still
+    written); closed stdin reads as empty."""
+    srt = tmp_path / "s.srt"
+
+    def run(redirect: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["sh", "-c", f'"$0" -m evoxtral_stream "$@" {redirect}',
+                               sys.executable, *args], capture_output=True, text=True,
+                              timeout=240, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    one_error_line(run(">&-", "config"), "cannot write the configuration to standard output")
+    one_error_line(run("<&-", "hash-token"), "got an empty line")
+    one_error_line(run(">&-", "transcribe", "--sample", "--no-partials", "--srt", str(srt)),
+                   "cannot write captions to standard output")
+    assert srt.read_text().count(" --> ") >= 5, "the subtitles hold every final"
+    assert run("2>&-", "config", "--set", "vad.aggressiveness=9").returncode == 2

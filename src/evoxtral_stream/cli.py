@@ -16,7 +16,9 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import functools
+import io
 import json
 import logging
 import math
@@ -1148,7 +1150,35 @@ def _fail(message: str, logs: LoggingConfig) -> NoReturn:
     raise SystemExit(EXIT_USAGE)
 
 
+class _ClosedStream(io.RawIOBase):
+    """A standard stream the caller closed (``<&-``, ``>&-``), which Python
+    leaves as None: it reads as empty, and each write fails as a write to a
+    closed descriptor does (EBADF), reported like any stdout that takes
+    nothing."""
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return 0
+
+    def write(self, data: Any) -> int:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+
+def _stand_in_for_closed_streams() -> None:
+    """Put a :class:`_ClosedStream` where a standard stream is None."""
+    for name in ("stdin", "stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, io.TextIOWrapper(_ClosedStream(), encoding="utf-8",
+                                                write_through=True))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _stand_in_for_closed_streams()
     args = _parse(argv)
     # The flags' logging now, so that an error in the config itself is
     # reported in the format --log-format asked for; the config's next.
