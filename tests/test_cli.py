@@ -662,8 +662,15 @@ def test_a_port_in_use_is_one_line(tmp_path: Path) -> None:
         port = str(taken.getsockname()[1])
         one_error_line(cli("serve", "--source", "none", "--port", port),
                        f"127.0.0.1:{port}", "in use", "server.port")
-        one_error_line(cli("transcribe", str(audio), "--serve", "--port", port),
+        # The outputs are left as they were: the --jsonl of an earlier run
+        # used to be emptied, and an empty .part file left beside the SRT.
+        events, srt = tmp_path / "events.jsonl", tmp_path / "a.srt"
+        events.write_text("an earlier run's events\n")
+        one_error_line(cli("transcribe", str(audio), "--serve", "--port", port,
+                           "--jsonl", str(events), "--srt", str(srt)),
                        f"127.0.0.1:{port}", "in use", "server.port")
+        assert events.read_text() == "an earlier run's events\n"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "events.jsonl"]
 
 
 def test_a_journal_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> None:

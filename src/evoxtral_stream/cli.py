@@ -446,17 +446,11 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
 
     total = sum(len(j.samples) for j in jobs)
     interrupted: list[signal.Signals] = []
-    jsonl, subtitles = _open_outputs(args, cfg, [j.stream for j in jobs])
+    opened: list[tuple[JsonlFile | None, SubtitleFiles]] = []
 
     async def job() -> list[StreamSummary]:
         async with Engine(cfg, backend) as engine:
             stop = _stop_on_signals(cfg, engine, interrupted)
-            # The files first: a caption printed is on disk already.
-            if jsonl is not None:
-                engine.add_listener(jsonl)
-            engine.add_listener(subtitles)
-            engine.add_listener(tally)
-            engine.add_listener(printer)
             server = CaptionServer(engine, cfg.server) if args.serve else None
             async with contextlib.AsyncExitStack() as stack:
                 if server is not None:
@@ -465,6 +459,16 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
                     scheme = "wss" if cfg.server.tls_cert else "ws"
                     _notice(cfg, f"serving captions on {scheme}://{cfg.server.host}:"
                                  f"{server.port}/v1/captions")
+                # Opened once nothing can refuse the run (a port in use):
+                # opening empties a --jsonl file an earlier run left there.
+                opened.append(_open_outputs(args, cfg, [j.stream for j in jobs]))
+                jsonl, subtitles = opened[0]
+                # The files first: a caption printed is on disk already.
+                if jsonl is not None:
+                    engine.add_listener(jsonl)
+                engine.add_listener(subtitles)
+                engine.add_listener(tally)
+                engine.add_listener(printer)
                 # No progress bar in json mode: stderr holds JSON lines only.
                 bar = None if cfg.logging.format == "json" else _progress(total)
                 try:
@@ -485,9 +489,11 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
         # Interrupted or not, the outputs hold every caption made; every
         # stream has ended by now, so each subtitle file is complete. On an
         # exception they stay .part files.
-        subtitles.close(complete=complete)
-        if jsonl is not None:
-            jsonl.close()
+        for jsonl, subtitles in opened:
+            subtitles.close(complete=complete)
+            if jsonl is not None:
+                jsonl.close()
+    jsonl, subtitles = opened[0]
     elapsed = time.monotonic() - loop_start
     failed = (subtitles.error if subtitles.error is not None
               else (jsonl.path, jsonl.error) if jsonl is not None and jsonl.error is not None
