@@ -1137,8 +1137,7 @@ def _cmd_export_merged(args: argparse.Namespace, cfg: Config) -> int:
         export_merged(cfg.model.voxtral, args.outdir)
     except ExportError as e:
         raise UserError(str(e)) from None
-    _notice(cfg, f"merged model written to {args.outdir}")
-    return 0
+    return 0  # the export logged where it wrote (once: not a second status line)
 
 
 def _error_line(message: str, logs: LoggingConfig) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +89,30 @@ def test_an_unwritable_outdir_is_refused_before_the_model_loads(
     with pytest.raises(BackendUnavailable, match="does not exist"):
         export_merged(broken, tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+def test_a_write_that_fails_partway_leaves_nothing_and_the_next_try_works(
+    tiny_cfg: VoxtralConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that fills up after the weights are written (here: copying the
+    tokenizer fails) left a half checkpoint in OUTDIR, which the next run
+    refused as a folder that is not empty. The files now go to a folder
+    beside it that is renamed once all are written."""
+    out = tmp_path / "merged"
+    real_copy = shutil.copyfile
+
+    def full_disk(src: Any, dst: Any) -> Any:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    with pytest.raises(ExportError, match=r"cannot write .*merged: No space left on device"):
+        export_merged(tiny_cfg, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.setattr(shutil, "copyfile", real_copy)
+    out.mkdir()  # an empty OUTDIR made beforehand stays usable too
+    export_merged(tiny_cfg, out)
+    assert (out / "tekken.json").is_file() and (out / "evoxtral_merge.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
 def test_export_merged_command(tiny: Tiny, tmp_path: Path) -> None:

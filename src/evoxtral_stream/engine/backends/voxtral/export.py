@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -42,38 +43,53 @@ def export_merged(cfg: VoxtralConfig, outdir: Path, *, max_shard_size: str = "5G
     if not cfg.adapter:
         log.warning("model.voxtral.adapter is empty: exporting plain Voxtral unchanged")
     # Made before the model loads (minutes for the full size), so a place
-    # that cannot be written is refused at once; removed if the load fails.
+    # that cannot be written is refused at once; removed if the export fails.
+    # The files go to a folder beside it, renamed to it once all are written:
+    # a write that fails partway (a full disk) leaves no half checkpoint that
+    # would load, nor a folder the next try refuses as not empty.
     made = not outdir.exists()
+    stage = outdir.with_name(f".{outdir.name}.part")
     try:
         outdir.mkdir(parents=True, exist_ok=True)
+        if stage.exists():
+            shutil.rmtree(stage)  # left by an export that was killed
+        stage.mkdir()
     except OSError as e:
-        raise ExportError(f"cannot write {outdir}: {e.strerror or e}") from None
-    try:
-        loaded = load_model(cfg, "auto", merge=True,
-                            dtype="auto" if cfg.dtype == "auto" else None)
-    except BaseException:
         if made:
             with contextlib.suppress(OSError):
                 outdir.rmdir()
-        raise
-    model: Any = loaded.model
-    try:
-        model.save_pretrained(str(outdir), max_shard_size=max_shard_size)
-        for name in _COPIED:
-            src = loaded.base.path / name
-            if src.is_file():
-                shutil.copyfile(src, outdir / name)
-        note = {
-            "base": cfg.base,
-            "adapter": cfg.adapter,
-            "merged": bool(cfg.adapter),
-            "dtype": str(loaded.dtype).removeprefix("torch."),
-            "versions": _versions(),
-        }
-        (outdir / "evoxtral_merge.json").write_text(json.dumps(note, indent=2) + "\n", "utf-8")
-    except OSError as e:
         raise ExportError(f"cannot write {outdir}: {e.strerror or e}") from None
+    try:
+        _write_merged(cfg, stage, max_shard_size)
+        outdir.rmdir()
+        os.replace(stage, outdir)
+    except BaseException as e:
+        shutil.rmtree(stage, ignore_errors=True)
+        if made:
+            with contextlib.suppress(OSError):
+                outdir.rmdir()
+        if isinstance(e, OSError):
+            raise ExportError(f"cannot write {outdir}: {e.strerror or e}") from None
+        raise
     log.info("merged model written to %s", outdir)
+
+
+def _write_merged(cfg: VoxtralConfig, outdir: Path, max_shard_size: str) -> None:
+    loaded = load_model(cfg, "auto", merge=True, dtype="auto" if cfg.dtype == "auto" else None)
+    model: Any = loaded.model
+    model.save_pretrained(str(outdir), max_shard_size=max_shard_size)
+    for name in _COPIED:
+        src = loaded.base.path / name
+        if src.is_file():
+            shutil.copyfile(src, outdir / name)
+    note = {
+        "base": cfg.base,
+        "adapter": cfg.adapter,
+        "merged": bool(cfg.adapter),
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "versions": _versions(),
+    }
+    (outdir / "evoxtral_merge.json").write_text(json.dumps(note, indent=2) + "\n", "utf-8")
 
 
 def _versions() -> dict[str, str]:
