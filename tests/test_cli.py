@@ -1306,6 +1306,20 @@ def test_hash_token_of_bytes_that_are_not_utf8_is_one_line() -> None:
     assert ok.stdout.decode() == hash_token("sécret") + "\n", ok.stderr
 
 
+@pytest.mark.parametrize(("stdin", "why"), [
+    (" s3cret\n", "starts or ends with blanks"), ("s3cret \t\n", "starts or ends with blanks"),
+    ("one\ntwo\n", "more lines followed")])
+def test_hash_token_refuses_a_token_no_client_could_send_or_a_list(
+        stdin: str, why: str) -> None:
+    """hash-token hashed ' s3cret' (a paste with a blank) as it was, while
+    the server strips the blanks around an Authorization header's token:
+    that hash never matched. A second line was silently ignored."""
+    proc = subprocess.run([sys.executable, "-m", "evoxtral_stream", "hash-token"],
+                          input=stdin, capture_output=True, text=True, timeout=60)
+    one_error_line(proc, why)
+    assert proc.stdout == ""
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_a_stderr_that_takes_nothing_leaves_the_exit_status_as_it_was(tmp_path: Path) -> None:
     """stderr on a full disk: the status lines and the error line are lost,

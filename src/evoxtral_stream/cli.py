@@ -789,11 +789,20 @@ def _cmd_hash_token(args: argparse.Namespace, cfg: Config) -> int:
     # UTF-8 of the token a client sends, so no other bytes can ever match.
     try:
         token = sys.stdin.buffer.readline().decode("utf-8").rstrip("\r\n")
+        more = sys.stdin.buffer.read(1 << 16).strip()
     except UnicodeDecodeError:
         raise UserError("hash-token reads a token from stdin, got bytes that are not "
                         "UTF-8 text") from None
     if not token:
         raise UserError("hash-token reads a token from stdin, got an empty line")
+    if token != token.strip():
+        # An Authorization header loses them (HTTP drops the blanks around a
+        # value): such a hash could never match what a client sends.
+        raise UserError("hash-token: the token starts or ends with blanks, which an "
+                        "Authorization header drops; remove them")
+    if more:
+        raise UserError("hash-token reads one token, from the first line of stdin; "
+                        "more lines followed (hash each token on its own)")
     _to_stdout(hash_token(token) + "\n", "the hash")
     return 0
 
