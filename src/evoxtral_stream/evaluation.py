@@ -67,16 +67,22 @@ def load_audio(entries: Sequence[ManifestEntry], *,
     return audio
 
 
-def offline_predictions(backend: Backend, audio: Sequence[Int16Array]
+def offline_predictions(backend: Backend, audio: Sequence[Int16Array], max_batch: int = 8
                         ) -> tuple[list[str], list[int]]:
-    """One decode of each whole file (in 30 s pieces when longer): the texts,
+    """One decode of each whole file (in 30 s pieces when longer, at most
+    ``max_batch`` pieces per backend call, as the worker batches): the texts,
     and the indexes of the files the backend failed on (logged; text "")."""
     out: list[str] = []
     failed: list[int] = []
+    step = max(1, max_batch)
     for n, samples in enumerate(audio):
-        pieces = [samples[i:i + _WINDOW] for i in range(0, max(len(samples), 1), _WINDOW)]
+        pieces = [int16_to_float32(samples[i:i + _WINDOW])
+                  for i in range(0, max(len(samples), 1), _WINDOW)]
         try:
-            texts = backend.transcribe([int16_to_float32(p) for p in pieces])
+            # An hour of audio is 120 pieces: one call would ask a GPU for
+            # 120 windows' activations at once.
+            texts = [t for i in range(0, len(pieces), step)
+                     for t in backend.transcribe(pieces[i:i + step])]
         except Exception as e:  # as the worker takes it: one file's failure (out of memory)
             log.error("backend failed on file %d of the offline pass: %s: %s", n + 1,
                       type(e).__name__, e)
@@ -116,7 +122,8 @@ def run_eval(cfg: Config, backend: Backend, entries: Sequence[ManifestEntry],
     report = evaluate(list(zip(refs, streamed, strict=True)))
     if not compare_offline:
         return EvalRun(refs, streamed, report, failed=tuple(failed))
-    offline_texts, offline_failed = offline_predictions(backend, audio)
+    offline_texts, offline_failed = offline_predictions(backend, audio,
+                                                        cfg.worker.max_batch)
     offline = tuple(offline_texts)
     return EvalRun(refs, streamed, report, offline,
                    evaluate(list(zip(refs, offline, strict=True))),

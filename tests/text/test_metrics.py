@@ -150,3 +150,21 @@ def test_manifest_errors(text: str, message: str) -> None:
 def test_missing_manifest(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="does not exist"):
         read_manifest(tmp_path / "nope.jsonl")
+
+
+def test_the_offline_pass_decodes_a_long_file_a_batch_of_windows_at_a_time() -> None:
+    """eval --compare-offline sent all of a file's 30 s windows to the backend
+    in one call (an hour: 120 windows' activations at once on a GPU), past
+    worker.max_batch. The text is the same, made in calls of at most that."""
+    import numpy as np
+
+    from evoxtral_stream.evaluation import offline_predictions
+    from tests.fakes import ScriptedBackend
+
+    backend = ScriptedBackend()
+    ten_windows = np.zeros(16_000 * 30 * 10 - 5, np.int16)
+    texts, failed = offline_predictions(backend, [ten_windows], max_batch=3)
+    assert [len(b) for b in backend.batches] == [3, 3, 3, 1]
+    assert failed == []
+    whole, _ = offline_predictions(ScriptedBackend(), [ten_windows], max_batch=10)
+    assert texts == whole
