@@ -118,6 +118,10 @@ def test_outputs_that_cannot_be_written_are_refused_before_decoding(tmp_path: Pa
     one_error_line(cli("transcribe", str(staged), "--srt", str(tmp_path / "talk.srt")),
                    f"--srt {staged} is one of the audio files")
     assert sf.info(staged).frames == 8000
+    # An empty name (an unset shell variable) wrote into the working folder.
+    for flag in ("--srt", "--jsonl"):
+        one_error_line(cli("transcribe", str(a), flag, ""),
+                       f"{flag} needs a file or folder name, got an empty one")
     # A file where its folder should be: said so, not "does not exist".
     one_error_line(cli("transcribe", str(a), "--vtt", str(a / "a.vtt")),
                    f"--vtt {a / 'a.vtt'}: {a} is a file, not a folder")

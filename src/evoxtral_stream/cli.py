@@ -353,6 +353,10 @@ def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence
     for flag, raw in outputs:
         if raw is None:
             continue
+        if not raw.strip():
+            # Path("") is ".": the files would go into the working folder
+            # (an unset shell variable, most often), named by no one.
+            raise UserError(f"{flag} needs a file or folder name, got an empty one")
         target = Path(raw)
         folder = target.is_dir() or raw.endswith(("/", os.sep))
         if flag != "--jsonl" and (many or folder):
