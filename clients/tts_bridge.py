@@ -99,8 +99,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from evoxtral_stream.logs import configure_logging, install_json_hooks
 from evoxtral_stream.server.auth import redact_tokens
+from evoxtral_stream.server.protocol import parse_epoch, resume_since
 from evoxtral_stream.server.protocol import parse_since as parse_since_values
-from evoxtral_stream.server.protocol import resume_since
 from evoxtral_stream.text.tags import Carry, TagKind, tokenize
 
 __all__ = [
@@ -276,7 +276,8 @@ def check_output_folder(out: Path) -> None:
 class BridgeConfig:
     """What to subscribe to and where to write.
 
-    ``since``: resume points (stream, seq) for the first connection.
+    ``since``: resume points (stream, seq) for the first connection, and
+    ``epoch`` the numbering they are of (``--epoch``; None: unknown).
     ``queue_size``: finals waiting for the synthesiser (the reader waits
     when it is full, see the module doc). ``max_captions``: stop after that
     many finals were handled (written, failed or skipped). ``exit_on_end``:
@@ -291,6 +292,7 @@ class BridgeConfig:
     url: str = DEFAULT_URL
     streams: tuple[str, ...] = ()
     since: tuple[tuple[str, int], ...] = ()
+    epoch: str | None = None
     queue_size: int = 32
     max_captions: int | None = None
     exit_on_end: bool = False
@@ -328,7 +330,7 @@ class TtsBridge:
         self.written: list[Path] = []
         self._queue: asyncio.Queue[Final | None] = asyncio.Queue(cfg.queue_size)
         self._last_seq: dict[str, int] = dict(cfg.since)
-        self._epoch: str | None = None  # the numbering of those seqs (the last hello's)
+        self._epoch = cfg.epoch  # the numbering of those seqs (the last hello's)
         # Per stream: the segment of its last final and its session (module doc).
         self._last_segment: dict[str, int] = {}
         self._session: dict[str, int] = {}
@@ -409,7 +411,7 @@ class TtsBridge:
                     await self._expect_hello(ws)
                     connected = True
                     delay = self.cfg.reconnect_min_s
-                    log.info("subscribed to %s", url)
+                    log.info("subscribed to %s (epoch %s)", url, self._epoch or "-")
                     async for raw in ws:
                         if await self._on_message(raw):
                             return
@@ -574,6 +576,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="append", default=[],
                    help="stream id to follow (repeat or comma-separate; default: all)")
     p.add_argument("--since", help="resume after SEQ (with --stream) or STREAM:SEQ[,...]")
+    p.add_argument("--epoch", metavar="E",
+                   help="the epoch the --since seqs are of (logged as 'subscribed to ... "
+                        "(epoch E)'): a server that numbers anew since then replays from "
+                        "the start")
     p.add_argument("--voice", help="ElevenLabs voice id (required for elevenlabs) or "
                                    "espeak-ng voice (default en)")
     p.add_argument("--queue", type=int, default=32, help="finals waiting for synthesis")
@@ -654,13 +660,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ValueError(f"{option} must be at least 1 (got {value})")
         check_output_folder(args.out)
         since = parse_since(args.since, streams) if args.since else {}
+        epoch = parse_epoch([args.epoch] if args.epoch is not None else [])
         synth = _synth_from_args(args)
     except (BridgeError, ValueError) as e:
         _report(e, args.log_format)
         return 2
     try:
         cfg = BridgeConfig(out=args.out, url=args.url, streams=streams,
-                           since=tuple(since.items()), queue_size=args.queue,
+                           since=tuple(since.items()), epoch=epoch, queue_size=args.queue,
                            max_captions=args.max_captions, exit_on_end=args.exit_on_end,
                            reconnect=not args.no_reconnect, token=args.token)
         stats = asyncio.run(TtsBridge(cfg, synth).run())

@@ -38,8 +38,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from evoxtral_stream.console import format_time
+from evoxtral_stream.server.protocol import parse_epoch, resume_since
 from evoxtral_stream.server.protocol import parse_since as parse_since_values
-from evoxtral_stream.server.protocol import resume_since
 from evoxtral_stream.text.tags import lookup_tag, normalize_tag_name
 
 __all__ = [
@@ -169,8 +169,9 @@ def render_event(event: Mapping[str, Any], *, color: bool = True, show_stream: b
     style = _DIM
     if kind == "hello":
         streams = ", ".join(map(str, event.get("streams") or [])) or "none"
+        epoch = f", epoch {event['epoch']}" if isinstance(event.get("epoch"), str) else ""
         line = (f"connected to {event.get('server')} {event.get('version')} "
-                f"(backend {event.get('backend')}); open streams: {streams}")
+                f"(backend {event.get('backend')}{epoch}); open streams: {streams}")
     elif kind == "stream.started":
         line = f"▶ {event.get('stream')} started ({event.get('source')})"
     elif kind == "stream.ended":
@@ -317,10 +318,13 @@ def captions_url(base: str, streams: Sequence[str], since: Mapping[str, int],
 
 async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
                 writer: LiveWriter, *, exit_on_end: bool = False,
-                max_retry_s: float = 5.0, token: str | None = None) -> int:
+                max_retry_s: float = 5.0, token: str | None = None,
+                epoch: str | None = None) -> int:
     """Show captions until cancelled; reconnect (with resume) when the link drops.
 
-    ``token`` is sent as ``Authorization: Bearer`` (None: no token).
+    ``token`` is sent as ``Authorization: Bearer`` (None: no token);
+    ``epoch`` is the numbering ``since``'s seqs are of (``--epoch``; None:
+    unknown, and the server can tell only a seq past all it gave).
     Returns 0 after the ``stream.ended`` of every ``streams`` (any stream when
     empty) if ``exit_on_end``; 1 when the first connection fails, the server
     refuses the token (HTTP 401/403, on any connection) or the request
@@ -334,7 +338,7 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
     without the journal) sets every seq held to 0.
     """
     seen = dict(since)        # stream -> last seq, for since=, the latest active last
-    epoch: str | None = None  # the numbering those seqs are of (the last hello's)
+    # ``epoch``: the numbering those seqs are of (the last hello's)
     known: set[str] = set()   # streams seen started or captioned
     ended: set[str] = set()
     connects = 0
@@ -447,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", metavar="SEQ",
                    help="resume: first the retained captions after SEQ (with --stream) or "
                         "STREAM:SEQ[,STREAM:SEQ...]")
+    p.add_argument("--epoch", metavar="E",
+                   help="the epoch the --since seqs are of (a viewer's hello line shows "
+                        "it): a server that numbers anew since then replays from the start")
     p.add_argument("--color", action=argparse.BooleanOptionalAction, default=None,
                    help="ANSI colours (default: on a terminal unless NO_COLOR is set)")
     p.add_argument("--exit-on-end", action="store_true",
@@ -462,6 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     streams = [n for v in args.stream for n in v.split(",") if n]
     try:
         since = parse_since(args.since, streams)
+        epoch = parse_epoch([args.epoch] if args.epoch is not None else [])
         endpoint(args.url, "/")
     except ValueError as e:
         parser.error(str(e))
@@ -470,7 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         show_stream=len(streams) != 1)
     try:
         return asyncio.run(watch(args.url, streams, since, writer,
-                                 exit_on_end=args.exit_on_end, token=args.token))
+                                 exit_on_end=args.exit_on_end, token=args.token,
+                                 epoch=epoch))
     except KeyboardInterrupt:
         return 0
     finally:

@@ -61,6 +61,7 @@ from tts_synth import (
     VoiceSettings,
     extension_for,
 )
+from websockets.asyncio.client import connect as websockets_connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from evoxtral_stream.config import Config, load_config
@@ -774,6 +775,28 @@ async def test_command_line_resumes_from_history(tmp_path: Path, served: Caption
     assert b"2 written, 0 failed" in output
 
 
+async def test_command_line_since_of_another_epoch_takes_this_runs_finals(
+        tmp_path: Path, served: CaptionServer) -> None:
+    """tts_bridge.py --since load:2 --epoch E after a restart of both: with
+    the epoch the bridge logged before, the server knows seq 2 is of another
+    numbering and replays this run's finals from 1 (a bare since would skip
+    the first, seq 2 here). The log names this run's epoch, for next time."""
+    pub = served.broadcaster.publish
+    pub(_caption("load", 1, 2, "[sighs] one."))
+    pub(_caption("load", 2, 3, "two [pause] three."))
+    async with websockets_connect(f"ws://127.0.0.1:{served.port}/v1/captions") as ws:
+        epoch = json.loads(await ws.recv())["epoch"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(CLIENT), "--mode", "espeak", "--out", str(tmp_path / "out"),
+        "--url", f"ws://127.0.0.1:{served.port}/v1/captions", "--stream", "load",
+        "--since", "2", "--epoch", "an-earlier-run", "--max-captions", "2",
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, output.decode()
+    assert _names(tmp_path / "out") == ["load-00001.wav", "load-00002.wav"]
+    assert f"(epoch {epoch})".encode() in output and b"cannot place caption 3" in output
+
+
 def test_command_line_errors_are_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
@@ -789,6 +812,7 @@ def test_command_line_errors_are_one_line(
         (["--mode", "elevenlabs", "--out", out, "--voice", VOICE], "ELEVENLABS_API_KEY", 2),
         (["--out", out, "--since", "7"], "needs --stream", 2),
         (["--out", out, "--stream", "a", "--since", "x"], "got 'x'", 2),
+        (["--out", out, "--stream", "a", "--since", "1", "--epoch", "a b"], "epoch takes", 2),
         # Were taken: 0 spoke one final, not none; a queue of 0 was one.
         (["--out", out, "--max-captions", "0"], "--max-captions must be at least 1", 2),
         (["--out", out, "--queue", "0"], "--queue must be at least 1", 2),

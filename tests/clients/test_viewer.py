@@ -111,6 +111,9 @@ def test_width_keeps_the_end_of_a_long_partial() -> None:
     ({"type": "hello", "v": 1, "server": "evoxtral-stream", "version": "0.1.0",
       "backend": "whisper", "capabilities": [], "streams": ["a", "b"]},
      "connected to evoxtral-stream 0.1.0 (backend whisper); open streams: a, b"),
+    ({"type": "hello", "v": 1, "server": "evoxtral-stream", "version": "0.1.0",
+      "epoch": "3f9c", "backend": "whisper", "capabilities": [], "streams": []},
+     "connected to evoxtral-stream 0.1.0 (backend whisper, epoch 3f9c); open streams: none"),
     ({"type": "stream.started", "stream": "mic", "source": "mic"}, "▶ mic started (mic)"),
     ({"type": "stream.ended", "stream": "talk", "duration": 25.24, "segments": 5, "finals": 5},
      "■ talk ended: 5 finals, 25.2 s"),
@@ -468,6 +471,40 @@ async def test_a_restart_without_the_journal_that_passed_the_held_seq_loses_noth
     assert len(second) == 3
     assert _texts(out)[1:] == second, err.getvalue()
     assert "the server cannot place caption 2 (it restarted" in err.getvalue()
+
+
+async def test_since_with_the_epoch_of_another_run_replays_this_runs_captions(
+        served: tuple[Engine, CaptionServer]) -> None:
+    """viewer.py --since talk:2 --epoch E, restarted after the server was:
+    with the epoch its hello line showed before, the server knows seq 2 is
+    of another numbering and replays this run's from 1; without one, or with
+    this run's, it is the plain resume after 2."""
+    _, server = served
+    texts = ["one", "two", "three", "four"]
+    publish_finals(server, "talk", texts)
+
+    async def viewer(*args: str) -> tuple[list[str], str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(CLIENTS / "viewer.py"), "--url",
+            f"ws://127.0.0.1:{server.port}", "--stream", "talk", "--since", "2",
+            "--exit-on-end", *args, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, env=client_env())
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        return [line.split("] ", 1)[1] for line in out.decode().splitlines()], err.decode()
+
+    lines, err = await viewer("--epoch", "an-earlier-run")
+    assert lines == texts
+    assert "cannot place caption 3" in err
+    now = served[0].epoch
+    assert f"epoch {now})" in err  # what to pass next time
+    assert (await viewer("--epoch", now))[0] == texts[2:]
+    assert (await viewer())[0] == texts[2:]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(CLIENTS / "viewer.py"), "--epoch", "not one!",
+        stderr=asyncio.subprocess.PIPE, env=client_env())
+    _, bad = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2 and "epoch takes" in bad.decode()
 
 
 # --- access tokens ---------------------------------------------------------------------
