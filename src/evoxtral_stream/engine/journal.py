@@ -538,6 +538,8 @@ class Journal:
         rewrite it with what is remembered once it holds twice that many
         lines. A failure is logged: those streams are remembered until a
         restart only."""
+        if not entries:
+            return
         path = self._dir / PRUNED_FILE
         data = b"".join(_encode_pruned(s, n) for s, n in entries.items())
         try:
