@@ -397,8 +397,11 @@ def test_commit_and_clear_in_server_vad_mode() -> None:
     assert err["error"]["code"] == "input_audio_buffer_commit_empty"
     assert err["error"]["event_id"] == "c9"
     # Clear drops the open item: no committed, and its captions are ignored.
+    # (A delta sent before the clear was sent: docs/protocol.md says so.)
     evs = events(feed(core, speech[: len(speech) // 2]))
     assert types(evs) == ["input_audio_buffer.speech_started"]
+    (delta,) = events(core.on_engine_event(caption(1, "and welcome", "and")))
+    assert (delta["item_id"], delta["delta"]) == (evs[0]["item_id"], "and")
     assert types(events(core.receive('{"type": "input_audio_buffer.clear"}'))) == [
         "input_audio_buffer.cleared"]
     assert core.segments_opened == 2
