@@ -393,7 +393,16 @@ class CaptionServer:
                             offered: Sequence[Subprotocol]) -> Subprotocol | None:
         # A browser that offered its token as a subprotocol fails the
         # connection unless the response selects one of those it offered.
-        return next((p for p in offered if p.startswith(SUBPROTOCOL_PREFIX)), None)
+        token = next((p for p in offered if p.startswith(SUBPROTOCOL_PREFIX)), None)
+        if token is not None:
+            return token
+        # OpenAI's browser clients offer "realtime" (and their API key as
+        # "openai-insecure-api-key.KEY"), and OpenAI selects it: so does
+        # the path that speaks its protocol.
+        path = urlsplit(conn.request.path).path if conn.request else ""
+        if path == _REALTIME and "realtime" in offered:
+            return Subprotocol("realtime")
+        return None
 
     async def _handle(self, ws: ServerConnection) -> None:
         url = urlsplit(ws.request.path if ws.request else "")
