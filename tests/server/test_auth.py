@@ -207,6 +207,12 @@ def test_token_entries_load_with_defaults() -> None:
      "< Sec-WebSocket-Protocol: other, evoxtral.token.***, more"),
     ("> sec-websocket-protocol: evoxtral.token.s3cr3t",
      "> sec-websocket-protocol: evoxtral.token.***"),
+    # OpenAI's browser clients offer their API key so on /v1/realtime: a real
+    # OpenAI key, no token here, and no less secret.
+    ("< Sec-WebSocket-Protocol: realtime, openai-insecure-api-key.sk-s3cr3t, "
+     "openai-beta.realtime-v1",
+     "< Sec-WebSocket-Protocol: realtime, openai-insecure-api-key.***, "
+     "openai-beta.realtime-v1"),
     # Nothing to redact: unchanged.
     ("< Host: 127.0.0.1:8765", "< Host: 127.0.0.1:8765"),
     ("< GET /v1/captions?stream=token HTTP/1.1", "< GET /v1/captions?stream=token HTTP/1.1"),

@@ -423,7 +423,10 @@ _AUTH_INLINE = re.compile(
     r"(?P<secret>[^\s'\",;]+)", re.IGNORECASE)
 # The subprotocol carrier, wherever it appears (the offered list, the one the
 # server selects and echoes): a subprotocol name holds no blank or comma.
-_SUBPROTOCOL = re.compile(r"(?P<head>" + re.escape(SUBPROTOCOL_PREFIX) + r")"
+# OpenAI's browser clients offer their API key the same way on /v1/realtime:
+# no token here, but a real key the user's code may hold.
+_SUBPROTOCOL = re.compile(r"(?P<head>(?:" + re.escape(SUBPROTOCOL_PREFIX)
+                          + r"|openai-insecure-api-key\.))"
                           r"(?P<secret>[^\s,\"]+)", re.IGNORECASE)
 # The query carrier, in a request line or a URL: up to the next parameter.
 # The server percent-decodes query keys (``?%74oken=`` is ``?token=``), so
@@ -437,7 +440,8 @@ def redact_tokens(text: str) -> str:
 
     Covers the three carriers: ``Authorization`` values of any scheme (the
     scheme is kept; ``Proxy-Authorization`` too; any case), the part after
-    ``evoxtral.token.`` of a subprotocol, and ``token=`` query values. Errs
+    ``evoxtral.token.`` (or OpenAI's ``openai-insecure-api-key.``) of a
+    subprotocol, and ``token=`` query values. Errs
     on the side of redacting: prose such as ``Authorization: Bearer TOKEN``
     is redacted as well.
     """
