@@ -1002,6 +1002,36 @@ async def test_a_session_whose_stream_is_closed_under_it_ends_with_server_error(
             assert ws.close_code == 1011
 
 
+async def test_a_turn_open_at_shutdown_is_committed_and_completed() -> None:
+    """At shutdown (``Engine.drain``, as ``serve`` does before closing its
+    connections) the open segment becomes a final: the client whose turn
+    it is gets ``committed`` and ``completed`` for it, not a bare delta."""
+    cfg = config()
+    async with Engine(cfg, ScriptedBackend(lambda a: "scripted words")) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        url = f"ws://127.0.0.1:{server.port}/v1/realtime?intent=transcription&stream=bye"
+        speech = pcm24(speak(SENTENCES[0]))
+        async with connect(url) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == \
+                "session.created"
+            await ws.send(append_msg(speech[: len(speech) // 4 * 2]))  # speech still open
+            got = [json.loads(await asyncio.wait_for(ws.recv(), 20))]
+            assert got[0]["type"] == "input_audio_buffer.speech_started"
+            await engine.drain()
+            with contextlib.suppress(ConnectionClosed, TimeoutError):
+                while got[-1]["type"] != \
+                        "conversation.item.input_audio_transcription.completed":
+                    got.append(json.loads(await asyncio.wait_for(ws.recv(), 5)))
+    item = got[0]["item_id"]
+    assert [(e["type"], e.get("item_id")) for e in got[1:] if "delta" not in e] == [
+        ("input_audio_buffer.committed", item),
+        ("conversation.item.input_audio_transcription.completed", item)], got
+    deltas = [e for e in got if e["type"].endswith(".delta")]
+    assert {e["item_id"] for e in deltas} == {item}
+    assert "".join(e["delta"] for e in deltas) == got[-1]["transcript"] == "scripted words"
+    assert 0.5 < got[-1]["usage"]["seconds"] <= len(speech) / 4 / INPUT_RATE + 0.35
+
+
 @pytest.mark.parametrize("manual", [False, True])
 async def test_audio_appended_too_fast_is_refused_as_on_ingest(manual: bool) -> None:
     """server.max_ingest_speed holds here too: one session pushing hours of

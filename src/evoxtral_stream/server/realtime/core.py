@@ -285,6 +285,15 @@ class RealtimeTranscription:
         if item is None:
             return out
         if ev.final:
+            if item is self._open_item and not item.committed:
+                # The engine ended the open segment on its own: the stream was
+                # closed under the session (the server's shutdown flushes open
+                # segments as finals). The turn ends there, as at a commit.
+                self._open_item = None
+                item.audio_samples = self._stream_pos - self._open_start
+                item.committed = True
+                out.append(BufferCommitted(self._event_id(), item.id, self._previous_item))
+                self._previous_item = item.id
             item.finals[ev.segment] = ev.text
         else:
             item.stable[ev.segment] = ev.stable
