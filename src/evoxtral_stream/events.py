@@ -273,6 +273,11 @@ class StreamError:
     code: str
     message: str
     segment: int | None = None
+    closes_segment: bool = False
+    """No caption of ``segment`` follows: its final failed or was lost and
+    nothing of it had been shown (else that text comes as its final). Not
+    on the wire (clients see the code); consumers that wait for a
+    segment's end, such as the realtime endpoint, close it here."""
 
 
 EngineEvent = CaptionEvent | StreamStarted | StreamEnded | StreamError

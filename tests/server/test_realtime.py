@@ -27,7 +27,13 @@ from evoxtral_stream.audio.vad import Segmenter, SegmenterState
 from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.engine.backends.base import Backend
 from evoxtral_stream.engine.engine import Engine
-from evoxtral_stream.events import SAMPLE_RATE, CaptionEvent, Int16Array, SpeechStarted
+from evoxtral_stream.events import (
+    SAMPLE_RATE,
+    CaptionEvent,
+    Int16Array,
+    SpeechStarted,
+    StreamError,
+)
 from evoxtral_stream.server import realtime
 from evoxtral_stream.server.app import CaptionServer
 from evoxtral_stream.server.realtime import (
@@ -1030,6 +1036,56 @@ async def test_a_turn_open_at_shutdown_is_committed_and_completed() -> None:
     assert {e["item_id"] for e in deltas} == {item}
     assert "".join(e["delta"] for e in deltas) == got[-1]["transcript"] == "scripted words"
     assert 0.5 < got[-1]["usage"]["seconds"] <= len(speech) / 4 / INPUT_RATE + 0.35
+
+
+@pytest.mark.parametrize("manual", [False, True])
+async def test_a_turn_whose_final_failed_with_nothing_shown_still_completes(
+        manual: bool) -> None:
+    """The model failed on the turn's final and had shown nothing of it: the
+    client got the error, and its item's completed only when a later item's
+    final came, so a client that commits once and waits (manual mode) hung.
+    Now the empty completed comes at once, after the error."""
+    cfg = config(**{"stream.partial_interval_ms": 0})
+    backend = ScriptedBackend(lambda a: "never", fail_when=lambda a: True)
+    async with Engine(cfg, backend) as engine, CaptionServer(engine, cfg.server) as server:
+        url = f"ws://127.0.0.1:{server.port}/v1/realtime?intent=transcription"
+        speech = pcm24(np.concatenate([speak(SENTENCES[0]), np.zeros(16_000, np.int16)]))
+        async with connect(url) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == \
+                "session.created"
+            if manual:
+                await ws.send(update_msg(None))
+            step = INPUT_RATE * 2 // 5
+            for i in range(0, len(speech), step):
+                await ws.send(append_msg(speech[i:i + step]))
+            if manual:
+                await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            got: list[dict[str, Any]] = []
+            while not got or got[-1]["type"] != \
+                    "conversation.item.input_audio_transcription.completed":
+                got.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+    kinds = [e["type"] for e in got if not e["type"].startswith("session.")]
+    assert kinds[-3:] == ["input_audio_buffer.committed", "error",
+                          "conversation.item.input_audio_transcription.completed"], kinds
+    assert got[-2]["error"]["code"] == "decode_failed"
+    assert got[-1]["transcript"] == "" and got[-1]["item_id"] == got[-3]["item_id"]
+
+
+def test_a_failed_partial_closes_nothing() -> None:
+    """Only an error that says no caption of its segment follows (a failed
+    final with nothing shown) ends the segment's part of the item: a
+    partial's failure must not complete an item whose final is still due."""
+    core = new_core()
+    core.start()
+    out = feed(core, pcm24(np.concatenate([speak(SENTENCES[0]),
+                                           np.zeros(16_000, np.int16)])))
+    (item,) = {e["item_id"] for e in events(out) if e["type"].endswith(".committed")}
+    failed = StreamError("rt", "decode_failed", "boom", 0)
+    assert types(events(core.on_engine_event(failed))) == ["error"]
+    done = events(core.on_engine_event(caption(0, "the words", "", final=True)))
+    assert [(e["type"], e.get("transcript")) for e in done][-1] == (
+        "conversation.item.input_audio_transcription.completed", "the words")
+    assert done[-1]["item_id"] == item
 
 
 @pytest.mark.parametrize("manual", [False, True])

@@ -682,12 +682,19 @@ class Engine:
         stream.note_draft(result)
         if isinstance(result, DecodeFailure):
             stream.errors += 1
-            self._emit(StreamError(result.stream, "decode_failed", result.message,
-                                   result.segment))
+            closing: list[CaptionEvent] = []
             if result.kind is RequestKind.FINAL:
                 # Its final will never come: close the segment with what was
                 # shown so later segments of the stream are not held back.
-                self._emit_captions(stream, stream.merger.abandon(result.segment))
+                closing = stream.merger.abandon(result.segment)
+            # The error first: it stands in for the segment's caption (a
+            # client drops the segment's line there), and the closing final
+            # with what was shown, if any, follows.
+            self._emit(StreamError(
+                result.stream, "decode_failed", result.message, result.segment,
+                closes_segment=result.kind is RequestKind.FINAL and not any(
+                    c.final and c.segment == result.segment for c in closing)))
+            self._emit_captions(stream, closing)
         else:
             self._emit_captions(stream, stream.merger.feed(result))
         self._partial_for_final(stream, result)
@@ -849,7 +856,7 @@ class Engine:
             self._emit(StreamError(stream.id, "final_lost",
                                    f"shut down before the model decoded the final of "
                                    f"segment {segment}, which showed nothing",
-                                   segment=segment))
+                                   segment=segment, closes_segment=True))
         stream._done.set()
         self._stream_done(stream)
 

@@ -267,12 +267,21 @@ class RealtimeTranscription:
 
     def on_engine_event(self, ev: EngineEvent) -> list[Output]:
         """An event of this session's engine stream in; the server events out."""
+        out: list[Output] = []
         if isinstance(ev, StreamError):
-            return [self.error(ev.code, ev.message, client_event_id=None,
-                               error_type="server_error")]
+            out.append(self.error(ev.code, ev.message, client_event_id=None,
+                                  error_type="server_error"))
+            item = None if ev.segment is None else self._items.get(ev.segment)
+            if ev.closes_segment and item is not None and ev.segment is not None:
+                # No caption of the segment will come: its part of the item
+                # is empty, and a client waiting on the item's completed
+                # (a manual commit) gets it now, not at a later item's final.
+                out += self._commit_if_open(item)
+                item.finals.setdefault(ev.segment, "")
+                out += self._progress(item)
+            return out
         if not isinstance(ev, CaptionEvent):
             return []
-        out: list[Output] = []
         if ev.final:
             # Finals come in segment order: every earlier segment is closed,
             # even one whose final never came (a failed decode).
@@ -285,15 +294,7 @@ class RealtimeTranscription:
         if item is None:
             return out
         if ev.final:
-            if item is self._open_item and not item.committed:
-                # The engine ended the open segment on its own: the stream was
-                # closed under the session (the server's shutdown flushes open
-                # segments as finals). The turn ends there, as at a commit.
-                self._open_item = None
-                item.audio_samples = self._stream_pos - self._open_start
-                item.committed = True
-                out.append(BufferCommitted(self._event_id(), item.id, self._previous_item))
-                self._previous_item = item.id
+            out += self._commit_if_open(item)
             item.finals[ev.segment] = ev.text
         else:
             item.stable[ev.segment] = ev.stable
@@ -503,6 +504,19 @@ class RealtimeTranscription:
         return out
 
     # --- text -------------------------------------------------------------------------
+
+    def _commit_if_open(self, item: _Item) -> list[Output]:
+        """The engine ended ``item``'s open segment on its own (the stream was
+        closed under the session: the server's shutdown flushes open segments
+        as finals): the turn ends there, as at a commit."""
+        if item is not self._open_item or item.committed:
+            return []
+        self._open_item = None
+        item.audio_samples = self._stream_pos - self._open_start
+        item.committed = True
+        committed = BufferCommitted(self._event_id(), item.id, self._previous_item)
+        self._previous_item = item.id
+        return [committed]
 
     def _progress(self, item: _Item) -> list[Output]:
         """The delta of newly stable text, and ``completed`` once the item closes."""
