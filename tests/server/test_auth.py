@@ -431,7 +431,7 @@ async def test_reloading_the_tokens_closes_only_the_connections_they_no_longer_a
         revoked_sub = await connect(f"{base}/v1/captions?token={SUB}")
         moved_sub = await connect(f"{base}/v1/captions?stream=studio-1&token={STUDIO}")
         ingest = await connect(f"{base}/v1/ingest?stream=studio-2&token={STUDIO}")
-        # Named: realtime-N counts over the process, so it depends on earlier tests.
+        # Named, so the test can say which stream the token reload spares.
         realtime = await connect(
             f"{base}/v1/realtime?intent=transcription&stream=desk&token={ING}")
         assert json.loads(await realtime.recv())["type"] == "session.created"

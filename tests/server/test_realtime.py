@@ -13,6 +13,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -1069,6 +1070,42 @@ async def test_a_turn_whose_final_failed_with_nothing_shown_still_completes(
                           "conversation.item.input_audio_transcription.completed"], kinds
     assert got[-2]["error"]["code"] == "decode_failed"
     assert got[-1]["transcript"] == "" and got[-1]["item_id"] == got[-3]["item_id"]
+
+
+async def test_an_unnamed_session_never_takes_an_open_or_numbered_stream_id(
+        tmp_path: Path) -> None:
+    """realtime-N came from a count over the process: a session holding
+    realtime-1 by name made the next unnamed one fail as stream_busy, and
+    after a restart with the journal unnamed sessions continued the earlier
+    run's streams. N is now the next whose id is neither open nor numbered."""
+    cfg = config(**{"journal.enabled": True, "journal.dir": str(tmp_path / "j")})
+
+    async def session(server: CaptionServer, name: str = "") -> ClientConnection:
+        ws = await connect(f"ws://127.0.0.1:{server.port}/v1/realtime?intent=transcription"
+                           + (f"&stream={name}" if name else ""))
+        assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "session.created"
+        return ws
+
+    async with Engine(cfg, ScriptedBackend(lambda a: "words")) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        held = await session(server, "realtime-1")
+        talk = await session(server)
+        assert set(engine.streams) == {"realtime-1", "realtime-2"}
+        speech = pcm24(np.concatenate([speak(SENTENCES[0]), np.zeros(16_000, np.int16)]))
+        await talk.send(append_msg(speech))
+        while not engine.last_seq("realtime-2"):
+            await asyncio.sleep(0.02)
+        await talk.close()
+        await held.close()
+    async with Engine(cfg, ScriptedBackend(lambda a: "words")) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        again = await session(server)
+        # realtime-1 never had a caption; realtime-2 is journaled.
+        assert set(engine.streams) == {"realtime-1"}
+        third = await session(server)
+        assert set(engine.streams) == {"realtime-1", "realtime-3"}
+        await again.close()
+        await third.close()
 
 
 def test_a_failed_partial_closes_nothing() -> None:

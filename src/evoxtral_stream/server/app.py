@@ -206,7 +206,8 @@ class CaptionServer:
                                        history_streams=cfg.history_streams)
         self.metrics = Metrics(engine, self.broadcaster)
         self._server: Server | None = None
-        self._ingest_ids = itertools.count(1)
+        # Per prefix ("ingest", "realtime"): the next N of an unnamed stream.
+        self._unnamed_ids: dict[str, itertools.count[int]] = {}
         # Every connection from its TCP accept on, so the close can abort the
         # ones stuck in their opening handshake (see OPENING_GRACE_S).
         self._accepted: weakref.WeakSet[ServerConnection] = weakref.WeakSet()
@@ -438,6 +439,8 @@ class CaptionServer:
         if not self._usage.acquire(grant.token, "streams"):
             await refuse_realtime(ws, "too_many_streams", self._too_many_streams(grant))
             return
+        if not query.get("stream"):
+            query = {**query, "stream": [self._unnamed_stream_id("realtime")]}
         try:
             await serve_realtime(ws, query, self._engine, self.broadcaster, self._cfg)
         finally:
@@ -539,22 +542,23 @@ class CaptionServer:
 
     # --- /v1/ingest ----------------------------------------------------------
 
-    def _unnamed_stream_id(self) -> str:
-        """``ingest-N`` for a client that names no stream: the next N whose id
+    def _unnamed_stream_id(self, prefix: str) -> str:
+        """``PREFIX-N`` for a client that names no stream: the next N whose id
         is not open, not being opened and never numbered (in this run or in
         the journal), so the client's captions never continue another
         stream's (a client that named its stream ``ingest-1``, or the
         unnamed streams of a run before a restart)."""
         engine = self._engine
+        ids = self._unnamed_ids.setdefault(prefix, itertools.count(1))
         while True:
-            name = f"ingest-{next(self._ingest_ids)}"
+            name = f"{prefix}-{next(ids)}"
             if not (name in engine.streams or self._slots.reserved(name)
                     or engine.last_seq(name)):
                 return name
 
     async def _ingest(self, ws: ServerConnection, query: dict[str, list[str]],
                       grant: Grant) -> None:
-        stream_id = (query.get("stream") or [self._unnamed_stream_id()])[0]
+        stream_id = (query.get("stream") or [self._unnamed_stream_id("ingest")])[0]
         problem = stream_id_problem(stream_id)
         if problem is not None:
             await self._refuse(ws, "bad_query", problem)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import secrets
 from typing import Any
@@ -49,7 +48,6 @@ _CLOSE_INTERNAL = 1011
 _CLOSE_TOO_SLOW = 1013
 
 
-_stream_ids = itertools.count(1)
 
 
 class _StreamGone(Exception):
@@ -192,7 +190,8 @@ async def serve_realtime(ws: ServerConnection, query: dict[str, list[str]], engi
 
     ``broadcaster`` is not used: this path needs typed engine events, which
     it takes from its own engine listener. The stream is named by
-    ``?stream=ID`` or ``realtime-N`` and is visible to ``/v1/captions``.
+    ``?stream=ID`` (the server fills in ``realtime-N`` for a client that
+    names none) and is visible to ``/v1/captions``.
     """
     del broadcaster
     core = RealtimeTranscription(engine.config.vad, model=engine.backend.name,
@@ -206,7 +205,7 @@ async def serve_realtime(ws: ServerConnection, query: dict[str, list[str]], engi
             "unsupported_intent", "only transcription sessions are served here: connect "
             "with ?intent=transcription", "intent"))
         return
-    stream_id = (query.get("stream") or [f"realtime-{next(_stream_ids)}"])[0]
+    stream_id = (query.get("stream") or [""])[0]
     problem = stream_id_problem(stream_id)
     if problem is not None:
         await _refuse(ws, core.error("invalid_value", problem, "stream"))
