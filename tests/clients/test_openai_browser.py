@@ -49,7 +49,7 @@ async def test_an_openai_browser_client_is_served(browser: Browser,
         await page.close()
 
 
-async def test_with_tokens_on_it_adds_its_token_as_a_subprotocol(
+async def test_with_tokens_on_it_passes_its_token_as_a_subprotocol_or_its_api_key(
         browser: Browser, guarded: tuple[Engine, CaptionServer]) -> None:
     _, server = guarded
     page = await Page.open(browser, f"http://127.0.0.1:{server.port}/")
@@ -61,5 +61,13 @@ async def test_with_tokens_on_it_adds_its_token_as_a_subprotocol(
                                           offered % f', "evoxtral.token.{INGEST_TOKEN}"'))
         assert got == {"protocol": f"evoxtral.token.{INGEST_TOKEN}",
                        "first": "session.created"}
+        # Or as the API key, as an OpenAI client passes it unchanged.
+        as_key = f'["realtime", "openai-insecure-api-key.{INGEST_TOKEN}"]'
+        got = await page.evaluate(OPEN % ("/v1/realtime?intent=transcription", as_key))
+        assert got == {"protocol": "realtime", "first": "session.created"}
+        # Only there: the caption path takes no OpenAI key.
+        got = await page.evaluate(OPEN % ("/v1/captions",
+                                          f'["openai-insecure-api-key.{INGEST_TOKEN}"]'))
+        assert got == {"closed": 1006}
     finally:
         await page.close()

@@ -70,6 +70,13 @@ def test_credentials_come_from_header_query_or_subprotocol() -> None:
     assert find_credentials("Basic Zm9v", [], []) == Credentials(None)
     # The header wins, but the offered subprotocol is still reported (to select).
     assert find_credentials("Bearer xyz", [proto], []) == Credentials("xyz", proto)
+    # OpenAI's browser carrier of an API key, on the path that speaks its
+    # protocol only, and after every other carrier.
+    key = "openai-insecure-api-key.k1"
+    assert find_credentials(None, ["realtime", key], []) == Credentials(None)
+    assert find_credentials(None, ["realtime", key], [], openai_key=True) == Credentials("k1")
+    assert find_credentials(None, [key, proto], [], openai_key=True) == Credentials("abc", proto)
+    assert find_credentials(None, [key], ["q"], openai_key=True) == Credentials("q")
 
 
 def test_policy_decisions() -> None:

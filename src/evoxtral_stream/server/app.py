@@ -379,7 +379,7 @@ class CaptionServer:
         offered = [p.strip() for v in request.headers.get_all("Sec-WebSocket-Protocol")
                    for p in v.split(",")]
         credentials = find_credentials(request.headers.get("Authorization"), offered,
-                                       query.get("token", []))
+                                       query.get("token", []), openai_key=path == _REALTIME)
         decision = self._policy.authorize(
             _ROLES[path], _requested_streams(path, query), credentials,
             origin=request.headers.get("Origin"), host=request.headers.get("Host"))

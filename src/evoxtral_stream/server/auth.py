@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 from ..config import AuthTokenConfig, ConfigError
 
 __all__ = [
+    "OPENAI_KEY_PREFIX",
     "REDACTED",
     "ROLES",
     "SUBPROTOCOL_PREFIX",
@@ -65,6 +66,8 @@ __all__ = [
 Role = Literal["ingest", "subscribe", "admin"]
 ROLES: tuple[Role, ...] = ("ingest", "subscribe", "admin")
 SUBPROTOCOL_PREFIX = "evoxtral.token."
+#: How OpenAI's browser clients offer their API key (a subprotocol).
+OPENAI_KEY_PREFIX = "openai-insecure-api-key."
 
 
 def hash_token(token: str) -> str:
@@ -81,7 +84,7 @@ class Credentials:
 
 
 def find_credentials(authorization: str | None, subprotocols: Iterable[str],
-                     query_tokens: Sequence[str]) -> Credentials:
+                     query_tokens: Sequence[str], *, openai_key: bool = False) -> Credentials:
     """The token a request carries, whichever way it came.
 
     ``authorization`` is the ``Authorization`` header, ``subprotocols`` the
@@ -89,10 +92,18 @@ def find_credentials(authorization: str | None, subprotocols: Iterable[str],
     ``query_tokens`` the ``token`` query values. The header wins, then the
     query, then the subprotocol; the subprotocol is reported in every case
     where one was offered, because a browser fails a connection whose
-    offered protocol the server does not select.
+    offered protocol the server does not select. With ``openai_key`` (the
+    OpenAI-compatible path), OpenAI's browser carrier of an API key,
+    ``openai-insecure-api-key.KEY``, carries a token last of all, so a
+    client written for OpenAI passes its token as its API key unchanged
+    (that subprotocol is not echoed: the path selects ``realtime``).
     """
+    subprotocols = list(subprotocols)
     offered = next((p for p in subprotocols if p.startswith(SUBPROTOCOL_PREFIX)), None)
     from_protocol = offered.removeprefix(SUBPROTOCOL_PREFIX) if offered else None
+    if from_protocol is None and openai_key:
+        key = next((p for p in subprotocols if p.startswith(OPENAI_KEY_PREFIX)), None)
+        from_protocol = key.removeprefix(OPENAI_KEY_PREFIX) if key else None
     token: str | None = None
     if authorization:
         scheme, _, value = authorization.strip().partition(" ")
@@ -426,7 +437,7 @@ _AUTH_INLINE = re.compile(
 # OpenAI's browser clients offer their API key the same way on /v1/realtime:
 # no token here, but a real key the user's code may hold.
 _SUBPROTOCOL = re.compile(r"(?P<head>(?:" + re.escape(SUBPROTOCOL_PREFIX)
-                          + r"|openai-insecure-api-key\.))"
+                          + r"|" + re.escape(OPENAI_KEY_PREFIX) + r"))"
                           r"(?P<secret>[^\s,\"]+)", re.IGNORECASE)
 # The query carrier, in a request line or a URL: up to the next parameter.
 # The server percent-decodes query keys (``?%74oken=`` is ``?token=``), so
