@@ -57,6 +57,12 @@ missing finals cannot be recovered). Captions
 at or below a seq already read are ignored, so a replay never synthesises
 twice.
 
+Restarts. With ``--state FILE`` the bridge keeps, after every final it
+handles, its epoch and each stream's last final (seq, session, segment) in
+FILE (:func:`write_state`, atomic), and a bridge started again resumes from
+it (:func:`read_state`): nothing said while it was down is missed, nothing
+handled is spoken again, and file names go on.
+
 A server with access tokens gets ``--token`` (default ``$EVOXTRAL_TOKEN``)
 as ``Authorization: Bearer``; a refused token stops the bridge with one line.
 Logs go to stderr, tokens redacted; ``--log-format json`` writes the
@@ -109,6 +115,7 @@ __all__ = [
     "BridgeStats",
     "Final",
     "Mode",
+    "SavedState",
     "TtsBridge",
     "build_parser",
     "caption_url",
@@ -116,8 +123,10 @@ __all__ = [
     "main",
     "output_name",
     "parse_since",
+    "read_state",
     "restated_tags",
     "resume_since",
+    "write_state",
 ]
 
 log = logging.getLogger("evoxtral_stream.clients.tts_bridge")
@@ -157,6 +166,8 @@ class Final:
     restated: str = ""
     """Tags in effect at the end of the final this one continues, which the
     server left out of ``text`` (:func:`restated_tags`), spoken first."""
+    epoch: str | None = None
+    """The numbering ``seq`` is of (the hello's before the final was read)."""
 
     @property
     def spoken(self) -> str:
@@ -185,6 +196,53 @@ class Final:
             return None
         start, end = (_seconds(msg.get(k)) for k in ("start", "end"))
         return cls(stream, segment, seq, text, start=start, end=end)
+
+
+@dataclass(frozen=True)
+class SavedState:
+    """What ``--state`` keeps: the epoch and, per stream, the seq of the last
+    final handled (synthesised, failed or skipped) and its session and
+    segment, so that a restarted bridge resumes after it, naming its files on."""
+
+    epoch: str | None
+    since: dict[str, int]
+    sessions: dict[str, tuple[int, int]]
+
+
+def read_state(path: Path) -> SavedState | None:
+    """The state saved in ``path``; None when there is none yet. Raises
+    :class:`BridgeError` (one line) for a file that cannot be read or is not
+    one this bridge wrote."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise BridgeError(f"cannot read the state file {path}: {e.strerror or e}") from None
+    try:
+        obj = json.loads(raw)
+        epoch = obj["epoch"]
+        since = {str(k): int(v) for k, v in obj["since"].items() if int(v) >= 0}
+        sessions = {str(k): (int(v[0]), int(v[1])) for k, v in obj["sessions"].items()}
+        if epoch is not None:
+            epoch = parse_epoch([epoch])
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+        raise BridgeError(f"the state file {path} is damaged (not what --state writes); "
+                          "move it away to start afresh") from None
+    return SavedState(epoch, since, sessions)
+
+
+def write_state(path: Path, state: SavedState) -> None:
+    """Save ``state`` in ``path`` atomically (a file beside it, fsynced, renamed)."""
+    data = json.dumps({"epoch": state.epoch, "since": state.since,
+                       "sessions": {k: list(v) for k, v in state.sessions.items()}},
+                      ensure_ascii=False).encode() + b"\n"
+    part = path.with_name(path.name + ".part")
+    with open(part, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
 
 
 def _seconds(value: object) -> float | None:
@@ -285,7 +343,10 @@ class BridgeConfig:
     ``streams``: of every stream seen) and the queue is drained.
     ``reconnect``: reconnect after a lost connection, with ``since=``.
     ``token``: the access token, sent as ``Authorization: Bearer`` (None:
-    none); left out of the repr so that it stays out of logs.
+    none); left out of the repr so that it stays out of logs. ``state``: a
+    file (``--state``) where the bridge keeps where it is after every final
+    it handles, and resumes from when it starts (``since`` and ``epoch``
+    must then be empty, unless the file does not exist yet).
     """
 
     out: Path
@@ -300,6 +361,7 @@ class BridgeConfig:
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 10.0
     token: str | None = field(default=None, repr=False)
+    state: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -334,6 +396,17 @@ class TtsBridge:
         # Per stream: the segment of its last final and its session (module doc).
         self._last_segment: dict[str, int] = {}
         self._session: dict[str, int] = {}
+        # What --state keeps (SavedState), as of the last final handled.
+        self._saved = SavedState(cfg.epoch, dict(cfg.since), {})
+        if cfg.state is not None and (saved := read_state(cfg.state)) is not None:
+            if cfg.since or cfg.epoch:
+                raise BridgeError(f"--since/--epoch and --state {cfg.state}, which holds "
+                                  "where to resume already: give one")
+            self._saved = saved
+            self._epoch = saved.epoch
+            self._last_seq = dict(saved.since)
+            self._session = {k: v[0] for k, v in saved.sessions.items()}
+            self._last_segment = {k: v[1] for k, v in saved.sessions.items()}
         # Per stream: its last final, and the tags in effect at its end.
         self._tail: dict[str, tuple[Final, Carry]] = {}
         self._seen: set[str] = set(cfg.streams)
@@ -489,7 +562,7 @@ class TtsBridge:
                 if last is not None and final.segment <= last:
                     self._session[stream] = self._session.get(stream, 1) + 1
                 self._last_segment[stream] = final.segment
-                final = replace(final, session=self._session.get(stream, 1))
+                final = replace(final, session=self._session.get(stream, 1), epoch=self._epoch)
                 tail = self._tail.get(stream)
                 if tail is not None and final.continues(tail[0]):
                     final = replace(final, restated=restated_tags(tail[1], final.text))
@@ -531,8 +604,29 @@ class TtsBridge:
                 return
             await self._synthesize(final)
             self._handled += 1
+            if self.cfg.state is not None:
+                self._save(final)
             if self.cfg.max_captions is not None and self._handled >= self.cfg.max_captions:
                 return
+
+    def _save(self, final: Final) -> None:
+        """Keep ``final`` as handled in the state file. Seqs of an earlier
+        epoch than the final's are dropped (a restart resumes under the new
+        one); the streams kept are those a resume sends (4 KB)."""
+        saved = self._saved
+        since = dict(saved.since) if final.epoch == saved.epoch else {}
+        since.pop(final.stream, None)  # in order of activity (resume_since)
+        since[final.stream] = final.seq
+        since = {s: since[s] for s in reversed(resume_since(since, self._ended))}
+        sessions = {s: v for s, v in saved.sessions.items() if s in since}
+        sessions[final.stream] = (final.session, final.segment)
+        self._saved = SavedState(final.epoch, since, sessions)
+        assert self.cfg.state is not None
+        try:
+            write_state(self.cfg.state, self._saved)
+        except OSError as e:
+            raise BridgeError(f"cannot write the state file {self.cfg.state}: "
+                              f"{e.strerror or e}") from e
 
     async def _synthesize(self, final: Final) -> None:
         dest = self.cfg.out / output_name(final.stream, final.segment, self.synth.ext,
@@ -580,6 +674,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the epoch the --since seqs are of (logged as 'subscribed to ... "
                         "(epoch E)'): a server that numbers anew since then replays from "
                         "the start")
+    p.add_argument("--state", type=Path, metavar="FILE",
+                   help="keep where the bridge is in FILE after every final, and resume "
+                        "from it when started again (no final spoken twice or missed, "
+                        "file names going on)")
     p.add_argument("--voice", help="ElevenLabs voice id (required for elevenlabs) or "
                                    "espeak-ng voice (default en)")
     p.add_argument("--queue", type=int, default=32, help="finals waiting for synthesis")
@@ -662,15 +760,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         since = parse_since(args.since, streams) if args.since else {}
         epoch = parse_epoch([args.epoch] if args.epoch is not None else [])
         synth = _synth_from_args(args)
+        cfg = BridgeConfig(out=args.out, url=args.url, streams=streams,
+                           since=tuple(since.items()), epoch=epoch, queue_size=args.queue,
+                           max_captions=args.max_captions, exit_on_end=args.exit_on_end,
+                           reconnect=not args.no_reconnect, token=args.token,
+                           state=args.state)
+        bridge = TtsBridge(cfg, synth)  # reads --state: a damaged one is a bad argument
     except (BridgeError, ValueError) as e:
         _report(e, args.log_format)
         return 2
     try:
-        cfg = BridgeConfig(out=args.out, url=args.url, streams=streams,
-                           since=tuple(since.items()), epoch=epoch, queue_size=args.queue,
-                           max_captions=args.max_captions, exit_on_end=args.exit_on_end,
-                           reconnect=not args.no_reconnect, token=args.token)
-        stats = asyncio.run(TtsBridge(cfg, synth).run())
+        stats = asyncio.run(bridge.run())
     except KeyboardInterrupt:
         return 130
     except (BridgeError, ValueError) as e:

@@ -987,6 +987,55 @@ async def test_a_restart_without_the_journal_that_passed_the_held_seq_loses_no_f
     assert bridge.resume_points == {"talk": 3}
 
 
+async def test_a_bridge_restarted_with_its_state_file_speaks_each_final_once(
+        tmp_path: Path) -> None:
+    """--state FILE: a bridge stopped and started again (a crash, a deploy)
+    resumed live only, so the finals said meanwhile were never spoken, and
+    a reused stream id's files took the old names. Now it resumes where it
+    was: after its last final, under its epoch, its file names going on,
+    across a server restart without the journal too."""
+    port = _unused_port()
+    cfg = _config(**{"server.port": port})
+    state = tmp_path / "bridge.json"
+
+    async def run_bridge(n: int, since: tuple[tuple[str, int], ...] = ()) -> GatedSynth:
+        synth = GatedSynth()
+        synth.gate.set()
+        bridge = TtsBridge(BridgeConfig(out=tmp_path / "out", url=f"ws://127.0.0.1:{port}",
+                                        streams=("talk",), since=since, max_captions=n,
+                                        state=state, reconnect_min_s=0.05), synth)
+        await asyncio.wait_for(bridge.run(), 20)
+        return synth
+
+    def finals(server: CaptionServer, first: int, texts: list[str], seq: int) -> None:
+        for i, text in enumerate(texts):
+            server.broadcaster.publish(_caption("talk", first + i, seq + i, text))
+
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        finals(server, 0, ["one", "two"], 1)
+        # The first run (no state yet) starts where --since says.
+        first = await run_bridge(2, since=(("talk", 0),))
+        assert first.names == ["talk-00000.txt", "talk-00001.txt"]
+        saved = json.loads(state.read_text())
+        assert saved == {"epoch": engine.epoch, "since": {"talk": 2},
+                         "sessions": {"talk": [1, 1]}}
+        finals(server, 2, ["three", "four"], 3)  # said while the bridge was down
+        assert (await run_bridge(2)).names == ["talk-00002.txt", "talk-00003.txt"]
+    # The server restarts without its journal: the stream starts over at
+    # segment 0, seq 1. Neither skipped (seq 1 < 4) nor over the old files.
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        finals(server, 0, ["new one", "new two"], 1)
+        assert (await run_bridge(2)).names == ["talk+2-00000.txt", "talk+2-00001.txt"]
+        assert json.loads(state.read_text())["epoch"] == engine.epoch
+    # Where to resume comes from one place: --since beside a saved state is refused.
+    with pytest.raises(BridgeError, match="give one"):
+        TtsBridge(BridgeConfig(out=tmp_path, since=(("talk", 1),), state=state), GatedSynth())
+    state.write_text("{not json")
+    assert main(["--out", str(tmp_path), "--state", str(state)]) == 2
+
+
 async def test_a_link_lost_right_after_a_gap_with_no_end_resumes_from_0(
         tmp_path: Path) -> None:
     """A gap with no end is followed by every retained caption of the
