@@ -82,7 +82,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
@@ -121,6 +121,7 @@ __all__ = [
     "caption_url",
     "check_output_folder",
     "main",
+    "next_state",
     "output_name",
     "parse_since",
     "read_state",
@@ -230,6 +231,21 @@ def read_state(path: Path) -> SavedState | None:
         raise BridgeError(f"the state file {path} is damaged (not what --state writes); "
                           "move it away to start afresh") from None
     return SavedState(epoch, since, sessions)
+
+
+def next_state(saved: SavedState, final: Final, ended: Collection[str] = ()) -> SavedState:
+    """``saved`` once ``final`` is handled. Seqs of another epoch than the
+    final's are dropped (a restart resumes under the new one); the streams
+    kept are those a resume sends (:func:`resume_since`, 4 KB; ``ended``: the
+    streams that ended). Sessions name files whatever the epoch: those of the
+    streams kept, and across an epoch change those of the streams before."""
+    since = dict(saved.since) if final.epoch == saved.epoch else {}
+    since.pop(final.stream, None)  # in order of activity (resume_since)
+    since[final.stream] = final.seq
+    since = {s: since[s] for s in reversed(resume_since(since, ended))}
+    sessions = {s: v for s, v in saved.sessions.items() if s in since or s in saved.since}
+    sessions[final.stream] = (final.session, final.segment)
+    return SavedState(final.epoch, since, sessions)
 
 
 def write_state(path: Path, state: SavedState) -> None:
@@ -610,17 +626,8 @@ class TtsBridge:
                 return
 
     def _save(self, final: Final) -> None:
-        """Keep ``final`` as handled in the state file. Seqs of an earlier
-        epoch than the final's are dropped (a restart resumes under the new
-        one); the streams kept are those a resume sends (4 KB)."""
-        saved = self._saved
-        since = dict(saved.since) if final.epoch == saved.epoch else {}
-        since.pop(final.stream, None)  # in order of activity (resume_since)
-        since[final.stream] = final.seq
-        since = {s: since[s] for s in reversed(resume_since(since, self._ended))}
-        sessions = {s: v for s, v in saved.sessions.items() if s in since}
-        sessions[final.stream] = (final.session, final.segment)
-        self._saved = SavedState(final.epoch, since, sessions)
+        """Keep ``final`` as handled in the state file (:func:`next_state`)."""
+        self._saved = next_state(self._saved, final, self._ended)
         assert self.cfg.state is not None
         try:
             write_state(self.cfg.state, self._saved)

@@ -33,9 +33,11 @@ from tts_bridge import (
     BridgeConfig,
     BridgeError,
     Final,
+    SavedState,
     TtsBridge,
     caption_url,
     main,
+    next_state,
     output_name,
     parse_since,
     restated_tags,
@@ -985,6 +987,20 @@ async def test_a_restart_without_the_journal_that_passed_the_held_seq_loses_no_f
                            "talk+2-00002.txt"]
     assert stats.written == 4 and stats.gaps == 1
     assert bridge.resume_points == {"talk": 3}
+
+
+def test_the_saved_state_keeps_sessions_across_an_epoch_change() -> None:
+    """After a restart without the journal the seqs of the old epoch go, but
+    not the sessions of the streams not heard yet in the new one: b's next
+    run would otherwise take session 1's names again, over its old files."""
+    saved = SavedState("e1", {"a": 4, "b": 9}, {"a": (1, 3), "b": (2, 5)})
+    saved = next_state(saved, Final("a", 0, 1, "x", session=2, epoch="e2"))
+    assert saved == SavedState("e2", {"a": 1}, {"a": (2, 0), "b": (2, 5)})
+    saved = next_state(saved, Final("b", 0, 1, "y", session=3, epoch="e2"))
+    assert saved == SavedState("e2", {"a": 1, "b": 1}, {"a": (2, 0), "b": (3, 0)})
+    # The same epoch: every stream's seq goes on.
+    assert next_state(saved, Final("a", 1, 2, "z", session=2, epoch="e2")).since == \
+        {"b": 1, "a": 2}
 
 
 async def test_a_bridge_restarted_with_its_state_file_speaks_each_final_once(
