@@ -53,8 +53,10 @@ def test_tiny_run_reports_every_path(tmp_path: Path, capsys: pytest.CaptureFixtu
             assert r["prefill_per_window_ms"] == pytest.approx(r["prefill_ms"] / r["batch"])
             assert math.isfinite(r["decode_per_token_ms"])
     assert data["meta"]["tiny"] is True
-    slots = [r for r in rows if r["mode"] == "slots"]
-    assert slots[-1]["decode_per_token_ms"] > 0  # as it was when slots came last
+    # Per-token figures are (end to end - prefill) / tokens of single repeats:
+    # on a busy CPU with a tiny model the difference is noise and may be
+    # negative (a CI run saw -3.5 ms for slots), so only their being finite
+    # is checked above; speed belongs in the benchmark, not here.
     assert "merged B=2" in capsys.readouterr().out
 
 
