@@ -551,13 +551,9 @@ class Journal:
             self._pruned_lines += len(entries)
             if self._pruned_lines > 2 * self._pruned_remembered:
                 remembered = {**self._pruned_seq, **entries}
-                part = path.with_name(PRUNED_FILE + ".part")
-                with open(part, "wb") as f:
-                    f.write(b"".join(_encode_pruned(s, n) for s, n in remembered.items()))
-                    f.flush()
-                    if self._cfg.fsync != "never":
-                        os.fsync(f.fileno())
-                os.replace(part, path)
+                _replace_file(path, b"".join(_encode_pruned(s, n)
+                                             for s, n in remembered.items()),
+                              sync=self._cfg.fsync != "never")
                 self._pruned_lines = len(remembered)
             self._sync_dir()
         except OSError as e:
@@ -592,17 +588,10 @@ class Journal:
                 assert epoch is not None
                 return epoch
         epoch = new_epoch()
-        part = path.with_name(EPOCH_FILE + ".part")
         try:
-            with open(part, "w", encoding="ascii") as f:
-                f.write(epoch + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(part, path)
+            _replace_file(path, (epoch + "\n").encode("ascii"), sync=True)
             self._sync_dir()
         except OSError as e:
-            with contextlib.suppress(OSError):
-                part.unlink(missing_ok=True)
             log.error("journal: cannot write %s (%s); epoch %s holds for this run only: "
                       "after a restart, resuming subscribers get a gap and replay from seq 0",
                       path, e.strerror or e, epoch)
@@ -1016,6 +1005,24 @@ class Journal:
 
 # Read from a journal file's end at a time: a resume of recent finals reads one.
 _BLOCK = 65536
+
+
+def _replace_file(path: Path, data: bytes, *, sync: bool) -> None:
+    """Make ``path`` hold ``data`` whole or not at all: written to
+    ``PATH.part`` (fsynced when ``sync``), renamed over ``path``; the part
+    file is removed if that fails."""
+    part = path.with_name(path.name + ".part")
+    try:
+        with open(part, "wb") as f:
+            f.write(data)
+            f.flush()
+            if sync:
+                os.fsync(f.fileno())
+        os.replace(part, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            part.unlink(missing_ok=True)
+        raise
 
 
 def _raw_lines(f: IO[bytes]) -> Iterator[tuple[int, bytes]]:
