@@ -32,7 +32,7 @@ ALL_DEADLINE_S=${ALL_DEADLINE_S:-540}
 WHEELS=(transformers==5.24.0 peft==0.21.2 mistral-common==1.13.1 pydantic==2.14.4
         pydantic-core==2.50.5 annotated-types typing-inspection pydantic-extra-types pycountry
         jsonschema referencing rpds-py jsonschema-specifications websockets==17.4 soundfile
-        cffi pycparser soxr webrtcvad-wheels)
+        cffi pycparser soxr webrtcvad-wheels typing-extensions==4.16.0)
 
 # PYTHON, KERNELS_ARGS and NO_WHEELS=1 let the test suite run `all` on the
 # CPU with --tiny; a device session needs none of them.
