@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import queue
+from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from evoxtral_stream.config import WorkerConfig, load_config
@@ -116,6 +118,27 @@ def test_failing_request_is_isolated_and_worker_continues() -> None:
     assert isinstance(later, Hypothesis)
     assert later.text == "99 samples"
     assert w.stats().failed == 1
+
+
+def test_a_failure_without_a_message_is_named_by_its_type(
+        caplog: pytest.LogCaptureFixture) -> None:
+    class Blank(ScriptedBackend):
+        def transcribe(self, batch: Sequence[npt.NDArray[np.float32]]) -> list[str]:
+            raise AssertionError
+
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(Blank(), wcfg(max_queue=64, max_batch=2, max_wait_ms=50), out.put)
+    w.start()
+    for i in range(2):
+        w.submit(req(f"s{i}", 0, 1, RequestKind.FINAL, 10 + i))
+    got = results(out, 2)
+    w.stop(5)
+    assert all(isinstance(r, DecodeFailure) and r.message == "AssertionError: " for r in got)
+    lines = [r.getMessage() for r in caplog.records if r.name.endswith("worker")]
+    assert {"backend failed on s0 segment 0: AssertionError: ",
+            "backend failed on s1 segment 0: AssertionError: "} <= set(lines)
+    batches = [line for line in lines if "on a batch" in line]
+    assert all("(AssertionError: )" in line for line in batches)
 
 
 def test_stop_finishes_queued_work() -> None:

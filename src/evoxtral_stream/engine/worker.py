@@ -687,14 +687,16 @@ class ModelWorker:
             if "out of memory" in str(e).lower():
                 _release_cuda_cache()
             if len(batch) > 1:
-                log.warning("backend failed on a batch of %d (%s); retrying in halves",
-                            len(batch), e)
+                log.warning("backend failed on a batch of %d (%s: %s); retrying in halves",
+                            len(batch), type(e).__name__, e)
                 half = len(batch) // 2
                 self._decode(batch[:half])
                 self._decode(batch[half:])
                 return
             req = batch[0]
-            log.error("backend failed on %s segment %d: %s", req.stream, req.segment, e)
+            # The type too: some failures have no message at all.
+            log.error("backend failed on %s segment %d: %s: %s", req.stream, req.segment,
+                      type(e).__name__, e)
             with self._lock:
                 self._failed += 1
             self._answered(req)
