@@ -480,36 +480,49 @@ class _DrainDeadline(RuntimeError):
     """Raised inside the model once a level's drain deadline passed."""
 
 
-@contextlib.contextmanager
-def _abort_switch(model: nn.Module) -> Iterator[Callable[[], None]]:
-    """A switch that makes every later forward pass of ``model`` fail.
+class _Abort:
+    """A level's drain-deadline switch: once armed, every backend call fails.
 
-    The hook sits on the input embeddings, which every decode path (generate,
-    prefill, single steps) goes through; the worker turns the failures into
-    failed requests, so a level past its deadline ends quickly.
+    ``check`` sits in the backend's entry points (see :func:`_count_calls`),
+    so a call in flight finishes and the next one fails. Where the model
+    runs eagerly a forward pre-hook on its input embeddings fails the call
+    in flight too (a long ``generate`` ends at its next token). That hook
+    is never put on a model whose steps are compiled: dynamo guards on
+    every hook of the model, so adding, removing or arming one recompiles
+    every bucket's step (on an H200 about 14 s each for the full-size
+    model, during the measured level).
     """
-    armed = [False]
 
-    def hook(module: nn.Module, inputs: object) -> None:
-        if armed[0]:
+    def __init__(self) -> None:
+        self.armed = False
+
+    def check(self) -> None:
+        if self.armed:
             raise _DrainDeadline("gpu_load: drain deadline passed, failing the rest")
 
-    emb: Any = model
-    handle = emb.get_input_embeddings().register_forward_pre_hook(hook)
+    @contextlib.contextmanager
+    def hooked(self, model: nn.Module | None) -> Iterator[None]:
+        """The forward pre-hook on ``model``'s input embeddings while inside (None: none)."""
+        if model is None:
+            yield
+            return
 
-    def arm() -> None:
-        armed[0] = True
+        def hook(module: nn.Module, inputs: object) -> None:
+            self.check()
 
-    try:
-        yield arm
-    finally:
-        handle.remove()
+        emb: Any = model
+        handle = emb.get_input_embeddings().register_forward_pre_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 @contextlib.contextmanager
-def _count_calls(backend: Backend, profiler: _Profiler | None = None
-                 ) -> Iterator[dict[str, int]]:
-    """Count the backend entry points the worker uses (instance-level wrappers)."""
+def _count_calls(backend: Backend, profiler: _Profiler | None = None,
+                 abort: _Abort | None = None) -> Iterator[dict[str, int]]:
+    """Count the backend entry points the worker uses (instance-level wrappers);
+    each first checks ``abort``."""
     counts: dict[str, int] = {}
     wrapped: list[str] = []
     for name in ("transcribe", "transcribe_jobs", "admit", "step"):
@@ -520,6 +533,8 @@ def _count_calls(backend: Backend, profiler: _Profiler | None = None
 
         def wrapper(*a: Any, _fn: Any = fn, _name: str = name, **k: Any) -> Any:
             counts[_name] += 1
+            if abort is not None:
+                abort.check()
             if profiler is not None:
                 profiler.tick()
             return _fn(*a, **k)
@@ -669,6 +684,7 @@ async def run_level(models: Models, mode: str, n_streams: int, args: argparse.Na
     cfg = _level_config(args, mode, n_streams)
     backend = _backend_for(models, mode)
     model = _torch_model(backend)
+    abort = _Abort()
     rng = np.random.default_rng(seed)
     parts = sentences(read_audio_file(sample_path()))
     chunk = int(args.chunk_ms * SAMPLE_RATE / 1000)
@@ -684,7 +700,9 @@ async def run_level(models: Models, mode: str, n_streams: int, args: argparse.Na
     profiler = (_Profiler(profile_to, f"{mode}, {n_streams} streams", cuda)
                 if profile_to is not None else None)
     try:
-        with _abort_switch(model) as arm, _count_calls(backend, profiler) as calls:
+        # Slot modes run compiled steps: no hook on their model (see _Abort).
+        with abort.hooked(None if mode in SLOT_MODES else model), \
+                _count_calls(backend, profiler, abort) as calls:
             async with Engine(cfg, backend) as engine, CaptionServer(engine, cfg.server) as server:
                 ready = asyncio.Event()
                 sub = asyncio.ensure_future(_subscribe(server.port, n_streams, got, ready))
@@ -722,7 +740,7 @@ async def run_level(models: Models, mode: str, n_streams: int, args: argparse.Na
                     await asyncio.wait_for(asyncio.shield(closing), args.drain_s)
                 except TimeoutError:
                     abort_t = time.monotonic()
-                    arm()
+                    abort.armed = True
                     # The failures that follow are on purpose: one line says so.
                     quiet.setLevel(logging.CRITICAL)
                     say(f"  {mode} x{n_streams}: drain passed {args.drain_s:g} s; "
@@ -1139,6 +1157,13 @@ async def _run(args: argparse.Namespace, argv: Sequence[str], say: Callable[[str
         models = build_models(args, modes, Path(tmp), say)
         info = meta(args, argv, models.description)
         say(f"device: {info['device']}; commit {info['commit']}")
+        if models.slots is not None:
+            # Compile every bucket's step once, before any level: each level's
+            # worker then only records its CUDA graphs (they are per thread).
+            t = time.monotonic()
+            what = models.slots.warm_up(int(info["max_batch"]))
+            info["slot_compile_s"] = round(time.monotonic() - t, 1)
+            say(f"slot decoder compiled in {info['slot_compile_s']:.1f} s: {what}")
         if args.warmup_s > 0:
             warm = argparse.Namespace(**{**vars(args), "seconds": args.warmup_s})
             for m in modes:

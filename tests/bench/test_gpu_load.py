@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -141,3 +142,56 @@ def test_the_reference_runs_in_a_plain_engine() -> None:
     ours = bench._level_config(args, "continuous", 5)
     assert ours.worker.batching == "continuous"
     assert ours.stream.pause_partial and ours.stream.draft
+
+
+@pytest.mark.slow
+def test_a_passed_drain_leaves_the_compiled_slot_steps_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first H200 run lost every final of its slots level: the harness's
+    drain switch was a hook on the model, and dynamo guards on the model's
+    hooks, so each level recompiled every step while being measured. Here the
+    steps are compiled (dynamo without inductor, as on the CPU the slot
+    decoder runs eagerly) and every level's drain passes at once."""
+    import torch
+
+    from evoxtral_stream.engine.backends.voxtral import backend as backend_mod
+    from evoxtral_stream.engine.backends.voxtral.slots import SlotDecoder
+
+    prop = backend_mod.VoxtralBackend.__dict__["decoder"]
+    assert isinstance(prop, property) and prop.fget is not None
+    plain = prop.fget
+
+    traces: list[int] = []
+
+    def count(gm: torch.fx.GraphModule, example_inputs: object) -> object:
+        traces.append(1)
+        time.sleep(2.0)  # compiling is slow: on the H200 the warm-up outlasted the drain
+        return gm.forward
+
+    def compiled(self: backend_mod.VoxtralBackend) -> object:
+        if self._decoder is None and self._cfg.static_cache:
+            self._decoder = SlotDecoder(
+                self, compile={"backend": count, "fullgraph": True, "dynamic": False})
+        return plain(self)
+
+    monkeypatch.setattr(backend_mod.VoxtralBackend, "decoder", property(compiled))
+    bench = _load()
+    out = tmp_path / "load.json"
+    torch._dynamo.reset()
+    try:
+        argv = ["--tiny", "--streams", "2,3", "--seconds", "4", "--modes", "slots",
+                "--max-batch", "4", "--warmup-s", "2", "--drain-s", "0",
+                "--json", str(out)]
+        assert bench.main(argv) == 0
+        # One graph per bucket (1, 2 and 4 rows), compiled before the first
+        # level, and never again.
+        assert len(traces) == 3
+    finally:
+        torch._dynamo.reset()
+    data = json.loads(out.read_text())
+    assert data["meta"]["slot_compile_s"] >= 0
+    for r in data["rows"]:
+        assert r["status"].startswith("overloaded: drain passed"), r["status"]
+        assert "not engaged" not in r["status"], r["status"]
+        assert r["finals_lost"] == 0
+        assert r["tokens_per_s"] > 0  # the first H200 run: 0 at 100 streams
