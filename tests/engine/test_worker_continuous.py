@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -266,6 +268,48 @@ def test_warm_up_runs_once_before_serving_and_a_failure_only_logs(
     else:
         assert "backend warmed up in" in caplog.text
         assert "compiled" in caplog.text
+
+
+def test_not_ready_from_start_until_the_warm_up_ends() -> None:
+    """A readiness probe (or a benchmark waiting to start its clock) right
+    after start must not see a worker that has not begun warming up as ready."""
+    started, gate = threading.Event(), threading.Event()
+
+    class Slow(_WarmingBackend):
+        def warm_up(self, max_batch: int) -> str:
+            gate.wait(10)
+            return super().warm_up(max_batch)
+
+    class Hold(logging.Handler):
+        """Holds the thread at its first line, before its warm-up."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("model worker started"):
+                started.wait(10)
+
+    logger = logging.getLogger("evoxtral_stream.engine.worker")
+    hold, level = Hold(), logger.level
+    logger.addHandler(hold)
+    logger.setLevel(logging.INFO)
+    try:
+        w = ModelWorker(Slow(), wcfg(max_batch=4, max_wait_ms=20), lambda r: None)
+        w.start()
+        assert not w.ready
+        assert not w.stats().ready
+        started.set()
+        time.sleep(0.05)
+        assert not w.ready  # warming up
+        gate.set()
+        deadline = time.monotonic() + 10
+        while not w.ready and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert w.ready
+        w.stop(5)
+    finally:
+        started.set()
+        gate.set()
+        logger.removeHandler(hold)
+        logger.setLevel(level)
 
 
 def test_batch_mode_does_not_warm_up() -> None:

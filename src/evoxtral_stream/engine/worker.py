@@ -203,6 +203,9 @@ class ModelWorker:
     def start(self) -> None:
         if self._thread is not None:
             raise RuntimeError("worker already started")
+        # Not ready from this moment when a warm-up comes (the thread clears
+        # it), so no probe in between sees a worker that has not begun it.
+        self._warming = self.mode == "continuous" and isinstance(self._backend, WarmsUp)
         self._spawn(reload=False)
 
     def _spawn(self, *, reload: bool) -> None:
