@@ -707,6 +707,14 @@ async def run_level(models: Models, mode: str, n_streams: int, args: argparse.Na
                 ready = asyncio.Event()
                 sub = asyncio.ensure_future(_subscribe(server.port, n_streams, got, ready))
                 await asyncio.wait_for(ready.wait(), 60)
+                # The worker's warm-up (slot modes: recording this thread's CUDA
+                # graphs of the steps compiled before the first level) is not
+                # part of the level.
+                t_wait = time.monotonic()
+                while not engine.stats().worker.ready:
+                    if time.monotonic() - t_wait > 900:
+                        raise RuntimeError("the model worker was not ready after 900 s")
+                    await asyncio.sleep(0.02)
                 shares = []
                 sims = []
                 for i in range(n_streams):
