@@ -9,16 +9,17 @@
 #
 #   here, with PyPI:      bench/gpu_session.sh fetch        # wheels into .whl/ (~33 MB, git-ignored)
 #   there (device run, carry [".whl"], timeout_s 600):
-#                         bench/gpu_session.sh all COMMIT   # kernels, then load; about 9 minutes
+#                         bench/gpu_session.sh all COMMIT   # load, then kernels; about 9 minutes
 #
-# `all` runs voxtral_kernels.py (batch 1, every path; at most 150 s), then
-# gpu_load.py in the continuous and reference modes (1, 100 and 150 streams;
-# the reference at 1 and 5), then, in the time left, the slots and lookahead
-# modes at 100 streams (their warm-up compiles CUDA graphs). Each script
-# writes its JSON after every row, so a cut-short run still brings back what
-# it measured; $OUT gets 8 files. `kernels` and `load COMMIT` run one script
-# each with its full default plan (each about 10 minutes), for a later
-# session with time for two calls.
+# `all` runs gpu_load.py in the lookahead, slots and reference modes (1, 100
+# and 150 streams; the reference at 1 and 5; the slot steps are compiled
+# once first), then voxtral_kernels.py at batches 8 and 64 in the last
+# KERNELS_S seconds. The first run (2026-12-04, H200) measured every path at
+# batch 1 and the continuous mode under load; bench/RESULTS.md has them.
+# Each script writes its JSON after every row, so a cut-short run still
+# brings back what it measured; $OUT gets 6 files. `kernels` and `load
+# COMMIT` run one script each with its full default plan (each about 10
+# minutes), for a later session with time for two calls.
 #
 # Every step writes into $OUT (the device tool's output folder) and prints
 # its tables; copy them into bench/RESULTS.md with the device, commit, date
@@ -26,8 +27,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# `all` plans its steps to end this many seconds after it starts.
+# `all` plans its steps to end this many seconds after it starts, and keeps
+# the last KERNELS_S of them for the kernel rows.
 ALL_DEADLINE_S=${ALL_DEADLINE_S:-540}
+KERNELS_S=${KERNELS_S:-120}
 
 WHEELS=(transformers==5.24.0 peft==0.21.2 mistral-common==1.13.1 pydantic==2.14.4
         pydantic-core==2.50.5 annotated-types typing-inspection pydantic-extra-types pycountry
@@ -66,34 +69,31 @@ all)
     shift 2
     setup_device
     out=${OUT:-.}
-    # The outer timeouts only guard against a hang: the scripts stop starting
-    # measurements at their own budgets well before these.
-    # shellcheck disable=SC2086  # KERNELS_ARGS is a list of words
-    timeout -k 10 200 "$PY" bench/voxtral_kernels.py --batches 1 --budget-s 150 \
-        --json "$out/voxtral_kernels.json" ${KERNELS_ARGS:-} 2>&1 \
-        | tee "$out/voxtral_kernels.log" || true
-    # The load levels the targets name (no compiling: the first to finish),
-    # then the slot cache at 100 streams in whatever time is left (its
-    # warm-up compiles CUDA graphs for every batch bucket up to 64).
+    # The load levels first: the slot cache with and without lookahead (its
+    # steps compile once, about 80 s on the H200, before the first level)
+    # and the reference beside them. The outer timeouts only guard against a
+    # hang: the scripts stop starting measurements at their own budgets.
     left=$((ALL_DEADLINE_S - SECONDS))
-    main=$left
-    if [ "$left" -gt 330 ]; then main=$((left - 120)); fi
+    main=$((left - KERNELS_S))
     if [ "$main" -lt 60 ]; then main=60; fi
     echo "gpu_session: ${SECONDS} s used, ${main} s for the load levels"
     timeout -k 10 "$((main + 30))" "$PY" bench/gpu_load.py --streams 1,100,150 \
-        --reference-streams 1,5 --seconds 20 --modes continuous,reference --max-batch 64 \
+        --reference-streams 1,5 --seconds 20 --modes lookahead,slots,reference --max-batch 64 \
         --budget-s "$main" --commit "$commit" --json "$out/gpu_load.json" \
         --markdown "$out/gpu_load.md" --plot "$out/gpu_load.png" "$@" 2>&1 \
         | tee "$out/gpu_load.log"
+    # Then decode per token at larger batches, in whatever time is left
+    # (batch 1 of every path was measured on 2026-12-04).
     left=$((ALL_DEADLINE_S - SECONDS))
-    if [ "$left" -lt 90 ]; then
-        echo "gpu_session: ${left} s left: no slot-cache levels"
+    if [ "$left" -lt 60 ]; then
+        echo "gpu_session: ${left} s left: no kernel rows"
         exit 0
     fi
-    echo "gpu_session: ${SECONDS} s used, ${left} s for the slot-cache levels"
-    timeout -k 10 "$((left + 30))" "$PY" bench/gpu_load.py --streams 100 --seconds 20 \
-        --modes slots,lookahead --max-batch 64 --budget-s "$left" --commit "$commit" \
-        --json "$out/gpu_load_slots.json" "$@" 2>&1 | tee "$out/gpu_load_slots.log" || true
+    echo "gpu_session: ${SECONDS} s used, ${left} s for the kernel rows"
+    # shellcheck disable=SC2086  # KERNELS_ARGS is a list of words
+    timeout -k 10 "$((left + 30))" "$PY" bench/voxtral_kernels.py --batches 8,64 \
+        --budget-s "$((left - 20))" --json "$out/voxtral_kernels.json" ${KERNELS_ARGS:-} 2>&1 \
+        | tee "$out/voxtral_kernels.log" || true
     ;;
 kernels)
     setup_device
@@ -110,7 +110,7 @@ load)
         --plot "${OUT:-.}/gpu_load.png" "$@" 2>&1 | tee "${OUT:-.}/gpu_load.log"
     ;;
 *)
-    sed -n '2,23p' "$0"
+    sed -n '2,26p' "$0"
     exit 2
     ;;
 esac
