@@ -477,7 +477,8 @@ def _tokens(backend: Backend) -> int:
 
 
 class _DrainDeadline(RuntimeError):
-    """Raised inside the model once a level's drain deadline passed."""
+    """Raised by a backend call (or inside an eager model) once a level's
+    drain deadline passed."""
 
 
 class _Abort:
@@ -486,11 +487,13 @@ class _Abort:
     ``check`` sits in the backend's entry points (see :func:`_count_calls`),
     so a call in flight finishes and the next one fails. Where the model
     runs eagerly a forward pre-hook on its input embeddings fails the call
-    in flight too (a long ``generate`` ends at its next token). That hook
-    is never put on a model whose steps are compiled: dynamo guards on
-    every hook of the model, so adding, removing or arming one recompiles
+    in flight too (a long ``generate`` ends at its next token). The slot
+    modes get no hook, since their steps are compiled and dynamo guards on
+    every hook of the model: adding, removing or arming one recompiles
     every bucket's step (on an H200 about 14 s each for the full-size
-    model, during the measured level).
+    model, during the measured level). Other modes sharing that model
+    remove theirs when their level ends, so the slot steps see the model
+    as it was compiled.
     """
 
     def __init__(self) -> None:
