@@ -7,7 +7,7 @@
 # gets 15 minutes of device time in all, the machine's start included, and
 # one command may run 10 minutes. So, in one device call:
 #
-#   here, with PyPI:      bench/gpu_session.sh fetch        # wheels into .whl/ (~33 MB, git-ignored)
+#   here, with PyPI:      bench/gpu_session.sh fetch        # wheels into .whl/ (~34 MB, git-ignored)
 #   there (device run, carry [".whl"], timeout_s 600):
 #                         bench/gpu_session.sh all COMMIT   # load, then kernels; about 9 minutes
 #

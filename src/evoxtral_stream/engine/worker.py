@@ -205,7 +205,7 @@ class ModelWorker:
             raise RuntimeError("worker already started")
         # Not ready from this moment when a warm-up comes (the thread clears
         # it), so no probe in between sees a worker that has not begun it.
-        self._warming = self.mode == "continuous" and isinstance(self._backend, WarmsUp)
+        self._warming = self._warms_up()
         self._spawn(reload=False)
 
     def _spawn(self, *, reload: bool) -> None:
@@ -502,6 +502,10 @@ class ModelWorker:
     def _failure(req: DecodeRequest, message: str) -> DecodeFailure:
         return DecodeFailure(req.stream, req.segment, req.revision, req.kind, message)
 
+    def _warms_up(self) -> bool:
+        """The backend warms up before serving (stepping backends only)."""
+        return self.mode == "continuous" and isinstance(self._backend, WarmsUp)
+
     def _warm_up(self, backend: WarmsUp) -> None:
         """Let the backend prepare (compile) before the first request; requests
         queue meanwhile. A failure only costs the preparation: it is logged and
@@ -525,8 +529,8 @@ class ModelWorker:
         # The backend changes only on a reload, before this loop: decide once,
         # not per decode step (isinstance on a Protocol checks every member).
         stepping = self.mode == "continuous"
-        if stepping and isinstance(self._backend, WarmsUp):
-            self._warm_up(self._backend)
+        if self._warms_up():
+            self._warm_up(cast(WarmsUp, self._backend))
         while not self._stopping or self._pending or self._running:
             if self._down is None and stepping:
                 self._continuous_round(cast(SteppingBackend, self._backend))
