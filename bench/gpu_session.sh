@@ -13,11 +13,13 @@
 #
 # `all` runs gpu_load.py in the lookahead, slots and reference modes (1, 100
 # and 150 streams; the reference at 1 and 5; the slot steps are compiled
-# once first), then voxtral_kernels.py at batches 8 and 64 in the last
-# KERNELS_S seconds. The first run (2026-12-04, H200) measured every path at
-# batch 1 and the continuous mode under load; bench/RESULTS.md has them.
-# Each script writes its JSON after every row, so a cut-short run still
-# brings back what it measured; $OUT gets 6 files. `kernels` and `load
+# once first) and profiles the busiest level, then, in the last KERNELS_S
+# seconds, voxtral_kernels.py's merged path at batches 8 and 64 with the
+# merged prefill broken down part by part under the profiler (batches 1 and
+# 8). The first run (2026-12-04, H200) measured every path at batch 1 and
+# the continuous mode under load; bench/RESULTS.md has them. Each script
+# writes its JSON after every row, so a cut-short run still brings back
+# what it measured; $OUT gets 8 files. `kernels` and `load
 # COMMIT` run one script each with its full default plan (each about 10
 # minutes), for a later session with time for two calls.
 #
@@ -29,8 +31,8 @@ cd "$(dirname "$0")/.."
 
 # `all` plans its steps to end this many seconds after it starts, and keeps
 # the last KERNELS_S of them for the kernel rows.
-ALL_DEADLINE_S=${ALL_DEADLINE_S:-540}
-KERNELS_S=${KERNELS_S:-120}
+ALL_DEADLINE_S=${ALL_DEADLINE_S:-550}
+KERNELS_S=${KERNELS_S:-110}
 
 WHEELS=(transformers==5.24.0 peft==0.21.2 mistral-common==1.13.1 pydantic==2.14.4
         pydantic-core==2.50.5 annotated-types typing-inspection pydantic-extra-types pycountry
@@ -80,10 +82,12 @@ all)
     timeout -k 10 "$((main + 30))" "$PY" bench/gpu_load.py --streams 1,100,150 \
         --reference-streams 1,5 --seconds 20 --modes lookahead,slots,reference --max-batch 64 \
         --budget-s "$main" --commit "$commit" --json "$out/gpu_load.json" \
-        --markdown "$out/gpu_load.md" --plot "$out/gpu_load.png" "$@" 2>&1 \
+        --markdown "$out/gpu_load.md" --plot "$out/gpu_load.png" \
+        --profile "$out/gpu_load_profile.txt" "$@" 2>&1 \
         | tee "$out/gpu_load.log"
-    # Then decode per token at larger batches, in whatever time is left
-    # (batch 1 of every path was measured on 2026-12-04).
+    # Then, in whatever time is left, what the merged prefill's time goes to
+    # and the merged path at larger batches (batch 1 of every path was
+    # measured on 2026-12-04; the slot paths would compile again here).
     left=$((ALL_DEADLINE_S - SECONDS))
     if [ "$left" -lt 60 ]; then
         echo "gpu_session: ${left} s left: no kernel rows"
@@ -91,8 +95,9 @@ all)
     fi
     echo "gpu_session: ${SECONDS} s used, ${left} s for the kernel rows"
     # shellcheck disable=SC2086  # KERNELS_ARGS is a list of words
-    timeout -k 10 "$((left + 30))" "$PY" bench/voxtral_kernels.py --batches 8,64 \
-        --budget-s "$((left - 20))" --json "$out/voxtral_kernels.json" ${KERNELS_ARGS:-} 2>&1 \
+    timeout -k 10 "$((left + 30))" "$PY" bench/voxtral_kernels.py --batches 8,64 --paths merged \
+        --profile "$out/prefill_profile.md" --profile-batches 1,8 --budget-s "$((left - 20))" \
+        --json "$out/voxtral_kernels.json" ${KERNELS_ARGS:-} 2>&1 \
         | tee "$out/voxtral_kernels.log" || true
     ;;
 kernels)

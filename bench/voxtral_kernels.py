@@ -28,6 +28,14 @@ exact adapter loader. For every batch size it times
   predicted that much): prefill is the admit that keeps them, end to end the
   same N tokens; decode per token is over the steps left.
 
+``--paths`` picks which of these run. ``--profile FILE`` also breaks the
+merged prefill down, at the ``--profile-batches`` sizes, into its parts
+(audio encoder, projector, the language model's prefill over the embedded
+prompt; each timed alone) and, under ``torch.profiler``, each part's kernel
+time and launches beside its wall time: a part whose kernels take far less
+than its wall time is bound by the host launching them, not by the GPU. The
+file also gets the whole prefill's top operators.
+
 ``--tiny`` runs the same code on the tiny test checkpoint on the CPU, so the
 script is tested without a GPU; its numbers mean nothing. ``--layers N``
 keeps every full-size width and cuts both towers to N layers: every path
@@ -39,6 +47,7 @@ Usage::
 
     python bench/voxtral_kernels.py                    # CUDA, full size
     python bench/voxtral_kernels.py --batches 1,8 --new-tokens 64 --json out.json
+    python bench/voxtral_kernels.py --batches 1,8 --paths merged --profile prefill.md
     python bench/voxtral_kernels.py --tiny             # CPU smoke run
     python bench/voxtral_kernels.py --device cpu --layers 1 --batches 1,2   # real shapes, CPU
 """
@@ -48,6 +57,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import platform
 import statistics
 import sys
@@ -82,9 +92,10 @@ from evoxtral_stream.engine.backends.voxtral.tiny import (
     write_tekken,
 )
 
-__all__ = ["Row", "main", "run"]
+__all__ = ["PATHS", "Part", "Row", "main", "profile_prefill", "run"]
 
 Audio = npt.NDArray[np.float32]
+PATHS = ("unmerged", "reference", "merged", "slots", "lookahead", "draft80")
 
 
 @dataclass(frozen=True)
@@ -300,6 +311,136 @@ def _measure_slots(backend: VoxtralBackend, batch: list[Audio], new_tokens: int,
     )
 
 
+@dataclass(frozen=True)
+class Part:
+    """One part of the merged prefill at one batch size: wall time (median,
+    synchronised) and, under ``torch.profiler`` on CUDA, its kernels."""
+
+    part: str
+    batch: int
+    windows: int
+    wall_ms: float
+    kernel_ms: float
+    """Summed device time of its kernels and copies (NaN on the CPU)."""
+    launches: int
+    """Device kernels and copies launched (0 on the CPU)."""
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    """The outermost submodule called ``name`` (its place moved across
+    transformers versions)."""
+    found: nn.Module
+    for path, found in model.named_modules():
+        if path.split(".")[-1] == name:
+            return found
+    raise LookupError(f"the model has no {name!r}")
+
+
+def _kernels(fn: Callable[[], object], device: torch.device) -> tuple[float, int, Any]:
+    """One profiled call of ``fn`` (already warm): device ms, launches, profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        fn()
+        _sync(device)
+    if not cuda:
+        return float("nan"), 0, prof
+    on_device = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    return sum(e.time_range.elapsed_us() for e in on_device) / 1000, len(on_device), prof
+
+
+def profile_prefill(backend: VoxtralBackend, batches: Sequence[int], audio_s: float,
+                    repeats: int, log: Callable[[str], None]) -> tuple[list[Part], str]:
+    """The merged prefill broken into its parts, each timed alone (see the
+    module docstring); returns the rows and the whole prefill's top operators
+    at the last batch."""
+    parts: list[Part] = []
+    top = ""
+    for b in batches:
+        more, top = _profile_batch(backend, _audio(b, audio_s), repeats)
+        for part in more:
+            log(_fmt_part(part))
+        parts += more
+    return parts, top
+
+
+def _profile_batch(backend: VoxtralBackend, audio: list[Audio], repeats: int
+                   ) -> tuple[list[Part], str]:
+    device = backend.loaded.device
+    model: Any = backend.model
+    tower, projector = _submodule(model, "audio_tower"), _submodule(model, "multi_modal_projector")
+    text = _submodule(model, "language_model")
+    width = int(model.config.audio_config.intermediate_size)
+    rows, masks = backend.spec.left_padded([len(a) for a in audio])
+    ids = torch.tensor(rows, device=device)
+    mask = torch.tensor(masks, device=device)
+    feats = backend.features(audio).to(backend.loaded.dtype)
+    with torch.inference_mode():
+        hidden = tower(feats, return_dict=True).last_hidden_state
+        embeds = model.get_input_embeddings()(ids)
+
+    def encoder() -> object:
+        with torch.inference_mode():
+            return tower(feats, return_dict=True)
+
+    def project() -> object:
+        with torch.inference_mode():
+            return projector(hidden.reshape(-1, width))
+
+    def language() -> object:
+        with torch.inference_mode():
+            return text(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
+
+    def whole() -> object:
+        with torch.inference_mode():
+            return model(input_ids=ids, attention_mask=mask, input_features=feats,
+                         logits_to_keep=1)
+
+    parts: list[Part] = []
+    top = ""
+    for name, fn in (("encoder", encoder), ("projector", project),
+                     ("language model", language), ("whole prefill", whole)):
+        wall = _time(fn, device, repeats)
+        kernel_ms, launches, prof = _kernels(fn, device)
+        parts.append(Part(name, len(audio), int(feats.shape[0]), wall, kernel_ms, launches))
+        if name == "whole prefill":
+            key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            top = prof.key_averages().table(sort_by=key, row_limit=25)
+    return parts, top
+
+
+def _fmt_part(p: Part) -> str:
+    head = f"profile B={p.batch:<3} {p.part:>14}: wall {p.wall_ms:8.2f} ms"
+    if math.isnan(p.kernel_ms):
+        return head
+    busy = p.kernel_ms / p.wall_ms if p.wall_ms > 0 else float("nan")
+    return f"{head}  kernels {p.kernel_ms:8.2f} ms ({busy:4.0%} of wall) in {p.launches} launches"
+
+
+def profile_markdown(parts: Sequence[Part], top: str, device: str) -> str:
+    lines = [
+        f"# Merged prefill, part by part ({device})",
+        "",
+        "Each part timed alone (median wall time, synchronised) and profiled once: its "
+        "kernels' summed device time and launches. Kernels far below the wall time mean "
+        "the host's launches, not the GPU, set the pace.",
+        "",
+        "| batch | windows | part | wall | kernels | kernels / wall | launches |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in parts:
+        busy = p.kernel_ms / p.wall_ms if p.wall_ms > 0 else float("nan")
+        kernels = "–" if math.isnan(p.kernel_ms) else f"{p.kernel_ms:.2f} ms"
+        share = "–" if math.isnan(busy) else f"{busy:.0%}"
+        lines.append(f"| {p.batch} | {p.windows} | {p.part} | {p.wall_ms:.2f} ms | {kernels} "
+                     f"| {share} | {p.launches} |")
+    lines += ["", "Top operators of the whole prefill at the largest batch:", "", "```",
+              top.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
 def run(
     *,
     tiny: bool,
@@ -314,10 +455,17 @@ def run(
     layers: int | None = None,
     budget_s: float | None = None,
     on_row: Callable[[list[Row]], None] | None = None,
+    paths: Sequence[str] = PATHS,
+    profile_batches: Sequence[int] = (),
+    on_profile: Callable[[list[Part], str], None] | None = None,
 ) -> list[Row]:
-    """Run every measurement and return the rows (also logged as they come).
+    """Run the measurements of ``paths`` and return the rows (also logged as
+    they come).
 
-    ``on_row`` gets the rows so far after each one. With ``budget_s``, a
+    ``on_row`` gets the rows so far after each one. With ``profile_batches``,
+    :func:`profile_prefill` runs on the merged model right after the merge
+    and ``on_profile`` gets its rows and table; a profile that fails is
+    logged and the rows go on. With ``budget_s``, a
     measurement that would start past that many seconds after the call is
     skipped (logged, no row): the smallest batches of every path come first,
     so a budget cut drops the largest batches.
@@ -397,16 +545,25 @@ def run(
         # unmerged paths at large batches) cannot starve the ones after it.
         for b in batches:
             audio = _audio(b, audio_s)
-            if not over(f"unmerged B={b}", 0.4):
+            if "unmerged" in paths and not over(f"unmerged B={b}", 0.4):
                 add(_measure("unmerged", unmerged, audio, new_tokens, repeats))
-            if reference and not over(f"reference B={b}", 0.4):
+            if reference and "reference" in paths and not over(f"reference B={b}", 0.4):
                 add(_measure("reference", unmerged, audio, new_tokens, repeats,
                              prep=reference_prep(audio), kernels=False))
         merged_model: Any = peft_model.merge_and_unload(progressbar=False, safe_merge=False)
         merged = _backend(merged_model, None, spec, tokenizer, device, cfg)
+        if profile_batches and not over("profile", 1.0):
+            try:
+                parts, top = profile_prefill(merged, profile_batches, audio_s, repeats, log)
+                if on_profile is not None:
+                    on_profile(parts, top)
+            except Exception as e:  # the rows after it still count
+                log(f"profile failed: {type(e).__name__}: {e}")
         for b in batches:
-            if not over(f"merged B={b}", 0.6):
+            if "merged" in paths and not over(f"merged B={b}", 0.6):
                 add(_measure("merged", merged, _audio(b, audio_s), new_tokens, repeats))
+        if not {"slots", "lookahead", "draft80"} & set(paths):
+            return rows
         # Last: static_cache switches the model's text attention to grouped SDPA.
         slot_cfg = dataclasses.replace(cfg, static_cache=True, min_new_tokens=new_tokens + 8)
         slots = VoxtralBackend(merged.loaded, slot_cfg)
@@ -417,13 +574,13 @@ def run(
         for label, share in (("slots", 0.75), ("lookahead", 0.9)):
             decoder.lookahead = label == "lookahead"
             for b in batches:
-                if not over(f"{label} B={b}", share):
+                if label in paths and not over(f"{label} B={b}", share):
                     add(_measure_slots(slots, _audio(b, audio_s), new_tokens, repeats, label))
         # A final whose last partial predicted 80 % of it (Whisper tiny.en's
         # finals: 81 %, bench/RESULTS.md).
         decoder.lookahead = False
         for b in batches:
-            if not over(f"draft80 B={b}", 1.0):
+            if "draft80" in paths and not over(f"draft80 B={b}", 1.0):
                 add(_measure_slots(slots, _audio(b, audio_s), new_tokens, repeats, "draft80",
                                    draft_share=0.8))
     return rows
@@ -457,7 +614,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="start no measurement past this many seconds (each path has its "
                          "share: unmerged and reference 40%%, merged 60%%, slots 75%%, "
                          "lookahead 90%%, draft80 all)")
+    ap.add_argument("--paths", default=",".join(PATHS),
+                    help="comma-separated paths to time (default all: %(default)s)")
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="also break the merged prefill down into its parts (markdown here)")
+    ap.add_argument("--profile-batches", default="1",
+                    help="batch sizes of the profile (default %(default)s)")
     args = ap.parse_args(argv)
+    paths = [p for p in args.paths.split(",") if p]
+    if unknown := sorted(set(paths) - set(PATHS)):
+        ap.error(f"--paths: unknown {', '.join(unknown)} (known: {', '.join(PATHS)})")
     if args.layers is not None and (args.tiny or args.layers < 1):
         ap.error("--layers N (N >= 1) cuts the full-size model; it does not go with --tiny")
     if (
@@ -488,6 +654,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2)
             )
 
+    def write_profile(parts: list[Part], top: str) -> None:
+        if args.profile is not None:
+            args.profile.write_text(profile_markdown(parts, top, str(meta["device"])))
+
     rows = run(
         tiny=args.tiny,
         batches=batches,
@@ -500,6 +670,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         budget_s=args.budget_s,
         on_row=write,
         layers=args.layers,
+        paths=paths,
+        profile_batches=[int(x) for x in args.profile_batches.split(",")]
+        if args.profile is not None else [],
+        on_profile=write_profile,
     )
     write(rows)
     return 0

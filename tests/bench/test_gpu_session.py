@@ -31,7 +31,7 @@ def test_all_runs_load_then_kernels_into_out(tmp_path: Path) -> None:
         "NO_WHEELS": "1",
         "HF_HUB_OFFLINE": "1",
         "ALL_DEADLINE_S": "300",
-        "KERNELS_ARGS": "--tiny --batches 1 --new-tokens 2 --audio-s 1",
+        "KERNELS_ARGS": "--tiny --batches 1 --new-tokens 2 --audio-s 1 --profile-batches 1",
     }
     proc = subprocess.run(
         ["bash", "bench/gpu_session.sh", "all", "abc1234", "--tiny", "--seconds", "3",
@@ -43,8 +43,7 @@ def test_all_runs_load_then_kernels_into_out(tmp_path: Path) -> None:
     assert "s for the kernel rows" in proc.stdout
 
     kernels = json.loads((tmp_path / "voxtral_kernels.json").read_text())
-    assert [r["mode"] for r in kernels["rows"]] == ["unmerged", "reference", "merged", "slots",
-                                                "lookahead", "draft80"]
+    assert [r["mode"] for r in kernels["rows"]] == ["merged"]
     assert kernels["meta"]["argv"][-1] == "1"  # KERNELS_ARGS came last: --audio-s 1
     load = json.loads((tmp_path / "gpu_load.json").read_text())
     assert load["meta"]["commit"] == "abc1234"
@@ -55,9 +54,11 @@ def test_all_runs_load_then_kernels_into_out(tmp_path: Path) -> None:
     for r in rows.values():
         assert r["status"] not in ("skipped",) and not r["status"].startswith("error"), r
         assert r["finals_lost"] == 0
+    assert "| 1 | 1 | whole prefill |" in (tmp_path / "prefill_profile.md").read_text()
+    assert "torch.profiler: lookahead, 1 streams" in (tmp_path / "gpu_load_profile.txt").read_text()
     # What comes back from the device: at most 8 files.
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
-        "voxtral_kernels.json", "voxtral_kernels.log", "gpu_load.json", "gpu_load.md",
-        "gpu_load.png", "gpu_load.log"])
+        "voxtral_kernels.json", "voxtral_kernels.log", "prefill_profile.md", "gpu_load.json",
+        "gpu_load.md", "gpu_load.png", "gpu_load.log", "gpu_load_profile.txt"])
     for p in tmp_path.iterdir():
         assert p.stat().st_size > 0, p.name

@@ -101,3 +101,28 @@ def test_layers_do_not_go_with_tiny(capsys: pytest.CaptureFixture[str]) -> None:
         _load().main(["--tiny", "--layers", "1"])
     assert exit_info.value.code == 2
     assert "--layers" in capsys.readouterr().err
+
+
+def test_paths_pick_what_runs_and_profile_breaks_the_prefill_down(tmp_path: Path) -> None:
+    bench = _load()
+    out, prof = tmp_path / "rows.json", tmp_path / "prefill.md"
+    argv = ["--tiny", "--batches", "1", "--new-tokens", "2", "--audio-s", "1", "--paths",
+            "merged", "--profile", str(prof), "--profile-batches", "1,2", "--json", str(out)]
+    assert bench.main(argv) == 0
+    assert [r["mode"] for r in json.loads(out.read_text())["rows"]] == ["merged"]
+    text = prof.read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| 1 |")
+            or line.startswith("| 2 |")]
+    assert [(r[0].strip("| "), r[2]) for r in rows] == [
+        (b, part) for b in ("1", "2")
+        for part in ("encoder", "projector", "language model", "whole prefill")]
+    for r in rows:
+        assert float(r[3].removesuffix(" ms")) > 0  # wall time of the part
+    assert "Top operators" in text and "aten::" in text
+
+
+def test_unknown_path_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _load().main(["--tiny", "--paths", "merged,fast"])
+    assert exit_info.value.code == 2
+    assert "unknown fast" in capsys.readouterr().err
