@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -81,6 +82,30 @@ def test_cuda_graph_slot_steps_equal_transcribe_jobs(tiny_cfg: VoxtralConfig) ->
     assert decoder._step != decoder._forward  # compiled: CUDA graphs
     assert "batches 1, 2, 4, 8" in gpu.warm_up(8)
     _staggered_equals_alone(gpu, seed=14)
+
+
+def test_cuda_graph_steps_run_in_a_thread_other_than_the_one_that_compiled(
+    tiny_cfg: VoxtralConfig,
+) -> None:
+    # The engine's model thread (and a restarted worker's new one) is not the
+    # thread that compiled; before torch 2.13 this failed an empty assert
+    # (pytorch/pytorch#123177) on every step.
+    cfg = dataclasses.replace(tiny_cfg, device="cuda", static_cache=True)
+    gpu = load_voxtral_backend(cfg, "en")
+    gpu.warm_up(2)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            _staggered_equals_alone(gpu, seed=15)
+        except BaseException as e:  # re-raised in the test's thread
+            errors.append(e)
+
+    for _ in range(2):  # a restarted worker: a second new thread
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join(timeout=600)
+    assert not errors, errors
 
 
 def test_cuda_graph_lookahead_steps_equal_transcribe_jobs(tiny_cfg: VoxtralConfig) -> None:

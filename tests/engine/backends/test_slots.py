@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -142,6 +143,30 @@ def test_compiled_steps_equal_alone(
     _admit(compiled, jobs[2:], out)
     _drain(compiled, out)
     assert out == plain
+
+
+@pytest.mark.slow
+def test_compiled_steps_set_up_cuda_graph_state_in_their_own_thread(
+    compiled: SlotDecoder, jobs: list[Job], plain: dict[Job, Done]
+) -> None:
+    # pytorch/pytorch#123177: before torch 2.13 a CUDA-graph step called from
+    # a thread without inductor's per-thread state fails an empty assert, and
+    # the engine's model thread is never the one that imported torch.
+    seen: dict[str, Any] = {}
+
+    def model_thread() -> None:
+        seen["before"] = torch._C._is_key_in_tls("tree_manager_containers")
+        out: dict[Job, Done] = {}
+        _admit(compiled, jobs[:2], out)
+        _drain(compiled, out)
+        seen["after"] = torch._C._is_key_in_tls("tree_manager_containers")
+        seen["out"] = out
+
+    thread = threading.Thread(target=model_thread)
+    thread.start()
+    thread.join(timeout=600)
+    assert (seen["before"], seen["after"]) == (False, True)
+    assert seen["out"] == {j: plain[j] for j in jobs[:2]}
 
 
 # --- grouped-query attention --------------------------------------------------

@@ -49,7 +49,7 @@ from .continuous import RowDecoder, _Batch, _kv, _layers, _Row
 if TYPE_CHECKING:
     from .backend import VoxtralBackend
 
-__all__ = ["SlotCache", "SlotDecoder", "bucket"]
+__all__ = ["SlotCache", "SlotDecoder", "bucket", "graphs_in_this_thread"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,28 @@ _COLUMN_QUANTUM = 128
 # dynamo specialises the compiled step on its shapes: one graph per bucket
 # (and per adapter when unmerged), more than the default limit of 8.
 _RECOMPILE_LIMIT = 64
+
+
+def graphs_in_this_thread() -> None:
+    """Give the calling thread inductor's per-thread CUDA-graph state.
+
+    Before torch 2.13 a CUDA-graph step compiled with ``reduce-overhead``
+    fails an assert with no message (pytorch/pytorch#123177) when called from
+    a thread that neither imported inductor's ``cudagraph_trees`` nor was
+    started by autograd: the engine's model thread, and a restarted worker's
+    new one. It lost every slot-mode final on an H200 (torch 2.11). torch
+    2.13 sets the state up itself, the same way as here; with it set, each
+    thread records its own graphs.
+    """
+    if torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    try:
+        from torch._inductor import cudagraph_trees
+    except ImportError:  # a build without inductor compiles nothing
+        return
+    init = getattr(cudagraph_trees, "_initialize_tls", None)
+    if init is not None:
+        init(cudagraph_trees.local)
 
 
 def bucket(n: int, slots: int) -> int:
@@ -237,6 +259,7 @@ class SlotDecoder(RowDecoder):
         self._pad_token = torch.full((1,), backend.spec.pad, dtype=torch.long, device=device)
         self._step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         self._step = self._forward
+        self._compiled = compile is not None
         if compile is not None:
             dynamo: Any = torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, _RECOMPILE_LIMIT)
@@ -274,6 +297,8 @@ class SlotDecoder(RowDecoder):
         """
         if self._rows:
             raise BackendError("warm_up needs an idle decoder")
+        if self._compiled:
+            graphs_in_this_thread()
         cache = self._fit(max(1, rows), 0)
         sizes = sorted({bucket(n, cache.slots) for n in range(1, max(1, rows) + 1)})
         device = cache.col.device
@@ -387,6 +412,8 @@ class SlotDecoder(RowDecoder):
         rows at the write column, and the copy of its tokens to the host."""
         cache = self._cache
         assert cache is not None
+        if self._compiled:
+            graphs_in_this_thread()
         cache.col.fill_(self._col)
         # A replayed CUDA graph reuses its output: keep a copy of this one.
         out = self._step(ids, lengths).clone()
