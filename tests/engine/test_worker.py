@@ -11,6 +11,7 @@ import numpy.typing as npt
 import pytest
 
 from evoxtral_stream.config import WorkerConfig, load_config
+from evoxtral_stream.engine.backends.base import BackendError
 from evoxtral_stream.engine.worker import ModelWorker, WorkerResult
 from evoxtral_stream.events import DecodeFailure, DecodeRequest, Hypothesis, RequestKind
 from tests.fakes import GatedBackend, ScriptedBackend
@@ -139,6 +140,27 @@ def test_a_failure_without_a_message_is_named_by_its_type(
             "backend failed on s1 segment 0: AssertionError: "} <= set(lines)
     batches = [line for line in lines if "on a batch" in line]
     assert all("(AssertionError: )" in line for line in batches)
+    # Where it came from, once per exception type (the rest would repeat it).
+    traced = [r for r in caplog.records if r.exc_info and "backend failed on s" in r.getMessage()]
+    assert len(traced) == 1
+    assert "in transcribe" in caplog.text and "raise AssertionError" in caplog.text
+
+
+def test_a_backend_error_explains_itself_without_a_traceback(
+        caplog: pytest.LogCaptureFixture) -> None:
+    class Refusing(ScriptedBackend):
+        def transcribe(self, batch: Sequence[npt.NDArray[np.float32]]) -> list[str]:
+            raise BackendError("audio too long")
+
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(Refusing(), wcfg(max_queue=64, max_batch=1, max_wait_ms=50), out.put)
+    w.start()
+    w.submit(req("s0", 0, 1, RequestKind.FINAL, 10))
+    got = results(out, 1)
+    w.stop(5)
+    assert isinstance(got[0], DecodeFailure) and got[0].message == "BackendError: audio too long"
+    assert "backend failed on s0 segment 0: BackendError: audio too long" in caplog.text
+    assert not [r for r in caplog.records if r.exc_info]
 
 
 def test_stop_finishes_queued_work() -> None:

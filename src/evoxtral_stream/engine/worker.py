@@ -75,6 +75,7 @@ from ..events import DecodeFailure, DecodeRequest, Hypothesis, RequestKind
 from .backends.base import (
     AdapterBackend,
     Backend,
+    BackendError,
     Done,
     Job,
     JobBackend,
@@ -196,6 +197,7 @@ class ModelWorker:
         # model thread only; a float store is atomic, so readers need no lock.
         self._call_since: float | None = None
         self._slow_phase = False         # the call timed is a reload or warm-up
+        self._traced: set[type[BaseException]] = set()  # see _trace
         self._finished = threading.Event()
 
     # --- any thread ---------------------------------------------------------
@@ -280,6 +282,16 @@ class ModelWorker:
         warm-up ``_SLOW_PHASE_FACTOR`` times that (0: never)."""
         limit = self._cfg.stall_timeout_s * (_SLOW_PHASE_FACTOR if self._slow_phase else 1)
         return limit > 0 and self.call_age() >= limit
+
+    def _trace(self, e: Exception) -> Exception | None:
+        """``e`` for its log line's traceback the first time its type fails
+        here, unless it is a :class:`BackendError` (those explain themselves):
+        a bug deep in a library may say nothing else (an H200 run lost
+        every slot-mode final to an ``AssertionError`` with no message)."""
+        if isinstance(e, BackendError) or type(e) in self._traced:
+            return None
+        self._traced.add(type(e))
+        return e
 
     def _timed(self, what: Callable[[], _T], *, slow: bool = False) -> _T:
         """Run one backend call, timed for the stall check; ``slow`` for a
@@ -517,7 +529,7 @@ class ModelWorker:
         except Exception as e:  # any failure here must not stop serving
             first = (str(e).strip().splitlines() or [""])[0]
             log.warning("backend warm-up failed (%s: %s); serving without it",
-                        type(e).__name__, first)
+                        type(e).__name__, first, exc_info=self._trace(e))
             return
         finally:
             self._warming = False
@@ -662,7 +674,7 @@ class ModelWorker:
         held = [req for _, req in self._running.values()] + admitting
         self._running = {}
         log.warning("continuous batch failed (%s: %s); decoding its %d request(s) again "
-                    "as plain batches", type(e).__name__, e, len(held))
+                    "as plain batches", type(e).__name__, e, len(held), exc_info=self._trace(e))
         for i in range(0, len(held), self._cfg.max_batch):
             self._decode(held[i:i + self._cfg.max_batch])
 
@@ -703,7 +715,7 @@ class ModelWorker:
             req = batch[0]
             # The type too: some failures have no message at all.
             log.error("backend failed on %s segment %d: %s: %s", req.stream, req.segment,
-                      type(e).__name__, e)
+                      type(e).__name__, e, exc_info=self._trace(e))
             with self._lock:
                 self._failed += 1
             self._answered(req)
