@@ -158,6 +158,7 @@ class VoxtralConfig:
     attn_implementation: str = field(metadata=_choices("sdpa", "eager", "flash_attention_2"))
     static_cache: bool
     lookahead: bool
+    step_graphs: str = field(metadata=_choices("shared", "per_bucket"))
     adapters: dict[str, str]
 
     def __post_init__(self) -> None:

@@ -183,9 +183,9 @@ def test_a_passed_drain_leaves_the_compiled_slot_steps_alone(
                 "--max-batch", "4", "--warmup-s", "2", "--drain-s", "0",
                 "--json", str(out)]
         assert bench.main(argv) == 0
-        # One graph per bucket (1, 2 and 4 rows), compiled before the first
-        # level, and never again.
-        assert len(traces) == 3
+        # One graph for 1 row and one shared by 2 and 4 (step_graphs =
+        # "shared"), compiled before the first level, and never again.
+        assert len(traces) == 2
     finally:
         torch._dynamo.reset()
     data = json.loads(out.read_text())
@@ -195,3 +195,26 @@ def test_a_passed_drain_leaves_the_compiled_slot_steps_alone(
         assert "not engaged" not in r["status"], r["status"]
         assert r["finals_lost"] == 0
         assert r["tokens_per_s"] > 0  # the first H200 run: 0 at 100 streams
+
+
+@pytest.mark.slow
+def test_a_slot_compile_that_fails_leaves_the_other_modes_measured(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from evoxtral_stream.engine.backends.voxtral.slots import SlotDecoder
+
+    def broken(self: SlotDecoder, rows: int) -> list[int]:
+        raise RuntimeError("inductor: no kernel for this shape")
+
+    monkeypatch.setattr(SlotDecoder, "warm_up", broken)
+    out = tmp_path / "load.json"
+    argv = ["--tiny", "--streams", "1", "--seconds", "3", "--modes", "lookahead,reference",
+            "--warmup-s", "0", "--json", str(out)]
+    assert _load().main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["slot_compile_error"] == "RuntimeError: inductor: no kernel for this shape"
+    rows = {r["mode"]: r for r in data["rows"]}
+    assert rows["lookahead"]["status"] == (
+        "error: compile: RuntimeError: inductor: no kernel for this shape")
+    assert rows["reference"]["status"] == "ok" and rows["reference"]["finals_lost"] == 0
+    assert "in broken" in capsys.readouterr().out  # the traceback is in the log

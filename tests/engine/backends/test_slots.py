@@ -146,6 +146,29 @@ def test_compiled_steps_equal_alone(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("shared", "graphs"), [(True, 2), (False, 4)])
+def test_shared_steps_compile_once_for_every_bucket_past_one(
+    merged: VoxtralBackend, jobs: list[Job], plain: dict[Job, Done], shared: bool, graphs: int
+) -> None:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        dec = SlotDecoder(merged, compile={"backend": "aot_eager", "fullgraph": True,
+                                           "dynamic": False}, shared=shared)
+        assert dec.warm_up(8) == [1, 2, 4, 8]
+        # Buckets 2, 4 and 8 share one graph; 1 has its own.
+        assert counters["stats"]["unique_graphs"] == graphs
+        out: dict[Job, Done] = {}
+        _admit(dec, jobs, out)
+        _drain(dec, out)
+        assert out == plain
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.slow
 def test_compiled_steps_set_up_cuda_graph_state_in_their_own_thread(
     compiled: SlotDecoder, jobs: list[Job], plain: dict[Job, Done]
 ) -> None:

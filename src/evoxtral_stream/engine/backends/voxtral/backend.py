@@ -593,7 +593,8 @@ class VoxtralBackend:
 
                 on_gpu = self.loaded.device.type == "cuda"
                 self._decoder = SlotDecoder(self, compile=_GRAPHS if on_gpu else None,
-                                            lookahead=self._cfg.lookahead)
+                                            lookahead=self._cfg.lookahead,
+                                            shared=self._cfg.step_graphs == "shared")
             else:
                 from .continuous import ContinuousDecoder
 
@@ -636,7 +637,8 @@ class VoxtralBackend:
 
 
 _GRAPHS: dict[str, Any] = {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}
-"""torch.compile settings of a slot decoder's step on CUDA: CUDA graphs, one per shape."""
+"""torch.compile settings of a slot decoder's step on CUDA: CUDA graphs, one per
+shape (its ``shared`` steps make the batch size symbolic)."""
 
 
 def _group_text_attention(model: nn.Module) -> None:

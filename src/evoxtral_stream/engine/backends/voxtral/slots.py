@@ -12,7 +12,12 @@ or compacted; it only has to hold the longest row, prompt plus budget.
 A step runs the smallest power-of-two bucket of slots that holds the running
 rows, so its shapes come from a handful; with ``compile`` those steps are
 compiled (on CUDA: ``mode="reduce-overhead"``, which replays them as CUDA
-graphs). Prefill stays eager: new jobs go through the shared batched prefill
+graphs). With ``shared`` (the default) one compiled step serves every bucket
+from 2 rows up, its batch size symbolic, and bucket 1 has its own; a CUDA
+graph is still captured per bucket, which takes a moment where compiling
+takes tens of seconds (on an H200 the full-size step compiled for buckets 1
+and 2 in 83 s; seven buckets one by one, up to 64 rows, did not finish in
+430 s). Prefill stays eager: new jobs go through the shared batched prefill
 (:class:`.continuous.RowDecoder`) and their keys and values are copied into
 free slots. A row that leaves is replaced by the last running row, so only
 that row's cache moves.
@@ -221,7 +226,9 @@ class SlotDecoder(RowDecoder):
     (eager steps) or keyword arguments for ``torch.compile`` of the step;
     ``lookahead`` launches each step before the host reads the one before
     (see the module doc); it may be switched between calls (benchmarks
-    compare both on the same compiled steps).
+    compare both on the same compiled steps). ``shared`` compiles one step
+    for every bucket of 2 rows or more (see the module doc); without it each
+    bucket compiles its own.
     """
 
     def __init__(
@@ -231,6 +238,7 @@ class SlotDecoder(RowDecoder):
         compile: dict[str, Any] | None = None,
         columns: int = 0,
         lookahead: bool = False,
+        shared: bool = True,
     ) -> None:
         super().__init__(backend)
         cfg = self._model.config.get_text_config()
@@ -260,9 +268,13 @@ class SlotDecoder(RowDecoder):
         self._step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         self._step = self._forward
         self._compiled = compile is not None
+        self._shared = shared and compile is not None
         if compile is not None:
             dynamo: Any = torch._dynamo.config
             dynamo.recompile_limit = max(dynamo.recompile_limit, _RECOMPILE_LIMIT)
+            if self._shared:
+                # Symbolic where marked (see _run_step), static elsewhere.
+                compile = {**compile, "dynamic": None}
             self._step = cast(Any, torch.compile(self._forward, **compile))
 
     @property
@@ -306,7 +318,7 @@ class SlotDecoder(RowDecoder):
             for b in sizes:
                 cache.col.fill_(self._col)
                 zeros = torch.zeros(b, dtype=torch.long, device=device)
-                self._step(torch.full_like(zeros, self.backend.spec.pad), zeros)
+                self._run_step(torch.full_like(zeros, self.backend.spec.pad), zeros)
         return sizes
 
     # --- RowDecoder ---------------------------------------------------------
@@ -399,6 +411,15 @@ class SlotDecoder(RowDecoder):
         )
         return self._pick(out.logits[:, -1])
 
+    def _run_step(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The step for one bucket; shared, a bucket of 2 rows or more has a
+        symbolic batch size (1 stays static: dynamo specialises it anyway, and
+        some torch versions refuse to mark a size-1 dimension)."""
+        if self._shared and ids.shape[0] > 1:
+            torch._dynamo.mark_dynamic(ids, 0)
+            torch._dynamo.mark_dynamic(lengths, 0)
+        return self._step(ids, lengths)
+
     def _upload(self, values: list[int]) -> torch.Tensor:
         """``values`` as a long tensor on the device, copied without waiting
         for the GPU (from pinned memory on CUDA)."""
@@ -416,7 +437,7 @@ class SlotDecoder(RowDecoder):
             graphs_in_this_thread()
         cache.col.fill_(self._col)
         # A replayed CUDA graph reuses its output: keep a copy of this one.
-        out = self._step(ids, lengths).clone()
+        out = self._run_step(ids, lengths).clone()
         ready: torch.cuda.Event | None = None
         if self._pinned:
             host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
