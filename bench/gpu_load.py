@@ -1172,9 +1172,23 @@ async def _run(args: argparse.Namespace, argv: Sequence[str], say: Callable[[str
             # Compile every bucket's step once, before any level: each level's
             # worker then only records its CUDA graphs (they are per thread).
             t = time.monotonic()
-            what = models.slots.warm_up(int(info["max_batch"]))
-            info["slot_compile_s"] = round(time.monotonic() - t, 1)
-            say(f"slot decoder compiled in {info['slot_compile_s']:.1f} s: {what}")
+            try:
+                what = models.slots.warm_up(int(info["max_batch"]))
+            except Exception as e:
+                # The other modes' levels still count; the traceback is the
+                # finding (the slot modes' levels are reported as errors).
+                first = (str(e).strip().splitlines() or [""])[0][:200]
+                info["slot_compile_error"] = f"{type(e).__name__}: {first}"
+                say(f"slot decoder failed to compile after {time.monotonic() - t:.1f} s: "
+                    f"{info['slot_compile_error']}\n{traceback.format_exc()}")
+                for m in [m for m in modes if m in SLOT_MODES]:
+                    rows += [Row(mode=m, streams=n, audio_s=args.seconds,
+                                 status=f"error: compile: {info['slot_compile_error']}")
+                             for n in streams]
+                modes = [m for m in modes if m not in SLOT_MODES]
+            else:
+                info["slot_compile_s"] = round(time.monotonic() - t, 1)
+                say(f"slot decoder compiled in {info['slot_compile_s']:.1f} s: {what}")
         if args.warmup_s > 0:
             warm = argparse.Namespace(**{**vars(args), "seconds": args.warmup_s})
             for m in modes:
