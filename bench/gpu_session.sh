@@ -17,7 +17,10 @@
 # seconds, voxtral_kernels.py's merged path at batches 8 and 64 with the
 # merged prefill broken down part by part under the profiler (batches 1 and
 # 8). The first run (2026-12-04, H200) measured every path at batch 1 and
-# the continuous mode under load; bench/RESULTS.md has them. Each script
+# the continuous mode under load, the second the prefill's breakdown; it
+# also found that compiling the slot step per bucket does not fit here
+# (now one shared compile) and why the slot modes failed in the engine
+# (fixed); bench/RESULTS.md has them. Each script
 # writes its JSON after every row, so a cut-short run still brings back
 # what it measured; $OUT gets 8 files. `kernels` and `load
 # COMMIT` run one script each with its full default plan (each about 10
@@ -72,9 +75,11 @@ all)
     setup_device
     out=${OUT:-.}
     # The load levels first: the slot cache with and without lookahead (its
-    # steps compile once, about 80 s on the H200, before the first level)
-    # and the reference beside them. The outer timeouts only guard against a
-    # hang: the scripts stop starting measurements at their own budgets.
+    # step compiles once, before the first level) and the reference beside
+    # them. The scripts stop starting measurements at their own budgets; the
+    # outer timeouts guard against a hang (in the second run a per-bucket
+    # compile took all of the load's time), and one that fires still leaves
+    # the kernel rows their time.
     left=$((ALL_DEADLINE_S - SECONDS))
     main=$((left - KERNELS_S))
     if [ "$main" -lt 60 ]; then main=60; fi
@@ -84,7 +89,7 @@ all)
         --budget-s "$main" --commit "$commit" --json "$out/gpu_load.json" \
         --markdown "$out/gpu_load.md" --plot "$out/gpu_load.png" \
         --profile "$out/gpu_load_profile.txt" "$@" 2>&1 \
-        | tee "$out/gpu_load.log"
+        | tee "$out/gpu_load.log" || echo "gpu_session: the load levels ended with status $?"
     # Then, in whatever time is left, what the merged prefill's time goes to
     # and the merged path at larger batches (batch 1 of every path was
     # measured on 2026-12-04; the slot paths would compile again here).

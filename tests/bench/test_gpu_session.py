@@ -62,3 +62,27 @@ def test_all_runs_load_then_kernels_into_out(tmp_path: Path) -> None:
         "gpu_load.md", "gpu_load.png", "gpu_load.log", "gpu_load_profile.txt"])
     for p in tmp_path.iterdir():
         assert p.stat().st_size > 0, p.name
+
+
+@pytest.mark.slow
+def test_a_load_that_fails_still_leaves_the_kernel_rows_their_time(tmp_path: Path) -> None:
+    # The second H200 run: the load's guard fired and, with `set -e`, ended
+    # the call before the kernel rows.
+    env = {
+        **os.environ,
+        "OUT": str(tmp_path),
+        "PYTHON": sys.executable,
+        "NO_WHEELS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "ALL_DEADLINE_S": "300",
+        "KERNELS_ARGS": "--tiny --batches 1 --new-tokens 2 --audio-s 1 --profile-batches 1",
+    }
+    proc = subprocess.run(
+        ["bash", "bench/gpu_session.sh", "all", "abc1234", "--tiny", "--modes", "nosuch"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gpu_session: the load levels ended with status 1" in proc.stdout
+    assert "s for the kernel rows" in proc.stdout
+    kernels = json.loads((tmp_path / "voxtral_kernels.json").read_text())
+    assert [r["mode"] for r in kernels["rows"]] == ["merged"]
