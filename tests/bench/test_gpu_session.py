@@ -21,23 +21,26 @@ pytest.importorskip("matplotlib")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
-def test_all_runs_load_then_kernels_into_out(tmp_path: Path) -> None:
+def _all(out: Path, *load_args: str) -> subprocess.CompletedProcess[str]:
+    """`gpu_session.sh all` on the CPU: the tiny checkpoint, no wheels."""
     env = {
         **os.environ,
-        "OUT": str(tmp_path),
+        "OUT": str(out),
         "PYTHON": sys.executable,
         "NO_WHEELS": "1",
         "HF_HUB_OFFLINE": "1",
         "ALL_DEADLINE_S": "300",
         "KERNELS_ARGS": "--tiny --batches 1 --new-tokens 2 --audio-s 1 --profile-batches 1",
     }
-    proc = subprocess.run(
-        ["bash", "bench/gpu_session.sh", "all", "abc1234", "--tiny", "--seconds", "3",
-         "--streams", "1", "--reference-streams", "1", "--drain-s", "20"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
+    return subprocess.run(["bash", "bench/gpu_session.sh", "all", "abc1234", *load_args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
+def test_all_runs_load_then_kernels_into_out(tmp_path: Path) -> None:
+    proc = _all(tmp_path, "--tiny", "--seconds", "3", "--streams", "1",
+                "--reference-streams", "1", "--drain-s", "20")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "s for the load levels" in proc.stdout
     assert "s for the kernel rows" in proc.stdout
@@ -65,22 +68,11 @@ def test_all_runs_load_then_kernels_into_out(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
 def test_a_load_that_fails_still_leaves_the_kernel_rows_their_time(tmp_path: Path) -> None:
     # The second H200 run: the load's guard fired and, with `set -e`, ended
     # the call before the kernel rows.
-    env = {
-        **os.environ,
-        "OUT": str(tmp_path),
-        "PYTHON": sys.executable,
-        "NO_WHEELS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "ALL_DEADLINE_S": "300",
-        "KERNELS_ARGS": "--tiny --batches 1 --new-tokens 2 --audio-s 1 --profile-batches 1",
-    }
-    proc = subprocess.run(
-        ["bash", "bench/gpu_session.sh", "all", "abc1234", "--tiny", "--modes", "nosuch"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
+    proc = _all(tmp_path, "--tiny", "--modes", "nosuch")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "gpu_session: the load levels ended with status 1" in proc.stdout
     assert "s for the kernel rows" in proc.stdout
