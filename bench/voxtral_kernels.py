@@ -33,8 +33,10 @@ merged prefill down, at the ``--profile-batches`` sizes, into its parts
 (audio encoder, projector, the language model's prefill over the embedded
 prompt; each timed alone) and, under ``torch.profiler``, each part's kernel
 time and launches beside its wall time: a part whose kernels take far less
-than its wall time is bound by the host launching them, not by the GPU. The
-file also gets the whole prefill's top operators.
+than its wall time is bound by the host launching them, not by the GPU. On
+CUDA it also times the encoder replayed as CUDA graphs and the whole prefill
+with it (``model.voxtral.encoder_graphs``), side by side. The file also gets
+the whole prefill's top operators.
 
 ``--tiny`` runs the same code on the tiny test checkpoint on the CPU, so the
 script is tested without a GPU; its numbers mean nothing. ``--layers N``
@@ -81,6 +83,12 @@ from evoxtral_stream.engine.backends.voxtral.backend import (
     LoadedModel,
     VoxtralBackend,
     load_tokenizer,
+)
+from evoxtral_stream.engine.backends.voxtral.encoder import (
+    EncoderGraphs,
+    embed_prompts,
+    encoder_parts,
+    submodule,
 )
 from evoxtral_stream.engine.backends.voxtral.prompt import PromptSpec
 from evoxtral_stream.engine.backends.voxtral.resolve import Resolved
@@ -326,16 +334,6 @@ class Part:
     """Device kernels and copies launched (0 on the CPU)."""
 
 
-def _submodule(model: nn.Module, name: str) -> nn.Module:
-    """The outermost submodule called ``name`` (its place moved across
-    transformers versions)."""
-    found: nn.Module
-    for path, found in model.named_modules():
-        if path.split(".")[-1] == name:
-            return found
-    raise LookupError(f"the model has no {name!r}")
-
-
 def _kernels(fn: Callable[[], object], device: torch.device) -> tuple[float, int, Any]:
     """One profiled call of ``fn`` (already warm): device ms, launches, profiler."""
     from torch.profiler import ProfilerActivity, profile
@@ -370,8 +368,8 @@ def _profile_batch(backend: VoxtralBackend, audio: list[Audio], repeats: int
                    ) -> tuple[list[Part], str]:
     device = backend.loaded.device
     model: Any = backend.model
-    tower, projector = _submodule(model, "audio_tower"), _submodule(model, "multi_modal_projector")
-    text = _submodule(model, "language_model")
+    tower, projector = encoder_parts(model)
+    text = submodule(model, "language_model")
     width = int(model.config.audio_config.intermediate_size)
     rows, masks = backend.spec.left_padded([len(a) for a in audio])
     ids = torch.tensor(rows, device=device)
@@ -398,10 +396,26 @@ def _profile_batch(backend: VoxtralBackend, audio: list[Audio], repeats: int
             return model(input_ids=ids, attention_mask=mask, input_features=feats,
                          logits_to_keep=1)
 
+    todo: list[tuple[str, Callable[[], object]]] = [
+        ("encoder", encoder), ("projector", project), ("language model", language),
+        ("whole prefill", whole)]
+    if device.type == "cuda":
+        # model.voxtral.encoder_graphs: the same parts with the encoder replayed.
+        graphs = EncoderGraphs(tower)
+        graphs.capture(feats[0], len(feats))
+
+        def encoder_graph() -> object:
+            return graphs(feats)
+
+        def whole_graph() -> object:
+            with torch.inference_mode():
+                return model(inputs_embeds=embed_prompts(model, ids, feats, graphs),
+                             attention_mask=mask, logits_to_keep=1)
+
+        todo += [("encoder, graph", encoder_graph), ("prefill, encoder graph", whole_graph)]
     parts: list[Part] = []
     top = ""
-    for name, fn in (("encoder", encoder), ("projector", project),
-                     ("language model", language), ("whole prefill", whole)):
+    for name, fn in todo:
         wall = _time(fn, device, repeats)
         kernel_ms, launches, prof = _kernels(fn, device)
         parts.append(Part(name, len(audio), int(feats.shape[0]), wall, kernel_ms, launches))
@@ -412,7 +426,7 @@ def _profile_batch(backend: VoxtralBackend, audio: list[Audio], repeats: int
 
 
 def _fmt_part(p: Part) -> str:
-    head = f"profile B={p.batch:<3} {p.part:>14}: wall {p.wall_ms:8.2f} ms"
+    head = f"profile B={p.batch:<3} {p.part:>22}: wall {p.wall_ms:8.2f} ms"
     if math.isnan(p.kernel_ms):
         return head
     busy = p.kernel_ms / p.wall_ms if p.wall_ms > 0 else float("nan")

@@ -159,12 +159,16 @@ class VoxtralConfig:
     static_cache: bool
     lookahead: bool
     step_graphs: str = field(metadata=_choices("shared", "per_bucket"))
+    encoder_graphs: bool
     adapters: dict[str, str]
 
     def __post_init__(self) -> None:
         if self.lookahead and not self.static_cache:
             raise ConfigError("model.voxtral.lookahead needs model.voxtral.static_cache = true "
                               "(it launches the slot cache's decode steps ahead)")
+        if self.encoder_graphs and not self.merge_lora:
+            raise ConfigError("model.voxtral.encoder_graphs needs model.voxtral.merge_lora = true "
+                              "(a captured encoder cannot switch adapters)")
         if self.adapters and self.merge_lora:
             raise ConfigError("model.voxtral.adapters needs model.voxtral.merge_lora = false "
                               "(adapters cannot be switched once merged)")

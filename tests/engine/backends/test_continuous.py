@@ -8,6 +8,7 @@ with and without lookahead.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from evoxtral_stream.engine.backends.base import BackendError, Done, Job, SteppingBackend
 from evoxtral_stream.engine.backends.voxtral.backend import NO_ADAPTER, VoxtralBackend
 from evoxtral_stream.engine.backends.voxtral.continuous import ContinuousDecoder, RowDecoder
+from evoxtral_stream.engine.backends.voxtral.encoder import eager_encoder, encoder_parts
 from evoxtral_stream.engine.backends.voxtral.slots import SlotDecoder
 
 SR = 16_000
@@ -65,11 +67,13 @@ def _admit(dec: RowDecoder, jobs: Sequence[Job], out: dict[Job, Done]) -> None:
         out[d.job] = d
 
 
-KINDS = ["dynamic", "slots", "lookahead"]
+# "embedded": the dynamic decoder whose prefill embeds the prompts itself
+# (model.voxtral.encoder_graphs; on a GPU its encoder is replayed as CUDA graphs).
+KINDS = ["dynamic", "slots", "lookahead", "embedded"]
 
 
 def make_decoder(backend: VoxtralBackend, kind: str) -> RowDecoder:
-    if kind == "dynamic":
+    if kind in ("dynamic", "embedded"):
         return ContinuousDecoder(backend)
     return SlotDecoder(backend, lookahead=kind == "lookahead")
 
@@ -78,11 +82,13 @@ def make_decoder(backend: VoxtralBackend, kind: str) -> RowDecoder:
 def dec(merged: VoxtralBackend, request: pytest.FixtureRequest) -> Iterator[RowDecoder]:
     """A fresh decoder of each kind, installed as the merged backend's own for
     the test (so the backend's delegating methods reach it)."""
-    saved = merged._decoder
+    saved, saved_encoder = merged._decoder, merged._encoder
     merged._decoder = make_decoder(merged, request.param)
+    if request.param == "embedded":
+        merged._encoder = eager_encoder(encoder_parts(merged.model)[0])
     yield merged._decoder
     merged._decoder.abort()
-    merged._decoder = saved
+    merged._decoder, merged._encoder = saved, saved_encoder
 
 
 @pytest.fixture(scope="module")
@@ -337,6 +343,8 @@ def test_unmerged_adapters_run_one_at_a_time(unmerged: VoxtralBackend, kind: str
     # The same audio through three adapters gives three transcripts.
     assert len({want[r].text for r in (rl[1], none[1], default[1])}) == 3
     out: dict[Job, Done] = {}
+    if kind == "embedded":  # the eager route follows the adapter in use
+        unmerged._encoder = eager_encoder(encoder_parts(unmerged.model)[0])
     try:
         _admit(dec, rl[:3], out)
         assert not dec.can_admit(none[0])
@@ -364,6 +372,7 @@ def test_unmerged_adapters_run_one_at_a_time(unmerged: VoxtralBackend, kind: str
         _drain(dec, out)
     finally:
         dec.abort()
+        unmerged._encoder = None
     assert out.pop(named) == Done(named, want[default[1]].text, want[default[1]].tokens,
                                   want[default[1]].token_ids)
     assert out == {j: want[j] for j in want if j is not default[1]}
@@ -524,3 +533,19 @@ def test_batch_path_ignores_drafts(merged: VoxtralBackend, jobs: list[Job],
     done = merged.transcribe_jobs(drafted)
     for job, d in zip(jobs, done, strict=True):
         assert (d.text, d.tokens) == (plain[job].text, plain[job].tokens)
+
+
+def test_encoder_graphs_on_the_cpu_take_the_embedding_route_eagerly(
+    merged: VoxtralBackend, jobs: list[Job], plain: dict[Job, Done]
+) -> None:
+    from evoxtral_stream.engine.backends.voxtral.encoder import EncoderGraphs
+
+    assert merged.encoder is None  # off by default: the model's own forward
+    backend = VoxtralBackend(merged.loaded,
+                             dataclasses.replace(merged._cfg, encoder_graphs=True))
+    assert backend.encoder is not None and not isinstance(backend.encoder, EncoderGraphs)
+    assert backend.warm_up(4) == "nothing to warm up"  # nothing is captured on the CPU
+    out: dict[Job, Done] = {}
+    _admit(backend.decoder, jobs, out)
+    _drain(backend.decoder, out)
+    assert out == plain

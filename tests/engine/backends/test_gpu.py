@@ -108,6 +108,31 @@ def test_cuda_graph_steps_run_in_a_thread_other_than_the_one_that_compiled(
     assert not errors, errors
 
 
+def test_encoder_graphs_equal_the_eager_encoder_and_decode_the_same(
+    tiny_cfg: VoxtralConfig,
+) -> None:
+    from evoxtral_stream.engine.backends.voxtral.encoder import (
+        EncoderGraphs,
+        eager_encoder,
+        encoder_parts,
+    )
+
+    cfg = dataclasses.replace(tiny_cfg, device="cuda", dtype="float32", encoder_graphs=True)
+    gpu = load_voxtral_backend(cfg, "en")
+    graphs = gpu.encoder
+    assert isinstance(graphs, EncoderGraphs)
+    assert "encoder graphs for 1, 2, 4 windows" in gpu.warm_up(4)
+    eager = eager_encoder(encoder_parts(gpu.model)[0])
+    feats = gpu.features(audio_batch([3.0, 35.0, 12.0], seed=16)).to(gpu.loaded.dtype)
+    assert feats.shape[0] == 4  # 35 s: two windows
+    with torch.inference_mode():
+        want = eager(feats)
+        torch.testing.assert_close(graphs(feats), want)  # bucket 4, all real
+        torch.testing.assert_close(graphs(feats[:3]), want[:3])  # one zero window after
+        torch.testing.assert_close(graphs(feats[:1]), want[:1])
+    _staggered_equals_alone(gpu, seed=16)
+
+
 def test_cuda_graph_lookahead_steps_equal_transcribe_jobs(tiny_cfg: VoxtralConfig) -> None:
     """Steps launched ahead, fed on the device, read through pinned memory."""
     from evoxtral_stream.engine.backends.voxtral.slots import SlotDecoder

@@ -38,6 +38,7 @@ from .resolve import Kind, Resolved, resolve
 
 if TYPE_CHECKING:
     from .continuous import RowDecoder
+    from .encoder import Encoder
 
 __all__ = [
     "DEFAULT_ADAPTER",
@@ -373,6 +374,7 @@ class VoxtralBackend:
         self.draft_kept = 0
         """Of those, the ones kept (for benchmarks)."""
         self._decoder: RowDecoder | None = None
+        self._encoder: Encoder | None = None
         self._language_ids: dict[str, tuple[int, ...]] = {}
         if cfg.static_cache:
             _group_text_attention(self.model)
@@ -601,19 +603,40 @@ class VoxtralBackend:
                 self._decoder = ContinuousDecoder(self)
         return self._decoder
 
+    @property
+    def encoder(self) -> Encoder | None:
+        """What the batched prefill encodes audio with when it embeds the
+        prompts itself (``model.voxtral.encoder_graphs``): CUDA graphs on a
+        GPU, the eager encoder elsewhere; None: the model's own forward does."""
+        if self._encoder is None and self._cfg.encoder_graphs:
+            from .encoder import EncoderGraphs, eager_encoder, encoder_parts
+
+            tower, _ = encoder_parts(self.model)
+            on_gpu = self.loaded.device.type == "cuda"
+            self._encoder = EncoderGraphs(tower) if on_gpu else eager_encoder(tower)
+        return self._encoder
+
     def warm_up(self, max_batch: int) -> str:
         """Compile the slot decoder's steps for up to ``max_batch`` rows (see
-        :meth:`.slots.SlotDecoder.warm_up`); nothing to do otherwise."""
+        :meth:`.slots.SlotDecoder.warm_up`) and capture the encoder's CUDA
+        graphs for up to ``max_batch`` windows (see
+        :class:`.encoder.EncoderGraphs`); says what it did."""
+        from .encoder import EncoderGraphs
         from .slots import SlotDecoder
 
+        done = []
         dec = self.decoder
-        if not isinstance(dec, SlotDecoder) or dec.active:
-            return "nothing to warm up"
-        sizes = dec.warm_up(max_batch)
-        return (
-            f"slot cache {dec.slots} x {dec.columns}, decode steps for batches "
-            f"{', '.join(map(str, sizes))}"
-        )
+        if isinstance(dec, SlotDecoder) and not dec.active:
+            sizes = dec.warm_up(max_batch)
+            done.append(f"slot cache {dec.slots} x {dec.columns}, decode steps for batches "
+                        f"{', '.join(map(str, sizes))}")
+        enc = self.encoder
+        if isinstance(enc, EncoderGraphs):
+            example = self.features([np.zeros(self.spec.sampling_rate, np.float32)])
+            with self.use_adapter(None):
+                counts = enc.capture(example[0].to(self.loaded.dtype), max_batch)
+            done.append(f"encoder graphs for {', '.join(map(str, counts))} windows")
+        return "; ".join(done) or "nothing to warm up"
 
     @property
     def active(self) -> int:

@@ -32,6 +32,8 @@ import torch
 
 from evoxtral_stream.engine.backends.base import BackendError, Done, Job
 
+from .encoder import embed_prompts
+
 if TYPE_CHECKING:
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
@@ -362,10 +364,14 @@ class RowDecoder(abc.ABC):
         cache = DynamicCache(config=self._model.config)
         feats = backend.features([a for _, a in todo]).to(backend.loaded.dtype)
         longest = max(len(d) for d in drafts)
+        encoder = backend.encoder
         with backend.use_adapter(name):
+            if encoder is None:
+                inputs: dict[str, torch.Tensor] = {"input_ids": ids, "input_features": feats}
+            else:
+                inputs = {"inputs_embeds": embed_prompts(self._model, ids, feats, encoder)}
             out = self._model(
-                input_ids=ids,
-                input_features=feats,
+                **inputs,
                 attention_mask=mask,
                 position_ids=pos,
                 cache=cache,

@@ -1,0 +1,142 @@
+"""The audio side of a batched prefill: encoder, projector, and the prompt's embeddings.
+
+:func:`embed_prompts` turns prompt ids and log-mel windows into the language
+model's input embeddings, each window's audio embeddings in place of its
+audio placeholder tokens: what Voxtral's own forward does when given
+``input_features``, done outside it so that the encoder can run as a CUDA
+graph.
+
+:class:`EncoderGraphs` replays the audio encoder as CUDA graphs, one per
+power-of-two count of windows (a window's shape is fixed: 30 s of log-mel
+frames). At one window the eager encoder spends most of its time launching
+its several hundred kernels one by one from Python (on an H200, 7.9 ms of
+kernels in a 21 ms call; bench/RESULTS.md); a replay launches them all at
+once. Windows past the largest captured count run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+__all__ = ["EncoderGraphs", "eager_encoder", "embed_prompts", "encoder_parts", "submodule"]
+
+log = logging.getLogger(__name__)
+
+Encoder = Callable[[torch.Tensor], torch.Tensor]
+"""(windows, mel bins, frames) log-mel features -> the encoder's last hidden states."""
+
+
+def submodule(model: nn.Module, name: str) -> nn.Module:
+    """The outermost submodule of ``model`` called ``name``."""
+    found: nn.Module
+    for path, found in model.named_modules():
+        if path.rsplit(".", 1)[-1] == name:
+            return found
+    raise LookupError(f"the model has no {name!r}")
+
+
+def encoder_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The audio tower and the multi-modal projector of a Voxtral model
+    (their place moved across transformers versions)."""
+    return submodule(model, "audio_tower"), submodule(model, "multi_modal_projector")
+
+
+def eager_encoder(tower: nn.Module) -> Encoder:
+    def run(feats: torch.Tensor) -> torch.Tensor:
+        out: Any = tower(feats, return_dict=True)
+        return out.last_hidden_state  # type: ignore[no-any-return]
+
+    return run
+
+
+def embed_prompts(model: nn.Module, ids: torch.Tensor, feats: torch.Tensor,
+                  encoder: Encoder) -> torch.Tensor:
+    """(rows, tokens, hidden) input embeddings of ``ids`` with the audio of
+    ``feats`` in their audio placeholder tokens, in order."""
+    m: Any = model
+    _, projector = encoder_parts(model)
+    width = int(m.config.audio_config.intermediate_size)
+    audio = projector(encoder(feats).reshape(-1, width))
+    embeds = m.get_input_embeddings()(ids)
+    slots = ids == int(m.config.audio_token_id)
+    if int(slots.sum()) != audio.shape[0]:
+        raise ValueError(f"{int(slots.sum())} audio tokens for {audio.shape[0]} audio embeddings")
+    embeds[slots] = audio.to(embeds.dtype)
+    return embeds  # type: ignore[no-any-return]
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class EncoderGraphs:
+    """The audio tower as CUDA graphs, captured by :meth:`capture` for 1, 2,
+    4 ... windows (see the module doc); a call with more windows than were
+    captured, or before any capture, runs eagerly.
+
+    A call copies its windows into the graph's input (zero windows after
+    them: each window is encoded on its own, so padding changes nothing)
+    and returns a copy of the outputs it asked for, so a later replay
+    cannot overwrite what a caller holds. All graphs share one memory pool,
+    captured largest first. Capture and replay from one thread at a time
+    (the engine's model thread).
+    """
+
+    def __init__(self, tower: nn.Module) -> None:
+        self._eager = eager_encoder(tower)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._pool: Any = None
+
+    @property
+    def captured(self) -> list[int]:
+        """Window counts captured so far, ascending."""
+        return sorted(self._graphs)
+
+    def capture(self, example: torch.Tensor, windows: int) -> list[int]:
+        """Capture every bucket that ``windows`` windows need, with windows
+        shaped like ``example`` (mel bins, frames) on its device and dtype;
+        returns the counts captured so far."""
+        sizes = []
+        b = 1
+        while b <= _bucket(max(1, windows)):
+            sizes.append(b)
+            b *= 2
+        for b in reversed(sizes):
+            if b not in self._graphs:
+                self._capture(b, example)
+        return self.captured
+
+    def _capture(self, b: int, example: torch.Tensor) -> None:
+        static_in = torch.zeros((b, *example.shape[-2:]), dtype=example.dtype,
+                                device=example.device)
+        with torch.inference_mode():
+            # Warm-up on a side stream, as torch.cuda.graphs asks: lazy
+            # initialisations (cuBLAS handles, autotuning) stay out of the graph.
+            side = cast(Any, torch.cuda.Stream)()  # untyped in torch's stubs
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._eager(static_in)
+            torch.cuda.current_stream().wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                static_out = self._eager(static_in)
+        self._graphs[b] = (graph, static_in, static_out)
+
+    def __call__(self, feats: torch.Tensor) -> torch.Tensor:
+        n = int(feats.shape[0])
+        entry = self._graphs.get(_bucket(n))
+        if entry is None:
+            return self._eager(feats)
+        graph, static_in, static_out = entry
+        static_in[:n].copy_(feats)
+        static_in[n:].zero_()
+        graph.replay()
+        return static_out[:n].clone()
