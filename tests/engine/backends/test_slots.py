@@ -192,6 +192,49 @@ def test_compiled_steps_set_up_cuda_graph_state_in_their_own_thread(
     assert seen["out"] == {j: plain[j] for j in jobs[:2]}
 
 
+def _get_obj_of_torch_2_11(local: Any, attr_name: str) -> Any:
+    """torch 2.11's cudagraph_trees.get_obj, which every CUDA-graph step calls:
+    it asserts where torch 2.13 sets the state up."""
+    if hasattr(local, attr_name):
+        return getattr(local, attr_name)
+    assert torch._C._is_key_in_tls(attr_name)
+    return torch._C._get_obj_in_tls(attr_name)
+
+
+@pytest.mark.parametrize("has_initialize_tls", [True, False], ids=["torch-2.13", "torch-2.11"])
+def test_a_fresh_thread_gets_what_torch_2_11_asserts_on(
+    monkeypatch: pytest.MonkeyPatch, has_initialize_tls: bool
+) -> None:
+    from torch._inductor import cudagraph_trees
+
+    from evoxtral_stream.engine.backends.voxtral.slots import graphs_in_this_thread
+
+    if not has_initialize_tls:  # torch 2.11 has no _initialize_tls
+        monkeypatch.delattr(cudagraph_trees, "_initialize_tls", raising=False)
+    seen: dict[str, Any] = {}
+
+    def fresh() -> None:
+        try:
+            _get_obj_of_torch_2_11(cudagraph_trees.local, "tree_manager_containers")
+        except AssertionError:
+            seen["before"] = "assert"
+        graphs_in_this_thread()
+        graphs_in_this_thread()  # a second call changes nothing
+        seen["containers"] = _get_obj_of_torch_2_11(cudagraph_trees.local,
+                                                    "tree_manager_containers")
+        seen["locks"] = _get_obj_of_torch_2_11(cudagraph_trees.local, "tree_manager_locks")
+
+    thread = threading.Thread(target=fresh)
+    thread.start()
+    thread.join(timeout=60)
+    assert seen["before"] == "assert"
+    assert seen["containers"] == {}
+    assert seen["locks"][0] is seen["locks"][0]  # a lock per device, made on demand
+    # The test's own thread keeps its own state.
+    assert seen["containers"] is not cudagraph_trees.get_obj(cudagraph_trees.local,
+                                                             "tree_manager_containers")
+
+
 # --- grouped-query attention --------------------------------------------------
 
 

@@ -39,8 +39,10 @@ two steps.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -83,8 +85,15 @@ def graphs_in_this_thread() -> None:
     except ImportError:  # a build without inductor compiles nothing
         return
     init = getattr(cudagraph_trees, "_initialize_tls", None)
-    if init is not None:
+    if init is not None:  # torch 2.13 and later
         init(cudagraph_trees.local)
+        return
+    # What the module does at import for its importing thread (torch 2.11).
+    local: Any = cudagraph_trees.local
+    local.tree_manager_containers = {}
+    local.tree_manager_locks = collections.defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
 
 
 def bucket(n: int, slots: int) -> int:
