@@ -157,7 +157,17 @@ def test_shared_steps_compile_once_for_every_bucket_past_one(
     try:
         dec = SlotDecoder(merged, compile={"backend": "aot_eager", "fullgraph": True,
                                            "dynamic": False}, shared=shared)
+        calls: list[int] = []
+        step = dec._step
+
+        def counted(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+            calls.append(len(ids))
+            return step(ids, lengths)
+
+        dec._step = counted
         assert dec.warm_up(8) == [1, 2, 4, 8]
+        # Twice each: CUDA-graph trees warm a step up eagerly, then record it.
+        assert calls == [1, 1, 2, 2, 4, 4, 8, 8]
         # Buckets 2, 4 and 8 share one graph; 1 has its own.
         assert counters["stats"]["unique_graphs"] == graphs
         out: dict[Job, Done] = {}

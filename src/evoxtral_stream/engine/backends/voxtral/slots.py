@@ -309,9 +309,9 @@ class SlotDecoder(RowDecoder):
         return prompt + backend.row_budget(len(job.audio), prefix)
 
     def warm_up(self, rows: int) -> list[int]:
-        """Allocate room for ``rows`` rows and run one step of every bucket up
-        to it, so compiling (and capturing CUDA graphs) happens now rather than
-        on a live request. Returns the buckets run.
+        """Allocate room for ``rows`` rows and run the step of every bucket up
+        to it (twice when compiled), so compiling and capturing CUDA graphs
+        happen now rather than on a live request. Returns the buckets run.
 
         Only while nothing runs (raises :class:`BackendError` otherwise): the
         steps write into free slots.
@@ -323,11 +323,15 @@ class SlotDecoder(RowDecoder):
         cache = self._fit(max(1, rows), 0)
         sizes = sorted({bucket(n, cache.slots) for n in range(1, max(1, rows) + 1)})
         device = cache.col.device
+        # Compiled, twice: inductor's CUDA-graph trees run a step eagerly the
+        # first time a thread calls it and record its graph the second time.
+        runs = 2 if self._compiled else 1
         with torch.inference_mode(), self.backend.use_adapter(None):
             for b in sizes:
-                cache.col.fill_(self._col)
-                zeros = torch.zeros(b, dtype=torch.long, device=device)
-                self._run_step(torch.full_like(zeros, self.backend.spec.pad), zeros)
+                for _ in range(runs):
+                    cache.col.fill_(self._col)
+                    zeros = torch.zeros(b, dtype=torch.long, device=device)
+                    self._run_step(torch.full_like(zeros, self.backend.spec.pad), zeros)
         return sizes
 
     # --- RowDecoder ---------------------------------------------------------
