@@ -16,8 +16,8 @@ graphs). With ``shared`` (the default) one compiled step serves every bucket
 from 2 rows up, its batch size symbolic, and bucket 1 has its own; a CUDA
 graph is still captured per bucket, which takes a moment where compiling
 takes tens of seconds (on an H200 the full-size step compiled for buckets 1
-and 2 in 83 s; seven buckets one by one, up to 64 rows, did not finish in
-430 s). Prefill stays eager: new jobs go through the shared batched prefill
+and 2 in 83 s; seven buckets one by one, up to 64 rows, had not finished after
+440 s). Prefill stays eager: new jobs go through the shared batched prefill
 (:class:`.continuous.RowDecoder`) and their keys and values are copied into
 free slots. A row that leaves is replaced by the last running row, so only
 that row's cache moves.
