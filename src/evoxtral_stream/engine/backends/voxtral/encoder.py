@@ -63,11 +63,11 @@ def embed_prompts(model: nn.Module, ids: torch.Tensor, feats: torch.Tensor,
     width = int(m.config.audio_config.intermediate_size)
     audio = projector(encoder(feats).reshape(-1, width))
     embeds = m.get_input_embeddings()(ids)
-    slots = ids == int(m.config.audio_token_id)
-    if int(slots.sum()) != audio.shape[0]:
-        raise ValueError(f"{int(slots.sum())} audio tokens for {audio.shape[0]} audio embeddings")
-    embeds[slots] = audio.to(embeds.dtype)
-    return embeds  # type: ignore[no-any-return]
+    # No count check: one would wait for the GPU (the encoder's work) before
+    # the prefill could be queued. The prompt builder gives each window its
+    # audio tokens (PromptSpec), as the contract tests check.
+    slots = (ids == int(m.config.audio_token_id)).unsqueeze(-1).expand_as(embeds)
+    return embeds.masked_scatter(slots, audio.to(embeds.dtype))  # type: ignore[no-any-return]
 
 
 def _bucket(n: int) -> int:
