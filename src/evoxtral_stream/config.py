@@ -160,6 +160,7 @@ class VoxtralConfig:
     lookahead: bool
     step_graphs: str = field(metadata=_choices("shared", "per_bucket"))
     encoder_graphs: bool
+    encoder_compile: bool
     adapters: dict[str, str]
 
     def __post_init__(self) -> None:
@@ -169,6 +170,9 @@ class VoxtralConfig:
         if self.encoder_graphs and not self.merge_lora:
             raise ConfigError("model.voxtral.encoder_graphs needs model.voxtral.merge_lora = true "
                               "(a captured encoder cannot switch adapters)")
+        if self.encoder_compile and not self.merge_lora:
+            raise ConfigError("model.voxtral.encoder_compile needs model.voxtral.merge_lora = true "
+                              "(a compiled encoder would compile again for every adapter)")
         if self.adapters and self.merge_lora:
             raise ConfigError("model.voxtral.adapters needs model.voxtral.merge_lora = false "
                               "(adapters cannot be switched once merged)")

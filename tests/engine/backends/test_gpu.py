@@ -133,6 +133,34 @@ def test_encoder_graphs_equal_the_eager_encoder_and_decode_the_same(
     _staggered_equals_alone(gpu, seed=16)
 
 
+def test_compiled_encoder_layers_replay_as_graphs_and_decode_the_same(
+    tiny_cfg: VoxtralConfig,
+) -> None:
+    """Inductor's Triton kernels for the layers, captured in the encoder's graphs."""
+    from evoxtral_stream.engine.backends.voxtral.encoder import (
+        EncoderGraphs,
+        eager_encoder,
+        encoder_parts,
+    )
+
+    torch._dynamo.reset()
+    eager_cfg = dataclasses.replace(tiny_cfg, device="cuda", dtype="float32")
+    eager = eager_encoder(encoder_parts(load_voxtral_backend(eager_cfg, "en").model)[0])
+    cfg = dataclasses.replace(eager_cfg, encoder_graphs=True, encoder_compile=True)
+    gpu = load_voxtral_backend(cfg, "en")
+    graphs = gpu.encoder
+    assert isinstance(graphs, EncoderGraphs)
+    said = gpu.warm_up(4)
+    assert "encoder graphs for 1, 2, 4 windows; encoder layers compiled in" in said
+    feats = gpu.features(audio_batch([3.0, 35.0, 12.0], seed=17)).to(gpu.loaded.dtype)
+    with torch.inference_mode():
+        want = eager(feats)
+        for n in (4, 3, 1):
+            torch.testing.assert_close(graphs(feats[:n]), want[:n], rtol=1e-4, atol=1e-4)
+    _staggered_equals_alone(gpu, seed=17)
+    torch._dynamo.reset()
+
+
 def test_cuda_graph_lookahead_steps_equal_transcribe_jobs(tiny_cfg: VoxtralConfig) -> None:
     """Steps launched ahead, fed on the device, read through pinned memory."""
     from evoxtral_stream.engine.backends.voxtral.slots import SlotDecoder

@@ -378,6 +378,10 @@ class VoxtralBackend:
         self._language_ids: dict[str, tuple[int, ...]] = {}
         if cfg.static_cache:
             _group_text_attention(self.model)
+        if cfg.encoder_compile:
+            from .encoder import compile_layers, encoder_parts
+
+            compile_layers(encoder_parts(self.model)[0], **ENCODER_COMPILE)
 
     @property
     def model(self) -> nn.Module:
@@ -618,10 +622,11 @@ class VoxtralBackend:
 
     def warm_up(self, max_batch: int) -> str:
         """Compile the slot decoder's steps for up to ``max_batch`` rows (see
-        :meth:`.slots.SlotDecoder.warm_up`) and capture the encoder's CUDA
+        :meth:`.slots.SlotDecoder.warm_up`), capture the encoder's CUDA
         graphs for up to ``max_batch`` windows (see
-        :class:`.encoder.EncoderGraphs`); says what it did."""
-        from .encoder import EncoderGraphs
+        :class:`.encoder.EncoderGraphs`) and compile its layers
+        (``model.voxtral.encoder_compile``); says what it did."""
+        from .encoder import EncoderGraphs, encoder_parts
         from .slots import SlotDecoder
 
         done = []
@@ -631,11 +636,23 @@ class VoxtralBackend:
             done.append(f"slot cache {dec.slots} x {dec.columns}, decode steps for batches "
                         f"{', '.join(map(str, sizes))}")
         enc = self.encoder
+        if not isinstance(enc, EncoderGraphs) and not self._cfg.encoder_compile:
+            return "; ".join(done) or "nothing to warm up"
+        example = self.features([np.zeros(self.spec.sampling_rate, np.float32)])
+        example = example.to(self.loaded.dtype)
+        start = time.perf_counter()
         if isinstance(enc, EncoderGraphs):
-            example = self.features([np.zeros(self.spec.sampling_rate, np.float32)])
             with self.use_adapter(None):
-                counts = enc.capture(example[0].to(self.loaded.dtype), max_batch)
+                counts = enc.capture(example[0], max_batch)
             done.append(f"encoder graphs for {', '.join(map(str, counts))} windows")
+        elif self._cfg.encoder_compile:
+            # A graph for one window and one for any more (see compile_layers).
+            tower = encoder_parts(self.model)[0]
+            with torch.inference_mode(), self.use_adapter(None):
+                for n in sorted({1, min(2, max_batch)}):
+                    tower(example.expand(n, -1, -1), return_dict=True)
+        if self._cfg.encoder_compile:
+            done.append(f"encoder layers compiled in {time.perf_counter() - start:.1f} s")
         return "; ".join(done) or "nothing to warm up"
 
     @property
@@ -662,6 +679,12 @@ class VoxtralBackend:
 _GRAPHS: dict[str, Any] = {"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}
 """torch.compile settings of a slot decoder's step on CUDA: CUDA graphs, one per
 shape (its ``shared`` steps make the batch size symbolic)."""
+
+
+ENCODER_COMPILE: dict[str, Any] = {}
+"""Extra ``torch.compile`` options of the encoder's layers
+(``model.voxtral.encoder_compile``); inductor's defaults unless a test picks
+another backend."""
 
 
 def _group_text_attention(model: nn.Module) -> None:

@@ -12,6 +12,14 @@ frames). At one window the eager encoder spends most of its time launching
 its several hundred kernels one by one from Python (on an H200, 7.9 ms of
 kernels in a 21 ms call; bench/RESULTS.md); a replay launches them all at
 once. Windows past the largest captured count run eagerly.
+
+:func:`compile_layers` compiles the encoder's layers in place (regional
+compilation): they are instances of one class, so one compiled graph serves
+all of them, and compiling costs one layer's time, not the tower's. Fused,
+a layer's element-wise work (layer norms, residual adds, the query's scale,
+the heads' transposes) stops taking about as much GPU time as its matrix
+products (bench/RESULTS.md). The CUDA graphs above capture the compiled
+layers like eager ones.
 """
 
 from __future__ import annotations
@@ -23,7 +31,14 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-__all__ = ["EncoderGraphs", "eager_encoder", "embed_prompts", "encoder_parts", "submodule"]
+__all__ = [
+    "EncoderGraphs",
+    "compile_layers",
+    "eager_encoder",
+    "embed_prompts",
+    "encoder_parts",
+    "submodule",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +59,24 @@ def encoder_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """The audio tower and the multi-modal projector of a Voxtral model
     (their place moved across transformers versions)."""
     return submodule(model, "audio_tower"), submodule(model, "multi_modal_projector")
+
+
+def compile_layers(tower: nn.Module, **options: Any) -> int:
+    """Compile each of the audio tower's layers in place with ``torch.compile``
+    (``fullgraph``, and ``options``, e.g. a backend); returns how many.
+
+    Nothing compiles until a layer runs: the first call with one window
+    compiles a graph for one window, the first with more a graph whose
+    window count is symbolic; every layer and every later count reuses them.
+    The layers must not be switched between adapters (merged LoRA only):
+    each switch would compile again.
+    """
+    layers: Any = getattr(tower, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise LookupError(f"the audio tower {type(tower).__name__} has no layers to compile")
+    for layer in layers:
+        layer.compile(**{"fullgraph": True, **options})
+    return len(layers)
 
 
 def eager_encoder(tower: nn.Module) -> Encoder:
