@@ -119,7 +119,7 @@ from torch import nn
 from websockets.asyncio.client import connect
 
 from evoxtral_stream.audio.sources import read_audio_file
-from evoxtral_stream.config import Config, load_config, parse_override
+from evoxtral_stream.config import Config, VoxtralConfig, load_config, parse_override
 from evoxtral_stream.data import sample_path
 from evoxtral_stream.engine.backends.base import Backend
 from evoxtral_stream.engine.backends.voxtral.adapter import attach_adapter
@@ -363,6 +363,12 @@ def _budget_rule(backend: VoxtralBackend) -> Callable[[int], int]:
     return backend.max_new_tokens
 
 
+def _plain(cfg: VoxtralConfig) -> VoxtralConfig:
+    """``cfg`` without our levers (the reference path's settings)."""
+    return dataclasses.replace(cfg, static_cache=False, lookahead=False,
+                               encoder_graphs=False, encoder_compile=False)
+
+
 def build_models(args: argparse.Namespace, modes: Sequence[str], folder: Path,
                  say: Callable[[str], None]) -> Models:
     """Build (or load) the merged model for our modes and the reference path.
@@ -375,7 +381,10 @@ def build_models(args: argparse.Namespace, modes: Sequence[str], folder: Path,
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     want_ours = any(m in OUR_MODES for m in modes)
     want_ref = "reference" in modes
-    base_cfg = load_config().model
+    # `--set model.voxtral.KEY=VALUE` reaches our models (the levels' engines
+    # are handed them ready); the reference stays the seed's plain path.
+    base_cfg = load_config(overrides=dict(
+        parse_override(item) for item in args.set or [] if item.startswith("model."))).model
     vcfg = dataclasses.replace(base_cfg.voxtral, device=str(device),
                                dtype="float32" if dtype == torch.float32 else "bfloat16")
     t0 = time.perf_counter()
@@ -392,7 +401,7 @@ def build_models(args: argparse.Namespace, modes: Sequence[str], folder: Path,
             loaded = load_model(vcfg, base_cfg.language, merge=False)
             if loaded.peft is None:
                 raise SystemExit("--reference needs an adapter (--adapter): it runs the PeftModel")
-            budget = VoxtralBackend(loaded, vcfg)
+            budget = VoxtralBackend(loaded, _plain(vcfg))
             proc_cls: Any = VoxtralProcessor
             processor = proc_cls.from_pretrained(str(loaded.base.path))
             reference = ReferenceBackend(loaded.peft, processor, _budget_rule(budget), device,
@@ -430,7 +439,7 @@ def build_models(args: argparse.Namespace, modes: Sequence[str], folder: Path,
 
             peft_ref: Any = peft_copy()
             unmerged = kernels._backend(peft_ref.get_base_model(), peft_ref, spec, tokenizer,
-                                        device, vcfg)
+                                        device, _plain(vcfg))
             n_params = sum(p.numel() for p in peft_ref.get_base_model().parameters())
             proc_cls = VoxtralProcessor
             processor = proc_cls.from_pretrained(str(folder))

@@ -35,8 +35,12 @@ prompt; each timed alone) and, under ``torch.profiler``, each part's kernel
 time and launches beside its wall time: a part whose kernels take far less
 than its wall time is bound by the host launching them, not by the GPU. On
 CUDA it also times the encoder replayed as CUDA graphs and the whole prefill
-with it (``model.voxtral.encoder_graphs``), side by side. The file also gets
-the whole prefill's top operators.
+with it (``model.voxtral.encoder_graphs``), side by side, and the same with
+the encoder's layers compiled (``model.voxtral.encoder_compile``: a copy of
+the tower, so the eager rows stay eager; compiling is timed and left out of
+the rows; ``--compile-backend`` picks its backend and ``--profile-compiled``
+adds these rows off CUDA). The file also gets the whole prefill's top
+operators.
 
 ``--tiny`` runs the same code on the tiny test checkpoint on the CPU, so the
 script is tested without a GPU; its numbers mean nothing. ``--layers N``
@@ -57,6 +61,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -65,7 +70,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -86,6 +91,8 @@ from evoxtral_stream.engine.backends.voxtral.backend import (
 )
 from evoxtral_stream.engine.backends.voxtral.encoder import (
     EncoderGraphs,
+    compile_layers,
+    eager_encoder,
     embed_prompts,
     encoder_parts,
     submodule,
@@ -350,21 +357,33 @@ def _kernels(fn: Callable[[], object], device: torch.device) -> tuple[float, int
 
 
 def profile_prefill(backend: VoxtralBackend, batches: Sequence[int], audio_s: float,
-                    repeats: int, log: Callable[[str], None]) -> tuple[list[Part], str]:
+                    repeats: int, log: Callable[[str], None],
+                    compiled: Mapping[str, Any] | None = None,
+                    on_batch: Callable[[list[Part], str], None] | None = None,
+                    ) -> tuple[list[Part], str]:
     """The merged prefill broken into its parts, each timed alone (see the
     module docstring); returns the rows and the whole prefill's top operators
-    at the last batch."""
+    at the last batch. ``compiled`` (``torch.compile`` options) adds the
+    rows of a copy of the encoder with compiled layers; ``on_batch`` gets
+    the rows and table so far after each batch (a run cut short keeps them)."""
     parts: list[Part] = []
     top = ""
+    tower: nn.Module | None = None
+    if compiled is not None:
+        tower = copy.deepcopy(encoder_parts(backend.model)[0])
+        compile_layers(tower, **compiled)
     for b in batches:
-        more, top = _profile_batch(backend, _audio(b, audio_s), repeats)
+        more, top = _profile_batch(backend, _audio(b, audio_s), repeats, tower, log)
         for part in more:
             log(_fmt_part(part))
         parts += more
+        if on_batch is not None:
+            on_batch(parts, top)
     return parts, top
 
 
-def _profile_batch(backend: VoxtralBackend, audio: list[Audio], repeats: int
+def _profile_batch(backend: VoxtralBackend, audio: list[Audio], repeats: int,
+                   compiled_tower: nn.Module | None, log: Callable[[str], None]
                    ) -> tuple[list[Part], str]:
     device = backend.loaded.device
     model: Any = backend.model
@@ -401,18 +420,9 @@ def _profile_batch(backend: VoxtralBackend, audio: list[Audio], repeats: int
         ("whole prefill", whole)]
     if device.type == "cuda":
         # model.voxtral.encoder_graphs: the same parts with the encoder replayed.
-        graphs = EncoderGraphs(tower)
-        graphs.capture(feats[0], len(feats))
-
-        def encoder_graph() -> object:
-            return graphs(feats)
-
-        def whole_graph() -> object:
-            with torch.inference_mode():
-                return model(inputs_embeds=embed_prompts(model, ids, feats, graphs),
-                             attention_mask=mask, logits_to_keep=1)
-
-        todo += [("encoder, graph", encoder_graph), ("prefill, encoder graph", whole_graph)]
+        todo += _graph_parts(model, tower, feats, ids, mask, "")
+    if compiled_tower is not None:
+        todo += _compiled_parts(model, compiled_tower, feats, ids, mask, log)
     parts: list[Part] = []
     top = ""
     for name, fn in todo:
@@ -423,6 +433,50 @@ def _profile_batch(backend: VoxtralBackend, audio: list[Audio], repeats: int
             key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
             top = prof.key_averages().table(sort_by=key, row_limit=25)
     return parts, top
+
+
+def _compiled_parts(model: Any, tower: nn.Module, feats: torch.Tensor, ids: torch.Tensor,
+                    mask: torch.Tensor, log: Callable[[str], None]
+                    ) -> list[tuple[str, Callable[[], object]]]:
+    """The encoder with compiled layers (``model.voxtral.encoder_compile``),
+    compiled for these windows first; on CUDA also replayed as CUDA graphs,
+    alone and in the whole prefill."""
+    device = feats.device
+    run = eager_encoder(tower)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        run(feats)
+    _sync(device)
+    spent = time.perf_counter() - start
+    log(f"profile {len(feats)} windows: encoder layers compiled in {spent:.1f} s")
+
+    def encoder() -> object:
+        with torch.inference_mode():
+            return run(feats)
+
+    todo: list[tuple[str, Callable[[], object]]] = [("encoder, compiled", encoder)]
+    if device.type == "cuda":
+        todo += _graph_parts(model, tower, feats, ids, mask, "compiled ")
+    return todo
+
+
+def _graph_parts(model: Any, tower: nn.Module, feats: torch.Tensor, ids: torch.Tensor,
+                 mask: torch.Tensor, what: str) -> list[tuple[str, Callable[[], object]]]:
+    """``tower`` replayed as CUDA graphs (captured now), alone and in the
+    whole prefill, its rows named with ``what``."""
+    graphs = EncoderGraphs(tower)
+    graphs.capture(feats[0], len(feats))
+
+    def encoder_graph() -> object:
+        return graphs(feats)
+
+    def whole_graph() -> object:
+        with torch.inference_mode():
+            return model(inputs_embeds=embed_prompts(model, ids, feats, graphs),
+                         attention_mask=mask, logits_to_keep=1)
+
+    return [(f"encoder, {what}graph", encoder_graph),
+            (f"prefill, {what}encoder graph", whole_graph)]
 
 
 def _fmt_part(p: Part) -> str:
@@ -472,13 +526,15 @@ def run(
     paths: Sequence[str] = PATHS,
     profile_batches: Sequence[int] = (),
     on_profile: Callable[[list[Part], str], None] | None = None,
+    profile_compiled: Mapping[str, Any] | None = None,
 ) -> list[Row]:
     """Run the measurements of ``paths`` and return the rows (also logged as
     they come).
 
     ``on_row`` gets the rows so far after each one. With ``profile_batches``,
     :func:`profile_prefill` runs on the merged model right after the merge
-    and ``on_profile`` gets its rows and table; a profile that fails is
+    and ``on_profile`` gets its rows and table (``profile_compiled``: its
+    ``compiled`` rows' options); a profile that fails is
     logged and the rows go on. With ``budget_s``, a
     measurement that would start past that many seconds after the call is
     skipped (logged, no row): the smallest batches of every path come first,
@@ -568,9 +624,8 @@ def run(
         merged = _backend(merged_model, None, spec, tokenizer, device, cfg)
         if profile_batches and not over("profile", 1.0):
             try:
-                parts, top = profile_prefill(merged, profile_batches, audio_s, repeats, log)
-                if on_profile is not None:
-                    on_profile(parts, top)
+                profile_prefill(merged, profile_batches, audio_s, repeats, log,
+                                profile_compiled, on_profile)
             except Exception as e:  # the rows after it still count
                 log(f"profile failed: {type(e).__name__}: {e}")
         for b in batches:
@@ -634,6 +689,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="also break the merged prefill down into its parts (markdown here)")
     ap.add_argument("--profile-batches", default="1",
                     help="batch sizes of the profile (default %(default)s)")
+    ap.add_argument("--profile-compiled", action=argparse.BooleanOptionalAction, default=None,
+                    help="profile the encoder with compiled layers too (default: on CUDA)")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend of those layers (default %(default)s)")
     args = ap.parse_args(argv)
     paths = [p for p in args.paths.split(",") if p]
     if unknown := sorted(set(paths) - set(PATHS)):
@@ -688,6 +747,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         profile_batches=[int(x) for x in args.profile_batches.split(",")]
         if args.profile is not None else [],
         on_profile=write_profile,
+        profile_compiled={"backend": args.compile_backend}
+        if (args.profile_compiled if args.profile_compiled is not None
+            else not args.tiny and (args.device or "cuda").startswith("cuda"))
+        else None,
     )
     write(rows)
     return 0

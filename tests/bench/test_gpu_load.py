@@ -144,6 +144,20 @@ def test_the_reference_runs_in_a_plain_engine() -> None:
     assert ours.stream.pause_partial and ours.stream.draft
 
 
+def test_model_overrides_reach_our_models_and_not_the_reference(tmp_path: Path) -> None:
+    """The levels' engines get models built beforehand, so a `--set
+    model.voxtral...` has to be applied where they are built."""
+    bench = _load()
+    args = bench.parser().parse_args(["--tiny", "--set", "model.voxtral.encoder_graphs=true",
+                                      "--set", "stream.draft=true"])
+    models = bench.build_models(args, ["continuous", "slots", "reference"], tmp_path,
+                                lambda _: None)
+    assert models.ours._cfg.encoder_graphs and models.ours.encoder is not None
+    assert models.slots._cfg.encoder_graphs and models.slots._cfg.static_cache
+    assert models.reference is not None
+    assert not bench._plain(models.ours._cfg).encoder_graphs
+
+
 @pytest.mark.slow
 def test_a_passed_drain_leaves_the_compiled_slot_steps_alone(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -107,18 +107,32 @@ def test_paths_pick_what_runs_and_profile_breaks_the_prefill_down(tmp_path: Path
     bench = _load()
     out, prof = tmp_path / "rows.json", tmp_path / "prefill.md"
     argv = ["--tiny", "--batches", "1", "--new-tokens", "2", "--audio-s", "1", "--paths",
-            "merged", "--profile", str(prof), "--profile-batches", "1,2", "--json", str(out)]
+            "merged", "--profile", str(prof), "--profile-batches", "1,2", "--json", str(out),
+            "--profile-compiled", "--compile-backend", "aot_eager"]
     assert bench.main(argv) == 0
     assert [r["mode"] for r in json.loads(out.read_text())["rows"]] == ["merged"]
     text = prof.read_text()
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| 1 |")
             or line.startswith("| 2 |")]
+    # Off CUDA the compiled layers run without graphs: one more row.
     assert [(r[0].strip("| "), r[2]) for r in rows] == [
         (b, part) for b in ("1", "2")
-        for part in ("encoder", "projector", "language model", "whole prefill")]
+        for part in ("encoder", "projector", "language model", "whole prefill",
+                     "encoder, compiled")]
     for r in rows:
         assert float(r[3].removesuffix(" ms")) > 0  # wall time of the part
     assert "Top operators" in text and "aten::" in text
+
+
+def test_a_profile_cut_short_keeps_the_batches_it_finished(tmp_path: Path) -> None:
+    """On the GPU the outer timeout may end a profile midway (compiling)."""
+    prof = tmp_path / "prefill.md"
+    argv = ["--tiny", "--batches", "1", "--new-tokens", "2", "--audio-s", "1", "--paths",
+            "merged", "--profile", str(prof), "--profile-batches", "1,0"]  # 0: it fails
+    assert _load().main(argv) == 0
+    parts = [line.split(" | ")[2] for line in prof.read_text().splitlines()
+             if line.startswith("| 1 |")]
+    assert parts == ["encoder", "projector", "language model", "whole prefill"]
 
 
 def test_unknown_path_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
