@@ -81,6 +81,7 @@ from .backends.base import (
     JobBackend,
     SteppingBackend,
     WarmsUp,
+    one_line,
 )
 
 __all__ = ["ModelWorker", "WorkerResult", "WorkerStats"]
@@ -527,9 +528,8 @@ class ModelWorker:
         try:
             what = self._timed(lambda: backend.warm_up(self._cfg.max_batch), slow=True)
         except Exception as e:  # any failure here must not stop serving
-            first = (str(e).strip().splitlines() or [""])[0]
-            log.warning("backend warm-up failed (%s: %s); serving without it",
-                        type(e).__name__, first, exc_info=self._trace(e))
+            log.warning("backend warm-up failed (%s); serving without it", one_line(e),
+                        exc_info=self._trace(e))
             return
         finally:
             self._warming = False

@@ -45,6 +45,10 @@ def _layers(tower: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def _compiled(layer: nn.Module) -> bool:
+    return layer._compiled_call_impl is not None  # what nn.Module.compile sets
+
+
 def _graphs() -> int:
     from torch._dynamo.utils import counters
 
@@ -99,10 +103,11 @@ def test_the_backend_compiles_its_encoder_at_warm_up_and_captions_the_same(
     plain: dict[Job, Done] = _alone(merged, jobs)
     backend = load_voxtral_backend(dataclasses.replace(tiny_cfg, encoder_compile=True), "en")
     tower = encoder_parts(backend.model)[0]
-    assert all(layer._compiled_call_impl is not None for layer in _layers(tower))
-    assert _graphs() == 0  # nothing compiles before the worker warms up
+    assert not any(_compiled(layer) for layer in _layers(tower))  # until the worker warms up
     assert backend.warm_up(8).startswith("encoder layers compiled in ")
+    assert all(_compiled(layer) for layer in _layers(tower))
     assert _graphs() == 2
+    assert backend.warm_up(8) == "nothing to warm up"  # a restarted worker's warm-up
     out: dict[Job, Done] = {}
     _admit(backend.decoder, jobs[:2], out)
     _drain(backend.decoder, out, 2)
@@ -112,3 +117,24 @@ def test_the_backend_compiles_its_encoder_at_warm_up_and_captions_the_same(
         j.key: (d.text, d.tokens) for j, d in plain.items()}
     assert [d.text for d in backend.transcribe_jobs(jobs)] == [plain[j].text for j in jobs]
     assert _graphs() == 2  # live windows (1 to 3 at a time) compiled nothing more
+
+
+def test_a_compile_that_fails_leaves_the_encoder_eager(
+    tiny_cfg: VoxtralConfig, merged: VoxtralBackend, fresh_dynamo: None,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """No C++ compiler on the CPU, say: left compiled, every request would fail."""
+
+    def no_compiler(gm: torch.fx.GraphModule, example_inputs: object) -> object:
+        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(details)")
+
+    monkeypatch.setitem(backend_module.ENCODER_COMPILE, "backend", no_compiler)
+    backend = load_voxtral_backend(dataclasses.replace(tiny_cfg, encoder_compile=True), "en")
+    said = backend.warm_up(4)
+    assert said.startswith("encoder layers left eager (")
+    assert "No working C++ compiler found" in said and "details" not in said
+    assert "encoder layers not compiled, running eagerly" in caplog.text
+    assert not any(_compiled(layer) for layer in _layers(encoder_parts(backend.model)[0]))
+    jobs = _jobs(seed=33)[:2]
+    assert [d.text for d in backend.transcribe_jobs(jobs)] == [
+        d.text for d in merged.transcribe_jobs(jobs)]

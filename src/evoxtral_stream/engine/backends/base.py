@@ -34,7 +34,22 @@ __all__ = [
     "Multilingual",
     "SteppingBackend",
     "WarmsUp",
+    "one_line",
 ]
+
+
+def one_line(exc: BaseException) -> str:
+    """``exc`` in one line, ``Type: first line``, for an error message or a
+    log line; a first line that only introduces what follows ("Error(s) in
+    loading state_dict for PeftModel:", "backend='inductor' raised:") keeps
+    the next line too."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    text = lines[0]
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1]}"
+    return f"{type(exc).__name__}: {text}"
 
 
 class BackendError(RuntimeError):

@@ -34,7 +34,7 @@ import numpy.typing as npt
 
 from ...config import WhisperConfig
 from ...events import SAMPLE_RATE
-from .base import BackendError, BackendUnavailable, Done, Job
+from .base import BackendError, BackendUnavailable, Done, Job, one_line
 
 __all__ = ["WhisperBackend", "embedded_model_path", "load_whisper_backend"]
 
@@ -239,10 +239,8 @@ def load_whisper_backend(cfg: WhisperConfig, language: str) -> WhisperBackend:
             cpu_threads=cfg.cpu_threads, local_files_only=True,
         )
     except Exception as e:  # a malformed tokenizer.json raises a bare Exception
-        lines = str(e).strip().splitlines()
-        why = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
         raise BackendUnavailable(
-            f"cannot load the Whisper model in {path} ({why}); "
+            f"cannot load the Whisper model in {path} ({one_line(e)}); "
             "set model.whisper.model_path to a faster-whisper model folder"
         ) from None
     return WhisperBackend(model, cfg, language, path)

@@ -23,6 +23,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from evoxtral_stream.engine.backends.base import one_line
+
 __all__ = [
     "OLD_TO_NEW_PREFIXES",
     "PEFT_PREFIX",
@@ -65,18 +67,6 @@ def map_adapter_key(key: str) -> str:
     return PEFT_PREFIX + body
 
 
-def _first_line(exc: BaseException) -> str:
-    """The exception in one line; a first line that only introduces a list
-    ("Error(s) in loading state_dict for PeftModel:") keeps its first item."""
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    if not lines:
-        return type(exc).__name__
-    text = lines[0]
-    if text.endswith(":") and len(lines) > 1:
-        text = f"{text} {lines[1]}"
-    return f"{type(exc).__name__}: {text}"
-
-
 def read_adapter(folder: Path) -> tuple[Any, dict[str, torch.Tensor]]:
     """The LoRA config and the key-mapped tensors (on CPU) of an adapter folder."""
     from peft import LoraConfig, PeftType
@@ -86,7 +76,7 @@ def read_adapter(folder: Path) -> tuple[Any, dict[str, torch.Tensor]]:
     try:
         raw = json.loads(config_file.read_text("utf-8"))
     except (OSError, ValueError) as e:
-        raise AdapterError(f"cannot read {config_file}: {_first_line(e)}") from None
+        raise AdapterError(f"cannot read {config_file}: {one_line(e)}") from None
     if not isinstance(raw, dict):
         raise AdapterError(f"cannot read {config_file}: it is not a JSON object")
     if raw.get("peft_type") != PeftType.LORA.value:
@@ -96,13 +86,13 @@ def read_adapter(folder: Path) -> tuple[Any, dict[str, torch.Tensor]]:
     try:
         config = LoraConfig.from_pretrained(str(folder))
     except Exception as e:  # peft raises whatever the config's fields make it raise
-        raise AdapterError(f"cannot read {config_file}: {_first_line(e)}") from None
+        raise AdapterError(f"cannot read {config_file}: {one_line(e)}") from None
     config.inference_mode = True
     weights = folder / "adapter_model.safetensors"
     try:
         tensors = load_file(str(weights), device="cpu")
     except Exception as e:  # SafetensorError (a truncated file) is no OSError
-        raise AdapterError(f"cannot read {weights}: {_first_line(e)}") from None
+        raise AdapterError(f"cannot read {weights}: {one_line(e)}") from None
     mapped: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         if not key.startswith(PEFT_PREFIX):
@@ -183,7 +173,7 @@ def attach_adapter(model: nn.Module, folder: Path, name: str) -> nn.Module:
         # tensors of another shape than the config's rank: a RuntimeError.
         set_peft_model_state_dict(peft_model, tensors, adapter_name=name)
     except (ValueError, RuntimeError) as e:
-        raise AdapterError(_first_line(e)) from None
+        raise AdapterError(one_line(e)) from None
     checked, unset = verify_adapter(peft_model, tensors, name)
     n_params = sum(t.numel() for t in tensors.values())
     if unset:

@@ -29,7 +29,13 @@ from torch import nn
 from transformers import StoppingCriteria as _StoppingCriteria
 
 from evoxtral_stream.config import VoxtralConfig
-from evoxtral_stream.engine.backends.base import BackendError, BackendUnavailable, Done, Job
+from evoxtral_stream.engine.backends.base import (
+    BackendError,
+    BackendUnavailable,
+    Done,
+    Job,
+    one_line,
+)
 
 from .adapter import AdapterError, attach_adapter, merge_lora
 from .features import LogMel
@@ -91,11 +97,6 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return _DTYPES[setting]
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-
-
 @dataclass(frozen=True)
 class LoadedModel:
     """A Voxtral model on its device with its tokenizer and prompt geometry.
@@ -124,7 +125,7 @@ def load_tokenizer(folder: Path) -> Tokenizer:
         return cast(Tokenizer, Tekkenizer.from_file(folder / "tekken.json"))
     except Exception as e:  # any unreadable tokenizer file ends the same way
         raise BackendUnavailable(
-            f"cannot read {folder / 'tekken.json'} ({_first_line(e)}); set model.voxtral.base "
+            f"cannot read {folder / 'tekken.json'} ({one_line(e)}); set model.voxtral.base "
             "to a folder with the Voxtral tokenizer"
         ) from None
 
@@ -181,13 +182,13 @@ def _from_pretrained(
         ) from None
     except ImportError as e:
         raise BackendUnavailable(
-            f"cannot load Voxtral with attn_implementation {attn!r} ({_first_line(e)}); "
+            f"cannot load Voxtral with attn_implementation {attn!r} ({one_line(e)}); "
             'set model.voxtral.attn_implementation = "sdpa"'
         ) from None
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         # SafetensorError (a truncated model.safetensors) is none of the others.
         raise BackendUnavailable(
-            f"cannot load the Voxtral base model from {str(folder)!r} ({_first_line(e)}); "
+            f"cannot load the Voxtral base model from {str(folder)!r} ({one_line(e)}); "
             "set model.voxtral.base to a complete checkpoint"
         ) from None
     cast(Any, model).eval()
@@ -283,7 +284,7 @@ def load_model(
     except (ValueError, KeyError) as e:
         raise BackendUnavailable(
             f"the tokenizer in {str(base.path)!r} cannot build transcription prompts "
-            f"({_first_line(e)}); set model.voxtral.base to a Voxtral checkpoint"
+            f"({one_line(e)}); set model.voxtral.base to a Voxtral checkpoint"
         ) from None
     t0 = time.monotonic()
     model = _from_pretrained(base.path, device, torch_dtype, cfg.attn_implementation)
@@ -375,13 +376,10 @@ class VoxtralBackend:
         """Of those, the ones kept (for benchmarks)."""
         self._decoder: RowDecoder | None = None
         self._encoder: Encoder | None = None
+        self._encoder_compile_tried = False
         self._language_ids: dict[str, tuple[int, ...]] = {}
         if cfg.static_cache:
             _group_text_attention(self.model)
-        if cfg.encoder_compile:
-            from .encoder import compile_layers, encoder_parts
-
-            compile_layers(encoder_parts(self.model)[0], **ENCODER_COMPILE)
 
     @property
     def model(self) -> nn.Module:
@@ -626,7 +624,7 @@ class VoxtralBackend:
         graphs for up to ``max_batch`` windows (see
         :class:`.encoder.EncoderGraphs`) and compile its layers
         (``model.voxtral.encoder_compile``); says what it did."""
-        from .encoder import EncoderGraphs, encoder_parts
+        from .encoder import EncoderGraphs
         from .slots import SlotDecoder
 
         done = []
@@ -636,24 +634,40 @@ class VoxtralBackend:
             done.append(f"slot cache {dec.slots} x {dec.columns}, decode steps for batches "
                         f"{', '.join(map(str, sizes))}")
         enc = self.encoder
-        if not isinstance(enc, EncoderGraphs) and not self._cfg.encoder_compile:
-            return "; ".join(done) or "nothing to warm up"
+        if self._cfg.encoder_compile and not self._encoder_compile_tried:
+            done.append(self._compile_encoder(max_batch))
+        if isinstance(enc, EncoderGraphs):
+            example = self.features([np.zeros(self.spec.sampling_rate, np.float32)])
+            with self.use_adapter(None):
+                counts = enc.capture(example[0].to(self.loaded.dtype), max_batch)
+            done.append(f"encoder graphs for {', '.join(map(str, counts))} windows")
+        return "; ".join(done) or "nothing to warm up"
+
+    def _compile_encoder(self, max_batch: int) -> str:
+        """Compile the encoder's layers (``model.voxtral.encoder_compile``) and
+        run them for one window and for two, so that both of their graphs
+        exist before the first request (see :func:`.encoder.compile_layers`).
+        A compile that fails (no C++ compiler on the CPU, a graph break in
+        another transformers version) leaves them eager and says why: left
+        compiled, it would fail every request. Tried once: a restarted
+        worker does not pay for the same failure again."""
+        from .encoder import compile_layers, encoder_parts, uncompile_layers
+
+        self._encoder_compile_tried = True
+        tower = encoder_parts(self.model)[0]
         example = self.features([np.zeros(self.spec.sampling_rate, np.float32)])
         example = example.to(self.loaded.dtype)
         start = time.perf_counter()
-        if isinstance(enc, EncoderGraphs):
-            with self.use_adapter(None):
-                counts = enc.capture(example[0], max_batch)
-            done.append(f"encoder graphs for {', '.join(map(str, counts))} windows")
-        elif self._cfg.encoder_compile:
-            # A graph for one window and one for any more (see compile_layers).
-            tower = encoder_parts(self.model)[0]
+        compile_layers(tower, **ENCODER_COMPILE)
+        try:
             with torch.inference_mode(), self.use_adapter(None):
                 for n in sorted({1, min(2, max_batch)}):
                     tower(example.expand(n, -1, -1), return_dict=True)
-        if self._cfg.encoder_compile:
-            done.append(f"encoder layers compiled in {time.perf_counter() - start:.1f} s")
-        return "; ".join(done) or "nothing to warm up"
+        except Exception as e:  # any compile failure: serve eagerly
+            uncompile_layers(tower)
+            log.warning("encoder layers not compiled, running eagerly: %s", one_line(e))
+            return f"encoder layers left eager ({one_line(e)})"
+        return f"encoder layers compiled in {time.perf_counter() - start:.1f} s"
 
     @property
     def active(self) -> int:

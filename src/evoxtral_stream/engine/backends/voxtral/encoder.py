@@ -38,6 +38,7 @@ __all__ = [
     "embed_prompts",
     "encoder_parts",
     "submodule",
+    "uncompile_layers",
 ]
 
 log = logging.getLogger(__name__)
@@ -71,12 +72,25 @@ def compile_layers(tower: nn.Module, **options: Any) -> int:
     The layers must not be switched between adapters (merged LoRA only):
     each switch would compile again.
     """
-    layers: Any = getattr(tower, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not len(layers):
-        raise LookupError(f"the audio tower {type(tower).__name__} has no layers to compile")
+    layers = _layers(tower)
     for layer in layers:
         layer.compile(**{"fullgraph": True, **options})
     return len(layers)
+
+
+def uncompile_layers(tower: nn.Module) -> None:
+    """Undo :func:`compile_layers`: the layers run eagerly again (after a
+    compile that failed, which would otherwise fail every later call)."""
+    for layer in _layers(tower):
+        # What nn.Module.compile sets; it has no public inverse.
+        layer._compiled_call_impl = None
+
+
+def _layers(tower: nn.Module) -> nn.ModuleList:
+    layers: Any = getattr(tower, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not len(layers):
+        raise LookupError(f"the audio tower {type(tower).__name__} has no layers to compile")
+    return layers
 
 
 def eager_encoder(tower: nn.Module) -> Encoder:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evoxtral_stream.config import VoxtralConfig
-from evoxtral_stream.engine.backends.base import BackendUnavailable
+from evoxtral_stream.engine.backends.base import BackendUnavailable, one_line
 
 __all__ = [
     "ADAPTER_FILES",
@@ -161,11 +161,6 @@ def _hint(kind: Kind, folder: str = "", *, hub: bool = False, key: str | None = 
     return f"set {key or kind.value} to " + ", or to ".join(places)
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def _download(ref: str, kind: Kind, key: str | None) -> Path:
     from huggingface_hub import snapshot_download
 
@@ -175,7 +170,7 @@ def _download(ref: str, kind: Kind, key: str | None) -> Path:
         return Path(snapshot_download(ref, allow_patterns=patterns))
     except Exception as e:  # network, auth and hub errors all end the same way
         raise BackendUnavailable(
-            f"could not download {_label(kind)} {ref!r} ({_first_line(e)}); check the network "
+            f"could not download {_label(kind)} {ref!r} ({one_line(e)}); check the network "
             f"and `hf auth login`, or {_hint(kind, key=key)}"
         ) from None
 
