@@ -15,11 +15,12 @@ once. Windows past the largest captured count run eagerly.
 
 :func:`compile_layers` compiles the encoder's layers in place (regional
 compilation): they are instances of one class, so one compiled graph serves
-all of them, and compiling costs one layer's time, not the tower's. Fused,
-a layer's element-wise work (layer norms, residual adds, the query's scale,
-the heads' transposes) stops taking about as much GPU time as its matrix
-products (bench/RESULTS.md). The CUDA graphs above capture the compiled
-layers like eager ones.
+all of them, and compiling costs one layer's time, not the tower's. What it
+fuses is a layer's element-wise work (layer norms, residual adds, the
+query's scale, the heads' transposes), which at 8 windows and more takes
+about as much GPU time as the matrix products (on an H200; how much fusing
+saves is not measured yet, bench/RESULTS.md). The CUDA graphs above capture
+the compiled layers like eager ones.
 """
 
 from __future__ import annotations
