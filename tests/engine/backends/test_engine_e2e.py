@@ -8,9 +8,9 @@ from importlib import resources
 import pytest
 
 from evoxtral_stream.audio.sources import read_audio_file
-from evoxtral_stream.config import load_config
+from evoxtral_stream.config import VoxtralConfig, load_config
 from evoxtral_stream.engine.backends.base import Done, Job
-from evoxtral_stream.engine.backends.voxtral.backend import VoxtralBackend
+from evoxtral_stream.engine.backends.voxtral.backend import VoxtralBackend, load_voxtral_backend
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.engine.worker import WorkerStats
 from evoxtral_stream.events import CaptionEvent, StreamEnded
@@ -124,3 +124,31 @@ async def test_drafts_from_partials_reach_the_backend_and_change_no_caption(
     # The worker's counters (and so /metrics) saw the same drafts.
     assert stats.draft_tokens == merged.draft_tokens - proposed
     assert stats.draft_kept <= stats.draft_tokens
+
+
+async def test_compiled_encoder_layers_give_the_engine_the_same_finals(
+    merged: VoxtralBackend, tiny_cfg: VoxtralConfig, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The worker compiles them on its model thread as it warms up, then serves."""
+    import logging
+
+    import torch
+
+    from evoxtral_stream.engine.backends.voxtral import backend as backend_module
+    from evoxtral_stream.engine.backends.voxtral.encoder import encoder_parts
+
+    caplog.set_level(logging.INFO, logger="evoxtral_stream.engine.worker")
+    monkeypatch.setitem(backend_module.ENCODER_COMPILE, "backend", "aot_eager")
+    torch._dynamo.reset()
+    try:
+        compiled = load_voxtral_backend(dataclasses.replace(tiny_cfg, encoder_compile=True),
+                                        "en")
+        with_compiled, _ = await _run(compiled, "continuous")
+    finally:
+        torch._dynamo.reset()
+    assert "encoder layers compiled in" in caplog.text
+    layers = encoder_parts(compiled.model)[0].get_submodule("layers")
+    assert all(layer._compiled_call_impl is not None for layer in layers.children())
+    dynamic, _ = await _run(merged, "continuous")
+    assert [c.text for c in with_compiled] == [c.text for c in dynamic]
