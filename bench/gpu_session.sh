@@ -16,9 +16,10 @@
 # once first) and profiles the busiest level, then, in the last KERNELS_S
 # seconds, voxtral_kernels.py's merged path at batches 8 and 64 with the
 # merged prefill broken down part by part under the profiler (batches 1 and
-# 8; with the encoder replayed as CUDA graphs and with its layers compiled,
-# the levers model.voxtral.encoder_graphs and encoder_compile; written after
-# each batch). The first run (2026-12-04, H200) measured every path at batch 1 and
+# 8; with the encoder replayed as CUDA graphs, with its layers compiled and,
+# at batch 1, with the prompt prefill replayed too: the levers
+# model.voxtral.encoder_graphs, encoder_compile and prefill_graphs; written
+# after each batch). The first run (2026-12-04, H200) measured every path at batch 1 and
 # the continuous mode under load, the second the prefill's breakdown; it
 # also found that compiling the slot step per bucket does not fit here
 # (now one shared compile) and why the slot modes failed in the engine

@@ -39,8 +39,10 @@ with it (``model.voxtral.encoder_graphs``), side by side, and the same with
 the encoder's layers compiled (``model.voxtral.encoder_compile``: a copy of
 the tower, so the eager rows stay eager; compiling is timed and left out of
 the rows; ``--compile-backend`` picks its backend and ``--profile-compiled``
-adds these rows off CUDA). The file also gets the whole prefill's top
-operators.
+adds these rows off CUDA). Where a prefill bucket holds the batch (1, 2 or
+4 rows), it adds the whole prefill with the prompt prefill replayed too
+(``model.voxtral.prefill_graphs``). The file also gets the whole prefill's
+top operators.
 
 ``--tiny`` runs the same code on the tiny test checkpoint on the CPU, so the
 script is tested without a GPU; its numbers mean nothing. ``--layers N``
@@ -97,6 +99,7 @@ from evoxtral_stream.engine.backends.voxtral.encoder import (
     encoder_parts,
     submodule,
 )
+from evoxtral_stream.engine.backends.voxtral.prefill import PrefillGraphs
 from evoxtral_stream.engine.backends.voxtral.prompt import PromptSpec
 from evoxtral_stream.engine.backends.voxtral.resolve import Resolved
 from evoxtral_stream.engine.backends.voxtral.slots import SlotDecoder
@@ -372,8 +375,13 @@ def profile_prefill(backend: VoxtralBackend, batches: Sequence[int], audio_s: fl
     if compiled is not None:
         tower = copy.deepcopy(encoder_parts(backend.model)[0])
         compile_layers(tower, **compiled)
+    prefill: PrefillGraphs | None = None
+    if backend.loaded.device.type == "cuda":
+        # model.voxtral.prefill_graphs on the same model; captured per batch.
+        prefill = VoxtralBackend(backend.loaded, dataclasses.replace(
+            backend._cfg, encoder_graphs=True, prefill_graphs=True)).prefill_graphs
     for b in batches:
-        more, top = _profile_batch(backend, _audio(b, audio_s), repeats, tower, log)
+        more, top = _profile_batch(backend, _audio(b, audio_s), repeats, tower, log, prefill)
         for part in more:
             log(_fmt_part(part))
         parts += more
@@ -383,8 +391,8 @@ def profile_prefill(backend: VoxtralBackend, batches: Sequence[int], audio_s: fl
 
 
 def _profile_batch(backend: VoxtralBackend, audio: list[Audio], repeats: int,
-                   compiled_tower: nn.Module | None, log: Callable[[str], None]
-                   ) -> tuple[list[Part], str]:
+                   compiled_tower: nn.Module | None, log: Callable[[str], None],
+                   prefill: PrefillGraphs | None = None) -> tuple[list[Part], str]:
     device = backend.loaded.device
     model: Any = backend.model
     tower, projector = encoder_parts(model)
@@ -420,9 +428,9 @@ def _profile_batch(backend: VoxtralBackend, audio: list[Audio], repeats: int,
         ("whole prefill", whole)]
     if device.type == "cuda":
         # model.voxtral.encoder_graphs: the same parts with the encoder replayed.
-        todo += _graph_parts(model, tower, feats, ids, mask, "")
+        todo += _graph_parts(model, tower, feats, ids, mask, "", prefill, log)
     if compiled_tower is not None:
-        todo += _compiled_parts(model, compiled_tower, feats, ids, mask, log)
+        todo += _compiled_parts(model, compiled_tower, feats, ids, mask, log, prefill)
     parts: list[Part] = []
     top = ""
     for name, fn in todo:
@@ -436,7 +444,8 @@ def _profile_batch(backend: VoxtralBackend, audio: list[Audio], repeats: int,
 
 
 def _compiled_parts(model: Any, tower: nn.Module, feats: torch.Tensor, ids: torch.Tensor,
-                    mask: torch.Tensor, log: Callable[[str], None]
+                    mask: torch.Tensor, log: Callable[[str], None],
+                    prefill: PrefillGraphs | None = None,
                     ) -> list[tuple[str, Callable[[], object]]]:
     """The encoder with compiled layers (``model.voxtral.encoder_compile``),
     compiled for these windows first; on CUDA also replayed as CUDA graphs,
@@ -456,14 +465,18 @@ def _compiled_parts(model: Any, tower: nn.Module, feats: torch.Tensor, ids: torc
 
     todo: list[tuple[str, Callable[[], object]]] = [("encoder, compiled", encoder)]
     if device.type == "cuda":
-        todo += _graph_parts(model, tower, feats, ids, mask, "compiled ")
+        todo += _graph_parts(model, tower, feats, ids, mask, "compiled ", prefill, log)
     return todo
 
 
 def _graph_parts(model: Any, tower: nn.Module, feats: torch.Tensor, ids: torch.Tensor,
-                 mask: torch.Tensor, what: str) -> list[tuple[str, Callable[[], object]]]:
+                 mask: torch.Tensor, what: str, prefill: PrefillGraphs | None = None,
+                 log: Callable[[str], None] = print,
+                 ) -> list[tuple[str, Callable[[], object]]]:
     """``tower`` replayed as CUDA graphs (captured now), alone and in the
-    whole prefill, its rows named with ``what``."""
+    whole prefill, its rows named with ``what``; with ``prefill``, also the
+    whole prefill with the prompt prefill replayed too, where a bucket holds
+    the batch (``model.voxtral.prefill_graphs``)."""
     graphs = EncoderGraphs(tower)
     graphs.capture(feats[0], len(feats))
 
@@ -475,8 +488,27 @@ def _graph_parts(model: Any, tower: nn.Module, feats: torch.Tensor, ids: torch.T
             return model(inputs_embeds=embed_prompts(model, ids, feats, graphs),
                          attention_mask=mask, logits_to_keep=1)
 
-    return [(f"encoder, {what}graph", encoder_graph),
-            (f"prefill, {what}encoder graph", whole_graph)]
+    todo: list[tuple[str, Callable[[], object]]] = [
+        (f"encoder, {what}graph", encoder_graph), (f"prefill, {what}encoder graph", whole_graph)]
+    if prefill is None or prefill.bucket(len(ids), int(ids.shape[1])) is None:
+        return todo
+    pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    try:
+        start = time.perf_counter()
+        prefill.capture(len(ids))
+        if not prefill.enabled:
+            raise RuntimeError("the capture failed (see the log)")
+        log(f"profile {len(ids)} rows: prefill graphs captured in "
+            f"{time.perf_counter() - start:.1f} s")
+    except Exception as e:  # the other rows still count
+        log(f"profile {len(ids)} rows: no prefill graphs: {type(e).__name__}: {e}")
+        return todo
+
+    def whole_graphs() -> object:
+        with torch.inference_mode():
+            return prefill(embed_prompts(model, ids, feats, graphs), mask, pos)
+
+    return [*todo, (f"prefill, {what}encoder + prefill graphs", whole_graphs)]
 
 
 def _fmt_part(p: Part) -> str:

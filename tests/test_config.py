@@ -49,6 +49,8 @@ def test_defaults_load_and_a_user_file_overrides_only_its_keys(tmp_path: Path) -
      "model.voxtral.encoder_graphs needs model.voxtral.merge_lora = true"),
     ({"model.voxtral.encoder_compile": True, "model.voxtral.merge_lora": False},
      "model.voxtral.encoder_compile needs model.voxtral.merge_lora = true"),
+    ({"model.voxtral.prefill_graphs": True},
+     "model.voxtral.prefill_graphs needs model.voxtral.encoder_graphs = true"),
     ({"model.voxtral.adapters": {"rl": 3}, "model.voxtral.merge_lora": False},
      "model.voxtral.adapters must be a table of name"),
     ({"logging.format": "xml"}, "logging.format must be one of 'text', 'json', got 'xml'"),

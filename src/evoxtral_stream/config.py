@@ -161,6 +161,7 @@ class VoxtralConfig:
     step_graphs: str = field(metadata=_choices("shared", "per_bucket"))
     encoder_graphs: bool
     encoder_compile: bool
+    prefill_graphs: bool
     adapters: dict[str, str]
 
     def __post_init__(self) -> None:
@@ -173,6 +174,9 @@ class VoxtralConfig:
         if self.encoder_compile and not self.merge_lora:
             raise ConfigError("model.voxtral.encoder_compile needs model.voxtral.merge_lora = true "
                               "(a compiled encoder would compile again for every adapter)")
+        if self.prefill_graphs and not self.encoder_graphs:
+            raise ConfigError("model.voxtral.prefill_graphs needs model.voxtral.encoder_graphs = "
+                              "true (the fixed-shape prefill takes the prompts' embeddings)")
         if self.adapters and self.merge_lora:
             raise ConfigError("model.voxtral.adapters needs model.voxtral.merge_lora = false "
                               "(adapters cannot be switched once merged)")

@@ -21,6 +21,7 @@ from evoxtral_stream.engine.backends.base import BackendError, Done, Job, Steppi
 from evoxtral_stream.engine.backends.voxtral.backend import NO_ADAPTER, VoxtralBackend
 from evoxtral_stream.engine.backends.voxtral.continuous import ContinuousDecoder, RowDecoder
 from evoxtral_stream.engine.backends.voxtral.encoder import eager_encoder, encoder_parts
+from evoxtral_stream.engine.backends.voxtral.prefill import PrefillGraphs
 from evoxtral_stream.engine.backends.voxtral.slots import SlotDecoder
 
 SR = 16_000
@@ -68,13 +69,17 @@ def _admit(dec: RowDecoder, jobs: Sequence[Job], out: dict[Job, Done]) -> None:
 
 
 # "embedded": the dynamic decoder whose prefill embeds the prompts itself
-# (model.voxtral.encoder_graphs; on a GPU its encoder is replayed as CUDA graphs).
-KINDS = ["dynamic", "slots", "lookahead", "embedded"]
+# (model.voxtral.encoder_graphs; on a GPU its encoder is replayed as CUDA graphs);
+# "fixed": that, with the prompt prefill at fixed shapes too
+# (model.voxtral.prefill_graphs; CUDA graphs on a GPU), into the slot cache.
+KINDS = ["dynamic", "slots", "lookahead", "embedded", "fixed"]
 
 
 def make_decoder(backend: VoxtralBackend, kind: str) -> RowDecoder:
     if kind in ("dynamic", "embedded"):
         return ContinuousDecoder(backend)
+    if kind == "fixed":
+        return SlotDecoder(backend)
     return SlotDecoder(backend, lookahead=kind == "lookahead")
 
 
@@ -82,13 +87,26 @@ def make_decoder(backend: VoxtralBackend, kind: str) -> RowDecoder:
 def dec(merged: VoxtralBackend, request: pytest.FixtureRequest) -> Iterator[RowDecoder]:
     """A fresh decoder of each kind, installed as the merged backend's own for
     the test (so the backend's delegating methods reach it)."""
-    saved, saved_encoder = merged._decoder, merged._encoder
+    saved = merged._decoder, merged._encoder, merged._prefill_graphs
     merged._decoder = make_decoder(merged, request.param)
-    if request.param == "embedded":
+    if request.param in ("embedded", "fixed"):
         merged._encoder = eager_encoder(encoder_parts(merged.model)[0])
+    if request.param == "fixed":
+        merged._prefill_graphs = _fixed_prefill(merged)
     yield merged._decoder
     merged._decoder.abort()
-    merged._decoder, merged._encoder = saved, saved_encoder
+    merged._decoder, merged._encoder, merged._prefill_graphs = saved
+
+
+def _fixed_prefill(backend: VoxtralBackend) -> PrefillGraphs:
+    """What model.voxtral.prefill_graphs gives ``backend``."""
+    # (merge_lora only to pass the config's checks: the route follows whatever
+    # adapter the model runs, eagerly.)
+    cfg = dataclasses.replace(backend._cfg, encoder_graphs=True, prefill_graphs=True,
+                              merge_lora=True, adapters={})
+    graphs = VoxtralBackend(backend.loaded, cfg).prefill_graphs
+    assert graphs is not None
+    return graphs
 
 
 @pytest.fixture(scope="module")
@@ -343,8 +361,10 @@ def test_unmerged_adapters_run_one_at_a_time(unmerged: VoxtralBackend, kind: str
     # The same audio through three adapters gives three transcripts.
     assert len({want[r].text for r in (rl[1], none[1], default[1])}) == 3
     out: dict[Job, Done] = {}
-    if kind == "embedded":  # the eager route follows the adapter in use
+    if kind in ("embedded", "fixed"):  # the eager routes follow the adapter in use
         unmerged._encoder = eager_encoder(encoder_parts(unmerged.model)[0])
+    if kind == "fixed":
+        unmerged._prefill_graphs = _fixed_prefill(unmerged)
     try:
         _admit(dec, rl[:3], out)
         assert not dec.can_admit(none[0])
@@ -372,7 +392,7 @@ def test_unmerged_adapters_run_one_at_a_time(unmerged: VoxtralBackend, kind: str
         _drain(dec, out)
     finally:
         dec.abort()
-        unmerged._encoder = None
+        unmerged._encoder, unmerged._prefill_graphs = None, None
     assert out.pop(named) == Done(named, want[default[1]].text, want[default[1]].tokens,
                                   want[default[1]].token_ids)
     assert out == {j: want[j] for j in want if j is not default[1]}

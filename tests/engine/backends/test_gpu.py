@@ -161,6 +161,23 @@ def test_compiled_encoder_layers_replay_as_graphs_and_decode_the_same(
     torch._dynamo.reset()
 
 
+def test_prefill_graphs_replay_the_prompt_prefill_and_decode_the_same(
+    tiny_cfg: VoxtralConfig,
+) -> None:
+    """The prompt prefill captured per (rows, columns) bucket, then replayed
+    for the three short jobs that join together (the 35 s job is too long
+    for a bucket and takes the plain prefill)."""
+    cfg = dataclasses.replace(tiny_cfg, device="cuda", dtype="float32", encoder_graphs=True,
+                              prefill_graphs=True)
+    gpu = load_voxtral_backend(cfg, "en")
+    graphs = gpu.prefill_graphs
+    assert graphs is not None
+    said = gpu.warm_up(4)
+    assert f"prefill graphs for {3 * len(graphs.columns)} (rows, columns) buckets" in said
+    assert graphs.enabled and len(graphs.captured) == 3 * len(graphs.columns)
+    _staggered_equals_alone(gpu, seed=18)
+
+
 def test_cuda_graph_lookahead_steps_equal_transcribe_jobs(tiny_cfg: VoxtralConfig) -> None:
     """Steps launched ahead, fed on the device, read through pinned memory."""
     from evoxtral_stream.engine.backends.voxtral.slots import SlotDecoder

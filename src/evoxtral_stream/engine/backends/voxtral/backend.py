@@ -45,6 +45,7 @@ from .resolve import Kind, Resolved, resolve
 if TYPE_CHECKING:
     from .continuous import RowDecoder
     from .encoder import Encoder
+    from .prefill import PrefillGraphs
 
 __all__ = [
     "DEFAULT_ADAPTER",
@@ -377,6 +378,7 @@ class VoxtralBackend:
         self._decoder: RowDecoder | None = None
         self._encoder: Encoder | None = None
         self._encoder_compile_tried = False
+        self._prefill_graphs: PrefillGraphs | None = None
         self._language_ids: dict[str, tuple[int, ...]] = {}
         if cfg.static_cache:
             _group_text_attention(self.model)
@@ -618,6 +620,20 @@ class VoxtralBackend:
             self._encoder = EncoderGraphs(tower) if on_gpu else eager_encoder(tower)
         return self._encoder
 
+    @property
+    def prefill_graphs(self) -> PrefillGraphs | None:
+        """The prompt prefill at fixed shapes (``model.voxtral.prefill_graphs``):
+        CUDA graphs on a GPU once warmed up, the same route eagerly elsewhere;
+        None: the plain prefill."""
+        if self._prefill_graphs is None and self._cfg.prefill_graphs:
+            from .prefill import PrefillGraphs
+
+            window = self.spec.samples_per_window
+            shortest = len(self.spec.ids(window, ()))  # no language given
+            longest = len(self.spec.ids(window)) + self.max_new_tokens(window)
+            self._prefill_graphs = PrefillGraphs(self.model, shortest, longest)
+        return self._prefill_graphs
+
     def warm_up(self, max_batch: int) -> str:
         """Compile the slot decoder's steps for up to ``max_batch`` rows (see
         :meth:`.slots.SlotDecoder.warm_up`), capture the encoder's CUDA
@@ -641,6 +657,12 @@ class VoxtralBackend:
             with self.use_adapter(None):
                 counts = enc.capture(example[0].to(self.loaded.dtype), max_batch)
             done.append(f"encoder graphs for {', '.join(map(str, counts))} windows")
+        prefill = self.prefill_graphs
+        if prefill is not None and self.loaded.device.type == "cuda":
+            with self.use_adapter(None):
+                buckets = prefill.capture(max_batch)
+            done.append(f"prefill graphs for {len(buckets)} (rows, columns) buckets"
+                        if prefill.enabled else "prefill graphs failed (see the log)")
         return "; ".join(done) or "nothing to warm up"
 
     def _compile_encoder(self, max_batch: int) -> str:

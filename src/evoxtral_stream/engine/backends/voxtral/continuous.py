@@ -365,27 +365,39 @@ class RowDecoder(abc.ABC):
         feats = backend.features([a for _, a in todo]).to(backend.loaded.dtype)
         longest = max(len(d) for d in drafts)
         encoder = backend.encoder
+        graphs = backend.prefill_graphs
+        fixed = None
         with backend.use_adapter(name):
             if encoder is None:
                 inputs: dict[str, torch.Tensor] = {"input_ids": ids, "input_features": feats}
             else:
                 inputs = {"inputs_embeds": embed_prompts(self._model, ids, feats, encoder)}
-            out = self._model(
-                **inputs,
-                attention_mask=mask,
-                position_ids=pos,
-                cache=cache,
-                use_cache=True,
-                logits_to_keep=longest + 1,
-            )
+                if graphs is not None and not longest:
+                    fixed = graphs(inputs["inputs_embeds"], mask, pos)
+            if fixed is None:
+                logits = self._model(
+                    **inputs,
+                    attention_mask=mask,
+                    position_ids=pos,
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=longest + 1,
+                ).logits
+            else:
+                # Fixed shapes (model.voxtral.prefill_graphs); the cache
+                # copies its views of their shared buffer.
+                last, kv = fixed
+                logits = last[:, None]
+                for layer, (k, v) in enumerate(kv):
+                    cache.update(k, v, layer)
         rows = [
             _Row(job, pre, budget, sum(m))
             for (job, _), pre, budget, m in zip(todo, prefixes, budgets, mask_rows, strict=True)
         ]
         if not longest:
-            return _Batch(rows, cache, mask, mask.sum(-1), self._pick(out.logits[:, -1]))
+            return _Batch(rows, cache, mask, mask.sum(-1), self._pick(logits[:, -1]))
         # picks[r][i]: the greedy token after row r's last longest - i tokens.
-        picks = cast(list[list[int]], self._pick(out.logits).tolist())
+        picks = cast(list[list[int]], self._pick(logits).tolist())
         eos = backend.spec.eos
         first: list[int] = []
         cut: list[int] = []

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 from torch import nn
 
 __all__ = [
     "EncoderGraphs",
+    "capture_graph",
     "compile_layers",
     "eager_encoder",
     "embed_prompts",
@@ -118,6 +119,29 @@ def embed_prompts(model: nn.Module, ids: torch.Tensor, feats: torch.Tensor,
     return embeds.masked_scatter(slots, audio.to(embeds.dtype))  # type: ignore[no-any-return]
 
 
+T = TypeVar("T")
+
+
+def capture_graph(fn: Callable[[], T], pool: Any) -> tuple[torch.cuda.CUDAGraph, T]:
+    """``fn`` (reading and writing only static tensors) captured as a CUDA
+    graph into memory ``pool`` (a ``torch.cuda.graph_pool_handle()``), after
+    two warm-up runs on a side stream, as ``torch.cuda.graphs`` asks: lazy
+    initialisations (cuBLAS handles, autotuning, compiling) stay out of the
+    graph. Returns the graph and what ``fn`` returned while captured (its
+    outputs, which every replay overwrites)."""
+    with torch.inference_mode():
+        side = cast(Any, torch.cuda.Stream)()  # untyped in torch's stubs
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+    return graph, out
+
+
 def _bucket(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
@@ -162,20 +186,9 @@ class EncoderGraphs:
     def _capture(self, b: int, example: torch.Tensor) -> None:
         static_in = torch.zeros((b, *example.shape[-2:]), dtype=example.dtype,
                                 device=example.device)
-        with torch.inference_mode():
-            # Warm-up on a side stream, as torch.cuda.graphs asks: lazy
-            # initialisations (cuBLAS handles, autotuning) stay out of the graph.
-            side = cast(Any, torch.cuda.Stream)()  # untyped in torch's stubs
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._eager(static_in)
-            torch.cuda.current_stream().wait_stream(side)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                static_out = self._eager(static_in)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph, static_out = capture_graph(lambda: self._eager(static_in), self._pool)
         self._graphs[b] = (graph, static_in, static_out)
 
     def __call__(self, feats: torch.Tensor) -> torch.Tensor:
