@@ -100,3 +100,26 @@ def test_drafts_take_the_plain_prefill(
     _drain(dec, out)
     assert (out[drafted].text, out[drafted].tokens) == (want.text, want.tokens)
     assert taken == []
+
+
+def test_a_capture_that_fails_leaves_the_plain_prefill(
+    merged: VoxtralBackend, fixed: tuple[VoxtralBackend, list[int]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend, taken = fixed
+    graphs = backend.prefill_graphs
+    assert graphs is not None
+    assert graphs.capture(4) == []  # nothing to capture on the CPU
+    # As if on a GPU: here allocating the first bucket's inputs fails.
+    graphs._device = torch.device("cuda")
+    assert graphs.capture(4) == []
+    assert not graphs.enabled
+    assert "prefill graphs disabled, the prompt prefill runs eagerly" in caplog.text
+    jobs = _short_jobs(seed=63)
+    want = _alone(merged, jobs)
+    dec = SlotDecoder(backend)
+    out: dict[Job, Done] = {}
+    _admit(dec, jobs, out)
+    _drain(dec, out)
+    assert out == want
+    assert taken == []

@@ -142,6 +142,8 @@ class PrefillGraphs:
                     self._capture(graph)
         except Exception as e:  # a host sync in the model, say: eager is still right
             self.enabled = False
+            self._graphs.clear()  # and their memory with them
+            self._pool = None
             log.warning("prefill graphs disabled, the prompt prefill runs eagerly: %s",
                         one_line(e))
         return self.captured
