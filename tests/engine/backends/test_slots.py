@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.backends.base import BackendError, Done, Job
 from evoxtral_stream.engine.backends.voxtral.attention import GROUPED_SDPA, grouped_sdpa, register
 from evoxtral_stream.engine.backends.voxtral.backend import VoxtralBackend
@@ -106,6 +107,60 @@ def test_more_slots_and_longer_rows_grow_the_cache(
                    **{j: Done(j, plain[jobs[i % 5]].text, plain[jobs[i % 5]].tokens,
                               plain[jobs[i % 5]].token_ids)
                       for i, j in enumerate(more)}}
+
+
+@pytest.mark.slow
+def test_after_warm_up_the_longest_segments_grow_nothing_and_compile_nothing(
+    merged: VoxtralBackend, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A growth costs a new compiled graph (static shapes, and a cache made
+    in inference mode guards differently from warm-up's), mid-stream on a
+    GPU. With the shipped token rate, segments of up to vad.max_segment_s
+    (at most 29 s, plus pre-roll) with a prefix as long as their budget fit
+    what warm_up(max_batch) allocates, on the engine's model thread too."""
+    from torch._dynamo.utils import counters
+
+    shipped = load_config().model.voxtral
+    cfg = dataclasses.replace(merged._cfg, tokens_per_second=shipped.tokens_per_second,
+                              min_new_tokens=shipped.min_new_tokens)
+    backend = VoxtralBackend(merged.loaded, cfg)
+    longest = round(29.3 * SR)
+    budget = backend.max_new_tokens(longest)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        dec = SlotDecoder(backend, compile={"backend": "aot_eager", "fullgraph": True,
+                                            "dynamic": False})
+        dec.warm_up(8)
+        allocated, graphs = (dec.slots, dec.columns), counters["stats"]["unique_graphs"]
+        word = "yes "
+        prefix = (word * budget).strip()
+        assert len(backend.encode_prefix(prefix)) >= budget - 1
+        jobs = [Job(i, _audio(longest / SR, 70 + i), None, prefix if i % 2 else "",
+                    language=None if i % 3 else "fr") for i in range(8)]
+        out: dict[Job, Done] = {}
+        errors: list[BaseException] = []
+
+        def model_thread() -> None:
+            try:
+                with caplog.at_level(logging.INFO):
+                    _admit(dec, jobs[:5], out)
+                    _drain(dec, out, 3)
+                    _admit(dec, jobs[5:], out)
+                    _drain(dec, out)
+            except BaseException as e:  # re-raised in the test's thread
+                errors.append(e)
+
+        thread = threading.Thread(target=model_thread)
+        thread.start()
+        thread.join(timeout=600)
+        assert not errors, errors
+        assert len(out) == len(jobs)
+        assert (dec.slots, dec.columns) == allocated
+        assert "slot cache grows" not in caplog.text
+        assert counters["stats"]["unique_graphs"] == graphs
+    finally:
+        torch._dynamo.reset()
 
 
 def test_leaving_rows_are_replaced_by_the_last(
