@@ -324,6 +324,32 @@ async def test_an_ended_streams_retained_messages_are_removed_after_forget_ended
     assert [payload(m) for m in live.got if payload(m) == b""] == [b"", b""]
 
 
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+async def test_an_engine_stopping_within_forget_ended_s_leaves_nothing_for_good(
+        mosquitto: MosquittoBroker, protocol: str) -> None:
+    """MQTT 3.1.1 has no message expiry: an ended stream's retained messages
+    used to stay on the broker for good when the engine stopped within
+    forget_ended_s. Now it clears them as it stops. With MQTT 5 they stay
+    until their expiry, and a live stream's status stays either way."""
+    cfg = mqtt_config(mosquitto.port, f"s{protocol[0]}", protocol=protocol,
+                      forget_ended_s=3600.0)
+    prefix = cfg.prefix
+    async with MqttPublisher(cfg) as pub:
+        await connected(pub)
+        for stream in ("gone", "live"):
+            pub(StreamStarted(stream, "test"))
+            pub(caption(stream, 0, 1, True, f"{stream} said"))
+        pub(StreamEnded("gone", 3.0, 1, 1))
+        await eventually(lambda: pub.stats().queued == 0, "queue drained")
+    async with subscriber(mosquitto.port, f"{prefix}/#") as late:
+        got = await late.settle(1.0)
+    retained = {(topic(m), body(m)["type"]) for m in got
+                if topic(m) != f"{prefix}/status" and payload(m)}
+    live = {(f"{prefix}/live/status", "stream.started"), (f"{prefix}/live/final", "caption")}
+    gone = {(f"{prefix}/gone/status", "stream.ended"), (f"{prefix}/gone/final", "caption")}
+    assert retained == (live if protocol == "3.1.1" else live | gone), got
+
+
 async def test_forget_ended_s_zero_keeps_an_ended_stream_retained(
         mosquitto: MosquittoBroker) -> None:
     cfg = mqtt_config(mosquitto.port, "k", forget_ended_s=0)

@@ -15,7 +15,9 @@ topic                          events                           QoS  retained
 A stream that ended ``cfg.forget_ended_s`` ago (and was not opened again)
 has its retained status and last final removed from the broker: an empty
 retained publish on each (MQTT 5 brokers also expire its ``stream.ended``
-status by themselves then, which covers an engine stopped before). Without
+status by themselves then, which covers an engine stopped before; with
+3.1.1 an engine that stops cleanly removes them on its way out instead, as
+nothing else would, while one that crashed leaves them). Without
 that every stream id ever seen would stay retained, and each new subscriber
 to ``{prefix}/+/status`` would get them all.
 
@@ -637,8 +639,12 @@ class MqttPublisher:
                         "is not published", ENGINE_ONLINE.decode(), self.cfg.prefix, e)
         await self._restate(client, lost, json_props)
         ended_props = _json_props(v5, expiry_s=self.cfg.forget_ended_s)
-        while not self._done_closing():
-            self._queue_due_clears()
+        while True:
+            # MQTT 3.1.1 has no message expiry: what an engine stopping now
+            # leaves retained stays for good, so it clears it on the way out.
+            self._queue_due_clears(every=self._closing.is_set() and not v5)
+            if self._done_closing():
+                break
             item = self._backlog.pop()
             if item is None:
                 await self._idle(lost)
@@ -698,10 +704,11 @@ class MqttPublisher:
                 continue
             self._published += 1
 
-    def _queue_due_clears(self) -> None:
+    def _queue_due_clears(self, *, every: bool = False) -> None:
         """Queue the removal of the retained messages of streams that ended
-        ``forget_ended_s`` ago: their status, and their last final if retained."""
-        now = time.monotonic()
+        ``forget_ended_s`` ago (``every``: of every ended stream): their
+        status, and their last final if retained."""
+        now = math.inf if every else time.monotonic()
         leaves = ("status", "final") if self.cfg.retain_final else ("status",)
         while self._forget:
             level, due = next(iter(self._forget.items()))
