@@ -366,7 +366,8 @@ def _budget_rule(backend: VoxtralBackend) -> Callable[[int], int]:
 def _plain(cfg: VoxtralConfig) -> VoxtralConfig:
     """``cfg`` without our levers (the reference path's settings)."""
     return dataclasses.replace(cfg, static_cache=False, lookahead=False,
-                               encoder_graphs=False, encoder_compile=False)
+                               encoder_graphs=False, encoder_compile=False,
+                               prefill_graphs=False)
 
 
 def build_models(args: argparse.Namespace, modes: Sequence[str], folder: Path,

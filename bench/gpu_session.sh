@@ -11,6 +11,8 @@
 #   there (device run, carry [".whl"], timeout_s 600):
 #                         bench/gpu_session.sh all COMMIT   # load, then kernels; about 9 minutes
 #
+#   a later session:      bench/gpu_session.sh levers COMMIT  # the load with the prefill levers on
+#
 # `all` runs gpu_load.py in the lookahead, slots and reference modes (1, 100
 # and 150 streams; the reference at 1 and 5; the slot steps are compiled
 # once first) and profiles the busiest level, then, in the last KERNELS_S
@@ -108,6 +110,26 @@ all)
         --json "$out/voxtral_kernels.json" ${KERNELS_ARGS:-} 2>&1 \
         | tee "$out/voxtral_kernels.log" || true
     ;;
+levers)
+    # The load levels again with the prefill levers on (encoder graphs,
+    # compiled encoder layers, prefill graphs; LEVERS overrides the list):
+    # for a session after one whose `all` profiled them, beside the same
+    # reference. About 9 minutes.
+    commit=${2:?usage: gpu_session.sh levers COMMIT [gpu_load.py args]}
+    shift 2
+    setup_device
+    out=${OUT:-.}
+    sets=()
+    for lever in ${LEVERS:-encoder_graphs encoder_compile prefill_graphs}; do
+        sets+=(--set "model.voxtral.$lever=true")
+    done
+    timeout -k 10 "$((ALL_DEADLINE_S + 30))" "$PY" bench/gpu_load.py --streams 1,100,150 \
+        --reference-streams 1,5 --seconds 20 --modes lookahead,reference --max-batch 64 \
+        --budget-s "$ALL_DEADLINE_S" --commit "$commit" "${sets[@]}" \
+        --json "$out/gpu_load_levers.json" --markdown "$out/gpu_load_levers.md" \
+        --plot "$out/gpu_load_levers.png" --profile "$out/gpu_load_levers_profile.txt" "$@" \
+        2>&1 | tee "$out/gpu_load_levers.log"
+    ;;
 kernels)
     setup_device
     "$PY" bench/voxtral_kernels.py --json "${OUT:-.}/voxtral_kernels.json" 2>&1 \
@@ -123,7 +145,7 @@ load)
         --plot "${OUT:-.}/gpu_load.png" "$@" 2>&1 | tee "${OUT:-.}/gpu_load.log"
     ;;
 *)
-    sed -n '2,26p' "$0"
+    sed -n '2,/^set -euo pipefail/{/^set -euo/!p}' "$0"
     exit 2
     ;;
 esac

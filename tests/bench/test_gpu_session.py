@@ -78,3 +78,36 @@ def test_a_load_that_fails_still_leaves_the_kernel_rows_their_time(tmp_path: Pat
     assert "s for the kernel rows" in proc.stdout
     kernels = json.loads((tmp_path / "voxtral_kernels.json").read_text())
     assert [r["mode"] for r in kernels["rows"]] == ["merged"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
+def test_levers_runs_the_load_with_the_prefill_levers_on(tmp_path: Path) -> None:
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "NO_WHEELS": "1",
+           "HF_HUB_OFFLINE": "1", "ALL_DEADLINE_S": "300",
+           # Compiling on the CPU needs minutes of the CI's two cores.
+           "LEVERS": "encoder_graphs prefill_graphs"}
+    proc = subprocess.run(
+        ["bash", "bench/gpu_session.sh", "levers", "abc1234", "--tiny", "--seconds", "3",
+         "--streams", "1", "--reference-streams", "1", "--drain-s", "20"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    load = json.loads((tmp_path / "gpu_load_levers.json").read_text())
+    assert load["meta"]["commit"] == "abc1234"
+    assert load["meta"]["overrides"] == ["model.voxtral.encoder_graphs=true",
+                                         "model.voxtral.prefill_graphs=true"]
+    rows = {(r["mode"], r["streams"]): r for r in load["rows"]}
+    assert set(rows) == {("reference", 1), ("lookahead", 1)}
+    for r in rows.values():
+        assert not r["status"].startswith(("skipped", "error")), r
+        assert r["finals_lost"] == 0
+    assert "prefill graphs" not in proc.stdout  # nothing is captured on the CPU
+
+
+def test_an_unknown_step_prints_the_usage() -> None:
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "nosuch"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "bench/gpu_session.sh levers COMMIT" in proc.stdout
+    assert proc.stdout.startswith("# The GPU benchmark session")
+    assert "set -euo" not in proc.stdout
