@@ -15,8 +15,9 @@ that a padding position attends to something and stays finite (its keys
 and values are never read: every later mask hides them). Keys and values
 go into one preallocated buffer (:class:`PrefillCache`) shared by every
 bucket; a call copies out its rows' last ``width`` columns, so what it
-returns is what the plain prefill gives: logits of each row's last token and
-a cache as wide as the longest prompt.
+returns is what the plain prefill gives (on a GPU up to rounding: padded
+shapes may sum in another order): logits of each row's last token and a
+cache as wide as the longest prompt.
 
 Buckets: 1, 2 and 4 rows (from 8 rows up the prefill is bound by the GPU,
 not by launches, and graphs gain nothing) and columns in steps of
