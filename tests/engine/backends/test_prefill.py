@@ -31,7 +31,7 @@ def fixed(merged: VoxtralBackend, monkeypatch: pytest.MonkeyPatch
     real = PrefillGraphs.__call__
 
     def spy(self: PrefillGraphs, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor
-            ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         got = real(self, embeds, mask, pos)
         if got is not None:
             taken.append(int(embeds.shape[0]))

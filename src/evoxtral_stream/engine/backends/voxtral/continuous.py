@@ -127,6 +127,14 @@ def _kv(layer: DynamicLayer) -> tuple[torch.Tensor, torch.Tensor]:
     return layer.keys, layer.values
 
 
+def _fill(cache: DynamicCache, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Give an empty cache's layers ``keys[l]`` and ``values[l]`` as they
+    are, without a copy per layer (what ``update`` would make)."""
+    for layer, k, v in zip(_layers(cache), keys, values, strict=True):
+        layer.lazy_initialization(k, v)  # transformers 5.24's DynamicLayer (pinned)
+        layer.keys, layer.values = k, v
+
+
 def _stack(a: torch.Tensor, b: torch.Tensor, width: int) -> torch.Tensor:
     """``a`` over ``b`` along the batch, each right-aligned in ``width`` columns
     of the sequence dimension (the third of four, or the second of two)."""
@@ -384,12 +392,10 @@ class RowDecoder(abc.ABC):
                     logits_to_keep=longest + 1,
                 ).logits
             else:
-                # Fixed shapes (model.voxtral.prefill_graphs); the cache
-                # copies its views of their shared buffer.
-                last, kv = fixed
+                # Fixed shapes (model.voxtral.prefill_graphs).
+                last, keys, values = fixed
                 logits = last[:, None]
-                for layer, (k, v) in enumerate(kv):
-                    cache.update(k, v, layer)
+                _fill(cache, keys, values)
         rows = [
             _Row(job, pre, budget, sum(m))
             for (job, _), pre, budget, m in zip(todo, prefixes, budgets, mask_rows, strict=True)

@@ -150,14 +150,14 @@ class PrefillGraphs:
         return self.captured
 
     def __call__(self, embeds: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor
-                 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """Prefill left-padded prompts: ``embeds`` (rows, width, hidden),
         ``mask`` (rows, width) of real tokens, ``pos`` their positions.
 
-        Returns each row's last-token logits (rows, vocab) and, per layer,
-        keys and values (rows, kv heads, width, head dim): views into the
-        shared buffer, valid until the next call (copy them); None when no
-        bucket holds the prompts (run the plain prefill).
+        Returns each row's last-token logits (rows, vocab), keys and values
+        (layers, rows, kv heads, width, head dim), all the caller's own (one
+        copy each, not one per layer: at one window the launches are the
+        cost); None when no bucket holds the prompts (run the plain prefill).
         """
         n, width = int(embeds.shape[0]), int(embeds.shape[1])
         key = self.bucket(n, width) if self.enabled else None
@@ -177,10 +177,8 @@ class PrefillGraphs:
         else:
             logits = self._forward(graph)
         assert logits is not None
-        kv = [(self.cache.keys[layer, :n, :, t - width:t],
-               self.cache.values[layer, :n, :, t - width:t])
-              for layer in range(self.cache.keys.shape[0])]
-        return logits[:n, -1].clone(), kv
+        return (logits[:n, -1].clone(), self.cache.keys[:, :n, :, t - width:t].clone(),
+                self.cache.values[:, :n, :, t - width:t].clone())
 
     # --- internals ----------------------------------------------------------
 

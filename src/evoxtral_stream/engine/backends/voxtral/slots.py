@@ -169,14 +169,17 @@ class SlotCache:
         width = batch.width
         dst_cols = self.ring(width, col)
         slot_t = torch.tensor(list(slots), dtype=torch.long).to(self.col.device, non_blocking=True)
-        for layer, (k, v) in enumerate(map(_kv, _layers(batch.cache))):
-            index = (
-                (slot_t + layer * self.slots)[:, None, None],
-                self._heads[None, :, None],
-                dst_cols[None, None, :],
-            )
-            self.keys.index_put_(index, k.to(self.keys.dtype))
-            self.values.index_put_(index, v.to(self.values.dtype))
+        # Every layer in one write (a few launches, not two per layer: at one
+        # window the host's launches are the cost).
+        offsets = torch.arange(self.layers, device=self.col.device)[:, None] * self.slots
+        index = (
+            (offsets + slot_t[None, :]).flatten()[:, None, None],
+            self._heads[None, :, None],
+            dst_cols[None, None, :],
+        )
+        kv = [_kv(layer) for layer in _layers(batch.cache)]
+        for dst, src in ((self.keys, [k for k, _ in kv]), (self.values, [v for _, v in kv])):
+            dst.index_put_(index, torch.stack(src).flatten(0, 1).to(dst.dtype))
 
     def move(self, src: Sequence[int], dst: Sequence[int]) -> None:
         """Copy slots ``src`` into slots ``dst`` (disjoint), in every layer."""
