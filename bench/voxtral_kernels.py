@@ -83,7 +83,7 @@ import torch
 from torch import nn
 
 from evoxtral_stream.config import VoxtralConfig, load_config
-from evoxtral_stream.engine.backends.base import Job
+from evoxtral_stream.engine.backends.base import Job, one_line
 from evoxtral_stream.engine.backends.voxtral.adapter import attach_adapter
 from evoxtral_stream.engine.backends.voxtral.backend import (
     DEFAULT_ADAPTER,
@@ -374,7 +374,11 @@ def profile_prefill(backend: VoxtralBackend, batches: Sequence[int], audio_s: fl
     tower: nn.Module | None = None
     if compiled is not None:
         tower = copy.deepcopy(encoder_parts(backend.model)[0])
-        compile_layers(tower, **compiled)
+        try:
+            compile_layers(tower, **compiled)
+        except Exception as e:  # an unknown backend, say: the other rows still count
+            log(f"profile: no compiled encoder: {one_line(e)}")
+            tower = None
     prefill: PrefillGraphs | None = None
     if backend.loaded.device.type == "cuda":
         # model.voxtral.prefill_graphs on the same model; captured per batch.
@@ -449,13 +453,19 @@ def _compiled_parts(model: Any, tower: nn.Module, feats: torch.Tensor, ids: torc
                     ) -> list[tuple[str, Callable[[], object]]]:
     """The encoder with compiled layers (``model.voxtral.encoder_compile``),
     compiled for these windows first; on CUDA also replayed as CUDA graphs,
-    alone and in the whole prefill."""
+    alone and in the whole prefill. A compile that fails (no C compiler for
+    Triton on the machine, say) is logged and adds no row: the batch's other
+    rows still count."""
     device = feats.device
     run = eager_encoder(tower)
     start = time.perf_counter()
-    with torch.inference_mode():
-        run(feats)
-    _sync(device)
+    try:
+        with torch.inference_mode():
+            run(feats)
+        _sync(device)
+    except Exception as e:
+        log(f"profile {len(feats)} windows: no compiled encoder: {one_line(e)}")
+        return []
     spent = time.perf_counter() - start
     log(f"profile {len(feats)} windows: encoder layers compiled in {spent:.1f} s")
 
@@ -478,7 +488,11 @@ def _graph_parts(model: Any, tower: nn.Module, feats: torch.Tensor, ids: torch.T
     whole prefill with the prompt prefill replayed too, where a bucket holds
     the batch (``model.voxtral.prefill_graphs``)."""
     graphs = EncoderGraphs(tower)
-    graphs.capture(feats[0], len(feats))
+    try:
+        graphs.capture(feats[0], len(feats))
+    except Exception as e:  # the batch's other rows still count
+        log(f"profile {len(feats)} windows: no {what}encoder graphs: {one_line(e)}")
+        return []
 
     def encoder_graph() -> object:
         return graphs(feats)

@@ -7,6 +7,7 @@ import math
 import os
 from pathlib import Path
 from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
@@ -130,6 +131,31 @@ def test_a_profile_cut_short_keeps_the_batches_it_finished(tmp_path: Path) -> No
     argv = ["--tiny", "--batches", "1", "--new-tokens", "2", "--audio-s", "1", "--paths",
             "merged", "--profile", str(prof), "--profile-batches", "1,0"]  # 0: it fails
     assert _load().main(argv) == 0
+    parts = [line.split(" | ")[2] for line in prof.read_text().splitlines()
+             if line.startswith("| 1 |")]
+    assert parts == ["encoder", "projector", "language model", "whole prefill"]
+
+
+@pytest.mark.parametrize("backend", ["no_such_backend", "fails_when_compiling"])
+def test_a_compile_that_fails_leaves_the_profile_s_other_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], backend: str,
+) -> None:
+    """A device machine without what inductor needs (a C compiler for Triton)
+    must not cost the batch's other rows: an unknown backend fails at once,
+    a failing compiler at the first call."""
+    import torch
+
+    if backend == "fails_when_compiling":
+        def fails(gm: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> NoReturn:
+            raise RuntimeError("no C compiler")
+
+        torch._dynamo.register_backend(fails, name=backend)
+    prof = tmp_path / "prefill.md"
+    argv = ["--tiny", "--batches", "1", "--new-tokens", "2", "--audio-s", "1", "--paths",
+            "merged", "--profile", str(prof), "--profile-batches", "1", "--profile-compiled",
+            "--compile-backend", backend]
+    assert _load().main(argv) == 0
+    assert "no compiled encoder: " in capsys.readouterr().out
     parts = [line.split(" | ")[2] for line in prof.read_text().splitlines()
              if line.startswith("| 1 |")]
     assert parts == ["encoder", "projector", "language model", "whole prefill"]
