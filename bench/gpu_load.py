@@ -121,7 +121,7 @@ from websockets.asyncio.client import connect
 from evoxtral_stream.audio.sources import read_audio_file
 from evoxtral_stream.config import Config, VoxtralConfig, load_config, parse_override
 from evoxtral_stream.data import sample_path
-from evoxtral_stream.engine.backends.base import Backend
+from evoxtral_stream.engine.backends.base import Backend, one_line
 from evoxtral_stream.engine.backends.voxtral.adapter import attach_adapter
 from evoxtral_stream.engine.backends.voxtral.backend import (
     DEFAULT_ADAPTER,
@@ -896,11 +896,6 @@ class _Profiler:
 # --- the run --------------------------------------------------------------------------
 
 
-def _one_line(e: BaseException, limit: int) -> str:
-    """``Type: first line of the message`` (that line cut to ``limit``), for a row's status."""
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:limit]}"
-
-
 def _ints(text: str) -> list[int]:
     return sorted({int(x) for x in text.split(",") if x.strip()})
 
@@ -1192,7 +1187,7 @@ async def _run(args: argparse.Namespace, argv: Sequence[str], say: Callable[[str
             except Exception as e:
                 # The other modes' levels still count; the traceback is the
                 # finding (the slot modes' levels are reported as errors).
-                info["slot_compile_error"] = _one_line(e, 200)
+                info["slot_compile_error"] = one_line(e)[:200]
                 say(f"slot decoder failed to compile after {time.monotonic() - t:.1f} s: "
                     f"{info['slot_compile_error']}\n{traceback.format_exc()}")
                 for m in [m for m in modes if m in SLOT_MODES]:
@@ -1231,7 +1226,7 @@ async def _run(args: argparse.Namespace, argv: Sequence[str], say: Callable[[str
                 row = await run_level(models, mode, n, args, seed=args.seed + n, say=say)
             except Exception as e:
                 log.debug("level failed", exc_info=True)
-                row = Row(mode=mode, streams=n, status=f"error: {_one_line(e, 160)}",
+                row = Row(mode=mode, streams=n, status=f"error: {one_line(e)[:160]}",
                           audio_s=args.seconds)
                 if args.verbose:
                     traceback.print_exc()

@@ -165,21 +165,21 @@ class VoxtralConfig:
     adapters: dict[str, str]
 
     def __post_init__(self) -> None:
-        if self.lookahead and not self.static_cache:
-            raise ConfigError("model.voxtral.lookahead needs model.voxtral.static_cache = true "
-                              "(it launches the slot cache's decode steps ahead)")
-        if self.encoder_graphs and not self.merge_lora:
-            raise ConfigError("model.voxtral.encoder_graphs needs model.voxtral.merge_lora = true "
-                              "(a captured encoder cannot switch adapters)")
-        if self.encoder_compile and not self.merge_lora:
-            raise ConfigError("model.voxtral.encoder_compile needs model.voxtral.merge_lora = true "
-                              "(a compiled encoder would compile again for every adapter)")
-        if self.prefill_graphs and not self.encoder_graphs:
-            raise ConfigError("model.voxtral.prefill_graphs needs model.voxtral.encoder_graphs = "
-                              "true (the fixed-shape prefill takes the prompts' embeddings)")
-        if self.adapters and self.merge_lora:
-            raise ConfigError("model.voxtral.adapters needs model.voxtral.merge_lora = false "
-                              "(adapters cannot be switched once merged)")
+        # (key set, key it needs, the value it needs, why)
+        needs = [
+            ("lookahead", "static_cache", True,
+             "it launches the slot cache's decode steps ahead"),
+            ("encoder_graphs", "merge_lora", True, "a captured encoder cannot switch adapters"),
+            ("encoder_compile", "merge_lora", True,
+             "a compiled encoder would compile again for every adapter"),
+            ("prefill_graphs", "encoder_graphs", True,
+             "the fixed-shape prefill takes the prompts' embeddings"),
+            ("adapters", "merge_lora", False, "adapters cannot be switched once merged"),
+        ]
+        for key, other, value, why in needs:
+            if getattr(self, key) and getattr(self, other) != value:
+                raise ConfigError(f"model.voxtral.{key} needs model.voxtral.{other} = "
+                                  f"{str(value).lower()} ({why})")
         d = self.device
         ok = d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())
         if not ok:

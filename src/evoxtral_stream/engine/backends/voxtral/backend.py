@@ -653,9 +653,8 @@ class VoxtralBackend:
         if self._cfg.encoder_compile and not self._encoder_compile_tried:
             done.append(self._compile_encoder(max_batch))
         if isinstance(enc, EncoderGraphs):
-            example = self.features([np.zeros(self.spec.sampling_rate, np.float32)])
             with self.use_adapter(None):
-                counts = enc.capture(example[0].to(self.loaded.dtype), max_batch)
+                counts = enc.capture(self._silent_window()[0], max_batch)
             done.append(f"encoder graphs for {', '.join(map(str, counts))} windows")
         prefill = self.prefill_graphs
         if prefill is not None and self.loaded.device.type == "cuda":
@@ -664,6 +663,12 @@ class VoxtralBackend:
             done.append(f"prefill graphs for {len(buckets)} (rows, columns) buckets"
                         if prefill.enabled else "prefill graphs failed (see the log)")
         return "; ".join(done) or "nothing to warm up"
+
+    def _silent_window(self) -> torch.Tensor:
+        """(1, mel bins, frames) features of one window of silence, in the
+        model's dtype: what warm-up runs the encoder on."""
+        example = self.features([np.zeros(self.spec.sampling_rate, np.float32)])
+        return example.to(self.loaded.dtype)
 
     def _compile_encoder(self, max_batch: int) -> str:
         """Compile the encoder's layers (``model.voxtral.encoder_compile``) and
@@ -677,8 +682,7 @@ class VoxtralBackend:
 
         self._encoder_compile_tried = True
         tower = encoder_parts(self.model)[0]
-        example = self.features([np.zeros(self.spec.sampling_rate, np.float32)])
-        example = example.to(self.loaded.dtype)
+        example = self._silent_window()
         start = time.perf_counter()
         compile_layers(tower, **ENCODER_COMPILE)
         try:
