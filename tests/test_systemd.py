@@ -317,6 +317,8 @@ def test_the_documented_unit_fits_what_serve_does(tmp_path: Path) -> None:
     # The stop waits for the drain of the last finals, and then some.
     assert _seconds(settings["TimeoutStopSec"]) >= 2 * cfg.worker.drain_timeout_s
     assert " serve " in settings["ExecStart"] and "--no-print" in settings["ExecStart"]
+    # PrivateTmp empties torch's default compile cache at every start.
+    assert settings["PrivateTmp"] != "true" or settings["CacheDirectory"] == "evoxtral"
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         return  # the rest is systemd's own parser, where there is one

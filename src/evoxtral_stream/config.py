@@ -162,6 +162,7 @@ class VoxtralConfig:
     encoder_graphs: bool
     encoder_compile: bool
     prefill_graphs: bool
+    compile_cache_dir: str
     adapters: dict[str, str]
 
     def __post_init__(self) -> None:

@@ -38,6 +38,7 @@ from evoxtral_stream.engine.backends.base import (
 )
 
 from .adapter import AdapterError, attach_adapter, merge_lora
+from .compile_cache import CacheTally, use_compile_cache
 from .features import LogMel
 from .prompt import LANGUAGES, PromptSpec, Tokenizer, language_ids
 from .resolve import Kind, Resolved, resolve
@@ -274,6 +275,10 @@ def load_model(
         )
     device = resolve_device(cfg.device)
     torch_dtype = resolve_dtype(cfg.dtype, device) if dtype is None else dtype
+    # Before the weights load (a minute), so that a bad folder stops the start at once.
+    cache = use_compile_cache(cfg.compile_cache_dir)
+    if cache is not None:
+        log.info("compile cache: %s", cache)
     base = resolve(cfg.base, Kind.BASE)
     adapter = resolve(cfg.adapter, Kind.ADAPTER) if cfg.adapter else None
     extra_paths = {name: resolve(ref, Kind.ADAPTER, key=_extra_key(name))
@@ -639,11 +644,13 @@ class VoxtralBackend:
         :meth:`.slots.SlotDecoder.warm_up`), capture the encoder's CUDA
         graphs for up to ``max_batch`` windows (see
         :class:`.encoder.EncoderGraphs`) and compile its layers
-        (``model.voxtral.encoder_compile``); says what it did."""
+        (``model.voxtral.encoder_compile``); says what it did, and how many
+        compiled graphs came from the compile cache."""
         from .encoder import EncoderGraphs
         from .slots import SlotDecoder
 
         done = []
+        tally = CacheTally()
         dec = self.decoder
         if isinstance(dec, SlotDecoder) and not dec.active:
             sizes = dec.warm_up(max_batch)
@@ -662,6 +669,8 @@ class VoxtralBackend:
                 buckets = prefill.capture(max_batch)
             done.append(f"prefill graphs for {len(buckets)} (rows, columns) buckets"
                         if prefill.enabled else "prefill graphs failed (see the log)")
+        if cached := tally.phrase():
+            done.append(cached)
         return "; ".join(done) or "nothing to warm up"
 
     def _silent_window(self) -> torch.Tensor:
