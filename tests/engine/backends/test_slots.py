@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -298,6 +300,53 @@ def test_a_fresh_thread_gets_what_torch_2_11_asserts_on(
     # The test's own thread keeps its own state.
     assert seen["containers"] is not cudagraph_trees.get_obj(cudagraph_trees.local,
                                                              "tree_manager_containers")
+
+
+_STEALING_STASH = """
+import ctypes, sys, threading
+import torch
+from torch._inductor import cudagraph_trees
+
+real = torch._C._stash_obj_in_tls
+
+def stealing(key, obj):  # torch 2.11's binding keeps a reference it never took
+    before = sys.getrefcount(obj)
+    real(key, obj)
+    if sys.getrefcount(obj) > before:  # a torch that takes its reference
+        ctypes.pythonapi.Py_DecRef(ctypes.py_object(obj))
+
+torch._C._stash_obj_in_tls = stealing
+if hasattr(cudagraph_trees, "_initialize_tls"):
+    del cudagraph_trees._initialize_tls
+from evoxtral_stream.engine.backends.voxtral.slots import graphs_in_this_thread
+
+kept = []
+
+def model_thread():
+    graphs_in_this_thread()
+    local = cudagraph_trees.local
+    kept.append((local.tree_manager_containers, local.tree_manager_locks))
+
+for _ in range(3):  # the model thread, then two restarted workers
+    thread = threading.Thread(target=model_thread)
+    thread.start()
+    thread.join()
+for containers, locks in kept:
+    assert containers == {} and sys.getrefcount(containers) >= 2, sys.getrefcount(containers)
+    locks[0]
+print("ok", len(kept))
+"""
+
+
+def test_the_thread_state_outlives_its_thread_when_torch_steals_the_reference() -> None:
+    """torch 2.11's ``_stash_obj_in_tls`` keeps a reference it never took,
+    and drops it when the thread ends: the engine's model thread ending (a
+    restart, the shutdown) freed its state twice and crashed the process.
+    Simulated here on any torch, in a child process, so that a regression
+    fails this test rather than the test run."""
+    proc = subprocess.run([sys.executable, "-c", _STEALING_STASH], capture_output=True,
+                          text=True, timeout=120)
+    assert (proc.returncode, proc.stdout.strip()) == (0, "ok 3"), proc.stderr[-2000:]
 
 
 # --- grouped-query attention --------------------------------------------------

@@ -40,8 +40,10 @@ two steps.
 from __future__ import annotations
 
 import collections
+import ctypes
 import logging
 import math
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -92,8 +94,23 @@ def graphs_in_this_thread() -> None:
     local: Any = cudagraph_trees.local
     local.tree_manager_containers = {}
     local.tree_manager_locks = collections.defaultdict(threading.Lock)
-    torch._C._stash_obj_in_tls("tree_manager_containers", local.tree_manager_containers)
-    torch._C._stash_obj_in_tls("tree_manager_locks", local.tree_manager_locks)
+    _stash_in_tls("tree_manager_containers", local.tree_manager_containers)
+    _stash_in_tls("tree_manager_locks", local.tree_manager_locks)
+
+
+def _stash_in_tls(key: str, obj: object) -> None:
+    """``torch._C._stash_obj_in_tls``, giving it the reference it keeps.
+
+    torch 2.11's binding keeps a reference it never took and drops it when
+    the thread ends, so the end of a thread set up here (the model thread,
+    at a restart or the shutdown) freed the state twice and crashed the
+    process. Its importing thread never ends, so torch itself never hit it;
+    torch 2.13 takes its reference.
+    """
+    before = sys.getrefcount(obj)
+    torch._C._stash_obj_in_tls(key, obj)
+    if sys.getrefcount(obj) == before:
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(obj))
 
 
 def bucket(n: int, slots: int) -> int:
