@@ -105,6 +105,7 @@ import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
@@ -855,9 +856,12 @@ def _score(row: Row, sims: list[_Sim], got: _Received, abort_t: float) -> None:
 class _Profiler:
     """torch.profiler over a time window, started and stopped on the model thread.
 
-    The profiler records the operators of the thread that starts it, so the
-    backend wrappers (on the worker thread) call :meth:`tick` before each
-    entry; the table is written when the window closes.
+    The profiler records the operators of the thread that starts it, and only
+    that thread can stop it (torch 2.11 raises, 2.13 returns an empty table),
+    so the backend wrappers (on the worker thread) call :meth:`tick` before
+    each entry: the first inside the window starts it, the first after it
+    stops it and writes the table. :meth:`stop` at the level's end, from
+    another thread, writes only why there is no table.
     """
 
     def __init__(self, path: Path, label: str, cuda: bool) -> None:
@@ -866,6 +870,7 @@ class _Profiler:
         self.cuda = cuda
         self.window = (math.inf, math.inf)
         self._prof: Any = None
+        self._thread: threading.Thread | None = None
         self._done = False
 
     def tick(self) -> None:
@@ -878,6 +883,7 @@ class _Profiler:
                 acts.append(torch.profiler.ProfilerActivity.CUDA)
             self._prof = torch.profiler.profile(activities=acts)
             self._prof.__enter__()
+            self._thread = threading.current_thread()
         elif self._prof is not None and now >= self.window[1]:
             self.stop()
 
@@ -885,6 +891,15 @@ class _Profiler:
         if self._done or self._prof is None:
             return
         self._done = True
+        if threading.current_thread() is not self._thread:
+            # Still ended here, or torch 2.11 crashes when the process exits.
+            with contextlib.suppress(Exception):
+                self._prof.__exit__(None, None, None)
+            self.path.write_text(
+                f"# torch.profiler: {self.label}: not recorded: there was no backend call "
+                "on the model thread after the window, and only that thread can stop the "
+                "profiler (profile a busier level)\n")
+            return
         self._prof.__exit__(None, None, None)
         key = "cuda_time_total" if self.cuda else "self_cpu_time_total"
         table = self._prof.key_averages().table(sort_by=key, row_limit=40)

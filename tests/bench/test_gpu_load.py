@@ -235,3 +235,51 @@ def test_a_slot_compile_that_fails_leaves_the_other_modes_measured(
         "error: compile: RuntimeError: inductor: no kernel for this shape")
     assert rows["reference"]["status"] == "ok" and rows["reference"]["finals_lost"] == 0
     assert "in broken" in capsys.readouterr().out  # the traceback is in the log
+
+
+def _tick_in_a_thread(profiler: object, *, work: bool) -> None:
+    import threading
+
+    import torch
+
+    def model_thread() -> None:
+        profiler.tick()  # type: ignore[attr-defined]
+        if work:
+            x = torch.ones(32, 32)
+            torch.mm(x, x)
+            time.sleep(0.3)
+            profiler.tick()  # type: ignore[attr-defined]
+
+    thread = threading.Thread(target=model_thread, name="model-worker")
+    thread.start()
+    thread.join(timeout=60)
+
+
+def test_the_profile_window_opens_and_closes_on_the_model_thread(tmp_path: Path) -> None:
+    bench = _load()
+    path = tmp_path / "profile.txt"
+    profiler = bench._Profiler(path, "lookahead, 1 streams", False)
+    now = time.monotonic()
+    profiler.window = (now - 1, now + 0.2)
+    _tick_in_a_thread(profiler, work=True)
+    text = path.read_text()
+    assert text.startswith("# torch.profiler: lookahead, 1 streams, ")
+    assert "aten::mm" in text  # the model thread's operators
+    profiler.stop()  # the level's end: nothing more to do
+    assert path.read_text() == text
+
+
+def test_a_window_the_model_thread_never_closed_is_not_a_profile(tmp_path: Path) -> None:
+    """torch's profiler records the thread that started it, and only that
+    thread can stop it (torch 2.11 raises; 2.13 gives an empty table), so a
+    window with no backend call after its end says so instead."""
+    bench = _load()
+    path = tmp_path / "profile.txt"
+    profiler = bench._Profiler(path, "lookahead, 1 streams", False)
+    now = time.monotonic()
+    profiler.window = (now - 1, now + 600)
+    _tick_in_a_thread(profiler, work=False)
+    profiler.stop()  # from the event loop's thread, at the level's end
+    text = path.read_text()
+    assert text.startswith("# torch.profiler: lookahead, 1 streams: not recorded")
+    assert "no backend call on the model thread after the window" in text
