@@ -11,6 +11,10 @@
 #   there (device run, carry [".whl"], timeout_s 600):
 #                         bench/gpu_session.sh all COMMIT   # load, then kernels; about 9 minutes
 #
+#   then, if the session has about 3 minutes of device time left, a second call
+#   (carry [".whl"], timeout_s 200):
+#                         bench/gpu_session.sh tests        # tests/engine/backends/test_gpu.py
+#
 #   a later session:      bench/gpu_session.sh levers COMMIT  # the load with the prefill levers on
 #
 # `all` runs gpu_load.py in the lookahead, slots and reference modes (1, 100
@@ -45,7 +49,8 @@ KERNELS_S=${KERNELS_S:-110}
 WHEELS=(transformers==5.24.0 peft==0.21.2 mistral-common==1.13.1 pydantic==2.14.4
         pydantic-core==2.50.5 annotated-types typing-inspection pydantic-extra-types pycountry
         jsonschema referencing rpds-py jsonschema-specifications websockets==17.4 soundfile
-        cffi pycparser soxr webrtcvad-wheels typing-extensions==4.16.0)
+        cffi pycparser soxr webrtcvad-wheels typing-extensions==4.16.0
+        pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0 pytest-timeout==2.4.0)
 
 # PYTHON, KERNELS_ARGS and NO_WHEELS=1 let the test suite run `all` on the
 # CPU with --tiny; a device session needs none of them.
@@ -129,6 +134,18 @@ levers)
         --json "$out/gpu_load_levers.json" --markdown "$out/gpu_load_levers.md" \
         --plot "$out/gpu_load_levers.png" --profile "$out/gpu_load_levers_profile.txt" "$@" \
         2>&1 | tee "$out/gpu_load_levers.log"
+    ;;
+tests)
+    # The GPU tests on the tiny checkpoint: the slot steps, the encoder and
+    # the prompt prefill as CUDA graphs, replayed from threads other than
+    # the one that compiled them, against the eager paths. No GPU has run
+    # them yet. -v, so that a run cut short still says which passed.
+    shift
+    setup_device
+    out=${OUT:-.}
+    timeout -k 10 "${TESTS_S:-180}" "$PY" -m pytest tests/engine/backends/test_gpu.py -v \
+        -p no:cacheprovider -rfEs --junitxml "$out/gpu_tests.xml" "$@" 2>&1 \
+        | tee "$out/gpu_tests.log" || echo "gpu_session: the GPU tests ended with status $?"
     ;;
 kernels)
     setup_device

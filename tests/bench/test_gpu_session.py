@@ -111,3 +111,17 @@ def test_an_unknown_step_prints_the_usage() -> None:
     assert "bench/gpu_session.sh levers COMMIT" in proc.stdout
     assert proc.stdout.startswith("# The GPU benchmark session")
     assert "set -euo" not in proc.stdout
+
+
+def test_tests_runs_the_gpu_tests_into_out(tmp_path: Path) -> None:
+    """`gpu_session.sh tests` on the CPU: every GPU test is collected and
+    skips cleanly; the log and the JUnit file come back in $OUT."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "NO_WHEELS": "1"}
+    proc = subprocess.run(["bash", "bench/gpu_session.sh", "tests"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_tests.log", "gpu_tests.xml"]
+    log = (tmp_path / "gpu_tests.log").read_text()
+    assert "test_gpu.py::test_cuda_defaults_to_bfloat16 SKIPPED" in log
+    assert " skipped" in log and "error" not in log.lower()
+    assert 'skipped="' in (tmp_path / "gpu_tests.xml").read_text()
