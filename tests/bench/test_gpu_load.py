@@ -9,6 +9,7 @@ import os
 import time
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -237,31 +238,34 @@ def test_a_slot_compile_that_fails_leaves_the_other_modes_measured(
     assert "in broken" in capsys.readouterr().out  # the traceback is in the log
 
 
-def _tick_in_a_thread(profiler: object, *, work: bool) -> None:
+def _profiled_in_a_thread(path: Path, window_s: float, *, work: bool) -> Any:
+    """A _Profiler whose window opened a second ago and lasts ``window_s``
+    more, ticked from a thread of its own (the model thread); returned."""
     import threading
 
     import torch
 
+    profiler = _load()._Profiler(path, "lookahead, 1 streams", False)
+    now = time.monotonic()
+    profiler.window = (now - 1, now + window_s)
+
     def model_thread() -> None:
-        profiler.tick()  # type: ignore[attr-defined]
+        profiler.tick()
         if work:
             x = torch.ones(32, 32)
             torch.mm(x, x)
             time.sleep(0.3)
-            profiler.tick()  # type: ignore[attr-defined]
+            profiler.tick()
 
     thread = threading.Thread(target=model_thread, name="model-worker")
     thread.start()
     thread.join(timeout=60)
+    return profiler
 
 
 def test_the_profile_window_opens_and_closes_on_the_model_thread(tmp_path: Path) -> None:
-    bench = _load()
     path = tmp_path / "profile.txt"
-    profiler = bench._Profiler(path, "lookahead, 1 streams", False)
-    now = time.monotonic()
-    profiler.window = (now - 1, now + 0.2)
-    _tick_in_a_thread(profiler, work=True)
+    profiler = _profiled_in_a_thread(path, 0.2, work=True)
     text = path.read_text()
     assert text.startswith("# torch.profiler: lookahead, 1 streams, ")
     assert "aten::mm" in text  # the model thread's operators
@@ -273,12 +277,8 @@ def test_a_window_the_model_thread_never_closed_is_not_a_profile(tmp_path: Path)
     """torch's profiler records the thread that started it, and only that
     thread can stop it (torch 2.11 raises; 2.13 gives an empty table), so a
     window with no backend call after its end says so instead."""
-    bench = _load()
     path = tmp_path / "profile.txt"
-    profiler = bench._Profiler(path, "lookahead, 1 streams", False)
-    now = time.monotonic()
-    profiler.window = (now - 1, now + 600)
-    _tick_in_a_thread(profiler, work=False)
+    profiler = _profiled_in_a_thread(path, 600, work=False)
     profiler.stop()  # from the event loop's thread, at the level's end
     text = path.read_text()
     assert text.startswith("# torch.profiler: lookahead, 1 streams: not recorded")
