@@ -49,8 +49,8 @@ KERNELS_S=${KERNELS_S:-110}
 WHEELS=(transformers==5.24.0 peft==0.21.2 mistral-common==1.13.1 pydantic==2.14.4
         pydantic-core==2.50.5 annotated-types typing-inspection pydantic-extra-types pycountry
         jsonschema referencing rpds-py jsonschema-specifications websockets==17.4 soundfile
-        cffi pycparser soxr webrtcvad-wheels typing-extensions==4.16.0
-        pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 pygments==2.21.0 pytest-timeout==2.4.0)
+        cffi pycparser soxr webrtcvad-wheels typing-extensions==4.16.0)
+# The image has pytest (with pytest-timeout), tiktoken and hypothesis itself.
 
 # PYTHON, KERNELS_ARGS and NO_WHEELS=1 let the test suite run `all` on the
 # CPU with --tiny; a device session needs none of them.
