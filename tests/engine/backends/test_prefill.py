@@ -123,3 +123,22 @@ def test_a_capture_that_fails_leaves_the_plain_prefill(
     _drain(dec, out)
     assert out == want
     assert taken == []
+
+
+def test_the_bucket_prefill_traces_as_one_graph(merged: VoxtralBackend) -> None:
+    """What a CUDA graph captures must not sync with the host (``.item()``,
+    a data-dependent shape, a branch on a tensor): dynamo traces all of it
+    as one graph, a CPU check that a transformers upgrade added none."""
+    cfg = dataclasses.replace(merged._cfg, encoder_graphs=True, prefill_graphs=True)
+    graphs = VoxtralBackend(merged.loaded, cfg).prefill_graphs
+    assert graphs is not None
+    bucket = graphs._graph(2, graphs.columns[0])
+    bucket.real.fill_(True)
+    bucket.pos.copy_(torch.arange(bucket.columns))
+    torch._dynamo.reset()
+    try:
+        traced = torch.compile(lambda: graphs._forward(bucket), backend="eager", fullgraph=True)
+        got = traced()
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, graphs._forward(bucket))
