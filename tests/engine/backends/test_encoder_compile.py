@@ -138,3 +138,14 @@ def test_a_compile_that_fails_leaves_the_encoder_eager(
     jobs = _jobs(seed=33)[:2]
     assert [d.text for d in backend.transcribe_jobs(jobs)] == [
         d.text for d in merged.transcribe_jobs(jobs)]
+
+
+def test_the_encoder_traces_as_one_graph(merged: VoxtralBackend, fresh_dynamo: None) -> None:
+    """What the encoder graphs capture must not sync with the host: dynamo
+    traces the whole tower (convolutions, positions, layers, norm) as one
+    graph, a CPU check that a transformers upgrade added no sync."""
+    run = eager_encoder(encoder_parts(merged.model)[0])
+    feats = _feats(merged, [3.0, 35.0], seed=33)
+    with torch.inference_mode():
+        got = torch.compile(run, backend="eager", fullgraph=True)(feats)
+        torch.testing.assert_close(got, run(feats), rtol=0, atol=0)
