@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,8 +33,6 @@ def fresh_dynamo() -> Iterator[None]:
 def test_an_empty_setting_leaves_torchs_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV, "/somewhere/else")
     assert use_compile_cache("") is None
-    import os
-
     assert os.environ[ENV] == "/somewhere/else"
 
 
@@ -62,8 +61,6 @@ def test_a_folder_that_cannot_be_written_stops_the_load_in_one_line(
     assert "\n" not in msg
     assert msg.startswith(f"model.voxtral.compile_cache_dir {bad!r} cannot be used: ")
     assert "Not a directory" in msg
-    import os
-
     assert ENV not in os.environ  # nothing half set
 
 
