@@ -129,7 +129,9 @@ async def test_a_file_read_without_partials_stays_a_batch_of_finals_ahead() -> N
     of a long file's). The reader now waits while max_batch finals of its
     stream are outstanding, and every final still comes."""
     audio, _ = speech_with_pauses(SENTENCES * 4, pause_s=1.0)
-    cfg = load_config(overrides={"worker.max_queue": 2, "worker.max_batch": 3,
+    # An inbox that holds the bound (4) whether or not the worker has taken
+    # any yet: with 2 it depended on the worker thread's timing (CI saw 1).
+    cfg = load_config(overrides={"worker.max_queue": 4, "worker.max_batch": 3,
                                  "stream.partial_interval_ms": 0})
     async with Engine(cfg, ScriptedBackend(words_so_far, delay_s=0.02)) as engine:
         stream = engine.open_stream("file")
