@@ -12,8 +12,10 @@ from evoxtral_stream.text.tags import Carry, render, tokenize
 class Feed:
     """A merger with per-segment revision counters, for terse tests."""
 
-    def __init__(self, *, final_replaces_stable: bool = False, **kwargs: int) -> None:
-        self.m = Merger("s", final_replaces_stable=final_replaces_stable, **kwargs)
+    def __init__(self, *, final_replaces_stable: bool = False, max_pending: int | None = 3,
+                 **kwargs: int) -> None:
+        self.m = Merger("s", final_replaces_stable=final_replaces_stable,
+                        max_pending=max_pending, **kwargs)
         self.rev: dict[int, int] = {}
         self.events: list[CaptionEvent] = []
 
@@ -397,6 +399,17 @@ def test_too_many_waiting_finals_abandon_the_blocker() -> None:
     out = f("Fourth.", seg=3, final=True, start=4.0, end=5.0)
     assert [e.segment for e in out] == [2, 3]
     assert f("Second.", seg=1, final=True, start=2.0, end=3.0) == []
+
+
+def test_without_a_limit_waiting_finals_wait_for_the_blocker_however_many() -> None:
+    f = Feed(max_pending=None)
+    f("I was", end=1.0)
+    for seg in range(1, 9):
+        assert f(f"Segment {seg}.", seg=seg, final=True, start=seg, end=seg + 1.0) == []
+    out = f("I was here.", final=True, end=1.0)
+    assert [(e.segment, e.text) for e in out] == [
+        (0, "I was here."), *((seg, f"Segment {seg}.") for seg in range(1, 9))]
+    assert f.m.open_segments == ()
 
 
 def test_first_segment_is_configurable() -> None:

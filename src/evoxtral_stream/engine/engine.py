@@ -158,8 +158,13 @@ class Stream:
         self._engine = engine
         self.session = StreamSession(stream_id, engine.config.vad, engine.config.stream,
                                      adapter, language)
+        # Finals come back out of segment order (continuous batching ends
+        # short segments first; a final may wait for its pause partial) and
+        # every one is answered or abandoned (worker, drain): the merger
+        # holds them all, abandoning none itself.
         self.merger = Merger(
-            stream_id, final_replaces_stable=engine.config.stream.final_replaces_stable)
+            stream_id, final_replaces_stable=engine.config.stream.final_replaces_stable,
+            max_pending=None)
         # The merger numbers from 1; a stream id journaled before continues
         # after its last seq (see the module doc).
         self.seq_base = engine.last_seq(stream_id)
@@ -600,7 +605,10 @@ class Engine:
         req = self._with_draft(stream, self._with_prefix(stream, req))
         if not stream.paced:
             req = dataclasses.replace(req, paced=False)
-        if self._worker.submit(req):
+        # A final goes behind its stream's finals already waiting: offered
+        # now, it could take a slot the model freed before they do.
+        behind = req.kind is RequestKind.FINAL and self._has_backlog(stream.id)
+        if not behind and self._worker.submit(req):
             return
         if req.kind is RequestKind.PARTIAL:
             self._partials_refused += 1

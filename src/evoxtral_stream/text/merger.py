@@ -78,8 +78,11 @@ Contracts (what the engine may rely on):
   decode): it closes with what was shown, and a held one keeps its place
   (finals are emitted in segment order, always). Failing that, when more
   than ``max_pending`` finals wait, the segment holding them is abandoned
-  automatically. :meth:`Merger.close` abandons everything at the stream's
-  end.
+  automatically; ``max_pending=None`` never does, for a caller that answers
+  or abandons every final it asks for (the engine: its finals may come back
+  out of segment order, and a segment abandoned too early would drop its
+  final when it comes). :meth:`Merger.close` abandons everything at the
+  stream's end.
 - Times: ``start``/``end`` are stream seconds (``SAMPLE_RATE``). A tag's
   ``TagMark.index`` is the number of plain-text words before it in the
   segment's text; ``TagMark.t`` interpolates linearly: ``start + (end -
@@ -460,11 +463,11 @@ class Merger:
     tokens are committed (2 is LocalAgreement-2); ``max_overlap_s`` bounds the
     audio overlap searched when stitching forced splits; ``max_pending`` is
     how many finals may wait for an earlier segment before that segment is
-    abandoned; ``first_segment`` is the id of the stream's first segment.
+    abandoned (None: no limit); ``first_segment`` is the id of the stream's first segment.
     """
 
     def __init__(self, stream: str, *, agreement: int = 2, max_overlap_s: float = 3.0,
-                 max_pending: int = 3, first_segment: int = 0,
+                 max_pending: int | None = 3, first_segment: int = 0,
                  final_replaces_stable: bool = False) -> None:
         if agreement < 2:
             raise ValueError(f"agreement must be at least 2, got {agreement}")
@@ -473,7 +476,7 @@ class Merger:
         self._stream = stream
         self._agreement = agreement
         self._max_overlap_s = max_overlap_s
-        self._max_pending = max(0, max_pending)
+        self._max_pending = None if max_pending is None else max(0, max_pending)
         self._seq = 0
         self._open: dict[int, _Segment] = {}
         self._pending: dict[int, Hypothesis] = {}
@@ -634,6 +637,8 @@ class Merger:
         """Abandon the segment holding the earliest waiting final while more
         than ``max_pending`` wait."""
         events: list[CaptionEvent] = []
+        if self._max_pending is None:
+            return events
         while len(self._pending) > self._max_pending:
             blocker = self._blocker(min(self._pending))
             if blocker not in self._open and self._is_closed(blocker):
