@@ -166,6 +166,18 @@ async def test_a_stall_below_a_second_is_reported_with_its_length(
         assert seconds >= 0.3, text
 
 
+async def test_a_reader_waiting_for_the_model_wakes_when_the_drain_gives_up() -> None:
+    """A file reader in :meth:`Stream.wait_idle` (a full batch of finals owed)
+    is not left waiting forever once a cut drain closes its stream."""
+    async with hung(**{"worker.drain_timeout_s": 0.3, "worker.max_batch": 2}) as (engine, stream):
+        stream.push(talk(3)[16_000 * 2:])   # two more finals owed: the reader must wait
+        waiter = asyncio.ensure_future(stream.wait_idle())
+        await asyncio.sleep(0.2)
+        assert not waiter.done()
+        assert await asyncio.wait_for(engine.drain(), 10) is False
+        await asyncio.wait_for(waiter, 5)
+
+
 async def test_give_up_cuts_an_unbounded_drain_short() -> None:
     async with hung(**{"worker.drain_timeout_s": 0}) as (engine, stream):
         drain = asyncio.ensure_future(engine.drain())

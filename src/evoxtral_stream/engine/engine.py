@@ -865,6 +865,7 @@ class Engine:
                                    f"shut down before the model decoded the final of "
                                    f"segment {segment}, which showed nothing",
                                    segment=segment, closes_segment=True))
+        stream._idle.set()  # nothing is owed now: a reader waiting in wait_idle goes on
         stream._done.set()
         self._stream_done(stream)
 
