@@ -300,11 +300,14 @@ def _notice(cfg: Config, message: str) -> None:
 
 def _file_stream_id(path: Path) -> str:
     """A stream id from a file name: its stem, control characters as ``_``,
-    short enough to take a ``-N`` suffix (:func:`stream_id_problem`)."""
-    stem = "".join("_" if stream_id_problem(c) else c for c in path.stem)[:MAX_STREAM_ID - 8]
+    white space at either end dropped, short enough to take a ``-N`` suffix
+    (:func:`stream_id_problem`)."""
+    # Each character judged inside an id: a space is fine there, not at an end.
+    stem = "".join("_" if stream_id_problem(f"x{c}x") else c for c in path.stem)
+    stem = stem.strip()[:MAX_STREAM_ID - 8]
     while stem and stream_id_problem(stem + "-9999999") is not None:
         stem = stem[:-1]  # non-ASCII characters take more room percent-encoded
-    return stem or "stream"
+    return stem.rstrip() or "stream"
 
 
 def _stream_id_arg(value: str) -> str:

@@ -51,9 +51,9 @@ def stream_id_problem(stream_id: str) -> str | None:
     """Why ``stream_id`` cannot name a stream (one line), or None when it can:
     1 to :data:`MAX_STREAM_ID` characters and at most
     :data:`MAX_STREAM_ID_ENCODED` bytes percent-encoded, no control character,
-    no lone surrogate and no comma (``?stream=`` and ``since=`` list streams
-    comma-separated, so such a stream could be neither subscribed to by name
-    nor resumed)."""
+    no lone surrogate, no comma and no white space at either end (``?stream=``
+    and ``since=`` list streams comma-separated and trim each, so such a
+    stream could be neither subscribed to by name nor resumed)."""
     shown = f"{stream_id[:40]!r}{'...' if len(stream_id) > 40 else ''}"
     if not stream_id or len(stream_id) > MAX_STREAM_ID:
         return (f"a stream id has 1 to {MAX_STREAM_ID} characters, got "
@@ -66,6 +66,9 @@ def stream_id_problem(stream_id: str) -> str | None:
         return f"a stream id is text: it holds no lone surrogate, got {stream_id!r}"
     if "," in stream_id:
         return f"a stream id holds no comma (stream lists are comma-separated), got {shown}"
+    if stream_id != stream_id.strip():
+        return (f"a stream id neither begins nor ends with white space (stream lists trim "
+                f"it), got {shown}")
     encoded = len(quote(stream_id, safe=""))
     if encoded > MAX_STREAM_ID_ENCODED:
         return (f"a stream id is at most {MAX_STREAM_ID_ENCODED} bytes percent-encoded "

@@ -30,6 +30,10 @@ def test_usable_ids(good: str) -> None:
     ("del\x7f", "a stream id holds no control characters"),
     ("c1\x85", "a stream id holds no control characters"),
     ("a,b", "a stream id holds no comma (stream lists are comma-separated), got 'a,b'"),
+    # A list's item is trimmed: " talk" would be subscribed to or resumed as "talk".
+    (" talk", "a stream id neither begins nor ends with white space (stream lists trim it)"),
+    ("talk\u3000", "a stream id neither begins nor ends with white space"),
+    ("\u00a0", "a stream id neither begins nor ends with white space"),
     ("é" * 34, "a stream id is at most 200 bytes percent-encoded"),
     ("/" * 67, "a stream id is at most 200 bytes percent-encoded"),
     # Half a surrogate pair: a file name's byte that is no UTF-8, or JSON's
@@ -50,10 +54,13 @@ async def test_open_stream_refuses_an_unusable_id() -> None:
 
 def test_file_names_give_usable_ids() -> None:
     for name in ("talk.wav", "x" * 300 + ".wav", "tab\tname.flac", "é" * 200 + ".wav", ".wav",
-                 "take 1, take 2.wav", "caf\udce9.wav"):
+                 "take 1, take 2.wav", "caf\udce9.wav", " talk .wav", "\u3000.wav",
+                 "a" * 120 + " b.wav"):
         sid = _file_stream_id(Path("/audio") / name)
         assert stream_id_problem(sid) is None, sid
         assert stream_id_problem(sid + "-99") is None, sid  # room for a -N suffix
     assert _file_stream_id(Path("talk.wav")) == "talk"
     assert _file_stream_id(Path("take 1, take 2.wav")) == "take 1_ take 2"
+    assert _file_stream_id(Path(" talk .wav")) == "talk"
+    assert _file_stream_id(Path("tab\tname.flac")) == "tab_name"
     assert len(quote(_file_stream_id(Path("é" * 200 + ".wav")), safe="")) <= 200

@@ -118,7 +118,9 @@ async def test_stream_filter(served: tuple[Engine, CaptionServer]) -> None:
         msg = json.loads(await asyncio.wait_for(ws.recv(), 5))
         assert msg == {"type": "stream.started", "stream": "b", "source": "test"}
     # The hello names only the open streams asked for.
-    for query, listed in (("?stream=b,c", ["b"]), ("", ["a", "b"])):
+    # A list's items are trimmed, as since='s are ("b, a" names a and b).
+    for query, listed in (("?stream=b,c", ["b"]), ("", ["a", "b"]),
+                          ("?stream=c,%20a", ["a"])):
         async with connect(f"ws://127.0.0.1:{server.port}/v1/captions{query}") as ws:
             assert json.loads(await ws.recv())["streams"] == listed
     for s in engine.streams.values():

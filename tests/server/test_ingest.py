@@ -170,6 +170,8 @@ async def test_bad_first_message_gets_error_then_close(
     ("a" * 129, "a stream id has 1 to 128 characters, got 129"),
     ("line%0Abreak", "a stream id holds no control characters, got 'line\\nbreak'"),
     ("a%2Cb", "a stream id holds no comma (stream lists are comma-separated), got 'a,b'"),
+    ("%20talk", "a stream id neither begins nor ends with white space (stream lists trim "
+                "it), got ' talk'"),
 ])
 async def test_an_unusable_stream_id_is_refused(
     scripted: tuple[Engine, CaptionServer], query: str, why: str,

@@ -153,7 +153,9 @@ def _refusal(refusal: Refusal) -> Response:
 def _requested_streams(path: str, query: dict[str, list[str]]) -> list[str]:
     """The stream ids a request names: every listed one to subscribe, the first to ingest."""
     if path == _CAPTIONS:
-        return [n for v in query.get("stream", []) for n in v.split(",") if n]
+        # Trimmed as since= is (no stream id begins or ends with white space).
+        return [n for v in query.get("stream", []) for n in (x.strip() for x in v.split(","))
+                if n]
     return (query.get("stream") or [])[:1]
 
 
