@@ -1039,6 +1039,38 @@ async def test_a_turn_open_at_shutdown_is_committed_and_completed() -> None:
     assert 0.5 < got[-1]["usage"]["seconds"] <= len(speech) / 4 / INPUT_RATE + 0.35
 
 
+async def test_a_turn_open_at_shutdown_completes_for_a_client_still_sending() -> None:
+    """As above, for a live client (a microphone) that sends its next 100 ms
+    while the drain waits for the final: that audio used to end the session
+    with server_error at once (1011), the turn never committed or completed.
+    The finals come first; then the error."""
+    cfg = config()
+    backend = ScriptedBackend(lambda a: "scripted words", delay_s=0.5)
+    async with Engine(cfg, backend) as engine, CaptionServer(engine, cfg.server) as server:
+        url = f"ws://127.0.0.1:{server.port}/v1/realtime?intent=transcription&stream=bye"
+        speech = pcm24(speak(SENTENCES[0]))
+        async with connect(url) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == \
+                "session.created"
+            await ws.send(append_msg(speech[: len(speech) // 4 * 2]))  # speech still open
+            while json.loads(await asyncio.wait_for(ws.recv(), 20))["type"] != \
+                    "input_audio_buffer.speech_started":
+                pass
+            drain = asyncio.ensure_future(engine.drain())
+            await asyncio.sleep(0.1)
+            await ws.send(append_msg(bytes(4800)))  # the microphone's next 100 ms
+            got: list[dict[str, Any]] = []
+            with contextlib.suppress(ConnectionClosed, TimeoutError):
+                while True:
+                    got.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+        await drain
+    kinds = [e["type"] for e in got if "delta" not in e["type"]]
+    assert kinds == ["input_audio_buffer.committed",
+                     "conversation.item.input_audio_transcription.completed", "error"], got
+    assert got[-2]["transcript"] == "scripted words"
+    assert got[-1]["error"]["code"] == "server_error"
+
+
 @pytest.mark.parametrize("manual", [False, True])
 async def test_a_turn_whose_final_failed_with_nothing_shown_still_completes(
         manual: bool) -> None:

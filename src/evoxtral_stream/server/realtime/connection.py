@@ -119,7 +119,10 @@ class _Connection:
     async def _send_loop(self) -> None:
         while True:
             message = await self._queue.get()
-            await self._ws.send(message)
+            try:
+                await self._ws.send(message)
+            finally:
+                self._queue.task_done()  # join() in _read_loop: "all sent"
 
     async def _read_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -129,6 +132,12 @@ class _Connection:
             try:
                 self._deliver(self._core.receive(message))
             except _StreamGone:
+                # Closed under the session (the server's drain): the finals it
+                # still owes come first (an open turn is committed and
+                # completed, as the docs promise a client that keeps sending),
+                # then the error.
+                await self._stream.close()
+                await self._queue.join()
                 self._fail("the engine stream of this session was closed (server shutting "
                            "down?)")
                 return
