@@ -578,12 +578,24 @@ async def _session(ws: ClientConnection, feed: AudioFeed, stop: asyncio.Event,
     with contextlib.suppress(ConnectionClosed):  # the close code tells what happened
         with contextlib.suppress(ConnectionClosed):  # refused at once: read why below
             await ws.send(json.dumps(config))
-        ready = json.loads(await asyncio.wait_for(ws.recv(), 15))
-        show(ready)
-        if ready.get("type") != "ingest.ready":
+        raw_ready = await asyncio.wait_for(ws.recv(), 15)
+        try:
+            ready = json.loads(raw_ready)
+        except ValueError:
+            ready = None
+        if not isinstance(ready, dict):
+            # Not this protocol (a proxy's page, another server): say so, and
+            # let the close code tell whether to retry, as for a refusal.
+            writer.status(f"! the server answered the config with {raw_ready!r:.80}, "
+                          "not a protocol message")
+            error = "not_protocol"
+            await asyncio.wait_for(ws.close(1002, "not a protocol message"), 10)
+        elif ready.get("type") != "ingest.ready":
+            show(ready)
             # Refused: the close that follows the error tells whether to retry.
             await asyncio.wait_for(ws.wait_closed(), 10)
         else:
+            show(ready)
             stream = str(ready.get("stream"))
             # An older server leaves "progress" out and sends no acknowledgements.
             progress = Progress() if ready.get("progress") is True else None

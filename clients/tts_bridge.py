@@ -235,11 +235,17 @@ def read_state(path: Path) -> SavedState | None:
 
 def next_state(saved: SavedState, final: Final, ended: Collection[str] = ()) -> SavedState:
     """``saved`` once ``final`` is handled. Seqs of another epoch than the
-    final's are dropped (a restart resumes under the new one); the streams
-    kept are those a resume sends (:func:`resume_since`, 4 KB; ``ended``: the
+    final's become 0 (a restart resumes under the new one, from the start of
+    what the server retains; a state without an epoch, from a first run's
+    ``--since``, is taken as of the final's); the streams kept are those a
+    resume sends (:func:`resume_since`, 4 KB; ``ended``: the
     streams that ended). Sessions name files whatever the epoch: those of the
     streams kept, and across an epoch change those of the streams before."""
-    since = dict(saved.since) if final.epoch == saved.epoch else {}
+    # Keep 0, not none, for the streams not heard under the new epoch yet
+    # (protocol.md "Resume"): a resume without a since for them would get
+    # live captions only, and lose those retained.
+    since = (dict(saved.since) if saved.epoch in (None, final.epoch)
+             else dict.fromkeys(saved.since, 0))
     since.pop(final.stream, None)  # in order of activity (resume_since)
     since[final.stream] = final.seq
     since = {s: since[s] for s in reversed(resume_since(since, ended))}
@@ -541,8 +547,10 @@ class TtsBridge:
         if hello.get("v") != PROTOCOL_VERSION:
             raise BridgeError(f"server speaks protocol v{hello.get('v')}, "
                               f"this bridge v{PROTOCOL_VERSION}")
+        open_now = {s for s in hello.get("streams", ()) if isinstance(s, str)}
         if not self.cfg.streams:
-            self._seen.update(s for s in hello.get("streams", ()) if isinstance(s, str))
+            self._seen.update(open_now)
+        self._ended -= open_now  # an id used again while away is live again
         epoch = hello.get("epoch")
         if isinstance(epoch, str):
             if self._epoch is not None and epoch != self._epoch:
@@ -572,6 +580,7 @@ class TtsBridge:
             self._last_seq.pop(stream, None)  # kept in order of activity (resume_since)
             self._last_seq[stream] = seq
             self._seen.add(stream)
+            self._ended.discard(stream)  # a caption after its end: the id's next run
             final = Final.from_message(msg)
             if final is not None:
                 last = self._last_segment.get(stream)

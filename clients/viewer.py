@@ -385,8 +385,10 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
                             writer.status(f"the server speaks protocol v{event.get('v')}; "
                                           f"this viewer knows v{PROTOCOL_VERSION}")
                             return 1
+                        open_now = set(map(str, event.get("streams") or []))
+                        ended -= open_now  # an id used again while away is live again
                         if connects > 1:
-                            away = known - ended - set(map(str, event.get("streams") or []))
+                            away = known - ended - open_now
                         if isinstance(event.get("epoch"), str):
                             if epoch is not None and event["epoch"] != epoch:
                                 # A new numbering (a restart without the
@@ -397,6 +399,7 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
                     elif kind == "caption" and isinstance(event.get("seq"), int):
                         seen[name] = max(seen.pop(name, 0), event["seq"])
                         known.add(name)
+                        ended.discard(name)  # a caption after its end: the id's next run
                     elif kind == "gap" and event.get("to") is None:
                         # The server cannot place our seq (a restart without
                         # its journal): what follows may be numbered anew.

@@ -995,7 +995,7 @@ def test_the_saved_state_keeps_sessions_across_an_epoch_change() -> None:
     run would otherwise take session 1's names again, over its old files."""
     saved = SavedState("e1", {"a": 4, "b": 9}, {"a": (1, 3), "b": (2, 5)})
     saved = next_state(saved, Final("a", 0, 1, "x", session=2, epoch="e2"))
-    assert saved == SavedState("e2", {"a": 1}, {"a": (2, 0), "b": (2, 5)})
+    assert saved == SavedState("e2", {"b": 0, "a": 1}, {"a": (2, 0), "b": (2, 5)})
     saved = next_state(saved, Final("b", 0, 1, "y", session=3, epoch="e2"))
     assert saved == SavedState("e2", {"a": 1, "b": 1}, {"a": (2, 0), "b": (3, 0)})
     # The same epoch: every stream's seq goes on.

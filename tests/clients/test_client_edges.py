@@ -1,0 +1,224 @@
+"""The clients' resume edges, against real servers: a saved state across an
+epoch change, ``--exit-on-end`` when a stream id is used again while the
+client was away, and a config answered with something not of the protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+from tts_bridge import BridgeConfig, TtsBridge
+from viewer import LiveWriter, watch
+
+from evoxtral_stream.engine.engine import Engine, Stream
+from evoxtral_stream.events import CaptionEvent, StreamEnded
+from evoxtral_stream.server.app import CaptionServer
+from tests.clients.conftest import publish_finals
+from tests.clients.test_tts_bridge import GatedSynth, _config
+from tests.fakes import ScriptedBackend
+
+
+async def _run_for(bridge: TtsBridge, seconds: float) -> None:
+    task = asyncio.ensure_future(bridge.run())
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(task), seconds)
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+
+
+async def _until(cond: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            while not cond():
+                await asyncio.sleep(0.005)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+def _final(stream: str, segment: int, seq: int, text: str) -> CaptionEvent:
+    return CaptionEvent(stream=stream, segment=segment, seq=seq, final=True, text=text,
+                        plain_text=text, stable=text, unstable="", tags=(),
+                        start=float(segment), end=segment + 0.5, latency=0.1)
+
+
+async def _drop_subscribers(server: CaptionServer) -> None:
+    """Close every /v1/captions connection server-side (1001 going away), as a
+    network failure or proxy restart would, keeping the server's history."""
+    assert server._server is not None
+    for conn in list(server._server.connections):
+        if conn.request is not None and conn.request.path.startswith("/v1/captions"):
+            await conn.close(1001, "going away")
+
+
+# --- 1. --state drops the other streams' resume points ------------------------------
+
+
+async def test_state_first_run_with_since_but_no_epoch_keeps_every_stream(
+        tmp_path: Path) -> None:
+    """README: '--state FILE makes restarts lossless ... give --since only for
+    the first run'. First run: --since a:1,b:1 (no --epoch) --state FILE; it
+    handles one final and stops (as a crash would). The second run, from the
+    state file, must still speak the other three finals said after a:1, b:1."""
+    cfg = _config()
+    state = tmp_path / "bridge.json"
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        publish_finals(server, "a", ["a1", "a2", "a3"], ended=False)
+        publish_finals(server, "b", ["b1", "b2", "b3"], ended=False)
+        url = f"ws://127.0.0.1:{server.port}"
+        first = GatedSynth()
+        first.gate.set()
+        await asyncio.wait_for(TtsBridge(BridgeConfig(
+            out=tmp_path / "out", url=url, streams=("a", "b"),
+            since=(("a", 1), ("b", 1)), max_captions=1, state=state), first).run(), 20)
+        second = GatedSynth()
+        second.gate.set()
+        await _run_for(TtsBridge(BridgeConfig(
+            out=tmp_path / "out", url=url, streams=("a", "b"), state=state), second), 3)
+    spoken = sorted(first.names + second.names)
+    assert spoken == ["a-00001.txt", "a-00002.txt", "b-00001.txt", "b-00002.txt"], \
+        (first.names, second.names, state.read_text())
+
+
+async def test_state_across_a_server_restart_keeps_streams_not_yet_heard_again(
+        tmp_path: Path) -> None:
+    """The server restarts without its journal (new epoch) while the bridge is
+    down; a and b both say a final. The restarted bridge handles a's and stops
+    (a crash). Its next start must still speak b's: protocol.md says to keep
+    0 as the resume point of a stream after a new epoch, not none."""
+    port = _free_port()
+    cfg = _config(**{"server.port": port})
+    state = tmp_path / "bridge.json"
+    url = f"ws://127.0.0.1:{port}"
+
+    def bridge(n: int | None, since: tuple[tuple[str, int], ...] = ()
+               ) -> tuple[TtsBridge, GatedSynth]:
+        synth = GatedSynth()
+        synth.gate.set()
+        return TtsBridge(BridgeConfig(out=tmp_path / "out", url=url, streams=("a", "b"),
+                                      since=since, max_captions=n, state=state), synth), synth
+
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        publish_finals(server, "a", ["old a"], ended=False)
+        publish_finals(server, "b", ["old b"], ended=False)
+        b1, s1 = bridge(2, since=(("a", 0), ("b", 0)))
+        await asyncio.wait_for(b1.run(), 20)
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        publish_finals(server, "a", ["new a"], ended=False)
+        publish_finals(server, "b", ["new b"], ended=False)
+        b2, s2 = bridge(1)
+        await asyncio.wait_for(b2.run(), 20)
+        b3, s3 = bridge(None)
+        await _run_for(b3, 3)
+    assert sorted(s2.names + s3.names) == ["a+2-00000.txt", "b+2-00000.txt"], \
+        (s1.names, s2.names, s3.names)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- 2. --exit-on-end: a stream reused while away is taken as still ended ------------
+
+
+async def _reuse_while_away(engine: Engine, server: CaptionServer,
+                            seen_first: Callable[[], object]) -> Stream:
+    """a: final (seg 0, seq 1) and its end; the subscriber drops; a's id is
+    used again meanwhile (its new run's final seg 0, seq 2); the subscriber
+    resumes (since=a:1: the replay holds a's new final, no stream.started, no
+    stream.ended, as protocol.md says); then b ends."""
+    first_run = engine.open_stream("a", "ingest")              # a real stream.started
+    server.broadcaster.publish(_final("a", 0, 1, "a one"))
+    await first_run.close()                                      # a real stream.ended
+    await _until(seen_first, "the first final")
+    await _drop_subscribers(server)
+    await _until(lambda: server.broadcaster.subscribers == 0, "the drop")
+    second_run = engine.open_stream("a", "ingest")  # the id used again; nobody subscribed now
+    server.broadcaster.publish(_final("a", 0, 2, "a again"))   # retained for the resume
+    await _until(lambda: server.broadcaster.subscribers == 1, "the resume")
+    await asyncio.sleep(0.3)  # the replay is read
+    server.broadcaster.publish(StreamEnded("b", 1.0, 0, 0))
+    return second_run
+
+
+async def test_bridge_exit_on_end_does_not_stop_while_a_reused_stream_is_live(
+        tmp_path: Path) -> None:
+    cfg = _config()
+    synth = GatedSynth()
+    synth.gate.set()
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{server.port}",
+                                        streams=("a", "b"), exit_on_end=True,
+                                        reconnect_min_s=0.5), synth)
+        task = asyncio.ensure_future(bridge.run())
+        await _until(lambda: server.broadcaster.subscribers == 1, "subscribed")
+        second_run = await _reuse_while_away(engine, server, lambda: synth.names)
+        await asyncio.sleep(0.5)
+        assert not task.done(), f"stopped while a is live again: spoke {synth.names}"
+        server.broadcaster.publish(_final("a", 1, 3, "a three"))
+        await second_run.close()
+        await asyncio.wait_for(task, 10)
+    assert synth.names == ["a-00000.txt", "a+2-00000.txt", "a+2-00001.txt"]
+
+
+async def test_viewer_exit_on_end_does_not_stop_while_a_reused_stream_is_live() -> None:
+    cfg = _config()
+    out, err = io.StringIO(), io.StringIO()
+    writer = LiveWriter(out, err, color=False, live=False, show_stream=True)
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        task = asyncio.ensure_future(watch(f"ws://127.0.0.1:{server.port}", ["a", "b"], {},
+                                           writer, exit_on_end=True, max_retry_s=0.5))
+        await _until(lambda: server.broadcaster.subscribers == 1, "subscribed")
+        second_run = await _reuse_while_away(engine, server, lambda: "a one" in out.getvalue())
+        await asyncio.sleep(0.5)
+        assert not task.done(), f"stopped while a is live again:\n{out.getvalue()}{err.getvalue()}"
+        server.broadcaster.publish(_final("a", 1, 3, "a three"))
+        await second_run.close()
+        assert await asyncio.wait_for(task, 10) == 0
+    assert "a three" in out.getvalue()
+
+
+# --- 3. mic_client: a first message that is not JSON is a traceback ------------------
+
+
+async def test_mic_client_says_why_when_the_server_answers_config_with_non_json(
+        tmp_path: Path) -> None:
+    """A server (or a proxy in front of it) answers the config with a text
+    that is not a JSON object. The module doc promises exit status 1 with a
+    line saying why, as for any refusal; the client dies with a traceback."""
+    import sys
+
+    import numpy as np
+    import soundfile as sf
+    from websockets.asyncio.server import ServerConnection, serve
+
+    from tests.clients.conftest import CLIENTS
+
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.zeros(16000, np.int16), 16000, subtype="PCM_16")
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()
+        await ws.send("<html>502 Bad Gateway</html>")
+        await ws.close(1011)
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(CLIENTS / "mic_client.py"), "--url", f"ws://127.0.0.1:{port}",
+            "--file", str(wav), stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 1
+    assert "Traceback" not in err.decode(), err.decode()
