@@ -203,6 +203,34 @@ async def test_after_a_restart_resume_comes_from_the_journal_and_seq_continues(
         assert [json.loads(m)["type"] for m in b.subscribe(since={"x": 4}).backlog] == ["gap"]
 
 
+async def test_a_journal_file_gone_unreadable_gives_a_resume_a_gap_not_an_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A file that cannot be read any more (a disk error, a permission; here a
+    folder in its place, which stops root too): the subscription is made, and
+    what the file held is a gap, not an exception out of subscribe (which
+    closed the connection 1011 and kept a token's subscriber slot)."""
+    cfg = config(tmp_path)
+    async with Engine(cfg, ScriptedBackend()) as engine:
+        await run_stream(engine, "mic", 2)
+    async with Engine(cfg, ScriptedBackend()) as engine:
+        assert engine.journal is not None
+        b = Broadcaster(16, encode_event, history=100, source=engine.journal)
+        engine.add_listener(b.publish)
+        (path,) = (tmp_path / "j").glob("mic.*.jsonl")
+        path.rename(tmp_path / "moved")
+        path.mkdir()
+        with caplog.at_level(logging.ERROR):
+            sub = b.subscribe(["mic"], since={"mic": 0})
+        assert [json.loads(m) for m in sub.backlog] == [
+            {"type": "gap", "stream": "mic", "from": 1, "to": None}]
+        assert "cannot read the journal to resume mic" in caplog.text
+        # What this run retains still follows the gap.
+        await run_stream(engine, "mic", 1)
+        again = b.subscribe(["mic"], since={"mic": 0})
+        kinds = [json.loads(m)["type"] for m in again.backlog]
+        assert kinds[0] == "gap" and "caption" in kinds
+
+
 async def test_the_epoch_lives_with_the_journal_and_only_there(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The journal's numbering goes on across restarts, so its epoch does; an

@@ -28,7 +28,8 @@ before the oldest retained caption; a ``gap`` then covers only what neither
 holds. The source gives at most ``history`` finals, the newest after
 ``since`` (a gap announces the older ones), so what one resume holds is
 bounded whatever the stream's journal holds. The source is read on the event
-loop, once per resumed stream. The replay ends with the source's
+loop, once per resumed stream; one that cannot be read (an ``OSError``) gives
+a ``gap`` for what it would have held, and the resume goes on. The replay ends with the source's
 ``stream.ended`` (a stream that ended before the restart) unless the stream
 is live now (its id opened again, maybe without captions yet) or has ended
 in this run (then its own end rules).
@@ -171,7 +172,18 @@ class Broadcaster:
             # At most `history` finals, the newest: a resume from seq 0 of a
             # stream live for days must not hold its whole journal (80 MB by
             # default) in this subscriber's backlog; the rest is a gap.
-            older = self.source.replay(stream, since, first_kept, limit=self._history)
+            try:
+                older = self.source.replay(stream, since, first_kept, limit=self._history)
+            except OSError as e:
+                # A file gone bad since the start (a disk error, a permission):
+                # what it held is announced as missing, never skipped silently.
+                log.error("cannot read the journal to resume %s after seq %d (%s); the "
+                          "subscriber gets a gap", stream, since, e)
+                out = [self._gap(stream, since + 1, None if first_kept is None
+                                 else first_kept - 1)]
+                out += [msg for seq, msg in (kept or ()) if seq > since]
+                ended = self._ended.get(stream)
+                return [*out, ended] if ended is not None else out
             if older is not None:
                 return self._replay_with(stream, since, older, kept)
         if not kept:
