@@ -426,7 +426,10 @@ class TtsBridge:
                                   "where to resume already: give one")
             self._saved = saved
             self._epoch = saved.epoch
-            self._last_seq = dict(saved.since)
+            # Only the streams this run takes: a since for another is refused
+            # (bad_query); the state keeps theirs for a run that takes them.
+            self._last_seq = {s: n for s, n in saved.since.items()
+                              if not cfg.streams or s in cfg.streams}
             self._session = {k: v[0] for k, v in saved.sessions.items()}
             self._last_segment = {k: v[1] for k, v in saved.sessions.items()}
         # Per stream: its last final, and the tags in effect at its end.

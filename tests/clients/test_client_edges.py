@@ -10,7 +10,7 @@ import io
 from collections.abc import Callable
 from pathlib import Path
 
-from tts_bridge import BridgeConfig, TtsBridge
+from tts_bridge import BridgeConfig, SavedState, TtsBridge, write_state
 from viewer import LiveWriter, watch
 
 from evoxtral_stream.engine.engine import Engine, Stream
@@ -118,6 +118,34 @@ async def test_state_across_a_server_restart_keeps_streams_not_yet_heard_again(
         await _run_for(b3, 3)
     assert sorted(s2.names + s3.names) == ["a+2-00000.txt", "b+2-00000.txt"], \
         (s1.names, s2.names, s3.names)
+
+
+async def test_state_of_more_streams_than_this_run_subscribes_to_resumes_those_it_does(
+        tmp_path: Path) -> None:
+    """A state file written by a run over a and b, and a run with --stream a
+    only: it used to send since=b:N beside ?stream=a, which the server refuses
+    (bad_query) at every start, until the file was moved away. b's resume
+    point is kept for a later run that takes b again."""
+    cfg = _config()
+    state = tmp_path / "bridge.json"
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        write_state(state, SavedState(engine.epoch, {"a": 1, "b": 1}, {}))
+        publish_finals(server, "a", ["a1", "a2"], ended=False)
+        publish_finals(server, "b", ["b1", "b2"], ended=False)
+        url = f"ws://127.0.0.1:{server.port}"
+        synth = GatedSynth()
+        synth.gate.set()
+        await asyncio.wait_for(TtsBridge(BridgeConfig(
+            out=tmp_path / "out", url=url, streams=("a",), max_captions=1, state=state),
+            synth).run(), 20)
+        assert synth.names == ["a-00001.txt"]
+        later = GatedSynth()
+        later.gate.set()
+        await asyncio.wait_for(TtsBridge(BridgeConfig(
+            out=tmp_path / "out", url=url, streams=("b",), max_captions=1, state=state),
+            later).run(), 20)
+        assert later.names == ["b-00001.txt"]
 
 
 def _free_port() -> int:
