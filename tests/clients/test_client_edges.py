@@ -133,19 +133,13 @@ async def test_state_of_more_streams_than_this_run_subscribes_to_resumes_those_i
         write_state(state, SavedState(engine.epoch, {"a": 1, "b": 1}, {}))
         publish_finals(server, "a", ["a1", "a2"], ended=False)
         publish_finals(server, "b", ["b1", "b2"], ended=False)
-        url = f"ws://127.0.0.1:{server.port}"
-        synth = GatedSynth()
-        synth.gate.set()
-        await asyncio.wait_for(TtsBridge(BridgeConfig(
-            out=tmp_path / "out", url=url, streams=("a",), max_captions=1, state=state),
-            synth).run(), 20)
-        assert synth.names == ["a-00001.txt"]
-        later = GatedSynth()
-        later.gate.set()
-        await asyncio.wait_for(TtsBridge(BridgeConfig(
-            out=tmp_path / "out", url=url, streams=("b",), max_captions=1, state=state),
-            later).run(), 20)
-        assert later.names == ["b-00001.txt"]
+        for stream in ("a", "b"):
+            synth = GatedSynth()
+            synth.gate.set()
+            await asyncio.wait_for(TtsBridge(BridgeConfig(
+                out=tmp_path / "out", url=f"ws://127.0.0.1:{server.port}", streams=(stream,),
+                max_captions=1, state=state), synth).run(), 20)
+            assert synth.names == [f"{stream}-00001.txt"]
 
 
 def _free_port() -> int:
