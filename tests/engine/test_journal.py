@@ -1260,3 +1260,66 @@ def test_a_resume_of_recent_finals_reads_the_end_of_the_newest_file_only(
         else:
             assert replay.covered_from <= since + 1
         assert read < 512 << 10, (since, limit, read)
+
+
+def _prune_once(journal: Journal, folder: Path, stream: str, seq: int) -> None:
+    journal.append(caption(stream, seq))
+    journal.release(stream)
+    _age(folder, stream, 120)
+    assert journal.prune() == [stream]
+
+
+def test_rewriting_the_pruned_file_keeps_a_reopened_streams_gap(tmp_path: Path) -> None:
+    """docs/config.md: the `pruned` file "is rewritten with those [the last
+    seqs of the N streams pruned most recently]", and "a resume reaching into
+    the deleted finals gets a gap". A stream pruned and then opened again is
+    dropped from the rewrite (it is no longer in _pruned_seq) although it is
+    among the N pruned most recently; after a restart its file 1 counts as
+    complete, and a resume into the deleted finals is silently skipped."""
+    cfg = config(tmp_path, **{"journal.retention_s": 60.0}).journal
+    folder = tmp_path / "j"
+    journal = Journal(cfg, pruned_remembered=2)
+    journal.restore()
+    for seq in (1, 2, 3):                       # "x" pruned three times: 3 lines
+        _prune_once(journal, folder, "x", seq)
+    for seq in range(1, 11):                    # "s": finals 1..10, then pruned
+        journal.append(caption("s", seq))
+    journal.release("s")
+    _age(folder, "s", 120)
+    assert journal.prune() == ["s"]
+    journal.append(caption("s", 11))            # opened again: goes on after 10
+    _prune_once(journal, folder, "t", 1)        # the 5th line: the file is rewritten
+    journal.close()
+    restarted = Journal(cfg, pruned_remembered=2)
+    restarted.restore()
+    replay = restarted.replay("s", 5)
+    assert replay is not None
+    assert replay.covered_from == 11            # finals 6..10 are gone: a gap
+    b = Broadcaster(16, encode_event, history=10, source=restarted)
+    first = json.loads(b.subscribe(since={"s": 5}).backlog[0])
+    assert first["type"] == "gap"
+
+
+def test_a_journal_gap_never_names_captions_the_resume_then_replays(tmp_path: Path) -> None:
+    """docs/protocol.md "Resume": a gap "names the missing range". When the
+    journal's oldest kept final is newer than the oldest caption the
+    broadcaster retains (a small journal, keep = 0), Journal.replay's
+    covered_from lies past ``before`` and the broadcaster announces a gap
+    up to it, then replays the retained captions inside that very range:
+    the client is told captions 6..38 are lost, then gets 11..38."""
+    cfg = config(tmp_path, **{"journal.max_bytes": 1024, "journal.keep": 0}).journal
+    journal = Journal(cfg)
+    journal.restore()
+    b = Broadcaster(64, encode_event, history=30, source=journal)
+    for seq in range(1, 41):
+        event = caption("s", seq, text="word " * 20)
+        journal.append(event)              # journaled before any listener sees it
+        b.publish(event)
+    kept_first = 41 - 30                   # the broadcaster retains 11..40
+    backlog = [json.loads(m) for m in b.subscribe(since={"s": 5}).backlog]
+    gaps = [m for m in backlog if m["type"] == "gap"]
+    sent = [m["seq"] for m in backlog if m["type"] == "caption"]
+    assert sent == list(range(kept_first, 41))
+    assert len(gaps) == 1 and gaps[0]["from"] == 6
+    # The gap must end before the first caption replayed.
+    assert gaps[0]["to"] < sent[0], (gaps[0], sent[0])

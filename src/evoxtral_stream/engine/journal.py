@@ -481,7 +481,7 @@ class Journal:
             self._last_seq[stream] = last
             if reserved:
                 self._reserved[stream] = reserved
-            if self._pruned_seq.pop(stream, None) is not None:
+            if stream in self._pruned_seq:
                 # Opened again after a prune: its file 1 does not start the
                 # numbering, and its files number past the pruned seq.
                 self._renumbered.add(stream)
@@ -744,8 +744,13 @@ class Journal:
         cur.file.flush()
         cur.size += len(data)
         self._ended_last.discard(stream)
-        if stream in self._pruned_seq:
-            self._last_seq[stream] = self._pruned_seq.pop(stream)
+        if stream in self._pruned_seq and stream not in self._renumbered:
+            # Opened again after a prune: it numbers on. Its pruned seq stays
+            # among the remembered (and in PRUNED_FILE when that is
+            # rewritten), so a restart still knows its file 1 does not start
+            # the numbering.
+            self._last_seq[stream] = max(self._pruned_seq[stream],
+                                         self._last_seq.get(stream, 0))
             self._renumbered.add(stream)
         return cur
 

@@ -204,8 +204,10 @@ class Broadcaster:
 
     def _replay_with(self, stream: str, since: int, older: SourceReplay,
                      kept: deque[tuple[int, str]] | None) -> list[str]:
-        out = ([self._gap(stream, since + 1, older.covered_from - 1)]
-               if since + 1 < older.covered_from else [])
+        # The source covers from covered_from, the retained captions from
+        # their first: a gap never names a caption replayed after it.
+        covered = older.covered_from if not kept else min(older.covered_from, kept[0][0])
+        out = [self._gap(stream, since + 1, covered - 1)] if since + 1 < covered else []
         out += [r.message for r in older.records]
         out += [msg for seq, msg in (kept or ()) if seq > since]
         ended = self._ended.get(stream)
