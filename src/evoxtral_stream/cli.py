@@ -383,10 +383,15 @@ def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence
         if staged and suffix is not None:
             paths += [part for p in paths if (part := part_path(p)) is not None]
         for path in paths:
-            if path.is_dir():  # else found only once the stream's file is complete
+            try:
+                is_dir, resolved = path.is_dir(), path.resolve()
+            except (OSError, ValueError) as e:  # a NUL, a name too long
+                raise UserError(f"{flag} {str(path)!r} cannot name a file: "
+                                f"{getattr(e, 'strerror', None) or e}") from None
+            if is_dir:  # else found only once the stream's file is complete
                 raise UserError(f"{flag} {path} is a folder, where that file would go; "
                                 "move it, or name another place")
-            other = writers.setdefault(path.resolve(), flag)
+            other = writers.setdefault(resolved, flag)
             if other == "the input":
                 raise UserError(f"{flag} {path} is one of the {inputs_are}: it would be "
                                 "overwritten; name another file")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -277,3 +278,41 @@ def test_a_stream_picked_that_the_recording_lacks_is_said(
     assert main(["subtitles", str(path), "--stream", "talk", "--stream", "tlak"]) == 0
     assert capsys.readouterr().out == "hello\n"
     assert "no final captions of stream 'tlak' in 1 recording file(s)" in caplog.text
+
+
+def test_a_latency_or_tag_time_too_large_for_a_float_is_a_damaged_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """caption_from_dict promises ProtocolError for a field of the wrong
+    type, and start/end 10**400 were fixed to be skipped as damaged lines
+    (test_recorded_lines_with_times_that_are_no_times_are_skipped); the
+    same integer as ``latency`` or a tag's ``t`` still ends ``subtitles``
+    with an OverflowError traceback."""
+    good = caption_to_dict(final("talk", 0, 1, "kept"))
+    lines = [json.dumps({**good, "segment": 1, "seq": 2, "latency": 10 ** 400}),
+             json.dumps({**good, "segment": 2, "seq": 3, "tags": [
+                 {"tag": "laughs", "kind": "non-verbal", "index": 0, "t": 10 ** 400}]}),
+             json.dumps(good)]
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    srt = tmp_path / "talk.srt"
+    with caplog.at_level(logging.WARNING):
+        assert main(["subtitles", str(path), "--srt", str(srt)]) == 0
+    assert srt.read_text() == "1\n00:00:00,000 --> 00:00:00,833\nkept\n"
+    assert "2 line(s) that are not protocol messages skipped" in caplog.text
+
+
+@pytest.mark.parametrize("odd", ["a\x00b", "x" * 300])
+def test_an_odd_stream_id_in_a_recording_is_one_error_line(
+        odd: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A recording is any log of protocol messages: a stream id the engine
+    would refuse (a NUL, a name no file system holds) must give one error
+    line and status 2, not a ValueError/OSError traceback from
+    _prepare_outputs (path.resolve() / path.is_dir())."""
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(caption_to_dict(final(s, 0, 1))) + "\n"
+                            for s in (odd, "talk")))
+    with pytest.raises(SystemExit) as exit_:
+        main(["subtitles", str(path), "--srt", f"{tmp_path / 'out'}/"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("evoxtral-stream: error:"), err

@@ -168,7 +168,12 @@ def caption_from_dict(obj: Mapping[str, Any]) -> CaptionEvent:
                 and isinstance(t.get("kind"), str) and isinstance(t.get("index"), int)
                 and isinstance(t.get("t"), int | float)):
             raise ProtocolError("bad_message", f"caption tag {t!r} is not a tag object")
-        tags.append(TagMark(t["tag"], t["kind"], t["index"], float(t["t"]),
+        try:
+            at = float(t["t"])
+        except OverflowError:
+            raise ProtocolError("bad_message", f"caption tag time {t['t']!r} is not a "
+                                               "time") from None
+        tags.append(TagMark(t["tag"], t["kind"], t["index"], at,
                             bool(t.get("known", True))))
     def seconds(key: str) -> float:
         value = field(key, (int, float))
@@ -182,13 +187,18 @@ def caption_from_dict(obj: Mapping[str, Any]) -> CaptionEvent:
         return t
 
     latency = field("latency", (int, float, type(None)), None)
+    try:
+        latency = None if latency is None else float(latency)
+    except OverflowError:
+        raise ProtocolError("bad_message", f"caption field 'latency' is not a time: "
+                                           f"{latency!r}") from None
     return CaptionEvent(
         stream=field("stream", str), segment=field("segment", int), seq=field("seq", int),
         final=field("final", bool), text=text,
         plain_text=field("plain_text", (str, type(None)), None) or plain_text(text),
         stable=field("stable", str, text), unstable=field("unstable", str, ""),
         tags=tuple(tags), start=seconds("start"), end=seconds("end"),
-        latency=None if latency is None else float(latency))
+        latency=latency)
 
 
 def decode_caption(text: str | bytes) -> dict[str, Any]:
