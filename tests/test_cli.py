@@ -1440,3 +1440,26 @@ def test_closed_standard_streams_are_one_line_not_a_traceback(tmp_path: Path) ->
                    "cannot write captions to standard output")
     assert srt.read_text().count(" --> ") >= 5, "the subtitles hold every final"
     assert run("2>&-", "config", "--set", "vad.aggressiveness=9").returncode == 2
+
+
+def test_an_input_that_cannot_be_read_is_one_error_line_whatever_the_reason(
+        tmp_path: Path) -> None:
+    """A name too long, a symlink loop (Path.resolve raised RuntimeError before
+    Python 3.13), or a name with a line break: one line, exit status 2."""
+    loop = tmp_path / "loop.wav"
+    loop.symlink_to(loop)
+    one_error_line(cli("transcribe", str(tmp_path / ("a" * 300 + ".wav"))), "aaaa")
+    one_error_line(cli("transcribe", str(loop)), "loop.wav")
+    proc = cli("transcribe", str(tmp_path / "a\nevoxtral-stream: error: b.wav"))
+    assert one_error_line(proc, "a\\nevoxtral-stream")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_an_output_that_is_a_symlink_loop_is_no_traceback(tmp_path: Path) -> None:
+    audio = tmp_path / "a.wav"
+    sf.write(audio, np.zeros(8000, np.int16), 16000)
+    loop = tmp_path / "loop.srt"
+    loop.symlink_to(loop)
+    proc = cli("transcribe", str(audio), "--srt", str(loop))
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode in (0, 2), proc.stderr

@@ -373,7 +373,9 @@ def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence
             # --jsonl, or one file's SRT/VTT: a file in a folder that exists.
             _check_output_file(flag, raw, "--jsonl writes one file for every stream: "
                                           "name that file")
-    writers = {p.resolve(): "the input" for p in inputs}
+    # os.path.realpath, not Path.resolve: before Python 3.13 that raises
+    # RuntimeError on a symlink loop (read_audio_file reports it in one line).
+    writers = {Path(os.path.realpath(p)): "the input" for p in inputs}
     for flag, raw in outputs:
         if raw is None:
             continue
@@ -384,7 +386,7 @@ def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence
             paths += [part for p in paths if (part := part_path(p)) is not None]
         for path in paths:
             try:
-                is_dir, resolved = path.is_dir(), path.resolve()
+                is_dir, resolved = path.is_dir(), Path(os.path.realpath(path))
             except (OSError, ValueError) as e:  # a NUL, a name too long
                 raise UserError(f"{flag} {str(path)!r} cannot name a file: "
                                 f"{getattr(e, 'strerror', None) or e}") from None
@@ -1167,7 +1169,9 @@ def _error_line(message: str, logs: LoggingConfig) -> None:
         log.error("%s", message)
     else:
         with contextlib.suppress(OSError):  # stderr full: the exit status still tells
-            print(f"evoxtral-stream: error: {message}", file=sys.stderr, flush=True)
+            # One line even when the message quotes a file name holding one.
+            shown = message.replace("\r", "\\r").replace("\n", "\\n")
+            print(f"evoxtral-stream: error: {shown}", file=sys.stderr, flush=True)
 
 
 def _fail(message: str, logs: LoggingConfig) -> NoReturn:

@@ -49,7 +49,8 @@ def part_path(target: Path) -> Path | None:
     names is replaced, the link kept). None: ``target`` is written in place,
     being no regular file (a device such as ``/dev/stdout``, a FIFO), which
     a rename would replace."""
-    real = target.resolve() if target.is_symlink() else target
+    # realpath: Path.resolve raises RuntimeError on a symlink loop before 3.13.
+    real = Path(os.path.realpath(target)) if target.is_symlink() else target
     if real.exists() and not real.is_file():
         return None
     return real.with_name(real.name + ".part")

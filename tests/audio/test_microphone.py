@@ -734,6 +734,8 @@ DEVICES = [
      "default_samplerate": 48000.0},
     {"index": 2, "name": "USB Headset Mic", "max_input_channels": 1,
      "default_samplerate": 48000.0},
+    {"index": 3, "name": "Studio Mic²", "max_input_channels": 1,
+     "default_samplerate": 48000.0},
 ]
 
 
@@ -743,12 +745,15 @@ def test_list_and_resolve_input_devices(monkeypatch: pytest.MonkeyPatch) -> None
     assert devices == [
         InputDevice(0, "HDA Intel PCH: ALC3246 Analog", 2, 44100.0, False),
         InputDevice(2, "USB Headset Mic", 1, 48000.0, True),
+        InputDevice(3, "Studio Mic²", 1, 48000.0, False),
     ]
     assert resolve_input_device("").index == 2
     assert resolve_input_device(None).index == 2
     assert resolve_input_device("0").index == 0
     assert resolve_input_device(0).index == 0
     assert resolve_input_device("headset").index == 2
+    # A digit that is no decimal digit is part of a name, not an index.
+    assert resolve_input_device("²").index == 3
     with pytest.raises(AudioInputError, match="no audio input device matches 'webcam'"):
         resolve_input_device("webcam")
     with pytest.raises(AudioInputError, match="device 1 does not exist"):

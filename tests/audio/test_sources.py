@@ -167,3 +167,10 @@ def test_iter_chunks() -> None:
     assert list(iter_chunks(x[:0], 4)) == []
     with pytest.raises(ValueError, match="at least 1"):
         list(iter_chunks(x, 0))
+
+
+def test_a_path_that_cannot_be_looked_at_is_an_audio_input_error(tmp_path: Path) -> None:
+    """Not only a missing file: a name too long (or, for a user, a folder on
+    the way it may not search) raised a bare OSError, a traceback in the CLI."""
+    with pytest.raises(AudioInputError, match="File name too long"):
+        read_audio_file(tmp_path / ("a" * 300 + ".wav"))

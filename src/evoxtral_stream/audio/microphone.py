@@ -134,7 +134,7 @@ def resolve_input_device(spec: str | int | None) -> InputDevice:
             if d.is_default:
                 return d
         return devices[0]
-    if isinstance(spec, int) or spec.strip().isdigit():
+    if isinstance(spec, int) or spec.strip().isdecimal():
         index = int(spec)
         for d in devices:
             if d.index == index:

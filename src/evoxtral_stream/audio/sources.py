@@ -43,10 +43,13 @@ def read_audio_file(path: str | os.PathLike[str]) -> Int16Array:
     file at once: :class:`StreamResampler`), so an hour of 48 kHz stereo
     takes the memory of its 16 kHz mono result, not ten times that."""
     p = Path(path)
-    if not p.exists():
-        raise AudioInputError(f"audio file {p} does not exist")
-    if p.is_dir():
-        raise AudioInputError(f"audio file {p} is a directory, not a file")
+    try:
+        if not p.exists():
+            raise AudioInputError(f"audio file {p} does not exist")
+        if p.is_dir():
+            raise AudioInputError(f"audio file {p} is a directory, not a file")
+    except OSError as e:  # a name too long, a folder on the way that cannot be searched
+        raise AudioInputError(f"cannot read audio file {p}: {e.strerror or e}") from None
     parts: list[Int16Array] = []
     try:
         # As bytes on POSIX: soundfile encodes a str path strictly, so a
