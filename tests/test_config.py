@@ -192,7 +192,7 @@ def test_logging_defaults_to_todays_text_at_info_and_a_file_may_choose_json(
                       "streams": ["studio-*"], "max_subscribers": 3}]},
     # DEL is a control character TOML refuses raw, which JSON leaves raw: it
     # used to be printed as is, a file `config --config` could not read back.
-    {"mqtt.client_id": "cam\x7f1", "model.voxtral.merge_lora": False,
+    {"audio.device": "cam\x7f1", "model.voxtral.merge_lora": False,
      "model.voxtral.adapters": {"del\x7fkey": "x\x7fy"}},
 ])
 def test_to_toml_reads_back_to_the_same_config(tmp_path: Path,

@@ -535,6 +535,17 @@ def load_config(
 # Defined after Config: its annotations are strings, resolved only when built.
 
 
+# What brokers reject in any MQTT string (a topic, the client id, the user
+# name) as malformed UTF-8: control characters, surrogates and Unicode
+# noncharacters; mosquitto drops the connection, here at the CONNECT already
+# (the prefix is in the will's topic). Stream ids have them replaced
+# (server/mqtt.py's topic_level); configured text must not hold them.
+MQTT_UNSAFE_TEXT = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+    + "".join(chr(plane << 16 | 0xFFFE) + chr(plane << 16 | 0xFFFF) for plane in range(17))
+    + "]")
+
+
 @dataclass(frozen=True)
 class MqttConfig:
     """The MQTT publisher (``server/mqtt.py``); see ``[mqtt]`` in config.toml."""
@@ -568,6 +579,13 @@ class MqttConfig:
                 "mqtt.prefix must be a non-empty topic without wildcards (+, #), NUL, "
                 f"empty levels or a leading $ or /, got {p!r}"
             )
+        for key in ("prefix", "client_id", "username"):
+            bad = MQTT_UNSAFE_TEXT.search(getattr(self, key))
+            if bad:
+                raise ConfigError(
+                    f"mqtt.{key} must not hold control characters, surrogates or Unicode "
+                    f"noncharacters (brokers refuse them), got U+{ord(bad.group()):04X} "
+                    f"in {getattr(self, key)!r}")
         if not self.host:
             raise ConfigError(f"mqtt.host must be a host name or address, got {self.host!r}")
         if self.reconnect_min_s > self.reconnect_max_s:

@@ -15,9 +15,10 @@ topic                          events                           QoS  retained
 A stream that ended ``cfg.forget_ended_s`` ago (and was not opened again)
 has its retained status and last final removed from the broker: an empty
 retained publish on each (MQTT 5 brokers also expire its ``stream.ended``
-status by themselves then, which covers an engine stopped before; with
-3.1.1 an engine that stops cleanly removes them on its way out instead, as
-nothing else would, while one that crashed leaves them). Without
+status by themselves then, which covers an engine stopped before; an
+engine that stops cleanly removes on its way out what nothing else would:
+the last finals, and with 3.1.1 the status too; one that crashed leaves
+them). Without
 that every stream id ever seen would stay retained, and each new subscriber
 to ``{prefix}/+/status`` would get them all.
 
@@ -438,7 +439,18 @@ class MqttPublisher:
         return asyncio.get_running_loop().time() >= self._drain_deadline
 
     def _done_closing(self) -> bool:
-        return self._closing.is_set() and (not self._backlog or self._past_deadline())
+        return self._closing.is_set() and (
+            self._past_deadline()
+            or (not self._backlog and not (self._forget and self._owed_at_close())))
+
+    def _owed_at_close(self) -> tuple[str, ...]:
+        """The topics (leaves) of each ended stream's retained messages that
+        a stop must remove itself: nothing expires them on the broker. With
+        MQTT 3.1.1 that is all of them; with MQTT 5 the ``stream.ended``
+        status expires by itself, the last final does not."""
+        v5 = not (self.cfg.protocol == "3.1.1" or self._fallback)
+        leaves = ("status", "final") if self.cfg.retain_final else ("status",)
+        return tuple(leaf for leaf in leaves if not (v5 and leaf == "status"))
 
     async def _run(self) -> None:
         import aiomqtt
@@ -640,9 +652,10 @@ class MqttPublisher:
         await self._restate(client, lost, json_props)
         ended_props = _json_props(v5, expiry_s=self.cfg.forget_ended_s)
         while True:
-            # MQTT 3.1.1 has no message expiry: what an engine stopping now
-            # leaves retained stays for good, so it clears it on the way out.
-            self._queue_due_clears(every=self._closing.is_set() and not v5)
+            # What an engine stopping now leaves retained without an expiry
+            # (everything with 3.1.1, the last finals with 5) stays for
+            # good, so it clears it on the way out.
+            self._queue_due_clears(every=self._closing.is_set())
             if self._done_closing():
                 break
             item = self._backlog.pop()
@@ -706,10 +719,14 @@ class MqttPublisher:
 
     def _queue_due_clears(self, *, every: bool = False) -> None:
         """Queue the removal of the retained messages of streams that ended
-        ``forget_ended_s`` ago (``every``: of every ended stream): their
-        status, and their last final if retained."""
+        ``forget_ended_s`` ago: their status, and their last final if
+        retained (``every``, at a stop: of every ended stream, those
+        nothing would remove later; see :meth:`_owed_at_close`)."""
         now = math.inf if every else time.monotonic()
-        leaves = ("status", "final") if self.cfg.retain_final else ("status",)
+        if every:
+            leaves = self._owed_at_close()
+        else:
+            leaves = ("status", "final") if self.cfg.retain_final else ("status",)
         while self._forget:
             level, due = next(iter(self._forget.items()))
             if due > now:
