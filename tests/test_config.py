@@ -64,6 +64,13 @@ def test_defaults_load_and_a_user_file_overrides_only_its_keys(tmp_path: Path) -
     ({"worker.stall_timeout_s": float("nan")}, "worker.stall_timeout_s must be a finite number"),
     ({"vad.max_segment_s": float("-inf")}, "vad.max_segment_s must be a finite number"),
     ({"logging.colour": True}, "unknown config key 'logging.colour'"),
+    ({"mqtt.host": "mqtt://broker"}, "mqtt.host must be a host name or address (the port goes "
+                                     "in mqtt.port, credentials in mqtt.username), got "
+                                     "'mqtt://broker'"),
+    ({"mqtt.host": "broker:1883"}, "mqtt.host must be a host name or address"),
+    ({"mqtt.host": "me@broker"}, "mqtt.host must be a host name or address"),
+    ({"mqtt.host": "broker "}, "mqtt.host must be a host name or address"),
+    ({"mqtt.host": ""}, "mqtt.host must be a host name or address"),
     # Cues at least 10 s and at most 1 s: every cue used to be stretched past
     # max_cue_s without a word.
     ({"captions.min_cue_s": 10.0, "captions.max_cue_s": 1.0},
@@ -239,3 +246,8 @@ def test_values_nested_too_deeply_for_the_toml_reader_are_a_config_error(
     with pytest.raises(ConfigError, match=r"override vad\.aggressiveness: values nested "
                                           "too deeply"):
         parse_override("vad.aggressiveness=" + "[" * 5000 + "]" * 5000)
+
+
+@pytest.mark.parametrize("host", ["broker.local", "10.0.0.7", "::1", "fe80::1%eth0", "mqtt"])
+def test_mqtt_hosts_that_name_a_host(host: str) -> None:
+    assert load_config(overrides={"mqtt.host": host}, env={}).mqtt.host == host

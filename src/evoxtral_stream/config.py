@@ -586,8 +586,13 @@ class MqttConfig:
                     f"mqtt.{key} must not hold control characters, surrogates or Unicode "
                     f"noncharacters (brokers refuse them), got U+{ord(bad.group()):04X} "
                     f"in {getattr(self, key)!r}")
-        if not self.host:
-            raise ConfigError(f"mqtt.host must be a host name or address, got {self.host!r}")
+        h = self.host
+        # A URL, a host:port or user@host is taken by nobody as a host name:
+        # the engine would only log the broker as unreachable, for ever. (Two
+        # colons or more are an IPv6 address.)
+        if not h or any(c.isspace() for c in h) or "/" in h or "@" in h or h.count(":") == 1:
+            raise ConfigError(f"mqtt.host must be a host name or address (the port goes in "
+                              f"mqtt.port, credentials in mqtt.username), got {h!r}")
         if self.reconnect_min_s > self.reconnect_max_s:
             raise ConfigError(
                 f"mqtt.reconnect_min_s must be at most mqtt.reconnect_max_s "
