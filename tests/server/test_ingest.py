@@ -738,3 +738,34 @@ async def test_the_stream_id_is_free_once_the_summary_arrives(
             assert (await until_closed(ws))[-1]["type"] == "ingest.summary"
     finally:
         first.close()
+
+
+async def test_a_client_too_slow_for_its_last_finals_is_closed_as_too_slow(
+        scripted: tuple[Engine, CaptionServer], monkeypatch: pytest.MonkeyPatch) -> None:
+    """After ``end`` the server waits a while for the connection to take its
+    last events. A client slower than that (here: it reads nothing for a
+    while, behind 8 MB of them) used to be closed 1000, as a normal end,
+    without its last events and the summary; it is closed 1013 now, as any
+    subscriber too slow is, so it knows."""
+    from evoxtral_stream.server import app
+
+    monkeypatch.setattr(app, "_FINALS_SENT_S", 0.5)
+    engine, server = scripted
+    sock = await asyncio.to_thread(raw_ws_handshake, server.port, "/v1/ingest?stream=slow")
+    try:
+        sock.sendall(client_text_frame(json.dumps({"type": "config", "sample_rate": 16000})))
+        async with asyncio.timeout(10):
+            while "slow" not in engine.streams:  # ingest.ready is on its way
+                await asyncio.sleep(0.01)
+        big = "word " * 200_000  # 1 MB a message: more than the socket buffers hold
+        for seq in range(1000, 1008):
+            server.broadcaster.publish(CaptionEvent(
+                stream="slow", segment=0, seq=seq, final=False, text=big, plain_text=big,
+                stable="", unstable=big, tags=(), start=0.0, end=1.0, latency=0.1))
+        sock.sendall(client_text_frame(json.dumps({"type": "end"})))
+        await asyncio.sleep(2.0)                # reads nothing meanwhile
+        got = await asyncio.to_thread(drain, sock, 20)
+    finally:
+        sock.close()
+    assert b"ingest.summary" not in got
+    assert close_code_of(got) == 1013

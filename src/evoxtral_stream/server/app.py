@@ -114,6 +114,9 @@ _REALTIME = "/v1/realtime"
 _CAPABILITIES = ["captions", "resume", "ingest", "realtime"]
 # How an ingest connection's audio loop ended.
 _Outcome = Literal["end", "closed", "idle"]
+# How long an ingest connection that ended may take to read its last
+# events before the summary; past that it is closed as too slow (1013).
+_FINALS_SENT_S = 10.0
 
 # Errors after which an ingest connection cannot go on: the byte stream is
 # misaligned or the peer is not speaking the protocol.
@@ -674,16 +677,21 @@ class CaptionServer:
             # The id is free from here: a client may reconnect with it as
             # soon as it has the summary, before this close handshake ends.
             release()
+        too_slow = False
         try:
             if sub.overflowed.is_set():
                 return  # its queue will not drain: closed below
             # Wait for the pump to deliver the flushed finals, but not once it
             # has died (the peer is gone, so the queue would never drain).
             joined = asyncio.ensure_future(sub.queue.join())
-            await asyncio.wait({joined, pump}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({joined, pump}, timeout=_FINALS_SENT_S,
+                               return_when=asyncio.FIRST_COMPLETED)
             drained = joined.done()
             joined.cancel()
             if not drained:
+                # Alive but not reading its own finals: closed as too slow
+                # (1013), not as a normal end (1000) without them and the summary.
+                too_slow = not pump.done()
                 return
             if outcome == "end" and not sub.overflowed.is_set():
                 await ws.send(encode_message(
@@ -704,7 +712,7 @@ class CaptionServer:
             overflow.cancel()
             await asyncio.gather(pump, overflow, return_exceptions=True)
             self.broadcaster.unsubscribe(sub)
-            if sub.overflowed.is_set():
+            if sub.overflowed.is_set() or too_slow:
                 await self._close_slow(ws)
 
     async def _read_audio(self, ws: ServerConnection, stream_id: str, fmt: IngestFormat,
