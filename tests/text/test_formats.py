@@ -232,3 +232,14 @@ def test_subtitles_written_as_finals_land_are_the_whole_file_s(
     cues = build_cues(events, layout=layout, until=until)
     if cues and all(nxt.start > cue.start for cue, nxt in pairwise(cues)):
         assert before_end.count(" --> ") == len(cues) - 1
+
+
+@pytest.mark.parametrize("text", ["... Yes.", "[sighs]... Fine.", "Right. — Okay."])
+@pytest.mark.parametrize("style", [TagStyle.INLINE, TagStyle.STRIP])
+def test_a_cue_without_words_is_not_left_under_the_next(text: str, style: TagStyle) -> None:
+    """A long segment with few words (the last word alone spans over 7 s):
+    a leading "..." is not closed as a cue of its own, zero-length and then
+    stretched over the next one."""
+    cues = build_cues([final(text, 0.0, 16.0)], tags=style)
+    assert all(a.end <= b.start for a, b in pairwise(cues)), cues
+    assert all(c.end > c.start for c in cues), cues

@@ -205,7 +205,10 @@ def _event_cues(event: CaptionEvent, style: TagStyle, layout: CueLayout,
         if first is not None and prev is not None:
             line = lines[-1]
             fits_line = width(line) + 1 + u.width <= layout.max_line_chars
-            too_long = at(u.w1) - at(first.w0) > layout.max_cue_s
+            # A cue that holds no word yet ("...", "[sighs]...") takes no
+            # time: closed, it would be a zero-length cue under the next.
+            too_long = (prev.w1 > first.w0
+                        and at(u.w1) - at(first.w0) > layout.max_cue_s)
             if too_long or (not fits_line and len(lines) >= layout.max_lines):
                 close(prev)
             elif not fits_line:
@@ -215,7 +218,7 @@ def _event_cues(event: CaptionEvent, style: TagStyle, layout: CueLayout,
         lines[-1].append(u)
         prev = u
         full = sum(width(line) for line in lines) >= layout.max_line_chars
-        if u.ends_sentence and full:
+        if u.ends_sentence and full and u.w1 > first.w0:
             close(u)
     if prev is not None:
         close(prev)
