@@ -450,3 +450,46 @@ async def test_the_watch_stops_with_the_server(pki: Pki, tmp_path: Path) -> None
                        CaptionServer(engine, plain.server, tls_poll_s=POLL_S)):
             async with server:
                 assert not any(t.get_name() == "tls-reload" for t in asyncio.all_tasks())
+
+
+@pytest.fixture(scope="module")
+def rsa_leaf(pki: Pki) -> tuple[Path, Path]:
+    """An RSA certificate, CN charlie-rsa, signed by the test CA."""
+    openssl = shutil.which("openssl")
+    assert openssl is not None
+    folder = pki.ca.parent
+    key, csr, cert = folder / "charlie.key", folder / "charlie.csr", folder / "charlie.pem"
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60)
+
+    run("req", "-new", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=charlie-rsa",
+        "-keyout", str(key), "-out", str(csr))
+    run("x509", "-req", "-in", str(csr), "-CA", str(pki.ca), "-CAkey",
+        str(pki.ca.parent / "ca.key"), "-CAcreateserial", "-days", "2", "-extfile",
+        str(folder / "leaf.ext"), "-out", str(cert))
+    return cert, key
+
+
+async def test_a_renewal_to_another_key_type_is_served_to_new_connections(
+    pki: Pki, rsa_leaf: tuple[Path, Path], tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """OpenSSL keeps a certificate per key type in a context: a renewal from
+    ECDSA to RSA (certbot --key-type) loaded into the live context sat beside
+    the old pair, which handshakes still chose, while the log said reloaded."""
+    caplog.set_level(logging.INFO, logger=CERTS_LOG)
+    cert, key = live_files(tmp_path, pki.alpha)          # ECDSA in service
+    cfg = load_config(overrides={"server.port": 0, "server.tls_cert": str(cert),
+                                 "server.tls_key": str(key)}, env={})
+    async with Engine(cfg, ScriptedBackend(lambda a: "")) as engine, \
+            CaptionServer(engine, cfg.server, tls_poll_s=POLL_S) as server:
+        assert await served_cn(server.port, pki) == "alpha"
+        replace(key, rsa_leaf[1].read_bytes())           # renewed as RSA
+        replace(cert, rsa_leaf[0].read_bytes())
+        await until_logged(caplog, logging.INFO)
+        assert records(caplog, logging.INFO) == [
+            f"server TLS certificate reloaded from {cert} and {key}"]
+        await asyncio.sleep(3 * POLL_S)
+        # The log says reloaded; a new connection must get the new certificate.
+        assert await served_cn(server.port, pki) == "charlie-rsa"

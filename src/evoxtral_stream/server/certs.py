@@ -129,6 +129,18 @@ class ServerCertificate:
         self.cert = cert
         self.key = key
         self._watcher = CertWatcher(loaded)
+        # The context holding only the pair loaded last. OpenSSL keeps one
+        # certificate per key type in a context, so a renewal of another key
+        # type (RSA to ECDSA, say) loaded into ``context`` would sit beside
+        # the old pair, which handshakes could still choose: each handshake
+        # on ``context`` is moved to this one instead, at its ClientHello.
+        self._serving = context
+        context.sni_callback = self._serve_current
+
+    def _serve_current(self, conn: ssl.SSLObject | ssl.SSLSocket, server_name: str | None,
+                       context: ssl.SSLContext) -> None:
+        if self._serving is not context:
+            conn.context = self._serving
 
     @classmethod
     def open(cls, cert: str, key: str) -> ServerCertificate | None:
@@ -161,6 +173,7 @@ class ServerCertificate:
                 scratch = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
                 load_server_certificate(scratch, cert, key, shown=shown)
                 load_server_certificate(self.context, cert, key, shown=shown)
+                self._serving = scratch
         except (ConfigError, OSError) as e:
             if self._watcher.failed(seen, str(e)):
                 log.error("server TLS files %s and %s changed but cannot be loaded: %s; "
