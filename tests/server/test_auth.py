@@ -517,3 +517,21 @@ async def test_a_resume_cannot_reach_past_the_streams_subscribed_to() -> None:
             await hello(ws)
             replayed = json.loads(await asyncio.wait_for(ws.recv(), 10))
         assert (replayed["stream"], replayed["text"]) == ("private", "the board's minutes")
+
+
+async def test_a_reload_keeps_an_unnamed_ingest_stream_its_new_patterns_cover() -> None:
+    """A connection that named no stream was checked at a reload as naming
+    none: a token narrowed to patterns that cover the server's ingest-N was
+    revoked all the same ("name them with ?stream=ID")."""
+    async with running() as (_, server):
+        base = f"ws://127.0.0.1:{server.port}"
+        async with connect(f"{base}/v1/ingest?token={ING}") as ingest:
+            await ingest.send(json.dumps({"type": "config", "sample_rate": 16000}))
+            ready = json.loads(await asyncio.wait_for(ingest.recv(), 10))
+            assert ready["type"] == "ingest.ready" and ready["stream"] == "ingest-1"
+            # The mic token keeps its role and now covers ingest-* only.
+            tokens = [{**t, "streams": ["ingest-*"]} if t["name"] == "mic" else t
+                      for t in TOKENS]
+            auth = load_config(overrides={"auth.tokens": tokens}, env={}).auth
+            closed = await server.reload_auth(auth)
+            assert closed == 0, "the ingest-1 connection was revoked"

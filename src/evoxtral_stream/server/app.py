@@ -446,10 +446,18 @@ class CaptionServer:
             return
         if not query.get("stream"):
             query = {**query, "stream": [self._unnamed_stream_id("realtime")]}
+            self._uses_stream(ws, query["stream"][0])
         try:
             await serve_realtime(ws, query, self._engine, self.broadcaster, self._cfg)
         finally:
             self._usage.release(grant.token, "streams")
+
+    def _uses_stream(self, ws: ServerConnection, stream_id: str) -> None:
+        """``ws`` streams as ``stream_id``, a name the server may have picked:
+        what an [auth] reload checks the connection's token against."""
+        access = self._live.get(ws)
+        if access is not None:
+            access.streams = (stream_id,)
 
     def _too_many_streams(self, grant: Grant | None) -> str:
         if grant is not None and grant.token is not None:
@@ -564,6 +572,7 @@ class CaptionServer:
     async def _ingest(self, ws: ServerConnection, query: dict[str, list[str]],
                       grant: Grant) -> None:
         stream_id = (query.get("stream") or [self._unnamed_stream_id("ingest")])[0]
+        self._uses_stream(ws, stream_id)
         problem = stream_id_problem(stream_id)
         if problem is not None:
             await self._refuse(ws, "bad_query", problem)
