@@ -437,20 +437,30 @@ class ModelWorker:
     def _cancel_running(self, key: tuple[str, int]) -> None:
         job, req = self._running.pop(key)
         # Only the continuous path fills _running, so the backend steps.
-        cast(SteppingBackend, self._backend).cancel(job)
+        backend = cast(SteppingBackend, self._backend)
+        start = self._clock()
+        try:
+            self._timed(lambda: backend.cancel(job))
+        except Exception as e:  # out of memory copying the cache, say: as a failing step
+            failed: Exception | None = e
+        else:
+            failed = None
         self._answered(req)
         with self._lock:
             self._cancelled += 1
+        if failed is not None:
+            self._continuous_failed(backend, failed, [], start)
 
     def _main(self, reload: bool) -> None:
         try:
             if reload:
                 self._reload()
-                self._loading = False
                 if isinstance(self._backend, SteppingBackend):
                     # The same backend object may come back (no factory):
                     # rows of the dead thread's batch must not linger in it.
-                    self._backend.abort()
+                    # Timed, and not ready until done: a backend call too.
+                    self._timed(self._backend.abort)
+                self._loading = False
             self._run()
         except BaseException as e:  # the thread's last line of defence: restart
             self._died(e)
@@ -541,7 +551,7 @@ class ModelWorker:
         # The backend changes only on a reload, before this loop: decide once,
         # not per decode step (isinstance on a Protocol checks every member).
         stepping = self.mode == "continuous"
-        if self._warms_up():
+        if self._warms_up() and self._down is None:  # down, the model is not used
             self._warm_up(cast(WarmsUp, self._backend))
         while not self._stopping or self._pending or self._running:
             if self._down is None and stepping:
