@@ -20,6 +20,7 @@ from evoxtral_stream.config import WorkerConfig, load_config
 from evoxtral_stream.engine.backends.base import Done, Job
 from evoxtral_stream.engine.worker import ModelWorker, WorkerResult
 from evoxtral_stream.events import DecodeFailure, DecodeRequest, Hypothesis, RequestKind
+from tests.engine.test_worker_continuous import drain
 from tests.fakes import SteppingScriptedBackend
 
 PARTIAL, FINAL = RequestKind.PARTIAL, RequestKind.FINAL
@@ -170,13 +171,17 @@ def req(stream: str, words: int, kind: RequestKind = FINAL, *, segment: int = 0,
     return mk(stream, segment, revision, kind, words, None, 0.0)
 
 
-def drain(out: queue.Queue[WorkerResult], n: int) -> list[WorkerResult]:
-    got = [out.get(timeout=10) for _ in range(n)]
+def assert_stalls(w: ModelWorker, entered: threading.Event, gate: threading.Event) -> None:
+    """Once the backend call is ``entered``, stuck there 6x the stall limit,
+    the worker is stalled and not ready; ``gate`` lets it go, and it stops."""
     try:
-        extra = out.get(timeout=0.2)
-    except queue.Empty:
-        return got
-    raise AssertionError(f"answered more than expected: {extra}")
+        assert entered.wait(5)
+        time.sleep(0.3)
+        assert w.stalled
+        assert not w.ready
+    finally:
+        gate.set()
+        w.stop(5)
 
 
 def test_an_exception_from_cancel_is_a_backend_failure_not_a_thread_death() -> None:
@@ -228,17 +233,10 @@ def test_a_hung_cancel_is_seen_as_a_stall() -> None:
     out: queue.Queue[WorkerResult] = queue.Queue()
     w = ModelWorker(backend, wcfg(max_batch=4, max_wait_ms=0, stall_timeout_s=0.05), out.put)
     w.start()
-    try:
-        assert w.submit(req("a", 300, PARTIAL, revision=1))
-        assert backend.stepped.wait(5)
-        assert w.submit(req("a", 4, FINAL, revision=2))
-        assert entered.wait(5)
-        time.sleep(0.3)                      # stuck in the backend 6x the stall limit
-        assert w.stalled
-        assert not w.ready
-    finally:
-        gate.set()
-        w.stop(5)
+    assert w.submit(req("a", 300, PARTIAL, revision=1))
+    assert backend.stepped.wait(5)
+    assert w.submit(req("a", 4, FINAL, revision=2))
+    assert_stalls(w, entered, gate)
 
 
 def test_a_hung_abort_after_a_reload_is_not_ready() -> None:
@@ -258,15 +256,8 @@ def test_a_hung_abort_after_a_reload_is_not_ready() -> None:
     w = ModelWorker(backend, wcfg(max_batch=4, max_wait_ms=0, stall_timeout_s=0.05),
                     out.put, factory=lambda: backend, sleep=lambda s: None)
     w.start()
-    try:
-        assert w.submit(req("a", 20))
-        assert entered.wait(5)
-        time.sleep(0.3)                      # stuck in the backend 6x the stall limit
-        assert w.stalled
-        assert not w.ready
-    finally:
-        gate.set()
-        w.stop(5)
+    assert w.submit(req("a", 20))
+    assert_stalls(w, entered, gate)
 
 
 def test_a_worker_that_is_down_answers_without_warming_the_model_up_again() -> None:
