@@ -541,7 +541,11 @@ class TtsBridge:
             delay = min(delay * 2, self.cfg.reconnect_max_s)
 
     async def _expect_hello(self, ws: ClientConnection) -> None:
-        hello = json.loads(await asyncio.wait_for(ws.recv(), 10))
+        raw = await asyncio.wait_for(ws.recv(), 10)
+        try:
+            hello = json.loads(raw)
+        except ValueError:
+            hello = raw  # not JSON: said below
         if isinstance(hello, dict) and hello.get("type") == "error":
             raise BridgeError(f"the server refused the subscription: {hello.get('code')}: "
                               f"{hello.get('message')}")

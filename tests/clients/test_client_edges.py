@@ -10,8 +10,10 @@ import io
 from collections.abc import Callable
 from pathlib import Path
 
-from tts_bridge import BridgeConfig, SavedState, TtsBridge, write_state
+import pytest
+from tts_bridge import BridgeConfig, BridgeError, SavedState, TtsBridge, write_state
 from viewer import LiveWriter, watch
+from websockets.asyncio.server import ServerConnection, serve
 
 from evoxtral_stream.engine.engine import Engine, Stream
 from evoxtral_stream.events import CaptionEvent, StreamEnded
@@ -223,7 +225,6 @@ async def test_mic_client_says_why_when_the_server_answers_config_with_non_json(
 
     import numpy as np
     import soundfile as sf
-    from websockets.asyncio.server import ServerConnection, serve
 
     from tests.clients.conftest import CLIENTS
 
@@ -244,3 +245,20 @@ async def test_mic_client_says_why_when_the_server_answers_config_with_non_json(
         _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 1
     assert "Traceback" not in err.decode(), err.decode()
+
+
+async def test_bridge_says_what_came_when_the_hello_is_not_json(tmp_path: Path) -> None:
+    """A proxy's page instead of the hello used to end the bridge with
+    "Expecting value: line 1 column 1 (char 0)", which says nothing of what
+    came; the line now shows it."""
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send("<html>502 Bad Gateway</html>")
+        await ws.close(1011)
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{port}",
+                                        reconnect=False), GatedSynth())
+        with pytest.raises(BridgeError, match="expected a hello from the server, got "
+                                              "<html>502 Bad Gateway"):
+            await asyncio.wait_for(bridge.run(), 20)
