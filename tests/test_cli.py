@@ -1463,3 +1463,56 @@ def test_an_output_that_is_a_symlink_loop_is_no_traceback(tmp_path: Path) -> Non
     proc = cli("transcribe", str(audio), "--srt", str(loop))
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode in (0, 2), proc.stderr
+
+
+@pytest.mark.parametrize("name", ["loop.wav", "a\u0000.wav"])
+def test_eval_json_with_an_unreadable_audio_path_is_one_line_not_a_traceback(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        name: str) -> None:
+    """README: every file is read before the model loads, one that cannot be
+    read is one error line naming its manifest line (exit 2). Without --json
+    it is; with --json the refusal check (Path.resolve) raises first:
+    RuntimeError for a symlink loop (Python < 3.13), ValueError for a NUL."""
+    from evoxtral_stream import cli as cli_module
+
+    (tmp_path / "loop.wav").symlink_to(tmp_path / "loop.wav")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio": name, "text": "hello"}) + "\n")
+    monkeypatch.setattr(cli_module, "load_backend", lambda cfg: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit) as exc:
+        cli_module.main(["eval", str(manifest), "--json", str(tmp_path / "r.json")])
+    assert exc.value.code == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines()
+             if ln.startswith("evoxtral-stream: error:")]
+    assert len(lines) == 1 and "line 1" in lines[0], lines
+
+
+_SRT_TO_STDOUT = r"""
+import sys, numpy as np, soundfile as sf
+from pathlib import Path
+from evoxtral_stream import cli as cli_module
+from tests.fakes import ScriptedBackend, words_so_far
+wav = Path(sys.argv[1])
+rng = np.random.default_rng(3)
+sil = np.zeros(8000, np.int16)
+sf.write(wav, np.concatenate([sil, (rng.standard_normal(16000) * 3000).astype(np.int16), sil]),
+         16000)
+cli_module.load_backend = lambda cfg: ScriptedBackend(words_so_far)
+sys.exit(cli_module.main(["transcribe", str(wav), "--srt", "/dev/stdout", "-q"]))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_srt_to_dev_stdout_into_a_pipe_is_written_in_place(tmp_path: Path) -> None:
+    """README: "a target that is a FIFO or a device, such as /dev/stdout, is
+    written in place". With stdout a pipe (| less, | tee), /dev/stdout is a
+    link to /proc/PID/fd/pipe:[N], which realpath cannot follow: part_path
+    made /proc/PID/fd/pipe:[N].part, and transcribe failed with exit 2."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", _SRT_TO_STDOUT, str(tmp_path / "a.wav")],
+        capture_output=True, text=True, timeout=120, cwd=root,
+        env={**os.environ, "HF_HUB_OFFLINE": "1",
+             "PYTHONPATH": f"{root / 'src'}:{root}"})
+    assert proc.returncode == 0, proc.stderr
+    assert " --> " in proc.stdout and "w0 w1" in proc.stdout, proc.stdout

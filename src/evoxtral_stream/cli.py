@@ -1113,7 +1113,18 @@ def _cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     # The report is written last, after every file is decoded: check its place now.
     if args.json is not None:
         _check_output_file("--json", str(args.json), "name the report's file")
-        if args.json.resolve() in {args.manifest.resolve(), *(e.audio.resolve() for e in entries)}:
+        # os.path.realpath, not Path.resolve: before Python 3.13 that raises
+        # RuntimeError on a symlink loop; a NUL in a name is a ValueError.
+        def real(path: Path) -> str | None:
+            try:
+                return os.path.realpath(path)
+            except (OSError, ValueError):
+                return None  # read_audio_file reports it in one line
+
+        report_path = real(args.json)
+        if report_path is None:
+            raise UserError(f"--json {str(args.json)!r} cannot name a file")
+        if report_path in {real(args.manifest), *(real(e.audio) for e in entries)}:
             raise UserError(f"--json {args.json} is the manifest or one of its audio files: "
                             "it would be overwritten; name another file")
     # Every file of the manifest decoded now (eval holds them all anyway): a

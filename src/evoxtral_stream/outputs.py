@@ -49,10 +49,16 @@ def part_path(target: Path) -> Path | None:
     names is replaced, the link kept). None: ``target`` is written in place,
     being no regular file (a device such as ``/dev/stdout``, a FIFO), which
     a rename would replace."""
+    # stat, following links: /dev/stdout into a pipe links to
+    # "/proc/PID/fd/pipe:[N]", a name realpath cannot follow.
+    try:
+        mode: int | None = target.stat().st_mode
+    except (OSError, ValueError):  # none there yet, a symlink loop, a NUL
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        return None
     # realpath: Path.resolve raises RuntimeError on a symlink loop before 3.13.
     real = Path(os.path.realpath(target)) if target.is_symlink() else target
-    if real.exists() and not real.is_file():
-        return None
     return real.with_name(real.name + ".part")
 
 

@@ -168,3 +168,15 @@ def test_the_offline_pass_decodes_a_long_file_a_batch_of_windows_at_a_time() -> 
     assert failed == []
     whole, _ = offline_predictions(ScriptedBackend(), [ten_windows], max_batch=10)
     assert texts == whole
+
+
+def test_manifest_lines_are_split_at_newlines_only() -> None:
+    """A JSON-lines manifest whose reference holds U+2028 (or U+0085, U+2029)
+    raw, as json.dumps(..., ensure_ascii=False) writes it, is valid: str.splitlines
+    cut the line in two ("not valid JSON")."""
+    refs = ["one\u2028two", "three\x85four", "five"]
+    text = "".join(json.dumps({"audio": f"{i}.wav", "text": r}, ensure_ascii=False) + "\n"
+                   for i, r in enumerate(refs))
+    entries = parse_manifest(text)
+    assert [e.text for e in entries] == refs
+    assert [e.line for e in entries] == [1, 2, 3]

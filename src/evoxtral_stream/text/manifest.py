@@ -36,7 +36,9 @@ def parse_manifest(text: str, *, base_dir: Path | None = None,
     in messages.
     """
     out: list[ManifestEntry] = []
-    for n, raw in enumerate(text.splitlines(), start=1):
+    # "\n" only: str.splitlines also splits at U+2028, U+0085 and others,
+    # which JSON strings may hold raw (json.dumps(..., ensure_ascii=False)).
+    for n, raw in enumerate(text.split("\n"), start=1):
         if not raw.strip():
             continue
         where = f"{source} line {n}"
