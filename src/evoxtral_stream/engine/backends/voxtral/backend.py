@@ -168,11 +168,12 @@ def _from_pretrained(
     placement: dict[str, Any] = {"device_map": str(device)} if is_accelerate_available() else {}
     cls: Any = VoxtralForConditionalGeneration
     try:
-        model = cls.from_pretrained(
+        model, info = cls.from_pretrained(
             str(folder),
             dtype=dtype,
             attn_implementation=attn,
             local_files_only=True,
+            output_loading_info=True,
             **placement,
         )
         if not placement:
@@ -193,6 +194,14 @@ def _from_pretrained(
             f"cannot load the Voxtral base model from {str(folder)!r} ({one_line(e)}); "
             "set model.voxtral.base to a complete checkpoint"
         ) from None
+    # transformers fills tensors the checkpoint lacks with random values and
+    # only prints a report: a model that would caption with them is refused.
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise BackendUnavailable(
+            f"the Voxtral base model in {str(folder)!r} lacks {len(missing)} weight tensors "
+            f"(e.g. {', '.join(missing[:3])}); set model.voxtral.base to a complete checkpoint"
+        )
     cast(Any, model).eval()
     _greedy_generation_config(model, folder)
     return cast(nn.Module, model)
@@ -267,6 +276,10 @@ def load_model(
         if name in (DEFAULT_ADAPTER, NO_ADAPTER) or not name:
             raise BackendUnavailable(
                 f"adapter name {name!r} is reserved; choose another name for that adapter"
+            )
+        if "." in name:  # peft keeps adapters in torch ModuleDicts, whose keys cannot hold one
+            raise BackendUnavailable(
+                f"adapter name {name!r} contains '.'; rename {_extra_key(name)}"
             )
     if extras and merged:
         raise BackendUnavailable(
@@ -412,6 +425,9 @@ class VoxtralBackend:
             return self.spec.language
         ids = self._language_ids.get(language)
         if ids is None:
+            if language not in LANGUAGES:  # exactly: "EN" would be a second English
+                raise BackendError(f"Voxtral does not transcribe language {language!r} "
+                                   f"(it knows {', '.join(LANGUAGES)})")
             try:
                 ids = language_ids(self.loaded.tokenizer, language)
             except ValueError as e:

@@ -47,6 +47,14 @@ def export_merged(cfg: VoxtralConfig, outdir: Path, *, max_shard_size: str = "5G
     # The files go to a folder beside it, renamed to it once all are written:
     # a write that fails partway (a full disk) leaves no half checkpoint that
     # would load, nor a folder the next try refuses as not empty.
+    # The real folder: a symlink to an empty folder cannot be removed and
+    # renamed over as one.
+    shown, outdir = outdir, outdir.resolve()
+    if outdir == Path.cwd().resolve() or outdir.parent == outdir:
+        # Replaced by the finished folder, it would leave the shell that ran
+        # this in a folder that is gone.
+        raise ExportError(f"{shown} is the current folder; name a new OUTDIR (or run this "
+                          "from its parent)")
     made = not outdir.exists()
     stage = outdir.with_name(f".{outdir.name}.part")
     try:
@@ -58,7 +66,7 @@ def export_merged(cfg: VoxtralConfig, outdir: Path, *, max_shard_size: str = "5G
         if made:
             with contextlib.suppress(OSError):
                 outdir.rmdir()
-        raise ExportError(f"cannot write {outdir}: {e.strerror or e}") from None
+        raise ExportError(f"cannot write {shown}: {e.strerror or e}") from None
     try:
         _write_merged(cfg, stage, max_shard_size)
         outdir.rmdir()
@@ -69,9 +77,9 @@ def export_merged(cfg: VoxtralConfig, outdir: Path, *, max_shard_size: str = "5G
             with contextlib.suppress(OSError):
                 outdir.rmdir()
         if isinstance(e, OSError):
-            raise ExportError(f"cannot write {outdir}: {e.strerror or e}") from None
+            raise ExportError(f"cannot write {shown}: {e.strerror or e}") from None
         raise
-    log.info("merged model written to %s", outdir)
+    log.info("merged model written to %s", shown)
 
 
 def _write_merged(cfg: VoxtralConfig, outdir: Path, max_shard_size: str) -> None:

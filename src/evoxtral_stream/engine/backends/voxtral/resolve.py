@@ -102,7 +102,9 @@ def _weight_files(folder: Path) -> list[str]:
         return ["model.safetensors (or model.safetensors.index.json and its shards)"]
     try:
         shards = set(json.loads(index.read_text("utf-8"))["weight_map"].values())
-    except (OSError, ValueError, KeyError, AttributeError):
+        if not all(isinstance(s, str) and s for s in shards):
+            raise ValueError("weight_map holds something other than file names")
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
         return [f"a readable {index.name}"]
     return sorted(s for s in shards if not (folder / s).is_file())
 
