@@ -72,7 +72,7 @@ const state = window.evoxtral = {
   // stream -> {epoch, seqs}: seqs above lastSeq shown from the microphone
   // socket, of the numbering its ingest.ready named (see aheadOf)
   ahead: new Map(),
-  streams: new Map(),   // stream -> {ended, option}: the picker's entries
+  streams: new Map(),   // stream -> {ended, seen, option}: the picker's entries (seen: known live)
   lines: new Map(),     // "stream\u0000segment" -> <p class="line">
   selected: params.get("stream") || "",
   micName: params.get("mic") || "",  // the microphone's stream id ("": browser-XXXX)
@@ -259,8 +259,20 @@ function forgetSegments(stream, keep = () => false) {
 }
 
 function dropLine(line) {
-  state.lines.delete(line.dataset.key);
+  // A line of a forgotten segment (forgetSegments) no longer owns its key:
+  // a later run's line of the same segment may hold it now.
+  if (state.lines.get(line.dataset.key) === line) state.lines.delete(line.dataset.key);
   line.remove();
+}
+
+// The partial lines of `stream`, whose segments will get no final: but a
+// partial the microphone socket showed ahead of the subscription (its seq
+// still ahead) is the next run's, whose stream.started is still to come.
+function dropPartials(stream) {
+  const ahead = aheadOf(stream);
+  for (const line of [...ui.partials.children]) {
+    if (line.dataset.stream === stream && !ahead.has(Number(line.dataset.seq))) dropLine(line);
+  }
 }
 
 function showNotice(text) {
@@ -270,14 +282,17 @@ function showNotice(text) {
 
 // --- streams and the picker ---------------------------------------------------
 
-function addStream(name, ended = false) {
+// `seen`: the server said the stream exists (a hello, its events); false
+// for a stream only named by the page (?stream=, the microphone's).
+function addStream(name, ended = false, seen = true) {
   let info = state.streams.get(name);
   if (!info) {
-    info = { ended, option: new Option(name, name) };
+    info = { ended, seen, option: new Option(name, name) };
     state.streams.set(name, info);
     ui.picker.append(info.option);
     if (name === state.selected) ui.picker.value = name;
   }
+  info.seen ||= seen;
   info.ended = ended;
   info.option.textContent = ended ? `${name} (ended)` : name;
 }
@@ -336,6 +351,7 @@ function onCaption(ev, viaMic = false) {
     }
   }
   if (!state.streams.has(ev.stream)) addStream(ev.stream);
+  else state.streams.get(ev.stream).seen = true;
   const key = `${ev.stream}\u0000${ev.segment}`;
   let line = state.lines.get(key);
   if (line?.classList.contains("final")) {
@@ -391,8 +407,11 @@ function handle(msg, viaMic = false) {
       // which adds the note).
       if (state.connects > 1) {
         for (const [name, info] of state.streams) {
-          if (!info.ended && state.lastSeq.has(name) && !msg.streams.includes(name)) {
+          if (!info.ended && info.seen && !msg.streams.includes(name)) {
             addStream(name, true);
+            // Its open segments get no final (a stream cut by a crash has no
+            // recorded end); a replay still to come brings what it retained.
+            dropPartials(name);
           }
         }
       }
@@ -410,15 +429,7 @@ function handle(msg, viaMic = false) {
     }
     case "stream.ended": {
       addStream(msg.stream, true);
-      // The run's segments that never got a final. A partial the microphone
-      // socket showed ahead of the subscription (its seq still ahead) is the
-      // next run's, whose stream.started is still to come: it stays.
-      const ahead = aheadOf(msg.stream);
-      for (const line of [...ui.partials.children]) {
-        if (line.dataset.stream === msg.stream && !ahead.has(Number(line.dataset.seq))) {
-          dropLine(line);
-        }
-      }
+      dropPartials(msg.stream);  // the run's segments that never got a final
       note(msg.stream, `${msg.stream} ended · ${msg.finals} captions, ${msg.duration.toFixed(1)} s`);
       return;
     }
@@ -441,8 +452,10 @@ function handle(msg, viaMic = false) {
       return;
     case "error":
       if (msg.stream != null && msg.segment != null) {  // stands in for the segment's final
+        // Not a final already shown: the microphone socket may have brought
+        // the error and the closing final after it before the subscription.
         const line = state.lines.get(`${msg.stream}\u0000${msg.segment}`);
-        if (line) dropLine(line);
+        if (line && !line.classList.contains("final")) dropLine(line);
       }
       if (msg.stream) note(msg.stream, `${msg.stream}: ${msg.code}: ${msg.message}`);
       else showNotice(`${msg.code}: ${msg.message}`);
@@ -627,7 +640,7 @@ async function startMic() {
   ctx.createMediaStreamSource(media).connect(node);
   node.connect(ctx.destination);  // silent output keeps the node pulled
   openIngest(mic);
-  addStream(stream);
+  addStream(stream, false, false);
   select(stream);
   setMicButton(true);
 }
@@ -638,13 +651,13 @@ async function startMic() {
 // the one before (each connection's stream has a timeline of its own, from
 // its first audio).
 function sendAudio(mic, lost, chunk) {
-  if (lost && mic.sentAudio) declareLost(mic, lost);
+  const declared = lost && mic.sentAudio ? declareLost(mic, lost) : 0;
   mic.ws.send(chunk);
   mic.sent += chunk.byteLength;
   mic.framesSent += chunk.byteLength / 2;
   mic.sentAudio = true;
   if (mic.framesAcked !== null) {
-    mic.inFlight.push({ end: mic.framesSent, chunk });
+    mic.inFlight.push({ end: mic.framesSent, chunk, declared });
     forgetAcked(mic);
   }
 }
@@ -659,20 +672,22 @@ function forgetAcked(mic) {
 // (on a link that stalled before it broke, it waited in the sockets, up to
 // MIC_BACKLOG_S of it), and goes first on the next connection, ahead of
 // what was captured meanwhile. The server may have taken that half second
-// unacknowledged: sending it again would give it that audio twice. It
-// carries no lost frames (those dropped between its chunks were declared on
-// the lost connection). The backlog stays within MIC_BACKLOG_S: past it,
-// its latest chunks are dropped and declared as any dropped meanwhile.
+// unacknowledged: sending it again would give it that audio twice. The lost
+// frames declared before each of its chunks but the first are declared
+// again before it: the server took none of that audio, and so none of the
+// lost messages between it either (the first one's it may have taken). The
+// backlog stays within MIC_BACKLOG_S: past it, its latest chunks are
+// dropped and declared as any dropped meanwhile.
 function resendUnacked(mic) {
   const bound = MIC_BACKLOG_S * mic.sampleRate * 2;  // bytes, as in startMic
   const start = mic.framesAcked + Math.ceil(mic.sampleRate * ACK_STEP_S);
   const again = [];
   let bytes = 0;
-  for (const { end, chunk } of mic.inFlight) {
+  for (const { end, chunk, declared } of mic.inFlight) {
     if (end <= start) continue;
     const frames = chunk.byteLength / 2;
     const part = chunk.slice(Math.max(0, start - (end - frames)) * 2);
-    again.push({ lost: 0, chunk: part });
+    again.push({ lost: again.length ? declared : 0, chunk: part });
     bytes += part.byteLength;
   }
   mic.inFlight = [];
@@ -689,7 +704,8 @@ function resendUnacked(mic) {
 }
 
 // Tell the server `frames` were lost here, as far as the connection takes
-// them (state.maxLostS at once, then real time); the rest is said in the notice.
+// them (state.maxLostS at once, then real time); the rest is said in the
+// notice. Returns the frames declared.
 function declareLost(mic, frames) {
   const now = performance.now() / 1000;
   mic.allowance = Math.min(state.maxLostS * mic.sampleRate,
@@ -707,6 +723,7 @@ function declareLost(mic, frames) {
                `were more than the server takes at once (${state.maxLostS} s): the captions ` +
                "after them come that much early");
   }
+  return n;
 }
 
 // One ingest connection of the microphone's stream. Once the server has
@@ -899,5 +916,5 @@ window.addEventListener("hashchange", () => { if (tokenFromFragment()) restart()
 // use is reported, and the stored token stays in use.
 setToken(storedToken());
 tokenFromFragment();
-if (state.selected) { addStream(state.selected); select(state.selected); }
+if (state.selected) { addStream(state.selected, false, false); select(state.selected); }
 connect();
