@@ -372,8 +372,9 @@ class MicFeed:
         # did not reach the server (rewind), oldest first.
         self._resend: deque[tuple[int, Int16Array]] = deque()
         # Blocks sent on this connection and not acknowledged, each with the
-        # samples sent on it up to its end.
-        self._in_flight: deque[tuple[int, Int16Array]] = deque()
+        # samples sent on it up to its end and the lost samples declared
+        # right before it.
+        self._in_flight: deque[tuple[int, Int16Array, int]] = deque()
         self._waiting = 0
         """Samples of the queued blocks, the unsent one and those to resend."""
         self.resent = 0
@@ -479,9 +480,10 @@ class MicFeed:
     async def _send_unsent(self, ws: ClientConnection) -> None:
         assert self._unsent is not None
         lost, block = self._unsent
+        declared = 0
         if lost:
             if self._sent_audio:
-                await self._declare(ws, lost)
+                declared = await self._declare(ws, lost)
             # Declared (or before this stream began): if the block's send fails,
             # it starts the next connection's stream, with nothing before it.
             self._unsent = (0, block)
@@ -491,16 +493,20 @@ class MicFeed:
         self._waiting -= len(block)
         self._sent_here += len(block)
         if self._progress is not None:
-            self._in_flight.append((self._sent_here, block))
+            self._in_flight.append((self._sent_here, block, declared))
             while self._in_flight and self._in_flight[0][0] <= self._progress.frames:
                 self._in_flight.popleft()
 
     def rewind(self, progress: Progress) -> None:
         start = resend_from(progress.frames)
         again: list[tuple[int, Int16Array]] = []
-        for end, block in self._in_flight:
+        for end, block, declared in self._in_flight:
             if end > start:
-                again.append((0, block[max(0, start - (end - len(block))):]))
+                # The lost audio declared before each block but the first goes
+                # again before it: the server took none of the audio around
+                # it, so neither that declaration (the first's it may have).
+                again.append((declared if again else 0,
+                              block[max(0, start - (end - len(block))):]))
         self._in_flight.clear()
         samples = sum(len(b) for _, b in again)
         self._waiting += samples
@@ -511,8 +517,9 @@ class MicFeed:
             self._unsent = None
         self._resend.extendleft(reversed(again))
 
-    async def _declare(self, ws: ClientConnection, samples: int) -> None:
-        """Tell the server ``samples`` were lost here, as far as it takes them."""
+    async def _declare(self, ws: ClientConnection, samples: int) -> int:
+        """Tell the server ``samples`` were lost here, as far as it takes them;
+        the samples declared."""
         now = time.monotonic()
         self._allowance = min(MAX_LOST_S * SAMPLE_RATE,
                               self._allowance + (now - self._allowance_at) * SAMPLE_RATE)
@@ -523,6 +530,7 @@ class MicFeed:
             self._allowance -= n
             self.declared += n
         self.undeclared += samples - n
+        return n
 
     def close(self) -> None:
         self.capture.stop()

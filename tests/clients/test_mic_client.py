@@ -1052,3 +1052,34 @@ async def test_a_file_sends_again_what_a_broken_link_held_up() -> None:
     assert seconds - 0.55 <= taken <= seconds + 0.01, (seconds, taken)
     assert feed.resent >= 1.4 * SAMPLE_RATE, feed.resent / SAMPLE_RATE
     assert "goes again" in writer.said.getvalue()
+
+
+async def test_audio_sent_again_after_a_lost_connection_keeps_its_lost_declarations(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Blocks dropped between two blocks are declared before the second; the
+    server took none of the audio past half a second after its last
+    acknowledgement, so neither did it take such a declaration there. Sent
+    again on the next connection, those blocks used to go without it, and
+    everything after the drop came early on the new timeline."""
+    monkeypatch.setattr(mic_client, "MAX_QUEUED_BLOCKS", 40)
+    feed = feed_without_portaudio()
+    capture_blocks(feed, *range(1, 43))  # 41 and 42 find the queue full
+    stop = asyncio.Event()
+    a, acks = SentItems(), mic_client.Progress()
+    sending = asyncio.ensure_future(feed.send(a, stop, acks))  # type: ignore[arg-type]
+    async with asyncio.timeout(5):
+        while len(a.items) < 40:
+            await asyncio.sleep(0)
+    capture_blocks(feed, 43)
+    async with asyncio.timeout(5):
+        while len(a.items) < 42:
+            await asyncio.sleep(0)
+    sending.cancel()                     # lost, nothing acknowledged
+    await asyncio.gather(sending, return_exceptions=True)
+    assert a.items == [*range(1, 41), ("lost", 640), 43]
+    feed.rewind(acks)                    # the server took at most the first 0.5 s
+    b = SentItems()
+    stop.set()
+    await asyncio.wait_for(feed.send(b, stop, mic_client.Progress()), 5)  # type: ignore[arg-type]
+    assert b.items == [*range(26, 41), ("lost", 640), 43]
