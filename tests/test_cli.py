@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -20,10 +24,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
+from evoxtral_stream.audio.sources import read_audio_file
+from evoxtral_stream.cli import _load_config, _serve
 from evoxtral_stream.data import sample_path, sample_text
+from evoxtral_stream.server.auth import hash_token
+from tests.fakes import ScriptedBackend, words_so_far
 from tests.helpers.http import free_port
 from tests.text_norm import loose_wer
 
@@ -1516,3 +1524,90 @@ def test_srt_to_dev_stdout_into_a_pipe_is_written_in_place(tmp_path: Path) -> No
              "PYTHONPATH": f"{root / 'src'}:{root}"})
     assert proc.returncode == 0, proc.stderr
     assert " --> " in proc.stdout and "w0 w1" in proc.stdout, proc.stdout
+
+
+class _SlowLater(ScriptedBackend):
+    """Quick until ``slow`` is set; then each call takes 3 s (a long final)."""
+
+    def __init__(self) -> None:
+        super().__init__(words_so_far)
+        self.slow = threading.Event()
+
+    def transcribe(self, batch: Any) -> list[str]:
+        if self.slow.is_set():
+            time.sleep(3)
+        return super().transcribe(batch)
+
+
+def _token(name: str) -> str:
+    return (f'[[auth.tokens]]\nname = "{name}"\nhash = "{hash_token(name + "-secret")}"\n'
+            'roles = ["subscribe"]\n')
+
+
+async def test_a_sighup_during_the_shutdown_is_ignored(tmp_path: Path) -> None:
+    """docs/config.md [auth]: "A SIGHUP ... during its shutdown is ignored".
+    A subscriber still waiting for the drained finals must get them, not be
+    closed by a reload that came after SIGTERM."""
+    conf = tmp_path / "serve.toml"
+    conf.write_text(_token("old"))
+    port = free_port()
+    args = argparse.Namespace(
+        config=str(conf), overrides=["stream.partial_interval_ms=300",
+                                     "worker.drain_timeout_s=20"],
+        backend=None, log_format=None, debug=False, quiet=False, port=port, host=None,
+        no_partials=False, stream=None, no_print=True, exit_at_end=False, source="sample")
+    cfg = _load_config(args)
+    backend = _SlowLater()
+    serving = asyncio.ensure_future(
+        _serve(args, cfg, backend, "sample", read_audio_file(sample_path())))
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            ws = await connect(f"ws://127.0.0.1:{port}/v1/captions?token=old-secret")
+            break
+        except OSError:
+            assert time.monotonic() < deadline and not serving.done()
+            await asyncio.sleep(0.05)
+    seen: list[dict[str, Any]] = []
+    async with ws:
+        while True:   # until a segment is open (a partial)
+            msg = json.loads(await asyncio.wait_for(ws.recv(), 30))
+            seen.append(msg)
+            if msg["type"] == "caption" and not msg["final"]:
+                break
+        backend.slow.set()
+        os.kill(os.getpid(), signal.SIGTERM)       # shutdown: the drain waits 3 s
+        await asyncio.sleep(0.5)
+        conf.write_text(_token("new"))
+        os.kill(os.getpid(), signal.SIGHUP)        # during the shutdown: ignored
+        with contextlib.suppress(ConnectionClosed):
+            async for raw in ws:
+                seen.append(json.loads(raw))
+        close_code = ws.close_code
+    assert await asyncio.wait_for(serving, 30) == 0
+    kinds = [(m["type"], m.get("code"), m.get("final")) for m in seen[-3:]]
+    assert not any(m["type"] == "error" for m in seen), kinds
+    assert close_code in (1000, 1001), (close_code, kinds)
+    assert seen[-1]["type"] == "stream.ended", kinds
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+async def test_the_printed_url_of_an_ipv6_host_can_be_connected_to() -> None:
+    """``serve --host ::1`` prints "serving captions on URL": URL must be a URL
+    a client can open (an IPv6 literal in brackets, RFC 3986)."""
+    proc, url = _start_serve("--source", "none", "--no-print", "--host", "::1")
+    try:
+        async with connect(url) as ws:
+            assert json.loads(await asyncio.wait_for(ws.recv(), 30))["type"] == "hello"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)

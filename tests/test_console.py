@@ -202,3 +202,23 @@ def test_lines_of_streams_other_than_its_own_name_their_stream() -> None:
         printer(CaptionEvent(stream, 0, 1, True, text, text, text, "", (), 0.0, 1.5, None))
     assert out.getvalue().splitlines() == ["[0:00.0 → 0:01.5] mic speaking",
                                            "phone [0:00.0 → 0:01.5] phone speaking"]
+
+
+def test_a_live_partial_of_wide_characters_fits_the_terminal_row() -> None:
+    """As test_console's 79-column test, with Chinese text (model.language =
+    "zh", a multilingual Whisper model): each CJK character takes two columns,
+    so a row cut at 79 *characters* wraps onto a second row, and the
+    clear-line that redraws the partial leaves the first row on screen."""
+    import unicodedata
+
+    def width(text: str) -> int:
+        return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+    master, slave, drain = _pty(80)
+    with open(slave, "w", encoding="utf-8") as tty:
+        printer = CaptionPrinter(tty)
+        printer(_partial("今天天气很好我们去公园散步吧" * 3, "然后一起吃饭"))
+        written = drain()
+    os.close(master)
+    redraws = [_ANSI.sub("", r) for r in written.split("\r\x1b[J") if r]
+    assert max(width(r) for r in redraws) <= 79, [(width(r), r) for r in redraws]

@@ -282,6 +282,14 @@ def _setup_logging(logs: LoggingConfig) -> None:
         install_json_hooks()
 
 
+def _base_url(scheme: str, host: str, port: int) -> str:
+    """``scheme://host:port``, an IPv6 literal in brackets (RFC 3986): the URL
+    the status line shows must be one a client can open."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
 def _notice(cfg: Config, message: str) -> None:
     """A status line for the operator on stderr, at INFO level: printed as it
     always was in text mode, an INFO record in json mode (so stderr stays JSON
@@ -471,8 +479,8 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
                     await stack.enter_async_context(server)
                     await _start_mqtt(stack, cfg, engine, server)
                     scheme = "wss" if cfg.server.tls_cert else "ws"
-                    _notice(cfg, f"serving captions on {scheme}://{cfg.server.host}:"
-                                 f"{server.port}/v1/captions")
+                    _notice(cfg, f"serving captions on "
+                                 f"{_base_url(scheme, cfg.server.host, server.port)}/v1/captions")
                 # Opened once nothing can refuse the run (a port in use):
                 # opening empties a --jsonl file an earlier run left there.
                 opened.append(_open_outputs(args, cfg, [j.stream for j in jobs]))
@@ -913,7 +921,7 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
         running = [cfg]
         reloads: set[asyncio.Task[None]] = set()
         scheme = "wss" if cfg.server.tls_cert else "ws"
-        url = f"{scheme}://{cfg.server.host}:{server.port}"
+        url = _base_url(scheme, cfg.server.host, server.port)
 
         def snapshot() -> Snapshot:
             return _service_snapshot(engine, url)
@@ -973,6 +981,11 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
             if args.exit_at_end:
                 feeder.add_done_callback(lambda _: stop.set())
         await stop.wait()
+        # From here a SIGHUP is ignored (docs/config.md): a reload now would
+        # close subscribers still owed the drained finals (token_revoked).
+        with contextlib.suppress(NotImplementedError, AttributeError):
+            loop.add_signal_handler(
+                signal.SIGHUP, log.info, "reload: SIGHUP ignored while shutting down")
         if notifier is not None:
             notifier.send(notifier.notices.stopping("stopping: finishing open captions"))
         if mic is not None:

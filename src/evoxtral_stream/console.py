@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import threading
+import unicodedata
 import weakref
 from collections.abc import Iterator
 from typing import TextIO
@@ -186,7 +187,7 @@ class CaptionPrinter:
                 # its last row and leaves the rest behind: drop the oldest text.
                 prefix = self._prefix(event)
                 stable, unstable = _tail(event.stable, event.unstable,
-                                         self._columns() - 1 - len(prefix) - 1)
+                                         self._columns() - 1 - _width(prefix) - 1)
                 line = f"{prefix} {stable}{_DIM}{unstable}{_RESET}"
                 self._row = line
                 self._partial_shown = True
@@ -209,12 +210,28 @@ class CaptionPrinter:
             self._out.write(_CLEAR_LINE)
 
 
+def _width(text: str) -> int:
+    """The columns ``text`` takes on a terminal: wide (CJK) characters two,
+    combining marks none."""
+    return sum(0 if unicodedata.combining(c)
+               else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+def _suffix(text: str, columns: int) -> str:
+    """The longest end of ``text`` that fits in ``columns``."""
+    used, i = 0, len(text)
+    while i > 0 and used + (w := _width(text[i - 1])) <= columns:
+        used += w
+        i -= 1
+    return text[i:]
+
+
 def _tail(stable: str, unstable: str, room: int) -> tuple[str, str]:
-    """The end of ``stable + unstable`` in ``room`` characters, split where the
+    """The end of ``stable + unstable`` in ``room`` columns, split where the
     unstable part starts; an ellipsis marks text dropped from the front."""
-    if len(stable) + len(unstable) <= room:
+    if _width(stable) + _width(unstable) <= room:
         return stable, unstable
     keep = max(0, room - 1)
-    unstable = unstable[len(unstable) - min(len(unstable), keep):]
-    rest = keep - len(unstable)
-    return "…" + (stable[len(stable) - rest:] if rest else ""), unstable
+    unstable = _suffix(unstable, keep)
+    rest = keep - _width(unstable)
+    return "…" + (_suffix(stable, rest) if rest > 0 else ""), unstable
