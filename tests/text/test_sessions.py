@@ -316,3 +316,43 @@ def test_an_odd_stream_id_in_a_recording_is_one_error_line(
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("evoxtral-stream: error:"), err
+
+
+def test_a_repeat_of_an_earlier_numbering_is_dropped_after_a_later_one_reused_its_seq(
+) -> None:
+    """Two logs of the same server across a restart without its journal
+    (seqs from 1 again): the second log repeats every final of the first.
+    The contract drops a repeat of a final of *any* of the stream's sessions."""
+    run_a = [final("talk", 0, 1, "first run"), final("talk", 1, 2, "first run too")]
+    run_b = [final("talk", 0, 1, "second run"), final("talk", 1, 2, "second run too")]
+    sp = SessionSplitter()
+    for _ in ("log1.jsonl", "log2.jsonl"):   # subtitles log1.jsonl log2.jsonl
+        for event in run_a:
+            sp.add_final(event)
+        sp.add_end("talk")
+        for event in run_b:
+            sp.add_final(event)
+        sp.add_end("talk")
+    assert sp.repeats == 4
+    assert shape(sp) == [("talk", 1, [1, 2], True), ("talk", 2, [1, 2], True)]
+
+
+def test_a_caption_with_a_lone_surrogate_is_a_damaged_line_not_a_traceback(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """json.loads takes the escape "\\ud800" (a lone surrogate, no character);
+    no UTF-8 file can hold it. The recording line should be skipped as not a
+    protocol message, not crash `subtitles` with a UnicodeEncodeError."""
+    bad = {**caption_to_dict(final("talk", 0, 1, "x")), "text": "Hi \ud800 there"}
+    good = caption_to_dict(final("talk", 1, 2, "kept"))
+    path = tmp_path / "events.jsonl"
+    path.write_text(json.dumps(bad) + "\n" + json.dumps(good) + "\n")  # ASCII: \ud800 escaped
+    srt = tmp_path / "talk.srt"
+    assert main(["subtitles", str(path), "--srt", str(srt)]) == 0
+    assert "kept" in srt.read_text()
+
+
+def test_caption_from_dict_refuses_a_lone_surrogate() -> None:
+    obj = json.loads('{"type":"caption","stream":"talk","segment":0,"seq":1,"final":true,'
+                     '"text":"Hi \\ud800","start":0,"end":1,"latency":null}')
+    with pytest.raises(ProtocolError):
+        caption_from_dict(obj)

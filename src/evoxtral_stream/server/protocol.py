@@ -159,6 +159,8 @@ def caption_from_dict(obj: Mapping[str, Any]) -> CaptionEvent:
                 tp if isinstance(tp, tuple) else (tp,))):
             raise ProtocolError("bad_message", f"caption field {key!r} has the wrong type: "
                                                f"{value!r}")
+        if isinstance(value, str):
+            _check_utf8(value, f"caption field {key!r}")
         return value
 
     text = field("text", str)
@@ -168,6 +170,8 @@ def caption_from_dict(obj: Mapping[str, Any]) -> CaptionEvent:
                 and isinstance(t.get("kind"), str) and isinstance(t.get("index"), int)
                 and isinstance(t.get("t"), int | float)):
             raise ProtocolError("bad_message", f"caption tag {t!r} is not a tag object")
+        _check_utf8(t["tag"], "caption tag")
+        _check_utf8(t["kind"], "caption tag kind")
         try:
             at = float(t["t"])
         except OverflowError:
@@ -199,6 +203,16 @@ def caption_from_dict(obj: Mapping[str, Any]) -> CaptionEvent:
         stable=field("stable", str, text), unstable=field("unstable", str, ""),
         tags=tuple(tags), start=seconds("start"), end=seconds("end"),
         latency=latency)
+
+
+def _check_utf8(value: str, what: str) -> None:
+    """ProtocolError for a string no UTF-8 text can hold: json.loads takes
+    an escaped lone surrogate (``"\\ud800"``), which is no character."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ProtocolError("bad_message", f"{what} holds a lone surrogate: "
+                                           f"{value!r}") from None
 
 
 def decode_caption(text: str | bytes) -> dict[str, Any]:

@@ -58,8 +58,9 @@ class SessionSplitter:
     def __init__(self) -> None:
         self._all: list[_Open] = []
         self._open: dict[str, _Open] = {}
-        # Every final of each stream so far, by seq, whichever its session.
-        self._seen: dict[str, dict[int, CaptionEvent]] = {}
+        # Every final of each stream so far, by seq, whichever its session
+        # (sessions of different numberings can share a seq).
+        self._seen: dict[str, dict[int, list[CaptionEvent]]] = {}
         self.repeats = 0
         """Finals dropped as repeats."""
 
@@ -67,8 +68,7 @@ class SessionSplitter:
         if not event.final:
             raise ValueError("only final captions make up a session")
         seen = self._seen.setdefault(event.stream, {})
-        before = seen.get(event.seq)
-        if before is not None and _same(before, event):
+        if any(_same(before, event) for before in seen.get(event.seq, ())):
             self.repeats += 1
             return
         session = self._open.get(event.stream)
@@ -79,7 +79,7 @@ class SessionSplitter:
         if session is None:
             session = self._start(event.stream)
         session.finals.append(event)
-        seen[event.seq] = event
+        seen.setdefault(event.seq, []).append(event)
 
     def add_end(self, stream: str, duration: float | None = None) -> None:
         """``stream``'s ``stream.ended`` (with its ``duration``): its open
