@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from evoxtral_stream.config import VoxtralConfig
 from evoxtral_stream.engine.backends.base import BackendUnavailable
 from evoxtral_stream.engine.backends.voxtral import adapter as adapter_mod
+from evoxtral_stream.engine.backends.voxtral import backend as backend_mod
 from evoxtral_stream.engine.backends.voxtral.adapter import (
     AdapterError,
     attach_adapter,
@@ -204,6 +205,35 @@ def test_a_broken_or_foreign_adapter_is_one_line(
     assert info.value.__context__ is None or info.value.__suppress_context__
     assert "model.voxtral.adapter" in msg
     assert says in msg
+
+
+@pytest.mark.parametrize("extra", [False, True], ids=["adapter", "extra-adapter"])
+@pytest.mark.parametrize("spoil", [_truncate_weights, _config_not_an_object],
+                         ids=["truncated-weights", "config-not-an-object"])
+def test_an_unreadable_adapter_stops_the_start_before_the_base_loads(
+    tiny: Tiny, tiny_cfg: VoxtralConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    spoil: Callable[[Path], None], extra: bool,
+) -> None:
+    folder = tmp_path / "adapter"
+    shutil.copytree(tiny.adapter, folder)
+    spoil(folder)
+    loads: list[object] = []
+    real = backend_mod._from_pretrained
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        loads.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend_mod, "_from_pretrained", spy)
+    cfg = dataclasses.replace(tiny_cfg, merge_lora=False) if extra else (
+        dataclasses.replace(tiny_cfg, adapter=str(folder)))
+    with pytest.raises(BackendUnavailable) as info:
+        load_voxtral_backend(cfg, "en", **({"extra_adapters": {"calm": str(folder)}}
+                                           if extra else {}))
+    assert loads == []
+    assert ("model.voxtral.adapters.calm" if extra else "set model.voxtral.adapter ") in str(
+        info.value)
+    assert "cannot read" in str(info.value)
 
 
 @pytest.mark.parametrize("init", [True, False])

@@ -17,6 +17,7 @@ import json
 import logging
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -29,6 +30,7 @@ __all__ = [
     "OLD_TO_NEW_PREFIXES",
     "PEFT_PREFIX",
     "AdapterError",
+    "SavedAdapter",
     "attach_adapter",
     "map_adapter_key",
     "merge_lora",
@@ -53,6 +55,19 @@ class AdapterError(RuntimeError):
     """An adapter cannot be loaded exactly; the message is one line for people."""
 
 
+@dataclass(frozen=True)
+class SavedAdapter:
+    """An adapter folder read into memory: its LoRA config and key-mapped CPU tensors.
+
+    Read before the base model loads, so that an unreadable adapter stops a
+    start at once instead of after the minute the base weights take.
+    """
+
+    folder: Path
+    config: Any
+    tensors: Mapping[str, torch.Tensor]
+
+
 def map_adapter_key(key: str) -> str:
     """Map a saved adapter key onto the current module layout.
 
@@ -67,7 +82,7 @@ def map_adapter_key(key: str) -> str:
     return PEFT_PREFIX + body
 
 
-def read_adapter(folder: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+def read_adapter(folder: Path) -> SavedAdapter:
     """The LoRA config and the key-mapped tensors (on CPU) of an adapter folder."""
     from peft import LoraConfig, PeftType
     from safetensors.torch import load_file
@@ -98,7 +113,7 @@ def read_adapter(folder: Path) -> tuple[Any, dict[str, torch.Tensor]]:
         if not key.startswith(PEFT_PREFIX):
             raise AdapterError(f"adapter {str(folder)!r} has an unexpected key {key!r}")
         mapped[map_adapter_key(key)] = value
-    return config, mapped
+    return SavedAdapter(folder, config, mapped)
 
 
 def _model_key(key: str, name: str, state: Mapping[str, torch.Tensor]) -> str | None:
@@ -149,15 +164,16 @@ def verify_adapter(
     return len(tensors), len([k for k in own if k not in seen])
 
 
-def attach_adapter(model: nn.Module, folder: Path, name: str) -> nn.Module:
-    """Add the adapter in ``folder`` to ``model`` as ``name`` and verify it.
+def attach_adapter(model: nn.Module, adapter: Path | SavedAdapter, name: str) -> nn.Module:
+    """Add ``adapter`` (a folder, or one already read) to ``model`` as ``name``; verify it.
 
     ``model`` is a transformers model (a peft model is then created) or a
     peft model (the adapter is added to it). Returns the peft model.
     """
     from peft import PeftModel, set_peft_model_state_dict
 
-    config, tensors = read_adapter(folder)
+    saved = adapter if isinstance(adapter, SavedAdapter) else read_adapter(adapter)
+    config, tensors, folder = saved.config, saved.tensors, saved.folder
     try:
         with warnings.catch_warnings():
             # peft asks transformers a deprecated question while wrapping; not ours to fix.
@@ -171,7 +187,7 @@ def attach_adapter(model: nn.Module, folder: Path, name: str) -> nn.Module:
                 peft_model = PeftModel(model, config, adapter_name=name)
         # Target modules the base lacks: NoMatchingPeftModuleError (a ValueError);
         # tensors of another shape than the config's rank: a RuntimeError.
-        set_peft_model_state_dict(peft_model, tensors, adapter_name=name)
+        set_peft_model_state_dict(peft_model, dict(tensors), adapter_name=name)
     except (ValueError, RuntimeError) as e:
         raise AdapterError(one_line(e)) from None
     checked, unset = verify_adapter(peft_model, tensors, name)

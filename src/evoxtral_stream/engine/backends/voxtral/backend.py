@@ -37,7 +37,7 @@ from evoxtral_stream.engine.backends.base import (
     one_line,
 )
 
-from .adapter import AdapterError, attach_adapter, merge_lora
+from .adapter import AdapterError, SavedAdapter, attach_adapter, merge_lora, read_adapter
 from .compile_cache import CacheTally, use_compile_cache
 from .features import LogMel
 from .prompt import LANGUAGES, PromptSpec, Tokenizer, language_ids
@@ -296,6 +296,15 @@ def load_model(
     adapter = resolve(cfg.adapter, Kind.ADAPTER) if cfg.adapter else None
     extra_paths = {name: resolve(ref, Kind.ADAPTER, key=_extra_key(name))
                    for name, ref in extras.items()}
+    wanted = ([(DEFAULT_ADAPTER, adapter)] if adapter else []) + list(extra_paths.items())
+    # Read before the base (a minute of loading): an unreadable adapter stops the start at once.
+    saved: list[tuple[str, Resolved, SavedAdapter]] = []
+    for name, res in wanted:
+        assert res is not None
+        try:
+            saved.append((name, res, read_adapter(res.path)))
+        except AdapterError as e:
+            raise _adapter_unusable(name, res, e) from None
 
     tokenizer = load_tokenizer(base.path)
     try:
@@ -311,16 +320,11 @@ def load_model(
 
     peft_model: nn.Module | None = None
     names: list[str] = []
-    for name, res in ([(DEFAULT_ADAPTER, adapter)] if adapter else []) + list(extra_paths.items()):
-        assert res is not None
+    for name, res, read in saved:
         try:
-            peft_model = attach_adapter(peft_model or model, res.path, name)
+            peft_model = attach_adapter(peft_model or model, read, name)
         except AdapterError as e:
-            key = Kind.ADAPTER.value if name == DEFAULT_ADAPTER else _extra_key(name)
-            raise BackendUnavailable(
-                f"cannot use LoRA adapter {res.ref!r} on this base model ({e}); set {key} "
-                "to a complete adapter trained on this base"
-            ) from None
+            raise _adapter_unusable(name, res, e) from None
         names.append(name)
     if peft_model is not None:
         peft_model.eval()
@@ -357,6 +361,15 @@ def load_model(
         merged=merged and bool(names),
         base=base,
         adapter=adapter,
+    )
+
+
+def _adapter_unusable(name: str, res: Resolved, e: AdapterError) -> BackendUnavailable:
+    """The one line for adapter ``name`` that cannot be read or does not fit the base."""
+    key = Kind.ADAPTER.value if name == DEFAULT_ADAPTER else _extra_key(name)
+    return BackendUnavailable(
+        f"cannot use LoRA adapter {res.ref!r} on this base model ({e}); set {key} "
+        "to a complete adapter trained on this base"
     )
 
 
