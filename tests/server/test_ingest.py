@@ -740,6 +740,69 @@ async def test_the_stream_id_is_free_once_the_summary_arrives(
         first.close()
 
 
+async def _deaf_ingest(engine: Engine, server: CaptionServer, stream: str) -> socket.socket:
+    """A raw ingest connection, configured and open as ``stream``, that reads nothing."""
+    sock = await asyncio.to_thread(raw_ws_handshake, server.port, f"/v1/ingest?stream={stream}")
+    sock.sendall(client_text_frame(json.dumps({"type": "config", "sample_rate": 16000})))
+    async with asyncio.timeout(10):
+        while stream not in engine.streams:  # ingest.ready is on its way
+            await asyncio.sleep(0.01)
+    return sock
+
+
+def _flood(server: CaptionServer, stream: str) -> None:
+    """Publish 14 MB of partials for ``stream``: more than the socket buffers hold."""
+    big = "word " * 200_000
+    for seq in range(1000, 1008):
+        server.broadcaster.publish(CaptionEvent(
+            stream=stream, segment=0, seq=seq, final=False, text=big, plain_text=big,
+            stable="", unstable=big, tags=(), start=0.0, end=1.0, latency=0.1))
+
+
+async def test_a_stream_reopened_while_the_first_takes_its_finals_stays_apart(
+    scripted: tuple[Engine, CaptionServer], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The id was freed as soon as the first connection's stream closed, while
+    that connection was still being sent its last events: a second connection
+    could open the id then, and its ``stream.started`` (and captions) reached
+    the first connection's subscription before that one's summary. The id is
+    now freed once the first connection has its events (so the second is
+    refused ``stream_busy`` until then) and before its summary goes out."""
+    from evoxtral_stream.server import app
+
+    monkeypatch.setattr(app, "_FINALS_SENT_S", 60.0)  # a slow machine reads 14 MB in time
+    engine, server = scripted
+    sock = await _deaf_ingest(engine, server, "room")
+    try:
+        _flood(server, "room")
+        sock.sendall(client_text_frame(json.dumps({"type": "end"})))
+        async with asyncio.timeout(10):
+            while "room" in engine.streams:  # closed; its events are still on their way
+                await asyncio.sleep(0.01)
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/ingest?stream=room") as second:
+            with contextlib.suppress(ConnectionClosed):  # refused at once, if at all
+                await second.send(json.dumps({"type": "config", "sample_rate": 16000}))
+            first_answer = await recv_json(second, timeout=5)
+            assert (first_answer["type"], first_answer.get("code")) == ("error", "stream_busy")
+
+        def until_summary() -> bytes:
+            sock.settimeout(20)
+            got = bytearray()
+            while b"ingest.summary" not in got[-(1 << 21):]:  # the tail only: 14 MB come
+                chunk = sock.recv(1 << 20)
+                assert chunk, "closed before the summary"
+                got += chunk
+            return bytes(got)
+
+        got = await asyncio.to_thread(until_summary)
+    finally:
+        sock.close()
+    assert got.count(b'"type":"stream.started"') + got.count(b'"type": "stream.started"') == 1
+    async with connect(f"ws://127.0.0.1:{server.port}/v1/ingest?stream=room") as again:
+        await again.send(json.dumps({"type": "config", "sample_rate": 16000}))
+        assert (await recv_json(again, timeout=5))["type"] == "ingest.ready"
+
+
 async def test_a_client_too_slow_for_its_last_finals_is_closed_as_too_slow(
         scripted: tuple[Engine, CaptionServer], monkeypatch: pytest.MonkeyPatch) -> None:
     """After ``end`` the server waits a while for the connection to take its
@@ -751,17 +814,9 @@ async def test_a_client_too_slow_for_its_last_finals_is_closed_as_too_slow(
 
     monkeypatch.setattr(app, "_FINALS_SENT_S", 0.5)
     engine, server = scripted
-    sock = await asyncio.to_thread(raw_ws_handshake, server.port, "/v1/ingest?stream=slow")
+    sock = await _deaf_ingest(engine, server, "slow")
     try:
-        sock.sendall(client_text_frame(json.dumps({"type": "config", "sample_rate": 16000})))
-        async with asyncio.timeout(10):
-            while "slow" not in engine.streams:  # ingest.ready is on its way
-                await asyncio.sleep(0.01)
-        big = "word " * 200_000  # 1 MB a message: more than the socket buffers hold
-        for seq in range(1000, 1008):
-            server.broadcaster.publish(CaptionEvent(
-                stream="slow", segment=0, seq=seq, final=False, text=big, plain_text=big,
-                stable="", unstable=big, tags=(), start=0.0, end=1.0, latency=0.1))
+        _flood(server, "slow")
         sock.sendall(client_text_frame(json.dumps({"type": "end"})))
         await asyncio.sleep(2.0)                # reads nothing meanwhile
         got = await asyncio.to_thread(drain, sock, 20)

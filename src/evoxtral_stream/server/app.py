@@ -683,9 +683,6 @@ class CaptionServer:
             if len(tail):
                 push(tail)
             summary = await stream.close()
-            # The id is free from here: a client may reconnect with it as
-            # soon as it has the summary, before this close handshake ends.
-            release()
         too_slow = False
         try:
             if sub.overflowed.is_set():
@@ -702,6 +699,12 @@ class CaptionServer:
                 # (1013), not as a normal end (1000) without them and the summary.
                 too_slow = not pump.done()
                 return
+            # The id is free from here, not before: a stream opened under it
+            # while this connection still took its events would have reached
+            # this subscription. Before the summary: a client may reconnect
+            # with the id as soon as it has that, before this close handshake ends.
+            self.broadcaster.unsubscribe(sub)
+            release()
             if outcome == "end" and not sub.overflowed.is_set():
                 await ws.send(encode_message(
                     "ingest.summary", stream=stream_id, duration=round(summary.duration_s, 3),
