@@ -8,9 +8,11 @@ import logging
 import os
 import re
 import struct
+import subprocess
 import sys
 import termios
 import threading
+import time
 from collections.abc import Callable
 
 import pytest
@@ -222,3 +224,33 @@ def test_a_live_partial_of_wide_characters_fits_the_terminal_row() -> None:
     os.close(master)
     redraws = [_ANSI.sub("", r) for r in written.split("\r\x1b[J") if r]
     assert max(width(r) for r in redraws) <= 79, [(width(r), r) for r in redraws]
+
+
+@pytest.mark.parametrize(("flags", "bar"), [((), True), (("-q",), False)],
+                         ids=["default", "quiet"])
+def test_transcribe_on_a_terminal_draws_its_progress_bar_unless_quiet(
+        flags: tuple[str, ...], bar: bool) -> None:
+    """``-q`` is "only warnings and errors": the bar is neither. It was drawn
+    on a terminal's stderr whatever the flags (only json logging left it out)."""
+    master, slave, drain = _pty(100)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "evoxtral_stream", "transcribe", "--sample",
+             "--no-partials", *flags],
+            stdout=subprocess.PIPE, stderr=slave, text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        deadline = time.monotonic() + 240
+        while proc.poll() is None:   # read as it goes: a full pty would block the bar
+            assert time.monotonic() < deadline, drain()
+            drain()
+            time.sleep(0.05)
+        out = proc.stdout.read() if proc.stdout else ""
+        shown = drain()
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert proc.returncode == 0, shown
+    assert out.count("\n") == 5
+    assert ("%|" in shown) is bar, shown
+    if not bar:
+        assert shown == ""

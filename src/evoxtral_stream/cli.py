@@ -491,8 +491,10 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
                 engine.add_listener(subtitles)
                 engine.add_listener(tally)
                 engine.add_listener(printer)
-                # No progress bar in json mode: stderr holds JSON lines only.
-                bar = None if cfg.logging.format == "json" else _progress(total)
+                # No progress bar in json mode (stderr holds JSON lines only),
+                # nor with -q (only warnings and errors).
+                quiet = LEVELS[cfg.logging.level] > logging.INFO
+                bar = None if cfg.logging.format == "json" or quiet else _progress(total)
                 try:
                     progress = None if bar is None else (
                         lambda n: bar.update(n / SAMPLE_RATE))
