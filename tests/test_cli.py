@@ -28,7 +28,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
 from evoxtral_stream.audio.sources import read_audio_file
-from evoxtral_stream.cli import _load_config, _serve
+from evoxtral_stream.cli import _load_config, _p95, _serve
 from evoxtral_stream.data import sample_path, sample_text
 from evoxtral_stream.server.auth import hash_token
 from tests.fakes import ScriptedBackend, words_so_far
@@ -70,6 +70,16 @@ def test_transcribe_sample_prints_the_words_and_writes_outputs(tmp_path: Path) -
     assert False in finals
     assert finals.count(True) == 5
     assert "5 finals" in proc.stderr
+
+
+def test_the_summary_p95_is_the_nearest_rank() -> None:
+    """Of 20 latencies the 95th percentile is the 19th, not the largest (the
+    summary took index int(0.95 n), one past the rank whenever 0.95 n is whole)."""
+    assert _p95([float(i) for i in range(1, 21)]) == 19.0
+    assert _p95([float(i) for i in range(100, 0, -1)]) == 95.0
+    assert _p95([float(i) for i in range(1, 22)]) == 20.0   # 19.95: the 20th
+    assert _p95([0.3]) == 0.3
+    assert _p95([]) != _p95([])   # NaN: no finals
 
 
 def test_bad_config_value_names_key_and_value() -> None:

@@ -525,8 +525,7 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
     if failed is not None:
         raise UserError(f"cannot write {failed[0]}: {failed[1].strerror or failed[1]}")
     audio_s = sum(s.duration_s for s in summaries)
-    lat = sorted(latencies)
-    p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))] if lat else float("nan")
+    p95 = _p95(latencies)
     stopped = f"interrupted ({interrupted[0].name}): " if interrupted else ""
     # Finals only, not paced: every final of a file is asked for at once,
     # so their latency is mostly the wait for their turn.
@@ -548,6 +547,14 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
     if any(t.daemon and t.is_alive() for t in threading.enumerate()):
         _exit_leaving_threads(code)  # a second Ctrl-C left the model thread behind
     return code
+
+
+def _p95(values: Sequence[float]) -> float:
+    """The nearest-rank 95th percentile: the smallest value that at least 95 %
+    of ``values`` do not exceed (NaN for none)."""
+    if not values:
+        return float("nan")
+    return sorted(values)[(95 * len(values) + 99) // 100 - 1]
 
 
 def _stop_on_signals(cfg: Config, engine: Engine,
