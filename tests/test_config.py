@@ -173,6 +173,18 @@ def test_named_adapters_are_an_open_table(tmp_path: Path) -> None:
     assert cfg.model.voxtral.adapters == {"rl": "YongkangZOU/evoxtral-rl"}
 
 
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_voxtral_base_is_refused(blank: str) -> None:
+    """To pathlib "" is the working folder: a blank base loaded whatever
+    checkpoint lay there, or failed naming folder '.'. (A blank
+    ``model.voxtral.adapter`` stays: it means plain Voxtral; a blank extra
+    adapter was already refused as not a table of name = "text".)"""
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides={"model.voxtral.base": blank}, env={})
+    assert str(e.value) == "model.voxtral.base is empty; set it to a hub id or a local folder"
+    assert load_config(overrides={"model.voxtral.adapter": ""}, env={}).model.voxtral.adapter == ""
+
+
 def test_logging_defaults_to_todays_text_at_info_and_a_file_may_choose_json(
         tmp_path: Path) -> None:
     assert load_config(env={}).logging == LoggingConfig(format="text", level="info")

@@ -181,6 +181,10 @@ class VoxtralConfig:
             if getattr(self, key) and getattr(self, other) != value:
                 raise ConfigError(f"model.voxtral.{key} needs model.voxtral.{other} = "
                                   f"{str(value).lower()} ({why})")
+        # An empty path is the working folder to pathlib: a blank base would
+        # load whatever checkpoint lies there. (Extra adapters: see _build.)
+        if not self.base.strip():
+            raise ConfigError("model.voxtral.base is empty; set it to a hub id or a local folder")
         d = self.device
         ok = d in ("auto", "cpu", "cuda") or (d.startswith("cuda:") and d[5:].isdigit())
         if not ok:
