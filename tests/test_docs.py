@@ -86,7 +86,7 @@ def test_every_error_code_is_in_a_protocol_table() -> None:
     for path in (ROOT / "src" / "evoxtral_stream").rglob("*.py"):
         emitted |= set(_ERROR_CALL.findall(path.read_text()))
     # The pattern still sees the call sites (a rename would empty it).
-    assert {"decode_failed", "bad_utf8", "too_large", "audio_input_lost",
+    assert {"decode_failed", "bad_json", "too_large", "audio_input_lost",
             "invalid_value", "unsupported_intent"} <= emitted
     documented = _documented_codes((ROOT / "docs" / "protocol.md").read_text())
     assert not emitted - documented, \

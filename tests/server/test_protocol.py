@@ -122,6 +122,20 @@ def test_decode_caption_rejects_malformed(bad: str | bytes) -> None:
         decode_caption(bad)
 
 
+def test_text_that_is_no_json_object_gets_the_documented_codes() -> None:
+    """docs/protocol.md's ingest table: text that is not JSON is bad_json, JSON
+    that is not an object bad_message. Bytes that are not UTF-8 used to be
+    bad_utf8, a code the server never sends (websockets closes such a text
+    frame with 1007 before the codec sees it) that the table listed anyway."""
+    cases: list[tuple[str | bytes, str]] = [
+        ("{", "bad_json"), (b'{"type": "\xff"}', "bad_json"), ("[1]", "bad_message"),
+        ("7", "bad_message")]
+    for text, code in cases:
+        with pytest.raises(ProtocolError) as err:
+            parse_ingest_message(text)
+        assert err.value.code == code, text
+
+
 def test_lost_is_bounded_by_the_stream_rate() -> None:
     most = 48000 * MAX_LOST_S
     assert parse_ingest_message(f'{{"type": "lost", "samples": {most}}}', 48000) \

@@ -285,7 +285,9 @@ def _load_json(text: str | bytes) -> dict[str, Any]:
     try:
         obj = json.loads(text)
     except UnicodeDecodeError:
-        raise ProtocolError("bad_utf8", "text message is not valid UTF-8") from None
+        # Only bytes handed to a codec get here: the server never reads a text
+        # frame that is not UTF-8 (websockets closes it with 1007 first).
+        raise ProtocolError("bad_json", "message is not valid UTF-8 text") from None
     except (ValueError, RecursionError) as e:
         # Beside malformed text: nesting past the recursion limit, and
         # integers past Python's digit limit for int().
