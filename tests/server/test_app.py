@@ -211,6 +211,27 @@ async def test_a_subscriber_that_talks_gets_an_error_and_stays(
         assert err["code"] == "bad_query" and "(?stream=ID)" in err["message"]
 
 
+async def test_a_second_config_is_bad_message_whatever_it_holds(
+    served: tuple[Engine, CaptionServer],
+) -> None:
+    """docs/protocol.md: a second ``config`` is ``bad_message`` and the
+    stream goes on. One with a bad value used to get ``bad_config`` instead,
+    the code the table says closes the connection (1008), which it did not."""
+    _, server = served
+    async with connect(f"ws://127.0.0.1:{server.port}/v1/ingest?stream=twice") as ws:
+        await ws.send(json.dumps({"type": "config", "sample_rate": 16000}))
+        assert json.loads(await ws.recv())["type"] == "ingest.ready"
+        for again in ({"sample_rate": 16000}, {"sample_rate": 1}, {"format": "mp3"}):
+            await ws.send(json.dumps({"type": "config", **again}))
+        await ws.send(json.dumps({"type": "end"}))
+        messages = []
+        while (m := json.loads(await asyncio.wait_for(ws.recv(), 10)))["type"] \
+                != "ingest.summary":
+            messages.append(m)
+    assert [m["code"] for m in messages if m["type"] == "error"] == ["bad_message"] * 3
+    assert ws.close_code == 1000
+
+
 async def test_readyz_and_metrics(served: tuple[Engine, CaptionServer]) -> None:
     engine, server = served
     assert await http_get(f"http://127.0.0.1:{server.port}/readyz") == (200, "ready\n")

@@ -315,8 +315,8 @@ def parse_ingest_message(text: str | bytes, sample_rate: int | None = None
     raises :class:`ProtocolError`. ``sample_rate`` is the stream's configured
     rate, which bounds a ``lost`` message's ``samples`` to :data:`MAX_LOST_S`
     (None: before the config, :data:`MAX_INGEST_RATE`); a bad ``samples`` is
-    ``bad_message``. Whether the engine knows the adapter or language is
-    checked by the caller.
+    ``bad_message``, and so is any ``config`` once there is one. Whether the
+    engine knows the adapter or language is checked by the caller.
     """
     obj = _load_json(text)
     kind = obj.get("type")
@@ -328,6 +328,9 @@ def parse_ingest_message(text: str | bytes, sample_rate: int | None = None
     if kind != "config":
         raise ProtocolError("bad_message",
                             f"unknown message type {kind!r} (config, lost or end)")
+    if sample_rate is not None:
+        # Whatever it holds: its values are never used, so none is bad_config.
+        raise ProtocolError("bad_message", "config may be sent only once")
     rate = _int_field(obj, "sample_rate", MIN_INGEST_RATE, MAX_INGEST_RATE)
     channels = _int_field(obj, "channels", 1, _MAX_CHANNELS) if "channels" in obj else 1
     fmt = obj.get("format", "pcm16")
