@@ -141,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="'mic' (default), 'none' (serve only), 'sample', or an audio file "
                             "played at real-time pace")
     serve.add_argument("--stream", default=None, metavar="ID", type=_stream_id_arg,
-                       help="stream id (default: source)")
+                       help="stream id (default: 'mic', or the file's name without its "
+                            "suffix; with audio.split_channels, ID-N per channel)")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
     serve.add_argument("--no-partials", action="store_true",
