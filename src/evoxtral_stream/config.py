@@ -235,7 +235,8 @@ class ServerConfig:
     tls_key: str
     max_streams: int = field(metadata=_range(1, 1_000_000))
     max_ingest_speed: float = field(metadata=_range(0.0, 1000.0))
-    ingest_burst_s: float = field(metadata=_range(0.0, 86400.0))
+    # A message of more audio than the burst is always too fast: at 0 every one was.
+    ingest_burst_s: float = field(metadata=_range(0.5, 86400.0))
     idle_timeout_s: float = field(metadata=_range(0.0, 86400.0))
     ping_interval_s: float = field(metadata=_range(0.0, 3600.0))
     ping_timeout_s: float = field(metadata=_range(0.0, 3600.0))
