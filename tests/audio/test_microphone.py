@@ -46,9 +46,10 @@ from tests.speech import have_espeak, speech_with_pauses
 class FakeStream:
     """Records what MicrophoneCapture asks of a PortAudio stream."""
 
-    def __init__(self, fail_start: bool = False) -> None:
+    def __init__(self, fail_start: bool = False, fail_stop: bool = False) -> None:
         self.calls: list[str] = []
         self.fail_start = fail_start
+        self.fail_stop = fail_stop
 
     def start(self) -> None:
         self.calls.append("start")
@@ -57,6 +58,8 @@ class FakeStream:
 
     def stop(self) -> None:
         self.calls.append("stop")
+        if self.fail_stop:
+            raise RuntimeError("Unanticipated host error")
 
     def close(self) -> None:
         self.calls.append("close")
@@ -704,6 +707,30 @@ async def test_context_manager_and_callbacks_after_stop() -> None:
     cap._callback(np.full((320, 1), 0.5, np.float32), 320, None, Flags())  # late: ignored
     await settle(cap)
     assert len(got.blocks) == 1
+
+
+async def test_a_device_that_fails_to_stop_still_delivers_its_audio(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A device unplugged just before the capture stops can make PortAudio's
+    stop fail: stop() used to raise out of the caller's shutdown, leaving the
+    queued blocks (the last words) and the resampler's tail undelivered."""
+    factory = FakeFactory()
+    factory.stream.fail_stop = True
+    got = Received()
+    cap = MicrophoneCapture(got, device=fake_device(48000, 1), block_ms=20,
+                            max_pending_blocks=10, stream_factory=factory)
+    cap.start()
+    for _ in range(3):
+        cap._callback(np.full((960, 1), 0.5, np.float32), 960, None, Flags())
+    with caplog.at_level(logging.WARNING):
+        cap.stop()
+    assert factory.stream.calls == ["start", "stop", "close"]
+    assert not cap.running
+    assert cap.samples_delivered == 3 * 320  # every block, the filter's tail included
+    assert "Unanticipated host error" in caplog.text
+    cap._callback(np.full((960, 1), 0.5, np.float32), 960, None, Flags())  # late: ignored
+    await settle(cap)
+    assert cap.samples_delivered == 3 * 320
 
 
 async def test_stream_start_failure_is_an_audio_input_error() -> None:

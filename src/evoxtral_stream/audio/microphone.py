@@ -458,7 +458,9 @@ class MicrophoneCapture:
         )
 
     def stop(self) -> None:
-        """Stop the stream, deliver what is pending (and the resampler's tail)."""
+        """Stop the stream, deliver what is pending (and the resampler's tail).
+        A stream that fails to stop or close (a vanished device) is logged,
+        never raised: the audio captured so far is delivered all the same."""
         if not self._started:
             return
         self._started = False
@@ -469,8 +471,11 @@ class MicrophoneCapture:
         if stream is not None:
             try:
                 stream.stop()
-            finally:
-                stream.close()
+            except Exception as e:
+                # A device that just vanished can make PortAudio's stop fail;
+                # closing aborts the stream, and what it captured still goes out.
+                logger.warning("stopping the audio input failed: %s", e)
+            _close_quietly(stream)
         self._accepting = False
         self._deliver_rest()
 
