@@ -303,6 +303,25 @@ def test_split_falls_back_to_natural_end_in_a_long_pause(vad_cfg: VadConfig) -> 
     assert [(s.start, s.end, s.forced) for s in segs] == [(0, 44 * F + 200 * MS, False)]
 
 
+def test_pre_roll_and_start_window_never_make_a_segment_longer_than_the_maximum(
+        vad_cfg: VadConfig) -> None:
+    """With pre-roll plus start window longer than ``max_segment_s`` the
+    candidate was already past the maximum when speech was detected, and the
+    split (which cuts only in the last ``split_search_s``) left a first
+    segment of 2.4 s under a 2 s maximum."""
+    cfg = dataclasses.replace(vad_cfg, max_segment_s=2.0, split_search_s=0.3,
+                              pre_roll_ms=1000, start_window_ms=1500)
+    # Sparse voicing (50 % < 60 %) fills the start window, then steady speech.
+    sparse = [(i, i + 1) for i in range(100, 140, 2)]
+    audio = frames_signal(360, [*sparse, (140, 300)])
+    segs = collect_segments(run(Segmenter(cfg, classifier=loud), audio), audio)
+    assert segs and segs[-1].end == 300 * F + 200 * MS
+    assert all(s.end - s.start <= 2 * SAMPLE_RATE for s in segs), spans(segs)
+    # The clamp takes pre-roll only: the first segment still holds the first
+    # voiced frame of the window that started it.
+    assert segs[0].start <= 110 * F
+
+
 # --- webrtcvad on synthetic audio ---------------------------------------------------
 
 

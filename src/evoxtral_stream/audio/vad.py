@@ -73,8 +73,9 @@ class Segmenter:
     * **Start.** Speech is detected on a voiced frame when at least
       ``start_ratio`` of the frames in the last ``start_window_ms`` are voiced.
       The speech onset is the first voiced frame of that window; the segment
-      starts ``pre_roll_ms`` earlier, clamped at the start of the stream and at
-      the end of the previous segment (segments never overlap).
+      starts ``pre_roll_ms`` earlier, clamped at the start of the stream, at
+      the end of the previous segment (segments never overlap) and so that it
+      is a frame shorter than ``max_segment_s`` when speech is detected.
     * **Minimum length.** Nothing is emitted until the candidate segment holds
       ``min_speech_ms`` of *voiced* frames (pre-roll and silences don't
       count). Then ``SpeechStarted(start)`` is emitted together with all its
@@ -293,7 +294,11 @@ class Segmenter:
         first = next(i for i, v in enumerate(self._window) if v)
         onset = end - (len(self._window) - first) * n
         history_start = self._frames[0].start
-        self._seg_start = max(onset - self._pre_roll, self._prev_end, history_start)
+        # The split cuts only in the last split_search_s, so a candidate that
+        # is already past the maximum here (pre-roll plus a long start window)
+        # could never be cut short enough: it holds at most one frame less.
+        room = end + n - self._max_len
+        self._seg_start = max(onset - self._pre_roll, self._prev_end, history_start, room)
         self._voiced_count = sum(self._window)
         self._last_voiced_end = end
         self._unvoiced_run = 0
