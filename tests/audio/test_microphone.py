@@ -776,6 +776,9 @@ def test_list_and_resolve_input_devices(monkeypatch: pytest.MonkeyPatch) -> None
     ]
     assert resolve_input_device("").index == 2
     assert resolve_input_device(None).index == 2
+    # Blank (a config value of white space) is the default too: it matched
+    # every name as a substring, so the first device was taken.
+    assert resolve_input_device("  ").index == 2
     assert resolve_input_device("0").index == 0
     assert resolve_input_device(0).index == 0
     assert resolve_input_device("headset").index == 2

@@ -119,9 +119,9 @@ def list_input_devices() -> list[InputDevice]:
 
 
 def resolve_input_device(spec: str | int | None) -> InputDevice:
-    """Find the input device for ``audio.device``: ``""``/``None`` is the system
-    default, an int (or digits) an index, anything else a case-insensitive
-    substring of the name (an exact name wins)."""
+    """Find the input device for ``audio.device``: ``None`` or a blank string is
+    the system default, an int (or digits) an index, anything else a
+    case-insensitive substring of the name (an exact name wins)."""
     devices = list_input_devices()
     if not devices:
         raise AudioInputError(
@@ -129,7 +129,7 @@ def resolve_input_device(spec: str | int | None) -> InputDevice:
             "audio settings"
         )
     listing = "run `evoxtral-stream devices` to list them"
-    if spec is None or spec == "":
+    if spec is None or (isinstance(spec, str) and not spec.strip()):
         for d in devices:
             if d.is_default:
                 return d
