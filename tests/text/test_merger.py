@@ -590,3 +590,22 @@ def test_final_replaces_stable_words_only_when_asked(replaces: bool) -> None:
     assert final.stable == final.text and final.unstable == ""
     partials = [e for e in f.events if not e.final]
     assert partials[-1].stable == "my daughter asked"
+
+
+@pytest.mark.parametrize("replaces", [True, False])
+def test_a_tag_cut_short_at_the_end_of_a_partial_is_never_committed(replaces: bool) -> None:
+    """Two partials cut inside a tag ("[clears", a token budget running out)
+    used to commit the half tag as punctuation and a word; the final then
+    kept "[clears" and, without final_replaces_stable, lost "maybe I"."""
+    f = Feed(final_replaces_stable=replaces)
+    f("So [clears")
+    assert one(f("So [clears")).stable == "So"
+    f("So (laughs")
+    f("So (laughs")
+    assert [e.stable for e in f.events] == ["", "So", "So"]
+    e = one(f("So [clears throat] maybe"))
+    assert e.stable == "So" and e.text == "So [clears throat] maybe"
+    assert one(f("So [clears throat] maybe")).stable == "So [clears throat] maybe"
+    fin = one(f("So [clears throat] maybe I", final=True))
+    assert fin.text == "So [clears throat] maybe I"
+    assert [m.tag for m in fin.tags] == ["clears throat"]

@@ -13,7 +13,8 @@ Contracts (what the engine may rely on):
   text. A second final of a closed segment is ignored. Finals are never
   dropped for their revision.
 - Partials (LocalAgreement-n, default n=2): the longest common token prefix
-  of the last n views of the segment is committed. Committed (``stable``)
+  of the last n views of the segment is committed, short of a tag still
+  being written at the end (``So [clears``). Committed (``stable``)
   text is never retracted or changed, by later partials or by the final: a
   hypothesis that revises committed words is aligned after them and only its
   tail is used. A view that may be cut wrongly (an alignment guessed over
@@ -129,6 +130,9 @@ __all__ = [
 MAX_OVERLAP_WORDS_PER_S = 5.0
 # Tokens of emitted text kept for overlap matching and the carry state.
 _TAIL_TOKENS = 96
+# A tag name still being written at the end of a partial is at most this long
+# (as the tokenizer bounds ( ) and * tags).
+_OPEN_TAG_MAX_CHARS = 40
 
 
 def match_key(tok: Token) -> str:
@@ -146,6 +150,19 @@ def _lcp(a: Sequence[Token], b: Sequence[Token]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def _open_tag(tokens: Sequence[Token]) -> int:
+    """Where a tag still being written starts: the index of a trailing ``[``,
+    ``(`` or ``*`` followed only by words (``So [clears``, a partial whose
+    token budget ran out inside the tag), else ``len(tokens)``."""
+    i = len(tokens)
+    while i > 0 and tokens[i - 1].is_word:
+        i -= 1
+    name = render(tokens[i:])
+    if i > 0 and tokens[i - 1].text.endswith(("[", "(", "*")) and len(name) <= _OPEN_TAG_MAX_CHARS:
+        return i - 1
+    return len(tokens)
 
 
 def _lstrip(tokens: Sequence[Token]) -> tuple[Token, ...]:
@@ -687,7 +704,10 @@ class Merger:
             seg.history.clear()
         else:
             if len(seg.history) == seg.history.maxlen:
-                agreed = min(_lcp(v, view) for v in seg.history)
+                # A tag cut short is punctuation and words to the tokenizer,
+                # which two partials may agree on; committed, the whole tag
+                # would later read as revised words.
+                agreed = min(min(_lcp(v, view) for v in seg.history), _open_tag(view))
                 if agreed > len(seg.committed):
                     seg.committed = view[:agreed]
             seg.history.append(view)
