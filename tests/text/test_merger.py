@@ -609,3 +609,27 @@ def test_a_tag_cut_short_at_the_end_of_a_partial_is_never_committed(replaces: bo
     fin = one(f("So [clears throat] maybe I", final=True))
     assert fin.text == "So [clears throat] maybe I"
     assert [m.tag for m in fin.tags] == ["clears throat"]
+
+
+def test_tail_after_does_not_align_a_respelled_last_word_with_a_later_one() -> None:
+    """A committed last word cut short ("to" of "today") used to align with a
+    later "to" of the hypothesis, so every word between was cut away."""
+    c = tokenize("I miss you. But to")
+    tail, ok = tail_after(c, tokenize("I miss you. But today I want you to know"))
+    assert ([t.text for t in tail], ok) == (["I", "want", "you", "to", "know"], False)
+    # Punctuation too, also when n // 8 would let several tokens differ.
+    words = " ".join("abcdefghijklmnopqrstuvwxyzabcdef")
+    tail, ok = tail_after(tokenize(f"{words} woman."),
+                          tokenize(f"{words} woman... Miss Lewinsky. I never"))
+    assert ([t.text for t in tail], ok) == (["Miss", "Lewinsky", ".", "I", "never"], False)
+
+
+def test_words_after_a_respelled_last_committed_word_are_not_lost() -> None:
+    """The final used to lose "I want you" (aligned past the later "to")."""
+    f = Feed()
+    f("I miss you. But to")
+    f("I miss you. But to", end=1.2)
+    e = one(f("I miss you. But today I want you to know", end=2.0))
+    assert (e.stable, e.text) == ("I miss you. But to", "I miss you. But to I want you to know")
+    fin = one(f("I miss you. But today I want you to know.", final=True, end=2.5))
+    assert fin.text == "I miss you. But to I want you to know."

@@ -188,7 +188,9 @@ def tail_after(committed: Sequence[Token],
     passes as revised in place but changed the last committed token is
     aligned too, since a word or comma inserted before that token shifts
     it just as a respelling changes it; when the alignment leaves it
-    unaligned (respelled), the cut goes after ``n`` tokens, unreliable.
+    unaligned (respelled) or shifts it by more tokens than differ in place
+    (a later token equal to the respelled one), the cut goes after ``n``
+    tokens, unreliable.
     """
     n = len(committed)
     if tuple(tokens[:n]) == tuple(committed):
@@ -196,6 +198,7 @@ def tail_after(committed: Sequence[Token],
     a = [match_key(t) for t in committed]
     b = [match_key(t) for t in tokens]
     in_place = False
+    changed: list[int] = []
     if len(b) >= n:
         changed = [i for i in range(n) if a[i] != b[i]]
         # In place means respelled: a tag facing a word or punctuation is an
@@ -212,6 +215,12 @@ def tail_after(committed: Sequence[Token],
     if not blocks:
         return tuple(tokens[min(n, len(tokens)):]), False
     last = blocks[-1]
+    if in_place and last.b - last.a > len(changed):
+        # Shifted by more tokens than it moved over: not an insertion but the
+        # respelled last token ("to" of "today", "." become "...") matching a
+        # later one ("you to know"), and a cut there would drop every new
+        # token in between.
+        return tuple(tokens[n:]), False
     unmatched = n - (last.a + last.size)
     # The committed words and punctuation left unaligned stand for as many of
     # the hypothesis' (revised), tags skipped on both sides: a tag the
