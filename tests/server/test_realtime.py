@@ -163,6 +163,26 @@ def test_session_created_then_updates_report_the_effective_config() -> None:
     assert len(set(ids)) == 4
 
 
+def test_a_beta_turn_detection_without_type_is_server_vad() -> None:
+    """The beta ``transcription_session.update`` makes ``turn_detection.type``
+    optional (server_vad is the only kind a transcription session has): an
+    update that tunes it without a type was refused as an unsupported turn
+    detection, and nothing in it applied (its language, say)."""
+    core = RealtimeTranscription(load_config().vad, model="m", language="en",
+                                 languages=("fr",))
+    core.start()
+    core.receive(update_msg(None))
+    out = core.receive(json.dumps({"type": "transcription_session.update", "event_id": "c1",
+                                   "session": {"input_audio_transcription": {"language": "fr"},
+                                               "turn_detection": {"silence_duration_ms": 800}}}))
+    (updated,) = events(out)
+    assert updated["type"] == "transcription_session.updated", updated
+    assert updated["session"]["turn_detection"]["type"] == "server_vad"
+    assert updated["session"]["input_audio_transcription"]["language"] == "fr"
+    assert core.server_vad
+    assert [o.language for o in out if isinstance(o, SetLanguage)] == ["fr"]
+
+
 def language_update(language: object, *, beta: bool = False) -> str:
     if beta:
         return json.dumps({"type": "transcription_session.update", "event_id": "c2",

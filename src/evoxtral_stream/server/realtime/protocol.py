@@ -140,11 +140,14 @@ def _str(value: object, default: str, param: str, event_id: str | None) -> str:
     return value
 
 
-def _turn_detection(value: object, param: str, event_id: str | None) -> TurnDetection:
+def _turn_detection(value: object, param: str, event_id: str | None,
+                    default: str = "") -> TurnDetection:
+    """``default`` is the type of an object without one (the beta shape's
+    ``type`` is optional: server_vad)."""
     if value is None:
         return "none"
     td = _obj(value, param, event_id)
-    kind = _str(td.get("type"), "", f"{param}.type", event_id)
+    kind = _str(td.get("type"), default, f"{param}.type", event_id)
     if kind == "server_vad":
         return "server_vad"
     raise RealtimeProtocolError(
@@ -220,7 +223,8 @@ def _parse_beta_update(obj: Mapping[str, Any], event_id: str | None) -> SessionU
             f"(24 kHz) is accepted", "session.input_audio_format", event_id)
     turn: TurnDetection | None = None
     if "turn_detection" in session:
-        turn = _turn_detection(session["turn_detection"], "session.turn_detection", event_id)
+        turn = _turn_detection(session["turn_detection"], "session.turn_detection", event_id,
+                               default="server_vad")
     language: tuple[str | None, bool] = (None, False)
     if session.get("input_audio_transcription") is not None:
         param = "session.input_audio_transcription"
