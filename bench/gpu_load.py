@@ -215,10 +215,15 @@ def _pct(values: Sequence[float], q: float) -> float:
     """Percentile; NaN when empty, infinite when the rank falls on a failure."""
     if not values:
         return math.nan
+    finite = [v for v in values if not math.isinf(v)]
+    if not finite:
+        return math.inf
+    # A stand-in for infinity that interpolation can use; any weight on it
+    # (a result past the largest finite value) means the rank touches a failure.
     big = 1e12
     arr = np.asarray([big if math.isinf(v) else v for v in values], dtype=np.float64)
     out = float(np.percentile(arr, q))
-    return math.inf if out >= big / 2 else out
+    return math.inf if out > max(finite) else out
 
 
 # --- speech -------------------------------------------------------------------

@@ -283,3 +283,15 @@ def test_a_window_the_model_thread_never_closed_is_not_a_profile(tmp_path: Path)
     text = path.read_text()
     assert text.startswith("# torch.profiler: lookahead, 1 streams: not recorded")
     assert "no backend call on the model thread after the window" in text
+
+
+def test_a_percentile_next_to_one_failure_is_infinite_not_huge() -> None:
+    """One failed final among 20 (infinite latency) put p95 between the
+    largest latency and the stand-in for infinity: it came out as
+    50,000,000,000 s, a finite figure for the table, instead of infinite."""
+    bench = _load()
+    assert math.isinf(bench._pct([1.0] * 19 + [math.inf], 95))
+    assert math.isinf(bench._pct([0.2] * 39 + [math.inf], 99))
+    assert bench._pct([1.0] * 99 + [math.inf], 95) == 1.0
+    assert bench._pct([0.1, 0.2, 0.3, 0.4], 50) == pytest.approx(0.25)
+    assert math.isinf(bench._pct([math.inf, math.inf], 50))
