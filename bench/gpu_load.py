@@ -43,8 +43,10 @@ Columns (one row per mode x streams):
 
 - finals: expected (finals the streams' sessions requested) / lost (expected,
   neither received by the subscriber nor failed: must be 0) / failed (the
-  decode failed, or the final arrived after the drain deadline, when the
-  harness fails the rest on purpose so a level cannot run on forever);
+  decode failed, even where the merger then closed the segment with a final
+  caption of the text shown, or the final arrived after the drain deadline,
+  when the harness fails the rest on purpose so a level cannot run on
+  forever);
 - final p50 / p95: end-of-speech decision -> final caption *received by the
   WebSocket subscriber*, computed from receive time: the decision is the
   ``Stream.push`` (or ``close``) call after which the stream's session had
@@ -139,7 +141,7 @@ from evoxtral_stream.engine.backends.voxtral.tiny import (
     write_tekken,
 )
 from evoxtral_stream.engine.engine import Engine, Stream
-from evoxtral_stream.events import SAMPLE_RATE, Int16Array
+from evoxtral_stream.events import SAMPLE_RATE, DecodeFailure, Int16Array, RequestKind
 from evoxtral_stream.server.app import CaptionServer
 
 _HERE = Path(__file__).resolve().parent
@@ -582,6 +584,22 @@ class _Sim:
     chunk_ends: list[int] = field(default_factory=list)
     chunk_times: list[float] = field(default_factory=list)
     final_ready: list[float] = field(default_factory=list)
+    failed_finals: set[int] = field(default_factory=set)
+    """Segments whose final decode failed (the merger may still close such a
+    segment with a final caption: the text its partials had shown)."""
+
+    def watch_failures(self) -> None:
+        """Record in :attr:`failed_finals` each failed final of the stream,
+        as its session is told of it."""
+        session: Any = self.handle.session
+        told = session.on_result
+
+        def on_result(result: Any) -> None:
+            if isinstance(result, DecodeFailure) and result.kind is RequestKind.FINAL:
+                self.failed_finals.add(result.segment)
+            told(result)
+
+        session.on_result = on_result
 
     def note_finals(self, t: float) -> None:
         requested = self.handle.session.stats().finals_requested
@@ -741,6 +759,7 @@ async def run_level(models: Models, mode: str, n_streams: int, args: argparse.Na
                     shares.append(share)
                     handle = engine.open_stream(f"s{i:03d}", source="gpu_load")
                     sims.append(_Sim(handle, audio, float(rng.uniform(0, chunk / SAMPLE_RATE))))
+                    sims[-1].watch_failures()
                 row.speech_fraction = float(np.mean(shares))
                 tok0 = _tokens(backend)
                 t_start = time.monotonic()
@@ -823,14 +842,14 @@ def _score(row: Row, sims: list[_Sim], got: _Received, abort_t: float) -> None:
             if seen is not None:
                 row.finals_received += 1
                 recv, field_latency = seen
-                if recv >= abort_t:
+                if recv >= abort_t or seg in sim.failed_finals:
                     row.finals_failed += 1
                     finals.append(math.inf)
                 else:
                     finals.append(recv - ready)
                     if field_latency is not None:
                         fields.append(float(field_latency))
-            elif (sid, seg) in got.errors or abort_t < math.inf:
+            elif seg in sim.failed_finals or (sid, seg) in got.errors or abort_t < math.inf:
                 row.finals_failed += 1
                 finals.append(math.inf)
             else:

@@ -295,3 +295,35 @@ def test_a_percentile_next_to_one_failure_is_infinite_not_huge() -> None:
     assert bench._pct([1.0] * 99 + [math.inf], 95) == 1.0
     assert bench._pct([0.1, 0.2, 0.3, 0.4], 50) == pytest.approx(0.25)
     assert math.isinf(bench._pct([math.inf, math.inf], 50))
+
+
+@pytest.mark.slow
+def test_a_final_whose_decode_failed_counts_as_failed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A final whose decode fails is abandoned by the merger, which then sends
+    a final caption with the text the partials had shown: the harness took
+    that caption for the decoded final, with a finite latency (decision ->
+    error), and counted it received, not failed."""
+    from evoxtral_stream.engine import worker as worker_mod
+    from evoxtral_stream.events import RequestKind
+
+    plain = worker_mod.ModelWorker._transcribe
+
+    def failing(self: Any, batch: list[Any]) -> Any:
+        if any(r.kind is RequestKind.FINAL for r in batch):
+            raise RuntimeError("the final failed (test)")
+        return plain(self, batch)
+
+    monkeypatch.setattr(worker_mod.ModelWorker, "_transcribe", failing)
+    out = tmp_path / "load.json"
+    argv = ["--tiny", "--streams", "1", "--seconds", "8", "--modes", "reference",
+            "--json", str(out)]
+    assert _load().main(argv) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["partials"] > 0  # the merger had text to close the segments with
+    assert row["finals_expected"] > 0
+    assert row["finals_lost"] == 0
+    assert row["finals_failed"] == row["finals_expected"]
+    assert row["final_p50"] == "inf" and row["final_p95"] == "inf"
+    assert "decode errors" in row["status"]
+
