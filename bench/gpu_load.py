@@ -988,9 +988,11 @@ def _s(v: float) -> str:
     return f"{v:.3f} s"
 
 
-def _x(v: float) -> str:
+def _x(v: float, *, zero: str = "0×") -> str:
+    """A ratio to the reference; ``zero`` shows 0 (the p95 column: the
+    reference's p95 was infinite, see :func:`_ratio`)."""
     if v == 0:
-        return "0 (ref ∞)"
+        return zero
     return "–" if math.isnan(v) or math.isinf(v) else f"{v:.3g}×"
 
 
@@ -1017,7 +1019,8 @@ def table(rows: list[Row]) -> str:
             f"| {r.mode} | {r.streams} | {r.finals_expected} / {r.finals_lost} / "
             f"{r.finals_failed} | {_s(r.final_p50)} | {_s(r.final_p95)} | "
             f"{_s(r.partial_age_p95)} | {r.partials} | {r.partials_dropped} | "
-            f"{_pc(r.gpu_busy_pct)} | {_n(r.tokens_per_s)} | {_x(r.final_p95_vs_ref)} | "
+            f"{_pc(r.gpu_busy_pct)} | {_n(r.tokens_per_s)} | "
+            f"{_x(r.final_p95_vs_ref, zero='0 (ref ∞)')} | "
             f"{_x(r.tokens_per_s_vs_ref)} | {_ms(r.loop_lag_p95_ms)} | "
             f"{'✓ targets' if r.meets_targets else r.status if r.status != 'ok' else 'ok'} |")
     return "\n".join(lines)

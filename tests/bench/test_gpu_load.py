@@ -327,3 +327,20 @@ def test_a_final_whose_decode_failed_counts_as_failed(
     assert row["final_p50"] == "inf" and row["final_p95"] == "inf"
     assert "decode errors" in row["status"]
 
+
+def test_no_tokens_beside_a_reference_is_not_shown_as_an_infinite_reference() -> None:
+    """A level that generated nothing (tokens/s 0, as the first H200 slots
+    level) beside a working reference got "0 (ref ∞)" in its tokens/s vs ref
+    column: the mark of a failed reference's p95, which this one was not."""
+    bench = _load()
+    Row = bench.Row
+    rows = [Row("reference", 1, final_p95=2.0, tokens_per_s=11.0, finals_expected=3),
+            Row("slots", 1, final_p95=math.inf, tokens_per_s=0.0, finals_expected=3,
+                finals_failed=3)]
+    bench.add_ratios(rows)
+    assert rows[1].tokens_per_s_vs_ref == 0.0
+    line = bench.table(rows).splitlines()[-1]
+    assert line.startswith("| slots | 1 |")
+    assert "ref ∞" not in line
+    cells = [c.strip() for c in line.split("|")]
+    assert cells[12] == "0×"  # tokens/s vs ref
