@@ -60,8 +60,9 @@ Columns (one row per mode x streams):
 - partials: partial captions received; dropped: partial requests that never
   became a caption because the worker superseded or cancelled them or its
   inbox refused them (``superseded + cancelled + partials_refused``);
-- GPU busy: the worker's time inside the backend (``WorkerStats.busy_s``)
-  over the wall time of the live phase (not a hardware utilisation counter);
+- GPU busy: the worker's time inside the backend (``WorkerStats.busy_s``,
+  plus the call still running when the live phase ends, ``call_s``) over
+  the wall time of the live phase (not a hardware utilisation counter);
 - tokens/s: tokens generated (``tokens_generated`` of the backend) per second
   of the live phase;
 - vs ref: where a reference row exists at the same stream count, this row's
@@ -772,7 +773,8 @@ async def run_level(models: Models, mode: str, n_streams: int, args: argparse.Na
                 row.live_s = t_live - t_start
                 row.tokens = _tokens(backend) - tok0
                 row.tokens_per_s = row.tokens / row.live_s
-                row.gpu_busy_pct = 100 * live.worker.busy_s / row.live_s
+                # busy_s grows when a backend call ends: add the one running now.
+                row.gpu_busy_pct = 100 * (live.worker.busy_s + live.worker.call_s) / row.live_s
 
                 async def close(sim: _Sim) -> None:
                     t = time.monotonic()

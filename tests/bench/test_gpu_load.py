@@ -344,3 +344,33 @@ def test_no_tokens_beside_a_reference_is_not_shown_as_an_infinite_reference() ->
     assert "ref ∞" not in line
     cells = [c.strip() for c in line.split("|")]
     assert cells[12] == "0×"  # tokens/s vs ref
+
+
+@pytest.mark.slow
+def test_a_backend_call_running_at_the_end_of_the_live_phase_counts_as_busy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU busy took the worker's ``busy_s``, which grows only when a backend
+    call ends: a call still running when the live phase ended (a long
+    generate under load) was left out, here the whole of it: the worker was
+    inside the backend from its first request to the end and busy said 0 %."""
+    from evoxtral_stream.engine import worker as worker_mod
+
+    plain = worker_mod.ModelWorker._transcribe
+    starts: list[float] = []
+
+    def slow_first(self: Any, batch: list[Any]) -> Any:
+        starts.append(time.monotonic())
+        if len(starts) == 1:
+            time.sleep(10.0)  # outlasts the 8 s of audio
+        return plain(self, batch)
+
+    monkeypatch.setattr(worker_mod.ModelWorker, "_transcribe", slow_first)
+    out = tmp_path / "load.json"
+    argv = ["--tiny", "--streams", "1", "--seconds", "8", "--modes", "reference",
+            "--json", str(out)]
+    assert _load().main(argv) == 0
+    row = json.loads(out.read_text())["rows"][0]
+    assert len(starts) > 1
+    assert row["finals_lost"] == 0
+    assert row["gpu_busy_pct"] >= 20, row["gpu_busy_pct"]
+    assert row["gpu_busy_pct"] <= 100
