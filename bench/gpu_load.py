@@ -1076,6 +1076,7 @@ def meta(args: argparse.Namespace, argv: Sequence[str], models_desc: str) -> dic
         peft_version = str(peft.__version__)
     except ImportError:
         peft_version = "absent"
+    ours = _level_config(args, "continuous", 1)
     return {
         "device": device,
         "torch": torch.__version__,
@@ -1089,11 +1090,19 @@ def meta(args: argparse.Namespace, argv: Sequence[str], models_desc: str) -> dic
         "tiny": bool(args.tiny),
         "seconds": args.seconds,
         "chunk_ms": args.chunk_ms,
-        "max_batch": args.max_batch or load_config().worker.max_batch,
-        "prefix_reuse": args.prefix_reuse or load_config().stream.prefix_reuse,
+        # As our levels run them: --set wins over --max-batch and --prefix-reuse.
+        "max_batch": ours.worker.max_batch,
+        "prefix_reuse": ours.stream.prefix_reuse,
+        "partial_interval_ms": ours.stream.partial_interval_ms,
         "tokens_forced": not args.no_force,
         "overrides": list(args.set or []),
     }
+
+
+def _cadence(info: dict[str, Any]) -> str:
+    """How often our streams ask for partials (older JSON files lack the key: 1 s)."""
+    ms = info.get("partial_interval_ms", 1000)
+    return "no partials" if ms == 0 else f"partials every {ms / 1000:g} s"
 
 
 def markdown(info: dict[str, Any], rows: list[Row], plot: Path | None) -> str:
@@ -1110,7 +1119,7 @@ def markdown(info: dict[str, Any], rows: list[Row], plot: Path | None) -> str:
         f"- **Date:** {info['date']}",
         f"- **Command:** `{info['command']}`",
         f"- **Load:** {info['seconds']:g} s of audio per stream, {info['chunk_ms']} ms chunks "
-        f"at real-time pace, speech about half of the time, partials every 1 s; "
+        f"at real-time pace, speech about half of the time, {_cadence(info)}; "
         f"worker.max_batch {info['max_batch']}, stream.prefix_reuse "
         f"{info['prefix_reuse']}; tokens forced to the budget: {info['tokens_forced']}",
         "",

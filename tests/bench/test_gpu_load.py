@@ -146,6 +146,26 @@ def test_the_reference_runs_in_a_plain_engine() -> None:
     assert ours.stream.pause_partial and ours.stream.draft
 
 
+def test_the_header_says_what_our_levels_ran_with_set_overrides() -> None:
+    """The header took max_batch and prefix_reuse from --max-batch /
+    --prefix-reuse or the config only: with --set worker.max_batch=64 it said
+    8 while the levels ran 64 (and the slot steps were warmed for 8), and it
+    always said partials every 1 s."""
+    bench = _load()
+    args = bench.parser().parse_args([
+        "--tiny", "--seconds", "8", "--max-batch", "4", "--set", "worker.max_batch=64",
+        "--set", "stream.prefix_reuse=partials", "--set", "stream.partial_interval_ms=500"])
+    info = bench.meta(args, [], "tiny")
+    assert (info["max_batch"], info["prefix_reuse"]) == (64, "partials")
+    assert bench._level_config(args, "continuous", 1).worker.max_batch == 64
+    header = bench.markdown(info, [], None)
+    assert "worker.max_batch 64, stream.prefix_reuse partials" in header
+    assert "partials every 0.5 s" in header
+    args = bench.parser().parse_args(["--tiny", "--seconds", "8",
+                                      "--set", "stream.partial_interval_ms=0"])
+    assert "no partials" in bench.markdown(bench.meta(args, [], "tiny"), [], None)
+
+
 def test_model_overrides_reach_our_models_and_not_the_reference(tmp_path: Path) -> None:
     """The levels' engines get models built beforehand, so a `--set
     model.voxtral...` has to be applied where they are built."""
