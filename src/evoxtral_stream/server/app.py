@@ -724,6 +724,7 @@ class CaptionServer:
             overflow.cancel()
             await asyncio.gather(pump, overflow, return_exceptions=True)
             self.broadcaster.unsubscribe(sub)
+            release()  # unsubscribed: nothing of a later stream can reach it
             if sub.overflowed.is_set() or too_slow:
                 await self._close_slow(ws)
 
