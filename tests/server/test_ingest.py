@@ -349,6 +349,35 @@ async def test_resume_beyond_history_announces_a_gap() -> None:
         assert engine.streams == {}
 
 
+async def test_a_resume_from_0_of_a_stream_not_retained_gets_a_gap() -> None:
+    """``since=STREAM:0`` (the resume point a gap to null leaves) of a stream
+    that gave captions none of which is retained (``history = 0``, or its
+    history evicted past ``history_streams``) used to get nothing at all:
+    every caption of it skipped silently. It gets a gap naming them."""
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+    pcm = audio.astype("<i2").tobytes()
+    for overrides in ({"server.history": 0},
+                      {"server.history": 5, "server.history_streams": 1}):
+        cfg = config(**overrides)
+        async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+                CaptionServer(engine, cfg.server) as server:
+            await ingest(server.port, "talk", {"sample_rate": 16000}, pcm)
+            await ingest(server.port, "other", {"sample_rate": 16000}, pcm)
+            last = engine.last_seq("talk")
+            assert last > 0
+            async with connect(f"ws://127.0.0.1:{server.port}/v1/captions"
+                               f"?since=talk:0") as ws:
+                await recv_json(ws)
+                assert await recv_json(ws, timeout=5) == {
+                    "type": "gap", "stream": "talk", "from": 1, "to": last}, overrides
+            # A seq past every one given is still of another numbering.
+            async with connect(f"ws://127.0.0.1:{server.port}/v1/captions"
+                               f"?since=talk:{last + 7}") as ws:
+                await recv_json(ws)
+                assert await recv_json(ws, timeout=5) == {
+                    "type": "gap", "stream": "talk", "from": last + 8, "to": None}
+
+
 async def test_a_since_from_before_a_restart_gets_a_null_gap_then_all_there_is() -> None:
     """A server restarted without its journal numbers streams from 1 again: a
     resume with a seq it never gave says so (gap to null), then replays every

@@ -208,7 +208,8 @@ class CaptionServer:
         self._live: dict[ServerConnection, _Access] = {}
         self.broadcaster = Broadcaster(cfg.subscriber_queue, encode_event,
                                        history=cfg.history,
-                                       history_streams=cfg.history_streams)
+                                       history_streams=cfg.history_streams,
+                                       last_seq=engine.last_seq)
         self.metrics = Metrics(engine, self.broadcaster)
         self._server: Server | None = None
         # Per prefix ("ingest", "realtime"): the next N of an unnamed stream.

@@ -11,7 +11,9 @@ most ``history_streams`` streams, the least recently active forgotten first),
 so a subscriber that reconnects with ``since={stream: seq}`` first gets every
 retained caption after ``seq`` (and the stream's ``stream.ended`` if it has
 ended). Captions no longer retained are announced by
-an explicit ``gap`` message, never skipped silently. A ``gap`` whose ``to``
+an explicit ``gap`` message, never skipped silently: a resume from seq 0 of
+a stream none of whose captions is retained gets a gap from 1 to the last
+seq given under its id (``last_seq``, the engine's). A ``gap`` whose ``to``
 is None says the server cannot relate the client's seq to its own (it has
 no history of the stream, or the seq is past any it gave the stream: it
 restarted without the journal); the client should forget the seq it had,
@@ -117,6 +119,7 @@ class Broadcaster:
         history: int = 0,
         history_streams: int = 64,
         source: HistorySource | None = None,
+        last_seq: Callable[[str], int] | None = None,
     ) -> None:
         self._queue_size = queue_size
         self._encode = encode
@@ -128,6 +131,9 @@ class Broadcaster:
         self._live: set[str] = set()
         self._subs: set[Subscription] = set()
         self.source = source
+        # The last seq given under a stream id (the engine's), 0 if none: what
+        # a resume from 0 of a stream with nothing retained has missed.
+        self._last_seq = last_seq
         self.dropped_subscribers = 0
 
     def subscribe(
@@ -189,7 +195,13 @@ class Broadcaster:
         if not kept:
             # Unknown stream: if the client saw captions of it, we cannot say
             # how many followed (e.g. the history was evicted).
-            return [self._gap(stream, since + 1, None)] if since > 0 else []
+            if since > 0:
+                return [self._gap(stream, since + 1, None)]
+            # From 0 (the resume point a gap to null leaves): every caption
+            # given under the id is missing (none retained: history 0, or
+            # evicted), and a gap says so.
+            last = self._last_seq(stream) if self._last_seq is not None else 0
+            return [self._gap(stream, 1, last)] if last > 0 else []
         first = kept[0][0]
         ended = self._ended.get(stream)
         if since > kept[-1][0]:
