@@ -400,6 +400,32 @@ async def test_a_since_from_before_a_restart_gets_a_null_gap_then_all_there_is()
             validate_message(message)
 
 
+async def test_a_since_past_every_seq_journaled_gets_a_null_gap_after_a_restart(
+        tmp_path: Path) -> None:
+    """With the journal on, after a restart (nothing retained) a resume with
+    a seq past every one given the stream (of another numbering: a journal
+    folder made anew, a stream pruned and forgotten) used to get the
+    journal's ``stream.ended`` alone: the stream's captions skipped silently.
+    It gets a gap to null, then the finals there are, as without it."""
+    cfg = config(**{"journal.enabled": True, "journal.dir": str(tmp_path / "j")})
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        await ingest(server.port, "talk", {"sample_rate": 16000},
+                     audio.astype("<i2").tobytes())
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        assert 0 < engine.last_seq("talk") < 500
+        async with connect(f"ws://127.0.0.1:{server.port}/v1/captions?since=talk:500") as ws:
+            await ws.recv()
+            replay = [await recv_json(ws)]
+            while replay[-1]["type"] != "stream.ended":
+                replay.append(await recv_json(ws))
+        assert replay[0] == {"type": "gap", "stream": "talk", "from": 501, "to": None}
+        finals = [m for m in replay if m["type"] == "caption"]
+        assert finals and all(m["final"] for m in finals)
+
+
 async def test_a_since_of_another_epoch_is_not_taken_for_this_runs_seqs() -> None:
     """After a restart without the journal, the new numbering soon passes the
     seq a client holds: with the epoch it got that seq under, its resume gets

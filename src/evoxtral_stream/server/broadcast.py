@@ -15,8 +15,9 @@ an explicit ``gap`` message, never skipped silently: a resume from seq 0 of
 a stream none of whose captions is retained gets a gap from 1 to the last
 seq given under its id (``last_seq``, the engine's). A ``gap`` whose ``to``
 is None says the server cannot relate the client's seq to its own (it has
-no history of the stream, or the seq is past any it gave the stream: it
-restarted without the journal); the client should forget the seq it had,
+no history of the stream, or the seq is past any it gave the stream, the
+journal's included: it restarted without the journal, or the journal forgot
+the stream); the client should forget the seq it had,
 since what follows may be numbered anew. A resume whose seqs come from
 another numbering (``renumbered``: the client's epoch is not the server's)
 gets that gap for every stream it names with a seq above 0, then each such
@@ -174,6 +175,11 @@ class Broadcaster:
     def _replay(self, stream: str, since: int) -> list[str]:
         kept = self._retained.get(stream)
         first_kept = kept[0][0] if kept else None
+        if since > 0 and self._last_seq is not None and since > max(
+                self._last_seq(stream), kept[-1][0] if kept else 0):
+            # Past every seq given under the id (the journal's included): of
+            # another numbering, which is no point in the journal either.
+            return [self._gap(stream, since + 1, None), *self._replay(stream, 0)]
         if self.source is not None and (first_kept is None or since + 1 < first_kept):
             # At most `history` finals, the newest: a resume from seq 0 of a
             # stream live for days must not hold its whole journal (80 MB by
