@@ -300,6 +300,31 @@ async def test_espeak_failure_is_a_synthesis_error(tmp_path: Path) -> None:
     assert not (tmp_path / "x.wav").exists()
 
 
+@NEEDS_ESPEAK
+async def test_control_characters_in_a_final_are_not_espeak_markup(
+    tmp_path: Path, served: CaptionServer,
+) -> None:
+    """Control characters of a final (a model's byte tokens: the merger and
+    the wire keep them) reached espeak-ng as they were: NUL ended its input
+    there, so the rest of the caption was never spoken, and ctrl-A opened
+    one of espeak-ng's embedded commands, which swallowed the next word and
+    changed the voice (``\\x01 300S``: speed 300). They are spaces now."""
+    texts = ["I said\x00 nothing at all, really.", "turn it \x01300S down a bit please"]
+    publish_finals(served, "talk", texts)
+    out = tmp_path / "out"
+    bridge = TtsBridge(BridgeConfig(out=out, url=f"ws://127.0.0.1:{served.port}",
+                                    streams=("talk",), since=(("talk", 0),), exit_on_end=True),
+                       EspeakSynth())
+    stats = await asyncio.wait_for(bridge.run(), 30)
+    assert (stats.written, stats.failed) == (2, 0)
+    for i, text in enumerate(texts):
+        await EspeakSynth().synthesize(text.replace("\x00", " ").replace("\x01", " "),
+                                       tmp_path / "ref.wav")
+        assert _wav(out / f"talk-{i:05d}.wav")[0] == pytest.approx(
+            _wav(tmp_path / "ref.wav")[0], abs=0.02), text
+    ET.fromstring(to_ssml(plan_speech(texts[0] + texts[1])))  # well-formed: no C0 control left
+
+
 # --- the ElevenLabs stand-in -----------------------------------------------------------------
 
 API_KEY = "sk_test_0123456789abcdef"
