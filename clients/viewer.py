@@ -63,6 +63,10 @@ _DIM = "2"
 _RESET = "\x1b[0m"
 _CLEAR_LINE = "\r\x1b[2K"
 _TAG = re.compile(r"\[([^\[\]]*)\]")
+# Control characters (C0, DEL, C1) of a caption's text: written as they
+# came, ESC would start an escape sequence and a line break or backspace would
+# break the one-row partial. Each is shown as a space.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _CLOSE_POLICY = 1008
 
 # A piece of output: its text and its SGR parameters ("" for plain).
@@ -128,11 +132,12 @@ def _paint(pieces: Sequence[_Piece], color: bool) -> str:
 def _caption(event: Mapping[str, Any], color: bool, show_stream: bool,
              width: int | None) -> str | None:
     final = bool(event.get("final"))
-    text = str(event.get("text", ""))
+    text = _CONTROL.sub(" ", str(event.get("text", "")))
     if not text:
         return None
     kinds = _tag_kinds(event)
-    stable, unstable = event.get("stable"), event.get("unstable")
+    stable, unstable = (_CONTROL.sub(" ", v) if isinstance(v, str) else v
+                        for v in (event.get("stable"), event.get("unstable")))
     if final or not isinstance(stable, str) or not isinstance(unstable, str) \
             or stable + unstable != text:
         body = _pieces(text, kinds, unstable=not final)
@@ -160,7 +165,8 @@ def render_event(event: Mapping[str, Any], *, color: bool = True, show_stream: b
       ``ingest.ready``/``summary``: a one-line status.
     - anything else: None.
 
-    ``color=False`` gives plain text with no escape sequences at all.
+    ``color=False`` gives plain text with no escape sequences at all: a
+    caption's control characters are shown as spaces, with colour too.
     """
     kind = event.get("type")
     if kind == "caption":

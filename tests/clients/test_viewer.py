@@ -507,6 +507,29 @@ async def test_since_with_the_epoch_of_another_run_replays_this_runs_captions(
     assert proc.returncode == 2 and "epoch takes" in bad.decode()
 
 
+async def test_control_characters_in_captions_do_not_reach_the_terminal(
+        served: tuple[Engine, CaptionServer]) -> None:
+    """A caption's control characters (a model's byte tokens: the merger and
+    the wire keep them) were written to the terminal as they came: an escape
+    sequence in the text cleared the screen or retitled the window, a
+    backspace ate the character before it, even with --no-color, which
+    promises no escape sequences at all. They are shown as spaces."""
+    _, server = served
+    publish_finals(server, "talk", ["wipe \x1b[2J\x1b[Hthe screen", "bell\x07 and\x08 back",
+                                    "\x1b]0;pwned\x07title"])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(CLIENTS / "viewer.py"), "--url", f"ws://127.0.0.1:{server.port}",
+        "--stream", "talk", "--since", "0", "--exit-on-end", "--no-color",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=client_env())
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    lines = [line.split("] ", 1)[1] for line in out.decode().splitlines()]
+    assert lines == ["wipe  [2J [Hthe screen", "bell  and  back", " ]0;pwned title"]
+    coloured = render_event({**FINAL, "text": "a\x1b[2Jb", "stable": "a\x1b[2Jb"})
+    assert coloured is not None
+    assert "\x1b[2J" not in coloured
+
+
 # --- access tokens ---------------------------------------------------------------------
 
 
