@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import sys
+import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
@@ -108,19 +109,37 @@ def _pieces(text: str, kinds: Mapping[str, str], unstable: bool) -> list[_Piece]
     return out
 
 
+def _columns(c: str) -> int:
+    """Terminal columns of one character: East Asian wide and fullwidth
+    characters take two, combining marks none."""
+    if unicodedata.category(c) in ("Mn", "Me"):
+        return 0
+    return 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
+
+
+def _width(text: str) -> int:
+    """Terminal columns of ``text`` (:func:`_columns`)."""
+    return sum(_columns(c) for c in text)
+
+
 def _clip(pieces: list[_Piece], room: int) -> list[_Piece]:
-    """Drop text from the start so at most ``room`` characters remain (``…`` first)."""
-    excess = sum(len(t) for t, _ in pieces) - room
+    """Drop text from the start so that it takes at most ``room`` terminal
+    columns (``…`` first): a row wider than the terminal wraps, and clearing
+    the row to redraw a partial would leave its first part on the screen."""
+    excess = sum(_width(t) for t, _ in pieces) - room
     if excess <= 0:
         return pieces
     drop = excess + 1
     out: list[_Piece] = [("…", "")]
     for text, style in pieces:
-        if drop >= len(text):
-            drop -= len(text)
-            continue
-        out.append((text[drop:], style))
-        drop = 0
+        i = 0
+        # The marks combining with the last character dropped go with it.
+        while i < len(text) and (drop > 0 or _columns(text[i]) == 0):
+            drop -= _columns(text[i])
+            i += 1
+        if i < len(text):
+            out.append((text[i:], style))
+            drop = 0  # a wide character may have taken one column more
     return out
 
 
@@ -147,7 +166,7 @@ def _caption(event: Mapping[str, Any], color: bool, show_stream: bool,
             f"{format_time(float(event.get('end', 0)))}]")
     prefix = f"{event.get('stream')} {span}" if show_stream else span
     if width is not None:
-        body = _clip(body, max(10, width - len(prefix) - 1))
+        body = _clip(body, max(10, width - _width(prefix) - 1))
     return _paint([(prefix, _DIM), (" ", ""), *body], color)
 
 
@@ -158,9 +177,10 @@ def render_event(event: Mapping[str, Any], *, color: bool = True, show_stream: b
     - ``caption``: ``[stream ][m:ss.s → m:ss.s] text``. Tags are highlighted
       with :data:`KIND_COLORS` by the kind the server gave them (else the
       known tag set's, else ``unknown``); a final is all stable text; a
-      partial shows ``stable`` plain and ``unstable`` dim. ``width`` (visible
-      characters) keeps the end of the text and elides the start, so a partial
-      fits one terminal row. None for a caption with no text.
+      partial shows ``stable`` plain and ``unstable`` dim. ``width`` (terminal
+      columns: a wide character takes two, a combining mark none) keeps the
+      end of the text and elides the start, so a partial fits one terminal
+      row. None for a caption with no text.
     - ``hello``, ``stream.started``/``ended``, ``gap``, ``error``,
       ``ingest.ready``/``summary``: a one-line status.
     - anything else: None.

@@ -11,6 +11,7 @@ import re
 import socket
 import sys
 import threading
+import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,36 @@ def test_width_keeps_the_end_of_a_long_partial() -> None:
     coloured = render_event(long, width=60)
     assert coloured is not None
     assert len(re.sub(r"\x1b\[[0-9;]*m", "", coloured)) == 60
+
+
+def _columns(text: str) -> int:
+    """Terminal columns of ``text``: East Asian wide and fullwidth characters
+    take two, combining marks none."""
+    return sum(0 if unicodedata.category(c) in ("Mn", "Me") else
+               2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+@pytest.mark.parametrize("stream", ["mic", "会議室"])
+def test_width_is_counted_in_terminal_columns(stream: str) -> None:
+    """A partial clipped to the terminal's width counted characters, not the
+    columns they take: a Japanese stream id, or Chinese text, made the row
+    wider than the terminal. It wrapped, and the in-place redraw (which
+    clears one row) left every earlier partial's first row on the screen."""
+    body = "नमस्ते दुनिया " + "我们今天讨论一下这个问题。" * 8 + " "
+    long = {**PARTIAL, "stream": stream, "stable": body + PARTIAL["stable"],
+            "text": body + PARTIAL["text"]}
+    for width in (80, 81):
+        line = render_event(long, color=False, width=width)
+        assert line is not None
+        assert width - 1 <= _columns(line) <= width, line
+        assert line.startswith(f"{stream} [0:12.5 → 0:14.9] …")
+        assert line.endswith("I was thinking [laughs]")
+        coloured = render_event(long, width=width)
+        assert coloured is not None
+        assert _columns(re.sub(r"\x1b\[[0-9;]*m", "", coloured)) == _columns(line)
+    short = render_event({**long, "text": "नमस्ते " * 9, "stable": "नमस्ते " * 9, "unstable": ""},
+                         color=False, width=80)
+    assert short is not None and "…" not in short  # combining marks take no column
 
 
 @pytest.mark.parametrize(("event", "text"), [
