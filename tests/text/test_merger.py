@@ -106,6 +106,20 @@ def test_final_replaces_partials_and_closes_the_segment() -> None:
     assert f("Other", final=True) == []  # second final
 
 
+@pytest.mark.parametrize("replaces", [False, True])
+def test_captions_never_carry_control_characters(replaces: bool) -> None:
+    """A model's byte tokens (an ESC, a NUL) reached every caption field and
+    from there terminals, espeak-ng and subtitle files; they read as spaces."""
+    f = Feed(final_replaces_stable=replaces)
+    part = one(f("I\x00said \x1b"))
+    f("I\x00said \x1bhello")
+    fin = one(f("I\x00said \x1bhello\x07 [laughs].\x9b", final=True))
+    for ev in (part, *f.events, fin):
+        for text in (ev.text, ev.plain_text, ev.stable, ev.unstable):
+            assert not any(ord(c) < 32 or 127 <= ord(c) < 160 for c in text), repr(text)
+    assert fin.text == "I said hello [laughs]."
+
+
 def test_empty_final_still_closes_the_segment() -> None:
     f = Feed()
     fin = one(f("", final=True))

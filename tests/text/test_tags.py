@@ -128,6 +128,16 @@ def test_empty_and_blank_text() -> None:
     assert kinds("[] [ ]") == [("punct", "[]"), ("punct", "["), ("punct", "]")]
 
 
+def test_control_characters_are_whitespace() -> None:
+    """A model's byte tokens can write NUL or ESC; they were punctuation
+    tokens, so a caption carried them to terminals (escape sequences) and
+    espeak-ng (NUL ends its input). They separate words as spaces do."""
+    toks = tokenize("So\x1b I\x00said\x07 [laughs]\x85 yes.\x7f")
+    assert render(toks) == "So I said [laughs] yes."
+    assert [t.text for t in toks if t.is_word] == ["So", "I", "said", "yes"]
+    assert tokenize("\x00\x1b\x9f") == []
+
+
 def test_unicode_words_and_symbols() -> None:
     toks = tokenize("Café 你好 naïve — ok 😀!")
     assert [t.text for t in toks if t.is_word] == ["Café", "你好", "naïve", "ok"]
@@ -202,5 +212,6 @@ def test_any_text_tokenizes_and_renders(text: str) -> None:
     out = render(toks)
     assert tokenize(out) == toks
     if not any(ch in text for ch in "[]()*"):
-        # Without tag syntax, nothing but whitespace may change.
-        assert out.split() == text.split()
+        # Without tag syntax, nothing but whitespace (control characters
+        # count as whitespace) may change.
+        assert out.split() == re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", text).split()

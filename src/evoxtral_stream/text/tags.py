@@ -18,7 +18,10 @@ punctuation too (``(see below)``, ``*really*``).
 Tokens remember whether whitespace preceded them, so
 ``render(tokenize(s)) == s`` for any text with canonical tags and single
 spaces (whitespace runs collapse to one space; leading and trailing
-whitespace is dropped).
+whitespace is dropped). Control characters (C0, DEL, C1) count as
+whitespace: a model's byte tokens can write them (NUL, ESC), and in a
+caption they would act on whatever shows or speaks it (a terminal's escape
+sequences, espeak-ng's end of input).
 
 Carry-over (:class:`Carry`): emotion and delivery tags describe the speech
 that follows them, so they stay *in effect* until a tag of the same kind
@@ -290,7 +293,7 @@ _WORD = r"[$€£]?\w+(?:(?:['’&\-]|(?<=\d)[.,:](?=\d))\w+)*"
 # into spaces).
 _PUNCT_TAG_MAX = 40
 _SCAN = re.compile(
-    r"(?P<space>\s+)"
+    r"(?P<space>[\s\x00-\x1f\x7f-\x9f]+)"
     r"|(?P<br>\[[^\[\]]*\])"
     r"|(?P<pa>\([^()]+\))"
     r"|(?P<ast>\*[^*]+\*)"
