@@ -328,6 +328,37 @@ async def test_an_ended_streams_retained_messages_are_removed_after_forget_ended
     assert [payload(m) for m in live.got if payload(m) == b""] == [b"", b""]
 
 
+async def test_removals_due_after_an_outage_never_push_out_the_finals_it_kept(
+        mosquitto: MosquittoBroker) -> None:
+    """The removals of ended streams' retained messages that fell due while
+    the broker was down used to be queued all at once at the reconnect: more
+    of them than the queue had room for pushed out every final it had kept
+    through the outage (and then each other). Now they are queued only as
+    room allows, after what waits: nothing is dropped."""
+    cfg = mqtt_config(mosquitto.port, "d", forget_ended_s=0.5, queue_size=8)
+    async with MqttPublisher(cfg) as pub:
+        await connected(pub)
+        for i in range(10):
+            pub(StreamStarted(f"e{i}", "test"))
+            pub(StreamEnded(f"e{i}", 1.0, 0, 0))
+            await eventually(lambda: pub.stats().queued == 0, "queue drained")
+        pub(StreamStarted("live", "test"))
+        await eventually(lambda: pub.stats().published == 21, "the 21 published")
+        mosquitto.stop()
+        await eventually(lambda: not pub.connected, "the loss noticed while idle")
+        for seg in range(3):
+            pub(caption("live", seg, seg + 1, True, f"final {seg}"))
+        await asyncio.sleep(0.7)  # every ended stream's removal is due now
+        mosquitto.start()
+        await connected(pub)
+        await eventually(lambda: pub.stats().queued == 0, "queue drained after the outage",
+                         within=10.0)
+        st = pub.stats()
+    assert (st.dropped_finals, st.dropped_partials, st.failed) == (0, 0, 0), st
+    # 21 before the outage, the live status restated, 3 finals, 20 removals.
+    assert st.published == 21 + 1 + 3 + 20, st
+
+
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 async def test_an_engine_stopping_within_forget_ended_s_leaves_nothing_for_good(
         mosquitto: MosquittoBroker, protocol: str) -> None:

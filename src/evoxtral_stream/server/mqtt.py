@@ -721,7 +721,12 @@ class MqttPublisher:
         """Queue the removal of the retained messages of streams that ended
         ``forget_ended_s`` ago: their status, and their last final if
         retained (``every``, at a stop: of every ended stream, those
-        nothing would remove later; see :meth:`_owed_at_close`)."""
+        nothing would remove later; see :meth:`_owed_at_close`).
+
+        Only as the queue has room: a removal is housekeeping, and never
+        pushes out an event that waits (after an outage every removal that
+        fell due meanwhile is due at once, and the queue holds the finals
+        kept through it). The rest stay due and are queued as it drains."""
         now = math.inf if every else time.monotonic()
         if every:
             leaves = self._owed_at_close()
@@ -729,7 +734,8 @@ class MqttPublisher:
             leaves = ("status", "final") if self.cfg.retain_final else ("status",)
         while self._forget:
             level, due = next(iter(self._forget.items()))
-            if due > now:
+            if due > now or (self._backlog
+                             and len(self._backlog) + len(leaves) > self._backlog.size):
                 return
             del self._forget[level]
             for leaf in leaves:
