@@ -99,6 +99,41 @@ def test_a_resume_of_another_numbering_replays_all_there_is_after_a_gap() -> Non
     assert replay({"other": 3}, renumbered=True) == [("other", 4, None)]
 
 
+def test_resume_history_is_kept_for_history_streams_streams_least_recently_active_first_out(
+        ) -> None:
+    """The broadcaster's resume history is bounded by ``history`` captions
+    for at most ``history_streams`` streams (docs/protocol.md), whatever the
+    number of streams that come and go: the least recently active is
+    forgotten first, with its retained ``stream.ended``, and a resume of it
+    gets a gap whose ``to`` is None."""
+
+    def say(b: Broadcaster, stream: str, seq: int) -> None:
+        b.publish(CaptionEvent(**{**CAPTION.__dict__, "stream": stream, "seq": seq,
+                                  "final": True}))
+
+    def replay(b: Broadcaster, stream: str, since: int) -> list[Any]:
+        return [m["seq"] if m["type"] == "caption" else (m["type"], m.get("to"))
+                for m in map(validate_message, b.subscribe([stream], {stream: since}).backlog)]
+
+    many = Broadcaster(8, encode_event, history=2, history_streams=3)
+    for i in range(1000):
+        for seq in (1, 2, 3):
+            say(many, f"s{i}", seq)
+        many.publish(StreamEnded(f"s{i}", 1.0, 3, 3))
+    assert many.retained_captions == 3 * 2
+    assert len(many._ended) == 3
+    assert replay(many, "s0", 1) == [("gap", None)]
+    assert replay(many, "s999", 1) == [2, 3, ("stream.ended", None)]
+
+    two = Broadcaster(8, encode_event, history=2, history_streams=2)
+    say(two, "a", 1)
+    say(two, "b", 1)
+    say(two, "a", 2)                          # a is now the more recently active,
+    say(two, "c", 1)                          # so b goes, not a
+    assert replay(two, "a", 0) == [1, 2]
+    assert replay(two, "b", 1) == [("gap", None)]
+
+
 def test_gap_messages_match_the_schema() -> None:
     b = Broadcaster(8, encode_event, history=2)
     for seq in range(1, 5):
