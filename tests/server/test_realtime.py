@@ -14,7 +14,8 @@ import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -854,6 +855,30 @@ async def test_a_client_behind_on_its_events_is_closed_at_once() -> None:
             assert close_code_of(await asyncio.to_thread(drain, deaf)) == 1013
         finally:
             deaf.close()
+
+
+async def test_a_client_too_slow_mid_output_still_gives_the_stream_its_audio() -> None:
+    """The connection stopped at the first event its full queue refused, so
+    audio and cuts after that event in the same batch of outputs never
+    reached the stream, though the core counted them pushed: audio lost for
+    the stream's other subscribers and its finals."""
+    from evoxtral_stream.server.realtime.connection import _Connection
+
+    cfg = config(**{"server.subscriber_queue": 1})
+    async with Engine(cfg, ScriptedBackend()) as engine:
+        stream = engine.open_stream("rt")
+        core = new_core()
+        conn = _Connection(cast(Any, SimpleNamespace(remote_address=("x", 1))), engine, core,
+                           stream, cfg.server)
+        speech = speak(SENTENCES[0])
+        outputs: list[Output] = [
+            *core.receive('{"type": "nope"}'), *core.receive('{"type": "nope"}'),
+            PushAudio(speech), CutSegment()]
+        conn._deliver(outputs)
+        assert conn._overflow.is_set()
+        assert stream.session.stats().samples_in == len(speech)
+        assert stream.session.stats().finals_requested == 1
+        await stream.close()
 
 
 async def test_beta_update_and_a_named_stream(scripted: CaptionServer) -> None:

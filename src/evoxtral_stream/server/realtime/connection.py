@@ -178,12 +178,13 @@ class _Connection:
                 # The core allows only what the engine listed: this cannot fail.
                 self._stream.set_language(out.language)
                 continue
+            if self._overflow.is_set():
+                continue  # closing: its events are dropped, the stream's audio is not
             try:
                 self._queue.put_nowait(encode_server_event(out))
             except asyncio.QueueFull:
                 log.warning("realtime client %s too slow; closing", self._ws.remote_address)
                 self._overflow.set()
-                return
         if pushed and not self._diverged:
             opened = self._stream.session.stats().segments
             if opened != self._core.segments_opened:
