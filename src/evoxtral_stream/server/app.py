@@ -163,8 +163,10 @@ def _requested_streams(path: str, query: dict[str, list[str]]) -> list[str]:
 
 
 def _respond(status: HTTPStatus, data: bytes, content_type: str) -> Response:
+    # websockets closes the connection after any response but a 101: said so,
+    # or an HTTP/1.1 client sends its next request down a closed connection.
     headers = Headers([("Content-Type", content_type), ("Content-Length", str(len(data))),
-                       ("Cache-Control", "no-cache")])
+                       ("Cache-Control", "no-cache"), ("Connection", "close")])
     return Response(status.value, status.phrase, headers, data)
 
 
