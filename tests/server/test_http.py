@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.server.app import CaptionServer
+from evoxtral_stream.server.auth import hash_token
 from tests.fakes import ScriptedBackend, words_so_far
 
 
@@ -45,3 +47,38 @@ async def test_a_keep_alive_client_can_make_a_second_request(server: CaptionServ
     assert [status for status, _, _ in results] == [200, 200, 200, 404]
     assert results[0][1] == b"ok\n" and results[1][1] == b"ready\n"
     assert {connection for _, _, connection in results} == {"close"}
+
+
+def raw_request(port: int, head: str) -> bytes:
+    """The server's whole answer to ``head`` (a request without a body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(head.encode())
+        answer = b""
+        while data := s.recv(65536):
+            answer += data
+        return answer
+
+
+@pytest.mark.parametrize("header", ["Origin", "Authorization", "Host"])
+async def test_a_repeated_header_is_a_bad_request(header: str) -> None:
+    """A request carrying two Origin, Authorization or Host headers used to
+    crash the handshake hook (websockets' MultipleValuesError): a 500 and an
+    ERROR traceback in the log for what is the client's mistake."""
+    cfg = load_config(overrides={
+        "server.port": 0, "server.allowed_origins": ["https://ok.example"],
+        "auth.tokens": [{"name": "root", "hash": hash_token("adm"), "roles": ["admin"]}]},
+        env={})
+    values = {"Origin": "https://ok.example", "Authorization": "Bearer adm",
+              "Host": "127.0.0.1"}
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        headers = {**values}
+        del headers[header]
+        lines = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        for path in ("/v1/captions", "/metrics"):
+            answer = await asyncio.to_thread(
+                raw_request, server.port,
+                f"GET {path} HTTP/1.1\r\n{lines}{header}: {values[header]}\r\n"
+                f"{header}: {values[header]}\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 400 "), answer
+            assert f"more than one {header} header".encode() in answer

@@ -386,11 +386,18 @@ class CaptionServer:
         query = parse_qs(urlsplit(request.path).query)
         offered = [p.strip() for v in request.headers.get_all("Sec-WebSocket-Protocol")
                    for p in v.split(",")]
-        credentials = find_credentials(request.headers.get("Authorization"), offered,
+        single: dict[str, str | None] = {}
+        for name in ("Authorization", "Origin", "Host"):
+            values = request.headers.get_all(name)
+            if len(values) > 1:
+                # Which one counts is anyone's guess: the client's mistake.
+                return _plain(HTTPStatus.BAD_REQUEST, f"more than one {name} header\n")
+            single[name] = values[0] if values else None
+        credentials = find_credentials(single["Authorization"], offered,
                                        query.get("token", []), openai_key=path == _REALTIME)
         decision = self._policy.authorize(
             _ROLES[path], _requested_streams(path, query), credentials,
-            origin=request.headers.get("Origin"), host=request.headers.get("Host"))
+            origin=single["Origin"], host=single["Host"])
         if isinstance(decision, Refusal):
             log.info("refused %s from %s: %d %s", path, conn.remote_address,
                      decision.status, decision.message)
