@@ -82,3 +82,26 @@ async def test_a_repeated_header_is_a_bad_request(header: str) -> None:
                 f"{header}: {values[header]}\r\n\r\n")
             assert answer.startswith(b"HTTP/1.1 400 "), answer
             assert f"more than one {header} header".encode() in answer
+
+
+async def test_head_has_no_body_and_other_methods_are_not_allowed(
+        server: CaptionServer) -> None:
+    """The HTTP paths answered every method as a GET: a HEAD got the body too
+    (which a client reads as the start of its next response), and a POST,
+    PUT or DELETE of /metrics, /healthz or the page got a 200."""
+    port = server.port
+    for path in ("/", "/static/app.js", "/healthz", "/readyz", "/metrics", "/nope"):
+        got = await asyncio.to_thread(raw_request, port,
+                                      f"GET {path} HTTP/1.1\r\nHost: h\r\n\r\n")
+        head, _, body = got.partition(b"\r\n\r\n")
+        answer = await asyncio.to_thread(raw_request, port,
+                                         f"HEAD {path} HTTP/1.1\r\nHost: h\r\n\r\n")
+        assert answer.startswith(head.split(b"\r\n")[0] + b"\r\n"), (path, answer)
+        assert answer.endswith(b"\r\n\r\n"), (path, answer[-200:])
+        assert f"Content-Length: {len(body)}\r\n".encode() in answer, path
+        for method in ("POST", "PUT", "DELETE"):
+            answer = await asyncio.to_thread(
+                raw_request, port,
+                f"{method} {path} HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 405 "), (method, path, answer)
+            assert b"\r\nAllow: GET, HEAD\r\n" in answer

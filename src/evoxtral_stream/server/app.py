@@ -359,6 +359,20 @@ class CaptionServer:
 
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
+        websocket = path in _ROLES and path != "/metrics"
+        if not websocket and request.method not in ("GET", "HEAD"):
+            # (websockets itself answers a WebSocket path's other methods.)
+            refused = _plain(HTTPStatus.METHOD_NOT_ALLOWED,
+                             f"{request.method} is not allowed here: use GET\n")
+            refused.headers["Allow"] = "GET, HEAD"
+            return refused
+        response = self._route(conn, request, path)
+        if response is not None and request.method == "HEAD":
+            # What a GET gets, its Content-Length too, without the body.
+            response.body = b""
+        return response
+
+    def _route(self, conn: ServerConnection, request: Request, path: str) -> Response | None:
         if path == "/healthz":
             why = self.metrics.unhealthy_reason()
             if why is None:
