@@ -127,7 +127,15 @@ def test_recheck_after_a_reload() -> None:
 def test_open_policy_and_origins() -> None:
     open_ = AccessPolicy([], [])
     assert not open_.enabled
-    assert open_.authorize("ingest", [], Credentials(None), origin="https://x") == Grant(None)
+    # [] allowed any web page: any site open in the user's browser could read
+    # a local server's captions or push audio. Only the server's own page now.
+    assert isinstance(r := open_.authorize("ingest", [], Credentials(None), origin="https://x"),
+                      Refusal)
+    assert r.status == 403 and '"*" for any' in r.message
+    assert open_.authorize("ingest", [], Credentials(None), origin="http://h:1",
+                           host="h:1") == Grant(None)
+    anyone = AccessPolicy([], ["*"])
+    assert anyone.authorize("ingest", [], Credentials(None), origin="https://x") == Grant(None)
     listed = AccessPolicy([], ["https://ok.example/"])
     assert listed.authorize("subscribe", [], Credentials(None),
                             origin="https://ok.example") == Grant(None)
@@ -393,6 +401,36 @@ async def test_origin_allow_list() -> None:
                            origin=Origin(f"http://127.0.0.1:{server.port}")) as ws:
             await hello(ws)
         async with connect(f"{base}/v1/captions") as ws:
+            await hello(ws)
+
+
+def test_the_own_page_rule_of_a_loopback_server_needs_a_loopback_host() -> None:
+    """DNS rebinding: a site whose name now resolves to 127.0.0.1 sends its
+    own name as both Origin and Host, so "the server's own page" matched it."""
+    local = AccessPolicy([], [], loopback=True)
+    for host in ("127.0.0.1:8765", "localhost:8765", "[::1]:8765"):
+        scheme_host = f"http://{host}"
+        assert local.authorize("subscribe", [], Credentials(None), origin=scheme_host,
+                               host=host) == Grant(None), host
+    rebound = local.authorize("subscribe", [], Credentials(None),
+                              origin="http://evil.example:8765", host="evil.example:8765")
+    assert isinstance(rebound, Refusal) and rebound.status == 403
+    assert isinstance(local.authorize("subscribe", [], Credentials(None),
+                                      origin="http://x:1", host="x:bad"), Refusal)
+    # A server on the network is reached by its own name.
+    lan = AccessPolicy([], [], loopback=False)
+    assert lan.authorize("subscribe", [], Credentials(None), origin="http://box.lan:8765",
+                         host="box.lan:8765") == Grant(None)
+
+
+async def test_a_default_server_refuses_other_sites_pages() -> None:
+    async with running(**{"auth.tokens": []}) as (_, server):
+        base = f"ws://127.0.0.1:{server.port}"
+        status, body = await refused(f"{base}/v1/captions", origin="https://evil.example")
+        assert status == 403 and "allowed_origins" in body
+        # The page it serves, reached by the name localhost.
+        async with connect(f"ws://localhost:{server.port}/v1/captions",
+                           origin=Origin(f"http://localhost:{server.port}")) as ws:
             await hello(ws)
 
 

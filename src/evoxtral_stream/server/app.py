@@ -71,6 +71,7 @@ from .auth import (
     TokenUsage,
     check_bind,
     find_credentials,
+    is_loopback,
 )
 from .broadcast import Broadcaster, Subscription
 from .certs import ServerCertificate
@@ -200,7 +201,8 @@ class CaptionServer:
         self._certificate: ServerCertificate | None = None
         self._tls_watch: asyncio.Task[None] | None = None
         self._tokens = (auth if auth is not None else engine.config.auth).tokens
-        self._policy = AccessPolicy(self._tokens, cfg.allowed_origins)
+        self._policy = AccessPolicy(self._tokens, cfg.allowed_origins,
+                                    loopback=is_loopback(cfg.host))
         self._slots = StreamSlots(cfg.max_streams)
         self._usage = TokenUsage()
         # What the handshake hook granted, for the handler of the same
@@ -318,7 +320,8 @@ class CaptionServer:
         """
         check_bind(self._cfg.host, auth.tokens, self._cfg.allow_anonymous)
         self._tokens = auth.tokens
-        self._policy = policy = AccessPolicy(auth.tokens, self._cfg.allowed_origins)
+        self._policy = policy = AccessPolicy(auth.tokens, self._cfg.allowed_origins,
+                                             loopback=is_loopback(self._cfg.host))
         refusals: list[Coroutine[Any, Any, None]] = []
         for ws, access in list(self._live.items()):
             decision = policy.recheck(access.token, access.role, access.streams)

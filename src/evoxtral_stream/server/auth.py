@@ -136,16 +136,39 @@ def _origin_of(host: str | None, origin: str) -> bool:
     return host is not None and urlsplit(origin).netloc.lower() == host.strip().lower()
 
 
+def _host_name(host: str) -> str:
+    """The name or address of a ``Host`` header (``[::1]:8765`` -> ``::1``)."""
+    try:
+        return urlsplit("//" + host.strip()).hostname or ""
+    except ValueError:   # a malformed port or bracket
+        return ""
+
+
 class AccessPolicy:
     """Decides, per request, whether a path may be used and with which token.
 
     With no tokens configured every request is granted (the historical,
-    local-only behaviour); the origin allow-list applies in either case.
+    local-only behaviour). Browser pages (requests with an ``Origin``) are
+    checked in either case: the server's own page, the origins listed, or
+    any with ``"*"``. Without the check any web site open in the user's
+    browser could read a local server's captions of their microphone. On a
+    ``loopback`` server the own-page rule also needs a loopback ``Host``: a
+    site whose name was rebound to 127.0.0.1 (DNS rebinding) sends its own
+    name as both ``Origin`` and ``Host``.
     """
 
-    def __init__(self, tokens: Sequence[AuthTokenConfig], allowed_origins: Sequence[str]) -> None:
+    def __init__(self, tokens: Sequence[AuthTokenConfig], allowed_origins: Sequence[str],
+                 *, loopback: bool = False) -> None:
         self._tokens = tuple(tokens)
         self._origins = frozenset(o.rstrip("/").lower() for o in allowed_origins)
+        self._loopback = loopback
+
+    def _origin_allowed(self, origin: str, host: str | None) -> bool:
+        if "*" in self._origins or origin.rstrip("/").lower() in self._origins:
+            return True
+        if not _origin_of(host, origin):
+            return False
+        return not self._loopback or (host is not None and is_loopback(_host_name(host)))
 
     @property
     def enabled(self) -> bool:
@@ -170,12 +193,12 @@ class AccessPolicy:
         ``streams`` are the stream ids named in the request; none means "all"
         for a subscriber and "a name the server picks" for ingest, which a
         token limited by stream patterns may not ask for. ``origin`` is the
-        ``Origin`` header (sent by browsers only), ``host`` the ``Host`` header:
-        the server's own page is always an allowed origin.
+        ``Origin`` header (sent by browsers only), ``host`` the ``Host`` header
+        (see the class doc for which origins pass).
         """
-        if origin is not None and self._origins and not _origin_of(host, origin) \
-                and origin.rstrip("/").lower() not in self._origins:
-            return Refusal(403, f"origin {origin} is not in server.allowed_origins")
+        if origin is not None and not self._origin_allowed(origin, host):
+            return Refusal(403, f"origin {origin} is not in server.allowed_origins "
+                                "(list it there, or \"*\" for any)")
         if not self._tokens:
             return Grant(None)
         if credentials.token is None:
