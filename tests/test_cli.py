@@ -1621,3 +1621,27 @@ async def test_the_printed_url_of_an_ipv6_host_can_be_connected_to() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)
+
+
+def test_an_output_or_recording_name_too_long_is_one_error_line(tmp_path: Path) -> None:
+    """An --srt, --jsonl, --json or subtitles output (or recording) whose name
+    is too long for the file system: the checks before any work called
+    Path.is_dir, which raises ENAMETOOLONG (only "not found"-like errors
+    read as False), so each was a traceback instead of one line."""
+    audio = tmp_path / "a.wav"
+    sf.write(audio, np.zeros(8000, np.int16), 16000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio": "a.wav", "text": "hello"}) + "\n")
+    recording = tmp_path / "r.jsonl"
+    recording.write_text(json.dumps({
+        "type": "caption", "stream": "s", "segment": 0, "seq": 1, "final": True,
+        "text": "hi", "plain_text": "hi", "stable": "hi", "unstable": "", "tags": [],
+        "start": 0.0, "end": 1.0, "latency": 0.1}) + "\n")
+    long = str(tmp_path / ("x" * 300))
+    for args in (["transcribe", str(audio), "--srt", long + ".srt"],
+                 ["transcribe", str(audio), "--jsonl", long + ".jsonl"],
+                 ["transcribe", str(audio), str(audio), "--vtt", long + "/"],
+                 ["eval", str(manifest), "--json", long + ".json"],
+                 ["subtitles", str(recording), "--srt", long + "/"],
+                 ["subtitles", long + ".jsonl"]):
+        one_error_line(cli(*args), "xxxx", "too long")

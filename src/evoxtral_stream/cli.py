@@ -370,7 +370,7 @@ def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence
             # (an unset shell variable, most often), named by no one.
             raise UserError(f"{flag} needs a file or folder name, got an empty one")
         target = Path(raw)
-        folder = target.is_dir() or raw.endswith(("/", os.sep))
+        folder = _is_dir(target, flag) or raw.endswith(("/", os.sep))
         if flag != "--jsonl" and (many or folder):
             try:
                 target.mkdir(parents=True, exist_ok=True)
@@ -415,12 +415,23 @@ def _check_output_file(flag: str, raw: str, hint: str) -> None:
     """Refuse ``flag``'s output file ``raw`` before any work: its folder must
     exist, and it must not name a folder (``hint`` says what to name)."""
     target = Path(raw)
-    if not target.parent.is_dir():
+    if not _is_dir(target.parent, flag):
         where = (f"{target.parent} is a file, not a folder" if target.parent.exists()
                  else f"the folder {target.parent} does not exist")
         raise UserError(f"{flag} {target}: {where}")
-    if target.is_dir() or raw.endswith(("/", os.sep)):
+    if _is_dir(target, flag) or raw.endswith(("/", os.sep)):
         raise UserError(f"{flag} {raw} is a folder; {hint}")
+
+
+def _is_dir(path: Path, flag: str) -> bool:
+    """``path.is_dir()``, for the output of ``flag`` (or a recording): an
+    error other than "nothing there" (a name too long, a folder on the way
+    that cannot be searched), which Path.is_dir raises, is a
+    :class:`UserError` naming the path."""
+    try:
+        return path.is_dir()
+    except OSError as e:
+        raise UserError(f"{flag} {path}: {e.strerror or e}") from None
 
 
 def _write(path: Path, text: str) -> None:
@@ -727,7 +738,7 @@ def _recording_files(raw: Sequence[str]) -> list[Path]:
     paths: list[Path] = []
     for item in raw:
         path = Path(item)
-        if path.is_dir():
+        if _is_dir(path, "cannot read"):
             found = sorted(path.glob("*.jsonl"))
             if not found:
                 raise UserError(f"{path}: a folder without .jsonl files")
