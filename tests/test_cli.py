@@ -1645,3 +1645,31 @@ def test_an_output_or_recording_name_too_long_is_one_error_line(tmp_path: Path) 
                  ["subtitles", str(recording), "--srt", long + "/"],
                  ["subtitles", long + ".jsonl"]):
         one_error_line(cli(*args), "xxxx", "too long")
+
+
+@pytest.mark.parametrize("override", ["model.whisper.model_path", "model.voxtral.base"])
+def test_a_model_folder_that_cannot_be_looked_at_is_one_error_line(
+        tmp_path: Path, override: str) -> None:
+    """A model folder whose name is too long (or, run as a service user, one
+    inside a folder it may not search): the checks for the model's files
+    called Path.is_dir/is_file, which raise for such errors, so the bad
+    config value was a traceback instead of one line."""
+    audio = tmp_path / "a.wav"
+    sf.write(audio, np.zeros(8000, np.int16), 16000)
+    backend = "whisper" if "whisper" in override else "voxtral"
+    proc = cli("transcribe", str(audio), "--backend", backend,
+               "--set", f"{override}={tmp_path / ('x' * 300)}")
+    one_error_line(proc, "xxxx", "too long")
+
+
+def test_backend_auto_with_a_voxtral_folder_that_cannot_be_looked_at_runs_whisper(
+        tmp_path: Path) -> None:
+    """model.backend = "auto" with such a model.voxtral.base: the check for a
+    local Voxtral raised out of the choice (a traceback) instead of finding
+    Voxtral unavailable and running the embedded Whisper."""
+    audio = tmp_path / "a.wav"
+    sf.write(audio, np.zeros(8000, np.int16), 16000)
+    proc = cli("transcribe", str(audio), "--backend", "auto",
+               "--set", f"model.voxtral.base={tmp_path / ('x' * 300)}")
+    assert proc.returncode == 0, proc.stderr
+    assert "whisper" in proc.stderr, proc.stderr

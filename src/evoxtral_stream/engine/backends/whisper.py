@@ -225,7 +225,13 @@ def load_whisper_backend(cfg: WhisperConfig, language: str) -> WhisperBackend:
     path = Path(cfg.model_path) if cfg.model_path else embedded_model_path()
     # Without config.json CTranslate2 loads the model and then fails every
     # decode; without tokenizer.json faster-whisper asks the hub for one.
-    missing = [name for name in _MODEL_FILES if not (path / name).is_file()]
+    try:
+        missing = [name for name in _MODEL_FILES if not (path / name).is_file()]
+    except OSError as e:  # a name too long, a folder this user may not search
+        raise BackendUnavailable(
+            f"cannot read the Whisper model folder {path} ({e.strerror or e}); "
+            "set model.whisper.model_path to a faster-whisper model folder"
+        ) from None
     if missing:
         raise BackendUnavailable(
             f"no CTranslate2 Whisper model in {path} ({', '.join(missing)} missing); "

@@ -141,8 +141,11 @@ def find_local(ref: str, kind: Kind) -> Resolved | None:
         return None
     if not is_hub_id(ref):
         folder = Path(ref).expanduser()
-        if folder.is_dir() and not missing_files(folder, kind):
-            return Resolved(ref, folder.resolve(), "folder")
+        try:
+            if folder.is_dir() and not missing_files(folder, kind):
+                return Resolved(ref, folder.resolve(), "folder")
+        except OSError:  # a name too long, a folder that cannot be searched
+            pass  # not usable here; resolve() says why
         return None
     snap = _cached_snapshot(ref, kind)
     return Resolved(ref, snap, "cache") if snap is not None else None
@@ -187,11 +190,20 @@ def resolve(ref: str, kind: Kind, *, download: bool = True, key: str | None = No
     label = _label(kind)
     if not is_hub_id(ref):
         folder = Path(ref).expanduser()
-        if not folder.is_dir():
+        try:
+            # Path.is_dir and is_file raise where the answer is not "none
+            # there": a name too long, a folder this user may not search.
+            found = folder.is_dir()
+            missing = missing_files(folder, kind) if found else []
+        except OSError as e:
+            raise BackendUnavailable(
+                f"{label} folder {ref!r} cannot be read ({e.strerror or e}); "
+                f"{_hint(kind, hub=True, key=key)}"
+            ) from None
+        if not found:
             raise BackendUnavailable(
                 f"{label} folder {ref!r} does not exist; {_hint(kind, hub=True, key=key)}"
             )
-        missing = missing_files(folder, kind)
         if missing:
             raise BackendUnavailable(
                 f"{label} folder {str(folder)!r} lacks {', '.join(missing)}; "
