@@ -1673,3 +1673,9 @@ def test_backend_auto_with_a_voxtral_folder_that_cannot_be_looked_at_runs_whispe
                "--set", f"model.voxtral.base={tmp_path / ('x' * 300)}")
     assert proc.returncode == 0, proc.stderr
     assert "whisper" in proc.stderr, proc.stderr
+
+
+def test_export_merged_to_a_name_too_long_is_one_error_line(tmp_path: Path) -> None:
+    """An OUTDIR the file system cannot name: the check that it is new or
+    empty called Path.exists, which raises ENAMETOOLONG, a traceback."""
+    one_error_line(cli("export-merged", str(tmp_path / ("x" * 300))), "xxxx", "too long")

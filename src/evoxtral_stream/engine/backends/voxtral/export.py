@@ -38,7 +38,11 @@ def export_merged(cfg: VoxtralConfig, outdir: Path, *, max_shard_size: str = "5G
     for an unusable ``outdir``.
     """
     outdir = Path(outdir)
-    if outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):
+    try:
+        taken = outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir()))
+    except OSError as e:  # a name too long, a folder on the way that cannot be searched
+        raise ExportError(f"cannot write {outdir}: {e.strerror or e}") from None
+    if taken:
         raise ExportError(f"{outdir} exists and is not an empty folder; choose a new OUTDIR")
     if not cfg.adapter:
         log.warning("model.voxtral.adapter is empty: exporting plain Voxtral unchanged")
