@@ -187,10 +187,13 @@ class _StatsCollector(Collector):
                 yield CounterMetricFamily(name, doc, value=float(value))
         b = self._broadcaster
         if b is not None:
-            yield GaugeMetricFamily("evoxtral_subscribers", "Connected caption subscribers.",
+            yield GaugeMetricFamily("evoxtral_subscribers",
+                                    "Connected caption subscribers, ingest connections "
+                                    "(each takes its own stream's events) included.",
                                     value=float(b.subscribers))
             yield CounterMetricFamily("evoxtral_subscribers_dropped",
-                                      "Subscribers disconnected for being too slow.",
+                                      "Subscribers (ingest connections included) "
+                                      "disconnected for being too slow.",
                                       value=float(b.dropped_subscribers))
         if self.mqtt is not None:
             yield from _mqtt_metrics(self.mqtt())
