@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GROUPED_SDPA", "grouped_sdpa", "register"]
+__all__ = ["GROUPED_SDPA", "grouped_sdpa", "mask_for", "register", "scores_add_mask"]
 
 GROUPED_SDPA = "evoxtral_grouped_sdpa"
 
@@ -49,6 +49,25 @@ def grouped_sdpa(
         folded, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling
     )
     return out.reshape(b, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def scores_add_mask(model: torch.nn.Module) -> bool:
+    """True when ``model``'s language model runs eager attention, which adds
+    its mask to the attention scores (a boolean mask would mask nothing)."""
+    m: Any = model
+    return bool(m.config.get_text_config()._attn_implementation == "eager")
+
+
+def mask_for(allowed: torch.Tensor, additive: bool, dtype: torch.dtype) -> torch.Tensor:
+    """A 4-D mask built outside transformers (``allowed``: True where a query
+    attends to a key), in the form the attention takes it as given: boolean
+    for ``sdpa`` and :data:`GROUPED_SDPA`; with ``additive`` (eager
+    attention, :func:`scores_add_mask`) 0 where allowed and ``dtype``'s
+    lowest value elsewhere, as transformers builds eager masks."""
+    if not additive:
+        return allowed
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
 
 
 def register() -> None:

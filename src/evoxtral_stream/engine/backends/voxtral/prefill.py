@@ -38,6 +38,7 @@ from torch import nn
 
 from evoxtral_stream.engine.backends.base import one_line
 
+from .attention import mask_for, scores_add_mask
 from .encoder import capture_graph
 
 __all__ = ["COLUMN_STEP", "ROW_BUCKETS", "PrefillCache", "PrefillGraphs"]
@@ -113,6 +114,7 @@ class PrefillGraphs:
                                   head_dim, self._dtype, self._device)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._pool: Any = None
+        self._additive_mask = scores_add_mask(model)
         self.enabled = True
         """False after a capture failed: every call then returns None."""
 
@@ -193,7 +195,8 @@ class PrefillGraphs:
         t = graph.columns
         causal = torch.ones((t, t), dtype=torch.bool, device=self._device).tril()
         eye = torch.eye(t, dtype=torch.bool, device=self._device)
-        mask = (causal[None, None] & graph.real[:, None, None, :]) | eye[None, None]
+        allowed = (causal[None, None] & graph.real[:, None, None, :]) | eye[None, None]
+        mask = mask_for(allowed, self._additive_mask, self._dtype)
         with torch.inference_mode():
             out: Any = self._model(
                 inputs_embeds=graph.embeds,

@@ -53,6 +53,7 @@ import torch
 
 from evoxtral_stream.engine.backends.base import BackendError, Done, Job
 
+from .attention import mask_for, scores_add_mask
 from .continuous import RowDecoder, _Batch, _kv, _layers, _Row
 
 if TYPE_CHECKING:
@@ -297,6 +298,7 @@ class SlotDecoder(RowDecoder):
         self._step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         self._step = self._forward
         self._compiled = compile is not None
+        self._additive_mask = scores_add_mask(self._model)
         self._shared = shared and compile is not None
         if compile is not None:
             dynamo: Any = torch._dynamo.config
@@ -436,7 +438,7 @@ class SlotDecoder(RowDecoder):
         assert cache is not None
         out = self._model(
             input_ids=ids[:, None],
-            attention_mask=cache.mask(lengths),
+            attention_mask=mask_for(cache.mask(lengths), self._additive_mask, cache.keys.dtype),
             position_ids=lengths[:, None],
             cache=cache,
             use_cache=True,
