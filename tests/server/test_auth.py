@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -453,6 +454,30 @@ async def test_per_token_limits() -> None:
         # Released once the first one has gone.
         async with connect(f"{base}/v1/captions?stream=studio-1&token={STUDIO}") as again:
             await hello(again)
+
+
+async def test_a_subscription_that_fails_to_start_gives_its_place_back() -> None:
+    """The token's subscriber place was taken before the subscription (a
+    resume reads the journal there) and given back only after it: a failure
+    in between kept it, and a token of max_subscribers 1 was refused for good."""
+    async with running() as (_, server):
+        base = f"ws://127.0.0.1:{server.port}"
+        real = server.broadcaster.subscribe
+        calls = 0
+
+        def fail_once(*args: Any, **kwargs: Any) -> Any:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise ValueError("a journal line that does not parse")
+            return real(*args, **kwargs)
+
+        server.broadcaster.subscribe = fail_once  # type: ignore[method-assign]
+        with contextlib.suppress(ConnectionClosed, InvalidStatus):
+            async with connect(f"{base}/v1/captions?stream=studio-1&token={STUDIO}") as ws:
+                await asyncio.wait_for(ws.recv(), 10)
+        async with connect(f"{base}/v1/captions?stream=studio-1&token={STUDIO}") as again:
+            assert (await hello(again))["type"] == "hello"
 
 
 async def test_non_loopback_bind_without_tokens_refuses_to_start(

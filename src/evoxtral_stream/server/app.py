@@ -516,8 +516,14 @@ class CaptionServer:
                                f"{grant.token.max_subscribers} subscribers (its max_subscribers)")
             return
         engine = self._engine
-        sub = self.broadcaster.subscribe(
-            names or None, since, renumbered=epoch is not None and epoch != engine.epoch)
+        try:
+            sub = self.broadcaster.subscribe(
+                names or None, since, renumbered=epoch is not None and epoch != engine.epoch)
+        except BaseException:
+            # (A resume reads the journal here.) The place is given back below
+            # only for a subscription that started.
+            self._usage.release(grant.token, "subscribers")
+            raise
         try:
             default = engine.config.model.language
             # Only the streams asked for: a token limited to some streams
