@@ -156,6 +156,23 @@ def test_a_notification_reaches_the_socket_and_one_that_cannot_is_dropped(
     assert caplog.text.count("cannot notify systemd") == 1
 
 
+def test_an_abstract_socket_name_that_is_not_utf8_is_reached(tmp_path: Path) -> None:
+    """The environment holds bytes: os.environ gives a name that is not UTF-8
+    with surrogate escapes, which str.encode() refused, so Notifier.from_environ
+    raised UnicodeEncodeError and serve stopped before loading the model."""
+    name = b"\0evoxtral-test-\xff-" + str(os.getpid()).encode()
+    with notify_socket(name) as sock:
+        raw = "@" + os.fsdecode(name[1:])
+        notifier = Notifier.from_environ({"NOTIFY_SOCKET": raw})
+        assert notifier is not None
+        try:
+            notifier.send("READY=1")
+            sock.settimeout(5)
+            assert sock.recv(4096) == b"READY=1"
+        finally:
+            notifier.close()
+
+
 # --- the engine's health, through the real socket ---------------------------
 
 

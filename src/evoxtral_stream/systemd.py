@@ -167,7 +167,9 @@ class Notifier:
         if raw.startswith("/"):
             address = raw
         elif raw.startswith("@"):
-            address = b"\0" + raw[1:].encode()  # Linux abstract namespace
+            # Linux abstract namespace. The name is bytes in the environment:
+            # os.fsencode gives back those that are not UTF-8 too.
+            address = b"\0" + os.fsencode(raw[1:])
         else:
             log.warning("NOTIFY_SOCKET=%r is not a socket path this process can use; "
                         "systemd will not hear from it", raw)
