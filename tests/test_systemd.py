@@ -241,6 +241,32 @@ async def _received_for(sock: socket.socket, seconds: float) -> list[str]:
     return got
 
 
+async def test_a_tiny_watchdog_interval_does_not_spin_the_event_loop(tmp_path: Path) -> None:
+    """WATCHDOG_USEC=1 made the poll interval 0.25 µs: supervise looked at the
+    engine and sent a ping tens of thousands of times a second, a busy loop
+    on the event loop that serves the captions, flooding systemd."""
+    address = str(tmp_path / "notify")
+    with notify_socket(address) as sock:
+        sock.setblocking(False)
+        notifier = Notifier.from_environ({"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "1"})
+        assert notifier is not None
+        looks = 0
+
+        def snapshot() -> Snapshot:
+            nonlocal looks
+            looks += 1
+            return READY
+
+        task = asyncio.ensure_future(supervise(notifier, snapshot))
+        try:
+            said = await _received_for(sock, 0.5)
+        finally:
+            task.cancel()
+            notifier.close()
+    assert "WATCHDOG=1" in said                  # it still pings, as often as it can
+    assert looks <= 100, looks
+
+
 # --- serve under systemd ----------------------------------------------------
 
 

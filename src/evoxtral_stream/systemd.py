@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 
 #: How often :func:`supervise` looks at the engine, at most (seconds).
 POLL_S = 0.5
+#: ... and at least: a tiny ``WATCHDOG_USEC`` must not make it a busy loop.
+MIN_POLL_S = 0.01
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +77,12 @@ class ServiceNotices:
 
     @property
     def poll_s(self) -> float:
-        """How often to call :meth:`update`: often enough for the watchdog."""
-        return POLL_S if self.watchdog_s is None else min(POLL_S, self.watchdog_s / 4)
+        """How often to call :meth:`update`: often enough for the watchdog
+        (a ``WatchdogSec`` under ``4 * MIN_POLL_S`` cannot be kept up with
+        exactly, but does not turn the event loop into a busy loop)."""
+        if self.watchdog_s is None:
+            return POLL_S
+        return max(MIN_POLL_S, min(POLL_S, self.watchdog_s / 4))
 
     def update(self, now: float, snap: Snapshot) -> str:
         """The notification for the engine as ``snap`` shows it at ``now``."""
