@@ -254,3 +254,30 @@ def test_json_mode_keeps_stderr_json_for_libraries_and_unraisable_errors() -> No
     assert records[0]["msg"] == "pad token set" and records[1]["msg"] == "hub says"
     assert "boom in del" in records[3]["msg"] and "ValueError" in records[3]["exc"]
     assert "RuntimeError: the end" in records[4]["exc"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "--log-format", "json", "--port", "abc"],
+    ["--log-format=json", "serve", "--no-such-flag"],
+    ["--log-format", "json", "no-such-command"],
+])
+def test_a_usage_error_under_log_format_json_is_a_json_line(argv: list[str]) -> None:
+    """argparse wrote its usage and "error:" line as plain text on stderr
+    even with --log-format json, where stderr must be one JSON object per line."""
+    proc = subprocess.run([sys.executable, "-m", "evoxtral_stream", *argv],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    records = [json.loads(line) for line in proc.stderr.splitlines()]
+    assert [r["level"] for r in records] == ["ERROR"], proc.stderr
+    assert argv[-1] in records[0]["msg"]
+
+
+def test_a_usage_error_in_text_mode_is_argparse_s() -> None:
+    proc = subprocess.run([sys.executable, "-m", "evoxtral_stream", "serve", "--port", "abc"],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("usage: evoxtral-stream serve")
+    assert proc.stderr.splitlines()[-1] == (
+        "evoxtral-stream serve: error: argument --port: invalid int value: 'abc'")

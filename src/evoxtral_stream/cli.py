@@ -105,11 +105,53 @@ def _add_common(parser: argparse.ArgumentParser, *, prefix: str = "") -> None:
                         **kw("log_format"))
 
 
+class _UsageError(Exception):
+    """A usage error argparse found, raised instead of printed (:class:`_Parser`)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """An :class:`argparse.ArgumentParser` (its subcommands' too) whose usage
+    errors are raised, so that :func:`_parse` reports them as ``--log-format``
+    asks."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self, message)
+
+
+def _asked_log_format(argv: Sequence[str]) -> str | None:
+    """The ``--log-format`` in ``argv``, read leniently: the arguments around
+    it may be what argparse refused."""
+    scan = _Parser(add_help=False)
+    scan.add_argument("--log-format")
+    try:
+        value: str | None = scan.parse_known_args(argv)[0].log_format
+    except _UsageError:
+        return None
+    return value
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     """The arguments, with common options given before the command merged in:
     ``--set`` values before the command come first; any other option given
-    on both sides takes the command's."""
-    args = _parser().parse_args(argv)
+    on both sides takes the command's.
+
+    A usage error is argparse's usage and error lines on stderr (exit status
+    2), or with ``--log-format json`` one ERROR record: stderr stays JSON."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except _UsageError as e:
+        if _asked_log_format(argv) == "json":
+            logs = LoggingConfig(format="json", level="info")
+            _setup_logging(logs)
+            _fail(f"{e.parser.prog}: {e.message} (see {e.parser.prog} --help)", logs)
+        e.parser.print_usage(sys.stderr)
+        e.parser.exit(EXIT_USAGE, f"{e.parser.prog}: error: {e.message}\n")
     given = vars(args)
     for dest in _COMMON_DESTS:
         if "pre_" + dest not in given:
@@ -123,10 +165,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     _add_common(common)
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="evoxtral-stream",
         description="Live captions with expressive tags (Voxtral + Evoxtral LoRA).",
     )
