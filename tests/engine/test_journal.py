@@ -1323,3 +1323,29 @@ def test_a_journal_gap_never_names_captions_the_resume_then_replays(tmp_path: Pa
     assert len(gaps) == 1 and gaps[0]["from"] == 6
     # The gap must end before the first caption replayed.
     assert gaps[0]["to"] < sent[0], (gaps[0], sent[0])
+
+
+def test_a_pruned_entry_appended_after_a_line_cut_short_is_kept(tmp_path: Path) -> None:
+    """A crash mid-write left the file of pruned seqs ending in half a line;
+    the next prune appended its entry right after it, on the same line, so
+    that entry was skipped as damaged and, after a restart, its stream
+    counted from seq 1 again under the same epoch."""
+    cfg = config(tmp_path, **{"journal.retention_s": 60.0}).journal
+    folder = tmp_path / "j"
+    journal = Journal(cfg)
+    journal.restore()
+    journal.close()
+    with open(folder / PRUNED_FILE, "ab") as f:
+        f.write(b'{"stream": "cut", "se')           # the crash: no newline
+    restarted = Journal(cfg)
+    restarted.restore()
+    for seq in range(1, 8):
+        restarted.append(caption("weekly", seq))
+    restarted.release("weekly")
+    _age(folder, "weekly", 120)
+    assert restarted.prune() == ["weekly"]
+    restarted.close()
+    again = Journal(cfg)
+    assert again.restore() == {}
+    assert again.last_seq("weekly") == 7
+

@@ -544,6 +544,10 @@ class Journal:
         data = b"".join(_encode_pruned(s, n) for s, n in entries.items())
         try:
             with open(path, "ab") as f:
+                if f.tell() and not _ends_with_newline(path):
+                    # A crash cut the last line short: end it, or the first
+                    # entry would join it and be skipped as damaged when read.
+                    data = b"\n" + data
                 f.write(data)
                 f.flush()
                 if self._cfg.fsync != "never":
