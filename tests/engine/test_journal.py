@@ -1349,3 +1349,25 @@ def test_a_pruned_entry_appended_after_a_line_cut_short_is_kept(tmp_path: Path) 
     assert again.restore() == {}
     assert again.last_seq("weekly") == 7
 
+
+def test_a_stream_reopened_after_a_prune_keeps_its_seq_when_its_new_file_holds_nothing(
+        tmp_path: Path) -> None:
+    """A stream pruned, then opened again, whose new file a crash left with
+    no whole record (created, its first reservation not yet written): the
+    restart took the empty file's 0 as its last seq over the pruned one, so
+    the stream numbered from 1 again under the same epoch."""
+    cfg = config(tmp_path, **{"journal.retention_s": 60.0}).journal
+    folder = tmp_path / "j"
+    journal = Journal(cfg)
+    journal.restore()
+    for seq in range(1, 8):
+        journal.append(caption("weekly", seq))
+    journal.release("weekly")
+    _age(folder, "weekly", 120)
+    assert journal.prune() == ["weekly"]
+    journal.close()
+    # Opened again, and the crash: its new file exists, empty or cut short.
+    (folder / file_name("weekly", 1, time.time())).write_bytes(b'{"type":"seq.res')
+    restarted = Journal(cfg)
+    restarted.restore()
+    assert restarted.last_seq("weekly") == 7

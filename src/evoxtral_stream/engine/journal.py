@@ -483,8 +483,10 @@ class Journal:
                 self._reserved[stream] = reserved
             if stream in self._pruned_seq:
                 # Opened again after a prune: its file 1 does not start the
-                # numbering, and its files number past the pruned seq.
+                # numbering, and its files number past the pruned seq (a
+                # crash may have left them no whole record yet).
                 self._renumbered.add(stream)
+                self._last_seq[stream] = max(last, self._pruned_seq[stream])
         return dict(self._last_seq)
 
     def _recorded_last(self, paths: list[Path]) -> tuple[int, int]:
