@@ -8,6 +8,9 @@ import logging
 import math
 import os
 import shutil
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -1371,3 +1374,39 @@ def test_a_stream_reopened_after_a_prune_keeps_its_seq_when_its_new_file_holds_n
     restarted = Journal(cfg)
     restarted.restore()
     assert restarted.last_seq("weekly") == 7
+
+
+def test_a_second_process_on_the_same_journal_folder_is_refused(tmp_path: Path) -> None:
+    """Two servers given one journal.dir each restored the same last seqs
+    and reservations and numbered the same stream alike under one epoch,
+    interleaving their lines in its file: seqs given twice, resumes replaying
+    the other server's captions. The folder is now held by one process."""
+    cfg = config(tmp_path).journal
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from evoxtral_stream.config import load_config
+            from evoxtral_stream.engine.journal import Journal
+            cfg = load_config(env={{}}, overrides={{
+                "journal.enabled": True, "journal.dir": {str(tmp_path / "j")!r}}}).journal
+            journal = Journal(cfg)
+            journal.restore()
+            journal.reserve("mic", 1)
+            print("ready", flush=True)
+            sys.stdin.read()
+            journal.close()
+        """)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "ready\n"
+        second = Journal(cfg)
+        with pytest.raises(OSError, match="another process"):
+            second.restore()
+        assert second.open_files == 0
+    finally:
+        holder.kill()          # SIGKILL: the kernel lets go of the folder
+        holder.wait()
+    after_crash = Journal(cfg)
+    assert after_crash.restore() == {"mic": 1 + SEQ_RESERVE_BLOCK}
+    after_crash.close()

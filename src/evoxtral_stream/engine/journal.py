@@ -99,6 +99,13 @@ one pruned longer ago is forgotten and counts from seq 1 again, so a server
 whose clients take a new stream id on every connection does not grow
 without end.
 
+One process: :meth:`Journal.restore` takes a lock on :data:`LOCK_FILE`
+(POSIX ``lockf``, which the kernel lets go of when the process ends, crash
+or not) and raises OSError when another process holds it: two servers on
+one folder would number a stream alike under one epoch and mix their lines.
+A folder where the lock file cannot be made (read-only) is used unlocked,
+with a warning. Journals within one process are not told apart.
+
 The pure parts (file names, record decoding, rotation decisions) are
 functions at the top; :class:`Journal` does the I/O.
 """
@@ -106,11 +113,13 @@ functions at the top; :class:`Journal` does the I/O.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
 import os
 import re
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Generator, Iterator
@@ -124,9 +133,13 @@ from ..config import JournalConfig
 from ..events import CaptionEvent, StreamEnded
 from ..server.protocol import encode_event, new_epoch, parse_epoch
 
+if sys.platform != "win32":
+    import fcntl
+
 __all__ = [
     "CLOCK_SLACK_S",
     "EPOCH_FILE",
+    "LOCK_FILE",
     "PRUNED_FILE",
     "PRUNED_REMEMBERED",
     "SEQ_RESERVE_BLOCK",
@@ -176,6 +189,12 @@ restart it numbers after it; it never parses as a journal file."""
 EPOCH_FILE = "epoch"
 """The file in the journal folder that holds the folder's epoch (the id of
 its seq numbering, sent in the hello); it never parses as a journal file."""
+
+LOCK_FILE = "lock"
+"""The file in the journal folder that the process journaling into it holds
+a lock on (from :meth:`Journal.restore` to :meth:`Journal.close`), so that a
+second server given the same folder is refused; it never parses as a
+journal file."""
 
 _RESERVED = "seq.reserved"
 _ENDED = "stream.ended"
@@ -457,6 +476,7 @@ class Journal:
         # Streams whose last record this process wrote is their end (bounded
         # like _last_seq): opened again, their first caption must say so.
         self._ended_last: set[str] = set()
+        self._lock_fd: int | None = None
         self.appended = 0
         self.pruned = 0
         """Streams whose files were deleted after ``retention_s``."""
@@ -473,6 +493,7 @@ class Journal:
         remaining journaled stream's last seq: the highest of its journaled
         finals and seq reservations."""
         self._dir.mkdir(parents=True, exist_ok=True)
+        self._lock()
         self.epoch = self._load_epoch()
         self._load_pruned()
         self.prune()
@@ -488,6 +509,31 @@ class Journal:
                 self._renumbered.add(stream)
                 self._last_seq[stream] = max(last, self._pruned_seq[stream])
         return dict(self._last_seq)
+
+    def _lock(self) -> None:
+        """Hold :data:`LOCK_FILE` (module doc); OSError when another process
+        holds it."""
+        if self._lock_fd is not None or sys.platform == "win32":
+            return
+        path = self._dir / LOCK_FILE
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            log.warning("journal: cannot open %s (%s); a second server on this folder "
+                        "would go unnoticed", path, e.strerror or e)
+            return
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                raise OSError(e.errno, "another process (a second server?) is journaling "
+                              "into this folder; give each server its own journal.dir",
+                              str(path)) from None
+            log.warning("journal: cannot lock %s (%s); a second server on this folder "
+                        "would go unnoticed", path, e.strerror or e)
+            return
+        self._lock_fd = fd
 
     def _recorded_last(self, paths: list[Path]) -> tuple[int, int]:
         """The last seq the files ``paths`` (oldest first) record, and the
@@ -612,9 +658,15 @@ class Journal:
         return seq if seq is not None else self._pruned_seq.get(stream, 0)
 
     def close(self) -> None:
-        """fsync (unless ``fsync = "never"``) and close every open file."""
-        for stream in list(self._open):
-            self._close(stream)
+        """fsync (unless ``fsync = "never"``) and close every open file, and
+        let go of the folder (:data:`LOCK_FILE`)."""
+        try:
+            for stream in list(self._open):
+                self._close(stream)
+        finally:
+            if self._lock_fd is not None:
+                fd, self._lock_fd = self._lock_fd, None
+                os.close(fd)
 
     def release(self, stream: str) -> None:
         """The stream ended: fsync (per policy) and close its file, if open.
