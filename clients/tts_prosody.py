@@ -15,7 +15,6 @@ off the pauses at the very start and end, which espeak-ng trims.
 from __future__ import annotations
 
 import types
-import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
@@ -114,13 +113,6 @@ def _style(carry: Carry) -> Prosody:
 _STRAY_MARKS = frozenset("[]()*")
 
 
-def _unspoken(c: str) -> bool:
-    """A bracket or asterisk left from a malformed tag, or a control
-    character: espeak-ng reads NUL as the end of its input and ctrl-A as the
-    start of one of its embedded commands (``\\x01300S``: speed 300)."""
-    return c in _STRAY_MARKS or unicodedata.category(c) == "Cc"
-
-
 def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
     """What espeak-ng should say for ``tagged`` text: spans and pauses. Pure.
 
@@ -130,9 +122,8 @@ def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
     Pause tags become :data:`PAUSE_MS` silences, non-verbal tags a
     :data:`NONVERBAL_PAUSE_MS` one; unknown and unmapped tags are dropped.
     Consecutive words of one prosody form one :class:`Speak`; a span of
-    punctuation alone is dropped, and so are control characters (a space
-    stands for them: to espeak-ng they are markup). Variants (``(laughs)``,
-    ``[WHISPERING]``) count as their canonical tag.
+    punctuation alone is dropped. Variants (``(laughs)``, ``[WHISPERING]``)
+    count as their canonical tag.
     """
     items: list[SpeechItem] = []
     run: list[Token] = []
@@ -163,9 +154,8 @@ def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
         if tok.is_punct:
             # Brackets and asterisks left over from a malformed tag are not
             # spoken (espeak-ng says "asterisk"), and re-read later they
-            # could open a tag that swallows a word; control characters
-            # would be espeak-ng markup (:func:`_unspoken`).
-            marks = "".join(c for c in tok.text if not _unspoken(c))
+            # could open a tag that swallows a word.
+            marks = "".join(c for c in tok.text if c not in _STRAY_MARKS)
             if not marks:
                 space = True
                 continue

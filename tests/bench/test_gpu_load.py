@@ -317,6 +317,16 @@ def test_a_percentile_next_to_one_failure_is_infinite_not_huge() -> None:
     assert math.isinf(bench._pct([math.inf, math.inf], 50))
 
 
+def _one_reference_row(tmp_path: Path) -> dict[str, Any]:
+    """The JSON row of one tiny stream at the reference level (8 s of audio)."""
+    out = tmp_path / "load.json"
+    argv = ["--tiny", "--streams", "1", "--seconds", "8", "--modes", "reference",
+            "--json", str(out)]
+    assert _load().main(argv) == 0
+    row: dict[str, Any] = json.loads(out.read_text())["rows"][0]
+    return row
+
+
 @pytest.mark.slow
 def test_a_final_whose_decode_failed_counts_as_failed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -335,11 +345,7 @@ def test_a_final_whose_decode_failed_counts_as_failed(
         return plain(self, batch)
 
     monkeypatch.setattr(worker_mod.ModelWorker, "_transcribe", failing)
-    out = tmp_path / "load.json"
-    argv = ["--tiny", "--streams", "1", "--seconds", "8", "--modes", "reference",
-            "--json", str(out)]
-    assert _load().main(argv) == 0
-    row = json.loads(out.read_text())["rows"][0]
+    row = _one_reference_row(tmp_path)
     assert row["partials"] > 0  # the merger had text to close the segments with
     assert row["finals_expected"] > 0
     assert row["finals_lost"] == 0
@@ -385,11 +391,7 @@ def test_a_backend_call_running_at_the_end_of_the_live_phase_counts_as_busy(
         return plain(self, batch)
 
     monkeypatch.setattr(worker_mod.ModelWorker, "_transcribe", slow_first)
-    out = tmp_path / "load.json"
-    argv = ["--tiny", "--streams", "1", "--seconds", "8", "--modes", "reference",
-            "--json", str(out)]
-    assert _load().main(argv) == 0
-    row = json.loads(out.read_text())["rows"][0]
+    row = _one_reference_row(tmp_path)
     assert len(starts) > 1
     assert row["finals_lost"] == 0
     assert row["gpu_busy_pct"] >= 20, row["gpu_busy_pct"]

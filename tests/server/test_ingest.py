@@ -67,6 +67,14 @@ async def until_closed(ws: ClientConnection) -> list[dict[str, Any]]:
         return out
 
 
+async def until_ended(ws: ClientConnection) -> list[dict[str, Any]]:
+    """The messages up to and including the next ``stream.ended`` (at least one)."""
+    got = [await recv_json(ws)]
+    while got[-1]["type"] != "stream.ended":
+        got.append(await recv_json(ws))
+    return got
+
+
 async def next_error(ws: ClientConnection) -> dict[str, Any]:
     """Skip the stream's own events until an error arrives."""
     while (msg := await recv_json(ws))["type"] != "error":
@@ -390,9 +398,7 @@ async def test_a_since_from_before_a_restart_gets_a_null_gap_then_all_there_is()
                      audio.astype("<i2").tobytes())
         async with connect(f"ws://127.0.0.1:{server.port}/v1/captions?since=talk:500") as ws:
             await ws.recv()
-            replay = [await recv_json(ws)]
-            while replay[-1]["type"] != "stream.ended":
-                replay.append(await recv_json(ws))
+            replay = await until_ended(ws)
         assert replay[0] == {"type": "gap", "stream": "talk", "from": 501, "to": None}
         seqs = [m["seq"] for m in replay if m["type"] == "caption"]
         assert seqs == list(range(1, len(seqs) + 1)) and seqs
@@ -418,9 +424,7 @@ async def test_a_since_past_every_seq_journaled_gets_a_null_gap_after_a_restart(
         assert 0 < engine.last_seq("talk") < 500
         async with connect(f"ws://127.0.0.1:{server.port}/v1/captions?since=talk:500") as ws:
             await ws.recv()
-            replay = [await recv_json(ws)]
-            while replay[-1]["type"] != "stream.ended":
-                replay.append(await recv_json(ws))
+            replay = await until_ended(ws)
         assert replay[0] == {"type": "gap", "stream": "talk", "from": 501, "to": None}
         finals = [m for m in replay if m["type"] == "caption"]
         assert finals and all(m["final"] for m in finals)
@@ -436,9 +440,7 @@ async def test_a_since_of_another_epoch_is_not_taken_for_this_runs_seqs() -> Non
     async def replay(port: int, since: int, epoch: str = "") -> tuple[str, list[Any]]:
         async with connect(url.format(port, since, epoch and f"&epoch={epoch}")) as ws:
             hello = await recv_json(ws)
-            got = [await recv_json(ws)]
-            while got[-1]["type"] != "stream.ended":
-                got.append(await recv_json(ws))
+            got = await until_ended(ws)
         return hello["epoch"], [m["seq"] if m["type"] == "caption" else m for m in got[:-1]]
 
     one, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
