@@ -122,8 +122,9 @@ def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
     Pause tags become :data:`PAUSE_MS` silences, non-verbal tags a
     :data:`NONVERBAL_PAUSE_MS` one; unknown and unmapped tags are dropped.
     Consecutive words of one prosody form one :class:`Speak`; a span of
-    punctuation alone is dropped. Variants (``(laughs)``, ``[WHISPERING]``)
-    count as their canonical tag.
+    punctuation alone is dropped. Control characters, espeak-ng markup (NUL
+    ends its input), are whitespace to the tokenizer. Variants
+    (``(laughs)``, ``[WHISPERING]``) count as their canonical tag.
     """
     items: list[SpeechItem] = []
     run: list[Token] = []

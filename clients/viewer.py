@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import sys
-import unicodedata
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
@@ -38,7 +37,7 @@ from _auth import add_token_option, auth_headers, refusal
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from evoxtral_stream.console import format_time
+from evoxtral_stream.console import char_columns, format_time, text_columns
 from evoxtral_stream.server.protocol import parse_epoch, resume_since
 from evoxtral_stream.server.protocol import parse_since as parse_since_values
 from evoxtral_stream.text.tags import lookup_tag, normalize_tag_name
@@ -109,24 +108,11 @@ def _pieces(text: str, kinds: Mapping[str, str], unstable: bool) -> list[_Piece]
     return out
 
 
-def _columns(c: str) -> int:
-    """Terminal columns of one character: East Asian wide and fullwidth
-    characters take two, combining marks none."""
-    if unicodedata.category(c) in ("Mn", "Me"):
-        return 0
-    return 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
-
-
-def _width(text: str) -> int:
-    """Terminal columns of ``text`` (:func:`_columns`)."""
-    return sum(_columns(c) for c in text)
-
-
 def _clip(pieces: list[_Piece], room: int) -> list[_Piece]:
     """Drop text from the start so that it takes at most ``room`` terminal
     columns (``…`` first): a row wider than the terminal wraps, and clearing
     the row to redraw a partial would leave its first part on the screen."""
-    excess = sum(_width(t) for t, _ in pieces) - room
+    excess = sum(text_columns(t) for t, _ in pieces) - room
     if excess <= 0:
         return pieces
     drop = excess + 1
@@ -134,8 +120,8 @@ def _clip(pieces: list[_Piece], room: int) -> list[_Piece]:
     for text, style in pieces:
         i = 0
         # The marks combining with the last character dropped go with it.
-        while i < len(text) and (drop > 0 or _columns(text[i]) == 0):
-            drop -= _columns(text[i])
+        while i < len(text) and (drop > 0 or char_columns(text[i]) == 0):
+            drop -= char_columns(text[i])
             i += 1
         if i < len(text):
             out.append((text[i:], style))
@@ -166,7 +152,7 @@ def _caption(event: Mapping[str, Any], color: bool, show_stream: bool,
             f"{format_time(float(event.get('end', 0)))}]")
     prefix = f"{event.get('stream')} {span}" if show_stream else span
     if width is not None:
-        body = _clip(body, max(10, width - _width(prefix) - 1))
+        body = _clip(body, max(10, width - text_columns(prefix) - 1))
     return _paint([(prefix, _DIM), (" ", ""), *body], color)
 
 

@@ -30,7 +30,8 @@ from typing import TextIO
 
 from .events import CaptionEvent, EngineEvent, StreamError
 
-__all__ = ["CaptionPrinter", "TerminalLogHandler", "above_captions", "format_time"]
+__all__ = ["CaptionPrinter", "TerminalLogHandler", "above_captions", "char_columns",
+           "format_time", "text_columns"]
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ class CaptionPrinter:
                 # its last row and leaves the rest behind: drop the oldest text.
                 prefix = self._prefix(event)
                 stable, unstable = _tail(event.stable, event.unstable,
-                                         self._columns() - 1 - _width(prefix) - 1)
+                                         self._columns() - 1 - text_columns(prefix) - 1)
                 line = f"{prefix} {stable}{_DIM}{unstable}{_RESET}"
                 self._row = line
                 self._partial_shown = True
@@ -210,17 +211,23 @@ class CaptionPrinter:
             self._out.write(_CLEAR_LINE)
 
 
-def _width(text: str) -> int:
-    """The columns ``text`` takes on a terminal: wide (CJK) characters two,
-    combining marks none."""
-    return sum(0 if unicodedata.combining(c)
-               else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+def char_columns(c: str) -> int:
+    """The columns one character takes on a terminal: East Asian wide and
+    fullwidth (CJK) characters two, combining marks (Mn, Me) none."""
+    if unicodedata.category(c) in ("Mn", "Me"):
+        return 0
+    return 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
+
+
+def text_columns(text: str) -> int:
+    """The columns ``text`` takes on a terminal (:func:`char_columns`)."""
+    return sum(char_columns(c) for c in text)
 
 
 def _suffix(text: str, columns: int) -> str:
     """The longest end of ``text`` that fits in ``columns``."""
     used, i = 0, len(text)
-    while i > 0 and used + (w := _width(text[i - 1])) <= columns:
+    while i > 0 and used + (w := char_columns(text[i - 1])) <= columns:
         used += w
         i -= 1
     return text[i:]
@@ -229,9 +236,9 @@ def _suffix(text: str, columns: int) -> str:
 def _tail(stable: str, unstable: str, room: int) -> tuple[str, str]:
     """The end of ``stable + unstable`` in ``room`` columns, split where the
     unstable part starts; an ellipsis marks text dropped from the front."""
-    if _width(stable) + _width(unstable) <= room:
+    if text_columns(stable) + text_columns(unstable) <= room:
         return stable, unstable
     keep = max(0, room - 1)
     unstable = _suffix(unstable, keep)
-    rest = keep - _width(unstable)
+    rest = keep - text_columns(unstable)
     return "…" + (_suffix(stable, rest) if rest > 0 else ""), unstable

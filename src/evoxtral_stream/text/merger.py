@@ -113,7 +113,7 @@ from dataclasses import dataclass, replace
 from difflib import SequenceMatcher
 
 from ..events import SAMPLE_RATE, CaptionEvent, Hypothesis, RequestKind, TagMark
-from .tags import Carry, Token, render, tokenize, word_count
+from .tags import PUNCT_TAG_MAX, Carry, Token, render, tokenize, word_count
 
 __all__ = [
     "MAX_OVERLAP_WORDS_PER_S",
@@ -130,9 +130,6 @@ __all__ = [
 MAX_OVERLAP_WORDS_PER_S = 5.0
 # Tokens of emitted text kept for overlap matching and the carry state.
 _TAIL_TOKENS = 96
-# A tag name still being written at the end of a partial is at most this long
-# (as the tokenizer bounds ( ) and * tags).
-_OPEN_TAG_MAX_CHARS = 40
 
 
 def match_key(tok: Token) -> str:
@@ -159,10 +156,10 @@ def _open_tag(tokens: Sequence[Token]) -> int:
     i = len(tokens)
     while i > 0 and tokens[i - 1].is_word:
         i -= 1
-    name = render(tokens[i:])
-    if i > 0 and tokens[i - 1].text.endswith(("[", "(", "*")) and len(name) <= _OPEN_TAG_MAX_CHARS:
-        return i - 1
-    return len(tokens)
+    if i == 0 or not tokens[i - 1].text.endswith(("[", "(", "*")):
+        return len(tokens)
+    # No longer than the tokenizer lets a ( ) or * tag be.
+    return i - 1 if len(render(tokens[i:])) <= PUNCT_TAG_MAX else len(tokens)
 
 
 def _lstrip(tokens: Sequence[Token]) -> tuple[Token, ...]:

@@ -39,6 +39,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "PUNCT_TAG_MAX",
     "TAG_TABLE",
     "Carry",
     "TagKind",
@@ -291,7 +292,7 @@ _WORD = r"[$€£]?\w+(?:(?:['’&\-]|(?<=\d)[.,:](?=\d))\w+)*"
 # it back, so a round trip recognises the same tags. Line breaks are
 # whitespace like any other there for the same reason (render turns them
 # into spaces).
-_PUNCT_TAG_MAX = 40
+PUNCT_TAG_MAX = 40
 _SCAN = re.compile(
     r"(?P<space>[\s\x00-\x1f\x7f-\x9f]+)"
     r"|(?P<br>\[[^\[\]]*\])"
@@ -340,7 +341,7 @@ def tokenize(text: str) -> list[Token]:
             tok = _tag_token(m.group()[1:-1], True, space)
         elif group in ("pa", "ast"):
             inner = m.group()[1:-1]
-            if len(" ".join(inner.split())) <= _PUNCT_TAG_MAX:
+            if len(" ".join(inner.split())) <= PUNCT_TAG_MAX:
                 tok = _tag_token(inner, False, space)
         elif group == "word":
             tok = Token(TokenKind.WORD, m.group(), space_before=space)
