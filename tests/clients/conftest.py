@@ -40,7 +40,8 @@ from tests.fakes import ScriptedBackend
 from tests.speech import have_espeak, speak
 
 __all__ = [
-    "BOTH_TOKEN", "CLIENTS", "FAKE_MIC_TEXT", "GUARD_TOKENS", "INGEST_TOKEN", "SUBSCRIBE_TOKEN",
+    "BOTH_TOKEN", "CLIENTS", "FAKE_MIC_TEXT", "GUARD_TOKENS", "INGEST_TOKEN", "REBOUND_HOST",
+    "SUBSCRIBE_TOKEN",
     "Browser", "Page", "accepted_token_cases", "browser", "chromium_binary", "client_env",
     "guarded", "publish_finals", "refused_token_cases",
 ]
@@ -128,12 +129,19 @@ def publish_finals(server: CaptionServer, stream: str, texts: list[str], *,
         server.broadcaster.publish(StreamEnded(stream, float(len(texts)), len(texts),
                                                len(texts)))
 
+#: Resolves to 127.0.0.1 in :class:`Browser`: a loopback server's page
+#: reached by this name has an origin the server refuses.
+REBOUND_HOST = "rebound.test"
+
 _FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--disable-dev-shm-usage", "--window-size=1100,720",
     "--autoplay-policy=no-user-gesture-required",
     "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+    # A name other than localhost that reaches a local server, as a rebound
+    # DNS name or a reverse proxy passing its public Host would.
+    f"--host-resolver-rules=MAP {REBOUND_HOST} 127.0.0.1",
 ]
 
 

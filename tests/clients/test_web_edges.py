@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.events import CaptionEvent, StreamEnded, StreamStarted
 from evoxtral_stream.server.app import CaptionServer
-from tests.clients.conftest import Browser, Page
+from tests.clients.conftest import REBOUND_HOST, Browser, Page
 from tests.clients.test_web import (
     FINALS,
     PARTIALS,
@@ -271,3 +271,25 @@ async def test_a_partial_of_a_stream_found_ended_at_a_reconnect_does_not_stay(
             assert await page.evaluate(PARTIALS.format(s="talk")) == []
         finally:
             await page.close()
+
+
+async def test_a_page_whose_origin_is_refused_says_so_and_does_not_ask_for_a_token(
+    browser: Browser, scripted: tuple[Engine, CaptionServer],
+) -> None:
+    """A loopback server refuses its own page reached by another name (DNS
+    rebinding, or a proxy passing its public Host). The page's plain fetch
+    that asks why carries no Origin, so the server granted it and the page
+    showed the token form ("token missing or not accepted") and retried
+    nothing a token could fix; it now says the origin is not allowed."""
+    _, server = scripted
+    page = await Page.open(browser, f"http://{REBOUND_HOST}:{server.port}/")
+    try:
+        await page.wait_for(f"{STATUS} === 'access refused: this page\\'s origin is not allowed'")
+        notice = await page.wait_for("document.getElementById('notice').textContent")
+        assert f"origin http://{REBOUND_HOST}:{server.port} is not in server.allowed_origins" \
+            in notice
+        assert await page.evaluate("document.getElementById('auth').hidden")
+        await asyncio.sleep(1.0)
+        assert await page.evaluate("evoxtral.connects") == 1  # waits: retrying cannot help
+    finally:
+        await page.close()

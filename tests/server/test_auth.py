@@ -387,6 +387,14 @@ async def test_a_plain_get_of_a_websocket_path_gets_the_handshake_check() -> Non
         assert status == 403 and "ingest" in body
         # Granted: the server's only complaint is the missing upgrade.
         assert (await http_get(url, {"Authorization": f"Bearer {SUB}"}))[0] == 426
+        # The page's GET is same-origin, so without an Origin: it names its
+        # origin, and is refused as its socket was.
+        status, body = await http_get(url, {"Authorization": f"Bearer {SUB}",
+                                            "Evoxtral-Origin": "http://rebound.test:1"})
+        assert status == 403 and "allowed_origins" in body
+        own = {"Authorization": f"Bearer {SUB}",
+               "Evoxtral-Origin": f"http://127.0.0.1:{server.port}"}
+        assert (await http_get(url, own))[0] == 426
 
 
 async def test_origin_allow_list() -> None:

@@ -59,7 +59,7 @@ def raw_request(port: int, head: str) -> bytes:
         return answer
 
 
-@pytest.mark.parametrize("header", ["Origin", "Authorization", "Host"])
+@pytest.mark.parametrize("header", ["Origin", "Authorization", "Host", "Evoxtral-Origin"])
 async def test_a_repeated_header_is_a_bad_request(header: str) -> None:
     """A request carrying two Origin, Authorization or Host headers used to
     crash the handshake hook (websockets' MultipleValuesError): a 500 and an
@@ -69,7 +69,7 @@ async def test_a_repeated_header_is_a_bad_request(header: str) -> None:
         "auth.tokens": [{"name": "root", "hash": hash_token("adm"), "roles": ["admin"]}]},
         env={})
     values = {"Origin": "https://ok.example", "Authorization": "Bearer adm",
-              "Host": "127.0.0.1"}
+              "Host": "127.0.0.1", "Evoxtral-Origin": "https://ok.example"}
     async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
             CaptionServer(engine, cfg.server) as server:
         headers = {**values}

@@ -404,7 +404,7 @@ class CaptionServer:
         offered = [p.strip() for v in request.headers.get_all("Sec-WebSocket-Protocol")
                    for p in v.split(",")]
         single: dict[str, str | None] = {}
-        for name in ("Authorization", "Origin", "Host"):
+        for name in ("Authorization", "Origin", "Host", "Evoxtral-Origin"):
             values = request.headers.get_all(name)
             if len(values) > 1:
                 # Which one counts is anyone's guess: the client's mistake.
@@ -414,7 +414,10 @@ class CaptionServer:
                                        query.get("token", []), openai_key=path == _REALTIME)
         decision = self._policy.authorize(
             _ROLES[path], _requested_streams(path, query), credentials,
-            origin=single["Origin"], host=single["Host"])
+            # The page's plain GET asking why its socket failed carries no
+            # Origin (same-origin); it names its origin instead. A client can
+            # only be refused by naming one, never let in.
+            origin=single["Origin"] or single["Evoxtral-Origin"], host=single["Host"])
         if isinstance(decision, Refusal):
             log.info("refused %s from %s: %d %s", path, conn.remote_address,
                      decision.status, decision.message)

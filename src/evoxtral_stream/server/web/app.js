@@ -144,20 +144,27 @@ function protocols() {
 // about it (close code 1006), so ask for the same path over plain HTTP,
 // with the same token as a header: the server answers that request's
 // access check exactly as the handshake's. {status, reason} for a 401 or
-// 403, else null (the server is unreachable, or the failure was another).
+// 403, else null (the server is unreachable, or the failure was another);
+// `origin` when the page's own origin was refused (no token helps then).
+// A same-origin GET carries no Origin header, so the page names its origin
+// in Evoxtral-Origin for the server to check as the handshake's.
 // Bounded, so a server that accepts connections but never answers cannot
 // hold off the reconnect that waits for this.
 async function refusal(path) {
   try {
-    const headers = state.token ? { Authorization: `Bearer ${state.token}` } : {};
+    const headers = { "Evoxtral-Origin": location.origin };
+    if (state.token) headers.Authorization = `Bearer ${state.token}`;
     const r = await fetch(new URL(path, location.href),
                           { headers, cache: "no-store", signal: AbortSignal.timeout(5000) });
     if (r.status === 401 || r.status === 403) {
-      return { status: r.status, reason: (await r.text()).trim().split("\n")[0] };
+      const reason = (await r.text()).trim().split("\n")[0];
+      return { status: r.status, reason, origin: r.status === 403 && reason.startsWith("origin ") };
     }
   } catch { /* unreachable: not a refusal */ }
   return null;
 }
+
+const ORIGIN_REFUSED = "access refused: this page's origin is not allowed";
 
 function showAuth(why) {
   ui.authWhy.textContent = why;
@@ -521,6 +528,14 @@ function connect() {
     if (state.socket !== ws || state.fatal) return;
     const refused = opened ? null : await refusal(path);
     if (state.socket !== ws) return;  // a new token came meanwhile
+    if (refused?.origin) {
+      // No token helps, and retrying would be refused again.
+      state.refused = refused;
+      ui.status.textContent = ORIGIN_REFUSED;
+      ui.status.className = "refused";
+      showNotice(`The server said: ${refused.reason}`);
+      return;
+    }
     if (refused) {
       // Retrying would be refused again: wait for another token instead.
       state.refused = refused;
@@ -834,7 +849,7 @@ function openIngest(mic) {
     if (mic.ending || connected) return;  // connected: the server's error event said why
     const refused = await refusal(path);
     showNotice(refused
-      ? `Microphone: access refused: token missing or not accepted (${refused.reason})`
+      ? `Microphone: ${refused.origin ? ORIGIN_REFUSED : "access refused: token missing or not accepted"} (${refused.reason})`
       : "Microphone: cannot connect to the server");
   };
 }
