@@ -69,7 +69,9 @@ Columns (one row per mode x streams):
   p95 final latency and tokens/s divided by the reference's;
 - loop lag: p95 of how late the pacing task woke up (event-loop congestion);
 - status: "✓ targets" when the level met every target (p95 final <= 500 ms,
-  p95 partial age <= 1.5 s, no final lost or failed), else what went wrong.
+  p95 partial age <= 1.5 s, no final lost or failed), else what went wrong
+  (a measuring subscriber that failed or lost its connection is named: its
+  finals count as lost, and the level as not measured).
 
 A summary follows the table: per mode, the most streams within every target
 and the peak tokens/s, as ratios to the reference's.
@@ -735,6 +737,7 @@ async def run_level(models: Models, mode: str, n_streams: int, args: argparse.Na
     quiet = logging.getLogger("evoxtral_stream.engine")
     level = quiet.level
     abort_t = math.inf
+    sub_failure = ""
     profiler = (_Profiler(profile_to, f"{mode}, {n_streams} streams", cuda)
                 if profile_to is not None else None)
     try:
@@ -794,10 +797,18 @@ async def run_level(models: Models, mode: str, n_streams: int, args: argparse.Na
                     say(f"  {mode} x{n_streams}: drain passed {args.drain_s:g} s; "
                         "failing the requests left")
                     await asyncio.wait_for(closing, 120)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(got.all_ended.wait(), 30)
+                # A subscriber that died will not see the rest end.
+                ended = asyncio.ensure_future(got.all_ended.wait())
+                await asyncio.wait({ended, sub}, timeout=30,
+                                   return_when=asyncio.FIRST_COMPLETED)
+                ended.cancel()
                 row.drain_s = time.monotonic() - t_live
                 stats = engine.stats()
+            died = sub.exception() if sub.done() and not sub.cancelled() else None
+            if died is not None:
+                sub_failure = f"subscriber failed: {one_line(died)[:160]}"
+            elif got.closed and not got.all_ended.is_set():
+                sub_failure = "subscriber's connection closed before every stream ended"
             sub.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await sub
@@ -816,7 +827,7 @@ async def run_level(models: Models, mode: str, n_streams: int, args: argparse.Na
     if cuda:
         row.peak_gpu_mem_gib = torch.cuda.max_memory_allocated(models.device) / 2**30
     _score(row, sims, got, abort_t)
-    notes = []
+    notes = [sub_failure] if sub_failure else []
     if abort_t < math.inf:
         notes.append(f"overloaded: drain passed {args.drain_s:g} s")
     if mode in ("continuous", *SLOT_MODES) and row.backend_calls.get("step", 0) == 0:

@@ -317,10 +317,10 @@ def test_a_percentile_next_to_one_failure_is_infinite_not_huge() -> None:
     assert math.isinf(bench._pct([math.inf, math.inf], 50))
 
 
-def _one_reference_row(tmp_path: Path) -> dict[str, Any]:
-    """The JSON row of one tiny stream at the reference level (8 s of audio)."""
+def _one_reference_row(tmp_path: Path, seconds: int = 8) -> dict[str, Any]:
+    """The JSON row of one tiny stream at the reference level."""
     out = tmp_path / "load.json"
-    argv = ["--tiny", "--streams", "1", "--seconds", "8", "--modes", "reference",
+    argv = ["--tiny", "--streams", "1", "--seconds", str(seconds), "--modes", "reference",
             "--json", str(out)]
     assert _load().main(argv) == 0
     row: dict[str, Any] = json.loads(out.read_text())["rows"][0]
@@ -396,3 +396,28 @@ def test_a_backend_call_running_at_the_end_of_the_live_phase_counts_as_busy(
     assert row["finals_lost"] == 0
     assert row["gpu_busy_pct"] >= 20, row["gpu_busy_pct"]
     assert row["gpu_busy_pct"] <= 100
+
+
+@pytest.mark.slow
+def test_a_subscriber_that_died_is_named_in_the_status(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The measuring subscriber failing (a bad message, its connection
+    dropped) left the level's finals counted as lost with status "ok": read
+    as an engine that loses finals, not a harness that stopped listening."""
+    bench = _load()
+    plain = bench._subscribe
+
+    async def dies(port: int, n_streams: int, got: Any, ready: Any) -> None:
+        real_set = ready.set
+
+        def set_then_fail() -> None:
+            real_set()
+            raise RuntimeError("the subscriber broke (test)")
+
+        ready.set = set_then_fail
+        await plain(port, n_streams, got, ready)
+
+    monkeypatch.setattr(bench, "_subscribe", dies)
+    row = _one_reference_row(tmp_path, seconds=4)
+    assert row["finals_lost"] == row["finals_expected"] > 0
+    assert "subscriber failed: RuntimeError: the subscriber broke (test)" in row["status"]
