@@ -12,9 +12,9 @@ import soundfile as sf
 
 from evoxtral_stream.audio.resample import resample
 from evoxtral_stream.events import SAMPLE_RATE, Int16Array
-from tests.helpers.audio import HAVE_ESPEAK, espeak_wav
+from tests.helpers.audio import HAVE_ESPEAK, espeak_wav, voiced_span
 
-__all__ = ["have_espeak", "speak", "speech_with_pauses"]
+__all__ = ["clipped_speech", "have_espeak", "speak", "speech_with_pauses"]
 
 _CACHE = Path(tempfile.gettempdir()) / "evoxtral-test-speech"
 
@@ -50,3 +50,13 @@ def speech_with_pauses(sentences: list[str], pause_s: float, lead_s: float = 0.5
         parts += [audio, gap]
         pos += len(audio) + len(gap)
     return np.concatenate(parts), spans
+
+
+def clipped_speech(text: str, speech_ms: int, lead_s: float = 0.5) -> Int16Array:
+    """``lead_s`` of silence, then ``text`` spoken and cut ``speech_ms`` after
+    its first audible sample: a word clipped short (push-to-talk released
+    early), to stay under ``vad.min_speech_ms``."""
+    audio = speak(text)
+    onset, _ = voiced_span(audio)
+    lead = np.zeros(int(lead_s * SAMPLE_RATE), np.int16)
+    return np.concatenate((lead, audio[: onset + speech_ms * SAMPLE_RATE // 1000]))

@@ -225,6 +225,46 @@ def test_flush_closes_open_segment_and_drops_pending(vad_cfg: VadConfig) -> None
     assert seg.candidate_start is None
 
 
+def test_an_explicit_cut_keeps_a_candidate_shorter_than_min_speech(vad_cfg: VadConfig) -> None:
+    """``flush(keep_candidate=True)`` (a client's commit: "this is an
+    utterance") makes the unconfirmed candidate a segment; a plain flush
+    (end of input) still drops it as a click."""
+    pending = frames_signal(100, [(93, 100)])  # 7 voiced frames: triggered, unconfirmed
+    pending = np.concatenate((pending, pending[-100:]))  # and a partial frame
+    seg = Segmenter(vad_cfg, classifier=loud)
+    assert seg.feed(pending) == []
+    assert seg.state is SegmenterState.PENDING
+    events = seg.flush(keep_candidate=True)
+    # As at a natural end: pre-roll to the input's end (inside the end tail).
+    assert spans(collect_segments(events, pending)) == [(93 * F - 300 * MS, len(pending))]
+    assert events[-1] == SpeechEnded(len(pending), forced=False)
+    assert seg.candidate_start is None and not seg.in_segment
+    assert seg.position == len(pending)
+
+    # In the candidate's pause: it ends at its last voiced frame + the end tail.
+    paused = frames_signal(100, [(80, 87)])  # 13 unvoiced frames: below end_silence_ms
+    seg = Segmenter(vad_cfg, classifier=loud)
+    assert seg.feed(paused) == []
+    assert seg.state is SegmenterState.PENDING
+    events = seg.flush(keep_candidate=True)
+    assert spans(collect_segments(events, paused)) == [(80 * F - 300 * MS, 87 * F + 200 * MS)]
+
+    # Nothing else changes: an open segment closes as at a plain flush, and
+    # with nothing detected there is nothing to keep.
+    audio = frames_signal(100, [(50, 100)])
+    plain, explicit = Segmenter(vad_cfg, classifier=loud), Segmenter(vad_cfg, classifier=loud)
+    assert norm(plain.feed(audio) + plain.flush()) == \
+        norm(explicit.feed(audio) + explicit.flush(keep_candidate=True))
+    seg = Segmenter(vad_cfg, classifier=loud)
+    seg.feed(frames_signal(100, [(95, 100)]))  # 5 voiced frames: below the start ratio
+    assert seg.state is SegmenterState.IDLE
+    assert seg.flush(keep_candidate=True) == []
+    # A candidate that ended before the cut was dropped then (a click).
+    seg = Segmenter(vad_cfg, classifier=loud)
+    assert seg.feed(frames_signal(100, [(40, 47)])) == []
+    assert seg.flush(keep_candidate=True) == []
+
+
 def test_input_after_flush_continues_the_sample_count(vad_cfg: VadConfig) -> None:
     audio = frames_signal(100, [(20, 60)])
     seg = Segmenter(vad_cfg, classifier=loud)

@@ -14,7 +14,7 @@ from evoxtral_stream.engine.session import StreamSession
 from evoxtral_stream.events import CaptionEvent, RequestKind, StreamEnded, StreamError
 from evoxtral_stream.run import LatencyLog, feed_samples
 from tests.fakes import ScriptedBackend, words_so_far
-from tests.speech import have_espeak, speech_with_pauses
+from tests.speech import clipped_speech, have_espeak, speech_with_pauses
 
 pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
 
@@ -172,6 +172,29 @@ async def test_cut_ends_the_open_segment_and_the_stream_goes_on() -> None:
     assert finals[0].end <= half / 16000 + 1e-6 <= finals[1].start + 2e-6
     assert summary.segments == summary.finals == 2
     assert summary.duration_s == pytest.approx(len(audio) / 16000)
+
+
+async def test_an_explicit_cut_captions_speech_too_short_for_a_segment() -> None:
+    """A clipped "Yes" under ``vad.min_speech_ms``: ``cut(keep_candidate=True)``
+    (a client's commit) gets it a final; a plain cut drops it."""
+    yes = clipped_speech("Yes.", 200)
+    record = LatencyLog()
+    async with Engine(load_config(), ScriptedBackend(words_so_far)) as engine:
+        engine.add_listener(record)
+        stream = engine.open_stream("s")
+        stream.push(yes)
+        stream.cut()
+        stream.push(yes)
+        stream.cut(keep_candidate=True)
+        summary = await stream.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            stream.cut(keep_candidate=True)
+    (final,) = [e for e in record.events if isinstance(e, CaptionEvent) and e.final]
+    assert final.text
+    # The second push's speech, from its pre-roll to the cut.
+    assert len(yes) / 16000 < final.start < 1.5 * len(yes) / 16000
+    assert final.end == pytest.approx(2 * len(yes) / 16000)
+    assert summary.segments == summary.finals == 1
 
 
 async def test_a_stream_id_used_again_goes_on_numbering(

@@ -8,10 +8,11 @@ import itertools
 import numpy as np
 import pytest
 
+from evoxtral_stream.audio.vad import Segmenter, SegmenterState
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.session import StreamSession
 from evoxtral_stream.events import SAMPLE_RATE, DecodeRequest, Hypothesis, RequestKind
-from tests.speech import have_espeak, speech_with_pauses
+from tests.speech import clipped_speech, have_espeak, speech_with_pauses
 
 pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
 
@@ -152,3 +153,29 @@ def test_a_pause_partial_that_failed_or_was_refused_is_not_reused() -> None:
             # Refused: the next push asked again at the same pause, and that one is reused.
             pause = [r for r in reqs if r.at_pause]
             assert final.reuse in (None, pause[-1].revision)
+
+
+def test_an_explicit_cut_makes_short_speech_a_final_and_a_plain_one_drops_it() -> None:
+    """A clipped "Yes" (less voiced audio than ``vad.min_speech_ms``): a
+    client's commit (``keep_candidate``) decodes it; end of input does not."""
+    cfg = load_config()
+    yes = clipped_speech("Yes.", 200)
+    reference = Segmenter(cfg.vad)
+    reference.feed(yes)
+    assert reference.state is SegmenterState.PENDING  # detected, not confirmed
+    session = StreamSession("s", cfg.vad, cfg.stream)
+    assert session.push(yes, now=0.0) == []
+    (final,) = session.cut(now=1.0, keep_candidate=True)
+    assert final.kind is RequestKind.FINAL
+    assert final.start_sample < SAMPLE_RATE // 2 and final.end_sample == len(yes)
+    assert len(final.audio) == final.end_sample - final.start_sample
+    assert session.finals_outstanding == 1
+    # The next explicit cut has nothing to keep.
+    assert session.cut(now=2.0, keep_candidate=True) == []
+
+    session = StreamSession("s", cfg.vad, cfg.stream)
+    session.push(yes, now=0.0)
+    assert session.cut(now=1.0) == []
+    session = StreamSession("s", cfg.vad, cfg.stream)
+    session.push(yes, now=0.0)
+    assert session.finish(now=1.0) == []

@@ -51,7 +51,7 @@ from evoxtral_stream.server.realtime import (
 )
 from tests.fakes import LanguageScriptedBackend, ScriptedBackend
 from tests.helpers.http import client_text_frame, close_code_of, drain, raw_ws_handshake
-from tests.speech import have_espeak, speak, speech_with_pauses
+from tests.speech import clipped_speech, have_espeak, speak, speech_with_pauses
 from tests.text_norm import loose_wer
 
 pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
@@ -495,6 +495,33 @@ def test_manual_commit_makes_one_item_of_the_buffer() -> None:
     assert evs[1]["transcript"] == ""
 
 
+def short_yes() -> bytes:
+    """A "Yes" clipped by push-to-talk, after 0.5 s of silence: speech the
+    segmenter detects but holds less voiced audio than ``vad.min_speech_ms``."""
+    yes = clipped_speech("Yes.", 200)
+    reference = Segmenter(load_config().vad)
+    reference.feed(yes)
+    assert reference.state is SegmenterState.PENDING  # a click to plain end of input
+    return pcm24(yes)
+
+
+def test_a_manual_commit_keeps_speech_shorter_than_min_speech() -> None:
+    """The client says the buffer is an utterance: its short speech is a
+    segment of the item, not a click dropped at the cut."""
+    core = new_core()
+    core.start()
+    core.receive(update_msg(None))
+    assert feed(core, short_yes()) == []
+    outs = core.receive('{"type": "input_audio_buffer.commit"}')
+    assert types(events(outs)) == ["input_audio_buffer.committed"]  # no empty completed
+    assert_one_cut_after_audio(outs)
+    assert [o for o in outs if isinstance(o, CutSegment)] == [CutSegment(keep_candidate=True)]
+    assert core.segments_opened == 1
+    evs = events(core.on_engine_event(caption(0, "Yes.", "", final=True)))
+    assert evs[-1]["type"] == "conversation.item.input_audio_transcription.completed"
+    assert evs[-1]["transcript"] == "Yes."
+
+
 def test_switching_turn_detection_off_commits_the_open_turn() -> None:
     speech = pcm24(speak(SENTENCES[0]))
     core = new_core()
@@ -759,6 +786,25 @@ async def test_openai_sdk_transcribes_with_server_vad_and_manual_commit(
     assert loose_wer(MANUAL, done.transcript) <= 0.25, done.transcript
     assert "ignore" not in done.transcript.lower()
     assert len({e.event_id for e in manual}) == len(manual)
+
+
+async def test_a_push_to_talk_yes_shorter_than_min_speech_is_transcribed(
+    whisper_backend: Backend,
+) -> None:
+    """A clipped "Yes" committed by hand: the answer, not an empty transcript."""
+    cfg = config()
+    async with Engine(cfg, whisper_backend) as engine, \
+            CaptionServer(engine, cfg.server) as server, \
+            sdk_client(server.port).realtime.connect(
+                model="evoxtral", extra_query={"intent": "transcription"}) as conn:
+        await conn.session.update(session={
+            "type": "transcription", "audio": {"input": {"turn_detection": None}}})
+        await conn.input_audio_buffer.append(audio=base64.b64encode(short_yes()).decode())
+        await conn.input_audio_buffer.commit()
+        got = await until(conn, "conversation.item.input_audio_transcription.completed")
+    assert "error" not in [e.type for e in got]
+    (done,) = [e for e in got if e.type.endswith("transcription.completed")]
+    assert done.transcript.lower().startswith("ye"), done.transcript  # Whisper: "Yeah."
 
 
 async def test_the_sdk_picks_the_language_of_its_session() -> None:

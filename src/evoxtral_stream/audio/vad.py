@@ -80,7 +80,8 @@ class Segmenter:
       ``min_speech_ms`` of *voiced* frames (pre-roll and silences don't
       count). Then ``SpeechStarted(start)`` is emitted together with all its
       audio so far. A candidate that ends first is discarded silently.
-      (It is also confirmed if it reaches ``max_segment_s`` before that.)
+      (It is also confirmed if it reaches ``max_segment_s`` before that, or
+      by an explicit cut: see **Flush**.)
     * **Audio.** ``SpeechAudio`` events of a segment are contiguous from its
       start; while speech goes on, every frame is delivered as soon as it is
       analysed. During a pause, audio is held back beyond the last voiced
@@ -104,7 +105,13 @@ class Segmenter:
       audio (so a segment still in speech, or within its end tail, ends at
       the flush point exactly), and discards an unconfirmed one; later input
       continues the same sample count but a fresh history (pre-roll cannot
-      reach before the flush).
+      reach before the flush). ``flush(keep_candidate=True)`` is the
+      explicit cut of a caller that knows the input is an utterance (a
+      client's commit): an unconfirmed candidate under way is confirmed
+      first (``SpeechStarted`` at its start, pre-roll included) and then
+      ends the same way, however little voiced audio it holds. A candidate
+      that already ended, or speech that never met the start rule, is not
+      brought back.
     """
 
     def __init__(
@@ -221,10 +228,13 @@ class Segmenter:
         self._remainder = buf[whole:].copy()
         return events
 
-    def flush(self) -> list[SegmentEvent]:
+    def flush(self, *, keep_candidate: bool = False) -> list[SegmentEvent]:
         """End of input: close an open segment (``forced=False``), discard an
-        unconfirmed one. See the class contract."""
+        unconfirmed one, or with ``keep_candidate`` close it as a segment.
+        See the class contract (**Flush**)."""
         events: list[SegmentEvent] = []
+        if keep_candidate and self._state is SegmenterState.PENDING:
+            self._confirm(events)
         if self._state is SegmenterState.ACTIVE:
             if len(self._remainder):
                 # Too short to classify, but it is the audio up to the flush
@@ -270,9 +280,7 @@ class Segmenter:
             self._voiced_count >= self._min_frames
             or end - self._seg_start + self.frame_samples > self._max_len
         ):
-            self._state = SegmenterState.ACTIVE
-            self._delivered = self._seg_start
-            events.append(SpeechStarted(self._seg_start))
+            self._confirm(events)
 
         if self._state is not SegmenterState.IDLE and self._unvoiced_run >= self._end_frames:
             if self._state is SegmenterState.ACTIVE:
@@ -303,6 +311,12 @@ class Segmenter:
         self._last_voiced_end = end
         self._unvoiced_run = 0
         self._state = SegmenterState.PENDING
+
+    def _confirm(self, events: list[SegmentEvent]) -> None:
+        """The candidate becomes a segment; its audio is delivered from its start."""
+        self._state = SegmenterState.ACTIVE
+        self._delivered = self._seg_start
+        events.append(SpeechStarted(self._seg_start))
 
     def _close(self, events: list[SegmentEvent]) -> None:
         seg_end = min(self._framed_end, self._last_voiced_end + self._tail)

@@ -212,13 +212,15 @@ class Stream:
         self._engine._samples_in += len(samples)
         self._submit_all(self.session.push(samples, self._engine.now()))
 
-    def cut(self) -> None:
+    def cut(self, *, keep_candidate: bool = False) -> None:
         """End the open segment now, as if its speech had ended: its final is
-        requested and the next audio starts a new segment (a client's
-        "commit"). Nothing is added to the stream's timeline. Raises
+        requested and the next audio starts a new segment. Nothing is added
+        to the stream's timeline. ``keep_candidate`` for a client's commit
+        (the audio is an utterance): speech too short yet for a segment
+        (``vad.min_speech_ms``) becomes one, not a discarded click. Raises
         RuntimeError once :attr:`closed`, as :meth:`push` does."""
         self._check_open()
-        self._submit_all(self.session.cut(self._engine.now()))
+        self._submit_all(self.session.cut(self._engine.now(), keep_candidate=keep_candidate))
 
     def report_error(self, code: str, message: str) -> None:
         """Send this stream's listeners an error event about its source (the

@@ -110,11 +110,13 @@ class StreamSession:
             requests.append(partial)
         return requests
 
-    def cut(self, now: float) -> list[DecodeRequest]:
+    def cut(self, now: float, *, keep_candidate: bool = False) -> list[DecodeRequest]:
         """End the open segment here (if any): it becomes a final, as at a
         natural end. Input may go on; the next segment starts after the cut
-        (the segmenter's ``flush`` contract)."""
-        return self._apply(self._segmenter.flush(), now)
+        (the segmenter's ``flush`` contract). ``keep_candidate``: the caller
+        knows the audio is an utterance (a client's commit), so speech too
+        short to have opened a segment yet becomes one and its final too."""
+        return self._apply(self._segmenter.flush(keep_candidate=keep_candidate), now)
 
     def finish(self, now: float) -> list[DecodeRequest]:
         """End of input: the open segment, if any, becomes a final."""

@@ -169,7 +169,7 @@ class _Connection:
                     if isinstance(out, PushAudio):
                         self._stream.push(out.samples)
                     else:
-                        self._stream.cut()
+                        self._stream.cut(keep_candidate=out.keep_candidate)
                 except RuntimeError as e:
                     raise _StreamGone(str(e)) from e
                 pushed = True

@@ -13,8 +13,11 @@ Committing on demand. A segment is ended early (``input_audio_buffer.commit``,
 segmenter and the engine stream's (:meth:`Stream.cut
 <evoxtral_stream.engine.engine.Stream.cut>`) both flush at the same sample,
 so the segment ends as at a natural end and the next one cannot reach back
-before the cut. Nothing is added to the stream: its timeline (what
-``/v1/captions`` subscribers see) is the client's audio as pushed. Times
+before the cut. A commit says the audio is an utterance: its cut keeps
+speech too short yet for a segment (``vad.min_speech_ms``), which the
+segmenter otherwise drops as a click (``flush(keep_candidate=True)``).
+Nothing is added to the stream: its timeline (what ``/v1/captions``
+subscribers see) is the client's audio as pushed. Times
 reported to the client (``audio_start_ms``, ``audio_end_ms``) are mapped
 back to the client's own audio, which differs from the stream's only by
 audio held and then cleared in manual mode.
@@ -386,7 +389,9 @@ class RealtimeTranscription:
         item = _Item(self._item_id(), audio_samples=self._held_len)
         self._candidate_len = 0
         out += self._push_pending(collect=item)
-        out += self._cut()
+        # The client says the buffer is an utterance: a short "Yes" at its
+        # end is the answer, not a click (vad.min_speech_ms).
+        out += self._cut(keep_candidate=True)
         self._collect = None
         item.committed = True
         out.append(BufferCommitted(self._event_id(), item.id, self._previous_item))
@@ -453,11 +458,12 @@ class RealtimeTranscription:
         self._end_reason = "vad"
         return [PushAudio(samples), *self._segments(self._segmenter.feed(samples))]
 
-    def _cut(self) -> list[Output]:
-        """End the open segment (if any) here, in the mirror and the stream alike."""
-        events = self._segmenter.flush()
+    def _cut(self, *, keep_candidate: bool = False) -> list[Output]:
+        """End the open segment (if any) here, in the mirror and the stream
+        alike; ``keep_candidate`` for a commit (the segmenter's **Flush**)."""
+        events = self._segmenter.flush(keep_candidate=keep_candidate)
         self._dirty = False
-        out: list[Output] = [CutSegment(), *self._segments(events)]
+        out: list[Output] = [CutSegment(keep_candidate), *self._segments(events)]
         self._end_reason = "vad"
         return out
 

@@ -389,7 +389,11 @@ class SetLanguage:
 @dataclass(frozen=True)
 class CutSegment:
     """Action: end the engine stream's open segment now (``Stream.cut``),
-    after the audio pushed before this action."""
+    after the audio pushed before this action. ``keep_candidate``: the
+    client committed an utterance, so speech too short yet for a segment
+    becomes one (``Stream.cut(keep_candidate=True)``)."""
+
+    keep_candidate: bool = False
 
 
 Output = ServerEvent | PushAudio | CutSegment | SetLanguage
