@@ -522,6 +522,30 @@ def test_a_manual_commit_keeps_speech_shorter_than_min_speech() -> None:
     assert evs[-1]["transcript"] == "Yes."
 
 
+def test_a_server_vad_commit_makes_short_speech_a_turn() -> None:
+    """Speech detected but not yet a turn (no ``speech_started``): a commit
+    makes it one instead of refusing an empty buffer; a clear drops it."""
+    core = new_core()
+    core.start()
+    assert events(feed(core, short_yes())) == []
+    outs = core.receive('{"type": "input_audio_buffer.commit"}')
+    evs = events(outs)
+    assert types(evs) == ["input_audio_buffer.speech_started", "input_audio_buffer.committed"]
+    assert evs[0]["item_id"] == evs[1]["item_id"]
+    assert 500 - load_config().vad.pre_roll_ms - 30 <= evs[0]["audio_start_ms"] <= 500
+    assert [o for o in outs if isinstance(o, CutSegment)] == [CutSegment(keep_candidate=True)]
+    assert core.segments_opened == 1
+    (done,) = events(core.on_engine_event(caption(0, "Yes.", "", final=True)))[-1:]
+    assert (done["item_id"], done["transcript"]) == (evs[0]["item_id"], "Yes.")
+
+    feed(core, short_yes())
+    assert types(events(core.receive('{"type": "input_audio_buffer.clear"}'))) == [
+        "input_audio_buffer.cleared"]
+    assert core.segments_opened == 1
+    (err,) = events(core.receive('{"type": "input_audio_buffer.commit"}'))
+    assert err["error"]["code"] == "input_audio_buffer_commit_empty"
+
+
 def test_switching_turn_detection_off_commits_the_open_turn() -> None:
     speech = pcm24(speak(SENTENCES[0]))
     core = new_core()
@@ -788,22 +812,31 @@ async def test_openai_sdk_transcribes_with_server_vad_and_manual_commit(
     assert len({e.event_id for e in manual}) == len(manual)
 
 
+@pytest.mark.parametrize("turn_detection", [None, {"type": "server_vad"}])
 async def test_a_push_to_talk_yes_shorter_than_min_speech_is_transcribed(
-    whisper_backend: Backend,
+    whisper_backend: Backend, turn_detection: dict[str, str] | None,
 ) -> None:
-    """A clipped "Yes" committed by hand: the answer, not an empty transcript."""
+    """A clipped "Yes" committed by hand: the answer, not an empty transcript
+    (turn detection off) or an empty-buffer error (server_vad)."""
     cfg = config()
     async with Engine(cfg, whisper_backend) as engine, \
             CaptionServer(engine, cfg.server) as server, \
             sdk_client(server.port).realtime.connect(
                 model="evoxtral", extra_query={"intent": "transcription"}) as conn:
-        await conn.session.update(session={
-            "type": "transcription", "audio": {"input": {"turn_detection": None}}})
+        session: Any = {"type": "transcription",
+                         "audio": {"input": {"turn_detection": turn_detection}}}
+        await conn.session.update(session=session)
         await conn.input_audio_buffer.append(audio=base64.b64encode(short_yes()).decode())
         await conn.input_audio_buffer.commit()
-        got = await until(conn, "conversation.item.input_audio_transcription.completed")
-    assert "error" not in [e.type for e in got]
-    (done,) = [e for e in got if e.type.endswith("transcription.completed")]
+        got: list[Any] = []
+        async with asyncio.timeout(30):
+            async for event in conn:  # up to the transcript, or an error
+                got.append(event)
+                if event.type in ("error", "conversation.item.input_audio_transcription"
+                                  ".completed"):
+                    break
+    assert got[-1].type != "error", got[-1]
+    done = got[-1]
     assert done.transcript.lower().startswith("ye"), done.transcript  # Whisper: "Yeah."
 
 

@@ -373,13 +373,15 @@ class RealtimeTranscription:
     def _commit(self, ev: AudioCommit) -> list[Output]:
         out = self._take(self._resampler.flush(), ev.event_id)
         if self._server_vad:
-            if self._segmenter.state is not SegmenterState.ACTIVE:
+            if self._segmenter.state is SegmenterState.IDLE:
                 return [*out, self.error(
                     "input_audio_buffer_commit_empty",
                     "no speech to commit: with server_vad, turns are committed when "
                     "speech ends", None, ev.event_id)]
+            # Speech not yet a turn (under vad.min_speech_ms) becomes one: the
+            # client says it is an utterance (speech_started, then committed).
             self._end_reason = "commit"
-            return out + self._cut()
+            return out + self._cut(keep_candidate=True)
         if self._held_len < MIN_COMMIT_MS * SAMPLE_RATE // 1000:
             have = self._held_len * 1000 / SAMPLE_RATE
             return [*out, self.error(
