@@ -7,7 +7,8 @@ higher, ``[sad]`` -> slower and lower, ``[calm]`` -> slower,
 sentence ends or a tag of the same kind replaces them); ``[pause]`` and its
 kin -> a break, any non-verbal tag (``[laughs]``, ``[sighs]``, ...) -> a short
 break; other tags are dropped (tables: :data:`EMOTION_PROSODY`,
-:data:`DELIVERY_PROSODY`, :data:`PAUSE_MS`, :data:`NONVERBAL_PAUSE_MS`).
+:data:`DELIVERY_PROSODY`, :data:`PAUSE_MS`, :data:`NONVERBAL_PAUSE_MS`), but
+bracketed text holding a digit (``[2]``) is read out (:func:`spoken_bracket`).
 :func:`to_ssml` writes SSML for ``espeak-ng -m``; :func:`edge_pauses` splits
 off the pauses at the very start and end, which espeak-ng trims.
 """
@@ -15,7 +16,7 @@ off the pauses at the very start and end, which espeak-ng trims.
 from __future__ import annotations
 
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from xml.sax.saxutils import escape, quoteattr
 
@@ -32,6 +33,7 @@ __all__ = [
     "SpeechItem",
     "edge_pauses",
     "plan_speech",
+    "spoken_bracket",
     "to_ssml",
     "whisper_voice",
 ]
@@ -113,6 +115,27 @@ def _style(carry: Carry) -> Prosody:
 _STRAY_MARKS = frozenset("[]()*")
 
 
+def spoken_bracket(tok: Token) -> bool:
+    """Whether a tag token is bracketed content to read out, not a tag: an
+    unknown (square-bracketed) one holding a digit (``[2]``, ``[1990s]``,
+    ``[9:30]``). Bracketed letters alone (``[sic]``, ``[INAUDIBLE]``) stay a
+    tag: ElevenLabs v3 performs any bracketed words, and captions write
+    sound descriptions so, in capitals too."""
+    return tok.is_tag and not tok.known and any(c.isdecimal() for c in tok.text)
+
+
+def _read_brackets(tokens: Iterable[Token]) -> Iterator[Token]:
+    """``tokens`` with each :func:`spoken_bracket` as its inner tokens between
+    bracket marks (which :func:`plan_speech` speaks as spaces)."""
+    for tok in tokens:
+        if spoken_bracket(tok):
+            yield Token(TokenKind.PUNCT, "[", space_before=tok.space_before)
+            yield from tokenize(tok.text[1:-1])
+            yield Token(TokenKind.PUNCT, "]")
+        else:
+            yield tok
+
+
 def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
     """What espeak-ng should say for ``tagged`` text: spans and pauses. Pure.
 
@@ -120,7 +143,8 @@ def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
     a tag of the same kind replaces them or the sentence ends (the
     :class:`~evoxtral_stream.text.tags.Carry` rule); both apply together.
     Pause tags become :data:`PAUSE_MS` silences, non-verbal tags a
-    :data:`NONVERBAL_PAUSE_MS` one; unknown and unmapped tags are dropped.
+    :data:`NONVERBAL_PAUSE_MS` one; unknown and unmapped tags are dropped,
+    but bracketed text holding a digit is read out (:func:`spoken_bracket`).
     Consecutive words of one prosody form one :class:`Speak`; a span of
     punctuation alone is dropped. Control characters, espeak-ng markup (NUL
     ends its input), are whitespace to the tokenizer. Variants
@@ -140,7 +164,7 @@ def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
     # render(tags=False) does ("so [nervous]I" -> "so I"); a bracket left out
     # is a space (espeak-ng pauses there): "me (maybe)" must not become "memaybe".
     space = False
-    for tok in tokenize(tagged):
+    for tok in _read_brackets(tokenize(tagged)):
         if tok.is_tag:
             assert tok.tag is not None
             if tok.tag_kind is TagKind.PAUSE:
