@@ -30,8 +30,10 @@ Two synthesisers (in ``tts_synth.py``; the tags -> prosody mapping, pure, in
   replaces them); ``[pause]`` and its kin -> a break, any non-verbal tag
   (``[laughs]``, ``[sighs]``, ``[clears throat]``, ...) -> a short break;
   other tags are dropped, but bracketed text holding a digit (``[2]``) is
-  read out. ``to_ssml`` writes SSML for ``espeak-ng -m`` (``<prosody>``,
-  ``<break>``, ``<voice name="en+whisper">``), one espeak-ng run per caption;
+  read out; a word in capitals (``YES``) is said in lower case with
+  emphasis, not spelled out. ``to_ssml`` writes SSML for ``espeak-ng -m``
+  (``<prosody>``, ``<emphasis>``, ``<break>``, ``<voice name="en+whisper">``),
+  one espeak-ng run per caption;
   pauses at the very start or end, which espeak-ng trims, are added as
   silence around its WAV.
 

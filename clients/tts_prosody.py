@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from xml.sax.saxutils import escape, quoteattr
 
 from evoxtral_stream.text.tags import Carry, TagKind, Token, TokenKind, render, tokenize
@@ -42,12 +42,14 @@ __all__ = [
 @dataclass(frozen=True)
 class Prosody:
     """How a span is spoken: ``rate`` in percent of the voice's rate,
-    ``pitch`` and ``volume`` as percent changes, and the whisper variant."""
+    ``pitch`` and ``volume`` as percent changes, the whisper variant, and
+    SSML ``<emphasis>`` (words written in capitals, :func:`plan_speech`)."""
 
     rate: int = 100
     pitch: int = 0
     volume: int = 0
     whisper: bool = False
+    emphasis: bool = False
 
     @property
     def neutral(self) -> bool:
@@ -58,7 +60,8 @@ class Prosody:
         return Prosody(rate=round(self.rate * other.rate / 100),
                        pitch=self.pitch + other.pitch,
                        volume=self.volume + other.volume,
-                       whisper=self.whisper or other.whisper)
+                       whisper=self.whisper or other.whisper,
+                       emphasis=self.emphasis or other.emphasis)
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,11 @@ def _style(carry: Carry) -> Prosody:
 _STRAY_MARKS = frozenset("[]()*")
 
 
+def _in_capitals(word: str) -> bool:
+    """Two or more letters, all capitals (``YES``, ``DON'T``; not ``I``, ``McDONALD``)."""
+    return word.isupper() and sum(c.isalpha() for c in word) >= 2
+
+
 def spoken_bracket(tok: Token) -> bool:
     """Whether a tag token is bracketed content to read out, not a tag: an
     unknown (square-bracketed) one holding a digit (``[2]``, ``[1990s]``,
@@ -149,6 +157,12 @@ def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
     punctuation alone is dropped. Control characters, espeak-ng markup (NUL
     ends its input), are whitespace to the tokenizer. Variants
     (``(laughs)``, ``[WHISPERING]``) count as their canonical tag.
+
+    A word in capitals (two or more letters, none in lower case: ``YES``,
+    ``DON'T``) is emphasis, as for ElevenLabs v3: it is said in lower case
+    with :attr:`Prosody.emphasis` (espeak-ng spells many words in capitals
+    out, ``YES`` as "Y E S"), and the punctuation right after it with it.
+    Acronyms that cannot be said as a word (``FBI``) espeak-ng still spells.
     """
     items: list[SpeechItem] = []
     run: list[Token] = []
@@ -186,10 +200,15 @@ def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
                 continue
             if marks != tok.text:
                 tok = Token(TokenKind.PUNCT, marks, space_before=tok.space_before)
-        elif space and not tok.space_before:
-            tok = tok.with_space(True)
+            style = replace(_style(carry), emphasis=run_style.emphasis)
+        else:
+            if space and not tok.space_before:
+                tok = tok.with_space(True)
+            style = _style(carry)
+            if _in_capitals(tok.text):
+                tok = Token(TokenKind.WORD, tok.text.lower(), space_before=tok.space_before)
+                style = replace(style, emphasis=True)
         space = False
-        style = _style(carry)
         if style != run_style:
             flush()
             run_style = style
@@ -217,7 +236,8 @@ def _prosody_attrs(p: Prosody) -> str:
 
 def to_ssml(items: Sequence[SpeechItem], voice: str = "en") -> str:
     """SSML for ``espeak-ng -m``: ``<prosody rate= pitch= volume=>`` around
-    styled spans, ``<voice name="{voice}+whisper">`` around whispered ones,
+    styled spans, ``<emphasis>`` inside it around emphasised ones,
+    ``<voice name="{voice}+whisper">`` around whispered ones,
     and one ``<break time="Nms"/>`` per run of pauses (summed). Text is
     XML-escaped. Pure."""
     parts: list[str] = []
@@ -230,6 +250,8 @@ def to_ssml(items: Sequence[SpeechItem], voice: str = "en") -> str:
             parts.append(f'<break time="{pending_ms}ms"/>')
             pending_ms = 0
         body = escape(item.text)
+        if item.prosody.emphasis:
+            body = f"<emphasis>{body}</emphasis>"
         attrs = _prosody_attrs(item.prosody)
         if attrs:
             body = f"<prosody {attrs}>{body}</prosody>"

@@ -118,7 +118,7 @@ def test_emotion_and_delivery_combine_and_replace_their_own_kind() -> None:
         Speak("Yes", excited),
         Speak("really", Prosody(excited.rate, excited.pitch, 0, whisper=True)),
         Speak("oh no", Prosody(80, -20, 0, whisper=True)),
-        Speak("STOP", Prosody(80, -20, 80)),
+        Speak("stop", Prosody(80, -20, 80, emphasis=True)),
     )
     assert plan_speech("[angry] No! [calm] Fine.") == (
         Speak("No!", Prosody(volume=60)), Speak("Fine.", Prosody(rate=85)))
@@ -206,7 +206,7 @@ def test_ssml_is_well_formed_and_keeps_every_word(parts: list[tuple[str, str]]) 
     ET.fromstring(to_ssml(items))
     spoken = "".join(t.text for i in items if isinstance(i, Speak)
                      for t in tokenize(i.text) if t.is_word)
-    assert spoken == "".join(_content_words(text))
+    assert spoken.lower() == "".join(_content_words(text)).lower()  # CAPS said in lower case
     assert all(i.text == i.text.strip() and i.text for i in items if isinstance(i, Speak))
     # No two words glued where the text keeps them apart (a dropped bracket
     # or tag keeps its space): as many spoken words as in the plain text.
@@ -262,6 +262,34 @@ def test_bracketed_text_with_a_digit_is_spoken(text: str, spoken: list[str]) -> 
 def test_espeak_reads_a_bracketed_number_as_the_number() -> None:
     assert _phonemes(to_ssml(plan_speech("see note [2] here"))) == \
         _phonemes("<speak>see note 2 here</speak>")
+
+
+EMPHASIS = Prosody(emphasis=True)
+
+
+def test_a_word_in_capitals_is_emphasised_in_lower_case() -> None:
+    """CAPS mark emphasis (ElevenLabs v3, the adapter's style); espeak-ng
+    spelled many such words out ("YES" as "Y E S"). They are now said in
+    lower case inside <emphasis>, punctuation after them included."""
+    assert plan_speech("I said YES today") == (
+        Speak("I said"), Speak("yes", EMPHASIS), Speak("today"))
+    assert plan_speech("NO, NO WAY! Ok") == (Speak("no, no way!", EMPHASIS), Speak("Ok"))
+    assert plan_speech("I saw A cat, McDONALD") == (Speak("I saw A cat, McDONALD"),)
+    assert plan_speech("DON'T go ÉTÉ") == (
+        Speak("don't", EMPHASIS), Speak("go"), Speak("été", EMPHASIS))
+    assert to_ssml(plan_speech("[angry] STOP [whispers] it NOW")) == (
+        '<speak><prosody volume="+60%"><emphasis>stop</emphasis></prosody> '
+        '<voice name="en+whisper"><prosody volume="+60%">it</prosody></voice> '
+        '<voice name="en+whisper"><prosody volume="+60%"><emphasis>now</emphasis>'
+        "</prosody></voice></speak>")
+
+
+@NEEDS_ESPEAK
+@pytest.mark.parametrize("word", ["YES", "HEY", "HI"])
+def test_espeak_says_a_word_in_capitals_not_its_letters(word: str) -> None:
+    said = _phonemes(to_ssml(plan_speech(f"I said {word} today")))
+    assert said != _phonemes(f"<speak>I said {word} today</speak>")  # spelled out
+    assert _phonemes(f"<speak>{word.lower()}</speak>") in said
 
 
 # --- small pure helpers ------------------------------------------------------------------
