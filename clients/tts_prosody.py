@@ -118,6 +118,12 @@ def _style(carry: Carry) -> Prosody:
 _STRAY_MARKS = frozenset("[]()*")
 
 
+def _unspoken(c: str) -> bool:
+    """A stray tag mark, or a lone surrogate (a broken decoder's stand-in for
+    a bad byte: no character, and espeak-ng's input cannot encode it)."""
+    return c in _STRAY_MARKS or "\ud800" <= c <= "\udfff"
+
+
 def _in_capitals(word: str) -> bool:
     """Two or more letters, all capitals (``YES``, ``DON'T``; not ``I``, ``McDONALD``)."""
     return word.isupper() and sum(c.isalpha() for c in word) >= 2
@@ -155,7 +161,8 @@ def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
     but bracketed text holding a digit is read out (:func:`spoken_bracket`).
     Consecutive words of one prosody form one :class:`Speak`; a span of
     punctuation alone is dropped. Control characters, espeak-ng markup (NUL
-    ends its input), are whitespace to the tokenizer. Variants
+    ends its input), are whitespace to the tokenizer; lone surrogates are
+    left out like stray brackets (a space), so the plan always encodes. Variants
     (``(laughs)``, ``[WHISPERING]``) count as their canonical tag.
 
     A word in capitals (two or more letters, none in lower case: ``YES``,
@@ -194,7 +201,7 @@ def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
             # Brackets and asterisks left over from a malformed tag are not
             # spoken (espeak-ng says "asterisk"), and re-read later they
             # could open a tag that swallows a word.
-            marks = "".join(c for c in tok.text if c not in _STRAY_MARKS)
+            marks = "".join(c for c in tok.text if not _unspoken(c))
             if not marks:
                 space = True
                 continue

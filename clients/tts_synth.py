@@ -290,6 +290,11 @@ class EspeakSynth:
         return bool(plan_speech(text))
 
     async def synthesize(self, text: str, dest: Path) -> None:
+        """Also speaks a caption holding lone surrogates, which
+        :func:`plan_speech` leaves out, with a warning."""
+        if any("\ud800" <= c <= "\udfff" for c in text):
+            log.warning("a caption holds a lone surrogate (a broken decoder's stand-in "
+                        "for a bad byte, not text): spoken without it")
         lead, middle, trail = edge_pauses(plan_speech(text))
         if not middle:
             await asyncio.to_thread(_pad_wav, None, dest, lead, trail)
