@@ -68,9 +68,10 @@ handled is spoken again, and file names go on.
 
 A server with access tokens gets ``--token`` (default ``$EVOXTRAL_TOKEN``)
 as ``Authorization: Bearer``; a refused token stops the bridge with one line.
-Logs go to stderr, tokens redacted; ``--log-format json`` writes the
-engine's JSON lines (one object per line, the refusal included) for a log
-shipper.
+Logs go to stderr, tokens redacted, a final's text on one line (control
+characters as spaces) and clipped to :data:`LOG_TEXT_COLUMNS`;
+``--log-format json`` writes the engine's JSON lines (one object per line,
+the refusal included) for a log shipper.
 
 Run ``python clients/tts_bridge.py --help``.
 """
@@ -106,6 +107,7 @@ from tts_synth import (
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from evoxtral_stream.console import clip_columns, printable
 from evoxtral_stream.logs import configure_logging, install_json_hooks
 from evoxtral_stream.server.auth import redact_tokens
 from evoxtral_stream.server.protocol import parse_epoch, resume_since
@@ -113,6 +115,7 @@ from evoxtral_stream.server.protocol import parse_since as parse_since_values
 from evoxtral_stream.text.tags import Carry, TagKind, tokenize
 
 __all__ = [
+    "LOG_TEXT_COLUMNS",
     "BridgeConfig",
     "BridgeError",
     "BridgeStats",
@@ -138,6 +141,8 @@ log = logging.getLogger("evoxtral_stream.clients.tts_bridge")
 DEFAULT_URL = "ws://127.0.0.1:8765/v1/captions"
 PROTOCOL_VERSION = 1
 CLOSE_POLICY = 1008
+#: The columns of a final's text in its "wrote" log line (clipped with "…").
+LOG_TEXT_COLUMNS = 120
 
 
 class Mode(enum.Enum):
@@ -679,7 +684,8 @@ class TtsBridge:
         except OSError as e:
             raise BridgeError(f"cannot write {dest}: {e}") from e
         self.written.append(dest)
-        log.info("wrote %s (%.2f s): %s", dest, time.monotonic() - t0, final.spoken)
+        log.info("wrote %s (%.2f s): %s", dest, time.monotonic() - t0,
+                 clip_columns(printable(final.spoken), LOG_TEXT_COLUMNS))
 
 
 # --- command line -------------------------------------------------------------------

@@ -27,6 +27,8 @@ from urllib.parse import quote, urlencode, urlsplit
 
 from tts_prosody import edge_pauses, plan_speech, to_ssml
 
+from evoxtral_stream.console import printable
+
 __all__ = [
     "DEFAULT_BASE_URL",
     "ELEVENLABS_MODEL",
@@ -130,11 +132,17 @@ class _Answer:
 
 def _api_message(body: bytes) -> str:
     """The message of an ElevenLabs error body (``{"detail": {"message": ...}}``,
-    ``{"detail": "..."}``, a validation list), else the body's start."""
+    ``{"detail": "..."}``, a validation list), else the body's start (a
+    proxy's HTML page), on one line: control characters and line breaks as
+    single spaces."""
+    return " ".join(printable(_api_detail(body)).split()) or "(empty body)"
+
+
+def _api_detail(body: bytes) -> str:
     try:
         data = json.loads(body)
     except ValueError:
-        return body[:200].decode("utf-8", "replace").strip() or "(empty body)"
+        return body[:200].decode("utf-8", "replace")
     detail = data.get("detail", data) if isinstance(data, dict) else data
     if isinstance(detail, dict):
         status, message = detail.get("status"), detail.get("message") or detail.get("msg")

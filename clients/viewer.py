@@ -37,7 +37,7 @@ from _auth import add_token_option, auth_headers, refusal
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from evoxtral_stream.console import char_columns, format_time, text_columns
+from evoxtral_stream.console import char_columns, format_time, printable, text_columns
 from evoxtral_stream.server.protocol import parse_epoch, resume_since
 from evoxtral_stream.server.protocol import parse_since as parse_since_values
 from evoxtral_stream.text.tags import lookup_tag, normalize_tag_name
@@ -63,10 +63,6 @@ _DIM = "2"
 _RESET = "\x1b[0m"
 _CLEAR_LINE = "\r\x1b[2K"
 _TAG = re.compile(r"\[([^\[\]]*)\]")
-# Control characters (C0, DEL, C1) of a caption's text: written as they
-# came, ESC would start an escape sequence and a line break or backspace would
-# break the one-row partial. Each is shown as a space.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _CLOSE_POLICY = 1008
 
 # A piece of output: its text and its SGR parameters ("" for plain).
@@ -137,11 +133,11 @@ def _paint(pieces: Sequence[_Piece], color: bool) -> str:
 def _caption(event: Mapping[str, Any], color: bool, show_stream: bool,
              width: int | None) -> str | None:
     final = bool(event.get("final"))
-    text = _CONTROL.sub(" ", str(event.get("text", "")))
+    text = printable(str(event.get("text", "")))
     if not text:
         return None
     kinds = _tag_kinds(event)
-    stable, unstable = (_CONTROL.sub(" ", v) if isinstance(v, str) else v
+    stable, unstable = (printable(v) if isinstance(v, str) else v
                         for v in (event.get("stable"), event.get("unstable")))
     if final or not isinstance(stable, str) or not isinstance(unstable, str) \
             or stable + unstable != text:

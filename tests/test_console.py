@@ -18,7 +18,7 @@ from collections.abc import Callable
 import pytest
 
 from evoxtral_stream.cli import _close_progress, _progress
-from evoxtral_stream.console import CaptionPrinter
+from evoxtral_stream.console import CaptionPrinter, clip_columns, printable, text_columns
 from evoxtral_stream.events import SAMPLE_RATE, CaptionEvent
 from evoxtral_stream.logs import configure_logging
 
@@ -254,3 +254,13 @@ def test_transcribe_on_a_terminal_draws_its_progress_bar_unless_quiet(
     assert ("%|" in shown) is bar, shown
     if not bar:
         assert shown == ""
+
+
+def test_printable_and_clip_columns_for_a_log_line() -> None:
+    assert printable("a\x1b[2Jb\nc\x85d\u00e9") == "a [2Jb c d\u00e9"
+    assert clip_columns("short", 5) == "short"
+    assert clip_columns("abcdef", 5) == "abcd\u2026"
+    # Wide characters take two columns; a mark stays with its letter.
+    assert clip_columns("\u4e2d\u6587\u5b57\u5e55", 6) == "\u4e2d\u6587\u2026"
+    assert clip_columns("abe\u0301fg", 4) == "abe\u0301\u2026"
+    assert all(text_columns(clip_columns("\u4e2dx" * 9, n)) <= n for n in range(1, 30))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 import threading
 import unicodedata
@@ -31,7 +32,7 @@ from typing import TextIO
 from .events import CaptionEvent, EngineEvent, StreamError
 
 __all__ = ["CaptionPrinter", "TerminalLogHandler", "above_captions", "char_columns",
-           "format_time", "text_columns"]
+           "clip_columns", "format_time", "printable", "text_columns"]
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +223,31 @@ def char_columns(c: str) -> int:
 def text_columns(text: str) -> int:
     """The columns ``text`` takes on a terminal (:func:`char_columns`)."""
     return sum(char_columns(c) for c in text)
+
+
+# Control characters (C0, DEL, C1): written as they came, ESC would start an
+# escape sequence and a line break or backspace would break a one-row line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with each control character (C0, DEL, C1) as a space, for a
+    terminal or a log line (a caption's text may hold them: a model's byte
+    tokens)."""
+    return _CONTROL.sub(" ", text)
+
+
+def clip_columns(text: str, columns: int) -> str:
+    """``text``, or its longest start that fits in ``columns - 1`` terminal
+    columns (:func:`char_columns`) and ``…`` after it, when it takes more
+    than ``columns``. Marks combining with the last character kept stay."""
+    if text_columns(text) <= columns:
+        return text
+    used, i = 0, 0
+    while i < len(text) and used + (w := char_columns(text[i])) <= columns - 1:
+        used += w
+        i += 1
+    return text[:i] + "…"
 
 
 def _suffix(text: str, columns: int) -> str:

@@ -646,6 +646,19 @@ async def test_elevenlabs_5xx_retries_are_bounded(
     assert not (tmp_path / "a.mp3").exists()
 
 
+async def test_an_error_page_from_a_proxy_is_one_line(
+    tmp_path: Path, fake_api: FakeElevenLabs,
+) -> None:
+    """A proxy's HTML error page went into the logged error as it came, its
+    line breaks splitting the log line (and any escape sequence reaching the
+    terminal)."""
+    fake_api.responses.append((502, {}, b"<html>\r\n<body>\x1b[2J502 Bad Gateway</body>\r\n"))
+    with pytest.raises(SynthesisError) as raised:
+        await _eleven(fake_api, max_retries=0).synthesize("hello", tmp_path / "a.mp3")
+    assert str(raised.value) == (
+        "ElevenLabs answered HTTP 502: <html> <body> [2J502 Bad Gateway</body>")
+
+
 async def test_elevenlabs_401_is_not_retried(tmp_path: Path, fake_api: FakeElevenLabs) -> None:
     synth = _eleven(fake_api, api_key="sk_wrong")
     with pytest.raises(SynthesisError, match=r"HTTP 401: invalid_api_key: Invalid API key"):
@@ -683,6 +696,31 @@ async def test_bridge_logs_a_401_and_goes_on_with_the_next_caption(
     assert "talk segment 0" in errors[0]
     assert "HTTP 401: invalid_api_key: Invalid API key" in errors[0]
     assert API_KEY not in caplog.text
+
+
+async def test_the_log_line_of_a_final_shows_its_text_clipped_and_without_controls(
+    tmp_path: Path, served: CaptionServer, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The bridge logged each final's text as it came: its control characters
+    (a model's byte tokens; the wire keeps them) reached the terminal (ESC
+    starting escape sequences, a line break splitting the log line in two),
+    and a long final filled the screen. They are spaces now, and the text is
+    clipped to 120 columns, an ellipsis marking the cut."""
+    texts = ["wipe \x1b[2J\x1b[Hthe screen\nand\x07 more", "word " * 300 + "end"]
+    publish_finals(served, "talk", texts)
+    synth = GatedSynth()
+    synth.gate.set()
+    bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{served.port}",
+                                    streams=("talk",), since=(("talk", 0),),
+                                    exit_on_end=True), synth)
+    with caplog.at_level(logging.INFO):
+        stats = await asyncio.wait_for(bridge.run(), 15)
+    assert stats.written == 2
+    shown = [r.getMessage().split("): ", 1)[1] for r in caplog.records
+             if r.getMessage().startswith("wrote ")]
+    assert shown[0] == "wipe  [2J [Hthe screen and  more"
+    assert shown[1] == ("word " * 24)[:119] + "\u2026"
+    assert len(shown) == 2
 
 
 # --- the bridge on a real engine and server --------------------------------------------------
