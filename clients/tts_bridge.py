@@ -19,7 +19,8 @@ Two synthesisers (in ``tts_synth.py``; the tags -> prosody mapping, pure, in
   which performs the tags itself. The response body is written as is
   (``mp3_44100_128`` -> ``.mp3``; ``pcm_*`` is raw s16le -> ``.pcm``). A
   429 or 5xx answer (or a network error) is retried with exponential backoff
-  (``Retry-After`` honoured, capped); any other non-2xx answer is logged with
+  (``Retry-After`` honoured when it is a finite number of seconds >= 0,
+  capped); any other non-2xx answer is logged with
   the API's message and the bridge goes on with the next caption.
 - ``espeak``: offline, ``.wav``; the binary and its ``--voice`` are tried
   once before connecting (a bad one is a bad argument). The pure

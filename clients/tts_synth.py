@@ -15,6 +15,7 @@ import asyncio
 import http.client
 import json
 import logging
+import math
 import subprocess
 import tempfile
 import urllib.error
@@ -109,7 +110,8 @@ class VoiceSettings:
 class ElevenLabsOptions:
     """Where and how to call ElevenLabs. ``max_retries`` bounds the retries
     of 429/5xx/network failures; the n-th waits ``backoff_s * 2**n`` seconds
-    (or ``Retry-After``), at most ``max_backoff_s``."""
+    (or ``Retry-After``, when it is a finite number of seconds >= 0), at most
+    ``max_backoff_s``."""
 
     voice_id: str
     api_key: str
@@ -151,6 +153,19 @@ def _api_detail(body: bytes) -> str:
     if isinstance(detail, list) and detail and isinstance(detail[0], dict):
         return "; ".join(str(d.get("msg", d)) for d in detail)
     return str(detail)[:200]
+
+
+def _retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` header's seconds, or None (the backoff applies) for
+    anything but a finite number >= 0: an HTTP date, ``nan`` (which would
+    retry at once), ``inf``, a negative number."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 class ElevenLabsSynth:
@@ -195,11 +210,7 @@ class ElevenLabsSynth:
         except urllib.error.HTTPError as e:
             with e:
                 retry = e.headers.get("Retry-After") if e.headers else None
-                try:
-                    after = float(retry) if retry is not None else None
-                except ValueError:
-                    after = None
-                return _Answer(int(e.code), e.read(), after)
+                return _Answer(int(e.code), e.read(), _retry_after(retry))
 
     async def synthesize(self, text: str, dest: Path) -> None:
         o = self.opts

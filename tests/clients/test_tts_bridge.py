@@ -636,6 +636,25 @@ async def test_elevenlabs_retries_429_then_writes(
     assert not _names(tmp_path, ".*")  # no temporary file left
 
 
+@pytest.mark.parametrize("retry_after", ["nan", "-5", "inf", "Fri, 31 Dec 1999 23:59:59 GMT"])
+async def test_a_retry_after_that_is_no_delay_waits_the_backoff(
+    tmp_path: Path, fake_api: FakeElevenLabs, caplog: pytest.LogCaptureFixture,
+    retry_after: str,
+) -> None:
+    """``Retry-After: nan`` or ``-5`` retried at once, hammering a server
+    that asked for a pause ("retry in nan s"); ``inf`` waited the longest
+    backoff. A value that is not a finite number of seconds >= 0 is ignored:
+    the exponential backoff applies."""
+    fake_api.responses.append((429, {"Retry-After": retry_after}, _error("busy", "slow down")))
+    t0 = time.monotonic()
+    with caplog.at_level(logging.WARNING):
+        await _eleven(fake_api, backoff_s=0.3, max_backoff_s=5.0).synthesize(
+            "hello", tmp_path / "a.mp3")
+    assert 0.3 <= time.monotonic() - t0 < 3.0
+    assert len(fake_api.requests) == 2
+    assert "retry 1/3 in 0.3 s" in caplog.text
+
+
 async def test_elevenlabs_5xx_retries_are_bounded(
     tmp_path: Path, fake_api: FakeElevenLabs,
 ) -> None:
