@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+from collections import Counter, deque
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine import engine as engine_module
-from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.engine.engine import Engine, Stream
 from evoxtral_stream.engine.session import StreamSession
-from evoxtral_stream.events import CaptionEvent, RequestKind, StreamEnded, StreamError
+from evoxtral_stream.events import (
+    CaptionEvent,
+    DecodeRequest,
+    RequestKind,
+    StreamEnded,
+    StreamError,
+)
 from evoxtral_stream.run import LatencyLog, feed_samples
-from tests.fakes import ScriptedBackend, words_so_far
+from tests.engine.test_journal import talk
+from tests.fakes import GatedBackend, ScriptedBackend, words_so_far
 from tests.speech import clipped_speech, have_espeak, speech_with_pauses
 
 pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
@@ -298,3 +307,79 @@ async def test_finals_at_a_pause_take_the_text_of_the_partial_of_the_same_audio(
     else:
         assert backend.kinds.count(RequestKind.FINAL) == 3
     assert isinstance(record.events[-1], StreamEnded)
+
+
+class _ScanCountingDeque(deque[tuple[Stream, DecodeRequest]]):
+    """The engine's backlog, counting the entries that scans of it read."""
+
+    scanned = 0
+
+    def __iter__(self) -> Iterator[tuple[Stream, DecodeRequest]]:
+        for item in super().__iter__():
+            self.scanned += 1
+            yield item
+
+
+def _assert_backlog_counted(engine: Engine) -> None:
+    """The per-stream counts match the backlog's entries (read unscanned)."""
+    entries = deque.__iter__(engine._backlog)
+    assert engine._backlog_of == Counter(s.id for s, _ in entries)
+
+
+async def test_a_large_backlog_is_not_scanned_per_final() -> None:
+    """Each final (and each result of a closed stream) asked whether its
+    stream had finals in the backlog by scanning all of it: a backlog of
+    many streams' finals (an overload) cost quadratic time. The engine
+    counts each stream's backlogged finals instead, in step with every
+    change of the backlog: refusals, retries and drains."""
+    n = 40
+    cfg = load_config(overrides={"worker.max_queue": 1, "worker.max_batch": 1,
+                                 "stream.partial_interval_ms": 0})
+    backend = GatedBackend(words_so_far)
+    record = LatencyLog()
+    async with Engine(cfg, backend) as engine:
+        engine._backlog = backlog = _ScanCountingDeque()
+        engine.add_listener(record)
+        engine.add_listener(lambda _: _assert_backlog_counted(engine))
+        streams = [engine.open_stream(f"s{i}") for i in range(n)]
+        streams[0].push(talk(1))
+        assert await asyncio.to_thread(backend.entered.wait, 5)
+        for s in streams[1:]:
+            s.push(talk(1))                  # the inbox holds one: the rest wait
+        assert engine.stats().finals_backlog == n - 2
+        _assert_backlog_counted(engine)
+        closing = asyncio.gather(*(s.close() for s in streams))
+        await asyncio.sleep(0)
+        _assert_backlog_counted(engine)
+        backend.release()
+        summaries = await closing
+        _assert_backlog_counted(engine)
+        assert engine._backlog_of == {}
+    assert [s.finals for s in summaries] == [1] * n
+    # Quadratic: about n * n / 2 entries read; per-stream counts read none.
+    assert backlog.scanned < n, backlog.scanned
+
+
+async def test_the_backlog_counts_follow_a_drain_that_drops_it() -> None:
+    """A drain cut short drops the backlogged finals with their streams: no
+    count of them may stay behind."""
+    cfg = load_config(overrides={"worker.max_queue": 1, "worker.max_batch": 1,
+                                 "stream.partial_interval_ms": 0,
+                                 "worker.drain_timeout_s": 0.2})
+    backend = GatedBackend(words_so_far)
+    try:
+        async with Engine(cfg, backend) as engine:
+            streams = [engine.open_stream(f"s{i}") for i in range(4)]
+            streams[0].push(talk(1))
+            assert await asyncio.to_thread(backend.entered.wait, 5)
+            for s in streams:
+                s.push(talk(2))
+            assert engine.stats().finals_backlog >= 6
+            _assert_backlog_counted(engine)
+            assert await engine.drain() is False
+            backend.release()                # the worker stops without its grace
+            assert engine.stats().finals_backlog == 0
+            _assert_backlog_counted(engine)
+            assert engine._backlog_of == {}
+    finally:
+        backend.release()

@@ -52,7 +52,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -341,6 +341,10 @@ class Engine:
         self._listeners: list[Listener] = []
         self._streams: dict[str, Stream] = {}
         self._backlog: deque[tuple[Stream, DecodeRequest]] = deque()
+        # How many of the backlog's finals each stream has (none: absent),
+        # kept in step with it: asked per final, where a scan of a backlog
+        # of many streams' finals would cost quadratic time under overload.
+        self._backlog_of: Counter[str] = Counter()
         self._retry_handle: asyncio.TimerHandle | None = None
         self._backlog_logged_at = float("-inf")
         self._partials_refused = 0
@@ -621,6 +625,7 @@ class Engine:
         # per segment that ended meanwhile; it drains as fast as the worker
         # decodes, and its length is in EngineStats and /metrics.
         self._backlog.append((stream, req))
+        self._backlog_of[stream.id] += 1
         now = self.now()
         if now - self._backlog_logged_at >= _BACKLOG_LOG_EVERY_S:
             self._backlog_logged_at = now
@@ -677,11 +682,14 @@ class Engine:
             if not self._worker.submit(req, again=True):
                 break
             self._backlog.popleft()
+            self._backlog_of[stream.id] -= 1
+            if not self._backlog_of[stream.id]:
+                del self._backlog_of[stream.id]
             stream._check_done()
         self._schedule_retry()
 
     def _has_backlog(self, stream_id: str) -> bool:
-        return any(s.id == stream_id for s, _ in self._backlog)
+        return stream_id in self._backlog_of
 
     def _on_result(self, result: WorkerResult) -> None:
         stream = self._streams.get(result.stream)
@@ -844,7 +852,8 @@ class Engine:
     def _abandon_stream(self, stream: Stream) -> None:
         """Close ``stream`` now, without the finals still owed (see drain)."""
         stream._finished = True
-        self._backlog = deque(item for item in self._backlog if item[0] is not stream)
+        if self._backlog_of.pop(stream.id, 0):
+            self._backlog = deque(item for item in self._backlog if item[0] is not stream)
         owed = set(stream.session.outstanding_segments)
         closed: set[int] = set()
         # In order, so that no abandoned segment waits for an earlier one.
