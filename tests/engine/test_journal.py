@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import math
@@ -1406,3 +1407,38 @@ def test_a_second_process_on_the_same_journal_folder_is_refused(tmp_path: Path) 
     after_crash = Journal(cfg)
     assert after_crash.restore() == {"mic": 1 + SEQ_RESERVE_BLOCK}
     after_crash.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("fsync", ["never", "always"])
+def test_close_on_a_full_disk_closes_every_file_and_raises_once(
+        tmp_path: Path, fsync: str) -> None:
+    """A final the full disk refused stays in the file's buffer, so closing
+    that file fails again (its flush). close() stopped at the first file
+    that failed: the files after it were neither fsynced nor closed, and
+    nothing said so. Now every file is closed and one error is raised."""
+    cfg = config(tmp_path, **{"journal.fsync": fsync}).journal
+    journal = Journal(cfg)
+    journal.restore()
+    folder = tmp_path / "j"
+    # The first stream's file is /dev/full: every write to it fails ENOSPC.
+    full = folder / file_name("full", 1, time.time())
+    full.symlink_to("/dev/full")
+    with pytest.raises(OSError, match="No space left") as refused:
+        journal.append(caption("full", 1))
+    assert refused.value.errno == errno.ENOSPC
+    for stream in ("b", "c"):
+        journal.append(caption(stream, 1))
+    files = {s: journal._open[s].file for s in ("full", "b", "c")}
+    with pytest.raises(OSError, match="No space left") as closing:
+        journal.close()
+    assert journal.open_files == 0
+    assert all(f.closed for f in files.values())
+    assert closing.value.errno == errno.ENOSPC
+    assert "full." in str(closing.value)      # which file, for the one log line
+    # The folder is let go of: a new journal (a restart) takes it. (Reading
+    # /dev/full gives zeros without end: the stand-in goes first.)
+    full.unlink()
+    again = Journal(cfg)
+    assert again.restore() == {"b": 1, "c": 1}
+    again.close()

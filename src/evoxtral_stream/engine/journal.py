@@ -659,14 +659,27 @@ class Journal:
 
     def close(self) -> None:
         """fsync (unless ``fsync = "never"``) and close every open file, and
-        let go of the folder (:data:`LOCK_FILE`)."""
+        let go of the folder (:data:`LOCK_FILE`). Every file is closed even
+        when the disk refuses (a full disk fails the flush of a final still
+        buffered); then one OSError is raised, naming the first file that
+        failed and how many did."""
+        failed: list[tuple[Path, OSError]] = []
         try:
             for stream in list(self._open):
-                self._close(stream)
+                path = self._open[stream].path
+                try:
+                    self._close(stream)
+                except OSError as e:
+                    failed.append((path, e))
         finally:
             if self._lock_fd is not None:
                 fd, self._lock_fd = self._lock_fd, None
                 os.close(fd)
+        if failed:
+            path, first = failed[0]
+            raise OSError(first.errno, f"{first.strerror or first} (closing {path.name}"
+                          + (f" and {len(failed) - 1} more journal file(s)"
+                             if len(failed) > 1 else "") + ")")
 
     def release(self, stream: str) -> None:
         """The stream ended: fsync (per policy) and close its file, if open.
