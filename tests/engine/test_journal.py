@@ -28,6 +28,7 @@ from evoxtral_stream.engine.journal import (
     SEQ_RESERVE_BLOCK,
     Journal,
     JournalFile,
+    decode_line,
     decode_record,
     encode_record,
     expired,
@@ -1442,3 +1443,28 @@ def test_close_on_a_full_disk_closes_every_file_and_raises_once(
     again = Journal(cfg)
     assert again.restore() == {"b": 1, "c": 1}
     again.close()
+
+
+def test_a_line_with_a_seq_below_one_is_skipped_as_damaged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Seqs count from 1, but any caption-shaped line was taken: a corrupted
+    last line with seq -5 (at or below any resume's since) stopped the
+    backward read of a replay there, hiding every final before it."""
+    cfg = config(tmp_path).journal
+    journal = Journal(cfg)
+    journal.restore()
+    journal.append(caption("s", 1))
+    journal.append(caption("s", 2))
+    journal.close()
+    [path] = (tmp_path / "j").glob("s.00000001.*.jsonl")
+    with path.open("a") as f:
+        f.write(encode_record(caption("s", -5)) + "\n")
+    with caplog.at_level(logging.WARNING):
+        restarted = Journal(cfg)
+        assert restarted.restore() == {"s": 2}
+        replay = restarted.replay("s", 0)
+    assert replay is not None and [r.seq for r in replay.records] == [1, 2]
+    assert "damaged line" in caplog.text
+    restarted.close()
+    assert decode_record(encode_record(caption("s", 0))) is None
+    assert decode_line('{"type":"seq.reserved","stream":"s","seq":-1}') is None

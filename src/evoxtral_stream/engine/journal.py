@@ -269,7 +269,9 @@ def encode_record(event: CaptionEvent) -> str:
 
 def decode_line(line: str) -> JournalRecord | SeqReservation | EndRecord | None:
     """Parse one journal line (once): a final, a reservation or an end
-    record; None when it is none of them whole."""
+    record; None when it is none of them whole, or its seq is below 1
+    (seqs count from 1: a lower one is damage, and read as a seq it would
+    stop a replay's backward read there)."""
     try:
         obj = json.loads(line)
     except ValueError:
@@ -279,7 +281,8 @@ def decode_line(line: str) -> JournalRecord | SeqReservation | EndRecord | None:
     kind, seq = obj.get("type"), obj.get("seq")
     if kind == _ENDED:
         return EndRecord(stream, line)
-    if kind not in ("caption", _RESERVED) or not isinstance(seq, int) or isinstance(seq, bool):
+    if (kind not in ("caption", _RESERVED) or not isinstance(seq, int)
+            or isinstance(seq, bool) or seq < 1):
         return None
     return JournalRecord(stream, seq, line) if kind == "caption" else SeqReservation(stream, seq)
 
