@@ -1468,3 +1468,43 @@ def test_a_line_with_a_seq_below_one_is_skipped_as_damaged(
     restarted.close()
     assert decode_record(encode_record(caption("s", 0))) is None
     assert decode_line('{"type":"seq.reserved","stream":"s","seq":-1}') is None
+
+
+def test_a_clock_set_forward_prunes_no_stream_before_its_time(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Retention compared file mtimes with the wall clock alone: set a day
+    forward, it made every stream not live look a day unwritten, and their
+    fresh files were deleted at the next prune. A step forward is now
+    believed once it has held for retention_s (by the monotonic clock);
+    until then ages count as before the step."""
+    cfg = config(tmp_path, **{"journal.retention_s": 60.0}).journal
+    folder = tmp_path / "j"
+    wall, mono = [time.time()], [1000.0]
+    journal = Journal(cfg, clock=lambda: mono[0], wall=lambda: wall[0])
+    journal.restore()
+    for stream in ("fresh", "old"):
+        journal.append(caption(stream, 1))
+        journal.release(stream)
+    _age(folder, "old", 120)                  # truly past retention
+    wall[0] += DAY                            # the clock is set a day forward
+    mono[0] += 1
+    with caplog.at_level(logging.WARNING):
+        assert journal.prune() == ["old"]     # ages still count: "old" is old
+    assert "clock" in caplog.text
+    wall[0] += 30
+    mono[0] += 30
+    assert journal.prune() == []              # "fresh" is 31 s unwritten
+    # retention_s after the step, its files are that old in truth, whatever
+    # the clock says: the new clock is believed.
+    wall[0] += 31
+    mono[0] += 31
+    assert journal.prune() == ["fresh"]
+    # A clock that runs as the monotonic one does is read as it is.
+    journal.append(caption("later", 1))
+    journal.release("later")
+    for path in folder.glob("later.*.jsonl"):   # 120 s old by the new clock
+        os.utime(path, (wall[0] - 120, wall[0] - 120))
+    wall[0] += 1
+    mono[0] += 1
+    assert journal.prune() == ["later"]
+    journal.close()

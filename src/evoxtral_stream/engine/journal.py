@@ -88,7 +88,17 @@ Lifetime: a stream's file stays open only while the stream is live
 bounded by live streams, not by every stream ever seen. The files of a stream
 that is not live and has not been written for ``retention_s`` (file mtimes)
 are deleted by :meth:`Journal.prune` (at start, then periodically by the
-engine). A pruned stream's last seq is kept, in memory and in
+engine). Mtimes are wall-clock times, so a step of the clock forward would
+make fresh files look old: a step of more than :data:`CLOCK_SLACK_S` beyond
+the monotonic time passed since the last prune is believed only once it has
+held for ``retention_s`` (by then every file written before it is that old
+in truth); until then files are aged by the wall time before the step plus
+the monotonic time since. So no step forward while the process runs deletes
+a file early, and one that set the clock right delays pruning by at most
+``retention_s``; a step back only keeps files longer. A step while the
+process is down cannot be told from time passing, nor (with the monotonic
+clock stopped in a suspend) a suspend from a step: pruning then waits. A
+pruned stream's last seq is kept, in memory and in
 :data:`PRUNED_FILE` (appended, durably per ``fsync``, before the files are
 deleted), so re-opened, in the same process or after a restart, it
 continues after it (and a resume into the deleted part gets a gap). That is
@@ -480,6 +490,11 @@ class Journal:
         # like _last_seq): opened again, their first caption must say so.
         self._ended_last: set[str] = set()
         self._lock_fd: int | None = None
+        # Retention's reading of the wall clock (_retention_now): the wall
+        # and monotonic times it was last read at, and the monotonic time a
+        # step forward was first seen (None: no step being distrusted).
+        self._wall_read = (wall(), clock())
+        self._stepped_at: float | None = None
         self.appended = 0
         self.pruned = 0
         """Streams whose files were deleted after ``retention_s``."""
@@ -723,7 +738,7 @@ class Journal:
         """
         if self._cfg.retention_s <= 0:
             return []
-        now = self._wall()
+        now = self._retention_now()
         due: list[tuple[str, list[Path]]] = []
         for stream, paths in self._files().items():
             if stream in live or stream in self._open:
@@ -752,6 +767,30 @@ class Journal:
                  "(journal.retention_s): %s", len(pruned), self._cfg.retention_s,
                  ", ".join(sorted(pruned)[:10]) + (" ..." if len(pruned) > 10 else ""))
         return pruned
+
+    def _retention_now(self) -> float:
+        """The wall time that :meth:`prune` compares mtimes with: the wall
+        clock, except after a step forward of it, which is believed only
+        once it has held for ``retention_s`` (module doc). Until then, the
+        wall time read before the step plus the monotonic time since."""
+        wall, mono = self._wall(), self._clock()
+        last_wall, last_mono = self._wall_read
+        counted = last_wall + (mono - last_mono)
+        if wall <= counted + CLOCK_SLACK_S:
+            # No step forward. A step back makes files look younger: they
+            # are kept longer, never deleted early, so it is believed.
+            self._wall_read, self._stepped_at = (wall, mono), None
+            return wall
+        if self._stepped_at is None:
+            self._stepped_at = mono
+            log.warning("journal: the wall clock jumped %.0f s ahead; files are aged by "
+                        "the time counted before the jump until the new time has held "
+                        "for journal.retention_s (%g s)", wall - counted,
+                        self._cfg.retention_s)
+        if mono - self._stepped_at >= self._cfg.retention_s:
+            self._wall_read, self._stepped_at = (wall, mono), None
+            return wall
+        return counted
 
     def _forget_files_of(self, stream: str, last: int) -> None:
         """The stream's files are gone: remember its last seq among the pruned."""
