@@ -280,6 +280,62 @@ async def test_blocks_dropped_before_the_device_is_lost_are_filled_then() -> Non
     cap.stop()
 
 
+async def test_no_audio_comes_after_the_stall_report_from_a_late_callback() -> None:
+    """The device is given up while a callback (the device's last, come at
+    the edge of the stall timeout) is still on PortAudio's thread: it had
+    seen the capture accepting, so it queued its block after the capture
+    had delivered what it held and reported the stall, and that block went
+    out after the end that on_stall marks (into the resampler already
+    flushed, at a device rate other than 16 kHz)."""
+    entered, gate = threading.Event(), threading.Event()
+
+    class Held(np.ndarray):
+        """A block whose copy (the callback's handoff) waits for ``gate``:
+        a PortAudio callback caught mid-way on its thread."""
+
+        def copy(self, order: Any = "C") -> Any:
+            entered.set()
+            assert gate.wait(10)
+            return np.asarray(self).copy()
+
+    stalled_at: list[int] = []
+    got = Received()
+    back = threading.Event()                  # the device stays away until then
+
+    def refresh() -> None:
+        assert back.wait(10)
+
+    cap = MicrophoneCapture(got, device=fake_device(SAMPLE_RATE, 1), block_ms=20,
+                            max_pending_blocks=8, stream_factory=FakeFactory(),
+                            stall_timeout_s=0.2,
+                            reopen_interval_s=0.1, refresh_devices=refresh,
+                            on_stall=lambda _: stalled_at.append(cap.samples_delivered))
+    cap.start()
+    for _ in range(5):
+        cap._callback(np.full((320, 1), 0.25, np.float32), 320, None, Flags())
+    await settle(cap)
+    # At the device's rate the resampler holds nothing back: what is queued comes out.
+    late = np.full((320, 1), 0.5, np.float32).view(Held)
+    thread = threading.Thread(target=cap._callback, args=(late, 320, None, Flags()))
+    thread.start()
+    try:
+        assert await asyncio.to_thread(entered.wait, 5)
+        await until(lambda: stalled_at != [], "the stall report")
+    finally:
+        gate.set()
+        await asyncio.to_thread(thread.join, 5)
+    await settle(cap)
+    try:
+        assert stalled_at[0] == 5 * 320
+        assert cap.samples_delivered == stalled_at[0]
+        assert not (np.abs(got.audio) > 12000).any()  # the late block never came out
+    finally:
+        back.set()
+    await until(lambda: cap.reopens == 1, "the reopen")
+    cap.stop()
+    assert cap.samples_delivered == stalled_at[0]
+
+
 async def test_a_long_drop_run_is_filled_in_bounded_pieces() -> None:
     got = Received()
     cap = MicrophoneCapture(got, device=fake_device(48000), block_ms=20, max_pending_blocks=1,

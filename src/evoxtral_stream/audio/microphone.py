@@ -332,6 +332,10 @@ class MicrophoneCapture:
     so a microphone plugged back in under a new index is found by name or as
     the default. Once it is open, ``on_resume(message)`` is called. Both
     callbacks run on the loop. :attr:`stalls` and :attr:`reopens` count.
+    Nothing is delivered between ``on_stall`` and the reopen: a block that a
+    callback still running when the device was given up queues after what
+    was delivered is discarded (the device's time while lost is not in the
+    stream either).
     """
 
     def __init__(
@@ -375,8 +379,13 @@ class MicrophoneCapture:
         self._watchdog: asyncio.Task[None] | None = None
         self.stalls = 0
         self.reopens = 0
-        # Each queued block with the frames dropped just before it.
-        self._pending: deque[tuple[int, Float32Array]] = deque()
+        # Each queued block with the opening it was captured in and the
+        # frames dropped just before it.
+        self._pending: deque[tuple[int, int, Float32Array]] = deque()
+        # Counts the device's openings, moved on once one's audio is all
+        # delivered (stop, lost device): a callback still running then
+        # queues its block under an opening gone by, and it is discarded.
+        self._opening = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stream: AudioStream | None = None
         self._outputs: list[_Output] = []
@@ -478,6 +487,7 @@ class MicrophoneCapture:
             _close_quietly(stream)
         self._accepting = False
         self._deliver_rest()
+        self._opening += 1
 
     def _resolve(self) -> InputDevice:
         wanted = [c for r in self._routes for c in r.channels]
@@ -547,6 +557,7 @@ class MicrophoneCapture:
             self._deliver_rest()
         except Exception:
             logger.exception("delivering the lost input's last audio failed")
+        self._opening += 1
         _notify(self._on_stall, message)
         if stream is not None:
             await asyncio.to_thread(_close_quietly, stream)
@@ -590,6 +601,9 @@ class MicrophoneCapture:
     def _callback(self, indata: Float32Array, frames: int, time_info: Any, status: Any) -> None:
         """PortAudio callback: copy, count, wake the loop. Never blocks."""
         overflow = bool(status) and bool(getattr(status, "input_overflow", False))
+        # The opening before the flag: if the loop stops accepting after this
+        # read of it, its move to the next opening comes after this read too.
+        opening = self._opening
         accepting = self._accepting
         lost = self._overflow_frames(time_info, len(indata), overflow) if accepting else 0
         if overflow:  # after its measurement: _report reads this count first
@@ -607,7 +621,7 @@ class MicrophoneCapture:
         # Only this thread writes _gap_frames while the stream runs: the gap
         # reaches the loop inside the queue, in order, with no lock.
         gap, self._gap_frames = self._gap_frames, 0
-        self._pending.append((gap, indata.copy()))
+        self._pending.append((opening, gap, indata.copy()))
         # One wake-up per batch: _drain clears the flag before draining, so a
         # block appended after that schedules a new drain instead of being lost.
         if not self._wake_scheduled:
@@ -652,12 +666,17 @@ class MicrophoneCapture:
                 break
             if not self._pending:
                 break
-            gap, block = self._pending.popleft()
+            opening, gap, block = self._pending.popleft()
+            if opening != self._opening:
+                # Queued by a callback still running when that opening's
+                # audio was all delivered (the device given up): too late.
+                logger.debug("discarded an audio block captured as the device was given up")
+                continue
             if gap:
                 self._fill_gap(gap)
                 # The block comes after its silence, which may take more turns;
                 # appendleft is atomic, and the callback only appends.
-                self._pending.appendleft((0, block))
+                self._pending.appendleft((opening, 0, block))
                 continue
             for out in self._outputs:
                 part = block if out.columns is None else block[:, out.columns]
