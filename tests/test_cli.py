@@ -1679,3 +1679,79 @@ def test_export_merged_to_a_name_too_long_is_one_error_line(tmp_path: Path) -> N
     """An OUTDIR the file system cannot name: the check that it is new or
     empty called Path.exists, which raises ENAMETOOLONG, a traceback."""
     one_error_line(cli("export-merged", str(tmp_path / ("x" * 300))), "xxxx", "too long")
+
+
+# A model that takes long to load, and modules that take long to import:
+# each says so on stderr (the moment to press Ctrl-C), then waits.
+_SLOW_LOAD = r"""
+import sys, time
+from evoxtral_stream import cli as cli_module
+def load(cfg):
+    print("LOADING", file=sys.stderr, flush=True)
+    time.sleep(120)
+cli_module.load_backend = load
+sys.exit(cli_module.main(sys.argv[1:]))
+"""
+_SLOW_IMPORT = r"""
+import importlib.abc, sys, time
+class Slow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "evoxtral_stream.engine.engine":
+            print("IMPORTING", file=sys.stderr, flush=True)
+            time.sleep(120)
+        return None
+sys.meta_path.insert(0, Slow())
+sys.argv[0] = "evoxtral-stream"
+from evoxtral_stream.cli import main  # as the console script does
+sys.exit(main())
+"""
+
+
+def _ctrl_c_at(program: str, *args: str) -> tuple[int, list[str]]:
+    """Run ``program`` with ``args``, Ctrl-C it once it says it is slow; its
+    status and the stderr lines after that."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", program, *args], stderr=subprocess.PIPE, text=True, cwd=root,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{root / 'src'}:{root}"})
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            if line.startswith(("LOADING", "IMPORTING")):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, err.splitlines()
+
+
+def test_ctrl_c_while_the_model_loads_says_so_and_leaves_no_empty_output_folder(
+        tmp_path: Path) -> None:
+    """Ctrl-C during a slow model load: transcribe exited 130 without a word,
+    leaving the --srt folders it had made empty. Now one line, 130, and the
+    folders it made are gone; one the user had stays."""
+    audio = tmp_path / "a.wav"
+    sf.write(audio, np.zeros(8000, np.int16), 16000)
+    made, had = tmp_path / "new" / "subs", tmp_path / "had"
+    had.mkdir()
+    status, err = _ctrl_c_at(_SLOW_LOAD, "transcribe", str(audio), "--srt", f"{made}/",
+                             "--vtt", f"{had}/")
+    assert (status, err) == (130, ["evoxtral-stream: interrupted"])
+    assert not (tmp_path / "new").exists()
+    assert had.is_dir()
+    # serve too, and in json mode that line is a record.
+    status, err = _ctrl_c_at(_SLOW_LOAD, "--log-format", "json", "serve", "--source", "none",
+                             "--port", "0")
+    assert status == 130
+    assert [json.loads(line)["msg"] for line in err] == ["interrupted"]
+
+
+def test_ctrl_c_while_the_modules_import_is_one_line_not_a_traceback() -> None:
+    """Before main() runs (numpy, websockets: seconds from a cold disk) a
+    Ctrl-C was a KeyboardInterrupt traceback and death by SIGINT."""
+    status, err = _ctrl_c_at(_SLOW_IMPORT, "config")
+    assert (status, err) == (130, ["evoxtral-stream: interrupted"])
+    status, err = _ctrl_c_at(_SLOW_IMPORT, "--log-format", "json", "config")
+    assert status == 130
+    assert [json.loads(line)["msg"] for line in err] == ["interrupted"]

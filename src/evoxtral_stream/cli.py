@@ -19,6 +19,7 @@ import dataclasses
 import errno
 import functools
 import io
+import itertools
 import json
 import logging
 import math
@@ -27,35 +28,89 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import __version__
-from .audio.microphone import ChannelRoute, list_input_devices, usable_input_device
-from .audio.sources import AudioInputError, read_audio_file
-from .config import Config, ConfigError, LoggingConfig, load_config, parse_override, to_toml
-from .console import CaptionPrinter, above_captions
-from .data import sample_path
-from .engine.backends import BackendUnavailable, load_backend
-from .engine.engine import Engine, StreamSummary
-from .engine.journal import parse_file_name
-from .events import (
-    MAX_STREAM_ID,
-    SAMPLE_RATE,
-    CaptionEvent,
-    EngineEvent,
-    stream_id_problem,
-)
-from .logs import FORMATS, LEVELS, configure_logging, install_json_hooks
-from .outputs import JsonlFile, SubtitleFiles, part_path
-from .run import FileJob, transcribe_samples
-from .server.app import CaptionServer
-from .server.auth import install_token_redaction, redact_tokens
-from .server.protocol import caption_from_dict
-from .systemd import Notifier, Snapshot, monotonic_usec, supervise
-from .text.formats import CueLayout, SubtitleWriter, TagStyle, to_srt, to_text, to_vtt
-from .text.sessions import Session, SessionSplitter
+
+class _UsageError(Exception):
+    """A usage error argparse found, raised instead of printed (:class:`_Parser`)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """An :class:`argparse.ArgumentParser` (its subcommands' too) whose usage
+    errors are raised, so that :func:`_parse` reports them as ``--log-format``
+    asks."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self, message)
+
+
+def _asked_log_format(argv: Sequence[str]) -> str | None:
+    """The ``--log-format`` in ``argv``, read leniently: the arguments around
+    it may be what argparse refused."""
+    scan = _Parser(add_help=False)
+    scan.add_argument("--log-format")
+    try:
+        value: str | None = scan.parse_known_args(argv)[0].log_format
+    except _UsageError:
+        return None
+    return value
+
+
+def _say_interrupted(json_mode: bool) -> None:
+    """The one line for a Ctrl-C that ended the command before its own
+    handling (loading the model, importing modules); stdlib only: it also
+    serves before the project's modules are imported."""
+    if json_mode:
+        # The shape of logs.JsonFormatter's records, which may not be importable yet.
+        ts = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        line = json.dumps({"ts": ts, "level": "WARNING", "logger": "evoxtral_stream",
+                           "msg": "interrupted"})
+    else:
+        line = "evoxtral-stream: interrupted"
+    with contextlib.suppress(OSError):  # stderr full: the exit status still tells
+        print(line, file=sys.stderr, flush=True)
+
+
+try:
+    from . import __version__
+    from .audio.microphone import ChannelRoute, list_input_devices, usable_input_device
+    from .audio.sources import AudioInputError, read_audio_file
+    from .config import Config, ConfigError, LoggingConfig, load_config, parse_override, to_toml
+    from .console import CaptionPrinter, above_captions
+    from .data import sample_path
+    from .engine.backends import BackendUnavailable, load_backend
+    from .engine.engine import Engine, StreamSummary
+    from .engine.journal import parse_file_name
+    from .events import (
+        MAX_STREAM_ID,
+        SAMPLE_RATE,
+        CaptionEvent,
+        EngineEvent,
+        stream_id_problem,
+    )
+    from .logs import FORMATS, LEVELS, configure_logging, install_json_hooks
+    from .outputs import JsonlFile, SubtitleFiles, part_path
+    from .run import FileJob, transcribe_samples
+    from .server.app import CaptionServer
+    from .server.auth import install_token_redaction, redact_tokens
+    from .server.protocol import caption_from_dict
+    from .systemd import Notifier, Snapshot, monotonic_usec, supervise
+    from .text.formats import CueLayout, SubtitleWriter, TagStyle, to_srt, to_text, to_vtt
+    from .text.sessions import Session, SessionSplitter
+except KeyboardInterrupt:
+    # Ctrl-C while these import (numpy, websockets, the engine: seconds from a
+    # cold disk), before main() can catch it: its line, not a traceback, in
+    # the format the flags ask for (as until the config is read).
+    _say_interrupted(_asked_log_format(sys.argv[1:]) == "json")
+    raise SystemExit(130) from None
 
 __all__ = ["main"]
 
@@ -103,36 +158,6 @@ def _add_common(parser: argparse.ArgumentParser, *, prefix: str = "") -> None:
                         help="log lines on stderr: text, or json (one object per line) for "
                              "log shippers (default: [logging] format, else text)",
                         **kw("log_format"))
-
-
-class _UsageError(Exception):
-    """A usage error argparse found, raised instead of printed (:class:`_Parser`)."""
-
-    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
-        super().__init__(message)
-        self.parser = parser
-        self.message = message
-
-
-class _Parser(argparse.ArgumentParser):
-    """An :class:`argparse.ArgumentParser` (its subcommands' too) whose usage
-    errors are raised, so that :func:`_parse` reports them as ``--log-format``
-    asks."""
-
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(self, message)
-
-
-def _asked_log_format(argv: Sequence[str]) -> str | None:
-    """The ``--log-format`` in ``argv``, read leniently: the arguments around
-    it may be what argparse refused."""
-    scan = _Parser(add_help=False)
-    scan.add_argument("--log-format")
-    try:
-        value: str | None = scan.parse_known_args(argv)[0].log_format
-    except _UsageError:
-        return None
-    return value
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -395,15 +420,18 @@ def _output_path(target: Path, stream: str, suffix: str, many: bool) -> Path:
 
 def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence[Path],
                      streams: Sequence[str], inputs_are: str = "audio files", *,
-                     staged: bool = False) -> None:
+                     staged: bool = False) -> list[Path]:
     """Make the output folders, or refuse the outputs, before any work: each
     ``(flag, PATH)`` but ``--jsonl`` is one file, or a folder of one file per
     stream when there are several streams or PATH is one. Refused: two flags
     that would write one file, an output that would overwrite an input
     (one of the ``inputs_are``, the error says), and a stream's file that is
     a folder. ``staged``: subtitles are written to ``.part`` files first
-    (:func:`.outputs.part_path`), which count as outputs of their flag too."""
+    (:func:`.outputs.part_path`), which count as outputs of their flag too.
+    Returns the folders it made (not those that were there), for
+    :func:`_unmade_if_empty`."""
     many = len(streams) > 1
+    made: list[Path] = []
     for flag, raw in outputs:
         if raw is None:
             continue
@@ -414,6 +442,9 @@ def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence
         target = Path(raw)
         folder = _is_dir(target, flag) or raw.endswith(("/", os.sep))
         if flag != "--jsonl" and (many or folder):
+            # lexists: a link is the user's, even one to nothing.
+            made += itertools.takewhile(lambda p: not os.path.lexists(p),
+                                        (target, *target.parents))
             try:
                 target.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -451,6 +482,21 @@ def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence
             if other != flag:
                 raise UserError(f"{other} and {flag} would both write {path}: "
                                 "name a file for each, or one folder")
+    return made
+
+
+@contextlib.contextmanager
+def _unmade_if_empty(folders: Sequence[Path]) -> Iterator[None]:
+    """Remove those of ``folders`` (:func:`_prepare_outputs` made them) still
+    empty when the block raises (an error, Ctrl-C): a run that wrote nothing
+    leaves no folder behind, and one holding a file (a ``.part``) stays."""
+    try:
+        yield
+    except BaseException:
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):  # not empty, or gone already
+                folder.rmdir()
+        raise
 
 
 def _check_output_file(flag: str, raw: str, hint: str) -> None:
@@ -502,8 +548,15 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
     if not paths:
         raise UserError("no input: name audio files or use --sample")
     ids = _stream_ids(paths)
-    _prepare_outputs((("--srt", args.srt), ("--vtt", args.vtt), ("--jsonl", args.jsonl)),
-                     paths, ids, staged=True)
+    made = _prepare_outputs((("--srt", args.srt), ("--vtt", args.vtt), ("--jsonl", args.jsonl)),
+                            paths, ids, staged=True)
+    with _unmade_if_empty(made):
+        return _transcribe(args, cfg, paths, ids)
+
+
+def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
+                ids: Sequence[str]) -> int:
+    """:func:`_cmd_transcribe` once its outputs are prepared."""
     jobs = [FileJob(sid, read_audio_file(p)) for sid, p in zip(ids, paths, strict=True)]
     if args.serve:
         from .server.auth import check_bind
@@ -1316,6 +1369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         _fail(str(e), logs)
     except KeyboardInterrupt:
+        if logs.format == "json":
+            log.warning("interrupted")
+        else:
+            _say_interrupted(json_mode=False)
         if any(t.daemon and t.is_alive() for t in threading.enumerate()):
             # A second Ctrl-C cut the engine's shutdown short (asyncio.run
             # raises it at once): the model thread may still be inside
