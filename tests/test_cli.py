@@ -813,6 +813,21 @@ def test_eval_bad_manifest_is_one_line(tmp_path: Path) -> None:
     one_error_line(cli("eval", str(tmp_path / "none.jsonl")), "none.jsonl")
 
 
+def test_eval_refuses_an_empty_reference_before_the_model_loads(tmp_path: Path) -> None:
+    """A manifest line with ``"text": ""`` (a transcript missing) scored WER 0
+    and perfect tag and emphasis scores whatever the model said, lifting the
+    report unsaid. It is a bad line like the others: one error line naming
+    it, status 2, before any decoding."""
+    sf.write(tmp_path / "a.wav", np.zeros(16000, dtype=np.int16), 16000)
+    manifest = tmp_path / "m.jsonl"
+    for empty in ("", " \t"):
+        manifest.write_text(json.dumps({"audio": "a.wav", "text": "hello"}) + "\n"
+                            + json.dumps({"audio": "a.wav", "text": empty}) + "\n")
+        proc = cli("eval", str(manifest))
+        one_error_line(proc, f"{manifest} line 2: ", '"text" is empty')
+        assert "backend:" not in proc.stderr
+
+
 def test_eval_audio_that_cannot_be_read_is_one_line_before_the_model_loads(
         tmp_path: Path) -> None:
     """A manifest naming a missing or undecodable file was found out only after

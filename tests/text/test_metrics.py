@@ -137,6 +137,7 @@ def test_manifest_parsing(tmp_path: Path) -> None:
     ('["a"]\n', "line 1: expected an object"),
     ('{"text": "x"}\n', '"audio" must be'),
     ('{"audio": "a.wav"}\n', '"text" must be'),
+    ('{"audio": "a.wav", "text": " "}\n', 'line 1: "text" is empty'),
     ("\n\n", "no entries"),
     # JSON escapes a lone surrogate, which is no text: eval used to decode the
     # whole manifest, then die writing the --json report (UnicodeEncodeError).

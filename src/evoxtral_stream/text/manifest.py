@@ -1,9 +1,10 @@
 """Evaluation manifests: JSON lines of ``{"audio": path, "text": tagged reference}``.
 
 Blank lines are skipped; ``tagged_text`` is accepted for ``text`` (the field
-name of the Evoxtral scripts). A relative audio path is relative to the
-manifest's folder. Errors are :class:`ManifestError` with one line naming
-the file, the line and what to fix.
+name of the Evoxtral scripts), which must not be empty or blank. A relative
+audio path is relative to the manifest's folder. Errors are
+:class:`ManifestError` with one line naming the file, the line and what to
+fix.
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def parse_manifest(text: str, *, base_dir: Path | None = None,
             raise ManifestError(f'{where}: "audio" must be a non-empty path string')
         if not isinstance(ref, str):
             raise ManifestError(f'{where}: "text" must be the tagged reference string')
+        if not ref.strip():
+            # Nothing to score against: every prediction would get WER 0
+            # and perfect tag scores. Most likely a transcript gone missing.
+            raise ManifestError(f'{where}: "text" is empty, so nothing could be scored '
+                                "(WER is undefined); give the reference, or drop the line")
         try:
             ref.encode("utf-8")
         except UnicodeEncodeError as e:
