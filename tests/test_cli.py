@@ -876,13 +876,14 @@ def test_eval_report_that_cannot_be_written_is_refused_before_decoding(tmp_path:
 
 
 def test_mqtt_without_aiomqtt_is_one_line_before_decoding(tmp_path: Path) -> None:
-    """README's MQTT line on the quick start's install (no mqtt extra)."""
+    """README's MQTT line on the quick start's install (no mqtt extra); and
+    config, which checks a configuration, says it too (it printed it, status 0)."""
     hidden = tmp_path / "hidden"
     hidden.mkdir()
     (hidden / "aiomqtt.py").write_text('raise ImportError("aiomqtt hidden by the test")\n')
     path = os.pathsep.join(p for p in (str(hidden), os.environ.get("PYTHONPATH")) if p)
     for args in (["serve", "--source", "none", "--port", "0"],
-                 ["transcribe", "--sample", "--serve", "--port", "0"]):
+                 ["transcribe", "--sample", "--serve", "--port", "0"], ["config"]):
         proc = cli(*args, "--set", "mqtt.enabled=true", env={"PYTHONPATH": path})
         one_error_line(proc, "aiomqtt", "[mqtt]", "mqtt.enabled")
         assert "backend:" not in proc.stderr  # refused before the model was loaded
@@ -890,8 +891,10 @@ def test_mqtt_without_aiomqtt_is_one_line_before_decoding(tmp_path: Path) -> Non
 
 def test_an_unsafe_bind_is_one_line_before_the_model_loads() -> None:
     """serve refused a non-loopback host without tokens before loading the
-    model; transcribe --serve (which has --host too) only after it."""
-    for args in (["serve", "--source", "none"], ["transcribe", "--sample", "--serve"]):
+    model; transcribe --serve (which has --host too) only after it; config,
+    which is how a configuration is checked, printed it with status 0."""
+    for args in (["serve", "--source", "none"], ["transcribe", "--sample", "--serve"],
+                 ["config"]):
         proc = cli(*args, "--host", "0.0.0.0", "--port", "0")
         one_error_line(proc, "server.host '0.0.0.0'", "[[auth.tokens]]")
         assert "backend:" not in proc.stderr  # refused before the model was loaded

@@ -284,8 +284,9 @@ def _parser() -> argparse.ArgumentParser:
                         description="Print the configuration the other commands would run "
                                     "with (the defaults, then the config file, then --set "
                                     "and the shortcut flags), as a complete config file; "
-                                    "secrets read \"<redacted>\". A bad value is one error "
-                                    "line and exit status 2.")
+                                    "secrets read \"<redacted>\". A bad value, or what serve "
+                                    "would refuse at start (an unsafe bind, MQTT without "
+                                    "aiomqtt), is one error line and exit status 2.")
     # The shortcuts of serve and transcribe, so their command lines can be checked.
     cf.add_argument("--host", help="override server.host")
     cf.add_argument("--port", type=int, help="override server.port")
@@ -559,11 +560,7 @@ def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
     """:func:`_cmd_transcribe` once its outputs are prepared."""
     jobs = [FileJob(sid, read_audio_file(p)) for sid, p in zip(ids, paths, strict=True)]
     if args.serve:
-        from .server.auth import check_bind
-
-        # As serve does: an unsafe bind fails before the model loads.
-        check_bind(cfg.server.host, cfg.auth.tokens, cfg.server.allow_anonymous)
-        _check_mqtt_extra(cfg)
+        _check_serving(cfg)  # as serve does: before the model loads
     backend = load_backend(cfg.model)
     printer = CaptionPrinter(show_stream=len(jobs) > 1,
                              partials=True if args.partials else None)
@@ -916,6 +913,8 @@ def _write_captions(cfg: Config, outputs: Sequence[tuple[str, str | None]], name
 
 
 def _cmd_config(args: argparse.Namespace, cfg: Config) -> int:
+    # Refused as serve refuses it: config is how a configuration is checked.
+    _check_serving(cfg)
     _to_stdout(to_toml(cfg), "the configuration")
     return 0
 
@@ -965,13 +964,10 @@ class _HeldHangups:
 
 
 def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
-    from .server.auth import check_bind
-
     hangups = _HeldHangups()
     hangups.install()
     # Before loading the model, so an unsafe bind fails in a moment.
-    check_bind(cfg.server.host, cfg.auth.tokens, cfg.server.allow_anonymous)
-    _check_mqtt_extra(cfg)
+    _check_serving(cfg)
     source: str = args.source
     file_audio = None
     if source == "mic":
@@ -1183,6 +1179,16 @@ def _service_snapshot(engine: Engine, url: str) -> Snapshot:
     else:
         status = f"preparing the model (warm-up or reload); listening on {url}"
     return Snapshot(engine.ready, why, status)
+
+
+def _check_serving(cfg: Config) -> None:
+    """What serving refuses from the configuration alone, before the model
+    loads (``serve``, ``transcribe --serve``; ``config`` checks it too): a
+    non-loopback bind without tokens, MQTT without aiomqtt."""
+    from .server.auth import check_bind
+
+    check_bind(cfg.server.host, cfg.auth.tokens, cfg.server.allow_anonymous)
+    _check_mqtt_extra(cfg)
 
 
 def _check_mqtt_extra(cfg: Config) -> None:
