@@ -1117,6 +1117,23 @@ def test_transcribe_json_logs_and_json_errors(tmp_path: Path) -> None:
     assert record["exc"].startswith("Traceback") and "vad.frame_ms" in record["exc"]
 
 
+def test_usage_and_error_lines_in_text_mode_redact_tokens_as_json_mode_does() -> None:
+    """A token in a mistyped argument (a URL given to --port, a header pasted
+    after the command) or in a refused config value: json mode wrote
+    ``***`` in its place, text mode the token itself, to stderr and so to
+    the journal or a CI log; so did the traceback of --debug."""
+    for args in (["serve", "--port", "ws://h/?token=s3cret"],
+                 ["config", "Authorization: Bearer s3cret"],
+                 ["config", "--set", "server.host=ws://h/?token=s3cret"]):
+        proc = cli(*args)
+        assert proc.returncode == 2, proc.stderr
+        assert "s3cret" not in proc.stderr, proc.stderr
+        assert "***" in proc.stderr, proc.stderr
+    # And the traceback --debug shows instead of the error line.
+    proc = cli("config", "--set", "server.host=ws://h/?token=s3cret", "--debug")
+    assert "Traceback" in proc.stderr and "s3cret" not in proc.stderr, proc.stderr
+
+
 def test_config_prints_the_effective_config_and_checks_it(tmp_path: Path) -> None:
     mine = tmp_path / "mine.toml"
     mine.write_text("[server]\nport = 9100\n[mqtt]\nusername = \"cam\"\npassword = \"s3cret\"\n")

@@ -256,6 +256,29 @@ def test_json_mode_keeps_stderr_json_for_libraries_and_unraisable_errors() -> No
     assert "RuntimeError: the end" in records[4]["exc"]
 
 
+def test_text_mode_hooks_redact_uncaught_tracebacks() -> None:
+    """In text mode an uncaught exception (what --debug lets through), in the
+    main thread or another, was Python's own report, tokens and all, where
+    json mode's hooks log it redacted."""
+    program = textwrap.dedent("""
+        import threading
+        from evoxtral_stream.logs import install_text_hooks
+        from evoxtral_stream.server.auth import redact_tokens
+        install_text_hooks(redact_tokens)
+        def fail():
+            raise ValueError("ws://h/?token=s3cret-thread")
+        t = threading.Thread(target=fail, name="worker"); t.start(); t.join()
+        raise RuntimeError("ws://h/?token=s3cret-main")
+    """)
+    proc = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1
+    assert "s3cret" not in proc.stderr, proc.stderr
+    assert "Exception in thread worker:" in proc.stderr
+    assert "ValueError: ws://h/?token=***" in proc.stderr
+    assert proc.stderr.rstrip().endswith("RuntimeError: ws://h/?token=***"), proc.stderr
+
+
 @pytest.mark.parametrize("argv", [
     ["serve", "--log-format", "json", "--port", "abc"],
     ["--log-format=json", "serve", "--no-such-flag"],

@@ -96,7 +96,13 @@ try:
         EngineEvent,
         stream_id_problem,
     )
-    from .logs import FORMATS, LEVELS, configure_logging, install_json_hooks
+    from .logs import (
+        FORMATS,
+        LEVELS,
+        configure_logging,
+        install_json_hooks,
+        install_text_hooks,
+    )
     from .outputs import JsonlFile, SubtitleFiles, part_path
     from .run import FileJob, transcribe_samples
     from .server.app import CaptionServer
@@ -176,7 +182,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
             _setup_logging(logs)
             _fail(f"{e.parser.prog}: {e.message} (see {e.parser.prog} --help)", logs)
         e.parser.print_usage(sys.stderr)
-        e.parser.exit(EXIT_USAGE, f"{e.parser.prog}: error: {e.message}\n")
+        # Redacted as the json record is: argparse quotes what it refused.
+        e.parser.exit(EXIT_USAGE, f"{e.parser.prog}: error: {redact_tokens(e.message)}\n")
     given = vars(args)
     for dest in _COMMON_DESTS:
         if "pre_" + dest not in given:
@@ -349,6 +356,8 @@ def _setup_logging(logs: LoggingConfig) -> None:
                                           else logging.WARNING)
     if json_mode and handler is not None:
         install_json_hooks()
+    elif handler is not None:
+        install_text_hooks(redact_tokens)  # the --debug traceback
 
 
 def _base_url(scheme: str, host: str, port: int) -> str:
@@ -1315,8 +1324,9 @@ def _error_line(message: str, logs: LoggingConfig) -> None:
         log.error("%s", message)
     else:
         with contextlib.suppress(OSError):  # stderr full: the exit status still tells
-            # One line even when the message quotes a file name holding one.
-            shown = message.replace("\r", "\\r").replace("\n", "\\n")
+            # One line even when the message quotes a file name holding one;
+            # tokens redacted, as the json record's are (it quotes values).
+            shown = redact_tokens(message).replace("\r", "\\r").replace("\n", "\\n")
             print(f"evoxtral-stream: error: {shown}", file=sys.stderr, flush=True)
 
 

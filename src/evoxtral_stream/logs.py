@@ -17,6 +17,7 @@ import logging
 import math
 import sys
 import threading
+import traceback
 import types
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ __all__ = [
     "adopt_library_loggers",
     "configure_logging",
     "install_json_hooks",
+    "install_text_hooks",
     "make_formatter",
 ]
 
@@ -245,6 +247,34 @@ def install_json_hooks() -> None:
     sys.excepthook = excepthook
     threading.excepthook = thread_excepthook
     sys.unraisablehook = unraisablehook
+
+
+def install_text_hooks(redact: Callable[[str], str]) -> None:
+    """Write what Python reports of an uncaught exception (``--debug`` lets
+    one through, in the main thread or another) as it would, with ``redact``
+    applied: as the tracebacks that are logged are. Process-wide; meant for
+    the command line in text mode."""
+    def write(text: str) -> None:
+        try:
+            sys.stderr.write(redact(text))
+            sys.stderr.flush()
+        except (OSError, ValueError, AttributeError):  # stderr full, closed, gone
+            pass
+
+    def excepthook(exc_type: type[BaseException], exc: BaseException,
+                   tb: types.TracebackType | None) -> None:
+        write("".join(traceback.format_exception(exc_type, exc, tb)))
+
+    def thread_excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_type is SystemExit:  # what the default hook ignores too
+            return
+        name = args.thread.name if args.thread is not None else "?"
+        report = traceback.format_exception(args.exc_type, args.exc_value,
+                                            args.exc_traceback)
+        write(f"Exception in thread {name}:\n" + "".join(report))
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook
 
 
 def adopt_library_loggers() -> None:
