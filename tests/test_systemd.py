@@ -156,6 +156,56 @@ def test_a_notification_reaches_the_socket_and_one_that_cannot_is_dropped(
     assert caplog.text.count("cannot notify systemd") == 1
 
 
+def test_a_status_that_is_not_utf8_is_sent_with_a_replacement(tmp_path: Path) -> None:
+    """Notifier.send "never raises", but a lone surrogate (what Python makes
+    of bytes that are not UTF-8, in a name from argv or the environment)
+    raised UnicodeEncodeError out of it: in the supervising task, the end of
+    the watchdog pings."""
+    address = str(tmp_path / "notify")
+    with notify_socket(address) as sock:
+        notifier = Notifier(address, None)
+        try:
+            notifier.send("STATUS=caf\udcff")
+            sock.settimeout(5)
+            assert sock.recv(4096) == b"STATUS=caf?"
+        finally:
+            notifier.close()
+
+
+async def test_a_snapshot_that_fails_is_logged_once_and_the_pings_go_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Any exception but OSError ended supervise's task, silently (asyncio
+    reports it, if ever, when the task is collected): no more pings, so
+    systemd killed a healthy service once WatchdogSec passed, with nothing in
+    the log to say why. A look that fails is now logged once, with its
+    traceback, skipped (no ping for it), and the next one is made."""
+    address = str(tmp_path / "notify")
+    looks = 0
+
+    def snapshot() -> Snapshot:
+        nonlocal looks
+        looks += 1
+        if looks in (2, 3):
+            raise RuntimeError("engine state in flux")
+        return READY
+
+    with notify_socket(address) as sock:
+        sock.setblocking(False)
+        notifier = Notifier(address, 0.4)             # a ping every 0.2 s
+        task = asyncio.ensure_future(supervise(notifier, snapshot))
+        try:
+            with caplog.at_level(logging.ERROR, logger="evoxtral_stream.systemd"):
+                said = await _received(sock, lambda got: got.count("WATCHDOG=1") >= 3,
+                                       timeout=5)
+        finally:
+            task.cancel()
+            notifier.close()
+    assert "READY=1" in said and looks > 3
+    logged = [r for r in caplog.records if "engine state in flux" in r.getMessage()]
+    assert len(logged) == 1, caplog.text
+    assert logged[0].exc_info is not None  # the traceback says where
+
+
 def test_an_abstract_socket_name_that_is_not_utf8_is_reached(tmp_path: Path) -> None:
     """The environment holds bytes: os.environ gives a name that is not UTF-8
     with surrogate escapes, which str.encode() refused, so Notifier.from_environ

@@ -183,16 +183,18 @@ class Notifier:
         return cls(address, _watchdog_s(env, os.getpid() if pid is None else pid))
 
     def send(self, message: str) -> None:
+        """Send ``message`` (see the class doc: never raises). A character
+        that is no text (a lone surrogate) goes as ``?``: systemd reads UTF-8."""
         if not message:
             return
         try:
-            self._sock.sendto(message.encode(), self.address)
-        except OSError as e:
+            self._sock.sendto(message.encode("utf-8", "replace"), self.address)
+        except Exception as e:  # the contract: the watchdog task must not end here
             kind = type(e).__name__
             if kind not in self._failures:
                 self._failures.add(kind)
-                log.warning("cannot notify systemd at %s (%s); notifications that fail "
-                            "so are dropped", _shown(self.address), e)
+                log.warning("cannot notify systemd at %s (%s: %s); notifications that fail "
+                            "so are dropped", _shown(self.address), kind, e)
         else:
             log.debug("notified systemd: %s", message.replace("\n", "; "))
 
@@ -201,10 +203,24 @@ class Notifier:
 
 
 async def supervise(notifier: Notifier, snapshot: Callable[[], Snapshot]) -> None:
-    """Tell systemd about ``snapshot()`` every ``poll_s`` until cancelled."""
+    """Tell systemd about ``snapshot()`` every ``poll_s`` until cancelled.
+
+    A look that raises is logged (once per kind of exception, with its
+    traceback) and says nothing, so no ping: the next look is made as ever.
+    Ending here instead would stop the pings of a healthy service, and
+    systemd would kill it with nothing in the log to say why."""
     notices = notifier.notices
+    failures: set[str] = set()
     while True:
-        notifier.send(notices.update(time.monotonic(), snapshot()))
+        try:
+            message = notices.update(time.monotonic(), snapshot())
+        except Exception as e:
+            message = ""
+            if type(e).__name__ not in failures:
+                failures.add(type(e).__name__)
+                log.error("cannot tell systemd how the engine is (%s: %s); no watchdog "
+                          "ping until it can", type(e).__name__, e, exc_info=True)
+        notifier.send(message)
         await asyncio.sleep(notices.poll_s)
 
 
