@@ -186,6 +186,7 @@ def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
     # is a space (espeak-ng pauses there): "me (maybe)" must not become "memaybe".
     space = False
     for tok in _read_brackets(tokenize(tagged)):
+        after = False  # a bracket left out at the end of this token
         if tok.is_tag:
             assert tok.tag is not None
             if tok.tag_kind is TagKind.PAUSE:
@@ -206,16 +207,23 @@ def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
                 space = True
                 continue
             if marks != tok.text:
+                after = True
                 tok = Token(TokenKind.PUNCT, marks, space_before=tok.space_before)
             style = replace(_style(carry), emphasis=run_style.emphasis)
         else:
-            if space and not tok.space_before:
-                tok = tok.with_space(True)
             style = _style(carry)
             if _in_capitals(tok.text):
                 tok = Token(TokenKind.WORD, tok.text.lower(), space_before=tok.space_before)
                 style = replace(style, emphasis=True)
-        space = False
+        if tok.is_punct:
+            # A space not given yet waits for the next word: "[2]&x" said
+            # "2&x" is one word, "(maybe)." said "maybe ." pauses before the
+            # full stop.
+            space = after or (space and not tok.space_before)
+        else:
+            if space and not tok.space_before:
+                tok = tok.with_space(True)
+            space = False
         if style != run_style:
             flush()
             run_style = style
