@@ -386,6 +386,29 @@ async def test_a_resume_from_0_of_a_stream_not_retained_gets_a_gap() -> None:
                     "type": "gap", "stream": "talk", "from": last + 8, "to": None}
 
 
+async def test_a_resume_from_the_last_seq_of_a_stream_not_retained_gets_no_gap() -> None:
+    """A client that holds the last seq of a stream none of whose captions is
+    retained has missed nothing: it used to get a gap to null, which told it
+    to forget that seq (the stream would be numbered anew) when it was not."""
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+    pcm = audio.astype("<i2").tobytes()
+    for overrides in ({"server.history": 0},
+                      {"server.history": 5, "server.history_streams": 1}):
+        cfg = config(**overrides)
+        async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+                CaptionServer(engine, cfg.server) as server:
+            await ingest(server.port, "talk", {"sample_rate": 16000}, pcm)
+            await ingest(server.port, "other", {"sample_rate": 16000}, pcm)
+            last = engine.last_seq("talk")
+            # Resumes are answered in the order since= names them: what other
+            # gets first shows talk got nothing before it.
+            async with connect(f"ws://127.0.0.1:{server.port}/v1/captions"
+                               f"?since=talk:{last},other:0") as ws:
+                await recv_json(ws)
+                first = await recv_json(ws, timeout=5)
+            assert first["stream"] == "other", (overrides, first)
+
+
 async def test_a_since_from_before_a_restart_gets_a_null_gap_then_all_there_is() -> None:
     """A server restarted without its journal numbers streams from 1 again: a
     resume with a seq it never gave says so (gap to null), then replays every

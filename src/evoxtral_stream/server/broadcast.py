@@ -13,7 +13,8 @@ retained caption after ``seq`` (and the stream's ``stream.ended`` if it has
 ended). Captions no longer retained are announced by
 an explicit ``gap`` message, never skipped silently: a resume from seq 0 of
 a stream none of whose captions is retained gets a gap from 1 to the last
-seq given under its id (``last_seq``, the engine's). A ``gap`` whose ``to``
+seq given under its id (``last_seq``, the engine's), and one from that last
+seq gets none (it missed nothing). A ``gap`` whose ``to``
 is None says the server cannot relate the client's seq to its own (it has
 no history of the stream, or the seq is past any it gave the stream, the
 journal's included: it restarted without the journal, or the journal forgot
@@ -199,6 +200,11 @@ class Broadcaster:
             if older is not None:
                 return self._replay_with(stream, since, older, kept)
         if not kept:
+            last = self._last_seq(stream) if self._last_seq is not None else 0
+            if since > 0 and since == last:
+                # Nothing retained (history 0, or evicted), but the client
+                # holds the last seq given: it missed nothing.
+                return []
             # Unknown stream: if the client saw captions of it, we cannot say
             # how many followed (e.g. the history was evicted).
             if since > 0:
@@ -206,7 +212,6 @@ class Broadcaster:
             # From 0 (the resume point a gap to null leaves): every caption
             # given under the id is missing (none retained: history 0, or
             # evicted), and a gap says so.
-            last = self._last_seq(stream) if self._last_seq is not None else 0
             return [self._gap(stream, 1, last)] if last > 0 else []
         first = kept[0][0]
         ended = self._ended.get(stream)
