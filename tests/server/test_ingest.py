@@ -400,13 +400,41 @@ async def test_a_resume_from_the_last_seq_of_a_stream_not_retained_gets_no_gap()
             await ingest(server.port, "talk", {"sample_rate": 16000}, pcm)
             await ingest(server.port, "other", {"sample_rate": 16000}, pcm)
             last = engine.last_seq("talk")
-            # Resumes are answered in the order since= names them: what other
-            # gets first shows talk got nothing before it.
+            # Resumes are answered in the order since= names them: what comes
+            # before other's replay is all talk got.
             async with connect(f"ws://127.0.0.1:{server.port}/v1/captions"
                                f"?since=talk:{last},other:0") as ws:
                 await recv_json(ws)
-                first = await recv_json(ws, timeout=5)
-            assert first["stream"] == "other", (overrides, first)
+                talk = []
+                while (got := await recv_json(ws, timeout=5))["stream"] != "other":
+                    talk.append(got)
+            assert [m["type"] for m in talk] == ["stream.ended"], (overrides, talk)
+
+
+async def test_a_resume_of_an_ended_stream_not_retained_ends_with_its_end() -> None:
+    """Without the journal, a stream whose captions are not retained (history
+    0, or evicted past history_streams) lost its ``stream.ended`` with them: a
+    client resuming after the end got the gap (to null) and never learnt the
+    stream had ended, so one waiting for the end waited forever. It gets the
+    gap to the last seq given, then the end, as for a retained stream."""
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+    pcm = audio.astype("<i2").tobytes()
+    for overrides in ({"server.history": 0},
+                      {"server.history": 5, "server.history_streams": 1}):
+        cfg = config(**overrides)
+        async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+                CaptionServer(engine, cfg.server) as server:
+            got = await ingest(server.port, "talk", {"sample_rate": 16000}, pcm)
+            end = next(m for m in got if m["type"] == "stream.ended")
+            await ingest(server.port, "other", {"sample_rate": 16000}, pcm)
+            last = engine.last_seq("talk")
+            for since in sorted({0, last - 1, last}):
+                async with connect(f"ws://127.0.0.1:{server.port}/v1/captions"
+                                   f"?since=talk:{since}") as ws:
+                    await recv_json(ws)
+                    replay = await until_ended(ws)
+                gap = {"type": "gap", "stream": "talk", "from": since + 1, "to": last}
+                assert replay == ([gap] if since < last else []) + [end], (overrides, since)
 
 
 async def test_a_since_from_before_a_restart_gets_a_null_gap_then_all_there_is() -> None:

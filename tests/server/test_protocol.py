@@ -16,7 +16,7 @@ from evoxtral_stream.events import (
     StreamStarted,
     TagMark,
 )
-from evoxtral_stream.server.broadcast import Broadcaster
+from evoxtral_stream.server.broadcast import ENDS_REMEMBERED, Broadcaster
 from evoxtral_stream.server.protocol import (
     MAX_LOST_S,
     EndOfStream,
@@ -104,8 +104,9 @@ def test_resume_history_is_kept_for_history_streams_streams_least_recently_activ
     """The broadcaster's resume history is bounded by ``history`` captions
     for at most ``history_streams`` streams (docs/protocol.md), whatever the
     number of streams that come and go: the least recently active is
-    forgotten first, with its retained ``stream.ended``, and a resume of it
-    gets a gap whose ``to`` is None."""
+    forgotten first, and a resume of it gets a gap whose ``to`` is None (no
+    ``last_seq`` here), then its ``stream.ended``: the ends are kept apart,
+    for the :data:`ENDS_REMEMBERED` streams that ended last."""
 
     def say(b: Broadcaster, stream: str, seq: int) -> None:
         b.publish(CaptionEvent(**{**CAPTION.__dict__, "stream": stream, "seq": seq,
@@ -121,9 +122,13 @@ def test_resume_history_is_kept_for_history_streams_streams_least_recently_activ
             say(many, f"s{i}", seq)
         many.publish(StreamEnded(f"s{i}", 1.0, 3, 3))
     assert many.retained_captions == 3 * 2
-    assert len(many._ended) == 3
-    assert replay(many, "s0", 1) == [("gap", None)]
+    assert replay(many, "s0", 1) == [("gap", None), ("stream.ended", None)]
     assert replay(many, "s999", 1) == [2, 3, ("stream.ended", None)]
+    for i in range(1000, ENDS_REMEMBERED + 1):
+        many.publish(StreamEnded(f"s{i}", 1.0, 0, 0))
+    assert len(many._ended) == ENDS_REMEMBERED
+    assert replay(many, "s0", 1) == [("gap", None)]
+    assert replay(many, "s1", 1) == [("gap", None), ("stream.ended", None)]
 
     two = Broadcaster(8, encode_event, history=2, history_streams=2)
     say(two, "a", 1)

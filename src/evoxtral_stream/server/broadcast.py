@@ -10,9 +10,10 @@ Resume: the last ``history`` caption events of each stream are kept (for at
 most ``history_streams`` streams, the least recently active forgotten first),
 so a subscriber that reconnects with ``since={stream: seq}`` first gets every
 retained caption after ``seq`` (and the stream's ``stream.ended`` if it has
-ended). Captions no longer retained are announced by
-an explicit ``gap`` message, never skipped silently: a resume from seq 0 of
-a stream none of whose captions is retained gets a gap from 1 to the last
+ended: the ends of the :data:`ENDS_REMEMBERED` streams that ended last are
+kept apart from their captions). Captions no longer retained are announced by
+an explicit ``gap`` message, never skipped silently: a resume of a stream
+none of whose captions is retained gets a gap from ``seq + 1`` to the last
 seq given under its id (``last_seq``, the engine's), and one from that last
 seq gets none (it missed nothing). A ``gap`` whose ``to``
 is None says the server cannot relate the client's seq to its own (it has
@@ -50,12 +51,20 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
+from ..engine.engine import SEQ_REMEMBERED
 from ..events import CaptionEvent, EngineEvent, StreamEnded, StreamStarted
 from .protocol import encode_message
 
-__all__ = ["Broadcaster", "HistorySource", "SourceRecord", "SourceReplay", "Subscription"]
+__all__ = ["ENDS_REMEMBERED", "Broadcaster", "HistorySource", "SourceRecord", "SourceReplay",
+           "Subscription"]
 
 log = logging.getLogger(__name__)
+
+#: The ends of the streams that ended most recently, kept for resume apart
+#: from their captions (a ``stream.ended`` event each, a few hundred bytes):
+#: as many as the engine keeps the last seqs of, so the resume that can name
+#: what such a stream's subscriber missed can also say that it ended.
+ENDS_REMEMBERED = SEQ_REMEMBERED
 
 
 class SourceRecord(Protocol):
@@ -128,7 +137,9 @@ class Broadcaster:
         self._history = history
         self._history_streams = history_streams
         self._retained: OrderedDict[str, deque[tuple[int, str]]] = OrderedDict()
-        self._ended: dict[str, str] = {}
+        # Ended streams, the latest end last: kept past their captions
+        # (history 0, or evicted), so a resume still ends with the end.
+        self._ended: OrderedDict[str, StreamEnded] = OrderedDict()
         # Streams started and not ended: a source's end is not theirs.
         self._live: set[str] = set()
         self._subs: set[Subscription] = set()
@@ -195,26 +206,24 @@ class Broadcaster:
                 out = [self._gap(stream, since + 1, None if first_kept is None
                                  else first_kept - 1)]
                 out += [msg for seq, msg in (kept or ()) if seq > since]
-                ended = self._ended.get(stream)
+                ended = self._end(stream)
                 return [*out, ended] if ended is not None else out
             if older is not None:
                 return self._replay_with(stream, since, older, kept)
+        ended = self._end(stream)
         if not kept:
-            last = self._last_seq(stream) if self._last_seq is not None else 0
-            if since > 0 and since == last:
-                # Nothing retained (history 0, or evicted), but the client
-                # holds the last seq given: it missed nothing.
-                return []
-            # Unknown stream: if the client saw captions of it, we cannot say
-            # how many followed (e.g. the history was evicted).
-            if since > 0:
-                return [self._gap(stream, since + 1, None)]
-            # From 0 (the resume point a gap to null leaves): every caption
-            # given under the id is missing (none retained: history 0, or
-            # evicted), and a gap says so.
-            return [self._gap(stream, 1, last)] if last > 0 else []
+            if self._last_seq is None:
+                # Unknown stream: if the client saw captions of it, we cannot
+                # say how many followed.
+                out = [self._gap(stream, since + 1, None)] if since > 0 else []
+            else:
+                # None retained (history 0, or evicted): every caption after
+                # since up to the last given under the id is missing (since
+                # is not past it: checked above), and a gap says so.
+                last = self._last_seq(stream)
+                out = [self._gap(stream, since + 1, last)] if since < last else []
+            return [*out, ended] if ended is not None else out
         first = kept[0][0]
-        ended = self._ended.get(stream)
         if since > kept[-1][0]:
             # The client's seq is past any this server gave the stream: it
             # comes from an earlier numbering (a restart without the journal).
@@ -233,13 +242,19 @@ class Broadcaster:
         out = [self._gap(stream, since + 1, covered - 1)] if since + 1 < covered else []
         out += [r.message for r in older.records]
         out += [msg for seq, msg in (kept or ()) if seq > since]
-        ended = self._ended.get(stream)
+        ended = self._end(stream)
         if ended is None and stream not in self._live:
             # Not live and no end retained: the source's end is the latest
             # (from before a restart, or one of this run not retained), or
             # None: its end is unknown (a crash).
             ended = older.ended
         return [*out, ended] if ended is not None else out
+
+    def _end(self, stream: str) -> str | None:
+        """The ``stream.ended`` message of ``stream`` if it ended in this run
+        (among the :data:`ENDS_REMEMBERED` latest) and is not live again."""
+        ended = self._ended.get(stream)
+        return None if ended is None else self._encode(ended)
 
     @staticmethod
     def _gap(stream: str, first_missing: int, last_missing: int | None) -> str:
@@ -250,8 +265,7 @@ class Broadcaster:
         if kept is None:
             kept = self._retained[event.stream] = deque(maxlen=self._history)
             while len(self._retained) > self._history_streams:
-                gone, _ = self._retained.popitem(last=False)
-                self._ended.pop(gone, None)
+                self._retained.popitem(last=False)
         else:
             self._retained.move_to_end(event.stream)
         kept.append((event.seq, message))
@@ -264,10 +278,12 @@ class Broadcaster:
             self._retain(event, message)
         elif isinstance(event, StreamEnded):
             self._live.discard(event.stream)
-            if self._history and event.stream in self._retained:
-                # A client resuming after the end learns that the stream ended.
-                message = self._encode(event)
-                self._ended[event.stream] = message
+            # A client resuming after the end learns that the stream ended,
+            # its captions retained or not.
+            self._ended[event.stream] = event
+            self._ended.move_to_end(event.stream)
+            while len(self._ended) > ENDS_REMEMBERED:
+                self._ended.popitem(last=False)
         elif isinstance(event, StreamStarted):
             # The id is live again (reused after its end): a resume must not
             # close with the old run's end, nor with one from before a restart.
