@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosedOK
+from websockets.exceptions import ConnectionClosedOK, InvalidStatus
 
 from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.engine.engine import Engine
@@ -122,6 +122,33 @@ async def test_stream_filter(served: tuple[Engine, CaptionServer]) -> None:
     for query, listed in (("?stream=b,c", ["b"]), ("", ["a", "b"]),
                           ("?stream=c,%20a", ["a"])):
         async with connect(f"ws://127.0.0.1:{server.port}/v1/captions{query}") as ws:
+            assert json.loads(await ws.recv())["streams"] == listed
+    for s in engine.streams.values():
+        await s.close()
+
+
+async def test_a_query_that_is_not_utf8_once_decoded_is_a_bad_request(
+        served: tuple[Engine, CaptionServer]) -> None:
+    """Percent-encoded bytes that are no UTF-8 (``%ff``) used to decode to
+    U+FFFD, so different ids named one stream (``?stream=%ff`` and
+    ``?stream=%fe`` both ``"\ufffd"``, to subscribe, resume or ingest under).
+    They get a 400 with one line, as a repeated header does."""
+    engine, server = served
+    engine.open_stream("\ufffd", source="test")
+    base = f"ws://127.0.0.1:{server.port}"
+    for path in ("/v1/captions?stream=%ff", "/v1/captions?since=%fe:3",
+                 "/v1/captions?stream=a&since=%ed%a0%80", "/v1/ingest?stream=%ff",
+                 "/v1/realtime?intent=transcription&stream=a%c3"):
+        with pytest.raises(InvalidStatus) as refused:
+            async with connect(base + path):
+                pass
+        response = refused.value.response
+        assert response.status_code == 400, path
+        assert response.body == (b"the query is not UTF-8 once percent-decoded: "
+                                 b"encode each character's UTF-8 bytes\n"), path
+    # UTF-8 is taken; a blank item names no stream, as an empty one (every stream).
+    for query, listed in (("?stream=%ef%bf%bd", ["\ufffd"]), ("?stream=%20", ["\ufffd"])):
+        async with connect(f"{base}/v1/captions{query}") as ws:
             assert json.loads(await ws.recv())["streams"] == listed
     for s in engine.streams.values():
         await s.close()

@@ -154,6 +154,13 @@ def _refusal(refusal: Refusal) -> Response:
     return response
 
 
+def _parse_query(raw: str) -> dict[str, list[str]]:
+    """The parameters of a query string; raises :class:`UnicodeDecodeError`
+    when percent-encoded bytes are not UTF-8 (decoded leniently, ``%ff`` and
+    ``%fe`` would both be U+FFFD: one stream under two ids)."""
+    return parse_qs(raw, errors="strict")
+
+
 def _requested_streams(path: str, query: dict[str, list[str]]) -> list[str]:
     """The stream ids a request names: every listed one to subscribe, the first to ingest."""
     if path == _CAPTIONS:
@@ -385,22 +392,26 @@ class CaptionServer:
             if self.metrics.ready():
                 return _plain(HTTPStatus.OK, "ready\n")
             return _plain(HTTPStatus.SERVICE_UNAVAILABLE, "not ready\n")
+        if path not in _ROLES:
+            page = _static(path)
+            return page if page is not None else _plain(HTTPStatus.NOT_FOUND,
+                                                        f"no such path: {path}\n")
+        try:
+            query = _parse_query(urlsplit(request.path).query)
+        except UnicodeDecodeError:
+            return _plain(HTTPStatus.BAD_REQUEST, "the query is not UTF-8 once "
+                          "percent-decoded: encode each character's UTF-8 bytes\n")
         if path == "/metrics":
             # With tokens configured, metrics are for admins only.
             if self._policy.enabled:
-                denied = self._authorize(conn, request, path)
+                denied = self._authorize(conn, request, path, query)
                 if denied is not None:
                     return denied
             return _respond(HTTPStatus.OK, self.metrics.render(), CONTENT_TYPE_LATEST)
-        if path in _ROLES:
-            return self._authorize(conn, request, path)
-        page = _static(path)
-        return page if page is not None else _plain(HTTPStatus.NOT_FOUND,
-                                                    f"no such path: {path}\n")
+        return self._authorize(conn, request, path, query)
 
-    def _authorize(self, conn: ServerConnection, request: Request, path: str
-                   ) -> Response | None:
-        query = parse_qs(urlsplit(request.path).query)
+    def _authorize(self, conn: ServerConnection, request: Request, path: str,
+                   query: dict[str, list[str]]) -> Response | None:
         offered = [p.strip() for v in request.headers.get_all("Sec-WebSocket-Protocol")
                    for p in v.split(",")]
         single: dict[str, str | None] = {}
@@ -442,7 +453,8 @@ class CaptionServer:
 
     async def _handle(self, ws: ServerConnection) -> None:
         url = urlsplit(ws.request.path if ws.request else "")
-        query = parse_qs(url.query)
+        # UTF-8: the handshake hook refused any other query (_route).
+        query = _parse_query(url.query)
         grant = self._grants.pop(ws, Grant(None))
         self._live[ws] = _Access(url.path, _ROLES.get(url.path, "subscribe"),
                                  tuple(_requested_streams(url.path, query)), grant.token)
