@@ -319,6 +319,31 @@ def test_rotation_by_size_keeps_keep_files_and_reports_the_gap(tmp_path: Path) -
     assert Journal(cfg).restore() == {"s": 40}
 
 
+def test_a_file_rotated_away_while_a_replay_reads_makes_its_finals_a_gap(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replay off the loop lists the files, and the loop may delete the
+    oldest (rotation past ``keep``, a prune) before it opens them. File 1
+    was listed, so the replay took itself for complete (covered from seq 1):
+    the deleted file's finals were skipped without a gap."""
+    cfg = config(tmp_path, **{"journal.max_bytes": 4096, "journal.keep": 100}).journal
+    journal = Journal(cfg)
+    journal.restore()
+    for seq in range(1, 41):
+        journal.append(caption("s", seq, text="word " * 20))
+    listed = journal._files_of("s")
+    first = parse_file_name(listed[0].name)
+    assert first is not None and first.index == 1 and len(listed) > 2
+    # Listed, then deleted before it is read, as by the loop meanwhile.
+    monkeypatch.setattr(journal, "_files_of", lambda stream: listed)
+    listed[0].unlink()
+    replay = journal.replay("s", 0)
+    assert replay is not None
+    seqs = [r.seq for r in replay.records]
+    assert seqs == list(range(seqs[0], 41)) and seqs[0] > 1
+    assert replay.covered_from == seqs[0]
+    journal.close()
+
+
 def test_a_line_cut_short_by_a_crash_is_skipped_with_a_warning(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = config(tmp_path).journal

@@ -455,7 +455,8 @@ class _Open:
 class Journal:
     """Writes and reads the per-stream journal files in ``cfg.dir``.
 
-    Use it from one thread (the event loop). ``clock`` is monotonic seconds,
+    Use it from one thread (the event loop), but for :meth:`replay`, which
+    may also run on another thread meanwhile. ``clock`` is monotonic seconds,
     used for the fsync interval only; ``wall`` is the wall clock (Unix
     seconds) that files' starts (age rotation) and modification times
     (retention) are compared with, since both must hold across restarts.
@@ -995,10 +996,17 @@ class Journal:
         With ``limit``, only the newest ``limit`` of those finals: the older
         ones are left out as missing (:attr:`Replay.covered_from` is past
         them, so the caller announces a gap). None when the journal holds
-        nothing of the stream. Reads the stream's lines on the calling
-        thread from the end, newest first, and stops at a final at or before
-        ``since`` (seqs only grow, so older lines hold nothing to replay) or
-        once it has read a final past ``limit``: a resume of recent captions
+        nothing of the stream.
+
+        Safe on another thread while the loop writes: it reads the files
+        through handles of its own, each up to its size when opened (lines
+        appended later are newer than any the caller asked for, if it gives
+        ``before``; its end record may be newer too), and a file rotated or
+        pruned away since it listed them makes what it held a gap. Reads the
+        stream's lines on the calling thread from the end, newest first, and
+        stops at a final at or before ``since`` (seqs only grow, so older
+        lines hold nothing to replay) or once it has read a final past
+        ``limit``: a resume of recent captions
         reads the end of the newest file; one from the start the lines
         holding the newest ``limit`` finals, and without a limit at most
         ``(keep + 1) * max_bytes`` bytes.
@@ -1014,9 +1022,12 @@ class Journal:
         newest_first: list[JournalRecord | SeqReservation | EndRecord] = []
         found = 0   # finals to replay among the lines read
         stopped = False
+        vanished = False
         for path in reversed(paths):
+            empty = True
             with contextlib.closing(self._lines(path, newest_first=True)) as backward:
                 for line in backward:
+                    empty = False
                     newest_first.append(line)
                     if not isinstance(line, JournalRecord):
                         continue
@@ -1028,15 +1039,20 @@ class Journal:
                     if line.seq <= since or (limit is not None and found > limit):
                         stopped = True
                         break
+            # Nothing read and gone: deleted since the listing (file names
+            # are never used again).
+            vanished = vanished or (empty and not path.exists())
             if stopped:
                 break
         # Rotation deletes the lowest indices: if file 1 is gone, finals
         # before the oldest kept record may be missing. Lines left unread
         # hold only finals at or before since, or finals past the limit
-        # (then covered_from is set past them below).
+        # (then covered_from is set past them below). A file gone since the
+        # listing (rotated or pruned away while another thread read) is
+        # as good as gone before it.
         first_file = parse_file_name(paths[0].name)
         complete = (first_file is not None and first_file.index == 1
-                    and stream not in self._renumbered)
+                    and not vanished and stream not in self._renumbered)
         records: list[JournalRecord] = []
         covered_from: int | None = None
         first_reserved: int | None = None
@@ -1079,8 +1095,9 @@ class Journal:
 
     def _scan(self, stream: str | None) -> dict[str, list[Path]]:
         # A week of retention may hold the files of thousands of streams, and
-        # a stream's first record and a resume run on the event loop: names
-        # that cannot be the stream's are skipped before they are parsed.
+        # a stream's first record runs on the event loop (a resume reads
+        # once per stream): names that cannot be the stream's are skipped
+        # before they are parsed.
         prefix = "" if stream is None else f"{quote(stream, safe='')}."
         found: dict[str, list[tuple[int, Path]]] = {}
         if not self._dir.is_dir():
