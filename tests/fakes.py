@@ -1,7 +1,8 @@
 """Test doubles for the model: backends that replay scripted text.
 
 They stand in for a real model only where the test is about the engine's
-plumbing (scheduling, failures, timing), not about recognition.
+plumbing (scheduling, failures, timing), not about recognition. Also a gate
+in front of the real journal's reads (:class:`GatedSource`).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import numpy as np
 import numpy.typing as npt
 
 from evoxtral_stream.engine.backends.base import Done, Job
+from evoxtral_stream.server.broadcast import HistorySource, SourceReplay
 
 __all__ = [
     "AdapterScriptedBackend",
     "GatedBackend",
+    "GatedSource",
     "LanguageScriptedBackend",
     "ScriptedBackend",
     "SteppingScriptedBackend",
@@ -81,6 +84,33 @@ class GatedBackend(ScriptedBackend):
         self.entered.set()
         self._gate.wait(10)
         return super().transcribe(batch)
+
+
+class GatedSource:
+    """A history source (the real journal) whose reads wait until ``release()``.
+
+    ``entered`` is set when a read waits; ``released`` says whether every
+    read was let through by ``release()`` rather than by the timeout (a read
+    on the event loop blocks the test's own coroutines, so the test cannot
+    release it: it waits out ``timeout``).
+    """
+
+    def __init__(self, source: HistorySource, timeout: float = 3.0) -> None:
+        self._source = source
+        self._timeout = timeout
+        self._gate = threading.Event()
+        self.entered = threading.Event()
+        self.released = True
+
+    def release(self) -> None:
+        self._gate.set()
+
+    def replay(self, stream: str, since: int, before: int | None = None,
+               limit: int | None = None) -> SourceReplay | None:
+        self.entered.set()
+        if not self._gate.wait(self._timeout):
+            self.released = False
+        return self._source.replay(stream, since, before, limit)
 
 
 class AdapterScriptedBackend(ScriptedBackend):

@@ -47,7 +47,7 @@ from evoxtral_stream.events import (
 )
 from evoxtral_stream.server.broadcast import Broadcaster, Subscription
 from evoxtral_stream.server.protocol import decode_caption, encode_event, parse_epoch
-from tests.fakes import ScriptedBackend
+from tests.fakes import GatedSource, ScriptedBackend
 from tests.helpers.audio import buzz
 
 
@@ -206,6 +206,36 @@ async def test_after_a_restart_resume_comes_from_the_journal_and_seq_continues(
         assert all(json.loads(m)["type"] != "gap" for m in again.backlog)
         # A stream nobody journaled is unknown, as before.
         assert [json.loads(m)["type"] for m in b.subscribe(since={"x": 4}).backlog] == ["gap"]
+
+
+async def test_a_resume_read_off_the_loop_gives_what_the_stream_did_meanwhile_once(
+        tmp_path: Path) -> None:
+    """The resume's journal read runs on a worker thread while the loop goes
+    on writing: here the stream is opened again, captions twice and ends
+    while the read waits. The subscription gets the old finals from the
+    journal, then the new run live, each once: the read leaves out the
+    finals given after the resume was asked, and the journal's new end
+    (which the live events carry)."""
+    cfg = config(tmp_path)
+    async with Engine(cfg, ScriptedBackend()) as engine:
+        await run_stream(engine, "mic", 3)
+    async with Engine(cfg, ScriptedBackend()) as engine:
+        assert engine.journal is not None
+        gated = GatedSource(engine.journal)
+        b = Broadcaster(16, encode_event, history=100, source=gated,
+                        last_seq=engine.last_seq)
+        engine.add_listener(b.publish)
+        resuming = asyncio.ensure_future(b.resume(["mic"], since={"mic": 1}))
+        assert await asyncio.to_thread(gated.entered.wait, 10)
+        await run_stream(engine, "mic", 2)
+        gated.release()
+        sub = await resuming
+        got = [json.loads(m) for m in sub.backlog]
+        got += [json.loads(sub.queue.get_nowait()) for _ in range(sub.queue.qsize())]
+    base = 1 + SEQ_RESERVE_BLOCK
+    assert [m.get("seq", m["type"]) for m in got] == [
+        2, 3, "stream.started", base + 1, base + 2, "stream.ended"]
+    assert gated.released
 
 
 async def test_a_journal_file_gone_unreadable_gives_a_resume_a_gap_not_an_error(

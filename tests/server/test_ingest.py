@@ -26,6 +26,7 @@ from evoxtral_stream.server.app import CaptionServer
 from tests.docs_schema import validate_message
 from tests.fakes import (
     AdapterScriptedBackend,
+    GatedSource,
     LanguageScriptedBackend,
     ScriptedBackend,
     words_so_far,
@@ -477,6 +478,36 @@ async def test_a_since_past_every_seq_journaled_gets_a_null_gap_after_a_restart(
             await ws.recv()
             replay = await until_ended(ws)
         assert replay[0] == {"type": "gap", "stream": "talk", "from": 501, "to": None}
+        finals = [m for m in replay if m["type"] == "caption"]
+        assert finals and all(m["final"] for m in finals)
+
+
+async def test_a_resume_from_the_journal_lets_other_clients_be_served_meanwhile(
+        tmp_path: Path) -> None:
+    """A resume read the journal on the event loop: one naming hundreds of
+    journaled streams held every other client up meanwhile (300 streams of
+    1000 finals: 2 s on a 2-core machine). It is read on a worker thread:
+    while that read is held, another subscriber gets its hello; the resume
+    then gets the journal's finals and the stream's end."""
+    cfg = config(**{"journal.enabled": True, "journal.dir": str(tmp_path / "j")})
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        await ingest(server.port, "talk", {"sample_rate": 16000},
+                     audio.astype("<i2").tobytes())
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        assert server.broadcaster.source is not None
+        gated = server.broadcaster.source = GatedSource(server.broadcaster.source)
+        url = f"ws://127.0.0.1:{server.port}/v1/captions"
+        async with connect(f"{url}?since=talk:0") as resumed:
+            assert await asyncio.to_thread(gated.entered.wait, 10)
+            async with connect(url) as other:
+                assert (await recv_json(other, timeout=10))["type"] == "hello"
+            gated.release()
+            assert (await recv_json(resumed))["type"] == "hello"
+            replay = await until_ended(resumed)
+        assert gated.released, "the read held the loop: the other client waited for it"
         finals = [m for m in replay if m["type"] == "caption"]
         assert finals and all(m["final"] for m in finals)
 

@@ -531,23 +531,24 @@ class CaptionServer:
                                f"{grant.token.max_subscribers} subscribers (its max_subscribers)")
             return
         engine = self._engine
+        default = engine.config.model.language
+        # Only the streams asked for: a token limited to some streams does not
+        # learn the names of the others. As of the subscription (made without
+        # a pause in between), whose events then tell what changes.
+        open_now = sorted(s for s in engine.streams if not names or s in names)
+        hello = encode_hello(engine.backend.name, open_now, _CAPABILITIES,
+                             [default, *(code for code in engine.languages if code != default)],
+                             engine.adapter_names, epoch=engine.epoch)
         try:
-            sub = self.broadcaster.subscribe(
+            # A resume reads the journal here, off the loop.
+            sub = await self.broadcaster.resume(
                 names or None, since, renumbered=epoch is not None and epoch != engine.epoch)
         except BaseException:
-            # (A resume reads the journal here.) The place is given back below
-            # only for a subscription that started.
+            # The place is given back below only for a subscription that started.
             self._usage.release(grant.token, "subscribers")
             raise
         try:
-            default = engine.config.model.language
-            # Only the streams asked for: a token limited to some streams
-            # does not learn the names of the others.
-            open_now = sorted(s for s in engine.streams if not names or s in names)
-            await ws.send(encode_hello(
-                engine.backend.name, open_now, _CAPABILITIES,
-                [default, *(code for code in engine.languages if code != default)],
-                engine.adapter_names, epoch=engine.epoch))
+            await ws.send(hello)
             await self._relay(ws, sub, self._ignore_incoming(ws))
         finally:
             self.broadcaster.unsubscribe(sub)
