@@ -229,6 +229,13 @@ def test_token_entries_load_with_defaults() -> None:
      "openai-beta.realtime-v1",
      "< Sec-WebSocket-Protocol: realtime, openai-insecure-api-key.***, "
      "openai-beta.realtime-v1"),
+    # A quote that closes a quoted URL or name stays (errors quote what they
+    # refused); one inside a token is part of it.
+    ("got 'ws://h/?token=s3cr3t'", "got 'ws://h/?token=***'"),
+    ('url "ws://h/?a=1&token=s3cr3t".', 'url "ws://h/?a=1&token=***".'),
+    ("['ws://h/?token=s3cr3t', 'x']", "['ws://h/?token=***', 'x']"),
+    ("got 'evoxtral.token.s3cr3t')", "got 'evoxtral.token.***')"),
+    ("?token=it's-s3cr3t and more", "?token=*** and more"),
     # Nothing to redact: unchanged.
     ("< Host: 127.0.0.1:8765", "< Host: 127.0.0.1:8765"),
     ("< GET /v1/captions?stream=token HTTP/1.1", "< GET /v1/captions?stream=token HTTP/1.1"),
@@ -289,8 +296,8 @@ def test_a_record_whose_args_do_not_fit_is_kept_but_redacted() -> None:
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "%d %s",
                                ("?token=s3cr3t",), None)
     assert RedactTokens().filter(record) is True
-    # A query value runs to the next parameter or blank: the quote goes too.
-    assert record.getMessage() == "%d %s (arguments that do not fit: ('?token=***"
+    # A query value runs to the next parameter, a blank or a closing quote.
+    assert record.getMessage() == "%d %s (arguments that do not fit: ('?token=***',))"
 
 
 # --- over sockets ---------------------------------------------------------------

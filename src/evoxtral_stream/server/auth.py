@@ -455,18 +455,24 @@ _AUTH_LINE = re.compile(
 _AUTH_INLINE = re.compile(
     r"(?P<head>\b(?:proxy-)?authorization['\"]?[ \t]*[:=][ \t]*['\"]?" + _SCHEME + r")"
     r"(?P<secret>[^\s'\",;]+)", re.IGNORECASE)
+# A quote that closes a quoted URL or name (``got 'ws://h/?token=X'``): one
+# followed by the end, a blank or closing punctuation. It ends the secret
+# and stays in the text; a quote inside a token (``a'b``) does not.
+_CLOSING_QUOTE = r"""['"](?=[\s,;:.)\]}>]|$)"""
 # The subprotocol carrier, wherever it appears (the offered list, the one the
 # server selects and echoes): a subprotocol name holds no blank or comma.
 # OpenAI's browser clients offer their API key the same way on /v1/realtime:
 # no token here, but a real key the user's code may hold.
 _SUBPROTOCOL = re.compile(r"(?P<head>(?:" + re.escape(SUBPROTOCOL_PREFIX)
                           + r"|" + re.escape(OPENAI_KEY_PREFIX) + r"))"
-                          r"(?P<secret>[^\s,\"]+)", re.IGNORECASE)
+                          r"(?P<secret>(?:(?!" + _CLOSING_QUOTE + r")[^\s,\"])+)",
+                          re.IGNORECASE)
 # The query carrier, in a request line or a URL: up to the next parameter.
 # The server percent-decodes query keys (``?%74oken=`` is ``?token=``), so
 # every spelling of the key that decodes to ``token`` is matched.
 _QUERY_KEY = "".join(f"(?:{c}|%{ord(c):02x}|%{ord(c.upper()):02x})" for c in "token")
-_QUERY = re.compile(r"(?P<head>[?&]" + _QUERY_KEY + r"=)(?P<secret>[^&#\s]+)", re.IGNORECASE)
+_QUERY = re.compile(r"(?P<head>[?&]" + _QUERY_KEY + r"=)"
+                    r"(?P<secret>(?:(?!" + _CLOSING_QUOTE + r")[^&#\s])+)", re.IGNORECASE)
 
 
 def redact_tokens(text: str) -> str:
@@ -475,9 +481,10 @@ def redact_tokens(text: str) -> str:
     Covers the three carriers: ``Authorization`` values of any scheme (the
     scheme is kept; ``Proxy-Authorization`` too; any case), the part after
     ``evoxtral.token.`` (or OpenAI's ``openai-insecure-api-key.``) of a
-    subprotocol, and ``token=`` query values. Errs
-    on the side of redacting: prose such as ``Authorization: Bearer TOKEN``
-    is redacted as well.
+    subprotocol, and ``token=`` query values; a quote that closes a quoted
+    URL or name stays (``got '...?token=***'``). Errs on the side of
+    redacting: prose such as ``Authorization: Bearer TOKEN`` is redacted as
+    well.
     """
     for pattern in (_AUTH_LINE, _AUTH_INLINE, _SUBPROTOCOL, _QUERY):
         text = pattern.sub(lambda m: m["head"] + REDACTED, text)
