@@ -1134,6 +1134,74 @@ def test_usage_and_error_lines_in_text_mode_redact_tokens_as_json_mode_does() ->
     assert "Traceback" in proc.stderr and "s3cret" not in proc.stderr, proc.stderr
 
 
+# Each a way a secret reaches a config error: (--set value, or a config file
+# when it holds a newline; what the error must say). "hunter2" and 987654321
+# stand for the secret.
+_SECRET_ERRORS = [
+    ('auth.tokens=["hunter2"]', "auth.tokens[0] must be a table, got <redacted> (text)"),
+    ('auth.tokens="hunter2"', "auth.tokens must be an array, got <redacted> (text)"),
+    ('auth.tokens={hash="hunter2"}', "auth.tokens must be an array, got <redacted> (a table)"),
+    ('auth="hunter2"', "auth must be a table, got <redacted>"),
+    ('auth.tokens=[{hash="hunter2", roles=["subscribe"]}]',
+     "got <redacted>: it does not start with sha256:"),
+    ('auth.tokens=[{hash="sha256:hunter2", roles=["subscribe"]}]',
+     "got <redacted>: its digest is not 64 characters long"),
+    (f'auth.tokens=[{{hash="sha256:{"A" * 57}hunter2", roles=["subscribe"]}}]',
+     "got <redacted>: its digest holds characters other than 0-9 and a-f"),
+    ('auth.tokens=[{hash=["hunter2"], roles=["subscribe"]}]',
+     "auth.tokens[0].hash must be str, got <redacted> (an array)"),
+    ('mqtt.password=["hunter2"]', "mqtt.password must be str, got <redacted> (an array)"),
+    ('mqtt.password.x="hunter2"', "mqtt.password must be str, got <redacted> (a table)"),
+    ("mqtt.host=mqtt://cam:pw@hunter2@broker:1883", "got 'mqtt://<redacted>@broker:1883'"),
+    ('[mqtt]\nusername = "u"\npassword = ["hunter2"]\n', "mqtt.password must be str"),
+    ('[[auth.tokens]]\nhash = "hunter2"\nroles = ["admin"]\n', "does not start with sha256:"),
+    ('[[auth.tokens]]\nhash = 987654321\nroles = ["admin"]\n',
+     "auth.tokens[0].hash must be text: quote it"),
+    ('[auth]\ntokens = ["hunter2"]\n', "auth.tokens[0] must be a table, got <redacted>"),
+    ('mqtt = "hunter2"\n', "mqtt must be a table, got <redacted>"),
+    ('[mqtt]\npasswd = "hunter2"\n', "unknown config key 'mqtt.passwd'"),
+]
+
+
+@pytest.mark.parametrize(("given", "expected"), _SECRET_ERRORS)
+def test_config_errors_say_what_is_wrong_with_a_secret_without_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        given: str, expected: str) -> None:
+    """A bad auth.tokens value (a token pasted where its hash goes, say) or
+    mqtt.password was quoted back in the error line, so into the journal or
+    a CI log: `got 'hunter2'`, or a bad hash's first 16 characters. Now the
+    line says what is wrong and "<redacted>" where the value was; from a
+    --set, a --config file or $EVOXTRAL_CONFIG alike (and config, serve and
+    reload print the same message)."""
+    from evoxtral_stream import cli as cli_module
+
+    if "\n" in given:
+        mine = tmp_path / "mine.toml"
+        mine.write_text(given)
+        monkeypatch.setenv("EVOXTRAL_CONFIG", str(mine))
+        argv = ["config"]
+    else:
+        argv = ["config", "--set", given]
+    with pytest.raises(SystemExit) as exc:
+        cli_module.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "hunter2" not in err and "987654321" not in err, err
+    [line] = err.splitlines()
+    assert line.startswith("evoxtral-stream: error: ") and expected in line, line
+
+
+def test_json_error_records_do_not_hold_a_secret_either(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[[auth.tokens]]\nhash = "sha256:hunter2"\nroles = ["admin"]\n')
+    for args in (["--config", str(mine)], ["--set", 'mqtt.password=["hunter2"]']):
+        proc = cli("config", "--log-format", "json", *args)
+        assert proc.returncode == 2, proc.stderr
+        [record] = _json_lines(proc.stderr)
+        assert record["level"] == "ERROR" and "<redacted>" in record["msg"], record
+        assert "hunter2" not in proc.stderr, proc.stderr
+
+
 def test_config_prints_the_effective_config_and_checks_it(tmp_path: Path) -> None:
     mine = tmp_path / "mine.toml"
     mine.write_text("[server]\nport = 9100\n[mqtt]\nusername = \"cam\"\npassword = \"s3cret\"\n")

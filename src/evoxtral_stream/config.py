@@ -299,7 +299,7 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any], prefix: str = "") -> N
         dotted = f"{prefix}{key}"
         if dotted in _OPEN_TABLES:
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{dotted} must be a table, got {value!r}")
+                raise ConfigError(f"{dotted} must be a table, got {_shown(dotted, value)}")
             base[key] = {**base.get(key, {}), **value}
             continue
         if key not in base:
@@ -307,7 +307,7 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any], prefix: str = "") -> N
             raise ConfigError(f"unknown config key {dotted!r} (known here: {allowed})")
         if isinstance(base[key], dict):
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{dotted} must be a table, got {value!r}")
+                raise ConfigError(f"{dotted} must be a table, got {_shown(dotted, value)}")
             _merge(base[key], value, dotted + ".")
         else:
             base[key] = value
@@ -327,20 +327,20 @@ def _check_value(dotted: str, value: object, tp: object, meta: Mapping[str, Any]
     if isinstance(value, float) and not math.isfinite(value):
         # TOML reads nan (and inf); every comparison with nan is false, so a
         # range check alone would let it through.
-        raise ConfigError(f"{dotted} must be a finite number, got {value!r}")
+        raise ConfigError(f"{dotted} must be a finite number, got {_shown(dotted, value)}")
     ok = isinstance(value, tp) if isinstance(tp, type) else True
     if isinstance(value, bool) and tp in (int, float):
         ok = False
     if not ok:
-        raise ConfigError(f"{dotted} must be {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{dotted} must be {_type_name(tp)}, got {_shown(dotted, value)}")
     if "range" in meta:
         lo, hi = meta["range"]
         assert isinstance(value, (int, float))
         if (lo is not None and value < lo) or (hi is not None and value > hi):
-            raise ConfigError(f"{dotted} must be {lo}..{hi}, got {value!r}")
+            raise ConfigError(f"{dotted} must be {lo}..{hi}, got {_shown(dotted, value)}")
     if "choices" in meta and value not in meta["choices"]:
         allowed = ", ".join(repr(c) for c in meta["choices"])
-        raise ConfigError(f"{dotted} must be one of {allowed}, got {value!r}")
+        raise ConfigError(f"{dotted} must be one of {allowed}, got {_shown(dotted, value)}")
     return value
 
 
@@ -348,7 +348,7 @@ def _build_array(dotted: str, value: object, tp: object) -> tuple[Any, ...]:
     """An array key: ``tuple[str, ...]`` or an array of tables (``[[a.b]]``)."""
     (item_tp, _) = typing.get_args(tp)
     if not isinstance(value, list | tuple):
-        raise ConfigError(f"{dotted} must be an array, got {value!r}")
+        raise ConfigError(f"{dotted} must be an array, got {_shown(dotted, value)}")
     if not (dataclasses.is_dataclass(item_tp) and isinstance(item_tp, type)):
         return tuple(_check_value(f"{dotted}[{i}]", v, item_tp, {}) for i, v in enumerate(value))
     out = []
@@ -356,7 +356,7 @@ def _build_array(dotted: str, value: object, tp: object) -> tuple[Any, ...]:
     for i, item in enumerate(value):
         where = f"{dotted}[{i}]"
         if not isinstance(item, Mapping):
-            raise ConfigError(f"{where} must be a table, got {item!r}")
+            raise ConfigError(f"{where} must be a table, got {_shown(where, item)}")
         # Arrays of tables are not merged with defaults, so check names here.
         unknown = sorted(set(item) - known)
         if unknown:
@@ -385,11 +385,12 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
         elif typing.get_origin(tp) is dict:
             if not isinstance(value, Mapping) or not all(
                     isinstance(k, str) and isinstance(v, str) and v for k, v in value.items()):
-                raise ConfigError(f"{dotted} must be a table of name = \"text\", got {value!r}")
+                raise ConfigError(f"{dotted} must be a table of name = \"text\", "
+                                  f"got {_shown(dotted, value)}")
             kwargs[f.name] = dict(value)
         elif dataclasses.is_dataclass(tp) and isinstance(tp, type):
             if not isinstance(value, Mapping):
-                raise ConfigError(f"{dotted} must be a table, got {value!r}")
+                raise ConfigError(f"{dotted} must be a table, got {_shown(dotted, value)}")
             kwargs[f.name] = _build(tp, value, dotted + ".")
         else:
             if isinstance(tp, types.UnionType):
@@ -403,7 +404,34 @@ def _build(cls: type[T], data: Mapping[str, Any], prefix: str) -> T:
 REDACTED = "<redacted>"
 # Values that are secrets in their own right (token hashes are not).
 _SECRET_KEYS = frozenset({"mqtt.password"})
+# What no error quotes (array indices left out): the secrets, and token
+# hashes too, as a bad one is most often the token itself pasted there.
+_SECRET_IN_ERRORS = _SECRET_KEYS | {"auth.tokens.hash"}
+_INDEX = re.compile(r"\[\d+\]")
+# The kind of a value, in TOML's words, for an error that cannot show it.
+_KINDS = ((bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "text"),
+          (list, "an array"), (tuple, "an array"), (Mapping, "a table"))
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _is_secret(dotted: str) -> bool:
+    """Whether an error about ``dotted`` must not quote its value: a secret
+    key, a key within one, or a table or array that may hold one (the
+    value of ``auth.tokens``, or of one entry, may be a token)."""
+    path = _INDEX.sub("", dotted)
+    return any(path == s or s.startswith(path + ".") or path.startswith(s + ".")
+               for s in _SECRET_IN_ERRORS)
+
+
+def _shown(dotted: str, value: object) -> str:
+    """``value`` of key ``dotted`` as an error quotes it: its repr, or for a
+    secret (:func:`_is_secret`) :data:`REDACTED` and the kind of value it is."""
+    if not _is_secret(dotted):
+        return repr(value)
+    if isinstance(value, _SetText):
+        value = value.parsed  # ``--set auth.tokens=12`` gave a number, not text
+    kind = next((name for tp, name in _KINDS if isinstance(value, tp)), type(value).__name__)
+    return f"{REDACTED} ({kind})"
 
 
 def _toml_string(text: str) -> str:
@@ -463,7 +491,7 @@ def _number_as_text(dotted: str, value: float, meta: Mapping[str, Any]) -> objec
         return str(value)
     if "choices" in meta:
         return value
-    got = "" if dotted in _SECRET_KEYS else f", got the number {value!r}"
+    got = "" if _is_secret(dotted) else f", got the number {value!r}"
     key = dotted.rsplit(".", 1)[-1]
     raise ConfigError(f'{dotted} must be text{got}: quote it: {key} = "..."')
 
@@ -596,8 +624,10 @@ class MqttConfig:
         # the engine would only log the broker as unreachable, for ever. (Two
         # colons or more are an IPv6 address.)
         if not h or any(c.isspace() for c in h) or "/" in h or "@" in h or h.count(":") == 1:
+            # A URL's user:password@ is not quoted back.
+            shown = re.sub(r"^(\w[\w+.-]*://)?.*@", rf"\g<1>{REDACTED}@", h)
             raise ConfigError(f"mqtt.host must be a host name or address (the port goes in "
-                              f"mqtt.port, credentials in mqtt.username), got {h!r}")
+                              f"mqtt.port, credentials in mqtt.username), got {shown!r}")
         if self.reconnect_min_s > self.reconnect_max_s:
             raise ConfigError(
                 f"mqtt.reconnect_min_s must be at most mqtt.reconnect_max_s "
@@ -679,12 +709,16 @@ class AuthTokenConfig:
     max_subscribers: int = field(default=0, metadata=_range(0, 1_000_000))
 
     def __post_init__(self) -> None:
+        # What is wrong, never the value: a bad hash is most often the token.
         digest = self.hash.removeprefix(_HASH_PREFIX)
-        if (not self.hash.startswith(_HASH_PREFIX) or len(digest) != 64
-                or any(c not in "0123456789abcdef" for c in digest)):
+        wrong = ("it does not start with sha256:" if not self.hash.startswith(_HASH_PREFIX)
+                 else "its digest is not 64 characters long" if len(digest) != 64
+                 else "its digest holds characters other than 0-9 and a-f"
+                 if any(c not in "0123456789abcdef" for c in digest) else None)
+        if wrong is not None:
             raise ConfigError(
-                f"auth.tokens hash must be sha256:<64 lowercase hex digits> (print one with "
-                f"`evoxtral-stream hash-token`), got {self.hash[:16]!r}...")
+                f"auth.tokens hash must be sha256:<64 lowercase hex digits>, the hash of the "
+                f"token (print it with `evoxtral-stream hash-token`), got {REDACTED}: {wrong}")
         bad = [r for r in self.roles if r not in ("ingest", "subscribe", "admin")]
         if bad or not self.roles:
             raise ConfigError(f"auth.tokens roles must be some of 'ingest', 'subscribe', "
