@@ -900,6 +900,56 @@ def test_an_unsafe_bind_is_one_line_before_the_model_loads() -> None:
         assert "backend:" not in proc.stderr  # refused before the model was loaded
 
 
+# The real command line, with a model loader that ends it, saying so.
+_NO_MODEL = r"""
+import sys
+from evoxtral_stream import cli as cli_module
+def load(cfg):
+    sys.exit("the model loader was called")
+cli_module.load_backend = load
+sys.exit(cli_module.main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """(tls_cert, tls_key) pairs by name: a good one and three that do not load."""
+    from tests.helpers.pki import self_signed
+
+    cert, key = self_signed(tmp_path_factory.mktemp("tls"))
+    _, other_key = self_signed(tmp_path_factory.mktemp("other"))
+    return {"good": (cert, key), "mismatched": (cert, other_key),
+            "encrypted": (cert, key.parent / "encrypted.key"),
+            "missing": (cert, key.parent / "none.pem")}
+
+
+@pytest.mark.parametrize("command", [["serve", "--source", "none"],
+                                     ["transcribe", "--sample", "--serve"], ["config"]])
+def test_tls_files_that_do_not_load_stop_serving_before_the_model_loads(
+        tls_files: dict[str, tuple[Path, Path]], command: list[str]) -> None:
+    """docs/config.md: an unreadable, mismatched or encrypted pair stops the
+    start with one line. serve and transcribe --serve said it only once the
+    server started, after the model had loaded (a minute for Voxtral); config,
+    which checks what serve would refuse, printed the pair with status 0."""
+    root = Path(__file__).resolve().parents[1]
+    expected = {"mismatched": "are not a PEM certificate and its private key",
+                "encrypted": "is encrypted; give an unencrypted key",
+                "missing": "is not a file"}
+    for which, needle in expected.items():
+        cert, key = tls_files[which]
+        proc = subprocess.run(
+            [sys.executable, "-c", _NO_MODEL, *command, "--port", "0",
+             "--set", f"server.tls_cert={cert}", "--set", f"server.tls_key={key}"],
+            capture_output=True, text=True, timeout=60, cwd=root,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{root / 'src'}:{root}"})
+        assert "model loader" not in proc.stderr, (which, proc.stderr)
+        one_error_line(proc, "server.tls_", needle)
+    if command == ["config"]:  # a pair that loads passes the check
+        cert, key = tls_files["good"]
+        proc = cli("config", "--set", f"server.tls_cert={cert}", "--set", f"server.tls_key={key}")
+        assert proc.returncode == 0, proc.stderr
+
+
 def test_subtitle_tag_styles_and_layout_come_from_config(tmp_path: Path) -> None:
     from tests.speech import speak
 

@@ -292,8 +292,9 @@ def _parser() -> argparse.ArgumentParser:
                                     "with (the defaults, then the config file, then --set "
                                     "and the shortcut flags), as a complete config file; "
                                     "secrets read \"<redacted>\". A bad value, or what serve "
-                                    "would refuse at start (an unsafe bind, MQTT without "
-                                    "aiomqtt), is one error line and exit status 2.")
+                                    "would refuse at start (an unsafe bind, TLS files that "
+                                    "do not load, MQTT without aiomqtt), is one error line "
+                                    "and exit status 2.")
     # The shortcuts of serve and transcribe, so their command lines can be checked.
     cf.add_argument("--host", help="override server.host")
     cf.add_argument("--port", type=int, help="override server.port")
@@ -1193,10 +1194,14 @@ def _service_snapshot(engine: Engine, url: str) -> Snapshot:
 def _check_serving(cfg: Config) -> None:
     """What serving refuses from the configuration alone, before the model
     loads (``serve``, ``transcribe --serve``; ``config`` checks it too): a
-    non-loopback bind without tokens, MQTT without aiomqtt."""
-    from .server.auth import check_bind
+    non-loopback bind without tokens, TLS files that do not load, MQTT
+    without aiomqtt."""
+    from .server.auth import check_bind, tls_context
 
     check_bind(cfg.server.host, cfg.auth.tokens, cfg.server.allow_anonymous)
+    # Loaded as the server loads them at its start, which reads them again:
+    # the context made here is dropped.
+    tls_context(cfg.server.tls_cert, cfg.server.tls_key)
     _check_mqtt_extra(cfg)
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import ssl
-import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -19,25 +17,14 @@ from evoxtral_stream.config import ConfigError, load_config
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.server.app import CaptionServer
 from tests.fakes import ScriptedBackend
+from tests.helpers.pki import self_signed
 
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1: (cert, key) PEM paths; beside them,
     ``encrypted.key`` is the key under a passphrase."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl not installed")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
-    subprocess.run([openssl, "pkey", "-in", str(key), "-aes256", "-passout", "pass:secret",
-                    "-out", str(folder / "encrypted.key")],
-                   check=True, capture_output=True, timeout=60)
-    return cert, key
+    return self_signed(tmp_path_factory.mktemp("tls"))
 
 
 async def test_wss_and_https_work_and_plain_ws_fails(certificate: tuple[Path, Path]) -> None:
