@@ -126,6 +126,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_decoding(tmp_path: Pa
     assert not subs.exists() and "model worker started" not in proc.stderr
     one_error_line(cli("transcribe", str(a), str(b), "--srt", f"{tmp_path}/o/",
                        "--jsonl", f"{tmp_path}/o/b.srt"), "--srt and --jsonl would both write")
+    assert not (tmp_path / "o").exists(), "the folder made for --srt is left behind"
     # An output onto an input: the audio used to be replaced by subtitles.
     one_error_line(cli("transcribe", str(a), str(b), "--jsonl", str(b)),
                    f"--jsonl {b} is one of the audio files", "would be overwritten")

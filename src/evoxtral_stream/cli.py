@@ -440,9 +440,18 @@ def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence
     a folder. ``staged``: subtitles are written to ``.part`` files first
     (:func:`.outputs.part_path`), which count as outputs of their flag too.
     Returns the folders it made (not those that were there), for
-    :func:`_unmade_if_empty`."""
-    many = len(streams) > 1
+    :func:`_unmade_if_empty`; a refusal removes them first."""
     made: list[Path] = []
+    with _unmade_if_empty(made):  # a refusal found after a folder was made
+        _check_outputs(outputs, inputs, streams, inputs_are, staged, made)
+    return made
+
+
+def _check_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence[Path],
+                   streams: Sequence[str], inputs_are: str, staged: bool,
+                   made: list[Path]) -> None:
+    """:func:`_prepare_outputs`, adding each folder it makes to ``made``."""
+    many = len(streams) > 1
     for flag, raw in outputs:
         if raw is None:
             continue
@@ -493,7 +502,6 @@ def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence
             if other != flag:
                 raise UserError(f"{other} and {flag} would both write {path}: "
                                 "name a file for each, or one folder")
-    return made
 
 
 @contextlib.contextmanager
@@ -776,13 +784,14 @@ def _cmd_subtitles(args: argparse.Namespace, cfg: Config) -> int:
     outputs = (("--srt", args.srt), ("--vtt", args.vtt), ("--text", args.text))
     many = len(sessions) > 1
     names = _session_names(sessions)
-    _prepare_outputs(outputs, paths, names, "recordings")
+    made = _prepare_outputs(outputs, paths, names, "recordings")
     if any(raw for _, raw in outputs):
         failed: list[UserError] = []
-        for session, name in zip(sessions, names, strict=True):
-            _attempt(failed, _write_captions, cfg, outputs, name, session.finals, many,
-                     session.duration)
-        _raise_first(failed)
+        with _unmade_if_empty(made):  # nothing written: no folder left empty
+            for session, name in zip(sessions, names, strict=True):
+                _attempt(failed, _write_captions, cfg, outputs, name, session.finals, many,
+                         session.duration)
+            _raise_first(failed)
     else:
         try:
             for session, name in zip(sessions, names, strict=True):

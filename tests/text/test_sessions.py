@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -148,6 +150,40 @@ def test_subtitles_errors_are_one_line(argv: list[str], message: str, tmp_path: 
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_subtitles_that_write_nothing_leave_no_folder_they_made(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Output folders are made before the files are written: a refusal found
+    after (two flags onto one file) or files that cannot be written (a
+    folder the user may not write in, a full inode table) left the folders
+    it had made, empty. Now they go, as transcribe's do; one that was
+    there stays."""
+    events = tmp_path / "events.jsonl"
+    events.write_text(json.dumps(caption_to_dict(final("talk", 0, 1))) + "\n")
+    new, had = tmp_path / "new", tmp_path / "had"
+    had.mkdir()
+
+    def run(*argv: str) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            main(["subtitles", str(events), *argv])
+        assert exit_.value.code == 2
+        [line] = capsys.readouterr().err.strip().splitlines()
+        return line
+
+    line = run("--srt", f"{new}/subs/", "--vtt", f"{new}/subs/talk.srt")
+    assert "--srt and --vtt would both write" in line, line
+    assert not new.exists()
+
+    def refused(path: Path, *args: object, **kwargs: object) -> int:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(Path, "write_text", refused)
+    line = run("--srt", f"{new}/subs/", "--text", f"{had}/")
+    assert "cannot write" in line and "Permission denied" in line, line
+    assert not new.exists()
+    assert had.is_dir()
 
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
