@@ -81,7 +81,8 @@ def test_an_unwritable_outdir_is_refused_before_the_model_loads(
 ) -> None:
     """A full-size base takes minutes to load and merge: an OUTDIR that cannot
     be made is refused first (here under a file; the base is missing too, and
-    was what the line named), and a failed load leaves no folder behind."""
+    was what the line named), and a failed load leaves no folder behind: nor
+    the folders it made above OUTDIR, which it used to leave."""
     (tmp_path / "a-file").write_text("")
     broken = dataclasses.replace(tiny_cfg, base=str(tmp_path / "no-base"))
     with pytest.raises(ExportError, match=r"cannot write .*a-file/out"):
@@ -89,6 +90,9 @@ def test_an_unwritable_outdir_is_refused_before_the_model_loads(
     with pytest.raises(BackendUnavailable, match="does not exist"):
         export_merged(broken, tmp_path / "new")
     assert not (tmp_path / "new").exists()
+    with pytest.raises(BackendUnavailable, match="does not exist"):
+        export_merged(broken, tmp_path / "new" / "models" / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
 def test_a_write_that_fails_partway_leaves_nothing_and_the_next_try_works(

@@ -8,7 +8,7 @@ config, generation config, ``tekken.json`` and the feature-extractor config.
 
 from __future__ import annotations
 
-import contextlib
+import itertools
 import json
 import logging
 import os
@@ -59,7 +59,9 @@ def export_merged(cfg: VoxtralConfig, outdir: Path, *, max_shard_size: str = "5G
         # this in a folder that is gone.
         raise ExportError(f"{shown} is the current folder; name a new OUTDIR (or run this "
                           "from its parent)")
-    made = not outdir.exists()
+    # OUTDIR and the folders above it that mkdir makes, the deepest first.
+    made = list(itertools.takewhile(lambda p: not os.path.lexists(p),
+                                    (outdir, *outdir.parents)))
     stage = outdir.with_name(f".{outdir.name}.part")
     try:
         outdir.mkdir(parents=True, exist_ok=True)
@@ -67,9 +69,7 @@ def export_merged(cfg: VoxtralConfig, outdir: Path, *, max_shard_size: str = "5G
             shutil.rmtree(stage)  # left by an export that was killed
         stage.mkdir()
     except OSError as e:
-        if made:
-            with contextlib.suppress(OSError):
-                outdir.rmdir()
+        _remove_empty(made)
         raise ExportError(f"cannot write {shown}: {e.strerror or e}") from None
     try:
         _write_merged(cfg, stage, max_shard_size)
@@ -77,13 +77,21 @@ def export_merged(cfg: VoxtralConfig, outdir: Path, *, max_shard_size: str = "5G
         os.replace(stage, outdir)
     except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
-        if made:
-            with contextlib.suppress(OSError):
-                outdir.rmdir()
+        _remove_empty(made)
         if isinstance(e, OSError):
             raise ExportError(f"cannot write {shown}: {e.strerror or e}") from None
         raise
     log.info("merged model written to %s", shown)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders``, the deepest first, each only if empty (one that
+    cannot be removed keeps those above it too)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _write_merged(cfg: VoxtralConfig, outdir: Path, max_shard_size: str) -> None:
