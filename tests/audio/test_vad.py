@@ -54,9 +54,10 @@ def frames_signal(n_frames: int, voiced: Sequence[tuple[int, int]], amp: float =
     return to_int16(x)
 
 
-def run(seg: Segmenter, audio: Int16Array, chunks: Sequence[int] | None = None
-        ) -> list[SegmentEvent]:
-    """Feed ``audio`` whole or cut by cycling ``chunks``, then flush."""
+def run(seg: Segmenter, audio: Int16Array, chunks: Sequence[int] | None = None, *,
+        keep: bool = False) -> list[SegmentEvent]:
+    """Feed ``audio`` whole or cut by cycling ``chunks``, then flush
+    (``keep``: as a commit, ``flush(keep_candidate=True)``)."""
     events: list[SegmentEvent] = []
     if not chunks:
         events += seg.feed(audio)
@@ -67,7 +68,7 @@ def run(seg: Segmenter, audio: Int16Array, chunks: Sequence[int] | None = None
             events += seg.feed(audio[pos : pos + n])
             pos += n
             i += 1
-    events += seg.flush()
+    events += seg.flush(keep_candidate=keep)
     return events
 
 
@@ -259,10 +260,74 @@ def test_an_explicit_cut_keeps_a_candidate_shorter_than_min_speech(vad_cfg: VadC
     seg.feed(frames_signal(100, [(95, 100)]))  # 5 voiced frames: below the start ratio
     assert seg.state is SegmenterState.IDLE
     assert seg.flush(keep_candidate=True) == []
-    # A candidate that ended before the cut was dropped then (a click).
+
+
+def test_an_explicit_cut_keeps_short_speech_that_ended_before_it(vad_cfg: VadConfig) -> None:
+    """Push-to-talk: a short "Yes", then more than ``end_silence_ms`` of
+    silence, then the commit. The candidate ended unconfirmed, but no
+    segment came after it: ``flush(keep_candidate=True)`` makes it one, as
+    it would have been (pre-roll to last voiced frame + tail)."""
+    audio = frames_signal(100, [(40, 47)])  # 7 voiced frames, then 53 unvoiced
     seg = Segmenter(vad_cfg, classifier=loud)
-    assert seg.feed(frames_signal(100, [(40, 47)])) == []
+    assert seg.feed(audio) == []
+    assert seg.state is SegmenterState.IDLE
+    assert seg.candidate_start == 40 * F - 300 * MS
+    events = seg.flush(keep_candidate=True)
+    assert spans(collect_segments(events, audio)) == [(40 * F - 300 * MS, 47 * F + 200 * MS)]
+    assert events[-1] == SpeechEnded(47 * F + 200 * MS, forced=False)
+    assert seg.candidate_start is None and seg.position == len(audio)
+    # Only that flush emits it: a plain flush (end of input) drops it as a click.
+    assert run(Segmenter(vad_cfg, classifier=loud), audio) == []
+    # The next input starts afresh: nothing of it is kept past the flush.
     assert seg.flush(keep_candidate=True) == []
+
+    # Several short pieces since the last segment ("Yes ... no") make one
+    # segment from the first to the last, and so with a candidate under way.
+    two = frames_signal(100, [(20, 27), (60, 67)])
+    seg = Segmenter(vad_cfg, classifier=loud)
+    assert seg.feed(two) == []
+    events = seg.flush(keep_candidate=True)
+    assert spans(collect_segments(events, two)) == [(20 * F - 300 * MS, 67 * F + 200 * MS)]
+    under_way = frames_signal(70, [(20, 27), (63, 70)])
+    seg = Segmenter(vad_cfg, classifier=loud)
+    assert seg.feed(under_way) == []
+    assert seg.state is SegmenterState.PENDING
+    assert seg.candidate_start == 20 * F - 300 * MS
+    events = seg.flush(keep_candidate=True)
+    assert spans(collect_segments(events, under_way)) == [(20 * F - 300 * MS, 70 * F)]
+
+
+def test_short_speech_before_a_segment_is_not_brought_back(vad_cfg: VadConfig) -> None:
+    """The click filter still holds inside a dictation: a segment after the
+    short speech drops it, and the cut only closes that segment."""
+    for tail in (150, 250):  # the cut while the segment is open, and after its end
+        audio = frames_signal(tail, [(20, 27), (60, 110)])
+        plain, explicit = (Segmenter(vad_cfg, classifier=loud) for _ in range(2))
+        kept = explicit.feed(audio) + explicit.flush(keep_candidate=True)
+        assert norm(kept) == norm(plain.feed(audio) + plain.flush())
+        assert spans(collect_segments(kept, audio)) == [(60 * F - 300 * MS, 110 * F + 200 * MS)]
+
+
+def test_short_speech_is_kept_for_at_most_max_segment_s(vad_cfg: VadConfig) -> None:
+    """What a cut would keep fits one segment (``max_segment_s``): older
+    short speech is forgotten, with its audio (bounded memory)."""
+    cfg = dataclasses.replace(vad_cfg, max_segment_s=2.0, split_search_s=0.5)  # 66.7 frames
+    audio = frames_signal(130, [(10, 17), (60, 67)])
+    seg = Segmenter(cfg, classifier=loud)
+    seg.feed(audio[: 90 * F])
+    # The first piece (from frame 0) is too old to share a segment with the cut.
+    assert seg.candidate_start == 60 * F - 300 * MS
+    events = seg.flush(keep_candidate=True)
+    assert spans(collect_segments(events, audio)) == [(60 * F - 300 * MS, 67 * F + 200 * MS)]
+
+    seg = Segmenter(cfg, classifier=loud)
+    kept = 0
+    for i in range(130):
+        seg.feed(audio[i * F : (i + 1) * F])
+        kept = max(kept, sum(len(fr.samples) for fr in seg._frames))
+    assert seg.candidate_start is None  # frame 130: the second is too old as well
+    assert seg.flush(keep_candidate=True) == []
+    assert kept <= 2 * SAMPLE_RATE + F
 
 
 def test_input_after_flush_continues_the_sample_count(vad_cfg: VadConfig) -> None:
@@ -465,10 +530,12 @@ def test_property_chunking_invariance_and_invariants(
         end_silence_ms=500, end_tail_ms=200, pre_roll_ms=300, min_speech_ms=250,
         max_segment_s=2.0, split_search_s=0.5,
     )
-    whole = run(Segmenter(cfg, classifier=loud), audio)
-    assert norm(run(Segmenter(cfg, classifier=loud), audio, chunks)) == norm(whole)
-    segs = collect_segments(whole, audio)  # grammar, contiguity, no overlap, content
-    assert all(s.end - s.start <= 2 * SAMPLE_RATE for s in segs)
+    for keep in (False, True):  # end of input, and a commit
+        whole = run(Segmenter(cfg, classifier=loud), audio, keep=keep)
+        assert norm(run(Segmenter(cfg, classifier=loud), audio, chunks, keep=keep)) == \
+            norm(whole)
+        segs = collect_segments(whole, audio)  # grammar, contiguity, no overlap, content
+        assert all(s.end - s.start <= 2 * SAMPLE_RATE for s in segs)
 
 
 @needs_espeak

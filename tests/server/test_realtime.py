@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -33,6 +34,7 @@ from evoxtral_stream.events import (
     SAMPLE_RATE,
     CaptionEvent,
     Int16Array,
+    SpeechEnded,
     SpeechStarted,
     StreamError,
 )
@@ -495,13 +497,20 @@ def test_manual_commit_makes_one_item_of_the_buffer() -> None:
     assert evs[1]["transcript"] == ""
 
 
-def short_yes() -> bytes:
+def short_yes(pause_ms: int = 0) -> bytes:
     """A "Yes" clipped by push-to-talk, after 0.5 s of silence: speech the
-    segmenter detects but holds less voiced audio than ``vad.min_speech_ms``."""
-    yes = clipped_speech("Yes.", 200)
-    reference = Segmenter(load_config().vad)
-    reference.feed(yes)
-    assert reference.state is SegmenterState.PENDING  # a click to plain end of input
+    segmenter detects but holds less voiced audio than ``vad.min_speech_ms``.
+    ``pause_ms`` of silence follow it (the button released a moment later);
+    then the "Yes" is clipped harder (120 ms), as webrtcvad's own hangover
+    calls a few frames of the silence after speech voiced."""
+    yes = clipped_speech("Yes.", 120 if pause_ms else 200)
+    yes = np.concatenate((yes, np.zeros(pause_ms * SAMPLE_RATE // 1000, np.int16)))
+    vad = load_config().vad
+    reference = Segmenter(vad)
+    assert reference.feed(yes) == []  # a click to plain end of input
+    # Under way, or already ended (as a click would) after end_silence_ms.
+    ended = pause_ms >= vad.end_silence_ms + vad.frame_ms
+    assert reference.state is (SegmenterState.IDLE if ended else SegmenterState.PENDING)
     return pcm24(yes)
 
 
@@ -544,6 +553,66 @@ def test_a_server_vad_commit_makes_short_speech_a_turn() -> None:
     assert core.segments_opened == 1
     (err,) = events(core.receive('{"type": "input_audio_buffer.commit"}'))
     assert err["error"]["code"] == "input_audio_buffer_commit_empty"
+
+
+def test_a_commit_keeps_short_speech_that_ended_before_it() -> None:
+    """Push-to-talk released a moment after a short "Yes": the speech ended
+    (``vad.end_silence_ms`` of silence) before the commit, and nothing came
+    after it. The commit still makes it the item (turn detection off) or a
+    turn (server_vad); a turn after it drops it (the click filter)."""
+    vad = load_config().vad
+    core = new_core()
+    core.start()
+    core.receive(update_msg(None))
+    assert feed(core, short_yes(pause_ms=700)) == []
+    outs = core.receive('{"type": "input_audio_buffer.commit"}')
+    assert types(events(outs)) == ["input_audio_buffer.committed"]  # no empty completed
+    assert core.segments_opened == 1
+    (done,) = events(core.on_engine_event(caption(0, "Yes.", "", final=True)))[-1:]
+    assert done["transcript"] == "Yes."
+    assert done["usage"]["seconds"] > 1.3  # the whole buffer: 0.5 s, "Ye", 0.7 s
+
+    core = new_core()
+    core.start()
+    assert events(feed(core, short_yes(pause_ms=700))) == []
+    outs = core.receive('{"type": "input_audio_buffer.commit"}')
+    evs = events(outs)
+    assert types(evs) == ["input_audio_buffer.speech_started", "input_audio_buffer.committed"]
+    assert 500 - vad.pre_roll_ms - 30 <= evs[0]["audio_start_ms"] <= 500
+    assert [o for o in outs if isinstance(o, CutSegment)] == [CutSegment(keep_candidate=True)]
+    assert core.segments_opened == 1
+    (done,) = events(core.on_engine_event(caption(0, "Yes.", "", final=True)))[-1:]
+    assert (done["item_id"], done["transcript"]) == (evs[0]["item_id"], "Yes.")
+    assert done["usage"]["seconds"] < 0.5 + vad.pre_roll_ms / 1000  # the speech, not the pause
+
+    # Turn detection switched off meanwhile: it is speech not yet a turn,
+    # kept in the buffer for the next manual commit, as speech under way is.
+    core = new_core()
+    core.start()
+    feed(core, short_yes(pause_ms=700))
+    outs = core.receive(update_msg(None))
+    assert types(events(outs)) == ["session.updated"]
+    assert not [o for o in outs if isinstance(o, CutSegment)]
+    feed(core, b"\x00\x00" * INPUT_RATE)
+    assert types(events(core.receive('{"type": "input_audio_buffer.commit"}'))) == [
+        "input_audio_buffer.committed"]
+    assert core.segments_opened == 1
+
+    # A turn after it: that turn was the answer; the commit has nothing to add.
+    core = new_core()
+    core.start()
+    yes = short_yes(pause_ms=700)
+    yes_ms = len(yes) // 2 * 1000 // INPUT_RATE
+    sentence = pcm24(np.concatenate((speak(SENTENCES[0]), np.zeros(SAMPLE_RATE, np.int16))))
+    evs = events(feed(core, yes + sentence))
+    assert types(evs)[:3] == ["input_audio_buffer.speech_started",
+                              "input_audio_buffer.speech_stopped",
+                              "input_audio_buffer.committed"]
+    # The sentence's turn, without the "Yes".
+    assert evs[0]["audio_start_ms"] >= yes_ms - vad.pre_roll_ms - vad.frame_ms
+    (err,) = events(core.receive('{"type": "input_audio_buffer.commit"}'))
+    assert err["error"]["code"] == "input_audio_buffer_commit_empty"
+    assert core.segments_opened == 1
 
 
 def test_switching_turn_detection_off_commits_the_open_turn() -> None:
@@ -812,6 +881,17 @@ async def test_openai_sdk_transcribes_with_server_vad_and_manual_commit(
     assert len({e.event_id for e in manual}) == len(manual)
 
 
+async def until_transcript(conn: AsyncRealtimeConnection) -> list[Any]:
+    """Events up to the first transcript (``completed``) or error."""
+    got: list[Any] = []
+    async with asyncio.timeout(30):
+        async for event in conn:
+            got.append(event)
+            if event.type in ("error", "conversation.item.input_audio_transcription.completed"):
+                break
+    return got
+
+
 @pytest.mark.parametrize("turn_detection", [None, {"type": "server_vad"}])
 async def test_a_push_to_talk_yes_shorter_than_min_speech_is_transcribed(
     whisper_backend: Backend, turn_detection: dict[str, str] | None,
@@ -828,16 +908,50 @@ async def test_a_push_to_talk_yes_shorter_than_min_speech_is_transcribed(
         await conn.session.update(session=session)
         await conn.input_audio_buffer.append(audio=base64.b64encode(short_yes()).decode())
         await conn.input_audio_buffer.commit()
-        got: list[Any] = []
-        async with asyncio.timeout(30):
-            async for event in conn:  # up to the transcript, or an error
-                got.append(event)
-                if event.type in ("error", "conversation.item.input_audio_transcription"
-                                  ".completed"):
-                    break
+        got = await until_transcript(conn)
     assert got[-1].type != "error", got[-1]
     done = got[-1]
     assert done.transcript.lower().startswith("ye"), done.transcript  # Whisper: "Yeah."
+
+
+@pytest.mark.parametrize("turn_detection", [None, {"type": "server_vad"}])
+async def test_a_push_to_talk_yes_released_after_a_pause_is_transcribed(
+    turn_detection: dict[str, str] | None,
+) -> None:
+    """Push-to-talk released 700 ms after a short "Yes" (past
+    ``vad.end_silence_ms``): the commit still transcribes it, with the
+    speech's own segment (pre-roll, the "Yes", end tail; not the pause).
+    Whisper tiny hears a 120 ms "Ye" as "(beep)", so the backend says "Yes."
+    for any audio louder than silence."""
+    vad = load_config().vad
+    yes = short_yes(pause_ms=700)
+    # Where the speech's segment would be if it were long enough.
+    reference = Segmenter(dataclasses.replace(vad, min_speech_ms=0))
+    evs = reference.feed(resample(np.frombuffer(yes, "<i2").astype(np.int16), INPUT_RATE,
+                                  SAMPLE_RATE))
+    (start,) = [e.sample for e in evs if isinstance(e, SpeechStarted)]
+    (end,) = [e.sample for e in evs if isinstance(e, SpeechEnded)]
+    backend = ScriptedBackend(lambda a: "Yes." if len(a) and np.abs(a).max() > 0.05 else "")
+    cfg = config()
+    async with Engine(cfg, backend) as engine, \
+            CaptionServer(engine, cfg.server) as server, \
+            sdk_client(server.port).realtime.connect(
+                model="evoxtral", extra_query={"intent": "transcription"}) as conn:
+        session: Any = {"type": "transcription",
+                        "audio": {"input": {"turn_detection": turn_detection}}}
+        await conn.session.update(session=session)
+        await conn.input_audio_buffer.append(audio=base64.b64encode(yes).decode())
+        await conn.input_audio_buffer.commit()
+        got = await until_transcript(conn)
+    assert got[-1].type != "error", got[-1]
+    assert got[-1].transcript == "Yes."
+    # The speech's segment (pre-roll, voiced frames, end tail: about 0.7 s),
+    # not the pause after it.
+    frame = vad.frame_ms * SAMPLE_RATE // 1000
+    assert abs(backend.batches[-1][0] - (end - start)) <= frame, backend.batches
+    if turn_detection is not None:
+        (started,) = [e for e in got if e.type == "input_audio_buffer.speech_started"]
+        assert abs(started.audio_start_ms - start * 1000 // SAMPLE_RATE) <= vad.frame_ms
 
 
 async def test_the_sdk_picks_the_language_of_its_session() -> None:

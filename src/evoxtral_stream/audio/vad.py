@@ -79,9 +79,10 @@ class Segmenter:
     * **Minimum length.** Nothing is emitted until the candidate segment holds
       ``min_speech_ms`` of *voiced* frames (pre-roll and silences don't
       count). Then ``SpeechStarted(start)`` is emitted together with all its
-      audio so far. A candidate that ends first is discarded silently.
-      (It is also confirmed if it reaches ``max_segment_s`` before that, or
-      by an explicit cut: see **Flush**.)
+      audio so far. A candidate that ends first is discarded silently
+      (remembered only for an explicit cut). It is also confirmed if it
+      reaches ``max_segment_s`` before that, or by an explicit cut: see
+      **Flush**.
     * **Audio.** ``SpeechAudio`` events of a segment are contiguous from its
       start; while speech goes on, every frame is delivered as soon as it is
       analysed. During a pause, audio is held back beyond the last voiced
@@ -107,11 +108,17 @@ class Segmenter:
       continues the same sample count but a fresh history (pre-roll cannot
       reach before the flush). ``flush(keep_candidate=True)`` is the
       explicit cut of a caller that knows the input is an utterance (a
-      client's commit): an unconfirmed candidate under way is confirmed
-      first (``SpeechStarted`` at its start, pre-roll included) and then
-      ends the same way, however little voiced audio it holds. A candidate
-      that already ended, or speech that never met the start rule, is not
-      brought back.
+      client's commit): the unconfirmed candidates since the last segment
+      opened (or the last flush), the one under way and those that ended,
+      are confirmed first as one segment (``SpeechStarted`` at the first
+      one's start, pre-roll included), which then ends the same way,
+      however little voiced audio it holds. So a push-to-talk "Yes"
+      released a moment after it was said is kept. An ended candidate is
+      forgotten once that segment would be longer than ``max_segment_s``
+      (nothing is brought back from far behind, and the history kept for
+      it stays bounded). Speech that never met the start rule is not
+      brought back; nor is a candidate once a later one is confirmed: the
+      click filter holds within a dictation.
     """
 
     def __init__(
@@ -170,8 +177,12 @@ class Segmenter:
 
     @property
     def candidate_start(self) -> int | None:
-        """Where the unconfirmed candidate segment starts (pre-roll included)
-        while there is one (``PENDING``); None otherwise."""
+        """Where the segment that ``flush(keep_candidate=True)`` would open
+        starts (pre-roll included): the first of the unconfirmed candidates
+        it keeps, under way (``PENDING``) or ended (see **Flush**); None when
+        it would open none (nothing kept, or a segment is open)."""
+        if self._ended:  # never while a segment is open
+            return self._ended[0][0]
         return self._seg_start if self._state is SegmenterState.PENDING else None
 
     @property
@@ -211,6 +222,9 @@ class Segmenter:
         self._voiced_count = 0
         self._last_voiced_end = 0
         self._unvoiced_run = 0
+        # Candidates that ended unconfirmed since the last segment or flush,
+        # as (start, last voiced end): what flush(keep_candidate=True) keeps.
+        self._ended: deque[tuple[int, int]] = deque()
 
     def feed(self, samples: Int16Array) -> list[SegmentEvent]:
         """Consume mono int16 samples (any length); return the events they cause."""
@@ -229,11 +243,15 @@ class Segmenter:
         return events
 
     def flush(self, *, keep_candidate: bool = False) -> list[SegmentEvent]:
-        """End of input: close an open segment (``forced=False``), discard an
-        unconfirmed one, or with ``keep_candidate`` close it as a segment.
-        See the class contract (**Flush**)."""
+        """End of input: close an open segment (``forced=False``), discard
+        unconfirmed speech, or with ``keep_candidate`` close it as a
+        segment. See the class contract (**Flush**)."""
         events: list[SegmentEvent] = []
-        if keep_candidate and self._state is SegmenterState.PENDING:
+        if keep_candidate and (self._ended or self._state is SegmenterState.PENDING):
+            if self._ended:
+                self._seg_start = self._ended[0][0]
+                if self._state is SegmenterState.IDLE:
+                    self._last_voiced_end = self._ended[-1][1]
             self._confirm(events)
         if self._state is SegmenterState.ACTIVE:
             if len(self._remainder):
@@ -250,6 +268,7 @@ class Segmenter:
         self._remainder = np.zeros(0, dtype=np.int16)
         self._frames.clear()
         self._window.clear()
+        self._ended.clear()
         self._prev_end = self._framed_end
         return events
 
@@ -285,6 +304,8 @@ class Segmenter:
         if self._state is not SegmenterState.IDLE and self._unvoiced_run >= self._end_frames:
             if self._state is SegmenterState.ACTIVE:
                 self._close(events)
+            else:
+                self._ended.append((self._seg_start, self._last_voiced_end))
             self._state = SegmenterState.IDLE
             # Only frames after this segment may start the next one.
             self._window.clear()
@@ -295,6 +316,10 @@ class Segmenter:
             if end - self._seg_start + self.frame_samples > self._max_len:
                 self._split(events)
 
+        # A kept candidate must fit one segment with the flush point, which is
+        # before the next frame's end.
+        while self._ended and end + self.frame_samples - self._ended[0][0] > self._max_len:
+            self._ended.popleft()
         self._trim()
 
     def _open(self, end: int) -> None:
@@ -316,6 +341,7 @@ class Segmenter:
         """The candidate becomes a segment; its audio is delivered from its start."""
         self._state = SegmenterState.ACTIVE
         self._delivered = self._seg_start
+        self._ended.clear()
         events.append(SpeechStarted(self._seg_start))
 
     def _close(self, events: list[SegmentEvent]) -> None:
@@ -378,6 +404,8 @@ class Segmenter:
             keep_from = self._seg_start
         else:
             keep_from = min(self._delivered, self._framed_end - self._search)
+        if self._ended:
+            keep_from = min(keep_from, self._ended[0][0])
         frames = self._frames
         while frames and frames[0].end <= keep_from:
             frames.popleft()

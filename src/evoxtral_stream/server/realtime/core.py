@@ -14,8 +14,9 @@ segmenter and the engine stream's (:meth:`Stream.cut
 <evoxtral_stream.engine.engine.Stream.cut>`) both flush at the same sample,
 so the segment ends as at a natural end and the next one cannot reach back
 before the cut. A commit says the audio is an utterance: its cut keeps
-speech too short yet for a segment (``vad.min_speech_ms``), which the
-segmenter otherwise drops as a click (``flush(keep_candidate=True)``).
+speech too short yet for a segment (``vad.min_speech_ms``) since the last
+segment, under way or already ended, which the segmenter otherwise drops
+as a click (``flush(keep_candidate=True)``).
 Nothing is added to the stream: its timeline (what ``/v1/captions``
 subscribers see) is the client's audio as pushed. Times
 reported to the client (``audio_start_ms``, ``audio_end_ms``) are mapped
@@ -46,7 +47,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ...audio.resample import StreamResampler
-from ...audio.vad import Segmenter, SegmenterState
+from ...audio.vad import Segmenter
 from ...config import VadConfig
 from ...events import (
     SAMPLE_RATE,
@@ -373,13 +374,14 @@ class RealtimeTranscription:
     def _commit(self, ev: AudioCommit) -> list[Output]:
         out = self._take(self._resampler.flush(), ev.event_id)
         if self._server_vad:
-            if self._segmenter.state is SegmenterState.IDLE:
+            if not self._segmenter.in_segment and self._segmenter.candidate_start is None:
                 return [*out, self.error(
                     "input_audio_buffer_commit_empty",
                     "no speech to commit: with server_vad, turns are committed when "
                     "speech ends", None, ev.event_id)]
-            # Speech not yet a turn (under vad.min_speech_ms) becomes one: the
-            # client says it is an utterance (speech_started, then committed).
+            # Speech not yet a turn (under vad.min_speech_ms, under way or
+            # ended since the last turn) becomes one: the client says it is
+            # an utterance (speech_started, then committed).
             self._end_reason = "commit"
             return out + self._cut(keep_candidate=True)
         if self._held_len < MIN_COMMIT_MS * SAMPLE_RATE // 1000:
