@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from evoxtral_stream.audio.vad import Segmenter, SegmenterState
+from evoxtral_stream.audio.vad import HELD_GAP_S, Segmenter, SegmenterState
 from evoxtral_stream.config import VadConfig
 from evoxtral_stream.events import (
     SAMPLE_RATE,
@@ -306,6 +306,26 @@ def test_short_speech_before_a_segment_is_not_brought_back(vad_cfg: VadConfig) -
         kept = explicit.feed(audio) + explicit.flush(keep_candidate=True)
         assert norm(kept) == norm(plain.feed(audio) + plain.flush())
         assert spans(collect_segments(kept, audio)) == [(60 * F - 300 * MS, 110 * F + 200 * MS)]
+
+
+def test_short_speech_far_before_the_last_is_not_joined_to_it(vad_cfg: VadConfig) -> None:
+    """A cough, then seconds later a push-to-talk "Yes", then the commit:
+    joined, they made one long segment of mostly silence (on which a model
+    may invent words). Pieces more than HELD_GAP_S apart are not one
+    utterance: only the later is kept, and so with one under way."""
+    far = int(HELD_GAP_S * 1000 / 30) + 20   # frames between the two pieces
+    audio = frames_signal(60 + far, [(10, 17), (17 + far, 24 + far)])
+    seg = Segmenter(vad_cfg, classifier=loud)
+    assert seg.feed(audio) == []
+    assert seg.candidate_start == (17 + far) * F - 300 * MS
+    events = seg.flush(keep_candidate=True)
+    assert spans(collect_segments(events, audio)) == [
+        ((17 + far) * F - 300 * MS, (24 + far) * F + 200 * MS)]
+    under_way = frames_signal(24 + far, [(10, 17), (17 + far, 24 + far)])
+    seg = Segmenter(vad_cfg, classifier=loud)
+    assert seg.feed(under_way) == []
+    assert seg.state is SegmenterState.PENDING
+    assert seg.candidate_start == (17 + far) * F - 300 * MS
 
 
 def test_short_speech_is_kept_for_at_most_max_segment_s(vad_cfg: VadConfig) -> None:

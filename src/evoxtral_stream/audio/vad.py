@@ -26,7 +26,7 @@ from evoxtral_stream.events import (
     SpeechStarted,
 )
 
-__all__ = ["VAD_SAMPLE_RATES", "FrameClassifier", "Segmenter", "SegmenterState"]
+__all__ = ["HELD_GAP_S", "VAD_SAMPLE_RATES", "FrameClassifier", "Segmenter", "SegmenterState"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,12 @@ FrameClassifier = Callable[[Int16Array], bool]
 
 #: Rates webrtcvad accepts.
 VAD_SAMPLE_RATES = (8000, 16000, 32000, 48000)
+
+#: Short speech kept for an explicit cut (see :class:`Segmenter`, **Flush**)
+#: further than this before the next (from its last voiced frame to the
+#: next one's start) is not one utterance with it: forgotten, so a cough and
+#: a "Yes" seconds later do not make one long segment of mostly silence.
+HELD_GAP_S = 2.0
 
 
 class SegmenterState(enum.Enum):
@@ -116,9 +122,10 @@ class Segmenter:
       released a moment after it was said is kept. An ended candidate is
       forgotten once that segment would be longer than ``max_segment_s``
       (nothing is brought back from far behind, and the history kept for
-      it stays bounded). Speech that never met the start rule is not
-      brought back; nor is a candidate once a later one is confirmed: the
-      click filter holds within a dictation.
+      it stays bounded), and so are those more than :data:`HELD_GAP_S`
+      before the next one (a cough seconds before the "Yes"). Speech that
+      never met the start rule is not brought back; nor is a candidate once
+      a later one is confirmed: the click filter holds within a dictation.
     """
 
     def __init__(
@@ -148,6 +155,7 @@ class Segmenter:
         self._start_voiced = max(1, math.ceil(cfg.start_ratio * self._window_frames - 1e-9))
         self._end_frames = max(1, math.ceil(cfg.end_silence_ms / frame_ms))
         self._min_frames = math.ceil(cfg.min_speech_ms / frame_ms)
+        self._held_gap = round(HELD_GAP_S * sample_rate)
         self._pre_roll = self._ms(cfg.pre_roll_ms)
         self._tail = self._ms(min(cfg.end_tail_ms, cfg.end_silence_ms))
         self._max_len = int(cfg.max_segment_s * sample_rate)
@@ -336,6 +344,8 @@ class Segmenter:
         self._last_voiced_end = end
         self._unvoiced_run = 0
         self._state = SegmenterState.PENDING
+        if self._ended and self._seg_start - self._ended[-1][1] > self._held_gap:
+            self._ended.clear()
 
     def _confirm(self, events: list[SegmentEvent]) -> None:
         """The candidate becomes a segment; its audio is delivered from its start."""
