@@ -1,7 +1,8 @@
 """transcribe's output files, written as the engine runs, against what the
 whole run's events give (how transcribe wrote them before: all at the end).
 
-Real speech (espeak-ng), the embedded Whisper model, the real engine.
+Real speech (espeak-ng), the embedded Whisper model, the real engine; and
+the files alone, fed events by hand.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from evoxtral_stream.server.protocol import event_to_dict
 from evoxtral_stream.text.formats import CueLayout, SubtitleWriter, TagStyle, to_srt, to_vtt
 from tests.speech import have_espeak, speech_with_pauses
 
-pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
-
 _TALKS = {
     "a": ["The committee met on Tuesday to discuss the budget for next year.",
           "Several members raised concerns about the cost of the new building.",
@@ -34,6 +33,7 @@ _TALKS = {
 }
 
 
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
 @pytest.mark.parametrize("interrupt", [False, True])
 async def test_files_written_as_events_come_are_those_of_the_whole_run(
         tmp_path: Path, whisper_backend: Backend, interrupt: bool) -> None:
@@ -93,3 +93,24 @@ async def test_files_written_as_events_come_are_those_of_the_whole_run(
     else:
         assert finals_made == 6
         assert all((tmp_path / f"{n}.srt").read_text().count(" --> ") >= 3 for n in _TALKS)
+
+
+def test_a_part_file_left_as_a_link_is_replaced_not_written_through(tmp_path: Path) -> None:
+    """A ``talk.srt.part`` left there as a symbolic link (to the user's
+    notes): the subtitles went into the file it names, overwriting the
+    notes, and the rename then made talk.srt that link. Now the link is
+    removed and a file of its own written."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    srt = tmp_path / "talk.srt"
+    (tmp_path / "talk.srt.part").symlink_to(notes)
+    subtitles = SubtitleFiles([("talk", srt, SubtitleWriter())])
+    caption = CaptionEvent(stream="talk", segment=0, seq=1, final=True, text="hello",
+                           plain_text="hello", stable="hello", unstable="", tags=(),
+                           start=0.0, end=1.0, latency=0.1)
+    subtitles(caption)
+    subtitles(StreamEnded("talk", 1.5, 1, 1))
+    assert subtitles.error is None
+    assert notes.read_text() == "my notes\n"
+    assert not srt.is_symlink() and srt.read_text() == "1\n00:00:00,000 --> 00:00:01,000\nhello\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "talk.srt"]

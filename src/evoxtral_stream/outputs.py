@@ -20,6 +20,9 @@ A failed write (a full disk) stops that file and is kept in ``error`` for
 the caller to report; the others go on. Nothing is synced to disk before a
 file is closed: after a power loss a file holds what the system had
 written out (a last JSON line may be cut short; ``subtitles`` skips it).
+
+A ``.part`` file is created anew (one left there by a killed run, or a
+link, is removed first, never written through).
 """
 
 from __future__ import annotations
@@ -65,6 +68,23 @@ def part_path(target: Path) -> Path | None:
 def _open(path: Path) -> BinaryIO:
     # Unbuffered: each write is one write(2), whole once it returns.
     return open(path, "wb", buffering=0)
+
+
+def _create(part: Path) -> BinaryIO:
+    """``part`` opened as :func:`_open` does, made new: through a link (a
+    stale ``.part`` may be one) the write would go to the file it names, and
+    the rename would then put the link in the target's place."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(part)
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    return os.fdopen(fd, "wb", buffering=0)
+
+
+def _rename_done(part: Path) -> None:
+    """Rename the complete ``part`` onto the file it was written for."""
+    done = part.with_name(part.name.removesuffix(".part"))
+    _keep_mode(part, done)
+    os.replace(part, done)
 
 
 def _write_all(f: BinaryIO, data: bytes) -> None:
@@ -154,7 +174,7 @@ class SubtitleFiles:
             for stream, target, writer in files:
                 sub = _Subtitles(stream, target, writer, None, part_path(target))
                 self._subs.append(sub)
-                sub.file = _open(sub.part or target)
+                sub.file = _open(target) if sub.part is None else _create(sub.part)
                 self._write(sub, writer.header())
         except OSError:
             self.close(complete=False)
@@ -200,9 +220,7 @@ class SubtitleFiles:
         try:
             _close(f)
             if sub.part is not None:
-                done = sub.part.with_name(sub.part.name.removesuffix(".part"))
-                _keep_mode(sub.part, done)
-                os.replace(sub.part, done)
+                _rename_done(sub.part)
         except OSError as e:
             self._fail(sub, e)
 
