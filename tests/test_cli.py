@@ -1594,6 +1594,48 @@ def test_eval_compare_offline_with_a_failed_offline_decode_exits_one(
     assert json.loads(report.read_text())["decode_failed"] == [2]
 
 
+def test_an_eval_report_cut_short_by_a_full_disk_leaves_the_old_report_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The disk fills up partway through --json: one error line, status 2,
+    the report of an earlier run untouched and no .part left. It was written
+    in place: the old report emptied and left cut short, not JSON. (The disk
+    fills at a file size limit, for real: a full disk cuts a write short and
+    refuses the next one just so.) Nor may the .part file the report is
+    written to first be the manifest."""
+    from evoxtral_stream import cli as cli_module
+    from tests.fakes import ScriptedBackend
+    from tests.helpers.disk import disk_full_after
+
+    rng = np.random.default_rng(5)
+    silence = np.zeros(8000, np.int16)
+    sound = (rng.standard_normal(16000) * 3000).astype(np.int16)
+    sf.write(tmp_path / "a.wav", np.concatenate([silence, sound, silence]), 16000)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"audio": "a.wav", "text": "words"}) + "\n")
+    monkeypatch.setattr(cli_module, "load_backend",
+                        lambda cfg: ScriptedBackend(lambda a: "words"))
+    report = tmp_path / "r.json"
+    report.write_text('{"old": "report"}\n')
+    with disk_full_after(200), pytest.raises(SystemExit) as exit_:
+        cli_module.main(["eval", str(manifest), "--json", str(report), "-q"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"evoxtral-stream: error: cannot write {report}: File too large"], err
+    assert json.loads(report.read_text()) == {"old": "report"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.wav", "m.jsonl", "r.json"]
+    # Refused before decoding: writing r.json would first remove r.json.part.
+    staged = tmp_path / "r.json.part"
+    manifest.rename(staged)
+    monkeypatch.setattr(cli_module, "load_backend", lambda cfg: pytest.fail("model loaded"))
+    with pytest.raises(SystemExit) as exit_:
+        cli_module.main(["eval", str(staged), "--json", str(report), "-q"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "would be overwritten" in err[0], err
+    assert json.loads(staged.read_text())["audio"] == "a.wav"
+
+
 def test_closed_standard_streams_are_one_line_not_a_traceback(tmp_path: Path) -> None:
     """A stream the caller closed (``>&-``, ``<&-``) is None in Python: config,
     hash-token and transcribe ended in an AttributeError traceback. Closed

@@ -17,7 +17,7 @@ from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.backends.base import Backend
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.events import CaptionEvent, EngineEvent, StreamEnded
-from evoxtral_stream.outputs import JsonlFile, SubtitleFiles, part_path
+from evoxtral_stream.outputs import JsonlFile, SubtitleFiles, part_path, write_file
 from evoxtral_stream.run import FileJob, transcribe_samples
 from evoxtral_stream.server.protocol import event_to_dict
 from evoxtral_stream.text.formats import CueLayout, SubtitleWriter, TagStyle, to_srt, to_vtt
@@ -99,11 +99,13 @@ def test_a_part_file_left_as_a_link_is_replaced_not_written_through(tmp_path: Pa
     """A ``talk.srt.part`` left there as a symbolic link (to the user's
     notes): the subtitles went into the file it names, overwriting the
     notes, and the rename then made talk.srt that link. Now the link is
-    removed and a file of its own written."""
+    removed and a file of its own written, by SubtitleFiles (transcribe)
+    and write_file (subtitles, eval --json) alike."""
     notes = tmp_path / "notes.txt"
     notes.write_text("my notes\n")
-    srt = tmp_path / "talk.srt"
-    (tmp_path / "talk.srt.part").symlink_to(notes)
+    srt, report = tmp_path / "talk.srt", tmp_path / "r.json"
+    for target in (srt, report):
+        target.with_name(target.name + ".part").symlink_to(notes)
     subtitles = SubtitleFiles([("talk", srt, SubtitleWriter())])
     caption = CaptionEvent(stream="talk", segment=0, seq=1, final=True, text="hello",
                            plain_text="hello", stable="hello", unstable="", tags=(),
@@ -111,6 +113,8 @@ def test_a_part_file_left_as_a_link_is_replaced_not_written_through(tmp_path: Pa
     subtitles(caption)
     subtitles(StreamEnded("talk", 1.5, 1, 1))
     assert subtitles.error is None
+    write_file(report, b"{}\n")
     assert notes.read_text() == "my notes\n"
     assert not srt.is_symlink() and srt.read_text() == "1\n00:00:00,000 --> 00:00:01,000\nhello\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "talk.srt"]
+    assert not report.is_symlink() and report.read_text() == "{}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "r.json", "talk.srt"]

@@ -103,7 +103,7 @@ try:
         install_json_hooks,
         install_text_hooks,
     )
-    from .outputs import JsonlFile, SubtitleFiles, part_path
+    from .outputs import JsonlFile, SubtitleFiles, part_path, write_file
     from .run import FileJob, transcribe_samples
     from .server.app import CaptionServer
     from .server.auth import install_token_redaction, redact_tokens
@@ -542,10 +542,12 @@ def _is_dir(path: Path, flag: str) -> bool:
 
 
 def _write(path: Path, text: str) -> None:
+    """Write a result file whole or not at all (:func:`.outputs.write_file`):
+    a failure is a :class:`UserError`, the file as it was."""
     try:
-        path.write_text(text, encoding="utf-8")
+        write_file(path, text.encode("utf-8"))
     except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}") from None
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def _to_stdout(text: str, what: str) -> None:
@@ -784,7 +786,8 @@ def _cmd_subtitles(args: argparse.Namespace, cfg: Config) -> int:
     outputs = (("--srt", args.srt), ("--vtt", args.vtt), ("--text", args.text))
     many = len(sessions) > 1
     names = _session_names(sessions)
-    made = _prepare_outputs(outputs, paths, names, "recordings")
+    # Each file is written to its .part file first (_write), then renamed.
+    made = _prepare_outputs(outputs, paths, names, "recordings", staged=True)
     if any(raw for _, raw in outputs):
         failed: list[UserError] = []
         with _unmade_if_empty(made):  # nothing written: no folder left empty
@@ -1282,7 +1285,10 @@ def _cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
         report_path = real(args.json)
         if report_path is None:
             raise UserError(f"--json {str(args.json)!r} cannot name a file")
-        if report_path in {real(args.manifest), *(real(e.audio) for e in entries)}:
+        # Nor its .part file (_write), which writing the report first removes.
+        part = part_path(args.json)
+        reports = {report_path} if part is None else {report_path, real(part)}
+        if reports & {real(args.manifest), *(real(e.audio) for e in entries)} - {None}:
             raise UserError(f"--json {args.json} is the manifest or one of its audio files: "
                             "it would be overwritten; name another file")
     # Every file of the manifest decoded now (eval holds them all anyway): a

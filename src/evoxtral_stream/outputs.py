@@ -1,5 +1,6 @@
 """Output files written while the engine runs: ``transcribe``'s ``--jsonl``,
-``--srt`` and ``--vtt``.
+``--srt`` and ``--vtt``; and :func:`write_file`, how the commands that write
+a result at the end (``subtitles``, ``eval --json``) write it.
 
 Engine listeners (called on the event loop; they never raise): each writes
 what an event settles as the event is emitted, so a process killed outright
@@ -41,7 +42,7 @@ from .events import CaptionEvent, EngineEvent, StreamEnded
 from .server.protocol import event_to_dict
 from .text.formats import SubtitleWriter
 
-__all__ = ["JsonlFile", "SubtitleFiles", "part_path"]
+__all__ = ["JsonlFile", "SubtitleFiles", "part_path", "write_file"]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ def part_path(target: Path) -> Path | None:
     if mode is not None and not stat.S_ISREG(mode):
         return None
     # realpath: Path.resolve raises RuntimeError on a symlink loop before 3.13.
-    real = Path(os.path.realpath(target)) if target.is_symlink() else target
+    # os.path.islink: Path.is_symlink raises on a name too long (Python 3.11).
+    real = Path(os.path.realpath(target)) if os.path.islink(target) else target
     return real.with_name(real.name + ".part")
 
 
@@ -85,6 +87,30 @@ def _rename_done(part: Path) -> None:
     done = part.with_name(part.name.removesuffix(".part"))
     _keep_mode(part, done)
     os.replace(part, done)
+
+
+def write_file(target: Path, data: bytes) -> None:
+    """Make ``target`` hold ``data``, whole or not at all: written to its
+    ``.part`` file (:func:`part_path`), synced to disk, then renamed onto it
+    (taking the permissions of the file it replaces). When that fails (a
+    full disk, Ctrl-C) the ``.part`` file is removed and ``target`` is as it
+    was. A target that is no regular file (``/dev/stdout``) is written in
+    place. Raises :class:`OSError`."""
+    part = part_path(target)
+    f = _open(target) if part is None else _create(part)
+    try:
+        _write_all(f, data)
+        _close(f)
+        if part is not None:
+            _rename_done(part)
+    except BaseException:
+        # What failed before is what is reported.
+        with contextlib.suppress(OSError):
+            f.close()
+        if part is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(part)
+        raise
 
 
 def _write_all(f: BinaryIO, data: bytes) -> None:

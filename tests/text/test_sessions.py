@@ -9,9 +9,11 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
+from evoxtral_stream import outputs
 from evoxtral_stream.cli import main
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.events import CaptionEvent
@@ -138,13 +140,17 @@ def test_subtitles_from_a_transcribe_jsonl_file_with_partials(
     (["{events}", "--srt", "{events}/x/y.srt"], "the folder"),
     # It used to say "is one of the audio files" of the recording.
     (["{events}", "--text", "{events}"], "is one of the recordings: it would be overwritten"),
+    # Nor through the .part file a subtitle is written to before it is renamed.
+    (["{staged}", "--srt", "{srt}"], "talk.srt.part is one of the recordings: it would be"),
 ])
 def test_subtitles_errors_are_one_line(argv: list[str], message: str, tmp_path: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
     events = tmp_path / "events.jsonl"
     events.write_text(json.dumps(caption_to_dict(final("talk", 0, 1))) + "\n")
-    argv = [a.format(empty=tmp_path / "empty", events=events) for a in argv]
+    (tmp_path / "talk.srt.part").write_bytes(events.read_bytes())
+    argv = [a.format(empty=tmp_path / "empty", events=events, staged=tmp_path / "talk.srt.part",
+                     srt=tmp_path / "talk.srt") for a in argv]
     with pytest.raises(SystemExit) as exit_:
         main(["subtitles", *argv])
     assert exit_.value.code == 2
@@ -176,10 +182,11 @@ def test_subtitles_that_write_nothing_leave_no_folder_they_made(
     assert "--srt and --vtt would both write" in line, line
     assert not new.exists()
 
-    def refused(path: Path, *args: object, **kwargs: object) -> int:
+    def refused(path: Path) -> BinaryIO:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
-    monkeypatch.setattr(Path, "write_text", refused)
+    # Each file is created as a .part file first: that is what is refused.
+    monkeypatch.setattr(outputs, "_create", refused)
     line = run("--srt", f"{new}/subs/", "--text", f"{had}/")
     assert "cannot write" in line and "Permission denied" in line, line
     assert not new.exists()
@@ -392,3 +399,37 @@ def test_caption_from_dict_refuses_a_lone_surrogate() -> None:
                      '"text":"Hi \\ud800","start":0,"end":1,"latency":null}')
     with pytest.raises(ProtocolError):
         caption_from_dict(obj)
+
+
+def test_subtitles_cut_short_by_a_full_disk_leave_the_old_files_whole(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A disk that fills up partway through the SRT: one error line, status
+    2, the SRT and text files there before untouched, no file made where
+    there was none, no .part left. They were written in place: the old
+    files were emptied and left cut short, under the names a user then
+    publishes. (The disk fills at a file size limit, for real: a full disk
+    cuts a write short and refuses the next one just so.)"""
+    from tests.helpers.disk import disk_full_after
+
+    events = [caption_to_dict(final("talk", n, n + 1, f"sentence number {n} of the talk"))
+              for n in range(6)]
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    srt, text, vtt = tmp_path / "talk.srt", tmp_path / "talk.txt", tmp_path / "talk.vtt"
+    srt.write_text("1\n00:00:00,000 --> 00:00:01,000\nthe old subtitles\n")
+    text.write_text("the old text\n")
+    with disk_full_after(100), pytest.raises(SystemExit) as exit_:
+        main(["subtitles", str(path), "--srt", str(srt), "--text", str(text),
+              "--vtt", str(vtt)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"evoxtral-stream: error: cannot write {srt}: File too large"], err
+    assert srt.read_text() == "1\n00:00:00,000 --> 00:00:01,000\nthe old subtitles\n"
+    assert text.read_text() == "the old text\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.jsonl", "talk.srt",
+                                                          "talk.txt"]
+    # With room on the disk, each is replaced whole.
+    assert main(["subtitles", str(path), "--srt", str(srt), "--text", str(text),
+                 "--vtt", str(vtt)]) == 0
+    assert srt.read_text().count(" --> ") == 6 and vtt.read_text().startswith("WEBVTT")
+    assert text.read_text().startswith("sentence number 0 of the talk")
