@@ -1204,6 +1204,10 @@ _SECRET_ERRORS = [
     ('mqtt.password=["hunter2"]', "mqtt.password must be str, got <redacted> (an array)"),
     ('mqtt.password.x="hunter2"', "mqtt.password must be str, got <redacted> (a table)"),
     ("mqtt.host=mqtt://cam:pw@hunter2@broker:1883", "got 'mqtt://<redacted>@broker:1883'"),
+    # An override without a key, or without "=": the whole text was quoted.
+    ("=hunter2", "override '=<redacted>' has no key: it must look like section.key=value"),
+    ("mqtt.password hunter2",
+     "override 'mqtt.password<redacted>' has no '=': it must look like section.key=value"),
     ('[mqtt]\nusername = "u"\npassword = ["hunter2"]\n', "mqtt.password must be str"),
     ('[[auth.tokens]]\nhash = "hunter2"\nroles = ["admin"]\n', "does not start with sha256:"),
     ('[[auth.tokens]]\nhash = 987654321\nroles = ["admin"]\n',

@@ -412,6 +412,8 @@ _INDEX = re.compile(r"\[\d+\]")
 _KINDS = ((bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "text"),
           (list, "an array"), (tuple, "an array"), (Mapping, "a table"))
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+# What a dotted key (``--set``'s) is made of.
+_KEY_CHARS = re.compile(r"[A-Za-z0-9_.-]*")
 
 
 def _is_secret(dotted: str) -> bool:
@@ -517,8 +519,15 @@ def parse_override(text: str) -> tuple[str, object]:
     """Parse ``section.key=value``; the value is a TOML literal or a bare string."""
     key, sep, raw = text.partition("=")
     key = key.strip()
-    if not sep or not key:
-        raise ConfigError(f"override {text!r} must look like section.key=value")
+    # Quoted only as far as it can be a key: the rest may be a value (a
+    # password) whose key or "=" was left out.
+    if not sep:
+        head = _KEY_CHARS.match(text)
+        shown = text if head is None or head.end() == len(text) else head.group() + REDACTED
+        raise ConfigError(f"override {shown!r} has no '=': it must look like section.key=value")
+    if not key:
+        raise ConfigError(f"override '={REDACTED}' has no key: it must look like "
+                          "section.key=value")
     raw = raw.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
