@@ -901,6 +901,31 @@ def test_an_unsafe_bind_is_one_line_before_the_model_loads() -> None:
         assert "backend:" not in proc.stderr  # refused before the model was loaded
 
 
+def test_a_server_host_that_cannot_be_bound_does_not_quote_its_credentials() -> None:
+    """server.host given as user:password@host (with anonymous access, so
+    the unsafe-bind check passes) cannot be listened on: the error line
+    quoted the password. The real command line, with a scripted model."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPTED_MODEL, "serve", "--source", "none", "--no-print",
+         "--port", "0", "--set", "server.host=cam:hunter2@localhost",
+         "--set", "server.allow_anonymous=true"],
+        capture_output=True, text=True, timeout=60, cwd=root,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{root / 'src'}:{root}"})
+    one_error_line(proc, "cannot listen on <redacted>@localhost:0")
+    assert "hunter2" not in proc.stderr, proc.stderr
+
+
+# The real command line, with a scripted model that answers at once.
+_SCRIPTED_MODEL = r"""
+import sys
+from evoxtral_stream import cli as cli_module
+from tests.fakes import ScriptedBackend
+cli_module.load_backend = lambda cfg: ScriptedBackend(lambda audio: "words")
+sys.exit(cli_module.main(sys.argv[1:]))
+"""
+
+
 # The real command line, with a model loader that ends it, saying so.
 _NO_MODEL = r"""
 import sys
@@ -1204,6 +1229,9 @@ _SECRET_ERRORS = [
     ('mqtt.password=["hunter2"]', "mqtt.password must be str, got <redacted> (an array)"),
     ('mqtt.password.x="hunter2"', "mqtt.password must be str, got <redacted> (a table)"),
     ("mqtt.host=mqtt://cam:pw@hunter2@broker:1883", "got 'mqtt://<redacted>@broker:1883'"),
+    # The unsafe-bind check quoted server.host whole.
+    ("server.host=cam:hunter2@0.0.0.0", "server.host '<redacted>@0.0.0.0' is reachable"),
+    ("server.host=ws://cam:hunter2@0.0.0.0", "server.host 'ws://<redacted>@0.0.0.0' is"),
     # An override without a key, or without "=": the whole text was quoted.
     ("=hunter2", "override '=<redacted>' has no key: it must look like section.key=value"),
     ("mqtt.password hunter2",

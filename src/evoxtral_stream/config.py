@@ -47,6 +47,7 @@ __all__ = [
     "WorkerConfig",
     "load_config",
     "parse_override",
+    "redact_host",
     "to_toml",
 ]
 
@@ -416,6 +417,13 @@ _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _KEY_CHARS = re.compile(r"[A-Za-z0-9_.-]*")
 
 
+def redact_host(host: str) -> str:
+    """``host`` (``server.host``, ``mqtt.host``) as a message may quote it:
+    the ``user:password@`` of a URL, or of a host given as one, read
+    :data:`REDACTED` (all before the last ``@``)."""
+    return re.sub(r"^(\w[\w+.-]*://)?.*@", rf"\g<1>{REDACTED}@", host, flags=re.DOTALL)
+
+
 def _is_secret(dotted: str) -> bool:
     """Whether an error about ``dotted`` must not quote its value: a secret
     key, a key within one, or a table or array that may hold one (the
@@ -633,10 +641,9 @@ class MqttConfig:
         # the engine would only log the broker as unreachable, for ever. (Two
         # colons or more are an IPv6 address.)
         if not h or any(c.isspace() for c in h) or "/" in h or "@" in h or h.count(":") == 1:
-            # A URL's user:password@ is not quoted back.
-            shown = re.sub(r"^(\w[\w+.-]*://)?.*@", rf"\g<1>{REDACTED}@", h)
             raise ConfigError(f"mqtt.host must be a host name or address (the port goes in "
-                              f"mqtt.port, credentials in mqtt.username), got {shown!r}")
+                              f"mqtt.port, credentials in mqtt.username), got "
+                              f"{redact_host(h)!r}")
         if self.reconnect_min_s > self.reconnect_max_s:
             raise ConfigError(
                 f"mqtt.reconnect_min_s must be at most mqtt.reconnect_max_s "

@@ -57,7 +57,7 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from ..audio.resample import SILENCE_PIECES_PER_TURN, StreamResampler, silence_pieces
-from ..config import AuthConfig, AuthTokenConfig, ConfigError, ServerConfig
+from ..config import AuthConfig, AuthTokenConfig, ConfigError, ServerConfig, redact_host
 from ..engine.engine import Engine, EngineStopping, Stream
 from ..events import SAMPLE_RATE, Int16Array, stream_id_problem
 from .auth import (
@@ -275,7 +275,8 @@ class CaptionServer:
                 # message for people, not a traceback.
                 reason = os.strerror(e.errno) if isinstance(e.errno, int) and e.errno > 0 \
                     else e.strerror or str(e)
-                raise ConfigError(f"cannot listen on {self._cfg.host}:{self._cfg.port}: "
+                raise ConfigError(f"cannot listen on {redact_host(self._cfg.host)}:"
+                                  f"{self._cfg.port}: "
                                   f"{reason.lower()}; change server.port (--port) or "
                                   "server.host") from e
             raise

@@ -36,7 +36,7 @@ from fnmatch import fnmatchcase
 from typing import Literal
 from urllib.parse import urlsplit
 
-from ..config import AuthTokenConfig, ConfigError
+from ..config import AuthTokenConfig, ConfigError, redact_host
 
 __all__ = [
     "OPENAI_KEY_PREFIX",
@@ -353,8 +353,9 @@ def check_bind(host: str, tokens: Sequence[AuthTokenConfig], allow_anonymous: bo
     """Refuse to serve a non-loopback address with no token configured."""
     if not tokens and not allow_anonymous and not is_loopback(host):
         raise ConfigError(
-            f"server.host {host!r} is reachable from other machines but no [[auth.tokens]] "
-            "is configured: add a token, bind 127.0.0.1, or set server.allow_anonymous = true")
+            f"server.host {redact_host(host)!r} is reachable from other machines but no "
+            "[[auth.tokens]] is configured: add a token, bind 127.0.0.1, or set "
+            "server.allow_anonymous = true")
 
 
 def tls_context(cert: str, key: str) -> ssl.SSLContext | None:
