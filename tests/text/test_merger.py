@@ -647,3 +647,38 @@ def test_words_after_a_respelled_last_committed_word_are_not_lost() -> None:
     assert (e.stable, e.text) == ("I miss you. But to", "I miss you. But to I want you to know")
     fin = one(f("I miss you. But today I want you to know.", final=True, end=2.5))
     assert fin.text == "I miss you. But to I want you to know."
+
+
+def test_tail_after_does_not_jump_to_a_far_equal_token_after_a_revision() -> None:
+    """A hypothesis that revised the last committed word ("the" -> "a") and
+    shifted the rest (a comma) is not revised in place; the committed "the"
+    used to align with the hypothesis' later "the", reliably, and the words
+    between ("store and") were cut away."""
+    c = tokenize("So I went to the")
+    tail, ok = tail_after(c, tokenize("So, I went to a store and the clerk"))
+    assert ([t.text for t in tail], ok) == (["store", "and", "the", "clerk"], False)
+    # With nothing aligned before it, the same.
+    tail, ok = tail_after(tokenize("the"), tokenize("a store and the clerk"))
+    assert ([t.text for t in tail], ok) == (["store", "and", "the", "clerk"], False)
+    # Inserted punctuation, fillers and tags are not a jump: the alignment holds.
+    tail, ok = tail_after(tokenize("So I think"), tokenize("So, uh, I think so"))
+    assert ([t.text for t in tail], ok) == (["so"], True)
+    tail, ok = tail_after(tokenize("So I think"), tokenize("So... [laughs] I think so"))
+    assert ([t.text for t in tail], ok) == (["so"], True)
+
+
+@pytest.mark.parametrize("replaces", [False, True])
+def test_words_after_a_revised_and_shifted_last_committed_word_are_not_lost(
+        replaces: bool) -> None:
+    """The partials used to commit "So I went to the clerk" and the final
+    (without final_replaces_stable) lost "store and" for good."""
+    f = Feed(final_replaces_stable=replaces)
+    f("So I went to the")
+    f("So I went to the", end=1.2)
+    e = one(f("So, I went to a store and the clerk", end=2.0))
+    assert (e.stable, e.text) == ("So I went to the", "So I went to the store and the clerk")
+    e = one(f("So, I went to a store and the clerk said", end=2.5))
+    assert e.text == "So I went to the store and the clerk said"
+    fin = one(f("So, I went to a store and the clerk said hi.", final=True, end=3.0))
+    assert fin.text == ("So, I went to a store and the clerk said hi." if replaces
+                        else "So I went to the store and the clerk said hi.")

@@ -168,6 +168,22 @@ def _lstrip(tokens: Sequence[Token]) -> tuple[Token, ...]:
     return tuple(tokens)
 
 
+def _far(committed: Sequence[Token], tokens: Sequence[Token],
+         blocks: Sequence[tuple[int, int, int]]) -> bool:
+    """Whether the last aligned block jumped far: the hypothesis has more
+    words between it and the block before (or the start) than the block
+    has tokens plus the committed tokens left unaligned there. Inserted
+    punctuation and tags do not count: partials add them all the time."""
+    la, lb, size = blocks[-1]
+    pa = pb = 0
+    if len(blocks) > 1:
+        a, b, before = blocks[-2]
+        pa, pb = a + before, b + before
+    inserted = sum(1 for t in tokens[pb:lb] if t.is_word)
+    revised = sum(1 for t in committed[pa:la] if not t.is_tag)
+    return inserted > revised + size
+
+
 def tail_after(committed: Sequence[Token],
                tokens: Sequence[Token]) -> tuple[tuple[Token, ...], bool]:
     """The part of ``tokens`` (a whole-segment hypothesis) that comes after
@@ -181,7 +197,13 @@ def tail_after(committed: Sequence[Token],
     (difflib on :func:`match_key`) and the cut goes after the last aligned
     one, the unmatched committed words and punctuation after it counting one
     for one for the hypothesis' (tags are skipped on both sides); reliable
-    only when the last committed token itself is aligned. A hypothesis that
+    only when the last committed token itself is aligned. A last aligned run
+    that the hypothesis reaches only past more new words than the run has
+    tokens and the committed words and punctuation left unaligned before it
+    (``So I went to the`` with ``So, I went to a store and the clerk``) is
+    a revised token matching a later equal one, not an insertion: it is not
+    used (the run before it is the last aligned one), and the cut is not
+    reliable. A hypothesis that
     passes as revised in place but changed the last committed token is
     aligned too, since a word or comma inserted before that token shifts
     it just as a respelling changes it; when the alignment leaves it
@@ -209,6 +231,11 @@ def tail_after(committed: Sequence[Token],
         # where a cut after n tokens would repeat it ("Yeah so so I").
     blocks = [blk for blk in SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks()
               if blk.size]
+    while blocks and _far(committed, tokens, blocks):
+        # Aligned past more new words than it holds: a revised last token
+        # ("the" -> "a") matching a later equal one ("a store and the"), not
+        # an insertion; the tokens it covers count as revised, one for one.
+        blocks.pop()
     if not blocks:
         return tuple(tokens[min(n, len(tokens)):]), False
     last = blocks[-1]
