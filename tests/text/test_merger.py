@@ -682,3 +682,30 @@ def test_words_after_a_revised_and_shifted_last_committed_word_are_not_lost(
     fin = one(f("So, I went to a store and the clerk said hi.", final=True, end=3.0))
     assert fin.text == ("So, I went to a store and the clerk said hi." if replaces
                         else "So I went to the store and the clerk said hi.")
+
+
+def test_tail_after_counts_a_word_cut_at_its_apostrophe_as_one() -> None:
+    """A partial cut at an apostrophe ("I don'") is two tokens to the
+    tokenizer, "don't" one: the apostrophe used to count for a word of the
+    hypothesis, and "know" was cut away."""
+    tail, ok = tail_after(tokenize("I don'"), tokenize("I don't know"))
+    assert ([t.text for t in tail], ok) == (["know"], False)
+    tail, ok = tail_after(tokenize("Well it’"), tokenize("Well it’s fine"))
+    assert ([t.text for t in tail], ok) == (["fine"], False)
+    # Also where n // 8 lets two tokens differ in place.
+    words = " ".join("abcdefghijklmnop")
+    tail, ok = tail_after(tokenize(f"{words} don'"), tokenize(f"{words} don't know what"))
+    assert ([t.text for t in tail], ok) == (["know", "what"], False)
+    # And the other way round: the hypothesis cut at the apostrophe.
+    tail, ok = tail_after(tokenize("I don't"), tokenize("I don'"))
+    assert (tail, ok) == ((), False)
+
+
+@pytest.mark.parametrize("replaces", [False, True])
+def test_a_committed_word_cut_at_its_apostrophe_loses_no_word(replaces: bool) -> None:
+    f = Feed(final_replaces_stable=replaces)
+    f("I don'")
+    assert one(f("I don'", end=1.2)).stable == "I don'"
+    assert one(f("I don't know", end=2.0)).text == "I don' know"
+    fin = one(f("I don't know what to do.", final=True, end=3.0))
+    assert fin.text == ("I don't know what to do." if replaces else "I don' know what to do.")

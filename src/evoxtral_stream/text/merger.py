@@ -168,6 +168,31 @@ def _lstrip(tokens: Sequence[Token]) -> tuple[Token, ...]:
     return tuple(tokens)
 
 
+_APOSTROPHES = frozenset("'’`´")
+
+
+def _apostrophe(tok: Token) -> bool:
+    return tok.is_punct and set(tok.text) <= _APOSTROPHES
+
+
+def _units(tokens: Sequence[Token]) -> tuple[list[Token], list[int]]:
+    """``tokens`` with each word and the apostrophes and words glued to it
+    (``don'``, ``it´s``) as one word, and where each unit starts in
+    ``tokens`` (with ``len(tokens)`` last)."""
+    units: list[Token] = []
+    starts: list[int] = []
+    for i, tok in enumerate(tokens):
+        if (i and not tok.space_before and units and units[-1].is_word
+                and (_apostrophe(tok) if tokens[i - 1].is_word
+                     else tok.is_word and _apostrophe(tokens[i - 1]))):
+            units[-1] = replace(units[-1], text=units[-1].text + tok.text)
+            continue
+        units.append(tok)
+        starts.append(i)
+    starts.append(len(tokens))
+    return units, starts
+
+
 def _far(committed: Sequence[Token], tokens: Sequence[Token],
          blocks: Sequence[tuple[int, int, int]]) -> bool:
     """Whether the last aligned block jumped far: the hypothesis has more
@@ -203,17 +228,28 @@ def tail_after(committed: Sequence[Token],
     (``So I went to the`` with ``So, I went to a store and the clerk``) is
     a revised token matching a later equal one, not an insertion: it is not
     used (the run before it is the last aligned one), and the cut is not
-    reliable. A hypothesis that
-    passes as revised in place but changed the last committed token is
-    aligned too, since a word or comma inserted before that token shifts
-    it just as a respelling changes it; when the alignment leaves it
-    unaligned (respelled) or shifts it by more tokens than differ in place
-    (a later token equal to the respelled one), the cut goes after ``n``
-    tokens, unreliable.
+    reliable. A hypothesis that passes as revised in place but changed the
+    last committed token is aligned too, since a word or comma inserted
+    before that token shifts it just as a respelling changes it; when the
+    alignment leaves it unaligned (respelled) or shifts it by more tokens
+    than differ in place (a later token equal to the respelled one), the
+    cut goes after ``n`` tokens, unreliable. Tokens are counted as words are
+    written throughout: a word and the apostrophes and words glued to it
+    are one (``don'``, a partial cut at the apostrophe, against ``don't``).
     """
     n = len(committed)
     if tuple(tokens[:n]) == tuple(committed):
         return tuple(tokens[n:]), True
+    # Counted in words as written: "don'" (a partial cut at the apostrophe)
+    # is two tokens, "don't" one, and one for one they would cut a word away.
+    units, starts = _units(tokens)
+    cut, reliable = _cut(_units(committed)[0], units)
+    return tuple(tokens[starts[cut]:]), reliable
+
+
+def _cut(committed: Sequence[Token], tokens: Sequence[Token]) -> tuple[int, bool]:
+    """:func:`tail_after` on units: where the tail starts, and whether reliably."""
+    n = len(committed)
     a = [match_key(t) for t in committed]
     b = [match_key(t) for t in tokens]
     in_place = False
@@ -225,7 +261,7 @@ def tail_after(committed: Sequence[Token],
         in_place = len(changed) <= max(1, n // 8) and all(
             committed[i].is_tag == tokens[i].is_tag for i in changed)
         if in_place and (n - 1) not in changed:
-            return tuple(tokens[n:]), True
+            return n, True
         # Otherwise the last committed token changed: respelled, or shifted
         # by a word or comma inserted before it ("Yeah so" -> "Yeah, so I"),
         # where a cut after n tokens would repeat it ("Yeah so so I").
@@ -237,14 +273,14 @@ def tail_after(committed: Sequence[Token],
         # an insertion; the tokens it covers count as revised, one for one.
         blocks.pop()
     if not blocks:
-        return tuple(tokens[min(n, len(tokens)):]), False
+        return min(n, len(tokens)), False
     last = blocks[-1]
     if in_place and last.b - last.a > len(changed):
         # Shifted by more tokens than it moved over: not an insertion but the
         # respelled last token ("to" of "today", "." become "...") matching a
         # later one ("you to know"), and a cut there would drop every new
         # token in between.
-        return tuple(tokens[n:]), False
+        return n, False
     unmatched = n - (last.a + last.size)
     # The committed words and punctuation left unaligned stand for as many of
     # the hypothesis' (revised), tags skipped on both sides: a tag the
@@ -258,8 +294,8 @@ def tail_after(committed: Sequence[Token],
     if unmatched and in_place:
         # The last committed token was respelled, not shifted: its position
         # is the better guess, but still a guess.
-        return tuple(tokens[n:]), False
-    return tuple(tokens[j:]), unmatched == 0
+        return n, False
+    return j, unmatched == 0
 
 
 def place_tags(committed: Sequence[Token],
