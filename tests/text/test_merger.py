@@ -679,6 +679,8 @@ def test_words_after_a_revised_and_shifted_last_committed_word_are_not_lost(
     assert (e.stable, e.text) == ("So I went to the", "So I went to the store and the clerk")
     e = one(f("So, I went to a store and the clerk said", end=2.5))
     assert e.text == "So I went to the store and the clerk said"
+    # The same guess twice commits, as two agreeing views do.
+    assert e.stable == "So I went to the store and the clerk"
     fin = one(f("So, I went to a store and the clerk said hi.", final=True, end=3.0))
     assert fin.text == ("So, I went to a store and the clerk said hi." if replaces
                         else "So I went to the store and the clerk said hi.")
@@ -709,3 +711,39 @@ def test_a_committed_word_cut_at_its_apostrophe_loses_no_word(replaces: bool) ->
     assert one(f("I don't know", end=2.0)).text == "I don' know"
     fin = one(f("I don't know what to do.", final=True, end=3.0))
     assert fin.text == ("I don't know what to do." if replaces else "I don' know what to do.")
+
+
+@pytest.mark.parametrize("replaces", [False, True])
+def test_partials_keep_committing_after_a_respelled_last_committed_word(
+        replaces: bool) -> None:
+    """After "to" was committed and the model went on with "today", every
+    partial's cut was a guess, so nothing was committed until the final:
+    the stable text stalled for the rest of the segment."""
+    f = Feed(final_replaces_stable=replaces)
+    f("I miss you. But to")
+    f("I miss you. But to", end=1.2)
+    assert one(f("I miss you. But today I want", end=2.0)).stable == "I miss you. But to"
+    # The same guess twice in a row is agreement, as two views are.
+    e = one(f("I miss you. But today I want you", end=2.5))
+    assert (e.stable, e.text) == ("I miss you. But to I want",
+                                  "I miss you. But to I want you")
+    e = one(f("I miss you. But today I want you to know", end=3.0))
+    assert e.stable == "I miss you. But to I want you"
+    fin = one(f("I miss you. But today I want you to know.", final=True, end=3.5))
+    assert fin.text == ("I miss you. But today I want you to know." if replaces
+                        else "I miss you. But to I want you to know.")
+
+
+def test_a_guessed_cut_commits_only_what_the_next_hypothesis_agrees_on() -> None:
+    """Guesses that differ (the hypothesis revised its start again) restart
+    the agreement; a cut made once is never committed on its own."""
+    f = Feed()
+    f("I miss you. But to")
+    f("I miss you. But to", end=1.2)
+    f("I miss you. But today I want", end=2.0)
+    e = one(f("I miss you. Bit today I want you", end=2.5))
+    assert e.stable == "I miss you. But to"
+    e = one(f("I miss you. But today I want you to", end=3.0))
+    assert e.stable == "I miss you. But to"
+    e = one(f("I miss you. But today I want you to know", end=3.5))
+    assert e.stable == "I miss you. But to I want you to"

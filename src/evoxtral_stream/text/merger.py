@@ -17,10 +17,15 @@ Contracts (what the engine may rely on):
   being written at the end (``So [clears``). Committed (``stable``)
   text is never retracted or changed, by later partials or by the final: a
   hypothesis that revises committed words is aligned after them and only its
-  tail is used. A view that may be cut wrongly (an alignment guessed over
-  revised words, a seam not found yet, a held segment, see below) commits
-  nothing and restarts the agreement. ``text == stable + unstable``, and the
-  stable text of a segment only grows. The final's text is the committed
+  tail is used. A view that may be cut wrongly (a seam not found yet, a held
+  segment, see below) commits nothing and restarts the agreement. One whose
+  alignment was guessed over revised words restarts it too, as its first
+  view, unless the view before made the same guess (the same hypothesis
+  tokens over the committed text): a guess made twice in a row agrees like
+  any two views, so a respelled last committed word ("to", then "today")
+  does not stop the commits for the rest of the segment.
+  ``text == stable + unstable``, and the stable text of a segment only
+  grows. The final's text is the committed
   text, with any tags the final hypothesis places inside it, followed by the
   rest of the final hypothesis: the final hypothesis is aligned with the
   committed tokens (difflib on :func:`match_key`: words case- and
@@ -528,13 +533,17 @@ class _Chain:
 class _Segment:
     """Mutable per-segment state (internal; events are the frozen output)."""
 
-    __slots__ = ("committed", "history", "id", "last", "revision", "shown", "start", "view")
+    __slots__ = ("committed", "cover", "history", "id", "last", "revision", "shown", "start",
+                 "view")
 
     def __init__(self, segment: int, agreement: int) -> None:
         self.id = segment
         self.revision = -1
         self.committed: tuple[Token, ...] = ()
         self.view: tuple[Token, ...] = ()
+        # The tokens of the latest view's hypothesis that cover the committed
+        # text (None: a view that could not be cut, held or seam not found).
+        self.cover: tuple[Token, ...] | None = None
         self.history: deque[tuple[Token, ...]] = deque(maxlen=agreement - 1)
         self.shown: tuple[str, str] = ("", "")
         self.last: Hypothesis | None = None
@@ -766,11 +775,20 @@ class Merger:
         tokens, start, found = self._tokens(h, None if blocked else self._chain_for(seg.id))
         tail, aligned = tail_after(seg.committed, tokens)
         view = seg.committed + tail
-        if blocked or not found or not aligned:
+        cover = None if blocked or not found else tokens[:len(tokens) - len(tail)]
+        if cover is None:
             # This view may be cut wrongly (stitching once the earlier
-            # segment closes or the overlap is recognised; an alignment
-            # guessed over revised words), so nothing of it becomes stable.
+            # segment closes or the overlap is recognised), so nothing of it
+            # becomes stable.
             seg.history.clear()
+        elif not aligned and cover != seg.cover:
+            # An alignment guessed over revised words ("to" -> "today") may
+            # be cut wrongly: it starts the agreement afresh. The same guess
+            # from the next hypothesis (the same tokens over the committed
+            # text) agrees with it, or a respelled last committed word
+            # would stop the commits for the rest of the segment.
+            seg.history.clear()
+            seg.history.append(view)
         else:
             if len(seg.history) == seg.history.maxlen:
                 # A tag cut short is punctuation and words to the tokenizer,
@@ -781,6 +799,7 @@ class Merger:
                     seg.committed = view[:agreed]
             seg.history.append(view)
         seg.view = view
+        seg.cover = cover
         seg.last = h
         seg.start = start
         shown = (render(view), render(seg.committed))
