@@ -13,8 +13,9 @@ Contracts (what the engine may rely on):
   text. A second final of a closed segment is ignored. Finals are never
   dropped for their revision.
 - Partials (LocalAgreement-n, default n=2): the longest common token prefix
-  of the last n views of the segment is committed, short of a tag still
-  being written at the end (``So [clears``). Committed (``stable``)
+  of the last n views of the segment is committed, short of a tag or a
+  word still being written at the end (``So [clears``, ``I don'``).
+  Committed (``stable``)
   text is never retracted or changed, by later partials or by the final: a
   hypothesis that revises committed words is aligned after them and only its
   tail is used. A view that may be cut wrongly (a seam not found yet, a held
@@ -178,6 +179,16 @@ _APOSTROPHES = frozenset("'’`´")
 
 def _apostrophe(tok: Token) -> bool:
     return tok.is_punct and set(tok.text) <= _APOSTROPHES
+
+
+def _open_word(tokens: Sequence[Token]) -> int:
+    """Where a word cut at its apostrophe at the end starts (``I don'``, a
+    partial that stopped inside ``don't``), else ``len(tokens)``."""
+    n = len(tokens)
+    if (n >= 2 and _apostrophe(tokens[-1]) and not tokens[-1].space_before
+            and tokens[-2].is_word):
+        return n - 2
+    return n
 
 
 def _units(tokens: Sequence[Token]) -> tuple[list[Token], list[int]]:
@@ -793,8 +804,10 @@ class Merger:
             if len(seg.history) == seg.history.maxlen:
                 # A tag cut short is punctuation and words to the tokenizer,
                 # which two partials may agree on; committed, the whole tag
-                # would later read as revised words.
-                agreed = min(min(_lcp(v, view) for v in seg.history), _open_tag(view))
+                # would later read as revised words. So would a word cut at
+                # its apostrophe ("don'" of "don't").
+                agreed = min(min(_lcp(v, view) for v in seg.history), _open_tag(view),
+                             _open_word(view))
                 if agreed > len(seg.committed):
                     seg.committed = view[:agreed]
             seg.history.append(view)
