@@ -146,7 +146,7 @@ def _caption(event: Mapping[str, Any], color: bool, show_stream: bool,
         body = _pieces(stable, kinds, False) + _pieces(unstable, kinds, True)
     span = (f"[{format_time(float(event.get('start', 0)))} → "
             f"{format_time(float(event.get('end', 0)))}]")
-    prefix = f"{event.get('stream')} {span}" if show_stream else span
+    prefix = f"{printable(str(event.get('stream')))} {span}" if show_stream else span
     if width is not None:
         body = _clip(body, max(10, width - text_columns(prefix) - 1))
     return _paint([(prefix, _DIM), (" ", ""), *body], color)
@@ -167,8 +167,9 @@ def render_event(event: Mapping[str, Any], *, color: bool = True, show_stream: b
       ``ingest.ready``/``summary``: a one-line status.
     - anything else: None.
 
-    ``color=False`` gives plain text with no escape sequences at all: a
-    caption's control characters are shown as spaces, with colour too.
+    ``color=False`` gives plain text with no escape sequences at all: the
+    control characters of a caption, a stream id or any other field are shown
+    as spaces, with colour too.
     """
     kind = event.get("type")
     if kind == "caption":
@@ -210,7 +211,8 @@ def render_event(event: Mapping[str, Any], *, color: bool = True, show_stream: b
                 f"{event.get('partials')} partials, {event.get('errors')} errors")
     else:
         line = None
-    return None if line is None else _paint([(line, style)], color)
+    # Every field is the server's: its control characters are spaces too.
+    return None if line is None else _paint([(printable(line), style)], color)
 
 
 # --- output -------------------------------------------------------------------
@@ -265,8 +267,12 @@ class LiveWriter:
                 self._partial = (event.get("stream"), line)
 
     def status(self, text: str, *, styled: bool = False) -> None:
-        """A line on ``err`` (dim on a colour terminal unless already ``styled``)."""
+        """A line on ``err`` (dim on a colour terminal unless already ``styled``,
+        as :func:`render_event` styles it). Control characters in ``text``
+        that is not ``styled`` (it may quote the server) are written as spaces."""
         self.clear()
+        if not styled:
+            text = printable(text)
         self.err.write((text if styled or not self.color else _paint([(text, _DIM)], True))
                        + "\n")
         self.err.flush()

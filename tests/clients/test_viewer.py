@@ -168,6 +168,62 @@ def test_other_messages(event: dict[str, Any], text: str | None) -> None:
         assert render_event(event) == f"{ESC}[{'31' if text[0] == '!' else '2'}m{text}{ESC}[0m"
 
 
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+@pytest.mark.parametrize("event", [
+    {**FINAL, "stream": "a\x1b[2Jb"},
+    {"type": "hello", "v": 1, "server": "\x1b]0;pwned\x07", "version": "1\x08",
+     "backend": "\x9b2J", "streams": ["a\x1b[2Jb"]},
+    {"type": "stream.started", "stream": "a\x1b[2Jb", "source": "mic\r"},
+    {"type": "stream.ended", "stream": "a\nb", "finals": "\x1b[H", "duration": 1.0},
+    {"type": "gap", "stream": "t\x07", "from": "\x1b[2J", "to": None},
+    {"type": "gap", "stream": "t", "from": 1, "to": "\x1b[2J"},
+    {"type": "error", "code": "\x1b[2J", "message": "line\none", "stream": "\x1b"},
+    {"type": "ingest.ready", "stream": "\x1b[2J", "sample_rate": 16000, "format": "\x00"},
+    {"type": "ingest.summary", "stream": "\x1b[2J", "duration": 1.0, "segments": "\x07",
+     "finals": 1, "partials": 1, "errors": 0},
+])
+def test_no_control_character_of_the_server_reaches_the_terminal(event: dict[str, Any]) -> None:
+    """A caption's text went through printable(), but the stream id in front
+    of it and every field of a status line were written as the server sent
+    them: another server, or a proxy, could clear the screen or retitle the
+    window through a stream id or an error message, even with --no-color.
+    They are shown as spaces too."""
+    for color in (False, True):
+        line = render_event(event, color=color)
+        assert line is not None
+        assert not _CONTROLS.search(re.sub(r"\x1b\[[0-9;]*m", "", line)), repr(line)
+
+
+async def test_status_lines_of_watch_hold_no_control_character_of_the_server() -> None:
+    """watch()'s own status lines quote the server too: a stream that ended
+    while away, a hello of another protocol version."""
+    sessions = [[_hello(["a\x1b[2Jb"]), _final("a\x1b[2Jb", 1, "one")],
+                [_hello([])],
+                [json.dumps({"type": "hello", "v": "\x1b[2J2"})]]
+    paths: list[str] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        paths.append("")
+        for message in sessions[min(len(paths), len(sessions)) - 1]:
+            await ws.send(message)
+        while len(paths) == 2 and "ended while disconnected" not in err.getvalue():
+            await asyncio.sleep(0.02)  # the viewer waits 1 s for the replay's end
+        await ws.close(1001, "going away")
+
+    out, err = io.StringIO(), io.StringIO()
+    writer = LiveWriter(out, err, color=False, live=False, show_stream=True)
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        assert await asyncio.wait_for(watch(f"ws://127.0.0.1:{port}", [], {}, writer,
+                                            max_retry_s=0.1), 20) == 1
+    assert "ended while disconnected" in err.getvalue()
+    assert "the server speaks protocol v" in err.getvalue()
+    assert not _CONTROLS.search(out.getvalue().replace("\n", "")), out.getvalue()
+    assert not _CONTROLS.search(err.getvalue().replace("\n", "")), err.getvalue()
+
+
 # --- LiveWriter ---------------------------------------------------------------------
 
 
