@@ -228,13 +228,17 @@ def text_columns(text: str) -> int:
 # Control characters (C0, DEL, C1): written as they came, ESC would start an
 # escape sequence and a line break or backspace would break a one-row line.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# Lone surrogates (JSON carries them: "\ud800"): a UTF-8 terminal's strict
+# encoder refuses them, with an exception where a line was to be written.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def printable(text: str) -> str:
-    """``text`` with each control character (C0, DEL, C1) as a space, for a
-    terminal or a log line (a caption's text may hold them: a model's byte
-    tokens)."""
-    return _CONTROL.sub(" ", text)
+    """``text`` with each control character (C0, DEL, C1) as a space and each
+    lone surrogate as U+FFFD, for a terminal or a log line (a caption's text
+    may hold controls: a model's byte tokens; text from another server, or
+    decoded with ``surrogateescape``, surrogates)."""
+    return _SURROGATE.sub("\ufffd", _CONTROL.sub(" ", text))
 
 
 def clip_columns(text: str, columns: int) -> str:

@@ -224,6 +224,26 @@ async def test_status_lines_of_watch_hold_no_control_character_of_the_server() -
     assert not _CONTROLS.search(err.getvalue().replace("\n", "")), err.getvalue()
 
 
+def test_a_lone_surrogate_from_the_server_is_shown_not_a_crash() -> None:
+    """JSON carries lone surrogates (``"\\ud800"``: a broken decoder's stand-in
+    for a bad byte); our server never sends one, another may. Written to a
+    UTF-8 terminal, whose encoder is strict, a caption or a stream id holding
+    one ended the viewer with a UnicodeEncodeError traceback. It is shown as
+    U+FFFD now, the replacement character."""
+    raw_out, raw_err = io.BytesIO(), io.BytesIO()
+    out = io.TextIOWrapper(raw_out, encoding="utf-8", errors="strict", write_through=True)
+    err = io.TextIOWrapper(raw_err, encoding="utf-8", errors="strict", write_through=True)
+    for color, live in ((False, False), (True, True)):
+        writer = LiveWriter(out, err, color=color, live=live, show_stream=True)
+        writer.show({**PARTIAL, "stream": "s\udcff", "text": "caf\ud800", "stable": "caf",
+                     "unstable": "\ud800"})
+        writer.show({**FINAL, "stream": "s\udcff", "text": "caf\ud800e", "stable": "caf\ud800e"})
+        writer.show({"type": "stream.ended", "stream": "s\udcff", "finals": 1, "duration": 1.0})
+        writer.status("! not JSON: \udfff")
+    assert "s\ufffd [0:12.5 → 0:14.9] caf\ufffde" in raw_out.getvalue().decode()
+    assert "■ s\ufffd ended" in raw_err.getvalue().decode()
+
+
 # --- LiveWriter ---------------------------------------------------------------------
 
 
