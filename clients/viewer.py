@@ -25,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -49,6 +50,7 @@ __all__ = [
     "captions_url",
     "endpoint",
     "main",
+    "open_streams",
     "parse_since",
     "render_event",
     "use_color",
@@ -76,6 +78,35 @@ def _tag_kinds(event: Mapping[str, Any]) -> dict[str, str]:
     tags = event.get("tags")
     return {normalize_tag_name(str(t.get("tag", ""))): str(t.get("kind", "unknown"))
             for t in (tags if isinstance(tags, list) else []) if isinstance(t, dict)}
+
+
+def _seconds(value: object) -> float | None:
+    """``value`` as seconds: a finite number a clock shows, else None (another
+    server may send a string, null, NaN or a number past a float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) and abs(seconds) < 1e9 else None
+
+
+def _time(value: object) -> str:
+    seconds = _seconds(value)
+    return "?" if seconds is None else format_time(seconds)
+
+
+def _duration(value: object) -> str:
+    seconds = _seconds(value)
+    return "?" if seconds is None else f"{seconds:.1f}"
+
+
+def open_streams(hello: Mapping[str, Any]) -> list[str]:
+    """The stream ids a ``hello`` lists (none when ``streams`` is no list;
+    items that are no string are left out)."""
+    streams = hello.get("streams")
+    return [s for s in streams if isinstance(s, str)] if isinstance(streams, list) else []
 
 
 def _kind(inner: str, kinds: Mapping[str, str]) -> str:
@@ -144,8 +175,7 @@ def _caption(event: Mapping[str, Any], color: bool, show_stream: bool,
         body = _pieces(text, kinds, unstable=not final)
     else:
         body = _pieces(stable, kinds, False) + _pieces(unstable, kinds, True)
-    span = (f"[{format_time(float(event.get('start', 0)))} → "
-            f"{format_time(float(event.get('end', 0)))}]")
+    span = f"[{_time(event.get('start', 0))} → {_time(event.get('end', 0))}]"
     prefix = f"{printable(str(event.get('stream')))} {span}" if show_stream else span
     if width is not None:
         body = _clip(body, max(10, width - text_columns(prefix) - 1))
@@ -162,7 +192,8 @@ def render_event(event: Mapping[str, Any], *, color: bool = True, show_stream: b
       partial shows ``stable`` plain and ``unstable`` dim. ``width`` (terminal
       columns: a wide character takes two, a combining mark none) keeps the
       end of the text and elides the start, so a partial fits one terminal
-      row. None for a caption with no text.
+      row. None for a caption with no text. A start or end that is no
+      finite number is shown as ``?``.
     - ``hello``, ``stream.started``/``ended``, ``gap``, ``error``,
       ``ingest.ready``/``summary``: a one-line status.
     - anything else: None.
@@ -177,7 +208,7 @@ def render_event(event: Mapping[str, Any], *, color: bool = True, show_stream: b
     line: str | None
     style = _DIM
     if kind == "hello":
-        streams = ", ".join(map(str, event.get("streams") or [])) or "none"
+        streams = ", ".join(open_streams(event)) or "none"
         epoch = f", epoch {event['epoch']}" if isinstance(event.get("epoch"), str) else ""
         line = (f"connected to {event.get('server')} {event.get('version')} "
                 f"(backend {event.get('backend')}{epoch}); open streams: {streams}")
@@ -185,7 +216,7 @@ def render_event(event: Mapping[str, Any], *, color: bool = True, show_stream: b
         line = f"▶ {event.get('stream')} started ({event.get('source')})"
     elif kind == "stream.ended":
         line = (f"■ {event.get('stream')} ended: {event.get('finals')} finals, "
-                f"{float(event.get('duration', 0)):.1f} s")
+                f"{_duration(event.get('duration', 0))} s")
     elif kind == "gap":
         last = event.get("to")
         if last is None:
@@ -206,7 +237,7 @@ def render_event(event: Mapping[str, Any], *, color: bool = True, show_stream: b
         line = (f"streaming to {event.get('stream')} "
                 f"({event.get('sample_rate')} Hz, {event.get('format')})")
     elif kind == "ingest.summary":
-        line = (f"{event.get('stream')}: {float(event.get('duration', 0)):.1f} s of audio, "
+        line = (f"{event.get('stream')}: {_duration(event.get('duration', 0))} s of audio, "
                 f"{event.get('segments')} segments, {event.get('finals')} finals, "
                 f"{event.get('partials')} partials, {event.get('errors')} errors")
     else:
@@ -399,7 +430,7 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
                             writer.status(f"the server speaks protocol v{event.get('v')}; "
                                           f"this viewer knows v{PROTOCOL_VERSION}")
                             return 1
-                        open_now = set(map(str, event.get("streams") or []))
+                        open_now = set(open_streams(event))
                         ended -= open_now  # an id used again while away is live again
                         if connects > 1:
                             away = known - ended - open_now

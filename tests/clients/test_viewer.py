@@ -244,6 +244,42 @@ def test_a_lone_surrogate_from_the_server_is_shown_not_a_crash() -> None:
     assert "■ s\ufffd ended" in raw_err.getvalue().decode()
 
 
+@pytest.mark.parametrize("bad", ["1.5", None, [], float("nan"), float("inf"), -float("inf"),
+                                 10**400, 1.7976931348623157e308])
+def test_times_and_durations_that_are_no_finite_number_are_shown_as_a_question_mark(
+        bad: object) -> None:
+    """Another server's caption with a start that is no number (a string,
+    null), not finite (JSON's NaN and Infinity, as Python writes them) or
+    past a float (10**400) ended the viewer, and mic_client, with a
+    traceback (ValueError, TypeError, OverflowError); so did such a
+    duration. They are shown as ``?``."""
+    caption = render_event({**FINAL, "start": bad, "end": 2.5}, color=False)
+    assert caption is not None and caption.startswith("mic [? → 0:02.5] [nervous]")
+    for kind in ("stream.ended", "ingest.summary"):
+        line = render_event({"type": kind, "stream": "x", "duration": bad}, color=False)
+        assert line is not None and "? s" in line, line
+
+
+@pytest.mark.parametrize("streams", [5, "ab", {"a": 1}, [["a"], None], True])
+async def test_a_hello_whose_streams_are_no_list_of_ids(streams: object) -> None:
+    """A hello whose ``streams`` was a number ended the viewer with a
+    traceback ('int' object is not iterable), in the status line and in
+    watch() itself; other values showed as the server sent them. Streams
+    that are no list are taken as none; items that are no string are left out."""
+    line = render_event({"type": "hello", "v": 1, "server": "s", "streams": streams},
+                        color=False)
+    assert line is not None and line.endswith("open streams: none")
+    script = [json.dumps({**json.loads(_hello([])), "streams": streams}),
+              _final("talk", 1, "one"), _msg("stream.ended", "talk")]
+
+    async def handler(ws: ServerConnection) -> None:
+        for message in script:
+            await ws.send(message)
+        await ws.wait_closed()
+
+    assert await _watch_to_the_end(handler, ["talk"]) == ["one"]
+
+
 # --- LiveWriter ---------------------------------------------------------------------
 
 
