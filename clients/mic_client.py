@@ -574,7 +574,7 @@ async def _session(ws: ClientConnection, feed: AudioFeed, stop: asyncio.Event,
         async for raw in ws:
             try:
                 event = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # nested too deep for Python
                 writer.status(f"! not JSON: {raw!r:.80}")
                 continue
             if isinstance(event, dict):
@@ -589,7 +589,7 @@ async def _session(ws: ClientConnection, feed: AudioFeed, stop: asyncio.Event,
         raw_ready = await asyncio.wait_for(ws.recv(), 15)
         try:
             ready = json.loads(raw_ready)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested too deep for Python
             ready = None
         if not isinstance(ready, dict):
             # Not this protocol (a proxy's page, another server): say so, and

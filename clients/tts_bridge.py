@@ -236,7 +236,7 @@ def read_state(path: Path) -> SavedState | None:
         sessions = {str(k): (int(v[0]), int(v[1])) for k, v in obj["sessions"].items()}
         if epoch is not None:
             epoch = parse_epoch([epoch])
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError):
         raise BridgeError(f"the state file {path} is damaged (not what --state writes); "
                           "move it away to start afresh") from None
     return SavedState(epoch, since, sessions)
@@ -553,7 +553,7 @@ class TtsBridge:
         raw = await asyncio.wait_for(ws.recv(), 10)
         try:
             hello = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested too deep for Python
             hello = raw  # not JSON: said below
         if isinstance(hello, dict) and hello.get("type") == "error":
             raise BridgeError(f"the server refused the subscription: {hello.get('code')}: "
@@ -581,7 +581,7 @@ class TtsBridge:
         """Handle one server message; True when the bridge should stop reading."""
         try:
             msg = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # nested too deep for Python
             log.warning("ignoring a message that is not JSON: %.60r", raw)
             return False
         if not isinstance(msg, dict):

@@ -418,7 +418,7 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
                         continue
                     try:
                         event = json.loads(raw)
-                    except ValueError:
+                    except (ValueError, RecursionError):  # nested too deep for Python
                         writer.status(f"! not JSON: {raw!r:.80}")
                         continue
                     if not isinstance(event, dict):

@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
+from mic_client import FileFeed, run
 from tts_bridge import BridgeConfig, BridgeError, SavedState, TtsBridge, write_state
 from viewer import LiveWriter, watch
 from websockets.asyncio.server import ServerConnection, serve
@@ -262,3 +265,99 @@ async def test_bridge_says_what_came_when_the_hello_is_not_json(tmp_path: Path) 
         with pytest.raises(BridgeError, match="expected a hello from the server, got "
                                               "<html>502 Bad Gateway"):
             await asyncio.wait_for(bridge.run(), 20)
+
+
+# --- 4. deeply nested JSON from the server ---------------------------------------------
+
+#: Valid JSON that Python's decoder cannot take: it raises RecursionError,
+#: which is no ValueError.
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def _scripted_hello(streams: list[str]) -> str:
+    return json.dumps({"type": "hello", "v": 1, "server": "other", "streams": streams})
+
+
+def _scripted_final(stream: str, segment: int, seq: int, text: str) -> str:
+    return json.dumps({"type": "caption", "stream": stream, "segment": segment, "seq": seq,
+                       "final": True, "text": text, "stable": text, "unstable": "",
+                       "start": float(segment), "end": segment + 0.5})
+
+
+async def test_the_viewer_and_the_bridge_skip_deeply_nested_json(tmp_path: Path) -> None:
+    """A message nested 100,000 deep (another server, a proxy) ended the
+    viewer and the TTS bridge with a RecursionError traceback, as the hello
+    or after it: they skip it as they skip a message that is not JSON."""
+    script = [_scripted_hello(["talk"]), DEEP, _scripted_final("talk", 0, 1, "one"),
+              json.dumps({"type": "stream.ended", "stream": "talk"})]
+
+    async def handler(ws: ServerConnection) -> None:
+        for message in script:
+            await ws.send(message)
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        url = f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}"
+        out, err = io.StringIO(), io.StringIO()
+        writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
+        assert await asyncio.wait_for(watch(url, ["talk"], {}, writer, exit_on_end=True),
+                                      20) == 0
+        assert out.getvalue() == "[0:00.0 → 0:00.5] one\n"
+        assert "! not JSON: '[[[[" in err.getvalue()
+        synth = GatedSynth()
+        synth.gate.set()
+        await asyncio.wait_for(TtsBridge(BridgeConfig(
+            out=tmp_path, url=url, streams=("talk",), exit_on_end=True), synth).run(), 20)
+        assert synth.names == ["talk-00000.txt"]
+
+    async def deep_hello(ws: ServerConnection) -> None:
+        await ws.send(DEEP)
+        await ws.wait_closed()
+
+    async with serve(deep_hello, "127.0.0.1", 0) as server:
+        url = f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}"
+        with pytest.raises(BridgeError, match=r"expected a hello from the server, got \[\[\["):
+            await asyncio.wait_for(TtsBridge(BridgeConfig(
+                out=tmp_path, url=url, reconnect=False), GatedSynth()).run(), 20)
+
+
+def test_a_deeply_nested_state_file_is_damaged_not_a_traceback(tmp_path: Path) -> None:
+    """The same in a --state file: a RecursionError traceback at the start,
+    where the docs promise one line and exit status 2 for a damaged one."""
+    state = tmp_path / "bridge.json"
+    state.write_text(DEEP)
+    with pytest.raises(BridgeError, match="is damaged"):
+        TtsBridge(BridgeConfig(out=tmp_path, state=state), GatedSynth())
+
+
+async def test_the_mic_client_skips_deeply_nested_json() -> None:
+    """The same message among the captions of an ingest connection ended
+    mic_client with a RecursionError traceback; as its answer to the config
+    too. It is skipped, or (as the answer) said and the connection closed."""
+    async def handler(ws: ServerConnection) -> None:
+        await ws.recv()  # config
+        assert ws.request is not None
+        if "deep-first" in ws.request.path:
+            await ws.send(DEEP)
+            await ws.wait_closed()
+            return
+        await ws.send(json.dumps({"type": "ingest.ready", "stream": "desk",
+                                  "sample_rate": 16000, "channels": 1, "format": "pcm16"}))
+        await ws.send(DEEP)
+        async for message in ws:
+            if isinstance(message, str) and json.loads(message)["type"] == "end":
+                await ws.send(json.dumps({"type": "ingest.summary", "stream": "desk",
+                                          "duration": 0.1}))
+                await ws.close(1000)
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        url = f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}"
+        out, err = io.StringIO(), io.StringIO()
+        writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
+        feed = FileFeed(np.zeros(1600, np.int16))
+        assert await asyncio.wait_for(run(url, "desk", feed, writer), 20) == 0
+        assert "! not JSON: '[[[[" in err.getvalue()
+        assert "desk: 0.1 s of audio" in err.getvalue()
+        assert await asyncio.wait_for(run(url, "deep-first", FileFeed(np.zeros(1600, np.int16)),
+                                          writer), 20) == 1
+        assert "answered the config with '[[[[" in err.getvalue()
