@@ -4,7 +4,8 @@ The bridge subscribes to ``/v1/captions`` (see ``docs/protocol.md``), keeps
 only ``final`` captions, and writes one audio file per final to
 ``OUTDIR/{stream}-{segment:05d}.{ext}`` (the stream id percent-encoded, as
 in the journal's file names: characters outside ``[A-Za-z0-9._~-]`` and
-leading dots become ``%XX``, so ids that differ get names that differ; an
+leading dots become ``%XX``, so ids that differ get names that differ; a
+lone surrogate, which JSON carries, as its three bytes ``%ED%A0%80``; an
 existing file is replaced). A stream id used again (a client that
 reconnected under it) counts its segments from 0 again: the bridge sees a
 final whose segment is not past the last one, and names that session's
@@ -307,8 +308,10 @@ def output_name(stream: str, segment: int, ext: str, session: int = 1) -> str:
     file name (as the journal names its files, and leading dots too, so that
     no file is hidden); ``{stream}+{session}-...`` from a stream id's second
     session on. The encoding is one-to-one and ``+`` never comes from an id,
-    so two finals get the same name only when they are the same final."""
-    safe = quote(stream, safe="")
+    so two finals get the same name only when they are the same final. A lone
+    surrogate (JSON carries them) is encoded as UTF-8 would encode it if it
+    could (``surrogatepass``): still one-to-one, and never a valid id's name."""
+    safe = quote(stream, safe="", errors="surrogatepass")
     dots = len(safe) - len(safe.lstrip("."))
     tag = f"+{session}" if session > 1 else ""
     return f"{'%2E' * dots}{safe[dots:]}{tag}-{segment:05d}.{ext}"

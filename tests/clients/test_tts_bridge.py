@@ -324,6 +324,36 @@ def test_names_urls_and_since() -> None:
         "ws://h:1/v1/captions?x=1")
 
 
+async def test_a_stream_id_holding_a_lone_surrogate_gets_files_of_its_own(
+        tmp_path: Path) -> None:
+    """JSON carries lone surrogates; our server never sends a stream id
+    holding one, another may. output_name() raised UnicodeEncodeError on it
+    (the id is percent-encoded as UTF-8, which has no surrogates), and the
+    bridge stopped at that final. Such an id is encoded as its surrogates'
+    UTF-8 bytes would be: still one-to-one, and no valid id's name (UTF-8
+    never holds those bytes)."""
+    assert output_name("\ud800", 0, "wav") == "%ED%A0%80-00000.wav"
+    assert output_name("a\udcffb", 1, "wav", session=2) == "a%ED%B3%BFb+2-00001.wav"
+    assert output_name("\ud83d\ude00", 0, "wav") != output_name("\U0001f600", 0, "wav")
+    messages = [_msg("hello", v=1, streams=[]),
+                _msg("caption", stream="a\udcffb", segment=0, seq=1, final=True, text="odd one"),
+                _final("talk", 0, 1, "and so am I"), _msg("stream.ended", stream="a\udcffb"),
+                _msg("stream.ended", stream="talk")]
+
+    async def handler(ws: ServerConnection) -> None:
+        for message in messages:
+            await ws.send(message)
+        await ws.wait_closed()
+
+    synth = GatedSynth()
+    synth.gate.set()
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        await asyncio.wait_for(TtsBridge(BridgeConfig(
+            out=tmp_path, url=f"ws://127.0.0.1:{port}", exit_on_end=True), synth).run(), 20)
+    assert synth.names == ["a%ED%B3%BFb-00000.txt", "talk-00000.txt"]
+
+
 def test_final_from_message() -> None:
     msg: dict[str, object] = {"type": "caption", "stream": "s", "segment": 2, "seq": 9,
                               "final": True, "text": "[sighs] ok"}
