@@ -266,9 +266,11 @@ def next_state(saved: SavedState, final: Final, ended: Collection[str] = ()) -> 
 
 def write_state(path: Path, state: SavedState) -> None:
     """Save ``state`` in ``path`` atomically (a file beside it, fsynced, renamed)."""
+    # A lone surrogate (an id from JSON) can only be inside a JSON string:
+    # backslashreplace writes it as JSON's own escape for it, "\ud800".
     data = json.dumps({"epoch": state.epoch, "since": state.since,
                        "sessions": {k: list(v) for k, v in state.sessions.items()}},
-                      ensure_ascii=False).encode() + b"\n"
+                      ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n"
     part = path.with_name(path.name + ".part")
     with open(part, "wb") as f:
         f.write(data)

@@ -40,8 +40,10 @@ from tts_bridge import (
     next_state,
     output_name,
     parse_since,
+    read_state,
     restated_tags,
     resume_since,
+    write_state,
 )
 from tts_prosody import (
     DELIVERY_PROSODY,
@@ -1226,6 +1228,20 @@ def test_the_saved_state_keeps_sessions_across_an_epoch_change() -> None:
     # The same epoch: every stream's seq goes on.
     assert next_state(saved, Final("a", 1, 2, "z", session=2, epoch="e2")).since == \
         {"b": 1, "a": 2}
+
+
+def test_a_state_holding_a_lone_surrogate_is_written_and_read_back(tmp_path: Path) -> None:
+    """A stream id holding a lone surrogate (JSON carries them; another
+    server may send one) in the state: write_state encoded it as UTF-8 and
+    raised UnicodeEncodeError, which ended the bridge after that final. It is
+    written as JSON's escape for it, read back the same; other ids stay
+    readable in the file."""
+    path = tmp_path / "state.json"
+    saved = SavedState("e1", {"talk": 2, "caf\u00e9": 3},
+                       {"\ud800": (1, 0), "a\udcffb": (2, 5), "talk": (1, 1)})
+    write_state(path, saved)
+    assert read_state(path) == saved
+    assert "caf\u00e9" in path.read_text(encoding="utf-8")
 
 
 async def test_a_bridge_restarted_with_its_state_file_speaks_each_final_once(
