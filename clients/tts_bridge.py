@@ -112,7 +112,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from evoxtral_stream.console import clip_columns, printable
 from evoxtral_stream.logs import configure_logging, install_json_hooks
 from evoxtral_stream.server.auth import redact_tokens
-from evoxtral_stream.server.protocol import parse_epoch, resume_since
+from evoxtral_stream.server.protocol import hello_epoch, parse_epoch, resume_since
 from evoxtral_stream.server.protocol import parse_since as parse_since_values
 from evoxtral_stream.text.tags import Carry, TagKind, tokenize
 
@@ -512,8 +512,8 @@ class TtsBridge:
             left_out = [s for s in self._last_seq if s not in since and s not in self._ended]
             if left_out:
                 log.warning("resuming %d streams; %d live ones (%s, ...) get live captions "
-                            "only: the URL would be too long", len(since), len(left_out),
-                            left_out[0])
+                            "only: the URL would be too long, or cannot name them", len(since),
+                            len(left_out), left_out[0])
             url = caption_url(self.cfg.url, self.cfg.streams, since, self._epoch)
             conn: ClientConnection | None = None
             try:
@@ -572,8 +572,8 @@ class TtsBridge:
         if not self.cfg.streams:
             self._seen.update(open_now)
         self._ended -= open_now  # an id used again while away is live again
-        epoch = hello.get("epoch")
-        if isinstance(epoch, str):
+        epoch = hello_epoch(hello.get("epoch"))
+        if epoch is not None:
             if self._epoch is not None and epoch != self._epoch:
                 # A new numbering (a restart without the journal): no seq
                 # read means anything now, those left out of the URL included.

@@ -39,7 +39,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from evoxtral_stream.console import char_columns, format_time, printable, text_columns
-from evoxtral_stream.server.protocol import parse_epoch, resume_since
+from evoxtral_stream.server.protocol import hello_epoch, parse_epoch, resume_since
 from evoxtral_stream.server.protocol import parse_since as parse_since_values
 from evoxtral_stream.text.tags import lookup_tag, normalize_tag_name
 
@@ -379,8 +379,9 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
     ended meanwhile. The resume's replay ends with its ``stream.ended`` while
     the server retains the stream; else it is reported as ended once the
     replay is over (no message for a second). A reconnect sends the last
-    hello's ``epoch`` with its seqs; a hello of another epoch (a restart
-    without the journal) sets every seq held to 0.
+    hello's ``epoch`` with its seqs (one of the protocol's form only:
+    :func:`~evoxtral_stream.server.protocol.hello_epoch`); a hello of another
+    epoch (a restart without the journal) sets every seq held to 0.
     """
     seen = dict(since)        # stream -> last seq, for since=, the latest active last
     # ``epoch``: the numbering those seqs are of (the last hello's)
@@ -398,7 +399,7 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
         if connects and (left := [s for s in seen if s not in resume and s not in ended]):
             writer.status(f"resuming {len(resume)} streams; {len(left)} live ones "
                           f"({left[0]}, ...) get live captions only: the URL would be "
-                          "too long")
+                          "too long, or cannot name them")
         url = captions_url(base, streams, resume, epoch)
         try:
             async with connect(url, open_timeout=10, max_size=2**24,
@@ -434,13 +435,13 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
                         ended -= open_now  # an id used again while away is live again
                         if connects > 1:
                             away = known - ended - open_now
-                        if isinstance(event.get("epoch"), str):
-                            if epoch is not None and event["epoch"] != epoch:
+                        if (their_epoch := hello_epoch(event.get("epoch"))) is not None:
+                            if epoch is not None and their_epoch != epoch:
                                 # A new numbering (a restart without the
                                 # journal): no seq held means anything now,
                                 # those left out of the URL included.
                                 seen = dict.fromkeys(seen, 0)
-                            epoch = event["epoch"]
+                            epoch = their_epoch
                     elif kind == "caption" and isinstance(event.get("seq"), int):
                         seen[name] = max(seen.pop(name, 0), event["seq"])
                         known.add(name)

@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -361,3 +361,56 @@ async def test_the_mic_client_skips_deeply_nested_json() -> None:
         assert await asyncio.wait_for(run(url, "deep-first", FileFeed(np.zeros(1600, np.int16)),
                                           writer), 20) == 1
         assert "answered the config with '[[[[" in err.getvalue()
+
+
+# --- 5. ids and epochs no URL can carry ---------------------------------------------------
+
+
+def _resume_server(paths: list[str], epoch: object) -> Callable[[ServerConnection],
+                                                                 Awaitable[None]]:
+    """First connection: a hello of ``epoch``, a final of a stream whose id
+    holds a lone surrogate and one of talk, then the link drops. Next: both
+    streams end."""
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        paths.append(ws.request.path)
+        if len(paths) == 1:
+            await ws.send(json.dumps({"type": "hello", "v": 1, "epoch": epoch,
+                                      "streams": ["\ud800", "talk"]}))
+            await ws.send(_scripted_final("\ud800", 0, 1, "odd"))
+            await ws.send(_scripted_final("talk", 0, 1, "one"))
+            await ws.close(1001, "going away")
+            return
+        await ws.send(_scripted_hello([]))
+        for stream in ("\ud800", "talk"):
+            await ws.send(json.dumps({"type": "stream.ended", "stream": stream}))
+        await ws.wait_closed()
+    return handler
+
+
+@pytest.mark.parametrize("epoch", ["e\udcff", "not one!", 7])
+async def test_a_reconnect_leaves_out_what_no_url_can_carry(tmp_path: Path,
+                                                           epoch: object) -> None:
+    """JSON carries lone surrogates; a URL cannot (it is percent-encoded
+    UTF-8). A stream id holding one ended the viewer and the TTS bridge
+    with a UnicodeEncodeError traceback at the reconnect, building since=;
+    so did such an epoch. The stream gets live captions only; an epoch not
+    of the protocol's form (1 to 64 of A-Z a-z 0-9 _ -), which a server of
+    this protocol would refuse (bad_query, close 1008), is not sent back."""
+    for client in ("viewer", "bridge"):
+        paths: list[str] = []
+        async with serve(_resume_server(paths, epoch), "127.0.0.1", 0) as server:
+            url = f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}"
+            if client == "viewer":
+                out, err = io.StringIO(), io.StringIO()
+                writer = LiveWriter(out, err, color=False, live=False, show_stream=True)
+                assert await asyncio.wait_for(watch(url, [], {}, writer, exit_on_end=True,
+                                                    max_retry_s=0.1), 20) == 0
+            else:
+                synth = GatedSynth()
+                synth.gate.set()
+                await asyncio.wait_for(TtsBridge(BridgeConfig(
+                    out=tmp_path, url=url, exit_on_end=True, reconnect_min_s=0.1,
+                    state=tmp_path / "state.json"), synth).run(), 20)
+                assert synth.names == ["%ED%A0%80-00000.txt", "talk-00000.txt"]
+        assert paths == ["/v1/captions", "/v1/captions?since=talk:1"], client

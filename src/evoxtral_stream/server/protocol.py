@@ -51,6 +51,7 @@ __all__ = [
     "encode_hello",
     "encode_message",
     "event_to_dict",
+    "hello_epoch",
     "new_epoch",
     "parse_epoch",
     "parse_ingest_message",
@@ -451,6 +452,14 @@ def new_epoch() -> str:
     return secrets.token_hex(8)
 
 
+def hello_epoch(value: object) -> str | None:
+    """The epoch a client keeps from a hello's ``epoch`` field, to send back
+    when it resumes: ``value`` when it is one :func:`parse_epoch` takes, else
+    None (another server's, which a server of this protocol would refuse,
+    or one no URL can carry: JSON holds lone surrogates)."""
+    return value if isinstance(value, str) and _EPOCH.fullmatch(value) else None
+
+
 def parse_epoch(values: Sequence[str]) -> str | None:
     """The ``epoch`` query parameter: the epoch of the hello that came with
     the client's ``since`` seqs (None: not given). Raises
@@ -486,13 +495,19 @@ def resume_since(last_seq: Mapping[str, int], ended: Collection[str],
 
     A stream that ended has nothing more to replay unless its id is used
     again while the client is away; the streams that ended longest ago are
-    the ones a server no longer remembers (``server.history_streams``)."""
+    the ones a server no longer remembers (``server.history_streams``).
+    An id holding a lone surrogate (JSON carries them; no URL can) is left
+    out: that stream gets live captions only."""
     latest_first = list(last_seq)[::-1]
     order = [s for s in latest_first if s not in ended] + [s for s in latest_first if s in ended]
     out: dict[str, int] = {}
     size = 0
     for stream in order:
-        item = len(quote(stream, safe="")) + len(f":{last_seq[stream]},")
+        try:
+            encoded = quote(stream, safe="")
+        except UnicodeEncodeError:
+            continue
+        item = len(encoded) + len(f":{last_seq[stream]},")
         if size + item > max_bytes:
             break
         size += item
