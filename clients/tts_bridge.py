@@ -568,7 +568,9 @@ class TtsBridge:
         if hello.get("v") != PROTOCOL_VERSION:
             raise BridgeError(f"server speaks protocol v{hello.get('v')}, "
                               f"this bridge v{PROTOCOL_VERSION}")
-        open_now = {s for s in hello.get("streams", ()) if isinstance(s, str)}
+        streams = hello.get("streams")
+        open_now = ({s for s in streams if isinstance(s, str)} if isinstance(streams, list)
+                    else set())
         if not self.cfg.streams:
             self._seen.update(open_now)
         self._ended -= open_now  # an id used again while away is live again

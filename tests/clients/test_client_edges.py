@@ -414,3 +414,26 @@ async def test_a_reconnect_leaves_out_what_no_url_can_carry(tmp_path: Path,
                     state=tmp_path / "state.json"), synth).run(), 20)
                 assert synth.names == ["%ED%A0%80-00000.txt", "talk-00000.txt"]
         assert paths == ["/v1/captions", "/v1/captions?since=talk:1"], client
+
+
+@pytest.mark.parametrize("streams", [5, None, True, {"a": 1}])
+async def test_the_bridge_takes_a_hello_whose_streams_are_no_list(tmp_path: Path,
+                                                                 streams: object) -> None:
+    """A hello whose ``streams`` was a number or null (another server) ended
+    the bridge with a TypeError traceback before its first final."""
+    script = [json.dumps({"type": "hello", "v": 1, "streams": streams}),
+              _scripted_final("talk", 0, 1, "one"),
+              json.dumps({"type": "stream.ended", "stream": "talk"})]
+
+    async def handler(ws: ServerConnection) -> None:
+        for message in script:
+            await ws.send(message)
+        await ws.wait_closed()
+
+    synth = GatedSynth()
+    synth.gate.set()
+    async with serve(handler, "127.0.0.1", 0) as server:
+        url = f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}"
+        await asyncio.wait_for(TtsBridge(BridgeConfig(
+            out=tmp_path, url=url, streams=("talk",), exit_on_end=True), synth).run(), 20)
+    assert synth.names == ["talk-00000.txt"]
