@@ -85,6 +85,7 @@ import asyncio
 import enum
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -280,9 +281,15 @@ def write_state(path: Path, state: SavedState) -> None:
 
 
 def _seconds(value: object) -> float | None:
+    """``value`` as seconds when it is a finite number (JSON's integers have
+    no bound: 10**400 is past a float), else None."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return float(value)
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 def restated_tags(carry: Carry, text: str) -> str:

@@ -356,6 +356,17 @@ async def test_a_stream_id_holding_a_lone_surrogate_gets_files_of_its_own(
     assert synth.names == ["a%ED%B3%BFb-00000.txt", "talk-00000.txt"]
 
 
+@pytest.mark.parametrize("bad", [10**400, -(10**400), float("nan"), float("inf"), "1.5", None])
+def test_a_final_whose_span_is_no_finite_number_has_none(bad: object) -> None:
+    """A final whose start was an integer past a float (10**400: JSON has no
+    limit, another server may send one) ended the bridge with an
+    OverflowError traceback; NaN and Infinity were kept and compared. A
+    start or end that is no finite number is taken as none."""
+    msg = {"type": "caption", "stream": "s", "segment": 2, "seq": 9, "final": True,
+           "text": "ok", "start": bad, "end": bad}
+    assert Final.from_message(msg) == Final("s", 2, 9, "ok", start=None, end=None)
+
+
 def test_final_from_message() -> None:
     msg: dict[str, object] = {"type": "caption", "stream": "s", "segment": 2, "seq": 9,
                               "final": True, "text": "[sighs] ok"}
