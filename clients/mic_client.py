@@ -16,7 +16,9 @@ Reconnects: once the server has accepted the stream, a connection that is
 lost (the network failed, the server restarted or went away, or refused a
 reconnect because the stream was still held, the server full or shutting
 down) is opened again with bounded exponential backoff under the same stream
-id, and the audio goes on where it stopped. The microphone keeps capturing
+id (the server's name for it; the one asked for when the server gave none a
+URL can carry: a lone surrogate, from another server), and the audio goes on
+where it stopped. The microphone keeps capturing
 meanwhile: up to :data:`MAX_QUEUED_BLOCKS` blocks (10 s) wait for the new
 connection, later ones are dropped and counted; a file resumes at the
 position it had reached. On an open connection the client asks the server
@@ -604,7 +606,7 @@ async def _session(ws: ClientConnection, feed: AudioFeed, stop: asyncio.Event,
             await asyncio.wait_for(ws.wait_closed(), 10)
         else:
             show(ready)
-            stream = str(ready.get("stream"))
+            stream = ready["stream"] if isinstance(ready.get("stream"), str) else ""
             # An older server leaves "progress" out and sends no acknowledgements.
             progress = Progress() if ready.get("progress") is True else None
             on_ready(stream)
@@ -629,6 +631,15 @@ async def _session(ws: ClientConnection, feed: AudioFeed, stop: asyncio.Event,
         feed.rewind(progress)
     writer.clear()
     return SessionEnd(stream, ws.close_code, error, done)
+
+
+def _nameable(stream: str) -> bool:
+    """Whether a URL can carry ``stream`` (percent-encoded UTF-8: no lone surrogate)."""
+    try:
+        stream.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _ingest_url(url: str, stream: str | None) -> str:
@@ -661,22 +672,27 @@ async def run(url: str, stream: str | None, feed: AudioFeed, writer: LiveWriter,
             stop.set()
 
     confirmed: str | None = None  # the stream id, once the server has accepted it
+    rejoin = stream  # the id a reconnect asks for
     lost_at: float | None = None
     wait = backoff_s[0]
 
     def on_ready(stream_id: str) -> None:
-        nonlocal confirmed, lost_at, wait
+        nonlocal confirmed, rejoin, lost_at, wait
         if lost_at is not None:
             writer.status(f"reconnected as {stream_id} after "
                           f"{time.monotonic() - lost_at:.1f} s")
         confirmed, lost_at, wait = stream_id, None, backoff_s[0]
+        # The server's name for the stream, unless no URL can carry it (one
+        # holding a lone surrogate, from JSON, or none): then the id asked for.
+        if stream_id and _nameable(stream_id):
+            rejoin = stream_id
 
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGINT, interrupt)
     try:
         feed.start(writer.status)
         while True:
-            target = _ingest_url(url, confirmed or stream)
+            target = _ingest_url(url, rejoin)
             try:
                 async with connect(target, open_timeout=10, max_size=2**24,
                                    additional_headers=auth_headers(token)) as ws:

@@ -437,3 +437,34 @@ async def test_the_bridge_takes_a_hello_whose_streams_are_no_list(tmp_path: Path
         await asyncio.wait_for(TtsBridge(BridgeConfig(
             out=tmp_path, url=url, streams=("talk",), exit_on_end=True), synth).run(), 20)
     assert synth.names == ["talk-00000.txt"]
+
+
+@pytest.mark.parametrize("named", ["\ud800", None, 7])
+async def test_the_mic_client_reconnects_when_its_stream_id_is_no_url(named: object) -> None:
+    """The ingest.ready of another server named the stream with a lone
+    surrogate (JSON carries them): the reconnect after a lost connection
+    ended mic_client with a UnicodeEncodeError traceback, building
+    ?stream=. One with no stream id, or a number, reconnected as "None" or
+    "7". It reconnects under the id it asked for."""
+    paths: list[str] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        paths.append(ws.request.path)
+        await ws.recv()  # config
+        await ws.send(json.dumps({"type": "ingest.ready", "stream": named}))
+        if len(paths) == 1:
+            await ws.close(1001)
+            return
+        async for message in ws:
+            if isinstance(message, str) and json.loads(message)["type"] == "end":
+                await ws.send(json.dumps({"type": "ingest.summary", "stream": "desk"}))
+                await ws.close(1000)
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        url = f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}"
+        writer = LiveWriter(io.StringIO(), io.StringIO(), color=False, live=False,
+                            show_stream=False)
+        assert await asyncio.wait_for(run(url, "desk", FileFeed(np.zeros(1600, np.int16)),
+                                          writer, backoff_s=(0.01, 0.02)), 20) == 0
+    assert paths == ["/v1/ingest?stream=desk"] * 2
