@@ -370,6 +370,9 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
     ``token`` is sent as ``Authorization: Bearer`` (None: no token);
     ``epoch`` is the numbering ``since``'s seqs are of (``--epoch``; None:
     unknown, and the server can tell only a seq past all it gave).
+    ``max_retry_s`` is the longest wait between two tries to reconnect (the
+    first wait is 0.25 s, or ``max_retry_s`` when less; each next one twice
+    the last).
     Returns 0 after the ``stream.ended`` of every ``streams`` (any stream when
     empty) if ``exit_on_end``; 1 when the first connection fails, the server
     refuses the token (HTTP 401/403, on any connection) or the request
@@ -388,7 +391,8 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
     known: set[str] = set()   # streams seen started or captioned
     ended: set[str] = set()
     connects = 0
-    delay = 0.25
+    first_delay = min(0.25, max_retry_s)
+    delay = first_delay
 
     def finished() -> bool:
         return exit_on_end and bool(ended) and (not streams or ended >= set(streams))
@@ -404,7 +408,7 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
         try:
             async with connect(url, open_timeout=10, max_size=2**24,
                                additional_headers=auth_headers(token)) as ws:
-                connects, delay = connects + 1, 0.25
+                connects, delay = connects + 1, first_delay
                 away: set[str] = set()
                 while True:
                     try:
