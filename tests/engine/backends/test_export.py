@@ -133,3 +133,22 @@ def test_export_merged_command(tiny: Tiny, tmp_path: Path) -> None:
                             *args], capture_output=True, text=True, timeout=300)
     assert again.returncode == 2
     assert "evoxtral-stream: error:" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_exported_files_are_readable_as_the_umask_allows(
+    tiny_cfg: VoxtralConfig, tmp_path: Path
+) -> None:
+    """safetensors writes the weights through a private temporary file, so the
+    export's model.safetensors was mode 0600 while every other file was 0644:
+    a checkpoint exported by an admin could not be loaded by the service user
+    (docs/systemd.md runs `serve` as its own user). Every file now gets the
+    mode the umask gives a new file."""
+    old = os.umask(0o022)
+    try:
+        export_merged(tiny_cfg, tmp_path / "merged")
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "merged").iterdir()}
+    assert "model.safetensors" in modes
+    assert set(modes.values()) == {"0o644"}, modes
+    assert oct((tmp_path / "merged").stat().st_mode & 0o777) == "0o755"

@@ -110,6 +110,13 @@ def _write_merged(cfg: VoxtralConfig, outdir: Path, max_shard_size: str) -> None
         "versions": _versions(),
     }
     (outdir / "evoxtral_merge.json").write_text(json.dumps(note, indent=2) + "\n", "utf-8")
+    # safetensors writes the weights through a private (0600) temporary file:
+    # give them the mode the umask gives a new file, as the note just got, so
+    # the service user that serves the checkpoint can read what an admin wrote.
+    mode = (outdir / "evoxtral_merge.json").stat().st_mode & 0o777
+    for path in outdir.iterdir():
+        if path.is_file() and path.stat().st_mode & 0o777 != mode:
+            path.chmod(mode)
 
 
 def _versions() -> dict[str, str]:
