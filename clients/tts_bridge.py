@@ -699,7 +699,7 @@ class TtsBridge:
         except OSError as e:
             raise BridgeError(f"cannot write {dest}: {e}") from e
         self.written.append(dest)
-        log.info("wrote %s (%.2f s): %s", dest, time.monotonic() - t0,
+        log.info("wrote %s (synthesised in %.2f s): %s", dest, time.monotonic() - t0,
                  clip_columns(printable(final.spoken), LOG_TEXT_COLUMNS))
 
 

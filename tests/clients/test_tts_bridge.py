@@ -9,6 +9,7 @@ import base64
 import json
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -771,7 +772,9 @@ async def test_the_log_line_of_a_final_shows_its_text_clipped_and_without_contro
     (a model's byte tokens; the wire keeps them) reached the terminal (ESC
     starting escape sequences, a line break splitting the log line in two),
     and a long final filled the screen. They are spaces now, and the text is
-    clipped to 120 columns, an ellipsis marking the cut."""
+    clipped to 120 columns, an ellipsis marking the cut. The time beside the
+    file's name read as the file's length ("wrote talk-00000.wav (0.09 s)" for
+    3 s of speech): it says what it is, the time the synthesis took."""
     texts = ["wipe \x1b[2J\x1b[Hthe screen\nand\x07 more", "word " * 300 + "end"]
     publish_finals(served, "talk", texts)
     synth = GatedSynth()
@@ -782,8 +785,9 @@ async def test_the_log_line_of_a_final_shows_its_text_clipped_and_without_contro
     with caplog.at_level(logging.INFO):
         stats = await asyncio.wait_for(bridge.run(), 15)
     assert stats.written == 2
-    shown = [r.getMessage().split("): ", 1)[1] for r in caplog.records
-             if r.getMessage().startswith("wrote ")]
+    wrote = [r.getMessage() for r in caplog.records if r.getMessage().startswith("wrote ")]
+    assert all(re.match(r"wrote \S+ \(synthesised in \d+\.\d\d s\): ", m) for m in wrote), wrote
+    shown = [m.split("): ", 1)[1] for m in wrote]
     assert shown[0] == "wipe  [2J [Hthe screen and  more"
     assert shown[1] == ("word " * 24)[:119] + "\u2026"
     assert len(shown) == 2
