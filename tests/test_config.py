@@ -106,6 +106,26 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
         load_config(table, env={})
 
 
+def test_a_bad_token_entry_names_which_one() -> None:
+    """With several [[auth.tokens]], 'auth.tokens hash must be ...' left the
+    user to guess which entry was wrong. The entry is named as an unknown
+    key in it is: auth.tokens[1].hash."""
+    good: dict[str, object] = {"name": "ok", "hash": "sha256:" + "a" * 64,
+                               "roles": ["subscribe"]}
+    cases: list[tuple[dict[str, object], str]] = [
+        ({"hash": "sha256:..."},
+         r"^auth\.tokens\[1\]\.hash must be .*, got <redacted>: its digest is not 64 "),
+        ({"hash": "sha256:" + "0" * 63 + "x"},
+         r"^auth\.tokens\[1\]\.hash must be .*, got <redacted>: its digest holds "),
+        ({"roles": ["sub"]}, r"^auth\.tokens\[1\]\.roles must be "),
+        ({"streams": [""]}, r"^auth\.tokens\[1\]\.streams must be "),
+    ]
+    for change, message in cases:
+        tokens = [good, {**good, "name": "studio", "hash": "sha256:" + "b" * 64, **change}]
+        with pytest.raises(ConfigError, match=message):
+            load_config(env={}, overrides={"auth.tokens": tokens})
+
+
 def test_overrides_parse_toml_literals_or_bare_strings() -> None:
     assert parse_override("server.host = 0.0.0.0") == ("server.host", "0.0.0.0")
     assert parse_override('model.language="fr"') == ("model.language", "fr")

@@ -363,7 +363,14 @@ def _build_array(dotted: str, value: object, tp: object) -> tuple[Any, ...]:
         if unknown:
             raise ConfigError(f"unknown config key {where}.{unknown[0]!r} "
                               f"(known here: {', '.join(sorted(known))})")
-        out.append(_build(item_tp, item, where + "."))
+        try:
+            out.append(_build(item_tp, item, where + "."))
+        except ConfigError as e:
+            # The entry's own checks say "auth.tokens hash ...": name the entry.
+            text = str(e)
+            if text.startswith(f"{dotted} "):
+                raise ConfigError(f"{where}.{text.removeprefix(dotted + ' ')}") from None
+            raise
     return tuple(out)
 
 
