@@ -102,6 +102,7 @@ try:
         configure_logging,
         install_json_hooks,
         install_text_hooks,
+        quiet_library_progress_bars,
     )
     from .outputs import JsonlFile, SubtitleFiles, part_path, write_file
     from .run import FileJob, transcribe_samples
@@ -355,6 +356,8 @@ def _setup_logging(logs: LoggingConfig) -> None:
     for noisy in _NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.NOTSET if level <= logging.DEBUG
                                           else logging.WARNING)
+    if level > logging.INFO:
+        quiet_library_progress_bars()
     if json_mode and handler is not None:
         install_json_hooks()
     elif handler is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import threading
 import traceback
@@ -36,6 +37,7 @@ __all__ = [
     "install_json_hooks",
     "install_text_hooks",
     "make_formatter",
+    "quiet_library_progress_bars",
 ]
 
 #: The ``[logging] format`` values.
@@ -275,6 +277,26 @@ def install_text_hooks(redact: Callable[[str], str]) -> None:
 
     sys.excepthook = excepthook
     threading.excepthook = thread_excepthook
+
+
+def quiet_library_progress_bars() -> None:
+    """Turn off the tqdm bars of transformers and huggingface_hub ("Loading
+    weights", "Writing model shards", downloads), which they draw on stderr
+    whatever the log level: ``-q`` asks for warnings and errors only.
+
+    Process-wide. Neither library is imported for it (the embedded Whisper
+    needs neither): one not imported yet reads the environment variable
+    when it is; one already imported is told directly. An explicit
+    ``HF_HUB_DISABLE_PROGRESS_BARS`` is left as it is.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] != "1":
+        return
+    if "transformers.utils.logging" in sys.modules:
+        off: Any = sys.modules["transformers.utils.logging"].disable_progress_bar
+        off()
+    if "huggingface_hub.utils" in sys.modules:
+        sys.modules["huggingface_hub.utils"].disable_progress_bars()
 
 
 def adopt_library_loggers() -> None:

@@ -120,13 +120,16 @@ def test_a_write_that_fails_partway_leaves_nothing_and_the_next_try_works(
 
 
 def test_export_merged_command(tiny: Tiny, tmp_path: Path) -> None:
-    """`evoxtral-stream export-merged OUTDIR` as a user runs it."""
+    """`evoxtral-stream export-merged OUTDIR` as a user runs it. With -q
+    (warnings and errors only) stderr stays empty: transformers' "Loading
+    weights" and "Writing model shards" bars were drawn there all the same."""
     out = tmp_path / "merged"
     args = ["--set", f"model.voxtral.base={str(tiny.base)!r}",
             "--set", f"model.voxtral.adapter={str(tiny.adapter)!r}", "-q"]
     proc = subprocess.run([sys.executable, "-m", "evoxtral_stream", "export-merged", str(out),
                            *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
     assert (out / "config.json").is_file() and (out / "tekken.json").is_file()
     assert list(out.glob("*.safetensors"))
     again = subprocess.run([sys.executable, "-m", "evoxtral_stream", "export-merged", str(out),
