@@ -106,7 +106,7 @@ try:
     )
     from .outputs import JsonlFile, SubtitleFiles, part_path, write_file
     from .run import FileJob, transcribe_samples
-    from .server.app import CaptionServer
+    from .server.app import CaptionServer, check_listen
     from .server.auth import install_token_redaction, redact_tokens
     from .server.protocol import caption_from_dict
     from .systemd import Notifier, Snapshot, monotonic_usec, supervise
@@ -584,6 +584,7 @@ def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
     jobs = [FileJob(sid, read_audio_file(p)) for sid, p in zip(ids, paths, strict=True)]
     if args.serve:
         _check_serving(cfg)  # as serve does: before the model loads
+        check_listen(cfg.server.host, cfg.server.port)
     backend = load_backend(cfg.model)
     printer = CaptionPrinter(show_stream=len(jobs) > 1,
                              partials=True if args.partials else None)
@@ -993,6 +994,7 @@ def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
     hangups.install()
     # Before loading the model, so an unsafe bind fails in a moment.
     _check_serving(cfg)
+    check_listen(cfg.server.host, cfg.server.port)
     source: str = args.source
     file_audio = None
     if source == "mic":

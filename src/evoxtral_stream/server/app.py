@@ -40,6 +40,7 @@ import contextlib
 import itertools
 import logging
 import os
+import socket
 import weakref
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -93,7 +94,8 @@ from .protocol import (
     parse_since,
 )
 
-__all__ = ["CLOSE_POLICY", "CLOSE_TOO_BIG", "CLOSE_TOO_SLOW", "TLS_POLL_S", "CaptionServer"]
+__all__ = ["CLOSE_POLICY", "CLOSE_TOO_BIG", "CLOSE_TOO_SLOW", "TLS_POLL_S", "CaptionServer",
+           "check_listen"]
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +197,35 @@ def _static(path: str) -> Response | None:
                     _CONTENT_TYPES.get(suffix, "application/octet-stream"))
 
 
+def check_listen(host: str, port: int) -> None:
+    """Raise :class:`ConfigError` when ``host``:``port`` cannot be listened on
+    now (a port in use, an address not on this machine), as
+    :meth:`CaptionServer.start` would: binds and closes a socket per address,
+    as the server binds them (``SO_REUSEADDR``; IPv6 sockets IPv6 only). For
+    the command line, before the model loads; port 0 always binds."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in infos:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
+    except OSError as e:
+        raise _listen_error(host, port, e) from None
+
+
+def _listen_error(host: str, port: int, e: OSError) -> ConfigError:
+    # A second server on the same port is the usual cause: a message for
+    # people, not a traceback.
+    reason = os.strerror(e.errno) if isinstance(e.errno, int) and e.errno > 0 \
+        else e.strerror or str(e)
+    return ConfigError(f"cannot listen on {redact_host(host)}:{port}: {reason.lower()}; "
+                       "change server.port (--port) or server.host")
+
 class CaptionServer:
     """Serves the engine's events and accepts audio over WebSocket."""
 
@@ -271,14 +302,7 @@ class CaptionServer:
             self._engine.remove_listener(self.broadcaster.publish)
             self._engine.remove_listener(self.metrics.on_event)
             if isinstance(e, OSError):
-                # A second server on the same port is the usual cause: a
-                # message for people, not a traceback.
-                reason = os.strerror(e.errno) if isinstance(e.errno, int) and e.errno > 0 \
-                    else e.strerror or str(e)
-                raise ConfigError(f"cannot listen on {redact_host(self._cfg.host)}:"
-                                  f"{self._cfg.port}: "
-                                  f"{reason.lower()}; change server.port (--port) or "
-                                  "server.host") from e
+                raise _listen_error(self._cfg.host, self._cfg.port, e) from e
             raise
         if self._certificate is not None and self._tls_poll_s > 0:
             self._tls_watch = asyncio.create_task(self._watch_certificate(self._certificate),
