@@ -29,6 +29,28 @@ def test_every_config_key_is_documented() -> None:
     assert not missing, f"docs/config.md does not mention: {missing}"
 
 
+# Dotted names in the docs that start like a config section but are no key:
+# message types, the realtime API's session fields, a file name.
+_NOT_KEYS = ("stream.started", "stream.ended", "model.bin", "audio.input.")
+
+
+def test_every_config_key_the_docs_name_exists() -> None:
+    """`section.key` in README.md, clients/README.md and docs/*.md (in
+    backticks, as `key = value`, or after --set) is a key of config.toml, so
+    a renamed or removed key leaves no instruction a user cannot follow."""
+    config = tomllib.loads((ROOT / "config.toml").read_text())
+    keys = set(_keys(config))
+    sections = {k.rsplit(".", 1)[0] for k in keys} | {k.split(".", 1)[0] for k in keys}
+    keys |= sections
+    text = _docs_text() + (ROOT / "clients" / "README.md").read_text()
+    named = set(re.findall(r"`([a-z_]+(?:\.[a-z0-9_]+)+)(?: ?=[^`]*)?`", text))
+    named |= set(re.findall(r"--set '?([a-z_]+(?:\.[a-z0-9_]+)+)=", text))
+    assert "audio.split_channels" in named and "worker.drain_timeout_s" in named
+    unknown = sorted(n for n in named if n.split(".", 1)[0] in sections and n not in keys
+                     and not n.startswith(_NOT_KEYS))
+    assert not unknown, f"the docs name config keys that config.toml lacks: {unknown}"
+
+
 def test_readme_has_the_two_commands() -> None:
     readme = (ROOT / "README.md").read_text()
     for marker in ("main-command", "test-command"):
