@@ -70,7 +70,8 @@ handled is spoken again, and file names go on.
 
 A server with access tokens gets ``--token`` (default ``$EVOXTRAL_TOKEN``)
 as ``Authorization: Bearer``; a refused token stops the bridge with one line.
-Logs go to stderr, tokens redacted, a final's text on one line (control
+Logs go to stderr, tokens redacted, a final's text and whatever else they
+quote from the server (stream ids, error messages) on one line (control
 characters as spaces) and clipped to :data:`LOG_TEXT_COLUMNS`;
 ``--log-format json`` writes the engine's JSON lines (one object per line,
 the refusal included) for a log shipper.
@@ -146,6 +147,13 @@ PROTOCOL_VERSION = 1
 CLOSE_POLICY = 1008
 #: The columns of a final's text in its "wrote" log line (clipped with "…").
 LOG_TEXT_COLUMNS = 120
+
+
+def _shown(value: object) -> str:
+    """A value from the server as a log line quotes it: control characters
+    as spaces (ESC would reach the terminal), clipped to
+    :data:`LOG_TEXT_COLUMNS`."""
+    return clip_columns(printable(str(value)), LOG_TEXT_COLUMNS)
 
 
 class Mode(enum.Enum):
@@ -520,7 +528,7 @@ class TtsBridge:
             if left_out:
                 log.warning("resuming %d streams; %d live ones (%s, ...) get live captions "
                             "only: the URL would be too long, or cannot name them", len(since),
-                            len(left_out), left_out[0])
+                            len(left_out), _shown(left_out[0]))
             url = caption_url(self.cfg.url, self.cfg.streams, since, self._epoch)
             conn: ClientConnection | None = None
             try:
@@ -587,7 +595,8 @@ class TtsBridge:
                 # A new numbering (a restart without the journal): no seq
                 # read means anything now, those left out of the URL included.
                 log.warning("the server numbers captions anew (epoch %s, was %s): taking "
-                            "every stream's captions from seq 0", epoch, self._epoch)
+                            "every stream's captions from seq 0", _shown(epoch),
+                            _shown(self._epoch))
                 self._last_seq = dict.fromkeys(self._last_seq, 0)
             self._epoch = epoch
 
@@ -629,25 +638,27 @@ class TtsBridge:
         elif kind == "stream.ended" and isinstance(msg.get("stream"), str):
             self._seen.add(msg["stream"])
             self._ended.add(msg["stream"])
-            log.info("stream %s ended", msg["stream"])
+            log.info("stream %s ended", _shown(msg["stream"]))
             return self.cfg.exit_on_end and self._seen <= self._ended
         elif kind == "gap":
             self._gaps += 1
             if msg.get("to") is None:
                 log.warning("server cannot place caption %s of stream %s (it restarted, "
                             "or forgot the stream): taking all it has from the start; "
-                            "finals between may be lost", msg.get("from"), msg.get("stream"))
+                            "finals between may be lost", _shown(msg.get("from")),
+                            _shown(msg.get("stream")))
             else:
                 log.warning("server no longer has captions %s..%s of stream %s: "
-                            "those finals are lost", msg.get("from"), msg.get("to"),
-                            msg.get("stream"))
+                            "those finals are lost", _shown(msg.get("from")),
+                            _shown(msg.get("to")), _shown(msg.get("stream")))
             if msg.get("to") is None and isinstance(msg.get("stream"), str):
                 # The server cannot place our seq (a restart without its
                 # journal): what follows may be numbered anew. Resume from 0,
                 # not without since=, in case the link drops before it comes.
                 self._last_seq[msg["stream"]] = 0
         elif kind == "error":
-            log.warning("server error %s: %s", msg.get("code"), msg.get("message"))
+            log.warning("server error %s: %s", _shown(msg.get("code")),
+                        _shown(msg.get("message")))
         return False
 
     # writer side
@@ -679,7 +690,8 @@ class TtsBridge:
                                           final.session)
         if not self.synth.speakable(final.text):
             self._skipped += 1
-            log.info("%s segment %d: nothing to say, skipped", final.stream, final.segment)
+            log.info("%s segment %d: nothing to say, skipped", _shown(final.stream),
+                     final.segment)
             return
         if not self._out_made:
             # Only now: a run that never writes (refused, unreachable) leaves no folder.
@@ -694,7 +706,8 @@ class TtsBridge:
             await self.synth.synthesize(final.spoken, dest)
         except SynthesisError as e:
             self._failed += 1
-            log.error("%s segment %d (seq %d): %s", final.stream, final.segment, final.seq, e)
+            log.error("%s segment %d (seq %d): %s", _shown(final.stream), final.segment,
+                      final.seq, e)
             return
         except OSError as e:
             raise BridgeError(f"cannot write {dest}: {e}") from e

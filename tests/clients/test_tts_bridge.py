@@ -71,7 +71,13 @@ from websockets.asyncio.server import ServerConnection, serve
 
 from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.engine.engine import Engine
-from evoxtral_stream.events import CaptionEvent, Hypothesis, RequestKind
+from evoxtral_stream.events import (
+    CaptionEvent,
+    Hypothesis,
+    RequestKind,
+    StreamEnded,
+    StreamError,
+)
 from evoxtral_stream.run import feed_samples
 from evoxtral_stream.server.app import CaptionServer
 from evoxtral_stream.server.auth import hash_token
@@ -791,6 +797,35 @@ async def test_the_log_line_of_a_final_shows_its_text_clipped_and_without_contro
     assert shown[0] == "wipe  [2J [Hthe screen and  more"
     assert shown[1] == ("word " * 24)[:119] + "\u2026"
     assert len(shown) == 2
+
+
+async def test_log_lines_quoting_the_server_hold_no_control_characters(
+    tmp_path: Path, served: CaptionServer, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Only a final's own text went through printable(): a stream id or an
+    error message from the server reached the terminal raw in the lines that
+    quote them ("stream ... ended", "server error ..."), escape sequences
+    and line breaks included."""
+    stream = "talk\x1b[2J\x1b[H\nx"
+    publish_finals(served, stream, ["hello"], ended=False)
+    synth = GatedSynth()
+    synth.gate.set()
+    bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{served.port}",
+                                    streams=(stream,), since=((stream, 0),),
+                                    exit_on_end=True), synth)
+    with caplog.at_level(logging.INFO):
+        running = asyncio.ensure_future(bridge.run())
+        while not bridge.written:  # subscribed: errors are sent live only
+            await asyncio.sleep(0.02)
+        served.broadcaster.publish(StreamError(stream, "decode_failed",
+                                               "model \x1b]0;owned\x07failed\r\nagain"))
+        served.broadcaster.publish(StreamEnded(stream, 1.0, 1, 1))
+        stats = await asyncio.wait_for(running, 15)
+    assert stats.written == 1
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("server error decode_failed: model ") for m in lines), lines
+    assert any(m.startswith("stream talk") and m.endswith(" ended") for m in lines), lines
+    assert not [m for m in lines if re.search(r"[\x00-\x1f\x7f-\x9f]", m)], lines
 
 
 # --- the bridge on a real engine and server --------------------------------------------------
