@@ -86,7 +86,6 @@ import asyncio
 import enum
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -114,7 +113,12 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from evoxtral_stream.console import clip_columns, printable
 from evoxtral_stream.logs import configure_logging, install_json_hooks
 from evoxtral_stream.server.auth import redact_tokens
-from evoxtral_stream.server.protocol import hello_epoch, parse_epoch, resume_since
+from evoxtral_stream.server.protocol import (
+    finite_seconds,
+    hello_epoch,
+    parse_epoch,
+    resume_since,
+)
 from evoxtral_stream.server.protocol import parse_since as parse_since_values
 from evoxtral_stream.text.tags import Carry, TagKind, tokenize
 
@@ -214,7 +218,7 @@ class Final:
         if not (isinstance(stream, str) and isinstance(segment, int)
                 and isinstance(seq, int) and isinstance(text, str)):
             return None
-        start, end = (_seconds(msg.get(k)) for k in ("start", "end"))
+        start, end = (finite_seconds(msg.get(k)) for k in ("start", "end"))
         return cls(stream, segment, seq, text, start=start, end=end)
 
 
@@ -286,18 +290,6 @@ def write_state(path: Path, state: SavedState) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(part, path)
-
-
-def _seconds(value: object) -> float | None:
-    """``value`` as seconds when it is a finite number (JSON's integers have
-    no bound: 10**400 is past a float), else None."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        seconds = float(value)
-    except OverflowError:
-        return None
-    return seconds if math.isfinite(seconds) else None
 
 
 def restated_tags(carry: Carry, text: str) -> str:

@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import re
 import shutil
@@ -39,7 +38,12 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from evoxtral_stream.console import char_columns, format_time, printable, text_columns
-from evoxtral_stream.server.protocol import hello_epoch, parse_epoch, resume_since
+from evoxtral_stream.server.protocol import (
+    finite_seconds,
+    hello_epoch,
+    parse_epoch,
+    resume_since,
+)
 from evoxtral_stream.server.protocol import parse_since as parse_since_values
 from evoxtral_stream.text.tags import lookup_tag, normalize_tag_name
 
@@ -81,15 +85,9 @@ def _tag_kinds(event: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _seconds(value: object) -> float | None:
-    """``value`` as seconds: a finite number a clock shows, else None (another
-    server may send a string, null, NaN or a number past a float)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        seconds = float(value)
-    except OverflowError:
-        return None
-    return seconds if math.isfinite(seconds) and abs(seconds) < 1e9 else None
+    """``value`` as seconds a clock shows (:func:`finite_seconds`, under 10⁹), else None."""
+    seconds = finite_seconds(value)
+    return seconds if seconds is not None and abs(seconds) < 1e9 else None
 
 
 def _time(value: object) -> str:

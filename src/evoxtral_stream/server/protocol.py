@@ -51,6 +51,7 @@ __all__ = [
     "encode_hello",
     "encode_message",
     "event_to_dict",
+    "finite_seconds",
     "hello_epoch",
     "new_epoch",
     "parse_epoch",
@@ -450,6 +451,19 @@ _EPOCH = re.compile(r"[A-Za-z0-9_-]{1,64}")
 def new_epoch() -> str:
     """A fresh epoch: 16 random hex digits."""
     return secrets.token_hex(8)
+
+
+def finite_seconds(value: object) -> float | None:
+    """A time field of an event as a client reads it: ``value`` when it is a
+    finite number, else None (another server may send a string, null, NaN,
+    or an integer past a float: JSON's have no bound)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 def hello_epoch(value: object) -> str | None:
