@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ import numpy.typing as npt
 import pytest
 import soundfile as sf
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from evoxtral_stream.config import load_config
@@ -43,7 +44,7 @@ __all__ = [
     "BOTH_TOKEN", "CLIENTS", "FAKE_MIC_TEXT", "GUARD_TOKENS", "INGEST_TOKEN", "REBOUND_HOST",
     "SUBSCRIBE_TOKEN",
     "Browser", "Page", "accepted_token_cases", "browser", "chromium_binary", "client_env",
-    "guarded", "publish_finals", "refused_token_cases",
+    "guarded", "publish_finals", "refused_token_cases", "scripted_server", "sends",
 ]
 
 CLIENTS = Path(__file__).resolve().parents[2] / "clients"
@@ -128,6 +129,26 @@ def publish_finals(server: CaptionServer, stream: str, texts: list[str], *,
     if ended:
         server.broadcaster.publish(StreamEnded(stream, float(len(texts)), len(texts),
                                                len(texts)))
+
+# --- a raw server that plays a script ---------------------------------------------
+
+
+def sends(script: Sequence[str | bytes]) -> Callable[[ServerConnection], Awaitable[None]]:
+    """A handler that sends each client ``script``, then waits for it to close."""
+    async def handler(ws: ServerConnection) -> None:
+        for message in script:
+            await ws.send(message)
+        await ws.wait_closed()
+    return handler
+
+
+@contextlib.asynccontextmanager
+async def scripted_server(script: Sequence[str | bytes]) -> AsyncIterator[str]:
+    """A raw WebSocket server on a free port playing ``script`` to each
+    client (:func:`sends`), for the clients against another server; its URL."""
+    async with serve(sends(script), "127.0.0.1", 0) as server:
+        yield f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}"
+
 
 #: Resolves to 127.0.0.1 in :class:`Browser`: a loopback server's page
 #: reached by this name has an origin the server refuses.

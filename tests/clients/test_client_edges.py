@@ -21,7 +21,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from evoxtral_stream.engine.engine import Engine, Stream
 from evoxtral_stream.events import CaptionEvent, StreamEnded
 from evoxtral_stream.server.app import CaptionServer
-from tests.clients.conftest import publish_finals
+from tests.clients.conftest import publish_finals, scripted_server
 from tests.clients.test_tts_bridge import GatedSynth, _config
 from tests.fakes import ScriptedBackend
 
@@ -291,13 +291,7 @@ async def test_the_viewer_and_the_bridge_skip_deeply_nested_json(tmp_path: Path)
     script = [_scripted_hello(["talk"]), DEEP, _scripted_final("talk", 0, 1, "one"),
               json.dumps({"type": "stream.ended", "stream": "talk"})]
 
-    async def handler(ws: ServerConnection) -> None:
-        for message in script:
-            await ws.send(message)
-        await ws.wait_closed()
-
-    async with serve(handler, "127.0.0.1", 0) as server:
-        url = f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}"
+    async with scripted_server(script) as url:
         out, err = io.StringIO(), io.StringIO()
         writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
         assert await asyncio.wait_for(watch(url, ["talk"], {}, writer, exit_on_end=True),
@@ -425,15 +419,9 @@ async def test_the_bridge_takes_a_hello_whose_streams_are_no_list(tmp_path: Path
               _scripted_final("talk", 0, 1, "one"),
               json.dumps({"type": "stream.ended", "stream": "talk"})]
 
-    async def handler(ws: ServerConnection) -> None:
-        for message in script:
-            await ws.send(message)
-        await ws.wait_closed()
-
     synth = GatedSynth()
     synth.gate.set()
-    async with serve(handler, "127.0.0.1", 0) as server:
-        url = f"ws://127.0.0.1:{next(iter(server.sockets)).getsockname()[1]}"
+    async with scripted_server(script) as url:
         await asyncio.wait_for(TtsBridge(BridgeConfig(
             out=tmp_path, url=url, streams=("talk",), exit_on_end=True), synth).run(), 20)
     assert synth.names == ["talk-00000.txt"]

@@ -91,6 +91,7 @@ from tests.clients.conftest import (
     client_env,
     publish_finals,
     refused_token_cases,
+    scripted_server,
 )
 from tests.fakes import ScriptedBackend
 from tests.speech import have_espeak, speech_with_pauses
@@ -349,17 +350,11 @@ async def test_a_stream_id_holding_a_lone_surrogate_gets_files_of_its_own(
                 _final("talk", 0, 1, "and so am I"), _msg("stream.ended", stream="a\udcffb"),
                 _msg("stream.ended", stream="talk")]
 
-    async def handler(ws: ServerConnection) -> None:
-        for message in messages:
-            await ws.send(message)
-        await ws.wait_closed()
-
     synth = GatedSynth()
     synth.gate.set()
-    async with serve(handler, "127.0.0.1", 0) as server:
-        port = next(iter(server.sockets)).getsockname()[1]
+    async with scripted_server(messages) as url:
         await asyncio.wait_for(TtsBridge(BridgeConfig(
-            out=tmp_path, url=f"ws://127.0.0.1:{port}", exit_on_end=True), synth).run(), 20)
+            out=tmp_path, url=url, exit_on_end=True), synth).run(), 20)
     assert synth.names == ["a%ED%B3%BFb-00000.txt", "talk-00000.txt"]
 
 
@@ -468,15 +463,9 @@ async def test_a_lone_surrogate_in_a_final_is_one_warning_not_the_end(
         _msg("stream.ended", stream="talk"),
     ]
 
-    async def handler(ws: ServerConnection) -> None:
-        for message in messages:
-            await ws.send(message)
-        await ws.wait_closed()
-
     out = tmp_path / "out"
-    async with serve(handler, "127.0.0.1", 0) as server:
-        port = next(iter(server.sockets)).getsockname()[1]
-        bridge = TtsBridge(BridgeConfig(out=out, url=f"ws://127.0.0.1:{port}",
+    async with scripted_server(messages) as url:
+        bridge = TtsBridge(BridgeConfig(out=out, url=url,
                                         streams=("talk",), exit_on_end=True), EspeakSynth())
         with caplog.at_level(logging.WARNING):
             stats = await asyncio.wait_for(bridge.run(), 20)
@@ -1397,16 +1386,10 @@ async def test_exit_on_end_waits_for_a_stream_id_used_again_to_end_again(
               _msg("stream.ended", stream="b"), _final("a", 0, 2, "a two"),
               _msg("stream.ended", stream="a")]
 
-    async def handler(ws: ServerConnection) -> None:
-        for message in script:
-            await ws.send(message)
-        await ws.wait_closed()
-
     synth = GatedSynth()
     synth.gate.set()
-    async with serve(handler, "127.0.0.1", 0) as server:
-        port = next(iter(server.sockets)).getsockname()[1]
-        bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{port}",
+    async with scripted_server(script) as url:
+        bridge = TtsBridge(BridgeConfig(out=tmp_path, url=url,
                                         streams=("a", "b"), exit_on_end=True), synth)
         stats = await asyncio.wait_for(bridge.run(), 20)
     assert stats.written == 2

@@ -43,6 +43,7 @@ from tests.clients.conftest import (
     client_env,
     publish_finals,
     refused_token_cases,
+    sends,
 )
 from tests.fakes import ScriptedBackend
 from tests.helpers.audio import buzz, to_int16
@@ -272,12 +273,7 @@ async def test_a_hello_whose_streams_are_no_list_of_ids(streams: object) -> None
     script = [json.dumps({**json.loads(_hello([])), "streams": streams}),
               _final("talk", 1, "one"), _msg("stream.ended", "talk")]
 
-    async def handler(ws: ServerConnection) -> None:
-        for message in script:
-            await ws.send(message)
-        await ws.wait_closed()
-
-    assert await _watch_to_the_end(handler, ["talk"]) == ["one"]
+    assert await _watch_to_the_end(sends(script), ["talk"]) == ["one"]
 
 
 # --- LiveWriter ---------------------------------------------------------------------
@@ -819,12 +815,7 @@ async def test_exit_on_end_waits_for_a_stream_id_used_again_to_end_again() -> No
               _msg("stream.started", "a", source="ingest"), _msg("stream.ended", "b"),
               _final("a", 2, "a two"), _msg("stream.ended", "a")]
 
-    async def handler(ws: ServerConnection) -> None:
-        for message in script:
-            await ws.send(message)
-        await ws.wait_closed()
-
-    texts = await _watch_to_the_end(handler, ["a", "b"], show_stream=True)
+    texts = await _watch_to_the_end(sends(script), ["a", "b"], show_stream=True)
     assert texts == ["a one", "a two"]
 
 

@@ -892,23 +892,30 @@ async def until_transcript(conn: AsyncRealtimeConnection) -> list[Any]:
     return got
 
 
+async def push_to_talk(backend: Backend, turn_detection: dict[str, str] | None,
+                       audio: bytes) -> list[Any]:
+    """``audio`` appended and committed once through /v1/realtime (the openai
+    SDK) with ``turn_detection``: the events up to its transcript or error."""
+    cfg = config()
+    async with Engine(cfg, backend) as engine, \
+            CaptionServer(engine, cfg.server) as server, \
+            sdk_client(server.port).realtime.connect(
+                model="evoxtral", extra_query={"intent": "transcription"}) as conn:
+        session: Any = {"type": "transcription",
+                        "audio": {"input": {"turn_detection": turn_detection}}}
+        await conn.session.update(session=session)
+        await conn.input_audio_buffer.append(audio=base64.b64encode(audio).decode())
+        await conn.input_audio_buffer.commit()
+        return await until_transcript(conn)
+
+
 @pytest.mark.parametrize("turn_detection", [None, {"type": "server_vad"}])
 async def test_a_push_to_talk_yes_shorter_than_min_speech_is_transcribed(
     whisper_backend: Backend, turn_detection: dict[str, str] | None,
 ) -> None:
     """A clipped "Yes" committed by hand: the answer, not an empty transcript
     (turn detection off) or an empty-buffer error (server_vad)."""
-    cfg = config()
-    async with Engine(cfg, whisper_backend) as engine, \
-            CaptionServer(engine, cfg.server) as server, \
-            sdk_client(server.port).realtime.connect(
-                model="evoxtral", extra_query={"intent": "transcription"}) as conn:
-        session: Any = {"type": "transcription",
-                         "audio": {"input": {"turn_detection": turn_detection}}}
-        await conn.session.update(session=session)
-        await conn.input_audio_buffer.append(audio=base64.b64encode(short_yes()).decode())
-        await conn.input_audio_buffer.commit()
-        got = await until_transcript(conn)
+    got = await push_to_talk(whisper_backend, turn_detection, short_yes())
     assert got[-1].type != "error", got[-1]
     done = got[-1]
     assert done.transcript.lower().startswith("ye"), done.transcript  # Whisper: "Yeah."
@@ -932,17 +939,7 @@ async def test_a_push_to_talk_yes_released_after_a_pause_is_transcribed(
     (start,) = [e.sample for e in evs if isinstance(e, SpeechStarted)]
     (end,) = [e.sample for e in evs if isinstance(e, SpeechEnded)]
     backend = ScriptedBackend(lambda a: "Yes." if len(a) and np.abs(a).max() > 0.05 else "")
-    cfg = config()
-    async with Engine(cfg, backend) as engine, \
-            CaptionServer(engine, cfg.server) as server, \
-            sdk_client(server.port).realtime.connect(
-                model="evoxtral", extra_query={"intent": "transcription"}) as conn:
-        session: Any = {"type": "transcription",
-                        "audio": {"input": {"turn_detection": turn_detection}}}
-        await conn.session.update(session=session)
-        await conn.input_audio_buffer.append(audio=base64.b64encode(yes).decode())
-        await conn.input_audio_buffer.commit()
-        got = await until_transcript(conn)
+    got = await push_to_talk(backend, turn_detection, yes)
     assert got[-1].type != "error", got[-1]
     assert got[-1].transcript == "Yes."
     # The speech's segment (pre-roll, voiced frames, end tail: about 0.7 s),
