@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -30,7 +31,8 @@ def speak(text: str, wpm: int = 150) -> Int16Array:
     key = hashlib.sha1(f"{wpm}:{text}".encode()).hexdigest()[:16]
     path = _CACHE / f"{key}.wav"
     if not path.exists():
-        tmp = espeak_wav(text, path.with_suffix(".tmp.wav"), wpm=wpm)
+        # Test processes (pytest -n) share the cache: each writes its own file.
+        tmp = espeak_wav(text, path.with_suffix(f".{os.getpid()}.tmp.wav"), wpm=wpm)
         tmp.replace(path)
     data, rate = sf.read(path, dtype="int16")
     out: Int16Array = resample(np.asarray(data, dtype=np.int16), int(rate), SAMPLE_RATE)
