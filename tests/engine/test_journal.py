@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import json
 import logging
@@ -1563,3 +1564,36 @@ def test_a_clock_set_forward_prunes_no_stream_before_its_time(
     mono[0] += 1
     assert journal.prune() == ["later"]
     journal.close()
+
+
+def test_a_rotated_file_that_cannot_be_deleted_costs_no_final(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by the journal fuzz: a rotated file that rotation cannot delete
+    (here a folder in its place, which stops root too; a file without
+    permission, an immutable one) failed the append that rotated, after the
+    new file was made: that final was lost (and reported as not journaled),
+    and so was one at every later rotation. Now the file stays, with a
+    warning, and every final is written."""
+    cfg = config(tmp_path, **{"journal.max_bytes": 1024, "journal.keep": 5}).journal
+    journal = Journal(cfg)
+    journal.restore()
+    for seq in range(1, 9):
+        journal.append(caption("s", seq, text="word " * 20))
+    journal.close()
+    first = sorted((tmp_path / "j").glob("s.00000001.*.jsonl"))[0]
+    first.unlink()
+    first.mkdir()                                   # what rotation cannot delete
+    journal = Journal(dataclasses.replace(cfg, keep=0))
+    journal.restore()
+    with caplog.at_level(logging.WARNING):
+        for seq in range(9, 13):
+            journal.append(caption("s", seq, text="word " * 20))
+    journal.close()
+    assert f"cannot delete rotated file {first.name}" in caplog.text
+    assert first.is_dir()
+    # Beside it, the newest file only (keep = 0), which ends with the last final.
+    [newest] = [p for p in (tmp_path / "j").glob("s.*.jsonl") if p.is_file()]
+    seqs = [json.loads(x)["seq"] for x in newest.read_text().splitlines()
+            if json.loads(x)["type"] == "caption"]
+    assert seqs and seqs == list(range(seqs[0], 13)) and seqs[0] > 9
+

@@ -962,7 +962,14 @@ class Journal:
         old = self._files_of(stream)[:-1]
         for gone in old[: max(0, len(old) - self._cfg.keep)]:
             log.info("journal: deleting rotated file %s", gone.name)
-            gone.unlink(missing_ok=True)
+            try:
+                gone.unlink(missing_ok=True)
+            except OSError as e:
+                # The record that rotated goes into the new file all the
+                # same: a file that stays (a folder in its place, no
+                # permission) costs space, never a final.
+                log.warning("journal: cannot delete rotated file %s (%s); remove it by hand",
+                            gone.name, e.strerror or e)
         return opened
 
     def _close(self, stream: str) -> None:
