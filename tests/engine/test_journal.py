@@ -1597,3 +1597,33 @@ def test_a_rotated_file_that_cannot_be_deleted_costs_no_final(
             if json.loads(x)["type"] == "caption"]
     assert seqs and seqs == list(range(seqs[0], 13)) and seqs[0] > 9
 
+
+def test_a_file_missing_between_kept_ones_is_announced_as_a_gap(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by the journal fuzz: a file deleted (or renamed) by hand between
+    two kept ones lost its finals from a resume silently: file 1 was there,
+    so the replay counted as complete, and no gap named them. Now a replay
+    reads from the file after the missing one, as if rotation had deleted
+    those before it, and the gap (one, from since) covers them all."""
+    cfg = config(tmp_path, **{"journal.max_bytes": 1024, "journal.keep": 100}).journal
+    journal = Journal(cfg)
+    journal.restore()
+    for seq in range(1, 13):
+        journal.append(caption("s", seq, text="word " * 20))
+    journal.close()
+    files = files_of(tmp_path, "s")
+    assert len(files) >= 4
+    middle = files[2]
+    gone = sorted((tmp_path / "j").glob(f"s.{middle[0].index:08d}.*.jsonl"))[0]
+    gone.rename(tmp_path / "j" / (gone.name + ".bak"))
+    after = [seq for _, seqs in files[3:] for seq in seqs]
+    with caplog.at_level(logging.WARNING):
+        replay = Journal(cfg).replay("s", 0)
+    assert replay is not None
+    assert [r.seq for r in replay.records] == after
+    assert replay.covered_from == after[0] > max(middle[1])
+    assert f"s has no file {middle[0].index}" in caplog.text
+    b = Broadcaster(16, encode_event, history=100, source=Journal(cfg))
+    backlog = [json.loads(m) for m in b.subscribe(since={"s": 1}).backlog]
+    assert backlog[0] == {"type": "gap", "stream": "s", "from": 2, "to": after[0] - 1}
+    assert [m["seq"] for m in backlog[1:]] == after

@@ -255,10 +255,12 @@ class Replay:
     ``records`` are the finals with ``since < seq < before``, in order (the
     newest ``limit`` of them when a limit left older ones out).
     ``covered_from`` is the lowest seq from which every final is present: 1
-    when no file of the stream was deleted by rotation, else the seq of the
-    oldest final kept (with no final kept, one past the oldest reservation
-    kept: finals before it went with the deleted files); past a limit, the
-    seq of the oldest record replayed (with none, one past the newest left
+    when no file of the stream was deleted by rotation (nor by hand: a file
+    missing between kept ones counts its finals and those before it as
+    deleted), else the seq of the oldest final kept (with no final kept,
+    one past the oldest reservation kept: finals before it went with the
+    deleted files); past a limit, the seq of the oldest record replayed
+    (with none, one past the newest left
     out). Before it, finals may be missing (a ``gap``). ``ended`` is the
     stream's ``stream.ended`` message when the stream's last record is its
     end record, else None (it was opened again, or cut by a crash: its end
@@ -1021,6 +1023,7 @@ class Journal:
         paths = self._files_of(stream)
         if not paths:
             return None
+        paths = self._after_missing(stream, paths)
 
         def wanted(x: JournalRecord | SeqReservation | EndRecord) -> bool:
             return (isinstance(x, JournalRecord) and x.seq > since
@@ -1091,6 +1094,23 @@ class Journal:
             # files, and those were numbered up to the oldest reservation kept.
             covered_from = 1 if complete else first_reserved + 1
         return Replay(tuple(records), covered_from, ended)
+
+    @staticmethod
+    def _after_missing(stream: str, paths: list[Path]) -> list[Path]:
+        """``paths`` (oldest first) from the one after the newest missing
+        index on. Rotation deletes the lowest indices only, so a missing one
+        between two kept was deleted or renamed by hand: its finals are
+        missing, and the one gap a replay may announce (from ``since``)
+        must cover them, hence also the finals of the files before it,
+        as if rotation had deleted those."""
+        indices = [info.index if (info := parse_file_name(p.name)) else 0 for p in paths]
+        cut = next((i for i in range(len(paths) - 1, 0, -1)
+                    if indices[i] - indices[i - 1] > 1), 0)
+        if cut:
+            log.warning("journal: %s has no file %d (deleted by hand?); a resume gets a "
+                        "gap for its finals up to %s", stream, indices[cut] - 1,
+                        paths[cut].name)
+        return paths[cut:]
 
     def _files(self) -> dict[str, list[Path]]:
         """Every stream's journal files, oldest (lowest index) first."""
