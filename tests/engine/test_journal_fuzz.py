@@ -1,0 +1,30 @@
+"""A seeded random fuzz of the journal against a damaged disk.
+
+See tests/helpers/journal_fuzz.py for what is written, what is done to
+the folder and what is checked. The seeds are fixed, so CI runs the same
+journals every time; FUZZ_SEEDS=N and FUZZ_SEED0=K run N seeds from K by
+hand.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.journal_fuzz import check, damage, write_journal
+
+SEED0 = int(os.environ.get("FUZZ_SEED0", "0"))
+SEEDS = int(os.environ.get("FUZZ_SEEDS", "8"))
+
+
+@pytest.mark.parametrize("seed", range(SEED0, SEED0 + SEEDS))
+def test_a_damaged_journal_is_read_and_written_as_the_docs_say(seed: int,
+                                                              tmp_path: Path) -> None:
+    written = write_journal(seed, tmp_path / "j")
+    assert not written.problems, f"seed {seed}, as written:\n" + "\n".join(written.problems)
+    acts = damage(seed, written)
+    problems = check(seed, written, acts)
+    assert not problems, (f"seed {seed} after {'; '.join(acts.acts)}:\n"
+                          + "\n".join(problems[:30]))
