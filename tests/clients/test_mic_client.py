@@ -1017,7 +1017,10 @@ async def test_audio_a_broken_link_held_up_is_sent_again_on_the_next_connection(
     captured = feed.capture.samples_delivered / SAMPLE_RATE
     taken = sum(e.duration_s for e in ended)
     assert captured - 0.55 <= taken <= captured + 0.05, (captured, taken)
-    assert feed.resent >= 2.5 * SAMPLE_RATE, feed.resent / SAMPLE_RATE
+    # About 3 s were held up (less the half second the server may take
+    # unacknowledged, and less on a busy machine whose playback thread
+    # captured less in those 3 s of wall time); none used to be resent.
+    assert feed.resent >= 1.5 * SAMPLE_RATE, feed.resent / SAMPLE_RATE
     assert feed.dropped == 0 and feed.declared == 0
     assert "that did not reach the server before the connection was lost" \
         in writer.said.getvalue()

@@ -1467,7 +1467,9 @@ async def test_audio_a_broken_link_held_up_is_sent_again_on_the_next_connection(
     assert [e.stream for e in ended] == ["desk", "desk"]
     taken = sum(e.duration_s for e in ended)
     assert captured / rate - 0.55 <= taken <= captured / rate + 0.05, (captured / rate, taken)
-    assert resent >= 2.5 * rate, resent / rate
+    # About 3 s were held up, less the half second the server may take
+    # unacknowledged, and less on a busy machine (see test_mic_client).
+    assert resent >= 1.5 * rate, resent / rate
     assert dropped == 0 and declared == 0
     again = [n for n in notices if n.startswith("Microphone: reconnected")]
     assert again and re.fullmatch(
