@@ -334,7 +334,9 @@ def _flag_logging(args: argparse.Namespace) -> LoggingConfig:
     return LoggingConfig(format=args.log_format or "text", level=level)
 
 
-_NOISY_LOGGERS = ("websockets", "faster_whisper", "httpx", "urllib3")
+# Held back below DEBUG: the websockets handshake lines, the tokenizer's
+# vocabulary sizes (mistral_common, at every Voxtral load) and the like.
+_NOISY_LOGGERS = ("websockets", "faster_whisper", "httpx", "urllib3", "mistral_common")
 
 
 def _setup_logging(logs: LoggingConfig) -> None:
