@@ -119,6 +119,32 @@ def test_a_write_that_fails_partway_leaves_nothing_and_the_next_try_works(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
 
 
+def test_export_reaches_the_disk_before_its_folder_is_renamed(
+        tiny_cfg: VoxtralConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rename that publishes OUTDIR could reach the disk before the files
+    in it: after a power loss OUTDIR would hold empty or short weights. Every
+    file and the folder are synced before the rename, the parent after it."""
+    out = tmp_path / "merged"
+    done: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        done.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        done.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    export_merged(tiny_cfg, out)
+    stage = str(tmp_path / ".merged.part")
+    before = done[: done.index("rename")]
+    assert sorted(before) == sorted([*(f"{stage}/{p.name}" for p in out.iterdir()), stage])
+    assert done[done.index("rename") + 1:] == [str(tmp_path)]
+
+
 def test_export_merged_command(tiny: Tiny, tmp_path: Path) -> None:
     """`evoxtral-stream export-merged OUTDIR` as a user runs it. With -q
     (warnings and errors only) stderr stays empty: transformers' "Loading

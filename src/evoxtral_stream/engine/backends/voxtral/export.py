@@ -73,8 +73,13 @@ def export_merged(cfg: VoxtralConfig, outdir: Path, *, max_shard_size: str = "5G
         raise ExportError(f"cannot write {shown}: {e.strerror or e}") from None
     try:
         _write_merged(cfg, stage, max_shard_size)
+        # The rename may reach the disk before the files it publishes: after
+        # a power loss OUTDIR would hold empty or short weights that load.
+        for path in (*stage.iterdir(), stage):
+            _fsync(path)
         outdir.rmdir()
         os.replace(stage, outdir)
+        _fsync(outdir.parent)
     except BaseException as e:
         shutil.rmtree(stage, ignore_errors=True)
         _remove_empty(made)
@@ -82,6 +87,15 @@ def export_merged(cfg: VoxtralConfig, outdir: Path, *, max_shard_size: str = "5G
             raise ExportError(f"cannot write {shown}: {e.strerror or e}") from None
         raise
     log.info("merged model written to %s", shown)
+
+
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder's entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove_empty(folders: list[Path]) -> None:
