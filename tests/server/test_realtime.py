@@ -705,6 +705,24 @@ def test_switching_turn_detection_off_keeps_unconfirmed_speech_in_the_buffer() -
     assert err["error"]["code"] == "input_audio_buffer_commit_empty"
 
 
+def test_a_commit_right_after_switching_off_makes_the_kept_speech_its_item() -> None:
+    """A commit with only the speech kept at the switch (no append since)
+    pushed nothing, so its item did not collect the segment the cut
+    confirmed: the client got speech_started/speech_stopped (never sent
+    with turn detection off) and a second item committed *before* its own,
+    which completed at once with an empty transcript."""
+    head, _ = unconfirmed_speech()
+    core = new_core()
+    core.start()
+    feed(core, head)
+    core.receive(update_msg(None))
+    evs = events(core.receive('{"type": "input_audio_buffer.commit"}'))
+    assert types(evs) == ["input_audio_buffer.committed"], evs
+    assert core.segments_opened == 1
+    (done,) = events(core.on_engine_event(caption(0, "yes", "", final=True)))[-1:]
+    assert (done["item_id"], done["transcript"]) == (evs[0]["item_id"], "yes"), done
+
+
 def test_audio_refused_as_buffer_full_leaves_a_hole_in_client_time(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Later audio keeps its own client times: speech appended after 5.0 s

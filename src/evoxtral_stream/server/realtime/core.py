@@ -431,10 +431,12 @@ class RealtimeTranscription:
     # --- audio into the stream ---------------------------------------------------------
 
     def _push_pending(self, collect: _Item | None) -> list[Output]:
+        # Set even with nothing pending: a commit's cut may still open a
+        # segment (speech kept at the switch off), which is this item's.
+        self._collect = collect
         if not self._pending:
             return []
         chunks, self._pending, self._pending_len = self._pending, [], 0
-        self._collect = collect
         # One push per contiguous run of client audio (a refused append leaves a hole).
         out: list[Output] = []
         run_start = run_end = chunks[0][0]
