@@ -1292,11 +1292,17 @@ async def test_a_turn_open_at_shutdown_is_committed_and_completed() -> None:
     assert 0.5 < got[-1]["usage"]["seconds"] <= len(speech) / 4 / INPUT_RATE + 0.35
 
 
-async def test_a_turn_open_at_shutdown_completes_for_a_client_still_sending() -> None:
+@pytest.mark.parametrize("meanwhile_s", [0.1, 1.0])
+async def test_a_turn_open_at_shutdown_completes_for_a_client_still_sending(
+        meanwhile_s: float) -> None:
     """As above, for a live client (a microphone) that sends its next 100 ms
     while the drain waits for the final: that audio used to end the session
     with server_error at once (1011), the turn never committed or completed.
-    The finals come first; then the error."""
+    The finals come first; then the error. Audio that would end the turn in
+    the session's own segmenter (1 s of silence) got the turn's completed
+    without its committed: the session took the audio (its turn ended, the
+    committed owed) before the closed stream refused it, and the events
+    were dropped. Nothing is taken once the stream is closed."""
     cfg = config()
     backend = ScriptedBackend(lambda a: "scripted words", delay_s=0.5)
     async with Engine(cfg, backend) as engine, CaptionServer(engine, cfg.server) as server:
@@ -1311,7 +1317,8 @@ async def test_a_turn_open_at_shutdown_completes_for_a_client_still_sending() ->
                 pass
             drain = asyncio.ensure_future(engine.drain())
             await asyncio.sleep(0.1)
-            await ws.send(append_msg(bytes(4800)))  # the microphone's next 100 ms
+            # The microphone's next audio: silence.
+            await ws.send(append_msg(bytes(int(INPUT_RATE * 2 * meanwhile_s))))
             got: list[dict[str, Any]] = []
             with contextlib.suppress(ConnectionClosed, TimeoutError):
                 while True:

@@ -130,6 +130,11 @@ class _Connection:
         async for message in self._ws:
             received = self._core.received_samples
             try:
+                if self._stream.closed:
+                    # Not for the core: its segmenter would take audio the
+                    # stream cannot, and end a turn (a committed owed) that
+                    # the stream ended where its audio stopped.
+                    raise _StreamGone("closed")
                 self._deliver(self._core.receive(message))
             except _StreamGone:
                 # Closed under the session (the server's drain): the finals it
