@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -146,6 +147,39 @@ def test_bad_files_raise_audio_input_error(
     assert words in message
     assert "\n" not in message
     assert info.value.__cause__ is None  # no chained traceback for people to read
+
+
+@pytest.mark.parametrize("keep", [0.97, 0.6, 0.2])
+def test_a_flac_cut_short_gives_the_audio_before_the_cut(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, keep: float
+) -> None:
+    """A FLAC download cut short, as a WAV or OGG cut short: its audio up to
+    the cut, and a warning naming the file. libsndfile decodes up to the
+    cut, then reports lost sync; the whole file was refused ("cannot decode
+    ... flac decoder lost sync"), even with a few bytes missing at its end."""
+    x = np.random.default_rng(2).integers(-8000, 8000, 5 * SAMPLE_RATE).astype(np.int16)
+    whole = tmp_path / "whole.flac"
+    sf.write(whole, x, SAMPLE_RATE, format="FLAC")
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(data[: int(len(data) * keep)])
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"):
+        out = read_audio_file(cut)
+    # Up to the last whole FLAC frame before the cut (4096 samples each).
+    assert len(x) * keep - 2 * 4096 < len(out) <= len(x) * keep
+    np.testing.assert_array_equal(out, x[: len(out)])
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "cut.flac" in warning and "damaged" in warning and "\n" not in warning
+
+
+def test_a_flac_cut_inside_its_first_frame_is_refused(tmp_path: Path) -> None:
+    """Nothing decoded before the damage: an error, as before."""
+    x = np.random.default_rng(3).integers(-8000, 8000, SAMPLE_RATE).astype(np.int16)
+    sf.write(tmp_path / "whole.flac", x, SAMPLE_RATE)
+    data = (tmp_path / "whole.flac").read_bytes()
+    (tmp_path / "cut.flac").write_bytes(data[: len(data) // 8])  # 4 frames: inside the first
+    with pytest.raises(AudioInputError, match=r"cannot decode audio file .*cut\.flac"):
+        read_audio_file(tmp_path / "cut.flac")
 
 
 def test_a_file_name_that_is_not_utf8_is_read(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ raises. The microphone is in :mod:`evoxtral_stream.audio.microphone`.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +18,15 @@ from evoxtral_stream.events import SAMPLE_RATE, Int16Array
 
 __all__ = ["AudioInputError", "iter_chunks", "read_audio_file"]
 
+log = logging.getLogger(__name__)
+
 #: Frames decoded at a time: the file is converted block by block, so memory
 #: holds the 16 kHz result and one block, never the whole file as decoded.
 _READ_FRAMES = 1 << 16
+#: Frames decoded at a time past the last whole read before damage: a read
+#: that fails loses what it decoded (soundfile drops the block), so the file
+#: is read again up to the damage with small reads that lose little.
+_DAMAGED_READ_FRAMES = 1024
 #: The lowest sample rate a file may have: below it the header is damaged
 #: (no recording of speech is made so), and the upsampling to 16 kHz would
 #: turn a few kilobytes into hours of audio and a block into gigabytes.
@@ -41,7 +48,11 @@ def read_audio_file(path: str | os.PathLike[str]) -> Int16Array:
 
     Decoded, downmixed and resampled in blocks (the same samples as the whole
     file at once: :class:`StreamResampler`), so an hour of 48 kHz stereo
-    takes the memory of its 16 kHz mono result, not ten times that."""
+    takes the memory of its 16 kHz mono result, not ten times that.
+
+    A file damaged after some audio (a FLAC cut short) gives the audio
+    before the damage, with a warning naming the file, as a WAV or OGG cut
+    short gives its audio; damage before any audio is an error."""
     p = Path(path)
     try:
         if not p.exists():
@@ -50,19 +61,25 @@ def read_audio_file(path: str | os.PathLike[str]) -> Int16Array:
             raise AudioInputError(f"audio file {p} is a directory, not a file")
     except OSError as e:  # a name too long, a folder on the way that cannot be searched
         raise AudioInputError(f"cannot read audio file {p}: {e.strerror or e}") from None
-    parts: list[Int16Array] = []
+    # As bytes on POSIX: soundfile encodes a str path strictly, so a name
+    # with bytes that are no UTF-8 (held as surrogates) would not open.
+    name = str(p) if os.name == "nt" else os.fsencode(p)
     try:
-        # As bytes on POSIX: soundfile encodes a str path strictly, so a
-        # name with bytes that are no UTF-8 (held as surrogates) would not open.
-        with sf.SoundFile(str(p) if os.name == "nt" else os.fsencode(p)) as f:
-            if f.samplerate < MIN_FILE_RATE:
+        with sf.SoundFile(name) as f:
+            rate = int(f.samplerate)
+            if rate < MIN_FILE_RATE:
                 raise AudioInputError(
                     f"audio file {p} says {f.samplerate} Hz, below the {MIN_FILE_RATE} Hz "
                     "of any speech recording (a damaged header?)")
-            convert = StreamResampler(int(f.samplerate), SAMPLE_RATE, int(f.channels))
-            while len(block := f.read(_READ_FRAMES, dtype="float32", always_2d=True)):
-                parts.append(convert.process(block))
-            parts.append(convert.flush())
+            parts, decoded, damage = _decode(f, None)
+        if damage is not None:
+            parts = []
+            with sf.SoundFile(name) as f:
+                parts, decoded, _ = _decode(f, decoded)
+            if decoded == 0:
+                raise damage
+            log.warning("audio file %s is damaged %.1f s in (%s): only the audio before "
+                        "that is read", p, decoded / rate, damage.error_string.strip())
     except sf.LibsndfileError as e:
         raise AudioInputError(
             f"cannot decode audio file {p}: {e.error_string} (not audio, or a format "
@@ -78,6 +95,32 @@ def read_audio_file(path: str | os.PathLike[str]) -> Int16Array:
     if len(out) == 0:
         raise AudioInputError(f"audio file {p} contains no audio (zero samples)")
     return out
+
+
+def _decode(f: sf.SoundFile, whole: int | None
+            ) -> tuple[list[Int16Array], int, sf.LibsndfileError | None]:
+    """Decode ``f`` to 16 kHz mono blocks until its end or a read that fails:
+    the blocks, the frames they hold and the failure. With ``whole`` (frames
+    read before a failure), reads past it are small."""
+    convert = StreamResampler(int(f.samplerate), SAMPLE_RATE, int(f.channels))
+    parts: list[Int16Array] = []
+    decoded = 0
+    damage = None
+    while True:
+        frames = (_READ_FRAMES if whole is None
+                  else min(_READ_FRAMES, whole - decoded) if decoded < whole
+                  else _DAMAGED_READ_FRAMES)
+        try:
+            block = f.read(frames, dtype="float32", always_2d=True)
+        except sf.LibsndfileError as e:
+            damage = e
+            break
+        if not len(block):
+            break
+        decoded += len(block)
+        parts.append(convert.process(block))
+    parts.append(convert.flush())
+    return parts, decoded, damage
 
 
 def iter_chunks(samples: Int16Array, chunk_samples: int) -> Iterator[Int16Array]:
