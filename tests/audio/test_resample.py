@@ -58,6 +58,25 @@ def test_infinite_samples_saturate_without_a_warning() -> None:
         np.testing.assert_array_equal(float_to_int16(x), [32767, -32768, 32767, -32768, 0, 16384])
 
 
+def test_infinite_and_huge_channels_downmix_without_a_warning() -> None:
+    """A multi-channel float WAV with +inf in one channel and -inf in another
+    at the same frame, or huge values whose sum overflows float32: the
+    downmix warned ("RuntimeWarning: invalid value encountered in reduce",
+    with a numpy code line) on stderr in the middle of transcribe's output.
+    Such a frame is as bad as its samples: NaN, inf, then 0 or saturated."""
+    x = np.array([[np.inf, -np.inf], [3e38, 3e38], [-3e38, -3e38], [np.nan, 0.5],
+                  [0.25, 0.75]], dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mono = to_mono(x)
+        out = StreamResampler(48000, 48000, 2).process(x)
+        resampled = StreamResampler(48000, SAMPLE_RATE, 2).process(np.repeat(x, 400, axis=0))
+    assert np.isnan(mono[0]) and np.isnan(mono[3])
+    assert mono[1] == np.inf and mono[2] == -np.inf and mono[4] == 0.5
+    np.testing.assert_array_equal(out, [0, 32767, -32768, 0, 16384])
+    assert resampled.dtype == np.int16
+
+
 @pytest.mark.parametrize("rate", [44100, 48000])
 def test_stream_resampler_keeps_frequency_and_amplitude(rate: int) -> None:
     seconds = 2.0

@@ -37,7 +37,9 @@ def to_mono(x: npt.NDArray[_S]) -> npt.NDArray[_S]:
     """Downmix ``(frames, channels)`` to ``(frames,)`` by averaging channels.
 
     A 1-D array is returned unchanged. The dtype is kept; integer input is
-    averaged in float and rounded, so int16 cannot overflow.
+    averaged in float and rounded, so int16 cannot overflow. Float frames
+    holding NaN, or infinities of both signs, average to NaN (without a
+    warning).
     """
     if x.ndim == 1:
         return x
@@ -48,7 +50,11 @@ def to_mono(x: npt.NDArray[_S]) -> npt.NDArray[_S]:
     if np.issubdtype(x.dtype, np.integer):
         mean: npt.NDArray[np.float64] = np.rint(x.mean(axis=1, dtype=np.float64))
         return mean.astype(x.dtype)
-    out: npt.NDArray[_S] = x.mean(axis=1, dtype=x.dtype)
+    # A frame of +inf and -inf (or of sums past the float's range) is as bad
+    # as its samples: NaN or inf, which float_to_int16 turns to 0 or
+    # saturates, without numpy's RuntimeWarning on stderr.
+    with np.errstate(invalid="ignore", over="ignore"):
+        out: npt.NDArray[_S] = x.mean(axis=1, dtype=x.dtype)
     return out
 
 
