@@ -5,8 +5,11 @@ raises. The microphone is in :mod:`evoxtral_stream.audio.microphone`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -65,19 +68,21 @@ def read_audio_file(path: str | os.PathLike[str]) -> Int16Array:
     # with bytes that are no UTF-8 (held as surrogates) would not open.
     name = str(p) if os.name == "nt" else os.fsencode(p)
     try:
-        with sf.SoundFile(name) as f:
-            rate = int(f.samplerate)
-            if rate < MIN_FILE_RATE:
-                raise AudioInputError(
-                    f"audio file {p} says {f.samplerate} Hz, below the {MIN_FILE_RATE} Hz "
-                    "of any speech recording (a damaged header?)")
-            parts, decoded, damage = _decode(f, None)
-        if damage is not None:
-            parts = []
+        with _decoder_prints_logged(p):
             with sf.SoundFile(name) as f:
-                parts, decoded, _ = _decode(f, decoded)
-            if decoded == 0:
-                raise damage
+                rate = int(f.samplerate)
+                if rate < MIN_FILE_RATE:
+                    raise AudioInputError(
+                        f"audio file {p} says {f.samplerate} Hz, below the {MIN_FILE_RATE} "
+                        "Hz of any speech recording (a damaged header?)")
+                parts, decoded, damage = _decode(f, None)
+            if damage is not None:
+                parts = []
+                with sf.SoundFile(name) as f:
+                    parts, decoded, _ = _decode(f, decoded)
+                if decoded == 0:
+                    raise damage
+        if damage is not None:  # logged once stderr is stderr again
             log.warning("audio file %s is damaged %.1f s in (%s): only the audio before "
                         "that is read", p, decoded / rate, damage.error_string.strip())
     except sf.LibsndfileError as e:
@@ -95,6 +100,45 @@ def read_audio_file(path: str | os.PathLike[str]) -> Int16Array:
     if len(out) == 0:
         raise AudioInputError(f"audio file {p} contains no audio (zero samples)")
     return out
+
+
+#: The most of the decoders' prints logged per file: a long damaged MP3 can
+#: make libmpg123 print a note per frame.
+_MOST_PRINTS = 64 * 1024
+
+
+@contextlib.contextmanager
+def _decoder_prints_logged(p: Path) -> Iterator[None]:
+    """Hold what is printed on file descriptor 2 while ``p`` is decoded, and
+    log it (DEBUG) afterwards.
+
+    libmpg123 prints its notes there (an MP3 frame it resyncs past; some
+    even for an MP3 that LAME wrote), past logging: in json mode stderr must
+    hold log records only, and an unreadable file one error line. Nothing
+    else in the process prints while a file is read (the CLI reads every
+    file before the engine and the server start)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            held = stack.enter_context(tempfile.TemporaryFile())
+            saved = os.dup(2)
+        except OSError:  # no descriptor 2, or no temporary folder: as they were
+            saved = -1
+        if saved < 0:
+            yield
+            return
+        stack.callback(os.close, saved)
+        with contextlib.suppress(Exception):  # a closed or odd sys.stderr
+            sys.stderr.flush()
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            held.seek(0)
+            text = held.read(_MOST_PRINTS).decode("utf-8", "replace")
+            for line in dict.fromkeys(text.splitlines()):  # once each: resync notes repeat
+                if line.strip():
+                    log.debug("audio file %s: decoder says: %s", p, line.strip())
 
 
 def _decode(f: sf.SoundFile, whole: int | None
