@@ -27,12 +27,15 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
+from evoxtral_stream.audio.resample import resample
 from evoxtral_stream.audio.sources import read_audio_file
 from evoxtral_stream.cli import _load_config, _p95, _serve
 from evoxtral_stream.data import sample_path, sample_text
+from evoxtral_stream.events import SAMPLE_RATE
 from evoxtral_stream.server.auth import hash_token
 from tests.fakes import ScriptedBackend, words_so_far
 from tests.helpers.http import free_port
+from tests.speech import have_espeak, speak
 from tests.text_norm import loose_wer
 
 
@@ -106,6 +109,64 @@ def test_unreadable_empty_and_missing_audio(tmp_path: Path) -> None:
     sf.write(empty, np.zeros(0, np.int16), 16000)
     one_error_line(cli("transcribe", str(empty)), "empty.wav")
     one_error_line(cli("transcribe", str(tmp_path / "missing.flac")), "missing.flac")
+
+
+def _speech_file(path: Path, text: str, rate: int, channels: int, **fmt: str) -> None:
+    x = resample(speak(text).astype(np.float32) / 32768, SAMPLE_RATE, rate)
+    sf.write(path, np.stack([x] * channels, axis=1), rate, **fmt)
+
+
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng is not installed")
+def test_odd_and_damaged_files_in_one_transcribe(tmp_path: Path) -> None:
+    """Real speech in odd files through the CLI and the embedded Whisper:
+    a 96 kHz stereo float WAV, a 22 kHz six-channel OGG and a FLAC cut
+    short each get their captions, the cut one with one warning naming it
+    (it was refused whole: "flac decoder lost sync"); stderr holds JSON
+    records only. With a WAV whose header is damaged among them, nothing is
+    decoded: one error line naming it, no traceback, none of libmpg123's
+    notes it printed on stderr."""
+    good = tmp_path / "good.wav"
+    _speech_file(good, "Please call me back when you get home tonight.", 96000, 2,
+                 subtype="FLOAT")
+    wide = tmp_path / "wide.ogg"
+    _speech_file(wide, "Seven red boats sailed past the old stone harbour.", 22050, 6,
+                 format="OGG", subtype="VORBIS")
+    cut = tmp_path / "cut.flac"
+    _speech_file(tmp_path / "whole.flac", "The quick brown fox jumps over the lazy dog. "
+                 "The weather today is sunny.", 44100, 1)
+    data = (tmp_path / "whole.flac").read_bytes()
+    cut.write_bytes(data[: len(data) * 3 // 5])
+    jsonl = tmp_path / "e.jsonl"
+    proc = cli("transcribe", str(good), str(wide), str(cut), "--jsonl", str(jsonl),
+               "--log-format", "json")
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stderr.splitlines()]  # JSON only
+    warnings = [r["msg"] for r in records if r["level"] == "WARNING"]
+    assert len(warnings) == 1 and "cut.flac" in warnings[0] and "damaged" in warnings[0]
+    finals: dict[str, str] = {}
+    for e in map(json.loads, jsonl.read_text().splitlines()):
+        if e["type"] == "caption" and e["final"]:
+            finals[e["stream"]] = finals.get(e["stream"], "") + " " + e["text"]
+    assert loose_wer("please call me back when you get home tonight", finals["good"]) <= 0.3
+    assert loose_wer("seven red boats sailed past the old stone harbour", finals["wide"]) <= 0.5
+    # The cut (3/5 of the bytes) is after the first sentence.
+    assert loose_wer("the quick brown fox jumps over the lazy dog", finals["cut"]) <= 0.6
+
+    try:  # the first 200 bytes of an MP3: libmpg123 prints a warning on it
+        _speech_file(tmp_path / "whole.mp3", "Nothing of this is heard.", 44100, 2,
+                     format="MP3")
+        broken = tmp_path / "broken.mp3"
+        broken.write_bytes((tmp_path / "whole.mp3").read_bytes()[:200])
+    except sf.LibsndfileError:  # this libsndfile writes no MP3: a WAV of 0 channels
+        broken = tmp_path / "broken.wav"
+        _speech_file(broken, "Nothing of this is heard.", 22050, 2)
+        head = bytearray(broken.read_bytes())
+        head[22:24] = bytes(2)
+        broken.write_bytes(bytes(head))
+    proc = cli("transcribe", str(good), str(broken))
+    line = one_error_line(proc, broken.name, "cannot decode")
+    assert proc.stderr.strip() == line, proc.stderr
+    assert proc.stdout == ""
 
 
 def test_outputs_that_cannot_be_written_are_refused_before_decoding(tmp_path: Path) -> None:
