@@ -109,6 +109,12 @@ def test_unreadable_empty_and_missing_audio(tmp_path: Path) -> None:
     sf.write(empty, np.zeros(0, np.int16), 16000)
     one_error_line(cli("transcribe", str(empty)), "empty.wav")
     one_error_line(cli("transcribe", str(tmp_path / "missing.flac")), "missing.flac")
+    # Named together, each is named: a batch is mended in one go, not a file a try.
+    proc = cli("transcribe", str(garbage), str(empty), str(tmp_path / "missing.flac"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("evoxtral-stream: error:")]
+    assert [n for ln in lines for n in ("garbage.wav", "empty.wav", "missing.flac")
+            if n in ln] == ["garbage.wav", "empty.wav", "missing.flac"], proc.stderr
 
 
 def _speech_file(path: Path, text: str, rate: int, channels: int, **fmt: str) -> None:

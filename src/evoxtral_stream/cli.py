@@ -94,6 +94,7 @@ try:
         SAMPLE_RATE,
         CaptionEvent,
         EngineEvent,
+        Int16Array,
         stream_id_problem,
     )
     from .logs import (
@@ -128,6 +129,30 @@ EXIT_USAGE = 2
 
 class UserError(Exception):
     """An error with a message for people; exits with status 2."""
+
+
+class _UnreadableFiles(UserError):
+    """The files of one command that cannot be read: one message (one
+    line) each, so a batch is mended in one go, not a file per try."""
+
+    def __init__(self, messages: Sequence[str]) -> None:
+        super().__init__(messages[-1])
+        self.messages = tuple(messages)
+
+
+def _read_files(paths: Sequence[Path]) -> list[Int16Array]:
+    """Every file of ``paths`` read, or :class:`_UnreadableFiles` naming
+    each that cannot be."""
+    audio: list[Int16Array] = []
+    problems: list[str] = []
+    for path in paths:
+        try:
+            audio.append(read_audio_file(path))
+        except AudioInputError as e:
+            problems.append(str(e))
+    if problems:
+        raise _UnreadableFiles(problems)
+    return audio
 
 
 # --- argument parsing --------------------------------------------------------
@@ -583,7 +608,7 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
 def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
                 ids: Sequence[str]) -> int:
     """:func:`_cmd_transcribe` once its outputs are prepared."""
-    jobs = [FileJob(sid, read_audio_file(p)) for sid, p in zip(ids, paths, strict=True)]
+    jobs = [FileJob(sid, audio) for sid, audio in zip(ids, _read_files(paths), strict=True)]
     if args.serve:
         _check_serving(cfg)  # as serve does: before the model loads
         check_listen(cfg.server.host, cfg.server.port)
@@ -1410,6 +1435,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, AudioInputError, BackendUnavailable, UserError) as e:
         if args.debug:
             raise
+        for message in getattr(e, "messages", ())[:-1]:
+            _error_line(message, logs)
         _fail(str(e), logs)
     except KeyboardInterrupt:
         if logs.format == "json":
