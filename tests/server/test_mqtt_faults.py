@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import pwd
@@ -22,7 +23,7 @@ except ImportError:  # the mqtt extra is optional
 
 from evoxtral_stream.events import StreamEnded, StreamStarted, stream_id_problem
 from evoxtral_stream.server.mqtt import ENGINE_OFFLINE, ENGINE_ONLINE, MqttPublisher
-from tests.helpers.http import Relay
+from tests.helpers.http import Relay, pipe
 from tests.server.conftest import MosquittoBroker, mosquitto_binary
 from tests.server.test_mqtt import (
     body,
@@ -312,3 +313,69 @@ async def test_refused_credentials_are_logged_as_such_not_as_unreachable(
     refused = warnings_about(caplog, "refused the connection", "mqtt.username")
     assert refused, caplog.text
     assert not warnings_about(caplog, "unreachable"), caplog.text
+
+
+# --- a connection that ends right after the broker answered --------------------------------
+
+
+class ClosingRelay(Relay):
+    """A TCP front for the broker that passes the first CONNACK on to the
+    client and closes the connection right behind it, as a broker that
+    restarts or kicks the client just then does."""
+
+    def __init__(self, upstream: int) -> None:
+        super().__init__(upstream)
+        self.closed = 0
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                      ) -> None:
+        up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
+        self._writers += [writer, up_w]
+
+        async def down() -> None:
+            try:
+                while True:
+                    fixed, body = await read_packet(up_r)
+                    writer.write(fixed + body)
+                    if fixed[0] >> 4 == 2 and not self.closed:
+                        self.closed += 1
+                        writer.close()
+                        up_w.close()
+                        return
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+
+        for coro in (pipe(reader, up_w), down()):
+            task = asyncio.create_task(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_a_connection_closed_right_after_its_connack_logs_no_error(
+    mosquitto: MosquittoBroker, caplog: pytest.LogCaptureFixture, protocol: str,
+) -> None:
+    """Found by tests/server/test_mqtt_chaos.py. When the connection ended
+    right after its CONNACK, the publisher reconnected and published
+    everything, as it should; but aiomqtt puts the loss, an exception, in a
+    future it then replaces unseen, and asyncio logged it at garbage
+    collection as an ERROR ("Future exception was never retrieved ...
+    MqttCodeError('Unexpected disconnection')"), in the service's log."""
+    caplog.set_level(logging.WARNING)
+    async with ClosingRelay(mosquitto.port) as relay, \
+            subscriber(mosquitto.port, "ca/#") as sub:
+        pub = MqttPublisher(mqtt_config(relay.port, "ca", protocol=protocol))
+        # Queued before the connection: online, then these back to back.
+        for seq in range(1, 4):
+            pub(caption("s", seq, seq, True, f"final {seq}"))
+        async with pub:
+            await sub.until(lambda got: {body(m)["seq"] for m in got
+                                         if topic(m) == "ca/s/final"} == {1, 2, 3},
+                            "the three finals")
+            st = pub.stats()
+    assert relay.closed == 1
+    assert st.connects == 2, st
+    del pub
+    gc.collect()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors

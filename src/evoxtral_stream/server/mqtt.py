@@ -562,6 +562,7 @@ class MqttPublisher:
             acknowledged(c, userdata, mid, reason, props)
 
         paho.on_publish = on_publish
+        _observe_loss(client)
         return client
 
     def _on_connected(self, version: str, failures: int) -> None:
@@ -639,6 +640,7 @@ class MqttPublisher:
         # aiomqtt offers no public signal for a connection that broke while
         # idle; its private future is the one that paho's callbacks complete.
         lost: asyncio.Future[None] = client._disconnected
+        _observe_loss(client)
         v5 = version == "5"
         json_props = _json_props(v5)
         try:
@@ -867,6 +869,19 @@ def _break_connection(client: aiomqtt.Client) -> None:
         return
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
+
+
+def _observe_loss(client: aiomqtt.Client) -> None:
+    """Mark the loss of ``client``'s connection as seen whenever it comes.
+
+    aiomqtt keeps it as an exception in a future that nothing may look at:
+    one that ends right after its CONNACK gets a new future, unseen, and
+    after a failed publish its ``__aexit__`` leaves it. asyncio would log it
+    when collected, as an ERROR, for a loss the publisher already handled.
+    The future is replaced once connected: call this before and after.
+    """
+    client._disconnected.add_done_callback(
+        lambda f: None if f.cancelled() else f.exception())
 
 
 def _lost_error(lost: asyncio.Future[None]) -> _ConnectionLost:
