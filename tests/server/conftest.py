@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -62,12 +63,27 @@ class MosquittoBroker:
                                        f"in {timeout} s") from None
                 time.sleep(0.02)
 
-    def stop(self) -> None:
-        """Kill the broker at once (no clean shutdown): what a crash looks like."""
+    def stop(self, *, graceful: bool = False) -> None:
+        """Kill the broker at once (no clean shutdown): what a crash looks like.
+        ``graceful``: SIGTERM, after which mosquitto saves its persistence file."""
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
-            proc.kill()
+            if graceful:
+                proc.send_signal(signal.SIGCONT)  # a frozen broker would not see SIGTERM
+                proc.terminate()
+            else:
+                proc.kill()
             proc.wait(10)
+
+    def freeze(self) -> None:
+        """SIGSTOP: connections stay open, nothing is read or answered."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT after :meth:`freeze`."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGCONT)
 
 
 @pytest.fixture
