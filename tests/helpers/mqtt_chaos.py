@@ -551,7 +551,9 @@ def check(out: Outcome) -> list[str]:
 
     # The publisher never blocks or raises; the other listeners get everything.
     problems += out.listener_errors
-    if out.slowest_call_s > 0.05:
+    # Microseconds when all is well; a blocking call (a publish awaited on
+    # the broker) takes the timeout. 0.2 s leaves room for a busy machine.
+    if out.slowest_call_s > 0.2:
         problems.append(f"a listener call took {out.slowest_call_s * 1000:.0f} ms")
     if out.broadcast != [encode_event(e) for e in events]:
         problems.append(f"the broadcaster got {len(out.broadcast)} messages for "
