@@ -17,7 +17,7 @@ from websockets.exceptions import ConnectionClosed
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.events import CaptionEvent, StreamEnded, StreamStarted
 from evoxtral_stream.server.app import CaptionServer
-from tests.clients.conftest import REBOUND_HOST, Browser, Page
+from tests.clients.conftest import REBOUND_HOST, Browser, Page, publish_finals
 from tests.clients.test_web import (
     FINALS,
     PARTIALS,
@@ -293,3 +293,45 @@ async def test_a_page_whose_origin_is_refused_says_so_and_does_not_ask_for_a_tok
         assert await page.evaluate("evoxtral.connects") == 1  # waits: retrying cannot help
     finally:
         await page.close()
+
+
+async def test_a_resume_that_replays_a_streams_end_does_not_note_it_again(
+        browser: Browser, scripted: tuple[Engine, CaptionServer],
+) -> None:
+    """docs/protocol.md: a resume's replay of an ended stream ends with its
+    stream.ended, whether or not the subscriber had it. The page added an
+    'ended' note for each: one more under the stream's captions at every
+    reconnect. One note per end; the next run of the id gets its own."""
+    _, server = scripted
+    b = server.broadcaster
+    notes = ("[...document.querySelectorAll('#finals .note[data-stream=\"talk\"]')]"
+             ".map(n => n.textContent)")
+
+    async def reconnect(n: int, marker: str) -> None:
+        await page.evaluate("evoxtral.retry = 0; evoxtral.socket.close()")
+        await page.wait_for(f"evoxtral.connects === {n} && {STATUS} === 'live'")
+        # After the replay on the same connection: the replay has been handled.
+        b.publish(_final("other", 0, n, marker))
+        await page.wait_for(f"{FINALS.format(s='other')}.includes('{marker}')")
+
+    page = await Page.open(browser, f"http://127.0.0.1:{server.port}/")
+    try:
+        await page.wait_for(f"{STATUS} === 'live'")
+        publish_finals(server, "talk", ["one"])
+        await page.wait_for(f"{notes}.length === 1")
+        await reconnect(2, "m2")
+        await reconnect(3, "m3")
+        assert await page.evaluate(notes) == ["talk ended · 1 captions, 1.0 s"]
+        # The id used again: its end is noted, once too.
+        b.publish(StreamStarted("talk", "test"))
+        b.publish(_final("talk", 0, 2, "two"))
+        b.publish(StreamEnded("talk", 2.0, 1, 1))
+        await page.wait_for(f"{notes}.length === 2")
+        await reconnect(4, "m4")
+        assert await page.evaluate(notes) == ["talk ended · 1 captions, 1.0 s",
+                                              "talk ended · 1 captions, 2.0 s"]
+        assert await page.evaluate(FINALS.format(s="talk")) == ["one", "two"]
+        assert page.errors == []
+    finally:
+        await page.close()
+

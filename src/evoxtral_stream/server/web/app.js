@@ -294,7 +294,7 @@ function showNotice(text) {
 function addStream(name, ended = false, seen = true) {
   let info = state.streams.get(name);
   if (!info) {
-    info = { ended, seen, option: new Option(name, name) };
+    info = { ended, seen, endNoted: false, option: new Option(name, name) };
     state.streams.set(name, info);
     ui.picker.append(info.option);
     if (name === state.selected) ui.picker.value = name;
@@ -359,6 +359,7 @@ function onCaption(ev, viaMic = false) {
   }
   if (!state.streams.has(ev.stream)) addStream(ev.stream);
   else state.streams.get(ev.stream).seen = true;
+  state.streams.get(ev.stream).endNoted = false;  // a caption after an end: the next run
   const key = `${ev.stream}\u0000${ev.segment}`;
   let line = state.lines.get(key);
   if (line?.classList.contains("final")) {
@@ -402,6 +403,8 @@ function handle(msg, viaMic = false) {
           // means anything now, those left out of the URL included. The
           // streams in it also get a gap with no end (handled below).
           for (const name of state.lastSeq.keys()) state.lastSeq.set(name, 0);
+          // Its ends are of its own runs: none noted yet.
+          for (const info of state.streams.values()) info.endNoted = false;
         }
         state.epoch = msg.epoch;
       }
@@ -432,11 +435,16 @@ function handle(msg, viaMic = false) {
       const ahead = aheadOf(msg.stream);
       forgetSegments(msg.stream, (line) => ahead.has(Number(line.dataset.seq)));
       addStream(msg.stream);
+      state.streams.get(msg.stream).endNoted = false;
       return;
     }
     case "stream.ended": {
       addStream(msg.stream, true);
       dropPartials(msg.stream);  // the run's segments that never got a final
+      // A resume replays the end of every ended stream it names: noted once.
+      const info = state.streams.get(msg.stream);
+      if (info.endNoted) return;
+      info.endNoted = true;
       note(msg.stream, `${msg.stream} ended · ${msg.finals} captions, ${msg.duration.toFixed(1)} s`);
       return;
     }
