@@ -335,3 +335,50 @@ async def test_a_resume_that_replays_a_streams_end_does_not_note_it_again(
     finally:
         await page.close()
 
+
+async def test_a_link_lost_right_after_a_restarted_servers_hello_drops_the_old_partial(
+        browser: Browser) -> None:
+    """The server restarted without its journal (a new epoch) and stream talk
+    was opened again before the page came back, so the hello lists it as
+    open. The old server's open segment never ends: the page forgot its
+    partial only at the replay's gap with no end. When the link dropped right
+    after the hello, the next resume (since=talk:0 of the new epoch) gets no
+    gap, and the old partial stayed on screen for good."""
+    paths: list[str] = []
+
+    def hello_of(epoch: str) -> str:
+        return json.dumps({**json.loads(hello(["talk"])), "epoch": epoch})
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        paths.append(ws.request.path)
+        if len(paths) == 1:   # the first server
+            await ws.send(hello_of("e1"))
+            await ws.send(json.dumps({"type": "stream.started", "stream": "talk",
+                                      "source": "ingest"}))
+            await ws.send(partial("talk", 0, 1, "old words"))
+            await ws.send(final("other", 0, 1, "first"))
+            await ws.wait_closed()
+            return
+        await ws.send(hello_of("e2"))   # the restarted server
+        if len(paths) == 2:
+            await ws.close(1011, "lost right after the hello")
+            return
+        await ws.send(final("other", 0, 1, "back"))
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0, process_request=page_files) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        page = await Page.open(browser, f"http://127.0.0.1:{port}/")
+        try:
+            await page.wait_for(f"{FINALS.format(s='other')}.length === 1")
+            assert await page.evaluate(PARTIALS.format(s="talk")) == [[0, "old words"]]
+            await page.evaluate("evoxtral.retry = 0; evoxtral.socket.close()")
+            await page.wait_for(f"evoxtral.connects === 3 && {STATUS} === 'live' && "
+                                f"{FINALS.format(s='other')}.includes('back')")
+            assert paths[1:] == ["/v1/captions?since=other:1,talk:1&epoch=e1",
+                                 "/v1/captions?since=talk:0,other:0&epoch=e2"]
+            assert await page.evaluate(PARTIALS.format(s="talk")) == []
+            assert page.errors == []
+        finally:
+            await page.close()

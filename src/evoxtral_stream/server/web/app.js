@@ -398,15 +398,24 @@ function handle(msg, viaMic = false) {
       }
       ui.backend.textContent = `${msg.server} ${msg.version} · ${msg.backend}`;
       if (typeof msg.epoch === "string") {
-        if (state.epoch !== null && msg.epoch !== state.epoch) {
+        const renumbered = state.epoch !== null && msg.epoch !== state.epoch;
+        state.epoch = msg.epoch;
+        if (renumbered) {
           // A new numbering (a restart without the journal): no seq we hold
           // means anything now, those left out of the URL included. The
           // streams in it also get a gap with no end (handled below).
           for (const name of state.lastSeq.keys()) state.lastSeq.set(name, 0);
-          // Its ends are of its own runs: none noted yet.
-          for (const info of state.streams.values()) info.endNoted = false;
+          for (const [name, info] of state.streams) {
+            // The old server's open segments never end: forgotten here, not
+            // only at that gap, which a link lost right after this hello
+            // never brings (a resume from 0 of this numbering gets none).
+            // What the microphone socket showed of this numbering stays.
+            // The ends to come are of this numbering's runs: none noted yet.
+            const ahead = aheadOf(name);
+            forgetSegments(name, (line) => ahead.has(Number(line.dataset.seq)));
+            info.endNoted = false;
+          }
         }
-        state.epoch = msg.epoch;
       }
       showLanguages(msg.languages || []);
       for (const name of msg.streams) {
