@@ -458,6 +458,10 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
                         known.add(name)
                         ended.discard(name)  # an id used again is live again
                         away.discard(name)
+                    elif kind == "stream.ended" and name in ended:
+                        # A resume replays the end of each ended stream it
+                        # names, at every reconnect: shown once.
+                        continue
                     writer.show(event)
                     if kind == "stream.ended":
                         ended.add(name)

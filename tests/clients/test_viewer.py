@@ -855,6 +855,37 @@ async def test_a_stream_that_ended_while_away_is_reported_once() -> None:
     assert len(ends) == 1, err.getvalue()
 
 
+async def test_an_end_replayed_at_every_reconnect_is_shown_once() -> None:
+    """A resume's replay ends with the stream.ended of each ended stream it
+    names, seen before or not (docs/protocol.md, Resume): three connections
+    showed the end three times."""
+    script = [_hello([]), _final("talk", 1, "one"), _msg("stream.ended", "talk")]
+    paths: list[str] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        assert ws.request is not None
+        paths.append(ws.request.path)
+        for message in script if len(paths) == 1 else script[:1] + script[2:]:
+            await ws.send(message)
+        await ws.close(1001, "going away")
+
+    out, err = io.StringIO(), io.StringIO()
+    writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        task = asyncio.ensure_future(watch(f"ws://127.0.0.1:{port}", ["talk"], {}, writer,
+                                           max_retry_s=0.05))
+        while len(paths) < 4:
+            assert not task.done(), err.getvalue()
+            await asyncio.sleep(0.02)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert paths[1:3] == ["/v1/captions?stream=talk&since=talk:1"] * 2
+    assert _texts(out) == ["one"]
+    ends = [line for line in err.getvalue().splitlines() if "talk ended" in line]
+    assert len(ends) == 1, err.getvalue()
+
+
 async def test_a_viewer_that_saw_many_streams_resumes_the_live_one_in_a_url_a_server_takes(
 ) -> None:
     """A viewer of every stream resumes with since= for the streams it saw.
