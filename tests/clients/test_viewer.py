@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -819,6 +820,25 @@ async def test_exit_on_end_waits_for_a_stream_id_used_again_to_end_again() -> No
     assert texts == ["a one", "a two"]
 
 
+@contextlib.asynccontextmanager
+async def _watching(handler: Callable[[ServerConnection], Awaitable[None]], *,
+                    max_retry_s: float) -> AsyncIterator[
+                        tuple[asyncio.Future[int], io.StringIO, io.StringIO]]:
+    """``watch`` of stream "talk" (plain, off a terminal) on a server running
+    ``handler``: its task, stdout and stderr; cancelled at the end."""
+    out, err = io.StringIO(), io.StringIO()
+    writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        task = asyncio.ensure_future(watch(f"ws://127.0.0.1:{port}", ["talk"], {}, writer,
+                                           max_retry_s=max_retry_s))
+        try:
+            yield task, out, err
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
 async def test_a_stream_that_ended_while_away_is_reported_once() -> None:
     """The resume replays the captions missed and the stream's stream.ended
     (docs/protocol.md, Resume): the viewer shows that end, and must not
@@ -837,18 +857,11 @@ async def test_a_stream_that_ended_while_away_is_reported_once() -> None:
         else:
             await ws.wait_closed()
 
-    out, err = io.StringIO(), io.StringIO()
-    writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
-    async with serve(handler, "127.0.0.1", 0) as server:
-        port = next(iter(server.sockets)).getsockname()[1]
-        task = asyncio.ensure_future(watch(f"ws://127.0.0.1:{port}", ["talk"], {}, writer,
-                                           max_retry_s=0.1))
+    async with _watching(handler, max_retry_s=0.1) as (task, out, err):
         while len(paths) < 2 or "talk ended" not in err.getvalue():
             assert not task.done(), err.getvalue()
             await asyncio.sleep(0.02)
         await asyncio.sleep(1.5)  # past the viewer's 1 s wait for the replay's end
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
     assert paths == ["/v1/captions?stream=talk", "/v1/captions?stream=talk&since=talk:1"]
     assert _texts(out) == ["one", "two"]
     ends = [line for line in err.getvalue().splitlines() if "talk ended" in line]
@@ -869,17 +882,10 @@ async def test_an_end_replayed_at_every_reconnect_is_shown_once() -> None:
             await ws.send(message)
         await ws.close(1001, "going away")
 
-    out, err = io.StringIO(), io.StringIO()
-    writer = LiveWriter(out, err, color=False, live=False, show_stream=False)
-    async with serve(handler, "127.0.0.1", 0) as server:
-        port = next(iter(server.sockets)).getsockname()[1]
-        task = asyncio.ensure_future(watch(f"ws://127.0.0.1:{port}", ["talk"], {}, writer,
-                                           max_retry_s=0.05))
+    async with _watching(handler, max_retry_s=0.05) as (task, out, err):
         while len(paths) < 4:
             assert not task.done(), err.getvalue()
             await asyncio.sleep(0.02)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
     assert paths[1:3] == ["/v1/captions?stream=talk&since=talk:1"] * 2
     assert _texts(out) == ["one"]
     ends = [line for line in err.getvalue().splitlines() if "talk ended" in line]
