@@ -617,14 +617,9 @@ def check(out: Outcome) -> list[str]:
 def _tolerated(r: logging.LogRecord) -> bool:
     """ERROR records of the libraries below the publisher, left as they are.
 
-    paho logs a connection reset (a relay cut sends an RST) as an ERROR on
-    the publisher's paho logger, beside the publisher's own warning: that
-    logger is where docs/config.md sends people for the broker's reasons.
     aiomqtt schedules its socket callbacks from paho's connect thread; one
     may run after a refused connection closed the socket (rare)."""
     m = r.getMessage()
-    if r.name.endswith(".paho") and m.startswith("failed to receive on socket: [Errno 104]"):
-        return True
     return r.name == "asyncio" and m.startswith(
         ("Exception in callback BaseSelectorEventLoop.add_writer",
          "Exception in callback BaseSelectorEventLoop.add_reader"))

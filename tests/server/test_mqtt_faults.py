@@ -379,3 +379,30 @@ async def test_a_connection_closed_right_after_its_connack_logs_no_error(
     gc.collect()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, errors
+
+
+async def test_a_connection_reset_is_a_warning_not_an_error(
+    mosquitto: MosquittoBroker, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A reset connection (a NAT or load balancer forgetting it, a relay
+    cut) is a blip the publisher mends by reconnecting: paho logged it as an
+    ERROR ("failed to receive on socket: [Errno 104] Connection reset by
+    peer") beside the publisher's own warning, paging whoever alerts on
+    errors. It is a warning now, still naming the reset."""
+    caplog.set_level(logging.INFO)
+    async with Relay(mosquitto.port) as relay, \
+            subscriber(mosquitto.port, "rs/#") as sub, \
+            MqttPublisher(mqtt_config(relay.port, "rs")) as pub:
+        await connected(pub)
+        relay.drop()
+        for seq in range(1, 3):
+            pub(caption("s", seq, seq, True, f"final {seq}"))
+        await sub.until(lambda got: {body(m)["seq"] for m in got
+                                     if topic(m) == "rs/s/final"} == {1, 2},
+                        "the finals after the reset")
+        st = pub.stats()
+    assert st.reconnects >= 1, st
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors
+    assert any("Connection reset" in r.getMessage() and r.levelno == logging.WARNING
+               for r in caplog.records), [r.getMessage() for r in caplog.records]

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import math
@@ -107,6 +108,27 @@ _STABLE_S = 10.0
 # A connection closed sooner than this after it was accepted was closed by the
 # broker on purpose, most often for a client_id taken over by another client.
 _KICKED_S = 1.0
+
+
+class _ResetIsAWarning(logging.Filter):
+    """paho logs a connection reset (a NAT or load balancer that forgot it,
+    a broker killed) as an ERROR; the publisher warns of the loss itself and
+    reconnects, so it is a warning, as that loss is. Other errors (a TLS
+    alert after the handshake: the broker's reason) stay errors."""
+
+    _RESETS = tuple(f"[Errno {n}]" for n in (errno.ECONNRESET, errno.ECONNABORTED,
+                                             errno.EPIPE, errno.ETIMEDOUT))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and any(
+                r in record.getMessage() for r in self._RESETS):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+#: Where paho's own lines go (docs/config.md names it).
+_PAHO_LOG = logging.getLogger(f"{__name__}.paho")
+_PAHO_LOG.addFilter(_ResetIsAWarning())
 # Reason codes of a CONNACK refusing the protocol version: 3.1.1's 0x01 and
 # MQTT 5's 0x84 (paho maps a 3.1.1-style 0x01 answer to a v5 connect to 0x84).
 _VERSION_REFUSED = frozenset({1, 0x84})
@@ -546,7 +568,7 @@ class MqttPublisher:
             keepalive=self.cfg.keepalive_s,
             timeout=self.cfg.timeout_s,
             tls_context=self._tls,
-            logger=logging.getLogger(f"{__name__}.paho"),
+            logger=_PAHO_LOG,
         )
         # aiomqtt completes a publish on any acknowledgement and drops its
         # reason code, so an MQTT 5 PUBACK refusing the message (0x87 not
