@@ -8,6 +8,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from evoxtral_stream.events import CaptionEvent
+from evoxtral_stream.text.formats import to_srt
 from evoxtral_stream.text.tags import (
     TAG_TABLE,
     Carry,
@@ -136,6 +138,16 @@ def test_control_characters_are_whitespace() -> None:
     assert render(toks) == "So I said [laughs] yes."
     assert [t.text for t in toks if t.is_word] == ["So", "I", "said", "yes"]
     assert tokenize("\x00\x1b\x9f") == []
+
+
+def test_control_characters_inside_an_unknown_tag_are_whitespace() -> None:
+    """An unknown tag is kept as written, and its control characters went
+    with it into captions and subtitle files ("[\\x1b]" in an SRT)."""
+    toks = tokenize("[a\x00b] [bell\x07] [\x1b] [x\x9by] hi")
+    assert render(toks) == "[a b] [bell] [ ] [x y] hi"
+    assert [t.tag for t in toks if t.is_tag] == ["a b", "bell", "x y"]
+    assert to_srt([CaptionEvent("s", 0, 1, True, "[\x1b[31m] [a\x00b] hi", "hi", "", "", (),
+                                0.0, 1.0, None)]).endswith("\n[ [31m] [a b] hi\n")
 
 
 def test_unicode_words_and_symbols() -> None:

@@ -205,13 +205,23 @@ _LOOKUP = _build_lookup(TAG_TABLE)
 
 _TAG_PUNCT_EDGES = ".,;:!?*"
 
+# Whitespace, and control characters counted as whitespace (module doc).
+_SPACES = r"[\s\x00-\x1f\x7f-\x9f]+"
+_SPACE_RUN = re.compile(_SPACES)
+
+
+def _collapse(s: str) -> str:
+    """``s`` with each whitespace run (control characters too) as one space,
+    none at the ends."""
+    return _SPACE_RUN.sub(" ", s).strip(" ")
+
 
 def normalize_tag_name(raw: str) -> str:
     """Normalise a tag's inner text: case-folded, ``_``/``-`` as spaces,
     single spaces, no edge punctuation (``"Clears_Throat."`` ->
     ``"clears throat"``)."""
     s = raw.casefold().replace("_", " ").replace("-", " ")
-    return " ".join(s.split()).strip(_TAG_PUNCT_EDGES + " ")
+    return _collapse(s).strip(_TAG_PUNCT_EDGES + " ")
 
 
 def lookup_tag(raw: str) -> TagSpec | None:
@@ -294,7 +304,7 @@ _WORD = r"[$€£]?\w+(?:(?:['’&\-]|(?<=\d)[.,:](?=\d))\w+)*"
 # into spaces).
 PUNCT_TAG_MAX = 40
 _SCAN = re.compile(
-    r"(?P<space>[\s\x00-\x1f\x7f-\x9f]+)"
+    rf"(?P<space>{_SPACES})"
     r"|(?P<br>\[[^\[\]]*\])"
     r"|(?P<pa>\([^()]+\))"
     r"|(?P<ast>\*[^*]+\*)"
@@ -310,7 +320,8 @@ def _tag_token(inner: str, verbatim: bool, space: bool) -> Token | None:
         return Token(TokenKind.TAG, f"[{spec.name}]", spec.name, spec.kind, True, space)
     if not verbatim:
         return None
-    shown = " ".join(inner.split())
+    # A control character kept here would reach every caption and file.
+    shown = _collapse(inner)
     if not shown:
         return None
     return Token(TokenKind.TAG, f"[{shown}]", normalize_tag_name(inner) or shown.casefold(),
@@ -341,7 +352,7 @@ def tokenize(text: str) -> list[Token]:
             tok = _tag_token(m.group()[1:-1], True, space)
         elif group in ("pa", "ast"):
             inner = m.group()[1:-1]
-            if len(" ".join(inner.split())) <= PUNCT_TAG_MAX:
+            if len(_collapse(inner)) <= PUNCT_TAG_MAX:
                 tok = _tag_token(inner, False, space)
         elif group == "word":
             tok = Token(TokenKind.WORD, m.group(), space_before=space)
