@@ -2054,3 +2054,23 @@ def test_ctrl_c_while_the_modules_import_is_one_line_not_a_traceback() -> None:
     status, err = _ctrl_c_at(_SLOW_IMPORT, "--log-format", "json", "config")
     assert status == 130
     assert [json.loads(line)["msg"] for line in err] == ["interrupted"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signals_that_keep_coming_after_the_shutdown_do_not_change_the_status(
+        sig: signal.Signals) -> None:
+    """Ctrl-C (or SIGTERM) pressed again and again while ``serve`` stops: once
+    its shutdown is done, the interpreter's exit (a while, with the model's
+    libraries loaded) took the next one with the default action, and the
+    process died by the signal (status -2 or -15) instead of exiting 0."""
+    proc, _ = _start_serve("--source", "none", "--no-print")
+    try:
+        while proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+            time.sleep(0.02)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err

@@ -1171,8 +1171,21 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
         # Flush open segments as finals while subscribers are still connected;
         # only then does the server close them (1001, going away).
         drained = await engine.drain()
+    _ignore_late_stops(loop)
     # Exit status 1: some final had to be closed early or was lost (logged).
     return 0 if drained else 1
+
+
+def _ignore_late_stops(loop: asyncio.AbstractEventLoop) -> None:
+    """Ignore Ctrl-C and SIGTERM from here to the exit: the shutdown is done
+    and its status decided, so there is nothing left to stop. Closing the loop
+    would restore their defaults, and the interpreter's exit (a while, with the
+    model's libraries loaded) would then die by a late one (status -2 or -15,
+    not 0). An ignored signal stays ignored through that exit."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, ValueError):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
 
 
 async def _reload(args: argparse.Namespace, running: list[Config], server: CaptionServer,
