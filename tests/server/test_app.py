@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,9 +17,11 @@ from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.events import CaptionEvent
 from evoxtral_stream.run import feed_samples
-from evoxtral_stream.server.app import CaptionServer
+from evoxtral_stream.server.app import CLOSE_TIMEOUT_S, CaptionServer
+from evoxtral_stream.server.protocol import encode_event
 from tests.fakes import ScriptedBackend, words_so_far
-from tests.helpers.http import http_get, raw_ws_handshake
+from tests.helpers.audio import buzz, to_int16
+from tests.helpers.http import drain, http_get, raw_ws_handshake
 from tests.speech import have_espeak, speech_with_pauses
 
 SENTENCES = ["Good evening and welcome to the live captioning demo.",
@@ -299,3 +302,92 @@ async def test_a_subscriber_vanishing_mid_send_affects_no_one_else() -> None:
                 break
             await asyncio.sleep(0.05)
         assert server.broadcaster.subscribers == 0, "the vanished subscriber was cleaned up"
+
+
+def _read_slowly(sock: socket.socket, delay_s: float) -> tuple[list[dict[str, Any]], int | None]:
+    """A client reading ``sock`` 4 KiB every ``delay_s`` until the server's
+    close frame, which it answers; its text messages and the close code."""
+    data, i = b"", 0
+    messages: list[dict[str, Any]] = []
+    sock.settimeout(10)
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return messages, None
+        data += chunk
+        while i + 2 <= len(data):
+            opcode, n, at = data[i] & 0x0F, data[i + 1] & 0x7F, i + 2
+            if n >= 126:
+                width = 2 if n == 126 else 8
+                if at + width > len(data):
+                    break
+                n, at = int.from_bytes(data[at:at + width], "big"), at + width
+            if at + n > len(data):
+                break
+            payload, i = data[at:at + n], at + n
+            if opcode == 0x8:
+                sock.sendall(bytes([0x88, 0x80, 0, 0, 0, 0]))  # an empty close, masked
+                sock.close()
+                return messages, int.from_bytes(payload[:2], "big")
+            messages.append(json.loads(payload))
+        time.sleep(delay_s)
+
+
+async def _shutdown_with_a_slow_subscriber(
+    read_delay_s: float | None, **server_kw: Any,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int | None, float]:
+    """Streams whose open segments the engine's drain turns into finals
+    while a subscriber reads nothing, so many of them are still in flight
+    (in its queue) when the server's close begins. It then reads 4 KiB every
+    ``read_delay_s`` (None: never again). Gives what the engine produced
+    and what the subscriber got (finals and ``stream.ended``), its close
+    code, and how long the server's close took."""
+    cfg = config()
+    text = "word " * 800
+    produced: list[dict[str, Any]] = []
+    async with Engine(cfg, ScriptedBackend(lambda a: text)) as engine:
+        server = CaptionServer(engine, cfg.server, **server_kw)
+        await server.start()
+        sock = await asyncio.to_thread(raw_ws_handshake, server.port)
+        try:
+            while server.broadcaster.subscribers < 1:
+                await asyncio.sleep(0.01)
+            # A slow link: the kernel's send buffer, which autotunes to
+            # megabytes on loopback, held small as on a congested network.
+            (conn,) = server._live
+            conn.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+            engine.add_listener(lambda e: produced.append(json.loads(encode_event(e))))
+            speech = to_int16(buzz(1.0))
+            for i in range(40):
+                engine.open_stream(f"s{i}", source="test").push(speech)
+            assert await engine.drain()
+            (sub,) = server.broadcaster._subs
+            assert sub.queue.qsize() > 10, "nothing left in flight: the test shows nothing"
+            assert server.broadcaster.dropped_subscribers == 0
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            closing = asyncio.ensure_future(server.aclose())
+            got: list[dict[str, Any]] = []
+            code = None
+            if read_delay_s is not None:
+                got, code = await asyncio.to_thread(_read_slowly, sock, read_delay_s)
+            await asyncio.wait_for(closing, 30)
+            took = loop.time() - t0
+            if read_delay_s is None:
+                # Stalled: the server gave up on it and closed the connection.
+                await asyncio.to_thread(drain, sock)
+        finally:
+            sock.close()
+    wanted = {"caption", "stream.ended"}
+    return ([m for m in produced if m["type"] in wanted and m.get("final", True)],
+            [m for m in got if m["type"] in wanted and m.get("final", True)], code, took)
+
+
+async def test_a_stalled_subscriber_does_not_hold_the_shutdown_up() -> None:
+    """A subscriber that stopped reading with its buffers full blocked the
+    server's close frame, and the close waited for the keepalive (20 s),
+    past ``docker stop``'s 10 s grace."""
+    _, _, _, took = await _shutdown_with_a_slow_subscriber(None)
+    # The close handshake's 2 s, then a second more, then it is aborted.
+    assert took < CLOSE_TIMEOUT_S + 1 + 2

@@ -111,6 +111,12 @@ TLS_POLL_S = 30.0
 #: load balancer's TCP check, a browser's preconnect, a half-sent request,
 #: enough to push a shutdown past a container's stop grace.
 OPENING_GRACE_S = 1.0
+#: How long a close handshake may take before the connection is dropped.
+#: websockets bounds only the wait for the peer's close frame: one whose
+#: sends are blocked by a peer that stopped reading (its buffers full) waited
+#: for the keepalive's ping timeout (20 s), past a container's stop grace, so
+#: the server's close also aborts whatever is still open a second after it.
+CLOSE_TIMEOUT_S = 2.0
 _CAPTIONS = "/v1/captions"
 _INGEST = "/v1/ingest"
 _REALTIME = "/v1/realtime"
@@ -296,7 +302,7 @@ class CaptionServer:
                 max_size=2 * self._cfg.max_message_bytes,
                 ping_interval=self._cfg.ping_interval_s or None,
                 ping_timeout=self._cfg.ping_timeout_s or None,
-                close_timeout=2,
+                close_timeout=CLOSE_TIMEOUT_S,
             )
         except BaseException as e:
             self._engine.remove_listener(self.broadcaster.publish)
@@ -319,11 +325,13 @@ class CaptionServer:
             await asyncio.gather(watch, return_exceptions=True)
         if self._server is not None:
             self._server.close()
-            aborter = asyncio.create_task(self._abort_opening(OPENING_GRACE_S))
+            aborters = [asyncio.create_task(self._abort_opening(OPENING_GRACE_S)),
+                        asyncio.create_task(self._abort_unclosed(CLOSE_TIMEOUT_S + 1))]
             try:
                 await self._server.wait_closed()
             finally:
-                aborter.cancel()
+                for aborter in aborters:
+                    aborter.cancel()
             self._engine.remove_listener(self.broadcaster.publish)
             self._engine.remove_listener(self.metrics.on_event)
             self._server = None
@@ -336,6 +344,16 @@ class CaptionServer:
             log.info("closing: %d connection(s) that did not finish their handshake "
                      "aborted", len(opening))
         for conn in opening:
+            conn.transport.abort()
+
+    async def _abort_unclosed(self, grace_s: float) -> None:
+        """After ``grace_s``, abort the connections whose close has not ended."""
+        await asyncio.sleep(grace_s)
+        stuck = [c for c in self._accepted if c.protocol.state is not State.CLOSED]
+        if stuck:
+            log.warning("closing: %d connection(s) that did not read their close "
+                        "aborted", len(stuck))
+        for conn in stuck:
             conn.transport.abort()
 
     async def reload_auth(self, auth: AuthConfig) -> int:
