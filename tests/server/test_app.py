@@ -17,7 +17,7 @@ from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.events import CaptionEvent
 from evoxtral_stream.run import feed_samples
-from evoxtral_stream.server.app import CLOSE_TIMEOUT_S, CaptionServer
+from evoxtral_stream.server.app import CLOSE_TIMEOUT_S, SUBSCRIBER_FLUSH_S, CaptionServer
 from evoxtral_stream.server.protocol import encode_event
 from tests.fakes import ScriptedBackend, words_so_far
 from tests.helpers.audio import buzz, to_int16
@@ -384,10 +384,24 @@ async def _shutdown_with_a_slow_subscriber(
             [m for m in got if m["type"] in wanted and m.get("final", True)], code, took)
 
 
+async def test_a_slow_subscriber_gets_every_final_and_stream_ended_before_the_shutdown(
+) -> None:
+    """docs/protocol.md: at shutdown a subscriber within its queue gets the
+    drained finals and ``stream.ended`` before 1001. The server used to close
+    it right after the drain, dropping what its queue still held."""
+    produced, got, code, took = await _shutdown_with_a_slow_subscriber(0.002)
+    assert len(produced) == 80
+    assert got == produced
+    assert code == 1001
+    # Read in well under the time the server waits for a subscriber's queue.
+    assert took < SUBSCRIBER_FLUSH_S + 3
+
+
 async def test_a_stalled_subscriber_does_not_hold_the_shutdown_up() -> None:
     """A subscriber that stopped reading with its buffers full blocked the
     server's close frame, and the close waited for the keepalive (20 s),
     past ``docker stop``'s 10 s grace."""
-    _, _, _, took = await _shutdown_with_a_slow_subscriber(None)
-    # The close handshake's 2 s, then a second more, then it is aborted.
-    assert took < CLOSE_TIMEOUT_S + 1 + 2
+    _, _, _, took = await _shutdown_with_a_slow_subscriber(None, flush_s=0.5)
+    # The wait for its queue, the close handshake's 2 s and a second more,
+    # then it is aborted.
+    assert 0.5 <= took < 0.5 + CLOSE_TIMEOUT_S + 1 + 2

@@ -69,6 +69,9 @@ log = logging.getLogger(__name__)
 #: as many as the engine keeps the last seqs of, so the resume that can name
 #: what such a stream's subscriber missed can also say that it ended.
 ENDS_REMEMBERED = SEQ_REMEMBERED
+# How often a flush looks again for subscriptions that went away or whose
+# backlog (not in the queue) was sent.
+_FLUSH_POLL_S = 0.05
 
 
 class SourceRecord(Protocol):
@@ -220,6 +223,31 @@ class Broadcaster:
 
     def unsubscribe(self, sub: Subscription) -> None:
         self._subs.discard(sub)
+
+    async def flush(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` until every subscription has sent its
+        backlog and what is queued now (or is gone); the number still behind
+        then. For a shutdown: the drained finals reach subscribers before
+        their connections close, and a stalled one holds it up no longer."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        joins = {sub: asyncio.ensure_future(sub.queue.join()) for sub in self._subs}
+        try:
+            while True:
+                # A subscription gone meanwhile (its peer left) never joins.
+                behind = [(sub, j) for sub, j in joins.items()
+                          if sub in self._subs and (not j.done() or sub.backlog)]
+                left = deadline - loop.time()
+                if not behind or left <= 0:
+                    return len(behind)
+                waiting = [j for _, j in behind if not j.done()]
+                if waiting:
+                    await asyncio.wait(waiting, timeout=min(left, _FLUSH_POLL_S))
+                else:
+                    await asyncio.sleep(min(left, _FLUSH_POLL_S))
+        finally:
+            for j in joins.values():
+                j.cancel()
 
     @property
     def subscribers(self) -> int:
