@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import types
@@ -100,6 +101,15 @@ async def test_a_lost_microphone_ends_the_open_segment_and_tells_subscribers(
         await asyncio.wait_for(reader, 10)
     assert len(errors()) == 1
     assert [m["type"] for m in messages][-1] == "stream.ended"
+    # serve ignores Ctrl-C and SIGTERM after its drain, but not for the
+    # programs this process starts next: SIG_IGN would be inherited by them
+    # (a test run's later subprocesses could not be stopped).
+    child = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) is "
+         "signal.default_int_handler, signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)"],
+        capture_output=True, text=True, timeout=30)
+    assert child.stdout.split() == ["True", "True"], child
 
 
 async def _subscribe(port: int, serving: asyncio.Future[int]) -> ClientConnection:

@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -1181,10 +1182,27 @@ def _ignore_late_stops(loop: asyncio.AbstractEventLoop) -> None:
     and its status decided, so there is nothing left to stop. Closing the loop
     would restore their defaults, and the interpreter's exit (a while, with the
     model's libraries loaded) would then die by a late one (status -2 or -15,
-    not 0). An ignored signal stays ignored through that exit."""
+    not 0). A handler that does nothing, not SIG_IGN: that would be inherited
+    by any program this process starts afterwards (a test run's next
+    subprocess, an embedding program's), which Ctrl-C and SIGTERM could then
+    not stop; :func:`main` makes it SIG_IGN as it returns to the exit."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, ValueError):
             loop.remove_signal_handler(sig)
+            signal.signal(sig, _late_stop)
+
+
+def _late_stop(signum: int, frame: types.FrameType | None) -> None:
+    """A Ctrl-C or SIGTERM once the shutdown is done: nothing left to stop."""
+
+
+def _late_stops_ignored_to_the_exit() -> None:
+    """After serve's shutdown, as :func:`main` returns to the interpreter's
+    exit: SIG_IGN, which Python's own handlers do not last through (they are
+    reset before its last, slow moments). Only then, since SIG_IGN would be
+    inherited by any program started afterwards."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is _late_stop:
             signal.signal(sig, signal.SIG_IGN)
 
 
@@ -1444,7 +1462,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg.logging != logs:
             logs = cfg.logging
             _setup_logging(logs)
-        return commands[args.command](args, cfg)
+        status = commands[args.command](args, cfg)
+        _late_stops_ignored_to_the_exit()
+        return status
     except (ConfigError, AudioInputError, BackendUnavailable, UserError) as e:
         if args.debug:
             raise
