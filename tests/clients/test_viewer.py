@@ -597,6 +597,8 @@ async def test_a_restart_without_the_journal_that_passed_the_held_seq_loses_noth
             await stream.wait_idle()
         async with asyncio.timeout(20):
             while not out.getvalue():
+                # A viewer that gave up says why (a CI run timed out here once).
+                assert not viewing.done(), (viewing.result(), err.getvalue())
                 await asyncio.sleep(0.02)
         relay.target = nowhere
         relay.drop()  # the viewer is away before this run closes its stream
