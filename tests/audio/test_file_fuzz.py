@@ -8,23 +8,22 @@ is a batch of files).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.audio import HAVE_ESPEAK
 from tests.helpers.audio_fuzz import check_read, make_case
+from tests.helpers.fuzz import fuzz_seeds
 
-SEED0 = int(os.environ.get("FUZZ_SEED0", "0"))
-SEEDS = int(os.environ.get("FUZZ_SEEDS", "4"))
+SEEDS = fuzz_seeds(4)
 #: Files per seed: a read takes milliseconds, the whole batch a few seconds.
 FILES = 40
 
 pytestmark = pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng is not installed")
 
 
-@pytest.mark.parametrize("seed", range(SEED0, SEED0 + SEEDS))
+@pytest.mark.parametrize("seed", SEEDS)
 def test_a_damaged_audio_file_is_read_or_refused_as_the_docs_say(seed: int,
                                                                  tmp_path: Path) -> None:
     problems: list[str] = []

@@ -19,7 +19,6 @@ and FUZZ_SEED0=K run N seeds from K by hand.
 from __future__ import annotations
 
 import asyncio
-import os
 from typing import Any
 
 import pytest
@@ -27,12 +26,12 @@ from websockets.asyncio.server import serve
 
 from tests.clients.conftest import Browser, Page
 from tests.clients.test_web import STATUS, page_files
+from tests.helpers.fuzz import fuzz_seeds
 from tests.helpers.page_fuzz import FuzzServer, draw_script
 
 pytestmark = [pytest.mark.timeout(180)]
 
-SEEDS = int(os.environ.get("FUZZ_SEEDS", "3"))
-SEED0 = int(os.environ.get("FUZZ_SEED0", "0"))
+SEEDS = fuzz_seeds(3)
 
 #: What the page shows: per stream, its lines in #finals (a final's text and
 #: tag chips, or a note's text); each partial line; the picker's entries.
@@ -120,7 +119,7 @@ async def test_the_page_shows_what_a_random_caption_timeline_says(browser: Brows
     found: list[str] = []
     page = await Page.open(browser, "about:blank#")
     try:
-        for seed in range(SEED0, SEED0 + SEEDS):
+        for seed in SEEDS:
             found += await run_seed(page, seed)
     finally:
         await page.close()

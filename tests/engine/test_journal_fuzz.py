@@ -8,18 +8,17 @@ hand.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.fuzz import fuzz_seeds
 from tests.helpers.journal_fuzz import check, damage, write_journal
 
-SEED0 = int(os.environ.get("FUZZ_SEED0", "0"))
-SEEDS = int(os.environ.get("FUZZ_SEEDS", "8"))
+SEEDS = fuzz_seeds(8)
 
 
-@pytest.mark.parametrize("seed", range(SEED0, SEED0 + SEEDS))
+@pytest.mark.parametrize("seed", SEEDS)
 def test_a_damaged_journal_is_read_and_written_as_the_docs_say(seed: int,
                                                               tmp_path: Path) -> None:
     written = write_journal(seed, tmp_path / "j")

@@ -10,7 +10,6 @@ and FUZZ_SEED0=K run N seeds from K by hand.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -21,16 +20,16 @@ except ImportError:  # the mqtt extra is optional
     pytest.skip("aiomqtt not installed (pip install 'evoxtral-stream[mqtt]')",
                 allow_module_level=True)
 
+from tests.helpers.fuzz import fuzz_seeds
 from tests.helpers.mqtt_chaos import check, run_chaos
 from tests.server.conftest import mosquitto_binary
 
-SEED0 = int(os.environ.get("FUZZ_SEED0", "2"))
-SEEDS = int(os.environ.get("FUZZ_SEEDS", "3"))
+SEEDS = fuzz_seeds(3, first=2)
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.mark.parametrize("seed", range(SEED0, SEED0 + SEEDS))
+@pytest.mark.parametrize("seed", SEEDS)
 async def test_the_publisher_keeps_its_promises_through_broker_chaos(
         seed: int, tmp_path: Path) -> None:
     binary = mosquitto_binary()

@@ -7,18 +7,16 @@ and FUZZ_SEED0=K run N seeds from K by hand.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
+from tests.helpers.fuzz import fuzz_seeds
 from tests.helpers.realtime_fuzz import check, run_sequence
 from tests.helpers.wire_fuzz import Clips
 from tests.speech import have_espeak
 
 pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
 
-SEED0 = int(os.environ.get("FUZZ_SEED0", "0"))
-SEEDS = int(os.environ.get("FUZZ_SEEDS", "8"))
+SEEDS = fuzz_seeds(8)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +24,7 @@ def clips() -> Clips:
     return Clips()
 
 
-@pytest.mark.parametrize("seed", range(SEED0, SEED0 + SEEDS))
+@pytest.mark.parametrize("seed", SEEDS)
 async def test_realtime_sessions_keep_the_protocol_under_random_clients(
         seed: int, clips: Clips) -> None:
     outcome = await run_sequence(seed, clips)
