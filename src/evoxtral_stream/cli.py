@@ -1468,8 +1468,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, AudioInputError, BackendUnavailable, UserError) as e:
         if args.debug:
             raise
-        for message in getattr(e, "messages", ())[:-1]:
-            _error_line(message, logs)
+        if isinstance(e, _UnreadableFiles):
+            for message in e.messages[:-1]:
+                _error_line(message, logs)
         _fail(str(e), logs)
     except KeyboardInterrupt:
         if logs.format == "json":
