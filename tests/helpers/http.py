@@ -1,16 +1,18 @@
 """Network helpers for tests: plain HTTP GETs, free ports, a TCP relay that
 can cut its connections or filter what clients send (or stall it), a
-WebSocket client that never reads."""
+WebSocket client that never reads, or reads slowly."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
 import socket
+import time
 import urllib.error
 import urllib.request
-from typing import Self
+from typing import Any, Self
 
 import numpy as np
 
@@ -51,6 +53,35 @@ def raw_ws_handshake(port: int, path: str = "/v1/captions") -> socket.socket:
         head += s.recv(1)
     assert head.startswith(b"HTTP/1.1 101")
     return s
+
+
+def read_slowly(sock: socket.socket, delay_s: float) -> tuple[list[dict[str, Any]], int | None]:
+    """A client reading ``sock`` 4 KiB every ``delay_s`` until the server's
+    close frame, which it answers; its text messages and the close code."""
+    data, i = b"", 0
+    messages: list[dict[str, Any]] = []
+    sock.settimeout(10)
+    while True:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return messages, None
+        data += chunk
+        while i + 2 <= len(data):
+            opcode, n, at = data[i] & 0x0F, data[i + 1] & 0x7F, i + 2
+            if n >= 126:
+                width = 2 if n == 126 else 8
+                if at + width > len(data):
+                    break
+                n, at = int.from_bytes(data[at:at + width], "big"), at + width
+            if at + n > len(data):
+                break
+            payload, i = data[at:at + n], at + n
+            if opcode == 0x8:
+                sock.sendall(bytes([0x88, 0x80, 0, 0, 0, 0]))  # an empty close, masked
+                sock.close()
+                return messages, int.from_bytes(payload[:2], "big")
+            messages.append(json.loads(payload))
+        time.sleep(delay_s)
 
 
 def client_text_frame(text: str) -> bytes:

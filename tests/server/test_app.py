@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,7 +20,7 @@ from evoxtral_stream.server.app import CLOSE_TIMEOUT_S, SUBSCRIBER_FLUSH_S, Capt
 from evoxtral_stream.server.protocol import encode_event
 from tests.fakes import ScriptedBackend, words_so_far
 from tests.helpers.audio import buzz, to_int16
-from tests.helpers.http import drain, http_get, raw_ws_handshake
+from tests.helpers.http import drain, http_get, raw_ws_handshake, read_slowly
 from tests.speech import have_espeak, speech_with_pauses
 
 SENTENCES = ["Good evening and welcome to the live captioning demo.",
@@ -304,35 +303,6 @@ async def test_a_subscriber_vanishing_mid_send_affects_no_one_else() -> None:
         assert server.broadcaster.subscribers == 0, "the vanished subscriber was cleaned up"
 
 
-def _read_slowly(sock: socket.socket, delay_s: float) -> tuple[list[dict[str, Any]], int | None]:
-    """A client reading ``sock`` 4 KiB every ``delay_s`` until the server's
-    close frame, which it answers; its text messages and the close code."""
-    data, i = b"", 0
-    messages: list[dict[str, Any]] = []
-    sock.settimeout(10)
-    while True:
-        chunk = sock.recv(4096)
-        if not chunk:
-            return messages, None
-        data += chunk
-        while i + 2 <= len(data):
-            opcode, n, at = data[i] & 0x0F, data[i + 1] & 0x7F, i + 2
-            if n >= 126:
-                width = 2 if n == 126 else 8
-                if at + width > len(data):
-                    break
-                n, at = int.from_bytes(data[at:at + width], "big"), at + width
-            if at + n > len(data):
-                break
-            payload, i = data[at:at + n], at + n
-            if opcode == 0x8:
-                sock.sendall(bytes([0x88, 0x80, 0, 0, 0, 0]))  # an empty close, masked
-                sock.close()
-                return messages, int.from_bytes(payload[:2], "big")
-            messages.append(json.loads(payload))
-        time.sleep(delay_s)
-
-
 async def _shutdown_with_a_slow_subscriber(
     read_delay_s: float | None, **server_kw: Any,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int | None, float]:
@@ -371,7 +341,7 @@ async def _shutdown_with_a_slow_subscriber(
             got: list[dict[str, Any]] = []
             code = None
             if read_delay_s is not None:
-                got, code = await asyncio.to_thread(_read_slowly, sock, read_delay_s)
+                got, code = await asyncio.to_thread(read_slowly, sock, read_delay_s)
             await asyncio.wait_for(closing, 30)
             took = loop.time() - t0
             if read_delay_s is None:

@@ -12,6 +12,7 @@ import base64
 import contextlib
 import dataclasses
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -40,6 +41,8 @@ from evoxtral_stream.events import (
 )
 from evoxtral_stream.server import realtime
 from evoxtral_stream.server.app import CaptionServer
+from evoxtral_stream.server.broadcast import Broadcaster
+from evoxtral_stream.server.protocol import encode_event
 from evoxtral_stream.server.realtime import (
     INPUT_RATE,
     CutSegment,
@@ -52,7 +55,13 @@ from evoxtral_stream.server.realtime import (
     server_event_to_dict,
 )
 from tests.fakes import LanguageScriptedBackend, ScriptedBackend
-from tests.helpers.http import client_text_frame, close_code_of, drain, raw_ws_handshake
+from tests.helpers.http import (
+    client_text_frame,
+    close_code_of,
+    drain,
+    raw_ws_handshake,
+    read_slowly,
+)
 from tests.speech import clipped_speech, have_espeak, speak, speech_with_pauses
 from tests.text_norm import loose_wer
 
@@ -1069,15 +1078,18 @@ async def test_a_client_too_slow_mid_output_still_gives_the_stream_its_audio() -
     """The connection stopped at the first event its full queue refused, so
     audio and cuts after that event in the same batch of outputs never
     reached the stream, though the core counted them pushed: audio lost for
-    the stream's other subscribers and its finals."""
+    the stream's other subscribers and its finals. Its queue, which will not
+    drain, no longer holds up the shutdown's flush."""
     from evoxtral_stream.server.realtime.connection import _Connection
 
     cfg = config(**{"server.subscriber_queue": 1})
+    broadcaster = Broadcaster(1, encode_event)
     async with Engine(cfg, ScriptedBackend()) as engine:
         stream = engine.open_stream("rt")
         core = new_core()
         conn = _Connection(cast(Any, SimpleNamespace(remote_address=("x", 1))), engine, core,
-                           stream, cfg.server)
+                           stream, cfg.server, broadcaster)
+        broadcaster.add_outbox(conn._queue)  # as run() does
         speech = speak(SENTENCES[0])
         outputs: list[Output] = [
             *core.receive('{"type": "nope"}'), *core.receive('{"type": "nope"}'),
@@ -1086,6 +1098,7 @@ async def test_a_client_too_slow_mid_output_still_gives_the_stream_its_audio() -
         assert conn._overflow.is_set()
         assert stream.session.stats().samples_in == len(speech)
         assert stream.session.stats().finals_requested == 1
+        assert await asyncio.wait_for(broadcaster.flush(30), 5) == 0
         await stream.close()
 
 
@@ -1329,6 +1342,88 @@ async def test_a_turn_open_at_shutdown_completes_for_a_client_still_sending(
                      "conversation.item.input_audio_transcription.completed", "error"], got
     assert got[-2]["transcript"] == "scripted words"
     assert got[-1]["error"]["code"] == "server_error"
+
+
+@pytest.mark.parametrize("read_delay_s", [0.002, None])
+async def test_a_slow_client_gets_every_completed_before_the_shutdown_closes_it(
+        read_delay_s: float | None, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """docs/protocol.md: at shutdown a session's ``completed`` events come
+    before 1001, as a ``/v1/captions`` subscriber's finals do. The server's
+    flush waited for subscribers' queues only: a session whose client read
+    slowly was closed with its last ``completed`` still in its own queue.
+    One that reads nothing any more (``read_delay_s`` None) holds the close
+    up no longer than a stalled subscriber does, and is counted as behind."""
+    from evoxtral_stream.server.realtime.connection import _Connection
+
+    sessions: list[_Connection] = []
+    init = _Connection.__init__
+
+    def recording(self: _Connection, *args: Any) -> None:
+        init(self, *args)
+        sessions.append(self)
+
+    monkeypatch.setattr(_Connection, "__init__", recording)
+    cfg = config()
+    flush_s = 2.0 if read_delay_s is not None else 0.5
+    text = "word " * 8000  # 40 kB a delta or completed: the client's buffers hold few
+    half = speak(SENTENCES[1])
+    audio = np.concatenate([speak(SENTENCES[0]), np.zeros(int(1.2 * SAMPLE_RATE), np.int16),
+                            half[: len(half) // 2]])  # a first turn, a second still open
+    speech = pcm24(audio)
+    step = INPUT_RATE * 2 // 10
+    async with Engine(cfg, ScriptedBackend(lambda a: text)) as engine:
+        server = CaptionServer(engine, cfg.server, flush_s=flush_s)
+        await server.start()
+        sock = await asyncio.to_thread(
+            raw_ws_handshake, server.port, "/v1/realtime?intent=transcription&stream=slow")
+        try:
+            async with asyncio.timeout(10):
+                while not sessions:
+                    await asyncio.sleep(0.01)
+            (session,) = sessions
+            # A slow link, as for the slow subscriber in test_app.py.
+            (conn,) = server._live
+            conn.transport.get_extra_info("socket").setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+            frames = b"".join(client_text_frame(append_msg(speech[i:i + step]))
+                              for i in range(0, len(speech), step))
+            await asyncio.to_thread(sock.sendall, frames)
+            # All of it in the stream before the drain (later audio would end
+            # the session with server_error): the resampler holds < 600 samples.
+            async with asyncio.timeout(20):
+                while session._core.received_samples < len(audio) - 1000:
+                    await asyncio.sleep(0.01)
+            assert await engine.drain()
+            assert session._queue.qsize() > 1, "nothing left in flight: the test shows nothing"
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            closing = asyncio.ensure_future(server.aclose())
+            got: list[dict[str, Any]] = []
+            code = None
+            if read_delay_s is not None:
+                got, code = await asyncio.to_thread(read_slowly, sock, read_delay_s)
+            await asyncio.wait_for(closing, 30)
+            took = loop.time() - t0
+            if read_delay_s is None:
+                await asyncio.to_thread(drain, sock)
+        finally:
+            sock.close()
+    if read_delay_s is None:
+        assert flush_s <= took < flush_s + 3 + 2
+        assert any(r.getMessage().startswith("closing: 1 subscriber(s) or realtime session(s)")
+                   for r in caplog.records), \
+            "the stalled session was not counted as behind"
+        return
+    started = [e["item_id"] for e in got if e["type"] == "input_audio_buffer.speech_started"]
+    completed = [e for e in got
+                 if e["type"] == "conversation.item.input_audio_transcription.completed"]
+    assert len(started) == 2
+    assert [e["item_id"] for e in completed] == started, [e["type"] for e in got]
+    assert all(e["transcript"] == text.strip() for e in completed)
+    assert got[-1] is completed[-1]
+    assert code == 1001
+    assert took < flush_s + 3
 
 
 @pytest.mark.parametrize("manual", [False, True])

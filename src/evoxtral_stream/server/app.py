@@ -118,8 +118,9 @@ OPENING_GRACE_S = 1.0
 #: the server's close also aborts whatever is still open a second after it.
 CLOSE_TIMEOUT_S = 2.0
 #: At close (the server's shutdown, after the engine's drain), how long
-#: subscribers get to read what is queued for them (the drained finals and
-#: ``stream.ended``) before they are closed with 1001 all the same: a stalled
+#: subscribers and realtime sessions get to read what is queued for them (the
+#: drained finals and ``stream.ended``; a session's last ``completed``) before
+#: they are closed with 1001 all the same: a stalled
 #: one must not hold the shutdown past a container's stop grace. As long as
 #: the close handshake's timeout and the MQTT publisher's ``drain_s``.
 SUBSCRIBER_FLUSH_S = 2.0
@@ -246,8 +247,8 @@ class CaptionServer:
                  flush_s: float = SUBSCRIBER_FLUSH_S) -> None:
         """``auth`` defaults to the engine's own ``[auth]`` section. ``tls_poll_s``:
         seconds between checks of the TLS files for a renewal (0: never).
-        ``flush_s``: how long the close waits for subscribers to read what is
-        queued for them (:data:`SUBSCRIBER_FLUSH_S`)."""
+        ``flush_s``: how long the close waits for subscribers and realtime
+        sessions to read what is queued for them (:data:`SUBSCRIBER_FLUSH_S`)."""
         self._engine = engine
         self._flush_s = flush_s
         self._cfg = cfg
@@ -335,11 +336,13 @@ class CaptionServer:
             await asyncio.gather(watch, return_exceptions=True)
         if self._server is not None:
             # What the engine's drain published is still queued for slow
-            # subscribers; closing now would drop it (and stream.ended).
+            # subscribers and realtime sessions (their outboxes); closing now
+            # would drop it (and stream.ended, a session's last completed).
             behind = await self.broadcaster.flush(self._flush_s)
             if behind:
-                log.warning("closing: %d subscriber(s) had not read their last events "
-                            "after %g s; closed without them", behind, self._flush_s)
+                log.warning("closing: %d subscriber(s) or realtime session(s) had not read "
+                            "their last events after %g s; closed without them", behind,
+                            self._flush_s)
             self._server.close()
             aborters = [asyncio.create_task(self._abort_opening(OPENING_GRACE_S)),
                         asyncio.create_task(self._abort_unclosed(CLOSE_TIMEOUT_S + 1))]

@@ -44,6 +44,11 @@ in this run (then its own end rules).
 The broadcaster knows which streams are live from their ``stream.started``
 and ``stream.ended`` (a set bounded by the live streams), so it must be a
 listener before any stream opens (the server adds it as it starts).
+
+Outboxes: a connection that fills its own bounded send queue (a
+``/v1/realtime`` session) registers it with :meth:`Broadcaster.add_outbox`,
+so the shutdown's :meth:`Broadcaster.flush` waits for it as for the
+subscriptions' queues.
 """
 
 from __future__ import annotations
@@ -166,6 +171,7 @@ class Broadcaster:
         # Streams started and not ended: a source's end is not theirs.
         self._live: set[str] = set()
         self._subs: set[Subscription] = set()
+        self._outboxes: set[asyncio.Queue[str]] = set()
         self.source = source
         # The last seq given under a stream id (the engine's), 0 if none: what
         # a resume from 0 of a stream with nothing retained has missed.
@@ -224,29 +230,44 @@ class Broadcaster:
     def unsubscribe(self, sub: Subscription) -> None:
         self._subs.discard(sub)
 
+    def add_outbox(self, queue: asyncio.Queue[str]) -> None:
+        """Have :meth:`flush` wait for ``queue`` too: the send queue of a
+        connection that fills it itself, whose sender calls ``task_done()``
+        after each send. The connection removes it (:meth:`remove_outbox`)
+        once it stops sending it: it ended, or fell too far behind."""
+        self._outboxes.add(queue)
+
+    def remove_outbox(self, queue: asyncio.Queue[str]) -> None:
+        self._outboxes.discard(queue)
+
     async def flush(self, timeout_s: float) -> int:
         """Wait up to ``timeout_s`` until every subscription has sent its
-        backlog and what is queued now (or is gone); the number still behind
-        then. For a shutdown: the drained finals reach subscribers before
+        backlog and what is queued now, and every outbox what is queued now
+        (or is gone); the number of both still behind then. For a shutdown:
+        the drained finals reach subscribers and realtime sessions before
         their connections close, and a stalled one holds it up no longer."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         joins = {sub: asyncio.ensure_future(sub.queue.join()) for sub in self._subs}
+        outboxes = {q: asyncio.ensure_future(q.join()) for q in self._outboxes}
         try:
             while True:
-                # A subscription gone meanwhile (its peer left) never joins.
-                behind = [(sub, j) for sub, j in joins.items()
+                # A subscription or outbox gone meanwhile (its peer left)
+                # never joins.
+                behind = [j for sub, j in joins.items()
                           if sub in self._subs and (not j.done() or sub.backlog)]
+                behind += [j for q, j in outboxes.items()
+                           if q in self._outboxes and not j.done()]
                 left = deadline - loop.time()
                 if not behind or left <= 0:
                     return len(behind)
-                waiting = [j for _, j in behind if not j.done()]
+                waiting = [j for j in behind if not j.done()]
                 if waiting:
                     await asyncio.wait(waiting, timeout=min(left, _FLUSH_POLL_S))
                 else:
                     await asyncio.sleep(min(left, _FLUSH_POLL_S))
         finally:
-            for j in joins.values():
+            for j in (*joins.values(), *outboxes.values()):
                 j.cancel()
 
     @property

@@ -4,7 +4,9 @@
 the core (:class:`~.core.RealtimeTranscription`) asks for, feeds the
 stream's engine events back to the core and sends the core's events, each
 connection behind its own bounded queue (``server.subscriber_queue``; a
-client that falls that far behind is closed at once with 1013). Audio the
+client that falls that far behind is closed at once with 1013), which the
+server's shutdown flush waits for as for a subscriber's (an outbox of the
+:class:`~evoxtral_stream.server.broadcast.Broadcaster`). Audio the
 client appends faster than ``server.max_ingest_speed`` allows (after
 ``server.ingest_burst_s``) ends the session with ``too_fast`` and 1008, as
 on ``/v1/ingest``: the model's work and the audio it holds stay bounded.
@@ -56,12 +58,13 @@ class _StreamGone(Exception):
 
 class _Connection:
     def __init__(self, ws: ServerConnection, engine: Engine, core: RealtimeTranscription,
-                 stream: Stream, cfg: ServerConfig) -> None:
+                 stream: Stream, cfg: ServerConfig, broadcaster: Broadcaster) -> None:
         self._ws = ws
         self._engine = engine
         self._core = core
         self._stream = stream
         self._queue: asyncio.Queue[str] = asyncio.Queue(cfg.subscriber_queue)
+        self._broadcaster = broadcaster
         self._speed = cfg.max_ingest_speed
         self._burst_s = cfg.ingest_burst_s
         self._overflow = asyncio.Event()
@@ -73,6 +76,9 @@ class _Connection:
     async def run(self) -> None:
         self._engine.add_listener(self._on_engine_event)
         tasks: set[asyncio.Future[Any]] = set()
+        # The finals the engine's drain gives this session reach the client
+        # before the server's shutdown closes it (within its flush).
+        self._broadcaster.add_outbox(self._queue)
         try:
             self._deliver(self._core.start())
             tasks = {asyncio.ensure_future(self._send_loop()),
@@ -81,6 +87,8 @@ class _Connection:
                      asyncio.ensure_future(self._failed.wait())}
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            # Nothing is sent from here on: no flush is to wait for it.
+            self._broadcaster.remove_outbox(self._queue)
             with contextlib.suppress(ValueError):
                 self._engine.remove_listener(self._on_engine_event)
             for t in tasks:
@@ -190,6 +198,7 @@ class _Connection:
             except asyncio.QueueFull:
                 log.warning("realtime client %s too slow; closing", self._ws.remote_address)
                 self._overflow.set()
+                self._broadcaster.remove_outbox(self._queue)  # it will not drain
         if pushed and not self._diverged:
             opened = self._stream.session.stats().segments
             if opened != self._core.segments_opened:
@@ -203,12 +212,12 @@ async def serve_realtime(ws: ServerConnection, query: dict[str, list[str]], engi
                          broadcaster: Broadcaster, cfg: ServerConfig) -> None:
     """Serve one ``/v1/realtime`` connection until the client leaves.
 
-    ``broadcaster`` is not used: this path needs typed engine events, which
-    it takes from its own engine listener. The stream is named by
+    The session's events come from its own engine listener (this path needs
+    typed engine events), not from ``broadcaster``, which holds its send
+    queue as an outbox for the server's shutdown flush. The stream is named by
     ``?stream=ID`` (the server fills in ``realtime-N`` for a client that
     names none) and is visible to ``/v1/captions``.
     """
-    del broadcaster
     core = RealtimeTranscription(engine.config.vad, model=engine.backend.name,
                                  language=engine.config.model.language,
                                  languages=engine.languages,
@@ -235,7 +244,7 @@ async def serve_realtime(ws: ServerConnection, query: dict[str, list[str]], engi
         await _refuse(ws, core.error("shutting_down", str(e), error_type="server_error"))
         return
     log.info("realtime transcription session %s on stream %s", core.session_id, stream_id)
-    await _Connection(ws, engine, core, stream, cfg).run()
+    await _Connection(ws, engine, core, stream, cfg, broadcaster).run()
 
 
 async def refuse_realtime(ws: ServerConnection, code: str, message: str) -> None:
