@@ -44,6 +44,7 @@ def test_defaults_load_and_a_user_file_overrides_only_its_keys(tmp_path: Path) -
     ({"vad.split_search_s": 30.0}, "vad.split_search_s must be"),
     # At 0 every ingest message was too fast, even at real time.
     ({"server.ingest_burst_s": 0}, "server.ingest_burst_s must be 0.5..86400.0, got 0"),
+    ({"server.shutdown_flush_s": -1}, "server.shutdown_flush_s must be 0.0..300.0, got -1"),
     ({"model.voxtral.device": "tpu"}, "model.voxtral.device must be auto, cpu, cuda or cuda:N"),
     ({"vad.nope": 1}, "unknown config key 'vad.nope'"),
     ({"model.voxtral.adapters": {"rl": "x"}}, "needs model.voxtral.merge_lora = false"),

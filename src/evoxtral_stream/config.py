@@ -241,6 +241,7 @@ class ServerConfig:
     idle_timeout_s: float = field(metadata=_range(0.0, 86400.0))
     ping_interval_s: float = field(metadata=_range(0.0, 3600.0))
     ping_timeout_s: float = field(metadata=_range(0.0, 3600.0))
+    shutdown_flush_s: float = field(metadata=_range(0.0, 300.0))
 
 
 @dataclass(frozen=True)

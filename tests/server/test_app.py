@@ -16,7 +16,7 @@ from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.events import CaptionEvent
 from evoxtral_stream.run import feed_samples
-from evoxtral_stream.server.app import CLOSE_TIMEOUT_S, SUBSCRIBER_FLUSH_S, CaptionServer
+from evoxtral_stream.server.app import CLOSE_TIMEOUT_S, CaptionServer
 from evoxtral_stream.server.protocol import encode_event
 from tests.fakes import ScriptedBackend, words_so_far
 from tests.helpers.audio import buzz, to_int16
@@ -304,7 +304,7 @@ async def test_a_subscriber_vanishing_mid_send_affects_no_one_else() -> None:
 
 
 async def _shutdown_with_a_slow_subscriber(
-    read_delay_s: float | None, **server_kw: Any,
+    read_delay_s: float | None, **overrides: object,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int | None, float]:
     """Streams whose open segments the engine's drain turns into finals
     while a subscriber reads nothing, so many of them are still in flight
@@ -312,11 +312,11 @@ async def _shutdown_with_a_slow_subscriber(
     ``read_delay_s`` (None: never again). Gives what the engine produced
     and what the subscriber got (finals and ``stream.ended``), its close
     code, and how long the server's close took."""
-    cfg = config()
+    cfg = config(**overrides)
     text = "word " * 800
     produced: list[dict[str, Any]] = []
     async with Engine(cfg, ScriptedBackend(lambda a: text)) as engine:
-        server = CaptionServer(engine, cfg.server, **server_kw)
+        server = CaptionServer(engine, cfg.server)
         await server.start()
         sock = await asyncio.to_thread(raw_ws_handshake, server.port)
         try:
@@ -364,14 +364,15 @@ async def test_a_slow_subscriber_gets_every_final_and_stream_ended_before_the_sh
     assert got == produced
     assert code == 1001
     # Read in well under the time the server waits for a subscriber's queue.
-    assert took < SUBSCRIBER_FLUSH_S + 3
+    assert took < config().server.shutdown_flush_s + 3
 
 
 async def test_a_stalled_subscriber_does_not_hold_the_shutdown_up() -> None:
     """A subscriber that stopped reading with its buffers full blocked the
     server's close frame, and the close waited for the keepalive (20 s),
     past ``docker stop``'s 10 s grace."""
-    _, _, _, took = await _shutdown_with_a_slow_subscriber(None, flush_s=0.5)
+    _, _, _, took = await _shutdown_with_a_slow_subscriber(
+        None, **{"server.shutdown_flush_s": 0.5})
     # The wait for its queue, the close handshake's 2 s and a second more,
     # then it is aborted.
     assert 0.5 <= took < 0.5 + CLOSE_TIMEOUT_S + 1 + 2

@@ -117,13 +117,6 @@ OPENING_GRACE_S = 1.0
 #: for the keepalive's ping timeout (20 s), past a container's stop grace, so
 #: the server's close also aborts whatever is still open a second after it.
 CLOSE_TIMEOUT_S = 2.0
-#: At close (the server's shutdown, after the engine's drain), how long
-#: subscribers and realtime sessions get to read what is queued for them (the
-#: drained finals and ``stream.ended``; a session's last ``completed``) before
-#: they are closed with 1001 all the same: a stalled
-#: one must not hold the shutdown past a container's stop grace. As long as
-#: the close handshake's timeout and the MQTT publisher's ``drain_s``.
-SUBSCRIBER_FLUSH_S = 2.0
 _CAPTIONS = "/v1/captions"
 _INGEST = "/v1/ingest"
 _REALTIME = "/v1/realtime"
@@ -243,14 +236,10 @@ class CaptionServer:
     """Serves the engine's events and accepts audio over WebSocket."""
 
     def __init__(self, engine: Engine, cfg: ServerConfig, auth: AuthConfig | None = None, *,
-                 tls_poll_s: float = TLS_POLL_S,
-                 flush_s: float = SUBSCRIBER_FLUSH_S) -> None:
+                 tls_poll_s: float = TLS_POLL_S) -> None:
         """``auth`` defaults to the engine's own ``[auth]`` section. ``tls_poll_s``:
-        seconds between checks of the TLS files for a renewal (0: never).
-        ``flush_s``: how long the close waits for subscribers and realtime
-        sessions to read what is queued for them (:data:`SUBSCRIBER_FLUSH_S`)."""
+        seconds between checks of the TLS files for a renewal (0: never)."""
         self._engine = engine
-        self._flush_s = flush_s
         self._cfg = cfg
         self._tls_poll_s = tls_poll_s
         self._certificate: ServerCertificate | None = None
@@ -338,11 +327,14 @@ class CaptionServer:
             # What the engine's drain published is still queued for slow
             # subscribers and realtime sessions (their outboxes); closing now
             # would drop it (and stream.ended, a session's last completed).
-            behind = await self.broadcaster.flush(self._flush_s)
+            # Bounded (server.shutdown_flush_s): a stalled one must not hold
+            # the shutdown past a container's stop grace.
+            flush_s = self._cfg.shutdown_flush_s
+            behind = await self.broadcaster.flush(flush_s)
             if behind:
                 log.warning("closing: %d subscriber(s) or realtime session(s) had not read "
-                            "their last events after %g s; closed without them", behind,
-                            self._flush_s)
+                            "their last events after %g s (server.shutdown_flush_s); "
+                            "closed without them", behind, flush_s)
             self._server.close()
             aborters = [asyncio.create_task(self._abort_opening(OPENING_GRACE_S)),
                         asyncio.create_task(self._abort_unclosed(CLOSE_TIMEOUT_S + 1))]
