@@ -243,3 +243,44 @@ def test_a_cue_without_words_is_not_left_under_the_next(text: str, style: TagSty
     cues = build_cues([final(text, 0.0, 16.0)], tags=style)
     assert all(a.end <= b.start for a, b in pairwise(cues)), cues
     assert all(c.end > c.start for c in cues), cues
+
+
+def _written(out: str) -> list[tuple[str, str]]:
+    return re.findall(r"(\d\d:\d\d:\d\d[.,]\d{3}) --> (\d\d:\d\d:\d\d[.,]\d{3})", out)
+
+
+@pytest.mark.parametrize("min_cue_s", [0.0, 5 / 6])
+def test_a_final_without_time_still_gets_a_cue_that_lasts(min_cue_s: float) -> None:
+    """WebVTT requires a cue's end after its start (SRT players drop such a
+    cue too): a zero-length final, one ending before it starts, or one that
+    the end of the audio leaves no time gets MIN_SHOWN_S (0.25 s), less only
+    where the next cue starts sooner, and at least 1 ms as written."""
+    lay = CueLayout(min_cue_s=min_cue_s)
+
+    def ends(events: list[CaptionEvent], until: float | None) -> list[tuple[str, str]]:
+        srt, vtt = to_srt(events, layout=lay, until=until), to_vtt(events, layout=lay,
+                                                                   until=until)
+        assert _written(vtt) == [(a.replace(",", "."), b.replace(",", "."))
+                                 for a, b in _written(srt)]
+        return _written(srt)
+
+    # At the end of the audio: nothing after it to overlap.
+    assert ends([final("Hi.", 2.0, 2.0)], 2.0) == [("00:00:02,000", "00:00:02,250")]
+    # Ending before it starts (a journal's or another server's final).
+    assert ends([final("Hi.", 3.0, 2.5)], 3.0) == [("00:00:03,000", "00:00:03,250")]
+    # Under 1 ms: the same as written.
+    assert ends([final("Hi.", 1.0001, 1.0003)], 1.0003) == [
+        ("00:00:01,000", "00:00:01,250")]
+    # Up to the next cue's start, when that is sooner...
+    assert ends([final("Hi.", 2.0, 2.0, 0), final("There.", 2.1, 2.1, 1)], 2.1) == [
+        ("00:00:02,000", "00:00:02,100"), ("00:00:02,100", "00:00:02,350")]
+    # ... and 1 ms when the next one starts in the same millisecond.
+    assert ends([final("Hi.", 2.0, 2.0, 0), final("There.", 2.0004, 2.0004, 1)],
+                2.0004) == [("00:00:02,000", "00:00:02,001"),
+                            ("00:00:02,000", "00:00:02,250")]
+    # In pieces as finals land, the same.
+    for vtt in (False, True):
+        writer = SubtitleWriter(vtt=vtt, layout=lay)
+        events = [final("Hi.", 2.0, 2.0, 0), final("There.", 2.1, 2.1, 1)]
+        whole = writer.header() + "".join(map(writer.add, events)) + writer.finish(2.1)
+        assert whole == (to_vtt if vtt else to_srt)(events, layout=lay, until=2.1)

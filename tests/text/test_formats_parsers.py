@@ -101,7 +101,8 @@ def _check_common(text: str, cues: list[Cue]) -> None:
         assert all("\n" not in line and "\r" not in line for line in cue.lines), cue
     starts = [_ms(c.start) for c in cues]
     assert starts == sorted(starts), "cues out of start order"
-    assert all(_ms(c.end) >= _ms(c.start) for c in cues)
+    # Both formats require a cue's end after its start.
+    assert all(_ms(c.end) > _ms(c.start) for c in cues), cues
 
 
 def _check_srt(out: str, cues: list[Cue], style: TagStyle, meant: str) -> None:

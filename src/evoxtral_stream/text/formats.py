@@ -9,7 +9,8 @@ them by segment). Each final is laid out in cues by :class:`CueLayout`, the
 usual subtitle practice: at most 42 characters a line and 2 lines a cue, a
 cue at most 7 s and at least 5/6 s on screen (extended into the silence
 after it, never over the next cue, nor past ``until``, the end of the audio,
-when the caller knows it). Lines break between words, never inside
+when the caller knows it). A cue left no time at all (a zero-length final)
+is shown for :data:`MIN_SHOWN_S`, past ``until`` if need be. Lines break between words, never inside
 a tag, and a tag stays with the word it precedes. A cue's times come from
 its words' positions in the segment, interpolated linearly over the
 segment's span (as ``TagMark.t``). A sentence end closes a cue once the cue
@@ -34,6 +35,7 @@ from ..server.protocol import caption_to_dict
 from .tags import Token, render, tokenize, word_count
 
 __all__ = [
+    "MIN_SHOWN_S",
     "Cue",
     "CueLayout",
     "SubtitleWriter",
@@ -45,6 +47,17 @@ __all__ = [
     "to_text",
     "to_vtt",
 ]
+
+
+#: How long a cue is shown when its caption gives it no time, and neither
+#: the end of the audio nor ``min_cue_s`` leaves it any (a zero-length
+#: final, one ending before it starts, or under a millisecond): WebVTT
+#: requires a cue's end after its start, and SRT players skip such a cue.
+#: Dropping it would lose its words. A quarter second is several frames of
+#: any video, and a browser updates the cues it shows at least that often
+#: (``timeupdate``, every 15 to 250 ms), so players show it. Less when the
+#: next cue starts sooner (it ends there), but never under 1 ms as written.
+MIN_SHOWN_S = 0.25
 
 
 class TagStyle(enum.Enum):
@@ -230,7 +243,8 @@ def build_cues(events: Iterable[CaptionEvent], *, tags: TagStyle = TagStyle.INLI
                until: float | None = None) -> list[Cue]:
     """The cues of the final events (see module doc); ``vtt`` escapes the
     text for WebVTT. ``until`` is where the audio ends: no cue is stretched
-    past it to its minimum length (a caption's own end is kept)."""
+    past it to its minimum length (a caption's own end is kept, and a cue
+    it would leave no time gets :data:`MIN_SHOWN_S`)."""
     lay = layout or CueLayout()
     cues: list[Cue] = []
     for event in events:
@@ -301,13 +315,27 @@ class SubtitleWriter:
 
 
 def _cue_end(cue: Cue, nxt: float | None, layout: CueLayout, until: float | None) -> float:
-    """Where ``cue`` ends (:func:`build_cues`), the next cue starting at ``nxt``."""
+    """Where ``cue`` ends (:func:`build_cues`), the next cue starting at ``nxt``.
+
+    Written, the end is always after the start (:data:`MIN_SHOWN_S`)."""
     end = max(cue.end, cue.start + layout.min_cue_s)
     if until is not None:
         end = min(end, max(cue.end, until))
     if nxt is not None and nxt > cue.start:
         end = min(end, nxt)
-    return max(end, cue.start)
+    if _ms(end) <= _ms(cue.start):
+        # Not on ``until``: a cue past the end of the audio still shows on
+        # its last frame, and the writer's pieces then need no ``until``.
+        end = cue.start + MIN_SHOWN_S
+        if nxt is not None and nxt > cue.start:
+            end = min(end, nxt)
+        end = max(end, (_ms(cue.start) + 1) / 1000)
+    return end
+
+
+def _ms(seconds: float) -> int:
+    """``seconds`` in whole milliseconds, as :func:`format_timestamp` writes them."""
+    return max(0, round(seconds * 1000))
 
 
 def _srt_block(number: int, cue: Cue) -> str:
@@ -322,7 +350,7 @@ def _vtt_block(cue: Cue) -> str:
 
 def format_timestamp(seconds: float, sep: str = ",") -> str:
     """``HH:MM:SS,mmm`` (SRT) or, with ``sep="."``, ``HH:MM:SS.mmm`` (WebVTT)."""
-    ms = max(0, round(seconds * 1000))
+    ms = _ms(seconds)
     h, rem = divmod(ms, 3_600_000)
     m, rem = divmod(rem, 60_000)
     s, ms = divmod(rem, 1000)
