@@ -218,9 +218,10 @@ def test_subtitles_written_as_finals_land_are_the_whole_file_s(
         case: tuple[list[CaptionEvent], float | None], min_cue_s: float, max_cue_s: float,
         vtt: bool) -> None:
     """SubtitleWriter's pieces, appended as each final lands, make exactly
-    to_srt/to_vtt of all the finals (transcribe writes its subtitles so),
-    and every cue but the last is out before the end once a final ends
-    past its minimum length."""
+    to_srt/to_vtt of all the finals (transcribe writes its subtitles so)
+    when they come in the merger's order, and every cue but the last is out
+    before the end once a final ends past its minimum length. Finals that
+    overlap give the same cues, still in start order and numbered so."""
     events, until = case
     layout = CueLayout(min_cue_s=min_cue_s, max_cue_s=max_cue_s)
     writer = SubtitleWriter(vtt=vtt, layout=layout)
@@ -228,6 +229,18 @@ def test_subtitles_written_as_finals_land_are_the_whole_file_s(
     before_end = "".join(pieces)
     whole = before_end + writer.finish(until)
     expected = (to_vtt if vtt else to_srt)(events, layout=layout, until=until)
+    shown = [e for e in events if e.text]
+    if not all(b.start >= max(a.start, a.end) for a, b in pairwise(shown)):
+        blocks, want = (out.removeprefix("WEBVTT\n").strip("\n").split("\n\n")
+                        for out in (whole, expected))
+        starts = [start for start, _ in _written(whole)]
+        assert starts == sorted(starts)
+        assert sorted(b.split("\n", 1 if vtt else 2)[-1] for b in blocks) == sorted(
+            b.split("\n", 1 if vtt else 2)[-1] for b in want)
+        if not vtt:
+            assert [b.split("\n")[0] for b in blocks] == [
+                str(i) for i in range(1, len(blocks) + 1)]
+        return
     assert whole == expected
     cues = build_cues(events, layout=layout, until=until)
     if cues and all(nxt.start > cue.start for cue, nxt in pairwise(cues)):
@@ -284,3 +297,39 @@ def test_a_final_without_time_still_gets_a_cue_that_lasts(min_cue_s: float) -> N
         events = [final("Hi.", 2.0, 2.0, 0), final("There.", 2.1, 2.1, 1)]
         whole = writer.header() + "".join(map(writer.add, events)) + writer.finish(2.1)
         assert whole == (to_vtt if vtt else to_srt)(events, layout=lay, until=2.1)
+
+
+def test_overlapping_finals_make_cues_in_start_order() -> None:
+    """Finals that overlap (from a journal or another server; the merger
+    never makes them) still give cues in start order, as WebVTT requires
+    and SRT players expect, equal starts in the order given, SRT numbered
+    as written; no cue runs over the next one, and every word is kept."""
+    events = [final("One two three four five six seven eight nine ten eleven twelve "
+                    "thirteen fourteen fifteen sixteen.", 10.0, 20.0, 0),
+              final("Early.", 4.0, 5.0, 1), final("Middle.", 12.0, 13.0, 2),
+              final("Same start.", 4.0, 4.5, 3)]
+    for vtt in (False, True):
+        out = (to_vtt if vtt else to_srt)(events)
+        times = [(float(a[6:].replace(",", ".")), float(b[6:].replace(",", ".")))
+                 for a, b in _written(out)]
+        assert [a for a, _ in times] == sorted(a for a, _ in times)
+        assert all(e1 <= s2 for (s1, e1), (s2, _) in pairwise(times) if s2 > s1)
+        blocks = out.removeprefix("WEBVTT\n").strip("\n").split("\n\n")
+        texts = [" ".join(b.split("\n")[1 if vtt else 2:]) for b in blocks]
+        assert texts[:2] == ["Early.", "Same start."]
+        assert "Middle." in texts and texts.index("Middle.") not in (2, len(texts) - 1)
+        assert sorted(" ".join(texts).split()) == sorted(
+            " ".join(e.text for e in events).split())
+        if not vtt:
+            assert [b.split("\n")[0] for b in blocks] == [
+                str(i) for i in range(1, len(blocks) + 1)]
+    # Written as they land, a cue cannot go before one given out already:
+    # the early finals' cues start where the last one given out did.
+    writer = SubtitleWriter()
+    out = writer.header() + "".join(map(writer.add, events)) + writer.finish()
+    starts = [a for a, _ in _written(out)]
+    assert starts == sorted(starts)
+    assert [(b.split("\n")[1][6:12], b.split("\n", 2)[2].split()[0])
+            for b in out.strip("\n").split("\n\n")] == [
+        ("10,000", "One"), ("10,000", "Early."), ("12,000", "Middle."),
+        ("12,000", "Same"), ("16,875", "twelve")]

@@ -4,17 +4,20 @@ Pure: every function returns a string; writing it is the caller's job.
 :class:`SubtitleWriter` gives an SRT or WebVTT file in pieces, as finals
 land, that add up to the same text.
 
-SRT and WebVTT use the *final* events only, in the order given (callers sort
-them by segment). Each final is laid out in cues by :class:`CueLayout`, the
-usual subtitle practice: at most 42 characters a line and 2 lines a cue, a
-cue at most 7 s and at least 5/6 s on screen (extended into the silence
-after it, never over the next cue, nor past ``until``, the end of the audio,
-when the caller knows it). A cue left no time at all (a zero-length final)
-is shown for :data:`MIN_SHOWN_S`, past ``until`` if need be. Lines break between words, never inside
-a tag, and a tag stays with the word it precedes. A cue's times come from
-its words' positions in the segment, interpolated linearly over the
-segment's span (as ``TagMark.t``). A sentence end closes a cue once the cue
-holds a full line.
+SRT and WebVTT use the *final* events only. Their cues go in start order,
+as WebVTT requires and SRT players expect (finals that overlap, from a
+journal or another server, interleave; equal starts keep the order given,
+which callers make the segments'), SRT numbered as written. Each final is
+laid out in cues by :class:`CueLayout`, the usual subtitle practice: at
+most 42 characters a line and 2 lines a cue, a cue at most 7 s and at least
+5/6 s on screen (extended into the silence after it, never over the next
+cue, nor past ``until``, the end of the audio, when the caller knows it).
+A cue left no time at all (a zero-length final) is shown for
+:data:`MIN_SHOWN_S`, past ``until`` if need be. Lines break between words,
+never inside a tag, and a tag stays with the word it precedes. A cue's
+times come from its words' positions in the segment, interpolated linearly
+over the segment's span (as ``TagMark.t``). A sentence end closes a cue
+once the cue holds a full line.
 
 Tags (:class:`TagStyle`): kept inline as written (``[laughs]``, what a TTS
 voice wants), stripped (plain captions), or, in WebVTT only, wrapped in
@@ -250,6 +253,7 @@ def build_cues(events: Iterable[CaptionEvent], *, tags: TagStyle = TagStyle.INLI
     for event in events:
         if event.final and event.text:
             cues.extend(_event_cues(event, tags, lay, vtt))
+    cues.sort(key=_start)  # stable: equal starts in the order given
     return [Cue(cue.start, _cue_end(cue, cues[i + 1].start if i + 1 < len(cues) else None,
                                     lay, until), cue.lines)
             for i, cue in enumerate(cues)]
@@ -259,13 +263,17 @@ class SubtitleWriter:
     """SRT or WebVTT text of one stream's finals as they land, in pieces to
     append to a file: :meth:`header`, then what each :meth:`add` returns,
     then :meth:`finish`'s. Together they are exactly :func:`to_srt` (or
-    :func:`to_vtt`) of those finals, given in segment order (the merger's
-    order) with ``until``. A cue is given out only once nothing can change
-    it: its end waits for the next cue's start, and for the audio to have
-    passed where ``until`` could clamp it (``until`` is at least the end of
-    the latest final, whose audio has been heard). Normally only the last
-    cue is held; one that starts where the cue after it does waits for a
-    final that ends past its minimum length. Pure: the caller writes."""
+    :func:`to_vtt`) of those finals, given in segment order with ``until``,
+    when none starts before the one before it ends (the merger's order).
+    A final that does (overlapping ones) cannot put its cues before those
+    given out already: the file stays in start order, each of its cues
+    starting no earlier than the last cue given out. A cue is given out
+    only once nothing can change it: its end waits for the next cue's
+    start, and for the audio to have passed where ``until`` could clamp it
+    (``until`` is at least the end of the latest final, whose audio has
+    been heard). Normally only the last cue is held; one that starts where
+    the cue after it does waits for a final that ends past its minimum
+    length. Pure: the caller writes."""
 
     def __init__(self, *, vtt: bool = False, tags: TagStyle = TagStyle.INLINE,
                  layout: CueLayout | None = None) -> None:
@@ -276,6 +284,8 @@ class SubtitleWriter:
         self._layout = layout or CueLayout()
         self._held: list[Cue] = []
         self._written = 0
+        self._given: float | None = None
+        """The start of the last cue given out."""
 
     def header(self) -> str:
         return "WEBVTT\n" if self._vtt else ""
@@ -284,7 +294,12 @@ class SubtitleWriter:
         """The cues that ``event`` (a final; others are ignored) settled."""
         if not (event.final and event.text):
             return ""
-        self._held += _event_cues(event, self._tags, self._layout, self._vtt)
+        new = _event_cues(event, self._tags, self._layout, self._vtt)
+        if self._given is not None:
+            given = self._given
+            new = [c if c.start >= given else Cue(given, max(c.end, given), c.lines)
+                   for c in new]
+        self._held = sorted([*self._held, *new], key=_start)
         done: list[Cue] = []
         while len(self._held) > 1:
             cue = self._held[0]
@@ -307,11 +322,16 @@ class SubtitleWriter:
         parts: list[str] = []
         for cue in cues:
             self._written += 1
+            self._given = cue.start
             if self._vtt:
                 parts.append("\n" + _vtt_block(cue))
             else:
                 parts.append(("\n" if self._written > 1 else "") + _srt_block(self._written, cue))
         return "".join(parts)
+
+
+def _start(cue: Cue) -> float:
+    return cue.start
 
 
 def _cue_end(cue: Cue, nxt: float | None, layout: CueLayout, until: float | None) -> float:
