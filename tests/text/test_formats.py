@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from html.parser import HTMLParser
 from itertools import pairwise
 
 import pytest
@@ -333,3 +334,40 @@ def test_overlapping_finals_make_cues_in_start_order() -> None:
             for b in out.strip("\n").split("\n\n")] == [
         ("10,000", "One"), ("10,000", "Early."), ("12,000", "Middle."),
         ("12,000", "Same"), ("16,875", "twelve")]
+
+
+class _HtmlText(HTMLParser):
+    """What a player that reads SRT text as HTML (ExoPlayer, VLC) takes
+    for text: tags dropped, entities decoded."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.text = ""
+
+    def handle_data(self, data: str) -> None:
+        self.text += data
+
+
+def test_srt_text_cannot_be_taken_for_markup() -> None:
+    """SRT has no escapes, and players read HTML-like tags (<b>, <i>, <u>,
+    <font>), ASS override blocks ({\\an8}, libass hides any {...}), ASS
+    line breaks and hard spaces (\\N, \\n, \\h) and HTML entities: a
+    model's literal ones are written with look-alikes or a word joiner
+    (U+2060, invisible), so they read the same; our own [tags] stay."""
+    text = ("[laughs] <b>bold</b> <i>it</i> <font color=red>red</font> {\\an8}top "
+            "{Y:i} {x} C:\\Notes \\h R&D &amp; &#60; a -> b [a & <b>]")
+    for style in (TagStyle.INLINE, TagStyle.STRIP):
+        srt = to_srt([final(text, 0.0, 1.0)], layout=CueLayout(max_line_chars=200),
+                     tags=style)
+        line = srt.split("\n", 2)[2].rstrip("\n")
+        want = ("‹b›bold‹/b› ‹i›it‹/i› ‹font color=red›red‹/font› ❴\\an8❵top ❴Y:i❵ ❴x❵ "
+                "C:\\\u2060Notes \\\u2060h R&D &\u2060amp; &\u2060#60; a -› b")
+        assert line == (f"[laughs] {want} [a & ‹b›]" if style is TagStyle.INLINE
+                        else want)
+        parser = _HtmlText()
+        parser.feed(line)
+        parser.close()
+        assert parser.text == line
+        assert not re.search(r"[<>{}]|\\[Nnh]", line)
+    # WebVTT has its escapes.
+    assert "&lt;b&gt;bold&lt;/b&gt; " in to_vtt([final(text)])

@@ -11,6 +11,7 @@ import random
 import re
 import unicodedata
 from datetime import timedelta
+from html.parser import HTMLParser
 
 import pytest
 import srt
@@ -114,9 +115,36 @@ def _check_common(text: str, cues: list[Cue]) -> None:
     assert all(_ms(c.end) > _ms(c.start) for c in cues), cues
 
 
+def _srt_shown(text: str) -> str:
+    """``text`` as SRT writes it, so players show it as written: markup
+    characters as look-alikes, a word joiner where an ASS escape or an HTML
+    entity would start."""
+    text = text.translate(str.maketrans("<>{}", "‹›❴❵"))
+    text = re.sub(r"\\(?=[Nnh])", "\\\u2060", text)
+    return re.sub(r"&(?=#|[A-Za-z][A-Za-z0-9]*;)", "&\u2060", text)
+
+
+class _HtmlText(HTMLParser):
+    """The text an HTML-reading player (ExoPlayer) shows."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.text = ""
+
+    def handle_data(self, data: str) -> None:
+        self.text += data
+
+
 def _check_srt(out: str, cues: list[Cue], style: TagStyle, meant: str,
                overlap: bool) -> None:
     _check_common(out, cues)
+    for cue in cues:
+        for line in cue.lines:
+            assert not re.search(r"[<>{}]|\\[Nnh]|&(?:#|[A-Za-z][A-Za-z0-9]*;)", line), line
+            reader = _HtmlText()
+            reader.feed(line)
+            reader.close()
+            assert reader.text == line
     parsed = list(srt.parse(out, ignore_errors=False))
     assert [(s.index, s.start, s.end, s.content) for s in parsed] == [
         (i, timedelta(milliseconds=_ms(c.start)), timedelta(milliseconds=_ms(c.end)),
@@ -125,7 +153,8 @@ def _check_srt(out: str, cues: list[Cue], style: TagStyle, meant: str,
         lines = block.strip("\n").split("\n")
         assert re.fullmatch(r"\d+", lines[0])
         assert re.fullmatch(r"\d{2,}:\d\d:\d\d,\d{3} --> \d{2,}:\d\d:\d\d,\d{3}", lines[1])
-    assert _shows(" ".join(line for c in cues for line in c.lines), meant, overlap)
+    assert _shows(" ".join(line for c in cues for line in c.lines), _srt_shown(meant),
+                  overlap)
     if style is TagStyle.STRIP:
         assert not any(t.is_tag for c in cues for line in c.lines for t in tokenize(line))
 

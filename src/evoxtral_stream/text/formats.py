@@ -23,6 +23,10 @@ Tags (:class:`TagStyle`): kept inline as written (``[laughs]``, what a TTS
 voice wants), stripped (plain captions), or, in WebVTT only, wrapped in
 class spans ``<c.tag.non-verbal.laughs>[laughs]</c>`` so a player's style
 sheet can colour or hide them (``::cue(.tag) { visibility: hidden }``).
+
+Text shows as written: WebVTT escapes ``&``, ``<`` and ``>``; SRT, which has
+no escapes, gets look-alikes for what players take for markup
+(:func:`_escape_srt`: ``<b>`` is written ``‹b›``, ``{\\an8}`` ``❴\\an8❵``).
 """
 
 from __future__ import annotations
@@ -111,6 +115,21 @@ def _escape_vtt(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
+# SRT has no escapes, yet players read markup in it: HTML-like tags (<b>,
+# <i>, <u>, <font>; ExoPlayer and VLC any HTML), ASS override blocks
+# ({\an8}; libass, behind mpv and ffmpeg, hides any {...}), ASS line breaks
+# and hard spaces (\N, \n, \h), and HTML entities (&amp;).
+_SRT_LOOKALIKES = str.maketrans("<>{}", "\u2039\u203a\u2774\u2775")
+_SRT_SEQUENCES = re.compile(r"(?<=\\)(?=[Nnh])|(?<=&)(?=#|[A-Za-z][A-Za-z0-9]*;)")
+
+
+def _escape_srt(text: str) -> str:
+    """``text`` that SRT players show as written: ``<>{}`` as the look-alikes
+    ``‹›❴❵``, and a word joiner (U+2060, invisible) after a backslash or an
+    ``&`` that would start an ASS escape or an HTML entity."""
+    return _SRT_SEQUENCES.sub("\u2060", text.translate(_SRT_LOOKALIKES))
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^0-9a-z]+", "-", name.casefold()).strip("-")
 
@@ -119,10 +138,10 @@ def _chunk_markup(chunk: Sequence[Token], style: TagStyle, vtt: bool) -> tuple[s
     """(markup, visible text) of tokens written without spaces between."""
     if style is TagStyle.STRIP:
         text = render(chunk, tags=False)
-        return (_escape_vtt(text) if vtt else text), text
+        return _escape_vtt(text) if vtt else _escape_srt(text), text
     visible = render(chunk)
     if style is TagStyle.INLINE:
-        return (_escape_vtt(visible) if vtt else visible), visible
+        return _escape_vtt(visible) if vtt else _escape_srt(visible), visible
     parts: list[str] = []
     for tok in chunk:
         if tok.is_tag and tok.tag_kind is not None:
