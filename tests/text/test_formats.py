@@ -371,3 +371,24 @@ def test_srt_text_cannot_be_taken_for_markup() -> None:
         assert not re.search(r"[<>{}]|\\[Nnh]", line)
     # WebVTT has its escapes.
     assert "&lt;b&gt;bold&lt;/b&gt; " in to_vtt([final(text)])
+
+
+def test_lines_are_measured_in_display_columns() -> None:
+    """A wide (CJK, fullwidth) character takes two columns of a line, a
+    combining mark or a zero-width character none."""
+    lay = CueLayout(max_line_chars=10)
+    cues = build_cues([final("東京 大阪 名古屋 札幌", 0.0, 4.0)], layout=lay)
+    assert [c.lines for c in cues] == [("東京 大阪", "名古屋"), ("札幌",)]
+    cues = build_cues([final("ＡＢ ＣＤ ＥＦ", 0.0, 4.0)], layout=lay)
+    assert [c.lines for c in cues] == [("ＡＢ ＣＤ", "ＥＦ")]
+    # "été" with combining accents (5 code points, 3 columns), and words
+    # joined by zero-width characters.
+    ete = "e\u0301te\u0301"
+    lay = CueLayout(max_line_chars=11)
+    assert build_cues([final(f"{ete} {ete} {ete}", 0.0, 4.0)], layout=lay)[0].lines == (
+        f"{ete} {ete} {ete}",)
+    joined = "zero\u200bwidth\u2060x"
+    assert build_cues([final(f"{joined} ok", 0.0, 4.0)], layout=lay)[0].lines == (
+        f"{joined}", "ok")
+    assert build_cues([final(f"{joined} ok", 0.0, 4.0)],
+                      layout=CueLayout(max_line_chars=13))[0].lines == (f"{joined} ok",)

@@ -9,8 +9,9 @@ as WebVTT requires and SRT players expect (finals that overlap, from a
 journal or another server, interleave; equal starts keep the order given,
 which callers make the segments'), SRT numbered as written. Each final is
 laid out in cues by :class:`CueLayout`, the usual subtitle practice: at
-most 42 characters a line and 2 lines a cue, a cue at most 7 s and at least
-5/6 s on screen (extended into the silence after it, never over the next
+most 42 columns a line (:func:`_width`: a CJK character takes 2, a
+combining mark none) and 2 lines a cue, a cue at most 7 s and at least 5/6
+s on screen (extended into the silence after it, never over the next
 cue, nor past ``until``, the end of the audio, when the caller knows it).
 A cue left no time at all (a zero-length final) is shown for
 :data:`MIN_SHOWN_S`, past ``until`` if need be. Lines break between words,
@@ -34,6 +35,7 @@ from __future__ import annotations
 import enum
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -75,7 +77,8 @@ class TagStyle(enum.Enum):
 
 @dataclass(frozen=True)
 class CueLayout:
-    """Line and duration limits of caption cues."""
+    """Line and duration limits of caption cues; ``max_line_chars`` counts
+    display columns (:func:`_width`)."""
 
     max_line_chars: int = 42
     max_lines: int = 2
@@ -128,6 +131,19 @@ def _escape_srt(text: str) -> str:
     ``‹›❴❵``, and a word joiner (U+2060, invisible) after a backslash or an
     ``&`` that would start an ASS escape or an HTML entity."""
     return _SRT_SEQUENCES.sub("\u2060", text.translate(_SRT_LOOKALIKES))
+
+
+def _width(text: str) -> int:
+    """Columns ``text`` takes on a line: 2 for a wide or fullwidth (East
+    Asian) character, 0 for a combining mark, a format character (zero-width
+    space and joiners, bidi marks) or other nonspacing mark, 1 for the rest.
+    An emoji sequence (skin tone, ZWJ family) counts each of its parts."""
+    n = 0
+    for c in text:
+        if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me", "Cf"):
+            continue
+        n += 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
+    return n
 
 
 def _slug(name: str) -> str:
@@ -195,7 +211,7 @@ def _units(tokens: Sequence[Token], style: TagStyle, vtt: bool) -> list[_Unit]:
             continue
         n = word_count(c)
         last = [t for t in c if not t.is_tag]
-        units.append(_Unit(markup, len(visible), w, w + n,
+        units.append(_Unit(markup, _width(visible), w, w + n,
                            bool(last) and last[-1].ends_sentence))
         w += n
     return units
