@@ -393,9 +393,15 @@ def test_a_line_cut_short_by_a_crash_is_skipped_with_a_warning(
     assert "damaged line" in caplog.text
     restarted.append(caption("s", 3))             # starts on a line of its own
     restarted.close()
+    replay = restarted.replay("s", 2)
+    assert replay is not None
+    assert [r.seq for r in replay.records] == [3] and replay.covered_from == 3
+    # The cut line may have been a final sent (fsync = "interval" loses the
+    # rest of it in a power cut): a resume from before it gets a gap, which
+    # covers the finals before it too (one gap, first).
     replay = restarted.replay("s", 0)
     assert replay is not None
-    assert [r.seq for r in replay.records] == [1, 2, 3]
+    assert [r.seq for r in replay.records] == [3] and replay.covered_from == 3
 
 
 def test_seq_reservations_count_on_restore_and_are_never_replayed(
@@ -1627,3 +1633,45 @@ def test_a_file_missing_between_kept_ones_is_announced_as_a_gap(
     backlog = [json.loads(m) for m in b.subscribe(since={"s": 1}).backlog]
     assert backlog[0] == {"type": "gap", "stream": "s", "from": 2, "to": after[0] - 1}
     assert [m["seq"] for m in backlog[1:]] == after
+
+
+def test_a_zeroed_block_in_a_rotated_file_is_announced_as_a_gap(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Found by the journal fuzz, once it checked lines damaged in place: a
+    block of a rotated file zeroed (a disk, a crash of the file system) lost
+    its finals from a resume with a "damaged line" warning but no gap. A
+    damaged line may have held finals, so now a resume reaching before it
+    gets a gap up to the first final after it, as for a missing file (one
+    gap, first: the finals before the damage are in it too)."""
+    cfg = config(tmp_path, **{"journal.max_bytes": 1024, "journal.keep": 100}).journal
+    journal = Journal(cfg)
+    journal.restore()
+    for seq in range(1, 13):
+        journal.append(caption("s", seq, text="word " * 20))
+    journal.close()
+    files = files_of(tmp_path, "s")
+    assert len(files) >= 4
+    old = sorted((tmp_path / "j").glob(f"s.{files[1][0].index:08d}.*.jsonl"))[0]
+    data = old.read_bytes()
+    first_line = data.index(b"\n") + 1
+    zeroed = files[1][1][1]                         # the file's second final, zeroed
+    end = data.index(b"\n", first_line)             # its newline stays
+    old.write_bytes(data[:first_line] + b"\0" * (end - first_line) + data[end:])
+    after = [seq for _, seqs in files[2:] for seq in seqs]
+    with caplog.at_level(logging.WARNING):
+        b = Broadcaster(16, encode_event, history=100, source=Journal(cfg))
+        backlog = [json.loads(m) for m in b.subscribe(since={"s": 0}).backlog]
+    assert "damaged line" in caplog.text
+    gaps = [(m["from"], m["to"]) for m in backlog if m["type"] == "gap"]
+    sent = [m["seq"] for m in backlog if m["type"] == "caption"]
+    assert zeroed not in sent
+    assert backlog[0]["type"] == "gap" and gaps == [(1, after[0] - 1)]
+    assert sent == after
+    # A resume from just before the damage gets the gap alone for it.
+    since = files[1][1][0]
+    backlog = [json.loads(m) for m in b.subscribe(since={"s": since}).backlog]
+    assert backlog[0] == {"type": "gap", "stream": "s", "from": since + 1, "to": after[0] - 1}
+    assert [m["seq"] for m in backlog[1:]] == after
+    # One from after it replays all after it, without a gap.
+    backlog = [json.loads(m) for m in b.subscribe(since={"s": after[0]}).backlog]
+    assert [m["seq"] for m in backlog] == after[1:]

@@ -18,7 +18,10 @@ directory where a file is expected, add foreign files.
 and the ``subtitles`` command, never raise; each final whose line survived
 intact is given exactly once, in order, nothing is invented; finals of a
 file that is gone or cannot be read are announced by a ``gap``; warnings
-stay about one per damaged thing; and a writer started on the damaged folder
+stay about one per damaged thing; finals whose lines a zeroed block hit,
+older than a final left whole, are announced by a ``gap`` too (and a
+resume replays the intact finals after the newest damaged line, unless a
+gap is due); and a writer started on the damaged folder
 journals new finals after every seq the folder holds. It returns the
 problems found (empty: none), each naming the stream, so a failing seed can
 be read and rerun.
@@ -47,6 +50,7 @@ from evoxtral_stream.engine.journal import (
     PRUNED_FILE,
     Journal,
     Replay,
+    decode_line,
     encode_record,
     parse_file_name,
 )
@@ -96,6 +100,10 @@ class Damage:
     permission): documented to make a resume a gap for all it would have
     replayed, a server refuse to start on the folder, and ``subtitles`` stop,
     each with one line naming the file."""
+    zeroed: dict[str, dict[str, set[int]]] = field(default_factory=dict)
+    """Each stream's finals whose lines a zeroed block hit, by file (the
+    file's later truncation or emptying forgets them: lines cut off at a
+    line's end leave no trace to tell)."""
 
 
 def _caption(rng: random.Random, stream: str, segment: int, seq: int, t: float) -> CaptionEvent:
@@ -305,8 +313,14 @@ def damage(seed: int, w: Written) -> Damage:
         elif kind == "zero":
             at = rng.randrange(len(data) + 1)
             n = rng.randint(1, 200)
-            path.write_bytes(data[:at] + b"\x00" * len(data[at:at + n]) + data[at + n:])
+            new_data = data[:at] + b"\x00" * len(data[at:at + n]) + data[at + n:]
+            path.write_bytes(new_data)
             d.acts.append(f"{path.name}: zeroed {n} bytes at {at}")
+            # The finals whose lines were whole before and are not now (a
+            # zeroed newline joins two lines: both are hit).
+            gone = set(data.split(b"\n")) - set(new_data.split(b"\n"))
+            hit = {seq for seq, line in w.lines[stream] if line.encode() in gone}
+            d.zeroed.setdefault(stream, {}).setdefault(path.name, set()).update(hit)
         elif kind == "delete":
             path.unlink()
             d.acts.append(f"{path.name} deleted")
@@ -331,6 +345,8 @@ def damage(seed: int, w: Written) -> Damage:
             d.acts.append(f"a folder in place of {path.name}")
         else:
             continue
+        if kind in ("truncate", "empty"):
+            d.zeroed.get(stream, {}).pop(path.name, None)
         if kind in ("unreadable", "folder"):
             d.unreadable.add(stream)
         if kind in ("delete", "rename", "unreadable", "folder"):
@@ -370,8 +386,11 @@ class _Survivors:
     """The seqs of finals in its files gone whole (deleted, renamed, a
     folder in their place, unreadable)."""
     newer: set[int]
-    """The kept finals in files newer than any gone whole: a replay from
-    before them gives them all (within ``server.history``)."""
+    """The kept finals in files newer than any gone whole and after every
+    damaged line followed by a kept final: a replay from before them gives
+    them all (within ``server.history``)."""
+    zeroed: set[int]
+    """The seqs of finals whose lines a zeroed block hit."""
     any_file: bool
     """Whether a readable journal file of the stream is left."""
 
@@ -383,6 +402,7 @@ def _intact(w: Written, d: Damage, stream: str) -> _Survivors:
     kept: dict[int, str] = {}
     newer: set[int] = set()
     any_file = False
+    damaged = False     # a damaged line since the last kept final
     for path in _files_of(w.folder, stream):
         try:
             raw = path.read_bytes()
@@ -395,19 +415,31 @@ def _intact(w: Written, d: Damage, stream: str) -> _Survivors:
             try:
                 text = piece.decode()
             except UnicodeDecodeError:
+                text = None
+            whole = [(seq, line) for seq, line in w.lines[stream] if line == text]
+            if not whole:
+                # A line that is no record (decode_line, as the journal reads
+                # it): the kept finals before it may be in a gap, once a
+                # kept final follows it.
+                damaged = damaged or (bool(piece.strip()) and (
+                    text is None or decode_line(text) is None))
                 continue
-            for seq, line in w.lines[stream]:
-                if line == text:
-                    kept[seq] = line
-                    if info.index > lost_top:
-                        newer.add(seq)
+            if damaged:
+                newer.clear()
+                damaged = False
+            for seq, line in whole:
+                kept[seq] = line
+                if info.index > lost_top:
+                    newer.add(seq)
     lost: set[int] = set()
     for name in d.files_lost.get(stream, ()):
         for line in d.before[stream].get(name, []):
             for seq, text in written.items():
                 if text == line and seq not in kept:
                     lost.add(seq)
-    return _Survivors(kept, lost, newer, any_file)
+    zeroed = {seq for seqs in d.zeroed.get(stream, {}).values() for seq in seqs
+              if seq not in kept}
+    return _Survivors(kept, lost, newer, zeroed, any_file)
 
 
 def check(seed: int, w: Written, d: Damage) -> list[str]:
@@ -498,6 +530,11 @@ def _check_backlog(backlog: list[str], since: int, history: int, survivors: _Sur
                     and (s < newest or (since > 0 and not survivors.any_file)))
     if silent:
         problems.append(f"finals {silent} of files gone whole are not announced "
+                        f"(gaps {gaps}, captions {captions})")
+    # A zeroed line before a final left whole: the reader saw the damage.
+    hit = sorted(s for s in survivors.zeroed if since < s < newest and not in_gap(s))
+    if hit:
+        problems.append(f"finals {hit} of zeroed lines are not announced "
                         f"(gaps {gaps}, captions {captions})")
     return problems
 

@@ -80,8 +80,12 @@ hence no queue that could overflow and lose finals.
 
 Crash safety: a line cut short by a crash is skipped with a warning when
 read, and before appending to such a file a newline is written so the next
-record starts on its own line. A file left empty by a crash is appended to
-as any other (its start is in its name).
+record starts on its own line. Such a line, like any damaged one (a zeroed
+block), may have held finals a subscriber got (under ``fsync = "interval"``
+a power cut loses the rest of it): with a final after it, a replay covers
+from that final only (:attr:`Replay.covered_from`), so a resume from before
+it gets a gap, as for a missing file. A file left empty by a crash is
+appended to as any other (its start is in its name).
 
 Lifetime: a stream's file stays open only while the stream is live
 (:meth:`Journal.end` closes it when the stream ends), so open files are
@@ -259,12 +263,13 @@ class Replay:
     missing between kept ones counts its finals and those before it as
     deleted), else the seq of the oldest final kept (with no final kept,
     one past the oldest reservation kept: finals before it went with the
-    deleted files); past a limit, the seq of the oldest record replayed
-    (with none, one past the newest left
-    out). Before it, finals may be missing (a ``gap``). ``ended`` is the
-    stream's ``stream.ended`` message when the stream's last record is its
-    end record, else None (it was opened again, or cut by a crash: its end
-    is unknown).
+    deleted files); after a damaged line that a final follows, that
+    final's seq (the line may have held finals); past a limit, the seq of
+    the oldest record replayed (with none, one past the newest left out).
+    Before it, finals may be missing (a ``gap``). ``ended`` is the stream's
+    ``stream.ended`` message when the stream's last record is its end
+    record, else None (it was opened again, or cut by a crash: its end is
+    unknown).
     """
 
     records: tuple[JournalRecord, ...]
@@ -441,6 +446,14 @@ def expired(last_write: float, now: float, retention_s: float) -> bool:
 # --- I/O --------------------------------------------------------------------
 
 
+class _Damaged:
+    """Where :meth:`Journal._lines` found a damaged line (it may have held
+    finals)."""
+
+
+_DAMAGED = _Damaged()
+
+
 class _Open:
     """The file being written for one stream; ``started`` is wall-clock
     seconds, as its name records it."""
@@ -563,7 +576,8 @@ class Journal:
         # rotation carries the latest reservation into the new file). End
         # records carry no seq.
         for path in reversed(paths):
-            lines = [x for x in self._lines(path) if not isinstance(x, EndRecord)]
+            lines = [x for x in self._lines(path)
+                     if isinstance(x, JournalRecord | SeqReservation)]
             if lines:
                 return (max(x.seq for x in lines),
                         max((x.seq for x in lines if isinstance(x, SeqReservation)), default=0))
@@ -1029,7 +1043,7 @@ class Journal:
             return (isinstance(x, JournalRecord) and x.seq > since
                     and (before is None or x.seq < before))
 
-        newest_first: list[JournalRecord | SeqReservation | EndRecord] = []
+        newest_first: list[JournalRecord | SeqReservation | EndRecord | _Damaged] = []
         found = 0   # finals to replay among the lines read
         stopped = False
         vanished = False
@@ -1067,7 +1081,11 @@ class Journal:
         covered_from: int | None = None
         first_reserved: int | None = None
         ended: str | None = None
+        damaged = False   # a damaged line since the last final
         for line in reversed(newest_first):
+            if isinstance(line, _Damaged):
+                damaged = True
+                continue
             if isinstance(line, EndRecord):
                 ended = line.message
                 continue
@@ -1076,7 +1094,15 @@ class Journal:
                 if first_reserved is None:
                     first_reserved = line.seq
                 continue
-            if covered_from is None:
+            if damaged:
+                # The damaged line may have held finals (a zeroed block, a
+                # line cut short): they are missing, and the one gap a
+                # replay may announce (from since) must cover them, hence
+                # also the finals before them, as for a missing file.
+                damaged = False
+                records.clear()
+                covered_from = line.seq
+            elif covered_from is None:
                 covered_from = 1 if complete else line.seq
             if wanted(line):
                 records.append(line)
@@ -1138,10 +1164,11 @@ class Journal:
         return {s: [p for _, p in sorted(items)] for s, items in found.items()}
 
     def _lines(self, path: Path, *, newest_first: bool = False
-               ) -> Generator[JournalRecord | SeqReservation | EndRecord, None, None]:
+               ) -> Generator[JournalRecord | SeqReservation | EndRecord | _Damaged,
+                              None, None]:
         """The file's finals, reservations and end records, in order (or
-        ``newest_first``, read in blocks from the end); damaged (or unknown)
-        lines skipped with a warning."""
+        ``newest_first``, read in blocks from the end); a damaged (or
+        unknown) line is given as :data:`_DAMAGED`, with a warning."""
         try:
             f = path.open("rb")
         except FileNotFoundError:  # rotated away meanwhile
@@ -1161,6 +1188,7 @@ class Journal:
                 if line is None:
                     log.warning("journal: skipping a damaged line (%s at byte %d): %r",
                                 path.name, where, raw[:60])
+                    yield _DAMAGED
                     continue
                 yield line
 
