@@ -1675,3 +1675,56 @@ def test_a_zeroed_block_in_a_rotated_file_is_announced_as_a_gap(
     # One from after it replays all after it, without a gap.
     backlog = [json.loads(m) for m in b.subscribe(since={"s": after[0]}).backlog]
     assert [m["seq"] for m in backlog] == after[1:]
+
+
+def test_files_not_named_as_the_journal_names_them_are_ignored_with_one_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A file copied inside the journal folder, ``copy of mic.….jsonl``,
+    was read as the files of a stream ``copy of mic``: restored (a stream
+    the engine never had), replayed to a ``since=copy of mic:0`` and pruned
+    as such. The journal names files by the percent-encoded stream id, which
+    holds no space, so such a name is no journal file: it is ignored, with
+    one warning naming it (not one per scan). Streams whose ids hold spaces
+    and other characters (encoded in their names) are read as before."""
+    now = [T0]
+    cfg = config(tmp_path, **{"journal.retention_s": 3600.0}).journal
+    journal = Journal(cfg, wall=lambda: now[0])
+    journal.restore()
+    for stream in ("mic", "café talk (2)"):
+        journal.append(caption(stream, 1))
+        journal.append(caption(stream, 2))
+    journal.close()
+    folder = tmp_path / "j"
+    [mic] = folder.glob("mic.*.jsonl")
+    copies = ["copy of " + mic.name, mic.name[:-6] + " (1).jsonl",
+              mic.name.replace("mic", "m%69c"), mic.name.replace("mic", "MIC%zz")]
+    for name in copies:
+        shutil.copyfile(mic, folder / name)
+        assert parse_file_name(name) is None, name
+    # Nor is a name whose stream part is not encoded, or not text (a byte
+    # that is no UTF-8, as os.listdir gives it).
+    for name in ("café.00000001.jsonl", "caf%E9.00000001.jsonl", "\udcff.00000001.jsonl",
+                 "%2f.00000001.jsonl"):
+        assert parse_file_name(name) is None, name
+    assert parse_file_name("%2F.00000001.jsonl") == JournalFile("/", 1, None)
+    (folder / "bad\udcff.00000001.jsonl").write_bytes(b"")
+    copies.append("bad\udcff.00000001.jsonl")
+    with caplog.at_level(logging.WARNING):
+        restarted = Journal(cfg, wall=lambda: now[0])
+        assert restarted.restore() == {"mic": 2, "café talk (2)": 2}
+        assert restarted.replay("copy of mic", 0) is None
+        replay = restarted.replay("café talk (2)", 0)
+        assert replay is not None and [r.seq for r in replay.records] == [1, 2]
+        assert restarted.prune() == []
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1, warned
+    assert all(repr(name) in warned[0] for name in copies), warned
+    restarted.close()
+    # Past retention, the journal's own files are deleted, the others kept.
+    now[0] += 7200
+    for path in folder.iterdir():
+        os.utime(path, (T0, T0))
+    later = Journal(cfg, wall=lambda: now[0])
+    assert later.restore() == {}
+    later.close()
+    assert sorted(p.name for p in folder.glob("*.jsonl")) == sorted(copies)

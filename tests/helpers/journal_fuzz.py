@@ -16,7 +16,8 @@ directory where a file is expected, add foreign files.
 :func:`check` holds the readers against the contracts the docs state:
 ``Journal.restore`` and a ``since=`` resume through ``Broadcaster.resume``,
 and the ``subtitles`` command, never raise; each final whose line survived
-intact is given exactly once, in order, nothing is invented; finals of a
+intact is given exactly once, in order, nothing is invented (nor a stream,
+of a file copied under another name); finals of a
 file that is gone or cannot be read are announced by a ``gap``; warnings
 stay about one per damaged thing; finals whose lines a zeroed block hit,
 older than a final left whole, are announced by a ``gap`` too (and a
@@ -483,9 +484,24 @@ def check(seed: int, w: Written, d: Damage) -> list[str]:
                      for p in _check_backlog(sub.backlog, since, history, survivors,
                                              dict(w.lines[stream]),
                                              unreadable=stream in d.unreadable)]
+    problems += _check_streams(w)
     problems += _check_subtitles(w, d)
     problems += _check_writer_after(seed, w, d)
     return problems
+
+
+def _check_streams(w: Written) -> list[str]:
+    """A restored journal holds the streams written, no other: a file of
+    another name (a copy made by hand) is no stream's."""
+    journal = _journal(dataclasses.replace(w.cfg, retention_s=0.0), w.now, w.mono)
+    try:
+        restored = journal.restore()
+    except OSError:
+        return []   # an unreadable file: checked by check()
+    finally:
+        journal.close()
+    extra = sorted(set(restored) - set(w.lines))
+    return [f"restore read streams never written: {extra}"] if extra else []
 
 
 def _check_backlog(backlog: list[str], since: int, history: int, survivors: _Survivors,

@@ -5,7 +5,10 @@ Layout: ``{dir}/{stream}.{index}.{start}.jsonl``, e.g.
 ``mic.00000003.20250301T120000.250Z.jsonl``: the stream id percent-encoded,
 ``index`` counting from 1 (the highest is the file being written, the others
 are rotated ones, at most ``keep`` of them kept) and ``start`` the UTC time
-(``YYYYMMDDTHHMMSS.mmmZ``, wall clock) at which the file was started. A
+(``YYYYMMDDTHHMMSS.mmmZ``, wall clock) at which the file was started.
+Other names in the folder (``copy of mic.….jsonl``, whose stream part is no
+encoded id) are no stream's: ignored, and named in one warning when first
+seen by a full scan (:meth:`Journal.restore`, :meth:`Journal.prune`). A
 line is either the protocol v1 caption message
 (:func:`~evoxtral_stream.server.protocol.encode_event`) of one *final*, which
 can be sent to a resuming subscriber as it is, a seq reservation,
@@ -210,6 +213,11 @@ a lock on (from :meth:`Journal.restore` to :meth:`Journal.close`), so that a
 second server given the same folder is refused; it never parses as a
 journal file."""
 
+# The folder's own files besides the journal files, and what _replace_file
+# may leave of them after a crash: never reported as foreign.
+_OWN_FILES = frozenset({EPOCH_FILE, LOCK_FILE, PRUNED_FILE, EPOCH_FILE + ".part",
+                        PRUNED_FILE + ".part"})
+
 _RESERVED = "seq.reserved"
 _ENDED = "stream.ended"
 
@@ -374,9 +382,15 @@ def file_name(stream: str, index: int, started: float) -> str:
 def parse_file_name(name: str) -> JournalFile | None:
     """Inverse of :func:`file_name`, which also reads the names of older
     versions (``{quoted stream}.{index}.jsonl``, ``started`` None); None for
-    files that are not the journal's."""
+    files that are not the journal's, such as ``copy of mic.….jsonl``: the
+    stream part must be a stream id as :func:`file_name` encodes it (every
+    version did so), which holds no space, no ``(`` and no ``%`` but in
+    ``%XX``."""
     m = _NAME.fullmatch(name)
-    if m is None:
+    if m is None or not m["stream"].isascii():   # quote's output is ASCII
+        return None
+    stream = unquote(m["stream"])
+    if quote(stream, safe="") != m["stream"]:
         return None
     started: float | None = None
     stamp = _STAMP.fullmatch(m["start"] or "")
@@ -388,7 +402,7 @@ def parse_file_name(name: str) -> JournalFile | None:
             pass
         else:
             started = ((when - _EPOCH) // timedelta(milliseconds=1) + ms) / 1000
-    return JournalFile(unquote(m["stream"]), int(m["index"]), started)
+    return JournalFile(stream, int(m["index"]), started)
 
 
 def file_age(started: float, now: float) -> float:
@@ -502,6 +516,9 @@ class Journal:
         self._renumbered: set[str] = set()
         # Lines in PRUNED_FILE (it is rewritten past twice the remembered).
         self._pruned_lines = 0
+        # Names in the folder that are not the journal's, already warned of
+        # (those there at the last full scan: bounded by the folder).
+        self._foreign: set[str] = set()
         # Streams whose last record this process wrote is their end (bounded
         # like _last_seq): opened again, their first caption must say so.
         self._ended_last: set[str] = set()
@@ -1153,15 +1170,35 @@ class Journal:
         # before they are parsed.
         prefix = "" if stream is None else f"{quote(stream, safe='')}."
         found: dict[str, list[tuple[int, Path]]] = {}
+        foreign: set[str] = set()
         if not self._dir.is_dir():
             return {}
         for name in os.listdir(self._dir):
             if not name.startswith(prefix):
                 continue
             parsed = parse_file_name(name)
-            if parsed is not None and (stream is None or parsed.stream == stream):
+            if parsed is None:
+                if name not in _OWN_FILES:
+                    foreign.add(name)
+            elif stream is None or parsed.stream == stream:
                 found.setdefault(parsed.stream, []).append((parsed.index, self._dir / name))
+        if stream is None:
+            self._warn_foreign(foreign)
         return {s: [p for _, p in sorted(items)] for s, items in found.items()}
+
+    def _warn_foreign(self, names: set[str]) -> None:
+        """Warn once of the files in the folder that are not the journal's
+        (a copy made by hand, ``copy of mic.….jsonl``): ignored, never read
+        as a stream's nor pruned. Each full scan (start, prune) names the
+        ones not named before."""
+        new = sorted(names - self._foreign)
+        self._foreign = names
+        if new:
+            log.warning("journal: ignoring %d file(s) in %s whose names are not the "
+                        "journal's ({stream}.{index}.{start}.jsonl, the stream id "
+                        "percent-encoded): %s", len(new), self._dir,
+                        ", ".join(repr(n) for n in new[:10])
+                        + (" ..." if len(new) > 10 else ""))
 
     def _lines(self, path: Path, *, newest_first: bool = False
                ) -> Generator[JournalRecord | SeqReservation | EndRecord | _Damaged,
