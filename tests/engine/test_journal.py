@@ -1728,3 +1728,42 @@ def test_files_not_named_as_the_journal_names_them_are_ignored_with_one_warning(
     assert later.restore() == {}
     later.close()
     assert sorted(p.name for p in folder.glob("*.jsonl")) == sorted(copies)
+
+
+def test_a_hole_left_by_an_undeletable_rotated_file_is_logged_once_and_gapped_always(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A rotated file that rotation cannot delete stays, and rotation
+    deletes the ones after it: the files kept then miss the indices between,
+    and every resume of the stream logged that hole again (a warning per
+    reconnecting client, about a state only a person can change; rotation
+    already said to remove the file). Now it is logged once per hole per
+    process; every resume still gets its gap."""
+    cfg = config(tmp_path, **{"journal.max_bytes": 1024, "journal.keep": 5}).journal
+    journal = Journal(cfg)
+    journal.restore()
+    for seq in range(1, 5):
+        journal.append(caption("s", seq, text="word " * 20))
+    journal.close()
+    first = sorted((tmp_path / "j").glob("s.00000001.*.jsonl"))[0]
+    first.unlink()
+    first.mkdir()                                   # what rotation cannot delete
+    journal = Journal(dataclasses.replace(cfg, keep=1))
+    journal.restore()
+    for seq in range(5, 17):
+        journal.append(caption("s", seq, text="word " * 20))
+    kept = sorted(p for p in (tmp_path / "j").glob("s.*.jsonl") if p.is_file())
+    assert len(kept) == 2
+    info = parse_file_name(kept[0].name)
+    assert info is not None and info.index > 2      # a hole after file 1
+    after = [json.loads(x)["seq"] for p in kept for x in p.read_text().splitlines()]
+    b = Broadcaster(16, encode_event, history=100, source=journal)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            backlog = [json.loads(m) for m in b.subscribe(since={"s": 1}).backlog]
+            assert backlog[0] == {"type": "gap", "stream": "s", "from": 2,
+                                  "to": after[0] - 1}
+            assert [m["seq"] for m in backlog[1:]] == after
+    holes = [r.getMessage() for r in caplog.records if "has no file" in r.getMessage()]
+    assert len(holes) == 1, holes
+    journal.close()

@@ -516,6 +516,9 @@ class Journal:
         self._renumbered: set[str] = set()
         # Lines in PRUNED_FILE (it is rewritten past twice the remembered).
         self._pruned_lines = 0
+        # Each stream's hole in its files last logged (the index after it),
+        # so a resume logs it once (bounded like _last_seq).
+        self._holes: dict[str, int] = {}
         # Names in the folder that are not the journal's, already warned of
         # (those there at the last full scan: bounded by the folder).
         self._foreign: set[str] = set()
@@ -830,6 +833,7 @@ class Journal:
         """The stream's files are gone: remember its last seq among the pruned."""
         self._renumbered.discard(stream)
         self._ended_last.discard(stream)
+        self._holes.pop(stream, None)
         self._reserved.pop(stream, None)
         self._last_seq.pop(stream, None)
         if last:
@@ -1138,20 +1142,24 @@ class Journal:
             covered_from = 1 if complete else first_reserved + 1
         return Replay(tuple(records), covered_from, ended)
 
-    @staticmethod
-    def _after_missing(stream: str, paths: list[Path]) -> list[Path]:
+    def _after_missing(self, stream: str, paths: list[Path]) -> list[Path]:
         """``paths`` (oldest first) from the one after the newest missing
         index on. Rotation deletes the lowest indices only, so a missing one
-        between two kept was deleted or renamed by hand: its finals are
+        between two kept was deleted or renamed by hand (or rotation deleted
+        it but not an older one, which it could not): its finals are
         missing, and the one gap a replay may announce (from ``since``)
         must cover them, hence also the finals of the files before it,
-        as if rotation had deleted those."""
+        as if rotation had deleted those. Logged once per hole: every
+        resume of the stream meets it until a person acts."""
         indices = [info.index if (info := parse_file_name(p.name)) else 0 for p in paths]
         cut = next((i for i in range(len(paths) - 1, 0, -1)
                     if indices[i] - indices[i - 1] > 1), 0)
-        if cut:
-            log.warning("journal: %s has no file %d (deleted by hand?); a resume gets a "
-                        "gap for its finals up to %s", stream, indices[cut] - 1,
+        if cut and self._holes.get(stream) != indices[cut]:
+            # Read off the loop too: a race may log a hole twice, no more.
+            self._holes[stream] = indices[cut]
+            log.warning("journal: %s has no file %d (deleted by hand, or left by rotation "
+                        "beside older files it could not delete?); a resume gets a gap "
+                        "for its finals up to %s (logged once)", stream, indices[cut] - 1,
                         paths[cut].name)
         return paths[cut:]
 
