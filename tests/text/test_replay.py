@@ -13,7 +13,7 @@ import random
 from collections import defaultdict
 from itertools import pairwise
 
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from evoxtral_stream.events import SAMPLE_RATE, CaptionEvent, Hypothesis, RequestKind
@@ -138,8 +138,32 @@ def hypothesis_streams(draw: st.DrawFn) -> list[Hypothesis]:
     return out
 
 
+def _only_tags_inserted(before: str, after: str) -> bool:
+    """Whether ``after`` is ``before`` followed by more, with tags inserted
+    anywhere: its words and punctuation begin with ``before``'s, and
+    ``before``'s tokens appear in it in order."""
+    old, new = tokenize(before), tokenize(after)
+    untagged = [t.text for t in new if not t.is_tag]
+    if untagged[:len(old) - sum(t.is_tag for t in old)] != [t.text for t in old
+                                                            if not t.is_tag]:
+        return False
+    rest = iter(t.text for t in new)
+    return all(t.text in rest for t in old)
+
+
+def test_the_invariant_check_allows_inserted_tags_only() -> None:
+    assert _only_tags_inserted("so", "[pause] so")
+    assert _only_tags_inserted("so [pause]", "so [pause] well.")
+    assert not _only_tags_inserted("so", "well so")
+    assert not _only_tags_inserted("so [pause]", "so")
+    assert not _only_tags_inserted("so well", "so [pause]")
+
+
 @settings(max_examples=300, deadline=None)
 @given(hypothesis_streams())
+@example([Hypothesis("s", 0, r, k, t, 0, SAMPLE_RATE, 0.0, 0.1)
+          for r, (k, t) in enumerate([(RequestKind.PARTIAL, "so"), (RequestKind.PARTIAL, "so"),
+                                      (RequestKind.FINAL, "[pause]")])])
 def test_invariants_hold_for_any_input(stream: list[Hypothesis]) -> None:
     m = Merger("s", max_pending=2)
     events: list[CaptionEvent] = []
@@ -152,7 +176,13 @@ def test_invariants_hold_for_any_input(stream: list[Hypothesis]) -> None:
     for e in events:
         assert e.segment not in closed
         assert e.text == e.stable + e.unstable
-        assert e.stable.startswith(stable[e.segment])
+        if e.final:
+            # The merger's contract: a final may insert tags into the
+            # committed text (its decode places them), never remove or change
+            # what was committed.
+            assert _only_tags_inserted(stable[e.segment], e.stable)
+        else:
+            assert e.stable.startswith(stable[e.segment])
         stable[e.segment] = e.stable
         if e.final:
             assert e.unstable == ""
