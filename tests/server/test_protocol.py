@@ -25,6 +25,8 @@ from evoxtral_stream.server.protocol import (
     LostAudio,
     ProtocolError,
     SampleFormat,
+    caption_from_dict,
+    caption_to_dict,
     decode_caption,
     encode_error,
     encode_event,
@@ -160,6 +162,40 @@ def test_caption_round_trip_keeps_unicode() -> None:
 def test_decode_caption_rejects_malformed(bad: str | bytes) -> None:
     with pytest.raises(ProtocolError):
         decode_caption(bad)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+@pytest.mark.parametrize("where", ["start", "end", "latency", "tag t"])
+def test_a_caption_number_that_is_not_finite_is_refused(where: str, literal: str) -> None:
+    """JSON has no NaN or Infinity, but json.loads takes those literals (and
+    1e999 as infinity) from another server or a recording. caption_from_dict
+    refused them in start and end only, letting a NaN latency or tag time
+    into the event (and out as ``NaN``, which no other JSON parser reads,
+    wherever it is encoded again); decode_caption took any."""
+    obj = caption_to_dict(CAPTION)
+    if where == "tag t":
+        obj["tags"] = [{**obj["tags"][0], "t": "@"}]
+    else:
+        obj[where] = "@"
+    text = json.dumps(obj).replace('"@"', literal)
+    with pytest.raises(ProtocolError, match="not a finite number") as err:
+        caption_from_dict(json.loads(text))
+    assert err.value.code == "bad_message"
+    with pytest.raises(ProtocolError, match="not a finite number"):
+        decode_caption(text)
+    # The same caption with a number in its place decodes.
+    assert caption_from_dict(json.loads(text.replace(literal, "1.5"))).final is False
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "1e999"])
+def test_ingest_messages_refuse_numbers_that_are_not_finite(literal: str) -> None:
+    """Every number of an ingest message is an integer: NaN and the
+    infinities are refused like any other non-integer."""
+    for text in (f'{{"type": "config", "sample_rate": {literal}}}',
+                 f'{{"type": "config", "sample_rate": 16000, "channels": {literal}}}',
+                 f'{{"type": "lost", "samples": {literal}}}'):
+        with pytest.raises(ProtocolError, match="must be an integer"):
+            parse_ingest_message(text)
 
 
 def test_text_that_is_no_json_object_gets_the_documented_codes() -> None:

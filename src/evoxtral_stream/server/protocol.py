@@ -148,8 +148,9 @@ def caption_from_dict(obj: Mapping[str, Any]) -> CaptionEvent:
     """The :class:`CaptionEvent` a caption message carries (inverse of
     :func:`caption_to_dict`); ProtocolError when a field is missing or of the
     wrong type. Fields a reader can do without (``plain_text``, ``stable``,
-    ``unstable``, ``tags``, ``latency``) default when absent; ``start`` and
-    ``end`` must be finite."""
+    ``unstable``, ``tags``, ``latency``) default when absent; every number
+    that is a time (``start``, ``end``, ``latency``, a tag's ``t``) must be
+    finite (:func:`_finite`)."""
     if obj.get("type") != "caption":
         raise ProtocolError("bad_message", "not a caption message")
 
@@ -174,30 +175,15 @@ def caption_from_dict(obj: Mapping[str, Any]) -> CaptionEvent:
             raise ProtocolError("bad_message", f"caption tag {t!r} is not a tag object")
         _check_utf8(t["tag"], "caption tag")
         _check_utf8(t["kind"], "caption tag kind")
-        try:
-            at = float(t["t"])
-        except OverflowError:
-            raise ProtocolError("bad_message", f"caption tag time {t['t']!r} is not a "
-                                               "time") from None
-        tags.append(TagMark(t["tag"], t["kind"], t["index"], at,
+        tags.append(TagMark(t["tag"], t["kind"], t["index"], _finite(t["t"], "caption tag 't'"),
                             bool(t.get("known", True))))
+
     def seconds(key: str) -> float:
-        value = field(key, (int, float))
-        try:
-            t = float(value)
-        except OverflowError:
-            t = math.inf
-        if not math.isfinite(t):  # NaN or Infinity, which json.loads takes
-            raise ProtocolError("bad_message", f"caption field {key!r} is not a time: "
-                                               f"{value!r}")
-        return t
+        return _finite(field(key, (int, float)), f"caption field {key!r}")
 
     latency = field("latency", (int, float, type(None)), None)
-    try:
-        latency = None if latency is None else float(latency)
-    except OverflowError:
-        raise ProtocolError("bad_message", f"caption field 'latency' is not a time: "
-                                           f"{latency!r}") from None
+    if latency is not None:
+        latency = _finite(latency, "caption field 'latency'")
     return CaptionEvent(
         stream=field("stream", str), segment=field("segment", int), seq=field("seq", int),
         final=field("final", bool), text=text,
@@ -205,6 +191,22 @@ def caption_from_dict(obj: Mapping[str, Any]) -> CaptionEvent:
         stable=field("stable", str, text), unstable=field("unstable", str, ""),
         tags=tuple(tags), start=seconds("start"), end=seconds("end"),
         latency=latency)
+
+
+def _finite(value: float, what: str) -> float:
+    """``value`` as a float; ProtocolError when it is not finite: json.loads
+    takes the literals ``NaN``, ``Infinity`` and ``-Infinity`` (no JSON) and
+    reads ``1e999`` as infinity, and an integer past a float's range has no
+    float at all."""
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        shown = repr(value)
+        raise ProtocolError("bad_message", f"{what} is not a finite number: "
+                                           f"{shown[:40]}{'...' if len(shown) > 40 else ''}")
+    return number
 
 
 def _check_utf8(value: str, what: str) -> None:
@@ -218,14 +220,10 @@ def _check_utf8(value: str, what: str) -> None:
 
 
 def decode_caption(text: str | bytes) -> dict[str, Any]:
-    """Parse a caption message (for clients and tests); ProtocolError if it is not one."""
+    """Parse a caption message (for clients and tests); ProtocolError if it is
+    not one, by the rules of :func:`caption_from_dict`."""
     obj = _load_json(text)
-    if obj.get("type") != "caption":
-        raise ProtocolError("bad_message", "not a caption message")
-    for key, tp in (("stream", str), ("segment", int), ("seq", int), ("final", bool),
-                    ("text", str)):
-        if not isinstance(obj.get(key), tp):
-            raise ProtocolError("bad_message", f"caption field {key!r} missing or not {tp}")
+    caption_from_dict(obj)
     return obj
 
 
