@@ -330,7 +330,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("hash-token", parents=[common],
                    help="print the sha256: hash of a token read from stdin, for [[auth.tokens]]",
                    description="Read one token from standard input (a trailing newline is "
-                               "ignored) and print the hash to put in [[auth.tokens]] hash.")
+                               "ignored; printable ASCII, no blanks at either end) and "
+                               "print the hash to put in [[auth.tokens]] hash.")
     return p
 
 
@@ -991,6 +992,14 @@ def _cmd_hash_token(args: argparse.Namespace, cfg: Config) -> int:
         # value): such a hash could never match what a client sends.
         raise UserError("hash-token: the token starts or ends with blanks, which an "
                         "Authorization header drops; remove them")
+    if not all(" " <= c <= "~" for c in token):
+        # The server reads a header as Latin-1 and hashes the UTF-8 of what it
+        # read: UTF-8 sent (curl) never matches, Latin-1 (websockets) only
+        # for the characters it has; no subprotocol name holds such a token.
+        raise UserError("hash-token: the token holds characters that are not printable "
+                        "ASCII, which an Authorization header carries only from some "
+                        "clients and a browser's subprotocol never; use printable ASCII, "
+                        "as secrets.token_urlsafe() makes")
     if more:
         raise UserError("hash-token reads one token, from the first line of stdin; "
                         "more lines followed (hash each token on its own)")

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.datastructures import HeadersLike
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHeaderValue, InvalidStatus
 from websockets.typing import Origin, Subprotocol
 
 from evoxtral_stream.cli import main
@@ -369,6 +369,46 @@ async def test_each_carrier_gets_in() -> None:
             await hello(ws)
         async with connect(f"{url}?token={ADMIN}") as ws:
             await hello(ws)
+
+
+async def handshake_status(port: int, header: bytes) -> int:
+    """The status a handshake of ``/v1/captions`` gets with ``header`` (one
+    header line, as raw bytes: what curl sends from a UTF-8 terminal)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(b"GET /v1/captions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                     b"Sec-WebSocket-Version: 13\r\n" + header + b"\r\n\r\n")
+        status = await asyncio.wait_for(reader.readline(), 10)
+        return int(status.split()[1])
+    finally:
+        writer.close()
+
+
+async def test_a_token_that_is_not_ascii_gets_in_only_by_the_query_or_a_latin1_header(
+) -> None:
+    """Why hash-token refuses a token that is not printable ASCII: the server
+    reads header values as Latin-1 (websockets) and hashes the token's
+    UTF-8. So "sécret" matches when a client sends Latin-1 (the websockets
+    client does) or percent-encodes it in ?token=, never as the UTF-8 bytes
+    curl sends, nor as a subprotocol (read as Latin-1 as well; a browser
+    refuses to offer such a name); a character Latin-1 lacks cannot be sent
+    in a header at all."""
+    accent = {"name": "accent", "hash": hash_token("sécret"), "roles": ["subscribe"]}
+    async with running(**{"auth.tokens": [*TOKENS, accent]}) as (_, server):
+        url = f"ws://127.0.0.1:{server.port}/v1/captions"
+        async with connect(url, additional_headers={"Authorization": "Bearer sécret"}) as ws:
+            await hello(ws)
+        async with connect(f"{url}?token=s%C3%A9cret") as ws:
+            await hello(ws)
+        assert await handshake_status(server.port,
+                                      "Authorization: Bearer sécret".encode()) == 401
+        assert await handshake_status(
+            server.port, "Sec-WebSocket-Protocol: evoxtral.token.sécret".encode()) == 401
+        with pytest.raises(InvalidHeaderValue):
+            async with connect(url, additional_headers={"Authorization": "Bearer s€cret"}):
+                pass
 
 
 async def test_page_healthz_and_readyz_stay_open() -> None:
