@@ -19,7 +19,7 @@ import pytest
 
 from evoxtral_stream.cli import _close_progress, _progress
 from evoxtral_stream.console import CaptionPrinter, clip_columns, printable, text_columns
-from evoxtral_stream.events import SAMPLE_RATE, CaptionEvent
+from evoxtral_stream.events import SAMPLE_RATE, CaptionEvent, StreamError
 from evoxtral_stream.logs import configure_logging
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -264,3 +264,36 @@ def test_printable_and_clip_columns_for_a_log_line() -> None:
     assert clip_columns("\u4e2d\u6587\u5b57\u5e55", 6) == "\u4e2d\u6587\u2026"
     assert clip_columns("abe\u0301fg", 4) == "abe\u0301\u2026"
     assert all(text_columns(clip_columns("\u4e2dx" * 9, n)) <= n for n in range(1, 30))
+
+
+#: Bidi controls (embeddings, overrides, isolates, marks) and invisible
+#: format characters (zero-width space, word joiner, BOM, soft hyphen, a
+#: tag character): each reorders or hides what a terminal shows.
+HIDDEN = ("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"
+          "\u200b\u2060\ufeff\u00ad\U000e0041")
+
+
+def test_printable_drops_bidi_controls_and_invisible_format_characters() -> None:
+    """printable() took control characters only: U+202E (right-to-left
+    override) from a model or another server showed the rest of a line
+    reversed on a terminal that does bidi, and isolates or a zero-width
+    space hid what a line holds (the "Trojan Source" class). Dropped now:
+    they take no column, so what was seen stays, in the order it is held."""
+    assert printable("refund \u202e0001$\u202c ok") == "refund 0001$ ok"
+    assert printable("".join("a" + c for c in HIDDEN)) == "a" * len(HIDDEN)
+    # ZWNJ and ZWJ change how visible letters join (Persian, Indic scripts,
+    # emoji sequences): kept.
+    for kept in ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645",
+                 "\U0001f469\u200d\U0001f4bb", "\u0915\u094d\u200d\u0937"):
+        assert printable(kept) == kept
+
+
+def test_serve_prints_no_bidi_control_of_a_stream_id_or_an_error() -> None:
+    """A stream id is the ingest client's choice: one holding U+202E
+    reversed serve's caption lines on its terminal after the id."""
+    out = io.StringIO()
+    printer = CaptionPrinter(out, own="mic", partials=False, live=False)
+    printer(CaptionEvent("ph\u202eone", 0, 1, True, "hi", "hi", "hi", "", (), 0.0, 1.5, None))
+    printer(StreamError("ph\u202eone", "decode_failed", "RuntimeError: \u2066x\u2069", 1))
+    assert out.getvalue().splitlines() == ["phone [0:00.0 → 0:01.5] hi",
+                                           "! phone: decode_failed: RuntimeError: x"]

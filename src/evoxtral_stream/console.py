@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from .events import CaptionEvent, EngineEvent, StreamError
+from .text.chars import CONTROL, drop_hidden
 
 __all__ = ["CaptionPrinter", "TerminalLogHandler", "above_captions", "char_columns",
            "clip_columns", "format_time", "printable", "text_columns"]
@@ -132,7 +133,9 @@ class CaptionPrinter:
     def _prefix(self, ev: CaptionEvent) -> str:
         span = f"[{format_time(ev.start)} → {format_time(ev.end)}]"
         named = self._show_stream or (self._own is not None and ev.stream != self._own)
-        return f"{ev.stream} {span}" if named else span
+        # A stream id is the ingest client's choice: the engine refuses
+        # control characters in it, not the other characters printable drops.
+        return f"{printable(ev.stream)} {span}" if named else span
 
     def __call__(self, event: EngineEvent) -> None:
         with _TERMINAL:
@@ -175,7 +178,8 @@ class CaptionPrinter:
     def _print(self, event: EngineEvent) -> None:
         if isinstance(event, StreamError):
             self._clear()
-            print(f"! {event.stream}: {event.code}: {event.message}", file=self._out, flush=True)
+            print(printable(f"! {event.stream}: {event.code}: {event.message}"), file=self._out,
+                  flush=True)
             return
         if not isinstance(event, CaptionEvent):
             return
@@ -227,18 +231,22 @@ def text_columns(text: str) -> int:
 
 # Control characters (C0, DEL, C1): written as they came, ESC would start an
 # escape sequence and a line break or backspace would break a one-row line.
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTROL = re.compile(f"[{CONTROL}]")
 # Lone surrogates (JSON carries them: "\ud800"): a UTF-8 terminal's strict
 # encoder refuses them, with an exception where a line was to be written.
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def printable(text: str) -> str:
-    """``text`` with each control character (C0, DEL, C1) as a space and each
-    lone surrogate as U+FFFD, for a terminal or a log line (a caption's text
+    """``text`` with each control character (C0, DEL, C1) as a space, no bidi
+    control or other invisible format character (all of Unicode's Cf but
+    ZWNJ and ZWJ: they would reorder or hide what is shown) and each lone
+    surrogate as U+FFFD, for a terminal or a log line (a caption's text
     may hold controls: a model's byte tokens; text from another server, or
-    decoded with ``surrogateescape``, surrogates)."""
-    return _SURROGATE.sub("\ufffd", _CONTROL.sub(" ", text))
+    decoded with ``surrogateescape``, surrogates). The rules are
+    :mod:`evoxtral_stream.text.chars`'s, which the tokenizer applies to
+    every caption."""
+    return _SURROGATE.sub("\ufffd", drop_hidden(_CONTROL.sub(" ", text)))
 
 
 def clip_columns(text: str, columns: int) -> str:

@@ -9,11 +9,14 @@ async edges; the pure cores pass them through untouched.
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 from urllib.parse import quote
 
 import numpy as np
 import numpy.typing as npt
+
+from .text.chars import CONTROL
 
 __all__ = [
     "MAX_STREAM_ID",
@@ -47,6 +50,9 @@ MAX_STREAM_ID = 128
 MAX_STREAM_ID_ENCODED = 200
 
 
+_CONTROL = re.compile(f"[{CONTROL}]")
+
+
 def stream_id_problem(stream_id: str) -> str | None:
     """Why ``stream_id`` cannot name a stream (one line), or None when it can:
     1 to :data:`MAX_STREAM_ID` characters and at most
@@ -58,7 +64,7 @@ def stream_id_problem(stream_id: str) -> str | None:
     if not stream_id or len(stream_id) > MAX_STREAM_ID:
         return (f"a stream id has 1 to {MAX_STREAM_ID} characters, got "
                 f"{len(stream_id)}: {shown}")
-    if any(ord(c) < 32 or 127 <= ord(c) < 160 for c in stream_id):
+    if _CONTROL.search(stream_id):
         return f"a stream id holds no control characters, got {stream_id!r}"
     if any("\ud800" <= c <= "\udfff" for c in stream_id):
         # Not text, cannot be sent: a file name's byte that is no UTF-8

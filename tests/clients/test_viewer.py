@@ -198,6 +198,27 @@ def test_no_control_character_of_the_server_reaches_the_terminal(event: dict[str
         assert not _CONTROLS.search(re.sub(r"\x1b\[[0-9;]*m", "", line)), repr(line)
 
 
+_HIDDEN = re.compile("[\u202a-\u202e\u2066-\u2069\u200b\u200e\u200f\ufeff]")
+
+
+@pytest.mark.parametrize("event", [
+    {**FINAL, "stream": "a\u202eb", "text": "[nervous] \u2067so\u2069 x\u202e"},
+    {**PARTIAL, "text": "\u202eso \u200bthen\u202c", "stable": "\u202eso",
+     "unstable": " \u200bthen\u202c"},
+    {"type": "hello", "v": 1, "server": "\u202ex", "version": "1\ufeff", "backend": "b",
+     "streams": ["a\u2066b"]},
+    {"type": "stream.ended", "stream": "a\u202eb", "finals": 1, "duration": 1.0},
+    {"type": "error", "code": "c\u202e", "message": "m\u2068x", "stream": "\u200fs"},
+])
+def test_no_bidi_control_of_the_server_reaches_the_terminal(event: dict[str, Any]) -> None:
+    """As control characters: a right-to-left override or an isolate in a
+    caption, a stream id or a status field reordered the rest of the line
+    on a terminal that does bidi (the "Trojan Source" class)."""
+    for color in (False, True):
+        line = render_event(event, color=color)
+        assert line is not None and not _HIDDEN.search(line), repr(line)
+
+
 async def test_status_lines_of_watch_hold_no_control_character_of_the_server() -> None:
     """watch()'s own status lines quote the server too: a stream that ended
     while away, a hello of another protocol version."""

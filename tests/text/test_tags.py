@@ -9,6 +9,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from evoxtral_stream.events import CaptionEvent
+from evoxtral_stream.text.chars import CONTROL, drop_hidden
 from evoxtral_stream.text.formats import to_srt
 from evoxtral_stream.text.tags import (
     TAG_TABLE,
@@ -150,6 +151,24 @@ def test_control_characters_inside_an_unknown_tag_are_whitespace() -> None:
                                 0.0, 1.0, None)]).endswith("\n[ [31m] [a b] hi\n")
 
 
+def test_bidi_controls_and_invisible_format_characters_are_dropped() -> None:
+    """A model (or another server's caption, read back by subtitles) may
+    write U+202E or isolates, which reorder what a terminal, an editor or a
+    player shows, or zero-width characters, which hide what a caption holds
+    (an unknown tag "[\\u200b]" showed as an empty one). They take no room,
+    so they are dropped, not made spaces; ZWNJ and ZWJ join visible letters
+    and stay."""
+    toks = tokenize("pay \u202e0001$\u202c [laughs\u200b] \u2066ok\u2069 [\u200b] [ev\u2067il]")
+    assert render(toks) == "pay 0001$ [laughs] ok [] [evil]"
+    assert [(t.tag, t.known) for t in toks if t.is_tag] == [("laughs", True), ("evil", False)]
+    assert tokenize("\ufeff\u200b\u2060") == []
+    assert plain_text("zero\u200bwidth \u00adsoft") == "zerowidth soft"
+    kept = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645 \U0001f469\u200d\U0001f4bb"
+    assert render(tokenize(kept)) == kept
+    assert to_srt([CaptionEvent("s", 0, 1, True, "a\u202eb [\u2066x]", "", "", "", (),
+                                0.0, 1.0, None)]).endswith("\nab [x]\n")
+
+
 def test_unicode_words_and_symbols() -> None:
     toks = tokenize("Café 你好 naïve — ok 😀!")
     assert [t.text for t in toks if t.is_word] == ["Café", "你好", "naïve", "ok"]
@@ -225,5 +244,5 @@ def test_any_text_tokenizes_and_renders(text: str) -> None:
     assert tokenize(out) == toks
     if not any(ch in text for ch in "[]()*"):
         # Without tag syntax, nothing but whitespace (control characters
-        # count as whitespace) may change.
-        assert out.split() == re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", text).split()
+        # count as whitespace) may change, and hidden format characters go.
+        assert out.split() == re.sub(f"[{CONTROL}]", " ", drop_hidden(text)).split()

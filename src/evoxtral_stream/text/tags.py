@@ -21,7 +21,11 @@ spaces (whitespace runs collapse to one space; leading and trailing
 whitespace is dropped). Control characters (C0, DEL, C1) count as
 whitespace: a model's byte tokens can write them (NUL, ESC), and in a
 caption they would act on whatever shows or speaks it (a terminal's escape
-sequences, espeak-ng's end of input).
+sequences, espeak-ng's end of input). Bidi controls and the other invisible
+format characters are dropped (all of Unicode's Cf but ZWNJ and ZWJ): they
+would reorder or hide what a terminal, an editor or a player shows. Both
+rules are :mod:`.chars`'s, which ``console.printable`` applies to any text
+shown.
 
 Carry-over (:class:`Carry`): emotion and delivery tags describe the speech
 that follows them, so they stay *in effect* until a tag of the same kind
@@ -37,6 +41,8 @@ import enum
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from .chars import CONTROL, drop_hidden
 
 __all__ = [
     "PUNCT_TAG_MAX",
@@ -206,14 +212,14 @@ _LOOKUP = _build_lookup(TAG_TABLE)
 _TAG_PUNCT_EDGES = ".,;:!?*"
 
 # Whitespace, and control characters counted as whitespace (module doc).
-_SPACES = r"[\s\x00-\x1f\x7f-\x9f]+"
+_SPACES = rf"[\s{CONTROL}]+"
 _SPACE_RUN = re.compile(_SPACES)
 
 
 def _collapse(s: str) -> str:
     """``s`` with each whitespace run (control characters too) as one space,
-    none at the ends."""
-    return _SPACE_RUN.sub(" ", s).strip(" ")
+    none at the ends, and no hidden format character (module doc)."""
+    return _SPACE_RUN.sub(" ", drop_hidden(s)).strip(" ")
 
 
 def normalize_tag_name(raw: str) -> str:
@@ -335,6 +341,7 @@ def tokenize(text: str) -> list[Token]:
     glued to a word (``hel[laughs]lo``) splits it without spaces, so the
     text still renders back unchanged.
     """
+    text = drop_hidden(text)
     out: list[Token] = []
     space = False
     pos = 0
