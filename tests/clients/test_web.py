@@ -33,6 +33,7 @@ from evoxtral_stream.events import (
     EngineEvent,
     Int16Array,
     StreamEnded,
+    TagMark,
 )
 from evoxtral_stream.run import feed_samples
 from evoxtral_stream.server.app import CaptionServer
@@ -201,6 +202,40 @@ async def test_page_renders_partials_finals_tags_and_picker(
         assert (width, height) == (1100, 720)
         assert distinct > 50
         assert len(png) > 10_000
+        assert page.errors == []
+    finally:
+        await page.close()
+
+
+CHIPS = ("[...{line}[0].querySelectorAll('.tag')]"
+         ".map(c => [c.textContent, c.dataset.kind, c.classList.contains('unstable')])")
+
+
+async def test_tag_chips_take_the_server_s_tags_in_order_whatever_the_text_spells(
+    browser: Browser, scripted: tuple[Engine, CaptionServer],
+) -> None:
+    """A caption's ``tags`` are the server's parse of its text, in order
+    (docs/protocol.md): the page looked each chip's text up among their
+    names instead, so a tag written as an alias ("[sighing]", which the
+    server names "sighs") got the outlined "unknown" chip. Each chip takes
+    the kind of the tag at its place now, across the stable and the
+    unstable text; an unknown tag stays unknown."""
+    _, server = scripted
+    page = await open_page(browser, server)
+    try:
+        tags = (TagMark("sighs", "non-verbal", 0, 0.0), TagMark("whispers", "delivery", 1, 0.4),
+                TagMark("beeps", "unknown", 2, 0.8, False))
+        text = "[sighing] oh [Whispering] no [beeps]"
+        cut = len("[sighing] oh")
+        for final in (False, True):
+            server.broadcaster.publish(CaptionEvent(
+                "talk", 0, 1 + final, final, text, "oh no", text if final else text[:cut],
+                "" if final else text[cut:], tags, 0.0, 1.0, 0.1))
+            line, shown = LINE.format(s="talk", n=0), "final" if final else "partial"
+            await page.wait_for(f"{line}[0]?.classList.contains('{shown}')")
+            assert await page.evaluate(CHIPS.format(line=line)) == [
+                ["[sighing]", "non-verbal", False], ["[Whispering]", "delivery", not final],
+                ["[beeps]", "unknown", not final]]
         assert page.errors == []
     finally:
         await page.close()

@@ -198,16 +198,34 @@ function formatTime(s) {
   return `${m}:${((t % 600) / 10).toFixed(1).padStart(4, "0")}`;
 }
 
-// Tagged text as nodes: tags become chips coloured by kind; brackets stay in
-// the text for copy-paste and screen readers, hidden from sight.
+// A tag in tagged text: brackets around something that is not blank.
+function tagsIn(text) {
+  return [...text.matchAll(/\[([^\[\]]*)\]/g)].filter((m) => m[1].trim());
+}
+
+// The kind of each tag chip of `texts` (the caption's text, or its stable and
+// unstable parts), in order. The server parsed the text: its `tags` are the
+// text's tags in order, each with its canonical name and kind, however the
+// text spells it (an alias: "[sighing]" is "sighs"). Text whose tags do not
+// line up with them (not this server's) falls back to matching names.
+function chipKinds(ev, texts) {
+  const found = texts.flatMap(tagsIn);
+  const tags = Array.isArray(ev.tags) ? ev.tags : [];
+  if (found.length === tags.length) return tags.map((t) => t.kind);
+  const byName = new Map(tags.map((t) => [normTag(t.tag), t.kind]));
+  return found.map((m) => byName.get(normTag(m[1])));
+}
+
+// Tagged text as nodes: tags become chips coloured by kind (taken in turn
+// from `kinds`, an iterator); brackets stay in the text for copy-paste and
+// screen readers, hidden from sight.
 function renderTagged(text, kinds, unstable) {
   const out = [];
   let pos = 0;
-  for (const m of text.matchAll(/\[([^\[\]]*)\]/g)) {
-    if (!m[1].trim()) continue;
+  for (const m of tagsIn(text)) {
     if (m.index > pos) out.push(el("span", unstable ? "unstable" : "", text.slice(pos, m.index)));
     const chip = el("span", unstable ? "tag unstable" : "tag");
-    const kind = kinds.get(normTag(m[1])) || "unknown";
+    const kind = kinds.next().value || "unknown";
     chip.dataset.kind = kind;
     chip.title = kind;
     chip.append(el("span", "sr", "["), m[1].trim(), el("span", "sr", "]"));
@@ -219,11 +237,12 @@ function renderTagged(text, kinds, unstable) {
 }
 
 function fillLine(line, ev) {
-  const kinds = new Map(ev.tags.map((t) => [normTag(t.tag), t.kind]));
   const text = line.querySelector(".text");
   if (ev.final || ev.stable + ev.unstable !== ev.text) {
+    const kinds = chipKinds(ev, [ev.text]).values();
     text.replaceChildren(...renderTagged(ev.text, kinds, !ev.final));
   } else {
+    const kinds = chipKinds(ev, [ev.stable, ev.unstable]).values();
     text.replaceChildren(...renderTagged(ev.stable, kinds, false),
                          ...renderTagged(ev.unstable, kinds, true));
   }
