@@ -63,8 +63,14 @@ Columns (one row per mode x streams):
 - GPU busy: the worker's time inside the backend (``WorkerStats.busy_s``,
   plus the call still running when the live phase ends, ``call_s``) over
   the wall time of the live phase (not a hardware utilisation counter);
-- tokens/s: tokens generated (``tokens_generated`` of the backend) per second
-  of the live phase;
+- tokens/s: tokens generated (``tokens_generated`` of the backend) by the
+  backend calls that started in the live phase, over the time from its
+  start to the end of the last of them (``tokens_window_s`` in the JSON). A
+  generate counts its tokens only when it returns, so the call still
+  running when the audio ends is waited for, not left out; the worker
+  makes one call at a time, so no later call's tokens are in the count.
+  Where that call raised (the drain deadline failed it, say) the window
+  ends at its start instead: its tokens are lost to any count;
 - vs ref: where a reference row exists at the same stream count, this row's
   p95 final latency and tokens/s divided by the reference's;
 - loop lag: p95 of how late the pacing task woke up (event-loop congestion);
@@ -197,6 +203,7 @@ class Row:
     gpu_busy_pct: float = math.nan
     tokens: int = 0
     tokens_per_s: float = math.nan
+    tokens_window_s: float = math.nan
     live_s: float = math.nan
     drain_s: float = math.nan
     loop_lag_p95_ms: float = math.nan
@@ -542,11 +549,81 @@ class _Abort:
             handle.remove()
 
 
+@dataclass(frozen=True)
+class _Mark:
+    """The backend at one moment: the time, its token count, and the call
+    running then (``(call, its start, the token count at its start)``), if any."""
+
+    t: float
+    tokens: int
+    running: tuple[int, float, int] | None
+
+
+class _CallLog:
+    """When the backend's calls start and end, and its token count at each.
+
+    The wrappers of :func:`_count_calls` call :meth:`enter` and :meth:`exit`
+    on the model thread (a call made inside another, ``transcribe`` inside
+    ``transcribe_jobs`` say, is part of it); :meth:`mark` and
+    :meth:`window_end` are read from the event loop's thread. The worker
+    makes one call at a time, so the tokens counted when a call returns are
+    exactly those generated up to then.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._lock = threading.Lock()
+        self._depth = threading.local()
+        self._calls = 0
+        self._running: tuple[int, float, int] | None = None
+        self._watched = -1
+        self._watched_end: tuple[float, int, bool] | None = None
+
+    def enter(self) -> None:
+        depth = getattr(self._depth, "n", 0)
+        self._depth.n = depth + 1
+        if depth:
+            return
+        with self._lock:
+            self._calls += 1
+            self._running = (self._calls, time.monotonic(), _tokens(self._backend))
+
+    def exit(self, ok: bool) -> None:
+        self._depth.n -= 1
+        if self._depth.n:
+            return
+        with self._lock:
+            if self._running is not None and self._running[0] == self._watched:
+                self._watched_end = (time.monotonic(), _tokens(self._backend), ok)
+            self._running = None
+
+    def mark(self) -> _Mark:
+        """Now; the call running now is watched for :meth:`window_end`."""
+        with self._lock:
+            if self._running is not None:
+                self._watched = self._running[0]
+            return _Mark(time.monotonic(), _tokens(self._backend), self._running)
+
+    def window_end(self, mark: _Mark) -> tuple[float, int]:
+        """The end of the window of the calls started by ``mark`` and its token
+        count then: ``mark`` itself when no call was running, else the end of
+        the call running then, or its start if it raised or has not returned
+        (what it generated is lost, or not known yet)."""
+        if mark.running is None:
+            return mark.t, mark.tokens
+        with self._lock:
+            end = self._watched_end if self._watched == mark.running[0] else None
+        if end is not None and end[2]:
+            return end[0], end[1]
+        return mark.running[1], mark.running[2]
+
+
 @contextlib.contextmanager
 def _count_calls(backend: Backend, profiler: _Profiler | None = None,
-                 abort: _Abort | None = None) -> Iterator[dict[str, int]]:
+                 abort: _Abort | None = None, log: _CallLog | None = None
+                 ) -> Iterator[dict[str, int]]:
     """Count the backend entry points the worker uses (instance-level wrappers);
-    each first checks ``abort``."""
+    each first checks ``abort``, then is timed by ``log``."""
     counts: dict[str, int] = {}
     wrapped: list[str] = []
     for name in ("transcribe", "transcribe_jobs", "admit", "step"):
@@ -561,7 +638,16 @@ def _count_calls(backend: Backend, profiler: _Profiler | None = None,
                 abort.check()
             if profiler is not None:
                 profiler.tick()
-            return _fn(*a, **k)
+            if log is None:
+                return _fn(*a, **k)
+            log.enter()
+            ok = False
+            try:
+                out = _fn(*a, **k)
+                ok = True
+                return out
+            finally:
+                log.exit(ok)
 
         setattr(backend, name, wrapper)
         wrapped.append(name)
@@ -725,6 +811,7 @@ async def run_level(models: Models, mode: str, n_streams: int, args: argparse.Na
     backend = _backend_for(models, mode)
     model = _torch_model(backend)
     abort = _Abort()
+    timeline = _CallLog(backend)
     rng = np.random.default_rng(seed)
     parts = sentences(read_audio_file(sample_path()))
     chunk = int(args.chunk_ms * SAMPLE_RATE / 1000)
@@ -743,7 +830,7 @@ async def run_level(models: Models, mode: str, n_streams: int, args: argparse.Na
     try:
         # Slot modes run compiled steps: no hook on their model (see _Abort).
         with abort.hooked(None if mode in SLOT_MODES else model), \
-                _count_calls(backend, profiler, abort) as calls:
+                _count_calls(backend, profiler, abort, timeline) as calls:
             async with Engine(cfg, backend) as engine, CaptionServer(engine, cfg.server) as server:
                 ready = asyncio.Event()
                 sub = asyncio.ensure_future(_subscribe(server.port, n_streams, got, ready))
@@ -774,8 +861,9 @@ async def run_level(models: Models, mode: str, n_streams: int, args: argparse.Na
                 t_live = time.monotonic()
                 live = engine.stats()
                 row.live_s = t_live - t_start
-                row.tokens = _tokens(backend) - tok0
-                row.tokens_per_s = row.tokens / row.live_s
+                # A generate counts its tokens when it returns: the call
+                # running now is waited for (it ends during the drain).
+                at_live = timeline.mark()
                 # busy_s grows when a backend call ends: add the one running now.
                 row.gpu_busy_pct = 100 * (live.worker.busy_s + live.worker.call_s) / row.live_s
 
@@ -816,6 +904,11 @@ async def run_level(models: Models, mode: str, n_streams: int, args: argparse.Na
         quiet.setLevel(level)
         if profiler is not None:
             profiler.stop()
+    # The engine has stopped its worker: the call running at t_live is over.
+    t_end, tok_end = timeline.window_end(at_live)
+    row.tokens = tok_end - tok0
+    row.tokens_window_s = t_end - t_start
+    row.tokens_per_s = row.tokens / row.tokens_window_s
     row.backend_calls = dict(calls)
     row.worker = asdict(stats.worker)
     row.superseded = stats.worker.superseded

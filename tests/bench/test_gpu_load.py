@@ -373,29 +373,98 @@ def test_no_tokens_beside_a_reference_is_not_shown_as_an_infinite_reference() ->
 
 
 @pytest.mark.slow
-def test_a_backend_call_running_at_the_end_of_the_live_phase_counts_as_busy(
+def test_a_backend_call_running_at_the_end_of_the_live_phase_counts_in_busy_and_tokens(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """GPU busy took the worker's ``busy_s``, which grows only when a backend
     call ends: a call still running when the live phase ended (a long
     generate under load) was left out, here the whole of it: the worker was
-    inside the backend from its first request to the end and busy said 0 %."""
-    from evoxtral_stream.engine import worker as worker_mod
+    inside the backend from its first request to the end and busy said 0 %.
 
-    plain = worker_mod.ModelWorker._transcribe
+    tokens/s had the same fault: a generate counts its tokens when it
+    returns, so the one running at the end of the live phase was left out
+    (here tokens/s was 0). Its tokens now count, over a window that lasts
+    until it returned."""
+    bench = _load()
+    plain = bench.ReferenceBackend.transcribe
     starts: list[float] = []
+    first: list[int] = []
 
     def slow_first(self: Any, batch: list[Any]) -> Any:
         starts.append(time.monotonic())
-        if len(starts) == 1:
-            time.sleep(10.0)  # outlasts the 8 s of audio
-        return plain(self, batch)
+        if len(starts) > 1:
+            return plain(self, batch)
+        time.sleep(10.0)  # a generate that outlasts the 8 s of audio
+        before = self.tokens_generated
+        out = plain(self, batch)
+        first.append(self.tokens_generated - before)
+        return out
 
-    monkeypatch.setattr(worker_mod.ModelWorker, "_transcribe", slow_first)
+    monkeypatch.setattr(bench.ReferenceBackend, "transcribe", slow_first)
     row = _one_reference_row(tmp_path)
     assert len(starts) > 1
     assert row["finals_lost"] == 0
     assert row["gpu_busy_pct"] >= 20, row["gpu_busy_pct"]
     assert row["gpu_busy_pct"] <= 100
+    # The worker is serial: only the first call started in the live phase.
+    assert row["tokens"] == first[0] > 0
+    assert row["tokens_window_s"] > row["live_s"]
+    assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["tokens_window_s"])
+
+
+def test_the_tokens_window_ends_with_the_call_running_at_its_end() -> None:
+    """The window of tokens/s, call by call: it ends with the call running
+    at the mark (a call made inside another is part of it), or at that
+    call's start when it raised."""
+    import contextlib
+    import threading
+
+    bench = _load()
+    started, go = threading.Event(), threading.Event()
+
+    class Backend:
+        name = "fake"
+        tokens_generated = 0
+
+        def transcribe(self, audio: list[Any]) -> list[str]:
+            self.tokens_generated += 5
+            return [""] * len(audio)
+
+        def transcribe_jobs(self, jobs: list[Any]) -> list[Any]:
+            started.set()
+            assert go.wait(10)
+            self.transcribe(jobs)  # nested: part of this call
+            if jobs == ["fail"]:
+                raise RuntimeError("test")
+            return []
+
+    def model_thread(jobs: list[Any]) -> None:
+        with contextlib.suppress(RuntimeError):
+            backend.transcribe_jobs(jobs)
+
+    backend = Backend()
+    log = bench._CallLog(backend)
+    with bench._count_calls(backend, log=log) as calls:
+        for jobs in (["a"], ["fail"]):
+            started.clear()
+            go.clear()
+            idle = log.mark()
+            assert idle.running is None
+            assert log.window_end(idle) == (idle.t, idle.tokens)
+            thread = threading.Thread(target=model_thread, args=(jobs,))
+            thread.start()
+            assert started.wait(10)
+            mark = log.mark()
+            assert mark.running is not None
+            before = backend.tokens_generated
+            go.set()
+            thread.join(10)
+            end, tokens = log.window_end(mark)
+            if jobs == ["fail"]:
+                assert (end, tokens) == (mark.running[1], before)
+            else:
+                assert end > mark.t
+                assert tokens == before + 5 == backend.tokens_generated
+    assert calls == {"transcribe": 2, "transcribe_jobs": 2}
 
 
 @pytest.mark.slow
