@@ -72,7 +72,10 @@ Columns (one row per mode x streams):
   Where that call raised (the drain deadline failed it, say) the window
   ends at its start instead: its tokens are lost to any count;
 - vs ref: where a reference row exists at the same stream count, this row's
-  p95 final latency and tokens/s divided by the reference's;
+  p95 final latency and tokens/s divided by the reference's: "∞" where
+  only this row's p95 is infinite (or only the reference generated no
+  token), "0 (ref ∞)" where only the reference's p95 is, "–" where there is
+  nothing to compare (no reference, or both infinite, or both none);
 - loop lag: p95 of how late the pacing task woke up (event-loop congestion);
 - status: "✓ targets" when the level met every target (p95 final <= 500 ms,
   p95 partial age <= 1.5 s, no final lost or failed), else what went wrong
@@ -1065,12 +1068,17 @@ def add_ratios(rows: list[Row]) -> None:
 
 
 def _ratio(a: float, b: float) -> float:
-    if math.isnan(a) or math.isnan(b):
+    """``a / b``; infinite where only ``a`` is (every final failed beside a
+    reference that measured) or ``b`` is 0 and ``a`` is not; NaN where there
+    is nothing to compare (either NaN, both infinite, both 0)."""
+    if math.isnan(a) or math.isnan(b) or (math.isinf(a) and math.isinf(b)):
         return math.nan
-    if math.isinf(b) and not math.isinf(a):
+    if math.isinf(b):
         return 0.0  # the reference failed (infinite p95): shown as "0 (ref ∞)"
-    if math.isinf(a) or math.isinf(b) or b == 0:
-        return math.nan
+    if math.isinf(a):
+        return math.inf
+    if b == 0:
+        return math.nan if a == 0 else math.inf
     return a / b
 
 
@@ -1099,7 +1107,9 @@ def _x(v: float, *, zero: str = "0×") -> str:
     reference's p95 was infinite, see :func:`_ratio`)."""
     if v == 0:
         return zero
-    return "–" if math.isnan(v) or math.isinf(v) else f"{v:.3g}×"
+    if math.isinf(v):
+        return "∞"
+    return "–" if math.isnan(v) else f"{v:.3g}×"
 
 
 def _n(v: float, fmt: str = ".0f") -> str:

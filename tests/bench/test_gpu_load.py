@@ -372,6 +372,27 @@ def test_no_tokens_beside_a_reference_is_not_shown_as_an_infinite_reference() ->
     assert cells[12] == "0×"  # tokens/s vs ref
 
 
+def test_a_failed_level_beside_a_working_reference_is_infinitely_worse_not_unknown() -> None:
+    """Every final of a level failed (p95 infinite) beside a reference that
+    measured one: "p95 final vs ref" said "–", as where no reference ran at
+    that count. A reference that generated no token beside a level that did
+    hid the same way in "tokens/s vs ref"."""
+    bench = _load()
+    Row = bench.Row
+    rows = [Row("reference", 1, final_p95=2.0, tokens_per_s=0.0, finals_expected=3),
+            Row("slots", 1, final_p95=math.inf, tokens_per_s=40.0, finals_expected=3,
+                finals_failed=3)]
+    bench.add_ratios(rows)
+    assert math.isinf(rows[1].final_p95_vs_ref)
+    assert math.isinf(rows[1].tokens_per_s_vs_ref)
+    cells = [c.strip() for c in bench.table(rows).splitlines()[-1].split("|")]
+    assert cells[11:13] == ["∞", "∞"]
+    # Nothing to compare: both infinite, or neither generated a token.
+    assert math.isnan(bench._ratio(math.inf, math.inf))
+    assert math.isnan(bench._ratio(0.0, 0.0))
+    assert bench._ratio(0.0, 11.0) == 0.0
+
+
 @pytest.mark.slow
 def test_a_backend_call_running_at_the_end_of_the_live_phase_counts_in_busy_and_tokens(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
