@@ -59,6 +59,8 @@ def test_tiny_run_measures_every_mode(tmp_path: Path, capsys: pytest.CaptureFixt
     by_mode = {r["mode"]: r for r in rows}
     # Every mode sees the same audio at one stream count.
     assert len({r["finals_expected"] for r in rows}) == 1
+    assert len({r["finals_at_close"] for r in rows}) == 1
+    assert rows[0]["finals_at_close"] <= 2  # one open segment per stream at most
     # The reference really is one request per generate.
     assert by_mode["reference"]["backend_calls"]["transcribe"] >= by_mode["reference"][
         "finals_expected"]
@@ -391,6 +393,31 @@ def test_a_failed_level_beside_a_working_reference_is_infinitely_worse_not_unkno
     assert math.isnan(bench._ratio(math.inf, math.inf))
     assert math.isnan(bench._ratio(0.0, 0.0))
     assert bench._ratio(0.0, 11.0) == 0.0
+
+
+def test_the_finals_flushed_at_the_close_are_counted_apart() -> None:
+    """Every stream closes at once, and one in mid-sentence flushes it as a
+    final: a burst that stays in p50 / p95, and is left out of
+    ``final_p95_live``."""
+    from types import SimpleNamespace
+
+    bench = _load()
+    stats = SimpleNamespace(partials_requested=0)
+    sims = []
+    for i, (ready, live) in enumerate((([0.0, 1.0, 10.0], 2), ([2.0, 3.0], 2),
+                                       ([4.0, 10.0], 1))):
+        handle = SimpleNamespace(id=f"s{i}", session=SimpleNamespace(stats=lambda: stats))
+        sims.append(bench._Sim(handle, np.zeros(0, np.int16), 0.0, final_ready=ready,
+                               live_finals=live))
+    got = bench._Received(finals={
+        ("s0", 0): (0.1, None), ("s0", 1): (1.2, None), ("s0", 2): (14.0, None),
+        ("s1", 0): (2.3, None), ("s1", 1): (3.4, None),
+        ("s2", 0): (4.5, None)})  # s2's flushed final is lost
+    row = bench.Row("batch", 3)
+    bench._score(row, sims, got, math.inf)
+    assert (row.finals_expected, row.finals_lost, row.finals_at_close) == (7, 1, 2)
+    assert row.final_p95_live == pytest.approx(bench._pct([0.1, 0.2, 0.3, 0.4, 0.5], 95))
+    assert row.final_p95 == pytest.approx(bench._pct([0.1, 0.2, 4.0, 0.3, 0.4, 0.5], 95))
 
 
 @pytest.mark.slow
