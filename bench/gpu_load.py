@@ -68,7 +68,10 @@ Columns (one row per mode x streams):
   inbox refused them (``superseded + cancelled + partials_refused``);
 - GPU busy: the worker's time inside the backend (``WorkerStats.busy_s``,
   plus the call still running when the live phase ends, ``call_s``) over
-  the wall time of the live phase (not a hardware utilisation counter);
+  the wall time of the live phase (not a hardware utilisation counter: on
+  the CPU it is the model thread's share all the same, and in the
+  ``lookahead`` mode a step returns with the next one already launched, so
+  up to a step of device work per call runs outside that time);
 - tokens/s: tokens generated (``tokens_generated`` of the backend) by the
   backend calls that started in the live phase, over the time from its
   start to the end of the last of them (``tokens_window_s`` in the JSON). A
@@ -83,6 +86,12 @@ Columns (one row per mode x streams):
   token), "0 (ref ∞)" where only the reference's p95 is, "–" where there is
   nothing to compare (no reference, or both infinite, or both none);
 - loop lag: p95 of how late the pacing task woke up (event-loop congestion);
+- the percentiles are numpy's (linear interpolation) over every value
+  behind them, however few: for the finals n is expected - lost, for the
+  partial age the partials received. Under 20 values p95 lies between the
+  two largest (of 3 finals, 0.1 x the second + 0.9 x the largest), so at
+  one stream it is about the worst of a few finals, not a tail estimate;
+  it is infinite once its rank reaches a failure (one of 20 is enough);
 - status: "✓ targets" when the level met every target (p95 final <= 500 ms,
   p95 partial age <= 1.5 s, no final lost or failed), else what went wrong
   (a measuring subscriber that failed or lost its connection is named: its
