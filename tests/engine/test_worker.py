@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import queue
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -225,3 +226,47 @@ def test_lag_reports_say_the_peak_between_them_and_when_it_caught_up(
                            "up to 9.0 s since the last report")
     assert "since the last report" not in lines[2][2]  # 3.0 s was the most
     assert w.stats().max_lag_s == 9.0
+
+
+def test_a_call_ending_while_stats_are_read_is_counted_once() -> None:
+    """GPU busy (bench/gpu_load.py) is ``busy_s + call_s``. ``stats`` read
+    ``call_s`` outside the worker's lock and the call's time was added to
+    ``busy_s`` after it stopped counting as running, so a call ending just
+    then was counted in neither (or in both)."""
+    now = [100.0]
+    ended = threading.Event()
+    paused, release = threading.Event(), threading.Event()
+    model_thread: list[int] = []
+
+    def clock() -> float:
+        # The first time the model thread reads the clock after the call:
+        # held there, as a preemption of that thread would hold it.
+        if ended.is_set() and threading.get_ident() in model_thread and not paused.is_set():
+            paused.set()
+            release.wait(10)
+        return now[0]
+
+    def script(audio: npt.NDArray[np.float32]) -> str:
+        model_thread.append(threading.get_ident())
+        now[0] += 2.0
+        ended.set()
+        return "text"
+
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(ScriptedBackend(script), CFG, out.put, clock=clock)
+    w.start()
+    try:
+        w.submit(req("s", 0, 1, RequestKind.FINAL, 10, ready_at=now[0]))
+        assert paused.wait(10)
+        seen: list[float] = []
+        reader = threading.Thread(target=lambda: seen.append(
+            (st := w.stats()).busy_s + st.call_s))
+        reader.start()
+        reader.join(0.3)     # it waits for the lock now: the call ends first
+        release.set()
+        reader.join(10)
+        assert seen == [2.0]
+        results(out, 1)
+    finally:
+        release.set()
+        w.stop(5)

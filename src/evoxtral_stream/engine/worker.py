@@ -294,20 +294,27 @@ class ModelWorker:
         self._traced.add(type(e))
         return e
 
-    def _timed(self, what: Callable[[], _T], *, slow: bool = False) -> _T:
+    def _timed(self, what: Callable[[], _T], *, slow: bool = False, busy: bool = False) -> _T:
         """Run one backend call, timed for the stall check; ``slow`` for a
-        reload or warm-up (``_SLOW_PHASE_FACTOR`` times the limit)."""
+        reload or warm-up (``_SLOW_PHASE_FACTOR`` times the limit). ``busy``
+        adds its time to ``busy_s`` (decoding work, not upkeep) as the call
+        stops counting as running, under the lock :meth:`stats` reads both
+        under: a call is counted in one of ``busy_s`` and ``call_s``, never
+        in both or in neither."""
         self._slow_phase = slow
-        self._call_since = self._clock()
+        since = self._call_since = self._clock()
         try:
             return what()
         finally:
-            self._call_since = None
+            with self._lock:
+                if busy:
+                    self._busy_s += self._clock() - since
+                self._call_since = None
             self._slow_phase = False
 
     def stats(self) -> WorkerStats:
-        call_s = self.call_age()
         with self._lock:
+            call_s = self.call_age()
             return WorkerStats(
                 submitted=self._submitted, refused=self._refused,
                 superseded=self._superseded, batches=self._batches,
@@ -438,9 +445,8 @@ class ModelWorker:
         job, req = self._running.pop(key)
         # Only the continuous path fills _running, so the backend steps.
         backend = cast(SteppingBackend, self._backend)
-        start = self._clock()
         try:
-            self._timed(lambda: backend.cancel(job))
+            self._timed(lambda: backend.cancel(job), busy=True)
         except Exception as e:  # out of memory copying the cache, say: as a failing step
             failed: Exception | None = e
         else:
@@ -449,7 +455,7 @@ class ModelWorker:
         with self._lock:
             self._cancelled += 1
         if failed is not None:
-            self._continuous_failed(backend, failed, [], start)
+            self._continuous_failed(backend, failed, [])
 
     def _main(self, reload: bool) -> None:
         try:
@@ -628,28 +634,24 @@ class ModelWorker:
     def _admit(self, backend: SteppingBackend, batch: list[DecodeRequest]) -> None:
         jobs = [_job(r) for r in batch]
         self._in_flight.extend(batch)
-        start = self._clock()
         try:
-            done = self._timed(lambda: backend.admit(jobs))
+            done = self._timed(lambda: backend.admit(jobs), busy=True)
         except Exception as e:
-            self._continuous_failed(backend, e, batch, start)
+            self._continuous_failed(backend, e, batch)
             return
         with self._lock:
-            self._busy_s += self._clock() - start
             self._batches += 1
         for job, req in zip(jobs, batch, strict=True):
             self._running[(req.stream, req.segment)] = (job, req)
         self._finish(done)
 
     def _step(self, backend: SteppingBackend) -> None:
-        start = self._clock()
         try:
-            done = self._timed(backend.step)
+            done = self._timed(backend.step, busy=True)
         except Exception as e:
-            self._continuous_failed(backend, e, [], start)
+            self._continuous_failed(backend, e, [])
             return
         with self._lock:
-            self._busy_s += self._clock() - start
             self._steps += 1
         self._finish(done)
 
@@ -673,10 +675,8 @@ class ModelWorker:
             self._deliver(_hypothesis(req, d.text, now, d.token_ids))
 
     def _continuous_failed(self, backend: SteppingBackend, e: Exception,
-                           admitting: list[DecodeRequest], start: float) -> None:
+                           admitting: list[DecodeRequest]) -> None:
         """Abort the running batch; its requests take the batch path's failure rules."""
-        with self._lock:
-            self._busy_s += self._clock() - start
         if "out of memory" in str(e).lower():
             _release_cuda_cache()
         self._timed(backend.abort)  # raising kills the thread: the restart path takes over
@@ -705,14 +705,11 @@ class ModelWorker:
         return [(t, ()) for t in self._backend.transcribe(audio, [r.adapter for r in batch])]
 
     def _decode(self, batch: list[DecodeRequest]) -> None:
-        start = self._clock()
         try:
-            texts = self._timed(lambda: self._transcribe(batch))
+            texts = self._timed(lambda: self._transcribe(batch), busy=True)
             if len(texts) != len(batch):
                 raise RuntimeError(f"backend returned {len(texts)} texts for {len(batch)} inputs")
         except Exception as e:
-            with self._lock:
-                self._busy_s += self._clock() - start
             if "out of memory" in str(e).lower():
                 _release_cuda_cache()
             if len(batch) > 1:
@@ -734,7 +731,6 @@ class ModelWorker:
             return
         done = self._clock()
         with self._lock:
-            self._busy_s += done - start
             self._batches += 1
             self._decoded += len(batch)
         self._deaths_in_a_row = 0
