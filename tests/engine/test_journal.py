@@ -50,6 +50,7 @@ from evoxtral_stream.server.broadcast import Broadcaster, Subscription
 from evoxtral_stream.server.protocol import decode_caption, encode_event, parse_epoch
 from tests.fakes import GatedSource, ScriptedBackend
 from tests.helpers.audio import buzz
+from tests.helpers.disk import disk_full_after
 
 
 def talk(segments: int) -> Int16Array:
@@ -1767,3 +1768,130 @@ def test_a_hole_left_by_an_undeletable_rotated_file_is_logged_once_and_gapped_al
     holes = [r.getMessage() for r in caplog.records if "has no file" in r.getMessage()]
     assert len(holes) == 1, holes
     journal.close()
+
+
+# --- a write the disk cuts short ------------------------------------------------------
+
+
+async def test_a_final_the_disk_cut_short_is_reported_and_the_finals_after_it_replay(
+        tmp_path: Path) -> None:
+    """A full disk took half of a final's line and refused the rest: the
+    next final, written whole, was appended on the same line, so a restart
+    skipped both as one damaged line and a resume lost a final that had
+    been journaled (a line longer than the file's buffer, 8 KiB, is written
+    past the buffer: what the disk refused of it is dropped)."""
+    events: list[EngineEvent] = []
+    long_text = "ünïcode words of a long final " * 120      # 3 copies: > 8 KiB
+    async with Engine(config(tmp_path), ScriptedBackend(lambda a: long_text)) as engine:
+        journal = engine.journal
+        assert journal is not None
+        append = journal.append
+        calls = [0]
+
+        def cut_short(event: CaptionEvent) -> None:
+            calls[0] += 1
+            if calls[0] != 2:
+                return append(event)
+            [path] = (tmp_path / "j").glob("mic.*.jsonl")
+            with disk_full_after(path.stat().st_size + 4000):
+                return append(event)
+
+        journal.append = cut_short  # type: ignore[method-assign]
+        engine.add_listener(events.append)
+        await run_stream(engine, "mic", 4)
+    finals = [e for e in events if isinstance(e, CaptionEvent) and e.final]
+    errors = [e for e in events if isinstance(e, StreamError)]
+    assert [f.seq for f in finals] == [1, 2, 3, 4]            # all sent live
+    assert [(e.code, e.segment) for e in errors] == [("journal_failed", finals[1].segment)]
+    assert "final not journaled" in errors[0].message
+    restarted = Journal(config(tmp_path).journal)
+    assert restarted.restore()["mic"] >= 4
+    b = Broadcaster(16, encode_event, history=100, source=restarted)
+    backlog = [json.loads(m) for m in b.subscribe(since={"mic": 0}).backlog]
+    # The final cut short is a gap (its fragment may have been any final),
+    # and every final after it is replayed.
+    assert backlog[0] == {"type": "gap", "stream": "mic", "from": 1, "to": 2}
+    assert [(m["type"], m.get("seq")) for m in backlog[1:]] == [
+        ("caption", 3), ("caption", 4), ("stream.ended", None)]
+    restarted.close()
+
+
+@pytest.mark.parametrize("words", [3, 1000])   # a line within the file's buffer, and past it
+@pytest.mark.parametrize("fsync", ["never", "always"])
+def test_after_a_write_cut_short_the_next_line_stands_on_its_own(
+        tmp_path: Path, words: int, fsync: str) -> None:
+    cfg = config(tmp_path, **{"journal.fsync": fsync}).journal
+    journal = Journal(cfg)
+    journal.restore()
+    journal.append(caption("s", 1))
+    [path] = (tmp_path / "j").glob("s.*.jsonl")
+    cut = caption("s", 2, text="word " * words)
+    with disk_full_after(path.stat().st_size + len(encode_record(cut)) // 2), \
+            pytest.raises(OSError, match="too large") as refused:
+        journal.append(cut)
+    assert refused.value.errno == errno.EFBIG
+    journal.append(caption("s", 3))
+    journal.append(caption("s", 4))
+    for reader in (journal, Journal(cfg)):
+        replay = reader.replay("s", 0)
+        assert replay is not None
+        seqs = [r.seq for r in replay.records]
+        # The final cut short is whole (what the disk refused was kept and
+        # written with the next line) or a gap; never the finals after it.
+        assert (seqs, replay.covered_from) in (([1, 2, 3, 4], 1), ([3, 4], 3)), seqs
+        journal.close()
+    assert Journal(cfg).restore() == {"s": 4}
+
+
+def test_a_rotation_cut_short_by_the_disk_loses_no_later_final(tmp_path: Path) -> None:
+    """A rotation writes the stream's reservation first into the new file:
+    the disk cutting that short must not take the next final with it."""
+    cfg = config(tmp_path, **{"journal.max_bytes": 1024, "journal.keep": 5}).journal
+    journal = Journal(cfg)
+    journal.restore()
+    journal.reserve("s", 1)
+    [path] = (tmp_path / "j").glob("s.*.jsonl")
+    seq = 1
+    while path.stat().st_size + len(encode_record(caption("s", seq, text="word " * 20))) < 1024:
+        journal.append(caption("s", seq, text="word " * 20))
+        seq += 1
+    with disk_full_after(20), pytest.raises(OSError, match="too large"):  # reservation cut
+        journal.append(caption("s", seq, text="word " * 20))
+    assert len(list((tmp_path / "j").glob("s.*.jsonl"))) == 2
+    for after in range(seq + 1, seq + 4):
+        journal.append(caption("s", after, text="word " * 20))
+    journal.close()
+    restarted = Journal(cfg)
+    assert restarted.restore() == {"s": 1 + SEQ_RESERVE_BLOCK}
+    replay = restarted.replay("s", seq - 1)
+    assert replay is not None
+    assert [r.seq for r in replay.records] == list(range(seq + 1, seq + 4))
+    replay = restarted.replay("s", 0)
+    assert replay is not None
+    assert [r.seq for r in replay.records] == [*range(1, seq), *range(seq + 1, seq + 4)]
+    restarted.close()
+
+
+def test_a_pruned_entry_after_one_the_disk_cut_short_is_kept(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config(tmp_path, **{"journal.retention_s": 60.0}).journal
+    folder = tmp_path / "j"
+    journal = Journal(cfg)
+    journal.restore()
+    _prune_once(journal, folder, "first", 3)
+    journal.append(caption("cut", 5))
+    journal.release("cut")
+    _age(folder, "cut", 120)
+    size = (folder / PRUNED_FILE).stat().st_size
+    with caplog.at_level(logging.ERROR), disk_full_after(size + 10):
+        assert journal.prune() == ["cut"]           # half its entry written
+    assert "cannot write" in caplog.text
+    assert not (folder / PRUNED_FILE).read_bytes().endswith(b"\n")
+    _prune_once(journal, folder, "next", 7)
+    journal.close()
+    again = Journal(cfg)
+    again.restore()
+    # "cut" is remembered until a restart only (docs/config.md); the entry
+    # after it is whole.
+    assert (again.last_seq("first"), again.last_seq("next")) == (3, 7)
+    again.close()

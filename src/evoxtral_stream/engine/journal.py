@@ -82,12 +82,15 @@ final and per reservation (0.1 to 10 ms, depending on the disk). There is no wri
 hence no queue that could overflow and lose finals.
 
 Crash safety: a line cut short by a crash is skipped with a warning when
-read, and before appending to such a file a newline is written so the next
-record starts on its own line. Such a line, like any damaged one (a zeroed
-block), may have held finals a subscriber got (under ``fsync = "interval"``
-a power cut loses the rest of it): with a final after it, a replay covers
-from that final only (:attr:`Replay.covered_from`), so a resume from before
-it gets a gap, as for a missing file. A file left empty by a crash is
+read, and the first record appended to such a file starts with a newline, so
+that it stands on a line of its own. So does the record after a write the
+disk refused part-way (full, EIO): what reached the file of the refused
+line, whole or a fragment, cannot take a later record with it. A cut line,
+like any damaged one (a zeroed block), may have held finals a subscriber got
+(under ``fsync = "interval"`` a power cut loses the rest of it): with a
+final after it, a replay covers from that final only
+(:attr:`Replay.covered_from`), so a resume from before it gets a gap, as for
+a missing file. A file left empty by a crash is
 appended to as any other (its start is in its name).
 
 Lifetime: a stream's file stays open only while the stream is live
@@ -470,15 +473,18 @@ _DAMAGED = _Damaged()
 
 class _Open:
     """The file being written for one stream; ``started`` is wall-clock
-    seconds, as its name records it."""
+    seconds, as its name records it. ``torn``: the file may end in part of
+    a line (a crash, or a write the disk cut short), so the next write
+    starts with a newline (:meth:`Journal._put`)."""
 
     def __init__(self, index: int, path: Path, file: IO[bytes], size: int,
-                 started: float) -> None:
+                 started: float, *, torn: bool = False) -> None:
         self.index = index
         self.path = path
         self.file = file
         self.size = size
         self.started = started
+        self.torn = torn
 
 
 class Journal:
@@ -891,9 +897,7 @@ class Journal:
                             "clock set back?); starting a new file", cur.path.name,
                             cur.started - now)
             cur = self._rotate(stream, cur, now)
-        cur.file.write(data)
-        cur.file.flush()
-        cur.size += len(data)
+        self._put(cur, data)
         self._ended_last.discard(stream)
         if stream in self._pruned_seq and stream not in self._renumbered:
             # Opened again after a prune: it numbers on. Its pruned seq stays
@@ -904,6 +908,27 @@ class Journal:
                                          self._last_seq.get(stream, 0))
             self._renumbered.add(stream)
         return cur
+
+    @staticmethod
+    def _put(cur: _Open, data: bytes) -> None:
+        """Write ``data`` (whole lines) to ``cur``'s file and flush it to the OS.
+
+        A write the disk refuses (full, EIO) may leave part of the line in
+        the file, and what the file's buffer keeps of it may follow with a
+        later flush, or never (a line longer than the buffer is written
+        past it): so after a failed write the next one starts with a
+        newline. Its line then stands on its own, whatever of the failed
+        one reached the disk (an empty line, the failed record whole, or a
+        fragment read as a damaged line), and no record written after it
+        is lost with it.
+        """
+        if cur.torn:
+            data = b"\n" + data
+        cur.torn = True
+        cur.file.write(data)
+        cur.file.flush()
+        cur.torn = False
+        cur.size += len(data)
 
     def _make_durable(self, stream: str, cur: _Open) -> None:
         """fsync what was just written, per ``fsync``."""
@@ -947,15 +972,14 @@ class Journal:
         created = not path.exists()
         f = path.open("ab")
         size = f.tell()
-        if size and not _ends_with_newline(path):
-            # A crash cut the last line short: end it so the next record
-            # starts on a line of its own (the fragment is skipped when read).
-            f.write(b"\n")
-            f.flush()
-            size += 1
+        # A crash may have cut the last line short: the next record then
+        # starts on a line of its own (the fragment is skipped when read).
+        # Held open first, torn if not empty: a check that fails leaves a
+        # blank line at worst, and no handle behind.
+        opened = self._open[stream] = _Open(index, path, f, size, started, torn=bool(size))
+        opened.torn = bool(size) and not _ends_with_newline(path)
         if created:
             self._sync_dir()
-        opened = self._open[stream] = _Open(index, path, f, size, started)
         return opened
 
     def _record_start(self, stream: str, index: int, path: Path,
@@ -988,10 +1012,7 @@ class Journal:
         if mark:
             # The new file starts with the latest reservation, durably before
             # the old files may go: the newest file holds the mark (restore).
-            data = (encode_reservation(stream, mark) + "\n").encode()
-            opened.file.write(data)
-            opened.file.flush()
-            opened.size += len(data)
+            self._put(opened, (encode_reservation(stream, mark) + "\n").encode())
             if self._cfg.fsync != "never":
                 os.fsync(opened.file.fileno())
         self._sync_dir()
