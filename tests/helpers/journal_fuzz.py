@@ -4,7 +4,10 @@
 (:class:`~evoxtral_stream.engine.journal.Journal`, an injected wall clock):
 random streams (unicode ids, ids that look like file names), sessions that
 end or are cut by a restart, finals with tags and unicode, seq reservations,
-rotations by size and by age, retention. It checks what the writer left
+rotations by size and by age, retention, and finals that a full disk cuts
+short as they are written (a real one: the file size limit, at a random
+byte of the line; some lines longer than the file's buffer), after which
+the writer goes on. It checks what the writer left
 (:attr:`Written.problems`) against what it was given.
 
 :func:`damage` then does to the folder, at random, what a real disk and
@@ -59,6 +62,7 @@ from evoxtral_stream.events import CaptionEvent, StreamEnded, TagMark
 from evoxtral_stream.server.broadcast import Broadcaster
 from evoxtral_stream.server.protocol import encode_event
 from evoxtral_stream.text.sessions import SessionSplitter
+from tests.helpers.disk import disk_full_after
 
 __all__ = ["Damage", "Written", "check", "damage", "write_journal"]
 
@@ -85,6 +89,11 @@ class Written:
     """Each stream's final lines (seq, line) in order, since its files were
     last pruned: what its files hold, less what rotation deleted."""
     problems: list[str] = field(default_factory=list)
+    failed: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    """Each stream's finals (seq, line) whose append the disk cut short (it
+    raised): their files may hold them whole (then they are in
+    :attr:`lines` too, once the writer is done), a fragment (a damaged
+    line) or nothing of them."""
 
 
 @dataclass
@@ -160,6 +169,9 @@ def write_journal(seed: int, folder: Path) -> Written:
     w = Written(folder, cfg, now, mono, {s: [] for s in pool})
     journal = _journal(cfg, now, mono)
     journal.restore()
+    # Disk faults draw from a random of their own, so that the seeds' other
+    # draws stay as they were.
+    faults = random.Random(seed * 104_729 + 3)
     live: dict[str, int] = {}   # stream: its next segment
     t: dict[str, float] = {}
 
@@ -179,8 +191,9 @@ def write_journal(seed: int, folder: Path) -> Written:
             for partial in range(last + 1, seq + 1):   # partials are reserved too
                 journal.reserve(stream, partial)
             event = _caption(rng, stream, live[stream], seq, t[stream])
-            journal.append(event)
-            w.lines[stream].append((seq, encode_record(event)))
+            event, appended = _append(journal, event, faults, folder)
+            (w.lines if appended else w.failed).setdefault(stream, []).append(
+                (seq, encode_record(event)))
             live[stream] += 1
             t[stream] = event.end + rng.random()
             _touch(folder, stream, now[0])
@@ -207,8 +220,43 @@ def write_journal(seed: int, folder: Path) -> Written:
             journal.prune(live=list(live))
             files_gone()
     journal.close()
+    _settle_failed(w)
     _check_written(w)
     return w
+
+
+def _append(journal: Journal, event: CaptionEvent, faults: random.Random,
+            folder: Path) -> tuple[CaptionEvent, bool]:
+    """Append ``event``, now and then with the disk full at a random byte
+    of its line (half of those made longer than the file's 8 KiB buffer);
+    the final appended and whether the append succeeded (else it raised)."""
+    if faults.random() >= 0.08:
+        journal.append(event)
+        return event, True
+    if faults.random() < 0.5:
+        event = dataclasses.replace(event, text=event.text + " long words" * 900)
+    files = _files_of(folder, event.stream)
+    size = files[-1].stat().st_size if files else 0
+    try:
+        with disk_full_after(size + faults.randrange(len(encode_record(event)) + 1)):
+            journal.append(event)
+    except OSError:
+        return event, False
+    return event, True
+
+
+def _settle_failed(w: Written) -> None:
+    """A final whose append the disk cut short that its files hold whole (the
+    file's buffer wrote the rest later) is a final written: put it among
+    :attr:`Written.lines`, in seq order."""
+    for stream, failed in w.failed.items():
+        held: set[str] = set()
+        for path in _files_of(w.folder, stream):
+            held.update(path.read_text(encoding="utf-8", errors="replace").split("\n"))
+        for seq, line in failed:
+            if line in held:
+                w.lines[stream].append((seq, line))
+        w.lines[stream].sort(key=lambda x: x[0])
 
 
 def _reader(w: Written) -> Journal:
@@ -249,6 +297,7 @@ def _suffix_problems(replay: Replay | None, lines: list[tuple[int, str]]) -> lis
 
 def _garbage(rng: random.Random, lines: list[str]) -> bytes:
     kind = rng.randrange(5)
+    lines = [x for x in lines if x]      # a write cut short leaves a blank line
     if kind == 0 and lines:              # half a line, as a crash leaves it
         line = rng.choice(lines).encode()
         return line[:rng.randrange(1, len(line))]
@@ -477,9 +526,9 @@ def check(seed: int, w: Written, d: Damage) -> list[str]:
         noisy = [r.getMessage()[:120] for r in warned.records]
         # One per damaged line per read (restore, then the resume), and
         # garbage may hold a few lines: a flood is many more.
-        if len(noisy) > 10 * len(d.acts):
-            problems.append(f"{stream!r}: {len(noisy)} warnings for {len(d.acts)} acts of "
-                            f"damage: {noisy[:4]}")
+        if len(noisy) > 10 * _harms(w, d):
+            problems.append(f"{stream!r}: {len(noisy)} warnings for {_harms(w, d)} acts of "
+                            f"damage and writes cut short: {noisy[:4]}")
         problems += [f"{stream!r} since {since} history {history}: {p}"
                      for p in _check_backlog(sub.backlog, since, history, survivors,
                                              dict(w.lines[stream]),
@@ -488,6 +537,12 @@ def check(seed: int, w: Written, d: Damage) -> list[str]:
     problems += _check_subtitles(w, d)
     problems += _check_writer_after(seed, w, d)
     return problems
+
+
+def _harms(w: Written, d: Damage) -> int:
+    """The acts of damage, and the writes a full disk cut short (each may
+    leave a fragment, a damaged line)."""
+    return len(d.acts) + sum(len(f) for f in w.failed.values())
 
 
 def _check_streams(w: Written) -> list[str]:
@@ -575,8 +630,9 @@ def _check_subtitles(w: Written, d: Damage) -> list[str]:
     if status != 0 and have_any and not d.unreadable:
         problems.append(f"subtitles exited {status} with intact finals there: "
                         f"{err.getvalue().strip()[:200]}")
-    if len(warned.records) > 2 * (len(d.acts) + 1):
-        problems.append(f"subtitles: {len(warned.records)} warnings for {len(d.acts)} acts")
+    if len(warned.records) > 2 * (_harms(w, d) + 1):
+        problems.append(f"subtitles: {len(warned.records)} warnings for {_harms(w, d)} acts "
+                        "of damage and writes cut short")
     # What it read, by the same path the command takes.
     splitter = SessionSplitter()
     with contextlib.suppress(cli.UserError):
