@@ -2016,13 +2016,21 @@ sys.exit(main())
 """
 
 
-def _ctrl_c_at(program: str, *args: str) -> tuple[int, list[str]]:
+def _ctrl_c_at(program: str, *args: str, site: Path | None = None) -> tuple[int, list[str]]:
     """Run ``program`` with ``args``, Ctrl-C it once it says it is slow; its
-    status and the stderr lines after that."""
+    status and the stderr lines after that. With ``site`` (a folder),
+    ``program`` is the ``sitecustomize`` there of ``python -m evoxtral_stream``
+    instead, the command run as the tests and many users run it."""
     root = Path(__file__).resolve().parents[1]
+    path = f"{root / 'src'}:{root}"
+    command = [sys.executable, "-c", program]
+    if site is not None:
+        (site / "sitecustomize.py").write_text(program)
+        path = f"{site}:{path}"
+        command = [sys.executable, "-m", "evoxtral_stream"]
     proc = subprocess.Popen(
-        [sys.executable, "-c", program, *args], stderr=subprocess.PIPE, text=True, cwd=root,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{root / 'src'}:{root}"})
+        [*command, *args], stderr=subprocess.PIPE, text=True, cwd=root,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path})
     try:
         assert proc.stderr is not None
         for line in proc.stderr:
@@ -2054,6 +2062,34 @@ def test_ctrl_c_while_the_model_loads_says_so_and_leaves_no_empty_output_folder(
                              "--port", "0")
     assert status == 130
     assert [json.loads(line)["msg"] for line in err] == ["interrupted"]
+
+
+# A module that builds a dataclass or a namedtuple, imported as the model
+# loads (faster_whisper's, Voxtral's) or before main() runs (ours): their
+# methods are made by exec() of a string, run here slowly.
+_SLOW_EXEC = r"""
+import importlib.abc, sys
+class SlowExec(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == %r:
+            print("LOADING", file=sys.stderr, flush=True)
+            exec("import time\ntime.sleep(120)")
+        return None
+sys.meta_path.insert(0, SlowExec())
+"""
+
+
+@pytest.mark.parametrize("module", ["evoxtral_stream.engine.backends.whisper",
+                                    "evoxtral_stream.engine.engine"])
+def test_ctrl_c_in_code_made_by_exec_exits_130_not_by_sigint(tmp_path: Path,
+                                                              module: str) -> None:
+    """``python -m evoxtral_stream`` Ctrl-C'd while a module imported by the
+    model's load (or before main() runs) ran code made by exec() of a
+    string: it printed its line and returned 130, then died by SIGINT
+    (status -2). CPython remembers a KeyboardInterrupt that left such code
+    as never handled, though main() caught it."""
+    status, err = _ctrl_c_at(_SLOW_EXEC % module, "transcribe", "--sample", site=tmp_path)
+    assert (status, err) == (130, ["evoxtral-stream: interrupted"])
 
 
 def test_ctrl_c_while_the_modules_import_is_one_line_not_a_traceback() -> None:

@@ -80,6 +80,17 @@ def _say_interrupted(json_mode: bool) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
+def _forget_caught_interrupts() -> None:
+    """Let the status :func:`main` decided be the exit status after a Ctrl-C
+    it caught. CPython takes a KeyboardInterrupt that left code run by
+    ``exec()`` of a string as never handled, even once caught: dataclasses
+    and namedtuple make their methods so, as a module imports (ours before
+    main() runs, the model's libraries as it loads). ``python -m`` then ends
+    by SIGINT (status -2), not 130. Each ``exec()`` of a string starts by
+    forgetting it."""
+    exec("")
+
+
 try:
     from . import __version__
     from .audio.microphone import ChannelRoute, list_input_devices, usable_input_device
@@ -119,6 +130,7 @@ except KeyboardInterrupt:
     # cold disk), before main() can catch it: its line, not a traceback, in
     # the format the flags ask for (as until the config is read).
     _say_interrupted(_asked_log_format(sys.argv[1:]) == "json")
+    _forget_caught_interrupts()
     raise SystemExit(130) from None
 
 __all__ = ["main"]
@@ -1492,6 +1504,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             # native code, where interpreter exit would crash it.
             _exit_leaving_threads(130)
         return 130
+    finally:
+        _forget_caught_interrupts()
 
 
 if __name__ == "__main__":
