@@ -2102,6 +2102,49 @@ def test_ctrl_c_while_the_modules_import_is_one_line_not_a_traceback() -> None:
     assert [json.loads(line)["msg"] for line in err] == ["interrupted"]
 
 
+# The import of ``module`` waits, then ends as a Ctrl-C makes it end.
+_INTERRUPTED_IMPORT = r"""
+import importlib.abc, sys, time
+class Slow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == %r:
+            print("IMPORTING", file=sys.stderr, flush=True)
+            %s
+        return None
+sys.meta_path.insert(0, Slow())
+sys.argv[0] = "evoxtral-stream"
+from evoxtral_stream.cli import main  # as the console script does
+sys.exit(main())
+"""
+# webrtcvad: "except PackageNotFoundError:" with that name not imported yet.
+_AS_WEBRTCVAD = """try:
+                time.sleep(120)
+            except PackageNotFoundError:
+                pass"""
+# numpy's C code: an ImportError that keeps nothing of the KeyboardInterrupt.
+_AS_NUMPY = """try:
+                time.sleep(120)
+            except KeyboardInterrupt:
+                failed = True
+            if failed:
+                raise ImportError("PyCapsule_Import could not import module 'datetime'")"""
+
+
+@pytest.mark.parametrize(("module", "wait"), [
+    ("asyncio", "time.sleep(120)"),
+    ("importlib.metadata", _AS_WEBRTCVAD),
+    ("numpy", _AS_NUMPY)], ids=["stdlib", "another-error", "no-trace-left"])
+def test_ctrl_c_while_any_module_imports_is_one_line_whatever_it_raises(
+        module: str, wait: str) -> None:
+    """A Ctrl-C while the standard library imports (asyncio: tens of
+    milliseconds, before the project's imports) was a traceback and death
+    by SIGINT; one that a library's import turned into another error (a
+    NameError, as webrtcvad's does; an ImportError, as numpy's C code does)
+    was that error's traceback and status 1."""
+    status, err = _ctrl_c_at(_INTERRUPTED_IMPORT % (module, wait), "config")
+    assert (status, err) == (130, ["evoxtral-stream: interrupted"])
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signals_that_keep_coming_after_the_shutdown_do_not_change_the_status(
         sig: signal.Signals) -> None:

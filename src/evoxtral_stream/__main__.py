@@ -2,6 +2,13 @@
 
 import sys
 
-from .cli import main
+try:
+    from .cli import main
+except BaseException as e:
+    # A Ctrl-C as Python reads cli.py, before its own guard runs (.startup).
+    from .startup import exit_if_interrupted
+
+    exit_if_interrupted(e)
+    raise
 
 sys.exit(main())

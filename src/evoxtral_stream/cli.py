@@ -12,86 +12,42 @@ results on stdout are not logs and never change.
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import contextlib
-import dataclasses
-import errno
-import functools
-import io
-import itertools
-import json
-import logging
-import math
-import os
-import signal
 import sys
-import threading
-import time
-import types
-from collections.abc import Callable, Iterator, Sequence
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, NoReturn
 
-
-class _UsageError(Exception):
-    """A usage error argparse found, raised instead of printed (:class:`_Parser`)."""
-
-    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
-        super().__init__(message)
-        self.parser = parser
-        self.message = message
-
-
-class _Parser(argparse.ArgumentParser):
-    """An :class:`argparse.ArgumentParser` (its subcommands' too) whose usage
-    errors are raised, so that :func:`_parse` reports them as ``--log-format``
-    asks."""
-
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(self, message)
-
-
-def _asked_log_format(argv: Sequence[str]) -> str | None:
-    """The ``--log-format`` in ``argv``, read leniently: the arguments around
-    it may be what argparse refused."""
-    scan = _Parser(add_help=False)
-    scan.add_argument("--log-format")
-    try:
-        value: str | None = scan.parse_known_args(argv)[0].log_format
-    except _UsageError:
-        return None
-    return value
-
-
-def _say_interrupted(json_mode: bool) -> None:
-    """The one line for a Ctrl-C that ended the command before its own
-    handling (loading the model, importing modules); stdlib only: it also
-    serves before the project's modules are imported."""
-    if json_mode:
-        # The shape of logs.JsonFormatter's records, which may not be importable yet.
-        ts = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-        line = json.dumps({"ts": ts, "level": "WARNING", "logger": "evoxtral_stream",
-                           "msg": "interrupted"})
-    else:
-        line = "evoxtral-stream: interrupted"
-    with contextlib.suppress(OSError):  # stderr full: the exit status still tells
-        print(line, file=sys.stderr, flush=True)
-
-
-def _forget_caught_interrupts() -> None:
-    """Let the status :func:`main` decided be the exit status after a Ctrl-C
-    it caught. CPython takes a KeyboardInterrupt that left code run by
-    ``exec()`` of a string as never handled, even once caught: dataclasses
-    and namedtuple make their methods so, as a module imports (ours before
-    main() runs, the model's libraries as it loads). ``python -m`` then ends
-    by SIGINT (status -2), not 130. Each ``exec()`` of a string starts by
-    forgetting it."""
-    exec("")
-
-
+# Every import inside the guard: a Ctrl-C while they run (asyncio alone takes
+# tens of milliseconds, numpy and the engine a second or more from a cold
+# disk) is the one line and status 130, not a traceback (.startup).
 try:
+    from .startup import (
+        asked_log_format,
+        forget_caught_interrupts,
+        interrupted_by_ctrl_c,
+        say_interrupted,
+        unwatch_ctrl_c,
+        watch_ctrl_c,
+    )
+
+    watch_ctrl_c()
+    import argparse
+    import asyncio
+    import contextlib
+    import dataclasses
+    import errno
+    import functools
+    import io
+    import itertools
+    import json
+    import logging
+    import math
+    import os
+    import signal
+    import threading
+    import time
+    import types
+    from collections.abc import Callable, Iterator, Sequence
+    from pathlib import Path
+    from typing import Any, NoReturn
+
     from . import __version__
     from .audio.microphone import ChannelRoute, list_input_devices, usable_input_device
     from .audio.sources import AudioInputError, read_audio_file
@@ -125,13 +81,33 @@ try:
     from .systemd import Notifier, Snapshot, monotonic_usec, supervise
     from .text.formats import CueLayout, SubtitleWriter, TagStyle, to_srt, to_text, to_vtt
     from .text.sessions import Session, SessionSplitter
-except KeyboardInterrupt:
-    # Ctrl-C while these import (numpy, websockets, the engine: seconds from a
-    # cold disk), before main() can catch it: its line, not a traceback, in
-    # the format the flags ask for (as until the config is read).
-    _say_interrupted(_asked_log_format(sys.argv[1:]) == "json")
-    _forget_caught_interrupts()
-    raise SystemExit(130) from None
+
+    if unwatch_ctrl_c():
+        raise KeyboardInterrupt  # one a library let go of: the user still asked
+except BaseException as e:
+    from .startup import exit_if_interrupted
+
+    exit_if_interrupted(e)
+    raise
+
+
+class _UsageError(Exception):
+    """A usage error argparse found, raised instead of printed (:class:`_Parser`)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+        self.message = message
+
+
+class _Parser(argparse.ArgumentParser):
+    """An :class:`argparse.ArgumentParser` (its subcommands' too) whose usage
+    errors are raised, so that :func:`_parse` reports them as ``--log-format``
+    asks."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(self, message)
+
 
 __all__ = ["main"]
 
@@ -216,7 +192,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     try:
         args = _parser().parse_args(argv)
     except _UsageError as e:
-        if _asked_log_format(argv) == "json":
+        if asked_log_format(argv) == "json":
             logs = LoggingConfig(format="json", level="info")
             _setup_logging(logs)
             _fail(f"{e.parser.prog}: {e.message} (see {e.parser.prog} --help)", logs)
@@ -1468,36 +1444,49 @@ def _stand_in_for_closed_streams() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _stand_in_for_closed_streams()
-    args = _parse(argv)
-    # The flags' logging now, so that an error in the config itself is
-    # reported in the format --log-format asked for; the config's next.
-    logs = _flag_logging(args)
-    _setup_logging(logs)
-    commands = {"serve": _cmd_serve, "transcribe": _cmd_transcribe, "devices": _cmd_devices,
-                "subtitles": _cmd_subtitles,
-                "eval": _cmd_eval, "export-merged": _cmd_export_merged,
-                "hash-token": _cmd_hash_token, "config": _cmd_config}
+    """Run the command line ``argv``; its exit status. Without ``argv`` this
+    is the program (the console script, ``python -m``): it reads
+    ``sys.argv``, and once the status is decided a Ctrl-C or SIGTERM no
+    longer changes it (:func:`_stops_ignored_to_the_exit`)."""
+    logs: LoggingConfig | None = None  # once its handler is in place
     try:
-        cfg = _load_config(args)
-        if cfg.logging != logs:
-            logs = cfg.logging
-            _setup_logging(logs)
-        status = commands[args.command](args, cfg)
-        _late_stops_ignored_to_the_exit()
-        return status
-    except (ConfigError, AudioInputError, BackendUnavailable, UserError) as e:
-        if args.debug:
+        _stand_in_for_closed_streams()
+        args = _parse(argv)
+        # The flags' logging now, so that an error in the config itself is
+        # reported in the format --log-format asked for; the config's next.
+        flag_logs = _flag_logging(args)
+        _setup_logging(flag_logs)
+        logs = flag_logs
+        commands = {"serve": _cmd_serve, "transcribe": _cmd_transcribe,
+                    "devices": _cmd_devices, "subtitles": _cmd_subtitles,
+                    "eval": _cmd_eval, "export-merged": _cmd_export_merged,
+                    "hash-token": _cmd_hash_token, "config": _cmd_config}
+        try:
+            cfg = _load_config(args)
+            if cfg.logging != logs:
+                _setup_logging(cfg.logging)
+                logs = cfg.logging
+            status = commands[args.command](args, cfg)
+            _late_stops_ignored_to_the_exit()
+            return status
+        except (ConfigError, AudioInputError, BackendUnavailable, UserError) as e:
+            if args.debug or interrupted_by_ctrl_c(e):  # the latter: below
+                raise
+            if isinstance(e, _UnreadableFiles):
+                for message in e.messages[:-1]:
+                    _error_line(message, logs)
+            _fail(str(e), logs)
+    except BaseException as e:
+        # A Ctrl-C, or what a library raised as one cut its import short
+        # (the model's, while it loads): one line, status 130.
+        if isinstance(e, SystemExit) or not interrupted_by_ctrl_c(e):
             raise
-        if isinstance(e, _UnreadableFiles):
-            for message in e.messages[:-1]:
-                _error_line(message, logs)
-        _fail(str(e), logs)
-    except KeyboardInterrupt:
-        if logs.format == "json":
+        if logs is None:  # before the logging: as the flags ask
+            say_interrupted(asked_log_format(sys.argv[1:] if argv is None else argv) == "json")
+        elif logs.format == "json":
             log.warning("interrupted")
         else:
-            _say_interrupted(json_mode=False)
+            say_interrupted(json_mode=False)
         if any(t.daemon and t.is_alive() for t in threading.enumerate()):
             # A second Ctrl-C cut the engine's shutdown short (asyncio.run
             # raises it at once): the model thread may still be inside
@@ -1505,7 +1494,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             _exit_leaving_threads(130)
         return 130
     finally:
-        _forget_caught_interrupts()
+        if argv is None:
+            _stops_ignored_to_the_exit()
+        forget_caught_interrupts()
+
+
+def _stops_ignored_to_the_exit() -> None:
+    """Ignore Ctrl-C and SIGTERM from here to the exit of the process, whose
+    status is decided: the exit takes a while (numpy and the model's
+    libraries unloading), and a signal then would end it instead (status -2
+    or -15, or a traceback from an exit handler). SIG_IGN, as Python resets
+    its own handlers before the exit's last moments; only in the program
+    (:func:`main` without ``argv``), as later programs would inherit it."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # main() called by an embedding program: not its to decide
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        while True:
+            try:
+                signal.signal(sig, signal.SIG_IGN)
+                break
+            except KeyboardInterrupt:
+                # One that came just now, raised as the handler changes:
+                # the status is decided all the same.
+                continue
 
 
 if __name__ == "__main__":

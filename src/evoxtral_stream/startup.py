@@ -1,0 +1,136 @@
+"""A Ctrl-C before the command can handle it: while its modules import.
+
+The ``evoxtral-stream`` command imports asyncio, numpy, websockets and the
+engine before :func:`~evoxtral_stream.cli.main` runs (a second or more from
+a cold disk). A Ctrl-C then is its one ``interrupted`` line and status 130,
+not a traceback: :mod:`.cli` imports them between :func:`watch_ctrl_c` and
+:func:`unwatch_ctrl_c`, and ``__main__`` and :mod:`.cli` give what ended
+their imports to :func:`exit_if_interrupted`. Nothing is imported here
+before it is needed (and then the standard library only): this module
+serves while those imports are what a Ctrl-C cut short.
+"""
+
+from __future__ import annotations
+
+import sys
+
+TYPE_CHECKING = False  # not typing's: importing typing takes tens of milliseconds
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import FrameType
+    from typing import NoReturn
+
+__all__ = ["asked_log_format", "exit_if_interrupted", "forget_caught_interrupts",
+           "interrupted_by_ctrl_c", "say_interrupted", "unwatch_ctrl_c", "watch_ctrl_c"]
+
+_seen = False  # a Ctrl-C came while watched
+
+
+def _record(signum: int, frame: FrameType | None) -> None:
+    """Python's own Ctrl-C handler (a KeyboardInterrupt), remembered."""
+    global _seen
+    _seen = True
+    raise KeyboardInterrupt
+
+
+def watch_ctrl_c() -> None:
+    """Until :func:`unwatch_ctrl_c`, a Ctrl-C is remembered: a library whose
+    import it cuts short may turn the KeyboardInterrupt into another error
+    without a trace of it (numpy's C code makes it an ImportError). Only
+    over Python's own handler, in the main thread: a handler someone set is
+    theirs."""
+    import contextlib
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        with contextlib.suppress(ValueError):  # not the main thread: not its to set
+            signal.signal(signal.SIGINT, _record)
+
+
+def unwatch_ctrl_c() -> bool:
+    """Python's own Ctrl-C handler again, where :func:`watch_ctrl_c` set its;
+    whether a Ctrl-C came while watched (then forgotten)."""
+    global _seen
+    import signal
+
+    if signal.getsignal(signal.SIGINT) is _record:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    seen, _seen = _seen, False
+    return seen
+
+
+def interrupted_by_ctrl_c(exc: BaseException) -> bool:
+    """Whether ``exc`` is a KeyboardInterrupt or came of one (in its causes):
+    a library whose import a Ctrl-C cut short may raise another error while
+    handling it (a NameError, webrtcvad's; Python's RuntimeError around a
+    class attribute's ``__set_name__``)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        todo += [c for c in (e.__cause__, e.__context__) if c is not None]
+    return False
+
+
+def asked_log_format(argv: Sequence[str]) -> str | None:
+    """The ``--log-format`` in ``argv``, read leniently: the arguments around
+    it may be what argparse refused."""
+    import argparse
+
+    class Scan(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            raise ValueError(message)
+
+    scan = Scan(add_help=False)
+    scan.add_argument("--log-format")
+    try:
+        value: str | None = scan.parse_known_args(argv)[0].log_format
+    except ValueError:
+        return None
+    return value
+
+
+def say_interrupted(json_mode: bool) -> None:
+    """The one line for a Ctrl-C that ended the command before its own
+    handling (loading the model, importing modules)."""
+    import contextlib
+    import json
+    from datetime import UTC, datetime
+
+    if json_mode:
+        # The shape of logs.JsonFormatter's records, which may not be importable yet.
+        ts = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        line = json.dumps({"ts": ts, "level": "WARNING", "logger": "evoxtral_stream",
+                           "msg": "interrupted"})
+    else:
+        line = "evoxtral-stream: interrupted"
+    with contextlib.suppress(OSError):  # stderr full: the exit status still tells
+        print(line, file=sys.stderr, flush=True)
+
+
+def forget_caught_interrupts() -> None:
+    """Let the status the command decided be the exit status after a Ctrl-C
+    it caught. CPython takes a KeyboardInterrupt that left code run by
+    ``exec()`` of a string as never handled, even once caught: dataclasses
+    and namedtuple make their methods so, as a module imports (ours before
+    main() runs, the model's libraries as it loads). ``python -m`` then ends
+    by SIGINT (status -2), not 130. Each ``exec()`` of a string starts by
+    forgetting it."""
+    exec("")
+
+
+def exit_if_interrupted(exc: BaseException) -> None:
+    """If a Ctrl-C ended the imports (``exc`` their error): its line, in the
+    format ``--log-format`` asks, and exit status 130. Otherwise return, for
+    the caller to raise ``exc`` again; a SystemExit too (this has run)."""
+    seen = unwatch_ctrl_c()
+    if isinstance(exc, SystemExit) or not (seen or interrupted_by_ctrl_c(exc)):
+        return
+    say_interrupted(asked_log_format(sys.argv[1:]) == "json")
+    forget_caught_interrupts()
+    raise SystemExit(130) from None
