@@ -377,10 +377,10 @@ def test_a_second_ctrl_c_leaves_the_model_behind_and_still_writes(tmp_path: Path
 
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_captions_stdout_cannot_take_are_one_line_and_status_two(tmp_path: Path) -> None:
-    """stdout on a full disk (or a pipe whose reader left, as ``| head``
-    does): one warning when printing stops, one error line at the end, exit
-    status 2, and the SRT still written. It used to log a traceback from the
-    engine's listener and exit 0, as if every caption had been printed."""
+    """stdout on a full disk: one warning when printing stops, one error line
+    at the end, exit status 2, and the SRT still written. It used to log a
+    traceback from the engine's listener and exit 0, as if every caption had
+    been printed. (A pipe whose reader left is no error: below.)"""
     srt = tmp_path / "s.srt"
     with open("/dev/full", "w") as full:
         proc = subprocess.run(
@@ -392,6 +392,61 @@ def test_captions_stdout_cannot_take_are_one_line_and_status_two(tmp_path: Path)
     one_error_line(proc, "cannot write captions to standard output",
                    "No space left on device")
     assert "captions are no longer printed" in proc.stderr
+    assert srt.read_text().count(" --> ") >= 5, "the subtitles hold every final"
+
+
+def _head_1(*args: str) -> tuple[str, subprocess.CompletedProcess[str]]:
+    """``evoxtral-stream transcribe ARGS | head -1``: the line head took, and
+    the process once it ended (its stdout: what the pipe held after it)."""
+    proc = _popen_transcribe(*args)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        first = proc.stdout.readline()
+        proc.stdout.close()   # head -1 leaves
+        err = proc.stderr.read()
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    return first, subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+
+
+def _summary(err: str) -> tuple[int, float]:
+    """The finals and seconds of audio transcribe's summary line counts."""
+    found = re.search(r"stream\(s\), ([\d.]+) s of audio .*?; (\d+) finals", err)
+    assert found is not None, err
+    return int(found[2]), float(found[1])
+
+
+def test_transcribe_into_head_stops_quietly_with_status_141(tmp_path: Path) -> None:
+    """``transcribe ... | head -1``: the reader leaving stdout ends the
+    command at once, as a Ctrl-C does (the audio not yet read is not
+    decoded), with no warning nor error line, and status 141 as a shell
+    reports a program SIGPIPE ended. It used to decode everything to the
+    end, then print a warning and an error line and exit 2."""
+    long = tmp_path / "long.wav"   # 151 s, 30 finals
+    sf.write(long, np.concatenate([read_audio_file(sample_path())] * 6), SAMPLE_RATE)
+    first, proc = _head_1(str(long), str(long), "--no-partials")
+    assert first.startswith("long "), first
+    assert proc.returncode == 141, proc.stderr
+    for word in ("Traceback", "error", "WARNING", "Exception ignored", "no longer printed"):
+        assert word not in proc.stderr, proc.stderr
+    # At most a batch's worth of finals (worker.max_batch) still owed per
+    # stream, as on a Ctrl-C: not the whole files.
+    finals, audio_s = _summary(proc.stderr)
+    assert finals <= 30 and audio_s <= 0.5 * 2 * 151.2, proc.stderr
+    assert "stopped, standard output closed" in proc.stderr
+
+
+def test_transcribe_into_head_still_writes_its_files_whole(tmp_path: Path) -> None:
+    """With --srt (or --vtt, --jsonl, --serve) something still takes the
+    captions: the reader leaving stdout stops the printing only, quietly,
+    and the subtitles hold every final of the file; status 141 all the same."""
+    srt = tmp_path / "s.srt"
+    first, proc = _head_1("--sample", "--no-partials", "--srt", str(srt))
+    assert first.startswith("[0:0"), first
+    assert proc.returncode == 141, proc.stderr
+    assert "error" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr
+    assert _summary(proc.stderr)[0] == 5
     assert srt.read_text().count(" --> ") >= 5, "the subtitles hold every final"
 
 
@@ -1550,22 +1605,28 @@ def _run_to(stdout: str, *args: str, stdin: str = "") -> subprocess.CompletedPro
 @pytest.mark.parametrize("stdout", ["/dev/full", "closed pipe"])
 def test_config_hash_token_and_eval_on_a_stdout_that_takes_nothing(
         tmp_path: Path, stdout: str) -> None:
-    """stdout on a full disk, or a pipe whose reader left (``| head``): one
-    error line and status 2, as transcribe and subtitles do, and eval's
-    --json report still written. Each used to end with an OSError (or
-    BrokenPipeError) traceback and status 1, eval's report lost with it
-    after the whole manifest was decoded."""
-    for args, stdin in ((["config"], ""), (["hash-token"], "s3cret\n")):
-        proc = _run_to(stdout, *args, stdin=stdin)
-        one_error_line(proc, "to standard output")
+    """stdout on a full disk: one error line and status 2, as transcribe and
+    subtitles do; a pipe whose reader left (``| head``): nothing on stderr
+    and status 141. Either way eval's --json report is still written. Each
+    used to end with an OSError (or BrokenPipeError) traceback and status 1,
+    eval's report lost with it after the whole manifest was decoded; then a
+    closed pipe was an error line and status 2, where ``| head`` is no
+    error."""
+    def check(proc: subprocess.CompletedProcess[str], what: str) -> None:
+        if stdout == "closed pipe":
+            assert (proc.returncode, proc.stderr) == (141, ""), proc.stderr
+        else:
+            one_error_line(proc, f"cannot write {what} to standard output")
         assert "Exception ignored" not in proc.stderr
+
+    for args, stdin, what in ((["config"], "", "the configuration"),
+                              (["hash-token"], "s3cret\n", "the hash")):
+        check(_run_to(stdout, *args, stdin=stdin), what)
     sf.write(tmp_path / "a.wav", np.zeros(16000, dtype=np.int16), 16000)
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"audio": "a.wav", "text": "hello"}) + "\n")
     report = tmp_path / "r.json"
-    proc = _run_to(stdout, "eval", str(manifest), "--json", str(report), "-q")
-    one_error_line(proc, "cannot write the report to standard output")
-    assert "Exception ignored" not in proc.stderr
+    check(_run_to(stdout, "eval", str(manifest), "--json", str(report), "-q"), "the report")
     assert json.loads(report.read_text())["streaming"]["n"] == 1
 
 

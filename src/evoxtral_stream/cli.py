@@ -114,10 +114,22 @@ __all__ = ["main"]
 log = logging.getLogger("evoxtral_stream")
 
 EXIT_USAGE = 2
+# stdout's reader left (``| head``): 128 + SIGPIPE, as a shell reports a
+# program that SIGPIPE ended (Python ignores SIGPIPE: a write fails instead).
+EXIT_STDOUT_CLOSED = 141
 
 
 class UserError(Exception):
     """An error with a message for people; exits with status 2."""
+
+
+class _StdoutClosed(UserError):
+    """Standard output's reader has left (a pipe closed early, as ``| head``
+    does): no error, but nothing more to print. :func:`main` ends the
+    command quietly with :data:`EXIT_STDOUT_CLOSED`."""
+
+    def __init__(self) -> None:
+        super().__init__("standard output closed by its reader")
 
 
 class _UnreadableFiles(UserError):
@@ -572,11 +584,13 @@ def _write(path: Path, text: str) -> None:
 
 def _to_stdout(text: str, what: str) -> None:
     """Write ``text`` to stdout, flushed: a stdout that takes nothing (a full
-    disk, a pipe whose reader left, as ``| head`` does) is a
-    :class:`UserError` naming ``what``, not a traceback."""
+    disk) is a :class:`UserError` naming ``what``, not a traceback; one whose
+    reader left (``| head``) is :class:`_StdoutClosed`."""
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
+    except BrokenPipeError:
+        raise _StdoutClosed from None
     except OSError as e:
         raise UserError(f"cannot write {what} to standard output: "
                         f"{e.strerror or e}") from None
@@ -603,8 +617,17 @@ def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
         _check_serving(cfg)  # as serve does: before the model loads
         check_listen(cfg.server.host, cfg.server.port)
     backend = load_backend(cfg.model)
+    stops: list[asyncio.Event] = []  # the job's, once it runs
+    # When only stdout takes the captions and its reader has left (| head),
+    # nothing is left to make them for: the reading stops.
+    only_stdout = not (args.srt or args.vtt or args.jsonl or args.serve or cfg.journal.enabled)
+
+    def on_closed() -> None:
+        if only_stdout and stops:
+            stops[0].set()  # as a Ctrl-C does, without its line
+
     printer = CaptionPrinter(show_stream=len(jobs) > 1,
-                             partials=True if args.partials else None)
+                             partials=True if args.partials else None, on_closed=on_closed)
     latencies: list[float] = []  # one float per final: the summary's p95
 
     def tally(event: EngineEvent) -> None:
@@ -618,6 +641,7 @@ def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
     async def job() -> list[StreamSummary]:
         async with Engine(cfg, backend) as engine:
             stop = _stop_on_signals(cfg, engine, interrupted)
+            stops.append(stop)
             server = CaptionServer(engine, cfg.server) if args.serve else None
             async with contextlib.AsyncExitStack() as stack:
                 if server is not None:
@@ -671,7 +695,9 @@ def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
         raise UserError(f"cannot write {failed[0]}: {failed[1].strerror or failed[1]}")
     audio_s = sum(s.duration_s for s in summaries)
     p95 = _p95(latencies)
-    stopped = f"interrupted ({interrupted[0].name}): " if interrupted else ""
+    reader_left = isinstance(printer.error, BrokenPipeError)
+    stopped = (f"interrupted ({interrupted[0].name}): " if interrupted
+               else "stopped, standard output closed: " if reader_left and only_stdout else "")
     # Finals only, not paced: every final of a file is asked for at once,
     # so their latency is mostly the wait for their turn.
     queued = (" (files read faster than they play: mostly waiting in the queue)"
@@ -682,11 +708,13 @@ def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
                  f"{sum(s.partials for s in summaries)} partials; "
                  f"final latency p95 {p95:.2f} s{queued}")
     code = 0 if all(s.errors == 0 for s in summaries) else 1
-    if printer.error is not None:
+    if printer.error is not None and not reader_left:
         # Written above: the files hold the captions stdout did not take.
         _error_line(f"cannot write captions to standard output: "
                     f"{printer.error.strerror or printer.error}", cfg.logging)
         code = EXIT_USAGE
+    if reader_left and code == 0:
+        code = EXIT_STDOUT_CLOSED  # no error: stdout's reader left (| head)
     if interrupted:
         code = 128 + interrupted[0].value  # as a shell reports a process ended by it
     if any(t.daemon and t.is_alive() for t in threading.enumerate()):
@@ -784,9 +812,10 @@ def _attempt(failed: list[UserError], write: Callable[..., None], *args: Any) ->
 
 
 def _raise_first(failed: Sequence[UserError]) -> None:
-    """The first of ``failed``, if any: one error line, as ever."""
-    if failed:
-        raise failed[0]
+    """The first of ``failed``, if any: one error line, as ever. A stdout
+    whose reader left comes last: it is no error."""
+    for e in sorted(failed, key=lambda e: isinstance(e, _StdoutClosed)):
+        raise e
 
 
 def _cmd_subtitles(args: argparse.Namespace, cfg: Config) -> int:
@@ -817,15 +846,10 @@ def _cmd_subtitles(args: argparse.Namespace, cfg: Config) -> int:
                          session.duration)
             _raise_first(failed)
     else:
-        try:
-            for session, name in zip(sessions, names, strict=True):
-                if many:
-                    sys.stdout.write(f"== {name} ==\n")
-                sys.stdout.write(to_text(session.finals, tags=TagStyle(cfg.captions.srt_tags)))
-            sys.stdout.flush()
-        except OSError as e:  # a full disk, or a pipe whose reader left (| head)
-            raise UserError(f"cannot write the text to standard output: "
-                            f"{e.strerror or e}") from None
+        for session, name in zip(sessions, names, strict=True):
+            head = f"== {name} ==\n" if many else ""
+            _to_stdout(head + to_text(session.finals, tags=TagStyle(cfg.captions.srt_tags)),
+                       "the text")
     log.info("%d session(s) of %d stream(s) from %d file(s)%s", len(sessions),
              len({s.stream for s in sessions}), len(paths),
              f"; {splitter.repeats} repeated final(s) skipped" if splitter.repeats else "")
@@ -1310,9 +1334,9 @@ def _cmd_devices(args: argparse.Namespace, cfg: Config) -> int:
     devices = list_input_devices()
     if not devices:
         raise UserError("no audio input device found")
-    for d in devices:
-        mark = "*" if d.is_default else " "
-        print(f"{mark} {d.index:3d}  {d.name}  ({d.channels} ch, {d.default_samplerate:.0f} Hz)")
+    _to_stdout("".join(f"{'*' if d.is_default else ' '} {d.index:3d}  {d.name}  "
+                       f"({d.channels} ch, {d.default_samplerate:.0f} Hz)\n" for d in devices),
+               "the devices")
     return 0
 
 
@@ -1469,6 +1493,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = commands[args.command](args, cfg)
             _late_stops_ignored_to_the_exit()
             return status
+        except _StdoutClosed:
+            log.debug("standard output closed by its reader: stopped")
+            return EXIT_STDOUT_CLOSED
         except (ConfigError, AudioInputError, BackendUnavailable, UserError) as e:
             if args.debug or interrupted_by_ctrl_c(e):  # the latter: below
                 raise
@@ -1497,6 +1524,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if argv is None:
             _stops_ignored_to_the_exit()
         forget_caught_interrupts()
+        _drop_what_stdout_cannot_take()
+
+
+def _drop_what_stdout_cannot_take() -> None:
+    """A stdout whose reader left takes nothing more: send what its buffer
+    still holds to /dev/null, not into an "Exception ignored" message as
+    the interpreter's exit flushes it (the Python docs' recipe for SIGPIPE)."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+    except (OSError, ValueError):  # a full disk, a closed stream: theirs to say
+        pass
 
 
 def _stops_ignored_to_the_exit() -> None:

@@ -7,7 +7,8 @@ final when it lands; elsewhere only finals are printed, one per line, unless
 Output that cannot be written (a pipe whose reader left, as ``| head`` does;
 a full disk) stops the printing: logged once, kept in
 :attr:`CaptionPrinter.error` for the caller's exit status, never raised into
-the engine.
+the engine. A reader that left is not logged where the caller takes it
+(``on_closed``): ``| head`` is no error.
 
 Log lines and status lines written to a terminal go through
 :func:`above_captions` (:class:`TerminalLogHandler` does for log records):
@@ -26,7 +27,7 @@ import sys
 import threading
 import unicodedata
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from .events import CaptionEvent, EngineEvent, StreamError
@@ -104,7 +105,9 @@ class CaptionPrinter:
 
     ``show_stream``: every line names its stream. Else, with ``own`` set,
     the lines of that stream are unnamed and any other stream's name theirs
-    (serve's own source beside streams clients send).
+    (serve's own source beside streams clients send). ``on_closed`` is
+    called once, instead of the warning, when the output's reader has left
+    (a broken pipe).
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class CaptionPrinter:
         own: str | None = None,
         partials: bool | None = None,
         live: bool | None = None,
+        on_closed: Callable[[], None] | None = None,
     ) -> None:
         self._out = out if out is not None else sys.stdout
         is_tty = self._out.isatty()
@@ -127,6 +131,7 @@ class CaptionPrinter:
         self.error: OSError | None = None
         """Why printing stopped (the first failed write), or None."""
         self._error_logged = False
+        self._on_closed = on_closed
         if self._live:
             _LIVE.add(self)
 
@@ -148,6 +153,9 @@ class CaptionPrinter:
         # while it takes the terminal's, so logging under it could deadlock.
         if self.error is not None and not self._error_logged:
             self._error_logged = True
+            if isinstance(self.error, BrokenPipeError) and self._on_closed is not None:
+                self._on_closed()
+                return
             where = "standard output" if self._out is sys.stdout else "the caption output"
             log.warning("captions are no longer printed: cannot write to %s: %s",
                         where, self.error.strerror or self.error)

@@ -217,6 +217,31 @@ def test_subtitles_printed_to_a_stdout_that_takes_nothing_are_one_line_and_statu
                       "No space left on device"], proc.stderr
 
 
+def test_subtitles_printed_into_head_stop_quietly_with_status_141(tmp_path: Path) -> None:
+    """``subtitles RECORDING | head -1``: the reader leaving ends the command
+    with nothing on stderr and status 141 (128 + SIGPIPE). It used to be an
+    error line and status 2, where ``| head`` is no error."""
+    import subprocess
+    import sys
+
+    events = tmp_path / "events.jsonl"
+    # More text than a pipe holds: printing meets the closed pipe.
+    events.write_text("".join(json.dumps(caption_to_dict(final(f"s{n}", 0, 1, "word " * 40)))
+                              + "\n" for n in range(2000)))
+    proc = subprocess.Popen([sys.executable, "-m", "evoxtral_stream", "subtitles", str(events)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.readline() == "== s0 ==\n"
+        proc.stdout.close()
+        err = proc.stderr.read()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert (proc.returncode, err) == (141, "")
+
+
 def test_each_session_gets_a_file_of_its_own_beside_a_stream_named_like_a_session(
         tmp_path: Path) -> None:
     """"talk" opened twice beside a stream called "talk.1": three files, each
