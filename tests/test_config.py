@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from evoxtral_stream import config as config_module
 from evoxtral_stream.config import (
     CONFIG_ENV,
     Config,
@@ -244,6 +245,26 @@ def test_to_toml_reads_back_to_the_same_config(tmp_path: Path,
     path.write_text(to_toml(cfg), "utf-8")
     assert load_config(path, env={}) == cfg
     assert to_toml(load_config(path, env={})) == to_toml(cfg)
+
+
+def _layout(text: str) -> list[str]:
+    """The tables and keys of a TOML file, in order: ``[mqtt]``, ``mqtt.host``..."""
+    table, layout = "", []
+    for line in text.splitlines():
+        if header := re.match(r"\[+([^\]]+)\]+", line):
+            table = header[1]
+            layout.append(f"[{table}]")
+        elif key := re.match(r"([A-Za-z0-9_-]+)\s*=", line):
+            layout.append(f"{table}.{key[1]}")
+    return layout
+
+
+def test_to_toml_keeps_the_bundled_files_order_of_sections_and_keys() -> None:
+    """``evoxtral-stream config`` printed [auth] after [mqtt], the order of
+    the Config fields, where the bundled config.toml (which the docs follow)
+    has it before."""
+    bundled = (Path(config_module.__file__).parent / "config.toml").read_text("utf-8")
+    assert _layout(to_toml(load_config(env={}))) == _layout(bundled)
 
 
 def test_to_toml_redacts_the_mqtt_password(tmp_path: Path) -> None:

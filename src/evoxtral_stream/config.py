@@ -246,6 +246,7 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class Config:
+    # In config.toml's order of sections, which to_toml prints them in.
     audio: AudioConfig
     vad: VadConfig
     stream: StreamConfig
@@ -253,8 +254,8 @@ class Config:
     model: ModelConfig
     server: ServerConfig
     captions: CaptionsConfig
-    mqtt: MqttConfig
     auth: AuthConfig
+    mqtt: MqttConfig
     journal: JournalConfig
     logging: LoggingConfig
 
