@@ -8,6 +8,11 @@ read a process's options in ``ps`` but not its environment. A server that
 does not accept the token answers the handshake with HTTP 401 or 403;
 :func:`refusal` turns that answer into one line for people.
 
+A token that is not printable ASCII (the rule of ``hash-token``) is a bad
+argument: refused before connecting, and never quoted, as no error line
+may quote a token (:func:`redact_tokens` for those that quote a URL or an
+exception).
+
 A client that configures logging calls :func:`install_token_redaction`
 after ``logging.basicConfig``: with ``--debug``, ``websockets`` logs every
 handshake header, ``Authorization`` included.
@@ -20,23 +25,35 @@ import os
 
 from websockets.exceptions import InvalidStatus
 
-# The server's own filter: the clients depend on the package already.
-from evoxtral_stream.server.auth import install_token_redaction
+# The server's own rule and filters: the clients depend on the package already.
+from evoxtral_stream.server.auth import install_token_redaction, printable_ascii, redact_tokens
 
-__all__ = ["TOKEN_ENV", "add_token_option", "auth_headers", "install_token_redaction",
-           "refusal"]
+__all__ = ["NOT_PRINTABLE", "TOKEN_ENV", "add_token_option", "auth_headers",
+           "install_token_redaction", "redact_tokens", "refusal"]
 
 TOKEN_ENV = "EVOXTRAL_TOKEN"
 #: The longest part of the server's refusal body that is shown.
 _MAX_REASON = 200
+#: Why a token is refused; it must not quote the token.
+NOT_PRINTABLE = (f"the token (--token, else ${TOKEN_ENV}) must be printable ASCII: it "
+                 "travels in an HTTP header")
 
 
 def add_token_option(parser: argparse.ArgumentParser) -> None:
     """Add ``--token TOKEN``, defaulting to ``$EVOXTRAL_TOKEN`` (None when unset or empty)."""
     parser.add_argument(
-        "--token", default=os.environ.get(TOKEN_ENV) or None, metavar="TOKEN",
+        "--token", default=os.environ.get(TOKEN_ENV) or None, metavar="TOKEN", type=_token,
         help=f"access token for a server with [[auth.tokens]] (default: ${TOKEN_ENV}, "
              "which other users cannot see in the process list, unlike this option)")
+
+
+def _token(value: str) -> str:
+    # argparse applies this to a default given as text too: $EVOXTRAL_TOKEN.
+    # An ArgumentTypeError's message is shown as it is; any other error would
+    # have argparse quote the value.
+    if not printable_ascii(value.strip()):
+        raise argparse.ArgumentTypeError(NOT_PRINTABLE)
+    return value
 
 
 def _clean(token: str | None) -> str | None:
@@ -46,8 +63,13 @@ def _clean(token: str | None) -> str | None:
 
 
 def auth_headers(token: str | None) -> dict[str, str]:
-    """The handshake headers that carry ``token``: none without one."""
+    """The handshake headers that carry ``token``: none without one.
+
+    Raises ValueError, not quoting it, for a token that is not printable ASCII.
+    """
     clean = _clean(token)
+    if clean is not None and not printable_ascii(clean):
+        raise ValueError(NOT_PRINTABLE)
     return {"Authorization": f"Bearer {clean}"} if clean else {}
 
 

@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote
 
-from _auth import add_token_option, auth_headers, refusal
+from _auth import add_token_option, auth_headers, redact_tokens, refusal
 from viewer import LiveWriter, endpoint, use_color
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -700,10 +700,10 @@ async def run(url: str, stream: str | None, feed: AudioFeed, writer: LiveWriter,
             except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
                 refused = refusal(e, token)
                 if confirmed is None or not reconnect or refused or isinstance(e, InvalidURI):
-                    writer.status(refused
-                                  or f"cannot stream to {target}: {e} (is the server running?)")
+                    writer.status(refused or redact_tokens(
+                        f"cannot stream to {target}: {e} (is the server running?)"))
                     return 1
-                why = f"cannot reconnect: {e}"
+                why = redact_tokens(f"cannot reconnect: {e}")
             else:
                 if end.summary:
                     return 0

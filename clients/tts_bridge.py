@@ -836,11 +836,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _report(e: Exception, log_format: str) -> None:
-    """One line on stderr: a log line in JSON mode, else prefixed with the program."""
+    """One line on stderr: a log line in JSON mode, else prefixed with the
+    program; a token it quotes (a URL's ``?token=``) redacted, as in the log."""
     if log_format == "json":
         log.error("%s", e)
     else:
-        print(f"tts_bridge: {e}", file=sys.stderr)
+        print(f"tts_bridge: {redact_tokens(str(e))}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
-from _auth import add_token_option, auth_headers, refusal
+from _auth import add_token_option, auth_headers, redact_tokens, refusal
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
@@ -478,10 +478,11 @@ async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
                 writer.status(refused)
                 return 1
             if not connects:
-                writer.status(f"cannot connect to {url}: {e} (is the server running?)")
+                writer.status(redact_tokens(f"cannot connect to {url}: {e} "
+                                            "(is the server running?)"))
                 return 1
             code = None
-            why = f"cannot reconnect: {e}; retrying"
+            why = redact_tokens(f"cannot reconnect: {e}; retrying")
         if code == _CLOSE_POLICY:
             return 1  # the server said why in an error event
         writer.status(f"{why} in {delay:.2g} s")

@@ -987,7 +987,7 @@ def _cmd_config(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _cmd_hash_token(args: argparse.Namespace, cfg: Config) -> int:
-    from .server.auth import hash_token
+    from .server.auth import hash_token, printable_ascii
 
     # Bytes, decoded as UTF-8 whatever the locale: the server hashes the
     # UTF-8 of the token a client sends, so no other bytes can ever match.
@@ -1004,7 +1004,7 @@ def _cmd_hash_token(args: argparse.Namespace, cfg: Config) -> int:
         # value): such a hash could never match what a client sends.
         raise UserError("hash-token: the token starts or ends with blanks, which an "
                         "Authorization header drops; remove them")
-    if not all(" " <= c <= "~" for c in token):
+    if not printable_ascii(token):
         # The server reads a header as Latin-1 and hashes the UTF-8 of what it
         # read: UTF-8 sent (curl) never matches, Latin-1 (websockets) only
         # for the characters it has; no subprotocol name holds such a token.

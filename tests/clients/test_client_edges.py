@@ -456,3 +456,92 @@ async def test_the_mic_client_reconnects_when_its_stream_id_is_no_url(named: obj
         assert await asyncio.wait_for(run(url, "desk", FileFeed(np.zeros(1600, np.int16)),
                                           writer, backoff_s=(0.01, 0.02)), 20) == 0
     assert paths == ["/v1/ingest?stream=desk"] * 2
+
+
+# --- a token that no HTTP header carries ------------------------------------------------
+
+
+async def _run_client(script: str, port: int, tmp_path: Path, *args: str,
+                      env_token: str | None = None) -> tuple[int, str]:
+    """``script`` (a client in clients/) against ``port``; its exit status and
+    stdout and stderr together."""
+    import sys
+
+    import soundfile as sf
+
+    from tests.clients.conftest import CLIENTS, client_env
+
+    more: list[str] = []
+    if script == "mic_client.py":
+        wav = tmp_path / "a.wav"
+        sf.write(wav, np.zeros(16000, np.int16), 16000, subtype="PCM_16")
+        more = ["--file", str(wav), "--no-reconnect"]
+    elif script == "tts_bridge.py":
+        # ElevenLabs with a key that is never used: no final comes, and unlike
+        # espeak-ng nothing has to be installed.
+        more = ["--out", str(tmp_path / "out"), "--mode", "elevenlabs", "--voice", "v",
+                "--api-key", "k", "--no-reconnect"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(CLIENTS / script), "--url", f"ws://127.0.0.1:{port}", *more,
+        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        env=client_env(env_token))
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+async def _hang_up_server() -> tuple[asyncio.Server, list[int]]:
+    """A TCP server on a free port that closes every connection at once; the
+    list counts them."""
+    accepted: list[int] = []
+
+    async def hang_up(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        writer.close()
+
+    return await asyncio.start_server(hang_up, "127.0.0.1", 0), accepted
+
+
+CLIENT_SCRIPTS = ["viewer.py", "mic_client.py", "tts_bridge.py"]
+
+
+@pytest.mark.parametrize("script", CLIENT_SCRIPTS)
+@pytest.mark.parametrize(("args", "env_token", "secret"), [
+    (["--token", "snow\u2603man"], None, "snow\u2603man"),  # no Latin-1: websockets refused it
+    ([], "s\u00e9cret", "s\u00e9cret"),  # Latin-1: sent, but hash-token never made its hash
+    (["--token", "tab\tinside"], None, "inside"),
+], ids=["option-not-latin1", "env-latin1", "option-control"])
+async def test_a_token_no_header_carries_is_refused_before_connecting_unechoed(
+        tmp_path: Path, script: str, args: list[str], env_token: str | None,
+        secret: str) -> None:
+    """A token that is not printable ASCII (the rule of ``hash-token``) used
+    to be sent, or refused by websockets with "cannot connect ...: invalid
+    Authorization header: Bearer TOKEN (is the server running?)": the secret
+    on stderr, and the server blamed. Each client refuses it up front, as a
+    bad argument (status 2), without quoting it and without connecting."""
+    server, accepted = await _hang_up_server()
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        code, out = await _run_client(script, port, tmp_path, *args, env_token=env_token)
+    assert code == 2, out
+    assert secret not in out, out
+    assert ("error: argument --token: the token (--token, else $EVOXTRAL_TOKEN) must be "
+            "printable ASCII: it travels in an HTTP header\n") in out, out
+    assert not accepted
+
+
+@pytest.mark.parametrize("script", CLIENT_SCRIPTS)
+async def test_a_failed_connection_does_not_print_a_token_of_the_url(
+        tmp_path: Path, script: str) -> None:
+    """The bridge keeps the query of ``--url`` (the server takes ``?token=``)
+    and its "cannot subscribe to URL: ..." line printed it; no client's
+    error line quotes a token."""
+    server, accepted = await _hang_up_server()
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        code, out = await _run_client(
+            script, port, tmp_path, "--url",
+            f"ws://127.0.0.1:{port}/v1/captions?token=url-secret-1")
+    assert code == 1, out
+    assert "url-secret-1" not in out, out
+    assert accepted

@@ -59,6 +59,7 @@ __all__ = [
     "install_token_redaction",
     "is_loopback",
     "load_server_certificate",
+    "printable_ascii",
     "redact_tokens",
     "tls_context",
 ]
@@ -73,6 +74,14 @@ OPENAI_KEY_PREFIX = "openai-insecure-api-key."
 def hash_token(token: str) -> str:
     """The form a token is stored in: ``sha256:`` and the hex digest of its UTF-8."""
     return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def printable_ascii(token: str) -> bool:
+    """Whether ``token`` is printable ASCII (blanks included): the tokens that
+    ``hash-token`` hashes and the bundled clients send. Only those match the
+    same from every carrier: the server reads a header as Latin-1 and hashes
+    the UTF-8 of what it read, and curl sends UTF-8."""
+    return all(" " <= c <= "~" for c in token)
 
 
 @dataclass(frozen=True)
