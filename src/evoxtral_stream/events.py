@@ -16,7 +16,7 @@ from urllib.parse import quote
 import numpy as np
 import numpy.typing as npt
 
-from .text.chars import CONTROL
+from .text.chars import CONTROL, HIDDEN
 
 __all__ = [
     "MAX_STREAM_ID",
@@ -51,21 +51,30 @@ MAX_STREAM_ID_ENCODED = 200
 
 
 _CONTROL = re.compile(f"[{CONTROL}]")
+_HIDDEN = re.compile(f"[{HIDDEN}]")
 
 
 def stream_id_problem(stream_id: str) -> str | None:
     """Why ``stream_id`` cannot name a stream (one line), or None when it can:
     1 to :data:`MAX_STREAM_ID` characters and at most
     :data:`MAX_STREAM_ID_ENCODED` bytes percent-encoded, no control character,
-    no lone surrogate, no comma and no white space at either end (``?stream=``
-    and ``since=`` list streams comma-separated and trim each, so such a
-    stream could be neither subscribed to by name nor resumed)."""
+    no invisible format character (:data:`~.text.chars.HIDDEN`: a bidi
+    override shows the id reordered on the page and in logs, a zero-width
+    space makes two ids that look the same), no lone surrogate, no comma and
+    no white space at either end (``?stream=`` and ``since=`` list streams
+    comma-separated and trim each, so such a stream could be neither
+    subscribed to by name nor resumed)."""
     shown = f"{stream_id[:40]!r}{'...' if len(stream_id) > 40 else ''}"
     if not stream_id or len(stream_id) > MAX_STREAM_ID:
         return (f"a stream id has 1 to {MAX_STREAM_ID} characters, got "
                 f"{len(stream_id)}: {shown}")
     if _CONTROL.search(stream_id):
         return f"a stream id holds no control characters, got {stream_id!r}"
+    if _HIDDEN.search(stream_id):
+        # repr() writes them as escapes (they are not printable), so the
+        # message shows where they are.
+        return (f"a stream id holds no invisible format characters (bidi controls, "
+                f"zero-width spaces...), got {stream_id!r}")
     if any("\ud800" <= c <= "\udfff" for c in stream_id):
         # Not text, cannot be sent: a file name's byte that is no UTF-8
         # (Python's surrogateescape), or JSON's "\ud800".

@@ -178,6 +178,8 @@ async def test_bad_first_message_gets_error_then_close(
 @pytest.mark.parametrize(("query", "why"), [
     ("a" * 129, "a stream id has 1 to 128 characters, got 129"),
     ("line%0Abreak", "a stream id holds no control characters, got 'line\\nbreak'"),
+    ("studio%E2%80%AE1", "a stream id holds no invisible format characters (bidi controls, "
+                         "zero-width spaces...), got 'studio\\u202e1'"),
     ("a%2Cb", "a stream id holds no comma (stream lists are comma-separated), got 'a,b'"),
     ("%20talk", "a stream id neither begins nor ends with white space (stream lists trim "
                 "it), got ' talk'"),

@@ -1127,12 +1127,17 @@ async def test_beta_update_and_a_named_stream(scripted: CaptionServer) -> None:
         assert got[-1]["transcript"] == "scripted words"
 
 
-async def test_an_unusable_stream_id_is_refused(scripted: CaptionServer) -> None:
-    url = f"ws://127.0.0.1:{scripted.port}/v1/realtime?intent=transcription&stream={'a' * 129}"
+@pytest.mark.parametrize(("stream", "why"), [
+    ("a" * 129, "a stream id has 1 to 128 characters"),
+    ("rtl%E2%80%8Fmark", "a stream id holds no invisible format characters"),
+])
+async def test_an_unusable_stream_id_is_refused(scripted: CaptionServer, stream: str,
+                                                why: str) -> None:
+    url = f"ws://127.0.0.1:{scripted.port}/v1/realtime?intent=transcription&stream={stream}"
     async with connect(url) as ws:
         err = json.loads(await asyncio.wait_for(ws.recv(), 10))
         assert (err["error"]["code"], err["error"]["param"]) == ("invalid_value", "stream")
-        assert err["error"]["message"].startswith("a stream id has 1 to 128 characters")
+        assert err["error"]["message"].startswith(why)
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 10)
         assert ws.close_code == 1008
