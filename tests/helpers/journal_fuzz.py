@@ -123,7 +123,7 @@ def _caption(rng: random.Random, stream: str, segment: int, seq: int, t: float) 
     for i, w in enumerate(words):
         if rng.random() < 0.2:
             tag = rng.choice(TAGS)
-            tags.append(TagMark(tag, "nonverbal", i, round(t + i * 0.1, 3)))
+            tags.append(TagMark(tag, "non-verbal", i, round(t + i * 0.1, 3)))
             text_parts.append(f"[{tag}]")
         text_parts.append(w)
     plain = " ".join(words)

@@ -296,7 +296,7 @@ def _final(rng: random.Random, stream: str, segment: int, seq: int, t: float) ->
     for i, w in enumerate(words):
         if rng.random() < 0.25:
             tag = rng.choice(TAGS)
-            tags.append(TagMark(tag, "nonverbal", i, round(t + i * 0.1, 3)))
+            tags.append(TagMark(tag, "non-verbal", i, round(t + i * 0.1, 3)))
             parts.append(f"[{tag}]")
         parts.append(w)
     text = " ".join(parts)

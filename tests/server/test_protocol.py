@@ -36,6 +36,7 @@ from evoxtral_stream.server.protocol import (
     parse_epoch,
     parse_ingest_message,
 )
+from evoxtral_stream.text.tags import TagKind
 from tests.docs_schema import validate_message
 
 CAPTION = CaptionEvent(
@@ -278,3 +279,41 @@ def test_ingest_ready_and_progress_match_the_schema() -> None:
     for bad in (0, 1.5, None):
         with pytest.raises(jsonschema.ValidationError):
             validate_message(encode_message("ingest.progress", frames=bad))
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    ({"known": "no"}, "caption tag 'known' is not true or false: 'no'"),
+    ({"known": 0}, "caption tag 'known' is not true or false: 0"),
+    ({"known": None}, "caption tag 'known' is not true or false: None"),
+    ({"known": []}, "caption tag 'known' is not true or false: []"),
+    ({"kind": "mood"}, "caption tag kind 'mood' is none of emotion, non-verbal, delivery, "
+                       "pause, unknown"),
+    ({"kind": "Emotion"}, "caption tag kind 'Emotion' is none of"),
+    ({"index": -1}, "caption tag {"),
+    ({"index": True}, "caption tag {"),
+    ({"t": False}, "caption tag {"),
+])
+def test_a_tag_field_of_the_wrong_type_or_value_is_refused(change: dict[str, object],
+                                                            why: str) -> None:
+    """A tag's ``known`` went through bool(): "no" read as true, [] as
+    false; any ``kind`` was taken, which the schema limits to TagKind's
+    values; an index below 0 or a bool for a number passed too."""
+    obj = caption_to_dict(CAPTION)
+    obj["tags"] = [{**obj["tags"][0], **change}]
+    with pytest.raises(ProtocolError) as err:
+        caption_from_dict(obj)
+    assert err.value.code == "bad_message"
+    assert str(err.value).startswith(why), str(err.value)
+    with pytest.raises(ProtocolError):
+        decode_caption(json.dumps(obj))
+
+
+def test_a_tag_without_known_is_known_and_every_kind_decodes() -> None:
+    obj = caption_to_dict(CAPTION)
+    for kind in TagKind:
+        for known in (True, False):
+            obj["tags"] = [{**obj["tags"][0], "kind": kind.value, "known": known}]
+            assert caption_from_dict(obj).tags[0].known is known
+            assert caption_from_dict(obj).tags[0].kind == kind.value
+    del obj["tags"][0]["known"]
+    assert caption_from_dict(obj).tags[0].known is True

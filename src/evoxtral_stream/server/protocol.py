@@ -28,7 +28,7 @@ from ..events import (
     StreamStarted,
     TagMark,
 )
-from ..text.tags import plain_text
+from ..text.tags import TagKind, plain_text
 
 __all__ = [
     "MAX_INGEST_RATE",
@@ -144,13 +144,19 @@ def encode_error(code: str, message: str, stream: str | None = None) -> str:
     return _dumps({"type": "error", "code": code, "message": message, "stream": stream})
 
 
+#: The values a tag's ``kind`` may take.
+_TAG_KINDS = tuple(kind.value for kind in TagKind)
+
+
 def caption_from_dict(obj: Mapping[str, Any]) -> CaptionEvent:
     """The :class:`CaptionEvent` a caption message carries (inverse of
     :func:`caption_to_dict`); ProtocolError when a field is missing or of the
     wrong type. Fields a reader can do without (``plain_text``, ``stable``,
-    ``unstable``, ``tags``, ``latency``) default when absent; every number
-    that is a time (``start``, ``end``, ``latency``, a tag's ``t``) must be
-    finite (:func:`_finite`)."""
+    ``unstable``, ``tags``, ``latency``, a tag's ``known``) default when
+    absent; every number that is a time (``start``, ``end``, ``latency``, a
+    tag's ``t``) must be finite (:func:`_finite`). A tag's ``kind`` is a
+    :class:`TagKind` value, its ``index`` an integer from 0, its ``known``
+    true or false (as the schema in docs/protocol.md says)."""
     if obj.get("type") != "caption":
         raise ProtocolError("bad_message", "not a caption message")
 
@@ -169,14 +175,25 @@ def caption_from_dict(obj: Mapping[str, Any]) -> CaptionEvent:
     text = field("text", str)
     tags = []
     for t in field("tags", list, []):
+        # bool is an int: true is no index or time.
         if not (isinstance(t, Mapping) and isinstance(t.get("tag"), str)
-                and isinstance(t.get("kind"), str) and isinstance(t.get("index"), int)
-                and isinstance(t.get("t"), int | float)):
+                and isinstance(t.get("kind"), str)
+                and isinstance(t.get("index"), int) and not isinstance(t["index"], bool)
+                and t["index"] >= 0
+                and isinstance(t.get("t"), int | float) and not isinstance(t["t"], bool)):
             raise ProtocolError("bad_message", f"caption tag {t!r} is not a tag object")
         _check_utf8(t["tag"], "caption tag")
         _check_utf8(t["kind"], "caption tag kind")
+        if t["kind"] not in _TAG_KINDS:
+            raise ProtocolError("bad_message", f"caption tag kind {t['kind']!r} is none of "
+                                               f"{', '.join(_TAG_KINDS)}")
+        # Not bool(): "no" would read as true.
+        known = t.get("known", True)
+        if not isinstance(known, bool):
+            raise ProtocolError("bad_message", f"caption tag 'known' is not true or false: "
+                                               f"{known!r}")
         tags.append(TagMark(t["tag"], t["kind"], t["index"], _finite(t["t"], "caption tag 't'"),
-                            bool(t.get("known", True))))
+                            known))
 
     def seconds(key: str) -> float:
         return _finite(field(key, (int, float)), f"caption field {key!r}")
