@@ -87,6 +87,22 @@ def test_bad_values_name_key_value_and_what_is_allowed(overrides: dict[str, obje
     assert message in str(err.value)
 
 
+# Timeouts the engine cannot measure: 0 turns each off, and a positive value
+# below a tenth of a second misfired. worker.stall_timeout_s = 0.01 gave
+# every stream model_stalled error events (and /healthz 503) on each
+# ordinary decode of a few milliseconds (found by tests/test_config_fuzz.py).
+@pytest.mark.parametrize("key", ["audio.stall_timeout_s", "worker.stall_timeout_s"])
+def test_timeouts_are_off_or_at_least_a_tenth_of_a_second(key: str) -> None:
+    for fine in (0, 0.1, 1):
+        section, name = key.split(".")
+        assert getattr(getattr(load_config(overrides={key: fine}, env={}), section),
+                       name) == fine
+    for tiny in (0.001, 0.05, 0.0999):
+        with pytest.raises(ConfigError) as err:
+            load_config(overrides={key: tiny}, env={})
+        assert str(err.value) == f"{key} must be 0 (off) or at least 0.1, got {tiny}"
+
+
 def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml", env={})

@@ -65,6 +65,14 @@ def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
     return {"range": (lo, hi)}
 
 
+def _off_or(least: float, hi: float) -> dict[str, Any]:
+    """Seconds of a limit that 0 turns off, and any other value at least
+    ``least``: below it the limit trips on ordinary work (a model call of a
+    few ms, an audio block, a round trip) and is shorter than the engine's
+    own timers (at most every 0.05 s) can measure."""
+    return {"range": (0.0, hi), "least": least}
+
+
 def _choices(*values: object) -> dict[str, Any]:
     return {"choices": values}
 
@@ -75,15 +83,12 @@ class AudioConfig:
     block_ms: int = field(metadata=_range(5, 200))
     max_pending_blocks: int = field(metadata=_range(1, 10_000))
     file_chunk_ms: int = field(metadata=_range(10, 10_000))
-    stall_timeout_s: float = field(metadata=_range(0.0, 3600.0))
+    stall_timeout_s: float = field(metadata=_off_or(0.1, 3600.0))
     reopen_interval_s: float = field(metadata=_range(0.1, 3600.0))
     channels: tuple[int, ...]
     split_channels: bool
 
     def __post_init__(self) -> None:
-        if 0 < self.stall_timeout_s < 0.1:
-            raise ConfigError("audio.stall_timeout_s must be 0 (off) or at least 0.1, "
-                              f"got {self.stall_timeout_s}")
         bad = [c for c in self.channels if not 1 <= c <= MAX_AUDIO_CHANNEL]
         if bad or len(set(self.channels)) != len(self.channels):
             raise ConfigError("audio.channels must be distinct channel numbers "
@@ -133,7 +138,7 @@ class WorkerConfig:
     max_wait_ms: int = field(metadata=_range(0, 1000))
     restart_limit: int = field(metadata=_range(0, 1000))
     restart_backoff_s: float = field(metadata=_range(0.0, 600.0))
-    stall_timeout_s: float = field(metadata=_range(0.0, 86400.0))
+    stall_timeout_s: float = field(metadata=_off_or(0.1, 86400.0))
     drain_timeout_s: float = field(metadata=_range(0.0, 86400.0))
 
 
@@ -341,6 +346,10 @@ def _check_value(dotted: str, value: object, tp: object, meta: Mapping[str, Any]
         assert isinstance(value, (int, float))
         if (lo is not None and value < lo) or (hi is not None and value > hi):
             raise ConfigError(f"{dotted} must be {lo}..{hi}, got {_shown(dotted, value)}")
+        least = meta.get("least")
+        if least is not None and 0 < value < least:
+            raise ConfigError(f"{dotted} must be 0 (off) or at least {least}, "
+                              f"got {_shown(dotted, value)}")
     if "choices" in meta and value not in meta["choices"]:
         allowed = ", ".join(repr(c) for c in meta["choices"])
         raise ConfigError(f"{dotted} must be one of {allowed}, got {_shown(dotted, value)}")
