@@ -103,6 +103,22 @@ def test_timeouts_are_off_or_at_least_a_tenth_of_a_second(key: str) -> None:
         assert str(err.value) == f"{key} must be 0 (off) or at least 0.1, got {tiny}"
 
 
+# The network's: a lost packet is sent again after 200 ms at the earliest,
+# and a busy server reads it a moment later still. server.idle_timeout_s =
+# 0.005 closed an ingest client sending audio back to back as idle, and
+# 0.1 did so whenever the server was busy for a moment (found by
+# tests/test_config_fuzz.py).
+@pytest.mark.parametrize("key", ["server.idle_timeout_s"])
+def test_network_timeouts_are_off_or_at_least_a_second(key: str) -> None:
+    for fine in (0, 1, 2.5):
+        assert getattr(load_config(overrides={key: fine}, env={}).server,
+                       key.split(".")[1]) == fine
+    for short in (0.001, 0.1, 0.999):
+        with pytest.raises(ConfigError) as err:
+            load_config(overrides={key: short}, env={})
+        assert str(err.value) == f"{key} must be 0 (off) or at least 1.0, got {short}"
+
+
 def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.toml", env={})

@@ -68,8 +68,8 @@ def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
 def _off_or(least: float, hi: float) -> dict[str, Any]:
     """Seconds of a limit that 0 turns off, and any other value at least
     ``least``: below it the limit trips on ordinary work (a model call of a
-    few ms, an audio block, a round trip) and is shorter than the engine's
-    own timers (at most every 0.05 s) can measure."""
+    few ms, a packet the network sends again, a moment of load), or is
+    shorter than the engine's own timers (at most every 0.05 s) measure."""
     return {"range": (0.0, hi), "least": least}
 
 
@@ -243,7 +243,7 @@ class ServerConfig:
     max_ingest_speed: float = field(metadata=_range(0.0, 1000.0))
     # A message of more audio than the burst is always too fast: at 0 every one was.
     ingest_burst_s: float = field(metadata=_range(0.5, 86400.0))
-    idle_timeout_s: float = field(metadata=_range(0.0, 86400.0))
+    idle_timeout_s: float = field(metadata=_off_or(1.0, 86400.0))
     ping_interval_s: float = field(metadata=_range(0.0, 3600.0))
     ping_timeout_s: float = field(metadata=_range(0.0, 3600.0))
     shutdown_flush_s: float = field(metadata=_range(0.0, 300.0))

@@ -130,7 +130,7 @@ async def test_ingest_within_the_speed_limit_is_fine() -> None:
 
 
 async def test_idle_ingest_is_flushed_and_closed() -> None:
-    async with running(**{"server.idle_timeout_s": 0.5}) as server, \
+    async with running(**{"server.idle_timeout_s": 1.0}) as server, \
             ingesting(server, "quiet") as ws:
         loop = asyncio.get_running_loop()
         await ws.send(SECOND)
