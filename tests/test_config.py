@@ -106,9 +106,10 @@ def test_timeouts_are_off_or_at_least_a_tenth_of_a_second(key: str) -> None:
 # The network's: a lost packet is sent again after 200 ms at the earliest,
 # and a busy server reads it a moment later still. server.idle_timeout_s =
 # 0.005 closed an ingest client sending audio back to back as idle, and
-# 0.1 did so whenever the server was busy for a moment (found by
+# 0.1 did so whenever the server was busy for a moment; server.ping_timeout_s
+# = 0.001 dropped live clients with 1011 keepalive ping timeout (found by
 # tests/test_config_fuzz.py).
-@pytest.mark.parametrize("key", ["server.idle_timeout_s"])
+@pytest.mark.parametrize("key", ["server.idle_timeout_s", "server.ping_timeout_s"])
 def test_network_timeouts_are_off_or_at_least_a_second(key: str) -> None:
     for fine in (0, 1, 2.5):
         assert getattr(load_config(overrides={key: fine}, env={}).server,

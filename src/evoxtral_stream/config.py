@@ -245,7 +245,7 @@ class ServerConfig:
     ingest_burst_s: float = field(metadata=_range(0.5, 86400.0))
     idle_timeout_s: float = field(metadata=_off_or(1.0, 86400.0))
     ping_interval_s: float = field(metadata=_range(0.0, 3600.0))
-    ping_timeout_s: float = field(metadata=_range(0.0, 3600.0))
+    ping_timeout_s: float = field(metadata=_off_or(1.0, 3600.0))
     shutdown_flush_s: float = field(metadata=_range(0.0, 300.0))
 
 
