@@ -68,9 +68,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import quote
 
 from _auth import add_token_option, auth_headers, redact_tokens, refusal
+from _url import take_query, with_query
 from viewer import LiveWriter, endpoint, use_color
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -643,7 +643,9 @@ def _nameable(stream: str) -> bool:
 
 
 def _ingest_url(url: str, stream: str | None) -> str:
-    return endpoint(url, "/v1/ingest") + (f"?stream={quote(stream, safe='')}" if stream else "")
+    # The other parameters of url's query (token among them) are kept.
+    return with_query(endpoint(url, "/v1/ingest"), [("stream", stream)] if stream else [],
+                      query_of=url)
 
 
 async def run(url: str, stream: str | None, feed: AudioFeed, writer: LiveWriter, *,
@@ -779,6 +781,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         endpoint(args.url, "/")
+        # ?stream= and ?token= of --url count as the options.
+        given = take_query(args.url, streams=[args.stream] if args.stream else [],
+                           since=None, epoch=None, token=args.token)
+        if len(given.streams) > 1:
+            raise ValueError("--url names more than one stream: a client streams one")
     except ValueError as e:
         parser.error(str(e))
     if args.channels and (args.file or args.list_devices):
@@ -797,7 +804,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         feed: AudioFeed = (FileFeed(read_audio_file(args.file)) if args.file
                            else MicFeed(args.device, channels=args.channels))
-        return asyncio.run(run(args.url, args.stream, feed, writer, token=args.token,
+        return asyncio.run(run(given.url, next(iter(given.streams), None), feed, writer,
+                               token=given.token,
                                language=args.language, reconnect=args.reconnect))
     except AudioInputError as e:
         writer.status(f"error: {e}")

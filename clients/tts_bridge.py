@@ -95,6 +95,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from _auth import add_token_option, auth_headers, install_token_redaction, refusal
+from _url import take_query
 from tts_synth import (
     DEFAULT_BASE_URL,
     ELEVENLABS_MODEL,
@@ -803,19 +804,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Tokens out of the log: --debug shows websockets' handshake lines (the
     # Authorization header among them), and a --url may carry ?token=.
     install_token_redaction()
-    streams = tuple(s for v in args.stream for s in v.split(",") if s)
     try:
         for option, value in (("--max-captions", args.max_captions), ("--queue", args.queue)):
             if value is not None and value < 1:
                 raise ValueError(f"{option} must be at least 1 (got {value})")
+        # ?stream=, ?since=, ?epoch= and ?token= of --url count as the options.
+        given = take_query(args.url, streams=[s for v in args.stream for s in v.split(",") if s],
+                           since=args.since, epoch=args.epoch, token=args.token)
         check_output_folder(args.out)
-        since = parse_since(args.since, streams) if args.since else {}
-        epoch = parse_epoch([args.epoch] if args.epoch is not None else [])
+        since = parse_since(given.since, given.streams) if given.since else {}
+        epoch = parse_epoch([given.epoch] if given.epoch is not None else [])
         synth = _synth_from_args(args)
-        cfg = BridgeConfig(out=args.out, url=args.url, streams=streams,
+        cfg = BridgeConfig(out=args.out, url=given.url, streams=given.streams,
                            since=tuple(since.items()), epoch=epoch, queue_size=args.queue,
                            max_captions=args.max_captions, exit_on_end=args.exit_on_end,
-                           reconnect=not args.no_reconnect, token=args.token,
+                           reconnect=not args.no_reconnect, token=given.token,
                            state=args.state)
         bridge = TtsBridge(cfg, synth)  # reads --state: a damaged one is a bad argument
     except (BridgeError, ValueError) as e:

@@ -31,9 +31,10 @@ import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
-from urllib.parse import quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from _auth import add_token_option, auth_headers, redact_tokens, refusal
+from _url import take_query, with_query
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
@@ -347,7 +348,8 @@ def parse_since(value: str | None, streams: Sequence[str]) -> dict[str, int]:
 def captions_url(base: str, streams: Sequence[str], since: Mapping[str, int],
                  epoch: str | None = None) -> str:
     """The ``/v1/captions`` URL for ``streams`` (all when empty), resuming after
-    ``since``, seqs of the numbering ``epoch`` names (None: unknown)."""
+    ``since``, seqs of the numbering ``epoch`` names (None: unknown); the
+    other parameters of ``base``'s query (``token`` among them) are kept."""
     query: list[tuple[str, str]] = []
     if streams:
         query.append(("stream", ",".join(streams)))
@@ -355,8 +357,7 @@ def captions_url(base: str, streams: Sequence[str], since: Mapping[str, int],
         query.append(("since", ",".join(f"{name}:{seq}" for name, seq in since.items())))
         if epoch is not None:
             query.append(("epoch", epoch))
-    url = endpoint(base, "/v1/captions")
-    return f"{url}?{urlencode(query, safe=':,', quote_via=quote)}" if query else url
+    return with_query(endpoint(base, "/v1/captions"), query, query_of=base)
 
 
 async def watch(base: str, streams: Sequence[str], since: Mapping[str, int],
@@ -522,19 +523,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the viewer; the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    streams = [n for v in args.stream for n in v.split(",") if n]
     try:
-        since = parse_since(args.since, streams)
-        epoch = parse_epoch([args.epoch] if args.epoch is not None else [])
         endpoint(args.url, "/")
+        # ?stream=, ?since=, ?epoch= and ?token= of --url count as the options.
+        given = take_query(args.url, streams=[n for v in args.stream for n in v.split(",") if n],
+                           since=args.since, epoch=args.epoch, token=args.token)
+        streams = list(given.streams)
+        since = parse_since(given.since, streams)
+        epoch = parse_epoch([given.epoch] if given.epoch is not None else [])
     except ValueError as e:
         parser.error(str(e))
     color = use_color(args.color, sys.stdout)
     writer = LiveWriter(sys.stdout, sys.stderr, color=color, live=sys.stdout.isatty(),
                         show_stream=len(streams) != 1)
     try:
-        return asyncio.run(watch(args.url, streams, since, writer,
-                                 exit_on_end=args.exit_on_end, token=args.token,
+        return asyncio.run(watch(given.url, streams, since, writer,
+                                 exit_on_end=args.exit_on_end, token=given.token,
                                  epoch=epoch))
     except KeyboardInterrupt:
         return 0

@@ -545,3 +545,95 @@ async def test_a_failed_connection_does_not_print_a_token_of_the_url(
     assert code == 1, out
     assert "url-secret-1" not in out, out
     assert accepted
+
+
+# --- the query of --url ---------------------------------------------------------------
+
+
+async def _run_script(script: str, tmp_path: Path, *args: str,
+                      timeout: float = 30.0) -> tuple[int, str]:
+    """``script`` (a client in clients/) with ``args`` only, ``$EVOXTRAL_TOKEN``
+    unset, killed after ``timeout``; its exit status and output (-1 when killed)."""
+    import sys
+
+    from tests.clients.conftest import CLIENTS, client_env
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(CLIENTS / script), *args, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT, env=client_env(None), cwd=tmp_path)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        out, _ = await proc.communicate()
+        return -1, out.decode()
+    assert proc.returncode is not None
+    return proc.returncode, out.decode()
+
+
+def _silence_wav(tmp_path: Path) -> Path:
+    import soundfile as sf
+
+    wav = tmp_path / "a.wav"
+    sf.write(wav, np.zeros(16000, np.int16), 16000, subtype="PCM_16")
+    return wav
+
+
+async def test_every_client_sends_what_the_query_of_its_url_asks_for(
+        tmp_path: Path, guarded: tuple[Engine, CaptionServer]) -> None:
+    """A URL copied from docs/protocol.md, ``?token=`` and ``?stream=`` (and
+    ``?since=``) in its query, with no --token: viewer.py and mic_client.py
+    dropped the query, and so got a 401 ("pass --token") for a token they
+    were given; tts_bridge.py dropped all of it but the token. Each now
+    takes them as it takes its options."""
+    from tests.clients.conftest import INGEST_TOKEN, SUBSCRIBE_TOKEN
+
+    _, server = guarded
+    base = f"ws://127.0.0.1:{server.port}"
+    publish_finals(server, "talk", ["one."])
+    publish_finals(server, "quiet", [])  # the bridge would have to speak a final
+    code, out = await _run_script(
+        "viewer.py", tmp_path, "--url", f"{base}/v1/captions?stream=talk&since=0&token="
+        f"{SUBSCRIBE_TOKEN}", "--exit-on-end", "--no-color")
+    assert code == 0, out
+    assert "[0:00.0 → 0:00.5] one." in out and SUBSCRIBE_TOKEN not in out, out
+    code, out = await _run_script(
+        "mic_client.py", tmp_path, "--url", f"{base}/?token={INGEST_TOKEN}&stream=desk",
+        "--file", str(_silence_wav(tmp_path)), "--no-reconnect", "--no-color")
+    assert code == 0, out
+    assert "desk: 1.0 s of audio" in out and INGEST_TOKEN not in out, out
+    # No final comes: ElevenLabs with a key that is never used needs nothing installed.
+    code, out = await _run_script(
+        "tts_bridge.py", tmp_path, "--url", f"{base}/v1/captions?stream=quiet&since=0&token="
+        f"{SUBSCRIBE_TOKEN}", "--exit-on-end", "--out", str(tmp_path / "out"),
+        "--mode", "elevenlabs", "--voice", "v", "--api-key", "k", "--no-reconnect")
+    assert code == 0, out
+    assert SUBSCRIBE_TOKEN not in out, out
+
+
+@pytest.mark.parametrize("script", CLIENT_SCRIPTS)
+@pytest.mark.parametrize(("query", "args", "message"), [
+    ("?stream=a", ["--stream", "b"],
+     "--url asks for ?stream='a' and --stream for 'b': name the streams in one place"),
+    ("?token=url-secret-1", ["--token", "option-secret-2"],
+     "--url carries a ?token= other than --token (or $EVOXTRAL_TOKEN): give one token"),
+], ids=["stream", "token"])
+async def test_a_url_query_that_contradicts_an_option_is_a_bad_argument(
+        tmp_path: Path, script: str, query: str, args: list[str], message: str) -> None:
+    """``?stream=a`` and ``--stream b``: one of them was not meant. The
+    clients used to drop the URL's side silently (and connect); each now
+    refuses before connecting, quoting no token."""
+    server, accepted = await _hang_up_server()
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        more = (["--file", str(_silence_wav(tmp_path)), "--no-reconnect"]
+                if script == "mic_client.py" else
+                ["--out", str(tmp_path / "out"), "--mode", "elevenlabs", "--voice", "v",
+                 "--api-key", "k", "--no-reconnect"] if script == "tts_bridge.py" else [])
+        code, out = await _run_script(script, tmp_path, "--url",
+                                      f"ws://127.0.0.1:{port}/v1/captions{query}",
+                                      *args, *more)
+    assert code == 2, out
+    assert message in out, out
+    assert "secret" not in out, out
+    assert not accepted

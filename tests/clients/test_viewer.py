@@ -376,6 +376,9 @@ def test_urls_and_since() -> None:
     assert captions_url("ws://h:1", [], {"a": 3}, "e1") == \
         "ws://h:1/v1/captions?since=a:3&epoch=e1"
     assert captions_url("ws://h:1", ["a"], {}, "e1") == "ws://h:1/v1/captions?stream=a"
+    # The URL's other parameters go along; its own ones are the arguments'.
+    assert captions_url("ws://h:1/?token=t&x=a%20b&stream=old&since=old:1", ["a"], {}) == \
+        "ws://h:1/v1/captions?token=t&x=a%20b&stream=a"
 
 
 # --- the script against a real server -------------------------------------------------

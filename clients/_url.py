@@ -1,0 +1,112 @@
+"""``--url`` of the command-line clients, and the query it may carry.
+
+A URL copied from docs/protocol.md may carry what the server reads from a
+query: ``?token=`` (every path), ``?stream=`` and, on ``/v1/captions``,
+``?since=`` and ``?epoch=``. Each client takes them as if given by their
+options (:func:`take_query`): the parameters of its own (``stream``,
+``since``, ``epoch``) it then sets itself on every connection, the token
+goes in the ``Authorization`` header as ``--token``'s does, and every other
+parameter is sent on as it is (:func:`with_query`). A parameter that says
+something else than its option is a bad argument, not a silent choice of one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+from _auth import TOKEN_ENV
+
+from evoxtral_stream.server.auth import printable_ascii
+
+__all__ = ["OWN_PARAMETERS", "UrlQuery", "take_query", "with_query"]
+
+#: The query parameters a client sets itself, from its options.
+OWN_PARAMETERS = ("stream", "since", "epoch")
+
+
+@dataclass(frozen=True)
+class UrlQuery:
+    """``--url`` merged with the options: ``url`` holds only the parameters
+    no option stands for; the rest are the options' values, or the URL's
+    where the option was not given."""
+
+    url: str
+    streams: tuple[str, ...]
+    since: str | None
+    epoch: str | None
+    token: str | None
+
+
+def _query(url: str) -> list[tuple[str, str]]:
+    try:
+        # Strict, as the server decodes it: it refuses a query that is not UTF-8.
+        return parse_qsl(urlsplit(url).query, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError("the query of --url is not UTF-8 once percent-decoded") from None
+
+
+def take_query(url: str, *, streams: Sequence[str], since: str | None, epoch: str | None,
+               token: str | None) -> UrlQuery:
+    """Merge the query of ``url`` with the options given (``streams``: the
+    ``--stream`` ids, split on commas; ``token``: ``--token`` or
+    ``$EVOXTRAL_TOKEN``).
+
+    Raises ValueError, for people and never quoting a token, when the URL
+    and an option disagree (``?stream=a`` and ``--stream b``; the same
+    streams in another order agree), when the URL gives ``epoch`` or
+    ``token`` twice, or a token that is not printable ASCII.
+    """
+    query = _query(url)
+    values: dict[str, list[str]] = {}
+    for key, value in query:
+        values.setdefault(key, []).append(value)
+    # Items trimmed and blank ones dropped, as the server reads them.
+    url_streams = tuple(dict.fromkeys(
+        n for v in values.get("stream", []) for n in (x.strip() for x in v.split(",")) if n))
+    if url_streams and streams and set(url_streams) != set(streams):
+        raise ValueError(f"--url asks for ?stream={','.join(url_streams)!r} and --stream for "
+                         f"{','.join(streams)!r}: name the streams in one place")
+    url_since = ",".join(v for v in values.get("since", []) if v.strip()) or None
+    if url_since is not None and since is not None and url_since != since:
+        raise ValueError(f"--url asks for ?since={url_since!r} and --since for {since!r}: "
+                         "give it in one place")
+    epochs = values.get("epoch", [])
+    if len(epochs) > 1:
+        raise ValueError("--url gives ?epoch= more than once")
+    url_epoch = epochs[0] if epochs else None
+    if url_epoch is not None and epoch is not None and url_epoch != epoch:
+        raise ValueError(f"--url asks for ?epoch={url_epoch!r} and --epoch for {epoch!r}: "
+                         "give it in one place")
+    tokens = {t.strip() for t in values.get("token", [])} - {""}
+    if len(tokens) > 1:
+        raise ValueError("--url gives ?token= more than once, each a different token")
+    url_token = next(iter(tokens), None)
+    if url_token is not None and not printable_ascii(url_token):
+        raise ValueError("the ?token= of --url must be printable ASCII: the client sends "
+                         "it in an HTTP header")
+    mine = (token or "").strip() or None
+    if url_token is not None and mine is not None and url_token != mine:
+        raise ValueError(f"--url carries a ?token= other than --token (or ${TOKEN_ENV}): "
+                         "give one token")
+    rest = [(k, v) for k, v in query if k not in (*OWN_PARAMETERS, "token")]
+    return UrlQuery(url=_replace_query(url, rest), streams=tuple(streams) or url_streams,
+                    since=since if since is not None else url_since,
+                    epoch=epoch if epoch is not None else url_epoch,
+                    token=token if mine is not None else url_token)
+
+
+def _replace_query(url: str, query: Sequence[tuple[str, str]]) -> str:
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, parts.path,
+                       urlencode(query, safe=":,", quote_via=quote), ""))
+
+
+def with_query(url: str, own: Sequence[tuple[str, str]], *, query_of: str | None = None
+               ) -> str:
+    """``url`` with the query of ``query_of`` (default: ``url``) less its
+    :data:`OWN_PARAMETERS`, then ``own``'s parameters."""
+    kept = [(k, v) for k, v in _query(url if query_of is None else query_of)
+            if k not in OWN_PARAMETERS]
+    return _replace_query(url, [*kept, *own])
