@@ -8,6 +8,7 @@ options (:func:`take_query`): the parameters of its own (``stream``,
 goes in the ``Authorization`` header as ``--token``'s does, and every other
 parameter is sent on as it is (:func:`with_query`). A parameter that says
 something else than its option is a bad argument, not a silent choice of one.
+So is a ``user:password@``: the server takes no HTTP Basic auth.
 """
 
 from __future__ import annotations
@@ -53,11 +54,17 @@ def take_query(url: str, *, streams: Sequence[str], since: str | None, epoch: st
     ``--stream`` ids, split on commas; ``token``: ``--token`` or
     ``$EVOXTRAL_TOKEN``).
 
-    Raises ValueError, for people and never quoting a token, when the URL
-    and an option disagree (``?stream=a`` and ``--stream b``; the same
-    streams in another order agree), when the URL gives ``epoch`` or
-    ``token`` twice, or a token that is not printable ASCII.
+    Raises ValueError, for people and never quoting a token, for a URL
+    with a ``user:password@``, when the URL and an option disagree
+    (``?stream=a`` and ``--stream b``; the same streams in another order
+    agree), when the URL gives ``epoch`` or ``token`` twice, or a token
+    that is not printable ASCII.
     """
+    # websockets would send it as HTTP Basic auth, which the server ignores;
+    # and with a token, as a second Authorization header, which it refuses.
+    if urlsplit(url if "://" in url else f"ws://{url}").netloc.rpartition("@")[1]:
+        raise ValueError("--url holds a user name (user:password@): the server takes no "
+                         f"HTTP Basic auth; give a token with --token or ${TOKEN_ENV}")
     query = _query(url)
     values: dict[str, list[str]] = {}
     for key, value in query:

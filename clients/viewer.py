@@ -333,7 +333,7 @@ def endpoint(url: str, path: str) -> str:
     parts = urlsplit(url if "://" in url else f"ws://{url}")
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
     if scheme not in ("ws", "wss") or not parts.netloc:
-        raise ValueError(f"not a ws://HOST:PORT URL: {url!r}")
+        raise ValueError(redact_tokens(f"not a ws://HOST:PORT URL: {url!r}"))
     return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 

@@ -637,3 +637,41 @@ async def test_a_url_query_that_contradicts_an_option_is_a_bad_argument(
     assert message in out, out
     assert "secret" not in out, out
     assert not accepted
+
+
+@pytest.mark.parametrize("script", CLIENT_SCRIPTS)
+@pytest.mark.parametrize("userinfo", ["ann:pw-secret-3@", "pw-secret-3@"],
+                         ids=["user-password", "user-alone"])
+async def test_a_url_with_a_user_and_password_is_refused_unechoed(
+        tmp_path: Path, script: str, userinfo: str) -> None:
+    """``ws://user:pass@host``: websockets sends it as HTTP Basic auth, which
+    the server does not take (a token is Bearer, ?token= or a subprotocol),
+    and every client printed the password in its "cannot connect to URL"
+    line. Each now refuses such a URL before connecting, as a bad argument,
+    quoting neither."""
+    server, accepted = await _hang_up_server()
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        more = (["--file", str(_silence_wav(tmp_path)), "--no-reconnect"]
+                if script == "mic_client.py" else
+                ["--out", str(tmp_path / "out"), "--mode", "elevenlabs", "--voice", "v",
+                 "--api-key", "k", "--no-reconnect"] if script == "tts_bridge.py" else [])
+        code, out = await _run_script(script, tmp_path, "--url",
+                                      f"ws://{userinfo}127.0.0.1:{port}/v1/captions", *more)
+    assert code == 2, out
+    assert ("--url holds a user name (user:password@): the server takes no HTTP Basic "
+            "auth; give a token with --token or $EVOXTRAL_TOKEN") in out, out
+    assert "secret" not in out, out
+    assert not accepted
+
+
+async def test_the_viewer_redacts_a_password_of_its_url(tmp_path: Path) -> None:
+    """What prints a URL redacts its password, for a caller of watch() too."""
+    server, _ = await _hang_up_server()
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        err = io.StringIO()
+        writer = LiveWriter(io.StringIO(), err, color=False, live=False, show_stream=True)
+        assert await watch(f"ws://ann:pw-secret-3@127.0.0.1:{port}", [], {}, writer) == 1
+    assert f"cannot connect to ws://ann:***@127.0.0.1:{port}/v1/captions" in err.getvalue()
+    assert "secret" not in err.getvalue()

@@ -236,8 +236,16 @@ def test_token_entries_load_with_defaults() -> None:
     ("['ws://h/?token=s3cr3t', 'x']", "['ws://h/?token=***', 'x']"),
     ("got 'evoxtral.token.s3cr3t')", "got 'evoxtral.token.***')"),
     ("?token=it's-s3cr3t and more", "?token=*** and more"),
+    # The password of a URL's userinfo (websockets sends it as Basic auth);
+    # the user name stays, unless it stands alone (it may be a token).
+    ("cannot connect to ws://ann:s3cr3t@h:1/v1/captions: refused",
+     "cannot connect to ws://ann:***@h:1/v1/captions: refused"),
+    ("not a ws://HOST:PORT URL: 'ftp://ann:s3cr3t@h'", "not a ws://HOST:PORT URL: 'ftp://ann:***@h'"),
+    ("wss://ann:it's@s3cr3t@h/x?y=1", "wss://ann:***@h/x?y=1"),
+    ("ws://s3cr3t@h isn't a valid URI", "ws://***@h isn't a valid URI"),
     # Nothing to redact: unchanged.
     ("< Host: 127.0.0.1:8765", "< Host: 127.0.0.1:8765"),
+    ("mail ann@example.org at ws://h:1/a@b", "mail ann@example.org at ws://h:1/a@b"),
     ("< GET /v1/captions?stream=token HTTP/1.1", "< GET /v1/captions?stream=token HTTP/1.1"),
     ("< GET /v1/captions?tokens=x&xtoken=y HTTP/1.1",
      "< GET /v1/captions?tokens=x&xtoken=y HTTP/1.1"),

@@ -485,20 +485,30 @@ _QUERY = re.compile(r"(?P<head>[?&]" + _QUERY_KEY + r"=)"
                     r"(?P<secret>(?:(?!" + _CLOSING_QUOTE + r")[^&#\s])+)", re.IGNORECASE)
 
 
+# The userinfo of a URL (``ws://user:password@host``), which websockets sends
+# as HTTP Basic auth: the password, up to the last ``@`` before the path (a
+# password may hold an ``@``), or a user name alone (it may be a token). One
+# redacted already (the config's ``<redacted>@``, see redact_host) stays so.
+_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://(?:[^\s/?#@:'\"]*:)?)"
+                       r"(?!(?:<redacted>|\*\*\*)@)"
+                       r"(?P<secret>(?:(?!" + _CLOSING_QUOTE + r")[^\s/?#])*)@")
+
+
 def redact_tokens(text: str) -> str:
     """``text`` with every token it carries replaced by :data:`REDACTED`.
 
     Covers the three carriers: ``Authorization`` values of any scheme (the
     scheme is kept; ``Proxy-Authorization`` too; any case), the part after
     ``evoxtral.token.`` (or OpenAI's ``openai-insecure-api-key.``) of a
-    subprotocol, and ``token=`` query values; a quote that closes a quoted
+    subprotocol, ``token=`` query values, and the password of a URL's
+    ``user:password@`` (a user name alone too); a quote that closes a quoted
     URL or name stays (``got '...?token=***'``). Errs on the side of
     redacting: prose such as ``Authorization: Bearer TOKEN`` is redacted as
     well.
     """
     for pattern in (_AUTH_LINE, _AUTH_INLINE, _SUBPROTOCOL, _QUERY):
         text = pattern.sub(lambda m: m["head"] + REDACTED, text)
-    return text
+    return _USERINFO.sub(lambda m: m["head"] + REDACTED + "@", text)
 
 
 class RedactTokens(logging.Filter):
