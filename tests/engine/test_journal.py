@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import json
@@ -21,6 +22,7 @@ import numpy as np
 import pytest
 
 from evoxtral_stream.config import Config, JournalConfig, load_config
+from evoxtral_stream.engine import journal as journal_module
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.engine.journal import (
     CLOCK_SLACK_S,
@@ -29,8 +31,11 @@ from evoxtral_stream.engine.journal import (
     SEQ_RESERVE_BLOCK,
     Journal,
     JournalFile,
+    Replay,
     decode_line,
+    decode_lost,
     decode_record,
+    encode_lost,
     encode_record,
     expired,
     file_age,
@@ -1863,12 +1868,13 @@ def test_a_rotation_cut_short_by_the_disk_loses_no_later_final(tmp_path: Path) -
     journal.close()
     restarted = Journal(cfg)
     assert restarted.restore() == {"s": 1 + SEQ_RESERVE_BLOCK}
-    replay = restarted.replay("s", seq - 1)
-    assert replay is not None
-    assert [r.seq for r in replay.records] == list(range(seq + 1, seq + 4))
-    replay = restarted.replay("s", 0)
-    assert replay is not None
-    assert [r.seq for r in replay.records] == [*range(1, seq), *range(seq + 1, seq + 4)]
+    # The final whose rotation the disk refused never reached a file: a
+    # resume from before it gets a gap up to it (its loss was recorded).
+    for since in (0, seq - 1):
+        replay = restarted.replay("s", since)
+        assert replay is not None
+        assert [r.seq for r in replay.records] == list(range(seq + 1, seq + 4))
+        assert replay.covered_from == seq + 1
     restarted.close()
 
 
@@ -1895,3 +1901,216 @@ def test_a_pruned_entry_after_one_the_disk_cut_short_is_kept(
     # after it is whole.
     assert (again.last_seq("first"), again.last_seq("next")) == (3, 7)
     again.close()
+
+
+# --- a final the disk refused whole ---------------------------------------------------
+
+
+@pytest.mark.parametrize("words", [3, 1000])   # a line within the file's buffer, and past it
+async def test_a_final_the_disk_refused_whole_is_a_gap_after_a_restart(
+        tmp_path: Path, words: int) -> None:
+    """The disk refused every byte of a final (full before it, EIO): it was
+    sent live and reported, but a resume after a restart replayed the finals
+    around it with no gap, skipping it silently. A line within the file's
+    buffer stays there and is written with the next line (then it is
+    replayed); one past the buffer is dropped, and the journal records the
+    loss with its next line."""
+    events: list[EngineEvent] = []
+    text = "word " * words
+    async with Engine(config(tmp_path), ScriptedBackend(lambda a: text)) as engine:
+        journal = engine.journal
+        assert journal is not None
+        append = journal.append
+        calls = [0]
+
+        def refused(event: CaptionEvent) -> None:
+            calls[0] += 1
+            if calls[0] != 2:
+                return append(event)
+            [path] = (tmp_path / "j").glob("mic.*.jsonl")
+            with disk_full_after(path.stat().st_size):    # not one byte more
+                return append(event)
+
+        journal.append = refused  # type: ignore[method-assign]
+        engine.add_listener(events.append)
+        await run_stream(engine, "mic", 4)
+    finals = [e for e in events if isinstance(e, CaptionEvent) and e.final]
+    errors = [e for e in events if isinstance(e, StreamError)]
+    assert [f.seq for f in finals] == [1, 2, 3, 4]            # all sent live
+    assert [(e.code, e.segment) for e in errors] == [("journal_failed", finals[1].segment)]
+    restarted = Journal(config(tmp_path).journal)
+    assert restarted.restore()["mic"] >= 4
+    b = Broadcaster(16, encode_event, history=100, source=restarted)
+    for since in (0, 1):
+        backlog = [json.loads(m) for m in b.subscribe(since={"mic": since}).backlog]
+        kinds = [(m["type"], m.get("seq")) for m in backlog]
+        if words == 3:      # written with the next line: nothing is missing
+            assert kinds == [("caption", s) for s in range(since + 1, 5)] + [
+                ("stream.ended", None)]
+        else:
+            assert backlog[0] == {"type": "gap", "stream": "mic", "from": since + 1, "to": 2}
+            assert kinds[1:] == [("caption", 3), ("caption", 4), ("stream.ended", None)]
+    # A resume from past the lost final is no gap.
+    backlog = [json.loads(m) for m in b.subscribe(since={"mic": 2}).backlog]
+    assert [(m["type"], m.get("seq")) for m in backlog] == [
+        ("caption", 3), ("caption", 4), ("stream.ended", None)]
+    restarted.close()
+
+
+LONG = "word " * 2000
+"""A final's text whose line is longer than the file's 8 KiB buffer: a write
+of it the disk refuses is dropped, not kept for the next flush."""
+
+
+def refuse(journal: Journal, event: CaptionEvent, folder: Path) -> None:
+    """Append ``event`` with the disk full before its first byte."""
+    files = list(folder.glob(f"{event.stream}.*.jsonl"))
+    size = files[0].stat().st_size if files else 0
+    with disk_full_after(size), pytest.raises(OSError, match="too large"):
+        journal.append(event)
+
+
+def records_of(tmp: Path, stream: str) -> list[dict[str, object]]:
+    """Every non-blank journal line of ``stream`` (one file), decoded."""
+    [path] = (tmp / "j").glob(f"{stream}.*.jsonl")
+    return [json.loads(x) for x in path.read_text().splitlines() if x]
+
+
+def test_loss_records_round_trip_and_malformed_ones_are_damage() -> None:
+    line = encode_lost("mic", (2, 3), 5)
+    assert json.loads(line) == {"type": "seq.lost", "stream": "mic", "seqs": [2, 3], "seq": 5}
+    lost = decode_lost(line)
+    assert lost is not None and (lost.stream, lost.seqs, lost.seq) == ("mic", (2, 3), 5)
+    for bad in ([], [3, 2], [2, 2], [0, 1], [True], ["2"], "2", None):
+        assert decode_line(json.dumps({"type": "seq.lost", "stream": "m", "seqs": bad,
+                                       "seq": 5})) is None, bad
+    assert decode_line('{"type":"seq.lost","stream":"m","seqs":[2,6],"seq":5}') is None
+    assert decode_line('{"type":"seq.lost","stream":"m","seqs":[2]}') is None
+
+
+def test_finals_refused_in_a_row_are_one_loss_record_and_a_gap(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A disk full for a while refused finals 2, 3 and 5 whole (4 was a
+    partial): the next line the disk took comes after one loss record, and
+    a resume from before any of them gets a gap up to the one after them."""
+    cfg = config(tmp_path).journal
+    folder = tmp_path / "j"
+    journal = Journal(cfg)
+    journal.restore()
+    journal.append(caption("s", 1))
+    for seq in (2, 3, 5):
+        refuse(journal, caption("s", seq, text=LONG), folder)
+    journal.append(caption("s", 6))
+    journal.append(caption("s", 7))
+    assert [(x["type"], x.get("seq")) for x in records_of(tmp_path, "s")] == [
+        ("caption", 1), ("seq.lost", 5), ("caption", 6), ("caption", 7)]
+    assert records_of(tmp_path, "s")[1]["seqs"] == [2, 3, 5]
+    journal.close()
+    with caplog.at_level(logging.WARNING):
+        restarted = Journal(cfg)
+        assert restarted.restore() == {"s": 7}
+        for since, covered in ((0, 6), (1, 6), (4, 6), (5, 1), (6, 1)):
+            replay = restarted.replay("s", since)
+            assert replay is not None
+            assert ([r.seq for r in replay.records], replay.covered_from) == (
+                [s for s in (6, 7) if s > since], covered), since
+        # Only what was asked for counts: finals lost at or past `before`
+        # come from elsewhere (the broadcaster's retained ones).
+        assert restarted.replay("s", 0, before=3) == Replay((), 3)
+        replay = restarted.replay("s", 0, before=2)
+        assert replay is not None
+        assert ([r.seq for r in replay.records], replay.covered_from) == ([1], 1)
+    assert not caplog.records                       # a loss record is no damage
+    b = Broadcaster(16, encode_event, history=100, source=restarted)
+    backlog = [json.loads(m) for m in b.subscribe(since={"s": 1}).backlog]
+    assert backlog[0] == {"type": "gap", "stream": "s", "from": 2, "to": 5}
+    assert [m["seq"] for m in backlog[1:]] == [6, 7]
+    restarted.close()
+
+
+def test_a_stream_that_ends_after_a_refused_final_still_gets_the_gap(
+        tmp_path: Path) -> None:
+    cfg = config(tmp_path).journal
+    journal = Journal(cfg)
+    journal.restore()
+    journal.append(caption("e", 1))
+    refuse(journal, caption("e", 2, text=LONG), tmp_path / "j")
+    end = StreamEnded("e", 2.0, 2, 2)
+    journal.end(end)                                 # its loss record first
+    # A stream whose every final was refused gets one too (and a file).
+    refuse(journal, caption("only", 1, text=LONG), tmp_path / "j")
+    journal.end(StreamEnded("only", 1.0, 1, 1))
+    journal.close()
+    restarted = Journal(cfg)
+    assert restarted.restore() == {"e": 2, "only": 1}
+    assert restarted.replay("e", 0) == Replay((), 3, encode_event(end))
+    assert restarted.replay("e", 2) == Replay((), 1, encode_event(end))
+    b = Broadcaster(16, encode_event, history=100, source=restarted)
+    backlog = [json.loads(m) for m in b.subscribe(since={"e": 0, "only": 0}).backlog]
+    assert [(m["type"], m["stream"], m.get("from"), m.get("to")) for m in backlog] == [
+        ("gap", "e", 1, 2), ("stream.ended", "e", None, None),
+        ("gap", "only", 1, 1), ("stream.ended", "only", None, None)]
+    restarted.close()
+
+
+def test_a_loss_is_recorded_at_close_or_else_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream that writes nothing after a refused final has its loss
+    recorded when the journal closes; with the disk still full then, it is
+    lost with the process, and an error says so. Only LOST_STREAMS streams'
+    losses are kept, the latest; past that one is forgotten, logged."""
+    monkeypatch.setattr(journal_module, "LOST_STREAMS", 2)
+    cfg = config(tmp_path).journal
+    folder = tmp_path / "j"
+    journal = Journal(cfg)
+    journal.restore()
+    for stream in ("quiet", "gone", "kept"):
+        journal.append(caption(stream, 1))
+    # kept's file is the largest: a limit at its size leaves room for the others.
+    journal.append(caption("kept", 2, text="more words " * 20))
+    with caplog.at_level(logging.ERROR):
+        for stream in ("gone", "quiet", "kept"):
+            refuse(journal, caption(stream, 3, text=LONG), folder)
+    assert "forgetting that the final(s) of gone up to seq 3" in caplog.text
+    caplog.clear()
+    [kept] = folder.glob("kept.*.jsonl")
+    with caplog.at_level(logging.ERROR), disk_full_after(kept.stat().st_size):
+        journal.release("kept")     # closed: the loss opens it again at close
+        with contextlib.suppress(OSError):
+            journal.close()
+    assert journal.open_files == 0
+    assert "cannot record that the final(s) of kept up to seq 3" in caplog.text
+    assert "quiet" not in caplog.text
+    restarted = Journal(cfg)
+    restarted.restore()
+    assert restarted.replay("quiet", 0) == Replay((), 4)
+    for stream, seqs in (("gone", [1]), ("kept", [1, 2])):   # no gap: documented
+        replay = restarted.replay(stream, 0)
+        assert replay is not None and ([r.seq for r in replay.records],
+                                       replay.covered_from) == (seqs, 1)
+    restarted.close()
+
+
+def test_loss_records_list_the_first_lost_and_the_highest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal_module, "LOST_LISTED", 2)
+    cfg = config(tmp_path).journal
+    journal = Journal(cfg)
+    journal.restore()
+    journal.append(caption("s", 1))
+    for seq in (2, 3, 5, 7):
+        refuse(journal, caption("s", seq, text=LONG), tmp_path / "j")
+    journal.append(caption("s", 9))
+    journal.close()
+    assert records_of(tmp_path, "s")[1] == {"type": "seq.lost", "stream": "s",
+                                            "seqs": [2, 3], "seq": 7}
+    restarted = Journal(cfg)
+    assert restarted.restore() == {"s": 9}
+    # Which of 4 to 7 were lost is not known: a resume from any of them
+    # before 7 gets a gap up to 7.
+    for since, covered in ((0, 8), (3, 8), (6, 8), (7, 1)):
+        replay = restarted.replay("s", since)
+        assert replay is not None and replay.covered_from == covered, since
+        assert [r.seq for r in replay.records] == [9]
+    restarted.close()

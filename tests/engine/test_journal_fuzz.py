@@ -17,8 +17,9 @@ from tests.helpers.journal_fuzz import check, damage, write_journal
 
 # 8: a journal file copied as "copy of ..."; 14: a zeroed line in a rotated
 # file, before finals left whole; 41: a line longer than the file's buffer
-# cut short by a full disk, then finals written whole.
-SEEDS = fuzz_seeds([*range(9), 14, 41])
+# cut short by a full disk, then finals written whole; 81: a final the disk
+# refused whole, between finals written.
+SEEDS = fuzz_seeds([*range(9), 14, 41, 81])
 
 
 @pytest.mark.parametrize("seed", SEEDS)

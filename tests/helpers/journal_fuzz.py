@@ -6,9 +6,11 @@ random streams (unicode ids, ids that look like file names), sessions that
 end or are cut by a restart, finals with tags and unicode, seq reservations,
 rotations by size and by age, retention, and finals that a full disk cuts
 short as they are written (a real one: the file size limit, at a random
-byte of the line; some lines longer than the file's buffer), after which
-the writer goes on. It checks what the writer left
-(:attr:`Written.problems`) against what it was given.
+byte of the line, or before its first; some lines longer than the file's
+buffer), after which the writer goes on. It checks what the writer left
+(:attr:`Written.problems`) against what it was given, a final that no file
+holds whole (the disk refused it) included: a replay from before it
+announces it (``covered_from`` past it).
 
 :func:`damage` then does to the folder, at random, what a real disk and
 its operators do: truncate a file at a random byte (mid-line, mid-UTF-8
@@ -53,6 +55,7 @@ from evoxtral_stream.engine.journal import (
     LOCK_FILE,
     PRUNED_FILE,
     Journal,
+    LostRecord,
     Replay,
     decode_line,
     encode_record,
@@ -94,6 +97,11 @@ class Written:
     raised): their files may hold them whole (then they are in
     :attr:`lines` too, once the writer is done), a fragment (a damaged
     line) or nothing of them."""
+    refused: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
+    """As :attr:`failed`, since the stream's files were last pruned."""
+    lost: dict[str, list[int]] = field(default_factory=dict)
+    """The seqs of :attr:`refused` finals that no file holds whole, once
+    the writer is done: the journal recorded their loss."""
 
 
 @dataclass
@@ -172,6 +180,7 @@ def write_journal(seed: int, folder: Path) -> Written:
     # Disk faults draw from a random of their own, so that the seeds' other
     # draws stay as they were.
     faults = random.Random(seed * 104_729 + 3)
+    whole = random.Random(seed * 7 + 11)   # which faults refuse a line whole
     live: dict[str, int] = {}   # stream: its next segment
     t: dict[str, float] = {}
 
@@ -179,6 +188,7 @@ def write_journal(seed: int, folder: Path) -> Written:
         for s in pool:
             if not _files_of(folder, s):
                 w.lines[s].clear()
+                w.refused.pop(s, None)
 
     for _ in range(rng.randint(30, 120)):
         act = rng.random()
@@ -191,9 +201,11 @@ def write_journal(seed: int, folder: Path) -> Written:
             for partial in range(last + 1, seq + 1):   # partials are reserved too
                 journal.reserve(stream, partial)
             event = _caption(rng, stream, live[stream], seq, t[stream])
-            event, appended = _append(journal, event, faults, folder)
+            event, appended = _append(journal, event, faults, whole, folder)
             (w.lines if appended else w.failed).setdefault(stream, []).append(
                 (seq, encode_record(event)))
+            if not appended:
+                w.refused.setdefault(stream, []).append((seq, encode_record(event)))
             live[stream] += 1
             t[stream] = event.end + rng.random()
             _touch(folder, stream, now[0])
@@ -226,10 +238,11 @@ def write_journal(seed: int, folder: Path) -> Written:
 
 
 def _append(journal: Journal, event: CaptionEvent, faults: random.Random,
-            folder: Path) -> tuple[CaptionEvent, bool]:
+            whole: random.Random, folder: Path) -> tuple[CaptionEvent, bool]:
     """Append ``event``, now and then with the disk full at a random byte
-    of its line (half of those made longer than the file's 8 KiB buffer);
-    the final appended and whether the append succeeded (else it raised)."""
+    of its line, or (a third of those, drawn from ``whole``) before its
+    first (half of them made longer than the file's 8 KiB buffer); the
+    final appended and whether the append succeeded (else it raised)."""
     if faults.random() >= 0.08:
         journal.append(event)
         return event, True
@@ -237,8 +250,11 @@ def _append(journal: Journal, event: CaptionEvent, faults: random.Random,
         event = dataclasses.replace(event, text=event.text + " long words" * 900)
     files = _files_of(folder, event.stream)
     size = files[-1].stat().st_size if files else 0
+    at = faults.randrange(len(encode_record(event)) + 1)
+    if whole.random() < 1 / 3:
+        at = 0
     try:
-        with disk_full_after(size + faults.randrange(len(encode_record(event)) + 1)):
+        with disk_full_after(size + at):
             journal.append(event)
     except OSError:
         return event, False
@@ -257,6 +273,7 @@ def _settle_failed(w: Written) -> None:
             if line in held:
                 w.lines[stream].append((seq, line))
         w.lines[stream].sort(key=lambda x: x[0])
+        w.lost[stream] = [seq for seq, line in w.refused.get(stream, []) if line not in held]
 
 
 def _reader(w: Written) -> Journal:
@@ -275,6 +292,15 @@ def _check_written(w: Written) -> None:
         for stream, lines in w.lines.items():
             w.problems += [f"{stream!r}: {p}"
                            for p in _suffix_problems(reader.replay(stream, 0), lines)]
+        # A final the disk refused is announced, never skipped silently.
+        for stream, lost in w.lost.items():
+            for seq in lost:
+                replay = reader.replay(stream, seq - 1)
+                if replay is None or replay.covered_from <= seq:
+                    w.problems.append(
+                        f"{stream!r}: final {seq}, which the disk refused, is skipped "
+                        f"without a gap (covered_from "
+                        f"{None if replay is None else replay.covered_from})")
     finally:
         reader.close()
 
@@ -468,11 +494,16 @@ def _intact(w: Written, d: Damage, stream: str) -> _Survivors:
                 text = None
             whole = [(seq, line) for seq, line in w.lines[stream] if line == text]
             if not whole:
+                record = None if text is None else decode_line(text)
+                if isinstance(record, LostRecord) and (
+                        record.seq > record.seqs[-1] or not set(record.seqs) <= set(kept)):
+                    # A loss record of finals no file holds: the kept finals
+                    # before it may be in a gap, final after it or not.
+                    newer.clear()
                 # A line that is no record (decode_line, as the journal reads
                 # it): the kept finals before it may be in a gap, once a
                 # kept final follows it.
-                damaged = damaged or (bool(piece.strip()) and (
-                    text is None or decode_line(text) is None))
+                damaged = damaged or (bool(piece.strip()) and record is None)
                 continue
             if damaged:
                 newer.clear()

@@ -13,8 +13,8 @@ line is either the protocol v1 caption message
 (:func:`~evoxtral_stream.server.protocol.encode_event`) of one *final*, which
 can be sent to a resuming subscriber as it is, a seq reservation,
 ``{"type":"seq.reserved","stream":S,"seq":R}`` (see below), which is never
-sent, or the stream's end record (see below). Partials are not journaled: a
-final supersedes them.
+sent, the stream's end record, or a loss record (both below). Partials are
+not journaled: a final supersedes them.
 
 End records: when a stream ends, after its last final, :meth:`Journal.end`
 appends its protocol v1 ``stream.ended`` message as it is (the very message
@@ -93,6 +93,27 @@ final after it, a replay covers from that final only
 a missing file. A file left empty by a crash is
 appended to as any other (its start is in its name).
 
+Lost finals: a final whose append raised (the disk refused it, or its
+fsync failed) was still sent live, so its seq is kept in memory, and the
+stream's next line that the disk takes (a final, a reservation, its end
+record; else one written at :meth:`Journal.close`) comes after a loss
+record, ``{"type":"seq.lost","stream":S,"seqs":[...],"seq":N}``, in the
+same write: one for all the finals lost since the stream's last line (a
+disk full for a while), listing the first :data:`LOST_LISTED` and ``N``
+the highest. A replay from before a lost final that the files lack
+before the record (a refused line the file's buffer kept is written
+later, before the record, whole: then it is replayed) covers from one
+past it, as for a damaged line (:attr:`Replay.covered_from`): a resume
+gets a gap, and a stream whose last final was lost still gets it.
+Restore counts ``N`` among the stream's seqs. Bounded: the losses of the
+:data:`LOST_STREAMS` streams that lost finals most recently wait to be
+recorded; an older one is forgotten, with an error logged. A loss the
+process never got to record (it stopped, or crashed, before the disk took
+another line of the stream, or close found it still full: logged) is
+skipped by a resume after a restart without a gap: no record says it was
+there. Builds before loss records skip one with a "damaged line" warning
+and make it a gap up to the final after it, if one follows.
+
 Lifetime: a stream's file stays open only while the stream is live
 (:meth:`Journal.end` closes it when the stream ends), so open files are
 bounded by live streams, not by every stream ever seen. The files of a stream
@@ -134,6 +155,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import math
@@ -160,6 +182,8 @@ __all__ = [
     "CLOCK_SLACK_S",
     "EPOCH_FILE",
     "LOCK_FILE",
+    "LOST_LISTED",
+    "LOST_STREAMS",
     "PRUNED_FILE",
     "PRUNED_REMEMBERED",
     "SEQ_RESERVE_BLOCK",
@@ -167,13 +191,16 @@ __all__ = [
     "Journal",
     "JournalFile",
     "JournalRecord",
+    "LostRecord",
     "Replay",
     "SeqReservation",
     "decode_end",
     "decode_line",
+    "decode_lost",
     "decode_record",
     "decode_reservation",
     "encode_end",
+    "encode_lost",
     "encode_record",
     "encode_reservation",
     "expired",
@@ -223,6 +250,15 @@ _OWN_FILES = frozenset({EPOCH_FILE, LOCK_FILE, PRUNED_FILE, EPOCH_FILE + ".part"
 
 _RESERVED = "seq.reserved"
 _ENDED = "stream.ended"
+_LOST = "seq.lost"
+
+LOST_LISTED = 64
+"""How many seqs a loss record lists (the first finals lost in a row);
+finals lost past them are told by its ``seq``, the highest lost."""
+
+LOST_STREAMS = 4096
+"""How many streams' lost finals not recorded yet a running journal keeps
+(the most recent); one beyond that is forgotten, with an error logged."""
 
 # {quoted stream}.{index}[.{start}].jsonl; files of older versions lack the
 # start. A quoted stream id is ASCII; the last part decides, so any stream id
@@ -264,6 +300,17 @@ class EndRecord:
 
 
 @dataclass(frozen=True)
+class LostRecord:
+    """A loss record: the appends of ``stream``'s finals ``seqs`` (the first
+    :data:`LOST_LISTED` lost in a row) failed; ``seq`` is the highest lost,
+    past ``seqs[-1]`` when more failed than are listed."""
+
+    stream: str
+    seqs: tuple[int, ...]
+    seq: int
+
+
+@dataclass(frozen=True)
 class Replay:
     """What the journal can replay of a stream after some seq.
 
@@ -275,7 +322,10 @@ class Replay:
     deleted), else the seq of the oldest final kept (with no final kept,
     one past the oldest reservation kept: finals before it went with the
     deleted files); after a damaged line that a final follows, that
-    final's seq (the line may have held finals); past a limit, the seq of
+    final's seq (the line may have held finals); after a loss record (a
+    final the disk refused), one past the highest of its seqs with
+    ``since < seq < before`` whose final the files lack before it (finals
+    lost past those listed count as lacking); past a limit, the seq of
     the oldest record replayed (with none, one past the newest left out).
     Before it, finals may be missing (a ``gap``). ``ended`` is the stream's
     ``stream.ended`` message when the stream's last record is its end
@@ -295,10 +345,10 @@ def encode_record(event: CaptionEvent) -> str:
     return encode_event(event)
 
 
-def decode_line(line: str) -> JournalRecord | SeqReservation | EndRecord | None:
-    """Parse one journal line (once): a final, a reservation or an end
-    record; None when it is none of them whole, or its seq is below 1
-    (seqs count from 1: a lower one is damage, and read as a seq it would
+def decode_line(line: str) -> JournalRecord | SeqReservation | EndRecord | LostRecord | None:
+    """Parse one journal line (once): a final, a reservation, an end record
+    or a loss record; None when it is none of them whole, or a seq is below
+    1 (seqs count from 1: a lower one is damage, and read as a seq it would
     stop a replay's backward read there)."""
     try:
         obj = json.loads(line)
@@ -309,6 +359,8 @@ def decode_line(line: str) -> JournalRecord | SeqReservation | EndRecord | None:
     kind, seq = obj.get("type"), obj.get("seq")
     if kind == _ENDED:
         return EndRecord(stream, line)
+    if kind == _LOST:
+        return _lost_of(stream, obj.get("seqs"), seq)
     if (kind not in ("caption", _RESERVED) or not isinstance(seq, int)
             or isinstance(seq, bool) or seq < 1):
         return None
@@ -319,6 +371,37 @@ def decode_record(line: str) -> JournalRecord | None:
     """Parse one journal line; None when it is not a whole caption record."""
     record = decode_line(line)
     return record if isinstance(record, JournalRecord) else None
+
+
+def _seq(value: object) -> int | None:
+    """``value`` as a seq (an int of at least 1), else None."""
+    return value if type(value) is int and value >= 1 else None
+
+
+def _lost_of(stream: str, seqs: object, seq: object) -> LostRecord | None:
+    """The loss record of a decoded line's fields; None unless ``seqs`` is
+    a non-empty ascending list of seqs and ``seq`` a seq at or past its last."""
+    if not isinstance(seqs, list) or not seqs or (top := _seq(seq)) is None:
+        return None
+    listed = tuple(x for x in seqs if _seq(x) is not None)
+    if len(listed) < len(seqs) or top < listed[-1] or any(
+            a >= b for a, b in itertools.pairwise(listed)):
+        return None
+    return LostRecord(stream, listed, top)
+
+
+def encode_lost(stream: str, seqs: tuple[int, ...], seq: int) -> str:
+    """The loss record (without the newline) of ``stream``'s finals
+    ``seqs`` (ascending, at most :data:`LOST_LISTED`), ``seq`` the highest
+    lost: ``{"type":"seq.lost","stream":S,"seqs":[...],"seq":N}``."""
+    return json.dumps({"type": _LOST, "stream": stream, "seqs": list(seqs), "seq": seq},
+                      ensure_ascii=False, separators=(",", ":"))
+
+
+def decode_lost(line: str) -> LostRecord | None:
+    """Parse one journal line; None when it is not a whole loss record."""
+    record = decode_line(line)
+    return record if isinstance(record, LostRecord) else None
 
 
 def encode_reservation(stream: str, seq: int) -> str:
@@ -487,6 +570,23 @@ class _Open:
         self.torn = torn
 
 
+class _Lost:
+    """A stream's finals whose appends failed, not recorded yet: the first
+    :data:`LOST_LISTED` seqs, and the highest."""
+
+    def __init__(self, seq: int) -> None:
+        self.seqs = [seq]
+        self.last = seq
+
+    def add(self, seq: int) -> None:
+        if len(self.seqs) < LOST_LISTED:
+            self.seqs.append(seq)
+        self.last = max(self.last, seq)
+
+    def line(self, stream: str) -> bytes:
+        return (encode_lost(stream, tuple(self.seqs), self.last) + "\n").encode()
+
+
 class Journal:
     """Writes and reads the per-stream journal files in ``cfg.dir``.
 
@@ -531,6 +631,10 @@ class Journal:
         # Streams whose last record this process wrote is their end (bounded
         # like _last_seq): opened again, their first caption must say so.
         self._ended_last: set[str] = set()
+        # Streams whose finals the disk refused, not recorded yet (oldest
+        # loss first): their next write starts with a loss record. Bounded
+        # by LOST_STREAMS, since a stream may never write again.
+        self._lost: OrderedDict[str, _Lost] = OrderedDict()
         self._lock_fd: int | None = None
         # Retention's reading of the wall clock (_retention_now): the wall
         # and monotonic times it was last read at, and the monotonic time a
@@ -600,10 +704,10 @@ class Journal:
         highest reservation among them (0: none)."""
         # The newest file that holds a valid line has the last seq (a
         # rotation carries the latest reservation into the new file). End
-        # records carry no seq.
+        # records carry no seq; a loss record's lost finals were sent.
         for path in reversed(paths):
             lines = [x for x in self._lines(path)
-                     if isinstance(x, JournalRecord | SeqReservation)]
+                     if isinstance(x, JournalRecord | SeqReservation | LostRecord)]
             if lines:
                 return (max(x.seq for x in lines),
                         max((x.seq for x in lines if isinstance(x, SeqReservation)), default=0))
@@ -723,7 +827,22 @@ class Journal:
         let go of the folder (:data:`LOCK_FILE`). Every file is closed even
         when the disk refuses (a full disk fails the flush of a final still
         buffered); then one OSError is raised, naming the first file that
-        failed and how many did."""
+        failed and how many did.
+
+        First the loss record of each stream with finals lost and not
+        recorded yet is written (a stream that wrote nothing since: the
+        disk may take it now); one the disk refuses is logged, as it is
+        lost with the process (a resume after a restart then skips those
+        finals without a gap)."""
+        for stream in list(self._lost):
+            lost = self._lost[stream]
+            try:
+                self._write(stream, b"", rotate=False)
+            except OSError as e:
+                log.error("journal: cannot record that the final(s) of %s up to seq %d "
+                          "were not journaled (%s); after a restart a resume skips them "
+                          "without a gap", stream, lost.last, e.strerror or e)
+        self._lost.clear()
         failed: list[tuple[Path, OSError]] = []
         try:
             for stream in list(self._open):
@@ -753,13 +872,13 @@ class Journal:
         (``event``'s ``stream.ended`` message; module doc), then
         :meth:`release` it, which fsyncs per policy and closes the file.
 
-        A stream the journal holds nothing of gets no record (and no file).
-        The record never rotates the file. Raises OSError when the disk
-        refuses; the file is closed either way.
+        A stream the journal holds nothing of (no record, no lost final)
+        gets no record (and no file). The record never rotates the file.
+        Raises OSError when the disk refuses; the file is closed either way.
         """
         stream = event.stream
         try:
-            if stream in self._last_seq:
+            if stream in self._last_seq or stream in self._lost:
                 self._write(stream, (encode_end(event) + "\n").encode(), rotate=False)
                 self._ended_last.add(stream)
         finally:
@@ -840,6 +959,9 @@ class Journal:
         self._renumbered.discard(stream)
         self._ended_last.discard(stream)
         self._holes.pop(stream, None)
+        # Finals lost before the prune are before the numbering its files
+        # start again at: a resume into them gets a gap all the same.
+        self._lost.pop(stream, None)
         self._reserved.pop(stream, None)
         self._last_seq.pop(stream, None)
         if last:
@@ -851,11 +973,33 @@ class Journal:
         """Write one final; returns once it is flushed (and fsynced per policy).
 
         Raises OSError when the disk refuses; the caller decides what then.
+        The final's seq is then kept (module doc: lost finals), and the
+        stream's next line that the disk takes comes after a loss record of it.
         """
-        cur = self._write(event.stream, (encode_record(event) + "\n").encode())
-        self._last_seq[event.stream] = max(event.seq, self._last_seq.get(event.stream, 0))
-        self.appended += 1
-        self._make_durable(event.stream, cur)
+        try:
+            cur = self._write(event.stream, (encode_record(event) + "\n").encode())
+            self._last_seq[event.stream] = max(event.seq,
+                                               self._last_seq.get(event.stream, 0))
+            self.appended += 1
+            self._make_durable(event.stream, cur)
+        except OSError:
+            self._note_lost(event.stream, event.seq)
+            raise
+
+    def _note_lost(self, stream: str, seq: int) -> None:
+        """The append of ``stream``'s final ``seq`` failed: keep its seq for
+        the loss record (bounded: :data:`LOST_STREAMS` streams)."""
+        lost = self._lost.get(stream)
+        if lost is None:
+            self._lost[stream] = _Lost(seq)
+        else:
+            lost.add(seq)
+            self._lost.move_to_end(stream)
+        while len(self._lost) > LOST_STREAMS:
+            gone, forgotten = self._lost.popitem(last=False)
+            log.error("journal: forgetting that the final(s) of %s up to seq %d were not "
+                      "journaled (%d streams wait to record such a loss); after a restart "
+                      "a resume skips them without a gap", gone, forgotten.last, LOST_STREAMS)
 
     def reserve(self, stream: str, seq: int) -> bool:
         """A caption of ``stream`` numbered ``seq`` (partial or final) is about
@@ -882,7 +1026,12 @@ class Journal:
 
     def _write(self, stream: str, data: bytes, *, rotate: bool = True) -> _Open:
         """Append one line to the stream's file (rotating first if due, unless
-        not ``rotate``) and flush it to the OS; returns the file written."""
+        not ``rotate``) and flush it to the OS; returns the file written.
+        The stream's loss record, if finals were lost since its last line,
+        goes first, in the same write."""
+        lost = self._lost.get(stream)
+        if lost is not None:
+            data = lost.line(stream) + data
         now = self._wall()
         cur = self._open.get(stream)
         if cur is None:
@@ -898,6 +1047,8 @@ class Journal:
                             cur.started - now)
             cur = self._rotate(stream, cur, now)
         self._put(cur, data)
+        if lost is not None:
+            del self._lost[stream]
         self._ended_last.discard(stream)
         if stream in self._pruned_seq and stream not in self._renumbered:
             # Opened again after a prune: it numbers on. Its pruned seq stays
@@ -1081,11 +1232,12 @@ class Journal:
             return None
         paths = self._after_missing(stream, paths)
 
-        def wanted(x: JournalRecord | SeqReservation | EndRecord) -> bool:
+        def wanted(x: JournalRecord | SeqReservation | EndRecord | LostRecord) -> bool:
             return (isinstance(x, JournalRecord) and x.seq > since
                     and (before is None or x.seq < before))
 
-        newest_first: list[JournalRecord | SeqReservation | EndRecord | _Damaged] = []
+        newest_first: list[JournalRecord | SeqReservation | EndRecord | LostRecord
+                           | _Damaged] = []
         found = 0   # finals to replay among the lines read
         stopped = False
         vanished = False
@@ -1124,6 +1276,7 @@ class Journal:
         first_reserved: int | None = None
         ended: str | None = None
         damaged = False   # a damaged line since the last final
+        seen: set[int] = set()   # the finals read so far
         for line in reversed(newest_first):
             if isinstance(line, _Damaged):
                 damaged = True
@@ -1132,10 +1285,20 @@ class Journal:
                 ended = line.message
                 continue
             ended = None   # a later record: the stream was opened again
+            if isinstance(line, LostRecord):
+                top = _lacking(line, seen, since, before)
+                if top is not None:
+                    # Finals the disk refused: as for a damaged line, the one
+                    # gap covers them, hence the finals before them too (but
+                    # for refused ones the buffer wrote late, past the top).
+                    records = [r for r in records if r.seq > top]
+                    covered_from = top + 1
+                continue
             if isinstance(line, SeqReservation):
                 if first_reserved is None:
                     first_reserved = line.seq
                 continue
+            seen.add(line.seq)
             if damaged:
                 # The damaged line may have held finals (a zeroed block, a
                 # line cut short): they are missing, and the one gap a
@@ -1230,9 +1393,9 @@ class Journal:
                         + (" ..." if len(new) > 10 else ""))
 
     def _lines(self, path: Path, *, newest_first: bool = False
-               ) -> Generator[JournalRecord | SeqReservation | EndRecord | _Damaged,
-                              None, None]:
-        """The file's finals, reservations and end records, in order (or
+               ) -> Generator[JournalRecord | SeqReservation | EndRecord | LostRecord
+                              | _Damaged, None, None]:
+        """The file's finals, reservations, end and loss records, in order (or
         ``newest_first``, read in blocks from the end); a damaged (or
         unknown) line is given as :data:`_DAMAGED`, with a warning."""
         try:
@@ -1244,7 +1407,7 @@ class Journal:
             for where, raw in raws:
                 if not raw.strip():
                     continue
-                line: JournalRecord | SeqReservation | EndRecord | None
+                line: JournalRecord | SeqReservation | EndRecord | LostRecord | None
                 try:
                     text = raw.decode()
                 except UnicodeDecodeError:
@@ -1257,6 +1420,20 @@ class Journal:
                     yield _DAMAGED
                     continue
                 yield line
+
+
+def _lacking(lost: LostRecord, seen: Collection[int], since: int,
+             before: int | None) -> int | None:
+    """The highest seq of ``lost`` with ``since < seq < before`` whose final
+    is not in ``seen`` (the finals read before the record: a refused line
+    the file's buffer kept is written before the next line, whole); None
+    if none. Finals lost past those listed, up to ``lost.seq``, are unknown
+    and count as lacking."""
+    upper = lost.seq if before is None else min(lost.seq, before - 1)
+    lacking = [s for s in lost.seqs if since < s <= upper and s not in seen]
+    if lost.seq > lost.seqs[-1] and upper > max(since, lost.seqs[-1]):
+        lacking.append(upper)
+    return max(lacking, default=None)
 
 
 # Read from a journal file's end at a time: a resume of recent finals reads one.
