@@ -12,6 +12,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Awaitable, Callable
 from typing import Any, Self
 
 import numpy as np
@@ -82,6 +83,29 @@ def read_slowly(sock: socket.socket, delay_s: float) -> tuple[list[dict[str, Any
                 return messages, int.from_bytes(payload[:2], "big")
             messages.append(json.loads(payload))
         time.sleep(delay_s)
+
+
+async def close_while_reading(aclose: Callable[[], Awaitable[None]], sock: socket.socket,
+                              read_delay_s: float | None
+                              ) -> tuple[list[dict[str, Any]], int | None, float]:
+    """Run ``aclose`` (a server's shutdown) while the client on ``sock``
+    reads slowly (:func:`read_slowly`, every ``read_delay_s``) or, with
+    None, not at all until it is over (then what is left is drained): the
+    messages read, the close code (None unread) and the seconds the close
+    took."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    closing = asyncio.ensure_future(aclose())
+    got: list[dict[str, Any]] = []
+    code = None
+    if read_delay_s is not None:
+        got, code = await asyncio.to_thread(read_slowly, sock, read_delay_s)
+    await asyncio.wait_for(closing, 30)
+    took = loop.time() - t0
+    if read_delay_s is None:
+        # Stalled: the server gave up on it and closed the connection.
+        await asyncio.to_thread(drain, sock)
+    return got, code, took
 
 
 def client_text_frame(text: str) -> bytes:

@@ -20,7 +20,7 @@ from evoxtral_stream.server.app import CLOSE_TIMEOUT_S, CaptionServer
 from evoxtral_stream.server.protocol import encode_event
 from tests.fakes import ScriptedBackend, words_so_far
 from tests.helpers.audio import buzz, to_int16
-from tests.helpers.http import drain, http_get, raw_ws_handshake, read_slowly
+from tests.helpers.http import close_while_reading, http_get, raw_ws_handshake
 from tests.speech import have_espeak, speech_with_pauses
 
 SENTENCES = ["Good evening and welcome to the live captioning demo.",
@@ -335,18 +335,7 @@ async def _shutdown_with_a_slow_subscriber(
             (sub,) = server.broadcaster._subs
             assert sub.queue.qsize() > 10, "nothing left in flight: the test shows nothing"
             assert server.broadcaster.dropped_subscribers == 0
-            loop = asyncio.get_running_loop()
-            t0 = loop.time()
-            closing = asyncio.ensure_future(server.aclose())
-            got: list[dict[str, Any]] = []
-            code = None
-            if read_delay_s is not None:
-                got, code = await asyncio.to_thread(read_slowly, sock, read_delay_s)
-            await asyncio.wait_for(closing, 30)
-            took = loop.time() - t0
-            if read_delay_s is None:
-                # Stalled: the server gave up on it and closed the connection.
-                await asyncio.to_thread(drain, sock)
+            got, code, took = await close_while_reading(server.aclose, sock, read_delay_s)
         finally:
             sock.close()
     wanted = {"caption", "stream.ended"}

@@ -58,9 +58,9 @@ from tests.fakes import LanguageScriptedBackend, ScriptedBackend
 from tests.helpers.http import (
     client_text_frame,
     close_code_of,
+    close_while_reading,
     drain,
     raw_ws_handshake,
-    read_slowly,
 )
 from tests.speech import clipped_speech, have_espeak, speak, speech_with_pauses
 from tests.text_norm import loose_wer
@@ -1401,17 +1401,7 @@ async def test_a_slow_client_gets_every_completed_before_the_shutdown_closes_it(
                     await asyncio.sleep(0.01)
             assert await engine.drain()
             assert session._queue.qsize() > 1, "nothing left in flight: the test shows nothing"
-            loop = asyncio.get_running_loop()
-            t0 = loop.time()
-            closing = asyncio.ensure_future(server.aclose())
-            got: list[dict[str, Any]] = []
-            code = None
-            if read_delay_s is not None:
-                got, code = await asyncio.to_thread(read_slowly, sock, read_delay_s)
-            await asyncio.wait_for(closing, 30)
-            took = loop.time() - t0
-            if read_delay_s is None:
-                await asyncio.to_thread(drain, sock)
+            got, code, took = await close_while_reading(server.aclose, sock, read_delay_s)
         finally:
             sock.close()
     if read_delay_s is None:
