@@ -2,24 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sys
 
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import connect
 
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.server.app import CaptionServer
 from evoxtral_stream.server.broadcast import Broadcaster
 from evoxtral_stream.server.metrics import Metrics
 from evoxtral_stream.server.protocol import encode_event
 from tests.engine.test_journal import talk
 from tests.fakes import ScriptedBackend
+from tests.helpers.http import http_get
 
 
 def samples(metrics: Metrics) -> dict[str, float]:
     """Every sample of the rendered text, keyed by name and sorted labels."""
+    return parse(metrics.render().decode())
+
+
+def parse(text: str) -> dict[str, float]:
+    """Every sample of a Prometheus text, keyed by name and sorted labels."""
     out: dict[str, float] = {}
-    for family in text_string_to_metric_families(metrics.render().decode()):
+    for family in text_string_to_metric_families(text):
         for s in family.samples:
             labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
             out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
@@ -85,3 +95,35 @@ async def test_decode_failures_and_error_events_are_counted() -> None:
     assert got["evoxtral_decode_failures_total"] == 2.0
     assert got["evoxtral_stream_errors_total{code=decode_failed}"] == 2.0
     assert "evoxtral_subscribers" not in got                  # no broadcaster given
+
+
+async def scrape(port: int) -> dict[str, float]:
+    status, body = await http_get(f"http://127.0.0.1:{port}/metrics")
+    assert status == 200, body
+    return parse(body)
+
+
+async def test_realtime_sessions_are_counted_apart_from_subscribers() -> None:
+    """A ``/v1/realtime`` session is no broadcast subscription (it reads the
+    engine itself): it has its own gauge, and ``evoxtral_subscribers`` counts
+    only the ``/v1/captions`` subscriber beside it."""
+    cfg = load_config(env={}, overrides={"server.port": 0})
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        assert (await scrape(server.port))["evoxtral_realtime_sessions"] == 0.0
+        base = f"ws://127.0.0.1:{server.port}"
+        async with connect(f"{base}/v1/realtime?intent=transcription") as one, \
+                connect(f"{base}/v1/realtime?intent=transcription") as two, \
+                connect(f"{base}/v1/captions") as sub:
+            for ws in (one, two):
+                assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] \
+                    == "session.created"
+            assert json.loads(await asyncio.wait_for(sub.recv(), 10))["type"] == "hello"
+            during = await scrape(server.port)
+        async with asyncio.timeout(10):  # each session ends once its client left
+            while (after := await scrape(server.port))["evoxtral_realtime_sessions"]:
+                await asyncio.sleep(0.05)
+    assert during["evoxtral_realtime_sessions"] == 2.0
+    assert during["evoxtral_subscribers"] == 1.0
+    assert during["evoxtral_streams_open"] == 2.0
+    assert after["evoxtral_subscribers"] == 0.0

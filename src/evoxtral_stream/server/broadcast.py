@@ -48,7 +48,9 @@ listener before any stream opens (the server adds it as it starts).
 Outboxes: a connection that fills its own bounded send queue (a
 ``/v1/realtime`` session) registers it with :meth:`Broadcaster.add_outbox`,
 so the shutdown's :meth:`Broadcaster.flush` waits for it as for the
-subscriptions' queues.
+subscriptions' queues; :attr:`Broadcaster.outboxes` counts them (the
+server's realtime sessions in ``/metrics``), apart from
+:attr:`Broadcaster.subscribers`.
 """
 
 from __future__ import annotations
@@ -273,6 +275,11 @@ class Broadcaster:
     @property
     def subscribers(self) -> int:
         return len(self._subs)
+
+    @property
+    def outboxes(self) -> int:
+        """Outboxes registered now: the realtime sessions still sending."""
+        return len(self._outboxes)
 
     @property
     def retained_captions(self) -> int:

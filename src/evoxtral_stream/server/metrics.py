@@ -8,7 +8,8 @@ two engines in one process, or tests, do not collide). It is fed two ways:
   It only updates in-memory counters, so it never blocks the loop.
 - at scrape time, a collector reads ``engine.stats()`` and the broadcaster's
   counts: queue depth, refusals, superseded requests, decode failures,
-  restarts, the real-time factor, subscribers, open streams, and the GPU
+  restarts, the real-time factor, subscribers, realtime sessions (the
+  broadcaster's outboxes, apart from its subscribers), open streams, and the GPU
   memory in use when torch is already imported and CUDA is available
   (otherwise that metric is absent; torch is never imported for it), and,
   once :meth:`Metrics.watch_mqtt` is given a publisher's ``stats``, the MQTT
@@ -195,6 +196,12 @@ class _StatsCollector(Collector):
                                       "Subscribers (ingest connections included) "
                                       "disconnected for being too slow.",
                                       value=float(b.dropped_subscribers))
+            # Not in evoxtral_subscribers: a session reads the engine itself,
+            # in another protocol, and is an ingest stream too.
+            yield GaugeMetricFamily("evoxtral_realtime_sessions",
+                                    "Open /v1/realtime sessions (not counted in "
+                                    "evoxtral_subscribers).",
+                                    value=float(b.outboxes))
         if self.mqtt is not None:
             yield from _mqtt_metrics(self.mqtt())
         gpu = _gpu_memory_bytes()
