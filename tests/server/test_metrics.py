@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
+import time
 
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
@@ -18,7 +20,13 @@ from evoxtral_stream.server.metrics import Metrics
 from evoxtral_stream.server.protocol import encode_event
 from tests.engine.test_journal import talk
 from tests.fakes import ScriptedBackend
-from tests.helpers.http import http_get
+from tests.helpers.http import (
+    client_text_frame,
+    close_code_of,
+    drain,
+    http_get,
+    raw_ws_handshake,
+)
 
 
 def samples(metrics: Metrics) -> dict[str, float]:
@@ -127,3 +135,46 @@ async def test_realtime_sessions_are_counted_apart_from_subscribers() -> None:
     assert during["evoxtral_subscribers"] == 1.0
     assert during["evoxtral_streams_open"] == 2.0
     assert after["evoxtral_subscribers"] == 0.0
+
+
+async def test_a_realtime_session_closed_for_being_too_slow_is_counted() -> None:
+    """A session whose client never reads falls ``server.subscriber_queue``
+    events behind and is closed with 1013: counted in
+    ``evoxtral_realtime_sessions_dropped``, not as a subscriber dropped."""
+    cfg = load_config(env={}, overrides={"server.port": 0, "server.subscriber_queue": 8})
+    # Each gets an error event that echoes its 30 kB event_id.
+    bad = client_text_frame(json.dumps({"type": "nope", "event_id": "x" * 30_000}))
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        before = await scrape(server.port)
+        deaf = await asyncio.to_thread(
+            raw_ws_handshake, server.port, "/v1/realtime?intent=transcription&stream=deaf")
+
+        def send_until_closed(deadline: float) -> None:
+            # Never blocked in a send (see test_realtime's test of the same).
+            deaf.setblocking(False)
+            left = memoryview(b"")
+            with contextlib.suppress(OSError):  # the server may close mid-send
+                while "deaf" in engine.streams and time.monotonic() < deadline:
+                    if not left:
+                        left = memoryview(bad)
+                    try:
+                        left = left[deaf.send(left):]
+                    except BlockingIOError:
+                        time.sleep(0.01)
+            deaf.setblocking(True)
+
+        try:
+            async with asyncio.timeout(10):
+                while "deaf" not in engine.streams:
+                    await asyncio.sleep(0.01)
+            await asyncio.to_thread(send_until_closed, time.monotonic() + 30)
+            assert "deaf" not in engine.streams, "the server kept the client open"
+            assert close_code_of(await asyncio.to_thread(drain, deaf)) == 1013
+        finally:
+            deaf.close()
+        after = await scrape(server.port)
+    assert before["evoxtral_realtime_sessions_dropped_total"] == 0.0
+    assert after["evoxtral_realtime_sessions_dropped_total"] == 1.0
+    assert after["evoxtral_subscribers_dropped_total"] == 0.0
+    assert after["evoxtral_realtime_sessions"] == 0.0

@@ -49,8 +49,9 @@ Outboxes: a connection that fills its own bounded send queue (a
 ``/v1/realtime`` session) registers it with :meth:`Broadcaster.add_outbox`,
 so the shutdown's :meth:`Broadcaster.flush` waits for it as for the
 subscriptions' queues; :attr:`Broadcaster.outboxes` counts them (the
-server's realtime sessions in ``/metrics``), apart from
-:attr:`Broadcaster.subscribers`.
+server's realtime sessions in ``/metrics``), and
+:attr:`Broadcaster.dropped_outboxes` those given up on for being too slow
+(:meth:`Broadcaster.drop_outbox`), apart from the subscribers' counts.
 """
 
 from __future__ import annotations
@@ -179,6 +180,7 @@ class Broadcaster:
         # a resume from 0 of a stream with nothing retained has missed.
         self._last_seq = last_seq
         self.dropped_subscribers = 0
+        self.dropped_outboxes = 0
 
     def subscribe(
         self,
@@ -241,6 +243,14 @@ class Broadcaster:
 
     def remove_outbox(self, queue: asyncio.Queue[str]) -> None:
         self._outboxes.discard(queue)
+
+    def drop_outbox(self, queue: asyncio.Queue[str]) -> None:
+        """:meth:`remove_outbox` for a connection closed because ``queue``
+        overflowed (its client too slow); counted in :attr:`dropped_outboxes`
+        once, however often it is called."""
+        if queue in self._outboxes:
+            self._outboxes.discard(queue)
+            self.dropped_outboxes += 1
 
     async def flush(self, timeout_s: float) -> int:
         """Wait up to ``timeout_s`` until every subscription has sent its

@@ -202,6 +202,10 @@ class _StatsCollector(Collector):
                                     "Open /v1/realtime sessions (not counted in "
                                     "evoxtral_subscribers).",
                                     value=float(b.outboxes))
+            yield CounterMetricFamily("evoxtral_realtime_sessions_dropped",
+                                      "/v1/realtime sessions closed (1013) for being too "
+                                      "slow (not counted in evoxtral_subscribers_dropped).",
+                                      value=float(b.dropped_outboxes))
         if self.mqtt is not None:
             yield from _mqtt_metrics(self.mqtt())
         gpu = _gpu_memory_bytes()

@@ -198,7 +198,7 @@ class _Connection:
             except asyncio.QueueFull:
                 log.warning("realtime client %s too slow; closing", self._ws.remote_address)
                 self._overflow.set()
-                self._broadcaster.remove_outbox(self._queue)  # it will not drain
+                self._broadcaster.drop_outbox(self._queue)  # it will not drain
         if pushed and not self._diverged:
             opened = self._stream.session.stats().segments
             if opened != self._core.segments_opened:
