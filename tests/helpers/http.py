@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import socket
@@ -106,6 +107,26 @@ async def close_while_reading(aclose: Callable[[], Awaitable[None]], sock: socke
         # Stalled: the server gave up on it and closed the connection.
         await asyncio.to_thread(drain, sock)
     return got, code, took
+
+
+def send_until_closed(sock: socket.socket, frame: bytes, still_open: Callable[[], bool],
+                      deadline: float) -> None:
+    """Send ``frame`` over and over on ``sock`` while ``still_open()`` and
+    before ``deadline`` (monotonic), never blocked in a send: once the
+    server stops reading (it is closing), a blocked send would outlast its
+    3 s wait for the close handshake, and the reset that ends it could
+    discard the close frame before :func:`drain` reads it."""
+    sock.setblocking(False)
+    left = memoryview(b"")
+    with contextlib.suppress(OSError):  # the server may close mid-send
+        while still_open() and time.monotonic() < deadline:
+            if not left:
+                left = memoryview(frame)
+            try:
+                left = left[sock.send(left):]
+            except BlockingIOError:
+                time.sleep(0.01)
+    sock.setblocking(True)
 
 
 def client_text_frame(text: str) -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import sys
 import time
@@ -26,6 +25,7 @@ from tests.helpers.http import (
     drain,
     http_get,
     raw_ws_handshake,
+    send_until_closed,
 )
 
 
@@ -150,25 +150,12 @@ async def test_a_realtime_session_closed_for_being_too_slow_is_counted() -> None
         deaf = await asyncio.to_thread(
             raw_ws_handshake, server.port, "/v1/realtime?intent=transcription&stream=deaf")
 
-        def send_until_closed(deadline: float) -> None:
-            # Never blocked in a send (see test_realtime's test of the same).
-            deaf.setblocking(False)
-            left = memoryview(b"")
-            with contextlib.suppress(OSError):  # the server may close mid-send
-                while "deaf" in engine.streams and time.monotonic() < deadline:
-                    if not left:
-                        left = memoryview(bad)
-                    try:
-                        left = left[deaf.send(left):]
-                    except BlockingIOError:
-                        time.sleep(0.01)
-            deaf.setblocking(True)
-
         try:
             async with asyncio.timeout(10):
                 while "deaf" not in engine.streams:
                     await asyncio.sleep(0.01)
-            await asyncio.to_thread(send_until_closed, time.monotonic() + 30)
+            await asyncio.to_thread(send_until_closed, deaf, bad,
+                                    lambda: "deaf" in engine.streams, time.monotonic() + 30)
             assert "deaf" not in engine.streams, "the server kept the client open"
             assert close_code_of(await asyncio.to_thread(drain, deaf)) == 1013
         finally:

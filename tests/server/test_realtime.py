@@ -61,6 +61,7 @@ from tests.helpers.http import (
     close_while_reading,
     drain,
     raw_ws_handshake,
+    send_until_closed,
 )
 from tests.speech import clipped_speech, have_espeak, speak, speech_with_pauses
 from tests.text_norm import loose_wer
@@ -1046,28 +1047,12 @@ async def test_a_client_behind_on_its_events_is_closed_at_once() -> None:
         deaf = await asyncio.to_thread(
             raw_ws_handshake, server.port, "/v1/realtime?intent=transcription&stream=deaf")
 
-        def send_until_closed(deadline: float) -> None:
-            # Never blocked in a send: once the server stops reading (it is
-            # closing), a blocked sendall would outlast its 3 s wait for the
-            # close handshake, and the reset that ends it could discard the
-            # close frame before drain() reads it.
-            deaf.setblocking(False)
-            left = memoryview(b"")
-            with contextlib.suppress(OSError):  # the server may close mid-send
-                while "deaf" in engine.streams and time.monotonic() < deadline:
-                    if not left:
-                        left = memoryview(bad)
-                    try:
-                        left = left[deaf.send(left):]
-                    except BlockingIOError:
-                        time.sleep(0.01)
-            deaf.setblocking(True)
-
         try:
             async with asyncio.timeout(10):
                 while "deaf" not in engine.streams:
                     await asyncio.sleep(0.01)
-            await asyncio.to_thread(send_until_closed, time.monotonic() + 30)
+            await asyncio.to_thread(send_until_closed, deaf, bad,
+                                    lambda: "deaf" in engine.streams, time.monotonic() + 30)
             assert "deaf" not in engine.streams, "the server kept the client open"
             assert close_code_of(await asyncio.to_thread(drain, deaf)) == 1013
         finally:
