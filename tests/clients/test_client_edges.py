@@ -467,22 +467,11 @@ async def _run_client(script: str, port: int, tmp_path: Path, *args: str,
     stdout and stderr together."""
     import sys
 
-    import soundfile as sf
-
     from tests.clients.conftest import CLIENTS, client_env
 
-    more: list[str] = []
-    if script == "mic_client.py":
-        wav = tmp_path / "a.wav"
-        sf.write(wav, np.zeros(16000, np.int16), 16000, subtype="PCM_16")
-        more = ["--file", str(wav), "--no-reconnect"]
-    elif script == "tts_bridge.py":
-        # ElevenLabs with a key that is never used: no final comes, and unlike
-        # espeak-ng nothing has to be installed.
-        more = ["--out", str(tmp_path / "out"), "--mode", "elevenlabs", "--voice", "v",
-                "--api-key", "k", "--no-reconnect"]
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(CLIENTS / script), "--url", f"ws://127.0.0.1:{port}", *more,
+        sys.executable, str(CLIENTS / script), "--url", f"ws://127.0.0.1:{port}",
+        *_quiet_args(script, tmp_path),
         *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env=client_env(env_token))
     out, _ = await asyncio.wait_for(proc.communicate(), 60)
@@ -579,6 +568,19 @@ def _silence_wav(tmp_path: Path) -> Path:
     return wav
 
 
+def _quiet_args(script: str, tmp_path: Path) -> list[str]:
+    """What ``script`` needs besides its URL to run here, sending nothing
+    anywhere else: the mic client a second of silence from a file; the
+    bridge ElevenLabs with a key that is never used (no final comes, and
+    unlike espeak-ng nothing has to be installed); neither reconnecting."""
+    if script == "mic_client.py":
+        return ["--file", str(_silence_wav(tmp_path)), "--no-reconnect"]
+    if script == "tts_bridge.py":
+        return ["--out", str(tmp_path / "out"), "--mode", "elevenlabs", "--voice", "v",
+                "--api-key", "k", "--no-reconnect"]
+    return []
+
+
 async def test_every_client_sends_what_the_query_of_its_url_asks_for(
         tmp_path: Path, guarded: tuple[Engine, CaptionServer]) -> None:
     """A URL copied from docs/protocol.md, ``?token=`` and ``?stream=`` (and
@@ -626,10 +628,7 @@ async def test_a_url_query_that_contradicts_an_option_is_a_bad_argument(
     server, accepted = await _hang_up_server()
     async with server:
         port = server.sockets[0].getsockname()[1]
-        more = (["--file", str(_silence_wav(tmp_path)), "--no-reconnect"]
-                if script == "mic_client.py" else
-                ["--out", str(tmp_path / "out"), "--mode", "elevenlabs", "--voice", "v",
-                 "--api-key", "k", "--no-reconnect"] if script == "tts_bridge.py" else [])
+        more = _quiet_args(script, tmp_path)
         code, out = await _run_script(script, tmp_path, "--url",
                                       f"ws://127.0.0.1:{port}/v1/captions{query}",
                                       *args, *more)
@@ -652,10 +651,7 @@ async def test_a_url_with_a_user_and_password_is_refused_unechoed(
     server, accepted = await _hang_up_server()
     async with server:
         port = server.sockets[0].getsockname()[1]
-        more = (["--file", str(_silence_wav(tmp_path)), "--no-reconnect"]
-                if script == "mic_client.py" else
-                ["--out", str(tmp_path / "out"), "--mode", "elevenlabs", "--voice", "v",
-                 "--api-key", "k", "--no-reconnect"] if script == "tts_bridge.py" else [])
+        more = _quiet_args(script, tmp_path)
         code, out = await _run_script(script, tmp_path, "--url",
                                       f"ws://{userinfo}127.0.0.1:{port}/v1/captions", *more)
     assert code == 2, out
