@@ -691,7 +691,7 @@ class MqttConfig:
 
 @dataclass(frozen=True)
 class JournalConfig:
-    """The durable log of finals (``engine/journal.py``); see ``[journal]`` in config.toml."""
+    """The durable log of finals (``engine/journal/``); see ``[journal]`` in config.toml."""
 
     enabled: bool
     dir: str

@@ -22,7 +22,6 @@ import numpy as np
 import pytest
 
 from evoxtral_stream.config import Config, JournalConfig, load_config
-from evoxtral_stream.engine import journal as journal_module
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.engine.journal import (
     CLOCK_SLACK_S,
@@ -44,6 +43,7 @@ from evoxtral_stream.engine.journal import (
     recorded_start,
     should_rotate,
 )
+from evoxtral_stream.engine.journal import store as journal_store
 from evoxtral_stream.events import (
     CaptionEvent,
     EngineEvent,
@@ -1147,8 +1147,6 @@ def test_a_streams_first_record_and_its_replay_parse_only_its_own_file_names(
     # Both run on the event loop, once per new stream and per resume: a week
     # of retention holds the files of thousands of streams (20,000 of them
     # made a resume take 0.25 s, and one of 100 streams blocked the loop 50 s).
-    from evoxtral_stream.engine import journal as journal_module
-
     cfg = config(tmp_path).journal
     writer = Journal(cfg)
     writer.restore()
@@ -1160,7 +1158,7 @@ def test_a_streams_first_record_and_its_replay_parse_only_its_own_file_names(
     writer.close()
 
     parsed: list[str] = []
-    real = journal_module.parse_file_name
+    real = parse_file_name
 
     def counting(name: str) -> JournalFile | None:
         parsed.append(name)
@@ -1168,7 +1166,8 @@ def test_a_streams_first_record_and_its_replay_parse_only_its_own_file_names(
 
     journal = Journal(cfg)
     journal.restore()
-    monkeypatch.setattr(journal_module, "parse_file_name", counting)
+    # Where the store looks the name up (it imports it from .files).
+    monkeypatch.setattr(journal_store, "parse_file_name", counting)
     journal.append(caption("a", 1, "first"))
     journal.append(caption("a", 2, "second"))
     replay = journal.replay("a", 0)
@@ -1179,6 +1178,7 @@ def test_a_streams_first_record_and_its_replay_parse_only_its_own_file_names(
         "not a's"]
     # "a." starts "a.b"'s names too: those may be read, the 200 others never.
     assert not [n for n in parsed if n.startswith("other-")], parsed[:5]
+    assert any(n.startswith("a.") for n in parsed)   # the spy saw the scans
     journal.close()
 
 
@@ -2060,7 +2060,7 @@ def test_a_loss_is_recorded_at_close_or_else_logged(
     recorded when the journal closes; with the disk still full then, it is
     lost with the process, and an error says so. Only LOST_STREAMS streams'
     losses are kept, the latest; past that one is forgotten, logged."""
-    monkeypatch.setattr(journal_module, "LOST_STREAMS", 2)
+    monkeypatch.setattr(journal_store, "LOST_STREAMS", 2)
     cfg = config(tmp_path).journal
     folder = tmp_path / "j"
     journal = Journal(cfg)
@@ -2094,7 +2094,7 @@ def test_a_loss_is_recorded_at_close_or_else_logged(
 
 def test_loss_records_list_the_first_lost_and_the_highest(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(journal_module, "LOST_LISTED", 2)
+    monkeypatch.setattr(journal_store, "LOST_LISTED", 2)
     cfg = config(tmp_path).journal
     journal = Journal(cfg)
     journal.restore()

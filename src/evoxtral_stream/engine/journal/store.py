@@ -1,20 +1,9 @@
-"""The journal: every final caption, durably, one JSONL file set per stream,
-and how far each stream's ``seq`` may have gone.
+"""The journal's store: :class:`Journal` writes every final caption durably,
+one file set per stream, and how far each stream's ``seq`` may have gone,
+and reads them back for a resume or a restart.
 
-Layout: ``{dir}/{stream}.{index}.{start}.jsonl``, e.g.
-``mic.00000003.20250301T120000.250Z.jsonl``: the stream id percent-encoded,
-``index`` counting from 1 (the highest is the file being written, the others
-are rotated ones, at most ``keep`` of them kept) and ``start`` the UTC time
-(``YYYYMMDDTHHMMSS.mmmZ``, wall clock) at which the file was started.
-Other names in the folder (``copy of mic.….jsonl``, whose stream part is no
-encoded id) are no stream's: ignored, and named in one warning when first
-seen by a full scan (:meth:`Journal.restore`, :meth:`Journal.prune`). A
-line is either the protocol v1 caption message
-(:func:`~evoxtral_stream.server.protocol.encode_event`) of one *final*, which
-can be sent to a resuming subscriber as it is, a seq reservation,
-``{"type":"seq.reserved","stream":S,"seq":R}`` (see below), which is never
-sent, the stream's end record, or a loss record (both below). Partials are
-not journaled: a final supersedes them.
+The files are named as :mod:`.files` says, and rotated and pruned by its
+rules; their lines are the records of :mod:`.records`.
 
 End records: when a stream ends, after its last final, :meth:`Journal.end`
 appends its protocol v1 ``stream.ended`` message as it is (the very message
@@ -45,28 +34,6 @@ was given before, crash or not; it may skip up to a block (gaps in seq are
 normal: partials leave them too). A rotation starts the new file with the
 stream's latest reservation, so the newest file always holds the mark even
 once the older ones are deleted.
-
-Age rotation: a file is rotated ``max_age_s`` after its ``start``, counted by
-the wall clock, so the age holds across a stream's release and re-open and
-across restarts (a stream that reconnects hourly still gets its daily file).
-The start lives in the name, not in the file: a file is created under its
-final name, so no crash can leave one without its start, and the lines stay
-records (finals, reservations) for every reader. Clock steps: a start up to
-:data:`CLOCK_SLACK_S` ahead of the clock counts as age 0; a start further
-ahead (the clock was set back, or ran ahead when the file was started) is not
-trusted and the file is rotated at the next final, its successor starting by
-the clock as it is now. So a step back delays a rotation by at most the step
-(never "until the clock catches up"), and a step forward brings rotations
-forward, each file being rotated at most once early; a new file always starts
-at the clock's present reading, so no step can make rotation loop. The age
-resolution is 1 ms.
-
-Files of older versions, ``{stream}.{index}.jsonl``, recorded no start: they
-are read as before, and the current one is renamed, with the time of that
-re-open as its start, the first time a final is appended to it (the rename is
-atomic and keeps the file's mtime, so retention is not reset). Its age thus
-counts from the upgrade, once, and then survives re-opens and restarts like
-any other file's. (Versions before this layout ignore the new names.)
 
 Ordering contract: the engine appends a final here, and reserves any seq
 past the mark, before any listener sees the caption (:meth:`Journal.append`
@@ -146,40 +113,54 @@ or not) and raises OSError when another process holds it: two servers on
 one folder would number a stream alike under one epoch and mix their lines.
 A folder where the lock file cannot be made (read-only) is used unlocked,
 with a warning. Journals within one process are not told apart.
-
-The pure parts (file names, record decoding, rotation decisions) are
-functions at the top; :class:`Journal` does the I/O.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import itertools
-import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Generator, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
-from ..config import JournalConfig
-from ..events import CaptionEvent, StreamEnded
-from ..server.protocol import encode_event, new_epoch, parse_epoch
+from ...config import JournalConfig
+from ...events import CaptionEvent, StreamEnded
+from ...server.protocol import new_epoch, parse_epoch
+from .files import (
+    CLOCK_SLACK_S,
+    expired,
+    file_age,
+    file_name,
+    parse_file_name,
+    recorded_start,
+    should_rotate,
+)
+from .records import (
+    EndRecord,
+    JournalRecord,
+    LostRecord,
+    SeqReservation,
+    _decode_pruned,
+    _encode_pruned,
+    decode_line,
+    encode_end,
+    encode_lost,
+    encode_record,
+    encode_reservation,
+)
 
 if sys.platform != "win32":
     import fcntl
 
 __all__ = [
-    "CLOCK_SLACK_S",
     "EPOCH_FILE",
     "LOCK_FILE",
     "LOST_LISTED",
@@ -187,37 +168,13 @@ __all__ = [
     "PRUNED_FILE",
     "PRUNED_REMEMBERED",
     "SEQ_RESERVE_BLOCK",
-    "EndRecord",
     "Journal",
-    "JournalFile",
-    "JournalRecord",
-    "LostRecord",
     "Replay",
-    "SeqReservation",
-    "decode_end",
-    "decode_line",
-    "decode_lost",
-    "decode_record",
-    "decode_reservation",
-    "encode_end",
-    "encode_lost",
-    "encode_record",
-    "encode_reservation",
-    "expired",
-    "file_age",
-    "file_name",
-    "parse_file_name",
-    "recorded_start",
-    "should_rotate",
 ]
 
-log = logging.getLogger(__name__)
-
-_SUFFIX = ".jsonl"
-
-CLOCK_SLACK_S = 60.0
-"""How far ahead of the wall clock a file's start may be and still count as
-age 0 (a small step back of the clock); further ahead it is not trusted."""
+# Logged as the package, as before it was split into modules: log lines (and
+# operators' filters on them) name evoxtral_stream.engine.journal.
+log = logging.getLogger(__name__.rpartition(".")[0])
 
 PRUNED_REMEMBERED = 16_384
 """How many pruned streams' last seqs a running journal keeps (the most
@@ -248,10 +205,6 @@ journal file."""
 _OWN_FILES = frozenset({EPOCH_FILE, LOCK_FILE, PRUNED_FILE, EPOCH_FILE + ".part",
                         PRUNED_FILE + ".part"})
 
-_RESERVED = "seq.reserved"
-_ENDED = "stream.ended"
-_LOST = "seq.lost"
-
 LOST_LISTED = 64
 """How many seqs a loss record lists (the first finals lost in a row);
 finals lost past them are told by its ``seq``, the highest lost."""
@@ -259,55 +212,6 @@ finals lost past them are told by its ``seq``, the highest lost."""
 LOST_STREAMS = 4096
 """How many streams' lost finals not recorded yet a running journal keeps
 (the most recent); one beyond that is forgotten, with an error logged."""
-
-# {quoted stream}.{index}[.{start}].jsonl; files of older versions lack the
-# start. A quoted stream id is ASCII; the last part decides, so any stream id
-# (even "x.00000001" or one ending like a start) parses back unambiguously.
-_NAME = re.compile(r"(?P<stream>.+)\.(?P<index>[0-9]+)"
-                   r"(?:\.(?P<start>[0-9]{8}T[0-9]{6}\.[0-9]{3}Z))?\.jsonl", re.ASCII)
-_STAMP = re.compile(r"([0-9]{4})([0-9]{2})([0-9]{2})T([0-9]{2})([0-9]{2})([0-9]{2})"
-                    r"\.([0-9]{3})Z", re.ASCII)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MAX_MS = 253_402_300_799_999  # 9999-12-31T23:59:59.999Z: the name keeps 4 year digits
-
-
-# --- pure -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class JournalRecord:
-    """One journaled final: its stream, its seq and the wire message."""
-
-    stream: str
-    seq: int
-    message: str
-
-
-@dataclass(frozen=True)
-class SeqReservation:
-    """A reservation line: ``stream`` may have been given seqs up to ``seq``."""
-
-    stream: str
-    seq: int
-
-
-@dataclass(frozen=True)
-class EndRecord:
-    """An end record: ``stream`` ended; ``message`` is its ``stream.ended``."""
-
-    stream: str
-    message: str
-
-
-@dataclass(frozen=True)
-class LostRecord:
-    """A loss record: the appends of ``stream``'s finals ``seqs`` (the first
-    :data:`LOST_LISTED` lost in a row) failed; ``seq`` is the highest lost,
-    past ``seqs[-1]`` when more failed than are listed."""
-
-    stream: str
-    seqs: tuple[int, ...]
-    seq: int
 
 
 @dataclass(frozen=True)
@@ -336,214 +240,6 @@ class Replay:
     records: tuple[JournalRecord, ...]
     covered_from: int
     ended: str | None = None
-
-
-def encode_record(event: CaptionEvent) -> str:
-    """The journal line of a final caption (without the newline)."""
-    if not event.final:
-        raise ValueError("only final captions are journaled")
-    return encode_event(event)
-
-
-def decode_line(line: str) -> JournalRecord | SeqReservation | EndRecord | LostRecord | None:
-    """Parse one journal line (once): a final, a reservation, an end record
-    or a loss record; None when it is none of them whole, or a seq is below
-    1 (seqs count from 1: a lower one is damage, and read as a seq it would
-    stop a replay's backward read there)."""
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(obj, dict) or not isinstance(stream := obj.get("stream"), str):
-        return None
-    kind, seq = obj.get("type"), obj.get("seq")
-    if kind == _ENDED:
-        return EndRecord(stream, line)
-    if kind == _LOST:
-        return _lost_of(stream, obj.get("seqs"), seq)
-    if (kind not in ("caption", _RESERVED) or not isinstance(seq, int)
-            or isinstance(seq, bool) or seq < 1):
-        return None
-    return JournalRecord(stream, seq, line) if kind == "caption" else SeqReservation(stream, seq)
-
-
-def decode_record(line: str) -> JournalRecord | None:
-    """Parse one journal line; None when it is not a whole caption record."""
-    record = decode_line(line)
-    return record if isinstance(record, JournalRecord) else None
-
-
-def _seq(value: object) -> int | None:
-    """``value`` as a seq (an int of at least 1), else None."""
-    return value if type(value) is int and value >= 1 else None
-
-
-def _lost_of(stream: str, seqs: object, seq: object) -> LostRecord | None:
-    """The loss record of a decoded line's fields; None unless ``seqs`` is
-    a non-empty ascending list of seqs and ``seq`` a seq at or past its last."""
-    if not isinstance(seqs, list) or not seqs or (top := _seq(seq)) is None:
-        return None
-    listed = tuple(x for x in seqs if _seq(x) is not None)
-    if len(listed) < len(seqs) or top < listed[-1] or any(
-            a >= b for a, b in itertools.pairwise(listed)):
-        return None
-    return LostRecord(stream, listed, top)
-
-
-def encode_lost(stream: str, seqs: tuple[int, ...], seq: int) -> str:
-    """The loss record (without the newline) of ``stream``'s finals
-    ``seqs`` (ascending, at most :data:`LOST_LISTED`), ``seq`` the highest
-    lost: ``{"type":"seq.lost","stream":S,"seqs":[...],"seq":N}``."""
-    return json.dumps({"type": _LOST, "stream": stream, "seqs": list(seqs), "seq": seq},
-                      ensure_ascii=False, separators=(",", ":"))
-
-
-def decode_lost(line: str) -> LostRecord | None:
-    """Parse one journal line; None when it is not a whole loss record."""
-    record = decode_line(line)
-    return record if isinstance(record, LostRecord) else None
-
-
-def encode_reservation(stream: str, seq: int) -> str:
-    """The journal line reserving seqs up to ``seq`` (without the newline)."""
-    return json.dumps({"type": _RESERVED, "stream": stream, "seq": seq},
-                      ensure_ascii=False, separators=(",", ":"))
-
-
-def decode_reservation(line: str) -> SeqReservation | None:
-    """Parse one journal line; None when it is not a whole reservation."""
-    record = decode_line(line)
-    return record if isinstance(record, SeqReservation) else None
-
-
-def encode_end(event: StreamEnded) -> str:
-    """The end record of a stream: its ``stream.ended`` message (no newline)."""
-    return encode_event(event)
-
-
-def decode_end(line: str) -> EndRecord | None:
-    """Parse one journal line; None when it is not a whole end record."""
-    record = decode_line(line)
-    return record if isinstance(record, EndRecord) else None
-
-
-@dataclass(frozen=True)
-class JournalFile:
-    """What a journal file's name tells: its stream, index and start.
-
-    ``started`` is wall-clock seconds (ms resolution); None for a file of an
-    older version, whose name records no start (or a start that is no date).
-    """
-
-    stream: str
-    index: int
-    started: float | None
-
-
-def _ms(t: float) -> int:
-    """``t`` (wall-clock seconds) as the whole milliseconds a name can hold."""
-    if not math.isfinite(t):
-        return 0 if t < 0 else _MAX_MS
-    # Rounded to 1 µs first, so a start read back from a name maps to itself.
-    return min(max(math.floor(round(t * 1000, 3)), 0), _MAX_MS)
-
-
-def recorded_start(started: float) -> float:
-    """The start that :func:`file_name` records for ``started`` and
-    :func:`parse_file_name` reads back: floored to the ms (after rounding to
-    the µs, so that a recorded start maps to itself), kept in 1970..9999."""
-    return _ms(started) / 1000
-
-
-def file_name(stream: str, index: int, started: float) -> str:
-    """``{quoted stream}.{index:08d}.{start}.jsonl``: any stream id gives a safe
-    name; ``start`` is ``started`` (wall-clock seconds) as ``YYYYMMDDTHHMMSS.mmmZ``."""
-    ms = _ms(started)
-    d = _EPOCH + timedelta(milliseconds=ms)
-    stamp = (f"{d.year:04d}{d.month:02d}{d.day:02d}T{d.hour:02d}{d.minute:02d}"
-             f"{d.second:02d}.{ms % 1000:03d}Z")
-    return f"{quote(stream, safe='')}.{index:08d}.{stamp}{_SUFFIX}"
-
-
-def parse_file_name(name: str) -> JournalFile | None:
-    """Inverse of :func:`file_name`, which also reads the names of older
-    versions (``{quoted stream}.{index}.jsonl``, ``started`` None); None for
-    files that are not the journal's, such as ``copy of mic.….jsonl``: the
-    stream part must be a stream id as :func:`file_name` encodes it (every
-    version did so), which holds no space, no ``(`` and no ``%`` but in
-    ``%XX``."""
-    m = _NAME.fullmatch(name)
-    if m is None or not m["stream"].isascii():   # quote's output is ASCII
-        return None
-    stream = unquote(m["stream"])
-    if quote(stream, safe="") != m["stream"]:
-        return None
-    started: float | None = None
-    stamp = _STAMP.fullmatch(m["start"] or "")
-    if stamp is not None:
-        y, mo, d, h, mi, s, ms = (int(x) for x in stamp.groups())
-        try:
-            when = datetime(y, mo, d, h, mi, s, tzinfo=UTC)
-        except ValueError:  # no such date: start unknown, as for an old file
-            pass
-        else:
-            started = ((when - _EPOCH) // timedelta(milliseconds=1) + ms) / 1000
-    return JournalFile(stream, int(m["index"]), started)
-
-
-def file_age(started: float, now: float) -> float:
-    """Seconds since a file was started, both by the wall clock.
-
-    A start up to :data:`CLOCK_SLACK_S` ahead of ``now`` (the clock stepped
-    back a little) gives 0. A start further ahead is not trusted (the clock
-    was set back, or ran ahead when the file was started): infinity, so the
-    file is rotated at the next record rather than waiting for the clock to
-    catch up, and its successor starts at ``now``, which ends it.
-    """
-    age = now - started
-    if age < -CLOCK_SLACK_S:
-        return math.inf
-    return max(age, 0.0)
-
-
-def should_rotate(size: int, incoming: int, age_s: float, max_bytes: int,
-                  max_age_s: float) -> bool:
-    """Whether to start a new file before writing ``incoming`` bytes.
-
-    ``age_s`` is the file's :func:`file_age`. A file is never rotated while
-    empty, so one record larger than ``max_bytes`` still gets written (alone
-    in its file), and a clock far off cannot rotate file after file.
-    """
-    if size == 0:
-        return False
-    return size + incoming > max_bytes or (max_age_s > 0 and age_s >= max_age_s)
-
-
-def _encode_pruned(stream: str, seq: int) -> bytes:
-    return (json.dumps({"stream": stream, "seq": seq}, ensure_ascii=False) + "\n").encode()
-
-
-def _decode_pruned(line: bytes) -> tuple[str, int] | None:
-    """A :data:`PRUNED_FILE` line's stream and seq; None if damaged."""
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(obj, dict):
-        return None
-    stream, seq = obj.get("stream"), obj.get("seq")
-    if not isinstance(stream, str) or type(seq) is not int or seq < 1:
-        return None
-    return stream, seq
-
-
-def expired(last_write: float, now: float, retention_s: float) -> bool:
-    """Whether a stream last written at ``last_write`` (wall-clock seconds) is
-    past its retention at ``now``; ``retention_s = 0`` keeps it forever."""
-    return retention_s > 0 and now - last_write >= retention_s
-
-
-# --- I/O --------------------------------------------------------------------
 
 
 class _Damaged:
