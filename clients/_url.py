@@ -9,6 +9,8 @@ goes in the ``Authorization`` header as ``--token``'s does, and every other
 parameter is sent on as it is (:func:`with_query`). A parameter that says
 something else than its option is a bad argument, not a silent choice of one.
 So is a ``user:password@``: the server takes no HTTP Basic auth.
+
+The rest of ``--url`` names the server (:func:`endpoint`).
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from _auth import TOKEN_ENV
 
-from evoxtral_stream.server.auth import printable_ascii
+from evoxtral_stream.server.auth import printable_ascii, redact_tokens
 
-__all__ = ["OWN_PARAMETERS", "UrlQuery", "take_query", "with_query"]
+__all__ = ["OWN_PARAMETERS", "UrlQuery", "endpoint", "take_query", "with_query"]
 
 #: The query parameters a client sets itself, from its options.
 OWN_PARAMETERS = ("stream", "since", "epoch")
@@ -38,6 +40,33 @@ class UrlQuery:
     since: str | None
     epoch: str | None
     token: str | None
+
+
+def endpoint(url: str, path: str) -> str:
+    """``ws[s]://host:port`` + ``path``; ``http[s]://`` and bare ``host:port`` work too.
+
+    Raises ValueError, for people and never quoting a token, for another
+    scheme, no host, or a port that is not a number from 1 to 65535.
+    """
+    def bad(why: str = "") -> ValueError:
+        return ValueError(redact_tokens(f"not a ws://HOST:PORT URL: {url!r}{why}"))
+
+    try:
+        parts = urlsplit(url if "://" in url else f"ws://{url}")
+    except ValueError:  # "Invalid IPv6 URL"
+        raise bad() from None
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    if scheme not in ("ws", "wss"):
+        raise bad()
+    if not parts.hostname:
+        raise bad(": it names no host")
+    try:
+        port = parts.port
+    except ValueError:  # "Port out of range 0-65535", or not a number
+        port = 0
+    if port is not None and not 0 < port < 65536:
+        raise bad(": its port must be a number from 1 to 65535")
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 
 def _query(url: str) -> list[tuple[str, str]]:

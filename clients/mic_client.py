@@ -70,8 +70,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from _auth import add_token_option, auth_headers, redact_tokens, refusal
-from _url import take_query, with_query
-from viewer import LiveWriter, endpoint, use_color
+from _url import endpoint, take_query, with_query
+from viewer import LiveWriter, use_color
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 

@@ -31,10 +31,9 @@ import shutil
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
-from urllib.parse import urlsplit, urlunsplit
 
 from _auth import add_token_option, auth_headers, redact_tokens, refusal
-from _url import take_query, with_query
+from _url import endpoint, take_query, with_query
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
@@ -323,18 +322,6 @@ class LiveWriter:
 
 
 # --- the subscription ------------------------------------------------------------
-
-
-def endpoint(url: str, path: str) -> str:
-    """``ws[s]://host:port`` + ``path``; ``http[s]://`` and bare ``host:port`` work too.
-
-    Raises ValueError for another scheme or no host.
-    """
-    parts = urlsplit(url if "://" in url else f"ws://{url}")
-    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
-    if scheme not in ("ws", "wss") or not parts.netloc:
-        raise ValueError(redact_tokens(f"not a ws://HOST:PORT URL: {url!r}"))
-    return urlunsplit((scheme, parts.netloc, path, "", ""))
 
 
 def parse_since(value: str | None, streams: Sequence[str]) -> dict[str, int]:

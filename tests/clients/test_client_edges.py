@@ -671,3 +671,27 @@ async def test_the_viewer_redacts_a_password_of_its_url(tmp_path: Path) -> None:
         assert await watch(f"ws://ann:pw-secret-3@127.0.0.1:{port}", [], {}, writer) == 1
     assert f"cannot connect to ws://ann:***@127.0.0.1:{port}/v1/captions" in err.getvalue()
     assert "secret" not in err.getvalue()
+
+
+# --- the server --url names -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", ["viewer.py", "mic_client.py"])
+@pytest.mark.parametrize(("url", "why"), [
+    ("ws://127.0.0.1:http", ": its port must be a number from 1 to 65535"),
+    ("ws://127.0.0.1:65536", ": its port must be a number from 1 to 65535"),
+    ("ws://:8765", ": it names no host"),
+    ("ftp://127.0.0.1:8765", ""),
+], ids=["port-name", "port-too-big", "no-host", "scheme"])
+async def test_a_url_that_names_no_server_is_a_bad_argument(
+        tmp_path: Path, script: str, url: str, why: str) -> None:
+    """A port that is no number, or too big, ended the viewer and the mic
+    client with a traceback (urllib's ValueError, status 1); a URL naming no
+    host got "cannot connect ... (is the server running?)". Each is a bad
+    argument now: one line that says what is wrong, status 2, before
+    connecting."""
+    code, out = await _run_script(script, tmp_path, "--url", url,
+                                  *_quiet_args(script, tmp_path))
+    assert code == 2, out
+    assert f"error: not a ws://HOST:PORT URL: {url!r}{why}\n" in out, out
+    assert "Traceback" not in out and "server running" not in out, out

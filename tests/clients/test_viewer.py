@@ -357,8 +357,13 @@ def test_urls_and_since() -> None:
     assert endpoint("ws://h:1/anything?x=1", "/v1/captions") == "ws://h:1/v1/captions"
     assert endpoint("https://h", "/v1/ingest") == "wss://h/v1/ingest"
     assert endpoint("127.0.0.1:8765", "/") == "ws://127.0.0.1:8765/"
+    assert endpoint("ws://[::1]:8765", "/") == "ws://[::1]:8765/"
     with pytest.raises(ValueError, match="ws://"):
         endpoint("ftp://h", "/")
+    with pytest.raises(ValueError, match=r"^not a ws://HOST:PORT URL: 'ws://\[::1'$"):
+        endpoint("ws://[::1", "/")
+    with pytest.raises(ValueError, match="port must be a number from 1 to 65535"):
+        endpoint("ws://h:0/?token=t-secret", "/")
     assert parse_since("41", ["a", "b"]) == {"a": 41, "b": 41}
     assert parse_since("a:4,b:7", []) == {"a": 4, "b": 7}
     for bad in ("x", "a:", ":3", "a:\u00b2", "a:" + "9" * 19):
