@@ -23,7 +23,7 @@ from _auth import TOKEN_ENV
 
 from evoxtral_stream.server.auth import printable_ascii, redact_tokens
 
-__all__ = ["OWN_PARAMETERS", "UrlQuery", "endpoint", "take_query", "with_query"]
+__all__ = ["ENDPOINTS", "OWN_PARAMETERS", "UrlQuery", "endpoint", "take_query", "with_query"]
 
 #: The query parameters a client sets itself, from its options.
 OWN_PARAMETERS = ("stream", "since", "epoch")
@@ -42,8 +42,19 @@ class UrlQuery:
     token: str | None
 
 
+#: The server's WebSocket endpoints: a ``--url`` path ending in one names
+#: the server by what comes before it.
+ENDPOINTS = ("/v1/captions", "/v1/ingest", "/v1/realtime")
+
+
 def endpoint(url: str, path: str) -> str:
-    """``ws[s]://host:port`` + ``path``; ``http[s]://`` and bare ``host:port`` work too.
+    """``ws[s]://host:port[/prefix]`` + ``path``; ``http[s]://`` and bare
+    ``host:port`` work too.
+
+    The path of ``url`` is a prefix the server is reached under (a reverse
+    proxy's ``/captions-engine/``, a slash at its end or not), less an
+    endpoint of :data:`ENDPOINTS` it ends with: ``ws://h/p/v1/captions``
+    gives ``ws://h/p`` + ``path``. Its query and fragment are dropped.
 
     Raises ValueError, for people and never quoting a token, for another
     scheme, no host, or a port that is not a number from 1 to 65535.
@@ -66,7 +77,12 @@ def endpoint(url: str, path: str) -> str:
         port = 0
     if port is not None and not 0 < port < 65536:
         raise bad(": its port must be a number from 1 to 65535")
-    return urlunsplit((scheme, parts.netloc, path, "", ""))
+    prefix = parts.path.rstrip("/")
+    for known in ENDPOINTS:
+        if prefix.endswith(known):
+            prefix = prefix.removesuffix(known).rstrip("/")
+            break
+    return urlunsplit((scheme, parts.netloc, prefix + path, "", ""))
 
 
 def _query(url: str) -> list[tuple[str, str]]:

@@ -695,3 +695,46 @@ async def test_a_url_that_names_no_server_is_a_bad_argument(
     assert code == 2, out
     assert f"error: not a ws://HOST:PORT URL: {url!r}{why}\n" in out, out
     assert "Traceback" not in out and "server running" not in out, out
+
+
+#: What each client is given besides --url and --token to finish on its own
+#: against :func:`_behind_a_prefix`'s server, what it prints when it did, and
+#: the server's path it must ask for.
+_FINISHING = {
+    "viewer.py": (["--stream", "talk", "--since", "0", "--exit-on-end", "--no-color"],
+                  "[0:00.0 → 0:00.5] one.", "/v1/captions"),
+    "mic_client.py": (["--stream", "desk", "--no-color"], "desk: 1.0 s of audio",
+                      "/v1/ingest"),
+}
+
+
+@pytest.mark.parametrize(("script", "url"), [
+    ("viewer.py", "http://{addr}/captions-engine"),
+    ("viewer.py", "ws://{addr}/captions-engine/v1/captions?stream=talk"),
+    ("mic_client.py", "ws://{addr}/captions-engine/"),
+    ("mic_client.py", "{addr}/captions-engine/v1/ingest"),
+], ids=["viewer-prefix", "viewer-endpoint", "mic-prefix-slash", "mic-bare-endpoint"])
+async def test_a_url_under_a_path_prefix_reaches_the_server_behind_it(
+        tmp_path: Path, guarded: tuple[Engine, CaptionServer], script: str,
+        url: str) -> None:
+    """A server behind a reverse proxy at ``https://host/captions-engine/``:
+    the viewer and the mic client dropped the path of ``--url`` and asked the
+    proxy for ``/v1/...`` at its root, a 404. Each keeps it as a prefix now,
+    with or without a slash at its end; a URL that names an endpoint under
+    it (``.../v1/captions``) has the client's own endpoint in its place, as
+    it had at the root."""
+    from tests.clients.conftest import INGEST_TOKEN, SUBSCRIBE_TOKEN
+    from tests.helpers.http import PrefixRelay
+
+    _, server = guarded
+    publish_finals(server, "talk", ["one."])
+    args, done, path = _FINISHING[script]
+    token = INGEST_TOKEN if script == "mic_client.py" else SUBSCRIBE_TOKEN
+    async with PrefixRelay(server.port, "/captions-engine") as proxy:
+        code, out = await _run_script(
+            script, tmp_path, "--url", url.format(addr=f"127.0.0.1:{proxy.port}"),
+            "--token", token, *_quiet_args(script, tmp_path), *args)
+    assert code == 0, out
+    assert done in out, out
+    assert [t.partition("?")[0] for t in proxy.targets] == [f"/captions-engine{path}"], \
+        proxy.targets

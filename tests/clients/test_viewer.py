@@ -354,7 +354,12 @@ def test_writer_off_a_terminal_prints_only_finals() -> None:
 
 
 def test_urls_and_since() -> None:
-    assert endpoint("ws://h:1/anything?x=1", "/v1/captions") == "ws://h:1/v1/captions"
+    # The path is a prefix, less an endpoint it ends with.
+    assert endpoint("ws://h:1/anything?x=1#f", "/v1/captions") == \
+        "ws://h:1/anything/v1/captions"
+    assert endpoint("ws://h:1/p/v1/ingest/", "/v1/captions") == "ws://h:1/p/v1/captions"
+    assert endpoint("ws://h:1/v1/captions", "/v1/ingest") == "ws://h:1/v1/ingest"
+    assert endpoint("ws://h:1//", "/v1/ingest") == "ws://h:1/v1/ingest"
     assert endpoint("https://h", "/v1/ingest") == "wss://h/v1/ingest"
     assert endpoint("127.0.0.1:8765", "/") == "ws://127.0.0.1:8765/"
     assert endpoint("ws://[::1]:8765", "/") == "ws://[::1]:8765/"
@@ -384,6 +389,8 @@ def test_urls_and_since() -> None:
     # The URL's other parameters go along; its own ones are the arguments'.
     assert captions_url("ws://h:1/?token=t&x=a%20b&stream=old&since=old:1", ["a"], {}) == \
         "ws://h:1/v1/captions?token=t&x=a%20b&stream=a"
+    assert captions_url("https://h/p/?token=t", ["a"], {}) == \
+        "wss://h/p/v1/captions?token=t&stream=a"
 
 
 # --- the script against a real server -------------------------------------------------

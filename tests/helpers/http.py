@@ -1,6 +1,7 @@
 """Network helpers for tests: plain HTTP GETs, free ports, a TCP relay that
 can cut its connections or filter what clients send (or stall it), a
-WebSocket client that never reads, or reads slowly."""
+reverse proxy's path prefix, a WebSocket client that never reads, or reads
+slowly."""
 
 from __future__ import annotations
 
@@ -208,6 +209,10 @@ class Relay:
         except OSError:
             writer.close()
             return
+        self._relay(reader, writer, up_r, up_w)
+
+    def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+               up_r: asyncio.StreamReader, up_w: asyncio.StreamWriter) -> None:
         self._writers += [writer, up_w]
         for coro in (self.forward(reader, up_w), pipe(up_r, writer)):
             task = asyncio.create_task(coro)
@@ -223,6 +228,45 @@ class Relay:
         for w in self._writers:
             w.transport.abort()
         self._writers = []
+
+
+class PrefixRelay(Relay):
+    """A reverse proxy that serves 127.0.0.1:``target`` under a path prefix:
+    a request for ``prefix`` + ``/PATH`` is passed on as ``/PATH`` (nginx's
+    ``location /prefix/ { proxy_pass http://target/; }``, WebSocket upgrades
+    included), any other is answered 404. ``targets`` lists the request
+    targets (path and query) clients sent it, as sent."""
+
+    def __init__(self, target: int, prefix: str) -> None:
+        super().__init__(target)
+        self.prefix = prefix.rstrip("/")
+        self.targets: list[str] = []
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                      ) -> None:
+        try:
+            line = (await reader.readline()).decode("latin-1")
+            method, target, version = line.split(" ", 2)
+        except (ConnectionError, ValueError):
+            writer.close()
+            return
+        self.targets.append(target)
+        if not target.startswith(f"{self.prefix}/"):
+            body = f"no such path: {target}\n".encode("latin-1")
+            writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Type: text/plain\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                         % (len(body), body))
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            writer.close()
+            return
+        try:
+            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
+        except OSError:
+            writer.close()
+            return
+        up_w.write(f"{method} {target[len(self.prefix):]} {version}".encode("latin-1"))
+        self._relay(reader, writer, up_r, up_w)
 
 
 class StallingRelay(Relay):
