@@ -92,10 +92,10 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote
 
 from _auth import add_token_option, auth_headers, install_token_redaction, refusal
-from _url import take_query
+from _url import endpoint, take_query, with_query
 from tts_synth import (
     DEFAULT_BASE_URL,
     ELEVENLABS_MODEL,
@@ -337,21 +337,21 @@ def parse_since(value: str, streams: Sequence[str]) -> dict[str, int]:
 
 def caption_url(url: str, streams: Sequence[str], since: Mapping[str, int],
                 epoch: str | None = None) -> str:
-    """``url`` (path ``/v1/captions`` when it has none) with ``stream=``,
-    ``since=`` and, with a ``since``, ``epoch=`` (the numbering its seqs are
-    of; None: unknown) set from the arguments; other query parameters are
-    kept."""
-    parts = urlsplit(url)
-    path = parts.path if parts.path not in ("", "/") else "/v1/captions"
-    query = [(k, v) for k, v in parse_qsl(parts.query)
-             if k not in ("stream", "since", "epoch")]
+    """The ``/v1/captions`` URL of the server ``url`` names (its path a
+    prefix, less an endpoint it ends with: :func:`_url.endpoint`) with
+    ``stream=``, ``since=`` and, with a ``since``, ``epoch=`` (the numbering
+    its seqs are of; None: unknown) set from the arguments; the other
+    parameters of ``url``'s query are kept.
+
+    Raises ValueError for a URL that names no server."""
+    query: list[tuple[str, str]] = []
     if streams:
         query.append(("stream", ",".join(streams)))
     if since:
         query.append(("since", ",".join(f"{s}:{n}" for s, n in sorted(since.items()))))
         if epoch is not None:
             query.append(("epoch", epoch))
-    return urlunsplit((parts.scheme, parts.netloc, path, urlencode(query, safe=",:"), ""))
+    return with_query(endpoint(url, "/v1/captions"), query, query_of=url)
 
 
 # --- the bridge -------------------------------------------------------------------
@@ -808,6 +808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for option, value in (("--max-captions", args.max_captions), ("--queue", args.queue)):
             if value is not None and value < 1:
                 raise ValueError(f"{option} must be at least 1 (got {value})")
+        endpoint(args.url, "/")
         # ?stream=, ?since=, ?epoch= and ?token= of --url count as the options.
         given = take_query(args.url, streams=[s for v in args.stream for s in v.split(",") if s],
                            since=args.since, epoch=args.epoch, token=args.token)

@@ -676,7 +676,7 @@ async def test_the_viewer_redacts_a_password_of_its_url(tmp_path: Path) -> None:
 # --- the server --url names -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("script", ["viewer.py", "mic_client.py"])
+@pytest.mark.parametrize("script", CLIENT_SCRIPTS)
 @pytest.mark.parametrize(("url", "why"), [
     ("ws://127.0.0.1:http", ": its port must be a number from 1 to 65535"),
     ("ws://127.0.0.1:65536", ": its port must be a number from 1 to 65535"),
@@ -687,13 +687,14 @@ async def test_a_url_that_names_no_server_is_a_bad_argument(
         tmp_path: Path, script: str, url: str, why: str) -> None:
     """A port that is no number, or too big, ended the viewer and the mic
     client with a traceback (urllib's ValueError, status 1); a URL naming no
-    host got "cannot connect ... (is the server running?)". Each is a bad
-    argument now: one line that says what is wrong, status 2, before
-    connecting."""
+    host got "cannot connect ... (is the server running?)", and so did any
+    of these from tts_bridge.py ("... isn't a valid URI"), another scheme
+    too. Each is a bad argument now: one line that says what is wrong,
+    status 2, before connecting."""
     code, out = await _run_script(script, tmp_path, "--url", url,
                                   *_quiet_args(script, tmp_path))
     assert code == 2, out
-    assert f"error: not a ws://HOST:PORT URL: {url!r}{why}\n" in out, out
+    assert f": not a ws://HOST:PORT URL: {url!r}{why}\n" in out, out
     assert "Traceback" not in out and "server running" not in out, out
 
 
@@ -705,6 +706,8 @@ _FINISHING = {
                   "[0:00.0 → 0:00.5] one.", "/v1/captions"),
     "mic_client.py": (["--stream", "desk", "--no-color"], "desk: 1.0 s of audio",
                       "/v1/ingest"),
+    "tts_bridge.py": (["--stream", "quiet", "--since", "0", "--exit-on-end"],
+                      "done: 0 written, 0 failed", "/v1/captions"),
 }
 
 
@@ -713,21 +716,26 @@ _FINISHING = {
     ("viewer.py", "ws://{addr}/captions-engine/v1/captions?stream=talk"),
     ("mic_client.py", "ws://{addr}/captions-engine/"),
     ("mic_client.py", "{addr}/captions-engine/v1/ingest"),
-], ids=["viewer-prefix", "viewer-endpoint", "mic-prefix-slash", "mic-bare-endpoint"])
+    ("tts_bridge.py", "{addr}/captions-engine"),
+    ("tts_bridge.py", "http://{addr}/captions-engine/v1/captions/?stream=quiet"),
+], ids=["viewer-prefix", "viewer-endpoint", "mic-prefix-slash", "mic-bare-endpoint",
+        "bridge-bare-prefix", "bridge-http-endpoint"])
 async def test_a_url_under_a_path_prefix_reaches_the_server_behind_it(
         tmp_path: Path, guarded: tuple[Engine, CaptionServer], script: str,
         url: str) -> None:
     """A server behind a reverse proxy at ``https://host/captions-engine/``:
     the viewer and the mic client dropped the path of ``--url`` and asked the
-    proxy for ``/v1/...`` at its root, a 404. Each keeps it as a prefix now,
-    with or without a slash at its end; a URL that names an endpoint under
-    it (``.../v1/captions``) has the client's own endpoint in its place, as
-    it had at the root."""
+    proxy for ``/v1/...`` at its root, a 404; tts_bridge.py asked for the
+    prefix itself, and took neither a bare ``HOST:PORT`` nor ``http://``.
+    Each keeps the path as a prefix now, with or without a slash at its end;
+    a URL that names an endpoint under it (``.../v1/captions``) has the
+    client's own endpoint in its place, as it had at the root."""
     from tests.clients.conftest import INGEST_TOKEN, SUBSCRIBE_TOKEN
     from tests.helpers.http import PrefixRelay
 
     _, server = guarded
     publish_finals(server, "talk", ["one."])
+    publish_finals(server, "quiet", [])  # the bridge would have to speak a final
     args, done, path = _FINISHING[script]
     token = INGEST_TOKEN if script == "mic_client.py" else SUBSCRIBE_TOKEN
     async with PrefixRelay(server.port, "/captions-engine") as proxy:

@@ -332,6 +332,11 @@ def test_names_urls_and_since() -> None:
         "ws://h:1/v1/captions?stream=a,b&since=a:41,b:7")
     assert caption_url("ws://h:1/v1/captions?stream=old&x=1&since=3", [], {}) == (
         "ws://h:1/v1/captions?x=1")
+    # A URL as the other clients take it: its path a prefix, less an endpoint.
+    assert caption_url("h:1/p/", ["a"], {}) == "ws://h:1/p/v1/captions?stream=a"
+    assert caption_url("https://h/p/v1/ingest?x=1", [], {}) == "wss://h/p/v1/captions?x=1"
+    with pytest.raises(ValueError, match="not a ws://HOST:PORT URL"):
+        caption_url("ftp://h", [], {})
 
 
 async def test_a_stream_id_holding_a_lone_surrogate_gets_files_of_its_own(
