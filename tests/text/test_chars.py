@@ -6,7 +6,7 @@ import re
 import sys
 import unicodedata
 
-from evoxtral_stream.text.chars import CONTROL, HIDDEN, drop_hidden
+from evoxtral_stream.text.chars import CONTROL, HIDDEN, display_width, drop_hidden, graphemes
 
 _KEPT = {"\u200c", "\u200d"}   # ZWNJ, ZWJ
 
@@ -36,3 +36,27 @@ def test_drop_hidden_keeps_everything_else() -> None:
     text = ("caf\u00e9 \u05e9\u05dc\u05d5\u05dd \U0001f469\u200d\U0001f4bb "
             "\u0645\u06cc\u200c\u062e \x1b")
     assert drop_hidden(text) == text
+
+
+def test_graphemes_keep_what_shows_as_one_character() -> None:
+    family, tone, flags = "👩\u200d👩\u200d👧", "👍🏽", "🇯🇵🇫🇷"
+    text = f"e\u0301t{family}{tone}{flags}🇯 ❤\ufe0f1\ufe0f\u20e3नमस्ते\u1100\u1161\u11a8"
+    assert graphemes(text) == [
+        "e\u0301", "t", family, tone, "🇯🇵", "🇫🇷", "🇯", " ", "❤\ufe0f", "1\ufe0f\u20e3",
+        "न", "म", "स्", "ते", "\u1100\u1161\u11a8"]
+    assert "".join(graphemes(text)) == text
+    # ZWJ and ZWNJ join emoji only: between letters they stay with the
+    # letter before (Persian, Indic scripts).
+    assert graphemes("a\u200db\u200cc") == ["a\u200d", "b\u200c", "c"]
+
+
+def test_display_width_counts_an_emoji_sequence_once() -> None:
+    assert display_width("👩\u200d👩\u200d👧") == 2
+    assert display_width("🧑🏽\u200d🚀") == 2
+    assert display_width("👍🏽 🇯🇵") == 5
+    assert display_width("❤\ufe0f") == 2 and display_width("❤") == 1
+    assert display_width("1\ufe0f\u20e3") == 2
+    assert display_width("東京ＡＢ") == 8
+    assert display_width("e\u0301te\u0301 zero\u200bwidth") == 13
+    assert display_width("\u1100\u1161\u11a8") == 2
+    assert display_width("") == 0

@@ -393,3 +393,13 @@ def test_lines_are_measured_in_display_columns() -> None:
         f"{joined}", "ok")
     assert build_cues([final(f"{joined} ok", 0.0, 4.0)],
                       layout=CueLayout(max_line_chars=13))[0].lines == (f"{joined} ok",)
+
+
+def test_an_emoji_sequence_takes_the_columns_of_one_emoji() -> None:
+    """A ZWJ sequence, a flag's two regional indicators, a skin tone and an
+    emoji with VS16 show as one emoji: two columns a line, not two for
+    each part."""
+    lay = CueLayout(max_line_chars=5)
+    text = "👩\u200d👩\u200d👧 👍🏽 🇯🇵 ❤\ufe0f ok"
+    assert [c.lines for c in build_cues([final(text, 0.0, 4.0)], layout=lay)] == [
+        ("👩\u200d👩\u200d👧 👍🏽", "🇯🇵 ❤\ufe0f"), ("ok",)]

@@ -25,13 +25,18 @@ in the clients, too):
   such as 👩‍💻), and can neither reorder nor hide text.
 
 Both are bodies of a regular expression character class.
+
+What is shown is counted in user-perceived characters (:func:`graphemes`:
+a letter with its accents, an emoji sequence) and display columns
+(:func:`display_width`), with no dependency beyond :mod:`unicodedata`.
 """
 
 from __future__ import annotations
 
 import re
+import unicodedata
 
-__all__ = ["CONTROL", "HIDDEN", "drop_hidden"]
+__all__ = ["CONTROL", "HIDDEN", "display_width", "drop_hidden", "graphemes"]
 
 #: Control characters: C0, DEL and C1.
 CONTROL = "\x00-\x1f\x7f-\x9f"
@@ -53,3 +58,75 @@ _HIDDEN = re.compile(f"[{HIDDEN}]+")
 def drop_hidden(text: str) -> str:
     """``text`` without its :data:`HIDDEN` characters."""
     return _HIDDEN.sub("", text)
+
+
+_ZWJ = "\u200d"
+_VS16 = "\ufe0f"
+
+
+def _extends(c: str) -> bool:
+    """Whether ``c`` belongs to the character before it (UAX #29's Extend
+    and SpacingMark, near enough): marks, ZWNJ and ZWJ, emoji skin-tone
+    modifiers, tag characters, and the vowel and final jamo of a decomposed
+    Hangul syllable."""
+    o = ord(c)
+    return (unicodedata.category(c) in ("Mn", "Me", "Mc") or c in "\u200c\u200d"
+            or 0x1F3FB <= o <= 0x1F3FF or 0xE0020 <= o <= 0xE007F
+            or 0x1160 <= o <= 0x11FF or 0xD7B0 <= o <= 0xD7FF)
+
+
+def _regional(c: str) -> bool:
+    return 0x1F1E6 <= ord(c) <= 0x1F1FF
+
+
+def _pictographic(c: str) -> bool:
+    # Unicode's Extended_Pictographic is not in unicodedata; emoji are So.
+    return unicodedata.category(c) == "So"
+
+
+def graphemes(text: str) -> list[str]:
+    """``text`` in user-perceived characters, Unicode's extended grapheme
+    clusters (UAX #29) for the cases captions hold: a base with its
+    combining marks, variation selectors and skin-tone modifiers (👍🏽),
+    emoji joined by ZWJ (👩‍👩‍👧), a flag's pair of regional indicators
+    (🇯🇵). ``"".join(graphemes(text)) == text``."""
+    out: list[str] = []
+    for c in text:
+        if out:
+            last = out[-1]
+            if (_extends(c)
+                    or (last[-1] == _ZWJ and _pictographic(c) and _pictographic(last[0]))
+                    or (_regional(c) and _regional(last[0])
+                        and sum(map(_regional, last)) == 1)):
+                out[-1] = last + c
+                continue
+        out.append(c)
+    return out
+
+
+def _char_width(c: str) -> int:
+    o = ord(c)
+    if (unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me", "Cf")
+            or 0x1160 <= o <= 0x11FF or 0xD7B0 <= o <= 0xD7FF):
+        return 0
+    return 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
+
+
+def _grapheme_width(g: str) -> int:
+    first = g[0]
+    if len(g) > 1 and (_VS16 in g or (_regional(first) and _regional(g[1]))
+                       or (_pictographic(first)
+                           and any(c == _ZWJ or 0x1F3FB <= ord(c) <= 0x1F3FF for c in g))):
+        # Shown as one emoji: two columns, however many code points.
+        return 2
+    return sum(map(_char_width, g))
+
+
+def display_width(text: str) -> int:
+    """Columns ``text`` takes on a line: 2 for a wide or fullwidth (East
+    Asian) character and for an emoji shown as one (a ZWJ sequence, a flag,
+    a skin tone, VS16: counted once), 0 for a combining mark or a format
+    character (zero-width space and joiners, bidi marks), 1 for the rest."""
+    if text.isascii():
+        return len(text)
+    return sum(map(_grapheme_width, graphemes(text)))

@@ -9,10 +9,11 @@ as WebVTT requires and SRT players expect (finals that overlap, from a
 journal or another server, interleave; equal starts keep the order given,
 which callers make the segments'), SRT numbered as written. Each final is
 laid out in cues by :class:`CueLayout`, the usual subtitle practice: at
-most 42 columns a line (:func:`_width`: a CJK character takes 2, a
-combining mark none) and 2 lines a cue, a cue at most 7 s and at least 5/6
-s on screen (extended into the silence after it, never over the next
-cue, nor past ``until``, the end of the audio, when the caller knows it).
+most 42 columns a line (:func:`_width`: a CJK character or an emoji
+sequence takes 2, a combining mark none) and 2 lines a cue, a cue at most
+7 s and at least 5/6 s on screen (extended into the silence after it,
+never over the next cue, nor past ``until``, the end of the audio, when
+the caller knows it).
 A cue left no time at all (a zero-length final) is shown for
 :data:`MIN_SHOWN_S`, past ``until`` if need be. Lines break between words,
 never inside a tag, and a tag stays with the word it precedes. A cue's
@@ -35,12 +36,12 @@ from __future__ import annotations
 import enum
 import json
 import re
-import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from ..events import CaptionEvent
 from ..server.protocol import caption_to_dict
+from .chars import display_width
 from .tags import Token, render, tokenize, word_count
 
 __all__ = [
@@ -134,16 +135,11 @@ def _escape_srt(text: str) -> str:
 
 
 def _width(text: str) -> int:
-    """Columns ``text`` takes on a line: 2 for a wide or fullwidth (East
-    Asian) character, 0 for a combining mark, a format character (zero-width
-    space and joiners, bidi marks) or other nonspacing mark, 1 for the rest.
-    An emoji sequence (skin tone, ZWJ family) counts each of its parts."""
-    n = 0
-    for c in text:
-        if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me", "Cf"):
-            continue
-        n += 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
-    return n
+    """Columns ``text`` takes on a line (:func:`.chars.display_width`): 2
+    for a wide or fullwidth (East Asian) character and for an emoji sequence
+    shown as one (ZWJ family, flag, skin tone, VS16), 0 for a combining
+    mark or a format character, 1 for the rest."""
+    return display_width(text)
 
 
 def _slug(name: str) -> str:
