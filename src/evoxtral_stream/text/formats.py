@@ -16,10 +16,15 @@ never over the next cue, nor past ``until``, the end of the audio, when
 the caller knows it).
 A cue left no time at all (a zero-length final) is shown for
 :data:`MIN_SHOWN_S`, past ``until`` if need be. Lines break between words,
-never inside a tag, and a tag stays with the word it precedes. A cue's
-times come from its words' positions in the segment, interpolated linearly
-over the segment's span (as ``TagMark.t``). A sentence end closes a cue
-once the cue holds a full line.
+never inside a tag, and a tag stays with the word it precedes. Text written
+without spaces (Chinese, Japanese) also breaks between its characters, as
+UAX #14 and the kinsoku rules allow (:func:`_can_break`: never before
+。、」）！？ or a small kana, never after 「（, never inside a Latin word),
+where a line cannot hold the text between two spaces whole. A cue's times come from its words'
+positions in the segment, interpolated linearly over the segment's span (as
+``TagMark.t``; a word broken between lines shares its time among its
+characters). A sentence end (also 。！？) closes a cue once the cue holds a
+full line.
 
 Tags (:class:`TagStyle`): kept inline as written (``[laughs]``, what a TTS
 voice wants), stripped (plain captions), or, in WebVTT only, wrapped in
@@ -36,12 +41,15 @@ from __future__ import annotations
 import enum
 import json
 import re
+import unicodedata
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from fractions import Fraction
+from itertools import pairwise
 
 from ..events import CaptionEvent
 from ..server.protocol import caption_to_dict
-from .chars import display_width
+from .chars import display_width, graphemes
 from .tags import Token, render, tokenize, word_count
 
 __all__ = [
@@ -106,13 +114,19 @@ class Cue:
 @dataclass(frozen=True)
 class _Unit:
     """Text that never breaks: a word with its punctuation and the tags
-    before it."""
+    before it, or a piece of one written without spaces (:func:`_pieces`).
+    ``w0`` and ``w1`` are word positions in the segment; a piece takes its
+    word's share by characters."""
 
     markup: str
     width: int
-    w0: int
-    w1: int
+    w0: Fraction
+    w1: Fraction
     ends_sentence: bool
+    glued: bool = False
+    """Written right after the unit before it, with no space between."""
+    run: int = 0
+    """The width of this unit and the glued ones after it."""
 
 
 def _escape_vtt(text: str) -> str:
@@ -164,6 +178,112 @@ def _chunk_markup(chunk: Sequence[Token], style: TagStyle, vtt: bool) -> tuple[s
     return "".join(parts), visible
 
 
+# Line breaks in text written without spaces: UAX #14's basics and the
+# Japanese kinsoku rules. A line may break between two characters where one
+# is CJK: a Han ideograph, kana, bopomofo, Yi, a fullwidth letter or digit,
+# CJK punctuation. Never before closing punctuation (UAX #14's CL, CP, EX,
+# IS: 、。」）！？ and the ASCII , . ! ? ) too), a small kana, ー or 々 (NS,
+# and CJ taken as NS, UAX #14's default), nor after opening punctuation (OP:
+# 「（ and the ASCII ( [) or a currency sign. Hangul is left out: Korean is
+# written with spaces and breaks there, as its subtitles do. So are Thai,
+# Lao, Khmer and Burmese (UAX #14's SA): without a dictionary to find their
+# word ends, UAX #14 breaks none of their text (LB1: SA as AL).
+_NO_START = frozenset(
+    "ー々〻ゝゞヽヾｰぁぃぅぇぉっゃゅょゎゕゖァィゥェォッャュョヮヵヶｧｨｩｪｫｬｭｮｯ"
+    + "".join(map(chr, range(0x31F0, 0x3200))))
+
+
+def _hangul(c: str) -> bool:
+    o = ord(c)
+    return (0xAC00 <= o <= 0xD7FF or 0x1100 <= o <= 0x11FF or 0x3130 <= o <= 0x318F
+            or 0xA960 <= o <= 0xA97F)
+
+
+def _cjk(c: str) -> bool:
+    return (unicodedata.east_asian_width(c) in ("W", "F")
+            and unicodedata.category(c)[0] in "LNP" and not _hangul(c))
+
+
+def _opens(c: str) -> bool:
+    return unicodedata.category(c) in ("Ps", "Pi", "Sc") or c in "¿¡"
+
+
+def _closes(c: str) -> bool:
+    return c in _NO_START or (unicodedata.category(c) in ("Pe", "Pf", "Po", "Pd")
+                              and c not in "¿¡")
+
+
+def _can_break(before: str, after: str) -> bool:
+    """Whether a line may break between two characters (grapheme clusters)
+    written without a space between them."""
+    a, b = before[0], after[0]
+    return (_cjk(a) or _cjk(b)) and not _closes(b) and not _opens(a)
+
+
+_CLOSERS = "\"')]}»”’」』）】〕〉》"
+
+
+def _ends_sentence(tok: Token) -> bool:
+    """:attr:`Token.ends_sentence`, and the CJK full stop, ! and ?."""
+    text = tok.text.rstrip(_CLOSERS)
+    return tok.ends_sentence or (tok.is_punct and text.endswith(("。", "．", "！", "？", "｡")))
+
+
+def _pieces(chunk: Sequence[Token], w: int) -> list[tuple[list[Token], Fraction, Fraction]]:
+    """``chunk`` (tokens written without spaces, and the tags before them)
+    cut where a line may break (:func:`_can_break`): each piece's tokens,
+    cut in grapheme clusters where need be, and its word positions, ``w``
+    the chunk's first. A tag stays with what follows it; a word's clusters
+    share its one word position."""
+    if not any(_cjk(c) for tok in chunk if not (tok.is_tag or tok.text.isascii())
+               for c in tok.text):
+        return [(list(chunk), Fraction(w), Fraction(w + word_count(chunk)))]
+    # (token index, cluster index, cluster); a tag is one cluster.
+    atoms: list[tuple[int, int, str]] = []
+    sizes: list[int] = []
+    for i, tok in enumerate(chunk):
+        parts = [tok.text] if tok.is_tag else graphemes(tok.text)
+        sizes.append(len(parts))
+        atoms.extend((i, k, g) for k, g in enumerate(parts))
+    bases: list[int] = []
+    for tok in chunk:
+        bases.append(w)
+        w += int(tok.is_word)
+    last_word = max((j for j, (i, _, _) in enumerate(atoms) if not chunk[i].is_tag),
+                    default=-1)
+
+    def pos(i: int, k: int) -> Fraction:
+        return bases[i] + (Fraction(k, sizes[i]) if chunk[i].is_word else Fraction(0))
+
+    cuts = [0]
+    for j in range(1, len(atoms)):
+        i, k, g = atoms[j]
+        pi, _, pg = atoms[j - 1]
+        tok = chunk[i]
+        if (k == 0 and tok.space_before) or chunk[pi].is_tag:
+            continue  # a tag and the word it is written with
+        if tok.is_tag:
+            # Like an opening bracket, and only before text it stays with.
+            if j < last_word and _can_break(pg, "["):
+                cuts.append(j)
+        elif _can_break(pg, g):
+            cuts.append(j)
+    cuts.append(len(atoms))
+    out: list[tuple[list[Token], Fraction, Fraction]] = []
+    for a, b in pairwise(cuts):
+        toks: list[Token] = []
+        for j in range(a, b):
+            i, k, g = atoms[j]
+            if j > a and atoms[j - 1][0] == i:
+                toks[-1] = replace(toks[-1], text=toks[-1].text + g)
+            else:
+                toks.append(replace(chunk[i], text=g,
+                                                space_before=chunk[i].space_before and k == 0))
+        (i0, k0, _), (i1, k1, _) = atoms[a], atoms[b - 1]
+        out.append((toks, pos(i0, k0), pos(i1, k1 + 1)))
+    return out
+
+
 def _units(tokens: Sequence[Token], style: TagStyle, vtt: bool) -> list[_Unit]:
     chunks: list[list[Token]] = []
     for tok in tokens:
@@ -191,25 +311,32 @@ def _units(tokens: Sequence[Token], style: TagStyle, vtt: bool) -> list[_Unit]:
     units: list[_Unit] = []
     w = 0
     for c in chunks:
-        # Inside a merged unit, tags and words keep their own spacing.
-        pieces: list[tuple[str, str]] = []
-        group: list[Token] = []
-        for tok in c:
-            if tok.space_before and group:
-                pieces.append(_chunk_markup(group, style, vtt))
-                group = []
-            group.append(tok)
-        if group:
-            pieces.append(_chunk_markup(group, style, vtt))
-        markup = " ".join(m for m, _ in pieces if m)
-        visible = " ".join(v for _, v in pieces if v)
-        if not visible:
-            continue
-        n = word_count(c)
-        last = [t for t in c if not t.is_tag]
-        units.append(_Unit(markup, _width(visible), w, w + n,
-                           bool(last) and last[-1].ends_sentence))
-        w += n
+        glued = False
+        first = len(units)
+        for piece, w0, w1 in _pieces(c, w):
+            # Inside a merged unit, tags and words keep their own spacing.
+            parts: list[tuple[str, str]] = []
+            group: list[Token] = []
+            for tok in piece:
+                if tok.space_before and group:
+                    parts.append(_chunk_markup(group, style, vtt))
+                    group = []
+                group.append(tok)
+            if group:
+                parts.append(_chunk_markup(group, style, vtt))
+            markup = " ".join(m for m, _ in parts if m)
+            visible = " ".join(v for _, v in parts if v)
+            if not visible:
+                continue
+            last = [t for t in piece if not t.is_tag]
+            width = _width(visible)
+            units.append(_Unit(markup, width, w0, w1,
+                               bool(last) and _ends_sentence(last[-1]), glued, width))
+            glued = True
+        if len(units) > first + 1:
+            units[first] = replace(
+                units[first], run=sum(u.width for u in units[first:]))
+        w += word_count(c)
     return units
 
 
@@ -225,15 +352,21 @@ def _event_cues(event: CaptionEvent, style: TagStyle, layout: CueLayout,
     n = units[-1].w1
     span = max(0.0, event.end - event.start)
 
-    def at(word: int) -> float:
-        return event.start + span * word / n if n else event.start
+    def at(word: Fraction) -> float:
+        # Whole words as span * word / n, exact fractions of a word too.
+        return (event.start + span * word.numerator / word.denominator / float(n) if n
+                else event.start)
 
     cues: list[Cue] = []
     lines: list[list[_Unit]] = [[]]
     first: _Unit | None = None
 
     def width(line: list[_Unit]) -> int:
-        return sum(u.width for u in line) + max(0, len(line) - 1)
+        return sum(u.width for u in line) + sum(not u.glued for u in line[1:])
+
+    def joined(line: list[_Unit]) -> str:
+        return "".join(("" if i == 0 or u.glued else " ") + u.markup
+                       for i, u in enumerate(line))
 
     def close(last: _Unit) -> None:
         nonlocal lines, first
@@ -242,7 +375,7 @@ def _event_cues(event: CaptionEvent, style: TagStyle, layout: CueLayout,
         start, end = at(first.w0), at(last.w1)
         if n == 0:
             end = event.end
-        text = tuple(" ".join(u.markup for u in line) for line in lines if line)
+        text = tuple(joined(line) for line in lines if line)
         cues.append(Cue(start, end, text))
         lines = [[]]
         first = None
@@ -251,7 +384,12 @@ def _event_cues(event: CaptionEvent, style: TagStyle, layout: CueLayout,
     for u in units:
         if first is not None and prev is not None:
             line = lines[-1]
-            fits_line = width(line) + 1 + u.width <= layout.max_line_chars
+            # Text written without spaces breaks between its characters
+            # only where a line cannot hold it whole: a space is the
+            # better place (Chinese and Japanese subtitles put spaces
+            # between phrases).
+            need = u.run if u.run <= layout.max_line_chars else u.width
+            fits_line = width(line) + (not u.glued) + need <= layout.max_line_chars
             # A cue that holds no word yet ("...", "[sighs]...") takes no
             # time: closed, it would be a zero-length cue under the next.
             too_long = (prev.w1 > first.w0
