@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from html.parser import HTMLParser
@@ -403,3 +404,23 @@ def test_an_emoji_sequence_takes_the_columns_of_one_emoji() -> None:
     text = "👩\u200d👩\u200d👧 👍🏽 🇯🇵 ❤\ufe0f ok"
     assert [c.lines for c in build_cues([final(text, 0.0, 4.0)], layout=lay)] == [
         ("👩\u200d👩\u200d👧 👍🏽", "🇯🇵 ❤\ufe0f"), ("ok",)]
+
+
+def test_entities_without_a_semicolon_are_shown_as_written() -> None:
+    """HTML decodes its legacy entity names without the semicolon, within a
+    word too (``&copy``, ``&amp``, ``&lt``, ``&notit`` reads ``¬it``), and
+    so do players that read SRT text as HTML: SRT gets a word joiner after
+    such an ``&``; ``R&D`` and ``AT&T`` stay as written. WebVTT escapes
+    every ``&``."""
+    text = "&copy 2024 &amp &lt &gt &AMP &notit &para5 &#60 &ampx AT&T R&D Q&A"
+    events, lay = [final(text, 0.0, 4.0)], CueLayout(max_line_chars=200)
+    srt_line = to_srt(events, layout=lay).split("\n")[2]
+    assert srt_line == ("&\u2060copy 2024 &\u2060amp &\u2060lt &\u2060gt &\u2060AMP "
+                        "&\u2060notit &\u2060para5 &\u2060#60 &\u2060ampx AT&T R&D Q&A")
+    parser = _HtmlText()
+    parser.feed(srt_line)
+    parser.close()
+    assert parser.text == srt_line
+    vtt_line = to_vtt(events, layout=lay).split("\n")[3]
+    assert vtt_line == text.replace("&", "&amp;")
+    assert html.unescape(vtt_line) == text

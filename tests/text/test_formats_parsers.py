@@ -7,6 +7,7 @@ exactly the cues we meant, escaped and timed as the formats require."""
 from __future__ import annotations
 
 import html
+import html.entities
 import random
 import re
 import unicodedata
@@ -39,7 +40,8 @@ _WORDS = [
     "$500", "3.5", "9:30", "...", "—", "\"quoted\"", "(see", "below)", "*really*",
     "שלום", "مرحبا،", "עברית.", "\u202bرتل\u202c", "👍🏽", "👨\u200d👩\u200d👧", "🇫🇷",
     "e\u0301te\u0301", "n\u0303", "zero\u200bwidth", "\u200d", "\ufeff", "\u2060x",
-    "-->", "a-->b", "--", ">", "<", "&", "&amp;", "&lt;", "<b>bold</b>", "</c>",
+    "-->", "a-->b", "--", ">", "<", "&", "&amp;", "&lt;", "&amp", "&copy", "&notit", "AT&T",
+    "<b>bold</b>", "</c>",
     "<c.x>", "{\\an8}", "\r", "\n", "\r\n", "\t", "\u2028", "\x85", "\x00", "\x1b[31m",
     "\x7f", "NOTE", "STYLE", "REGION", "WEBVTT", "1", "00:00:01,000", "00:00:01.000",
     "supercalifragilisticexpialidocious" * 2, "x" * 50,
@@ -115,13 +117,17 @@ def _check_common(text: str, cues: list[Cue]) -> None:
     assert all(_ms(c.end) > _ms(c.start) for c in cues), cues
 
 
+# The entity names HTML decodes without a semicolon.
+_LEGACY = "|".join(n for n in html.entities.html5 if not n.endswith(";"))
+
+
 def _srt_shown(text: str) -> str:
     """``text`` as SRT writes it, so players show it as written: markup
     characters as look-alikes, a word joiner where an ASS escape or an HTML
-    entity would start."""
+    entity would start (one of HTML's legacy names, without a semicolon)."""
     text = text.translate(str.maketrans("<>{}", "‹›❴❵"))
     text = re.sub(r"\\(?=[Nnh])", "\\\u2060", text)
-    return re.sub(r"&(?=#|[A-Za-z][A-Za-z0-9]*;)", "&\u2060", text)
+    return re.sub(rf"&(?=#|[A-Za-z][A-Za-z0-9]*;|{_LEGACY})", "&\u2060", text)
 
 
 class _HtmlText(HTMLParser):
@@ -140,7 +146,8 @@ def _check_srt(out: str, cues: list[Cue], style: TagStyle, meant: str,
     _check_common(out, cues)
     for cue in cues:
         for line in cue.lines:
-            assert not re.search(r"[<>{}]|\\[Nnh]|&(?:#|[A-Za-z][A-Za-z0-9]*;)", line), line
+            assert not re.search(rf"[<>{{}}]|\\[Nnh]|&(?:#|[A-Za-z][A-Za-z0-9]*;|{_LEGACY})",
+                                 line), line
             reader = _HtmlText()
             reader.feed(line)
             reader.close()

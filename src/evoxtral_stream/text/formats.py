@@ -33,12 +33,15 @@ sheet can colour or hide them (``::cue(.tag) { visibility: hidden }``).
 
 Text shows as written: WebVTT escapes ``&``, ``<`` and ``>``; SRT, which has
 no escapes, gets look-alikes for what players take for markup
-(:func:`_escape_srt`: ``<b>`` is written ``‹b›``, ``{\\an8}`` ``❴\\an8❵``).
+(:func:`_escape_srt`: ``<b>`` is written ``‹b›``, ``{\\an8}`` ``❴\\an8❵``)
+and an invisible word joiner after the ``&`` of an entity (``&amp;``, and
+``&copy`` or ``&amp`` without the semicolon, which HTML decodes too).
 """
 
 from __future__ import annotations
 
 import enum
+import html.entities
 import json
 import re
 import unicodedata
@@ -136,15 +139,22 @@ def _escape_vtt(text: str) -> str:
 # SRT has no escapes, yet players read markup in it: HTML-like tags (<b>,
 # <i>, <u>, <font>; ExoPlayer and VLC any HTML), ASS override blocks
 # ({\an8}; libass, behind mpv and ffmpeg, hides any {...}), ASS line breaks
-# and hard spaces (\N, \n, \h), and HTML entities (&amp;).
+# and hard spaces (\N, \n, \h), and HTML entities: &amp;, &#60, and the
+# legacy names HTML decodes with no semicolon, even inside a word (&copy,
+# &amp, &lt; "&notit" reads "¬it"). The legacy names are a closed list,
+# frozen by the HTML standard; Python's HTML parser decodes the same.
+_LEGACY_ENTITIES = "|".join(sorted((n for n in html.entities.html5 if not n.endswith(";")),
+                                   key=len, reverse=True))
 _SRT_LOOKALIKES = str.maketrans("<>{}", "\u2039\u203a\u2774\u2775")
-_SRT_SEQUENCES = re.compile(r"(?<=\\)(?=[Nnh])|(?<=&)(?=#|[A-Za-z][A-Za-z0-9]*;)")
+_SRT_SEQUENCES = re.compile(
+    rf"(?<=\\)(?=[Nnh])|(?<=&)(?=#|[A-Za-z][A-Za-z0-9]*;|(?:{_LEGACY_ENTITIES}))")
 
 
 def _escape_srt(text: str) -> str:
     """``text`` that SRT players show as written: ``<>{}`` as the look-alikes
     ``‹›❴❵``, and a word joiner (U+2060, invisible) after a backslash or an
-    ``&`` that would start an ASS escape or an HTML entity."""
+    ``&`` that would start an ASS escape or an HTML entity, with or without
+    its semicolon (``R&D`` and ``AT&T`` stay as they are)."""
     return _SRT_SEQUENCES.sub("\u2060", text.translate(_SRT_LOOKALIKES))
 
 
