@@ -34,6 +34,7 @@ def test_wav_at_16k_is_read_exactly(tmp_path: Path) -> None:
         ("mono.ogg", 48000, 1, {"format": "OGG", "subtype": "VORBIS"}),
         ("narrow.wav", 8000, 1, {}),
         ("six.wav", 22050, 6, {}),
+        ("highest.wav", 768000, 1, {}),  # MAX_FILE_RATE: still read
     ],
 )
 def test_files_decode_to_mono_16k(
@@ -147,6 +148,13 @@ def _one_hertz(p: Path) -> None:
     sf.write(p, np.ones(20000, np.int16), 1)
 
 
+def _two_gigahertz(p: Path) -> None:
+    # A damaged header the other way: 2**31 - 1 Hz. No recording is made so;
+    # resampling it to 16 kHz took seconds per 64k frames (a CI run under
+    # load took over 20 s for a 3 s file) to give a handful of samples.
+    sf.write(p, np.ones(300_000, np.int16), 2**31 - 1)
+
+
 @pytest.mark.parametrize(
     ("make", "name", "words"),
     [
@@ -157,6 +165,7 @@ def _one_hertz(p: Path) -> None:
         (_truncated_header, "cut.wav", "cannot decode"),
         (_directory, "folder.wav", "directory"),
         (_one_hertz, "slow.wav", "says 1 Hz"),
+        (_two_gigahertz, "fast.wav", "says 2147483647 Hz, above the 768000 Hz"),
     ],
 )
 def test_bad_files_raise_audio_input_error(

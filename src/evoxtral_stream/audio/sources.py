@@ -34,6 +34,11 @@ _DAMAGED_READ_FRAMES = 1024
 #: (no recording of speech is made so), and the upsampling to 16 kHz would
 #: turn a few kilobytes into hours of audio and a block into gigabytes.
 MIN_FILE_RATE = 1000
+#: The highest sample rate a file may say: 768 kHz, the highest that audio
+#: interfaces record at. Past it the header is damaged (a fuzzed WAV said
+#: 2**31 - 1 Hz), and resampling it to 16 kHz took seconds per block to
+#: give a handful of samples of noise.
+MAX_FILE_RATE = 768_000
 
 
 class AudioInputError(Exception):
@@ -45,9 +50,9 @@ class AudioInputError(Exception):
 
 def read_audio_file(path: str | os.PathLike[str]) -> Int16Array:
     """Decode a whole audio file (anything libsndfile reads: WAV, FLAC, OGG,
-    MP3 with libsndfile >= 1.1; any rate from :data:`MIN_FILE_RATE` and any
-    channel count) to mono int16 at 16 kHz. Raises :class:`AudioInputError`
-    naming the file on any failure.
+    MP3 with libsndfile >= 1.1; any rate from :data:`MIN_FILE_RATE` to
+    :data:`MAX_FILE_RATE` and any channel count) to mono int16 at 16 kHz.
+    Raises :class:`AudioInputError` naming the file on any failure.
 
     Decoded, downmixed and resampled in blocks (the same samples as the whole
     file at once: :class:`StreamResampler`), so an hour of 48 kHz stereo
@@ -75,6 +80,10 @@ def read_audio_file(path: str | os.PathLike[str]) -> Int16Array:
                     raise AudioInputError(
                         f"audio file {p} says {f.samplerate} Hz, below the {MIN_FILE_RATE} "
                         "Hz of any speech recording (a damaged header?)")
+                if rate > MAX_FILE_RATE:
+                    raise AudioInputError(
+                        f"audio file {p} says {f.samplerate} Hz, above the {MAX_FILE_RATE} "
+                        "Hz of any audio recording (a damaged header?)")
                 parts, decoded, damage = _decode(f, None)
             if damage is not None:
                 parts = []
