@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -13,13 +16,15 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as sync_connect
 from websockets.uri import parse_uri
 
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.server import app as app_module
 from evoxtral_stream.server.app import CaptionServer
 from evoxtral_stream.server.auth import IngestRate, StreamSlots
-from evoxtral_stream.server.protocol import MAX_LOST_S
+from evoxtral_stream.server.protocol import MAX_LOST_S, IngestFormat, decode_audio_frame
 from tests.fakes import ScriptedBackend
 from tests.helpers.audio import buzz
 
@@ -140,6 +145,55 @@ async def test_idle_ingest_is_flushed_and_closed() -> None:
         assert [m["type"] for m in messages][-2:] == ["stream.ended", "error"]
         assert messages[-1]["code"] == "idle_timeout" and messages[-1]["stream"] == "quiet"
         assert ws.close_code == 1008
+
+
+async def test_audio_that_arrived_while_the_server_was_busy_is_not_idleness(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The process was busy for longer than idle_timeout_s while it handled a
+    # message (its event loop starved: the model thread, a loaded machine),
+    # and the client kept sending: the audio waiting in the socket is read,
+    # not refused with idle_timeout because the clock ran out before the
+    # server could look (Python 3.11's wait_for(…, 0) gives up unlooked).
+    go, sent = threading.Event(), threading.Event()
+    real = decode_audio_frame
+
+    def busy_once(data: bytes, fmt: IngestFormat) -> Any:
+        if not go.is_set():
+            go.set()
+            assert sent.wait(10)
+            time.sleep(1.5)  # on the event loop: nothing else runs
+        return real(data, fmt)
+
+    monkeypatch.setattr(app_module, "decode_audio_frame", busy_once)
+    async with running(**{"server.idle_timeout_s": 1.0}) as server:
+        url = f"ws://127.0.0.1:{server.port}/v1/ingest?stream=busy"
+        messages: list[dict[str, Any]] = []
+        close: list[int | None] = []
+
+        def client() -> None:
+            with sync_connect(url) as ws:
+                ws.send(json.dumps({"type": "config", "sample_rate": 16000}))
+                messages.append(json.loads(ws.recv(10)))
+                ws.send(SECOND[:16000])
+                assert go.wait(10)
+                for _ in range(3):
+                    ws.send(SECOND[:3200])
+                sent.set()
+                ws.send(json.dumps({"type": "end"}))
+                with contextlib.suppress(ConnectionClosed):
+                    while True:
+                        messages.append(json.loads(ws.recv(15)))
+                close.append(ws.close_code)
+
+        worker = threading.Thread(target=client, daemon=True)
+        worker.start()
+        await asyncio.to_thread(worker.join, 30)
+        assert not worker.is_alive()
+        assert messages[0]["type"] == "ingest.ready"
+        assert [m["code"] for m in messages if m["type"] == "error"] == []
+        assert messages[-1]["type"] == "ingest.summary"
+        assert messages[-1]["duration"] == pytest.approx(0.8)
+        assert close == [1000]
 
 
 async def test_max_streams_is_enforced() -> None:

@@ -117,6 +117,13 @@ OPENING_GRACE_S = 1.0
 #: for the keepalive's ping timeout (20 s), past a container's stop grace, so
 #: the server's close also aborts whatever is still open a second after it.
 CLOSE_TIMEOUT_S = 2.0
+#: After a read's deadline passed, how long one more read may wait for what
+#: is already there. The deadline may pass while the server handles a message
+#: (a busy process, a send waiting on the client): the client's audio then
+#: waits in the socket, and a read given no time left does not look at it
+#: (Python 3.11's ``wait_for(…, 0)`` cancels it unrun). Such a client was not
+#: idle.
+LATE_READ_S = 0.05
 _CAPTIONS = "/v1/captions"
 _INGEST = "/v1/ingest"
 _REALTIME = "/v1/realtime"
@@ -201,6 +208,17 @@ def _static(path: str) -> Response | None:
     suffix = "." + name.rsplit(".", 1)[-1] if "." in name else ""
     return _respond(HTTPStatus.OK, entry.read_bytes(),
                     _CONTENT_TYPES.get(suffix, "application/octet-stream"))
+
+
+async def _recv_within(ws: ServerConnection, seconds: float | None) -> str | bytes:
+    """``ws.recv()`` within ``seconds`` (None: no limit); TimeoutError when
+    nothing came, not when a message came and this process was too busy to
+    take it in time (:data:`LATE_READ_S`)."""
+    try:
+        return await asyncio.wait_for(ws.recv(), seconds)
+    except TimeoutError:
+        # recv() is cancellation-safe: the message a timeout beat is still there.
+        return await asyncio.wait_for(ws.recv(), LATE_READ_S)
 
 
 def check_listen(host: str, port: int) -> None:
@@ -855,7 +873,7 @@ class CaptionServer:
             wait = max(0.0, last_audio + idle - loop.time()) if idle else None
             try:
                 # recv() is cancellation-safe: a timeout loses no message.
-                message = await asyncio.wait_for(ws.recv(), wait)
+                message = await _recv_within(ws, wait)
             except TimeoutError:
                 return "idle"
             except ConnectionClosedOK:
