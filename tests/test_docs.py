@@ -149,3 +149,51 @@ def test_protocol_examples_match_the_schema() -> None:
                                         "stream.ended"}
     for message in sent:
         validate_message(message)
+
+
+# Exported only where torch is imported and CUDA is available: no CPU run has it.
+_GPU_METRIC = "evoxtral_gpu_memory_allocated_bytes"
+
+
+def _documented_metrics(doc: str) -> set[str]:
+    """The names in the first column of protocol.md's `| metric |` table,
+    without their labels (`evoxtral_captions_total{kind}`)."""
+    tables = re.findall(r"^\| metric \|.*\n\|[- |]+\n((?:\|.*\n)+)", doc, re.M)
+    assert tables, "docs/protocol.md has no `| metric |` table"
+    return {name for rows in tables for row in rows.splitlines()
+            for name in re.findall(r"`(evoxtral_[a-z_]+)", row.split("|")[1])}
+
+
+async def test_every_metric_the_server_exposes_is_documented() -> None:
+    """Every family /metrics exposes, read from a real engine's registry with
+    a broadcaster and an MQTT publisher's counters (a counter as scraped, with
+    `_total`), is a row of docs/protocol.md's metrics table, and every row is
+    one of them."""
+    from evoxtral_stream.config import load_config
+    from evoxtral_stream.engine.engine import Engine
+    from evoxtral_stream.server.broadcast import Broadcaster
+    from evoxtral_stream.server.metrics import Metrics
+    from evoxtral_stream.server.mqtt import MqttStats
+    from evoxtral_stream.server.protocol import encode_event
+    from tests.fakes import ScriptedBackend
+
+    engine = Engine(load_config(env={}), ScriptedBackend())
+    metrics = Metrics(engine, Broadcaster(8, encode_event))
+    metrics.watch_mqtt(lambda: MqttStats(
+        connected=True, protocol="5", queued=0, published=0, superseded=0,
+        dropped_partials=0, dropped_finals=0, failed=0, connects=1, connect_failures=0,
+        last_error=None))
+    async with engine:
+        families = list(metrics.registry.collect())
+    exposed = {f.name + "_total" if f.type == "counter" else f.name for f in families}
+    source = (ROOT / "src" / "evoxtral_stream" / "server" / "metrics.py").read_text()
+    # What this run cannot show: only the GPU gauge, which the source names.
+    assert set(re.findall(r'"(evoxtral_[a-z_]+)"', source)) - {f.name for f in families} \
+        == {_GPU_METRIC}
+    exposed.add(_GPU_METRIC)
+    documented = _documented_metrics((ROOT / "docs" / "protocol.md").read_text())
+    assert not exposed - documented, \
+        f"docs/protocol.md's metrics table lacks: {sorted(exposed - documented)}"
+    assert not documented - exposed, \
+        f"docs/protocol.md's metrics table names what /metrics lacks: " \
+        f"{sorted(documented - exposed)}"
