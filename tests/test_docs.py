@@ -77,7 +77,8 @@ def test_every_cli_command_and_option_is_documented() -> None:
     (sub,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
     missing = [f"evoxtral-stream {name}" for name in sub.choices
                if f"evoxtral-stream {name}" not in docs]
-    for name, parser in sub.choices.items():
+    # The options before the command (`--version` has no command) too.
+    for name, parser in [("evoxtral-stream", _parser()), *sub.choices.items()]:
         for action in parser._actions:
             for opt in action.option_strings:
                 if opt.startswith("--") and opt != "--help" \
