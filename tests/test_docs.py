@@ -4,8 +4,10 @@ protocol examples valid, README commands present."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
+import sys
 import textwrap
 import tomllib
 
@@ -198,3 +200,20 @@ async def test_every_metric_the_server_exposes_is_documented() -> None:
     assert not documented - exposed, \
         f"docs/protocol.md's metrics table names what /metrics lacks: " \
         f"{sorted(documented - exposed)}"
+
+
+def test_every_client_option_is_documented() -> None:
+    """Each option of viewer.py, mic_client.py and tts_bridge.py is named in
+    clients/README.md."""
+    clients = ROOT / "clients"
+    if str(clients) not in sys.path:
+        sys.path.insert(0, str(clients))
+    doc = (clients / "README.md").read_text()
+    missing = []
+    for name in ("viewer", "mic_client", "tts_bridge"):
+        parser: argparse.ArgumentParser = importlib.import_module(name).build_parser()
+        for action in parser._actions:
+            missing += [f"{name}.py {opt}" for opt in action.option_strings
+                        if opt.startswith("--") and opt != "--help"
+                        and not re.search(rf"{re.escape(opt)}(?![\w-])", doc)]
+    assert not missing, f"clients/README.md does not mention: {missing}"
