@@ -217,3 +217,16 @@ def test_every_client_option_is_documented() -> None:
                         if opt.startswith("--") and opt != "--help"
                         and not re.search(rf"{re.escape(opt)}(?![\w-])", doc)]
     assert not missing, f"clients/README.md does not mention: {missing}"
+
+
+def test_every_module_is_in_the_readme_layout() -> None:
+    """Each module and package of src/evoxtral_stream is named (by its name,
+    as a word) in the README's Layout block, so a new one is explained."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Layout\n\n```\n(.*?)\n```", readme, re.S)
+    assert block is not None, "README.md has no Layout block"
+    src = ROOT / "src" / "evoxtral_stream"
+    names = {p.stem for p in src.rglob("*.py") if p.stem not in ("__init__", "__main__")}
+    names |= {p.name for p in src.rglob("*") if (p / "__init__.py").is_file()}
+    missing = sorted(n for n in names if not re.search(rf"(?<![\w/.]){n}\b", block.group(1)))
+    assert not missing, f"README.md's Layout does not name: {missing}"
