@@ -29,7 +29,9 @@ from websockets.typing import Subprotocol
 
 from evoxtral_stream.audio.resample import resample
 from evoxtral_stream.audio.sources import read_audio_file
-from evoxtral_stream.cli import _load_config, _p95, _serve
+from evoxtral_stream.cli.parser import _load_config
+from evoxtral_stream.cli.serve import _serve
+from evoxtral_stream.cli.transcribe import _p95
 from evoxtral_stream.data import sample_path, sample_text
 from evoxtral_stream.events import SAMPLE_RATE
 from evoxtral_stream.server.auth import hash_token
@@ -1047,7 +1049,8 @@ _SCRIPTED_MODEL = r"""
 import sys
 from evoxtral_stream import cli as cli_module
 from tests.fakes import ScriptedBackend
-cli_module.load_backend = lambda cfg: ScriptedBackend(lambda audio: "words")
+from tests.helpers.model_loader import replace_model_loader
+replace_model_loader(lambda cfg: ScriptedBackend(lambda audio: "words"))
 sys.exit(cli_module.main(sys.argv[1:]))
 """
 
@@ -1056,9 +1059,10 @@ sys.exit(cli_module.main(sys.argv[1:]))
 _NO_MODEL = r"""
 import sys
 from evoxtral_stream import cli as cli_module
+from tests.helpers.model_loader import replace_model_loader
 def load(cfg):
     sys.exit("the model loader was called")
-cli_module.load_backend = load
+replace_model_loader(load)
 sys.exit(cli_module.main(sys.argv[1:]))
 """
 
@@ -1473,7 +1477,7 @@ def test_serve_transcribe_and_config_take_the_same_shortcuts(command: str) -> No
     """docs/config.md lists --host, --port and --no-partials as shortcuts, and
     config takes all three; transcribe had no --host (for --serve) and serve
     no --no-partials."""
-    from evoxtral_stream.cli import _load_config, _parser
+    from evoxtral_stream.cli.parser import _parser
 
     args = _parser().parse_args([command, "--host", "localhost", "--port", "9200",
                                  "--no-partials"])
@@ -1720,6 +1724,7 @@ def test_eval_with_a_failed_decode_says_which_lines_and_exits_one(
     transcribe's is. The backend is scripted: a real one cannot be made to
     fail on one file."""
     from evoxtral_stream import cli as cli_module
+    from evoxtral_stream.cli import tools as cli_tools
     from tests.fakes import ScriptedBackend
     from tests.speech import speak
 
@@ -1731,7 +1736,7 @@ def test_eval_with_a_failed_decode_says_which_lines_and_exits_one(
     manifest.write_text("".join(json.dumps({"audio": n, "text": "words"}) + "\n"
                                 for n in ("a.wav", "b.wav")))
     backend = ScriptedBackend(lambda a: "words", fail_when=lambda a: len(a) > len(short) + 2000)
-    monkeypatch.setattr(cli_module, "load_backend", lambda cfg: backend)
+    monkeypatch.setattr(cli_tools, "load_backend", lambda cfg: backend)
     report = tmp_path / "r.json"
     assert cli_module.main(["eval", str(manifest), "--json", str(report), "-q"]) == 1
     assert f"{manifest} line 2: a decode failed" in caplog.text, caplog.text
@@ -1747,6 +1752,7 @@ def test_eval_compare_offline_with_a_failed_offline_decode_exits_one(
     the whole streaming pass. Now it is that file's failure, as in
     streaming: named, in the report, status 1."""
     from evoxtral_stream import cli as cli_module
+    from evoxtral_stream.cli import tools as cli_tools
     from tests.fakes import ScriptedBackend
 
     rng = np.random.default_rng(3)
@@ -1760,7 +1766,7 @@ def test_eval_compare_offline_with_a_failed_offline_decode_exits_one(
                                 for n in sizes))
     # Only the whole of b.wav, which only the offline pass asks for.
     backend = ScriptedBackend(lambda a: "words", fail_when=lambda a: len(a) == 40000)
-    monkeypatch.setattr(cli_module, "load_backend", lambda cfg: backend)
+    monkeypatch.setattr(cli_tools, "load_backend", lambda cfg: backend)
     report = tmp_path / "r.json"
     assert cli_module.main(["eval", str(manifest), "--compare-offline", "--json", str(report),
                             "-q"]) == 1
@@ -1778,6 +1784,7 @@ def test_an_eval_report_cut_short_by_a_full_disk_leaves_the_old_report_whole(
     refuses the next one just so.) Nor may the .part file the report is
     written to first be the manifest."""
     from evoxtral_stream import cli as cli_module
+    from evoxtral_stream.cli import tools as cli_tools
     from tests.fakes import ScriptedBackend
     from tests.helpers.disk import disk_full_after
 
@@ -1787,7 +1794,7 @@ def test_an_eval_report_cut_short_by_a_full_disk_leaves_the_old_report_whole(
     sf.write(tmp_path / "a.wav", np.concatenate([silence, sound, silence]), 16000)
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"audio": "a.wav", "text": "words"}) + "\n")
-    monkeypatch.setattr(cli_module, "load_backend",
+    monkeypatch.setattr(cli_tools, "load_backend",
                         lambda cfg: ScriptedBackend(lambda a: "words"))
     report = tmp_path / "r.json"
     report.write_text('{"old": "report"}\n')
@@ -1801,7 +1808,7 @@ def test_an_eval_report_cut_short_by_a_full_disk_leaves_the_old_report_whole(
     # Refused before decoding: writing r.json would first remove r.json.part.
     staged = tmp_path / "r.json.part"
     manifest.rename(staged)
-    monkeypatch.setattr(cli_module, "load_backend", lambda cfg: pytest.fail("model loaded"))
+    monkeypatch.setattr(cli_tools, "load_backend", lambda cfg: pytest.fail("model loaded"))
     with pytest.raises(SystemExit) as exit_:
         cli_module.main(["eval", str(staged), "--json", str(report), "-q"])
     assert exit_.value.code == 2
@@ -1862,11 +1869,12 @@ def test_eval_json_with_an_unreadable_audio_path_is_one_line_not_a_traceback(
     it is; with --json the refusal check (Path.resolve) raises first:
     RuntimeError for a symlink loop (Python < 3.13), ValueError for a NUL."""
     from evoxtral_stream import cli as cli_module
+    from evoxtral_stream.cli import tools as cli_tools
 
     (tmp_path / "loop.wav").symlink_to(tmp_path / "loop.wav")
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({"audio": name, "text": "hello"}) + "\n")
-    monkeypatch.setattr(cli_module, "load_backend", lambda cfg: pytest.fail("model loaded"))
+    monkeypatch.setattr(cli_tools, "load_backend", lambda cfg: pytest.fail("model loaded"))
     with pytest.raises(SystemExit) as exc:
         cli_module.main(["eval", str(manifest), "--json", str(tmp_path / "r.json")])
     assert exc.value.code == 2
@@ -1880,12 +1888,13 @@ import sys, numpy as np, soundfile as sf
 from pathlib import Path
 from evoxtral_stream import cli as cli_module
 from tests.fakes import ScriptedBackend, words_so_far
+from tests.helpers.model_loader import replace_model_loader
 wav = Path(sys.argv[1])
 rng = np.random.default_rng(3)
 sil = np.zeros(8000, np.int16)
 sf.write(wav, np.concatenate([sil, (rng.standard_normal(16000) * 3000).astype(np.int16), sil]),
          16000)
-cli_module.load_backend = lambda cfg: ScriptedBackend(words_so_far)
+replace_model_loader(lambda cfg: ScriptedBackend(words_so_far))
 sys.exit(cli_module.main(["transcribe", str(wav), "--srt", "/dev/stdout", "-q"]))
 """
 
@@ -2056,10 +2065,11 @@ def test_export_merged_to_a_name_too_long_is_one_error_line(tmp_path: Path) -> N
 _SLOW_LOAD = r"""
 import sys, time
 from evoxtral_stream import cli as cli_module
+from tests.helpers.model_loader import replace_model_loader
 def load(cfg):
     print("LOADING", file=sys.stderr, flush=True)
     time.sleep(120)
-cli_module.load_backend = load
+replace_model_loader(load)
 sys.exit(cli_module.main(sys.argv[1:]))
 """
 _SLOW_IMPORT = r"""

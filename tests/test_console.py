@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import pytest
 
-from evoxtral_stream.cli import _close_progress, _progress
+from evoxtral_stream.cli.transcribe import _close_progress, _progress
 from evoxtral_stream.console import CaptionPrinter, clip_columns, printable, text_columns
 from evoxtral_stream.events import SAMPLE_RATE, CaptionEvent, StreamError
 from evoxtral_stream.logs import configure_logging

@@ -73,7 +73,7 @@ def _docs_text() -> str:
 
 
 def test_every_cli_command_and_option_is_documented() -> None:
-    from evoxtral_stream.cli import _parser
+    from evoxtral_stream.cli.parser import _parser
 
     docs = _docs_text()
     (sub,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]

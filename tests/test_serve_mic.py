@@ -26,7 +26,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from evoxtral_stream.audio import microphone
 from evoxtral_stream.audio.microphone import InputDevice
-from evoxtral_stream.cli import _serve
+from evoxtral_stream.cli.serve import _serve
 from evoxtral_stream.config import load_config
 from evoxtral_stream.events import SAMPLE_RATE
 from tests.fakes import ScriptedBackend, words_so_far
@@ -217,7 +217,7 @@ def test_serve_refuses_channels_the_device_lacks_before_loading_the_model(
     def no_model(*_: object) -> None:
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(cli, "load_backend", no_model)
+    monkeypatch.setattr(cli.serve, "load_backend", no_model)
     with pytest.raises(SystemExit) as exit_:
         cli.main(["serve", "--set", "audio.channels=[1, 3]"])
     assert exit_.value.code == 2

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from evoxtral_stream.cli import _service_snapshot
+from evoxtral_stream.cli.serve import _service_snapshot
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.systemd import Notifier, ServiceNotices, Snapshot, supervise

@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 import pytest
 
-from evoxtral_stream.cli import _file_stream_id
+from evoxtral_stream.cli.streams import _file_stream_id
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.engine.journal import file_name

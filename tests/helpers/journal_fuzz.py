@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from evoxtral_stream import cli
+from evoxtral_stream.cli.messages import UserError
+from evoxtral_stream.cli.subtitles import _read_recording, _recording_files
 from evoxtral_stream.config import JournalConfig, load_config
 from evoxtral_stream.engine.journal import (
     EPOCH_FILE,
@@ -666,10 +668,10 @@ def _check_subtitles(w: Written, d: Damage) -> list[str]:
                         "of damage and writes cut short")
     # What it read, by the same path the command takes.
     splitter = SessionSplitter()
-    with contextlib.suppress(cli.UserError):
-        for path in cli._recording_files([str(w.folder)]):
-            with contextlib.suppress(cli.UserError):
-                cli._read_recording(path, splitter)
+    with contextlib.suppress(UserError):
+        for path in _recording_files([str(w.folder)]):
+            with contextlib.suppress(UserError):
+                _read_recording(path, splitter)
     for stream in w.lines:
         kept = _intact(w, d, stream).kept
         seqs = [f.seq for s in splitter.sessions() if s.stream == stream for f in s.finals]

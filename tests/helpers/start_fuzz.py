@@ -29,9 +29,10 @@ __all__ = ["StartPlan", "draw_start_plan", "run_start_plan"]
 _ROOT = Path(__file__).resolve().parents[2]
 # The console script pip writes, less its sys.argv[0] fix.
 _CONSOLE_SCRIPT = "import re, sys\nfrom evoxtral_stream.cli import main\nsys.exit(main())\n"
-# A frame of ours, but cli.py's first line: Python stops there as it starts
-# reading the module (its import lock), before the guard below it runs.
-_OURS = re.compile(r'File "[^"]*/evoxtral_stream/(?!cli\.py", line 13, in <module>\n'
+# A frame of ours, but the first line of cli/__init__.py: Python stops there
+# as it starts reading the module (its import lock), before the guard below
+# it runs (the package's other modules import inside that guard).
+_OURS = re.compile(r'File "[^"]*/evoxtral_stream/(?!cli/__init__\.py", line 18, in <module>\n'
                    r'    from __future__ import annotations\n)')
 
 

@@ -1,0 +1,304 @@
+"""``serve``: a live source captioned and served over WebSocket (and MQTT)
+until Ctrl-C or SIGTERM; SIGHUP reloads ``[auth]``; systemd hears how it
+goes. What serving refuses is checked before the model loads."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import signal
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..audio.microphone import ChannelRoute, usable_input_device
+from ..audio.sources import read_audio_file
+from ..config import Config, ConfigError
+from ..console import CaptionPrinter
+from ..data import sample_path
+from ..engine.backends import load_backend
+from ..engine.engine import Engine
+from ..events import SAMPLE_RATE, stream_id_problem
+from ..server.app import CaptionServer, check_listen
+from ..systemd import Notifier, Snapshot, monotonic_usec, supervise
+from .exits import _exit_leaving_threads, _ignore_late_stops
+from .messages import UserError, _notice, log
+from .parser import _load_config
+from .streams import _file_stream_id
+
+
+class _HeldHangups:
+    """SIGHUP while ``serve`` cannot reload: loading the model (a minute for
+    Voxtral), or shutting down. Its default action ends the process, so a
+    ``systemctl reload`` then would kill the server; it is recorded instead,
+    and one that came while loading is applied once serving."""
+
+    def __init__(self) -> None:
+        self.pending = False
+
+    def install(self) -> None:
+        # Not on Windows, nor where Python allows no handler (a thread other
+        # than the main one: main() called by an embedding program or a test).
+        if hasattr(signal, "SIGHUP") and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, self._record)
+
+    def _record(self, signum: int, frame: object) -> None:
+        self.pending = True
+
+
+def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
+    hangups = _HeldHangups()
+    hangups.install()
+    # Before loading the model, so an unsafe bind fails in a moment.
+    _check_serving(cfg)
+    check_listen(cfg.server.host, cfg.server.port)
+    source: str = args.source
+    file_audio = None
+    if source == "mic":
+        # Also before the model: no microphone is one line at once, not after a
+        # minute of loading Voxtral. The capture resolves audio.device again as
+        # it starts (and at each reopen of a device lost later).
+        usable_input_device(cfg.audio.device, cfg.audio.channels)
+        for name in _mic_stream_ids(cfg, args.stream or "mic").values():
+            if problem := stream_id_problem(name):
+                raise UserError(f"cannot caption channels as stream {name!r}: {problem}")
+    elif source != "none":
+        path = sample_path() if source == "sample" else Path(source)
+        file_audio = read_audio_file(path)
+        source = _file_stream_id(path)
+    notifier = Notifier.from_environ()
+    try:
+        if notifier is not None:
+            notifier.send(notifier.notices.status("loading the model"))
+        backend = load_backend(cfg.model)
+        code = asyncio.run(_serve(args, cfg, backend, source, file_audio, hangups, notifier))
+    finally:
+        if notifier is not None:
+            notifier.close()
+    if any(t.daemon and t.is_alive() for t in threading.enumerate()):
+        _exit_leaving_threads(code)
+    return code
+
+
+async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: str,
+                 file_audio: Any, hangups: _HeldHangups | None = None,
+                 notifier: Notifier | None = None) -> int:
+    from ..audio.microphone import MicrophoneCapture
+    from ..run import feed_samples
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    # If the model thread dies, the worker reloads the model with this.
+    reload = functools.partial(load_backend, cfg.model)
+    async with Engine(cfg, backend, backend_factory=reload) as engine, \
+            CaptionServer(engine, cfg.server) as server, \
+            contextlib.AsyncExitStack() as stack:
+        await _start_mqtt(stack, cfg, engine, server)
+        running = [cfg]
+        reloads: set[asyncio.Task[None]] = set()
+        scheme = "wss" if cfg.server.tls_cert else "ws"
+        url = _base_url(scheme, cfg.server.host, server.port)
+
+        def snapshot() -> Snapshot:
+            return _service_snapshot(engine, url)
+
+        if notifier is not None:
+            supervisor = asyncio.ensure_future(supervise(notifier, snapshot))
+            stack.callback(supervisor.cancel)
+
+        def on_sighup() -> None:
+            task = asyncio.ensure_future(_reload(args, running, server, notifier, snapshot))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        def hold_sighup() -> None:
+            loop.remove_signal_handler(signal.SIGHUP)  # restores the default action
+            if hangups is not None:
+                hangups.install()
+
+        with contextlib.suppress(NotImplementedError, AttributeError):
+            loop.add_signal_handler(signal.SIGHUP, on_sighup)
+            stack.callback(hold_sighup)
+            if hangups is not None and hangups.pending:
+                on_sighup()  # one that came while the model loaded
+        stream_id = args.stream or source
+        if not args.no_print:
+            # Channels split into streams, or only clients' streams: each
+            # line says whose it is. Else the source's lines are unnamed and
+            # those of streams clients send name theirs.
+            several = source == "mic" and len(_mic_stream_ids(cfg, stream_id)) > 1
+            everyone = several or args.source == "none"
+            engine.add_listener(CaptionPrinter(show_stream=everyone,
+                                               own=None if everyone else stream_id))
+        _notice(cfg, f"serving captions on {url}/v1/captions (Ctrl-C to stop)")
+        feeder: asyncio.Task[Any] | None = None
+        mic: MicrophoneCapture | None = None
+        if source == "mic":
+            streams = {ch: engine.open_stream(name, source="mic")
+                       for ch, name in _mic_stream_ids(cfg, stream_id).items()}
+
+            def mic_lost(message: str) -> None:
+                # End the open segments now: their finals must not wait for
+                # the device to come back.
+                for stream in streams.values():
+                    if not stream.closed:
+                        stream.cut()
+                        stream.report_error("audio_input_lost", message)
+
+            routes = [ChannelRoute(s.push, (ch,) if ch else cfg.audio.channels)
+                      for ch, s in streams.items()]
+            mic = MicrophoneCapture.from_config(cfg.audio, routes, on_stall=mic_lost)
+            mic.start(loop)
+            stack.callback(mic.stop)  # however this block is left, before the engine closes
+        elif file_audio is not None:
+            stream = engine.open_stream(stream_id, source="file")
+            chunk = cfg.audio.file_chunk_ms * SAMPLE_RATE // 1000
+            feeder = asyncio.ensure_future(feed_samples(stream, file_audio, chunk, realtime=True))
+            if args.exit_at_end:
+                feeder.add_done_callback(lambda _: stop.set())
+        await stop.wait()
+        # From here a SIGHUP is ignored (docs/config.md): a reload now would
+        # close subscribers still owed the drained finals (token_revoked).
+        with contextlib.suppress(NotImplementedError, AttributeError):
+            loop.add_signal_handler(
+                signal.SIGHUP, log.info, "reload: SIGHUP ignored while shutting down")
+        if notifier is not None:
+            notifier.send(notifier.notices.stopping("stopping: finishing open captions"))
+        if mic is not None:
+            mic.stop()
+        if feeder is not None and not feeder.done():
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeder
+        # A second Ctrl-C (or SIGTERM) stops at once: finals still owed are
+        # closed with their last partials instead of waited for.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, engine.give_up)
+        if engine.streams:
+            _notice(cfg, "stopping: finishing open captions "
+                         "(press Ctrl-C again to stop at once)")
+        # Flush open segments as finals while subscribers are still connected;
+        # only then does the server close them (1001, going away).
+        drained = await engine.drain()
+    _ignore_late_stops(loop)
+    # Exit status 1: some final had to be closed early or was lost (logged).
+    return 0 if drained else 1
+
+
+async def _reload(args: argparse.Namespace, running: list[Config], server: CaptionServer,
+                  notifier: Notifier | None = None,
+                  snapshot: Callable[[], Snapshot] | None = None) -> None:
+    """SIGHUP: read the configuration again (the same file and flags) and apply
+    its [auth] section; other changes wait for a restart (logged). A bad
+    configuration changes nothing. systemd hears of the reload's start and
+    end either way."""
+    if notifier is not None:
+        notifier.send(notifier.notices.reloading(monotonic_usec()))
+    try:
+        await _apply_reload(args, running, server)
+    finally:
+        if notifier is not None and snapshot is not None:
+            notifier.send(notifier.notices.reloaded(snapshot()))
+
+
+async def _apply_reload(args: argparse.Namespace, running: list[Config],
+                        server: CaptionServer) -> None:
+    current = running[0]
+    try:
+        new = _load_config(args)
+        if new.auth != current.auth:
+            closed = await server.reload_auth(new.auth)
+            log.info("reload: [auth] applied: %d token(s); %d connection(s) whose token is no "
+                     "longer accepted were closed", len(new.auth.tokens), closed)
+        else:
+            log.info("reload: [auth] unchanged")
+    except ConfigError as e:
+        log.error("reload: %s; the running configuration is kept", e)
+        return
+    running[0] = dataclasses.replace(current, auth=new.auth)
+    later = [f.name for f in dataclasses.fields(Config)
+             if f.name != "auth" and getattr(new, f.name) != getattr(current, f.name)]
+    if later:
+        log.warning("reload: [%s] changed; only [auth] is applied at a reload, the rest "
+                    "at a restart", "], [".join(later))
+
+
+def _mic_stream_ids(cfg: Config, stream_id: str) -> dict[int, str]:
+    """The microphone's streams by channel: one per channel of
+    ``audio.channels`` with ``audio.split_channels`` (``ID-N``), else
+    ``{0: ID}``, the channels mixed."""
+    if cfg.audio.split_channels:
+        return {ch: f"{stream_id}-{ch}" for ch in cfg.audio.channels}
+    return {0: stream_id}
+
+
+def _service_snapshot(engine: Engine, url: str) -> Snapshot:
+    """The engine as systemd's status line and watchdog see it."""
+    why = engine.unhealthy_reason
+    if why is not None:
+        status = f"{why} (see the log); serving on {url}"
+    elif engine.ready:
+        n = len(engine.streams)
+        status = f"serving on {url}: {n} stream{'s' if n != 1 else ''} open"
+    else:
+        status = f"preparing the model (warm-up or reload); listening on {url}"
+    return Snapshot(engine.ready, why, status)
+
+
+def _base_url(scheme: str, host: str, port: int) -> str:
+    """``scheme://host:port``, an IPv6 literal in brackets (RFC 3986): the URL
+    the status line shows must be one a client can open."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+def _check_serving(cfg: Config) -> None:
+    """What serving refuses from the configuration alone, before the model
+    loads (``serve``, ``transcribe --serve``; ``config`` checks it too): a
+    non-loopback bind without tokens, TLS files that do not load, MQTT
+    without aiomqtt."""
+    from ..server.auth import check_bind, tls_context
+
+    check_bind(cfg.server.host, cfg.auth.tokens, cfg.server.allow_anonymous)
+    # Loaded as the server loads them at its start, which reads them again:
+    # the context made here is dropped.
+    tls_context(cfg.server.tls_cert, cfg.server.tls_key)
+    _check_mqtt_extra(cfg)
+
+
+def _check_mqtt_extra(cfg: Config) -> None:
+    """Refuse ``mqtt.enabled`` without aiomqtt before the model loads, in one line."""
+    if not cfg.mqtt.enabled:
+        return
+    try:
+        import aiomqtt  # noqa: F401
+    except ImportError:
+        raise UserError("MQTT needs aiomqtt: pip install 'evoxtral-stream[mqtt]', "
+                        "or set mqtt.enabled=false") from None
+
+
+async def _start_mqtt(stack: contextlib.AsyncExitStack, cfg: Config, engine: Engine,
+                      server: CaptionServer) -> None:
+    """Publish captions to MQTT too when ``mqtt.enabled``; never blocks the engine.
+    The publisher's counters join the server's ``/metrics``."""
+    if not cfg.mqtt.enabled:
+        return
+    from ..server.mqtt import MqttPublisher
+
+    publisher = await stack.enter_async_context(MqttPublisher(cfg.mqtt))
+    engine.add_listener(publisher)
+    stack.callback(engine.remove_listener, publisher)
+    server.metrics.watch_mqtt(publisher.stats)
+    stack.callback(server.metrics.watch_mqtt, None)
+    scheme = "mqtts" if cfg.mqtt.tls else "mqtt"
+    _notice(cfg, f"publishing captions to {scheme}://{cfg.mqtt.host}:{cfg.mqtt.port}/"
+                 f"{cfg.mqtt.prefix}/")

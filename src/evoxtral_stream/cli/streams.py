@@ -1,0 +1,46 @@
+"""The stream ids of the command line: ``--stream``'s check, and the ids
+made from the names of audio files."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..events import MAX_STREAM_ID, stream_id_problem
+
+
+def _file_stream_id(path: Path) -> str:
+    """A stream id from a file name: its stem, control characters as ``_``,
+    white space at either end dropped, short enough to take a ``-N`` suffix
+    (:func:`stream_id_problem`)."""
+    # Each character judged inside an id: a space is fine there, not at an end.
+    stem = "".join("_" if stream_id_problem(f"x{c}x") else c for c in path.stem)
+    stem = stem.strip()[:MAX_STREAM_ID - 8]
+    while stem and stream_id_problem(stem + "-9999999") is not None:
+        stem = stem[:-1]  # non-ASCII characters take more room percent-encoded
+    return stem.rstrip() or "stream"
+
+
+def _stream_id_arg(value: str) -> str:
+    """argparse type of ``--stream``: a usable stream id."""
+    problem = stream_id_problem(value)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def _stream_ids(paths: Sequence[Path]) -> list[str]:
+    """One id per file (:func:`_file_stream_id`); a repeated one gets ``-N``,
+    never the id of another file (whose SRT it would take: talk.wav twice
+    and talk-2.wav give talk, talk-3 and talk-2)."""
+    bases = [_file_stream_id(p) for p in paths]
+    own = set(bases)
+    ids: list[str] = []
+    for base in bases:
+        name, n = base, 1
+        while name in ids or (name != base and name in own):
+            n += 1
+            name = f"{base}-{n}"
+        ids.append(name)
+    return ids

@@ -1,0 +1,260 @@
+"""``transcribe``: audio files streamed through the engine, their captions
+printed and written as it runs (``--srt``, ``--vtt``, ``--jsonl``), served
+too with ``--serve``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..audio.sources import AudioInputError, read_audio_file
+from ..config import Config
+from ..console import CaptionPrinter
+from ..data import sample_path
+from ..engine.backends import load_backend
+from ..engine.engine import Engine, StreamSummary
+from ..events import SAMPLE_RATE, CaptionEvent, EngineEvent, Int16Array
+from ..logs import LEVELS
+from ..outputs import JsonlFile, SubtitleFiles
+from ..run import FileJob, transcribe_samples
+from ..server.app import CaptionServer, check_listen
+from ..text.formats import SubtitleWriter, TagStyle
+from .exits import EXIT_STDOUT_CLOSED, EXIT_USAGE, _exit_leaving_threads
+from .messages import UserError, _error_line, _notice
+from .results import _SUFFIXES, _cue_layout, _output_path, _prepare_outputs, _unmade_if_empty
+from .serve import _base_url, _check_serving, _start_mqtt
+from .streams import _stream_ids
+
+
+class _UnreadableFiles(UserError):
+    """The files of one command that cannot be read: one message (one
+    line) each, so a batch is mended in one go, not a file per try."""
+
+    def __init__(self, messages: Sequence[str]) -> None:
+        super().__init__(messages[-1])
+        self.messages = tuple(messages)
+
+
+def _read_files(paths: Sequence[Path]) -> list[Int16Array]:
+    """Every file of ``paths`` read, or :class:`_UnreadableFiles` naming
+    each that cannot be."""
+    audio: list[Int16Array] = []
+    problems: list[str] = []
+    for path in paths:
+        try:
+            audio.append(read_audio_file(path))
+        except AudioInputError as e:
+            problems.append(str(e))
+    if problems:
+        raise _UnreadableFiles(problems)
+    return audio
+
+
+def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
+    paths: list[Path] = list(args.files)
+    if args.sample:
+        paths.append(sample_path())
+    if not paths:
+        raise UserError("no input: name audio files or use --sample")
+    ids = _stream_ids(paths)
+    made = _prepare_outputs((("--srt", args.srt), ("--vtt", args.vtt), ("--jsonl", args.jsonl)),
+                            paths, ids, staged=True)
+    with _unmade_if_empty(made):
+        return _transcribe(args, cfg, paths, ids)
+
+
+def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
+                ids: Sequence[str]) -> int:
+    """:func:`_cmd_transcribe` once its outputs are prepared."""
+    jobs = [FileJob(sid, audio) for sid, audio in zip(ids, _read_files(paths), strict=True)]
+    if args.serve:
+        _check_serving(cfg)  # as serve does: before the model loads
+        check_listen(cfg.server.host, cfg.server.port)
+    backend = load_backend(cfg.model)
+    stops: list[asyncio.Event] = []  # the job's, once it runs
+    # When only stdout takes the captions and its reader has left (| head),
+    # nothing is left to make them for: the reading stops.
+    only_stdout = not (args.srt or args.vtt or args.jsonl or args.serve or cfg.journal.enabled)
+
+    def on_closed() -> None:
+        if only_stdout and stops:
+            stops[0].set()  # as a Ctrl-C does, without its line
+
+    printer = CaptionPrinter(show_stream=len(jobs) > 1,
+                             partials=True if args.partials else None, on_closed=on_closed)
+    latencies: list[float] = []  # one float per final: the summary's p95
+
+    def tally(event: EngineEvent) -> None:
+        if isinstance(event, CaptionEvent) and event.final and event.latency is not None:
+            latencies.append(event.latency)
+
+    total = sum(len(j.samples) for j in jobs)
+    interrupted: list[signal.Signals] = []
+    opened: list[tuple[JsonlFile | None, SubtitleFiles]] = []
+
+    async def job() -> list[StreamSummary]:
+        async with Engine(cfg, backend) as engine:
+            stop = _stop_on_signals(cfg, engine, interrupted)
+            stops.append(stop)
+            server = CaptionServer(engine, cfg.server) if args.serve else None
+            async with contextlib.AsyncExitStack() as stack:
+                if server is not None:
+                    await stack.enter_async_context(server)
+                    await _start_mqtt(stack, cfg, engine, server)
+                    scheme = "wss" if cfg.server.tls_cert else "ws"
+                    _notice(cfg, f"serving captions on "
+                                 f"{_base_url(scheme, cfg.server.host, server.port)}/v1/captions")
+                # Opened once nothing can refuse the run (a port in use):
+                # opening empties a --jsonl file an earlier run left there.
+                opened.append(_open_outputs(args, cfg, [j.stream for j in jobs]))
+                jsonl, subtitles = opened[0]
+                # The files first: a caption printed is on disk already.
+                if jsonl is not None:
+                    engine.add_listener(jsonl)
+                engine.add_listener(subtitles)
+                engine.add_listener(tally)
+                engine.add_listener(printer)
+                # No progress bar in json mode (stderr holds JSON lines only),
+                # nor with -q (only warnings and errors).
+                quiet = LEVELS[cfg.logging.level] > logging.INFO
+                bar = None if cfg.logging.format == "json" or quiet else _progress(total)
+                try:
+                    progress = None if bar is None else (
+                        lambda n: bar.update(n / SAMPLE_RATE))
+                    return await transcribe_samples(cfg, engine, jobs, realtime=args.realtime,
+                                                    progress=progress, stop=stop)
+                finally:
+                    if bar is not None:
+                        _close_progress(bar)
+
+    loop_start = time.monotonic()
+    complete = False
+    try:
+        summaries = asyncio.run(job())
+        complete = True
+    finally:
+        # Interrupted or not, the outputs hold every caption made; every
+        # stream has ended by now, so each subtitle file is complete. On an
+        # exception they stay .part files.
+        for jsonl, subtitles in opened:
+            subtitles.close(complete=complete)
+            if jsonl is not None:
+                jsonl.close()
+    jsonl, subtitles = opened[0]
+    elapsed = time.monotonic() - loop_start
+    failed = (subtitles.error if subtitles.error is not None
+              else (jsonl.path, jsonl.error) if jsonl is not None and jsonl.error is not None
+              else None)
+    if failed is not None:
+        raise UserError(f"cannot write {failed[0]}: {failed[1].strerror or failed[1]}")
+    audio_s = sum(s.duration_s for s in summaries)
+    p95 = _p95(latencies)
+    reader_left = isinstance(printer.error, BrokenPipeError)
+    stopped = (f"interrupted ({interrupted[0].name}): " if interrupted
+               else "stopped, standard output closed: " if reader_left and only_stdout else "")
+    # Finals only, not paced: every final of a file is asked for at once,
+    # so their latency is mostly the wait for their turn.
+    queued = (" (files read faster than they play: mostly waiting in the queue)"
+              if not args.realtime and cfg.stream.partial_interval_ms == 0 else "")
+    _notice(cfg, f"{stopped}{len(summaries)} stream(s), {audio_s:.1f} s of audio in "
+                 f"{elapsed:.1f} s (speed ×{audio_s / max(elapsed, 1e-9):.1f}); "
+                 f"{sum(s.finals for s in summaries)} finals, "
+                 f"{sum(s.partials for s in summaries)} partials; "
+                 f"final latency p95 {p95:.2f} s{queued}")
+    code = 0 if all(s.errors == 0 for s in summaries) else 1
+    if printer.error is not None and not reader_left:
+        # Written above: the files hold the captions stdout did not take.
+        _error_line(f"cannot write captions to standard output: "
+                    f"{printer.error.strerror or printer.error}", cfg.logging)
+        code = EXIT_USAGE
+    if reader_left and code == 0:
+        code = EXIT_STDOUT_CLOSED  # no error: stdout's reader left (| head)
+    if interrupted:
+        code = 128 + interrupted[0].value  # as a shell reports a process ended by it
+    if any(t.daemon and t.is_alive() for t in threading.enumerate()):
+        _exit_leaving_threads(code)  # a second Ctrl-C left the model thread behind
+    return code
+
+
+def _p95(values: Sequence[float]) -> float:
+    """The nearest-rank 95th percentile: the smallest value that at least 95 %
+    of ``values`` do not exceed (NaN for none)."""
+    if not values:
+        return float("nan")
+    return sorted(values)[(95 * len(values) + 99) // 100 - 1]
+
+
+def _stop_on_signals(cfg: Config, engine: Engine,
+                     interrupted: list[signal.Signals]) -> asyncio.Event:
+    """An event set by the first Ctrl-C or SIGTERM (recorded in
+    ``interrupted``); a second one cuts the engine's drain short."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if interrupted:
+            engine.give_up()
+            return
+        interrupted.append(sig)
+        stop.set()
+        _notice(cfg, "stopping: finishing open captions, then writing the outputs "
+                     "(press Ctrl-C again to stop at once)")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, on_signal, sig)
+    return stop
+
+
+def _progress(total_samples: int) -> Any:
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    # position=1: on the row below the live partial (CaptionPrinter redraws
+    # its row in place), which the bar would otherwise overwrite.
+    return tqdm(total=round(total_samples / SAMPLE_RATE, 1), unit="s", unit_scale=False,
+                file=sys.stderr, leave=False, position=1,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s")
+
+
+def _close_progress(bar: Any) -> None:
+    """Close :func:`_progress`'s bar. Closed below the caption row, tqdm
+    leaves the cursor past the row's end: the next line starts at column 0."""
+    bar.close()
+    bar.fp.write("\r")
+    bar.fp.flush()
+
+
+def _open_outputs(args: argparse.Namespace, cfg: Config, streams: Sequence[str]
+                  ) -> tuple[JsonlFile | None, SubtitleFiles]:
+    """Create transcribe's output files, written as the engine runs
+    (:mod:`evoxtral_stream.outputs`): the ``--jsonl`` file, and each stream's ``--srt`` and
+    ``--vtt`` as ``.part`` files until the stream ends."""
+    layout = _cue_layout(cfg)
+    many = len(streams) > 1
+    files = [(stream, _output_path(Path(raw), stream, _SUFFIXES[flag], many),
+              SubtitleWriter(vtt=flag == "--vtt", layout=layout, tags=TagStyle(
+                  cfg.captions.vtt_tags if flag == "--vtt" else cfg.captions.srt_tags)))
+             for flag, raw in (("--srt", args.srt), ("--vtt", args.vtt)) if raw is not None
+             for stream in streams]
+    try:
+        subtitles = SubtitleFiles(files)
+    except OSError as e:
+        raise UserError(f"cannot write {e.filename}: {e.strerror or e}") from None
+    if not args.jsonl:
+        return None, subtitles
+    try:
+        return JsonlFile(Path(args.jsonl)), subtitles
+    except OSError as e:
+        subtitles.close(complete=False)
+        raise UserError(f"cannot write {args.jsonl}: {e.strerror or e}") from None
