@@ -2204,14 +2204,17 @@ _AS_NUMPY = """try:
 @pytest.mark.parametrize(("module", "wait"), [
     ("asyncio", "time.sleep(120)"),
     ("importlib.metadata", _AS_WEBRTCVAD),
-    ("numpy", _AS_NUMPY)], ids=["stdlib", "another-error", "no-trace-left"])
+    ("numpy", _AS_NUMPY),
+    ("evoxtral_stream.cli.transcribe", "time.sleep(120)")],
+    ids=["stdlib", "another-error", "no-trace-left", "the-cli-package's-own"])
 def test_ctrl_c_while_any_module_imports_is_one_line_whatever_it_raises(
         module: str, wait: str) -> None:
     """A Ctrl-C while the standard library imports (asyncio: tens of
     milliseconds, before the project's imports) was a traceback and death
     by SIGINT; one that a library's import turned into another error (a
     NameError, as webrtcvad's does; an ImportError, as numpy's C code does)
-    was that error's traceback and status 1."""
+    was that error's traceback and status 1. The modules of the cli package
+    import inside its guard too (the last of them here)."""
     status, err = _ctrl_c_at(_INTERRUPTED_IMPORT % (module, wait), "config")
     assert (status, err) == (130, ["evoxtral-stream: interrupted"])
 
