@@ -746,3 +746,17 @@ async def test_a_url_under_a_path_prefix_reaches_the_server_behind_it(
     assert done in out, out
     assert [t.partition("?")[0] for t in proxy.targets] == [f"/captions-engine{path}"], \
         proxy.targets
+
+
+@pytest.mark.parametrize("script", CLIENT_SCRIPTS)
+async def test_a_bad_url_quotes_no_token_of_its_fragment(tmp_path: Path, script: str) -> None:
+    """The page's link carries its token in the fragment (``/#token=T``):
+    a client that refused such a ``--url`` (a port out of range) quoted it
+    whole, the token in clear. It quotes the URL with the token as ``***``."""
+    url = "ws://127.0.0.1:65536/#token=frag-secret-1"
+    code, out = await _run_script(script, tmp_path, "--url", url,
+                                  *_quiet_args(script, tmp_path))
+    assert code == 2, out
+    assert (": not a ws://HOST:PORT URL: 'ws://127.0.0.1:65536/#token=***': its port must "
+            "be a number from 1 to 65535\n") in out, out
+    assert "secret" not in out, out

@@ -214,6 +214,11 @@ def test_token_entries_load_with_defaults() -> None:
     ("> GET /v1/ingest?token=s3cr3t HTTP/1.1", "> GET /v1/ingest?token=*** HTTP/1.1"),
     ("cannot reach ws://h:1/v1/captions?TOKEN=s3cr3t#x",
      "cannot reach ws://h:1/v1/captions?TOKEN=***#x"),
+    # The page's link carries it in the fragment (#token=, docs/protocol.md),
+    # and a client's error may quote such a --url.
+    ("not a ws://HOST:PORT URL: 'https://h:0/p/#token=s3cr3t'",
+     "not a ws://HOST:PORT URL: 'https://h:0/p/#token=***'"),
+    ("https://h/?stream=a#token=s3cr3t&x=1", "https://h/?stream=a#token=***&x=1"),
     # The server percent-decodes query keys, so an encoded key carries too.
     ("< GET /v1/captions?%74oken=s3cr3t HTTP/1.1", "< GET /v1/captions?%74oken=*** HTTP/1.1"),
     ("< GET /?a=1&%54%4F%6b%65%6E=s3cr3t&b=2 HTTP/1.1",
@@ -249,6 +254,7 @@ def test_token_entries_load_with_defaults() -> None:
     ("< GET /v1/captions?stream=token HTTP/1.1", "< GET /v1/captions?stream=token HTTP/1.1"),
     ("< GET /v1/captions?tokens=x&xtoken=y HTTP/1.1",
      "< GET /v1/captions?tokens=x&xtoken=y HTTP/1.1"),
+    ("see #tokens=x and issue#token", "see #tokens=x and issue#token"),
     ("authorization granted to stream a", "authorization granted to stream a"),
 ])
 def test_redact_tokens(line: str, expected: str) -> None:

@@ -479,9 +479,11 @@ _SUBPROTOCOL = re.compile(r"(?P<head>(?:" + re.escape(SUBPROTOCOL_PREFIX)
                           re.IGNORECASE)
 # The query carrier, in a request line or a URL: up to the next parameter.
 # The server percent-decodes query keys (``?%74oken=`` is ``?token=``), so
-# every spelling of the key that decodes to ``token`` is matched.
+# every spelling of the key that decodes to ``token`` is matched. The page's
+# link carries a token in its fragment (``/#token=``), which a client's
+# ``--url`` may be: ``#`` starts a parameter too.
 _QUERY_KEY = "".join(f"(?:{c}|%{ord(c):02x}|%{ord(c.upper()):02x})" for c in "token")
-_QUERY = re.compile(r"(?P<head>[?&]" + _QUERY_KEY + r"=)"
+_QUERY = re.compile(r"(?P<head>[?&#]" + _QUERY_KEY + r"=)"
                     r"(?P<secret>(?:(?!" + _CLOSING_QUOTE + r")[^&#\s])+)", re.IGNORECASE)
 
 
@@ -500,7 +502,7 @@ def redact_tokens(text: str) -> str:
     Covers the three carriers: ``Authorization`` values of any scheme (the
     scheme is kept; ``Proxy-Authorization`` too; any case), the part after
     ``evoxtral.token.`` (or OpenAI's ``openai-insecure-api-key.``) of a
-    subprotocol, ``token=`` query values, and the password of a URL's
+    subprotocol, ``token=`` query (and fragment) values, and the password of a URL's
     ``user:password@`` (a user name alone too); a quote that closes a quoted
     URL or name stays (``got '...?token=***'``). Errs on the side of
     redacting: prose such as ``Authorization: Bearer TOKEN`` is redacted as
