@@ -10,6 +10,10 @@ parameter is sent on as it is (:func:`with_query`). A parameter that says
 something else than its option is a bad argument, not a silent choice of one.
 So is a ``user:password@``: the server takes no HTTP Basic auth.
 
+The server's page takes its token from the fragment of its link
+(``https://host/#token=T``), so a ``#token=`` counts as a ``?token=`` does;
+the page reads nothing else there, and neither do the clients.
+
 The rest of ``--url`` names the server (:func:`endpoint`).
 """
 
@@ -93,17 +97,46 @@ def _query(url: str) -> list[tuple[str, str]]:
         raise ValueError("the query of --url is not UTF-8 once percent-decoded") from None
 
 
+def _fragment(url: str) -> list[tuple[str, str]]:
+    # The page reads its fragment as a query (URLSearchParams): so do the clients.
+    try:
+        return parse_qsl(urlsplit(url).fragment, keep_blank_values=True, errors="strict")
+    except UnicodeDecodeError:
+        raise ValueError("the fragment of --url is not UTF-8 once percent-decoded") from None
+
+
+def _url_token(query: Sequence[tuple[str, str]], fragment: Sequence[tuple[str, str]]
+               ) -> tuple[str | None, str]:
+    """The token of the URL's ``?token=`` and ``#token=`` (None: none, or
+    only blank ones) and how to name where it came from, for messages."""
+    carriers = {"?token=": query, "#token=": fragment}
+    found = {name: {v.strip() for k, v in pairs if k == "token"} - {""}
+             for name, pairs in carriers.items()}
+    used = [name for name, tokens in found.items() if tokens]
+    where = " and ".join(used) or "?token="
+    tokens = set().union(*found.values())
+    if len(tokens) > 1:
+        # No "=," in it: redact_tokens would take the comma for a token.
+        raise ValueError(f"--url gives {where} more than once, each a different token"
+                         if len(used) == 1 else f"--url gives different tokens in {where}")
+    return next(iter(tokens), None), where
+
+
 def take_query(url: str, *, streams: Sequence[str], since: str | None, epoch: str | None,
                token: str | None) -> UrlQuery:
     """Merge the query of ``url`` with the options given (``streams``: the
     ``--stream`` ids, split on commas; ``token``: ``--token`` or
     ``$EVOXTRAL_TOKEN``).
 
+    The token of the URL is that of its ``?token=`` or its ``#token=``
+    (the page's link): the same rules hold for both.
+
     Raises ValueError, for people and never quoting a token, for a URL
     with a ``user:password@``, when the URL and an option disagree
     (``?stream=a`` and ``--stream b``; the same streams in another order
-    agree), when the URL gives ``epoch`` or ``token`` twice, or a token
-    that is not printable ASCII.
+    agree), when the URL gives ``epoch`` twice, or two different tokens
+    (in its query, its fragment, or one in each), or a token that is not
+    printable ASCII.
     """
     # websockets would send it as HTTP Basic auth, which the server ignores;
     # and with a token, as a second Authorization header, which it refuses.
@@ -131,16 +164,13 @@ def take_query(url: str, *, streams: Sequence[str], since: str | None, epoch: st
     if url_epoch is not None and epoch is not None and url_epoch != epoch:
         raise ValueError(f"--url asks for ?epoch={url_epoch!r} and --epoch for {epoch!r}: "
                          "give it in one place")
-    tokens = {t.strip() for t in values.get("token", [])} - {""}
-    if len(tokens) > 1:
-        raise ValueError("--url gives ?token= more than once, each a different token")
-    url_token = next(iter(tokens), None)
+    url_token, where = _url_token(query, _fragment(url))
     if url_token is not None and not printable_ascii(url_token):
-        raise ValueError("the ?token= of --url must be printable ASCII: the client sends "
+        raise ValueError(f"the {where} of --url must be printable ASCII: the client sends "
                          "it in an HTTP header")
     mine = (token or "").strip() or None
     if url_token is not None and mine is not None and url_token != mine:
-        raise ValueError(f"--url carries a ?token= other than --token (or ${TOKEN_ENV}): "
+        raise ValueError(f"--url carries a {where} other than --token (or ${TOKEN_ENV}): "
                          "give one token")
     rest = [(k, v) for k, v in query if k not in (*OWN_PARAMETERS, "token")]
     return UrlQuery(url=_replace_query(url, rest), streams=tuple(streams) or url_streams,

@@ -781,7 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         endpoint(args.url, "/")
-        # ?stream= and ?token= of --url count as the options.
+        # ?stream= and ?token= (or #token=) of --url count as the options.
         given = take_query(args.url, streams=[args.stream] if args.stream else [],
                            since=None, epoch=None, token=args.token)
         if len(given.streams) > 1:

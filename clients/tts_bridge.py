@@ -809,7 +809,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if value is not None and value < 1:
                 raise ValueError(f"{option} must be at least 1 (got {value})")
         endpoint(args.url, "/")
-        # ?stream=, ?since=, ?epoch= and ?token= of --url count as the options.
+        # ?stream=, ?since=, ?epoch= and ?token= (or #token=) of --url count as the options.
         given = take_query(args.url, streams=[s for v in args.stream for s in v.split(",") if s],
                            since=args.since, epoch=args.epoch, token=args.token)
         check_output_folder(args.out)

@@ -512,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         endpoint(args.url, "/")
-        # ?stream=, ?since=, ?epoch= and ?token= of --url count as the options.
+        # ?stream=, ?since=, ?epoch= and ?token= (or #token=) of --url count as the options.
         given = take_query(args.url, streams=[n for v in args.stream for n in v.split(",") if n],
                            since=args.since, epoch=args.epoch, token=args.token)
         streams = list(given.streams)

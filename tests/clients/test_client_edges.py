@@ -619,7 +619,11 @@ async def test_every_client_sends_what_the_query_of_its_url_asks_for(
      "--url asks for ?stream='a' and --stream for 'b': name the streams in one place"),
     ("?token=url-secret-1", ["--token", "option-secret-2"],
      "--url carries a ?token= other than --token (or $EVOXTRAL_TOKEN): give one token"),
-], ids=["stream", "token"])
+    ("#token=url-secret-1", ["--token", "option-secret-2"],
+     "--url carries a #token= other than --token (or $EVOXTRAL_TOKEN): give one token"),
+    ("?token=url-secret-1#token=url-secret-2", [],
+     "--url gives different tokens in ?token= and #token="),
+], ids=["stream", "token", "fragment-token", "query-and-fragment-token"])
 async def test_a_url_query_that_contradicts_an_option_is_a_bad_argument(
         tmp_path: Path, script: str, query: str, args: list[str], message: str) -> None:
     """``?stream=a`` and ``--stream b``: one of them was not meant. The
@@ -760,3 +764,26 @@ async def test_a_bad_url_quotes_no_token_of_its_fragment(tmp_path: Path, script:
     assert (": not a ws://HOST:PORT URL: 'ws://127.0.0.1:65536/#token=***': its port must "
             "be a number from 1 to 65535\n") in out, out
     assert "secret" not in out, out
+
+
+@pytest.mark.parametrize("script", CLIENT_SCRIPTS)
+async def test_every_client_takes_the_token_of_the_pages_link(
+        tmp_path: Path, guarded: tuple[Engine, CaptionServer], script: str) -> None:
+    """The page's link, ``http://HOST:PORT/#token=TOKEN`` as given to a
+    user: the clients dropped the fragment, and so its token, and were
+    refused with "the server requires a token (HTTP 401): pass --token".
+    The fragment's token counts as a ``?token=`` of the URL: sent in the
+    ``Authorization`` header, never printed."""
+    from tests.clients.conftest import INGEST_TOKEN, SUBSCRIBE_TOKEN
+
+    _, server = guarded
+    publish_finals(server, "talk", ["one."])
+    publish_finals(server, "quiet", [])  # the bridge would have to speak a final
+    args, done, _ = _FINISHING[script]
+    token = INGEST_TOKEN if script == "mic_client.py" else SUBSCRIBE_TOKEN
+    code, out = await _run_script(
+        script, tmp_path, "--url", f"http://127.0.0.1:{server.port}/#token={token}",
+        *_quiet_args(script, tmp_path), *args)
+    assert code == 0, out
+    assert done in out, out
+    assert token not in out, out
