@@ -12,7 +12,10 @@ So is a ``user:password@``: the server takes no HTTP Basic auth.
 
 The server's page takes its token from the fragment of its link
 (``https://host/#token=T``), so a ``#token=`` counts as a ``?token=`` does;
-the page reads nothing else there, and neither do the clients.
+the page reads nothing else there, and neither do the clients. The page's
+query names streams with parameters of its own (:data:`PAGE_PARAMETERS`),
+which a client takes where they mean what its ``--stream`` does (see
+:class:`Role`) and never sends on.
 
 The rest of ``--url`` names the server (:func:`endpoint`).
 """
@@ -21,16 +24,32 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 from _auth import TOKEN_ENV
 
 from evoxtral_stream.server.auth import printable_ascii, redact_tokens
 
-__all__ = ["ENDPOINTS", "OWN_PARAMETERS", "UrlQuery", "endpoint", "take_query", "with_query"]
+__all__ = ["ENDPOINTS", "OWN_PARAMETERS", "PAGE_PARAMETERS", "Role", "UrlQuery", "endpoint",
+           "take_query", "with_query"]
 
 #: The query parameters a client sets itself, from its options.
 OWN_PARAMETERS = ("stream", "since", "epoch")
+#: The page's own query parameters, which the server does not read:
+#: ``streams`` (those it subscribes to) and ``mic`` (its microphone's stream).
+PAGE_PARAMETERS = ("streams", "mic")
+
+
+class Role(Enum):
+    """What a client does with ``--stream``, and so which parameters of the
+    page's link stand for it, the first one given: a subscriber shows the
+    page's ``?stream=`` (the stream the page shows) else its ``?streams=``
+    (those it subscribes to); the ingest client streams as ``?mic=`` (the
+    page's microphone's stream) else ``?stream=``. Each ignores the other."""
+
+    SUBSCRIBE = ("stream", "streams")
+    INGEST = ("mic", "stream")
 
 
 @dataclass(frozen=True)
@@ -123,10 +142,10 @@ def _url_token(query: Sequence[tuple[str, str]], fragment: Sequence[tuple[str, s
 
 
 def take_query(url: str, *, streams: Sequence[str], since: str | None, epoch: str | None,
-               token: str | None) -> UrlQuery:
+               token: str | None, role: Role) -> UrlQuery:
     """Merge the query of ``url`` with the options given (``streams``: the
     ``--stream`` ids, split on commas; ``token``: ``--token`` or
-    ``$EVOXTRAL_TOKEN``).
+    ``$EVOXTRAL_TOKEN``), the URL's streams read as ``role`` reads them.
 
     The token of the URL is that of its ``?token=`` or its ``#token=``
     (the page's link): the same rules hold for both.
@@ -147,11 +166,11 @@ def take_query(url: str, *, streams: Sequence[str], since: str | None, epoch: st
     values: dict[str, list[str]] = {}
     for key, value in query:
         values.setdefault(key, []).append(value)
-    # Items trimmed and blank ones dropped, as the server reads them.
-    url_streams = tuple(dict.fromkeys(
-        n for v in values.get("stream", []) for n in (x.strip() for x in v.split(",")) if n))
+    named, url_streams = next(
+        ((name, found) for name in role.value if (found := _items(values.get(name, [])))),
+        ("stream", ()))
     if url_streams and streams and set(url_streams) != set(streams):
-        raise ValueError(f"--url asks for ?stream={','.join(url_streams)!r} and --stream for "
+        raise ValueError(f"--url asks for ?{named}={','.join(url_streams)!r} and --stream for "
                          f"{','.join(streams)!r}: name the streams in one place")
     url_since = ",".join(v for v in values.get("since", []) if v.strip()) or None
     if url_since is not None and since is not None and url_since != since:
@@ -172,11 +191,17 @@ def take_query(url: str, *, streams: Sequence[str], since: str | None, epoch: st
     if url_token is not None and mine is not None and url_token != mine:
         raise ValueError(f"--url carries a {where} other than --token (or ${TOKEN_ENV}): "
                          "give one token")
-    rest = [(k, v) for k, v in query if k not in (*OWN_PARAMETERS, "token")]
+    rest = [(k, v) for k, v in query if k not in (*OWN_PARAMETERS, *PAGE_PARAMETERS, "token")]
     return UrlQuery(url=_replace_query(url, rest), streams=tuple(streams) or url_streams,
                     since=since if since is not None else url_since,
                     epoch=epoch if epoch is not None else url_epoch,
                     token=token if mine is not None else url_token)
+
+
+def _items(values: Sequence[str]) -> tuple[str, ...]:
+    # Comma-separated, trimmed, blank ones dropped, as the server reads ?stream=.
+    return tuple(dict.fromkeys(
+        n for v in values for n in (x.strip() for x in v.split(",")) if n))
 
 
 def _replace_query(url: str, query: Sequence[tuple[str, str]]) -> str:

@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from _auth import add_token_option, auth_headers, redact_tokens, refusal
-from _url import endpoint, take_query, with_query
+from _url import Role, endpoint, take_query, with_query
 from viewer import LiveWriter, use_color
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -781,9 +781,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         endpoint(args.url, "/")
-        # ?stream= and ?token= (or #token=) of --url count as the options.
+        # ?stream= (the page's ?mic=) and ?token= (or #token=) of --url count as the options.
         given = take_query(args.url, streams=[args.stream] if args.stream else [],
-                           since=None, epoch=None, token=args.token)
+                           since=None, epoch=None, token=args.token, role=Role.INGEST)
         if len(given.streams) > 1:
             raise ValueError("--url names more than one stream: a client streams one")
     except ValueError as e:

@@ -95,7 +95,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from _auth import add_token_option, auth_headers, install_token_redaction, refusal
-from _url import endpoint, take_query, with_query
+from _url import Role, endpoint, take_query, with_query
 from tts_synth import (
     DEFAULT_BASE_URL,
     ELEVENLABS_MODEL,
@@ -809,9 +809,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             if value is not None and value < 1:
                 raise ValueError(f"{option} must be at least 1 (got {value})")
         endpoint(args.url, "/")
-        # ?stream=, ?since=, ?epoch= and ?token= (or #token=) of --url count as the options.
+        # ?stream= (the page's ?streams=), ?since=, ?epoch= and ?token= (or
+        # #token=) of --url count as the options.
         given = take_query(args.url, streams=[s for v in args.stream for s in v.split(",") if s],
-                           since=args.since, epoch=args.epoch, token=args.token)
+                           since=args.since, epoch=args.epoch, token=args.token,
+                           role=Role.SUBSCRIBE)
         check_output_folder(args.out)
         since = parse_since(given.since, given.streams) if given.since else {}
         epoch = parse_epoch([given.epoch] if given.epoch is not None else [])

@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from _auth import add_token_option, auth_headers, redact_tokens, refusal
-from _url import endpoint, take_query, with_query
+from _url import Role, endpoint, take_query, with_query
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
@@ -512,9 +512,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         endpoint(args.url, "/")
-        # ?stream=, ?since=, ?epoch= and ?token= (or #token=) of --url count as the options.
+        # ?stream= (the page's ?streams=), ?since=, ?epoch= and ?token= (or
+        # #token=) of --url count as the options.
         given = take_query(args.url, streams=[n for v in args.stream for n in v.split(",") if n],
-                           since=args.since, epoch=args.epoch, token=args.token)
+                           since=args.since, epoch=args.epoch, token=args.token,
+                           role=Role.SUBSCRIBE)
         streams = list(given.streams)
         since = parse_since(given.since, streams)
         epoch = parse_epoch([given.epoch] if given.epoch is not None else [])

@@ -787,3 +787,46 @@ async def test_every_client_takes_the_token_of_the_pages_link(
     assert code == 0, out
     assert done in out, out
     assert token not in out, out
+
+
+#: (client, the page's link less its address, what else it is given, what it
+#: prints when done): the page's ``?streams=`` (those it subscribes to),
+#: ``?stream=`` (the one it shows) and ``?mic=`` (its microphone's stream).
+_PAGE_LINKS = {
+    "viewer-streams": ("viewer.py", "/?streams=talk#token={sub}",
+                       ["--since", "0", "--exit-on-end", "--no-color"],
+                       "[0:00.0 → 0:00.5] one."),
+    "viewer-shown": ("viewer.py", "/?streams=talk,other&stream=talk#token={sub}",
+                     ["--since", "0", "--exit-on-end", "--no-color"],
+                     "[0:00.0 → 0:00.5] one."),
+    "mic": ("mic_client.py", "/?streams=talk,desk&mic=desk&stream=talk#token={ing}",
+            ["--no-color"], "desk: 1.0 s of audio"),
+    "bridge-streams": ("tts_bridge.py", "/?streams=quiet#token={sub}",
+                       ["--since", "0", "--exit-on-end"], "done: 0 written, 0 failed"),
+}
+
+
+@pytest.mark.parametrize("case", list(_PAGE_LINKS))
+async def test_the_streams_of_the_pages_link_are_those_the_clients_take(
+        tmp_path: Path, guarded: tuple[Engine, CaptionServer], case: str) -> None:
+    """The page's link names streams as the page reads them: ``?streams=a,b``
+    the streams it subscribes to (what a token limited to some streams
+    needs), ``?stream=`` the one it shows, ``?mic=`` the one its microphone
+    streams as. The clients sent ``streams`` and ``mic`` on to the server,
+    which reads neither: the viewer and the bridge subscribed to every
+    stream (and so refused ``--since 0`` without ``--stream``), the mic
+    client streamed as ``ingest-N``. Each now takes them as the page does."""
+    from tests.clients.conftest import INGEST_TOKEN, SUBSCRIBE_TOKEN
+
+    _, server = guarded
+    publish_finals(server, "talk", ["one."])
+    publish_finals(server, "other", ["two."])
+    publish_finals(server, "quiet", [])  # the bridge would have to speak a final
+    script, link, args, done = _PAGE_LINKS[case]
+    link = link.format(sub=SUBSCRIBE_TOKEN, ing=INGEST_TOKEN)
+    code, out = await _run_script(script, tmp_path, "--url",
+                                  f"http://127.0.0.1:{server.port}{link}",
+                                  *_quiet_args(script, tmp_path), *args)
+    assert code == 0, out
+    assert done in out, out
+    assert "two." not in out and "other" not in out, out
