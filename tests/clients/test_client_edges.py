@@ -722,8 +722,11 @@ _FINISHING = {
     ("mic_client.py", "{addr}/captions-engine/v1/ingest"),
     ("tts_bridge.py", "{addr}/captions-engine"),
     ("tts_bridge.py", "http://{addr}/captions-engine/v1/captions/?stream=quiet"),
+    # The page's own link: the page lives at the prefix's "/".
+    ("viewer.py", "http://{addr}/captions-engine/?streams=talk,other&stream=talk#token={token}"),
+    ("mic_client.py", "http://{addr}/captions-engine/?mic=desk#token={token}"),
 ], ids=["viewer-prefix", "viewer-endpoint", "mic-prefix-slash", "mic-bare-endpoint",
-        "bridge-bare-prefix", "bridge-http-endpoint"])
+        "bridge-bare-prefix", "bridge-http-endpoint", "viewer-page-link", "mic-page-link"])
 async def test_a_url_under_a_path_prefix_reaches_the_server_behind_it(
         tmp_path: Path, guarded: tuple[Engine, CaptionServer], script: str,
         url: str) -> None:
@@ -744,7 +747,7 @@ async def test_a_url_under_a_path_prefix_reaches_the_server_behind_it(
     token = INGEST_TOKEN if script == "mic_client.py" else SUBSCRIBE_TOKEN
     async with PrefixRelay(server.port, "/captions-engine") as proxy:
         code, out = await _run_script(
-            script, tmp_path, "--url", url.format(addr=f"127.0.0.1:{proxy.port}"),
+            script, tmp_path, "--url", url.format(addr=f"127.0.0.1:{proxy.port}", token=token),
             "--token", token, *_quiet_args(script, tmp_path), *args)
     assert code == 0, out
     assert done in out, out

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from _url import Role, UrlQuery, take_query
+from _url import Role, UrlQuery, endpoint, take_query
 
 
 def _take(url: str, *, streams: tuple[str, ...] = (), token: str | None = None) -> UrlQuery:
@@ -80,3 +80,12 @@ def test_a_page_stream_parameter_and_stream_that_disagree_are_a_bad_argument() -
         _streams("ws://h/?mic=a&stream=c", Role.INGEST, ("c",))
     # The same streams agree, whichever parameter names them.
     assert _streams("ws://h/?streams=b,a", Role.SUBSCRIBE, ("a", "b"))[0] == ("a", "b")
+
+
+def test_the_pages_link_names_the_server_it_is_served_by() -> None:
+    """The page lives at the server's ``/``, or at a proxy's prefix with a
+    slash at its end: the endpoints are beside it."""
+    assert endpoint("https://h/#token=t", "/v1/captions") == "wss://h/v1/captions"
+    assert endpoint("http://h:8765/?stream=a#token=t", "/v1/ingest") == "ws://h:8765/v1/ingest"
+    assert endpoint("https://h/captions-engine/?streams=a,b&mic=b#token=t", "/v1/ingest") == \
+        "wss://h/captions-engine/v1/ingest"
