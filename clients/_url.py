@@ -22,6 +22,7 @@ The rest of ``--url`` names the server (:func:`endpoint`).
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -31,8 +32,8 @@ from _auth import TOKEN_ENV
 
 from evoxtral_stream.server.auth import printable_ascii, redact_tokens
 
-__all__ = ["ENDPOINTS", "OWN_PARAMETERS", "PAGE_PARAMETERS", "Role", "UrlQuery", "endpoint",
-           "take_query", "with_query"]
+__all__ = ["ENDPOINTS", "OWN_PARAMETERS", "PAGE_PARAMETERS", "Role", "UrlQuery",
+           "add_url_option", "endpoint", "take_query", "with_query"]
 
 #: The query parameters a client sets itself, from its options.
 OWN_PARAMETERS = ("stream", "since", "epoch")
@@ -50,6 +51,22 @@ class Role(Enum):
 
     SUBSCRIBE = ("stream", "streams")
     INGEST = ("mic", "stream")
+
+
+def add_url_option(parser: argparse.ArgumentParser, default: str, role: Role) -> None:
+    """Add ``--url``, whose help lists the forms it takes, the page's link
+    as ``role`` reads it among them."""
+    if role is Role.INGEST:
+        link, query = "https://host/?mic=ID#token=TOKEN", "?stream= (or the page's ?mic=)"
+    else:
+        link = "https://host/?streams=a,b#token=TOKEN"
+        query = "?stream= (or the page's ?streams=), ?since=, ?epoch="
+    parser.add_argument(
+        "--url", default=default,
+        help="the server: HOST:PORT, or a ws://, wss://, http:// or https:// URL, its path a "
+             "prefix the server is reached under (https://host/captions-engine/), or the "
+             f"page's link ({link}); {query} and ?token= (or #token=) count as the options "
+             "(default: %(default)s)")
 
 
 @dataclass(frozen=True)

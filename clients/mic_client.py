@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from _auth import add_token_option, auth_headers, redact_tokens, refusal
-from _url import Role, endpoint, take_query, with_query
+from _url import Role, add_url_option, endpoint, take_query, with_query
 from viewer import LiveWriter, use_color
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -751,8 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mic_client.py",
         description="Stream the microphone (or a file) to an evoxtral-stream server "
                     "and show the captions.")
-    p.add_argument("--url", default="ws://127.0.0.1:8765",
-                   help="server address (default: %(default)s)")
+    add_url_option(p, "ws://127.0.0.1:8765", Role.INGEST)
     p.add_argument("--stream", metavar="ID",
                    help="stream id (default: the server names it ingest-N)")
     p.add_argument("--language", metavar="CODE",

@@ -95,7 +95,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from _auth import add_token_option, auth_headers, install_token_redaction, refusal
-from _url import Role, endpoint, take_query, with_query
+from _url import Role, add_url_option, endpoint, take_query, with_query
 from tts_synth import (
     DEFAULT_BASE_URL,
     ELEVENLABS_MODEL,
@@ -719,7 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=[m.value for m in Mode], default=Mode.ESPEAK.value,
                    help="elevenlabs (v3, tags performed) or espeak (offline; default)")
     p.add_argument("--out", type=Path, required=True, help="folder for the audio files")
-    p.add_argument("--url", default=DEFAULT_URL, help=f"caption server (default {DEFAULT_URL})")
+    add_url_option(p, DEFAULT_URL, Role.SUBSCRIBE)
     p.add_argument("--stream", action="append", default=[],
                    help="stream id to follow (repeat or comma-separate; default: all)")
     p.add_argument("--since", help="resume after SEQ (with --stream) or STREAM:SEQ[,...]")

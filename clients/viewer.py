@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from _auth import add_token_option, auth_headers, redact_tokens, refusal
-from _url import Role, endpoint, take_query, with_query
+from _url import Role, add_url_option, endpoint, take_query, with_query
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
@@ -488,8 +488,7 @@ def use_color(flag: bool | None, out: TextIO) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="viewer.py", description="Show live captions from an evoxtral-stream server.")
-    p.add_argument("--url", default="ws://127.0.0.1:8765",
-                   help="server address (default: %(default)s)")
+    add_url_option(p, "ws://127.0.0.1:8765", Role.SUBSCRIBE)
     p.add_argument("--stream", action="append", default=[], metavar="ID",
                    help="show only this stream (repeat, or a,b); default: every stream")
     p.add_argument("--since", metavar="SEQ",

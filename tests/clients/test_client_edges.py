@@ -833,3 +833,24 @@ async def test_the_streams_of_the_pages_link_are_those_the_clients_take(
     assert code == 0, out
     assert done in out, out
     assert "two." not in out and "other" not in out, out
+
+
+@pytest.mark.parametrize(("script", "page_link"), [
+    ("viewer.py", "https://host/?streams=a,b#token=TOKEN"),
+    ("mic_client.py", "https://host/?mic=ID#token=TOKEN"),
+    ("tts_bridge.py", "https://host/?streams=a,b#token=TOKEN"),
+])
+async def test_the_help_of_url_says_what_it_takes(tmp_path: Path, script: str,
+                                                  page_link: str) -> None:
+    """``--help`` said "server address" (the bridge "caption server"): not
+    that a bare HOST:PORT, an http(s):// URL, a proxy's path prefix or the
+    page's own link would do. It lists them now."""
+    code, out = await _run_script(script, tmp_path, "--help")
+    assert code == 0, out
+    text = " ".join(out.split())  # as argparse wraps it at any width
+    start = text.index("--url URL")
+    url_help = text[start:text.index(" --stream ", start)]
+    for form in ("HOST:PORT", "ws://, wss://, http:// or https:// URL",
+                 "its path a prefix the server is reached under", f"the page's link ({page_link})",
+                 "#token="):
+        assert form in url_help, url_help
