@@ -626,6 +626,13 @@ async def test_a_restart_without_the_journal_that_passed_the_held_seq_loses_noth
         viewing = asyncio.ensure_future(watch(
             f"ws://127.0.0.1:{relay.port}", ["talk"], {}, writer, exit_on_end=True,
             max_retry_s=0.2))
+        # Subscribed before the first final: a subscriber without since gets
+        # only what comes after it (a loaded CI run's viewer connected later
+        # than the final and waited for it 20 s).
+        async with asyncio.timeout(20):
+            while server.broadcaster.subscribers == 0:
+                assert not viewing.done(), (viewing.result(), err.getvalue())
+                await asyncio.sleep(0.02)
         stream = engine.open_stream("talk", source="test")  # open until after the drop
         audio = buzzes(1)
         for i in range(0, len(audio), 1600):
@@ -633,7 +640,7 @@ async def test_a_restart_without_the_journal_that_passed_the_held_seq_loses_noth
             await stream.wait_idle()
         async with asyncio.timeout(20):
             while not out.getvalue():
-                # A viewer that gave up says why (a CI run timed out here once).
+                # A viewer that gave up says why.
                 assert not viewing.done(), (viewing.result(), err.getvalue())
                 await asyncio.sleep(0.02)
         relay.target = nowhere
