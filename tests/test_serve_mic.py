@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import types
 from collections.abc import Callable
@@ -44,13 +45,18 @@ async def test_a_lost_microphone_ends_the_open_segment_and_tells_subscribers(
     second = np.concatenate([lead, speak("Yes, and tomorrow too."), lead, lead, lead])
     unplug_at = len(lead) + (len(first) - len(lead)) * 3 // 5  # mid-sentence
     streams: list[LiveStream] = []
+    # The device delivers silence until the subscriber is there: serve opens
+    # it at once, and the error is sent live only, so a subscriber that a
+    # loaded machine connected late missed it.
+    subscribed = threading.Event()
 
     def factory(device: InputDevice, samplerate: int, channels: int, blocksize: int,
                 callback: Callable[..., None]) -> LiveStream:
         assert (samplerate, channels) == (SAMPLE_RATE, 1)
         audio, cut = (first, unplug_at) if not streams else (second, None)
         streams.append(LiveStream(playback(audio.astype(np.float32) / 32768), samplerate,
-                                  channels, blocksize, callback, unplug_at=cut))
+                                  channels, blocksize, callback, unplug_at=cut,
+                                  hold=subscribed))
         return streams[-1]
 
     _fake_sounddevice(monkeypatch, "Desk Mic", 1)
@@ -64,6 +70,8 @@ async def test_a_lost_microphone_ends_the_open_segment_and_tells_subscribers(
         _serve(args, cfg, ScriptedBackend(words_so_far), "mic", None))
     messages: list[dict[str, Any]] = []
     async with await _subscribe(port, serving) as ws:
+        subscribed.set()
+
         async def read() -> None:
             async for raw in ws:
                 messages.append(json.loads(raw))
@@ -91,7 +99,7 @@ async def test_a_lost_microphone_ends_the_open_segment_and_tells_subscribers(
         assert got_final - lost < 5.0
         cut = finals()[0]
         assert cut["segment"] == 0 and cut["text"]
-        assert cut["end"] <= unplug_at / SAMPLE_RATE + 0.05
+        assert cut["end"] <= (streams[0].held + unplug_at) / SAMPLE_RATE + 0.05
         # The device comes back (reopened by the watchdog) and captions go on.
         await until(lambda: len(finals()) >= 2, "final after the device came back")
         assert len(streams) == 2 and finals()[1]["segment"] == 1
@@ -147,12 +155,15 @@ async def test_split_channels_caption_each_microphone_as_its_own_stream(
     board[len(lead):len(lead) + len(a), 1] = a / 32768          # channel 2 first
     b_at = len(lead) * 2 + len(a)
     board[b_at:b_at + len(b), 3] = b / 32768                    # then channel 4
+    subscribed = threading.Event()  # silence until then (see the test above)
+    streams: list[LiveStream] = []
 
     def factory(device: InputDevice, samplerate: int, channels: int, blocksize: int,
                 callback: Callable[..., None]) -> LiveStream:
         assert channels == 4
-        return LiveStream(lambda first, n, ch: _pad(board[first:first + n], n), samplerate,
-                          channels, blocksize, callback)
+        streams.append(LiveStream(lambda first, n, ch: _pad(board[first:first + n], n),
+                                  samplerate, channels, blocksize, callback, hold=subscribed))
+        return streams[-1]
 
     _fake_sounddevice(monkeypatch, "Panel Interface", 4)
     monkeypatch.setattr(microphone, "_sounddevice_stream", factory)
@@ -165,6 +176,8 @@ async def test_split_channels_caption_each_microphone_as_its_own_stream(
         _serve(args, cfg, ScriptedBackend(words_so_far), "mic", None))
     messages: list[dict[str, Any]] = []
     async with await _subscribe(port, serving) as ws:
+        subscribed.set()
+
         async def finals() -> dict[str, list[dict[str, Any]]]:
             out: dict[str, list[dict[str, Any]]] = {}
             for m in messages:
@@ -188,9 +201,10 @@ async def test_split_channels_caption_each_microphone_as_its_own_stream(
     assert sorted(got) == ["panel-2", "panel-4"]
     (first,), (second,) = got["panel-2"], got["panel-4"]
     # Each stream hears its own speaker, at that speaker's time.
-    assert first["start"] == pytest.approx(len(lead) / SAMPLE_RATE, abs=0.4)
-    assert first["end"] == pytest.approx((len(lead) + len(a)) / SAMPLE_RATE, abs=0.6)
-    assert second["start"] == pytest.approx(b_at / SAMPLE_RATE, abs=0.4)
+    held = streams[0].held  # the silence before the subscriber came
+    assert first["start"] == pytest.approx((held + len(lead)) / SAMPLE_RATE, abs=0.4)
+    assert first["end"] == pytest.approx((held + len(lead) + len(a)) / SAMPLE_RATE, abs=0.6)
+    assert second["start"] == pytest.approx((held + b_at) / SAMPLE_RATE, abs=0.4)
     assert second["end"] - second["start"] < first["end"] - first["start"]
     # Both end at the shutdown (they started before this subscriber came).
     ended = [m["stream"] for m in messages if m["type"] == "stream.ended"]

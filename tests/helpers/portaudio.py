@@ -2,7 +2,9 @@
 
 Its thread calls the capture's callback in real time, one block at a time,
 as PortAudio does, until it is closed or "unplugged" (then it just stops
-calling back, as a pulled USB microphone does, with no error).
+calling back, as a pulled USB microphone does, with no error). Held, it
+delivers silence instead of its source: a room before anyone speaks, while a
+test gets ready for what the source says.
 """
 
 from __future__ import annotations
@@ -38,14 +40,21 @@ def playback(audio: Float32Array) -> Source:
 
 
 class LiveStream:
-    """Implements the ``AudioStream`` protocol of ``audio.microphone``."""
+    """Implements the ``AudioStream`` protocol of ``audio.microphone``.
+
+    ``hold``: until it is set, blocks of silence are delivered and the source
+    waits (its frame 0 comes after them); ``held`` counts those frames, by
+    which the source's times are later in the stream. ``unplug_at`` and
+    ``frames`` count the source's frames only."""
 
     def __init__(self, source: Source, rate: int, channels: int, blocksize: int,
                  callback: Callable[..., None], *, fail_start: bool = False,
-                 unplug_at: int | None = None) -> None:
+                 unplug_at: int | None = None, hold: threading.Event | None = None) -> None:
         self.source, self.rate, self.channels = source, rate, channels
         self.blocksize = blocksize
         self.unplug_at = unplug_at
+        self.hold = hold
+        self.held = 0
         self._callback = callback
         self._fail_start = fail_start
         self.calls: list[str] = []
@@ -74,9 +83,15 @@ class LiveStream:
     def _run(self) -> None:
         t0 = time.monotonic()
         while not self._halt.is_set():
-            if self.unplug_at is not None and self.frames >= self.unplug_at:
-                return
-            block = self.source(self.frames, self.blocksize, self.channels)
-            self._callback(block, self.blocksize, None, None)
-            self.frames += self.blocksize
-            self._halt.wait(max(0.0, t0 + self.frames / self.rate - time.monotonic()))
+            if self.hold is not None and not self.hold.is_set():
+                silence = np.zeros((self.blocksize, self.channels), np.float32)
+                self._callback(silence, self.blocksize, None, None)
+                self.held += self.blocksize
+            else:
+                if self.unplug_at is not None and self.frames >= self.unplug_at:
+                    return
+                block = self.source(self.frames, self.blocksize, self.channels)
+                self._callback(block, self.blocksize, None, None)
+                self.frames += self.blocksize
+            self._halt.wait(max(0.0, t0 + (self.held + self.frames) / self.rate
+                                - time.monotonic()))
