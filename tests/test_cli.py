@@ -2228,6 +2228,101 @@ def test_ctrl_c_while_any_module_imports_is_one_line_whatever_it_raises(
     assert (status, err) == (130, ["evoxtral-stream: interrupted"])
 
 
+# A Ctrl-C whose handler runs inside a weakref callback, as one landing in
+# the import system's own (_get_module_lock's, as a module's import ends)
+# does: what it raises there, Python can only report ("Exception ignored
+# in"). Here as a module of the cli package imports, or as the model loads
+# (then a wait, as a load may be in one).
+_CTRL_C_IN_A_CALLBACK = r"""
+import importlib.abc, signal, sys, time, weakref
+def ctrl_c_in_a_callback():
+    class Thing:
+        pass
+    thing = Thing()
+    ref = weakref.ref(thing, lambda ref: signal.raise_signal(signal.SIGINT))
+    del thing
+class AtImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "evoxtral_stream.engine.engine" and %(at_import)s:
+            ctrl_c_in_a_callback()
+        return None
+sys.meta_path.insert(0, AtImport())
+sys.argv[0] = "evoxtral-stream"
+from evoxtral_stream import cli as cli_module
+from tests.helpers.model_loader import replace_model_loader
+def load(cfg):
+    ctrl_c_in_a_callback()
+    time.sleep(60)
+    sys.exit("the model loaded")
+replace_model_loader(load)
+sys.exit(cli_module.main())  # as the console script does
+"""
+
+
+@pytest.mark.parametrize("json_logs", [False, True], ids=["text", "json"])
+@pytest.mark.parametrize("at_import", [True, False], ids=["import", "model-load"])
+def test_a_ctrl_c_python_could_only_report_is_not_lost(at_import: bool,
+                                                       json_logs: bool) -> None:
+    """A Ctrl-C whose KeyboardInterrupt was raised inside a weakref callback
+    (where the start fuzz found it: the import system's own, as a module's
+    import ends): Python printed "Exception ignored in" and its traceback,
+    then, while the modules imported, the line and 130; as the model loaded,
+    the Ctrl-C was lost, the load went on (the wait to its end, status 1).
+    Now the one line and 130, the wait cut short: the Ctrl-C is sent again."""
+    root = Path(__file__).resolve().parents[1]
+    flags = ["--log-format", "json"] if json_logs else []
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_IN_A_CALLBACK % {"at_import": at_import}, *flags,
+         "transcribe", "--sample"],
+        capture_output=True, text=True, timeout=120, cwd=root,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{root / 'src'}:{root}"})
+    took = time.monotonic() - start
+    if json_logs:
+        assert proc.returncode == 130, proc.stderr
+        assert [json.loads(line)["msg"] for line in proc.stderr.splitlines()] == [
+            "interrupted"], proc.stderr
+    else:
+        assert (proc.returncode, proc.stderr) == (130, "evoxtral-stream: interrupted\n")
+    assert proc.stdout == ""
+    assert took < 40  # not the load's minute-long wait
+
+
+def test_the_lost_ctrl_c_hook_passes_on_everything_else() -> None:
+    """What the hook of a lost Ctrl-C does not send again goes to the hook it
+    replaced, as before: any other error; one whose context is a caught
+    Ctrl-C (a ``__del__`` failing as it is handled: sent again, it would stop
+    the command twice); a KeyboardInterrupt of another thread (no handler of
+    a signal raised it). One of the main thread is sent again, as a SIGINT."""
+    from types import SimpleNamespace
+
+    from evoxtral_stream.startup import _SendAgain
+
+    def report(exc: BaseException) -> Any:
+        return SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None,
+                               err_msg=None, object=None)
+
+    passed: list[Any] = []
+    hook = _SendAgain(threading.get_ident(), passed.append)
+    handled = RuntimeError("in __del__")
+    handled.__context__ = KeyboardInterrupt()
+    others = [report(ValueError("boom")), report(handled)]
+    for args in others:
+        hook(args)
+    another = report(KeyboardInterrupt())
+    _SendAgain(threading.get_ident() + 1, passed.append)(another)
+    assert passed == [*others, another]
+
+    sent = threading.Event()
+    before = signal.signal(signal.SIGINT, lambda signum, frame: sent.set())
+    try:
+        hook(report(KeyboardInterrupt()))
+        assert sent.wait(30)
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert passed == [*others, another]
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_signals_that_keep_coming_after_the_shutdown_do_not_change_the_status(
         sig: signal.Signals) -> None:

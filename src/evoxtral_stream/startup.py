@@ -5,7 +5,10 @@ engine before :func:`~evoxtral_stream.cli.main` runs (a second or more from
 a cold disk). A Ctrl-C then is its one ``interrupted`` line and status 130,
 not a traceback: :mod:`.cli` imports them between :func:`watch_ctrl_c` and
 :func:`unwatch_ctrl_c`, and ``__main__`` and :mod:`.cli` give what ended
-their imports to :func:`exit_if_interrupted`. Nothing is imported here
+their imports to :func:`exit_if_interrupted`. From :func:`watch_ctrl_c` on,
+for the command's whole life, a Ctrl-C that Python could only report
+("Exception ignored in", its KeyboardInterrupt raised inside a weakref
+callback) is not lost either (:class:`_SendAgain`). Nothing is imported here
 before it is needed (and then the standard library only): this module
 serves while those imports are what a Ctrl-C cut short.
 """
@@ -16,14 +19,16 @@ import sys
 
 TYPE_CHECKING = False  # not typing's: importing typing takes tens of milliseconds
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from types import FrameType
     from typing import NoReturn
 
 __all__ = ["asked_log_format", "exit_if_interrupted", "forget_caught_interrupts",
-           "interrupted_by_ctrl_c", "say_interrupted", "unwatch_ctrl_c", "watch_ctrl_c"]
+           "interrupted_by_ctrl_c", "keep_sending_lost_ctrl_c", "say_interrupted",
+           "unwatch_ctrl_c", "watch_ctrl_c"]
 
 _seen = False  # a Ctrl-C came while watched
+_main: int | None = None  # the main thread, where watch_ctrl_c took Python's handler over
 
 
 def _record(signum: int, frame: FrameType | None) -> None:
@@ -38,13 +43,18 @@ def watch_ctrl_c() -> None:
     import it cuts short may turn the KeyboardInterrupt into another error
     without a trace of it (numpy's C code makes it an ImportError). Only
     over Python's own handler, in the main thread: a handler someone set is
-    theirs."""
+    theirs. There, from now on, a Ctrl-C that Python could only report is
+    not lost (:func:`keep_sending_lost_ctrl_c`)."""
+    global _main
+    import _thread
     import contextlib
     import signal
 
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         with contextlib.suppress(ValueError):  # not the main thread: not its to set
             signal.signal(signal.SIGINT, _record)
+            _main = _thread.get_ident()
+            keep_sending_lost_ctrl_c()
 
 
 def unwatch_ctrl_c() -> bool:
@@ -57,6 +67,67 @@ def unwatch_ctrl_c() -> bool:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     seen, _seen = _seen, False
     return seen
+
+
+class _SendAgain:
+    """``sys.unraisablehook`` over ``previous``: a KeyboardInterrupt that
+    Python could only report ("Exception ignored in" and its traceback on
+    stderr) in the main thread ``main`` is a Ctrl-C whose handler ran
+    inside a weakref callback or a ``__del__`` (the import system's
+    ``_get_module_lock.<locals>.cb``, as a module's import ends), and would
+    be lost. It is not printed: one :func:`watch_ctrl_c` remembered ends the
+    command at its guard; any other is sent again (:func:`_send_ctrl_c`).
+    Anything else goes to ``previous``, another error whose context holds a
+    KeyboardInterrupt too: a ``__del__`` failing while a caught Ctrl-C is
+    handled would otherwise stop the command a second time."""
+
+    __slots__ = ("main", "previous")
+
+    def __init__(self, main: int, previous: Callable[[sys.UnraisableHookArgs], object]) -> None:
+        self.main = main
+        self.previous = previous
+
+    def __call__(self, args: sys.UnraisableHookArgs) -> None:
+        import _thread
+
+        if isinstance(args.exc_value, KeyboardInterrupt) and _thread.get_ident() == self.main:
+            if _seen:
+                return  # and then the 130 of the imports' guard
+            try:
+                # From another thread: sent from this one, its handler would
+                # run at once, inside this hook, whose error Python would
+                # report instead. Nothing after it here: the main thread
+                # takes it once the GIL has changed hands, and then only at
+                # its next instruction that looks for signals, past this.
+                _thread.start_new_thread(_send_ctrl_c, (self.main,))
+                return
+            except RuntimeError:  # no thread to be had (the interpreter exiting)
+                pass
+        self.previous(args)
+
+
+def _send_ctrl_c(main: int) -> None:
+    """The Ctrl-C again, to the main thread ``main``, where its handler
+    takes it as any other; none sent where no handler of Python's is in
+    place (SIG_IGN: the status is decided; SIG_DFL would end the process).
+    A signal, not ``_thread.interrupt_main()``, so that a wait the main
+    thread is in (a sleep, a lock, a read) ends for it, as for any Ctrl-C."""
+    import contextlib
+    import signal
+
+    if callable(signal.getsignal(signal.SIGINT)):
+        with contextlib.suppress(OSError):  # the main thread gone: the process is ending
+            signal.pthread_kill(main, signal.SIGINT)
+
+
+def keep_sending_lost_ctrl_c() -> None:
+    """Make ``sys.unraisablehook`` a :class:`_SendAgain` over the hook in
+    place, unless it is one: where :func:`watch_ctrl_c` took Python's
+    handler over, for the command's whole life, so again after something
+    replaced it (the JSON logs' hooks). Elsewhere (a handler someone set,
+    another thread) nothing."""
+    if _main is not None and not isinstance(sys.unraisablehook, _SendAgain):
+        sys.unraisablehook = _SendAgain(_main, sys.unraisablehook)
 
 
 def interrupted_by_ctrl_c(exc: BaseException) -> bool:

@@ -19,6 +19,7 @@ from ..logs import (
     quiet_library_progress_bars,
 )
 from ..server.auth import install_token_redaction, redact_tokens
+from ..startup import keep_sending_lost_ctrl_c
 from .exits import EXIT_USAGE
 
 log = logging.getLogger("evoxtral_stream")
@@ -56,6 +57,9 @@ def _setup_logging(logs: LoggingConfig) -> None:
         quiet_library_progress_bars()
     if json_mode and handler is not None:
         install_json_hooks()
+        # Its unraisablehook would log a Ctrl-C lost in a weakref callback
+        # as an error record: it goes under the one that sends it again.
+        keep_sending_lost_ctrl_c()
     elif handler is not None:
         install_text_hooks(redact_tokens)  # the --debug traceback
 
