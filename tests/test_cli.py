@@ -2208,22 +2208,35 @@ _AS_NUMPY = """try:
                 failed = True
             if failed:
                 raise ImportError("PyCapsule_Import could not import module 'datetime'")"""
+# numpy's import_array(), in the C code of a module built on numpy's: the
+# KeyboardInterrupt goes to PyErr_Print (sys.excepthook), then an ImportError.
+_AS_IMPORT_ARRAY = """try:
+                time.sleep(120)
+            except KeyboardInterrupt:
+                sys.excepthook(*sys.exc_info())
+                failed = True
+            if failed:
+                raise ImportError("numpy.core.multiarray failed to import")"""
 
 
 @pytest.mark.parametrize(("module", "wait"), [
     ("asyncio", "time.sleep(120)"),
     ("importlib.metadata", _AS_WEBRTCVAD),
     ("numpy", _AS_NUMPY),
+    ("numpy.linalg._umath_linalg", _AS_IMPORT_ARRAY),
     ("evoxtral_stream.cli.transcribe", "time.sleep(120)")],
-    ids=["stdlib", "another-error", "no-trace-left", "the-cli-package's-own"])
+    ids=["stdlib", "another-error", "no-trace-left", "printed-by-c", "the-cli-package's-own"])
 def test_ctrl_c_while_any_module_imports_is_one_line_whatever_it_raises(
         module: str, wait: str) -> None:
     """A Ctrl-C while the standard library imports (asyncio: tens of
     milliseconds, before the project's imports) was a traceback and death
     by SIGINT; one that a library's import turned into another error (a
     NameError, as webrtcvad's does; an ImportError, as numpy's C code does)
-    was that error's traceback and status 1. The modules of the cli package
-    import inside its guard too (the last of them here)."""
+    was that error's traceback and status 1; one that C code printed
+    (PyErr_Print, as numpy's import_array() does, the start fuzz's
+    traceback from _lock_unlock_module) was that traceback before the line.
+    The modules of the cli package import inside its guard too (the last of
+    them here)."""
     status, err = _ctrl_c_at(_INTERRUPTED_IMPORT % (module, wait), "config")
     assert (status, err) == (130, ["evoxtral-stream: interrupted"])
 

@@ -20,7 +20,7 @@ import sys
 TYPE_CHECKING = False  # not typing's: importing typing takes tens of milliseconds
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
-    from types import FrameType
+    from types import FrameType, TracebackType
     from typing import NoReturn
 
 __all__ = ["asked_log_format", "exit_if_interrupted", "forget_caught_interrupts",
@@ -41,10 +41,12 @@ def _record(signum: int, frame: FrameType | None) -> None:
 def watch_ctrl_c() -> None:
     """Until :func:`unwatch_ctrl_c`, a Ctrl-C is remembered: a library whose
     import it cuts short may turn the KeyboardInterrupt into another error
-    without a trace of it (numpy's C code makes it an ImportError). Only
-    over Python's own handler, in the main thread: a handler someone set is
-    theirs. There, from now on, a Ctrl-C that Python could only report is
-    not lost (:func:`keep_sending_lost_ctrl_c`)."""
+    without a trace of it (numpy's C code makes it an ImportError), and C
+    code may print it as it gives up (then it is not printed:
+    :class:`_QuietOnceSeen`). Only over Python's own handler, in the main
+    thread: a handler someone set is theirs. There, from now on, a Ctrl-C
+    that Python could only report is not lost
+    (:func:`keep_sending_lost_ctrl_c`)."""
     global _main
     import _thread
     import contextlib
@@ -55,6 +57,7 @@ def watch_ctrl_c() -> None:
             signal.signal(signal.SIGINT, _record)
             _main = _thread.get_ident()
             keep_sending_lost_ctrl_c()
+            sys.excepthook = _QuietOnceSeen(sys.excepthook)
 
 
 def unwatch_ctrl_c() -> bool:
@@ -65,8 +68,29 @@ def unwatch_ctrl_c() -> bool:
 
     if signal.getsignal(signal.SIGINT) is _record:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if isinstance(sys.excepthook, _QuietOnceSeen):
+        sys.excepthook = sys.excepthook.previous
     seen, _seen = _seen, False
     return seen
+
+
+class _QuietOnceSeen:
+    """``sys.excepthook`` over ``previous`` while watched: C code a Ctrl-C
+    cut short may print the KeyboardInterrupt as it gives up (PyErr_Print:
+    numpy's ``import_array()``, in the modules built on numpy's, then raises
+    an ImportError), a traceback above the one line. One remembered is not
+    printed; anything else goes to ``previous``."""
+
+    __slots__ = ("previous",)
+
+    def __init__(self, previous: Callable[[type[BaseException], BaseException,
+                                           TracebackType | None], object]) -> None:
+        self.previous = previous
+
+    def __call__(self, exc_type: type[BaseException], exc: BaseException,
+                 tb: TracebackType | None) -> None:
+        if not (_seen and issubclass(exc_type, KeyboardInterrupt)):
+            self.previous(exc_type, exc, tb)
 
 
 class _SendAgain:
