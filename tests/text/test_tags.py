@@ -210,6 +210,18 @@ def test_carry_state() -> None:
     assert c.advance_all(tokenize("turn around.")) == Carry()
     assert c.advance_all(tokenize('HERE."')) == Carry()
     assert c.advance_all(tokenize("really?!")) == Carry()
+    # Chinese and Japanese end theirs with 。！？ (fullwidth), a closing 」 after.
+    assert c.advance_all(tokenize("你好。")) == Carry()
+    assert c.advance_all(tokenize("「本当？」")) == Carry()
+    assert c.advance_all(tokenize("待って．．．まだ")) == c
+
+
+def test_a_sentence_end_is_one_rule_for_carried_tags_and_subtitle_cues() -> None:
+    for text in ("end.", "end!", "end?", "終わり。", "終わり！", "終わり？", "終わり｡",
+                 "end．", "「終わり。」", 'end."'):
+        assert tokenize(text)[-1].ends_sentence, text
+    for text in ("wait...", "待って．．．", "so,", "ね、", "「"):
+        assert not tokenize(text)[-1].ends_sentence, text
 
 
 _pieces = st.sampled_from([

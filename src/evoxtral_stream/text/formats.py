@@ -230,15 +230,6 @@ def _can_break(before: str, after: str) -> bool:
     return (_cjk(a) or _cjk(b)) and not _closes(b) and not _opens(a)
 
 
-_CLOSERS = "\"')]}»”’」』）】〕〉》"
-
-
-def _ends_sentence(tok: Token) -> bool:
-    """:attr:`Token.ends_sentence`, and the CJK full stop, ! and ?."""
-    text = tok.text.rstrip(_CLOSERS)
-    return tok.ends_sentence or (tok.is_punct and text.endswith(("。", "．", "！", "？", "｡")))
-
-
 def _pieces(chunk: Sequence[Token], w: int) -> list[tuple[list[Token], Fraction, Fraction]]:
     """``chunk`` (tokens written without spaces, and the tags before them)
     cut where a line may break (:func:`_can_break`): each piece's tokens,
@@ -341,7 +332,7 @@ def _units(tokens: Sequence[Token], style: TagStyle, vtt: bool) -> list[_Unit]:
             last = [t for t in piece if not t.is_tag]
             width = _width(visible)
             units.append(_Unit(markup, width, w0, w1,
-                               bool(last) and _ends_sentence(last[-1]), glued, width))
+                               bool(last) and last[-1].ends_sentence, glued, width))
             glued = True
         if len(units) > first + 1:
             units[first] = replace(

@@ -235,6 +235,10 @@ def lookup_tag(raw: str) -> TagSpec | None:
     return _LOOKUP.get(normalize_tag_name(raw))
 
 
+#: Closing quotes and brackets, which may follow a sentence's end.
+_CLOSERS = "\"')]}»”’」』）】〕〉》"
+
+
 class TokenKind(enum.Enum):
     WORD = "word"
     PUNCT = "punct"
@@ -284,12 +288,14 @@ class Token:
 
     @property
     def ends_sentence(self) -> bool:
-        """Punctuation that ends a sentence: ``.``, ``!``, ``?`` but not an
-        ellipsis (closing quotes and brackets after them are ignored)."""
+        """Punctuation that ends a sentence: ``.``, ``!``, ``?`` and the
+        Chinese and Japanese ``。！？｡．``, but not an ellipsis (closing
+        quotes and brackets after them, ``」`` too, are ignored)."""
         if not self.is_punct:
             return False
-        s = self.text.rstrip("\"')]}»”’")
-        return s.endswith(("!", "?")) or (s.endswith(".") and not s.endswith(".."))
+        s = self.text.rstrip(_CLOSERS)
+        return (s.endswith(("!", "?", "。", "！", "？", "｡"))
+                or (s.endswith((".", "．")) and not s.endswith(("..", "．．"))))
 
     def with_space(self, space_before: bool) -> Token:
         if space_before == self.space_before:
