@@ -9,7 +9,7 @@ as WebVTT requires and SRT players expect (finals that overlap, from a
 journal or another server, interleave; equal starts keep the order given,
 which callers make the segments'), SRT numbered as written. Each final is
 laid out in cues by :class:`CueLayout`, the usual subtitle practice: at
-most 42 columns a line (:func:`_width`: a CJK character or an emoji
+most 42 columns a line (:func:`.chars.display_width`: a CJK character or an emoji
 sequence takes 2, a combining mark none) and 2 lines a cue, a cue at most
 7 s and at least 5/6 s on screen (extended into the silence after it,
 never over the next cue, nor past ``until``, the end of the audio, when
@@ -90,7 +90,7 @@ class TagStyle(enum.Enum):
 @dataclass(frozen=True)
 class CueLayout:
     """Line and duration limits of caption cues; ``max_line_chars`` counts
-    display columns (:func:`_width`)."""
+    display columns (:func:`.chars.display_width`)."""
 
     max_line_chars: int = 42
     max_lines: int = 2
@@ -156,14 +156,6 @@ def _escape_srt(text: str) -> str:
     ``&`` that would start an ASS escape or an HTML entity, with or without
     its semicolon (``R&D`` and ``AT&T`` stay as they are)."""
     return _SRT_SEQUENCES.sub("\u2060", text.translate(_SRT_LOOKALIKES))
-
-
-def _width(text: str) -> int:
-    """Columns ``text`` takes on a line (:func:`.chars.display_width`): 2
-    for a wide or fullwidth (East Asian) character and for an emoji sequence
-    shown as one (ZWJ family, flag, skin tone, VS16), 0 for a combining
-    mark or a format character, 1 for the rest."""
-    return display_width(text)
 
 
 def _slug(name: str) -> str:
@@ -330,7 +322,7 @@ def _units(tokens: Sequence[Token], style: TagStyle, vtt: bool) -> list[_Unit]:
             if not visible:
                 continue
             last = [t for t in piece if not t.is_tag]
-            width = _width(visible)
+            width = display_width(visible)
             units.append(_Unit(markup, width, w0, w1,
                                bool(last) and last[-1].ends_sentence, glued, width))
             glued = True
