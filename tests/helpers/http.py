@@ -204,15 +204,18 @@ class Relay:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
                       ) -> None:
+        await self._relay(reader, writer)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     first: bytes = b"") -> None:
+        """Connect to the target, send it ``first`` (what this relay already
+        read of the client's bytes), then pass both directions on."""
         try:
             up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
         except OSError:
             writer.close()
             return
-        self._relay(reader, writer, up_r, up_w)
-
-    def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-               up_r: asyncio.StreamReader, up_w: asyncio.StreamWriter) -> None:
+        up_w.write(first)
         self._writers += [writer, up_w]
         for coro in (self.forward(reader, up_w), pipe(up_r, writer)):
             task = asyncio.create_task(coro)
@@ -260,13 +263,8 @@ class PrefixRelay(Relay):
                 await writer.drain()
             writer.close()
             return
-        try:
-            up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target)
-        except OSError:
-            writer.close()
-            return
-        up_w.write(f"{method} {target[len(self.prefix):]} {version}".encode("latin-1"))
-        self._relay(reader, writer, up_r, up_w)
+        await self._relay(reader, writer, f"{method} {target[len(self.prefix):]} {version}"
+                          .encode("latin-1"))
 
 
 class StallingRelay(Relay):
