@@ -2070,14 +2070,18 @@ def test_export_merged_to_a_name_too_long_is_one_error_line(tmp_path: Path) -> N
 
 
 # A model that takes long to load, and modules that take long to import:
-# each says so on stderr (the moment to press Ctrl-C), then waits.
+# each says so on stderr (the moment to press Ctrl-C), then waits, in short
+# sleeps as a load runs Python between its C calls. The kernel may hand a
+# Ctrl-C to another thread (a loaded machine, the main thread's signal
+# pending); Python then takes it at the main thread's next instruction, and
+# one sleep of 120 s had none: about 2 % of runs under load hung.
 _SLOW_LOAD = r"""
 import sys, time
 from evoxtral_stream import cli as cli_module
 from tests.helpers.model_loader import replace_model_loader
 def load(cfg):
     print("LOADING", file=sys.stderr, flush=True)
-    time.sleep(120)
+    for _ in range(1200): time.sleep(0.1)
 replace_model_loader(load)
 sys.exit(cli_module.main(sys.argv[1:]))
 """
@@ -2087,7 +2091,7 @@ class Slow(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name == "evoxtral_stream.engine.engine":
             print("IMPORTING", file=sys.stderr, flush=True)
-            time.sleep(120)
+            for _ in range(1200): time.sleep(0.1)
         return None
 sys.meta_path.insert(0, Slow())
 sys.argv[0] = "evoxtral-stream"
@@ -2153,7 +2157,7 @@ class SlowExec(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name == %r:
             print("LOADING", file=sys.stderr, flush=True)
-            exec("import time\ntime.sleep(120)")
+            exec("import time\nfor _ in range(1200): time.sleep(0.1)")
         return None
 sys.meta_path.insert(0, SlowExec())
 """
@@ -2198,12 +2202,12 @@ sys.exit(main())
 """
 # webrtcvad: "except PackageNotFoundError:" with that name not imported yet.
 _AS_WEBRTCVAD = """try:
-                time.sleep(120)
+                for _ in range(1200): time.sleep(0.1)
             except PackageNotFoundError:
                 pass"""
 # numpy's C code: an ImportError that keeps nothing of the KeyboardInterrupt.
 _AS_NUMPY = """try:
-                time.sleep(120)
+                for _ in range(1200): time.sleep(0.1)
             except KeyboardInterrupt:
                 failed = True
             if failed:
@@ -2211,7 +2215,7 @@ _AS_NUMPY = """try:
 # numpy's import_array(), in the C code of a module built on numpy's: the
 # KeyboardInterrupt goes to PyErr_Print (sys.excepthook), then an ImportError.
 _AS_IMPORT_ARRAY = """try:
-                time.sleep(120)
+                for _ in range(1200): time.sleep(0.1)
             except KeyboardInterrupt:
                 sys.excepthook(*sys.exc_info())
                 failed = True
@@ -2220,11 +2224,11 @@ _AS_IMPORT_ARRAY = """try:
 
 
 @pytest.mark.parametrize(("module", "wait"), [
-    ("asyncio", "time.sleep(120)"),
+    ("asyncio", "for _ in range(1200): time.sleep(0.1)"),
     ("importlib.metadata", _AS_WEBRTCVAD),
     ("numpy", _AS_NUMPY),
     ("numpy.linalg._umath_linalg", _AS_IMPORT_ARRAY),
-    ("evoxtral_stream.cli.transcribe", "time.sleep(120)")],
+    ("evoxtral_stream.cli.transcribe", "for _ in range(1200): time.sleep(0.1)")],
     ids=["stdlib", "another-error", "no-trace-left", "printed-by-c", "the-cli-package's-own"])
 def test_ctrl_c_while_any_module_imports_is_one_line_whatever_it_raises(
         module: str, wait: str) -> None:
