@@ -362,6 +362,28 @@ async def test_removals_due_after_an_outage_never_push_out_the_finals_it_kept(
     assert st.published == 21 + 1 + 3 + 20, st
 
 
+async def test_a_queue_of_one_still_removes_both_retained_messages_of_an_ended_stream(
+        mosquitto: MosquittoBroker) -> None:
+    """With queue_size = 1 the two removals of an ended stream (its status and
+    its last final) used to be queued at once into the empty queue, and the
+    second pushed the first out: the stream's stream.ended status stayed
+    retained for good. Now each is queued as the queue has room."""
+    cfg = mqtt_config(mosquitto.port, "q1", protocol="3.1.1", forget_ended_s=0.3,
+                      queue_size=1)
+    async with MqttPublisher(cfg) as pub:
+        await connected(pub)
+        for event in (StreamStarted("gone", "test"), caption("gone", 0, 1, True, "said"),
+                      StreamEnded("gone", 1.0, 1, 0)):
+            pub(event)
+            await eventually(lambda: pub.stats().queued == 0, "queue drained")
+        await eventually(lambda: pub.stats().published == 5, "both removals published")
+        st = pub.stats()
+    assert (st.dropped_finals, st.dropped_partials, st.failed) == (0, 0, 0), st
+    async with subscriber(mosquitto.port, "q1/#") as late:
+        got = await late.settle(1.0)
+    assert [topic(m) for m in got if topic(m) != "q1/status" and payload(m)] == [], got
+
+
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 async def test_an_engine_stopping_within_forget_ended_s_leaves_nothing_for_good(
         mosquitto: MosquittoBroker, protocol: str) -> None:

@@ -343,6 +343,9 @@ class MqttPublisher:
         # stream that ended within forget_ended_s. By level, not id: ids that
         # share one (a/b and a_b) share the retained messages too.
         self._forget: OrderedDict[str, float] = OrderedDict()
+        # The leaves (topics) of a due level in _forget already queued for
+        # removal, while the queue had no room for the rest.
+        self._clears_queued: dict[str, set[str]] = {}
         # Per status topic, the stream.started last published there, while no
         # stream.ended or removal has been published after it: sent again
         # after every reconnect (see _restate). Bounded by the live streams.
@@ -362,9 +365,11 @@ class MqttPublisher:
         self._backlog.push(item)
         if isinstance(event, StreamStarted):
             self._forget.pop(topic_level(event.stream), None)
+            self._clears_queued.pop(topic_level(event.stream), None)
         elif isinstance(event, StreamEnded) and self.cfg.forget_ended_s > 0:
             level = topic_level(event.stream)
             self._forget.pop(level, None)
+            self._clears_queued.pop(level, None)
             self._forget[level] = time.monotonic() + self.cfg.forget_ended_s
         self._wake.set()
         dropped = self._backlog.dropped_partials + self._backlog.dropped_finals
@@ -758,14 +763,22 @@ class MqttPublisher:
             leaves = ("status", "final") if self.cfg.retain_final else ("status",)
         while self._forget:
             level, due = next(iter(self._forget.items()))
-            if due > now or (self._backlog
-                             and len(self._backlog) + len(leaves) > self._backlog.size):
+            if due > now:
                 return
-            del self._forget[level]
+            queued = self._clears_queued.setdefault(level, set())
             for leaf in leaves:
+                if leaf in queued:
+                    continue
+                # One at a time: a queue of one has room for only one of a
+                # stream's removals, and the next would push it out.
+                if len(self._backlog) >= self._backlog.size:
+                    return
+                queued.add(leaf)
                 self._backlog.push(QueuedEvent(next(self._order), RetainedClear(level),
                                                f"{self.cfg.prefix}/{level}/{leaf}", 1, True,
                                                None))
+            del self._forget[level]
+            del self._clears_queued[level]
 
     async def _idle(self, lost: asyncio.Future[None]) -> None:
         self._wake.clear()
