@@ -117,6 +117,7 @@ class AdapterScriptedBackend(ScriptedBackend):
     """A scripted backend that can switch adapters: text is ``NAME: script``."""
 
     adapter_names = ("default", "rl", "none")
+    default_adapter = "default"
 
     def __init__(self, script: Callable[[npt.NDArray[np.float32]], str] | None = None) -> None:
         super().__init__(script)
@@ -156,7 +157,8 @@ class SteppingScriptedBackend(ScriptedBackend):
 
     Implements the SteppingBackend contract (admit/step/cancel/abort, one
     adapter per running batch) and JobBackend. Records, under ``lock``:
-    ``admitted`` (lengths per admit call), ``cancelled`` (lengths),
+    ``admitted`` (lengths per admit call), ``admitted_adapters`` (the jobs'
+    adapter names, likewise), ``cancelled`` (lengths),
     ``max_active`` and ``steps``. ``step_delay_s`` makes each step take
     time; ``fail_when`` applies to the one-call path as in ScriptedBackend;
     ``fail_steps`` lists step numbers (1-based, counted over the
@@ -166,6 +168,7 @@ class SteppingScriptedBackend(ScriptedBackend):
 
     name = "stepping-scripted"
     adapter_names = ("default", "rl", "none")
+    default_adapter = "default"
 
     def __init__(
         self,
@@ -186,6 +189,7 @@ class SteppingScriptedBackend(ScriptedBackend):
         self._rows: dict[Job, tuple[list[str], int]] = {}  # words, words done
         self._adapter: str | None = None
         self.admitted: list[list[int]] = []
+        self.admitted_adapters: list[list[str | None]] = []
         self.cancelled: list[int] = []
         self.adapters_together: list[set[str]] = []
         self.max_active = 0
@@ -213,6 +217,7 @@ class SteppingScriptedBackend(ScriptedBackend):
             raise RuntimeError("adapters mixed in one running batch")
         with self.lock:
             self.admitted.append([len(j.audio) for j in jobs])
+            self.admitted_adapters.append([j.adapter for j in jobs])
         done = []
         for job in jobs:
             words = self._script(job.audio).split()

@@ -22,7 +22,7 @@ from evoxtral_stream.events import (
 )
 from evoxtral_stream.run import LatencyLog, feed_samples
 from tests.engine.test_journal import talk
-from tests.fakes import GatedBackend, ScriptedBackend, words_so_far
+from tests.fakes import GatedBackend, ScriptedBackend, SteppingScriptedBackend, words_so_far
 from tests.speech import clipped_speech, have_espeak, speech_with_pauses
 
 pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
@@ -383,3 +383,24 @@ async def test_the_backlog_counts_follow_a_drain_that_drops_it() -> None:
             assert engine._backlog_of == {}
     finally:
         backend.release()
+
+
+async def test_a_stream_naming_the_default_adapter_asks_as_one_naming_none() -> None:
+    """A stream opened with the backend's default adapter by name ("default")
+    used to send requests named so beside other streams' None (the default
+    too). The worker keeps one adapter per running batch and compares names,
+    so when idle it admitted the two in separate rounds. Now the engine names
+    the default None, as check_language does for model.language; another
+    adapter keeps its name and an unknown one is still refused."""
+    backend = SteppingScriptedBackend(words_so_far)
+    audio, _ = speech_with_pauses(["Good evening and welcome."], pause_s=1.0)
+    async with Engine(load_config(), backend) as engine:
+        named = engine.open_stream("named", adapter="default")
+        assert engine.open_stream("rl", adapter="rl").adapter == "rl"
+        with pytest.raises(ValueError, match="unknown adapter 'nosuch'"):
+            engine.open_stream("bad", adapter="nosuch")
+        named.push(audio)
+        await named.close()
+        await engine.close_streams()
+    names = [name for admitted in backend.admitted_adapters for name in admitted]
+    assert names and set(names) == {None}

@@ -186,6 +186,11 @@ class Stream:
         """Finals waiting for the partial whose text they take (``reuse``)."""
 
     @property
+    def adapter(self) -> str | None:
+        """The adapter of this stream's requests (None: the backend's default)."""
+        return self.session.adapter
+
+    @property
     def language(self) -> str | None:
         """The language of this stream's requests (None: ``model.language``)."""
         return self.session.language
@@ -509,6 +514,20 @@ class Engine:
             return tuple(self.backend.adapter_names)
         return ()
 
+    def check_adapter(self, adapter: str | None) -> str | None:
+        """The adapter a stream asking for ``adapter`` gets: None (meaning the
+        backend's default) for None or the default's own name, so that the
+        worker, which keeps one adapter per running batch, sees one name for
+        it; else the name. Raises ValueError for one the backend lacks."""
+        if adapter is None:
+            return None
+        if adapter not in self.adapter_names:
+            known = ", ".join(self.adapter_names) or "none: the backend cannot switch adapters"
+            raise ValueError(f"unknown adapter {adapter!r} (known: {known})")
+        default = self.backend.default_adapter if isinstance(self.backend, AdapterBackend) \
+            else None
+        return None if adapter == default else adapter
+
     @property
     def languages(self) -> tuple[str, ...]:
         """Languages a stream may ask for besides ``model.language`` (empty:
@@ -532,8 +551,9 @@ class Engine:
     def open_stream(self, stream_id: str, source: str = "api",
                     adapter: str | None = None, language: str | None = None,
                     paced: bool = True) -> Stream:
-        """Open a stream; ``adapter`` picks one of :attr:`adapter_names`,
-        ``language`` one of :attr:`languages` (see :meth:`check_language`).
+        """Open a stream; ``adapter`` picks one of :attr:`adapter_names` (see
+        :meth:`check_adapter`), ``language`` one of :attr:`languages` (see
+        :meth:`check_language`).
         ``paced=False``: its audio comes faster than it plays (a file read as
         fast as the model allows), so its requests wait in the worker's
         queue by design and are not counted as the model lagging
@@ -547,10 +567,8 @@ class Engine:
             raise ValueError(problem)
         if stream_id in self._streams:
             raise ValueError(f"stream {stream_id!r} is already open")
-        if adapter is not None and adapter not in self.adapter_names:
-            known = ", ".join(self.adapter_names) or "none: the backend cannot switch adapters"
-            raise ValueError(f"unknown adapter {adapter!r} (known: {known})")
-        stream = Stream(self, stream_id, source, adapter, self.check_language(language), paced)
+        stream = Stream(self, stream_id, source, self.check_adapter(adapter),
+                        self.check_language(language), paced)
         self._streams[stream_id] = stream
         self._emit(StreamStarted(stream_id, source))
         return stream

@@ -148,6 +148,7 @@ def test_a_bfloat16_merge_rounds_each_weight_once(tiny: Tiny, tiny_cfg: VoxtralC
 def test_named_adapters_switch_at_run_time(tiny: Tiny, unmerged: VoxtralBackend) -> None:
     batch = audio_batch([3.0, 7.0], seed=6)
     assert set(unmerged.adapter_names) == {"default", "rl", NO_ADAPTER}
+    assert unmerged.default_adapter == "default"
     cases = {"rl": tiny.deltas_rl, NO_ADAPTER: None, "default": tiny.deltas}
     for name, deltas in cases.items():
         ref = logits(reference_model(tiny.base, deltas), unmerged, batch)

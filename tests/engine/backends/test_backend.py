@@ -93,6 +93,7 @@ def test_rejects_stereo(merged: VoxtralBackend) -> None:
 
 def test_merged_backend_has_one_adapter(merged: VoxtralBackend) -> None:
     assert merged.adapter_names == ("default",)
+    assert merged.default_adapter == "default"
     with pytest.raises(BackendError, match="unknown adapter 'rl'"):
         merged.transcribe(audio_batch([1.0]), adapters=["rl"])
     with pytest.raises(BackendError, match="adapter names"):

@@ -83,11 +83,15 @@ class AdapterBackend(Backend, Protocol):
     """A backend that can switch LoRA adapters per request.
 
     ``adapters`` names one adapter per array (``None``: the default one);
-    ``adapter_names`` lists the names it accepts.
+    ``adapter_names`` lists the names it accepts, ``default_adapter`` the
+    one of them that ``None`` means.
     """
 
     @property
     def adapter_names(self) -> tuple[str, ...]: ...
+
+    @property
+    def default_adapter(self) -> str: ...
 
     def transcribe(
         self,

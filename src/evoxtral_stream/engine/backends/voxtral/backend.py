@@ -427,6 +427,11 @@ class VoxtralBackend:
         return (*self.loaded.adapters, NO_ADAPTER)
 
     @property
+    def default_adapter(self) -> str:
+        """The adapter a request naming none gets."""
+        return self._default
+
+    @property
     def languages(self) -> tuple[str, ...]:
         """Codes a job may name as its language (:data:`.prompt.LANGUAGES`)."""
         return LANGUAGES
