@@ -760,6 +760,125 @@ async def test_serve_names_the_lines_of_streams_clients_send_beside_its_own(
     assert not any(line.startswith("desk ") for line in lines), out
 
 
+_HOST = "Good evening and welcome to the panel."
+_GUEST = "The weather is lovely today."
+_THIRD = "Please switch off the lights."
+
+
+def _multitrack(path: Path, *tracks: tuple[float, str | None], length_s: float,
+                rate: int = 48000) -> None:
+    """A float WAV at ``rate`` with one channel per track: ``text`` spoken
+    from ``at`` seconds (None: silence only), silence elsewhere."""
+    board = np.zeros((int(length_s * rate), len(tracks)), np.float32)
+    for ch, (at, text) in enumerate(tracks):
+        if text is not None:
+            voice = resample(speak(text), SAMPLE_RATE, rate).astype(np.float32) / 32768
+            board[int(at * rate):int(at * rate) + len(voice), ch] = voice
+    sf.write(path, board, rate, subtype="FLOAT")
+
+
+def _spoken_s(text: str) -> float:
+    return len(speak(text)) / SAMPLE_RATE
+
+
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+async def test_serve_a_multitrack_file_as_one_stream_per_channel(tmp_path: Path) -> None:
+    """A panel recorded host left, guest right (48 kHz), played with
+    ``audio.channels = [1, 2]`` split: streams ``panel-1`` and ``panel-2``,
+    each with its own speaker's words at that speaker's times, and
+    ``--exit-at-end`` waits for both to end. The file's channels used to be
+    mixed into one stream named after the file, whatever ``[audio]`` said."""
+    path = tmp_path / "recording.wav"
+    guest_at = 0.5 + _spoken_s(_HOST) + 1.0
+    _multitrack(path, (0.5, _HOST), (guest_at, _GUEST), length_s=guest_at + 4.0)
+    proc, url = _start_serve("--source", str(path), "--stream", "panel", "--exit-at-end",
+                             "--set", "audio.channels=[1, 2]",
+                             "--set", "audio.split_channels=true")
+    messages: list[dict[str, Any]] = []
+    try:
+        async with connect(f"{url}?since=panel-1:0,panel-2:0") as ws:
+            async for raw in ws:   # until serve closes it, having ended
+                messages.append(json.loads(raw))
+        assert await asyncio.to_thread(proc.wait, 60) == 0
+        out, _ = proc.communicate(timeout=10)
+    finally:
+        proc.kill()
+    finals: dict[str, list[dict[str, Any]]] = {}
+    for m in messages:
+        if m["type"] == "caption" and m["final"]:
+            finals.setdefault(m["stream"], []).append(m)
+    assert sorted(finals) == ["panel-1", "panel-2"], messages
+    host = " ".join(str(m["text"]) for m in finals["panel-1"]).lower()
+    guest = " ".join(str(m["text"]) for m in finals["panel-2"]).lower()
+    assert "welcome" in host and "lovely" not in host, host
+    assert "lovely" in guest and "welcome" not in guest, guest
+    # Each stream's own times: the guest's speech starts where the file has it.
+    assert finals["panel-1"][0]["start"] == pytest.approx(0.5, abs=0.4)
+    assert finals["panel-2"][0]["start"] == pytest.approx(guest_at, abs=0.4)
+    ended = [m["stream"] for m in messages if m["type"] == "stream.ended"]
+    assert sorted(ended) == ["panel-1", "panel-2"], messages
+    # Printed lines name their stream.
+    printed = [line.split(" [")[0] for line in out.splitlines()]
+    assert sorted(set(printed)) == ["panel-1", "panel-2"], out
+
+
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+@pytest.mark.parametrize(("channels", "heard", "unheard"), [
+    ("[3]", ["lights"], ["welcome", "lovely"]),
+    ("[1, 2]", ["welcome", "lovely"], ["lights"]),
+])
+def test_serve_a_file_captions_only_the_channels_listed(
+        tmp_path: Path, channels: str, heard: list[str], unheard: list[str]) -> None:
+    """``audio.channels`` picks a file's channels as it picks a device's:
+    ``[3]`` captions the third alone, ``[1, 2]`` mixes those two, as one
+    stream named after the file (lines unnamed). Every channel used to be
+    mixed in."""
+    path = tmp_path / "three.wav"
+    second = 0.5 + _spoken_s(_HOST) + 1.0
+    third = second + _spoken_s(_GUEST) + 1.0
+    _multitrack(path, (0.5, _HOST), (second, _GUEST), (third, _THIRD),
+                length_s=third + _spoken_s(_THIRD) + 2.0)
+    proc = cli("serve", "--port", "0", "--source", str(path), "--exit-at-end",
+               "--set", f"audio.channels={channels}")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout.lower()
+    assert all(line.startswith("[") for line in proc.stdout.splitlines()), proc.stdout
+    for word in heard:
+        assert word in text, proc.stdout
+    for word in unheard:
+        assert word not in text, proc.stdout
+
+
+@pytest.mark.parametrize(("source", "channels", "split", "has"), [
+    ("sample", "[2]", "false", 1),
+    ("stereo", "[1, 3]", "true", 2),
+])
+def test_serve_refuses_channels_a_file_lacks_before_loading_the_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        source: str, channels: str, split: str, has: int) -> None:
+    from evoxtral_stream import cli as main
+
+    if source == "stereo":
+        source = str(tmp_path / "stereo.wav")
+        sf.write(source, np.zeros((SAMPLE_RATE, 2), np.int16), SAMPLE_RATE)
+    name = sample_path().name if source == "sample" else "stereo.wav"
+
+    def no_model(*_: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(main.serve, "load_backend", no_model)
+    with pytest.raises(SystemExit) as exit_:
+        main.main(["serve", "--port", "0", "--source", source,
+                   "--set", f"audio.channels={channels}",
+                   "--set", f"audio.split_channels={split}"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("evoxtral-stream: error: audio.channels asks for channel "
+                             f"{channels[-2]}, but audio file "), err
+    assert err[0].endswith(f"{name} has {has} channel(s)"), err
+
+
 @pytest.mark.parametrize("hangup", [False, True])
 async def test_a_second_sigterm_while_the_model_is_busy_exits_one_without_crashing(
         hangup: bool) -> None:
@@ -1957,7 +2076,7 @@ async def test_a_sighup_during_the_shutdown_is_ignored(tmp_path: Path) -> None:
     cfg = _load_config(args)
     backend = _SlowLater()
     serving = asyncio.ensure_future(
-        _serve(args, cfg, backend, "sample", read_audio_file(sample_path())))
+        _serve(args, cfg, backend, "sample", {0: read_audio_file(sample_path())}))
     deadline = time.monotonic() + 30
     while True:
         try:

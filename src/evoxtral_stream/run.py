@@ -19,7 +19,8 @@ from .config import Config
 from .engine.engine import Engine, Stream, StreamSummary
 from .events import SAMPLE_RATE, CaptionEvent, EngineEvent, Int16Array
 
-__all__ = ["FileJob", "LatencyLog", "feed_samples", "final_text", "transcribe_samples"]
+__all__ = ["FileJob", "LatencyLog", "feed_samples", "final_text", "play_together",
+           "transcribe_samples"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,25 @@ async def feed_samples(
             await stream.wait_idle()
             await asyncio.sleep(0)
     return await stream.close()
+
+
+async def play_together(feeds: Sequence[tuple[Stream, Int16Array]],
+                        chunk_samples: int) -> list[StreamSummary]:
+    """Push each stream its samples at real-time pace, all on one clock: at
+    each step every stream gets the same stretch of time (the channels of one
+    recording stay in step), then close them all and wait for every final."""
+    if chunk_samples < 1:
+        raise ValueError(f"chunk_samples must be at least 1, got {chunk_samples}")
+    t0 = time.monotonic()
+    length = max((len(samples) for _, samples in feeds), default=0)
+    for at in range(0, length, chunk_samples):
+        for stream, samples in feeds:
+            chunk = samples[at:at + chunk_samples]
+            if len(chunk):
+                stream.push(chunk)
+        delay = t0 + min(at + chunk_samples, length) / SAMPLE_RATE - time.monotonic()
+        await asyncio.sleep(max(0.0, delay))
+    return list(await asyncio.gather(*(stream.close() for stream, _ in feeds)))
 
 
 class LatencyLog:

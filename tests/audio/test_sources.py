@@ -11,7 +11,12 @@ import numpy as np
 import pytest
 import soundfile as sf  # type: ignore[import-untyped,unused-ignore]
 
-from evoxtral_stream.audio.sources import AudioInputError, iter_chunks, read_audio_file
+from evoxtral_stream.audio.sources import (
+    AudioInputError,
+    iter_chunks,
+    read_audio_channels,
+    read_audio_file,
+)
 from evoxtral_stream.events import SAMPLE_RATE
 from tests.helpers.audio import HAVE_ESPEAK, dominant_frequency, espeak_wav, rms, sine
 
@@ -75,6 +80,39 @@ def test_a_long_file_is_converted_in_blocks_not_held_whole(tmp_path: Path) -> No
         tracemalloc.stop()
     np.testing.assert_array_equal(out, whole)
     assert peak < 4 * out.nbytes, f"peak {peak / 1e6:.1f} MB for {out.nbytes / 1e6:.1f} MB"
+
+
+def test_channels_of_a_file_are_read_apart_or_mixed_each_resampled_on_its_own(
+        tmp_path: Path) -> None:
+    """A 48 kHz 3-channel file, random noise on each (any leak would show):
+    each mix asked for equals the whole file's columns mixed and resampled
+    alone, every output as long as the others; ``()`` is every channel,
+    as :func:`read_audio_file` reads it. Long enough for several reads."""
+    from evoxtral_stream.audio.resample import float_to_int16, resample, to_mono
+
+    rate = 48000
+    x = np.random.default_rng(2).uniform(-0.5, 0.5, (3 * rate, 3)).astype(np.float32)
+    path = tmp_path / "three.wav"
+    sf.write(path, x, rate, subtype="FLOAT")
+    mixes = [(3,), (1,), (1, 2), (), (1, 2, 3)]
+    out = read_audio_channels(path, mixes)
+    for mix, got in zip(mixes, out, strict=True):
+        cols = [c - 1 for c in mix] or [0, 1, 2]
+        alone = float_to_int16(resample(np.ascontiguousarray(to_mono(x[:, cols])),
+                                        rate, SAMPLE_RATE))
+        np.testing.assert_array_equal(got, alone, err_msg=str(mix))
+    np.testing.assert_array_equal(out[3], read_audio_file(path))
+
+
+def test_a_channel_the_file_lacks_is_an_error_naming_the_option(tmp_path: Path) -> None:
+    path = tmp_path / "stereo.wav"
+    sf.write(path, np.zeros((SAMPLE_RATE, 2), np.int16), SAMPLE_RATE)
+    with pytest.raises(AudioInputError) as e:
+        read_audio_channels(path, [(1,), (3,)])
+    assert str(e.value) == (f"audio.channels asks for channel 3, but audio file {path} "
+                            "has 2 channel(s)")
+    with pytest.raises(ValueError, match="distinct"):
+        read_audio_channels(path, [(1, 1)])
 
 
 def test_mp3_decodes_where_libsndfile_supports_it(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Audio files (soundfile), decoded to mono int16 at
-:data:`~evoxtral_stream.events.SAMPLE_RATE`, and the error every audio input
-raises. The microphone is in :mod:`evoxtral_stream.audio.microphone`.
+:data:`~evoxtral_stream.events.SAMPLE_RATE` (every channel mixed, or mixes of
+the channels asked for), and the error every audio input raises. The
+microphone is in :mod:`evoxtral_stream.audio.microphone`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ import soundfile as sf  # type: ignore[import-untyped,unused-ignore]
 from evoxtral_stream.audio.resample import StreamResampler
 from evoxtral_stream.events import SAMPLE_RATE, Int16Array
 
-__all__ = ["AudioInputError", "iter_chunks", "read_audio_file"]
+__all__ = ["AudioInputError", "iter_chunks", "read_audio_channels", "read_audio_file"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,23 @@ def read_audio_file(path: str | os.PathLike[str]) -> Int16Array:
     A file damaged after some audio (a FLAC cut short) gives the audio
     before the damage, with a warning naming the file, as a WAV or OGG cut
     short gives its audio; damage before any audio is an error."""
+    return read_audio_channels(path, [()])[0]
+
+
+def read_audio_channels(path: str | os.PathLike[str], mixes: Sequence[Sequence[int]],
+                        channels_from: str = "audio.channels") -> list[Int16Array]:
+    """Decode ``path`` as :func:`read_audio_file` does, to one mono output
+    per entry of ``mixes``: the mix of those channels of the file, numbered
+    from 1 (``()``: all of them). The outputs are equally long, each
+    resampled on its own, from one pass over the file. A file with fewer
+    channels than the highest listed is an :class:`AudioInputError` that
+    says they come from ``channels_from``, raised before anything is
+    decoded."""
+    if not mixes:
+        raise ValueError("no channel mix asked for")
+    for mix in mixes:
+        if any(c < 1 for c in mix) or len(set(mix)) != len(mix):
+            raise ValueError(f"channels must be distinct numbers from 1, got {tuple(mix)}")
     p = Path(path)
     try:
         if not p.exists():
@@ -84,11 +102,16 @@ def read_audio_file(path: str | os.PathLike[str]) -> Int16Array:
                     raise AudioInputError(
                         f"audio file {p} says {f.samplerate} Hz, above the {MAX_FILE_RATE} "
                         "Hz of any audio recording (a damaged header?)")
-                parts, decoded, damage = _decode(f, None)
+                wanted = max((c for mix in mixes for c in mix), default=0)
+                if wanted > f.channels:
+                    raise AudioInputError(
+                        f"{channels_from} asks for channel {wanted}, but audio file {p} "
+                        f"has {f.channels} channel(s)")
+                parts, decoded, damage = _decode(f, mixes, None)
             if damage is not None:
                 parts = []
                 with sf.SoundFile(name) as f:
-                    parts, decoded, _ = _decode(f, decoded)
+                    parts, decoded, _ = _decode(f, mixes, decoded)
                 if decoded == 0:
                     raise damage
         if damage is not None:  # logged once stderr is stderr again
@@ -105,8 +128,8 @@ def read_audio_file(path: str | os.PathLike[str]) -> Int16Array:
         raise
     except Exception as e:  # soundfile raises assorted types (TypeError, RuntimeError...)
         raise AudioInputError(f"cannot decode audio file {p}: {e}") from None
-    out: Int16Array = np.concatenate(parts)
-    if len(out) == 0:
+    out: list[Int16Array] = [np.concatenate(blocks) for blocks in parts]
+    if len(out[0]) == 0:
         raise AudioInputError(f"audio file {p} contains no audio (zero samples)")
     return out
 
@@ -150,13 +173,20 @@ def _decoder_prints_logged(p: Path) -> Iterator[None]:
                     log.debug("audio file %s: decoder says: %s", p, line.strip())
 
 
-def _decode(f: sf.SoundFile, whole: int | None
-            ) -> tuple[list[Int16Array], int, sf.LibsndfileError | None]:
-    """Decode ``f`` to 16 kHz mono blocks until its end or a read that fails:
-    the blocks, the frames they hold and the failure. With ``whole`` (frames
+def _decode(f: sf.SoundFile, mixes: Sequence[Sequence[int]], whole: int | None
+            ) -> tuple[list[list[Int16Array]], int, sf.LibsndfileError | None]:
+    """Decode ``f`` to 16 kHz mono blocks, one list per mix of channels
+    (:func:`read_audio_channels`), until its end or a read that fails: the
+    blocks, the frames they hold and the failure. With ``whole`` (frames
     read before a failure), reads past it are small."""
-    convert = StreamResampler(int(f.samplerate), SAMPLE_RATE, int(f.channels))
-    parts: list[Int16Array] = []
+    rate, channels = int(f.samplerate), int(f.channels)
+    # None: every channel, the block as read (no copy of its columns).
+    columns = [None if not mix or list(mix) == list(range(1, channels + 1))
+               else [c - 1 for c in mix] for mix in mixes]
+    # One resampler per output: a filter's state never mixes two outputs.
+    converts = [StreamResampler(rate, SAMPLE_RATE, channels if cols is None else len(cols))
+                for cols in columns]
+    parts: list[list[Int16Array]] = [[] for _ in mixes]
     decoded = 0
     damage = None
     while True:
@@ -171,8 +201,10 @@ def _decode(f: sf.SoundFile, whole: int | None
         if not len(block):
             break
         decoded += len(block)
-        parts.append(convert.process(block))
-    parts.append(convert.flush())
+        for out, convert, cols in zip(parts, converts, columns, strict=True):
+            out.append(convert.process(block if cols is None else block[:, cols]))
+    for out, convert in zip(parts, converts, strict=True):
+        out.append(convert.flush())
     return parts, decoded, damage
 
 

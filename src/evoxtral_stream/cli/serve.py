@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from ..audio.microphone import ChannelRoute, usable_input_device
-from ..audio.sources import read_audio_file
+from ..audio.sources import read_audio_channels
 from ..config import Config, ConfigError
 from ..console import CaptionPrinter
 from ..data import sample_path
 from ..engine.backends import load_backend
 from ..engine.engine import Engine
-from ..events import SAMPLE_RATE, stream_id_problem
+from ..events import SAMPLE_RATE, Int16Array, stream_id_problem
 from ..server.app import CaptionServer, check_listen
 from ..systemd import Notifier, Snapshot, monotonic_usec, supervise
 from .exits import _exit_leaving_threads, _ignore_late_stops
@@ -57,19 +57,21 @@ def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
     _check_serving(cfg)
     check_listen(cfg.server.host, cfg.server.port)
     source: str = args.source
-    file_audio = None
+    file_audio: dict[int, Int16Array] | None = None
     if source == "mic":
         # Also before the model: no microphone is one line at once, not after a
         # minute of loading Voxtral. The capture resolves audio.device again as
         # it starts (and at each reopen of a device lost later).
         usable_input_device(cfg.audio.device, cfg.audio.channels)
-        for name in _mic_stream_ids(cfg, args.stream or "mic").values():
-            if problem := stream_id_problem(name):
-                raise UserError(f"cannot caption channels as stream {name!r}: {problem}")
+        _check_channel_stream_ids(cfg, args.stream or "mic")
     elif source != "none":
         path = sample_path() if source == "sample" else Path(source)
-        file_audio = read_audio_file(path)
         source = _file_stream_id(path)
+        _check_channel_stream_ids(cfg, args.stream or source)
+        # Also before the model: a file without the channels asked for.
+        mixes = _channel_mixes(cfg)
+        file_audio = dict(zip(mixes, read_audio_channels(path, list(mixes.values())),
+                              strict=True))
     notifier = Notifier.from_environ()
     try:
         if notifier is not None:
@@ -85,10 +87,14 @@ def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
 
 
 async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: str,
-                 file_audio: Any, hangups: _HeldHangups | None = None,
+                 file_audio: dict[int, Int16Array] | None,
+                 hangups: _HeldHangups | None = None,
                  notifier: Notifier | None = None) -> int:
+    """Serve until stopped: ``source`` is ``mic``, ``none`` or a file's
+    stream name, whose audio ``file_audio`` holds by channel as
+    :func:`_channel_mixes` keys it."""
     from ..audio.microphone import MicrophoneCapture
-    from ..run import feed_samples
+    from ..run import play_together
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -133,7 +139,8 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
             # Channels split into streams, or only clients' streams: each
             # line says whose it is. Else the source's lines are unnamed and
             # those of streams clients send name theirs.
-            several = source == "mic" and len(_mic_stream_ids(cfg, stream_id)) > 1
+            own = source == "mic" or file_audio is not None
+            several = own and len(_channel_stream_ids(cfg, stream_id)) > 1
             everyone = several or args.source == "none"
             engine.add_listener(CaptionPrinter(show_stream=everyone,
                                                own=None if everyone else stream_id))
@@ -142,7 +149,7 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
         mic: MicrophoneCapture | None = None
         if source == "mic":
             streams = {ch: engine.open_stream(name, source="mic")
-                       for ch, name in _mic_stream_ids(cfg, stream_id).items()}
+                       for ch, name in _channel_stream_ids(cfg, stream_id).items()}
 
             def mic_lost(message: str) -> None:
                 # End the open segments now: their finals must not wait for
@@ -152,15 +159,19 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
                         stream.cut()
                         stream.report_error("audio_input_lost", message)
 
-            routes = [ChannelRoute(s.push, (ch,) if ch else cfg.audio.channels)
-                      for ch, s in streams.items()]
+            mixes = _channel_mixes(cfg)
+            routes = [ChannelRoute(s.push, mixes[ch]) for ch, s in streams.items()]
             mic = MicrophoneCapture.from_config(cfg.audio, routes, on_stall=mic_lost)
             mic.start(loop)
             stack.callback(mic.stop)  # however this block is left, before the engine closes
         elif file_audio is not None:
-            stream = engine.open_stream(stream_id, source="file")
+            names = _channel_stream_ids(cfg, stream_id)
+            feeds = [(engine.open_stream(names[ch], source="file"), samples)
+                     for ch, samples in file_audio.items()]
             chunk = cfg.audio.file_chunk_ms * SAMPLE_RATE // 1000
-            feeder = asyncio.ensure_future(feed_samples(stream, file_audio, chunk, realtime=True))
+            # One clock for every channel's stream; the feeder ends once
+            # every one of them has its last final.
+            feeder = asyncio.ensure_future(play_together(feeds, chunk))
             if args.exit_at_end:
                 feeder.add_done_callback(lambda _: stop.set())
         await stop.wait()
@@ -231,13 +242,27 @@ async def _apply_reload(args: argparse.Namespace, running: list[Config],
                     "at a restart", "], [".join(later))
 
 
-def _mic_stream_ids(cfg: Config, stream_id: str) -> dict[int, str]:
-    """The microphone's streams by channel: one per channel of
-    ``audio.channels`` with ``audio.split_channels`` (``ID-N``), else
-    ``{0: ID}``, the channels mixed."""
+def _channel_mixes(cfg: Config) -> dict[int, tuple[int, ...]]:
+    """The source's streams by channel, each with the channels mixed into
+    it: one per channel of ``audio.channels`` with ``audio.split_channels``
+    (``{N: (N,)}``), else ``{0: audio.channels}``. ``()``, the default,
+    is the first two channels of a device and every channel of a file."""
     if cfg.audio.split_channels:
-        return {ch: f"{stream_id}-{ch}" for ch in cfg.audio.channels}
-    return {0: stream_id}
+        return {ch: (ch,) for ch in cfg.audio.channels}
+    return {0: cfg.audio.channels}
+
+
+def _channel_stream_ids(cfg: Config, stream_id: str) -> dict[int, str]:
+    """The names of :func:`_channel_mixes`' streams: ``ID-N`` for channel
+    N split off, ``ID`` for the mix."""
+    return {ch: f"{stream_id}-{ch}" if ch else stream_id for ch in _channel_mixes(cfg)}
+
+
+def _check_channel_stream_ids(cfg: Config, stream_id: str) -> None:
+    """Refuse a stream name that ``-N`` makes too long, before the model loads."""
+    for name in _channel_stream_ids(cfg, stream_id).values():
+        if problem := stream_id_problem(name):
+            raise UserError(f"cannot caption channels as stream {name!r}: {problem}")
 
 
 def _service_snapshot(engine: Engine, url: str) -> Snapshot:
