@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from evoxtral_stream.text.manifest import ManifestError, parse_manifest, read_manifest
 from evoxtral_stream.text.metrics import (
@@ -22,6 +25,7 @@ from evoxtral_stream.text.metrics import (
     tag_prf,
     utterance_wer,
 )
+from tests.text.samples import SCRIPTS
 
 
 def approx(prf: PRF) -> tuple[float, float, float]:
@@ -181,3 +185,55 @@ def test_manifest_lines_are_split_at_newlines_only() -> None:
     entries = parse_manifest(text)
     assert [e.text for e in entries] == refs
     assert [e.line for e in entries] == [1, 2, 3]
+
+
+def _word_edits(ref: list[str], hyp: list[str]) -> int:
+    """Word-level Levenshtein distance, written out here so the WER is checked
+    against a count that does not come from jiwer."""
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, start=1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, start=1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1]
+
+
+# Words, tags, CAPS and punctuation, joined by any whitespace: a reference
+# typed in an editor can hold newlines, tabs or no-break spaces between words.
+_WORDS = st.sampled_from(["Hello", "hello", "WORLD", "world", "it?", "don't", "—", "[laughs]",
+                          "[clears throat]", "[Pause]", "OK", "café", "x"])
+_SPACE = st.sampled_from([" ", "  ", "\n", "\t", "\r\n", "\u00a0", "\u2009", "\u3000"])
+_TEXT = st.lists(st.tuples(_SPACE, _WORDS), max_size=8).map(
+    lambda pieces: "".join(s + w for s, w in pieces))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_TEXT, _TEXT), max_size=5))
+@example([("Hello\nworld", "Hello world")])
+def test_wer_counts_words_between_any_whitespace(pairs: list[tuple[str, str]]) -> None:
+    """A word is what whitespace separates, as for any WER. jiwer splits at
+    spaces only: "Hello\\nworld" was one reference word, so the transcript
+    "Hello world" scored WER 2.0 (a substitution and an insertion). The
+    utterance WER is word edits over reference words, and the corpus WER all
+    edits over all reference words (references without words left out)."""
+    edits = words = 0
+    for ref, hyp in pairs:
+        r, h = strip_for_wer(ref).split(), strip_for_wer(hyp).split()
+        wer = utterance_wer(hyp, ref)
+        if r:
+            assert wer == pytest.approx(_word_edits(r, h) / len(r))
+            edits, words = edits + _word_edits(r, h), words + len(r)
+        else:
+            assert wer == 0.0
+    assert evaluate(pairs).corpus_wer == pytest.approx(edits / words if words else 0.0)
+
+
+def test_wer_text_of_single_spaced_scripts_is_the_seeds() -> None:
+    """The authors' scripts are single-spaced: on them the WER text is the
+    seed's formula, so the scores match the authors' numbers."""
+    def seed(text: str) -> str:
+        text = re.sub(r"\[[^\]]+\]\s*", "", text)
+        return re.sub(r"\b[A-Z]{2,}\b", lambda m: m.group(0).lower(), text).strip()
+
+    for script in SCRIPTS:
+        assert strip_for_wer(script) == seed(script)

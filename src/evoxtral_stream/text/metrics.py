@@ -12,7 +12,10 @@ Per sample (prediction against reference):
 - WER: tags removed with ``\\[[^\\]]+\\]\\s*``, words in CAPS
   (``\\b[A-Z]{2,}\\b``) lower cased, ends stripped, then jiwer's WER with no
   other normalisation (punctuation and case count). 0 when the reference
-  is empty after stripping.
+  is empty after stripping. One addition: every run of whitespace (a
+  newline, a tab, a no-break space) becomes one space, because jiwer splits
+  words at spaces only (``"Hello\\nworld"`` would be one word). The authors'
+  scripts are single-spaced, so their scores are the same.
 - Emphasis: the CAPS words (``\\b[A-Z]{2,}\\b``) lower cased, multiset
   precision/recall/F1 with the same edge cases as tags.
 
@@ -66,10 +69,11 @@ def extract_emphasis(text: str) -> list[str]:
 
 
 def strip_for_wer(text: str) -> str:
-    """The text WER is computed on: tags removed, CAPS words lower cased."""
+    """The text WER is computed on: tags removed, CAPS words lower cased,
+    words separated by single spaces (jiwer's only word separator)."""
     text = _TAG_STRIP.sub("", text)
     text = _CAPS.sub(lambda m: m.group(0).lower(), text)
-    return text.strip()
+    return " ".join(text.split())
 
 
 @dataclass(frozen=True)
