@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from evoxtral_stream.text.metrics import (
     extract_tags,
     format_comparison,
     format_table,
+    score_sample,
     strip_for_wer,
     tag_hallucination_rate,
     tag_prf,
@@ -237,3 +239,22 @@ def test_wer_text_of_single_spaced_scripts_is_the_seeds() -> None:
 
     for script in SCRIPTS:
         assert strip_for_wer(script) == seed(script)
+
+
+def test_canonically_equal_text_scores_as_equal() -> None:
+    """"café" typed as e + U+0301 (macOS, some editors) is the same text as
+    the precomposed é a model writes: it cost a word of WER, a tag and an
+    emphasis word. Every score reads NFC; the authors' scripts are NFC."""
+    nfd = unicodedata.normalize("NFD", "[Café] Un CAFÉ au lait, VRAIMENT.")
+    nfc = unicodedata.normalize("NFC", nfd)
+    assert nfd != nfc
+    for ref, hyp in ((nfd, nfc), (nfc, nfd)):
+        s = score_sample(ref, hyp)
+        assert s.wer == 0.0
+        assert s.tags == s.emphasis == PRF(1.0, 1.0, 1.0)
+        assert s.tag_hallucination_rate == 0.0
+    assert extract_tags(nfd) == ["café"]
+    # NFD "CAFE\u0301" matched as the CAPS word "cafe"; the seed's CAPS are
+    # A-Z only, so "CAFÉ" is none.
+    assert extract_emphasis(nfd) == ["vraiment"]
+    assert all(unicodedata.is_normalized("NFC", s) for s in SCRIPTS)

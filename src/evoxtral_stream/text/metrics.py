@@ -1,4 +1,5 @@
-"""Evaluation metrics, exactly as the Evoxtral authors compute them.
+"""Evaluation metrics as the Evoxtral authors compute them, and two
+normalisations (whitespace, NFC) that leave their scripts' scores as they are.
 
 Per sample (prediction against reference):
 
@@ -18,6 +19,9 @@ Per sample (prediction against reference):
   scripts are single-spaced, so their scores are the same.
 - Emphasis: the CAPS words (``\\b[A-Z]{2,}\\b``) lower cased, multiset
   precision/recall/F1 with the same edge cases as tags.
+- Every score reads the text in Unicode NFC, so canonically equal text
+  (``é`` as one character or as ``e`` and U+0301) is equal. The authors'
+  scripts are NFC, so their scores are the same.
 
 The report averages every per-sample score over the samples (the authors'
 numbers); it adds the corpus WER (all word errors over all reference words,
@@ -29,6 +33,7 @@ Pure functions; jiwer (the ``eval`` extra) is imported when WER is computed.
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -58,20 +63,26 @@ _TAG_STRIP = re.compile(r"\[[^\]]+\]\s*")
 _CAPS = re.compile(r"\b[A-Z]{2,}\b")
 
 
+def _nfc(text: str) -> str:
+    # An NFD "CAFE\u0301" would also match _CAPS as "CAFE": a combining mark
+    # is not a word character, so \b falls before it.
+    return unicodedata.normalize("NFC", text)
+
+
 def extract_tags(text: str) -> list[str]:
     """Tag names as the seed reads them: bracket content, lower cased."""
-    return [m.group(1).lower() for m in _TAG.finditer(text)]
+    return [m.group(1).lower() for m in _TAG.finditer(_nfc(text))]
 
 
 def extract_emphasis(text: str) -> list[str]:
     """CAPS-emphasised words, lower cased."""
-    return [m.group(0).lower() for m in _CAPS.finditer(text)]
+    return [m.group(0).lower() for m in _CAPS.finditer(_nfc(text))]
 
 
 def strip_for_wer(text: str) -> str:
     """The text WER is computed on: tags removed, CAPS words lower cased,
     words separated by single spaces (jiwer's only word separator)."""
-    text = _TAG_STRIP.sub("", text)
+    text = _TAG_STRIP.sub("", _nfc(text))
     text = _CAPS.sub(lambda m: m.group(0).lower(), text)
     return " ".join(text.split())
 
