@@ -3,7 +3,8 @@
 Streaming: every file goes through the live pipeline (segmenter, partials,
 merger), and its prediction is its finals joined in segment order. Offline:
 the same backend decodes each whole file in one call (30 s pieces for longer
-files, the model's window). Both are scored with the seed's metrics
+files, the model's window), and its text is normalised as a caption's is
+(canonical tags, single spaces). Both are scored with the seed's metrics
 (:mod:`evoxtral_stream.text.metrics`); the difference is what streaming
 costs.
 """
@@ -24,6 +25,7 @@ from .events import SAMPLE_RATE, Int16Array
 from .run import FileJob, LatencyLog, final_text, transcribe_samples
 from .text.manifest import ManifestEntry
 from .text.metrics import EvalReport, evaluate
+from .text.tags import normalize
 
 __all__ = ["EvalRun", "load_audio", "offline_predictions", "run_eval", "streaming_predictions"]
 
@@ -71,7 +73,8 @@ def offline_predictions(backend: Backend, audio: Sequence[Int16Array], max_batch
                         ) -> tuple[list[str], list[int]]:
     """One decode of each whole file (in 30 s pieces when longer, at most
     ``max_batch`` pieces per backend call, as the worker batches): the texts,
-    and the indexes of the files the backend failed on (logged; text "")."""
+    normalised as a caption's text is, and the indexes of the files the
+    backend failed on (logged; text "")."""
     out: list[str] = []
     failed: list[int] = []
     step = max(1, max_batch)
@@ -88,7 +91,9 @@ def offline_predictions(backend: Backend, audio: Sequence[Int16Array], max_batch
                       type(e).__name__, e)
             failed.append(n)
             texts = []
-        out.append(" ".join(t for t in texts if t))
+        # As the merger renders a final ([LAUGHTER] is [laughs]): scored raw,
+        # the tags the captions canonicalise would count as streaming's gain.
+        out.append(normalize(" ".join(t for t in texts if t)))
     return out, failed
 
 

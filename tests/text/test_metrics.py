@@ -27,6 +27,7 @@ from evoxtral_stream.text.metrics import (
     tag_prf,
     utterance_wer,
 )
+from tests.speech import have_espeak, speak
 from tests.text.samples import SCRIPTS
 
 
@@ -258,3 +259,27 @@ def test_canonically_equal_text_scores_as_equal() -> None:
     # A-Z only, so "CAFÉ" is none.
     assert extract_emphasis(nfd) == ["vraiment"]
     assert all(unicodedata.is_normalized("NFC", s) for s in SCRIPTS)
+
+
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+def test_the_offline_text_is_scored_with_the_captions_tags() -> None:
+    """A caption's tags are canonical ([LAUGHTER], (laughs), [Laughing] are
+    [laughs]); the offline pass scored the model's raw text, so
+    --compare-offline credited streaming with the tag F1 and WER of that
+    normalisation, not of streaming. The same model text now scores the same
+    both ways, and the files count as identical."""
+    from evoxtral_stream.config import load_config
+    from evoxtral_stream.evaluation import run_eval
+    from evoxtral_stream.text.manifest import ManifestEntry
+    from tests.fakes import ScriptedBackend
+
+    said = "(laughs) Hello [LAUGHTER]  there, *sighs* how are you [Laughing]"
+    ref = "[laughs] Hello [laughs] there, [sighs] how are you [laughs]"
+    run = run_eval(load_config(), ScriptedBackend(lambda a: said),
+                   [ManifestEntry(Path("hello.wav"), ref, 1)], [speak("Hello there, how are you")],
+                   compare_offline=True)
+    assert run.offline is not None and run.offline_texts is not None
+    assert run.streaming_texts == run.offline_texts == (ref,)
+    assert run.offline.metrics() == run.streaming.metrics()
+    assert run.streaming.tag_f1 == 1.0 and run.streaming.wer == 0.0
+    assert run.identical == 1
