@@ -4,7 +4,8 @@ Streaming: every file goes through the live pipeline (segmenter, partials,
 merger), and its prediction is its finals joined in segment order. Offline:
 the same backend decodes each whole file in one call (30 s pieces for longer
 files, the model's window), and its text is normalised as a caption's is
-(canonical tags, single spaces). Both are scored with the seed's metrics
+(canonical tags, single spaces). Both are scored, against the references
+normalised the same way, with the seed's metrics
 (:mod:`evoxtral_stream.text.metrics`); the difference is what streaming
 costs.
 """
@@ -120,16 +121,22 @@ async def streaming_predictions(cfg: Config, backend: Backend, audio: Sequence[I
 def run_eval(cfg: Config, backend: Backend, entries: Sequence[ManifestEntry],
              audio: Sequence[Int16Array], *, compare_offline: bool) -> EvalRun:
     """Score streaming (and, when asked, offline) predictions on ``entries``,
-    whose files are ``audio`` (:func:`load_audio`, before the model loads)."""
+    whose files are ``audio`` (:func:`load_audio`, before the model loads).
+
+    The references are scored as captions read (canonical tags): a caption
+    says ``[laughs]`` whatever the model wrote, so a reference's
+    ``[laughing]`` could never be matched. ``references`` keeps them as the
+    manifest wrote them."""
     refs = tuple(e.text for e in entries)
+    scored = [normalize(r) for r in refs]
     texts, failed = asyncio.run(streaming_predictions(cfg, backend, audio))
     streamed = tuple(texts)
-    report = evaluate(list(zip(refs, streamed, strict=True)))
+    report = evaluate(list(zip(scored, streamed, strict=True)))
     if not compare_offline:
         return EvalRun(refs, streamed, report, failed=tuple(failed))
     offline_texts, offline_failed = offline_predictions(backend, audio,
                                                         cfg.worker.max_batch)
     offline = tuple(offline_texts)
     return EvalRun(refs, streamed, report, offline,
-                   evaluate(list(zip(refs, offline, strict=True))),
+                   evaluate(list(zip(scored, offline, strict=True))),
                    tuple(sorted({*failed, *offline_failed})))

@@ -145,6 +145,9 @@ def test_manifest_parsing(tmp_path: Path) -> None:
     ('{"text": "x"}\n', '"audio" must be'),
     ('{"audio": "a.wav"}\n', '"text" must be'),
     ('{"audio": "a.wav", "text": " "}\n', 'line 1: "text" is empty'),
+    # Read as a caption (as eval scores it), this is nothing: controls and
+    # invisible format characters are dropped.
+    ('{"audio": "a.wav", "text": "\\u200e\\u00ad\\u001b"}\n', 'line 1: "text" is empty'),
     ("\n\n", "no entries"),
     # JSON escapes a lone surrogate, which is no text: eval used to decode the
     # whole manifest, then die writing the --json report (UnicodeEncodeError).
@@ -283,3 +286,29 @@ def test_the_offline_text_is_scored_with_the_captions_tags() -> None:
     assert run.offline.metrics() == run.streaming.metrics()
     assert run.streaming.tag_f1 == 1.0 and run.streaming.wer == 0.0
     assert run.identical == 1
+
+
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+def test_a_model_that_says_the_reference_scores_perfectly_whatever_its_tag_spelling() -> None:
+    """A reference written with [Laughing], (laughs) or *sighs* could never be
+    matched: the captions always say [laughs] and [sighs], so a model saying
+    the reference word for word scored tag F1 0 and WER above 0. The
+    reference is read as a caption is; the seed's scripts are already in
+    that form (see test_wer_text_of_single_spaced_scripts_is_the_seeds)."""
+    from evoxtral_stream.config import load_config
+    from evoxtral_stream.evaluation import run_eval
+    from evoxtral_stream.text.manifest import ManifestEntry
+    from evoxtral_stream.text.tags import normalize
+    from tests.fakes import ScriptedBackend
+
+    ref = "[Laughing] Hello  there, *sighs* how are you (laughs)"
+    run = run_eval(load_config(), ScriptedBackend(lambda a: ref),
+                   [ManifestEntry(Path("hello.wav"), ref, 1)], [speak("Hello there, how are you")],
+                   compare_offline=True)
+    assert run.offline is not None
+    for report in (run.streaming, run.offline):
+        assert report.metrics() == pytest.approx(
+            {**{k: 1.0 for k in report.metrics()}, "wer": 0.0, "corpus_wer": 0.0,
+             "tag_hallucination_rate": 0.0})
+    assert run.references == (ref,)  # as the manifest says it
+    assert all(normalize(s) == s for s in SCRIPTS)

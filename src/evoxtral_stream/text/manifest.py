@@ -1,7 +1,9 @@
 """Evaluation manifests: JSON lines of ``{"audio": path, "text": tagged reference}``.
 
 Blank lines are skipped; ``tagged_text`` is accepted for ``text`` (the field
-name of the Evoxtral scripts), which must not be empty or blank. A relative
+name of the Evoxtral scripts), which must not be empty or blank once read as
+a caption is (:func:`~.tags.normalize`, which drops control and invisible
+format characters: eval scores it so). A relative
 audio path is relative to the manifest's folder. Errors are
 :class:`ManifestError` with one line naming the file, the line and what to
 fix.
@@ -12,6 +14,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+
+from .tags import normalize
 
 __all__ = ["ManifestEntry", "ManifestError", "parse_manifest", "read_manifest"]
 
@@ -56,7 +60,7 @@ def parse_manifest(text: str, *, base_dir: Path | None = None,
             raise ManifestError(f'{where}: "audio" must be a non-empty path string')
         if not isinstance(ref, str):
             raise ManifestError(f'{where}: "text" must be the tagged reference string')
-        if not ref.strip():
+        if not normalize(ref):
             # Nothing to score against: every prediction would get WER 0
             # and perfect tag scores. Most likely a transcript gone missing.
             raise ManifestError(f'{where}: "text" is empty, so nothing could be scored '
