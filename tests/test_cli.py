@@ -1778,6 +1778,30 @@ def test_hash_token_of_bytes_that_are_not_utf8_is_one_line() -> None:
     assert ok.stdout.decode() == hash_token("s3cret") + "\n", ok.stderr
 
 
+def test_hash_token_works_beside_a_config_whose_token_entry_is_still_a_placeholder(
+        tmp_path: Path) -> None:
+    """hash-token loaded the config (--config, or $EVOXTRAL_CONFIG as a
+    service's environment sets it) and stopped on its errors: a
+    [[auth.tokens]] entry with the placeholder hash of the README's example,
+    or the token itself pasted there, refused the one command that makes the
+    hash to put there ("print it with `evoxtral-stream hash-token`")."""
+    conf = tmp_path / "evoxtral.toml"
+    conf.write_text('[[auth.tokens]]\nname = "studio"\nhash = "sha256:..."\n'
+                    'roles = ["ingest"]\n')
+    for args, env in ((["--config", str(conf)], {}), ([], {"EVOXTRAL_CONFIG": str(conf)})):
+        proc = subprocess.run([sys.executable, "-m", "evoxtral_stream", "hash-token", *args],
+                              input="s3cret\n", capture_output=True, text=True, timeout=60,
+                              env={**os.environ, **env})
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == hash_token("s3cret") + "\n"
+    # A config it can read still sets how its errors are told.
+    conf.write_text('[logging]\nformat = "json"\n')
+    proc = subprocess.run([sys.executable, "-m", "evoxtral_stream", "hash-token", "--config",
+                           str(conf)], input="\n", capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert json.loads(proc.stderr.splitlines()[-1])["msg"].endswith("got an empty line")
+
+
 @pytest.mark.parametrize(("stdin", "why"), [
     (" s3cret\n", "starts or ends with blanks"), ("s3cret \t\n", "starts or ends with blanks"),
     ("one\ntwo\n", "more lines followed"),

@@ -36,9 +36,10 @@ try:
     watch_ctrl_c()
     import threading
     from collections.abc import Sequence
+    from dataclasses import replace
 
     from ..audio.sources import AudioInputError
-    from ..config import ConfigError, LoggingConfig
+    from ..config import ConfigError, LoggingConfig, load_config
     from ..engine.backends import BackendUnavailable
     from .exits import (
         EXIT_STDOUT_CLOSED,
@@ -67,6 +68,12 @@ except BaseException as e:
 
 __all__ = ["main"]
 
+#: Commands that use nothing of the config but its logging, and so run on
+#: the built-in defaults when it does not load: hash-token makes the hash
+#: that a [[auth.tokens]] entry still lacks (a placeholder, or the token
+#: pasted there), the very error its config would stop it on.
+_WITHOUT_CONFIG = frozenset({"hash-token"})
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv``; its exit status. Without ``argv`` this
@@ -87,7 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "eval": _cmd_eval, "export-merged": _cmd_export_merged,
                     "hash-token": _cmd_hash_token, "config": _cmd_config}
         try:
-            cfg = _load_config(args)
+            try:
+                cfg = _load_config(args)
+            except ConfigError:
+                if args.command not in _WITHOUT_CONFIG:
+                    raise
+                # The built-in defaults, logging as the flags say.
+                cfg = replace(load_config(env={}), logging=flag_logs)
             if cfg.logging != logs:
                 _setup_logging(cfg.logging)
                 logs = cfg.logging
