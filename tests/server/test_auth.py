@@ -8,7 +8,7 @@ import io
 import json
 import logging
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -248,7 +248,17 @@ def test_token_entries_load_with_defaults() -> None:
     ("not a ws://HOST:PORT URL: 'ftp://ann:s3cr3t@h'", "not a ws://HOST:PORT URL: 'ftp://ann:***@h'"),
     ("wss://ann:it's@s3cr3t@h/x?y=1", "wss://ann:***@h/x?y=1"),
     ("ws://s3cr3t@h isn't a valid URI", "ws://***@h isn't a valid URI"),
+    # websockets' error for a header it cannot parse quotes the value, or the
+    # line, without naming the header: any may be an Authorization one (a
+    # token file with Windows line ends leaves a CR in curl's header).
+    ("ValueError: invalid HTTP header value: Bearer s3cr3t\r",
+     "ValueError: invalid HTTP header value: ***"),
+    ("ValueError: invalid HTTP header value: Bearer s3\x01cr3t\nnext line",
+     "ValueError: invalid HTTP header value: ***\nnext line"),
+    ("ValueError: invalid HTTP header line: Authorization Bearer s3cr3t",
+     "ValueError: invalid HTTP header line: ***"),
     # Nothing to redact: unchanged.
+    ("ValueError: invalid HTTP header name: X Y", "ValueError: invalid HTTP header name: X Y"),
     ("< Host: 127.0.0.1:8765", "< Host: 127.0.0.1:8765"),
     ("mail ann@example.org at ws://h:1/a@b", "mail ann@example.org at ws://h:1/a@b"),
     ("< GET /v1/captions?stream=token HTTP/1.1", "< GET /v1/captions?stream=token HTTP/1.1"),
@@ -423,6 +433,51 @@ async def test_a_token_that_is_not_ascii_gets_in_only_by_the_query_or_a_latin1_h
         with pytest.raises(InvalidHeaderValue):
             async with connect(url, additional_headers={"Authorization": "Bearer s€cret"}):
                 pass
+
+
+@contextlib.contextmanager
+def websockets_debug_log() -> Iterator[io.StringIO]:
+    """What websockets logs at DEBUG (as ``--debug`` has it), through a
+    redacting handler, as the command line installs it."""
+    logger = logging.getLogger("websockets")
+    saved = logger.handlers, logger.propagate, logger.level
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    install_token_redaction([handler])
+    logger.handlers, logger.propagate = [handler], False
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield buf
+    finally:
+        logger.handlers, logger.propagate = saved[0], saved[1]
+        logger.setLevel(saved[2])
+
+
+async def test_a_token_in_a_header_the_server_cannot_parse_stays_out_of_the_debug_log(
+) -> None:
+    """A token file with Windows line ends (curl -H "Authorization: Bearer
+    $(cat token.txt)") leaves a CR in the header's value: websockets drops
+    the request and logs, at DEBUG, a traceback ending in "invalid HTTP
+    header value: Bearer TOKEN", a message without the header's name, which
+    the redaction did not recognise: the whole token in the log."""
+    async with running() as (_, server):
+        with websockets_debug_log() as log:
+            for header in (f"Authorization: Bearer {ADMIN}\r".encode(),
+                           f"Authorization Bearer {ADMIN}".encode()):
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(b"GET /v1/captions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                             + header + b"\r\n\r\n")
+                # No answer: the server closes the connection, then logs why.
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+                writer.close()
+            for _ in range(100):
+                if log.getvalue().count("invalid HTTP header") == 2:
+                    break
+                await asyncio.sleep(0.05)
+        text = log.getvalue()
+        assert "invalid HTTP header value: ***" in text, text
+        assert "invalid HTTP header line: ***" in text, text
+        assert ADMIN not in text, text
 
 
 async def test_page_healthz_and_readyz_stay_open() -> None:

@@ -486,6 +486,12 @@ _QUERY_KEY = "".join(f"(?:{c}|%{ord(c):02x}|%{ord(c.upper()):02x})" for c in "to
 _QUERY = re.compile(r"(?P<head>[?&#]" + _QUERY_KEY + r"=)"
                     r"(?P<secret>(?:(?!" + _CLOSING_QUOTE + r")[^&#\s])+)", re.IGNORECASE)
 
+# websockets' error for a header line it cannot parse (a control character in
+# the value: a token file with Windows line ends leaves a CR in curl's header;
+# no colon) quotes the value or the line, but not the header's name: any of
+# them may be an Authorization value, so each is secret to the end of its line.
+_HEADER_ERROR = re.compile(r"(?P<head>invalid HTTP header (?:value|line): )(?P<secret>[^\n]+)",
+                           re.IGNORECASE)
 
 # The userinfo of a URL (``ws://user:password@host``), which websockets sends
 # as HTTP Basic auth: the password, up to the last ``@`` before the path (a
@@ -504,11 +510,12 @@ def redact_tokens(text: str) -> str:
     ``evoxtral.token.`` (or OpenAI's ``openai-insecure-api-key.``) of a
     subprotocol, ``token=`` query (and fragment) values, and the password of a URL's
     ``user:password@`` (a user name alone too); a quote that closes a quoted
-    URL or name stays (``got '...?token=***'``). Errs on the side of
+    URL or name stays (``got '...?token=***'``); so does the whole value
+    that websockets quotes when it cannot parse a header. Errs on the side of
     redacting: prose such as ``Authorization: Bearer TOKEN`` is redacted as
     well.
     """
-    for pattern in (_AUTH_LINE, _AUTH_INLINE, _SUBPROTOCOL, _QUERY):
+    for pattern in (_HEADER_ERROR, _AUTH_LINE, _AUTH_INLINE, _SUBPROTOCOL, _QUERY):
         text = pattern.sub(lambda m: m["head"] + REDACTED, text)
     return _USERINFO.sub(lambda m: m["head"] + REDACTED + "@", text)
 
