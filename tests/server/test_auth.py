@@ -248,6 +248,17 @@ def test_token_entries_load_with_defaults() -> None:
     ("not a ws://HOST:PORT URL: 'ftp://ann:s3cr3t@h'", "not a ws://HOST:PORT URL: 'ftp://ann:***@h'"),
     ("wss://ann:it's@s3cr3t@h/x?y=1", "wss://ann:***@h/x?y=1"),
     ("ws://s3cr3t@h isn't a valid URI", "ws://***@h isn't a valid URI"),
+    # On a Sec-WebSocket-Protocol line, a carrier's value runs to the comma
+    # that ends it in the list (the server splits the header there), blanks
+    # included: a token with blanks offered this way (no browser can) fails
+    # the handshake, and websockets' error quotes the header too.
+    ("< Sec-WebSocket-Protocol: evoxtral.token.s3cr3t with blanks, more",
+     "< Sec-WebSocket-Protocol: evoxtral.token.***, more"),
+    ("< Sec-WebSocket-Protocol: evoxtral.token.a s3cr3t, openai-insecure-api-key.s3cr3t k",
+     "< Sec-WebSocket-Protocol: evoxtral.token.***, openai-insecure-api-key.***"),
+    ("InvalidHeaderFormat: invalid Sec-WebSocket-Protocol header: expected comma at 18 in "
+     "evoxtral.token.a s3cr3t", "InvalidHeaderFormat: invalid Sec-WebSocket-Protocol header: "
+     "expected comma at 18 in evoxtral.token.***"),
     # websockets' error for a header it cannot parse quotes the value, or the
     # line, without naming the header: any may be an Authorization one (a
     # token file with Windows line ends leaves a CR in curl's header).
@@ -478,6 +489,28 @@ async def test_a_token_in_a_header_the_server_cannot_parse_stays_out_of_the_debu
         assert "invalid HTTP header value: ***" in text, text
         assert "invalid HTTP header line: ***" in text, text
         assert ADMIN not in text, text
+
+
+async def test_a_subprotocol_token_with_blanks_stays_out_of_the_debug_log() -> None:
+    """A token with blanks (hash-token takes them) offered as a subprotocol,
+    from a client that is not a browser: the server reads the offer up to its
+    comma, as the token, while the redaction stopped at the first blank, in
+    the header's DEBUG line and in websockets' error when it then refused
+    the header (no subprotocol name holds a blank): the token's tail in the log."""
+    spaced = "s3cr3t with blanks"
+    tokens = [*TOKENS, {"name": "spaced", "hash": hash_token(spaced), "roles": ["subscribe"]}]
+    async with running(**{"auth.tokens": tokens}) as (_, server):
+        with websockets_debug_log() as log:
+            header = f"Sec-WebSocket-Protocol: evoxtral.token.{spaced}, other".encode()
+            assert await handshake_status(server.port, header) == 400
+            for _ in range(100):
+                if "InvalidHeaderFormat" in log.getvalue():
+                    break
+                await asyncio.sleep(0.05)
+        text = log.getvalue()
+        assert "< Sec-WebSocket-Protocol: evoxtral.token.***, other" in text, text
+        assert "in evoxtral.token.***, other" in text, text
+        assert "blanks" not in text, text
 
 
 async def test_page_healthz_and_readyz_stay_open() -> None:

@@ -477,6 +477,15 @@ _SUBPROTOCOL = re.compile(r"(?P<head>(?:" + re.escape(SUBPROTOCOL_PREFIX)
                           + r"|" + re.escape(OPENAI_KEY_PREFIX) + r"))"
                           r"(?P<secret>(?:(?!" + _CLOSING_QUOTE + r")[^\s,\"])+)",
                           re.IGNORECASE)
+# On a line that names the Sec-WebSocket-Protocol header (websockets logs the
+# header, and quotes it in its error when it refuses it), a carrier's value
+# runs to the comma that ends it in the list, blanks included, as the server
+# splits the header (app.py): a token with blanks offered so (no browser can)
+# is what the server checked, and the rest of the line is more of it.
+_PROTOCOL_LINE = re.compile(r"^[^\n]*sec-websocket-protocol[^\n]*", re.IGNORECASE | re.MULTILINE)
+_PROTOCOL_ITEM = re.compile(r"(?P<head>(?:" + re.escape(SUBPROTOCOL_PREFIX)
+                            + r"|" + re.escape(OPENAI_KEY_PREFIX) + r"))"
+                            r"(?P<secret>[^,\r]*?)(?=[ \t]*(?:,|\r|$))", re.IGNORECASE)
 # The query carrier, in a request line or a URL: up to the next parameter.
 # The server percent-decodes query keys (``?%74oken=`` is ``?token=``), so
 # every spelling of the key that decodes to ``token`` is matched. The page's
@@ -508,13 +517,16 @@ def redact_tokens(text: str) -> str:
     Covers the three carriers: ``Authorization`` values of any scheme (the
     scheme is kept; ``Proxy-Authorization`` too; any case), the part after
     ``evoxtral.token.`` (or OpenAI's ``openai-insecure-api-key.``) of a
-    subprotocol, ``token=`` query (and fragment) values, and the password of a URL's
+    subprotocol (on a ``Sec-WebSocket-Protocol`` line, up to its comma, blanks
+    included), ``token=`` query (and fragment) values, and the password of a URL's
     ``user:password@`` (a user name alone too); a quote that closes a quoted
     URL or name stays (``got '...?token=***'``); so does the whole value
     that websockets quotes when it cannot parse a header. Errs on the side of
     redacting: prose such as ``Authorization: Bearer TOKEN`` is redacted as
     well.
     """
+    text = _PROTOCOL_LINE.sub(
+        lambda line: _PROTOCOL_ITEM.sub(lambda m: m["head"] + REDACTED, line[0]), text)
     for pattern in (_HEADER_ERROR, _AUTH_LINE, _AUTH_INLINE, _SUBPROTOCOL, _QUERY):
         text = pattern.sub(lambda m: m["head"] + REDACTED, text)
     return _USERINFO.sub(lambda m: m["head"] + REDACTED + "@", text)
