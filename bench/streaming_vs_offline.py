@@ -41,6 +41,7 @@ from evoxtral_stream.engine.backends.base import Done, Job, JobBackend
 from evoxtral_stream.evaluation import load_audio, offline_predictions, streaming_predictions
 from evoxtral_stream.text.manifest import read_manifest
 from evoxtral_stream.text.metrics import Comparison, compare, evaluate, format_comparison
+from evoxtral_stream.text.tags import normalize
 
 
 class Timed:
@@ -125,7 +126,8 @@ def main() -> None:
         entries = read_manifest(manifest)
         audio = load_audio(entries)
         backend = load_backend(base.model)
-        refs = [e.text for e in entries]
+        # Scored as `eval` scores them: as captions read (canonical tags).
+        refs = [normalize(e.text) for e in entries]
         t0 = time.monotonic()
         offline_texts, failed = offline_predictions(backend, audio)
         if failed:
