@@ -105,3 +105,35 @@ async def test_head_has_no_body_and_other_methods_are_not_allowed(
                 f"{method} {path} HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")
             assert answer.startswith(b"HTTP/1.1 405 "), (method, path, answer)
             assert b"\r\nAllow: GET, HEAD\r\n" in answer
+
+
+async def test_metrics_need_a_token_for_every_stream() -> None:
+    """/metrics reports on every stream. An admin token limited to some
+    streams used to get 403 "name them with ?stream=ID", and then the whole
+    metrics for any ?stream= its patterns matched, as if that limited them.
+    Now such a token is refused whatever it names, saying why; an admin
+    token for every stream reads them, ?stream= or not."""
+    cfg = load_config(overrides={
+        "server.port": 0,
+        "auth.tokens": [{"name": "root", "hash": hash_token("adm"), "roles": ["admin"]},
+                        {"name": "studio", "hash": hash_token("std"), "roles": ["admin"],
+                         "streams": ["studio-*"]}]}, env={})
+
+    def get(path: str, token: str) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=5)
+        try:
+            conn.request("GET", path, headers={"Authorization": f"Bearer {token}"})
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as served:
+        for path in ("/metrics", "/metrics?stream=studio-1"):
+            status, body = await asyncio.to_thread(get, path, "std")
+            assert status == 403, (path, body)
+            assert body == (b"token studio is limited to streams studio-*: /metrics "
+                            b"reports on every stream\n"), body
+            status, body = await asyncio.to_thread(get, path, "adm")
+            assert status == 200 and b"evoxtral_" in body, (path, body)

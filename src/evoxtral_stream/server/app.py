@@ -496,7 +496,9 @@ class CaptionServer:
         credentials = find_credentials(single["Authorization"], offered,
                                        query.get("token", []), openai_key=path == _REALTIME)
         decision = self._policy.authorize(
-            _ROLES[path], _requested_streams(path, query), credentials,
+            # /metrics reports on every stream, whatever ?stream= names.
+            _ROLES[path], None if path == "/metrics" else _requested_streams(path, query),
+            credentials,
             # The page's plain GET asking why its socket failed carries no
             # Origin (same-origin); it names its origin instead. A client can
             # only be refused by naming one, never let in.

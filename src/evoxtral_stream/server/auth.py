@@ -195,13 +195,15 @@ class AccessPolicy:
                 found = entry
         return found
 
-    def authorize(self, role: Role, streams: Sequence[str], credentials: Credentials, *,
-                  origin: str | None = None, host: str | None = None) -> Grant | Refusal:
+    def authorize(self, role: Role, streams: Sequence[str] | None, credentials: Credentials,
+                  *, origin: str | None = None, host: str | None = None) -> Grant | Refusal:
         """Grant or refuse a connection asking for ``role`` on ``streams``.
 
         ``streams`` are the stream ids named in the request; none means "all"
         for a subscriber and "a name the server picks" for ingest, which a
-        token limited by stream patterns may not ask for. ``origin`` is the
+        token limited by stream patterns may not ask for. ``None``: the
+        request reports on every stream whatever it names (``/metrics``),
+        which such a token may not read either. ``origin`` is the
         ``Origin`` header (sent by browsers only), ``host`` the ``Host`` header
         (see the class doc for which origins pass).
         """
@@ -234,12 +236,16 @@ class AccessPolicy:
             return Refusal(401, f"token {token.name or '(unnamed)'} was revoked")
         return self._check(entry, role, streams)
 
-    def _check(self, entry: AuthTokenConfig, role: Role, streams: Sequence[str]
+    def _check(self, entry: AuthTokenConfig, role: Role, streams: Sequence[str] | None
                ) -> Grant | Refusal:
         """``entry``'s roles and stream patterns against the request."""
         if role not in entry.roles and "admin" not in entry.roles:
             return Refusal(403, f"token {entry.name or '(unnamed)'} lacks the {role} role")
         if "*" not in entry.streams:
+            if streams is None:
+                return Refusal(403, f"token {entry.name or '(unnamed)'} is limited to streams "
+                                    f"{', '.join(entry.streams)}: /metrics reports on every "
+                                    "stream")
             if not streams:
                 return Refusal(403, f"token {entry.name or '(unnamed)'} is limited to streams "
                                     f"{', '.join(entry.streams)}: name them with ?stream=ID")
