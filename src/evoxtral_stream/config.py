@@ -769,6 +769,10 @@ class AuthConfig:
     tokens: tuple[AuthTokenConfig, ...]
 
     def __post_init__(self) -> None:
-        hashes = [t.hash for t in self.tokens]
-        if len(set(hashes)) != len(hashes):
-            raise ConfigError("auth.tokens lists the same token hash twice")
+        first: dict[str, int] = {}
+        for n, t in enumerate(self.tokens):
+            if (m := first.setdefault(t.hash, n)) != n:
+                def entry(i: int) -> str:
+                    return f"entry {i + 1} ({self.tokens[i].name or 'unnamed'})"
+                raise ConfigError(f"auth.tokens lists the same token hash twice: {entry(m)} "
+                                  f"and {entry(n)}; each entry needs a token of its own")

@@ -193,6 +193,17 @@ def test_token_entries_load_with_defaults() -> None:
         load_config(overrides={"auth.tokens": TOKENS[:1] * 2}, env={})
 
 
+def test_two_entries_with_one_hash_are_named() -> None:
+    """The error said only "the same token hash twice": with many entries the
+    user had to find the pair. Now it names them, by place and name."""
+    twin = {"hash": hash_token(SUB), "roles": ["admin"]}
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides={"auth.tokens": [*TOKENS, twin]}, env={})
+    assert str(e.value) == (
+        f"auth.tokens lists the same token hash twice: entry 1 (viewer) and entry "
+        f"{len(TOKENS) + 1} (unnamed); each entry needs a token of its own")
+
+
 # --- tokens out of logs --------------------------------------------------------------
 
 
