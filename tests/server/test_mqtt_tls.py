@@ -449,7 +449,8 @@ def _files(pki: Pki) -> dict[str, str]:
      "private key"),
     ({"cert_file": "key", "key_file": "cert"}, "are not a PEM certificate and its private key"),
     ({"cert_file": "cert", "key_file": "other_key"},
-     "are not a PEM certificate and its private key (KEY_VALUES_MISMATCH)"),
+     "are not a PEM certificate and its private key (the private key is not the "
+     "certificate's: KEY_VALUES_MISMATCH)"),
     ({"cert_file": "cert", "key_file": "encrypted"},
      "mqtt.key_file '{encrypted}' is encrypted; give an unencrypted key"),
 ])

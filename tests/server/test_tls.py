@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
+import subprocess
 import urllib.request
 from pathlib import Path
 
@@ -53,6 +54,18 @@ async def test_wss_and_https_work_and_plain_ws_fails(certificate: tuple[Path, Pa
                 pass
 
 
+@pytest.fixture(scope="module")
+def other_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Keys that are not :func:`certificate`'s: (another RSA key, an EC key)."""
+    folder = tmp_path_factory.mktemp("other")
+    _, other_key = self_signed(folder)
+    ec_key = folder / "ec.key"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt",
+                    "ec_paramgen_curve:P-256", "-out", str(ec_key)],
+                   check=True, capture_output=True, timeout=60)
+    return other_key, ec_key
+
+
 @pytest.mark.parametrize(("which", "message"), [
     ("missing", "server.tls_cert '{none}' is not a file"),
     ("swapped", "(server.tls_cert holds no complete PEM certificate)"),
@@ -61,17 +74,25 @@ async def test_wss_and_https_work_and_plain_ws_fails(certificate: tuple[Path, Pa
     ("truncated", "(server.tls_cert holds no complete PEM certificate)"),
     # Not a prompt on the terminal, which would hang a service.
     ("encrypted", "server.tls_key '{encrypted}' is encrypted; give an unencrypted key"),
+    # OpenSSL's reason codes alone said little: now in words, code kept.
+    ("other_key", "(the private key is not the certificate's: KEY_VALUES_MISMATCH)"),
+    ("ec_key", "(the private key is not the certificate's, another type of key: "
+               "NO_CERTIFICATE_ASSIGNED)"),
 ])
 async def test_bad_tls_files_stop_the_start(certificate: tuple[Path, Path], tmp_path: Path,
-                                            which: str, message: str) -> None:
+                                            other_keys: tuple[Path, Path], which: str,
+                                            message: str) -> None:
     cert, key = certificate
     truncated, encrypted = tmp_path / "truncated.pem", key.parent / "encrypted.key"
     truncated.write_bytes(cert.read_bytes()[:300])
+    other_key, ec_key = other_keys
     paths = {"missing": (str(tmp_path / "none.pem"), str(key)),
              "swapped": (str(key), str(cert)),
              "only_cert": (str(cert), ""),
              "truncated": (str(truncated), str(key)),
-             "encrypted": (str(cert), str(encrypted))}[which]
+             "encrypted": (str(cert), str(encrypted)),
+             "other_key": (str(cert), str(other_key)),
+             "ec_key": (str(cert), str(ec_key))}[which]
     cfg = load_config(overrides={"server.port": 0, "server.tls_cert": paths[0],
                                  "server.tls_key": paths[1]}, env={})
     async with Engine(cfg, ScriptedBackend(lambda a: "")) as engine:

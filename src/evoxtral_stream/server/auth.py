@@ -58,6 +58,7 @@ __all__ = [
     "incomplete_pem",
     "install_token_redaction",
     "is_loopback",
+    "key_pair_reason",
     "load_server_certificate",
     "printable_ascii",
     "redact_tokens",
@@ -417,12 +418,27 @@ def load_server_certificate(ctx: ssl.SSLContext, cert: str, key: str, *,
     try:
         ctx.load_cert_chain(cert, key, password=encrypted)
     except OSError as e:  # ssl.SSLError included
-        detail = (getattr(e, "reason", None)
+        detail = (key_pair_reason(getattr(e, "reason", None))
                   or incomplete_pem((("server.tls_cert", cert, "certificate"),
                                      ("server.tls_key", key, "private key")))
                   or e.strerror or str(e))
         raise ConfigError(f"server.tls_cert {shown_cert!r} and server.tls_key {shown_key!r} "
                           f"are not a PEM certificate and its private key ({detail})") from None
+
+
+#: OpenSSL's reasons for a private key that is not the certificate's, in words.
+_NOT_A_PAIR = {
+    "KEY_VALUES_MISMATCH": "the private key is not the certificate's",
+    "NO_CERTIFICATE_ASSIGNED": "the private key is not the certificate's, another type of key",
+}
+
+
+def key_pair_reason(reason: str | None) -> str | None:
+    """OpenSSL's ``reason`` for a failed ``load_cert_chain``, said in words
+    where it means the key and certificate are not a pair (the code kept,
+    for searching); else as it is."""
+    words = _NOT_A_PAIR.get(reason or "")
+    return reason if words is None else f"{words}: {reason}"
 
 
 PemKind = Literal["certificate", "private key"]

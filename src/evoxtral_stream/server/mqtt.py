@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ..config import ConfigError, MqttConfig
 from ..events import CaptionEvent, EngineEvent, StreamEnded, StreamError, StreamStarted
-from .auth import incomplete_pem
+from .auth import incomplete_pem, key_pair_reason
 from .certs import CertWatcher, fingerprint
 from .mqtt_backlog import Backlog, PartialKey, QueuedEvent, RetainedClear
 from .protocol import encode_event
@@ -242,8 +242,9 @@ def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
         try:
             ctx.load_cert_chain(cfg.cert_file, cfg.key_file, password=encrypted)
         except ssl.SSLError as e:
-            detail = e.reason or incomplete_pem((("mqtt.cert_file", cfg.cert_file, "certificate"),
-                                                 ("mqtt.key_file", cfg.key_file, "private key")))
+            detail = key_pair_reason(e.reason) or incomplete_pem((
+                ("mqtt.cert_file", cfg.cert_file, "certificate"),
+                ("mqtt.key_file", cfg.key_file, "private key")))
             raise ConfigError(f"mqtt.cert_file {cfg.cert_file!r} and mqtt.key_file "
                               f"{cfg.key_file!r} are not a PEM certificate and its private "
                               f"key ({detail or e})") from None
