@@ -1,11 +1,12 @@
 """The page against docs/protocol.md in headless Chromium: errors beside finals the
-microphone socket showed first, lines of a reused segment trimmed, streams that
-ended while away, and lost audio declared again on a resend."""
+microphone socket showed first, a failed partial decode, lines of a reused segment
+trimmed, streams that ended while away, and lost audio declared again on a resend."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -14,13 +15,21 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
+from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.engine import Engine
-from evoxtral_stream.events import CaptionEvent, StreamEnded, StreamStarted
+from evoxtral_stream.events import (
+    CaptionEvent,
+    EngineEvent,
+    StreamEnded,
+    StreamError,
+    StreamStarted,
+)
 from evoxtral_stream.server.app import CaptionServer
 from tests.clients.conftest import REBOUND_HOST, Browser, Page, publish_finals
 from tests.clients.test_web import (
     FINALS,
     PARTIALS,
+    SENTENCES,
     STARTED_DESK,
     STATUS,
     final,
@@ -29,6 +38,8 @@ from tests.clients.test_web import (
     partial,
 )
 from tests.clients.test_web import scripted as scripted
+from tests.fakes import ScriptedBackend, words_so_far
+from tests.speech import have_espeak, speech_with_pauses
 
 pytestmark = [pytest.mark.timeout(120)]
 
@@ -96,6 +107,81 @@ async def test_an_error_of_a_segment_does_not_remove_the_final_the_mic_socket_sh
         await asyncio.sleep(0.3)
         assert await page.evaluate(finals) == ["hello"]
         assert await page.evaluate(PARTIALS.format(s="desk")) == []
+
+
+#: Each partial line of a stream: its segment, its text, and the error mark
+#: it carries ("" for none).
+MARKED = ("[...document.querySelectorAll('#partials .line[data-stream=\"{s}\"]')]"
+          ".map(l => [+l.dataset.segment, l.querySelector('.text').textContent,"
+          " l.classList.contains('failed') ? l.querySelector('.flag').textContent : ''])")
+
+
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+async def test_a_failed_partial_decode_keeps_the_last_partial_shown_with_a_mark(
+        browser: Browser) -> None:
+    """The model fails on the second partial of a segment: the engine sends
+    decode_failed for the segment, and the segment goes on (its next partial
+    a second of audio later, then its final). The page removed the
+    segment's line at the error, so nothing of what was being said showed
+    until the next partial. The last good partial stays now, marked with the
+    error; the next partial takes the mark off, and the final replaces the
+    line as usual."""
+    cfg = load_config(overrides={"server.port": 0})
+    calls = itertools.count(1)
+    backend = ScriptedBackend(words_so_far, fail_when=lambda _: next(calls) == 2)
+    errors: list[StreamError] = []
+    shown: list[str] = []   # the partials' texts, up to the error
+
+    def on_event(event: EngineEvent) -> None:
+        if isinstance(event, StreamError):
+            errors.append(event)
+        elif isinstance(event, CaptionEvent) and not errors:
+            shown.append(event.text)
+
+    audio, spans = speech_with_pauses(SENTENCES[:1], pause_s=1.2)
+    async with Engine(cfg, backend) as engine, CaptionServer(engine, cfg.server) as server:
+        engine.add_listener(on_event)
+        page = await Page.open(browser, f"http://127.0.0.1:{server.port}/")
+        try:
+            await page.wait_for(f"{STATUS} === 'live'")
+            stream = engine.open_stream("talk", source="test")
+            pos = 0
+            while not errors:   # up to the failed partial, and no further
+                assert pos < spans[0][1], "no partial decode failed"
+                stream.push(audio[pos:pos + 1600])
+                pos += 1600
+                await stream.wait_idle()
+            assert [(e.code, e.segment) for e in errors] == [("decode_failed", 0)]
+            assert len(shown) == 1   # the first partial's text; the second failed
+            await page.wait_for("[...document.querySelectorAll('#finals .note')]"
+                                ".some(n => n.textContent.includes('decode_failed'))")
+            await asyncio.sleep(0.3)   # what the page does after the error, if anything
+            marked = MARKED.format(s="talk")
+            assert await page.evaluate(marked) == [[0, shown[0], "⚠ decode_failed"]]
+            flag = await page.evaluate(
+                "(() => { const f = document.querySelector('#partials .line.failed .flag');"
+                " return [f.title, f.getBoundingClientRect().width > 0]; })()")
+            assert flag == ["RuntimeError: scripted failure", True]
+            # The next good partial: the segment's newer text, no mark.
+            while await page.evaluate(f"{marked}[0][2]") != "":
+                assert pos < spans[0][1], "no partial after the failed one"
+                stream.push(audio[pos:pos + 1600])
+                pos += 1600
+                await stream.wait_idle()
+                await asyncio.sleep(0.05)
+            [[segment, text, mark]] = await page.evaluate(marked)
+            assert (segment, mark) == (0, "") and text.startswith(f"{shown[0]} ")
+            # A new error of the segment, then its final: the final replaces the line.
+            server.broadcaster.publish(StreamError("talk", "decode_failed", "again", 0))
+            await page.wait_for(f"{marked}[0]?.[2] === '⚠ decode_failed'")
+            stream.push(audio[pos:])
+            await stream.close()
+            await page.wait_for(f"{FINALS.format(s='talk')}.length === 1")
+            assert await page.evaluate(marked) == []
+            assert not await page.evaluate("document.querySelector('.failed, .flag')")
+            assert page.errors == []
+        finally:
+            await page.close()
 
 
 def _final(stream: str, segment: int, seq: int, text: str) -> CaptionEvent:

@@ -8,7 +8,8 @@ epoch) among them, and plays it to the page as ``/v1/captions`` does (the
 real Broadcaster answers each reconnect's since=/epoch=). Then what the page
 shows is held against what docs/protocol.md and clients/README.md say it
 must show, from the messages it was sent: each final once, in order, the
-notes where they came, the latest partial of each open segment, tag chips
+notes where they came, the latest partial of each open segment (marked
+after a failed decode), tag chips
 by kind, ended marks, the resume points of each reconnect, no markup taken
 as HTML, and no JS error.
 
@@ -47,7 +48,8 @@ SNAPSHOT = """(() => {
     const text = l.querySelector('.text');
     return [l.dataset.stream, +l.dataset.segment, text.textContent,
             [...text.children].filter((c) => c.classList.contains('unstable'))
-              .map((c) => c.textContent).join('')];
+              .map((c) => c.textContent).join(''),
+            l.classList.contains('failed') && l.querySelector('.flag') !== null];
   });
   const picker = Object.fromEntries([...document.querySelectorAll('#picker option')]
     .filter((o) => o.value).map((o) => [o.value, o.textContent]));

@@ -22,8 +22,9 @@ page receives does not depend on timing.
 says per docs/protocol.md and clients/README.md what the page must show:
 per stream, each final once, in order, with the notes (gaps, errors, one
 per end) where they came; the latest partial of each open segment of the
-stream's current run; the picker's ended marks; and the ``since=`` and
-``epoch=`` each reconnect must carry.
+stream's current run, marked when a decode of it failed since; the
+picker's ended marks; and the ``since=`` and ``epoch=`` each reconnect must
+carry.
 """
 
 from __future__ import annotations
@@ -252,6 +253,13 @@ def draw_script(seed: int, steps: int = 70) -> tuple[int, list[Step]]:
             draw.restart()
         else:
             out += draw.event()
+    # Last, a partial decode of an open segment fails: the page ends with
+    # that segment's partial marked (no caption of it follows).
+    for name, s in draw.streams.items():
+        if s.open and s.partials:
+            out.append(Publish(StreamError(name, "decode_failed", "partial failed", s.segment),
+                               s.run))
+            break
     return history, out
 
 
@@ -405,6 +413,8 @@ class Expected:
     ends_seen: set[tuple[str, str]] = field(default_factory=set)
     lines: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)
     partials: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)
+    #: (stream, segment) of the partials shown with an error mark
+    failed: set[tuple[str, int]] = field(default_factory=set)
     run_of: dict[str, tuple[str, int]] = field(default_factory=dict)
     known: set[str] = field(default_factory=set)
     chips: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
@@ -440,6 +450,7 @@ class Expected:
             self.held.pop(name, None)
             self.held[name] = seq
             self._run(name, (self.epoch or "", runs[(self.epoch or "", name, seq)]))
+            self.failed.discard((name, msg["segment"]))
             if msg["final"]:
                 self.partials.get(name, {}).pop(msg["segment"], None)
                 key = (self.epoch or "", name, seq)
@@ -466,8 +477,10 @@ class Expected:
                 self.held[name] = 0
                 self.partials.pop(name, None)
         elif kind == "error":
-            if msg.get("segment") is not None:
-                self.partials.get(name, {}).pop(msg["segment"], None)
+            # A failed decode: the segment's partial stays, marked, until
+            # its next caption (docs/protocol.md: one follows).
+            if msg.get("segment") in self.partials.get(name, {}):
+                self.failed.add((name, msg["segment"]))
             self.lines.setdefault(name, []).append(("note", [msg["code"], msg["message"]]))
 
     def _run(self, name: str, run: tuple[str, int]) -> None:
@@ -475,10 +488,11 @@ class Expected:
             self.run_of[name] = run
             self.partials.pop(name, None)   # the old run's open segments never end
 
-    def partial_lines(self) -> list[tuple[str, int, str, str]]:
-        """(stream, segment, text, unstable tail shown dim) of each partial line."""
+    def partial_lines(self) -> list[tuple[str, int, str, str, bool]]:
+        """(stream, segment, text, unstable tail shown dim, error mark) of
+        each partial line."""
         return sorted((name, seg, m["text"], m["unstable"] if m["stable"] + m["unstable"]
-                       == m["text"] else m["text"])
+                       == m["text"] else m["text"], (name, seg) in self.failed)
                       for name, segs in self.partials.items() for seg, m in segs.items())
 
 

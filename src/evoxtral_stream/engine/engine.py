@@ -724,7 +724,7 @@ class Engine:
                 # shown so later segments of the stream are not held back.
                 closing = stream.merger.abandon(result.segment)
             # The error first: it stands in for the segment's caption (a
-            # client drops the segment's line there), and the closing final
+            # client marks the segment's line there), and the closing final
             # with what was shown, if any, follows.
             self._emit(StreamError(
                 result.stream, "decode_failed", result.message, result.segment,

@@ -249,6 +249,21 @@ function fillLine(line, ev) {
   line.querySelector("time").textContent = formatTime(ev.start);
   line.classList.toggle("final", ev.final);
   line.classList.toggle("partial", !ev.final);
+  // A caption of the segment after a failed decode (markFailed): it went on.
+  line.classList.remove("failed");
+  line.querySelector(".flag")?.remove();
+}
+
+// The partial line of a segment whose decode failed keeps the text it
+// shows, with the error beside it: the segment goes on, and its next
+// caption (the next partial, or after a failed final the final that
+// closes the segment with this text: docs/protocol.md) takes the mark off.
+function markFailed(line, msg) {
+  let flag = line.querySelector(".flag");
+  if (!flag) line.append(flag = el("span", "flag"));
+  flag.textContent = `⚠ ${msg.code}`;
+  flag.title = msg.message ?? "";
+  line.classList.add("failed");
 }
 
 function newLine(stream, cls) {
@@ -494,11 +509,12 @@ function handle(msg, viaMic = false) {
       }
       return;
     case "error":
-      if (msg.stream != null && msg.segment != null) {  // stands in for the segment's final
-        // Not a final already shown: the microphone socket may have brought
-        // the error and the closing final after it before the subscription.
+      if (msg.stream != null && msg.segment != null) {  // a decode of that segment failed
+        // Its partial stays, marked; not a final already shown: the
+        // microphone socket may have brought the error and the closing
+        // final after it before the subscription.
         const line = state.lines.get(`${msg.stream}\u0000${msg.segment}`);
-        if (line && !line.classList.contains("final")) dropLine(line);
+        if (line && !line.classList.contains("final")) markFailed(line, msg);
       }
       if (msg.stream) note(msg.stream, `${msg.stream}: ${msg.code}: ${msg.message}`);
       else showNotice(`${msg.code}: ${msg.message}`);
