@@ -38,6 +38,7 @@ from evoxtral_stream.events import (
 from evoxtral_stream.run import feed_samples
 from evoxtral_stream.server.app import CaptionServer
 from evoxtral_stream.server.auth import hash_token
+from evoxtral_stream.text.tags import TAG_TABLE
 from tests.clients.conftest import (
     BOTH_TOKEN,
     FAKE_MIC_TEXT,
@@ -236,6 +237,67 @@ async def test_tag_chips_take_the_server_s_tags_in_order_whatever_the_text_spell
             assert await page.evaluate(CHIPS.format(line=line)) == [
                 ["[sighing]", "non-verbal", False], ["[Whispering]", "delivery", not final],
                 ["[beeps]", "unknown", not final]]
+        assert page.errors == []
+    finally:
+        await page.close()
+
+
+async def test_a_tag_spelled_as_an_alias_takes_its_kind_when_the_tags_do_not_line_up(
+    browser: Browser, scripted: tuple[Engine, CaptionServer],
+) -> None:
+    """Another server's captions whose text and ``tags`` do not line up one
+    for one: ``tags`` leaves out a tag it does not know, holds one the text
+    writes in parentheses, is empty, or a partial's stable/unstable cut
+    splits a tag. The page then matched each chip's text against the tags'
+    names as written, so a tag the text spells as an alias ("[sighing]",
+    whose canonical name is "sighs") got the outlined "unknown" chip. A chip
+    takes the kind of the event's tag of the same canonical name now, else
+    the known tag set's; a tag outside it stays unknown."""
+    _, server = scripted
+    page = await open_page(browser, server)
+    sighs = TagMark("sighs", "non-verbal", 0, 0.0)
+    laughs = TagMark("laughs", "non-verbal", 0, 0.0)
+    whispers = TagMark("whispers", "delivery", 1, 0.4)
+    throat = TagMark("clears throat", "non-verbal", 0, 0.0)
+    # (text, its stable part: all of it for a final, tags) as the other
+    # server sends them; what the chips show.
+    cases = [
+        ("[sighing] oh [beeps]", "[sighing] oh [beeps]", (sighs,),
+         [["[sighing]", "non-verbal"], ["[beeps]", "unknown"]]),
+        ("(laughing) oh [sighing] no [Whispering]", "(laughing) oh [sighing] no [Whispering]",
+         (laughs, sighs, whispers), [["[sighing]", "non-verbal"], ["[Whispering]", "delivery"]]),
+        ("[Sighed] [clears_throat] [pausing] [beeps]", "[Sighed] [clears_throat] [pausing] [beeps]",
+         (), [["[Sighed]", "non-verbal"], ["[clears_throat]", "non-verbal"],
+              ["[pausing]", "pause"], ["[beeps]", "unknown"]]),
+        ("[clears throat] oh [sighing]", "[clears", (throat, sighs),   # a partial
+         [["[sighing]", "non-verbal"]]),
+    ]
+    try:
+        for i, (text, stable, tags, chips) in enumerate(cases):
+            server.broadcaster.publish(CaptionEvent(
+                "talk", i, i + 1, stable == text, text, "oh", stable, text[len(stable):], tags,
+                0.0, 1.0, 0.1))
+            line = LINE.format(s="talk", n=i)
+            await page.wait_for(f"{line}.length === 1")
+            assert [c[:2] for c in await page.evaluate(CHIPS.format(line=line))] == chips, text
+        assert page.errors == []
+    finally:
+        await page.close()
+
+
+async def test_the_page_s_known_tag_set_is_the_server_s(
+    browser: Browser, scripted: tuple[Engine, CaptionServer],
+) -> None:
+    """The page keeps a copy of TAG_TABLE for the chips a caption's ``tags``
+    do not name: every name and variant, with its canonical name and kind,
+    and nothing else."""
+    _, server = scripted
+    page = await open_page(browser, server)
+    try:
+        seen = await page.evaluate("[...evoxtral.knownTags].map(([n, t]) => [n, t.tag, t.kind])")
+        want = [[name, spec.name, spec.kind.value]
+                for spec in TAG_TABLE for name in (spec.name, *spec.aliases)]
+        assert sorted(seen) == sorted(want)
         assert page.errors == []
     finally:
         await page.close()

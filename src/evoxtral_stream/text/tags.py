@@ -91,6 +91,8 @@ class TagSpec:
 
 _E, _N, _D, _P = TagKind.EMOTION, TagKind.NONVERBAL, TagKind.DELIVERY, TagKind.PAUSE
 
+# The caption page (server/web/app.js) keeps a copy, for chips a caption's
+# tags do not name; tests/clients/test_web.py holds the two equal.
 TAG_TABLE: tuple[TagSpec, ...] = (
     # The 15 tags the adapter was trained on.
     TagSpec("pause", _P, True, ("pauses", "pausing", "paused")),

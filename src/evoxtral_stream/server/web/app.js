@@ -56,6 +56,54 @@ const TOKEN_PROTOCOL = "evoxtral.token.";
 // What a subprotocol name may hold, as docs/protocol.md promises it for tokens
 // (and secrets.token_urlsafe() makes them); WebSocket() rejects other names.
 const TOKEN_CHARS = /^[A-Za-z0-9._~-]+$/;
+// The known tag set, as evoxtral_stream.text.tags.TAG_TABLE has it (a test
+// holds the two equal): per kind, each tag's canonical name, then the
+// variants that mean it ("sighing" is "sighs"), each as normTag leaves it.
+const TAG_TABLE = {
+  "emotion": [
+    "nervous|nervously", "excited|excitedly|excitement", "frustrated|frustration", "calm|calmly",
+    "angry|angrily|anger", "sad|sadly|sadness", "scared|fearful|afraid|frightened", "emotional",
+    "confused|confusion", "worried|worriedly", "curious|curiously", "curious tone",
+    "serious|seriously", "happy|happily", "cheerful|cheerfully", "annoyed", "appalled",
+    "thoughtful|thoughtfully", "surprised", "sarcastic|sarcastically",
+    "mischievously|mischievous", "regretful", "resigned", "hesitant", "tired", "relieved",
+    "hopeful", "anxious|anxiously", "disappointed", "embarrassed", "proud", "shocked",
+    "disgusted", "determined", "bored", "sympathetic", "impatient", "panicked|panicking|panic",
+  ],
+  "non-verbal": [
+    "sighs|sigh|sighing|sighed",
+    "clears throat|clear throat|clearing throat|throat clearing|clears his throat|" +
+      "clears her throat|clearing his throat|clearing her throat|throat clear",
+    "laughs|laugh|laughing|laughter|laughed", "gasps|gasp|gasping|gasped", "yawns|yawn|yawning",
+    "sniffles|sniffle|sniffling|sniffs|sniff", "giggles|giggle|giggling",
+    "chuckles|chuckle|chuckling", "laughs harder", "starts laughing",
+    "laughs nervously|nervous laughter|nervous laugh", "wheezing|wheezes",
+    "snorts|snort|snorting", "coughs|cough|coughing", "sneezes|sneeze|sneezing",
+    "exhales|exhale|exhaling", "exhales sharply", "inhales|inhale|inhaling", "inhales deeply",
+    "swallows|swallow|swallowing", "gulps|gulp|gulping", "groans|groan|groaning",
+    "sobs|sob|sobbing", "screams|scream|screaming", "scoffs|scoff|scoffing", "hums|hum|humming",
+    "whistles|whistle|whistling", "slams door|door slams|door slam", "applause|applauding",
+    "clapping|claps|clap", "music", "gunshot", "explosion",
+  ],
+  "delivery": [
+    "whispers|whisper|whispering|whispered",
+    "stammers|stammer|stammering|stutters|stutter|stuttering",
+    "shouts|shout|shouting|shouted|yells|yell|yelling", "crying|cries|cry",
+    "sings|singing|sing|sung", "mumbles|mumbling|mumble", "quietly|softly", "loudly",
+    "rushed|quickly|fast", "slows down|slowly", "drawn out", "dramatically|dramatic", "deadpan",
+    "flatly", "playfully|playful",
+  ],
+  "pause": [
+    "pause|pauses|pausing|paused", "short pause", "long pause", "continues after a beat|beat",
+    "hesitates|hesitation|hesitating",
+  ],
+};
+// normTag's form of a known tag or variant -> {tag: its canonical name, kind}.
+const KNOWN_TAGS = new Map(Object.entries(TAG_TABLE).flatMap(([kind, entries]) =>
+  entries.flatMap((entry) => {
+    const names = entry.split("|");
+    return names.map((name) => [name, { tag: names[0], kind }]);
+  })));
 const $ = (id) => document.getElementById(id);
 const ui = {
   status: $("status"), picker: $("picker"), mic: $("mic"), finals: $("finals"),
@@ -87,6 +135,7 @@ const state = window.evoxtral = {
   // Seconds of lost audio one ingest connection takes at once, then no more
   // than real time (docs/protocol.md: the server refuses more as too fast).
   maxLostS: 600,
+  knownTags: KNOWN_TAGS,  // the known tag set, for chips the server's tags do not name
 };
 
 // A server path relative to the page, as a ws:// (or wss://) URL.
@@ -193,6 +242,13 @@ function normTag(name) {
     .replace(/^[.,;:!?* ]+|[.,;:!?* ]+$/g, "");
 }
 
+// A tag's canonical name, as evoxtral_stream.text.tags.lookup_tag gives it:
+// that of the known tag it names or is a variant of, else its normTag form.
+function canonicalTag(name) {
+  const norm = normTag(name);
+  return KNOWN_TAGS.get(norm)?.tag ?? norm;
+}
+
 function formatTime(s) {
   const t = Math.round(s * 10), m = Math.floor(t / 600);
   return `${m}:${((t % 600) / 10).toFixed(1).padStart(4, "0")}`;
@@ -207,13 +263,18 @@ function tagsIn(text) {
 // unstable parts), in order. The server parsed the text: its `tags` are the
 // text's tags in order, each with its canonical name and kind, however the
 // text spells it (an alias: "[sighing]" is "sighs"). Text whose tags do not
-// line up with them (not this server's) falls back to matching names.
+// line up with them (another server's, which leaves some out or counts
+// "(laughs)" as one; a stable/unstable cut inside a tag) takes the kind of
+// the tag of the same canonical name, else the known tag set's.
 function chipKinds(ev, texts) {
   const found = texts.flatMap(tagsIn);
   const tags = Array.isArray(ev.tags) ? ev.tags : [];
   if (found.length === tags.length) return tags.map((t) => t.kind);
-  const byName = new Map(tags.map((t) => [normTag(t.tag), t.kind]));
-  return found.map((m) => byName.get(normTag(m[1])));
+  const byName = new Map(tags.map((t) => [canonicalTag(t.tag), t.kind]));
+  return found.map((m) => {
+    const name = canonicalTag(m[1]);
+    return byName.get(name) ?? KNOWN_TAGS.get(name)?.kind;
+  });
 }
 
 // Tagged text as nodes: tags become chips coloured by kind (taken in turn
