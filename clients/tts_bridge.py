@@ -40,11 +40,13 @@ Two synthesisers (in ``tts_synth.py``; the tags -> prosody mapping, pure, in
   silence around its WAV.
 
 Speech split for length. The server cuts speech longer than
-``vad.max_segment_s`` into finals that follow one another with no gap, and
-the merger leaves out of the later ones the emotion and delivery tags that
-only restate those in effect (its carry-over). A final that continues the
-one before it so (:meth:`Final.continues`) is synthesised with those tags
-in front (:func:`restated_tags`), in both modes: each file stands alone.
+``vad.max_segment_s`` into finals that follow one another, marks the later
+ones ``continues``, and leaves out of them the emotion and delivery tags
+that only restate those in effect (the merger's carry-over). A final that
+continues the one before it so (:meth:`Final.continues`) is synthesised
+with those tags in front (:func:`restated_tags`), in both modes: each file
+stands alone. Other finals are spoken with their own tags only, even one
+that starts where the one before it ended.
 
 Queue and overflow policy. Between the WebSocket reader and the
 synthesiser sits a bounded queue (``--queue``). Finals are never dropped
@@ -193,6 +195,10 @@ class Final:
     server left out of ``text`` (:func:`restated_tags`), spoken first."""
     epoch: str | None = None
     """The numbering ``seq`` is of (the hello's before the final was read)."""
+    split: bool = False
+    """The server marked it as going on with the speech of the final before
+    it, cut for length (``continues`` on the wire): its text leaves out the
+    tags still in effect there."""
 
     @property
     def spoken(self) -> str:
@@ -200,14 +206,14 @@ class Final:
         return f"{self.restated} {self.text}" if self.restated else self.text
 
     def continues(self, prev: Final) -> bool:
-        """Whether this final goes on where ``prev`` stopped: the next
-        segment of the same session, starting where ``prev`` ended (the
-        server splits speech longer than ``vad.max_segment_s`` so; after a
-        pause in the speech there is a gap between the two)."""
-        return (self.stream == prev.stream and self.session == prev.session
-                and self.segment == prev.segment + 1
-                and self.start is not None and prev.end is not None
-                and abs(self.start - prev.end) < 1e-6)
+        """Whether this final goes on where ``prev`` stopped: the server
+        marked it so (:attr:`split`: speech longer than ``vad.max_segment_s``)
+        and it is the next segment of ``prev``'s session. Starting where
+        ``prev`` ended is not enough: after a pause shorter than the
+        segmenter's pre-roll, or a client's commit, the next segment starts
+        there too, and its tags are the model's own."""
+        return (self.split and self.stream == prev.stream and self.session == prev.session
+                and self.segment == prev.segment + 1)
 
     @classmethod
     def from_message(cls, msg: Mapping[str, object]) -> Final | None:
@@ -220,7 +226,8 @@ class Final:
                 and isinstance(seq, int) and isinstance(text, str)):
             return None
         start, end = (finite_seconds(msg.get(k)) for k in ("start", "end"))
-        return cls(stream, segment, seq, text, start=start, end=end)
+        return cls(stream, segment, seq, text, start=start, end=end,
+                   split=msg.get("continues") is True)
 
 
 @dataclass(frozen=True)

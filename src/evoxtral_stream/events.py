@@ -260,6 +260,11 @@ class CaptionEvent:
     start: float
     end: float
     latency: float | None
+    continues: bool = False
+    """The segment goes on with the speech of the one before it, cut at
+    ``vad.max_segment_s`` (a forced split), and its text was stitched onto
+    that one's: the emotion and delivery tags still in effect there are left
+    out of it (the merger's carry-over)."""
 
 
 # --- stream lifecycle (broadcast beside captions) ----------------------------

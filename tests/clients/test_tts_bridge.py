@@ -94,7 +94,8 @@ from tests.clients.conftest import (
     scripted_server,
 )
 from tests.fakes import ScriptedBackend
-from tests.speech import have_espeak, speech_with_pauses
+from tests.helpers.audio import voiced_span
+from tests.speech import have_espeak, speak, speech_with_pauses
 
 CLIENT = Path(__file__).resolve().parents[2] / "clients" / "tts_bridge.py"
 NEEDS_ESPEAK = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
@@ -908,6 +909,59 @@ async def test_speech_split_for_length_keeps_its_tags_in_the_second_part(
     for i, text in enumerate(spoken):
         await EspeakSynth().synthesize(text, tmp_path / "ref.wav")
         assert (out / f"talk-{i:05d}.wav").read_bytes() == (tmp_path / "ref.wav").read_bytes(), i
+
+
+WHISPERED = "[whispers] Don't tell anyone"
+SPOKEN_UP = "Okay, let's go."
+
+
+def _whisper_then_not(audio: npt.NDArray[np.float32]) -> str:
+    # The loud utterance was whispered, the quiet one not (partials agree).
+    return WHISPERED if float(np.max(np.abs(audio))) > 0.2 else SPOKEN_UP
+
+
+@NEEDS_ESPEAK
+async def test_a_final_after_a_natural_end_gets_no_tags_of_the_one_before(
+        tmp_path: Path) -> None:
+    """The bridge took a final that starts where the one before it ended for
+    the second part of speech split for length, and put the emotion and
+    delivery tags in effect there in front of it. A natural end starts the
+    next segment there too whenever speech resumes within its pre-roll (a
+    short vad.end_silence_ms, a client's commit): "Okay, let's go." was
+    whispered, the model's own tags lost. Only a final the server marks as
+    continuing a forced split (``continues``) gets them."""
+    cfg = _config(**{"vad.end_silence_ms": 300})
+    parts = [np.zeros(8000, np.int16)]
+    for text, gain in (("Hello there my friend.", 1.0), ("Good evening and welcome.", QUIET)):
+        speech = speak(text)
+        on, off = voiced_span(speech)
+        parts += [(speech[on:off] * gain).astype(np.int16), np.zeros(8000, np.int16)]
+    audio = np.concatenate(parts)
+    out = tmp_path / "out"
+    async with Engine(cfg, ScriptedBackend(_whisper_then_not)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        url = f"ws://127.0.0.1:{server.port}"
+        bridge = TtsBridge(BridgeConfig(out=out, url=url, streams=("talk",),
+                                        exit_on_end=True), EspeakSynth())
+        task = asyncio.ensure_future(bridge.run())
+        async with websockets_connect(f"{url}/v1/captions?stream=talk") as ws:
+            await _subscribed(server, 2)
+            await feed_samples(engine.open_stream("talk", source="test"), audio, 1600,
+                               realtime=False)
+            finals = []
+            async for raw in ws:
+                msg = json.loads(raw)
+                if msg["type"] == "stream.ended":
+                    break
+                if msg["type"] == "caption" and msg["final"]:
+                    finals.append(msg)
+        stats = await asyncio.wait_for(task, 20)
+    assert [m["text"] for m in finals] == [WHISPERED, SPOKEN_UP]
+    assert finals[1]["start"] == finals[0]["end"]  # no gap between them, yet a natural end
+    assert not any(m.get("continues") for m in finals)
+    assert stats.written == 2
+    await EspeakSynth().synthesize(SPOKEN_UP, tmp_path / "ref.wav")
+    assert (out / "talk-00001.wav").read_bytes() == (tmp_path / "ref.wav").read_bytes()
 
 
 def test_restated_tags_leave_out_what_the_text_sets_itself() -> None:

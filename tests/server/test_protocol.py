@@ -159,6 +159,18 @@ def test_caption_round_trip_keeps_unicode() -> None:
     assert obj["seq"] == 17
 
 
+
+def test_continues_is_sent_only_where_true_and_read_back() -> None:
+    plain = json.loads(encode_event(CAPTION))
+    assert "continues" not in plain
+    split = CaptionEvent(**{**CAPTION.__dict__, "continues": True})
+    obj = validate_message(encode_event(split))
+    assert obj["continues"] is True
+    assert caption_from_dict(obj) == split
+    assert caption_from_dict(plain) == CAPTION
+    with pytest.raises(ProtocolError, match="continues"):
+        caption_from_dict({**obj, "continues": "yes"})
+
 @pytest.mark.parametrize("bad", ["{", "[]", '{"type":"caption"}', b"\xff\xfe"])
 def test_decode_caption_rejects_malformed(bad: str | bytes) -> None:
     with pytest.raises(ProtocolError):

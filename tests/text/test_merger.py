@@ -173,6 +173,20 @@ def test_forced_split_without_overlap_drops_a_restated_delivery_tag() -> None:
     assert f.finals() == "[whispers] Don't turn around now."
 
 
+
+def test_only_a_segment_stitched_onto_a_forced_split_is_marked_continues() -> None:
+    """A reader speaking each final alone must know which finals lost their
+    restated tags: those stitched onto a forced split. A segment after a
+    natural end may start exactly where the one before it ended (speech
+    resuming within the pre-roll, a commit), and keeps the model's tags."""
+    f = Feed()
+    first = one(f("[whispers] Don't turn", final=True, end=2.0, forced=True))
+    second = one(f("[whispers] around now", seg=1, final=True, start=2.0, end=3.0))
+    third = one(f("[whispers] Okay", seg=2, final=True, start=3.0, end=4.0))
+    assert [e.continues for e in (first, second, third)] == [False, True, False]
+    assert third.text == "[whispers] Okay"
+    assert one(f("later", seg=3, start=4.0, end=4.5, forced=False)).continues is False
+
 def test_sounds_never_carry() -> None:
     f = Feed()
     f("[laughs] That was", final=True, end=2.0, forced=True)

@@ -94,6 +94,8 @@ def caption_to_dict(ev: CaptionEvent) -> dict[str, Any]:
         "start": round(ev.start, 3),
         "end": round(ev.end, 3),
         "latency": None if ev.latency is None else round(ev.latency, 4),
+        # Only where true: a reader that does not know it misses nothing else.
+        **({"continues": True} if ev.continues else {}),
     }
 
 
@@ -152,8 +154,8 @@ def caption_from_dict(obj: Mapping[str, Any]) -> CaptionEvent:
     """The :class:`CaptionEvent` a caption message carries (inverse of
     :func:`caption_to_dict`); ProtocolError when a field is missing or of the
     wrong type. Fields a reader can do without (``plain_text``, ``stable``,
-    ``unstable``, ``tags``, ``latency``, a tag's ``known``) default when
-    absent; every number that is a time (``start``, ``end``, ``latency``, a
+    ``unstable``, ``tags``, ``latency``, ``continues``, a tag's ``known``)
+    default when absent; every number that is a time (``start``, ``end``, ``latency``, a
     tag's ``t``) must be finite (:func:`_finite`). A tag's ``kind`` is a
     :class:`TagKind` value, its ``index`` an integer from 0, its ``known``
     true or false (as the schema in docs/protocol.md says)."""
@@ -207,7 +209,7 @@ def caption_from_dict(obj: Mapping[str, Any]) -> CaptionEvent:
         plain_text=field("plain_text", (str, type(None)), None) or plain_text(text),
         stable=field("stable", str, text), unstable=field("unstable", str, ""),
         tags=tuple(tags), start=seconds("start"), end=seconds("end"),
-        latency=latency)
+        latency=latency, continues=field("continues", bool, False))
 
 
 def _finite(value: float, what: str) -> float:

@@ -72,7 +72,10 @@ Contracts (what the engine may rely on):
      that repeat, in order, the last emotion/delivery tags the previous text
      ended with after its last word. Non-verbal and pause tags never carry.
 
-  Segments after a natural end (``forced_end=False``) are not stitched.
+  The captions of a stitched segment say so (``CaptionEvent.continues``),
+  so that a reader that speaks each final alone can put back the tags the
+  carry-over left out. Segments after a natural end (``forced_end=False``)
+  are not stitched.
   A caption's ``start`` is then ``max(start_sample, previous end_sample)``:
   the overlap audio belongs to the previous caption.
 - Segment ids are consecutive per stream (the session numbers them so), and
@@ -783,7 +786,8 @@ class Merger:
 
     def _partial(self, seg: _Segment, h: Hypothesis) -> CaptionEvent | None:
         blocked = self._blocked(seg.id)
-        tokens, start, found = self._tokens(h, None if blocked else self._chain_for(seg.id))
+        chain = None if blocked else self._chain_for(seg.id)
+        tokens, start, found = self._tokens(h, chain)
         tail, aligned = tail_after(seg.committed, tokens)
         view = seg.committed + tail
         cover = None if blocked or not found else tokens[:len(tokens) - len(tail)]
@@ -819,10 +823,11 @@ class Merger:
         if shown == seg.shown:
             return None
         seg.shown = shown
-        return self._event(seg, view, False, h, start)
+        return self._event(seg, view, False, h, start, continues=chain is not None)
 
     def _finish(self, seg: _Segment, h: Hypothesis, *, stitched: bool,
                 as_final: bool = False) -> CaptionEvent:
+        continues = self._chain_for(seg.id) is not None
         chain = self._chain_for(seg.id) if stitched else None
         if as_final:
             # The text shown, already stitched: it starts where it was shown
@@ -857,10 +862,10 @@ class Merger:
             )
         else:
             self._chain = None
-        return self._event(seg, view, True, h, start)
+        return self._event(seg, view, True, h, start, continues=continues)
 
     def _event(self, seg: _Segment, view: tuple[Token, ...], final: bool, h: Hypothesis,
-               start_sample: int) -> CaptionEvent:
+               start_sample: int, *, continues: bool) -> CaptionEvent:
         committed = view if final else seg.committed
         text = render(view)
         stable = render(committed)
@@ -880,4 +885,5 @@ class Merger:
             start=start,
             end=end,
             latency=h.latency,
+            continues=continues,
         )
