@@ -88,6 +88,7 @@ import asyncio
 import enum
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -101,6 +102,7 @@ from _url import Role, add_url_option, endpoint, take_query, with_query
 from tts_synth import (
     DEFAULT_BASE_URL,
     ELEVENLABS_MODEL,
+    ESPEAK_WPM_RANGE,
     ElevenLabsOptions,
     ElevenLabsSynth,
     EspeakOptions,
@@ -766,9 +768,30 @@ def build_parser() -> argparse.ArgumentParser:
     el.add_argument("--retries", type=int, default=3, help="retries on 429/5xx (default 3)")
     el.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     es = p.add_argument_group("espeak")
-    es.add_argument("--wpm", type=int, default=175, help="words per minute (default 175)")
+    es.add_argument("--wpm", type=int, default=175,
+                    help="words per minute, {} to {} (default 175)".format(*ESPEAK_WPM_RANGE))
     es.add_argument("--espeak", default="espeak-ng", help="espeak-ng binary")
     return p
+
+
+def _check_synth_options(args: argparse.Namespace) -> None:
+    """Raise ValueError (one line) for an option no synthesis can use: the
+    synthesisers would take it and fail, or worse, write every final
+    wrong (espeak-ng writes empty WAVs far above its range, and takes a
+    rate below it as another rate)."""
+    low, high = ESPEAK_WPM_RANGE
+    if not low <= args.wpm <= high:
+        raise ValueError(f"--wpm must be from {low} to {high} (got {args.wpm})")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise ValueError(f"--timeout must be a number of seconds above 0 (got {args.timeout})")
+    if args.retries < 0:
+        raise ValueError(f"--retries must be at least 0 (got {args.retries})")
+    for option, value in (("--stability", args.stability),
+                          ("--similarity-boost", args.similarity_boost),
+                          ("--style", args.style), ("--speed", args.speed)):
+        # NaN and infinity are no JSON: the API would refuse every request.
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{option} must be a finite number (got {value})")
 
 
 def _synth_from_args(args: argparse.Namespace) -> Synthesizer:
@@ -790,7 +813,7 @@ def _synth_from_args(args: argparse.Namespace) -> Synthesizer:
         return ElevenLabsSynth(ElevenLabsOptions(
             voice_id=args.voice, api_key=key, output_format=args.format,
             base_url=args.base_url, model_id=args.model, voice_settings=settings,
-            timeout_s=args.timeout, max_retries=max(0, args.retries)))
+            timeout_s=args.timeout, max_retries=args.retries))
     except ValueError as e:
         raise BridgeError(str(e)) from None
 
@@ -815,6 +838,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for option, value in (("--max-captions", args.max_captions), ("--queue", args.queue)):
             if value is not None and value < 1:
                 raise ValueError(f"{option} must be at least 1 (got {value})")
+        _check_synth_options(args)
         endpoint(args.url, "/")
         # ?stream= (the page's ?streams=), ?since=, ?epoch= and ?token= (or
         # #token=) of --url count as the options.

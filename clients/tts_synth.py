@@ -33,6 +33,7 @@ from evoxtral_stream.console import printable
 __all__ = [
     "DEFAULT_BASE_URL",
     "ELEVENLABS_MODEL",
+    "ESPEAK_WPM_RANGE",
     "ElevenLabsOptions",
     "ElevenLabsSynth",
     "EspeakOptions",
@@ -241,6 +242,12 @@ class ElevenLabsSynth:
                         answer.status, message, attempt + 1, o.max_retries, delay)
             await asyncio.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+#: The rates espeak-ng documents, in words per minute (speak_lib.h,
+#: espeakRATE: "Values 80 to 450"): it takes a rate below as 80 (0 or less
+#: as 175), and far above writes empty WAVs.
+ESPEAK_WPM_RANGE = (80, 450)
 
 
 @dataclass(frozen=True)

@@ -1169,6 +1169,36 @@ def _unused_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.mark.parametrize(("args", "expected"), [
+    # espeak-ng wrote an empty WAV for every final at 100000 (each logged as
+    # written, exit status 0), took 0 or less as 175 and 50 as 80.
+    (["--wpm", "100000"], "--wpm must be from 80 to 450 (got 100000)"),
+    (["--wpm", "0"], "--wpm must be from 80 to 450 (got 0)"),
+    (["--wpm", "50"], "--wpm must be from 80 to 450 (got 50)"),
+    # nan failed every request with a ValueError at the first final; 0 made
+    # each one fail at once ("unreachable"); -2 retries were taken as 0.
+    (["--mode", "elevenlabs", "--timeout", "nan"],
+     "--timeout must be a number of seconds above 0 (got nan)"),
+    (["--mode", "elevenlabs", "--timeout", "0"],
+     "--timeout must be a number of seconds above 0 (got 0.0)"),
+    (["--mode", "elevenlabs", "--retries", "-2"], "--retries must be at least 0 (got -2)"),
+    # NaN went out in the JSON body, which the API refuses: every final failed.
+    (["--mode", "elevenlabs", "--stability", "nan"],
+     "--stability must be a finite number (got nan)"),
+    (["--mode", "elevenlabs", "--speed", "inf"], "--speed must be a finite number (got inf)"),
+])
+def test_an_option_no_synthesis_can_use_is_a_bad_argument(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], expected: str,
+) -> None:
+    url = f"ws://127.0.0.1:{_unused_port()}/v1/captions"
+    argv = ["--out", str(tmp_path / "out"), "--url", url, "--voice", VOICE, "--api-key", "k",
+            *args]
+    if "elevenlabs" not in args:
+        argv.remove(VOICE)
+        argv.remove("--voice")
+    assert main(argv) == 2, capsys.readouterr().err
+    assert capsys.readouterr().err == f"tts_bridge: {expected}\n"
+
 def test_a_failed_connection_leaves_no_output_folder(
     tmp_path: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
