@@ -412,6 +412,8 @@ def test_the_documented_unit_fits_what_serve_does(tmp_path: Path) -> None:
     assert " serve " in settings["ExecStart"] and "--no-print" in settings["ExecStart"]
     # PrivateTmp empties torch's default compile cache at every start.
     assert settings["PrivateTmp"] != "true" or settings["CacheDirectory"] == "evoxtral"
+    # Restart=on-failure must not loop on what a restart cannot fix (below).
+    assert settings["Restart"] == "on-failure"
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         return  # the rest is systemd's own parser, where there is one
@@ -423,3 +425,27 @@ def test_the_documented_unit_fits_what_serve_does(tmp_path: Path) -> None:
     # It exits 0 on settings it ignores, so anything it says is a fault.
     assert proc.returncode == 0 and not (proc.stdout + proc.stderr).strip(), \
         proc.stdout + proc.stderr
+
+
+def test_the_documented_unit_does_not_restart_a_serve_that_cannot_start(tmp_path: Path
+                                                                        ) -> None:
+    """A configuration serve refuses exits with status 2 before the model
+    loads. Under the unit's Restart=on-failure that was a restart every
+    RestartSec, forever (never StartLimitBurst in StartLimitIntervalSec: 5 s
+    apart): the unit stayed "activating (auto-restart)" and the journal
+    repeated the error. RestartPreventExitStatus= lists it, so the unit
+    fails and says why; status 1, a shutdown that had to close finals early
+    (the watchdog's SIGTERM on a stalled model), is still restarted."""
+    settings = dict(line.split("=", 1) for line in _documented_unit().splitlines()
+                    if "=" in line and not line.startswith("#"))
+    prevented = settings.get("RestartPreventExitStatus", "").split()
+    config = tmp_path / "config.toml"
+    config.write_text("[vad]\naggressiveness = 7\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "evoxtral_stream", "serve", "--source", "none",
+         "--port", "0", "--no-print", "--config", str(config)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert "vad.aggressiveness" in proc.stderr, proc.stderr
+    assert str(proc.returncode) in prevented, (proc.returncode, prevented)
+    assert "1" not in prevented and "0" not in prevented
