@@ -24,7 +24,7 @@ import pytest
 from evoxtral_stream.cli.serve import _service_snapshot
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.engine import Engine
-from evoxtral_stream.systemd import Notifier, ServiceNotices, Snapshot, supervise
+from evoxtral_stream.systemd import Notifier, ServiceNotices, Snapshot, merged, supervise
 from tests.docs_schema import ROOT
 from tests.engine.test_drain import HangingBackend
 from tests.engine.test_journal import talk
@@ -221,6 +221,117 @@ def test_an_abstract_socket_name_that_is_not_utf8_is_reached(tmp_path: Path) -> 
             assert sock.recv(4096) == b"READY=1"
         finally:
             notifier.close()
+
+
+@contextmanager
+def systemd_busy(address: str) -> Iterator[None]:
+    """The receive queue of the socket at ``address`` full, as a busy systemd
+    leaves its notification socket: a send to it fails with EAGAIN (the
+    kernel's per-socket limit, net.unix.max_dgram_qlen, whatever it is here)."""
+    fillers: list[socket.socket] = []
+    try:
+        for _ in range(1000):
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            filler.setblocking(False)
+            fillers.append(filler)
+            sent = 0
+            try:
+                while True:
+                    filler.sendto(b"FILLER=1", address)
+                    sent += 1
+            except BlockingIOError:
+                pass
+            if not sent:   # not this sender's buffer: the queue itself is full
+                break
+        else:
+            raise AssertionError("could not fill the notification socket's queue")
+        yield
+    finally:
+        for filler in fillers:
+            filler.close()
+
+
+async def test_what_systemd_could_not_hear_is_said_again_once_it_can(tmp_path: Path) -> None:
+    """A notification that could not go (systemd's queue full: EAGAIN, since
+    the socket never blocks) was dropped for good, READY=1 included: the
+    unit stayed "activating" until TimeoutStartSec killed a serving engine.
+    So did a reload's READY=1 (the unit left "reloading" and a Type=notify-
+    reload job waiting) and STOPPING=1. What has not been heard now goes
+    again with the next notification or look (every POLL_S), merged: the
+    latest status wins, and a missed watchdog ping is not sent late."""
+    address = str(tmp_path / "notify")
+    ready = False
+    looks = 0
+
+    def snapshot() -> Snapshot:
+        nonlocal looks
+        looks += 1
+        return Snapshot(ready, None, "serving" if ready else "warming up")
+
+    async def looked(more: int) -> None:
+        until = looks + more
+        while looks < until:
+            await asyncio.sleep(0.05)
+
+    with notify_socket(address) as sock:
+        sock.setblocking(False)
+        notifier = Notifier(address, None)
+        task = asyncio.ensure_future(supervise(notifier, snapshot))
+        try:
+            await _received(sock, lambda got: "STATUS=warming up" in got, timeout=10)
+            with systemd_busy(address):
+                ready = True
+                await looked(2)                    # READY=1 said while systemd was busy
+            said = await _received(sock, lambda got: "READY=1" in got, timeout=10)
+            assert "STATUS=serving" in said
+            with systemd_busy(address):
+                notifier.send(notifier.notices.reloading(1234))
+                notifier.send(notifier.notices.reloaded(snapshot()))
+                await looked(2)
+            said = await _received(sock, lambda got: "READY=1" in got, timeout=10)
+            reload = said[said.index("RELOADING=1"):]
+            # One message: Type=notify-reload takes RELOADING=1 with READY=1.
+            assert sorted(reload) == ["MONOTONIC_USEC=1234", "READY=1", "RELOADING=1",
+                                      "STATUS=serving"], said
+            with systemd_busy(address):
+                notifier.send(notifier.notices.stopping("stopping"))
+                await looked(2)
+            said = await _received(sock, lambda got: "STOPPING=1" in got, timeout=10)
+            assert "STATUS=stopping" in said
+        finally:
+            task.cancel()
+            notifier.close()
+
+
+def test_what_is_owed_merges_with_the_next_notification() -> None:
+    assert merged("", "") == "" and merged("", "READY=1") == "READY=1"
+    # The latest status wins (systemd reads the first STATUS=), in place.
+    assert merged("STATUS=loading\nREADY=1", "STATUS=serving\nWATCHDOG=1") == \
+        "STATUS=serving\nREADY=1\nWATCHDOG=1"
+    assert merged("WATCHDOG=1\nSTATUS=x", "", pings=False) == "STATUS=x"
+    # A ping does not cancel a trigger still owed.
+    assert merged("WATCHDOG=trigger", "WATCHDOG=1") == "WATCHDOG=trigger"
+    assert merged("WATCHDOG=trigger", "", pings=False) == "WATCHDOG=trigger"
+
+
+def test_a_watchdog_ping_that_could_not_go_is_not_sent_late(tmp_path: Path) -> None:
+    """The socket gone (not there yet, or systemd away) and back: what was owed
+    goes with the next send, but a ping only when one is due."""
+    address = str(tmp_path / "notify")
+    notifier = Notifier(address, 1.0)
+    try:
+        notifier.send("WATCHDOG=1")               # no socket yet: lost
+        notifier.send("STATUS=serving\nREADY=1")   # also lost, but owed
+        with notify_socket(address) as sock:
+            sock.settimeout(5)
+            notifier.send("")
+            assert sock.recv(4096) == b"STATUS=serving\nREADY=1"
+            notifier.send("")                     # nothing owed now
+            sock.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                sock.recv(4096)
+    finally:
+        notifier.close()
 
 
 # --- the engine's health, through the real socket ---------------------------

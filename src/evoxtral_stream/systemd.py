@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-__all__ = ["Notifier", "ServiceNotices", "Snapshot", "monotonic_usec", "supervise"]
+__all__ = ["Notifier", "ServiceNotices", "Snapshot", "merged", "monotonic_usec", "supervise"]
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +145,13 @@ class ServiceNotices:
 class Notifier:
     """The notification socket systemd gave the process (``$NOTIFY_SOCKET``).
 
-    :meth:`send` never raises and never blocks: a notification that cannot
-    go is logged (once per kind of failure) and dropped, because serving
-    captions matters more than telling systemd about it.
+    :meth:`send` never raises and never blocks, because serving captions
+    matters more than telling systemd about it: a notification that cannot
+    go (systemd's queue full, its socket away) is logged (once per kind of
+    failure) and owed. What is owed goes with the next send, merged into it
+    (see :func:`merged`), until one goes: ``READY=1`` or ``STOPPING=1`` said
+    once must not be lost, or systemd waits for it until a timeout kills
+    the service. Bounded: one value per key.
     """
 
     def __init__(self, address: str | bytes, watchdog_s: float | None) -> None:
@@ -156,6 +160,7 @@ class Notifier:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._sock.setblocking(False)
         self._failures: set[str] = set()
+        self._owed = ""
 
     @classmethod
     def from_environ(cls, env: Mapping[str, str] | None = None,
@@ -182,21 +187,29 @@ class Notifier:
             return None
         return cls(address, _watchdog_s(env, os.getpid() if pid is None else pid))
 
-    def send(self, message: str) -> None:
-        """Send ``message`` (see the class doc: never raises). A character
-        that is no text (a lone surrogate) goes as ``?``: systemd reads UTF-8."""
+    def send(self, message: str) -> bool:
+        """Send ``message`` with what is owed (see the class doc: never
+        raises); "" sends only what is owed. False when it could not go. A
+        character that is no text (a lone surrogate) goes as ``?``: systemd
+        reads UTF-8."""
+        message = merged(self._owed, message)
         if not message:
-            return
+            return True
         try:
             self._sock.sendto(message.encode("utf-8", "replace"), self.address)
         except Exception as e:  # the contract: the watchdog task must not end here
+            # A ping is worth something only on time; the next is due soon.
+            self._owed = merged(message, "", pings=False)
             kind = type(e).__name__
             if kind not in self._failures:
                 self._failures.add(kind)
-                log.warning("cannot notify systemd at %s (%s: %s); notifications that fail "
-                            "so are dropped", _shown(self.address), kind, e)
-        else:
-            log.debug("notified systemd: %s", message.replace("\n", "; "))
+                log.warning("cannot notify systemd at %s (%s: %s); what it has not heard "
+                            "goes again with the next notification", _shown(self.address),
+                            kind, e)
+            return False
+        self._owed = ""
+        log.debug("notified systemd: %s", message.replace("\n", "; "))
+        return True
 
     def close(self) -> None:
         self._sock.close()
@@ -222,6 +235,22 @@ async def supervise(notifier: Notifier, snapshot: Callable[[], Snapshot]) -> Non
                           "ping until it can", type(e).__name__, e, exc_info=True)
         notifier.send(message)
         await asyncio.sleep(notices.poll_s)
+
+
+def merged(owed: str, message: str, *, pings: bool = True) -> str:
+    """``owed`` and then ``message`` as one notification: one assignment per
+    key, the later value winning (systemd reads the first ``STATUS=``; the
+    latest is the true one), in the order the keys first came. ``RELOADING=1``
+    owed with the ``READY=1`` that ends the reload is what ``Type=notify-reload``
+    takes as a whole reload. ``WATCHDOG=trigger`` stays one (a ping after it
+    must not cancel it); ``pings=False`` leaves out ``WATCHDOG=1``."""
+    values: dict[str, str] = {}
+    for line in (*owed.split("\n"), *message.split("\n")):
+        key, sep, value = line.partition("=")
+        if not sep or (line == "WATCHDOG=1" and (not pings or "WATCHDOG" in values)):
+            continue
+        values[key] = value
+    return "\n".join(f"{key}={value}" for key, value in values.items())
 
 
 def monotonic_usec() -> int:
