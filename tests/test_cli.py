@@ -2132,6 +2132,66 @@ async def test_a_sighup_during_the_shutdown_is_ignored(tmp_path: Path) -> None:
     assert seen[-1]["type"] == "stream.ended", kinds
 
 
+async def test_sighups_close_together_are_applied_in_turn(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two SIGHUPs close together ran two reloads at once. The first, slow
+    (closing a client its tokens revoke takes a close handshake), ended
+    after the second and recorded its older [auth] as the running one, so a
+    third reload back to that older file was "unchanged" and not applied:
+    the server kept the second file's tokens. Now reloads run in turn."""
+    from evoxtral_stream.server.app import CaptionServer
+
+    real = CaptionServer.reload_auth
+    calls: list[int] = []
+
+    async def first_is_slow(self: CaptionServer, auth: Any) -> int:
+        calls.append(len(calls))
+        closed = await real(self, auth)
+        if len(calls) == 1:
+            await asyncio.sleep(1.5)
+        return closed
+
+    monkeypatch.setattr(CaptionServer, "reload_auth", first_is_slow)
+    conf = tmp_path / "serve.toml"
+    conf.write_text(_token("a"))
+    port = free_port()
+    args = argparse.Namespace(
+        config=str(conf), overrides=[], backend=None, log_format=None, debug=False,
+        quiet=False, port=port, host=None, no_partials=False, stream=None, no_print=True,
+        exit_at_end=False, source="none")
+    serving = asyncio.ensure_future(
+        _serve(args, _load_config(args), ScriptedBackend(words_so_far), "none", None))
+
+    async def gets_in(name: str) -> bool:
+        try:
+            async with connect(f"ws://127.0.0.1:{port}/v1/captions?token={name}-secret"):
+                return True
+        except InvalidStatus:
+            return False
+
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert await gets_in("a")
+            break
+        except OSError:
+            assert time.monotonic() < deadline and not serving.done()
+            await asyncio.sleep(0.05)
+    try:
+        for name, wait_s in (("b", 0.3), ("c", 3.0), ("b", 0.5)):
+            conf.write_text(_token(name))
+            os.kill(os.getpid(), signal.SIGHUP)
+            await asyncio.sleep(wait_s)
+        deadline = time.monotonic() + 10
+        while not await gets_in("b"):
+            assert time.monotonic() < deadline, "the third reload (back to b) not applied"
+            await asyncio.sleep(0.1)
+        assert not await gets_in("c")
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert await asyncio.wait_for(serving, 30) == 0
+
+
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as s:

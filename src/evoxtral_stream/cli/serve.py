@@ -119,8 +119,17 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
             supervisor = asyncio.ensure_future(supervise(notifier, snapshot))
             stack.callback(supervisor.cancel)
 
+        # One reload at a time: each compares the file with what the one
+        # before it applied (running), and one still closing the clients its
+        # tokens revoke must not record its older [auth] after a later one.
+        in_turn = asyncio.Lock()
+
+        async def reload_in_turn() -> None:
+            async with in_turn:
+                await _reload(args, running, server, notifier, snapshot)
+
         def on_sighup() -> None:
-            task = asyncio.ensure_future(_reload(args, running, server, notifier, snapshot))
+            task = asyncio.ensure_future(reload_in_turn())
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
