@@ -2561,3 +2561,40 @@ def test_signals_that_keep_coming_after_the_shutdown_do_not_change_the_status(
         proc.kill()
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+
+
+def _noise_wav(path: Path) -> Path:
+    """Half a second of silence, a second of noise, half a second of silence:
+    one segment, whatever a scripted model makes of it."""
+    rng = np.random.default_rng(3)
+    silence = np.zeros(8000, np.int16)
+    sound = (rng.standard_normal(16000) * 3000).astype(np.int16)
+    sf.write(path, np.concatenate([silence, sound, silence]), 16000)
+    return path
+
+
+def test_a_lone_surrogate_in_the_model_text_is_written_as_a_replacement_character(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend's text holding a lone surrogate (what a decoder that uses
+    surrogateescape makes of a byte that is no UTF-8) is no text: the
+    --jsonl and subtitle listeners raised UnicodeEncodeError on its first
+    caption and were removed, leaving a --jsonl file without the stream's
+    captions or end, an empty talk.srt, and a traceback at the end with
+    talk.vtt.part left. The tokenizer, which every caption's text goes
+    through, writes it as U+FFFD, as the console shows it."""
+    from evoxtral_stream import cli as cli_module
+    from evoxtral_stream.cli import transcribe as cli_transcribe
+
+    wav = _noise_wav(tmp_path / "talk.wav")
+    monkeypatch.setattr(cli_transcribe, "load_backend",
+                        lambda cfg: ScriptedBackend(lambda a: "caf\udce9 ok"))
+    srt, vtt, jsonl = tmp_path / "talk.srt", tmp_path / "talk.vtt", tmp_path / "all.jsonl"
+    assert cli_module.main(["transcribe", str(wav), "--srt", str(srt), "--vtt", str(vtt),
+                            "--jsonl", str(jsonl), "-q"]) == 0
+    events = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
+    assert [e["type"] for e in events][-2:] == ["caption", "stream.ended"]
+    assert events[-2]["final"] and events[-2]["text"] == "caf\ufffd ok"
+    assert srt.read_text(encoding="utf-8").endswith("\ncaf\ufffd ok\n")
+    assert vtt.read_text(encoding="utf-8").endswith("\ncaf\ufffd ok\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "all.jsonl", "talk.srt", "talk.vtt", "talk.wav"]

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from .events import CaptionEvent, EngineEvent, StreamError
-from .text.chars import CONTROL, drop_hidden
+from .text.chars import CONTROL, drop_hidden, mend_surrogates
 
 __all__ = ["CaptionPrinter", "TerminalLogHandler", "above_captions", "char_columns",
            "clip_columns", "format_time", "printable", "text_columns"]
@@ -240,9 +240,6 @@ def text_columns(text: str) -> int:
 # Control characters (C0, DEL, C1): written as they came, ESC would start an
 # escape sequence and a line break or backspace would break a one-row line.
 _CONTROL = re.compile(f"[{CONTROL}]")
-# Lone surrogates (JSON carries them: "\ud800"): a UTF-8 terminal's strict
-# encoder refuses them, with an exception where a line was to be written.
-_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def printable(text: str) -> str:
@@ -254,7 +251,7 @@ def printable(text: str) -> str:
     decoded with ``surrogateescape``, surrogates). The rules are
     :mod:`evoxtral_stream.text.chars`'s, which the tokenizer applies to
     every caption."""
-    return _SURROGATE.sub("\ufffd", drop_hidden(_CONTROL.sub(" ", text)))
+    return mend_surrogates(drop_hidden(_CONTROL.sub(" ", text)))
 
 
 def clip_columns(text: str, columns: int) -> str:

@@ -151,6 +151,17 @@ def test_control_characters_inside_an_unknown_tag_are_whitespace() -> None:
                                 0.0, 1.0, None)]).endswith("\n[ [31m] [a b] hi\n")
 
 
+def test_a_lone_surrogate_is_a_replacement_character() -> None:
+    """A lone surrogate (a byte that is no UTF-8, decoded with
+    surrogateescape) is no text: no file or socket could take a caption
+    holding it. It is U+FFFD, as a decoder that replaces writes it."""
+    toks = tokenize("caf\udce9 ok\ud800 [laughs\udfff]")
+    assert render(toks) == "caf\ufffd ok\ufffd [laughs\ufffd]"
+    assert plain_text("caf\udce9 ok") == "caf\ufffd ok"
+    assert to_srt([CaptionEvent("s", 0, 1, True, "a\udce9b", "", "", "", (),
+                                0.0, 1.0, None)]).endswith("\na\ufffdb\n")
+
+
 def test_bidi_controls_and_invisible_format_characters_are_dropped() -> None:
     """A model (or another server's caption, read back by subtitles) may
     write U+202E or isolates, which reorder what a terminal, an editor or a

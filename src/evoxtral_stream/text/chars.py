@@ -23,8 +23,12 @@ in the clients, too):
 - ZWNJ (U+200C) and ZWJ (U+200D) stay: they change only how the visible
   characters beside them join (Persian, Indic scripts, emoji sequences
   such as 👩‍💻), and can neither reorder nor hide text.
+- Lone surrogates (:data:`SURROGATE`: a byte that is no UTF-8, decoded
+  with ``surrogateescape``) are no text: no file, socket or terminal can
+  take them in UTF-8. They become U+FFFD, as a decoder that replaces
+  writes such a byte.
 
-Both are bodies of a regular expression character class.
+Each is the body of a regular expression character class.
 
 What is shown is counted in user-perceived characters (:func:`graphemes`:
 a letter with its accents, an emoji sequence) and display columns
@@ -36,7 +40,8 @@ from __future__ import annotations
 import re
 import unicodedata
 
-__all__ = ["CONTROL", "HIDDEN", "display_width", "drop_hidden", "graphemes"]
+__all__ = ["CONTROL", "HIDDEN", "SURROGATE", "display_width", "drop_hidden", "graphemes",
+           "mend_surrogates"]
 
 #: Control characters: C0, DEL and C1.
 CONTROL = "\x00-\x1f\x7f-\x9f"
@@ -58,6 +63,18 @@ _HIDDEN = re.compile(f"[{HIDDEN}]+")
 def drop_hidden(text: str) -> str:
     """``text`` without its :data:`HIDDEN` characters."""
     return _HIDDEN.sub("", text)
+
+
+#: Lone surrogates (every surrogate in a Python str is one: a pair is one
+#: character there).
+SURROGATE = "\ud800-\udfff"
+
+_SURROGATE = re.compile(f"[{SURROGATE}]")
+
+
+def mend_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate as U+FFFD."""
+    return _SURROGATE.sub("\ufffd", text)
 
 
 _ZWJ = "\u200d"

@@ -23,9 +23,10 @@ whitespace: a model's byte tokens can write them (NUL, ESC), and in a
 caption they would act on whatever shows or speaks it (a terminal's escape
 sequences, espeak-ng's end of input). Bidi controls and the other invisible
 format characters are dropped (all of Unicode's Cf but ZWNJ and ZWJ): they
-would reorder or hide what a terminal, an editor or a player shows. Both
-rules are :mod:`.chars`'s, which ``console.printable`` applies to any text
-shown.
+would reorder or hide what a terminal, an editor or a player shows. A
+lone surrogate (a byte that is no UTF-8, decoded with ``surrogateescape``)
+is U+FFFD: no file or socket could take it. These rules are
+:mod:`.chars`'s, which ``console.printable`` applies to any text shown.
 
 Carry-over (:class:`Carry`): emotion and delivery tags describe the speech
 that follows them, so they stay *in effect* until a tag of the same kind
@@ -42,7 +43,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .chars import CONTROL, drop_hidden
+from .chars import CONTROL, drop_hidden, mend_surrogates
 
 __all__ = [
     "PUNCT_TAG_MAX",
@@ -349,7 +350,7 @@ def tokenize(text: str) -> list[Token]:
     glued to a word (``hel[laughs]lo``) splits it without spaces, so the
     text still renders back unchanged.
     """
-    text = drop_hidden(text)
+    text = mend_surrogates(drop_hidden(text))
     out: list[Token] = []
     space = False
     pos = 0
