@@ -2598,3 +2598,30 @@ def test_a_lone_surrogate_in_the_model_text_is_written_as_a_replacement_characte
     assert vtt.read_text(encoding="utf-8").endswith("\ncaf\ufffd ok\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "all.jsonl", "talk.srt", "talk.vtt", "talk.wav"]
+
+
+def test_an_error_message_with_a_lone_surrogate_leaves_the_jsonl_file_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend failing with a message that names a path whose bytes are no
+    UTF-8 (``caf\\xe9``, held as a lone surrogate): the decode_failed event
+    could not be encoded, the --jsonl listener was removed, and the file
+    stopped there, without the stream's end, status 1 the only sign. The
+    message goes with U+FFFD there, as on the wire."""
+    from evoxtral_stream import cli as cli_module
+    from evoxtral_stream.cli import transcribe as cli_transcribe
+
+    wav = _noise_wav(tmp_path / "talk.wav")
+    path = os.fsdecode(b"/models/caf\xe9")
+
+    class Failing(ScriptedBackend):
+        def transcribe(self, batch: Any) -> list[str]:
+            raise RuntimeError(f"cannot open {path}")
+
+    monkeypatch.setattr(cli_transcribe, "load_backend", lambda cfg: Failing())
+    jsonl = tmp_path / "all.jsonl"
+    assert cli_module.main(["transcribe", str(wav), "--jsonl", str(jsonl), "-q"]) == 1
+    events = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
+    assert events[-1]["type"] == "stream.ended"
+    errors = [e for e in events if e["type"] == "error"]
+    assert errors and all(e["message"] == "RuntimeError: cannot open /models/caf\ufffd"
+                          for e in errors), errors

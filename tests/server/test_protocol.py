@@ -329,3 +329,13 @@ def test_a_tag_without_known_is_known_and_every_kind_decodes() -> None:
             assert caption_from_dict(obj).tags[0].kind == kind.value
     del obj["tags"][0]["known"]
     assert caption_from_dict(obj).tags[0].known is True
+
+
+def test_an_error_message_holding_a_lone_surrogate_is_sent_as_text() -> None:
+    """A backend's exception naming a path whose bytes are no UTF-8 holds a
+    lone surrogate, which no UTF-8 frame or file takes: encoding the
+    event raised. It is U+FFFD in the message."""
+    event = StreamError("mic", "decode_failed", "OSError: /models/caf\udce9", 3)
+    line = encode_event(event)
+    line.encode("utf-8")
+    assert json.loads(line)["message"] == "OSError: /models/caf\ufffd"

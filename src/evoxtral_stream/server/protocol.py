@@ -28,6 +28,7 @@ from ..events import (
     StreamStarted,
     TagMark,
 )
+from ..text.chars import mend_surrogates
 from ..text.tags import TagKind, plain_text
 
 __all__ = [
@@ -110,9 +111,11 @@ def event_to_dict(ev: EngineEvent) -> dict[str, Any]:
             "duration": round(ev.duration_s, 3), "segments": ev.segments, "finals": ev.finals,
         }
     if isinstance(ev, StreamError):
+        # A backend's exception may name a path whose bytes are no UTF-8:
+        # a lone surrogate, which no frame or file can take.
         return {
             "type": "error", "stream": ev.stream, "code": ev.code,
-            "message": ev.message, "segment": ev.segment,
+            "message": mend_surrogates(ev.message), "segment": ev.segment,
         }
     raise TypeError(f"not an engine event: {ev!r}")
 
