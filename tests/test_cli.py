@@ -229,6 +229,24 @@ def test_outputs_that_cannot_be_written_are_refused_before_decoding(tmp_path: Pa
                    "vad.start_ratio must be a finite number, got nan")
 
 
+def test_an_output_that_is_a_hard_link_to_an_input_is_refused(tmp_path: Path) -> None:
+    """The check that an output is not an input compared names (with links
+    followed): a --jsonl that is another name of the audio file (a hard
+    link, or the same folder mounted twice) passed it, and opening the
+    --jsonl file emptied the audio, replaced by the run's events. An
+    output that is the same file as an input is refused."""
+    a = tmp_path / "a.wav"
+    sf.write(a, np.zeros(8000, np.int16), 16000)
+    events, subs = tmp_path / "events.jsonl", tmp_path / "a.srt"
+    os.link(a, events)
+    os.link(a, subs)
+    for flag, path in (("--jsonl", events), ("--srt", subs)):
+        proc = cli("transcribe", str(a), flag, str(path))
+        one_error_line(proc, f"{flag} {path} is one of the audio files", "would be overwritten")
+        assert "model worker started" not in proc.stderr
+    assert sf.info(a).frames == 8000 and sf.info(events).frames == 8000
+
+
 def test_a_path_ending_in_a_slash_is_a_folder_even_for_one_file(tmp_path: Path) -> None:
     """``--srt out/ --vtt out/`` with one file writes out/a.srt and out/a.vtt, as
     with several files; it once wrote both to one file named ``out``."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import stat
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -73,6 +74,10 @@ def _check_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence[P
     # os.path.realpath, not Path.resolve: before Python 3.13 that raises
     # RuntimeError on a symlink loop (read_audio_file reports it in one line).
     writers = {Path(os.path.realpath(p)): "the input" for p in inputs}
+    # And the files themselves: another name of an input (a hard link, a
+    # folder mounted twice) has a path of its own, and a --jsonl opened
+    # there would empty the input.
+    input_files = {ident for p in inputs if (ident := _file_id(p)) is not None}
     for flag, raw in outputs:
         if raw is None:
             continue
@@ -90,13 +95,26 @@ def _check_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence[P
             if is_dir:  # else found only once the stream's file is complete
                 raise UserError(f"{flag} {path} is a folder, where that file would go; "
                                 "move it, or name another place")
-            other = writers.setdefault(resolved, flag)
+            other = ("the input" if _file_id(path) in input_files
+                     else writers.setdefault(resolved, flag))
             if other == "the input":
                 raise UserError(f"{flag} {path} is one of the {inputs_are}: it would be "
                                 "overwritten; name another file")
             if other != flag:
                 raise UserError(f"{other} and {flag} would both write {path}: "
                                 "name a file for each, or one folder")
+
+
+def _file_id(path: Path) -> tuple[int, int] | None:
+    """The regular file ``path`` names, as its device and inode (links
+    followed); None when there is none (yet), it cannot be looked at, or it
+    is no regular file (a folder; a terminal, which /dev/stdin and
+    /dev/stdout may both be)."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):  # none there, a NUL: reported elsewhere
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
 @contextlib.contextmanager
