@@ -247,6 +247,27 @@ def test_an_output_that_is_a_hard_link_to_an_input_is_refused(tmp_path: Path) ->
     assert sf.info(a).frames == 8000 and sf.info(events).frames == 8000
 
 
+def test_an_output_that_cannot_be_created_leaves_no_part_files_of_the_others(
+        tmp_path: Path) -> None:
+    """An output whose file cannot be created once the model is loaded (a
+    link into a folder that is gone, a folder not writable) ends the run
+    before any audio, with one line. The ``.part`` files of the outputs
+    created before it were left behind, empty, and with them the folder
+    this run made for them. Now they are removed, and that folder too."""
+    a = tmp_path / "a.wav"
+    sf.write(a, np.zeros(8000, np.int16), 16000)
+    gone = tmp_path / "gone"
+    (tmp_path / "events.jsonl").symlink_to(gone / "events.jsonl")
+    (tmp_path / "a.vtt").symlink_to(gone / "a.vtt")
+    out = tmp_path / "out"
+    for args in (["--jsonl", str(tmp_path / "events.jsonl")],
+                 ["--vtt", str(tmp_path / "a.vtt")]):
+        proc = cli("transcribe", str(a), "--srt", f"{out}/", *args)
+        one_error_line(proc, "cannot write", "No such file or directory")
+        assert not out.exists(), list(out.iterdir())
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["a.vtt", "a.wav", "events.jsonl"]
+
+
 def test_a_path_ending_in_a_slash_is_a_folder_even_for_one_file(tmp_path: Path) -> None:
     """``--srt out/ --vtt out/`` with one file writes out/a.srt and out/a.vtt, as
     with several files; it once wrote both to one file named ``out``."""

@@ -194,16 +194,18 @@ class SubtitleFiles:
     each (see the module doc). Every ``.part`` file is created now."""
 
     def __init__(self, files: list[tuple[str, Path, SubtitleWriter]]) -> None:
+        """Raises :class:`OSError` when one cannot be created, the
+        ``.part`` files created before it removed (:meth:`discard`)."""
         self.error: tuple[Path, OSError] | None = None
         self._subs: list[_Subtitles] = []
         try:
             for stream, target, writer in files:
                 sub = _Subtitles(stream, target, writer, None, part_path(target))
-                self._subs.append(sub)
                 sub.file = _open(target) if sub.part is None else _create(sub.part)
+                self._subs.append(sub)
                 self._write(sub, writer.header())
         except OSError:
-            self.close(complete=False)
+            self.discard()
             raise
 
     def __call__(self, event: EngineEvent) -> None:
@@ -227,6 +229,20 @@ class SubtitleFiles:
                 f, sub.file = sub.file, None
                 with contextlib.suppress(OSError):  # left as .part anyway
                     f.close()
+
+    def discard(self) -> None:
+        """Close every file still open and remove its ``.part`` file: for a
+        run that ends before any audio (another output could not be
+        created), which would leave only headers behind."""
+        for sub in self._subs:
+            if sub.file is None:
+                continue
+            f, sub.file = sub.file, None
+            with contextlib.suppress(OSError):  # removed anyway
+                f.close()
+            if sub.part is not None:
+                with contextlib.suppress(OSError):  # gone already
+                    os.unlink(sub.part)
 
     def _write(self, sub: _Subtitles, text: str) -> None:
         if not text or sub.file is None:

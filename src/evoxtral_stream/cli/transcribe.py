@@ -239,7 +239,9 @@ def _open_outputs(args: argparse.Namespace, cfg: Config, streams: Sequence[str]
                   ) -> tuple[JsonlFile | None, SubtitleFiles]:
     """Create transcribe's output files, written as the engine runs
     (:mod:`evoxtral_stream.outputs`): the ``--jsonl`` file, and each stream's ``--srt`` and
-    ``--vtt`` as ``.part`` files until the stream ends."""
+    ``--vtt`` as ``.part`` files until the stream ends. One that cannot be
+    created is a :class:`UserError`, the ``.part`` files made before it
+    removed."""
     layout = _cue_layout(cfg)
     many = len(streams) > 1
     files = [(stream, _output_path(Path(raw), stream, _SUFFIXES[flag], many),
@@ -256,5 +258,5 @@ def _open_outputs(args: argparse.Namespace, cfg: Config, streams: Sequence[str]
     try:
         return JsonlFile(Path(args.jsonl)), subtitles
     except OSError as e:
-        subtitles.close(complete=False)
+        subtitles.discard()
         raise UserError(f"cannot write {args.jsonl}: {e.strerror or e}") from None
