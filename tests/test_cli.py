@@ -2639,26 +2639,38 @@ def test_a_lone_surrogate_in_the_model_text_is_written_as_a_replacement_characte
         "all.jsonl", "talk.srt", "talk.vtt", "talk.wav"]
 
 
+_FAILING_ON_A_SURROGATE_PATH = r"""
+import os, sys
+from evoxtral_stream import cli as cli_module
+from tests.fakes import ScriptedBackend
+from tests.helpers.model_loader import replace_model_loader
+path = os.fsdecode(b"/models/caf\xe9")
+class Failing(ScriptedBackend):
+    def transcribe(self, batch):
+        raise RuntimeError(f"cannot open {path}")
+replace_model_loader(lambda cfg: Failing())
+sys.exit(cli_module.main(sys.argv[1:]))
+"""
+
+
 def test_an_error_message_with_a_lone_surrogate_leaves_the_jsonl_file_whole(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     """A backend failing with a message that names a path whose bytes are no
     UTF-8 (``caf\\xe9``, held as a lone surrogate): the decode_failed event
     could not be encoded, the --jsonl listener was removed, and the file
     stopped there, without the stream's end, status 1 the only sign. The
-    message goes with U+FFFD there, as on the wire."""
-    from evoxtral_stream import cli as cli_module
-    from evoxtral_stream.cli import transcribe as cli_transcribe
-
+    message goes with U+FFFD there, as on the wire. (In a process of its
+    own: pytest-xdist cannot send a test's captured log holding the
+    surrogate back from its worker.)"""
     wav = _noise_wav(tmp_path / "talk.wav")
-    path = os.fsdecode(b"/models/caf\xe9")
-
-    class Failing(ScriptedBackend):
-        def transcribe(self, batch: Any) -> list[str]:
-            raise RuntimeError(f"cannot open {path}")
-
-    monkeypatch.setattr(cli_transcribe, "load_backend", lambda cfg: Failing())
     jsonl = tmp_path / "all.jsonl"
-    assert cli_module.main(["transcribe", str(wav), "--jsonl", str(jsonl), "-q"]) == 1
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", _FAILING_ON_A_SURROGATE_PATH, "transcribe", str(wav),
+         "--jsonl", str(jsonl), "-q"],
+        capture_output=True, text=True, errors="backslashreplace", timeout=120, cwd=root,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{root / 'src'}:{root}"})
+    assert proc.returncode == 1, proc.stderr
     events = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
     assert events[-1]["type"] == "stream.ended"
     errors = [e for e in events if e["type"] == "error"]
