@@ -22,6 +22,7 @@ __all__ = [
     "MAX_STREAM_ID",
     "MAX_STREAM_ID_ENCODED",
     "SAMPLE_RATE",
+    "STREAM_ERROR_CODES",
     "CaptionEvent",
     "DecodeFailure",
     "DecodeRequest",
@@ -286,6 +287,12 @@ class StreamEnded:
     duration_s: float
     segments: int
     finals: int
+
+
+STREAM_ERROR_CODES = ("decode_failed", "model_stalled", "journal_failed", "final_lost",
+                      "audio_input_lost")
+"""The codes of the :class:`StreamError` events the engine and ``serve``
+send; ``/metrics`` exports a count of each from the start (at 0)."""
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sys
 import time
+from pathlib import Path
 
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
@@ -13,6 +15,7 @@ from websockets.asyncio.client import connect
 
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.engine import Engine
+from evoxtral_stream.events import STREAM_ERROR_CODES
 from evoxtral_stream.server.app import CaptionServer
 from evoxtral_stream.server.broadcast import Broadcaster
 from evoxtral_stream.server.metrics import Metrics
@@ -27,6 +30,7 @@ from tests.helpers.http import (
     raw_ws_handshake,
     send_until_closed,
 )
+from tests.server.test_ingest import ingest
 
 
 def samples(metrics: Metrics) -> dict[str, float]:
@@ -165,3 +169,42 @@ async def test_a_realtime_session_closed_for_being_too_slow_is_counted() -> None
     assert after["evoxtral_realtime_sessions_dropped_total"] == 1.0
     assert after["evoxtral_subscribers_dropped_total"] == 0.0
     assert after["evoxtral_realtime_sessions"] == 0.0
+
+
+PROTOCOL_MD = Path(__file__).resolve().parents[2] / "docs" / "protocol.md"
+
+
+def documented_error_codes() -> set[str]:
+    """The codes docs/protocol.md's metrics table gives for
+    ``evoxtral_stream_errors_total{code}``."""
+    row = next(line for line in PROTOCOL_MD.read_text().splitlines()
+               if line.startswith("| `evoxtral_stream_errors_total{code}`"))
+    listed = re.search(r"\(([^)]*)\)", row.split("|")[3])  # "by `code` (`a`, `b`)"
+    assert listed is not None, row
+    return set(re.findall(r"`([a-z_]+)`", listed.group(1)))
+
+
+async def test_every_documented_label_is_exported_at_zero_before_its_first_event() -> None:
+    """A labelled series that appears only with its first event hides that
+    event from ``increase()`` and ``rate()``, so an alert on
+    ``increase(evoxtral_stream_errors_total{code="decode_failed"}[5m]) > 0``
+    would miss the first failure after a start. Every documented ``kind``
+    and ``code`` is there at 0 from the start, and a stream whose decodes
+    all fail moves ``decode_failed`` by exactly the errors its client got."""
+    codes = documented_error_codes()
+    assert codes == set(STREAM_ERROR_CODES)
+    cfg = load_config(env={}, overrides={"server.port": 0, "stream.partial_interval_ms": 0})
+    async with Engine(cfg, ScriptedBackend(fail_when=lambda a: True)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        before = await scrape(server.port)
+        got = await ingest(server.port, "desk", {"sample_rate": 16000}, talk(2).tobytes())
+        after = await scrape(server.port)
+    errors = [m for m in got if m["type"] == "error"]
+    assert [m["code"] for m in errors] == ["decode_failed"] * 2
+    for kind in ("partial", "final"):
+        assert before[f"evoxtral_captions_total{{kind={kind}}}"] == 0.0
+        assert after[f"evoxtral_captions_total{{kind={kind}}}"] == 0.0  # nothing was shown
+    for code in codes:
+        assert before[f"evoxtral_stream_errors_total{{code={code}}}"] == 0.0, code
+        want = len(errors) if code == "decode_failed" else 0.0
+        assert after[f"evoxtral_stream_errors_total{{code={code}}}"] == want, code

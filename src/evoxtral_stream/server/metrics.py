@@ -32,7 +32,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from ..engine.engine import Engine
-from ..events import CaptionEvent, EngineEvent, StreamError, StreamStarted
+from ..events import STREAM_ERROR_CODES, CaptionEvent, EngineEvent, StreamError, StreamStarted
 from .broadcast import Broadcaster
 
 if TYPE_CHECKING:
@@ -64,6 +64,13 @@ class Metrics:
         self.stream_errors = Counter(
             "evoxtral_stream_errors", "Stream error events, by code.", ["code"],
             registry=self.registry)
+        # Every label value known ahead is exported at 0 from the start: a
+        # series that appeared only with its first event would hide that
+        # event from increase() and rate(), and so from alerts.
+        for kind in ("partial", "final"):
+            self.captions.labels(kind)
+        for code in STREAM_ERROR_CODES:
+            self.stream_errors.labels(code)
         self.streams_started = Counter(
             "evoxtral_streams_started", "Streams opened.", registry=self.registry)
         self._collector = _StatsCollector(engine, broadcaster)
