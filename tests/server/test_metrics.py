@@ -208,3 +208,38 @@ async def test_every_documented_label_is_exported_at_zero_before_its_first_event
         assert before[f"evoxtral_stream_errors_total{{code={code}}}"] == 0.0, code
         want = len(errors) if code == "decode_failed" else 0.0
         assert after[f"evoxtral_stream_errors_total{{code={code}}}"] == want, code
+
+
+async def test_the_scrape_holds_only_documented_families_and_true_histograms() -> None:
+    """After captions and errors, every family the HTTP scrape shows (as a
+    Prometheus parser reads it back; a counter with its ``_total``) is a row
+    of docs/protocol.md's table: no ``*_created`` gauges beside the counters
+    and histograms. The final-latency histogram counts the finals the
+    client got, its buckets are cumulative up to ``+Inf`` = ``_count``, and
+    its sum is within the time the test itself waited for them."""
+    from tests.test_docs import _documented_metrics
+    documented = _documented_metrics(PROTOCOL_MD.read_text())
+    cfg = load_config(env={}, overrides={"server.port": 0, "stream.partial_interval_ms": 200,
+                                         "stream.min_partial_ms": 200})
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        t0 = time.monotonic()
+        got = await ingest(server.port, "desk", {"sample_rate": 16000}, talk(3).tobytes())
+        waited = time.monotonic() - t0
+        status, text = await http_get(f"http://127.0.0.1:{server.port}/metrics")
+    assert status == 200
+    families = {f.name + "_total" if f.type == "counter" else f.name: f
+                for f in text_string_to_metric_families(text)}
+    assert not set(families) - documented, sorted(set(families) - documented)
+    finals = [m for m in got if m["type"] == "caption" and m["final"]]
+    assert len(finals) == 3
+    hist = {(s.name, s.labels.get("le")): s.value
+            for s in families["evoxtral_final_latency_seconds"].samples}
+    buckets = sorted((float(le), v) for (name, le), v in hist.items()
+                     if name.endswith("_bucket") and le is not None)
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets)      # cumulative
+    assert buckets[-1] == (float("inf"), 3.0)
+    assert hist[("evoxtral_final_latency_seconds_count", None)] == 3.0
+    total = hist[("evoxtral_final_latency_seconds_sum", None)]
+    assert 0.0 <= total <= 3 * waited
+    assert abs(total - sum(m["latency"] for m in finals)) < 0.01  # the wire rounds it

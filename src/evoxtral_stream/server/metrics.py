@@ -23,7 +23,7 @@ two engines in one process, or tests, do not collide). It is fed two ways:
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -51,19 +51,22 @@ class Metrics:
         self._engine = engine
         self._broadcaster = broadcaster
         self.registry = CollectorRegistry(auto_describe=True)
+        # Not registered themselves: _StatsCollector exports them without
+        # the *_created series prometheus_client adds (undocumented gauges of
+        # a start time, which no other counter here has).
         self.final_latency = Histogram(
             "evoxtral_final_latency_seconds",
             "End of speech to final caption (queueing and decoding).",
-            buckets=LATENCY_BUCKETS, registry=self.registry)
+            buckets=LATENCY_BUCKETS, registry=None)
         self.partial_latency = Histogram(
             "evoxtral_partial_latency_seconds",
             "Age of a partial caption's audio when shown (request ready to result).",
-            buckets=LATENCY_BUCKETS, registry=self.registry)
+            buckets=LATENCY_BUCKETS, registry=None)
         self.captions = Counter(
-            "evoxtral_captions", "Caption events emitted.", ["kind"], registry=self.registry)
+            "evoxtral_captions", "Caption events emitted.", ["kind"], registry=None)
         self.stream_errors = Counter(
             "evoxtral_stream_errors", "Stream error events, by code.", ["code"],
-            registry=self.registry)
+            registry=None)
         # Every label value known ahead is exported at 0 from the start: a
         # series that appeared only with its first event would hide that
         # event from increase() and rate(), and so from alerts.
@@ -72,8 +75,10 @@ class Metrics:
         for code in STREAM_ERROR_CODES:
             self.stream_errors.labels(code)
         self.streams_started = Counter(
-            "evoxtral_streams_started", "Streams opened.", registry=self.registry)
-        self._collector = _StatsCollector(engine, broadcaster)
+            "evoxtral_streams_started", "Streams opened.", registry=None)
+        self._collector = _StatsCollector(
+            engine, broadcaster, (self.final_latency, self.partial_latency, self.captions,
+                                  self.stream_errors, self.streams_started))
         self.registry.register(self._collector)
 
     def watch_mqtt(self, stats: Callable[[], MqttStats] | None) -> None:
@@ -114,9 +119,11 @@ class Metrics:
 class _StatsCollector(Collector):
     """Reads the engine's and broadcaster's counters at scrape time."""
 
-    def __init__(self, engine: Engine, broadcaster: Broadcaster | None) -> None:
+    def __init__(self, engine: Engine, broadcaster: Broadcaster | None,
+                 events: Iterable[Counter | Histogram] = ()) -> None:
         self._engine = engine
         self._broadcaster = broadcaster
+        self._events = tuple(events)
         self.mqtt: Callable[[], MqttStats] | None = None
 
     def describe(self) -> list[Metric]:
@@ -124,6 +131,11 @@ class _StatsCollector(Collector):
         return []
 
     def collect(self) -> Iterator[Metric]:
+        for metric in self._events:
+            for family in metric.collect():
+                family.samples = [s for s in family.samples
+                                  if not s.name.endswith("_created")]
+                yield family
         e = self._engine
         yield GaugeMetricFamily("evoxtral_ready", "1 when the model is loaded and serving.",
                                 value=1.0 if e.ready else 0.0)
