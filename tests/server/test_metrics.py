@@ -9,13 +9,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.engine import Engine
-from evoxtral_stream.events import STREAM_ERROR_CODES
+from evoxtral_stream.events import STREAM_ERROR_CODES, CaptionEvent
+from evoxtral_stream.server import app as app_module
 from evoxtral_stream.server.app import CaptionServer
 from evoxtral_stream.server.broadcast import Broadcaster
 from evoxtral_stream.server.metrics import Metrics
@@ -243,3 +245,36 @@ async def test_the_scrape_holds_only_documented_families_and_true_histograms() -
     total = hist[("evoxtral_final_latency_seconds_sum", None)]
     assert 0.0 <= total <= 3 * waited
     assert abs(total - sum(m["latency"] for m in finals)) < 0.01  # the wire rounds it
+
+
+async def test_an_ingest_client_closed_for_not_taking_its_last_events_is_counted(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ingest client that ends its audio but never reads its last events
+    is closed with 1013 ("subscriber too slow") once ``_FINALS_SENT_S`` has
+    passed, though its queue never overflowed: the operator counting slow
+    clients in ``evoxtral_subscribers_dropped_total`` counts it too."""
+    monkeypatch.setattr(app_module, "_FINALS_SENT_S", 0.5)
+    cfg = load_config(env={}, overrides={"server.port": 0, "server.subscriber_queue": 64})
+    text = "x" * 200_000  # a few of these fill every buffer between server and client
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        before = await scrape(server.port)
+        deaf = await asyncio.to_thread(raw_ws_handshake, server.port, "/v1/ingest?stream=deaf")
+        try:
+            deaf.sendall(client_text_frame(json.dumps({"type": "config", "sample_rate": 16000})))
+            async with asyncio.timeout(10):
+                while "deaf" not in engine.streams:
+                    await asyncio.sleep(0.01)
+            for seq in range(1, 31):  # fewer than server.subscriber_queue
+                server.broadcaster.publish(CaptionEvent(
+                    stream="deaf", segment=seq, seq=seq, final=True, text=text,
+                    plain_text=text, stable=text, unstable="", tags=(), start=0.0,
+                    end=1.0, latency=0.1))
+            deaf.sendall(client_text_frame(json.dumps({"type": "end"})))
+            assert close_code_of(await asyncio.to_thread(drain, deaf, 20)) == 1013
+        finally:
+            deaf.close()
+        after = await scrape(server.port)
+    assert before["evoxtral_subscribers_dropped_total"] == 0.0
+    assert after["evoxtral_subscribers_dropped_total"] == 1.0
+    assert after["evoxtral_subscribers"] == 0.0

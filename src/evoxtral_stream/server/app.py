@@ -821,6 +821,8 @@ class CaptionServer:
                 # Alive but not reading its own finals: closed as too slow
                 # (1013), not as a normal end (1000) without them and the summary.
                 too_slow = not pump.done()
+                if too_slow:
+                    self.broadcaster.drop_subscriber(sub)
                 return
             # The id is free from here, not before: a stream opened under it
             # while this connection still took its events would have reached

@@ -234,6 +234,15 @@ class Broadcaster:
     def unsubscribe(self, sub: Subscription) -> None:
         self._subs.discard(sub)
 
+    def drop_subscriber(self, sub: Subscription) -> None:
+        """:meth:`unsubscribe` for a connection closed as too slow (1013)
+        though its queue did not overflow (an ingest client not taking its
+        last events); counted in :attr:`dropped_subscribers` once, however
+        often it is called, as an overflow is."""
+        if sub in self._subs:
+            self._subs.discard(sub)
+            self.dropped_subscribers += 1
+
     def add_outbox(self, queue: asyncio.Queue[str]) -> None:
         """Have :meth:`flush` wait for ``queue`` too: the send queue of a
         connection that fills it itself, whose sender calls ``task_done()``
