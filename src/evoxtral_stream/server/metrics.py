@@ -236,15 +236,17 @@ class _StatsCollector(Collector):
 def _mqtt_metrics(m: MqttStats) -> Iterator[Metric]:
     yield GaugeMetricFamily("evoxtral_mqtt_connected", "1 while connected to the MQTT broker.",
                             value=1.0 if m.connected else 0.0)
-    yield GaugeMetricFamily("evoxtral_mqtt_queued", "Events waiting to be published.",
+    yield GaugeMetricFamily("evoxtral_mqtt_queued",
+                            "Messages waiting to be published (events and removals).",
                             value=float(m.queued))
     counters = {
-        "evoxtral_mqtt_published": ("Events the broker accepted.", m.published),
+        "evoxtral_mqtt_published": (
+            "Messages the broker accepted (events, removals, restated statuses).", m.published),
         "evoxtral_mqtt_superseded": (
             "Partials replaced while waiting by a newer partial or their final.",
             m.superseded),
         "evoxtral_mqtt_failed": (
-            "Events given up on: a failed publish, refused by the broker, or left at close.",
+            "Messages given up on: a failed publish, refused by the broker, or left at close.",
             m.failed),
         "evoxtral_mqtt_connects": ("Connections made to the broker.", m.connects),
         "evoxtral_mqtt_connect_failures": ("Connection attempts that failed.",

@@ -149,7 +149,9 @@ _TOPIC_UNSAFE = re.compile(
 
 @dataclass(frozen=True)
 class MqttStats:
-    """A snapshot of the publisher's counters (events, not MQTT packets).
+    """A snapshot of the publisher's counters (messages, not MQTT packets:
+    events, and the publisher's own: the removals of ended streams'
+    retained messages, and live statuses restated after a reconnect).
 
     ``published``: accepted by the broker (QoS 1: acknowledged). ``superseded``:
     partials replaced while waiting by a newer partial or the final of their
