@@ -30,10 +30,13 @@ from tests.helpers.audio import (
     collect_segments,
     frame_energies,
     noise,
+    rms,
     sine,
     spans,
     to_int16,
+    voiced_span,
 )
+from tests.speech import have_espeak, speak
 
 F = 480  # 30 ms frames at 16 kHz (the default vad.frame_ms)
 MS = SAMPLE_RATE // 1000
@@ -572,6 +575,121 @@ def test_property_chunking_invariance_on_speech(
     segs = collect_segments(whole, audio)
     assert len(segs) >= 4  # two ~2.5 s sentences, each split at least once
     assert all(s.end - s.start <= 2 * SAMPLE_RATE for s in segs)
+
+
+@st.composite
+def vad_configs(draw: st.DrawFn) -> VadConfig:
+    """Any valid ``[vad]`` table, frame lengths and odd (unaligned) durations included."""
+    return VadConfig(
+        aggressiveness=2, frame_ms=draw(st.sampled_from([10, 20, 30])),
+        start_window_ms=draw(st.integers(10, 600)),
+        start_ratio=draw(st.sampled_from([0.0, 0.3, 0.6, 1.0])),
+        end_silence_ms=draw(st.integers(30, 1500)), end_tail_ms=draw(st.integers(0, 600)),
+        pre_roll_ms=draw(st.integers(0, 1500)), min_speech_ms=draw(st.integers(0, 1000)),
+        max_segment_s=draw(st.sampled_from([2.0, 2.5, 3.0])),
+        split_search_s=draw(st.sampled_from([0.1, 0.3, 1.0, 1.9])),
+    )
+
+
+def run_with_flushes(cfg: VadConfig, audio: Int16Array, chunks: Sequence[int] | None,
+                     flushes: Sequence[int], keeps: Sequence[bool]) -> list[SegmentEvent]:
+    """Feed ``audio`` (cut by cycling ``chunks``) with a flush at each sample
+    position of ``flushes`` and at the end, the n-th a commit if ``keeps``
+    (cycled) says so."""
+    seg = Segmenter(cfg, classifier=loud)
+    events: list[SegmentEvent] = []
+    pos, i = 0, 0
+    for k, stop in enumerate([*flushes, len(audio)]):
+        while pos < stop:
+            n = min(chunks[i % len(chunks)], stop - pos) if chunks else stop - pos
+            events += seg.feed(audio[pos : pos + n])
+            pos, i = pos + n, i + 1
+        events += seg.flush(keep_candidate=keeps[k % len(keeps)])
+    return events
+
+
+@settings(max_examples=80, deadline=None)
+@given(cfg=vad_configs(), audio=timelines(), chunks=chunkings,
+       flushes=st.lists(st.integers(1, 150_000), max_size=3),
+       keeps=st.lists(st.booleans(), min_size=1, max_size=3))
+def test_property_any_config_with_cuts_is_chunking_invariant_and_bounded(
+    cfg: VadConfig, audio: Int16Array, chunks: list[int], flushes: list[int],
+    keeps: list[bool],
+) -> None:
+    """Every config, with flushes and commits in between: the events do not
+    depend on the chunking, no segment is longer than ``max_segment_s`` or
+    spans a flush, and every run of voiced frames long enough to be speech
+    by the start rule and ``min_speech_ms`` lies inside segments."""
+    cuts = sorted({f for f in flushes if f < len(audio)})
+    whole = run_with_flushes(cfg, audio, None, cuts, keeps)
+    assert norm(run_with_flushes(cfg, audio, chunks, cuts, keeps)) == norm(whole)
+    segs = collect_segments(whole, audio)
+    for s in segs:
+        assert s.end - s.start <= int(cfg.max_segment_s * SAMPLE_RATE)
+        assert not any(s.start < c < s.end for c in cuts), (spans([s]), cuts)
+    if cuts:
+        return  # the frame grid moves at a flush: the voiced runs below assume none
+    n = cfg.frame_ms * MS
+    voiced = [loud(audio[i : i + n]) for i in range(0, len(audio) - n + 1, n)]
+    window = max(1, round(cfg.start_window_ms / cfg.frame_ms))
+    need = max(1, math.ceil(cfg.start_ratio * window - 1e-9),
+               math.ceil(cfg.min_speech_ms / cfg.frame_ms))
+    covered = np.zeros(len(audio), dtype=bool)
+    for s in segs:
+        covered[s.start : s.end] = True
+    for is_voiced, group in itertools.groupby(enumerate(voiced), key=lambda iv: iv[1]):
+        frames = [i for i, _ in group]
+        if is_voiced and len(frames) >= need:
+            assert covered[frames[0] * n : (frames[-1] + 1) * n].all(), (frames, spans(segs))
+
+
+def pink_noise(n: int, seed: int) -> np.ndarray:
+    """Unit-RMS 1/f noise."""
+    spectrum = np.fft.rfft(np.random.default_rng(seed).normal(size=n))
+    spectrum /= np.sqrt(np.maximum(np.arange(len(spectrum)), 1))
+    x = np.fft.irfft(spectrum, n)
+    return np.asarray(x / np.sqrt(np.mean(x * x)))
+
+
+@pytest.fixture(scope="module")
+def words_in_pink_noise() -> Speech:
+    """A plosive onset ("Paper please.") and a soft /h/ ("Help me."), 1.5 s
+    apart, in pink noise 20 dB below the speech."""
+    if not have_espeak():
+        pytest.skip("espeak-ng is not installed")
+    parts: list[np.ndarray] = [np.zeros(SAMPLE_RATE)]
+    where: list[tuple[int, int]] = []
+    pos = SAMPLE_RATE
+    for text in ("Paper please.", "Help me."):
+        s = speak(text)
+        on, off = voiced_span(s, threshold=100)
+        where.append((pos, pos + off - on))
+        parts += [s[on:off].astype(np.float64), np.zeros(3 * SAMPLE_RATE // 2)]
+        pos += off - on + 3 * SAMPLE_RATE // 2
+    clean = np.concatenate(parts)
+    level = rms(np.concatenate(parts[1::2]))
+    return Speech(to_int16((clean + pink_noise(len(clean), 3) * level / 10) / 32767), where)
+
+
+@needs_espeak
+@pytest.mark.parametrize("aggressiveness", [0, 1, 2, 3])
+@pytest.mark.parametrize("frame_ms", [10, 20, 30])
+def test_every_frame_length_and_aggressiveness_keeps_whole_words_in_noise(
+    vad_cfg: VadConfig, words_in_pink_noise: Speech, frame_ms: int, aggressiveness: int
+) -> None:
+    """Each word is one segment holding it whole, its first and last sounds
+    (the "P", the "h", the trailing "s") with at least 150 ms to spare, and
+    pushing the audio 1, 159, 161 or 4000 samples at a time changes nothing."""
+    cfg = dataclasses.replace(vad_cfg, frame_ms=frame_ms, aggressiveness=aggressiveness)
+    audio = words_in_pink_noise.audio
+    whole = run(Segmenter(cfg), audio)
+    segs = collect_segments(whole, audio)
+    assert len(segs) == 2, spans(segs)
+    for s, (on, off) in zip(segs, words_in_pink_noise.spans, strict=True):
+        assert s.start <= on - 150 * MS and s.end >= off + 150 * MS, (spans([s]), on, off)
+        assert not s.forced
+    for chunks in ([1], [159], [161], [4000]):
+        assert norm(run(Segmenter(cfg), audio, chunks)) == norm(whole), chunks
 
 
 def test_held_end_is_where_a_pause_would_end_the_segment() -> None:
