@@ -474,6 +474,24 @@ def test_buzz_bursts_found_within_tolerance(vad_cfg: VadConfig) -> None:
         assert 0.2 - 0.031 <= s.end / SAMPLE_RATE - b <= 0.2 + 0.15
 
 
+@pytest.mark.parametrize("kind", ["buzz", "noise", "impulse"])
+def test_a_click_never_meets_the_start_rule(vad_cfg: VadConfig, kind: str) -> None:
+    """docs/config.md: with the defaults a 20 ms click is not even a
+    candidate, so a commit (``keep_candidate``) does not make it a segment."""
+    rng = np.random.default_rng(2)
+    for amp in (0.05, 0.3, 0.9):
+        for at in (SAMPLE_RATE, SAMPLE_RATE + 240, SAMPLE_RATE + 470):  # against the frames
+            x = noise(3.0, level=0.001, seed=4)
+            burst = {"buzz": buzz(0.02, amp=amp), "noise": rng.uniform(-amp, amp, 20 * MS),
+                     "impulse": np.r_[amp, -amp, np.zeros(20 * MS - 2)]}[kind]
+            x[at : at + 20 * MS] += burst
+            audio = to_int16(x)
+            seg = Segmenter(vad_cfg)
+            seg.feed(audio)
+            assert seg.candidate_start is None, (amp, at)
+            assert seg.flush(keep_candidate=True) == []
+
+
 # --- espeak-ng speech -----------------------------------------------------------------
 
 
