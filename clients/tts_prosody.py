@@ -119,9 +119,11 @@ _STRAY_MARKS = frozenset("[]()*")
 
 
 def _unspoken(c: str) -> bool:
-    """A stray tag mark, or a lone surrogate (a broken decoder's stand-in for
-    a bad byte: no character, and espeak-ng's input cannot encode it)."""
-    return c in _STRAY_MARKS or "\ud800" <= c <= "\udfff"
+    """A stray tag mark, or a bad byte's stand-in: U+FFFD, which the
+    tokenizer (and the server) writes for a lone surrogate (a broken
+    decoder's stand-in for one, no character), and which espeak-ng would
+    read out by its name; a surrogate itself too."""
+    return c in _STRAY_MARKS or c == "\ufffd" or "\ud800" <= c <= "\udfff"
 
 
 def _in_capitals(word: str) -> bool:
@@ -161,8 +163,9 @@ def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
     but bracketed text holding a digit is read out (:func:`spoken_bracket`).
     Consecutive words of one prosody form one :class:`Speak`; a span of
     punctuation alone is dropped. Control characters, espeak-ng markup (NUL
-    ends its input), are whitespace to the tokenizer; lone surrogates are
-    left out like stray brackets (a space), so the plan always encodes. Variants
+    ends its input), are whitespace to the tokenizer; lone surrogates (U+FFFD
+    once tokenized) and U+FFFD are left out like stray brackets (a space),
+    so the plan always encodes and no bad byte is read out. Variants
     (``(laughs)``, ``[WHISPERING]``) count as their canonical tag.
 
     A word in capitals (two or more letters, none in lower case: ``YES``,
