@@ -542,8 +542,9 @@ def redact_tokens(text: str) -> str:
     subprotocol (on a ``Sec-WebSocket-Protocol`` line, up to its comma, blanks
     included), ``token=`` query (and fragment) values, and the password of a URL's
     ``user:password@`` (a user name alone too); a quote that closes a quoted
-    URL or name stays (``got '...?token=***'``); so does the whole value
-    that websockets quotes when it cannot parse a header. Errs on the side of
+    URL or name stays (``got '...?token=***'``). The value (or line) that
+    websockets quotes when it cannot parse a header is redacted whole, to the
+    end of its line, quote included. Errs on the side of
     redacting: prose such as ``Authorization: Bearer TOKEN`` is redacted as
     well.
     """
