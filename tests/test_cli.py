@@ -2231,6 +2231,65 @@ async def test_sighups_close_together_are_applied_in_turn(
         assert await asyncio.wait_for(serving, 30) == 0
 
 
+async def test_a_sighup_storm_queues_at_most_one_reload_behind_the_running_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Reloads run in turn; the SIGHUPs that came while one ran used to
+    queue a reload each, without bound (a script looping `systemctl
+    reload`). One waiting reload reads the file after the running one,
+    which is all the others would do: they are folded into it."""
+    from evoxtral_stream.server.app import CaptionServer
+
+    real = CaptionServer.reload_auth
+    runs: list[int] = []
+
+    async def slow(self: CaptionServer, auth: Any) -> int:
+        runs.append(len(runs))
+        closed = await real(self, auth)
+        await asyncio.sleep(1.0)
+        return closed
+
+    monkeypatch.setattr(CaptionServer, "reload_auth", slow)
+    caplog.set_level("INFO", logger="evoxtral_stream")
+    conf = tmp_path / "serve.toml"
+    conf.write_text(_token("a"))
+    port = free_port()
+    args = argparse.Namespace(
+        config=str(conf), overrides=[], backend=None, log_format=None, debug=False,
+        quiet=False, port=port, host=None, no_partials=False, stream=None, no_print=True,
+        exit_at_end=False, source="none")
+    serving = asyncio.ensure_future(
+        _serve(args, _load_config(args), ScriptedBackend(words_so_far), "none", None))
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            async with connect(f"ws://127.0.0.1:{port}/v1/captions?token=a-secret"):
+                break
+        except OSError:
+            assert time.monotonic() < deadline and not serving.done()
+            await asyncio.sleep(0.05)
+    try:
+        for n in range(6):       # each a change, so each reload would apply one
+            conf.write_text(_token(f"t{n}"))
+            os.kill(os.getpid(), signal.SIGHUP)
+            await asyncio.sleep(0.1)
+        deadline = time.monotonic() + 15
+        while len(runs) < 2:
+            assert time.monotonic() < deadline, runs
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(2.5)  # time for any other queued reload to run
+        assert len(runs) == 2, runs
+        done = [r.getMessage() for r in caplog.records
+                if r.getMessage().startswith("reload: [auth]")]
+        assert len(done) == 2, done      # not 6: one per SIGHUP
+        # The waiting one read the file as the last SIGHUP left it.
+        async with connect(f"ws://127.0.0.1:{port}/v1/captions?token=t5-secret"):
+            pass
+    finally:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert await asyncio.wait_for(serving, 30) == 0
+
+
 def _ipv6_loopback() -> bool:
     try:
         with socket.socket(socket.AF_INET6) as s:

@@ -122,14 +122,22 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
         # One reload at a time: each compares the file with what the one
         # before it applied (running), and one still closing the clients its
         # tokens revoke must not record its older [auth] after a later one.
+        # At most one waits behind it (bounded): it reads the file once its
+        # turn comes, so later SIGHUPs until then are folded into it.
         in_turn = asyncio.Lock()
+        waiting: list[asyncio.Task[None]] = []
 
         async def reload_in_turn() -> None:
             async with in_turn:
+                waiting.clear()
                 await _reload(args, running, server, notifier, snapshot)
 
         def on_sighup() -> None:
+            if waiting:
+                log.info("reload: SIGHUP folded into the reload waiting for its turn")
+                return
             task = asyncio.ensure_future(reload_in_turn())
+            waiting.append(task)
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
