@@ -2171,6 +2171,26 @@ async def test_a_sighup_during_the_shutdown_is_ignored(tmp_path: Path) -> None:
     assert seen[-1]["type"] == "stream.ended", kinds
 
 
+async def _serve_tokens_in_process(conf: Path, first: str) -> tuple[asyncio.Future[int], int]:
+    """``serve --source none`` run in this process on config file ``conf``,
+    once it lets token ``first`` in: its task and its port."""
+    port = free_port()
+    args = argparse.Namespace(
+        config=str(conf), overrides=[], backend=None, log_format=None, debug=False,
+        quiet=False, port=port, host=None, no_partials=False, stream=None, no_print=True,
+        exit_at_end=False, source="none")
+    serving = asyncio.ensure_future(
+        _serve(args, _load_config(args), ScriptedBackend(words_so_far), "none", None))
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            async with connect(f"ws://127.0.0.1:{port}/v1/captions?token={first}-secret"):
+                return serving, port
+        except OSError:
+            assert time.monotonic() < deadline and not serving.done()
+            await asyncio.sleep(0.05)
+
+
 async def test_sighups_close_together_are_applied_in_turn(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two SIGHUPs close together ran two reloads at once. The first, slow
@@ -2193,13 +2213,7 @@ async def test_sighups_close_together_are_applied_in_turn(
     monkeypatch.setattr(CaptionServer, "reload_auth", first_is_slow)
     conf = tmp_path / "serve.toml"
     conf.write_text(_token("a"))
-    port = free_port()
-    args = argparse.Namespace(
-        config=str(conf), overrides=[], backend=None, log_format=None, debug=False,
-        quiet=False, port=port, host=None, no_partials=False, stream=None, no_print=True,
-        exit_at_end=False, source="none")
-    serving = asyncio.ensure_future(
-        _serve(args, _load_config(args), ScriptedBackend(words_so_far), "none", None))
+    serving, port = await _serve_tokens_in_process(conf, "a")
 
     async def gets_in(name: str) -> bool:
         try:
@@ -2208,14 +2222,6 @@ async def test_sighups_close_together_are_applied_in_turn(
         except InvalidStatus:
             return False
 
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            assert await gets_in("a")
-            break
-        except OSError:
-            assert time.monotonic() < deadline and not serving.done()
-            await asyncio.sleep(0.05)
     try:
         for name, wait_s in (("b", 0.3), ("c", 3.0), ("b", 0.5)):
             conf.write_text(_token(name))
@@ -2253,21 +2259,7 @@ async def test_a_sighup_storm_queues_at_most_one_reload_behind_the_running_one(
     caplog.set_level("INFO", logger="evoxtral_stream")
     conf = tmp_path / "serve.toml"
     conf.write_text(_token("a"))
-    port = free_port()
-    args = argparse.Namespace(
-        config=str(conf), overrides=[], backend=None, log_format=None, debug=False,
-        quiet=False, port=port, host=None, no_partials=False, stream=None, no_print=True,
-        exit_at_end=False, source="none")
-    serving = asyncio.ensure_future(
-        _serve(args, _load_config(args), ScriptedBackend(words_so_far), "none", None))
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            async with connect(f"ws://127.0.0.1:{port}/v1/captions?token=a-secret"):
-                break
-        except OSError:
-            assert time.monotonic() < deadline and not serving.done()
-            await asyncio.sleep(0.05)
+    serving, port = await _serve_tokens_in_process(conf, "a")
     try:
         for n in range(6):       # each a change, so each reload would apply one
             conf.write_text(_token(f"t{n}"))
