@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 from evoxtral_stream.config import load_config
@@ -64,6 +66,32 @@ async def test_a_failed_final_does_not_hold_back_later_segments(partials: bool) 
         assert finals[0].segment == 0
     assert isinstance(record.events[-1], StreamEnded)
     assert summary.errors == 1
+
+
+async def test_a_final_closed_after_its_decode_failed_says_how_long_it_took() -> None:
+    """A final whose decode failed is closed with the text its last partial
+    showed, and used to carry that partial's latency too (milliseconds here):
+    /metrics' final latency then read fastest exactly when finals failed.
+    Now its latency runs from its own request's ready time to its close."""
+    audio, _ = speech_with_pauses(SENTENCES[:2], pause_s=1.2)
+    bad = final_lengths(audio)[0]
+
+    class SlowToFail(ScriptedBackend):
+        def transcribe(self, batch: Sequence[npt.NDArray[np.float32]]) -> list[str]:
+            if any(len(a) == bad for a in batch):
+                time.sleep(0.5)
+            return super().transcribe(batch)
+
+    backend = SlowToFail(words_so_far, fail_when=lambda a: len(a) == bad)
+    cfg = load_config(overrides={"stream.pause_partial": False})
+    record = LatencyLog()
+    async with Engine(cfg, backend) as engine:
+        engine.add_listener(record)
+        await feed_samples(engine.open_stream("s"), audio, 1600, realtime=False)
+    finals = [e for e in record.events if isinstance(e, CaptionEvent) and e.final]
+    closed = [f for f in finals if f.segment == 0]
+    assert len(closed) == 1 and closed[0].text, finals
+    assert closed[0].latency is not None and closed[0].latency >= 0.5, closed[0]
 
 
 async def test_finals_refused_by_a_full_worker_are_retried_not_lost() -> None:
@@ -270,8 +298,6 @@ async def test_drafts_are_the_latest_partial_per_open_segment_and_bounded() -> N
 @pytest.mark.parametrize("pause_partial", [True, False])
 async def test_finals_at_a_pause_take_the_text_of_the_partial_of_the_same_audio(
         pause_partial: bool) -> None:
-    from collections.abc import Sequence
-
     from evoxtral_stream.engine.backends.base import Done, Job
     from evoxtral_stream.events import DecodeRequest
 

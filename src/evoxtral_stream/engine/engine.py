@@ -723,6 +723,13 @@ class Engine:
                 # Its final will never come: close the segment with what was
                 # shown so later segments of the stream are not held back.
                 closing = stream.merger.abandon(result.segment)
+                if result.ready_at is not None:
+                    # Not the partial's latency, which the text came with:
+                    # the final was waited for from its request until now.
+                    waited = max(0.0, self.now() - result.ready_at)
+                    closing = [dataclasses.replace(c, latency=waited)
+                               if c.final and c.segment == result.segment else c
+                               for c in closing]
             # The error first: it stands in for the segment's caption (a
             # client marks the segment's line there), and the closing final
             # with what was shown, if any, follows.

@@ -529,7 +529,8 @@ class ModelWorker:
 
     @staticmethod
     def _failure(req: DecodeRequest, message: str) -> DecodeFailure:
-        return DecodeFailure(req.stream, req.segment, req.revision, req.kind, message)
+        return DecodeFailure(req.stream, req.segment, req.revision, req.kind, message,
+                             req.ready_at)
 
     def _warms_up(self) -> bool:
         """The backend warms up before serving (stepping backends only)."""
@@ -726,8 +727,7 @@ class ModelWorker:
             with self._lock:
                 self._failed += 1
             self._answered(req)
-            self._deliver(DecodeFailure(req.stream, req.segment, req.revision, req.kind,
-                                        f"{type(e).__name__}: {e}"))
+            self._deliver(self._failure(req, f"{type(e).__name__}: {e}"))
             return
         done = self._clock()
         with self._lock:
