@@ -2663,24 +2663,41 @@ def _noise_wav(path: Path) -> Path:
     return path
 
 
+_SAYS_A_SURROGATE = r"""
+import sys
+from evoxtral_stream import cli as cli_module
+from tests.fakes import ScriptedBackend
+from tests.helpers.model_loader import replace_model_loader
+replace_model_loader(lambda cfg: ScriptedBackend(lambda a: "caf\udce9 ok"))
+sys.exit(cli_module.main(sys.argv[1:]))
+"""
+
+
+def _run_script(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -c script ARGS`` from the repository, as the command line runs."""
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(
+        [sys.executable, "-c", script, *args],
+        capture_output=True, text=True, errors="backslashreplace", timeout=120, cwd=root,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{root / 'src'}:{root}"})
+
+
 def test_a_lone_surrogate_in_the_model_text_is_written_as_a_replacement_character(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     """A backend's text holding a lone surrogate (what a decoder that uses
     surrogateescape makes of a byte that is no UTF-8) is no text: the
     --jsonl and subtitle listeners raised UnicodeEncodeError on its first
     caption and were removed, leaving a --jsonl file without the stream's
     captions or end, an empty talk.srt, and a traceback at the end with
     talk.vtt.part left. The tokenizer, which every caption's text goes
-    through, writes it as U+FFFD, as the console shows it."""
-    from evoxtral_stream import cli as cli_module
-    from evoxtral_stream.cli import transcribe as cli_transcribe
-
+    through, writes it as U+FFFD, as the console shows it. (In a process of
+    its own: transcribe ends a process that has daemon threads left with
+    os._exit, which would end a pytest-xdist worker.)"""
     wav = _noise_wav(tmp_path / "talk.wav")
-    monkeypatch.setattr(cli_transcribe, "load_backend",
-                        lambda cfg: ScriptedBackend(lambda a: "caf\udce9 ok"))
     srt, vtt, jsonl = tmp_path / "talk.srt", tmp_path / "talk.vtt", tmp_path / "all.jsonl"
-    assert cli_module.main(["transcribe", str(wav), "--srt", str(srt), "--vtt", str(vtt),
-                            "--jsonl", str(jsonl), "-q"]) == 0
+    proc = _run_script(_SAYS_A_SURROGATE, "transcribe", str(wav), "--srt", str(srt),
+                       "--vtt", str(vtt), "--jsonl", str(jsonl), "-q")
+    assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
     assert [e["type"] for e in events][-2:] == ["caption", "stream.ended"]
     assert events[-2]["final"] and events[-2]["text"] == "caf\ufffd ok"
@@ -2712,15 +2729,11 @@ def test_an_error_message_with_a_lone_surrogate_leaves_the_jsonl_file_whole(
     stopped there, without the stream's end, status 1 the only sign. The
     message goes with U+FFFD there, as on the wire. (In a process of its
     own: pytest-xdist cannot send a test's captured log holding the
-    surrogate back from its worker.)"""
+    surrogate back from its worker, and see above.)"""
     wav = _noise_wav(tmp_path / "talk.wav")
     jsonl = tmp_path / "all.jsonl"
-    root = Path(__file__).resolve().parents[1]
-    proc = subprocess.run(
-        [sys.executable, "-c", _FAILING_ON_A_SURROGATE_PATH, "transcribe", str(wav),
-         "--jsonl", str(jsonl), "-q"],
-        capture_output=True, text=True, errors="backslashreplace", timeout=120, cwd=root,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{root / 'src'}:{root}"})
+    proc = _run_script(_FAILING_ON_A_SURROGATE_PATH, "transcribe", str(wav),
+                       "--jsonl", str(jsonl), "-q")
     assert proc.returncode == 1, proc.stderr
     events = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
     assert events[-1]["type"] == "stream.ended"
