@@ -2682,6 +2682,32 @@ def _run_script(script: str, *args: str) -> subprocess.CompletedProcess[str]:
         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{root / 'src'}:{root}"})
 
 
+_EMBEDDED = r"""
+import sys, threading, time
+from evoxtral_stream import cli as cli_module
+from tests.fakes import ScriptedBackend
+from tests.helpers.model_loader import replace_model_loader
+replace_model_loader(lambda cfg: ScriptedBackend(lambda a: "words"))
+# The embedding program's own daemon thread (a monitor, a library's pool).
+threading.Thread(target=lambda: time.sleep(600), name="host-monitor", daemon=True).start()
+status = cli_module.main(sys.argv[1:])
+print(f"main returned {status}", flush=True)
+"""
+
+
+def test_main_returns_to_an_embedding_program_that_has_daemon_threads(tmp_path: Path) -> None:
+    """transcribe ended the whole process with os._exit whenever any daemon
+    thread was alive: that is for the model thread a second Ctrl-C left in
+    native code, but a program calling main() with a daemon thread of its
+    own (or a pytest-xdist worker) was ended with it. Now only the engine's
+    model threads count."""
+    wav = _noise_wav(tmp_path / "talk.wav")
+    proc = _run_script(_EMBEDDED, "transcribe", str(wav), "--srt", str(tmp_path / "t.srt"),
+                       "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "main returned 0", proc.stdout
+
+
 def test_a_lone_surrogate_in_the_model_text_is_written_as_a_replacement_character(
         tmp_path: Path) -> None:
     """A backend's text holding a lone surrogate (what a decoder that uses

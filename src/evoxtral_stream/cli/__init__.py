@@ -34,7 +34,6 @@ try:
     )
 
     watch_ctrl_c()
-    import threading
     from collections.abc import Sequence
     from dataclasses import replace
 
@@ -46,6 +45,7 @@ try:
         _drop_what_stdout_cannot_take,
         _exit_leaving_threads,
         _late_stops_ignored_to_the_exit,
+        _model_threads_left,
         _stand_in_for_closed_streams,
         _stops_ignored_to_the_exit,
     )
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.warning("interrupted")
         else:
             say_interrupted(json_mode=False)
-        if any(t.daemon and t.is_alive() for t in threading.enumerate()):
+        if _model_threads_left():
             # A second Ctrl-C cut the engine's shutdown short (asyncio.run
             # raises it at once): the model thread may still be inside
             # native code, where interpreter exit would crash it.

@@ -23,6 +23,20 @@ EXIT_USAGE = 2
 EXIT_STDOUT_CLOSED = 141
 
 
+#: The engine's threads that may still be inside the model's native code
+#: when a shutdown gave up on them (engine.worker, engine.engine).
+_MODEL_THREADS = frozenset({"model-worker", "model-worker-stop"})
+
+
+def _model_threads_left() -> bool:
+    """Whether a model thread is still alive (a second Ctrl-C cut the
+    shutdown short): only then must :func:`_exit_leaving_threads` end the
+    process. Other daemon threads (an embedding program's, a library's) do
+    not count: ``main()`` returns to its caller past them."""
+    return any(t.daemon and t.is_alive() and t.name in _MODEL_THREADS
+               for t in threading.enumerate())
+
+
 def _exit_leaving_threads(code: int) -> NoReturn:
     """End the process with ``code`` now, without Python's finalization.
 

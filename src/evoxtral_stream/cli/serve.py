@@ -25,7 +25,7 @@ from ..engine.engine import Engine
 from ..events import SAMPLE_RATE, Int16Array, stream_id_problem
 from ..server.app import CaptionServer, check_listen
 from ..systemd import Notifier, Snapshot, monotonic_usec, supervise
-from .exits import _exit_leaving_threads, _ignore_late_stops
+from .exits import _exit_leaving_threads, _ignore_late_stops, _model_threads_left
 from .messages import UserError, _notice, log
 from .parser import _load_config
 from .streams import _file_stream_id
@@ -81,7 +81,7 @@ def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
     finally:
         if notifier is not None:
             notifier.close()
-    if any(t.daemon and t.is_alive() for t in threading.enumerate()):
+    if _model_threads_left():
         _exit_leaving_threads(code)
     return code
 
