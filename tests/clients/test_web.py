@@ -430,6 +430,8 @@ async def test_microphone_language_and_stream_name(browser: Browser) -> None:
         page = await Page.open(browser, f"http://127.0.0.1:{server.port}/?mic=desk-1")
         try:
             await page.wait_for(f"{STATUS} === 'live'")
+            # 'live' is the socket's open; the picker fills at the hello after it.
+            await page.wait_for("document.getElementById('language').options.length > 0")
             assert await page.evaluate(
                 "[...document.getElementById('language').options].map(o => o.value)"
             ) == ["en", "de", "fr"]
