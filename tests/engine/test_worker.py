@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import os
 import queue
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -174,6 +177,46 @@ def test_stop_finishes_queued_work() -> None:
     w.stop(10)
     assert not w.alive
     assert out.qsize() == 6
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
+def test_stop_returns_once_the_model_thread_has_ended_natively() -> None:
+    """``join`` returns at the thread's Python end; its native end (C++
+    thread-locals: torch's TLS stash, which takes the GIL to let go of its
+    objects) comes after. An interpreter exit in that gap aborted the process
+    ("terminate called without an active exception"). A slow thread-local
+    destructor stands in for torch's here."""
+    libc = ctypes.CDLL(None)
+    ended = threading.Event()
+
+    def slow(_: int | None) -> None:
+        time.sleep(0.5)
+        ended.set()
+
+    slow_destructor = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(slow)
+
+    key = ctypes.c_uint()
+    assert libc.pthread_key_create(ctypes.byref(key), slow_destructor) == 0
+    native: list[int] = []
+
+    class Backend(ScriptedBackend):
+        def transcribe(self, batch: Sequence[npt.NDArray[np.float32]]) -> list[str]:
+            native.append(threading.get_native_id())
+            assert libc.pthread_setspecific(key, ctypes.c_void_p(1)) == 0
+            return super().transcribe(batch)
+
+    try:
+        out: queue.Queue[WorkerResult] = queue.Queue()
+        w = ModelWorker(Backend(), CFG, out.put)
+        w.start()
+        assert w.submit(req("s0", 0, 1, RequestKind.FINAL, 10, ready_at=time.monotonic()))
+        results(out, 1)
+        w.stop(10)
+        assert ended.is_set()
+        assert not os.path.exists(f"/proc/self/task/{native[0]}")
+    finally:
+        ended.wait(10)
+        libc.pthread_key_delete(key)
 
 
 def test_start_twice_is_an_error() -> None:

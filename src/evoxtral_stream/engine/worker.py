@@ -62,6 +62,7 @@ reload hung on a faulted GPU must not look healthy forever). Acting on it
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sys
 import threading
@@ -99,6 +100,32 @@ _LAG_WARN_S = 1.0
 _LAG_LOG_EVERY_S = 5.0
 # A reload or warm-up counts as stalled after this many stall_timeout_s.
 _SLOW_PHASE_FACTOR = 10
+# How long a stop waits for the ended model thread's native end.
+_NATIVE_END_S = 2.0
+_TASKS = "/proc/self/task"
+
+
+def _native_end(thread: threading.Thread, timeout: float) -> bool:
+    """Wait up to ``timeout`` s until the OS thread behind the ended ``thread``
+    is gone; False if it is still there (or cannot be told: not Linux).
+
+    ``join`` returns at the thread's Python end, and its C++ thread-locals go
+    after: torch's TLS stash (CUDA-graph state) takes the GIL to let go of its
+    objects. A process that exits in that gap aborts ("terminate called
+    without an active exception", status 134): the destructor wakes inside
+    the interpreter's finalization, which ends the thread through a
+    ``noexcept`` frame. Sleeping here lets it have the GIL first.
+    """
+    native = thread.native_id
+    if native is None or not os.path.isdir(_TASKS):
+        return False
+    path = f"{_TASKS}/{native}"
+    deadline = time.monotonic() + timeout
+    while os.path.exists(path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 @dataclass(frozen=True)
@@ -252,6 +279,9 @@ class ModelWorker:
         thread = self._thread
         if thread is not None:
             thread.join(timeout)
+            if not thread.is_alive():
+                _native_end(thread, _NATIVE_END_S if timeout is None
+                            else min(timeout, _NATIVE_END_S))
         self._thread = None
 
     @property

@@ -319,6 +319,7 @@ torch._C._stash_obj_in_tls = stealing
 if hasattr(cudagraph_trees, "_initialize_tls"):
     del cudagraph_trees._initialize_tls
 from evoxtral_stream.engine.backends.voxtral.slots import graphs_in_this_thread
+from evoxtral_stream.engine.worker import _native_end
 
 kept = []
 
@@ -331,6 +332,9 @@ for _ in range(3):  # the model thread, then two restarted workers
     thread = threading.Thread(target=model_thread)
     thread.start()
     thread.join()
+    # As the engine's stop does: the stash goes at the native end, after the
+    # join, and an exit before it aborts the process (CI, once).
+    _native_end(thread, 10)
 for containers, locks in kept:
     assert containers == {} and sys.getrefcount(containers) >= 2, sys.getrefcount(containers)
     locks[0]
