@@ -101,6 +101,9 @@ async def test_a_hung_model_cannot_hold_shutdown_and_no_shown_text_is_lost(
     finals = [e for e in of("shown") if isinstance(e, CaptionEvent) and e.final]
     # The final is the last text shown, not nothing; and it reached the journal.
     assert len(finals) == 1 and finals[0].text == partials[-1].text != ""
+    # Its latency is how long its own final was waited for (the end of its
+    # speech to the close, past the 0.5 s drain), not the partial's.
+    assert finals[0].latency is not None and finals[0].latency >= 0.5, finals[0]
     lines = [json.loads(x) for f in (tmp_path / "j").glob("shown.*")
              for x in f.read_text().splitlines()]
     assert [(m["seq"], m["final"], m["text"]) for m in lines if m["type"] == "caption"] == [

@@ -722,14 +722,8 @@ class Engine:
             if result.kind is RequestKind.FINAL:
                 # Its final will never come: close the segment with what was
                 # shown so later segments of the stream are not held back.
-                closing = stream.merger.abandon(result.segment)
-                if result.ready_at is not None:
-                    # Not the partial's latency, which the text came with:
-                    # the final was waited for from its request until now.
-                    waited = max(0.0, self.now() - result.ready_at)
-                    closing = [dataclasses.replace(c, latency=waited)
-                               if c.final and c.segment == result.segment else c
-                               for c in closing]
+                closing = self._waited(stream.merger.abandon(result.segment),
+                                       result.segment, result.ready_at)
             # The error first: it stands in for the segment's caption (a
             # client marks the segment's line there), and the closing final
             # with what was shown, if any, follows.
@@ -743,6 +737,19 @@ class Engine:
         self._partial_for_final(stream, result)
         stream._update_idle()
         stream._check_done()
+
+    def _waited(self, closing: list[CaptionEvent], segment: int,
+                ready_at: float | None) -> list[CaptionEvent]:
+        """``closing`` with ``segment``'s final, closed without its own decode
+        (failed, or abandoned at a shutdown), carrying how long that final was
+        waited for: from its request (``ready_at``) until now. Not the latency
+        of the partial whose text it took (milliseconds, so /metrics' final
+        latency would read fastest exactly when finals were not decoded)."""
+        if ready_at is None:
+            return closing
+        waited = max(0.0, self.now() - ready_at)
+        return [dataclasses.replace(c, latency=waited) if c.final and c.segment == segment
+                else c for c in closing]
 
     def _emit_captions(self, stream: Stream, events: list[CaptionEvent]) -> None:
         for event in events:
@@ -883,10 +890,13 @@ class Engine:
         closed: set[int] = set()
         # In order, so that no abandoned segment waits for an earlier one.
         for segment in sorted(owed):
-            events = stream.merger.abandon(segment)
+            events = self._waited(stream.merger.abandon(segment), segment,
+                                  stream.session.final_ready_at(segment))
             closed.update(e.segment for e in events if e.final)
             self._emit_captions(stream, events)
         events = stream.merger.close()
+        for segment in owed - closed:  # held behind a segment that closes here
+            events = self._waited(events, segment, stream.session.final_ready_at(segment))
         closed.update(e.segment for e in events if e.final)
         self._emit_captions(stream, events)
         lost = sorted(owed - closed)

@@ -92,7 +92,8 @@ class StreamSession:
         self._open: _OpenSegment | None = None
         self._next_segment = 0
         self._partial_in_flight: tuple[int, int] | None = None
-        self._finals_outstanding: set[int] = set()
+        # Segment -> the ready time of its final's request.
+        self._finals_outstanding: dict[int, float] = {}
         self._samples_in = 0
         self._partials = 0
         self._finals = 0
@@ -125,7 +126,7 @@ class StreamSession:
     def on_result(self, result: Hypothesis | DecodeFailure) -> None:
         """Account for a result of this stream coming back from the worker."""
         if result.kind is RequestKind.FINAL:
-            self._finals_outstanding.discard(result.segment)
+            self._finals_outstanding.pop(result.segment, None)
             return
         if self._partial_in_flight == (result.segment, result.revision):
             self._partial_in_flight = None
@@ -178,6 +179,10 @@ class StreamSession:
         """Segments whose final was requested and has not come back, in order."""
         return tuple(sorted(self._finals_outstanding))
 
+    def final_ready_at(self, segment: int) -> float | None:
+        """When ``segment``'s outstanding final was requested (None: none is)."""
+        return self._finals_outstanding.get(segment)
+
     @property
     def position(self) -> int:
         """Samples received so far."""
@@ -212,7 +217,7 @@ class StreamSession:
     def _final(self, seg: _OpenSegment, ev: SpeechEnded, now: float) -> DecodeRequest:
         seg.revision += 1
         self._finals += 1
-        self._finals_outstanding.add(seg.index)
+        self._finals_outstanding[seg.index] = now
         # The partial made at this pause decoded exactly the final's audio:
         # its text is the final's (the engine waits for it if need be).
         reuse = seg.exact[0] if seg.exact is not None and seg.exact[1] == ev.sample else None
