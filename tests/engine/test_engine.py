@@ -159,6 +159,35 @@ async def test_a_final_retried_while_the_inbox_is_full_is_refused_once() -> None
     assert stats.worker.submitted == 12
 
 
+async def test_every_final_a_full_inbox_refused_is_counted_once() -> None:
+    """A final that goes straight behind its stream's waiting finals is not
+    offered then; when it was later refused, it went uncounted (its offers
+    all counted as "again"): ``evoxtral_worker_refused_total`` read low
+    exactly under overload. Now each final the inbox refused counts once."""
+    audio, _ = speech_with_pauses(SENTENCES, pause_s=1.2)
+    refused: set[tuple[str, int]] = set()
+    async with _one_slot_engine() as engine:
+        worker = engine._worker
+        assert worker is not None
+        submit = worker.submit
+
+        def recording(req: DecodeRequest, *, again: bool = False) -> bool:
+            taken = submit(req, again=again)
+            if not taken:
+                refused.add((req.stream, req.segment))
+            return taken
+
+        worker.submit = recording  # type: ignore[method-assign,assignment]
+        streams = [engine.open_stream(f"s{i}") for i in range(4)]
+        for s in streams:
+            s.push(audio)
+        for s in streams:
+            await s.close()
+        stats = engine.stats()
+    assert refused, "the test must overflow the worker inbox"
+    assert stats.worker.refused == len(refused)
+
+
 async def test_a_file_read_without_partials_stays_a_batch_of_finals_ahead() -> None:
     """transcribe --no-partials at full speed: nothing held the reader back,
     so every final of a file was handed over at once, each with its audio,
@@ -335,12 +364,12 @@ async def test_finals_at_a_pause_take_the_text_of_the_partial_of_the_same_audio(
     assert isinstance(record.events[-1], StreamEnded)
 
 
-class _ScanCountingDeque(deque[tuple[Stream, DecodeRequest]]):
+class _ScanCountingDeque(deque[tuple[Stream, DecodeRequest, bool]]):
     """The engine's backlog, counting the entries that scans of it read."""
 
     scanned = 0
 
-    def __iter__(self) -> Iterator[tuple[Stream, DecodeRequest]]:
+    def __iter__(self) -> Iterator[tuple[Stream, DecodeRequest, bool]]:
         for item in super().__iter__():
             self.scanned += 1
             yield item
@@ -349,7 +378,7 @@ class _ScanCountingDeque(deque[tuple[Stream, DecodeRequest]]):
 def _assert_backlog_counted(engine: Engine) -> None:
     """The per-stream counts match the backlog's entries (read unscanned)."""
     entries = deque.__iter__(engine._backlog)
-    assert engine._backlog_of == Counter(s.id for s, _ in entries)
+    assert engine._backlog_of == Counter(s.id for s, _, _ in entries)
 
 
 async def test_a_large_backlog_is_not_scanned_per_final() -> None:

@@ -345,7 +345,10 @@ class Engine:
         self._samples_in = 0
         self._listeners: list[Listener] = []
         self._streams: dict[str, Stream] = {}
-        self._backlog: deque[tuple[Stream, DecodeRequest]] = deque()
+        # (stream, final, whether the inbox refused it once already): a final
+        # that went straight behind its stream's was never offered, and its
+        # first refusal still counts in the worker's ``refused``.
+        self._backlog: deque[tuple[Stream, DecodeRequest, bool]] = deque()
         # How many of the backlog's finals each stream has (none: absent),
         # kept in step with it: asked per final, where a scan of a backlog
         # of many streams' finals would cost quadratic time under overload.
@@ -642,7 +645,7 @@ class Engine:
         # The backlog holds only finals the full inbox refused, at most one
         # per segment that ended meanwhile; it drains as fast as the worker
         # decodes, and its length is in EngineStats and /metrics.
-        self._backlog.append((stream, req))
+        self._backlog.append((stream, req, not behind))
         self._backlog_of[stream.id] += 1
         now = self.now()
         if now - self._backlog_logged_at >= _BACKLOG_LOG_EVERY_S:
@@ -696,8 +699,9 @@ class Engine:
         self._retry_handle = None
         assert self._worker is not None
         while self._backlog:
-            stream, req = self._backlog[0]
-            if not self._worker.submit(req, again=True):
+            stream, req, refused = self._backlog[0]
+            if not self._worker.submit(req, again=refused):
+                self._backlog[0] = (stream, req, True)
                 break
             self._backlog.popleft()
             self._backlog_of[stream.id] -= 1
