@@ -1039,11 +1039,18 @@ async def test_quiet_hides_every_status_line_as_in_json_mode(tmp_path: Path) -> 
         assert done.stderr == "" and "] " in done.stdout
 
 
-def test_devices_without_a_sound_card_is_one_line() -> None:
+def test_devices_without_a_sound_card_is_one_line(tmp_path: Path) -> None:
     proc = cli("devices")
     if proc.returncode == 0:
         pytest.skip("this machine has an audio input device")
     one_error_line(proc, "no audio input device")
+    # devices needs nothing of the config: one that does not load (an
+    # audio.device left as a placeholder, the reason to list the devices)
+    # does not stop it.
+    conf = tmp_path / "evoxtral.toml"
+    conf.write_text('[audio]\ndevice = 3.5\n')
+    assert "audio.device" in one_error_line(cli("serve", "--config", str(conf)))
+    one_error_line(cli("devices", "--config", str(conf)), "no audio input device")
 
 
 def test_serve_without_its_microphone_is_one_line_before_the_model_loads() -> None:

@@ -71,8 +71,9 @@ __all__ = ["main"]
 #: Commands that use nothing of the config but its logging, and so run on
 #: the built-in defaults when it does not load: hash-token makes the hash
 #: that a [[auth.tokens]] entry still lacks (a placeholder, or the token
-#: pasted there), the very error its config would stop it on.
-_WITHOUT_CONFIG = frozenset({"hash-token"})
+#: pasted there), the very error its config would stop it on; devices lists
+#: what a broken ``audio.device`` should name.
+_WITHOUT_CONFIG = frozenset({"hash-token", "devices"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
