@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -280,3 +282,58 @@ def test_a_path_that_cannot_be_looked_at_is_an_audio_input_error(tmp_path: Path)
     the way it may not search) raised a bare OSError, a traceback in the CLI."""
     with pytest.raises(AudioInputError, match="File name too long"):
         read_audio_file(tmp_path / ("a" * 300 + ".wav"))
+
+
+def _through_a_fifo(tmp_path: Path, data: bytes) -> tuple[Path, threading.Thread]:
+    """A named pipe that a thread fills with ``data`` once it is opened for
+    reading (as ``<(ffmpeg ...)`` or ``cat x | ... /dev/stdin`` give a pipe)."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+
+    def write() -> None:
+        # open() blocks until the reader opens the pipe.
+        with contextlib.suppress(BrokenPipeError), open(fifo, "wb") as f:
+            f.write(data)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    return fifo, writer
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+@pytest.mark.parametrize(("fmt", "subtype"), [("WAV", "PCM_16"), ("FLAC", "PCM_16"),
+                                              ("CAF", "PCM_16"), ("OGG", "VORBIS")])
+def test_a_pipe_is_read_as_the_same_file_on_disk(tmp_path: Path, fmt: str, subtype: str) -> None:
+    """A pipe (``transcribe <(ffmpeg ... -f flac -)``, ``curl ... |
+    transcribe /dev/stdin``) gives what the file gives. libsndfile seeks in
+    some formats: a FLAC from a pipe was refused as "not audio ... convert
+    it to WAV or FLAC", and a CAF gave "contains no audio"."""
+    x = (sine(440, 2.0, 44100, amp=0.4)).astype(np.float32)
+    disk = tmp_path / f"a.{fmt.lower()}"
+    sf.write(disk, x, 44100, format=fmt, subtype=subtype)
+    want = read_audio_file(disk)
+    fifo, writer = _through_a_fifo(tmp_path, disk.read_bytes())
+    got = read_audio_file(fifo)
+    writer.join(10)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_flac_cut_short_in_a_pipe_gives_the_audio_before_the_cut(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The damaged-file reading (read again up to the damage) works on a
+    pipe too, which cannot be read twice."""
+    x = np.random.default_rng(4).integers(-8000, 8000, 5 * SAMPLE_RATE).astype(np.int16)
+    sf.write(tmp_path / "whole.flac", x, SAMPLE_RATE)
+    data = (tmp_path / "whole.flac").read_bytes()
+    (tmp_path / "cut.flac").write_bytes(data[: int(len(data) * 0.6)])
+    want = read_audio_file(tmp_path / "cut.flac")
+    fifo, writer = _through_a_fifo(tmp_path, data[: int(len(data) * 0.6)])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"):
+        got = read_audio_file(fifo)
+    writer.join(10)
+    np.testing.assert_array_equal(got, want)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert str(fifo) in warning and "damaged" in warning

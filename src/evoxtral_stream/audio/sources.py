@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf  # type: ignore[import-untyped,unused-ignore]
@@ -61,7 +63,10 @@ def read_audio_file(path: str | os.PathLike[str]) -> Int16Array:
 
     A file damaged after some audio (a FLAC cut short) gives the audio
     before the damage, with a warning naming the file, as a WAV or OGG cut
-    short gives its audio; damage before any audio is an error."""
+    short gives its audio; damage before any audio is an error.
+
+    A pipe (``<(ffmpeg ...)``, ``/dev/stdin``) is copied to a temporary file
+    first, then read as that file: libsndfile seeks in some formats."""
     return read_audio_channels(path, [()])[0]
 
 
@@ -85,14 +90,56 @@ def read_audio_channels(path: str | os.PathLike[str], mixes: Sequence[Sequence[i
             raise AudioInputError(f"audio file {p} does not exist")
         if p.is_dir():
             raise AudioInputError(f"audio file {p} is a directory, not a file")
+        mode = p.stat().st_mode
     except OSError as e:  # a name too long, a folder on the way that cannot be searched
         raise AudioInputError(f"cannot read audio file {p}: {e.strerror or e}") from None
-    # As bytes on POSIX: soundfile encodes a str path strictly, so a name
-    # with bytes that are no UTF-8 (held as surrogates) would not open.
-    name = str(p) if os.name == "nt" else os.fsencode(p)
+    with contextlib.ExitStack() as stack:
+        if stat.S_ISFIFO(mode):
+            return _read_channels(p, _copied(p, stack), mixes, channels_from)
+        # As bytes on POSIX: soundfile encodes a str path strictly, so a name
+        # with bytes that are no UTF-8 (held as surrogates) would not open.
+        return _read_channels(p, str(p) if os.name == "nt" else os.fsencode(p), mixes,
+                              channels_from)
+
+
+#: Bytes copied at a time from a pipe into its temporary file.
+_COPY_BYTES = 1 << 20
+
+
+def _copied(p: Path, stack: contextlib.ExitStack) -> BinaryIO:
+    """The bytes of the pipe ``p`` (``<(ffmpeg ...)``, ``/dev/stdin``) in a
+    temporary file that ``stack`` deletes: libsndfile seeks in some formats
+    (a FLAC or CAF from a pipe was refused, or read as empty), and a damaged
+    file is read twice. On disk, not in memory: the pipe may hold hours of
+    audio at its own rate."""
+    try:
+        # Kept open past this function (closing deletes it): the stack closes it.
+        copy: BinaryIO = stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115
+        with open(p, "rb") as source:
+            while block := source.read(_COPY_BYTES):
+                copy.write(block)
+        copy.flush()  # a full disk shows here, not in the decoder
+    except OSError as e:
+        raise AudioInputError(f"cannot copy audio from pipe {p} to a temporary file: "
+                              f"{e.strerror or e}") from None
+    return copy
+
+
+def _open(source: str | bytes | BinaryIO) -> sf.SoundFile:
+    """``source`` opened from its start (a file's name, or a pipe's copy)."""
+    if isinstance(source, str | bytes):
+        return sf.SoundFile(source)
+    source.seek(0)
+    return sf.SoundFile(source, closefd=False)
+
+
+def _read_channels(p: Path, source: str | bytes | BinaryIO, mixes: Sequence[Sequence[int]],
+                   channels_from: str) -> list[Int16Array]:
+    """:func:`read_audio_channels` of ``source``, the file ``p`` (named in
+    messages) or a pipe's copy."""
     try:
         with _decoder_prints_logged(p):
-            with sf.SoundFile(name) as f:
+            with _open(source) as f:
                 rate = int(f.samplerate)
                 if rate < MIN_FILE_RATE:
                     raise AudioInputError(
@@ -110,7 +157,7 @@ def read_audio_channels(path: str | os.PathLike[str], mixes: Sequence[Sequence[i
                 parts, decoded, damage = _decode(f, mixes, None)
             if damage is not None:
                 parts = []
-                with sf.SoundFile(name) as f:
+                with _open(source) as f:
                     parts, decoded, _ = _decode(f, mixes, decoded)
                 if decoded == 0:
                     raise damage
