@@ -65,10 +65,12 @@ at or below a seq already read are ignored, so a replay never synthesises
 twice.
 
 Restarts. With ``--state FILE`` the bridge keeps, after every final it
-handles, its epoch and each stream's last final (seq, session, segment) in
-FILE (:func:`write_state`, atomic), and a bridge started again resumes from
-it (:func:`read_state`): nothing said while it was down is missed, nothing
-handled is spoken again, and file names go on.
+handles, its epoch and each stream's last final (seq, session, segment, and
+the emotion and delivery tags in effect at its end) in FILE
+(:func:`write_state`, atomic), and a bridge started again resumes from it
+(:func:`read_state`): nothing said while it was down is missed, nothing
+handled is spoken again, file names go on, and a final continuing the last
+one handled gets its tags put back as without the restart.
 
 A server with access tokens gets ``--token`` (default ``$EVOXTRAL_TOKEN``)
 as ``Authorization: Bearer``; a refused token stops the bridge with one line.
@@ -207,6 +209,12 @@ class Final:
         """What the synthesiser is given: ``restated`` and ``text``."""
         return f"{self.restated} {self.text}" if self.restated else self.text
 
+    @property
+    def carry(self) -> Carry:
+        """The emotion and delivery tags in effect at the end of :attr:`spoken`:
+        what a final continuing this one restates (:func:`restated_tags`)."""
+        return Carry().advance_all(tokenize(self.spoken))
+
     def continues(self, prev: Final) -> bool:
         """Whether this final goes on where ``prev`` stopped: the server
         marked it so (:attr:`split`: speech longer than ``vad.max_segment_s``)
@@ -236,11 +244,16 @@ class Final:
 class SavedState:
     """What ``--state`` keeps: the epoch and, per stream, the seq of the last
     final handled (synthesised, failed or skipped) and its session and
-    segment, so that a restarted bridge resumes after it, naming its files on."""
+    segment, so that a restarted bridge resumes after it, naming its files on;
+    and ``tags``: the emotion and delivery tags in effect at that final's end
+    (:attr:`Final.carry`; streams with none left out), which the next final
+    restates when it continues that one (a restart inside speech split for
+    length speaks it as a bridge that ran on would)."""
 
     epoch: str | None
     since: dict[str, int]
     sessions: dict[str, tuple[int, int]]
+    tags: dict[str, Carry] = field(default_factory=dict)
 
 
 def read_state(path: Path) -> SavedState | None:
@@ -258,12 +271,27 @@ def read_state(path: Path) -> SavedState | None:
         epoch = obj["epoch"]
         since = {str(k): int(v) for k, v in obj["since"].items() if int(v) >= 0}
         sessions = {str(k): (int(v[0]), int(v[1])) for k, v in obj["sessions"].items()}
+        # A state an older bridge wrote has no "tags": none in effect.
+        tags = {str(k): _read_carry(v) for k, v in obj.get("tags", {}).items()}
         if epoch is not None:
             epoch = parse_epoch([epoch])
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError):
         raise BridgeError(f"the state file {path} is damaged (not what --state writes); "
                           "move it away to start afresh") from None
-    return SavedState(epoch, since, sessions)
+    return SavedState(epoch, since, sessions, {k: c for k, c in tags.items() if c != Carry()})
+
+
+def _carry_text(carry: Carry) -> str:
+    """``carry`` as the state file keeps it: its tags as text, ``"[sad] [whispers]"``."""
+    return " ".join(f"[{name}]" for name in (carry.emotion, carry.delivery) if name is not None)
+
+
+def _read_carry(text: object) -> Carry:
+    """The tags a state file's ``"[sad] [whispers]"`` holds (other tags are
+    ignored); raises TypeError for anything but a string."""
+    if not isinstance(text, str):
+        raise TypeError("not tags")
+    return Carry().advance_all(tok for tok in tokenize(text) if tok.carries)
 
 
 def next_state(saved: SavedState, final: Final, ended: Collection[str] = ()) -> SavedState:
@@ -284,7 +312,10 @@ def next_state(saved: SavedState, final: Final, ended: Collection[str] = ()) -> 
     since = {s: since[s] for s in reversed(resume_since(since, ended))}
     sessions = {s: v for s, v in saved.sessions.items() if s in since or s in saved.since}
     sessions[final.stream] = (final.session, final.segment)
-    return SavedState(final.epoch, since, sessions)
+    tags = {s: c for s, c in saved.tags.items() if s in sessions and s != final.stream}
+    if final.carry != Carry():
+        tags[final.stream] = final.carry
+    return SavedState(final.epoch, since, sessions, tags)
 
 
 def write_state(path: Path, state: SavedState) -> None:
@@ -292,7 +323,8 @@ def write_state(path: Path, state: SavedState) -> None:
     # A lone surrogate (an id from JSON) can only be inside a JSON string:
     # backslashreplace writes it as JSON's own escape for it, "\ud800".
     data = json.dumps({"epoch": state.epoch, "since": state.since,
-                       "sessions": {k: list(v) for k, v in state.sessions.items()}},
+                       "sessions": {k: list(v) for k, v in state.sessions.items()},
+                       "tags": {k: _carry_text(v) for k, v in state.tags.items()}},
                       ensure_ascii=False).encode("utf-8", "backslashreplace") + b"\n"
     part = path.with_name(path.name + ".part")
     with open(part, "wb") as f:
@@ -463,8 +495,13 @@ class TtsBridge:
                               if not cfg.streams or s in cfg.streams}
             self._session = {k: v[0] for k, v in saved.sessions.items()}
             self._last_segment = {k: v[1] for k, v in saved.sessions.items()}
-        # Per stream: its last final, and the tags in effect at its end.
-        self._tail: dict[str, tuple[Final, Carry]] = {}
+        # Per stream: its last final, and the tags in effect at its end. After
+        # a restart, the last final handled (what Final.continues compares)
+        # and its saved tags: the next final may continue it.
+        self._tail: dict[str, tuple[Final, Carry]] = {
+            s: (Final(s, segment, self._saved.since.get(s, 0), "", session=session),
+                self._saved.tags.get(s, Carry()))
+            for s, (session, segment) in self._saved.sessions.items()}
         self._seen: set[str] = set(cfg.streams)
         self._ended: set[str] = set()
         self._handled = 0
@@ -632,7 +669,7 @@ class TtsBridge:
                 tail = self._tail.get(stream)
                 if tail is not None and final.continues(tail[0]):
                     final = replace(final, restated=restated_tags(tail[1], final.text))
-                self._tail[stream] = (final, Carry().advance_all(tokenize(final.spoken)))
+                self._tail[stream] = (final, final.carry)
                 await self._queue.put(final)  # backpressure, never a drop
         elif kind == "stream.started" and isinstance(msg.get("stream"), str):
             self._seen.add(msg["stream"])

@@ -914,6 +914,38 @@ async def test_speech_split_for_length_keeps_its_tags_in_the_second_part(
         assert (out / f"talk-{i:05d}.wav").read_bytes() == (tmp_path / "ref.wav").read_bytes(), i
 
 
+@NEEDS_ESPEAK
+async def test_a_bridge_restarted_inside_a_split_puts_the_carried_tags_back(
+    tmp_path: Path, served: CaptionServer,
+) -> None:
+    """--state: a bridge stopped between the parts of speech split for
+    length kept where it was, but not the tags in effect at the end of the
+    last part it spoke (they lived in memory only): started again, it said
+    the next part with no tags, "been through" neither sad nor whispered.
+    The state keeps them; each restart speaks its part as a bridge that ran
+    on would, the third part's tags carried over two parts too."""
+    events = _merged([
+        ("[sad] [whispers] After everything we have", 0, 48_000, True),
+        ("[sad] [whispers] been through, and I", 48_000, 96_000, True),
+        ("[sad] [whispers] cannot go on.", 96_000, 120_000, False),
+    ])
+    assert [e.text for e in events][1:] == ["been through, and I", "cannot go on."]
+    for event in events:
+        served.broadcaster.publish(event)
+    out, state = tmp_path / "out", tmp_path / "bridge.json"
+    for run in range(3):  # one final a run, restarted from the state file
+        bridge = TtsBridge(BridgeConfig(out=out, url=f"ws://127.0.0.1:{served.port}",
+                                        streams=("talk",), since=() if run else (("talk", 0),),
+                                        max_captions=1, state=state), EspeakSynth())
+        assert (await asyncio.wait_for(bridge.run(), 30)).written == 1
+    spoken = ["[sad] [whispers] After everything we have",
+              "[sad] [whispers] been through, and I",
+              "[sad] [whispers] cannot go on."]
+    for i, text in enumerate(spoken):
+        await EspeakSynth().synthesize(text, tmp_path / "ref.wav")
+        assert (out / f"talk-{i:05d}.wav").read_bytes() == (tmp_path / "ref.wav").read_bytes(), i
+
+
 WHISPERED = "[whispers] Don't tell anyone"
 SPOKEN_UP = "Okay, let's go."
 
@@ -1375,6 +1407,27 @@ def test_a_state_holding_a_lone_surrogate_is_written_and_read_back(tmp_path: Pat
     assert "caf\u00e9" in path.read_text(encoding="utf-8")
 
 
+def test_the_saved_state_keeps_the_tags_in_effect_and_reads_an_older_one(
+        tmp_path: Path) -> None:
+    """The tags in effect at the end of each stream's last final are kept
+    (as tags, for people to read) and read back; a state file an older
+    bridge wrote, without them, is read as none in effect."""
+    path = tmp_path / "state.json"
+    saved = next_state(SavedState("e1", {}, {}),
+                       Final("talk", 0, 1, "After everything", epoch="e1",
+                             restated="[sad] [whispers]"))
+    saved = next_state(saved, Final("done", 0, 2, "[sad] All over.", epoch="e1"))
+    assert saved.tags == {"talk": Carry("sad", "whispers")}  # "done" ended its sentence
+    write_state(path, saved)
+    assert json.loads(path.read_text())["tags"] == {"talk": "[sad] [whispers]"}
+    assert read_state(path) == saved
+    path.write_text('{"epoch": "e1", "since": {"talk": 1}, "sessions": {"talk": [1, 0]}}')
+    assert read_state(path) == SavedState("e1", {"talk": 1}, {"talk": (1, 0)})
+    path.write_text('{"epoch": "e1", "since": {}, "sessions": {}, "tags": {"talk": 3}}')
+    with pytest.raises(BridgeError, match="damaged"):
+        read_state(path)
+
+
 async def test_a_bridge_restarted_with_its_state_file_speaks_each_final_once(
         tmp_path: Path) -> None:
     """--state FILE: a bridge stopped and started again (a crash, a deploy)
@@ -1407,7 +1460,7 @@ async def test_a_bridge_restarted_with_its_state_file_speaks_each_final_once(
         assert first.names == ["talk-00000.txt", "talk-00001.txt"]
         saved = json.loads(state.read_text())
         assert saved == {"epoch": engine.epoch, "since": {"talk": 2},
-                         "sessions": {"talk": [1, 1]}}
+                         "sessions": {"talk": [1, 1]}, "tags": {}}
         finals(server, 2, ["three", "four"], 3)  # said while the bridge was down
         assert (await run_bridge(2)).names == ["talk-00002.txt", "talk-00003.txt"]
     # The server restarts without its journal: the stream starts over at
