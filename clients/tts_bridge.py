@@ -30,7 +30,8 @@ Two synthesisers (in ``tts_synth.py``; the tags -> prosody mapping, pure, in
   -> slower and lower, ``[calm]`` -> slower, ``[angry]``/``[shouts]`` -> louder (emotion and
   delivery tags hold until the sentence ends or a tag of the same kind
   replaces them); ``[pause]`` and its kin -> a break, any non-verbal tag
-  (``[laughs]``, ``[sighs]``, ``[clears throat]``, ...) -> a short break;
+  (``[laughs]``, ``[sighs]``, ``[clears throat]``, ...) -> a short break
+  (after punctuation, on top of the punctuation's own pause);
   other tags are dropped, but bracketed text holding a digit (``[2]``) is
   read out; a word in capitals (``YES``) is said in lower case with
   emphasis, not spelled out. ``to_ssml`` writes SSML for ``espeak-ng -m``

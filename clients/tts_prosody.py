@@ -9,8 +9,9 @@ kin -> a break, any non-verbal tag (``[laughs]``, ``[sighs]``, ...) -> a short
 break; other tags are dropped (tables: :data:`EMOTION_PROSODY`,
 :data:`DELIVERY_PROSODY`, :data:`PAUSE_MS`, :data:`NONVERBAL_PAUSE_MS`), but
 bracketed text holding a digit (``[2]``) is read out (:func:`spoken_bracket`).
-:func:`to_ssml` writes SSML for ``espeak-ng -m``; :func:`edge_pauses` splits
-off the pauses at the very start and end, which espeak-ng trims.
+:func:`to_ssml` writes SSML for ``espeak-ng -m`` (a break after punctuation
+adds to the punctuation's own pause); :func:`edge_pauses` splits off the
+pauses at the very start and end, which espeak-ng trims.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from xml.sax.saxutils import escape, quoteattr
 from evoxtral_stream.text.tags import Carry, TagKind, Token, TokenKind, render, tokenize
 
 __all__ = [
+    "CLAUSE_MARK",
     "DELIVERY_PROSODY",
     "EMOTION_PROSODY",
     "NONVERBAL_PAUSE_MS",
@@ -252,12 +254,18 @@ def _prosody_attrs(p: Prosody) -> str:
     return " ".join(attrs)
 
 
+#: Put before a ``<break>`` that follows speech (:func:`to_ssml`): a zero-width
+#: space, which espeak-ng says nothing for, as an XML character reference.
+CLAUSE_MARK = "&#8203;"
+
+
 def to_ssml(items: Sequence[SpeechItem], voice: str = "en") -> str:
     """SSML for ``espeak-ng -m``: ``<prosody rate= pitch= volume=>`` around
     styled spans, ``<emphasis>`` inside it around emphasised ones,
     ``<voice name="{voice}+whisper">`` around whispered ones,
-    and one ``<break time="Nms"/>`` per run of pauses (summed). Text is
-    XML-escaped. Pure."""
+    and one ``<break time="Nms"/>`` per run of pauses (summed), after
+    speech with :data:`CLAUSE_MARK` before it, so that its silence adds to
+    the pause of the punctuation before it. Text is XML-escaped. Pure."""
     parts: list[str] = []
     pending_ms = 0
     for item in items:
@@ -265,7 +273,14 @@ def to_ssml(items: Sequence[SpeechItem], voice: str = "en") -> str:
             pending_ms += item.ms
             continue
         if pending_ms:
-            parts.append(f'<break time="{pending_ms}ms"/>')
+            # espeak-ng takes a <break> right after punctuation as the pause
+            # of the clause that punctuation ends, instead of the
+            # punctuation's own ("Well. [pause] Then" paused 0.5 s, not the
+            # full stop's 0.36 s and 0.5 s). A character it does not say
+            # ends that clause first, with its own pause, and the break is
+            # one more. After a word alone it changes nothing.
+            mark = CLAUSE_MARK if parts else ""
+            parts.append(f'{mark}<break time="{pending_ms}ms"/>')
             pending_ms = 0
         body = escape(item.text)
         if item.prosody.emphasis:

@@ -181,7 +181,7 @@ def test_ssml_escapes_text_sums_pauses_and_whispers_with_the_base_voice() -> Non
     ssml = to_ssml(items, voice="en-us+f3")
     assert ssml == (
         '<speak><prosody rate="125%" pitch="+25%">Fish &amp; chips &lt;3</prosody> '
-        '<break time="750ms"/> '
+        '&#8203;<break time="750ms"/> '
         '<voice name="en-us+whisper"><prosody rate="125%" pitch="+25%">"secret"</prosody></voice> '
         '<voice name="en-us+whisper"><prosody rate="80%" pitch="-20%">bye</prosody></voice>'
         "</speak>")
@@ -420,6 +420,28 @@ async def test_espeak_prosody_is_measurable(tmp_path: Path) -> None:
     await synth.synthesize("[laughs] [pause]", tmp_path / "only.wav")
     only_dur, only_rms = _wav(tmp_path / "only.wav")
     assert (round(only_dur, 2), only_rms) == (0.7, 0.0)
+
+
+@NEEDS_ESPEAK
+@pytest.mark.parametrize("mark", [".", "!", "?", ",", ";", "...", ""])
+@pytest.mark.parametrize("tag", ["[pause]", "[long pause]", "[laughs]"])
+async def test_a_pause_after_punctuation_adds_to_its_own_pause(
+        tmp_path: Path, mark: str, tag: str) -> None:
+    """espeak-ng takes a <break> right after punctuation as that clause's
+    pause instead of the punctuation's: "Well. [pause] Then" paused 0.5 s
+    where "Well. Then" pauses about 0.36 s, only 0.13 s more, and a
+    [laughs] there (0.2 s) made the full stop's pause shorter. The pause is
+    now heard on top of the punctuation's, after a word alone as before."""
+    synth = EspeakSynth()
+    await synth.synthesize(f"Well{mark} Then", tmp_path / "plain.wav")
+    await synth.synthesize(f"Well{mark} {tag} Then", tmp_path / "paused.wav")
+    plain, _ = _wav(tmp_path / "plain.wav")
+    paused, _ = _wav(tmp_path / "paused.wav")
+    spec = lookup_tag(tag[1:-1])
+    assert spec is not None
+    ms = PAUSE_MS.get(spec.name, NONVERBAL_PAUSE_MS)
+    # A clause boundary of espeak-ng's own comes with a word alone (40 ms).
+    assert paused == pytest.approx(plain + ms / 1000, abs=0.06 if mark else 0.1)
 
 
 async def test_espeak_failure_is_a_synthesis_error(tmp_path: Path) -> None:
