@@ -17,7 +17,9 @@ Two synthesisers (in ``tts_synth.py``; the tags -> prosody mapping, pure, in
 
 - ``elevenlabs``: ``POST {base}/v1/text-to-speech/{voice}?output_format=FMT``
   with the tagged text, tags left inline, and ``model_id`` ``eleven_v3``,
-  which performs the tags itself. The response body is written as is
+  which performs the tags itself; v3 takes any bracketed text as a
+  direction, so bracketed text holding a digit (``[2]``) goes without its
+  brackets (``elevenlabs_text``), read out as in espeak mode. The response body is written as is
   (``mp3_44100_128`` -> ``.mp3``; ``pcm_*`` is raw s16le -> ``.pcm``). A
   429 or 5xx answer (or a network error) is retried with exponential backoff
   (``Retry-After`` honoured when it is a finite number of seconds >= 0,

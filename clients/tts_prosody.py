@@ -8,7 +8,8 @@ sentence ends or a tag of the same kind replaces them); ``[pause]`` and its
 kin -> a break, any non-verbal tag (``[laughs]``, ``[sighs]``, ...) -> a short
 break; other tags are dropped (tables: :data:`EMOTION_PROSODY`,
 :data:`DELIVERY_PROSODY`, :data:`PAUSE_MS`, :data:`NONVERBAL_PAUSE_MS`), but
-bracketed text holding a digit (``[2]``) is read out (:func:`spoken_bracket`).
+bracketed text holding a digit (``[2]``) is read out (:func:`spoken_bracket`;
+:func:`elevenlabs_text` gives ElevenLabs v3 the same text without its brackets).
 :func:`to_ssml` writes SSML for ``espeak-ng -m`` (a break after punctuation
 adds to the punctuation's own pause); :func:`edge_pauses` splits off the
 pauses at the very start and end, which espeak-ng trims.
@@ -16,6 +17,7 @@ pauses at the very start and end, which espeak-ng trims.
 
 from __future__ import annotations
 
+import re
 import types
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -34,6 +36,7 @@ __all__ = [
     "Speak",
     "SpeechItem",
     "edge_pauses",
+    "elevenlabs_text",
     "plan_speech",
     "spoken_bracket",
     "to_ssml",
@@ -152,6 +155,59 @@ def _read_brackets(tokens: Iterable[Token]) -> Iterator[Token]:
             yield Token(TokenKind.PUNCT, "]")
         else:
             yield tok
+
+
+# A bracketed span as the tokenizer's own: no bracket inside.
+_BRACKETED = re.compile(r"\[[^\[\]]*\]")
+
+
+def elevenlabs_text(tagged: str) -> str:
+    """``tagged`` as ElevenLabs v3 is given it. Pure.
+
+    v3 takes any bracketed text as a direction for the voice, not words to
+    say, so each :func:`spoken_bracket` (``[2]``, ``[1990s]``) goes without
+    its brackets, with a space where one met a word (``page[12].`` ->
+    ``page 12.``), as :func:`plan_speech` reads it, and brackets that then
+    hold a digit too (``[a[2]b]`` -> ``a 2 b``); a tag inside is written as
+    v3's (``[(laughs) 3]`` -> ``[laughs] 3``). Everything else is
+    left as it is: tags, their variants, and bracketed words (``[sic]``,
+    ``[INAUDIBLE]``, a sound description), which v3 takes as a direction.
+    """
+    while True:  # until nothing changes (a round takes a pair of brackets away)
+        sent = _unbracket_once(tagged)
+        if sent == tagged:
+            return sent
+        tagged = sent
+
+
+def _unbracket_once(tagged: str) -> str:
+    """:func:`elevenlabs_text`'s one round: the spoken brackets found now.
+    Brackets around one left out (``[a[2]b]``) may hold a digit themselves
+    after it: the next round takes them."""
+    out: list[str] = []
+    pos = 0
+    for m in _BRACKETED.finditer(tagged):
+        toks = tokenize(m.group())
+        if not (len(toks) == 1 and spoken_bracket(toks[0])):
+            continue
+        out.append(tagged[pos:m.start()])
+        said = render(tokenize(toks[0].text[1:-1]))
+        # A space where the bracket kept two words apart (page[12], [2][3], x&[2]).
+        if _glued("".join(out), said):
+            out.append(" ")
+        out.append(said)
+        if _glued(said, tagged[m.end():]):
+            out.append(" ")
+        pos = m.end()
+    out.append(tagged[pos:])
+    return "".join(out)
+
+
+def _glued(left: str, right: str) -> bool:
+    """Whether ``left + right`` reads as fewer tokens than the two apart:
+    a word (or punctuation) across the join."""
+    return bool(left and right) and (
+        len(tokenize(left + right)) < len(tokenize(left)) + len(tokenize(right)))
 
 
 def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:

@@ -1,7 +1,9 @@
 """The synthesisers of ``tts_bridge.py``: one final's tagged text -> one audio file.
 
 - :class:`ElevenLabsSynth`: ElevenLabs v3 over HTTP, tags left inline (the
-  model performs them); 429, 5xx and network errors retried with backoff.
+  model performs them), bracketed text holding a digit without its brackets
+  (:func:`tts_prosody.elevenlabs_text`); 429, 5xx and network errors retried
+  with backoff.
 - :class:`EspeakSynth`: offline espeak-ng, tags mapped onto prosody by
   :mod:`tts_prosody`.
 
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Protocol
 from urllib.parse import quote, urlencode, urlsplit
 
-from tts_prosody import edge_pauses, plan_speech, to_ssml
+from tts_prosody import edge_pauses, elevenlabs_text, plan_speech, to_ssml
 
 from evoxtral_stream.console import printable
 
@@ -187,9 +189,11 @@ class ElevenLabsSynth:
         return bool(text.strip())
 
     def request_body(self, text: str) -> dict[str, object]:
-        """The JSON body: the tagged text unchanged, ``model_id``, and
-        ``voice_settings`` when any is set."""
-        body: dict[str, object] = {"text": text, "model_id": self.opts.model_id}
+        """The JSON body: the tagged text (:func:`~tts_prosody.elevenlabs_text`:
+        tags inline, ``[2]`` as ``2``), ``model_id``, and ``voice_settings``
+        when any is set."""
+        body: dict[str, object] = {"text": elevenlabs_text(text),
+                                   "model_id": self.opts.model_id}
         settings = self.opts.voice_settings.as_json()
         if settings:
             body["voice_settings"] = settings

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
@@ -55,7 +55,9 @@ from tts_prosody import (
     Prosody,
     Speak,
     edge_pauses,
+    elevenlabs_text,
     plan_speech,
+    spoken_bracket,
     to_ssml,
 )
 from tts_synth import (
@@ -691,6 +693,60 @@ async def test_elevenlabs_bridge_posts_each_final_once(
     assert _names(tmp_path) == ["talk-00000.mp3", "talk-00001.mp3"]
     assert (tmp_path / "talk-00000.mp3").read_bytes() == FakeElevenLabs.audio(1)
     assert (tmp_path / "talk-00001.mp3").read_bytes() == FakeElevenLabs.audio(2)
+
+
+BRACKETED = [
+    ("see note [2] here", "see note 2 here"),
+    ("page[12].", "page 12."),  # a space where the bracket was, as espeak-ng reads it
+    ("back in the [1990s]", "back in the 1990s"),
+    ("[2]&x", "2 &x"),  # not "2&x", one word as R&D is
+    ("[(laughs) 3] go", "[laughs] 3 go"),  # a tag inside is still a tag, written as v3's
+    # Letters alone: a direction (v3 takes any bracketed words so), passed on.
+    ("he said [sic] it", "he said [sic] it"),
+    ("[citation needed] so", "[citation needed] so"),
+    ("[INAUDIBLE] yes [laughs]", "[INAUDIBLE] yes [laughs]"),
+]
+
+
+@pytest.mark.parametrize(("text", "sent"), [
+    *BRACKETED,
+    ("note[2]here", "note 2 here"),
+    ("[a[2]b] ok", "a 2 b ok"),  # the brackets left would make a direction of "a 2 b"
+    ("(laughs) I mean, [WHISPERING] FREE [9:30]?", "(laughs) I mean, [WHISPERING] FREE 9:30?"),
+    ("[]", "[]"),
+])
+def test_elevenlabs_text_unbrackets_numbers_only(text: str, sent: str) -> None:
+    assert elevenlabs_text(text) == sent
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_PIECES, st.sampled_from(["", " "])), max_size=25))
+def test_elevenlabs_text_keeps_every_word_and_leaves_no_number_bracketed(
+        parts: list[tuple[str, str]]) -> None:
+    text = "".join(p + sep for p, sep in parts)
+    sent = elevenlabs_text(text)
+    assert not any(spoken_bracket(t) for t in tokenize(sent))
+    assert _content_words(sent) == _content_words(text)
+    if not any(spoken_bracket(t) for t in tokenize(text)):
+        assert sent == text
+
+
+async def test_elevenlabs_is_sent_a_bracketed_number_as_the_number(
+    tmp_path: Path, fake_api: FakeElevenLabs, served: CaptionServer,
+) -> None:
+    """ElevenLabs v3 takes any bracketed text as a direction for the voice,
+    not words to say, and the bridge sent "see note [2] here" as written:
+    the number was lost to v3 (espeak-ng mode reads it out). Bracketed text
+    holding a digit now goes without its brackets, as espeak-ng says it;
+    bracketed words stay a direction, as before."""
+    publish_finals(served, "talk", [text for text, _ in BRACKETED])
+    bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{served.port}",
+                                    streams=("talk",), since=(("talk", 0),),
+                                    exit_on_end=True), _eleven(fake_api))
+    stats = await asyncio.wait_for(bridge.run(), 15)
+    assert (stats.written, stats.failed) == (len(BRACKETED), 0)
+    assert [cast(dict[str, object], r.json())["text"] for r in fake_api.requests] == \
+        [sent for _, sent in BRACKETED]
 
 
 async def test_elevenlabs_retries_429_then_writes(
