@@ -348,6 +348,33 @@ def test_an_abandoned_stitched_segment_starts_where_its_partials_did() -> None:
     assert [(m.tag, m.t) for m in fin.tags] == [("laughs", 2.5)]
 
 
+@pytest.mark.parametrize("replaces", [False, True])
+def test_a_segment_shown_held_and_abandoned_after_the_forced_split_is_stitched(
+        replaces: bool) -> None:
+    """Its partials were shown while the forced segment before it was still
+    open (held: not stitched, the overlap words in them). Abandoned once that
+    final was out, with no partial since, its final used to carry that
+    unstitched text, repeating "thinking about" and starting inside the
+    previous caption, yet marked ``continues``."""
+    f = Feed(final_replaces_stable=replaces)
+    f("I was thinking", end=1.5)
+    p = one(f("thinking about the [laughs] weekend", seg=1, start=1.5, end=3.0))
+    assert (p.text, p.continues) == ("thinking about the [laughs] weekend", False)
+    one(f("I was thinking about", final=True, end=2.0, forced=True))
+    fin = one(f.m.abandon(1))
+    assert (fin.final, fin.text, fin.start, fin.end, fin.continues) == (
+        True, "the [laughs] weekend", 2.0, 3.0, True)
+    f.events.append(fin)
+    assert f.finals() == "I was thinking about the [laughs] weekend"
+    # After a natural end nothing is stitched: the text shown is the final.
+    f = Feed(final_replaces_stable=replaces)
+    f("I was thinking", end=1.5)
+    f("thinking about the weekend", seg=1, start=1.5, end=3.0)
+    one(f("I was thinking about", final=True, end=2.0))
+    fin = one(f.m.abandon(1))
+    assert (fin.text, fin.start, fin.continues) == ("thinking about the weekend", 1.5, False)
+
+
 def test_an_abandoned_held_segment_waits_for_the_one_before() -> None:
     f = Feed()
     f("I was", end=1.0)

@@ -547,8 +547,8 @@ class _Chain:
 class _Segment:
     """Mutable per-segment state (internal; events are the frozen output)."""
 
-    __slots__ = ("committed", "cover", "history", "id", "last", "revision", "shown", "start",
-                 "view")
+    __slots__ = ("committed", "cover", "held", "history", "id", "last", "revision", "shown",
+                 "start", "view")
 
     def __init__(self, segment: int, agreement: int) -> None:
         self.id = segment
@@ -561,6 +561,8 @@ class _Segment:
         self.history: deque[tuple[Token, ...]] = deque(maxlen=agreement - 1)
         self.shown: tuple[str, str] = ("", "")
         self.last: Hypothesis | None = None
+        # Whether ``last`` was shown held (unstitched, an earlier segment open).
+        self.held = False
         # The sample the caption of ``last`` starts at (after any overlap).
         self.start = 0
 
@@ -662,7 +664,10 @@ class Merger:
         """Close ``segment`` whose final will never come: its final event
         carries the latest text shown, with the start it was shown with
         (without a final, the next segment is not stitched to it), or the
-        final already received if one is waiting.
+        final already received if one is waiting. Text shown while the
+        segment was held, before the forced split it continues closed, was
+        never stitched: its latest partial's hypothesis is then stitched as
+        a final would be.
 
         A held segment (an earlier one is still open) keeps its place: its
         final waits like any held final and is emitted, in order, once the
@@ -688,6 +693,11 @@ class Merger:
             del self._open[segment]
             self._mark_closed(segment)
             return self._drain()
+        if seg.held and self._chain_for(segment) is not None:
+            # Its text still holds the overlap words the previous final ends
+            # with, and starts inside that caption.
+            h = replace(last, kind=RequestKind.FINAL, forced_end=False)
+            return [self._finish(seg, h, stitched=True), *self._drain()]
         h = Hypothesis(last.stream, last.segment, last.revision, last.kind,
                        render(seg.view), last.start_sample, last.end_sample,
                        last.ready_at, last.done_at, False)
@@ -818,6 +828,7 @@ class Merger:
         seg.view = view
         seg.cover = cover
         seg.last = h
+        seg.held = blocked
         seg.start = start
         shown = (render(view), render(seg.committed))
         if shown == seg.shown:
