@@ -267,6 +267,31 @@ def test_a_genuine_repetition_is_not_taken_for_overlap() -> None:
         "I don't know.")
 
 
+@pytest.mark.parametrize(("prev", "new", "overlap", "text"), [
+    # The overlap re-decoded: "क्योंकि" used to count as three words, so
+    # 0.4 s (two words) matched only its first letter and cut it in two.
+    ("मैं नहीं आया क्योंकि", "क्योंकि मैं बीमार था।", 0.4, "मैं बीमार था।"),
+    # 0.6 s holds three words: "आया क्योंकि" is two, not four.
+    ("मैं नहीं आया क्योंकि", "आया क्योंकि मैं बीमार था।", 0.6, "मैं बीमार था।"),
+    # Not re-decoded: a word that starts with the letter "बात" ends on ("त",
+    # after the vowel sign) used to lose that letter.
+    ("हम बात", "तुम कहाँ हो।", 0.2, "तुम कहाँ हो।"),
+    # Vowel signs tell words apart: "है" is not "हो" (both "ह" to the
+    # comparison without its marks).
+    ("यह सच है", "हो सकता है।", 0.2, "हो सकता है।"),
+    # An accent written apart (NFD) is the same word as the one composed.
+    ("I love the café", "cafe\u0301 au lait.", 0.3, "au lait."),
+], ids=["re-decoded", "re-decoded-2-words", "first-letter-kept", "vowel-signs-differ", "nfd"])
+def test_overlap_words_with_combining_marks_are_whole_words(
+        prev: str, new: str, overlap: float, text: str) -> None:
+    f = Feed()
+    f(prev, final=True, end=3.0, forced=True)
+    e = one(f(new, seg=1, final=True, start=3.0 - overlap, end=5.0))
+    assert e.text == text
+    assert [m.index for m in one(f("[sighs] नहीं [pause] क्योंकि", seg=2, final=True,
+                                   start=5.0, end=6.0)).tags] == [0, 1]
+
+
 def test_the_overlap_is_bounded_by_its_duration() -> None:
     f = Feed()
     f("Wait, wait,", final=True, end=2.0, forced=True)

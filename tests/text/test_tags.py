@@ -186,6 +186,22 @@ def test_unicode_words_and_symbols() -> None:
     assert render(toks) == "Café 你好 naïve — ok 😀!"
 
 
+def test_combining_marks_belong_to_their_word() -> None:
+    """Vowel signs and viramas (Hindi, one of Voxtral's languages; Thai),
+    and accents written apart (NFD), are combining marks, not letters to
+    \\w: each used to end the word, so "क्योंकि" was three words and two
+    punctuation marks to the merger, which could cut it at a seam."""
+    text = "मैं नहीं आया क्योंकि हिंदी-भाषी, ที่ ตลาด cafe\u0301's re\u0301sume\u0301 ok"
+    toks = tokenize(text)
+    assert [t.text for t in toks if t.is_word] == [
+        "मैं", "नहीं", "आया", "क्योंकि", "हिंदी-भाषी", "ที่", "ตลาด", "cafe\u0301's",
+        "re\u0301sume\u0301", "ok"]
+    assert [t.text for t in toks if t.is_punct] == [","]
+    assert render(toks) == text
+    # A mark with no letter before it stays punctuation, as it was.
+    assert kinds("\u0301a \u0301") == [("punct", "\u0301"), ("word", "a"), ("punct", "\u0301")]
+
+
 def test_words_keep_their_joins_and_caps() -> None:
     toks = tokenize("I-I can't pay $500 for R&D, 3.5 times... REALLY?!")
     assert [t.text for t in toks] == [

@@ -41,7 +41,7 @@ import re
 import unicodedata
 
 __all__ = ["CONTROL", "HIDDEN", "SURROGATE", "display_width", "drop_hidden", "graphemes",
-           "mend_surrogates"]
+           "is_mark", "mend_surrogates"]
 
 #: Control characters: C0, DEL and C1.
 CONTROL = "\x00-\x1f\x7f-\x9f"
@@ -81,13 +81,20 @@ _ZWJ = "\u200d"
 _VS16 = "\ufe0f"
 
 
+def is_mark(c: str) -> bool:
+    """Whether ``c`` is a combining mark (Unicode's Mn, Mc, Me): a vowel
+    sign or virama of an Indic or Thai word, an accent written apart (NFD).
+    Not ``\\w`` to a regular expression, yet part of the word it follows."""
+    return unicodedata.category(c)[0] == "M"
+
+
 def _extends(c: str) -> bool:
     """Whether ``c`` belongs to the character before it (UAX #29's Extend
     and SpacingMark, near enough): marks, ZWNJ and ZWJ, emoji skin-tone
     modifiers, tag characters, and the vowel and final jamo of a decomposed
     Hangul syllable."""
     o = ord(c)
-    return (unicodedata.category(c) in ("Mn", "Me", "Mc") or c in "\u200c\u200d"
+    return (is_mark(c) or c in "\u200c\u200d"
             or 0x1F3FB <= o <= 0x1F3FF or 0xE0020 <= o <= 0xE007F
             or 0x1160 <= o <= 0x11FF or 0xD7B0 <= o <= 0xD7FF)
 

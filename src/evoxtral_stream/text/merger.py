@@ -116,12 +116,14 @@ a sound repeated at once, or with only tags between ("Wait, wait, wait",
 
 from __future__ import annotations
 
+import unicodedata
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from difflib import SequenceMatcher
 
 from ..events import SAMPLE_RATE, CaptionEvent, Hypothesis, RequestKind, TagMark
+from .chars import is_mark
 from .tags import PUNCT_TAG_MAX, Carry, Token, render, tokenize, word_count
 
 __all__ = [
@@ -143,11 +145,13 @@ _TAIL_TOKENS = 96
 
 def match_key(tok: Token) -> str:
     """Comparison key of a token for stitching and alignment: words case- and
-    punctuation-insensitive, tags by canonical name."""
+    punctuation-insensitive, tags by canonical name. Combining marks count
+    (a vowel sign tells है from हो) and an accent written apart is the one
+    composed (NFC)."""
     if tok.is_tag:
         return f"[{tok.tag}]"
-    low = tok.text.casefold()
-    return "".join(ch for ch in low if ch.isalnum()) or low
+    low = unicodedata.normalize("NFC", tok.text).casefold()
+    return "".join(ch for ch in low if ch.isalnum() or is_mark(ch)) or low
 
 
 def _lcp(a: Sequence[Token], b: Sequence[Token]) -> int:

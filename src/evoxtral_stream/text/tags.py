@@ -43,7 +43,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .chars import CONTROL, drop_hidden, mend_surrogates
+from .chars import CONTROL, drop_hidden, is_mark, mend_surrogates
 
 __all__ = [
     "PUNCT_TAG_MAX",
@@ -312,6 +312,9 @@ _CAPS = re.compile(r"\b[A-Z]{2,}\b")
 # (don't, I-I, R&D), digit groups joined by . , : (3.5, 1,000, 9:30), and a
 # currency sign in front ($500).
 _WORD = r"[$€£]?\w+(?:(?:['’&\-]|(?<=\d)[.,:](?=\d))\w+)*"
+# What may follow a combining mark inside a word: word characters and the
+# joins of _WORD (हिंदी-भाषी, cafe\u0301's).
+_WORD_MORE = re.compile(r"(?:\w|['’&\-](?=\w)|(?<=\d)[.,:](?=\d))*")
 # ( ) and * make a tag only around at most this many characters, whitespace
 # runs counted as one and none at the ends: the inner text as render() writes
 # it back, so a round trip recognises the same tags. Line breaks are
@@ -327,6 +330,19 @@ _SCAN = re.compile(
     r"|(?P<punct>.)",
     re.DOTALL,
 )
+
+
+def _word_end(text: str, end: int) -> int:
+    """Where the word _WORD matched up to ``end`` ends: combining marks are
+    not ``\\w``, but a vowel sign or virama (क्योंकि, ที่) or an accent
+    written apart (cafe\u0301) is part of the word, and so is what follows
+    it."""
+    n = len(text)
+    while end < n and is_mark(text[end]):
+        m = _WORD_MORE.match(text, end + 1)
+        assert m is not None  # it matches the empty string
+        end = m.end()
+    return end
 
 
 def _tag_token(inner: str, verbatim: bool, space: bool) -> Token | None:
@@ -348,7 +364,9 @@ def tokenize(text: str) -> list[Token]:
 
     Adjacent punctuation characters form one token (``?!``, ``...``); a tag
     glued to a word (``hel[laughs]lo``) splits it without spaces, so the
-    text still renders back unchanged.
+    text still renders back unchanged. A word's combining marks (the vowel
+    signs and viramas of Hindi or Thai, an accent written apart) are part of
+    it: ``क्योंकि`` is one word.
     """
     text = mend_surrogates(drop_hidden(text))
     out: list[Token] = []
@@ -359,10 +377,11 @@ def tokenize(text: str) -> list[Token]:
         m = _SCAN.match(text, pos)
         assert m is not None  # the last alternative matches any character
         group = m.lastgroup
+        end = m.end()
         tok: Token | None = None
         if group == "space":
             space = True
-            pos = m.end()
+            pos = end
             continue
         if group == "br":
             tok = _tag_token(m.group()[1:-1], True, space)
@@ -371,7 +390,8 @@ def tokenize(text: str) -> list[Token]:
             if len(_collapse(inner)) <= PUNCT_TAG_MAX:
                 tok = _tag_token(inner, False, space)
         elif group == "word":
-            tok = Token(TokenKind.WORD, m.group(), space_before=space)
+            end = _word_end(text, end)
+            tok = Token(TokenKind.WORD, text[pos:end], space_before=space)
         if tok is None:
             # Stray or empty brackets, punctuation, or ( * not around a known tag.
             ch = text[pos]
@@ -383,7 +403,7 @@ def tokenize(text: str) -> list[Token]:
             pos += 1
         else:
             out.append(tok)
-            pos = m.end()
+            pos = end
         space = False
     if out and out[0].space_before:
         out[0] = out[0].with_space(False)
