@@ -201,6 +201,15 @@ def test_carry_ends_with_the_sentence() -> None:
         "[whispers] Keep walking.")
 
 
+def test_carry_ends_with_a_hindi_sentence() -> None:
+    """The danda is Hindi's full stop: a whispered new sentence after it used
+    to lose its "[whispers]" at the seam, taken for a restatement."""
+    f = Feed()
+    f("[whispers] यह राज़ है।", final=True, end=2.0, forced=True)
+    assert one(f("[whispers] किसी को मत बताना।", seg=1, final=True, start=2.0,
+                 end=3.0)).text == "[whispers] किसी को मत बताना।"
+
+
 def test_tags_ending_the_previous_text_are_not_restated() -> None:
     f = Feed()
     f("Stop it! [angry] [frustrated]", final=True, end=2.0, forced=True)

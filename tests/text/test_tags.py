@@ -245,7 +245,7 @@ def test_carry_state() -> None:
 
 def test_a_sentence_end_is_one_rule_for_carried_tags_and_subtitle_cues() -> None:
     for text in ("end.", "end!", "end?", "終わり。", "終わり！", "終わり？", "終わり｡",
-                 "end．", "「終わり。」", 'end."'):
+                 "end．", "「終わり。」", 'end."', "अंत।", "अंत॥", "النهاية؟", "ختم۔"):
         assert tokenize(text)[-1].ends_sentence, text
     for text in ("wait...", "待って．．．", "so,", "ね、", "「"):
         assert not tokenize(text)[-1].ends_sentence, text

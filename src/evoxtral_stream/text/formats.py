@@ -23,7 +23,7 @@ UAX #14 and the kinsoku rules allow (:func:`_can_break`: never before
 where a line cannot hold the text between two spaces whole. A cue's times come from its words'
 positions in the segment, interpolated linearly over the segment's span (as
 ``TagMark.t``; a word broken between lines shares its time among its
-characters). A sentence end (also 。！？) closes a cue once the cue holds a
+characters). A sentence end (also 。！？ and Hindi's ।) closes a cue once the cue holds a
 full line.
 
 Tags (:class:`TagStyle`): kept inline as written (``[laughs]``, what a TTS

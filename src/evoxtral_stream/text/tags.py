@@ -30,10 +30,11 @@ is U+FFFD: no file or socket could take it. These rules are
 
 Carry-over (:class:`Carry`): emotion and delivery tags describe the speech
 that follows them, so they stay *in effect* until a tag of the same kind
-replaces them or the sentence ends (``.``, ``!`` or ``?``; an ellipsis does
-not end a sentence). Non-verbal sounds and pauses are events and never carry.
-The merger uses this to avoid repeating ``[whispers]`` when a forced split
-cuts whispered speech in two.
+replaces them or the sentence ends (``.``, ``!``, ``?``, Hindi's ``।``, see
+:attr:`Token.ends_sentence`; an ellipsis does not end a sentence).
+Non-verbal sounds and pauses are events and never carry. The merger uses
+this to avoid repeating ``[whispers]`` when a forced split cuts whispered
+speech in two.
 """
 
 from __future__ import annotations
@@ -291,13 +292,15 @@ class Token:
 
     @property
     def ends_sentence(self) -> bool:
-        """Punctuation that ends a sentence: ``.``, ``!``, ``?`` and the
-        Chinese and Japanese ``。！？｡．``, but not an ellipsis (closing
-        quotes and brackets after them, ``」`` too, are ignored)."""
+        """Punctuation that ends a sentence: ``.``, ``!``, ``?``, the
+        Chinese and Japanese ``。！？｡．``, the Devanagari danda ``।`` and
+        ``॥`` (Hindi's full stop) and the Arabic ``؟`` and ``۔``, but not an
+        ellipsis (closing quotes and brackets after them, ``」`` too, are
+        ignored)."""
         if not self.is_punct:
             return False
         s = self.text.rstrip(_CLOSERS)
-        return (s.endswith(("!", "?", "。", "！", "？", "｡"))
+        return (s.endswith(("!", "?", "。", "！", "？", "｡", "।", "॥", "؟", "۔"))
                 or (s.endswith((".", "．")) and not s.endswith(("..", "．．"))))
 
     def with_space(self, space_before: bool) -> Token:
