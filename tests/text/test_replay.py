@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
+from dataclasses import replace
 from itertools import pairwise
 
 from hypothesis import example, given, settings
@@ -25,7 +26,7 @@ from evoxtral_stream.text.replay import (
     make_replay,
     run_replay,
 )
-from evoxtral_stream.text.tags import Carry, render, tokenize
+from evoxtral_stream.text.tags import Carry, Token, lookup_tag, render, tokenize
 
 from .samples import SCRIPTS, TRIPLE_REPEATS
 
@@ -109,6 +110,46 @@ references = st.lists(_items, min_size=1, max_size=40).map(" ".join).filter(_acc
 def test_generated_references_replay_exactly(text: str, rng: random.Random) -> None:
     text = render(tokenize(text))
     assert_exact(replay_check(text, rng, ReplayConfig()), text)
+
+
+# Words in Voxtral's Hindi (vowel signs, viramas, the danda), Thai marks,
+# Arabic, accents composed and written apart, CJK between spaces.
+_WORLD_WORDS = [
+    "मैं", "नहीं", "आया", "क्योंकि", "हिंदी-भाषी", "बीमार", "था।", "है", "हो", "ที่", "ตลาด",
+    "ซื้อ", "ذهبت", "السوق", "وحليبا", "café", "cafe\u0301s", "l'école", "sœur", "naïve",
+    "你好", "世界。", "ok",
+]
+
+
+def _respell_tags(text: str, rng: random.Random) -> str:
+    """``text`` with its known tags written as the model may write them:
+    a variant (``[laughing]``), other case, spaces or ``_`` inside,
+    parentheses or asterisks, trailing punctuation inside."""
+    out: list[Token] = []
+    for t in tokenize(text):
+        spec = lookup_tag(t.tag) if t.is_tag and t.known and t.tag is not None else None
+        if spec is not None:
+            name = rng.choice([spec.name, *spec.aliases])
+            name = rng.choice([name, name.upper(), name.title(), name.replace(" ", "_"),
+                               f" {name}. "])
+            left, right = rng.choice([("[", "]"), ("[", "]"), ("(", ")"), ("*", "*")])
+            t = replace(t, text=f"{left}{name.strip() if left != '[' else name}{right}")
+        out.append(t)
+    return render(out)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(_WORLD_WORDS), st.sampled_from(_TAGS)),
+                min_size=1, max_size=30).map(" ".join).filter(_acceptable),
+       st.integers(0, 2**32).map(random.Random))
+def test_any_script_and_any_tag_spelling_replay_exactly(text: str, rng: random.Random) -> None:
+    """The truth is known: whatever script the words are in and however each
+    hypothesis spells its tags, the finals are the canonical reference,
+    every word whole, no tag lost or doubled, every final once."""
+    text = render(tokenize(text))
+    replay = make_replay(text, rng, ReplayConfig())
+    respelled = tuple(replace(h, text=_respell_tags(h.text, rng)) for h in replay.hypotheses)
+    assert_exact(check_replay(replay, run_replay(replace(replay, hypotheses=respelled))), text)
 
 
 def test_triple_repeats_are_exact_without_audio_overlap() -> None:
