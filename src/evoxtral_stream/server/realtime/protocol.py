@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ...events import Int16Array
+from ...text.chars import mend_surrogates
 
 __all__ = [
     "INPUT_RATE",
@@ -426,8 +427,12 @@ def server_event_to_dict(ev: ServerEvent) -> dict[str, Any]:
                 "transcript": ev.transcript,
                 "usage": {"type": "duration", "seconds": round(ev.audio_s, 3)}}
     if isinstance(ev, RealtimeError):
+        # An engine error's message may quote an exception naming a path whose
+        # bytes are no UTF-8: a lone surrogate, which no text frame can take
+        # (its send failed and ended the session), as on /v1/captions.
         return {"type": "error", "event_id": ev.event_id,
-                "error": {"type": ev.error_type, "code": ev.code, "message": ev.message,
+                "error": {"type": ev.error_type, "code": ev.code,
+                          "message": mend_surrogates(ev.message),
                           "param": ev.param, "event_id": ev.client_event_id}}
     raise TypeError(f"not a server event: {ev!r}")
 
