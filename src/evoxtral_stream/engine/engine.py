@@ -72,6 +72,7 @@ from ..events import (
     stream_id_problem,
 )
 from ..server.protocol import new_epoch
+from ..text.chars import shown
 from ..text.merger import Merger
 from .backends.base import AdapterBackend, Backend, Multilingual
 from .journal import Journal
@@ -526,7 +527,7 @@ class Engine:
             return None
         if adapter not in self.adapter_names:
             known = ", ".join(self.adapter_names) or "none: the backend cannot switch adapters"
-            raise ValueError(f"unknown adapter {adapter!r} (known: {known})")
+            raise ValueError(f"unknown adapter {shown(adapter)} (known: {known})")
         default = self.backend.default_adapter if isinstance(self.backend, AdapterBackend) \
             else None
         return None if adapter == default else adapter
@@ -548,7 +549,7 @@ class Engine:
         if language not in self.languages:
             known = ", ".join(self.languages) or (
                 f"{self.config.model.language} only: the backend cannot switch languages")
-            raise ValueError(f"unknown language {language!r} (known: {known})")
+            raise ValueError(f"unknown language {shown(language)} (known: {known})")
         return language
 
     def open_stream(self, stream_id: str, source: str = "api",

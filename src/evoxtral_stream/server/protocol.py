@@ -28,7 +28,7 @@ from ..events import (
     StreamStarted,
     TagMark,
 )
-from ..text.chars import mend_surrogates
+from ..text.chars import mend_surrogates, shown
 from ..text.tags import TagKind, plain_text
 
 __all__ = [
@@ -172,7 +172,7 @@ def caption_from_dict(obj: Mapping[str, Any]) -> CaptionEvent:
         if not isinstance(value, tp) or (isinstance(value, bool) and bool not in (
                 tp if isinstance(tp, tuple) else (tp,))):
             raise ProtocolError("bad_message", f"caption field {key!r} has the wrong type: "
-                                               f"{value!r}")
+                                               f"{shown(value)}")
         if isinstance(value, str):
             _check_utf8(value, f"caption field {key!r}")
         return value
@@ -186,17 +186,17 @@ def caption_from_dict(obj: Mapping[str, Any]) -> CaptionEvent:
                 and isinstance(t.get("index"), int) and not isinstance(t["index"], bool)
                 and t["index"] >= 0
                 and isinstance(t.get("t"), int | float) and not isinstance(t["t"], bool)):
-            raise ProtocolError("bad_message", f"caption tag {t!r} is not a tag object")
+            raise ProtocolError("bad_message", f"caption tag {shown(t)} is not a tag object")
         _check_utf8(t["tag"], "caption tag")
         _check_utf8(t["kind"], "caption tag kind")
         if t["kind"] not in _TAG_KINDS:
-            raise ProtocolError("bad_message", f"caption tag kind {t['kind']!r} is none of "
+            raise ProtocolError("bad_message", f"caption tag kind {shown(t['kind'])} is none of "
                                                f"{', '.join(_TAG_KINDS)}")
         # Not bool(): "no" would read as true.
         known = t.get("known", True)
         if not isinstance(known, bool):
             raise ProtocolError("bad_message", f"caption tag 'known' is not true or false: "
-                                               f"{known!r}")
+                                               f"{shown(known)}")
         tags.append(TagMark(t["tag"], t["kind"], t["index"], _finite(t["t"], "caption tag 't'"),
                             known))
 
@@ -238,7 +238,7 @@ def _check_utf8(value: str, what: str) -> None:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise ProtocolError("bad_message", f"{what} holds a lone surrogate: "
-                                           f"{value!r}") from None
+                                           f"{shown(value)}") from None
 
 
 def decode_caption(text: str | bytes) -> dict[str, Any]:
@@ -323,7 +323,7 @@ def _int_field(obj: Mapping[str, Any], key: str, lo: int, hi: int,
                code: str = "bad_config") -> int:
     value = obj.get(key)
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise ProtocolError(code, f"{key} must be an integer {lo}..{hi}, got {value!r}")
+        raise ProtocolError(code, f"{key} must be an integer {lo}..{hi}, got {shown(value)}")
     return value
 
 
@@ -349,7 +349,7 @@ def parse_ingest_message(text: str | bytes, sample_rate: int | None = None
         return LostAudio(_int_field(obj, "samples", 0, most, "bad_message"))
     if kind != "config":
         raise ProtocolError("bad_message",
-                            f"unknown message type {kind!r} (config, lost or end)")
+                            f"unknown message type {shown(kind)} (config, lost or end)")
     if sample_rate is not None:
         # Whatever it holds: its values are never used, so none is bad_config.
         raise ProtocolError("bad_message", "config may be sent only once")
@@ -360,14 +360,16 @@ def parse_ingest_message(text: str | bytes, sample_rate: int | None = None
         sample_format = SampleFormat(fmt)
     except ValueError:
         raise ProtocolError(
-            "bad_config", f"format must be 'pcm16' or 'float32', got {fmt!r}") from None
+            "bad_config", f"format must be 'pcm16' or 'float32', got {shown(fmt)}") from None
     adapter, language = obj.get("adapter"), obj.get("language")
     for key, value in (("adapter", adapter), ("language", language)):
         if value is not None and (not isinstance(value, str) or not value):
-            raise ProtocolError("bad_config", f"{key} must be a non-empty string, got {value!r}")
+            raise ProtocolError("bad_config",
+                                f"{key} must be a non-empty string, got {shown(value)}")
     progress = obj.get("progress", False)
     if not isinstance(progress, bool):
-        raise ProtocolError("bad_config", f"progress must be true or false, got {progress!r}")
+        raise ProtocolError("bad_config",
+                            f"progress must be true or false, got {shown(progress)}")
     return IngestFormat(rate, channels, sample_format, adapter, language, progress)
 
 

@@ -41,7 +41,7 @@ import re
 import unicodedata
 
 __all__ = ["CONTROL", "HIDDEN", "SURROGATE", "display_width", "drop_hidden", "graphemes",
-           "is_mark", "mend_surrogates"]
+           "is_mark", "mend_surrogates", "shown"]
 
 #: Control characters: C0, DEL and C1.
 CONTROL = "\x00-\x1f\x7f-\x9f"
@@ -75,6 +75,19 @@ _SURROGATE = re.compile(f"[{SURROGATE}]")
 def mend_surrogates(text: str) -> str:
     """``text`` with each lone surrogate as U+FFFD."""
     return _SURROGATE.sub("\ufffd", text)
+
+
+def shown(value: object, limit: int = 60) -> str:
+    """``value`` as an error message quotes it: its repr, whose escapes make
+    any string one line of printable text (a lone surrogate and U+2028
+    included), cut to ``limit`` characters and ``...``. A value from a
+    client may be as long as its message, or nested as deep as JSON goes."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        # An int past Python's digit limit for str(), nesting past the stack.
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 _ZWJ = "\u200d"

@@ -59,6 +59,7 @@ from ...events import (
     SpeechStarted,
     StreamError,
 )
+from ...text.chars import shown
 from .protocol import (
     INPUT_RATE,
     MAX_BUFFER_S,
@@ -315,7 +316,7 @@ class RealtimeTranscription:
                 param = ("session.input_audio_transcription.language" if ev.beta
                          else "session.audio.input.transcription.language")
                 known = ", ".join(sorted({*self._languages, self._default_language or ""} - {""}))
-                return [self.error("invalid_value", f"unsupported language {wanted!r}: this "
+                return [self.error("invalid_value", f"unsupported language {shown(wanted)}: this "
                                    f"server transcribes {known}", param, ev.event_id)]
             if wanted != self._language:
                 self._language = wanted

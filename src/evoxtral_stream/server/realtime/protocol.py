@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ...events import Int16Array
-from ...text.chars import mend_surrogates
+from ...text.chars import mend_surrogates, shown
 
 __all__ = [
     "INPUT_RATE",
@@ -153,7 +153,8 @@ def _turn_detection(value: object, param: str, event_id: str | None,
         return "server_vad"
     raise RealtimeProtocolError(
         "invalid_value",
-        f"unsupported turn detection {td.get('type')!r}: use {{\"type\": \"server_vad\"}} or null",
+        f"unsupported turn detection {shown(td.get('type'))}: use {{\"type\": \"server_vad\"}} "
+        f"or null",
         f"{param}.type", event_id)
 
 
@@ -176,7 +177,7 @@ def _parse_session_update(obj: Mapping[str, Any], event_id: str | None) -> Sessi
         raise RealtimeProtocolError(
             "invalid_value",
             f"only transcription sessions are served here: 'session.type' must be "
-            f"'transcription', got {kind!r}", "session.type", event_id)
+            f"'transcription', got {shown(kind)}", "session.type", event_id)
     turn: TurnDetection | None = None
     language: tuple[str | None, bool] = (None, False)
     if "audio" in session:
@@ -193,7 +194,7 @@ def _parse_session_update(obj: Mapping[str, Any], event_id: str | None) -> Sessi
                 if _str(fmt.get("type"), "audio/pcm", f"{param}.type", event_id) != "audio/pcm":
                     raise RealtimeProtocolError(
                         "invalid_value",
-                        f"unsupported audio format {fmt.get('type')!r}: only 'audio/pcm' "
+                        f"unsupported audio format {shown(fmt.get('type'))}: only 'audio/pcm' "
                         f"(PCM16 mono, 24 kHz) is accepted",
                         "session.audio.input.format.type", event_id)
                 rate = fmt.get("rate")
@@ -206,7 +207,7 @@ def _parse_session_update(obj: Mapping[str, Any], event_id: str | None) -> Sessi
                 if rate is not None and rate != INPUT_RATE:
                     raise RealtimeProtocolError(
                         "invalid_value",
-                        f"unsupported sample rate {fmt.get('rate')!r}: audio/pcm must be "
+                        f"unsupported sample rate {shown(rate)}: audio/pcm must be "
                         f"{INPUT_RATE} Hz", "session.audio.input.format.rate", event_id)
             if "turn_detection" in inp:
                 turn = _turn_detection(inp["turn_detection"],
@@ -220,7 +221,7 @@ def _parse_beta_update(obj: Mapping[str, Any], event_id: str | None) -> SessionU
                event_id)
     if fmt != "pcm16":
         raise RealtimeProtocolError(
-            "invalid_value", f"unsupported input_audio_format {fmt!r}: only 'pcm16' "
+            "invalid_value", f"unsupported input_audio_format {shown(fmt)}: only 'pcm16' "
             f"(24 kHz) is accepted", "session.input_audio_format", event_id)
     turn: TurnDetection | None = None
     if "turn_detection" in session:
@@ -290,7 +291,7 @@ def parse_client_event(message: str | bytes) -> ClientEvent:
         raise RealtimeProtocolError(
             "invalid_value", f"{kind!r} is not supported on a transcription session",
             "type", event_id)
-    raise RealtimeProtocolError("invalid_value", f"unknown client event type {kind!r}",
+    raise RealtimeProtocolError("invalid_value", f"unknown client event type {shown(kind)}",
                                 "type", event_id)
 
 
