@@ -369,6 +369,25 @@ def test_a_latency_or_tag_time_too_large_for_a_float_is_a_damaged_line(
     assert "2 line(s) that are not protocol messages skipped" in caplog.text
 
 
+def test_a_line_nested_deeper_than_python_reads_is_a_damaged_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """json.loads raises RecursionError, not ValueError, for JSON nested
+    past the interpreter's limit: such a line (damage, or a log holding
+    some other program's output) ended ``subtitles`` with a traceback
+    instead of being skipped as the other damaged lines are."""
+    good = caption_to_dict(final("talk", 0, 1, "kept"))
+    lines = ["[" * 100_000,
+             '{"type": "caption", "final": true, "x": ' + "[" * 100_000 + "]" * 100_000 + "}",
+             json.dumps(good)]
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    srt = tmp_path / "talk.srt"
+    with caplog.at_level(logging.WARNING):
+        assert main(["subtitles", str(path), "--srt", str(srt)]) == 0
+    assert srt.read_text() == "1\n00:00:00,000 --> 00:00:00,833\nkept\n"
+    assert "2 line(s) that are not protocol messages skipped" in caplog.text
+
+
 @pytest.mark.parametrize("odd", ["a\x00b", "x" * 300])
 def test_an_odd_stream_id_in_a_recording_is_one_error_line(
         odd: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -145,7 +145,9 @@ def _read_recording(path: Path, splitter: SessionSplitter) -> None:
                         splitter.add_final(caption_from_dict(obj))
                     elif kind == "stream.ended" and isinstance(obj.get("stream"), str):
                         splitter.add_end(obj["stream"], _seconds(obj.get("duration")))
-                except ValueError:  # bad JSON or UTF-8, or a ProtocolError
+                except (ValueError, RecursionError):
+                    # Bad JSON or UTF-8, or a ProtocolError; RecursionError is
+                    # json.loads' for JSON nested past the interpreter's limit.
                     damaged.append(number)
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
