@@ -32,7 +32,14 @@ from websockets.exceptions import ConnectionClosed
 from evoxtral_stream.audio.resample import resample
 from evoxtral_stream.config import Config, load_config
 from evoxtral_stream.engine.engine import Engine
-from evoxtral_stream.events import SAMPLE_RATE
+from evoxtral_stream.events import (
+    SAMPLE_RATE,
+    CaptionEvent,
+    StreamEnded,
+    StreamError,
+    StreamStarted,
+    TagMark,
+)
 from evoxtral_stream.server.app import CaptionServer
 from evoxtral_stream.server.protocol import (
     MAX_INGEST_RATE,
@@ -43,6 +50,9 @@ from evoxtral_stream.server.protocol import (
     ProtocolError,
     caption_from_dict,
     decode_caption,
+    encode_error,
+    encode_event,
+    encode_hello,
     parse_ingest_message,
 )
 from evoxtral_stream.server.realtime import (
@@ -50,12 +60,23 @@ from evoxtral_stream.server.realtime import (
     AudioAppend,
     AudioClear,
     AudioCommit,
+    BufferCleared,
+    BufferCommitted,
+    BufferSpeechStarted,
+    BufferSpeechStopped,
+    RealtimeError,
     RealtimeProtocolError,
     RealtimeTranscription,
+    SessionCreated,
     SessionUpdate,
+    SessionUpdated,
+    TranscriptionCompleted,
+    TranscriptionDelta,
     encode_server_event,
     parse_client_event,
+    server_event_to_dict,
 )
+from evoxtral_stream.text.tags import TagKind
 from tests.docs_schema import validate_message
 from tests.fakes import ScriptedBackend, words_so_far
 from tests.helpers.fuzz import fuzz_seeds
@@ -516,6 +537,92 @@ def test_mutated_messages_decode_or_get_a_short_typed_error(seed: int) -> None:
                 check_message(event["error"]["message"])
 
 
+# --- the encoders ----------------------------------------------------------------------
+
+#: Text no frame, line or parser may stumble on: quotes, backslashes, line
+#: breaks JSON escapes, ones it does not (U+2028, U+2029, NEL), non-BMP
+#: characters, a BOM, a bidi override, NUL.
+NASTY = ['"', "\\", "\n", "\r\n", "\t", "\x00", "\x1b[31m", "\x7f", "\x85", "\u2028",
+         "\u2029", "\U0001f600", "\U0001d11e", "\ufeff", "\u202e", "</script>", "é",
+         "日本", "\ufffd", "{", "}", "[laughs]", " ", "'", "\\u0000", "%s", "\x1c"]
+
+
+def nasty_text(rng: random.Random) -> str:
+    return "".join(rng.choice([*NASTY, "word", "a"]) for _ in range(rng.randint(1, 12)))
+
+
+def random_caption(rng: random.Random) -> CaptionEvent:
+    stable, unstable = nasty_text(rng), rng.choice(["", nasty_text(rng)])
+    text = stable + unstable
+    start = rng.randint(0, 10 ** 7) / 1000
+    tags = tuple(TagMark(nasty_text(rng), rng.choice([k.value for k in TagKind]),
+                         rng.randint(0, 50), rng.randint(0, 10 ** 7) / 1000,
+                         rng.random() < 0.5) for _ in range(rng.randint(0, 3)))
+    return CaptionEvent(
+        stream=nasty_text(rng), segment=rng.randint(0, 10 ** 6), seq=rng.randint(1, 2 ** 62),
+        final=rng.random() < 0.5, text=text, plain_text=nasty_text(rng), stable=stable,
+        unstable=unstable, tags=tags, start=start,
+        end=round(start + rng.randint(0, 60_000) / 1000, 3),
+        latency=rng.choice([None, rng.randint(0, 10 ** 5) / 10 ** 4]),
+        continues=rng.random() < 0.2)
+
+
+def check_frame(frame: str) -> dict[str, Any]:
+    """A text frame: UTF-8, one line of JSON (a JSON-lines recording of it
+    stays one line), strict JSON (no NaN)."""
+    frame.encode("utf-8")
+    assert "\n" not in frame and "\r" not in frame
+    obj: dict[str, Any] = json.loads(frame, parse_constant=lambda c: pytest.fail(c))
+    return obj
+
+
+@pytest.mark.parametrize("seed", fuzz_seeds(4))
+def test_every_v1_event_with_nasty_text_keeps_the_schema_and_reads_back(seed: int) -> None:
+    rng = random.Random(seed)
+    for i in range(300):
+        # The schema's check is slow (30 ms): the first messages get it.
+        schema = validate_message if i < 20 else (lambda obj: obj)
+        caption = random_caption(rng)
+        obj = schema(check_frame(encode_event(caption)))
+        assert caption_from_dict(obj) == caption
+        assert decode_caption(encode_event(caption)) == obj
+        stream = nasty_text(rng)
+        message = nasty_text(rng) + "\udce9"  # an exception naming a file that is no UTF-8
+        for event in (StreamStarted(stream, nasty_text(rng)),
+                      StreamEnded(stream, rng.randint(0, 10 ** 6) / 1000, 3, 2),
+                      StreamError(stream, "decode_failed", message, rng.choice([None, 4]))):
+            obj = schema(check_frame(encode_event(event)))
+            assert obj["stream"] == stream
+        assert obj["message"] == message.replace("\udce9", "\ufffd")
+        schema(check_frame(encode_hello(
+            nasty_text(rng), [stream], ["captions"], ["en", nasty_text(rng)], [nasty_text(rng)],
+            epoch="0123456789abcdef")))
+        schema(check_frame(encode_error("bad_config", nasty_text(rng), stream)))
+
+
+@pytest.mark.parametrize("seed", fuzz_seeds(2))
+def test_every_realtime_event_with_nasty_text_is_one_frame_of_utf8_json(seed: int) -> None:
+    rng = random.Random(seed)
+    for _ in range(300):
+        item, text = nasty_text(rng), nasty_text(rng)
+        for event in (
+                SessionCreated("e1", {"model": text, "language": None}),
+                SessionUpdated("e2", {"x": [text]}, beta=rng.random() < 0.5),
+                BufferSpeechStarted("e3", item, rng.randint(0, 10 ** 9)),
+                BufferSpeechStopped("e4", item, rng.randint(0, 10 ** 9)),
+                BufferCommitted("e5", item, rng.choice([None, item])),
+                BufferCleared("e6"),
+                TranscriptionDelta("e7", item, text),
+                TranscriptionCompleted("e8", item, text, rng.randint(0, 10 ** 6) / 1000),
+                RealtimeError("e9", "decode_failed", text + "\udce9", None, text + "\ufffd",
+                              "server_error")):
+            obj = check_frame(encode_server_event(event))
+            expected = server_event_to_dict(event)
+            if isinstance(event, RealtimeError):
+                expected["error"]["message"] = event.message.replace("\udce9", "\ufffd")
+            assert obj == expected
+
+
 # --- over real sockets ----------------------------------------------------------------
 
 
@@ -646,4 +753,38 @@ async def test_malformed_realtime_events_over_a_socket_get_their_error_and_the_s
             while (event := json.loads(await asyncio.wait_for(ws.recv(), 20)))["type"] != \
                     "conversation.item.input_audio_transcription.completed":
                 assert event["type"] != "error", event
+            assert event["transcript"] == "hello there"
+
+
+@needs_espeak
+async def test_a_realtime_text_frame_that_is_no_utf8_closes_that_session_and_keeps_its_finals(
+        ) -> None:
+    """The WebSocket layer fails the connection with 1007 before the server
+    sees the message (as on /v1/ingest); the session's audio still becomes
+    its final for /v1/captions, and another session goes on."""
+    cfg = config(**{"stream.partial_interval_ms": 0})
+    speech = pcm24(np.concatenate([speak(SENTENCE), np.zeros(16_000, np.int16)]))
+    async with Engine(cfg, ScriptedBackend(lambda a: "hello there")) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        base = f"ws://127.0.0.1:{server.port}"
+        async with connect(f"{base}/v1/captions?stream=bad") as watcher, \
+                connect(f"{base}/v1/realtime?intent=transcription&stream=bad") as bad, \
+                connect(f"{base}/v1/realtime?intent=transcription&stream=good") as good:
+            assert (await recv_json(watcher))["type"] == "hello"
+            for ws in (bad, good):
+                assert json.loads(await ws.recv())["type"] == "session.created"
+            # Speech, and no silence after it: the turn is open at the fault.
+            await bad.send(append_msg(speech[:len(speech) * 2 // 3 // 2 * 2]))
+            await bad.send(b'{"type": "input_audio_buffer.commit"}\xff', text=True)
+            await asyncio.wait_for(bad.wait_closed(), 20)
+            assert bad.close_code == 1007
+            seen = [await recv_json(watcher)]
+            while seen[-1]["type"] != "stream.ended":
+                seen.append(await recv_json(watcher))
+            assert [m["text"] for m in seen if m["type"] == "caption" and m["final"]] == \
+                ["hello there"]
+            await good.send(append_msg(speech))
+            while (event := json.loads(await asyncio.wait_for(good.recv(), 20)))["type"] != \
+                    "conversation.item.input_audio_transcription.completed":
+                pass
             assert event["transcript"] == "hello there"
