@@ -44,6 +44,7 @@ from evoxtral_stream.engine.journal import (
     should_rotate,
 )
 from evoxtral_stream.engine.journal import store as journal_store
+from evoxtral_stream.engine.journal.records import _decode_pruned
 from evoxtral_stream.events import (
     CaptionEvent,
     EngineEvent,
@@ -138,6 +139,11 @@ def test_records_encode_finals_only_and_damaged_lines_decode_to_none() -> None:
     assert decode_record(line[: len(line) // 2]) is None
     assert decode_record('{"type": "gap"}') is None
     assert decode_record('{"type": "caption", "stream": "s", "seq": true}') is None
+    # Damage nested past what Python's json reads (RecursionError) is damage too.
+    deep = "[" * 100_000 + "]" * 100_000
+    assert decode_record(deep) is None
+    assert decode_line(deep) is None
+    assert _decode_pruned(deep.encode()) is None
 
 
 def test_rotation_decision() -> None:

@@ -152,6 +152,8 @@ def test_manifest_parsing(tmp_path: Path) -> None:
     # JSON escapes a lone surrogate, which is no text: eval used to decode the
     # whole manifest, then die writing the --json report (UnicodeEncodeError).
     ('{"audio": "a.wav", "text": "hi \\ud800"}\n', 'line 1: "text" holds .*ud800'),
+    # Nested past what Python's json reads: RecursionError, not ValueError.
+    ("[" * 100_000 + "]" * 100_000 + "\n", "line 1: not valid JSON"),
 ])
 def test_manifest_errors(text: str, message: str) -> None:
     with pytest.raises(ManifestError, match=message):

@@ -49,8 +49,9 @@ def parse_manifest(text: str, *, base_dir: Path | None = None,
         where = f"{source} line {n}"
         try:
             obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{where}: not valid JSON ({e.msg}); each line must be "
+        except (json.JSONDecodeError, RecursionError) as e:
+            why = e.msg if isinstance(e, json.JSONDecodeError) else "nested too deep"
+            raise ManifestError(f"{where}: not valid JSON ({why}); each line must be "
                                 '{"audio": ..., "text": ...}') from None
         if not isinstance(obj, dict):
             raise ManifestError(f'{where}: expected an object {{"audio": ..., "text": ...}}')

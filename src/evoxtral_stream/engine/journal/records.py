@@ -99,7 +99,7 @@ def decode_line(line: str) -> JournalRecord | SeqReservation | EndRecord | LostR
     stop a replay's backward read there)."""
     try:
         obj = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # the latter: nested past json's reach
         return None
     if not isinstance(obj, dict) or not isinstance(stream := obj.get("stream"), str):
         return None
@@ -182,7 +182,7 @@ def _decode_pruned(line: bytes) -> tuple[str, int] | None:
     """A :data:`~.store.PRUNED_FILE` line's stream and seq; None if damaged."""
     try:
         obj = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # the latter: nested past json's reach
         return None
     if not isinstance(obj, dict):
         return None
