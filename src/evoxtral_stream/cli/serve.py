@@ -22,13 +22,18 @@ from ..console import CaptionPrinter
 from ..data import sample_path
 from ..engine.backends import load_backend
 from ..engine.engine import Engine
-from ..events import SAMPLE_RATE, Int16Array, stream_id_problem
+from ..events import SAMPLE_RATE, Int16Array
 from ..server.app import CaptionServer, check_listen
 from ..systemd import Notifier, Snapshot, monotonic_usec, supervise
 from .exits import _exit_leaving_threads, _ignore_late_stops, _model_threads_left
 from .messages import UserError, _notice, log
 from .parser import _load_config
-from .streams import _file_stream_id
+from .streams import (
+    _channel_mixes,
+    _channel_stream_ids,
+    _check_channel_stream_ids,
+    _file_stream_id,
+)
 
 
 class _HeldHangups:
@@ -257,29 +262,6 @@ async def _apply_reload(args: argparse.Namespace, running: list[Config],
     if later:
         log.warning("reload: [%s] changed; only [auth] is applied at a reload, the rest "
                     "at a restart", "], [".join(later))
-
-
-def _channel_mixes(cfg: Config) -> dict[int, tuple[int, ...]]:
-    """The source's streams by channel, each with the channels mixed into
-    it: one per channel of ``audio.channels`` with ``audio.split_channels``
-    (``{N: (N,)}``), else ``{0: audio.channels}``. ``()``, the default,
-    is the first two channels of a device and every channel of a file."""
-    if cfg.audio.split_channels:
-        return {ch: (ch,) for ch in cfg.audio.channels}
-    return {0: cfg.audio.channels}
-
-
-def _channel_stream_ids(cfg: Config, stream_id: str) -> dict[int, str]:
-    """The names of :func:`_channel_mixes`' streams: ``ID-N`` for channel
-    N split off, ``ID`` for the mix."""
-    return {ch: f"{stream_id}-{ch}" if ch else stream_id for ch in _channel_mixes(cfg)}
-
-
-def _check_channel_stream_ids(cfg: Config, stream_id: str) -> None:
-    """Refuse a stream name that ``-N`` makes too long, before the model loads."""
-    for name in _channel_stream_ids(cfg, stream_id).values():
-        if problem := stream_id_problem(name):
-            raise UserError(f"cannot caption channels as stream {name!r}: {problem}")
 
 
 def _service_snapshot(engine: Engine, url: str) -> Snapshot:

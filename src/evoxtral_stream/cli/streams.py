@@ -1,5 +1,6 @@
-"""The stream ids of the command line: ``--stream``'s check, and the ids
-made from the names of audio files."""
+"""The stream ids of the command line: ``--stream``'s check, the ids made
+from the names of audio files, and the streams ``[audio]`` makes of a
+source's channels (``serve``'s device or file, each file of ``transcribe``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..config import Config
 from ..events import MAX_STREAM_ID, stream_id_problem
+from .messages import UserError
 
 
 def _file_stream_id(path: Path) -> str:
@@ -44,3 +47,27 @@ def _stream_ids(paths: Sequence[Path]) -> list[str]:
             name = f"{base}-{n}"
         ids.append(name)
     return ids
+
+
+def _channel_mixes(cfg: Config) -> dict[int, tuple[int, ...]]:
+    """The streams of a source (``serve``'s device or file, each file of
+    ``transcribe``) by channel, each with the channels mixed into it: one
+    per channel of ``audio.channels`` with ``audio.split_channels``
+    (``{N: (N,)}``), else ``{0: audio.channels}``. ``()``, the default,
+    is the first two channels of a device and every channel of a file."""
+    if cfg.audio.split_channels:
+        return {ch: (ch,) for ch in cfg.audio.channels}
+    return {0: cfg.audio.channels}
+
+
+def _channel_stream_ids(cfg: Config, stream_id: str) -> dict[int, str]:
+    """The names of :func:`_channel_mixes`' streams: ``ID-N`` for channel
+    N split off, ``ID`` for the mix."""
+    return {ch: f"{stream_id}-{ch}" if ch else stream_id for ch in _channel_mixes(cfg)}
+
+
+def _check_channel_stream_ids(cfg: Config, stream_id: str) -> None:
+    """Refuse a stream name that ``-N`` makes too long, before the model loads."""
+    for name in _channel_stream_ids(cfg, stream_id).values():
+        if problem := stream_id_problem(name):
+            raise UserError(f"cannot caption channels as stream {name!r}: {problem}")
