@@ -918,6 +918,173 @@ def test_serve_refuses_channels_a_file_lacks_before_loading_the_model(
     assert err[0].endswith(f"{name} has {has} channel(s)"), err
 
 
+def _by_stream(jsonl: Path) -> tuple[dict[str, list[dict[str, Any]]], dict[str, float]]:
+    """The finals of a ``--jsonl`` file by stream, and each stream's
+    ``stream.ended`` duration."""
+    finals: dict[str, list[dict[str, Any]]] = {}
+    ended: dict[str, float] = {}
+    for e in map(json.loads, jsonl.read_text().splitlines()):
+        if e["type"] == "caption" and e["final"]:
+            finals.setdefault(e["stream"], []).append(e)
+        elif e["type"] == "stream.ended":
+            ended[e["stream"]] = e["duration"]
+    return finals, ended
+
+
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+def test_transcribe_splits_a_file_s_channels_into_streams_of_their_own(tmp_path: Path) -> None:
+    """An interview recorded host left, guest right (48 kHz), transcribed
+    with ``audio.channels = [1, 2]`` split: streams ``interview-1`` and
+    ``interview-2``, each with its own SRT and VTT, its own speaker's words
+    (not the other's) at that speaker's times, and its lines in --jsonl and
+    on stdout; both on the file's timeline (as long as the file), and the
+    summary counts both. transcribe used to mix every channel into one
+    stream whatever ``[audio]`` said."""
+    path = tmp_path / "interview.wav"
+    guest_at = 0.5 + _spoken_s(_HOST) + 1.0
+    length = guest_at + _spoken_s(_GUEST) + 2.0
+    _multitrack(path, (0.5, _HOST), (guest_at, _GUEST), length_s=length)
+    out, jsonl = tmp_path / "out", tmp_path / "events.jsonl"
+    proc = cli("transcribe", str(path), "--srt", str(out), "--vtt", str(out),
+               "--jsonl", str(jsonl), "--no-partials",
+               "--set", "audio.channels=[1, 2]", "--set", "audio.split_channels=true")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "interview-1.srt", "interview-1.vtt", "interview-2.srt", "interview-2.vtt"]
+    for suffix in (".srt", ".vtt"):
+        host = (out / f"interview-1{suffix}").read_text().lower()
+        guest = (out / f"interview-2{suffix}").read_text().lower()
+        assert "welcome" in host and "lovely" not in host, host
+        assert "lovely" in guest and "welcome" not in guest, guest
+    finals, ended = _by_stream(jsonl)
+    assert sorted(finals) == ["interview-1", "interview-2"], finals
+    assert finals["interview-1"][0]["start"] == pytest.approx(0.5, abs=0.4)
+    assert finals["interview-2"][0]["start"] == pytest.approx(guest_at, abs=0.4)
+    # One timeline: each channel's stream is as long as the file.
+    assert ended == {"interview-1": pytest.approx(length, abs=0.01),
+                     "interview-2": pytest.approx(length, abs=0.01)}, ended
+    printed = {line.split(" [")[0] for line in proc.stdout.splitlines()}
+    assert printed == {"interview-1", "interview-2"}, proc.stdout
+    # The summary counts both streams, each as long as the file.
+    assert "2 stream(s)" in proc.stderr, proc.stderr
+    assert _summary(proc.stderr)[1] == pytest.approx(2 * length, abs=0.06), proc.stderr
+
+
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+@pytest.mark.parametrize(("channels", "heard", "unheard"), [
+    ("[3]", ["lights"], ["welcome", "lovely"]),
+    ("[1, 2]", ["welcome", "lovely"], ["lights"]),
+])
+def test_transcribe_captions_only_the_channels_listed(
+        tmp_path: Path, channels: str, heard: list[str], unheard: list[str]) -> None:
+    """``audio.channels`` without split mixes the channels listed into the
+    file's one stream (``[3]``: the third alone), named after the file, its
+    lines unnamed. transcribe used to mix every channel in."""
+    path = tmp_path / "three.wav"
+    second = 0.5 + _spoken_s(_HOST) + 1.0
+    third = second + _spoken_s(_GUEST) + 1.0
+    _multitrack(path, (0.5, _HOST), (second, _GUEST), (third, _THIRD),
+                length_s=third + _spoken_s(_THIRD) + 2.0)
+    srt = tmp_path / "three.srt"
+    proc = cli("transcribe", str(path), "--no-partials", "--srt", str(srt),
+               "--set", f"audio.channels={channels}")
+    assert proc.returncode == 0, proc.stderr
+    assert all(line.startswith("[") for line in proc.stdout.splitlines()), proc.stdout
+    for text in (proc.stdout.lower(), srt.read_text().lower()):
+        for word in heard:
+            assert word in text, text
+        for word in unheard:
+            assert word not in text, text
+    assert "1 stream(s)" in proc.stderr, proc.stderr
+
+
+# transcribe's command line with a scripted model (one word per half second).
+_SCRIPTED_WORDS = r"""
+import sys
+from evoxtral_stream import cli as cli_module
+from tests.fakes import ScriptedBackend, words_so_far
+from tests.helpers.model_loader import replace_model_loader
+replace_model_loader(lambda cfg: ScriptedBackend(words_so_far))
+sys.exit(cli_module.main(sys.argv[1:]))
+"""
+
+
+def test_split_channels_of_files_with_one_name_keep_apart(tmp_path: Path) -> None:
+    """Two stereo files both named talk.wav, split: the first's channels are
+    ``talk-1`` and ``talk-2``, the second's ``talk-2-1`` and ``talk-2-2``
+    (its id de-duplicated as ever, then the channel): four streams, each
+    with its own SRT holding its own channel's sound at that channel's
+    times (a burst at 0.5 s on one, at 3 s on the other)."""
+    rng = np.random.default_rng(5)
+
+    def burst(at: float) -> np.ndarray[Any, np.dtype[np.int16]]:
+        track = np.zeros(6 * SAMPLE_RATE, np.int16)
+        track[int(at * SAMPLE_RATE):int((at + 1.5) * SAMPLE_RATE)] = (
+            rng.standard_normal(int(1.5 * SAMPLE_RATE)) * 3000).astype(np.int16)
+        return track
+
+    first, second = tmp_path / "d1" / "talk.wav", tmp_path / "d2" / "talk.wav"
+    for path, (left, right) in ((first, (0.5, 3.0)), (second, (3.0, 0.5))):
+        path.parent.mkdir()
+        sf.write(path, np.stack([burst(left), burst(right)], axis=1), SAMPLE_RATE)
+    out, jsonl = tmp_path / "out", tmp_path / "e.jsonl"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPTED_WORDS, "transcribe", str(first), str(second),
+         "--srt", str(out), "--jsonl", str(jsonl),
+         "--set", "audio.channels=[1, 2]", "--set", "audio.split_channels=true"],
+        capture_output=True, text=True, timeout=120, cwd=root,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{root / 'src'}:{root}"})
+    assert proc.returncode == 0, proc.stderr
+    streams = ["talk-1", "talk-2", "talk-2-1", "talk-2-2"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{s}.srt" for s in streams)
+    finals, ended = _by_stream(jsonl)
+    assert sorted(finals) == streams and sorted(ended) == streams, finals
+    starts = {s: finals[s][0]["start"] for s in streams}
+    assert starts == {"talk-1": pytest.approx(0.5, abs=0.4),
+                      "talk-2": pytest.approx(3.0, abs=0.4),
+                      "talk-2-1": pytest.approx(3.0, abs=0.4),
+                      "talk-2-2": pytest.approx(0.5, abs=0.4)}, starts
+    for s in streams:
+        assert " --> " in (out / f"{s}.srt").read_text() and "w0" in finals[s][0]["text"], s
+    assert all(d == pytest.approx(6.0, abs=0.01) for d in ended.values()), ended
+    assert {line.split(" [")[0] for line in proc.stdout.splitlines()} == set(streams)
+    assert "4 stream(s)" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(("channels", "split"), [("[3]", "false"), ("[1, 3]", "true")])
+def test_transcribe_refuses_channels_its_files_lack_before_loading_the_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        channels: str, split: str) -> None:
+    """Each file with fewer channels than ``audio.channels`` lists is one
+    error line naming it and its channel count, the files that have them
+    named in none; the model is not loaded, and the output folder this
+    run made is gone."""
+    from evoxtral_stream import cli as main
+
+    for name, count in (("mono.wav", 1), ("three.wav", 3), ("stereo.wav", 2)):
+        sf.write(tmp_path / name, np.zeros((SAMPLE_RATE, count), np.int16), SAMPLE_RATE)
+
+    def no_model(*_: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(main.transcribe, "load_backend", no_model)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main.main(["transcribe", *(str(tmp_path / n) for n in
+                                   ("mono.wav", "three.wav", "stereo.wav")),
+                   "--srt", f"{out}/", "--set", f"audio.channels={channels}",
+                   "--set", f"audio.split_channels={split}"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2, err
+    for line, (name, has) in zip(err, (("mono.wav", 1), ("stereo.wav", 2)), strict=True):
+        assert line.startswith("evoxtral-stream: error: audio.channels asks for channel 3, "
+                               "but audio file "), line
+        assert line.endswith(f"{name} has {has} channel(s)"), line
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("hangup", [False, True])
 async def test_a_second_sigterm_while_the_model_is_busy_exits_one_without_crashing(
         hangup: bool) -> None:

@@ -143,7 +143,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="print partials too when not on a terminal")
     # Strings, not Paths: Path drops the trailing "/" that says "a folder".
     tr.add_argument("--srt", metavar="PATH",
-                    help="write SRT (a folder for several files, or when PATH ends with /)")
+                    help="write SRT (a folder for several streams: files, or channels split; "
+                         "or when PATH ends with /)")
     tr.add_argument("--vtt", metavar="PATH", help="write WebVTT (likewise)")
     tr.add_argument("--jsonl", metavar="PATH",
                     help="write every event of every stream to one file, as JSON lines "

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..audio.sources import AudioInputError, read_audio_file
+from ..audio.sources import AudioInputError, read_audio_channels
 from ..config import Config
 from ..console import CaptionPrinter
 from ..data import sample_path
@@ -31,7 +31,7 @@ from .exits import EXIT_STDOUT_CLOSED, EXIT_USAGE, _exit_leaving_threads, _model
 from .messages import UserError, _error_line, _notice
 from .results import _SUFFIXES, _cue_layout, _output_path, _prepare_outputs, _unmade_if_empty
 from .serve import _base_url, _check_serving, _start_mqtt
-from .streams import _stream_ids
+from .streams import _channel_mixes, _channel_stream_ids, _check_channel_stream_ids, _stream_ids
 
 
 class _UnreadableFiles(UserError):
@@ -43,14 +43,16 @@ class _UnreadableFiles(UserError):
         self.messages = tuple(messages)
 
 
-def _read_files(paths: Sequence[Path]) -> list[Int16Array]:
-    """Every file of ``paths`` read, or :class:`_UnreadableFiles` naming
-    each that cannot be."""
-    audio: list[Int16Array] = []
+def _read_files(paths: Sequence[Path], mixes: Sequence[Sequence[int]]
+                ) -> list[list[Int16Array]]:
+    """Every file of ``paths`` read, one output per mix of its channels
+    (:func:`read_audio_channels`), or :class:`_UnreadableFiles` naming each
+    that cannot be: a file without the channels asked for among them."""
+    audio: list[list[Int16Array]] = []
     problems: list[str] = []
     for path in paths:
         try:
-            audio.append(read_audio_file(path))
+            audio.append(read_audio_channels(path, mixes))
         except AudioInputError as e:
             problems.append(str(e))
     if problems:
@@ -65,16 +67,27 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
     if not paths:
         raise UserError("no input: name audio files or use --sample")
     ids = _stream_ids(paths)
+    # Each file's streams: the file's id, or ID-N for each channel split off
+    # (distinct for distinct ids: N, a number, follows the last "-").
+    for sid in ids:
+        _check_channel_stream_ids(cfg, sid)
+    names = [list(_channel_stream_ids(cfg, sid).values()) for sid in ids]
     made = _prepare_outputs((("--srt", args.srt), ("--vtt", args.vtt), ("--jsonl", args.jsonl)),
-                            paths, ids, staged=True)
+                            paths, [n for file in names for n in file], staged=True)
     with _unmade_if_empty(made):
-        return _transcribe(args, cfg, paths, ids)
+        return _transcribe(args, cfg, paths, names)
 
 
 def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
-                ids: Sequence[str]) -> int:
-    """:func:`_cmd_transcribe` once its outputs are prepared."""
-    jobs = [FileJob(sid, audio) for sid, audio in zip(ids, _read_files(paths), strict=True)]
+                names: Sequence[Sequence[str]]) -> int:
+    """:func:`_cmd_transcribe` once its outputs are prepared: ``names`` holds
+    each file's streams, as :func:`_channel_stream_ids` orders them."""
+    audio = _read_files(paths, list(_channel_mixes(cfg).values()))
+    # A file's channels are equally long (read_audio_channels): their streams
+    # share the file's timeline.
+    jobs = [FileJob(name, samples)
+            for file_names, channels in zip(names, audio, strict=True)
+            for name, samples in zip(file_names, channels, strict=True)]
     if args.serve:
         _check_serving(cfg)  # as serve does: before the model loads
         check_listen(cfg.server.host, cfg.server.port)
