@@ -18,9 +18,10 @@ import contextlib
 import copy
 import functools
 import json
+import logging
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -76,6 +77,7 @@ from evoxtral_stream.server.realtime import (
     parse_client_event,
     server_event_to_dict,
 )
+from evoxtral_stream.text.chars import mend_surrogates
 from evoxtral_stream.text.tags import TagKind
 from tests.docs_schema import validate_message
 from tests.fakes import ScriptedBackend, words_so_far
@@ -107,6 +109,33 @@ class SurrogateFailingBackend(ScriptedBackend):
 
     def transcribe(self, batch: Sequence[npt.NDArray[np.float32]]) -> list[str]:
         raise RuntimeError("cannot read /models/caf\udce9.bin")
+
+
+class _MendSurrogates(logging.Filter):
+    """Writes a record's message and traceback with U+FFFD for each lone
+    surrogate. pytest keeps a test's log for its report, and an xdist worker
+    cannot send a report holding one (execnet's DumpError ends the worker,
+    and the run with it)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = mend_surrogates(record.getMessage()), None
+        if record.exc_info:
+            record.exc_text = mend_surrogates(
+                logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+@pytest.fixture
+def mended_worker_log() -> Iterator[None]:
+    """The model worker's log lines (its "backend failed ..." names the
+    exception) without lone surrogates, for :class:`SurrogateFailingBackend`."""
+    worker_log = logging.getLogger("evoxtral_stream.engine.worker")
+    mend = _MendSurrogates()
+    worker_log.addFilter(mend)
+    try:
+        yield
+    finally:
+        worker_log.removeFilter(mend)
 
 
 # --- the decoders: hand-picked cases ---------------------------------------------------
@@ -627,6 +656,7 @@ def test_every_realtime_event_with_nasty_text_is_one_frame_of_utf8_json(seed: in
 
 
 @needs_espeak
+@pytest.mark.usefixtures("mended_worker_log")
 async def test_a_realtime_error_whose_message_is_no_utf8_is_sent_and_the_session_goes_on(
         ) -> None:
     """An engine error (a failed decode) whose message holds a lone
