@@ -146,7 +146,7 @@ def _api_message(body: bytes) -> str:
 def _api_detail(body: bytes) -> str:
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # the latter: nested past json's reach
         return body[:200].decode("utf-8", "replace")
     detail = data.get("detail", data) if isinstance(data, dict) else data
     if isinstance(detail, dict):

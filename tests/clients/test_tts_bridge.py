@@ -808,6 +808,20 @@ async def test_an_error_page_from_a_proxy_is_one_line(
         "ElevenLabs answered HTTP 502: <html> <body> [2J502 Bad Gateway</body>")
 
 
+async def test_an_error_body_nested_past_what_json_reads_is_quoted(
+    tmp_path: Path, fake_api: FakeElevenLabs,
+) -> None:
+    """An error answer whose body is JSON nested deeper than Python's json
+    reads (a broken proxy): json.loads raises RecursionError, not
+    ValueError, which escaped the synthesiser and ended the bridge instead
+    of failing that one caption with the body's start, as any body that is
+    no JSON does."""
+    fake_api.responses.append((502, {}, b"[" * 100_000))
+    with pytest.raises(SynthesisError) as raised:
+        await _eleven(fake_api, max_retries=0).synthesize("hello", tmp_path / "a.mp3")
+    assert str(raised.value) == "ElevenLabs answered HTTP 502: " + "[" * 200
+
+
 async def test_elevenlabs_401_is_not_retried(tmp_path: Path, fake_api: FakeElevenLabs) -> None:
     synth = _eleven(fake_api, api_key="sk_wrong")
     with pytest.raises(SynthesisError, match=r"HTTP 401: invalid_api_key: Invalid API key"):
