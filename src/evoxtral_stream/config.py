@@ -150,6 +150,8 @@ class WhisperConfig:
     beam_size: int = field(metadata=_range(1, 16))
     min_window_s: float = field(metadata=_range(1.0, 30.0))
     keep_non_speech: bool
+    no_speech_threshold: float = field(metadata=_range(0.0, 1.0))
+    log_prob_threshold: float = field(metadata=_range(-50.0, 0.0))
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from evoxtral_stream.events import (
 
 __all__ = [
     "HAVE_ESPEAK",
+    "HAVE_SOX",
     "Segment",
     "buzz",
     "collect_segments",
@@ -34,6 +35,7 @@ __all__ = [
     "resample_to_16k",
     "rms",
     "sine",
+    "sox_synth",
     "spans",
     "to_int16",
     "voiced_span",
@@ -42,6 +44,7 @@ __all__ = [
 Float64Array = npt.NDArray[np.float64]
 
 HAVE_ESPEAK = shutil.which("espeak-ng") is not None
+HAVE_SOX = shutil.which("sox") is not None
 
 
 # --- generators (float64 in [-1, 1]) -----------------------------------------
@@ -117,6 +120,16 @@ def espeak_wav(text: str, out: Path, *, wpm: int = 150, word_gap: int | None = N
         cmd += ["-g", str(word_gap)]
     subprocess.run([*cmd, text], check=True, capture_output=True)
     return out
+
+
+def sox_synth(effects: str, pad_s: float = 0.3) -> Int16Array:
+    """16 kHz mono int16 made by ``sox -n ... <effects>`` (``synth 1
+    pinknoise vol 0.3``, say), with ``pad_s`` of silence either side as a
+    VAD segment has; repeatable (``sox -R``: the same noise every run)."""
+    cmd = ["sox", "-R", "-n", "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", "-e", "signed",
+           "-t", "raw", "-", *effects.split(), "pad", str(pad_s), str(pad_s)]
+    raw = subprocess.run(cmd, check=True, capture_output=True).stdout
+    return np.frombuffer(raw, "<i2").astype(np.int16)
 
 
 def resample_to_16k(x: Float64Array, rate: int) -> Float64Array:

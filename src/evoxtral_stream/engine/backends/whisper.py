@@ -16,6 +16,16 @@ token (its ``GreedySearch`` replaces the sampled token with the prefix's).
 Whisper therefore saves no decoder steps with a prefix; it only keeps the
 committed text from being decoded differently.
 
+No speech: the VAD passes noise, coughs, clicks and hum as voiced, and
+Whisper captions them ("You", "I'm gonna go to the end of the video.").
+A hypothesis decoded from scratch (no prefix) whose no-speech probability
+(Whisper's ``<|nospeech|>`` at the first step) is above
+``no_speech_threshold`` and whose average log-probability per token (EOS
+included, as OpenAI's and faster-whisper's ``avg_logprob``) is below
+``log_prob_threshold``, or whose text is only ``[BLANK_AUDIO]``, becomes
+"" (OpenAI's rule, with their defaults 0.6 and -1.0). A job with a prefix
+keeps its text: the prefix is committed text, already shown.
+
 Languages: a multilingual model takes a language per job (its own
 ``<|xx|>`` token in that job's prompt, so one batch mixes languages); an
 English-only model (tiny.en) offers ``en`` only.
@@ -25,7 +35,9 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +59,19 @@ _MAX_LENGTH = 448
 
 # What a CTranslate2 Whisper folder must hold for this backend to load it.
 _MODEL_FILES = ("model.bin", "config.json", "tokenizer.json")
+
+# Whisper's own caption for a window without speech (with keep_non_speech).
+_BLANK = re.compile(r"[\[(]\s*blank[_ ]audio\s*[\])]", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One decoded row: its token ids (the forced prefix first), the
+    probability of no speech, and the average log-probability per token."""
+
+    ids: list[int]
+    no_speech_prob: float
+    avg_logprob: float
 
 
 def embedded_model_path() -> Path:
@@ -149,8 +174,21 @@ class WhisperBackend:
                               [self._prompt] * len(keep))
         texts = [""] * len(batch)
         for i, row in zip(keep, rows, strict=True):
-            texts[i] = self._tok.decode(row).strip()
+            texts[i] = self._text(row, prefixed=False)
         return texts
+
+    def _text(self, row: _Row, *, prefixed: bool) -> str:
+        """The text of ``row``, or "" when Whisper rated it as no speech
+        (module docstring); a row with a prefix is never dropped."""
+        text: str = self._tok.decode(row.ids).strip()
+        threshold = self._cfg.no_speech_threshold
+        if prefixed or not text or threshold <= 0 or row.no_speech_prob <= threshold:
+            return text
+        if row.avg_logprob < self._cfg.log_prob_threshold or _BLANK.fullmatch(text):
+            log.debug("no speech: dropped %r (no_speech_prob %.2f, avg_logprob %.2f)",
+                      text, row.no_speech_prob, row.avg_logprob)
+            return ""
+        return text
 
     def transcribe_jobs(self, jobs: Sequence[Job]) -> list[Done]:
         """One :class:`Done` per job, in order, in one encoder and one generate call.
@@ -177,15 +215,16 @@ class WhisperBackend:
                               [prompts[i] for i in keep])
         done = [Done(job, "") for job in jobs]
         for i, pre, row in zip(keep, prefixes, rows, strict=True):
-            done[i] = Done(jobs[i], self._tok.decode(row).strip(), len(row) - len(pre),
-                           tuple(row))
+            text = self._text(row, prefixed=bool(pre))
+            done[i] = Done(jobs[i], text, len(row.ids) - len(pre),
+                           tuple(row.ids) if text else ())
         return done
 
     def _generate(self, batch: Sequence[npt.NDArray[np.float32]],
                   prefixes: Sequence[Sequence[int]],
-                  prompts: Sequence[Sequence[int]]) -> list[list[int]]:
-        """Text tokens for each array after its prompt, starting with its
-        forced prefix."""
+                  prompts: Sequence[Sequence[int]]) -> list[_Row]:
+        """Each array's row: its text tokens after its prompt, starting with
+        its forced prefix, and their scores."""
         import ctranslate2
 
         if not batch:
@@ -216,8 +255,18 @@ class WhisperBackend:
             max_length=max_length,
             suppress_blank=True,
             suppress_tokens=self._suppress,
+            return_scores=True,
+            return_no_speech_prob=True,
         )
-        return [list(r.sequences_ids[0]) for r in results]
+        rows = []
+        for r in results:
+            ids = list(r.sequences_ids[0])
+            # CTranslate2's score is the log-probability of the tokens and EOS
+            # over len(ids) (length_penalty 1); per token, EOS counted, as
+            # faster-whisper's avg_logprob.
+            n = len(ids)
+            rows.append(_Row(ids, float(r.no_speech_prob), float(r.scores[0]) * n / (n + 1)))
+        return rows
 
 
 def load_whisper_backend(cfg: WhisperConfig, language: str) -> WhisperBackend:
