@@ -183,3 +183,29 @@ def test_speech_keeps_its_words(whisper_backend: Backend) -> None:
     whole = [int16_to_float32(speak(sentence)) for sentence in SENTENCES]
     texts = _whisper(keep_non_speech=False).transcribe(whole)
     assert all(texts), texts
+
+
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng is not installed")
+def test_a_repetition_loop_is_cut_back(whisper_backend: Backend) -> None:
+    """tiny.en heard espeak's "No, no, no." (without the VAD's lead-in) as
+    "No" 20 times, to its token budget."""
+    assert isinstance(whisper_backend, WhisperBackend)
+    audio = int16_to_float32(speak("No, no, no."))
+    assert whisper_backend.transcribe([audio]) == ["No No No"]
+    (done,) = whisper_backend.transcribe_jobs([Job(0, audio)])
+    assert done.text == "No No No"
+    assert done.tokens == 20  # what the model generated
+    # Committed text is never cut: the loop after it is.
+    (done,) = whisper_backend.transcribe_jobs([Job(0, audio, prefix="No No No No No")])
+    assert done.text == "No No No No No"
+
+
+@pytest.mark.skipif(not HAVE_SOX, reason="sox is not installed")
+def test_a_tone_looping_into_words_gets_no_text(whisper_backend: Backend) -> None:
+    """A 440 Hz tone: tiny.en wrote "( Be Be Be ... Be" to its budget, sure
+    of every repeat (avg_logprob -0.27) while rating it no speech (0.83). A
+    loop counts as unsure."""
+    assert isinstance(whisper_backend, WhisperBackend)
+    tone = [int16_to_float32(sox_synth("synth 2 sine 440 vol 0.3"))]
+    assert whisper_backend.transcribe(tone) == [""]
+    assert _whisper(no_speech_threshold=0.0).transcribe(tone) == ["( Be Be Be"]

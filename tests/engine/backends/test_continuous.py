@@ -569,3 +569,20 @@ def test_encoder_graphs_on_the_cpu_take_the_embedding_route_eagerly(
     _admit(backend.decoder, jobs, out)
     _drain(backend.decoder, out)
     assert out == plain
+
+
+def test_a_repetition_loop_is_cut_back_by_every_decoder(
+    merged: VoxtralBackend, dec: RowDecoder, jobs: list[Job], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Greedy decoding loops until the budget; random weights loop in
+    tokens that make no words, so the tokenizer is made to read a loop."""
+    monkeypatch.setattr(merged, "decode", lambda tokens: "So" + " [laughs]" * 12 + " [lau")
+    committed = Job("committed", jobs[1].audio, prefix="So [laughs] [laughs] [laughs] [laughs]")
+    batch = [jobs[0], jobs[1], committed]
+    want = {jobs[0]: "So [laughs] [laughs] [laughs]", jobs[1]: "So [laughs] [laughs] [laughs]",
+            committed: committed.prefix}
+    out: dict[Job, Done] = {}
+    _admit(dec, batch, out)
+    _drain(dec, out)
+    assert {job: d.text for job, d in out.items()} == want
+    assert {d.job: d.text for d in merged.transcribe_jobs(batch)} == want

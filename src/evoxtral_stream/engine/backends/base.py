@@ -125,8 +125,9 @@ class Job:
 @dataclass(frozen=True)
 class Done:
     """A job's result: its text, how many tokens the model generated for it,
-    and the model's token ids of the text (prefix included; () when the
-    backend does not report them). ``drafted`` is how many tokens of the
+    and the model's token ids of the text (prefix included, and a repetition
+    loop the text was cut back from, see :mod:`evoxtral_stream.text.loops`;
+    () when the backend does not report them). ``drafted`` is how many tokens of the
     job's draft the backend checked, ``kept`` how many of them it kept."""
 
     job: Job

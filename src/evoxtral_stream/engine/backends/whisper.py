@@ -22,9 +22,15 @@ A hypothesis decoded from scratch (no prefix) whose no-speech probability
 (Whisper's ``<|nospeech|>`` at the first step) is above
 ``no_speech_threshold`` and whose average log-probability per token (EOS
 included, as OpenAI's and faster-whisper's ``avg_logprob``) is below
-``log_prob_threshold``, or whose text is only ``[BLANK_AUDIO]``, becomes
-"" (OpenAI's rule, with their defaults 0.6 and -1.0). A job with a prefix
-keeps its text: the prefix is committed text, already shown.
+``log_prob_threshold``, or whose text is only ``[BLANK_AUDIO]`` or ended
+in a repetition loop, becomes "" (OpenAI's rule, with their defaults 0.6
+and -1.0; a loop's repeats are sure tokens, which lift its average: tiny.en
+wrote "Be" 24 times for a 440 Hz tone at -0.27). A job with a prefix keeps
+its text: the prefix is committed text, already shown.
+
+Loops: a repetition loop at the end of a text (greedy decoding to the
+budget, "No No No ... No") is cut back to three repeats, never inside the
+job's prefix (:func:`~evoxtral_stream.text.loops.cut_loop`).
 
 Languages: a multilingual model takes a language per job (its own
 ``<|xx|>`` token in that job's prompt, so one batch mixes languages); an
@@ -46,6 +52,7 @@ import numpy.typing as npt
 
 from ...config import WhisperConfig
 from ...events import SAMPLE_RATE
+from ...text.loops import cut_loop
 from .base import BackendError, BackendUnavailable, Done, Job, one_line
 
 __all__ = ["WhisperBackend", "embedded_model_path", "load_whisper_backend"]
@@ -174,19 +181,22 @@ class WhisperBackend:
                               [self._prompt] * len(keep))
         texts = [""] * len(batch)
         for i, row in zip(keep, rows, strict=True):
-            texts[i] = self._text(row, prefixed=False)
+            texts[i] = self._text(row, "")
         return texts
 
-    def _text(self, row: _Row, *, prefixed: bool) -> str:
-        """The text of ``row``, or "" when Whisper rated it as no speech
-        (module docstring); a row with a prefix is never dropped."""
-        text: str = self._tok.decode(row.ids).strip()
+    def _text(self, row: _Row, prefix: str) -> str:
+        """The text of ``row``, a loop at its end cut back, or "" when Whisper
+        rated it as no speech (module docstring); a row continuing a
+        ``prefix`` is never dropped."""
+        whole: str = self._tok.decode(row.ids).strip()
+        text = cut_loop(whole, protect=len(prefix))
         threshold = self._cfg.no_speech_threshold
-        if prefixed or not text or threshold <= 0 or row.no_speech_prob <= threshold:
+        if prefix or not text or threshold <= 0 or row.no_speech_prob <= threshold:
             return text
-        if row.avg_logprob < self._cfg.log_prob_threshold or _BLANK.fullmatch(text):
+        if (row.avg_logprob < self._cfg.log_prob_threshold or _BLANK.fullmatch(text)
+                or text != whole):
             log.debug("no speech: dropped %r (no_speech_prob %.2f, avg_logprob %.2f)",
-                      text, row.no_speech_prob, row.avg_logprob)
+                      whole, row.no_speech_prob, row.avg_logprob)
             return ""
         return text
 
@@ -215,7 +225,7 @@ class WhisperBackend:
                               [prompts[i] for i in keep])
         done = [Done(job, "") for job in jobs]
         for i, pre, row in zip(keep, prefixes, rows, strict=True):
-            text = self._text(row, prefixed=bool(pre))
+            text = self._text(row, jobs[i].prefix.strip() if pre else "")
             done[i] = Done(jobs[i], text, len(row.ids) - len(pre),
                            tuple(row.ids) if text else ())
         return done

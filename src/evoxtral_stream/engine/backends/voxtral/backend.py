@@ -36,6 +36,7 @@ from evoxtral_stream.engine.backends.base import (
     Job,
     one_line,
 )
+from evoxtral_stream.text.loops import cut_loop
 
 from .adapter import AdapterError, SavedAdapter, attach_adapter, merge_lora, read_adapter
 from .compile_cache import CacheTally, use_compile_cache
@@ -580,6 +581,14 @@ class VoxtralBackend:
         tok: Any = self.loaded.tokenizer
         return cast(str, tok.decode(list(tokens), special_token_policy=SpecialTokenPolicy.IGNORE))
 
+    def text(self, job: Job, tokens: Sequence[int]) -> str:
+        """A job's text from its ``tokens`` (its prefix's, then the generated
+        ones): decoded, ends stripped, and a repetition loop at the end (a
+        greedy decoder's, to the budget) cut back, never inside the job's
+        prefix (:func:`~evoxtral_stream.text.loops.cut_loop`). Every decoder
+        makes its texts here, so equal tokens give equal texts."""
+        return cut_loop(self.decode(tokens).strip(), protect=len(job.prefix.strip()))
+
     def transcribe(
         self, batch: Sequence[Audio], adapters: Sequence[str | None] | None = None
     ) -> list[str]:
@@ -618,7 +627,7 @@ class VoxtralBackend:
                                         prefixes=prefixes,
                                         languages=[jobs[i].language for i in idx])
             for i, pre, row in zip(idx, prefixes, rows, strict=True):
-                done[i] = Done(jobs[i], self.decode(pre + row).strip(), len(row),
+                done[i] = Done(jobs[i], self.text(jobs[i], pre + row), len(row),
                                tuple(pre + row))
         return done
 

@@ -447,7 +447,7 @@ class RowDecoder(abc.ABC):
                 row.tokens.append(tok)
                 backend.tokens_generated += 1
             if tok == eos or len(row.tokens) >= row.budget:
-                text = backend.decode(row.prefix + row.tokens).strip()
+                text = backend.text(row.job, row.prefix + row.tokens)
                 done.append(Done(row.job, text, len(row.tokens),
                                  tuple(row.prefix + row.tokens), row.drafted, row.kept))
             else:
