@@ -19,8 +19,15 @@ import pytest
 
 from evoxtral_stream.cli.transcribe import _close_progress, _progress
 from evoxtral_stream.console import CaptionPrinter, clip_columns, printable, text_columns
-from evoxtral_stream.events import SAMPLE_RATE, CaptionEvent, StreamError
+from evoxtral_stream.events import (
+    SAMPLE_RATE,
+    CaptionEvent,
+    Hypothesis,
+    RequestKind,
+    StreamError,
+)
 from evoxtral_stream.logs import configure_logging
+from evoxtral_stream.text.merger import Merger
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
@@ -297,3 +304,40 @@ def test_serve_prints_no_bidi_control_of_a_stream_id_or_an_error() -> None:
     printer(StreamError("ph\u202eone", "decode_failed", "RuntimeError: \u2066x\u2069", 1))
     assert out.getvalue().splitlines() == ["phone [0:00.0 → 0:01.5] hi",
                                            "! phone: decode_failed: RuntimeError: x"]
+
+
+def _no_speech_segment() -> list[CaptionEvent]:
+    """The events the real merger makes of a segment Whisper first heard as
+    "You", then rated as no speech (``model.whisper.no_speech_threshold``):
+    a partial "You", a partial with no text, an empty final."""
+    def hyp(revision: int, kind: RequestKind, text: str, end_s: float) -> Hypothesis:
+        return Hypothesis("s", 0, revision, kind, text, 0, round(end_s * SAMPLE_RATE),
+                          0.0, 0.1)
+
+    merger = Merger("s", final_replaces_stable=True)
+    events = [e for h in (hyp(1, RequestKind.PARTIAL, "You", 1.0),
+                          hyp(2, RequestKind.PARTIAL, "", 2.0),
+                          hyp(3, RequestKind.FINAL, "", 2.5)) for e in merger.feed(h)]
+    assert [(e.final, e.text) for e in events] == [(False, "You"), (False, ""), (True, "")]
+    return events
+
+
+def test_a_live_partial_that_loses_its_text_leaves_the_row_empty() -> None:
+    """A partial whose segment Whisper then rates as no speech comes with no
+    text: the "You" of the partial before stayed on the terminal as if the
+    segment still said it, until the segment's (empty) final, seconds later
+    for a long noise."""
+    master, slave, drain = _pty(80)
+    screens = []
+    with open(slave, "w", encoding="utf-8") as tty:
+        printer = CaptionPrinter(tty)
+        for event in _no_speech_segment():
+            printer(event)
+            screens.append(_screen(drain(), 80))
+        printer(CaptionEvent("s", 1, 4, False, "next", "next", "", "next", (), 3.0, 3.5, None))
+        screens.append(_screen(drain(), 80))
+    os.close(master)
+    assert any("You" in row for row in screens[0]), screens[0]
+    for screen in screens[1:]:
+        assert not any("You" in row for row in screen), screens
+    assert [row for row in screens[-1] if row] == ["[0:03.0 → 0:03.5] next"]

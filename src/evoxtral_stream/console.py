@@ -1,7 +1,8 @@
 """Caption output on a terminal: finals as lines, the live partial in place.
 
 On a TTY the current partial is redrawn in place (dim) and replaced by the
-final when it lands; elsewhere only finals are printed, one per line, unless
+final when it lands (a partial or final with no text, a segment rated no
+speech, clears it); elsewhere only finals are printed, one per line, unless
 ``partials`` is set. With several streams each line names its stream.
 
 Output that cannot be written (a pipe whose reader left, as ``| head`` does;
@@ -128,6 +129,7 @@ class CaptionPrinter:
         self._own = own
         self._partial_shown = False
         self._row: str | None = None   # the partial on screen, to redraw after a log line
+        self._row_stream: str | None = None   # whose partial that is
         self.error: OSError | None = None
         """Why printing stopped (the first failed write), or None."""
         self._error_logged = False
@@ -195,7 +197,12 @@ class CaptionPrinter:
             self._clear()
             if event.text:
                 print(f"{self._prefix(event)} {event.text}", file=self._out, flush=True)
-        elif self._partials and event.text:
+        elif self._partials and not event.text:
+            # The segment's text is gone (Whisper rated it no speech): what
+            # its earlier partial showed is no longer what it says.
+            if self._live and self._partial_shown and self._row_stream == event.stream:
+                self._clear()
+        elif self._partials:
             if self._live:
                 # Keep the line on one screen row, or the redraw clears only
                 # its last row and leaves the rest behind: drop the oldest text.
@@ -204,6 +211,7 @@ class CaptionPrinter:
                                          self._columns() - 1 - text_columns(prefix) - 1)
                 line = f"{prefix} {stable}{_DIM}{unstable}{_RESET}"
                 self._row = line
+                self._row_stream = event.stream
                 self._partial_shown = True
                 self._out.write(_CLEAR_LINE + line)
                 self._out.flush()
