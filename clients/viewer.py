@@ -252,9 +252,10 @@ class LiveWriter:
 
     Captions go to ``out``: finals as lines; with ``live`` each partial is
     redrawn in place on one row (clear the row, write, no newline) until the
-    next partial or a final replaces it; without ``live`` partials are not
-    written. Every other message, and :meth:`status` lines, go to ``err``
-    after clearing a partial shown on the same terminal. A partial cleared
+    next partial or a final replaces it (one with no text just clears it);
+    without ``live`` partials are not written. Every other message, and
+    :meth:`status` lines, go to ``err`` after clearing a partial shown on
+    the same terminal. A partial cleared
     for a final or a message of another stream is drawn again after it.
     """
 
@@ -294,6 +295,10 @@ class LiveWriter:
                 self.out.write(_CLEAR_LINE + line)
                 self.out.flush()
                 self._partial = (event.get("stream"), line)
+            elif other is None:
+                # Its stream's partial with no text (a segment rated no
+                # speech): what the row shows is no longer the segment's.
+                self.clear()
 
     def status(self, text: str, *, styled: bool = False) -> None:
         """A line on ``err`` (dim on a colour terminal unless already ``styled``,

@@ -35,9 +35,11 @@ from websockets.asyncio.server import ServerConnection, serve
 from evoxtral_stream.config import load_config
 from evoxtral_stream.console import format_time
 from evoxtral_stream.engine.engine import Engine
-from evoxtral_stream.events import CaptionEvent, EngineEvent
+from evoxtral_stream.events import CaptionEvent, EngineEvent, Hypothesis, RequestKind
 from evoxtral_stream.run import feed_samples
 from evoxtral_stream.server.app import CaptionServer
+from evoxtral_stream.server.protocol import caption_to_dict
+from evoxtral_stream.text.merger import Merger
 from tests.clients.conftest import (
     CLIENTS,
     accepted_token_cases,
@@ -340,6 +342,33 @@ def test_only_its_own_streams_events_take_a_partial_off_the_screen() -> None:
         w.show(PARTIAL)
         w.show(own)
         assert out.getvalue() == f"{CLEAR}{p}{CLEAR}", own
+
+
+def test_a_partial_that_loses_its_text_takes_the_row_off_the_screen() -> None:
+    """Whisper rates a segment no speech once it has heard more of it: its
+    partial "You" is followed by a partial with no text, then an empty
+    final. The "You" stayed on the row as if the segment said it, until the
+    empty final (a long noise: seconds); another stream's is left alone."""
+    merger = Merger("mic", final_replaces_stable=True)
+    hyps = [Hypothesis("mic", 0, rev, kind, text, 0, end, 0.0, 0.1) for rev, kind, text, end in
+            ((1, RequestKind.PARTIAL, "You", 16000), (2, RequestKind.PARTIAL, "", 32000),
+             (3, RequestKind.FINAL, "", 40000))]
+    you, gone, empty = [caption_to_dict(e) for h in hyps for e in merger.feed(h)]
+    assert (you["text"], gone["text"], gone["final"], empty["text"], empty["final"]) == \
+        ("You", "", False, "", True)
+    out, err = io.StringIO(), io.StringIO()
+    w = LiveWriter(out, err, color=False, live=True, show_stream=False)
+    p = render_event(you, color=False, show_stream=False)
+    w.show(you)
+    w.show(gone)
+    assert out.getvalue() == f"{CLEAR}{p}{CLEAR}"
+    w.show(empty)
+    assert out.getvalue() == f"{CLEAR}{p}{CLEAR}"
+    out.seek(0)
+    out.truncate()
+    w.show(PARTIAL)
+    w.show({**gone, "stream": "other"})
+    assert out.getvalue() == f"{CLEAR}{render_event(PARTIAL, color=False, show_stream=False)}"
 
 
 def test_writer_off_a_terminal_prints_only_finals() -> None:
