@@ -285,6 +285,30 @@ async def test_late_subscriber_gets_the_retained_last_final(
         "partials and errors are not retained"
 
 
+async def test_an_empty_final_reaches_subscribers_but_leaves_the_last_caption_retained(
+        mosquitto: MosquittoBroker) -> None:
+    """A segment the model found no speech in (noise, a cough: Whisper's
+    no_speech_threshold) gets an empty final. Retained, it replaced the last
+    caption said on the broker, so a display subscribing after it showed
+    nothing for the stream. It still goes out live (QoS 1), not retained."""
+    cfg = mqtt_config(mosquitto.port, "n")
+    async with subscriber(mosquitto.port, "n/+/final") as live, MqttPublisher(cfg) as pub:
+        await connected(pub)
+        pub(StreamStarted("s", "test"))
+        pub(caption("s", 0, 1, True, "said"))
+        pub(caption("s", 1, 2, False, "You"))
+        pub(caption("s", 1, 3, True, ""))
+        got = await live.until(lambda got: len(got) >= 2, "both finals")
+        assert [(body(m)["text"], m.qos) for m in got] == [("said", 1), ("", 1)]
+        await eventually(lambda: pub.stats().published >= 3, "all published")
+        async with subscriber(mosquitto.port, "n/#") as late:
+            await late.until(lambda got: any(topic(m) == "n/s/status" for m in got),
+                             "retained status")
+            retained = await late.settle()
+    finals = [m for m in retained if topic(m) == "n/s/final"]
+    assert [(body(m)["text"], m.retain) for m in finals] == [("said", True)]
+
+
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 async def test_an_ended_streams_retained_messages_are_removed_after_forget_ended_s(
         mosquitto: MosquittoBroker, protocol: str) -> None:

@@ -6,7 +6,7 @@ Topics, under ``cfg.prefix`` (``{stream}`` passed through :func:`topic_level`):
 topic                          events                           QoS  retained
 =============================  ===============================  ===  ===========================
 ``{prefix}/{stream}/partial``  partial captions                 0    no
-``{prefix}/{stream}/final``    final captions                   1    the last one (retain_final)
+``{prefix}/{stream}/final``    final captions                   1    last non-empty (retain_final)
 ``{prefix}/{stream}/status``   ``stream.started``/``.ended``    1    yes: the stream's state
 ``{prefix}/{stream}/error``    ``error``                        1    no
 ``{prefix}/status``            ``online`` / ``offline``         1    yes; ``offline`` is the will
@@ -390,7 +390,10 @@ class MqttPublisher:
         if isinstance(event, CaptionEvent):
             key = (event.stream, event.segment)
             if event.final:
-                leaf, qos, retain = "final", 1, self.cfg.retain_final
+                # An empty final (a sound the model found no speech in) goes
+                # out live, but must not replace the last caption said as
+                # what a subscriber joining later is shown.
+                leaf, qos, retain = "final", 1, self.cfg.retain_final and bool(event.text)
             else:
                 leaf, qos, retain = "partial", 0, False
         elif isinstance(event, StreamStarted | StreamEnded):
