@@ -18,13 +18,17 @@ from websockets.exceptions import ConnectionClosed
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.events import (
+    SAMPLE_RATE,
     CaptionEvent,
     EngineEvent,
+    Hypothesis,
+    RequestKind,
     StreamEnded,
     StreamError,
     StreamStarted,
 )
 from evoxtral_stream.server.app import CaptionServer
+from evoxtral_stream.text.merger import Merger
 from tests.clients.conftest import REBOUND_HOST, Browser, Page, publish_finals
 from tests.clients.test_web import (
     FINALS,
@@ -224,6 +228,55 @@ async def test_a_line_trimmed_from_the_log_does_not_orphan_its_segments_new_line
         await asyncio.sleep(0.3)
         assert await page.evaluate(FINALS.format(s="desk")) == ["new final"]
         assert await page.evaluate(PARTIALS.format(s="desk")) == []
+    finally:
+        await page.close()
+
+
+def _no_speech_captions() -> list[CaptionEvent]:
+    """What the real merger makes of two segments that Whisper first heard as
+    "You", then rated as no speech (model.whisper.no_speech_threshold): the
+    first stays so (an empty final), the second then says something."""
+    merger = Merger("hum", final_replaces_stable=True)
+    partial, final = RequestKind.PARTIAL, RequestKind.FINAL
+    script = ((0, partial, "You", 1.0), (0, partial, "", 2.0), (0, final, "", 2.5),
+              (1, partial, "You", 4.0), (1, partial, "", 5.0),
+              (1, partial, "hello there", 6.0), (1, final, "hello there", 6.5))
+    events: list[CaptionEvent] = []
+    for rev, (segment, kind, text, end_s) in enumerate(script, start=1):
+        h = Hypothesis("hum", segment, rev, kind, text, 48000 * segment,
+                       round(end_s * SAMPLE_RATE), 0.0, 0.1)
+        events += merger.feed(h)
+    assert [(e.segment, e.final, e.text) for e in events] == [
+        (0, False, "You"), (0, False, ""), (0, True, ""),
+        (1, False, "You"), (1, False, ""), (1, False, "hello there"), (1, True, "hello there")]
+    return events
+
+
+async def test_a_partial_that_loses_its_text_takes_its_line_away_until_it_says_something(
+        browser: Browser, scripted: tuple[Engine, CaptionServer],
+) -> None:
+    """A segment the model first heard as "You", then rated as no speech: its
+    partial with no text left a line holding only the stream's name and a
+    time in the live partials, until the segment's empty final removed it
+    (a long noise: seconds). Now the line goes at the empty partial, and
+    comes back if the segment says something after all."""
+    _, server = scripted
+    page = await Page.open(browser, f"http://127.0.0.1:{server.port}/")
+    lines = ("[...document.querySelectorAll('.line[data-stream=\"hum\"]')]"
+             ".filter(l => l.getClientRects().length)"
+             ".map(l => [l.parentNode.id, +l.dataset.segment, "
+             "l.querySelector('.text').textContent])")
+    expected = [[["partials", 0, "You"]], [], [],
+                [["partials", 1, "You"]], [], [["partials", 1, "hello there"]],
+                [["finals", 1, "hello there"]]]
+    try:
+        await page.wait_for(f"{STATUS} === 'live'")
+        server.broadcaster.publish(StreamStarted("hum", "test"))
+        for event, shown in zip(_no_speech_captions(), expected, strict=True):
+            server.broadcaster.publish(event)
+            await page.wait_for(f"evoxtral.lastSeq.get('hum') === {event.seq}")
+            assert await page.evaluate(lines) == shown, event
+        assert page.errors == []
     finally:
         await page.close()
 

@@ -310,6 +310,9 @@ function fillLine(line, ev) {
   line.querySelector("time").textContent = formatTime(ev.start);
   line.classList.toggle("final", ev.final);
   line.classList.toggle("partial", !ev.final);
+  // A partial with no text (the segment rated no speech so far): not shown,
+  // rather than a time with nothing after it; its next text shows it again.
+  line.classList.toggle("empty", !ev.text);
   // A caption of the segment after a failed decode (markFailed): it went on.
   line.classList.remove("failed");
   line.querySelector(".flag")?.remove();
