@@ -2949,3 +2949,41 @@ def test_an_error_message_with_a_lone_surrogate_leaves_the_jsonl_file_whole(
     errors = [e for e in events if e["type"] == "error"]
     assert errors and all(e["message"] == "RuntimeError: cannot open /models/caf\ufffd"
                           for e in errors), errors
+
+
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng is not installed")
+def test_a_dash_reads_the_audio_from_standard_input(tmp_path: Path) -> None:
+    """``ffmpeg ... -f flac - | evoxtral-stream transcribe -``: ``-`` is
+    standard input, as for most commands that read files (it was "audio file
+    - does not exist"), stream ``stdin``; serve --source takes it too. Named
+    twice, or a terminal, it is one error line."""
+    flac = tmp_path / "talk.flac"
+    _speech_file(flac, "Please call me back when you get home tonight.", 44100, 1)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    srt = tmp_path / "out.srt"
+    proc = subprocess.run([sys.executable, "-m", "evoxtral_stream", "transcribe", "-",
+                           "--srt", str(srt)], input=flac.read_bytes(), capture_output=True,
+                          timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert "home tonight" in proc.stdout.decode().lower(), proc.stdout
+    assert "tonight" in srt.read_text().lower()
+    proc = subprocess.run([sys.executable, "-m", "evoxtral_stream", "serve", "--port", "0",
+                           "--source", "-", "--exit-at-end"], input=flac.read_bytes(),
+                          capture_output=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert "home tonight" in proc.stdout.decode().lower(), proc.stdout
+    twice = subprocess.run([sys.executable, "-m", "evoxtral_stream", "transcribe", "-", "-"],
+                           input=flac.read_bytes(), capture_output=True, timeout=120, env=env)
+    one_error_line(subprocess.CompletedProcess(twice.args, twice.returncode, "",
+                                               twice.stderr.decode()),
+                   "named more than once")
+    main_fd, tty = os.openpty()
+    try:
+        with os.fdopen(tty, "rb", closefd=False) as stdin:
+            term = subprocess.run([sys.executable, "-m", "evoxtral_stream", "transcribe", "-"],
+                                  stdin=stdin, capture_output=True, text=True, timeout=120,
+                                  env=env)
+    finally:
+        os.close(main_fd)
+        os.close(tty)
+    one_error_line(term, "standard input, which is a terminal")

@@ -118,7 +118,7 @@ def _parser() -> argparse.ArgumentParser:
                                        "over WebSocket and print them.")
     serve.add_argument("--source", default="mic", metavar="SRC",
                        help="'mic' (default), 'none' (serve only), 'sample', or an audio file "
-                            "played at real-time pace")
+                            "played at real-time pace ('-': standard input)")
     serve.add_argument("--stream", default=None, metavar="ID", type=_stream_id_arg,
                        help="stream id (default: 'mic', or the file's name without its "
                             "suffix; with audio.split_channels, ID-N per channel)")
@@ -134,7 +134,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="stream audio files through the engine",
                         description="Stream audio files through the live pipeline and print "
                                     "their captions; several files run as concurrent streams.")
-    tr.add_argument("files", nargs="*", type=Path, metavar="FILE")
+    tr.add_argument("files", nargs="*", type=Path, metavar="FILE",
+                    help="audio files ('-': standard input)")
     tr.add_argument("--sample", action="store_true", help="add the bundled speech sample")
     tr.add_argument("--realtime", action="store_true",
                     help="feed audio at real-time pace (default: as fast as possible)")

@@ -12,7 +12,6 @@ import functools
 import signal
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from ..audio.microphone import ChannelRoute, usable_input_device
@@ -29,6 +28,7 @@ from .exits import _exit_leaving_threads, _ignore_late_stops, _model_threads_lef
 from .messages import UserError, _notice, log
 from .parser import _load_config
 from .streams import (
+    _audio_paths,
     _channel_mixes,
     _channel_stream_ids,
     _check_channel_stream_ids,
@@ -70,7 +70,7 @@ def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
         usable_input_device(cfg.audio.device, cfg.audio.channels)
         _check_channel_stream_ids(cfg, args.stream or "mic")
     elif source != "none":
-        path = sample_path() if source == "sample" else Path(source)
+        path = sample_path() if source == "sample" else _audio_paths([source])[0]
         source = _file_stream_id(path)
         _check_channel_stream_ids(cfg, args.stream or source)
         # Also before the model: a file without the channels asked for.

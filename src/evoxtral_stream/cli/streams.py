@@ -1,16 +1,41 @@
-"""The stream ids of the command line: ``--stream``'s check, the ids made
-from the names of audio files, and the streams ``[audio]`` makes of a
-source's channels (``serve``'s device or file, each file of ``transcribe``)."""
+"""The stream ids of the command line: ``--stream``'s check, the audio files
+named (``-`` for standard input) and the ids made from their names, and the
+streams ``[audio]`` makes of a source's channels (``serve``'s device or
+file, each file of ``transcribe``)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..config import Config
 from ..events import MAX_STREAM_ID, stream_id_problem
 from .messages import UserError
+
+#: The file ``-`` names: standard input, read through the copy
+#: :func:`~evoxtral_stream.audio.sources.read_audio_channels` makes of a pipe.
+STDIN_PATH = Path("/dev/stdin")
+
+
+def _audio_paths(names: Sequence[Path | str]) -> list[Path]:
+    """The audio files named on the command line, ``-`` being standard input
+    (stream id ``stdin``): at most once, since it can be read once, and not
+    a terminal, which holds no audio. A file named ``-`` is ``./-``."""
+    paths: list[Path] = []
+    for name in names:
+        if str(name) != "-":
+            paths.append(Path(name))
+            continue
+        if STDIN_PATH in paths:
+            raise UserError("- (standard input) is named more than once: it can be read once")
+        if os.isatty(0):
+            raise UserError("- reads the audio from standard input, which is a terminal: "
+                            "pipe it in (ffmpeg -i talk.mp4 -f flac - | evoxtral-stream "
+                            "transcribe -)")
+        paths.append(STDIN_PATH)
+    return paths
 
 
 def _file_stream_id(path: Path) -> str:

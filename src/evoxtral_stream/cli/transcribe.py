@@ -31,7 +31,13 @@ from .exits import EXIT_STDOUT_CLOSED, EXIT_USAGE, _exit_leaving_threads, _model
 from .messages import UserError, _error_line, _notice
 from .results import _SUFFIXES, _cue_layout, _output_path, _prepare_outputs, _unmade_if_empty
 from .serve import _base_url, _check_serving, _start_mqtt
-from .streams import _channel_mixes, _channel_stream_ids, _check_channel_stream_ids, _stream_ids
+from .streams import (
+    _audio_paths,
+    _channel_mixes,
+    _channel_stream_ids,
+    _check_channel_stream_ids,
+    _stream_ids,
+)
 
 
 class _UnreadableFiles(UserError):
@@ -61,7 +67,7 @@ def _read_files(paths: Sequence[Path], mixes: Sequence[Sequence[int]]
 
 
 def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
-    paths: list[Path] = list(args.files)
+    paths = _audio_paths(args.files)
     if args.sample:
         paths.append(sample_path())
     if not paths:
