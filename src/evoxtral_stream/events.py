@@ -215,15 +215,13 @@ class Hypothesis:
 
 @dataclass(frozen=True)
 class DecodeFailure:
-    """The backend failed on a request; ``message`` is for people;
-    ``ready_at`` is the request's (None where unknown)."""
+    """The backend failed on a request; ``message`` is for people."""
 
     stream: str
     segment: int
     revision: int
     kind: RequestKind
     message: str
-    ready_at: float | None = None
 
 
 # --- captions ---------------------------------------------------------------

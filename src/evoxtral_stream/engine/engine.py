@@ -719,6 +719,9 @@ class Engine:
         if stream is None:
             log.debug("result for closed stream %s dropped", result.stream)
             return
+        # When this final was asked for, read before on_result forgets it.
+        asked_at = (stream.session.final_ready_at(result.segment)
+                    if result.kind is RequestKind.FINAL else None)
         stream.session.on_result(result)
         stream.note_draft(result)
         if isinstance(result, DecodeFailure):
@@ -728,7 +731,7 @@ class Engine:
                 # Its final will never come: close the segment with what was
                 # shown so later segments of the stream are not held back.
                 closing = self._waited(stream.merger.abandon(result.segment),
-                                       result.segment, result.ready_at)
+                                       result.segment, asked_at)
             # The error first: it stands in for the segment's caption (a
             # client marks the segment's line there), and the closing final
             # with what was shown, if any, follows.

@@ -559,8 +559,7 @@ class ModelWorker:
 
     @staticmethod
     def _failure(req: DecodeRequest, message: str) -> DecodeFailure:
-        return DecodeFailure(req.stream, req.segment, req.revision, req.kind, message,
-                             req.ready_at)
+        return DecodeFailure(req.stream, req.segment, req.revision, req.kind, message)
 
     def _warms_up(self) -> bool:
         """The backend warms up before serving (stepping backends only)."""
