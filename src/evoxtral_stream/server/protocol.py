@@ -225,9 +225,8 @@ def _finite(value: float, what: str) -> float:
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
-        shown = repr(value)
         raise ProtocolError("bad_message", f"{what} is not a finite number: "
-                                           f"{shown[:40]}{'...' if len(shown) > 40 else ''}")
+                                           f"{shown(value, 40)}")
     return number
 
 
