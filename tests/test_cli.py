@@ -820,6 +820,16 @@ def _spoken_s(text: str) -> float:
     return len(speak(text)) / SAMPLE_RATE
 
 
+def _three_speakers(path: Path) -> Path:
+    """``path``: a three-channel WAV, _HOST, _GUEST and _THIRD each on its
+    own channel, one after the other."""
+    second = 0.5 + _spoken_s(_HOST) + 1.0
+    third = second + _spoken_s(_GUEST) + 1.0
+    _multitrack(path, (0.5, _HOST), (second, _GUEST), (third, _THIRD),
+                length_s=third + _spoken_s(_THIRD) + 2.0)
+    return path
+
+
 @pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
 async def test_serve_a_multitrack_file_as_one_stream_per_channel(tmp_path: Path) -> None:
     """A panel recorded host left, guest right (48 kHz), played with
@@ -872,11 +882,7 @@ def test_serve_a_file_captions_only_the_channels_listed(
     ``[3]`` captions the third alone, ``[1, 2]`` mixes those two, as one
     stream named after the file (lines unnamed). Every channel used to be
     mixed in."""
-    path = tmp_path / "three.wav"
-    second = 0.5 + _spoken_s(_HOST) + 1.0
-    third = second + _spoken_s(_GUEST) + 1.0
-    _multitrack(path, (0.5, _HOST), (second, _GUEST), (third, _THIRD),
-                length_s=third + _spoken_s(_THIRD) + 2.0)
+    path = _three_speakers(tmp_path / "three.wav")
     proc = cli("serve", "--port", "0", "--source", str(path), "--exit-at-end",
                "--set", f"audio.channels={channels}")
     assert proc.returncode == 0, proc.stderr
@@ -980,11 +986,7 @@ def test_transcribe_captions_only_the_channels_listed(
     """``audio.channels`` without split mixes the channels listed into the
     file's one stream (``[3]``: the third alone), named after the file, its
     lines unnamed. transcribe used to mix every channel in."""
-    path = tmp_path / "three.wav"
-    second = 0.5 + _spoken_s(_HOST) + 1.0
-    third = second + _spoken_s(_GUEST) + 1.0
-    _multitrack(path, (0.5, _HOST), (second, _GUEST), (third, _THIRD),
-                length_s=third + _spoken_s(_THIRD) + 2.0)
+    path = _three_speakers(tmp_path / "three.wav")
     srt = tmp_path / "three.srt"
     proc = cli("transcribe", str(path), "--no-partials", "--srt", str(srt),
                "--set", f"audio.channels={channels}")
