@@ -22,7 +22,8 @@ import soundfile as sf  # type: ignore[import-untyped,unused-ignore]
 from evoxtral_stream.audio.resample import StreamResampler
 from evoxtral_stream.events import SAMPLE_RATE, Int16Array
 
-__all__ = ["AudioInputError", "iter_chunks", "read_audio_channels", "read_audio_file"]
+__all__ = ["AudioInputError", "iter_chunks", "read_audio_channels", "read_audio_file",
+           "read_pipe_channels"]
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +107,28 @@ def read_audio_channels(path: str | os.PathLike[str], mixes: Sequence[Sequence[i
 _COPY_BYTES = 1 << 20
 
 
-def _copied(p: Path, stack: contextlib.ExitStack) -> BinaryIO:
-    """The bytes of the pipe ``p`` (``<(ffmpeg ...)``, ``/dev/stdin``) in a
-    temporary file that ``stack`` deletes: libsndfile seeks in some formats
-    (a FLAC or CAF from a pipe was refused, or read as empty), and a damaged
-    file is read twice. On disk, not in memory: the pipe may hold hours of
-    audio at its own rate."""
+def read_pipe_channels(p: Path, head: bytes, fd: int, mixes: Sequence[Sequence[int]],
+                       channels_from: str = "audio.channels") -> list[Int16Array]:
+    """:func:`read_audio_channels` of a pipe already open as ``fd``, of which
+    ``head`` was read (a live reader's look at its first bytes): the rest is
+    read to its end, and ``p`` names it in messages. ``fd`` is not closed."""
+    with contextlib.ExitStack() as stack:
+        return _read_channels(p, _copied(p, stack, head, fd), mixes, channels_from)
+
+
+def _copied(p: Path, stack: contextlib.ExitStack, head: bytes = b"",
+            fd: int | None = None) -> BinaryIO:
+    """The bytes of the pipe ``p`` (``<(ffmpeg ...)``, ``/dev/stdin``;
+    ``head`` then the rest of ``fd`` when given) in a temporary file that
+    ``stack`` deletes: libsndfile seeks in some formats (a FLAC or CAF from
+    a pipe was refused, or read as empty), and a damaged file is read twice.
+    On disk, not in memory: the pipe may hold hours of audio at its own
+    rate."""
     try:
         # Kept open past this function (closing deletes it): the stack closes it.
         copy: BinaryIO = stack.enter_context(tempfile.TemporaryFile())  # noqa: SIM115
-        with open(p, "rb") as source:
+        copy.write(head)
+        with open(p, "rb") if fd is None else open(fd, "rb", closefd=False) as source:
             while block := source.read(_COPY_BYTES):
                 copy.write(block)
         copy.flush()  # a full disk shows here, not in the decoder

@@ -117,8 +117,9 @@ def _parser() -> argparse.ArgumentParser:
                            description="Capture audio, caption it live, serve the captions "
                                        "over WebSocket and print them.")
     serve.add_argument("--source", default="mic", metavar="SRC",
-                       help="'mic' (default), 'none' (serve only), 'sample', or an audio file "
-                            "played at real-time pace ('-': standard input)")
+                       help="'mic' (default), 'none' (serve only), 'sample', an audio file "
+                            "played at real-time pace, or a pipe carrying WAV read live "
+                            "('-': standard input)")
     serve.add_argument("--stream", default=None, metavar="ID", type=_stream_id_arg,
                        help="stream id (default: 'mic', or the file's name without its "
                             "suffix; with audio.split_channels, ID-N per channel)")
@@ -127,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-partials", action="store_true",
                        help="finals only: shortcut for --set stream.partial_interval_ms=0")
     serve.add_argument("--exit-at-end", action="store_true",
-                       help="with a file source, stop when the file ends")
+                       help="with a file or pipe source, stop when it ends")
     serve.add_argument("--no-print", action="store_true", help="do not print captions")
 
     tr = sub.add_parser("transcribe", parents=[common],

@@ -15,7 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..audio.microphone import ChannelRoute, usable_input_device
-from ..audio.sources import read_audio_channels
+from ..audio.pipe import NotLiveAudio, PipeCapture, PipeEnd, is_live_pipe
+from ..audio.sources import read_audio_channels, read_pipe_channels
 from ..config import Config, ConfigError
 from ..console import CaptionPrinter
 from ..data import sample_path
@@ -28,6 +29,7 @@ from .exits import _exit_leaving_threads, _ignore_late_stops, _model_threads_lef
 from .messages import UserError, _notice, log
 from .parser import _load_config
 from .streams import (
+    STDIN_PATH,
     _audio_paths,
     _channel_mixes,
     _channel_stream_ids,
@@ -63,6 +65,7 @@ def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
     check_listen(cfg.server.host, cfg.server.port)
     source: str = args.source
     file_audio: dict[int, Int16Array] | None = None
+    pipe: PipeCapture | None = None
     if source == "mic":
         # Also before the model: no microphone is one line at once, not after a
         # minute of loading Voxtral. The capture resolves audio.device again as
@@ -71,18 +74,43 @@ def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
         _check_channel_stream_ids(cfg, args.stream or "mic")
     elif source != "none":
         path = sample_path() if source == "sample" else _audio_paths([source])[0]
+        live = source != "sample" and is_live_pipe(path)
         source = _file_stream_id(path)
         _check_channel_stream_ids(cfg, args.stream or source)
-        # Also before the model: a file without the channels asked for.
+        # Also before the model: a file without the channels asked for; a
+        # pipe's WAV header (its writer may take a moment to send it).
         mixes = _channel_mixes(cfg)
-        file_audio = dict(zip(mixes, read_audio_channels(path, list(mixes.values())),
-                              strict=True))
+        if live:
+            pipe = PipeCapture(path, block_ms=cfg.audio.block_ms,
+                               max_pending_blocks=cfg.audio.max_pending_blocks,
+                               mixes=list(mixes.values()),
+                               fd=0 if path == STDIN_PATH else None)
+            log.debug("waiting for the WAV header on %s", pipe.name)
+            try:
+                fmt = pipe.read_header()
+                log.info("%s: WAV, %d Hz, %d channel(s), %s, read live", pipe.name, fmt.rate,
+                         fmt.channels, fmt.encoding.value)
+            except NotLiveAudio as e:
+                # Another format (FLAC, OGG, ...): libsndfile reads it only
+                # whole, so it is played once the pipe has ended, as a file.
+                log.debug("%s", e)
+                log.info("%s carries no PCM WAV, the audio read live: it is read to its end, "
+                         "then played at real-time pace (for live captions, send PCM WAV: "
+                         "`ffmpeg ... -f wav -`)", pipe.name)
+                assert pipe.fd is not None
+                file_audio = dict(zip(mixes, read_pipe_channels(
+                    path, e.head, pipe.fd, list(mixes.values())), strict=True))
+                pipe = None
+        else:
+            file_audio = dict(zip(mixes, read_audio_channels(path, list(mixes.values())),
+                                  strict=True))
     notifier = Notifier.from_environ()
     try:
         if notifier is not None:
             notifier.send(notifier.notices.status("loading the model"))
         backend = load_backend(cfg.model)
-        code = asyncio.run(_serve(args, cfg, backend, source, file_audio, hangups, notifier))
+        code = asyncio.run(_serve(args, cfg, backend, source, file_audio, hangups, notifier,
+                                  pipe))
     finally:
         if notifier is not None:
             notifier.close()
@@ -94,10 +122,12 @@ def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
 async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: str,
                  file_audio: dict[int, Int16Array] | None,
                  hangups: _HeldHangups | None = None,
-                 notifier: Notifier | None = None) -> int:
+                 notifier: Notifier | None = None,
+                 pipe: PipeCapture | None = None) -> int:
     """Serve until stopped: ``source`` is ``mic``, ``none`` or a file's
     stream name, whose audio ``file_audio`` holds by channel as
-    :func:`_channel_mixes` keys it."""
+    :func:`_channel_mixes` keys it, or ``pipe`` reads live (its header
+    read)."""
     from ..audio.microphone import MicrophoneCapture
     from ..run import play_together
 
@@ -161,7 +191,7 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
             # Channels split into streams, or only clients' streams: each
             # line says whose it is. Else the source's lines are unnamed and
             # those of streams clients send name theirs.
-            own = source == "mic" or file_audio is not None
+            own = source == "mic" or file_audio is not None or pipe is not None
             several = own and len(_channel_stream_ids(cfg, stream_id)) > 1
             everyone = several or args.source == "none"
             engine.add_listener(CaptionPrinter(show_stream=everyone,
@@ -196,6 +226,33 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
             feeder = asyncio.ensure_future(play_together(feeds, chunk))
             if args.exit_at_end:
                 feeder.add_done_callback(lambda _: stop.set())
+        elif pipe is not None:
+            names = _channel_stream_ids(cfg, stream_id)
+            piped = [engine.open_stream(names[ch], source="pipe") for ch in names]
+
+            async def pipe_ended(end: PipeEnd) -> None:
+                if end.error is not None:
+                    log.error("%s; its open captions are finished", end.error)
+                    for stream in piped:
+                        stream.report_error("audio_input_lost", str(end.error))
+                elif end.unfinished_bytes:
+                    log.warning("%s ended inside a frame: its last %d byte(s) are dropped",
+                                pipe.name, end.unfinished_bytes)
+                else:
+                    log.info("%s ended after %.1f s of audio", pipe.name,
+                             pipe.frames_read / pipe.format.rate if pipe.format else 0.0)
+                await asyncio.gather(*(stream.close() for stream in piped))
+
+            def on_pipe_end(end: PipeEnd) -> None:
+                nonlocal feeder
+                feeder = asyncio.ensure_future(pipe_ended(end))
+                if args.exit_at_end:
+                    feeder.add_done_callback(lambda _: stop.set())
+
+            pipe.start(loop, [ChannelRoute(s.push, m) for s, m in
+                              zip(piped, _channel_mixes(cfg).values(), strict=True)],
+                       on_pipe_end)
+            stack.callback(pipe.stop)  # however this block is left, before the engine closes
         await stop.wait()
         # From here a SIGHUP is ignored (docs/config.md): a reload now would
         # close subscribers still owed the drained finals (token_revoked).
@@ -206,6 +263,8 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
             notifier.send(notifier.notices.stopping("stopping: finishing open captions"))
         if mic is not None:
             mic.stop()
+        if pipe is not None:
+            pipe.stop()
         if feeder is not None and not feeder.done():
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError):

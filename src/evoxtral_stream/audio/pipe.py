@@ -1,0 +1,294 @@
+"""A live pipe (standard input, a FIFO, a socket) carrying WAV, captured on a
+thread of its own into 16 kHz mono int16 blocks on the event loop, as the
+microphone is: ``arecord -t wav | evoxtral-stream serve --source -``.
+
+A pipe is read as its bytes come, not copied whole first (as ``transcribe``
+does, and ``serve`` does with a file): a live writer never ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import queue
+import select
+import stat
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from evoxtral_stream.audio.microphone import ChannelRoute
+from evoxtral_stream.audio.resample import StreamResampler
+from evoxtral_stream.audio.sources import AudioInputError
+from evoxtral_stream.audio.wavstream import WavFormat, WavStreamDecoder, WavStreamError
+from evoxtral_stream.events import SAMPLE_RATE, Float32Array, Int16Array
+
+__all__ = ["NotLiveAudio", "PipeCapture", "PipeEnd", "is_live_pipe"]
+
+log = logging.getLogger(__name__)
+
+#: Bytes read at a time while the header is awaited: the header is tens of
+#: bytes, and what follows it in the same read (audio) is kept.
+_HEADER_READ = 4096
+#: How long the reading thread waits for bytes before it looks whether it
+#: was asked to stop: a pipe's read cannot be interrupted otherwise.
+_POLL_S = 0.1
+
+
+def is_live_pipe(path: Path) -> bool:
+    """``path`` (``/dev/stdin`` included) is a pipe or a socket: a live
+    stream, read as it comes, not a file."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+class NotLiveAudio(AudioInputError):
+    """The pipe carries audio that is not read live (no WAV, or WAV in an
+    encoding only a whole file is read in): ``head`` holds the bytes read
+    from it so far, for a reader of the whole stream to start with."""
+
+    def __init__(self, message: str, head: bytes) -> None:
+        super().__init__(message)
+        self.head = head
+
+
+@dataclass(frozen=True)
+class PipeEnd:
+    """How a pipe's capture ended: at the end of the stream (``error`` None)
+    or at a failure that stopped the reading (the audio before it was
+    delivered). ``unfinished_bytes``: a last frame the writer left cut."""
+
+    error: AudioInputError | None
+    unfinished_bytes: int = 0
+
+
+class PipeCapture:
+    """Read a WAV stream from a pipe and hand each route the mix of its
+    channels as 16 kHz mono int16 blocks, on the loop.
+
+    :meth:`read_header` (blocking, before the model loads) waits for the WAV
+    header and checks it: not WAV, an encoding or rate not read, fewer
+    channels than the routes need: each an :class:`AudioInputError` naming
+    the pipe. :meth:`start` then reads on a thread (the one that decodes,
+    mixes and resamples) in pieces of at most ``block_ms`` of audio, each
+    handed on as it is read: a live writer's audio is never held back to
+    fill a block.
+
+    The hand-off to the loop holds at most ``max_pending_blocks`` pieces.
+    When it is full the thread stops reading until the loop takes one:
+    nothing is dropped here, and the pipe's writer waits (a pipe buffers
+    64 KiB, then blocks its writer: ``arecord`` reports an overrun and drops
+    its own audio then). :attr:`waits` counts how often the hand-off was
+    full.
+
+    ``on_end(PipeEnd)`` runs once on the loop after the last block: the
+    stream ended, or reading it failed (:class:`PipeEnd` says which). Not
+    after :meth:`stop`, which delivers what was read and the resamplers'
+    tails itself. :meth:`start` and :meth:`stop` are called on the loop's
+    thread."""
+
+    def __init__(self, path: Path, *, block_ms: int, max_pending_blocks: int,
+                 mixes: Sequence[Sequence[int]] = ((),),
+                 channels_from: str = "audio.channels", name: str | None = None,
+                 fd: int | None = None) -> None:
+        if max_pending_blocks < 1:
+            raise ValueError(f"max_pending_blocks must be at least 1, got {max_pending_blocks}")
+        if block_ms < 1:
+            raise ValueError(f"block_ms must be at least 1, got {block_ms}")
+        self.path = path
+        self.name = name or ("standard input" if fd == 0 else f"pipe {path}")
+        self.block_ms = block_ms
+        self.mixes = [tuple(m) for m in mixes]
+        self._channels_from = channels_from
+        self._fd = fd
+        self._owns_fd = fd is None
+        self._decoder = WavStreamDecoder()
+        self._first: Float32Array | None = None  # audio read with the header
+        self._handoff: queue.Queue[list[Int16Array] | PipeEnd] = queue.Queue(max_pending_blocks)
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._routes: list[ChannelRoute] = []
+        self._on_end: Callable[[PipeEnd], None] | None = None
+        self._resamplers: list[StreamResampler] = []
+        self._columns: list[list[int] | None] = []
+        self.waits = 0
+        self.frames_read = 0
+        """Frames of the stream (its own rate) read so far."""
+
+    @property
+    def format(self) -> WavFormat | None:
+        """The stream's format, once :meth:`read_header` has read it."""
+        return self._decoder.format
+
+    @property
+    def fd(self) -> int | None:
+        """The pipe's descriptor once :meth:`read_header` opened it; None
+        once the capture has closed it."""
+        return self._fd
+
+    def read_header(self) -> WavFormat:
+        """Open the pipe (a FIFO: waits for its writer) and read until its
+        audio begins. Blocks; Ctrl-C interrupts it. Raises
+        :class:`AudioInputError` naming the pipe; :class:`NotLiveAudio`
+        (the pipe left open) for audio of another format."""
+        head = bytearray()
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            while self._decoder.format is None:
+                data = os.read(self._fd, _HEADER_READ)
+                if not data:
+                    self._decoder.finish()  # raises: the stream ended in its header
+                head += data
+                self._first = self._decoder.feed(data)
+        except WavStreamError as e:
+            if e.other_format:
+                raise NotLiveAudio(f"{self.name}: {e}", bytes(head)) from None
+            self._close_fd()
+            raise AudioInputError(f"{self.name}: {e}") from None
+        except OSError as e:
+            self._close_fd()
+            raise AudioInputError(f"cannot read {self.name}: {e.strerror or e}") from None
+        fmt = self._decoder.format
+        wanted = max((c for mix in self.mixes for c in mix), default=0)
+        if wanted > fmt.channels:
+            self._close_fd()
+            raise AudioInputError(f"{self._channels_from} asks for channel {wanted}, but "
+                                  f"{self.name} has {fmt.channels} channel(s)")
+        return fmt
+
+    def start(self, loop: asyncio.AbstractEventLoop, routes: Sequence[ChannelRoute],
+              on_end: Callable[[PipeEnd], None]) -> None:
+        """Start reading: ``routes`` are :meth:`read_header`'s ``mixes`` with
+        their receivers, in the same order."""
+        fmt = self._decoder.format
+        if fmt is None or self._fd is None:
+            raise RuntimeError("read_header() must succeed before start()")
+        if self._thread is not None:
+            raise RuntimeError("a pipe is captured once")
+        if [tuple(r.channels) for r in routes] != self.mixes:
+            raise ValueError("the routes must take the mixes given to the capture, in order")
+        self._loop, self._routes, self._on_end = loop, list(routes), on_end
+        self._columns = [None if not r.channels else [c - 1 for c in r.channels]
+                         for r in routes]
+        self._resamplers = [StreamResampler(fmt.rate, SAMPLE_RATE,
+                                            fmt.channels if cols is None else len(cols))
+                            for cols in self._columns]
+        self._thread = threading.Thread(target=self._run, name="evoxtral-pipe", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop reading, and deliver on this thread (the loop's) what was
+        read and the resamplers' tails. Returns within about
+        :data:`_POLL_S`; idempotent."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+        for item in self._drain():
+            if isinstance(item, list):
+                self._deliver(item)
+        if self._resamplers and self._routes:
+            self._deliver([r.flush() for r in self._resamplers])
+            self._routes = []  # delivered once
+        self._close_fd()
+
+    # --- the reading thread ---------------------------------------------------
+
+    def _run(self) -> None:
+        fd, fmt = self._fd, self._decoder.format
+        assert fd is not None
+        assert fmt is not None
+        limit = max(fmt.frame_bytes, fmt.frame_bytes * (fmt.rate * self.block_ms // 1000))
+        end = PipeEnd(None)
+        try:
+            first, self._first = self._first, None
+            if first is not None and len(first) and not self._hand(self._convert(first)):
+                return
+            while not self._stopping.is_set():
+                ready, _, _ = select.select([fd], [], [], _POLL_S)
+                if not ready:
+                    continue
+                data = os.read(fd, limit)
+                if not data:
+                    break
+                frames = self._decoder.feed(data)
+                if len(frames) and not self._hand(self._convert(frames)):
+                    return
+                if self._decoder.ended:
+                    break
+            else:
+                return  # stopped: stop() delivers the rest
+            tails = [r.flush() for r in self._resamplers]
+            end = PipeEnd(None, self._decoder.finish())
+            if not self._hand(tails):
+                return
+        except OSError as e:
+            end = PipeEnd(AudioInputError(f"cannot read {self.name}: {e.strerror or e}"))
+        except Exception as e:  # a bug here must still end the stream, not hang it
+            log.exception("reading %s failed", self.name)
+            end = PipeEnd(AudioInputError(f"reading {self.name} failed: {e}"))
+        self._hand(end)
+
+    def _convert(self, frames: Float32Array) -> list[Int16Array]:
+        self.frames_read += len(frames)
+        return [r.process(frames if cols is None else np.ascontiguousarray(frames[:, cols]))
+                for r, cols in zip(self._resamplers, self._columns, strict=True)]
+
+    def _hand(self, item: list[Int16Array] | PipeEnd) -> bool:
+        """Queue ``item`` for the loop, waiting while the hand-off is full:
+        False when asked to stop meanwhile."""
+        waited = False
+        while True:
+            try:
+                self._handoff.put(item, timeout=_POLL_S)
+                break
+            except queue.Full:
+                if not waited:
+                    self.waits += 1
+                    waited = True
+                if self._stopping.is_set():
+                    return False
+        loop = self._loop
+        assert loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop closed: stop() never came
+            loop.call_soon_threadsafe(self._take)
+        return True
+
+    # --- the loop ---------------------------------------------------------------
+
+    def _drain(self) -> list[list[Int16Array] | PipeEnd]:
+        items: list[list[Int16Array] | PipeEnd] = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                items.append(self._handoff.get_nowait())
+        return items
+
+    def _take(self) -> None:
+        for item in self._drain():
+            if isinstance(item, PipeEnd):
+                self._routes, on_end = [], self._on_end
+                self._close_fd()
+                if on_end is not None and not self._stopping.is_set():
+                    on_end(item)
+                return
+            self._deliver(item)
+
+    def _deliver(self, blocks: list[Int16Array]) -> None:
+        for route, block in zip(self._routes, blocks, strict=False):
+            if len(block):
+                route.on_audio(block)
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None and self._owns_fd:
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -1,0 +1,243 @@
+"""Live pipes: a real OS pipe (or FIFO) written by a thread, read by
+:class:`PipeCapture` into the loop as the microphone's blocks are."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import struct
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from evoxtral_stream.audio.microphone import ChannelRoute
+from evoxtral_stream.audio.pipe import NotLiveAudio, PipeCapture, PipeEnd, is_live_pipe
+from evoxtral_stream.audio.sources import AudioInputError, read_audio_channels, read_pipe_channels
+from evoxtral_stream.events import Int16Array
+
+
+def _stereo_wav(path: Path, seconds: float = 3.0, rate: int = 48000) -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    data = np.stack([0.5 * np.sin(2 * np.pi * 220 * t), 0.3 * np.sin(2 * np.pi * 330 * t)], 1)
+    sf.write(path, data, rate, subtype="PCM_16")
+    return path.read_bytes()
+
+
+def _live_header(wav: bytes) -> bytes:
+    """``wav`` as a live writer sends it: data size 0 (unknown)."""
+    data = bytearray(wav)
+    at = data.index(b"data")
+    data[at + 4:at + 8] = struct.pack("<I", 0)
+    return bytes(data)
+
+
+class _Writer(threading.Thread):
+    """Writes ``data`` into a pipe in pieces; closes it at the end unless
+    ``keep_open`` (a live writer that has not ended)."""
+
+    def __init__(self, fd: int, data: bytes, piece: int = 1000, keep_open: bool = False
+                 ) -> None:
+        super().__init__(daemon=True)
+        self.fd, self.data, self.piece, self.keep_open = fd, data, piece, keep_open
+        self.written = 0
+
+    def run(self) -> None:
+        for at in range(0, len(self.data), self.piece):
+            self.written += os.write(self.fd, self.data[at:at + self.piece])
+        if not self.keep_open:
+            os.close(self.fd)
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.blocks: list[Int16Array] = []
+
+    def __call__(self, block: Int16Array) -> None:
+        self.blocks.append(block.copy())
+
+    @property
+    def samples(self) -> Int16Array:
+        return np.concatenate(self.blocks) if self.blocks else np.zeros(0, np.int16)
+
+
+def _capture(read_fd: int, mixes: list[tuple[int, ...]], max_pending: int = 100
+             ) -> PipeCapture:
+    return PipeCapture(Path("/dev/stdin"), block_ms=20, max_pending_blocks=max_pending,
+                       mixes=mixes, fd=read_fd, name="the test pipe")
+
+
+async def _until(cond: object, timeout: float = 60.0) -> None:
+    assert callable(cond)
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+def test_a_pipe_gives_each_route_what_the_whole_file_gives(tmp_path: Path) -> None:
+    """48 kHz stereo WAV written in pieces into a pipe: the mix of both
+    channels and the second alone, resampled block by block, equal the
+    samples of the same file read whole; the end comes once, after them."""
+    wav = _stereo_wav(tmp_path / "s.wav")
+    want = read_audio_channels(tmp_path / "s.wav", [(), (2,)])
+    r, w = os.pipe()
+    ends: list[PipeEnd] = []
+
+    async def main() -> None:
+        cap = _capture(r, [(), (2,)])
+        writer = _Writer(w, _live_header(wav), piece=777)
+        writer.start()
+        fmt = await asyncio.to_thread(cap.read_header)
+        assert (fmt.rate, fmt.channels) == (48000, 2)
+        sinks = [_Sink(), _Sink()]
+        cap.start(asyncio.get_running_loop(),
+                  [ChannelRoute(sinks[0], ()), ChannelRoute(sinks[1], (2,))], ends.append)
+        await _until(lambda: ends)
+        assert ends == [PipeEnd(None)]
+        for sink, expected in zip(sinks, want, strict=True):
+            np.testing.assert_array_equal(sink.samples, expected)
+        cap.stop()
+        assert ends == [PipeEnd(None)]
+
+    asyncio.run(main())
+    os.close(r)
+
+
+def test_a_full_hand_off_stops_the_reading_and_drops_nothing(tmp_path: Path) -> None:
+    """With the loop not taking blocks, the thread stops reading once the
+    hand-off holds max_pending_blocks: the writer waits (the pipe is full),
+    nothing is dropped, and every sample arrives once the loop runs."""
+    wav = _stereo_wav(tmp_path / "s.wav", seconds=20.0, rate=16000)
+    want = read_audio_channels(tmp_path / "s.wav", [()])[0]
+    r, w = os.pipe()
+    cap = _capture(r, [()], max_pending=2)
+    writer = _Writer(w, wav, piece=4096)
+    writer.start()
+    cap.read_header()
+    loop = asyncio.new_event_loop()
+    sink = _Sink()
+    ends: list[PipeEnd] = []
+    cap.start(loop, [ChannelRoute(sink, ())], ends.append)
+    time.sleep(1.5)  # the loop is not running: nothing is taken
+    assert writer.is_alive(), "the writer should wait on a full pipe"
+    assert writer.written < len(wav)
+    assert cap.waits >= 1
+    assert not sink.blocks
+
+    async def run() -> None:
+        await _until(lambda: ends)
+
+    loop.run_until_complete(run())
+    loop.close()
+    writer.join(5)
+    assert ends == [PipeEnd(None)]
+    np.testing.assert_array_equal(sink.samples, want)
+    cap.stop()
+    os.close(r)
+
+
+def test_stop_ends_a_live_reading_promptly_with_what_was_read(tmp_path: Path) -> None:
+    """A writer that never ends: stop() returns at once (well within a
+    second), delivers the audio read so far with the resampler's tail, and
+    on_end is never called."""
+    wav = _stereo_wav(tmp_path / "s.wav", seconds=1.0)
+    r, w = os.pipe()
+    ends: list[PipeEnd] = []
+
+    async def main() -> None:
+        cap = _capture(r, [()])
+        writer = _Writer(w, _live_header(wav), keep_open=True)
+        writer.start()
+        await asyncio.to_thread(cap.read_header)
+        sink = _Sink()
+        cap.start(asyncio.get_running_loop(), [ChannelRoute(sink, ())], ends.append)
+        await _until(lambda: cap.frames_read == 48000)
+        t0 = time.monotonic()
+        cap.stop()
+        assert time.monotonic() - t0 < 2.0
+        # 1 s at 48 kHz is 16000 samples at 16 kHz, tail included.
+        assert abs(len(sink.samples) - 16000) <= 1
+        cap.stop()
+        await asyncio.sleep(0.3)
+
+    asyncio.run(main())
+    assert ends == []
+    os.close(w)
+    os.close(r)
+
+
+@pytest.mark.parametrize(("data", "mixes", "message"), [
+    (b"ID3\x04\0\0\0\0\0\0", [()], "the test pipe: it is not a WAV stream"),
+    (b"", [()], "the test pipe: it ended before sending anything"),
+    (b"RIFF\0\0\0\0WAVEfmt ", [()], "the test pipe: it ended before its audio began"),
+    (None, [(3,)], "audio.channels asks for channel 3, but the test pipe has 2 channel(s)"),
+])
+def test_read_header_refuses_with_one_line(tmp_path: Path, data: bytes | None,
+                                           mixes: list[tuple[int, ...]], message: str) -> None:
+    if data is None:
+        data = _stereo_wav(tmp_path / "s.wav", seconds=0.1)
+    r, w = os.pipe()
+    writer = _Writer(w, data)
+    writer.start()
+    cap = _capture(r, mixes)
+    with pytest.raises(AudioInputError) as e:
+        cap.read_header()
+    assert str(e.value).startswith(message), e.value
+    assert "\n" not in str(e.value)
+    writer.join(5)
+    os.close(r)
+
+
+def test_a_named_fifo_is_opened_and_read_live(tmp_path: Path) -> None:
+    """A FIFO given by name is a live pipe: opening it waits for its writer."""
+    fifo = tmp_path / "audio.fifo"
+    os.mkfifo(fifo)
+    assert is_live_pipe(fifo)
+    assert not is_live_pipe(tmp_path)
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(1600, np.int16), 16000, format="WAV", subtype="PCM_16")
+    ends: list[PipeEnd] = []
+
+    def write() -> None:
+        with open(fifo, "wb") as f:
+            f.write(buf.getvalue())
+
+    async def main() -> None:
+        cap = PipeCapture(fifo, block_ms=20, max_pending_blocks=10)
+        assert cap.name == f"pipe {fifo}"
+        writer = threading.Thread(target=write, daemon=True)
+        writer.start()
+        await asyncio.to_thread(cap.read_header)
+        sink = _Sink()
+        cap.start(asyncio.get_running_loop(), [ChannelRoute(sink, ())], ends.append)
+        await _until(lambda: ends)
+        assert len(sink.samples) == 1600
+        cap.stop()
+
+    asyncio.run(main())
+    assert ends == [PipeEnd(None)]
+
+
+def test_another_format_is_read_whole_from_where_the_look_stopped(tmp_path: Path) -> None:
+    """FLAC in a pipe is not read live: NotLiveAudio carries the bytes read
+    looking for a WAV header, and those with the rest of the pipe read whole
+    are the file's audio."""
+    flac = tmp_path / "s.flac"
+    _stereo_wav(tmp_path / "s.wav", seconds=1.0)
+    data, rate = sf.read(tmp_path / "s.wav", dtype="int16")
+    sf.write(flac, data, rate, format="FLAC")
+    r, w = os.pipe()
+    writer = _Writer(w, flac.read_bytes(), piece=3)
+    writer.start()
+    cap = _capture(r, [(1,)])
+    with pytest.raises(NotLiveAudio, match="the test pipe: it is not a WAV stream") as e:
+        cap.read_header()
+    assert e.value.head and flac.read_bytes().startswith(e.value.head)
+    got = read_pipe_channels(Path("-"), e.value.head, r, [(1,)])
+    np.testing.assert_array_equal(got[0], read_audio_channels(flac, [(1,)])[0])
+    os.close(r)
