@@ -147,6 +147,40 @@ async def test_idle_ingest_is_flushed_and_closed() -> None:
         assert ws.close_code == 1008
 
 
+@pytest.mark.parametrize(("message", "every_s"), [
+    (b"", 0.2),                                         # empty binary: no audio
+    (b"", 0.01),                                        # and faster than a late read
+    (json.dumps({"type": "lost", "samples": 0}), 0.01),  # declared loss: no audio
+], ids=["empty", "empty-fast", "lost-fast"])
+async def test_messages_without_audio_do_not_keep_an_ingest_from_idling(
+        message: str | bytes, every_s: float) -> None:
+    """A client that sends only messages that hold no audio (empty binary
+    frames, ``lost`` messages) is idle: it is flushed and closed with
+    idle_timeout, however often it sends them."""
+    async with running(**{"server.idle_timeout_s": 1.0}) as server, \
+            ingesting(server, "muted") as ws:
+        loop = asyncio.get_running_loop()
+        await ws.send(SECOND)
+        t0 = loop.time()
+
+        async def keep_sending() -> None:
+            with contextlib.suppress(ConnectionClosed):
+                while True:
+                    await ws.send(message)
+                    await asyncio.sleep(every_s)
+
+        sender = asyncio.ensure_future(keep_sending())
+        try:
+            messages = await until_closed(ws, timeout=10)
+        finally:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+        assert 0.3 < loop.time() - t0 < 8
+        assert [m["type"] for m in messages][-2:] == ["stream.ended", "error"]
+        assert messages[-1]["code"] == "idle_timeout"
+        assert ws.close_code == 1008
+
+
 async def test_audio_that_arrived_while_the_server_was_busy_is_not_idleness(
         monkeypatch: pytest.MonkeyPatch) -> None:
     # The process was busy for longer than idle_timeout_s while it handled a

@@ -124,6 +124,12 @@ CLOSE_TIMEOUT_S = 2.0
 #: (Python 3.11's ``wait_for(…, 0)`` cancels it unrun). Such a client was not
 #: idle.
 LATE_READ_S = 0.05
+#: How long past an ingest's idle deadline the messages still coming in one
+#: after another (each within :data:`LATE_READ_S`) are read, looking for audio
+#: behind them. A backlog that waited while the server was busy is read in
+#: far less; a client that keeps sending messages without audio (empty binary
+#: frames, ``lost``) as fast as that is idle, not kept open by them.
+OVERDUE_READ_S = 1.0
 _CAPTIONS = "/v1/captions"
 _INGEST = "/v1/ingest"
 _REALTIME = "/v1/realtime"
@@ -873,8 +879,13 @@ class CaptionServer:
         bytes_per_s = fmt.sample_rate * fmt.frame_bytes
         progress = IngestProgress(fmt.sample_rate) if fmt.progress else None
         last_audio = loop.time()
+        overdue: float | None = None  # when this loop first found the deadline passed
         while True:
             wait = max(0.0, last_audio + idle - loop.time()) if idle else None
+            if wait == 0:
+                overdue = loop.time() if overdue is None else overdue
+                if loop.time() - overdue > OVERDUE_READ_S:
+                    return "idle"
             try:
                 # recv() is cancellation-safe: a timeout loses no message.
                 message = await _recv_within(ws, wait)
@@ -884,11 +895,13 @@ class CaptionServer:
                 return "closed"
             try:
                 if isinstance(message, bytes):
+                    if not message:
+                        continue  # no audio: not activity for the idle timeout
                     if len(message) > limit:
                         raise ProtocolError("too_large",
                                             f"binary message of {len(message)} bytes exceeds "
                                             f"server.max_message_bytes ({limit})")
-                    last_audio = loop.time()
+                    last_audio, overdue = loop.time(), None
                     if not rate.take(len(message) / bytes_per_s, last_audio):
                         raise ProtocolError("too_fast", rate.refusal)
                     frames = decode_audio_frame(message, fmt)
