@@ -1054,6 +1054,55 @@ def test_split_channels_of_files_with_one_name_keep_apart(tmp_path: Path) -> Non
     assert "4 stream(s)" in proc.stderr, proc.stderr
 
 
+# transcribe with a scripted model, its streams' pushes logged (to the file
+# $PUSH_LOG) and the process busy for a moment right after the first.
+_LOGGED_PUSHES = r"""
+import json, os, sys, time
+from evoxtral_stream import cli as cli_module
+from evoxtral_stream.engine.engine import Stream
+from tests.fakes import ScriptedBackend
+from tests.helpers.model_loader import replace_model_loader
+replace_model_loader(lambda cfg: ScriptedBackend(lambda a: "hi"))
+pushes = []
+real_push = Stream.push
+def push(self, samples):
+    real_push(self, samples)
+    pushes.append(self.id)
+    if len(pushes) == 1:
+        time.sleep(0.3)
+Stream.push = push
+try:
+    code = cli_module.main(sys.argv[1:])
+finally:
+    with open(os.environ["PUSH_LOG"], "w") as f:
+        json.dump(pushes, f)
+sys.exit(code)
+"""
+
+
+def test_transcribe_realtime_plays_a_file_s_channels_on_one_clock(tmp_path: Path) -> None:
+    """``transcribe --realtime`` with a stereo file split: its two streams are
+    fed in lock step (one chunk each in turn), as ``serve --source`` plays
+    them, even when the process was busy between their first chunks. Each
+    stream used to keep its own clock, started when its feeder first ran:
+    the one fed first then ran ahead for the rest of the file."""
+    path, pushes = tmp_path / "duo.wav", tmp_path / "pushes.json"
+    sf.write(path, np.zeros((2 * SAMPLE_RATE, 2), np.int16), SAMPLE_RATE)
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOGGED_PUSHES, "transcribe", str(path), "--realtime",
+         "--set", "audio.channels=[1, 2]", "--set", "audio.split_channels=true",
+         "--set", "audio.file_chunk_ms=100"],
+        capture_output=True, text=True, timeout=120, cwd=root,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PUSH_LOG": str(pushes),
+             "PYTHONPATH": f"{root / 'src'}:{root}"})
+    assert proc.returncode == 0, proc.stderr
+    order = json.loads(pushes.read_text())
+    assert order.count("duo-1") == order.count("duo-2") == 20, order
+    ahead = [order[:i].count("duo-1") - order[:i].count("duo-2") for i in range(len(order))]
+    assert all(abs(a) <= 1 for a in ahead), order
+
+
 @pytest.mark.parametrize(("channels", "split"), [("[3]", "false"), ("[1, 3]", "true")])
 def test_transcribe_refuses_channels_its_files_lack_before_loading_the_model(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],

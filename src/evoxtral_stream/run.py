@@ -31,6 +31,10 @@ class FileJob:
 
     stream: str
     samples: Int16Array
+    file: str | None = None
+    """The recording the stream is one channel of: fed in real time, the
+    jobs of one ``file`` share a clock (:func:`play_together`); None: a
+    recording of its own."""
 
 
 async def feed_samples(
@@ -65,10 +69,12 @@ async def feed_samples(
 
 
 async def play_together(feeds: Sequence[tuple[Stream, Int16Array]],
-                        chunk_samples: int) -> list[StreamSummary]:
+                        chunk_samples: int,
+                        progress: Callable[[int], None] | None = None) -> list[StreamSummary]:
     """Push each stream its samples at real-time pace, all on one clock: at
     each step every stream gets the same stretch of time (the channels of one
-    recording stay in step), then close them all and wait for every final."""
+    recording stay in step), then close them all and wait for every final.
+    ``progress`` is told the samples of each chunk pushed."""
     if chunk_samples < 1:
         raise ValueError(f"chunk_samples must be at least 1, got {chunk_samples}")
     t0 = time.monotonic()
@@ -78,6 +84,8 @@ async def play_together(feeds: Sequence[tuple[Stream, Int16Array]],
             chunk = samples[at:at + chunk_samples]
             if len(chunk):
                 stream.push(chunk)
+                if progress is not None:
+                    progress(len(chunk))
         delay = t0 + min(at + chunk_samples, length) / SAMPLE_RATE - time.monotonic()
         await asyncio.sleep(max(0.0, delay))
     return list(await asyncio.gather(*(stream.close() for stream, _ in feeds)))
@@ -109,27 +117,42 @@ async def transcribe_samples(
     progress: Callable[[int], None] | None = None,
     stop: asyncio.Event | None = None,
 ) -> list[StreamSummary]:
-    """Stream every job concurrently through ``engine``; return their summaries.
+    """Stream every job concurrently through ``engine``; return their summaries
+    in the order of ``jobs``.
 
-    Once ``stop`` is set (Ctrl-C), no more audio is fed: every stream ends as
-    :meth:`Engine.drain` ends them (open segments become finals, the wait for
-    them bounded), and the summaries cover the audio fed until then.
+    ``realtime`` paces the audio to the wall clock: the jobs of one
+    :attr:`FileJob.file` (a recording's channels) on one clock
+    (:func:`play_together`), every recording on its own, so that each ends
+    with its audio. Once ``stop`` is set (Ctrl-C), no more audio is fed:
+    every stream ends as :meth:`Engine.drain` ends them (open segments become
+    finals, the wait for them bounded), and the summaries cover the audio fed
+    until then.
     """
     chunk = max(1, cfg.audio.file_chunk_ms * SAMPLE_RATE // 1000)
     # Not paced: a queue of finals is how a file goes as fast as it can.
     streams = [engine.open_stream(job.stream, source="file", paced=realtime) for job in jobs]
-    feeding = asyncio.gather(*(
-        feed_samples(s, job.samples, chunk, realtime=realtime, progress=progress)
-        for s, job in zip(streams, jobs, strict=True)
-    ))
+    feeding: asyncio.Future[list[Any]]
+    if realtime:
+        recordings: dict[str | int, list[tuple[Stream, Int16Array]]] = {}
+        for i, (s, job) in enumerate(zip(streams, jobs, strict=True)):
+            recordings.setdefault(i if job.file is None else job.file, []).append((s, job.samples))
+        feeding = asyncio.gather(*(play_together(feeds, chunk, progress)
+                                   for feeds in recordings.values()))
+    else:
+        feeding = asyncio.gather(*(
+            feed_samples(s, job.samples, chunk, realtime=False, progress=progress)
+            for s, job in zip(streams, jobs, strict=True)
+        ))
     if stop is None:
-        return list(await feeding)
+        await feeding
+        return [s.summary() for s in streams]  # each closed: its summary is final
     stopped = asyncio.ensure_future(stop.wait())
     either: set[asyncio.Future[Any]] = {feeding, stopped}
     await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
     if feeding.done():
         stopped.cancel()
-        return list(feeding.result())
+        feeding.result()  # its exception, if any
+        return [s.summary() for s in streams]
     feeding.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await feeding

@@ -81,18 +81,19 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
     made = _prepare_outputs((("--srt", args.srt), ("--vtt", args.vtt), ("--jsonl", args.jsonl)),
                             paths, [n for file in names for n in file], staged=True)
     with _unmade_if_empty(made):
-        return _transcribe(args, cfg, paths, names)
+        return _transcribe(args, cfg, paths, ids, names)
 
 
 def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
-                names: Sequence[Sequence[str]]) -> int:
-    """:func:`_cmd_transcribe` once its outputs are prepared: ``names`` holds
-    each file's streams, as :func:`_channel_stream_ids` orders them."""
+                ids: Sequence[str], names: Sequence[Sequence[str]]) -> int:
+    """:func:`_cmd_transcribe` once its outputs are prepared: ``ids`` holds
+    each file's id, ``names`` its streams, as :func:`_channel_stream_ids`
+    orders them."""
     audio = _read_files(paths, list(_channel_mixes(cfg).values()))
     # A file's channels are equally long (read_audio_channels): their streams
-    # share the file's timeline.
-    jobs = [FileJob(name, samples)
-            for file_names, channels in zip(names, audio, strict=True)
+    # share the file's timeline, and with --realtime its clock.
+    jobs = [FileJob(name, samples, file=file_id)
+            for file_id, file_names, channels in zip(ids, names, audio, strict=True)
             for name, samples in zip(file_names, channels, strict=True)]
     if args.serve:
         _check_serving(cfg)  # as serve does: before the model loads

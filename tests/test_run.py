@@ -1,0 +1,72 @@
+"""The jobs behind the CLI (:mod:`evoxtral_stream.run`), with a scripted model."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from evoxtral_stream.config import load_config
+from evoxtral_stream.engine.engine import Engine, Stream
+from evoxtral_stream.events import SAMPLE_RATE, EngineEvent, Int16Array, StreamEnded
+from evoxtral_stream.run import FileJob, transcribe_samples
+from tests.fakes import ScriptedBackend
+
+
+def _noise(seconds: float, seed: int) -> Int16Array:
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(int(seconds * SAMPLE_RATE)) * 3000).astype(np.int16)
+
+
+async def test_realtime_plays_a_file_s_channel_streams_on_one_clock(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``transcribe --realtime`` with a file's channels split: the channel
+    streams are fed in lock step, every one its chunk before any gets the
+    next, as ``serve --source FILE`` plays them, even after a busy moment
+    between two pushes (each stream used to keep a clock of its own, started
+    when its feeder first ran: a stall then put one channel ahead of the
+    other for the rest of the file). Another file keeps its own clock: its
+    stream ends with its audio, not with the longest file's."""
+    cfg = load_config(overrides={"audio.file_chunk_ms": 100}, env={})
+    chunk = SAMPLE_RATE // 10
+    # One file split in two channels (equally long), and a shorter file.
+    jobs = [FileJob("talk-1", _noise(2.0, 1), file="talk"),
+            FileJob("talk-2", _noise(2.0, 2), file="talk"),
+            FileJob("short", _noise(0.5, 3), file="short")]
+    log: list[tuple[str, str, int]] = []  # ("push"|"ended", stream, its samples so far)
+    pushed = {job.stream: 0 for job in jobs}
+    real_push = Stream.push
+    stalled: list[str] = []
+
+    def push(self: Stream, samples: Int16Array) -> None:
+        real_push(self, samples)
+        pushed[self.id] += len(samples)
+        log.append(("push", self.id, pushed[self.id]))
+        if not stalled:
+            stalled.append(self.id)
+            time.sleep(0.3)  # the process busy: the event loop stands still
+
+    def record(event: EngineEvent) -> None:
+        if isinstance(event, StreamEnded):
+            log.append(("ended", event.stream, pushed[event.stream]))
+
+    monkeypatch.setattr(Stream, "push", push)
+    async with Engine(cfg, ScriptedBackend(lambda a: "hi")) as engine:
+        engine.add_listener(record)
+        summaries = await transcribe_samples(cfg, engine, jobs, realtime=True)
+    assert [s.duration_s for s in summaries] == pytest.approx([2.0, 2.0, 0.5])
+    # No channel of the file ever runs more than its one chunk ahead.
+    for kind, stream, at in log:
+        if kind == "push" and stream.startswith("talk-"):
+            other = "talk-2" if stream == "talk-1" else "talk-1"
+            assert at - pushed_at(log, other, log.index((kind, stream, at))) <= chunk, log
+    # The short file ended long before the long one's audio did.
+    ended = log.index(("ended", "short", int(0.5 * SAMPLE_RATE)))
+    last = log.index(("push", "talk-1", 2 * SAMPLE_RATE))
+    assert ended < last, log
+
+
+def pushed_at(log: list[tuple[str, str, int]], stream: str, index: int) -> int:
+    """How much of ``stream`` had been pushed by ``log[index]``."""
+    return max((at for kind, s, at in log[:index] if kind == "push" and s == stream), default=0)
