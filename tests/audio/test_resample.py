@@ -77,6 +77,28 @@ def test_infinite_and_huge_channels_downmix_without_a_warning() -> None:
     assert resampled.dtype == np.int16
 
 
+@pytest.mark.parametrize("rate", [8000, 11025, SAMPLE_RATE, 22050, 44100, 48000, 96000])
+def test_one_bad_float_sample_is_one_clipped_sample_not_a_hole(rate: int) -> None:
+    """A NaN or infinite sample (a broken driver's, a float WAV's) is one
+    sample of 0 or of full scale, as at 16 kHz where no filter runs: it
+    reached soxr's filter, whose every output within its reach was then
+    NaN, so 30 to 100 ms of audio around it came out as silence. Any value
+    past full scale is clipped before the filter, as after it."""
+    x = sine(440, 1.0, rate, amp=0.5).astype(np.float32)
+    at = rate // 2
+    for bad, same_as in ((np.nan, 0.0), (np.inf, 1.0), (-np.inf, -1.0), (1e30, 1.0),
+                         (-3.0, -1.0)):
+        outs = []
+        for value in (bad, same_as):
+            y = x.copy()
+            y[at] = value
+            r = StreamResampler(rate)
+            block = rate // 50
+            parts = [r.process(y[i : i + block]) for i in range(0, len(y), block)]
+            outs.append(np.concatenate([*parts, r.flush()]))
+        np.testing.assert_array_equal(outs[0], outs[1], err_msg=f"{bad} at {rate} Hz")
+
+
 @pytest.mark.parametrize("rate", [44100, 48000])
 def test_stream_resampler_keeps_frequency_and_amplitude(rate: int) -> None:
     seconds = 2.0

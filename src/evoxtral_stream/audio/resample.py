@@ -83,6 +83,17 @@ def _as_float32(x: npt.NDArray[Any]) -> Float32Array:
     raise TypeError(f"expected int16 or float audio, got dtype {x.dtype}")
 
 
+def _full_scale(x: Float32Array) -> Float32Array:
+    """``x`` clipped to [-1, 1], NaN as 0 (a copy only when something is
+    out): what reaches the filter. A NaN or infinite sample inside it makes
+    every output within the filter's reach NaN, tens of milliseconds of
+    silence; clipped first, it is one bad sample, as without a filter."""
+    with np.errstate(invalid="ignore"):
+        if bool(np.all(np.abs(x) <= 1.0)):  # NaN compares False
+            return x
+    return np.clip(np.nan_to_num(x, nan=0.0), -1.0, 1.0)
+
+
 def resample(x: npt.NDArray[_S], in_rate: int, out_rate: int) -> npt.NDArray[_S]:
     """Resample a whole array (1-D, or ``(frames, channels)``) with soxr HQ.
 
@@ -121,9 +132,12 @@ class StreamResampler:
     Blocks are downmixed first (one channel to filter instead of several), then
     fed through one ``soxr.ResampleStream`` so the filter state carries across
     block boundaries: the concatenated output equals resampling the whole
-    signal at once. soxr holds back a few milliseconds of filter delay;
-    :meth:`flush` returns it at the end of the stream. When ``in_rate ==
-    out_rate`` blocks pass straight through (downmix and conversion only).
+    signal at once. Float samples past full scale are clipped before the
+    filter (NaN is 0), so a bad one is one bad sample, as in passthrough,
+    not a stretch of NaN the filter spreads it into. soxr holds back a few
+    milliseconds of filter delay; :meth:`flush` returns it at the end of
+    the stream. When ``in_rate == out_rate`` blocks pass straight through
+    (downmix and conversion only).
     :meth:`gap` accounts for input that never came, so the output keeps
     counting the input's time.
     """
@@ -167,7 +181,7 @@ class StreamResampler:
                 out = float_to_int16(_as_float32(mono))
         else:
             out = float_to_int16(self._stream.resample_chunk(
-                np.ascontiguousarray(_as_float32(mono)), last=False))
+                np.ascontiguousarray(_full_scale(_as_float32(mono))), last=False))
         self._samples_out += len(out)
         return out
 
