@@ -103,6 +103,25 @@ def test_timeouts_are_off_or_at_least_a_tenth_of_a_second(key: str) -> None:
         assert str(err.value) == f"{key} must be 0 (off) or at least 0.1, got {tiny}"
 
 
+# A working microphone calls back once a block: audio.stall_timeout_s = 0.1
+# with audio.block_ms = 200 (each in its range) took the device for lost
+# between any two blocks, so serve cut the open segment, sent
+# audio_input_lost and reopened the device several times a second. The
+# floor is five blocks (0.1 s at the default 20 ms, the key's own floor).
+def test_the_microphone_stall_timeout_spans_five_blocks() -> None:
+    for block_ms, fine in ((20, 0.1), (200, 1.0), (200, 0), (43, 0.215)):
+        audio = load_config(overrides={"audio.block_ms": block_ms,
+                                       "audio.stall_timeout_s": fine}, env={}).audio
+        assert (audio.block_ms, audio.stall_timeout_s) == (block_ms, fine)
+    for block_ms, short in ((200, 0.1), (200, 0.999), (43, 0.2)):
+        with pytest.raises(ConfigError) as err:
+            load_config(overrides={"audio.block_ms": block_ms,
+                                   "audio.stall_timeout_s": short}, env={})
+        assert str(err.value) == (
+            f"audio.stall_timeout_s must be 0 (off) or at least 5 blocks of "
+            f"audio.block_ms ({5 * block_ms / 1000:g} s), got {short}")
+
+
 # The network's: a lost packet is sent again after 200 ms at the earliest,
 # and a busy server reads it a moment later still. server.idle_timeout_s =
 # 0.005 closed an ingest client sending audio back to back as idle, and

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "CONFIG_ENV",
+    "STALL_TIMEOUT_BLOCKS",
     "AudioConfig",
     "AuthConfig",
     "AuthTokenConfig",
@@ -52,6 +53,11 @@ __all__ = [
 ]
 
 CONFIG_ENV = "EVOXTRAL_CONFIG"
+#: The shortest ``audio.stall_timeout_s``, in blocks of ``audio.block_ms``:
+#: a working device calls back once a block (0.1 s, the key's floor, at the
+#: default 20 ms), so a shorter check takes every pause between two blocks
+#: for a lost device.
+STALL_TIMEOUT_BLOCKS = 5
 #: The highest ``audio.channels`` number (interfaces with MADI or Dante
 #: inputs reach 64 to 128 channels).
 MAX_AUDIO_CHANNEL = 256
@@ -97,6 +103,11 @@ class AudioConfig:
         if self.split_channels and not self.channels:
             raise ConfigError("audio.split_channels needs audio.channels: the channels to "
                               "caption, one stream each (e.g. [1, 2, 3])")
+        least = STALL_TIMEOUT_BLOCKS * self.block_ms / 1000
+        if 0 < self.stall_timeout_s < least:
+            raise ConfigError(f"audio.stall_timeout_s must be 0 (off) or at least "
+                              f"{STALL_TIMEOUT_BLOCKS} blocks of audio.block_ms ({least:g} s), "
+                              f"got {self.stall_timeout_s}")
 
 
 @dataclass(frozen=True)

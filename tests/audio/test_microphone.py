@@ -1034,6 +1034,25 @@ async def test_the_stall_check_can_be_turned_off() -> None:
     cap.stop()
 
 
+async def test_a_stall_timeout_shorter_than_five_blocks_is_refused() -> None:
+    # A device calling back every 200 ms, checked for 0.1 s of silence, was
+    # taken for lost between every two blocks: 16 stalls in 2 s, each a cut
+    # segment and a reopened stream.
+    with pytest.raises(ValueError, match=r"at least 5 blocks \(1 s\), got 0.1"):
+        MicrophoneCapture(Received(), device=fake_device(), block_ms=200,
+                          max_pending_blocks=100, stream_factory=LiveFactory(),
+                          stall_timeout_s=0.1)
+    stalls: list[str] = []
+    factory = LiveFactory()
+    cap = MicrophoneCapture(Received(), device=fake_device(), block_ms=200,
+                            max_pending_blocks=100, stream_factory=factory,
+                            stall_timeout_s=1.0, on_stall=stalls.append)
+    cap.start()
+    await asyncio.sleep(1.5)
+    cap.stop()
+    assert stalls == [] and len(factory.streams) == 1 and cap.blocks_seen >= 5
+
+
 async def test_a_failing_status_callback_does_not_stop_the_reopening(
         caplog: pytest.LogCaptureFixture) -> None:
     def broken(message: str) -> None:

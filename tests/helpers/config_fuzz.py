@@ -69,6 +69,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from evoxtral_stream.config import (
+    STALL_TIMEOUT_BLOCKS,
     AudioConfig,
     Config,
     ConfigError,
@@ -248,6 +249,13 @@ def draw(seed: int) -> Draw:
     if rng.random() < 0.1:
         key, tp_, meta_ = rng.choice(ranged)
         overrides[key] = _number(rng, tp_, meta_, None, True)
+    block_ms = overrides.get("audio.block_ms", defaults.audio.block_ms)
+    stall = overrides.get("audio.stall_timeout_s", defaults.audio.stall_timeout_s)
+    if (isinstance(block_ms, int) and isinstance(stall, float | int)
+            and 0.1 <= stall < STALL_TIMEOUT_BLOCKS * block_ms / 1000):
+        # Within its own floor but under five blocks: refused, which would
+        # leave the rest of the draw unrun (the microphone's keys are not).
+        overrides["audio.stall_timeout_s"] = STALL_TIMEOUT_BLOCKS * block_ms / 1000
     server = rng.random() < 0.4
     speed = overrides.get("server.max_ingest_speed", defaults.server.max_ingest_speed)
     burst = overrides.get("server.ingest_burst_s", defaults.server.ingest_burst_s)

@@ -25,7 +25,7 @@ from evoxtral_stream.audio.resample import (
     silence_pieces,
 )
 from evoxtral_stream.audio.sources import AudioInputError
-from evoxtral_stream.config import AudioConfig
+from evoxtral_stream.config import STALL_TIMEOUT_BLOCKS, AudioConfig
 from evoxtral_stream.events import SAMPLE_RATE, Float32Array, Int16Array
 
 __all__ = [
@@ -322,7 +322,8 @@ class MicrophoneCapture:
     :meth:`start` and :meth:`stop` must be called on the loop's thread.
 
     Lost input: a working input device calls back every block, silence
-    included, so no callback for ``stall_timeout_s`` (0: never checked) means
+    included, so no callback for ``stall_timeout_s`` (0: never checked; else
+    at least :data:`~evoxtral_stream.config.STALL_TIMEOUT_BLOCKS` blocks) means
     the device is gone (unplugged, or its driver stopped). The capture then
     delivers what it holds, calls ``on_stall(message)``, closes the stream
     (off the loop: a vanished device can make that slow) and tries every
@@ -360,6 +361,11 @@ class MicrophoneCapture:
             raise ValueError(f"max_pending_blocks must be at least 1, got {max_pending_blocks}")
         if block_ms < 1:
             raise ValueError(f"block_ms must be at least 1, got {block_ms}")
+        least = STALL_TIMEOUT_BLOCKS * block_ms / 1000
+        if 0 < stall_timeout_s < least:
+            # Between two blocks of a working device the check would fire.
+            raise ValueError(f"stall_timeout_s must be 0 (off) or at least "
+                             f"{STALL_TIMEOUT_BLOCKS} blocks ({least:g} s), got {stall_timeout_s}")
         routes = tuple(on_audio) if isinstance(on_audio, Sequence) else (ChannelRoute(on_audio),)
         if not routes:
             raise ValueError("a capture needs at least one route")
