@@ -20,6 +20,7 @@ import _sounddevice  # type: ignore[import-untyped]  # sounddevice's cffi defini
 import numpy as np
 import pytest
 
+from evoxtral_stream.audio import microphone
 from evoxtral_stream.audio.microphone import (
     MAX_OVERFLOW_GAP_S,
     SILENCE_CHUNK,
@@ -464,6 +465,43 @@ async def test_status_overflow_is_counted_and_logged(caplog: pytest.LogCaptureFi
         await settle(cap)
     assert any("overflowed 1 time" in r.getMessage() for r in caplog.records)
     cap.stop()
+
+
+async def test_drops_and_overflows_are_logged_at_most_every_ten_seconds(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device that overflows on every other block (ALSA xruns on a busy
+    USB hub), or a handoff too small for the loop, logged a warning on each
+    drain the loop keeps up with: 25 lines a second. Now one line, then what
+    came since in the next, at most every 10 s, and the rest at stop."""
+
+    def counted(what: str) -> list[int]:
+        # "<what> N time(s)/block(s) (M in total)": each line's N.
+        return [int(r.getMessage().split(what)[1].split()[0]) for r in caplog.records
+                if what in r.getMessage()]
+
+    cap = MicrophoneCapture(Received(), device=fake_device(), block_ms=20,
+                            max_pending_blocks=1, stream_factory=FakeFactory())
+    cap.start()
+    block = np.zeros((960, 2), np.float32)
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream.audio.microphone"):
+        for i in range(100):
+            cap._callback(block, 960, None, Flags(input_overflow=i % 2 == 1))
+            if i % 4 == 3:  # the loop is late once in a while: one block dropped
+                cap._callback(block, 960, None, Flags())
+            await settle(cap)
+        assert (counted("overflowed "), counted("dropped ")) == ([1], [1])
+        # Past the interval, the next drain says what came meanwhile.
+        monkeypatch.setattr(microphone, "REPORT_EVERY_S", 0.0)
+        cap._callback(block, 960, None, Flags())
+        await settle(cap)
+        assert (counted("overflowed "), counted("dropped ")) == ([1, 49], [1, 24])
+        monkeypatch.setattr(microphone, "REPORT_EVERY_S", 10.0)
+        cap._callback(block, 960, None, Flags(input_overflow=True))
+        cap._callback(block, 960, None, Flags())  # dropped: the handoff holds one
+        await settle(cap)
+        cap.stop()  # what the interval held back is logged at stop
+    assert (counted("overflowed "), counted("dropped ")) == ([1, 49, 1], [1, 24, 1])
+    assert (cap.status_overflows, cap.dropped_blocks) == (51, 26)
 
 
 # --- PortAudio input overflows ---------------------------------------------------------

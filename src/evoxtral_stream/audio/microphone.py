@@ -12,6 +12,7 @@ import contextlib
 import importlib
 import logging
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -56,6 +57,11 @@ SILENCE_CHUNK = SILENCE_PIECE
 #: which the timestamps cannot tell apart: it is counted as unmeasured, not
 #: filled with a guess.
 MAX_OVERFLOW_GAP_S = 10.0
+#: Drop and overflow warnings at most this often, in seconds: a device that
+#: overflows on every other block, or a loop late as often, would log a line
+#: per drain. What comes meanwhile is in the next line (or the one at stop,
+#: or when the device is lost); the counters carry the exact numbers.
+REPORT_EVERY_S = 10.0
 
 
 # --- devices ----------------------------------------------------------------
@@ -287,7 +293,7 @@ class MicrophoneCapture:
     the block into a bounded handoff: when ``max_pending_blocks`` are already
     waiting, the new block is dropped and counted in :attr:`dropped_blocks`
     (the callback never blocks). Drops and PortAudio input overflows are
-    logged from the loop side.
+    logged from the loop side, at most every :data:`REPORT_EVERY_S`.
 
     Dropped audio keeps its place in time: the loop delivers as much silence
     (zeros, at 16 kHz, in pieces of at most :data:`SILENCE_CHUNK`, at most
@@ -424,6 +430,8 @@ class MicrophoneCapture:
         self._reported_overflows = 0
         self._reported_overflow_s = 0.0
         self._reported_unmeasured = 0
+        # When each warning was last logged (time.monotonic()).
+        self._drops_reported_at = self._overflows_reported_at = -math.inf
 
     @classmethod
     def from_config(
@@ -700,6 +708,7 @@ class MicrophoneCapture:
         else:
             for out in self._outputs:
                 self._emit(out, out.resampler.flush())
+        self._report(held_back=True)
 
     def _fill_gap(self, frames: int) -> None:
         """Owe silence for ``frames`` lost native-rate frames (see _pay_silence)."""
@@ -735,16 +744,25 @@ class MicrophoneCapture:
                 self.samples_delivered += len(samples)
             out.on_audio(samples)
 
-    def _report(self) -> None:
+    def _report(self, held_back: bool = False) -> None:
+        """Log the drops and overflows since the last report, at most every
+        :data:`REPORT_EVERY_S` (``held_back``: now, the capture's last)."""
         drops, overflows = self.dropped_blocks, self.status_overflows
-        if drops > self._reported_drops:
+        now = time.monotonic()
+
+        def due(last: float) -> bool:
+            return held_back or now - last >= REPORT_EVERY_S
+
+        if drops > self._reported_drops and due(self._drops_reported_at):
+            self._drops_reported_at = now
             logger.warning(
                 "dropped %d audio block(s) (%d in total): the event loop is not keeping "
                 "up; their time is filled with silence",
                 drops - self._reported_drops, drops,
             )
             self._reported_drops = drops
-        if overflows > self._reported_overflows:
+        if overflows > self._reported_overflows and due(self._overflows_reported_at):
+            self._overflows_reported_at = now
             lost_s = self.overflow_lost_s
             filled = lost_s - self._reported_overflow_s
             unmeasured = self.overflows_unmeasured - self._reported_unmeasured
