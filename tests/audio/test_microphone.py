@@ -835,6 +835,17 @@ async def test_stream_start_failure_is_an_audio_input_error() -> None:
         cap.start()
     assert factory.stream.calls == ["start", "close"]
     assert not cap.running
+    # A stream that fails to close too (PortAudio on a device it cannot
+    # start): still the one clear error, not the close's RuntimeError.
+
+    def close() -> None:
+        factory.stream.calls.append("close")
+        raise RuntimeError("Unanticipated host error")
+
+    factory.stream.close = close  # type: ignore[method-assign]
+    with pytest.raises(AudioInputError, match=r"Fake Mic.*device busy"):
+        cap.start()
+    assert not cap.running
 
 
 # --- devices (a stand-in sounddevice module) ---------------------------------------

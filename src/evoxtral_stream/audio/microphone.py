@@ -268,12 +268,13 @@ def _notify(callback: Callable[[str], None] | None, message: str) -> None:
 
 
 def _close_quietly(stream: AudioStream) -> None:
-    # Pa_CloseStream aborts an active stream; a vanished device may make it
-    # fail, and there is nothing left to do with the stream then.
+    # Pa_CloseStream aborts an active stream; a vanished device (or one that
+    # would not start) may make it fail, and there is nothing left to do
+    # with the stream then.
     try:
         stream.close()
     except Exception as e:
-        logger.debug("closing the lost audio input stream failed: %s", e)
+        logger.debug("closing the audio input stream failed: %s", e)
 
 
 class MicrophoneCapture:
@@ -532,7 +533,7 @@ class MicrophoneCapture:
             stream.start()
         except Exception as e:
             self._accepting = False
-            stream.close()
+            _close_quietly(stream)  # its error would hide the start's
             raise AudioInputError(f"cannot start audio input device {device.name!r}: {e}") from None
         self._stream = stream
 
