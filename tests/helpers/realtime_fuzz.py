@@ -266,8 +266,12 @@ def _bad(rng: random.Random, eid: str | None) -> Step:
                            "input_audio_buffer.flush", "SESSION.UPDATE"])
         return Step(_msg(kind, eid), "bad", "invalid_value", "type", eid)
     if choice == 4:
-        return Step(json.dumps({"event_id": eid, "type": rng.choice([None, 5, ["x"]])}),
-                    "bad", "missing_required_parameter", "type", eid)
+        # null is no type at all, as an append's "audio": null is no audio;
+        # any other non-string is one of the wrong type.
+        wrong: object = rng.choice([None, 5, ["x"]])
+        return Step(json.dumps({"event_id": eid, "type": wrong}), "bad",
+                    "missing_required_parameter" if wrong is None else "invalid_type", "type",
+                    eid)
     if choice == 5:
         return Step(_msg("input_audio_buffer.append", eid), "bad",
                     "missing_required_parameter", "audio", eid)

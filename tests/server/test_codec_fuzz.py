@@ -290,6 +290,11 @@ BAD_REALTIME: list[tuple[str | bytes, str, str | None]] = [
     ('"input_audio_buffer.commit"', "invalid_type", None),
     ("{}", "missing_required_parameter", "type"),
     ('{"type": null}', "missing_required_parameter", "type"),
+    # Present but not a string: the wrong type, as for any other field.
+    ('{"type": 5}', "invalid_type", "type"),
+    ('{"type": true}', "invalid_type", "type"),
+    ('{"type": ["input_audio_buffer.commit"]}', "invalid_type", "type"),
+    ('{"type": {"type": "input_audio_buffer.commit"}}', "invalid_type", "type"),
     ('{"type": "Input_Audio_Buffer.Commit"}', "invalid_value", "type"),
     ('{"type": "SESSION.UPDATE"}', "invalid_value", "type"),
     ('{"type": "\\ud800"}', "invalid_value", "type"),

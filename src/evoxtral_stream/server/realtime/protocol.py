@@ -262,9 +262,13 @@ def parse_client_event(message: str | bytes) -> ClientEvent:
         # Echoed in errors: a lone surrogate ("\\ud800" in JSON) cannot go out as UTF-8.
         event_id = event_id.encode("utf-8", "replace").decode("utf-8")
     kind = obj.get("type")
-    if not isinstance(kind, str):
+    if kind is None:
+        # null is no type, as an append's "audio": null is no audio.
         raise RealtimeProtocolError("missing_required_parameter",
                                     "missing required parameter: 'type'", "type", event_id)
+    if not isinstance(kind, str):
+        raise RealtimeProtocolError("invalid_type", "'type' must be a string", "type",
+                                    event_id)
     if kind == "input_audio_buffer.append":
         audio = obj.get("audio")
         if audio is None:
