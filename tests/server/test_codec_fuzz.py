@@ -235,6 +235,15 @@ BAD_INGEST: list[tuple[str | bytes, str, str]] = [
     ('{"type": "lost", "samples": 1e999}', "bad_message", "samples"),
     (json.dumps({"type": "lost", "samples": HUGE}), "bad_message", "samples"),
     ('{"type": "lost", "samples": 115200001}', "bad_message", "samples"),
+    # A key named twice: json.loads would keep the last value without a word.
+    ('{"type": "end", "type": "x"}', "bad_message", "'type' twice"),
+    ('{"type": "end", "type": "end"}', "bad_message", "'type' twice"),
+    ('{"type": "lost", "samples": 0, "samples": 4800}', "bad_message", "'samples' twice"),
+    ('{"type": "config", "sample_rate": 16000, "sample_rate": 48000}', "bad_message",
+     "'sample_rate' twice"),
+    ('{"type": "end", "x": [{"a": 1, "a": 2}]}', "bad_message", "'a' twice"),
+    ('{"type": "end", "\\ud800": 1, "\\ud800": 2}', "bad_message", "twice"),
+    (f'{{"type": "end", "{HUGE}": 1, "{HUGE}": 2}}', "bad_message", "twice"),
 ]
 
 
@@ -317,6 +326,16 @@ BAD_REALTIME: list[tuple[str | bytes, str, str | None]] = [
     ('{"type": "input_audio_buffer.append", "audio": "AA\\ud800A"}', "invalid_value", "audio"),
     ('{"type": "input_audio_buffer.append", "audio": "AAAA\\u0000"}', "invalid_value",
      "audio"),
+    # A key named twice: json.loads would keep the last value without a word.
+    ('{"type": "input_audio_buffer.commit", "type": "input_audio_buffer.clear"}',
+     "invalid_value", None),
+    ('{"type": "input_audio_buffer.commit", "event_id": "a", "event_id": "b"}',
+     "invalid_value", None),
+    (update({"type": "transcription"}).replace('"transcription"',
+                                               '"transcription", "type": "realtime"'),
+     "invalid_value", None),
+    (f'{{"type": "input_audio_buffer.commit", "{HUGE}": 1, "{HUGE}": 2}}',
+     "invalid_value", None),
     (update(5), "invalid_type", "session"),
     (update([]), "invalid_type", "session"),
     (update({"type": "Transcription"}), "invalid_value", "session.type"),
@@ -372,6 +391,24 @@ BAD_REALTIME: list[tuple[str | bytes, str, str | None]] = [
     (update({"input_audio_transcription": {"language": 1}}, "transcription_session.update"),
      "invalid_type", "session.input_audio_transcription.language"),
 ]
+
+
+def test_a_key_named_twice_is_refused_by_its_name_and_the_event_still_named() -> None:
+    """json.loads keeps the last value of a key named twice without a word:
+    a client sending {"type": "end", "type": "x"} has a bug it should hear
+    about. The realtime error still names the client's event, unless its
+    event_id is the key named twice (which one would it be?)."""
+    e = realtime_error('{"type": "input_audio_buffer.commit", "event_id": "c1", '
+                       '"session": {"type": 1, "type": 2}}')
+    assert "'type' twice" in str(e) and e.event_id == "c1", str(e)
+    e = realtime_error('{"type": "input_audio_buffer.commit", "event_id": "a", "event_id": "b"}')
+    assert "'event_id' twice" in str(e) and e.event_id is None, str(e)
+    ingest = ingest_error('{"type": "end", "\\ud800": 1, "\\ud800": 2}')
+    assert "'\\ud800' twice" in str(ingest), str(ingest)
+    # A caption from a server is read alike.
+    caption = encode_event(random_caption(random.Random(1)))
+    with pytest.raises(ProtocolError, match="'seq' twice"):
+        decode_caption(caption.replace('"seq":', '"seq":0,"seq":', 1))
 
 
 @pytest.mark.parametrize(("message", "code", "param"), BAD_REALTIME,

@@ -250,6 +250,8 @@ BAD_MESSAGES: list[tuple[str | bytes, str, str | None]] = [
     (b"\x00\x01", "invalid_type", None),
     (json.dumps({"event_id": "c1"}), "missing_required_parameter", "type"),
     (json.dumps({"type": 5, "event_id": "c1"}), "invalid_type", "type"),
+    ('{"type": "input_audio_buffer.commit", "event_id": "c1", "type": "session.update"}',
+     "invalid_value", None),
     (json.dumps({"type": "nope", "event_id": "c1"}), "invalid_value", "type"),
     (json.dumps({"type": "response.create", "event_id": "c1"}), "invalid_value", "type"),
     (json.dumps({"type": "input_audio_buffer.append", "event_id": "c1"}),

@@ -54,6 +54,7 @@ __all__ = [
     "event_to_dict",
     "finite_seconds",
     "hello_epoch",
+    "load_client_json",
     "new_epoch",
     "parse_epoch",
     "parse_ingest_message",
@@ -302,9 +303,35 @@ class LostAudio:
     samples: int
 
 
+def load_client_json(text: str | bytes) -> tuple[Any, str | None]:
+    """``json.loads(text)`` and the first key that an object in it names
+    twice (None: no such key), for every decoder of a client's message.
+
+    json.loads keeps the last value of such a key without a word; a client
+    that sends ``{"type": "end", "type": "x"}`` has a bug it should hear
+    about, so the decoders refuse the message by that key's name. The whole
+    text is still read, so a decoder can name the event at fault. Raises
+    what json.loads raises."""
+    twice: list[str] = []
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) < len(pairs) and not twice:
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen:
+                    twice.append(key)
+                    break
+                seen.add(key)
+        return obj
+
+    value = json.loads(text, object_pairs_hook=unique)
+    return value, (twice[0] if twice else None)
+
+
 def _load_json(text: str | bytes) -> dict[str, Any]:
     try:
-        obj = json.loads(text)
+        obj, twice = load_client_json(text)
     except UnicodeDecodeError:
         # Only bytes handed to a codec get here: the server never reads a text
         # frame that is not UTF-8 (websockets closes it with 1007 first).
@@ -315,6 +342,9 @@ def _load_json(text: str | bytes) -> dict[str, Any]:
         raise ProtocolError("bad_json", f"message is not valid JSON: {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_message", "message must be a JSON object")
+    if twice is not None:
+        raise ProtocolError("bad_message", f"message names the key {shown(twice)} twice in "
+                                           f"one object")
     return obj
 
 

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from ...events import Int16Array
 from ...text.chars import mend_surrogates, shown
+from ..protocol import load_client_json
 
 __all__ = [
     "INPUT_RATE",
@@ -250,7 +251,7 @@ def parse_client_event(message: str | bytes) -> ClientEvent:
             "invalid_type", "binary messages are not accepted: send JSON client events "
                             "as text (audio goes base64 in input_audio_buffer.append)")
     try:
-        obj = json.loads(message)
+        obj, twice = load_client_json(message)
     except (ValueError, RecursionError) as e:
         raise RealtimeProtocolError("invalid_json",
                                     f"the message is not valid JSON: {e}") from None
@@ -261,6 +262,10 @@ def parse_client_event(message: str | bytes) -> ClientEvent:
     if event_id is not None and not event_id.isascii():
         # Echoed in errors: a lone surrogate ("\\ud800" in JSON) cannot go out as UTF-8.
         event_id = event_id.encode("utf-8", "replace").decode("utf-8")
+    if twice is not None:
+        raise RealtimeProtocolError(
+            "invalid_value", f"the event names the key {shown(twice)} twice in one object",
+            None, None if twice == "event_id" else event_id)
     kind = obj.get("type")
     if kind is None:
         # null is no type, as an append's "audio": null is no audio.
