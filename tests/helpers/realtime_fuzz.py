@@ -280,7 +280,8 @@ def _bad(rng: random.Random, eid: str | None) -> Step:
                     "bad", "invalid_type", "audio", eid)
     if choice == 7:
         return Step(_msg("input_audio_buffer.append", eid,
-                         audio=rng.choice(["abc", "****", "AAA=A", "AA AA", "AAAA\n"])),
+                         audio=rng.choice(["abc", "****", "AAA=A", "AA AA", "AAAA\n",
+                                          "AAAA====", "AA==="])),
                     "bad", "invalid_value", "audio", eid)
     if choice == 8:
         # An event_id that is not a string is not echoed.

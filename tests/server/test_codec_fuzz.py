@@ -326,6 +326,12 @@ BAD_REALTIME: list[tuple[str | bytes, str, str | None]] = [
     ('{"type": "input_audio_buffer.append", "audio": "AA\\ud800A"}', "invalid_value", "audio"),
     ('{"type": "input_audio_buffer.append", "audio": "AAAA\\u0000"}', "invalid_value",
      "audio"),
+    # Padding RFC 4648 forbids, which base64.b64decode(validate=True) takes:
+    # beyond a multiple of 4, or after a whole quantum.
+    *[(json.dumps({"type": "input_audio_buffer.append", "audio": audio}), "invalid_value",
+       "audio")
+      for audio in ("AAAA=", "AAAA==", "AAAA===", "AAAA====", "AAAA=====", "AAAAAAAA====",
+                    "AA==" + "=" * 4, "AAA=" + "=" * 4, "AA===", "AAA==")],
     # A key named twice: json.loads would keep the last value without a word.
     ('{"type": "input_audio_buffer.commit", "type": "input_audio_buffer.clear"}',
      "invalid_value", None),

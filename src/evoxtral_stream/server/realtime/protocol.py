@@ -283,6 +283,10 @@ def parse_client_event(message: str | bytes) -> ClientEvent:
             raise RealtimeProtocolError("invalid_type", "'audio' must be a base64 string",
                                         "audio", event_id)
         try:
+            # b64decode(validate=True) takes padding past a multiple of 4
+            # ("AAAA=") or after a whole quantum ("AAAA===="): RFC 4648 does not.
+            if len(audio) % 4 or audio.endswith("==="):
+                raise ValueError
             data = base64.b64decode(audio, validate=True)
         except (binascii.Error, ValueError):
             raise RealtimeProtocolError("invalid_value", "'audio' is not valid base64",
