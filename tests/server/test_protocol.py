@@ -320,6 +320,38 @@ def test_a_tag_field_of_the_wrong_type_or_value_is_refused(change: dict[str, obj
         decode_caption(json.dumps(obj))
 
 
+@pytest.mark.parametrize(("change", "why"), [
+    ({"seq": 0}, "caption field 'seq' must be at least 1, got 0"),
+    ({"seq": -1}, "caption field 'seq' must be at least 1, got -1"),
+    ({"segment": -1}, "caption field 'segment' must be at least 0, got -1"),
+    ({"start": -0.001}, "caption field 'start' must be at least 0, got -0.001"),
+    ({"end": -5}, "caption field 'end' must be at least 0, got -5"),
+    ({"start": -(10 ** 30)}, "caption field 'start' must be at least 0, got -1e+30"),
+])
+def test_a_caption_field_below_its_schema_minimum_is_refused(change: dict[str, object],
+                                                             why: str) -> None:
+    """The schema in docs/protocol.md numbers seqs from 1 and segments and
+    stream times from 0; caption_from_dict took a negative seq, segment,
+    start or end as it refuses a negative tag index."""
+    obj = {**caption_to_dict(CAPTION), **change}
+    with pytest.raises(jsonschema.ValidationError):
+        validate_message(obj)
+    with pytest.raises(ProtocolError) as err:
+        caption_from_dict(obj)
+    assert err.value.code == "bad_message"
+    assert str(err.value).startswith(why), str(err.value)
+    with pytest.raises(ProtocolError):
+        decode_caption(json.dumps(obj))
+
+
+def test_a_caption_at_its_schema_minimums_decodes() -> None:
+    obj = {**caption_to_dict(CAPTION), "seq": 1, "segment": 0, "start": -0.0, "end": 0,
+           "tags": []}
+    validate_message(obj)
+    event = caption_from_dict(obj)
+    assert (event.seq, event.segment, event.start, event.end) == (1, 0, 0.0, 0.0)
+
+
 def test_a_tag_without_known_is_known_and_every_kind_decodes() -> None:
     obj = caption_to_dict(CAPTION)
     for kind in TagKind:

@@ -13,7 +13,7 @@ import re
 import secrets
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import numpy as np
@@ -160,9 +160,10 @@ def caption_from_dict(obj: Mapping[str, Any]) -> CaptionEvent:
     wrong type. Fields a reader can do without (``plain_text``, ``stable``,
     ``unstable``, ``tags``, ``latency``, ``continues``, a tag's ``known``)
     default when absent; every number that is a time (``start``, ``end``, ``latency``, a
-    tag's ``t``) must be finite (:func:`_finite`). A tag's ``kind`` is a
-    :class:`TagKind` value, its ``index`` an integer from 0, its ``known``
-    true or false (as the schema in docs/protocol.md says)."""
+    tag's ``t``) must be finite (:func:`_finite`). ``seq`` is an integer from
+    1, ``segment`` one from 0, ``start`` and ``end`` are from 0. A tag's
+    ``kind`` is a :class:`TagKind` value, its ``index`` an integer from 0,
+    its ``known`` true or false (as the schema in docs/protocol.md says)."""
     if obj.get("type") != "caption":
         raise ProtocolError("bad_message", "not a caption message")
 
@@ -202,18 +203,32 @@ def caption_from_dict(obj: Mapping[str, Any]) -> CaptionEvent:
                             known))
 
     def seconds(key: str) -> float:
-        return _finite(field(key, (int, float)), f"caption field {key!r}")
+        return _at_least(_finite(field(key, (int, float)), f"caption field {key!r}"), 0,
+                         f"caption field {key!r}")
 
     latency = field("latency", (int, float, type(None)), None)
     if latency is not None:
         latency = _finite(latency, "caption field 'latency'")
     return CaptionEvent(
-        stream=field("stream", str), segment=field("segment", int), seq=field("seq", int),
+        stream=field("stream", str),
+        segment=_at_least(field("segment", int), 0, "caption field 'segment'"),
+        seq=_at_least(field("seq", int), 1, "caption field 'seq'"),
         final=field("final", bool), text=text,
         plain_text=field("plain_text", (str, type(None)), None) or plain_text(text),
         stable=field("stable", str, text), unstable=field("unstable", str, ""),
         tags=tuple(tags), start=seconds("start"), end=seconds("end"),
         latency=latency, continues=field("continues", bool, False))
+
+
+_Number = TypeVar("_Number", int, float)
+
+
+def _at_least(value: _Number, lo: int, what: str) -> _Number:
+    """``value``; ProtocolError when it is below ``lo`` (the schema's minimum)."""
+    if value < lo:
+        raise ProtocolError("bad_message", f"{what} must be at least {lo}, "
+                                           f"got {shown(value, 40)}")
+    return value
 
 
 def _finite(value: float, what: str) -> float:
