@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 
@@ -12,7 +13,7 @@ except ImportError:  # the mqtt extra is optional
     pytest.skip("aiomqtt not installed", allow_module_level=True)
 
 from evoxtral_stream.events import StreamEnded, StreamStarted
-from evoxtral_stream.server.mqtt import MqttPublisher
+from evoxtral_stream.server.mqtt import ENGINE_OFFLINE, MqttPublisher
 from tests.server.conftest import MosquittoBroker
 from tests.server.test_mqtt import (
     caption,
@@ -110,3 +111,43 @@ async def test_311_stop_while_reconnecting_still_removes_ended_streams_retained(
         got = await late.settle(1.0)
     left = [(topic(m), payload(m)[:40]) for m in got if payload(m)]
     assert left == [], f"left retained for good after a clean stop: {left}"
+
+
+# --- a broker that does not answer at shutdown --------------------------------------------
+
+
+@pytest.mark.parametrize("when", ["connecting", "publishing"])
+async def test_a_broker_that_does_not_answer_holds_the_stop_up_no_longer_than_drain_s(
+        mosquitto: MosquittoBroker, when: str, caplog: pytest.LogCaptureFixture) -> None:
+    """docs/config.md: at shutdown the publisher publishes what is queued
+    "for up to drain_s seconds". A frozen broker (its port accepts TCP, but
+    nothing answers) must not stretch that to timeout_s: not while the
+    publisher waits for its CONNACK, nor for a final's acknowledgement."""
+    cfg = mqtt_config(mosquitto.port, "hang", timeout_s=8.0, drain_s=0.5)
+    pub = MqttPublisher(cfg)
+    try:
+        if when == "connecting":
+            mosquitto.freeze()
+            await pub.start()
+        else:
+            await pub.start()
+            await connected(pub)
+            mosquitto.freeze()
+        pub(caption("s", 0, 1, True, "never acknowledged"))
+        await asyncio.sleep(0.5)  # the CONNACK or PUBACK is being waited for
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        await pub.aclose()
+        took = loop.time() - t0
+    finally:
+        mosquitto.thaw()
+    assert took < 0.5 + 1.0, f"aclose took {took:.2f} s with drain_s 0.5"
+    st = pub.stats()
+    assert (st.published, st.failed, st.queued) == (0, 1, 0), st
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    if when == "publishing":
+        # Left without a DISCONNECT: once the broker runs again it sends the will.
+        async with subscriber(mosquitto.port, "hang/status") as sub:
+            got = await sub.until(lambda got: any(payload(m) == ENGINE_OFFLINE for m in got),
+                                  "the will")
+            assert payload(got[-1]) == ENGINE_OFFLINE

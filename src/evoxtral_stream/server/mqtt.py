@@ -257,6 +257,10 @@ class _ConnectionLost(Exception):
     pass
 
 
+class _DrainOver(_ConnectionLost):
+    """Closing, and ``drain_s`` ran out while the broker kept a publish unacknowledged."""
+
+
 class _Refused(Exception):
     """The broker acknowledged a publish with an error reason code (MQTT 5 only)."""
 
@@ -306,7 +310,9 @@ class MqttPublisher:
     authorized") is counted as failed and logged, not retried: the connection
     is fine and the same message would be refused again. ``aclose`` publishes
     what is queued for up to ``cfg.drain_s``, then ``offline``, then
-    disconnects; whatever is left counts as failed. A connection given up on
+    disconnects; whatever is left counts as failed. A connection attempt or
+    an acknowledgement still awaited when ``drain_s`` runs out is given up
+    then, not ``timeout_s`` later. A connection given up on
     (by an error, or an ``offline`` that did not go out) is closed without a
     DISCONNECT, so that the broker publishes the will.
     """
@@ -327,6 +333,9 @@ class MqttPublisher:
         self._closed = False
         self._drain_deadline = 0.0
         self._task: asyncio.Task[None] | None = None
+        # True while the task waits for a connection (its CONNACK): at the
+        # end of the drain it could publish nothing, so aclose cancels it.
+        self._connecting = False
         self._fallback = False
         self._protocol: str | None = None
         self._published = 0
@@ -442,7 +451,10 @@ class MqttPublisher:
         self._task = asyncio.create_task(self._run(), name="mqtt-publisher")
 
     async def aclose(self) -> None:
-        """Drain for up to ``cfg.drain_s``, say ``offline``, disconnect. Idempotent."""
+        """Drain for up to ``cfg.drain_s``, say ``offline``, disconnect. Idempotent.
+
+        A broker that does not answer holds it up no longer than ``drain_s``;
+        only a goodbye or a disconnect stuck past its own timeout can."""
         if self._closed:
             return
         self._closed = True
@@ -452,10 +464,20 @@ class MqttPublisher:
         self._wake.set()
         task, self._task = self._task, None
         if task is not None:
-            # The task honours the deadline itself; this bound only covers a
-            # publish or a disconnect stuck past its own timeout.
-            limit = self.cfg.drain_s + 2 * self.cfg.timeout_s + 1.0
-            done, _ = await asyncio.wait({task}, timeout=limit)
+            # The task honours the deadline itself, but for a connection
+            # being made: a broker that takes its CONNACK past the drain gets
+            # nothing published, so the attempt is given up then.
+            done, _ = await asyncio.wait({task}, timeout=self.cfg.drain_s)
+            if not done and self._connecting:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                done = {task}
+            # This bound only covers the goodbye or a disconnect stuck past
+            # its own timeout.
+            limit = 2 * self.cfg.timeout_s + 1.0
+            if not done:
+                done, _ = await asyncio.wait({task}, timeout=limit)
             if not done:
                 log.warning("MQTT publisher did not stop in %.1f s; cancelling it", limit)
                 task.cancel()
@@ -493,10 +515,13 @@ class MqttPublisher:
         while not self._done_closing():
             version = "3.1.1" if self.cfg.protocol == "3.1.1" or self._fallback else "5"
             up_since: float | None = None
+            client: aiomqtt.Client | None = None
             try:
                 self._refresh_tls()
                 client = self._client(version)
+                self._connecting = True
                 async with client:
+                    self._connecting = False
                     up_since = loop.time()
                     self._on_connected(version, failures)
                     try:
@@ -507,6 +532,12 @@ class MqttPublisher:
                         # presence would say online while nobody publishes.
                         _break_connection(client)
                         raise
+                return
+            except _DrainOver:
+                # Left without a DISCONNECT (above): the broker sends the will.
+                log.warning("MQTT broker %s:%d did not acknowledge within mqtt.drain_s (%.3g "
+                            "s) at shutdown; leaving the connection", self.cfg.host,
+                            self.cfg.port, self.cfg.drain_s)
                 return
             except (aiomqtt.MqttError, _ConnectionLost, OSError) as e:
                 was_connected = self.connected
@@ -531,6 +562,11 @@ class MqttPublisher:
                 self._on_failure(e, False, failures)
             finally:
                 self._connected.clear()
+                if self._connecting and client is not None:
+                    # Given up before its CONNACK (aclose cancels it): aiomqtt
+                    # leaves the socket open.
+                    _drop_attempt(client)
+                self._connecting = False
             await self._backoff(failures)
 
     def _refresh_tls(self) -> None:
@@ -725,7 +761,7 @@ class MqttPublisher:
         # when that fails, leave without one so the broker sends the will.
         try:
             await self._send(client, lost, f"{self.cfg.prefix}/status", ENGINE_OFFLINE, 1,
-                             True, _text_props(v5))
+                             True, _text_props(v5), goodbye=True)
         except _Refused as e:
             log.warning("MQTT broker refused %r on %s/status (%s)", ENGINE_OFFLINE.decode(),
                         self.cfg.prefix, e)
@@ -803,16 +839,24 @@ class MqttPublisher:
             raise _lost_error(lost)
 
     async def _send(self, client: aiomqtt.Client, lost: asyncio.Future[None], topic: str,
-                    payload: bytes, qos: int, retain: bool, props: Properties | None) -> None:
+                    payload: bytes, qos: int, retain: bool, props: Properties | None,
+                    *, goodbye: bool = False) -> None:
+        """Publish one message. Raises :class:`_DrainOver` when closing and
+        the drain deadline comes first (but for the ``goodbye``, which is
+        bounded by ``timeout_s`` only)."""
         # A QoS 1 publish whose connection broke would wait the full timeout
         # for its acknowledgement; racing it against the loss fails it at once.
         self._refusal = None
         pub = asyncio.ensure_future(client.publish(topic, payload, qos=qos, retain=retain,
                                                    properties=props,
                                                    timeout=self.cfg.timeout_s))
+        over = None if goodbye else asyncio.ensure_future(self._drain_over())
         try:
-            await asyncio.wait({pub, lost}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({pub, lost} | ({over} if over else set()),
+                               return_when=asyncio.FIRST_COMPLETED)
         finally:
+            if over is not None:
+                over.cancel()
             if not pub.done():
                 pub.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -822,7 +866,14 @@ class MqttPublisher:
             if self._refusal is not None:
                 raise _Refused(str(self._refusal))
             return
+        if not lost.done():
+            raise _DrainOver
         raise _lost_error(lost)
+
+    async def _drain_over(self) -> None:
+        """Return when closing and the drain deadline has passed."""
+        await self._closing.wait()
+        await asyncio.sleep(max(0.0, self._drain_deadline - asyncio.get_running_loop().time()))
 
     def _log_refused(self, topic: str, e: _Refused) -> None:
         self._refused += 1
@@ -910,6 +961,16 @@ def _break_connection(client: aiomqtt.Client) -> None:
         return
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
+
+
+def _drop_attempt(client: aiomqtt.Client) -> None:
+    """Close the socket of a connection attempt given up before its CONNACK.
+
+    Quietly: paho's own close unregisters it from the loop and calls no
+    disconnect callback, which would read aiomqtt's connect future that the
+    cancellation cancelled (asyncio would log that as an error).
+    """
+    client._client._sock_close()
 
 
 def _observe_loss(client: aiomqtt.Client) -> None:
