@@ -406,3 +406,42 @@ async def test_a_connection_reset_is_a_warning_not_an_error(
     assert not errors, errors
     assert any("Connection reset" in r.getMessage() and r.levelno == logging.WARNING
                for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+# --- a message larger than the broker takes -------------------------------------------------
+
+
+async def test_a_final_over_the_brokers_maximum_packet_size_is_failed_not_sent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An MQTT 5 broker says in its CONNACK how large a packet it takes
+    (mosquitto: max_packet_size) and drops the connection of a client that
+    sends a larger one. Such a final used to be sent anyway: three dropped
+    connections (each publishing the will, "offline"), the finals behind it
+    held up by the reconnects, then counted failed. Now it is not sent: it
+    counts as failed and is logged, and the connection stays up."""
+    caplog.set_level(logging.WARNING, logger="evoxtral_stream")
+    binary = mosquitto_binary()
+    if binary is None:
+        pytest.skip("mosquitto not installed (apt-get install mosquitto)")
+    broker = MosquittoBroker(binary, tmp_path)
+    broker.conf.write_text(broker.conf.read_text() + "max_packet_size 2000\n")
+    broker.start()
+    try:
+        cfg = mqtt_config(broker.port, "big", protocol="5")
+        async with subscriber(broker.port, "big/#") as sub:
+            async with MqttPublisher(cfg) as pub:
+                await connected(pub)
+                pub(caption("s", 0, 1, True, "before"))
+                pub(caption("s", 1, 2, True, "x" * 3000))
+                pub(caption("s", 2, 3, True, "after"))
+                await sub.until(lambda got: any(b"after" in payload(m) for m in got),
+                                "the final after the oversized one")
+                st = pub.stats()
+            got = await sub.settle()
+    finally:
+        broker.stop()
+    assert [body(m)["text"] for m in got if topic(m) == "big/s/final"] == ["before", "after"]
+    assert ENGINE_OFFLINE not in [payload(m) for m in got if topic(m) == "big/status"][:-1]
+    assert (st.connects, st.published, st.failed) == (1, 2, 1), st
+    assert warnings_about(caplog, "big/s/final", "maximum packet size 2000"), caplog.text

@@ -246,7 +246,8 @@ def _mqtt_metrics(m: MqttStats) -> Iterator[Metric]:
             "Partials replaced while waiting by a newer partial or their final.",
             m.superseded),
         "evoxtral_mqtt_failed": (
-            "Messages given up on: a failed publish, refused by the broker, or left at close.",
+            "Messages given up on: a failed publish, refused by the broker or over its "
+            "maximum packet size, or left at close.",
             m.failed),
         "evoxtral_mqtt_connects": ("Connections made to the broker.", m.connects),
         "evoxtral_mqtt_connect_failures": ("Connection attempts that failed.",

@@ -75,7 +75,7 @@ from .protocol import encode_event
 
 if TYPE_CHECKING:
     import aiomqtt
-    from paho.mqtt.client import CallbackOnPublish_v2
+    from paho.mqtt.client import CallbackOnConnect_v2, CallbackOnPublish_v2, ConnectFlags
     from paho.mqtt.client import Client as PahoClient
     from paho.mqtt.properties import Properties
     from paho.mqtt.reasoncodes import ReasonCode
@@ -158,8 +158,8 @@ class MqttStats:
     segment (no information lost). ``dropped_partials``/``dropped_finals``:
     removed by the overflow policy (``dropped_finals`` counts errors and
     lifecycle events too). ``failed``: given up after a failed publish, refused by the broker
-    (an MQTT 5 acknowledgement with an error reason code), or still queued at
-    close.
+    (an MQTT 5 acknowledgement with an error reason code), over the maximum
+    packet size its CONNACK set (not sent), or still queued at close.
     ``queued``: waiting now.
     """
 
@@ -308,7 +308,9 @@ class MqttPublisher:
     possible); a broken partial is counted as failed. A publish the broker
     refuses (MQTT 5 PUBACK with an error reason, e.g. an ACL's "not
     authorized") is counted as failed and logged, not retried: the connection
-    is fine and the same message would be refused again. ``aclose`` publishes
+    is fine and the same message would be refused again. So is one larger
+    than the maximum packet size of an MQTT 5 broker's CONNACK, unsent: the
+    broker would drop the connection for it. ``aclose`` publishes
     what is queued for up to ``cfg.drain_s``, then ``offline``, then
     disconnects; whatever is left counts as failed. A connection attempt or
     an acknowledgement still awaited when ``drain_s`` runs out is given up
@@ -348,6 +350,9 @@ class MqttPublisher:
         # Set by the PUBACK of the publish in flight (one at a time) when the
         # broker refused it; see _client.
         self._refusal: ReasonCode | None = None
+        # The largest packet the broker takes (MQTT 5 CONNACK), None if it
+        # set no limit; it drops the connection of a client that sends more.
+        self._max_packet: int | None = None
         self._refused = 0
         self._last_refused_log = -_DROP_LOG_EVERY_S
         # The topic levels of ended streams whose retained messages are still
@@ -631,6 +636,15 @@ class MqttPublisher:
             acknowledged(c, userdata, mid, reason, props)
 
         paho.on_publish = on_publish
+        connack = cast("CallbackOnConnect_v2", paho.on_connect)
+        self._max_packet = None
+
+        def on_connect(c: PahoClient, userdata: Any, flags: ConnectFlags, reason: ReasonCode,
+                       props: Properties | None) -> None:
+            self._max_packet = getattr(props, "MaximumPacketSize", None)
+            connack(c, userdata, flags, reason, props)
+
+        paho.on_connect = on_connect
         _observe_loss(client)
         return client
 
@@ -847,6 +861,12 @@ class MqttPublisher:
         # A QoS 1 publish whose connection broke would wait the full timeout
         # for its acknowledgement; racing it against the loss fails it at once.
         self._refusal = None
+        size = _publish_size(topic, payload, qos, props, v5=self._protocol == "5")
+        if self._max_packet is not None and size > self._max_packet:
+            # Sent, it would only get the connection dropped (and the will
+            # published), at every attempt.
+            raise _Refused(f"{size} bytes, over the broker's maximum packet size "
+                           f"{self._max_packet}")
         pub = asyncio.ensure_future(client.publish(topic, payload, qos=qos, retain=retain,
                                                    properties=props,
                                                    timeout=self.cfg.timeout_s))
@@ -971,6 +991,18 @@ def _drop_attempt(client: aiomqtt.Client) -> None:
     cancellation cancelled (asyncio would log that as an error).
     """
     client._client._sock_close()
+
+
+def _publish_size(topic: str, payload: bytes, qos: int, props: Properties | None, *,
+                  v5: bool) -> int:
+    """The size in bytes of the PUBLISH packet paho sends for these."""
+    rest = 2 + len(topic.encode()) + (2 if qos else 0) + len(payload)
+    if v5:
+        rest += len(props.pack()) if props is not None else 1  # type: ignore[no-untyped-call]
+    length_bytes = 1
+    while rest >= 128 ** length_bytes:
+        length_bytes += 1
+    return 1 + length_bytes + rest
 
 
 def _observe_loss(client: aiomqtt.Client) -> None:
