@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import select
 import struct
 import threading
 import time
@@ -240,4 +241,38 @@ def test_another_format_is_read_whole_from_where_the_look_stopped(tmp_path: Path
     assert e.value.head and flac.read_bytes().startswith(e.value.head)
     got = read_pipe_channels(Path("-"), e.value.head, r, [(1,)])
     np.testing.assert_array_equal(got[0], read_audio_channels(flac, [(1,)])[0])
+    os.close(r)
+
+
+def test_stop_while_the_hand_off_is_full_delivers_every_frame_read(tmp_path: Path) -> None:
+    """The loop stalled (the hand-off full, the thread waiting to hand one
+    more piece on) when stop() comes: that piece was read from the pipe, so
+    stop() delivers it with the rest; every frame read reaches the route."""
+    wav = _stereo_wav(tmp_path / "s.wav", seconds=5.0, rate=16000)
+    want = read_audio_channels(tmp_path / "s.wav", [()])[0]
+    r, w = os.pipe()
+    cap = _capture(r, [()], max_pending=2)
+    writer = _Writer(w, _live_header(wav), piece=4096, keep_open=True)
+    writer.start()
+    cap.read_header()
+    loop = asyncio.new_event_loop()
+    sink = _Sink()
+    ends: list[PipeEnd] = []
+    cap.start(loop, [ChannelRoute(sink, ())], ends.append)
+    deadline = time.monotonic() + 30
+    while not cap.waits:  # the loop is not running: the hand-off fills
+        assert time.monotonic() < deadline, "the hand-off never filled"
+        time.sleep(0.02)
+    read = cap.frames_read
+    assert read > 2 * 16000 * 20 // 1000  # more than the two pieces held
+    cap.stop()  # on this thread, the loop's, which is stalled no more
+    assert cap.frames_read == read
+    assert len(sink.samples) == read
+    np.testing.assert_array_equal(sink.samples, want[:read])
+    assert ends == []
+    loop.close()
+    while writer.is_alive():  # let the writer finish before its pipe closes
+        if select.select([r], [], [], 0.1)[0]:
+            os.read(r, 1 << 16)
+    os.close(w)
     os.close(r)

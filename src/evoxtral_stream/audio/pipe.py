@@ -120,6 +120,9 @@ class PipeCapture:
         self._on_end: Callable[[PipeEnd], None] | None = None
         self._resamplers: list[StreamResampler] = []
         self._columns: list[list[int] | None] = []
+        # A piece read but not handed on when stop() came (the hand-off was
+        # full): stop() delivers it after those the hand-off holds.
+        self._unhanded: list[Int16Array] | None = None
         self.waits = 0
         self.frames_read = 0
         """Frames of the stream (its own rate) read so far."""
@@ -196,6 +199,9 @@ class PipeCapture:
         for item in self._drain():
             if isinstance(item, list):
                 self._deliver(item)
+        unhanded, self._unhanded = self._unhanded, None
+        if unhanded is not None:
+            self._deliver(unhanded)
         if self._resamplers and self._routes:
             self._deliver([r.flush() for r in self._resamplers])
             self._routes = []  # delivered once
@@ -245,7 +251,8 @@ class PipeCapture:
 
     def _hand(self, item: list[Int16Array] | PipeEnd) -> bool:
         """Queue ``item`` for the loop, waiting while the hand-off is full:
-        False when asked to stop meanwhile."""
+        False when asked to stop meanwhile (audio is then kept for stop()
+        to deliver: it was read from the pipe)."""
         waited = False
         while True:
             try:
@@ -256,6 +263,8 @@ class PipeCapture:
                     self.waits += 1
                     waited = True
                 if self._stopping.is_set():
+                    if isinstance(item, list):
+                        self._unhanded = item
                     return False
         loop = self._loop
         assert loop is not None
