@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import io
 import random
+import shutil
 import struct
+import subprocess
 
 import numpy as np
 import pytest
@@ -187,3 +189,60 @@ def test_a_header_that_never_reaches_the_audio_is_refused() -> None:
         assert len(dec._buf) == 0
     with pytest.raises(WavStreamError, match="runs past 16 MiB"):
         _feed_all(dec, piece * 2, [len(piece)] * 2)
+
+
+def _riff(*chunks: bytes, riff_size: int = 0) -> bytes:
+    return b"RIFF" + struct.pack("<I", riff_size) + b"WAVE" + b"".join(chunks)
+
+
+_FMT_16K_MONO = b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, 16000, 32000, 2, 16)
+
+
+@pytest.mark.parametrize("stream", [
+    # ffmpeg -f wav - (riffenc.c ff_start_tag: -1, never fixed on a pipe),
+    # after its LIST INFO chunk.
+    _riff(_FMT_16K_MONO, b"LIST" + struct.pack("<I", 26) + b"INFO" + b"ISFT"
+          + struct.pack("<I", 14) + b"Lavf60.16.100\0",
+          b"data" + struct.pack("<I", 0xFFFFFFFF), riff_size=0xFFFFFFFF),
+    # arecord -t wav to a pipe (aplay.c begin_wave: 0x7fffff00).
+    _riff(_FMT_16K_MONO, b"data" + struct.pack("<I", 0x7FFFFF00), riff_size=0x7FFFFF24),
+    # sox -t wav - and espeak-ng --stdout: 0x7ffff000, less what makes it
+    # whole frames (sox).
+    _riff(_FMT_16K_MONO, b"data" + struct.pack("<I", 0x7FFFF000), riff_size=0x7FFFF024),
+    _riff(b"fmt " + struct.pack("<IHHIIHH", 16, 1, 3, 44100, 44100 * 9, 9, 24),
+          b"data" + struct.pack("<I", 0x7FFFEFFF), riff_size=0x7FFFF023),
+], ids=["ffmpeg", "arecord", "espeak-ng", "sox-24bit-3ch"])
+def test_a_live_writers_placeholder_size_reads_to_the_end_of_the_stream(stream: bytes) -> None:
+    """The sizes live writers put in a header they cannot go back to fix
+    are hours of audio (2 to 4 GiB: 3.4 h of 44.1 kHz stereo from arecord,
+    6.2 h of 48 kHz stereo from ffmpeg), but the writer does not stop
+    there: they are read as 'until the stream ends', as 0 is, or a camera
+    captioned day and night would fall silent after a few hours."""
+    dec = WavStreamDecoder()
+    dec.feed(stream)
+    assert dec.format is not None
+    assert dec.data_bytes is None
+
+
+@pytest.mark.parametrize("command", [
+    ["sox", "-n", "-t", "wav", "-", "synth", "0.1", "sine", "440"],
+    ["sox", "-n", "-t", "wav", "-b", "24", "-c", "3", "-", "synth", "0.1", "sine", "440"],
+    ["espeak-ng", "--stdout", "hello"],
+], ids=["sox", "sox-24bit-3ch", "espeak-ng"])
+def test_real_writers_to_a_pipe_are_read_to_the_end_of_the_stream(command: list[str]) -> None:
+    if shutil.which(command[0]) is None:
+        pytest.skip(f"{command[0]} not installed")
+    stream = subprocess.run(command, capture_output=True, check=True, timeout=60).stdout
+    dec = WavStreamDecoder()
+    assert len(dec.feed(stream))
+    assert dec.data_bytes is None
+    assert not dec.ended
+
+
+def test_a_stated_data_size_is_kept() -> None:
+    """A WAV file piped whole states its real size: what follows is not audio."""
+    dec = WavStreamDecoder()
+    dec.feed(_riff(_FMT_16K_MONO, b"data" + struct.pack("<I", 6)))
+    assert dec.data_bytes == 6
+    assert len(dec.feed(bytes(8) + b"LIST")) == 3
+    assert dec.ended

@@ -5,9 +5,12 @@ reads the pipe and feeds it.
 libsndfile needs the whole file (it seeks, and reads the data size from the
 header); a live writer (``arecord -t wav``, ``ffmpeg -f wav -``, ``sox -t wav
 -``) cannot know that size when it writes the header, and says 0 or the
-largest size it can. So a data size of 0 is read as "until the end of the
+largest size it can: ffmpeg 0xFFFFFFFF, arecord 0x7FFFFF00, sox and espeak-ng
+0x7FFFF000 (less what makes it whole frames). Those are hours of audio (3.4 h
+of 44.1 kHz stereo from arecord), but the writer goes on past them. So a data
+size of 0, or of 2 GiB less 128 KiB or more, is read as "until the end of the
 stream"; any other is honoured (a WAV file piped whole may have chunks after
-its audio), which for a live writer's placeholder size is hours away.
+its audio). An RF64 stream's ds64 size is honoured unless 0.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ _FORMAT_EXTENSIBLE = 0xFFFE
 #: The data size that RF64 puts in the RIFF fields (the real one is in ds64),
 #: and that some writers use for "unknown".
 _UNKNOWN_SIZE = 0xFFFFFFFF
+#: The smallest data size read as a live writer's placeholder: sox writes
+#: 0x7FFFF000 rounded down to whole frames (of up to 64 KiB).
+_PLACEHOLDER_SIZE = 0x7FFE0000
 
 
 class WavStreamError(ValueError):
@@ -121,9 +127,10 @@ class WavStreamDecoder:
     from :data:`~evoxtral_stream.audio.sources.MIN_FILE_RATE` to
     :data:`~evoxtral_stream.audio.sources.MAX_FILE_RATE`. Chunks before
     the audio are skipped; bytes past a data chunk's stated size are
-    ignored (:attr:`ended`). Raises :class:`WavStreamError` on anything
-    else, before any frame is returned. :meth:`finish` says how the stream
-    ended."""
+    ignored (:attr:`ended`), unless that size is a live writer's
+    placeholder (:attr:`data_bytes` None). Raises :class:`WavStreamError`
+    on anything else, before any frame is returned. :meth:`finish` says how
+    the stream ended."""
 
     def __init__(self) -> None:
         self.format: WavFormat | None = None
@@ -131,6 +138,9 @@ class WavStreamDecoder:
         """Frames returned so far."""
         self.ended = False
         """The data chunk's stated size was reached: later bytes are not audio."""
+        self.data_bytes: int | None = None
+        """The audio's size in bytes that the header states, once read;
+        None: until the end of the stream (0, or a live writer's placeholder)."""
         self._buf = bytearray()
         self._header_bytes = 0
         self._skip = 0  # bytes of a chunk before the audio still to skip
@@ -227,9 +237,11 @@ class WavStreamDecoder:
             if fmt is None:
                 raise WavStreamError("its audio begins before the WAV header says its format")
             if self._rf64 and size == _UNKNOWN_SIZE:
-                size = self._ds64_data if self._ds64_data is not None else 0
-            # 0: a live writer's "unknown"; 0xFFFFFFFF is read as stated (hours).
-            self._remaining = size if size else None
+                size = self._ds64_data or 0
+            elif size >= _PLACEHOLDER_SIZE:
+                size = 0  # a live writer's "as much as a WAV holds": it goes on
+            # 0: a live writer's "unknown".
+            self._remaining = self.data_bytes = size if size else None
             self.format = fmt
             return 8
         padded = size + (size & 1)  # chunks are word-aligned
