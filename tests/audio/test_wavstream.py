@@ -246,3 +246,24 @@ def test_a_stated_data_size_is_kept() -> None:
     assert dec.data_bytes == 6
     assert len(dec.feed(bytes(8) + b"LIST")) == 3
     assert dec.ended
+
+
+@pytest.mark.parametrize("top", ["sign", "zero"])
+def test_24_bit_samples_in_32_bit_words_as_arecord_writes_them(top: str) -> None:
+    """``arecord -f S24_LE -t wav``: 24-bit samples in the low three bytes
+    of 32-bit words, which the header says as 24 bits with 4-byte samples
+    (block align). Each word is one sample: read as three-byte samples they
+    were loud noise, a third more frames than were sent."""
+    rate, channels = 16000, 2
+    t = np.arange(1000) / rate
+    want = np.stack([np.round(0.5 * np.sin(2 * np.pi * 440 * t) * 2**23),
+                     np.round(-0.25 * np.sin(2 * np.pi * 300 * t) * 2**23)], 1).astype(np.int32)
+    words = want if top == "sign" else want & 0xFFFFFF  # the top byte: ALSA leaves either
+    block = 4 * channels
+    stream = _riff(b"fmt " + struct.pack("<IHHIIHH", 16, 1, channels, rate, rate * block,
+                                         block, 24),
+                   b"data" + struct.pack("<I", 0x7FFFFF00)) + words.astype("<i4").tobytes()
+    got, dec = _decode(stream, _random_pieces(len(stream), seed=3))
+    assert dec.format is not None and dec.format.frame_bytes == block
+    assert got.shape == (1000, 2)
+    np.testing.assert_array_equal(got, want / 2.0**23)

@@ -61,13 +61,15 @@ class WavEncoding(Enum):
     U8 = "8-bit unsigned PCM"
     S16 = "16-bit PCM"
     S24 = "24-bit PCM"
+    S24_IN_32 = "24-bit PCM in 32-bit words"
     S32 = "32-bit PCM"
     F32 = "32-bit float"
     F64 = "64-bit float"
 
 
-_WIDTHS = {WavEncoding.U8: 1, WavEncoding.S16: 2, WavEncoding.S24: 3, WavEncoding.S32: 4,
-           WavEncoding.F32: 4, WavEncoding.F64: 8}
+_WIDTHS = {WavEncoding.U8: 1, WavEncoding.S16: 2, WavEncoding.S24: 3,
+           WavEncoding.S24_IN_32: 4, WavEncoding.S32: 4, WavEncoding.F32: 4,
+           WavEncoding.F64: 8}
 
 
 @dataclass(frozen=True)
@@ -100,8 +102,9 @@ def _samples(data: bytes, fmt: WavFormat) -> Float32Array:
         flat = (np.frombuffer(data, np.uint8).astype(np.float32) - 128.0) / 128.0
     elif enc is WavEncoding.S16:
         flat = np.frombuffer(data, "<i2").astype(np.float32) / 32768.0
-    elif enc is WavEncoding.S24:
-        b = np.frombuffer(data, np.uint8).reshape(-1, 3).astype(np.int32)
+    elif enc in (WavEncoding.S24, WavEncoding.S24_IN_32):
+        width = _WIDTHS[enc]  # a 32-bit word's top byte is not the sample's
+        b = np.frombuffer(data, np.uint8).reshape(-1, width)[:, :3].astype(np.int32)
         # The three little-endian bytes into the top of an int32: the sign
         # comes with the shift, and full scale is 2**31 as for 32-bit PCM.
         flat = ((b[:, 0] << 8) | (b[:, 1] << 16) | (b[:, 2] << 24)).astype(np.float32)
@@ -122,8 +125,9 @@ class WavStreamDecoder:
     :meth:`feed` returns the whole frames its bytes complete, float32
     ``(frames, channels)`` at the stream's own rate (empty while the header
     is still coming); :attr:`format` is set once the header is read. RIFF
-    and RF64 (little-endian) with PCM 8/16/24/32-bit or float 32/64-bit
-    samples, plain or WAVE_FORMAT_EXTENSIBLE, any channel count, and a rate
+    and RF64 (little-endian) with PCM 8/16/24/32-bit (24 also in 32-bit
+    words, as ``arecord -f S24_LE`` sends it) or float 32/64-bit samples,
+    plain or WAVE_FORMAT_EXTENSIBLE, any channel count, and a rate
     from :data:`~evoxtral_stream.audio.sources.MIN_FILE_RATE` to
     :data:`~evoxtral_stream.audio.sources.MAX_FILE_RATE`. Chunks before
     the audio are skipped; bytes past a data chunk's stated size are
@@ -267,7 +271,7 @@ class WavStreamDecoder:
 def _parse_fmt(body: bytes) -> WavFormat:
     if len(body) < 16:
         raise WavStreamError(f"its WAV fmt chunk is {len(body)} bytes, too short")
-    tag, channels, rate, _, _, bits = struct.unpack("<HHIIHH", body[:16])
+    tag, channels, rate, _, block, bits = struct.unpack("<HHIIHH", body[:16])
     if tag == _FORMAT_EXTENSIBLE:
         if len(body) < 26:
             raise WavStreamError("its WAV fmt chunk is extensible but too short")
@@ -279,6 +283,10 @@ def _parse_fmt(body: bytes) -> WavFormat:
             "send PCM or float samples (ffmpeg: -c:a pcm_s16le)", other_format=True)
     if channels < 1:
         raise WavStreamError("its WAV header says 0 channels")
+    if encoding is WavEncoding.S24 and block == 4 * channels:
+        # arecord -f S24_LE: ALSA's 24 bits in the low bytes of 32-bit words.
+        # Any other block align is ignored, as libsndfile ignores it.
+        encoding = WavEncoding.S24_IN_32
     if not MIN_FILE_RATE <= rate <= MAX_FILE_RATE:
         raise WavStreamError(f"its WAV header says {rate} Hz, outside the {MIN_FILE_RATE} to "
                              f"{MAX_FILE_RATE} Hz of audio (a damaged header?)")
