@@ -7,6 +7,7 @@ import asyncio
 import io
 import os
 import select
+import socket
 import struct
 import threading
 import time
@@ -276,3 +277,21 @@ def test_stop_while_the_hand_off_is_full_delivers_every_frame_read(tmp_path: Pat
             os.read(r, 1 << 16)
     os.close(w)
     os.close(r)
+
+
+def test_a_socket_named_by_its_path_is_one_line_saying_how_to_read_it(tmp_path: Path) -> None:
+    """A socket is read as standard input (``socat``, inetd, systemd): one
+    named by its path cannot be opened as a file, and the line says so
+    instead of "No such device or address"."""
+    path = tmp_path / "audio.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen(1)
+        assert is_live_pipe(path)
+        cap = PipeCapture(path, block_ms=20, max_pending_blocks=10)
+        with pytest.raises(AudioInputError) as e:
+            cap.read_header()
+    message = str(e.value)
+    assert message.startswith(f"pipe {path} is a socket, read only as standard input"), message
+    assert f"socat UNIX-CONNECT:{path} -" in message
+    assert "\n" not in message

@@ -1,6 +1,7 @@
-"""A live pipe (standard input, a FIFO, a socket) carrying WAV, captured on a
-thread of its own into 16 kHz mono int16 blocks on the event loop, as the
-microphone is: ``arecord -t wav | evoxtral-stream serve --source -``.
+"""A live pipe (standard input, a socket there included, or a FIFO) carrying
+WAV, captured on a thread of its own into 16 kHz mono int16 blocks on the
+event loop, as the microphone is: ``arecord -t wav | evoxtral-stream serve
+--source -``.
 
 A pipe is read as its bytes come, not copied whole first (as ``transcribe``
 does, and ``serve`` does with a file): a live writer never ends.
@@ -48,6 +49,13 @@ def is_live_pipe(path: Path) -> bool:
     except OSError:
         return False
     return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(path.stat().st_mode)
+    except OSError:
+        return False
 
 
 class NotLiveAudio(AudioInputError):
@@ -144,6 +152,11 @@ class PipeCapture:
         :class:`AudioInputError` naming the pipe; :class:`NotLiveAudio`
         (the pipe left open) for audio of another format."""
         head = bytearray()
+        if self._fd is None and _is_socket(self.path):
+            # open() cannot connect to it (ENXIO): a socket comes as a descriptor.
+            raise AudioInputError(
+                f"{self.name} is a socket, read only as standard input: "
+                f"`socat UNIX-CONNECT:{self.path} - | evoxtral-stream serve --source -`")
         try:
             if self._fd is None:
                 self._fd = os.open(self.path, os.O_RDONLY)
