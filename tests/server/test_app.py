@@ -221,6 +221,11 @@ async def test_a_subscriber_that_talks_gets_an_error_and_stays(
         await ws.send("{not json")
         err = json.loads(await asyncio.wait_for(ws.recv(), 5))
         assert err["type"] == "error" and err["code"] == "unexpected_message"
+        assert err["message"] == "/v1/captions takes no messages, got '{not json'"
+        # A long one is quoted cut, and says so, as every codec error does.
+        await ws.send("x" * 1000)
+        err = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        assert err["message"].endswith(", got '" + "x" * 59 + "...")
         engine.open_stream("later", source="test")
         started = json.loads(await asyncio.wait_for(ws.recv(), 5))
         assert started["type"] == "stream.started"

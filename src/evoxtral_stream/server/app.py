@@ -61,6 +61,7 @@ from ..audio.resample import SILENCE_PIECES_PER_TURN, StreamResampler, silence_p
 from ..config import AuthConfig, AuthTokenConfig, ConfigError, ServerConfig, redact_host
 from ..engine.engine import Engine, EngineStopping, Stream
 from ..events import SAMPLE_RATE, Int16Array, stream_id_problem
+from ..text.chars import shown
 from .auth import (
     SUBPROTOCOL_PREFIX,
     AccessPolicy,
@@ -639,7 +640,7 @@ class CaptionServer:
         # handshake flowing and tells us when the peer goes away.
         async for message in ws:
             await ws.send(encode_error("unexpected_message",
-                                       f"{_CAPTIONS} takes no messages, got {message!r:.60}"))
+                                       f"{_CAPTIONS} takes no messages, got {shown(message)}"))
 
     async def _pump(self, ws: ServerConnection, sub: Subscription) -> None:
         for message in sub.backlog:
