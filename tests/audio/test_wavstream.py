@@ -9,6 +9,7 @@ import random
 import shutil
 import struct
 import subprocess
+import warnings
 
 import numpy as np
 import pytest
@@ -267,3 +268,17 @@ def test_24_bit_samples_in_32_bit_words_as_arecord_writes_them(top: str) -> None
     assert dec.format is not None and dec.format.frame_bytes == block
     assert got.shape == (1000, 2)
     np.testing.assert_array_equal(got, want / 2.0**23)
+def test_doubles_float32_cannot_hold_are_read_as_libsndfile_reads_them_quietly() -> None:
+    """A 64-bit float sample past float32's range (a damaged file, a writer
+    gone wrong) is ±inf, and a signalling NaN a NaN, as libsndfile reads
+    them, quietly: numpy's "overflow" and "invalid value encountered in
+    cast" RuntimeWarnings went to stderr, past logging."""
+    x = np.array([[0.5], [1e300], [-1e300], [3.5e38], [np.nan], [0.0]])
+    buf = io.BytesIO()
+    sf.write(buf, x, 16000, subtype="DOUBLE", format="WAV")
+    data = buf.getvalue()[:-8] + (0x7FF0000000000001).to_bytes(8, "little")  # signalling NaN
+    want = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = WavStreamDecoder().feed(data)
+    np.testing.assert_array_equal(got, want)

@@ -114,7 +114,11 @@ def _samples(data: bytes, fmt: WavFormat) -> Float32Array:
     elif enc is WavEncoding.F32:
         flat = np.frombuffer(data, "<f4").astype(np.float32)
     else:
-        flat = np.frombuffer(data, "<f8").astype(np.float32)
+        # Past float32's range is ±inf and a signalling NaN a NaN, as
+        # libsndfile casts them: a damaged file's noise, not a
+        # RuntimeWarning on stderr.
+        with np.errstate(over="ignore", invalid="ignore"):
+            flat = np.frombuffer(data, "<f8").astype(np.float32)
     return flat.reshape(-1, fmt.channels)
 
 
