@@ -1103,6 +1103,40 @@ def test_transcribe_realtime_plays_a_file_s_channels_on_one_clock(tmp_path: Path
     assert all(abs(a) <= 1 for a in ahead), order
 
 
+def test_transcribe_reads_a_recording_whose_header_says_no_audio(tmp_path: Path) -> None:
+    """A WAV recorder killed before it wrote its sizes (data size 0) with 6 s
+    of audio after its header: ``transcribe`` captions all of it, the
+    stream as long as the file, with one warning naming the file. It was
+    refused: "contains no audio (zero samples)"."""
+    rng = np.random.default_rng(7)
+    x = np.zeros(6 * SAMPLE_RATE, np.int16)
+    for at in (0.5, 4.0):  # a burst of sound early, and one past the first seconds
+        x[int(at * SAMPLE_RATE):int((at + 1.5) * SAMPLE_RATE)] = (
+            rng.standard_normal(int(1.5 * SAMPLE_RATE)) * 3000).astype(np.int16)
+    path = tmp_path / "rec.wav"
+    sf.write(path, x, SAMPLE_RATE)
+    data = bytearray(path.read_bytes())
+    at = data.index(b"data")
+    data[4:8] = data[at + 4:at + 8] = bytes(4)
+    path.write_bytes(bytes(data))
+    jsonl = tmp_path / "e.jsonl"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", _SCRIPTED_WORDS, "transcribe", str(path), "--jsonl", str(jsonl),
+         "--log-format", "json"],
+        capture_output=True, text=True, timeout=120, cwd=root,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{root / 'src'}:{root}"})
+    assert proc.returncode == 0, proc.stderr
+    records = [json.loads(line) for line in proc.stderr.splitlines()]
+    warnings = [r["msg"] for r in records if r["level"] == "WARNING"]
+    assert warnings == [f"audio file {path}: its WAV header says no audio (a recording not "
+                        "closed properly?): read to the end of the file, 6.0 s"], warnings
+    finals, ended = _by_stream(jsonl)
+    assert ended == {"rec": pytest.approx(6.0, abs=0.01)}, ended
+    starts = [f["start"] for f in finals["rec"]]
+    assert starts == [pytest.approx(0.5, abs=0.4), pytest.approx(4.0, abs=0.4)], finals
+
+
 @pytest.mark.parametrize(("channels", "split"), [("[3]", "false"), ("[1, 3]", "true")])
 def test_transcribe_refuses_channels_its_files_lack_before_loading_the_model(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +22,7 @@ from evoxtral_stream.audio.sources import (
     read_audio_file,
 )
 from evoxtral_stream.events import SAMPLE_RATE
-from tests.helpers.audio import HAVE_ESPEAK, dominant_frequency, espeak_wav, rms, sine
+from tests.helpers.audio import HAVE_ESPEAK, HAVE_SOX, dominant_frequency, espeak_wav, rms, sine
 
 # --- files ------------------------------------------------------------------------------
 
@@ -337,3 +339,314 @@ def test_a_flac_cut_short_in_a_pipe_gives_the_audio_before_the_cut(
     np.testing.assert_array_equal(got, want)
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert str(fifo) in warning and "damaged" in warning
+
+
+# --- WAV headers a recorder never finished ----------------------------------------------
+
+
+def _sizes(path: Path, *, riff: int | None = None, data: int | None = None) -> None:
+    """Overwrite the RIFF size and the data chunk's size in ``path``'s header
+    (what a recorder killed before it went back to write them leaves)."""
+    b = bytearray(path.read_bytes())
+    at = b.index(b"data")
+    if riff is not None:
+        b[4:8] = riff.to_bytes(4, "little")
+    if data is not None:
+        b[at + 4:at + 8] = data.to_bytes(4, "little")
+    path.write_bytes(bytes(b))
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize(("rate", "channels", "subtype", "riff"), [
+    (16000, 1, "PCM_16", None),   # only the data size left at 0
+    (16000, 1, "PCM_16", 0),      # both sizes the 0 placeholders
+    (16000, 1, "PCM_16", 36),     # Python's wave: the RIFF size of no data
+    (48000, 2, "FLOAT", 0),       # a fact and a PEAK chunk before the audio
+    (44100, 3, "PCM_24", 0),      # WAVE_FORMAT_EXTENSIBLE
+    (8000, 1, "PCM_U8", 0),
+])
+def test_a_wav_whose_header_says_no_audio_is_read_to_its_end(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, rate: int, channels: int, subtype: str,
+    riff: int | None,
+) -> None:
+    """A WAV whose data size was never written (0) but that holds 3 s of
+    audio after its header gives the samples of the same file with its
+    sizes right, and one warning naming it. libsndfile reads such a file as
+    empty: "contains no audio"."""
+    x = np.random.default_rng(rate).uniform(-0.5, 0.5, (3 * rate, channels))
+    whole, unsized = tmp_path / "whole.wav", tmp_path / "rec.wav"
+    sf.write(whole, x, rate, subtype=subtype)
+    unsized.write_bytes(whole.read_bytes())
+    _sizes(unsized, riff=riff, data=0)
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"):
+        got = read_audio_file(unsized)
+    np.testing.assert_array_equal(got, read_audio_file(whole))
+    (warning,) = _warnings(caplog)
+    assert warning == (f"audio file {unsized}: its WAV header says no audio (a recording not "
+                       "closed properly?): read to the end of the file, 3.0 s")
+
+
+_KILLED_RECORDER = r"""
+import os, sys, wave
+import numpy as np
+rng = np.random.default_rng(0)
+f = open(sys.argv[1], "wb")
+w = wave.open(f, "wb")
+w.setnchannels(1); w.setsampwidth(2); w.setframerate(16000)
+for i in range(int(sys.argv[2])):  # a second at a time, as a recorder writes
+    w.writeframesraw((rng.standard_normal(16000) * 3000).astype("<i2").tobytes())
+f.flush()
+os._exit(0)  # killed: the header's sizes are never written again
+"""
+
+
+def test_a_recording_python_s_wave_never_closed_is_read_whole(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A recorder writing with Python's ``wave`` and killed: its header says
+    the size of its first block (``wave`` writes the header then, and the
+    real sizes at close), 1 s; the file holds 5 s. libsndfile reads 1 s."""
+    path = tmp_path / "killed.wav"
+    subprocess.run([sys.executable, "-c", _KILLED_RECORDER, str(path), "5"], check=True,
+                   timeout=60)
+    assert sf.info(path).frames == SAMPLE_RATE  # what libsndfile makes of it
+    rng = np.random.default_rng(0)
+    want = np.concatenate([(rng.standard_normal(16000) * 3000).astype(np.int16)
+                           for _ in range(5)])
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"):
+        got = read_audio_file(path)
+    np.testing.assert_array_equal(got, want)
+    (warning,) = _warnings(caplog)
+    assert warning == (f"audio file {path} holds more audio than its WAV header says (it says "
+                       "1.0 s; a recording not closed properly?): read to the end of the file, "
+                       "5.0 s")
+
+
+@pytest.mark.skipif(not HAVE_SOX, reason="sox is not installed")
+def test_a_wav_sox_wrote_to_a_pipe_with_zero_sizes_is_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """sox writing to a pipe (``sox ... -t wav - | ...``, saved to disk):
+    WAVE_FORMAT_EXTENSIBLE with a fact chunk, 32-bit, stereo 48 kHz. With
+    its size placeholders 0 (as a writer for a pipe may leave them) it
+    gives what sox's own file gives."""
+    sox = subprocess.run(["sox", "-R", "-n", "-r", "48000", "-c", "2", "-b", "32", "-t", "wav",
+                          "-", "synth", "2", "pinknoise", "vol", "0.3"],
+                         check=True, capture_output=True, timeout=60).stdout
+    original, zeroed = tmp_path / "sox.wav", tmp_path / "zeroed.wav"
+    original.write_bytes(sox)
+    zeroed.write_bytes(sox)
+    _sizes(zeroed, riff=0, data=0)
+    want = read_audio_file(original)
+    assert abs(len(want) - 2 * SAMPLE_RATE) <= 2
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"):
+        got = read_audio_file(zeroed)
+    np.testing.assert_array_equal(got, want)
+    (warning,) = _warnings(caplog)
+    assert "zeroed.wav" in warning and "2.0 s" in warning
+
+
+@pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng is not installed")
+def test_espeak_speech_with_zero_sizes_is_read(tmp_path: Path) -> None:
+    """espeak-ng's speech (``--stdout``, its own size placeholders) with the
+    sizes 0: the same samples as its file."""
+    speech = subprocess.run(["espeak-ng", "--stdout", "hello world, this is a test"],
+                            check=True, capture_output=True, timeout=60).stdout
+    original, zeroed = tmp_path / "espeak.wav", tmp_path / "zeroed.wav"
+    original.write_bytes(speech)
+    zeroed.write_bytes(speech)
+    _sizes(zeroed, riff=0, data=0)
+    want = read_audio_file(original)
+    assert rms(want) > 300
+    np.testing.assert_array_equal(read_audio_file(zeroed), want)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_wav_with_zero_sizes_from_a_pipe_is_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``transcribe -`` of such a file (its copy on disk) reads it too."""
+    x = np.random.default_rng(9).integers(-8000, 8000, 2 * SAMPLE_RATE).astype(np.int16)
+    path = tmp_path / "rec.wav"
+    sf.write(path, x, SAMPLE_RATE)
+    _sizes(path, riff=0, data=0)
+    fifo, writer = _through_a_fifo(tmp_path, path.read_bytes())
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"):
+        got = read_audio_file(fifo)
+    writer.join(10)
+    np.testing.assert_array_equal(got, x)
+    (warning,) = _warnings(caplog)
+    assert str(fifo) in warning and "2.0 s" in warning
+
+
+def test_channels_of_a_wav_with_zero_sizes_are_read_apart(tmp_path: Path) -> None:
+    """Mixes of its channels as of the whole file; a channel it lacks is the
+    error naming the option, as ever."""
+    rate = 48000
+    x = np.random.default_rng(2).uniform(-0.5, 0.5, (3 * rate, 3)).astype(np.float32)
+    whole, unsized = tmp_path / "whole.wav", tmp_path / "three.wav"
+    sf.write(whole, x, rate, subtype="FLOAT")
+    unsized.write_bytes(whole.read_bytes())
+    _sizes(unsized, riff=0, data=0)
+    mixes = [(3,), (1,), (1, 2), ()]
+    for got, want in zip(read_audio_channels(unsized, mixes), read_audio_channels(whole, mixes),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(AudioInputError) as e:
+        read_audio_channels(unsized, [(1,), (4,)])
+    assert str(e.value) == (f"audio.channels asks for channel 4, but audio file {unsized} "
+                            "has 3 channel(s)")
+
+
+def test_a_long_wav_with_zero_sizes_is_read_in_blocks(tmp_path: Path) -> None:
+    """Memory stays bounded as for any file: a minute of 48 kHz stereo float
+    peaks at a few times its 16 kHz mono result."""
+    import tracemalloc
+
+    rate = 48000
+    x = np.random.default_rng(1).uniform(-0.5, 0.5, (60 * rate, 2)).astype(np.float32)
+    whole, unsized = tmp_path / "whole.wav", tmp_path / "long.wav"
+    sf.write(whole, x, rate, subtype="FLOAT")
+    del x
+    unsized.write_bytes(whole.read_bytes())
+    _sizes(unsized, riff=0, data=0)
+    want = read_audio_file(whole)
+    tracemalloc.start()
+    try:
+        out = read_audio_file(unsized)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(out, want)
+    assert peak < 4 * out.nbytes, f"peak {peak / 1e6:.1f} MB for {out.nbytes / 1e6:.1f} MB"
+
+
+def test_a_wav_whose_header_says_less_than_it_holds_is_read_to_its_end(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A recorder that wrote its sizes 1 s in and went on recording: what
+    follows the stated audio is no chunk, so it is the rest of the
+    recording. All 3 s are read, with a warning that says so. libsndfile
+    reads the 1 s the header states."""
+    x = np.random.default_rng(4).integers(-8000, 8000, 3 * SAMPLE_RATE).astype(np.int16)
+    path = tmp_path / "rec.wav"
+    sf.write(path, x, SAMPLE_RATE)
+    _sizes(path, riff=36 + 2 * SAMPLE_RATE, data=2 * SAMPLE_RATE)
+    assert sf.info(path).frames == SAMPLE_RATE
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"):
+        got = read_audio_file(path)
+    np.testing.assert_array_equal(got, x)
+    (warning,) = _warnings(caplog)
+    assert warning == (f"audio file {path} holds more audio than its WAV header says (it says "
+                       "1.0 s; a recording not closed properly?): read to the end of the file, "
+                       "3.0 s")
+
+
+def _chunk(cid: bytes, body: bytes) -> bytes:
+    return cid + len(body).to_bytes(4, "little") + body + b"\0" * (len(body) & 1)
+
+
+def _append(path: Path, tail: bytes) -> None:
+    data = path.read_bytes() + tail
+    path.write_bytes(data[:4] + (len(data) - 8).to_bytes(4, "little") + data[8:])
+
+
+@pytest.mark.parametrize(("frames", "tail", "named"), [
+    (SAMPLE_RATE, _chunk(b"LIST", b"INFO" + _chunk(b"INAM", b"a title")), "a LIST chunk"),
+    (1001, _chunk(b"id3 ", b"ID3\x04" + bytes(40)), "odd size, then its pad byte"),
+    (1001, _chunk(b"id3 ", b"ID3\x04" + bytes(40)), "odd size, its pad byte left out"),
+    (SAMPLE_RATE, b"TAG" + b"a title".ljust(125, b"\0"), "an ID3v1 tag"),
+    (SAMPLE_RATE, b"ID3\x04\0\0\0\0\0\x10" + bytes(16), "an ID3v2 tag"),
+    (SAMPLE_RATE, b"\0\0\0", "a few stray bytes"),
+])
+def test_what_follows_the_audio_of_a_whole_wav_is_left_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, frames: int, tail: bytes, named: str
+) -> None:
+    """A WAV with its sizes right and a chunk or a tag after its audio reads
+    as it always has: its audio, no warning."""
+    x = np.random.default_rng(5).integers(-8000, 8000, frames).astype(np.int16)
+    path = tmp_path / "tagged.wav"
+    sf.write(path, x, SAMPLE_RATE, subtype="PCM_U8" if frames % 2 else "PCM_16")
+    if "left out" in named:  # the pad byte after the odd-sized audio that libsndfile wrote
+        path.write_bytes(path.read_bytes()[:-1])
+    _append(path, tail)
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"):
+        got = read_audio_file(path)
+    assert len(got) == frames, named
+    assert _warnings(caplog) == [], named
+
+
+def test_an_empty_wav_is_still_empty(tmp_path: Path) -> None:
+    """Data size 0 and nothing after it, or only a chunk after it: a WAV
+    with no audio, an error as ever."""
+    path = tmp_path / "empty.wav"
+    sf.write(path, np.zeros(0, np.int16), SAMPLE_RATE)
+    with pytest.raises(AudioInputError, match="contains no audio"):
+        read_audio_file(path)
+    _append(path, _chunk(b"LIST", b"INFO" + _chunk(b"INAM", b"a title")))
+    with pytest.raises(AudioInputError, match="contains no audio"):
+        read_audio_file(path)
+
+
+def test_a_wav_with_zero_sizes_in_an_encoding_not_read_to_the_end_says_so(
+        tmp_path: Path) -> None:
+    """A mu-law WAV with its sizes 0: one error line saying why, not
+    "contains no audio"."""
+    path = tmp_path / "phone.wav"
+    sf.write(path, np.zeros(8000, np.int16), 8000, subtype="ULAW")
+    _sizes(path, riff=0, data=0)
+    with pytest.raises(AudioInputError) as e:
+        read_audio_file(path)
+    assert str(e.value).startswith(f"audio file {path}: its WAV header says no audio")
+    assert "PCM or float" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_damaged_header_with_zero_sizes_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "slow.wav"
+    sf.write(path, np.zeros(8000, np.int16), 8000)
+    b = bytearray(path.read_bytes())
+    b[24:28] = (500).to_bytes(4, "little")  # 500 Hz
+    path.write_bytes(bytes(b))
+    _sizes(path, riff=0, data=0)
+    with pytest.raises(AudioInputError, match=r"slow\.wav.*500 Hz"):
+        read_audio_file(path)
+
+
+def test_a_mu_law_wav_that_says_less_than_it_holds_gives_what_it_says(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An encoding read past its stated size only as PCM or float: the audio
+    the header states, and a warning that the rest is not read."""
+    path = tmp_path / "phone.wav"
+    sf.write(path, sine(440, 3.0, 8000, amp=0.4), 8000, subtype="ULAW")
+    _sizes(path, data=8000)
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"):
+        got = read_audio_file(path)
+    assert len(got) == SAMPLE_RATE
+    (warning,) = _warnings(caplog)
+    assert warning.startswith(f"audio file {path} holds more audio than its WAV header says")
+    assert "(it says 1.0 s, 2.0 s more follow;" in warning
+    assert "only the 1.0 s it says is read, as its encoding" in warning
+
+
+def test_an_rf64_whose_ds64_says_no_audio_is_read_to_its_end(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RF64 keeps its sizes in ds64: a data size of 0 there is read to the
+    end too; the whole RF64 reads as ever, without a warning."""
+    x = np.random.default_rng(6).integers(-8000, 8000, 2 * SAMPLE_RATE).astype(np.int16)
+    whole, unsized = tmp_path / "whole.wav", tmp_path / "rec.wav"
+    sf.write(whole, x, SAMPLE_RATE, format="RF64")
+    b = bytearray(whole.read_bytes())
+    at = b.index(b"ds64") + 8
+    b[at + 8:at + 16] = bytes(8)  # its data size
+    unsized.write_bytes(bytes(b))
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"):
+        np.testing.assert_array_equal(read_audio_file(whole), x)
+        assert _warnings(caplog) == []
+        np.testing.assert_array_equal(read_audio_file(unsized), x)
+    (warning,) = _warnings(caplog)
+    assert "rec.wav: its WAV header says no audio" in warning and "2.0 s" in warning

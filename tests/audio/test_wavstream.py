@@ -282,3 +282,25 @@ def test_doubles_float32_cannot_hold_are_read_as_libsndfile_reads_them_quietly()
         warnings.simplefilter("error")
         got = WavStreamDecoder().feed(data)
     np.testing.assert_array_equal(got, want)
+
+
+def test_to_end_reads_past_the_stated_size_to_the_end_of_the_stream() -> None:
+    """For a file whose recorder wrote its data size once and went on: with
+    ``to_end`` every byte after the header is audio, in RIFF and in RF64."""
+    data = bytearray(_wav("PCM_16", 1, frames=100))
+    at = data.index(b"data")
+    data[at + 4:at + 8] = struct.pack("<I", 20)  # 10 frames
+    got, dec = _decode(bytes(data))
+    assert len(got) == 10 and dec.ended
+    dec = WavStreamDecoder(to_end=True)
+    got = np.concatenate([dec.feed(bytes(data[i:i + 7])) for i in range(0, len(data), 7)])
+    assert len(got) == 100 and not dec.ended
+    np.testing.assert_array_equal(got, sf.read(io.BytesIO(_wav("PCM_16", 1, frames=100)),
+                                               dtype="float32", always_2d=True)[0])
+    pcm = np.arange(8, dtype="<i2").tobytes()
+    ds64 = b"ds64" + struct.pack("<I", 28) + struct.pack("<QQQI", 0, 4, 2, 0)
+    fmt = b"fmt " + struct.pack("<IHHIIHH", 16, 1, 1, 16000, 32000, 2, 16)
+    stream = (b"RF64" + struct.pack("<I", 0xFFFFFFFF) + b"WAVE" + ds64 + fmt
+              + b"data" + struct.pack("<I", 0xFFFFFFFF) + pcm)
+    dec = WavStreamDecoder(to_end=True)
+    np.testing.assert_array_equal(dec.feed(stream).reshape(-1), np.arange(8) / 32768.0)

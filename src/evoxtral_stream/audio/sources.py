@@ -10,9 +10,11 @@ import contextlib
 import logging
 import os
 import stat
+import struct
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,10 +22,16 @@ import numpy as np
 import soundfile as sf  # type: ignore[import-untyped,unused-ignore]
 
 from evoxtral_stream.audio.resample import StreamResampler
-from evoxtral_stream.events import SAMPLE_RATE, Int16Array
+from evoxtral_stream.audio.wavstream import (
+    MAX_FILE_RATE,
+    MIN_FILE_RATE,
+    WavStreamDecoder,
+    WavStreamError,
+)
+from evoxtral_stream.events import SAMPLE_RATE, Float32Array, Int16Array
 
-__all__ = ["AudioInputError", "iter_chunks", "read_audio_channels", "read_audio_file",
-           "read_pipe_channels"]
+__all__ = ["MAX_FILE_RATE", "MIN_FILE_RATE", "AudioInputError", "iter_chunks",
+           "read_audio_channels", "read_audio_file", "read_pipe_channels"]
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +42,6 @@ _READ_FRAMES = 1 << 16
 #: that fails loses what it decoded (soundfile drops the block), so the file
 #: is read again up to the damage with small reads that lose little.
 _DAMAGED_READ_FRAMES = 1024
-#: The lowest sample rate a file may have: below it the header is damaged
-#: (no recording of speech is made so), and the upsampling to 16 kHz would
-#: turn a few kilobytes into hours of audio and a block into gigabytes.
-MIN_FILE_RATE = 1000
-#: The highest sample rate a file may say: 768 kHz, the highest that audio
-#: interfaces record at. Past it the header is damaged (a fuzzed WAV said
-#: 2**31 - 1 Hz), and resampling it to 16 kHz took seconds per block to
-#: give a handful of samples of noise.
-MAX_FILE_RATE = 768_000
 
 
 class AudioInputError(Exception):
@@ -65,6 +64,13 @@ def read_audio_file(path: str | os.PathLike[str]) -> Int16Array:
     A file damaged after some audio (a FLAC cut short) gives the audio
     before the damage, with a warning naming the file, as a WAV or OGG cut
     short gives its audio; damage before any audio is an error.
+
+    A WAV whose header says less audio than follows it, and not a chunk or
+    tag (a recording not closed properly: its data size left at 0, or
+    written once and never again), is read to the end of the file (as PCM
+    or float samples: :class:`WavStreamDecoder`), with a warning naming the
+    file. libsndfile reads only what the header says: nothing, for a size
+    of 0.
 
     A pipe (``<(ffmpeg ...)``, ``/dev/stdin``) is copied to a temporary file
     first, then read as that file: libsndfile seeks in some formats."""
@@ -151,6 +157,23 @@ def _read_channels(p: Path, source: str | bytes | BinaryIO, mixes: Sequence[Sequ
     """:func:`read_audio_channels` of ``source``, the file ``p`` (named in
     messages) or a pipe's copy."""
     try:
+        unsized = _read_unsized(p, source, mixes, channels_from)
+        if unsized is not None:
+            parts = unsized
+        else:
+            parts = _read_libsndfile(p, source, mixes, channels_from)
+    except OSError as e:
+        raise AudioInputError(f"cannot read audio file {p}: {e.strerror or e}") from None
+    out: list[Int16Array] = [np.concatenate(blocks) for blocks in parts]
+    if len(out[0]) == 0:
+        raise AudioInputError(f"audio file {p} contains no audio (zero samples)")
+    return out
+
+
+def _read_libsndfile(p: Path, source: str | bytes | BinaryIO, mixes: Sequence[Sequence[int]],
+                     channels_from: str) -> list[list[Int16Array]]:
+    """:func:`_read_channels` by libsndfile: the blocks of each mix."""
+    try:
         with _decoder_prints_logged(p):
             with _open(source) as f:
                 rate = int(f.samplerate)
@@ -162,11 +185,7 @@ def _read_channels(p: Path, source: str | bytes | BinaryIO, mixes: Sequence[Sequ
                     raise AudioInputError(
                         f"audio file {p} says {f.samplerate} Hz, above the {MAX_FILE_RATE} "
                         "Hz of any audio recording (a damaged header?)")
-                wanted = max((c for mix in mixes for c in mix), default=0)
-                if wanted > f.channels:
-                    raise AudioInputError(
-                        f"{channels_from} asks for channel {wanted}, but audio file {p} "
-                        f"has {f.channels} channel(s)")
+                _check_channels(p, mixes, int(f.channels), channels_from)
                 parts, decoded, damage = _decode(f, mixes, None)
             if damage is not None:
                 parts = []
@@ -188,10 +207,162 @@ def _read_channels(p: Path, source: str | bytes | BinaryIO, mixes: Sequence[Sequ
         raise
     except Exception as e:  # soundfile raises assorted types (TypeError, RuntimeError...)
         raise AudioInputError(f"cannot decode audio file {p}: {e}") from None
-    out: list[Int16Array] = [np.concatenate(blocks) for blocks in parts]
-    if len(out[0]) == 0:
-        raise AudioInputError(f"audio file {p} contains no audio (zero samples)")
-    return out
+    return parts
+
+
+def _check_channels(p: Path, mixes: Sequence[Sequence[int]], channels: int,
+                    channels_from: str) -> None:
+    wanted = max((c for mix in mixes for c in mix), default=0)
+    if wanted > channels:
+        raise AudioInputError(f"{channels_from} asks for channel {wanted}, but audio file {p} "
+                              f"has {channels} channel(s)")
+
+
+# --- WAV files whose header says less audio than they hold --------------------
+
+
+@dataclass(frozen=True)
+class _Unsized:
+    """Where a WAV's header leaves audio unsaid (:func:`_unsized_wav`)."""
+
+    stated: int
+    """Bytes of audio its data chunk states (0: a size never written)."""
+    extra: int
+    """Bytes after those to the end of the file: audio too."""
+    frame_bytes: int
+    rate: int
+
+    def seconds(self, size: int) -> float:
+        return size // self.frame_bytes / self.rate
+
+
+#: The size a data chunk of RIFF says for "unknown" (and RF64 for "see
+#: ds64"): libsndfile reads it to the end of the file already.
+_UNKNOWN_SIZE = 0xFFFFFFFF
+
+
+def _unsized_wav(f: BinaryIO) -> _Unsized | None:
+    """What of ``f``, if it is a RIFF or RF64 WAV, follows the audio its
+    data chunk states and is audio too: bytes (at least a frame and a chunk
+    header's 8) that are no chunk or tag. None for any other file, and for
+    a WAV whose header leaves nothing unsaid: libsndfile reads those.
+
+    A recorder killed before it went back to write its sizes leaves the
+    data size 0 (Python's ``wave``; a header written for a pipe); one that
+    wrote it once and went on leaves it short. After audio of the stated
+    size a whole WAV has nothing, a pad byte, a chunk (``LIST``, ``id3 ``,
+    ``bext``: four printable letters and a size no larger than the file)
+    or an ID3 tag appended."""
+    if not f.seekable():  # a terminal: libsndfile says what it makes of it
+        return None
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    head = f.read(12)
+    if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:] != b"WAVE":
+        return None
+    at, frame_bytes, rate, ds64 = 12, 0, 0, None
+    while at + 8 <= size:  # every step moves at least 8 bytes on
+        f.seek(at)
+        raw = f.read(8)
+        if len(raw) < 8:  # cut shorter while read
+            return None
+        cid, stated = struct.unpack("<4sI", raw)
+        at += 8
+        if cid == b"data":
+            if stated == _UNKNOWN_SIZE:
+                if head[:4] == b"RIFF" or ds64 is None:
+                    return None
+                stated = ds64
+            if not (frame_bytes and rate):  # no format before the audio: damaged
+                return None
+            return _unsaid(f, size, at + stated, stated, frame_bytes, rate)
+        if cid in (b"fmt ", b"ds64"):
+            body = f.read(min(stated, 32))
+            if cid == b"fmt " and len(body) >= 14:
+                rate, frame_bytes = (int(v) for v in struct.unpack("<I4xH", body[4:14]))
+            elif cid == b"ds64" and len(body) >= 16:
+                ds64 = int(struct.unpack("<Q", body[8:16])[0])
+        at += stated + (stated & 1)
+    return None
+
+
+def _unsaid(f: BinaryIO, size: int, end: int, stated: int, frame_bytes: int, rate: int
+            ) -> _Unsized | None:
+    """:func:`_unsized_wav` once the stated audio is known to end at ``end``."""
+    extra = size - end
+    if extra < max(8, frame_bytes):
+        return None  # nothing, a pad byte, or too little to be a chunk: as libsndfile reads it
+    # A chunk after audio of odd size starts after its pad byte, or where
+    # the writer left the pad byte out.
+    for at in (end, end + 1) if stated & 1 else (end,):
+        f.seek(at)
+        lead = f.read(8)
+        if lead[:3] in (b"ID3", b"TAG"):  # an ID3v2 or ID3v1 tag appended
+            return None
+        if len(lead) == 8 and all(0x20 <= c <= 0x7E for c in lead[:4]) and (
+                int.from_bytes(lead[4:], "little") <= size):
+            return None
+    return _Unsized(stated, extra, frame_bytes, rate)
+
+
+def _read_unsized(p: Path, source: str | bytes | BinaryIO, mixes: Sequence[Sequence[int]],
+                  channels_from: str) -> list[list[Int16Array]] | None:
+    """:func:`_read_channels` of a WAV whose header says less audio than it
+    holds (:func:`_unsized_wav`), read to the end of the file: the blocks
+    of each mix. None for any other file, and for one that says less than
+    it holds in an encoding :class:`WavStreamDecoder` does not read (then
+    libsndfile reads what its header says, with a warning) or with a
+    header it finds damaged (libsndfile's error or audio, as before)."""
+    with contextlib.ExitStack() as stack:
+        if isinstance(source, str | bytes):
+            f: BinaryIO = stack.enter_context(open(source, "rb"))
+        else:
+            f = source
+        found = _unsized_wav(f)
+        if found is None:
+            return None
+        f.seek(0)
+        decoder = WavStreamDecoder(to_end=True)
+        mixer: _Mixer | None = None
+        read_bytes = _READ_FRAMES * found.frame_bytes
+        try:
+            while block := f.read(read_bytes):
+                frames = decoder.feed(block)
+                if mixer is None and decoder.format is not None:
+                    _check_channels(p, mixes, decoder.format.channels, channels_from)
+                    mixer = _Mixer(decoder.format.rate, decoder.format.channels, mixes)
+                if mixer is not None and len(frames):
+                    mixer.add(frames)
+            decoder.finish()
+        except WavStreamError as e:
+            if found.stated and e.other_format:
+                log.warning("audio file %s holds more audio than its WAV header says (it says "
+                            "%.1f s, %.1f s more follow; a recording not closed properly?): "
+                            "only the %.1f s it says is read, as its encoding is read past that "
+                            "only as PCM or float samples", p, found.seconds(found.stated),
+                            found.seconds(found.extra), found.seconds(found.stated))
+                return None
+            if found.stated:  # a damaged header: libsndfile says what it makes of it
+                return None
+            if e.other_format:
+                raise AudioInputError(
+                    f"audio file {p}: its WAV header says no audio (a recording not closed "
+                    "properly?), and its encoding is read to the end of the file only as PCM "
+                    "or float samples; convert it (ffmpeg -i FILE -c:a pcm_s16le out.wav)"
+                ) from None
+            raise AudioInputError(f"cannot decode audio file {p}: {e}") from None
+    # finish() raised for a file whose audio never began.
+    assert mixer is not None
+    assert decoder.format is not None
+    seconds = decoder.frames / decoder.format.rate
+    if found.stated:
+        log.warning("audio file %s holds more audio than its WAV header says (it says %.1f s; "
+                    "a recording not closed properly?): read to the end of the file, %.1f s",
+                    p, found.seconds(found.stated), seconds)
+    else:
+        log.warning("audio file %s: its WAV header says no audio (a recording not closed "
+                    "properly?): read to the end of the file, %.1f s", p, seconds)
+    return mixer.finish()
 
 
 #: The most of the decoders' prints logged per file: a long damaged MP3 can
@@ -239,14 +410,7 @@ def _decode(f: sf.SoundFile, mixes: Sequence[Sequence[int]], whole: int | None
     (:func:`read_audio_channels`), until its end or a read that fails: the
     blocks, the frames they hold and the failure. With ``whole`` (frames
     read before a failure), reads past it are small."""
-    rate, channels = int(f.samplerate), int(f.channels)
-    # None: every channel, the block as read (no copy of its columns).
-    columns = [None if not mix or list(mix) == list(range(1, channels + 1))
-               else [c - 1 for c in mix] for mix in mixes]
-    # One resampler per output: a filter's state never mixes two outputs.
-    converts = [StreamResampler(rate, SAMPLE_RATE, channels if cols is None else len(cols))
-                for cols in columns]
-    parts: list[list[Int16Array]] = [[] for _ in mixes]
+    mixer = _Mixer(int(f.samplerate), int(f.channels), mixes)
     decoded = 0
     damage = None
     while True:
@@ -261,11 +425,33 @@ def _decode(f: sf.SoundFile, mixes: Sequence[Sequence[int]], whole: int | None
         if not len(block):
             break
         decoded += len(block)
-        for out, convert, cols in zip(parts, converts, columns, strict=True):
+        mixer.add(block)
+    return mixer.finish(), decoded, damage
+
+
+class _Mixer:
+    """Float32 frames of a file at ``rate``, ``channels`` wide, in blocks;
+    out, one list of 16 kHz mono int16 blocks per mix of channels
+    (:func:`read_audio_channels`), each resampled on its own."""
+
+    def __init__(self, rate: int, channels: int, mixes: Sequence[Sequence[int]]) -> None:
+        # None: every channel, the block as read (no copy of its columns).
+        self._columns = [None if not mix or list(mix) == list(range(1, channels + 1))
+                         else [c - 1 for c in mix] for mix in mixes]
+        # One resampler per output: a filter's state never mixes two outputs.
+        self._converts = [StreamResampler(rate, SAMPLE_RATE,
+                                          channels if cols is None else len(cols))
+                          for cols in self._columns]
+        self._parts: list[list[Int16Array]] = [[] for _ in mixes]
+
+    def add(self, block: Float32Array) -> None:
+        for out, convert, cols in zip(self._parts, self._converts, self._columns, strict=True):
             out.append(convert.process(block if cols is None else block[:, cols]))
-    for out, convert in zip(parts, converts, strict=True):
-        out.append(convert.flush())
-    return parts, decoded, damage
+
+    def finish(self) -> list[list[Int16Array]]:
+        for out, convert in zip(self._parts, self._converts, strict=True):
+            out.append(convert.flush())
+        return self._parts
 
 
 def iter_chunks(samples: Int16Array, chunk_samples: int) -> Iterator[Int16Array]:

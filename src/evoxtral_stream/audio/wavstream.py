@@ -1,6 +1,7 @@
 """A WAV stream decoder for live pipes: bytes in as they come, float32
 frames out. Pure (no I/O, threads or clocks): :mod:`evoxtral_stream.audio.pipe`
-reads the pipe and feeds it.
+reads the pipe and feeds it, and :mod:`evoxtral_stream.audio.sources` a WAV
+file whose recorder never went back to write its sizes.
 
 libsndfile needs the whole file (it seeks, and reads the data size from the
 header); a live writer (``arecord -t wav``, ``ffmpeg -f wav -``, ``sox -t wav
@@ -21,10 +22,20 @@ from enum import Enum
 
 import numpy as np
 
-from evoxtral_stream.audio.sources import MAX_FILE_RATE, MIN_FILE_RATE
 from evoxtral_stream.events import Float32Array
 
-__all__ = ["WavEncoding", "WavFormat", "WavStreamDecoder", "WavStreamError"]
+__all__ = ["MAX_FILE_RATE", "MIN_FILE_RATE", "WavEncoding", "WavFormat", "WavStreamDecoder",
+           "WavStreamError"]
+
+#: The lowest sample rate a file may have: below it the header is damaged
+#: (no recording of speech is made so), and the upsampling to 16 kHz would
+#: turn a few kilobytes into hours of audio and a block into gigabytes.
+MIN_FILE_RATE = 1000
+#: The highest sample rate a file may say: 768 kHz, the highest that audio
+#: interfaces record at. Past it the header is damaged (a fuzzed WAV said
+#: 2**31 - 1 Hz), and resampling it to 16 kHz took seconds per block to
+#: give a handful of samples of noise.
+MAX_FILE_RATE = 768_000
 
 #: The most bytes read before the audio begins. A WAV header is tens of
 #: bytes; metadata chunks (skipped unread, never held) a few kilobytes, cover
@@ -132,15 +143,16 @@ class WavStreamDecoder:
     and RF64 (little-endian) with PCM 8/16/24/32-bit (24 also in 32-bit
     words, as ``arecord -f S24_LE`` sends it) or float 32/64-bit samples,
     plain or WAVE_FORMAT_EXTENSIBLE, any channel count, and a rate
-    from :data:`~evoxtral_stream.audio.sources.MIN_FILE_RATE` to
-    :data:`~evoxtral_stream.audio.sources.MAX_FILE_RATE`. Chunks before
+    from :data:`MIN_FILE_RATE` to :data:`MAX_FILE_RATE`. Chunks before
     the audio are skipped; bytes past a data chunk's stated size are
     ignored (:attr:`ended`), unless that size is a live writer's
-    placeholder (:attr:`data_bytes` None). Raises :class:`WavStreamError`
+    placeholder (:attr:`data_bytes` None), or ``to_end``: then the audio
+    runs to the end of the stream whatever size its header states (a file
+    whose recorder stopped writing the size). Raises :class:`WavStreamError`
     on anything else, before any frame is returned. :meth:`finish` says how
     the stream ended."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, to_end: bool = False) -> None:
         self.format: WavFormat | None = None
         self.frames = 0
         """Frames returned so far."""
@@ -157,6 +169,7 @@ class WavStreamDecoder:
         self._rf64 = False
         self._ds64_data: int | None = None
         self._pending_fmt: WavFormat | None = None
+        self._to_end = to_end
 
     def feed(self, data: bytes) -> Float32Array:
         """Decode ``data``, the next bytes of the stream."""
@@ -249,7 +262,8 @@ class WavStreamDecoder:
             elif size >= _PLACEHOLDER_SIZE:
                 size = 0  # a live writer's "as much as a WAV holds": it goes on
             # 0: a live writer's "unknown".
-            self._remaining = self.data_bytes = size if size else None
+            self.data_bytes = size if size else None
+            self._remaining = None if self._to_end else self.data_bytes
             self.format = fmt
             return 8
         padded = size + (size & 1)  # chunks are word-aligned
