@@ -33,7 +33,8 @@ Two synthesisers (in ``tts_synth.py``; the tags -> prosody mapping, pure, in
   delivery tags hold until the sentence ends or a tag of the same kind
   replaces them); ``[pause]`` and its kin -> a break, any non-verbal tag
   (``[laughs]``, ``[sighs]``, ``[clears throat]``, ...) -> a short break
-  (after punctuation, on top of the punctuation's own pause);
+  (after punctuation, on top of the punctuation's own pause; a sentence
+  end keeps its pause where the voice changes);
   other tags are dropped, but bracketed text holding a digit (``[2]``) is
   read out; a word in capitals (``YES``) is said in lower case with
   emphasis, not spelled out. ``to_ssml`` writes SSML for ``espeak-ng -m``

@@ -11,7 +11,8 @@ break; other tags are dropped (tables: :data:`EMOTION_PROSODY`,
 bracketed text holding a digit (``[2]``) is read out (:func:`spoken_bracket`;
 :func:`elevenlabs_text` gives ElevenLabs v3 the same text without its brackets).
 :func:`to_ssml` writes SSML for ``espeak-ng -m`` (a break after punctuation
-adds to the punctuation's own pause); :func:`edge_pauses` splits off the
+adds to the punctuation's own pause, and punctuation before a tag keeps its
+pause); :func:`edge_pauses` splits off the
 pauses at the very start and end, which espeak-ng trims.
 """
 
@@ -310,45 +311,65 @@ def _prosody_attrs(p: Prosody) -> str:
     return " ".join(attrs)
 
 
-#: Put before a ``<break>`` that follows speech (:func:`to_ssml`): a zero-width
-#: space, which espeak-ng says nothing for, as an XML character reference.
+#: Put after a span's last punctuation when more follows it, and before a
+#: ``<break>`` that follows speech (:func:`to_ssml`): a zero-width space, which
+#: espeak-ng says nothing for, as an XML character reference.
 CLAUSE_MARK = "&#8203;"
+
+
+def _ends_in_punctuation(text: str) -> bool:
+    """Whether ``text``'s last token is punctuation (``quiet.``, ``"secret"``)."""
+    toks = tokenize(text)
+    return bool(toks) and toks[-1].is_punct
 
 
 def to_ssml(items: Sequence[SpeechItem], voice: str = "en") -> str:
     """SSML for ``espeak-ng -m``: ``<prosody rate= pitch= volume=>`` around
     styled spans, ``<emphasis>`` inside it around emphasised ones,
     ``<voice name="{voice}+whisper">`` around whispered ones,
-    and one ``<break time="Nms"/>`` per run of pauses (summed), after
-    speech with :data:`CLAUSE_MARK` before it, so that its silence adds to
-    the pause of the punctuation before it. Text is XML-escaped. Pure."""
-    parts: list[str] = []
-    pending_ms = 0
+    and one ``<break time="Nms"/>`` per run of pauses (summed), inside the
+    markup of the span before it. :data:`CLAUSE_MARK` ends a span, inside
+    its markup, before such a break and after its last punctuation when
+    more follows, so that the punctuation keeps its own pause and a break
+    adds to it. Text is XML-escaped. Pure."""
+    lead_ms = 0  # pauses before any speech
+    spans: list[tuple[Speak, int]] = []  # each span and the pauses after it
     for item in items:
-        if isinstance(item, Pause):
-            pending_ms += item.ms
-            continue
-        if pending_ms:
-            # espeak-ng takes a <break> right after punctuation as the pause
-            # of the clause that punctuation ends, instead of the
-            # punctuation's own ("Well. [pause] Then" paused 0.5 s, not the
-            # full stop's 0.36 s and 0.5 s). A character it does not say
-            # ends that clause first, with its own pause, and the break is
-            # one more. After a word alone it changes nothing.
-            mark = CLAUSE_MARK if parts else ""
-            parts.append(f'{mark}<break time="{pending_ms}ms"/>')
-            pending_ms = 0
-        body = escape(item.text)
-        if item.prosody.emphasis:
+        if isinstance(item, Speak):
+            spans.append((item, 0))
+        elif spans:
+            spans[-1] = (spans[-1][0], spans[-1][1] + item.ms)
+        else:
+            lead_ms += item.ms
+    parts: list[str] = []
+    for i, (span, pause_ms) in enumerate(spans):
+        body = escape(span.text)
+        # espeak-ng takes a full stop before a tag as a sentence end only once
+        # an upper-case letter follows the tag, and a <voice> tag (opened or
+        # closed) or a <break> ends the clause first: the full stop's pause
+        # was lost ("[whispers] Be quiet. Then go." ran on, 0.05 s of silence
+        # where the text alone has 0.31 s; "Be quiet. NO way." too, "no"
+        # said in lower case), and a break was heard instead of it, not after
+        # it. A character it does not say, inside the span's markup, ends
+        # that clause first, with its own pause. After a word alone it
+        # changes nothing.
+        if pause_ms or (i + 1 < len(spans) and _ends_in_punctuation(span.text)):
+            body += " " + CLAUSE_MARK
+        if pause_ms:
+            # Inside the span too: espeak-ng scales a break by the rate in
+            # effect where it reads it; after the span's close, an
+            # [excited] span's break came out 0.28 s too long.
+            body += f'<break time="{pause_ms}ms"/>'
+        if span.prosody.emphasis:
             body = f"<emphasis>{body}</emphasis>"
-        attrs = _prosody_attrs(item.prosody)
+        attrs = _prosody_attrs(span.prosody)
         if attrs:
             body = f"<prosody {attrs}>{body}</prosody>"
-        if item.prosody.whisper:
+        if span.prosody.whisper:
             body = f"<voice name={quoteattr(whisper_voice(voice))}>{body}</voice>"
         parts.append(body)
-    if pending_ms:
-        parts.append(f'<break time="{pending_ms}ms"/>')
+    if lead_ms:
+        parts.insert(0, f'<break time="{lead_ms}ms"/>')
     return "<speak>" + " ".join(parts) + "</speak>"
 
 

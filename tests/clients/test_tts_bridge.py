@@ -182,14 +182,16 @@ def test_ssml_escapes_text_sums_pauses_and_whispers_with_the_base_voice() -> Non
                         "[whispers] \"secret\" [sad] bye")
     ssml = to_ssml(items, voice="en-us+f3")
     assert ssml == (
-        '<speak><prosody rate="125%" pitch="+25%">Fish &amp; chips &lt;3</prosody> '
-        '&#8203;<break time="750ms"/> '
-        '<voice name="en-us+whisper"><prosody rate="125%" pitch="+25%">"secret"</prosody></voice> '
+        '<speak><prosody rate="125%" pitch="+25%">Fish &amp; chips &lt;3 '
+        '&#8203;<break time="750ms"/></prosody> '
+        '<voice name="en-us+whisper"><prosody rate="125%" pitch="+25%">"secret" &#8203;'
+        '</prosody></voice> '
         '<voice name="en-us+whisper"><prosody rate="80%" pitch="-20%">bye</prosody></voice>'
         "</speak>")
     ET.fromstring(ssml)
     assert to_ssml(plan_speech("[shouts] hey [laughs]")) == (
-        '<speak><prosody volume="+80%">hey</prosody> <break time="200ms"/></speak>')
+        '<speak><prosody volume="+80%">hey &#8203;<break time="200ms"/></prosody></speak>')
+    assert to_ssml(plan_speech("[laughs] hey")) == '<speak><break time="200ms"/> hey</speak>'
 
 
 _PIECES = st.sampled_from([
@@ -444,6 +446,48 @@ async def test_a_pause_after_punctuation_adds_to_its_own_pause(
     ms = PAUSE_MS.get(spec.name, NONVERBAL_PAUSE_MS)
     # A clause boundary of espeak-ng's own comes with a word alone (40 ms).
     assert paused == pytest.approx(plain + ms / 1000, abs=0.06 if mark else 0.1)
+
+
+def _longest_silence(path: Path) -> float:
+    """The longest run of silence (samples of 0) between sounds, in seconds:
+    the pause between two sentences."""
+    data, rate = sf.read(path, dtype="int16")
+    silent = np.concatenate(([False], data == 0, [False]))
+    edges = np.flatnonzero(np.diff(silent.astype(np.int8)))
+    runs = [(b - a) for a, b in zip(edges[::2], edges[1::2], strict=True)
+            if a > 0 and b < len(data)]  # not the silence at either end
+    return float(max(runs, default=0) / rate)
+
+
+@NEEDS_ESPEAK
+@pytest.mark.parametrize(("tagged", "plain"), [
+    ("[whispers] Be quiet. Then go.", "Be quiet. Then go."),  # whisper ends there
+    ("Be quiet. [whispers] Then go.", "Be quiet. Then go."),  # whisper starts there
+    ("[whispers] Be quiet. [pause] Then go.", "Be quiet. [pause] Then go."),
+    ("Be quiet. NO way.", "Be quiet. No way."),  # said "no", in lower case
+    ('[whispers] "Be quiet." Then go.', '"Be quiet." Then go.'),
+    ("It's 5%. [whispers] Fine.", "It's 5%. Fine."),  # was "5 percent dot"
+    ("[whispers] Be quiet? Then go.", "Be quiet? Then go."),
+    ("[excited] Be quiet. [pause] Then go.", "[excited] Be quiet. [pause] [excited] Then go."),
+    ("[sad] Be quiet. [pause] Then go.", "[sad] Be quiet. [pause] [sad] Then go."),
+])
+async def test_a_sentence_end_before_markup_keeps_its_pause(
+        tmp_path: Path, tagged: str, plain: str) -> None:
+    """A full stop followed by a tag is taken by espeak-ng as a sentence end
+    only if an upper-case letter follows the tag, and a <voice> tag (opened
+    or closed) ends the clause first, with no pause: "[whispers] Be quiet.
+    Then go." ran the sentences together (0.05 s of silence where the plain
+    text has 0.31 s), and "Be quiet. NO way." did too ("no" is said in lower
+    case), and "It's 5%. [whispers] Fine." said "percent dot". The pause
+    between the sentences is now the plain text's, and nothing more is said."""
+    synth = EspeakSynth()
+    await synth.synthesize(tagged, tmp_path / "tagged.wav")
+    await synth.synthesize(plain, tmp_path / "plain.wav")
+    assert _longest_silence(tmp_path / "tagged.wav") == pytest.approx(
+        _longest_silence(tmp_path / "plain.wav"), abs=0.08)
+    def sounds(ssml: str) -> list[str]:  # stress, emphasis and pauses aside
+        return re.sub(r"_[!:]*", " ", re.sub(r"[',]", "", _phonemes(ssml))).split()
+    assert sounds(to_ssml(plan_speech(tagged))) == sounds(f"<speak>{plain_text(plain)}</speak>")
 
 
 async def test_espeak_failure_is_a_synthesis_error(tmp_path: Path) -> None:
