@@ -80,7 +80,9 @@ A server with access tokens gets ``--token`` (default ``$EVOXTRAL_TOKEN``)
 as ``Authorization: Bearer``; a refused token stops the bridge with one line.
 Logs go to stderr, tokens redacted, a final's text and whatever else they
 quote from the server (stream ids, error messages) on one line (control
-characters as spaces) and clipped to :data:`LOG_TEXT_COLUMNS`;
+characters as spaces) and clipped to :data:`LOG_TEXT_COLUMNS`; the line of a
+file written shows the final's text and, where it differs (ElevenLabs: a
+bracketed number sent without its brackets), the text sent;
 ``--log-format json`` writes the engine's JSON lines (one object per line,
 the refusal included) for a log shipper.
 
@@ -160,7 +162,8 @@ log = logging.getLogger("evoxtral_stream.clients.tts_bridge")
 DEFAULT_URL = "ws://127.0.0.1:8765/v1/captions"
 PROTOCOL_VERSION = 1
 CLOSE_POLICY = 1008
-#: The columns of a final's text in its "wrote" log line (clipped with "…").
+#: The columns of a final's text in its "wrote" log line (clipped with "…"),
+#: and of the text sent for it, where that differs (ElevenLabs).
 LOG_TEXT_COLUMNS = 120
 
 
@@ -755,8 +758,10 @@ class TtsBridge:
         except OSError as e:
             raise BridgeError(f"cannot write {dest}: {e}") from e
         self.written.append(dest)
-        log.info("wrote %s (synthesised in %.2f s): %s", dest, time.monotonic() - t0,
-                 clip_columns(printable(final.spoken), LOG_TEXT_COLUMNS))
+        shown, sent = _shown(final.spoken), _shown(self.synth.sent_text(final.spoken))
+        # What ElevenLabs was given ([2] as 2), where the line shows a difference.
+        log.info("wrote %s (synthesised in %.2f s): %s%s", dest, time.monotonic() - t0,
+                 shown, "" if sent == shown else f" (sent as: {sent})")
 
 
 # --- command line -------------------------------------------------------------------

@@ -79,6 +79,12 @@ class Synthesizer(Protocol):
         """False when there is nothing to synthesise (the final is skipped)."""
         ...
 
+    def sent_text(self, text: str) -> str:
+        """The text the synthesiser is given for ``text``, as the bridge's
+        log shows it beside the caption where it differs (markup, which is
+        not the words, left out: ``text`` itself)."""
+        ...
+
     async def synthesize(self, text: str, dest: Path) -> None:
         """Write the audio for ``text`` to ``dest`` (whole file or nothing);
         raise :class:`SynthesisError` for this caption's failure."""
@@ -187,6 +193,10 @@ class ElevenLabsSynth:
 
     def speakable(self, text: str) -> bool:
         return bool(text.strip())
+
+    def sent_text(self, text: str) -> str:
+        """The request's text (:func:`~tts_prosody.elevenlabs_text`)."""
+        return elevenlabs_text(text)
 
     def request_body(self, text: str) -> dict[str, object]:
         """The JSON body: the tagged text (:func:`~tts_prosody.elevenlabs_text`:
@@ -318,6 +328,10 @@ class EspeakSynth:
 
     def speakable(self, text: str) -> bool:
         return bool(plan_speech(text))
+
+    def sent_text(self, text: str) -> str:
+        """``text``: its SSML is markup around the same words."""
+        return text
 
     async def synthesize(self, text: str, dest: Path) -> None:
         """Also speaks a caption holding lone surrogates, which

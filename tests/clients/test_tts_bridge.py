@@ -933,6 +933,33 @@ async def test_the_log_line_of_a_final_shows_its_text_clipped_and_without_contro
     assert len(shown) == 2
 
 
+async def test_the_log_line_of_an_elevenlabs_final_shows_the_text_sent_when_it_differs(
+    tmp_path: Path, fake_api: FakeElevenLabs, served: CaptionServer,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """ElevenLabs is sent a final's bracketed numbers without their brackets
+    (``see note [2] here`` as ``see note 2 here``), and the "wrote" line
+    showed the caption only: what v3 was given, the one thing to check when
+    it says something odd, was in no log. It follows the caption now, shown
+    as the caption is (one line, clipped), where what is shown differs."""
+    texts = ["see note [2] here", "[laughs] no number [sic]", "[2]\x1b" + " word" * 40,
+             "word " * 40 + "[2]"]  # the difference past what the line shows
+    publish_finals(served, "talk", texts)
+    bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{served.port}",
+                                    streams=("talk",), since=(("talk", 0),),
+                                    exit_on_end=True), _eleven(fake_api))
+    with caplog.at_level(logging.INFO):
+        stats = await asyncio.wait_for(bridge.run(), 15)
+    assert (stats.written, stats.failed) == (4, 0)
+    wrote = [r.getMessage().split("): ", 1)[1] for r in caplog.records
+             if r.getMessage().startswith("wrote ")]
+    words = " word" * 24
+    assert wrote == ["see note [2] here (sent as: see note 2 here)",
+                     "[laughs] no number [sic]",
+                     f"{('[2] ' + words)[:119]}\u2026 (sent as: {('2 ' + words)[:119]}\u2026)",
+                     ("word " * 24)[:119] + "\u2026"]
+
+
 async def test_log_lines_quoting_the_server_hold_no_control_characters(
     tmp_path: Path, served: CaptionServer, caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -1156,6 +1183,9 @@ class GatedSynth:
 
     def speakable(self, text: str) -> bool:
         return True
+
+    def sent_text(self, text: str) -> str:
+        return text
 
     async def synthesize(self, text: str, dest: Path) -> None:
         await self.gate.wait()
