@@ -82,7 +82,7 @@ from evoxtral_stream.audio.microphone import (
     StreamFactory,
     list_input_devices,
 )
-from evoxtral_stream.audio.sources import AudioInputError, iter_chunks, read_audio_file
+from evoxtral_stream.audio.sources import AudioInputError, iter_chunks, read_audio_channels
 from evoxtral_stream.config import load_config
 from evoxtral_stream.events import SAMPLE_RATE, Int16Array
 from evoxtral_stream.server.protocol import MAX_LOST_S
@@ -109,7 +109,7 @@ ACK_STEP_S = 0.5
 #: never reached it, and the next connection sends it again (:func:`resend_from`).
 ACK_STEP = -(-SAMPLE_RATE // 2)
 #: What the client sends in its config message: what MicrophoneCapture and
-#: read_audio_file deliver, and the server's acknowledgements of the audio.
+#: read_audio_channels deliver, and the server's acknowledgements of the audio.
 CONFIG = {"type": "config", "sample_rate": SAMPLE_RATE, "channels": 1, "format": "pcm16",
           "progress": True}
 
@@ -764,8 +764,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="stream this audio file at real-time pace instead of the microphone")
     src.add_argument("--list-devices", action="store_true", help="list input devices and exit")
     p.add_argument("--channels", type=channel_list, default=(), metavar="N[,N...]",
-                   help="the device's channels to send, mixed, numbered from 1 (default: the "
-                        "first two); e.g. 3 for one microphone of an audio interface")
+                   help="the channels to send, mixed, numbered from 1 (default: a device's "
+                        "first two, a file's all); e.g. 3 for one microphone of an audio "
+                        "interface")
     p.add_argument("--color", action=argparse.BooleanOptionalAction, default=None,
                    help="ANSI colours (default: on a terminal unless NO_COLOR is set)")
     p.add_argument("--no-reconnect", dest="reconnect", action="store_false",
@@ -787,8 +788,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError("--url names more than one stream: a client streams one")
     except ValueError as e:
         parser.error(str(e))
-    if args.channels and (args.file or args.list_devices):
-        parser.error("--channels picks microphone channels: not with --file or --list-devices")
+    if args.channels and args.list_devices:
+        parser.error("--channels picks the channels to send: not with --list-devices")
     writer = LiveWriter(sys.stdout, sys.stderr, color=use_color(args.color, sys.stdout),
                         live=sys.stdout.isatty(), show_stream=False)
     try:
@@ -801,7 +802,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"{mark} {d.index:3d}  {d.name}  ({d.channels} ch, "
                       f"{d.default_samplerate:.0f} Hz)")
             return 0
-        feed: AudioFeed = (FileFeed(read_audio_file(args.file)) if args.file
+        # A file's channels: those --channels names, mixed, else all of them.
+        feed: AudioFeed = (FileFeed(read_audio_channels(args.file, [args.channels],
+                                                        "--channels")[0]) if args.file
                            else MicFeed(args.device, channels=args.channels))
         return asyncio.run(run(given.url, next(iter(given.streams), None), feed, writer,
                                token=given.token,

@@ -296,13 +296,46 @@ async def test_channels_the_device_lacks_are_refused_naming_the_option() -> None
 
 
 @pytest.mark.parametrize("argv", [["--channels", "0"], ["--channels", "2,2"],
-                                  ["--channels", "x"], ["--channels", "1", "--file", "a.wav"]])
+                                  ["--channels", "x"], ["--channels", "1", "--list-devices"]])
 def test_bad_channels_are_a_usage_error(argv: list[str],
                                         capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 2
     assert "--channels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("channels", "finals"), [("3", 1), ("1,2", 0)])
+async def test_channels_pick_the_channels_of_a_file(
+    scripted: tuple[Engine, CaptionServer], tmp_path: Path, channels: str, finals: int,
+) -> None:
+    """A 3-channel recording whose speech is on channel 3 only: ``--channels
+    3`` sends it, ``--channels 1,2`` the silence of the other two."""
+    _, server = scripted
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.5)
+    board = np.zeros((len(audio), 3), np.int16)
+    board[:, 2] = audio
+    wav = tmp_path / "board.wav"
+    sf.write(wav, board, SAMPLE_RATE, subtype="PCM_16")
+    proc = await start_client("--url", f"ws://127.0.0.1:{server.port}", "--file", str(wav),
+                              "--channels", channels, "--stream", "board")
+    out, err = await finish(proc)
+    assert proc.returncode == 0, err
+    assert len(out.splitlines()) == finals, out
+    summary = SUMMARY.search(err)
+    assert summary is not None, err
+    assert summary.group(4) == str(finals)
+    assert abs(float(summary.group(2)) - len(audio) / SAMPLE_RATE) < 0.1
+
+
+async def test_channels_a_file_lacks_are_refused_naming_the_option(tmp_path: Path) -> None:
+    wav = write_wav(tmp_path / "talk.wav", speech_with_pauses(SENTENCES[:1], 0.5)[0])
+    proc = await start_client("--url", "ws://127.0.0.1:9", "--file", str(wav),
+                              "--channels", "3")
+    out, err = await finish(proc, 20)
+    assert proc.returncode == 2, err
+    assert err == f"error: --channels asks for channel 3, but audio file {wav} has 2 channel(s)\n"
+    assert out == ""
 
 
 @pytest.mark.parametrize(("args", "code", "message"), [
