@@ -1,13 +1,15 @@
-"""Stream the local microphone (or an audio file) to an evoxtral-stream server.
+"""Stream the local microphone (or an audio file, or a live pipe) to an
+evoxtral-stream server.
 
     python clients/mic_client.py --url ws://127.0.0.1:8765 [--stream ID] [--device X]
     python clients/mic_client.py --file talk.wav          # a file at real-time pace
+    arecord -t wav | python clients/mic_client.py --file -   # a live pipe, as it comes
 
 Pushes 16 kHz mono PCM16 to ``/v1/ingest`` (docs/protocol.md) and prints the
 captions the server sends back on the same connection, as ``viewer.py``
 does: finals as lines on stdout, the live partial redrawn in place
 (unstable text dim) on a terminal, status lines on stderr. Ctrl-C (or the
-end of the file) sends ``end``: the server flushes the open segment as a
+end of the file or pipe) sends ``end``: the server flushes the open segment as a
 final, sends its summary (printed on stderr) and closes. A second Ctrl-C
 quits at once. A server with access tokens gets ``--token`` (default
 ``$EVOXTRAL_TOKEN``) as ``Authorization: Bearer``.
@@ -38,6 +40,12 @@ subscribers, not to this client. ``--no-reconnect`` turns this off. A
 refusal of the first connection (a bad token or stream id,
 ``stream_busy``) still ends the client at once.
 
+``--file -`` reads standard input: a pipe carrying WAV is live, as the
+microphone is (:class:`PipeFeed`): its audio goes as it comes, not paced,
+within the same bounds, and its end sends ``end``. A pipe of another
+format, or a file redirected in, is read whole and sent as a file
+(:func:`stdin_feed`).
+
 A file is not live and drops nothing: past :data:`MAX_IN_FLIGHT_S` of audio
 sent and not acknowledged, it waits for the acknowledgements. Nor is it
 ever further than that behind its real-time pace, counting as behind the
@@ -50,8 +58,9 @@ not the whole stall's, which it would refuse as ``too_fast``.
 
 Exit status: 0 after the server's summary; 1 when the server cannot be
 reached, refuses the token or the stream, or closes it early (and will not
-be reconnected to); 2 for a bad argument, file or audio device; 130 after a
-second Ctrl-C.
+be reconnected to); 2 for a bad argument, file, pipe or audio device (or,
+after the summary, a pipe that failed before its end); 130 after a second
+Ctrl-C.
 """
 
 from __future__ import annotations
@@ -60,7 +69,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
+import stat
 import sys
 import time
 from collections import deque
@@ -82,13 +93,20 @@ from evoxtral_stream.audio.microphone import (
     StreamFactory,
     list_input_devices,
 )
-from evoxtral_stream.audio.sources import AudioInputError, iter_chunks, read_audio_channels
+from evoxtral_stream.audio.pipe import NotLiveAudio, PipeCapture, PipeEnd
+from evoxtral_stream.audio.sources import (
+    AudioInputError,
+    iter_chunks,
+    read_audio_channels,
+    read_pipe_channels,
+)
 from evoxtral_stream.config import load_config
 from evoxtral_stream.events import SAMPLE_RATE, Int16Array
 from evoxtral_stream.server.protocol import MAX_LOST_S
 
-__all__ = ["AudioFeed", "FileFeed", "FilePace", "MicFeed", "Progress", "SessionEnd",
-           "build_parser", "main", "past_bound", "run", "should_reconnect"]
+__all__ = ["AudioFeed", "FileFeed", "FilePace", "LiveFeed", "MicFeed", "PipeFeed", "Progress",
+           "SessionEnd", "build_parser", "main", "past_bound", "run", "should_reconnect",
+           "stdin_feed"]
 
 CHUNK_MS = 100
 #: Microphone blocks waiting for the socket before new ones are dropped (10 s at 20 ms).
@@ -332,8 +350,10 @@ async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
     return not stop.is_set()
 
 
-class MicFeed:
-    """The microphone through :class:`MicrophoneCapture` (16 kHz mono int16).
+class LiveFeed:
+    """Live audio (16 kHz mono int16 blocks on the event loop, from
+    :class:`MicFeed`'s microphone or :class:`PipeFeed`'s pipe), sent as it
+    comes.
 
     Blocks arrive on the event loop and wait in a queue of
     :data:`MAX_QUEUED_BLOCKS` for the socket (or for the next connection
@@ -357,16 +377,15 @@ class MicFeed:
     :data:`~evoxtral_stream.server.protocol.MAX_LOST_S` of lost audio at
     once and then no more than real time (the server refuses more, as too
     fast): past that, lost samples are not declared but counted in
-    :attr:`undeclared` and reported. ``stream_factory`` replaces PortAudio
-    (tests).
+    :attr:`undeclared` and reported.
+
+    :meth:`send` returns once ``stop`` is set, or the audio has ended
+    (:meth:`_audio_ended`: a pipe's end), with what was queued sent.
+    Subclasses start their capture in :meth:`start` and stop it in
+    :meth:`_stop_capture`.
     """
 
-    def __init__(self, device: str | int | InputDevice | None = None, *,
-                 channels: tuple[int, ...] = (),
-                 stream_factory: StreamFactory | None = None) -> None:
-        """``channels``: the device's channels to send, mixed (1-based; ():
-        the first two)."""
-        cfg = load_config().audio
+    def __init__(self) -> None:
         # Each block with the samples dropped just before it.
         self.queue: asyncio.Queue[tuple[int, Int16Array]] = asyncio.Queue(MAX_QUEUED_BLOCKS)
         self._unsent: tuple[int, Int16Array] | None = None
@@ -400,15 +419,23 @@ class MicFeed:
         self._undeclared_reported = 0
         self._sent_audio = False
         """The current connection has sent audio: its stream's timeline has begun."""
-        self.capture = MicrophoneCapture(
-            [ChannelRoute(self._on_audio, channels)],
-            device=cfg.device if device is None else device,
-            block_ms=cfg.block_ms, max_pending_blocks=cfg.max_pending_blocks,
-            stream_factory=stream_factory, stall_timeout_s=cfg.stall_timeout_s,
-            reopen_interval_s=cfg.reopen_interval_s,
-            on_stall=lambda message: self._status(message),
-            on_resume=lambda message: self._status(message), channels_from="--channels")
+        self._ended: asyncio.Event | None = None
+        """Set (on the loop) once the audio has ended; None: it never ends."""
         self._status: Status = lambda _: None
+
+    def start(self, status: Status) -> None:
+        raise NotImplementedError
+
+    def _stop_capture(self) -> None:
+        """Stop capturing; what the capture holds is delivered first."""
+        raise NotImplementedError
+
+    def _audio_ended(self) -> None:
+        """The audio has ended (on the loop): :meth:`send` sends what is
+        queued and returns."""
+        if self._ended is None:
+            self._ended = asyncio.Event()
+        self._ended.set()
 
     def _on_audio(self, block: Int16Array) -> None:
         progress = self._progress
@@ -423,12 +450,6 @@ class MicFeed:
             self._lost = 0
             self._waiting += len(block)
 
-    def start(self, status: Status) -> None:
-        self._status = status
-        self.capture.start()
-        name = self.capture.device.name if self.capture.device else "?"
-        status(f"listening on {name!r} ({self.capture.samplerate} Hz); Ctrl-C to finish")
-
     async def send(self, ws: ClientConnection, stop: asyncio.Event,
                    progress: Progress | None = None) -> None:
         self._report_drops()
@@ -440,7 +461,10 @@ class MicFeed:
             self._status(f"sending again {sum(len(b) for _, b in self._resend) / SAMPLE_RATE:.1f}"
                          " s of audio that did not reach the server before the connection "
                          "was lost")
-        stopping = asyncio.ensure_future(stop.wait())
+        # Stopped, or the audio ended: what is queued then is sent below.
+        stopping = {asyncio.ensure_future(stop.wait())}
+        if self._ended is not None:
+            stopping.add(asyncio.ensure_future(self._ended.wait()))
         try:
             while True:
                 if self._unsent is None and self._resend:
@@ -448,7 +472,7 @@ class MicFeed:
                 if self._unsent is None:
                     block = asyncio.ensure_future(self.queue.get())
                     try:
-                        await asyncio.wait({block, stopping},
+                        await asyncio.wait({block, *stopping},
                                            return_when=asyncio.FIRST_COMPLETED)
                     except asyncio.CancelledError:
                         # The connection ended: a block already taken goes to
@@ -467,7 +491,8 @@ class MicFeed:
             self._progress = None  # the connection is lost, and its audio on the way
             raise
         finally:
-            stopping.cancel()
+            for waiter in stopping:
+                waiter.cancel()
         self.close()  # the capture delivers what it holds: send that too
         while self._unsent is not None or self._resend or not self.queue.empty():
             if self._unsent is None:
@@ -535,7 +560,7 @@ class MicFeed:
         return n
 
     def close(self) -> None:
-        self.capture.stop()
+        self._stop_capture()
         self._report_drops()
 
     def _report_drops(self) -> None:
@@ -548,6 +573,118 @@ class MicFeed:
                          f"of lost audio were more than the server takes at once "
                          f"({MAX_LOST_S} s): the captions after them come that much early")
             self._undeclared_reported = self.undeclared
+
+
+class MicFeed(LiveFeed):
+    """The microphone through :class:`MicrophoneCapture`, sent as
+    :class:`LiveFeed` says; it never ends of itself. ``stream_factory``
+    replaces PortAudio (tests)."""
+
+    def __init__(self, device: str | int | InputDevice | None = None, *,
+                 channels: tuple[int, ...] = (),
+                 stream_factory: StreamFactory | None = None) -> None:
+        """``channels``: the device's channels to send, mixed (1-based; ():
+        the first two)."""
+        super().__init__()
+        cfg = load_config().audio
+        self.capture = MicrophoneCapture(
+            [ChannelRoute(self._on_audio, channels)],
+            device=cfg.device if device is None else device,
+            block_ms=cfg.block_ms, max_pending_blocks=cfg.max_pending_blocks,
+            stream_factory=stream_factory, stall_timeout_s=cfg.stall_timeout_s,
+            reopen_interval_s=cfg.reopen_interval_s,
+            on_stall=lambda message: self._status(message),
+            on_resume=lambda message: self._status(message), channels_from="--channels")
+
+    def start(self, status: Status) -> None:
+        self._status = status
+        self.capture.start()
+        name = self.capture.device.name if self.capture.device else "?"
+        status(f"listening on {name!r} ({self.capture.samplerate} Hz); Ctrl-C to finish")
+
+    def _stop_capture(self) -> None:
+        self.capture.stop()
+
+
+class PipeFeed(LiveFeed):
+    """A live pipe carrying WAV (``--file -``: standard input) through
+    :class:`PipeCapture`, its header already read (:func:`stdin_feed`), sent
+    as :class:`LiveFeed` says: each piece as it is read, not paced (a live
+    writer paces itself). The pipe's end ends the audio: :meth:`send`
+    returns, and ``end`` follows. A pipe that cannot be read any more ends
+    it too, and :attr:`failed` says why."""
+
+    def __init__(self, capture: PipeCapture) -> None:
+        if capture.format is None:
+            raise ValueError("the pipe's header must be read first (read_header)")
+        super().__init__()
+        self.capture = capture
+        self.failed: AudioInputError | None = None
+        """Why reading the pipe failed, once it has; None while it has not."""
+
+    def start(self, status: Status) -> None:
+        self._status = status
+        self._ended = asyncio.Event()
+        self.capture.start(asyncio.get_running_loop(),
+                           [ChannelRoute(self._on_audio, m) for m in self.capture.mixes],
+                           self._on_end)
+        fmt = self.capture.format
+        assert fmt is not None
+        status(f"{self.capture.name}: WAV, {fmt.rate} Hz, {fmt.channels} channel(s), "
+               f"{fmt.encoding.value}, sent as it comes; its end or Ctrl-C finishes")
+
+    def _on_end(self, end: PipeEnd) -> None:
+        name, fmt = self.capture.name, self.capture.format
+        if end.error is not None:
+            self.failed = end.error
+            self._status(f"error: {end.error}; the captions of the audio before are finished")
+        else:
+            seconds = self.capture.frames_read / fmt.rate if fmt is not None else 0.0
+            cut = (f" (its last {end.unfinished_bytes} byte(s), a frame cut short, are "
+                   "dropped)") if end.unfinished_bytes else ""
+            self._status(f"{name} ended after {seconds:.1f} s of audio{cut}")
+        self._audio_ended()
+
+    def _stop_capture(self) -> None:
+        self.capture.stop()
+
+
+#: Standard input as a path (libsndfile reads a file redirected in through it).
+STDIN_PATH = Path("/dev/stdin")
+
+
+def stdin_feed(channels: tuple[int, ...], status: Status, fd: int = 0) -> AudioFeed:
+    """``--file -``: standard input (``fd``) as a feed, waiting for its first
+    bytes. A pipe (or socket) carrying WAV is read live (:class:`PipeFeed`);
+    one carrying another format is read to its end and sent as a file
+    (:class:`FileFeed`, saying so on ``status``), as is a file redirected in.
+    ``channels``: those to send, mixed (1-based; (): all of them). Raises
+    :class:`AudioInputError`: a terminal, a pipe that is no audio, or
+    lacks those channels."""
+    try:
+        if os.isatty(fd):
+            raise AudioInputError("--file - reads standard input, which is a terminal: pipe "
+                                  "audio into it (arecord -t wav | mic_client.py --file -)")
+        mode = os.fstat(fd).st_mode
+    except OSError as e:
+        raise AudioInputError(f"cannot read standard input: {e.strerror or e}") from None
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        path = STDIN_PATH if fd == 0 else Path(f"/dev/fd/{fd}")
+        return FileFeed(read_audio_channels(path, [channels], "--channels")[0])
+    cfg = load_config().audio
+    capture = PipeCapture(STDIN_PATH, block_ms=cfg.block_ms,
+                          max_pending_blocks=cfg.max_pending_blocks, mixes=[channels],
+                          channels_from="--channels", name="standard input", fd=fd)
+    try:
+        capture.read_header()
+    except NotLiveAudio as e:
+        # FLAC, OGG, ...: libsndfile reads them only whole (it seeks).
+        status("standard input carries no WAV that is read live: it is read to its end, "
+               "then sent at real-time pace as a file (for live captions, pipe PCM WAV: "
+               "`ffmpeg ... -f wav -`)")
+        return FileFeed(read_pipe_channels(STDIN_PATH, e.head, fd, [channels],
+                                           "--channels")[0])
+    return PipeFeed(capture)
 
 
 async def _session(ws: ClientConnection, feed: AudioFeed, stop: asyncio.Event,
@@ -749,8 +886,8 @@ def channel_list(text: str) -> tuple[int, ...]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mic_client.py",
-        description="Stream the microphone (or a file) to an evoxtral-stream server "
-                    "and show the captions.")
+        description="Stream the microphone (or a file, or a live pipe) to an evoxtral-stream "
+                    "server and show the captions.")
     add_url_option(p, "ws://127.0.0.1:8765", Role.INGEST)
     p.add_argument("--stream", metavar="ID",
                    help="stream id (default: the server names it ingest-N)")
@@ -760,8 +897,10 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--device", metavar="X",
                      help="input device: index or part of its name (default: audio.device "
                           "in config.toml, else the system default)")
-    src.add_argument("--file", type=Path, metavar="PATH",
-                     help="stream this audio file at real-time pace instead of the microphone")
+    src.add_argument("--file", metavar="PATH",
+                     help="stream this audio file at real-time pace instead of the microphone; "
+                          "- reads standard input: a pipe carrying WAV is sent live, as it "
+                          "comes (arecord -t wav | mic_client.py --file -)")
     src.add_argument("--list-devices", action="store_true", help="list input devices and exit")
     p.add_argument("--channels", type=channel_list, default=(), metavar="N[,N...]",
                    help="the channels to send, mixed, numbered from 1 (default: a device's "
@@ -803,12 +942,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{d.default_samplerate:.0f} Hz)")
             return 0
         # A file's channels: those --channels names, mixed, else all of them.
-        feed: AudioFeed = (FileFeed(read_audio_channels(args.file, [args.channels],
-                                                        "--channels")[0]) if args.file
-                           else MicFeed(args.device, channels=args.channels))
-        return asyncio.run(run(given.url, next(iter(given.streams), None), feed, writer,
+        feed: AudioFeed
+        if args.file == "-":
+            feed = stdin_feed(args.channels, writer.status)
+        elif args.file is not None:
+            feed = FileFeed(read_audio_channels(Path(args.file), [args.channels],
+                                                "--channels")[0])
+        else:
+            feed = MicFeed(args.device, channels=args.channels)
+        code = asyncio.run(run(given.url, next(iter(given.streams), None), feed, writer,
                                token=given.token,
                                language=args.language, reconnect=args.reconnect))
+        # A pipe that failed was finished as at its end; the error was said.
+        return 2 if code == 0 and isinstance(feed, PipeFeed) and feed.failed else code
     except AudioInputError as e:
         writer.status(f"error: {e}")
         return 2
