@@ -561,6 +561,10 @@ def _append(path: Path, tail: bytes) -> None:
     (SAMPLE_RATE, b"TAG" + b"a title".ljust(125, b"\0"), "an ID3v1 tag"),
     (SAMPLE_RATE, b"ID3\x04\0\0\0\0\0\x10" + bytes(16), "an ID3v2 tag"),
     (SAMPLE_RATE, b"\0\0\0", "a few stray bytes"),
+    # Past what a chunk looks like, but inside the RIFF size the writer wrote
+    # last: a recording closed properly, its data size final too.
+    (SAMPLE_RATE, bytes(4096), "zero padding that the RIFF size counts"),
+    (1001, _chunk(b"\0\x01\xfe\xff", bytes(100)), "a chunk whose id is no letters"),
 ])
 def test_what_follows_the_audio_of_a_whole_wav_is_left_alone(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, frames: int, tail: bytes, named: str
@@ -622,7 +626,8 @@ def test_a_mu_law_wav_that_says_less_than_it_holds_gives_what_it_says(
     the header states, and a warning that the rest is not read."""
     path = tmp_path / "phone.wav"
     sf.write(path, sine(440, 3.0, 8000, amp=0.4), 8000, subtype="ULAW")
-    _sizes(path, data=8000)
+    # Both sizes written 1 s in, and never again.
+    _sizes(path, riff=path.read_bytes().index(b"data") + 8000, data=8000)
     with caplog.at_level(logging.WARNING, logger="evoxtral_stream"):
         got = read_audio_file(path)
     assert len(got) == SAMPLE_RATE

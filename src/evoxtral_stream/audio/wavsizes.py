@@ -46,7 +46,10 @@ def unsized_wav(f: BinaryIO) -> Unsized | None:
     wrote it once and went on leaves it short. After audio of the stated
     size a whole WAV has nothing, a pad byte, a chunk (``LIST``, ``id3 ``,
     ``bext``: four printable letters and a size no larger than the file)
-    or an ID3 tag appended."""
+    or an ID3 tag appended. Nor does a WAV hold unsaid audio whose data
+    size is not 0 and whose RIFF size counts the whole file: its writer
+    went back to write both, and what follows its audio (a writer's zero
+    padding, a chunk named otherwise) is not audio."""
     if not f.seekable():  # a terminal: libsndfile says what it makes of it
         return None
     size = f.seek(0, os.SEEK_END)
@@ -55,6 +58,7 @@ def unsized_wav(f: BinaryIO) -> Unsized | None:
     if len(head) < 12 or head[:4] not in (b"RIFF", b"RF64") or head[8:] != b"WAVE":
         return None
     at, frame_bytes, rate, ds64 = 12, 0, 0, None
+    riff: int | None = int(struct.unpack("<I", head[4:8])[0]) if head[:4] == b"RIFF" else None
     while at + 8 <= size:  # every step moves at least 8 bytes on
         f.seek(at)
         raw = f.read(8)
@@ -69,13 +73,15 @@ def unsized_wav(f: BinaryIO) -> Unsized | None:
                 stated = ds64
             if not (frame_bytes and rate):  # no format before the audio: damaged
                 return None
+            if stated and riff is not None and abs(8 + riff - size) <= 1:
+                return None  # closed properly (its last pad byte may be left out)
             return _unsaid(f, size, at + stated, stated, frame_bytes, rate)
         if cid in (b"fmt ", b"ds64"):
             body = f.read(min(stated, 32))
             if cid == b"fmt " and len(body) >= 14:
                 rate, frame_bytes = (int(v) for v in struct.unpack("<I4xH", body[4:14]))
             elif cid == b"ds64" and len(body) >= 16:
-                ds64 = int(struct.unpack("<Q", body[8:16])[0])
+                riff, ds64 = (int(v) for v in struct.unpack("<QQ", body[:16]))
         at += stated + (stated & 1)
     return None
 
