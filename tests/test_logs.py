@@ -10,8 +10,10 @@ import re
 import subprocess
 import sys
 import textwrap
+import wave
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -179,6 +181,14 @@ def test_through_a_handler_with_the_redacting_filter() -> None:
 def test_make_formatter_text_is_the_historical_format() -> None:
     fmt = make_formatter("text")
     assert fmt.format(record("hello %s", "you")) == "INFO evoxtral_stream.test: hello you"
+    assert fmt.format(record("a\nb\tc\r\x1b[2J\x85")) == (
+        "INFO evoxtral_stream.test: a\\nb\tc\\r\\x1b[2J\\x85")
+    try:
+        raise ValueError("two\nlines")
+    except ValueError:
+        failed = record("x\ny", exc_info=sys.exc_info())
+    # The traceback follows on its own lines, as ever.
+    assert fmt.format(failed).startswith("INFO evoxtral_stream.test: x\\ny\nTraceback")
     assert TEXT_FORMAT == "%(levelname)s %(name)s: %(message)s"
     assert isinstance(make_formatter("json"), JsonFormatter)
     with pytest.raises(ValueError, match="text, json"):
@@ -304,3 +314,51 @@ def test_a_usage_error_in_text_mode_is_argparse_s() -> None:
     assert proc.stderr.startswith("usage: evoxtral-stream serve")
     assert proc.stderr.splitlines()[-1] == (
         "evoxtral-stream serve: error: argument --port: invalid int value: 'abc'")
+
+
+_SCRIPTED_CLI = r"""
+import sys
+from evoxtral_stream import cli as cli_module
+from tests.fakes import ScriptedBackend, words_so_far
+from tests.helpers.model_loader import replace_model_loader
+replace_model_loader(lambda cfg: ScriptedBackend(words_so_far))
+sys.exit(cli_module.main(sys.argv[1:]))
+"""
+
+
+def scripted_cli(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[bytes]:
+    """The real command line on a scripted backend (no model to load); stderr as bytes."""
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-c", _SCRIPTED_CLI, *map(os.fsdecode, args)],
+                          capture_output=True, timeout=120, cwd=root,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1",
+                               "PYTHONPATH": f"{root / 'src'}:{root}"})
+
+
+def unsized_wav(path: Path) -> Path:
+    """A WAV whose header says no audio (data size 0) before 1 s of silence:
+    reading it logs a warning that names the file."""
+    with wave.open(os.fsdecode(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(bytes(32000))
+    data = bytearray(path.read_bytes())
+    at = data.index(b"data")
+    data[at + 4:at + 8] = bytes(4)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_text_record_is_one_line_whatever_its_message_holds(tmp_path: Path) -> None:
+    """A file name holding a line break (or a carriage return, or a terminal
+    escape) made a warning quoting it two lines in text mode, the second a
+    forged record ("ERROR evoxtral_stream: ..."): one line per record, the
+    controls written as escapes, as the one-line errors write them."""
+    wav = unsized_wav(tmp_path / "a\nERROR evoxtral_stream: forged\r\x1b[2J.wav")
+    proc = scripted_cli("-q", "transcribe", wav)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.decode().splitlines() == [
+        f"WARNING evoxtral_stream.audio.sources: audio file {tmp_path}/a\\nERROR "
+        "evoxtral_stream: forged\\r\\x1b[2J.wav: its WAV header says no audio (a recording "
+        "not closed properly?): read to the end of the file, 1.0 s"], proc.stderr

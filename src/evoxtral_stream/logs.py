@@ -1,7 +1,8 @@
 """Log output: the text lines people read, or one JSON object per line.
 
-``[logging] format`` picks the formatter. ``"text"`` is the historical
-``LEVEL logger: message``. ``"json"`` (:class:`JsonFormatter`) is for log
+``[logging] format`` picks the formatter. ``"text"`` (:class:`TextFormatter`)
+is the historical ``LEVEL logger: message``, one line whatever the message
+holds. ``"json"`` (:class:`JsonFormatter`) is for log
 shippers (Loki, ELK, journald → Vector): every record is one line holding
 one JSON object, a multi-line message or traceback included.
 
@@ -16,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import threading
 import traceback
@@ -32,11 +34,13 @@ __all__ = [
     "LEVELS",
     "TEXT_FORMAT",
     "JsonFormatter",
+    "TextFormatter",
     "adopt_library_loggers",
     "configure_logging",
     "install_json_hooks",
     "install_text_hooks",
     "make_formatter",
+    "one_line",
     "quiet_library_progress_bars",
 ]
 
@@ -60,6 +64,24 @@ _RESERVED = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 _CORE = frozenset({"ts", "level", "logger", "msg", "exc", "stack"})
 # Nested ``extra=`` values deeper than this are stringified (cycles end here).
 _MAX_DEPTH = 16
+
+
+# C0 and C1 controls but the tab: a line break, a carriage return or a
+# terminal escape in a message (a file name quoted) would end the line early,
+# overwrite it, or rewrite the screen.
+_TEXT_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_TEXT_ESCAPES = {"\n": "\\n", "\r": "\\r"}
+
+
+def _escape_control(match: re.Match[str]) -> str:
+    char = match.group()
+    return _TEXT_ESCAPES.get(char) or f"\\x{ord(char):02x}"
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters but the tab written as ``\\n``,
+    ``\\r`` and ``\\xNN``: one line of a text log, whatever it quotes."""
+    return _TEXT_CONTROL.sub(_escape_control, text)
 
 
 def _text(obj: object) -> str:
@@ -175,12 +197,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=True, allow_nan=False)
 
 
+class TextFormatter(logging.Formatter):
+    """:data:`TEXT_FORMAT`, one line per record: the control characters of
+    the message (line breaks, carriage returns, terminal escapes: a file name
+    may hold any) are written as ``\\n``, ``\\r`` and ``\\xNN``, as the
+    one-line error lines write them, so that no message forges a record of
+    its own. A traceback or stack follows on its own lines, as it always has.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return one_line(super().formatMessage(record))
+
+
 def make_formatter(fmt: str, redact: Callable[[str], str] | None = None) -> logging.Formatter:
     """The formatter for ``fmt`` (one of :data:`FORMATS`); ``redact`` only applies to JSON."""
     if fmt == "json":
         return JsonFormatter(redact)
     if fmt == "text":
-        return logging.Formatter(TEXT_FORMAT)
+        return TextFormatter()
     raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
 
 

@@ -16,6 +16,7 @@ from ..logs import (
     configure_logging,
     install_json_hooks,
     install_text_hooks,
+    one_line,
     quiet_library_progress_bars,
 )
 from ..server.auth import install_token_redaction, redact_tokens
@@ -83,9 +84,10 @@ def _error_line(message: str, logs: LoggingConfig) -> None:
         log.error("%s", message)
     else:
         with contextlib.suppress(OSError):  # stderr full: the exit status still tells
-            # One line even when the message quotes a file name holding one;
-            # tokens redacted, as the json record's are (it quotes values).
-            shown = redact_tokens(message).replace("\r", "\\r").replace("\n", "\\n")
+            # One line even when the message quotes a file name holding a
+            # line break (or a terminal escape), as a log record is; tokens
+            # redacted, as the json record's are (it quotes values).
+            shown = one_line(redact_tokens(message))
             print(f"evoxtral-stream: error: {shown}", file=sys.stderr, flush=True)
 
 
