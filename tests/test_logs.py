@@ -362,3 +362,58 @@ def test_a_text_record_is_one_line_whatever_its_message_holds(tmp_path: Path) ->
         f"WARNING evoxtral_stream.audio.sources: audio file {tmp_path}/a\\nERROR "
         "evoxtral_stream: forged\\r\\x1b[2J.wav: its WAV header says no audio (a recording "
         "not closed properly?): read to the end of the file, 1.0 s"], proc.stderr
+
+
+def strict_json(line: bytes) -> dict[str, Any]:
+    """``line`` parsed as a strict parser does (Rust's serde_json, in Vector):
+    a ``\\uDCFF`` with no surrogate before it is an error there, where
+    Python takes it."""
+    obj: dict[str, Any] = json.loads(line)
+
+    def check(value: object) -> None:
+        if isinstance(value, str):
+            value.encode("utf-8")  # a lone surrogate raises
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                check(k)
+                check(v)
+        elif isinstance(value, list):
+            for v in value:
+                check(v)
+
+    check(obj)
+    return obj
+
+
+def test_lone_surrogates_are_text_in_every_field() -> None:
+    rec = record("m\udcff %s", "a\ud800", path="p\udcfe", table={"k\udc80": "Bearer \udc81"},
+                 name="n\udcfd")
+    for fmt in (JsonFormatter(), JsonFormatter(redact=redact_tokens)):
+        obj = strict_json(fmt.format(rec).encode())
+        assert obj["msg"] == "m\\udcff a\\ud800" and obj["path"] == "p\\udcfe"
+        assert obj["logger"] == "n\\udcfd"
+        assert obj["table"] == {"k\\udc80": "Bearer \\udc81"}
+    # A pair of surrogates that Python keeps apart is the same text, not an emoji.
+    assert one_object(JsonFormatter().format(record("\ud83d\ude00")))["msg"] == (
+        "\\ud83d\\ude00")
+
+
+def test_a_file_name_that_is_not_utf8_leaves_every_json_line_strict(tmp_path: Path) -> None:
+    """A file name with a byte that is not UTF-8 (Python reads it as a lone
+    surrogate, U+DCFF) was written as the escape ``\\udcff``, which strict
+    parsers (serde_json: "lone leading surrogate in hex escape") refuse, and
+    the record was lost to the shipper: it is the text ``\\udcff``, as text
+    mode shows it, in the warning and in the one-line error."""
+    wav = unsized_wav(Path(os.fsdecode(bytes(tmp_path) + b"/bad\xff.wav")))
+    proc = scripted_cli("--log-format", "json", "-q", "transcribe", wav)
+    assert proc.returncode == 0, proc.stderr
+    records = [strict_json(line) for line in proc.stderr.splitlines()]
+    assert [r["msg"] for r in records] == [
+        f"audio file {tmp_path}/bad\\udcff.wav: its WAV header says no audio (a recording not "
+        "closed properly?): read to the end of the file, 1.0 s"], proc.stderr
+    missing = Path(os.fsdecode(bytes(tmp_path) + b"/gone\xfe.wav"))
+    proc = scripted_cli("--log-format", "json", "transcribe", missing)
+    assert proc.returncode == 2, proc.stderr
+    records = [strict_json(line) for line in proc.stderr.splitlines()]
+    assert [(r["level"], r["msg"]) for r in records] == [
+        ("ERROR", f"audio file {tmp_path}/gone\\udcfe.wav does not exist")], proc.stderr

@@ -84,6 +84,18 @@ def one_line(text: str) -> str:
     return _TEXT_CONTROL.sub(_escape_control, text)
 
 
+def _well_formed(text: str) -> str:
+    """``text`` with each surrogate as the text ``\\udcff``, as a text-mode
+    stderr writes it: JSON's ``\\udcff`` escape of a lone one (a byte of a
+    file name that is not UTF-8) is refused by strict parsers (serde_json,
+    in Vector), and a JSON line is for those too."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
 def _text(obj: object) -> str:
     """``str(obj)``, else its ``repr``, else a placeholder: never raises."""
     for convert in (str, repr):
@@ -104,7 +116,9 @@ class JsonFormatter(logging.Formatter):
     ``extra=`` field: JSON values as they are (finite numbers, strings,
     booleans, null, lists and string-keyed tables of those), anything else
     as its ``str()``. The output is ASCII (``\\uXXXX`` escapes), so it is
-    valid JSON on a stream of any encoding, and has no line break.
+    valid JSON on a stream of any encoding, and has no line break; a lone
+    surrogate (a file name's byte that is not UTF-8) is the text
+    ``\\udcff``, never that escape, which strict parsers refuse.
 
     ``redact``, when given, rewrites every string written (message,
     traceback, stack and extra fields, keys included): a redacting log
@@ -121,8 +135,9 @@ class JsonFormatter(logging.Formatter):
             return self._format(record)
         except Exception as e:  # the contract: a log call always yields a line
             return json.dumps({
-                "ts": self._ts(record), "level": _text(getattr(record, "levelname", "?")),
-                "logger": _text(getattr(record, "name", "?")),
+                "ts": self._ts(record),
+                "level": _well_formed(_text(getattr(record, "levelname", "?"))),
+                "logger": _well_formed(_text(getattr(record, "name", "?"))),
                 "msg": f"log record could not be formatted ({type(e).__name__})",
             })
 
@@ -135,7 +150,7 @@ class JsonFormatter(logging.Formatter):
         return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
     def _str(self, text: str) -> str:
-        return self._redact(text) if self._redact is not None else text
+        return _well_formed(self._redact(text) if self._redact is not None else text)
 
     def _message(self, record: logging.LogRecord) -> str:
         try:
@@ -176,13 +191,13 @@ class JsonFormatter(logging.Formatter):
             head = f"{name}: "
             line = self._redact(head + value)
             if line.startswith(head):
-                return name, self._redact(line[len(head):])
+                return name, self._str(line[len(head):])
         return name, self._value(value, depth)
 
     def _format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
-            "ts": self._ts(record), "level": record.levelname, "logger": record.name,
-            "msg": self._str(self._message(record)),
+            "ts": self._ts(record), "level": _well_formed(record.levelname),
+            "logger": _well_formed(record.name), "msg": self._str(self._message(record)),
         }
         exc = self._exception(record)
         if exc:
