@@ -417,3 +417,40 @@ def test_a_file_name_that_is_not_utf8_leaves_every_json_line_strict(tmp_path: Pa
     records = [strict_json(line) for line in proc.stderr.splitlines()]
     assert [(r["level"], r["msg"]) for r in records] == [
         ("ERROR", f"audio file {tmp_path}/gone\\udcfe.wav does not exist")], proc.stderr
+
+
+def test_json_lines_on_a_terminal_are_json_lines_too(tmp_path: Path) -> None:
+    """stderr a terminal (``docker run -t``, whose output a shipper reads):
+    each JSON record came after ``\\r\\x1b[J``, the clearing of a progress bar
+    that json mode never draws, so no line parsed. The terminal's ``\\r\\n``
+    is its own."""
+    wav = unsized_wav(tmp_path / "rec.wav")
+    root = Path(__file__).resolve().parents[1]
+    primary, secondary = os.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SCRIPTED_CLI, "--log-format", "json", "transcribe",
+             str(wav)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary, cwd=root,
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{root / 'src'}:{root}"})
+        os.close(secondary)
+        secondary = -1
+        written = b""
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # EIO: the last writer closed the terminal
+                break
+            if not chunk:
+                break
+            written += chunk
+        assert proc.wait(timeout=120) == 0, written
+    finally:
+        os.close(primary)
+        if secondary >= 0:
+            os.close(secondary)
+    lines = written.split(b"\r\n")
+    assert lines[-1] == b"", written
+    records = [strict_json(line) for line in lines[:-1]]
+    assert any(r["msg"].startswith("audio file") for r in records), records
+    assert records[-1]["msg"].startswith("1 stream(s)"), records

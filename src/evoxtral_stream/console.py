@@ -61,12 +61,15 @@ def _isatty(stream: TextIO) -> bool:
 
 
 @contextlib.contextmanager
-def above_captions(stream: TextIO) -> Iterator[None]:
+def above_captions(stream: TextIO, *, clear_below: bool = True) -> Iterator[None]:
     """Write lines to ``stream`` inside this block above the live captions.
 
     On a terminal, each live printer's partial row (and whatever is below it:
     transcribe's progress bar, redrawn at its next update) is cleared before
     the block and the partial redrawn after. Elsewhere it only serialises.
+    ``clear_below=False``: nothing is written to ``stream`` itself (the live
+    rows are the printers' own streams'), for lines that must be all there
+    is on it: JSON log lines, where no progress bar is drawn.
     """
     with _TERMINAL:
         if not _isatty(stream):
@@ -75,8 +78,9 @@ def above_captions(stream: TextIO) -> Iterator[None]:
         live = list(_LIVE)
         for printer in live:
             printer._hide()
-        with contextlib.suppress(OSError, ValueError):
-            stream.write(_CLEAR_LINE)   # a progress bar with no printer
+        if clear_below:
+            with contextlib.suppress(OSError, ValueError):
+                stream.write(_CLEAR_LINE)   # a progress bar with no printer
         try:
             yield
         finally:
@@ -85,10 +89,16 @@ def above_captions(stream: TextIO) -> Iterator[None]:
 
 
 class TerminalLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A :class:`logging.StreamHandler` whose records go :func:`above_captions`."""
+    """A :class:`logging.StreamHandler` whose records go :func:`above_captions`.
+
+    ``clear_below`` is that function's: false for JSON lines, which no
+    progress bar shares a terminal with and which nothing else may precede.
+    """
+
+    clear_below = True
 
     def emit(self, record: logging.LogRecord) -> None:
-        with above_captions(self.stream):
+        with above_captions(self.stream, clear_below=self.clear_below):
             super().emit(record)
 
 

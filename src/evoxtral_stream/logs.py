@@ -258,6 +258,10 @@ def configure_logging(fmt: str, level: int, *, stream: TextIO | None = None,
         handler.set_name(HANDLER_NAME)
         root.addHandler(handler)
     handler.setFormatter(formatter)
+    if isinstance(handler, TerminalLogHandler):
+        # JSON lines only on a terminal too (docker run -t): there is no
+        # progress bar to clear in json mode.
+        handler.clear_below = fmt == "text"
     root.setLevel(level)
     return handler
 
