@@ -655,3 +655,136 @@ def test_an_rf64_whose_ds64_says_no_audio_is_read_to_its_end(
         np.testing.assert_array_equal(read_audio_file(unsized), x)
     (warning,) = _warnings(caplog)
     assert "rec.wav: its WAV header says no audio" in warning and "2.0 s" in warning
+
+
+# --- 24-bit samples in 32-bit words (arecord -f S24_LE) ---------------------------------
+
+#: KSDATAFORMAT_SUBTYPE_PCM, the sub-format of a WAVE_FORMAT_EXTENSIBLE fmt chunk.
+_GUID_PCM = (1).to_bytes(4, "little") + bytes.fromhex("00001000800000aa00389b71")
+
+
+def _s24_words_wav(path: Path, samples: np.ndarray, rate: int, *, fmt: str,
+                   top: str = "sign", tail: bytes = b"") -> None:
+    """``samples`` (int32 (frames, channels) of 24-bit values) as a WAV of
+    32-bit words, its header written by hand: ``fmt`` "pcm" as ``arecord -f
+    S24_LE`` writes it (format 1, 24 bits, block align 4 per channel),
+    "extensible" the same as WAVE_FORMAT_EXTENSIBLE (24 bits, 24 valid),
+    "extensible32" WAVE_FORMAT_EXTENSIBLE as its spec has it (32-bit words,
+    24 valid bits, the sample in the top three bytes). The sample is in the
+    low three bytes of its word, the top byte its sign or 0 (``top``: ALSA
+    leaves either), but for "extensible32". ``tail`` follows the audio."""
+    channels = samples.shape[1]
+    block = 4 * channels
+    if fmt == "pcm":
+        body = _fmt16(1, channels, rate, block, 24)
+    elif fmt == "extensible":
+        body = _fmt16(0xFFFE, channels, rate, block, 24) + _extension(24)
+    else:
+        body = _fmt16(0xFFFE, channels, rate, block, 32) + _extension(24)
+    if fmt == "extensible32":
+        words = samples.astype(np.int64) << 8
+    else:
+        words = samples if top == "sign" else samples & 0xFFFFFF
+    audio = words.astype("<i4").tobytes()
+    chunks = _chunk(b"fmt ", body) + _chunk(b"data", audio) + tail
+    path.write_bytes(b"RIFF" + (4 + len(chunks)).to_bytes(4, "little") + b"WAVE" + chunks)
+
+
+def _fmt16(tag: int, channels: int, rate: int, block: int, bits: int) -> bytes:
+    return (tag.to_bytes(2, "little") + channels.to_bytes(2, "little")
+            + rate.to_bytes(4, "little") + (rate * block).to_bytes(4, "little")
+            + block.to_bytes(2, "little") + bits.to_bytes(2, "little"))
+
+
+def _extension(valid_bits: int) -> bytes:
+    return ((22).to_bytes(2, "little") + valid_bits.to_bytes(2, "little")
+            + bytes(4) + _GUID_PCM)  # no channel mask
+
+
+def _s24(seconds: float, rate: int, channels: int) -> np.ndarray:
+    """Half-scale 24-bit sines, a frequency per channel."""
+    return np.stack([np.round(sine(440 + 110 * c, seconds, rate, amp=0.5) * 2**23)
+                     for c in range(channels)], axis=1).astype(np.int32)
+
+
+@pytest.mark.parametrize(("fmt", "top"), [("pcm", "sign"), ("pcm", "zero"),
+                                          ("extensible", "sign")])
+@pytest.mark.parametrize(("channels", "rate", "seconds"), [
+    (1, 16000, 1.0),   # libsndfile read it as 32-bit samples: 48 dB too quiet
+    (1, 16000, 0.05),  # too short for libsndfile's guess: 3-byte samples, noise
+    (2, 48000, 1.0),
+])
+def test_24_bit_samples_in_32_bit_words_are_read_as_the_same_audio_packed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, fmt: str, top: str, channels: int,
+    rate: int, seconds: float,
+) -> None:
+    """A WAV ``arecord -f S24_LE`` recorded and closed: each 24-bit sample in
+    the low three bytes of a 32-bit word, which its header says as 24 bits
+    with a block align of 4 bytes a channel. It gives the samples of the
+    same audio written as packed 24-bit, without a warning; libsndfile read
+    it as 32-bit samples (a half-scale sine peaked at 64 in int16, not
+    16384) or as 3-byte ones (noise, a third more of it), as its guess
+    from the data went."""
+    x = _s24(seconds, rate, channels)
+    packed, words = tmp_path / "packed.wav", tmp_path / "rec.wav"
+    sf.write(packed, x / 2**23, rate, subtype="PCM_24")
+    _s24_words_wav(words, x, rate, fmt=fmt, top=top)
+    want = read_audio_channels(packed, [()] + [(c,) for c in range(1, channels + 1)])
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"):
+        got = read_audio_channels(words, [()] + [(c,) for c in range(1, channels + 1)])
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)
+    assert np.abs(got[1]).max() == pytest.approx(16384, rel=0.01)  # channel 1, half scale
+    assert _warnings(caplog) == []
+
+
+def test_24_bit_samples_in_32_bit_words_end_where_the_header_says(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chunk after the audio, inside the sizes the header states, is not
+    audio (as libsndfile reads a WAV); a recording not closed properly (its
+    data size left at 0) is read to the end of its file, with the warning."""
+    x = _s24(1.0, 16000, 2)
+    packed, words = tmp_path / "packed.wav", tmp_path / "rec.wav"
+    sf.write(packed, x / 2**23, 16000, subtype="PCM_24")
+    want = read_audio_file(packed)
+    _s24_words_wav(words, x, 16000, fmt="pcm",
+                   tail=_chunk(b"LIST", b"INFO" + _chunk(b"ISFT", b"arecord" + bytes(993))))
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"):
+        np.testing.assert_array_equal(read_audio_file(words), want)
+        assert _warnings(caplog) == []
+        _s24_words_wav(words, x, 16000, fmt="pcm")
+        _sizes(words, riff=0, data=0)
+        np.testing.assert_array_equal(read_audio_file(words), want)
+    (warning,) = _warnings(caplog)
+    assert "rec.wav: its WAV header says no audio" in warning and "1.0 s" in warning
+    # No audio, then a chunk: no audio, as ever.
+    _s24_words_wav(words, x[:0], 16000, fmt="pcm", tail=_chunk(b"LIST", b"INFO" + bytes(100)))
+    with pytest.raises(AudioInputError, match="contains no audio"):
+        read_audio_file(words)
+
+
+class _NoDecoder:
+    def __init__(self, **_: object) -> None:
+        raise AssertionError("read by WavStreamDecoder, not libsndfile")
+
+
+@pytest.mark.parametrize("kind", ["PCM_24", "PCM_32", "extensible32"])
+def test_other_24_and_32_bit_wavs_are_still_read_by_libsndfile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Packed 24-bit, 32-bit PCM, and WAVE_FORMAT_EXTENSIBLE's 24 valid bits
+    in 32-bit words (the sample in the top three bytes, as its spec has it,
+    which libsndfile reads right): libsndfile reads them, the samples of
+    the packed file."""
+    x = _s24(1.0, 48000, 2)
+    packed, path = tmp_path / "packed.wav", tmp_path / "other.wav"
+    sf.write(packed, x / 2**23, 48000, subtype="PCM_24")
+    want = read_audio_file(packed)
+    if kind == "extensible32":
+        _s24_words_wav(path, x, 48000, fmt=kind)
+    else:
+        sf.write(path, x / 2**23, 48000, subtype=kind)
+    monkeypatch.setattr("evoxtral_stream.audio.sources.WavStreamDecoder", _NoDecoder)
+    np.testing.assert_array_equal(read_audio_file(packed), want)
+    np.testing.assert_array_equal(read_audio_file(path), want)

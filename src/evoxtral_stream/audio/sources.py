@@ -20,7 +20,7 @@ import numpy as np
 import soundfile as sf  # type: ignore[import-untyped,unused-ignore]
 
 from evoxtral_stream.audio.resample import StreamResampler
-from evoxtral_stream.audio.wavsizes import unsized_wav
+from evoxtral_stream.audio.wavsizes import misread_wav
 from evoxtral_stream.audio.wavstream import (
     MAX_FILE_RATE,
     MIN_FILE_RATE,
@@ -70,6 +70,11 @@ def read_audio_file(path: str | os.PathLike[str]) -> Int16Array:
     or float samples: :class:`WavStreamDecoder`), with a warning naming the
     file. libsndfile reads only what the header says: nothing, for a size
     of 0.
+
+    A WAV of 24-bit samples in the low three bytes of 32-bit words, whose
+    header says 24 bits with a block align of 4 bytes a channel (``arecord
+    -f S24_LE``), is read so too, as its header says. libsndfile guesses
+    from the data: 32-bit samples, 48 dB too quiet, or 3-byte ones, noise.
 
     A pipe (``<(ffmpeg ...)``, ``/dev/stdin``) is copied to a temporary file
     first, then read as that file: libsndfile seeks in some formats."""
@@ -156,9 +161,9 @@ def _read_channels(p: Path, source: str | bytes | BinaryIO, mixes: Sequence[Sequ
     """:func:`read_audio_channels` of ``source``, the file ``p`` (named in
     messages) or a pipe's copy."""
     try:
-        unsized = _read_unsized(p, source, mixes, channels_from)
-        if unsized is not None:
-            parts = unsized
+        misread = _read_misread(p, source, mixes, channels_from)
+        if misread is not None:
+            parts = misread
         else:
             parts = _read_libsndfile(p, source, mixes, channels_from)
     except OSError as e:
@@ -217,28 +222,30 @@ def _check_channels(p: Path, mixes: Sequence[Sequence[int]], channels: int,
                               f"has {channels} channel(s)")
 
 
-# --- WAV files whose header says less audio than they hold --------------------
+# --- WAV files libsndfile misreads ---------------------------------------------------
 
 
-def _read_unsized(p: Path, source: str | bytes | BinaryIO, mixes: Sequence[Sequence[int]],
+def _read_misread(p: Path, source: str | bytes | BinaryIO, mixes: Sequence[Sequence[int]],
                   channels_from: str) -> list[list[Int16Array]] | None:
-    """:func:`_read_channels` of a WAV whose header says less audio than it
-    holds (:func:`~evoxtral_stream.audio.wavsizes.unsized_wav`), read to the
-    end of the file: the blocks of each mix. None for any other file, and
-    for one that says less than it holds in an encoding
+    """:func:`_read_channels` of a WAV that libsndfile misreads
+    (:func:`~evoxtral_stream.audio.wavsizes.misread_wav`), by
+    :class:`WavStreamDecoder`: the blocks of each mix. One whose header
+    says less audio than it holds is read to the end of the file, with a
+    warning; one of 24-bit samples in 32-bit words as its header says. None
+    for any other file; for one that says less than it holds in an encoding
     :class:`WavStreamDecoder` does not read (then libsndfile reads what its
-    header says, with a warning) or with a header it finds damaged
-    (libsndfile's error or audio, as before)."""
+    header says, with a warning); and for one with a header the decoder
+    finds damaged (libsndfile's error or audio, as before)."""
     with contextlib.ExitStack() as stack:
         if isinstance(source, str | bytes):
             f: BinaryIO = stack.enter_context(open(source, "rb"))
         else:
             f = source
-        found = unsized_wav(f)
+        found = misread_wav(f)
         if found is None:
             return None
         f.seek(0)
-        decoder = WavStreamDecoder(to_end=True)
+        decoder = WavStreamDecoder(to_end=bool(found.extra))
         mixer: _Mixer | None = None
         read_bytes = _READ_FRAMES * found.frame_bytes
         try:
@@ -249,8 +256,12 @@ def _read_unsized(p: Path, source: str | bytes | BinaryIO, mixes: Sequence[Seque
                     mixer = _Mixer(decoder.format.rate, decoder.format.channels, mixes)
                 if mixer is not None and len(frames):
                     mixer.add(frames)
+                if decoder.ended:  # what follows the audio the header states is no audio
+                    break
             decoder.finish()
         except WavStreamError as e:
+            if not found.extra:  # libsndfile says what it makes of it, as before
+                return None
             if found.stated and e.other_format:
                 log.warning("audio file %s holds more audio than its WAV header says (it says "
                             "%.1f s, %.1f s more follow; a recording not closed properly?): "
@@ -271,11 +282,11 @@ def _read_unsized(p: Path, source: str | bytes | BinaryIO, mixes: Sequence[Seque
     assert mixer is not None
     assert decoder.format is not None
     seconds = decoder.frames / decoder.format.rate
-    if found.stated:
+    if found.extra and found.stated:
         log.warning("audio file %s holds more audio than its WAV header says (it says %.1f s; "
                     "a recording not closed properly?): read to the end of the file, %.1f s",
                     p, found.seconds(found.stated), seconds)
-    else:
+    elif found.extra:
         log.warning("audio file %s: its WAV header says no audio (a recording not closed "
                     "properly?): read to the end of the file, %.1f s", p, seconds)
     return mixer.finish()

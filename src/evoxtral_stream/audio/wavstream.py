@@ -1,7 +1,8 @@
 """A WAV stream decoder for live pipes: bytes in as they come, float32
 frames out. Pure (no I/O, threads or clocks): :mod:`evoxtral_stream.audio.pipe`
 reads the pipe and feeds it, and :mod:`evoxtral_stream.audio.sources` a WAV
-file whose recorder never went back to write its sizes.
+file whose recorder never went back to write its sizes, or one of 24-bit
+samples in 32-bit words (:mod:`evoxtral_stream.audio.wavsizes`).
 
 libsndfile needs the whole file (it seeks, and reads the data size from the
 header); a live writer (``arecord -t wav``, ``ffmpeg -f wav -``, ``sox -t wav
@@ -25,7 +26,7 @@ import numpy as np
 from evoxtral_stream.events import Float32Array
 
 __all__ = ["MAX_FILE_RATE", "MIN_FILE_RATE", "WavEncoding", "WavFormat", "WavStreamDecoder",
-           "WavStreamError"]
+           "WavStreamError", "parse_fmt"]
 
 #: The lowest sample rate a file may have: below it the header is damaged
 #: (no recording of speech is made so), and the upsampling to 16 kHz would
@@ -274,7 +275,7 @@ class WavStreamDecoder:
                 return None
             body = bytes(buf[8:8 + size])
             if cid == b"fmt ":
-                self._pending_fmt = _parse_fmt(body)
+                self._pending_fmt = parse_fmt(body)
             elif len(body) >= 16:
                 self._ds64_data = int(struct.unpack("<Q", body[8:16])[0])
             return 8 + padded
@@ -286,7 +287,9 @@ class WavStreamDecoder:
         return len(buf)
 
 
-def _parse_fmt(body: bytes) -> WavFormat:
+def parse_fmt(body: bytes) -> WavFormat:
+    """The format a WAV fmt chunk's ``body`` says, as :class:`WavStreamDecoder`
+    reads it; :class:`WavStreamError` for one it does not read."""
     if len(body) < 16:
         raise WavStreamError(f"its WAV fmt chunk is {len(body)} bytes, too short")
     tag, channels, rate, _, block, bits = struct.unpack("<HHIIHH", body[:16])
