@@ -8,7 +8,11 @@ one JSON object, a multi-line message or traceback included.
 
 :func:`configure_logging` owns one handler on the root logger, like
 :func:`logging.basicConfig`, and can be called again to change its format
-and level once the config file is read. Stdlib only.
+and level once the config file is read. On a terminal it writes each
+record itself (:class:`~.console.TerminalLogHandler`, above the live
+captions); anywhere else (a pipe, a file, a socket: journald, docker) a
+writer thread of its own does (:class:`QueuedLogHandler`), so that a reader
+that stops reading never stops the thread that logs. Stdlib only.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import os
 import re
 import sys
 import threading
+import time
 import traceback
 import types
+from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -32,8 +38,14 @@ __all__ = [
     "FORMATS",
     "HANDLER_NAME",
     "LEVELS",
+    "LOG_EXIT_WAIT_S",
+    "LOG_QUEUE_CHARS",
+    "LOG_QUEUE_RECORDS",
+    "LOG_QUEUE_RESERVE",
+    "STATUS_LINE",
     "TEXT_FORMAT",
     "JsonFormatter",
+    "QueuedLogHandler",
     "TextFormatter",
     "adopt_library_loggers",
     "configure_logging",
@@ -42,6 +54,7 @@ __all__ = [
     "make_formatter",
     "one_line",
     "quiet_library_progress_bars",
+    "write_in_order",
 ]
 
 #: The ``[logging] format`` values.
@@ -55,6 +68,20 @@ LEVELS: Mapping[str, int] = types.MappingProxyType({
 TEXT_FORMAT = "%(levelname)s %(name)s: %(message)s"
 #: The name of the root handler :func:`configure_logging` adds and later finds.
 HANDLER_NAME = "evoxtral-stream"
+#: The most log records a :class:`QueuedLogHandler` holds for its writer...
+LOG_QUEUE_RECORDS = 10_000
+#: ... and the most characters they may take together.
+LOG_QUEUE_CHARS = 8 * 1024 * 1024
+#: The records beyond :data:`LOG_QUEUE_RECORDS` kept for warnings, errors
+#: and the command's own status lines (:data:`STATUS_LINE`,
+#: :func:`write_in_order`): the last error line is not lost to a flood of
+#: DEBUG records.
+LOG_QUEUE_RESERVE = 100
+#: ``extra=`` of a record that is one of the command's status lines (the
+#: JSON record of one): it may use :data:`LOG_QUEUE_RESERVE`. Not written.
+STATUS_LINE: Mapping[str, object] = types.MappingProxyType({"_status_line": True})
+#: How long the exit waits for the writer to write what is queued.
+LOG_EXIT_WAIT_S = 2.0
 
 # Attributes every LogRecord has (plus the two the stdlib formatter adds):
 # anything else on a record came from ``extra=``.
@@ -236,13 +263,190 @@ def make_formatter(fmt: str, redact: Callable[[str], str] | None = None) -> logg
     raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
 
 
+class QueuedLogHandler(logging.Handler):
+    """Formats each record on the thread that logs, as any handler does, and
+    leaves writing it to ``stream`` to a writer thread of its own, through a
+    bounded queue: a reader of ``stream`` that stops reading (journald or
+    docker's blocking log driver falling behind, a paused ``| less``) holds
+    up that thread only, never the one that logs (the event loop).
+
+    The queue holds at most ``records`` lines (:data:`LOG_QUEUE_RECORDS`;
+    ``reserve`` more for warnings, errors, records logged with
+    :data:`STATUS_LINE` and :meth:`write_text`) and ``max_chars`` characters.
+    Overflow: the new line is dropped and counted, and once the writer gets
+    through again it writes one WARNING record (formatted as the others,
+    ``dropped`` its ``extra=`` field) saying how many were dropped, where
+    they would have been. :meth:`flush` and :meth:`close` (the exit, through
+    :func:`logging.shutdown`) wait for the queue to be written at most
+    ``exit_wait`` seconds in all, then give up: a reader that is stuck does
+    not hang the exit.
+
+    The writer writes to a duplicate of ``stream``'s file descriptor with
+    :func:`os.write`: a thread blocked in ``sys.stderr``'s own write would
+    hold its lock, which the interpreter's exit takes (and aborts on), and
+    what redirects descriptor 2 for a while (an audio decoder's prints,
+    held) leaves the log's lines where they were going. A line that cannot
+    be written (the reader gone, a full disk) is lost, as the logging
+    module loses a record.
+    """
+
+    def __init__(self, stream: TextIO, *, records: int | None = None,
+                 reserve: int = LOG_QUEUE_RESERVE, max_chars: int = LOG_QUEUE_CHARS,
+                 exit_wait: float = LOG_EXIT_WAIT_S) -> None:
+        super().__init__()
+        self.stream = stream
+        self._fd = os.dup(stream.fileno())
+        self._encoding = getattr(stream, "encoding", None) or "utf-8"
+        self._errors = getattr(stream, "errors", None) or "backslashreplace"
+        # Read at construction, so that a test can make it small beforehand.
+        self._records = LOG_QUEUE_RECORDS if records is None else records
+        self._reserve = reserve
+        self._max_chars = max_chars
+        self._exit_wait = exit_wait
+        self._lines: deque[str] = deque()
+        self._chars = 0
+        self._dropped = 0
+        self._busy = False   # the writer holds a line it took
+        self._gave_up = False   # a flush timed out: later ones do not wait
+        self._cond = threading.Condition(threading.Lock())
+        self._writer = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._writer.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        reserved = record.levelno >= logging.WARNING or getattr(record, "_status_line", False)
+        self._put(line, self._records + (self._reserve if reserved else 0))
+
+    def write_text(self, text: str) -> None:
+        """Queue ``text`` (whole lines) behind the records queued, for the
+        lines the command writes on stderr itself; it may use the reserve."""
+        self._put(text, self._records + self._reserve)
+
+    def _put(self, text: str, most: int) -> None:
+        with self._cond:
+            if len(self._lines) >= most or self._chars + len(text) > self._max_chars:
+                self._dropped += 1
+                self._cond.notify_all()   # a line too long for an empty queue
+                return
+            if self._dropped:
+                text = self._dropped_line() + text
+            self._lines.append(text)
+            self._chars += len(text)
+            self._cond.notify_all()
+
+    def _dropped_line(self) -> str:
+        """The line counting the records dropped (reset); under the lock."""
+        n, self._dropped = self._dropped, 0
+        record = logging.makeLogRecord({
+            "name": "evoxtral_stream", "levelno": logging.WARNING, "levelname": "WARNING",
+            "msg": "%d log records dropped: stderr's reader fell behind "
+                   "(at most %d wait to be written)",
+            "args": (n, self._records), "dropped": n})
+        try:
+            return self.format(record) + "\n"
+        except Exception:
+            return f"WARNING evoxtral_stream: {n} log records dropped\n"
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._lines and not self._dropped:
+                    self._cond.wait()
+                if self._lines:
+                    text = self._lines.popleft()
+                    self._chars -= len(text)
+                else:   # all written and some dropped since: say so now
+                    text = self._dropped_line()
+                self._busy = True
+            self._write(text)
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def _write(self, text: str) -> None:
+        data = memoryview(text.encode(self._encoding, self._errors))
+        while data:
+            try:
+                data = data[os.write(self._fd, data):]
+            except BlockingIOError:   # a descriptor someone made non-blocking
+                time.sleep(0.01)
+            except InterruptedError:
+                continue
+            except OSError:   # the reader gone, a full disk: the line is lost
+                return
+
+    def flush(self) -> None:
+        """Wait until what is queued is written, or :attr:`exit_wait`
+        seconds (in all, over every call) have passed."""
+        deadline = time.monotonic() + self._exit_wait
+        with self._cond:
+            while (self._lines or self._busy or self._dropped) and not self._gave_up:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._gave_up = True
+                    break
+                self._cond.wait(left)
+
+    def close(self) -> None:
+        """Flush (bounded); the writer and its descriptor stay for the
+        process's life, for a record logged after it."""
+        self.flush()
+        super().close()
+
+
+def _root_handler() -> logging.Handler | None:
+    return next((h for h in logging.getLogger().handlers if h.get_name() == HANDLER_NAME),
+                None)
+
+
+def write_in_order(text: str) -> bool:
+    """Queue ``text`` (whole lines) for stderr behind the log records queued,
+    when :func:`configure_logging` made them go through a writer thread
+    (:class:`QueuedLogHandler`): the command's status and error lines keep
+    their order with the records. False, and nothing done, otherwise: the
+    caller writes it itself."""
+    handler = _root_handler()
+    if isinstance(handler, QueuedLogHandler):
+        handler.write_text(text)
+        return True
+    return False
+
+
+def _direct(stream: TextIO) -> bool:
+    """Whether records for ``stream`` are written by the thread that logs:
+    on a terminal (the live captions' coordination needs it), and for a
+    stream without a file descriptor (an in-memory one)."""
+    try:
+        if stream.isatty():
+            return True
+        stream.fileno()
+    except (OSError, ValueError, AttributeError):   # closed, none, or not a file
+        return True
+    return False
+
+
+def _queued(stream: TextIO) -> QueuedLogHandler | None:
+    """A :class:`QueuedLogHandler` for ``stream``, or None where it cannot
+    be had (no descriptor or thread left): then records are written directly."""
+    try:
+        return QueuedLogHandler(stream)
+    except (OSError, RuntimeError):
+        return None
+
+
 def configure_logging(fmt: str, level: int, *, stream: TextIO | None = None,
                       redact: Callable[[str], str] | None = None) -> logging.Handler | None:
     """Write log records to ``stream`` (default: ``sys.stderr``) in ``fmt`` from ``level`` up.
 
     As :func:`logging.basicConfig` does, it adds a handler (named
     :data:`HANDLER_NAME`) only when the root logger has none, and sets the
-    root level. Called again, it changes that handler's format and the level.
+    root level: a :class:`~.console.TerminalLogHandler` on a terminal (or a
+    stream with no file descriptor), else a :class:`QueuedLogHandler`.
+    Called again, it changes that handler's format and the level.
     When the root's handlers belong to someone else (pytest, a program
     embedding the engine), nothing is changed and ``None`` is returned;
     otherwise the handler.
@@ -253,8 +457,12 @@ def configure_logging(fmt: str, level: int, *, stream: TextIO | None = None,
     if handler is None:
         if root.handlers:
             return None
-        # On a terminal, log lines go above the live caption rows.
-        handler = TerminalLogHandler(sys.stderr if stream is None else stream)
+        out = sys.stderr if stream is None else stream
+        # On a terminal, log lines go above the live caption rows; anywhere
+        # else a reader that stops reading must not stop the server.
+        handler = None if _direct(out) else _queued(out)
+        if handler is None:
+            handler = TerminalLogHandler(out)
         handler.set_name(HANDLER_NAME)
         root.addHandler(handler)
     handler.setFormatter(formatter)
@@ -313,8 +521,11 @@ def install_text_hooks(redact: Callable[[str], str]) -> None:
     applied: as the tracebacks that are logged are. Process-wide; meant for
     the command line in text mode."""
     def write(text: str) -> None:
+        text = redact(text)
+        if write_in_order(text):  # in order with the records, where queued
+            return
         try:
-            sys.stderr.write(redact(text))
+            sys.stderr.write(text)
             sys.stderr.flush()
         except (OSError, ValueError, AttributeError):  # stderr full, closed, gone
             pass

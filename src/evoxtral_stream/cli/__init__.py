@@ -49,7 +49,7 @@ try:
         _stand_in_for_closed_streams,
         _stops_ignored_to_the_exit,
     )
-    from .messages import UserError, _error_line, _fail, _setup_logging, log
+    from .messages import UserError, _error_line, _fail, _say, _setup_logging, log
     from .parser import _flag_logging, _load_config, _parse
     from .results import _StdoutClosed
     from .serve import _cmd_serve
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif logs.format == "json":
             log.warning("interrupted")
         else:
-            say_interrupted(json_mode=False)
+            _say("evoxtral-stream: interrupted")  # in order with the log records
         if _model_threads_left():
             # A second Ctrl-C cut the engine's shutdown short (asyncio.run
             # raises it at once): the model thread may still be inside

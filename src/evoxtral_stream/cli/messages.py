@@ -13,11 +13,13 @@ from ..config import Config, LoggingConfig
 from ..console import above_captions
 from ..logs import (
     LEVELS,
+    STATUS_LINE,
     configure_logging,
     install_json_hooks,
     install_text_hooks,
     one_line,
     quiet_library_progress_bars,
+    write_in_order,
 )
 from ..server.auth import install_token_redaction, redact_tokens
 from ..startup import keep_sending_lost_ctrl_c
@@ -70,10 +72,12 @@ def _notice(cfg: Config, message: str) -> None:
     always was in text mode, an INFO record in json mode (so stderr stays JSON
     lines). In both, nothing when ``logging.level`` is above info (``-q``)."""
     if cfg.logging.format == "json":
-        log.info("%s", message)
-    elif LEVELS[cfg.logging.level] <= logging.INFO:
-        # A stderr that takes nothing (a full disk) loses the line, as the
-        # logging module loses a record, and must not change the exit status.
+        log.info("%s", message, extra=STATUS_LINE)
+    elif LEVELS[cfg.logging.level] <= logging.INFO and not write_in_order(message + "\n"):
+        # In order with the log records where a writer thread writes them;
+        # here (a terminal), above the live captions. A stderr that takes
+        # nothing (a full disk) loses the line, as the logging module loses
+        # a record, and must not change the exit status.
         with above_captions(sys.stderr), contextlib.suppress(OSError):
             print(message, file=sys.stderr, flush=True)
 
@@ -83,12 +87,18 @@ def _error_line(message: str, logs: LoggingConfig) -> None:
     if logs.format == "json":
         log.error("%s", message)
     else:
+        # One line even when the message quotes a file name holding a line
+        # break (or a terminal escape), as a log record is; tokens redacted,
+        # as the json record's are (it quotes values).
+        _say(f"evoxtral-stream: error: {one_line(redact_tokens(message))}")
+
+
+def _say(line: str) -> None:
+    """``line`` on stderr, in order with the log records queued for it
+    (:func:`~evoxtral_stream.logs.write_in_order`)."""
+    if not write_in_order(line + "\n"):
         with contextlib.suppress(OSError):  # stderr full: the exit status still tells
-            # One line even when the message quotes a file name holding a
-            # line break (or a terminal escape), as a log record is; tokens
-            # redacted, as the json record's are (it quotes values).
-            shown = one_line(redact_tokens(message))
-            print(f"evoxtral-stream: error: {shown}", file=sys.stderr, flush=True)
+            print(line, file=sys.stderr, flush=True)
 
 
 def _fail(message: str, logs: LoggingConfig) -> NoReturn:
