@@ -24,15 +24,14 @@ import os
 import re
 import sys
 import threading
-import time
 import traceback
 import types
-from collections import deque
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from .console import TerminalLogHandler
+from .writer import EXIT_WAIT_S, QueuedWriter
 
 __all__ = [
     "FORMATS",
@@ -81,7 +80,7 @@ LOG_QUEUE_RESERVE = 100
 #: JSON record of one): it may use :data:`LOG_QUEUE_RESERVE`. Not written.
 STATUS_LINE: Mapping[str, object] = types.MappingProxyType({"_status_line": True})
 #: How long the exit waits for the writer to write what is queued.
-LOG_EXIT_WAIT_S = 2.0
+LOG_EXIT_WAIT_S = EXIT_WAIT_S
 
 # Attributes every LogRecord has (plus the two the stdlib formatter adds):
 # anything else on a record came from ``extra=``.
@@ -281,13 +280,12 @@ class QueuedLogHandler(logging.Handler):
     ``exit_wait`` seconds in all, then give up: a reader that is stuck does
     not hang the exit.
 
-    The writer writes to a duplicate of ``stream``'s file descriptor with
-    :func:`os.write`: a thread blocked in ``sys.stderr``'s own write would
-    hold its lock, which the interpreter's exit takes (and aborts on), and
-    what redirects descriptor 2 for a while (an audio decoder's prints,
-    held) leaves the log's lines where they were going. A line that cannot
-    be written (the reader gone, a full disk) is lost, as the logging
-    module loses a record.
+    The queue and its writer are a :class:`~.writer.QueuedWriter`: it
+    writes to a duplicate of ``stream``'s file descriptor (what redirects
+    descriptor 2 for a while, an audio decoder's prints held, leaves the
+    log's lines where they were going), and a line that cannot be written
+    (the reader gone, a full disk) is lost, as the logging module loses a
+    record.
     """
 
     def __init__(self, stream: TextIO, *, records: int | None = None,
@@ -295,22 +293,11 @@ class QueuedLogHandler(logging.Handler):
                  exit_wait: float = LOG_EXIT_WAIT_S) -> None:
         super().__init__()
         self.stream = stream
-        self._fd = os.dup(stream.fileno())
-        self._encoding = getattr(stream, "encoding", None) or "utf-8"
-        self._errors = getattr(stream, "errors", None) or "backslashreplace"
         # Read at construction, so that a test can make it small beforehand.
         self._records = LOG_QUEUE_RECORDS if records is None else records
         self._reserve = reserve
-        self._max_chars = max_chars
-        self._exit_wait = exit_wait
-        self._lines: deque[str] = deque()
-        self._chars = 0
-        self._dropped = 0
-        self._busy = False   # the writer holds a line it took
-        self._gave_up = False   # a flush timed out: later ones do not wait
-        self._cond = threading.Condition(threading.Lock())
-        self._writer = threading.Thread(target=self._run, name="log-writer", daemon=True)
-        self._writer.start()
+        self._queue = QueuedWriter(stream, name="log-writer", max_chars=max_chars,
+                                   exit_wait=exit_wait, dropped_line=self._dropped_line)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -319,28 +306,15 @@ class QueuedLogHandler(logging.Handler):
             self.handleError(record)
             return
         reserved = record.levelno >= logging.WARNING or getattr(record, "_status_line", False)
-        self._put(line, self._records + (self._reserve if reserved else 0))
+        self._queue.put(line, self._records + (self._reserve if reserved else 0))
 
     def write_text(self, text: str) -> None:
         """Queue ``text`` (whole lines) behind the records queued, for the
         lines the command writes on stderr itself; it may use the reserve."""
-        self._put(text, self._records + self._reserve)
+        self._queue.put(text, self._records + self._reserve)
 
-    def _put(self, text: str, most: int) -> None:
-        with self._cond:
-            if len(self._lines) >= most or self._chars + len(text) > self._max_chars:
-                self._dropped += 1
-                self._cond.notify_all()   # a line too long for an empty queue
-                return
-            if self._dropped:
-                text = self._dropped_line() + text
-            self._lines.append(text)
-            self._chars += len(text)
-            self._cond.notify_all()
-
-    def _dropped_line(self) -> str:
-        """The line counting the records dropped (reset); under the lock."""
-        n, self._dropped = self._dropped, 0
+    def _dropped_line(self, n: int) -> str:
+        """The record counting ``n`` records dropped, formatted."""
         record = logging.makeLogRecord({
             "name": "evoxtral_stream", "levelno": logging.WARNING, "levelname": "WARNING",
             "msg": "%d log records dropped: stderr's reader fell behind "
@@ -351,45 +325,10 @@ class QueuedLogHandler(logging.Handler):
         except Exception:
             return f"WARNING evoxtral_stream: {n} log records dropped\n"
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._lines and not self._dropped:
-                    self._cond.wait()
-                if self._lines:
-                    text = self._lines.popleft()
-                    self._chars -= len(text)
-                else:   # all written and some dropped since: say so now
-                    text = self._dropped_line()
-                self._busy = True
-            self._write(text)
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
-
-    def _write(self, text: str) -> None:
-        data = memoryview(text.encode(self._encoding, self._errors))
-        while data:
-            try:
-                data = data[os.write(self._fd, data):]
-            except BlockingIOError:   # a descriptor someone made non-blocking
-                time.sleep(0.01)
-            except InterruptedError:
-                continue
-            except OSError:   # the reader gone, a full disk: the line is lost
-                return
-
     def flush(self) -> None:
         """Wait until what is queued is written, or :attr:`exit_wait`
         seconds (in all, over every call) have passed."""
-        deadline = time.monotonic() + self._exit_wait
-        with self._cond:
-            while (self._lines or self._busy or self._dropped) and not self._gave_up:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    self._gave_up = True
-                    break
-                self._cond.wait(left)
+        self._queue.flush()
 
     def close(self) -> None:
         """Flush (bounded); the writer and its descriptor stay for the
