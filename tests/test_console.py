@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import io
 import logging
@@ -341,3 +342,74 @@ def test_a_live_partial_that_loses_its_text_leaves_the_row_empty() -> None:
     for screen in screens[1:]:
         assert not any("You" in row for row in screen), screens
     assert [row for row in screens[-1] if row] == ["[0:03.0 → 0:03.5] next"]
+
+
+def _final(stream: str, n: int, text: str) -> CaptionEvent:
+    return CaptionEvent(stream, n, 1, True, text, text, text, "", (), float(n), n + 0.5, None)
+
+
+def test_a_queued_printer_never_waits_on_a_pipe_nobody_reads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``queued`` (serve's stdout) on a pipe nobody reads: 200 lines of 2 KB
+    (six times the pipe) are taken at once; the exit's wait gives up after
+    its bounded while; then reading the pipe gives the first lines in order
+    and one line counting those dropped."""
+    import evoxtral_stream.console as console
+
+    monkeypatch.setattr(console, "PRINT_QUEUE_LINES", 5)
+    monkeypatch.setattr(console, "EXIT_WAIT_S", 0.3)
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "w") as out, os.fdopen(read_end, "rb") as reader:
+        printer = CaptionPrinter(out, show_stream=True, queued=True)
+        words = " ".join(f"w{i}" for i in range(400))
+        started = time.monotonic()
+        for n in range(200):
+            printer(_final("s", n, words))
+        printer.flush()
+        assert time.monotonic() - started < 5, "the printer waited on the pipe"
+        assert printer.error is None
+        os.set_blocking(read_end, False)
+        data = bytearray()
+        deadline = time.monotonic() + 30
+        while b"dropped" not in data and time.monotonic() < deadline:
+            with contextlib.suppress(BlockingIOError):
+                data += reader.read() or b""
+            time.sleep(0.01)
+        time.sleep(0.2)
+        with contextlib.suppress(BlockingIOError):
+            data += reader.read() or b""
+    lines = data.decode().splitlines()
+    finals = [line for line in lines if line.startswith("s [")]
+    assert all(line.endswith(" w399") for line in finals)
+    assert [line.split("[", 1)[1].split(" ", 1)[0] for line in finals] == [
+        f"0:{n:04.1f}" for n in range(len(finals))], "in order, from the first"
+    counts = [re.fullmatch(r"! (\d+) caption lines dropped: standard output's reader "
+                           r"fell behind", line) for line in lines if line not in finals]
+    assert len(counts) == 1 and counts[0] is not None, lines[len(finals):]
+    assert len(finals) + int(counts[0].group(1)) == 200
+    assert "dropped" in lines[-1], "where the lines dropped would have been"
+
+
+def test_a_queued_printer_whose_reader_left_stops_with_one_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Every line in order while the pipe is read; once its reader left,
+    the printing stops at the next line with one warning, as a failed
+    print does, and the caller never sees the error."""
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "w") as out:
+        printer = CaptionPrinter(out, show_stream=True, queued=True)
+        for n in range(100):
+            printer(_final("s", n, f"line {n}"))
+        printer.flush()
+        with os.fdopen(read_end, "rb") as reader:
+            os.set_blocking(read_end, False)
+            lines = reader.read().decode().splitlines()
+        assert [line.rsplit(" ", 1)[1] for line in lines] == [str(n) for n in range(100)]
+        with caplog.at_level(logging.WARNING, "evoxtral_stream.console"):
+            printer(_final("s", 100, "after the reader left"))
+            printer.flush()   # the writer met the broken pipe
+            for n in range(101, 105):
+                printer(_final("s", n, "more"))
+    assert isinstance(printer.error, BrokenPipeError)
+    warnings = [r.getMessage() for r in caplog.records if "no longer printed" in r.getMessage()]
+    assert len(warnings) == 1, warnings

@@ -11,6 +11,11 @@ a full disk) stops the printing: logged once, kept in
 the engine. A reader that left is not logged where the caller takes it
 (``on_closed``): ``| head`` is no error.
 
+With ``queued`` set (``serve``, where stdout is a side output), lines for
+a stream that is not a terminal (journald, docker) are written by a thread
+of their own through a bounded queue (:class:`~.writer.QueuedWriter`), so
+that a reader that stops reading never stops the engine's event loop.
+
 Log lines and status lines written to a terminal go through
 :func:`above_captions` (:class:`TerminalLogHandler` does for log records):
 the live partial's row, and transcribe's progress bar below it, are cleared
@@ -33,9 +38,16 @@ from typing import TextIO
 
 from .events import CaptionEvent, EngineEvent, StreamError
 from .text.chars import CONTROL, drop_hidden, mend_surrogates
+from .writer import EXIT_WAIT_S, QueuedWriter
 
-__all__ = ["CaptionPrinter", "TerminalLogHandler", "above_captions", "char_columns",
-           "clip_columns", "format_time", "printable", "text_columns"]
+__all__ = ["PRINT_QUEUE_CHARS", "PRINT_QUEUE_LINES", "CaptionPrinter", "TerminalLogHandler",
+           "above_captions", "char_columns", "clip_columns", "format_time", "printable",
+           "text_columns"]
+
+#: The most lines a queued :class:`CaptionPrinter` holds for its writer...
+PRINT_QUEUE_LINES = 10_000
+#: ... and the most characters they may take together.
+PRINT_QUEUE_CHARS = 8 * 1024 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +131,16 @@ class CaptionPrinter:
     (serve's own source beside streams clients send). ``on_closed`` is
     called once, instead of the warning, when the output's reader has left
     (a broken pipe).
+
+    ``queued``: off a terminal, the lines go to ``out``'s file descriptor
+    through a queue of at most :data:`PRINT_QUEUE_LINES` lines
+    (:data:`PRINT_QUEUE_CHARS` characters) and a writer thread, never
+    blocking the caller. Overflow: the new line is dropped and counted, and
+    once the writer gets through again it writes the line ``! N caption
+    lines dropped: standard output's reader fell behind`` where they would
+    have been. :meth:`flush` waits for the queue at most
+    :data:`~.writer.EXIT_WAIT_S` seconds. A write the writer could not do
+    stops the printing at the next line, as a failed write does.
     """
 
     def __init__(
@@ -130,9 +152,19 @@ class CaptionPrinter:
         partials: bool | None = None,
         live: bool | None = None,
         on_closed: Callable[[], None] | None = None,
+        queued: bool = False,
     ) -> None:
         self._out = out if out is not None else sys.stdout
         is_tty = self._out.isatty()
+        self._queue: QueuedWriter | None = None
+        # Read at construction, so that a test can make it small beforehand.
+        self._queue_lines = PRINT_QUEUE_LINES
+        # No descriptor (an in-memory stream) or no thread: written directly.
+        with contextlib.suppress(OSError, ValueError, RuntimeError, AttributeError):
+            if queued and not is_tty:
+                self._queue = QueuedWriter(self._out, name="caption-writer",
+                                           max_chars=PRINT_QUEUE_CHARS, exit_wait=EXIT_WAIT_S,
+                                           dropped_line=_dropped_captions)
         self._live = is_tty if live is None else live
         self._partials = self._live if partials is None else partials
         self._show_stream = show_stream
@@ -172,6 +204,21 @@ class CaptionPrinter:
             log.warning("captions are no longer printed: cannot write to %s: %s",
                         where, self.error.strerror or self.error)
 
+    def flush(self) -> None:
+        """Wait until the lines queued are written, at most
+        :data:`~.writer.EXIT_WAIT_S` seconds in all (``queued``; else at once)."""
+        if self._queue is not None:
+            self._queue.flush()
+
+    def _line(self, text: str) -> None:
+        """Print ``text`` as a line, through the queue when there is one."""
+        if self._queue is None:
+            print(text, file=self._out, flush=True)
+        elif self._queue.error is not None:
+            raise self._queue.error   # stops the printing, as a failed print
+        else:
+            self._queue.put(text + "\n", self._queue_lines)
+
     def _stop(self, e: OSError) -> None:
         """Stop printing; :meth:`__call__` logs why."""
         self.error = e
@@ -198,15 +245,14 @@ class CaptionPrinter:
     def _print(self, event: EngineEvent) -> None:
         if isinstance(event, StreamError):
             self._clear()
-            print(printable(f"! {event.stream}: {event.code}: {event.message}"), file=self._out,
-                  flush=True)
+            self._line(printable(f"! {event.stream}: {event.code}: {event.message}"))
             return
         if not isinstance(event, CaptionEvent):
             return
         if event.final:
             self._clear()
             if event.text:
-                print(f"{self._prefix(event)} {event.text}", file=self._out, flush=True)
+                self._line(f"{self._prefix(event)} {event.text}")
         elif self._partials and not event.text:
             # The segment's text is gone (Whisper rated it no speech): what
             # its earlier partial showed is no longer what it says.
@@ -226,7 +272,7 @@ class CaptionPrinter:
                 self._out.write(_CLEAR_LINE + line)
                 self._out.flush()
             else:
-                print(f"{self._prefix(event)} … {event.text}", file=self._out, flush=True)
+                self._line(f"{self._prefix(event)} … {event.text}")
 
     def _columns(self) -> int:
         """The terminal's width now (it may be resized), 80 when unknown."""
@@ -240,6 +286,10 @@ class CaptionPrinter:
             self._partial_shown = False
             self._row = None
             self._out.write(_CLEAR_LINE)
+
+
+def _dropped_captions(n: int) -> str:
+    return f"! {n} caption lines dropped: standard output's reader fell behind\n"
 
 
 def char_columns(c: str) -> int:

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ..audio.microphone import ChannelRoute, usable_input_device
@@ -138,7 +138,11 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
             loop.add_signal_handler(sig, stop.set)
     # If the model thread dies, the worker reloads the model with this.
     reload = functools.partial(load_backend, cfg.model)
-    async with Engine(cfg, backend, backend_factory=reload) as engine, \
+    stream_id = args.stream or source
+    printer = None if args.no_print else _printer(args, cfg, source, stream_id,
+                                                  own=file_audio is not None or pipe is not None)
+    async with _flushed_at_the_end(printer), \
+            Engine(cfg, backend, backend_factory=reload) as engine, \
             CaptionServer(engine, cfg.server) as server, \
             contextlib.AsyncExitStack() as stack:
         await _start_mqtt(stack, cfg, engine, server)
@@ -186,16 +190,8 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
             stack.callback(hold_sighup)
             if hangups is not None and hangups.pending:
                 on_sighup()  # one that came while the model loaded
-        stream_id = args.stream or source
-        if not args.no_print:
-            # Channels split into streams, or only clients' streams: each
-            # line says whose it is. Else the source's lines are unnamed and
-            # those of streams clients send name theirs.
-            own = source == "mic" or file_audio is not None or pipe is not None
-            several = own and len(_channel_stream_ids(cfg, stream_id)) > 1
-            everyone = several or args.source == "none"
-            engine.add_listener(CaptionPrinter(show_stream=everyone,
-                                               own=None if everyone else stream_id))
+        if printer is not None:
+            engine.add_listener(printer)
         _notice(cfg, f"serving captions on {url}/v1/captions (Ctrl-C to stop)")
         feeder: asyncio.Task[Any] | None = None
         mic: MicrophoneCapture | None = None
@@ -283,6 +279,34 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
     _ignore_late_stops(loop)
     # Exit status 1: some final had to be closed early or was lost (logged).
     return 0 if drained else 1
+
+
+def _printer(args: argparse.Namespace, cfg: Config, source: str, stream_id: str, *,
+             own: bool) -> CaptionPrinter:
+    """The printer of serve's captions on stdout; ``own``: a file's or a
+    pipe's audio is played. Off a terminal its lines are queued for a thread
+    of their own: stdout is a side output here, and a reader that stops
+    reading it (journald, docker) must not stop the server."""
+    # Channels split into streams, or only clients' streams: each line says
+    # whose it is. Else the source's lines are unnamed and those of streams
+    # clients send name theirs.
+    own = own or source == "mic"
+    several = own and len(_channel_stream_ids(cfg, stream_id)) > 1
+    everyone = several or args.source == "none"
+    return CaptionPrinter(show_stream=everyone, own=None if everyone else stream_id,
+                          queued=True)
+
+
+@contextlib.asynccontextmanager
+async def _flushed_at_the_end(printer: CaptionPrinter | None) -> AsyncIterator[None]:
+    """Wait, as the block ends, for the lines ``printer`` queued to be
+    written, at most a bounded while: a reader that is stuck does not
+    hang the exit."""
+    try:
+        yield
+    finally:
+        if printer is not None:
+            await asyncio.to_thread(printer.flush)
 
 
 async def _reload(args: argparse.Namespace, running: list[Config], server: CaptionServer,
