@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -89,24 +90,41 @@ def test_a_stderr_nobody_reads_does_not_stop_serve_debug() -> None:
     held, and a line saying how many records were dropped, all JSON lines."""
     proc = _popen(500, "serve", "--source", "none", "--no-print", "--port", "0",
                   "--debug", "--log-format", "json")
+    assert proc.stderr is not None
+    lines: list[bytes] = []
     try:
         url = _url_from(proc)
         answered = asyncio.run(_connects(url, 150, each_s=20))
+        # Now read: the queue's lines come, then the count of those dropped.
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr or ()), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 60
+        while not any(b'"dropped"' in line for line in list(lines)):
+            assert time.monotonic() < deadline, "no count of dropped records came"
+            time.sleep(0.1)
+        time.sleep(0.5)  # the queue is written out: the stop logs into an empty one
     except BaseException:
         proc.kill()
         proc.wait()
         raise
-    err, status = _stop(proc)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        status = proc.wait(timeout=60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.wait()
+    reader.join(10)
     assert answered == 150, f"only {answered} connects answered"
-    assert status == 0, err[-2000:]
-    records = [json.loads(line) for line in err.decode().splitlines()]
+    assert status == 0, b"".join(lines)[-2000:]
+    records = [json.loads(line) for line in lines]
     dropped = [r for r in records if "dropped" in r]
     assert dropped, records[-5:]
     assert all(r["level"] == "WARNING" and isinstance(r["dropped"], int)
                and r["dropped"] > 0 and f"{r['dropped']} log records" in r["msg"]
                for r in dropped), dropped
     # The exit waited for the queue: the stop's records are there, after
-    # the last count.
+    # the last count (the stop, with its reader back, dropped none).
     last = max(i for i, r in enumerate(records) if "dropped" in r)
     assert any(r["msg"] == "server closed" for r in records[last:]), records[-5:]
 
