@@ -21,13 +21,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from evoxtral_stream.audio.microphone import ChannelRoute
-from evoxtral_stream.audio.resample import StreamResampler
+from evoxtral_stream.audio.resample import MixResampler
 from evoxtral_stream.audio.sources import AudioInputError
 from evoxtral_stream.audio.wavstream import WavFormat, WavStreamDecoder, WavStreamError
-from evoxtral_stream.events import SAMPLE_RATE, Float32Array, Int16Array
+from evoxtral_stream.events import Float32Array, Int16Array
 
 __all__ = ["NotLiveAudio", "PipeCapture", "PipeEnd", "is_live_pipe"]
 
@@ -126,8 +124,7 @@ class PipeCapture:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._routes: list[ChannelRoute] = []
         self._on_end: Callable[[PipeEnd], None] | None = None
-        self._resamplers: list[StreamResampler] = []
-        self._columns: list[list[int] | None] = []
+        self._convert: MixResampler | None = None
         # A piece read but not handed on when stop() came (the hand-off was
         # full): stop() delivers it after those the hand-off holds.
         self._unhanded: list[Int16Array] | None = None
@@ -194,11 +191,7 @@ class PipeCapture:
         if [tuple(r.channels) for r in routes] != self.mixes:
             raise ValueError("the routes must take the mixes given to the capture, in order")
         self._loop, self._routes, self._on_end = loop, list(routes), on_end
-        self._columns = [None if not r.channels else [c - 1 for c in r.channels]
-                         for r in routes]
-        self._resamplers = [StreamResampler(fmt.rate, SAMPLE_RATE,
-                                            fmt.channels if cols is None else len(cols))
-                            for cols in self._columns]
+        self._convert = MixResampler(fmt.rate, fmt.channels, self.mixes)
         self._thread = threading.Thread(target=self._run, name="evoxtral-pipe", daemon=True)
         self._thread.start()
 
@@ -215,8 +208,8 @@ class PipeCapture:
         unhanded, self._unhanded = self._unhanded, None
         if unhanded is not None:
             self._deliver(unhanded)
-        if self._resamplers and self._routes:
-            self._deliver([r.flush() for r in self._resamplers])
+        if self._convert is not None and self._routes:
+            self._deliver(self._convert.flush())
             self._routes = []  # delivered once
         self._close_fd()
 
@@ -230,7 +223,7 @@ class PipeCapture:
         end = PipeEnd(None)
         try:
             first, self._first = self._first, None
-            if first is not None and len(first) and not self._hand(self._convert(first)):
+            if first is not None and len(first) and not self._hand(self._mixed(first)):
                 return
             while not self._stopping.is_set():
                 ready, _, _ = select.select([fd], [], [], _POLL_S)
@@ -240,13 +233,14 @@ class PipeCapture:
                 if not data:
                     break
                 frames = self._decoder.feed(data)
-                if len(frames) and not self._hand(self._convert(frames)):
+                if len(frames) and not self._hand(self._mixed(frames)):
                     return
                 if self._decoder.ended:
                     break
             else:
                 return  # stopped: stop() delivers the rest
-            tails = [r.flush() for r in self._resamplers]
+            assert self._convert is not None
+            tails = self._convert.flush()
             end = PipeEnd(None, self._decoder.finish())
             if not self._hand(tails):
                 return
@@ -257,10 +251,10 @@ class PipeCapture:
             end = PipeEnd(AudioInputError(f"reading {self.name} failed: {e}"))
         self._hand(end)
 
-    def _convert(self, frames: Float32Array) -> list[Int16Array]:
+    def _mixed(self, frames: Float32Array) -> list[Int16Array]:
+        assert self._convert is not None
         self.frames_read += len(frames)
-        return [r.process(frames if cols is None else np.ascontiguousarray(frames[:, cols]))
-                for r, cols in zip(self._resamplers, self._columns, strict=True)]
+        return self._convert.process(frames)
 
     def _hand(self, item: list[Int16Array] | PipeEnd) -> bool:
         """Queue ``item`` for the loop, waiting while the hand-off is full:

@@ -8,7 +8,7 @@ samples would alias and shift the pitch the model hears.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -20,6 +20,7 @@ from evoxtral_stream.events import SAMPLE_RATE, Float32Array, Int16Array
 __all__ = [
     "SILENCE_PIECE",
     "SILENCE_PIECES_PER_TURN",
+    "MixResampler",
     "StreamResampler",
     "float_to_int16",
     "int16_to_float32",
@@ -220,3 +221,28 @@ class StreamResampler:
         self._samples_out += missing
         self.silence += missing
         return tail, missing
+
+
+class MixResampler:
+    """Blocks of frames ``channels`` wide at ``rate`` in; out, per mix of
+    channels (numbered from 1; ``()``: every one), a 16 kHz mono int16
+    block, each mix resampled by a :class:`StreamResampler` of its own (a
+    filter's state never mixes two outputs). A file's reader and a live
+    pipe's share it."""
+
+    def __init__(self, rate: int, channels: int, mixes: Sequence[Sequence[int]]) -> None:
+        # None: every channel, the block as read (no copy of its columns).
+        self._columns = [None if not mix or list(mix) == list(range(1, channels + 1))
+                         else [c - 1 for c in mix] for mix in mixes]
+        self._converts = [StreamResampler(rate, SAMPLE_RATE,
+                                          channels if cols is None else len(cols))
+                          for cols in self._columns]
+
+    def process(self, block: npt.NDArray[Any]) -> list[Int16Array]:
+        """One block, ``(frames, channels)``: each mix's output ready."""
+        return [convert.process(block if cols is None else block[:, cols])
+                for convert, cols in zip(self._converts, self._columns, strict=True)]
+
+    def flush(self) -> list[Int16Array]:
+        """End of stream: each mix's tail (see :meth:`StreamResampler.flush`)."""
+        return [convert.flush() for convert in self._converts]

@@ -19,7 +19,7 @@ from typing import BinaryIO
 import numpy as np
 import soundfile as sf  # type: ignore[import-untyped,unused-ignore]
 
-from evoxtral_stream.audio.resample import StreamResampler
+from evoxtral_stream.audio.resample import MixResampler
 from evoxtral_stream.audio.wavsizes import misread_wav
 from evoxtral_stream.audio.wavstream import (
     MAX_FILE_RATE,
@@ -27,7 +27,7 @@ from evoxtral_stream.audio.wavstream import (
     WavStreamDecoder,
     WavStreamError,
 )
-from evoxtral_stream.events import SAMPLE_RATE, Float32Array, Int16Array
+from evoxtral_stream.events import Float32Array, Int16Array
 
 __all__ = ["MAX_FILE_RATE", "MIN_FILE_RATE", "AudioInputError", "iter_chunks",
            "read_audio_channels", "read_audio_file", "read_pipe_channels"]
@@ -357,27 +357,21 @@ def _decode(f: sf.SoundFile, mixes: Sequence[Sequence[int]], whole: int | None
 
 
 class _Mixer:
-    """Float32 frames of a file at ``rate``, ``channels`` wide, in blocks;
-    out, one list of 16 kHz mono int16 blocks per mix of channels
-    (:func:`read_audio_channels`), each resampled on its own."""
+    """Float32 frames of a file in blocks; out, one list of 16 kHz mono
+    int16 blocks per mix of channels (:func:`read_audio_channels`), as
+    :class:`MixResampler` makes them."""
 
     def __init__(self, rate: int, channels: int, mixes: Sequence[Sequence[int]]) -> None:
-        # None: every channel, the block as read (no copy of its columns).
-        self._columns = [None if not mix or list(mix) == list(range(1, channels + 1))
-                         else [c - 1 for c in mix] for mix in mixes]
-        # One resampler per output: a filter's state never mixes two outputs.
-        self._converts = [StreamResampler(rate, SAMPLE_RATE,
-                                          channels if cols is None else len(cols))
-                          for cols in self._columns]
+        self._convert = MixResampler(rate, channels, mixes)
         self._parts: list[list[Int16Array]] = [[] for _ in mixes]
 
     def add(self, block: Float32Array) -> None:
-        for out, convert, cols in zip(self._parts, self._converts, self._columns, strict=True):
-            out.append(convert.process(block if cols is None else block[:, cols]))
+        for out, block16 in zip(self._parts, self._convert.process(block), strict=True):
+            out.append(block16)
 
     def finish(self) -> list[list[Int16Array]]:
-        for out, convert in zip(self._parts, self._converts, strict=True):
-            out.append(convert.flush())
+        for out, tail in zip(self._parts, self._convert.flush(), strict=True):
+            out.append(tail)
         return self._parts
 
 
