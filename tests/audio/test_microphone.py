@@ -1119,3 +1119,41 @@ async def test_a_failing_status_callback_does_not_stop_the_reopening(
     assert "an audio input status callback failed" in caplog.text
     assert cap.stalls == cap.reopens == 1
     cap.stop()
+
+
+@pytest.mark.parametrize("when", ["refreshing", "between tries"])
+async def test_stop_while_a_lost_device_is_looked_for_opens_and_delivers_nothing_after(
+        when: str) -> None:
+    """stop() comes while the reopen loop's device refresh is blocked in its
+    thread (or while it waits for its next try): it returns at once, and
+    once the refresh returns nothing is opened and nothing is delivered."""
+    refreshing, release = threading.Event(), threading.Event()
+    refreshes: list[float] = []
+
+    def refresh() -> None:
+        refreshes.append(time.monotonic())
+        refreshing.set()
+        if when == "between tries":
+            raise AudioInputError("not back yet")
+        assert release.wait(10)
+
+    got = Received()
+    factory = LiveFactory()
+    cap = MicrophoneCapture(got, device=fake_device(), block_ms=20, max_pending_blocks=100,
+                            stream_factory=factory, stall_timeout_s=0.3,
+                            reopen_interval_s=0.3, refresh_devices=refresh)
+    cap.start()
+    await until(lambda: cap.samples_delivered > 0, "audio")
+    factory.streams[0].unplug()
+    assert await asyncio.to_thread(refreshing.wait, 10)
+    await asyncio.sleep(0.05)  # between tries: into the wait for the next one
+    t0 = time.monotonic()
+    cap.stop()
+    assert time.monotonic() - t0 < 1.0
+    stopped_at, delivered = time.monotonic(), cap.samples_delivered
+    release.set()
+    await asyncio.sleep(1.0)  # a reopen would come now, and tries after it
+    assert not cap.running and cap.reopens == 0
+    assert len(factory.streams) == 1 and factory.streams[0].calls == ["start", "close"]
+    assert cap.samples_delivered == delivered == len(got.audio)
+    assert not [t for t in refreshes if t > stopped_at]
