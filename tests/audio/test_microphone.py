@@ -765,6 +765,66 @@ async def test_each_route_gets_the_mix_of_its_own_channels_and_the_same_timeline
     assert rms(outs["ch5"].audio[head]) / 32768 == pytest.approx(0.5 / np.sqrt(2), rel=0.02)
 
 
+class Refusing(Received):
+    """A receiver that raises on the calls numbered in ``fail`` (from 0), as
+    a stream closed under the capture does; ``offered`` counts every call."""
+
+    def __init__(self, fail: set[int]) -> None:
+        super().__init__()
+        self.fail = fail
+        self.offered: list[int] = []
+
+    def __call__(self, samples: Int16Array) -> None:
+        call = len(self.offered)
+        self.offered.append(len(samples))
+        if call in self.fail:
+            raise RuntimeError(f"stream closed (call {call})")
+        super().__call__(samples)
+
+
+async def test_a_route_whose_receiver_raises_costs_the_other_routes_nothing(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Three routes, the middle one's receiver raising on some blocks: the
+    routes after it used to miss those blocks (and the blocks queued after
+    them waited for the next callback), and a raise in stop() left the
+    last ones undelivered. Now every other route gets every block, the
+    raising one is offered every block (its timeline stays the others'),
+    and each run of failures is logged once, with its traceback."""
+    first, second = Received(), Received()
+    refusing = Refusing({2, 3, 4, 7})
+    cap = MicrophoneCapture(
+        [ChannelRoute(first), ChannelRoute(refusing), ChannelRoute(second)],
+        device=fake_device(SAMPLE_RATE, 1), block_ms=20, max_pending_blocks=100,
+        stream_factory=FakeFactory())
+    cap.start()
+    blocks = [np.full((320, 1), (i + 1) / 100, np.float32) for i in range(12)]
+    caplog.set_level(logging.INFO, logger=microphone.__name__)
+    for b in blocks[:10]:  # the loop is held up: one drain takes all ten
+        cap._callback(b, 320, None, Flags())
+    await settle(cap)
+    assert len(first.blocks) == len(second.blocks) == 10
+    refusing.fail = set(range(10, 100))  # from now on it refuses everything
+    for b in blocks[10:]:
+        cap._callback(b, 320, None, Flags())
+    cap.stop()  # delivers the two queued blocks; must not raise
+    want = [round(32767 * (i + 1) / 100) for i in range(12)]
+    assert [int(b[0]) for b in first.blocks] == want
+    assert [int(b[0]) for b in second.blocks] == want
+    assert refusing.offered == [320] * 12
+    assert [int(b[0]) for b in refusing.blocks] == [want[i] for i in (0, 1, 5, 6, 8, 9)]
+    assert cap.samples_delivered == 12 * 320 and cap.receiver_failures == 6
+    # Three runs of failures: the first is logged with its traceback and
+    # its end; the two after it come within REPORT_EVERY_S, so they are
+    # counted, and the count is logged at stop.
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1, [r.getMessage() for r in errors]
+    assert "audio route 2 of 3" in errors[0].getMessage()
+    assert errors[0].exc_info and "stream closed (call 2)" in str(errors[0].exc_info[1])
+    assert "audio route 2 of 3 takes audio again after 3 failed block(s)" in caplog.text
+    assert "audio route 2 of 3 failed 3 more block(s) (6 in all)" in caplog.text
+    assert not [r for r in caplog.records if "Exception in callback" in r.getMessage()]
+
+
 async def test_a_route_asking_for_a_channel_the_device_lacks_is_one_clear_error() -> None:
     factory = FakeFactory()
     cap = MicrophoneCapture([ChannelRoute(Received(), (1, 3))], device=fake_device(48000, 2),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
 import select
 import socket
@@ -295,3 +296,44 @@ def test_a_socket_named_by_its_path_is_one_line_saying_how_to_read_it(tmp_path: 
     assert message.startswith(f"pipe {path} is a socket, read only as standard input"), message
     assert f"socat UNIX-CONNECT:{path} -" in message
     assert "\n" not in message
+
+
+def test_a_route_whose_receiver_raises_costs_the_others_nothing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The first of two routes raises on every block (a stream closed under
+    the capture): the blocks the loop took in that turn, the end among
+    them, used to be lost, so the second route missed audio and on_end
+    never came. Now the second gets every sample, on_end comes once, and
+    the failure is logged once with its traceback."""
+    wav = _stereo_wav(tmp_path / "s.wav", seconds=2.0)
+    want = read_audio_channels(tmp_path / "s.wav", [(2,)])[0]
+    r, w = os.pipe()
+    ends: list[PipeEnd] = []
+    offered: list[int] = []
+
+    def refusing(block: Int16Array) -> None:
+        offered.append(len(block))
+        raise RuntimeError("stream closed")
+
+    async def main() -> None:
+        cap = _capture(r, [(1,), (2,)])
+        writer = _Writer(w, _live_header(wav), piece=777)
+        writer.start()
+        await asyncio.to_thread(cap.read_header)
+        sink = _Sink()
+        cap.start(asyncio.get_running_loop(),
+                  [ChannelRoute(refusing, (1,)), ChannelRoute(sink, (2,))], ends.append)
+        await _until(lambda: ends, timeout=20.0)
+        assert ends == [PipeEnd(None)]
+        np.testing.assert_array_equal(sink.samples, want)
+        assert sum(offered) == len(want)  # offered every block all the same
+        assert cap.receiver_failures == len(offered)
+        cap.stop()
+
+    with caplog.at_level(logging.INFO, logger="evoxtral_stream.audio"):
+        asyncio.run(main())
+    os.close(r)
+    errors = [rec for rec in caplog.records if rec.levelno >= logging.ERROR]
+    assert len(errors) == 1, [rec.getMessage() for rec in errors]
+    assert "audio route 1 of 2 (channel 1)" in errors[0].getMessage()
+    assert errors[0].exc_info and "stream closed" in str(errors[0].exc_info[1])

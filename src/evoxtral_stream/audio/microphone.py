@@ -35,6 +35,7 @@ __all__ = [
     "ChannelRoute",
     "InputDevice",
     "MicrophoneCapture",
+    "RouteReceiver",
     "StreamFactory",
     "list_input_devices",
     "resolve_input_device",
@@ -198,12 +199,80 @@ class ChannelRoute:
             raise ValueError(f"channels must be distinct numbers from 1, got {self.channels}")
 
 
+class RouteReceiver:
+    """A route's receiver as a capture calls it (on the loop). A receiver
+    that raises (its stream closed under the capture, a bug) is logged and
+    counted, never raised into the capture: the routes after it still get
+    the block, and the blocks after it still go out. The block counts as
+    delivered all the same, so the route's timeline stays the other
+    routes', and a receiver that takes audio again resumes where they are.
+
+    The first failure of a run of them is logged with its traceback, and
+    the run's end with its length, at most every :data:`REPORT_EVERY_S`
+    per route: a run that starts sooner is logged once that is due, if it
+    lasts; the failures of runs not logged are counted in the next line, or
+    in the one :meth:`report_rest` logs (at stop, when the device is lost,
+    at the pipe's end). :attr:`failures` counts them all."""
+
+    def __init__(self, on_audio: AudioCallback, name: str) -> None:
+        self.on_audio = on_audio
+        self.name = name
+        self.failures = 0
+        self._run = 0                # failures since the last block it took
+        self._run_logged = False
+        self._reported = 0           # failures a logged line accounts for
+        self._logged_at = -math.inf  # time.monotonic()
+
+    @classmethod
+    def for_routes(cls, routes: Sequence[ChannelRoute]) -> list[RouteReceiver]:
+        """One per route, named by its place and channels in the log."""
+        def channels(route: ChannelRoute) -> str:
+            if not route.channels:
+                return ""
+            word = "channel" if len(route.channels) == 1 else "channels"
+            return f" ({word} {', '.join(map(str, route.channels))})"
+        return [cls(r.on_audio, f"audio route {i} of {len(routes)}{channels(r)}")
+                for i, r in enumerate(routes, 1)]
+
+    def __call__(self, samples: Int16Array) -> None:
+        try:
+            self.on_audio(samples)
+        except Exception:
+            self.failures += 1
+            self._run += 1
+            now = time.monotonic()
+            if self._run_logged:
+                self._reported += 1  # the run's end line counts it
+            elif now - self._logged_at >= REPORT_EVERY_S:
+                self._run_logged, self._logged_at = True, now
+                earlier = self.failures - 1 - self._reported
+                self._reported = self.failures
+                logger.error(
+                    "%s failed to take a block of audio%s; its stream misses the blocks "
+                    "it refuses, the other routes get theirs", self.name,
+                    f" ({earlier} earlier failure(s) not logged)" if earlier else "",
+                    exc_info=True)
+            return
+        if self._run:
+            if self._run_logged:
+                logger.info("%s takes audio again after %d failed block(s)",
+                            self.name, self._run)
+            self._run, self._run_logged = 0, False
+
+    def report_rest(self) -> None:
+        """Log the failures no line has counted yet, now."""
+        if self.failures > self._reported:
+            logger.warning("%s failed %d more block(s) (%d in all)", self.name,
+                           self.failures - self._reported, self.failures)
+            self._reported = self.failures
+
+
 @dataclass
 class _Output:
     """A route once the device is open: its columns of the device's blocks
     (None: all of them) and its own resampler, so filters never mix outputs."""
 
-    on_audio: AudioCallback
+    on_audio: RouteReceiver
     columns: list[int] | None
     resampler: StreamResampler
 
@@ -286,7 +355,9 @@ class MicrophoneCapture:
     each gets the mix of its channels, so a multichannel interface can feed
     one stream per microphone. Every output gets the same number of samples
     at the same times (drops and gaps included); the counters below count
-    one output's. The device is opened at its native rate
+    one output's. A receiver that raises costs the other routes nothing
+    (see :class:`RouteReceiver`; :attr:`receiver_failures` counts). The
+    device is opened at its native rate
     (``default_samplerate``) with as many channels as the routes need
     (PortAudio opens the first N); a device with fewer is an
     :class:`AudioInputError`. Downmixing and soxr resampling
@@ -377,6 +448,8 @@ class MicrophoneCapture:
         if not routes:
             raise ValueError("a capture needs at least one route")
         self._routes = routes
+        # Kept across reopenings: each counts and throttles its route's failures.
+        self._receivers = RouteReceiver.for_routes(routes)
         self._channels_from = channels_from
         self._device_spec = device
         self.block_ms = block_ms
@@ -457,6 +530,12 @@ class MicrophoneCapture:
         )
 
     @property
+    def receiver_failures(self) -> int:
+        """Blocks a route's receiver raised on, all routes together (see
+        :class:`RouteReceiver`)."""
+        return sum(r.failures for r in self._receivers)
+
+    @property
     def running(self) -> bool:
         """Started and not stopped (also while a lost device is being reopened)."""
         return self._started
@@ -515,10 +594,10 @@ class MicrophoneCapture:
         mix = min(2, device.channels)
         self.channels = max(max(r.channels, default=mix) for r in self._routes)
         self._outputs = []
-        for route in self._routes:
+        for route, receiver in zip(self._routes, self._receivers, strict=True):
             columns = [c - 1 for c in route.channels] or list(range(mix))
             self._outputs.append(_Output(
-                route.on_audio, None if columns == list(range(self.channels)) else columns,
+                receiver, None if columns == list(range(self.channels)) else columns,
                 StreamResampler(self.samplerate, SAMPLE_RATE, len(columns))))
         blocksize = max(1, self.samplerate * self.block_ms // 1000)
         self._pending.clear()
@@ -747,7 +826,8 @@ class MicrophoneCapture:
 
     def _report(self, held_back: bool = False) -> None:
         """Log the drops and overflows since the last report, at most every
-        :data:`REPORT_EVERY_S` (``held_back``: now, the capture's last)."""
+        :data:`REPORT_EVERY_S` (``held_back``: now, the capture's last, with
+        the receivers' failures not logged yet)."""
         drops, overflows = self.dropped_blocks, self.status_overflows
         now = time.monotonic()
 
@@ -783,6 +863,9 @@ class MicrophoneCapture:
             self._reported_overflows = overflows
             self._reported_overflow_s = lost_s
             self._reported_unmeasured += unmeasured
+        if held_back:
+            for receiver in self._receivers:
+                receiver.report_rest()
 
 
 def _adc_time(time_info: Any) -> float | None:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from evoxtral_stream.audio.microphone import ChannelRoute
+from evoxtral_stream.audio.microphone import ChannelRoute, RouteReceiver
 from evoxtral_stream.audio.resample import MixResampler
 from evoxtral_stream.audio.sources import AudioInputError
 from evoxtral_stream.audio.wavstream import WavFormat, WavStreamDecoder, WavStreamError
@@ -93,7 +93,8 @@ class PipeCapture:
     nothing is dropped here, and the pipe's writer waits (a pipe buffers
     64 KiB, then blocks its writer: ``arecord`` reports an overrun and drops
     its own audio then). :attr:`waits` counts how often the hand-off was
-    full.
+    full. A route's receiver that raises costs the other routes nothing,
+    nor the end (see :class:`~evoxtral_stream.audio.microphone.RouteReceiver`).
 
     ``on_end(PipeEnd)`` runs once on the loop after the last block: the
     stream ended, or reading it failed (:class:`PipeEnd` says which). Not
@@ -122,7 +123,8 @@ class PipeCapture:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._routes: list[ChannelRoute] = []
+        self._routes: list[RouteReceiver] = []
+        self._receivers: list[RouteReceiver] = []
         self._on_end: Callable[[PipeEnd], None] | None = None
         self._convert: MixResampler | None = None
         # A piece read but not handed on when stop() came (the hand-off was
@@ -131,6 +133,12 @@ class PipeCapture:
         self.waits = 0
         self.frames_read = 0
         """Frames of the stream (its own rate) read so far."""
+
+    @property
+    def receiver_failures(self) -> int:
+        """Blocks a route's receiver raised on, all routes together (see
+        :class:`~evoxtral_stream.audio.microphone.RouteReceiver`)."""
+        return sum(r.failures for r in self._receivers)
 
     @property
     def format(self) -> WavFormat | None:
@@ -190,7 +198,8 @@ class PipeCapture:
             raise RuntimeError("a pipe is captured once")
         if [tuple(r.channels) for r in routes] != self.mixes:
             raise ValueError("the routes must take the mixes given to the capture, in order")
-        self._loop, self._routes, self._on_end = loop, list(routes), on_end
+        self._receivers = RouteReceiver.for_routes(routes)
+        self._loop, self._routes, self._on_end = loop, list(self._receivers), on_end
         self._convert = MixResampler(fmt.rate, fmt.channels, self.mixes)
         self._thread = threading.Thread(target=self._run, name="evoxtral-pipe", daemon=True)
         self._thread.start()
@@ -212,6 +221,8 @@ class PipeCapture:
             self._deliver(self._convert.flush())
             self._routes = []  # delivered once
         self._close_fd()
+        for receiver in self._receivers:
+            receiver.report_rest()
 
     # --- the reading thread ---------------------------------------------------
 
@@ -293,15 +304,17 @@ class PipeCapture:
             if isinstance(item, PipeEnd):
                 self._routes, on_end = [], self._on_end
                 self._close_fd()
+                for receiver in self._receivers:
+                    receiver.report_rest()
                 if on_end is not None and not self._stopping.is_set():
                     on_end(item)
                 return
             self._deliver(item)
 
     def _deliver(self, blocks: list[Int16Array]) -> None:
-        for route, block in zip(self._routes, blocks, strict=False):
+        for receive, block in zip(self._routes, blocks, strict=False):
             if len(block):
-                route.on_audio(block)
+                receive(block)  # never raises: one route's failure is not the others'
 
     def _close_fd(self) -> None:
         fd, self._fd = self._fd, None
