@@ -11,6 +11,8 @@ import os
 import shutil
 import ssl
 import subprocess
+import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -258,9 +260,9 @@ def test_a_renewal_is_loaded_into_the_same_context(pki: Pki, tmp_path: Path, how
 def test_files_changing_during_a_reload_never_leave_the_context_without_its_key(
     pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The check and the live load read one copy of the files: a second
-    renewal landing between them (here: right after the check) cannot make
-    the live load fail half way, which would leave no usable key."""
+    """The files are read once, into a context of their own: a second
+    renewal landing right after that read cannot reach the context in
+    service, and shows at the next poll."""
     cert, key = live_files(tmp_path, pki.alpha)
     served = ServerCertificate.open(str(cert), str(key))
     assert served is not None
@@ -270,13 +272,13 @@ def test_files_changing_during_a_reload_never_leave_the_context_without_its_key(
 
     def then_alpha_key_lands(ctx: ssl.SSLContext, c: str, k: str, **kw: Any) -> None:
         load_server_certificate(ctx, c, k, **kw)
-        if not loads:  # after the check: the live files stop matching
+        if not loads:  # right after the read: the live files stop matching
             replace(key, pki.alpha[1].read_bytes())
         loads.append(c)
 
     monkeypatch.setattr(certs_module, "load_server_certificate", then_alpha_key_lands)
     assert served.poll() == "reloaded"
-    assert len(loads) == 2 and str(cert) not in loads  # both from the copy
+    assert loads == [str(cert)]
     assert handshake_cn(served.context, pki.ca) == "bravo"
     # The mismatched files on disk now fail to load, and bravo stays served.
     assert served.poll() == "failed"
@@ -331,6 +333,55 @@ def test_bad_renewed_files_keep_the_old_certificate_until_they_are_whole(
     assert handshake_cn(served.context, pki.ca) == "bravo"
     assert len(records(caplog, logging.ERROR)) == 1
     assert len(records(caplog, logging.INFO)) == 1
+
+
+def test_a_renewal_is_loaded_where_no_temporary_folder_can_be_written(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A container with a read-only root file system (Kubernetes'
+    readOnlyRootFilesystem, where cert-manager renews the secret) has no
+    writable /tmp: the reload made private copies of both files there, so
+    every renewal failed and the old certificate was served until it expired.
+    And a copy of the private key has no business on disk anyway."""
+    caplog.set_level(logging.INFO, logger=CERTS_LOG)
+    cert, key = live_files(tmp_path, pki.alpha)
+    served = ServerCertificate.open(str(cert), str(key))
+    assert served is not None
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-folder"))
+    replace(key, pki.bravo[1].read_bytes())
+    replace(cert, pki.bravo[0].read_bytes())
+    assert served.poll() == "reloaded", records(caplog, logging.ERROR)
+    assert handshake_cn(served.context, pki.ca) == "bravo"
+
+
+def test_a_renewed_file_that_is_a_fifo_is_refused_without_blocking(
+    pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The poll runs on the event loop: opening a named pipe for reading
+    blocks until a writer comes, and every connection with it. At the start
+    such a file is refused as not a file; at a reload it must be too."""
+    caplog.set_level(logging.INFO, logger=CERTS_LOG)
+    cert, key = live_files(tmp_path, pki.alpha)
+    served = ServerCertificate.open(str(cert), str(key))
+    assert served is not None
+    cert.unlink()
+    os.mkfifo(cert)
+    results: list[str] = []
+    poll = threading.Thread(target=lambda: results.append(served.poll()), daemon=True)
+    poll.start()
+    poll.join(5)
+    blocked = poll.is_alive()
+    if blocked:
+        # Unblock it: a writer lets the reader's open return (at end of file).
+        with open(os.open(cert, os.O_WRONLY | os.O_NONBLOCK), "wb"):
+            pass
+        poll.join(5)
+    assert not blocked, "the poll blocked on the pipe"
+    assert results == ["failed"]
+    errors = records(caplog, logging.ERROR)
+    assert len(errors) == 1 and f"server.tls_cert {str(cert)!r} is not a file" in errors[0]
+    assert handshake_cn(served.context, pki.ca) == "alpha"
 
 
 # --- a real server ------------------------------------------------------------------------

@@ -27,10 +27,9 @@ the page and ``/healthz`` stay open. The decisions and the accounting live
 in ``auth.py``; this module only applies them.
 
 TLS (``server.tls_cert``/``tls_key``): the files are checked every
-``tls_poll_s`` seconds and a renewed certificate is loaded into the context
-the server started with (``certs.py``), so new handshakes get it while open
-connections go on; renewed files that do not load leave the old certificate
-in service.
+``tls_poll_s`` seconds and a renewed certificate is loaded and served to
+new handshakes (``certs.py``) while open connections go on; renewed files
+that do not load leave the old certificate in service.
 """
 
 from __future__ import annotations
@@ -432,8 +431,8 @@ class CaptionServer:
         while True:
             await asyncio.sleep(self._tls_poll_s)
             try:
-                # On the loop's thread, on purpose: handshakes use the context
-                # on this thread, so it never changes in the middle of one.
+                # On the loop's thread, on purpose: handshakes run on this
+                # thread, so the certificate never changes in the middle of one.
                 certificate.poll()
             except Exception:
                 # A bug here must not end reloading for the server's lifetime.

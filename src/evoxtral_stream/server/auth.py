@@ -379,9 +379,8 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext | None:
 
     Raises :class:`ConfigError` with one line naming the files when they are
     not set together or do not load (:func:`load_server_certificate`). A
-    running server reloads renewed files into this same context
-    (``certs.ServerCertificate``), which first checks them on a context of
-    their own made here.
+    running server loads renewed files into a context of their own and moves
+    the handshakes on this one to it (``certs.ServerCertificate``).
     """
     if not cert and not key:
         return None
@@ -393,27 +392,25 @@ def tls_context(cert: str, key: str) -> ssl.SSLContext | None:
     return ctx
 
 
-def load_server_certificate(ctx: ssl.SSLContext, cert: str, key: str, *,
-                            shown: tuple[str, str] | None = None) -> None:
+def load_server_certificate(ctx: ssl.SSLContext, cert: str, key: str) -> None:
     """Load the PEM certificate chain ``cert`` and its key ``key`` into ``ctx``.
 
     Raises :class:`ConfigError` with one line naming the files and the reason;
-    ``shown`` are the (cert, key) paths to name instead, when ``cert`` and
-    ``key`` are copies of them. On an error ``ctx`` may be left with no usable
+    anything but a regular file (a folder, a named pipe, whose read would
+    block) is refused unread. On an error ``ctx`` may be left with no usable
     key (OpenSSL drops the old one when a certificate that does not match it
-    is set): check files on a fresh context before loading them into one in
-    use, and load both from the same bytes (``certs.ServerCertificate``).
+    is set): load renewed files into a fresh context, never into one in use
+    (``certs.ServerCertificate``).
     """
-    shown_cert, shown_key = shown or (cert, key)
-    for name, path, named in (("tls_cert", cert, shown_cert), ("tls_key", key, shown_key)):
+    for name, path in (("tls_cert", cert), ("tls_key", key)):
         # ssl's own errors do not say which file is at fault.
         if not os.path.isfile(path):
-            raise ConfigError(f"server.{name} {named!r} is not a file")
+            raise ConfigError(f"server.{name} {path!r} is not a file")
 
     def encrypted() -> bytes:
         # Without a callback OpenSSL would prompt on the terminal, which hangs
         # a service (and, at a reload, its event loop).
-        raise ConfigError(f"server.tls_key {shown_key!r} is encrypted; give an unencrypted key")
+        raise ConfigError(f"server.tls_key {key!r} is encrypted; give an unencrypted key")
 
     try:
         ctx.load_cert_chain(cert, key, password=encrypted)
@@ -422,7 +419,7 @@ def load_server_certificate(ctx: ssl.SSLContext, cert: str, key: str, *,
                   or incomplete_pem((("server.tls_cert", cert, "certificate"),
                                      ("server.tls_key", key, "private key")))
                   or e.strerror or str(e))
-        raise ConfigError(f"server.tls_cert {shown_cert!r} and server.tls_key {shown_key!r} "
+        raise ConfigError(f"server.tls_cert {cert!r} and server.tls_key {key!r} "
                           f"are not a PEM certificate and its private key ({detail})") from None
 
 

@@ -11,8 +11,9 @@ do about it:
 - :class:`CertWatcher`: the pure core. Given fingerprints, it says whether the
   files must be loaded again, and whether a failure to load them is news
   (logged once per distinct bad state, retried at every check).
-- :class:`ServerCertificate`: the server's live ``ssl.SSLContext`` and its two
-  files. :meth:`~ServerCertificate.poll` reloads the same context in place,
+- :class:`ServerCertificate`: the server's ``ssl.SSLContext`` and its two
+  files. :meth:`~ServerCertificate.poll` loads renewed files into a context
+  of their own, to which each new handshake on the server's context is moved,
   so new handshakes get the new certificate while open connections keep
   theirs; renewed files that do not load (half written, key not matching)
   leave the old certificate in service. The timer that calls it is in
@@ -22,19 +23,14 @@ do about it:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import ssl
-import tempfile
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 from ..config import ConfigError
 from .auth import load_server_certificate, tls_context
-
-if TYPE_CHECKING:
-    from collections.abc import Iterator
 
 __all__ = ["CertWatcher", "FileStamp", "Fingerprint", "ServerCertificate", "fingerprint"]
 
@@ -118,22 +114,24 @@ class ServerCertificate:
     """The server's TLS context, kept in step with its PEM files.
 
     :meth:`poll` is synchronous and meant for the event loop's thread: the
-    context is then never changed while a handshake on that thread uses it.
+    certificate served then never changes in the middle of a handshake there.
     """
 
     def __init__(self, context: ssl.SSLContext, cert: str, key: str,
                  loaded: Fingerprint) -> None:
         """``loaded``: the fingerprint of ``cert`` and ``key`` taken before
         ``context`` read them."""
+        #: The context the server listens with. Renewed files are never loaded
+        #: into it: OpenSSL drops its key as soon as a certificate that does
+        #: not match is set (a half-renewed pair would break every handshake),
+        #: and keeps one certificate per key type (a renewal from ECDSA to RSA
+        #: would sit beside the old pair, which handshakes could still choose).
+        #: Each handshake on it is moved, at its ClientHello, to the context
+        #: holding only the pair loaded last.
         self.context = context
         self.cert = cert
         self.key = key
         self._watcher = CertWatcher(loaded)
-        # The context holding only the pair loaded last. OpenSSL keeps one
-        # certificate per key type in a context, so a renewal of another key
-        # type (RSA to ECDSA, say) loaded into ``context`` would sit beside
-        # the old pair, which handshakes could still choose: each handshake
-        # on ``context`` is moved to this one instead, at its ClientHello.
         self._serving = context
         context.sni_callback = self._serve_current
 
@@ -152,54 +150,29 @@ class ServerCertificate:
         return None if ctx is None else cls(ctx, cert, key, stamp)
 
     def poll(self) -> Literal["unchanged", "reloaded", "failed"]:
-        """Reload the files into :attr:`context` if they changed since last loaded.
+        """Load the files again if they changed since last loaded; new
+        handshakes on :attr:`context` get them from then on.
 
-        ``failed``: they changed but do not load; the context still holds the
-        previous pair, one ERROR line was logged for this bad state, and the
-        next poll tries again.
+        ``failed``: they changed but do not load; the previous pair is still
+        served, one ERROR line was logged for this bad state, and the next
+        poll tries again.
         """
         seen = fingerprint((self.cert, self.key))
         if not self._watcher.due(seen):
             return "unchanged"
-        shown = (self.cert, self.key)
         try:
-            # Both loads read one private copy of the files: were they read
-            # twice, a renewal landing in between could pass the check and
-            # then fail in the live context. And a scratch context first:
-            # OpenSSL drops the live context's key as soon as a certificate
-            # that does not match it is set, so loading a half-renewed pair
-            # straight into it would break every handshake.
-            with _snapshot(self.cert, self.key) as (cert, key):
-                scratch = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                load_server_certificate(scratch, cert, key, shown=shown)
-                load_server_certificate(self.context, cert, key, shown=shown)
-                self._serving = scratch
+            # Read once, straight from the files (no copies: a read-only root
+            # file system has no temporary folder, and a private key has no
+            # business in one); the context is used only if both load.
+            fresh = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            load_server_certificate(fresh, self.cert, self.key)
         except (ConfigError, OSError) as e:
             if self._watcher.failed(seen, str(e)):
                 log.error("server TLS files %s and %s changed but cannot be loaded: %s; "
                           "still serving the previous certificate, and trying again at each "
                           "check", self.cert, self.key, e)
             return "failed"
+        self._serving = fresh
         self._watcher.loaded(seen)
         log.info("server TLS certificate reloaded from %s and %s", self.cert, self.key)
         return "reloaded"
-
-
-@contextlib.contextmanager
-def _snapshot(cert: str, key: str) -> Iterator[tuple[str, str]]:
-    """Private copies of ``cert`` and ``key``, each read once, for the life of
-    the block (a folder only this user can read, removed after)."""
-    contents: list[bytes] = []
-    for name, path in (("tls_cert", cert), ("tls_key", key)):
-        try:
-            with open(path, "rb") as f:
-                contents.append(f.read())
-        except (FileNotFoundError, IsADirectoryError):
-            raise ConfigError(f"server.{name} {path!r} is not a file") from None
-    with tempfile.TemporaryDirectory(prefix="evoxtral-tls-") as folder:
-        paths = (os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem"))
-        for path, data in zip(paths, contents, strict=True):
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        yield paths
