@@ -288,6 +288,7 @@ def test_files_changing_during_a_reload_never_leave_the_context_without_its_key(
 @pytest.mark.parametrize(("bad", "reason"), [
     ("half_written", "KEY_VALUES_MISMATCH"),
     ("truncated", "server.tls_cert holds no complete PEM certificate"),
+    ("chain_cut", "server.tls_cert holds a PEM certificate cut off before its END line"),
     ("garbage_key", "server.tls_key holds no complete PEM private key"),
     ("encrypted", "is encrypted; give an unencrypted key"),
     ("missing", "is not a file"),
@@ -306,6 +307,11 @@ def test_bad_renewed_files_keep_the_old_certificate_until_they_are_whole(
     elif bad == "truncated":
         replace(cert, pki.bravo[0].read_bytes()[:200])
         fix = [(key, pki.bravo[1]), (cert, pki.bravo[0])]
+    elif bad == "chain_cut":  # certbot's fullchain.pem, its intermediate half written
+        chain = pki.bravo[0].read_bytes() + pki.ca.read_bytes()
+        replace(key, pki.bravo[1].read_bytes())
+        replace(cert, chain[:len(chain) - 100])
+        fix = [(cert, pki.bravo[0])]
     elif bad == "garbage_key":
         replace(cert, pki.bravo[0].read_bytes())
         replace(key, b"not a key\n")

@@ -427,7 +427,12 @@ async def test_unchanged_or_unusable_tls_files_keep_the_context(pki: Pki, tmp_pa
 def _files(pki: Pki) -> dict[str, str]:
     folder = pki.folder
     (folder / "garbage.pem").write_text("not a certificate\n")
+    # A CA bundle, and a client certificate's chain, caught half written.
+    ca = pki.ca.read_bytes()
+    (folder / "ca_cut.pem").write_bytes(ca + ca[:len(ca) - 100])
+    (folder / "chain_cut.pem").write_bytes(pki.client[0].read_bytes() + ca[:len(ca) - 100])
     return {"ca": str(pki.ca), "cert": str(pki.client[0]), "key": str(pki.client[1]),
+            "ca_cut": str(folder / "ca_cut.pem"), "chain_cut": str(folder / "chain_cut.pem"),
             "other_key": str(pki.server[1]), "garbage": str(folder / "garbage.pem"),
             "missing": str(folder / "none.pem"), "folder": str(folder),
             "encrypted": str(pki.encrypted_key)}
@@ -444,6 +449,11 @@ def _files(pki: Pki) -> dict[str, str]:
     ({"cert_file": "cert", "key_file": "missing"}, "mqtt.key_file '{missing}' is not a file"),
     ({"ca_file": "garbage"}, "mqtt.ca_file '{garbage}' holds no PEM CA certificate"),
     ({"ca_file": "key"}, "mqtt.ca_file '{key}' holds no PEM CA certificate"),
+    ({"ca_file": "ca_cut"}, "mqtt.ca_file '{ca_cut}' cannot be loaded (mqtt.ca_file holds a "
+                            "PEM certificate cut off before its END line)"),
+    ({"cert_file": "chain_cut", "key_file": "key"},
+     "are not a PEM certificate and its private key (mqtt.cert_file holds a PEM certificate "
+     "cut off before its END line)"),
     ({"cert_file": "garbage", "key_file": "key"},
      "mqtt.cert_file '{garbage}' and mqtt.key_file '{key}' are not a PEM certificate and its "
      "private key"),

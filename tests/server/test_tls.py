@@ -72,6 +72,9 @@ def other_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     ("only_cert", "server.tls_cert and server.tls_key must be set together"),
     # A renewal caught half written: the message says which file.
     ("truncated", "(server.tls_cert holds no complete PEM certificate)"),
+    # A chain (certbot's fullchain.pem) cut off in its second certificate:
+    # OpenSSL said only BAD_END_LINE.
+    ("chain_cut", "(server.tls_cert holds a PEM certificate cut off before its END line)"),
     # Not a prompt on the terminal, which would hang a service.
     ("encrypted", "server.tls_key '{encrypted}' is encrypted; give an unencrypted key"),
     # OpenSSL's reason codes alone said little: now in words, code kept.
@@ -85,11 +88,14 @@ async def test_bad_tls_files_stop_the_start(certificate: tuple[Path, Path], tmp_
     cert, key = certificate
     truncated, encrypted = tmp_path / "truncated.pem", key.parent / "encrypted.key"
     truncated.write_bytes(cert.read_bytes()[:300])
+    chain_cut = tmp_path / "chain_cut.pem"
+    chain_cut.write_bytes(cert.read_bytes() + cert.read_bytes()[:300])
     other_key, ec_key = other_keys
     paths = {"missing": (str(tmp_path / "none.pem"), str(key)),
              "swapped": (str(key), str(cert)),
              "only_cert": (str(cert), ""),
              "truncated": (str(truncated), str(key)),
+             "chain_cut": (str(chain_cut), str(key)),
              "encrypted": (str(cert), str(encrypted)),
              "other_key": (str(cert), str(other_key)),
              "ec_key": (str(cert), str(ec_key))}[which]

@@ -415,9 +415,10 @@ def load_server_certificate(ctx: ssl.SSLContext, cert: str, key: str) -> None:
     try:
         ctx.load_cert_chain(cert, key, password=encrypted)
     except OSError as e:  # ssl.SSLError included
-        detail = (key_pair_reason(getattr(e, "reason", None))
-                  or incomplete_pem((("server.tls_cert", cert, "certificate"),
-                                     ("server.tls_key", key, "private key")))
+        # A file cut off first: its reason (BAD_END_LINE, PEM lib) says less.
+        detail = (incomplete_pem((("server.tls_cert", cert, "certificate"),
+                                  ("server.tls_key", key, "private key")))
+                  or key_pair_reason(getattr(e, "reason", None))
                   or e.strerror or str(e))
         raise ConfigError(f"server.tls_cert {cert!r} and server.tls_key {key!r} "
                           f"are not a PEM certificate and its private key ({detail})") from None
@@ -439,6 +440,10 @@ def key_pair_reason(reason: str | None) -> str | None:
 
 
 PemKind = Literal["certificate", "private key"]
+_PEM_BEGINS: dict[PemKind, re.Pattern[str]] = {
+    "certificate": re.compile(r"-----BEGIN [A-Z0-9 ]*CERTIFICATE-----"),
+    "private key": re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----"),
+}
 _PEM_BLOCKS: dict[PemKind, re.Pattern[str]] = {
     "certificate": re.compile(r"-----BEGIN [A-Z0-9 ]*CERTIFICATE-----.+?"
                               r"-----END [A-Z0-9 ]*CERTIFICATE-----", re.DOTALL),
@@ -448,11 +453,13 @@ _PEM_BLOCKS: dict[PemKind, re.Pattern[str]] = {
 
 
 def incomplete_pem(files: Iterable[tuple[str, str, PemKind]]) -> str | None:
-    """Which of ``files`` (setting name, path, kind) lacks a whole PEM block.
+    """Which of ``files`` (setting name, path, kind) lacks a whole PEM block,
+    or has one cut off after its whole ones (a chain or CA bundle).
 
-    For the errors where OpenSSL only says "PEM lib": a renewal caught half
-    written is the usual cause, so naming the file is worth the read. None
-    when each file has its block (or cannot be read: the caller says so).
+    For the errors where OpenSSL only says "PEM lib" or "BAD_END_LINE": a
+    renewal caught half written is the usual cause, so naming the file is
+    worth the read. None when each file has its blocks whole (or cannot be
+    read: the caller says so).
     """
     for name, path, kind in files:
         try:
@@ -460,8 +467,11 @@ def incomplete_pem(files: Iterable[tuple[str, str, PemKind]]) -> str | None:
                 text = f.read(1 << 20).decode("ascii", errors="replace")
         except OSError:
             continue
-        if not _PEM_BLOCKS[kind].search(text):
+        whole = _PEM_BLOCKS[kind]
+        if not whole.search(text):
             return f"{name} holds no complete PEM {kind}"
+        if _PEM_BEGINS[kind].search(whole.sub("", text)):
+            return f"{name} holds a PEM {kind} cut off before its END line"
     return None
 
 

@@ -233,6 +233,10 @@ def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
     try:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.ca_file or None)
     except ssl.SSLError as e:
+        # A bundle cut off after its first CA (half written): OpenSSL says "PEM lib".
+        cut = incomplete_pem((("mqtt.ca_file", cfg.ca_file, "certificate"),))
+        if cut is not None and "cut off" in cut:
+            raise ConfigError(f"mqtt.ca_file {cfg.ca_file!r} cannot be loaded ({cut})") from None
         raise ConfigError(f"mqtt.ca_file {cfg.ca_file!r} holds no PEM CA certificate "
                           f"({e.reason or e})") from None
     if cfg.cert_file:
@@ -244,9 +248,10 @@ def tls_context(cfg: MqttConfig) -> ssl.SSLContext | None:
         try:
             ctx.load_cert_chain(cfg.cert_file, cfg.key_file, password=encrypted)
         except ssl.SSLError as e:
-            detail = key_pair_reason(e.reason) or incomplete_pem((
+            # A file cut off first: its reason (BAD_END_LINE, PEM lib) says less.
+            detail = incomplete_pem((
                 ("mqtt.cert_file", cfg.cert_file, "certificate"),
-                ("mqtt.key_file", cfg.key_file, "private key")))
+                ("mqtt.key_file", cfg.key_file, "private key"))) or key_pair_reason(e.reason)
             raise ConfigError(f"mqtt.cert_file {cfg.cert_file!r} and mqtt.key_file "
                               f"{cfg.key_file!r} are not a PEM certificate and its private "
                               f"key ({detail or e})") from None
