@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import logging
 import os
 import queue
 import struct
@@ -10,13 +13,19 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import IO
 
 import numpy as np
 import pytest
 
-from evoxtral_stream.events import SAMPLE_RATE
-from tests.speech import have_espeak, speak
+from evoxtral_stream.audio.pipe import PipeCapture
+from evoxtral_stream.cli.serve import _serve
+from evoxtral_stream.config import load_config
+from evoxtral_stream.engine.worker import ModelWorker
+from evoxtral_stream.events import SAMPLE_RATE, DecodeRequest, RequestKind
+from tests.fakes import ScriptedBackend, words_so_far
+from tests.speech import have_espeak, speak, speech_with_pauses
 
 pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
 
@@ -111,3 +120,110 @@ def test_a_pipe_that_is_no_audio_is_one_error_line_before_the_model_loads(
     assert len(lines) == 1, stderr
     assert lines[0].startswith(f"evoxtral-stream: error: {message}"), stderr
     assert "Traceback" not in stderr
+
+
+# --- pacing: a pipe written faster than real time is not the model lagging ----
+
+_WORKER_LOG = "evoxtral_stream.engine.worker"
+
+
+class _PipeWriter(threading.Thread):
+    """Writes ``data`` into the pipe ``fd`` (16 kHz mono 16-bit WAV), all at
+    once (``cat talk.wav |``) or, ``paced``, in 0.1 s pieces at real time
+    (``arecord``); then closes it: the stream's end."""
+
+    def __init__(self, fd: int, data: bytes, *, paced: bool) -> None:
+        super().__init__(daemon=True)
+        self.fd, self.data, self.paced = fd, data, paced
+
+    def run(self) -> None:
+        if not self.paced:
+            view = memoryview(self.data)
+            while view:
+                view = view[os.write(self.fd, view):]
+        else:
+            t0 = time.monotonic()
+            for i, at in enumerate(range(0, len(self.data), 3200)):
+                os.write(self.fd, self.data[at:at + 3200])
+                time.sleep(max(0.0, t0 + (i + 1) * 0.1 - time.monotonic()))
+        os.close(self.fd)
+
+
+def _serve_pipe(data: bytes, *, paced: bool, delay_s: float,
+                monkeypatch: pytest.MonkeyPatch) -> list[DecodeRequest]:
+    """``serve --source - --exit-at-end`` in this process (a scripted model
+    ``delay_s`` slow per call, finals only, one a batch), its standard input
+    ``data`` written by a thread: every request the engine handed the model
+    thread, in order."""
+    submitted: list[DecodeRequest] = []
+    submit = ModelWorker.submit
+
+    def spy(self: ModelWorker, request: DecodeRequest, *, again: bool = False) -> bool:
+        if not again:
+            submitted.append(request)
+        return submit(self, request, again=again)
+
+    monkeypatch.setattr(ModelWorker, "submit", spy)
+    cfg = load_config(env={}, overrides={"server.port": 0, "stream.partial_interval_ms": 0,
+                                         "worker.max_batch": 1})
+    r, w = os.pipe()
+    writer = _PipeWriter(w, _live_wav_header() + data, paced=paced)
+    writer.start()
+    pipe = PipeCapture(Path("/dev/stdin"), block_ms=cfg.audio.block_ms,
+                       max_pending_blocks=cfg.audio.max_pending_blocks, fd=r,
+                       name="the test pipe")
+    try:
+        pipe.read_header()
+        args = argparse.Namespace(stream=None, no_print=True, exit_at_end=True)
+        code = asyncio.run(asyncio.wait_for(
+            _serve(args, cfg, ScriptedBackend(words_so_far, delay_s=delay_s), "talk", None,
+                   pipe=pipe), 120))
+    finally:
+        os.close(r)
+        writer.join(10)
+    assert code == 0
+    return submitted
+
+
+def test_a_pipe_written_faster_than_it_plays_counts_as_unpaced(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """``cat talk.wav | serve --source -``: the whole file comes at once,
+    so its finals wait in the model's queue by design, as a file's do with
+    ``transcribe``. Once the pipe is a few seconds ahead of the clock, its
+    requests are marked unpaced (said once in the log), and the model is
+    not reported behind. It was: every request of a pipe counted as live."""
+    audio, _ = speech_with_pauses([
+        "The committee met on Tuesday.", "Several members raised concerns.",
+        "The chair promised a full report.", "The vote was postponed.",
+        "Nobody objected to the delay.", "The meeting ended at noon.",
+        "Lunch was served in the hall.", "Everyone went home early."], 0.8)
+    with caplog.at_level(logging.INFO):
+        requests = _serve_pipe(bytes(audio.astype("<i2").tobytes()), paced=False,
+                               delay_s=0.3, monkeypatch=monkeypatch)
+    finals = [r for r in requests if r.kind is RequestKind.FINAL]
+    assert len(finals) >= 8, finals
+    # Paced: at most what came before the pipe was found ahead (what the
+    # pipe held as reading began, 2 s here, and the allowance past it).
+    paced = [r for r in finals if r.paced]
+    assert all(r.end_sample <= 10 * SAMPLE_RATE for r in paced), paced
+    assert len(paced) <= 3, paced
+    assert [r.paced for r in finals] == sorted((r.paced for r in finals), reverse=True)
+    ahead = [r.getMessage() for r in caplog.records if "faster than it plays" in r.getMessage()]
+    assert len(ahead) == 1 and ahead[0].startswith("the test pipe sends audio"), caplog.text
+    behind = [r.getMessage() for r in caplog.records
+              if r.name == _WORKER_LOG and "behind" in r.getMessage()]
+    assert behind == [], caplog.text
+
+
+def test_a_pipe_written_at_real_time_stays_paced(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The guard of the test above: a writer at real-time pace (``arecord``),
+    3 s of audio, stays live however its reads bunch up: every request is
+    paced, and nothing says it is ahead."""
+    audio, _ = speech_with_pauses(["Good morning everyone."], 1.0)
+    audio = audio[:3 * SAMPLE_RATE]
+    with caplog.at_level(logging.INFO):
+        requests = _serve_pipe(bytes(audio.astype("<i2").tobytes()), paced=True,
+                               delay_s=0.0, monkeypatch=monkeypatch)
+    assert requests and all(r.paced for r in requests), requests
+    assert "faster than it plays" not in caplog.text

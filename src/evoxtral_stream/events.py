@@ -165,8 +165,9 @@ class DecodeRequest:
     partial's text instead of decoding the same audio again.
     ``language`` is the stream's language (None: ``model.language``).
     ``paced`` is false for audio fed faster than it plays (a file
-    transcribed as fast as the model allows): how long such a request waits
-    says nothing about the model keeping up, so it is not counted as lag.
+    transcribed as fast as the model allows, a pipe found ahead of the
+    clock): how long such a request waits says nothing about the model
+    keeping up, so it is not counted as lag.
     """
 
     stream: str

@@ -19,7 +19,14 @@ import pytest
 import soundfile as sf
 
 from evoxtral_stream.audio.microphone import ChannelRoute
-from evoxtral_stream.audio.pipe import NotLiveAudio, PipeCapture, PipeEnd, is_live_pipe
+from evoxtral_stream.audio.pipe import (
+    AHEAD_S,
+    NotLiveAudio,
+    PaceMeter,
+    PipeCapture,
+    PipeEnd,
+    is_live_pipe,
+)
 from evoxtral_stream.audio.sources import AudioInputError, read_audio_channels, read_pipe_channels
 from evoxtral_stream.events import Int16Array
 
@@ -337,3 +344,92 @@ def test_a_route_whose_receiver_raises_costs_the_others_nothing(
     assert len(errors) == 1, [rec.getMessage() for rec in errors]
     assert "audio route 1 of 2 (channel 1)" in errors[0].getMessage()
     assert errors[0].exc_info and "stream closed" in str(errors[0].exc_info[1])
+
+
+def test_the_pace_meter_finds_a_writer_ahead_of_the_clock_once() -> None:
+    """A live writer: what waited in the pipe (2 s) comes at once, then the
+    audio at the pace it plays, a burst 4 s early included: never ahead.
+    Audio more than the allowance past that (a file copied: ``cat``) is,
+    once, and stays so when the writer slows down again."""
+    meter = PaceMeter(16000, start=100.0, held_s=2.0, allowance_s=5.0)
+    assert not meter.add(32000, 100.0)
+    for second in range(1, 61):
+        assert not meter.add(16000, 100.0 + second)
+    assert not meter.add(4 * 16000, 160.0)  # 6 s ahead: within 2 s + 5 s
+    assert meter.ahead_s is None
+    assert not meter.add(16000, 160.0)  # 7 s: not past it
+    assert meter.add(16000, 160.0)  # 8 s ahead at 160 s: past it
+    assert meter.ahead_s == pytest.approx(8.0)
+    assert not meter.add(16000, 161.0)  # found once
+    assert not meter.add(0, 300.0)  # far behind the clock now: still ahead
+    assert meter.ahead_s == pytest.approx(8.0)
+
+
+def test_a_pipe_written_faster_than_it_plays_is_found_ahead_before_its_audio() -> None:
+    """20 s of audio written at once (``cat talk.wav |``): on_ahead runs
+    once on the loop, after what the pipe held as reading began (2 s) and
+    the allowance past it, and before the audio after; every sample still
+    arrives. A writer at real-time pace is never found ahead (below)."""
+    audio = (np.sin(np.arange(20 * 16000) / 5) * 8000).astype(np.int16)
+    buf = io.BytesIO()
+    sf.write(buf, audio, 16000, format="WAV", subtype="PCM_16")
+    r, w = os.pipe()
+    sink = _Sink()
+    aheads: list[tuple[float, int]] = []
+    ends: list[PipeEnd] = []
+
+    async def main() -> None:
+        cap = _capture(r, [()])
+        writer = _Writer(w, buf.getvalue(), piece=1 << 16)
+        writer.start()
+        await asyncio.to_thread(cap.read_header)
+        loop = asyncio.get_running_loop()
+        cap.start(loop, [ChannelRoute(sink, ())], ends.append,
+                  lambda s: aheads.append((s, len(sink.samples))))
+        await _until(lambda: ends)
+        cap.stop()
+        assert cap.pace is not None and cap.pace.ahead_s == aheads[0][0]
+
+    asyncio.run(main())
+    os.close(r)
+    assert ends == [PipeEnd(None)]
+    np.testing.assert_array_equal(sink.samples, audio)
+    assert len(aheads) == 1, aheads
+    seconds, before = aheads[0]
+    assert AHEAD_S < seconds < 10.0
+    assert AHEAD_S * 16000 < before < 10 * 16000, before
+
+
+def test_a_pipe_written_at_real_time_is_not_found_ahead() -> None:
+    """1.5 s in 0.1 s pieces at real time, 0.5 s of it in the pipe before
+    reading begins: on_ahead never runs."""
+    audio = np.zeros(int(1.5 * 16000), np.int16)
+    buf = io.BytesIO()
+    sf.write(buf, audio, 16000, format="WAV", subtype="PCM_16")
+    data = buf.getvalue()
+    r, w = os.pipe()
+    aheads: list[float] = []
+    ends: list[PipeEnd] = []
+
+    def write() -> None:
+        t0 = time.monotonic()
+        for i, at in enumerate(range(0, len(data), 3200)):
+            os.write(w, data[at:at + 3200])
+            time.sleep(max(0.0, t0 + (i + 1) * 0.1 - time.monotonic()))
+        os.close(w)
+
+    async def main() -> None:
+        cap = _capture(r, [()])
+        threading.Thread(target=write, daemon=True).start()
+        await asyncio.to_thread(cap.read_header)
+        await asyncio.sleep(0.5)
+        cap.start(asyncio.get_running_loop(), [ChannelRoute(_Sink(), ())], ends.append,
+                  aheads.append)
+        await _until(lambda: ends)
+        cap.stop()
+        assert cap.pace is not None and cap.pace.ahead_s is None
+
+    asyncio.run(main())
+    os.close(r)
+    assert ends == [PipeEnd(None)]
+    assert aheads == []

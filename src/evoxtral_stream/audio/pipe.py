@@ -4,7 +4,9 @@ event loop, as the microphone is: ``arecord -t wav | evoxtral-stream serve
 --source -``.
 
 A pipe is read as its bytes come, not copied whole first (as ``transcribe``
-does, and ``serve`` does with a file): a live writer never ends.
+does, and ``serve`` does with a file): a live writer never ends. Nor is it
+paced: a writer of a file (``cat talk.wav |``) sends far faster than the
+audio plays, which :class:`PaceMeter` finds.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import os
 import queue
 import select
 import stat
+import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +31,7 @@ from evoxtral_stream.audio.sources import AudioInputError
 from evoxtral_stream.audio.wavstream import WavFormat, WavStreamDecoder, WavStreamError
 from evoxtral_stream.events import Float32Array, Int16Array
 
-__all__ = ["NotLiveAudio", "PipeCapture", "PipeEnd", "is_live_pipe"]
+__all__ = ["AHEAD_S", "NotLiveAudio", "PaceMeter", "PipeCapture", "PipeEnd", "is_live_pipe"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,14 @@ _HEADER_READ = 4096
 #: How long the reading thread waits for bytes before it looks whether it
 #: was asked to stop: a pipe's read cannot be interrupted otherwise.
 _POLL_S = 0.1
+#: How far a pipe's audio may run ahead of the clock, past what waited in
+#: the pipe when reading began, before it counts as not paced. A live writer
+#: (``arecord``, ``ffmpeg`` from a network stream) sends at the pace its
+#: audio plays, give or take its buffering (a second or two); one copying a
+#: file (``cat``) sends hundreds of times faster and passes this in a moment.
+AHEAD_S = 5.0
+#: What a pipe holds when ``FIONREAD`` cannot say (Linux's default).
+_PIPE_BYTES = 64 * 1024
 
 
 def is_live_pipe(path: Path) -> bool:
@@ -64,6 +76,62 @@ class NotLiveAudio(AudioInputError):
     def __init__(self, message: str, head: bytes) -> None:
         super().__init__(message)
         self.head = head
+
+
+class PaceMeter:
+    """Whether a pipe's audio comes at the pace it plays. Reading began at
+    ``start`` (seconds, any clock) with ``held_s`` of audio already waiting
+    (the writer started before the reader: ``serve`` reads the header, then
+    loads the model); :meth:`add` counts what is read. The pipe is *ahead*
+    once the audio read exceeds the time since ``start`` by more than
+    ``held_s`` plus ``allowance_s``. It stays so: a writer found ahead (a
+    file, a replay, a network stream's backlog) is not trusted to be live
+    again, and its audio stays ahead of the clock anyway."""
+
+    def __init__(self, rate: int, start: float, held_s: float,
+                 allowance_s: float = AHEAD_S) -> None:
+        if rate < 1:
+            raise ValueError(f"rate must be at least 1, got {rate}")
+        self.rate = rate
+        self._start = start
+        self._limit_s = held_s + allowance_s
+        self._frames = 0
+        self.ahead_s: float | None = None
+        """How far ahead of the clock the audio was when found ahead; None
+        while it has not been."""
+
+    def add(self, frames: int, now: float) -> bool:
+        """Count ``frames`` read at ``now``: True the one time this finds
+        the pipe ahead."""
+        self._frames += frames
+        if self.ahead_s is not None:
+            return False
+        ahead = self._frames / self.rate - (now - self._start)
+        if ahead <= self._limit_s:
+            return False
+        self.ahead_s = ahead
+        return True
+
+
+def _waiting_bytes(fd: int) -> int:
+    """The bytes waiting to be read on ``fd``, a pipe or a socket."""
+    buf = bytearray(4)
+    try:
+        # Here, not at the top: neither module exists on Windows.
+        import fcntl
+        import termios
+
+        fcntl.ioctl(fd, termios.FIONREAD, buf)
+    except (ImportError, OSError):
+        return _PIPE_BYTES
+    return int.from_bytes(buf, sys.byteorder)
+
+
+@dataclass(frozen=True)
+class _Ahead:
+    """The hand-off's note that the audio after it came ahead of the clock."""
+
+    seconds: float
 
 
 @dataclass(frozen=True)
@@ -99,8 +167,11 @@ class PipeCapture:
     ``on_end(PipeEnd)`` runs once on the loop after the last block: the
     stream ended, or reading it failed (:class:`PipeEnd` says which). Not
     after :meth:`stop`, which delivers what was read and the resamplers'
-    tails itself. :meth:`start` and :meth:`stop` are called on the loop's
-    thread."""
+    tails itself. ``on_ahead(seconds)``, when given, runs at most once on
+    the loop, before the blocks that found the pipe ahead of the clock by
+    that much (:class:`PaceMeter`: a writer faster than real time, such as
+    ``cat talk.wav |``): the audio from there on is not paced. :meth:`start`
+    and :meth:`stop` are called on the loop's thread."""
 
     def __init__(self, path: Path, *, block_ms: int, max_pending_blocks: int,
                  mixes: Sequence[Sequence[int]] = ((),),
@@ -119,13 +190,15 @@ class PipeCapture:
         self._owns_fd = fd is None
         self._decoder = WavStreamDecoder()
         self._first: Float32Array | None = None  # audio read with the header
-        self._handoff: queue.Queue[list[Int16Array] | PipeEnd] = queue.Queue(max_pending_blocks)
+        self._handoff: queue.Queue[list[Int16Array] | PipeEnd | _Ahead] = queue.Queue(
+            max_pending_blocks)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._routes: list[RouteReceiver] = []
         self._receivers: list[RouteReceiver] = []
         self._on_end: Callable[[PipeEnd], None] | None = None
+        self._on_ahead: Callable[[float], None] | None = None
         self._convert: MixResampler | None = None
         # A piece read but not handed on when stop() came (the hand-off was
         # full): stop() delivers it after those the hand-off holds.
@@ -133,6 +206,9 @@ class PipeCapture:
         self.waits = 0
         self.frames_read = 0
         """Frames of the stream (its own rate) read so far."""
+        self.pace: PaceMeter | None = None
+        """The reading's pace, once :meth:`start` began it (its thread
+        writes it: read :attr:`PaceMeter.ahead_s` for what was found)."""
 
     @property
     def receiver_failures(self) -> int:
@@ -188,7 +264,8 @@ class PipeCapture:
         return fmt
 
     def start(self, loop: asyncio.AbstractEventLoop, routes: Sequence[ChannelRoute],
-              on_end: Callable[[PipeEnd], None]) -> None:
+              on_end: Callable[[PipeEnd], None],
+              on_ahead: Callable[[float], None] | None = None) -> None:
         """Start reading: ``routes`` are :meth:`read_header`'s ``mixes`` with
         their receivers, in the same order."""
         fmt = self._decoder.format
@@ -200,6 +277,7 @@ class PipeCapture:
             raise ValueError("the routes must take the mixes given to the capture, in order")
         self._receivers = RouteReceiver.for_routes(routes)
         self._loop, self._routes, self._on_end = loop, list(self._receivers), on_end
+        self._on_ahead = on_ahead
         self._convert = MixResampler(fmt.rate, fmt.channels, self.mixes)
         self._thread = threading.Thread(target=self._run, name="evoxtral-pipe", daemon=True)
         self._thread.start()
@@ -214,6 +292,8 @@ class PipeCapture:
         for item in self._drain():
             if isinstance(item, list):
                 self._deliver(item)
+            elif isinstance(item, _Ahead):
+                self._ahead(item)
         unhanded, self._unhanded = self._unhanded, None
         if unhanded is not None:
             self._deliver(unhanded)
@@ -234,7 +314,11 @@ class PipeCapture:
         end = PipeEnd(None)
         try:
             first, self._first = self._first, None
-            if first is not None and len(first) and not self._hand(self._mixed(first)):
+            # What the writer sent before reading began (serve loads the
+            # model after the header) came early, not fast.
+            held = (len(first) if first is not None else 0) + _waiting_bytes(fd) // fmt.frame_bytes
+            self.pace = PaceMeter(fmt.rate, time.monotonic(), held / fmt.rate)
+            if first is not None and len(first) and not self._hand_audio(first):
                 return
             while not self._stopping.is_set():
                 ready, _, _ = select.select([fd], [], [], _POLL_S)
@@ -244,7 +328,7 @@ class PipeCapture:
                 if not data:
                     break
                 frames = self._decoder.feed(data)
-                if len(frames) and not self._hand(self._mixed(frames)):
+                if len(frames) and not self._hand_audio(frames):
                     return
                 if self._decoder.ended:
                     break
@@ -262,12 +346,24 @@ class PipeCapture:
             end = PipeEnd(AudioInputError(f"reading {self.name} failed: {e}"))
         self._hand(end)
 
+    def _hand_audio(self, frames: Float32Array) -> bool:
+        """:meth:`_hand` ``frames`` mixed, after the note that they came
+        ahead of the clock if they did."""
+        pace = self.pace
+        assert pace is not None
+        if pace.add(len(frames), time.monotonic()):
+            assert pace.ahead_s is not None
+            if not self._hand(_Ahead(pace.ahead_s)):
+                self._unhanded = self._mixed(frames)  # read: stop() delivers it
+                return False
+        return self._hand(self._mixed(frames))
+
     def _mixed(self, frames: Float32Array) -> list[Int16Array]:
         assert self._convert is not None
         self.frames_read += len(frames)
         return self._convert.process(frames)
 
-    def _hand(self, item: list[Int16Array] | PipeEnd) -> bool:
+    def _hand(self, item: list[Int16Array] | PipeEnd | _Ahead) -> bool:
         """Queue ``item`` for the loop, waiting while the hand-off is full:
         False when asked to stop meanwhile (audio is then kept for stop()
         to deliver: it was read from the pipe)."""
@@ -292,8 +388,8 @@ class PipeCapture:
 
     # --- the loop ---------------------------------------------------------------
 
-    def _drain(self) -> list[list[Int16Array] | PipeEnd]:
-        items: list[list[Int16Array] | PipeEnd] = []
+    def _drain(self) -> list[list[Int16Array] | PipeEnd | _Ahead]:
+        items: list[list[Int16Array] | PipeEnd | _Ahead] = []
         with contextlib.suppress(queue.Empty):
             while True:
                 items.append(self._handoff.get_nowait())
@@ -309,7 +405,15 @@ class PipeCapture:
                 if on_end is not None and not self._stopping.is_set():
                     on_end(item)
                 return
-            self._deliver(item)
+            if isinstance(item, _Ahead):
+                self._ahead(item)
+            else:
+                self._deliver(item)
+
+    def _ahead(self, note: _Ahead) -> None:
+        on_ahead, self._on_ahead = self._on_ahead, None  # once
+        if on_ahead is not None:
+            on_ahead(note.seconds)
 
     def _deliver(self, blocks: list[Int16Array]) -> None:
         for receive, block in zip(self._routes, blocks, strict=False):

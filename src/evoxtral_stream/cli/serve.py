@@ -239,6 +239,17 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
                              pipe.frames_read / pipe.format.rate if pipe.format else 0.0)
                 await asyncio.gather(*(stream.close() for stream in piped))
 
+            def on_pipe_ahead(ahead_s: float) -> None:
+                # A file sent whole (cat talk.wav |): its requests wait in the
+                # model's queue by design from here, as a transcribed file's
+                # do, which says nothing about keeping up with live audio.
+                for stream in piped:
+                    stream.paced = False
+                log.info("%s sends audio faster than it plays (%.1f s ahead of the clock): "
+                         "it is captioned as fast as the model goes, its wait for the model "
+                         "not counted as lag (to caption it live, pace the writer: "
+                         "`ffmpeg -re`)", pipe.name, ahead_s)
+
             def on_pipe_end(end: PipeEnd) -> None:
                 nonlocal feeder
                 feeder = asyncio.ensure_future(pipe_ended(end))
@@ -247,7 +258,7 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
 
             pipe.start(loop, [ChannelRoute(s.push, m) for s, m in
                               zip(piped, _channel_mixes(cfg).values(), strict=True)],
-                       on_pipe_end)
+                       on_pipe_end, on_pipe_ahead)
             stack.callback(pipe.stop)  # however this block is left, before the engine closes
         await stop.wait()
         # From here a SIGHUP is ignored (docs/config.md): a reload now would

@@ -155,7 +155,9 @@ class Stream:
         self.id = stream_id
         self.source = source
         self.paced = paced
-        """Audio comes at the pace it plays (see :meth:`Engine.open_stream`)."""
+        """Audio comes at the pace it plays (see :meth:`Engine.open_stream`).
+        May change while the stream is open (on the loop, as every use of
+        the stream): the requests made after it carry the new value."""
         self._engine = engine
         self.session = StreamSession(stream_id, engine.config.vad, engine.config.stream,
                                      adapter, language)
