@@ -4,6 +4,7 @@ evoxtral-stream server.
     python clients/mic_client.py --url ws://127.0.0.1:8765 [--stream ID] [--device X]
     python clients/mic_client.py --file talk.wav          # a file at real-time pace
     arecord -t wav | python clients/mic_client.py --file -   # a live pipe, as it comes
+    python clients/mic_client.py --file audio.fifo            # a named FIFO: live too
 
 Pushes 16 kHz mono PCM16 to ``/v1/ingest`` (docs/protocol.md) and prints the
 captions the server sends back on the same connection, as ``viewer.py``
@@ -44,7 +45,9 @@ refusal of the first connection (a bad token or stream id,
 microphone is (:class:`PipeFeed`): its audio goes as it comes, not paced,
 within the same bounds, and its end sends ``end``. A pipe of another
 format, or a file redirected in, is read whole and sent as a file
-(:func:`stdin_feed`).
+(:func:`stdin_feed`). A named FIFO given as ``--file PATH`` (``mkfifo``)
+is read live the same way; a pipe named only through ``/dev/fd``
+(``<(ffmpeg ...)``) is read whole, as a file (:func:`path_feed`).
 
 A file is not live and drops nothing: past :data:`MAX_IN_FLIGHT_S` of audio
 sent and not acknowledged, it waits for the acknowledgements. Nor is it
@@ -93,7 +96,7 @@ from evoxtral_stream.audio.microphone import (
     StreamFactory,
     list_input_devices,
 )
-from evoxtral_stream.audio.pipe import NotLiveAudio, PipeCapture, PipeEnd
+from evoxtral_stream.audio.pipe import NotLiveAudio, PipeCapture, PipeEnd, is_live_pipe
 from evoxtral_stream.audio.sources import (
     AudioInputError,
     iter_chunks,
@@ -105,8 +108,8 @@ from evoxtral_stream.events import SAMPLE_RATE, Int16Array
 from evoxtral_stream.server.protocol import MAX_LOST_S
 
 __all__ = ["AudioFeed", "FileFeed", "FilePace", "LiveFeed", "MicFeed", "PipeFeed", "Progress",
-           "SessionEnd", "build_parser", "main", "past_bound", "run", "should_reconnect",
-           "stdin_feed"]
+           "SessionEnd", "build_parser", "main", "past_bound", "path_feed", "run",
+           "should_reconnect", "stdin_feed"]
 
 CHUNK_MS = 100
 #: Microphone blocks waiting for the socket before new ones are dropped (10 s at 20 ms).
@@ -672,18 +675,66 @@ def stdin_feed(channels: tuple[int, ...], status: Status, fd: int = 0) -> AudioF
         path = STDIN_PATH if fd == 0 else Path(f"/dev/fd/{fd}")
         return FileFeed(read_audio_channels(path, [channels], "--channels")[0])
     cfg = load_config().audio
-    capture = PipeCapture(STDIN_PATH, block_ms=cfg.block_ms,
-                          max_pending_blocks=cfg.max_pending_blocks, mixes=[channels],
-                          channels_from="--channels", name="standard input", fd=fd)
+    return _pipe_feed(PipeCapture(STDIN_PATH, block_ms=cfg.block_ms,
+                                  max_pending_blocks=cfg.max_pending_blocks, mixes=[channels],
+                                  channels_from="--channels", name="standard input", fd=fd),
+                      status)
+
+
+def path_feed(path: Path, channels: tuple[int, ...], status: Status) -> AudioFeed:
+    """``--file PATH``: a FIFO with a name in the file system (``mkfifo``)
+    carrying WAV is read live, as :func:`stdin_feed` reads a pipe and as
+    ``serve --source PATH`` reads one: opening it waits for its writer.
+    Anything else is read whole and sent as a file (:class:`FileFeed`): a
+    pipe named only through ``/dev/fd`` (``--file <(ffmpeg -i talk.mp4 -f
+    wav -)``) too, the way to play what a converter writes far faster than
+    real time. Raises :class:`AudioInputError`: a socket's path (read as
+    standard input), a pipe or file that is no audio, or lacks those
+    channels."""
+    real = _named_live_pipe(path)
+    if real is not None:
+        if stat.S_ISSOCK(real):
+            # open() cannot connect to it (ENXIO), as serve says too.
+            raise AudioInputError(f"{path} is a socket, read only as standard input: "
+                                  f"`socat UNIX-CONNECT:{path} - | mic_client.py --file -`")
+        cfg = load_config().audio
+        return _pipe_feed(PipeCapture(path, block_ms=cfg.block_ms,
+                                      max_pending_blocks=cfg.max_pending_blocks,
+                                      mixes=[channels], channels_from="--channels"), status)
+    return FileFeed(read_audio_channels(path, [channels], "--channels")[0])
+
+
+def _named_live_pipe(path: Path) -> int | None:
+    """The mode of ``path`` when it is a FIFO or a socket under its own name
+    in the file system (serve's :func:`is_live_pipe`), else None: so for a
+    pipe without one that ``/dev/fd`` names (``<(...)``: on Linux its link
+    leads to no file, ``pipe:[N]``)."""
+    try:
+        real = path.resolve(strict=True)
+        if real.parent == Path("/dev/fd") or not is_live_pipe(real):
+            return None
+        return real.stat().st_mode
+    except (OSError, RuntimeError):  # no such file, a loop of links
+        return None
+
+
+def _pipe_feed(capture: PipeCapture, status: Status) -> AudioFeed:
+    """``capture``'s pipe as a feed once its header is read: live
+    (:class:`PipeFeed`), or of another format read whole (:class:`FileFeed`,
+    saying so on ``status``)."""
     try:
         capture.read_header()
     except NotLiveAudio as e:
         # FLAC, OGG, ...: libsndfile reads them only whole (it seeks).
-        status("standard input carries no WAV that is read live: it is read to its end, "
+        status(f"{capture.name} carries no WAV that is read live: it is read to its end, "
                "then sent at real-time pace as a file (for live captions, pipe PCM WAV: "
                "`ffmpeg ... -f wav -`)")
-        return FileFeed(read_pipe_channels(STDIN_PATH, e.head, fd, [channels],
-                                           "--channels")[0])
+        assert capture.fd is not None
+        try:
+            return FileFeed(read_pipe_channels(capture.path, e.head, capture.fd,
+                                               [capture.mixes[0]], "--channels")[0])
+        finally:
+            capture.stop()  # closes a FIFO it opened; standard input stays open
     return PipeFeed(capture)
 
 
@@ -900,7 +951,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--file", metavar="PATH",
                      help="stream this audio file at real-time pace instead of the microphone; "
                           "- reads standard input: a pipe carrying WAV is sent live, as it "
-                          "comes (arecord -t wav | mic_client.py --file -)")
+                          "comes (arecord -t wav | mic_client.py --file -), as is a named "
+                          "FIFO's (mkfifo)")
     src.add_argument("--list-devices", action="store_true", help="list input devices and exit")
     p.add_argument("--channels", type=channel_list, default=(), metavar="N[,N...]",
                    help="the channels to send, mixed, numbered from 1 (default: a device's "
@@ -946,8 +998,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.file == "-":
             feed = stdin_feed(args.channels, writer.status)
         elif args.file is not None:
-            feed = FileFeed(read_audio_channels(Path(args.file), [args.channels],
-                                                "--channels")[0])
+            feed = path_feed(Path(args.file), args.channels, writer.status)
         else:
             feed = MicFeed(args.device, channels=args.channels)
         code = asyncio.run(run(given.url, next(iter(given.streams), None), feed, writer,

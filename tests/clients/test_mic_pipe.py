@@ -1,7 +1,8 @@
 """clients/mic_client.py ``--file -``: standard input read live when it is a
-pipe carrying WAV (``arecord -t wav | mic_client.py --file -``), against a
-real server; the pipe is real (a subprocess's stdin, or an OS pipe written
-by a thread), its writer keeping it open."""
+pipe carrying WAV (``arecord -t wav | mic_client.py --file -``), and a named
+FIFO given by its path likewise, against a real server; the pipe is real (a
+subprocess's stdin, an OS pipe written by a thread, or a FIFO), its writer
+keeping it open."""
 
 from __future__ import annotations
 
@@ -385,4 +386,107 @@ async def test_a_pipe_that_fails_mid_stream_ends_the_stream_and_is_reported(
 
 
 def test_the_pipe_feed_is_public() -> None:
-    assert {"PipeFeed", "stdin_feed"} <= set(mic_client.__all__)
+    assert {"PipeFeed", "path_feed", "stdin_feed"} <= set(mic_client.__all__)
+
+
+async def test_a_fifo_named_by_its_path_is_read_live(
+    scripted: CaptionServer, tmp_path: Path,
+) -> None:
+    """``--file audio.fifo`` (``mkfifo``, ``arecord -t wav > audio.fifo``)
+    is a live pipe, as ``serve --source audio.fifo`` reads it: the first
+    sentence's final arrives while the writer still holds the FIFO open. It
+    used to be copied whole first, waiting for the writer's end. Closing it
+    ends the stream, as the end of standard input's pipe does."""
+    fifo = tmp_path / "audio.fifo"
+    os.mkfifo(fifo)
+    first, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.5)
+    second = speak(SENTENCES[1])
+    wav = live_wav(int16_to_float32(np.concatenate([first, second]))[:, None], SAMPLE_RATE)
+    split = len(wav) - 2 * len(second)
+    client = await Client.start("--url", f"ws://127.0.0.1:{scripted.port}", "--file",
+                                str(fifo), "--stream", "desk")
+    # Opening a FIFO for writing waits for its reader: the client.
+    writer = await asyncio.wait_for(asyncio.to_thread(open, fifo, "wb", buffering=0), 30)
+    try:
+        await asyncio.to_thread(writer.write, wav[:split])
+        await client.until(lambda: len(client.out) >= 1, "final while the FIFO is open")
+        assert client.proc.returncode is None
+        await asyncio.to_thread(writer.write, wav[split:])
+    finally:
+        writer.close()
+    out, err = await client.finish()
+    assert client.proc.returncode == 0, err
+    lines = out.splitlines()
+    assert len(lines) == 2 and all(FINAL.fullmatch(line) for line in lines), out
+    assert f"pipe {fifo}: WAV, 16000 Hz, 1 channel(s)" in err
+    assert f"pipe {fifo} ended" in err
+    summary = SUMMARY.search(err)
+    assert summary is not None and summary.group(1) == "desk", err
+
+
+async def test_a_fifo_carrying_another_format_is_read_whole_and_sent_like_a_file(
+    scripted: CaptionServer, tmp_path: Path,
+) -> None:
+    """FLAC into a FIFO is no WAV read live: as on standard input, it is
+    read to its end, then sent at real-time pace as a file is."""
+    fifo = tmp_path / "audio.fifo"
+    os.mkfifo(fifo)
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(SAMPLE_RATE, np.int16), SAMPLE_RATE, format="FLAC")
+    client = await Client.start("--url", f"ws://127.0.0.1:{scripted.port}", "--file",
+                                str(fifo), "--stream", "quiet")
+    with await asyncio.wait_for(asyncio.to_thread(open, fifo, "wb"), 30) as writer:
+        await asyncio.to_thread(writer.write, buf.getvalue())
+    _, err = await client.finish()
+    assert client.proc.returncode == 0, err
+    assert f"pipe {fifo} carries no WAV that is read live" in err
+    assert "streaming 1.0 s of audio at real-time pace" in err
+    assert "quiet: 1.0 s of audio" in err
+
+
+async def test_a_pipe_without_a_name_given_by_its_path_is_still_read_whole(
+    scripted: CaptionServer,
+) -> None:
+    """``--file <(ffmpeg -i talk.mp4 -f wav -)``: a pipe named only through
+    ``/dev/fd`` is the documented way to play a converted file, so it is
+    read to its end and sent at real-time pace as a file, not live (a
+    converter is far faster than real time: the server would refuse it)."""
+    r, w = os.pipe()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(CLIENTS / "mic_client.py"), "--url",
+            f"ws://127.0.0.1:{scripted.port}", "--file", f"/dev/fd/{r}", "--stream", "quiet",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE, pass_fds=(r,))
+    finally:
+        os.close(r)
+    t0 = time.monotonic()
+    await asyncio.to_thread(os.write, w, live_wav(np.zeros((SAMPLE_RATE, 1), np.float32),
+                                                  SAMPLE_RATE))
+    os.close(w)
+    _, err_bytes = await asyncio.wait_for(proc.communicate(), 30)
+    err = err_bytes.decode()
+    assert proc.returncode == 0, err
+    assert time.monotonic() - t0 >= 0.7, "not paced like a file"
+    assert "streaming 1.0 s of audio at real-time pace" in err
+    assert "quiet: 1.0 s of audio" in err
+
+
+async def test_a_socket_named_by_its_path_is_one_line_saying_how_to_read_it(
+    tmp_path: Path,
+) -> None:
+    """A socket is read as standard input (``socat``), as ``serve`` reads
+    one: its path is one line that says how, and status 2."""
+    import socket
+
+    path = tmp_path / "audio.sock"
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(path))
+        server.listen(1)
+        client = await Client.start("--url", "ws://127.0.0.1:9", "--file", str(path))
+        out, err = await client.finish()
+    assert client.proc.returncode == 2, err
+    assert err.splitlines() == [
+        f"error: {path} is a socket, read only as standard input: "
+        f"`socat UNIX-CONNECT:{path} - | mic_client.py --file -`"], err
+    assert out == ""
