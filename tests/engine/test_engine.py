@@ -240,6 +240,30 @@ async def test_cut_ends_the_open_segment_and_the_stream_goes_on() -> None:
     assert summary.duration_s == pytest.approx(len(audio) / 16000)
 
 
+async def test_audio_refused_by_push_is_not_counted_and_the_stream_goes_on() -> None:
+    """Samples that are not 1-D int16 are refused with a clear error; they
+    used to be counted first, so the stream's duration (``stream.ended``)
+    and the engine's ``audio_s`` (/metrics) included audio never heard."""
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+    record = LatencyLog()
+    async with Engine(load_config(), ScriptedBackend(words_so_far)) as engine:
+        engine.add_listener(record)
+        stream = engine.open_stream("s")
+        stream.push(audio[:16000])
+        with pytest.raises(ValueError, match="int16"):
+            stream.push(audio[16000:32000].astype(np.float32))
+        with pytest.raises(ValueError, match="int16"):
+            stream.push(audio[16000:32000].reshape(-1, 2))
+        stream.push(audio[16000:])
+        assert engine.stats().audio_s == pytest.approx(len(audio) / 16000)
+        summary = await stream.close()
+    assert summary.duration_s == pytest.approx(len(audio) / 16000)
+    (ended,) = [e for e in record.events if isinstance(e, StreamEnded)]
+    assert ended.duration_s == pytest.approx(len(audio) / 16000)
+    finals = [e for e in record.events if isinstance(e, CaptionEvent) and e.final]
+    assert [f.segment for f in finals] == [0] and finals[0].text
+
+
 async def test_an_explicit_cut_captions_speech_too_short_for_a_segment() -> None:
     """A clipped "Yes" under ``vad.min_speech_ms``: ``cut(keep_candidate=True)``
     (a client's commit) gets it a final; a plain cut drops it."""

@@ -215,10 +215,12 @@ class Stream:
     def push(self, samples: Int16Array) -> None:
         """Feed 16 kHz mono int16 audio. Never blocks; raises RuntimeError once
         :attr:`closed` (a network handler checks it: audio may still arrive
-        while the engine shuts down)."""
+        while the engine shuts down), and ValueError for samples that are not
+        1-D int16 (counted nowhere; the stream goes on)."""
         self._check_open()
+        requests = self.session.push(samples, self._engine.now())
         self._engine._samples_in += len(samples)
-        self._submit_all(self.session.push(samples, self._engine.now()))
+        self._submit_all(requests)
 
     def cut(self, *, keep_candidate: bool = False) -> None:
         """End the open segment now, as if its speech had ended: its final is

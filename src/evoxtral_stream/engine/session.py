@@ -103,9 +103,11 @@ class StreamSession:
     # --- input --------------------------------------------------------------
 
     def push(self, samples: Int16Array, now: float) -> list[DecodeRequest]:
-        """Feed audio; return the requests to submit (stamped ready at ``now``)."""
+        """Feed audio; return the requests to submit (stamped ready at ``now``).
+        Raises ValueError for samples that are not 1-D int16, counting none."""
+        events = self._segmenter.feed(samples)  # validates before anything is counted
         self._samples_in += len(samples)
-        requests = self._apply(self._segmenter.feed(samples), now)
+        requests = self._apply(events, now)
         partial = self._maybe_partial(now)
         if partial is not None:
             requests.append(partial)
