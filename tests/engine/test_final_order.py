@@ -22,7 +22,7 @@ import pytest
 
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.engine import Engine
-from evoxtral_stream.events import StreamError
+from evoxtral_stream.events import DecodeRequest, StreamError
 from evoxtral_stream.run import LatencyLog, feed_samples
 from tests.fakes import GatedBackend, ScriptedBackend, SteppingScriptedBackend, words_so_far
 from tests.speech import have_espeak, speech_with_pauses
@@ -161,3 +161,54 @@ async def test_a_final_goes_to_the_model_behind_its_streams_backlogged_finals() 
     decoded = [n for batch in backend.batches for n in batch if n != other_len]
     assert len(decoded) == 5
     assert decoded == sorted(decoded), decoded
+
+
+async def test_a_partial_does_not_take_the_slot_a_backlogged_final_waits_for() -> None:
+    """Finals wait in the engine's backlog for the inbox to take them; a
+    partial of another stream that comes as the model frees a slot (before
+    the backlog's retry) is refused and asked again at its next tick, so
+    the slot goes to the final: finals before partials, at admission too."""
+    cfg = load_config(overrides={"worker.max_queue": 1, "worker.max_batch": 1,
+                                 "worker.max_wait_ms": 0, "stream.partial_interval_ms": 300,
+                                 "stream.pause_partial": False})
+    utt, _ = speech_with_pauses(["Good evening and welcome, everyone."], pause_s=1.2)
+    talk_audio, _ = speech_with_pauses(["Yes, and then we went on talking for a while."],
+                                       pause_s=0.0)
+    backend = _StepGate()
+    record = LatencyLog()
+    async with Engine(cfg, backend) as engine:
+        engine.add_listener(record)
+        worker = engine._worker
+        assert worker is not None
+        accepted: list[tuple[str, str]] = []
+        submit = worker.submit
+
+        def spy(request: DecodeRequest, *, again: bool = False) -> bool:
+            ok = submit(request, again=again)
+            if ok:
+                accepted.append((request.stream, request.kind.value))
+            return ok
+
+        worker.submit = spy  # type: ignore[method-assign]
+        other = engine.open_stream("other")
+        other.push(utt)                      # call 1, held
+        backend.wait_calls(1)
+        other.push(utt)                      # fills the inbox
+        s = engine.open_stream("s")
+        s.push(utt)                          # its final refused: backlogged
+        assert engine.stats().finals_backlog == 1
+        backend.allow(1)
+        _wait_until(lambda: engine.stats().worker.pending == 0)  # a slot is free
+        # No await in between: the backlog's retry gets no turn before p's partial.
+        p = engine.open_stream("p")
+        before = len(accepted)
+        p.push(talk_audio[:16000])           # a second of speech: a partial is due
+        assert ("p", "partial") not in accepted[before:]
+        assert engine.stats().partials_refused >= 1
+        backend.allow(10_000)
+        await s.close()
+        await p.close()
+        await other.close()
+    s_final = accepted.index(("s", "final"))
+    assert all(a != ("p", "partial") for a in accepted[:s_final]), accepted
+    assert [c.segment for c in record.captions("s") if c.final] == [0]

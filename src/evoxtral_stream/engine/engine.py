@@ -637,9 +637,12 @@ class Engine:
         req = self._with_draft(stream, self._with_prefix(stream, req))
         if not stream.paced:
             req = dataclasses.replace(req, paced=False)
-        # A final goes behind its stream's finals already waiting: offered
-        # now, it could take a slot the model freed before they do.
-        behind = req.kind is RequestKind.FINAL and self._has_backlog(stream.id)
+        # While finals wait in the backlog, a slot the model frees is theirs,
+        # oldest first: a final goes behind them (offered now, it could take
+        # the slot before they do: out of its stream's order, or ahead of
+        # finals that waited longer), and a partial is refused like one the
+        # full inbox refuses (its next cadence tick asks again).
+        behind = bool(self._backlog)
         if not behind and self._worker.submit(req):
             return
         if req.kind is RequestKind.PARTIAL:
