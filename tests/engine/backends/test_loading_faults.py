@@ -110,3 +110,17 @@ def test_a_job_language_is_one_of_the_codes_exactly(merged: VoxtralBackend) -> N
     with pytest.raises(BackendError):
         merged.language_ids("EN")
     assert merged.language_ids("en")  # the exact code still works
+
+
+@pytest.mark.parametrize("kind", [Kind.BASE, Kind.ADAPTER])
+def test_a_file_named_as_the_folder_says_so(tiny: Tiny, kind: Kind) -> None:
+    """model.voxtral.base pointed at model.safetensors (or the adapter at its
+    adapter_model.safetensors), the file rather than its folder, was refused
+    as a folder that "does not exist"; the user sees the file right there."""
+    folder = tiny.base if kind is Kind.BASE else tiny.adapter
+    file = folder / ("model.safetensors" if kind is Kind.BASE else "adapter_model.safetensors")
+    with pytest.raises(BackendUnavailable) as info:
+        resolve(str(file), kind)
+    assert _one_line(info).startswith(
+        f"{'Voxtral base model' if kind is Kind.BASE else 'LoRA adapter'} folder {str(file)!r} "
+        f"is a file, not a folder; set {kind.value} to the folder that holds it")

@@ -194,12 +194,20 @@ def resolve(ref: str, kind: Kind, *, download: bool = True, key: str | None = No
             # Path.is_dir and is_file raise where the answer is not "none
             # there": a name too long, a folder this user may not search.
             found = folder.is_dir()
+            a_file = not found and folder.is_file()
             missing = missing_files(folder, kind) if found else []
         except OSError as e:
             raise BackendUnavailable(
                 f"{label} folder {ref!r} cannot be read ({e.strerror or e}); "
                 f"{_hint(kind, hub=True, key=key)}"
             ) from None
+        if a_file:
+            # model.safetensors or adapter_model.safetensors itself, named
+            # instead of the folder that holds it beside its config.
+            raise BackendUnavailable(
+                f"{label} folder {ref!r} is a file, not a folder; "
+                f"set {key or kind.value} to the folder that holds it"
+            )
         if not found:
             raise BackendUnavailable(
                 f"{label} folder {ref!r} does not exist; {_hint(kind, hub=True, key=key)}"
