@@ -124,3 +124,25 @@ def test_a_file_named_as_the_folder_says_so(tiny: Tiny, kind: Kind) -> None:
     assert _one_line(info).startswith(
         f"{'Voxtral base model' if kind is Kind.BASE else 'LoRA adapter'} folder {str(file)!r} "
         f"is a file, not a folder; set {kind.value} to the folder that holds it")
+
+
+def test_a_base_of_another_architecture_is_one_line(
+    tiny: Tiny, tiny_cfg: VoxtralConfig, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A base folder whose config.json is another model's (a Whisper
+    checkpoint's, say) was loaded as Voxtral anyway: transformers warned that
+    a `whisper` model instantiates a `voxtral` one, printed a report of some
+    seventy lines and failed with 'look at the above report'. It is refused
+    before any weights load, naming the model type it found."""
+    from transformers import WhisperConfig
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny.base, base)
+    WhisperConfig().save_pretrained(str(base))
+    capfd.readouterr()
+    with pytest.raises(BackendUnavailable) as info:
+        load_voxtral_backend(dataclasses.replace(tiny_cfg, base=str(base)), "en")
+    assert _one_line(info) == (
+        f"Voxtral base model folder {str(base)!r} holds a 'whisper' model (model_type in "
+        "config.json), not Voxtral; set model.voxtral.base to a Voxtral checkpoint")
+    assert capfd.readouterr().err == ""

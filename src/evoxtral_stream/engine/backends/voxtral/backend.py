@@ -13,6 +13,7 @@ so one batch mixes languages.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import time
@@ -131,6 +132,23 @@ def load_tokenizer(folder: Path) -> Tokenizer:
             f"cannot read {folder / 'tekken.json'} ({one_line(e)}); set model.voxtral.base "
             "to a folder with the Voxtral tokenizer"
         ) from None
+
+
+def _check_architecture(folder: Path) -> None:
+    """Refuse a base whose config.json names another model type (a Whisper
+    folder, say): transformers would build a default Voxtral from it and
+    fail on every tensor after a long report. An unreadable config.json is
+    left to transformers, which says why."""
+    try:
+        raw = json.loads((folder / "config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        return
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    if isinstance(kind, str) and kind != "voxtral":
+        raise BackendUnavailable(
+            f"Voxtral base model folder {str(folder)!r} holds a {kind!r} model (model_type in "
+            "config.json), not Voxtral; set model.voxtral.base to a Voxtral checkpoint"
+        )
 
 
 def _check_geometry(model: nn.Module, spec: PromptSpec, where: Path) -> None:
@@ -294,6 +312,7 @@ def load_model(
     if cache is not None:
         log.info("compile cache: %s", cache)
     base = resolve(cfg.base, Kind.BASE)
+    _check_architecture(base.path)
     adapter = resolve(cfg.adapter, Kind.ADAPTER) if cfg.adapter else None
     extra_paths = {name: resolve(ref, Kind.ADAPTER, key=_extra_key(name))
                    for name, ref in extras.items()}
