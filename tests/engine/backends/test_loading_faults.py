@@ -5,10 +5,17 @@ weights or a traceback."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from evoxtral_stream.config import VoxtralConfig
@@ -146,3 +153,106 @@ def test_a_base_of_another_architecture_is_one_line(
         f"Voxtral base model folder {str(base)!r} holds a 'whisper' model (model_type in "
         "config.json), not Voxtral; set model.voxtral.base to a Voxtral checkpoint")
     assert capfd.readouterr().err == ""
+
+
+def _without_tensors(tiny: Tiny, base: Path) -> None:
+    """A copy of the tiny base whose weights lack the audio tower's first layer."""
+    shutil.copytree(tiny.base, base)
+    weights = base / "model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v for k, v in tensors.items() if "audio_tower.layers.0." not in k},
+              str(weights), metadata={"format": "pt"})
+
+
+def _other_shapes(tiny: Tiny, base: Path) -> None:
+    """A copy of the tiny base whose config.json gives the MLPs another width."""
+    shutil.copytree(tiny.base, base)
+    config = json.loads((base / "config.json").read_text())
+    config["text_config"]["intermediate_size"] = 48
+    (base / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(("spoil", "says"), [
+    (_without_tensors, "lacks 15 weight tensors (e.g. model.audio_tower.layers.0."),
+    (_other_shapes, "has 6 weight tensors of another shape than its config.json gives (e.g. "
+                    "model.language_model.layers.0.mlp.down_proj.weight: (32, 64) in the file, "
+                    "(32, 48) in the model)"),
+], ids=["missing-tensors", "other-shapes"])
+def test_a_refused_base_prints_no_load_report(
+    tiny: Tiny, tiny_cfg: VoxtralConfig, tmp_path: Path, spoil: Callable[[Tiny, Path], None],
+    says: str,
+) -> None:
+    """transformers logs a load report (a table of every missing or resized
+    tensor, seventy lines for a foreign checkpoint) before the one line
+    that refuses the base; a base of other shapes was refused with
+    'look at the above report' only. The report is a debug record now,
+    the line names what is wrong."""
+    base = tmp_path / "base"
+    spoil(tiny, base)
+    # Beside transformers' own handler (or the root's, in the program):
+    # what reaches one reaches the other.
+    shown = _Records()
+    reporter = logging.getLogger("transformers.modeling_utils")
+    reporter.addHandler(shown)
+    try:
+        with pytest.raises(BackendUnavailable) as info:
+            load_voxtral_backend(dataclasses.replace(tiny_cfg, base=str(base), adapter=""), "en")
+    finally:
+        reporter.removeHandler(shown)
+    msg = _one_line(info)
+    assert msg.startswith(f"the Voxtral base model in {str(base)!r} {says}")
+    assert msg.endswith("; set model.voxtral.base to a complete checkpoint")
+    assert not [m for m in shown.messages if "LOAD REPORT" in m]
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_the_command_refuses_a_base_missing_tensors_in_one_line(
+    tiny: Tiny, tmp_path: Path
+) -> None:
+    """`evoxtral-stream transcribe --backend voxtral` with -q: status 2 and
+    stderr the error line alone, not transformers' report before it."""
+    base = tmp_path / "base"
+    _without_tensors(tiny, base)
+    proc = subprocess.run(
+        [sys.executable, "-m", "evoxtral_stream", "transcribe", "--backend", "voxtral", "-q",
+         "--sample", "--set", f"model.voxtral.base={str(base)!r}",
+         "--set", "model.voxtral.adapter=''", "--set", "model.voxtral.device='cpu'"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("evoxtral-stream: error: the Voxtral base model in ")
+
+
+def test_a_base_with_unused_tensors_loads_with_one_warning(
+    tiny: Tiny, tiny_cfg: VoxtralConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Tensors the model has no place for change nothing it computes: it
+    loads, and one warning line names them in place of transformers' table."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny.base, base)
+    weights = base / "model.safetensors"
+    tensors = load_file(str(weights))
+    tensors["model.extra_head.weight"] = torch.zeros(2, 2)
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    shown = _Records()
+    reporter = logging.getLogger("transformers.modeling_utils")
+    reporter.addHandler(shown)
+    try:
+        load_voxtral_backend(dataclasses.replace(tiny_cfg, base=str(base), adapter=""), "en")
+    finally:
+        reporter.removeHandler(shown)
+    assert not [m for m in shown.messages if "LOAD REPORT" in m]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("holds 1 tensor(s) that the model does not use (e.g. model.extra_head.weight)"
+               in m for m in warned), warned

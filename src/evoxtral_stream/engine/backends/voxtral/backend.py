@@ -176,6 +176,36 @@ def _check_geometry(model: nn.Module, spec: PromptSpec, where: Path) -> None:
         )
 
 
+# The logger that transformers writes its load report with (a table of every
+# missing, resized or unused tensor, tens of lines).
+_REPORT_LOGGER = "transformers.modeling_utils"
+
+
+@contextlib.contextmanager
+def _load_report_held() -> Iterator[None]:
+    """Hold back transformers' load report while a model loads and log it at
+    debug level: what it says that matters (missing or resized tensors) ends
+    the start in one line of ours, and unused ones get a line of their own,
+    so the table would only stand before, or instead of, those lines."""
+    held: list[str] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "LOAD REPORT" not in text:
+            return True
+        held.append(text)
+        return False
+
+    logger = logging.getLogger(_REPORT_LOGGER)
+    logger.addFilter(hold)
+    try:
+        yield
+    finally:
+        logger.removeFilter(hold)
+        for text in held:
+            log.debug("transformers' load report: %s", text)
+
+
 def _from_pretrained(
     folder: Path, device: torch.device, dtype: torch.dtype | str, attn: str
 ) -> nn.Module:
@@ -187,14 +217,18 @@ def _from_pretrained(
     placement: dict[str, Any] = {"device_map": str(device)} if is_accelerate_available() else {}
     cls: Any = VoxtralForConditionalGeneration
     try:
-        model, info = cls.from_pretrained(
-            str(folder),
-            dtype=dtype,
-            attn_implementation=attn,
-            local_files_only=True,
-            output_loading_info=True,
-            **placement,
-        )
+        with _load_report_held():
+            # Resized tensors come back in the loading info (refused below)
+            # instead of as an error that points at the held report.
+            model, info = cls.from_pretrained(
+                str(folder),
+                dtype=dtype,
+                attn_implementation=attn,
+                local_files_only=True,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,
+                **placement,
+            )
         if not placement:
             model.to(device)
     except torch.cuda.OutOfMemoryError:
@@ -221,6 +255,21 @@ def _from_pretrained(
             f"the Voxtral base model in {str(folder)!r} lacks {len(missing)} weight tensors "
             f"(e.g. {', '.join(missing[:3])}); set model.voxtral.base to a complete checkpoint"
         )
+    # Likewise for tensors whose shape is not the one config.json gives.
+    resized = sorted(info.get("mismatched_keys") or ())
+    if resized:
+        key, saved, wanted = resized[0]
+        shown = f"{key}: {tuple(saved)} in the file, {tuple(wanted)} in the model"
+        raise BackendUnavailable(
+            f"the Voxtral base model in {str(folder)!r} has {len(resized)} weight tensors of "
+            f"another shape than its config.json gives (e.g. {shown}); set model.voxtral.base "
+            "to a complete checkpoint"
+        )
+    unused = sorted(info.get("unexpected_keys") or ())
+    if unused:
+        log.warning("the Voxtral base model in %s holds %d tensor(s) that the model does not "
+                    "use (e.g. %s); they are left out", folder, len(unused),
+                    ", ".join(unused[:3]))
     cast(Any, model).eval()
     _greedy_generation_config(model, folder)
     return cast(nn.Module, model)
