@@ -267,3 +267,29 @@ def test_an_adapter_missing_a_layers_tensors_adds_nothing_there_or_is_refused(
     layer = pm.get_base_model().get_submodule(map_adapter_key(gone).removeprefix(
         adapter_mod.PEFT_PREFIX))
     assert not layer.lora_B["default"].weight.any()
+
+
+def test_an_adapter_missing_a_layers_lora_a_only_is_refused(
+    tiny: Tiny, tmp_path: Path
+) -> None:
+    """A file that holds a layer's lora_B but not its lora_A: peft starts
+    lora_A at random (only lora_B starts at zero), so the layer added
+    B @ random A to the model, a change nobody trained, with only the
+    warning that the layer "stays without adaptation"."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(tiny.adapter, folder)
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    gone = next(k for k in sorted(tensors) if "lora_A" in k)
+    save_file({k: v for k, v in tensors.items() if k != gone}, str(weights))
+    with pytest.raises(AdapterError) as info:
+        attach_adapter(_fresh(tiny), folder, "default")
+    msg = str(info.value)
+    assert "\n" not in msg
+    layer = map_adapter_key(gone).removeprefix(adapter_mod.PEFT_PREFIX).rsplit(".lora_A", 1)[0]
+    assert msg == (
+        f"adapter {str(folder)!r}: 1 layer(s) have lora_B but no lora_A in the file (e.g. "
+        f"{layer}), which peft would start at random; the file does not match its "
+        "adapter_config.json")

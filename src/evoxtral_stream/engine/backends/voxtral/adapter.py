@@ -132,11 +132,12 @@ def _model_key(key: str, name: str, state: Mapping[str, torch.Tensor]) -> str | 
 
 def verify_adapter(
     peft_model: nn.Module, tensors: Mapping[str, torch.Tensor], name: str
-) -> tuple[int, int]:
+) -> tuple[int, list[str]]:
     """Check that every tensor of ``tensors`` sits, equal in value, in the model.
 
-    Returns (tensors checked, adapter parameters of ``name`` that no tensor
-    set). Raises :class:`AdapterError` naming the first keys that did not land.
+    Returns (tensors checked, the state-dict keys of adapter parameters of
+    ``name`` that no tensor set). Raises :class:`AdapterError` naming the
+    first keys that did not land.
     """
     state = peft_model.state_dict()
     unlanded: list[str] = []
@@ -161,7 +162,28 @@ def verify_adapter(
         )
     tag = f".{name}."
     own = [k for k in state if ".lora_" in k and (tag in k or k.endswith(f".{name}"))]
-    return len(tensors), len([k for k in own if k not in seen])
+    return len(tensors), [k for k in own if k not in seen]
+
+
+# peft starts these at random and their partners (lora_B, lora_embedding_B) at zero.
+_RANDOM_START = {"lora_A": "lora_B", "lora_embedding_A": "lora_embedding_B"}
+
+
+def _random_with_trained_partner(unset: list[str]) -> list[str]:
+    """Layers of the keys in ``unset`` whose random-started half (lora_A) has
+    no tensor while its zero-started partner (lora_B) got one: such a layer
+    adds B @ (random A) to the model, a change nobody trained."""
+    missing = set(unset)
+    layers = []
+    for key in unset:
+        parts = key.split(".")
+        for i, part in enumerate(parts):
+            if part in _RANDOM_START:
+                partner = ".".join([*parts[:i], _RANDOM_START[part], *parts[i + 1 :]])
+                if partner not in missing:
+                    layers.append(".".join(parts[:i]).removeprefix(PEFT_PREFIX))
+                break
+    return layers
 
 
 def attach_adapter(model: nn.Module, adapter: Path | SavedAdapter, name: str) -> nn.Module:
@@ -190,8 +212,15 @@ def attach_adapter(model: nn.Module, adapter: Path | SavedAdapter, name: str) ->
         set_peft_model_state_dict(peft_model, dict(tensors), adapter_name=name)
     except (ValueError, RuntimeError) as e:
         raise AdapterError(one_line(e)) from None
-    checked, unset = verify_adapter(peft_model, tensors, name)
+    checked, unset_keys = verify_adapter(peft_model, tensors, name)
     n_params = sum(t.numel() for t in tensors.values())
+    half = _random_with_trained_partner(unset_keys)
+    if half:
+        raise AdapterError(
+            f"adapter {str(folder)!r}: {len(half)} layer(s) have lora_B but no lora_A in the "
+            f"file (e.g. {half[0]}), which peft would start at random; the file does not "
+            "match its adapter_config.json")
+    unset = len(unset_keys)
     if unset:
         # peft starts lora_B at zero only with these: a layer left so adds
         # nothing. Any other start (random B, or a base weight changed, as
