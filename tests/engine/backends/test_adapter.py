@@ -293,3 +293,26 @@ def test_an_adapter_missing_a_layers_lora_a_only_is_refused(
         f"adapter {str(folder)!r}: 1 layer(s) have lora_B but no lora_A in the file (e.g. "
         f"{layer}), which peft would start at random; the file does not match its "
         "adapter_config.json")
+
+
+def test_an_adapter_file_without_tensors_is_refused_before_the_base_loads(
+    tiny: Tiny, tiny_cfg: VoxtralConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An adapter_model.safetensors holding no tensors (a save that wrote
+    none) loaded: every LoRA layer stayed at zero, the engine ran plain
+    Voxtral and called it voxtral+lora, with one warning among the start's
+    log lines."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "adapter"
+    shutil.copytree(tiny.adapter, folder)
+    weights = folder / "adapter_model.safetensors"
+    save_file({}, str(weights))
+    loads: list[object] = []
+    monkeypatch.setattr(backend_mod, "_from_pretrained", lambda *a, **k: loads.append(a))
+    with pytest.raises(BackendUnavailable) as info:
+        load_voxtral_backend(dataclasses.replace(tiny_cfg, adapter=str(folder)), "en")
+    assert loads == []
+    assert str(info.value) == (
+        f"cannot use LoRA adapter {str(folder)!r} on this base model ({weights} holds no "
+        "tensors); set model.voxtral.adapter to a complete adapter trained on this base")

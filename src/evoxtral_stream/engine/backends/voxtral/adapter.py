@@ -108,6 +108,10 @@ def read_adapter(folder: Path) -> SavedAdapter:
         tensors = load_file(str(weights), device="cpu")
     except Exception as e:  # SafetensorError (a truncated file) is no OSError
         raise AdapterError(f"cannot read {weights}: {one_line(e)}") from None
+    if not tensors:
+        # Every LoRA layer would stay at peft's zero start: plain Voxtral,
+        # running under the adapter's name.
+        raise AdapterError(f"{weights} holds no tensors")
     mapped: dict[str, torch.Tensor] = {}
     for key, value in tensors.items():
         if not key.startswith(PEFT_PREFIX):
