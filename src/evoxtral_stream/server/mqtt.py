@@ -37,7 +37,12 @@ reconnects with bounded exponential backoff and keeps counters
 With ``cfg.tls`` the connection is TLS (:func:`tls_context`): the broker's
 certificate is checked against ``ca_file`` or the system store, and its name
 against ``cfg.host``. A failed handshake is logged as an error and retried
-with the same backoff as any other connection failure.
+with the same backoff as any other connection failure (one that timed out
+as a warning: that is no certificate problem).
+
+A connection attempt (TCP connect, TLS handshake, CONNACK) has
+``cfg.timeout_s`` in all; the socket is made on the event loop (see
+:meth:`MqttPublisher._open`), so giving an attempt up closes it at once.
 
 The TLS files are read when the publisher is made, and again before any
 (re)connect at which their ``os.stat`` fingerprints changed
@@ -264,6 +269,10 @@ class _ConnectionLost(Exception):
 
 class _DrainOver(_ConnectionLost):
     """Closing, and ``drain_s`` ran out while the broker kept a publish unacknowledged."""
+
+
+class _HandshakeTimeout(TimeoutError):
+    """The broker's port took the connection but did not finish the TLS handshake in time."""
 
 
 class _Refused(Exception):
@@ -530,7 +539,12 @@ class MqttPublisher:
                 self._refresh_tls()
                 client = self._client(version)
                 self._connecting = True
+                # One deadline for the whole attempt: TCP, TLS and CONNACK.
+                deadline = loop.time() + self.cfg.timeout_s
+                _hand_over(client, await self._open(deadline))
+                client.timeout = max(0.0, deadline - loop.time())  # for the CONNACK
                 async with client:
+                    client.timeout = self.cfg.timeout_s
                     self._connecting = False
                     up_since = loop.time()
                     self._on_connected(version, failures)
@@ -578,6 +592,58 @@ class MqttPublisher:
                     _drop_attempt(client)
                 self._connecting = False
             await self._backoff(failures)
+
+    async def _open(self, deadline: float) -> socket.socket:
+        """A socket connected to the broker, its TLS handshake done with
+        ``cfg.tls``, by ``deadline`` (loop time); else an :class:`OSError`
+        naming the step that failed or ran out of time.
+
+        Made here, on the event loop, and not by paho in aiomqtt's worker
+        thread: paho gives the TCP connect and the handshake a fixed 5 s each,
+        whatever ``timeout_s`` says, and a thread cannot be interrupted, so
+        one went on past a stop that gave the attempt up. Here a timeout or a
+        cancellation closes the socket at once. Only a name lookup runs in a
+        thread (one the resolver's own timeouts end; an IP address needs
+        none): that attempt is given up at the deadline all the same.
+        """
+        loop = asyncio.get_running_loop()
+        host, port = self.cfg.host, self.cfg.port
+        limit = f"{self.cfg.timeout_s:g} s"
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_NUMERICHOST)
+        except socket.gaierror:
+            cm = asyncio.timeout_at(deadline)
+            try:
+                async with cm:
+                    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except TimeoutError:
+                if not cm.expired():
+                    raise
+                raise TimeoutError(f"looking up {host} timed out after {limit}") from None
+        error: OSError = OSError(f"{host} has no address")
+        for family, kind, proto, _, address in infos:
+            # One address after the other, within the one deadline (what
+            # socket.create_connection does, with a timeout each).
+            sock = socket.socket(family, kind, proto)
+            cm = asyncio.timeout_at(deadline)
+            try:
+                sock.setblocking(False)
+                async with cm:
+                    await loop.sock_connect(sock, address)
+            except OSError as e:
+                sock.close()
+                if isinstance(e, TimeoutError) and cm.expired():
+                    raise TimeoutError(f"TCP connect timed out after {limit}") from None
+                error = e
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            if self._tls is None:
+                return sock
+            return await _tls_handshake(self._tls, sock, host, deadline, limit)
+        raise error
 
     def _refresh_tls(self) -> None:
         """Rebuild the TLS context if its files changed since it was built.
@@ -692,6 +758,14 @@ class MqttPublisher:
         # broker back up with the wrong certificate, say); the counters tell
         # how long it lasted.
         loud = failures == 1 or self._last_error != previous
+        if isinstance(e, _HandshakeTimeout):
+            # The port takes connections but does not answer: no certificate
+            # is at fault, and the broker may only be busy.
+            log.log(logging.WARNING if loud else logging.DEBUG,
+                    "MQTT TLS handshake with %s:%d timed out: the port took the connection "
+                    "but did not answer within mqtt.timeout_s (%.3g s); retrying with backoff",
+                    self.cfg.host, self.cfg.port, self.cfg.timeout_s)
+            return
         tls = _tls_error(e)
         if tls is not None:
             # Certificates and names do not fix themselves: this is an error.
@@ -986,6 +1060,83 @@ def _break_connection(client: aiomqtt.Client) -> None:
         return
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
+
+
+async def _tls_handshake(ctx: ssl.SSLContext, sock: socket.socket, host: str,
+                         deadline: float, limit: str) -> ssl.SSLSocket:
+    """``sock`` (connected, non-blocking) wrapped in TLS for ``host``, its
+    handshake done on the event loop by ``deadline``; closed on failure."""
+    loop = asyncio.get_running_loop()
+    try:
+        tls = ctx.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+    except BaseException:
+        sock.close()
+        raise
+    cm = asyncio.timeout_at(deadline)
+    try:
+        async with cm:
+            while True:
+                try:
+                    tls.do_handshake()
+                    return tls
+                except ssl.SSLWantReadError:
+                    await _ready(loop, tls.fileno(), write=False)
+                except ssl.SSLWantWriteError:
+                    await _ready(loop, tls.fileno(), write=True)
+    except BaseException as e:
+        tls.close()
+        if isinstance(e, TimeoutError) and cm.expired():
+            raise _HandshakeTimeout(f"TLS handshake timed out after {limit}") from None
+        raise
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:
+    """Return once ``fd`` can be read (written, with ``write``)."""
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    if write:
+        loop.add_writer(fd, wake)
+    else:
+        loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+def _hand_over(client: aiomqtt.Client, sock: socket.socket) -> None:
+    """Start ``client``'s MQTT connection on ``sock`` (see :meth:`MqttPublisher._open`).
+
+    paho sends the CONNECT on it here, on the event loop: with the socket
+    made, its ``connect`` does not block. The one aiomqtt's ``__aenter__``
+    then calls in its worker thread does nothing, so no thread ever holds
+    the socket. ``sock`` is closed if paho does not take it (once it has,
+    :func:`_drop_attempt` closes it).
+    """
+    from paho.mqtt.enums import MQTTErrorCode
+
+    paho = client._client
+    try:
+        paho._create_socket = lambda: sock  # type: ignore[method-assign]
+        # The arguments aiomqtt's __aenter__ would pass.
+        paho.connect(client._hostname, client._port, client._keepalive, client._bind_address,
+                     client._bind_port, client._clean_start, client._properties)
+    except BaseException:
+        if paho._sock is not sock:
+            sock.close()
+        raise
+
+    def connected(*_: object, **__: object) -> MQTTErrorCode:
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    paho.connect = connected  # type: ignore[method-assign]
 
 
 def _drop_attempt(client: aiomqtt.Client) -> None:
