@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -19,7 +21,8 @@ except ImportError:  # the mqtt extra is optional
     pytest.skip("aiomqtt not installed", allow_module_level=True)
 
 from evoxtral_stream.server.mqtt import MqttPublisher
-from tests.server.test_mqtt import caption, eventually, mqtt_config
+from tests.server.conftest import MosquittoBroker
+from tests.server.test_mqtt import caption, connected, eventually, mqtt_config
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,23 +33,39 @@ pytestmark = pytest.mark.timeout(60)
 SILENCES = ["syn-dropped", "tls-unanswered", "connack-unanswered"]
 
 
+class SilentBroker:
+    """A local port that behaves as ``silence`` says (see :data:`SILENCES`)."""
+
+    def __init__(self, silence: str) -> None:
+        self.srv = socket.socket()
+        self.srv.bind(("127.0.0.1", 0))
+        self.port: int = self.srv.getsockname()[1]
+        self.filler: socket.socket | None = None
+        self.taken: list[socket.socket] = []
+        if silence == "syn-dropped":
+            # Linux queues backlog + 1 connections and drops further SYNs.
+            self.srv.listen(0)
+            self.filler = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        else:
+            self.srv.listen(64)  # connections complete in the kernel; nothing reads them
+
+    def make_room(self) -> None:
+        """Accept the queued connection: the next SYN (a retransmitted one) gets through."""
+        self.taken.append(self.srv.accept()[0])
+
+    def close(self) -> None:
+        for s in [self.srv, *self.taken, *([self.filler] if self.filler else [])]:
+            s.close()
+
+
 @contextlib.contextmanager
 def silent_broker(silence: str) -> Iterator[int]:
     """A local port that behaves as ``silence`` says; yields it."""
-    with socket.socket() as srv:
-        srv.bind(("127.0.0.1", 0))
-        if silence == "syn-dropped":
-            # Linux queues backlog + 1 connections and drops further SYNs.
-            srv.listen(0)
-            filler = socket.create_connection(srv.getsockname(), timeout=5)
-        else:
-            srv.listen(64)  # connections complete in the kernel; nothing reads them
-            filler = None
-        try:
-            yield srv.getsockname()[1]
-        finally:
-            if filler is not None:
-                filler.close()
+    broker = SilentBroker(silence)
+    try:
+        yield broker.port
+    finally:
+        broker.close()
 
 
 def tls_for(silence: str) -> dict[str, object]:
@@ -113,3 +132,126 @@ async def test_a_stop_during_an_attempt_leaves_no_thread_behind(silence: str) ->
         assert loop.time() - t0 < 1.0, "a worker thread outlived aclose"
     st = pub.stats()
     assert (st.connects, st.failed, st.queued) == (0, 1, 0), st
+
+
+# --- no socket left open ------------------------------------------------------------------
+
+
+def sockets_to(port: int) -> int:
+    """How many of this process's open sockets are TCP connections to
+    127.0.0.1:``port`` (connected or connecting), read from /proc."""
+    mine = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # an fd closed meanwhile
+            link = os.readlink(f"/proc/self/fd/{fd}")
+            if link.startswith("socket:["):
+                mine.add(link[len("socket:["):-1])
+    found = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(table) as f:
+            for row in f.read().splitlines()[1:]:
+                cols = row.split()
+                # remote address (hex ip:port) and inode
+                if int(cols[2].rsplit(":", 1)[1], 16) == port and cols[9] in mine:
+                    found += 1
+    return found
+
+
+needs_proc = pytest.mark.skipif(not os.path.isfile("/proc/net/tcp"), reason="needs Linux /proc")
+
+
+@contextlib.contextmanager
+def no_cycle_collector() -> Iterator[None]:
+    """A socket that only the garbage collector would close stays open."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+@needs_proc
+@pytest.mark.parametrize("silence", SILENCES)
+async def test_attempts_that_time_out_and_the_stop_leave_no_socket_open(silence: str) -> None:
+    """Each attempt given up at timeout_s closes its socket then, not at
+    some later garbage collection (paho left a TLS socket whose handshake
+    timed out to be collected), and a stop leaves none behind."""
+    broker = SilentBroker(silence)
+    try:
+        base = sockets_to(broker.port)  # the filler of a syn-dropped port is ours
+        with no_cycle_collector():
+            cfg = mqtt_config(broker.port, "cl", timeout_s=0.3, reconnect_min_s=0.05,
+                              reconnect_max_s=0.1, drain_s=0.2, **tls_for(silence))
+            pub = MqttPublisher(cfg)
+            await pub.start()
+            most = 0
+            try:
+                deadline = time.monotonic() + 5.0
+                while pub.stats().connect_failures < 5:
+                    assert time.monotonic() < deadline, pub.stats()
+                    most = max(most, sockets_to(broker.port) - base)
+                    await asyncio.sleep(0.02)
+            finally:
+                await pub.aclose()
+            # Only the attempt under way may hold one.
+            assert most <= 1, f"{most} sockets open to the broker at once"
+            await eventually(lambda: sockets_to(broker.port) == base,
+                             "the last attempt's socket closed", within=1.0)
+    finally:
+        broker.close()
+
+
+@needs_proc
+@pytest.mark.parametrize("silence", ["syn-dropped", "tls-unanswered"])
+async def test_a_connect_given_up_at_the_stop_is_not_completed_after_it(silence: str) -> None:
+    """A stop gives up an attempt at drain_s. When paho made the connection
+    in a worker thread, the thread went on: a host that let the connection
+    through after the stop got a socket that nobody closed, its reader
+    still registered with the event loop."""
+    broker = SilentBroker(silence)
+    try:
+        base = sockets_to(broker.port)
+        with no_cycle_collector():
+            cfg = mqtt_config(broker.port, "cc", timeout_s=30.0, drain_s=0.2,
+                              **tls_for(silence))
+            pub = MqttPublisher(cfg)
+            await pub.start()
+            await asyncio.sleep(0.5)  # the TCP connect (or the handshake) is under way
+            await pub.aclose()
+            if silence == "syn-dropped":
+                # The host answers now: a SYN sent after this would get through
+                # (Linux sends the first again 1 s after it).
+                broker.make_room()
+            await asyncio.sleep(2.0)
+            assert sockets_to(broker.port) == base, "a socket to the broker outlived the stop"
+    finally:
+        broker.close()
+
+
+@needs_proc
+@pytest.mark.parametrize("when", ["connected", "connecting", "publishing"])
+async def test_a_stop_leaves_no_socket_to_a_real_broker(
+        mosquitto: MosquittoBroker, when: str) -> None:
+    """After aclose no socket to the broker is left open, whether the
+    publisher was connected, still waiting for a frozen broker's CONNACK, or
+    waiting for its acknowledgement of a final."""
+    base = sockets_to(mosquitto.port)
+    with no_cycle_collector():
+        pub = MqttPublisher(mqtt_config(mosquitto.port, "cr", timeout_s=8.0, drain_s=0.3))
+        try:
+            if when == "connecting":
+                mosquitto.freeze()
+            await pub.start()
+            if when != "connecting":
+                await connected(pub)
+            if when == "publishing":
+                mosquitto.freeze()
+            pub(caption("s", 0, 1, True))
+            await asyncio.sleep(0.3)
+            await pub.aclose()
+            await eventually(lambda: sockets_to(mosquitto.port) == base, "sockets closed",
+                             within=1.0)
+        finally:
+            mosquitto.thaw()
