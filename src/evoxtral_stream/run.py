@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .audio.microphone import RouteReceiver
 from .audio.sources import iter_chunks
 from .config import Config
 from .engine.engine import Engine, Stream, StreamSummary
@@ -74,20 +75,34 @@ async def play_together(feeds: Sequence[tuple[Stream, Int16Array]],
     """Push each stream its samples at real-time pace, all on one clock: at
     each step every stream gets the same stretch of time (the channels of one
     recording stay in step), then close them all and wait for every final.
-    ``progress`` is told the samples of each chunk pushed."""
+    ``progress`` is told the samples of each chunk pushed (or offered).
+
+    A stream whose push raises (a bug, a stream closed under the feeder)
+    costs the others nothing, as a capture's routes do
+    (:class:`~evoxtral_stream.audio.microphone.RouteReceiver`): the failure
+    is logged with its traceback (throttled) and counted, that stream misses
+    the chunks it refuses and is still offered the next, and every other
+    stream gets all of its audio and its finals."""
     if chunk_samples < 1:
         raise ValueError(f"chunk_samples must be at least 1, got {chunk_samples}")
+    receivers = [RouteReceiver(stream.push, f"audio route {i} of {len(feeds)} "
+                                            f"(stream {stream.id})")
+                 for i, (stream, _) in enumerate(feeds, 1)]
     t0 = time.monotonic()
     length = max((len(samples) for _, samples in feeds), default=0)
-    for at in range(0, length, chunk_samples):
-        for stream, samples in feeds:
-            chunk = samples[at:at + chunk_samples]
-            if len(chunk):
-                stream.push(chunk)
-                if progress is not None:
-                    progress(len(chunk))
-        delay = t0 + min(at + chunk_samples, length) / SAMPLE_RATE - time.monotonic()
-        await asyncio.sleep(max(0.0, delay))
+    try:
+        for at in range(0, length, chunk_samples):
+            for receiver, (_, samples) in zip(receivers, feeds, strict=True):
+                chunk = samples[at:at + chunk_samples]
+                if len(chunk):
+                    receiver(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+            delay = t0 + min(at + chunk_samples, length) / SAMPLE_RATE - time.monotonic()
+            await asyncio.sleep(max(0.0, delay))
+    finally:  # the end of the file, or a stop: the failures not logged yet
+        for receiver in receivers:
+            receiver.report_rest()
     return list(await asyncio.gather(*(stream.close() for stream, _ in feeds)))
 
 
