@@ -18,6 +18,7 @@ import threading
 import time
 import types
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -238,3 +239,72 @@ def test_serve_refuses_channels_the_device_lacks_before_loading_the_model(
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["evoxtral-stream: error: audio.channels asks for channel 3, but audio "
                    "device 'Desk Mic' has 2 input channel(s)"]
+
+
+# The real command line from a microphone that is lost at once, whose
+# PortAudio then hangs in the refresh before each reopen (a driver that
+# never returns): the marker file says the refresh is stuck.
+_HUNG_REFRESH = r"""
+import os, sys, threading, types
+from evoxtral_stream import cli as cli_module
+from evoxtral_stream.audio import microphone
+from evoxtral_stream.events import SAMPLE_RATE
+from tests.fakes import ScriptedBackend
+from tests.helpers.model_loader import replace_model_loader
+from tests.helpers.portaudio import LiveStream, tone
+
+replace_model_loader(lambda cfg: ScriptedBackend(lambda audio: "words"))
+
+def terminate():
+    open(os.environ["HUNG_MARKER"], "w").close()
+    threading.Event().wait()
+
+sd = types.ModuleType("sounddevice")
+sd.query_devices = lambda: [{"index": 0, "name": "Desk Mic", "max_input_channels": 1,
+                             "default_samplerate": float(SAMPLE_RATE)}]
+sd.default = types.SimpleNamespace(device=[0, -1])
+sd._terminate, sd._initialize = terminate, lambda: None
+sys.modules["sounddevice"] = sd
+microphone._sounddevice_stream = lambda device, rate, channels, blocksize, callback: (
+    LiveStream(tone(rate=rate), rate, channels, blocksize, callback, unplug_at=0))
+sys.exit(cli_module.main(sys.argv[1:]))
+"""
+
+
+def test_serve_exits_while_a_lost_microphone_s_refresh_hangs(tmp_path: Path) -> None:
+    """The device refresh before a reopen (PortAudio's terminate and
+    initialise) hangs for good: serve stopped by SIGTERM used to wait for
+    it forever, since it ran in asyncio's default executor, which
+    ``asyncio.run`` (Python 3.11: with no time limit) and then the
+    interpreter's exit wait for; Ctrl-C and SIGTERM are ignored by then, so
+    only SIGKILL ended it. Now it exits with its status at once."""
+    root = Path(__file__).resolve().parents[1]
+    marker = tmp_path / "refresh-hangs"
+    log = (tmp_path / "stderr").open("w+")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HUNG_REFRESH, "serve", "--source", "mic", "--no-print",
+         "--port", "0", "--set", "audio.stall_timeout_s=0.5",
+         "--set", "audio.reopen_interval_s=0.2"],
+        stdout=subprocess.DEVNULL, stderr=log, cwd=root,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HUNG_MARKER": str(marker),
+             "PYTHONPATH": f"{root / 'src'}:{root}"})
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, \
+                log.seek(0) or log.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("serve did not exit while the refresh hangs") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log.seek(0)
+    stderr = log.read()
+    log.close()
+    assert code == 0, stderr
+    assert "'Desk Mic' delivered no audio" in stderr

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import importlib
 import logging
 import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType, TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from evoxtral_stream.audio.resample import (
     SILENCE_PIECE,
@@ -43,6 +45,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 PORTAUDIO_MISSING = "PortAudio library not found: install it with `apt-get install libportaudio2`"
 
@@ -336,6 +340,36 @@ def _notify(callback: Callable[[str], None] | None, message: str) -> None:
         logger.exception("an audio input status callback failed")
 
 
+async def _off_the_loop(call: Callable[[], _T], name: str) -> _T:
+    """``call()`` run on a daemon thread of its own, awaited on the loop.
+
+    Not in asyncio's default executor: PortAudio on a vanished device (its
+    close, a refresh) can hang for good, and ``asyncio.run`` waits for that
+    executor's threads at its end (Python 3.11: with no time limit), as does
+    the interpreter's exit, so the process could not exit. Cancelled (the
+    capture stopped), the call is left to its thread, and its result dropped."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[_T] = loop.create_future()
+
+    def run() -> None:
+        settle: Callable[[], object]
+        try:
+            result = call()
+            settle = functools.partial(done.set_result, result)
+        except BaseException as e:
+            settle = functools.partial(done.set_exception, e)
+
+        def deliver() -> None:
+            if not done.done():  # else cancelled meanwhile
+                settle()
+
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(deliver)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await done
+
+
 def _close_quietly(stream: AudioStream) -> None:
     # Pa_CloseStream aborts an active stream; a vanished device (or one that
     # would not start) may make it fail, and there is nothing left to do
@@ -404,7 +438,9 @@ class MicrophoneCapture:
     at least :data:`~evoxtral_stream.config.STALL_TIMEOUT_BLOCKS` blocks) means
     the device is gone (unplugged, or its driver stopped). The capture then
     delivers what it holds, calls ``on_stall(message)``, closes the stream
-    (off the loop: a vanished device can make that slow) and tries every
+    (off the loop, as the refresh below: a vanished device can make either
+    slow, or hang for good, which a :meth:`stop` and the process's exit do
+    not wait for) and tries every
     ``reopen_interval_s`` to open the device again: ``refresh_devices``
     (default: :func:`refresh_input_devices` with the sounddevice factory,
     nothing with an injected one), then the ``device`` spec resolved afresh,
@@ -654,11 +690,11 @@ class MicrophoneCapture:
         self._opening += 1
         _notify(self._on_stall, message)
         if stream is not None:
-            await asyncio.to_thread(_close_quietly, stream)
+            await _off_the_loop(functools.partial(_close_quietly, stream), "audio-close")
         failures = 0
         while True:
             try:
-                device = await asyncio.to_thread(self._refresh_and_resolve)
+                device = await _off_the_loop(self._refresh_and_resolve, "audio-refresh")
                 self._open(device)
                 break
             except Exception as e:
