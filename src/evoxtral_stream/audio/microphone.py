@@ -216,7 +216,8 @@ class RouteReceiver:
     per route: a run that starts sooner is logged once that is due, if it
     lasts; the failures of runs not logged are counted in the next line, or
     in the one :meth:`report_rest` logs (at stop, when the device is lost,
-    at the pipe's end). :attr:`failures` counts them all."""
+    at the pipe's end), which also says the length of a logged run still
+    going. :attr:`failures` counts them all."""
 
     def __init__(self, on_audio: AudioCallback, name: str) -> None:
         self.on_audio = on_audio
@@ -224,6 +225,7 @@ class RouteReceiver:
         self.failures = 0
         self._run = 0                # failures since the last block it took
         self._run_logged = False
+        self._run_said = 0           # of a logged run, the length report_rest said
         self._reported = 0           # failures a logged line accounts for
         self._logged_at = -math.inf  # time.monotonic()
 
@@ -261,10 +263,16 @@ class RouteReceiver:
             if self._run_logged:
                 logger.info("%s takes audio again after %d failed block(s)",
                             self.name, self._run)
-            self._run, self._run_logged = 0, False
+            self._run, self._run_logged, self._run_said = 0, False, 0
 
     def report_rest(self) -> None:
         """Log the failures no line has counted yet, now."""
+        if self._run_logged and self._run > self._run_said:
+            # A logged run still going: its end line, which would count it,
+            # has not come (and may never).
+            self._run_said = self._run
+            logger.warning("%s has failed %d block(s) in a row so far (%d in all)",
+                           self.name, self._run, self.failures)
         if self.failures > self._reported:
             logger.warning("%s failed %d more block(s) (%d in all)", self.name,
                            self.failures - self._reported, self.failures)
