@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .audio.microphone import RouteReceiver
+from .audio.receivers import RouteReceiver
 from .audio.sources import iter_chunks
 from .config import Config
 from .engine.engine import Engine, Stream, StreamSummary
@@ -79,7 +79,7 @@ async def play_together(feeds: Sequence[tuple[Stream, Int16Array]],
 
     A stream whose push raises (a bug, a stream closed under the feeder)
     costs the others nothing, as a capture's routes do
-    (:class:`~evoxtral_stream.audio.microphone.RouteReceiver`): the failure
+    (:class:`~evoxtral_stream.audio.receivers.RouteReceiver`): the failure
     is logged with its traceback (throttled) and counted, that stream misses
     the chunks it refuses and is still offered the next, and every other
     stream gets all of its audio and its finals."""

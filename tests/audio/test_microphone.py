@@ -798,7 +798,7 @@ async def test_a_route_whose_receiver_raises_costs_the_other_routes_nothing(
         stream_factory=FakeFactory())
     cap.start()
     blocks = [np.full((320, 1), (i + 1) / 100, np.float32) for i in range(12)]
-    caplog.set_level(logging.INFO, logger=microphone.__name__)
+    caplog.set_level(logging.INFO, logger="evoxtral_stream.audio")  # the capture and its receivers
     for b in blocks[:10]:  # the loop is held up: one drain takes all ten
         cap._callback(b, 320, None, Flags())
     await settle(cap)

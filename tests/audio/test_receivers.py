@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from evoxtral_stream.audio.microphone import RouteReceiver
+from evoxtral_stream.audio.receivers import RouteReceiver
 
 BLOCK = np.zeros(160, dtype=np.int16)
 

@@ -25,7 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from evoxtral_stream.audio.microphone import ChannelRoute, RouteReceiver
+from evoxtral_stream.audio.microphone import ChannelRoute
+from evoxtral_stream.audio.receivers import RouteReceiver
 from evoxtral_stream.audio.resample import MixResampler
 from evoxtral_stream.audio.sources import AudioInputError
 from evoxtral_stream.audio.wavstream import WavFormat, WavStreamDecoder, WavStreamError
@@ -162,7 +163,7 @@ class PipeCapture:
     64 KiB, then blocks its writer: ``arecord`` reports an overrun and drops
     its own audio then). :attr:`waits` counts how often the hand-off was
     full. A route's receiver that raises costs the other routes nothing,
-    nor the end (see :class:`~evoxtral_stream.audio.microphone.RouteReceiver`).
+    nor the end (see :class:`~evoxtral_stream.audio.receivers.RouteReceiver`).
 
     ``on_end(PipeEnd)`` runs once on the loop after the last block: the
     stream ended, or reading it failed (:class:`PipeEnd` says which). Not
@@ -213,7 +214,7 @@ class PipeCapture:
     @property
     def receiver_failures(self) -> int:
         """Blocks a route's receiver raised on, all routes together (see
-        :class:`~evoxtral_stream.audio.microphone.RouteReceiver`)."""
+        :class:`~evoxtral_stream.audio.receivers.RouteReceiver`)."""
         return sum(r.failures for r in self._receivers)
 
     @property
