@@ -103,7 +103,7 @@ from evoxtral_stream.audio.sources import (
     read_audio_channels,
     read_pipe_channels,
 )
-from evoxtral_stream.config import load_config
+from evoxtral_stream.config import CONFIG_ENV, ConfigError, load_config
 from evoxtral_stream.events import SAMPLE_RATE, Int16Array
 from evoxtral_stream.server.protocol import MAX_LOST_S
 
@@ -1008,6 +1008,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2 if code == 0 and isinstance(feed, PipeFeed) and feed.failed else code
     except AudioInputError as e:
         writer.status(f"error: {e}")
+        return 2
+    except ConfigError as e:
+        # The microphone and a live pipe read [audio] of the engine's config,
+        # which a user of this client may not know it does: name the variable.
+        writer.status(f"error: ${CONFIG_ENV}={os.environ.get(CONFIG_ENV, '')}: {e}")
         return 2
     except KeyboardInterrupt:
         return 130

@@ -363,6 +363,32 @@ async def test_errors_are_one_line(
     assert out == ""
 
 
+@pytest.mark.parametrize("route", [[], ["--file", "-"]], ids=["microphone", "pipe"])
+@pytest.mark.parametrize(("text", "message"), [
+    (None, "config file {path} does not exist"),
+    ("[vad]\naggressiveness = 7\n", "vad.aggressiveness must be 0..3, got 7"),
+], ids=["missing", "bad-value"])
+async def test_an_engine_config_that_does_not_load_is_one_line_and_status_2(
+    tmp_path: Path, route: list[str], text: str | None, message: str,
+) -> None:
+    """The microphone and a live pipe take their ``[audio]`` settings from
+    the file ``$EVOXTRAL_CONFIG`` names, as the engine does: one that does
+    not load is a bad argument, one line naming the variable (it was a
+    traceback and status 1), before connecting."""
+    path = tmp_path / "engine.toml"
+    if text is not None:
+        path.write_text(text)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(CLIENTS / "mic_client.py"), "--url", "ws://127.0.0.1:9", *route,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**client_env(), "EVOXTRAL_CONFIG": str(path)})
+    out, err = await asyncio.wait_for(proc.communicate(b""), 30)
+    assert proc.returncode == 2, err
+    assert err.decode() == \
+        f"error: $EVOXTRAL_CONFIG={path}: {message.format(path=path)}\n"
+    assert out == b""
+
+
 # --- access tokens ---------------------------------------------------------------------
 
 
