@@ -1255,6 +1255,38 @@ def test_a_journal_folder_that_cannot_be_made_is_one_line(tmp_path: Path) -> Non
                    f"journal.dir {folder}", "cannot open the journal", "Not a directory")
 
 
+_DISK_FULL = ("import resource, runpy, sys; "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, "
+              "(0, resource.getrlimit(resource.RLIMIT_FSIZE)[1])); "
+              "sys.argv[0] = 'evoxtral-stream'; "
+              "runpy.run_module('evoxtral_stream', run_name='__main__')")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="needs RLIMIT_FSIZE")
+def test_a_journal_on_a_full_disk_at_the_exit_is_one_error_line(tmp_path: Path) -> None:
+    """The journal's disk full to the end (no file of the process may grow:
+    RLIMIT_FSIZE, which holds for root too): each final is reported
+    journal_failed and still printed, and closing the journal at the exit,
+    which fails again, is one error line. It was a traceback out of the
+    engine's shutdown (serve's too), status 1 from the interpreter, and no
+    summary."""
+    folder = tmp_path / "journal"
+    proc = subprocess.run(
+        [sys.executable, "-c", _DISK_FULL, "transcribe", "--sample", "--no-partials",
+         "--set", "journal.enabled=true", "--set", f"journal.dir={folder}"],
+        capture_output=True, text=True, timeout=240,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert "Traceback" not in proc.stderr, proc.stderr
+    # Each final was made, printed and reported: the exit status is what it
+    # would be without the journal (README: 1 for decode_failed, final_lost).
+    assert proc.returncode == 0, proc.stderr
+    closing = [ln for ln in proc.stderr.splitlines() if "cannot close" in ln]
+    assert len(closing) == 1 and "journal" in closing[0], proc.stderr
+    assert len([ln for ln in proc.stdout.splitlines() if ln.startswith("[0:")]) == 5
+    assert proc.stdout.count("journal_failed") >= 5, proc.stdout
+    assert "5 finals" in proc.stderr, "the summary is still printed"
+
+
 async def test_quiet_hides_every_status_line_as_in_json_mode(tmp_path: Path) -> None:
     """`-q` is `logging.level = "warning"` (docs/config.md): `serve -q` once
     still printed "serving captions on ..." (and "stopping: ...") while

@@ -465,7 +465,12 @@ class Engine:
                 handle.cancel()
         self._sync_handle = self._prune_handle = self._watch_handle = None
         if self._journal is not None:
-            self._journal.close()
+            try:
+                self._journal.close()
+            except OSError as e:
+                # A disk still full at the exit: every file is closed all the
+                # same, and the finals it refused were reported as they came.
+                log.error("journal: cannot close its files: %s", e.strerror or e)
 
     @property
     def epoch(self) -> str:
