@@ -118,3 +118,41 @@ def test_a_part_file_left_as_a_link_is_replaced_not_written_through(tmp_path: Pa
     assert not srt.is_symlink() and srt.read_text() == "1\n00:00:00,000 --> 00:00:01,000\nhello\n"
     assert not report.is_symlink() and report.read_text() == "{}\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "r.json", "talk.srt"]
+
+
+def _final(stream: str, text: str, start: float) -> CaptionEvent:
+    return CaptionEvent(stream=stream, segment=int(start), seq=int(start) + 1, final=True,
+                        text=text, plain_text=text, stable=text, unstable="", tags=(),
+                        start=start, end=start + 1.0, latency=0.1)
+
+
+def test_a_part_file_removed_or_replaced_mid_run_is_never_renamed_onto_the_target(
+        tmp_path: Path) -> None:
+    """Another run writing the same subtitles (it removes the .part file it
+    finds and makes its own), or someone removing the .part file: at the
+    stream's end the file then at ``talk.srt.part``, the other run's half
+    written one, was renamed onto talk.srt, which held a file no run had
+    finished, and this run said nothing. Or the rename found nothing, one
+    error line saying only "No such file or directory". Now the .part file
+    is renamed only while it is still this run's own: else the error names
+    it, and the target and the other's .part are left as they were."""
+    srt, vtt = tmp_path / "talk.srt", tmp_path / "talk.vtt"
+    srt.write_text("the old subtitles\n")
+    subtitles = SubtitleFiles([("talk", srt, SubtitleWriter()),
+                               ("talk", vtt, SubtitleWriter(vtt=True))])
+    subtitles(_final("talk", "hello", 0.0))
+    subtitles(_final("talk", "there", 2.0))
+    # Another run takes talk.srt.part; talk.vtt.part is deleted.
+    (tmp_path / "talk.srt.part").unlink()
+    (tmp_path / "talk.srt.part").write_text("1\n00:00:00,000 --> 00:00:01,000\nother\n")
+    (tmp_path / "talk.vtt.part").unlink()
+    subtitles(StreamEnded("talk", 3.5, 2, 2))
+    assert subtitles.error is not None
+    target, error = subtitles.error
+    assert target == srt
+    assert f"{tmp_path / 'talk.srt.part'} was removed or replaced" in str(error.strerror)
+    assert srt.read_text() == "the old subtitles\n"
+    assert (tmp_path / "talk.srt.part").read_text().endswith("other\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["talk.srt", "talk.srt.part"]
+    subtitles.close(complete=True)   # the end of the run: nothing more happens
+    assert srt.read_text() == "the old subtitles\n"

@@ -23,7 +23,9 @@ file is closed: after a power loss a file holds what the system had
 written out (a last JSON line may be cut short; ``subtitles`` skips it).
 
 A ``.part`` file is created anew (one left there by a killed run, or a
-link, is removed first, never written through).
+link, is removed first, never written through). It is renamed only while it
+is still the one this run made: one removed or replaced meanwhile (another
+run writing the same target) is a failed write, the target left as it was.
 """
 
 from __future__ import annotations
@@ -87,6 +89,21 @@ def _rename_done(part: Path) -> None:
     done = part.with_name(part.name.removesuffix(".part"))
     _keep_mode(part, done)
     os.replace(part, done)
+
+
+def _check_own(part: Path, f: BinaryIO) -> None:
+    """Raise :class:`OSError` unless ``part`` is still the file ``f`` writes:
+    one removed (by hand, with its folder) or replaced (another run writing
+    the same target removes the ``.part`` it finds) must not be renamed, or
+    the target would get whatever is there now, a file no run finished."""
+    own = os.fstat(f.fileno())
+    try:
+        now = os.lstat(part)
+    except OSError:  # gone, or its folder gone or made a file
+        now = None
+    if now is None or (now.st_dev, now.st_ino) != (own.st_dev, own.st_ino):
+        raise OSError(errno.ENOENT, f"{part} was removed or replaced while it was written",
+                      str(part))
 
 
 def write_file(target: Path, data: bytes) -> None:
@@ -258,6 +275,12 @@ class SubtitleFiles:
         self._write(sub, sub.writer.finish(until))
         if sub.file is None:
             return
+        if sub.part is not None:
+            try:
+                _check_own(sub.part, sub.file)
+            except OSError as e:
+                self._fail(sub, e)
+                return
         f, sub.file = sub.file, None
         try:
             _close(f)
