@@ -156,3 +156,24 @@ def test_a_part_file_removed_or_replaced_mid_run_is_never_renamed_onto_the_targe
     assert sorted(p.name for p in tmp_path.iterdir()) == ["talk.srt", "talk.srt.part"]
     subtitles.close(complete=True)   # the end of the run: nothing more happens
     assert srt.read_text() == "the old subtitles\n"
+
+
+def test_a_jsonl_file_removed_mid_run_is_a_failed_write(tmp_path: Path) -> None:
+    """The --jsonl file deleted while written (by hand, or with its folder):
+    every event after that went to a file no one can open, and transcribe
+    exited 0 as if all were there. Closing it is now the failure to report,
+    saying so; a file only renamed meanwhile holds every event, no error."""
+    gone, moved = tmp_path / "gone.jsonl", tmp_path / "moved.jsonl"
+    files = [JsonlFile(gone), JsonlFile(moved)]
+    for jsonl in files:
+        jsonl(_final("talk", "hello", 0.0))
+    gone.unlink()
+    moved.rename(tmp_path / "elsewhere.jsonl")
+    for jsonl in files:
+        jsonl(_final("talk", "there", 2.0))
+        jsonl.close()
+    assert files[0].error is not None
+    assert files[0].error.strerror == "it was removed while it was written"
+    assert files[0].error.filename == str(gone)
+    assert files[1].error is None
+    assert (tmp_path / "elsewhere.jsonl").read_text().count("\n") == 2

@@ -9,6 +9,7 @@ until then, and nothing of the run is held in memory.
 
 - :class:`JsonlFile`: every event, one JSON line each, each line handed to
   the OS in one write as its event is emitted: a crash leaves whole lines.
+  Removed while written, it is a failed write when it is closed.
 - :class:`SubtitleFiles`: each stream's SRT or WebVTT goes to ``PATH.part``
   beside its target, a cue at a time once nothing can change it
   (:class:`~.text.formats.SubtitleWriter`); when the stream ends the rest
@@ -179,13 +180,22 @@ class JsonlFile:
             self._fail(e)
 
     def close(self) -> None:
+        """Close the file; a failure is kept in ``error``. One removed while
+        written (by hand, or with its folder) is one: its events are lost."""
         if self._f is None:
             return
         f, self._f = self._f, None
         try:
+            removed = os.fstat(f.fileno()).st_nlink == 0
+        except OSError:
+            removed = False  # the close below says what is wrong, if anything
+        try:
             _close(f)
         except OSError as e:
             self.error = self.error or e
+        if removed and self.error is None:
+            self.error = OSError(errno.ENOENT, "it was removed while it was written",
+                                 str(self.path))
 
     def _fail(self, e: OSError) -> None:
         self.error = e
