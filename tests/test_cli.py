@@ -2377,24 +2377,52 @@ sil = np.zeros(8000, np.int16)
 sf.write(wav, np.concatenate([sil, (rng.standard_normal(16000) * 3000).astype(np.int16), sil]),
          16000)
 replace_model_loader(lambda cfg: ScriptedBackend(words_so_far))
-sys.exit(cli_module.main(["transcribe", str(wav), "--srt", "/dev/stdout", "-q"]))
+sys.exit(cli_module.main(["transcribe", str(wav), *sys.argv[2:], "-q"]))
 """
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
-def test_srt_to_dev_stdout_into_a_pipe_is_written_in_place(tmp_path: Path) -> None:
+@pytest.mark.parametrize("flag", ["--srt", "--vtt", "--jsonl"])
+def test_srt_to_dev_stdout_into_a_pipe_is_written_in_place(tmp_path: Path, flag: str) -> None:
     """README: "a target that is a FIFO or a device, such as /dev/stdout, is
     written in place". With stdout a pipe (| less, | tee), /dev/stdout is a
     link to /proc/PID/fd/pipe:[N], which realpath cannot follow: part_path
-    made /proc/PID/fd/pipe:[N].part, and transcribe failed with exit 2."""
+    made /proc/PID/fd/pipe:[N].part, and transcribe failed with exit 2.
+    And stdout holds that output only: the caption lines were printed into
+    it too, between the cues (an SRT no player reads, JSON lines no parser)."""
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
-        [sys.executable, "-c", _SRT_TO_STDOUT, str(tmp_path / "a.wav")],
+        [sys.executable, "-c", _SRT_TO_STDOUT, str(tmp_path / "a.wav"), flag, "/dev/stdout"],
         capture_output=True, text=True, timeout=120, cwd=root,
         env={**os.environ, "HF_HUB_OFFLINE": "1",
              "PYTHONPATH": f"{root / 'src'}:{root}"})
     assert proc.returncode == 0, proc.stderr
-    assert " --> " in proc.stdout and "w0 w1" in proc.stdout, proc.stdout
+    assert "w0 w1" in proc.stdout, proc.stdout
+    if flag == "--jsonl":
+        assert all(json.loads(line) for line in proc.stdout.splitlines()), proc.stdout
+    else:
+        cues = proc.stdout.removeprefix("WEBVTT\n\n")
+        assert re.fullmatch(r"(?:(?:\d+\n)?[\d:.,]+ --> [\d:.,]+\n(?:[^\n]+\n)+\n?)+",
+                            cues), proc.stdout
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_a_jsonl_that_is_stdout_s_file_is_not_written_over_by_caption_lines(
+        tmp_path: Path) -> None:
+    """``transcribe a.wav --jsonl out.jsonl > out.jsonl``: stdout and the
+    --jsonl are one file, written from two offsets, so the caption lines
+    overwrote JSON lines. Stdout being an output, no caption is printed."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out.jsonl"
+    with out.open("w") as stdout:
+        proc = subprocess.run(
+            [sys.executable, "-c", _SRT_TO_STDOUT, str(tmp_path / "a.wav"), "--jsonl", str(out)],
+            stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=120, cwd=root,
+            env={**os.environ, "HF_HUB_OFFLINE": "1",
+                 "PYTHONPATH": f"{root / 'src'}:{root}"})
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in out.read_text().splitlines()]
+    assert events[0]["type"] == "stream.started" and events[-1]["type"] == "stream.ended"
 
 
 class _SlowLater(ScriptedBackend):

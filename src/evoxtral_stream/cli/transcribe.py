@@ -8,6 +8,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -108,6 +109,9 @@ def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
         if only_stdout and stops:
             stops[0].set()  # as a Ctrl-C does, without its line
 
+    # An output that is stdout itself (--srt /dev/stdout | ..., --jsonl F > F)
+    # holds that output only: caption lines between its cues would break it.
+    prints = not _stdout_is_an_output(args, [j.stream for j in jobs])
     printer = CaptionPrinter(show_stream=len(jobs) > 1,
                              partials=True if args.partials else None, on_closed=on_closed)
     latencies: list[float] = []  # one float per final: the summary's p95
@@ -141,7 +145,8 @@ def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
                     engine.add_listener(jsonl)
                 engine.add_listener(subtitles)
                 engine.add_listener(tally)
-                engine.add_listener(printer)
+                if prints:
+                    engine.add_listener(printer)
                 # No progress bar in json mode (stderr holds JSON lines only),
                 # nor with -q (only warnings and errors).
                 quiet = LEVELS[cfg.logging.level] > logging.INFO
@@ -202,6 +207,29 @@ def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
     if _model_threads_left():
         _exit_leaving_threads(code)  # a second Ctrl-C left the model thread behind
     return code
+
+
+def _stdout_is_an_output(args: argparse.Namespace, streams: Sequence[str]) -> bool:
+    """Whether ``--srt``, ``--vtt`` or ``--jsonl`` names the file stdout
+    writes to (``/dev/stdout``, or the file it was redirected to), links
+    followed."""
+    try:
+        out = os.fstat(sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # closed, or no descriptor
+        return False
+    many = len(streams) > 1
+    paths = [Path(args.jsonl)] if args.jsonl else []
+    paths += [_output_path(Path(raw), stream, _SUFFIXES[flag], many)
+              for flag, raw in (("--srt", args.srt), ("--vtt", args.vtt)) if raw is not None
+              for stream in streams]
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except (OSError, ValueError):  # not there yet: not stdout's
+            continue
+        if (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino):
+            return True
+    return False
 
 
 def _p95(values: Sequence[float]) -> float:
