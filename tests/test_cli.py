@@ -491,6 +491,23 @@ def test_transcribe_into_head_still_writes_its_files_whole(tmp_path: Path) -> No
     assert srt.read_text().count(" --> ") >= 5, "the subtitles hold every final"
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_an_output_on_stdout_into_head_stops_quietly_with_status_141(tmp_path: Path) -> None:
+    """``transcribe --jsonl /dev/stdout | head -1`` (or --srt, --vtt): the
+    reader leaving the output that is stdout is what it is for printed
+    captions, no error: no warning nor error line, status 141, the other
+    outputs written whole. It was a warning, an error line and status 2."""
+    vtt = tmp_path / "s.vtt"
+    first, proc = _head_1("--sample", "--no-partials", "--jsonl", "/dev/stdout",
+                          "--vtt", str(vtt))
+    assert first.startswith('{"type": "stream.started"'), first
+    assert proc.returncode == 141, proc.stderr
+    for word in ("Traceback", "error", "WARNING", "Broken pipe"):
+        assert word not in proc.stderr, proc.stderr
+    assert _summary(proc.stderr)[0] == 5
+    assert vtt.read_text().count(" --> ") >= 5, "the subtitles hold every final"
+
+
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 def test_an_output_that_cannot_be_written_leaves_the_others_written(tmp_path: Path) -> None:

@@ -19,7 +19,9 @@ until then, and nothing of the run is held in memory.
   :func:`~.text.formats.to_vtt` give for all the stream's finals.
 
 A failed write (a full disk) stops that file and is kept in ``error`` for
-the caller to report; the others go on. Nothing is synced to disk before a
+the caller to report; the others go on. One into stdout whose reader left
+(``--jsonl /dev/stdout | head``) is no error (:func:`stdout_closed`) and is
+not warned of. Nothing is synced to disk before a
 file is closed: after a power loss a file holds what the system had
 written out (a last JSON line may be cut short; ``subtitles`` skips it).
 
@@ -37,6 +39,7 @@ import json
 import logging
 import os
 import stat
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -45,9 +48,26 @@ from .events import CaptionEvent, EngineEvent, StreamEnded
 from .server.protocol import event_to_dict
 from .text.formats import SubtitleWriter
 
-__all__ = ["JsonlFile", "SubtitleFiles", "part_path", "write_file"]
+__all__ = ["JsonlFile", "SubtitleFiles", "is_stdout", "part_path", "stdout_closed",
+           "write_file"]
 
 log = logging.getLogger(__name__)
+
+
+def is_stdout(path: Path) -> bool:
+    """Whether ``path`` names the file standard output writes to
+    (``/dev/stdout``, the file it was redirected to; links followed)."""
+    try:
+        out, st = os.fstat(sys.stdout.fileno()), os.stat(path)
+    except (OSError, ValueError, AttributeError):  # none there, stdout closed
+        return False
+    return (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino)
+
+
+def stdout_closed(path: Path, error: OSError) -> bool:
+    """Whether ``error``, writing ``path``, says stdout's reader left (as
+    ``| head`` does): no error, as for printed captions."""
+    return isinstance(error, BrokenPipeError) and is_stdout(path)
 
 
 def part_path(target: Path) -> Path | None:
@@ -199,7 +219,8 @@ class JsonlFile:
 
     def _fail(self, e: OSError) -> None:
         self.error = e
-        log.warning("%s is no longer written: %s", self.path, e.strerror or e)
+        if not stdout_closed(self.path, e):
+            log.warning("%s is no longer written: %s", self.path, e.strerror or e)
         f, self._f = self._f, None
         if f is not None:
             with contextlib.suppress(OSError):  # the write already failed; that is what is reported
@@ -223,7 +244,8 @@ class SubtitleFiles:
     def __init__(self, files: list[tuple[str, Path, SubtitleWriter]]) -> None:
         """Raises :class:`OSError` when one cannot be created, the
         ``.part`` files created before it removed (:meth:`discard`)."""
-        self.error: tuple[Path, OSError] | None = None
+        self.errors: list[tuple[Path, OSError]] = []
+        """Each file that failed (its target), in order."""
         self._subs: list[_Subtitles] = []
         try:
             for stream, target, writer in files:
@@ -234,6 +256,11 @@ class SubtitleFiles:
         except OSError:
             self.discard()
             raise
+
+    @property
+    def error(self) -> tuple[Path, OSError] | None:
+        """The first file that failed (its target), or None."""
+        return self.errors[0] if self.errors else None
 
     def __call__(self, event: EngineEvent) -> None:
         if isinstance(event, CaptionEvent) and event.final:
@@ -300,9 +327,9 @@ class SubtitleFiles:
             self._fail(sub, e)
 
     def _fail(self, sub: _Subtitles, e: OSError) -> None:
-        if self.error is None:
-            self.error = (sub.target, e)
-        log.warning("%s is no longer written: %s", sub.target, e.strerror or e)
+        self.errors.append((sub.target, e))
+        if not stdout_closed(sub.target, e):
+            log.warning("%s is no longer written: %s", sub.target, e.strerror or e)
         f, sub.file = sub.file, None
         if f is not None:
             with contextlib.suppress(OSError):  # the write already failed; that is what is reported

@@ -8,7 +8,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import sys
 import time
@@ -24,7 +23,7 @@ from ..engine.backends import load_backend
 from ..engine.engine import Engine, StreamSummary
 from ..events import SAMPLE_RATE, CaptionEvent, EngineEvent, Int16Array
 from ..logs import LEVELS
-from ..outputs import JsonlFile, SubtitleFiles
+from ..outputs import JsonlFile, SubtitleFiles, is_stdout, stdout_closed
 from ..run import FileJob, transcribe_samples
 from ..server.app import CaptionServer, check_listen
 from ..text.formats import SubtitleWriter, TagStyle
@@ -175,14 +174,16 @@ def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
                 jsonl.close()
     jsonl, subtitles = opened[0]
     elapsed = time.monotonic() - loop_start
-    failed = (subtitles.error if subtitles.error is not None
-              else (jsonl.path, jsonl.error) if jsonl is not None and jsonl.error is not None
-              else None)
+    failures = [*subtitles.errors,
+                *([(jsonl.path, jsonl.error)] if jsonl is not None and jsonl.error else [])]
+    # An output into stdout whose reader left (| head) is no error either.
+    output_left = [f for f in failures if stdout_closed(*f)]
+    failed = next((f for f in failures if f not in output_left), None)
     if failed is not None:
         raise UserError(f"cannot write {failed[0]}: {failed[1].strerror or failed[1]}")
     audio_s = sum(s.duration_s for s in summaries)
     p95 = _p95(latencies)
-    reader_left = isinstance(printer.error, BrokenPipeError)
+    reader_left = isinstance(printer.error, BrokenPipeError) or bool(output_left)
     stopped = (f"interrupted ({interrupted[0].name}): " if interrupted
                else "stopped, standard output closed: " if reader_left and only_stdout else "")
     # Finals only, not paced: every final of a file is asked for at once,
@@ -211,25 +212,13 @@ def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
 
 def _stdout_is_an_output(args: argparse.Namespace, streams: Sequence[str]) -> bool:
     """Whether ``--srt``, ``--vtt`` or ``--jsonl`` names the file stdout
-    writes to (``/dev/stdout``, or the file it was redirected to), links
-    followed."""
-    try:
-        out = os.fstat(sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):  # closed, or no descriptor
-        return False
+    writes to (:func:`is_stdout`)."""
     many = len(streams) > 1
     paths = [Path(args.jsonl)] if args.jsonl else []
     paths += [_output_path(Path(raw), stream, _SUFFIXES[flag], many)
               for flag, raw in (("--srt", args.srt), ("--vtt", args.vtt)) if raw is not None
               for stream in streams]
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except (OSError, ValueError):  # not there yet: not stdout's
-            continue
-        if (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino):
-            return True
-    return False
+    return any(is_stdout(path) for path in paths)
 
 
 def _p95(values: Sequence[float]) -> float:
