@@ -631,6 +631,13 @@ def test_no_input_is_a_usage_error() -> None:
     one_error_line(cli("transcribe"), "no input")
 
 
+@pytest.mark.parametrize("flag", [["--host", "0.0.0.0"], ["--port", "9000"]])
+def test_transcribe_host_or_port_without_serve_is_a_usage_error(flag: list[str]) -> None:
+    """They set where --serve listens; alone they would be ignored, and a
+    user who meant to serve would get no server and no word of it."""
+    one_error_line(cli("transcribe", "--sample", *flag), f"{flag[0]} is for --serve")
+
+
 def test_missing_whisper_model_is_one_line(tmp_path: Path) -> None:
     one_error_line(cli("transcribe", "--sample", "--backend", "whisper",
                        "--set", f"model.whisper.model_path={str(tmp_path)!r}"),

@@ -67,6 +67,13 @@ def _read_files(paths: Sequence[Path], mixes: Sequence[Sequence[int]]
 
 
 def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
+    if not args.serve:
+        # Alone they would be ignored: one who meant to serve would get no
+        # server and no word of it.
+        for flag in ("host", "port"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag} is for --serve (where it listens); add --serve, "
+                                f"or leave --{flag} out")
     paths = _audio_paths(args.files)
     if args.sample:
         paths.append(sample_path())
