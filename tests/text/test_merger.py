@@ -835,3 +835,22 @@ def test_a_guessed_cut_commits_only_what_the_next_hypothesis_agrees_on() -> None
     assert e.stable == "I miss you. But to"
     e = one(f("I miss you. But today I want you to know", end=3.5))
     assert e.stable == "I miss you. But to I want you to"
+
+
+@pytest.mark.parametrize(("text", "plain", "indexes"), [
+    ("a word[laughs]next b", "a wordnext b", [1]),
+    ("a [laughs]-b c", "a-b c", [0]),
+    ("I can'[sighs]t go [laughs]", "I can't go", [1, 3]),
+    ("it costs 3.[gasps]5 [pause] dollars", "it costs 3.5 dollars", [2, 3]),
+    ("[laughs]你好[sighs]世界。[pause]", "你好世界。", [0, 0, 1]),
+    ("日本語[笑い]です", "日本語です", [0]),
+], ids=["glued-word", "hyphen", "apostrophe", "decimal", "chinese", "japanese"])
+def test_a_tag_inside_a_plain_text_word_indexes_that_word(
+        text: str, plain: str, indexes: list[int]) -> None:
+    """A tag's index is the plain-text word it comes before. A tag glued
+    inside a word (or between the characters of a Chinese run, which has
+    no spaces) leaves one word in plain_text, yet the index counted its
+    two halves: it pointed one word on, or past the last word."""
+    e = one(Feed()(text, final=True, start=0.0, end=2.0))
+    assert e.plain_text == plain
+    assert [m.index for m in e.tags] == indexes

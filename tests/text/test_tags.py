@@ -22,6 +22,7 @@ from evoxtral_stream.text.tags import (
     normalize_tag_name,
     plain_text,
     render,
+    tag_word_indexes,
     tokenize,
 )
 
@@ -285,3 +286,33 @@ def test_any_text_tokenizes_and_renders(text: str) -> None:
         # Without tag syntax, nothing but whitespace (control characters
         # count as whitespace) may change, and hidden format characters go.
         assert out.split() == re.sub(f"[{CONTROL}]", " ", drop_hidden(text)).split()
+
+
+_glued = st.sampled_from([
+    "word", "can", "'", "t", "3", ".", "5", "-", "你好", "世界", "。", "—", "...", ",",
+    "[laughs]", "[Unknown Thing]", "(sighs)", "[", "]", "(", ")", "*", "la", "ughs",
+    "क्यों", "\u0301",
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_glued, st.sampled_from(["", "", " "])), max_size=20))
+@example([("word", ""), ("[laughs]", ""), ("word", "")])
+@example([("3", ""), (".", ""), ("[laughs]", ""), ("5", "")])
+def test_a_tag_indexes_the_plain_text_word_it_comes_before(
+        parts: list[tuple[str, str]]) -> None:
+    """The words of the plain text before a tag's place are the words of
+    the plain text rendered up to it, but for the last one, which goes on
+    past the tag when the tag is inside it."""
+    toks = tokenize("".join(p + sep for p, sep in parts))
+    words = [t.text for t in tokenize(plain_text(render(toks))) if t.is_word]
+    expected = []
+    for i, tok in enumerate(toks):
+        if tok.is_tag:
+            before = [t.text for t in tokenize(render(toks[:i], tags=False)) if t.is_word]
+            k = 0
+            while k < min(len(before), len(words)) and before[k] == words[k]:
+                k += 1
+            expected.append(k)
+    assert tag_word_indexes(toks) == expected
+    assert all(0 <= i <= len(words) for i in expected)

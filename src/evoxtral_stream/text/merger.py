@@ -94,9 +94,12 @@ Contracts (what the engine may rely on):
   final when it comes). :meth:`Merger.close` abandons everything at the
   stream's end.
 - Times: ``start``/``end`` are stream seconds (``SAMPLE_RATE``). A tag's
-  ``TagMark.index`` is the number of plain-text words before it in the
-  segment's text; ``TagMark.t`` interpolates linearly: ``start + (end -
-  start) * index / words`` (``start`` when there are no words).
+  ``TagMark.index`` is the index of the plain-text word it comes before
+  (:func:`.tags.tag_word_indexes`: a tag glued inside a word indexes that
+  word); ``TagMark.t`` interpolates linearly over the words of the tagged
+  text: ``start + (end - start) * before / words``, ``before`` the words
+  ahead of the tag (the two halves of ``hel[laughs]lo`` count as two;
+  ``start`` when there are no words).
 - Prefix reuse: :meth:`Merger.reusable_prefix` is a query only (it changes
   nothing). It is the committed text of an open segment when that text is
   exactly the start of what the model wrote for the segment's own audio (the
@@ -124,7 +127,7 @@ from difflib import SequenceMatcher
 
 from ..events import SAMPLE_RATE, CaptionEvent, Hypothesis, RequestKind, TagMark
 from .chars import is_mark
-from .tags import PUNCT_TAG_MAX, Carry, Token, render, tokenize, word_count
+from .tags import PUNCT_TAG_MAX, Carry, Token, render, tag_word_indexes, tokenize, word_count
 
 __all__ = [
     "MAX_OVERLAP_WORDS_PER_S",
@@ -523,14 +526,18 @@ def tag_marks(tokens: Sequence[Token], start: float, end: float) -> tuple[TagMar
     """Structured tags of a segment's tokens: the index of the plain-text word
     each precedes and a time interpolated linearly over ``start..end``."""
     n = word_count(tokens)
+    indexes = iter(tag_word_indexes(tokens))
     marks: list[TagMark] = []
     idx = 0
     for tok in tokens:
         if tok.is_word:
             idx += 1
-        elif tok.is_tag and tok.tag is not None and tok.tag_kind is not None:
-            t = start + (end - start) * idx / n if n else start
-            marks.append(TagMark(tok.tag, tok.tag_kind.value, idx, round(t, 3), tok.known))
+        elif tok.is_tag:
+            index = next(indexes)
+            if tok.tag is not None and tok.tag_kind is not None:
+                t = start + (end - start) * idx / n if n else start
+                marks.append(TagMark(tok.tag, tok.tag_kind.value, index, round(t, 3),
+                                     tok.known))
     return tuple(marks)
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import enum
 import re
+from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -59,6 +60,7 @@ __all__ = [
     "normalize_tag_name",
     "plain_text",
     "render",
+    "tag_word_indexes",
     "tokenize",
     "word_count",
 ]
@@ -371,8 +373,15 @@ def tokenize(text: str) -> list[Token]:
     signs and viramas of Hindi or Thai, an accent written apart) are part of
     it: ``क्योंकि`` is one word.
     """
+    return _tokenize(text)[0]
+
+
+def _tokenize(text: str) -> tuple[list[Token], list[int]]:
+    """:func:`tokenize`, and where each token ends in ``text`` once its
+    hidden characters are dropped."""
     text = mend_surrogates(drop_hidden(text))
     out: list[Token] = []
+    ends: list[int] = []
     space = False
     pos = 0
     n = len(text)
@@ -401,16 +410,19 @@ def tokenize(text: str) -> list[Token]:
             prev = out[-1] if out else None
             if prev is not None and prev.is_punct and not space:
                 out[-1] = Token(TokenKind.PUNCT, prev.text + ch, space_before=prev.space_before)
+                ends[-1] = pos + 1
             else:
                 out.append(Token(TokenKind.PUNCT, ch, space_before=space))
+                ends.append(pos + 1)
             pos += 1
         else:
             out.append(tok)
+            ends.append(end)
             pos = end
         space = False
     if out and out[0].space_before:
         out[0] = out[0].with_space(False)
-    return out
+    return out, ends
 
 
 def render(tokens: Iterable[Token], *, tags: bool = True) -> str:
@@ -420,17 +432,39 @@ def render(tokens: Iterable[Token], *, tags: bool = True) -> str:
     (``a [laughs]b`` -> ``a b``) but not before punctuation
     (``a [laughs].`` -> ``a.``), and ``hel[laughs]lo`` -> ``hello``.
     """
+    return _render(tokens, tags)[0]
+
+
+def _render(tokens: Iterable[Token], tags: bool) -> tuple[str, list[int]]:
+    """:func:`render`, and where in its text each dropped tag was."""
     parts: list[str] = []
+    dropped: list[int] = []
+    length = 0
     pending = False
     for tok in tokens:
         if not tags and tok.is_tag:
+            dropped.append(length)
             pending = pending or tok.space_before
             continue
         if parts and (tok.space_before or (pending and tok.is_word)):
             parts.append(" ")
+            length += 1
         parts.append(tok.text)
+        length += len(tok.text)
         pending = False
-    return "".join(parts)
+    return "".join(parts), dropped
+
+
+def tag_word_indexes(tokens: Sequence[Token]) -> list[int]:
+    """For each tag of ``tokens``, in order, the index of the plain-text word
+    it comes before: how many words of ``render(tokens, tags=False)`` (as
+    :func:`tokenize` splits it) end before the tag's place there. A tag
+    inside a word of the plain text (``hel[laughs]lo`` is ``hello``, and
+    ``你好[laughs]世界`` one run of Chinese) indexes that word."""
+    plain, places = _render(tokens, False)
+    words, ends = _tokenize(plain)
+    word_ends = [e for w, e in zip(words, ends, strict=True) if w.is_word]
+    return [bisect_right(word_ends, at) for at in places]
 
 
 def normalize(text: str) -> str:
