@@ -118,6 +118,32 @@ def test_parentheses_and_asterisks_only_make_known_tags() -> None:
     assert kinds("(" + "laughs" + "!" * 35 + ")")[0] == ("punct", "(")
 
 
+@pytest.mark.parametrize(("raw", "canonical"), [
+    ("[[laughs]] ok", "[laughs] ok"),
+    ("([laughs]) ok", "[laughs] ok"),
+    ("*[laughs]* ok", "[laughs] ok"),
+    ("**laughs** ok", "[laughs] ok"),
+    ("((laughs)) ok", "[laughs] ok"),
+    ("[(laughs)] ok", "[laughs] ok"),
+    ("[*clears throat*] ok", "[clears throat] ok"),
+    ("so [[Dramatic Music]] ok", "so [Dramatic Music] ok"),
+    ("a[[sighs]]b", "a[sighs]b"),
+])
+def test_a_tag_wrapped_twice_is_one_tag(raw: str, canonical: str) -> None:
+    """A model writes a tag with a second pair of brackets, or markdown's
+    asterisks around it, now and then: the inner tag was the tag and the
+    outer pair was left in the plain text ("[] ok", "() ok", "** ok")."""
+    assert normalize(raw) == canonical
+    assert plain_text(raw) == plain_text(canonical)
+    assert not any(c in plain_text(raw) for c in "[]()*")
+
+
+def test_wrappers_around_more_than_one_tag_stay_text() -> None:
+    assert kinds("[b [laughs] c]") == [
+        ("punct", "["), ("word", "b"), ("tag", "[laughs]"), ("word", "c"), ("punct", "]")]
+    assert normalize("(see [laughs]) **bold** [(x) y]") == "(see [laughs]) **bold** [(x) y]"
+
+
 def test_brackets_inside_words() -> None:
     toks = tokenize("hel[laughs]lo wor[ld")
     assert [t.text for t in toks] == ["hel", "[laughs]", "lo", "wor", "[", "ld"]
@@ -255,7 +281,7 @@ def test_a_sentence_end_is_one_rule_for_carried_tags_and_subtitle_cues() -> None
 _pieces = st.sampled_from([
     "word", "CAPS", "I-I", "can't", ",", "...", "?!", ".", "—", "[laughs]", "[clears throat]",
     "(sighs)", "*gasps*", "[LAUGHTER]", "[Unknown Thing]", "café", "[", "]", "(", ")", "*",
-    "$5", "😀",
+    "$5", "😀", "[[laughs]]", "*[sighs]*",
 ])
 
 

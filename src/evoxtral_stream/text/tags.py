@@ -13,7 +13,10 @@ the variants ``(laughs)``, ``*sighs*``, ``[LAUGHTER]``, ``[Laughs]``,
 ``[laughing]`` all become ``[laughs]``. A square-bracketed tag that is not in
 the table is kept verbatim and flagged ``known=False``; parentheses and
 asterisks make a tag only around a known name, because they are ordinary
-punctuation too (``(see below)``, ``*really*``).
+punctuation too (``(see below)``, ``*really*``). A tag wrapped once more
+(``[[laughs]]``, ``([laughs])``, ``*[laughs]*``, ``**laughs**``,
+``[(laughs)]``) is that one tag: the outer pair would be left in the plain
+text.
 
 Tokens remember whether whitespace preceded them, so
 ``render(tokenize(s)) == s`` for any text with canonical tags and single
@@ -215,7 +218,7 @@ def _build_lookup(table: Sequence[TagSpec]) -> dict[str, TagSpec]:
 
 _LOOKUP = _build_lookup(TAG_TABLE)
 
-_TAG_PUNCT_EDGES = ".,;:!?*"
+_TAG_PUNCT_EDGES = ".,;:!?*()"
 
 # Whitespace, and control characters counted as whitespace (module doc).
 _SPACES = rf"[\s{CONTROL}]+"
@@ -326,11 +329,13 @@ _WORD_MORE = re.compile(r"(?:\w|['’&\-](?=\w)|(?<=\d)[.,:](?=\d))*")
 # whitespace like any other there for the same reason (render turns them
 # into spaces).
 PUNCT_TAG_MAX = 40
+_BR, _PA, _AST = r"\[[^\[\]]*\]", r"\([^()]+\)", r"\*[^*]+\*"
 _SCAN = re.compile(
     rf"(?P<space>{_SPACES})"
-    r"|(?P<br>\[[^\[\]]*\])"
-    r"|(?P<pa>\([^()]+\))"
-    r"|(?P<ast>\*[^*]+\*)"
+    rf"|(?P<wrap>[\[(*](?:{_BR}|{_PA}|{_AST})[\])*])"
+    rf"|(?P<br>{_BR})"
+    rf"|(?P<pa>{_PA})"
+    rf"|(?P<ast>{_AST})"
     rf"|(?P<word>{_WORD})"
     r"|(?P<punct>.)",
     re.DOTALL,
@@ -364,6 +369,19 @@ def _tag_token(inner: str, verbatim: bool, space: bool) -> Token | None:
                  TagKind.UNKNOWN, False, space)
 
 
+_PAIRS = {"[": "]", "(": ")", "*": "*"}
+
+
+def _bracketed(written: str, space: bool) -> Token | None:
+    """The tag ``[...]``, ``(...)`` or ``*...*`` make, or None (module doc)."""
+    inner = written[1:-1]
+    if written[0] == "[":
+        return _tag_token(inner, True, space)
+    if len(_collapse(inner)) <= PUNCT_TAG_MAX:
+        return _tag_token(inner, False, space)
+    return None
+
+
 def tokenize(text: str) -> list[Token]:
     """Split tagged text into words, punctuation and tags (see module doc).
 
@@ -395,12 +413,17 @@ def _tokenize(text: str) -> tuple[list[Token], list[int]]:
             space = True
             pos = end
             continue
-        if group == "br":
-            tok = _tag_token(m.group()[1:-1], True, space)
-        elif group in ("pa", "ast"):
-            inner = m.group()[1:-1]
-            if len(_collapse(inner)) <= PUNCT_TAG_MAX:
-                tok = _tag_token(inner, False, space)
+        if group == "wrap":
+            # A tag in a second pair of brackets (or asterisks): the tag
+            # alone, lest the outer pair stay in the plain text.
+            outer = m.group()
+            if _PAIRS[outer[0]] == outer[-1]:
+                tok = _bracketed(outer[1:-1], space)
+                if tok is None and outer[:2] in ("[(", "[*"):
+                    # Square brackets around no known tag: as they are.
+                    tok = _tag_token(outer[1:-1], True, space)
+        elif group in ("br", "pa", "ast"):
+            tok = _bracketed(m.group(), space)
         elif group == "word":
             end = _word_end(text, end)
             tok = Token(TokenKind.WORD, text[pos:end], space_before=space)
