@@ -144,6 +144,21 @@ def test_wrappers_around_more_than_one_tag_stay_text() -> None:
     assert normalize("(see [laughs]) **bold** [(x) y]") == "(see [laughs]) **bold** [(x) y]"
 
 
+def test_fullwidth_square_brackets_make_tags() -> None:
+    """Chinese and Japanese text is written with fullwidth punctuation, and
+    a model writing it may bracket a tag with ［ ］ (U+FF3B, U+FF3D), the
+    fullwidth [ ]. They were punctuation: the tag's name stayed in the
+    plain text and in no tags field. Fullwidth letters in a tag
+    (［Ｌａｕｇｈｓ］) are the letters."""
+    toks = tokenize("［笑］你好［ＬＡＵＧＨＳ］世界。［laughs]")
+    assert [(t.text, t.tag, t.known) for t in toks if t.is_tag] == [
+        ("[笑]", "笑", False), ("[laughs]", "laughs", True), ("[laughs]", "laughs", True)]
+    assert render(toks) == "[笑]你好[laughs]世界。[laughs]"
+    assert plain_text("［笑］你好［ＬＡＵＧＨＳ］世界。") == "你好世界。"
+    assert normalize("［［laughs］］ ok") == "[laughs] ok"
+    assert kinds("［］ a ［") == [("punct", "［］"), ("word", "a"), ("punct", "［")]
+
+
 def test_brackets_inside_words() -> None:
     toks = tokenize("hel[laughs]lo wor[ld")
     assert [t.text for t in toks] == ["hel", "[laughs]", "lo", "wor", "[", "ld"]

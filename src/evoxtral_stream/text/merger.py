@@ -166,13 +166,13 @@ def _lcp(a: Sequence[Token], b: Sequence[Token]) -> int:
 
 
 def _open_tag(tokens: Sequence[Token]) -> int:
-    """Where a tag still being written starts: the index of a trailing ``[``,
-    ``(`` or ``*`` followed only by words (``So [clears``, a partial whose
+    """Where a tag still being written starts: the index of a trailing ``[``
+    (``［`` too), ``(`` or ``*`` followed only by words (``So [clears``, a partial whose
     token budget ran out inside the tag), else ``len(tokens)``."""
     i = len(tokens)
     while i > 0 and tokens[i - 1].is_word:
         i -= 1
-    if i == 0 or not tokens[i - 1].text.endswith(("[", "(", "*")):
+    if i == 0 or not tokens[i - 1].text.endswith(("[", "［", "(", "*")):
         return len(tokens)
     # No longer than the tokenizer lets a ( ) or * tag be.
     return i - 1 if len(render(tokens[i:])) <= PUNCT_TAG_MAX else len(tokens)

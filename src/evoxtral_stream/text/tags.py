@@ -8,12 +8,14 @@ tokens, multi-word ones (``[clears throat]``) included.
 
 The vocabulary is data (:data:`TAG_TABLE`): every tag has a canonical name, a
 :class:`TagKind` and the variants that map onto it. Normalisation: case,
-spacing, ``_``/``-`` and trailing punctuation inside the tag are ignored, and
-the variants ``(laughs)``, ``*sighs*``, ``[LAUGHTER]``, ``[Laughs]``,
-``[laughing]`` all become ``[laughs]``. A square-bracketed tag that is not in
-the table is kept verbatim and flagged ``known=False``; parentheses and
-asterisks make a tag only around a known name, because they are ordinary
-punctuation too (``(see below)``, ``*really*``). A tag wrapped once more
+spacing, ``_``/``-``, fullwidth forms and trailing punctuation inside the
+tag are ignored, and the variants ``(laughs)``, ``*sighs*``, ``[LAUGHTER]``,
+``[Laughs]``, ``[laughing]`` all become ``[laughs]``. A square-bracketed tag
+that is not in the table is kept verbatim and flagged ``known=False``.
+Square brackets include the fullwidth ``［ ］`` of Chinese and Japanese
+text; a tag is written back with ``[ ]``. Parentheses and asterisks make a
+tag only around a known name, because they are ordinary punctuation too
+(``(see below)``, ``*really*``). A tag wrapped once more
 (``[[laughs]]``, ``([laughs])``, ``*[laughs]*``, ``**laughs**``,
 ``[(laughs)]``) is that one tag: the outer pair would be left in the plain
 text.
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 import enum
 import re
+import unicodedata
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -232,10 +235,10 @@ def _collapse(s: str) -> str:
 
 
 def normalize_tag_name(raw: str) -> str:
-    """Normalise a tag's inner text: case-folded, ``_``/``-`` as spaces,
-    single spaces, no edge punctuation (``"Clears_Throat."`` ->
-    ``"clears throat"``)."""
-    s = raw.casefold().replace("_", " ").replace("-", " ")
+    """Normalise a tag's inner text: fullwidth letters as ASCII (NFKC),
+    case-folded, ``_``/``-`` as spaces, single spaces, no edge punctuation
+    (``"Clears_Throat."`` -> ``"clears throat"``)."""
+    s = unicodedata.normalize("NFKC", raw).casefold().replace("_", " ").replace("-", " ")
     return _collapse(s).strip(_TAG_PUNCT_EDGES + " ")
 
 
@@ -329,10 +332,11 @@ _WORD_MORE = re.compile(r"(?:\w|['’&\-](?=\w)|(?<=\d)[.,:](?=\d))*")
 # whitespace like any other there for the same reason (render turns them
 # into spaces).
 PUNCT_TAG_MAX = 40
-_BR, _PA, _AST = r"\[[^\[\]]*\]", r"\([^()]+\)", r"\*[^*]+\*"
+# Square brackets, the fullwidth ［ ］ too (Chinese, Japanese).
+_BR, _PA, _AST = r"[\[［][^\[\]［］]*[\]］]", r"\([^()]+\)", r"\*[^*]+\*"
 _SCAN = re.compile(
     rf"(?P<space>{_SPACES})"
-    rf"|(?P<wrap>[\[(*](?:{_BR}|{_PA}|{_AST})[\])*])"
+    rf"|(?P<wrap>[\[［(*](?:{_BR}|{_PA}|{_AST})[\]］)*])"
     rf"|(?P<br>{_BR})"
     rf"|(?P<pa>{_PA})"
     rf"|(?P<ast>{_AST})"
@@ -369,13 +373,13 @@ def _tag_token(inner: str, verbatim: bool, space: bool) -> Token | None:
                  TagKind.UNKNOWN, False, space)
 
 
-_PAIRS = {"[": "]", "(": ")", "*": "*"}
+_PAIRS = {"[": "]］", "［": "]］", "(": ")", "*": "*"}
 
 
 def _bracketed(written: str, space: bool) -> Token | None:
     """The tag ``[...]``, ``(...)`` or ``*...*`` make, or None (module doc)."""
     inner = written[1:-1]
-    if written[0] == "[":
+    if written[0] in "[［":
         return _tag_token(inner, True, space)
     if len(_collapse(inner)) <= PUNCT_TAG_MAX:
         return _tag_token(inner, False, space)
@@ -417,9 +421,9 @@ def _tokenize(text: str) -> tuple[list[Token], list[int]]:
             # A tag in a second pair of brackets (or asterisks): the tag
             # alone, lest the outer pair stay in the plain text.
             outer = m.group()
-            if _PAIRS[outer[0]] == outer[-1]:
+            if outer[-1] in _PAIRS[outer[0]]:
                 tok = _bracketed(outer[1:-1], space)
-                if tok is None and outer[:2] in ("[(", "[*"):
+                if tok is None and outer[0] in "[［" and outer[1] in "(*":
                     # Square brackets around no known tag: as they are.
                     tok = _tag_token(outer[1:-1], True, space)
         elif group in ("br", "pa", "ast"):
