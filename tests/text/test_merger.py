@@ -856,3 +856,19 @@ def test_a_tag_inside_a_plain_text_word_indexes_that_word(
     e = one(Feed()(text, final=True, start=0.0, end=2.0))
     assert e.plain_text == plain
     assert [m.index for m in e.tags] == indexes
+
+
+def test_a_partial_cut_inside_a_square_bracket_tag_keeps_the_half_tag_out_of_plain_text() -> None:
+    """A partial whose token budget ran out inside a tag ("So [clears")
+    showed "[clears" in plain_text, the text for plain captions, until the
+    next partial closed it. An open ( or * stays: it is also punctuation
+    ("(see"), and a final keeps its text as written."""
+    f = Feed()
+    e = one(f("So [clears"))
+    assert (e.text, e.plain_text, e.tags) == ("So [clears", "So", ())
+    assert one(f("I said,[whis")).plain_text == "I said,"
+    assert one(f("He wrote ［笑")).plain_text == "He wrote"
+    assert one(f("So (see")).plain_text == "So (see"
+    assert one(f("So [clears throat] ok")).plain_text == "So ok"
+    fin = one(f("So [clears", final=True))
+    assert (fin.text, fin.plain_text) == ("So [clears", "So [clears")

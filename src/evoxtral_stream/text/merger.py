@@ -26,7 +26,9 @@ Contracts (what the engine may rely on):
   any two views, so a respelled last committed word ("to", then "today")
   does not stop the commits for the rest of the segment.
   ``text == stable + unstable``, and the stable text of a segment only
-  grows. The final's text is the committed
+  grows. A partial's ``plain_text`` is its text without tags and without a
+  square-bracket tag still being written at the end (``So [clears`` is
+  ``So``). The final's text is the committed
   text, with any tags the final hypothesis places inside it, followed by the
   rest of the final hypothesis: the final hypothesis is aligned with the
   committed tokens (difflib on :func:`match_key`: words case- and
@@ -176,6 +178,17 @@ def _open_tag(tokens: Sequence[Token]) -> int:
         return len(tokens)
     # No longer than the tokenizer lets a ( ) or * tag be.
     return i - 1 if len(render(tokens[i:])) <= PUNCT_TAG_MAX else len(tokens)
+
+
+def _close_open_bracket(tokens: Sequence[Token]) -> Sequence[Token]:
+    """``tokens`` without a square-bracket tag still being written at the
+    end (``So [clears``; see :func:`_open_tag`), for a partial's plain
+    text. An open ``(`` or ``*`` stays: it is punctuation too (``(see``)."""
+    i = _open_tag(tokens)
+    if i == len(tokens) or not tokens[i].text.endswith(("[", "［")):
+        return tokens
+    head = tokens[i].text[:-1]
+    return [*tokens[:i], replace(tokens[i], text=head)] if head else tokens[:i]
 
 
 def _lstrip(tokens: Sequence[Token]) -> tuple[Token, ...]:
@@ -900,7 +913,7 @@ class Merger:
             seq=self._seq,
             final=final,
             text=text,
-            plain_text=render(view, tags=False),
+            plain_text=render(view if final else _close_open_bracket(view), tags=False),
             stable=stable,
             unstable=text[len(stable):],
             tags=tag_marks(view, start, end),
