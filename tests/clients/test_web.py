@@ -271,6 +271,10 @@ async def test_a_tag_spelled_as_an_alias_takes_its_kind_when_the_tags_do_not_lin
               ["[pausing]", "pause"], ["[beeps]", "unknown"]]),
         ("[clears throat] oh [sighing]", "[clears", (throat, sighs),   # a partial
          [["[sighing]", "non-verbal"]]),
+        # Fullwidth letters and parentheses inside the brackets, as the
+        # server's normalize_tag_name reads them.
+        ("[Ｓｉｇｈｉｎｇ] oh [(gasps)]", "[Ｓｉｇｈｉｎｇ] oh [(gasps)]", (),
+         [["[Ｓｉｇｈｉｎｇ]", "non-verbal"], ["[(gasps)]", "non-verbal"]]),
     ]
     try:
         for i, (text, stable, tags, chips) in enumerate(cases):

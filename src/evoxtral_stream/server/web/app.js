@@ -238,8 +238,8 @@ function el(tag, cls, text) {
 
 function normTag(name) {
   // Mirrors evoxtral_stream.text.tags.normalize_tag_name.
-  return name.toLowerCase().replace(/[_-]/g, " ").split(/\s+/).filter(Boolean).join(" ")
-    .replace(/^[.,;:!?* ]+|[.,;:!?* ]+$/g, "");
+  return name.normalize("NFKC").toLowerCase().replace(/[_-]/g, " ").split(/\s+/)
+    .filter(Boolean).join(" ").replace(/^[.,;:!?*() ]+|[.,;:!?*() ]+$/g, "");
 }
 
 // A tag's canonical name, as evoxtral_stream.text.tags.lookup_tag gives it:
