@@ -129,6 +129,33 @@ async def test_stream_filter(served: tuple[Engine, CaptionServer]) -> None:
         await s.close()
 
 
+@pytest.mark.parametrize(("query", "why"), [
+    ("?stream=a%01b", "?stream= names an id no stream can have: a stream id holds no "
+                      "control characters, got 'a\\x01b'"),
+    ("?stream=ok,a%E2%80%AEb", "?stream= names an id no stream can have: a stream id holds "
+                               "no invisible format characters"),
+    ("?stream=" + "x" * 129, "?stream= names an id no stream can have: a stream id has 1 to "
+                             "128 characters, got 129"),
+    ("?since=a%0A:3", "since names an id no stream can have: a stream id holds no control "
+                      "characters, got 'a\\n'"),
+])
+async def test_a_stream_id_no_stream_can_have_is_a_bad_query(
+        served: tuple[Engine, CaptionServer], query: str, why: str) -> None:
+    """``?stream=`` or ``since=`` naming an id that no stream can be opened
+    under (the engine refuses it: a control character, a bidi override, too
+    long) was taken silently: the subscriber got its hello, then nothing
+    ever, and a resume a gap to null for it. It gets one ``bad_query`` that
+    says why, then close 1008, as an ingest under that id does."""
+    _, server = served
+    async with connect(f"ws://127.0.0.1:{server.port}/v1/captions{query}") as ws:
+        err = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        await asyncio.wait_for(ws.wait_closed(), 5)
+    assert (err["type"], err["code"]) == ("error", "bad_query")
+    assert err["message"].startswith(why), err["message"]
+    assert ws.close_code == 1008
+    assert server.broadcaster.subscribers == 0
+
+
 async def test_a_query_that_is_not_utf8_once_decoded_is_a_bad_request(
         served: tuple[Engine, CaptionServer]) -> None:
     """Percent-encoded bytes that are no UTF-8 (``%ff``) used to decode to

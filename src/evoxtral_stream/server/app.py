@@ -601,6 +601,13 @@ class CaptionServer:
         try:
             since = parse_since(query.get("since", []), names)
             epoch = parse_epoch(query.get("epoch", []))
+            # No stream is ever opened under such an id (the engine refuses
+            # it): the subscriber would wait for it in silence.
+            for where, ids in (("?stream=", names), ("since", since)):
+                for name in ids:
+                    if (problem := stream_id_problem(name)) is not None:
+                        raise ProtocolError(
+                            "bad_query", f"{where} names an id no stream can have: {problem}")
         except ProtocolError as e:
             await self._refuse(ws, e.code, str(e))
             return
