@@ -20,7 +20,7 @@ from evoxtral_stream.server.app import CLOSE_TIMEOUT_S, CaptionServer
 from evoxtral_stream.server.protocol import encode_event
 from tests.fakes import ScriptedBackend, words_so_far
 from tests.helpers.audio import buzz, to_int16
-from tests.helpers.http import close_while_reading, http_get, raw_ws_handshake
+from tests.helpers.http import close_while_reading, http_get, raw_ws_handshake, read_slowly
 from tests.speech import have_espeak, speech_with_pauses
 
 SENTENCES = ["Good evening and welcome to the live captioning demo.",
@@ -237,6 +237,30 @@ async def test_subscriber_that_never_reads_is_dropped_and_others_get_everything(
             drained += len(chunk)
         stuck.close()
         assert closed, f"server kept the slow subscriber open ({drained} bytes read)"
+
+
+async def test_a_stalled_subscriber_that_reads_again_gets_a_prefix_then_1013() -> None:
+    """docs/protocol.md: a subscriber dropped as too slow that reads again
+    soon gets what was sent to it, in order and from the first, then close
+    1013; nothing published after it fell behind (its queue full) reaches it."""
+    cfg = config(**{"server.subscriber_queue": 16})
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        stuck = await asyncio.to_thread(raw_ws_handshake, server.port)
+        try:
+            while server.broadcaster.subscribers < 1:
+                await asyncio.sleep(0.01)
+            seq = 0
+            while server.broadcaster.dropped_subscribers == 0:
+                seq += 1
+                server.broadcaster.publish(_caption(seq, "z" * 5000))
+                await asyncio.sleep(0)
+            got, code = await asyncio.to_thread(read_slowly, stuck, 0)
+        finally:
+            stuck.close()
+    assert code == 1013
+    seqs = [m["seq"] for m in got if m["type"] == "caption"]
+    assert seqs == list(range(1, len(seqs) + 1)) and len(seqs) < seq
 
 
 async def test_a_subscriber_that_talks_gets_an_error_and_stays(
