@@ -655,9 +655,10 @@ class Engine:
             stream.session.requeue_failed_submit(req)
             return
         # Finals are never dropped: keep them in order and offer them again.
-        # The backlog holds only finals the full inbox refused, at most one
-        # per segment that ended meanwhile; it drains as fast as the worker
-        # decodes, and its length is in EngineStats and /metrics.
+        # The backlog holds the finals the full inbox refused and those that
+        # came while they waited, at most one per segment that ended
+        # meanwhile; it drains as fast as the worker decodes, and its length
+        # is in EngineStats and /metrics.
         self._backlog.append((stream, req, not behind))
         self._backlog_of[stream.id] += 1
         now = self.now()

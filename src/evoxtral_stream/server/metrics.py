@@ -146,7 +146,7 @@ class _StatsCollector(Collector):
             gauges = {
                 "evoxtral_worker_pending": ("Requests waiting for the model thread.",
                                             w.pending),
-                "evoxtral_finals_backlog": ("Finals refused by a full inbox, waiting.",
+                "evoxtral_finals_backlog": ("Finals waiting for room in the inbox.",
                                             st.finals_backlog),
                 "evoxtral_streams_open": ("Streams open now.", st.streams),
                 "evoxtral_worker_running": ("Requests in the continuous batch now.",
@@ -168,7 +168,8 @@ class _StatsCollector(Collector):
             counters = {
                 "evoxtral_worker_submitted": ("Requests accepted by the worker.", w.submitted),
                 "evoxtral_worker_refused": ("Requests refused by a full inbox.", w.refused),
-                "evoxtral_partials_refused": ("Partials dropped because the inbox was full.",
+                "evoxtral_partials_refused": ("Partials dropped: the inbox was full, or finals "
+                                              "were waiting for it.",
                                               st.partials_refused),
                 "evoxtral_worker_superseded": ("Pending requests superseded by newer ones.",
                                                w.superseded),
