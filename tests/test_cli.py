@@ -478,6 +478,24 @@ def test_transcribe_into_head_stops_quietly_with_status_141(tmp_path: Path) -> N
     assert "stopped, standard output closed" in proc.stderr
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_an_only_output_on_stdout_into_head_stops_the_reading(tmp_path: Path) -> None:
+    """``transcribe long.wav --jsonl /dev/stdout | head -1``: the output that
+    is stdout is the only one, so its reader leaving leaves nothing to make
+    captions for, and the reading stops as it does for printed captions
+    (README). It went on decoding both files to their end for nobody."""
+    long = tmp_path / "long.wav"   # 151 s, 30 finals
+    sf.write(long, np.concatenate([read_audio_file(sample_path())] * 6), SAMPLE_RATE)
+    first, proc = _head_1(str(long), str(long), "--no-partials", "--jsonl", "/dev/stdout")
+    assert first.startswith('{"type": "stream.started"'), first
+    assert proc.returncode == 141, proc.stderr
+    for word in ("Traceback", "error", "WARNING", "Exception ignored"):
+        assert word not in proc.stderr, proc.stderr
+    finals, audio_s = _summary(proc.stderr)
+    assert finals <= 30 and audio_s <= 0.5 * 2 * 151.2, proc.stderr
+    assert "stopped, standard output closed" in proc.stderr
+
+
 def test_transcribe_into_head_still_writes_its_files_whole(tmp_path: Path) -> None:
     """With --srt (or --vtt, --jsonl, --serve) something still takes the
     captions: the reader leaving stdout stops the printing only, quietly,

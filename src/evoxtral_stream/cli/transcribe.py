@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,17 +107,18 @@ def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
         check_listen(cfg.server.host, cfg.server.port)
     backend = load_backend(cfg.model)
     stops: list[asyncio.Event] = []  # the job's, once it runs
-    # When only stdout takes the captions and its reader has left (| head),
-    # nothing is left to make them for: the reading stops.
-    only_stdout = not (args.srt or args.vtt or args.jsonl or args.serve or cfg.journal.enabled)
+    # An output that is stdout itself (--srt /dev/stdout | ..., --jsonl F > F)
+    # holds that output only: caption lines between its cues would break it.
+    on_stdout = _outputs_on_stdout(args, [j.stream for j in jobs])
+    prints = not any(on_stdout)
+    # When only stdout takes the captions (printed, or an output that is
+    # stdout) and its reader has left (| head), nothing is left to make
+    # them for: the reading stops.
+    only_stdout = all(on_stdout) and not (args.serve or cfg.journal.enabled)
 
     def on_closed() -> None:
         if only_stdout and stops:
             stops[0].set()  # as a Ctrl-C does, without its line
-
-    # An output that is stdout itself (--srt /dev/stdout | ..., --jsonl F > F)
-    # holds that output only: caption lines between its cues would break it.
-    prints = not _stdout_is_an_output(args, [j.stream for j in jobs])
     printer = CaptionPrinter(show_stream=len(jobs) > 1,
                              partials=True if args.partials else None, on_closed=on_closed)
     latencies: list[float] = []  # one float per final: the summary's p95
@@ -153,6 +154,8 @@ def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
                 engine.add_listener(tally)
                 if prints:
                     engine.add_listener(printer)
+                elif only_stdout:
+                    engine.add_listener(_on_output_left(jsonl, subtitles, on_closed))
                 # No progress bar in json mode (stderr holds JSON lines only),
                 # nor with -q (only warnings and errors).
                 quiet = LEVELS[cfg.logging.level] > logging.INFO
@@ -217,15 +220,27 @@ def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
     return code
 
 
-def _stdout_is_an_output(args: argparse.Namespace, streams: Sequence[str]) -> bool:
-    """Whether ``--srt``, ``--vtt`` or ``--jsonl`` names the file stdout
-    writes to (:func:`is_stdout`)."""
+def _outputs_on_stdout(args: argparse.Namespace, streams: Sequence[str]) -> list[bool]:
+    """For each file ``--srt``, ``--vtt`` and ``--jsonl`` name, whether it is
+    the file stdout writes to (:func:`is_stdout`)."""
     many = len(streams) > 1
     paths = [Path(args.jsonl)] if args.jsonl else []
     paths += [_output_path(Path(raw), stream, _SUFFIXES[flag], many)
               for flag, raw in (("--srt", args.srt), ("--vtt", args.vtt)) if raw is not None
               for stream in streams]
-    return any(is_stdout(path) for path in paths)
+    return [is_stdout(path) for path in paths]
+
+
+def _on_output_left(jsonl: JsonlFile | None, subtitles: SubtitleFiles,
+                    on_closed: Callable[[], None]) -> Callable[[EngineEvent], None]:
+    """A listener, after the outputs', that calls ``on_closed`` once one of
+    them failed because stdout's reader left (:func:`stdout_closed`)."""
+    def listener(event: EngineEvent) -> None:
+        failed = [*subtitles.errors,
+                  *([(jsonl.path, jsonl.error)] if jsonl is not None and jsonl.error else [])]
+        if any(stdout_closed(*f) for f in failed):
+            on_closed()
+    return listener
 
 
 def _p95(values: Sequence[float]) -> float:
