@@ -256,3 +256,28 @@ def test_a_base_with_unused_tensors_loads_with_one_warning(
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("holds 1 tensor(s) that the model does not use (e.g. model.extra_head.weight)"
                in m for m in warned), warned
+
+
+def test_a_load_report_an_error_points_at_is_shown_with_the_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """transformers holds back nothing it raises: an error that says "look at
+    the above report" (a quantized checkpoint's conversion entries) must
+    find that report in the log, not only at debug level."""
+    from evoxtral_stream.engine.backends.voxtral import backend as vb
+
+    report = logging.getLogger(vb._REPORT_LOGGER)
+    def load() -> None:
+        with vb._load_report_held():
+            report.warning("LOAD REPORT: CONVERSION failed for model.layers.0.weight")
+            raise RuntimeError("look at the CONVERSION entries of the above report")
+
+    with caplog.at_level(logging.INFO), pytest.raises(RuntimeError, match="above report"):
+        load()
+    shown = [r for r in caplog.records if r.levelno >= logging.WARNING
+             and "CONVERSION failed" in r.getMessage()]
+    assert len(shown) == 1, [r.getMessage() for r in caplog.records]
+    # Held back when the load goes on: our own lines say what matters.
+    caplog.clear()
+    with caplog.at_level(logging.INFO), vb._load_report_held():
+        report.warning("LOAD REPORT: unused tensors")
+    assert not [r for r in caplog.records if "LOAD REPORT" in r.getMessage()]

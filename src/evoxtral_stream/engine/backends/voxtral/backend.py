@@ -186,7 +186,9 @@ def _load_report_held() -> Iterator[None]:
     """Hold back transformers' load report while a model loads and log it at
     debug level: what it says that matters (missing or resized tensors) ends
     the start in one line of ours, and unused ones get a line of their own,
-    so the table would only stand before, or instead of, those lines."""
+    so the table would only stand before, or instead of, those lines. When
+    the load raises, the report is logged as a warning: transformers' own
+    errors point at it ("look at the above report")."""
     held: list[str] = []
 
     def hold(record: logging.LogRecord) -> bool:
@@ -198,12 +200,14 @@ def _load_report_held() -> Iterator[None]:
 
     logger = logging.getLogger(_REPORT_LOGGER)
     logger.addFilter(hold)
+    level = logging.WARNING
     try:
         yield
+        level = logging.DEBUG
     finally:
         logger.removeFilter(hold)
         for text in held:
-            log.debug("transformers' load report: %s", text)
+            log.log(level, "transformers' load report: %s", text)
 
 
 def _from_pretrained(
