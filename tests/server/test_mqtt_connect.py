@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
 import socket
 import time
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -255,3 +257,36 @@ async def test_a_stop_leaves_no_socket_to_a_real_broker(
                              within=1.0)
         finally:
             mosquitto.thaw()
+
+
+@needs_proc
+async def test_a_paho_without_the_socket_hook_still_connects_and_leaks_nothing(
+        mosquitto: MosquittoBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The socket made on the loop is handed to paho through a private hook
+    (``Client._create_socket``). A paho that does not call it (a later
+    version renames it) must not cost the connection, nor leave that socket
+    open: paho then connects by itself, with its own timeouts."""
+    from paho.mqtt import client as paho_client
+
+    own = paho_client.Client._create_socket
+    # Setting the hook on the instance changes nothing: paho makes its own.
+    monkeypatch.setattr(paho_client.Client, "_create_socket", property(
+        lambda self: functools.partial(own, self), lambda self, value: None))
+    base = sockets_to(mosquitto.port)
+    with no_cycle_collector(), warnings.catch_warnings(record=True) as caught:
+        # An unclosed socket is closed when it is dropped, with this warning.
+        warnings.simplefilter("always", ResourceWarning)
+        pub = MqttPublisher(mqtt_config(mosquitto.port, "nh", timeout_s=5.0, drain_s=1.0))
+        await pub.start()
+        try:
+            await connected(pub)
+            # One connection, paho's own: the loop's socket was closed.
+            assert sockets_to(mosquitto.port) <= base + 1
+            assert not [w for w in caught if issubclass(w.category, ResourceWarning)], \
+                [str(w.message) for w in caught]
+            pub(caption("s", 0, 1, True))
+            await eventually(lambda: pub.stats().published >= 1, "the final published")
+        finally:
+            await pub.aclose()
+        await eventually(lambda: sockets_to(mosquitto.port) == base, "sockets closed",
+                         within=2.0)

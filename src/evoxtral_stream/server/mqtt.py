@@ -1132,6 +1132,12 @@ def _hand_over(client: aiomqtt.Client, sock: socket.socket) -> None:
         if paho._sock is not sock:
             sock.close()
         raise
+    if paho._sock is not sock:
+        # A paho that no longer calls the hook made a socket of its own
+        # (blocking, with its own timeouts): this one goes unused.
+        sock.close()
+        log.debug("paho-mqtt made its own socket instead of the one made on the loop; "
+                  "its connect timeouts apply")
 
     def connected(*_: object, **__: object) -> MQTTErrorCode:
         return MQTTErrorCode.MQTT_ERR_SUCCESS
