@@ -94,6 +94,7 @@ from tests.clients.conftest import (
     publish_finals,
     refused_token_cases,
     scripted_server,
+    sends,
 )
 from tests.fakes import ScriptedBackend
 from tests.helpers.audio import voiced_span
@@ -961,27 +962,26 @@ async def test_the_log_line_of_an_elevenlabs_final_shows_the_text_sent_when_it_d
 
 
 async def test_log_lines_quoting_the_server_hold_no_control_characters(
-    tmp_path: Path, served: CaptionServer, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Only a final's own text went through printable(): a stream id or an
     error message from the server reached the terminal raw in the lines that
     quote them ("stream ... ended", "server error ..."), escape sequences
-    and line breaks included."""
+    and line breaks included. A server of ours refuses to serve such an id
+    (bad_query), so one that is not plays the script."""
     stream = "talk\x1b[2J\x1b[H\nx"
-    publish_finals(served, stream, ["hello"], ended=False)
+    script = [_msg("hello", v=1, streams=[stream]), _final(stream, 0, 1, "hello"),
+              encode_event(StreamError(stream, "decode_failed",
+                                       "model \x1b]0;owned\x07failed\r\nagain")),
+              encode_event(StreamEnded(stream, 1.0, 1, 1))]
     synth = GatedSynth()
     synth.gate.set()
-    bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{served.port}",
-                                    streams=(stream,), since=((stream, 0),),
-                                    exit_on_end=True), synth)
-    with caplog.at_level(logging.INFO):
-        running = asyncio.ensure_future(bridge.run())
-        while not bridge.written:  # subscribed: errors are sent live only
-            await asyncio.sleep(0.02)
-        served.broadcaster.publish(StreamError(stream, "decode_failed",
-                                               "model \x1b]0;owned\x07failed\r\nagain"))
-        served.broadcaster.publish(StreamEnded(stream, 1.0, 1, 1))
-        stats = await asyncio.wait_for(running, 15)
+    async with serve(sends(script), "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{port}",
+                                        streams=(stream,), exit_on_end=True), synth)
+        with caplog.at_level(logging.INFO):
+            stats = await asyncio.wait_for(bridge.run(), 15)
     assert stats.written == 1
     lines = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("server error decode_failed: model ") for m in lines), lines
@@ -1859,3 +1859,4 @@ async def test_a_token_refused_on_a_reconnect_stops_the_bridge(tmp_path: Path) -
         with pytest.raises(BridgeError, match=r"refused the token \(HTTP 401\): unknown token"):
             await asyncio.wait_for(task, 20)
     assert bridge.stats.reconnects >= 1
+
