@@ -578,7 +578,9 @@ class TtsBridge:
             url = caption_url(self.cfg.url, self.cfg.streams, since, self._epoch)
             conn: ClientConnection | None = None
             try:
-                async with connect(url, open_timeout=10, close_timeout=2,
+                # The hello lists every open stream: past websockets' 1 MiB
+                # default on a busy server. The viewer's and mic_client's limit.
+                async with connect(url, open_timeout=10, close_timeout=2, max_size=2**24,
                                    additional_headers=auth_headers(self.cfg.token)) as ws:
                     conn = ws
                     await self._expect_hello(ws)

@@ -1860,3 +1860,27 @@ async def test_a_token_refused_on_a_reconnect_stops_the_bridge(tmp_path: Path) -
             await asyncio.wait_for(task, 20)
     assert bridge.stats.reconnects >= 1
 
+
+async def test_a_hello_over_a_mebibyte_is_read_as_the_other_clients_read_it(
+        tmp_path: Path) -> None:
+    """The hello lists every open stream (up to ``server.max_streams``), so it
+    is not bounded by one caption's size: a bridge with websockets' default
+    1 MiB limit closed with 1009 where the viewer and mic_client (16 MiB)
+    went on."""
+    streams = [f"stream-{i:06d}-" + "x" * 50 for i in range(20_000)]
+    hello = _msg("hello", v=1, streams=streams)
+    assert len(hello) > 2**20
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(hello)
+        await ws.send(_final("talk", 0, 1, "one"))
+        await ws.wait_closed()
+
+    synth = GatedSynth()
+    synth.gate.set()
+    async with serve(handler, "127.0.0.1", 0, max_size=None) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{port}",
+                                        max_captions=1), synth)
+        stats = await asyncio.wait_for(bridge.run(), 20)
+    assert stats.written == 1 and synth.names == ["talk-00000.txt"]
