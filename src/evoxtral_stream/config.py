@@ -247,6 +247,7 @@ class ServerConfig:
     max_message_bytes: int = field(metadata=_range(1024, 1 << 30))
     history: int = field(metadata=_range(0, 1_000_000))
     history_streams: int = field(metadata=_range(1, 100_000))
+    resume_window: int = field(metadata=_range(1, 1_000_000))
     handshake_timeout_s: float = field(metadata=_range(0.1, 3600.0))
     allow_anonymous: bool
     allowed_origins: tuple[str, ...]

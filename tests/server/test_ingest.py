@@ -514,6 +514,108 @@ async def test_a_resume_from_the_journal_lets_other_clients_be_served_meanwhile(
         assert finals and all(m["final"] for m in finals)
 
 
+def _live(stream: str, segment: int, seq: int, final: bool) -> CaptionEvent:
+    text = f"s{segment} at {seq}"
+    return CaptionEvent(stream=stream, segment=segment, seq=seq, final=final, text=text,
+                        plain_text=text, stable="" if not final else text,
+                        unstable="" if final else text, tags=(), start=float(segment),
+                        end=segment + 1.0, latency=0.1)
+
+
+async def _journaled_restart(cfg: Config) -> None:
+    """Leave a journal of the stream ``talk`` (ended) behind in ``cfg``'s folder."""
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        await ingest(server.port, "talk", {"sample_rate": 16000},
+                     audio.astype("<i2").tobytes())
+
+
+async def test_live_events_during_a_journal_read_do_not_drop_the_resume_as_too_slow(
+        tmp_path: Path) -> None:
+    """The live events that came while a resume read the journal waited in
+    the subscriber's queue of ``server.subscriber_queue``: a burst of them
+    (a busy server just restarted) filled it and the subscriber was closed
+    with 1013 as too slow before it could read anything, and again on every
+    reconnect. Meanwhile the partials are coalesced (a later one of the same
+    segment, or its final, replaces the earlier): the subscriber gets the
+    hello, the replay, then every final and each open segment's newest
+    partial, in order, and stays connected."""
+    cfg = config(**{"journal.enabled": True, "journal.dir": str(tmp_path / "j"),
+                    "server.subscriber_queue": 8})
+    await _journaled_restart(cfg)
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        assert server.broadcaster.source is not None
+        gated = server.broadcaster.source = GatedSource(server.broadcaster.source, 10)
+        url = f"ws://127.0.0.1:{server.port}/v1/captions"
+        async with connect(f"{url}?since=talk:0") as resumed:
+            assert await asyncio.to_thread(gated.entered.wait, 10)
+            # 5 segments of 20 partials and a final, then 20 partials of a
+            # sixth still open: 125 events through a queue of 8.
+            seq, sent = 0, []
+            for segment in range(6):
+                for i in range(21 if segment < 5 else 20):
+                    seq += 1
+                    sent.append(_live("busy", segment, seq, final=i == 20))
+                    server.broadcaster.publish(sent[-1])
+            gated.release()
+            assert (await recv_json(resumed))["type"] == "hello"
+            replay = await until_ended(resumed)
+            assert replay[-1]["stream"] == "talk"
+            tail = [await recv_json(resumed) for _ in range(6)]
+            # Live again, through the queue.
+            server.broadcaster.publish(_live("busy", 5, seq + 1, final=True))
+            last = await recv_json(resumed)
+        assert resumed.close_code in (None, 1000), "dropped as too slow"
+        assert server.broadcaster.dropped_subscribers == 0
+        finals = [m for m in replay if m["type"] == "caption"]
+        assert finals and all(m["final"] and m["stream"] == "talk" for m in finals)
+        assert [(m["segment"], m["seq"], m["final"]) for m in tail] == [
+            *((e.segment, e.seq, True) for e in sent if e.final), (5, seq, False)]
+        assert (last["seq"], last["final"]) == (seq + 1, True)
+
+
+async def test_a_resume_window_that_overflows_sends_what_it_holds_then_1013(
+        tmp_path: Path) -> None:
+    """docs/protocol.md: past ``server.resume_window`` live events during a
+    journal read, the subscriber gets the replay and the events the window
+    holds, in order, then close code 1013 (reason ``too many events during
+    the resume``); its resume from the last seq it got then gets the rest,
+    none missing."""
+    cfg = config(**{"journal.enabled": True, "journal.dir": str(tmp_path / "j"),
+                    "server.subscriber_queue": 8, "server.resume_window": 4})
+    await _journaled_restart(cfg)
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        assert server.broadcaster.source is not None
+        gated = server.broadcaster.source = GatedSource(server.broadcaster.source, 10)
+        url = f"ws://127.0.0.1:{server.port}/v1/captions"
+        async with connect(f"{url}?since=talk:0") as resumed:
+            assert await asyncio.to_thread(gated.entered.wait, 10)
+            seq, finals = 0, []
+            for segment in range(10):
+                for i in range(4):
+                    seq += 1
+                    event = _live("busy", segment, seq, final=i == 3)
+                    server.broadcaster.publish(event)
+                finals.append(event.seq)
+            gated.release()
+            got = await until_closed(resumed)
+        assert (resumed.close_code, resumed.close_reason) == (
+            1013, "too many events during the resume")
+        assert server.broadcaster.dropped_subscribers == 1
+        assert got[0]["type"] == "hello"
+        end = next(i for i, m in enumerate(got) if m["type"] == "stream.ended")
+        assert all(m["stream"] == "talk" for m in got[1:end + 1])
+        # The first four segments' finals (each replacing its partials).
+        assert [(m["seq"], m["final"]) for m in got[end + 1:]] == [(s, True) for s in finals[:4]]
+        async with connect(f"{url}?stream=busy&since=busy:{finals[3]}") as again:
+            assert (await recv_json(again))["type"] == "hello"
+            rest = [await recv_json(again) for _ in range(6 * 4)]
+        assert [m["seq"] for m in rest] == list(range(finals[3] + 1, seq + 1))
+
+
 async def test_a_since_of_another_epoch_is_not_taken_for_this_runs_seqs() -> None:
     """After a restart without the journal, the new numbering soon passes the
     seq a client holds: with the epoch it got that seq under, its resume gets

@@ -16,7 +16,7 @@ from evoxtral_stream.events import (
     StreamStarted,
     TagMark,
 )
-from evoxtral_stream.server.broadcast import ENDS_REMEMBERED, Broadcaster
+from evoxtral_stream.server.broadcast import ENDS_REMEMBERED, Broadcaster, ResumeWindow
 from evoxtral_stream.server.protocol import (
     MAX_LOST_S,
     EndOfStream,
@@ -371,3 +371,30 @@ def test_an_error_message_holding_a_lone_surrogate_is_sent_as_text() -> None:
     line = encode_event(event)
     line.encode("utf-8")
     assert json.loads(line)["message"] == "OSError: /models/caf\ufffd"
+
+
+def test_a_resume_window_coalesces_partials_in_publish_order_and_refuses_past_its_limit(
+        ) -> None:
+    """While a resume reads the journal its live events wait in a window: a
+    later partial of a segment, or its final, replaces the earlier and takes
+    its place at the end (order and each stream's seqs kept); a reused id's
+    new run does not replace the old run's partial; the event past the limit
+    is refused, and every one after it."""
+
+    def cap(stream: str, segment: int, seq: int, final: bool = False) -> CaptionEvent:
+        return CaptionEvent(**{**CAPTION.__dict__, "stream": stream, "segment": segment,
+                               "seq": seq, "final": final})
+
+    window = ResumeWindow(5)
+    for event in (cap("a", 0, 1), cap("b", 0, 1), cap("a", 0, 2), StreamEnded("b", 1.0, 1, 1),
+                  StreamStarted("b", "b"), cap("b", 0, 3), cap("a", 0, 3, final=True)):
+        assert window.add(event, encode_event(event))
+    assert [(m["type"], m.get("stream"), m.get("seq")) for m in map(
+        json.loads, window.messages())] == [
+        ("caption", "b", 1), ("stream.ended", "b", None), ("stream.started", "b", None),
+        ("caption", "b", 3), ("caption", "a", 3)]
+    # Full: a partial replacing another still fits, a new event does not.
+    assert window.add(cap("b", 0, 4), "b4") and len(window) == 5
+    assert not window.add(cap("a", 1, 4), "a4") and window.full
+    assert not window.add(cap("b", 0, 5), "b5")
+    assert window.messages()[-1] == "b4"

@@ -281,7 +281,8 @@ class CaptionServer:
         self.broadcaster = Broadcaster(cfg.subscriber_queue, encode_event,
                                        history=cfg.history,
                                        history_streams=cfg.history_streams,
-                                       last_seq=engine.last_seq)
+                                       last_seq=engine.last_seq,
+                                       resume_window=cfg.resume_window)
         self.metrics = Metrics(engine, self.broadcaster)
         self._server: Server | None = None
         # Per prefix ("ingest", "realtime"): the next N of an unnamed stream.
@@ -652,6 +653,11 @@ class CaptionServer:
         for message in sub.backlog:
             await ws.send(message)
         sub.backlog = []
+        if sub.cut:
+            # Its resume window overflowed: the live events after it were
+            # not kept, so it resumes from what it got.
+            sub.overflowed.set()
+            return
         while True:
             message = await sub.queue.get()
             await ws.send(message)
@@ -672,17 +678,18 @@ class CaptionServer:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         if sub.overflowed.is_set():
-            await self._close_slow(ws)
+            await self._close_slow(ws, sub.close_reason)
             return
         for t in done:
             exc = None if t.cancelled() else t.exception()
             if exc is not None and not isinstance(exc, ConnectionClosed):
                 log.error("subscriber relay failed: %r", exc)
 
-    async def _close_slow(self, ws: ServerConnection) -> None:
-        log.warning("closing slow subscriber %s", ws.remote_address)
+    async def _close_slow(self, ws: ServerConnection,
+                          reason: str = "subscriber too slow") -> None:
+        log.warning("closing slow subscriber %s (%s)", ws.remote_address, reason)
         try:
-            await asyncio.wait_for(ws.close(CLOSE_TOO_SLOW, "subscriber too slow"), 3)
+            await asyncio.wait_for(ws.close(CLOSE_TOO_SLOW, reason), 3)
         except (TimeoutError, ConnectionClosed):
             pass
         finally:

@@ -4,7 +4,12 @@ Overflow policy: :meth:`Broadcaster.publish` never waits. When a
 subscriber's queue is full the subscriber is marked overflowed and removed;
 its relay task then closes the connection (close code 1013, "subscriber too
 slow"). Other subscribers are unaffected. Each event is encoded once,
-whatever the number of subscribers.
+whatever the number of subscribers. While :meth:`Broadcaster.resume` reads
+the source, the subscriber's live events wait in a :class:`ResumeWindow`
+instead (the read is not the subscriber being slow), partials coalesced; one
+past its ``resume_window`` events drops the subscriber too, which is sent
+the backlog and what the window held, then closed with 1013 ("too many
+events during the resume").
 
 Resume: the last ``history`` caption events of each stream are kept (for at
 most ``history_streams`` streams, the least recently active forgotten first),
@@ -67,8 +72,8 @@ from ..engine.engine import SEQ_REMEMBERED
 from ..events import CaptionEvent, EngineEvent, StreamEnded, StreamStarted
 from .protocol import encode_message
 
-__all__ = ["ENDS_REMEMBERED", "Broadcaster", "HistorySource", "SourceRecord", "SourceReplay",
-           "Subscription"]
+__all__ = ["ENDS_REMEMBERED", "RESUME_WINDOW", "Broadcaster", "HistorySource",
+           "ResumeWindow", "SourceRecord", "SourceReplay", "Subscription"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +82,8 @@ log = logging.getLogger(__name__)
 #: as many as the engine keeps the last seqs of, so the resume that can name
 #: what such a stream's subscriber missed can also say that it ended.
 ENDS_REMEMBERED = SEQ_REMEMBERED
+#: The default of ``resume_window`` (``server.resume_window``).
+RESUME_WINDOW = 1024
 # How often a flush looks again for subscriptions that went away or whose
 # backlog (not in the queue) was sent.
 _FLUSH_POLL_S = 0.05
@@ -121,6 +128,8 @@ class Subscription:
 
     The relay sends ``backlog`` first, then ``queue`` items, calling
     ``queue.task_done()`` after each send so ``queue.join()`` means "all sent".
+    When ``cut`` (its resume window overflowed) it closes as too slow right
+    after the backlog, with ``close_reason``, instead of going on.
     """
 
     def __init__(self, streams: frozenset[str] | None, maxsize: int,
@@ -129,9 +138,64 @@ class Subscription:
         self.queue: asyncio.Queue[str] = asyncio.Queue(maxsize)
         self.backlog = backlog
         self.overflowed = asyncio.Event()
+        # While a resume reads the source: the live events meanwhile.
+        self.window: ResumeWindow | None = None
+        self.cut = False
+        self.close_reason = "subscriber too slow"
 
     def wants(self, stream: str) -> bool:
         return self.streams is None or stream in self.streams
+
+
+class ResumeWindow:
+    """The live events of one subscription while its resume reads the source.
+
+    They wait here, not in the subscriber's queue, so the time the read takes
+    is not counted as the subscriber being slow. Partials are coalesced: a
+    later partial of the same stream and segment, or its final, replaces the
+    earlier (the later one takes its place at the end, so what is kept is in
+    publish order, each stream's seqs increasing). At most ``limit`` events
+    are kept; the one past that is refused (:meth:`add` returns False) and the
+    window takes nothing more: the subscriber gets what it holds, then a 1013,
+    and resumes from there.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._held: dict[int, str] = {}     # in publish order (dicts keep it)
+        self._partial: dict[tuple[str, int], int] = {}  # the open segment's key in _held
+        self._next = 0
+        self.full = False
+
+    def add(self, event: EngineEvent, message: str) -> bool:
+        """Hold ``event`` (encoded as ``message``); False once full."""
+        if self.full:
+            return False
+        if isinstance(event, CaptionEvent):
+            # Superseded: a later partial of the segment, or its final, says
+            # all the earlier one did.
+            earlier = self._partial.pop((event.stream, event.segment), None)
+            if earlier is not None:
+                del self._held[earlier]
+        elif isinstance(event, StreamStarted | StreamEnded):
+            # A reused id numbers its segments from 0 again: a partial of
+            # the old run must not be replaced by one of the new.
+            for key in [k for k in self._partial if k[0] == event.stream]:
+                del self._partial[key]
+        if len(self._held) >= self._limit:
+            self.full = True
+            return False
+        self._held[self._next] = message
+        if isinstance(event, CaptionEvent) and not event.final:
+            self._partial[(event.stream, event.segment)] = self._next
+        self._next += 1
+        return True
+
+    def messages(self) -> list[str]:
+        return list(self._held.values())
+
+    def __len__(self) -> int:
+        return len(self._held)
 
 
 @dataclass(frozen=True)
@@ -162,8 +226,10 @@ class Broadcaster:
         history_streams: int = 64,
         source: HistorySource | None = None,
         last_seq: Callable[[str], int] | None = None,
+        resume_window: int = RESUME_WINDOW,
     ) -> None:
         self._queue_size = queue_size
+        self._resume_window = resume_window
         self._encode = encode
         self._history = history
         self._history_streams = history_streams
@@ -215,20 +281,35 @@ class Broadcaster:
         before it: the source is asked only for seqs given before the call
         (the newer ones are live events), and its end of a stream is used
         only when the stream was neither live nor ended in this run at the
-        call and has not started since (else its own events say it).
+        call and has not started since (else its own events say it). The
+        live events during the read end the backlog, held in a
+        :class:`ResumeWindow` of ``resume_window`` events; when they did not
+        fit, the subscription is ``cut``: it was already dropped (counted in
+        :attr:`dropped_subscribers`) and closes after its backlog.
         """
         plan = self._plan(since or {}, renumbered)
         sub = Subscription(None if streams is None else frozenset(streams), self._queue_size,
                            [])
         self._subs.add(sub)
         reads = [r for r in plan if isinstance(r, _Read)]
+        if not reads:
+            sub.backlog = self._compose(plan, [])
+            return sub
+        # The live events until the read is done wait in the window, not in
+        # the queue: the read's time is not the subscriber being slow.
+        window = sub.window = ResumeWindow(self._resume_window)
         try:
-            found = await asyncio.to_thread(lambda: [self._read(r) for r in reads]) \
-                if reads else []
+            found = await asyncio.to_thread(lambda: [self._read(r) for r in reads])
         except BaseException:
             self._subs.discard(sub)
             raise
-        sub.backlog = self._compose(plan, found)
+        finally:
+            sub.window = None
+        sub.backlog = [*self._compose(plan, found), *window.messages()]
+        if window.full:
+            log.warning("%d live events came while a resume read the journal "
+                        "(server.resume_window); the subscriber gets them, then 1013",
+                        len(window))
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -276,7 +357,8 @@ class Broadcaster:
                 # A subscription or outbox gone meanwhile (its peer left)
                 # never joins.
                 behind = [j for sub, j in joins.items()
-                          if sub in self._subs and (not j.done() or sub.backlog)]
+                          if sub in self._subs and (not j.done() or sub.backlog
+                                                    or sub.window is not None)]
                 behind += [j for q, j in outboxes.items()
                            if q in self._outboxes and not j.done()]
                 left = deadline - loop.time()
@@ -460,6 +542,15 @@ class Broadcaster:
                 continue
             if message is None:
                 message = self._encode(event)
+            if sub.window is not None:
+                if not sub.window.add(event, message):
+                    # Sent what it holds, then closed: the client resumes
+                    # after the last seq it got, and misses nothing.
+                    self._subs.discard(sub)
+                    sub.cut = True
+                    sub.close_reason = "too many events during the resume"
+                    self.dropped_subscribers += 1
+                continue
             try:
                 sub.queue.put_nowait(message)
             except asyncio.QueueFull:
