@@ -214,7 +214,8 @@ class _StatsCollector(Collector):
                                     value=float(b.subscribers))
             yield CounterMetricFamily("evoxtral_subscribers_dropped",
                                       "Subscribers (ingest connections included) "
-                                      "disconnected for being too slow.",
+                                      "disconnected for being too slow, or for too many "
+                                      "live events while their resume read the journal.",
                                       value=float(b.dropped_subscribers))
             # Not in evoxtral_subscribers: a session reads the engine itself,
             # in another protocol, and is an ingest stream too.
