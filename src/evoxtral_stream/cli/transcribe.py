@@ -184,8 +184,7 @@ def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
                 jsonl.close()
     jsonl, subtitles = opened[0]
     elapsed = time.monotonic() - loop_start
-    failures = [*subtitles.errors,
-                *([(jsonl.path, jsonl.error)] if jsonl is not None and jsonl.error else [])]
+    failures = _output_failures(jsonl, subtitles)
     # An output into stdout whose reader left (| head) is no error either.
     output_left = [f for f in failures if stdout_closed(*f)]
     failed = next((f for f in failures if f not in output_left), None)
@@ -231,15 +230,26 @@ def _outputs_on_stdout(args: argparse.Namespace, streams: Sequence[str]) -> list
     return [is_stdout(path) for path in paths]
 
 
+def _output_failures(jsonl: JsonlFile | None,
+                     subtitles: SubtitleFiles) -> list[tuple[Path, OSError]]:
+    """Each output file that failed (its path and error), subtitles first."""
+    return [*subtitles.errors,
+            *([(jsonl.path, jsonl.error)] if jsonl is not None and jsonl.error else [])]
+
+
 def _on_output_left(jsonl: JsonlFile | None, subtitles: SubtitleFiles,
                     on_closed: Callable[[], None]) -> Callable[[EngineEvent], None]:
     """A listener, after the outputs', that calls ``on_closed`` once one of
     them failed because stdout's reader left (:func:`stdout_closed`)."""
+    seen = 0  # failures when last looked at: stat'ed when one is added, not at every event
+
     def listener(event: EngineEvent) -> None:
-        failed = [*subtitles.errors,
-                  *([(jsonl.path, jsonl.error)] if jsonl is not None and jsonl.error else [])]
-        if any(stdout_closed(*f) for f in failed):
-            on_closed()
+        nonlocal seen
+        failed = _output_failures(jsonl, subtitles)
+        if len(failed) != seen:
+            seen = len(failed)
+            if any(stdout_closed(*f) for f in failed):
+                on_closed()
     return listener
 
 
