@@ -492,16 +492,7 @@ async def test_a_resume_from_the_journal_lets_other_clients_be_served_meanwhile(
     while that read is held, another subscriber gets its hello; the resume
     then gets the journal's finals and the stream's end."""
     cfg = config(**{"journal.enabled": True, "journal.dir": str(tmp_path / "j")})
-    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
-    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
-            CaptionServer(engine, cfg.server) as server:
-        await ingest(server.port, "talk", {"sample_rate": 16000},
-                     audio.astype("<i2").tobytes())
-    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
-            CaptionServer(engine, cfg.server) as server:
-        assert server.broadcaster.source is not None
-        gated = server.broadcaster.source = GatedSource(server.broadcaster.source)
-        url = f"ws://127.0.0.1:{server.port}/v1/captions"
+    async with _restarted_with_held_journal(cfg) as (_, gated, url):
         async with connect(f"{url}?since=talk:0") as resumed:
             assert await asyncio.to_thread(gated.entered.wait, 10)
             async with connect(url) as other:
@@ -522,13 +513,23 @@ def _live(stream: str, segment: int, seq: int, final: bool) -> CaptionEvent:
                         end=segment + 1.0, latency=0.1)
 
 
-async def _journaled_restart(cfg: Config) -> None:
-    """Leave a journal of the stream ``talk`` (ended) behind in ``cfg``'s folder."""
+@contextlib.asynccontextmanager
+async def _restarted_with_held_journal(
+        cfg: Config, *gate: int) -> AsyncIterator[tuple[CaptionServer, GatedSource, str]]:
+    """A first run leaves a journal of the stream ``talk`` (ended) in
+    ``cfg``'s folder; then a server restarted on it, whose journal reads wait
+    for :class:`GatedSource` (``gate``: its arguments after the source).
+    Yields the server, the gate and the captions URL."""
     audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
     async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
             CaptionServer(engine, cfg.server) as server:
         await ingest(server.port, "talk", {"sample_rate": 16000},
                      audio.astype("<i2").tobytes())
+    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        assert server.broadcaster.source is not None
+        gated = server.broadcaster.source = GatedSource(server.broadcaster.source, *gate)
+        yield server, gated, f"ws://127.0.0.1:{server.port}/v1/captions"
 
 
 async def test_live_events_during_a_journal_read_do_not_drop_the_resume_as_too_slow(
@@ -543,12 +544,7 @@ async def test_live_events_during_a_journal_read_do_not_drop_the_resume_as_too_s
     partial, in order, and stays connected."""
     cfg = config(**{"journal.enabled": True, "journal.dir": str(tmp_path / "j"),
                     "server.subscriber_queue": 8})
-    await _journaled_restart(cfg)
-    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
-            CaptionServer(engine, cfg.server) as server:
-        assert server.broadcaster.source is not None
-        gated = server.broadcaster.source = GatedSource(server.broadcaster.source, 10)
-        url = f"ws://127.0.0.1:{server.port}/v1/captions"
+    async with _restarted_with_held_journal(cfg, 10) as (server, gated, url):
         async with connect(f"{url}?since=talk:0") as resumed:
             assert await asyncio.to_thread(gated.entered.wait, 10)
             # 5 segments of 20 partials and a final, then 20 partials of a
@@ -585,12 +581,7 @@ async def test_a_resume_window_that_overflows_sends_what_it_holds_then_1013(
     none missing."""
     cfg = config(**{"journal.enabled": True, "journal.dir": str(tmp_path / "j"),
                     "server.subscriber_queue": 8, "server.resume_window": 4})
-    await _journaled_restart(cfg)
-    async with Engine(cfg, ScriptedBackend(words_so_far)) as engine, \
-            CaptionServer(engine, cfg.server) as server:
-        assert server.broadcaster.source is not None
-        gated = server.broadcaster.source = GatedSource(server.broadcaster.source, 10)
-        url = f"ws://127.0.0.1:{server.port}/v1/captions"
+    async with _restarted_with_held_journal(cfg, 10) as (server, gated, url):
         async with connect(f"{url}?since=talk:0") as resumed:
             assert await asyncio.to_thread(gated.entered.wait, 10)
             seq, finals = 0, []
