@@ -538,6 +538,8 @@ def _sounds_agree(prev: Sequence[Token], pw: Sequence[int], o: int,
 def tag_marks(tokens: Sequence[Token], start: float, end: float) -> tuple[TagMark, ...]:
     """Structured tags of a segment's tokens: the index of the plain-text word
     each precedes and a time interpolated linearly over ``start..end``."""
+    if not any(tok.is_tag for tok in tokens):
+        return ()  # most captions: no plain text to render and split for indexes
     n = word_count(tokens)
     indexes = iter(tag_word_indexes(tokens))
     marks: list[TagMark] = []
