@@ -186,6 +186,11 @@ def test_outputs_that_cannot_be_written_are_refused_before_decoding(tmp_path: Pa
     # Several files need a folder, and a file is in the way.
     one_error_line(cli("transcribe", str(a), str(b), "--srt", str(taken)),
                    f"--srt {taken}: cannot make that folder")
+    # Nor can standard output ("-" is /dev/stdout) take them: said so.
+    for where in ("-", "/dev/stdout"):
+        one_error_line(cli("transcribe", str(a), str(b), "--vtt", where),
+                       "--vtt /dev/stdout: standard output takes one file, and the 2 streams "
+                       "need one each: name a folder")
     one_error_line(cli("transcribe", str(a), "--vtt", str(tmp_path / "no" / "a.vtt")),
                    "--vtt", "does not exist")
     # Two outputs onto one file: the VTT used to overwrite the SRT unsaid.
@@ -2424,21 +2429,25 @@ sys.exit(cli_module.main(["transcribe", str(wav), *sys.argv[2:], "-q"]))
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+@pytest.mark.parametrize("target", ["/dev/stdout", "-"])
 @pytest.mark.parametrize("flag", ["--srt", "--vtt", "--jsonl"])
-def test_srt_to_dev_stdout_into_a_pipe_is_written_in_place(tmp_path: Path, flag: str) -> None:
+def test_srt_to_dev_stdout_into_a_pipe_is_written_in_place(tmp_path: Path, flag: str,
+                                                           target: str) -> None:
     """README: "a target that is a FIFO or a device, such as /dev/stdout, is
     written in place". With stdout a pipe (| less, | tee), /dev/stdout is a
     link to /proc/PID/fd/pipe:[N], which realpath cannot follow: part_path
     made /proc/PID/fd/pipe:[N].part, and transcribe failed with exit 2.
     And stdout holds that output only: the caption lines were printed into
-    it too, between the cues (an SRT no player reads, JSON lines no parser)."""
+    it too, between the cues (an SRT no player reads, JSON lines no parser).
+    ``-`` is stdout, as it is stdin for the audio (it made a file named -)."""
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run(
-        [sys.executable, "-c", _SRT_TO_STDOUT, str(tmp_path / "a.wav"), flag, "/dev/stdout"],
-        capture_output=True, text=True, timeout=120, cwd=root,
+        [sys.executable, "-c", _SRT_TO_STDOUT, str(tmp_path / "a.wav"), flag, target],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
         env={**os.environ, "HF_HUB_OFFLINE": "1",
              "PYTHONPATH": f"{root / 'src'}:{root}"})
     assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "-").exists()
     assert "w0 w1" in proc.stdout, proc.stdout
     if flag == "--jsonl":
         assert all(json.loads(line) for line in proc.stdout.splitlines()), proc.stdout

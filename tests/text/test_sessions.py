@@ -8,6 +8,8 @@ import errno
 import json
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import BinaryIO
 
@@ -477,3 +479,34 @@ def test_subtitles_cut_short_by_a_full_disk_leave_the_old_files_whole(
                  "--vtt", str(vtt)]) == 0
     assert srt.read_text().count(" --> ") == 6 and vtt.read_text().startswith("WEBVTT")
     assert text.read_text().startswith("sentence number 0 of the talk")
+
+
+def _subtitles_process(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, "-m", "evoxtral_stream", "subtitles", *args],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(root / "src")})
+
+
+@pytest.mark.parametrize("flag", ["--srt", "--vtt", "--text"])
+def test_subtitles_to_dash_go_to_stdout(tmp_path: Path, flag: str) -> None:
+    """``subtitles events.jsonl --srt -`` writes the subtitles to stdout, as
+    ``-`` for the audio is stdin (it wrote a file named ``-``); several
+    sessions, which need a folder, are refused in one line before any is
+    written."""
+    events = [caption_to_dict(final("talk", 0, 1, "Hello there.")),
+              caption_to_dict(final("talk", 1, 2, "Bye."))]
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in events))
+    proc = _subtitles_process(tmp_path, str(path), flag, "-")
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "-").exists()
+    assert "Hello there." in proc.stdout and "Bye." in proc.stdout
+    assert (" --> " in proc.stdout) == (flag != "--text"), proc.stdout
+    with path.open("a") as f:
+        f.write(json.dumps(caption_to_dict(final("desk", 0, 1, "Other."))) + "\n")
+    proc = _subtitles_process(tmp_path, str(path), flag, "-")
+    errors = [ln for ln in proc.stderr.splitlines() if "error" in ln]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert "standard output" in errors[0] and "2 sessions" in errors[0], errors
+    assert proc.stdout == "" and not (tmp_path / "-").exists()

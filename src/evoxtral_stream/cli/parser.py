@@ -16,7 +16,14 @@ from ..server.auth import redact_tokens
 from ..startup import asked_log_format
 from .exits import EXIT_USAGE
 from .messages import _fail, _setup_logging
+from .results import STDOUT_PATH
 from .streams import _stream_id_arg
+
+
+def _output_arg(raw: str) -> str:
+    """An output's PATH as given (a string: Path drops the trailing "/" that
+    says "a folder"), ``-`` being standard output."""
+    return STDOUT_PATH if raw == "-" else raw
 
 
 class _UsageError(Exception):
@@ -144,13 +151,13 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--partials", action="store_true",
                     help="print partials too when not on a terminal")
     # Strings, not Paths: Path drops the trailing "/" that says "a folder".
-    tr.add_argument("--srt", metavar="PATH",
-                    help="write SRT (a folder for several streams: files, or channels split; "
-                         "or when PATH ends with /)")
-    tr.add_argument("--vtt", metavar="PATH", help="write WebVTT (likewise)")
-    tr.add_argument("--jsonl", metavar="PATH",
-                    help="write every event of every stream to one file, as JSON lines "
-                         "(protocol v1 messages)")
+    tr.add_argument("--srt", metavar="PATH", type=_output_arg,
+                    help="write SRT ('-': standard output; a folder for several streams: "
+                         "files, or channels split; or when PATH ends with /)")
+    tr.add_argument("--vtt", metavar="PATH", type=_output_arg, help="write WebVTT (likewise)")
+    tr.add_argument("--jsonl", metavar="PATH", type=_output_arg,
+                    help="write every event of every stream to one file ('-': standard "
+                         "output), as JSON lines (protocol v1 messages)")
     tr.add_argument("--serve", action="store_true",
                     help="also serve the captions over WebSocket while transcribing")
     tr.add_argument("--host", help="override server.host (with --serve)")
@@ -169,10 +176,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="a JSON-lines file, or a folder of them (the journal's)")
     st.add_argument("--stream", dest="streams", action="append", metavar="ID",
                     help="only this stream (repeatable; default: every stream)")
-    st.add_argument("--srt", metavar="PATH",
-                    help="write SRT (a folder for several sessions, or when PATH ends with /)")
-    st.add_argument("--vtt", metavar="PATH", help="write WebVTT (likewise)")
-    st.add_argument("--text", metavar="PATH", help="write running text (likewise)")
+    st.add_argument("--srt", metavar="PATH", type=_output_arg,
+                    help="write SRT ('-': standard output; a folder for several sessions, "
+                         "or when PATH ends with /)")
+    st.add_argument("--vtt", metavar="PATH", type=_output_arg, help="write WebVTT (likewise)")
+    st.add_argument("--text", metavar="PATH", type=_output_arg,
+                    help="write running text (likewise)")
 
     ev = sub.add_parser("eval", parents=[common],
                         help="score the engine on a manifest (WER, tag F1, emphasis F1)",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import Config
-from ..outputs import part_path, write_file
+from ..outputs import is_stdout, part_path, write_file
 from ..text.formats import CueLayout
 from .messages import UserError
 
@@ -23,6 +23,12 @@ _SUFFIXES = {"--srt": ".srt", "--vtt": ".vtt", "--text": ".txt"}
 
 def _output_path(target: Path, stream: str, suffix: str, many: bool) -> Path:
     return target / f"{stream}{suffix}" if many or target.is_dir() else target
+
+
+# ``-`` for an output is standard output, as it is standard input for the
+# audio (parser._output_arg); the outputs' code knows /dev/stdout already
+# (written in place, no caption printed between its lines).
+STDOUT_PATH = "/dev/stdout"
 
 
 def _prepare_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence[Path],
@@ -57,6 +63,12 @@ def _check_outputs(outputs: Sequence[tuple[str, str | None]], inputs: Sequence[P
             raise UserError(f"{flag} needs a file or folder name, got an empty one")
         target = Path(raw)
         folder = _is_dir(target, flag) or raw.endswith(("/", os.sep))
+        on_stdout = raw == STDOUT_PATH or is_stdout(target)
+        if flag != "--jsonl" and many and not folder and on_stdout:
+            # mkdir would say "File exists": the files need a folder.
+            each = "sessions" if inputs_are == "recordings" else "streams"
+            raise UserError(f"{flag} {raw}: standard output takes one file, and the "
+                            f"{len(streams)} {each} need one each: name a folder")
         if flag != "--jsonl" and (many or folder):
             # lexists: a link is the user's, even one to nothing.
             made += itertools.takewhile(lambda p: not os.path.lexists(p),
