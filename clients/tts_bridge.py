@@ -35,8 +35,9 @@ Two synthesisers (in ``tts_synth.py``; the tags -> prosody mapping, pure, in
   (``[laughs]``, ``[sighs]``, ``[clears throat]``, ...) -> a short break
   (after punctuation, on top of the punctuation's own pause; a sentence
   end keeps its pause where the voice changes);
-  other tags are dropped, but bracketed text holding a digit (``[2]``) is
-  read out; a word in capitals (``YES``) is said in lower case with
+  other tags are dropped; bracketed text holding a digit (``[2]``) is no
+  tag but text (the tokenizer's rule, the server's too), read out without
+  its brackets; a word in capitals (``YES``) is said in lower case with
   emphasis, not spelled out. ``to_ssml`` writes SSML for ``espeak-ng -m``
   (``<prosody>``, ``<emphasis>``, ``<break>``, ``<voice name="en+whisper">``),
   one espeak-ng run per caption;

@@ -7,9 +7,10 @@ higher, ``[sad]`` -> slower and lower, ``[calm]`` -> slower,
 sentence ends or a tag of the same kind replaces them); ``[pause]`` and its
 kin -> a break, any non-verbal tag (``[laughs]``, ``[sighs]``, ...) -> a short
 break; other tags are dropped (tables: :data:`EMOTION_PROSODY`,
-:data:`DELIVERY_PROSODY`, :data:`PAUSE_MS`, :data:`NONVERBAL_PAUSE_MS`), but
-bracketed text holding a digit (``[2]``) is read out (:func:`spoken_bracket`;
-:func:`elevenlabs_text` gives ElevenLabs v3 the same text without its brackets).
+:data:`DELIVERY_PROSODY`, :data:`PAUSE_MS`, :data:`NONVERBAL_PAUSE_MS`).
+Bracketed text holding a digit (``[2]``, ``[1990s]``) is no tag to the
+tokenizer but text, read out like any (:func:`elevenlabs_text` gives
+ElevenLabs v3 the same text without its brackets).
 :func:`to_ssml` writes SSML for ``espeak-ng -m`` (a break after punctuation
 adds to the punctuation's own pause, and punctuation before a tag keeps its
 pause); :func:`edge_pauses` splits off the
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import re
 import types
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from xml.sax.saxutils import escape, quoteattr
 
@@ -39,7 +40,6 @@ __all__ = [
     "edge_pauses",
     "elevenlabs_text",
     "plan_speech",
-    "spoken_bracket",
     "to_ssml",
     "whisper_voice",
 ]
@@ -121,7 +121,9 @@ def _style(carry: Carry) -> Prosody:
     return style
 
 
-_STRAY_MARKS = frozenset("[]()*")
+# Brackets (fullwidth ones too: the tokenizer's) and asterisks: of a
+# malformed tag, or around a number ("[2]", which the tokenizer leaves as text).
+_STRAY_MARKS = frozenset("[]［］()*")
 
 
 def _unspoken(c: str) -> bool:
@@ -137,42 +139,22 @@ def _in_capitals(word: str) -> bool:
     return word.isupper() and sum(c.isalpha() for c in word) >= 2
 
 
-def spoken_bracket(tok: Token) -> bool:
-    """Whether a tag token is bracketed content to read out, not a tag: an
-    unknown (square-bracketed) one holding a digit (``[2]``, ``[1990s]``,
-    ``[9:30]``). Bracketed letters alone (``[sic]``, ``[INAUDIBLE]``) stay a
-    tag: ElevenLabs v3 performs any bracketed words, and captions write
-    sound descriptions so, in capitals too."""
-    return tok.is_tag and not tok.known and any(c.isdecimal() for c in tok.text)
-
-
-def _read_brackets(tokens: Iterable[Token]) -> Iterator[Token]:
-    """``tokens`` with each :func:`spoken_bracket` as its inner tokens between
-    bracket marks (which :func:`plan_speech` speaks as spaces)."""
-    for tok in tokens:
-        if spoken_bracket(tok):
-            yield Token(TokenKind.PUNCT, "[", space_before=tok.space_before)
-            yield from tokenize(tok.text[1:-1])
-            yield Token(TokenKind.PUNCT, "]")
-        else:
-            yield tok
-
-
 # A bracketed span as the tokenizer's own: no bracket inside.
-_BRACKETED = re.compile(r"\[[^\[\]]*\]")
+_BRACKETED = re.compile(r"[\[［][^\[\]［］]*[\]］]")
 
 
 def elevenlabs_text(tagged: str) -> str:
     """``tagged`` as ElevenLabs v3 is given it. Pure.
 
     v3 takes any bracketed text as a direction for the voice, not words to
-    say, so each :func:`spoken_bracket` (``[2]``, ``[1990s]``) goes without
-    its brackets, with a space where one met a word (``page[12].`` ->
-    ``page 12.``), as :func:`plan_speech` reads it, and brackets that then
-    hold a digit too (``[a[2]b]`` -> ``a 2 b``); a tag inside is written as
-    v3's (``[(laughs) 3]`` -> ``[laughs] 3``). Everything else is
-    left as it is: tags, their variants, and bracketed words (``[sic]``,
-    ``[INAUDIBLE]``, a sound description), which v3 takes as a direction.
+    say, so brackets that hold words yet make no tag to the tokenizer
+    (they hold a digit: ``[2]``, ``[1990s]``) go, with a space where one
+    met a word (``page[12].`` -> ``page 12.``), as :func:`plan_speech`
+    reads it, and brackets that then hold a digit too (``[a[2]b]`` ->
+    ``a 2 b``); a tag inside is written as v3's (``[(laughs) 3]`` ->
+    ``[laughs] 3``). Everything else is left as it is: tags, their
+    variants, bracketed words (``[sic]``, ``[INAUDIBLE]``, a sound
+    description), which v3 takes as a direction, and empty brackets.
     """
     while True:  # until nothing changes (a round takes a pair of brackets away)
         sent = _unbracket_once(tagged)
@@ -182,17 +164,17 @@ def elevenlabs_text(tagged: str) -> str:
 
 
 def _unbracket_once(tagged: str) -> str:
-    """:func:`elevenlabs_text`'s one round: the spoken brackets found now.
+    """:func:`elevenlabs_text`'s one round: the brackets of text found now.
     Brackets around one left out (``[a[2]b]``) may hold a digit themselves
     after it: the next round takes them."""
     out: list[str] = []
     pos = 0
     for m in _BRACKETED.finditer(tagged):
         toks = tokenize(m.group())
-        if not (len(toks) == 1 and spoken_bracket(toks[0])):
-            continue
+        if toks[0].is_tag or not any(t.is_word for t in toks):
+            continue  # a tag (a direction), or empty brackets
         out.append(tagged[pos:m.start()])
-        said = render(tokenize(toks[0].text[1:-1]))
+        said = render(tokenize(m.group()[1:-1]))
         # A space where the bracket kept two words apart (page[12], [2][3], x&[2]).
         if _glued("".join(out), said):
             out.append(" ")
@@ -218,8 +200,9 @@ def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
     a tag of the same kind replaces them or the sentence ends (the
     :class:`~evoxtral_stream.text.tags.Carry` rule); both apply together.
     Pause tags become :data:`PAUSE_MS` silences, non-verbal tags a
-    :data:`NONVERBAL_PAUSE_MS` one; unknown and unmapped tags are dropped,
-    but bracketed text holding a digit is read out (:func:`spoken_bracket`).
+    :data:`NONVERBAL_PAUSE_MS` one; unknown and unmapped tags are dropped.
+    Bracketed text holding a digit (``[2]``) is no tag: its words are read
+    out, its brackets are not, as any stray bracket.
     Consecutive words of one prosody form one :class:`Speak`; a span of
     punctuation alone is dropped. Control characters, espeak-ng markup (NUL
     ends its input), are whitespace to the tokenizer; lone surrogates (U+FFFD
@@ -247,7 +230,7 @@ def plan_speech(tagged: str) -> tuple[SpeechItem, ...]:
     # render(tags=False) does ("so [nervous]I" -> "so I"); a bracket left out
     # is a space (espeak-ng pauses there): "me (maybe)" must not become "memaybe".
     space = False
-    for tok in _read_brackets(tokenize(tagged)):
+    for tok in tokenize(tagged):
         after = False  # a bracket left out at the end of this token
         if tok.is_tag:
             assert tok.tag is not None

@@ -45,7 +45,7 @@ from evoxtral_stream.server.protocol import (
     resume_since,
 )
 from evoxtral_stream.server.protocol import parse_since as parse_since_values
-from evoxtral_stream.text.tags import lookup_tag, normalize_tag_name
+from evoxtral_stream.text.tags import holds_digit, lookup_tag, normalize_tag_name
 
 __all__ = [
     "KIND_COLORS",
@@ -121,8 +121,8 @@ def _pieces(text: str, kinds: Mapping[str, str], unstable: bool) -> list[_Piece]
     out: list[_Piece] = []
     pos = 0
     for m in _TAG.finditer(text):
-        if not m.group(1).strip():
-            continue
+        if not m.group(1).strip() or holds_digit(m.group(1)):
+            continue  # no tag: blank, or a number ("[1]", "array[0]") that is text
         if m.start() > pos:
             out.append((text[pos:m.start()], plain))
         colour = KIND_COLORS.get(_kind(m.group(1), kinds), KIND_COLORS["unknown"])

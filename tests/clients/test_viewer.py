@@ -92,6 +92,18 @@ def test_final_is_all_stable_and_kinds_fall_back_to_the_tag_set() -> None:
     assert "\x1b[2m" not in line.split("]\x1b[0m ", 1)[1]  # nothing dim after the time
 
 
+def test_brackets_holding_a_digit_are_plain_text_not_a_coloured_tag() -> None:
+    """Square brackets holding a digit are text, not a tag (docs/protocol.md):
+    the viewer coloured "[1]" and "array[0]" as unknown tags."""
+    text = "see [1] array[0] [laughs]"
+    line = render_event({**FINAL, "text": text, "stable": text, "plain_text": "see [1] array[0]",
+                         "tags": [{"tag": "laughs", "kind": "non-verbal", "index": 3,
+                                   "t": 14.0, "known": True}]}, show_stream=False)
+    assert line is not None
+    assert line.endswith(
+        f"\x1b[0m see [1] array[0] \x1b[1;{KIND_COLORS['non-verbal']}m[laughs]\x1b[0m")
+
+
 def test_no_color_is_plain_text() -> None:
     assert render_event(PARTIAL, color=False) == (
         "mic [0:12.5 → 0:14.9] [nervous] So... I was thinking [laughs]")

@@ -242,6 +242,30 @@ async def test_tag_chips_take_the_server_s_tags_in_order_whatever_the_text_spell
         await page.close()
 
 
+async def test_brackets_holding_a_digit_are_text_on_the_page_not_a_chip(
+    browser: Browser, scripted: tuple[Engine, CaptionServer],
+) -> None:
+    """Square brackets holding a digit are text, not a tag (docs/protocol.md):
+    the page made a chip of every bracketed span, so "see [1] [sighing] now"
+    showed "[1]" as an outlined unknown tag, and "[sighing]", no longer lined
+    up with the caption's one tag, took its kind by name."""
+    _, server = scripted
+    page = await open_page(browser, server)
+    try:
+        text = "see [1] [sighing] now array[0] ［２］"
+        server.broadcaster.publish(CaptionEvent(
+            "talk", 0, 1, True, text, "see [1] now array[0] ［２］", text, "",
+            (TagMark("sighs", "non-verbal", 2, 0.0),), 0.0, 1.0, 0.1))
+        line = LINE.format(s="talk", n=0)
+        await page.wait_for(f"{line}.length === 1")
+        assert await page.evaluate(CHIPS.format(line=line)) == [
+            ["[sighing]", "non-verbal", False]]
+        assert (await page.evaluate(f"{line}[0].textContent")).endswith(text)
+        assert page.errors == []
+    finally:
+        await page.close()
+
+
 async def test_a_tag_spelled_as_an_alias_takes_its_kind_when_the_tags_do_not_line_up(
     browser: Browser, scripted: tuple[Engine, CaptionServer],
 ) -> None:

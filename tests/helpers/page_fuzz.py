@@ -49,7 +49,7 @@ from evoxtral_stream.events import (
 )
 from evoxtral_stream.server.broadcast import Broadcaster, Subscription
 from evoxtral_stream.server.protocol import encode_event, encode_hello, parse_epoch, parse_since
-from evoxtral_stream.text.tags import lookup_tag, normalize_tag_name
+from evoxtral_stream.text.tags import holds_digit, lookup_tag, normalize_tag_name
 
 __all__ = [
     "STREAM_IDS", "Drop", "Expected", "FuzzServer", "Publish", "Restart", "Step",
@@ -501,5 +501,5 @@ def _chips(msg: dict[str, Any]) -> list[tuple[str, str]]:
     order, each coloured by its ``kind`` (docs/protocol.md, clients/README.md)."""
     inner = [m.group(1).strip() for m in re.finditer(r"\[([^\[\]]*)\]", msg["text"])]
     return [(f"[{name}]", str(t["kind"])) for name, t in zip(
-        [n for n in inner if n], msg["tags"], strict=True)]
+        [n for n in inner if n and not holds_digit(n)], msg["tags"], strict=True)]
 

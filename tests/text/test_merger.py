@@ -872,3 +872,19 @@ def test_a_partial_cut_inside_a_square_bracket_tag_keeps_the_half_tag_out_of_pla
     assert one(f("So [clears throat] ok")).plain_text == "So ok"
     fin = one(f("So [clears", final=True))
     assert (fin.text, fin.plain_text) == ("So [clears", "So [clears")
+
+
+def test_a_partial_ending_in_an_open_bracket_holding_a_digit_shows_it() -> None:
+    """Square brackets holding a digit are text ("see [12]"), so a partial
+    cut at "see [12" is cut inside no tag: its plain text keeps "[12" and two
+    partials commit it, as any words. A bracket holding letters only is
+    still a tag being written, left out."""
+    f = Feed()
+    e = one(f("see note [12"))
+    assert (e.text, e.plain_text) == ("see note [12", "see note [12")
+    assert one(f("see note [12")).stable == "see note [12"
+    e = one(f("see note [12] here [laug"))
+    assert (e.stable, e.plain_text, e.tags) == ("see note [12", "see note [12] here", ())
+    fin = one(f("see note [12] here [laughs]", final=True))
+    assert (fin.text, fin.plain_text) == ("see note [12] here [laughs]", "see note [12] here")
+    assert [(m.tag, m.index) for m in fin.tags] == [("laughs", 4)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import pytest
 from hypothesis import example, given, settings
@@ -142,6 +143,54 @@ def test_wrappers_around_more_than_one_tag_stay_text() -> None:
     assert kinds("[b [laughs] c]") == [
         ("punct", "["), ("word", "b"), ("tag", "[laughs]"), ("word", "c"), ("punct", "]")]
     assert normalize("(see [laughs]) **bold** [(x) y]") == "(see [laughs]) **bold** [(x) y]"
+
+
+@pytest.mark.parametrize(("text", "plain"), [
+    ("see [1] now", "see [1] now"),  # a citation
+    ("see array[0] now", "see array[0] now"),  # glued to a word
+    ("in [2021] and at [10:30]", "in [2021] and at [10:30]"),
+    ("the [1990s] were", "the [1990s] were"),
+    ("at [2x speed] ok", "at [2x speed] ok"),
+    # A known tag with a digit typed in is no tag either: one rule.
+    ("he [laughs 2x] ok", "he [laughs 2x] ok"),
+    ("so [[1]] and ([1]) and [(1)] and *[1]* ok", "so [[1]] and ([1]) and [(1)] and *[1]* ok"),
+    ("\uff3b\uff11\uff3d ok", "\uff3b\uff11\uff3d ok"),  # fullwidth brackets and digit
+    ("[\u0663] ok", "[\u0663] ok"),  # an Arabic-Indic digit
+    ("note [\u00b9] ok", "note [\u00b9] ok"),  # a superscript: a digit once NFKC'd
+    ("page[12].", "page[12]."),
+])
+def test_square_brackets_holding_a_digit_are_text_not_a_tag(text: str, plain: str) -> None:
+    """A citation ("[1]"), an index ("array[0]"), a year or a time in
+    brackets were unknown tags: plain_text, what captions show, lost them
+    ("see array now"), and the TTS bridge needed a rule of its own to read
+    them. Square brackets whose inner text holds a digit are text now:
+    punctuation, the words inside, punctuation; no tag names a digit."""
+    toks = tokenize(text)
+    assert render(toks) == text
+    assert plain_text(text) == plain
+    assert not any(c.isdecimal() for t in toks if t.is_tag for c in f"{t.text}{t.tag}")
+    assert normalize(text) == text
+
+
+def test_a_bracketed_number_is_punctuation_and_words() -> None:
+    assert kinds("see [1] now") == [
+        ("word", "see"), ("punct", "["), ("word", "1"), ("punct", "]"), ("word", "now")]
+    assert kinds("array[0].") == [
+        ("word", "array"), ("punct", "["), ("word", "0"), ("punct", "]."), ]
+    assert kinds("[9:30 pm]") == [("punct", "["), ("word", "9:30"), ("word", "pm"), ("punct", "]")]
+    # A tag inside is still a tag.
+    assert kinds("[(laughs) 3]") == [
+        ("punct", "["), ("tag", "[laughs]"), ("word", "3"), ("punct", "]")]
+    assert plain_text("[(laughs) 3] go") == "[ 3] go"
+    # Bracketed letters alone stay a tag, known or not.
+    assert kinds("[sic] [laughs] [Dramatic Music]") == [
+        ("tag", "[sic]"), ("tag", "[laughs]"), ("tag", "[Dramatic Music]")]
+
+
+def test_words_inside_a_bracketed_number_count_for_the_tags_after_it() -> None:
+    toks = tokenize("see [1] [laughs] now [2 more] [sighs]")
+    assert [t.tag for t in toks if t.is_tag] == ["laughs", "sighs"]
+    assert tag_word_indexes(toks) == [2, 5]
 
 
 def test_fullwidth_square_brackets_make_tags() -> None:
@@ -327,6 +376,25 @@ def test_any_text_tokenizes_and_renders(text: str) -> None:
         # Without tag syntax, nothing but whitespace (control characters
         # count as whitespace) may change, and hidden format characters go.
         assert out.split() == re.sub(f"[{CONTROL}]", " ", drop_hidden(text)).split()
+
+
+_digits = st.sampled_from([
+    "[", "]", "\uff3b", "\uff3d", "(", ")", "*", "1", "42", "9:30", "1990s", "\u00b9",
+    "\uff11", "laughs", "x", "[laughs]", "[sic]", ".", " ",
+])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=60), st.lists(_digits, max_size=20).map("".join)))
+@example("see [1] now [laughs 2x] ok")
+def test_no_tag_holds_a_digit_and_plain_text_keeps_every_digit(text: str) -> None:
+    """The rule for square brackets holding a digit, on any text: no tag's
+    name or text holds a digit (as NFKC writes it), and every digit of the
+    text is in its plain text, in order."""
+    toks = tokenize(text)
+    assert not any(c.isdecimal() for t in toks if t.is_tag
+                   for c in unicodedata.normalize("NFKC", f"{t.text}{t.tag}"))
+    assert [c for c in plain_text(text) if c.isdecimal()] == [c for c in text if c.isdecimal()]
 
 
 _glued = st.sampled_from([

@@ -28,7 +28,8 @@ Contracts (what the engine may rely on):
   ``text == stable + unstable``, and the stable text of a segment only
   grows. A partial's ``plain_text`` is its text without tags and without a
   square-bracket tag still being written at the end (``So [clears`` is
-  ``So``). The final's text is the committed
+  ``So``; brackets holding a digit are text, so ``see [12`` stays). The
+  final's text is the committed
   text, with any tags the final hypothesis places inside it, followed by the
   rest of the final hypothesis: the final hypothesis is aligned with the
   committed tokens (difflib on :func:`match_key`: words case- and
@@ -129,7 +130,16 @@ from difflib import SequenceMatcher
 
 from ..events import SAMPLE_RATE, CaptionEvent, Hypothesis, RequestKind, TagMark
 from .chars import is_mark
-from .tags import PUNCT_TAG_MAX, Carry, Token, render, tag_word_indexes, tokenize, word_count
+from .tags import (
+    PUNCT_TAG_MAX,
+    Carry,
+    Token,
+    holds_digit,
+    render,
+    tag_word_indexes,
+    tokenize,
+    word_count,
+)
 
 __all__ = [
     "MAX_OVERLAP_WORDS_PER_S",
@@ -170,11 +180,14 @@ def _lcp(a: Sequence[Token], b: Sequence[Token]) -> int:
 def _open_tag(tokens: Sequence[Token]) -> int:
     """Where a tag still being written starts: the index of a trailing ``[``
     (``［`` too), ``(`` or ``*`` followed only by words (``So [clears``, a partial whose
-    token budget ran out inside the tag), else ``len(tokens)``."""
+    token budget ran out inside the tag), else ``len(tokens)``. Words holding
+    a digit (``see [12``) can close into no tag: they are text already."""
     i = len(tokens)
     while i > 0 and tokens[i - 1].is_word:
         i -= 1
     if i == 0 or not tokens[i - 1].text.endswith(("[", "［", "(", "*")):
+        return len(tokens)
+    if any(holds_digit(t.text) for t in tokens[i:]):
         return len(tokens)
     # No longer than the tokenizer lets a ( ) or * tag be.
     return i - 1 if len(render(tokens[i:])) <= PUNCT_TAG_MAX else len(tokens)

@@ -20,6 +20,16 @@ tag only around a known name, because they are ordinary punctuation too
 ``[(laughs)]``) is that one tag: the outer pair would be left in the plain
 text.
 
+Brackets whose inner text holds a decimal digit (:func:`holds_digit`: any
+script's, fullwidth or superscript ones too, as NFKC writes them) make no
+tag: ``[1]`` (a citation), ``array[0]``, ``[2021]``, ``[10:30]``,
+``[1990s]``, ``[2x speed]`` are text, the brackets punctuation and what
+they hold words and punctuation, kept in the plain text and counted in tag
+indexes. No ElevenLabs v3 tag holds a digit, and neither does any tag here:
+a known name with a digit typed in (``[laughs 2x]``) is text too, as are the
+wrapped forms (``[[1]]``, ``([1])``, ``[(1)]``). A tag inside such brackets
+is still a tag (``[(laughs) 3]`` is ``[``, ``[laughs]``, ``3``, ``]``).
+
 Tokens remember whether whitespace preceded them, so
 ``render(tokenize(s)) == s`` for any text with canonical tags and single
 spaces (whitespace runs collapse to one space; leading and trailing
@@ -61,6 +71,7 @@ __all__ = [
     "TagSpec",
     "Token",
     "TokenKind",
+    "holds_digit",
     "lookup_tag",
     "normalize",
     "normalize_tag_name",
@@ -359,7 +370,16 @@ def _word_end(text: str, end: int) -> int:
     return end
 
 
+def holds_digit(text: str) -> bool:
+    """Whether ``text`` holds a decimal digit once NFKC-normalised (``1``,
+    ``١``, ``１``, ``¹``): brackets around one make no tag (module doc)."""
+    return any(c.isdecimal() for c in unicodedata.normalize("NFKC", text))
+
+
 def _tag_token(inner: str, verbatim: bool, space: bool) -> Token | None:
+    if holds_digit(inner):
+        # A citation, an index, a year, a time: text (module doc).
+        return None
     spec = lookup_tag(inner)
     if spec is not None:
         return Token(TokenKind.TAG, f"[{spec.name}]", spec.name, spec.kind, True, space)

@@ -254,9 +254,12 @@ function formatTime(s) {
   return `${m}:${((t % 600) / 10).toFixed(1).padStart(4, "0")}`;
 }
 
-// A tag in tagged text: brackets around something that is not blank.
+// A tag in tagged text: brackets around something that is not blank and
+// holds no digit (evoxtral_stream.text.tags.holds_digit: "[1]", "array[0]"
+// are text).
 function tagsIn(text) {
-  return [...text.matchAll(/\[([^\[\]]*)\]/g)].filter((m) => m[1].trim());
+  return [...text.matchAll(/\[([^\[\]]*)\]/g)]
+    .filter((m) => m[1].trim() && !/\p{Nd}/u.test(m[1].normalize("NFKC")));
 }
 
 // The kind of each tag chip of `texts` (the caption's text, or its stable and
