@@ -862,7 +862,7 @@ def test_a_partial_cut_inside_a_square_bracket_tag_keeps_the_half_tag_out_of_pla
     """A partial whose token budget ran out inside a tag ("So [clears")
     showed "[clears" in plain_text, the text for plain captions, until the
     next partial closed it. An open ( or * stays: it is also punctuation
-    ("(see"), and a final keeps its text as written."""
+    ("(see")."""
     f = Feed()
     e = one(f("So [clears"))
     assert (e.text, e.plain_text, e.tags) == ("So [clears", "So", ())
@@ -870,8 +870,6 @@ def test_a_partial_cut_inside_a_square_bracket_tag_keeps_the_half_tag_out_of_pla
     assert one(f("He wrote ［笑")).plain_text == "He wrote"
     assert one(f("So (see")).plain_text == "So (see"
     assert one(f("So [clears throat] ok")).plain_text == "So ok"
-    fin = one(f("So [clears", final=True))
-    assert (fin.text, fin.plain_text) == ("So [clears", "So [clears")
 
 
 def test_a_partial_ending_in_an_open_bracket_holding_a_digit_shows_it() -> None:
@@ -888,3 +886,48 @@ def test_a_partial_ending_in_an_open_bracket_holding_a_digit_shows_it() -> None:
     fin = one(f("see note [12] here [laughs]", final=True))
     assert (fin.text, fin.plain_text) == ("see note [12] here [laughs]", "see note [12] here")
     assert [(m.tag, m.index) for m in fin.tags] == [("laughs", 4)]
+
+
+@pytest.mark.parametrize("replaces", [False, True])
+def test_a_final_ending_in_a_half_tag_leaves_it_out(replaces: bool) -> None:
+    """A final cut inside a tag (the model's token budget, or the loop
+    cutter, ending at "and then [laug") kept "[laug" in its text and
+    plain_text: captions showed it and a TTS said "laug", a word nobody
+    said. A trailing square bracket followed by words alone (no digit, at
+    most PUNCT_TAG_MAX characters) is left out of a final now, as a
+    partial's plain_text leaves it out. An open ( or * stays (it is
+    punctuation too), and so do brackets holding a digit (text)."""
+    f = Feed(final_replaces_stable=replaces)
+    cases = [
+        ("and then [laug", "and then"),
+        ("I said,[clears thr", "I said,"),
+        ("He wrote ［笑", "He wrote"),
+        ("so [laughs] ok [", "so [laughs] ok"),
+        ("[whisp", ""),
+        ("So (see", "So (see"),
+        ("So *laug", "So *laug"),
+        ("see note [12", "see note [12"),
+        ("it [went on " + "x" * 40, "it [went on " + "x" * 40),  # too long for a tag
+    ]
+    for seg, (text, kept) in enumerate(cases):
+        f(text, seg)
+        f(text, seg)  # two partials agree: the half tag is still not committed
+        fin = one(f(text, seg, final=True))
+        assert (fin.text, fin.stable, fin.unstable) == (kept, kept, ""), text
+        assert fin.plain_text == render(tokenize(kept), tags=False)
+        assert [m.tag for m in fin.tags] == [t.tag for t in tokenize(kept) if t.is_tag]
+
+
+def test_a_final_closed_from_its_partial_leaves_the_half_tag_out() -> None:
+    """A segment whose final decode failed closes with the partial shown:
+    its half tag goes too, and the segment that continues it after a forced
+    split is stitched to the text without it."""
+    f = Feed()
+    f("well and then [laug", 0, end=2.0)
+    (fin,) = f.m.abandon(0)
+    assert (fin.final, fin.text, fin.plain_text) == (True, "well and then", "well and then")
+    f("so [whisp", 1)
+    fin = one(f("so [whisp", 1, final=True, forced=True, end=2.0))
+    assert fin.text == "so"
+    fin = one(f("so yes", 2, final=True, start=1.8, end=3.0))
+    assert fin.text == "yes"

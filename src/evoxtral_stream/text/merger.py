@@ -28,7 +28,9 @@ Contracts (what the engine may rely on):
   ``text == stable + unstable``, and the stable text of a segment only
   grows. A partial's ``plain_text`` is its text without tags and without a
   square-bracket tag still being written at the end (``So [clears`` is
-  ``So``; brackets holding a digit are text, so ``see [12`` stays). The
+  ``So``; brackets holding a digit are text, so ``see [12`` stays). A
+  final leaves such a half tag out of its text too: it is no word said
+  and no tag (an open ``(`` or ``*`` stays, punctuation too). The
   final's text is the committed
   text, with any tags the final hypothesis places inside it, followed by the
   rest of the final hypothesis: the final hypothesis is aligned with the
@@ -111,10 +113,11 @@ Contracts (what the engine may rely on):
 
 Exactness: if no two consecutive hypotheses of a segment agree on a wrong
 token, the committed text is a prefix of the final hypothesis and the final
-caption equals it (stitched). Known ambiguities, where the text alone cannot
-tell and the merger may drop a genuine repetition: an emotion/delivery tag
-restating one in effect right at a forced seam (taken for a re-emission; the
-Evoxtral scripts never do this), and, at a seam with audio overlap, a word or
+caption equals it (stitched, less a half tag at its end). Known
+ambiguities, where the text alone cannot tell and the merger may drop a
+genuine repetition: an emotion/delivery tag restating one in effect right
+at a forced seam (taken for a re-emission; the Evoxtral scripts never do
+this), and, at a seam with audio overlap, a word or
 a sound repeated at once, or with only tags between ("Wait, wait, wait",
 "okay, [laughs] okay", "so [laughs] [whispers] [shouts] so", "[gasps]
 [gasps]"), where more than one overlap length fits.
@@ -196,7 +199,8 @@ def _open_tag(tokens: Sequence[Token]) -> int:
 def _close_open_bracket(tokens: Sequence[Token]) -> Sequence[Token]:
     """``tokens`` without a square-bracket tag still being written at the
     end (``So [clears``; see :func:`_open_tag`), for a partial's plain
-    text. An open ``(`` or ``*`` stays: it is punctuation too (``(see``)."""
+    text and a final's text. An open ``(`` or ``*`` stays: it is
+    punctuation too (``(see``)."""
     i = _open_tag(tokens)
     if i == len(tokens) or not tokens[i].text.endswith(("[", "［")):
         return tokens
@@ -885,6 +889,10 @@ class Merger:
             tokens, start = _lstrip(tokenize(h.text)), seg.start
         else:
             tokens, start, _ = self._tokens(h, chain)
+        # A tag the model was cut off inside ("and then [laug": its token
+        # budget, the loop cutter) is no word the speaker said, and no tag.
+        # Partials never commit it (_open_tag), so no committed token goes.
+        tokens = tuple(_close_open_bracket(tokens))
         if self._final_replaces and not as_final:
             # The final decode heard the whole segment: it wins over words
             # that partials of a shorter prefix agreed on.
