@@ -340,6 +340,12 @@ def test_a_sentence_end_is_one_rule_for_carried_tags_and_subtitle_cues() -> None
         assert tokenize(text)[-1].ends_sentence, text
     for text in ("wait...", "待って．．．", "so,", "ね、", "「"):
         assert not tokenize(text)[-1].ends_sentence, text
+    # A bracket opening right after the full stop (a citation is text:
+    # "[1]") is one punctuation token with it, and the sentence still ends.
+    for text in ("it.[1] Then", "done!(see", "end.［２］"):
+        assert [t.ends_sentence for t in tokenize(text)].count(True) == 1, text
+    for text in ("wait...[1]", "so,(see"):
+        assert not any(t.ends_sentence for t in tokenize(text)), text
 
 
 _pieces = st.sampled_from([

@@ -260,6 +260,9 @@ def lookup_tag(raw: str) -> TagSpec | None:
 
 #: Closing quotes and brackets, which may follow a sentence's end.
 _CLOSERS = "\"')]}»”’」』）】〕〉》"
+# Opening brackets glued to a sentence's end ("it.[1]", "done!(see") are one
+# punctuation token with it; the sentence still ends there.
+_OPENERS = "([{［（「『【〔〈《"
 
 
 class TokenKind(enum.Enum):
@@ -315,10 +318,10 @@ class Token:
         Chinese and Japanese ``。！？｡．``, the Devanagari danda ``।`` and
         ``॥`` (Hindi's full stop) and the Arabic ``؟`` and ``۔``, but not an
         ellipsis (closing quotes and brackets after them, ``」`` too, are
-        ignored)."""
+        ignored, and so are opening brackets: ``it.[1]``)."""
         if not self.is_punct:
             return False
-        s = self.text.rstrip(_CLOSERS)
+        s = self.text.rstrip(_OPENERS).rstrip(_CLOSERS)
         return (s.endswith(("!", "?", "。", "！", "？", "｡", "।", "॥", "؟", "۔"))
                 or (s.endswith((".", "．")) and not s.endswith(("..", "．．"))))
 
