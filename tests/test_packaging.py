@@ -76,6 +76,8 @@ def test_the_wheel_holds_every_file_of_the_package(built: Built) -> None:
     assert not expected - names, f"left out of the wheel: {sorted(expected - names)}"
     stray = [n for n in names if not n.startswith(("evoxtral_stream/", "evoxtral_stream-"))]
     assert not stray, f"the wheel holds files outside the package: {stray}"
+    # The licence's text goes with the code (metadata says MIT).
+    assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), sorted(names)
 
 
 def test_the_installed_wheel_runs_outside_the_source_tree(built: Built,
@@ -119,7 +121,7 @@ def test_the_sdist_holds_the_tree_and_builds_the_same_wheel(built: Built,
         tar.extractall(tmp_path, filter="data")
     (top,) = tmp_path.iterdir()
     names = {str(p.relative_to(top)) for p in top.rglob("*") if p.is_file()}
-    expected = {"README.md", "pyproject.toml", "config.toml"}
+    expected = {"README.md", "LICENSE", "pyproject.toml", "config.toml"}
     expected |= {f"src/{n}" for n in _tree_files(PACKAGE)}
     for folder in ("tests", "docs", "clients", "bench"):
         expected |= _tree_files(ROOT / folder)
