@@ -694,8 +694,8 @@ class MqttConfig:
         if self.enabled and self.tls:
             # Read the files now, so a bad one stops the engine with one line
             # before anything serves. Imported here: the builder belongs with
-            # the publisher, which imports this module.
-            from .server.mqtt import tls_context
+            # the MQTT connection code, which imports this module.
+            from .server.mqtt_connect import tls_context
 
             tls_context(self)
 

@@ -31,8 +31,8 @@ from evoxtral_stream.config import ConfigError, load_config
 from evoxtral_stream.engine.engine import Engine
 from evoxtral_stream.events import CaptionEvent, EngineEvent, StreamStarted
 from evoxtral_stream.run import feed_samples
-from evoxtral_stream.server import mqtt as mqtt_module
 from evoxtral_stream.server.mqtt import MqttPublisher
+from evoxtral_stream.server.mqtt_connect import _tls_hint
 from evoxtral_stream.server.protocol import encode_event
 from tests.fakes import ScriptedBackend
 from tests.helpers.audio import buzz, noise, to_int16
@@ -517,7 +517,7 @@ def test_a_strict_verification_failure_says_what_to_reissue() -> None:
         1, "[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: CA cert does not "
            "include key usage extension (_ssl.c:1020)")
     cfg = load_config(overrides=mqtt_overrides(8883, "t", tls=True), env={}).mqtt
-    assert "keyUsage keyCertSign" in mqtt_module._tls_hint(cfg, err)
+    assert "keyUsage keyCertSign" in _tls_hint(cfg, err)
     plain = ssl.SSLCertVerificationError(1, "certificate verify failed: unable to get local "
                                             "issuer certificate")
-    assert "must be signed by a CA in the system CA store" in mqtt_module._tls_hint(cfg, plain)
+    assert "must be signed by a CA in the system CA store" in _tls_hint(cfg, plain)
