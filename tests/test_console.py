@@ -38,8 +38,9 @@ def _partial(stable: str, unstable: str, final: bool = False) -> CaptionEvent:
     return CaptionEvent("s", 0, 1, final, text, text, stable, unstable, (), 0.0, 9.5, None)
 
 
-def _pty(columns: int) -> tuple[int, int, Callable[[], str]]:
-    """A pseudo-terminal ``columns`` wide: (master, slave, read all written so far)."""
+def _pty(columns: int, encoding: str = "utf-8") -> tuple[int, int, Callable[[], str]]:
+    """A pseudo-terminal ``columns`` wide: (master, slave, read all written
+    so far, decoded from ``encoding``)."""
     master, slave = os.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     os.set_blocking(master, False)
@@ -50,7 +51,7 @@ def _pty(columns: int) -> tuple[int, int, Callable[[], str]]:
             try:
                 written.extend(os.read(master, 65536))
             except BlockingIOError:
-                return written.decode()
+                return written.decode(encoding)
 
     return master, slave, drain
 
@@ -413,3 +414,42 @@ def test_a_queued_printer_whose_reader_left_stops_with_one_warning(
     assert isinstance(printer.error, BrokenPipeError)
     warnings = [r.getMessage() for r in caplog.records if "no longer printed" in r.getMessage()]
     assert len(warnings) == 1, warnings
+
+
+def test_a_terminal_whose_encoding_lacks_a_caption_s_characters_gets_them_replaced(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-UTF-8 locale (LC_ALL=en_US.ISO-8859-1) gives stdout a strict
+    Latin-1 encoding: the "→" of every caption's time span, and any CJK or
+    emoji word, raised UnicodeEncodeError out of the printer, and out of a
+    log call from any thread redrawing the partial after its line, which
+    ended the run with a traceback. What the encoding lacks is written as
+    ASCII marks ("->", "...") or "?" instead."""
+    master, slave, drain = _pty(80, "latin-1")
+    root = logging.getLogger()
+    with open(slave, "w", encoding="latin-1") as tty:   # strict, as Python sets it up
+        monkeypatch.setattr(root, "handlers", [])
+        handler = configure_logging("text", logging.INFO, stream=tty)
+        assert handler is not None
+        try:
+            printer = CaptionPrinter(tty)
+            printer(_partial("na\u00efve \u4e2d\u6587 ", "\U0001f600 " + "word " * 30))
+            logging.getLogger("evoxtral_stream.test").warning("a line above")
+            printer(_partial("na\u00efve \u4e2d\u6587 \U0001f600", "", final=True))
+            written = drain()
+        finally:
+            root.removeHandler(handler)
+    os.close(master)
+    screen = _screen(written, 80)
+    assert "a line above" in " ".join(screen), screen
+    assert "[0:00.0 -> 0:09.5] na\u00efve ?? ?" in screen, screen
+    redraws = [_ANSI.sub("", r) for r in written.split("\r\x1b[J") if r.startswith("[")]
+    assert redraws[0].startswith("[0:00.0 -> 0:09.5] ...") and len(redraws[0]) <= 79, redraws
+
+
+def test_a_non_utf8_locale_prints_finals_off_a_terminal() -> None:
+    """As above, off a terminal (transcribe > file under a Latin-1 locale)."""
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="latin-1", write_through=True)
+    printer = CaptionPrinter(out)
+    printer(_partial("caf\u00e9 \u2713", "", final=True))
+    assert raw.getvalue().decode("latin-1") == "[0:00.0 -> 0:09.5] caf\u00e9 ?\n"

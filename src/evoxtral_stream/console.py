@@ -5,6 +5,9 @@ final when it lands (a partial or final with no text, a segment rated no
 speech, clears it); elsewhere only finals are printed, one per line, unless
 ``partials`` is set. With several streams each line names its stream.
 
+Characters the output's encoding lacks (a non-UTF-8 locale) are written
+as ``?``, and the time span's arrow and the ellipsis as ``->`` and ``...``.
+
 Output that cannot be written (a pipe whose reader left, as ``| head`` does;
 a full disk) stops the printing: logged once, kept in
 :attr:`CaptionPrinter.error` for the caller's exit status, never raised into
@@ -176,15 +179,32 @@ class CaptionPrinter:
         """Why printing stopped (the first failed write), or None."""
         self._error_logged = False
         self._on_closed = on_closed
+        self._encoding = getattr(self._out, "encoding", None) or "utf-8"
+        self._arrow = self._encodable("→", "->")
+        self._ellipsis = self._encodable("…", "...")
         if self._live:
             _LIVE.add(self)
 
+    def _encodable(self, text: str, fallback: str | None = None) -> str:
+        """``text``, or where the output's encoding lacks some of its
+        characters (a Latin-1 locale's strict stdout would raise),
+        ``fallback``, else ``text`` with each of those as ``?``."""
+        try:
+            text.encode(self._encoding)
+        except UnicodeEncodeError:
+            if fallback is not None:
+                return fallback
+            return text.encode(self._encoding, "replace").decode(self._encoding)
+        except LookupError:   # an encoding Python does not know: as it comes
+            pass
+        return text
+
     def _prefix(self, ev: CaptionEvent) -> str:
-        span = f"[{format_time(ev.start)} → {format_time(ev.end)}]"
+        span = f"[{format_time(ev.start)} {self._arrow} {format_time(ev.end)}]"
         named = self._show_stream or (self._own is not None and ev.stream != self._own)
         # A stream id is the ingest client's choice: the engine refuses
         # control characters in it, not the other characters printable drops.
-        return f"{printable(ev.stream)} {span}" if named else span
+        return f"{self._encodable(printable(ev.stream))} {span}" if named else span
 
     def __call__(self, event: EngineEvent) -> None:
         with _TERMINAL:
@@ -245,14 +265,15 @@ class CaptionPrinter:
     def _print(self, event: EngineEvent) -> None:
         if isinstance(event, StreamError):
             self._clear()
-            self._line(printable(f"! {event.stream}: {event.code}: {event.message}"))
+            self._line(self._encodable(
+                printable(f"! {event.stream}: {event.code}: {event.message}")))
             return
         if not isinstance(event, CaptionEvent):
             return
         if event.final:
             self._clear()
             if event.text:
-                self._line(f"{self._prefix(event)} {event.text}")
+                self._line(f"{self._prefix(event)} {self._encodable(event.text)}")
         elif self._partials and not event.text:
             # The segment's text is gone (Whisper rated it no speech): what
             # its earlier partial showed is no longer what it says.
@@ -263,8 +284,10 @@ class CaptionPrinter:
                 # Keep the line on one screen row, or the redraw clears only
                 # its last row and leaves the rest behind: drop the oldest text.
                 prefix = self._prefix(event)
-                stable, unstable = _tail(event.stable, event.unstable,
-                                         self._columns() - 1 - text_columns(prefix) - 1)
+                stable, unstable = _tail(self._encodable(event.stable),
+                                         self._encodable(event.unstable),
+                                         self._columns() - 1 - text_columns(prefix) - 1,
+                                         self._ellipsis)
                 line = f"{prefix} {stable}{_DIM}{unstable}{_RESET}"
                 self._row = line
                 self._row_stream = event.stream
@@ -272,7 +295,8 @@ class CaptionPrinter:
                 self._out.write(_CLEAR_LINE + line)
                 self._out.flush()
             else:
-                self._line(f"{self._prefix(event)} … {event.text}")
+                self._line(f"{self._prefix(event)} {self._ellipsis} "
+                           f"{self._encodable(event.text)}")
 
     def _columns(self) -> int:
         """The terminal's width now (it may be resized), 80 when unknown."""
@@ -344,12 +368,12 @@ def _suffix(text: str, columns: int) -> str:
     return text[i:]
 
 
-def _tail(stable: str, unstable: str, room: int) -> tuple[str, str]:
+def _tail(stable: str, unstable: str, room: int, ellipsis: str = "…") -> tuple[str, str]:
     """The end of ``stable + unstable`` in ``room`` columns, split where the
-    unstable part starts; an ellipsis marks text dropped from the front."""
+    unstable part starts; ``ellipsis`` marks text dropped from the front."""
     if text_columns(stable) + text_columns(unstable) <= room:
         return stable, unstable
-    keep = max(0, room - 1)
+    keep = max(0, room - text_columns(ellipsis))
     unstable = _suffix(unstable, keep)
     rest = keep - text_columns(unstable)
-    return "…" + (_suffix(stable, rest) if rest > 0 else ""), unstable
+    return ellipsis + (_suffix(stable, rest) if rest > 0 else ""), unstable
