@@ -14,6 +14,7 @@ import sys
 import termios
 import threading
 import time
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -112,14 +113,14 @@ def test_transcribe_s_progress_bar_and_the_live_partial_keep_their_own_rows(
         printer = CaptionPrinter(tty)
         for n in range(1, 6):
             printer(_partial("the committee met ", f"on Tuesday {n}"))
-            bar.update(1)
+            bar.update(SAMPLE_RATE)
             bar.refresh()
             screen = _screen(drain(), columns)
             assert any(row.endswith(f"on Tuesday {n}") for row in screen), screen
             assert any("%|" in row for row in screen), screen
         printer(_partial("the committee met on Tuesday to discuss the budget " * 3, "",
                          final=True))
-        bar.update(1)
+        bar.update(SAMPLE_RATE)
         bar.refresh()
         screen = _screen(drain(), columns)
         _close_progress(bar)
@@ -177,7 +178,7 @@ def test_a_log_line_goes_above_the_live_partial_and_the_bar_not_into_them(
         printer = CaptionPrinter(tty)
         try:
             printer(_partial("the committee met ", "on Tuesday"))
-            bar.update(1)
+            bar.update(SAMPLE_RATE)
             bar.refresh()
             drain()
             worker = threading.Thread(
@@ -453,3 +454,27 @@ def test_a_non_utf8_locale_prints_finals_off_a_terminal() -> None:
     printer = CaptionPrinter(out)
     printer(_partial("caf\u00e9 \u2713", "", final=True))
     assert raw.getvalue().decode("latin-1") == "[0:00.0 -> 0:09.5] caf\u00e9 ?\n"
+
+
+def test_the_progress_bar_of_audio_not_a_whole_tenth_of_a_second_long_ends_without_a_warning(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bundled sample is 25.2036 s long: the bar's total was rounded to
+    25.2 s, the audio fed went past it, and tqdm printed "TqdmWarning:
+    clamping frac to range [0, 1]" (two lines, with its source path) onto
+    the terminal among the captions at the end of every such run."""
+    master, slave, drain = _pty(100)
+    with open(slave, "w", encoding="utf-8") as tty:
+        monkeypatch.setattr(sys, "stderr", tty)
+        samples = 403_258
+        bar = _progress(samples)
+        assert bar is not None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(samples // 1600):
+                bar.update(1600)
+            bar.update(samples % 1600)
+            bar.refresh()
+            assert bar.format_dict["n"] == bar.format_dict["total"]
+            _close_progress(bar)
+        drain()
+    os.close(master)

@@ -161,8 +161,7 @@ def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
                 quiet = LEVELS[cfg.logging.level] > logging.INFO
                 bar = None if cfg.logging.format == "json" or quiet else _progress(total)
                 try:
-                    progress = None if bar is None else (
-                        lambda n: bar.update(n / SAMPLE_RATE))
+                    progress = None if bar is None else bar.update
                     return await transcribe_samples(cfg, engine, jobs, realtime=args.realtime,
                                                     progress=progress, stop=stop)
                 finally:
@@ -284,13 +283,17 @@ def _stop_on_signals(cfg: Config, engine: Engine,
 
 
 def _progress(total_samples: int) -> Any:
+    """A bar on a terminal's stderr (else None), updated in samples and
+    shown in seconds."""
     if not sys.stderr.isatty():
         return None
     from tqdm import tqdm
 
     # position=1: on the row below the live partial (CaptionPrinter redraws
-    # its row in place), which the bar would otherwise overwrite.
-    return tqdm(total=round(total_samples / SAMPLE_RATE, 1), unit="s", unit_scale=False,
+    # its row in place), which the bar would otherwise overwrite. Counted in
+    # samples: the total in seconds, rounded or summed, ends below the count
+    # and tqdm prints a warning onto the terminal ("clamping frac").
+    return tqdm(total=total_samples, unit="s", unit_scale=1 / SAMPLE_RATE,
                 file=sys.stderr, leave=False, position=1,
                 bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s")
 
