@@ -478,3 +478,28 @@ def test_the_progress_bar_of_audio_not_a_whole_tenth_of_a_second_long_ends_witho
             _close_progress(bar)
         drain()
     os.close(master)
+
+
+def test_the_progress_bar_follows_a_terminal_made_narrower() -> None:
+    """The bar took the terminal's width once, at its start: a window made
+    narrower mid-run (SIGWINCH) got bars wider than its rows, each wrapping
+    onto a second row that the bar's move back up and the partial's redraw
+    never cleared, so every update left a row of bar on the screen."""
+    master, slave, drain = _pty(100)
+    with open(slave, "w", encoding="utf-8") as tty:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sys, "stderr", tty)
+            bar = _progress(60 * SAMPLE_RATE)
+        assert bar is not None
+        bar.update(SAMPLE_RATE)
+        bar.refresh()
+        before = len(drain())
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 40, 0, 0))
+        for _ in range(3):
+            bar.update(SAMPLE_RATE)
+            bar.refresh()
+        written = drain()[before:]
+        _close_progress(bar)
+    os.close(master)
+    bars = [row for row in re.split(r"[\r\n]|\x1b\[A", written) if "%|" in row]
+    assert bars and max(text_columns(_ANSI.sub("", row)) for row in bars) <= 40, bars

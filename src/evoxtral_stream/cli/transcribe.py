@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ..audio.sources import AudioInputError, read_audio_channels
 from ..config import Config
@@ -289,13 +289,27 @@ def _progress(total_samples: int) -> Any:
         return None
     from tqdm import tqdm
 
+    class Bar(tqdm):  # type: ignore[misc]
+        """Clears the rest of its row with an erase (CSI K) where tqdm pads
+        with spaces to the last bar's length: after the window is made
+        narrower, those spaces would wrap onto the rows below."""
+
+        @staticmethod
+        def status_printer(file: TextIO) -> Callable[[str], None]:
+            def print_status(s: str) -> None:
+                file.write(f"\r{s}\x1b[K")
+                file.flush()
+            return print_status
+
     # position=1: on the row below the live partial (CaptionPrinter redraws
     # its row in place), which the bar would otherwise overwrite. Counted in
     # samples: the total in seconds, rounded or summed, ends below the count
     # and tqdm prints a warning onto the terminal ("clamping frac").
-    return tqdm(total=total_samples, unit="s", unit_scale=1 / SAMPLE_RATE,
-                file=sys.stderr, leave=False, position=1,
-                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s")
+    # dynamic_ncols: the width read at each redraw, as the partial's is: a bar
+    # wider than a window made narrower would wrap, and leave a row behind.
+    return Bar(total=total_samples, unit="s", unit_scale=1 / SAMPLE_RATE,
+               file=sys.stderr, leave=False, position=1, dynamic_ncols=True,
+               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s")
 
 
 def _close_progress(bar: Any) -> None:
