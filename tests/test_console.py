@@ -503,3 +503,28 @@ def test_the_progress_bar_follows_a_terminal_made_narrower() -> None:
     os.close(master)
     bars = [row for row in re.split(r"[\r\n]|\x1b\[A", written) if "%|" in row]
     assert bars and max(text_columns(_ANSI.sub("", row)) for row in bars) <= 40, bars
+
+
+@pytest.mark.parametrize(("columns", "stream"), [(20, "s"), (16, "s"), (30, "speaker-two"),
+                                                 (20, "speaker-two")])
+def test_a_live_partial_fits_a_narrow_terminal_s_row_with_its_stream_and_span(
+        columns: int, stream: str) -> None:
+    """The text was cut to fit the row, the prefix never: on a narrow
+    terminal (a split pane, a phone) the stream's name and time span alone
+    took more than the row, so every redraw wrapped and left its first rows
+    on the screen, and no word was shown. The span goes first, then the
+    name is clipped: the newest words keep a row of their own."""
+    master, slave, drain = _pty(columns)
+    with open(slave, "w", encoding="utf-8") as tty:
+        printer = CaptionPrinter(tty, show_stream=True)
+        words = ["the", "committee", "met", "on", "Tuesday", "to", "discuss", "the", "budget"]
+        for n in range(1, len(words) + 1):
+            text = " ".join(words[:n])
+            printer(CaptionEvent(stream, 0, 1, False, text, text, " ".join(words[:n - 1]),
+                                 " " + words[n - 1], (), 0.0, 9.5, None))
+        written = drain()
+    os.close(master)
+    redraws = [_ANSI.sub("", r) for r in written.split("\r\x1b[J") if r]
+    assert max(text_columns(r) for r in redraws) <= columns - 1, redraws
+    assert redraws[-1].endswith("budget"), redraws
+    assert [row for row in _screen(written, columns) if row] == [redraws[-1].rstrip()]

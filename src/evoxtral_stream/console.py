@@ -199,12 +199,18 @@ class CaptionPrinter:
             pass
         return text
 
-    def _prefix(self, ev: CaptionEvent) -> str:
-        span = f"[{format_time(ev.start)} {self._arrow} {format_time(ev.end)}]"
-        named = self._show_stream or (self._own is not None and ev.stream != self._own)
+    def _name(self, ev: CaptionEvent) -> str | None:
+        """The stream's name as its lines show it, or None: unnamed."""
+        if not (self._show_stream or (self._own is not None and ev.stream != self._own)):
+            return None
         # A stream id is the ingest client's choice: the engine refuses
         # control characters in it, not the other characters printable drops.
-        return f"{self._encodable(printable(ev.stream))} {span}" if named else span
+        return self._encodable(printable(ev.stream))
+
+    def _prefix(self, ev: CaptionEvent) -> str:
+        span = f"[{format_time(ev.start)} {self._arrow} {format_time(ev.end)}]"
+        name = self._name(ev)
+        return span if name is None else f"{name} {span}"
 
     def __call__(self, event: EngineEvent) -> None:
         with _TERMINAL:
@@ -282,13 +288,16 @@ class CaptionPrinter:
         elif self._partials:
             if self._live:
                 # Keep the line on one screen row, or the redraw clears only
-                # its last row and leaves the rest behind: drop the oldest text.
-                prefix = self._prefix(event)
+                # its last row and leaves the rest behind: drop the oldest
+                # text, and on a narrow terminal the span and the name too.
+                room = self._columns() - 1
+                prefix = _fit_prefix(self._prefix(event), self._name(event), room,
+                                     self._ellipsis)
+                sep = " " if prefix else ""
                 stable, unstable = _tail(self._encodable(event.stable),
                                          self._encodable(event.unstable),
-                                         self._columns() - 1 - text_columns(prefix) - 1,
-                                         self._ellipsis)
-                line = f"{prefix} {stable}{_DIM}{unstable}{_RESET}"
+                                         room - text_columns(prefix + sep), self._ellipsis)
+                line = f"{prefix}{sep}{stable}{_DIM}{unstable}{_RESET}"
                 self._row = line
                 self._row_stream = event.stream
                 self._partial_shown = True
@@ -346,17 +355,36 @@ def printable(text: str) -> str:
     return mend_surrogates(drop_hidden(_CONTROL.sub(" ", text)))
 
 
-def clip_columns(text: str, columns: int) -> str:
-    """``text``, or its longest start that fits in ``columns - 1`` terminal
-    columns (:func:`char_columns`) and ``…`` after it, when it takes more
-    than ``columns``. Marks combining with the last character kept stay."""
+def clip_columns(text: str, columns: int, ellipsis: str = "…") -> str:
+    """``text``, or its longest start that fits in ``columns`` terminal
+    columns (:func:`char_columns`) with ``ellipsis`` after it, when it
+    takes more than ``columns``. Marks combining with the last character
+    kept stay."""
     if text_columns(text) <= columns:
         return text
+    room = columns - text_columns(ellipsis)
     used, i = 0, 0
-    while i < len(text) and used + (w := char_columns(text[i])) <= columns - 1:
+    while i < len(text) and used + (w := char_columns(text[i])) <= room:
         used += w
         i += 1
-    return text[:i] + "…"
+    return text[:i] + ellipsis
+
+
+#: The fewest columns a live partial's words get before its time span, then
+#: its stream's name, give way (:func:`_fit_prefix`).
+_MIN_WORDS = 12
+
+
+def _fit_prefix(prefix: str, name: str | None, room: int, ellipsis: str) -> str:
+    """``prefix``, or where it leaves the words fewer than :data:`_MIN_WORDS`
+    of the row's ``room`` columns, the stream's ``name`` alone, clipped to
+    leave them that many (none when unnamed, or too narrow for 3 columns)."""
+    if text_columns(prefix) + 1 + _MIN_WORDS <= room:
+        return prefix
+    keep = room - 1 - _MIN_WORDS
+    if name is None or keep < 3:
+        return ""
+    return clip_columns(name, keep, ellipsis)
 
 
 def _suffix(text: str, columns: int) -> str:
