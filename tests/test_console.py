@@ -528,3 +528,27 @@ def test_a_live_partial_fits_a_narrow_terminal_s_row_with_its_stream_and_span(
     assert max(text_columns(r) for r in redraws) <= columns - 1, redraws
     assert redraws[-1].endswith("budget"), redraws
     assert [row for row in _screen(written, columns) if row] == [redraws[-1].rstrip()]
+
+
+def test_a_final_of_another_stream_goes_above_the_live_partial_and_keeps_it() -> None:
+    """Two streams (transcribe of two files, serve with a client's stream
+    beside the microphone): a final or an error of stream a, landing while
+    stream b's partial is shown, erased b's partial, which stayed gone
+    until b's next partial. Now the line goes above and b's partial is
+    drawn again below it; a's own partial is still replaced by its final."""
+    master, slave, drain = _pty(80)
+    with open(slave, "w", encoding="utf-8") as tty:
+        printer = CaptionPrinter(tty, show_stream=True)
+        printer(CaptionEvent("a", 0, 1, False, "one", "one", "", "one", (), 0.0, 1.0, None))
+        printer(CaptionEvent("b", 0, 1, False, "two", "two", "", "two", (), 0.0, 1.0, None))
+        printer(CaptionEvent("a", 0, 2, True, "one done", "one done", "one done", "", (),
+                             0.0, 1.5, None))
+        printer(StreamError("a", "decode_failed", "RuntimeError: x", 2))
+        screen = [row for row in _screen(drain(), 80) if row]
+        printer(CaptionEvent("b", 0, 2, True, "two done", "two done", "two done", "", (),
+                             0.0, 1.5, None))
+        after = [row for row in _screen(drain(), 80) if row]
+    os.close(master)
+    assert screen == ["a [0:00.0 → 0:01.5] one done", "! a: decode_failed: RuntimeError: x",
+                      "b [0:00.0 → 0:01.0] two"], screen
+    assert after == [*screen[:2], "b [0:00.0 → 0:01.5] two done"], after

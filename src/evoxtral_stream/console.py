@@ -2,7 +2,8 @@
 
 On a TTY the current partial is redrawn in place (dim) and replaced by the
 final when it lands (a partial or final with no text, a segment rated no
-speech, clears it); elsewhere only finals are printed, one per line, unless
+speech, clears it; a final or error of another stream goes above it);
+elsewhere only finals are printed, one per line, unless
 ``partials`` is set. With several streams each line names its stream.
 
 Characters the output's encoding lacks (a non-UTF-8 locale) are written
@@ -270,16 +271,14 @@ class CaptionPrinter:
 
     def _print(self, event: EngineEvent) -> None:
         if isinstance(event, StreamError):
-            self._clear()
-            self._line(self._encodable(
-                printable(f"! {event.stream}: {event.code}: {event.message}")))
+            self._above(self._encodable(
+                printable(f"! {event.stream}: {event.code}: {event.message}")), event.stream)
             return
         if not isinstance(event, CaptionEvent):
             return
         if event.final:
-            self._clear()
-            if event.text:
-                self._line(f"{self._prefix(event)} {self._encodable(event.text)}")
+            self._above(f"{self._prefix(event)} {self._encodable(event.text)}"
+                        if event.text else None, event.stream)
         elif self._partials and not event.text:
             # The segment's text is gone (Whisper rated it no speech): what
             # its earlier partial showed is no longer what it says.
@@ -306,6 +305,22 @@ class CaptionPrinter:
             else:
                 self._line(f"{self._prefix(event)} {self._ellipsis} "
                            f"{self._encodable(event.text)}")
+
+    def _above(self, text: str | None, stream: str) -> None:
+        """Print ``text`` (None: nothing) for ``stream``: its own partial is
+        cleared (the line replaces it), another stream's is drawn again
+        below the line, not lost until that stream's next partial."""
+        other = self._live and self._partial_shown and self._row_stream != stream
+        if other and text is None:
+            return
+        row = self._row if other else None
+        self._clear()
+        if text is not None:
+            self._line(text)
+        if row is not None:
+            self._row, self._partial_shown = row, True
+            self._out.write(row)
+            self._out.flush()
 
     def _columns(self) -> int:
         """The terminal's width now (it may be resized), 80 when unknown."""
