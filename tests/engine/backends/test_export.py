@@ -181,3 +181,54 @@ def test_exported_files_are_readable_as_the_umask_allows(
     assert "model.safetensors" in modes
     assert set(modes.values()) == {"0o644"}, modes
     assert oct((tmp_path / "merged").stat().st_mode & 0o777) == "0o755"
+
+
+def test_the_merged_adapter_is_not_merged_into_the_export_again(
+    tiny: Tiny, tiny_cfg: VoxtralConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The exported folder as the base with model.voxtral.adapter still set
+    (the default config sets it to the Evoxtral LoRA) loaded and merged the
+    LoRA a second time, silently. The export's evoxtral_merge.json now holds
+    the adapter's digest and the load refuses that adapter in one line, named
+    as at the export or through a copy of its folder, also as an extra
+    adapter; another adapter goes on top, with a warning."""
+    out = tmp_path / "merged"
+    export_merged(tiny_cfg, out)
+    copy = tmp_path / "lora-copy"
+    shutil.copytree(tiny.adapter, copy)
+    for ref in (tiny_cfg.adapter, str(copy)):
+        with pytest.raises(BackendUnavailable) as info:
+            load_voxtral_backend(dataclasses.replace(tiny_cfg, base=str(out), adapter=ref), "en")
+        assert str(info.value) == (
+            f"LoRA adapter {ref!r} is already merged into the Voxtral base model in "
+            f"{str(out)!r} (evoxtral_merge.json); set model.voxtral.adapter = \"\" to serve "
+            "it as exported")
+    unmerged = dataclasses.replace(tiny_cfg, base=str(out), adapter="", merge_lora=False)
+    with pytest.raises(BackendUnavailable) as info:
+        load_voxtral_backend(unmerged, "en", extra_adapters={"again": str(copy)})
+    assert str(info.value).endswith("remove model.voxtral.adapters.again to serve it as exported")
+    with caplog.at_level("WARNING"):
+        on_top = load_voxtral_backend(
+            dataclasses.replace(tiny_cfg, base=str(out), adapter=str(tiny.adapter_rl)), "en")
+    assert on_top.loaded.adapters == ("default",)
+    assert f"already has LoRA adapter {tiny_cfg.adapter!r} merged in" in caplog.text
+
+
+def test_an_adapter_merged_from_the_hub_is_refused_before_any_download(
+    tiny_cfg: VoxtralConfig, tmp_path: Path
+) -> None:
+    """An export of the hub's Evoxtral LoRA served with the default adapter
+    setting: refused by its hub id, before the adapter is looked up (offline
+    here; online it would have been downloaded first), also from a note that
+    has no digest."""
+    out = tmp_path / "merged"
+    export_merged(dataclasses.replace(tiny_cfg, adapter=""), out)
+    note = json.loads((out / "evoxtral_merge.json").read_text())
+    note.update(adapter="YongkangZOU/evoxtral-lora", merged=True)
+    note.pop("adapter_sha256", None)
+    (out / "evoxtral_merge.json").write_text(json.dumps(note))
+    cfg = dataclasses.replace(tiny_cfg, base=str(out), adapter="YongkangZOU/evoxtral-lora")
+    with pytest.raises(BackendUnavailable) as info:
+        load_voxtral_backend(cfg, "en")
+    assert str(info.value).startswith("LoRA adapter 'YongkangZOU/evoxtral-lora' is already "
+                                      "merged into the Voxtral base model in ")

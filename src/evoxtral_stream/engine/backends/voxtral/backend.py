@@ -42,8 +42,9 @@ from evoxtral_stream.text.loops import cut_loop
 from .adapter import AdapterError, SavedAdapter, attach_adapter, merge_lora, read_adapter
 from .compile_cache import CacheTally, use_compile_cache
 from .features import LogMel
+from .merge_note import NOTE, MergeNote, adapter_digest, read_note
 from .prompt import LANGUAGES, PromptSpec, Tokenizer, language_ids
-from .resolve import Kind, Resolved, resolve
+from .resolve import Kind, Resolved, is_hub_id, resolve
 
 if TYPE_CHECKING:
     from .continuous import RowDecoder
@@ -366,6 +367,13 @@ def load_model(
         log.info("compile cache: %s", cache)
     base = resolve(cfg.base, Kind.BASE)
     _check_architecture(base.path)
+    note = read_note(base.path)
+    if note is not None:
+        # Before the lookup, which would download a hub adapter only to refuse it.
+        for name, ref in ([(DEFAULT_ADAPTER, cfg.adapter)] if cfg.adapter else []) + [
+                *extras.items()]:
+            if is_hub_id(ref) and ref == note.adapter:
+                raise _merged_again(name, ref, base)
     adapter = resolve(cfg.adapter, Kind.ADAPTER) if cfg.adapter else None
     extra_paths = {name: resolve(ref, Kind.ADAPTER, key=_extra_key(name))
                    for name, ref in extras.items()}
@@ -378,6 +386,8 @@ def load_model(
             saved.append((name, res, read_adapter(res.path)))
         except AdapterError as e:
             raise _adapter_unusable(name, res, e) from None
+        if note is not None:
+            _check_merged_note(note, name, res, base)
 
     tokenizer = load_tokenizer(base.path)
     try:
@@ -444,6 +454,34 @@ def _adapter_unusable(name: str, res: Resolved, e: AdapterError) -> BackendUnava
         f"cannot use LoRA adapter {res.ref!r} on this base model ({e}); set {key} "
         "to a complete adapter trained on this base"
     )
+
+
+def _merged_again(name: str, ref: str, base: Resolved) -> BackendUnavailable:
+    """The one line refusing adapter ``name`` (``ref``) that export-merged
+    already merged into ``base``."""
+    fix = ('set model.voxtral.adapter = ""' if name == DEFAULT_ADAPTER
+           else f"remove {_extra_key(name)}")
+    return BackendUnavailable(
+        f"LoRA adapter {ref!r} is already merged into the Voxtral base model in "
+        f"{str(base.path)!r} ({NOTE}); {fix} to serve it as exported"
+    )
+
+
+def _check_merged_note(note: MergeNote, name: str, res: Resolved, base: Resolved) -> None:
+    """Refuse adapter ``name`` if it is the one ``note`` says is merged into
+    ``base`` (the same hub id, or the same weights wherever they lie): merged
+    twice, its change would count double. Another adapter goes on top of
+    the merged one, as configured, with a warning."""
+    same = is_hub_id(res.ref) and res.ref == note.adapter
+    if not same and note.sha256:
+        # Read just before: one gone since is reported by the load.
+        with contextlib.suppress(OSError):
+            same = adapter_digest(res.path) == note.sha256
+    if same:
+        raise _merged_again(name, res.ref, base)
+    key = Kind.ADAPTER.value if name == DEFAULT_ADAPTER else _extra_key(name)
+    log.warning("the Voxtral base model in %s already has LoRA adapter %r merged in (%s); "
+                "%s %r goes on top of it", base.path, note.adapter, NOTE, key, res.ref)
 
 
 def _extra_key(name: str) -> str:

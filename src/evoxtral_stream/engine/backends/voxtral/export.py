@@ -20,6 +20,7 @@ from evoxtral_stream.config import VoxtralConfig
 
 from .backend import load_model
 from .errors import ExportError
+from .merge_note import NOTE, adapter_digest
 
 __all__ = ["ExportError", "export_merged"]
 
@@ -120,14 +121,16 @@ def _write_merged(cfg: VoxtralConfig, outdir: Path, max_shard_size: str) -> None
         "base": cfg.base,
         "adapter": cfg.adapter,
         "merged": bool(cfg.adapter),
+        # What a load of this folder compares its adapters with (merge_note).
+        **({"adapter_sha256": adapter_digest(loaded.adapter.path)} if loaded.adapter else {}),
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "versions": _versions(),
     }
-    (outdir / "evoxtral_merge.json").write_text(json.dumps(note, indent=2) + "\n", "utf-8")
+    (outdir / NOTE).write_text(json.dumps(note, indent=2) + "\n", "utf-8")
     # safetensors writes the weights through a private (0600) temporary file:
     # give them the mode the umask gives a new file, as the note just got, so
     # the service user that serves the checkpoint can read what an admin wrote.
-    mode = (outdir / "evoxtral_merge.json").stat().st_mode & 0o777
+    mode = (outdir / NOTE).stat().st_mode & 0o777
     for path in outdir.iterdir():
         if path.is_file() and path.stat().st_mode & 0o777 != mode:
             path.chmod(mode)

@@ -51,6 +51,7 @@ _BASE_PATTERNS = [
     "processor_config.json",
     "model*.safetensors",
     "model.safetensors.index.json",
+    "evoxtral_merge.json",  # an export-merged folder put on the hub: what it merged
 ]
 _ADAPTER_PATTERNS = ["adapter_config.json", "adapter_model.safetensors", "README.md"]
 
