@@ -232,3 +232,23 @@ def test_an_adapter_merged_from_the_hub_is_refused_before_any_download(
         load_voxtral_backend(cfg, "en")
     assert str(info.value).startswith("LoRA adapter 'YongkangZOU/evoxtral-lora' is already "
                                       "merged into the Voxtral base model in ")
+
+
+def test_export_leaves_the_compile_cache_alone(
+    tiny_cfg: VoxtralConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """export-merged compiles nothing, yet run with serve's config it made
+    model.voxtral.compile_cache_dir (owned by whoever exported: root, for a
+    service user's /var/cache/evoxtral/compile) and refused to export where
+    that folder could not be written. It now leaves the setting alone."""
+    from evoxtral_stream.engine.backends.voxtral.compile_cache import ENV
+
+    monkeypatch.delenv(ENV, raising=False)
+    cache = tmp_path / "cache" / "compile"
+    export_merged(dataclasses.replace(tiny_cfg, compile_cache_dir=str(cache)), tmp_path / "one")
+    assert not (tmp_path / "cache").exists()
+    (tmp_path / "a-file").write_text("")
+    unusable = str(tmp_path / "a-file" / "compile")
+    export_merged(dataclasses.replace(tiny_cfg, compile_cache_dir=unusable), tmp_path / "two")
+    assert (tmp_path / "two" / "model.safetensors").is_file()
+    assert ENV not in os.environ

@@ -8,6 +8,7 @@ config, generation config, ``tekken.json`` and the feature-extractor config.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -110,7 +111,10 @@ def _remove_empty(folders: list[Path]) -> None:
 
 
 def _write_merged(cfg: VoxtralConfig, outdir: Path, max_shard_size: str) -> None:
-    loaded = load_model(cfg, "auto", merge=True, dtype="auto" if cfg.dtype == "auto" else None)
+    # Nothing is compiled here: serve's compile cache folder is neither made
+    # (by whoever exports) nor needed to be writable.
+    loaded = load_model(dataclasses.replace(cfg, compile_cache_dir=""), "auto", merge=True,
+                        dtype="auto" if cfg.dtype == "auto" else None)
     model: Any = loaded.model
     model.save_pretrained(str(outdir), max_shard_size=max_shard_size)
     for name in _COPIED:
