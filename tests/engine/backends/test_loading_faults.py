@@ -110,6 +110,21 @@ def test_export_through_a_symlink_to_an_empty_folder(
     assert (link / "tekken.json").is_file()
 
 
+def test_export_to_a_symlink_loop_is_one_line(tiny_cfg: VoxtralConfig, tmp_path: Path) -> None:
+    """OUTDIR a symlink that points at itself ended in Path.resolve's
+    RuntimeError 'Symlink loop' (Python before 3.13): a traceback. It is one
+    line, before the model loads (the base here is missing), and the link is
+    left as it was."""
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    broken = dataclasses.replace(tiny_cfg, base=str(tmp_path / "no-base"))
+    with pytest.raises(ExportError) as info:
+        export_merged(broken, loop)
+    assert _one_line(info).startswith(f"cannot write {loop}: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop"]
+    assert os.readlink(loop) == "loop"
+
+
 def test_a_job_language_is_one_of_the_codes_exactly(merged: VoxtralBackend) -> None:
     """language_ids: 'raises BackendError for a code not in languages'; 'EN'
     is not in languages (model.language 'EN' is refused at load)."""

@@ -9,6 +9,7 @@ config, generation config, ``tekken.json`` and the feature-extractor config.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import itertools
 import json
 import logging
@@ -55,7 +56,11 @@ def export_merged(cfg: VoxtralConfig, outdir: Path, *, max_shard_size: str = "5G
     # would load, nor a folder the next try refuses as not empty.
     # The real folder: a symlink to an empty folder cannot be removed and
     # renamed over as one.
-    shown, outdir = outdir, outdir.resolve()
+    # os.path.realpath, not Path.resolve: before Python 3.13 that raises
+    # RuntimeError on a symlink loop, which realpath leaves as a link.
+    shown, outdir = outdir, Path(os.path.realpath(outdir))
+    if outdir.is_symlink():
+        raise ExportError(f"cannot write {shown}: {os.strerror(errno.ELOOP)}")
     if outdir == Path.cwd().resolve() or outdir.parent == outdir:
         # Replaced by the finished folder, it would leave the shell that ran
         # this in a folder that is gone.
