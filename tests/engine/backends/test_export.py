@@ -252,3 +252,21 @@ def test_export_leaves_the_compile_cache_alone(
     export_merged(dataclasses.replace(tiny_cfg, compile_cache_dir=unusable), tmp_path / "two")
     assert (tmp_path / "two" / "model.safetensors").is_file()
     assert ENV not in os.environ
+
+
+def test_export_keeps_the_base_generation_config(
+    tiny: Tiny, tiny_cfg: VoxtralConfig, tmp_path: Path
+) -> None:
+    """The export wrote the generation config the engine had cut down to its
+    greedy decoding (special token ids only), not the base's: an engine
+    serving the export (vLLM takes its default sampling from that file)
+    lost what the base asked for. The base's file is copied as it is."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny.base, base)
+    asked = json.loads((base / "generation_config.json").read_text())
+    asked.update(repetition_penalty=1.1, temperature=0.2, do_sample=True)
+    (base / "generation_config.json").write_text(json.dumps(asked, indent=2))
+    out = tmp_path / "merged"
+    export_merged(dataclasses.replace(tiny_cfg, base=str(base)), out)
+    assert (out / "generation_config.json").read_bytes() == (
+        base / "generation_config.json").read_bytes()

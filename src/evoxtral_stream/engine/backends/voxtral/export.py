@@ -29,7 +29,11 @@ __all__ = ["ExportError", "export_merged"]
 log = logging.getLogger(__name__)
 
 # Files of the base checkpoint that the merged folder needs besides weights.
-_COPIED = ("tekken.json", "preprocessor_config.json", "processor_config.json")
+# generation_config.json too, over the one saved with the model: the engine
+# cut that down to greedy decoding, while an engine serving the export takes
+# its defaults from the base's own.
+_COPIED = ("tekken.json", "preprocessor_config.json", "processor_config.json",
+           "generation_config.json")
 
 
 def export_merged(cfg: VoxtralConfig, outdir: Path, *, max_shard_size: str = "5GB") -> None:
