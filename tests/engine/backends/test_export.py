@@ -270,3 +270,18 @@ def test_export_keeps_the_base_generation_config(
     export_merged(dataclasses.replace(tiny_cfg, base=str(base)), out)
     assert (out / "generation_config.json").read_bytes() == (
         base / "generation_config.json").read_bytes()
+
+
+def test_extra_adapters_are_said_to_be_left_out(
+    tiny: Tiny, tiny_cfg: VoxtralConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """serve's config with [model.voxtral.adapters] (and the merge_lora =
+    false they need) exported model.voxtral.adapter alone without a word:
+    the export merges one adapter, and now says which ones it leaves out."""
+    cfg = dataclasses.replace(tiny_cfg, merge_lora=False, adapters={"rl": str(tiny.adapter_rl)})
+    with caplog.at_level("WARNING"):
+        export_merged(cfg, tmp_path / "merged")
+    assert ("model.voxtral.adapters rl not exported: only model.voxtral.adapter is merged"
+            in caplog.text)
+    note = json.loads((tmp_path / "merged" / "evoxtral_merge.json").read_text())
+    assert note["adapter"] == tiny_cfg.adapter and note["merged"] is True

@@ -53,6 +53,11 @@ def export_merged(cfg: VoxtralConfig, outdir: Path, *, max_shard_size: str = "5G
         raise ExportError(f"{outdir} exists and is not an empty folder; choose a new OUTDIR")
     if not cfg.adapter:
         log.warning("model.voxtral.adapter is empty: exporting plain Voxtral unchanged")
+    if cfg.adapters:
+        # serve's config: a stream may choose them there, but one folder
+        # holds one set of weights.
+        log.warning("model.voxtral.adapters %s not exported: only model.voxtral.adapter is "
+                    "merged", ", ".join(cfg.adapters))
     # Made before the model loads (minutes for the full size), so a place
     # that cannot be written is refused at once; removed if the export fails.
     # The files go to a folder beside it, renamed to it once all are written:
