@@ -9,6 +9,11 @@ from collections.abc import Iterator
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The tests' pseudo-terminals are terminals that move their cursor, whatever
+# the one (or none: TERM=dumb under some CI runners) the suite runs from;
+# those testing TERM=dumb and NO_COLOR set them themselves.
+os.environ["TERM"] = "xterm-256color"
+os.environ.pop("NO_COLOR", None)
 
 
 import pytest

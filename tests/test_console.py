@@ -552,3 +552,47 @@ def test_a_final_of_another_stream_goes_above_the_live_partial_and_keeps_it() ->
     assert screen == ["a [0:00.0 → 0:01.5] one done", "! a: decode_failed: RuntimeError: x",
                       "b [0:00.0 → 0:01.0] two"], screen
     assert after == [*screen[:2], "b [0:00.0 → 0:01.5] two done"], after
+
+
+def test_a_dumb_terminal_gets_finals_as_plain_lines_and_no_bar(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``TERM=dumb`` (Emacs' shell buffer, some CI consoles) moves no cursor:
+    the partial's redraw, its dim style and the progress bar showed there as
+    escape codes and stacked rows. There only finals are printed, as lines,
+    and log lines go as they are."""
+    monkeypatch.setenv("TERM", "dumb")
+    master, slave, drain = _pty(80)
+    root = logging.getLogger()
+    with open(slave, "w", encoding="utf-8") as tty:
+        monkeypatch.setattr(sys, "stderr", tty)
+        monkeypatch.setattr(root, "handlers", [])   # as at a command's start: no handler yet
+        assert _progress(60 * SAMPLE_RATE) is None
+        printer = CaptionPrinter(tty)
+        handler = configure_logging("text", logging.INFO, stream=tty)
+        assert handler is not None
+        try:
+            printer(_partial("the committee ", "met"))
+            logging.getLogger("evoxtral_stream.test").info("a log line")
+            printer(_partial("the committee met on Tuesday.", "", final=True))
+            shown = drain()
+        finally:
+            root.removeHandler(handler)
+    os.close(master)
+    assert "\x1b" not in shown, repr(shown)
+    assert "met on Tuesday." in shown and "a log line" in shown
+    assert "the committee met\r" not in shown and shown.count("committee") == 1, repr(shown)
+
+
+def test_no_color_keeps_the_redraw_but_not_the_dim_style(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``NO_COLOR`` (no-color.org) set and not empty: the partial's words not
+    yet stable are not dimmed; the row is still redrawn in place."""
+    monkeypatch.setenv("NO_COLOR", "1")
+    master, slave, drain = _pty(80)
+    with open(slave, "w", encoding="utf-8") as tty:
+        printer = CaptionPrinter(tty)
+        printer(_partial("the committee ", "met"))
+        shown = drain()
+    os.close(master)
+    assert "\x1b[2m" not in shown and "\x1b[0m" not in shown, repr(shown)
+    assert "\r\x1b[J" in shown and shown.endswith("the committee met"), repr(shown)

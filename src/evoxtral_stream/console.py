@@ -3,8 +3,9 @@
 On a TTY the current partial is redrawn in place (dim) and replaced by the
 final when it lands (a partial or final with no text, a segment rated no
 speech, clears it; a final or error of another stream goes above it);
-elsewhere only finals are printed, one per line, unless
-``partials`` is set. With several streams each line names its stream.
+elsewhere, and on a terminal whose ``TERM`` is ``dumb`` (:func:`redraws`),
+only finals are printed, one per line, unless ``partials`` is set. With
+several streams each line names its stream. ``NO_COLOR`` drops the dim.
 
 Characters the output's encoding lacks (a non-UTF-8 locale) are written
 as ``?``, and the time span's arrow and the ellipsis as ``->`` and ``...``.
@@ -46,7 +47,7 @@ from .writer import EXIT_WAIT_S, QueuedWriter
 
 __all__ = ["PRINT_QUEUE_CHARS", "PRINT_QUEUE_LINES", "CaptionPrinter", "TerminalLogHandler",
            "above_captions", "char_columns", "clip_columns", "format_time", "printable",
-           "text_columns"]
+           "redraws", "text_columns"]
 
 #: The most lines a queued :class:`CaptionPrinter` holds for its writer...
 PRINT_QUEUE_LINES = 10_000
@@ -76,6 +77,20 @@ def _isatty(stream: TextIO) -> bool:
         return False
 
 
+def redraws(stream: TextIO) -> bool:
+    """Whether ``stream`` is a terminal that moves its cursor: a TTY whose
+    ``TERM`` is not ``dumb`` (Emacs' shell buffer, some CI consoles, where
+    a redraw, a colour or a progress bar shows as escape codes and stacked
+    rows). Only such a terminal gets the live partial and the bar."""
+    return _isatty(stream) and os.environ.get("TERM") != "dumb"
+
+
+def _styles() -> tuple[str, str]:
+    """The dim style of a partial's words not yet stable, and its reset:
+    none when ``NO_COLOR`` is set and not empty (no-color.org)."""
+    return ("", "") if os.environ.get("NO_COLOR") else (_DIM, _RESET)
+
+
 @contextlib.contextmanager
 def above_captions(stream: TextIO, *, clear_below: bool = True) -> Iterator[None]:
     """Write lines to ``stream`` inside this block above the live captions.
@@ -88,7 +103,7 @@ def above_captions(stream: TextIO, *, clear_below: bool = True) -> Iterator[None
     is on it: JSON log lines, where no progress bar is drawn.
     """
     with _TERMINAL:
-        if not _isatty(stream):
+        if not redraws(stream):
             yield
             return
         live = list(_LIVE)
@@ -169,7 +184,8 @@ class CaptionPrinter:
                 self._queue = QueuedWriter(self._out, name="caption-writer",
                                            max_chars=PRINT_QUEUE_CHARS, exit_wait=EXIT_WAIT_S,
                                            dropped_line=_dropped_captions)
-        self._live = is_tty if live is None else live
+        self._live = (is_tty and redraws(self._out)) if live is None else live
+        self._dim, self._reset = _styles()
         self._partials = self._live if partials is None else partials
         self._show_stream = show_stream
         self._own = own
@@ -296,7 +312,7 @@ class CaptionPrinter:
                 stable, unstable = _tail(self._encodable(event.stable),
                                          self._encodable(event.unstable),
                                          room - text_columns(prefix + sep), self._ellipsis)
-                line = f"{prefix}{sep}{stable}{_DIM}{unstable}{_RESET}"
+                line = f"{prefix}{sep}{stable}{self._dim}{unstable}{self._reset}"
                 self._row = line
                 self._row_stream = event.stream
                 self._partial_shown = True

@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from ..audio.sources import AudioInputError, read_audio_channels
 from ..config import Config
-from ..console import CaptionPrinter
+from ..console import CaptionPrinter, redraws
 from ..data import sample_path
 from ..engine.backends import load_backend
 from ..engine.engine import Engine, StreamSummary
@@ -285,7 +285,7 @@ def _stop_on_signals(cfg: Config, engine: Engine,
 def _progress(total_samples: int) -> Any:
     """A bar on a terminal's stderr (else None), updated in samples and
     shown in seconds."""
-    if not sys.stderr.isatty():
+    if not redraws(sys.stderr):
         return None
     from tqdm import tqdm
 
