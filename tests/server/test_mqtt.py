@@ -17,7 +17,7 @@ from websockets.asyncio.client import connect
 try:
     import aiomqtt
 except ImportError:  # the mqtt extra is optional
-    pytest.skip("aiomqtt not installed (pip install 'evoxtral-stream[mqtt]')",
+    pytest.skip("aiomqtt not installed (pip install -e '.[mqtt]')",
                 allow_module_level=True)
 
 from evoxtral_stream.config import ConfigError, MqttConfig, load_config

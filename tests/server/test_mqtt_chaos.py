@@ -17,7 +17,7 @@ import pytest
 try:
     import aiomqtt  # noqa: F401
 except ImportError:  # the mqtt extra is optional
-    pytest.skip("aiomqtt not installed (pip install 'evoxtral-stream[mqtt]')",
+    pytest.skip("aiomqtt not installed (pip install -e '.[mqtt]')",
                 allow_module_level=True)
 
 from tests.helpers.fuzz import fuzz_seeds

@@ -24,7 +24,7 @@ import pytest
 try:
     import aiomqtt
 except ImportError:  # the mqtt extra is optional
-    pytest.skip("aiomqtt not installed (pip install 'evoxtral-stream[mqtt]')",
+    pytest.skip("aiomqtt not installed (pip install -e '.[mqtt]')",
                 allow_module_level=True)
 
 from evoxtral_stream.config import ConfigError, load_config

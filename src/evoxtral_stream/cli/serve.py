@@ -23,6 +23,7 @@ from ..data import sample_path
 from ..engine.backends import load_backend
 from ..engine.engine import Engine
 from ..events import SAMPLE_RATE, Int16Array
+from ..extras import extra_hint
 from ..server.app import CaptionServer, check_listen
 from ..systemd import Notifier, Snapshot, monotonic_usec, supervise
 from .exits import _exit_leaving_threads, _ignore_late_stops, _model_threads_left
@@ -400,7 +401,7 @@ def _check_mqtt_extra(cfg: Config) -> None:
     try:
         import aiomqtt  # noqa: F401
     except ImportError:
-        raise UserError("MQTT needs aiomqtt: pip install 'evoxtral-stream[mqtt]', "
+        raise UserError(f"MQTT needs aiomqtt: {extra_hint('mqtt')}, "
                         "or set mqtt.enabled=false") from None
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from ..audio.microphone import list_input_devices
 from ..config import Config, to_toml
 from ..engine.backends import load_backend
+from ..extras import extra_hint
 from ..outputs import part_path
 from .messages import UserError, log
 from .results import _attempt, _check_output_file, _raise_first, _to_stdout, _write
@@ -82,8 +83,7 @@ def _cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
         # WER comes last, after every file is streamed: check it can be had now.
         import jiwer  # noqa: F401
     except ImportError:
-        raise UserError("eval needs jiwer for WER: "
-                        "pip install 'evoxtral-stream[eval]'") from None
+        raise UserError(f"eval needs jiwer for WER: {extra_hint('eval')}") from None
     # The report is written last, after every file is decoded: check its place now.
     if args.json is not None:
         _check_output_file("--json", str(args.json), "name the report's file")
@@ -143,7 +143,8 @@ def _cmd_export_merged(args: argparse.Namespace, cfg: Config) -> int:
         from ..engine.backends.voxtral import ExportError, export_merged
     except ImportError as e:
         raise UserError(f"export-merged needs the voxtral extra ({e.name} missing): "
-                        "pip install torch==2.13.0 'evoxtral-stream[voxtral]'") from None
+                        f"pip install torch (torch==2.13.0 for the CPU), then "
+                        f"{extra_hint('voxtral')}") from None
     try:
         export_merged(cfg.model.voxtral, args.outdir)
     except ExportError as e:

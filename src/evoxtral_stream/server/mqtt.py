@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ..config import ConfigError, MqttConfig
 from ..events import CaptionEvent, EngineEvent, StreamEnded, StreamError, StreamStarted
+from ..extras import extra_hint
 from .certs import CertWatcher, fingerprint
 from .mqtt_backlog import Backlog, PartialKey, QueuedEvent, RetainedClear
 from .mqtt_connect import (
@@ -870,7 +871,7 @@ def _require_aiomqtt() -> None:
         import aiomqtt  # noqa: F401
     except ImportError:
         raise RuntimeError(
-            "MQTT needs aiomqtt: pip install 'evoxtral-stream[mqtt]', or set mqtt.enabled=false"
+            f"MQTT needs aiomqtt: {extra_hint('mqtt')}, or set mqtt.enabled=false"
         ) from None
 
 

@@ -39,6 +39,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..extras import extra_hint
+
 __all__ = [
     "PRF",
     "Comparison",
@@ -130,7 +132,7 @@ def _jiwer() -> Any:
         import jiwer
     except ImportError:  # pragma: no cover - depends on the installed extras
         raise RuntimeError(
-            "WER needs jiwer: install the eval extra (pip install 'evoxtral-stream[eval]')"
+            f"WER needs jiwer: install the eval extra ({extra_hint('eval')})"
         ) from None
     return jiwer
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from ...config import ModelConfig
+from ...extras import extra_hint
 from .base import Backend, BackendError, BackendUnavailable
 
 __all__ = ["Backend", "BackendError", "BackendUnavailable", "choose_backend", "load_backend"]
@@ -35,7 +36,7 @@ def load_backend(cfg: ModelConfig) -> Backend:
         except ImportError as e:
             raise BackendUnavailable(
                 f"the voxtral backend needs torch, transformers and peft ({e.name} missing): "
-                "pip install torch==2.13.0 'evoxtral-stream[voxtral]'"
+                f"pip install torch (torch==2.13.0 for the CPU), then {extra_hint('voxtral')}"
             ) from None
         backend: Backend = load_voxtral_backend(cfg.voxtral, cfg.language,
                                                 extra_adapters=cfg.voxtral.adapters)

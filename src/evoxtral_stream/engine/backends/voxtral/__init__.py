@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from evoxtral_stream.config import VoxtralConfig
 from evoxtral_stream.engine.backends.base import BackendUnavailable
+from evoxtral_stream.extras import extra_hint
 
 from .errors import ExportError
 from .resolve import voxtral_available
@@ -30,7 +31,7 @@ __all__ = [
     "voxtral_available",
 ]
 
-_HINT = "pip install 'evoxtral-stream[voxtral]', or set model.backend = \"whisper\""
+_HINT = f"{extra_hint('voxtral')}, or set model.backend = \"whisper\""
 
 
 def _missing(e: ImportError) -> BackendUnavailable:

@@ -37,6 +37,7 @@ from evoxtral_stream.engine.backends.base import (
     Job,
     one_line,
 )
+from evoxtral_stream.extras import extra_hint
 from evoxtral_stream.text.loops import cut_loop
 
 from .adapter import AdapterError, SavedAdapter, attach_adapter, merge_lora, read_adapter
@@ -71,7 +72,7 @@ NO_ADAPTER = "none"
 """Per-request adapter name for plain Voxtral (unmerged mode only)."""
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_EXTRA_HINT = "pip install 'evoxtral-stream[voxtral]', or set model.backend = \"whisper\""
+_EXTRA_HINT = f"{extra_hint('voxtral')}, or set model.backend = \"whisper\""
 
 Audio = npt.NDArray[np.float32]
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from evoxtral_stream.config import VoxtralConfig
 from evoxtral_stream.engine.backends.base import BackendUnavailable, one_line
+from evoxtral_stream.extras import extra_hint
 
 __all__ = [
     "ADAPTER_FILES",
@@ -258,12 +259,12 @@ def voxtral_available(cfg: VoxtralConfig) -> tuple[bool, str]:
     try:
         import torch
     except ImportError:
-        return False, "torch is not installed (pip install 'evoxtral-stream[voxtral]')"
+        return False, f"torch is not installed ({extra_hint('voxtral')})"
     try:
         import peft  # noqa: F401
         import transformers  # noqa: F401
     except ImportError:
-        return False, "transformers/peft are not installed (pip install 'evoxtral-stream[voxtral]')"
+        return False, f"transformers/peft are not installed ({extra_hint('voxtral')})"
     if not torch.cuda.is_available():
         return False, "no CUDA device"
     index = int(cfg.device[5:]) if cfg.device.startswith("cuda:") else 0
