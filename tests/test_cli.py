@@ -2458,6 +2458,49 @@ def test_srt_to_dev_stdout_into_a_pipe_is_written_in_place(tmp_path: Path, flag:
                             cues), proc.stdout
 
 
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_an_output_onto_the_terminal_gets_no_progress_bar(tmp_path: Path) -> None:
+    """``transcribe talk.wav --srt -`` in a terminal: the cues are written
+    cue by cue onto the terminal, which stderr's progress bar shares. The
+    bar, drawn on the row below the cursor, was overwritten by the cues'
+    lines only as far as they reached, and the rest of it stayed beside the
+    cue's times. An output onto that terminal now gets no bar (a pipe or a
+    file does: its bar is on another screen)."""
+    import fcntl
+    import struct
+    import termios
+
+    root = Path(__file__).resolve().parents[1]
+    script = _SRT_TO_STDOUT.replace(', "-q"]', "]")
+
+    def run(*args: str) -> str:
+        main_fd, tty = os.openpty()
+        fcntl.ioctl(tty, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", script, str(tmp_path / "a.wav"), *args],
+                stdin=subprocess.DEVNULL, stdout=tty, stderr=tty, cwd=tmp_path,
+                env={**os.environ, "HF_HUB_OFFLINE": "1",
+                     "PYTHONPATH": f"{root / 'src'}:{root}"})
+            os.close(tty)
+            tty = -1
+            written = bytearray()
+            with contextlib.suppress(OSError):  # EIO: every writer has closed it
+                while chunk := os.read(main_fd, 65536):
+                    written.extend(chunk)
+            assert proc.wait(timeout=120) == 0, written.decode(errors="replace")
+        finally:
+            os.close(main_fd)
+            if tty >= 0:
+                os.close(tty)
+        return written.decode(errors="replace")
+
+    assert "%|" in run(), "no bar even without an output on the terminal"
+    shown = run("--srt", "-")
+    assert "00:00:00," in shown and "w0 w1" in shown, shown
+    assert "%|" not in shown, shown
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
 def test_a_jsonl_that_is_stdout_s_file_is_not_written_over_by_caption_lines(
         tmp_path: Path) -> None:

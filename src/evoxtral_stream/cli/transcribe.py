@@ -157,9 +157,13 @@ def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
                 elif only_stdout:
                     engine.add_listener(_on_output_left(jsonl, subtitles, on_closed))
                 # No progress bar in json mode (stderr holds JSON lines only),
-                # nor with -q (only warnings and errors).
+                # nor with -q (only warnings and errors), nor where an output
+                # is written onto the terminal (--srt - there): its lines take
+                # no heed of the bar's row, and would leave the bar beside them.
                 quiet = LEVELS[cfg.logging.level] > logging.INFO
-                bar = None if cfg.logging.format == "json" or quiet else _progress(total)
+                onto_terminal = not prints and redraws(sys.stdout)
+                bar = (None if cfg.logging.format == "json" or quiet or onto_terminal
+                       else _progress(total))
                 try:
                     progress = None if bar is None else bar.update
                     return await transcribe_samples(cfg, engine, jobs, realtime=args.realtime,
