@@ -285,3 +285,26 @@ def test_extra_adapters_are_said_to_be_left_out(
             in caplog.text)
     note = json.loads((tmp_path / "merged" / "evoxtral_merge.json").read_text())
     assert note["adapter"] == tiny_cfg.adapter and note["merged"] is True
+
+
+def test_an_export_of_an_export_keeps_saying_what_is_merged_in_it(
+    tiny_cfg: VoxtralConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An export exported again with model.voxtral.adapter = "" (as the
+    refusal to merge it twice says to set; another dtype, another shard
+    size) wrote a note saying nothing was merged, so the default config's
+    adapter was merged into the second export a second time, unsaid. Its
+    note now carries the base's, and the warning no longer calls it plain
+    Voxtral."""
+    first = tmp_path / "first"
+    export_merged(tiny_cfg, first)
+    again = tmp_path / "again"
+    with caplog.at_level("WARNING"):
+        export_merged(dataclasses.replace(tiny_cfg, base=str(first), adapter=""), again)
+    with pytest.raises(BackendUnavailable, match="is already merged into"):
+        load_voxtral_backend(dataclasses.replace(tiny_cfg, base=str(again)), "en")
+    note = json.loads((again / "evoxtral_merge.json").read_text())
+    before = json.loads((first / "evoxtral_merge.json").read_text())
+    assert (note["adapter"], note["adapter_sha256"], note["merged"]) == (
+        before["adapter"], before["adapter_sha256"], True)
+    assert "plain Voxtral" not in caplog.text

@@ -22,7 +22,7 @@ from evoxtral_stream.config import VoxtralConfig
 
 from .backend import load_model
 from .errors import ExportError
-from .merge_note import NOTE, adapter_digest
+from .merge_note import NOTE, adapter_digest, read_note
 
 __all__ = ["ExportError", "export_merged"]
 
@@ -52,7 +52,7 @@ def export_merged(cfg: VoxtralConfig, outdir: Path, *, max_shard_size: str = "5G
     if taken:
         raise ExportError(f"{outdir} exists and is not an empty folder; choose a new OUTDIR")
     if not cfg.adapter:
-        log.warning("model.voxtral.adapter is empty: exporting plain Voxtral unchanged")
+        log.warning("model.voxtral.adapter is empty: exporting the base model unchanged")
     if cfg.adapters:
         # serve's config: a stream may choose them there, but one folder
         # holds one set of weights.
@@ -135,12 +135,20 @@ def _write_merged(cfg: VoxtralConfig, outdir: Path, max_shard_size: str) -> None
         src = loaded.base.path / name
         if src.is_file():
             shutil.copyfile(src, outdir / name)
+    merged_in: dict[str, object] = {"adapter": cfg.adapter, "merged": bool(cfg.adapter)}
+    if loaded.adapter is not None:
+        # What a load of this folder compares its adapters with (merge_note).
+        merged_in["adapter_sha256"] = adapter_digest(loaded.adapter.path)
+    elif (inherited := read_note(loaded.base.path)) is not None:
+        # A base that is an export itself, exported again as it is (another
+        # dtype, another shard size): its adapter is still merged in, and
+        # the note says so, or the next load would merge it a second time.
+        merged_in = {"adapter": inherited.adapter, "merged": True}
+        if inherited.sha256:
+            merged_in["adapter_sha256"] = inherited.sha256
     note = {
         "base": cfg.base,
-        "adapter": cfg.adapter,
-        "merged": bool(cfg.adapter),
-        # What a load of this folder compares its adapters with (merge_note).
-        **({"adapter_sha256": adapter_digest(loaded.adapter.path)} if loaded.adapter else {}),
+        **merged_in,
         "dtype": str(loaded.dtype).removeprefix("torch."),
         "versions": _versions(),
     }
