@@ -57,8 +57,14 @@ def test_static_cache_config_picks_the_slot_decoder(merged: VoxtralBackend) -> N
     assert slots.decoder._step == slots.decoder._forward
 
 
-def test_the_ring_wraps_twice(merged: VoxtralBackend, jobs: list[Job]) -> None:
+def test_the_ring_wraps_twice(merged: VoxtralBackend) -> None:
     """Jobs keep joining a batch that never empties, for two laps of the ring."""
+    # One window each, so the ring keeps its first size (512 columns; a 35 s
+    # row would grow it to 896, and two laps take a step per column), with
+    # budgets of 24 to 56 tokens: each admission (features, encoder and a
+    # prompt prefill) costs as much as about 15 steps, and short rows would
+    # make most of the laps admissions. Growing: the test after this one.
+    jobs = [Job(i, _audio(s, 40 + i)) for i, s in enumerate((12.0, 20.0, 28.0))]
     dec = SlotDecoder(merged)
     out: dict[Job, Done] = {}
     want: dict[Job, Done] = {}
@@ -80,6 +86,7 @@ def test_the_ring_wraps_twice(merged: VoxtralBackend, jobs: list[Job]) -> None:
         merged.force_tokens = False
     assert dec.columns > 0
     assert steps > 2 * dec.columns
+    assert len({len(j.audio) for j in out}) == len(jobs)  # rows of every length joined
     assert out == want
 
 
