@@ -13,7 +13,9 @@ and times the worker's warm-up:
    under systemd's ``PrivateTmp`` or in a new container (the reference).
 
 Prints a table of warm-up times and how many compiled graphs came from the
-cache. On the CPU inductor compiles C++, on a GPU Triton kernels; the
+cache; ``--json`` rows also hold a digest of the encoder's hidden states for
+3 s of noise after the warm-up (a restart's, from the cache, equals the first
+start's). On the CPU inductor compiles C++, on a GPU Triton kernels; the
 figures are the tiny model's, about the machine they ran on.
 """
 
@@ -47,8 +49,15 @@ t = time.perf_counter()
 said = backend.warm_up(int(max_batch))
 warm = time.perf_counter() - t
 hits, total = tally.counts()
+import hashlib, numpy, torch
+from evoxtral_stream.engine.backends.voxtral.encoder import encoder_parts
+noise = numpy.random.default_rng(41).standard_normal(48000).astype(numpy.float32) * 0.05
+feats = backend.features([noise]).to(backend.loaded.dtype)
+with torch.inference_mode():
+    states = encoder_parts(backend.model)[0](feats).last_hidden_state
+digest = hashlib.sha256(states.float().cpu().contiguous().numpy().tobytes()).hexdigest()
 print(json.dumps({"load_s": loaded, "warm_up_s": warm, "hits": hits, "graphs": total,
-                  "said": said}))
+                  "said": said, "encoder_sha256": digest}))
 """
 
 RUNS = (

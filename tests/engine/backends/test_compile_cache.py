@@ -1,4 +1,8 @@
-"""model.voxtral.compile_cache_dir: compiled graphs survive a restart."""
+"""model.voxtral.compile_cache_dir: compiled graphs survive a restart.
+
+The restart itself (a process of its own that compiles nothing and gets the
+first one's encoder states) is tests/bench/test_compile_cache.py's: the
+compile-cache bench runs exactly those starts."""
 
 from __future__ import annotations
 
@@ -18,9 +22,6 @@ from evoxtral_stream.engine.backends.voxtral.compile_cache import (
     CacheTally,
     use_compile_cache,
 )
-from evoxtral_stream.engine.backends.voxtral.encoder import encoder_parts
-
-from .helpers import audio_batch
 
 
 @pytest.fixture
@@ -75,32 +76,3 @@ def test_the_tally_counts_only_what_compiled_after_it(fresh_dynamo: None) -> Non
     counters["inductor"]["fxgraph_cache_miss"] += 2
     assert tally.counts() == (1, 3)
     assert tally.phrase().startswith("1 of 3 compiled graphs from the cache in ")
-
-
-@pytest.mark.slow
-def test_a_restarted_engine_takes_its_compiled_encoder_from_the_cache(
-    tiny_cfg: VoxtralConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    fresh_dynamo: None,
-) -> None:
-    """Real inductor on the CPU, twice with one folder: the second warm-up
-    (what a restart or a reloaded model thread runs) compiles nothing, and
-    its encoder gives the first one's hidden states."""
-    monkeypatch.delenv(ENV, raising=False)
-    folder = tmp_path / "compile"
-    cfg = dataclasses.replace(tiny_cfg, encoder_compile=True, compile_cache_dir=str(folder))
-    feats: torch.Tensor | None = None
-    states = []
-    said = []
-    for _ in range(2):
-        torch._dynamo.reset()  # what a new process starts from
-        backend = load_voxtral_backend(cfg, "en")
-        said.append(backend.warm_up(2))
-        if feats is None:
-            feats = backend.features(audio_batch([3.0], seed=41)).to(backend.loaded.dtype)
-        with torch.inference_mode():
-            states.append(encoder_parts(backend.model)[0](feats).last_hidden_state)
-    assert said[0].startswith("encoder layers compiled in ")
-    assert said[0].endswith(f"; 0 of 2 compiled graphs from the cache in {folder}")
-    assert said[1].endswith(f"; 2 of 2 compiled graphs from the cache in {folder}")
-    assert any(folder.iterdir())
-    torch.testing.assert_close(states[1], states[0], rtol=0, atol=0)
