@@ -84,6 +84,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from _auth import add_token_option, auth_headers, redact_tokens, refusal
+from _terminal import lenient_output
 from _url import Role, add_url_option, endpoint, take_query, with_query
 from viewer import LiveWriter, use_color
 from websockets.asyncio.client import ClientConnection, connect
@@ -969,6 +970,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the client; the process exit status."""
     parser = build_parser()
+    lenient_output()
     args = parser.parse_args(argv)
     try:
         endpoint(args.url, "/")

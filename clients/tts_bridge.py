@@ -107,6 +107,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from _auth import add_token_option, auth_headers, install_token_redaction, refusal
+from _terminal import lenient_output
 from _url import Role, add_url_option, endpoint, take_query, with_query
 from tts_synth import (
     DEFAULT_BASE_URL,
@@ -870,6 +871,7 @@ def _synth_from_args(args: argparse.Namespace) -> Synthesizer:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (0 ok, 1 error, 2 a bad or missing
     argument or an unusable ``--out``, 130 Ctrl-C)."""
+    lenient_output()
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.debug else logging.INFO
     if args.log_format == "json":

@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from _auth import add_token_option, auth_headers, redact_tokens, refusal
+from _terminal import lenient_output
 from _url import Role, add_url_option, endpoint, take_query, with_query
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -513,6 +514,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the viewer; the process exit status."""
     parser = build_parser()
+    lenient_output()
     args = parser.parse_args(argv)
     try:
         endpoint(args.url, "/")

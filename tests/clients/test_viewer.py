@@ -1018,3 +1018,26 @@ async def test_a_viewer_that_saw_many_streams_resumes_the_live_one_in_a_url_a_se
     assert "after the restart" in out.getvalue(), err.getvalue()
     assert len(paths) == 2 and len(paths[1]) <= 4200, len(paths[1])
     assert paths[1].startswith("/v1/captions?since=live:1,")
+
+
+async def test_a_locale_whose_encoding_lacks_the_arrow_gets_question_marks_not_a_crash(
+    served: tuple[Engine, CaptionServer],
+) -> None:
+    """Under a non-UTF-8 locale (here ASCII) the final's ``→`` and the end
+    line's ``■`` raised UnicodeEncodeError, which ended the viewer; they are
+    written as ``?`` now, as the engine's own terminal output does."""
+    engine, server = served
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(CLIENTS / "viewer.py"), "--url",
+        f"ws://127.0.0.1:{server.port}", "--stream", "talk", "--exit-on-end",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert proc.stderr is not None
+    hello = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
+    assert "connected to evoxtral-stream" in hello, hello
+    await feed_samples(engine.open_stream("talk", source="test"), buzzes(1), 1600,
+                       realtime=False)
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    assert re.fullmatch(r"\[0:00\.\d \? 0:0\d\.\d\] .+\n", out.decode()), out
+    assert "? talk ended: 1 finals" in err.decode(), err
