@@ -11,6 +11,9 @@ from __future__ import annotations
 __all__ = ["extra_hint"]
 
 
-def extra_hint(extra: str) -> str:
-    """``pip install -e '.[EXTRA]'``, said to be run in the checkout."""
-    return f"pip install -e '.[{extra}]' in the evoxtral-stream checkout"
+def extra_hint(extra: str, *, torch_first: bool = False) -> str:
+    """``pip install -e '.[EXTRA]'``, said to be run in the checkout;
+    ``torch_first``: after installing torch, whose bare requirement would
+    pull a CUDA build onto a CPU machine."""
+    hint = f"pip install -e '.[{extra}]' in the evoxtral-stream checkout"
+    return f"pip install torch (torch==2.13.0 for the CPU), then {hint}" if torch_first else hint

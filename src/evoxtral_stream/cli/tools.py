@@ -143,8 +143,7 @@ def _cmd_export_merged(args: argparse.Namespace, cfg: Config) -> int:
         from ..engine.backends.voxtral import ExportError, export_merged
     except ImportError as e:
         raise UserError(f"export-merged needs the voxtral extra ({e.name} missing): "
-                        f"pip install torch (torch==2.13.0 for the CPU), then "
-                        f"{extra_hint('voxtral')}") from None
+                        f"{extra_hint('voxtral', torch_first=True)}") from None
     try:
         export_merged(cfg.model.voxtral, args.outdir)
     except ExportError as e:

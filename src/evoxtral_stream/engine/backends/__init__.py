@@ -36,7 +36,7 @@ def load_backend(cfg: ModelConfig) -> Backend:
         except ImportError as e:
             raise BackendUnavailable(
                 f"the voxtral backend needs torch, transformers and peft ({e.name} missing): "
-                f"pip install torch (torch==2.13.0 for the CPU), then {extra_hint('voxtral')}"
+                f"{extra_hint('voxtral', torch_first=True)}"
             ) from None
         backend: Backend = load_voxtral_backend(cfg.voxtral, cfg.language,
                                                 extra_adapters=cfg.voxtral.adapters)
