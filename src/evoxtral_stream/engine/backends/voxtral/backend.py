@@ -470,11 +470,12 @@ def _merged_again(name: str, ref: str, base: Resolved) -> BackendUnavailable:
 
 def _check_merged_note(note: MergeNote, name: str, res: Resolved, base: Resolved) -> None:
     """Refuse adapter ``name`` if it is the one ``note`` says is merged into
-    ``base`` (the same hub id, or the same weights wherever they lie): merged
-    twice, its change would count double. Another adapter goes on top of
-    the merged one, as configured, with a warning."""
-    same = is_hub_id(res.ref) and res.ref == note.adapter
-    if not same and note.sha256:
+    ``base`` (the same weights wherever they lie; the same hub id was refused
+    before the lookup, in :func:`load_model`): merged twice, its change would
+    count double. Another adapter goes on top of the merged one, as
+    configured, with a warning."""
+    same = False
+    if note.sha256:
         # Read just before: one gone since is reported by the load.
         with contextlib.suppress(OSError):
             same = adapter_digest(res.path) == note.sha256
