@@ -16,6 +16,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from typing import TextIO
 
 import pytest
 
@@ -55,6 +56,23 @@ def _pty(columns: int, encoding: str = "utf-8") -> tuple[int, int, Callable[[], 
                 return written.decode(encoding)
 
     return master, slave, drain
+
+
+def _partial_log_final(tty: TextIO, drain: Callable[[], str], partial: CaptionEvent,
+                       log: Callable[[], None], final: CaptionEvent) -> str:
+    """What a printer on ``tty`` writes for ``partial``, a line ``log`` logs
+    through the command's handler (on ``tty`` too), then ``final``."""
+    root = logging.getLogger()
+    handler = configure_logging("text", logging.INFO, stream=tty)
+    assert handler is not None
+    try:
+        printer = CaptionPrinter(tty)
+        printer(partial)
+        log()
+        printer(final)
+        return drain()
+    finally:
+        root.removeHandler(handler)
 
 
 def _screen(output: str, columns: int) -> list[str]:
@@ -429,16 +447,10 @@ def test_a_terminal_whose_encoding_lacks_a_caption_s_characters_gets_them_replac
     root = logging.getLogger()
     with open(slave, "w", encoding="latin-1") as tty:   # strict, as Python sets it up
         monkeypatch.setattr(root, "handlers", [])
-        handler = configure_logging("text", logging.INFO, stream=tty)
-        assert handler is not None
-        try:
-            printer = CaptionPrinter(tty)
-            printer(_partial("na\u00efve \u4e2d\u6587 ", "\U0001f600 " + "word " * 30))
-            logging.getLogger("evoxtral_stream.test").warning("a line above")
-            printer(_partial("na\u00efve \u4e2d\u6587 \U0001f600", "", final=True))
-            written = drain()
-        finally:
-            root.removeHandler(handler)
+        written = _partial_log_final(
+            tty, drain, _partial("na\u00efve \u4e2d\u6587 ", "\U0001f600 " + "word " * 30),
+            lambda: logging.getLogger("evoxtral_stream.test").warning("a line above"),
+            _partial("na\u00efve \u4e2d\u6587 \U0001f600", "", final=True))
     os.close(master)
     screen = _screen(written, 80)
     assert "a line above" in " ".join(screen), screen
@@ -567,16 +579,10 @@ def test_a_dumb_terminal_gets_finals_as_plain_lines_and_no_bar(
         monkeypatch.setattr(sys, "stderr", tty)
         monkeypatch.setattr(root, "handlers", [])   # as at a command's start: no handler yet
         assert _progress(60 * SAMPLE_RATE) is None
-        printer = CaptionPrinter(tty)
-        handler = configure_logging("text", logging.INFO, stream=tty)
-        assert handler is not None
-        try:
-            printer(_partial("the committee ", "met"))
-            logging.getLogger("evoxtral_stream.test").info("a log line")
-            printer(_partial("the committee met on Tuesday.", "", final=True))
-            shown = drain()
-        finally:
-            root.removeHandler(handler)
+        shown = _partial_log_final(
+            tty, drain, _partial("the committee ", "met"),
+            lambda: logging.getLogger("evoxtral_stream.test").info("a log line"),
+            _partial("the committee met on Tuesday.", "", final=True))
     os.close(master)
     assert "\x1b" not in shown, repr(shown)
     assert "met on Tuesday." in shown and "a log line" in shown

@@ -184,7 +184,7 @@ class CaptionPrinter:
                 self._queue = QueuedWriter(self._out, name="caption-writer",
                                            max_chars=PRINT_QUEUE_CHARS, exit_wait=EXIT_WAIT_S,
                                            dropped_line=_dropped_captions)
-        self._live = (is_tty and redraws(self._out)) if live is None else live
+        self._live = redraws(self._out) if live is None else live
         self._dim, self._reset = _styles()
         self._partials = self._live if partials is None else partials
         self._show_stream = show_stream
