@@ -40,11 +40,12 @@ def _partial(stable: str, unstable: str, final: bool = False) -> CaptionEvent:
     return CaptionEvent("s", 0, 1, final, text, text, stable, unstable, (), 0.0, 9.5, None)
 
 
-def _pty(columns: int, encoding: str = "utf-8") -> tuple[int, int, Callable[[], str]]:
-    """A pseudo-terminal ``columns`` wide: (master, slave, read all written
-    so far, decoded from ``encoding``)."""
+def _pty(columns: int, encoding: str = "utf-8", lines: int = 24
+         ) -> tuple[int, int, Callable[[], str]]:
+    """A pseudo-terminal ``columns`` wide and ``lines`` high: (master, slave,
+    read all written so far, decoded from ``encoding``)."""
     master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", lines, columns, 0, 0))
     os.set_blocking(master, False)
     written = bytearray()
 
@@ -602,3 +603,79 @@ def test_no_color_keeps_the_redraw_but_not_the_dim_style(
     os.close(master)
     assert "\x1b[2m" not in shown and "\x1b[0m" not in shown, repr(shown)
     assert "\r\x1b[J" in shown and shown.endswith("the committee met"), repr(shown)
+
+
+def _said(stream: str, text: str, final: bool = False) -> CaptionEvent:
+    return CaptionEvent(stream, 0, 1, final, text, text, text if final else "",
+                        "" if final else text, (), 0.0, 1.0, None)
+
+
+def test_each_stream_s_live_partial_has_a_row_of_its_own(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two streams speaking at once (a stereo interview split by channel,
+    serve with a client's stream beside the microphone) took turns on one
+    live row: each partial overwrote the other's, so neither could be read.
+    Now each stream's partial keeps a row of its own, in the order they
+    came; a log line goes above both, the progress bar below both, and a
+    stream's final replaces its row and leaves the other's."""
+    columns = 100
+    master, slave, drain = _pty(columns)
+    root = logging.getLogger()
+    with open(slave, "w", encoding="utf-8") as tty:
+        monkeypatch.setattr(sys, "stderr", tty)
+        monkeypatch.setattr(root, "handlers", [])
+        handler = configure_logging("text", logging.INFO, stream=tty)
+        assert handler is not None
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        bar = _progress(60 * SAMPLE_RATE)
+        assert bar is not None
+        printer = CaptionPrinter(tty, show_stream=True)
+        try:
+            printer(_said("left", "so I was"))
+            printer(_said("right", "right and"))
+            printer(_said("left", "so I was thinking"))
+            bar.update(SAMPLE_RATE)
+            bar.refresh()
+            screen = [row for row in _screen(drain(), columns) if row]
+            assert screen[:2] == ["left [0:00.0 → 0:01.0] so I was thinking",
+                                  "right [0:00.0 → 0:01.0] right and"], screen
+            assert len(screen) == 3 and "%|" in screen[2], screen
+            logging.getLogger("evoxtral_stream.test").warning("the model is 2.0 s behind")
+            printer(_said("right", "right and then"))
+            screen = [row for row in _screen(drain(), columns) if row]
+            assert screen == ["WARNING the model is 2.0 s behind",
+                              "left [0:00.0 → 0:01.0] so I was thinking",
+                              "right [0:00.0 → 0:01.0] right and then"], screen
+            printer(_said("left", "so I was thinking maybe.", final=True))
+            screen = [row for row in _screen(drain(), columns) if row]
+            assert screen == ["WARNING the model is 2.0 s behind",
+                              "left [0:00.0 → 0:01.0] so I was thinking maybe.",
+                              "right [0:00.0 → 0:01.0] right and then"], screen
+            printer(_said("right", "", final=True))   # rated no speech: its row goes
+            screen = [row for row in _screen(drain(), columns) if row]
+            assert screen == ["WARNING the model is 2.0 s behind",
+                              "left [0:00.0 → 0:01.0] so I was thinking maybe."], screen
+        finally:
+            _close_progress(bar)
+            root.removeHandler(handler)
+    os.close(master)
+
+
+def test_a_short_terminal_shows_the_live_rows_that_changed_last() -> None:
+    """More streams speaking than a short terminal has rows for: the rows
+    whose partials changed last are shown (in their streams' order), so
+    the cursor never moves above the screen's top to redraw them."""
+    master, slave, drain = _pty(80, lines=5)
+    with open(slave, "w", encoding="utf-8") as tty:
+        printer = CaptionPrinter(tty, show_stream=True)
+        for name in "abcde":
+            printer(_said(name, f"{name} speaks"))
+        printer(_said("b", "b speaks again"))
+        screen = [row for row in _screen(drain(), 80) if row]
+        printer(_said("b", "b is done.", final=True))
+        after = [row for row in _screen(drain(), 80) if row]
+    os.close(master)
+    assert [row.split()[0] for row in screen] == ["b", "d", "e"], screen
+    assert screen[0].endswith("b speaks again"), screen
+    assert [row.split()[0] for row in after] == ["b", "c", "d", "e"], after
+    assert after[0].endswith("b is done."), after

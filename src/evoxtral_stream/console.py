@@ -1,11 +1,14 @@
 """Caption output on a terminal: finals as lines, the live partial in place.
 
-On a TTY the current partial is redrawn in place (dim) and replaced by the
-final when it lands (a partial or final with no text, a segment rated no
-speech, clears it; a final or error of another stream goes above it);
-elsewhere, and on a terminal whose ``TERM`` is ``dumb`` (:func:`redraws`),
-only finals are printed, one per line, unless ``partials`` is set. With
-several streams each line names its stream. ``NO_COLOR`` drops the dim.
+On a TTY each stream's current partial is redrawn in place (dim) on a row
+of its own, below the finals, and replaced by the stream's final when it
+lands (a partial or final with no text, a segment rated no speech, clears
+it); the finals and errors of every stream go above all live rows. At most
+:data:`MAX_LIVE_ROWS` rows (fewer on a short terminal) are live: past that,
+the streams whose partials changed last are shown. Elsewhere, and on a
+terminal whose ``TERM`` is ``dumb`` (:func:`redraws`), only finals are
+printed, one per line, unless ``partials`` is set. With several streams
+each line names its stream. ``NO_COLOR`` drops the dim.
 
 Characters the output's encoding lacks (a non-UTF-8 locale) are written
 as ``?``, and the time span's arrow and the ellipsis as ``->`` and ``...``.
@@ -23,8 +26,8 @@ that a reader that stops reading never stops the engine's event loop.
 
 Log lines and status lines written to a terminal go through
 :func:`above_captions` (:class:`TerminalLogHandler` does for log records):
-the live partial's row, and transcribe's progress bar below it, are cleared
-first and the partial redrawn after, so a line from another thread never
+the live partials' rows, and transcribe's progress bar below them, are
+cleared first and the partials redrawn after, so a line from another thread never
 lands inside a caption row.
 """
 
@@ -45,9 +48,12 @@ from .events import CaptionEvent, EngineEvent, StreamError
 from .text.chars import CONTROL, drop_hidden, mend_surrogates
 from .writer import EXIT_WAIT_S, QueuedWriter
 
-__all__ = ["PRINT_QUEUE_CHARS", "PRINT_QUEUE_LINES", "CaptionPrinter", "TerminalLogHandler",
-           "above_captions", "char_columns", "clip_columns", "format_time", "printable",
-           "redraws", "text_columns"]
+__all__ = ["MAX_LIVE_ROWS", "PRINT_QUEUE_CHARS", "PRINT_QUEUE_LINES", "CaptionPrinter",
+           "TerminalLogHandler", "above_captions", "char_columns", "clip_columns", "format_time",
+           "printable", "redraws", "text_columns"]
+
+#: The most live partial rows a printer draws at once, one per stream.
+MAX_LIVE_ROWS = 8
 
 #: The most lines a queued :class:`CaptionPrinter` holds for its writer...
 PRINT_QUEUE_LINES = 10_000
@@ -189,9 +195,13 @@ class CaptionPrinter:
         self._partials = self._live if partials is None else partials
         self._show_stream = show_stream
         self._own = own
-        self._partial_shown = False
-        self._row: str | None = None   # the partial on screen, to redraw after a log line
-        self._row_stream: str | None = None   # whose partial that is
+        # Each stream's live partial row, in the order the streams' rows
+        # appeared (a row keeps its place while its stream speaks), and when
+        # each last changed (which rows are shown when they do not all fit).
+        self._rows: dict[str, str] = {}
+        self._changed: dict[str, int] = {}
+        self._changes = 0
+        self._shown = 0   # rows on screen now; the cursor is at the last one's end
         self.error: OSError | None = None
         """Why printing stopped (the first failed write), or None."""
         self._error_logged = False
@@ -268,22 +278,37 @@ class CaptionPrinter:
         _LIVE.discard(self)
 
     def _hide(self) -> None:
-        """Clear the live row for a line from elsewhere (:func:`above_captions`)."""
-        if self.error is None and self._partial_shown:
+        """Clear the live rows for a line from elsewhere (:func:`above_captions`)."""
+        if self.error is None and self._shown:
             try:
-                self._out.write(_CLEAR_LINE)
+                self._erase()
                 self._out.flush()
             except OSError as e:
                 self._stop(e)
 
     def _show(self) -> None:
-        """Draw the live partial again after :meth:`_hide`."""
-        if self.error is None and self._partial_shown and self._row is not None:
+        """Draw the live partials again after :meth:`_hide`."""
+        if self.error is None and self._rows:
             try:
-                self._out.write(_CLEAR_LINE + self._row)
+                self._draw()
                 self._out.flush()
             except OSError as e:
                 self._stop(e)
+
+    def _erase(self) -> None:
+        """Clear the live rows (and all below them: the progress bar), the
+        cursor left at the start of the first."""
+        up = f"\x1b[{self._shown - 1}A" if self._shown > 1 else ""
+        self._shown = 0
+        self._out.write("\r" + up + "\x1b[J")
+
+    def _draw(self) -> None:
+        """Write the live rows from the cursor, at a cleared row's start."""
+        room = max(1, min(MAX_LIVE_ROWS, self._lines() - 2))
+        shown = sorted(self._rows, key=self._changed.__getitem__)[-room:]
+        rows = [row for stream, row in self._rows.items() if stream in shown]
+        self._out.write("\n".join(rows))
+        self._shown = len(rows)
 
     def _print(self, event: EngineEvent) -> None:
         if isinstance(event, StreamError):
@@ -298,8 +323,8 @@ class CaptionPrinter:
         elif self._partials and not event.text:
             # The segment's text is gone (Whisper rated it no speech): what
             # its earlier partial showed is no longer what it says.
-            if self._live and self._partial_shown and self._row_stream == event.stream:
-                self._clear()
+            if self._live and event.stream in self._rows:
+                self._redraw(event.stream, None)
         elif self._partials:
             if self._live:
                 # Keep the line on one screen row, or the redraw clears only
@@ -312,31 +337,43 @@ class CaptionPrinter:
                 stable, unstable = _tail(self._encodable(event.stable),
                                          self._encodable(event.unstable),
                                          room - text_columns(prefix + sep), self._ellipsis)
-                line = f"{prefix}{sep}{stable}{self._dim}{unstable}{self._reset}"
-                self._row = line
-                self._row_stream = event.stream
-                self._partial_shown = True
-                self._out.write(_CLEAR_LINE + line)
-                self._out.flush()
+                self._redraw(event.stream,
+                             f"{prefix}{sep}{stable}{self._dim}{unstable}{self._reset}")
             else:
                 self._line(f"{self._prefix(event)} {self._ellipsis} "
                            f"{self._encodable(event.text)}")
 
+    def _redraw(self, stream: str, row: str | None) -> None:
+        """Set ``stream``'s live row to ``row`` (None: remove it) and draw
+        the rows again."""
+        if row is None:
+            self._rows.pop(stream, None)
+            self._changed.pop(stream, None)
+        else:
+            self._rows[stream] = row
+            self._changes += 1
+            self._changed[stream] = self._changes
+        self._erase()
+        self._draw()
+        self._out.flush()
+
     def _above(self, text: str | None, stream: str) -> None:
-        """Print ``text`` (None: nothing) for ``stream``: its own partial is
-        cleared (the line replaces it), another stream's is drawn again
-        below the line, not lost until that stream's next partial."""
-        other = self._live and self._partial_shown and self._row_stream != stream
-        if other and text is None:
+        """Print ``text`` (None: nothing) for ``stream``: its own partial's
+        row goes (the line replaces it), the other streams' rows are drawn
+        again below the line."""
+        if not self._live:
+            if text is not None:
+                self._line(text)
             return
-        row = self._row if other else None
-        self._clear()
+        if text is None and stream not in self._rows:
+            return
+        self._rows.pop(stream, None)
+        self._changed.pop(stream, None)
+        self._erase()
         if text is not None:
             self._line(text)
-        if row is not None:
-            self._row, self._partial_shown = row, True
-            self._out.write(row)
-            self._out.flush()
+        self._draw()
+        self._out.flush()
 
     def _columns(self) -> int:
         """The terminal's width now (it may be resized), 80 when unknown."""
@@ -345,11 +382,12 @@ class CaptionPrinter:
         except (OSError, ValueError, AttributeError):
             return 80
 
-    def _clear(self) -> None:
-        if self._partial_shown or self._live:
-            self._partial_shown = False
-            self._row = None
-            self._out.write(_CLEAR_LINE)
+    def _lines(self) -> int:
+        """The terminal's height now, 24 when unknown."""
+        try:
+            return os.get_terminal_size(self._out.fileno()).lines or 24
+        except (OSError, ValueError, AttributeError):
+            return 24
 
 
 def _dropped_captions(n: int) -> str:
