@@ -49,8 +49,8 @@ from .text.chars import CONTROL, drop_hidden, mend_surrogates
 from .writer import EXIT_WAIT_S, QueuedWriter
 
 __all__ = ["MAX_LIVE_ROWS", "PRINT_QUEUE_CHARS", "PRINT_QUEUE_LINES", "CaptionPrinter",
-           "TerminalLogHandler", "above_captions", "char_columns", "clip_columns", "format_time",
-           "printable", "redraws", "text_columns"]
+           "LiveRows", "TerminalLogHandler", "above_captions", "char_columns", "clip_columns",
+           "format_time", "printable", "redraws", "text_columns"]
 
 #: The most live partial rows a printer draws at once, one per stream.
 MAX_LIVE_ROWS = 8
@@ -195,13 +195,7 @@ class CaptionPrinter:
         self._partials = self._live if partials is None else partials
         self._show_stream = show_stream
         self._own = own
-        # Each stream's live partial row, in the order the streams' rows
-        # appeared (a row keeps its place while its stream speaks), and when
-        # each last changed (which rows are shown when they do not all fit).
-        self._rows: dict[str, str] = {}
-        self._changed: dict[str, int] = {}
-        self._changes = 0
-        self._shown = 0   # rows on screen now; the cursor is at the last one's end
+        self._rows = LiveRows()
         self.error: OSError | None = None
         """Why printing stopped (the first failed write), or None."""
         self._error_logged = False
@@ -279,9 +273,9 @@ class CaptionPrinter:
 
     def _hide(self) -> None:
         """Clear the live rows for a line from elsewhere (:func:`above_captions`)."""
-        if self.error is None and self._shown:
+        if self.error is None and self._rows.shown:
             try:
-                self._erase()
+                self._out.write(self._rows.erase())
                 self._out.flush()
             except OSError as e:
                 self._stop(e)
@@ -290,25 +284,10 @@ class CaptionPrinter:
         """Draw the live partials again after :meth:`_hide`."""
         if self.error is None and self._rows:
             try:
-                self._draw()
+                self._out.write(self._rows.draw(self._lines()))
                 self._out.flush()
             except OSError as e:
                 self._stop(e)
-
-    def _erase(self) -> None:
-        """Clear the live rows (and all below them: the progress bar), the
-        cursor left at the start of the first."""
-        up = f"\x1b[{self._shown - 1}A" if self._shown > 1 else ""
-        self._shown = 0
-        self._out.write("\r" + up + "\x1b[J")
-
-    def _draw(self) -> None:
-        """Write the live rows from the cursor, at a cleared row's start."""
-        room = max(1, min(MAX_LIVE_ROWS, self._lines() - 2))
-        shown = sorted(self._rows, key=self._changed.__getitem__)[-room:]
-        rows = [row for stream, row in self._rows.items() if stream in shown]
-        self._out.write("\n".join(rows))
-        self._shown = len(rows)
 
     def _print(self, event: EngineEvent) -> None:
         if isinstance(event, StreamError):
@@ -346,15 +325,8 @@ class CaptionPrinter:
     def _redraw(self, stream: str, row: str | None) -> None:
         """Set ``stream``'s live row to ``row`` (None: remove it) and draw
         the rows again."""
-        if row is None:
-            self._rows.pop(stream, None)
-            self._changed.pop(stream, None)
-        else:
-            self._rows[stream] = row
-            self._changes += 1
-            self._changed[stream] = self._changes
-        self._erase()
-        self._draw()
+        self._rows.set(stream, row)
+        self._out.write(self._rows.erase() + self._rows.draw(self._lines()))
         self._out.flush()
 
     def _above(self, text: str | None, stream: str) -> None:
@@ -367,12 +339,11 @@ class CaptionPrinter:
             return
         if text is None and stream not in self._rows:
             return
-        self._rows.pop(stream, None)
-        self._changed.pop(stream, None)
-        self._erase()
+        self._rows.set(stream, None)
+        self._out.write(self._rows.erase())
         if text is not None:
             self._line(text)
-        self._draw()
+        self._out.write(self._rows.draw(self._lines()))
         self._out.flush()
 
     def _columns(self) -> int:
@@ -388,6 +359,61 @@ class CaptionPrinter:
             return os.get_terminal_size(self._out.fileno()).lines or 24
         except (OSError, ValueError, AttributeError):
             return 24
+
+
+class LiveRows:
+    """The live partial rows on a terminal, one per stream, and the text
+    that erases and draws them; it writes nothing itself.
+
+    The rows keep the order their streams' rows appeared in (a row keeps its
+    place while its stream speaks). :meth:`draw` writes them from the cursor
+    (at a cleared row's start) and leaves it at the last one's end;
+    :meth:`erase` goes back to the first one's start and clears to the end
+    of the screen. Of more rows than fit (:data:`MAX_LIVE_ROWS`, or the
+    terminal's height less two), those that changed last are drawn.
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[object, str] = {}
+        self._changed: dict[object, int] = {}
+        self._changes = 0
+        self.shown = 0
+        """How many rows are on the screen now."""
+
+    def __contains__(self, stream: object) -> bool:
+        return stream in self._rows
+
+    def __bool__(self) -> bool:
+        return bool(self._rows)
+
+    def set(self, stream: object, row: str | None) -> None:
+        """Set ``stream``'s row to ``row``; None removes it."""
+        if row is None:
+            self._rows.pop(stream, None)
+            self._changed.pop(stream, None)
+            return
+        self._rows[stream] = row
+        self._changes += 1
+        self._changed[stream] = self._changes
+
+    def clear(self) -> None:
+        """Remove every row (after :meth:`erase`, nothing is drawn)."""
+        self._rows.clear()
+        self._changed.clear()
+
+    def erase(self) -> str:
+        """What clears the rows shown (and all below them: a progress bar)."""
+        up = f"\x1b[{self.shown - 1}A" if self.shown > 1 else ""
+        self.shown = 0
+        return "\r" + up + "\x1b[J"
+
+    def draw(self, lines: int) -> str:
+        """What draws the rows on a terminal ``lines`` high."""
+        room = max(1, min(MAX_LIVE_ROWS, lines - 2))
+        shown = set(sorted(self._rows, key=self._changed.__getitem__)[-room:])
+        rows = [row for stream, row in self._rows.items() if stream in shown]
+        self.shown = len(rows)
+        return "\n".join(rows)
 
 
 def _dropped_captions(n: int) -> str:
