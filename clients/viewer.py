@@ -3,8 +3,9 @@
     python clients/viewer.py --url ws://127.0.0.1:8765 [--stream ID] [--since SEQ]
 
 Subscribes to ``/v1/captions`` (docs/protocol.md) and prints the captions:
-each final as a line on stdout, the live partial redrawn in place on a
-terminal (stable text plain, unstable text dim, tags coloured by kind).
+each final as a line on stdout, each stream's live partial redrawn in place
+on a row of its own on a terminal (stable text plain, unstable text dim,
+tags coloured by kind).
 Status lines (hello, stream started/ended, gaps, errors) go to stderr. When
 the connection drops, the viewer reconnects with ``since=STREAM:SEQ`` for
 every stream it has seen, so no final is lost (or a ``gap`` says which were):
@@ -38,7 +39,13 @@ from _url import Role, add_url_option, endpoint, take_query, with_query
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from evoxtral_stream.console import char_columns, format_time, printable, text_columns
+from evoxtral_stream.console import (
+    LiveRows,
+    char_columns,
+    format_time,
+    printable,
+    text_columns,
+)
 from evoxtral_stream.server.protocol import (
     finite_seconds,
     hello_epoch,
@@ -68,7 +75,6 @@ KIND_COLORS = {"emotion": "33", "non-verbal": "36", "delivery": "35", "pause": "
                "unknown": "31"}
 _DIM = "2"
 _RESET = "\x1b[0m"
-_CLEAR_LINE = "\r\x1b[2K"
 _TAG = re.compile(r"\[([^\[\]]*)\]")
 _CLOSE_POLICY = 1008
 
@@ -251,13 +257,15 @@ def render_event(event: Mapping[str, Any], *, color: bool = True, show_stream: b
 class LiveWriter:
     """Writes protocol messages as :func:`render_event` renders them.
 
-    Captions go to ``out``: finals as lines; with ``live`` each partial is
-    redrawn in place on one row (clear the row, write, no newline) until the
-    next partial or a final replaces it (one with no text just clears it);
-    without ``live`` partials are not written. Every other message, and
-    :meth:`status` lines, go to ``err`` after clearing a partial shown on
-    the same terminal. A partial cleared
-    for a final or a message of another stream is drawn again after it.
+    Captions go to ``out``: finals as lines; with ``live`` each stream's
+    partial is redrawn in place on a row of its own, below the finals
+    (:class:`~evoxtral_stream.console.LiveRows`: at most 8, fewer on a short
+    terminal), until the next partial or a final of that stream replaces it
+    (one with no text just clears it); without ``live`` partials are not
+    written. Every other message, and :meth:`status` lines, go to ``err``
+    after clearing the partial rows shown on the same terminal, which are
+    drawn again below the line; a stream's own end, error or new run takes
+    its row away.
     """
 
     def __init__(self, out: TextIO, err: TextIO, *, color: bool, live: bool,
@@ -267,64 +275,64 @@ class LiveWriter:
         self.color = color
         self.live = live
         self.show_stream = show_stream
-        self._partial: tuple[object, str] | None = None  # (its stream, the row) if shown
+        self._rows = LiveRows()
 
     def show(self, event: Mapping[str, Any]) -> None:
-        # Only its own stream's events (its final, an error, its end, a new
-        # run) replace or end a partial: another stream's (a stream.started
-        # above all) must not leave it off the screen until its next partial.
-        other = self._partial if self._partial is not None \
-            and self._partial[0] != event.get("stream") else None
+        # Keyed by repr: the field is the server's, maybe no string at all.
+        stream = repr(event.get("stream"))
         if event.get("type") != "caption":
             line = render_event(event, color=self.color)
             if line is not None:
+                self._rows.set(stream, None)
                 self.status(line, styled=True)
-                self._redraw(other)
             return
         if event.get("final"):
-            self.clear()
+            self._rows.set(stream, None)
+            self._erase()
             line = render_event(event, color=self.color, show_stream=self.show_stream)
             if line is not None:
                 self.out.write(line + "\n")
-                self.out.flush()
-            self._redraw(other)
+            self._draw()
         elif self.live:
             width = shutil.get_terminal_size((100, 24)).columns - 1
             line = render_event(event, color=self.color, show_stream=self.show_stream,
                                 width=width)
-            if line is not None:
-                self.out.write(_CLEAR_LINE + line)
-                self.out.flush()
-                self._partial = (event.get("stream"), line)
-            elif other is None:
-                # Its stream's partial with no text (a segment rated no
-                # speech): what the row shows is no longer the segment's.
-                self.clear()
+            if line is None and stream not in self._rows:
+                return
+            # A partial with no text (a segment rated no speech): what its
+            # row shows is no longer the segment's.
+            self._rows.set(stream, line)
+            self._erase()
+            self._draw()
 
     def status(self, text: str, *, styled: bool = False) -> None:
         """A line on ``err`` (dim on a colour terminal unless already ``styled``,
-        as :func:`render_event` styles it). Control characters in ``text``
-        that is not ``styled`` (it may quote the server) are written as spaces."""
-        self.clear()
+        as :func:`render_event` styles it), above the partial rows. Control
+        characters in ``text`` that is not ``styled`` (it may quote the
+        server) are written as spaces."""
+        self._erase()
         if not styled:
             text = printable(text)
         self.err.write((text if styled or not self.color else _paint([(text, _DIM)], True))
                        + "\n")
         self.err.flush()
+        self._draw()
 
     def clear(self) -> None:
-        """Remove the partial shown in place, if any."""
-        if self._partial is not None:
-            self.out.write(_CLEAR_LINE)
-            self.out.flush()
-            self._partial = None
+        """Remove the partials shown in place, if any, for good."""
+        self._erase()
+        self._rows.clear()
+        self.out.flush()
 
-    def _redraw(self, partial: tuple[object, str] | None) -> None:
-        """Show ``partial`` (as :attr:`_partial` holds it) again, if any."""
-        if partial is not None:
-            self.out.write(_CLEAR_LINE + partial[1])
-            self.out.flush()
-            self._partial = partial
+    def _erase(self) -> None:
+        if self._rows.shown:
+            self.out.write(self._rows.erase())
+
+    def _draw(self) -> None:
+        if self._rows:
+            self.out.write(self._rows.erase() + self._rows.draw(
+                shutil.get_terminal_size((100, 24)).lines))
+        self.out.flush()
 
 
 # --- the subscription ------------------------------------------------------------

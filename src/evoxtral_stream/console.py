@@ -413,7 +413,9 @@ class LiveRows:
         shown = set(sorted(self._rows, key=self._changed.__getitem__)[-room:])
         rows = [row for stream, row in self._rows.items() if stream in shown]
         self.shown = len(rows)
-        return "\n".join(rows)
+        # CR too: a terminal whose output is raw (no LF to CR LF) starts
+        # each row at its start all the same.
+        return "\r\n".join(rows)
 
 
 def _dropped_captions(n: int) -> str:

@@ -217,8 +217,9 @@ async def play(ws: ServerConnection, script: list[str | bytes], ending: object) 
 
 # --- what a client must not do -----------------------------------------------------------
 
-# The clients' own escape sequences: SGR colours and clearing the live row.
-_OWN_ESCAPES = re.compile(r"\x1b\[[0-9;]*m|\r\x1b\[2K")
+# The clients' own escape sequences: SGR colours, clearing the live rows, and
+# the CR LF between them.
+_OWN_ESCAPES = re.compile(r"\x1b\[[0-9;]*m|\r(\x1b\[[0-9]+A)?\x1b\[J|\r\n")
 _CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")
 
 

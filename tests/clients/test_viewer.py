@@ -51,10 +51,10 @@ from tests.clients.conftest import (
 from tests.fakes import ScriptedBackend
 from tests.helpers.audio import buzz, to_int16
 from tests.helpers.http import Relay
+from tests.helpers.terminal import screen_rows
 from tests.speech import have_espeak, speech_with_pauses
 
 ESC = "\x1b"
-CLEAR = "\r\x1b[2K"
 PARTIAL: dict[str, Any] = {
     "type": "caption", "stream": "mic", "segment": 3, "seq": 17, "final": False,
     "text": "[nervous] So... I was thinking [laughs]",
@@ -315,26 +315,35 @@ async def test_a_hello_whose_streams_are_no_list_of_ids(streams: object) -> None
 # --- LiveWriter ---------------------------------------------------------------------
 
 
+def _terminal() -> tuple[io.StringIO, Callable[[], list[str]]]:
+    """One terminal for a writer's ``out`` and ``err``, and the rows with
+    text it shows now."""
+    term = io.StringIO()
+    return term, lambda: [row for row in screen_rows(term.getvalue(), 200) if row]
+
+
 def test_live_writer_redraws_the_partial_in_place_then_the_final_replaces_it() -> None:
-    out, err = io.StringIO(), io.StringIO()
-    w = LiveWriter(out, err, color=False, live=True, show_stream=False)
-    w.show(PARTIAL)
-    w.show({**PARTIAL, "seq": 18})
-    w.show({"type": "stream.started", "stream": "other", "source": "x"})
-    w.show(FINAL)
+    term, screen = _terminal()
+    w = LiveWriter(term, term, color=False, live=True, show_stream=False)
     p = render_event(PARTIAL, color=False, show_stream=False)
     f = render_event(FINAL, color=False, show_stream=False)
-    # Cleared for the status line, then drawn again: it is another stream's.
-    assert out.getvalue() == f"{CLEAR}{p}{CLEAR}{p}{CLEAR}{CLEAR}{p}{CLEAR}{f}\n"
-    assert err.getvalue() == "▶ other started (x)\n"
+    w.show(PARTIAL)
+    w.show({**PARTIAL, "seq": 18})
+    assert screen() == [p]
+    # Above the partial: it is another stream's, drawn again below the line.
+    w.show({"type": "stream.started", "stream": "other", "source": "x"})
+    assert screen() == ["▶ other started (x)", p]
+    w.show(FINAL)
+    assert screen() == ["▶ other started (x)", f]
+    assert term.getvalue().endswith(f"{f}\n")
 
 
 def test_only_its_own_streams_events_take_a_partial_off_the_screen() -> None:
-    """One partial row for every stream: another stream's start, final or
-    end clears the row for their line, and the partial is drawn again under
-    it; its own stream's end (no final came) or error leaves it cleared."""
-    out, err = io.StringIO(), io.StringIO()
-    w = LiveWriter(out, err, color=False, live=True, show_stream=True)
+    """Another stream's start, final or end goes above the partial rows,
+    which are drawn again under it; its own stream's end (no final came) or
+    error takes its row away."""
+    term, screen = _terminal()
+    w = LiveWriter(term, term, color=False, live=True, show_stream=True)
     other = {**FINAL, "stream": "other", "text": "elsewhere", "stable": "elsewhere", "tags": []}
     w.show(PARTIAL)
     w.show({"type": "stream.started", "stream": "other", "source": "x"})
@@ -343,17 +352,36 @@ def test_only_its_own_streams_events_take_a_partial_off_the_screen() -> None:
             "finals": 1})
     p = render_event(PARTIAL, color=False, show_stream=True)
     o = render_event(other, color=False, show_stream=True)
-    assert out.getvalue() == f"{CLEAR}{p}{CLEAR}{CLEAR}{p}{CLEAR}{o}\n{CLEAR}{p}{CLEAR}{CLEAR}{p}"
-    assert err.getvalue() == "▶ other started (x)\n■ other ended: 1 finals, 1.0 s\n"
-    for own in ({"type": "stream.ended", "stream": "mic", "duration": 15.0, "segments": 4,
-                 "finals": 3},
-                {"type": "error", "code": "decode_failed", "message": "boom", "stream": "mic",
-                 "segment": 3}):
-        out.seek(0)
-        out.truncate()
+    shown = ["▶ other started (x)", o, "■ other ended: 1 finals, 1.0 s"]
+    assert screen() == [*shown, p]
+    for own, line in (({"type": "stream.ended", "stream": "mic", "duration": 15.0,
+                        "segments": 4, "finals": 3}, "■ mic ended: 3 finals, 15.0 s"),
+                      ({"type": "error", "code": "decode_failed", "message": "boom",
+                        "stream": "mic", "segment": 3}, "! decode_failed: boom (mic)")):
         w.show(PARTIAL)
         w.show(own)
-        assert out.getvalue() == f"{CLEAR}{p}{CLEAR}", own
+        shown.append(line)
+        assert screen() == shown, own
+
+
+def test_each_stream_s_partial_has_a_row_of_its_own() -> None:
+    """Two streams speaking at once (a viewer of every stream on a server)
+    took turns on one row, each partial overwriting the other's. Now each
+    has a row of its own, and a final replaces only its stream's."""
+    term, screen = _terminal()
+    w = LiveWriter(term, term, color=False, live=True, show_stream=True)
+    b = {**PARTIAL, "stream": "desk", "text": "and you", "stable": "", "unstable": "and you",
+         "tags": []}
+    w.show(PARTIAL)
+    w.show(b)
+    w.show({**PARTIAL, "seq": 19})
+    p = render_event(PARTIAL, color=False, show_stream=True)
+    q = render_event(b, color=False, show_stream=True)
+    assert screen() == [p, q]
+    w.show(FINAL)
+    assert screen() == [render_event(FINAL, color=False, show_stream=True), q]
+    w.clear()
+    assert screen() == [render_event(FINAL, color=False, show_stream=True)]
 
 
 def test_a_partial_that_loses_its_text_takes_the_row_off_the_screen() -> None:
@@ -368,19 +396,17 @@ def test_a_partial_that_loses_its_text_takes_the_row_off_the_screen() -> None:
     you, gone, empty = [caption_to_dict(e) for h in hyps for e in merger.feed(h)]
     assert (you["text"], gone["text"], gone["final"], empty["text"], empty["final"]) == \
         ("You", "", False, "", True)
-    out, err = io.StringIO(), io.StringIO()
-    w = LiveWriter(out, err, color=False, live=True, show_stream=False)
-    p = render_event(you, color=False, show_stream=False)
+    term, screen = _terminal()
+    w = LiveWriter(term, term, color=False, live=True, show_stream=False)
     w.show(you)
+    assert screen() == [render_event(you, color=False, show_stream=False)]
     w.show(gone)
-    assert out.getvalue() == f"{CLEAR}{p}{CLEAR}"
+    assert screen() == []
     w.show(empty)
-    assert out.getvalue() == f"{CLEAR}{p}{CLEAR}"
-    out.seek(0)
-    out.truncate()
+    assert screen() == []
     w.show(PARTIAL)
     w.show({**gone, "stream": "other"})
-    assert out.getvalue() == f"{CLEAR}{render_event(PARTIAL, color=False, show_stream=False)}"
+    assert screen() == [render_event(PARTIAL, color=False, show_stream=False)]
 
 
 def test_writer_off_a_terminal_prints_only_finals() -> None:
@@ -570,7 +596,7 @@ async def test_viewer_on_a_terminal_redraws_partials_with_colour(
     finally:
         os.close(primary)
     screen = b"".join(chunks).decode()
-    *partials, final = re.findall(r"\r\x1b\[2K([^\r\n]*)", screen)
+    *partials, final = [row for row in re.findall(r"\r\x1b\[J([^\r\n]*)", screen) if row]
     assert len(partials) >= 2, screen
     # Stable text plain (its tag bold yellow), unstable text dim.
     assert any("\x1b[1;33m[nervous]\x1b[0m w0" in p and "\x1b[2m w" in p for p in partials)
