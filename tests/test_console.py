@@ -27,6 +27,7 @@ from evoxtral_stream.events import (
     CaptionEvent,
     Hypothesis,
     RequestKind,
+    StreamEnded,
     StreamError,
 )
 from evoxtral_stream.logs import configure_logging
@@ -639,3 +640,18 @@ def test_a_short_terminal_shows_the_live_rows_that_changed_last() -> None:
     assert screen[0].endswith("b speaks again"), screen
     assert [row.split()[0] for row in after] == ["b", "c", "d", "e"], after
     assert after[0].endswith("b is done."), after
+
+
+def test_a_stream_that_ends_takes_its_live_row_away() -> None:
+    """A stream that ended with its partial still on its row (every final
+    of it came, or its last partial's segment was rated no speech past the
+    partial shown) left the row there for good, under every later line."""
+    master, slave, drain = _pty(80)
+    with open(slave, "w", encoding="utf-8") as tty:
+        printer = CaptionPrinter(tty, show_stream=True)
+        printer(_said("a", "one"))
+        printer(_said("b", "two"))
+        printer(StreamEnded("a", 1.0, 1, 0))
+        screen = [row for row in _screen(drain(), 80) if row]
+    os.close(master)
+    assert screen == ["b [0:00.0 → 0:01.0] two"], screen

@@ -44,7 +44,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
-from .events import CaptionEvent, EngineEvent, StreamError
+from .events import CaptionEvent, EngineEvent, StreamEnded, StreamError
 from .text.chars import CONTROL, drop_hidden, mend_surrogates
 from .writer import EXIT_WAIT_S, QueuedWriter
 
@@ -293,6 +293,10 @@ class CaptionPrinter:
         if isinstance(event, StreamError):
             self._above(self._encodable(
                 printable(f"! {event.stream}: {event.code}: {event.message}")), event.stream)
+            return
+        if isinstance(event, StreamEnded):
+            # Every final of it came: a row left would stay for good.
+            self._above(None, event.stream)
             return
         if not isinstance(event, CaptionEvent):
             return
