@@ -211,3 +211,72 @@ def test_mixed_cjk_and_latin_lines_fit_and_keep_every_word(
     assert all(c.end > c.start for c in cues)
     assert all(a.start <= b.start for a, b in pairwise(cues))
     _read_back(events, cues, layout)
+
+
+@pytest.mark.parametrize(("text", "width", "want"), [
+    # French puts a no-break space (U+00A0, U+202F) before ? ! : ; and
+    # inside « »; the tokenizer reads it as a space, and a line broke
+    # there: a lone ? or » started a line, a lone « ended one.
+    ("Alors tu viens demain\u00a0? Je ne sais pas", 21,
+     [("Alors tu viens", "demain ?"), ("Je ne sais pas",)]),
+    ("Il a dit «\u00a0Bonjour\u00a0» hier soir", 11,
+     [("Il a dit", "« Bonjour »"), ("hier soir",)]),
+    ("Voilà\u202f: c'est fini\u202f; merci\u00a0!", 13,
+     [("Voilà : c'est", "fini ;"), ("merci !",)]),
+    # Hindi often spaces its danda; ¿ and ¡ open a Spanish clause.
+    ("मैं ठीक हूँ । आप कैसे हैं ?", 8, [("मैं ठीक", "हूँ ।"), ("आप कैसे", "हैं ?")]),
+    ("Dijo ¿ qué tal ? y se fue", 9, [("Dijo", "¿ qué"), ("tal ? y", "se fue")]),
+    ("Dijo ¿ qué tal ? y se fue", 14, [("Dijo ¿ qué", "tal ?"), ("y se fue",)]),
+])
+def test_spaced_punctuation_stays_with_its_word(text: str, width: int,
+                                                want: list[tuple[str, ...]]) -> None:
+    cues = build_cues([final(text, 0.0, 4.0)], layout=CueLayout(max_line_chars=width))
+    assert [c.lines for c in cues] == want
+
+
+def test_a_sentence_end_inside_spaced_guillemets_closes_the_cue_after_them() -> None:
+    """« Oui ! » ends its sentence after the », not between ! and »: the
+    next cue started with a lone »."""
+    text = "Il a répondu «\u00a0Oui\u00a0!\u00a0» puis il est parti sans rien dire"
+    cues = build_cues([final(text, 0.0, 6.0)], layout=CueLayout(max_line_chars=12))
+    assert [c.lines for c in cues] == [("Il a répondu", "« Oui ! »"),
+                                       ("puis il est", "parti sans"), ("rien dire",)]
+
+
+_EU_WORDS = ["Alors", "demain", "c'est", "l’homme", "dell'anno", "„Guten", "Tag“",
+             "¿Qué", "tal?", "¡Hola!", "très", "Straße", "हूँ", "क्योंकि", "office",
+             "Donaudampfschifffahrt", "'s", "avonds", "[laughs]", "[whispers]"]
+_SPACED = ["?", "!", ":", ";", "»", "«", "।", "॥", "…", "?»", "!»", "»,", "%"]
+_SPACES = [" ", "\u00a0", "\u202f"]
+
+
+@st.composite
+def _spaced_text(draw: st.DrawFn) -> str:
+    """Words of the European languages and Hindi with punctuation written
+    after a (no-break) space, French style: a closing mark after a word,
+    « before one."""
+    out = draw(st.sampled_from(_EU_WORDS))
+    for _ in range(draw(st.integers(0, 30))):
+        p = draw(st.sampled_from(_SPACED + _EU_WORDS))
+        if p in _SPACED and (p == "«") == (out[-1] != "«"):
+            continue
+        out += draw(st.sampled_from(_SPACES)) + p
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(_spaced_text(), st.integers(8, 42), st.integers(1, 3),
+       st.sampled_from([TagStyle.INLINE, TagStyle.STRIP]))
+def test_no_line_starts_with_spaced_closing_punctuation(
+        text: str, width: int, max_lines: int, style: TagStyle) -> None:
+    text = render(tokenize(text))
+    layout = CueLayout(max_line_chars=width, max_lines=max_lines)
+    cues = build_cues([final(text, 0.0, 20.0)], tags=style, layout=layout)
+    want = plain_text(text) if style is TagStyle.STRIP else text
+    lines = [line for c in cues for line in c.lines]
+    assert " ".join(lines) == want
+    for i, line in enumerate(lines):
+        first = line.split(" ")[0]
+        if i:
+            assert first not in _SPACED or first == "«", (line, lines)
+        assert line.split(" ")[-1] != "«", (line, lines)

@@ -16,7 +16,11 @@ never over the next cue, nor past ``until``, the end of the audio, when
 the caller knows it).
 A cue left no time at all (a zero-length final) is shown for
 :data:`MIN_SHOWN_S`, past ``until`` if need be. Lines break between words,
-never inside a tag, and a tag stays with the word it precedes. Text written
+never inside a tag, and a tag stays with the word it precedes. Punctuation
+written apart from its word (:func:`_glue_punctuation`: French ``demain ?``
+and ``« Bonjour »``, whose no-break spaces the tokenizer reads as spaces, a
+spaced Hindi ``।``) stays on its word's line, and ends its sentence there
+(``« Oui ! »`` after the ``»``). Text written
 without spaces (Chinese, Japanese) also breaks between its characters, as
 UAX #14 and the kinsoku rules allow (:func:`_can_break`: never before
 。、」）！？ or a small kana, never after 「（, never inside a Latin word),
@@ -53,7 +57,7 @@ from itertools import pairwise
 from ..events import CaptionEvent
 from ..server.protocol import caption_to_dict
 from .chars import display_width, graphemes
-from .tags import Token, render, tokenize, word_count
+from .tags import Token, TokenKind, render, tokenize, word_count
 
 __all__ = [
     "MIN_SHOWN_S",
@@ -277,6 +281,59 @@ def _pieces(chunk: Sequence[Token], w: int) -> list[tuple[list[Token], Fraction,
     return out
 
 
+# Punctuation written apart from its word, as French writes ? ! : ; and
+# « » (after a no-break space, which the tokenizer reads as a space) and
+# Hindi often writes its danda: it stays on the word's line (UAX #14's LB13
+# and LB14, and what a no-break space asks for). Not the ambiguous quotes,
+# dashes or signs such as & and # (a line may break beside them).
+_NOT_TRAILING = frozenset("¿¡⸘#&*@\\/§¶†‡※\"'")
+
+
+def _trails(c: str) -> bool:
+    """Whether punctuation starting with ``c`` belongs to the word before it."""
+    cat = unicodedata.category(c)
+    return cat in ("Pe", "Pf") or (cat == "Po" and c not in _NOT_TRAILING)
+
+
+def _leads(c: str) -> bool:
+    """Whether punctuation ending with ``c`` belongs to the word after it."""
+    return unicodedata.category(c) in ("Ps", "Pi") or c in "¿¡⸘"
+
+
+def _bare(chunk: Sequence[Token]) -> str:
+    """The punctuation of a chunk that holds no word ("" if it holds one)."""
+    if any(t.is_word for t in chunk):
+        return ""
+    return "".join(t.text for t in chunk if t.is_punct)
+
+
+def _glue_punctuation(chunks: list[list[Token]]) -> list[list[Token]]:
+    """``chunks`` with each one of bare closing punctuation joined to the
+    chunk before it and each one of bare opening punctuation to the chunk
+    after it: a line never starts with a lone ``?``, ``»`` or ``।``, nor
+    ends with a lone ``«`` or ``¿``."""
+    out: list[list[Token]] = []
+    for c in chunks:
+        bare = _bare(c)
+        if out and ((bare and _trails(bare[0])) or _leads((_bare(out[-1]) or " ")[-1])):
+            out[-1] = [*out[-1], *c]
+        else:
+            out.append(list(c))
+    return out
+
+
+def _ends_sentence(tokens: Sequence[Token]) -> bool:
+    """Whether ``tokens`` end a sentence: their last punctuation after the
+    last word, taken together (``Oui ! »`` does), tags aside."""
+    marks: list[str] = []
+    for tok in reversed(tokens):
+        if tok.is_word:
+            break
+        if tok.is_punct:
+            marks.append(tok.text)
+    return bool(marks) and Token(TokenKind.PUNCT, "".join(reversed(marks))).ends_sentence
+
+
 def _units(tokens: Sequence[Token], style: TagStyle, vtt: bool) -> list[_Unit]:
     chunks: list[list[Token]] = []
     for tok in tokens:
@@ -301,6 +358,7 @@ def _units(tokens: Sequence[Token], style: TagStyle, vtt: bool) -> list[_Unit]:
             else:
                 merged.append(pending)
         chunks = merged
+    chunks = _glue_punctuation(chunks)
     units: list[_Unit] = []
     w = 0
     for c in chunks:
@@ -321,10 +379,8 @@ def _units(tokens: Sequence[Token], style: TagStyle, vtt: bool) -> list[_Unit]:
             visible = " ".join(v for _, v in parts if v)
             if not visible:
                 continue
-            last = [t for t in piece if not t.is_tag]
             width = display_width(visible)
-            units.append(_Unit(markup, width, w0, w1,
-                               bool(last) and last[-1].ends_sentence, glued, width))
+            units.append(_Unit(markup, width, w0, w1, _ends_sentence(piece), glued, width))
             glued = True
         if len(units) > first + 1:
             units[first] = replace(
