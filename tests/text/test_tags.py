@@ -348,6 +348,19 @@ def test_a_sentence_end_is_one_rule_for_carried_tags_and_subtitle_cues() -> None
         assert not any(t.ends_sentence for t in tokenize(text)), text
 
 
+def test_a_sentence_ends_inside_any_language_s_closing_quotes() -> None:
+    """German closes a quote with “ or ‘ („Ja!“, ‚Ja!‘) and with « or ‹ in
+    its guillemets (»Ja!«); Swiss and French single guillemets close with ›.
+    The full stop inside them ended no sentence: a whispered „Ja!“ kept
+    the next sentence whispered, and no cue closed there."""
+    for text in ("„Ja!“", "„Ja.“", "‚Ja?‘", "»Ja!«", "›Ja.‹", "‹Oui !›", "«Oui.»"):
+        assert tokenize(text)[-1].ends_sentence, text
+    c = Carry(emotion="excited", delivery="whispers")
+    assert c.advance_all(tokenize("Er sagte: „Ja!“")) == Carry()
+    for text in ("„Ja…“", "»so,«"):
+        assert not tokenize(text)[-1].ends_sentence, text
+
+
 _pieces = st.sampled_from([
     "word", "CAPS", "I-I", "can't", ",", "...", "?!", ".", "—", "[laughs]", "[clears throat]",
     "(sighs)", "*gasps*", "[LAUGHTER]", "[Unknown Thing]", "café", "[", "]", "(", ")", "*",

@@ -258,8 +258,9 @@ def lookup_tag(raw: str) -> TagSpec | None:
     return _LOOKUP.get(normalize_tag_name(raw))
 
 
-#: Closing quotes and brackets, which may follow a sentence's end.
-_CLOSERS = "\"')]}»”’」』）】〕〉》"
+#: Closing quotes and brackets, which may follow a sentence's end: German
+#: closes its quotes with “ ‘ and, in guillemets, « ‹ („Ja!“, »Ja!«).
+_CLOSERS = "\"')]}»”’“‘«‹›」』）】〕〉》"
 # Opening brackets glued to a sentence's end ("it.[1]", "done!(see") are one
 # punctuation token with it; the sentence still ends there.
 _OPENERS = "([{［（「『【〔〈《"
@@ -317,8 +318,9 @@ class Token:
         """Punctuation that ends a sentence: ``.``, ``!``, ``?``, the
         Chinese and Japanese ``。！？｡．``, the Devanagari danda ``।`` and
         ``॥`` (Hindi's full stop) and the Arabic ``؟`` and ``۔``, but not an
-        ellipsis (closing quotes and brackets after them, ``」`` too, are
-        ignored, and so are opening brackets: ``it.[1]``)."""
+        ellipsis (closing quotes and brackets after them, ``」`` and German
+        ``„Ja!“`` and ``»Ja!«`` too, are ignored, and so are opening
+        brackets: ``it.[1]``)."""
         if not self.is_punct:
             return False
         s = self.text.rstrip(_OPENERS).rstrip(_CLOSERS)
