@@ -216,6 +216,30 @@ def test_a_live_partial_of_wide_characters_fits_the_terminal_row() -> None:
     assert max(width(r) for r in redraws) <= 79, [(width(r), r) for r in redraws]
 
 
+@pytest.mark.parametrize("columns", range(30, 52))
+def test_a_live_partial_cut_inside_a_hindi_word_shows_no_mark_without_its_letter(
+        columns: int) -> None:
+    """A Hindi partial too long for the row loses its start: it was cut
+    between a letter and its vowel signs or virama (हूँ, क्योंकि), which then
+    began the row after the ellipsis, drawn on it or on a dotted circle.
+    They go with their letter; the row still fits."""
+    import unicodedata
+
+    master, slave, drain = _pty(columns)
+    with open(slave, "w", encoding="utf-8") as tty:
+        printer = CaptionPrinter(tty)
+        printer(_partial("मैं ठीक हूँ। आप कैसे हैं? मैं office जा रहा हूँ क्योंकि",
+                         " मुझे देर हो रही है"))
+        written = drain()
+    os.close(master)
+    rows = [_ANSI.sub("", r) for r in written.split("\r\x1b[J") if r]
+    assert rows
+    for row in rows:
+        words = row.split("] ", 1)[-1].lstrip("\u2026")
+        assert words and unicodedata.category(words[0])[0] != "M", row
+        assert text_columns(row) <= columns - 1, row
+
+
 @pytest.mark.parametrize(("flags", "bar"), [((), True), (("-q",), False)],
                          ids=["default", "quiet"])
 def test_transcribe_on_a_terminal_draws_its_progress_bar_unless_quiet(
@@ -253,6 +277,8 @@ def test_printable_and_clip_columns_for_a_log_line() -> None:
     # Wide characters take two columns; a mark stays with its letter.
     assert clip_columns("\u4e2d\u6587\u5b57\u5e55", 6) == "\u4e2d\u6587\u2026"
     assert clip_columns("abe\u0301fg", 4) == "abe\u0301\u2026"
+    # A Hindi letter and its vowel sign (ि takes a column) stay together.
+    assert clip_columns("ab\u0915\u093fx", 4) == "ab\u2026"
     assert all(text_columns(clip_columns("\u4e2dx" * 9, n)) <= n for n in range(1, 30))
 
 

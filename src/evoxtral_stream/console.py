@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from .events import CaptionEvent, EngineEvent, StreamEnded, StreamError
-from .text.chars import CONTROL, drop_hidden, mend_surrogates
+from .text.chars import CONTROL, drop_hidden, graphemes, mend_surrogates
 from .writer import EXIT_WAIT_S, QueuedWriter
 
 __all__ = ["MAX_LIVE_ROWS", "PRINT_QUEUE_CHARS", "PRINT_QUEUE_LINES", "CaptionPrinter",
@@ -459,16 +459,18 @@ def printable(text: str) -> str:
 def clip_columns(text: str, columns: int, ellipsis: str = "…") -> str:
     """``text``, or its longest start that fits in ``columns`` terminal
     columns (:func:`char_columns`) with ``ellipsis`` after it, when it
-    takes more than ``columns``. Marks combining with the last character
-    kept stay."""
+    takes more than ``columns``. It is cut between user-perceived
+    characters (:func:`~.text.chars.graphemes`): a letter keeps its marks
+    (a Hindi vowel sign, a virama, an accent) or goes with them."""
     if text_columns(text) <= columns:
         return text
     room = columns - text_columns(ellipsis)
-    used, i = 0, 0
-    while i < len(text) and used + (w := char_columns(text[i])) <= room:
-        used += w
-        i += 1
-    return text[:i] + ellipsis
+    used, kept = 0, []
+    for g in graphemes(text):
+        if (used := used + text_columns(g)) > room:
+            break
+        kept.append(g)
+    return "".join(kept) + ellipsis
 
 
 #: The fewest columns a live partial's words get before its time span, then
@@ -489,12 +491,15 @@ def _fit_prefix(prefix: str, name: str | None, room: int, ellipsis: str) -> str:
 
 
 def _suffix(text: str, columns: int) -> str:
-    """The longest end of ``text`` that fits in ``columns``."""
-    used, i = 0, len(text)
-    while i > 0 and used + (w := char_columns(text[i - 1])) <= columns:
-        used += w
-        i -= 1
-    return text[i:]
+    """The longest end of ``text`` that fits in ``columns``, cut between
+    user-perceived characters: the marks of a letter cut away (हूँ's, of
+    क्योंकि) go with it, or they would be drawn on what comes before."""
+    used, kept = 0, []
+    for g in reversed(graphemes(text)):
+        if (used := used + text_columns(g)) > columns:
+            break
+        kept.append(g)
+    return "".join(reversed(kept))
 
 
 def _tail(stable: str, unstable: str, room: int, ellipsis: str = "…") -> tuple[str, str]:
