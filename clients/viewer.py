@@ -39,13 +39,7 @@ from _url import Role, add_url_option, endpoint, take_query, with_query
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from evoxtral_stream.console import (
-    LiveRows,
-    char_columns,
-    format_time,
-    printable,
-    text_columns,
-)
+from evoxtral_stream.console import LiveRows, format_time, printable, text_columns
 from evoxtral_stream.server.protocol import (
     finite_seconds,
     hello_epoch,
@@ -53,6 +47,7 @@ from evoxtral_stream.server.protocol import (
     resume_since,
 )
 from evoxtral_stream.server.protocol import parse_since as parse_since_values
+from evoxtral_stream.text.chars import graphemes
 from evoxtral_stream.text.tags import holds_digit, lookup_tag, normalize_tag_name
 
 __all__ = [
@@ -150,13 +145,15 @@ def _clip(pieces: list[_Piece], room: int) -> list[_Piece]:
     drop = excess + 1
     out: list[_Piece] = [("…", "")]
     for text, style in pieces:
+        # Whole user-perceived characters: a letter's marks go with it, those
+        # that take a column too (Hindi's ि, ी, ो), or they would begin the row.
+        chars = graphemes(text)
         i = 0
-        # The marks combining with the last character dropped go with it.
-        while i < len(text) and (drop > 0 or char_columns(text[i]) == 0):
-            drop -= char_columns(text[i])
+        while i < len(chars) and (drop > 0 or text_columns(chars[i]) == 0):
+            drop -= text_columns(chars[i])
             i += 1
-        if i < len(text):
-            out.append((text[i:], style))
+        if i < len(chars):
+            out.append(("".join(chars[i:]), style))
             drop = 0  # a wide character may have taken one column more
     return out
 

@@ -154,6 +154,20 @@ def test_width_is_counted_in_terminal_columns(stream: str) -> None:
     assert short is not None and "…" not in short  # combining marks take no column
 
 
+@pytest.mark.parametrize("width", range(35, 90))
+def test_a_clipped_hindi_partial_starts_with_a_whole_letter(width: int) -> None:
+    """The clip dropped a letter and kept its vowel sign when the sign takes
+    a column (ि, ी, ो: Unicode's spacing marks), which then began the row
+    after the ellipsis, drawn on it or on a dotted circle."""
+    hi = "मैं ठीक हूँ। आप कैसे हैं? मैं office जा रहा हूँ क्योंकि मुझे देर हो रही है किताब"
+    line = render_event({**PARTIAL, "text": hi, "stable": hi, "unstable": ""},
+                        color=False, width=width)
+    assert line is not None
+    body = line.split("] ", 1)[1].removeprefix("…")
+    assert unicodedata.category(body[0])[0] != "M", line
+    assert hi.endswith(body) and _columns(line) <= width, line
+
+
 @pytest.mark.parametrize(("event", "text"), [
     ({"type": "hello", "v": 1, "server": "evoxtral-stream", "version": "0.1.0",
       "backend": "whisper", "capabilities": [], "streams": ["a", "b"]},
