@@ -177,3 +177,53 @@ def test_a_jsonl_file_removed_mid_run_is_a_failed_write(tmp_path: Path) -> None:
     assert files[0].error.filename == str(gone)
     assert files[1].error is None
     assert (tmp_path / "elsewhere.jsonl").read_text().count("\n") == 2
+
+
+@pytest.mark.parametrize("where", ["cue", "end", "rename"])
+def test_subtitles_that_fail_to_be_written_leave_no_part_and_the_old_file_whole(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """A full disk partway through a stream's subtitles (a cue, the end
+    written when the stream ends) or a rename that fails: the failure is
+    kept for the one error line and the target left as it was, but the
+    ``.part`` file, cut short, was left beside it (on a disk that is full).
+    Now it is removed, as ``subtitles`` and ``eval --json`` remove theirs;
+    a file that did not fail is still written."""
+    import errno
+    import os
+
+    from tests.helpers.disk import disk_full_after
+
+    srt, vtt = tmp_path / "talk.srt", tmp_path / "talk.vtt"
+    srt.write_text("the old subtitles\n")
+    layout = CueLayout(max_cue_s=1.0)
+    subtitles = SubtitleFiles([("talk", srt, SubtitleWriter(layout=layout)),
+                               ("talk", vtt, SubtitleWriter(vtt=True, layout=layout))])
+    words = "a sentence long enough to make its file grow past the limit"
+    if where == "cue":
+        with disk_full_after(40):
+            for n in range(4):
+                subtitles(_final("talk", f"{words} {n}", float(n)))
+        subtitles(StreamEnded("talk", 5.0, 4, 4))
+    elif where == "end":
+        subtitles(_final("talk", words, 0.0))
+        with disk_full_after(10):
+            subtitles(StreamEnded("talk", 5.0, 1, 1))
+    else:
+        real = os.replace
+
+        def replace(src: Path, dst: Path) -> None:
+            if dst == srt:
+                raise OSError(errno.EXDEV, "Invalid cross-device link")
+            real(src, dst)
+        monkeypatch.setattr(os, "replace", replace)
+        subtitles(_final("talk", words, 0.0))
+        subtitles(StreamEnded("talk", 5.0, 1, 1))
+    subtitles.close(complete=True)
+    assert subtitles.error is not None and subtitles.error[0] == srt
+    assert srt.read_text() == "the old subtitles\n"
+    left = sorted(p.name for p in tmp_path.iterdir())
+    if where == "rename":
+        assert vtt.read_text().startswith("WEBVTT")
+        assert left == ["talk.srt", "talk.vtt"], left
+    else:   # the VTT fails as the SRT does under the limit
+        assert left == ["talk.srt"], left

@@ -19,7 +19,9 @@ until then, and nothing of the run is held in memory.
   :func:`~.text.formats.to_vtt` give for all the stream's finals.
 
 A failed write (a full disk) stops that file and is kept in ``error`` for
-the caller to report; the others go on. One into stdout whose reader left
+the caller to report; the others go on. A subtitle file's ``.part`` file is
+then removed (its target left as it was), unless it is no longer this run's.
+One into stdout whose reader left
 (``--jsonl /dev/stdout | head``) is no error (:func:`stdout_closed`) and is
 not warned of. Nothing is synced to disk before a
 file is closed: after a power loss a file holds what the system had
@@ -235,6 +237,8 @@ class _Subtitles:
     file: BinaryIO | None
     part: Path | None = None
     """Where it is written until its stream ends (None: in place)."""
+    own: tuple[int, int] | None = None
+    """``part``'s device and inode as created: what a failure may remove."""
 
 
 class SubtitleFiles:
@@ -251,6 +255,8 @@ class SubtitleFiles:
             for stream, target, writer in files:
                 sub = _Subtitles(stream, target, writer, None, part_path(target))
                 sub.file = _open(target) if sub.part is None else _create(sub.part)
+                st = os.fstat(sub.file.fileno())
+                sub.own = (st.st_dev, st.st_ino)
                 self._subs.append(sub)
                 self._write(sub, writer.header())
         except OSError:
@@ -316,7 +322,7 @@ class SubtitleFiles:
             try:
                 _check_own(sub.part, sub.file)
             except OSError as e:
-                self._fail(sub, e)
+                self._fail(sub, e, remove=False)  # another's, or gone
                 return
         f, sub.file = sub.file, None
         try:
@@ -326,7 +332,9 @@ class SubtitleFiles:
         except OSError as e:
             self._fail(sub, e)
 
-    def _fail(self, sub: _Subtitles, e: OSError) -> None:
+    def _fail(self, sub: _Subtitles, e: OSError, *, remove: bool = True) -> None:
+        """Stop ``sub`` for ``e``; ``remove`` its ``.part`` file, cut short,
+        while it is still the one this run made (never another run's)."""
         self.errors.append((sub.target, e))
         if not stdout_closed(sub.target, e):
             log.warning("%s is no longer written: %s", sub.target, e.strerror or e)
@@ -334,3 +342,8 @@ class SubtitleFiles:
         if f is not None:
             with contextlib.suppress(OSError):  # the write already failed; that is what is reported
                 f.close()
+        if remove and sub.part is not None:
+            with contextlib.suppress(OSError):  # gone already: nothing to remove
+                now = os.lstat(sub.part)
+                if (now.st_dev, now.st_ino) == sub.own:
+                    os.unlink(sub.part)
