@@ -2120,3 +2120,25 @@ def test_loss_records_list_the_first_lost_and_the_highest(
         assert replay is not None and replay.covered_from == covered, since
         assert [r.seq for r in replay.records] == [9]
     restarted.close()
+
+
+def test_an_interrupt_while_a_journal_file_is_replaced_leaves_no_part(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (before serve's signal handlers are in place, or a second one)
+    while the epoch file is written to its ``.part`` file: the interrupt
+    goes on, but the ``.part`` file was left in the folder, since only an
+    OSError removed it. Now any exception does, as for the outputs."""
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".part"):
+            raise KeyboardInterrupt
+        real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    journal = Journal(config(tmp_path).journal)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            journal.restore()
+    finally:
+        journal.close()
+    assert not list((tmp_path / "j").glob("*.part"))

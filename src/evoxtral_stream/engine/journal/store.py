@@ -1139,7 +1139,7 @@ _BLOCK = 65536
 def _replace_file(path: Path, data: bytes, *, sync: bool) -> None:
     """Make ``path`` hold ``data`` whole or not at all: written to
     ``PATH.part`` (fsynced when ``sync``), renamed over ``path``; the part
-    file is removed if that fails."""
+    file is removed if that fails, an interrupt (Ctrl-C) included."""
     part = path.with_name(path.name + ".part")
     try:
         with open(part, "wb") as f:
@@ -1148,7 +1148,7 @@ def _replace_file(path: Path, data: bytes, *, sync: bool) -> None:
             if sync:
                 os.fsync(f.fileno())
         os.replace(part, path)
-    except OSError:
+    except BaseException:
         with contextlib.suppress(OSError):
             part.unlink(missing_ok=True)
         raise
