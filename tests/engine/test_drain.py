@@ -295,3 +295,42 @@ async def test_a_backlog_retry_pending_at_a_cut_drain_does_not_run_after_the_sto
     finally:
         loop.set_exception_handler(None)
     assert errors == []
+
+
+async def test_a_second_drain_during_one_waits_for_it_and_returns_its_result(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Two drains at once (a SIGTERM's and an exit's, say): the second
+    closed the streams again on a clock of its own, and when the first gave
+    up and closed the owed final with what was shown, the second returned
+    True, every final come, though one was lost. Now a drain under way is
+    the one every caller waits for: the same False for each (and for a
+    drain after it), one shutdown line, one final_lost, nothing raised."""
+    async with hung(**{"worker.drain_timeout_s": 0.3}) as (engine, stream):
+        events: list[EngineEvent] = []
+        engine.add_listener(events.append)
+        first = asyncio.ensure_future(engine.drain())
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(engine.drain(limit_s=0))   # no limit of its own
+        results = await asyncio.wait_for(asyncio.gather(first, second), 10)
+        assert list(results) == [False, False]
+        assert await asyncio.wait_for(engine.drain(), 5) is False
+        summary = await asyncio.wait_for(stream.close(), 5)
+    assert summary.errors == 1
+    lost = [e for e in events if isinstance(e, StreamError)]
+    assert [(e.code, e.segment) for e in lost] == [("final_lost", 0)]
+    assert len([e for e in events if isinstance(e, StreamEnded)]) == 1
+    lines = [r for r in caplog.records if r.getMessage().startswith("shutdown: worker.")]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+
+
+async def test_a_drain_whose_caller_is_cancelled_goes_on_for_the_next_caller() -> None:
+    """A drain's caller cancelled (a wait_for that ran out) leaves the drain
+    going: the next call (the engine's exit) waits for that one, within its
+    limit, rather than starting a second one beside it."""
+    async with hung(**{"worker.drain_timeout_s": 0.5}) as (engine, _):
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(engine.drain(), 0.1)
+        assert await asyncio.wait_for(engine.drain(limit_s=60), 10) is False
+        assert loop.time() - t0 < 5

@@ -347,6 +347,8 @@ class Engine:
         # from then on nothing at shutdown waits for the model.
         self._giving_up = False
         self._draining = False
+        # The one drain (see drain): every caller waits for it.
+        self._drain_task: asyncio.Future[bool] | None = None
         self._samples_in = 0
         self._listeners: list[Listener] = []
         self._streams: dict[str, Stream] = {}
@@ -414,8 +416,18 @@ class Engine:
         limit), until :meth:`give_up`, or until the model is seen stalled.
         True when every final came; False when the wait was cut short and the
         rest were closed as the module doc says. No stream opens afterwards
-        (:class:`EngineStopping`)."""
+        (:class:`EngineStopping`).
+
+        There is one drain: a call while one is under way (a SIGTERM during
+        an exit's), or after it, waits for that one (its limit holds, not
+        ``limit_s``) and returns its result. A caller cancelled does not
+        cancel it: the next caller waits for the same drain."""
         self._draining = True
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self._drain(limit_s))
+        return await asyncio.shield(self._drain_task)
+
+    async def _drain(self, limit_s: float | None) -> bool:
         if not self._streams:
             return True
         limit = self.config.worker.drain_timeout_s if limit_s is None else limit_s
