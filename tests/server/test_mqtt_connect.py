@@ -290,3 +290,55 @@ async def test_a_paho_without_the_socket_hook_still_connects_and_leaks_nothing(
             await pub.aclose()
         await eventually(lambda: sockets_to(mosquitto.port) == base, "sockets closed",
                          within=2.0)
+
+
+@contextlib.contextmanager
+def hanging_lookup(monkeypatch: pytest.MonkeyPatch, host: str) -> Iterator[list[bool]]:
+    """The system resolver, but a lookup of ``host`` never returns (an NSS
+    module or a DNS server that hangs) until the block ends; yields, for
+    each lookup that hung, whether its thread was a daemon thread."""
+    import threading
+
+    real = socket.getaddrinfo
+    release = threading.Event()
+    hung: list[bool] = []
+
+    def getaddrinfo(name: object, *args: object, **kwargs: object) -> object:
+        numeric = int(kwargs.get("flags", 0)) & socket.AI_NUMERICHOST  # type: ignore[call-overload]
+        if name == host and not numeric:
+            hung.append(threading.current_thread().daemon)
+            release.wait(60)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(name, *args, **kwargs)  # type: ignore[arg-type]
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    try:
+        yield hung
+    finally:
+        release.set()
+
+
+async def test_a_lookup_that_never_returns_holds_neither_the_stop_nor_the_exit(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A broker name whose lookup hangs: each attempt is given up at
+    timeout_s and the stop at drain_s, but the lookup ran in asyncio's
+    default executor, which asyncio.run waits for at its end (Python 3.11:
+    with no limit) and the interpreter's exit joins: serve could not exit
+    until the resolver returned, never if it hangs. The lookup now runs in
+    a daemon thread of its own, which neither waits for, and the next
+    attempts wait for it instead of starting one more each."""
+    loop = asyncio.get_running_loop()
+    with hanging_lookup(monkeypatch, "broker.hangs.invalid") as hung:
+        cfg = mqtt_config(1883, "dns", host="broker.hangs.invalid", timeout_s=0.3,
+                          reconnect_min_s=0.05, reconnect_max_s=0.1, drain_s=0.3)
+        pub = MqttPublisher(cfg)
+        await pub.start()
+        await eventually(lambda: pub.stats().connect_failures >= 2, "two attempts", within=4.0)
+        t0 = loop.time()
+        await pub.aclose()
+        assert loop.time() - t0 < 0.3 + 1.0
+        await asyncio.wait_for(loop.shutdown_default_executor(), 2.0)
+        # One lookup, in a daemon thread: the attempts after the first wait
+        # for it rather than each leave a thread of its own behind.
+        assert hung == [True], f"lookups (whether in a daemon thread): {hung}"
+    said = mqtt_messages(caplog)
+    assert any("looking up broker.hangs.invalid timed out after 0.3 s" in s for s in said), said

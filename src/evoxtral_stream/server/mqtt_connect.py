@@ -30,13 +30,15 @@ Everything runs on the event loop. Its lines go to the publisher's logger,
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import logging
 import os
 import socket
 import ssl
-from typing import TYPE_CHECKING
+import threading
+from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError, MqttConfig
 from .auth import incomplete_pem, key_pair_reason
@@ -146,8 +148,8 @@ async def _open(cfg: MqttConfig, tls: ssl.SSLContext | None, deadline: float) ->
     whatever ``timeout_s`` says, and a thread cannot be interrupted, so
     one went on past a stop that gave the attempt up. Here a timeout or a
     cancellation closes the socket at once. Only a name lookup runs in a
-    thread (one the resolver's own timeouts end; an IP address needs
-    none): that attempt is given up at the deadline all the same.
+    thread (:func:`_lookup`; an IP address needs none): that attempt is
+    given up at the deadline all the same.
     """
     loop = asyncio.get_running_loop()
     host, port = cfg.host, cfg.port
@@ -159,7 +161,7 @@ async def _open(cfg: MqttConfig, tls: ssl.SSLContext | None, deadline: float) ->
         cm = asyncio.timeout_at(deadline)
         try:
             async with cm:
-                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+                infos = await asyncio.wrap_future(_lookup(host, port))
         except TimeoutError:
             if not cm.expired():
                 raise
@@ -187,6 +189,49 @@ async def _open(cfg: MqttConfig, tls: ssl.SSLContext | None, deadline: float) ->
             return sock
         return await _tls_handshake(tls, sock, host, deadline, limit)
     raise error
+
+
+# The lookups under way, by (host, port); _LOOKUPS_LOCK guards it (each
+# lookup's thread removes its own).
+_LOOKUPS: dict[tuple[str, int], concurrent.futures.Future[list[Any]]] = {}
+_LOOKUPS_LOCK = threading.Lock()
+
+
+def _lookup(host: str, port: int) -> concurrent.futures.Future[list[Any]]:
+    """``socket.getaddrinfo`` of ``host`` (a name) and ``port``, in a daemon
+    thread of its own, or the lookup of them already under way.
+
+    Not in asyncio's default executor: a resolver that hangs (a DNS server
+    that never answers, an NSS module stuck) would hold the process's exit,
+    as ``asyncio.run`` waits for that executor's threads (Python 3.11: with
+    no limit) and the interpreter's exit joins them. A thread cannot be
+    stopped, so an attempt given up at its deadline leaves its lookup
+    running; the next attempts wait for that one rather than start another,
+    so a resolver that never answers holds one thread per broker name, not
+    one per attempt. Its future cannot be cancelled (it is running)."""
+    key = (host, port)
+    with _LOOKUPS_LOCK:
+        found = _LOOKUPS.get(key)
+        if found is not None:
+            return found
+        future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
+        future.set_running_or_notify_cancel()
+        _LOOKUPS[key] = future
+
+    def run() -> None:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except BaseException as e:
+            with _LOOKUPS_LOCK:
+                del _LOOKUPS[key]
+            future.set_exception(e)
+        else:
+            with _LOOKUPS_LOCK:
+                del _LOOKUPS[key]
+            future.set_result(infos)
+
+    threading.Thread(target=run, name="mqtt-lookup", daemon=True).start()
+    return future
 
 
 def _version_refused(e: BaseException) -> bool:
