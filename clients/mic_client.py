@@ -96,6 +96,7 @@ from evoxtral_stream.audio.microphone import (
     MicrophoneCapture,
     StreamFactory,
     list_input_devices,
+    portaudio_threads_left,
 )
 from evoxtral_stream.audio.pipe import NotLiveAudio, PipeCapture, PipeEnd, is_live_pipe
 from evoxtral_stream.audio.sources import (
@@ -1021,4 +1022,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if portaudio_threads_left():
+        # A lost microphone's close or refresh stuck in PortAudio: the
+        # interpreter's exit (sounddevice terminating PortAudio) would wait
+        # for it forever. Everything is done; only the output is flushed.
+        for out in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                out.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -245,7 +245,7 @@ def test_serve_refuses_channels_the_device_lacks_before_loading_the_model(
 # PortAudio then hangs in the refresh before each reopen (a driver that
 # never returns): the marker file says the refresh is stuck.
 _HUNG_REFRESH = r"""
-import os, sys, threading, types
+import atexit, os, sys, threading, types
 from evoxtral_stream import cli as cli_module
 from evoxtral_stream.audio import microphone
 from evoxtral_stream.events import SAMPLE_RATE
@@ -259,6 +259,9 @@ def terminate():
     open(os.environ["HUNG_MARKER"], "w").close()
     threading.Event().wait()
 
+# As sounddevice does: PortAudio terminated at the exit, on the main thread
+# (which the driver hangs as it hung the refresh's).
+atexit.register(lambda: terminate())
 sd = types.ModuleType("sounddevice")
 sd.query_devices = lambda: [{"index": 0, "name": "Desk Mic", "max_input_channels": 1,
                              "default_samplerate": float(SAMPLE_RATE)}]
@@ -277,7 +280,9 @@ def test_serve_exits_while_a_lost_microphone_s_refresh_hangs(tmp_path: Path) -> 
     it forever, since it ran in asyncio's default executor, which
     ``asyncio.run`` (Python 3.11: with no time limit) and then the
     interpreter's exit wait for; Ctrl-C and SIGTERM are ignored by then, so
-    only SIGKILL ended it. Now it exits with its status at once."""
+    only SIGKILL ended it. Then sounddevice's exit handler, terminating
+    PortAudio again on the main thread while the refresh is stuck inside it,
+    held the exit the same way. Now it exits with its status at once."""
     root = Path(__file__).resolve().parents[1]
     marker = tmp_path / "refresh-hangs"
     log = (tmp_path / "stderr").open("w+")

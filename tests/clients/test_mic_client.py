@@ -1145,3 +1145,68 @@ async def test_audio_sent_again_after_a_lost_connection_keeps_its_lost_declarati
     stop.set()
     await asyncio.wait_for(feed.send(b, stop, mic_client.Progress()), 5)  # type: ignore[arg-type]
     assert b.items == [*range(26, 41), ("lost", 640), 43]
+
+
+# The client from a microphone that is lost at once, whose PortAudio then
+# hangs in the refresh before each reopen (a driver that never returns), and
+# terminates PortAudio again at the exit as sounddevice does: the marker file
+# says the refresh is stuck.
+_HUNG_REFRESH = r"""
+import atexit, os, runpy, sys, threading, types
+sys.path.insert(0, os.environ["CLIENTS"])
+from evoxtral_stream.audio import microphone
+from evoxtral_stream.events import SAMPLE_RATE
+from tests.helpers.portaudio import LiveStream, tone
+
+def terminate():
+    open(os.environ["HUNG_MARKER"], "w").close()
+    threading.Event().wait()
+
+atexit.register(lambda: terminate())
+sd = types.ModuleType("sounddevice")
+sd.query_devices = lambda: [{"index": 0, "name": "Desk Mic", "max_input_channels": 1,
+                             "default_samplerate": float(SAMPLE_RATE)}]
+sd.default = types.SimpleNamespace(device=[0, -1])
+sd._terminate, sd._initialize = terminate, lambda: None
+sys.modules["sounddevice"] = sd
+microphone._sounddevice_stream = lambda device, rate, channels, blocksize, callback: (
+    LiveStream(tone(rate=rate), rate, channels, blocksize, callback, unplug_at=rate // 2))
+sys.argv = [os.path.join(os.environ["CLIENTS"], "mic_client.py"), *sys.argv[1:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+async def test_the_client_exits_while_a_lost_microphone_s_refresh_hangs(
+        scripted: tuple[Engine, CaptionServer], tmp_path: Path) -> None:
+    """The device refresh before a reopen hangs for good, then Ctrl-C: the
+    stream ended and the client left its loop, but sounddevice's exit
+    handler terminated PortAudio again on the main thread, inside which the
+    refresh was stuck, and the process never exited. Now it exits with its
+    status, leaving the stuck thread, as serve does."""
+    root = CLIENTS.parent
+    marker = tmp_path / "refresh-hangs"
+    config = tmp_path / "c.toml"
+    config.write_text("[audio]\nstall_timeout_s = 0.5\nreopen_interval_s = 0.2\n")
+    _, server = scripted
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _HUNG_REFRESH, "--url", f"ws://127.0.0.1:{server.port}",
+        "--stream", "desk", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        cwd=root, env={**client_env(), "CLIENTS": str(CLIENTS), "HUNG_MARKER": str(marker),
+                       "EVOXTRAL_CONFIG": str(config),
+                       "PYTHONPATH": f"{root / 'src'}:{root}"})
+    try:
+        deadline = time.monotonic() + 60
+        while not marker.exists():
+            assert proc.returncode is None and time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = await finish(proc)
+        except TimeoutError:
+            raise AssertionError("the client did not exit while the refresh hangs") from None
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err
+    assert "delivered no audio" in err

@@ -40,6 +40,7 @@ __all__ = [
     "MicrophoneCapture",
     "StreamFactory",
     "list_input_devices",
+    "portaudio_threads_left",
     "resolve_input_device",
     "usable_input_device",
 ]
@@ -295,6 +296,19 @@ async def _off_the_loop(call: Callable[[], _T], name: str) -> _T:
 
     threading.Thread(target=run, name=name, daemon=True).start()
     return await done
+
+
+# The threads of _off_the_loop's calls into PortAudio (see portaudio_threads_left).
+_PORTAUDIO_THREADS = frozenset({"audio-close", "audio-refresh"})
+
+
+def portaudio_threads_left() -> bool:
+    """Whether a lost device's close or refresh is still running in its
+    thread (PortAudio stuck in it, see :func:`_off_the_loop`). The
+    interpreter's exit would then wait for it too: sounddevice terminates
+    PortAudio on the main thread at exit. A program ending while this holds
+    should end with ``os._exit`` once its output is flushed."""
+    return any(t.is_alive() and t.name in _PORTAUDIO_THREADS for t in threading.enumerate())
 
 
 def _close_quietly(stream: AudioStream) -> None:

@@ -45,7 +45,7 @@ try:
         _drop_what_stdout_cannot_take,
         _exit_leaving_threads,
         _late_stops_ignored_to_the_exit,
-        _model_threads_left,
+        _native_threads_left,
         _stand_in_for_closed_streams,
         _stops_ignored_to_the_exit,
     )
@@ -129,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.warning("interrupted")
         else:
             _say("evoxtral-stream: interrupted")  # in order with the log records
-        if _model_threads_left():
+        if _native_threads_left():
             # A second Ctrl-C cut the engine's shutdown short (asyncio.run
             # raises it at once): the model thread may still be inside
             # native code, where interpreter exit would crash it.

@@ -23,22 +23,28 @@ EXIT_USAGE = 2
 EXIT_STDOUT_CLOSED = 141
 
 
-#: The engine's threads that may still be inside the model's native code
-#: when a shutdown gave up on them (engine.worker, engine.engine).
-_MODEL_THREADS = frozenset({"model-worker", "model-worker-stop"})
+#: Threads that may still be inside native code when a shutdown left them:
+#: the engine's, in the model's (a second Ctrl-C: engine.worker,
+#: engine.engine), and the microphone's, in PortAudio's (a lost device's
+#: close or refresh that never returns: audio.microphone).
+_NATIVE_THREADS = frozenset({"model-worker", "model-worker-stop", "audio-close",
+                             "audio-refresh"})
 
 
-def _model_threads_left() -> bool:
-    """Whether a model thread is still alive (a second Ctrl-C cut the
-    shutdown short): only then must :func:`_exit_leaving_threads` end the
-    process. Other daemon threads (an embedding program's, a library's) do
-    not count: ``main()`` returns to its caller past them."""
-    return any(t.daemon and t.is_alive() and t.name in _MODEL_THREADS
+def _native_threads_left() -> bool:
+    """Whether one of :data:`_NATIVE_THREADS` is still alive: only then
+    must :func:`_exit_leaving_threads` end the process. A PortAudio one
+    would hold the interpreter's exit, where sounddevice terminates
+    PortAudio again on the main thread, inside which it is stuck. Other
+    daemon threads (an embedding program's, a library's) do not count:
+    ``main()`` returns to its caller past them."""
+    return any(t.daemon and t.is_alive() and t.name in _NATIVE_THREADS
                for t in threading.enumerate())
 
 
 def _exit_leaving_threads(code: int) -> NoReturn:
-    """End the process with ``code`` now, without Python's finalization.
+    """End the process with ``code`` now, without Python's finalization
+    (nor the exit handlers: sounddevice's would wait on a stuck PortAudio).
 
     A shutdown that gave up leaves the model thread behind, still inside the
     backend's native code (CTranslate2, torch). Finalization would end that

@@ -26,7 +26,7 @@ from ..events import SAMPLE_RATE, Int16Array
 from ..extras import extra_hint
 from ..server.app import CaptionServer, check_listen
 from ..systemd import Notifier, Snapshot, monotonic_usec, supervise
-from .exits import _exit_leaving_threads, _ignore_late_stops, _model_threads_left
+from .exits import _exit_leaving_threads, _ignore_late_stops, _native_threads_left
 from .messages import UserError, _notice, log
 from .parser import _load_config
 from .streams import (
@@ -115,7 +115,7 @@ def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
     finally:
         if notifier is not None:
             notifier.close()
-    if _model_threads_left():
+    if _native_threads_left():
         _exit_leaving_threads(code)
     return code
 

@@ -27,7 +27,7 @@ from ..outputs import JsonlFile, SubtitleFiles, is_stdout, stdout_closed
 from ..run import FileJob, transcribe_samples
 from ..server.app import CaptionServer, check_listen
 from ..text.formats import SubtitleWriter, TagStyle
-from .exits import EXIT_STDOUT_CLOSED, EXIT_USAGE, _exit_leaving_threads, _model_threads_left
+from .exits import EXIT_STDOUT_CLOSED, EXIT_USAGE, _exit_leaving_threads, _native_threads_left
 from .messages import UserError, _error_line, _notice
 from .results import _SUFFIXES, _cue_layout, _output_path, _prepare_outputs, _unmade_if_empty
 from .serve import _base_url, _check_serving, _start_mqtt
@@ -217,7 +217,7 @@ def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
         code = EXIT_STDOUT_CLOSED  # no error: stdout's reader left (| head)
     if interrupted:
         code = 128 + interrupted[0].value  # as a shell reports a process ended by it
-    if _model_threads_left():
+    if _native_threads_left():
         _exit_leaving_threads(code)  # a second Ctrl-C left the model thread behind
     return code
 
