@@ -661,6 +661,40 @@ def test_property_any_config_with_cuts_is_chunking_invariant_and_bounded(
             assert covered[frames[0] * n : (frames[-1] + 1) * n].all(), (frames, spans(segs))
 
 
+@settings(max_examples=80, deadline=None)
+@given(cfg=vad_configs(), audio=timelines(), chunks=chunkings,
+       flushes=st.lists(st.integers(1, 150_000), max_size=3),
+       keeps=st.lists(st.booleans(), min_size=1, max_size=3))
+def test_property_no_event_names_a_sample_before_the_horizon(
+    cfg: VadConfig, audio: Int16Array, chunks: list[int], flushes: list[int],
+    keeps: list[bool],
+) -> None:
+    """``horizon`` never decreases, and no event after it was read names a
+    sample before it (a segment's start or end, its audio's start): what a
+    caller may forget of its own map of positions (the realtime session's
+    client time)."""
+    seg = Segmenter(cfg, classifier=loud)
+    cuts = sorted({f for f in flushes if f < len(audio)})
+    horizon = seg.horizon
+    pos, i = 0, 0
+    for k, stop in enumerate([*cuts, len(audio)]):
+        while pos <= stop:
+            n = min(chunks[i % len(chunks)], stop - pos)
+            if n:
+                events = seg.feed(audio[pos : pos + n])
+            else:
+                events = seg.flush(keep_candidate=keeps[k % len(keeps)])
+            for e in events:
+                named = e.start_sample if isinstance(e, SpeechAudio) else e.sample
+                assert named >= horizon, (e, horizon)
+            assert seg.horizon >= horizon
+            assert seg.horizon <= seg.position
+            horizon = seg.horizon
+            pos, i = pos + n, i + 1
+            if not n:
+                break
+
+
 def pink_noise(n: int, seed: int) -> np.ndarray:
     """Unit-RMS 1/f noise."""
     spectrum = np.fft.rfft(np.random.default_rng(seed).normal(size=n))

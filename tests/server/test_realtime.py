@@ -1548,3 +1548,31 @@ async def test_audio_appended_at_real_time_pace_is_never_too_fast(
             await asyncio.sleep(0.1)
         await ws.send(update_msg(None))
         assert json.loads(await asyncio.wait_for(ws.recv(), 10))["type"] == "session.updated"
+
+
+def test_client_time_kept_for_a_push_to_talk_client_stays_bounded() -> None:
+    """A manual-mode client that clears held audio before each turn (a
+    push-to-talk button) puts a hole in client time at every turn; the map
+    from stream to client time kept one run per hole for the life of the
+    session (about 100 bytes a turn, for a 24/7 kiosk without end). Runs
+    no segment event can name any more are forgotten, and the times
+    reported after many turns are still the client's."""
+    core = new_core()
+    core.start()
+    core.receive(update_msg(None))
+    tenth = b"\x00\x00" * (INPUT_RATE // 10)
+    turns = 1500
+    for _ in range(turns):
+        feed(core, tenth)  # heard before the button: dropped
+        core.receive('{"type": "input_audio_buffer.clear"}')
+        feed(core, tenth * 2)
+        core.receive('{"type": "input_audio_buffer.commit"}')
+    assert len(core._run_stream) <= 3, len(core._run_stream)
+    assert len(core._run_stream) == len(core._run_client) == len(core._run_len)
+    # 0.3 s of client audio a turn; then speech, live.
+    core.receive(update_msg({"type": "server_vad"}))
+    evs = events(feed(core, tenth * 10 + pcm24(speak(SENTENCES[0]))))
+    (started,) = [e for e in evs if e["type"] == "input_audio_buffer.speech_started"]
+    client_s = turns * 0.3 + 1.0
+    # Speech starts a little after client_s; pre-roll reaches back up to 300 ms.
+    assert client_s * 1000 - 300 - 60 <= started["audio_start_ms"] <= client_s * 1000 + 1000

@@ -206,6 +206,22 @@ class Segmenter:
         end = self._last_voiced_end + self._tail
         return end if self._framed_end >= end else None
 
+    @property
+    def horizon(self) -> int:
+        """No event from now on names a sample before this: the start of
+        the segment or candidate under way, of the first candidate a
+        ``flush(keep_candidate=True)`` would keep, or else of the audio
+        still held (a segment's start never reaches before it, the
+        **Start** contract). It never decreases (but by :meth:`reset`)."""
+        marks = [self._framed_end]
+        if self._state is not SegmenterState.IDLE:
+            marks.append(self._seg_start)
+        if self._ended:
+            marks.append(self._ended[0][0])
+        if self._frames:
+            marks.append(self._frames[0].start)
+        return min(marks)
+
     def reset(self) -> None:
         """Forget everything, as if newly constructed (position back to 0)."""
         if self._custom_classifier is not None:

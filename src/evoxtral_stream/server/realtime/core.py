@@ -463,7 +463,9 @@ class RealtimeTranscription:
         self._stream_pos += len(samples)
         self._dirty = True
         self._end_reason = "vad"
-        return [PushAudio(samples), *self._segments(self._segmenter.feed(samples))]
+        out = [PushAudio(samples), *self._segments(self._segmenter.feed(samples))]
+        self._forget_runs()
+        return out
 
     def _cut(self, *, keep_candidate: bool = False) -> list[Output]:
         """End the open segment (if any) here, in the mirror and the stream
@@ -472,7 +474,16 @@ class RealtimeTranscription:
         self._dirty = False
         out: list[Output] = [CutSegment(keep_candidate), *self._segments(events)]
         self._end_reason = "vad"
+        self._forget_runs()
         return out
+
+    def _forget_runs(self) -> None:
+        """Drop the runs before the one holding the segmenter's horizon: no
+        later event names a sample in them. Each hole in client time (a
+        manual clear) starts a run; kept, they grew with the session."""
+        n = bisect_right(self._run_stream, self._segmenter.horizon) - 1
+        if n > 0:
+            del self._run_stream[:n], self._run_client[:n], self._run_len[:n]
 
     def _client_ms(self, stream_sample: int) -> int:
         i = bisect_right(self._run_stream, stream_sample) - 1
