@@ -101,6 +101,7 @@ import math
 import os
 import sys
 import time
+from collections import deque
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -139,6 +140,7 @@ from evoxtral_stream.text.tags import Carry, TagKind, tokenize
 
 __all__ = [
     "LOG_TEXT_COLUMNS",
+    "RECENT_WRITTEN",
     "BridgeConfig",
     "BridgeError",
     "BridgeStats",
@@ -167,6 +169,9 @@ CLOSE_POLICY = 1008
 #: The columns of a final's text in its "wrote" log line (clipped with "…"),
 #: and of the text sent for it, where that differs (ElevenLabs).
 LOG_TEXT_COLUMNS = 120
+#: How many of the latest files written :attr:`TtsBridge.written` names (all
+#: are counted): a bridge beside a 24/7 stream writes one per final for days.
+RECENT_WRITTEN = 100
 
 
 def _shown(value: object) -> str:
@@ -483,7 +488,9 @@ class TtsBridge:
             raise ValueError("queue_size must be at least 1")
         self.cfg = cfg
         self.synth = synth
-        self.written: list[Path] = []
+        self.written: deque[Path] = deque(maxlen=RECENT_WRITTEN)
+        """The latest files written, at most :data:`RECENT_WRITTEN`."""
+        self._written = 0
         self._queue: asyncio.Queue[Final | None] = asyncio.Queue(cfg.queue_size)
         self._last_seq: dict[str, int] = dict(cfg.since)
         self._epoch = cfg.epoch  # the numbering of those seqs (the last hello's)
@@ -522,7 +529,7 @@ class TtsBridge:
 
     @property
     def stats(self) -> BridgeStats:
-        return BridgeStats(len(self.written), self._failed, self._skipped, self._gaps,
+        return BridgeStats(self._written, self._failed, self._skipped, self._gaps,
                            self._reconnects)
 
     @property
@@ -762,6 +769,7 @@ class TtsBridge:
         except OSError as e:
             raise BridgeError(f"cannot write {dest}: {e}") from e
         self.written.append(dest)
+        self._written += 1
         shown, sent = _shown(final.spoken), _shown(self.synth.sent_text(final.spoken))
         # What ElevenLabs was given ([2] as 2), where the line shows a difference.
         log.info("wrote %s (synthesised in %.2f s): %s%s", dest, time.monotonic() - t0,

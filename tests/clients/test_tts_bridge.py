@@ -31,6 +31,7 @@ import soundfile as sf
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tts_bridge import (
+    RECENT_WRITTEN,
     BridgeConfig,
     BridgeError,
     Final,
@@ -1897,3 +1898,27 @@ async def test_a_hello_over_a_mebibyte_is_read_as_the_other_clients_read_it(
                                         max_captions=1), synth)
         stats = await asyncio.wait_for(bridge.run(), 20)
     assert stats.written == 1 and synth.names == ["talk-00000.txt"]
+
+
+async def test_a_long_running_bridge_keeps_the_names_of_its_latest_files_only(
+    tmp_path: Path,
+) -> None:
+    """A bridge left running beside a 24/7 stream writes a file per final
+    for days: it counts them all, and names only the latest (it kept a
+    path for every file, about 300 bytes each, 6 MB a day at a final
+    every 4 s)."""
+    n = 500
+    cfg = _config(**{"server.history": 2 * n})
+    synth = GatedSynth()
+    synth.gate.set()
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        publish_finals(server, "mic", [f"final {i}" for i in range(n)])
+        bridge = TtsBridge(BridgeConfig(out=tmp_path, url=f"ws://127.0.0.1:{server.port}",
+                                        streams=("mic",), since=(("mic", 0),),
+                                        exit_on_end=True), synth)
+        stats = await asyncio.wait_for(bridge.run(), 60)
+    assert stats.written == n
+    assert synth.names == [f"mic-{i:05d}.txt" for i in range(n)]
+    assert len(bridge.written) == RECENT_WRITTEN < n
+    assert [p.name for p in bridge.written] == synth.names[-RECENT_WRITTEN:]
