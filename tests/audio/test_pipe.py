@@ -365,6 +365,24 @@ def test_the_pace_meter_finds_a_writer_ahead_of_the_clock_once() -> None:
     assert meter.ahead_s == pytest.approx(8.0)
 
 
+def test_a_live_writer_whose_clock_runs_fast_is_never_found_ahead() -> None:
+    """A sound card's clock is off by up to ~100 ppm: ``arecord`` running
+    125 ppm fast for two days sends 21.6 s more audio than the host's clock
+    counts, which passed the allowance after about 11 h (its streams then
+    counted as unpaced, so the model's lag went unreported, with a line
+    saying to pace a writer that was live). A writer 5 % fast is still
+    found, within minutes, and one copying a file at once."""
+    meter = PaceMeter(16000, start=0.0, held_s=0.0, allowance_s=5.0)
+    for second in range(1, 2 * 86_400 + 1):
+        assert not meter.add(16_002, float(second)), second
+    assert meter.ahead_s is None
+    fast = PaceMeter(16000, start=0.0, held_s=0.0, allowance_s=5.0)
+    found = next(s for s in range(1, 3600) if fast.add(16_800, float(s)))
+    assert found <= 600, found
+    copied = PaceMeter(16000, start=0.0, held_s=0.0, allowance_s=5.0)
+    assert copied.add(16000 * 600, 0.5)
+
+
 def test_a_pipe_written_faster_than_it_plays_is_found_ahead_before_its_audio() -> None:
     """20 s of audio written at once (``cat talk.wav |``): on_ahead runs
     once on the loop, after what the pipe held as reading began (2 s) and

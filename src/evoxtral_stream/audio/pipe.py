@@ -32,7 +32,8 @@ from evoxtral_stream.audio.sources import AudioInputError
 from evoxtral_stream.audio.wavstream import WavFormat, WavStreamDecoder, WavStreamError
 from evoxtral_stream.events import Float32Array, Int16Array
 
-__all__ = ["AHEAD_S", "NotLiveAudio", "PaceMeter", "PipeCapture", "PipeEnd", "is_live_pipe"]
+__all__ = ["AHEAD_S", "CLOCK_DRIFT", "NotLiveAudio", "PaceMeter", "PipeCapture", "PipeEnd",
+           "is_live_pipe"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,12 @@ _POLL_S = 0.1
 #: audio plays, give or take its buffering (a second or two); one copying a
 #: file (``cat``) sends hundreds of times faster and passes this in a moment.
 AHEAD_S = 5.0
+#: How much faster than the host's clock a live writer's own clock may run
+#: (a fraction of the time passed), added to :data:`AHEAD_S`: a sound card's
+#: crystal is off by up to ~100 ppm, which adds up to seconds a day, so a
+#: pipe open for days would otherwise be taken for a file. Ten times that
+#: still finds a writer even 1 % fast within minutes.
+CLOCK_DRIFT = 0.001
 #: What a pipe holds when ``FIONREAD`` cannot say (Linux's default).
 _PIPE_BYTES = 64 * 1024
 
@@ -85,9 +92,10 @@ class PaceMeter:
     (the writer started before the reader: ``serve`` reads the header, then
     loads the model); :meth:`add` counts what is read. The pipe is *ahead*
     once the audio read exceeds the time since ``start`` by more than
-    ``held_s`` plus ``allowance_s``. It stays so: a writer found ahead (a
-    file, a replay, a network stream's backlog) is not trusted to be live
-    again, and its audio stays ahead of the clock anyway."""
+    ``held_s`` plus ``allowance_s`` plus :data:`CLOCK_DRIFT` of that time
+    (a live writer's clock is not the host's). It stays so: a writer found
+    ahead (a file, a replay, a network stream's backlog) is not trusted to
+    be live again, and its audio stays ahead of the clock anyway."""
 
     def __init__(self, rate: int, start: float, held_s: float,
                  allowance_s: float = AHEAD_S) -> None:
@@ -107,8 +115,9 @@ class PaceMeter:
         self._frames += frames
         if self.ahead_s is not None:
             return False
-        ahead = self._frames / self.rate - (now - self._start)
-        if ahead <= self._limit_s:
+        elapsed = now - self._start
+        ahead = self._frames / self.rate - elapsed
+        if ahead <= self._limit_s + CLOCK_DRIFT * max(0.0, elapsed):
             return False
         self.ahead_s = ahead
         return True
