@@ -230,3 +230,12 @@ def test_every_module_is_in_the_readme_layout() -> None:
     names |= {p.name for p in src.rglob("*") if (p / "__init__.py").is_file()}
     missing = sorted(n for n in names if not re.search(rf"(?<![\w/.]){n}\b", block.group(1)))
     assert not missing, f"README.md's Layout does not name: {missing}"
+
+
+def test_every_client_file_is_in_the_clients_readme() -> None:
+    """Each clients/*.py, a client or a module of theirs, is named in
+    clients/README.md (as `name.py`), so a new one is explained."""
+    clients = ROOT / "clients"
+    doc = (clients / "README.md").read_text()
+    missing = sorted(p.name for p in clients.glob("*.py") if f"`{p.name}`" not in doc)
+    assert not missing, f"clients/README.md does not name: {missing}"
