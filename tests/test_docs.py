@@ -239,3 +239,18 @@ def test_every_client_file_is_in_the_clients_readme() -> None:
     doc = (clients / "README.md").read_text()
     missing = sorted(p.name for p in clients.glob("*.py") if f"`{p.name}`" not in doc)
     assert not missing, f"clients/README.md does not name: {missing}"
+
+
+def test_voxtral_md_names_the_pins_of_the_voxtral_extra() -> None:
+    """The versions docs/voxtral.md says the `voxtral` extra pins are those
+    pyproject.toml pins (each `name==version` of the extra)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = {r.split(";")[0].strip() for r in project["optional-dependencies"]["voxtral"]
+            if "==" in r}
+    assert any(p.startswith("transformers==") for p in pins)
+    doc = (ROOT / "docs" / "voxtral.md").read_text()
+    line = re.search(r"the `voxtral` extra, which pins[^|]*", doc)
+    assert line is not None, "docs/voxtral.md no longer says what the voxtral extra pins"
+    named = set(re.findall(r"`([\w.\[\]-]+==[\w.]+)`", line.group()))
+    assert named == pins, \
+        f"docs/voxtral.md names {sorted(named)}, pyproject.toml pins {sorted(pins)}"
