@@ -254,3 +254,33 @@ def test_voxtral_md_names_the_pins_of_the_voxtral_extra() -> None:
     named = set(re.findall(r"`([\w.\[\]-]+==[\w.]+)`", line.group()))
     assert named == pins, \
         f"docs/voxtral.md names {sorted(named)}, pyproject.toml pins {sorted(pins)}"
+
+
+def _heading_anchors(text: str) -> set[str]:
+    """The anchors GitHub gives a Markdown file's headings: lower case,
+    punctuation but `-` and `_` dropped, spaces as `-`."""
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+            for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+def test_every_link_between_the_docs_lands() -> None:
+    """Each relative link of README.md, clients/README.md and docs/*.md
+    names a file that exists, and its `#anchor` a heading of that file, so a
+    renamed heading or file leaves no dead link."""
+    docs = [ROOT / "README.md", ROOT / "clients" / "README.md",
+            *sorted((ROOT / "docs").glob("*.md"))]
+    dead = []
+    anchored = 0
+    for doc in docs:
+        for target, anchor in re.findall(r"\]\(([^)#\s:]*)(?:#([^)\s]+))?\)",
+                                         doc.read_text()):
+            path = (doc.parent / target) if target else doc
+            where = f"{doc.relative_to(ROOT)}: ({target}{'#' + anchor if anchor else ''})"
+            if not path.exists():
+                dead.append(where)
+            elif anchor:
+                anchored += 1
+                if anchor not in _heading_anchors(path.read_text()):
+                    dead.append(where)
+    assert anchored > 20, "the pattern no longer finds the docs' anchored links"
+    assert not dead, f"links to no file or heading: {dead}"
