@@ -284,3 +284,18 @@ def test_every_link_between_the_docs_lands() -> None:
                     dead.append(where)
     assert anchored > 20, "the pattern no longer finds the docs' anchored links"
     assert not dead, f"links to no file or heading: {dead}"
+
+
+def test_voxtral_md_names_every_file_an_export_copies() -> None:
+    """The files export-merged copies from the base (export.py's _COPIED)
+    are named in docs/voxtral.md's export section."""
+    source = (ROOT / "src" / "evoxtral_stream" / "engine" / "backends" / "voxtral"
+              / "export.py").read_text()
+    copied = re.search(r"^_COPIED = \((.*?)\)", source, re.S | re.M)
+    assert copied is not None, "export.py no longer lists the files it copies as _COPIED"
+    names = re.findall(r'"([\w.]+)"', copied.group(1))
+    assert "tekken.json" in names
+    section = (ROOT / "docs" / "voxtral.md").read_text().split("## Export a merged", 1)[1]
+    section = section.split("\n## ", 1)[0]
+    missing = [n for n in names if f"`{n}`" not in section]
+    assert not missing, f"docs/voxtral.md's export section does not name: {missing}"
