@@ -299,3 +299,16 @@ def test_voxtral_md_names_every_file_an_export_copies() -> None:
     section = section.split("\n## ", 1)[0]
     missing = [n for n in names if f"`{n}`" not in section]
     assert not missing, f"docs/voxtral.md's export section does not name: {missing}"
+
+
+def test_the_live_rows_bound_is_the_consoles() -> None:
+    """README.md (transcribe's console) and clients/README.md (the viewer)
+    say how many live partial rows a terminal shows: console.MAX_LIVE_ROWS."""
+    from evoxtral_stream.console import MAX_LIVE_ROWS
+
+    for doc in (ROOT / "README.md", ROOT / "clients" / "README.md"):
+        text = doc.read_text().replace("\n", " ")
+        said = re.findall(r"row of its own[^.]*?\(at most (\d+)", text)
+        assert said, f"{doc.relative_to(ROOT)} no longer says how many live rows are shown"
+        assert {int(n) for n in said} == {MAX_LIVE_ROWS}, \
+            f"{doc.relative_to(ROOT)} says at most {said}, the console shows {MAX_LIVE_ROWS}"
