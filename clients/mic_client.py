@@ -106,6 +106,7 @@ from evoxtral_stream.audio.sources import (
     read_pipe_channels,
 )
 from evoxtral_stream.config import CONFIG_ENV, ConfigError, load_config
+from evoxtral_stream.console import redraws
 from evoxtral_stream.events import SAMPLE_RATE, Int16Array
 from evoxtral_stream.server.protocol import MAX_LOST_S
 
@@ -985,7 +986,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.channels and args.list_devices:
         parser.error("--channels picks the channels to send: not with --list-devices")
     writer = LiveWriter(sys.stdout, sys.stderr, color=use_color(args.color, sys.stdout),
-                        live=sys.stdout.isatty(), show_stream=False)
+                        live=redraws(sys.stdout), show_stream=False)
     try:
         if args.list_devices:
             devices = list_input_devices()

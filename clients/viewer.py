@@ -39,7 +39,7 @@ from _url import Role, add_url_option, endpoint, take_query, with_query
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from evoxtral_stream.console import LiveRows, format_time, printable, text_columns
+from evoxtral_stream.console import LiveRows, format_time, printable, redraws, text_columns
 from evoxtral_stream.server.protocol import (
     finite_seconds,
     hello_epoch,
@@ -534,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         parser.error(str(e))
     color = use_color(args.color, sys.stdout)
-    writer = LiveWriter(sys.stdout, sys.stderr, color=color, live=sys.stdout.isatty(),
+    writer = LiveWriter(sys.stdout, sys.stderr, color=color, live=redraws(sys.stdout),
                         show_stream=len(streams) != 1)
     try:
         return asyncio.run(watch(given.url, streams, since, writer,

@@ -46,6 +46,7 @@ from tests.clients.conftest import (
     client_env,
     publish_finals,
     refused_token_cases,
+    scripted_server,
     sends,
 )
 from tests.fakes import ScriptedBackend
@@ -1081,3 +1082,31 @@ async def test_a_locale_whose_encoding_lacks_the_arrow_gets_question_marks_not_a
     assert proc.returncode == 0, err.decode()
     assert re.fullmatch(r"\[0:00\.\d \? 0:0\d\.\d\] .+\n", out.decode()), out
     assert "? talk ended: 1 finals" in err.decode(), err
+
+
+async def test_a_dumb_terminal_gets_finals_as_plain_lines() -> None:
+    """``TERM=dumb`` (Emacs' shell buffer, some CI consoles) moves no cursor:
+    the viewer redrew its partial rows there all the same, which showed as
+    escape codes and stacked rows, as ``evoxtral-stream``'s own console no
+    longer does. There only finals are printed, as plain lines."""
+    partial = {**json.loads(_final("talk", 1, "so I was")), "final": False, "stable": "",
+               "unstable": "so I was"}
+    script = [_hello(["talk"]), json.dumps(partial), _final("talk", 2, "so I was thinking."),
+              _msg("stream.ended", "talk")]
+    primary, secondary = pty.openpty()
+    try:
+        async with scripted_server(script) as url:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(CLIENTS / "viewer.py"), "--url", url, "--stream", "talk",
+                "--exit-on-end", stdout=secondary, stderr=asyncio.subprocess.PIPE,
+                env={**client_env(), "TERM": "dumb"})
+            os.close(secondary)
+            _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()
+        shown = b""
+        with contextlib.suppress(OSError):   # EIO: the viewer closed the terminal
+            while chunk := os.read(primary, 65536):
+                shown += chunk
+    finally:
+        os.close(primary)
+    assert shown.decode() == "[0:00.0 → 0:01.0] so I was thinking.\r\n", shown
