@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from evoxtral_stream.config import VoxtralConfig
 from evoxtral_stream.engine.backends.base import BackendUnavailable
 from evoxtral_stream.engine.backends.voxtral import adapter as adapter_mod
-from evoxtral_stream.engine.backends.voxtral import backend as backend_mod
+from evoxtral_stream.engine.backends.voxtral import load as load_mod
 from evoxtral_stream.engine.backends.voxtral.adapter import (
     AdapterError,
     attach_adapter,
@@ -219,13 +219,13 @@ def test_an_unreadable_adapter_stops_the_start_before_the_base_loads(
     shutil.copytree(tiny.adapter, folder)
     spoil(folder)
     loads: list[object] = []
-    real = backend_mod._from_pretrained
+    real = load_mod._from_pretrained
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         loads.append(args[0])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(backend_mod, "_from_pretrained", spy)
+    monkeypatch.setattr(load_mod, "_from_pretrained", spy)
     cfg = dataclasses.replace(tiny_cfg, merge_lora=False) if extra else (
         dataclasses.replace(tiny_cfg, adapter=str(folder)))
     with pytest.raises(BackendUnavailable) as info:
@@ -309,7 +309,7 @@ def test_an_adapter_file_without_tensors_is_refused_before_the_base_loads(
     weights = folder / "adapter_model.safetensors"
     save_file({}, str(weights))
     loads: list[object] = []
-    monkeypatch.setattr(backend_mod, "_from_pretrained", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(load_mod, "_from_pretrained", lambda *a, **k: loads.append(a))
     with pytest.raises(BackendUnavailable) as info:
         load_voxtral_backend(dataclasses.replace(tiny_cfg, adapter=str(folder)), "en")
     assert loads == []

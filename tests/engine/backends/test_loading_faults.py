@@ -278,11 +278,11 @@ def test_a_load_report_an_error_points_at_is_shown_with_the_error(
     """transformers holds back nothing it raises: an error that says "look at
     the above report" (a quantized checkpoint's conversion entries) must
     find that report in the log, not only at debug level."""
-    from evoxtral_stream.engine.backends.voxtral import backend as vb
+    from evoxtral_stream.engine.backends.voxtral import load as load_mod
 
-    report = logging.getLogger(vb._REPORT_LOGGER)
+    report = logging.getLogger(load_mod._REPORT_LOGGER)
     def load() -> None:
-        with vb._load_report_held():
+        with load_mod._load_report_held():
             report.warning("LOAD REPORT: CONVERSION failed for model.layers.0.weight")
             raise RuntimeError("look at the CONVERSION entries of the above report")
 
@@ -293,6 +293,6 @@ def test_a_load_report_an_error_points_at_is_shown_with_the_error(
     assert len(shown) == 1, [r.getMessage() for r in caplog.records]
     # Held back when the load goes on: our own lines say what matters.
     caplog.clear()
-    with caplog.at_level(logging.INFO), vb._load_report_held():
+    with caplog.at_level(logging.INFO), load_mod._load_report_held():
         report.warning("LOAD REPORT: unused tensors")
     assert not [r for r in caplog.records if "LOAD REPORT" in r.getMessage()]

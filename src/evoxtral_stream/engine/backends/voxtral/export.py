@@ -20,8 +20,8 @@ from typing import Any
 
 from evoxtral_stream.config import VoxtralConfig
 
-from .backend import load_model
 from .errors import ExportError
+from .load import load_model
 from .merge_note import NOTE, adapter_digest, read_note
 
 __all__ = ["ExportError", "export_merged"]
