@@ -121,8 +121,9 @@ CLOSE_TIMEOUT_S = 2.0
 #: is already there. The deadline may pass while the server handles a message
 #: (a busy process, a send waiting on the client): the client's audio then
 #: waits in the socket, and a read given no time left does not look at it
-#: (Python 3.11's ``wait_for(…, 0)`` cancels it unrun). Such a client was not
-#: idle.
+#: (its timeout fires before the loop reads the socket; Python 3.11's
+#: ``wait_for(…, 0)`` did not even look at what was already read). Such a
+#: client was not idle.
 LATE_READ_S = 0.05
 #: How long past an ingest's idle deadline the messages still coming in one
 #: after another (each within :data:`LATE_READ_S`) are read, looking for audio
@@ -220,11 +221,15 @@ async def _recv_within(ws: ServerConnection, seconds: float | None) -> str | byt
     """``ws.recv()`` within ``seconds`` (None: no limit); TimeoutError when
     nothing came, not when a message came and this process was too busy to
     take it in time (:data:`LATE_READ_S`)."""
+    # asyncio.timeout, not wait_for: wait_for runs recv() as a task of its
+    # own, one task per audio message, a few % of the server's CPU at 100 streams.
     try:
-        return await asyncio.wait_for(ws.recv(), seconds)
+        async with asyncio.timeout(seconds):
+            return await ws.recv()
     except TimeoutError:
         # recv() is cancellation-safe: the message a timeout beat is still there.
-        return await asyncio.wait_for(ws.recv(), LATE_READ_S)
+        async with asyncio.timeout(LATE_READ_S):
+            return await ws.recv()
 
 
 def check_listen(host: str, port: int) -> None:
