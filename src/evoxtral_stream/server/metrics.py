@@ -196,7 +196,8 @@ class _StatsCollector(Collector):
                 "evoxtral_journal_appends": ("Finals written to the journal.",
                                              st.journal_appends),
                 "evoxtral_journal_failures": (
-                    "Journal writes that failed (finals, seq reservations, stream ends).",
+                    "Journal writes that failed (finals, seq reservations, stream ends, "
+                    "interval fsyncs).",
                     st.journal_failures),
                 "evoxtral_worker_stalls": (
                     "Times a backend call ran past worker.stall_timeout_s.", st.stalls),

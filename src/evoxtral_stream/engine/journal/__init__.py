@@ -49,6 +49,7 @@ from .store import (
     PRUNED_FILE,
     PRUNED_REMEMBERED,
     SEQ_RESERVE_BLOCK,
+    SYNC_CLOSE_WAIT_S,
     Journal,
     Replay,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "PRUNED_FILE",
     "PRUNED_REMEMBERED",
     "SEQ_RESERVE_BLOCK",
+    "SYNC_CLOSE_WAIT_S",
     "EndRecord",
     "Journal",
     "JournalFile",

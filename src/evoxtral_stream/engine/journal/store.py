@@ -48,6 +48,28 @@ a flush is a few microseconds; ``fsync = "always"`` adds one disk flush per
 final and per reservation (0.1 to 10 ms, depending on the disk). There is no writer thread and
 hence no queue that could overflow and lose finals.
 
+Interval fsyncs (``fsync = "interval"``) leave the loop: when one is due
+(:meth:`Journal.sync_due`), the descriptors of the files written since the
+last one are duplicated (``os.dup``, microseconds; a duplicate stays valid
+when the journal rotates or closes the file meanwhile, and syncs the same
+file) and handed as one batch to the journal's one daemon thread,
+``journal-sync``, which fsyncs and closes them. One batch at a time: a
+batch due while the previous one still runs (a slow disk) waits, its files
+staying dirty, until that one is done, and then goes as one batch; so there
+is no queue, and nothing grows but the dirty set (at most one entry per
+open file). A failed fsync is logged, once per batch (``journal: fsync
+failed``), and counted (:attr:`Journal.sync_failures`, per file); it is not
+tried again (after a failed fsync the kernel may have dropped the pages), and
+the next batch goes on. A descriptor that cannot be duplicated (out of
+descriptors) is fsynced inline, as before. The fsyncs that order the
+stream's own contract stay inline: ``fsync = "always"``, a stream's end
+(its file is fsynced and closed before the ``stream.ended`` goes out), a
+rotation (the new file's reservation before the old files are deleted), and
+the folder's entries. :meth:`Journal.close` waits up to
+:data:`SYNC_CLOSE_WAIT_S` for a batch in flight (logged if cut short), stops
+the thread, then fsyncs and closes every open file, so a clean stop leaves
+no final unsynced.
+
 Crash safety: a line cut short by a crash is skipped with a warning when
 read, and the first record appended to such a file starts with a newline, so
 that it stands on a line of its own. So does the record after a write the
@@ -123,6 +145,7 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Generator, Iterator
@@ -168,6 +191,7 @@ __all__ = [
     "PRUNED_FILE",
     "PRUNED_REMEMBERED",
     "SEQ_RESERVE_BLOCK",
+    "SYNC_CLOSE_WAIT_S",
     "Journal",
     "Replay",
 ]
@@ -212,6 +236,16 @@ finals lost past them are told by its ``seq``, the highest lost."""
 LOST_STREAMS = 4096
 """How many streams' lost finals not recorded yet a running journal keeps
 (the most recent); one beyond that is forgotten, with an error logged."""
+
+
+SYNC_CLOSE_WAIT_S = 5.0
+"""How long :meth:`Journal.close` waits for the interval fsyncs in flight
+(``fsync = "interval"``) before it goes on without them, with an error
+logged: a disk that hangs must not hang the stop."""
+
+# How soon a due interval fsync is tried again while the batch before it is
+# still in flight (the engine's timer comes back then).
+_SYNC_BUSY_RETRY_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -283,12 +317,109 @@ class _Lost:
         return (encode_lost(stream, tuple(self.seqs), self.last) + "\n").encode()
 
 
+class _Syncer:
+    """The journal's fsync thread for ``fsync = "interval"`` (module doc):
+    one daemon thread, ``journal-sync``, started with the first batch, which
+    fsyncs and closes the duplicated descriptors of one batch at a time."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._batch: list[tuple[str, int]] | None = None
+        self._busy = False
+        self._stop = False
+        # The thread has not yet returned: set and cleared under the lock,
+        # since a thread that has just decided to return is still "alive".
+        self._running = False
+        self.failures = 0
+        """Files whose fsync failed (on the thread, or inline in its place)."""
+
+    @property
+    def busy(self) -> bool:
+        """A batch is handed over and not done yet."""
+        with self._cond:
+            return self._busy
+
+    def submit(self, batch: list[tuple[str, int]]) -> None:
+        """Hand over ``batch`` ((file name, duplicated descriptor) pairs,
+        which the thread closes); only when not :attr:`busy`."""
+        with self._cond:
+            assert not self._busy, "one batch at a time"
+            self._batch, self._busy, self._stop = batch, True, False
+            if not self._running:
+                self._thread = threading.Thread(target=self._run, name="journal-sync",
+                                                daemon=True)
+                self._running = True
+                self._thread.start()
+            self._cond.notify()
+
+    def count(self, failures: int) -> None:
+        with self._cond:
+            self.failures += failures
+
+    def stop(self, timeout: float) -> bool:
+        """Let the batch in flight finish, for at most ``timeout`` seconds,
+        and end the thread. False when it is still running (then it ends
+        after its batch)."""
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            while (batch := self._take()) is not None:
+                self._sync(batch)
+        except BaseException:
+            with self._cond:   # died: the next batch starts another
+                self._running = False
+            raise
+
+    def _take(self) -> list[tuple[str, int]] | None:
+        """The next batch, waited for; None once stopped with none left."""
+        with self._cond:
+            while self._batch is None and not self._stop:
+                self._cond.wait()
+            batch, self._batch = self._batch, None
+            if batch is None:
+                # In the same hold of the lock as submit checks it.
+                self._running = False
+            return batch
+
+    def _sync(self, batch: list[tuple[str, int]]) -> None:
+        failed: list[tuple[str, OSError]] = []
+        try:
+            for name, fd in batch:
+                try:
+                    os.fsync(fd)
+                except OSError as e:
+                    failed.append((name, e))
+                finally:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
+        finally:
+            if failed:
+                name, first = failed[0]
+                log.error("journal: fsync failed for %d of %d file(s) (%s: %s); the "
+                          "finals written to them in the last fsync_interval_s may "
+                          "not survive a power cut", len(failed), len(batch), name,
+                          first.strerror or first)
+            with self._cond:
+                self.failures += len(failed)
+                self._busy = False
+
+
 class Journal:
     """Writes and reads the per-stream journal files in ``cfg.dir``.
 
     Use it from one thread (the event loop), but for :meth:`replay`, which
-    may also run on another thread meanwhile. ``clock`` is monotonic seconds,
-    used for the fsync interval only; ``wall`` is the wall clock (Unix
+    may also run on another thread meanwhile; ``fsync = "interval"``'s
+    fsyncs run on a thread of the journal's own (module doc). ``clock`` is
+    monotonic seconds, used for the fsync interval only; ``wall`` is the wall clock (Unix
     seconds) that files' starts (age rotation) and modification times
     (retention) are compared with, since both must hold across restarts.
     """
@@ -304,6 +435,7 @@ class Journal:
         self._open: dict[str, _Open] = {}
         self._dirty: set[str] = set()
         self._last_fsync = clock()
+        self._syncer = _Syncer()
         # Streams with files: bounded by what retention keeps on disk. The
         # highest seq given (this process) or recorded (files) per stream,
         self._last_seq: dict[str, int] = {}
@@ -529,7 +661,16 @@ class Journal:
         recorded yet is written (a stream that wrote nothing since: the
         disk may take it now); one the disk refuses is logged, as it is
         lost with the process (a resume after a restart then skips those
-        finals without a gap)."""
+        finals without a gap).
+
+        Under ``fsync = "interval"``, the batch of fsyncs in flight is waited
+        for first (at most :data:`SYNC_CLOSE_WAIT_S`; an error is logged if
+        it is cut short) and the sync thread ended; the files written since
+        are fsynced by their close."""
+        if not self._syncer.stop(SYNC_CLOSE_WAIT_S):
+            log.error("journal: the fsync thread did not finish its batch within %g s "
+                      "(a disk that does not answer?); closing the files without it",
+                      SYNC_CLOSE_WAIT_S)
         for stream in list(self._lost):
             lost = self._lost[stream]
             try:
@@ -579,6 +720,12 @@ class Journal:
                 self._ended_last.add(stream)
         finally:
             self.release(stream)
+
+    @property
+    def sync_failures(self) -> int:
+        """Interval fsyncs (``fsync = "interval"``) that failed, one per
+        file per batch: logged by the sync thread, never raised."""
+        return self._syncer.failures
 
     @property
     def open_files(self) -> int:
@@ -786,21 +933,49 @@ class Journal:
             self.sync_due()
 
     def sync_due(self) -> float | None:
-        """For ``fsync = "interval"``: fsync what is due; return seconds until the
-        next fsync is due (None: nothing waits). The engine calls it again then,
-        so the last finals before a quiet spell reach the disk too."""
+        """For ``fsync = "interval"``: when due, hand the files written since
+        the last fsync to the sync thread (module doc); return seconds until
+        the next is due (None: nothing waits). The engine calls it again
+        then, so the last finals before a quiet spell reach the disk too.
+
+        While the batch before is still in flight, the files wait (they stay
+        dirty: one batch at a time, no queue) and the return is how soon to
+        ask again. Never raises: a failed fsync is logged and counted
+        (:attr:`sync_failures`)."""
         if not self._dirty:
             return None
-        wait = self._last_fsync + self._cfg.fsync_interval_s - self._clock()
+        interval = self._cfg.fsync_interval_s
+        wait = self._last_fsync + interval - self._clock()
         if wait > 0:
             return wait
-        for stream in list(self._dirty):
+        if self._syncer.busy:
+            return min(_SYNC_BUSY_RETRY_S, interval)
+        batch: list[tuple[str, int]] = []
+        for stream in self._dirty:
             cur = self._open.get(stream)
-            if cur is not None:
-                os.fsync(cur.file.fileno())
+            if cur is None:
+                continue
+            try:
+                batch.append((cur.path.name, os.dup(cur.file.fileno())))
+            except OSError:
+                self._sync_inline(cur)
         self._dirty.clear()
         self._last_fsync = self._clock()
+        if batch:
+            self._syncer.submit(batch)
         return None
+
+    def _sync_inline(self, cur: _Open) -> None:
+        """fsync ``cur`` on the loop, in place of the sync thread (its
+        descriptor could not be duplicated); a failure counts as the
+        thread's do."""
+        try:
+            os.fsync(cur.file.fileno())
+        except OSError as e:
+            self._syncer.count(1)
+            log.error("journal: fsync failed for %s: %s; the finals written to it in "
+                      "the last fsync_interval_s may not survive a power cut",
+                      cur.path.name, e.strerror or e)
 
     def _open_for_append(self, stream: str, now: float) -> _Open:
         """Open the stream's newest file (or its first) to append to it."""
