@@ -255,13 +255,20 @@ def _spaced_text(draw: st.DrawFn) -> str:
     """Words of the European languages and Hindi with punctuation written
     after a (no-break) space, French style: a closing mark after a word,
     « before one."""
-    out = draw(st.sampled_from(_EU_WORDS))
+    items = [draw(st.sampled_from(_EU_WORDS))]
     for _ in range(draw(st.integers(0, 30))):
         p = draw(st.sampled_from(_SPACED + _EU_WORDS))
-        if p in _SPACED and (p == "«") == (out[-1] != "«"):
-            continue
-        out += draw(st.sampled_from(_SPACES)) + p
-    return out
+        if p in _SPACED and items[-1] == "«":
+            continue  # « opens a word
+        closing = len(items) - next(i for i in range(len(items) - 1, -1, -1)
+                                    if items[i] not in _SPACED or items[i] == "«") - 1
+        if p in _SPACED and p != "«" and closing == 3:
+            continue  # a longer run is a model's loop: see the test below
+        items.append(p)
+    if items[-1] == "«":
+        items.pop()
+    return "".join(draw(st.sampled_from(_SPACES)) + p if i else p
+                   for i, p in enumerate(items))
 
 
 @settings(max_examples=200, deadline=None)
@@ -280,3 +287,15 @@ def test_no_line_starts_with_spaced_closing_punctuation(
         if i:
             assert first not in _SPACED or first == "«", (line, lines)
         assert line.split(" ")[-1] != "«", (line, lines)
+
+
+@pytest.mark.parametrize("text", ["Hmm" + " ..." * 30, "Non" + "\u00a0!" * 40,
+                                  "«\u00a0" * 20 + "Oui", "मैं" + " ।" * 30])
+def test_a_long_run_of_spaced_punctuation_still_breaks_into_lines_that_fit(text: str) -> None:
+    """Spaced punctuation joins its word's line only a few marks deep: a
+    model looping on it ("Hmm ... ... ...") made one line of them all,
+    however wide."""
+    cues = build_cues([final(text, 0.0, 10.0)])
+    lines = [line for c in cues for line in c.lines]
+    assert " ".join(lines) == text.replace("\u00a0", " ")
+    assert max(display_width(line) for line in lines) <= CueLayout().max_line_chars, lines

@@ -19,7 +19,8 @@ A cue left no time at all (a zero-length final) is shown for
 never inside a tag, and a tag stays with the word it precedes. Punctuation
 written apart from its word (:func:`_glue_punctuation`: French ``demain ?``
 and ``« Bonjour »``, whose no-break spaces the tokenizer reads as spaces, a
-spaced Hindi ``।``) stays on its word's line, and ends its sentence there
+spaced Hindi ``।``) stays on its word's line, a few marks deep (a longer
+run, a model's loop, breaks as words do), and ends its sentence there
 (``« Oui ! »`` after the ``»``). Text written
 without spaces (Chinese, Japanese) also breaks between its characters, as
 UAX #14 and the kinsoku rules allow (:func:`_can_break`: never before
@@ -307,18 +308,29 @@ def _bare(chunk: Sequence[Token]) -> str:
     return "".join(t.text for t in chunk if t.is_punct)
 
 
+#: The most chunks :func:`_glue_punctuation` joins to one (``« Oui ! »``
+#: is four): a model looping on spaced marks ("Hmm ... ... ...") would
+#: otherwise make one unbreakable line of them all, however wide.
+_GLUED_AT_MOST = 5
+
+
 def _glue_punctuation(chunks: list[list[Token]]) -> list[list[Token]]:
     """``chunks`` with each one of bare closing punctuation joined to the
     chunk before it and each one of bare opening punctuation to the chunk
     after it: a line never starts with a lone ``?``, ``»`` or ``।``, nor
-    ends with a lone ``«`` or ``¿``."""
+    ends with a lone ``«`` or ``¿`` (but past :data:`_GLUED_AT_MOST` chunks
+    in a row)."""
     out: list[list[Token]] = []
+    joined = 0
     for c in chunks:
         bare = _bare(c)
-        if out and ((bare and _trails(bare[0])) or _leads((_bare(out[-1]) or " ")[-1])):
+        if (out and joined < _GLUED_AT_MOST
+                and ((bare and _trails(bare[0])) or _leads((_bare(out[-1]) or " ")[-1]))):
             out[-1] = [*out[-1], *c]
+            joined += 1
         else:
             out.append(list(c))
+            joined = 1
     return out
 
 
