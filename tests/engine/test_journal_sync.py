@@ -353,3 +353,44 @@ def test_a_file_whose_descriptor_cannot_be_duplicated_is_fsynced_inline(
     assert "journal: fsync failed" in caplog.text
     monkeypatch.setattr(os, "fsync", real)
     journal.close()
+
+
+def test_a_sync_thread_that_cannot_start_leaves_no_descriptor_and_no_stuck_sync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread that cannot start (the process at its thread limit: a
+    container's pids.max) raised out of sync_due, into the append of a
+    final, with the batch's duplicated descriptors left open and the syncer
+    marked busy and running for good: no interval fsync ran again. Now the
+    batch is fsynced on the loop in its place, its duplicates closed, and
+    the next batch starts the thread once it can."""
+    clock = Clock()
+    journal = Journal(config(tmp_path, **{"journal.fsync": "interval"}).journal,
+                      clock=clock)
+    journal.restore()
+    journal.append(caption("a", 1))
+    real_start, real_fsync = threading.Thread.start, os.fsync
+    synced: list[tuple[str, str]] = []
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append((threading.current_thread().name, stream_of(fd)))
+
+    def no_thread(self: threading.Thread) -> None:
+        if self.name != SYNC_THREAD:
+            real_start(self)
+            return
+        raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    fds = set(os.listdir("/proc/self/fd"))
+    clock.now += 1.0
+    assert journal.sync_due() is None
+    assert synced == [(threading.current_thread().name, "a")]
+    assert set(os.listdir("/proc/self/fd")) <= fds      # every duplicate closed
+    monkeypatch.setattr(threading.Thread, "start", real_start)
+    journal.append(caption("a", 2))
+    clock.now += 1.0
+    assert journal.sync_due() is None
+    eventually(lambda: (SYNC_THREAD, "a") in synced)
+    journal.close()
+    assert journal.sync_failures == 0

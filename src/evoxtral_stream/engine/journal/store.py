@@ -61,7 +61,8 @@ open file). A failed fsync is logged, once per batch (``journal: fsync
 failed``), and counted (:attr:`Journal.sync_failures`, per file); it is not
 tried again (after a failed fsync the kernel may have dropped the pages), and
 the next batch goes on. A descriptor that cannot be duplicated (out of
-descriptors) is fsynced inline, as before. The fsyncs that order the
+descriptors) is fsynced inline, as before, and so is a batch when the
+thread cannot be started (the process at its thread limit). The fsyncs that order the
 stream's own contract stay inline: ``fsync = "always"``, a stream's end
 (its file is fsynced and closed before the ``stream.ended`` goes out), a
 rotation (the new file's reservation before the old files are deleted), and
@@ -342,16 +343,30 @@ class _Syncer:
 
     def submit(self, batch: list[tuple[str, int]]) -> None:
         """Hand over ``batch`` ((file name, duplicated descriptor) pairs,
-        which the thread closes); only when not :attr:`busy`."""
+        which the thread closes); only when not :attr:`busy`. Where no
+        thread can be started (the process at its thread limit), the batch
+        is synced here, on the caller's thread, and the next one tries again."""
         with self._cond:
             assert not self._busy, "one batch at a time"
-            self._batch, self._busy, self._stop = batch, True, False
-            if not self._running:
-                self._thread = threading.Thread(target=self._run, name="journal-sync",
-                                                daemon=True)
-                self._running = True
-                self._thread.start()
-            self._cond.notify()
+            refused = None if self._running else self._start()
+            if refused is None:
+                self._batch, self._busy, self._stop = batch, True, False
+                self._cond.notify()
+                return
+        log.warning("journal: cannot start the fsync thread (%s): fsyncing on the event "
+                    "loop this time", refused)
+        self._sync(batch)
+
+    def _start(self) -> RuntimeError | None:
+        """Start the thread (called under the lock, which it then waits for
+        in :meth:`_take`); why it could not be, or None."""
+        thread = threading.Thread(target=self._run, name="journal-sync", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as e:
+            return e
+        self._thread, self._running = thread, True
+        return None
 
     def count(self, failures: int) -> None:
         with self._cond:
