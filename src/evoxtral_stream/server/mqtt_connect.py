@@ -230,7 +230,14 @@ def _lookup(host: str, port: int) -> concurrent.futures.Future[list[Any]]:
                 del _LOOKUPS[key]
             future.set_result(infos)
 
-    threading.Thread(target=run, name="mqtt-lookup", daemon=True).start()
+    try:
+        threading.Thread(target=run, name="mqtt-lookup", daemon=True).start()
+    except RuntimeError as e:
+        # No thread to be had (the process at its thread limit): this
+        # attempt fails, and the next looks up anew.
+        with _LOOKUPS_LOCK:
+            del _LOOKUPS[key]
+        future.set_exception(e)
     return future
 
 
