@@ -115,7 +115,9 @@ def test_interval_fsyncs_leave_the_event_loop_free(
 
     worst = asyncio.run(main())
     journal.close()
-    assert worst < 0.2, f"the event loop stood still for {worst:.2f} s"
+    # Inline, each round stood still for 20 × 50 ms = 1 s; the bound leaves
+    # room for a loaded CI machine (pytest -n 3 on 2 cores).
+    assert worst < 0.5, f"the event loop stood still for {worst:.2f} s"
     # Three interval fsyncs of each file (one per round of finals) and the
     # close's: none skipped, none merged away.
     assert {s: n for s, n in synced.items() if s} == {s: 4 for s in streams}
