@@ -681,3 +681,14 @@ def test_a_stream_that_ends_takes_its_live_row_away() -> None:
         screen = [row for row in _screen(drain(), 80) if row]
     os.close(master)
     assert screen == ["b [0:00.0 → 0:01.0] two"], screen
+
+
+def test_an_emoji_shown_as_one_takes_two_columns() -> None:
+    """A heart written with VS16 (``❤️``) is drawn two columns wide, but
+    was counted one (the heart one, the selector none), so a live partial
+    full of them was cut too late and wrapped, and its redraw left rows
+    behind; a family (ZWJ sequence) was counted 8 for its 2."""
+    heart, family = "\u2764\ufe0f", "\U0001f468\u200d\U0001f469\u200d\U0001f467"
+    assert (text_columns(heart), text_columns(family), text_columns("a" + heart)) == (2, 2, 3)
+    clipped = clip_columns(heart * 30, 21)
+    assert clipped == heart * 10 + "…" and text_columns(clipped) == 21

@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from .events import CaptionEvent, EngineEvent, StreamEnded, StreamError
-from .text.chars import CONTROL, drop_hidden, graphemes, mend_surrogates
+from .text.chars import CONTROL, display_width, drop_hidden, graphemes, mend_surrogates
 from .writer import EXIT_WAIT_S, QueuedWriter
 
 __all__ = ["MAX_LIVE_ROWS", "PRINT_QUEUE_CHARS", "PRINT_QUEUE_LINES", "CaptionPrinter",
@@ -435,8 +435,12 @@ def char_columns(c: str) -> int:
 
 
 def text_columns(text: str) -> int:
-    """The columns ``text`` takes on a terminal (:func:`char_columns`)."""
-    return sum(char_columns(c) for c in text)
+    """The columns ``text`` takes on a terminal, counted per user-perceived
+    character as subtitles count them (:func:`~.text.chars.display_width`):
+    an emoji shown as one (VS16 ``❤️``, a ZWJ sequence, a flag) takes two,
+    where :func:`char_columns` summed over its code points says one (VS16)
+    or more (a ZWJ sequence), and a row of them wrapped."""
+    return display_width(text)
 
 
 # Control characters (C0, DEL, C1): written as they came, ESC would start an
