@@ -394,7 +394,7 @@ async def test_a_connection_reset_is_a_warning_not_an_error(
             subscriber(mosquitto.port, "rs/#") as sub, \
             MqttPublisher(mqtt_config(relay.port, "rs")) as pub:
         await connected(pub)
-        relay.drop()
+        relay.reset()
         for seq in range(1, 3):
             pub(caption("s", seq, seq, True, f"final {seq}"))
         await sub.until(lambda got: {body(m)["seq"] for m in got
