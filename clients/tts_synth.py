@@ -310,7 +310,9 @@ def _pad_wav(src: Path | None, dest: Path, lead_ms: int, trail_ms: int) -> None:
     def silence(ms: int) -> bytes:
         return b"\x00" * (rate * ms // 1000) * channels * width
     tmp = dest.with_name(f".{dest.name}.tmp")
-    with wave.open(str(tmp), "wb") as out:
+    # The file opened first: a wave.open(path) that cannot open it leaves a
+    # half-built writer whose __del__ prints "Exception ignored" to stderr.
+    with open(tmp, "wb") as f, wave.open(f, "wb") as out:
         out.setnchannels(channels)
         out.setsampwidth(width)
         out.setframerate(rate)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import json
 import logging
 import os
@@ -66,6 +67,7 @@ from tts_synth import (
     EspeakSynth,
     SynthesisError,
     VoiceSettings,
+    _pad_wav,
     extension_for,
 )
 from websockets.asyncio.client import connect as websockets_connect
@@ -1922,3 +1924,17 @@ async def test_a_long_running_bridge_keeps_the_names_of_its_latest_files_only(
     assert synth.names == [f"mic-{i:05d}.txt" for i in range(n)]
     assert len(bridge.written) == RECENT_WRITTEN < n
     assert [p.name for p in bridge.written] == synth.names[-RECENT_WRITTEN:]
+
+
+def test_a_padded_wav_that_cannot_be_written_raises_and_prints_nothing_else(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``wave.open(path, "wb")`` whose file cannot be opened raises, and the
+    half-built writer's ``__del__`` then printed "Exception ignored ...
+    no attribute '_file'" onto the bridge's stderr (an output folder gone,
+    a full disk): the error is the bridge's to report, once."""
+    ignored: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
+    with pytest.raises(FileNotFoundError):
+        _pad_wav(None, tmp_path / "gone" / "x.wav", 10, 10)
+    gc.collect()
+    assert ignored == []
