@@ -2773,7 +2773,23 @@ def test_backend_auto_with_a_voxtral_folder_that_cannot_be_looked_at_runs_whispe
 def test_export_merged_to_a_name_too_long_is_one_error_line(tmp_path: Path) -> None:
     """An OUTDIR the file system cannot name: the check that it is new or
     empty called Path.exists, which raises ENAMETOOLONG, a traceback."""
+    pytest.importorskip("torch", reason="export-merged needs the voxtral extra")
     one_error_line(cli("export-merged", str(tmp_path / ("x" * 300))), "xxxx", "too long")
+
+
+def test_export_merged_without_the_voxtral_extra_says_to_install_it(tmp_path: Path) -> None:
+    """Without torch, export-merged said the Voxtral backend needs it "or set
+    model.backend = \"whisper\"", which exports nothing: the one way on is
+    the extra, installed after a torch for the machine."""
+    program = ("import sys; sys.modules['torch'] = None; from evoxtral_stream.cli import main; "
+               "sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", program, "export-merged", str(tmp_path / "m")],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    line = one_error_line(proc, "export-merged needs the voxtral extra (torch missing)",
+                          "pip install torch", "'.[voxtral]'")
+    assert "model.backend" not in line, line
+    assert not (tmp_path / "m").exists()
 
 
 # A model that takes long to load, and modules that take long to import:

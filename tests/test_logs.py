@@ -237,6 +237,7 @@ def test_json_mode_keeps_stderr_json_for_libraries_and_unraisable_errors() -> No
     """In a fresh interpreter (the hooks are process-wide): transformers and
     huggingface_hub warnings, a warning, an exception in ``__del__`` and an
     uncaught one all come out as JSON lines, each once."""
+    pytest.importorskip("transformers", reason="needs the voxtral extra's transformers")
     program = textwrap.dedent("""
         import logging, warnings
         from evoxtral_stream.logs import configure_logging, install_json_hooks

@@ -62,7 +62,10 @@ def export_merged(cfg: VoxtralConfig, outdir: Path) -> None:
     try:
         from .export import export_merged as export
     except ImportError as e:
-        raise _missing(e) from None
+        # Not _missing's "or set model.backend": that exports nothing.
+        raise BackendUnavailable(
+            f"export-merged needs the voxtral extra ({e.name or 'torch'} missing): "
+            f"{extra_hint('voxtral', torch_first=True)}") from None
     export(cfg, outdir)
 
 
