@@ -33,7 +33,7 @@ from evoxtral_stream.config import load_config
 from evoxtral_stream.events import SAMPLE_RATE
 from tests.fakes import ScriptedBackend, words_so_far
 from tests.helpers.http import free_port
-from tests.helpers.portaudio import LiveStream, playback
+from tests.helpers.portaudio import LiveStream, hung_refresh_lines, playback
 from tests.speech import have_espeak, speak
 
 pytestmark = pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
@@ -242,34 +242,15 @@ def test_serve_refuses_channels_the_device_lacks_before_loading_the_model(
 
 
 # The real command line from a microphone that is lost at once, whose
-# PortAudio then hangs in the refresh before each reopen (a driver that
-# never returns): the marker file says the refresh is stuck.
+# PortAudio then hangs (hung_refresh_lines).
 _HUNG_REFRESH = r"""
-import atexit, os, sys, threading, types
+import sys
 from evoxtral_stream import cli as cli_module
-from evoxtral_stream.audio import microphone
-from evoxtral_stream.events import SAMPLE_RATE
 from tests.fakes import ScriptedBackend
 from tests.helpers.model_loader import replace_model_loader
-from tests.helpers.portaudio import LiveStream, tone
 
 replace_model_loader(lambda cfg: ScriptedBackend(lambda audio: "words"))
-
-def terminate():
-    open(os.environ["HUNG_MARKER"], "w").close()
-    threading.Event().wait()
-
-# As sounddevice does: PortAudio terminated at the exit, on the main thread
-# (which the driver hangs as it hung the refresh's).
-atexit.register(lambda: terminate())
-sd = types.ModuleType("sounddevice")
-sd.query_devices = lambda: [{"index": 0, "name": "Desk Mic", "max_input_channels": 1,
-                             "default_samplerate": float(SAMPLE_RATE)}]
-sd.default = types.SimpleNamespace(device=[0, -1])
-sd._terminate, sd._initialize = terminate, lambda: None
-sys.modules["sounddevice"] = sd
-microphone._sounddevice_stream = lambda device, rate, channels, blocksize, callback: (
-    LiveStream(tone(rate=rate), rate, channels, blocksize, callback, unplug_at=0))
+""" + hung_refresh_lines("0") + r"""
 sys.exit(cli_module.main(sys.argv[1:]))
 """
 

@@ -42,7 +42,7 @@ from tests.clients.conftest import (
 from tests.fakes import ScriptedBackend
 from tests.helpers.events import EndedStreams
 from tests.helpers.http import Relay, StallingRelay, free_port
-from tests.helpers.portaudio import LiveStream, playback, tone
+from tests.helpers.portaudio import LiveStream, hung_refresh_lines, playback, tone
 from tests.speech import have_espeak, speech_with_pauses
 from tests.text_norm import loose_wer
 
@@ -1148,29 +1148,11 @@ async def test_audio_sent_again_after_a_lost_connection_keeps_its_lost_declarati
 
 
 # The client from a microphone that is lost at once, whose PortAudio then
-# hangs in the refresh before each reopen (a driver that never returns), and
-# terminates PortAudio again at the exit as sounddevice does: the marker file
-# says the refresh is stuck.
+# hangs (hung_refresh_lines).
 _HUNG_REFRESH = r"""
-import atexit, os, runpy, sys, threading, types
+import os, runpy, sys
 sys.path.insert(0, os.environ["CLIENTS"])
-from evoxtral_stream.audio import microphone
-from evoxtral_stream.events import SAMPLE_RATE
-from tests.helpers.portaudio import LiveStream, tone
-
-def terminate():
-    open(os.environ["HUNG_MARKER"], "w").close()
-    threading.Event().wait()
-
-atexit.register(lambda: terminate())
-sd = types.ModuleType("sounddevice")
-sd.query_devices = lambda: [{"index": 0, "name": "Desk Mic", "max_input_channels": 1,
-                             "default_samplerate": float(SAMPLE_RATE)}]
-sd.default = types.SimpleNamespace(device=[0, -1])
-sd._terminate, sd._initialize = terminate, lambda: None
-sys.modules["sounddevice"] = sd
-microphone._sounddevice_stream = lambda device, rate, channels, blocksize, callback: (
-    LiveStream(tone(rate=rate), rate, channels, blocksize, callback, unplug_at=rate // 2))
+""" + hung_refresh_lines("rate // 2") + r"""
 sys.argv = [os.path.join(os.environ["CLIENTS"], "mic_client.py"), *sys.argv[1:]]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """

@@ -95,3 +95,32 @@ class LiveStream:
                 self.frames += self.blocksize
             self._halt.wait(max(0.0, t0 + (self.held + self.frames) / self.rate
                                 - time.monotonic()))
+
+
+def hung_refresh_lines(unplug_at: str) -> str:
+    """Python lines for a test program's process: a microphone ('Desk Mic',
+    mono) lost ``unplug_at`` frames in (an expression of ``rate``), whose
+    PortAudio then hangs in the refresh before each reopen (a driver that
+    never returns) and, as sounddevice does, is terminated again at the
+    exit on the main thread, which hangs the same way. The file named by
+    ``$HUNG_MARKER`` appears once the refresh is stuck."""
+    return f"""
+import atexit, os, threading, types
+from evoxtral_stream.audio import microphone
+from evoxtral_stream.events import SAMPLE_RATE
+from tests.helpers.portaudio import LiveStream, tone
+
+def terminate():
+    open(os.environ["HUNG_MARKER"], "w").close()
+    threading.Event().wait()
+
+atexit.register(lambda: terminate())
+sd = types.ModuleType("sounddevice")
+sd.query_devices = lambda: [{{"index": 0, "name": "Desk Mic", "max_input_channels": 1,
+                             "default_samplerate": float(SAMPLE_RATE)}}]
+sd.default = types.SimpleNamespace(device=[0, -1])
+sd._terminate, sd._initialize = terminate, lambda: None
+sys.modules["sounddevice"] = sd
+microphone._sounddevice_stream = lambda device, rate, channels, blocksize, callback: (
+    LiveStream(tone(rate=rate), rate, channels, blocksize, callback, unplug_at={unplug_at}))
+"""
