@@ -124,10 +124,14 @@ def test_interval_fsyncs_leave_the_event_loop_free(
     assert sync_threads() == before          # the thread did not outlive close
 
 
-def blocking_sync_thread(monkeypatch: pytest.MonkeyPatch, gate: threading.Event,
-                         started: list[str], done: list[str]) -> None:
-    """The sync thread's fsyncs wait for ``gate``; the loop's do not.
-    ``started``/``done``: the streams whose files it began/ended an fsync of."""
+def blocking_sync_thread(monkeypatch: pytest.MonkeyPatch
+                         ) -> tuple[threading.Event, list[str], list[str]]:
+    """Make the sync thread's fsyncs wait for the gate returned; the loop's
+    do not. Returns (gate, started, done): the streams whose files it
+    began/ended an fsync of."""
+    gate = threading.Event()
+    started: list[str] = []
+    done: list[str] = []
     real = os.fsync
 
     def fsync(fd: int) -> None:
@@ -139,6 +143,7 @@ def blocking_sync_thread(monkeypatch: pytest.MonkeyPatch, gate: threading.Event,
         real(fd)
         done.append(stream_of(fd))
     monkeypatch.setattr(os, "fsync", fsync)
+    return gate, started, done
 
 
 def test_a_batch_in_flight_makes_the_next_wait_without_a_queue(
@@ -150,10 +155,7 @@ def test_a_batch_in_flight_makes_the_next_wait_without_a_queue(
     journal.restore()
     for s in ("a", "b", "c"):
         journal.append(caption(s, 1))
-    gate = threading.Event()
-    started: list[str] = []
-    done: list[str] = []
-    blocking_sync_thread(monkeypatch, gate, started, done)
+    gate, started, done = blocking_sync_thread(monkeypatch)
     try:
         clock.now += 1.0
         assert journal.sync_due() is None            # a, b, c handed over
@@ -186,10 +188,7 @@ def test_close_waits_for_the_batch_in_flight_and_fsyncs_the_rest(
     journal = Journal(cfg, clock=clock)
     journal.restore()
     journal.append(caption("a", 1))
-    gate = threading.Event()
-    started: list[str] = []
-    done: list[str] = []
-    blocking_sync_thread(monkeypatch, gate, started, done)
+    gate, started, done = blocking_sync_thread(monkeypatch)
     closed: list[str] = []
     real = os.fsync
 
@@ -223,10 +222,7 @@ def test_close_cuts_a_stuck_batch_short_with_an_error(
                       clock=clock)
     journal.restore()
     journal.append(caption("a", 1))
-    gate = threading.Event()
-    started: list[str] = []
-    done: list[str] = []
-    blocking_sync_thread(monkeypatch, gate, started, done)
+    gate, started, done = blocking_sync_thread(monkeypatch)
     try:
         clock.now += 1.0
         assert journal.sync_due() is None
