@@ -23,23 +23,26 @@ EXIT_USAGE = 2
 EXIT_STDOUT_CLOSED = 141
 
 
-#: Threads that may still be inside native code when a shutdown left them:
-#: the engine's, in the model's (a second Ctrl-C: engine.worker,
-#: engine.engine), and the microphone's, in PortAudio's (a lost device's
-#: close or refresh that never returns: audio.microphone).
-_NATIVE_THREADS = frozenset({"model-worker", "model-worker-stop", "audio-close",
-                             "audio-refresh"})
+#: The engine's threads that may still be inside the model's native code
+#: when a shutdown gave up on them (a second Ctrl-C: engine.worker,
+#: engine.engine).
+_MODEL_THREADS = frozenset({"model-worker", "model-worker-stop"})
 
 
 def _native_threads_left() -> bool:
-    """Whether one of :data:`_NATIVE_THREADS` is still alive: only then
-    must :func:`_exit_leaving_threads` end the process. A PortAudio one
-    would hold the interpreter's exit, where sounddevice terminates
-    PortAudio again on the main thread, inside which it is stuck. Other
-    daemon threads (an embedding program's, a library's) do not count:
-    ``main()`` returns to its caller past them."""
-    return any(t.daemon and t.is_alive() and t.name in _NATIVE_THREADS
-               for t in threading.enumerate())
+    """Whether a thread is still inside native code that a shutdown left:
+    a model thread (:data:`_MODEL_THREADS`), or a lost microphone's close
+    or refresh stuck in PortAudio
+    (:func:`~evoxtral_stream.audio.microphone.portaudio_threads_left`),
+    which would hold the interpreter's exit, where sounddevice terminates
+    PortAudio again on the main thread. Only then must
+    :func:`_exit_leaving_threads` end the process. Other daemon threads (an
+    embedding program's, a library's) do not count: ``main()`` returns to
+    its caller past them."""
+    from ..audio.microphone import portaudio_threads_left
+
+    return portaudio_threads_left() or any(
+        t.daemon and t.is_alive() and t.name in _MODEL_THREADS for t in threading.enumerate())
 
 
 def _exit_leaving_threads(code: int) -> NoReturn:
