@@ -39,7 +39,6 @@ import os
 import re
 import sys
 import threading
-import unicodedata
 import weakref
 from collections.abc import Callable, Iterator
 from typing import TextIO
@@ -49,7 +48,7 @@ from .text.chars import CONTROL, display_width, drop_hidden, graphemes, mend_sur
 from .writer import EXIT_WAIT_S, QueuedWriter
 
 __all__ = ["MAX_LIVE_ROWS", "PRINT_QUEUE_CHARS", "PRINT_QUEUE_LINES", "CaptionPrinter",
-           "LiveRows", "TerminalLogHandler", "above_captions", "char_columns", "clip_columns",
+           "LiveRows", "TerminalLogHandler", "above_captions", "clip_columns",
            "format_time", "printable", "redraws", "text_columns"]
 
 #: The most live partial rows a printer draws at once, one per stream.
@@ -426,20 +425,12 @@ def _dropped_captions(n: int) -> str:
     return f"! {n} caption lines dropped: standard output's reader fell behind\n"
 
 
-def char_columns(c: str) -> int:
-    """The columns one character takes on a terminal: East Asian wide and
-    fullwidth (CJK) characters two, combining marks (Mn, Me) none."""
-    if unicodedata.category(c) in ("Mn", "Me"):
-        return 0
-    return 2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
-
-
 def text_columns(text: str) -> int:
     """The columns ``text`` takes on a terminal, counted per user-perceived
     character as subtitles count them (:func:`~.text.chars.display_width`):
-    an emoji shown as one (VS16 ``❤️``, a ZWJ sequence, a flag) takes two,
-    where :func:`char_columns` summed over its code points says one (VS16)
-    or more (a ZWJ sequence), and a row of them wrapped."""
+    East Asian wide characters and an emoji shown as one (VS16 ``❤️``, a
+    ZWJ sequence, a flag) two, combining marks none. Counted per code point,
+    a VS16 emoji took one and a row of them wrapped."""
     return display_width(text)
 
 
@@ -462,7 +453,7 @@ def printable(text: str) -> str:
 
 def clip_columns(text: str, columns: int, ellipsis: str = "…") -> str:
     """``text``, or its longest start that fits in ``columns`` terminal
-    columns (:func:`char_columns`) with ``ellipsis`` after it, when it
+    columns (:func:`text_columns`) with ``ellipsis`` after it, when it
     takes more than ``columns``. It is cut between user-perceived
     characters (:func:`~.text.chars.graphemes`): a letter keeps its marks
     (a Hindi vowel sign, a virama, an accent) or goes with them."""
