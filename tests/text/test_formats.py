@@ -170,6 +170,51 @@ def test_plain_text_output() -> None:
     assert to_text([]) == ""
 
 
+def running_text(*texts: str, tags: TagStyle = TagStyle.INLINE) -> str:
+    """``to_text`` of finals one right after the other (no paragraph gap)."""
+    return to_text([final(t, i, i + 1.0, i) for i, t in enumerate(texts)], tags=tags)
+
+
+@pytest.mark.parametrize(("texts", "want"), [
+    # Chinese and Japanese are written without spaces: none where finals meet.
+    (("你好。", "我很好。", "谢谢你"), "你好。我很好。谢谢你"),
+    (("今天天气很好", "我们去公园吧"), "今天天气很好我们去公园吧"),
+    (("はい、そうです。", "「ありがとう」と言いました", "、またね"),
+     "はい、そうです。「ありがとう」と言いました、またね"),
+    (("カタカナです", "ひらがなです"), "カタカナですひらがなです"),
+    # Korean is written with spaces, and so is Latin text.
+    (("안녕하세요.", "반갑습니다."), "안녕하세요. 반갑습니다."),
+    (("One.", "Two."), "One. Two."),
+    # A Latin word beside a CJK character keeps its space; CJK punctuation,
+    # which carries its own spacing, takes none.
+    (("我用了 Python", "它很好用。"), "我用了 Python 它很好用。"),
+    (("我很好。", "OK."), "我很好。OK."),
+    (("Hello.", "你好。"), "Hello. 你好。"),
+    (("Hello", "「はい」"), "Hello「はい」"),
+    # A tag at the seam is glued as tags are inside CJK text (你好[laughs]世界).
+    (("你好。", "[laughs]我很好。"), "你好。[laughs]我很好。"),
+    (("你好。[sighs]", "我很好。"), "你好。[sighs]我很好。"),
+    (("你好", "[laughs] OK"), "你好[laughs] OK"),
+    (("Hello.", "[laughs]你好。"), "Hello. [laughs]你好。"),
+    (("Hi [laughs]", "there."), "Hi [laughs] there."),
+])
+def test_plain_text_joins_finals_as_their_script_is_written(texts: tuple[str, ...],
+                                                             want: str) -> None:
+    assert running_text(*texts) == want + "\n"
+
+
+def test_plain_text_without_tags_joins_the_text_left() -> None:
+    assert running_text("你好。", "[laughs]我很好。", tags=TagStyle.STRIP) == "你好。我很好。\n"
+    assert running_text("Hello. [laughs]", "你好。", tags=TagStyle.STRIP) == "Hello. 你好。\n"
+
+
+def test_a_paragraph_break_between_cjk_finals_is_still_a_new_line() -> None:
+    events = [final("你好。", 0.0, 1.0, 0), final("我很好。", 1.5, 2.0, 1),
+              final("再见", 5.0, 6.0, 2), final("안녕.", 6.0, 7.0, 3)]
+    assert to_text(events) == "你好。我很好。\n再见 안녕.\n"
+    assert to_text(events, paragraph_gap_s=0.4) == "你好。\n我很好。\n再见 안녕.\n"
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.sampled_from(SCRIPTS), st.sampled_from([TagStyle.INLINE, TagStyle.STRIP,
                                                   TagStyle.CLASS]),

@@ -18,11 +18,13 @@ from evoxtral_stream.text.tags import (
     TagKind,
     Token,
     TokenKind,
+    join_texts,
     lookup_tag,
     normalize,
     normalize_tag_name,
     plain_text,
     render,
+    seam,
     tag_word_indexes,
     tokenize,
 )
@@ -444,3 +446,32 @@ def test_a_tag_indexes_the_plain_text_word_it_comes_before(
             expected.append(k)
     assert tag_word_indexes(toks) == expected
     assert all(0 <= i <= len(words) for i in expected)
+
+
+@pytest.mark.parametrize(("before", "after", "between"), [
+    ("你好。", "我很好。", ""),
+    ("そうです", "ね", ""),
+    ("ＯＫ", "です", ""),            # fullwidth letters are written as CJK
+    ("안녕하세요", "반갑습니다", " "),
+    ("สวัสดีครับ", "ยินดีที่ได้รู้จัก", " "),  # Thai spaces its phrases
+    ("用了", "Python", " "),
+    ("你好!", "我很好", " "),        # ASCII punctuation is spaced as Latin
+    ("か\u3099", "ね", ""),         # a dakuten written apart is its kana's
+    ("[laughs]", "[sighs]", " "),
+    ("[laughs]", "我很好", ""),
+    ("\u200b", "我很好", " "),      # nothing visible before
+])
+def test_seam_is_no_space_inside_text_written_without_spaces(before: str, after: str,
+                                                              between: str) -> None:
+    assert seam(before, after) == between
+
+
+def test_join_texts_skips_empty_texts() -> None:
+    assert join_texts(["", "你好。", "", "我很好。", "Hi", "there"]) == "你好。我很好。Hi there"
+    assert join_texts([]) == ""
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(SCRIPTS), max_size=4))
+def test_latin_texts_join_by_single_spaces(texts: list[str]) -> None:
+    assert join_texts(texts) == " ".join(texts)

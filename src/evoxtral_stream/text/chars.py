@@ -41,7 +41,7 @@ import re
 import unicodedata
 
 __all__ = ["CONTROL", "HIDDEN", "SURROGATE", "display_width", "drop_hidden", "graphemes",
-           "is_mark", "mend_surrogates", "shown"]
+           "is_cjk", "is_mark", "mend_surrogates", "shown"]
 
 #: Control characters: C0, DEL and C1.
 CONTROL = "\x00-\x1f\x7f-\x9f"
@@ -99,6 +99,23 @@ def is_mark(c: str) -> bool:
     sign or virama of an Indic or Thai word, an accent written apart (NFD).
     Not ``\\w`` to a regular expression, yet part of the word it follows."""
     return unicodedata.category(c)[0] == "M"
+
+
+def _hangul(c: str) -> bool:
+    o = ord(c)
+    return (0xAC00 <= o <= 0xD7FF or 0x1100 <= o <= 0x11FF or 0x3130 <= o <= 0x318F
+            or 0xA960 <= o <= 0xA97F)
+
+
+def is_cjk(c: str) -> bool:
+    """Whether ``c`` is of text written without spaces between its words, as
+    Chinese and Japanese are: a wide or fullwidth (East Asian) letter, digit
+    or punctuation mark (a Han ideograph, kana, bopomofo, Yi, a fullwidth
+    letter or digit, 。、「」). Not Hangul: Korean is written with spaces.
+    Nor Thai, Lao, Khmer or Burmese, which space their phrases (and whose
+    words only a dictionary can find)."""
+    return (unicodedata.east_asian_width(c) in ("W", "F")
+            and unicodedata.category(c)[0] in "LNP" and not _hangul(c))
 
 
 def _extends(c: str) -> bool:

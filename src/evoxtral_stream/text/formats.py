@@ -57,8 +57,8 @@ from itertools import pairwise
 
 from ..events import CaptionEvent
 from ..server.protocol import caption_to_dict
-from .chars import display_width, graphemes
-from .tags import Token, TokenKind, render, tokenize, word_count
+from .chars import display_width, graphemes, is_cjk
+from .tags import Token, TokenKind, render, seam, tokenize, word_count
 
 __all__ = [
     "MIN_SHOWN_S",
@@ -187,7 +187,7 @@ def _chunk_markup(chunk: Sequence[Token], style: TagStyle, vtt: bool) -> tuple[s
 
 # Line breaks in text written without spaces: UAX #14's basics and the
 # Japanese kinsoku rules. A line may break between two characters where one
-# is CJK: a Han ideograph, kana, bopomofo, Yi, a fullwidth letter or digit,
+# is CJK (:func:`.chars.is_cjk`): a Han ideograph, kana, bopomofo, Yi, a fullwidth letter or digit,
 # CJK punctuation. Never before closing punctuation (UAX #14's CL, CP, EX,
 # IS: 、。」）！？ and the ASCII , . ! ? ) too), a small kana, ー or 々 (NS,
 # and CJ taken as NS, UAX #14's default), nor after opening punctuation (OP:
@@ -198,17 +198,6 @@ def _chunk_markup(chunk: Sequence[Token], style: TagStyle, vtt: bool) -> tuple[s
 _NO_START = frozenset(
     "ー々〻ゝゞヽヾｰぁぃぅぇぉっゃゅょゎゕゖァィゥェォッャュョヮヵヶｧｨｩｪｫｬｭｮｯ"
     + "".join(map(chr, range(0x31F0, 0x3200))))
-
-
-def _hangul(c: str) -> bool:
-    o = ord(c)
-    return (0xAC00 <= o <= 0xD7FF or 0x1100 <= o <= 0x11FF or 0x3130 <= o <= 0x318F
-            or 0xA960 <= o <= 0xA97F)
-
-
-def _cjk(c: str) -> bool:
-    return (unicodedata.east_asian_width(c) in ("W", "F")
-            and unicodedata.category(c)[0] in "LNP" and not _hangul(c))
 
 
 def _opens(c: str) -> bool:
@@ -224,7 +213,7 @@ def _can_break(before: str, after: str) -> bool:
     """Whether a line may break between two characters (grapheme clusters)
     written without a space between them."""
     a, b = before[0], after[0]
-    return (_cjk(a) or _cjk(b)) and not _closes(b) and not _opens(a)
+    return (is_cjk(a) or is_cjk(b)) and not _closes(b) and not _opens(a)
 
 
 def _pieces(chunk: Sequence[Token], w: int) -> list[tuple[list[Token], Fraction, Fraction]]:
@@ -233,7 +222,7 @@ def _pieces(chunk: Sequence[Token], w: int) -> list[tuple[list[Token], Fraction,
     cut in grapheme clusters where need be, and its word positions, ``w``
     the chunk's first. A tag stays with what follows it; a word's clusters
     share its one word position."""
-    if not any(_cjk(c) for tok in chunk if not (tok.is_tag or tok.text.isascii())
+    if not any(is_cjk(c) for tok in chunk if not (tok.is_tag or tok.text.isascii())
                for c in tok.text):
         return [(list(chunk), Fraction(w), Fraction(w + word_count(chunk)))]
     # (token index, cluster index, cluster); a tag is one cluster.
@@ -632,8 +621,9 @@ def to_jsonl(events: Iterable[CaptionEvent]) -> str:
 
 def to_text(events: Iterable[CaptionEvent], *, tags: TagStyle = TagStyle.INLINE,
             paragraph_gap_s: float = 2.0) -> str:
-    """The final captions as running text: finals joined by spaces, a new
-    line where the silence between two is at least ``paragraph_gap_s``."""
+    """The final captions as running text: finals joined by a space, or by
+    none inside Chinese or Japanese text (:func:`.tags.seam`), a new line
+    where the silence between two is at least ``paragraph_gap_s``."""
     if tags is TagStyle.CLASS:
         raise ValueError("plain text has no class spans: use TagStyle.INLINE or STRIP")
     out: list[str] = []
@@ -645,7 +635,7 @@ def to_text(events: Iterable[CaptionEvent], *, tags: TagStyle = TagStyle.INLINE,
         if not text:
             continue
         if prev_end is not None:
-            out.append("\n" if e.start - prev_end >= paragraph_gap_s else " ")
+            out.append("\n" if e.start - prev_end >= paragraph_gap_s else seam(out[-1], text))
         out.append(text)
         prev_end = e.end
     return "".join(out) + ("\n" if out else "")

@@ -42,6 +42,8 @@ would reorder or hide what a terminal, an editor or a player shows. A
 lone surrogate (a byte that is no UTF-8, decoded with ``surrogateescape``)
 is U+FFFD: no file or socket could take it. These rules are
 :mod:`.chars`'s, which ``console.printable`` applies to any text shown.
+Texts written one after the other (a stream's finals in a transcript) are
+joined by :func:`seam`: a space, but none inside Chinese or Japanese.
 
 Carry-over (:class:`Carry`): emotion and delivery tags describe the speech
 that follows them, so they stay *in effect* until a tag of the same kind
@@ -61,7 +63,7 @@ from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .chars import CONTROL, drop_hidden, is_mark, mend_surrogates
+from .chars import CONTROL, drop_hidden, is_cjk, is_mark, mend_surrogates
 
 __all__ = [
     "PUNCT_TAG_MAX",
@@ -72,11 +74,13 @@ __all__ = [
     "Token",
     "TokenKind",
     "holds_digit",
+    "join_texts",
     "lookup_tag",
     "normalize",
     "normalize_tag_name",
     "plain_text",
     "render",
+    "seam",
     "tag_word_indexes",
     "tokenize",
     "word_count",
@@ -505,6 +509,57 @@ def _render(tokens: Iterable[Token], tags: bool) -> tuple[str, list[int]]:
         length += len(tok.text)
         pending = False
     return "".join(parts), dropped
+
+
+def _cjk_punct(c: str) -> bool:
+    return is_cjk(c) and unicodedata.category(c)[0] == "P"
+
+
+def _unspaced(before: Sequence[Token], after: Sequence[Token]) -> bool:
+    """Whether ``after`` follows ``before`` with no space (:func:`seam`)."""
+    last = next((t.text for t in reversed(before) if not t.is_tag), "")
+    first = next((t.text for t in after if not t.is_tag), "")
+    # The letter a combining mark (a dakuten written apart) belongs to.
+    a = next((c for c in reversed(last) if not is_mark(c)), "")
+    b = first[:1]
+    if after[0].is_tag:
+        return bool(a) and is_cjk(a)
+    if before[-1].is_tag:
+        return bool(b) and is_cjk(b)
+    return bool(a and b) and ((is_cjk(a) and is_cjk(b)) or _cjk_punct(a) or _cjk_punct(b))
+
+
+def seam(before: str, after: str) -> str:
+    """What goes between two texts written one after the other, as a
+    stream's finals are: ``""`` where the seam falls inside text written
+    without spaces, else ``" "``.
+
+    No space where the characters on both sides are CJK (:func:`.chars.is_cjk`:
+    Chinese, Japanese, ``你好。`` then ``我很好。``), or where either is
+    CJK punctuation (``。、「」``, which carries its own spacing: ``好。OK``).
+    A space elsewhere: Latin text, Korean (written with spaces), Thai (its
+    phrases spaced), a CJK character beside a Latin word (``用了 Python``).
+    A tag at the seam is written as tags are inside Chinese and Japanese
+    text, glued (``你好[laughs]世界``): with no space where the text on the
+    seam's other side, tags looked past, ends (or starts) with a CJK
+    character, and a space elsewhere. ``" "`` when either text has nothing
+    but whitespace or hidden characters."""
+    a, b = tokenize(before), tokenize(after)
+    return "" if a and b and _unspaced(a, b) else " "
+
+
+def join_texts(texts: Iterable[str]) -> str:
+    """The non-empty ``texts`` one after the other, each :func:`seam` between."""
+    out: list[str] = []
+    prev = ""
+    for text in texts:
+        if not text:
+            continue
+        if out:
+            out.append(seam(prev, text))
+        out.append(text)
+        prev = text
+    return "".join(out)
 
 
 def tag_word_indexes(tokens: Sequence[Token]) -> list[int]:
