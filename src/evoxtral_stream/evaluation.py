@@ -26,7 +26,7 @@ from .events import SAMPLE_RATE, Int16Array
 from .run import FileJob, LatencyLog, final_text, transcribe_samples
 from .text.manifest import ManifestEntry
 from .text.metrics import EvalReport, evaluate
-from .text.tags import normalize
+from .text.tags import join_texts, normalize
 
 __all__ = ["EvalRun", "load_audio", "offline_predictions", "run_eval", "streaming_predictions"]
 
@@ -94,7 +94,9 @@ def offline_predictions(backend: Backend, audio: Sequence[Int16Array], max_batch
             texts = []
         # As the merger renders a final ([LAUGHTER] is [laughs]): scored raw,
         # the tags the captions canonicalise would count as streaming's gain.
-        out.append(normalize(" ".join(t for t in texts if t)))
+        # Windows join as finals do: a space between Chinese ones would be a
+        # word boundary to WER.
+        out.append(normalize(join_texts(texts)))
     return out, failed
 
 

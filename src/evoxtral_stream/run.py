@@ -19,6 +19,7 @@ from .audio.sources import iter_chunks
 from .config import Config
 from .engine.engine import Engine, Stream, StreamSummary
 from .events import SAMPLE_RATE, CaptionEvent, EngineEvent, Int16Array
+from .text.tags import join_texts
 
 __all__ = ["FileJob", "LatencyLog", "feed_samples", "final_text", "play_together",
            "transcribe_samples"]
@@ -176,6 +177,7 @@ async def transcribe_samples(
 
 
 def final_text(captions: Sequence[CaptionEvent]) -> str:
-    """The finals of one stream joined in segment order (non-empty ones)."""
+    """The finals of one stream joined in segment order (non-empty ones),
+    a space between two but inside Chinese or Japanese (:func:`.text.tags.seam`)."""
     finals = sorted((c for c in captions if c.final), key=lambda c: c.segment)
-    return " ".join(c.text for c in finals if c.text)
+    return join_texts(c.text for c in finals)

@@ -183,6 +183,47 @@ def test_the_offline_pass_decodes_a_long_file_a_batch_of_windows_at_a_time() -> 
     assert texts == whole
 
 
+def test_the_offline_pass_joins_chinese_windows_without_a_space() -> None:
+    """A file longer than a window is decoded in 30 s windows, their texts
+    joined: with a space, Chinese read "你好。 你好。", two words for WER
+    where the reference, written without spaces, has one."""
+    import numpy as np
+
+    from evoxtral_stream.evaluation import offline_predictions
+    from tests.fakes import ScriptedBackend
+
+    two_windows = np.zeros(16_000 * 30 * 2, np.int16)
+    texts, _ = offline_predictions(ScriptedBackend(lambda a: "你好。"), [two_windows])
+    assert texts == ["你好。你好。"]
+    latin, _ = offline_predictions(ScriptedBackend(lambda a: "Hello."), [two_windows])
+    assert latin == ["Hello. Hello."]
+
+
+@pytest.mark.skipif(not have_espeak(), reason="espeak-ng not installed")
+async def test_streaming_eval_joins_chinese_finals_as_chinese_is_written() -> None:
+    """Two sentences, two finals: eval joined them with a space, so a
+    Chinese transcript equal to its reference scored WER 2.0 (one word
+    substituted, one inserted), not 0."""
+    import numpy as np
+
+    from evoxtral_stream.config import load_config
+    from evoxtral_stream.evaluation import streaming_predictions
+    from tests.fakes import ScriptedBackend
+    from tests.speech import speech_with_pauses
+
+    loud, spans = speech_with_pauses(["Good evening.", "Thank you."], pause_s=1.5)
+    audio = loud.copy()
+    start, end = spans[1]
+    audio[start:end] //= 4  # the second sentence, quieter: its own text
+    backend = ScriptedBackend(
+        lambda a: "你好。" if np.abs(a).max() > 0.4 else "我很好。")
+    cfg = load_config(env={})
+    (text,), failed = await streaming_predictions(cfg, backend, [audio])
+    assert failed == []
+    assert text == "你好。我很好。"
+    assert utterance_wer(text, "你好。我很好。") == 0.0
+
+
 def test_manifest_lines_are_split_at_newlines_only() -> None:
     """A JSON-lines manifest whose reference holds U+2028 (or U+0085, U+2029)
     raw, as json.dumps(..., ensure_ascii=False) writes it, is valid: str.splitlines
