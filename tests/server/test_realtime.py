@@ -510,6 +510,28 @@ def test_manual_commit_makes_one_item_of_the_buffer() -> None:
     assert evs[1]["transcript"] == ""
 
 
+def test_a_manual_item_joins_chinese_segments_without_a_space() -> None:
+    """An item of several segments joined their finals with spaces: a
+    Chinese transcript read "你好。 我很好。", with a space Chinese is
+    not written with. The deltas add up to the transcript."""
+    core = new_core()
+    core.start()
+    core.receive(update_msg(None))
+    audio, _ = speech_with_pauses(SENTENCES, pause_s=1.2)
+    feed(core, pcm24(audio))
+    evs = events(core.receive('{"type": "input_audio_buffer.commit"}'))
+    assert types(evs) == ["input_audio_buffer.committed"]
+    assert core.segments_opened == 2
+    deltas: list[str] = []
+    for ev in [caption(0, "你好。", "", final=True), caption(1, "[laughs]我很", "[laughs]我"),
+               caption(1, "[laughs]我很好。", "", final=True)]:
+        evs = events(core.on_engine_event(ev))
+        deltas += [e["delta"] for e in evs if e["type"].endswith(".delta")]
+    assert deltas == ["你好。", "[laughs]我", "很好。"]
+    assert types(evs)[-1] == "conversation.item.input_audio_transcription.completed"
+    assert evs[-1]["transcript"] == "你好。[laughs]我很好。"
+
+
 def short_yes(pause_ms: int = 0) -> bytes:
     """A "Yes" clipped by push-to-talk, after 0.5 s of silence: speech the
     segmenter detects but holds less voiced audio than ``vad.min_speech_ms``.

@@ -30,7 +30,8 @@ becomes *stable* (partial captions' stable prefix only grows; the unstable
 tail is never sent), ``completed`` with the final text. With turn detection
 off, audio is held here until ``commit``; then the whole buffer is pushed
 and closed as one item, which may span several engine segments (its
-transcript joins their finals with spaces). Speech the segmenters have not
+transcript joins their finals as ``subtitles --text`` does: with spaces,
+but none inside Chinese or Japanese). Speech the segmenters have not
 yet confirmed when turn detection goes off is not cut (a cut would discard
 it): it stays pending in both, and the next item begins with it.
 """
@@ -60,6 +61,7 @@ from ...events import (
     StreamError,
 )
 from ...text.chars import shown
+from ...text.tags import join_texts
 from .protocol import (
     INPUT_RATE,
     MAX_BUFFER_S,
@@ -107,7 +109,10 @@ class _Item:
 
     def view(self) -> str:
         """Final texts of the leading closed segments, then the stable text of
-        the first open one: text that will not change."""
+        the first open one: text that will not change. Joined as a
+        transcript's finals are (:func:`~evoxtral_stream.text.tags.seam`: no
+        space inside Chinese or Japanese); the seam before the open segment
+        is decided by its first token, so it holds as the stable text grows."""
         parts: list[str] = []
         for seg in self.segments:
             if seg in self.finals:
@@ -115,7 +120,7 @@ class _Item:
             else:
                 parts.append(self.stable.get(seg, ""))
                 break
-        return " ".join(p for p in parts if p)
+        return join_texts(parts)
 
     @property
     def closed(self) -> bool:
