@@ -63,6 +63,18 @@ def test_scripts_replay_exactly_under_harsh_schedules(text: str, rng: random.Ran
     assert_exact(replay_check(text, rng, HARSH), text)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(["你好。 我很好。 [laughs]谢谢你。",
+                        "[sighs]今日は いい天気ですね。 そうですね。",
+                        "안녕하세요. 반갑습니다."]),
+       st.integers(0, 2**32).map(random.Random))
+def test_cjk_references_with_spaces_replay_exactly(text: str, rng: random.Random) -> None:
+    """A replay cuts its reference at spaces only, so join_finals' spaces
+    give it back, Chinese and Japanese ones too (a transcript's join would
+    drop them: tags.join_texts)."""
+    assert_exact(replay_check(text, rng, HARSH), text)
+
+
 _WORDS = [
     "so", "I", "was", "thinking", "maybe", "we", "could", "try", "that", "new", "place",
     "downtown", "mean", "if", "you're", "free", "this", "weekend", "NEVER", "REALLY", "can't",

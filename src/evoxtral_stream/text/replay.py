@@ -356,7 +356,11 @@ def run_replay(replay: Replay, merger: Merger | None = None) -> list[CaptionEven
 
 
 def join_finals(events: Iterable[CaptionEvent]) -> str:
-    """The stream's text: final captions by segment, joined by single spaces."""
+    """The stream's text: final captions by segment, joined by single spaces.
+
+    Spaces even inside Chinese or Japanese, unlike a transcript's join
+    (:func:`.tags.join_texts`): :func:`make_replay` cuts its reference only
+    where the reference has a space, so a space gives the reference back."""
     finals = sorted((e for e in events if e.final), key=lambda e: e.segment)
     return " ".join(e.text for e in finals if e.text)
 
