@@ -260,13 +260,19 @@ def _spaced_text(draw: st.DrawFn) -> str:
         p = draw(st.sampled_from(_SPACED + _EU_WORDS))
         if p in _SPACED and items[-1] == "«":
             continue  # « opens a word
-        closing = len(items) - next(i for i in range(len(items) - 1, -1, -1)
-                                    if items[i] not in _SPACED or items[i] == "«") - 1
+        # Marks since the last word; a tag is no word: the layout glues it
+        # with the mark after it, into the same run.
+        word = next((i for i in range(len(items) - 1, -1, -1)
+                     if (items[i] not in _SPACED and not items[i].startswith("["))
+                     or items[i] == "«"), -1)
+        closing = sum(1 for x in items[word + 1:] if x in _SPACED)
         if p in _SPACED and p != "«" and closing == 3:
             continue  # a longer run is a model's loop: see the test below
         items.append(p)
-    if items[-1] == "«":
-        items.pop()
+    # « opens a word: none may follow it (tags are no words)
+    while items[last := max((i for i, x in enumerate(items) if not x.startswith("[")),
+                            default=0)] == "«":
+        del items[last]
     return "".join(draw(st.sampled_from(_SPACES)) + p if i else p
                    for i, p in enumerate(items))
 
