@@ -37,10 +37,10 @@ import logging
 import os
 import socket
 import ssl
-import threading
 from typing import TYPE_CHECKING, Any
 
 from ..config import ConfigError, MqttConfig
+from ..detached import lookup
 from .auth import incomplete_pem, key_pair_reason
 
 if TYPE_CHECKING:
@@ -191,54 +191,12 @@ async def _open(cfg: MqttConfig, tls: ssl.SSLContext | None, deadline: float) ->
     raise error
 
 
-# The lookups under way, by (host, port); _LOOKUPS_LOCK guards it (each
-# lookup's thread removes its own).
-_LOOKUPS: dict[tuple[str, int], concurrent.futures.Future[list[Any]]] = {}
-_LOOKUPS_LOCK = threading.Lock()
-
-
 def _lookup(host: str, port: int) -> concurrent.futures.Future[list[Any]]:
-    """``socket.getaddrinfo`` of ``host`` (a name) and ``port``, in a daemon
-    thread of its own, or the lookup of them already under way.
-
-    Not in asyncio's default executor: a resolver that hangs (a DNS server
-    that never answers, an NSS module stuck) would hold the process's exit,
-    as ``asyncio.run`` waits for that executor's threads (Python 3.11: with
-    no limit) and the interpreter's exit joins them. A thread cannot be
-    stopped, so an attempt given up at its deadline leaves its lookup
-    running; the next attempts wait for that one rather than start another,
-    so a resolver that never answers holds one thread per broker name, not
-    one per attempt. Its future cannot be cancelled (it is running)."""
-    key = (host, port)
-    with _LOOKUPS_LOCK:
-        found = _LOOKUPS.get(key)
-        if found is not None:
-            return found
-        future: concurrent.futures.Future[list[Any]] = concurrent.futures.Future()
-        future.set_running_or_notify_cancel()
-        _LOOKUPS[key] = future
-
-    def run() -> None:
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except BaseException as e:
-            with _LOOKUPS_LOCK:
-                del _LOOKUPS[key]
-            future.set_exception(e)
-        else:
-            with _LOOKUPS_LOCK:
-                del _LOOKUPS[key]
-            future.set_result(infos)
-
-    try:
-        threading.Thread(target=run, name="mqtt-lookup", daemon=True).start()
-    except RuntimeError as e:
-        # No thread to be had (the process at its thread limit): this
-        # attempt fails, and the next looks up anew.
-        with _LOOKUPS_LOCK:
-            del _LOOKUPS[key]
-        future.set_exception(e)
-    return future
+    """``socket.getaddrinfo`` of ``host`` (a name) and ``port`` in a daemon
+    thread of its own, not in asyncio's default executor, which would hold
+    the process's exit while a resolver hangs (:func:`~evoxtral_stream.detached.lookup`:
+    one thread per broker name, however many attempts give up waiting)."""
+    return lookup(host, port, type=socket.SOCK_STREAM, thread_name="mqtt-lookup")
 
 
 def _version_refused(e: BaseException) -> bool:
