@@ -84,6 +84,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from _auth import add_token_option, auth_headers, redact_tokens, refusal
+from _loop import run_client
 from _terminal import lenient_output
 from _url import Role, add_url_option, endpoint, take_query, with_query
 from viewer import LiveWriter, use_color
@@ -1005,9 +1006,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             feed = path_feed(Path(args.file), args.channels, writer.status)
         else:
             feed = MicFeed(args.device, channels=args.channels)
-        code = asyncio.run(run(given.url, next(iter(given.streams), None), feed, writer,
-                               token=given.token,
-                               language=args.language, reconnect=args.reconnect))
+        code = run_client(run(given.url, next(iter(given.streams), None), feed, writer,
+                              token=given.token,
+                              language=args.language, reconnect=args.reconnect))
         # A pipe that failed was finished as at its end; the error was said.
         return 2 if code == 0 and isinstance(feed, PipeFeed) and feed.failed else code
     except AudioInputError as e:

@@ -108,6 +108,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from _auth import add_token_option, auth_headers, install_token_redaction, refusal
+from _loop import run_client
 from _terminal import lenient_output
 from _url import Role, add_url_option, endpoint, take_query, with_query
 from tts_synth import (
@@ -918,7 +919,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _report(e, args.log_format)
         return 2
     try:
-        stats = asyncio.run(bridge.run())
+        stats = run_client(bridge.run())
     except KeyboardInterrupt:
         return 130
     except (BridgeError, ValueError) as e:

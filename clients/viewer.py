@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 from _auth import add_token_option, auth_headers, redact_tokens, refusal
+from _loop import run_client
 from _terminal import lenient_output
 from _url import Role, add_url_option, endpoint, take_query, with_query
 from websockets.asyncio.client import connect
@@ -537,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     writer = LiveWriter(sys.stdout, sys.stderr, color=color, live=redraws(sys.stdout),
                         show_stream=len(streams) != 1)
     try:
-        return asyncio.run(watch(given.url, streams, since, writer,
+        return run_client(watch(given.url, streams, since, writer,
                                  exit_on_end=args.exit_on_end, token=given.token,
                                  epoch=epoch))
     except KeyboardInterrupt:
