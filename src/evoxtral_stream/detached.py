@@ -8,16 +8,24 @@ with no limit) and the interpreter's exit joins: a program stopped during
 such a lookup never exits. :func:`lookup` runs it on a daemon thread of its
 own instead, which neither waits for. The MQTT publisher's broker lookups
 and the command-line clients' server lookups go through it.
+:func:`off_the_loop` does the same for any other call (PortAudio's close or
+refresh of a vanished device).
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import contextlib
+import functools
 import socket
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-__all__ = ["lookup"]
+__all__ = ["lookup", "off_the_loop"]
+
+_T = TypeVar("_T")
 
 # The lookups under way, by their arguments; _LOOKUPS_LOCK guards it (each
 # lookup's thread removes its own).
@@ -70,3 +78,33 @@ def lookup(host: str | bytes | None, port: str | bytes | int | None, *, family: 
             del _LOOKUPS[key]
         future.set_exception(e)
     return future
+
+
+async def off_the_loop(call: Callable[[], _T], name: str) -> _T:
+    """``call()`` run on a daemon thread of its own named ``name``, awaited
+    on the loop.
+
+    Not in asyncio's default executor, for a call that can hang for good
+    (see the module doc). Cancelled, the call is left to its thread, and
+    its result dropped. A thread that cannot start raises its RuntimeError.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[_T] = loop.create_future()
+
+    def run() -> None:
+        settle: Callable[[], object]
+        try:
+            result = call()
+            settle = functools.partial(done.set_result, result)
+        except BaseException as e:
+            settle = functools.partial(done.set_exception, e)
+
+        def deliver() -> None:
+            if not done.done():  # else cancelled meanwhile
+                settle()
+
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(deliver)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await done

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType, TracebackType
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from evoxtral_stream.audio.receivers import REPORT_EVERY_S, RouteReceiver
 from evoxtral_stream.audio.resample import (
@@ -30,6 +30,7 @@ from evoxtral_stream.audio.resample import (
 )
 from evoxtral_stream.audio.sources import AudioInputError
 from evoxtral_stream.config import STALL_TIMEOUT_BLOCKS, AudioConfig
+from evoxtral_stream.detached import off_the_loop
 from evoxtral_stream.events import SAMPLE_RATE, Float32Array, Int16Array
 
 __all__ = [
@@ -46,8 +47,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
 
 PORTAUDIO_MISSING = "PortAudio library not found: install it with `apt-get install libportaudio2`"
 
@@ -268,46 +267,17 @@ def _notify(callback: Callable[[str], None] | None, message: str) -> None:
         logger.exception("an audio input status callback failed")
 
 
-async def _off_the_loop(call: Callable[[], _T], name: str) -> _T:
-    """``call()`` run on a daemon thread of its own, awaited on the loop.
-
-    Not in asyncio's default executor: PortAudio on a vanished device (its
-    close, a refresh) can hang for good, and ``asyncio.run`` waits for that
-    executor's threads at its end (Python 3.11: with no time limit), as does
-    the interpreter's exit, so the process could not exit. Cancelled (the
-    capture stopped), the call is left to its thread, and its result dropped."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[_T] = loop.create_future()
-
-    def run() -> None:
-        settle: Callable[[], object]
-        try:
-            result = call()
-            settle = functools.partial(done.set_result, result)
-        except BaseException as e:
-            settle = functools.partial(done.set_exception, e)
-
-        def deliver() -> None:
-            if not done.done():  # else cancelled meanwhile
-                settle()
-
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(deliver)
-
-    threading.Thread(target=run, name=name, daemon=True).start()
-    return await done
-
-
-# The threads of _off_the_loop's calls into PortAudio (see portaudio_threads_left).
+# The threads of off_the_loop's calls into PortAudio (see portaudio_threads_left).
 _PORTAUDIO_THREADS = frozenset({"audio-close", "audio-refresh"})
 
 
 def portaudio_threads_left() -> bool:
     """Whether a lost device's close or refresh is still running in its
-    thread (PortAudio stuck in it, see :func:`_off_the_loop`). The
-    interpreter's exit would then wait for it too: sounddevice terminates
-    PortAudio on the main thread at exit. A program ending while this holds
-    should end with ``os._exit`` once its output is flushed."""
+    thread (PortAudio stuck in it, see
+    :func:`~evoxtral_stream.detached.off_the_loop`). The interpreter's exit
+    would then wait for it too: sounddevice terminates PortAudio on the main
+    thread at exit. A program ending while this holds should end with
+    ``os._exit`` once its output is flushed."""
     return any(t.is_alive() and t.name in _PORTAUDIO_THREADS for t in threading.enumerate())
 
 
@@ -630,12 +600,14 @@ class MicrophoneCapture:
             logger.exception("delivering the lost input's last audio failed")
         self._opening += 1
         _notify(self._on_stall, message)
+        # PortAudio on a vanished device can hang for good in its close or
+        # refresh: each on a daemon thread, which holds no exit.
         if stream is not None:
-            await _off_the_loop(functools.partial(_close_quietly, stream), "audio-close")
+            await off_the_loop(functools.partial(_close_quietly, stream), "audio-close")
         failures = 0
         while True:
             try:
-                device = await _off_the_loop(self._refresh_and_resolve, "audio-refresh")
+                device = await off_the_loop(self._refresh_and_resolve, "audio-refresh")
                 self._open(device)
                 break
             except Exception as e:
