@@ -14,6 +14,7 @@ and goes on with the next.
 from __future__ import annotations
 
 import asyncio
+import functools
 import http.client
 import json
 import logging
@@ -31,6 +32,7 @@ from urllib.parse import quote, urlencode, urlsplit
 from tts_prosody import edge_pauses, elevenlabs_text, plan_speech, to_ssml
 
 from evoxtral_stream.console import printable
+from evoxtral_stream.detached import off_the_loop
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -178,7 +180,7 @@ def _retry_after(value: str | None) -> float | None:
 
 
 class ElevenLabsSynth:
-    """ElevenLabs v3 text to speech over HTTPS (urllib, in a thread)."""
+    """ElevenLabs v3 text to speech over HTTPS (urllib, in a daemon thread per request)."""
 
     def __init__(self, opts: ElevenLabsOptions) -> None:
         """Raises ValueError for a base URL that is not http(s) or an odd format."""
@@ -232,8 +234,14 @@ class ElevenLabsSynth:
         for attempt in range(o.max_retries + 1):
             last = attempt == o.max_retries
             try:
-                answer = await asyncio.to_thread(self._post, self.request(text))
-            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+                # Not in asyncio's default executor, which the bridge's exit
+                # waits for: a request can hang for good (urllib's timeout
+                # does not bound the API's name lookup). RuntimeError: no
+                # thread to be had for it, a failed attempt too.
+                answer = await off_the_loop(functools.partial(self._post, self.request(text)),
+                                            "tts-request")
+            except (urllib.error.URLError, OSError, http.client.HTTPException,
+                    RuntimeError) as e:
                 reason = getattr(e, "reason", e)
                 if last:
                     raise SynthesisError(f"ElevenLabs unreachable at {o.base_url}: {reason}") from e

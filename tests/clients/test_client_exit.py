@@ -176,6 +176,34 @@ async def test_a_name_that_does_not_exist_is_still_one_line(tmp_path: Path,
     assert "Traceback" not in err, err
 
 
+async def test_ctrl_c_ends_the_tts_bridge_while_the_synthesiser_s_name_lookup_hangs(
+        tmp_path: Path) -> None:
+    """The ElevenLabs request's lookup hangs (urllib's timeout does not
+    bound it): the request ran in asyncio's default executor, which held
+    the exit after Ctrl-C."""
+    hello = json.dumps({"type": "hello", "v": 1, "server": "evoxtral-stream",
+                        "version": "0", "backend": "scripted", "streams": ["talk"]})
+    final = json.dumps({"type": "caption", "stream": "talk", "segment": 0, "seq": 1,
+                        "final": True, "text": "Hello there.", "stable": "Hello there.",
+                        "unstable": "", "tags": [], "start": 0.0, "end": 1.0})
+
+    async def handler(ws: ServerConnection) -> None:
+        await ws.send(hello)
+        await ws.send(final)
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        proc = await _start("tts_bridge.py", tmp_path,
+                            *_bridge_args(tmp_path, f"ws://127.0.0.1:{port}",
+                                          base_url=f"https://{HUNG}"))
+        await _hung(proc, tmp_path)
+        proc.send_signal(signal.SIGINT)
+        code, err = await _exit(proc, 5)
+    assert code == 130, err
+    assert "Traceback" not in err, err
+
+
 def test_a_lookup_whose_thread_cannot_start_fails_that_attempt_as_the_resolver_would(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """No thread to be had (the process at its thread limit): that

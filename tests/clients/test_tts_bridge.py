@@ -900,6 +900,33 @@ async def test_elevenlabs_unreachable_is_a_synthesis_error(tmp_path: Path) -> No
         await synth.synthesize("hello", tmp_path / "a.mp3")
 
 
+async def test_a_request_whose_thread_cannot_start_is_a_failed_attempt_retried(
+    tmp_path: Path, fake_api: FakeElevenLabs, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each request runs on a daemon thread of its own (none holds the
+    bridge's exit); one that cannot start (the process at its thread limit)
+    fails that attempt, retried as a network error is, not the bridge."""
+    import threading
+
+    real_start = threading.Thread.start
+    refused: list[str] = []
+
+    def first_refused(self: threading.Thread) -> None:
+        if self.name == "tts-request" and not refused:
+            refused.append(self.name)
+            raise RuntimeError("can't start new thread")
+        real_start(self)
+    monkeypatch.setattr(threading.Thread, "start", first_refused)
+    dest = tmp_path / "a.mp3"
+    with caplog.at_level(logging.WARNING):
+        await _eleven(fake_api).synthesize("hello", dest)
+    assert refused == ["tts-request"]
+    assert len(fake_api.requests) == 1
+    assert dest.read_bytes() == FakeElevenLabs.audio(1)
+    assert "ElevenLabs unreachable (can't start new thread); retry 1/3" in caplog.text
+
+
 async def test_bridge_logs_a_401_and_goes_on_with_the_next_caption(
     tmp_path: Path, fake_api: FakeElevenLabs, served: CaptionServer,
     caplog: pytest.LogCaptureFixture,
