@@ -147,6 +147,15 @@ def test_wrappers_around_more_than_one_tag_stay_text() -> None:
     assert normalize("(see [laughs]) **bold** [(x) y]") == "(see [laughs]) **bold** [(x) y]"
 
 
+@pytest.mark.parametrize("text", ["[ *]*]", "[ *] *]", "[ *a]b*]", "[ (a]b)]", "\uff3b *\uff3d*]"])
+def test_a_wrapper_never_reaches_past_the_bracket_that_ends_a_tag(text: str) -> None:
+    """``[ *]`` is the tag ``[*]``: normalised, ``[ *]*]`` read as ``[``
+    around ``*]*``, one tag, and normalising again changed the tokens."""
+    once = normalize(text)
+    assert tokenize(once) == tokenize(text)
+    assert normalize(once) == once
+
+
 @pytest.mark.parametrize(("text", "plain"), [
     ("see [1] now", "see [1] now"),  # a citation
     ("see array[0] now", "see array[0] now"),  # glued to a word

@@ -354,9 +354,13 @@ _WORD_MORE = re.compile(r"(?:\w|['’&\-](?=\w)|(?<=\d)[.,:](?=\d))*")
 PUNCT_TAG_MAX = 40
 # Square brackets, the fullwidth ［ ］ too (Chinese, Japanese).
 _BR, _PA, _AST = r"[\[［][^\[\]［］]*[\]］]", r"\([^()]+\)", r"\*[^*]+\*"
+# Inside a second pair no ( ) or * tag holds a square bracket, as no square
+# bracketed tag does: "[*]*]" is the tag "[*]" (what "[ *]" renders as) and
+# "*]", not "[" around "*]*", or normalising twice would change the tokens.
+_WRAPPED = r"\([^()\[\]［］]+\)|\*[^*\[\]［］]+\*"
 _SCAN = re.compile(
     rf"(?P<space>{_SPACES})"
-    rf"|(?P<wrap>[\[［(*](?:{_BR}|{_PA}|{_AST})[\]］)*])"
+    rf"|(?P<wrap>[\[［(*](?:{_BR}|{_WRAPPED})[\]］)*])"
     rf"|(?P<br>{_BR})"
     rf"|(?P<pa>{_PA})"
     rf"|(?P<ast>{_AST})"
