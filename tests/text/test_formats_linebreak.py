@@ -166,16 +166,18 @@ _TAGS = ["[laughs]", "[sighs]"]
 @st.composite
 def _mixed(draw: st.DrawFn) -> str:
     """CJK words, punctuation, short Latin words (each between spaces or
-    CJK text, never glued to another Latin word) and tags: no unit that
-    cannot break (a tag, a word and the punctuation on it, a tag after
-    it) is wider than 30 columns."""
+    CJK text, never glued to another Latin word) and tags, at most one mark
+    and one tag between two words: no unit that cannot break (a tag, a
+    word and the punctuation on it, a tag after it) is wider than 30
+    columns."""
     out = ""
+    marks = tags = 0  # since the last word
     for _ in range(draw(st.integers(1, 40))):
         kind = draw(st.sampled_from(["zh", "zh", "zh", "punct", "latin", "tag"]))
         if kind == "zh":
             piece = draw(st.sampled_from(_ZH_WORDS))
         elif kind == "punct":
-            if out and out[-1] in "".join(_PUNCT):
+            if marks:
                 continue
             piece = draw(st.sampled_from(_PUNCT))
         elif kind == "latin":
@@ -183,9 +185,13 @@ def _mixed(draw: st.DrawFn) -> str:
             if out and re.match(r"[\w.,&:]", out[-1]) and not _CJK.match(out[-1]):
                 out += " "
         else:
-            if out.endswith("]"):
+            # Brackets and closing marks glue the tags beside them into one
+            # unit ('[laughs] 「 [laughs] 我 [laughs]', 32 columns).
+            if tags:
                 continue
             piece = draw(st.sampled_from(_TAGS))
+        marks, tags = ((0, 0) if kind in ("zh", "latin")
+                       else (marks + (kind == "punct"), tags + (kind == "tag")))
         if out and (kind == "tag" or draw(st.integers(0, 5)) == 0):
             out += " "
         out += piece
