@@ -481,6 +481,34 @@ def test_rotation_carries_the_reservation_so_deleted_files_do_not_lose_it(
     assert seqs == list(range(seqs[0], 31)) and replay.covered_from == seqs[0] > 1
 
 
+def test_a_rotated_files_reservation_counts_when_the_newest_file_lost_its_copy(
+        tmp_path: Path) -> None:
+    """The newest file's carried reservation zeroed (a crash under fsync =
+    "never" loses the new file's first page): restore still finds the mark
+    in the file rotated before it, so partials sent under it are not
+    numbered again."""
+    cfg = config(tmp_path, **{"journal.max_bytes": 1024, "journal.keep": 1,
+                              "journal.fsync": "never"}).journal
+    journal = Journal(cfg)
+    journal.restore()
+    for seq in range(1, 8):
+        journal.reserve("s", seq)
+        journal.append(caption("s", seq, text="word " * 20))
+    journal.reserve("s", 8)                      # a partial, under the mark
+    journal.close()
+    files = sorted((tmp_path / "j").glob("s.*.jsonl"))    # one name but the index
+    assert len(files_of(tmp_path, "s")) == 2              # rotated, one kept
+    data = files[-1].read_bytes()
+    carried = data.index(b"\n")
+    assert json.loads(data[:carried]) == {"type": "seq.reserved", "stream": "s",
+                                          "seq": 1 + SEQ_RESERVE_BLOCK}
+    files[-1].write_bytes(bytes(carried) + data[carried:])
+    restarted = Journal(cfg)
+    assert restarted.restore() == {"s": 1 + SEQ_RESERVE_BLOCK}
+    assert restarted.last_seq("s") >= 8
+    restarted.close()
+
+
 async def test_seq_goes_on_past_every_seq_sent_after_a_crash_mid_segment(
         tmp_path: Path) -> None:
     """The last seq sent before a crash is usually a partial's, which is not

@@ -545,16 +545,31 @@ class Journal:
     def _recorded_last(self, paths: list[Path]) -> tuple[int, int]:
         """The last seq the files ``paths`` (oldest first) record, and the
         highest reservation among them (0: none)."""
-        # The newest file that holds a valid line has the last seq (a
-        # rotation carries the latest reservation into the new file). End
-        # records carry no seq; a loss record's lost finals were sent.
+        # The newest file that holds a valid line has the last seq: marks
+        # only grow, and a rotation carries the latest reservation into the
+        # new file. Unless that file has a damaged line and no reservation
+        # left: the crash may have hit its carried mark, which the file
+        # before it still holds, so the files before are read until one
+        # holds a reservation. End records carry no seq; a loss record's
+        # lost finals were sent.
+        last = reserved = 0
+        damaged = False
         for path in reversed(paths):
-            lines = [x for x in self._lines(path)
-                     if isinstance(x, JournalRecord | SeqReservation | LostRecord)]
-            if lines:
-                return (max(x.seq for x in lines),
-                        max((x.seq for x in lines if isinstance(x, SeqReservation)), default=0))
-        return 0, 0
+            try:
+                for x in self._lines(path):
+                    if isinstance(x, _Damaged):
+                        damaged = True
+                    elif isinstance(x, JournalRecord | SeqReservation | LostRecord):
+                        last = max(last, x.seq)
+                        if isinstance(x, SeqReservation):
+                            reserved = max(reserved, x.seq)
+            except OSError:
+                if not last:
+                    raise
+                break   # read for a mark only: what the newer files hold stands
+            if reserved or (last and not damaged):
+                break
+        return last, reserved
 
     def _load_pruned(self) -> None:
         """Remember the last seqs :data:`PRUNED_FILE` holds (the newest
