@@ -457,6 +457,28 @@ def test_a_held_segment_never_shown_closes_silently_in_order() -> None:
     assert [(e.segment, e.text) for e in out] == [(0, "I was here."), (2, "Third.")]
 
 
+def test_a_segment_never_seen_and_closed_silently_does_not_release_a_later_one() -> None:
+    """Found by the stateful model: segment 1, never seen, was abandoned (its
+    final decode failed) while segment 0 was not seen yet either; segment 2's
+    final then went out at once, and segment 0's after it."""
+    f = Feed(max_pending=None)
+    assert f.m.abandon(1) == []
+    assert f("Third.", seg=2, final=True, start=3.0, end=4.0) == []
+    out = f("First.", final=True, end=1.0)
+    assert [(e.segment, e.text) for e in out] == [(0, "First."), (2, "Third.")]
+
+
+def test_close_closes_the_segments_never_seen_before_the_last_one_seen() -> None:
+    """Found by the stateful model: close() skipped segment 0 (never seen)
+    once segment 1 (never seen) was closed, so a late hypothesis of 0 opened
+    it again after the stream's end, its final after 2's."""
+    f = Feed(max_pending=None)
+    f("Third.", seg=2, final=True, start=3.0, end=4.0)
+    assert [e.segment for e in f.m.close()] == [2]
+    assert f("First.", final=True, end=1.0) == []
+    assert f.m.open_segments == ()
+
+
 def test_too_many_waiting_finals_abandon_the_earliest_blocker() -> None:
     f = Feed(max_pending=0)
     f("First.", final=True, end=1.0)

@@ -85,8 +85,8 @@ Contracts (what the engine may rely on):
   the overlap audio belongs to the previous caption.
 - Segment ids are consecutive per stream (the session numbers them so), and
   every segment gets one final; the first is ``first_segment`` (0). Segment
-  ``s`` is *held* while ``s - 1`` is not closed (the first segment never is)
-  or any earlier segment seen is still open: a held segment commits
+  ``s`` is *held* while any earlier segment (from ``first_segment``, seen or
+  not) is not closed: a held segment commits
   nothing (its partials are all unstable) and its final waits; it is
   emitted, stitched, as soon as the earlier segments close. Call
   :meth:`Merger.abandon` when a segment's final will never come (a failed
@@ -753,8 +753,8 @@ class Merger:
         :attr:`open_segments` is empty. Returns the events, in ``seq`` order."""
         events: list[CaptionEvent] = []
         while self._open:
-            sid = min(self._open)
-            events.extend(self.abandon(self._blocker(sid) if self._blocked(sid) else sid))
+            # The lowest id not closed: held by none, it holds every later one.
+            events.extend(self.abandon(self._closed_below))
         return events
 
     # --- internals ---------------------------------------------------------
@@ -771,16 +771,11 @@ class Merger:
             self._closed_below += 1
 
     def _blocked(self, sid: int) -> bool:
-        return any(other < sid for other in self._open) or not self._is_closed(sid - 1)
-
-    def _blocker(self, sid: int) -> int:
-        """The earliest segment that holds ``sid``: not held itself."""
-        earlier = [other for other in self._open if other < sid]
-        blocker = min(earlier) if earlier else sid - 1
-        if blocker in self._open and self._blocked(blocker):
-            # An earlier segment never seen holds it in turn.
-            return self._blocker(blocker)
-        return blocker
+        # Any earlier id not closed holds it, seen or not: with only sid - 1
+        # and the open ones asked, an id never seen was passed over once the
+        # one after it closed silently (abandoned unseen), and its final came
+        # after later ones. The watermark is the lowest id not closed.
+        return self._closed_below < sid
 
     def _hold_abandoned(self, seg: _Segment) -> list[CaptionEvent]:
         """Abandon held ``seg`` in its place (see :meth:`abandon`)."""
@@ -802,10 +797,8 @@ class Merger:
         if self._max_pending is None:
             return events
         while len(self._pending) > self._max_pending:
-            blocker = self._blocker(min(self._pending))
-            if blocker not in self._open and self._is_closed(blocker):
-                break  # defensive: a waiting final always has an open blocker
-            events.extend(self.abandon(blocker))
+            # The lowest id not closed holds every waiting final.
+            events.extend(self.abandon(self._closed_below))
         return events
 
     def _drain(self) -> list[CaptionEvent]:
