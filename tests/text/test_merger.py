@@ -477,6 +477,11 @@ def test_close_closes_the_segments_never_seen_before_the_last_one_seen() -> None
     assert [e.segment for e in f.m.close()] == [2]
     assert f("First.", final=True, end=1.0) == []
     assert f.m.open_segments == ()
+    # Segment 1, never seen, closed silently before it (its final failed).
+    f = Feed(max_pending=None)
+    assert f.m.abandon(1) == []
+    assert f.m.close() == []
+    assert f("First.", final=True, end=1.0) == []
 
 
 def test_too_many_waiting_finals_abandon_the_earliest_blocker() -> None:

@@ -749,10 +749,13 @@ class Merger:
 
     def close(self) -> list[CaptionEvent]:
         """The stream is over: abandon every segment not closed, in order, up
-        to the last one seen (an id never seen closes silently), so that
-        :attr:`open_segments` is empty. Returns the events, in ``seq`` order."""
+        to the last one seen or closed (an id never seen closes silently), so
+        that :attr:`open_segments` is empty and a late hypothesis of any of
+        them is ignored. Returns the events, in ``seq`` order."""
         events: list[CaptionEvent] = []
-        while self._open:
+        # Ids closed above the watermark (abandoned unseen) leave ids below
+        # them that were never seen: those close too.
+        while self._open or self._closed:
             # The lowest id not closed: held by none, it holds every later one.
             events.extend(self.abandon(self._closed_below))
         return events
