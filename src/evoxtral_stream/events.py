@@ -306,7 +306,8 @@ class StreamError:
     segment: int | None = None
     closes_segment: bool = False
     """No caption of ``segment`` follows: its final failed or was lost and
-    nothing of it had been shown (else that text comes as its final). Not
+    nothing of it had been shown (else that text comes as its final, at
+    once or, held behind an earlier segment still open, after it). Not
     on the wire (clients see the code); consumers that wait for a
     segment's end, such as the realtime endpoint, close it here."""
 

@@ -17,7 +17,9 @@ from evoxtral_stream.engine.engine import Engine, Stream
 from evoxtral_stream.engine.session import StreamSession
 from evoxtral_stream.events import (
     CaptionEvent,
+    DecodeFailure,
     DecodeRequest,
+    Hypothesis,
     RequestKind,
     StreamEnded,
     StreamError,
@@ -92,6 +94,34 @@ async def test_a_final_closed_after_its_decode_failed_says_how_long_it_took() ->
     closed = [f for f in finals if f.segment == 0]
     assert len(closed) == 1 and closed[0].text, finals
     assert closed[0].latency is not None and closed[0].latency >= 0.5, closed[0]
+
+
+async def test_a_failed_final_held_behind_an_open_segment_does_not_close_it() -> None:
+    """Segment 1's final failed while segment 0's was still owed (the worker
+    runs finals before partials, so 0's final, waiting for its pause
+    partial, can come after 1's): the merger keeps 1's last partial as its
+    final, to follow 0's. The error used to say ``closes_segment`` all the
+    same, so a realtime client closed segment 1 before its caption came."""
+    async with Engine(load_config(), ScriptedBackend(words_so_far)) as engine:
+        record = LatencyLog()
+        engine.add_listener(record)
+        engine.open_stream("s")
+
+        def result(seg: int, kind: RequestKind, text: str) -> None:
+            engine._on_result(Hypothesis("s", seg, 0, kind, text, seg * 16000,
+                                         (seg + 1) * 16000, 0.0, 0.0))
+
+        result(0, RequestKind.PARTIAL, "Good evening")
+        result(1, RequestKind.PARTIAL, "I was thinking")
+        engine._on_result(DecodeFailure("s", 1, 1, RequestKind.FINAL, "boom"))
+        result(0, RequestKind.FINAL, "Good evening.")
+        events = list(record.events)
+    errors = [e for e in events if isinstance(e, StreamError)]
+    assert [(e.code, e.segment, e.closes_segment) for e in errors] == [
+        ("decode_failed", 1, False)]
+    finals = [e for e in events if isinstance(e, CaptionEvent) and e.final]
+    assert [(f.segment, f.text) for f in finals] == [
+        (0, "Good evening."), (1, "I was thinking")]
 
 
 async def test_finals_refused_by_a_full_worker_are_retried_not_lost() -> None:

@@ -761,10 +761,12 @@ class Engine:
                                        result.segment, asked_at)
             # The error first: it stands in for the segment's caption (a
             # client marks the segment's line there), and the closing final
-            # with what was shown, if any, follows.
+            # with what was shown, if any, follows: now, or, held behind an
+            # earlier segment still open (the merger keeps it), later.
             self._emit(StreamError(
                 result.stream, "decode_failed", result.message, result.segment,
-                closes_segment=result.kind is RequestKind.FINAL and not any(
+                closes_segment=result.kind is RequestKind.FINAL
+                and result.segment not in stream.merger.open_segments and not any(
                     c.final and c.segment == result.segment for c in closing)))
             self._emit_captions(stream, closing)
         else:
