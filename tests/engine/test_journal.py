@@ -509,6 +509,53 @@ def test_a_rotated_files_reservation_counts_when_the_newest_file_lost_its_copy(
     restarted.close()
 
 
+@pytest.mark.parametrize("newest", [True, False])
+def test_a_journal_file_that_cannot_be_read_in_full_at_restore(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        newest: bool) -> None:
+    """A read error (EIO) part way through the newest file refuses the
+    restore, as ever: the seqs past what was read are unknown, and counting
+    from what was read would number them again. One in an older file, read
+    only for a mark the damaged newest file lost, leaves the newest file's
+    count, said in a warning."""
+    cfg = config(tmp_path, **{"journal.max_bytes": 1024, "journal.keep": 1}).journal
+    journal = Journal(cfg)
+    journal.restore()
+    for seq in range(1, 8):
+        journal.reserve("s", seq)
+        journal.append(caption("s", seq, text="word " * 20))
+    journal.close()
+    files = sorted((tmp_path / "j").glob("s.*.jsonl"))
+    assert len(files) == 2
+    if not newest:
+        # Its carried reservation zeroed, so the file before is read for it.
+        data = files[-1].read_bytes()
+        carried = data.index(b"\n")
+        files[-1].write_bytes(bytes(carried) + data[carried:])
+    failing = files[-1 if newest else 0]
+    restarted = Journal(cfg)
+    real = restarted._lines
+
+    def eio(path: Path, **kw: bool) -> Iterator[object]:
+        lines = real(path, **kw)
+        if path != failing:
+            yield from lines
+            return
+        if newest:
+            yield next(lines)
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(restarted, "_lines", eio)
+    if newest:
+        with pytest.raises(OSError, match="Input/output"):
+            restarted.restore()
+        return
+    with caplog.at_level(logging.WARNING, "evoxtral_stream.engine.journal"):
+        assert restarted.restore() == {"s": 7}
+    assert any("Input/output" in r.getMessage() for r in caplog.records)
+    restarted.close()
+
+
 async def test_seq_goes_on_past_every_seq_sent_after_a_crash_mid_segment(
         tmp_path: Path) -> None:
     """The last seq sent before a crash is usually a partial's, which is not

@@ -555,6 +555,7 @@ class Journal:
         last = reserved = 0
         damaged = False
         for path in reversed(paths):
+            counted = last    # what the newer files hold
             try:
                 for x in self._lines(path):
                     if isinstance(x, _Damaged):
@@ -563,10 +564,15 @@ class Journal:
                         last = max(last, x.seq)
                         if isinstance(x, SeqReservation):
                             reserved = max(reserved, x.seq)
-            except OSError:
-                if not last:
+            except OSError as e:
+                # Not in the file that holds the last seq: its seqs past what
+                # was read would be numbered again.
+                if not counted:
                     raise
-                break   # read for a mark only: what the newer files hold stands
+                # Read for a mark only: what the newer files hold stands.
+                log.warning("journal: cannot read %s for a seq reservation (%s): "
+                            "counting from the newer files", path, e.strerror or e)
+                break
             if reserved or (last and not damaged):
                 break
         return last, reserved
