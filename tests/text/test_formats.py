@@ -203,6 +203,12 @@ def test_plain_text_joins_finals_as_their_script_is_written(texts: tuple[str, ..
     assert running_text(*texts) == want + "\n"
 
 
+def test_plain_text_looks_past_finals_of_nothing_but_tags() -> None:
+    assert running_text("你好。", "[laughs]", "[sighs]", "我很好。") == (
+        "你好。[laughs][sighs]我很好。\n")
+    assert running_text("Hi.", "[laughs]", "[sighs]", "There.") == "Hi. [laughs] [sighs] There.\n"
+
+
 def test_plain_text_without_tags_joins_the_text_left() -> None:
     assert running_text("你好。", "[laughs]我很好。", tags=TagStyle.STRIP) == "你好。我很好。\n"
     assert running_text("Hello. [laughs]", "你好。", tags=TagStyle.STRIP) == "Hello. 你好。\n"

@@ -475,6 +475,18 @@ def test_seam_is_no_space_inside_text_written_without_spaces(before: str, after:
     assert seam(before, after) == between
 
 
+def test_join_texts_looks_past_texts_of_nothing_but_tags() -> None:
+    """A final of tags alone between two (laughter, then a sigh) is glued
+    inside Chinese as a tag at any seam is: the seam after it looks past it
+    to the text before, as one before a tag looks past the tag."""
+    assert join_texts(["你好。", "[laughs]", "[sighs]", "我很好。"]) == (
+        "你好。[laughs][sighs]我很好。")
+    assert join_texts(["你好。", "[laughs]", "", "[sighs] [cough]", "我很好。"]) == (
+        "你好。[laughs][sighs] [cough]我很好。")
+    assert join_texts(["Hi.", "[laughs]", "[sighs]", "There."]) == "Hi. [laughs] [sighs] There."
+    assert join_texts(["[laughs]", "[sighs]", "你好"]) == "[laughs] [sighs]你好"
+
+
 def test_join_texts_skips_empty_texts() -> None:
     assert join_texts(["", "你好。", "", "我很好。", "Hi", "there"]) == "你好。我很好。Hi there"
     assert join_texts([]) == ""

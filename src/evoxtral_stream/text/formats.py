@@ -58,7 +58,7 @@ from itertools import pairwise
 from ..events import CaptionEvent
 from ..server.protocol import caption_to_dict
 from .chars import display_width, graphemes, is_cjk
-from .tags import Token, TokenKind, render, seam, tokenize, word_count
+from .tags import Token, TokenKind, render, seams, tokenize, word_count
 
 __all__ = [
     "MIN_SHOWN_S",
@@ -622,20 +622,17 @@ def to_jsonl(events: Iterable[CaptionEvent]) -> str:
 def to_text(events: Iterable[CaptionEvent], *, tags: TagStyle = TagStyle.INLINE,
             paragraph_gap_s: float = 2.0) -> str:
     """The final captions as running text: finals joined by a space, or by
-    none inside Chinese or Japanese text (:func:`.tags.seam`), a new line
+    none inside Chinese or Japanese text (:func:`.tags.seams`), a new line
     where the silence between two is at least ``paragraph_gap_s``."""
     if tags is TagStyle.CLASS:
         raise ValueError("plain text has no class spans: use TagStyle.INLINE or STRIP")
+    finals = [(e, text) for e in events if e.final
+              and (text := e.plain_text if tags is TagStyle.STRIP else e.text)]
     out: list[str] = []
     prev_end: float | None = None
-    for e in events:
-        if not e.final:
-            continue
-        text = e.plain_text if tags is TagStyle.STRIP else e.text
-        if not text:
-            continue
+    for (e, text), (between, _) in zip(finals, seams(t for _, t in finals), strict=True):
         if prev_end is not None:
-            out.append("\n" if e.start - prev_end >= paragraph_gap_s else seam(out[-1], text))
+            out.append("\n" if e.start - prev_end >= paragraph_gap_s else between)
         out.append(text)
         prev_end = e.end
     return "".join(out) + ("\n" if out else "")

@@ -60,7 +60,7 @@ import enum
 import re
 import unicodedata
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from .chars import CONTROL, drop_hidden, is_cjk, is_mark, mend_surrogates
@@ -81,6 +81,7 @@ __all__ = [
     "plain_text",
     "render",
     "seam",
+    "seams",
     "tag_word_indexes",
     "tokenize",
     "word_count",
@@ -552,18 +553,30 @@ def seam(before: str, after: str) -> str:
     return "" if a and b and _unspaced(a, b) else " "
 
 
-def join_texts(texts: Iterable[str]) -> str:
-    """The non-empty ``texts`` one after the other, each :func:`seam` between."""
-    out: list[str] = []
-    prev = ""
+def seams(texts: Iterable[str]) -> Iterator[tuple[str, str]]:
+    """Each non-empty text of ``texts`` with what goes before it: ``""``
+    before the first, then :func:`seam` of the texts before it and it.
+    The seam looks past texts of nothing but tags to the last that holds
+    text, as it looks past tags inside one: ``你好``, ``[laughs]``,
+    ``[sighs]``, ``世界`` is ``你好[laughs][sighs]世界``."""
+    before: str | None = None
     for text in texts:
         if not text:
             continue
-        if out:
-            out.append(seam(prev, text))
-        out.append(text)
-        prev = text
-    return "".join(out)
+        if before is None:
+            yield "", text
+            before = text
+            continue
+        yield seam(before, text), text
+        # Kept whole from the last text that holds any: its tags alone
+        # (or a space) would take a seam as between Latin words.
+        before = text if any(not t.is_tag for t in tokenize(text)) else f"{before} {text}"
+
+
+def join_texts(texts: Iterable[str]) -> str:
+    """The non-empty ``texts`` one after the other, each :func:`seam` between
+    (:func:`seams`)."""
+    return "".join(between + text for between, text in seams(texts))
 
 
 def tag_word_indexes(tokens: Sequence[Token]) -> list[int]:
