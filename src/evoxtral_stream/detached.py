@@ -9,7 +9,7 @@ such a lookup never exits. :func:`lookup` runs it on a daemon thread of its
 own instead, which neither waits for. The MQTT publisher's broker lookups
 and the command-line clients' server lookups go through it.
 :func:`off_the_loop` does the same for any other call (PortAudio's close or
-refresh of a vanished device).
+refresh of a vanished device, the TTS bridge's HTTPS requests).
 """
 
 from __future__ import annotations
