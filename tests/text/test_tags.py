@@ -10,6 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from evoxtral_stream.events import CaptionEvent
+from evoxtral_stream.text import tags as tags_module
 from evoxtral_stream.text.chars import CONTROL, drop_hidden
 from evoxtral_stream.text.formats import to_srt
 from evoxtral_stream.text.tags import (
@@ -485,6 +486,26 @@ def test_join_texts_looks_past_texts_of_nothing_but_tags() -> None:
         "你好。[laughs][sighs] [cough]我很好。")
     assert join_texts(["Hi.", "[laughs]", "[sighs]", "There."]) == "Hi. [laughs] [sighs] There."
     assert join_texts(["[laughs]", "[sighs]", "你好"]) == "[laughs] [sighs]你好"
+
+
+def test_join_texts_reads_each_text_a_bounded_number_of_times(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A long run of finals of nothing but tags (an hour of [music]) is read
+    as much as any run: each seam tokenizes the last text that holds words
+    and the one tag-only text before it, never the whole run so far (which
+    made a day's transcript quadratic: 4,000 such finals took 30 s)."""
+    read: list[int] = []
+    real = tags_module.tokenize
+
+    def tokenize(text: str) -> list[Token]:
+        read.append(len(text))
+        return real(text)
+
+    monkeypatch.setattr(tags_module, "tokenize", tokenize)
+    texts = ["你好。", *(["[music]"] * 2000), "世界", *(["[music]"] * 2000), "Hi"]
+    assert join_texts(texts) == "你好。" + "[music]" * 2000 + "世界" + "[music]" * 2000 + " Hi"
+    assert max(read) <= len("你好。 [music]")
+    assert sum(read) < 20 * sum(map(len, texts))
 
 
 def test_join_texts_skips_empty_texts() -> None:

@@ -560,17 +560,25 @@ def seams(texts: Iterable[str]) -> Iterator[tuple[str, str]]:
     text, as it looks past tags inside one: ``你好``, ``[laughs]``,
     ``[sighs]``, ``世界`` is ``你好[laughs][sighs]世界``."""
     before: str | None = None
+    # The last text that holds any: tags alone (or a space) before a seam
+    # would take it as between Latin words.
+    anchor: str | None = None
     for text in texts:
         if not text:
             continue
-        if before is None:
+        if before is not None:
+            yield seam(before, text), text
+        else:
             yield "", text
-            before = text
-            continue
-        yield seam(before, text), text
-        # Kept whole from the last text that holds any: its tags alone
-        # (or a space) would take a seam as between Latin words.
-        before = text if any(not t.is_tag for t in tokenize(text)) else f"{before} {text}"
+        tokens = tokenize(text)
+        if any(not t.is_tag for t in tokens):
+            anchor = before = text
+        elif tokens or before is None:
+            # The anchor and this text's tags tell the next seam all that
+            # the whole run would (a seam reads the last text and whether a
+            # tag ends it), in bounded time however long the run. A text
+            # of nothing shown (spaces) changes no seam.
+            before = text if anchor is None else f"{anchor} {text}"
 
 
 def join_texts(texts: Iterable[str]) -> str:
