@@ -777,6 +777,25 @@ def test_audio_refused_as_buffer_full_leaves_a_hole_in_client_time(
     assert started["audio_start_ms"] >= 5000 - 300 - 60, started
 
 
+def test_a_commit_never_refuses_audio_its_appends_were_allowed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The resampler holds back ~30 ms of each append until the commit: a
+    buffer filled to the cap by appends that were all accepted lost that
+    tail at the commit, which answered ``input_audio_buffer_full`` (this
+    audio was dropped) as well as ``committed`` (found by the stateful
+    test)."""
+    monkeypatch.setattr(realtime.core, "MAX_BUFFER_S", 1.0)
+    core = new_core()
+    core.start()
+    core.receive(update_msg(None))
+    appended = b"\x00\x00" * (INPUT_RATE * 101 // 100)  # 1.01 s
+    assert feed(core, appended) == []  # within the cap: accepted
+    outs = core.receive('{"type": "input_audio_buffer.commit", "event_id": "c1"}')
+    assert types(events(outs)) == ["input_audio_buffer.committed",
+                                   "conversation.item.input_audio_transcription.completed"]
+    assert abs(len(pushed(outs)) - len(appended) // 2 * SAMPLE_RATE // INPUT_RATE) <= 1
+
+
 def test_an_event_id_that_is_not_utf8_is_echoed_so_it_can_be_sent() -> None:
     core = new_core()
     core.start()

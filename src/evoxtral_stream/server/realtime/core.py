@@ -360,15 +360,19 @@ class RealtimeTranscription:
         pcm = np.frombuffer(data[:whole], dtype="<i2").astype(np.int16)
         return self._take(self._resampler.process(pcm), ev.event_id)
 
-    def _take(self, samples: Int16Array, event_id: str | None) -> list[Output]:
-        """Resampled client audio: live in server-VAD mode, held otherwise."""
+    def _take(self, samples: Int16Array, event_id: str | None, *,
+              tail: bool = False) -> list[Output]:
+        """Resampled client audio: live in server-VAD mode, held otherwise.
+        ``tail``: the resampler's held-back tail of audio already accepted,
+        held even past the cap (a commit must not drop what its appends
+        were allowed)."""
         if not len(samples):
             return []
         start = self._client_pos
         self._client_pos += len(samples)
         if self._server_vad:
             return self._push_client(samples, start)
-        if self._held_len + len(samples) > MAX_BUFFER_S * SAMPLE_RATE:
+        if not tail and self._held_len + len(samples) > MAX_BUFFER_S * SAMPLE_RATE:
             return [self.error("input_audio_buffer_full",
                                f"the input audio buffer holds at most {MAX_BUFFER_S:g} s; "
                                f"commit or clear it (this audio was dropped)",
@@ -378,7 +382,7 @@ class RealtimeTranscription:
         return []
 
     def _commit(self, ev: AudioCommit) -> list[Output]:
-        out = self._take(self._resampler.flush(), ev.event_id)
+        out = self._take(self._resampler.flush(), ev.event_id, tail=True)
         if self._server_vad:
             if not self._segmenter.in_segment and self._segmenter.candidate_start is None:
                 return [*out, self.error(
