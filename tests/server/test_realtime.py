@@ -796,6 +796,33 @@ def test_a_commit_never_refuses_audio_its_appends_were_allowed(
     assert abs(len(pushed(outs)) - len(appended) // 2 * SAMPLE_RATE // INPUT_RATE) <= 1
 
 
+def test_an_append_refused_as_buffer_full_drops_its_own_audio_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The refusal was decided on the resampler's output: the last ~30 ms
+    of the accepted append before it (held back in the filter) were
+    dropped with it, and the refused append's own last ~30 ms were held and
+    committed (found by the stateful test)."""
+    monkeypatch.setattr(realtime.core, "MAX_BUFFER_S", 1.0)
+    speech = speak(SENTENCES[0])[: SAMPLE_RATE * 9 // 10]  # 0.9 s, voiced to its end
+    core = new_core()
+    core.start()
+    core.receive(update_msg(None))
+    assert feed(core, pcm24(speech)) == []
+    (err,) = events(core.receive(append_msg(b"\x00\x00" * (INPUT_RATE // 2))))
+    assert err["error"]["code"] == "input_audio_buffer_full"
+    outs = core.receive('{"type": "input_audio_buffer.commit"}')
+    assert types(events(outs)) == ["input_audio_buffer.committed"]
+    got = pushed(outs).astype(np.float64)
+    want = resample(resample(speech, SAMPLE_RATE, INPUT_RATE), INPUT_RATE,
+                    SAMPLE_RATE).astype(np.float64)
+    assert abs(len(got) - len(want)) <= 1
+    n = min(len(got), len(want))
+    tail = SAMPLE_RATE // 20  # the last 50 ms: the accepted speech, not silence
+    assert np.sqrt(np.mean(got[n - tail:n] ** 2)) > 0.5 * np.sqrt(np.mean(want[n - tail:n] ** 2))
+    # The refused half second is a hole in client time, to the sample.
+    assert core.received_samples == len(want) + SAMPLE_RATE // 2
+
+
 def test_an_event_id_that_is_not_utf8_is_echoed_so_it_can_be_sent() -> None:
     core = new_core()
     core.start()

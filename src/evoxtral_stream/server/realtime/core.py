@@ -273,7 +273,7 @@ class RealtimeTranscription:
         tail = self._resampler.flush()
         if not self._server_vad:
             return []
-        return self._take(tail, None)
+        return self._take(tail)
 
     def on_engine_event(self, ev: EngineEvent) -> list[Output]:
         """An event of this session's engine stream in; the server events out."""
@@ -336,7 +336,7 @@ class RealtimeTranscription:
                 out += self._push_pending(collect=None)
             else:
                 # The resampler's held-back tail is this turn's audio, as at a commit.
-                out += self._take(self._resampler.flush(), ev.event_id)
+                out += self._take(self._resampler.flush())
                 candidate = self._segmenter.candidate_start
                 if candidate is not None:
                     # Speech not yet confirmed is no turn to commit, and cutting
@@ -358,31 +358,37 @@ class RealtimeTranscription:
         if not whole:
             return []
         pcm = np.frombuffer(data[:whole], dtype="<i2").astype(np.int16)
-        return self._take(self._resampler.process(pcm), ev.event_id)
+        if (not self._server_vad and self._held_len + len(pcm) * SAMPLE_RATE // INPUT_RATE
+                > MAX_BUFFER_S * SAMPLE_RATE):
+            # Decided on the append itself, not on the resampler's output
+            # (which holds back the last ~30 ms of the audio before it): the
+            # audio before is held whole, its tail included even past the
+            # cap, and this append is dropped whole, a hole in client time.
+            tail, hole = self._resampler.gap(len(pcm))
+            out = self._take(tail)
+            self._client_pos += hole
+            return [*out, self.error("input_audio_buffer_full",
+                                     f"the input audio buffer holds at most {MAX_BUFFER_S:g} "
+                                     f"s; commit or clear it (this audio was dropped)",
+                                     "audio", ev.event_id)]
+        return self._take(self._resampler.process(pcm))
 
-    def _take(self, samples: Int16Array, event_id: str | None, *,
-              tail: bool = False) -> list[Output]:
-        """Resampled client audio: live in server-VAD mode, held otherwise.
-        ``tail``: the resampler's held-back tail of audio already accepted,
-        held even past the cap (a commit must not drop what its appends
-        were allowed)."""
+    def _take(self, samples: Int16Array) -> list[Output]:
+        """Resampled client audio: live in server-VAD mode, held otherwise
+        (the cap is checked per append, :meth:`_append`: a commit's or a
+        refusal's resampler tail of accepted audio is held past it)."""
         if not len(samples):
             return []
         start = self._client_pos
         self._client_pos += len(samples)
         if self._server_vad:
             return self._push_client(samples, start)
-        if not tail and self._held_len + len(samples) > MAX_BUFFER_S * SAMPLE_RATE:
-            return [self.error("input_audio_buffer_full",
-                               f"the input audio buffer holds at most {MAX_BUFFER_S:g} s; "
-                               f"commit or clear it (this audio was dropped)",
-                               "audio", event_id)]
         self._pending.append((start, samples))
         self._pending_len += len(samples)
         return []
 
     def _commit(self, ev: AudioCommit) -> list[Output]:
-        out = self._take(self._resampler.flush(), ev.event_id, tail=True)
+        out = self._take(self._resampler.flush())
         if self._server_vad:
             if not self._segmenter.in_segment and self._segmenter.candidate_start is None:
                 return [*out, self.error(
@@ -422,7 +428,7 @@ class RealtimeTranscription:
             # Live audio, as everything appended before it: into the stream,
             # or its timeline would fall behind the client's by the tail (up
             # to ~20 ms) at every clear.
-            out += self._take(tail, None)
+            out += self._take(tail)
             if self._dirty:
                 self._end_reason = "clear"
                 out += self._cut()

@@ -54,8 +54,8 @@ INPUT_RATE = 24_000
 MIN_COMMIT_MS = 100
 #: Audio held for a manual commit is capped at this many seconds; an append
 #: past it is refused with an error (``input_audio_buffer_full``) and
-#: dropped. The resampler's tail of accepted appends (~30 ms, see the core)
-#: is held at the commit even past the cap.
+#: dropped whole. The resampler's tail of accepted appends (~30 ms, see the
+#: core) is held even past the cap.
 MAX_BUFFER_S = 600.0
 
 # Client events of the Realtime API that a transcription session does not take.
