@@ -650,6 +650,29 @@ def test_a_commit_keeps_short_speech_that_ended_before_it() -> None:
     assert core.segments_opened == 1
 
 
+def test_a_commit_whose_held_back_tail_ends_the_turn_is_not_refused() -> None:
+    """A commit pushes the resampler's held-back tail (~30 ms) first; where
+    that tail completed ``vad.end_silence_ms`` of silence, the turn ended
+    there (speech_stopped, committed) and the commit then found no speech
+    and answered ``input_audio_buffer_commit_empty`` too: an error for the
+    speech it did commit, decided by 30 ms of filter delay (found by the
+    stateful test)."""
+    speech = pcm24(np.concatenate((speak(SENTENCES[0]), np.zeros(SAMPLE_RATE, np.int16))))
+    ended_by_tail = 0
+    for ms in range(400, 1000, 10):  # where the pause ends the turn: 10 ms steps
+        core = new_core()
+        core.start()
+        before = types(events(feed(core, speech[: len(speech) - INPUT_RATE * 2 * ms // 1000])))
+        if "input_audio_buffer.committed" in before:
+            continue  # ended before the commit: that one is refused, rightly
+        evs = types(events(core.receive('{"type": "input_audio_buffer.commit"}')))
+        assert evs in (["input_audio_buffer.committed"],
+                       ["input_audio_buffer.speech_stopped", "input_audio_buffer.committed"]), (
+            ms, evs)
+        ended_by_tail += evs[0] == "input_audio_buffer.speech_stopped"
+    assert ended_by_tail  # the case this is about came up
+
+
 def test_switching_turn_detection_off_commits_the_open_turn() -> None:
     speech = pcm24(speak(SENTENCES[0]))
     core = new_core()

@@ -390,6 +390,10 @@ class RealtimeTranscription:
     def _commit(self, ev: AudioCommit) -> list[Output]:
         out = self._take(self._resampler.flush())
         if self._server_vad:
+            if any(isinstance(o, BufferCommitted) for o in out):
+                # The held-back tail completed the pause that ends the turn:
+                # it was this commit's speech, committed (no error for it).
+                return out
             if not self._segmenter.in_segment and self._segmenter.candidate_start is None:
                 return [*out, self.error(
                     "input_audio_buffer_commit_empty",
