@@ -327,6 +327,44 @@ def test_partials_inside_the_overlap_show_nothing_and_commit_nothing() -> None:
                  end=4.5)).text == "try that new place."
 
 
+
+@pytest.mark.parametrize("replaces", [False, True])
+def test_a_tag_cut_short_after_the_overlap_is_no_word(replaces: bool) -> None:
+    """The seam took the "[" of a tag cut short ("so [clea", a token budget
+    running out) for punctuation re-decoding the previous text's "," and
+    dropped it: partials showed and committed "clea" as a word, and the
+    final kept it (found by the merger's state machine)."""
+    f = Feed(final_replaces_stable=replaces)
+    f("so ,", final=True, end=2.0, forced=True)
+    e = one(f("so [clea", seg=1, start=1.6, end=2.5))
+    assert (e.text, e.plain_text, e.stable) == ("[clea", "", "")
+    assert f("so [clea", seg=1, start=1.6, end=2.6) == []
+    assert one(f("so [clea", seg=1, final=True, start=1.6, end=4.0)).text == ""
+    f2 = Feed(final_replaces_stable=replaces)
+    f2("so ,", final=True, end=2.0, forced=True)
+    assert one(f2("so ,[whis", seg=1, final=True, start=1.6, end=4.0)).text == ""
+    # Inside the overlap it is old audio: nothing shows.
+    f3 = Feed(final_replaces_stable=replaces)
+    f3("so maybe", final=True, end=2.0, forced=True)
+    assert f3("so [clea", seg=1, start=1.6, end=1.9) == []
+
+
+
+def test_a_tag_cut_short_after_fewer_words_than_committed_stays_a_half_tag() -> None:
+    """A partial that shrank ("so [clea" after "so so" was committed) had its
+    "[" taken for a respelling of the second "so": it showed "so soclea",
+    and an abandon closed the segment with it (found by the merger's state
+    machine)."""
+    f = Feed()
+    f("so so [clea")
+    f("so so [clea", end=1.2)
+    assert f("so [clea", end=1.4) == []  # "so so [clea" is on screen already
+    e = one(f("so [laug", end=1.6))
+    assert (e.text, e.plain_text, e.stable) == ("so so [laug", "so so", "so so")
+    fin = one(f.m.abandon(0))
+    assert (fin.text, fin.plain_text) == ("so so", "so so")
+
+
 # --- ordering across segments ------------------------------------------------
 
 

@@ -196,16 +196,28 @@ def _open_tag(tokens: Sequence[Token]) -> int:
     return i - 1 if len(render(tokens[i:])) <= PUNCT_TAG_MAX else len(tokens)
 
 
-def _close_open_bracket(tokens: Sequence[Token]) -> Sequence[Token]:
-    """``tokens`` without a square-bracket tag still being written at the
-    end (``So [clears``; see :func:`_open_tag`), for a partial's plain
-    text and a final's text. An open ``(`` or ``*`` stays: it is
-    punctuation too (``(see``)."""
+def _split_open_bracket(
+        tokens: Sequence[Token]) -> tuple[Sequence[Token], tuple[Token, ...]]:
+    """``tokens`` cut before a square-bracket tag still being written at the
+    end (``So [clears``; see :func:`_open_tag`): the tokens before it and
+    the half tag (its bracket split from punctuation glued ahead of it,
+    ``,[``), which renders back to the same text after them. An open ``(``
+    or ``*`` stays in the first part: it is punctuation too (``(see``)."""
     i = _open_tag(tokens)
     if i == len(tokens) or not tokens[i].text.endswith(("[", "［")):
-        return tokens
+        return tokens, ()
     head = tokens[i].text[:-1]
-    return [*tokens[:i], replace(tokens[i], text=head)] if head else tokens[:i]
+    if not head:
+        return tokens[:i], tuple(tokens[i:])
+    bracket = replace(tokens[i], text=tokens[i].text[-1], space_before=False)
+    return [*tokens[:i], replace(tokens[i], text=head)], (bracket, *tokens[i + 1:])
+
+
+def _close_open_bracket(tokens: Sequence[Token]) -> Sequence[Token]:
+    """``tokens`` without a square-bracket tag still being written at the
+    end, for a partial's plain text and a final's text (see
+    :func:`_split_open_bracket`)."""
+    return _split_open_bracket(tokens)[0]
 
 
 def _lstrip(tokens: Sequence[Token]) -> tuple[Token, ...]:
@@ -820,25 +832,33 @@ class Merger:
             return None
         return chain if sid == chain.after + 1 else None
 
-    def _tokens(self, h: Hypothesis,
-                chain: _Chain | None) -> tuple[tuple[Token, ...], int, bool]:
-        """The hypothesis' tokens (stitched when it continues a forced split),
-        the sample its caption starts at, and whether the seam was found."""
-        tokens = tokenize(h.text)
+    def _tokens(self, h: Hypothesis, chain: _Chain | None
+                ) -> tuple[tuple[Token, ...], tuple[Token, ...], int, bool]:
+        """The hypothesis' tokens (stitched when it continues a forced split)
+        less a square-bracket tag cut short at the end, that half tag, the
+        sample its caption starts at, and whether the seam was found.
+
+        The half tag stays out of stitching and alignment: its "[" is no
+        punctuation re-decoding the previous text's, nor a word revising a
+        committed one, and either would drop it and leave the half name a
+        word ("clea") that partials commit."""
+        tokens, half = _split_open_bracket(tokenize(h.text))
         if chain is None:
-            return _lstrip(tokens), h.start_sample, True
+            return _lstrip(tokens), half, h.start_sample, True
         overlap_s = min(max(0, chain.end_sample - h.start_sample) / SAMPLE_RATE,
                         self._max_overlap_s)
+        inside = h.end_sample < chain.end_sample
         stitched, found = stitch(chain.tail, chain.end_carry, tokens, overlap_s=overlap_s,
-                                 inside=h.end_sample < chain.end_sample)
-        return stitched, max(h.start_sample, chain.end_sample), found
+                                 inside=inside)
+        # Inside the overlap all of it is old audio: nothing of it shows.
+        return stitched, () if inside else half, max(h.start_sample, chain.end_sample), found
 
     def _partial(self, seg: _Segment, h: Hypothesis) -> CaptionEvent | None:
         blocked = self._blocked(seg.id)
         chain = None if blocked else self._chain_for(seg.id)
-        tokens, start, found = self._tokens(h, chain)
+        tokens, half, start, found = self._tokens(h, chain)
         tail, aligned = tail_after(seg.committed, tokens)
-        view = seg.committed + tail
+        view = _lstrip((*seg.committed, *tail, *half))
         cover = None if blocked or not found else tokens[:len(tokens) - len(tail)]
         if cover is None:
             # This view may be cut wrongly (stitching once the earlier
@@ -879,16 +899,17 @@ class Merger:
                 as_final: bool = False) -> CaptionEvent:
         continues = self._chain_for(seg.id) is not None
         chain = self._chain_for(seg.id) if stitched else None
+        # A tag the model was cut off inside ("and then [laug": its token
+        # budget, the loop cutter) is no word the speaker said, and no tag:
+        # it is left out. Partials never commit it (_open_tag), so no
+        # committed token goes.
         if as_final:
             # The text shown, already stitched: it starts where it was shown
             # to (after the overlap that belongs to the previous caption).
-            tokens, start = _lstrip(tokenize(h.text)), seg.start
+            tokens = tuple(_close_open_bracket(_lstrip(tokenize(h.text))))
+            start = seg.start
         else:
-            tokens, start, _ = self._tokens(h, chain)
-        # A tag the model was cut off inside ("and then [laug": its token
-        # budget, the loop cutter) is no word the speaker said, and no tag.
-        # Partials never commit it (_open_tag), so no committed token goes.
-        tokens = tuple(_close_open_bracket(tokens))
+            tokens, _, start, _ = self._tokens(h, chain)
         if self._final_replaces and not as_final:
             # The final decode heard the whole segment: it wins over words
             # that partials of a shorter prefix agreed on.
