@@ -17,6 +17,7 @@ documented normalisation and stitching.
 from __future__ import annotations
 
 import re
+import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -362,7 +363,11 @@ class MergerMachine(RuleBasedStateMachine):
         assert self.m.feed(self.hyp(s, s.rev + 1, kind, "late.", s.end)) == []
 
     def teardown(self) -> None:
-        if hasattr(self, "m") and not self.ended:
+        # Hypothesis tears down in a finally: after a failed step the end's
+        # checks would fail again on the same fault (the event that failed
+        # its check was never recorded, so the next seq looks skipped) and
+        # be reported as another distinct failure.
+        if hasattr(self, "m") and not self.ended and sys.exc_info()[0] is None:
             self.end_stream()
 
     # --- checks ---------------------------------------------------------------
