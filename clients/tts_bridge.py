@@ -918,6 +918,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BridgeError, ValueError) as e:
         _report(e, args.log_format)
         return 2
+    except KeyboardInterrupt:  # during the espeak-ng check, say
+        return 130
     try:
         stats = run_client(bridge.run())
     except KeyboardInterrupt:

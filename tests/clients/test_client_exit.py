@@ -7,7 +7,8 @@ answers does: no DNS server is needed, and none is asked. A lookup in
 asyncio's default executor held the exit: ``asyncio.run`` waits for that
 executor's threads at its end (Python 3.11: with no limit), and the
 interpreter's exit joins them, so Ctrl-C ended the client's work but never
-its process.
+its process. A startup check that hangs (the bridge's run of espeak-ng)
+ends on Ctrl-C too, with the status of any Ctrl-C.
 """
 
 from __future__ import annotations
@@ -135,6 +136,22 @@ async def test_ctrl_c_ends_the_tts_bridge_while_the_server_s_name_lookup_hangs(
     await _hung(proc, tmp_path)
     proc.send_signal(signal.SIGINT)
     code, err = await _exit(proc, 5)
+    assert code == 130, err
+    assert "Traceback" not in err, err
+
+
+async def test_ctrl_c_ends_the_tts_bridge_while_its_espeak_check_hangs(tmp_path: Path) -> None:
+    """The bridge runs espeak-ng once before it connects (a bad --voice is
+    found at the start); a Ctrl-C then is an exit 130 as any other, not a
+    KeyboardInterrupt traceback."""
+    espeak = tmp_path / "espeak-ng"
+    espeak.write_text('#!/bin/sh\ntouch "$HUNG_MARKER"\nexec sleep 60\n')
+    espeak.chmod(0o755)
+    proc = await _start("tts_bridge.py", tmp_path, "--url", "ws://127.0.0.1:9",
+                        "--out", str(tmp_path / "out"), "--espeak", str(espeak))
+    await _hung(proc, tmp_path)
+    proc.send_signal(signal.SIGINT)
+    code, err = await _exit(proc, 10)
     assert code == 130, err
     assert "Traceback" not in err, err
 
