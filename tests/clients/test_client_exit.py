@@ -26,6 +26,7 @@ import soundfile as sf
 from websockets.asyncio.server import ServerConnection, serve
 
 from tests.clients.conftest import CLIENTS, client_env
+from tests.helpers.threads import threads_refused
 
 #: The name whose lookup hangs, and one that does not exist.
 HUNG = "captions.hangs.invalid"
@@ -221,28 +222,18 @@ async def test_ctrl_c_ends_the_tts_bridge_while_the_synthesiser_s_name_lookup_ha
     assert "Traceback" not in err, err
 
 
-def test_a_lookup_whose_thread_cannot_start_fails_that_attempt_as_the_resolver_would(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_lookup_whose_thread_cannot_start_fails_that_attempt_as_the_resolver_would() -> None:
     """No thread to be had (the process at its thread limit): that
     connection attempt fails with an OSError, which each client reports (and
     retries) as it does a resolver's, not with a RuntimeError's traceback;
     the next one looks the name up anew."""
-    import threading
-
     from _loop import LookupLoop
 
-    real_start = threading.Thread.start
-
-    def no_thread(self: threading.Thread) -> None:
-        if self.name == "client-lookup":
-            raise RuntimeError("can't start new thread")
-        real_start(self)
-    monkeypatch.setattr(threading.Thread, "start", no_thread)
     loop = LookupLoop()
     try:
-        with pytest.raises(OSError, match="no thread to look localhost up"):
+        with threads_refused("client-lookup"), \
+                pytest.raises(OSError, match="no thread to look localhost up"):
             loop.run_until_complete(loop.getaddrinfo("localhost", 8765))
-        monkeypatch.setattr(threading.Thread, "start", real_start)
         assert loop.run_until_complete(loop.getaddrinfo("localhost", 8765))
     finally:
         loop.close()

@@ -100,6 +100,7 @@ from tests.clients.conftest import (
 )
 from tests.fakes import ScriptedBackend
 from tests.helpers.audio import voiced_span
+from tests.helpers.threads import threads_refused
 from tests.speech import have_espeak, speak, speech_with_pauses
 
 CLIENT = Path(__file__).resolve().parents[2] / "clients" / "tts_bridge.py"
@@ -901,25 +902,13 @@ async def test_elevenlabs_unreachable_is_a_synthesis_error(tmp_path: Path) -> No
 
 
 async def test_a_request_whose_thread_cannot_start_is_a_failed_attempt_retried(
-    tmp_path: Path, fake_api: FakeElevenLabs, monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, fake_api: FakeElevenLabs, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Each request runs on a daemon thread of its own (none holds the
     bridge's exit); one that cannot start (the process at its thread limit)
     fails that attempt, retried as a network error is, not the bridge."""
-    import threading
-
-    real_start = threading.Thread.start
-    refused: list[str] = []
-
-    def first_refused(self: threading.Thread) -> None:
-        if self.name == "tts-request" and not refused:
-            refused.append(self.name)
-            raise RuntimeError("can't start new thread")
-        real_start(self)
-    monkeypatch.setattr(threading.Thread, "start", first_refused)
     dest = tmp_path / "a.mp3"
-    with caplog.at_level(logging.WARNING):
+    with threads_refused("tts-request", times=1) as refused, caplog.at_level(logging.WARNING):
         await _eleven(fake_api).synthesize("hello", dest)
     assert refused == ["tts-request"]
     assert len(fake_api.requests) == 1

@@ -21,6 +21,7 @@ from evoxtral_stream.engine.journal import store as journal_store
 from evoxtral_stream.events import CaptionEvent, EngineEvent, StreamError
 from tests.engine.test_journal import caption, config, talk
 from tests.fakes import ScriptedBackend
+from tests.helpers.threads import threads_refused
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"),
                                 reason="names an fsynced descriptor's file by /proc")
@@ -366,26 +367,20 @@ def test_a_sync_thread_that_cannot_start_leaves_no_descriptor_and_no_stuck_sync(
                       clock=clock)
     journal.restore()
     journal.append(caption("a", 1))
-    real_start, real_fsync = threading.Thread.start, os.fsync
+    real_fsync = os.fsync
     synced: list[tuple[str, str]] = []
 
     def fsync(fd: int) -> None:
         real_fsync(fd)
         synced.append((threading.current_thread().name, stream_of(fd)))
 
-    def no_thread(self: threading.Thread) -> None:
-        if self.name != SYNC_THREAD:
-            real_start(self)
-            return
-        raise RuntimeError("can't start new thread")
     monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(threading.Thread, "start", no_thread)
-    fds = set(os.listdir("/proc/self/fd"))
-    clock.now += 1.0
-    assert journal.sync_due() is None
-    assert synced == [(threading.current_thread().name, "a")]
-    assert set(os.listdir("/proc/self/fd")) <= fds      # every duplicate closed
-    monkeypatch.setattr(threading.Thread, "start", real_start)
+    with threads_refused(SYNC_THREAD):
+        fds = set(os.listdir("/proc/self/fd"))
+        clock.now += 1.0
+        assert journal.sync_due() is None
+        assert synced == [(threading.current_thread().name, "a")]
+        assert set(os.listdir("/proc/self/fd")) <= fds      # every duplicate closed
     journal.append(caption("a", 2))
     clock.now += 1.0
     assert journal.sync_due() is None

@@ -23,6 +23,7 @@ except ImportError:  # the mqtt extra is optional
     pytest.skip("aiomqtt not installed", allow_module_level=True)
 
 from evoxtral_stream.server.mqtt import MqttPublisher
+from tests.helpers.threads import threads_refused
 from tests.server.conftest import MosquittoBroker
 from tests.server.test_mqtt import caption, connected, eventually, mqtt_config
 
@@ -344,27 +345,16 @@ async def test_a_lookup_that_never_returns_holds_neither_the_stop_nor_the_exit(
     assert any("looking up broker.hangs.invalid timed out after 0.3 s" in s for s in said), said
 
 
-async def test_a_lookup_whose_thread_cannot_start_is_tried_again_next_time(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_lookup_whose_thread_cannot_start_is_tried_again_next_time() -> None:
     """A lookup thread that cannot start (the process at its thread limit)
     left its future in the table of lookups under way, never to finish:
     every later attempt for that broker name waited on it to its deadline,
     and the publisher never connected again, even once threads could be had.
     Now the error is the attempt's, and the next attempt looks up anew."""
-    import threading
-
     from evoxtral_stream.server import mqtt_connect
 
-    real_start = threading.Thread.start
-
-    def no_thread(self: threading.Thread) -> None:
-        if self.name == "mqtt-lookup":
-            raise RuntimeError("can't start new thread")
-        real_start(self)
-    monkeypatch.setattr(threading.Thread, "start", no_thread)
-    with pytest.raises(RuntimeError):
+    with threads_refused("mqtt-lookup"), pytest.raises(RuntimeError):
         await asyncio.wait_for(asyncio.wrap_future(mqtt_connect._lookup("localhost", 1883)), 5)
-    monkeypatch.setattr(threading.Thread, "start", real_start)
     infos = await asyncio.wait_for(asyncio.wrap_future(mqtt_connect._lookup("localhost", 1883)),
                                    5)
     assert infos
