@@ -549,8 +549,11 @@ def seam(before: str, after: str) -> str:
     seam's other side, tags looked past, ends (or starts) with a CJK
     character, and a space elsewhere. ``" "`` when either text has nothing
     but whitespace or hidden characters."""
-    a, b = tokenize(before), tokenize(after)
-    return "" if a and b and _unspaced(a, b) else " "
+    return _seam(tokenize(before), tokenize(after))
+
+
+def _seam(before: Sequence[Token], after: Sequence[Token]) -> str:
+    return "" if before and after and _unspaced(before, after) else " "
 
 
 def seams(texts: Iterable[str]) -> Iterator[tuple[str, str]]:
@@ -559,26 +562,24 @@ def seams(texts: Iterable[str]) -> Iterator[tuple[str, str]]:
     The seam looks past texts of nothing but tags to the last that holds
     text, as it looks past tags inside one: ``你好``, ``[laughs]``,
     ``[sighs]``, ``世界`` is ``你好[laughs][sighs]世界``."""
-    before: str | None = None
-    # The last text that holds any: tags alone (or a space) before a seam
-    # would take it as between Latin words.
-    anchor: str | None = None
+    # The tokens the next seam reads; and those of the last text that holds
+    # any: tags alone (or a space) before a seam would take it as between
+    # Latin words.
+    before: Sequence[Token] | None = None
+    anchor: Sequence[Token] = ()
     for text in texts:
         if not text:
             continue
-        if before is not None:
-            yield seam(before, text), text
-        else:
-            yield "", text
         tokens = tokenize(text)
+        yield ("" if before is None else _seam(before, tokens)), text
         if any(not t.is_tag for t in tokens):
-            anchor = before = text
+            anchor = before = tokens
         elif tokens or before is None:
             # The anchor and this text's tags tell the next seam all that
             # the whole run would (a seam reads the last text and whether a
             # tag ends it), in bounded time however long the run. A text
             # of nothing shown (spaces) changes no seam.
-            before = text if anchor is None else f"{anchor} {text}"
+            before = (*anchor, *tokens)
 
 
 def join_texts(texts: Iterable[str]) -> str:
