@@ -6,7 +6,15 @@ import re
 import sys
 import unicodedata
 
-from evoxtral_stream.text.chars import CONTROL, HIDDEN, display_width, drop_hidden, graphemes
+from evoxtral_stream.text.chars import (
+    CONTROL,
+    HIDDEN,
+    display_width,
+    drop_hidden,
+    graphemes,
+    is_cjk,
+)
+from evoxtral_stream.text.tags import join_texts
 
 _KEPT = {"\u200c", "\u200d"}   # ZWNJ, ZWJ
 
@@ -60,3 +68,19 @@ def test_display_width_counts_an_emoji_sequence_once() -> None:
     assert display_width("e\u0301te\u0301 zero\u200bwidth") == 13
     assert display_width("\u1100\u1161\u11a8") == 2
     assert display_width("") == 0
+
+
+def test_halfwidth_katakana_is_written_without_spaces_as_kana_is() -> None:
+    """Halfwidth katakana (ｿｳﾃﾞｽ, ｡｢｣､･, still met in older Japanese text)
+    is Japanese written narrow, so it joins and breaks as the wide kana;
+    halfwidth Hangul is Korean (spaced) and halfwidth arrows and symbols
+    are no letters."""
+    assert all(is_cjk(c) for c in "ｱｿｳﾃﾞｽﾟｰ｡｢｣､･ｦ")
+    assert not any(is_cjk(c) for c in "ﾡￂ￨￩₩")
+    assert join_texts(["ｿｳﾃﾞｽ｡", "ﾈ｡"]) == "ｿｳﾃﾞｽ｡ﾈ｡"
+    assert join_texts(["ｿｳﾃﾞｽ", "OK"]) == "ｿｳﾃﾞｽ OK"
+
+
+def test_halfwidth_voicing_marks_belong_to_their_kana() -> None:
+    assert graphemes("ﾃﾞｽﾎﾟ") == ["ﾃﾞ", "ｽ", "ﾎﾟ"]
+    assert display_width("ﾃﾞｽ") == 3

@@ -116,6 +116,19 @@ def test_kinsoku_latin_words_and_tags(text: str, width: int,
     assert [c.lines for c in cues] == want
 
 
+def test_halfwidth_katakana_breaks_as_kana_and_keeps_its_voicing_marks() -> None:
+    """Halfwidth katakana breaks between kana as wide kana does, but never
+    between a kana and its voicing mark (ﾊﾞ is one kana, as バ is), nor
+    before a small kana or ｰ."""
+    text = "ｺﾝﾆﾁﾊﾞﾊﾞﾊﾞｰｽﾞﾃﾞｽﾈｯﾎﾟ"
+    cues = build_cues([final(text, 0.0, 4.0)], layout=CueLayout(max_line_chars=5))
+    lines = [line for c in cues for line in c.lines]
+    assert "".join(lines) == text
+    assert all(display_width(line) <= 5 for line in lines)
+    assert not any(line[0] in "ﾞﾟｰｯ" for line in lines), lines
+    assert len(lines) > 3
+
+
 def test_a_space_is_the_better_break() -> None:
     """Chinese and Japanese subtitles often put spaces between phrases: text
     between spaces that a line can hold whole goes to the next line whole,

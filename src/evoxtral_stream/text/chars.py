@@ -104,27 +104,32 @@ def is_mark(c: str) -> bool:
 def _hangul(c: str) -> bool:
     o = ord(c)
     return (0xAC00 <= o <= 0xD7FF or 0x1100 <= o <= 0x11FF or 0x3130 <= o <= 0x318F
-            or 0xA960 <= o <= 0xA97F)
+            or 0xA960 <= o <= 0xA97F or 0xFFA0 <= o <= 0xFFDC)
 
 
 def is_cjk(c: str) -> bool:
     """Whether ``c`` is of text written without spaces between its words, as
     Chinese and Japanese are: a wide or fullwidth (East Asian) letter, digit
     or punctuation mark (a Han ideograph, kana, bopomofo, Yi, a fullwidth
-    letter or digit, 。、「」). Not Hangul: Korean is written with spaces.
+    letter or digit, 。、「」), or halfwidth katakana (ｿｳﾃﾞｽ｡, Japanese
+    written narrow). Not Hangul, wide or halfwidth: Korean is written with
+    spaces.
     Nor Thai, Lao, Khmer or Burmese, which space their phrases (and whose
     words only a dictionary can find)."""
-    return (unicodedata.east_asian_width(c) in ("W", "F")
+    # "H" is halfwidth katakana, halfwidth Hangul and a few symbols; the
+    # category and Hangul tests leave the katakana.
+    return (unicodedata.east_asian_width(c) in ("W", "F", "H")
             and unicodedata.category(c)[0] in "LNP" and not _hangul(c))
 
 
 def _extends(c: str) -> bool:
     """Whether ``c`` belongs to the character before it (UAX #29's Extend
     and SpacingMark, near enough): marks, ZWNJ and ZWJ, emoji skin-tone
-    modifiers, tag characters, and the vowel and final jamo of a decomposed
-    Hangul syllable."""
+    modifiers, tag characters, the vowel and final jamo of a decomposed
+    Hangul syllable, and halfwidth katakana's voicing marks (ﾃﾞ is one
+    kana, as デ is)."""
     o = ord(c)
-    return (is_mark(c) or c in "\u200c\u200d"
+    return (is_mark(c) or c in "\u200c\u200d\uff9e\uff9f"
             or 0x1F3FB <= o <= 0x1F3FF or 0xE0020 <= o <= 0xE007F
             or 0x1160 <= o <= 0x11FF or 0xD7B0 <= o <= 0xD7FF)
 

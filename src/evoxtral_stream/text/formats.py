@@ -186,15 +186,16 @@ def _chunk_markup(chunk: Sequence[Token], style: TagStyle, vtt: bool) -> tuple[s
 
 
 # Line breaks in text written without spaces: UAX #14's basics and the
-# Japanese kinsoku rules. A line may break between two characters where one
-# is CJK (:func:`.chars.is_cjk`): a Han ideograph, kana, bopomofo, Yi, a fullwidth letter or digit,
-# CJK punctuation. Never before closing punctuation (UAX #14's CL, CP, EX,
-# IS: 、。」）！？ and the ASCII , . ! ? ) too), a small kana, ー or 々 (NS,
-# and CJ taken as NS, UAX #14's default), nor after opening punctuation (OP:
-# 「（ and the ASCII ( [) or a currency sign. Hangul is left out: Korean is
-# written with spaces and breaks there, as its subtitles do. So are Thai,
-# Lao, Khmer and Burmese (UAX #14's SA): without a dictionary to find their
-# word ends, UAX #14 breaks none of their text (LB1: SA as AL).
+# Japanese kinsoku rules. A line may break between two characters where one is
+# CJK (:func:`.chars.is_cjk`): a Han ideograph, kana (halfwidth too),
+# bopomofo, Yi, a fullwidth letter or digit, CJK punctuation. Never before
+# closing punctuation (UAX #14's CL, CP, EX, IS: 、。」）！？ and the ASCII , . ! ?
+# ) too), a small kana, ー or 々 (NS, and CJ taken as NS, UAX #14's default),
+# nor after opening punctuation (OP: 「（ and the ASCII ( [) or a currency sign.
+# Hangul is left out: Korean is written with spaces and breaks there, as its
+# subtitles do. So are Thai, Lao, Khmer and Burmese (UAX #14's SA): without a
+# dictionary to find their word ends, UAX #14 breaks none of their text (LB1:
+# SA as AL).
 _NO_START = frozenset(
     "ー々〻ゝゞヽヾｰぁぃぅぇぉっゃゅょゎゕゖァィゥェォッャュョヮヵヶｧｨｩｪｫｬｭｮｯ"
     + "".join(map(chr, range(0x31F0, 0x3200))))
