@@ -39,6 +39,7 @@ from evoxtral_stream.run import LatencyLog
 from tests.fakes import ScriptedBackend, words_so_far
 from tests.helpers.audio import dominant_frequency, rms, sine
 from tests.helpers.portaudio import LiveStream, tone
+from tests.helpers.threads import threads_refused
 from tests.speech import have_espeak, speech_with_pauses
 
 # --- sounddevice stand-ins -------------------------------------------------------------
@@ -1178,6 +1179,30 @@ async def test_a_failing_status_callback_does_not_stop_the_reopening(
     await until(lambda: resumes != [], "the resume report")
     assert "an audio input status callback failed" in caplog.text
     assert cap.stalls == cap.reopens == 1
+    cap.stop()
+
+
+async def test_a_lost_stream_that_cannot_get_a_close_thread_still_reopens(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """At the process's thread limit the lost stream's close (on a thread of
+    its own, as PortAudio may hang in it) cannot start: the watchdog says so
+    and goes on looking for the device, which comes back, instead of dying
+    with the RuntimeError and leaving the input lost for good."""
+    resumes: list[str] = []
+    factory = LiveFactory()
+    cap = MicrophoneCapture(Received(), device=fake_device(), block_ms=20,
+                            max_pending_blocks=100, stream_factory=factory,
+                            stall_timeout_s=0.3, reopen_interval_s=0.1,
+                            on_resume=resumes.append)
+    cap.start()
+    with threads_refused("audio-close") as refused:
+        factory.streams[0].unplug()
+        await until(lambda: resumes != [], "the resume report")
+    assert refused == ["audio-close"]
+    assert "cannot close the lost audio input" in caplog.text
+    assert cap.stalls == cap.reopens == 1 and not cap.lost
+    before = cap.samples_delivered
+    await until(lambda: cap.samples_delivered > before, "audio again")
     cap.stop()
 
 

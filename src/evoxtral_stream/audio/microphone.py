@@ -603,7 +603,10 @@ class MicrophoneCapture:
         # PortAudio on a vanished device can hang for good in its close or
         # refresh: each on a daemon thread, which holds no exit.
         if stream is not None:
-            await off_the_loop(functools.partial(_close_quietly, stream), "audio-close")
+            try:
+                await off_the_loop(functools.partial(_close_quietly, stream), "audio-close")
+            except RuntimeError as e:  # no thread to close it on: left open, not waited for
+                logger.warning("cannot close the lost audio input: %s", e)
         failures = 0
         while True:
             try:
