@@ -1419,6 +1419,11 @@ def test_eval_compares_streaming_with_offline(tmp_path: Path) -> None:
     assert abs(report["delta"]["wer"] - (streaming["wer"] - offline["wer"])) < 1e-9
     assert streaming["tag_recall"] == 0.0  # Whisper writes no Evoxtral tags
     assert report["streaming"]["n"] == 2
+    # The character error rate beside WER, in the table and the report.
+    assert "CER (mean per utterance)" in proc.stdout and "CER (corpus)" in proc.stdout
+    assert 0.0 <= streaming["cer"] <= 0.35 and 0.0 <= offline["corpus_cer"] <= 0.35
+    assert abs(report["delta"]["cer"] - (streaming["cer"] - offline["cer"])) < 1e-9
+    assert all("cer" in s for s in report["streaming"]["samples"])
 
 
 def test_a_second_ctrl_c_during_eval_exits_130_without_crashing(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,11 @@ from evoxtral_stream.text.metrics import (
     format_comparison,
     format_table,
     score_sample,
+    strip_for_cer,
     strip_for_wer,
     tag_hallucination_rate,
     tag_prf,
+    utterance_cer,
     utterance_wer,
 )
 from tests.speech import have_espeak, speak
@@ -72,6 +75,45 @@ def test_wer_strips_tags_and_lowers_caps_only() -> None:
     assert utterance_wer("", "two words") == 1.0
 
 
+def test_cer_on_hand_computed_examples() -> None:
+    """Character edits over reference characters, on WER's text (tags out,
+    CAPS lower cased, case and punctuation counting) without its whitespace."""
+    # Latin: "Helloworld" (10) against "Helloword": one deletion.
+    assert utterance_cer("Hello word", "Hello world") == pytest.approx(1 / 10)
+    # Case counts, as for WER: "hello" against "Hello", one substitution.
+    assert utterance_cer("hello", "Hello") == pytest.approx(1 / 5)
+    # Spaces do not count: a space lost is no error (WER: 2 edits of 2 words).
+    assert utterance_cer("Helloworld", "Hello world") == 0.0
+    assert utterance_wer("Helloworld", "Hello world") == 1.0
+    # Chinese: 你好。我很好。 is 7 characters; the last 。 deleted.
+    assert utterance_cer("你好。我很好", "你好。我很好。") == pytest.approx(1 / 7)
+    # 我很好 read as 我很高兴 (one substitution, one insertion).
+    assert utterance_cer("你好。我很高兴。", "你好。我很好。") == pytest.approx(2 / 7)
+    # One "word" to WER, substituted and another inserted: WER 2.0; CER 0.
+    assert utterance_cer("你好。 我很好。", "你好。我很好。") == 0.0
+    assert utterance_wer("你好。 我很好。", "你好。我很好。") == 2.0
+    # Japanese, kanji and kana mixed: 今日は良い天気ですね。 (11); 良 as い
+    # (kana for the kanji) and 。 dropped.
+    assert utterance_cer("今日はいい天気ですね", "今日は良い天気ですね。") == pytest.approx(2 / 11)
+    assert utterance_wer("今日はいい天気ですね", "今日は良い天気ですね。") == 1.0
+
+
+def test_cer_ignores_tags_and_scores_empty_references_as_wer_does() -> None:
+    assert strip_for_cer("[excited] Can you BELIEVE it? [laughs]") == "Canyoubelieveit?"
+    assert strip_for_cer("你好。\u3000[laughs] 我很好。\n") == "你好。我很好。"
+    assert utterance_cer("Can you believe it?", "[excited] Can you BELIEVE it?") == 0.0
+    assert utterance_cer("[laughs] hi [sighs]", "hi") == 0.0
+    assert utterance_cer("hi", "[laughs] hi [gasps]") == 0.0
+    # Nothing to score against: 0, as WER (and left out of the corpus CER).
+    assert utterance_cer("anything", "[laughs]") == utterance_wer("anything", "[laughs]") == 0.0
+    assert utterance_cer("", "") == 0.0
+    # Nothing said: every reference character deleted.
+    assert utterance_cer("", "two words") == 1.0
+    assert utterance_cer("[laughs]", "两个字") == 1.0
+    # More said than the reference: above 1, as WER can be.
+    assert utterance_cer("abcd", "a") == 3.0
+
+
 def test_emphasis() -> None:
     assert extract_emphasis("I am SO TIRED of HR's A-B rules, OK?") == ["so", "tired", "hr", "ok"]
     got = approx(emphasis_prf("I am so TIRED", "I am SO TIRED"))
@@ -92,6 +134,10 @@ def test_evaluate_averages_per_sample_and_reports_corpus_wer() -> None:
     assert r.n == 3
     assert r.wer == pytest.approx((0.5 + 0 + 0) / 3)
     assert r.corpus_wer == pytest.approx(1 / 5)
+    # "HelloWORLD." (11) against "helloworld.": one edit ("world" is CAPS
+    # lower cased in both); "IamHERE" against "Iamhere": none.
+    assert r.cer == pytest.approx((1 / 11 + 0 + 0) / 3)
+    assert r.corpus_cer == pytest.approx(1 / (11 + 7))
     # Tags: (1,1,1), (0,0,0), (P 1, R 0, F 0).
     assert (r.tag_precision, r.tag_recall, r.tag_f1) == pytest.approx((2 / 3, 1 / 3, 1 / 3))
     assert r.tag_hallucination_rate == pytest.approx(1 / 3)
@@ -102,6 +148,12 @@ def test_evaluate_averages_per_sample_and_reports_corpus_wer() -> None:
     assert d["n"] == 3
     assert len(d["samples"]) == 3
     assert d["samples"][0]["wer"] == 0.5
+    assert d["samples"][0]["cer"] == pytest.approx(1 / 11)
+    # CER next to WER; the fields before it in their order.
+    assert list(d["metrics"]) == [
+        "wer", "corpus_wer", "cer", "corpus_cer", "tag_precision", "tag_recall", "tag_f1",
+        "tag_hallucination_rate", "emphasis_precision", "emphasis_recall", "emphasis_f1"]
+    assert list(d["samples"][0])[:4] == ["reference", "prediction", "wer", "cer"]
     json.dumps(d)
 
 
@@ -115,7 +167,15 @@ def test_comparison_table_marks_losses() -> None:
     assert "streaming - offline" in table
     wer_line = next(line for line in table.splitlines() if line.startswith("WER (mean"))
     assert wer_line.endswith("+0.5000*")
+    # "Hellothere." (11) against "Hellotherethere.": 5 insertions, a loss.
+    assert cmp.delta()["cer"] == pytest.approx(5 / 11)
+    rows = [line.split("  ")[0] for line in table.splitlines()[2:]]
+    assert rows[:4] == ["WER (mean per utterance)", "WER (corpus)", "CER (mean per utterance)",
+                        "CER (corpus)"]
+    cer_line = next(line for line in table.splitlines() if line.startswith("CER (corpus)"))
+    assert cer_line.endswith(f"{5 / 11:+.4f}*")
     assert "Tag F1" in format_table(offline)
+    assert "CER (corpus)" in format_table(offline)
     json.dumps(cmp.to_dict())
     with pytest.raises(ValueError, match="different samples"):
         compare(offline, evaluate([]))
@@ -123,7 +183,7 @@ def test_comparison_table_marks_losses() -> None:
 
 def test_empty_evaluation() -> None:
     r = evaluate([])
-    assert (r.n, r.wer, r.corpus_wer) == (0, 0.0, 0.0)
+    assert (r.n, r.wer, r.corpus_wer, r.cer, r.corpus_cer) == (0, 0.0, 0.0, 0.0, 0.0)
 
 
 def test_manifest_parsing(tmp_path: Path) -> None:
@@ -236,9 +296,10 @@ def test_manifest_lines_are_split_at_newlines_only() -> None:
     assert [e.line for e in entries] == [1, 2, 3]
 
 
-def _word_edits(ref: list[str], hyp: list[str]) -> int:
-    """Word-level Levenshtein distance, written out here so the WER is checked
-    against a count that does not come from jiwer."""
+def _word_edits(ref: Sequence[str], hyp: Sequence[str]) -> int:
+    """Levenshtein distance of words (or of the characters of a string),
+    written out here so WER and CER are checked against a count that does
+    not come from jiwer."""
     row = list(range(len(hyp) + 1))
     for i, r in enumerate(ref, start=1):
         prev, row[0] = row[0], i
@@ -251,7 +312,8 @@ def _word_edits(ref: list[str], hyp: list[str]) -> int:
 # typed in an editor can hold newlines, tabs or no-break spaces between words.
 _WORDS = st.sampled_from(["Hello", "hello", "WORLD", "world", "it?", "don't", "—", "[laughs]",
                           "[clears throat]", "[Pause]", "OK", "café", "x"])
-_SPACE = st.sampled_from([" ", "  ", "\n", "\t", "\r\n", "\u00a0", "\u2009", "\u3000"])
+_SPACES = [" ", "  ", "\n", "\t", "\r\n", "\u00a0", "\u2009", "\u3000"]
+_SPACE = st.sampled_from(_SPACES)
 _TEXT = st.lists(st.tuples(_SPACE, _WORDS), max_size=8).map(
     lambda pieces: "".join(s + w for s, w in pieces))
 
@@ -277,6 +339,47 @@ def test_wer_counts_words_between_any_whitespace(pairs: list[tuple[str, str]]) -
     assert evaluate(pairs).corpus_wer == pytest.approx(edits / words if words else 0.0)
 
 
+# The same, with Chinese and Japanese runs written without spaces.
+_CJK_TEXT = st.lists(st.tuples(st.sampled_from(["", *_SPACES]),
+                               st.sampled_from(["你好", "。", "今日は", "良い", "いい", "天気",
+                                                "[laughs]", "Hello", "hello", "OK", "。Hi"])),
+                     max_size=8).map(lambda pieces: "".join(s + w for s, w in pieces))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.one_of(_TEXT, _CJK_TEXT), st.one_of(_TEXT, _CJK_TEXT)),
+                max_size=5))
+@example([("你好。我很好。", "你好。 我很好。"), ("Hello\nworld", "Helloworld")])
+def test_cer_is_character_edits_over_reference_characters(
+        pairs: list[tuple[str, str]]) -> None:
+    """The utterance CER is character edits (whitespace not counted) over
+    reference characters: 0 exactly when the two texts are equal but for
+    whitespace (a space put in or left out costs nothing), at least the
+    length difference and at most the longer length over the reference's.
+    The corpus CER is all edits over all
+    reference characters, from the samples whose reference the WER counts."""
+    edits = chars = 0
+    for ref, hyp in pairs:
+        r, h = strip_for_cer(ref), strip_for_cer(hyp)
+        assert r == "".join(strip_for_wer(ref).split())
+        assert not any(c.isspace() for c in r + h)
+        cer = utterance_cer(hyp, ref)
+        if r:
+            assert cer == pytest.approx(_word_edits(r, h) / len(r))
+            assert (cer == 0.0) == (r == h)
+            assert abs(len(h) - len(r)) / len(r) - 1e-9 <= cer <= max(len(r), len(h)) / len(r)
+            edits, chars = edits + _word_edits(r, h), chars + len(r)
+        else:
+            assert not strip_for_wer(ref)  # the samples the corpus WER leaves out
+            assert cer == 0.0
+        # Other whitespace, and a space between every two CJK characters
+        # (other words to WER): the same characters.
+        spaced = re.sub(r"(?<=[\u3000-\u9fff])(?=[\u3000-\u9fff])", " ",
+                        re.sub(r"\s+", "\n", ref))
+        assert utterance_cer(spaced, ref) == utterance_cer(ref, spaced) == 0.0
+    assert evaluate(pairs).corpus_cer == pytest.approx(edits / chars if chars else 0.0)
+
+
 def test_wer_text_of_single_spaced_scripts_is_the_seeds() -> None:
     """The authors' scripts are single-spaced: on them the WER text is the
     seed's formula, so the scores match the authors' numbers."""
@@ -297,7 +400,7 @@ def test_canonically_equal_text_scores_as_equal() -> None:
     assert nfd != nfc
     for ref, hyp in ((nfd, nfc), (nfc, nfd)):
         s = score_sample(ref, hyp)
-        assert s.wer == 0.0
+        assert s.wer == s.cer == 0.0
         assert s.tags == s.emphasis == PRF(1.0, 1.0, 1.0)
         assert s.tag_hallucination_rate == 0.0
     assert extract_tags(nfd) == ["café"]
@@ -352,6 +455,6 @@ def test_a_model_that_says_the_reference_scores_perfectly_whatever_its_tag_spell
     for report in (run.streaming, run.offline):
         assert report.metrics() == pytest.approx(
             {**{k: 1.0 for k in report.metrics()}, "wer": 0.0, "corpus_wer": 0.0,
-             "tag_hallucination_rate": 0.0})
+             "cer": 0.0, "corpus_cer": 0.0, "tag_hallucination_rate": 0.0})
     assert run.references == (ref,)  # as the manifest says it
     assert all(normalize(s) == s for s in SCRIPTS)

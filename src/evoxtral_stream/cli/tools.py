@@ -80,10 +80,10 @@ def _cmd_eval(args: argparse.Namespace, cfg: Config) -> int:
     except ManifestError as e:
         raise UserError(str(e)) from None
     try:
-        # WER comes last, after every file is streamed: check it can be had now.
+        # WER and CER come last, after every file is streamed: check they can be had now.
         import jiwer  # noqa: F401
     except ImportError:
-        raise UserError(f"eval needs jiwer for WER: {extra_hint('eval')}") from None
+        raise UserError(f"eval needs jiwer for WER and CER: {extra_hint('eval')}") from None
     # The report is written last, after every file is decoded: check its place now.
     if args.json is not None:
         _check_output_file("--json", str(args.json), "name the report's file")

@@ -17,6 +17,13 @@ Per sample (prediction against reference):
   newline, a tab, a no-break space) becomes one space, because jiwer splits
   words at spaces only (``"Hello\\nworld"`` would be one word). The authors'
   scripts are single-spaced, so their scores are the same.
+- CER (not the authors'; Chinese and Japanese, written without spaces, are
+  one word to WER): WER's text (tags out, CAPS lower cased, case and
+  punctuation counting) with its whitespace removed, so a space is no
+  character and one put in or left out costs nothing, in any script.
+  Characters are the code points of the NFC text; character edits
+  (Levenshtein, jiwer's) over reference characters. 0 when the reference
+  has no characters, as for WER.
 - Emphasis: the CAPS words (``\\b[A-Z]{2,}\\b``) lower cased, multiset
   precision/recall/F1 with the same edge cases as tags.
 - Every score reads the text in Unicode NFC, so canonically equal text
@@ -25,9 +32,11 @@ Per sample (prediction against reference):
 
 The report averages every per-sample score over the samples (the authors'
 numbers); it adds the corpus WER (all word errors over all reference words,
-samples with an empty stripped reference left out).
+samples with an empty stripped reference left out) and the corpus CER (all
+character edits over all reference characters, the same samples left out).
 
-Pure functions; jiwer (the ``eval`` extra) is imported when WER is computed.
+Pure functions; jiwer (the ``eval`` extra) is imported when WER or CER is
+computed.
 """
 
 from __future__ import annotations
@@ -54,9 +63,11 @@ __all__ = [
     "format_comparison",
     "format_table",
     "score_sample",
+    "strip_for_cer",
     "strip_for_wer",
     "tag_hallucination_rate",
     "tag_prf",
+    "utterance_cer",
     "utterance_wer",
 ]
 
@@ -87,6 +98,16 @@ def strip_for_wer(text: str) -> str:
     text = _TAG_STRIP.sub("", _nfc(text))
     text = _CAPS.sub(lambda m: m.group(0).lower(), text)
     return " ".join(text.split())
+
+
+def strip_for_cer(text: str) -> str:
+    """The text CER is computed on: WER's text (:func:`strip_for_wer`) with
+    no whitespace; each code point left is a character."""
+    return _unspaced(strip_for_wer(text))
+
+
+def _unspaced(text: str) -> str:
+    return "".join(text.split())
 
 
 @dataclass(frozen=True)
@@ -132,7 +153,7 @@ def _jiwer() -> Any:
         import jiwer
     except ImportError:  # pragma: no cover - depends on the installed extras
         raise RuntimeError(
-            f"WER needs jiwer: install the eval extra ({extra_hint('eval')})"
+            f"WER and CER need jiwer: install the eval extra ({extra_hint('eval')})"
         ) from None
     return jiwer
 
@@ -145,6 +166,15 @@ def utterance_wer(prediction: str, reference: str) -> float:
     return float(_jiwer().wer(ref, strip_for_wer(prediction)))
 
 
+def utterance_cer(prediction: str, reference: str) -> float:
+    """Character edits over reference characters, whitespace not counted
+    (0 when the reference has no characters, as :func:`utterance_wer`)."""
+    ref = strip_for_cer(reference)
+    if not ref:
+        return 0.0
+    return float(_jiwer().cer(ref, strip_for_cer(prediction)))
+
+
 @dataclass(frozen=True)
 class SampleScore:
     """The scores of one (reference, prediction) pair."""
@@ -152,6 +182,7 @@ class SampleScore:
     reference: str
     prediction: str
     wer: float
+    cer: float
     tags: PRF
     tag_hallucination_rate: float
     emphasis: PRF
@@ -161,6 +192,7 @@ class SampleScore:
             "reference": self.reference,
             "prediction": self.prediction,
             "wer": self.wer,
+            "cer": self.cer,
             "tag_precision": self.tags.precision,
             "tag_recall": self.tags.recall,
             "tag_f1": self.tags.f1,
@@ -176,6 +208,7 @@ def score_sample(reference: str, prediction: str) -> SampleScore:
         reference=reference,
         prediction=prediction,
         wer=utterance_wer(prediction, reference),
+        cer=utterance_cer(prediction, reference),
         tags=tag_prf(prediction, reference),
         tag_hallucination_rate=tag_hallucination_rate(prediction, reference),
         emphasis=emphasis_prf(prediction, reference),
@@ -186,6 +219,8 @@ def score_sample(reference: str, prediction: str) -> SampleScore:
 _METRICS: tuple[tuple[str, str], ...] = (
     ("wer", "WER (mean per utterance)"),
     ("corpus_wer", "WER (corpus)"),
+    ("cer", "CER (mean per utterance)"),
+    ("corpus_cer", "CER (corpus)"),
     ("tag_precision", "Tag precision"),
     ("tag_recall", "Tag recall"),
     ("tag_f1", "Tag F1"),
@@ -195,16 +230,19 @@ _METRICS: tuple[tuple[str, str], ...] = (
     ("emphasis_f1", "Emphasis F1"),
 )
 # Metrics where lower is better (the sign of a difference reads the other way).
-_LOWER_IS_BETTER = frozenset({"wer", "corpus_wer", "tag_hallucination_rate"})
+_LOWER_IS_BETTER = frozenset({"wer", "corpus_wer", "cer", "corpus_cer",
+                              "tag_hallucination_rate"})
 
 
 @dataclass(frozen=True)
 class EvalReport:
-    """Averages over samples (the seed's way) plus the corpus WER."""
+    """Averages over samples (the seed's way) plus the corpus WER and CER."""
 
     n: int
     wer: float
     corpus_wer: float
+    cer: float
+    corpus_cer: float
     tag_precision: float
     tag_recall: float
     tag_f1: float
@@ -238,11 +276,21 @@ def evaluate(pairs: Sequence[tuple[str, str]]) -> EvalReport:
         if ref.strip():
             refs.append(ref)
             hyps.append(strip_for_wer(s.prediction))
-    corpus = float(_jiwer().wer(refs, hyps)) if refs else 0.0
+    if refs:
+        # The same samples for both: a reference with words has characters,
+        # and one with characters has words (only whitespace is dropped).
+        jiwer = _jiwer()
+        corpus_wer = float(jiwer.wer(refs, hyps))
+        corpus_cer = float(jiwer.cer([_unspaced(r) for r in refs],
+                                     [_unspaced(h) for h in hyps]))
+    else:
+        corpus_wer = corpus_cer = 0.0
     return EvalReport(
         n=len(samples),
         wer=_mean([s.wer for s in samples]),
-        corpus_wer=corpus,
+        corpus_wer=corpus_wer,
+        cer=_mean([s.cer for s in samples]),
+        corpus_cer=corpus_cer,
         tag_precision=_mean([s.tags.precision for s in samples]),
         tag_recall=_mean([s.tags.recall for s in samples]),
         tag_f1=_mean([s.tags.f1 for s in samples]),
