@@ -154,7 +154,9 @@ class ResumeWindow:
     is not counted as the subscriber being slow. Partials are coalesced: a
     later partial of the same stream and segment, or its final, replaces the
     earlier (the later one takes its place at the end, so what is kept is in
-    publish order, each stream's seqs increasing). At most ``limit`` events
+    publish order, each stream's seqs increasing). A stream's
+    ``stream.started`` or ``stream.ended`` ends that coalescing: a reused id
+    numbers its segments from 0 again. At most ``limit`` events
     are kept; the one past that is refused (:meth:`add` returns False) and the
     window takes nothing more: the subscriber gets what it holds, then a 1013,
     and resumes from there.

@@ -122,7 +122,12 @@ class Backlog:
         self._overflow()
 
     def put_back(self, item: QueuedEvent) -> bool:
-        """Return an unsent final, error or lifecycle event to the head; False if it was dropped."""
+        """Return an unsent final, error or lifecycle event to the head; False if it was dropped.
+
+        For one publish in flight at a time (the publisher's): ``item`` is
+        then older than everything waiting, so the head is its place. It
+        supersedes no waiting partial (a partial of its segment can only
+        have come after it)."""
         if item.lifecycle:
             self._states[item.order] = item
             self._states.move_to_end(item.order, last=False)
