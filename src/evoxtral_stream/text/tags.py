@@ -18,7 +18,11 @@ tag only around a known name, because they are ordinary punctuation too
 (``(see below)``, ``*really*``). A tag wrapped once more
 (``[[laughs]]``, ``([laughs])``, ``*[laughs]*``, ``**laughs**``,
 ``[(laughs)]``) is that one tag: the outer pair would be left in the plain
-text.
+text. So is one in more pairs glued around it (``[[[laughs]]]``,
+``*([laughs])*``). Square brackets make a tag only where the tag, written
+back, reads back as one: ``[ (sighs)*a]`` would be written ``[(sighs)*a]``,
+which is ``[``, the tag ``(sighs)``, then ``*a]``, so it is those. A text
+normalised twice has the tokens it had once.
 
 Brackets whose inner text holds a decimal digit (:func:`holds_digit`: any
 script's, fullwidth or superscript ones too, as NFKC writes them) make no
@@ -403,6 +407,13 @@ def _tag_token(inner: str, verbatim: bool, space: bool) -> Token | None:
     shown = _collapse(inner)
     if not shown:
         return None
+    # Written "[shown]", the tag must read back as one token, or normalising
+    # twice would change the tokens: "[ (sighs)*a]" is written "[(sighs)*a]",
+    # which is "[" (the pair after it is closed by "*", no "]") and "(sighs)".
+    back = _SCAN.match(f"[{shown}]")
+    assert back is not None  # the last alternative matches any character
+    if back.end() != len(shown) + 2:
+        return None
     return Token(TokenKind.TAG, f"[{shown}]", normalize_tag_name(inner) or shown.casefold(),
                  TagKind.UNKNOWN, False, space)
 
@@ -418,6 +429,31 @@ def _bracketed(written: str, space: bool) -> Token | None:
     if len(_collapse(inner)) <= PUNCT_TAG_MAX:
         return _tag_token(inner, False, space)
     return None
+
+
+def _unwrap(out: list[Token], ends: list[int], closer: str, end: int) -> bool:
+    """Whether ``closer`` (ending at ``end``) closes a pair glued around the
+    tag ``out`` ends with; if so, the pair is dropped and the tag ends there.
+
+    Such a pair is one more around a wrapped tag (``[[[laughs]]]``,
+    ``*([a])*``): written ``[laughs]`` inside it, the next reading would
+    take the tag as wrapped, so this one does (the module doc)."""
+    if len(out) < 2 or not out[-1].is_tag or out[-1].space_before or not out[-2].is_punct:
+        return False
+    tag, opened = out[-1], out[-2]
+    if closer not in _PAIRS.get(opened.text[-1], ""):
+        return False
+    del out[-2:]
+    opened_end = ends[-2]
+    del ends[-2:]
+    if len(opened.text) > 1:
+        out.append(Token(TokenKind.PUNCT, opened.text[:-1], space_before=opened.space_before))
+        ends.append(opened_end - 1)
+    else:
+        tag = tag.with_space(opened.space_before)
+    out.append(tag)
+    ends.append(end)
+    return True
 
 
 def tokenize(text: str) -> list[Token]:
@@ -469,7 +505,9 @@ def _tokenize(text: str) -> tuple[list[Token], list[int]]:
             # Stray or empty brackets, punctuation, or ( * not around a known tag.
             ch = text[pos]
             prev = out[-1] if out else None
-            if prev is not None and prev.is_punct and not space:
+            if not space and _unwrap(out, ends, ch, pos + 1):
+                pass  # it closed a pair glued around the tag before it
+            elif prev is not None and prev.is_punct and not space:
                 out[-1] = Token(TokenKind.PUNCT, prev.text + ch, space_before=prev.space_before)
                 ends[-1] = pos + 1
             else:
