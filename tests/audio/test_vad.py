@@ -30,6 +30,7 @@ from tests.helpers.audio import (
     collect_segments,
     frame_energies,
     noise,
+    norm,
     rms,
     sine,
     spans,
@@ -73,18 +74,6 @@ def run(seg: Segmenter, audio: Int16Array, chunks: Sequence[int] | None = None, 
             i += 1
     events += seg.flush(keep_candidate=keep)
     return events
-
-
-def norm(events: Sequence[SegmentEvent]) -> list[tuple[object, ...]]:
-    out: list[tuple[object, ...]] = []
-    for e in events:
-        if isinstance(e, SpeechAudio):
-            out.append(("audio", e.start_sample, e.samples.tobytes()))
-        elif isinstance(e, SpeechStarted):
-            out.append(("start", e.sample))
-        else:
-            out.append(("end", e.sample, e.forced))
-    return out
 
 
 # --- exact behaviour (energy classifier, default config) ----------------------------

@@ -32,6 +32,7 @@ __all__ = [
     "espeak_wav",
     "frame_energies",
     "noise",
+    "norm",
     "resample_to_16k",
     "rms",
     "sine",
@@ -205,6 +206,20 @@ def collect_segments(events: Iterable[SegmentEvent], source: Int16Array | None =
             start = None
     assert redeliver is None, "the re-delivery after a forced cut is missing"
     return segments
+
+
+def norm(events: Sequence[SegmentEvent]) -> list[tuple[object, ...]]:
+    """Events as comparable tuples (``SpeechAudio`` by its bytes): two event
+    streams are the same iff their ``norm`` are equal."""
+    out: list[tuple[object, ...]] = []
+    for e in events:
+        if isinstance(e, SpeechAudio):
+            out.append(("audio", e.start_sample, e.samples.tobytes()))
+        elif isinstance(e, SpeechStarted):
+            out.append(("start", e.sample))
+        else:
+            out.append(("end", e.sample, e.forced))
+    return out
 
 
 def spans(segments: Sequence[Segment]) -> list[tuple[int, int]]:
