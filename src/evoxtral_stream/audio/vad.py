@@ -77,7 +77,9 @@ class Segmenter:
     Contracts (all positions are stream sample indices):
 
     * **Start.** Speech is detected on a voiced frame when at least
-      ``start_ratio`` of the frames in the last ``start_window_ms`` are voiced.
+      ``start_ratio`` of the frames in the last ``start_window_ms`` are voiced,
+      counting only frames after the end of the last segment or candidate
+      and after the last flush (the window starts empty there).
       The speech onset is the first voiced frame of that window; the segment
       starts ``pre_roll_ms`` earlier, clamped at the start of the stream, at
       the end of the previous segment (segments never overlap) and so that it
