@@ -4,8 +4,11 @@ Hypothesis drives :class:`RealtimeTranscription` as the WebSocket adapter
 does (connection.py): client messages in (appends of voiced buzz, noise and
 silence cut at odd byte offsets, base64 as on the wire; commits; clears;
 ``session.update`` and its beta form switching turn detection between
-``server_vad`` and ``null`` mid-utterance; push-to-talk runs; a short "Yes"
-then a switch off), and the engine events of the segments the core pushed,
+``server_vad`` and ``null`` mid-utterance, and the transcription language
+to the default, one offered, one not, or ``null``/``""``, also
+mid-utterance; push-to-talk runs; a short "Yes" then a switch off), on a
+server whose default language is a code or None and that offers none, some
+or the default again; and the engine events of the segments the core pushed,
 in orders the engine produces them (partials whose stable text only grows,
 finals in segment order after the segment's end, some revising the stable
 text, failed decodes with or without text shown, a stall, the stream
@@ -39,6 +42,12 @@ docs/protocol.md:
   segment of the next committed item, when it began less than
   ``vad.max_segment_s`` before the commit's cut, or with turn detection
   back on a turn that starts where it began;
+- languages: an update asking for one the server does not offer gets one
+  ``invalid_value`` error (its ``param`` the language's field, its
+  ``event_id`` the update's) and changes nothing; one offered (``null`` or
+  ``""``: the default) is reported in ``session.updated``, and the stream
+  gets a ``SetLanguage`` (None for the default) exactly when the session's
+  language changes; the session always reports the last one accepted;
 - audio: the stream gets every sample of live and committed audio, once
   (held audio cleared, or refused as over the buffer, never), within the
   resampler's held-back tail; at the client's exit with ``server_vad``,
@@ -62,7 +71,13 @@ import numpy.typing as npt
 from hypothesis import HealthCheck, settings
 from hypothesis import event as note
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from evoxtral_stream.audio.resample import resample
 from evoxtral_stream.audio.vad import Segmenter
@@ -88,6 +103,7 @@ from evoxtral_stream.server.realtime import (
     PushAudio,
     RealtimeError,
     RealtimeTranscription,
+    SessionCreated,
     SessionUpdated,
     SetLanguage,
     TranscriptionCompleted,
@@ -131,18 +147,44 @@ plans = st.lists(st.sampled_from(PIECES), min_size=1, max_size=5).map(
     lambda ps: [ps[0].lstrip(), *ps[1:]])
 
 
-def _update(vad: bool | None, beta: bool) -> str:
+# A session.update's transcription language: left out (no transcription
+# object), or a transcription object without one (only its ignored model).
+NO_TRANSCRIPTION = "<no transcription>"
+NO_LANGUAGE = "<no language>"
+# The languages a server offers besides its default ("en" or None): none (a
+# backend of one language), others, or "en" too (Engine.languages may list
+# the default); and codes a client may ask for, some never offered.
+OFFERED = (("fr", "es"), ("en", "fr"), ("es",), ())
+ASKED = ("en", "fr", "es", "de", "auto", "xx")
+
+
+def _update(vad: bool | None, beta: bool, language: str | None = NO_TRANSCRIPTION) -> str:
+    transcription: dict[str, Any] = {"model": "whatever"}
+    if language != NO_LANGUAGE:
+        transcription["language"] = language
     if beta:
         td: Any = {} if vad else None  # a beta turn_detection without type is server_vad
         session: dict[str, Any] = {"input_audio_format": "pcm16"}
         if vad is not None:
             session["turn_detection"] = td
-        return json.dumps({"type": "transcription_session.update", "session": session})
+        if language != NO_TRANSCRIPTION:
+            session["input_audio_transcription"] = transcription
+        return json.dumps({"type": "transcription_session.update", "event_id": "c-update",
+                           "session": session})
     audio_in: dict[str, Any] = {"format": {"type": "audio/pcm", "rate": INPUT_RATE}}
     if vad is not None:
         audio_in["turn_detection"] = {"type": "server_vad"} if vad else None
-    return json.dumps({"type": "session.update",
+    if language != NO_TRANSCRIPTION:
+        audio_in["transcription"] = transcription
+    return json.dumps({"type": "session.update", "event_id": "c-update",
                        "session": {"type": "transcription", "audio": {"input": audio_in}}})
+
+
+def _language_of(session: Any, beta: bool) -> Any:
+    """The transcription language a session object reports."""
+    if beta:
+        return session["input_audio_transcription"]["language"]
+    return session["audio"]["input"]["transcription"]["language"]
 
 
 @dataclass
@@ -198,7 +240,8 @@ class RealtimeMachine(RuleBasedStateMachine):
         # (Not in the core's __all__: mypy --strict refuses the attribute.)
         self._saved_max = getattr(realtime.core, "MAX_BUFFER_S")  # noqa: B009
         setattr(realtime.core, "MAX_BUFFER_S", MAX_BUFFER_S)  # noqa: B010
-        self.core = RealtimeTranscription(VAD, model="test-model", language="en", prefix="t_")
+        self.core = RealtimeTranscription(VAD, model="test-model", prefix="t_")  # see setup
+        self.started = False
         self.ref = Segmenter(VAD, SAMPLE_RATE)
         self.vad = True
         self.closed = False   # the stream closed under the session (shutdown)
@@ -219,6 +262,26 @@ class RealtimeMachine(RuleBasedStateMachine):
         self.pushed = 0
         self.kept_start: int | None = None  # a candidate kept at a switch off
         self.kept_ms = 0                    # the client's time at that switch
+        # Languages: the server's default, the others allowed, the session's
+        # (as reported) and the stream's (None: the default), as SetLanguage set it.
+        self.default: str | None = None
+        self.allowed: frozenset[str] = frozenset()
+        self.language: str | None = None
+        self.stream_language: str | None = None
+        self.set_language: list[SetLanguage] = []  # those of the last client message
+
+    @initialize(default=st.sampled_from([None, "en"]),
+                languages=st.sampled_from(OFFERED))
+    def setup(self, default: str | None, languages: tuple[str, ...]) -> None:
+        """The session starts on a server whose default language is
+        ``default`` (None as a core may be given; the server's is a code),
+        that offers ``languages`` too (the default among them or not, as
+        Engine.languages may list it)."""
+        self.core = RealtimeTranscription(VAD, model="test-model", language=default,
+                                          languages=languages, prefix="t_")
+        self.default, self.allowed = default, frozenset(languages)
+        self.language = default
+        self.started = True
         self._add(self.core.start(), "start")
 
     def teardown(self) -> None:
@@ -226,6 +289,8 @@ class RealtimeMachine(RuleBasedStateMachine):
         closes every segment it owes (and every committed item completes);
         else the client leaves."""
         try:
+            if not self.started:
+                return
             if self.closed:
                 while (seg := self._next_to_close()) is not None:
                     if seg.plan is None:
@@ -315,11 +380,60 @@ class RealtimeMachine(RuleBasedStateMachine):
     @precondition(lambda self: not self.closed)
     @rule(vad=st.sampled_from([True, False, None]), beta=st.booleans())
     def update(self, vad: bool | None, beta: bool) -> None:
+        self._update_session(vad, beta, NO_TRANSCRIPTION)
+
+    @precondition(lambda self: not self.closed)
+    @rule(vad=st.sampled_from([None, None, True, False]), beta=st.booleans(),
+          language=st.sampled_from([NO_LANGUAGE, None, "", *ASKED]))
+    def switch_language(self, vad: bool | None, beta: bool, language: str | None) -> None:
+        """An update naming a transcription language (the default, one
+        allowed, one not; null or "" for the default), mid-utterance or
+        not, with a switch of turn detection or not."""
+        self._update_session(vad, beta, language)
+
+    @precondition(lambda self: not self.closed and self.allowed)
+    @rule(data=st.data(), beta=st.booleans(), after=st.sampled_from(["speech-0.4", "say-1.0"]))
+    def switch_mid_utterance(self, data: st.DataObject, beta: bool, after: str) -> None:
+        """Speech, a switch to another offered language (the default as
+        null), more speech: the turn goes on across the switch."""
+        self.append("speech-0.4", [])
+        offered = [None, *sorted(self.allowed - {self.language or ""})]
+        self._update_session(None, beta, data.draw(st.sampled_from(offered)))
+        self.append(after, [])
+
+    def _update_session(self, vad: bool | None, beta: bool, language: str | None) -> None:
         was = self.vad
-        out = self._client(_update(vad, beta), "update" if vad is None or vad == was
+        self.set_language = []
+        out = self._client(_update(vad, beta, language),
+                           "update" if vad is None or vad == was
                            else ("vad_on" if vad else "vad_off"))
+        given = language not in (NO_TRANSCRIPTION, NO_LANGUAGE)
+        # protocol.md: null or "" is model.language (the core's default).
+        wanted = (language or self.default) if given else self.language
+        if wanted != self.default and wanted not in self.allowed:
+            # "An update with an unsupported value gets an error and changes
+            # nothing": invalid_value, "a transcription language the engine
+            # does not offer", param naming the field as for every other.
+            assert len(out) == 1 and isinstance(out[0], RealtimeError), out
+            err = out[0]
+            assert (err.code, err.error_type, err.client_event_id) == (
+                "invalid_value", "invalid_request_error", "c-update"), err
+            assert err.param == ("session.input_audio_transcription.language" if beta
+                                 else "session.audio.input.transcription.language"), err
+            assert self.core.server_vad is self.vad
+            note("unsupported language refused")
+            return
         (updated,) = [o for o in out if isinstance(o, SessionUpdated)]
         assert out[-1] is updated
+        # SetLanguage only when the session's language changes, None for the default.
+        expected = [] if wanted == self.language else [
+            SetLanguage(None if wanted == self.default else wanted)]
+        assert self.set_language == expected, (self.set_language, expected, self.language)
+        if expected:
+            note("language switched" + (" mid-utterance" if self.open_seg else ""))
+            self.stream_language = expected[0].language
+        self.language = wanted
+        assert _language_of(updated.session, beta) == self.language, updated
         if vad is not None:
             self.vad = vad
         assert self.core.server_vad is self.vad
@@ -523,7 +637,8 @@ class RealtimeMachine(RuleBasedStateMachine):
                                  collect=collect, expect=expect,
                                  cause="clear" if kind == "clear" else "cut")
             elif isinstance(o, SetLanguage):
-                raise AssertionError(o)
+                assert kind in ("update", "vad_on", "vad_off"), (kind, o)
+                self.set_language.append(o)
             else:
                 assert o.event_id not in self.event_ids, o
                 self.event_ids.add(o.event_id)
@@ -596,7 +711,10 @@ class RealtimeMachine(RuleBasedStateMachine):
             note(f"completed {'manual' if item.manual else 'vad'} item of "
                  f"{min(len(item.segments), 2)}+ segments")
             return ("completed", o.item_id)
-        if isinstance(o, BufferCleared):
+        if isinstance(o, SessionCreated):
+            assert kind == "start", o
+            assert _language_of(o.session, False) == self.default, o
+        elif isinstance(o, BufferCleared):
             assert kind == "clear", o
         elif isinstance(o, SessionUpdated):
             assert kind in ("update", "vad_on", "vad_off"), o
@@ -614,6 +732,16 @@ class RealtimeMachine(RuleBasedStateMachine):
             assert item.segments, (item, span)
 
     # --- invariants ------------------------------------------------------------
+
+    @invariant()
+    def language_agrees(self) -> None:
+        """The session reports the last accepted language, in either shape;
+        the stream was told it (None while it is the default)."""
+        assert _language_of(self.core.session_config(), False) == self.language
+        assert _language_of(self.core.session_config(beta=True), True) == self.language
+        assert self.stream_language == (
+            None if self.language == self.default else self.language), (
+            self.stream_language, self.language)
 
     @invariant()
     def mirror_agrees(self) -> None:
