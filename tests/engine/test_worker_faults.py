@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import numpy.typing as npt
+import pytest
 
 from evoxtral_stream.config import WorkerConfig, load_config
 from evoxtral_stream.engine.backends.base import Backend
@@ -108,6 +109,29 @@ def test_a_dead_thread_is_restarted_the_model_reloaded_and_nothing_lost() -> Non
     assert isinstance(out.get(timeout=10), Hypothesis)
     w.stop(5)
     assert not w.alive
+
+
+def test_a_restart_in_progress_counts_as_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``alive`` stays true through a restart, also while the successor
+    thread starts (found by the worker's state machine: it was false then)."""
+    backend = DyingBackend(kill={10})
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(backend, wcfg(max_batch=1, max_wait_ms=0), out.put, sleep=lambda s: None)
+    seen: list[bool] = []
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == "model-worker":
+            seen.append(w.alive)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    w.start()
+    assert w.submit(req("a", 10))                   # kills the thread once
+    assert isinstance(out.get(timeout=10), Hypothesis)
+    w.stop(5)
+    assert w.stats().restarts == 1
+    assert seen == [False, True]                    # not started yet; then restarting
 
 
 def test_a_request_that_kills_the_model_twice_fails_alone() -> None:

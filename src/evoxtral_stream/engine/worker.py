@@ -227,6 +227,7 @@ class ModelWorker:
         self._slow_phase = False         # the call timed is a reload or warm-up
         self._traced: set[type[BaseException]] = set()  # see _trace
         self._finished = threading.Event()
+        self._spawning = threading.Lock()  # see _spawn
 
     # --- any thread ---------------------------------------------------------
 
@@ -239,9 +240,15 @@ class ModelWorker:
         self._spawn(reload=False)
 
     def _spawn(self, *, reload: bool) -> None:
-        self._thread = threading.Thread(target=self._main, args=(reload,),
-                                        name="model-worker", daemon=True)
-        self._thread.start()
+        thread = threading.Thread(target=self._main, args=(reload,),
+                                  name="model-worker", daemon=True)
+        # Published once started: until then the dying thread (alive) is the
+        # one ``alive`` asks, so a restart counts as alive throughout. Under
+        # the lock, so a successor that dies at once cannot publish its own
+        # successor before this one is published.
+        with self._spawning:
+            thread.start()
+            self._thread = thread
 
     def submit(self, request: DecodeRequest, *, again: bool = False) -> bool:
         """Queue ``request`` without blocking; False if the inbox is full.
