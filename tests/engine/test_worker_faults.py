@@ -28,6 +28,7 @@ from evoxtral_stream.server.app import CaptionServer
 from tests.engine.test_journal import talk
 from tests.fakes import GatedBackend, ScriptedBackend
 from tests.helpers.http import http_get
+from tests.helpers.threads import threads_refused
 
 
 class Fatal(BaseException):
@@ -132,6 +133,30 @@ def test_a_restart_in_progress_counts_as_alive(monkeypatch: pytest.MonkeyPatch) 
     w.stop(5)
     assert w.stats().restarts == 1
     assert seen == [False, True]                    # not started yet; then restarting
+
+
+def test_a_successor_that_cannot_start_leaves_the_worker_down_answering_errors() -> None:
+    """A death when no thread can start (the process at its thread limit):
+    the dying thread stays on as a down worker's would, answering every
+    request with an error, so no final waits forever and the health check
+    says the model is down (it said nothing, and nothing was ever answered)."""
+    backend = DyingBackend(kill={10})
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(backend, wcfg(max_batch=1, max_wait_ms=0), out.put, sleep=lambda s: None)
+    w.start()
+    with threads_refused("model-worker") as refused:
+        assert w.submit(req("a", 10))               # kills the thread
+        got = out.get(timeout=10)
+        assert refused == ["model-worker"]
+        assert isinstance(got, DecodeFailure) and got.stream == "a"
+        assert w.down is not None and "start" in w.down
+        assert w.alive and not w.ready
+        assert w.submit(req("b", 11))
+        got = out.get(timeout=10)
+        assert isinstance(got, DecodeFailure) and got.stream == "b"
+        w.stop(5)
+    assert not w.alive
+    assert w.stats().restarts == 1
 
 
 def test_a_request_that_kills_the_model_twice_fails_alone() -> None:

@@ -45,8 +45,10 @@ each restart in a row), reloads the model with ``factory`` when one was given
 a row without a batch decoded, or when reloading fails that often, the worker
 is *down*: it stays alive only to answer every request with a
 :class:`DecodeFailure`, so no final waits forever; :attr:`ModelWorker.ready`
-is then false. Restarting from the dying thread keeps the design's "one model
-thread": no watchdog thread is needed.
+is then false. So it is when no replacement thread can start (the process
+at its thread limit): the dying thread stays on to answer them. Restarting
+from the dying thread keeps the design's "one model thread": no watchdog
+thread is needed.
 
 Stalls: a thread stuck inside the backend (a hung GPU, a deadlock) neither
 dies nor answers, and Python cannot interrupt it. The worker notes when each
@@ -552,7 +554,16 @@ class ModelWorker:
         with self._lock:
             self._restarts += 1
         self._loading = self._down is None
-        self._spawn(reload=self._loading)
+        try:
+            self._spawn(reload=self._loading)
+        except RuntimeError as err:
+            # No thread can start (the process at its thread limit): this one
+            # stays on as a down worker's successor would, so no final waits
+            # forever and the health check says why.
+            self._go_down(f"no model thread could start after a death: {err}")
+            self._loading = False
+            self._run()
+            self._finished.set()
 
     def _go_down(self, why: str) -> None:
         log.critical("%s; answering every request with an error from now on", why)
