@@ -135,13 +135,22 @@ class WorkerStats:
     """Counters since start; ``busy_s`` is time spent inside the backend."""
 
     submitted: int
+    """Requests the inbox took."""
     refused: int
+    """Requests the full inbox refused, each counted once (:meth:`ModelWorker.submit`)."""
     superseded: int
+    """Requests dropped unanswered for another of their segment: a waiting
+    partial for a newer request, or a newcomer that meets its segment's
+    final or a newer request."""
     batches: int
+    """Backend calls that decoded (batch path), or admissions (continuous)."""
     decoded: int
+    """Requests answered with a text."""
     failed: int
+    """Requests answered with a :class:`DecodeFailure`."""
     busy_s: float
     pending: int
+    """Requests waiting: in the inbox and in the schedule (not those running)."""
     restarts: int = 0
     ready: bool = True
     cancelled: int = 0
@@ -149,7 +158,8 @@ class WorkerStats:
     running: int = 0
     """Requests in the continuous batch right now."""
     steps: int = 0
-    """Continuous-batching decode steps."""
+    """Continuous-batching decode steps that returned (one that raised is
+    not counted)."""
     tokens: int = 0
     """Tokens generated, as far as the backend reports them (prefixes not counted)."""
     draft_tokens: int = 0
