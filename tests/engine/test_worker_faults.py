@@ -176,6 +176,31 @@ def test_a_request_that_kills_the_model_twice_fails_alone() -> None:
     w.stop(5)
 
 
+def test_a_dying_thread_is_not_ready() -> None:
+    """From its death until the successor has reloaded the worker is not
+    ready: also while the dying thread answers what died twice (it was
+    ready then, and a probe could see it before the restart began)."""
+    backend = DyingBackend(kill={66}, times=2)
+    seen: list[tuple[str, bool]] = []
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w: ModelWorker
+
+    def deliver(result: WorkerResult) -> None:
+        seen.append((type(result).__name__, w.ready))
+        out.put(result)
+
+    w = ModelWorker(backend, wcfg(max_batch=1, max_wait_ms=0), deliver, sleep=lambda s: None)
+    w.start()
+    assert w.submit(req("a", 66))                   # kills the thread twice
+    bad = out.get(timeout=10)
+    assert isinstance(bad, DecodeFailure) and "died twice" in bad.message
+    assert seen == [("DecodeFailure", False)]
+    assert w.submit(req("b", 10))                   # the successor serves
+    assert isinstance(out.get(timeout=10), Hypothesis)
+    w.stop(5)
+    assert w.stats().restarts == 2
+
+
 def test_past_the_restart_limit_the_worker_answers_errors_and_is_not_ready() -> None:
     backend = DyingBackend(kill={10}, times=1)
 

@@ -229,7 +229,7 @@ class ModelWorker:
         self._in_flight: list[DecodeRequest] = []  # taken, not yet answered
         # In flight at a death, until answered or superseded (eq=False: by identity).
         self._died_on: set[DecodeRequest] = set()
-        self._loading = False            # a successor is reloading the model
+        self._loading = False            # a restart is under way (dying or reloading)
         self._deaths_in_a_row = 0
         self._down: str | None = None   # why the worker gave up, if it did
         self._warming = False            # the backend prepares before serving
@@ -312,7 +312,8 @@ class ModelWorker:
     @property
     def ready(self) -> bool:
         """Alive, with a model, warmed up and not stalled: false while down
-        (after too many restarts), reloading, warming up or stalled."""
+        (after too many restarts), restarting (from a death until the model
+        is reloaded), warming up or stalled."""
         return (self.alive and self._down is None and not self._loading
                 and not self._warming and not self.stalled)
 
@@ -543,6 +544,9 @@ class ModelWorker:
     def _died(self, e: BaseException) -> None:
         """On the dying thread: requeue or fail what it held, start a successor."""
         log.critical("model worker died: %s: %s", type(e).__name__, e, exc_info=e)
+        # Not ready from the death on: this thread answers what died twice
+        # (deliveries a probe may race) before the successor reloads.
+        self._loading = True
         held, self._in_flight = self._in_flight, []
         self._running = {}  # the backend's running batch died with the thread
         for req in held:
