@@ -159,6 +159,39 @@ def test_a_successor_that_cannot_start_leaves_the_worker_down_answering_errors()
     assert w.stats().restarts == 1
 
 
+def test_a_worker_left_down_without_a_thread_survives_another_death() -> None:
+    """The dying thread that stays on as the down worker (no thread could
+    start) dies too if its deliver raises a BaseException: it carries on as
+    a down successor would (it ended, answering nothing again, and a stop
+    without a timeout waited for it forever)."""
+    backend = DyingBackend(kill={10})
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    blows = ["b"]
+
+    def deliver(result: WorkerResult) -> None:
+        if result.stream in blows:
+            blows.remove(result.stream)
+            raise Fatal("deliver died")
+        out.put(result)
+
+    w = ModelWorker(backend, wcfg(max_batch=1, max_wait_ms=0), deliver, sleep=lambda s: None)
+    w.start()
+    with threads_refused("model-worker") as refused:
+        assert w.submit(req("a", 10))               # kills the thread; none can start
+        assert isinstance(out.get(timeout=10), DecodeFailure)
+        assert w.submit(req("b", 11))               # its answer kills the thread again
+        assert w.submit(req("c", 12))
+        got = out.get(timeout=10)
+        assert isinstance(got, DecodeFailure) and got.stream in ("b", "c")
+        assert w.alive and w.down is not None
+        stopper = threading.Thread(target=w.stop, daemon=True)
+        stopper.start()
+        stopper.join(10)
+        assert not stopper.is_alive(), "stop waited forever"
+    assert refused == ["model-worker", "model-worker"]
+    assert not w.alive
+
+
 def test_a_request_that_kills_the_model_twice_fails_alone() -> None:
     backend = DyingBackend(kill={66}, times=10)
     out: queue.Queue[WorkerResult] = queue.Queue()

@@ -570,14 +570,17 @@ class ModelWorker:
         self._loading = self._down is None
         try:
             self._spawn(reload=self._loading)
+            return
         except RuntimeError as err:
-            # No thread can start (the process at its thread limit): this one
-            # stays on as a down worker's successor would, so no final waits
-            # forever and the health check says why.
-            self._go_down(f"no model thread could start after a death: {err}")
-            self._loading = False
-            self._run()
-            self._finished.set()
+            why = f"no model thread could start after a death: {err}"
+        # No thread can start (the process at its thread limit): this one
+        # stays on as a down worker's successor would, so no final waits
+        # forever and the health check says why. Through _main, as the
+        # successor would: a death of its own restarts (or stays on) again,
+        # and its end sets _finished for stop.
+        self._go_down(why)
+        self._loading = False
+        self._main(reload=False)
 
     def _go_down(self, why: str) -> None:
         log.critical("%s; answering every request with an error from now on", why)
