@@ -135,6 +135,62 @@ def test_a_restart_in_progress_counts_as_alive(monkeypatch: pytest.MonkeyPatch) 
     assert seen == [False, True]                    # not started yet; then restarting
 
 
+def test_stop_waits_for_a_successor_that_ended_before_it_was_published(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A successor published only once started (so ``alive`` holds through a
+    restart) may take the stop and end before the dying thread publishes it:
+    stop then joined only the dying thread, not the one that ran last (nor
+    waited for its native end)."""
+    go = threading.Event()
+
+    class GatedDeath(DyingBackend):
+        def transcribe(self, batch: Sequence[npt.NDArray[np.float32]]) -> list[str]:
+            if self.times:
+                assert go.wait(10)
+            return super().transcribe(batch)
+
+    backend = GatedDeath(kill={10})
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(backend, wcfg(max_batch=1, max_wait_ms=0), out.put, sleep=lambda s: None)
+    started: list[threading.Thread] = []
+    joined: list[threading.Thread] = []
+    real_start, real_join = threading.Thread.start, threading.Thread.join
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == "model-worker":
+            started.append(thread)
+        real_start(thread)
+        if thread.name == "model-worker" and len(started) == 2:
+            thread.join(10)                         # the successor took the stop and ended
+            deadline = time.monotonic() + 10
+            while not joined and time.monotonic() < deadline:
+                time.sleep(0.001)                   # then the stop joins the dying thread
+
+    def join(thread: threading.Thread, timeout: float | None = None) -> None:
+        if thread.name == "model-worker" and threading.current_thread() is stopper:
+            joined.append(thread)
+        real_join(thread, timeout)
+
+    stopper = threading.Thread(target=w.stop, args=(10,), daemon=True)
+    monkeypatch.setattr(threading.Thread, "start", start)
+    monkeypatch.setattr(threading.Thread, "join", join)
+    w.start()
+    assert w.submit(req("a", 10))
+    deadline = time.monotonic() + 10
+    while w.stats().call_s == 0 and backend.times and time.monotonic() < deadline:
+        time.sleep(0.001)                           # in the call that kills the thread
+    stopper.start()
+    while w.stats().pending == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)                           # the stop is queued
+    go.set()                                        # the thread dies
+    stopper.join(30)
+    assert not stopper.is_alive()
+    assert len(started) == 2 and not any(t.is_alive() for t in started)
+    assert joined[0] is started[0]
+    assert started[1] in joined, "stop did not join the thread that ran last"
+    assert isinstance(out.get(timeout=1), Hypothesis)   # the successor answered it
+
+
 def test_a_successor_that_cannot_start_leaves_the_worker_down_answering_errors() -> None:
     """A death when no thread can start (the process at its thread limit):
     the dying thread stays on as a down worker's would, answering every

@@ -295,12 +295,17 @@ class ModelWorker:
             return
         # The thread may be replaced after a death: wait for the loop's end.
         self._finished.wait(timeout)
-        thread = self._thread
-        if thread is not None:
+        thread: threading.Thread | None = self._thread
+        while thread is not None:
             thread.join(timeout)
-            if not thread.is_alive():
-                _native_end(thread, _NATIVE_END_S if timeout is None
-                            else min(timeout, _NATIVE_END_S))
+            if thread.is_alive():
+                break
+            _native_end(thread, _NATIVE_END_S if timeout is None
+                        else min(timeout, _NATIVE_END_S))
+            # A successor is published once started (see _spawn): one that
+            # took the stop and ended first is published as this one ends.
+            successor = self._thread
+            thread = None if successor is thread else successor
         self._thread = None
 
     @property
