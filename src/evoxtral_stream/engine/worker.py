@@ -143,15 +143,20 @@ class WorkerStats:
     partial for a newer request, or a newcomer that meets its segment's
     final or a newer request."""
     batches: int
-    """Backend calls that decoded (batch path), or admissions (continuous)."""
+    """Backend calls that returned: batches decoded (the batch path, a failed
+    continuous batch's retry included) and admissions to the continuous batch."""
     decoded: int
     """Requests answered with a text."""
     failed: int
     """Requests answered with a :class:`DecodeFailure`."""
     busy_s: float
     pending: int
-    """Requests waiting: in the inbox and in the schedule (not those running)."""
+    """Requests waiting: in the inbox and in the schedule, not those in a
+    backend call or the running batch (a stop queued counts as one until
+    the thread takes it)."""
     restarts: int = 0
+    """Deaths of the model thread: each starts a successor, or leaves the
+    dying thread on as the down worker when none can start."""
     ready: bool = True
     cancelled: int = 0
     """Running partials stopped mid-decode because a newer request superseded them."""
