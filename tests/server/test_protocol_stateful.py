@@ -24,6 +24,11 @@ model owes it, exactly:
   close 1000;
 - a bad client gets the documented error and close code, and the others
   notice nothing (their checks go on);
+- a subscriber that stops reading while its stream's captions come (a tiny
+  ``server.subscriber_queue``, drawn at the start) is closed with 1013
+  (``subscriber too slow``) once that queue overflows, after what it was
+  sent before, in order, nothing skipped; the others get everything, and
+  its resume from the last seq it got is the resume the doc describes;
 - at a shutdown every client gets what it was owed (the drained finals,
   each stream's end), then 1001;
 - the server's counts (and ``/metrics``) match the clients connected, and
@@ -44,6 +49,7 @@ import functools
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -53,7 +59,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
@@ -74,6 +80,13 @@ POOL = ("a", "b")
 HISTORY = 2            # server.history: small, so resumes reach past it
 LIMIT = 16384          # server.max_message_bytes
 MAX_STREAMS = 3        # server.max_streams
+# server.subscriber_queue, drawn at the start: tiny, so a subscriber that
+# stops reading is dropped after a few events, and not below what the engine
+# may publish before a reader that keeps up is sent it (4 dropped one at times).
+QUEUES = (8, 16)
+# A ping (masked with a zero key): what a stalled subscriber fills the
+# server's side of its connection with, 127 bytes of pong each.
+PING = bytes([0x89, 0x80 | 125, 0, 0, 0, 0]) + b"p" * 125
 SETTLE_S = 10.0        # generous: a loaded 2-core machine
 FORMATS = [(16000, 1, "pcm16"), (48000, 2, "float32"), (22050, 1, "float32"),
            (8000, 3, "pcm16")]
@@ -186,13 +199,20 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.subs: list[Sub] = []
         self.dir = tempfile.mkdtemp(prefix="protocol-stateful-")
         self.run_start = 0                 # where this run of the server began in the log
+        self.epoch: str | None = None
+        self.dropped = 0                   # slow subscribers dropped by this server
+        self.started = False
+
+    @initialize(queue=st.sampled_from(QUEUES))
+    def start(self, queue: int) -> None:
+        self.queue = queue
         self.cfg = load_config(overrides={
             "server.port": 0, "server.history": HISTORY, "server.max_message_bytes": LIMIT,
             "server.max_streams": MAX_STREAMS, "server.idle_timeout_s": 0,
-            "server.max_ingest_speed": 0, "journal.enabled": True,
-            "journal.dir": self.dir, "journal.fsync": "never"})
-        self.epoch: str | None = None
+            "server.max_ingest_speed": 0, "server.subscriber_queue": queue,
+            "journal.enabled": True, "journal.dir": self.dir, "journal.fsync": "never"})
         self.run(self._start())
+        self.started = True
 
     # --- plumbing -----------------------------------------------------------
 
@@ -769,6 +789,82 @@ class ProtocolMachine(RuleBasedStateMachine):
             await self.settle()
         self.run(go())
 
+    @precondition(lambda self: self.pubs)
+    @live
+    @rule(i=st.integers(0, 7), speech_s=st.sampled_from([0.5, 1.0]))
+    def subscriber_stalls(self, i: int, speech_s: float) -> None:
+        """docs/protocol.md, Subscribing: a subscriber of a stream that stops
+        reading while its captions come is closed with 1013 (``subscriber
+        too slow``) once it falls ``server.subscriber_queue`` messages
+        behind, after what was already sent to it (in order, from its first,
+        nothing skipped; it reads again at once, so it gets the close frame);
+        the others get everything (checked as ever), and its resume with
+        ``since=`` the last seq it got is what Resume says (and stays on)."""
+        self.run(self._subscriber_stalls(self.pick(i), speech_s))
+
+    async def _subscriber_stalls(self, pub: Pub, speech_s: float) -> None:
+        stream = pub.stream
+        # A small window in small segments: the server's kernel buffers for
+        # this connection stay near 100 kB, not the megabytes of loopback.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.server.port))
+        start = len(self.log)
+        conn = Conn(await connect(self.url("/v1/captions", f"stream={stream}"), sock=sock,
+                                  max_size=None, open_timeout=SETTLE_S))
+        async with asyncio.timeout(SETTLE_S):
+            while not conn.msgs:
+                await asyncio.sleep(0.001)
+        served = next(ws for ws in self.server._live
+                      if ws.remote_address == conn.ws.local_address)
+        # It stops reading its socket, and pings: the pongs fill the server's
+        # buffers for it (its kernel's and its transport's 32 kB), so that
+        # the next event's send waits and the events after it fill the queue
+        # (captions alone would take hundreds).
+        conn.ws.transport.pause_reading()
+        async with asyncio.timeout(SETTLE_S):
+            while not served.paused:
+                conn.ws.transport.write(PING * 100)
+                # Until the server has answered them: a few more than
+                # needed, not thousands for the client to read later.
+                for _ in range(20):
+                    await asyncio.sleep(0.002)
+                    if served.paused:
+                        break
+        stalled = len(self.log)
+        dropped = self.server.broadcaster.dropped_subscribers
+        # A segment at a time until it is dropped: a few more events than
+        # the queue holds; a step makes 1 or 2.
+        for _ in range(2 * self.queue + 4):
+            if self.server.broadcaster.dropped_subscribers != dropped:
+                break
+            await self._send_audio(pub, speech_s, 0.5)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(SETTLE_S):
+                    while not self.quiet() and \
+                            self.server.broadcaster.dropped_subscribers == dropped:
+                        await asyncio.sleep(0.002)
+        conn.ws.transport.resume_reading()
+        made = len([m for m in self.log[stalled:] if m["stream"] == stream])
+        assert self.server.broadcaster.dropped_subscribers == dropped + 1, \
+            f"a subscriber {made} events behind (server.subscriber_queue {self.queue}) stays"
+        self.dropped += 1
+        assert await conn.closed() == 1013
+        assert conn.ws.close_reason == "subscriber too slow"
+        assert not conn.problems, conn.problems
+        hello, *got = conn.msgs
+        assert hello["type"] == "hello" and hello["streams"] == [stream]
+        await self.settle()
+        owed = [m for m in self.log[start:] if m["stream"] == stream]
+        assert got == owed[:len(got)] and len(got) < len(owed), (
+            f"stalled subscriber of {stream}:\ngot  {[_short(m) for m in got]}\n"
+            f"owed {[_short(m) for m in owed]}")
+        last = max((m["seq"] for m in got if m["type"] == "caption"), default=0)
+        await self._subscribe((stream,), False, [(stream, self.last_seq(stream) - last)],
+                              "item", "own")
+
     @live
     @rule(query=st.sampled_from(["since=x", "since=a:", "since=a:-1", "stream=a%01b",
                                  "since=a:1&epoch=bad%20epoch", "epoch=e1&epoch=e2",
@@ -799,6 +895,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             metrics = await self.metrics()
             assert metrics.get("evoxtral_subscribers") == len(self.subs) + len(self.pubs)
             assert metrics.get("evoxtral_streams_open") == len(self.pubs)
+            assert metrics.get("evoxtral_subscribers_dropped_total") == self.dropped
         self.run(go())
 
     async def metrics(self) -> dict[str, float]:
@@ -826,6 +923,7 @@ class ProtocolMachine(RuleBasedStateMachine):
             await self.engine.aclose()
             self.stopped = False
             self.run_start = len(self.log)
+            self.dropped = 0
             await self._start()
             await self.settle()
         self.run(go())
@@ -851,6 +949,10 @@ class ProtocolMachine(RuleBasedStateMachine):
     # --- the end ----------------------------------------------------------------
 
     def teardown(self) -> None:
+        if not self.started:  # the start failed: nothing to stop
+            self.runner.close()
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return
         try:
             problems = self.run(self._leave_all())
             if not self.failed:
@@ -938,3 +1040,21 @@ ProtocolMachine.TestCase.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
 TestProtocol = ProtocolMachine.TestCase
+
+
+def test_a_subscriber_that_stalls_is_dropped_and_resumes() -> None:
+    """The stalled subscriber on every run (the machine draws it seldom): a
+    stream's subscriber stalls while its captions come, beside one of every
+    stream; its resumed subscription goes on through a push and a restart."""
+    state = ProtocolMachine()
+    try:
+        state.start(QUEUES[0])
+        state.subscribe(None, False, [], "item", None)
+        state.open_publisher("a", FORMATS[0])
+        state.subscriber_stalls(0, 0.5)
+        state.push(0, 1.0, 1.0, 1)
+        state.scrape_metrics()
+        state.restart()
+        state.scrape_metrics()
+    finally:
+        state.teardown()
