@@ -506,12 +506,18 @@ def test_transcribe_into_head_still_writes_its_files_whole(tmp_path: Path) -> No
     captions: the reader leaving stdout stops the printing only, quietly,
     and the subtitles hold every final of the file; status 141 all the same."""
     srt = tmp_path / "s.srt"
-    first, proc = _head_1("--sample", "--no-partials", "--srt", str(srt))
+    # Long enough that captions are still to come when head leaves: the
+    # sample's five finals could all be in the pipe before the reader went,
+    # which is no SIGPIPE (status 0, rightly) on a loaded machine.
+    long = tmp_path / "long.wav"   # 151 s, 30 finals
+    sf.write(long, np.concatenate([read_audio_file(sample_path())] * 6), SAMPLE_RATE)
+    first, proc = _head_1(str(long), "--no-partials", "--srt", str(srt))
     assert first.startswith("[0:0"), first
     assert proc.returncode == 141, proc.stderr
     assert "error" not in proc.stderr and "WARNING" not in proc.stderr, proc.stderr
-    assert _summary(proc.stderr)[0] == 5
-    assert srt.read_text().count(" --> ") >= 5, "the subtitles hold every final"
+    finals, audio_s = _summary(proc.stderr)
+    assert finals == 30 and audio_s == pytest.approx(151.2, abs=0.1), proc.stderr
+    assert srt.read_text().count(" --> ") >= finals, "the subtitles hold every final"
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
