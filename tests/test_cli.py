@@ -456,6 +456,13 @@ def _head_1(*args: str) -> tuple[str, subprocess.CompletedProcess[str]]:
     return first, subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
 
 
+def _long_sample(tmp_path: Path) -> Path:
+    """The sample six times over: 151 s, 30 finals."""
+    long = tmp_path / "long.wav"
+    sf.write(long, np.concatenate([read_audio_file(sample_path())] * 6), SAMPLE_RATE)
+    return long
+
+
 def _summary(err: str) -> tuple[int, float]:
     """The finals and seconds of audio transcribe's summary line counts."""
     found = re.search(r"stream\(s\), ([\d.]+) s of audio .*?; (\d+) finals", err)
@@ -469,8 +476,7 @@ def test_transcribe_into_head_stops_quietly_with_status_141(tmp_path: Path) -> N
     decoded), with no warning nor error line, and status 141 as a shell
     reports a program SIGPIPE ended. It used to decode everything to the
     end, then print a warning and an error line and exit 2."""
-    long = tmp_path / "long.wav"   # 151 s, 30 finals
-    sf.write(long, np.concatenate([read_audio_file(sample_path())] * 6), SAMPLE_RATE)
+    long = _long_sample(tmp_path)
     first, proc = _head_1(str(long), str(long), "--no-partials")
     assert first.startswith("long "), first
     assert proc.returncode == 141, proc.stderr
@@ -489,8 +495,7 @@ def test_an_only_output_on_stdout_into_head_stops_the_reading(tmp_path: Path) ->
     is stdout is the only one, so its reader leaving leaves nothing to make
     captions for, and the reading stops as it does for printed captions
     (README). It went on decoding both files to their end for nobody."""
-    long = tmp_path / "long.wav"   # 151 s, 30 finals
-    sf.write(long, np.concatenate([read_audio_file(sample_path())] * 6), SAMPLE_RATE)
+    long = _long_sample(tmp_path)
     first, proc = _head_1(str(long), str(long), "--no-partials", "--jsonl", "/dev/stdout")
     assert first.startswith('{"type": "stream.started"'), first
     assert proc.returncode == 141, proc.stderr
@@ -509,8 +514,7 @@ def test_transcribe_into_head_still_writes_its_files_whole(tmp_path: Path) -> No
     # Long enough that captions are still to come when head leaves: the
     # sample's five finals could all be in the pipe before the reader went,
     # which is no SIGPIPE (status 0, rightly) on a loaded machine.
-    long = tmp_path / "long.wav"   # 151 s, 30 finals
-    sf.write(long, np.concatenate([read_audio_file(sample_path())] * 6), SAMPLE_RATE)
+    long = _long_sample(tmp_path)
     first, proc = _head_1(str(long), "--no-partials", "--srt", str(srt))
     assert first.startswith("[0:0"), first
     assert proc.returncode == 141, proc.stderr

@@ -552,7 +552,8 @@ class ModelWorker:
                     self._go_down(f"the model could not be reloaded: {type(e).__name__}: {e}")
 
     def _died(self, e: BaseException) -> None:
-        """On the dying thread: requeue or fail what it held, start a successor."""
+        """On the dying thread: requeue or fail what it held, start a successor
+        (or, when none can start, go down and carry on as the down worker)."""
         log.critical("model worker died: %s: %s", type(e).__name__, e, exc_info=e)
         # Not ready from the death on: this thread answers what died twice
         # (deliveries a probe may race) before the successor reloads.
