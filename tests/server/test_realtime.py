@@ -244,6 +244,26 @@ def test_a_session_update_sets_the_language_the_engine_offers() -> None:
     assert reported(core.receive(update_msg(None))) == "de"
 
 
+def test_a_language_is_matched_exactly_as_hello_lists_it() -> None:
+    """A code is compared as it is, as an ingest config's and
+    ``model.language`` are: " fr" was trimmed to "fr" here (and "  " taken
+    for the default) while an ingest config asking for " fr" is refused;
+    "FR" was refused, so the match was never case-free either."""
+    core = RealtimeTranscription(load_config().vad, model="m", language="en",
+                                 languages=("fr",))
+    core.start()
+    for asked in (" fr", "fr\n", "FR", "  "):
+        out = core.receive(language_update(asked))
+        (err,) = events(out)
+        assert err["error"]["code"] == "invalid_value", (asked, err)
+        assert err["error"]["message"].startswith(f"unsupported language {asked!r}"), err
+        assert not [o for o in out if isinstance(o, SetLanguage)]
+    # "" (as null) is still the default.
+    core.receive(language_update("fr"))
+    out = core.receive(language_update(""))
+    assert [o.language for o in out if isinstance(o, SetLanguage)] == [None]
+
+
 BAD_MESSAGES: list[tuple[str | bytes, str, str | None]] = [
     ("{not json", "invalid_json", None),
     ("[1, 2]", "invalid_type", None),

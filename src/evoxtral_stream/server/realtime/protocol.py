@@ -170,7 +170,9 @@ def _language(transcription: Mapping[str, Any], param: str,
     if value is not None and not isinstance(value, str):
         raise RealtimeProtocolError("invalid_type", f"'{param}.language' must be a string",
                                     f"{param}.language", event_id)
-    return (value.strip() or None) if value else None, True
+    # Exactly the code, as an ingest config's and model.language are: hello
+    # lists the codes, and " fr" or "FR" is no code of them.
+    return value or None, True
 
 
 def _parse_session_update(obj: Mapping[str, Any], event_id: str | None) -> SessionUpdate:
