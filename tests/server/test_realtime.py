@@ -264,6 +264,23 @@ def test_a_language_is_matched_exactly_as_hello_lists_it() -> None:
     assert [o.language for o in out if isinstance(o, SetLanguage)] == [None]
 
 
+def test_a_server_that_offers_no_language_says_so() -> None:
+    """With no default language and none offered, a language asked for
+    was refused with "this server transcribes " and an empty list."""
+    core = RealtimeTranscription(load_config().vad, model="m")
+    core.start()
+    (err,) = events(core.receive(language_update("fr")))
+    assert err["error"]["code"] == "invalid_value"
+    assert err["error"]["message"] == (
+        "unsupported language 'fr': no language can be set on this server (only null or "
+        "\"\", its default)")
+    # One offered beside no default is listed.
+    core = RealtimeTranscription(load_config().vad, model="m", languages=("es",))
+    core.start()
+    (err,) = events(core.receive(language_update("fr")))
+    assert err["error"]["message"] == "unsupported language 'fr': this server transcribes es"
+
+
 BAD_MESSAGES: list[tuple[str | bytes, str, str | None]] = [
     ("{not json", "invalid_json", None),
     ("[1, 2]", "invalid_type", None),

@@ -321,8 +321,12 @@ class RealtimeTranscription:
                 param = ("session.input_audio_transcription.language" if ev.beta
                          else "session.audio.input.transcription.language")
                 known = ", ".join(sorted({*self._languages, self._default_language or ""} - {""}))
-                return [self.error("invalid_value", f"unsupported language {shown(wanted)}: this "
-                                   f"server transcribes {known}", param, ev.event_id)]
+                # No server builds one without a default today, but an empty
+                # list would read as a cut-off message.
+                offer = (f"this server transcribes {known}" if known else
+                         'no language can be set on this server (only null or "", its default)')
+                return [self.error("invalid_value", f"unsupported language {shown(wanted)}: "
+                                   f"{offer}", param, ev.event_id)]
             if wanted != self._language:
                 self._language = wanted
                 out.append(SetLanguage(None if wanted == self._default_language else wanted))
