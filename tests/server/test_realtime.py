@@ -55,6 +55,7 @@ from evoxtral_stream.server.realtime import (
     server_event_to_dict,
 )
 from tests.fakes import LanguageScriptedBackend, ScriptedBackend
+from tests.helpers.audio import voiced_span
 from tests.helpers.http import (
     client_text_frame,
     close_code_of,
@@ -1132,6 +1133,36 @@ async def test_the_sdk_picks_the_language_of_its_session() -> None:
         err = await until(conn, "error")
         assert err[-1].error.param == "session.audio.input.transcription.language"
     assert {j.language for j in backend.jobs} == {"fr"}
+
+
+async def test_an_update_s_language_applies_to_the_audio_its_turn_detection_moves() -> None:
+    """An update's language applies to every turn not ended when it
+    arrives (docs/protocol.md), the ones its own turn detection switch
+    moves included: the open turn that switching off ends, and the held
+    audio that switching on hands to server VAD."""
+    cfg = config()
+    backend = LanguageScriptedBackend(lambda a: "words")
+    speech = speak(MANUAL)
+    speech = speech[:voiced_span(speech)[1]]  # no pause after it: the turn stays open
+    async with Engine(cfg, backend) as engine, CaptionServer(engine, cfg.server) as server, \
+            sdk_client(server.port).realtime.connect(
+                model="evoxtral", extra_query={"intent": "transcription"}) as conn:
+        await send_paced(conn, pcm24(speech), speed=20)
+        await until(conn, "input_audio_buffer.speech_started")
+        await conn.session.update(session={
+            "type": "transcription",
+            "audio": {"input": {"transcription": {"language": "fr"}, "turn_detection": None}}})
+        got = await until(conn, "conversation.item.input_audio_transcription.completed")
+        assert not [e for e in got if e.type == "input_audio_buffer.speech_stopped"], got
+        assert got[-1].transcript == "fr: words"
+        # Held for a commit, then handed to server VAD by a switch to German.
+        await send_paced(conn, pcm24(np.concatenate([speech, np.zeros(SAMPLE_RATE, np.int16)])),
+                         speed=20)
+        await conn.session.update(session={
+            "type": "transcription", "audio": {"input": {
+                "transcription": {"language": "de"}, "turn_detection": {"type": "server_vad"}}}})
+        got = await until(conn, "conversation.item.input_audio_transcription.completed")
+        assert got[-1].transcript == "de: words"
 
 
 @pytest.fixture

@@ -327,6 +327,9 @@ class RealtimeTranscription:
                          'no language can be set on this server (only null or "", its default)')
                 return [self.error("invalid_value", f"unsupported language {shown(wanted)}: "
                                    f"{offer}", param, ev.event_id)]
+            # Before the turn detection switch below: the turn it ends and
+            # the held audio it pushes are not ended yet, so they are in
+            # the new language, as every such turn is (docs/protocol.md).
             if wanted != self._language:
                 self._language = wanted
                 out.append(SetLanguage(None if wanted == self._default_language else wanted))
