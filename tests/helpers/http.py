@@ -148,6 +148,13 @@ def client_text_frame(text: str) -> bytes:
 
 def close_code_of(data: bytes) -> int | None:
     """The code of the close frame in ``data``, a server's unmasked frames."""
+    frame = close_frame_of(data)
+    return None if frame is None else frame[0]
+
+
+def close_frame_of(data: bytes) -> tuple[int, str] | None:
+    """The code and reason of the close frame in ``data``, a server's
+    unmasked frames."""
     i = 0
     while i + 2 <= len(data):
         opcode, n, i = data[i] & 0x0F, data[i + 1] & 0x7F, i + 2
@@ -155,7 +162,8 @@ def close_code_of(data: bytes) -> int | None:
             width = 2 if n == 126 else 8
             n, i = int.from_bytes(data[i:i + width], "big"), i + width
         if opcode == 0x8:
-            return int.from_bytes(data[i:i + 2], "big")
+            return (int.from_bytes(data[i:i + 2], "big"),
+                    data[i + 2:i + n].decode(errors="replace"))
         i += n
     return None
 

@@ -59,6 +59,7 @@ from tests.helpers.audio import voiced_span
 from tests.helpers.http import (
     client_text_frame,
     close_code_of,
+    close_frame_of,
     close_while_reading,
     drain,
     raw_ws_handshake,
@@ -1247,6 +1248,68 @@ async def test_a_client_too_slow_mid_output_still_gives_the_stream_its_audio() -
         assert stream.session.stats().finals_requested == 1
         assert await asyncio.wait_for(broadcaster.flush(30), 5) == 0
         await stream.close()
+
+
+async def test_a_client_too_slow_leaves_its_finals_and_nothing_else_behind(
+        tmp_path: Path) -> None:
+    """docs/protocol.md: a session that falls ``server.subscriber_queue``
+    events behind is closed with 1013, reason ``client too slow``; the audio
+    already in its stream still becomes finals for ``/v1/captions``
+    subscribers and the journal (with server_vad all of it: here a turn still
+    open when the client is dropped, whose final is requested only then);
+    the connection leaves no outbox, engine listener or task behind."""
+    cfg = config(**{"server.subscriber_queue": 8, "journal.enabled": True,
+                    "journal.dir": str(tmp_path / "j")})
+    speech = speak(MANUAL)
+    pcm = pcm24(speech[:voiced_span(speech)[1]])  # no pause after it: the turn stays open
+    step = INPUT_RATE * 2 // 10
+    appends = b"".join(client_text_frame(append_msg(pcm[i:i + step]))
+                       for i in range(0, len(pcm), step))
+    # Each gets an error that echoes its 30 kB event_id.
+    bad = client_text_frame(json.dumps({"type": "nope", "event_id": "x" * 30_000}))
+    async with Engine(cfg, ScriptedBackend(lambda a: "scripted words")) as engine, \
+            CaptionServer(engine, cfg.server) as server, \
+            connect(f"ws://127.0.0.1:{server.port}/v1/captions?stream=deaf") as sub:
+        assert json.loads(await asyncio.wait_for(sub.recv(), 10))["type"] == "hello"
+        listeners, tasks = list(engine._listeners), asyncio.all_tasks()
+        deaf = await asyncio.to_thread(
+            raw_ws_handshake, server.port, "/v1/realtime?intent=transcription&stream=deaf")
+        try:
+            await asyncio.to_thread(deaf.sendall, appends)
+            async with asyncio.timeout(10):
+                while ("deaf" not in engine.streams
+                       or engine.streams["deaf"].session.stats().samples_in
+                       < len(pcm) // 2 * SAMPLE_RATE // INPUT_RATE - SAMPLE_RATE // 10):
+                    await asyncio.sleep(0.01)
+            assert engine.streams["deaf"].session.stats().segments == 1
+            assert engine.streams["deaf"].session.stats().finals_requested == 0
+            await asyncio.to_thread(send_until_closed, deaf, bad,
+                                    lambda: "deaf" in engine.streams, time.monotonic() + 30)
+            assert "deaf" not in engine.streams, "the server kept the client open"
+            assert close_frame_of(await asyncio.to_thread(drain, deaf)) == (
+                1013, "client too slow")
+        finally:
+            deaf.close()
+        got: list[dict[str, Any]] = []
+        async with asyncio.timeout(20):
+            while not got or got[-1]["type"] != "stream.ended":
+                got.append(json.loads(await sub.recv()))
+        finals = [m for m in got if m["type"] == "caption" and m["final"]]
+        assert [(m["segment"], m["text"]) for m in finals] == [(0, "scripted words")], got
+        assert got[-1]["finals"] == 1
+        # Nothing of the connection is left: its queue is no outbox of the
+        # shutdown's flush, its listener is gone, and so are its tasks.
+        assert not server.broadcaster._outboxes
+        assert engine._listeners == listeners
+        async with asyncio.timeout(10):
+            while left := {t for t in asyncio.all_tasks() - tasks if not t.done()}:
+                await asyncio.sleep(0.01)
+        assert not left
+    # The journal's lines of finals are their caption messages.
+    journaled = [json.loads(line) for f in (tmp_path / "j").glob("deaf.*")
+                 for line in f.read_text().splitlines()]
+    assert [(m["segment"], m["text"]) for m in journaled if m["type"] == "caption"] == [
+        (0, "scripted words")], journaled
 
 
 async def test_beta_update_and_a_named_stream(scripted: CaptionServer) -> None:
