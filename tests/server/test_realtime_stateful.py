@@ -47,7 +47,9 @@ docs/protocol.md:
   ``event_id`` the update's) and changes nothing; one offered (``null`` or
   ``""``: the default) is reported in ``session.updated``, and the stream
   gets a ``SetLanguage`` (None for the default) exactly when the session's
-  language changes; the session always reports the last one accepted;
+  language changes, before the audio and cut its own turn detection switch
+  moves (turns not ended at the update are in its language); the session
+  always reports the last one accepted;
 - audio: the stream gets every sample of live and committed audio, once
   (held audio cleared, or refused as over the buffer, never), within the
   resampler's held-back tail; at the client's exit with ``server_vad``,
@@ -155,7 +157,8 @@ NO_LANGUAGE = "<no language>"
 # backend of one language), others, or "en" too (Engine.languages may list
 # the default); and codes a client may ask for, some never offered.
 OFFERED = (("fr", "es"), ("en", "fr"), ("es",), ())
-ASKED = ("en", "fr", "es", "de", "auto", "xx")
+# " fr" and "FR" are no code (protocol.md's Languages: matched exactly).
+ASKED = ("en", "fr", "es", "de", "auto", "xx", " fr", "FR")
 
 
 def _update(vad: bool | None, beta: bool, language: str | None = NO_TRANSCRIPTION) -> str:
@@ -395,10 +398,14 @@ class RealtimeMachine(RuleBasedStateMachine):
     @rule(data=st.data(), beta=st.booleans(), after=st.sampled_from(["speech-0.4", "say-1.0"]))
     def switch_mid_utterance(self, data: st.DataObject, beta: bool, after: str) -> None:
         """Speech, a switch to another offered language (the default as
-        null), more speech: the turn goes on across the switch."""
+        null), more speech: the turn goes on across the switch. Or the same
+        update switches turn detection too, which moves the speech (off:
+        its turn ends; on: the held speech goes to server VAD) in the new
+        language (else too rare a draw for switch_language)."""
         self.append("speech-0.4", [])
         offered = [None, *sorted(self.allowed - {self.language or ""})]
-        self._update_session(None, beta, data.draw(st.sampled_from(offered)))
+        vad = data.draw(st.sampled_from([None, not self.vad]))
+        self._update_session(vad, beta, data.draw(st.sampled_from(offered)))
         self.append(after, [])
 
     def _update_session(self, vad: bool | None, beta: bool, language: str | None) -> None:
@@ -626,7 +633,10 @@ class RealtimeMachine(RuleBasedStateMachine):
         collect: list[Seg] | None = [] if manual_commit else None
         expect: list[tuple[str, Seg]] = []
         got: list[tuple[str, Any]] = []
+        moved = False  # audio or a cut went to the stream in this call
         for o in out:
+            if isinstance(o, PushAudio | CutSegment):
+                moved = True
             if isinstance(o, PushAudio):
                 assert kind not in ("engine", "start"), o
                 self._push(o, expect, collect)
@@ -638,6 +648,9 @@ class RealtimeMachine(RuleBasedStateMachine):
                                  cause="clear" if kind == "clear" else "cut")
             elif isinstance(o, SetLanguage):
                 assert kind in ("update", "vad_on", "vad_off"), (kind, o)
+                # protocol.md: the turn a switch off ends and the held audio a
+                # switch on pushes are not ended at the update: its language.
+                assert not moved, out
                 self.set_language.append(o)
             else:
                 assert o.event_id not in self.event_ids, o
