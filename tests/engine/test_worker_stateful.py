@@ -19,8 +19,10 @@ batch or continuous mode, after every step:
   unanswered only when it was dropped and counted (``superseded``, or
   ``cancelled`` mid-decode);
 - the newest request of a segment supersedes an older partial not yet run; a
-  final is never superseded; a running partial that a newer request
-  supersedes is cancelled before the next decode step;
+  final is never superseded, and supersedes a partial of its segment even of
+  a higher revision (drawn at times, out of the session's order); a running
+  partial that a newer request supersedes is cancelled before the next
+  decode step;
 - a batch holds the finals first, then the partials, each oldest first by
   ``ready_at``, at most ``max_batch``; an admission fills the free places in
   that order, one adapter per running batch;
@@ -275,8 +277,9 @@ class WorkerModel:
     # --- scheduling ------------------------------------------------------------
 
     def loses_to(self, old: DecodeRequest, item: DecodeRequest) -> bool:
-        """A final is never superseded; the newest (highest revision) wins."""
-        return old.kind is FINAL or item.revision < old.revision
+        """A final is never superseded, and a final supersedes a partial
+        whatever their revisions; else the newest (highest revision) wins."""
+        return old.kind is FINAL or (item.kind is not FINAL and item.revision < old.revision)
 
     def absorb(self, item: DecodeRequest) -> None:
         key = (item.stream, item.segment)
@@ -631,6 +634,11 @@ class WorkerMachine(RuleBasedStateMachine):
             return None  # the engine offers its refused final again first
         kind = PARTIAL if seg.final else data.draw(st.sampled_from(RequestKind), label="kind")
         seg.revision += 1
+        revision = seg.revision
+        if kind is FINAL and revision > 1 and data.draw(st.booleans(), label="behind"):
+            # Out of the session's order: a final below the partials before
+            # it (0 is no partial's), which must replace them all the same.
+            revision = 0
         seg.final = seg.final or kind is FINAL
         self.made += 1
         # Distinct ready_at, not in submission order, at or before now.
@@ -639,7 +647,7 @@ class WorkerMachine(RuleBasedStateMachine):
         adapter = data.draw(st.sampled_from([None, "rl"]), label="adapter") \
             if self.adapters else None
         req = DecodeRequest(
-            stream=key[0], segment=key[1], revision=seg.revision, kind=kind,
+            stream=key[0], segment=key[1], revision=revision, kind=kind,
             audio=np.zeros(16, np.float32), start_sample=self.made, end_sample=self.made + 16,
             ready_at=ready_at, adapter=adapter,
             paced=data.draw(st.booleans(), label="paced"))

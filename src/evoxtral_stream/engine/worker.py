@@ -7,7 +7,8 @@ Requests come in through a bounded ``queue.Queue``; results leave through the
 Scheduling, per batch:
 - the newest request of a segment supersedes an older *partial* of the same
   segment that has not run yet (the old one is dropped and counted);
-  a final is never superseded;
+  a final is never superseded, and supersedes a partial of its segment
+  even of a higher revision (out of order: the session never makes one);
 - finals run before partials, each group oldest first (by ``ready_at``);
 - at most ``max_batch`` requests per backend call; once there is work the
   worker waits up to ``max_wait_ms`` for the batch to fill.
@@ -424,8 +425,10 @@ class ModelWorker:
 
     def _loses_to(self, old: DecodeRequest, item: DecodeRequest) -> bool:
         """True (and counted) when ``item`` must not replace ``old`` of its segment:
-        a final is never replaced, and a stale request never wins."""
-        if old.kind is not RequestKind.FINAL and item.revision >= old.revision:
+        a final is never replaced, and a stale request never wins; but a final
+        replaces a partial whatever their revisions, so it is never dropped."""
+        if old.kind is not RequestKind.FINAL and (item.kind is RequestKind.FINAL
+                                                  or item.revision >= old.revision):
             return False
         if item.kind is RequestKind.FINAL:
             log.warning("second final for %s segment %d ignored", item.stream, item.segment)
