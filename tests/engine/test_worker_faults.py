@@ -6,7 +6,7 @@ import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -26,7 +26,7 @@ from evoxtral_stream.events import (
 )
 from evoxtral_stream.server.app import CaptionServer
 from tests.engine.test_journal import talk
-from tests.fakes import GatedBackend, ScriptedBackend
+from tests.fakes import GatedBackend, ScriptedBackend, SteppingScriptedBackend
 from tests.helpers.http import http_get
 from tests.helpers.threads import threads_refused
 
@@ -82,6 +82,21 @@ def collect(out: queue.Queue[WorkerResult], n: int) -> dict[str, WorkerResult]:
     got = [out.get(timeout=10) for _ in range(n)]
     assert out.empty() or out.get(timeout=0.2) is None, "nothing answered twice"
     return {r.stream: r for r in got}
+
+
+def raising_once(out: queue.Queue[WorkerResult], streams: list[str],
+                 error: BaseException) -> Callable[[WorkerResult], None]:
+    """A deliver that puts results in ``out``, but raises ``error`` instead
+    on the first result of each of ``streams``."""
+    blows = list(streams)
+
+    def deliver(result: WorkerResult) -> None:
+        if result.stream in blows:
+            blows.remove(result.stream)
+            raise error
+        out.put(result)
+
+    return deliver
 
 
 def test_a_dead_thread_is_restarted_the_model_reloaded_and_nothing_lost() -> None:
@@ -222,14 +237,7 @@ def test_a_worker_left_down_without_a_thread_survives_another_death() -> None:
     without a timeout waited for it forever)."""
     backend = DyingBackend(kill={10})
     out: queue.Queue[WorkerResult] = queue.Queue()
-    blows = ["b"]
-
-    def deliver(result: WorkerResult) -> None:
-        if result.stream in blows:
-            blows.remove(result.stream)
-            raise Fatal("deliver died")
-        out.put(result)
-
+    deliver = raising_once(out, ["b"], Fatal("deliver died"))
     w = ModelWorker(backend, wcfg(max_batch=1, max_wait_ms=0), deliver, sleep=lambda s: None)
     w.start()
     with threads_refused("model-worker") as refused:
@@ -246,6 +254,27 @@ def test_a_worker_left_down_without_a_thread_survives_another_death() -> None:
         assert not stopper.is_alive(), "stop waited forever"
     assert refused == ["model-worker", "model-worker"]
     assert not w.alive
+
+
+@pytest.mark.parametrize("stepping", [False, True])
+def test_a_deliver_that_raises_mid_batch_counts_each_request_decoded_once(
+        stepping: bool) -> None:
+    """``deliver`` raising on the first result of a batch kills the thread;
+    the rest of the batch is queued again and decoded by the successor.
+    ``decoded`` counted the whole batch before delivering, so those counted
+    twice; it counts each request as its answer is given."""
+    backend: Backend = SteppingScriptedBackend() if stepping else ScriptedBackend()
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    deliver = raising_once(out, ["s0"], RuntimeError("the loop is gone"))
+    w = ModelWorker(backend, wcfg(max_batch=4, max_wait_ms=0), deliver, sleep=lambda s: None)
+    for i in range(3):                              # one batch: queued before the start
+        assert w.submit(dataclasses.replace(req(f"s{i}", 3000), ready_at=float(i)))
+    w.start()
+    got = collect(out, 2)
+    w.stop(5)
+    assert sorted(got) == ["s1", "s2"]
+    st = w.stats()
+    assert (st.restarts, st.decoded, st.failed, st.submitted) == (1, 3, 0, 3)
 
 
 def test_a_request_that_kills_the_model_twice_fails_alone() -> None:

@@ -147,7 +147,9 @@ class WorkerStats:
     """Backend calls that returned: batches decoded (the batch path, a failed
     continuous batch's retry included) and admissions to the continuous batch."""
     decoded: int
-    """Requests answered with a text."""
+    """Requests answered with a text, each once: counted as its answer is
+    given to ``deliver`` (one that raised there included: it is not
+    answered again)."""
     failed: int
     """Requests answered with a :class:`DecodeFailure`."""
     busy_s: float
@@ -739,7 +741,6 @@ class ModelWorker:
             return
         now = self._clock()
         with self._lock:
-            self._decoded += len(done)
             self._tokens += sum(d.tokens for d in done)
             self._draft_tokens += sum(d.drafted for d in done)
             self._draft_kept += sum(d.kept for d in done)
@@ -751,6 +752,7 @@ class ModelWorker:
             if key in self._running and self._running[key][0] is d.job:
                 del self._running[key]
             self._answered(req)
+            self._count_decoded()
             self._deliver(_hypothesis(req, d.text, now, d.token_ids))
 
     def _continuous_failed(self, backend: SteppingBackend, e: Exception,
@@ -810,11 +812,18 @@ class ModelWorker:
         done = self._clock()
         with self._lock:
             self._batches += 1
-            self._decoded += len(batch)
         self._deaths_in_a_row = 0
         for req, (text, ids) in zip(batch, texts, strict=True):
             self._answered(req)
+            self._count_decoded()
             self._deliver(_hypothesis(req, text, done, ids))
+
+    def _count_decoded(self) -> None:
+        # One at a time, as each answer is given: a deliver that raises
+        # kills the thread, and the rest of the batch, queued again, count
+        # when the successor answers them (not twice).
+        with self._lock:
+            self._decoded += 1
 
     def _answered(self, req: DecodeRequest) -> None:
         # Out of the in-flight set before delivery: a death after this point
