@@ -339,6 +339,31 @@ def test_past_the_restart_limit_the_worker_answers_errors_and_is_not_ready() -> 
     w.stop(5)
 
 
+@pytest.mark.parametrize("reloads", [False, True])
+def test_a_worker_gone_down_keeps_nothing_it_died_on(reloads: bool) -> None:
+    """What a death held is kept (to fail a request that dies twice) until it
+    is answered; a worker gone down (past the restart limit, or its reloads
+    failing) answers it with an error and never decodes again, so it must let
+    go of it then, audio and all (it held it for good)."""
+    backend = DyingBackend(kill={10})
+
+    def broken_factory() -> Backend:
+        raise OSError("weights missing")
+
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(backend, wcfg(max_batch=4, max_wait_ms=0, restart_limit=1 if reloads else 0),
+                    out.put, factory=broken_factory if reloads else None, sleep=lambda s: None)
+    w.start()
+    assert w.submit(req("a", 10))                   # kills the thread: down
+    got = out.get(timeout=10)
+    assert isinstance(got, DecodeFailure) and "model unavailable" in got.message
+    assert w.down is not None
+    assert w.submit(req("b", 11))
+    assert isinstance(out.get(timeout=10), DecodeFailure)
+    w.stop(5)
+    assert not w._died_on, "a down worker still holds what it died on"
+
+
 def test_cuda_out_of_memory_splits_the_batch_then_fails_only_the_culprit() -> None:
     backend = OomBackend(fits=2, poison=13)
     out: queue.Queue[WorkerResult] = queue.Queue()

@@ -235,7 +235,8 @@ class ModelWorker:
         # Worker-thread state that must survive a restart.
         self._stopping = False          # the stop marker was taken from the inbox
         self._in_flight: list[DecodeRequest] = []  # taken, not yet answered
-        # In flight at a death, until answered or superseded (eq=False: by identity).
+        # In flight at a death, until answered or superseded, or the worker
+        # goes down (eq=False: by identity).
         self._died_on: set[DecodeRequest] = set()
         self._loading = False            # a restart is under way (dying or reloading)
         self._deaths_in_a_row = 0
@@ -601,6 +602,10 @@ class ModelWorker:
     def _go_down(self, why: str) -> None:
         log.critical("%s; answering every request with an error from now on", why)
         self._down = why
+        # Down for good, nothing is decoded again, so no request can die
+        # twice: what earlier deaths held (audio and all) is let go, not
+        # kept for good once answered (the down path answers, not _answered).
+        self._died_on.clear()
 
     def _safe_deliver(self, result: WorkerResult) -> None:
         try:
