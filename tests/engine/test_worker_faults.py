@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import queue
 import threading
 import time
@@ -204,6 +205,40 @@ def test_stop_waits_for_a_successor_that_ended_before_it_was_published(
     assert joined[0] is started[0]
     assert started[1] in joined, "stop did not join the thread that ran last"
     assert isinstance(out.get(timeout=1), Hypothesis)   # the successor answered it
+
+
+def test_a_stop_that_times_out_reports_the_thread_it_leaves_and_a_later_stop_joins_it(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A stop whose timeout runs out while the thread is in a call that then
+    kills it returned saying nothing and forgot the thread (``alive`` false),
+    and the successor the dying thread started after it was published all
+    the same: a model thread nobody joined or reported. The stop says it
+    leaves the thread, ``alive`` stays true, and a later stop joins them all."""
+    backend = DieOnceGated()
+    out: queue.Queue[WorkerResult] = queue.Queue()
+    w = ModelWorker(backend, wcfg(max_batch=1, max_wait_ms=0, restart_backoff_s=0.0),
+                    out.put, sleep=lambda s: None)
+    started: list[threading.Thread] = []
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == "model-worker":
+            started.append(thread)
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    w.start()
+    assert w.submit(req("a", 10))
+    assert backend.entered.wait(5)                  # stuck in the call
+    with caplog.at_level(logging.ERROR, logger="evoxtral_stream.engine.worker"):
+        w.stop(timeout=0.2)
+    assert "did not end within 0.2 s of the stop; leaving it" in caplog.text
+    assert w.alive
+    backend.release()                               # the thread dies; a successor starts
+    assert isinstance(out.get(timeout=10), Hypothesis)   # it answers, then takes the stop
+    w.stop(5)
+    assert len(started) == 2 and not any(t.is_alive() for t in started)
+    assert not w.alive and w._thread is None
 
 
 def test_a_successor_that_cannot_start_leaves_the_worker_down_answering_errors() -> None:

@@ -234,6 +234,7 @@ class ModelWorker:
         self._running: dict[tuple[str, int], tuple[Job, DecodeRequest]] = {}
         # Worker-thread state that must survive a restart.
         self._stopping = False          # the stop marker was taken from the inbox
+        self._stop_queued = False        # the stop marker was put in it (caller's thread)
         self._in_flight: list[DecodeRequest] = []  # taken, not yet answered
         # In flight at a death, until answered or superseded, or the worker
         # goes down (eq=False: by identity).
@@ -290,25 +291,38 @@ class ModelWorker:
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish every request already queued, then end the thread; with a
-        ``timeout``, return after about that long (each wait) even if not."""
+        ``timeout``, return after about that long (each wait) even if not.
+
+        On return every model thread has been joined, or the stop logged an
+        error saying it leaves one behind: that one stays :attr:`alive` (a
+        successor it starts after a death included) and a later stop waits
+        for it again."""
         if self._thread is None:
             return
-        try:
-            # Blocking: the stop must not be lost to a full inbox (within the
-            # timeout: a stuck thread never makes room).
-            self._inbox.put(_STOP, timeout=timeout)
-        except queue.Full:
-            log.error("the model thread did not take the stop within %g s; leaving it",
-                      timeout)
-            self._thread = None
-            return
+        if not self._stop_queued:
+            try:
+                # Blocking: the stop must not be lost to a full inbox (within
+                # the timeout: a stuck thread never makes room).
+                self._inbox.put(_STOP, timeout=timeout)
+            except queue.Full:
+                log.error("the model thread did not take the stop within %g s; leaving it",
+                          timeout)
+                return
+            # Once: the thread reads its inbox no more after the first, so a
+            # second would wait for room for good when a later stop finds
+            # the inbox full.
+            self._stop_queued = True
         # The thread may be replaced after a death: wait for the loop's end.
         self._finished.wait(timeout)
         thread: threading.Thread | None = self._thread
         while thread is not None:
             thread.join(timeout)
             if thread.is_alive():
-                break
+                # Still published: alive says a thread runs, and a successor
+                # it starts is published there, for a later stop to join.
+                log.error("the model thread did not end within %g s of the stop; leaving it",
+                          timeout)
+                return
             _native_end(thread, _NATIVE_END_S if timeout is None
                         else min(timeout, _NATIVE_END_S))
             # A successor is published once started (see _spawn): one that
@@ -319,7 +333,8 @@ class ModelWorker:
 
     @property
     def alive(self) -> bool:
-        """A model thread runs (a restart in progress counts as alive)."""
+        """A model thread runs (a restart in progress counts as alive, and so
+        does a thread a :meth:`stop` left behind)."""
         thread = self._thread
         return thread is not None and thread.is_alive()
 
