@@ -26,8 +26,9 @@ batch or continuous mode, after every step:
 - a batch holds the finals first, then the partials, each oldest first by
   ``ready_at``, at most ``max_batch``; an admission fills the free places in
   that order, one adapter per running batch;
-- a batch that raises is retried in halves down to single requests, and a
-  single one that fails is answered with a ``DecodeFailure``;
+- a batch that raises is retried in halves down to single requests (the
+  first ``len // 2`` first), and a single one that fails is answered with a
+  ``DecodeFailure``;
 - a death queues the requests in flight again, and fails one in flight at an
   earlier death too; past ``restart_limit`` deaths (or failed reloads) in a
   row without a request decoded the worker is down: not ready, answering
@@ -38,10 +39,13 @@ batch or continuous mode, after every step:
   ``busy_s`` is the time spent in decoding calls; the counters are the model's;
 - ``stop`` finishes every request already queued, then ends the thread.
 
-Where the docstring leaves a choice open the model accepts either: the order
-of the requests within one call, which half of a failed batch is tried
-first and where it is cut; ``max_lag_s`` is held between the waits to decodes that started
-and those of requests answered with an error while down.
+A batch call's requests come in the docstring's order (the schedule's, or
+a failed continuous batch's: those running as admitted, then those the
+failed admission held), and a failed batch's first half is its first
+``len // 2``, tried before the rest. Where the docstring leaves a choice open
+the model accepts either: the order of the requests of an admission or a
+step, and of the answers; ``max_lag_s`` is held between the waits to decodes
+that started and those of requests answered with an error while down.
 """
 
 from __future__ import annotations
@@ -381,14 +385,16 @@ class WorkerModel:
         got = ids(call.reqs)
         assert len(got) == len(call.reqs) <= self.max_batch, call.reqs
         if call.kind == "batch":
+            # In order: a batch's requests as scheduled, a split's first half
+            # the first len // 2 of the failed batch, then the rest.
+            order = [id(r) for r in call.reqs]
             for i, (how, reqs) in enumerate(self.work):
-                want = ids(reqs)
-                if how == "exact" and got == want:
+                want = [id(r) for r in reqs]
+                if how == "exact" and order == want:
                     del self.work[i]
                     break
-                if how == "split" and got < want and len(got) in (len(want) // 2,
-                                                                  len(want) - len(want) // 2):
-                    self.work[i] = ("exact", [r for r in reqs if id(r) not in got])
+                if how == "split" and order == want[: len(want) // 2]:
+                    self.work[i] = ("exact", reqs[len(want) // 2:])
                     break
             else:
                 raise AssertionError(f"batch {[text_of(r) for r in call.reqs]} is none of "

@@ -27,13 +27,23 @@ allow (``max_batch`` running at once; finals first, then partials, each
 oldest first; one adapter per running batch). A request that supersedes a
 *running* partial cancels it: the stale decode stops at the next step. If
 ``admit`` or ``step`` raises, the running batch is aborted and its requests
-go through the batch path below, so the same failure rules apply. Other
-backends always run the batch path.
+go through the batch path below, so the same failure rules apply: one batch
+(at most ``max_batch`` were running), those that were running in the order
+they were admitted, then those the failed ``admit`` held. Other backends
+always run the batch path.
+
+Order of results: those of one backend call go to ``deliver`` once it has
+returned: a batch's in the order of its requests (finals first, oldest first;
+after a failed continuous batch, the order just above), an ``admit``'s or a
+``step``'s in the order the backend lists them as done.
 
 Failures: if the backend raises on a batch (an ``Exception``, CUDA out of
-memory included), the batch is retried in halves down to single requests; a
-request that fails alone yields a :class:`DecodeFailure` and the worker
-carries on with the next batch.
+memory included), the batch is retried in halves down to single requests:
+the first ``len // 2`` requests (so the smaller half of an odd batch) are
+tried, and answered, before the rest, and a half that fails is split the same
+way, so the batch's requests are still answered in its order. A request that
+fails alone yields a :class:`DecodeFailure` and the worker carries on with
+the next batch.
 
 Death and restart: anything else escaping the loop (a ``BaseException`` from
 the backend, a bug, a failing ``deliver``) kills the thread. Its last act is
@@ -777,7 +787,8 @@ class ModelWorker:
 
     def _continuous_failed(self, backend: SteppingBackend, e: Exception,
                            admitting: list[DecodeRequest]) -> None:
-        """Abort the running batch; its requests take the batch path's failure rules."""
+        """Abort the running batch; its requests take the batch path's failure
+        rules: those running in the order admitted, then ``admitting``."""
         if "out of memory" in str(e).lower():
             _release_cuda_cache()
         self._timed(backend.abort)  # raising kills the thread: the restart path takes over
@@ -806,6 +817,10 @@ class ModelWorker:
         return [(t, ()) for t in self._backend.transcribe(audio, [r.adapter for r in batch])]
 
     def _decode(self, batch: list[DecodeRequest]) -> None:
+        """One backend call for ``batch``, answered in its order; on an
+        ``Exception``, ``batch[:len // 2]`` then ``batch[len // 2:]`` the
+        same way, down to single requests, one that fails alone answered
+        with a :class:`DecodeFailure`."""
         try:
             texts = self._timed(lambda: self._transcribe(batch), busy=True)
             if len(texts) != len(batch):
