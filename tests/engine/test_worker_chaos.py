@@ -290,7 +290,7 @@ def test_a_worker_that_is_down_answers_without_warming_the_model_up_again() -> N
             time.sleep(0.01)
         assert w.down is not None
         assert w.submit(req("b", 5))
-        got = {r.stream: r for r in (out.get(timeout=1), out.get(timeout=1))}
+        got = {r.stream: r for r in (out.get(timeout=10), out.get(timeout=10))}
         assert all(isinstance(r, DecodeFailure) for r in got.values())
     finally:
         gate.set()

@@ -204,7 +204,7 @@ def test_stop_waits_for_a_successor_that_ended_before_it_was_published(
     assert len(started) == 2 and not any(t.is_alive() for t in started)
     assert joined[0] is started[0]
     assert started[1] in joined, "stop did not join the thread that ran last"
-    assert isinstance(out.get(timeout=1), Hypothesis)   # the successor answered it
+    assert isinstance(out.get(timeout=10), Hypothesis)   # the successor answered it
 
 
 def test_a_stop_that_times_out_reports_the_thread_it_leaves_and_a_later_stop_joins_it(
