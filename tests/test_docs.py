@@ -89,6 +89,24 @@ def test_every_cli_command_and_option_is_documented() -> None:
     assert not missing, f"README.md and docs/*.md do not mention: {missing}"
 
 
+
+def test_eval_names_the_metrics_the_readme_does() -> None:
+    """`eval --help` names the metrics the README's usage line says it
+    reports (the list in parentheses, the line's comment), so a metric added
+    to one is added to the other."""
+    from evoxtral_stream.cli.parser import _parser
+
+    readme = (ROOT / "README.md").read_text()
+    line = re.search(r"^evoxtral-stream eval .*# (.+)$", readme, re.M)
+    assert line is not None, "README.md's usage block has no eval line"
+    (sub,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    (choice,) = [c for c in sub._choices_actions if c.dest == "eval"]
+    listed = re.search(r"\((.+)\)$", choice.help or "")
+    assert listed is not None, f"eval's help lists no metrics: {choice.help!r}"
+    assert listed.group(1) == line.group(1).strip(), \
+        f"eval --help lists ({listed.group(1)}), README.md ({line.group(1).strip()})"
+
+
 # Where the server and engine name an error code: the first string literal
 # of these calls (after one plain argument such as `ws` or a stream id).
 _ERROR_CALL = re.compile(

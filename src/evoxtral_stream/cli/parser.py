@@ -184,11 +184,12 @@ def _parser() -> argparse.ArgumentParser:
                     help="write running text (likewise)")
 
     ev = sub.add_parser("eval", parents=[common],
-                        help="score the engine on a manifest (WER, tag F1, emphasis F1)",
+                        help="score the engine on a manifest (WER, CER, tag F1, emphasis F1)",
                         description="Stream every file of MANIFEST (JSON lines "
                                     '{"audio": PATH, "text": TAGGED REFERENCE}) through the '
                                     "pipeline and score the finals with the Evoxtral "
-                                    "authors' metrics.")
+                                    "authors' metrics, and the character error rate "
+                                    "beside WER.")
     ev.add_argument("manifest", type=Path, metavar="MANIFEST")
     ev.add_argument("--compare-offline", action="store_true",
                     help="also decode each whole file in one call and report both, "
