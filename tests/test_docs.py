@@ -14,14 +14,18 @@ import tomllib
 from tests.docs_schema import ROOT, protocol_schema, validate_message
 
 
-def _keys(table: dict[str, object], prefix: str = "") -> list[str]:
-    out: list[str] = []
+def _flat(table: dict[str, object], prefix: str = "") -> list[tuple[str, object]]:
+    out: list[tuple[str, object]] = []
     for k, v in table.items():
         if isinstance(v, dict):
-            out += _keys(v, f"{prefix}{k}.")
+            out += _flat(v, f"{prefix}{k}.")
         else:
-            out.append(f"{prefix}{k}")
+            out.append((f"{prefix}{k}", v))
     return out
+
+
+def _keys(table: dict[str, object]) -> list[str]:
+    return [k for k, _ in _flat(table)]
 
 
 def test_every_config_key_is_documented() -> None:
@@ -51,6 +55,30 @@ def test_every_config_key_the_docs_name_exists() -> None:
     unknown = sorted(n for n in named if n.split(".", 1)[0] in sections and n not in keys
                      and not n.startswith(_NOT_KEYS))
     assert not unknown, f"the docs name config keys that config.toml lacks: {unknown}"
+
+
+
+def test_the_defaults_the_docs_state_are_config_tomls() -> None:
+    """A number the docs give in parentheses right after a key
+    (`` `server.shutdown_flush_s` (2 s) ``, `` `forget_ended_s` (default
+    86400 ``) is that key's default in config.toml, so a changed default
+    leaves no page saying the old one; a key named by its last part alone
+    counts where that part names one key."""
+    flat = dict(_flat(tomllib.loads((ROOT / "config.toml").read_text())))
+    text = (_docs_text() + (ROOT / "clients" / "README.md").read_text()).replace("\n", " ")
+    stated = re.findall(r"`([a-z_]+(?:\.[a-z0-9_]+)*)`,? \((?:default )?(-?\d[\d,]*(?:\.\d+)?)"
+                        r"(?=[ ,;)])", text)
+    checked, wrong = 0, []
+    for name, number in stated:
+        keys = [k for k in flat if k == name or k.endswith("." + name)]
+        if len(keys) != 1 or isinstance(flat[keys[0]], bool) \
+                or not isinstance(flat[keys[0]], (int, float)):
+            continue
+        checked += 1
+        if float(number.replace(",", "")) != flat[keys[0]]:
+            wrong.append(f"`{name}` ({number}): config.toml has {flat[keys[0]]}")
+    assert checked >= 6, "the pattern no longer finds the defaults the docs state"
+    assert not wrong, f"the docs state defaults config.toml does not have: {wrong}"
 
 
 def test_readme_has_the_two_commands() -> None:
