@@ -2473,6 +2473,29 @@ def test_srt_to_dev_stdout_into_a_pipe_is_written_in_place(tmp_path: Path, flag:
                             cues), proc.stdout
 
 
+
+@pytest.mark.parametrize("flag", ["--srt", "--jsonl"])
+def test_an_output_into_standard_output_appended_to_a_file_keeps_what_it_held(
+        tmp_path: Path, flag: str) -> None:
+    """``transcribe talk.wav --jsonl - >> log.jsonl``: ``-`` is standard
+    output, so the file it is appended to keeps what it held. ``--jsonl``
+    opened /dev/stdout anew, which emptied it, and ``--srt`` wrote it to
+    ``log.jsonl.part`` renamed over it."""
+    root = Path(__file__).resolve().parents[1]
+    log = tmp_path / "log.txt"
+    log.write_text("held before\n")
+    with open(log, "a") as out:
+        proc = subprocess.run(
+            [sys.executable, "-c", _SRT_TO_STDOUT, str(tmp_path / "a.wav"), flag, "-"],
+            stdout=out, stderr=subprocess.PIPE, text=True, timeout=120, cwd=tmp_path,
+            env={**os.environ, "HF_HUB_OFFLINE": "1",
+                 "PYTHONPATH": f"{root / 'src'}:{root}"})
+    assert proc.returncode == 0, proc.stderr
+    text = log.read_text()
+    assert text.startswith("held before\n") and "w0 w1" in text, text
+    assert not list(tmp_path.glob("*.part"))
+
+
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_an_output_onto_the_terminal_gets_no_progress_bar(tmp_path: Path) -> None:
     """``transcribe talk.wav --srt -`` in a terminal: the cues are written

@@ -77,7 +77,8 @@ def part_path(target: Path) -> Path | None:
     to the file ``target`` names (a symbolic link is followed: the file it
     names is replaced, the link kept). None: ``target`` is written in place,
     being no regular file (a device such as ``/dev/stdout``, a FIFO), which
-    a rename would replace."""
+    a rename would replace, or standard output's own file (``-`` redirected
+    to a file, appended to or not), written through stdout."""
     # stat, following links: /dev/stdout into a pipe links to
     # "/proc/PID/fd/pipe:[N]", a name realpath cannot follow.
     try:
@@ -85,6 +86,8 @@ def part_path(target: Path) -> Path | None:
     except (OSError, ValueError):  # none there yet, a symlink loop, a NUL
         mode = None
     if mode is not None and not stat.S_ISREG(mode):
+        return None
+    if is_stdout(target):  # `-` into a file: written through stdout (_open)
         return None
     # realpath: Path.resolve raises RuntimeError on a symlink loop before 3.13.
     # os.path.islink: Path.is_symlink raises on a name too long (Python 3.11).
@@ -94,6 +97,11 @@ def part_path(target: Path) -> Path | None:
 
 def _open(path: Path) -> BinaryIO:
     # Unbuffered: each write is one write(2), whole once it returns.
+    if is_stdout(path):
+        # Through stdout's own descriptor: opened anew, the file stdout is
+        # redirected to would be emptied (what `>>` or the shell put there
+        # before lost) and written from its start.
+        return os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
     return open(path, "wb", buffering=0)
 
 

@@ -219,6 +219,29 @@ def test_subtitles_printed_to_a_stdout_that_takes_nothing_are_one_line_and_statu
                       "No space left on device"], proc.stderr
 
 
+
+@pytest.mark.parametrize("flag", ["--srt", "--text"])
+def test_subtitles_into_standard_output_appended_to_a_file_keep_what_it_held(
+        tmp_path: Path, flag: str) -> None:
+    """``subtitles REC --srt - >> all.srt``: ``-`` is standard output, so the
+    file stdout is appended to keeps what it held and gets the output after
+    it. It was written to ``all.srt.part`` and renamed over the file (what
+    it held gone, and what the shell wrote to it after, into the old one)."""
+    events = tmp_path / "events.jsonl"
+    events.write_text("".join(json.dumps(caption_to_dict(final("talk", n, n + 1, f"s{n}")))
+                              + "\n" for n in range(3)))
+    log = tmp_path / "all.txt"
+    log.write_text("held before\n")
+    with open(log, "a") as out:
+        proc = subprocess.run([sys.executable, "-m", "evoxtral_stream", "-q", "subtitles",
+                               str(events), flag, "-"], stdout=out, stderr=subprocess.PIPE,
+                              text=True, timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    text = log.read_text()
+    assert text.startswith("held before\n") and "s0" in text and "s2" in text, text
+    assert not list(tmp_path.glob("*.part"))
+
+
 def test_subtitles_printed_into_head_stop_quietly_with_status_141(tmp_path: Path) -> None:
     """``subtitles RECORDING | head -1``: the reader leaving ends the command
     with nothing on stderr and status 141 (128 + SIGPIPE). It used to be an
