@@ -437,6 +437,10 @@ async def test_a_final_over_the_brokers_maximum_packet_size_is_failed_not_sent(
                 pub(caption("s", 2, 3, True, "after"))
                 await sub.until(lambda got: any(b"after" in payload(m) for m in got),
                                 "the final after the oversized one")
+                # Counted published at its PUBACK, which the broker may send
+                # after the subscriber's copy.
+                await eventually(lambda: pub.stats().published + pub.stats().failed >= 3,
+                                 "all three handled")
                 st = pub.stats()
             got = await sub.settle()
     finally:
