@@ -2496,6 +2496,33 @@ def test_an_output_into_standard_output_appended_to_a_file_keeps_what_it_held(
     assert not list(tmp_path.glob("*.part"))
 
 
+@pytest.mark.parametrize("flag", ["--srt", "--jsonl"])
+def test_an_output_into_a_closed_standard_output_is_refused_and_writes_nothing_else(
+        tmp_path: Path, flag: str) -> None:
+    """``transcribe talk.wav --jsonl - >&- 2>> err.log``: with stdout closed,
+    /dev/stdout is whatever the process opened in its place (the copy of
+    stderr the log writer takes): ``--jsonl`` wrote its lines into
+    err.log, and ``--srt`` wrote err.log.part and renamed it over err.log
+    (what it held and the error lines gone). It is refused, in one line."""
+    root = Path(__file__).resolve().parents[1]
+    err = tmp_path / "err.log"
+    err.write_text("held before\n")
+    script = tmp_path / "run.py"
+    script.write_text(_SRT_TO_STDOUT)
+    with open(err, "a") as stderr:
+        proc = subprocess.run(
+            ["sh", "-c", 'exec "$0" "$@" >&-', sys.executable, str(script),
+             str(tmp_path / "a.wav"), flag, "-"],
+            stdout=subprocess.DEVNULL, stderr=stderr, timeout=120, cwd=tmp_path,
+            env={**os.environ, "HF_HUB_OFFLINE": "1",
+                 "PYTHONPATH": f"{root / 'src'}:{root}"})
+    text = err.read_text()
+    assert proc.returncode == 2, text
+    assert text.startswith("held before\n"), text
+    assert "w0 w1" not in text and "standard output is closed" in text, text
+    assert not list(tmp_path.glob("*.part"))
+
+
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_an_output_onto_the_terminal_gets_no_progress_bar(tmp_path: Path) -> None:
     """``transcribe talk.wav --srt -`` in a terminal: the cues are written

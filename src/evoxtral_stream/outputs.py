@@ -23,7 +23,8 @@ the caller to report; the others go on. A subtitle file's ``.part`` file is
 then removed (its target left as it was), unless it is no longer this run's.
 One into stdout whose reader left
 (``--jsonl /dev/stdout | head``) is no error (:func:`stdout_closed`) and is
-not warned of. Nothing is synced to disk before a
+not warned of; ``/dev/stdout`` with stdout closed (``>&-``) cannot be
+opened (EBADF), descriptor 1 being another file then. Nothing is synced to disk before a
 file is closed: after a power loss a file holds what the system had
 written out (a last JSON line may be cut short; ``subtitles`` skips it).
 
@@ -66,6 +67,32 @@ def is_stdout(path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (out.st_dev, out.st_ino)
 
 
+#: The names of descriptor 1 itself (``-`` for an output is /dev/stdout).
+_FD1_NAMES = frozenset({"/dev/stdout", "/dev/fd/1", "/proc/self/fd/1"})
+
+
+def _names_closed_stdout(path: Path) -> bool:
+    """Whether ``path`` names descriptor 1 while standard output was closed
+    at start (``>&-``: Python has no ``sys.stdout``, the CLI's stand-in's
+    descriptor is EBADF): descriptor 1 is whatever the process opened next
+    (the log writer's copy of stderr), no output's, so writing it would
+    write, or replace, that file."""
+    if os.path.abspath(path) not in _FD1_NAMES:
+        return False
+    try:
+        sys.stdout.fileno()
+    except AttributeError:  # None
+        return True
+    except (OSError, ValueError) as e:  # not one without a descriptor (a test's capture)
+        return isinstance(e, OSError) and e.errno == errno.EBADF
+    return False
+
+
+def _refuse_closed_stdout(path: Path) -> None:
+    if _names_closed_stdout(path):
+        raise OSError(errno.EBADF, "standard output is closed", str(path))
+
+
 def stdout_closed(path: Path, error: OSError) -> bool:
     """Whether ``error``, writing ``path``, says stdout's reader left (as
     ``| head`` does): no error, as for printed captions."""
@@ -79,6 +106,8 @@ def part_path(target: Path) -> Path | None:
     being no regular file (a device such as ``/dev/stdout``, a FIFO), which
     a rename would replace, or standard output's own file (``-`` redirected
     to a file, appended to or not), written through stdout."""
+    if _names_closed_stdout(target):  # refused in place (_open), never renamed over
+        return None
     # stat, following links: /dev/stdout into a pipe links to
     # "/proc/PID/fd/pipe:[N]", a name realpath cannot follow.
     try:
@@ -97,6 +126,7 @@ def part_path(target: Path) -> Path | None:
 
 def _open(path: Path) -> BinaryIO:
     # Unbuffered: each write is one write(2), whole once it returns.
+    _refuse_closed_stdout(path)
     if is_stdout(path):
         # Through stdout's own descriptor: opened anew, the file stdout is
         # redirected to would be emptied (what `>>` or the shell put there

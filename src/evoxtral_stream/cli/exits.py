@@ -110,6 +110,11 @@ class _ClosedStream(io.RawIOBase):
     def write(self, data: Any) -> int:
         raise OSError(errno.EBADF, os.strerror(errno.EBADF))
 
+    def fileno(self) -> int:
+        # EBADF, as for the closed descriptor: outputs.py tells a closed
+        # stdout by it (descriptor 1 is then another file's).
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
 
 def _stand_in_for_closed_streams() -> None:
     """Put a :class:`_ClosedStream` where a standard stream is None."""
