@@ -72,7 +72,8 @@ def test_a_live_pipe_is_captioned_before_it_ends() -> None:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_ENV)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     out: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=_lines, args=(proc.stdout, out), daemon=True).start()
+    reader = threading.Thread(target=_lines, args=(proc.stdout, out), daemon=True)
+    reader.start()
     err: list[bytes] = []
     stderr = proc.stderr
     threading.Thread(target=lambda: err.append(stderr.read()), daemon=True).start()
@@ -95,7 +96,11 @@ def test_a_live_pipe_is_captioned_before_it_ends() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    time.sleep(0.2)
+    # The reader may still be taking the last lines out of the pipe after the
+    # process has exited; it ends at the pipe's end, so join it (a fixed pause
+    # can end before it has, on a loaded machine).
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "standard output did not end with the process"
     rest = []
     while not out.empty():
         rest.append(out.get())
