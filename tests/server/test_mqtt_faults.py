@@ -26,6 +26,7 @@ from evoxtral_stream.server.mqtt import ENGINE_OFFLINE, ENGINE_ONLINE, MqttPubli
 from tests.helpers.http import Relay, pipe
 from tests.server.conftest import MosquittoBroker, mosquitto_binary
 from tests.server.test_mqtt import (
+    Subscriber,
     body,
     caption,
     connected,
@@ -150,12 +151,30 @@ class SwallowingProxy(Relay):
             w.close()
 
 
-async def retained_status(port: int, prefix: str) -> bytes | None:
-    """The engine presence a subscriber arriving now is told."""
+async def retained_status(port: int, prefix: str) -> bytes:
+    """The engine presence a subscriber arriving now is told first: the
+    retained one, or where none is retained yet (the publisher counts as
+    connected before its "online" is acknowledged), the next one published.
+    Waited for, not read after a quiet spell, which a loaded machine can
+    stretch past the message."""
     async with subscriber(port, f"{prefix}/status") as late:
-        got = await late.settle(0.5)
-    values = [payload(m) for m in got if topic(m) == f"{prefix}/status"]
-    return values[-1] if values else None
+        got = await late.until(bool, "the engine presence")
+    return payload(got[0])
+
+
+async def until_offline(watch: Subscriber, pub: MqttPublisher) -> None:
+    """Wait until ``watch``, subscribed to the presence while ``pub`` (now
+    closed) was connected, has been told "offline" once for each of its
+    connections. Each says "online" once and ends with one "offline" (its
+    goodbye, or the will the broker publishes when it sees the connection
+    gone, which can be a while after the publisher closed it), so the
+    presence the broker retains last is then "offline". One "offline" is
+    not enough: a connection's will can reach the broker after the next
+    connection's "online"."""
+    connections = pub.stats().connects
+    await watch.until(
+        lambda got: sum(payload(m) == ENGINE_OFFLINE for m in got) >= connections,
+        f"the engine presence to say offline for each of {connections} connection(s)")
 
 
 async def test_presence_says_offline_after_a_publish_timeout_and_close(
@@ -168,15 +187,18 @@ async def test_presence_says_offline_after_a_publish_timeout_and_close(
         await pub.start()
         await connected(pub)
         assert await retained_status(mosquitto.port, "pz") == ENGINE_ONLINE
-        pub(caption("s", 0, 1, True, "never acknowledged"))
-        # No PUBACK within timeout_s: the connection is reopened (docs/config.md),
-        # after a backoff that outlasts the close below.
-        await eventually(lambda: proxy.swallowed >= 1 and not pub.connected,
-                         "the publish timed out and the connection was dropped")
-        await pub.aclose()
-        # The engine is gone: its presence must not say online. A clean
-        # DISCONNECT after the timeout would have discarded the will.
-        await asyncio.sleep(0.3)
+        async with subscriber(mosquitto.port, "pz/status") as watch:
+            pub(caption("s", 0, 1, True, "never acknowledged"))
+            # No PUBACK within timeout_s: the connection is reopened
+            # (docs/config.md), after a backoff that outlasts the close below
+            # (which connects again at once to drain the queue: two
+            # connections in all).
+            await eventually(lambda: proxy.swallowed >= 1 and not pub.connected,
+                             "the publish timed out and the connection was dropped")
+            await pub.aclose()
+            # The engine is gone: its presence must not say online. A clean
+            # DISCONNECT after the timeout would have discarded the will.
+            await until_offline(watch, pub)
         assert await retained_status(mosquitto.port, "pz") == ENGINE_OFFLINE
 
 
@@ -189,11 +211,13 @@ async def test_presence_says_offline_when_the_goodbye_is_not_acknowledged(
         await pub.start()
         await connected(pub)
         assert await retained_status(mosquitto.port, "pg") == ENGINE_ONLINE
-        # The broker stalls just as the engine says goodbye.
-        proxy.swallow = lambda t: t == "pg/status"
-        await pub.aclose()
-        assert proxy.swallowed == 1, "offline was sent and never acknowledged"
-        await asyncio.sleep(0.3)
+        async with subscriber(mosquitto.port, "pg/status") as watch:
+            # The broker stalls just as the engine says goodbye.
+            proxy.swallow = lambda t: t == "pg/status"
+            await pub.aclose()
+            assert proxy.swallowed == 1, "offline was sent and never acknowledged"
+            # Only the will can say so: the goodbye never reached the broker.
+            await until_offline(watch, pub)
         assert await retained_status(mosquitto.port, "pg") == ENGINE_OFFLINE
 
 
