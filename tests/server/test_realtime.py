@@ -918,14 +918,29 @@ async def until(conn: AsyncRealtimeConnection, last: str, count: int = 1,
     return got
 
 
-async def send_paced(conn: AsyncRealtimeConnection, data: bytes, speed: float = 4.0) -> None:
+async def send_paced(conn: AsyncRealtimeConnection, data: bytes, speed: float = 4.0,
+                     engine: Engine | None = None) -> None:
+    """``data`` in 100 ms appends, ``speed`` times real time at most. With
+    ``engine``, each append waits until its model worker has answered every
+    request made so far (:func:`worker_idle`)."""
     step = INPUT_RATE * 2 // 10  # 100 ms
     for i in range(0, len(data), step):
+        if engine is not None:
+            async with asyncio.timeout(60):
+                while not worker_idle(engine):
+                    await asyncio.sleep(0.01)
         await conn.input_audio_buffer.append(audio=base64.b64encode(data[i:i + step]).decode())
         await asyncio.sleep(0.1 / speed)
 
 
-async def vad_session(port: int) -> list[Any]:
+def worker_idle(engine: Engine) -> bool:
+    """Every request the model worker took is answered or dropped: none
+    waits, none is in a backend call."""
+    w = engine.stats().worker
+    return w.submitted == w.decoded + w.failed + w.superseded + w.cancelled
+
+
+async def vad_session(port: int, engine: Engine) -> list[Any]:
     audio, _ = speech_with_pauses(SENTENCES, pause_s=1.2)
     async with sdk_client(port).realtime.connect(
             model="evoxtral", extra_query={"intent": "transcription"}) as conn:
@@ -933,8 +948,14 @@ async def vad_session(port: int) -> list[Any]:
             "type": "transcription",
             "audio": {"input": {"format": {"type": "audio/pcm", "rate": 24000},
                                 "turn_detection": {"type": "server_vad"}}}})
-        # Twice real time: fast, and still room for partials on a busy machine.
-        sender = asyncio.ensure_future(send_paced(conn, pcm24(audio), speed=2.0))
+        # Twice real time, but no faster than the model keeps up: a worker
+        # behind (a loaded machine, the 20x session beside this one) thins
+        # the partials, and deltas need two partials to agree, so on a slow
+        # enough machine none would come before the turn ends. Waiting for
+        # the worker holds "deltas come while the person speaks" where the
+        # engine has the time to decode the partials, whatever the CPU.
+        sender = asyncio.ensure_future(send_paced(conn, pcm24(audio), speed=2.0,
+                                                  engine=engine))
         events = await until(conn, "conversation.item.input_audio_transcription.completed", 2)
         await sender
     return events
@@ -978,7 +999,7 @@ async def test_openai_sdk_transcribes_with_server_vad_and_manual_commit(
     cfg = config()
     async with Engine(cfg, whisper_backend) as engine, \
             CaptionServer(engine, cfg.server) as server:
-        vad, manual = await asyncio.gather(vad_session(server.port),
+        vad, manual = await asyncio.gather(vad_session(server.port, engine),
                                            manual_session(server.port))
         # Leaving, each session closes its engine stream.
         async with asyncio.timeout(10):
