@@ -167,25 +167,50 @@ async def test_after_a_stalled_socket_the_file_bursts_no_more_than_the_bound() -
     assert feed.pace.delayed > 1.3, feed.pace.delayed
 
 
+class WatchedProgress(Progress):
+    """A real :class:`Progress` that says when the feed waits on it (the
+    feed asks it only when it may send no more until the server
+    acknowledges more): ``waits`` holds the frames each wait was for, and
+    ``waiting`` is set at each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[int] = []
+        self.waiting = asyncio.Event()
+
+    async def reach(self, frames: int) -> None:
+        self.waits.append(frames)
+        self.waiting.set()
+        await super().reach(frames)
+
+
 async def test_the_file_waits_for_acknowledgements_and_drops_nothing() -> None:
     """A server that acknowledges, and then does not for a while: the feed
     sends its bound (0.5 s) and waits; each acknowledgement lets as much go
     again. Stopping while it waits ends it; a lost connection while it waits
-    loses nothing, and the next one goes on from there."""
+    loses nothing, and the next one goes on from there.
+
+    What went is read when the feed starts waiting for an acknowledgement,
+    not after a fixed sleep: a loaded machine that wakes the feed late for
+    its last chunk before the bound (due 0.4 s in) would leave it unsent at
+    a test reading at 0.7 s."""
     feed = FileFeed(numbered_chunks(15), max_behind_s=0.5)
-    link, stop, acks = Link(), asyncio.Event(), Progress()
+    link, stop, acks = Link(), asyncio.Event(), WatchedProgress()
     sending = asyncio.ensure_future(feed.send(link, stop, acks))  # type: ignore[arg-type]
-    await asyncio.sleep(1.0)
+    await asyncio.wait_for(acks.waiting.wait(), 10)
     assert link.chunks() == [0, 1, 2, 3, 4]      # 0.5 s not acknowledged
+    assert acks.waits == [CHUNK]                 # chunk 5 waits for chunk 0's
+    acks.waiting.clear()
     acks.acknowledge(3 * CHUNK)
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(acks.waiting.wait(), 10)
     assert link.chunks() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert acks.waits == [CHUNK, 4 * CHUNK]
     sending.cancel()                             # the connection is lost
     await asyncio.gather(sending, return_exceptions=True)
-    again = Link()
-    sending = asyncio.ensure_future(feed.send(again, stop, Progress()))  # type: ignore[arg-type]
-    await asyncio.sleep(0.7)
+    again, progress = Link(), WatchedProgress()
+    sending = asyncio.ensure_future(feed.send(again, stop, progress))  # type: ignore[arg-type]
+    await asyncio.wait_for(progress.waiting.wait(), 10)
     assert again.chunks() == [8, 9, 10, 11, 12]  # its own 0.5 s
     stop.set()
-    await asyncio.wait_for(sending, 1)
+    await asyncio.wait_for(sending, 5)
     assert feed.sent == 13 * CHUNK
