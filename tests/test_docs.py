@@ -57,7 +57,6 @@ def test_every_config_key_the_docs_name_exists() -> None:
     assert not unknown, f"the docs name config keys that config.toml lacks: {unknown}"
 
 
-
 def test_the_defaults_the_docs_state_are_config_tomls() -> None:
     """A number the docs give in parentheses right after a key
     (`` `server.shutdown_flush_s` (2 s) ``, `` `forget_ended_s` (default
@@ -115,7 +114,6 @@ def test_every_cli_command_and_option_is_documented() -> None:
                         and not re.search(rf"{re.escape(opt)}(?![\w-])", docs):
                     missing.append(f"{name} {opt}")
     assert not missing, f"README.md and docs/*.md do not mention: {missing}"
-
 
 
 def test_eval_names_the_metrics_the_readme_does() -> None:

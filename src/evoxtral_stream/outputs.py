@@ -24,8 +24,8 @@ then removed (its target left as it was), unless it is no longer this run's.
 One into stdout whose reader left
 (``--jsonl /dev/stdout | head``) is no error (:func:`stdout_closed`) and is
 not warned of; ``/dev/stdout`` with stdout closed (``>&-``) cannot be
-opened (EBADF), descriptor 1 being another file then. Nothing is synced to disk before a
-file is closed: after a power loss a file holds what the system had
+opened (EBADF), descriptor 1 being another file then. Nothing is synced to
+disk before a file is closed: after a power loss a file holds what the system had
 written out (a last JSON line may be cut short; ``subtitles`` skips it).
 
 A ``.part`` file is created anew (one left there by a killed run, or a
@@ -83,8 +83,10 @@ def _names_closed_stdout(path: Path) -> bool:
         sys.stdout.fileno()
     except AttributeError:  # None
         return True
-    except (OSError, ValueError) as e:  # not one without a descriptor (a test's capture)
-        return isinstance(e, OSError) and e.errno == errno.EBADF
+    except OSError as e:  # not one without a descriptor (a test's capture: no errno)
+        return e.errno == errno.EBADF
+    except ValueError:  # a closed file object, not a closed descriptor
+        return False
     return False
 
 
