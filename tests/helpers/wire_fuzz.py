@@ -14,9 +14,12 @@ the protocol allows and nothing else.
 
 After the waves a marker stream (``fuzz-end``, in every subscriber's
 filter) is ingested: its ``stream.ended`` is the last event, so a subscriber
-that has it has everything. Then the server and engine shut down, and
+that has it has everything. Some sequences instead shut the server down
+during the last wave, half of them as soon as a segment is open, so the
+drain owes a final. Then the server and engine shut down, and
 :func:`check` holds what was received against docs/protocol.md and the
-engine's own record of its events. It returns the problems found (empty:
+engine's own record of its events (every segment captioned has its final,
+and ``stream.ended`` counts what was sent). It returns the problems found (empty:
 none), each naming the connection, so a failing seed can be read and rerun.
 """
 
@@ -152,6 +155,7 @@ class Outcome:
     errors: list[str]              # ERROR log records (with exc_info: tracebacks)
     interrupted: set[str]          # ingest plans cut by the server's shutdown
     dropped: int                   # connections the server closed as too slow
+    owed_at_drain: int = 0         # segments open (a partial, no final) as the drain began
 
 
 # --- audio --------------------------------------------------------------------
@@ -554,6 +558,7 @@ async def run_sequence(seed: int, clips: Clips) -> Outcome:
     sub_tasks: list[asyncio.Task[None]] = []
     last_wave: list[tuple[IngestPlan, asyncio.Future[list[Received]]]] = []
     shutdown_s = 0.0
+    owed_at_drain = 0
     try:
         engine = Engine(cfg, ScriptedBackend(_script))
         await engine.start()
@@ -573,13 +578,27 @@ async def run_sequence(seed: int, clips: Clips) -> Outcome:
                         port, plan, subs[-1][1], stop, engine.last_seq)))
                 plans = [plan_ingest(rng, f"ing{n}-{i}", clips)
                          for i in range(rng.randrange(1, 5))]
-                running = asyncio.gather(*(run_ingest(port, p) for p in plans))
-                if abrupt and wave == waves - 1:
-                    last_wave = [(p, running) for p in plans]
-                    pause = rng.uniform(0.05, 1.0)
+                last = abrupt and wave == waves - 1
+                if last:
+                    # Every subscriber there before the shutdown's wave
+                    # talks, so each sees (or is refused) what it does.
                     async with asyncio.timeout(30):
                         await _connected(subs)
-                    await asyncio.sleep(pause)
+                running = asyncio.gather(*(run_ingest(port, p) for p in plans))
+                if last:
+                    last_wave = [(p, running) for p in plans]
+                    pause = rng.uniform(0.05, 1.0)
+                    # Mid-speech: the drain begins in the loop turn that sees
+                    # a segment open, so it owes a final whatever the
+                    # machine's speed (after a pause alone, the last wave's
+                    # audio, sent faster than it plays, has often ended).
+                    if rng.random() < 0.5:
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(10):
+                                while not _open_segments(engine_log):
+                                    await asyncio.sleep(0)
+                    else:
+                        await asyncio.sleep(pause)
                     break
                 ingests += zip(plans, await running, strict=True)
             else:
@@ -587,6 +606,7 @@ async def run_sequence(seed: int, clips: Clips) -> Outcome:
         finally:
             t0 = loop.time()
             if abrupt:
+                owed_at_drain = len(_open_segments(engine_log))
                 await asyncio.wait_for(engine.drain(), 20)
                 await asyncio.wait_for(server.aclose(), 20)
                 if last_wave:
@@ -607,7 +627,19 @@ async def run_sequence(seed: int, clips: Clips) -> Outcome:
         root.removeHandler(errors)
     return Outcome(seed, overrides, ingests, subs, engine_log, epoch, shutdown_s,
                    errors.records, interrupted={p.name for p, _ in last_wave},
-                   dropped=server.broadcaster.dropped_subscribers)
+                   dropped=server.broadcaster.dropped_subscribers,
+                   owed_at_drain=owed_at_drain)
+
+
+def _open_segments(engine_log: list[tuple[float, EngineEvent, dict[str, Any]]]
+                   ) -> set[tuple[str, int]]:
+    """The segments the engine has sent a partial of and no final yet."""
+    open_: set[tuple[str, int]] = set()
+    for _, _, m in engine_log:
+        if m["type"] == "caption":
+            key = (m["stream"], m["segment"])
+            (open_.discard if m["final"] else open_.add)(key)
+    return open_
 
 
 async def _connected(subs: list[tuple[SubPlan, Received]]) -> None:
@@ -682,6 +714,7 @@ def check_engine(o: Outcome) -> Iterator[str]:
                 yield f"engine: run of {stream} not bracketed by started/ended: " \
                       f"{[m['type'] for m in run]}"
             finals: set[int] = set()
+            captioned: set[int] = set()
             for m in run:
                 if m["type"] != "caption":
                     continue
@@ -690,8 +723,20 @@ def check_engine(o: Outcome) -> Iterator[str]:
                 last_seq[stream] = m["seq"]
                 if m["segment"] in finals:
                     yield f"engine: {stream} segment {m['segment']} has a caption after its final"
+                captioned.add(m["segment"])
                 if m["final"]:
                     finals.add(m["segment"])
+            # No final is ever lost (a scripted model never fails): every
+            # segment shown has one, a drain at shutdown included, and the
+            # end's counts are what was sent.
+            if captioned - finals:
+                yield f"engine: {stream} segments {sorted(captioned - finals)} have partials " \
+                      "but no final"
+            end = run[-1]
+            if end["type"] == "stream.ended" and (end["finals"] != len(finals)
+                                                  or end["segments"] != len(finals)):
+                yield f"engine: {stream} ended with {end['segments']} segments and " \
+                      f"{end['finals']} finals, but {len(finals)} finals were sent"
 
 
 def _codes(msgs: list[dict[str, Any]]) -> list[str]:
