@@ -785,6 +785,6 @@ def test_other_24_and_32_bit_wavs_are_still_read_by_libsndfile(
         _s24_words_wav(path, x, 48000, fmt=kind)
     else:
         sf.write(path, x / 2**23, 48000, subtype=kind)
-    monkeypatch.setattr("evoxtral_stream.audio.sources.WavStreamDecoder", _NoDecoder)
+    monkeypatch.setattr("evoxtral_stream.audio.filereader.WavStreamDecoder", _NoDecoder)
     np.testing.assert_array_equal(read_audio_file(packed), want)
     np.testing.assert_array_equal(read_audio_file(path), want)

@@ -1,0 +1,529 @@
+"""Audio files opened up front and decoded lazily.
+
+:func:`open_audio_file` reads a file's header and its first audio, so that
+everything wrong with a file is said before anything runs; each
+:meth:`AudioFile.blocks` is then a pass that decodes the file block by
+block as its reader takes the blocks, to 16 kHz mono int16 (one block per
+mix of channels asked for). Memory holds a block, whatever the file's
+length. :func:`~evoxtral_stream.audio.sources.read_audio_channels` is one
+such pass joined whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+import sys
+import tempfile
+from collections.abc import Generator, Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import BinaryIO
+
+import numpy as np
+import soundfile as sf  # type: ignore[import-untyped,unused-ignore]
+
+from evoxtral_stream.audio.resample import MixResampler
+from evoxtral_stream.audio.wavsizes import Misread, misread_wav
+from evoxtral_stream.audio.wavstream import (
+    MAX_FILE_RATE,
+    MIN_FILE_RATE,
+    WavStreamDecoder,
+    WavStreamError,
+)
+from evoxtral_stream.events import SAMPLE_RATE, Int16Array
+
+__all__ = ["AudioFile", "AudioInputError", "FilePass", "open_audio_file", "open_pipe_file"]
+
+log = logging.getLogger(__name__)
+
+#: Frames decoded at a time: a pass holds one block, never the whole file.
+_READ_FRAMES = 1 << 16
+#: Frames decoded at a time past the last whole read before damage: a read
+#: that fails loses what it decoded (soundfile drops the block), so the file
+#: is read again up to the damage with small reads that lose little.
+_DAMAGED_READ_FRAMES = 1024
+#: Bytes copied at a time from a pipe into its temporary file.
+_COPY_BYTES = 1 << 20
+#: The most of the decoders' prints logged per pass: a long damaged MP3 can
+#: make libmpg123 print a note per frame.
+_MOST_PRINTS = 64 * 1024
+
+
+class AudioInputError(Exception):
+    """Audio input cannot be read; the message (one line) is for people."""
+
+
+def open_audio_file(path: str | os.PathLike[str], mixes: Sequence[Sequence[int]],
+                    channels_from: str = "audio.channels") -> AudioFile:
+    """``path`` probed: its header read (rate, channels, length) and its
+    first audio decoded, so that a file missing, a directory, unreadable,
+    not audio, damaged before any audio, of an implausible rate, empty, or
+    with fewer channels than ``mixes`` ask for (they come from
+    ``channels_from``) is an :class:`AudioInputError` now, one line naming
+    it. Nothing of the file is held but a pipe's copy (:func:`_copied`).
+    ``mixes``: per output, the channels mixed, numbered from 1 (``()``: all
+    of them)."""
+    mixes = _checked_mixes(mixes)
+    p = Path(path)
+    try:
+        if not p.exists():
+            raise AudioInputError(f"audio file {p} does not exist")
+        if p.is_dir():
+            raise AudioInputError(f"audio file {p} is a directory, not a file")
+        mode = p.stat().st_mode
+    except OSError as e:  # a name too long, a folder on the way that cannot be searched
+        raise AudioInputError(f"cannot read audio file {p}: {e.strerror or e}") from None
+    if stat.S_ISFIFO(mode):
+        return _probed(AudioFile(p, _copied(p), mixes, channels_from))
+    # As bytes on POSIX: soundfile encodes a str path strictly, so a name
+    # with bytes that are no UTF-8 (held as surrogates) would not open.
+    return _probed(AudioFile(p, str(p) if os.name == "nt" else os.fsencode(p), mixes,
+                             channels_from))
+
+
+def open_pipe_file(p: Path, head: bytes, fd: int, mixes: Sequence[Sequence[int]],
+                   channels_from: str = "audio.channels") -> AudioFile:
+    """:func:`open_audio_file` of a pipe already open as ``fd``, of which
+    ``head`` was read (a live reader's look at its first bytes): the rest is
+    copied to its end, and ``p`` names it in messages. ``fd`` is not
+    closed."""
+    return _probed(AudioFile(p, _copied(p, head, fd), _checked_mixes(mixes), channels_from))
+
+
+def _checked_mixes(mixes: Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...]:
+    if not mixes:
+        raise ValueError("no channel mix asked for")
+    for mix in mixes:
+        if any(c < 1 for c in mix) or len(set(mix)) != len(mix):
+            raise ValueError(f"channels must be distinct numbers from 1, got {tuple(mix)}")
+    return tuple(tuple(mix) for mix in mixes)
+
+
+def _copied(p: Path, head: bytes = b"", fd: int | None = None) -> BinaryIO:
+    """The bytes of the pipe ``p`` (``<(ffmpeg ...)``, ``/dev/stdin``;
+    ``head`` then the rest of ``fd`` when given) in a temporary file, deleted
+    once closed: libsndfile seeks in some formats (a FLAC or CAF from a pipe
+    was refused, or read as empty), and a file is read more than once (its
+    probe, each pass, a damaged one again). On disk, not in memory: the pipe
+    may hold hours of audio at its own rate. The whole pipe is copied
+    before its probe: it can be read again only so."""
+    try:
+        copy: BinaryIO = tempfile.TemporaryFile()  # noqa: SIM115 (AudioFile.close closes it)
+    except OSError as e:
+        raise AudioInputError(f"cannot copy audio from pipe {p} to a temporary file: "
+                              f"{e.strerror or e}") from None
+    try:
+        copy.write(head)
+        with open(p, "rb") if fd is None else open(fd, "rb", closefd=False) as source:
+            while block := source.read(_COPY_BYTES):
+                copy.write(block)
+        copy.flush()  # a full disk shows here, not in the decoder
+    except OSError as e:
+        copy.close()
+        raise AudioInputError(f"cannot copy audio from pipe {p} to a temporary file: "
+                              f"{e.strerror or e}") from None
+    return copy
+
+
+class AudioFile:
+    """A probed audio file (:func:`open_audio_file`): its header's facts,
+    and passes over its audio (:meth:`blocks`). A pipe's copy is held until
+    :meth:`close`."""
+
+    def __init__(self, path: Path, source: str | bytes | BinaryIO,
+                 mixes: tuple[tuple[int, ...], ...], channels_from: str) -> None:
+        self.path = path
+        self.mixes = mixes
+        self._source = source
+        self._channels_from = channels_from
+        self.rate = 0
+        self.channels = 0
+        self.frames: int | None = None
+        """Frames its header says (None: it does not say)."""
+        self._misread: Misread | None = None
+        # Warnings said already: every pass meets the same damage, and the
+        # probe's pass may meet it first.
+        self._said: set[str] = set()
+
+    @property
+    def samples(self) -> int | None:
+        """Each mix's length at 16 kHz as the header gives it (rounded as
+        soxr rounds a whole run; None where the header says no length): a
+        pass gives this many unless the file is damaged, or says less than
+        it holds in a way that is read to its end."""
+        if self.frames is None or self.rate <= 0:
+            return None
+        return (self.frames * SAMPLE_RATE * 2 + self.rate) // (2 * self.rate)
+
+    def blocks(self, mixes: Sequence[int] | None = None) -> FilePass:
+        """A new pass over the file: the outputs of the mixes numbered
+        ``mixes`` (indexes into :attr:`mixes`; None: all)."""
+        return FilePass(self, tuple(range(len(self.mixes))) if mixes is None else tuple(mixes))
+
+    def close(self) -> None:
+        """Let go of a pipe's copy (a file on disk holds nothing open)."""
+        if not isinstance(self._source, str | bytes):
+            self._source.close()
+
+    def __enter__(self) -> AudioFile:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _say(self, level: int, message: str, *args: object) -> None:
+        text = message % args
+        if text not in self._said:
+            self._said.add(text)
+            log.log(level, "%s", text)
+
+    def _check_channels(self, channels: int) -> None:
+        wanted = max((c for mix in self.mixes for c in mix), default=0)
+        if wanted > channels:
+            raise AudioInputError(f"{self._channels_from} asks for channel {wanted}, but audio "
+                                  f"file {self.path} has {channels} channel(s)")
+
+    def _open_sf(self) -> sf.SoundFile:
+        """The file opened by libsndfile from its start."""
+        if isinstance(self._source, str | bytes):
+            return sf.SoundFile(self._source)
+        self._source.seek(0)
+        return sf.SoundFile(self._source, closefd=False)
+
+    @contextlib.contextmanager
+    def _open_bytes(self) -> Iterator[BinaryIO]:
+        """The file's bytes from its start (for :class:`WavStreamDecoder`)."""
+        if isinstance(self._source, str | bytes):
+            with open(self._source, "rb") as f:
+                yield f
+        else:
+            self._source.seek(0)
+            yield self._source
+
+
+def _probed(audio: AudioFile) -> AudioFile:
+    """``audio`` with its header read and its first audio decoded (see
+    :func:`open_audio_file`); closed on an error."""
+    try:
+        _probe(audio)
+    except BaseException:
+        audio.close()
+        raise
+    return audio
+
+
+def _probe(audio: AudioFile) -> None:
+    p = audio.path
+    try:
+        with audio._open_bytes() as f:
+            found = misread_wav(f)
+        if found is not None and _probe_misread(audio, found):
+            return
+        with FilePass(audio, (0,), probe=True) as first:
+            f0 = first._prints
+            with f0.caught(), audio._open_sf() as f:
+                rate = int(f.samplerate)
+                if rate < MIN_FILE_RATE:
+                    raise AudioInputError(
+                        f"audio file {p} says {f.samplerate} Hz, below the {MIN_FILE_RATE} "
+                        "Hz of any speech recording (a damaged header?)")
+                if rate > MAX_FILE_RATE:
+                    raise AudioInputError(
+                        f"audio file {p} says {f.samplerate} Hz, above the {MAX_FILE_RATE} "
+                        "Hz of any audio recording (a damaged header?)")
+                audio._check_channels(int(f.channels))
+                audio.rate, audio.channels = rate, int(f.channels)
+                frames = int(f.frames)
+                # libsndfile says a huge count where a format keeps none.
+                audio.frames = frames if 0 <= frames < sys.maxsize // 2 else None
+            _first_audio(first)
+    except sf.LibsndfileError as e:
+        raise AudioInputError(
+            f"cannot decode audio file {p}: {e.error_string} (not audio, or a format "
+            "libsndfile does not read; convert it to WAV or FLAC)"
+        ) from None
+    except OSError as e:
+        raise AudioInputError(f"cannot read audio file {p}: {e.strerror or e}") from None
+    except AudioInputError:
+        raise
+    except Exception as e:  # soundfile raises assorted types (TypeError, RuntimeError...)
+        raise AudioInputError(f"cannot decode audio file {p}: {e}") from None
+
+
+def _first_audio(first: FilePass) -> None:
+    """Take blocks of ``first`` until one holds audio, or say the file has none."""
+    for block in first:
+        if len(block[0]):
+            return
+    raise AudioInputError(f"audio file {first.audio.path} contains no audio (zero samples)")
+
+
+def _probe_misread(audio: AudioFile, found: Misread) -> bool:
+    """Probe a WAV that libsndfile misreads
+    (:func:`~evoxtral_stream.audio.wavsizes.misread_wav`), read by
+    :class:`WavStreamDecoder`: one whose header says less audio than it
+    holds is read to the end of the file, with a warning; one of 24-bit
+    samples in 32-bit words as its header says. False where libsndfile
+    reads it after all: one that says less than it holds in an encoding
+    :class:`WavStreamDecoder` does not read (libsndfile reads what its
+    header says, with a warning); and one with a header the decoder finds
+    damaged (libsndfile's error or audio, as before)."""
+    p = audio.path
+    audio._misread = found
+    try:
+        with FilePass(audio, (0,), probe=True) as first:
+            _first_audio(first)
+    except WavStreamError as e:
+        audio._misread = None
+        if not found.extra:  # libsndfile says what it makes of it, as before
+            return False
+        if found.stated and e.other_format:
+            audio._say(logging.WARNING,
+                       "audio file %s holds more audio than its WAV header says (it says %.1f "
+                       "s, %.1f s more follow; a recording not closed properly?): only the %.1f "
+                       "s it says is read, as its encoding is read past that only as PCM or "
+                       "float samples", p, found.seconds(found.stated),
+                       found.seconds(found.extra), found.seconds(found.stated))
+            return False
+        if found.stated:  # a damaged header: libsndfile says what it makes of it
+            return False
+        if e.other_format:
+            raise AudioInputError(
+                f"audio file {p}: its WAV header says no audio (a recording not closed "
+                "properly?), and its encoding is read to the end of the file only as PCM "
+                "or float samples; convert it (ffmpeg -i FILE -c:a pcm_s16le out.wav)"
+            ) from None
+        raise AudioInputError(f"cannot decode audio file {p}: {e}") from None
+    size = found.stated + found.extra if found.extra else found.stated
+    audio.frames = size // found.frame_bytes if size else None
+    return True
+
+
+class FilePass(Iterator[list[Int16Array]]):
+    """One pass over an :class:`AudioFile`: each ``next`` decodes the next
+    block of the file, downmixed and resampled (:class:`MixResampler`), one
+    16 kHz mono int16 array per mix asked for, equally long; blocks may be
+    empty. Joined, they are what decoding the whole file gives, sample for
+    sample.
+
+    A file damaged part way ends where the damage is met, with a warning
+    naming the file (read again up to the damage in small reads, which
+    lose little of what precedes it); a WAV read to its end past what its
+    header says warns at the end. A failure past the probe (the file
+    deleted or cut short under the reader, a disk error) ends the pass
+    with one error line logged and :attr:`error` set: what came before it
+    is kept. :meth:`close` lets go of the file (a pass at its end has).
+
+    What the decoders print on file descriptor 2 (libmpg123's notes on an
+    MP3) is held while each block decodes and logged (DEBUG): in json
+    mode stderr must hold log records only. The log writer writes to its
+    own copy of stderr, so logging is not held; a native print of another
+    thread in those moments would be logged so too."""
+
+    def __init__(self, audio: AudioFile, mixes: tuple[int, ...], *, probe: bool = False) -> None:
+        self.audio = audio
+        self.error: str | None = None
+        """Why the pass ended before the file's end; None: it did not."""
+        self._wanted = mixes
+        self._probe = probe  # errors raised (to the probe), not logged
+        self._prints = _PrintCatcher(audio.path)
+        self._frames = 0
+        self._rate = audio.rate
+        self._gen = self._run()
+
+    def __next__(self) -> list[Int16Array]:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+        self._prints.close()
+
+    def __enter__(self) -> FilePass:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _mixer(self, rate: int, channels: int) -> MixResampler:
+        self._rate = rate
+        return MixResampler(rate, channels, [self.audio.mixes[i] for i in self._wanted])
+
+    def _run(self) -> Generator[list[Int16Array], None, None]:
+        mixers: list[MixResampler] = []  # the one made once the format is known
+        try:
+            if self.audio._misread is not None:
+                yield from self._wav(self.audio._misread, mixers)
+            else:
+                yield from self._sndfile(mixers)
+        except GeneratorExit:
+            raise
+        except Exception as e:
+            if self._probe:
+                raise
+            if isinstance(e, sf.LibsndfileError):
+                why = e.error_string.strip()
+            elif isinstance(e, OSError):
+                why = e.strerror or str(e)
+            else:
+                why = str(e) or type(e).__name__
+            seconds = self._frames / self._rate if self._rate else 0.0
+            self.error = (f"cannot read audio file {self.audio.path} past {seconds:.1f} s: "
+                          f"{why}; its audio ends there")
+            log.error("%s", self.error)
+        finally:
+            self._prints.close()
+        if mixers:
+            yield mixers[0].flush()
+
+    def _sndfile(self, mixers: list[MixResampler]) -> Iterator[list[Int16Array]]:
+        catch = self._prints.caught
+        damage: sf.LibsndfileError | None = None
+        with catch():
+            f = self.audio._open_sf()
+        with f:
+            mixers.append(self._mixer(int(f.samplerate), int(f.channels)))
+            while True:
+                try:
+                    with catch():
+                        block = f.read(_READ_FRAMES, dtype="float32", always_2d=True)
+                except sf.LibsndfileError as e:
+                    damage = e
+                    break
+                if not len(block):
+                    return
+                self._frames += len(block)
+                yield mixers[0].process(block)
+        # Read again up to the damage, as the blocks before it were read
+        # (they decoded then), then in small reads up to the damage.
+        with catch():
+            f = self.audio._open_sf()
+        with f:
+            again = 0
+            while again < self._frames:
+                with catch():
+                    block = f.read(min(_READ_FRAMES, self._frames - again), dtype="float32",
+                                   always_2d=True)
+                if not len(block):
+                    break
+                again += len(block)
+            while again == self._frames:
+                try:
+                    with catch():
+                        block = f.read(_DAMAGED_READ_FRAMES, dtype="float32", always_2d=True)
+                except sf.LibsndfileError:
+                    break
+                if not len(block):
+                    break
+                again += len(block)
+                self._frames += len(block)
+                yield mixers[0].process(block)
+        if self._frames == 0:
+            raise damage
+        self.audio._say(logging.WARNING, "audio file %s is damaged %.1f s in (%s): only the "
+                        "audio before that is read", self.audio.path, self._frames / self._rate,
+                        damage.error_string.strip())
+
+    def _wav(self, found: Misread, mixers: list[MixResampler]) -> Iterator[list[Int16Array]]:
+        decoder = WavStreamDecoder(to_end=bool(found.extra))
+        read_bytes = _READ_FRAMES * found.frame_bytes
+        with self.audio._open_bytes() as f:
+            f.seek(0)
+            while block := f.read(read_bytes):
+                frames = decoder.feed(block)
+                if not mixers and decoder.format is not None:
+                    self.audio._check_channels(decoder.format.channels)
+                    self.audio.rate = decoder.format.rate
+                    self.audio.channels = decoder.format.channels
+                    mixers.append(self._mixer(decoder.format.rate, decoder.format.channels))
+                if mixers and len(frames):
+                    self._frames += len(frames)
+                    yield mixers[0].process(frames)
+                if decoder.ended:  # what follows the audio the header states is no audio
+                    break
+            decoder.finish()
+        # finish() raised for a file whose audio never began.
+        assert decoder.format is not None
+        seconds = decoder.frames / decoder.format.rate
+        p = self.audio.path
+        if found.extra and found.stated:
+            self.audio._say(logging.WARNING, "audio file %s holds more audio than its WAV header "
+                            "says (it says %.1f s; a recording not closed properly?): read to "
+                            "the end of the file, %.1f s", p, found.seconds(found.stated), seconds)
+        elif found.extra:
+            self.audio._say(logging.WARNING, "audio file %s: its WAV header says no audio (a "
+                            "recording not closed properly?): read to the end of the file, "
+                            "%.1f s", p, seconds)
+
+
+class _PrintCatcher:
+    """Holds what is printed on file descriptor 2 around each decoder call
+    (:meth:`caught`) in one temporary file, and logs it (DEBUG): libmpg123
+    prints its notes there (an MP3 frame it resyncs past; some even for an
+    MP3 that LAME wrote), past logging."""
+
+    def __init__(self, p: Path) -> None:
+        self._p = p
+        self._held: BinaryIO | None = None
+        self._saved = -1
+        self._usable = True
+        self._logged = 0
+        self._seen: set[str] = set()
+
+    @contextlib.contextmanager
+    def caught(self) -> Iterator[None]:
+        if self._held is None and self._usable:
+            try:
+                self._held = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close)
+                self._saved = os.dup(2)
+            except OSError:  # no descriptor 2, or no temporary folder: as they were
+                self.close()
+                self._usable = False
+        held = self._held
+        if held is None:
+            yield
+            return
+        with contextlib.suppress(Exception):  # a closed or odd sys.stderr
+            sys.stderr.flush()
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(self._saved, 2)
+            self._log(held)
+
+    def _log(self, held: BinaryIO) -> None:
+        end = held.tell()
+        if not end:
+            return
+        held.seek(0)
+        text = held.read(max(0, _MOST_PRINTS - self._logged)).decode("utf-8", "replace")
+        self._logged += min(end, _MOST_PRINTS)
+        held.seek(0)
+        held.truncate()
+        for line in text.splitlines():
+            line = line.strip()
+            if line and line not in self._seen:  # once each: resync notes repeat
+                self._seen.add(line)
+                log.debug("audio file %s: decoder says: %s", self._p, line)
+
+    def close(self) -> None:
+        if self._held is not None:
+            self._held.close()
+            self._held = None
+        if self._saved >= 0:
+            os.close(self._saved)
+            self._saved = -1
+
+
+def joined(blocks: Iterator[list[Int16Array]], outputs: int) -> list[Int16Array]:
+    """The blocks of a pass joined: one array per output."""
+    parts: list[list[Int16Array]] = [[] for _ in range(outputs)]
+    for block in blocks:
+        for out, part in zip(parts, block, strict=True):
+            out.append(part)
+    return [np.concatenate(part) if part else np.zeros(0, np.int16) for part in parts]

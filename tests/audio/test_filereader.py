@@ -1,0 +1,170 @@
+"""Audio files probed up front and decoded lazily (audio/filereader.py)."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf  # type: ignore[import-untyped,unused-ignore]
+
+from evoxtral_stream.audio.filereader import AudioFile, AudioInputError, open_audio_file
+from evoxtral_stream.audio.resample import MixResampler
+from evoxtral_stream.audio.sources import read_audio_channels
+from evoxtral_stream.events import SAMPLE_RATE, Int16Array
+from tests.helpers.audio import HAVE_SOX
+
+
+def _lazy(audio: AudioFile, mixes: list[int] | None = None) -> list[Int16Array]:
+    """A pass's blocks joined, checking that each block is equally long in every mix."""
+    n = len(audio.mixes) if mixes is None else len(mixes)
+    parts: list[list[Int16Array]] = [[] for _ in range(n)]
+    with audio.blocks(mixes) as blocks:
+        for block in blocks:
+            assert len({len(b) for b in block}) == 1
+            for part, b in zip(parts, block, strict=True):
+                part.append(b)
+        assert blocks.error is None
+    return [np.concatenate(p) for p in parts]
+
+
+def _whole(path: Path, mixes: list[tuple[int, ...]]) -> list[Int16Array]:
+    """The file decoded whole, then converted in one call (the filter's
+    state carries across blocks, so blocks change nothing)."""
+    x, rate = sf.read(path, dtype="float32", always_2d=True)
+    convert = MixResampler(rate, x.shape[1], mixes)
+    return [np.concatenate([a, b]) for a, b in
+            zip(convert.process(x), convert.flush(), strict=True)]
+
+
+@pytest.mark.parametrize("rate", [8000, 16000, 22050, 44100, 48000])
+@pytest.mark.parametrize("channels", [1, 2])
+def test_a_pass_gives_the_samples_of_the_whole_file(
+        tmp_path: Path, rate: int, channels: int) -> None:
+    """3.3 s (several blocks at every rate but 8 kHz): the blocks of a pass
+    of every mix at once, and of each mix alone, are the whole read's,
+    sample for sample; the header's length is theirs."""
+    rng = np.random.default_rng(rate + channels)
+    x = rng.uniform(-0.6, 0.6, (int(3.3 * rate), channels)).astype(np.float32)
+    path = tmp_path / "a.flac"
+    sf.write(path, x, rate, subtype="PCM_16")
+    mixes: list[tuple[int, ...]] = [(), (1,)] if channels == 1 else [(), (1,), (2,), (2, 1)]
+    whole = _whole(path, mixes)
+    with open_audio_file(path, mixes) as audio:
+        assert audio.samples == len(whole[0])
+        for got, want in zip(_lazy(audio), whole, strict=True):
+            np.testing.assert_array_equal(got, want)
+        for i, want in enumerate(whole):
+            np.testing.assert_array_equal(_lazy(audio, [i])[0], want)
+    for got, want in zip(read_audio_channels(path, mixes), whole, strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_a_damaged_file_warns_when_a_pass_meets_the_damage(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A FLAC cut short 60 % in: the probe says nothing; each pass gives the
+    audio up to the cut (recovered in small reads near it) and the same
+    blocks as the whole read; the warning is said once, when met."""
+    x = np.random.default_rng(2).integers(-8000, 8000, (12 * 44100, 2)).astype(np.int16)
+    whole = tmp_path / "whole.flac"
+    sf.write(whole, x, 44100, format="FLAC")
+    data = whole.read_bytes()
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"):
+        with open_audio_file(cut, [(), (2,)]) as audio:
+            assert not caplog.records
+            first = _lazy(audio)
+            assert len(caplog.records) == 1
+            assert _lazy(audio, [1])[0].tolist() == first[1].tolist()
+        whole_read = read_audio_channels(cut, [(), (2,)])
+    for got, want in zip(first, whole_read, strict=True):
+        np.testing.assert_array_equal(got, want)
+    # Up to the last whole FLAC frame before the cut, as the whole read was.
+    assert 0.6 * 12 * SAMPLE_RATE - 2 * 4096 < len(first[0]) <= 0.6 * 12 * SAMPLE_RATE
+    (warning,) = {r.getMessage() for r in caplog.records}
+    assert "cut.flac" in warning and "damaged" in warning
+
+
+def test_a_wav_libsndfile_misreads_is_read_lazily_to_its_end(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A 48 kHz stereo WAV whose data size was never written (0): a pass
+    gives what the same file with its sizes right gives, and the warning
+    comes at its end, once."""
+    x = np.random.default_rng(5).uniform(-0.5, 0.5, (5 * 48000, 2)).astype(np.float32)
+    right, unsized = tmp_path / "right.wav", tmp_path / "rec.wav"
+    sf.write(right, x, 48000, subtype="PCM_16")
+    b = bytearray(right.read_bytes())
+    at = b.index(b"data")
+    b[at + 4:at + 8] = (0).to_bytes(4, "little")
+    unsized.write_bytes(bytes(b))
+    mixes: list[tuple[int, ...]] = [(), (2,)]
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"), \
+            open_audio_file(unsized, mixes) as audio:
+        assert (audio.rate, audio.channels) == (48000, 2)
+        assert audio.samples == 5 * SAMPLE_RATE
+        got = _lazy(audio)
+    for g, want in zip(got, _whole(right, mixes), strict=True):
+        np.testing.assert_array_equal(g, want)
+    (warning,) = {r.getMessage() for r in caplog.records}
+    assert "read to the end of the file, 5.0 s" in warning
+
+
+def test_every_problem_is_found_by_the_probe_without_decoding_the_file(
+        tmp_path: Path) -> None:
+    """The probe refuses what the whole read refused (a missing file, a
+    channel it lacks, no audio) and decodes only its first block."""
+    with pytest.raises(AudioInputError, match="does not exist"):
+        open_audio_file(tmp_path / "none.wav", [()])
+    path = tmp_path / "mono.wav"
+    sf.write(path, np.zeros(SAMPLE_RATE, np.int16), SAMPLE_RATE)
+    with pytest.raises(AudioInputError, match=r"audio.channels asks for channel 2"):
+        open_audio_file(path, [(2,)])
+    sf.write(tmp_path / "empty.wav", np.zeros(0, np.int16), SAMPLE_RATE)
+    with pytest.raises(AudioInputError, match="contains no audio"):
+        open_audio_file(tmp_path / "empty.wav", [()])
+
+
+def test_a_file_gone_after_its_probe_ends_its_pass_with_one_error_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Deleted between the probe and the pass (while the model loads, say):
+    the pass ends at once, logs one error line and says why."""
+    path = tmp_path / "gone.wav"
+    sf.write(path, np.zeros(SAMPLE_RATE, np.int16), SAMPLE_RATE)
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"), \
+            open_audio_file(path, [()]) as audio:
+        path.unlink()
+        with audio.blocks() as blocks:
+            assert list(blocks) == []
+    (record,) = caplog.records
+    assert record.levelno == logging.ERROR and "\n" not in record.getMessage()
+    assert record.getMessage() == blocks.error
+    assert f"cannot read audio file {path} past 0.0 s" in record.getMessage()
+
+
+@pytest.mark.skipif(not HAVE_SOX, reason="sox is not installed")
+def test_a_long_file_is_decoded_in_bounded_memory(tmp_path: Path) -> None:
+    """20 minutes of 48 kHz stereo (460 MB as float frames, 38 MB at 16 kHz
+    mono): a pass peaks at a few blocks, whatever the file's length, where
+    the whole read held the 16 kHz result at least."""
+    import tracemalloc
+
+    path = tmp_path / "long.wav"
+    subprocess.run(["sox", "-n", "-r", "48000", "-c", "2", "-b", "16", str(path),
+                    "synth", "1200", "whitenoise", "vol", "0.1"], check=True)
+    whole_bytes = 1200 * SAMPLE_RATE * 2
+    with open_audio_file(path, [(), (1,)]) as audio:
+        assert audio.samples == 1200 * SAMPLE_RATE
+        samples = 0
+        tracemalloc.start()
+        try:
+            with audio.blocks() as blocks:
+                for block in blocks:
+                    samples += len(block[0])
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert samples == 1200 * SAMPLE_RATE
+    assert peak < whole_bytes / 8, f"peak {peak / 1e6:.1f} MB"
