@@ -119,6 +119,35 @@ def test_unreadable_empty_and_missing_audio(tmp_path: Path) -> None:
             if n in ln] == ["garbage.wav", "empty.wav", "missing.flac"], proc.stderr
 
 
+@pytest.mark.skipif(shutil.which("sox") is None, reason="sox is not installed")
+def test_transcribe_checks_its_files_before_the_model_without_decoding_them(
+        tmp_path: Path) -> None:
+    """Two 5-minute 48 kHz stereo files, both channels asked for apart and
+    mixed: transcribe checks every file before the model loads, and holds
+    none of their audio then (it decoded every file of the batch whole
+    first, one array per mix: 29 MB here, 115 MB per audio-hour a mix); a
+    file is decoded as it is fed (tests/test_run.py)."""
+    import tracemalloc
+
+    from evoxtral_stream.cli.transcribe import _read_files
+
+    paths = [tmp_path / "a.wav", tmp_path / "b.wav"]
+    for path in paths:
+        subprocess.run(["sox", "-n", "-r", "48000", "-c", "2", "-b", "16", str(path),
+                        "synth", "300", "whitenoise", "vol", "0.1"], check=True)
+    mixes = [(1,), (2,), ()]
+    whole = len(paths) * len(mixes) * 300 * SAMPLE_RATE * 2
+    tracemalloc.start()
+    try:
+        with contextlib.ExitStack() as stack:
+            files = _read_files(paths, mixes, stack)
+            _, peak = tracemalloc.get_traced_memory()
+            assert [f.samples for f in files] == [300 * SAMPLE_RATE] * 2
+    finally:
+        tracemalloc.stop()
+    assert peak < whole / 20, f"peak {peak / 1e6:.1f} MB for {whole / 1e6:.1f} MB of audio"
+
+
 def _speech_file(path: Path, text: str, rate: int, channels: int, **fmt: str) -> None:
     x = resample(speak(text).astype(np.float32) / 32768, SAMPLE_RATE, rate)
     sf.write(path, np.stack([x] * channels, axis=1), rate, **fmt)

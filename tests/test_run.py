@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf  # type: ignore[import-untyped,unused-ignore]
 
+from evoxtral_stream.audio.filereader import FileMix, open_audio_file
+from evoxtral_stream.audio.sources import read_audio_channels
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.engine import Engine, Stream
-from evoxtral_stream.events import SAMPLE_RATE, EngineEvent, Int16Array, StreamEnded
+from evoxtral_stream.events import (
+    SAMPLE_RATE,
+    EngineEvent,
+    Int16Array,
+    StreamEnded,
+    StreamError,
+)
 from evoxtral_stream.run import FileJob, LatencyLog, transcribe_samples
 from tests.fakes import ScriptedBackend, words_so_far
 from tests.speech import have_espeak, speech_with_pauses
@@ -119,3 +129,83 @@ async def test_realtime_a_channel_whose_push_raises_costs_the_other_channel_noth
     refused = chunks - 9
     assert f"(stream talk-1) failed {refused} more block(s) ({refused + 3} in all)" \
         in caplog.text
+
+
+@pytest.mark.parametrize("realtime", [False, True])
+async def test_a_file_is_fed_as_it_is_decoded_the_samples_of_the_whole_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, realtime: bool) -> None:
+    """A 44.1 kHz stereo file split in its channels and a 48 kHz mono one,
+    each a mix of a file decoded as it is fed: every stream is pushed what
+    read whole gives it, sample for sample, in chunks of file_chunk_ms; the
+    channels of the file in step (at most a chunk apart) in real time."""
+    cfg = load_config(overrides={"audio.file_chunk_ms": 100}, env={})
+    rng = np.random.default_rng(4)
+    stereo, mono = tmp_path / "talk.flac", tmp_path / "desk.wav"
+    sf.write(stereo, rng.uniform(-0.5, 0.5, (int(2.2 * 44100), 2)), 44100, subtype="PCM_16")
+    sf.write(mono, rng.uniform(-0.5, 0.5, int(1.3 * 48000)), 48000, subtype="PCM_16")
+    pushes: dict[str, list[Int16Array]] = {}
+    order: list[tuple[str, int]] = []
+    real_push = Stream.push
+
+    def push(self: Stream, samples: Int16Array) -> None:
+        pushes.setdefault(self.id, []).append(samples.copy())
+        order.append((self.id, sum(len(x) for x in pushes[self.id])))
+        real_push(self, samples)
+
+    monkeypatch.setattr(Stream, "push", push)
+    with open_audio_file(stereo, [(1,), (2,)]) as talk, open_audio_file(mono, [()]) as desk:
+        jobs = [FileJob("talk-1", FileMix(talk, 0), file="talk"),
+                FileJob("talk-2", FileMix(talk, 1), file="talk"),
+                FileJob("desk", FileMix(desk, 0), file="desk")]
+        async with Engine(cfg, ScriptedBackend(lambda a: "hi")) as engine:
+            summaries = await transcribe_samples(cfg, engine, jobs, realtime=realtime)
+    want = dict(zip(["talk-1", "talk-2"], read_audio_channels(stereo, [(1,), (2,)]),
+                    strict=True))
+    want["desk"] = read_audio_channels(mono, [()])[0]
+    for name, samples in want.items():
+        np.testing.assert_array_equal(np.concatenate(pushes[name]), samples)
+        assert {len(x) for x in pushes[name][:-1]} == {SAMPLE_RATE // 10}
+    assert [s.errors for s in summaries] == [0, 0, 0]
+    if realtime:
+        for i, (name, at) in enumerate(order):
+            if name.startswith("talk-"):
+                other = "talk-2" if name == "talk-1" else "talk-1"
+                done = max((n for s, n in order[:i] if s == other), default=0)
+                assert at - done <= SAMPLE_RATE // 10
+
+
+@pytest.mark.parametrize("realtime", [False, True])
+async def test_a_file_gone_before_it_is_fed_ends_its_streams_the_others_go_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, realtime: bool) -> None:
+    """A file deleted after its probe (while the model loads): its stream
+    logs one error line, gets an audio_input_lost error and ends (counted
+    in its summary's errors); the other file's stream gets all its audio
+    and its finals."""
+    cfg = load_config(overrides={"audio.file_chunk_ms": 100}, env={})
+    audio, spans = speech_with_pauses(["hello there", "good morning"], pause_s=1.0) \
+        if have_espeak() else (_noise(1.5, 5), [])
+    good, gone = tmp_path / "good.wav", tmp_path / "gone.wav"
+    sf.write(good, audio, SAMPLE_RATE)
+    sf.write(gone, audio, SAMPLE_RATE)
+    events: list[EngineEvent] = []
+    caplog.set_level(logging.INFO)
+    with open_audio_file(good, [()]) as a, open_audio_file(gone, [()]) as b:
+        gone.unlink()
+        jobs = [FileJob("good", FileMix(a, 0), file="good"),
+                FileJob("gone", FileMix(b, 0), file="gone")]
+        captions = LatencyLog()
+        async with Engine(cfg, ScriptedBackend(words_so_far)) as engine:
+            engine.add_listener(captions)
+            engine.add_listener(events.append)
+            summaries = await transcribe_samples(cfg, engine, jobs, realtime=realtime)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"cannot read audio file {gone} past 0.0 s" in errors[0], errors
+    (lost,) = [e for e in events if isinstance(e, StreamError)]
+    assert (lost.stream, lost.code, lost.message) == ("gone", "audio_input_lost", errors[0])
+    assert [s.errors for s in summaries] == [0, 1]
+    assert summaries[0].duration_s == pytest.approx(len(audio) / SAMPLE_RATE)
+    assert summaries[1].duration_s == 0
+    assert [e.stream for e in events if isinstance(e, StreamEnded)] in (
+        ["good", "gone"], ["gone", "good"])
+    assert summaries[0].finals == len([c for c in captions.captions("good") if c.final])
+    assert summaries[0].finals >= len(spans)

@@ -10,38 +10,106 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
+from .audio.filereader import FileMix, FilePass
 from .audio.receivers import RouteReceiver
-from .audio.sources import iter_chunks
+from .audio.sources import iter_chunks, rechunked
 from .config import Config
 from .engine.engine import Engine, Stream, StreamSummary
 from .events import SAMPLE_RATE, CaptionEvent, EngineEvent, Int16Array
 from .text.tags import join_texts
 
 __all__ = ["FileJob", "LatencyLog", "feed_samples", "final_text", "play_together",
-           "transcribe_samples"]
+           "total_samples", "transcribe_samples"]
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class FileJob:
-    """One input to stream: its stream id and its 16 kHz mono audio."""
+    """One input to stream: its stream id and its 16 kHz mono audio, held
+    or one mix of a file decoded as it is fed (:class:`FileMix`)."""
 
     stream: str
-    samples: Int16Array
+    samples: Int16Array | FileMix
     file: str | None = None
     """The recording the stream is one channel of: fed in real time, the
     jobs of one ``file`` share a clock (:func:`play_together`); None: a
     recording of its own."""
 
 
+#: The audio of a stream: held, or a file's mix decoded as it is fed.
+Samples = Int16Array | FileMix
+
+
+def total_samples(sources: Sequence[Samples]) -> int | None:
+    """The samples ``sources`` hold, a file's as its header says (None
+    where one says no length)."""
+    total = 0
+    for source in sources:
+        n = source.samples if isinstance(source, FileMix) else len(source)
+        if n is None:
+            return None
+        total += n
+    return total
+
+
+def _in_step(sources: Sequence[Samples], chunk_samples: int, stack: contextlib.ExitStack
+             ) -> tuple[Iterator[list[Int16Array]], list[tuple[FilePass, list[int]]]]:
+    """Per step, a chunk of each of ``sources`` (an empty one once it has
+    ended), until they all have; and the passes over files that make them,
+    each with the indexes of its sources (``stack`` closes the passes).
+    The mixes of one file come from one pass, so they stay in step and the
+    file is decoded once; a pass holds a block, never the file."""
+    empty = np.zeros(0, np.int16)
+    parts: list[tuple[list[int], Iterator[list[Int16Array]]]] = []
+    files: dict[int, list[tuple[int, FileMix]]] = {}
+    for i, source in enumerate(sources):
+        if isinstance(source, FileMix):
+            files.setdefault(id(source.audio), []).append((i, source))
+        else:
+            parts.append(([i], ([c] for c in iter_chunks(source, chunk_samples))))
+    passes: list[tuple[FilePass, list[int]]] = []
+    for mixes in files.values():
+        indexes = [i for i, _ in mixes]
+        blocks = stack.enter_context(mixes[0][1].audio.blocks([m.mix for _, m in mixes]))
+        passes.append((blocks, indexes))
+        parts.append((indexes, rechunked(blocks, len(indexes), chunk_samples)))
+
+    def steps() -> Iterator[list[Int16Array]]:
+        while True:
+            step = [empty] * len(sources)
+            more = False
+            for indexes, chunks in parts:
+                got = next(chunks, None)
+                if got is not None:
+                    more = True
+                    for i, chunk in zip(indexes, got, strict=True):
+                        step[i] = chunk
+            if not more:
+                return
+            yield step
+    return steps(), passes
+
+
+def _report_read_errors(streams: Sequence[Stream],
+                        passes: Sequence[tuple[FilePass, list[int]]]) -> None:
+    """Tell the streams of a file whose pass ended on an error (logged
+    already) why their audio ended early."""
+    for blocks, indexes in passes:
+        if blocks.error is not None:
+            for i in indexes:
+                streams[i].report_error("audio_input_lost", blocks.error)
+
+
 async def feed_samples(
     stream: Stream,
-    samples: Int16Array,
+    samples: Samples,
     chunk_samples: int,
     *,
     realtime: bool,
@@ -53,24 +121,31 @@ async def feed_samples(
     Otherwise the feeder goes as fast as the model allows while still getting
     every partial: it waits for the stream's partial in flight, and while a
     batch's worth of its finals are outstanding (:meth:`Stream.wait_idle`).
+
+    A file's mix is decoded as it is fed; a file that fails to read part
+    way ends the stream there (one error line logged, an
+    ``audio_input_lost`` error to its listeners), with its finals.
     """
     t0 = time.monotonic()
     pushed = 0
-    for chunk in iter_chunks(samples, chunk_samples):
-        stream.push(chunk)
-        pushed += len(chunk)
-        if progress is not None:
-            progress(len(chunk))
-        if realtime:
-            delay = t0 + pushed / SAMPLE_RATE - time.monotonic()
-            await asyncio.sleep(max(0.0, delay))
-        else:
-            await stream.wait_idle()
-            await asyncio.sleep(0)
+    with contextlib.ExitStack() as stack:
+        steps, passes = _in_step([samples], chunk_samples, stack)
+        for (chunk,) in steps:
+            stream.push(chunk)
+            pushed += len(chunk)
+            if progress is not None:
+                progress(len(chunk))
+            if realtime:
+                delay = t0 + pushed / SAMPLE_RATE - time.monotonic()
+                await asyncio.sleep(max(0.0, delay))
+            else:
+                await stream.wait_idle()
+                await asyncio.sleep(0)
+        _report_read_errors([stream], passes)
     return await stream.close()
 
 
-async def play_together(feeds: Sequence[tuple[Stream, Int16Array]],
+async def play_together(feeds: Sequence[tuple[Stream, Samples]],
                         chunk_samples: int,
                         progress: Callable[[int], None] | None = None) -> list[StreamSummary]:
     """Push each stream its samples at real-time pace, all on one clock: at
@@ -83,27 +158,35 @@ async def play_together(feeds: Sequence[tuple[Stream, Int16Array]],
     (:class:`~evoxtral_stream.audio.receivers.RouteReceiver`): the failure
     is logged with its traceback (throttled) and counted, that stream misses
     the chunks it refuses and is still offered the next, and every other
-    stream gets all of its audio and its finals."""
+    stream gets all of its audio and its finals.
+
+    A file's mixes come from one pass over it, decoded as they are fed
+    (:class:`FileMix`); a file that fails to read part way ends its
+    streams there (one error line logged, an ``audio_input_lost`` error to
+    their listeners), with their finals, and the others go on."""
     if chunk_samples < 1:
         raise ValueError(f"chunk_samples must be at least 1, got {chunk_samples}")
     receivers = [RouteReceiver(stream.push, f"audio route {i} of {len(feeds)} "
                                             f"(stream {stream.id})")
                  for i, (stream, _) in enumerate(feeds, 1)]
     t0 = time.monotonic()
-    length = max((len(samples) for _, samples in feeds), default=0)
-    try:
-        for at in range(0, length, chunk_samples):
-            for receiver, (_, samples) in zip(receivers, feeds, strict=True):
-                chunk = samples[at:at + chunk_samples]
-                if len(chunk):
-                    receiver(chunk)
-                    if progress is not None:
-                        progress(len(chunk))
-            delay = t0 + min(at + chunk_samples, length) / SAMPLE_RATE - time.monotonic()
-            await asyncio.sleep(max(0.0, delay))
-    finally:  # the end of the file, or a stop: the failures not logged yet
-        for receiver in receivers:
-            receiver.report_rest()
+    at = 0
+    with contextlib.ExitStack() as stack:
+        try:
+            steps, passes = _in_step([samples for _, samples in feeds], chunk_samples, stack)
+            for step in steps:
+                for receiver, chunk in zip(receivers, step, strict=True):
+                    if len(chunk):
+                        receiver(chunk)
+                        if progress is not None:
+                            progress(len(chunk))
+                at += max(len(chunk) for chunk in step)  # every stream's time goes on
+                delay = t0 + at / SAMPLE_RATE - time.monotonic()
+                await asyncio.sleep(max(0.0, delay))
+        finally:  # the end of the file, or a stop: the failures not logged yet
+            for receiver in receivers:
+                receiver.report_rest()
+        _report_read_errors([stream for stream, _ in feeds], passes)
     return list(await asyncio.gather(*(stream.close() for stream, _ in feeds)))
 
 
@@ -149,7 +232,7 @@ async def transcribe_samples(
     streams = [engine.open_stream(job.stream, source="file", paced=realtime) for job in jobs]
     feeding: asyncio.Future[list[Any]]
     if realtime:
-        recordings: dict[str | int, list[tuple[Stream, Int16Array]]] = {}
+        recordings: dict[str | int, list[tuple[Stream, Samples]]] = {}
         for i, (s, job) in enumerate(zip(streams, jobs, strict=True)):
             recordings.setdefault(i if job.file is None else job.file, []).append((s, job.samples))
         feeding = asyncio.gather(*(play_together(feeds, chunk, progress)

@@ -374,8 +374,9 @@ async def _files(cfg: Config, engine: Engine, clip: Clip, out: Outcome) -> None:
     ``worker.max_wait_ms`` past :data:`FILE_WAIT_MS` as live sources ahead
     of time push theirs (the file reader waits for every partial, and the
     worker up to max_wait_ms before each: seconds a seed, by design)."""
-    jobs = [FileJob("a", clip.audio), FileJob("b", clip.audio[: len(clip.audio) // 2])]
-    out.streams.update((j.stream, len(j.samples) / SAMPLE_RATE) for j in jobs)
+    audio = {"a": clip.audio, "b": clip.audio[: len(clip.audio) // 2]}
+    jobs = [FileJob(name, samples) for name, samples in audio.items()]
+    out.streams.update((name, len(samples) / SAMPLE_RATE) for name, samples in audio.items())
     if cfg.worker.max_wait_ms <= FILE_WAIT_MS:
         await transcribe_samples(cfg, engine, jobs, realtime=False)
         return
@@ -383,8 +384,9 @@ async def _files(cfg: Config, engine: Engine, clip: Clip, out: Outcome) -> None:
 
     async def live(job: FileJob) -> None:
         stream = engine.open_stream(job.stream, source="file")
-        for i in range(0, len(job.samples), chunk):
-            stream.push(job.samples[i:i + chunk])
+        samples = audio[job.stream]
+        for i in range(0, len(samples), chunk):
+            stream.push(samples[i:i + chunk])
             await asyncio.sleep(0)
         await stream.close()
 

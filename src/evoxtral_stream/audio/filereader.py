@@ -18,6 +18,7 @@ import stat
 import sys
 import tempfile
 from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
@@ -35,7 +36,8 @@ from evoxtral_stream.audio.wavstream import (
 )
 from evoxtral_stream.events import SAMPLE_RATE, Int16Array
 
-__all__ = ["AudioFile", "AudioInputError", "FilePass", "open_audio_file", "open_pipe_file"]
+__all__ = ["AudioFile", "AudioInputError", "FileMix", "FilePass", "joined", "open_audio_file",
+           "open_pipe_file"]
 
 log = logging.getLogger(__name__)
 
@@ -527,3 +529,18 @@ def joined(blocks: Iterator[list[Int16Array]], outputs: int) -> list[Int16Array]
         for out, part in zip(parts, block, strict=True):
             out.append(part)
     return [np.concatenate(part) if part else np.zeros(0, np.int16) for part in parts]
+
+
+@dataclass(frozen=True)
+class FileMix:
+    """One output of an :class:`AudioFile` (its mix numbered ``mix`` in
+    :attr:`AudioFile.mixes`): what a stream of the file is fed, a pass at
+    a time."""
+
+    audio: AudioFile
+    mix: int
+
+    @property
+    def samples(self) -> int | None:
+        """Its length as the header gives it (:attr:`AudioFile.samples`)."""
+        return self.audio.samples

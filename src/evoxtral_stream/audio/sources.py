@@ -7,8 +7,10 @@ microphone is in :mod:`evoxtral_stream.audio.microphone`.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+
+import numpy as np
 
 from evoxtral_stream.audio.filereader import (
     AudioFile,
@@ -21,7 +23,7 @@ from evoxtral_stream.audio.wavstream import MAX_FILE_RATE, MIN_FILE_RATE
 from evoxtral_stream.events import Int16Array
 
 __all__ = ["MAX_FILE_RATE", "MIN_FILE_RATE", "AudioInputError", "iter_chunks",
-           "read_audio_channels", "read_audio_file", "read_pipe_channels"]
+           "read_audio_channels", "read_audio_file", "read_pipe_channels", "rechunked"]
 
 # --- files ------------------------------------------------------------------
 
@@ -98,3 +100,27 @@ def iter_chunks(samples: Int16Array, chunk_samples: int) -> Iterator[Int16Array]
         raise ValueError(f"chunk_samples must be at least 1, got {chunk_samples}")
     for i in range(0, len(samples), chunk_samples):
         yield samples[i : i + chunk_samples]
+
+
+def rechunked(blocks: Iterable[Sequence[Int16Array]], outputs: int,
+              chunk_samples: int) -> Iterator[list[Int16Array]]:
+    """The blocks of several equally long outputs (a pass over a file's
+    mixes: :meth:`~evoxtral_stream.audio.filereader.AudioFile.blocks`)
+    in chunks of ``chunk_samples``, one per output: what :func:`iter_chunks`
+    gives of each output joined whole (the last may be shorter). Holds
+    less than a chunk and a block."""
+    if chunk_samples < 1:
+        raise ValueError(f"chunk_samples must be at least 1, got {chunk_samples}")
+    held = [np.zeros(0, np.int16) for _ in range(outputs)]
+    for block in blocks:
+        if len(block) != outputs or len({len(b) for b in block}) > 1:
+            raise ValueError(f"expected {outputs} equally long outputs a block")
+        if not len(block[0]):
+            continue
+        held = [np.concatenate([h, b]) for h, b in zip(held, block, strict=True)]
+        whole = len(held[0]) - len(held[0]) % chunk_samples
+        for at in range(0, whole, chunk_samples):
+            yield [h[at:at + chunk_samples] for h in held]
+        held = [h[whole:] for h in held]
+    if len(held[0]):
+        yield held

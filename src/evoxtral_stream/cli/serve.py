@@ -14,9 +14,9 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from ..audio.filereader import AudioFile, FileMix, open_audio_file, open_pipe_file
 from ..audio.microphone import ChannelRoute, usable_input_device
 from ..audio.pipe import NotLiveAudio, PipeCapture, PipeEnd, is_live_pipe
-from ..audio.sources import read_audio_channels, read_pipe_channels
 from ..config import Config, ConfigError
 from ..console import CaptionPrinter
 from ..data import sample_path
@@ -65,7 +65,8 @@ def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
     _check_serving(cfg)
     check_listen(cfg.server.host, cfg.server.port)
     source: str = args.source
-    file_audio: dict[int, Int16Array] | None = None
+    file_audio: dict[int, Int16Array | FileMix] | None = None
+    opened: AudioFile | None = None  # decoded as it is fed
     pipe: PipeCapture | None = None
     if source == "mic":
         # Also before the model: no microphone is one line at once, not after a
@@ -99,12 +100,12 @@ def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
                          "then played at real-time pace (for live captions, send PCM WAV: "
                          "`ffmpeg ... -f wav -`)", pipe.name)
                 assert pipe.fd is not None
-                file_audio = dict(zip(mixes, read_pipe_channels(
-                    path, e.head, pipe.fd, list(mixes.values())), strict=True))
+                opened = open_pipe_file(path, e.head, pipe.fd, list(mixes.values()))
                 pipe = None
         else:
-            file_audio = dict(zip(mixes, read_audio_channels(path, list(mixes.values())),
-                                  strict=True))
+            opened = open_audio_file(path, list(mixes.values()))
+        if opened is not None:
+            file_audio = {ch: FileMix(opened, i) for i, ch in enumerate(mixes)}
     notifier = Notifier.from_environ()
     try:
         if notifier is not None:
@@ -115,20 +116,22 @@ def _cmd_serve(args: argparse.Namespace, cfg: Config) -> int:
     finally:
         if notifier is not None:
             notifier.close()
+        if opened is not None:
+            opened.close()
     if _native_threads_left():
         _exit_leaving_threads(code)
     return code
 
 
 async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: str,
-                 file_audio: dict[int, Int16Array] | None,
+                 file_audio: dict[int, Int16Array | FileMix] | None,
                  hangups: _HeldHangups | None = None,
                  notifier: Notifier | None = None,
                  pipe: PipeCapture | None = None) -> int:
     """Serve until stopped: ``source`` is ``mic``, ``none`` or a file's
     stream name, whose audio ``file_audio`` holds by channel as
-    :func:`_channel_mixes` keys it, or ``pipe`` reads live (its header
-    read)."""
+    :func:`_channel_mixes` keys it (a file's mixes decoded as they are
+    fed), or ``pipe`` reads live (its header read)."""
     from ..audio.microphone import MicrophoneCapture
     from ..run import play_together
 

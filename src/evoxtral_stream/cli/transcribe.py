@@ -15,16 +15,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..audio.sources import AudioInputError, read_audio_channels
+from ..audio.filereader import AudioFile, AudioInputError, FileMix, open_audio_file
 from ..config import Config
 from ..console import CaptionPrinter, redraws
 from ..data import sample_path
 from ..engine.backends import load_backend
 from ..engine.engine import Engine, StreamSummary
-from ..events import SAMPLE_RATE, CaptionEvent, EngineEvent, Int16Array
+from ..events import SAMPLE_RATE, CaptionEvent, EngineEvent
 from ..logs import LEVELS
 from ..outputs import JsonlFile, SubtitleFiles, is_stdout, stdout_closed
-from ..run import FileJob, transcribe_samples
+from ..run import FileJob, total_samples, transcribe_samples
 from ..server.app import CaptionServer, check_listen
 from ..text.formats import SubtitleWriter, TagStyle
 from .exits import EXIT_STDOUT_CLOSED, EXIT_USAGE, _exit_leaving_threads, _native_threads_left
@@ -49,16 +49,18 @@ class _UnreadableFiles(UserError):
         self.messages = tuple(messages)
 
 
-def _read_files(paths: Sequence[Path], mixes: Sequence[Sequence[int]]
-                ) -> list[list[Int16Array]]:
-    """Every file of ``paths`` read, one output per mix of its channels
-    (:func:`read_audio_channels`), or :class:`_UnreadableFiles` naming each
-    that cannot be: a file without the channels asked for among them."""
-    audio: list[list[Int16Array]] = []
+def _read_files(paths: Sequence[Path], mixes: Sequence[Sequence[int]],
+                stack: contextlib.ExitStack) -> list[AudioFile]:
+    """Every file of ``paths`` opened, one output per mix of its channels
+    (:func:`open_audio_file`: its header read, its audio decoded later as
+    it is fed; ``stack`` closes them), or :class:`_UnreadableFiles` naming
+    each that cannot be: a file without the channels asked for among
+    them."""
+    audio: list[AudioFile] = []
     problems: list[str] = []
     for path in paths:
         try:
-            audio.append(read_audio_channels(path, mixes))
+            audio.append(stack.enter_context(open_audio_file(path, mixes)))
         except AudioInputError as e:
             problems.append(str(e))
     if problems:
@@ -96,12 +98,19 @@ def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
     """:func:`_cmd_transcribe` once its outputs are prepared: ``ids`` holds
     each file's id, ``names`` its streams, as :func:`_channel_stream_ids`
     orders them."""
-    audio = _read_files(paths, list(_channel_mixes(cfg).values()))
-    # A file's channels are equally long (read_audio_channels): their streams
-    # share the file's timeline, and with --realtime its clock.
-    jobs = [FileJob(name, samples, file=file_id)
-            for file_id, file_names, channels in zip(ids, names, audio, strict=True)
-            for name, samples in zip(file_names, channels, strict=True)]
+    with contextlib.ExitStack() as files:
+        audio = _read_files(paths, list(_channel_mixes(cfg).values()), files)
+        # A file's channels are equally long (one pass over the file feeds
+        # them): their streams share the file's timeline, with --realtime its
+        # clock.
+        jobs = [FileJob(name, FileMix(file, mix), file=file_id)
+                for file_id, file_names, file in zip(ids, names, audio, strict=True)
+                for mix, name in enumerate(file_names)]
+        return _transcribe_jobs(args, cfg, jobs)
+
+
+def _transcribe_jobs(args: argparse.Namespace, cfg: Config, jobs: Sequence[FileJob]) -> int:
+    """:func:`_transcribe` once its files are opened, as ``jobs``."""
     if args.serve:
         _check_serving(cfg)  # as serve does: before the model loads
         check_listen(cfg.server.host, cfg.server.port)
@@ -127,7 +136,7 @@ def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
         if isinstance(event, CaptionEvent) and event.final and event.latency is not None:
             latencies.append(event.latency)
 
-    total = sum(len(j.samples) for j in jobs)
+    total = total_samples([j.samples for j in jobs])
     interrupted: list[signal.Signals] = []
     opened: list[tuple[JsonlFile | None, SubtitleFiles]] = []
 
@@ -286,9 +295,11 @@ def _stop_on_signals(cfg: Config, engine: Engine,
     return stop
 
 
-def _progress(total_samples: int) -> Any:
+def _progress(total_samples: int | None) -> Any:
     """A bar on a terminal's stderr (else None), updated in samples and
-    shown in seconds."""
+    shown in seconds. ``total_samples`` is what the files' headers say
+    (None: one says no length, and the bar counts with no end); where the
+    audio runs past it (a header's estimate) it is raised to the count."""
     if not redraws(sys.stderr):
         return None
     from tqdm import tqdm
@@ -297,6 +308,14 @@ def _progress(total_samples: int) -> Any:
         """Clears the rest of its row with an erase (CSI K) where tqdm pads
         with spaces to the last bar's length: after the window is made
         narrower, those spaces would wrap onto the rows below."""
+
+        def update(self, n: float | None = 1) -> bool | None:
+            # Past its total, tqdm prints a warning onto the terminal.
+            total, done = getattr(self, "total", None), getattr(self, "n", 0)
+            if total is not None and n is not None and done + n > total:
+                self.total = done + n
+            result: bool | None = super().update(n)
+            return result
 
         @staticmethod
         def status_printer(file: TextIO) -> Callable[[str], None]:
