@@ -168,3 +168,31 @@ def test_a_long_file_is_decoded_in_bounded_memory(tmp_path: Path) -> None:
             tracemalloc.stop()
     assert samples == 1200 * SAMPLE_RATE
     assert peak < whole_bytes / 8, f"peak {peak / 1e6:.1f} MB"
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac"])
+def test_a_file_cut_short_under_its_reader_ends_the_pass_with_one_error_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, fmt: str) -> None:
+    """10 s of 48 kHz stereo cut to a third while a pass reads it (a file
+    rotated or overwritten): the pass gives the audio read before, then
+    ends with one error line saying so and why. A WAV used to end there
+    without a word (libsndfile ends it where its bytes end), a FLAC with
+    a warning that it was damaged."""
+    path = tmp_path / f"talk.{fmt}"
+    x = np.random.default_rng(6).uniform(-0.5, 0.5, (10 * 48000, 2)).astype(np.float32)
+    sf.write(path, x, 48000, subtype="PCM_16")
+    size = path.stat().st_size
+    samples = 0
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"), \
+            open_audio_file(path, [()]) as audio, audio.blocks() as blocks:
+        for i, block in enumerate(blocks):
+            samples += len(block[0])
+            if i == 0:
+                with open(path, "r+b") as f:
+                    f.truncate(size // 3)
+    assert 0 < samples < 4 * SAMPLE_RATE
+    (record,) = caplog.records
+    assert record.levelno == logging.ERROR and record.getMessage() == blocks.error
+    assert (f"cannot read audio file {path} past " in record.getMessage()
+            and f"it was cut short while read ({size} bytes when opened, {size // 3} now); "
+            "its audio ends there" in record.getMessage())

@@ -75,15 +75,17 @@ def open_audio_file(path: str | os.PathLike[str], mixes: Sequence[Sequence[int]]
             raise AudioInputError(f"audio file {p} does not exist")
         if p.is_dir():
             raise AudioInputError(f"audio file {p} is a directory, not a file")
-        mode = p.stat().st_mode
+        info = p.stat()
     except OSError as e:  # a name too long, a folder on the way that cannot be searched
         raise AudioInputError(f"cannot read audio file {p}: {e.strerror or e}") from None
-    if stat.S_ISFIFO(mode):
+    if stat.S_ISFIFO(info.st_mode):
         return _probed(AudioFile(p, _copied(p), mixes, channels_from))
     # As bytes on POSIX: soundfile encodes a str path strictly, so a name
     # with bytes that are no UTF-8 (held as surrogates) would not open.
-    return _probed(AudioFile(p, str(p) if os.name == "nt" else os.fsencode(p), mixes,
-                             channels_from))
+    audio = AudioFile(p, str(p) if os.name == "nt" else os.fsencode(p), mixes, channels_from)
+    if stat.S_ISREG(info.st_mode):
+        audio._size = info.st_size
+    return _probed(audio)
 
 
 def open_pipe_file(p: Path, head: bytes, fd: int, mixes: Sequence[Sequence[int]],
@@ -146,6 +148,10 @@ class AudioFile:
         self.frames: int | None = None
         """Frames its header says (None: it does not say)."""
         self._misread: Misread | None = None
+        # Its size when probed (a regular file's): a pass that ends early
+        # on a file cut short since (libsndfile ends a WAV where its bytes
+        # end, as at a header's end) says so.
+        self._size: int | None = None
         # Warnings said already: every pass meets the same damage, and the
         # probe's pass may meet it first.
         self._said: set[str] = set()
@@ -195,6 +201,20 @@ class AudioFile:
             return sf.SoundFile(self._source)
         self._source.seek(0)
         return sf.SoundFile(self._source, closefd=False)
+
+    def _check_size(self) -> None:
+        """Raise :class:`AudioInputError` if the file is smaller than at its
+        probe (cut short under its reader); a file gone (unlinked while
+        open, read whole) or unreadable now says nothing."""
+        if self._size is None or not isinstance(self._source, str | bytes):
+            return
+        try:
+            now = os.stat(self._source).st_size
+        except OSError:
+            return
+        if now < self._size:
+            raise AudioInputError(f"it was cut short while read ({self._size} bytes when "
+                                  f"opened, {now} now)")
 
     @contextlib.contextmanager
     def _open_bytes(self) -> Iterator[BinaryIO]:
@@ -316,9 +336,10 @@ class FilePass(Iterator[list[Int16Array]]):
     naming the file (read again up to the damage in small reads, which
     lose little of what precedes it); a WAV read to its end past what its
     header says warns at the end. A failure past the probe (the file
-    deleted or cut short under the reader, a disk error) ends the pass
-    with one error line logged and :attr:`error` set: what came before it
-    is kept. :meth:`close` lets go of the file (a pass at its end has).
+    deleted before the pass opened it, cut short under the reader: smaller
+    at the pass's end than at its probe; a disk error) ends the pass with
+    one error line logged and :attr:`error` set: what came before it is
+    kept. :meth:`close` lets go of the file (a pass at its end has).
 
     What the decoders print on file descriptor 2 (libmpg123's notes on an
     MP3) is held while each block decodes and logged (DEBUG): in json
@@ -397,6 +418,7 @@ class FilePass(Iterator[list[Int16Array]]):
                     damage = e
                     break
                 if not len(block):
+                    self.audio._check_size()
                     return
                 self._frames += len(block)
                 yield mixers[0].process(block)
@@ -426,6 +448,7 @@ class FilePass(Iterator[list[Int16Array]]):
                 yield mixers[0].process(block)
         if self._frames == 0:
             raise damage
+        self.audio._check_size()  # no damage: cut short under the reader
         self.audio._say(logging.WARNING, "audio file %s is damaged %.1f s in (%s): only the "
                         "audio before that is read", self.audio.path, self._frames / self._rate,
                         damage.error_string.strip())
@@ -448,6 +471,7 @@ class FilePass(Iterator[list[Int16Array]]):
                 if decoder.ended:  # what follows the audio the header states is no audio
                     break
             decoder.finish()
+        self.audio._check_size()
         # finish() raised for a file whose audio never began.
         assert decoder.format is not None
         seconds = decoder.frames / decoder.format.rate
