@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf  # type: ignore[import-untyped,unused-ignore]
 
-from evoxtral_stream.audio.filereader import AudioFile, AudioInputError, open_audio_file
+from evoxtral_stream.audio.filereader import (
+    AudioFile,
+    AudioInputError,
+    open_audio_file,
+    open_pipe_file,
+)
 from evoxtral_stream.audio.resample import MixResampler
 from evoxtral_stream.audio.sources import read_audio_channels
 from evoxtral_stream.events import SAMPLE_RATE, Int16Array
@@ -196,3 +204,43 @@ def test_a_file_cut_short_under_its_reader_ends_the_pass_with_one_error_line(
     assert (f"cannot read audio file {path} past " in record.getMessage()
             and f"it was cut short while read ({size} bytes when opened, {size // 3} now); "
             "its audio ends there" in record.getMessage())
+
+
+@pytest.mark.parametrize("name", ["talk.flac", "unsized.wav"])
+def test_passes_over_a_pipe_s_copy_read_it_at_once_each_at_its_own_place(
+        tmp_path: Path, name: str) -> None:
+    """A pipe's copy read by two passes at once, a block of each in turn (a
+    file's channel streams fed apart: transcribe, not paced): each gives
+    what the file on disk gives. They shared the copy's file position, so
+    each read where the other had left it."""
+    x = np.random.default_rng(7).uniform(-0.5, 0.5, (6 * 44100, 2)).astype(np.float32)
+    path = tmp_path / name
+    sf.write(path, x, 44100, subtype="PCM_16")
+    if name == "unsized.wav":  # libsndfile misreads it: read by WavStreamDecoder
+        b = bytearray(path.read_bytes())
+        at = b.index(b"data")
+        b[at + 4:at + 8] = (0).to_bytes(4, "little")
+        path.write_bytes(bytes(b))
+    mixes: list[tuple[int, ...]] = [(1,), (2,)]
+    want = read_audio_channels(path, mixes)
+    read, write = os.pipe()
+    writer = threading.Thread(target=_write_and_close, args=(write, path.read_bytes()))
+    writer.start()
+    try:
+        audio = open_pipe_file(tmp_path / "pipe", b"", read, mixes)
+    finally:
+        writer.join()
+        os.close(read)
+    got: list[list[Int16Array]] = [[], []]
+    with audio, audio.blocks([0]) as left, audio.blocks([1]) as right:
+        for one, other in itertools.zip_longest(left, right):
+            for out, block in zip(got, (one, other), strict=True):
+                if block is not None:
+                    out.append(block[0])
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.concatenate(g), w)
+
+
+def _write_and_close(fd: int, data: bytes) -> None:
+    with open(fd, "wb") as f:
+        f.write(data)

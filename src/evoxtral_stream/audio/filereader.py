@@ -12,6 +12,8 @@ such pass joined whole.
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import logging
 import os
 import stat
@@ -21,7 +23,7 @@ from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import soundfile as sf  # type: ignore[import-untyped,unused-ignore]
@@ -199,8 +201,7 @@ class AudioFile:
         """The file opened by libsndfile from its start."""
         if isinstance(self._source, str | bytes):
             return sf.SoundFile(self._source)
-        self._source.seek(0)
-        return sf.SoundFile(self._source, closefd=False)
+        return sf.SoundFile(_CopyView.open(self._source), closefd=False)
 
     def _check_size(self) -> None:
         """Raise :class:`AudioInputError` if the file is smaller than at its
@@ -223,8 +224,48 @@ class AudioFile:
             with open(self._source, "rb") as f:
                 yield f
         else:
-            self._source.seek(0)
-            yield self._source
+            with _CopyView.open(self._source) as f:
+                yield f
+
+
+class _CopyView(io.RawIOBase):
+    """A pipe's copy read from a position of its own (``os.pread``): the
+    passes of one file (its channel streams fed apart) read it at once,
+    and one file position shared would have each read where another
+    left it."""
+
+    def __init__(self, copy: BinaryIO) -> None:
+        super().__init__()
+        self._fd = copy.fileno()
+        self._at = 0
+
+    @classmethod
+    def open(cls, copy: BinaryIO) -> io.BufferedReader:
+        """A view of ``copy`` from its start, buffered."""
+        return io.BufferedReader(cls(copy))
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = os.pread(self._fd, len(memoryview(buffer)), self._at)
+        memoryview(buffer).cast("B")[:len(data)] = data
+        self._at += len(data)
+        return len(data)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._at,
+                os.SEEK_END: os.fstat(self._fd).st_size}[whence]
+        if base + offset < 0:
+            raise OSError(errno.EINVAL, "seek before the start of the copy")
+        self._at = base + offset
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
 
 
 def _probed(audio: AudioFile) -> AudioFile:
