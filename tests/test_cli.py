@@ -148,6 +148,28 @@ def test_transcribe_checks_its_files_before_the_model_without_decoding_them(
     assert peak < whole / 20, f"peak {peak / 1e6:.1f} MB for {whole / 1e6:.1f} MB of audio"
 
 
+def test_the_progress_bar_takes_a_length_no_header_says_or_audio_past_it(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The bar's total is what the files' headers say: none where one says
+    no length (it counts the seconds read), and raised to the count where
+    the audio runs past a header's estimate (tqdm warns onto the terminal
+    past its total)."""
+    from evoxtral_stream.cli import transcribe
+
+    monkeypatch.setattr(transcribe, "redraws", lambda stream: True)
+    bar = transcribe._progress(None)
+    bar.update(3 * SAMPLE_RATE)
+    assert bar.n == 3 * SAMPLE_RATE and bar.total is None and str(bar) == "3 s"
+    transcribe._close_progress(bar)
+    bar = transcribe._progress(SAMPLE_RATE)
+    for _ in range(3):
+        bar.update(SAMPLE_RATE * 3 // 4)
+    assert bar.n == bar.total == SAMPLE_RATE * 9 // 4 and str(bar).endswith("| 2/2 s")
+    transcribe._close_progress(bar)
+    err = capsys.readouterr().err
+    assert "clamping" not in err and "Traceback" not in err, err
+
+
 def _speech_file(path: Path, text: str, rate: int, channels: int, **fmt: str) -> None:
     x = resample(speak(text).astype(np.float32) / 32768, SAMPLE_RATE, rate)
     sf.write(path, np.stack([x] * channels, axis=1), rate, **fmt)

@@ -332,7 +332,8 @@ def _progress(total_samples: int | None) -> Any:
     # wider than a window made narrower would wrap, and leave a row behind.
     return Bar(total=total_samples, unit="s", unit_scale=1 / SAMPLE_RATE,
                file=sys.stderr, leave=False, position=1, dynamic_ncols=True,
-               bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s")
+               bar_format=("{l_bar}{bar}| {n:.0f}/{total:.0f} s" if total_samples is not None
+                           else "{n:.0f} s"))
 
 
 def _close_progress(bar: Any) -> None:
