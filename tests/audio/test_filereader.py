@@ -244,3 +244,29 @@ def test_passes_over_a_pipe_s_copy_read_it_at_once_each_at_its_own_place(
 def _write_and_close(fd: int, data: bytes) -> None:
     with open(fd, "wb") as f:
         f.write(data)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="no /proc/self/fd to count")
+def test_a_pass_between_blocks_holds_only_its_file_s_descriptor(tmp_path: Path) -> None:
+    """transcribe feeds every file of the command at once, a pass each: a
+    pass held three descriptors between its blocks (its file, and the
+    temporary file and copy of stderr that catch the decoder's prints), so
+    a few hundred files ran out of the usual 1024. The catcher now holds
+    its two only while a block decodes."""
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"clip{i}.flac")
+        sf.write(paths[-1], np.zeros((3 * 48000, 2), np.int16), 48000)
+    audios = [open_audio_file(p, [()]) for p in paths]
+    before = len(os.listdir("/proc/self/fd"))
+    passes = [audio.blocks() for audio in audios]
+    try:
+        for blocks in passes:
+            assert len(next(blocks)[0])
+        assert len(os.listdir("/proc/self/fd")) == before + len(passes)
+    finally:
+        for blocks in passes:
+            blocks.close()
+        for audio in audios:
+            audio.close()
+    assert len(os.listdir("/proc/self/fd")) == before

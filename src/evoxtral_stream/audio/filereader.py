@@ -404,7 +404,6 @@ class FilePass(Iterator[list[Int16Array]]):
 
     def close(self) -> None:
         self._gen.close()
-        self._prints.close()
 
     def __enter__(self) -> FilePass:
         return self
@@ -439,8 +438,6 @@ class FilePass(Iterator[list[Int16Array]]):
             self.error = (f"cannot read audio file {self.audio.path} past {seconds:.1f} s: "
                           f"{why}; its audio ends there")
             log.error("%s", self.error)
-        finally:
-            self._prints.close()
         if mixers:
             yield mixers[0].flush()
 
@@ -528,40 +525,48 @@ class FilePass(Iterator[list[Int16Array]]):
 
 
 class _PrintCatcher:
-    """Holds what is printed on file descriptor 2 around each decoder call
-    (:meth:`caught`) in one temporary file, and logs it (DEBUG): libmpg123
+    """Holds what is printed on file descriptor 2 during each decoder call
+    (:meth:`caught`) in a temporary file, and logs it (DEBUG): libmpg123
     prints its notes there (an MP3 frame it resyncs past; some even for an
-    MP3 that LAME wrote), past logging."""
+    MP3 that LAME wrote), past logging. It holds no descriptor between
+    calls: transcribe keeps a pass of every file of the command open at
+    once, and two descriptors each for the whole pass ran a few hundred
+    files out of the usual limit of 1024."""
 
     def __init__(self, p: Path) -> None:
         self._p = p
-        self._held: BinaryIO | None = None
-        self._saved = -1
-        self._usable = True
         self._logged = 0
         self._seen: set[str] = set()
 
     @contextlib.contextmanager
     def caught(self) -> Iterator[None]:
-        if self._held is None and self._usable:
-            try:
-                self._held = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close)
-                self._saved = os.dup(2)
-            except OSError:  # no descriptor 2, or no temporary folder: as they were
-                self.close()
-                self._usable = False
-        held = self._held
+        """Descriptor 2 goes to a new temporary file for the ``with`` block,
+        then back, and what was printed is logged. Where there is no
+        descriptor 2, or no temporary file can be made, prints go where they
+        went."""
+        saved = -1
+        held: BinaryIO | None = None
+        try:
+            saved = os.dup(2)
+            held = tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
+        except OSError:  # no descriptor 2, no temporary folder, or no descriptor left
+            if saved >= 0:
+                os.close(saved)
         if held is None:
             yield
             return
-        with contextlib.suppress(Exception):  # a closed or odd sys.stderr
-            sys.stderr.flush()
-        os.dup2(held.fileno(), 2)
         try:
-            yield
+            with contextlib.suppress(Exception):  # a closed or odd sys.stderr
+                sys.stderr.flush()
+            os.dup2(held.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+                self._log(held)
         finally:
-            os.dup2(self._saved, 2)
-            self._log(held)
+            os.close(saved)
+            held.close()
 
     def _log(self, held: BinaryIO) -> None:
         end = held.tell()
@@ -570,21 +575,11 @@ class _PrintCatcher:
         held.seek(0)
         text = held.read(max(0, _MOST_PRINTS - self._logged)).decode("utf-8", "replace")
         self._logged += min(end, _MOST_PRINTS)
-        held.seek(0)
-        held.truncate()
         for line in text.splitlines():
             line = line.strip()
             if line and line not in self._seen:  # once each: resync notes repeat
                 self._seen.add(line)
                 log.debug("audio file %s: decoder says: %s", self._p, line)
-
-    def close(self) -> None:
-        if self._held is not None:
-            self._held.close()
-            self._held = None
-        if self._saved >= 0:
-            os.close(self._saved)
-            self._saved = -1
 
 
 def joined(blocks: Iterator[list[Int16Array]], outputs: int) -> list[Int16Array]:
