@@ -170,6 +170,67 @@ def test_the_progress_bar_takes_a_length_no_header_says_or_audio_past_it(
     assert "clamping" not in err and "Traceback" not in err, err
 
 
+def _open_files_limit(soft: int, hard: int | None = None) -> Any:
+    """A ``preexec_fn`` that sets the child's RLIMIT_NOFILE (``hard``: None
+    leaves the hard limit as it is)."""
+    def limit() -> None:
+        import resource
+
+        _, old_hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, old_hard if hard is None else hard))
+    return limit
+
+
+def _transcribe_limited(limit: Any, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "evoxtral_stream", "transcribe", *args],
+        capture_output=True, text=True, timeout=240, preexec_fn=limit,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+@pytest.mark.skipif(sys.platform == "win32" or not have_espeak(),
+                    reason="no RLIMIT_NOFILE here, or espeak-ng is not installed")
+def test_transcribe_raises_a_low_open_files_limit_for_its_files(tmp_path: Path) -> None:
+    """60 clips of 0.3 s (the last one speech) with --srt, under a soft limit
+    of 48 open files: every file is fed at once, each holding its file and
+    its SRT open, so a batch of a few hundred ran out of the usual 1024 (each
+    file past it one error line, its stream without its audio). transcribe
+    raises the soft limit towards the hard one: every file's stream, output
+    and the words spoken."""
+    paths = [tmp_path / f"clip{i:02d}.wav" for i in range(60)]
+    for path in paths[:-1]:
+        sf.write(path, np.zeros(4800, np.int16), SAMPLE_RATE)
+    quiet = np.zeros(SAMPLE_RATE // 4, np.int16)
+    sf.write(paths[-1], np.concatenate([quiet, speak("Good morning everyone."), quiet]),
+             SAMPLE_RATE)
+    out, jsonl = tmp_path / "out", tmp_path / "e.jsonl"
+    proc = _transcribe_limited(_open_files_limit(48), *map(str, paths), "--srt", str(out),
+                               "--jsonl", str(jsonl), "--no-partials")
+    assert proc.returncode == 0 and "ERROR" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [f"{p.stem}.srt" for p in paths]
+    finals, ended = _by_stream(jsonl)
+    assert ended == {p.stem: pytest.approx(0.3, abs=0.01) for p in paths[:-1]} | {
+        paths[-1].stem: pytest.approx(ended[paths[-1].stem], abs=0)}
+    assert ended[paths[-1].stem] > 1.0
+    assert list(finals) == [paths[-1].stem], finals
+    assert "morning" in (out / f"{paths[-1].stem}.srt").read_text().lower()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no RLIMIT_NOFILE here")
+def test_transcribe_refuses_more_files_than_the_hard_open_files_limit(tmp_path: Path) -> None:
+    """Where even the hard limit is too low for the files, transcribe says
+    so in one line before the model loads (each file past it lost its
+    audio, status 1)."""
+    paths = [tmp_path / f"clip{i:02d}.wav" for i in range(60)]
+    for path in paths:
+        sf.write(path, np.zeros(4800, np.int16), SAMPLE_RATE)
+    proc = _transcribe_limited(_open_files_limit(48, 48), *map(str, paths))
+    one_error_line(proc, "60 file(s) need about", "hard limit of 48 open files", "ulimit -n",
+                          "fewer files at a time")
+    assert "backend:" not in proc.stderr, proc.stderr
+
+
 def _speech_file(path: Path, text: str, rate: int, channels: int, **fmt: str) -> None:
     x = resample(speak(text).astype(np.float32) / 32768, SAMPLE_RATE, rate)
     sf.write(path, np.stack([x] * channels, axis=1), rate, **fmt)

@@ -39,6 +39,8 @@ from .streams import (
     _stream_ids,
 )
 
+log = logging.getLogger(__name__)
+
 
 class _UnreadableFiles(UserError):
     """The files of one command that cannot be read: one message (one
@@ -87,10 +89,64 @@ def _cmd_transcribe(args: argparse.Namespace, cfg: Config) -> int:
     for sid in ids:
         _check_channel_stream_ids(cfg, sid)
     names = [list(_channel_stream_ids(cfg, sid).values()) for sid in ids]
+    streams = sum(len(n) for n in names)
+    outputs = streams * ((args.srt is not None) + (args.vtt is not None)) + bool(args.jsonl)
+    # A stream's pass holds its file open, a pipe its copy, a journal each
+    # live stream's file: all for the whole run.
+    _allow_open_files(len(paths), streams + outputs + sum(map(_is_pipe, paths))
+                      + (streams if cfg.journal.enabled else 0))
     made = _prepare_outputs((("--srt", args.srt), ("--vtt", args.vtt), ("--jsonl", args.jsonl)),
                             paths, [n for file in names for n in file], staged=True)
     with _unmade_if_empty(made):
         return _transcribe(args, cfg, paths, ids, names)
+
+
+#: Descriptors transcribe may hold besides its files and outputs: about 10
+#: (stdin, stdout, stderr and the log writer's copy, the event loop's, a
+#: block's decoder and its print catcher's two), the model's files while it
+#: loads, and with --serve its listening sockets, MQTT link and a few dozen
+#: clients.
+_OPEN_FILES_MARGIN = 64
+
+
+def _allow_open_files(files: int, held: int) -> None:
+    """Make sure the process may open what a run over ``files`` files holds
+    at once (``held`` descriptors, :data:`_OPEN_FILES_MARGIN` more): every
+    file is fed at once, so a batch of a few hundred ran past the usual
+    soft limit of 1024 (each file past it lost its audio, with an error
+    line). The soft limit is raised to that, up to the hard limit; past the
+    hard limit (or where it cannot be raised) the command is refused now,
+    before the model loads, with a :class:`UserError`. Windows has no such
+    limit: nothing is done there."""
+    if sys.platform == "win32":
+        return
+    import resource
+
+    need = held + _OPEN_FILES_MARGIN
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or need <= soft:
+        return
+    needs = (f"{files} file(s) need about {need} open files at once (every file is fed at "
+             "once, each output written as it runs)")
+    if hard != resource.RLIM_INFINITY and need > hard:
+        raise UserError(f"{needs}, over the hard limit of {hard} open files (ulimit -Hn): "
+                        f"raise it and the soft one (ulimit -n {need}), or transcribe fewer "
+                        "files at a time")
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    except (OSError, ValueError) as e:  # macOS: past kern.maxfilesperproc
+        raise UserError(f"{needs}, over the limit of {soft} open files (ulimit -n), which "
+                        f"cannot be raised to that here ({e}): transcribe fewer files at a "
+                        "time") from None
+    log.debug("open files limit raised from %d to %d for %d files", soft, need, files)
+
+
+def _is_pipe(path: Path) -> bool:
+    """Whether ``path`` is a pipe (its audio is copied, and the copy held)."""
+    try:
+        return path.is_fifo()
+    except OSError:
+        return False
 
 
 def _transcribe(args: argparse.Namespace, cfg: Config, paths: Sequence[Path],
