@@ -209,3 +209,28 @@ async def test_a_file_gone_before_it_is_fed_ends_its_streams_the_others_go_on(
         ["good", "gone"], ["gone", "good"])
     assert summaries[0].finals == len([c for c in captions.captions("good") if c.final])
     assert summaries[0].finals >= len(spans)
+
+
+@pytest.mark.parametrize("realtime", [False, True])
+async def test_a_split_file_gone_before_it_is_fed_is_one_error_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, realtime: bool) -> None:
+    """A stereo file split in its channels and deleted after its probe: not
+    paced, each channel's stream reads the file in a pass of its own, and
+    each pass logged the same error line (one a channel); the file is one
+    error line, and each of its streams still gets its audio_input_lost."""
+    cfg = load_config(overrides={"audio.file_chunk_ms": 100}, env={})
+    gone = tmp_path / "gone.wav"
+    sf.write(gone, np.stack([_noise(1.0, 6), _noise(1.0, 7)], axis=1), SAMPLE_RATE)
+    events: list[EngineEvent] = []
+    caplog.set_level(logging.INFO)
+    with open_audio_file(gone, [(1,), (2,)]) as audio:
+        gone.unlink()
+        jobs = [FileJob(f"gone-{i + 1}", FileMix(audio, i), file="gone") for i in range(2)]
+        async with Engine(cfg, ScriptedBackend(lambda a: "hi")) as engine:
+            engine.add_listener(events.append)
+            summaries = await transcribe_samples(cfg, engine, jobs, realtime=realtime)
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and f"cannot read audio file {gone} past 0.0 s" in errors[0], errors
+    lost = sorted((e.stream, e.code) for e in events if isinstance(e, StreamError))
+    assert lost == [("gone-1", "audio_input_lost"), ("gone-2", "audio_input_lost")]
+    assert [s.errors for s in summaries] == [1, 1]

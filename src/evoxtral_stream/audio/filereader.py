@@ -157,6 +157,10 @@ class AudioFile:
         # Warnings said already: every pass meets the same damage, and the
         # probe's pass may meet it first.
         self._said: set[str] = set()
+        # Whether a pass has logged its failure: the passes of a file's
+        # channel streams fed apart (not paced) each meet it, and the file is
+        # one error line.
+        self._failed = False
 
     @property
     def samples(self) -> int | None:
@@ -379,8 +383,9 @@ class FilePass(Iterator[list[Int16Array]]):
     header says warns at the end. A failure past the probe (the file
     deleted before the pass opened it, cut short under the reader: smaller
     at the pass's end than at its probe; a disk error) ends the pass with
-    one error line logged and :attr:`error` set: what came before it is
-    kept. :meth:`close` lets go of the file (a pass at its end has).
+    :attr:`error` set, and one error line logged for the file (the first
+    of its passes to fail): what came before it is kept. :meth:`close`
+    lets go of the file (a pass at its end has).
 
     What the decoders print on file descriptor 2 (libmpg123's notes on an
     MP3) is held while each block decodes and logged (DEBUG): in json
@@ -437,7 +442,9 @@ class FilePass(Iterator[list[Int16Array]]):
             seconds = self._frames / self._rate if self._rate else 0.0
             self.error = (f"cannot read audio file {self.audio.path} past {seconds:.1f} s: "
                           f"{why}; its audio ends there")
-            log.error("%s", self.error)
+            if not self.audio._failed:
+                self.audio._failed = True
+                log.error("%s", self.error)
         if mixers:
             yield mixers[0].flush()
 
