@@ -138,7 +138,8 @@ def test_every_problem_is_found_by_the_probe_without_decoding_the_file(
 def test_a_file_gone_after_its_probe_ends_its_pass_with_one_error_line(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Deleted between the probe and the pass (while the model loads, say):
-    the pass ends at once, logs one error line and says why."""
+    the pass ends at once, logs one error line and says why (libsndfile
+    says only "System error." of a file it cannot open)."""
     path = tmp_path / "gone.wav"
     sf.write(path, np.zeros(SAMPLE_RATE, np.int16), SAMPLE_RATE)
     with caplog.at_level(logging.WARNING, logger="evoxtral_stream"), \
@@ -149,7 +150,8 @@ def test_a_file_gone_after_its_probe_ends_its_pass_with_one_error_line(
     (record,) = caplog.records
     assert record.levelno == logging.ERROR and "\n" not in record.getMessage()
     assert record.getMessage() == blocks.error
-    assert f"cannot read audio file {path} past 0.0 s" in record.getMessage()
+    assert record.getMessage() == (f"cannot read audio file {path} past 0.0 s: No such file "
+                                   "or directory; its audio ends there")
 
 
 @pytest.mark.skipif(not HAVE_SOX, reason="sox is not installed")

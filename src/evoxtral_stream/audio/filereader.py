@@ -204,7 +204,15 @@ class AudioFile:
     def _open_sf(self) -> sf.SoundFile:
         """The file opened by libsndfile from its start."""
         if isinstance(self._source, str | bytes):
-            return sf.SoundFile(self._source)
+            try:
+                return sf.SoundFile(self._source)
+            except sf.LibsndfileError:
+                # libsndfile says only "System error." of a file it cannot
+                # open (deleted since its probe, no descriptor left): the
+                # system's reason (OSError) where opening it says one.
+                with open(self._source, "rb"):
+                    pass
+                raise
         return sf.SoundFile(_CopyView.open(self._source), closefd=False)
 
     def _check_size(self) -> None:
