@@ -6,6 +6,7 @@ import itertools
 import logging
 import os
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -272,3 +273,22 @@ def test_a_pass_between_blocks_holds_only_its_file_s_descriptor(tmp_path: Path) 
         for audio in audios:
             audio.close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX descriptors")
+def test_a_process_started_without_stderr_reads_its_files_whole(tmp_path: Path) -> None:
+    """Started with descriptor 2 closed (``2>&-``), a process's first file
+    opened since takes descriptor 2: a pass's file did, and the catcher of
+    the decoder's prints, which now points descriptor 2 at its temporary
+    file around each block, had each block read from that file (empty):
+    'contains no audio' at the probe, ``serve --source F 2>&-`` and
+    ``transcribe F 2>&-`` status 2 where they ran. Every file reads whole."""
+    paths = [tmp_path / "talk.wav", tmp_path / "talk.flac"]
+    for path in paths:
+        sf.write(path, np.full((3 * 48000, 2), 1000, np.int16), 48000)
+    code = ("import sys\n"
+            "from evoxtral_stream.audio.sources import read_audio_channels\n"
+            "print(*(len(read_audio_channels(p, [(1,), (2,)])[1]) for p in sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", code, *map(str, paths)], capture_output=True,
+                          text=True, timeout=120, preexec_fn=lambda: os.close(2))
+    assert (proc.returncode, proc.stdout.split()) == (0, [str(3 * SAMPLE_RATE)] * 2), proc

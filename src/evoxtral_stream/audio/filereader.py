@@ -557,16 +557,21 @@ class _PrintCatcher:
     def caught(self) -> Iterator[None]:
         """Descriptor 2 goes to a new temporary file for the ``with`` block,
         then back, and what was printed is logged. Where there is no
-        descriptor 2, or no temporary file can be made, prints go where they
-        went."""
+        descriptor 2 (nor was at the start: another file may hold it now),
+        or no temporary file can be made, prints go where they went."""
         saved = -1
         held: BinaryIO | None = None
-        try:
-            saved = os.dup(2)
-            held = tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
-        except OSError:  # no descriptor 2, no temporary folder, or no descriptor left
-            if saved >= 0:
-                os.close(saved)
+        # Started without a descriptor 2 (2>&-: Python's stderr is None),
+        # descriptor 2 is whatever was opened first since, as soon as the
+        # file decoded: pointed at the temporary file, its blocks were read
+        # from that.
+        if sys.__stderr__ is not None:
+            try:
+                saved = os.dup(2)
+                held = tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
+            except OSError:  # no descriptor 2, no temporary folder, or no descriptor left
+                if saved >= 0:
+                    os.close(saved)
         if held is None:
             yield
             return
