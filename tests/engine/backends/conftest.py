@@ -29,6 +29,14 @@ from evoxtral_stream.engine.backends.voxtral.tiny import (
     write_lora_adapter,
 )
 
+# One intra-op thread: the tiny model's ops are far too small to gain from two,
+# and torch's OpenMP threads wait for each other at every op, spinning while the
+# other is off the CPU. On a loaded machine (pytest -n 3 on 2 cores beside other
+# work) that made a test ten times slower in CPU and wall time alike
+# (test_unmerged_adapters_run_one_at_a_time: 358 s, past pytest-timeout's 300 s).
+# It holds for the test process: the tests that run torch in it run tiny models.
+torch.set_num_threads(1)
+
 __all__ = ["Tiny"]
 
 RANK, ALPHA = 4, 8
