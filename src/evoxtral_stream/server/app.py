@@ -694,7 +694,7 @@ class CaptionServer:
                           reason: str = "subscriber too slow") -> None:
         log.warning("closing slow subscriber %s (%s)", ws.remote_address, reason)
         try:
-            await asyncio.wait_for(ws.close(CLOSE_TOO_SLOW, reason), 3)
+            await asyncio.wait_for(ws.close(CLOSE_TOO_SLOW, reason), CLOSE_TIMEOUT_S + 1)
         except (TimeoutError, ConnectionClosed):
             pass
         finally:
