@@ -360,7 +360,7 @@ def test_a_text_record_is_one_line_whatever_its_message_holds(tmp_path: Path) ->
     proc = scripted_cli("-q", "transcribe", wav)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.decode().splitlines() == [
-        f"WARNING evoxtral_stream.audio.sources: audio file {tmp_path}/a\\nERROR "
+        f"WARNING evoxtral_stream.audio.filereader: audio file {tmp_path}/a\\nERROR "
         "evoxtral_stream: forged\\r\\x1b[2J.wav: its WAV header says no audio (a recording "
         "not closed properly?): read to the end of the file, 1.0 s"], proc.stderr
 
