@@ -37,7 +37,6 @@ step:
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import tempfile
@@ -360,7 +359,6 @@ class JournalMachine(RuleBasedStateMachine):
         if dead._lock_fd is not None:
             os.close(dead._lock_fd)
         del dead
-        gc.collect()
 
     def _restart(self, hurt: frozenset[str] = frozenset()) -> None:
         """Start a journal on the folder; the model of what restore finds.
