@@ -21,7 +21,7 @@ from ..config import Config, ConfigError
 from ..console import CaptionPrinter
 from ..data import sample_path
 from ..engine.backends import load_backend
-from ..engine.engine import Engine
+from ..engine.engine import Engine, Stream
 from ..events import SAMPLE_RATE, Int16Array
 from ..extras import extra_hint
 from ..server.app import CaptionServer, check_listen
@@ -199,6 +199,10 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
         _notice(cfg, f"serving captions on {url}/v1/captions (Ctrl-C to stop)")
         feeder: asyncio.Task[Any] | None = None
         mic: MicrophoneCapture | None = None
+        # A file's or pipe's streams: finite audio, whose failures (read or
+        # decode) make the exit status 1, as transcribe's do. A microphone
+        # lost and back again does not: a day's serving is not failed by it.
+        played: list[Stream] = []
         if source == "mic":
             streams = {ch: engine.open_stream(name, source="mic")
                        for ch, name in _channel_stream_ids(cfg, stream_id).items()}
@@ -220,6 +224,7 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
             names = _channel_stream_ids(cfg, stream_id)
             feeds = [(engine.open_stream(names[ch], source="file"), samples)
                      for ch, samples in file_audio.items()]
+            played += [stream for stream, _ in feeds]
             chunk = cfg.audio.file_chunk_ms * SAMPLE_RATE // 1000
             # One clock for every channel's stream; the feeder ends once
             # every one of them has its last final.
@@ -229,6 +234,7 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
         elif pipe is not None:
             names = _channel_stream_ids(cfg, stream_id)
             piped = [engine.open_stream(names[ch], source="pipe") for ch in names]
+            played += piped
 
             async def pipe_ended(end: PipeEnd) -> None:
                 if end.error is not None:
@@ -292,8 +298,9 @@ async def _serve(args: argparse.Namespace, cfg: Config, backend: Any, source: st
         # only then does the server close them (1001, going away).
         drained = await engine.drain()
     _ignore_late_stops(loop)
-    # Exit status 1: some final had to be closed early or was lost (logged).
-    return 0 if drained else 1
+    # Exit status 1: some final had to be closed early or was lost, or the
+    # file or pipe played could not all be read or decoded (each logged).
+    return 0 if drained and not any(stream.errors for stream in played) else 1
 
 
 def _printer(args: argparse.Namespace, cfg: Config, source: str, stream_id: str, *,
