@@ -50,6 +50,18 @@ def _until_serving(proc: subprocess.Popen[str]) -> list[str]:
     raise AssertionError(f"serve did not start: {''.join(lines)}")
 
 
+def _end(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def _assert_one_error_line(err: list[str], needle: str) -> None:
+    errors = [line for line in err if "ERROR" in line or "error:" in line]
+    assert len(errors) == 1 and needle in errors[0], "".join(err)
+    assert "Traceback" not in "".join(err)
+
+
 def test_a_file_cut_short_while_played_exits_1(tmp_path: Path) -> None:
     """The file is whole when serve probes it and cut to 1 s once it plays:
     its stream ends with the one error line, and ``--exit-at-end`` exits 1
@@ -59,18 +71,13 @@ def test_a_file_cut_short_while_played_exits_1(tmp_path: Path) -> None:
     proc = _serve("--source", str(path))
     try:
         err = _until_serving(proc)
-        # Past the first block a pass decodes (65,536 frames: 4 s).
-        os.truncate(path, 44 + 2 * SAMPLE_RATE)
+        os.truncate(path, 44 + 2 * SAMPLE_RATE)  # 1 s: less than the pass reads
         assert proc.stderr is not None
         err += proc.stderr.readlines()
         assert proc.wait(120) == 1, "".join(err)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    errors = [line for line in err if "ERROR" in line or "error:" in line]
-    assert len(errors) == 1 and "cut short while read" in errors[0], "".join(err)
-    assert "Traceback" not in "".join(err)
+        _end(proc)
+    _assert_one_error_line(err, "cut short while read")
 
 
 def test_a_pipe_whose_read_fails_exits_1() -> None:
@@ -99,9 +106,5 @@ def test_a_pipe_whose_read_fails_exits_1() -> None:
         err += rest
     finally:
         writer.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    errors = [line for line in err if "ERROR" in line or "error:" in line]
-    assert len(errors) == 1 and "Connection reset by peer" in errors[0], "".join(err)
-    assert "Traceback" not in "".join(err)
+        _end(proc)
+    _assert_one_error_line(err, "Connection reset by peer")
