@@ -44,10 +44,17 @@ refusal of the first connection (a bad token or stream id,
 ``--file -`` reads standard input: a pipe carrying WAV is live, as the
 microphone is (:class:`PipeFeed`): its audio goes as it comes, not paced,
 within the same bounds, and its end sends ``end``. A pipe of another
-format, or a file redirected in, is read whole and sent as a file
-(:func:`stdin_feed`). A named FIFO given as ``--file PATH`` (``mkfifo``)
-is read live the same way; a pipe named only through ``/dev/fd``
-(``<(ffmpeg ...)``) is read whole, as a file (:func:`path_feed`).
+format is read to its end (into a temporary file) and sent as a file, as
+is a file redirected in (:func:`stdin_feed`). A named FIFO given as
+``--file PATH`` (``mkfifo``) is read live the same way; a pipe named only
+through ``/dev/fd`` (``<(ffmpeg ...)``) is read to its end, as a file
+(:func:`path_feed`).
+
+A file is decoded as it is sent, a block at a time (:class:`FileFeed`),
+never held whole: its header and first audio are checked before
+connecting, damage further in is said where it is met, and a file that
+cannot be read to its end (cut short while sent) ends the audio there,
+with an error line.
 
 A file is not live and drops nothing: past :data:`MAX_IN_FLIGHT_S` of audio
 sent and not acknowledged, it waits for the acknowledgements. Nor is it
@@ -62,8 +69,8 @@ not the whole stall's, which it would refuse as ``too_fast``.
 Exit status: 0 after the server's summary; 1 when the server cannot be
 reached, refuses the token or the stream, or closes it early (and will not
 be reconnected to); 2 for a bad argument, file, pipe or audio device (or,
-after the summary, a pipe that failed before its end); 130 after a second
-Ctrl-C.
+after the summary, a file or pipe that failed before its end); 130 after a
+second Ctrl-C.
 """
 
 from __future__ import annotations
@@ -72,13 +79,14 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import stat
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -91,6 +99,8 @@ from viewer import LiveWriter, use_color
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
+from evoxtral_stream.audio import filereader
+from evoxtral_stream.audio.filereader import FileMix, FilePass, open_audio_file, open_pipe_file
 from evoxtral_stream.audio.microphone import (
     ChannelRoute,
     InputDevice,
@@ -100,12 +110,7 @@ from evoxtral_stream.audio.microphone import (
     portaudio_threads_left,
 )
 from evoxtral_stream.audio.pipe import NotLiveAudio, PipeCapture, PipeEnd, is_live_pipe
-from evoxtral_stream.audio.sources import (
-    AudioInputError,
-    iter_chunks,
-    read_audio_channels,
-    read_pipe_channels,
-)
+from evoxtral_stream.audio.sources import AudioInputError, iter_chunks, rechunked
 from evoxtral_stream.config import CONFIG_ENV, ConfigError, load_config
 from evoxtral_stream.console import redraws
 from evoxtral_stream.events import SAMPLE_RATE, Int16Array
@@ -116,6 +121,7 @@ __all__ = ["AudioFeed", "FileFeed", "FilePace", "LiveFeed", "MicFeed", "PipeFeed
            "should_reconnect", "stdin_feed"]
 
 CHUNK_MS = 100
+CHUNK_SAMPLES = SAMPLE_RATE * CHUNK_MS // 1000
 #: Microphone blocks waiting for the socket before new ones are dropped (10 s at 20 ms).
 MAX_QUEUED_BLOCKS = 500
 #: Seconds of microphone audio on its way to a server that acknowledges it
@@ -134,7 +140,7 @@ ACK_STEP_S = 0.5
 #: never reached it, and the next connection sends it again (:func:`resend_from`).
 ACK_STEP = -(-SAMPLE_RATE // 2)
 #: What the client sends in its config message: what MicrophoneCapture and
-#: read_audio_channels deliver, and the server's acknowledgements of the audio.
+#: a file's passes deliver, and the server's acknowledgements of the audio.
 CONFIG = {"type": "config", "sample_rate": SAMPLE_RATE, "channels": 1, "format": "pcm16",
           "progress": True}
 
@@ -281,33 +287,105 @@ class FilePace:
 
 
 class FileFeed:
-    """A decoded file (16 kHz mono int16) sent in 100 ms messages at real-time
-    pace, as :class:`FilePace` allows: after a stall it waits (for the
-    server's acknowledgements, or for the socket) and goes on later, never
-    dropping audio. ``max_behind_s``: see :class:`FilePace`."""
+    """A file's audio (16 kHz mono int16) sent in 100 ms messages at
+    real-time pace, as :class:`FilePace` allows: after a stall it waits (for
+    the server's acknowledgements, or for the socket) and goes on later,
+    never dropping audio. ``max_behind_s``: see :class:`FilePace`.
 
-    def __init__(self, samples: Int16Array, max_behind_s: float = MAX_IN_FLIGHT_S) -> None:
-        self.samples = samples
+    ``audio``: the samples, or one output of a probed file
+    (:class:`FileMix`, which the feed closes), decoded as it is sent, a
+    block at a time (:meth:`AudioFile.blocks`): never held whole. The feed
+    holds a block, and the audio sent on the connection and not yet
+    acknowledged (:attr:`held`, within ``max_behind_s`` and a chunk: what
+    :meth:`rewind` sends again). What the file reader warns of while it
+    decodes (damage where the pass meets it) goes to the status. A file
+    that cannot be read to its end (cut short while read, a disk error)
+    ends its audio there, as its end does, saying why, and :attr:`failed`
+    says it."""
+
+    def __init__(self, audio: Int16Array | FileMix, max_behind_s: float = MAX_IN_FLIGHT_S
+                 ) -> None:
         self.pace = FilePace(max_behind_s)
         self.sent = 0
         """Samples sent so far, over every connection (less those sent again)."""
         self.resent = 0
         """Samples sent again after a lost connection (:meth:`rewind`)."""
+        self.failed: AudioInputError | None = None
+        """Why the file could not be read to its end, once met; None while not."""
         self._base = 0   # self.sent when the current connection began
         self._status: Status = lambda _: None
         self._delay_reported = 0.0
+        self._file: FileMix | None = None
+        self._pass: FilePass | None = None
+        self._chunks: Iterator[Int16Array]
+        self.seconds: float | None
+        """The audio's length: a file's as its header says (None: it does not)."""
+        if isinstance(audio, FileMix):
+            self._file = audio
+            self._pass = audio.audio.blocks([audio.mix])
+            self._chunks = (c[0] for c in rechunked(self._pass, 1, CHUNK_SAMPLES))
+            self.seconds = None if audio.samples is None else audio.samples / SAMPLE_RATE
+        else:
+            self._chunks = iter_chunks(audio, CHUNK_SAMPLES)
+            self.seconds = len(audio) / SAMPLE_RATE
+        self._ended = False  # the chunks have run out
+        self._failure_said = False
+        # Taken from the file and not yet sent, from sample self.sent on: a
+        # chunk whose send a lost connection cut, or what a rewind sends
+        # again. Bounded as _kept is: a rewind moves _kept here.
+        self._ahead: deque[Int16Array] = deque()
+        # Sent on this connection and not known to be acknowledged, from
+        # sample _kept_from up to self.sent: what a rewind may send again.
+        # Kept only where the server acknowledges (a rewind needs it), and
+        # let go of as it does; the pace holds it within max_behind_s (and
+        # the chunk acknowledged part way), so it never overflows.
+        self._kept: deque[Int16Array] = deque()
+        self._kept_from = 0
+
+    @property
+    def held(self) -> int:
+        """Samples held to send again, or taken from the file and not sent."""
+        return sum(len(c) for c in self._kept) + sum(len(c) for c in self._ahead)
 
     def start(self, status: Status) -> None:
         self._status = status
-        status(f"streaming {len(self.samples) / SAMPLE_RATE:.1f} s of audio at real-time pace")
+        if self.seconds is None:
+            status("streaming audio of a length its header does not say at real-time pace")
+        else:
+            status(f"streaming {self.seconds:.1f} s of audio at real-time pace")
+        # The file is opened now (a pass opens it at its first block), before
+        # connecting: one that is gone since its probe is an error here.
+        if self._next_chunk() is None and self.failed is not None:
+            self._failure_said = True  # run() says it, as any error before connecting
+            raise self.failed
+
+    def _next_chunk(self) -> Int16Array | None:
+        """The chunk to send next (at the head of _ahead until it is sent);
+        None once the audio has ended."""
+        if not self._ahead:
+            if self._ended:
+                return None
+            # Decoded on the event loop, not in a thread: the pass points
+            # descriptor 2 elsewhere while it decodes a block, which would
+            # catch the status lines written meanwhile.
+            with _reader_says(self._status):
+                chunk = next(self._chunks, None)
+            if chunk is None:
+                self._ended = True
+                if self._pass is not None and self._pass.error is not None:
+                    self.failed = AudioInputError(self._pass.error)
+                return None
+            self._ahead.append(chunk)
+        return self._ahead[0]
 
     async def send(self, ws: ClientConnection, stop: asyncio.Event,
                    progress: Progress | None = None) -> None:
         self.pace.start(self.sent, time.monotonic())
-        self._base = self.sent
+        self._base = self._kept_from = self.sent
+        self._kept.clear()
         sent_here = 0  # on this connection, as the server counts its acknowledgements
         try:
-            for chunk in iter_chunks(self.samples[self.sent:], SAMPLE_RATE * CHUNK_MS // 1000):
+            while (chunk := self._next_chunk()) is not None:
                 unacknowledged = 0
                 if progress is not None:
                     # Waits where the microphone drops: a file loses nothing by waiting.
@@ -321,27 +399,86 @@ class FileFeed:
                         asyncio.sleep(wait), stop)):
                     return
                 await ws.send(chunk.astype("<i2").tobytes())
+                self._ahead.popleft()  # only once sent: a cut send goes on the next connection
                 self.sent += len(chunk)
                 sent_here += len(chunk)
+                if progress is not None:
+                    self._keep(chunk, self._base + progress.frames)
         finally:
             self._report_delay()
+        if self.failed is not None and not self._failure_said:
+            self._failure_said = True
+            self._status(f"error: {self.failed}; the captions of the audio before are finished")
+
+    def _keep(self, chunk: Int16Array, acknowledged: int) -> None:
+        """Keep ``chunk``, just sent, to send again; let go of the chunks
+        wholly before sample ``acknowledged``."""
+        self._kept.append(chunk)
+        while self._kept and self._kept_from + len(self._kept[0]) <= acknowledged:
+            self._kept_from += len(self._kept.popleft())
 
     def rewind(self, progress: Progress) -> None:
-        again = max(0, self.sent - (self._base + resend_from(progress.frames)))
-        if again:
-            self.sent -= again
-            self.resent += again
-            self._status(f"{again / SAMPLE_RATE:.1f} s of audio the server did not acknowledge "
-                         "before the connection was lost goes again")
+        start = self._base + resend_from(progress.frames)
+        # What was sent from start on goes again, before any chunk taken and
+        # not sent. _kept reaches back to the last acknowledgement it saw,
+        # before start.
+        again: list[Int16Array] = []
+        at = self._kept_from
+        for chunk in self._kept:
+            if at + len(chunk) > start:
+                again.append(chunk[max(0, start - at):])
+            at += len(chunk)
+        self._kept.clear()
+        samples = sum(len(c) for c in again)
+        self._ahead.extendleft(reversed(again))
+        self.sent -= samples
+        self._kept_from = self.sent
+        if samples:
+            self.resent += samples
+            self._status(f"{samples / SAMPLE_RATE:.1f} s of audio the server did not "
+                         "acknowledge before the connection was lost goes again")
 
     def close(self) -> None:
-        pass
+        """Let go of the file (its pass, a pipe's copy)."""
+        if self._file is not None:
+            assert self._pass is not None
+            self._pass.close()
+            self._file.audio.close()
 
     def _report_delay(self) -> None:
         if self.pace.delayed - self._delay_reported >= 0.1:
             self._status(f"the connection stalled or was too slow: the rest of the file goes "
                          f"{self.pace.delayed:.1f} s later than real-time pace")
             self._delay_reported = self.pace.delayed
+
+
+class _StatusLines(logging.Handler):
+    """The file reader's warnings as status lines (see :func:`_reader_says`)."""
+
+    def __init__(self, status: Status) -> None:
+        super().__init__(logging.WARNING)
+        self._status = status
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # A failure is FilePass.error too, which the feed says with what it
+        # means for the stream.
+        if record.levelno < logging.ERROR:
+            self._status(record.getMessage())
+
+
+@contextlib.contextmanager
+def _reader_says(status: Status) -> Iterator[None]:
+    """What the file reader logs during the ``with`` block (a pass meeting
+    damage) goes to ``status``: mid-stream, a line written past the writer
+    would land inside the partial it draws. Its presence also keeps
+    logging's last-resort handler from writing it so."""
+    handler = _StatusLines(status)
+    reader = logging.getLogger(filereader.__name__)
+    reader.addHandler(handler)
+    try:
+        yield
+    finally:
+        reader.removeHandler(handler)
 
 
 async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
@@ -677,7 +814,7 @@ def stdin_feed(channels: tuple[int, ...], status: Status, fd: int = 0) -> AudioF
         raise AudioInputError(f"cannot read standard input: {e.strerror or e}") from None
     if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
         path = STDIN_PATH if fd == 0 else Path(f"/dev/fd/{fd}")
-        return FileFeed(read_audio_channels(path, [channels], "--channels")[0])
+        return FileFeed(FileMix(open_audio_file(path, [channels], "--channels"), 0))
     cfg = load_config().audio
     return _pipe_feed(PipeCapture(STDIN_PATH, block_ms=cfg.block_ms,
                                   max_pending_blocks=cfg.max_pending_blocks, mixes=[channels],
@@ -689,12 +826,12 @@ def path_feed(path: Path, channels: tuple[int, ...], status: Status) -> AudioFee
     """``--file PATH``: a FIFO with a name in the file system (``mkfifo``)
     carrying WAV is read live, as :func:`stdin_feed` reads a pipe and as
     ``serve --source PATH`` reads one: opening it waits for its writer.
-    Anything else is read whole and sent as a file (:class:`FileFeed`): a
-    pipe named only through ``/dev/fd`` (``--file <(ffmpeg -i talk.mp4 -f
-    wav -)``) too, the way to play what a converter writes far faster than
-    real time. Raises :class:`AudioInputError`: a socket's path (read as
-    standard input), a pipe or file that is no audio, or lacks those
-    channels."""
+    Anything else is sent as a file (:class:`FileFeed`, decoded as it is
+    sent): a pipe named only through ``/dev/fd`` (``--file <(ffmpeg -i
+    talk.mp4 -f wav -)``) too, read to its end first, the way to play what
+    a converter writes far faster than real time. Raises
+    :class:`AudioInputError`: a socket's path (read as standard input), a
+    pipe or file that is no audio, or lacks those channels."""
     real = _named_live_pipe(path)
     if real is not None:
         if stat.S_ISSOCK(real):
@@ -705,7 +842,7 @@ def path_feed(path: Path, channels: tuple[int, ...], status: Status) -> AudioFee
         return _pipe_feed(PipeCapture(path, block_ms=cfg.block_ms,
                                       max_pending_blocks=cfg.max_pending_blocks,
                                       mixes=[channels], channels_from="--channels"), status)
-    return FileFeed(read_audio_channels(path, [channels], "--channels")[0])
+    return FileFeed(FileMix(open_audio_file(path, [channels], "--channels"), 0))
 
 
 def _named_live_pipe(path: Path) -> int | None:
@@ -724,8 +861,8 @@ def _named_live_pipe(path: Path) -> int | None:
 
 def _pipe_feed(capture: PipeCapture, status: Status) -> AudioFeed:
     """``capture``'s pipe as a feed once its header is read: live
-    (:class:`PipeFeed`), or of another format read whole (:class:`FileFeed`,
-    saying so on ``status``)."""
+    (:class:`PipeFeed`), or of another format read to its end and sent as a
+    file (:class:`FileFeed`, saying so on ``status``)."""
     try:
         capture.read_header()
     except NotLiveAudio as e:
@@ -735,8 +872,8 @@ def _pipe_feed(capture: PipeCapture, status: Status) -> AudioFeed:
                "`ffmpeg ... -f wav -`)")
         assert capture.fd is not None
         try:
-            return FileFeed(read_pipe_channels(capture.path, e.head, capture.fd,
-                                               [capture.mixes[0]], "--channels")[0])
+            return FileFeed(FileMix(open_pipe_file(capture.path, e.head, capture.fd,
+                                                   [capture.mixes[0]], "--channels"), 0))
         finally:
             capture.stop()  # closes a FIFO it opened; standard input stays open
     return PipeFeed(capture)
@@ -1009,8 +1146,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = run_client(run(given.url, next(iter(given.streams), None), feed, writer,
                               token=given.token,
                               language=args.language, reconnect=args.reconnect))
-        # A pipe that failed was finished as at its end; the error was said.
-        return 2 if code == 0 and isinstance(feed, PipeFeed) and feed.failed else code
+        # A pipe or file that failed was finished as at its end; the error was said.
+        failed = isinstance(feed, PipeFeed | FileFeed) and feed.failed is not None
+        return 2 if code == 0 and failed else code
     except AudioInputError as e:
         writer.status(f"error: {e}")
         return 2

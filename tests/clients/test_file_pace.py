@@ -5,13 +5,19 @@ acknowledgements. The real server behind a stalled link: test_mic_client.py."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
-from mic_client import FileFeed, FilePace, Progress, past_bound
+import soundfile as sf
+from mic_client import ACK_STEP, FileFeed, FilePace, Progress, past_bound, path_feed
 
+from evoxtral_stream.audio.sources import AudioInputError
 from evoxtral_stream.events import SAMPLE_RATE, Int16Array
+from tests.helpers.audio import HAVE_SOX
 
 CHUNK = SAMPLE_RATE // 10  # FileFeed's 100 ms messages
 S = SAMPLE_RATE            # one second of samples
@@ -214,3 +220,160 @@ async def test_the_file_waits_for_acknowledgements_and_drops_nothing() -> None:
     stop.set()
     await asyncio.wait_for(sending, 5)
     assert feed.sent == 13 * CHUNK
+
+
+async def test_a_lost_connection_sends_again_what_was_not_acknowledged() -> None:
+    """Acknowledged up to 0.35 s, and 1.3 s sent (the bound, 1 s, past it),
+    then lost: the next connection sends the audio again from half a second past the
+    acknowledgement (the step the server may have taken), cut mid-chunk
+    there, and goes on to the end: no sample twice, none missed. What the
+    feed holds to send again stays within its bound (1 s) and a chunk."""
+    audio = np.arange(30 * CHUNK).astype(np.int16)  # each sample its place (mod 2**16)
+    feed = FileFeed(audio, max_behind_s=1.0)
+    link, acks = Samples(), WatchedProgress()
+    sending = asyncio.ensure_future(feed.send(link, asyncio.Event(), acks))  # type: ignore[arg-type]
+    acks.acknowledge(int(0.35 * S))
+    await asyncio.wait_for(acks.waiting.wait(), 10)  # 1.3 s sent: waits for more
+    assert len(link.sent) == 13
+    assert 0 < feed.held <= 1.0 * S + CHUNK, feed.held / S
+    sending.cancel()
+    await asyncio.gather(sending, return_exceptions=True)
+    feed.rewind(acks)
+    start = int(0.35 * S) + ACK_STEP
+    assert (feed.sent, feed.resent) == (start, 13 * CHUNK - start)
+    again = Samples()
+    feed.pace = NoWait()
+    await asyncio.wait_for(feed.send(again, asyncio.Event()), 10)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(np.concatenate(link.samples), audio[:13 * CHUNK])
+    np.testing.assert_array_equal(np.concatenate(again.samples), audio[start:])
+    assert feed.held == 0
+
+
+class Samples(Link):
+    """A :class:`Link` that keeps the samples of each message too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.samples: list[Int16Array] = []
+
+    async def send(self, data: bytes) -> None:
+        await super().send(data)
+        self.samples.append(np.frombuffer(data, "<i2"))
+
+
+class NoWait(FilePace):
+    """The pace without the clock's waits: a long file goes through the feed
+    at once (the waits are tested above; real time would take the file's
+    length)."""
+
+    def wait_s(self, position: int, now: float, unacknowledged: int = 0) -> float:
+        return 0.0
+
+
+class Acknowledging:
+    """Stands in for a server that acknowledges all it takes: counts the
+    samples and acknowledges them (``acks``)."""
+
+    def __init__(self) -> None:
+        self.acks = Progress()
+        self.samples = 0
+
+    async def send(self, data: bytes) -> None:
+        self.samples += len(data) // 2
+        self.acks.acknowledge(self.samples)
+
+
+@pytest.mark.skipif(not HAVE_SOX, reason="sox is not installed")
+async def test_a_file_is_decoded_as_it_is_sent_in_bounded_memory(tmp_path: Path) -> None:
+    """20 minutes of 16 kHz mono (38 MB as sent): --file's feed decodes the
+    file as it sends it, and peaks at a few blocks while sending it whole.
+    It used to decode the whole file before connecting (an hour's file
+    peaked at 326 MB RSS, 43 MB of it the imports)."""
+    path = tmp_path / "long.wav"
+    await asyncio.to_thread(subprocess.run, ["sox", "-n", "-r", "16000", "-c", "1", "-b", "16",
+                                             str(path), "synth", "1200", "whitenoise", "vol",
+                                             "0.1"], check=True)
+    said: list[str] = []
+    server = Acknowledging()
+    tracemalloc.start()
+    try:
+        feed = path_feed(path, (), said.append)
+        assert isinstance(feed, FileFeed)
+        try:
+            feed.pace = NoWait()
+            feed.start(said.append)
+            await feed.send(server, asyncio.Event(), server.acks)  # type: ignore[arg-type]
+        finally:
+            feed.close()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert server.samples == 1200 * S
+    assert said == ["streaming 1200.0 s of audio at real-time pace"]
+    assert peak < 1200 * S * 2 / 8, f"peak {peak / 1e6:.1f} MB"
+
+
+async def test_damage_in_a_file_is_said_when_the_feed_reaches_it(tmp_path: Path) -> None:
+    """A FLAC (8 s of 48 kHz stereo) cut 70 % in: the client says it is
+    damaged once it has sent the audio before the damage, decoding the file
+    as it goes; that audio is all sent, and the file's end ends the stream
+    as at any file's end (no error). Read whole before connecting, the
+    warning came before any audio went, and not on the client's status."""
+    x = np.random.default_rng(4).integers(-8000, 8000, (8 * 48000, 2)).astype(np.int16)
+    whole = tmp_path / "whole.flac"
+    sf.write(whole, x, 48000, format="FLAC")
+    cut = tmp_path / "cut.flac"
+    cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.7)])
+    server = Acknowledging()
+    said: list[tuple[int, str]] = []
+
+    def status(text: str) -> None:
+        said.append((server.samples, text))
+
+    feed = path_feed(cut, (), status)
+    assert isinstance(feed, FileFeed)
+    try:
+        feed.pace = NoWait()
+        feed.start(status)
+        await feed.send(server, asyncio.Event(), server.acks)  # type: ignore[arg-type]
+    finally:
+        feed.close()
+    damage = [(at, text) for at, text in said if "damaged" in text]
+    assert len(damage) == 1, said
+    at, text = damage[0]
+    assert text.startswith(f"audio file {cut} is damaged 5."), text
+    # The probe read the first 1.4 s; the damage is met past 4 s.
+    assert at > 3 * S, at / S
+    assert 0.7 * 8 * S - 2 * 4096 < server.samples <= 0.7 * 8 * S
+    assert feed.failed is None
+
+
+async def test_a_file_gone_before_the_feed_starts_is_an_error_before_connecting(
+        tmp_path: Path) -> None:
+    """The feed opens the file as it starts, before connecting (a file on
+    disk is then read to its end whatever becomes of its name): one deleted
+    since its probe is an error there, naming why, as one that was never
+    there is."""
+    path = tmp_path / "talk.wav"
+    sf.write(path, np.zeros(S, np.int16), S)
+    feed = path_feed(path, (), lambda _: None)
+    path.unlink()
+    try:
+        with pytest.raises(AudioInputError, match=r"cannot read audio file .*talk\.wav past "
+                           r"0\.0 s: No such file or directory"):
+            feed.start(lambda _: None)
+    finally:
+        feed.close()
+    sf.write(path, np.zeros(3 * S, np.int16), S)
+    feed = path_feed(path, (), lambda _: None)
+    assert isinstance(feed, FileFeed)
+    try:
+        feed.start(lambda _: None)
+        path.unlink()
+        feed.pace = NoWait()
+        server = Acknowledging()
+        await feed.send(server, asyncio.Event(), server.acks)  # type: ignore[arg-type]
+    finally:
+        feed.close()
+    assert server.samples == 3 * S
+    assert feed.failed is None

@@ -1116,6 +1116,43 @@ async def test_a_file_sends_again_what_a_broken_link_held_up() -> None:
     assert "goes again" in writer.said.getvalue()
 
 
+async def test_a_file_cut_short_while_sent_ends_its_stream_with_one_error_line(
+    scripted: tuple[Engine, CaptionServer], tmp_path: Path,
+) -> None:
+    """--file decodes the file as it sends it: a file cut to a third while
+    it is sent (rotated, overwritten) ends its audio where its bytes end,
+    with one error line; the server still finishes the captions of the
+    audio before (its summary), and the exit status is 2, as for a pipe
+    that fails. The file used to be read whole before connecting, so the
+    cut went unseen, and a file of hours was held in memory whole."""
+    audio, _ = speech_with_pauses(SENTENCES * 2, pause_s=1.0)
+    wav = write_wav(tmp_path / "talk.wav", audio)
+    proc = await start_client("--url", f"ws://127.0.0.1:{scripted[1].port}", "--file", str(wav),
+                              "--stream", "cut")
+    assert proc.stderr is not None
+    err_before = ""
+    while "streaming to" not in (line := (await proc.stderr.readline()).decode()):
+        assert line, "the client exited before streaming"
+        err_before += line
+    size = wav.stat().st_size
+    with wav.open("r+b") as f:
+        f.truncate(size // 3)
+    _, err = await finish(proc)
+    err = err_before + err
+    assert proc.returncode == 2, err
+    cut = [line for line in err.splitlines() if "cut short" in line]
+    assert cut == [f"error: cannot read audio file {wav} past {cut[0].split(' past ')[1]}"], err
+    assert cut[0].endswith(f"it was cut short while read ({size} bytes when opened, "
+                           f"{size // 3} now); its audio ends there; the captions of the audio "
+                           "before are finished"), err
+    summary = SUMMARY.search(err)
+    assert summary is not None, err
+    assert summary.group(1) == "cut"
+    seconds = len(audio) / SAMPLE_RATE
+    assert seconds / 3 - 0.2 < float(summary.group(2)) < seconds / 3 + 0.2, (seconds, err)
+    assert "Traceback" not in err
+
+
 async def test_audio_sent_again_after_a_lost_connection_keeps_its_lost_declarations(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
