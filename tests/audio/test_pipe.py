@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from evoxtral_stream.audio.filereader import joined, open_pipe_file
 from evoxtral_stream.audio.microphone import ChannelRoute
 from evoxtral_stream.audio.pipe import (
     AHEAD_S,
@@ -27,7 +28,7 @@ from evoxtral_stream.audio.pipe import (
     PipeEnd,
     is_live_pipe,
 )
-from evoxtral_stream.audio.sources import AudioInputError, read_audio_channels, read_pipe_channels
+from evoxtral_stream.audio.sources import AudioInputError, read_audio_channels
 from evoxtral_stream.events import Int16Array
 
 
@@ -248,7 +249,8 @@ def test_another_format_is_read_whole_from_where_the_look_stopped(tmp_path: Path
     with pytest.raises(NotLiveAudio, match="the test pipe: it is not a WAV stream") as e:
         cap.read_header()
     assert e.value.head and flac.read_bytes().startswith(e.value.head)
-    got = read_pipe_channels(Path("-"), e.value.head, r, [(1,)])
+    with open_pipe_file(Path("-"), e.value.head, r, [(1,)]) as audio, audio.blocks() as blocks:
+        got = joined(blocks, 1)
     np.testing.assert_array_equal(got[0], read_audio_channels(flac, [(1,)])[0])
     os.close(r)
 

@@ -8,22 +8,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 
-from evoxtral_stream.audio.filereader import (
-    AudioFile,
-    AudioInputError,
-    joined,
-    open_audio_file,
-    open_pipe_file,
-)
+from evoxtral_stream.audio.filereader import AudioFile, AudioInputError, joined, open_audio_file
 from evoxtral_stream.audio.wavstream import MAX_FILE_RATE, MIN_FILE_RATE
 from evoxtral_stream.events import Int16Array
 
 __all__ = ["MAX_FILE_RATE", "MIN_FILE_RATE", "AudioInputError", "iter_chunks",
-           "read_audio_channels", "read_audio_file", "read_pipe_channels", "rechunked"]
+           "read_audio_channels", "read_audio_file", "rechunked"]
 
 # --- files ------------------------------------------------------------------
 
@@ -73,15 +66,6 @@ def read_audio_channels(path: str | os.PathLike[str], mixes: Sequence[Sequence[i
     decoded. Whole: one pass of :func:`open_audio_file` joined (for short
     clips; a stream takes the pass's blocks as it goes)."""
     with open_audio_file(path, mixes, channels_from) as audio:
-        return _joined(audio)
-
-
-def read_pipe_channels(p: Path, head: bytes, fd: int, mixes: Sequence[Sequence[int]],
-                       channels_from: str = "audio.channels") -> list[Int16Array]:
-    """:func:`read_audio_channels` of a pipe already open as ``fd``, of which
-    ``head`` was read (a live reader's look at its first bytes): the rest is
-    read to its end, and ``p`` names it in messages. ``fd`` is not closed."""
-    with open_pipe_file(p, head, fd, mixes, channels_from) as audio:
         return _joined(audio)
 
 
