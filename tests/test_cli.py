@@ -2494,6 +2494,48 @@ def test_closed_standard_streams_are_one_line_not_a_traceback(tmp_path: Path) ->
     assert run("2>&-", "config", "--set", "vad.aggressiveness=9").returncode == 2
 
 
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_a_closed_standard_input_reads_as_empty_not_as_the_file_opened_in_its_place() -> None:
+    """``transcribe - <&-``: descriptor 0 was the first the process opened
+    and kept, the log writer's copy of stderr, and ``-`` (/dev/stdin) read
+    that: with stderr a pipe, the process read its own log's pipe, whose
+    writing end it holds, and waited for its end for ever. Descriptors
+    closed at the start are /dev/null from it: ``-`` reads as empty, as
+    with ``</dev/null``."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    closed = subprocess.run(["sh", "-c", 'exec "$0" -m evoxtral_stream transcribe - <&-',
+                             sys.executable], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, timeout=120, env=env)
+    empty = subprocess.run([sys.executable, "-m", "evoxtral_stream", "transcribe", "-"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True, timeout=120, env=env)
+    assert one_error_line(closed, "/dev/stdin") == one_error_line(empty)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_closed_descriptors_are_filled_with_dev_null_that_programs_started_inherit(
+        tmp_path: Path) -> None:
+    """fill_closed_descriptors: each of 0-2 closed is /dev/null, inherited by
+    a program started from there (os.open's are not), and Python's streams
+    stay None: the process still knows it has none."""
+    code = ("import os, subprocess, sys\n"
+            "from evoxtral_stream.startup import fill_closed_descriptors\n"
+            "fill_closed_descriptors()\n"
+            "own = [os.readlink(f'/proc/self/fd/{fd}') for fd in (0, 1, 2)]\n"
+            "child = subprocess.run(['readlink', '/proc/self/fd/0', '/proc/self/fd/2'],"
+            " stdout=subprocess.PIPE, text=True).stdout.split()\n"
+            "out = os.open(sys.argv[1], os.O_WRONLY)\n"
+            "os.write(out, repr((own, child, sys.stdin, sys.stdout, sys.stderr,"
+            " sys.__stderr__)).encode())\n")
+    report = tmp_path / "report"
+    report.touch()
+    proc = subprocess.run(["sh", "-c", 'exec "$0" -c "$1" "$2" <&- >&- 2>&-', sys.executable,
+                           code, str(report)], timeout=120)
+    assert proc.returncode == 0
+    assert report.read_text() == repr((["/dev/null"] * 3, ["/dev/null"] * 2,
+                                       None, None, None, None))
+
+
 def test_an_input_that_cannot_be_read_is_one_error_line_whatever_the_reason(
         tmp_path: Path) -> None:
     """A name too long, a symlink loop (Path.resolve raised RuntimeError before

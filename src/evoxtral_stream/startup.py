@@ -11,6 +11,10 @@ for the command's whole life, a Ctrl-C that Python could only report
 callback) is not lost either (:class:`_SendAgain`). Nothing is imported here
 before it is needed (and then the standard library only): this module
 serves while those imports are what a Ctrl-C cut short.
+
+And the standard descriptors a process was started without (``<&-``,
+``>&-``, ``2>&-``): :func:`fill_closed_descriptors`, first thing in
+:func:`~evoxtral_stream.cli.main`.
 """
 
 from __future__ import annotations
@@ -23,9 +27,9 @@ if TYPE_CHECKING:
     from types import FrameType, TracebackType
     from typing import NoReturn
 
-__all__ = ["asked_log_format", "exit_if_interrupted", "forget_caught_interrupts",
-           "interrupted_by_ctrl_c", "keep_sending_lost_ctrl_c", "say_interrupted",
-           "unwatch_ctrl_c", "watch_ctrl_c"]
+__all__ = ["asked_log_format", "exit_if_interrupted", "fill_closed_descriptors",
+           "forget_caught_interrupts", "interrupted_by_ctrl_c", "keep_sending_lost_ctrl_c",
+           "say_interrupted", "unwatch_ctrl_c", "watch_ctrl_c"]
 
 _seen = False  # a Ctrl-C came while watched
 _main: int | None = None  # the main thread, where watch_ctrl_c took Python's handler over
@@ -217,6 +221,36 @@ def forget_caught_interrupts() -> None:
     by SIGINT (status -2), not 130. Each ``exec()`` of a string starts by
     forgetting it."""
     exec("")
+
+
+def fill_closed_descriptors() -> None:
+    """Open /dev/null onto each of descriptors 0, 1 and 2 that is closed, so
+    that no file or socket opened later takes its number: whatever did was
+    read as stdin (``transcribe -`` read the log writer's copy of stderr)
+    and got what native code writes to descriptor 2 (libmpg123's notes went
+    into a pipe's copy of the audio). To call before the process opens
+    anything it keeps. Python's ``sys.stdin``, ``sys.stdout`` and
+    ``sys.stderr`` stay as Python made them, None where it found a
+    descriptor closed (and ``sys.__stderr__`` too): the program still
+    knows it has none. Where /dev/null cannot be opened, they stay closed."""
+    import os
+
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:  # EBADF: closed
+            pass
+        try:
+            null = os.open(os.devnull, os.O_RDWR)
+        except OSError:  # none in a bare chroot, or no descriptor left
+            return
+        if null == fd:  # the lowest number free, the ones below being open
+            # os.open's are not inherited (PEP 446); a standard one must be,
+            # or a program started from here would find it closed again.
+            os.set_inheritable(fd, True)
+        else:  # another thread's file took fd meanwhile: not to be replaced
+            os.close(null)
 
 
 def exit_if_interrupted(exc: BaseException) -> None:

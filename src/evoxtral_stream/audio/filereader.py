@@ -564,7 +564,8 @@ class _PrintCatcher:
         # Started without a descriptor 2 (2>&-: Python's stderr is None),
         # descriptor 2 is whatever was opened first since, as soon as the
         # file decoded: pointed at the temporary file, its blocks were read
-        # from that.
+        # from that. (The commands fill it with /dev/null first,
+        # startup.fill_closed_descriptors; a program using this may not.)
         if sys.__stderr__ is not None:
             try:
                 saved = os.dup(2)

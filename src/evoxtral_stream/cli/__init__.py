@@ -26,6 +26,7 @@ import sys
 try:
     from ..startup import (
         asked_log_format,
+        fill_closed_descriptors,
         forget_caught_interrupts,
         interrupted_by_ctrl_c,
         say_interrupted,
@@ -83,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     longer changes it (:func:`.exits._stops_ignored_to_the_exit`)."""
     logs: LoggingConfig | None = None  # once its handler is in place
     try:
+        # Before anything is opened and kept: a descriptor 0-2 closed at the
+        # start would be the first file or socket opened since.
+        fill_closed_descriptors()
         _stand_in_for_closed_streams()
         args = _parse(argv)
         # The flags' logging now, so that an error in the config itself is
