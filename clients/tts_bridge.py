@@ -109,7 +109,7 @@ from urllib.parse import quote
 
 from _auth import add_token_option, auth_headers, install_token_redaction, refusal
 from _loop import run_client
-from _terminal import lenient_output
+from _terminal import closed_stderr_dropped, lenient_output
 from _url import Role, add_url_option, endpoint, take_query, with_query
 from tts_synth import (
     DEFAULT_BASE_URL,
@@ -880,6 +880,7 @@ def _synth_from_args(args: argparse.Namespace) -> Synthesizer:
 def main(argv: Sequence[str] | None = None) -> int:
     """The command line; returns the exit status (0 ok, 1 error, 2 a bad or missing
     argument or an unusable ``--out``, 130 Ctrl-C)."""
+    closed_stderr_dropped()
     lenient_output()
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.debug else logging.INFO

@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 from _auth import add_token_option, auth_headers, redact_tokens, refusal
 from _loop import run_client
-from _terminal import lenient_output
+from _terminal import closed_stderr_dropped, lenient_output
 from _url import Role, add_url_option, endpoint, take_query, with_query
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -519,6 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the viewer; the process exit status."""
+    closed_stderr_dropped()
     parser = build_parser()
     lenient_output()
     args = parser.parse_args(argv)

@@ -14,7 +14,7 @@ serves while those imports are what a Ctrl-C cut short.
 
 And the standard descriptors a process was started without (``<&-``,
 ``>&-``, ``2>&-``): :func:`fill_closed_descriptors`, first thing in
-:func:`~evoxtral_stream.cli.main`.
+:func:`~evoxtral_stream.cli.main` and in the clients (``clients/_terminal.py``).
 """
 
 from __future__ import annotations

@@ -797,6 +797,33 @@ async def test_control_characters_in_captions_do_not_reach_the_terminal(
     assert "\x1b[2J" not in coloured
 
 
+async def test_a_client_started_without_stderr_runs_without_its_status_lines(
+        served: tuple[Engine, CaptionServer], tmp_path: Path) -> None:
+    """Started with descriptor 2 closed (``2>&-``), Python's stderr is None:
+    viewer.py and mic_client.py ended (AttributeError, status 1, nothing
+    said) at their first status line, the server's hello and the file's
+    error; and tts_bridge.py's error line and argparse's usage, print()ing
+    to a None stderr, went to stdout. Their status and error lines are
+    dropped, as the caller asked; stdout holds only what it is for."""
+    _, server = served
+    publish_finals(server, "talk", ["hello there", "goodbye"])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(CLIENTS / "viewer.py"), "--url", f"ws://127.0.0.1:{server.port}",
+        "--stream", "talk", "--since", "0", "--exit-on-end", "--no-color",
+        stdout=asyncio.subprocess.PIPE, env=client_env(), preexec_fn=lambda: os.close(2))
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    assert (proc.returncode, [line.split("] ", 1)[1] for line in out.decode().splitlines()]) \
+        == (0, ["hello there", "goodbye"])
+    for client, *args in (("mic_client.py", "--file", str(tmp_path / "gone.wav")),
+                          ("tts_bridge.py", "--out", str(tmp_path), "--max-captions", "0"),
+                          ("tts_bridge.py", "--max-captions", "1")):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(CLIENTS / client), *args, stdout=asyncio.subprocess.PIPE,
+            env=client_env(), preexec_fn=lambda: os.close(2))
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+        assert (proc.returncode, out.decode()) == (2, ""), (client, args)
+
+
 # --- access tokens ---------------------------------------------------------------------
 
 
