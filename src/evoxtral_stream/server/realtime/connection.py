@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosed
 from ...config import ServerConfig
 from ...engine.engine import Engine, EngineStopping, Stream
 from ...events import SAMPLE_RATE, EngineEvent, stream_id_problem
+from .. import app
 from ..auth import IngestRate
 from ..broadcast import Broadcaster
 from .core import RealtimeTranscription
@@ -117,7 +118,9 @@ class _Connection:
 
     async def _close(self, code: int, reason: str) -> None:
         try:
-            await asyncio.wait_for(self._ws.close(code, reason), 3)
+            # The handshake's bound and a second more, as for the server's
+            # other closes (app.CLOSE_TIMEOUT_S says why).
+            await asyncio.wait_for(self._ws.close(code, reason), app.CLOSE_TIMEOUT_S + 1)
         except (TimeoutError, ConnectionClosed):
             pass
         finally:
