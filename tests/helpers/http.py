@@ -62,6 +62,13 @@ def raw_ws_handshake(port: int, path: str = "/v1/captions") -> socket.socket:
 def read_slowly(sock: socket.socket, delay_s: float) -> tuple[list[dict[str, Any]], int | None]:
     """A client reading ``sock`` 4 KiB every ``delay_s`` until the server's
     close frame, which it answers; its text messages and the close code."""
+    messages, frame = read_slowly_to_close(sock, delay_s)
+    return messages, None if frame is None else frame[0]
+
+
+def read_slowly_to_close(sock: socket.socket, delay_s: float
+                         ) -> tuple[list[dict[str, Any]], tuple[int, str] | None]:
+    """:func:`read_slowly`, giving the close frame's code and reason."""
     data, i = b"", 0
     messages: list[dict[str, Any]] = []
     sock.settimeout(10)
@@ -83,7 +90,8 @@ def read_slowly(sock: socket.socket, delay_s: float) -> tuple[list[dict[str, Any
             if opcode == 0x8:
                 sock.sendall(bytes([0x88, 0x80, 0, 0, 0, 0]))  # an empty close, masked
                 sock.close()
-                return messages, int.from_bytes(payload[:2], "big")
+                return messages, (int.from_bytes(payload[:2], "big"),
+                                  payload[2:].decode(errors="replace"))
             messages.append(json.loads(payload))
         time.sleep(delay_s)
 
