@@ -209,6 +209,60 @@ def test_a_file_cut_short_under_its_reader_ends_the_pass_with_one_error_line(
             "its audio ends there" in record.getMessage())
 
 
+@pytest.mark.parametrize("fmt", ["wav", "flac", "unsized.wav"])
+def test_a_file_rotated_under_its_reader_is_read_to_its_end_without_an_error(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, fmt: str) -> None:
+    """10 s of 48 kHz stereo renamed away while a pass reads it, and a
+    shorter file written in its place (a log rotated): the pass reads the
+    file it opened to its end, as a deleted one is, without a word. The
+    size of the new file at the name was taken for the old one's, cut short
+    ('cut short while read'), and its streams lost the audio past that."""
+    path = tmp_path / f"talk.{fmt.split('.')[-1]}"
+    x = np.random.default_rng(8).uniform(-0.5, 0.5, (10 * 48000, 2)).astype(np.float32)
+    sf.write(path, x, 48000, subtype="PCM_16")
+    if fmt == "unsized.wav":  # libsndfile misreads it: read by WavStreamDecoder
+        _say_no_size(path)
+    whole = _lazy(open_audio_file(path, [()]))
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"), \
+            open_audio_file(path, [()]) as audio, audio.blocks() as blocks:
+        got = []
+        for i, block in enumerate(blocks):
+            got.append(block[0])
+            if i == 0:
+                path.rename(tmp_path / "old")
+                sf.write(path, x[:48000], 48000, subtype="PCM_16")
+    assert blocks.error is None and [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    np.testing.assert_array_equal(np.concatenate(got), whole[0])
+
+
+def test_a_file_replaced_before_its_pass_is_read_as_the_pass_finds_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Replaced by a shorter file (another name renamed onto it) between
+    its probe and its pass (while the model loads): the pass reads the file
+    it finds, to its end, without taking it for the probed one cut short."""
+    path = tmp_path / "talk.wav"
+    x = np.random.default_rng(9).uniform(-0.5, 0.5, (10 * 48000, 2)).astype(np.float32)
+    sf.write(path, x, 48000, subtype="PCM_16")
+    short = tmp_path / "short.wav"
+    sf.write(short, x[:3 * 48000], 48000, subtype="PCM_16")
+    expected = _lazy(open_audio_file(short, [()]))
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"), \
+            open_audio_file(path, [()]) as audio:
+        short.rename(path)
+        with audio.blocks() as blocks:
+            got = [block[0] for block in blocks]
+    assert blocks.error is None and [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    np.testing.assert_array_equal(np.concatenate(got), expected[0])
+
+
+def _say_no_size(path: Path) -> None:
+    """Zero the WAV's data size, as a live writer leaves it."""
+    b = bytearray(path.read_bytes())
+    at = b.index(b"data")
+    b[at + 4:at + 8] = (0).to_bytes(4, "little")
+    path.write_bytes(bytes(b))
+
+
 @pytest.mark.parametrize("name", ["talk.flac", "unsized.wav"])
 def test_passes_over_a_pipe_s_copy_read_it_at_once_each_at_its_own_place(
         tmp_path: Path, name: str) -> None:
@@ -220,10 +274,7 @@ def test_passes_over_a_pipe_s_copy_read_it_at_once_each_at_its_own_place(
     path = tmp_path / name
     sf.write(path, x, 44100, subtype="PCM_16")
     if name == "unsized.wav":  # libsndfile misreads it: read by WavStreamDecoder
-        b = bytearray(path.read_bytes())
-        at = b.index(b"data")
-        b[at + 4:at + 8] = (0).to_bytes(4, "little")
-        path.write_bytes(bytes(b))
+        _say_no_size(path)
     mixes: list[tuple[int, ...]] = [(1,), (2,)]
     want = read_audio_channels(path, mixes)
     read, write = os.pipe()

@@ -86,7 +86,7 @@ def open_audio_file(path: str | os.PathLike[str], mixes: Sequence[Sequence[int]]
     # with bytes that are no UTF-8 (held as surrogates) would not open.
     audio = AudioFile(p, str(p) if os.name == "nt" else os.fsencode(p), mixes, channels_from)
     if stat.S_ISREG(info.st_mode):
-        audio._size = info.st_size
+        audio._size, audio._id = info.st_size, (info.st_dev, info.st_ino)
     return _probed(audio)
 
 
@@ -150,10 +150,11 @@ class AudioFile:
         self.frames: int | None = None
         """Frames its header says (None: it does not say)."""
         self._misread: Misread | None = None
-        # Its size when probed (a regular file's): a pass that ends early
-        # on a file cut short since (libsndfile ends a WAV where its bytes
-        # end, as at a header's end) says so.
+        # Its size and identity when probed (a regular file's): a pass that
+        # ends early on a file cut short since (libsndfile ends a WAV where
+        # its bytes end, as at a header's end) says so.
         self._size: int | None = None
+        self._id: tuple[int, int] | None = None
         # Warnings said already: every pass meets the same damage, and the
         # probe's pass may meet it first.
         self._said: set[str] = set()
@@ -215,19 +216,26 @@ class AudioFile:
                 raise
         return sf.SoundFile(_CopyView.open(self._source), closefd=False)
 
-    def _check_size(self) -> None:
-        """Raise :class:`AudioInputError` if the file is smaller than at its
-        probe (cut short under its reader); a file gone (unlinked while
-        open, read whole) or unreadable now says nothing."""
+    def _at_name(self) -> tuple[tuple[int, int], int] | None:
+        """The file now at the name, where a regular file was probed: its
+        identity (device, inode) and size. None: not so, or gone."""
         if self._size is None or not isinstance(self._source, str | bytes):
-            return
+            return None
         try:
-            now = os.stat(self._source).st_size
+            info = os.stat(self._source)
         except OSError:
-            return
-        if now < self._size:
-            raise AudioInputError(f"it was cut short while read ({self._size} bytes when "
-                                  f"opened, {now} now)")
+            return None
+        return (info.st_dev, info.st_ino), info.st_size
+
+    def _size_kept(self) -> tuple[tuple[int, int], int] | None:
+        """For a pass about to open the file by its name: the identity of the
+        file it opens, and the size that file must keep: the probe's if it is
+        the file probed, else (replaced since) its size now."""
+        found = self._at_name()
+        if found is None:
+            return None
+        return found[0], (self._size if found[0] == self._id and self._size is not None
+                          else found[1])
 
     @contextlib.contextmanager
     def _open_bytes(self) -> Iterator[BinaryIO]:
@@ -390,10 +398,12 @@ class FilePass(Iterator[list[Int16Array]]):
     lose little of what precedes it); a WAV read to its end past what its
     header says warns at the end. A failure past the probe (the file
     deleted before the pass opened it, cut short under the reader: smaller
-    at the pass's end than at its probe; a disk error) ends the pass with
-    :attr:`error` set, and one error line logged for the file (the first
-    of its passes to fail): what came before it is kept. :meth:`close`
-    lets go of the file (a pass at its end has).
+    at the pass's end than at its probe, or than when the pass opened it
+    if another file had taken its name since; a disk error) ends the pass
+    with :attr:`error` set, and one error line logged for the file (the
+    first of its passes to fail): what came before it is kept. A file
+    renamed or replaced under the reader (rotated) is read to its end as
+    opened. :meth:`close` lets go of the file (a pass at its end has).
 
     What the decoders print on file descriptor 2 (libmpg123's notes on an
     MP3) is held while each block decodes and logged (DEBUG): in json
@@ -410,6 +420,9 @@ class FilePass(Iterator[list[Int16Array]]):
         self._prints = _PrintCatcher(audio.path)
         self._frames = 0
         self._rate = audio.rate
+        # The file this pass opened by its name, and the size it must keep
+        # (AudioFile._size_kept).
+        self._opened: tuple[tuple[int, int], int] | None = None
         self._gen = self._run()
 
     def __next__(self) -> list[Int16Array]:
@@ -424,6 +437,20 @@ class FilePass(Iterator[list[Int16Array]]):
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.close()
+
+    def _check_size(self) -> None:
+        """Raise :class:`AudioInputError` if the file this pass opened is
+        smaller than it must be (cut short under its reader). A file gone
+        (unlinked while open, read whole) or another at its name (rotated:
+        the pass reads the one it opened to its end) says nothing; so does
+        one whose inode number changes (some FUSE mounts): a cut missed,
+        never one made up."""
+        now = self.audio._at_name()
+        if self._opened is None or now is None or now[0] != self._opened[0]:
+            return
+        if now[1] < self._opened[1]:
+            raise AudioInputError(f"it was cut short while read ({self._opened[1]} bytes when "
+                                  f"opened, {now[1]} now)")
 
     def _mixer(self, rate: int, channels: int) -> MixResampler:
         self._rate = rate
@@ -459,6 +486,7 @@ class FilePass(Iterator[list[Int16Array]]):
     def _sndfile(self, mixers: list[MixResampler]) -> Iterator[list[Int16Array]]:
         catch = self._prints.caught
         damage: sf.LibsndfileError | None = None
+        self._opened = self.audio._size_kept()
         with catch():
             f = self.audio._open_sf()
         with f:
@@ -471,7 +499,7 @@ class FilePass(Iterator[list[Int16Array]]):
                     damage = e
                     break
                 if not len(block):
-                    self.audio._check_size()
+                    self._check_size()
                     return
                 self._frames += len(block)
                 yield mixers[0].process(block)
@@ -501,7 +529,7 @@ class FilePass(Iterator[list[Int16Array]]):
                 yield mixers[0].process(block)
         if self._frames == 0:
             raise damage
-        self.audio._check_size()  # no damage: cut short under the reader
+        self._check_size()  # no damage: cut short under the reader
         self.audio._say(logging.WARNING, "audio file %s is damaged %.1f s in (%s): only the "
                         "audio before that is read", self.audio.path, self._frames / self._rate,
                         damage.error_string.strip())
@@ -509,6 +537,7 @@ class FilePass(Iterator[list[Int16Array]]):
     def _wav(self, found: Misread, mixers: list[MixResampler]) -> Iterator[list[Int16Array]]:
         decoder = WavStreamDecoder(to_end=bool(found.extra))
         read_bytes = _READ_FRAMES * found.frame_bytes
+        self._opened = self.audio._size_kept()
         with self.audio._open_bytes() as f:
             f.seek(0)
             while block := f.read(read_bytes):
@@ -524,7 +553,7 @@ class FilePass(Iterator[list[Int16Array]]):
                 if decoder.ended:  # what follows the audio the header states is no audio
                     break
             decoder.finish()
-        self.audio._check_size()
+        self._check_size()
         # finish() raised for a file whose audio never began.
         assert decoder.format is not None
         seconds = decoder.frames / decoder.format.rate
