@@ -189,7 +189,7 @@ async def test_a_pipe_carrying_another_format_is_read_whole_and_sent_like_a_file
 async def test_a_file_redirected_to_standard_input_is_sent_as_that_file(
     scripted: CaptionServer, tmp_path: Path,
 ) -> None:
-    """``--file - < talk.wav``: no pipe, a file: read whole, at real-time pace."""
+    """``--file - < talk.wav``: no pipe, a file: sent as one, at real-time pace."""
     wav = tmp_path / "quiet.wav"
     sf.write(wav, np.zeros(SAMPLE_RATE, np.int16), SAMPLE_RATE, subtype="PCM_16")
     t0 = time.monotonic()

@@ -15,7 +15,7 @@ from ..events import MAX_STREAM_ID, stream_id_problem
 from .messages import UserError
 
 #: The file ``-`` names: standard input, read through the copy
-#: :func:`~evoxtral_stream.audio.sources.read_audio_channels` makes of a pipe.
+#: :func:`~evoxtral_stream.audio.filereader.open_audio_file` makes of a pipe.
 STDIN_PATH = Path("/dev/stdin")
 
 
