@@ -96,6 +96,19 @@ def read_slowly_to_close(sock: socket.socket, delay_s: float
         time.sleep(delay_s)
 
 
+async def answer_close(sock: socket.socket, server_holds: Callable[[], bool],
+                       within_s: float) -> int | None:
+    """Read ``sock`` to the server's close frame and answer it
+    (:func:`read_slowly`, no delay), then wait up to ``within_s`` (else
+    TimeoutError) until ``server_holds()`` is false, the server done with the
+    connection; the close code."""
+    _, code = await asyncio.to_thread(read_slowly, sock, 0)
+    async with asyncio.timeout(within_s):
+        while server_holds():
+            await asyncio.sleep(0.01)
+    return code
+
+
 async def close_while_reading(aclose: Callable[[], Awaitable[None]], sock: socket.socket,
                               read_delay_s: float | None
                               ) -> tuple[list[dict[str, Any]], int | None, float]:
@@ -141,13 +154,21 @@ def send_until_closed(sock: socket.socket, frame: bytes, still_open: Callable[[]
 
 def client_text_frame(text: str) -> bytes:
     """``text`` as one masked WebSocket text frame, as a client sends it."""
-    data = text.encode()
+    return _client_frame(0x81, text.encode())
+
+
+def client_binary_frame(data: bytes) -> bytes:
+    """``data`` as one masked WebSocket binary frame, as a client sends it."""
+    return _client_frame(0x82, data)
+
+
+def _client_frame(first: int, data: bytes) -> bytes:
     if len(data) < 126:
-        head = bytes([0x81, 0x80 | len(data)])
+        head = bytes([first, 0x80 | len(data)])
     elif len(data) < 1 << 16:
-        head = bytes([0x81, 0x80 | 126]) + len(data).to_bytes(2, "big")
+        head = bytes([first, 0x80 | 126]) + len(data).to_bytes(2, "big")
     else:
-        head = bytes([0x81, 0x80 | 127]) + len(data).to_bytes(8, "big")
+        head = bytes([first, 0x80 | 127]) + len(data).to_bytes(8, "big")
     mask = os.urandom(4)
     masked = (np.frombuffer(data, np.uint8) ^ np.resize(np.frombuffer(mask, np.uint8),
                                                         len(data))).tobytes()

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,14 @@ from tests.fakes import (
     words_so_far,
 )
 from tests.helpers.http import (
+    answer_close,
+    client_binary_frame,
     client_text_frame,
     close_code_of,
     drain,
     raw_ws_handshake,
     read_slowly,
+    send_until_closed,
 )
 from tests.speech import have_espeak, speech_with_pauses
 from tests.text_norm import loose_wer
@@ -273,6 +277,45 @@ async def test_an_ingest_client_behind_on_its_own_events_is_closed_at_once(
             assert server.broadcaster.dropped_subscribers == 1
             _, code = await asyncio.to_thread(read_slowly, deaf, 0)
             assert code == 1013
+        finally:
+            deaf.close()
+
+
+async def test_an_ingest_client_still_sending_ends_its_too_slow_close_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/protocol.md: what a client closed 1013 still sends is read and
+    dropped, so its answer to the close ends the connection as soon as it
+    comes. An ingest client falls behind on its events while it streams
+    audio; once the server stops reading it, websockets stops reading the
+    socket after max_queue messages, and the answer behind them went
+    unread: the close waited out its handshake (here 60 s) and the abort."""
+    from evoxtral_stream.server import app
+
+    monkeypatch.setattr(app, "CLOSE_TIMEOUT_S", 60.0)
+    # No speed limit: the client sends as fast as the socket takes it, which
+    # here must end in 1013, not in too_fast's 1008.
+    cfg = config(**{"server.subscriber_queue": 8, "server.max_ingest_speed": 0})
+    audio = client_binary_frame(bytes(3200))  # 100 ms of silence
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        deaf = await _deaf_ingest(engine, server, "deaf")
+
+        def stream_audio() -> None:
+            # Until the stream is closed, then a second more while the close
+            # runs: a client learns of it only once it reads that far.
+            send_until_closed(deaf, audio, lambda: "deaf" in engine.streams,
+                              time.monotonic() + 30)
+            send_until_closed(deaf, audio, lambda: True, time.monotonic() + 1)
+
+        try:
+            sending = asyncio.ensure_future(asyncio.to_thread(stream_audio))
+            async with asyncio.timeout(30):
+                while "deaf" in engine.streams:  # it reads none of them
+                    _flood(server, "deaf")
+                    await asyncio.sleep(0.05)
+            await sending
+            assert server.broadcaster.dropped_subscribers == 1
+            assert await answer_close(deaf, lambda: bool(server._live), 15) == 1013
         finally:
             deaf.close()
 

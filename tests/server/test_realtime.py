@@ -57,10 +57,10 @@ from evoxtral_stream.server.realtime import (
 from tests.fakes import LanguageScriptedBackend, ScriptedBackend
 from tests.helpers.audio import voiced_span
 from tests.helpers.http import (
+    answer_close,
     client_text_frame,
     close_while_reading,
     raw_ws_handshake,
-    read_slowly,
     read_slowly_to_close,
     send_until_closed,
 )
@@ -1244,11 +1244,7 @@ async def test_a_client_behind_on_its_events_is_closed_at_once(
             await asyncio.to_thread(send_until_closed, deaf, bad,
                                     lambda: "deaf" in engine.streams, time.monotonic() + 30)
             assert "deaf" not in engine.streams, "the server kept the client open"
-            _, code = await asyncio.to_thread(read_slowly, deaf, 0)
-            assert code == 1013
-            async with asyncio.timeout(10):
-                while server._live:
-                    await asyncio.sleep(0.01)
+            assert await answer_close(deaf, lambda: bool(server._live), 10) == 1013
         finally:
             deaf.close()
 

@@ -95,7 +95,7 @@ from .protocol import (
 )
 
 __all__ = ["CLOSE_POLICY", "CLOSE_TOO_BIG", "CLOSE_TOO_SLOW", "TLS_POLL_S", "CaptionServer",
-           "check_listen"]
+           "check_listen", "close_dropping_input"]
 
 log = logging.getLogger(__name__)
 
@@ -230,6 +230,35 @@ async def _recv_within(ws: ServerConnection, seconds: float | None) -> str | byt
         # recv() is cancellation-safe: the message a timeout beat is still there.
         async with asyncio.timeout(LATE_READ_S):
             return await ws.recv()
+
+
+async def close_dropping_input(ws: ServerConnection, code: int, reason: str) -> None:
+    """Close ``ws`` with ``code`` and ``reason``, reading and dropping what
+    the peer still sends meanwhile; whatever is still open
+    :data:`CLOSE_TIMEOUT_S` and a second later is aborted. The caller's own
+    reads of ``ws`` have ended."""
+    # The peer's answer to the close comes behind what it sent since the
+    # caller stopped reading (a client too slow for its events, or too fast,
+    # is still sending), and websockets stops reading the socket once
+    # max_queue messages wait unread: the answer went unread, and every such
+    # close waited out its timeout.
+    dropping = asyncio.ensure_future(_drop_input(ws))
+    try:
+        # The handshake's bound and a second more (CLOSE_TIMEOUT_S says why).
+        await asyncio.wait_for(ws.close(code, reason), CLOSE_TIMEOUT_S + 1)
+    except (TimeoutError, ConnectionClosed):
+        pass
+    finally:
+        dropping.cancel()
+        with contextlib.suppress(Exception):
+            ws.transport.abort()
+        await asyncio.gather(dropping, return_exceptions=True)
+
+
+async def _drop_input(ws: ServerConnection) -> None:
+    with contextlib.suppress(ConnectionClosed):
+        async for _ in ws:
+            pass
 
 
 def check_listen(host: str, port: int) -> None:
@@ -693,13 +722,7 @@ class CaptionServer:
     async def _close_slow(self, ws: ServerConnection,
                           reason: str = "subscriber too slow") -> None:
         log.warning("closing slow subscriber %s (%s)", ws.remote_address, reason)
-        try:
-            await asyncio.wait_for(ws.close(CLOSE_TOO_SLOW, reason), CLOSE_TIMEOUT_S + 1)
-        except (TimeoutError, ConnectionClosed):
-            pass
-        finally:
-            with contextlib.suppress(Exception):
-                ws.transport.abort()
+        await close_dropping_input(ws, CLOSE_TOO_SLOW, reason)
 
     # --- /v1/ingest ----------------------------------------------------------
 

@@ -117,28 +117,9 @@ class _Connection:
             await self._close(_CLOSE_INTERNAL, "server error")
 
     async def _close(self, code: int, reason: str) -> None:
-        # The client's answer to the close comes behind what it sent since
-        # the read loop ended (a client too slow or too fast is still
-        # sending), and websockets stops reading the socket once max_queue
-        # messages wait unread: the answer went unread, and every such close
-        # waited out its timeout. What comes is read and dropped.
-        dropping = asyncio.ensure_future(self._drop_incoming())
-        try:
-            # The handshake's bound and a second more, as for the server's
-            # other closes (app.CLOSE_TIMEOUT_S says why).
-            await asyncio.wait_for(self._ws.close(code, reason), app.CLOSE_TIMEOUT_S + 1)
-        except (TimeoutError, ConnectionClosed):
-            pass
-        finally:
-            dropping.cancel()
-            with contextlib.suppress(Exception):
-                self._ws.transport.abort()
-            await asyncio.gather(dropping, return_exceptions=True)
-
-    async def _drop_incoming(self) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            async for _ in self._ws:
-                pass
+        # A client too slow or too fast is still sending: what comes is read
+        # and dropped, so its answer to the close is not left unread.
+        await app.close_dropping_input(self._ws, code, reason)
 
     async def _send_loop(self) -> None:
         while True:
