@@ -320,6 +320,31 @@ async def test_an_ingest_client_still_sending_ends_its_too_slow_close_at_once(
             deaf.close()
 
 
+async def test_an_ingest_client_too_fast_ends_its_close_at_once_while_it_sends(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/protocol.md: what a client closed after a fatal error still sends
+    is read and dropped. A client too fast is still sending when it is closed
+    1008 (too_fast): its answer to the close came behind what nothing read
+    any more, and the close waited out its handshake (here 60 s)."""
+    from evoxtral_stream.server import app
+
+    monkeypatch.setattr(app, "CLOSE_TIMEOUT_S", 60.0)  # before the server starts
+    cfg = config(**{"server.max_ingest_speed": 2.0, "server.ingest_burst_s": 1.0})
+    audio = client_binary_frame(bytes(3200))  # 100 ms of silence, sent unpaced
+    async with Engine(cfg, ScriptedBackend()) as engine, \
+            CaptionServer(engine, cfg.server) as server:
+        fast = await _deaf_ingest(engine, server, "fast")
+        try:
+            # Refused within its first 2 s of audio; it sends on for 2 s
+            # (over 20 s of audio) before it reads what came.
+            await asyncio.to_thread(send_until_closed, fast, audio, lambda: True,
+                                    time.monotonic() + 2)
+            assert await answer_close(fast, lambda: bool(server._live), 15) == 1008
+            assert "fast" not in engine.streams
+        finally:
+            fast.close()
+
+
 async def test_oversized_frame_is_refused_with_1009() -> None:
     cfg = config(**{"server.max_message_bytes": 4096})
     async with Engine(cfg, ScriptedBackend()) as engine, \

@@ -974,7 +974,9 @@ class CaptionServer:
                 await ws.send(encode_error(e.code, str(e), stream_id))
                 if e.code in _FATAL_INGEST:
                     close = CLOSE_TOO_BIG if e.code == "too_large" else CLOSE_POLICY
-                    await ws.close(close, e.code)
+                    # A client too fast, or sending too much, is still
+                    # sending: its answer to the close must not wait behind that.
+                    await close_dropping_input(ws, close, e.code)
                     return "closed"
 
     @staticmethod
