@@ -255,6 +255,58 @@ def test_a_file_replaced_before_its_pass_is_read_as_the_pass_finds_it(
     np.testing.assert_array_equal(np.concatenate(got), expected[0])
 
 
+@pytest.mark.parametrize("how", ["deleted", "overwritten"])
+def test_a_file_replaced_at_its_inode_before_its_pass_is_read_as_the_pass_finds_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str) -> None:
+    """Replaced by a shorter file between its probe and its pass, at the
+    same inode number: deleted and another written at its name (ext4 gives
+    the new file the freed number at once), or written over in place (cp,
+    sox, ffmpeg -y). The pass reads the file it finds without an error; the
+    identity (device, inode) alone took it for the probed file cut short,
+    'cut short while read', its streams' audio_input_lost and status 1."""
+    path = tmp_path / "talk.wav"
+    x = np.random.default_rng(10).uniform(-0.5, 0.5, (10 * 48000, 2)).astype(np.float32)
+    sf.write(path, x, 48000, subtype="PCM_16")
+    inode = path.stat().st_ino
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"), \
+            open_audio_file(path, [()]) as audio:
+        if how == "deleted":
+            path.unlink()
+        y = np.random.default_rng(11).uniform(-0.5, 0.5, (3 * 48000, 2)).astype(np.float32)
+        sf.write(path, y, 48000, subtype="PCM_16")
+        if path.stat().st_ino != inode:
+            pytest.skip("this filesystem gave the new file another inode number")
+        with audio.blocks() as blocks:
+            got = [block[0] for block in blocks]
+        expected = _lazy(open_audio_file(path, [()]))
+    assert blocks.error is None and [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+    np.testing.assert_array_equal(np.concatenate(got), expected[0])
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "unsized.wav"])
+def test_a_file_cut_short_before_its_pass_ends_the_pass_with_one_error_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, fmt: str) -> None:
+    """Cut to a third in place between its probe and its pass (while the
+    model loads): still the probed file (its start unchanged), so the pass
+    says it was cut short."""
+    path = tmp_path / f"talk.{fmt.split('.')[-1]}"
+    x = np.random.default_rng(12).uniform(-0.5, 0.5, (10 * 48000, 2)).astype(np.float32)
+    sf.write(path, x, 48000, subtype="PCM_16")
+    if fmt == "unsized.wav":
+        _say_no_size(path)
+    size = path.stat().st_size
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"), \
+            open_audio_file(path, [()]) as audio:
+        os.truncate(path, size // 3)
+        with audio.blocks() as blocks:
+            samples = sum(len(block[0]) for block in blocks)
+    assert 0 < samples < 4 * SAMPLE_RATE
+    (record,) = caplog.records
+    assert record.levelno == logging.ERROR and record.getMessage() == blocks.error
+    assert (f"it was cut short while read ({size} bytes when opened, {size // 3} now)"
+            in record.getMessage())
+
+
 def _say_no_size(path: Path) -> None:
     """Zero the WAV's data size, as a live writer leaves it."""
     b = bytearray(path.read_bytes())

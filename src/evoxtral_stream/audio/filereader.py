@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import logging
 import os
@@ -49,6 +50,12 @@ _READ_FRAMES = 1 << 16
 #: that fails loses what it decoded (soundfile drops the block), so the file
 #: is read again up to the damage with small reads that lose little.
 _DAMAGED_READ_FRAMES = 1024
+#: The bytes at a file's start that tell the probed file from another at
+#: the same inode number (ext4 gives a deleted file's number to the next
+#: file made, and cp, sox or ffmpeg -y write over a file in place): its
+#: header (which says its length, a FLAC's its audio's MD5 too) and first
+#: audio.
+_HEAD_BYTES = 1 << 16
 #: Bytes copied at a time from a pipe into its temporary file.
 _COPY_BYTES = 1 << 20
 #: The most of the decoders' prints logged per pass: a long damaged MP3 can
@@ -84,10 +91,23 @@ def open_audio_file(path: str | os.PathLike[str], mixes: Sequence[Sequence[int]]
         return _probed(AudioFile(p, _copied(p), mixes, channels_from))
     # As bytes on POSIX: soundfile encodes a str path strictly, so a name
     # with bytes that are no UTF-8 (held as surrogates) would not open.
-    audio = AudioFile(p, str(p) if os.name == "nt" else os.fsencode(p), mixes, channels_from)
+    source = str(p) if os.name == "nt" else os.fsencode(p)
+    audio = AudioFile(p, source, mixes, channels_from)
     if stat.S_ISREG(info.st_mode):
         audio._size, audio._id = info.st_size, (info.st_dev, info.st_ino)
+        audio._head = _head(source, min(info.st_size, _HEAD_BYTES))
     return _probed(audio)
+
+
+def _head(source: str | bytes, size: int) -> bytes | None:
+    """A digest of the first ``size`` bytes of the file at ``source``;
+    None where it cannot be read, or is shorter now."""
+    try:
+        with open(source, "rb") as f:
+            data = f.read(size)
+    except OSError:
+        return None
+    return hashlib.blake2b(data, digest_size=16).digest() if len(data) == size else None
 
 
 def open_pipe_file(p: Path, head: bytes, fd: int, mixes: Sequence[Sequence[int]],
@@ -155,6 +175,7 @@ class AudioFile:
         # its bytes end, as at a header's end) says so.
         self._size: int | None = None
         self._id: tuple[int, int] | None = None
+        self._head: bytes | None = None  # _head() of its start (_HEAD_BYTES) when probed
         # Warnings said already: every pass meets the same damage, and the
         # probe's pass may meet it first.
         self._said: set[str] = set()
@@ -230,12 +251,16 @@ class AudioFile:
     def _size_kept(self) -> tuple[tuple[int, int], int] | None:
         """For a pass about to open the file by its name: the identity of the
         file it opens, and the size that file must keep: the probe's if it is
-        the file probed, else (replaced since) its size now."""
+        the file probed (its identity, and its start as probed), else
+        (replaced since) its size now. A file cut into its first
+        :data:`_HEAD_BYTES` before the pass is taken for another: a cut
+        missed, never one made up."""
         found = self._at_name()
-        if found is None:
+        if found is None or self._size is None or not isinstance(self._source, str | bytes):
             return None
-        return found[0], (self._size if found[0] == self._id and self._size is not None
-                          else found[1])
+        probed = (found[0] == self._id and self._head is not None
+                  and _head(self._source, min(self._size, _HEAD_BYTES)) == self._head)
+        return found[0], self._size if probed else found[1]
 
     @contextlib.contextmanager
     def _open_bytes(self) -> Iterator[BinaryIO]:
@@ -399,11 +424,12 @@ class FilePass(Iterator[list[Int16Array]]):
     header says warns at the end. A failure past the probe (the file
     deleted before the pass opened it, cut short under the reader: smaller
     at the pass's end than at its probe, or than when the pass opened it
-    if another file had taken its name since; a disk error) ends the pass
-    with :attr:`error` set, and one error line logged for the file (the
-    first of its passes to fail): what came before it is kept. A file
-    renamed or replaced under the reader (rotated) is read to its end as
-    opened. :meth:`close` lets go of the file (a pass at its end has).
+    if another file had taken its name, or other bytes its start, since; a
+    disk error) ends the pass with :attr:`error` set, and one error line
+    logged for the file (the first of its passes to fail): what came
+    before it is kept. A file renamed or replaced under the reader
+    (rotated) is read to its end as opened. :meth:`close` lets go of the
+    file (a pass at its end has).
 
     What the decoders print on file descriptor 2 (libmpg123's notes on an
     MP3) is held while each block decodes and logged (DEBUG): in json
