@@ -97,6 +97,36 @@ def test_a_damaged_file_warns_when_a_pass_meets_the_damage(
     assert "cut.flac" in warning and "damaged" in warning
 
 
+def test_a_damaged_file_rotated_under_its_reader_gives_none_of_the_new_file(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The FLAC cut 60 % in, renamed away while a pass reads it and the whole
+    file written at its name: the pass ends at the damage of the file it
+    opened, with the warning, and no audio of the new file. Reading again up
+    to the damage opened the name, the new file, and went on past it to
+    that file's end."""
+    x = np.random.default_rng(2).integers(-8000, 8000, (12 * 44100, 2)).astype(np.int16)
+    whole = tmp_path / "whole.flac"
+    sf.write(whole, x, 44100, format="FLAC")
+    path = tmp_path / "talk.flac"
+    path.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.6)])
+    damaged = read_audio_channels(path, [()])[0]
+    got = []
+    with caplog.at_level(logging.WARNING, logger="evoxtral_stream"), \
+            open_audio_file(path, [()]) as audio, audio.blocks() as blocks:
+        for i, block in enumerate(blocks):
+            got.append(block[0])
+            if i == 0:
+                path.rename(tmp_path / "old.flac")
+                whole.rename(path)
+    joined = np.concatenate(got)
+    assert blocks.error is None
+    assert 0 < len(joined) <= len(damaged)
+    # The same audio, but for the resampler's tail, flushed where it ends
+    # (and a rounding step where its blocks fall otherwise).
+    np.testing.assert_allclose(joined[:-256], damaged[:len(joined) - 256], atol=1)
+    assert any("damaged" in r.getMessage() for r in caplog.records), caplog.records
+
+
 def test_a_wav_libsndfile_misreads_is_read_lazily_to_its_end(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A 48 kHz stereo WAV whose data size was never written (0): a pass

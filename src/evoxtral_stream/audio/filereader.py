@@ -420,7 +420,8 @@ class FilePass(Iterator[list[Int16Array]]):
 
     A file damaged part way ends where the damage is met, with a warning
     naming the file (read again up to the damage in small reads, which
-    lose little of what precedes it); a WAV read to its end past what its
+    lose little of what precedes it, unless its name is no longer the file
+    read: then at its last whole block); a WAV read to its end past what its
     header says warns at the end. A failure past the probe (the file
     deleted before the pass opened it, cut short under the reader: smaller
     at the pass's end than at its probe, or than when the pass opened it
@@ -478,6 +479,15 @@ class FilePass(Iterator[list[Int16Array]]):
             raise AudioInputError(f"it was cut short while read ({self._opened[1]} bytes when "
                                   f"opened, {now[1]} now)")
 
+    def _name_is_still_read(self) -> bool:
+        """Whether the file at the name is still the one this pass opened
+        (always, for a pipe's copy): a file rotated away or deleted under
+        the reader is not opened again by its name."""
+        if self._opened is None:
+            return True
+        now = self.audio._at_name()
+        return now is not None and now[0] == self._opened[0]
+
     def _mixer(self, rate: int, channels: int) -> MixResampler:
         self._rate = rate
         return MixResampler(rate, channels, [self.audio.mixes[i] for i in self._wanted])
@@ -530,29 +540,32 @@ class FilePass(Iterator[list[Int16Array]]):
                 self._frames += len(block)
                 yield mixers[0].process(block)
         # Read again up to the damage, as the blocks before it were read
-        # (they decoded then), then in small reads up to the damage.
-        with catch():
-            f = self.audio._open_sf()
-        with f:
-            again = 0
-            while again < self._frames:
-                with catch():
-                    block = f.read(min(_READ_FRAMES, self._frames - again), dtype="float32",
-                                   always_2d=True)
-                if not len(block):
-                    break
-                again += len(block)
-            while again == self._frames:
-                try:
+        # (they decoded then), then in small reads up to the damage: by its
+        # name, so only while the name is still the file read (not rotated
+        # away or deleted); else the pass ends at its last whole block.
+        if self._name_is_still_read():
+            with catch():
+                f = self.audio._open_sf()
+            with f:
+                again = 0
+                while again < self._frames:
                     with catch():
-                        block = f.read(_DAMAGED_READ_FRAMES, dtype="float32", always_2d=True)
-                except sf.LibsndfileError:
-                    break
-                if not len(block):
-                    break
-                again += len(block)
-                self._frames += len(block)
-                yield mixers[0].process(block)
+                        block = f.read(min(_READ_FRAMES, self._frames - again), dtype="float32",
+                                       always_2d=True)
+                    if not len(block):
+                        break
+                    again += len(block)
+                while again == self._frames:
+                    try:
+                        with catch():
+                            block = f.read(_DAMAGED_READ_FRAMES, dtype="float32", always_2d=True)
+                    except sf.LibsndfileError:
+                        break
+                    if not len(block):
+                        break
+                    again += len(block)
+                    self._frames += len(block)
+                    yield mixers[0].process(block)
         if self._frames == 0:
             raise damage
         self._check_size()  # no damage: cut short under the reader
