@@ -315,13 +315,11 @@ class FileFeed:
         self._base = 0   # self.sent when the current connection began
         self._status: Status = lambda _: None
         self._delay_reported = 0.0
-        self._file: FileMix | None = None
-        self._pass: FilePass | None = None
+        self._pass: FilePass | None = None  # a file's (its audio closed with it)
         self._chunks: Iterator[Int16Array]
         self.seconds: float | None
         """The audio's length: a file's as its header says (None: it does not)."""
         if isinstance(audio, FileMix):
-            self._file = audio
             self._pass = audio.audio.blocks([audio.mix])
             self._chunks = (c[0] for c in rechunked(self._pass, 1, CHUNK_SAMPLES))
             self.seconds = None if audio.samples is None else audio.samples / SAMPLE_RATE
@@ -440,10 +438,9 @@ class FileFeed:
 
     def close(self) -> None:
         """Let go of the file (its pass, a pipe's copy)."""
-        if self._file is not None:
-            assert self._pass is not None
+        if self._pass is not None:
             self._pass.close()
-            self._file.audio.close()
+            self._pass.audio.close()
 
     def _report_delay(self) -> None:
         if self.pace.delayed - self._delay_reported >= 0.1:
