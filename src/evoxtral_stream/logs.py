@@ -291,13 +291,16 @@ class QueuedLogHandler(logging.Handler):
     def __init__(self, stream: TextIO, *, records: int | None = None,
                  reserve: int = LOG_QUEUE_RESERVE, max_chars: int = LOG_QUEUE_CHARS,
                  exit_wait: float = LOG_EXIT_WAIT_S) -> None:
-        super().__init__()
         self.stream = stream
         # Read at construction, so that a test can make it small beforehand.
         self._records = LOG_QUEUE_RECORDS if records is None else records
         self._reserve = reserve
         self._queue = QueuedWriter(stream, name="log-writer", max_chars=max_chars,
                                    exit_wait=exit_wait, dropped_line=self._dropped_line)
+        # Last: it makes the handler known to logging.shutdown, which flushes
+        # it at the exit; a Ctrl-C before the writer was made left one
+        # without it there.
+        super().__init__()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
