@@ -93,7 +93,12 @@ from typing import Any, Protocol
 
 from _auth import add_token_option, auth_headers, redact_tokens, refusal
 from _loop import run_client
-from _terminal import closed_stderr_dropped, lenient_output
+from _terminal import (
+    closed_stderr_dropped,
+    closed_stdout_dropped,
+    closed_stdout_refused,
+    lenient_output,
+)
 from _url import Role, add_url_option, endpoint, take_query, with_query
 from viewer import LiveWriter, use_color
 from websockets.asyncio.client import ClientConnection, connect
@@ -1121,6 +1126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(e))
     if args.channels and args.list_devices:
         parser.error("--channels picks the channels to send: not with --list-devices")
+    if args.list_devices:
+        closed_stdout_refused(parser, "the input devices have nowhere to go")
+    closed_stdout_dropped()
     writer = LiveWriter(sys.stdout, sys.stderr, color=use_color(args.color, sys.stdout),
                         live=redraws(sys.stdout), show_stream=False)
     try:

@@ -35,7 +35,7 @@ from typing import Any, TextIO
 
 from _auth import add_token_option, auth_headers, redact_tokens, refusal
 from _loop import run_client
-from _terminal import closed_stderr_dropped, lenient_output
+from _terminal import closed_stderr_dropped, closed_stdout_refused, lenient_output
 from _url import Role, add_url_option, endpoint, take_query, with_query
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -535,6 +535,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         epoch = parse_epoch([given.epoch] if given.epoch is not None else [])
     except ValueError as e:
         parser.error(str(e))
+    closed_stdout_refused(parser, "the captions have nowhere to go")
     color = use_color(args.color, sys.stdout)
     writer = LiveWriter(sys.stdout, sys.stderr, color=color, live=redraws(sys.stdout),
                         show_stream=len(streams) != 1)

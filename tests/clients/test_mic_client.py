@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import re
 import signal
 import sys
@@ -326,6 +327,40 @@ async def test_channels_pick_the_channels_of_a_file(
     assert summary is not None, err
     assert summary.group(4) == str(finals)
     assert abs(float(summary.group(2)) - len(audio) / SAMPLE_RATE) < 0.1
+
+
+async def test_a_client_started_without_stdout_streams_its_file_unprinted(
+    scripted: tuple[Engine, CaptionServer], tmp_path: Path,
+) -> None:
+    """Started with descriptor 1 closed (``>&-``), Python's stdout is None:
+    mic_client.py ended before it connected (AttributeError, status 1).
+    Its printed captions are a side output, as serve's are: they are
+    dropped, the file is streamed whole and its summary is on stderr."""
+    _, server = scripted
+    audio, _ = speech_with_pauses(SENTENCES[:1], pause_s=1.0)
+    wav = write_wav(tmp_path / "talk.wav", audio)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(CLIENTS / "mic_client.py"), "--url",
+        f"ws://127.0.0.1:{server.port}", "--file", str(wav), "--stream", "quiet",
+        stderr=asyncio.subprocess.PIPE, preexec_fn=lambda: os.close(1))
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0, err.decode()
+    assert "Traceback" not in err.decode()
+    summary = SUMMARY.search(err.decode())
+    assert summary is not None, err.decode()
+    assert (summary.group(1), summary.group(4)) == ("quiet", "1")
+
+
+async def test_the_device_list_without_stdout_is_refused() -> None:
+    """``--list-devices`` is there to print: with descriptor 1 closed it is
+    one error line and status 2, not a list dropped."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(CLIENTS / "mic_client.py"), "--list-devices",
+        stderr=asyncio.subprocess.PIPE, preexec_fn=lambda: os.close(1))
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert (proc.returncode, err.decode().splitlines()) == (2, [
+        "mic_client.py: error: standard output is closed: the input devices have nowhere "
+        "to go (>/dev/null drops them)"])
 
 
 async def test_channels_a_file_lacks_are_refused_naming_the_option(tmp_path: Path) -> None:

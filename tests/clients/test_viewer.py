@@ -824,6 +824,23 @@ async def test_a_client_started_without_stderr_runs_without_its_status_lines(
         assert (proc.returncode, out.decode()) == (2, ""), (client, args)
 
 
+async def test_a_viewer_started_without_stdout_says_so_and_exits_2(
+        served: tuple[Engine, CaptionServer]) -> None:
+    """Started with descriptor 1 closed (``>&-``), Python's stdout is None:
+    the viewer ended with a traceback (AttributeError, status 1). Its
+    captions are all it is for: one error line and status 2, as a command
+    that cannot write what it was asked to (``evoxtral-stream config >&-``)."""
+    _, server = served
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(CLIENTS / "viewer.py"), "--url", f"ws://127.0.0.1:{server.port}",
+        "--stream", "talk", "--exit-on-end", stderr=asyncio.subprocess.PIPE,
+        env=client_env(), preexec_fn=lambda: os.close(1))
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert (proc.returncode, err.decode().splitlines()) == (2, [
+        "viewer.py: error: standard output is closed: the captions have nowhere to go "
+        "(>/dev/null drops them)"])
+
+
 # --- access tokens ---------------------------------------------------------------------
 
 
