@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf  # type: ignore[import-untyped,unused-ignore]
 
-from evoxtral_stream.audio.filereader import FileMix, open_audio_file
+from evoxtral_stream.audio.filereader import FileMix, FilePass, open_audio_file
 from evoxtral_stream.audio.sources import read_audio_channels
 from evoxtral_stream.config import load_config
 from evoxtral_stream.engine.engine import Engine, Stream
@@ -234,3 +236,109 @@ async def test_a_split_file_gone_before_it_is_fed_is_one_error_line(
     lost = sorted((e.stream, e.code) for e in events if isinstance(e, StreamError))
     assert lost == [("gone-1", "audio_input_lost"), ("gone-2", "audio_input_lost")]
     assert [s.errors for s in summaries] == [1, 1]
+
+
+def _slow_passes(monkeypatch: pytest.MonkeyPatch, seconds: float,
+                 ) -> tuple[list[int], list[str]]:
+    """Make each block of every file pass take ``seconds`` more to decode;
+    the threads that decoded them, and ``"step"``/``"close"`` in the order
+    the passes were read and closed (a close during a step: ``"overlap"``)."""
+    threads: list[int] = []
+    order: list[str] = []
+    busy = threading.Event()
+    real_next, real_close = FilePass.__next__, FilePass.close
+
+    def slow_next(self: FilePass) -> list[Int16Array]:
+        busy.set()
+        try:
+            threads.append(threading.get_ident())
+            time.sleep(seconds)
+            return real_next(self)
+        finally:
+            busy.clear()
+            order.append("step")
+
+    def close(self: FilePass) -> None:
+        order.append("overlap" if busy.is_set() else "close")
+        real_close(self)
+
+    monkeypatch.setattr(FilePass, "__next__", slow_next)
+    monkeypatch.setattr(FilePass, "close", close)
+    return threads, order
+
+
+@pytest.mark.parametrize("realtime", [False, True])
+async def test_a_slow_decode_holds_up_nothing_else_on_the_event_loop(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, realtime: bool) -> None:
+    """A block slow to decode (a damaged file is read again up to its
+    damage: seconds for an hour of FLAC) is decoded on a worker thread: the
+    event loop, which serves every other stream and connection, goes on
+    meanwhile; the stream still gets all of its audio."""
+    cfg = load_config(overrides={"audio.file_chunk_ms": 100}, env={})
+    flac = tmp_path / "talk.flac"
+    sf.write(flac, _noise(1.5, 6), SAMPLE_RATE)
+    gaps: list[float] = []
+
+    async def beat() -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    with open_audio_file(flac, [()]) as audio:
+        threads, order = _slow_passes(monkeypatch, 0.6)
+        async with Engine(cfg, ScriptedBackend(lambda a: "hi")) as engine:
+            beating = asyncio.ensure_future(beat())
+            summaries = await transcribe_samples(cfg, engine, [FileJob("talk", FileMix(audio, 0))],
+                                                 realtime=realtime)
+            beating.cancel()
+    assert summaries[0].duration_s == pytest.approx(1.5)
+    assert len(threads) >= 2 and threading.get_ident() not in threads
+    assert max(gaps) < 0.4, f"the loop was held {max(gaps):.2f} s"
+    assert order[-1] == "close" and "overlap" not in order
+
+
+async def test_an_mp3_is_decoded_on_the_loop_where_its_prints_are_caught(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """libmpg123 prints on descriptor 2, caught while an MP3's block decodes
+    (FilePass): on the loop's own thread, so that nothing the loop writes
+    there meanwhile is taken for the decoder's."""
+    cfg = load_config(overrides={"audio.file_chunk_ms": 100}, env={})
+    mp3 = tmp_path / "talk.mp3"
+    try:
+        sf.write(mp3, _noise(1.5, 7), SAMPLE_RATE, format="MP3")
+    except Exception as e:  # libsndfile built without LAME: nothing to test
+        pytest.skip(f"this libsndfile cannot write MP3: {e}")
+    with open_audio_file(mp3, [()]) as audio:
+        assert audio.prints
+        threads, _ = _slow_passes(monkeypatch, 0)
+        async with Engine(cfg, ScriptedBackend(lambda a: "hi")) as engine:
+            summaries = await transcribe_samples(cfg, engine, [FileJob("talk", FileMix(audio, 0))],
+                                                 realtime=False)
+    assert summaries[0].duration_s > 1.4
+    assert threads and set(threads) == {threading.get_ident()}
+
+
+async def test_a_stop_while_a_block_decodes_closes_its_file_after_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (``stop``) while a block decodes on its thread: the feed ends,
+    and its pass is closed only once that block is decoded (a generator
+    closed while another thread runs it raises, and the file would be shut
+    under the decoder); the stream ends with the audio fed until then."""
+    cfg = load_config(overrides={"audio.file_chunk_ms": 100}, env={})
+    flac = tmp_path / "talk.flac"
+    sf.write(flac, _noise(6.0, 8), SAMPLE_RATE)
+    stop = asyncio.Event()
+    with open_audio_file(flac, [()]) as audio:
+        _, order = _slow_passes(monkeypatch, 0.8)
+        async with Engine(cfg, ScriptedBackend(lambda a: "hi")) as engine:
+            asyncio.get_running_loop().call_later(0.4, stop.set)
+            t0 = time.monotonic()
+            summaries = await transcribe_samples(cfg, engine, [FileJob("talk", FileMix(audio, 0))],
+                                                 realtime=True, stop=stop)
+            took = time.monotonic() - t0
+    assert order == ["step", "close"]
+    assert took < 5
+    assert summaries[0].duration_s < 6

@@ -7,6 +7,7 @@ outputs together; the cores they call are pure.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -97,6 +98,60 @@ def _in_step(sources: Sequence[Samples], chunk_samples: int, stack: contextlib.E
     return steps(), passes
 
 
+#: The threads that take the steps of files (:class:`_Steps`): a few, so
+#: that a file stalled on a slow or damaged read holds up no other.
+_DECODERS = concurrent.futures.ThreadPoolExecutor(max_workers=4,
+                                                  thread_name_prefix="evoxtral-decode")
+
+
+class _Steps:
+    """The steps of :func:`_in_step`, awaited. Where they decode files
+    whose decoders print nothing (:attr:`AudioFile.prints`), each step is
+    taken on a worker thread (:data:`_DECODERS`): a block's decode takes
+    milliseconds, and a damaged file's read again up to its damage takes
+    seconds, which on the event loop would hold up every other stream and
+    connection it serves. An MP3's steps are taken on the loop: its
+    decoder's prints are caught on descriptor 2, which the loop's own
+    writes share. One step at a time, so that a pass is never read by two
+    threads at once; :meth:`settle` waits out a step still on its thread
+    (the feed stopped meanwhile) before the passes may be closed."""
+
+    def __init__(self, steps: Iterator[list[Int16Array]],
+                 passes: Sequence[tuple[FilePass, list[int]]]) -> None:
+        self._steps = steps
+        self._threaded = bool(passes) and not any(p.audio.prints for p, _ in passes)
+        self._taking: concurrent.futures.Future[list[Int16Array] | None] | None = None
+
+    def __aiter__(self) -> _Steps:
+        return self
+
+    async def __anext__(self) -> list[Int16Array]:
+        if self._threaded:
+            self._taking = _DECODERS.submit(next, self._steps, None)
+            step = await asyncio.wrap_future(self._taking)
+        else:
+            step = next(self._steps, None)
+        if step is None:
+            raise StopAsyncIteration
+        return step
+
+    async def settle(self) -> None:
+        """Return once no step is on its thread; a cancel meanwhile is
+        raised after."""
+        taking, cancelled = self._taking, False
+        while taking is not None and not taking.done():
+            try:
+                # wait() cancels nothing; a step not started yet is
+                # cancelled by the wrapped future's own cancel, never run.
+                await asyncio.wait([asyncio.wrap_future(taking)])
+            except asyncio.CancelledError:
+                cancelled = True
+        if taking is not None and not taking.cancelled():
+            taking.exception()  # raised to the feeder already, or not wanted now
+        if cancelled:
+            raise asyncio.CancelledError
+
+
 def _report_read_errors(streams: Sequence[Stream],
                         passes: Sequence[tuple[FilePass, list[int]]]) -> None:
     """Tell the streams of a file whose pass ended on an error (logged
@@ -122,25 +177,30 @@ async def feed_samples(
     every partial: it waits for the stream's partial in flight, and while a
     batch's worth of its finals are outstanding (:meth:`Stream.wait_idle`).
 
-    A file's mix is decoded as it is fed; a file that fails to read part
-    way ends the stream there (one error line logged, an
-    ``audio_input_lost`` error to its listeners), with its finals.
+    A file's mix is decoded as it is fed, on a worker thread
+    (:class:`_Steps`); a file that fails to read part way ends the stream
+    there (one error line logged, an ``audio_input_lost`` error to its
+    listeners), with its finals.
     """
     t0 = time.monotonic()
     pushed = 0
     with contextlib.ExitStack() as stack:
         steps, passes = _in_step([samples], chunk_samples, stack)
-        for (chunk,) in steps:
-            stream.push(chunk)
-            pushed += len(chunk)
-            if progress is not None:
-                progress(len(chunk))
-            if realtime:
-                delay = t0 + pushed / SAMPLE_RATE - time.monotonic()
-                await asyncio.sleep(max(0.0, delay))
-            else:
-                await stream.wait_idle()
-                await asyncio.sleep(0)
+        taken = _Steps(steps, passes)
+        try:
+            async for (chunk,) in taken:
+                stream.push(chunk)
+                pushed += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
+                if realtime:
+                    delay = t0 + pushed / SAMPLE_RATE - time.monotonic()
+                    await asyncio.sleep(max(0.0, delay))
+                else:
+                    await stream.wait_idle()
+                    await asyncio.sleep(0)
+        finally:
+            await taken.settle()
         _report_read_errors([stream], passes)
     return await stream.close()
 
@@ -161,9 +221,10 @@ async def play_together(feeds: Sequence[tuple[Stream, Samples]],
     stream gets all of its audio and its finals.
 
     A file's mixes come from one pass over it, decoded as they are fed
-    (:class:`FileMix`); a file that fails to read part way ends its
-    streams there (one error line logged, an ``audio_input_lost`` error to
-    their listeners), with their finals, and the others go on."""
+    (:class:`FileMix`), on a worker thread (:class:`_Steps`); a file that
+    fails to read part way ends its streams there (one error line logged,
+    an ``audio_input_lost`` error to their listeners), with their finals,
+    and the others go on."""
     if chunk_samples < 1:
         raise ValueError(f"chunk_samples must be at least 1, got {chunk_samples}")
     receivers = [RouteReceiver(stream.push, f"audio route {i} of {len(feeds)} "
@@ -174,15 +235,19 @@ async def play_together(feeds: Sequence[tuple[Stream, Samples]],
     with contextlib.ExitStack() as stack:
         try:
             steps, passes = _in_step([samples for _, samples in feeds], chunk_samples, stack)
-            for step in steps:
-                for receiver, chunk in zip(receivers, step, strict=True):
-                    if len(chunk):
-                        receiver(chunk)
-                        if progress is not None:
-                            progress(len(chunk))
-                at += max(len(chunk) for chunk in step)  # every stream's time goes on
-                delay = t0 + at / SAMPLE_RATE - time.monotonic()
-                await asyncio.sleep(max(0.0, delay))
+            taken = _Steps(steps, passes)
+            try:
+                async for step in taken:
+                    for receiver, chunk in zip(receivers, step, strict=True):
+                        if len(chunk):
+                            receiver(chunk)
+                            if progress is not None:
+                                progress(len(chunk))
+                    at += max(len(chunk) for chunk in step)  # every stream's time goes on
+                    delay = t0 + at / SAMPLE_RATE - time.monotonic()
+                    await asyncio.sleep(max(0.0, delay))
+            finally:
+                await taken.settle()
         finally:  # the end of the file, or a stop: the failures not logged yet
             for receiver in receivers:
                 receiver.report_rest()

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import soundfile as sf  # type: ignore[import-untyped,unused-ignore]
 
+from evoxtral_stream.audio.filereader import _PrintCatcher, joined, open_audio_file
 from evoxtral_stream.audio.sources import (
     AudioInputError,
     iter_chunks,
@@ -788,3 +789,58 @@ def test_other_24_and_32_bit_wavs_are_still_read_by_libsndfile(
     monkeypatch.setattr("evoxtral_stream.audio.filereader.WavStreamDecoder", _NoDecoder)
     np.testing.assert_array_equal(read_audio_file(packed), want)
     np.testing.assert_array_equal(read_audio_file(path), want)
+
+
+def test_two_catches_at_once_leave_descriptor_2_where_it_was(tmp_path: Path) -> None:
+    """Passes may be read on worker threads: two catches of descriptor 2 at
+    once each restored what the other had put there, leaving descriptor 2
+    on a closed temporary file (every later line on stderr lost). One
+    catch at a time: the second waits for the first."""
+    before = os.fstat(2)
+    inside, second_in = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with _PrintCatcher(tmp_path / "a.mp3").caught():
+            inside.set()
+            second_in.wait(0.5)  # the second must not get in meanwhile
+
+    def second() -> None:
+        inside.wait(5)
+        with _PrintCatcher(tmp_path / "b.mp3").caught():
+            second_in.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+
+
+@pytest.mark.parametrize("fmt", ["FLAC", "OGG", "WAV", "MP3"])
+def test_only_a_decoder_that_prints_has_descriptor_2_caught(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:
+    """Descriptor 2 is the process's: caught while a block of a FLAC, Ogg or
+    WAV decodes (none prints there), it took what the event loop's thread
+    wrote there meanwhile (a log line on a terminal) once blocks decode on
+    worker threads. Only an MP3's blocks (libmpg123) are caught."""
+    path = tmp_path / f"a.{fmt.lower()}"
+    try:
+        sf.write(path, sine(440, 1.0, 44100, amp=0.4), 44100, format=fmt)
+    except Exception as e:  # libsndfile built without LAME: nothing to test
+        pytest.skip(f"this libsndfile cannot write {fmt}: {e}")
+    redirected: list[int] = []
+    real_dup2 = os.dup2
+
+    def dup2(fd: int, fd2: int, inheritable: bool = True) -> int:
+        if fd2 == 2:
+            redirected.append(fd)
+        return real_dup2(fd, fd2, inheritable)
+
+    with open_audio_file(path, [()]) as audio:
+        monkeypatch.setattr(os, "dup2", dup2)
+        blocks = joined(audio.blocks(), 1)[0]
+    assert len(blocks) > SAMPLE_RATE * 0.9
+    assert audio.prints == (fmt == "MP3")
+    assert bool(redirected) == (fmt == "MP3")

@@ -20,6 +20,7 @@ import os
 import stat
 import sys
 import tempfile
+import threading
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,14 @@ _COPY_BYTES = 1 << 20
 #: The most of the decoders' prints logged per pass: a long damaged MP3 can
 #: make libmpg123 print a note per frame.
 _MOST_PRINTS = 64 * 1024
+#: Held while descriptor 2 points at a catcher's file: a pass may be read on
+#: a worker thread, and two catches at once would each restore what the
+#: other had put there, leaving descriptor 2 on a closed temporary file.
+_FD2 = threading.Lock()
+#: The formats whose decoder prints on descriptor 2 (libsndfile 1.2's MP3,
+#: libmpg123: notes on every frame it resyncs past); FLAC, Ogg Vorbis,
+#: Opus and WAV say nothing there, damaged or not.
+_PRINTING_FORMATS = frozenset({"MP3"})
 
 
 class AudioInputError(Exception):
@@ -170,6 +179,9 @@ class AudioFile:
         self.frames: int | None = None
         """Frames its header says (None: it does not say)."""
         self._misread: Misread | None = None
+        self.prints = True
+        """Whether its decoder may print on descriptor 2 (an MP3: see
+        :class:`FilePass`); known at the probe, which assumes it may."""
         # Its size and identity when probed (a regular file's): a pass that
         # ends early on a file cut short since (libsndfile ends a WAV where
         # its bytes end, as at a header's end) says so.
@@ -183,6 +195,8 @@ class AudioFile:
         # channel streams fed apart (not paced) each meet it, and the file is
         # one error line.
         self._failed = False
+        # Those passes may run on threads of their own (run._Steps).
+        self._lock = threading.Lock()
 
     @property
     def samples(self) -> int | None:
@@ -213,9 +227,17 @@ class AudioFile:
 
     def _say(self, level: int, message: str, *args: object) -> None:
         text = message % args
-        if text not in self._said:
+        with self._lock:
+            if text in self._said:
+                return
             self._said.add(text)
-            log.log(level, "%s", text)
+        log.log(level, "%s", text)
+
+    def _first_failure(self) -> bool:
+        """True the first time a pass of this file asks: that pass logs."""
+        with self._lock:
+            first, self._failed = not self._failed, True
+        return first
 
     def _check_channels(self, channels: int) -> None:
         wanted = max((c for mix in self.mixes for c in mix), default=0)
@@ -345,6 +367,7 @@ def _probe(audio: AudioFile) -> None:
                         "Hz of any audio recording (a damaged header?)")
                 audio._check_channels(int(f.channels))
                 audio.rate, audio.channels = rate, int(f.channels)
+                audio.prints = str(f.format) in _PRINTING_FORMATS
                 frames = int(f.frames)
                 # libsndfile says a huge count where a format keeps none.
                 audio.frames = frames if 0 <= frames < sys.maxsize // 2 else None
@@ -435,8 +458,12 @@ class FilePass(Iterator[list[Int16Array]]):
     What the decoders print on file descriptor 2 (libmpg123's notes on an
     MP3) is held while each block decodes and logged (DEBUG): in json
     mode stderr must hold log records only. The log writer writes to its
-    own copy of stderr, so logging is not held; a native print of another
-    thread in those moments would be logged so too."""
+    own copy of stderr, so logging is not held; what another thread writes
+    on descriptor 2 in those moments is logged so too. So only a file
+    whose decoder prints is caught (:attr:`AudioFile.prints`, an MP3);
+    any other may be read on a worker thread (one ``next`` at a time),
+    descriptor 2 left alone. A file replaced by an MP3 since its probe
+    is not caught."""
 
     def __init__(self, audio: AudioFile, mixes: tuple[int, ...], *, probe: bool = False) -> None:
         self.audio = audio
@@ -513,14 +540,15 @@ class FilePass(Iterator[list[Int16Array]]):
             seconds = self._frames / self._rate if self._rate else 0.0
             self.error = (f"cannot read audio file {self.audio.path} past {seconds:.1f} s: "
                           f"{why}; its audio ends there")
-            if not self.audio._failed:
-                self.audio._failed = True
+            if self.audio._first_failure():
                 log.error("%s", self.error)
         if mixers:
             yield mixers[0].flush()
 
     def _sndfile(self, mixers: list[MixResampler]) -> Iterator[list[Int16Array]]:
-        catch = self._prints.caught
+        # Descriptor 2 is the process's: redirected for a decoder that
+        # prints nothing, it would take what other threads write there.
+        catch = self._prints.caught if self.audio.prints else contextlib.nullcontext
         damage: sf.LibsndfileError | None = None
         self._opened = self.audio._size_kept()
         with catch():
@@ -624,10 +652,10 @@ class _PrintCatcher:
     @contextlib.contextmanager
     def caught(self) -> Iterator[None]:
         """Descriptor 2 goes to a new temporary file for the ``with`` block,
-        then back, and what was printed is logged. Where there is no
+        then back, and what was printed is logged; one catch at a time in
+        the process, whatever thread it is on. Where there is no
         descriptor 2 (nor was at the start: another file may hold it now),
         or no temporary file can be made, prints go where they went."""
-        saved = -1
         held: BinaryIO | None = None
         # Started without a descriptor 2 (2>&-: Python's stderr is None),
         # descriptor 2 is whatever was opened first since, as soon as the
@@ -635,27 +663,20 @@ class _PrintCatcher:
         # from that. (The commands fill it with /dev/null first,
         # startup.fill_closed_descriptors; a program using this may not.)
         if sys.__stderr__ is not None:
-            try:
-                saved = os.dup(2)
+            with contextlib.suppress(OSError):  # no temporary folder, or no descriptor left
                 held = tempfile.TemporaryFile()  # noqa: SIM115 (closed below)
-            except OSError:  # no descriptor 2, no temporary folder, or no descriptor left
+        with contextlib.ExitStack() as undo:  # its callbacks run last first
+            if held is not None:
+                undo.callback(held.close)
+                undo.callback(self._log, held)
+                # What descriptor 2 is, taken under the lock: taken before,
+                # it could be another catch's file.
+                undo.enter_context(_FD2)
+                saved = _pointed_at(held)
                 if saved >= 0:
-                    os.close(saved)
-        if held is None:
+                    undo.callback(os.close, saved)
+                    undo.callback(os.dup2, saved, 2)
             yield
-            return
-        try:
-            with contextlib.suppress(Exception):  # a closed or odd sys.stderr
-                sys.stderr.flush()
-            os.dup2(held.fileno(), 2)
-            try:
-                yield
-            finally:
-                os.dup2(saved, 2)
-                self._log(held)
-        finally:
-            os.close(saved)
-            held.close()
 
     def _log(self, held: BinaryIO) -> None:
         end = held.tell()
@@ -669,6 +690,23 @@ class _PrintCatcher:
             if line and line not in self._seen:  # once each: resync notes repeat
                 self._seen.add(line)
                 log.debug("audio file %s: decoder says: %s", self._p, line)
+
+
+def _pointed_at(held: BinaryIO) -> int:
+    """Point descriptor 2 at ``held``; a duplicate of what it was, or -1
+    (left as it was) where there is no descriptor 2 or none is left."""
+    try:
+        saved = os.dup(2)
+    except OSError:
+        return -1
+    with contextlib.suppress(Exception):  # a closed or odd sys.stderr
+        sys.stderr.flush()
+    try:
+        os.dup2(held.fileno(), 2)
+    except OSError:
+        os.close(saved)
+        return -1
+    return saved
 
 
 def joined(blocks: Iterator[list[Int16Array]], outputs: int) -> list[Int16Array]:
