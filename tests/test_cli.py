@@ -1999,6 +1999,11 @@ _SECRET_ERRORS = [
     ("=hunter2", "override '=<redacted>' has no key: it must look like section.key=value"),
     ("mqtt.password hunter2",
      "override 'mqtt.password<redacted>' has no '=': it must look like section.key=value"),
+    # ... and the value run into its key, all of it key characters.
+    ("mqtt.passwordhunter2",
+     "override 'mqtt.password<redacted>' has no '=': it must look like section.key=value"),
+    ("auth.tokens[hunter2]", "override 'auth.tokens<redacted>' has no '='"),
+    ("auth.tokenshunter2", "override 'auth.tokens<redacted>' has no '='"),
     ('[mqtt]\nusername = "u"\npassword = ["hunter2"]\n', "mqtt.password must be str"),
     ('[[auth.tokens]]\nhash = "hunter2"\nroles = ["admin"]\n', "does not start with sha256:"),
     ('[[auth.tokens]]\nhash = 987654321\nroles = ["admin"]\n',

@@ -447,6 +447,9 @@ _KINDS = ((bool, "a boolean"), (int, "an integer"), (float, "a float"), (str, "t
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 # What a dotted key (``--set``'s) is made of.
 _KEY_CHARS = re.compile(r"[A-Za-z0-9_.-]*")
+# Keys whose --set value may be a secret: one run into its key with the "="
+# left out (``mqtt.passwordhunter2``) is all key characters, so is cut there.
+_SECRET_SET_KEYS = ("mqtt.password", "auth.tokens")
 
 
 def redact_host(host: str) -> str:
@@ -564,6 +567,9 @@ def parse_override(text: str) -> tuple[str, object]:
     if not sep:
         head = _KEY_CHARS.match(text)
         shown = text if head is None or head.end() == len(text) else head.group() + REDACTED
+        secret = next((k for k in _SECRET_SET_KEYS if text.startswith(k) and text != k), None)
+        if secret is not None:
+            shown = secret + REDACTED
         raise ConfigError(f"override {shown!r} has no '=': it must look like section.key=value")
     if not key:
         raise ConfigError(f"override '={REDACTED}' has no key: it must look like "
