@@ -356,3 +356,45 @@ def test_the_live_rows_bound_is_the_consoles() -> None:
         assert said, f"{doc.relative_to(ROOT)} no longer says how many live rows are shown"
         assert {int(n) for n in said} == {MAX_LIVE_ROWS}, \
             f"{doc.relative_to(ROOT)} says at most {said}, the console shows {MAX_LIVE_ROWS}"
+
+
+# The config errors docs/config.md quotes, each with a command line's --set
+# values that make it; " ..." in a quote stands for words left out.
+_QUOTED_CONFIG_ERRORS = [
+    (["vad.aggressiveness=7"], "vad.aggressiveness must be 0..3, got 7"),
+    (['auth.tokens=[{hash="hunter2", roles=["admin"]}]'],
+     "auth.tokens[0].hash must be sha256:<64 lowercase hex digits> ... got <redacted>: "
+     "it does not start with sha256:"),
+    (["server.host=cam:hunter2@0.0.0.0"],
+     "server.host '<redacted>@0.0.0.0' is reachable from other machines ..."),
+    (["=hunter2"], "override '=<redacted>' has no key"),
+    (["mqtt.password hunter2"], "override 'mqtt.password<redacted>' has no '='"),
+    (["mqtt.passwordhunter2"], "override 'mqtt.password<redacted>' has no '='"),
+]
+# Quoted errors of a file (a bare number for a text key) or of the address
+# (a name lookup), which a --set does not make here.
+_QUOTED_ELSEWHERE = ('mqtt.password must be text: quote it: password = "..."',
+                     "cannot listen on <redacted>@localhost:8765")
+
+
+def test_the_config_errors_the_docs_quote_are_the_ones_given() -> None:
+    """Each error line docs/config.md quotes (`key must be ...`, `override
+    ...`, `server.host ... is reachable`) is what the configuration says for
+    such a value, so a reworded message leaves no page quoting the old one."""
+    from evoxtral_stream.cli.serve import _check_serving
+    from evoxtral_stream.config import ConfigError, load_config, parse_override
+
+    doc = (ROOT / "docs" / "config.md").read_text().replace("\n", " ")
+    quoted = set(re.findall(r"`((?:[\w.\[\] ]+ must be|override '|server\.host '|cannot listen)"
+                            r"[^`]*)`", doc))
+    assert quoted == {q for _, q in _QUOTED_CONFIG_ERRORS} | set(_QUOTED_ELSEWHERE), \
+        "docs/config.md quotes other config errors than this test makes"
+    for given, quote in _QUOTED_CONFIG_ERRORS:
+        try:
+            _check_serving(load_config(env={}, overrides=dict(map(parse_override, given))))
+        except ConfigError as e:
+            said = str(e)
+        else:
+            raise AssertionError(f"{given} is no config error")
+        pattern = ".*".join(map(re.escape, re.split(r" \.\.\.(?: |$)", quote)))
+        assert re.search(pattern, said), f"docs/config.md quotes {quote!r}, {given} says {said!r}"
