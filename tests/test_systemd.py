@@ -518,8 +518,23 @@ def test_the_documented_unit_fits_what_serve_does(tmp_path: Path) -> None:
     assert settings["WatchdogSignal"] == "SIGTERM"       # a drain, not a core dump
     # Pings every half WatchdogSec, looked for every POLL_S: room for both.
     assert _seconds(settings["WatchdogSec"]) >= 10
-    # The stop waits for the drain of the last finals, and then some.
-    assert _seconds(settings["TimeoutStopSec"]) >= 2 * cfg.worker.drain_timeout_s
+    # The stop's longest wait with the defaults, in the order serve stops:
+    # the drain of the last finals, MQTT's last sends (drain_s, then the
+    # goodbye's bound), the flush to clients and their close, the model thread.
+    from evoxtral_stream.engine.engine import _STOP_GRACE_S
+    from evoxtral_stream.server.app import CLOSE_TIMEOUT_S
+
+    parts = [cfg.worker.drain_timeout_s, cfg.mqtt.drain_s + 2 * cfg.mqtt.timeout_s + 1,
+             cfg.server.shutdown_flush_s + CLOSE_TIMEOUT_S + 1, _STOP_GRACE_S]
+    longest = sum(parts)
+    assert _seconds(settings["TimeoutStopSec"]) >= longest + 10
+    # The comment above it says that sum, and the parts it adds up.
+    comment = " ".join(line.lstrip("# ") for line in unit.splitlines()
+                       if line.startswith("#"))
+    said = re.search(r"the longest stop with the default config, about (\d+) s", comment)
+    assert said is not None and int(said.group(1)) == round(longest), (comment, longest)
+    stated = [float(n) for n in re.findall(r"(\d+(?:\.\d+)?) s\)", comment)]
+    assert stated == parts, f"the unit's comment adds up {stated}, serve waits {parts}"
     assert " serve " in settings["ExecStart"] and "--no-print" in settings["ExecStart"]
     # PrivateTmp empties torch's default compile cache at every start.
     assert settings["PrivateTmp"] != "true" or settings["CacheDirectory"] == "evoxtral"
