@@ -60,23 +60,24 @@ def test_every_config_key_the_docs_name_exists() -> None:
 def test_the_defaults_the_docs_state_are_config_tomls() -> None:
     """A number the docs give in parentheses right after a key
     (`` `server.shutdown_flush_s` (2 s) ``, `` `forget_ended_s` (default
-    86400 ``) is that key's default in config.toml, so a changed default
-    leaves no page saying the old one; a key named by its last part alone
-    counts where that part names one key."""
+    86400 ``, `` `retention_s` seconds (default 7 days ``) is that key's
+    default in config.toml, so a changed default leaves no page saying the
+    old one; a key named by its last part alone counts where that part
+    names one key."""
     flat = dict(_flat(tomllib.loads((ROOT / "config.toml").read_text())))
     text = (_docs_text() + (ROOT / "clients" / "README.md").read_text()).replace("\n", " ")
-    stated = re.findall(r"`([a-z_]+(?:\.[a-z0-9_]+)*)`,? \((?:default )?(-?\d[\d,]*(?:\.\d+)?)"
-                        r"(?=[ ,;)])", text)
+    stated = re.findall(r"`([a-z_]+(?:\.[a-z0-9_]+)*)`(?: seconds)?,? \((?:default )?"
+                        r"(-?\d[\d,]*(?:\.\d+)?)( days?)?(?=[ ,;)])", text)
     checked, wrong = 0, []
-    for name, number in stated:
+    for name, number, days in stated:
         keys = [k for k in flat if k == name or k.endswith("." + name)]
         if len(keys) != 1 or isinstance(flat[keys[0]], bool) \
                 or not isinstance(flat[keys[0]], (int, float)):
             continue
         checked += 1
-        if float(number.replace(",", "")) != flat[keys[0]]:
-            wrong.append(f"`{name}` ({number}): config.toml has {flat[keys[0]]}")
-    assert checked >= 6, "the pattern no longer finds the defaults the docs state"
+        if float(number.replace(",", "")) * (86400 if days else 1) != flat[keys[0]]:
+            wrong.append(f"`{name}` ({number}{days}): config.toml has {flat[keys[0]]}")
+    assert checked >= 8, "the pattern no longer finds the defaults the docs state"
     assert not wrong, f"the docs state defaults config.toml does not have: {wrong}"
 
 
