@@ -399,3 +399,102 @@ def test_the_config_errors_the_docs_quote_are_the_ones_given() -> None:
             raise AssertionError(f"{given} is no config error")
         pattern = ".*".join(map(re.escape, re.split(r" \.\.\.(?: |$)", quote)))
         assert re.search(pattern, said), f"docs/config.md quotes {quote!r}, {given} says {said!r}"
+
+
+def _flat_text(path: str) -> str:
+    """A doc's text on one line, runs of white space as one space, so a
+    phrase the doc wraps still matches."""
+    return re.sub(r"\s+", " ", (ROOT / path).read_text())
+
+
+def test_the_limits_the_docs_state_are_the_codes() -> None:
+    """The fixed limits and waits docs/protocol.md and clients/README.md
+    state in words (a sample rate range, how many stream ends are kept, a
+    realtime buffer's cap, the clients' backoff...) are the constants the
+    server and clients use, so a changed constant leaves no page saying the
+    old number. Each phrase must still be found: a reworded one is updated here."""
+    import inspect
+
+    from evoxtral_stream.audio.vad import HELD_GAP_S
+    from evoxtral_stream.engine.engine import SEQ_REMEMBERED
+    from evoxtral_stream.engine.journal.store import PRUNED_REMEMBERED, SEQ_RESERVE_BLOCK
+    from evoxtral_stream.events import MAX_STREAM_ID, MAX_STREAM_ID_ENCODED
+    from evoxtral_stream.server import app, protocol
+    from evoxtral_stream.server.broadcast import ENDS_REMEMBERED
+    from evoxtral_stream.server.realtime import INPUT_RATE, MAX_BUFFER_S, MIN_COMMIT_MS
+
+    clients = ROOT / "clients"
+    if str(clients) not in sys.path:
+        sys.path.insert(0, str(clients))
+    mic_client, tts_bridge, viewer = (importlib.import_module(n)
+                                      for n in ("mic_client", "tts_bridge", "viewer"))
+    bridge = tts_bridge.BridgeConfig.__dataclass_fields__
+    stated: list[tuple[str, str, tuple[float, ...]]] = [
+        ("docs/protocol.md", r"the ([\d,]+) streams that ended last", (ENDS_REMEMBERED,)),
+        ("docs/protocol.md", r"the ([\d,]+) that ended last", (SEQ_REMEMBERED,)),
+        ("docs/protocol.md", r"the ([\d,]+) pruned most recently", (PRUNED_REMEMBERED,)),
+        ("docs/protocol.md", r"remembers the ([\d,]+) streams", (SEQ_REMEMBERED,)),
+        ("docs/protocol.md", r"in blocks of (\d+)", (SEQ_RESERVE_BLOCK,)),
+        ("docs/protocol.md", r"`sample_rate` is an integer from (\d+) to (\d+)",
+         (protocol.MIN_INGEST_RATE, protocol.MAX_INGEST_RATE)),
+        ("docs/protocol.md", r"`channels` is (\d+) to (\d+)", (1, protocol._MAX_CHANNELS)),
+        ("docs/protocol.md", r"from 0 to `sample_rate` × (\d+)", (protocol.MAX_LOST_S,)),
+        ("docs/protocol.md", r"a bucket of its own that holds (\d+) s", (protocol.MAX_LOST_S,)),
+        ("docs/protocol.md", r"once the first (\d+) s of it are used up", (protocol.MAX_LOST_S,)),
+        ("docs/protocol.md", r"is (\d+) to (\d+) characters", (1, MAX_STREAM_ID)),
+        ("docs/protocol.md", r"at most (\d+) bytes once percent-encoded", (MAX_STREAM_ID_ENCODED,)),
+        ("docs/protocol.md", r"events (\d+) s after the flush", (app._FINALS_SENT_S,)),
+        ("docs/protocol.md", r"does not read again within about (\d+) s", (app.CLOSE_TIMEOUT_S,)),
+        ("docs/protocol.md", r"take the close either, (\d+) s later", (app.CLOSE_TIMEOUT_S + 1,)),
+        ("docs/protocol.md", r"a piece more than (\d+) s before", (HELD_GAP_S,)),
+        ("docs/protocol.md", r"pieces more than (\d+) s apart", (HELD_GAP_S,)),
+        ("docs/protocol.md", r"A buffer under (\d+) ms", (MIN_COMMIT_MS,)),
+        ("docs/protocol.md", r"At most (\d+) s may be held", (MAX_BUFFER_S,)),
+        ("docs/protocol.md", r'"audio/pcm", "rate": (\d+)\}', (INPUT_RATE,)),
+        ("docs/protocol.md", r"little-endian, mono, (\d+) kHz", (INPUT_RATE / 1000,)),
+        ("docs/protocol.md", r"drop audio past (\d+) s of it", (mic_client.MAX_IN_FLIGHT_S,)),
+        ("clients/README.md", r"`since=` holds at most (\d+) KB",
+         (protocol.RESUME_QUERY_BYTES / 1024,)),
+        ("clients/README.md", r"retries every ([\d.]+) s, backing off to ([\d.]+) s",
+         (0.25, inspect.signature(viewer.watch).parameters["max_retry_s"].default)),
+        ("clients/README.md", r"waiting ([\d.]+) s, then twice as long each time up to ([\d.]+) s",
+         mic_client.BACKOFF_S),
+        ("clients/README.md", r"after ([\d.]+) s, doubling up to ([\d.]+) s",
+         (bridge["reconnect_min_s"].default, bridge["reconnect_max_s"].default)),
+        ("clients/README.md", r"up to (\d+) s of audio waits", (mic_client.MAX_IN_FLIGHT_S,)),
+        ("clients/README.md", r"past (\d+) s of audio sent", (mic_client.MAX_IN_FLIGHT_S,)),
+    ]
+    wrong = []
+    for doc, phrase, values in stated:
+        found = re.findall(phrase, _flat_text(doc))
+        assert found, f"{doc} no longer says {phrase!r}: update this test"
+        for match in found:
+            numbers = tuple(float(n.replace(",", "")) for n in
+                            (match if isinstance(match, tuple) else (match,)))
+            if numbers != tuple(float(v) for v in values):
+                wrong.append(f"{doc}: {phrase!r} says {numbers}, the code has {values}")
+    assert not wrong, "the docs state limits the code does not have:\n" + "\n".join(wrong)
+
+
+def test_the_realtime_events_are_the_docs() -> None:
+    """Every client event type /v1/realtime takes and every server event type
+    it sends is named in docs/protocol.md's realtime section, and each row of
+    its client events table is one the server takes."""
+    source = (ROOT / "src" / "evoxtral_stream" / "server" / "realtime" / "protocol.py").read_text()
+    parse = source.split("def parse_client_event", 1)[1].split("\ndef ", 1)[0]
+    send = source.split("def server_event_to_dict", 1)[1].split("\ndef ", 1)[0]
+    taken = set(re.findall(r'kind == "([a-z_.]+)"', parse))
+    sent = set(re.findall(r'"([a-z_]+(?:\.[a-z_]+)+)"', send))
+    assert {"input_audio_buffer.append", "session.update"} <= taken
+    assert {"session.created", "conversation.item.input_audio_transcription.completed",
+            "transcription_session.updated"} <= sent
+    section = (ROOT / "docs" / "protocol.md").read_text().split(
+        "## OpenAI Realtime compatibility", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`([a-z_]+(?:\.[a-z_]+)+)`", section))
+    missing = sorted((taken | sent) - named)
+    assert not missing, f"docs/protocol.md's realtime section does not name: {missing}"
+    table = re.search(r"^\| event \|.*\n\|[- |]+\n((?:\|.*\n)+)", section, re.M)
+    assert table is not None, "the realtime section has no `| event |` table"
+    rows = {re.sub(r"[`\s]", "", row.split("|")[1]) for row in table.group(1).splitlines()}
+    assert not rows - taken, f"the client events table names what the server refuses: " \
+        f"{sorted(rows - taken)}"
