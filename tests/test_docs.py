@@ -498,3 +498,81 @@ def test_the_realtime_events_are_the_docs() -> None:
     rows = {re.sub(r"[`\s]", "", row.split("|")[1]) for row in table.group(1).splitlines()}
     assert not rows - taken, f"the client events table names what the server refuses: " \
         f"{sorted(rows - taken)}"
+
+
+def _readme_number(pattern: str) -> float:
+    """The number README.md states where ``pattern`` (its one group) finds
+    it, line breaks read as spaces; words for the small ones."""
+    text = re.sub(r"\s+", " ", (ROOT / "README.md").read_text())
+    found = re.findall(pattern, text)
+    assert len(found) == 1, f"README.md no longer says it once: {pattern!r} found {found}"
+    words = {"half a": 0.5, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
+    return float(words.get(found[0], found[0]))
+
+
+def test_the_numbers_the_readme_states_are_the_codes() -> None:
+    """Numbers README.md gives that the code holds as constants (the rates
+    a file may have, how far ahead a pipe may run before it is said, how
+    often the TLS files are checked, the silence that breaks running text,
+    the repeats a decoder loop keeps, the server VAD's silence): a changed
+    constant leaves no sentence saying the old one."""
+    import inspect
+
+    from evoxtral_stream.audio.pipe import AHEAD_S, CLOCK_DRIFT
+    from evoxtral_stream.audio.wavstream import MAX_FILE_RATE, MIN_FILE_RATE
+    from evoxtral_stream.server.app import TLS_POLL_S
+    from evoxtral_stream.text.formats import to_text
+    from evoxtral_stream.text.loops import KEEP
+
+    vad = tomllib.loads((ROOT / "config.toml").read_text())["vad"]
+    stated = {
+        r"any sample rate from (\d+) kHz to \d+ kHz": MIN_FILE_RATE / 1000,
+        r"any sample rate from \d+ kHz to (\d+) kHz": MAX_FILE_RATE / 1000,
+        r"more than (\d+(?:\.\d+)?) s ahead of the clock": AHEAD_S,
+        r"ahead of the clock \(past what waited in the pipe while the model loaded, "
+        r"and (\d+(?:\.\d+)?) % of the time since": CLOCK_DRIFT * 100,
+        r"are picked up within (\d+) s": TLS_POLL_S,
+        r"a new line after a silence of (\d+(?:\.\d+)?) s or more":
+            inspect.signature(to_text).parameters["paragraph_gap_s"].default,
+        r"is cut back to (\w+) repeats": KEEP,
+        r"With server VAD, a turn ends after (half a) second of silence":
+            vad["end_silence_ms"] / 1000,
+    }
+    wrong = [f"{pattern!r}: README.md {said:g}, the code {value:g}"
+             for pattern, value in stated.items()
+             if (said := _readme_number(pattern)) != value]
+    assert not wrong, f"README.md states numbers the code does not hold: {wrong}"
+
+
+# Options of other programs that the docs name: pip's and mypy's (README's
+# note on Python 3.12 and 3.13).
+_OTHER_PROGRAMS_OPTIONS = {"--python-version", "--only-binary", "--no-deps",
+                           "--enable-error-code"}
+
+
+def test_every_option_the_docs_name_exists() -> None:
+    """Each ``--option`` README.md, clients/README.md, docs/protocol.md and
+    docs/config.md name is an option of evoxtral-stream (a command's, or
+    one before the command) or of a client, or of another program they
+    name on purpose: a renamed or removed option leaves no command a user
+    cannot run. (docs/voxtral.md and docs/systemd.md also name the
+    benchmarks' and systemctl's options.)"""
+    clients = ROOT / "clients"
+    if str(clients) not in sys.path:
+        sys.path.insert(0, str(clients))
+    from evoxtral_stream.cli.parser import _parser
+
+    parsers = [_parser()]
+    (sub,) = [a for a in parsers[0]._actions if isinstance(a, argparse._SubParsersAction)]
+    parsers += list(sub.choices.values())
+    parsers += [importlib.import_module(n).build_parser()
+                for n in ("viewer", "mic_client", "tts_bridge")]
+    known = {opt for p in parsers for a in p._actions for opt in a.option_strings}
+    assert {"--exit-at-end", "--compare-offline", "--since", "--voice"} <= known
+    unknown = []
+    for doc in (ROOT / "README.md", clients / "README.md", ROOT / "docs" / "protocol.md",
+                ROOT / "docs" / "config.md"):
+        named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", doc.read_text()))
+        unknown += [f"{doc.relative_to(ROOT)}: {opt}"
+                    for opt in sorted(named - known - _OTHER_PROGRAMS_OPTIONS)]
+    assert not unknown, f"the docs name options nothing takes: {unknown}"
