@@ -204,7 +204,7 @@ def _two_gigahertz(p: Path) -> None:
         (None, "missing.wav", "does not exist"),
         (_garbage, "garbage.wav", "cannot decode"),
         (_empty_wav, "empty.wav", "no audio"),
-        (_zero_bytes, "zero.flac", "cannot decode"),
+        (_zero_bytes, "zero.flac", "is empty (0 bytes)"),
         (_truncated_header, "cut.wav", "cannot decode"),
         (_directory, "folder.wav", "directory"),
         (_one_hertz, "slow.wav", "says 1 Hz"),
@@ -224,6 +224,31 @@ def test_bad_files_raise_audio_input_error(
     assert words in message
     assert "\n" not in message
     assert info.value.__cause__ is None  # no chained traceback for people to read
+
+
+def test_an_empty_input_is_said_to_be_empty(tmp_path: Path) -> None:
+    """Nothing to read (a zero-byte file, /dev/null, a pipe that ends at
+    once: ``transcribe - </dev/null``, ``: | transcribe -``) is said so:
+    libsndfile's word for it was "File does not exist or is not a regular
+    file (possibly a pipe?)" of a file that is there, and "Format not
+    recognised" of the others."""
+    from evoxtral_stream.audio.filereader import AudioFile, open_audio_file, open_pipe_file
+
+    (tmp_path / "zero.wav").write_bytes(b"")
+    read, write = os.pipe()
+    os.close(write)
+    inputs: list[tuple[str, Callable[[], AudioFile]]] = [
+        (str(tmp_path / "zero.wav"), lambda: open_audio_file(tmp_path / "zero.wav", [()])),
+        ("/dev/null", lambda: open_audio_file("/dev/null", [()])),
+        ("pipe", lambda: open_pipe_file(Path("pipe"), b"", read, [()])),
+    ]
+    try:
+        for name, open_ in inputs:
+            with pytest.raises(AudioInputError) as info:
+                open_()
+            assert str(info.value) == f"audio file {name} is empty (0 bytes)"
+    finally:
+        os.close(read)
 
 
 @pytest.mark.parametrize("keep", [0.97, 0.6, 0.2])

@@ -350,6 +350,11 @@ def _probe(audio: AudioFile) -> None:
     p = audio.path
     try:
         with audio._open_bytes() as f:
+            # libsndfile's word for no bytes is "Format not recognised", or
+            # "File does not exist" of a file that is there. A terminal (not
+            # seekable) is left to it: a read would wait for its input.
+            if f.seekable() and not f.read(1):
+                raise AudioInputError(f"audio file {p} is empty (0 bytes)")
             found = misread_wav(f)
         if found is not None and _probe_misread(audio, found):
             return
