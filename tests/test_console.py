@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import io
 import logging
@@ -16,6 +17,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import TextIO
 
 import pytest
@@ -421,6 +423,26 @@ def test_a_queued_printer_whose_reader_left_stops_with_one_warning(
     assert isinstance(printer.error, BrokenPipeError)
     warnings = [r.getMessage() for r in caplog.records if "no longer printed" in r.getMessage()]
     assert len(warnings) == 1, warnings
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_queued_printer_whose_last_line_is_lost_says_so_at_its_flush(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """serve's printing onto a full disk (``> /dev/full``): the writer's
+    failure stopped the printing only at the next line, so where none came
+    (a file source of one final, the last lines of any run) the lines were
+    lost without the warning README promises. The flush at the end now says
+    it, once."""
+    with open("/dev/full", "w") as out, \
+            caplog.at_level(logging.WARNING, "evoxtral_stream.console"):
+        printer = CaptionPrinter(out, queued=True)
+        printer(_final("s", 0, "the only final"))
+        printer.flush()
+        printer.flush()
+    assert isinstance(printer.error, OSError) and printer.error.errno == errno.ENOSPC
+    warnings = [r.getMessage() for r in caplog.records if "no longer printed" in r.getMessage()]
+    assert warnings == ["captions are no longer printed: cannot write to the caption output: "
+                        "No space left on device"], warnings
 
 
 def test_a_terminal_whose_encoding_lacks_a_caption_s_characters_gets_them_replaced(

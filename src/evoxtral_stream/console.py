@@ -164,7 +164,8 @@ class CaptionPrinter:
     lines dropped: standard output's reader fell behind`` where they would
     have been. :meth:`flush` waits for the queue at most
     :data:`~.writer.EXIT_WAIT_S` seconds. A write the writer could not do
-    stops the printing at the next line, as a failed write does.
+    stops the printing at the next line (or at :meth:`flush`), as a failed
+    write does.
     """
 
     def __init__(
@@ -239,8 +240,12 @@ class CaptionPrinter:
                     self._print(event)
                 except OSError as e:
                     self._stop(e)
-        # Logged outside the terminal lock: a log handler holds its own lock
-        # while it takes the terminal's, so logging under it could deadlock.
+        self._say_stopped()
+
+    def _say_stopped(self) -> None:
+        """Log once why the printing stopped (or call ``on_closed``).
+        Outside the terminal lock: a log handler holds its own lock while it
+        takes the terminal's, so logging under it could deadlock."""
         if self.error is not None and not self._error_logged:
             self._error_logged = True
             if isinstance(self.error, BrokenPipeError) and self._on_closed is not None:
@@ -252,9 +257,15 @@ class CaptionPrinter:
 
     def flush(self) -> None:
         """Wait until the lines queued are written, at most
-        :data:`~.writer.EXIT_WAIT_S` seconds in all (``queued``; else at once)."""
+        :data:`~.writer.EXIT_WAIT_S` seconds in all (``queued``; else at once).
+        A line the writer could not write stops the printing here, as at the
+        next line: the last lines lost are said too."""
         if self._queue is not None:
             self._queue.flush()
+            with _TERMINAL:
+                if self.error is None and self._queue.error is not None:
+                    self._stop(self._queue.error)
+            self._say_stopped()
 
     def _line(self, text: str) -> None:
         """Print ``text`` as a line, through the queue when there is one."""
