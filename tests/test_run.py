@@ -239,10 +239,11 @@ async def test_a_split_file_gone_before_it_is_fed_is_one_error_line(
 
 
 def _slow_passes(monkeypatch: pytest.MonkeyPatch, seconds: float,
-                 ) -> tuple[list[int], list[str]]:
+                 ) -> tuple[list[int], list[str], threading.Event]:
     """Make each block of every file pass take ``seconds`` more to decode;
-    the threads that decoded them, and ``"step"``/``"close"`` in the order
-    the passes were read and closed (a close during a step: ``"overlap"``)."""
+    the threads that decoded them, ``"step"``/``"close"`` in the order the
+    passes were read and closed (a close during a step: ``"overlap"``), and
+    an event set while a block decodes."""
     threads: list[int] = []
     order: list[str] = []
     busy = threading.Event()
@@ -264,7 +265,7 @@ def _slow_passes(monkeypatch: pytest.MonkeyPatch, seconds: float,
 
     monkeypatch.setattr(FilePass, "__next__", slow_next)
     monkeypatch.setattr(FilePass, "close", close)
-    return threads, order
+    return threads, order, busy
 
 
 @pytest.mark.parametrize("realtime", [False, True])
@@ -277,26 +278,25 @@ async def test_a_slow_decode_holds_up_nothing_else_on_the_event_loop(
     cfg = load_config(overrides={"audio.file_chunk_ms": 100}, env={})
     flac = tmp_path / "talk.flac"
     sf.write(flac, _noise(1.5, 6), SAMPLE_RATE)
-    gaps: list[float] = []
+    beats_while_decoding = 0
 
     async def beat() -> None:
-        last = time.monotonic()
+        nonlocal beats_while_decoding
         while True:
             await asyncio.sleep(0.01)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
+            beats_while_decoding += busy.is_set()
 
     with open_audio_file(flac, [()]) as audio:
-        threads, order = _slow_passes(monkeypatch, 0.6)
+        threads, order, busy = _slow_passes(monkeypatch, 0.6)
         async with Engine(cfg, ScriptedBackend(lambda a: "hi")) as engine:
             beating = asyncio.ensure_future(beat())
             summaries = await transcribe_samples(cfg, engine, [FileJob("talk", FileMix(audio, 0))],
                                                  realtime=realtime)
             beating.cancel()
     assert summaries[0].duration_s == pytest.approx(1.5)
+    # About 60 a block (none where a block held the loop); a few even under load.
+    assert beats_while_decoding >= 5
     assert len(threads) >= 2 and threading.get_ident() not in threads
-    assert max(gaps) < 0.4, f"the loop was held {max(gaps):.2f} s"
     assert order[-1] == "close" and "overlap" not in order
 
 
@@ -313,7 +313,7 @@ async def test_an_mp3_is_decoded_on_the_loop_where_its_prints_are_caught(
         pytest.skip(f"this libsndfile cannot write MP3: {e}")
     with open_audio_file(mp3, [()]) as audio:
         assert audio.prints
-        threads, _ = _slow_passes(monkeypatch, 0)
+        threads, _, _ = _slow_passes(monkeypatch, 0)
         async with Engine(cfg, ScriptedBackend(lambda a: "hi")) as engine:
             summaries = await transcribe_samples(cfg, engine, [FileJob("talk", FileMix(audio, 0))],
                                                  realtime=False)
@@ -332,7 +332,7 @@ async def test_a_stop_while_a_block_decodes_closes_its_file_after_it(
     sf.write(flac, _noise(6.0, 8), SAMPLE_RATE)
     stop = asyncio.Event()
     with open_audio_file(flac, [()]) as audio:
-        _, order = _slow_passes(monkeypatch, 0.8)
+        _, order, _ = _slow_passes(monkeypatch, 0.8)
         async with Engine(cfg, ScriptedBackend(lambda a: "hi")) as engine:
             asyncio.get_running_loop().call_later(0.4, stop.set)
             t0 = time.monotonic()
