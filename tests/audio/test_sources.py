@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -131,29 +132,48 @@ def test_mp3_decodes_where_libsndfile_supports_it(tmp_path: Path) -> None:
     assert dominant_frequency(out[2000:-2000], SAMPLE_RATE) == pytest.approx(440, abs=2.0)
 
 
+def _mp3_in_wav(mp3: bytes, rate: int, frames: int) -> bytes:
+    """``mp3`` (one channel) as the data of a WAV whose format tag is
+    MPEG Layer III (0x55, MPEGLAYER3WAVEFORMAT), as some recorders write;
+    libsndfile decodes it with libmpg123."""
+    fmt = (struct.pack("<HHIIHH", 0x55, 1, rate, 16000, 1, 0)
+           + struct.pack("<HHIHHH", 12, 1, 2, 418, 1, 1393))
+    body = (b"WAVE" + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+            + b"fact" + struct.pack("<II", 4, frames) + b"data" + struct.pack("<I", len(mp3)) + mp3)
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+@pytest.mark.parametrize("name", ["glitch.mp3", "glitch.wav"])
 def test_what_the_mp3_decoder_prints_is_logged_not_on_stderr(
-    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+    name: str,
 ) -> None:
     """libmpg123 prints its notes on an MP3 with a damaged frame ("Note:
     Illegal Audio-MPEG-Header ... Trying to resync...") straight to file
     descriptor 2: lines past logging on transcribe's stderr, in json mode
     too (docs/config.md: nothing else reaches stderr there), and before the
-    one error line of a file it cannot decode. They are DEBUG records now."""
-    path = tmp_path / "glitch.mp3"
+    one error line of a file it cannot decode. They are DEBUG records now,
+    of a WAV that carries MP3 too (its format is WAV, its encoding MPEG
+    Layer III: it was taken for a decoder that prints nothing, decoded
+    uncaught and on a worker thread)."""
+    path = tmp_path / name
     try:
-        sf.write(path, sine(440, 2.0, 44100, amp=0.4), 44100, format="MP3")
+        sf.write(tmp_path / "a.mp3", sine(440, 2.0, 44100, amp=0.4), 44100, format="MP3")
     except Exception as e:  # libsndfile built without LAME: nothing to test
         pytest.skip(f"this libsndfile cannot write MP3: {e}")
-    data = bytearray(path.read_bytes())
+    data = bytearray((tmp_path / "a.mp3").read_bytes())
     data[len(data) // 2 : len(data) // 2 + 64] = b"\x55" * 64
-    path.write_bytes(bytes(data))
+    path.write_bytes(bytes(data) if name.endswith(".mp3") else
+                     _mp3_in_wav(bytes(data), 44100, 2 * 44100))
     capfd.readouterr()
     with caplog.at_level(logging.DEBUG, logger="evoxtral_stream"):
+        with open_audio_file(path, [()]) as audio:
+            assert audio.prints  # decoded on the event loop (run._Steps)
         out = read_audio_file(path)
     assert capfd.readouterr().err == ""
     assert abs(len(out) - 2 * SAMPLE_RATE) < SAMPLE_RATE // 5
     notes = [r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG]
-    assert any("glitch.mp3" in n and "Illegal Audio-MPEG-Header" in n for n in notes), notes
+    assert any(name in n and "Illegal Audio-MPEG-Header" in n for n in notes), notes
 
 
 @pytest.mark.skipif(not HAVE_ESPEAK, reason="espeak-ng is not installed")

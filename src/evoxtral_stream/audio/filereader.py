@@ -68,8 +68,11 @@ _MOST_PRINTS = 64 * 1024
 _FD2 = threading.Lock()
 #: The formats whose decoder prints on descriptor 2 (libsndfile 1.2's MP3,
 #: libmpg123: notes on every frame it resyncs past); FLAC, Ogg Vorbis,
-#: Opus and WAV say nothing there, damaged or not.
+#: Opus and WAV say nothing there, damaged or not...
 _PRINTING_FORMATS = frozenset({"MP3"})
+#: ... but for the encodings libmpg123 decodes in any of them: a WAV may
+#: carry MP3 (format tag 0x55, as some recorders write it).
+_PRINTING_SUBTYPES = frozenset({"MPEG_LAYER_I", "MPEG_LAYER_II", "MPEG_LAYER_III"})
 
 
 class AudioInputError(Exception):
@@ -180,8 +183,9 @@ class AudioFile:
         """Frames its header says (None: it does not say)."""
         self._misread: Misread | None = None
         self.prints = True
-        """Whether its decoder may print on descriptor 2 (an MP3: see
-        :class:`FilePass`); known at the probe, which assumes it may."""
+        """Whether its decoder may print on descriptor 2 (an MP3, or MP3
+        audio in a WAV: see :class:`FilePass`); known at the probe, which
+        assumes it may."""
         # Its size and identity when probed (a regular file's): a pass that
         # ends early on a file cut short since (libsndfile ends a WAV where
         # its bytes end, as at a header's end) says so.
@@ -372,7 +376,8 @@ def _probe(audio: AudioFile) -> None:
                         "Hz of any audio recording (a damaged header?)")
                 audio._check_channels(int(f.channels))
                 audio.rate, audio.channels = rate, int(f.channels)
-                audio.prints = str(f.format) in _PRINTING_FORMATS
+                audio.prints = (str(f.format) in _PRINTING_FORMATS
+                                or str(f.subtype) in _PRINTING_SUBTYPES)
                 frames = int(f.frames)
                 # libsndfile says a huge count where a format keeps none.
                 audio.frames = frames if 0 <= frames < sys.maxsize // 2 else None
@@ -465,7 +470,7 @@ class FilePass(Iterator[list[Int16Array]]):
     mode stderr must hold log records only. The log writer writes to its
     own copy of stderr, so logging is not held; what another thread writes
     on descriptor 2 in those moments is logged so too. So only a file
-    whose decoder prints is caught (:attr:`AudioFile.prints`, an MP3);
+    whose decoder prints is caught (:attr:`AudioFile.prints`, MP3 audio);
     any other may be read on a worker thread (one ``next`` at a time),
     descriptor 2 left alone. A file replaced by an MP3 since its probe
     is not caught."""
