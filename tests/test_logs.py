@@ -420,18 +420,14 @@ def test_a_file_name_that_is_not_utf8_leaves_every_json_line_strict(tmp_path: Pa
         ("ERROR", f"audio file {tmp_path}/gone\\udcfe.wav does not exist")], proc.stderr
 
 
-def test_json_lines_on_a_terminal_are_json_lines_too(tmp_path: Path) -> None:
-    """stderr a terminal (``docker run -t``, whose output a shipper reads):
-    each JSON record came after ``\\r\\x1b[J``, the clearing of a progress bar
-    that json mode never draws, so no line parsed. The terminal's ``\\r\\n``
-    is its own."""
-    wav = unsized_wav(tmp_path / "rec.wav")
+def stderr_on_a_terminal(script: str, *args: str) -> bytes:
+    """What ``python -c script args`` (run from the checkout's root) wrote
+    on its stderr, a pseudo-terminal; it must exit 0."""
     root = Path(__file__).resolve().parents[1]
     primary, secondary = os.openpty()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-c", _SCRIPTED_CLI, "--log-format", "json", "transcribe",
-             str(wav)],
+            [sys.executable, "-c", script, *args],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary, cwd=root,
             env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{root / 'src'}:{root}"})
         os.close(secondary)
@@ -450,8 +446,47 @@ def test_json_lines_on_a_terminal_are_json_lines_too(tmp_path: Path) -> None:
         os.close(primary)
         if secondary >= 0:
             os.close(secondary)
+    return written
+
+
+def test_json_lines_on_a_terminal_are_json_lines_too(tmp_path: Path) -> None:
+    """stderr a terminal (``docker run -t``, whose output a shipper reads):
+    each JSON record came after ``\\r\\x1b[J``, the clearing of a progress bar
+    that json mode never draws, so no line parsed. The terminal's ``\\r\\n``
+    is its own."""
+    wav = unsized_wav(tmp_path / "rec.wav")
+    written = stderr_on_a_terminal(_SCRIPTED_CLI, "--log-format", "json", "transcribe", str(wav))
     lines = written.split(b"\r\n")
     assert lines[-1] == b"", written
     records = [strict_json(line) for line in lines[:-1]]
     assert any(r["msg"].startswith("audio file") for r in records), records
     assert records[-1]["msg"].startswith("1 stream(s)"), records
+
+
+_LOGGED_DURING_A_CATCH = r"""
+import logging, threading
+from pathlib import Path
+from evoxtral_stream.audio.filereader import _PrintCatcher
+from evoxtral_stream.logs import configure_logging
+configure_logging("text", logging.INFO)
+log = logging.getLogger("evoxtral_stream.audio.filereader")
+with _PrintCatcher(Path("talk.mp3")).caught():
+    other = threading.Thread(target=log.warning, args=("audio file b.flac is damaged",))
+    other.start()
+    other.join()
+log.info("done")
+"""
+
+
+def test_a_record_logged_while_an_mp3_block_decodes_reaches_the_terminal() -> None:
+    """An MP3's block decodes on the event loop with descriptor 2 caught
+    (libmpg123's prints: DEBUG records); other files decode on worker
+    threads meanwhile (run._Steps) and log their damage there. On a
+    terminal the records were written to descriptor 2 itself, so one
+    logged during a catch was taken for the decoder's: a DEBUG line, not
+    shown (seen with transcribe of MP3s and damaged FLACs on a terminal,
+    a warning in six lost). The terminal's handler writes to its own copy
+    of the descriptor, as the queued one does elsewhere."""
+    written = stderr_on_a_terminal(_LOGGED_DURING_A_CATCH).decode()
+    assert "WARNING evoxtral_stream.audio.filereader: audio file b.flac is damaged\r\n" in written
+    assert written.index("is damaged") < written.index("done"), written

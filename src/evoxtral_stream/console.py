@@ -129,13 +129,34 @@ class TerminalLogHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     ``clear_below`` is that function's: false for JSON lines, which no
     progress bar shares a terminal with and which nothing else may precede.
+
+    It writes to a duplicate of ``stream``'s descriptor where it has one
+    (:func:`_own_copy`), as :class:`~.logs.QueuedLogHandler` does: while an
+    MP3's block decodes, descriptor 2 is caught for its decoder's prints
+    (:class:`~.audio.filereader.FilePass`), and a record another thread
+    logged on it then (a file decoded on a worker thread, found damaged)
+    was taken for the decoder's, a DEBUG record.
     """
 
     clear_below = True
 
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(_own_copy(stream))
+
     def emit(self, record: logging.LogRecord) -> None:
         with above_captions(self.stream, clear_below=self.clear_below):
             super().emit(record)
+
+
+def _own_copy(stream: TextIO) -> TextIO:
+    """``stream`` on a duplicate of its descriptor, flushed at each line;
+    ``stream`` itself where it has none (an in-memory one) or none is left."""
+    try:
+        fd = os.dup(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return stream
+    return open(fd, "w", encoding=getattr(stream, "encoding", None) or "utf-8",
+                errors=getattr(stream, "errors", None) or "backslashreplace", buffering=1)
 
 
 def format_time(seconds: float) -> str:
