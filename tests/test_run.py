@@ -342,3 +342,26 @@ async def test_a_stop_while_a_block_decodes_closes_its_file_after_it(
     assert order == ["step", "close"]
     assert took < 5
     assert summaries[0].duration_s < 6
+
+
+async def test_a_wav_read_past_its_header_is_decoded_on_a_worker_thread(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A WAV whose header says no audio (its recorder killed before it
+    wrote the sizes) is read to the end of the file by the stream decoder
+    (WavStreamDecoder), which prints nothing; its probe returned before it
+    said so, and such a file was taken for one whose decoder prints, its
+    blocks decoded on the event loop as an MP3's are."""
+    cfg = load_config(overrides={"audio.file_chunk_ms": 100}, env={})
+    wav = tmp_path / "rec.wav"
+    sf.write(wav, _noise(1.5, 9), SAMPLE_RATE, subtype="PCM_16")
+    data = bytearray(wav.read_bytes())
+    at = data.index(b"data")
+    data[at + 4:at + 8] = bytes(4)
+    wav.write_bytes(bytes(data))
+    with open_audio_file(wav, [()]) as audio:
+        threads, _ = _slow_passes(monkeypatch, 0)
+        async with Engine(cfg, ScriptedBackend(lambda a: "hi")) as engine:
+            summaries = await transcribe_samples(cfg, engine, [FileJob("rec", FileMix(audio, 0))],
+                                                 realtime=False)
+    assert summaries[0].duration_s == pytest.approx(1.5)
+    assert threads and threading.get_ident() not in threads

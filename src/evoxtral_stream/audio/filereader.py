@@ -361,6 +361,7 @@ def _probe(audio: AudioFile) -> None:
                 raise AudioInputError(f"audio file {p} is empty (0 bytes)")
             found = misread_wav(f)
         if found is not None and _probe_misread(audio, found):
+            audio.prints = False  # WavStreamDecoder: Python's, it prints nothing
             return
         with FilePass(audio, (0,), probe=True) as first:
             f0 = first._prints
