@@ -359,7 +359,7 @@ async def test_a_wav_read_past_its_header_is_decoded_on_a_worker_thread(
     data[at + 4:at + 8] = bytes(4)
     wav.write_bytes(bytes(data))
     with open_audio_file(wav, [()]) as audio:
-        threads, _ = _slow_passes(monkeypatch, 0)
+        threads, _, _ = _slow_passes(monkeypatch, 0)
         async with Engine(cfg, ScriptedBackend(lambda a: "hi")) as engine:
             summaries = await transcribe_samples(cfg, engine, [FileJob("rec", FileMix(audio, 0))],
                                                  realtime=False)
