@@ -983,7 +983,9 @@ class Journal:
         interval = self._cfg.fsync_interval_s
         wait = self._last_fsync + interval - self._clock()
         if wait > 0:
-            return wait
+            # last + interval - now rounds a hair above the interval when
+            # no time has passed (1.2 + 1.0 - 1.2 == 1.0000000000000002).
+            return min(wait, interval)
         if self._syncer.busy:
             return min(_SYNC_BUSY_RETRY_S, interval)
         batch: list[tuple[str, int]] = []
