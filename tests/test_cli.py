@@ -2006,6 +2006,11 @@ _SECRET_ERRORS = [
      "override 'mqtt.password<redacted>' has no '=': it must look like section.key=value"),
     ("auth.tokens[hunter2]", "override 'auth.tokens<redacted>' has no '='"),
     ("auth.tokenshunter2", "override 'auth.tokens<redacted>' has no '='"),
+    # ... or with an "=" after all: a base64 password's padding (the key's
+    # own "=" left out), one in the password, or one typed after it.
+    ("mqtt.passwordhunter2==", "unknown config key 'mqtt.password<redacted>' (known here: "),
+    ("mqtt.password hunter2=x", "unknown config key 'mqtt.password<redacted>' (known here: "),
+    ("auth.tokenshunter2=", "unknown config key 'auth.tokens<redacted>' (known here: tokens)"),
     ('[mqtt]\nusername = "u"\npassword = ["hunter2"]\n', "mqtt.password must be str"),
     ('[[auth.tokens]]\nhash = "hunter2"\nroles = ["admin"]\n', "does not start with sha256:"),
     ('[[auth.tokens]]\nhash = 987654321\nroles = ["admin"]\n',

@@ -371,6 +371,7 @@ _QUOTED_CONFIG_ERRORS = [
     (["=hunter2"], "override '=<redacted>' has no key"),
     (["mqtt.password hunter2"], "override 'mqtt.password<redacted>' has no '='"),
     (["mqtt.passwordhunter2"], "override 'mqtt.password<redacted>' has no '='"),
+    (["mqtt.passwordhunter2=="], "unknown config key 'mqtt.password<redacted>' ..."),
 ]
 # Quoted errors of a file (a bare number for a text key) or of the address
 # (a name lookup), which a --set does not make here.
@@ -386,7 +387,8 @@ def test_the_config_errors_the_docs_quote_are_the_ones_given() -> None:
     from evoxtral_stream.config import ConfigError, load_config, parse_override
 
     doc = (ROOT / "docs" / "config.md").read_text().replace("\n", " ")
-    quoted = set(re.findall(r"`((?:[\w.\[\] ]+ must be|override '|server\.host '|cannot listen)"
+    quoted = set(re.findall(r"`((?:[\w.\[\] ]+ must be|override '|server\.host '|cannot listen"
+                            r"|unknown config key)"
                             r"[^`]*)`", doc))
     assert quoted == {q for _, q in _QUOTED_CONFIG_ERRORS} | set(_QUOTED_ELSEWHERE), \
         "docs/config.md quotes other config errors than this test makes"

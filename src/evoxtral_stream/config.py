@@ -326,7 +326,8 @@ def _merge(base: dict[str, Any], over: Mapping[str, Any], prefix: str = "") -> N
             continue
         if key not in base:
             allowed = ", ".join(sorted(base))
-            raise ConfigError(f"unknown config key {dotted!r} (known here: {allowed})")
+            raise ConfigError(f"unknown config key {_key_shown(dotted)!r} "
+                              f"(known here: {allowed})")
         if isinstance(base[key], dict):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{dotted} must be a table, got {_shown(dotted, value)}")
@@ -448,8 +449,18 @@ _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 # What a dotted key (``--set``'s) is made of.
 _KEY_CHARS = re.compile(r"[A-Za-z0-9_.-]*")
 # Keys whose --set value may be a secret: one run into its key with the "="
-# left out (``mqtt.passwordhunter2``) is all key characters, so is cut there.
+# left out (``mqtt.passwordhunter2``) is all key characters, and one holding
+# an "=" (a base64 password's padding) makes a key of what comes before it,
+# so a key given longer than these is cut there (:func:`_key_shown`).
 _SECRET_SET_KEYS = ("mqtt.password", "auth.tokens")
+
+
+def _key_shown(dotted: str) -> str:
+    """``dotted`` (a key as given) as an error quotes it: cut after
+    ``mqtt.password`` or ``auth.tokens`` where more follows, the rest
+    perhaps the value run into its key."""
+    secret = next((k for k in _SECRET_SET_KEYS if dotted.startswith(k) and dotted != k), None)
+    return dotted if secret is None else secret + REDACTED
 
 
 def redact_host(host: str) -> str:
@@ -567,9 +578,7 @@ def parse_override(text: str) -> tuple[str, object]:
     if not sep:
         head = _KEY_CHARS.match(text)
         shown = text if head is None or head.end() == len(text) else head.group() + REDACTED
-        secret = next((k for k in _SECRET_SET_KEYS if text.startswith(k) and text != k), None)
-        if secret is not None:
-            shown = secret + REDACTED
+        shown = _key_shown(shown)
         raise ConfigError(f"override {shown!r} has no '=': it must look like section.key=value")
     if not key:
         raise ConfigError(f"override '={REDACTED}' has no key: it must look like "
@@ -580,7 +589,7 @@ def parse_override(text: str) -> tuple[str, object]:
     except tomllib.TOMLDecodeError:
         return key, raw
     except RecursionError:
-        raise ConfigError(f"override {key}: {_TOO_DEEP}") from None
+        raise ConfigError(f"override {_key_shown(key)}: {_TOO_DEEP}") from None
     if isinstance(value, str | list | dict):
         return key, value
     literal = _SetText(raw)
