@@ -2049,6 +2049,29 @@ def test_config_errors_say_what_is_wrong_with_a_secret_without_it(
     assert line.startswith("evoxtral-stream: error: ") and expected in line, line
 
 
+@pytest.mark.parametrize("argv", [
+    ["serve", "--set", "mqtt.password", "hunter2"],
+    ["transcribe", "talk.wav", "--set", "mqtt.password", "hunter2"],
+    ["--set", "mqtt.password", "hunter2", "config"],
+    ["--log-format", "json", "config", "--set", "mqtt.password", "hunter2"],
+])
+def test_a_set_given_as_two_words_is_said_without_its_value(argv: list[str]) -> None:
+    """``--set mqtt.password hunter2`` (a blank for the "="): argparse
+    refused the second word, the password, and its error line quoted it
+    (``unrecognized arguments: hunter2``, ``invalid choice: 'hunter2'``
+    before the command), so into the journal or a CI log. The --set is
+    said instead, as when nothing follows it."""
+    proc = cli(*argv)
+    assert proc.returncode == 2, proc.stderr
+    assert "hunter2" not in proc.stderr, proc.stderr
+    said = "override 'mqtt.password' has no '=': it must look like section.key=value"
+    if "json" in argv:
+        [record] = _json_lines(proc.stderr)
+        assert (record["level"], record["msg"]) == ("ERROR", said), record
+    else:
+        assert proc.stderr.splitlines() == [f"evoxtral-stream: error: {said}"], proc.stderr
+
+
 def test_json_error_records_do_not_hold_a_secret_either(tmp_path: Path) -> None:
     mine = tmp_path / "mine.toml"
     mine.write_text('[[auth.tokens]]\nhash = "sha256:hunter2"\nroles = ["admin"]\n')

@@ -372,6 +372,7 @@ _QUOTED_CONFIG_ERRORS = [
     (["mqtt.password hunter2"], "override 'mqtt.password<redacted>' has no '='"),
     (["mqtt.passwordhunter2"], "override 'mqtt.password<redacted>' has no '='"),
     (["mqtt.passwordhunter2=="], "unknown config key 'mqtt.password<redacted>' ..."),
+    (["mqtt.password"], "override 'mqtt.password' has no '='"),
 ]
 # Quoted errors of a file (a bare number for a text key) or of the address
 # (a name lookup), which a --set does not make here.

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .. import __version__
-from ..config import Config, LoggingConfig, load_config, parse_override
+from ..config import Config, ConfigError, LoggingConfig, load_config, parse_override
 from ..logs import FORMATS
 from ..server.auth import redact_tokens
 from ..startup import asked_log_format
@@ -89,9 +89,17 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     try:
         args = _parser().parse_args(argv)
     except _UsageError as e:
-        if asked_log_format(argv) == "json":
-            logs = LoggingConfig(format="json", level="info")
+        json_mode = asked_log_format(argv) == "json"
+        logs = LoggingConfig(format="json" if json_mode else "text", level="info")
+        if json_mode:
             _setup_logging(logs)
+        # --set given as two words (--set mqtt.password hunter2): argparse
+        # refuses the second, which may be a secret, quoting it; the --set
+        # is said instead, as when nothing follows it.
+        unset = _set_without_equals(argv)
+        if unset is not None:
+            _fail(unset, logs)
+        if json_mode:
             _fail(f"{e.parser.prog}: {e.message} (see {e.parser.prog} --help)", logs)
         e.parser.print_usage(sys.stderr)
         # Redacted as the json record is: argparse quotes what it refused.
@@ -106,6 +114,25 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         elif getattr(args, dest) in (None, False):
             setattr(args, dest, early)
     return args
+
+
+def _set_without_equals(argv: Sequence[str]) -> str | None:
+    """The error of the first ``--set`` in ``argv`` that has no ``=``, read
+    leniently (the arguments around it may be what argparse refused); None
+    where each has one, or none can be read."""
+    scan = _Parser(add_help=False)
+    scan.add_argument("--set", action="append", default=[], dest="overrides")
+    try:
+        given: list[str] = scan.parse_known_args(argv)[0].overrides
+    except _UsageError:
+        return None
+    for text in given:
+        if "=" not in text:
+            try:
+                parse_override(text)
+            except ConfigError as e:
+                return str(e)
+    return None
 
 
 def _parser() -> argparse.ArgumentParser:
