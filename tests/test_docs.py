@@ -7,9 +7,14 @@ import argparse
 import importlib
 import json
 import re
+import shlex
 import sys
 import textwrap
 import tomllib
+from pathlib import Path
+from typing import cast
+
+import pytest
 
 from tests.docs_schema import ROOT, protocol_schema, validate_message
 
@@ -344,6 +349,37 @@ def test_voxtral_md_names_every_file_an_export_copies() -> None:
     section = section.split("\n## ", 1)[0]
     missing = [n for n in names if f"`{n}`" not in section]
     assert not missing, f"docs/voxtral.md's export section does not name: {missing}"
+
+
+def test_voxtral_md_hf_download_of_the_base_fetches_what_the_engine_does(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """docs/voxtral.md's `hf download` of the base, read by the real `hf`
+    CLI, asks the hub for the files the engine's own download takes
+    (resolve._BASE_PATTERNS, less the note only an export holds): `hf`'s
+    --include takes one pattern, and the words after it are file names that
+    replace every --include, the weights among them. No network: the
+    download itself is replaced."""
+    pytest.importorskip("huggingface_hub.cli.hf")
+    import huggingface_hub.cli.download as hf_download
+    from huggingface_hub.cli.hf import app
+
+    from evoxtral_stream.engine.backends.voxtral.resolve import _BASE_PATTERNS
+
+    asked: list[dict[str, object]] = []
+
+    def download(**kw: object) -> str:
+        asked.append(kw)
+        return str(tmp_path)
+
+    monkeypatch.setattr(hf_download, "snapshot_download", download)
+    monkeypatch.setattr(hf_download, "hf_hub_download", download)
+    doc = (ROOT / "docs" / "voxtral.md").read_text()
+    cmd = re.search(r"^hf download mistralai/\S+(?:.*\\\n)*.*$", doc, re.M)
+    assert cmd is not None, "docs/voxtral.md no longer shows the base's hf download"
+    app(shlex.split(cmd.group().replace("\\\n", " "))[1:], standalone_mode=False)
+    assert len(asked) == 1
+    wanted = set(_BASE_PATTERNS) - {"evoxtral_merge.json"}
+    assert set(cast(list[str], asked[0]["allow_patterns"]) or ()) == wanted
 
 
 def test_the_live_rows_bound_is_the_consoles() -> None:
