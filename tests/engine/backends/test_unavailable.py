@@ -130,6 +130,34 @@ def test_hub_cache_copy_is_found(
     assert backend.name == "voxtral"
 
 
+def test_an_incomplete_hub_cache_entry_says_what_it_lacks(
+    tiny_cfg: VoxtralConfig, tiny: Tiny, empty_hub_cache: Path
+) -> None:
+    """Offline, a cache entry that lacks files (a download cut short, or an
+    `hf download` that fetched only the JSON files) is said to lack them,
+    not to be absent from the cache: the user just downloaded into it."""
+    for kind, files, ref in [
+        ("base", ("config.json", "tekken.json"), "someone/tiny-voxtral"),
+        ("adapter", ("adapter_config.json",), "someone/tiny-lora"),
+    ]:
+        snap = empty_hub_cache / f"models--{ref.replace('/', '--')}" / "snapshots" / ("0" * 40)
+        snap.mkdir(parents=True)
+        for name in files:
+            shutil.copyfile((tiny.base if kind == "base" else tiny.adapter) / name, snap / name)
+        (snap.parent.parent / "refs").mkdir()
+        (snap.parent.parent / "refs" / "main").write_text("0" * 40)
+    msg = _refused(dataclasses.replace(tiny_cfg, base="someone/tiny-voxtral", adapter=""))
+    assert msg == (
+        "Voxtral base model 'someone/tiny-voxtral' is not available offline (its Hugging Face "
+        "cache entry lacks model.safetensors (or model.safetensors.index.json and its shards)); "
+        "download it (hf download someone/tiny-voxtral) or set model.voxtral.base to a local "
+        "folder")
+    msg = _refused(dataclasses.replace(tiny_cfg, adapter="someone/tiny-lora"))
+    assert msg.startswith(
+        "LoRA adapter 'someone/tiny-lora' is not available offline (its Hugging Face cache "
+        "entry lacks adapter_model.safetensors); download it (hf download someone/tiny-lora)")
+
+
 def test_cuda_device_without_cuda(tiny_cfg: VoxtralConfig) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -120,8 +120,9 @@ def missing_files(folder: Path, kind: Kind) -> list[str]:
     return missing
 
 
-def _cached_snapshot(repo_id: str, kind: Kind) -> Path | None:
-    """The hub-cache snapshot folder of ``repo_id`` if it is complete, else None."""
+def _cache_entry(repo_id: str, kind: Kind) -> tuple[Path, list[str]] | None:
+    """The hub-cache snapshot folder of ``repo_id`` and the files it lacks
+    (empty when complete), or None when it is not cached."""
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
@@ -134,7 +135,13 @@ def _cached_snapshot(repo_id: str, kind: Kind) -> Path | None:
     if not isinstance(hit, str):
         return None
     folder = Path(hit).parent
-    return None if missing_files(folder, kind) else folder
+    return folder, missing_files(folder, kind)
+
+
+def _cached_snapshot(repo_id: str, kind: Kind) -> Path | None:
+    """The hub-cache snapshot folder of ``repo_id`` if it is complete, else None."""
+    entry = _cache_entry(repo_id, kind)
+    return entry[0] if entry is not None and not entry[1] else None
 
 
 def find_local(ref: str, kind: Kind) -> Resolved | None:
@@ -224,9 +231,15 @@ def resolve(ref: str, kind: Kind, *, download: bool = True, key: str | None = No
     if local is not None:
         return local
     if not download or hub_offline():
+        # An entry that lacks files (a download cut short, an `hf download`
+        # of some files only) is there: "not in the cache" would send the
+        # user looking for the wrong fault.
+        entry = _cache_entry(ref, kind)
+        why = ("no local folder, not in the Hugging Face cache" if entry is None or not entry[1]
+               else f"its Hugging Face cache entry lacks {', '.join(entry[1])}")
         raise BackendUnavailable(
-            f"{label} {ref!r} is not available offline (no local folder, not in the Hugging Face "
-            f"cache); download it (hf download {ref}) or {_hint(kind, key=key)}"
+            f"{label} {ref!r} is not available offline ({why}); download it "
+            f"(hf download {ref}) or {_hint(kind, key=key)}"
         )
     path = _download(ref, kind, key)
     missing = missing_files(path, kind)
