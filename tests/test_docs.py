@@ -542,8 +542,7 @@ def test_the_realtime_events_are_the_docs() -> None:
 def _readme_number(pattern: str) -> float:
     """The number README.md states where ``pattern`` (its one group) finds
     it, line breaks read as spaces; words for the small ones."""
-    text = re.sub(r"\s+", " ", (ROOT / "README.md").read_text())
-    found = re.findall(pattern, text)
+    found = re.findall(pattern, _flat_text("README.md"))
     assert len(found) == 1, f"README.md no longer says it once: {pattern!r} found {found}"
     words = {"half a": 0.5, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
     return float(words.get(found[0], found[0]))

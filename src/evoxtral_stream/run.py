@@ -99,7 +99,9 @@ def _in_step(sources: Sequence[Samples], chunk_samples: int, stack: contextlib.E
 
 
 #: The threads that take the steps of files (:class:`_Steps`): a few, so
-#: that a file stalled on a slow or damaged read holds up no other.
+#: that a file stalled on a slow or damaged read holds up no other. Its
+#: queue is bounded by the feeds: each has at most one step there, and
+#: waits for it before it asks for the next (nothing is dropped).
 _DECODERS = concurrent.futures.ThreadPoolExecutor(max_workers=4,
                                                   thread_name_prefix="evoxtral-decode")
 
